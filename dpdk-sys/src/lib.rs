@@ -1,0 +1,1 @@
+//! Raw DPDK bindings (filled in by the dpdk-sys work).

@@ -1,0 +1,2 @@
+//! bench layer.
+#![deny(unsafe_code)]

@@ -1,0 +1,2 @@
+//! iscsi layer.
+#![deny(unsafe_code)]

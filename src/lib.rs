@@ -1,0 +1,16 @@
+//! iscsi-bypass: a kernel-bypass, multipath iSCSI initiator.
+//!
+//! Layer order (a layer never reaches up):
+//! `wire` ← `net` ← `phy`/`transport` ← `iscsi` ← `scsi` ← `multipath` ← `worker` ← `bench`/CLI.
+//! See `shared/DESIGN.md` in the steering repository for the architecture.
+
+pub mod wire;
+pub mod net;
+pub mod phy;
+pub mod transport;
+pub mod iscsi;
+pub mod scsi;
+pub mod multipath;
+pub mod worker;
+pub mod bench;
+pub mod target;

@@ -1,0 +1,2 @@
+//! multipath layer.
+#![deny(unsafe_code)]

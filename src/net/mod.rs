@@ -1,0 +1,2 @@
+//! net layer.
+#![deny(unsafe_code)]

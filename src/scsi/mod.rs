@@ -1,0 +1,2 @@
+//! scsi layer.
+#![deny(unsafe_code)]

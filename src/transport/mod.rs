@@ -1,0 +1,2 @@
+//! transport layer.
+#![deny(unsafe_code)]

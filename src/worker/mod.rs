@@ -1,0 +1,2 @@
+//! worker layer.
+#![deny(unsafe_code)]
