@@ -1,2 +1,74 @@
 //! Packet devices: the DPDK port/queue wrapper (the only place outside dpdk-sys
 //! with `unsafe`) and an in-memory simulated link for deterministic tests.
+//!
+//! A [`Device`] moves Ethernet frames in bursts. It never allocates per frame
+//! in steady state: received frames are lent to a callback, transmitted
+//! frames are written in place into the device's own buffer (an mbuf on DPDK).
+
+use thiserror::Error;
+
+/// Errors of the packet-device layer.
+#[derive(Debug, Error)]
+pub enum PhyError {
+    #[error("no transmit buffer available (mempool or tx ring exhausted)")]
+    NoBuffer,
+    #[error("frame of {len} bytes exceeds the device limit of {max}")]
+    FrameTooLong { len: usize, max: usize },
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// What the device did for a received frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// The NIC verified the IPv4 header checksum (and it was good).
+    pub ipv4_checksum_good: bool,
+    /// The NIC verified the TCP/UDP checksum (and it was good).
+    pub l4_checksum_good: bool,
+}
+
+/// What the stack asks the device to do for a transmitted frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxOffload {
+    /// Fill in the IPv4 header checksum.
+    pub ipv4_checksum: bool,
+    /// Fill in the TCP checksum (the stack has put the pseudo-header sum in).
+    pub tcp_checksum: bool,
+    /// Segment this frame into TCP segments of this payload size (TSO); 0 = off.
+    pub tso_segment_size: u16,
+    /// Header lengths, needed by the NIC for the offloads above.
+    pub l2_len: u8,
+    pub l3_len: u8,
+    pub l4_len: u8,
+}
+
+/// What a device can do; the stack uses an offload only when it is here and
+/// the user did not switch it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCaps {
+    pub mac: [u8; 6],
+    /// Largest IP packet (MTU), without the Ethernet header.
+    pub mtu: usize,
+    pub rx_checksum: bool,
+    pub tx_checksum: bool,
+    pub tso: bool,
+    /// Largest frame `tx_frame` accepts (bigger than mtu + 14 only with TSO).
+    pub max_tx_frame: usize,
+}
+
+/// A packet device carrying one queue pair, owned by one worker.
+pub trait Device {
+    fn caps(&self) -> DeviceCaps;
+    /// Receives up to `max` frames; each is lent to `on_frame` and is only
+    /// valid during that call. Returns the number of frames received.
+    fn rx_burst(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8], RxMeta)) -> usize;
+    /// Queues one frame of `len` bytes, written in place by `fill`.
+    fn tx_frame(
+        &mut self,
+        len: usize,
+        offload: TxOffload,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), PhyError>;
+    /// Sends the queued frames as one burst; returns how many left.
+    fn tx_flush(&mut self) -> usize;
+}
