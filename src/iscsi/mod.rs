@@ -1,2 +1,7 @@
-//! iscsi layer.
+//! iSCSI (RFC 7143): login with negotiation and CHAP, the full-feature
+//! connection state machine, sessions, discovery. Sans-IO: the state machines
+//! take bytes and `now`, and give bytes, events and deadlines back; drivers in
+//! [`session`] move the bytes over a [`crate::transport::Transport`].
 #![deny(unsafe_code)]
+
+pub mod params;
