@@ -6,3 +6,4 @@
 
 pub mod params;
 pub mod chap;
+pub mod login;
