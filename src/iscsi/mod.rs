@@ -7,3 +7,4 @@
 pub mod params;
 pub mod chap;
 pub mod login;
+pub mod connection;
