@@ -85,7 +85,12 @@ pub struct Command {
 }
 
 impl Command {
-    pub fn new(lun: u64, cdb: &[u8], direction: Direction, buffer: Vec<u8>) -> Result<Command, SubmitError> {
+    pub fn new(
+        lun: u64,
+        cdb: &[u8],
+        direction: Direction,
+        buffer: Vec<u8>,
+    ) -> Result<Command, SubmitError> {
         if cdb.len() > 16 {
             return Err(SubmitError::CdbTooLong(cdb.len()));
         }
@@ -133,16 +138,32 @@ pub struct CommandEcho {
 pub enum Event {
     Completed(Completion),
     /// Answer to a task management request.
-    TaskManagement { user_tag: u64, response: u8 },
+    TaskManagement {
+        user_tag: u64,
+        response: u8,
+    },
     /// Complete answer to a text request (all continuations joined).
-    Text { user_tag: u64, pairs: TextPairs },
+    Text {
+        user_tag: u64,
+        pairs: TextPairs,
+    },
     /// A NOP-Out ping we sent was answered.
-    PingAnswered { rtt: Duration },
+    PingAnswered {
+        rtt: Duration,
+    },
     /// SCSI asynchronous event (e.g. a UNIT ATTENTION such as an ALUA change).
-    AsyncScsiEvent { lun: u64, sense: Vec<u8> },
+    AsyncScsiEvent {
+        lun: u64,
+        sense: Vec<u8>,
+    },
     /// The target asks us to log out within `within` seconds.
-    LogoutRequested { within: u16 },
-    LoggedOut { time2wait: u16, time2retain: u16 },
+    LogoutRequested {
+        within: u16,
+    },
+    LoggedOut {
+        time2wait: u16,
+        time2retain: u16,
+    },
 }
 
 #[derive(Debug)]
@@ -158,9 +179,16 @@ enum TaskKind {
         unsolicited: Option<(u32, u32)>,
         r2ts_seen: u32,
     },
-    Tmf { user_tag: u64 },
-    Text { user_tag: u64, collected: Vec<u8> },
-    Ping { sent_at: Instant },
+    Tmf {
+        user_tag: u64,
+    },
+    Text {
+        user_tag: u64,
+        collected: Vec<u8>,
+    },
+    Ping {
+        sent_at: Instant,
+    },
     Logout,
 }
 
@@ -251,7 +279,11 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     /// Starts the full feature phase from a login outcome.
-    pub fn new(outcome: &super::login::LoginOutcome, timers: ConnTimers, now: Instant) -> Connection {
+    pub fn new(
+        outcome: &super::login::LoginOutcome,
+        timers: ConnTimers,
+        now: Instant,
+    ) -> Connection {
         let params = outcome.params.clone();
         let digests = params.digests();
         let rx_cap = params.max_recv_data_segment_len as usize * 2 + 4096;
@@ -292,7 +324,11 @@ impl Connection {
 
     /// SCSI commands submitted and not finished (incl. those waiting for window).
     pub fn outstanding(&self) -> usize {
-        self.slots.iter().flatten().filter(|t| matches!(t.kind, TaskKind::Scsi { .. })).count()
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|t| matches!(t.kind, TaskKind::Scsi { .. }))
+            .count()
     }
 
     /// How many more non-immediate commands the target's window allows now.
@@ -516,7 +552,10 @@ impl Connection {
     pub fn ping(&mut self, now: Instant) -> Result<(), SubmitError> {
         self.check_usable()?;
         let slot = self.alloc_slot(TaskKind::Ping { sent_at: now }, now)?;
-        let itt = self.slots[slot as usize].as_ref().map(|t| t.itt).unwrap_or(0);
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
         let hdr = PduHeader::NopOut(NopOut {
             immediate: true,
             lun: 0,
@@ -557,7 +596,10 @@ impl Connection {
             None => (RESERVED_TAG, self.cmd_sn),
         };
         let slot = self.alloc_slot(TaskKind::Tmf { user_tag }, now)?;
-        let itt = self.slots[slot as usize].as_ref().map(|t| t.itt).unwrap_or(0);
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
         let hdr = PduHeader::TaskMgmtRequest(TaskMgmtRequest {
             immediate: true,
             function,
@@ -576,7 +618,12 @@ impl Connection {
 
     /// Sends a text request (e.g. `SendTargets=All`); the answer comes as
     /// [`Event::Text`].
-    pub fn text_request(&mut self, pairs: &TextPairs, user_tag: u64, now: Instant) -> Result<(), SubmitError> {
+    pub fn text_request(
+        &mut self,
+        pairs: &TextPairs,
+        user_tag: u64,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
         self.check_usable()?;
         let slot = self.alloc_slot(
             TaskKind::Text {
@@ -616,7 +663,10 @@ impl Connection {
     pub fn logout(&mut self, now: Instant) -> Result<(), SubmitError> {
         self.check_usable()?;
         let slot = self.alloc_slot(TaskKind::Logout, now)?;
-        let itt = self.slots[slot as usize].as_ref().map(|t| t.itt).unwrap_or(0);
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
         let cmd_sn = self.cmd_sn;
         let hdr = PduHeader::LogoutRequest(LogoutRequest {
             immediate: true,
@@ -830,7 +880,9 @@ impl Connection {
                     )));
                 };
                 let TaskKind::Tmf { user_tag } = task.kind else {
-                    return Err(ConnError::Protocol("task management response for a non-TMF task".into()));
+                    return Err(ConnError::Protocol(
+                        "task management response for a non-TMF task".into(),
+                    ));
                 };
                 self.free_slot(slot);
                 self.events.push_back(Event::TaskManagement {
@@ -849,11 +901,19 @@ impl Connection {
                         t.itt
                     )));
                 };
-                let TaskKind::Text { user_tag, collected } = &mut task.kind else {
-                    return Err(ConnError::Protocol("text response for a non-text task".into()));
+                let TaskKind::Text {
+                    user_tag,
+                    collected,
+                } = &mut task.kind
+                else {
+                    return Err(ConnError::Protocol(
+                        "text response for a non-text task".into(),
+                    ));
                 };
                 if collected.len() + payload.len() > 1 << 20 {
-                    return Err(ConnError::Protocol("text response larger than 1 MiB".into()));
+                    return Err(ConnError::Protocol(
+                        "text response larger than 1 MiB".into(),
+                    ));
                 }
                 collected.extend_from_slice(&payload);
                 let user_tag = *user_tag;
@@ -909,11 +969,13 @@ impl Connection {
                         } else {
                             Vec::new()
                         };
-                        self.events.push_back(Event::AsyncScsiEvent { lun: a.lun, sense });
+                        self.events
+                            .push_back(Event::AsyncScsiEvent { lun: a.lun, sense });
                         Ok(())
                     }
                     1 => {
-                        self.events.push_back(Event::LogoutRequested { within: a.param3 });
+                        self.events
+                            .push_back(Event::LogoutRequested { within: a.param3 });
                         Ok(())
                     }
                     2 | 3 => Err(ConnError::TargetDropped(a.event)),
@@ -961,7 +1023,9 @@ impl Connection {
             ..
         } = &mut task.kind
         else {
-            return Err(ConnError::Protocol(format!("Data-In for non-SCSI task {itt:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "Data-In for non-SCSI task {itt:#x}"
+            )));
         };
         if len > 0 {
             if cmd.direction != Direction::Read {
@@ -996,7 +1060,9 @@ impl Connection {
         }
         if d.status_present {
             if !d.final_bit {
-                return Err(ConnError::Protocol("Data-In with status but without the F bit".into()));
+                return Err(ConnError::Protocol(
+                    "Data-In with status but without the F bit".into(),
+                ));
             }
             let residual = if d.underflow {
                 d.residual as i64
@@ -1010,20 +1076,36 @@ impl Connection {
         Ok(())
     }
 
-    fn on_r2t(&mut self, itt: u32, ttt: u32, offset: u32, len: u32, r2t_sn: Sn) -> Result<(), ConnError> {
+    fn on_r2t(
+        &mut self,
+        itt: u32,
+        ttt: u32,
+        offset: u32,
+        len: u32,
+        r2t_sn: Sn,
+    ) -> Result<(), ConnError> {
         let max_burst = self.params.max_burst_len;
         let max_r2t = self.params.max_outstanding_r2t;
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(ConnError::Protocol(format!("R2T for unknown task tag {itt:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "R2T for unknown task tag {itt:#x}"
+            )));
         };
         let TaskKind::Scsi {
-            cmd, r2ts, r2ts_seen, ..
+            cmd,
+            r2ts,
+            r2ts_seen,
+            ..
         } = &mut task.kind
         else {
-            return Err(ConnError::Protocol(format!("R2T for non-SCSI task {itt:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "R2T for non-SCSI task {itt:#x}"
+            )));
         };
         if cmd.direction != Direction::Write {
-            return Err(ConnError::Protocol(format!("R2T for task {itt:#x}, which writes no data")));
+            return Err(ConnError::Protocol(format!(
+                "R2T for task {itt:#x}, which writes no data"
+            )));
         }
         if r2t_sn != Sn(*r2ts_seen) {
             return Err(ConnError::Protocol(format!(
@@ -1064,10 +1146,14 @@ impl Connection {
         residual: Option<i64>,
     ) -> Result<(), ConnError> {
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(ConnError::Protocol(format!("SCSI status for unknown task tag {itt:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "SCSI status for unknown task tag {itt:#x}"
+            )));
         };
         if !matches!(task.kind, TaskKind::Scsi { .. }) {
-            return Err(ConnError::Protocol(format!("SCSI status for non-SCSI task {itt:#x}")));
+            return Err(ConnError::Protocol(format!(
+                "SCSI status for non-SCSI task {itt:#x}"
+            )));
         }
         let Some(task) = self.free_slot(slot) else {
             return Ok(());
@@ -1079,7 +1165,9 @@ impl Connection {
         let transferred = if cmd.direction == Direction::Read {
             data_done
         } else {
-            cmd.buffer.len().saturating_sub(residual.unwrap_or(0).max(0) as usize)
+            cmd.buffer
+                .len()
+                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
         };
         self.events.push_back(Event::Completed(Completion {
             user_tag: cmd.user_tag,
@@ -1146,7 +1234,8 @@ impl Connection {
         }
         if let Some(ct) = self.timers.command_timeout {
             let late = self.slots.iter().flatten().any(|t| {
-                matches!(t.kind, TaskKind::Scsi { .. }) && now.saturating_duration_since(t.submitted_at) >= ct
+                matches!(t.kind, TaskKind::Scsi { .. })
+                    && now.saturating_duration_since(t.submitted_at) >= ct
             });
             if late {
                 return Err(self.fail(ConnError::CommandTimeout(ct)));
@@ -1164,7 +1253,11 @@ impl Connection {
         let mut tasks: Vec<Task> = (0..self.slots.len())
             .filter_map(|i| self.slots[i].take())
             .collect();
-        tasks.sort_by_key(|t| t.cmd_sn.map(|s| s.0.wrapping_sub(self.exp_cmd_sn.0)).unwrap_or(u32::MAX));
+        tasks.sort_by_key(|t| {
+            t.cmd_sn
+                .map(|s| s.0.wrapping_sub(self.exp_cmd_sn.0))
+                .unwrap_or(u32::MAX)
+        });
         for t in tasks {
             if let TaskKind::Scsi { cmd, .. } = t.kind {
                 out.push(cmd);

@@ -6,9 +6,7 @@
 
 use super::chap::{self, ChapError, Credentials, Secret};
 use super::params::{self, NegotiationError, Offer, Params};
-use crate::wire::iscsi::{
-    encode_pdu, Digests, LoginRequest, LoginResponse, PduHeader, Sn, Stage,
-};
+use crate::wire::iscsi::{encode_pdu, Digests, LoginRequest, LoginResponse, PduHeader, Sn, Stage};
 use crate::wire::text::{TextError, TextPairs};
 use rand::RngCore;
 use thiserror::Error;
@@ -728,8 +726,17 @@ mod tests {
         assert_eq!(text.get("TargetName"), Some("iqn.2026-11.test:tgt"));
 
         out.clear();
-        let (r, d) = response(Stage::Security, Stage::Operational, true, 5, &[("AuthMethod", "None")]);
-        assert!(matches!(l.on_response(&r, &d, &mut out).unwrap(), LoginProgress::Continue));
+        let (r, d) = response(
+            Stage::Security,
+            Stage::Operational,
+            true,
+            5,
+            &[("AuthMethod", "None")],
+        );
+        assert!(matches!(
+            l.on_response(&r, &d, &mut out).unwrap(),
+            LoginProgress::Continue
+        ));
         let (req, text) = last_request(&out);
         assert_eq!(req.csg, Stage::Operational);
         assert_eq!(req.nsg, Stage::FullFeature);
@@ -770,7 +777,13 @@ mod tests {
             l.start(&mut out);
             assert_eq!(last_request(&out).1.get("AuthMethod"), Some("CHAP"));
             out.clear();
-            let (r, d) = response(Stage::Security, Stage::Security, false, 0, &[("AuthMethod", "CHAP")]);
+            let (r, d) = response(
+                Stage::Security,
+                Stage::Security,
+                false,
+                0,
+                &[("AuthMethod", "CHAP")],
+            );
             l.on_response(&r, &d, &mut out).unwrap();
             assert_eq!(last_request(&out).1.get("CHAP_A"), Some("5"));
             out.clear();
@@ -780,13 +793,20 @@ mod tests {
                 Stage::Security,
                 false,
                 1,
-                &[("CHAP_A", "5"), ("CHAP_I", "3"), ("CHAP_C", &chap::encode_hex(&challenge))],
+                &[
+                    ("CHAP_A", "5"),
+                    ("CHAP_I", "3"),
+                    ("CHAP_C", &chap::encode_hex(&challenge)),
+                ],
             );
             l.on_response(&r, &d, &mut out).unwrap();
             let (req, text) = last_request(&out);
             assert!(req.transit);
             let expected = chap::response(3, &Secret::new(b"initiatorsecret".to_vec()), &challenge);
-            assert_eq!(text.get("CHAP_R"), Some(chap::encode_hex(&expected).as_str()));
+            assert_eq!(
+                text.get("CHAP_R"),
+                Some(chap::encode_hex(&expected).as_str())
+            );
             let their_id = chap::parse_identifier(text.get("CHAP_I").unwrap()).unwrap();
             let their_challenge = chap::decode_binary(text.get("CHAP_C").unwrap()).unwrap();
             let secret = if target_secret_ok {
@@ -820,14 +840,24 @@ mod tests {
         let mut l = Login::new(config(true, false), 1, Sn(1));
         let mut out = Vec::new();
         l.start(&mut out);
-        let (r, d) = response(Stage::Security, Stage::Security, false, 0, &[("AuthMethod", "CHAP")]);
+        let (r, d) = response(
+            Stage::Security,
+            Stage::Security,
+            false,
+            0,
+            &[("AuthMethod", "CHAP")],
+        );
         l.on_response(&r, &d, &mut out).unwrap();
         let (r, d) = response(
             Stage::Security,
             Stage::Security,
             false,
             1,
-            &[("CHAP_A", "7"), ("CHAP_I", "1"), ("CHAP_C", "0x00112233445566778899aabbccddeeff")],
+            &[
+                ("CHAP_A", "7"),
+                ("CHAP_I", "1"),
+                ("CHAP_C", "0x00112233445566778899aabbccddeeff"),
+            ],
         );
         assert!(matches!(
             l.on_response(&r, &d, &mut out),
@@ -844,7 +874,10 @@ mod tests {
         r.status_detail = 3;
         let mut l = Login::new(config(false, false), 1, Sn(1));
         l.start(&mut out);
-        assert!(matches!(l.on_response(&r, &d, &mut out), Err(LoginError::TargetNotFound)));
+        assert!(matches!(
+            l.on_response(&r, &d, &mut out),
+            Err(LoginError::TargetNotFound)
+        ));
     }
 
     #[test]
@@ -853,8 +886,17 @@ mod tests {
         let mut out = Vec::new();
         l.start(&mut out);
         // We did not ask to transit; the target jumps to full feature.
-        let (r, d) = response(Stage::Security, Stage::FullFeature, true, 0, &[("AuthMethod", "CHAP")]);
-        assert!(matches!(l.on_response(&r, &d, &mut out), Err(LoginError::Protocol(_))));
+        let (r, d) = response(
+            Stage::Security,
+            Stage::FullFeature,
+            true,
+            0,
+            &[("AuthMethod", "CHAP")],
+        );
+        assert!(matches!(
+            l.on_response(&r, &d, &mut out),
+            Err(LoginError::Protocol(_))
+        ));
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! [`session`] move the bytes over a [`crate::transport::Transport`].
 #![deny(unsafe_code)]
 
-pub mod params;
 pub mod chap;
-pub mod login;
 pub mod connection;
+pub mod discovery;
+pub mod login;
+pub mod params;
+pub mod session;
+pub mod url;

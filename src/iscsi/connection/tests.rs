@@ -53,7 +53,11 @@ impl Peer {
         let mut at = 0;
         let mut out = Vec::new();
         while at < bytes.len() {
-            let f = self.framer.frame(&bytes[at..]).unwrap().expect("partial PDU");
+            let f = self
+                .framer
+                .frame(&bytes[at..])
+                .unwrap()
+                .expect("partial PDU");
             out.push((f.header.clone(), bytes[at..][f.data.clone()].to_vec()));
             at += f.total_len;
         }
@@ -72,8 +76,19 @@ impl Peer {
         v
     }
 
-    fn data_in(&mut self, itt: u32, data_sn: u32, offset: u32, data: &[u8], status: bool) -> Vec<u8> {
-        let stat_sn = if status { self.next_stat_sn() } else { self.stat_sn };
+    fn data_in(
+        &mut self,
+        itt: u32,
+        data_sn: u32,
+        offset: u32,
+        data: &[u8],
+        status: bool,
+    ) -> Vec<u8> {
+        let stat_sn = if status {
+            self.next_stat_sn()
+        } else {
+            self.stat_sn
+        };
         self.encode(
             PduHeader::DataIn(DataIn {
                 final_bit: status,
@@ -170,7 +185,9 @@ fn read_across_several_data_in_with_status_in_last() {
     let mut peer = Peer::new(Digests::default());
     c.submit(read_cmd(10000, 7), now).unwrap();
     let sent = peer.sent(&mut c);
-    let PduHeader::ScsiCommand(cmd) = &sent[0].0 else { panic!() };
+    let PduHeader::ScsiCommand(cmd) = &sent[0].0 else {
+        panic!()
+    };
     assert!(cmd.read && cmd.final_bit);
     assert_eq!(cmd.cmd_sn, Sn(10));
     assert_eq!(cmd.expected_data_len, 10000);
@@ -199,16 +216,21 @@ fn write_sends_immediate_data_then_answers_r2t_in_pieces() {
     c.submit(cmd, now).unwrap();
     let sent = peer.sent(&mut c);
     assert_eq!(sent.len(), 1);
-    let PduHeader::ScsiCommand(sc) = &sent[0].0 else { panic!() };
+    let PduHeader::ScsiCommand(sc) = &sent[0].0 else {
+        panic!()
+    };
     // Immediate data is limited by the target's MaxRecvDataSegmentLength.
     assert_eq!(sent[0].1.len(), 4096);
     assert!(sc.write && sc.final_bit);
     let itt = sc.itt;
-    c.receive(&peer.r2t(itt, 0x55, 0, 4096, 15904), now).unwrap();
+    c.receive(&peer.r2t(itt, 0x55, 0, 4096, 15904), now)
+        .unwrap();
     let sent = peer.sent(&mut c);
     let mut got = expected[..4096].to_vec();
     for (i, (h, d)) in sent.iter().enumerate() {
-        let PduHeader::DataOut(o) = h else { panic!("{h:?}") };
+        let PduHeader::DataOut(o) = h else {
+            panic!("{h:?}")
+        };
         assert_eq!(o.ttt, 0x55);
         assert_eq!(o.data_sn, Sn(i as u32));
         assert_eq!(o.buffer_offset as usize, got.len());
@@ -233,12 +255,19 @@ fn unsolicited_data_out_when_initial_r2t_is_no() {
     let mut peer = Peer::new(Digests::default());
     c.submit(write_cmd(12000, 1), now).unwrap();
     let sent = peer.sent(&mut c);
-    let PduHeader::ScsiCommand(sc) = &sent[0].0 else { panic!() };
-    assert!(!sc.final_bit, "F must be clear when unsolicited Data-Out follows");
+    let PduHeader::ScsiCommand(sc) = &sent[0].0 else {
+        panic!()
+    };
+    assert!(
+        !sc.final_bit,
+        "F must be clear when unsolicited Data-Out follows"
+    );
     assert!(sent[0].1.is_empty());
     let total: usize = sent[1..].iter().map(|(_, d)| d.len()).sum();
     assert_eq!(total, 8192, "unsolicited data stops at FirstBurstLength");
-    let PduHeader::DataOut(last) = &sent.last().unwrap().0 else { panic!() };
+    let PduHeader::DataOut(last) = &sent.last().unwrap().0 else {
+        panic!()
+    };
     assert!(last.final_bit);
     assert_eq!(last.ttt, RESERVED_TAG);
     let _ = peer.next_stat_sn();
@@ -257,15 +286,21 @@ fn never_sends_outside_the_cmdsn_window() {
     let sent = peer.sent(&mut c);
     assert_eq!(sent.len(), 2);
     assert_eq!(c.window_space(), 0);
-    let PduHeader::ScsiCommand(first) = &sent[0].0 else { panic!() };
+    let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+        panic!()
+    };
     // The target completes one and opens the window by one.
-    c.receive(&peer.response(first.itt, 0, &[], 12), now).unwrap();
+    c.receive(&peer.response(first.itt, 0, &[], 12), now)
+        .unwrap();
     let sent = peer.sent(&mut c);
     assert_eq!(sent.len(), 1);
-    let PduHeader::ScsiCommand(third) = &sent[0].0 else { panic!() };
+    let PduHeader::ScsiCommand(third) = &sent[0].0 else {
+        panic!()
+    };
     assert_eq!(third.cmd_sn, Sn(12));
     // A MaxCmdSN that goes backwards is ignored.
-    c.receive(&peer.response(third.itt, 0, &[], 5), now).unwrap();
+    c.receive(&peer.response(third.itt, 0, &[], 5), now)
+        .unwrap();
     assert!(peer.sent(&mut c).is_empty());
     assert_eq!(c.outstanding(), 3);
 }
@@ -276,9 +311,14 @@ fn check_condition_carries_sense() {
     let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
     let mut peer = Peer::new(Digests::default());
     c.submit(read_cmd(512, 9), now).unwrap();
-    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else { panic!() };
-    let sense = [0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0x00, 0, 0, 0, 0];
-    c.receive(&peer.response(sc.itt, 2, &sense, 42), now).unwrap();
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    let sense = [
+        0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0x00, 0, 0, 0, 0,
+    ];
+    c.receive(&peer.response(sc.itt, 2, &sense, 42), now)
+        .unwrap();
     let done = completion(&mut c);
     assert_eq!(done.status, 2);
     assert_eq!(done.sense, sense);
@@ -293,18 +333,28 @@ fn digests_on_both_ways() {
         ..params()
     };
     let mut c = Connection::new(&outcome(p), ConnTimers::default(), now);
-    let mut peer = Peer::new(Digests { header: true, data: true });
+    let mut peer = Peer::new(Digests {
+        header: true,
+        data: true,
+    });
     c.submit(read_cmd(100, 1), now).unwrap();
-    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else { panic!() };
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
     let mut bytes = peer.data_in(sc.itt, 0, 0, &[5u8; 100], true);
     c.receive(&bytes, now).unwrap();
     assert_eq!(completion(&mut c).buffer, vec![5u8; 100]);
     // A flipped bit in the data now fails the connection.
     c.submit(read_cmd(100, 2), now).unwrap();
-    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else { panic!() };
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
     bytes = peer.data_in(sc.itt, 0, 0, &[5u8; 100], true);
     bytes[60] ^= 0x10;
-    assert!(matches!(c.receive(&bytes, now), Err(ConnError::Wire(IscsiWireError::DataDigest { .. }))));
+    assert!(matches!(
+        c.receive(&bytes, now),
+        Err(ConnError::Wire(IscsiWireError::DataDigest { .. }))
+    ));
     let back = c.take_outstanding();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].user_tag, 2);
@@ -314,8 +364,12 @@ fn digests_on_both_ways() {
 fn hostile_target_pdus_fail_the_connection_cleanly() {
     type Case = fn(&mut Peer, u32) -> Vec<u8>;
     let cases: Vec<(&str, Case)> = vec![
-        ("data past end", |p, itt| p.data_in(itt, 0, 4000, &[0; 200], false)),
-        ("unknown tag", |p, itt| p.data_in(itt ^ 0x10000, 0, 0, &[0; 10], false)),
+        ("data past end", |p, itt| {
+            p.data_in(itt, 0, 4000, &[0; 200], false)
+        }),
+        ("unknown tag", |p, itt| {
+            p.data_in(itt ^ 0x10000, 0, 0, &[0; 10], false)
+        }),
         ("bad DataSN", |p, itt| p.data_in(itt, 3, 0, &[0; 10], false)),
         ("StatSN jump", |p, itt| {
             p.stat_sn = p.stat_sn.add(5);
@@ -341,12 +395,18 @@ fn hostile_target_pdus_fail_the_connection_cleanly() {
         let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
         let mut peer = Peer::new(Digests::default());
         c.submit(read_cmd(4096, 1), now).unwrap();
-        let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else { panic!() };
+        let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+            panic!()
+        };
         let bytes = make(&mut peer, sc.itt);
         assert!(c.receive(&bytes, now).is_err(), "{name} was accepted");
         assert!(c.is_failed().is_some(), "{name}");
         assert!(c.submit(read_cmd(1, 2), now).is_err());
-        assert_eq!(c.take_outstanding().len(), 1, "{name}: the command must come back for retry");
+        assert_eq!(
+            c.take_outstanding().len(),
+            1,
+            "{name}: the command must come back for retry"
+        );
     }
 }
 
@@ -356,9 +416,13 @@ fn r2t_beyond_limits_is_refused() {
     let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
     let peer = Peer::new(Digests::default());
     c.submit(write_cmd(200_000, 1), now).unwrap();
-    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else { panic!() };
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
     // More than MaxBurstLength (65536).
-    let e = c.receive(&peer.r2t(sc.itt, 1, 0, 4096, 100_000), now).unwrap_err();
+    let e = c
+        .receive(&peer.r2t(sc.itt, 1, 0, 4096, 100_000), now)
+        .unwrap_err();
     assert!(e.to_string().contains("MaxBurstLength"), "{e}");
 }
 
@@ -385,7 +449,9 @@ fn answers_target_nop_in_and_pings_when_idle() {
     );
     c.receive(&nop, now).unwrap();
     let sent = peer.sent(&mut c);
-    let PduHeader::NopOut(o) = &sent[0].0 else { panic!() };
+    let PduHeader::NopOut(o) = &sent[0].0 else {
+        panic!()
+    };
     assert_eq!((o.ttt, o.itt), (0x77, RESERVED_TAG));
     assert_eq!(sent[0].1, b"ping");
 
@@ -393,7 +459,9 @@ fn answers_target_nop_in_and_pings_when_idle() {
     assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(1)));
     c.handle_timeout(now + Duration::from_secs(1)).unwrap();
     let sent = peer.sent(&mut c);
-    let PduHeader::NopOut(ping) = &sent[0].0 else { panic!() };
+    let PduHeader::NopOut(ping) = &sent[0].0 else {
+        panic!()
+    };
     assert!(ping.immediate && ping.itt != RESERVED_TAG);
     let stat_sn = peer.next_stat_sn();
     let answer = peer.encode(
