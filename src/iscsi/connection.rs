@@ -1040,7 +1040,7 @@ impl Connection {
                 )));
             }
             let off = d.buffer_offset as usize;
-            let end = off.checked_add(len).unwrap_or(usize::MAX);
+            let end = off.saturating_add(len);
             if end > cmd.buffer.len() {
                 return Err(ConnError::Protocol(format!(
                     "Data-In past the expected transfer length: offset {off} + {len} > {}",

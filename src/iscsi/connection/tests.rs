@@ -372,7 +372,7 @@ fn hostile_target_pdus_fail_the_connection_cleanly() {
         }),
         ("bad DataSN", |p, itt| p.data_in(itt, 3, 0, &[0; 10], false)),
         ("StatSN jump", |p, itt| {
-            p.stat_sn = p.stat_sn.add(5);
+            p.stat_sn = p.stat_sn.plus(5);
             p.response(itt, 0, &[], 42)
         }),
         ("R2T on read", |p, itt| p.r2t(itt, 1, 0, 0, 100)),
