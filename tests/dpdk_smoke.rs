@@ -9,79 +9,14 @@
 //! `--no-huge -m 256`; set ISCSI_BYPASS_DPDK_NO_HUGE=1 to force the latter.
 #![cfg(feature = "dpdk")]
 
-use std::path::Path;
+mod dpdk_common;
 
-use iscsi_bypass::phy::dpdk::{self, Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
+use iscsi_bypass::phy::dpdk::{Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
 use iscsi_bypass::phy::{Device, PhyError, TxOffload};
 
 /// An EtherType from the IEEE "local experimental" range, so no stack
 /// mistakes the test frames for anything.
 const TEST_ETHER_TYPE: [u8; 2] = [0x88, 0xb5];
-
-fn status_field(name: &str) -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name))
-        .map(|rest| rest.trim().to_string())
-}
-
-fn running_as_root() -> bool {
-    // "Uid:  real effective saved fs"
-    status_field("Uid:")
-        .and_then(|uids| uids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        .unwrap_or(false)
-}
-
-fn free_hugepages() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("HugePages_Free:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// The first CPU this process may run on: EAL's main lcore must be one.
-fn first_allowed_cpu() -> String {
-    status_field("Cpus_allowed_list:")
-        .and_then(|list| {
-            list.split([',', '-'])
-                .next()
-                .map(|cpu| cpu.trim().to_string())
-        })
-        .filter(|cpu| !cpu.is_empty())
-        .unwrap_or_else(|| "0".to_string())
-}
-
-fn eal_args() -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-l",
-        &first_allowed_cpu(),
-        "--no-pci",
-        "--vdev",
-        "net_ring0",
-        "-d",
-        dpdk::PMD_DIR,
-        "--file-prefix",
-        &format!("iscsi-bypass-smoke-{}", std::process::id()),
-        "--log-level",
-        "lib.eal:notice",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let force_no_huge = std::env::var_os("ISCSI_BYPASS_DPDK_NO_HUGE").is_some();
-    if !force_no_huge && free_hugepages() >= 64 {
-        // Hugepage memory without files left in hugetlbfs.
-        args.push("--in-memory".to_string());
-    } else {
-        args.extend(["--no-huge", "-m", "256"].map(String::from));
-    }
-    args
-}
 
 fn test_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> impl FnMut(&mut [u8]) {
     move |frame: &mut [u8]| {
@@ -119,19 +54,12 @@ fn receive(queue: &mut impl Device, want: usize) -> Vec<Vec<u8>> {
 
 #[test]
 fn dpdk_net_ring_loopback() {
-    if !running_as_root() {
-        println!("SKIPPED dpdk_net_ring_loopback: needs root (DPDK maps memory and devices)");
-        return;
-    }
-    if !Path::new(dpdk::PMD_DIR).join("librte_net_ring.so").exists() {
-        println!(
-            "SKIPPED dpdk_net_ring_loopback: no DPDK PMD plugins in {} (run scripts/setup.sh)",
-            dpdk::PMD_DIR
-        );
+    if let Some(why) = dpdk_common::skip_reason("net_ring") {
+        println!("SKIPPED dpdk_net_ring_loopback: {why}");
         return;
     }
 
-    let args = eal_args();
+    let args = dpdk_common::eal_args("net_ring0");
     println!("EAL args: {}", args.join(" "));
     let eal = Eal::init(&args).expect("EAL initialises");
     assert!(Eal::init(&args).is_err(), "EAL must refuse a second init");
