@@ -189,6 +189,7 @@ fn check(ret: i32, what: &str) -> Result<(), PhyError> {
 pub struct Mempool {
     raw: NonNull<sys::rte_mempool>,
     data_room: u16,
+    capacity: u32,
 }
 
 // SAFETY: the pool is created with the default multi-producer/multi-consumer
@@ -236,12 +237,21 @@ impl Mempool {
                 rte_strerror(rte_errno())
             ))
         })?;
-        Ok(Arc::new(Mempool { raw, data_room }))
+        Ok(Arc::new(Mempool {
+            raw,
+            data_room,
+            capacity: mbufs,
+        }))
     }
 
     /// Bytes per buffer, headroom included.
     pub fn data_room(&self) -> u16 {
         self.data_room
+    }
+
+    /// Buffers in the pool.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// Bytes of frame one buffer can hold after the headroom.
@@ -459,6 +469,16 @@ impl Port {
             sys::rte_eth_dev_adjust_nb_rx_tx_desc(port_id, &mut rx_ring_size, &mut tx_ring_size)
         };
         check(ret, "rte_eth_dev_adjust_nb_rx_tx_desc")?;
+        // PMDs fill every rx descriptor with an mbuf at start; a pool that
+        // cannot do that (and leave some for tx) fails later and obscurely.
+        let rx_buffers = u32::from(rx_ring_size) * u32::from(config.queues);
+        if rx_pool.capacity() <= rx_buffers {
+            return Err(PhyError::Device(format!(
+                "mempool of {} mbufs cannot fill {} rx descriptors; make it larger",
+                rx_pool.capacity(),
+                rx_buffers
+            )));
+        }
         // SAFETY: port_id is valid.
         let socket_id = unsafe { sys::rte_eth_dev_socket_id(port_id) };
         // SOCKET_ID_ANY (-1) becomes u32::MAX, which is what DPDK expects.
