@@ -1,0 +1,1653 @@
+//! SCSI wire formats (SPC-4, SBC-3, SAM-5), independent of any transport.
+//!
+//! * [`Cdb`] is a built command descriptor block (16 zero-padded bytes and a
+//!   length, ready for the iSCSI SCSI Command PDU); [`CdbRepr`] is the typed
+//!   form of every command the initiator sends or the embedded target decodes.
+//! * Response data: standard INQUIRY ([`InquiryData`]), VPD pages 0x00, 0x80,
+//!   0x83, 0xB0, 0xB2, READ CAPACITY(10)/(16), REPORT LUNS, REPORT TARGET PORT
+//!   GROUPS, MODE SENSE(10), and the UNMAP parameter list. They all implement
+//!   [`DataRepr`]: `parse`, `buffer_len`, `emit`.
+//! * [`SenseData`] in fixed (0x70/0x71) and descriptor (0x72/0x73) format,
+//!   with a table of human text for common ASC/ASCQ values.
+//! * [`ScsiStatus`].
+//!
+//! Nothing here panics on any input: parsers check lengths with `get`, and
+//! emitters check the destination length before writing.
+
+use std::fmt;
+use thiserror::Error;
+
+/// Errors found while decoding or encoding SCSI structures.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ScsiWireError {
+    #[error("{what} too short: {len} bytes, need {need}")]
+    Truncated {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("unsupported SCSI operation code {0:#04x}")]
+    UnknownOpcode(u8),
+    #[error("unsupported service action {sa:#04x} for operation code {opcode:#04x}")]
+    UnknownServiceAction { opcode: u8, sa: u8 },
+    #[error("unknown SCSI status {0:#04x}")]
+    UnknownStatus(u8),
+    #[error("sense response code {0:#04x} is not fixed (70h/71h) or descriptor (72h/73h) format")]
+    BadSenseResponseCode(u8),
+    #[error("VPD page code {got:#04x}, expected {expected:#04x}")]
+    WrongPage { expected: u8, got: u8 },
+    #[error("destination buffer too small: {have} bytes, need {need}")]
+    BufferTooSmall { have: usize, need: usize },
+    #[error("{0} does not fit its length field")]
+    TooLong(&'static str),
+}
+
+// ---------------------------------------------------------------------------
+// Byte helpers. Reads use `get` and never panic.
+
+fn u8_at(b: &[u8], at: usize) -> Option<u8> {
+    b.get(at).copied()
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    let s = b.get(at..at.checked_add(2)?)?;
+    Some(u16::from_be_bytes([s[0], s[1]]))
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn be64(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_be_bytes(a))
+}
+
+fn need(what: &'static str, b: &[u8], need: usize) -> Result<(), ScsiWireError> {
+    if b.len() < need {
+        Err(ScsiWireError::Truncated {
+            what,
+            len: b.len(),
+            need,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// ASCII field as text: lossy UTF-8 with trailing spaces and NULs trimmed.
+pub fn ascii_trim(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    s.trim_end_matches([' ', '\0']).trim_start().to_string()
+}
+
+/// Copy `s` into a fixed-width ASCII field, space padded and truncated.
+pub fn ascii_pad<const N: usize>(s: &str) -> [u8; N] {
+    let mut out = [b' '; N];
+    for (o, c) in out.iter_mut().zip(s.bytes()) {
+        *o = c;
+    }
+    out
+}
+
+/// A structure of SCSI data-in/data-out bytes with a typed representation.
+///
+/// `parse` accepts any bytes (truncated data returned under a short
+/// allocation length is parsed as far as it goes where the format allows);
+/// `emit` writes exactly `buffer_len()` bytes. An embedded target emits the
+/// full structure and then sends at most the allocation length.
+pub trait DataRepr: Sized {
+    /// Decode from response (or parameter list) bytes.
+    fn parse(bytes: &[u8]) -> Result<Self, ScsiWireError>;
+    /// Number of bytes `emit` writes.
+    fn buffer_len(&self) -> usize;
+    /// Write into `buf`, which holds exactly `buffer_len()` bytes.
+    /// Implementation detail of [`DataRepr::emit`]; call that instead.
+    #[doc(hidden)]
+    fn emit_exact(&self, buf: &mut [u8]);
+
+    /// Write into the front of `buf`; returns the number of bytes written.
+    fn emit(&self, buf: &mut [u8]) -> Result<usize, ScsiWireError> {
+        let n = self.buffer_len();
+        match buf.get_mut(..n) {
+            Some(dst) => {
+                dst.fill(0);
+                self.emit_exact(dst);
+                Ok(n)
+            }
+            None => Err(ScsiWireError::BufferTooSmall {
+                have: buf.len(),
+                need: n,
+            }),
+        }
+    }
+
+    /// Emit into a new vector.
+    fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.buffer_len()];
+        self.emit_exact(&mut v);
+        v
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Status
+
+/// SCSI status codes (SAM-5 §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ScsiStatus {
+    Good = 0x00,
+    CheckCondition = 0x02,
+    ConditionMet = 0x04,
+    Busy = 0x08,
+    ReservationConflict = 0x18,
+    TaskSetFull = 0x28,
+    AcaActive = 0x30,
+    TaskAborted = 0x40,
+}
+
+impl ScsiStatus {
+    pub fn from_u8(v: u8) -> Result<ScsiStatus, ScsiWireError> {
+        Ok(match v {
+            0x00 => ScsiStatus::Good,
+            0x02 => ScsiStatus::CheckCondition,
+            0x04 => ScsiStatus::ConditionMet,
+            0x08 => ScsiStatus::Busy,
+            0x18 => ScsiStatus::ReservationConflict,
+            0x28 => ScsiStatus::TaskSetFull,
+            0x30 => ScsiStatus::AcaActive,
+            0x40 => ScsiStatus::TaskAborted,
+            other => return Err(ScsiWireError::UnknownStatus(other)),
+        })
+    }
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// GOOD or CONDITION MET: the command completed.
+    pub fn is_success(self) -> bool {
+        matches!(self, ScsiStatus::Good | ScsiStatus::ConditionMet)
+    }
+}
+
+impl fmt::Display for ScsiStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScsiStatus::Good => "GOOD",
+            ScsiStatus::CheckCondition => "CHECK CONDITION",
+            ScsiStatus::ConditionMet => "CONDITION MET",
+            ScsiStatus::Busy => "BUSY",
+            ScsiStatus::ReservationConflict => "RESERVATION CONFLICT",
+            ScsiStatus::TaskSetFull => "TASK SET FULL",
+            ScsiStatus::AcaActive => "ACA ACTIVE",
+            ScsiStatus::TaskAborted => "TASK ABORTED",
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CDBs
+
+/// Operation codes this module builds and decodes.
+pub mod opcode {
+    pub const TEST_UNIT_READY: u8 = 0x00;
+    pub const REQUEST_SENSE: u8 = 0x03;
+    pub const INQUIRY: u8 = 0x12;
+    pub const READ_CAPACITY_10: u8 = 0x25;
+    pub const READ_10: u8 = 0x28;
+    pub const WRITE_10: u8 = 0x2a;
+    pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const UNMAP: u8 = 0x42;
+    pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const READ_16: u8 = 0x88;
+    pub const WRITE_16: u8 = 0x8a;
+    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
+    pub const WRITE_SAME_16: u8 = 0x93;
+    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
+    pub const REPORT_LUNS: u8 = 0xa0;
+    pub const MAINTENANCE_IN: u8 = 0xa3;
+    /// SERVICE ACTION IN(16) service action: READ CAPACITY(16).
+    pub const SA_READ_CAPACITY_16: u8 = 0x10;
+    /// MAINTENANCE IN service action: REPORT TARGET PORT GROUPS.
+    pub const SA_REPORT_TARGET_PORT_GROUPS: u8 = 0x0a;
+}
+
+/// Longest CDB this crate handles (iSCSI carries 16 bytes in the BHS).
+pub const MAX_CDB_LEN: usize = 16;
+
+/// CDB length implied by the operation code's group (SPC-4 §4.2.5.1).
+pub fn cdb_len_for_opcode(op: u8) -> Option<usize> {
+    match op >> 5 {
+        0 => Some(6),
+        1 | 2 => Some(10),
+        4 => Some(16),
+        5 => Some(12),
+        _ => None,
+    }
+}
+
+/// A built CDB: 16 bytes (zero padded past `len`) and its length.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cdb {
+    bytes: [u8; MAX_CDB_LEN],
+    len: u8,
+}
+
+impl fmt::Debug for Cdb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cdb({})", hex(self.as_slice()))
+    }
+}
+
+impl Cdb {
+    /// Wrap raw CDB bytes (at most 16; longer input is rejected).
+    pub fn from_slice(b: &[u8]) -> Result<Cdb, ScsiWireError> {
+        if b.len() > MAX_CDB_LEN {
+            return Err(ScsiWireError::TooLong("CDB"));
+        }
+        let mut bytes = [0u8; MAX_CDB_LEN];
+        bytes[..b.len()].copy_from_slice(b);
+        Ok(Cdb {
+            bytes,
+            len: b.len() as u8,
+        })
+    }
+    /// The CDB bytes, `len()` long.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+    /// All 16 bytes, zero padded: the iSCSI SCSI Command PDU's CDB field.
+    pub fn bytes(&self) -> &[u8; MAX_CDB_LEN] {
+        &self.bytes
+    }
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn opcode(&self) -> u8 {
+        self.bytes[0]
+    }
+    /// Decode CDB bytes (see [`CdbRepr::parse`]).
+    pub fn parse(bytes: &[u8]) -> Result<CdbRepr, ScsiWireError> {
+        CdbRepr::parse(bytes)
+    }
+    /// Decode this CDB.
+    pub fn repr(&self) -> Result<CdbRepr, ScsiWireError> {
+        CdbRepr::parse(self.as_slice())
+    }
+
+    pub fn test_unit_ready() -> Cdb {
+        CdbRepr::TestUnitReady.emit()
+    }
+    pub fn request_sense(descriptor: bool, alloc_len: u8) -> Cdb {
+        CdbRepr::RequestSense {
+            descriptor,
+            alloc_len,
+        }
+        .emit()
+    }
+    /// Standard INQUIRY.
+    pub fn inquiry(alloc_len: u16) -> Cdb {
+        CdbRepr::Inquiry {
+            evpd: false,
+            page_code: 0,
+            alloc_len,
+        }
+        .emit()
+    }
+    /// INQUIRY for a vital product data page.
+    pub fn inquiry_vpd(page_code: u8, alloc_len: u16) -> Cdb {
+        CdbRepr::Inquiry {
+            evpd: true,
+            page_code,
+            alloc_len,
+        }
+        .emit()
+    }
+    pub fn mode_sense10(dbd: bool, page_code: u8, subpage_code: u8, alloc_len: u16) -> Cdb {
+        CdbRepr::ModeSense10 {
+            llbaa: false,
+            dbd,
+            page_control: 0,
+            page_code,
+            subpage_code,
+            alloc_len,
+        }
+        .emit()
+    }
+    pub fn read_capacity10() -> Cdb {
+        CdbRepr::ReadCapacity10.emit()
+    }
+    pub fn read_capacity16(alloc_len: u32) -> Cdb {
+        CdbRepr::ReadCapacity16 { alloc_len }.emit()
+    }
+    pub fn read10(lba: u32, blocks: u16) -> Cdb {
+        CdbRepr::Read10 {
+            lba,
+            blocks,
+            dpo: false,
+            fua: false,
+        }
+        .emit()
+    }
+    pub fn read16(lba: u64, blocks: u32) -> Cdb {
+        CdbRepr::Read16 {
+            lba,
+            blocks,
+            dpo: false,
+            fua: false,
+        }
+        .emit()
+    }
+    pub fn write10(lba: u32, blocks: u16, fua: bool) -> Cdb {
+        CdbRepr::Write10 {
+            lba,
+            blocks,
+            dpo: false,
+            fua,
+        }
+        .emit()
+    }
+    pub fn write16(lba: u64, blocks: u32, fua: bool) -> Cdb {
+        CdbRepr::Write16 {
+            lba,
+            blocks,
+            dpo: false,
+            fua,
+        }
+        .emit()
+    }
+    /// SYNCHRONIZE CACHE(10); `blocks == 0` means to the end of the medium.
+    pub fn synchronize_cache10(lba: u32, blocks: u16, immed: bool) -> Cdb {
+        CdbRepr::SynchronizeCache10 { lba, blocks, immed }.emit()
+    }
+    /// SYNCHRONIZE CACHE(16); `blocks == 0` means to the end of the medium.
+    pub fn synchronize_cache16(lba: u64, blocks: u32, immed: bool) -> Cdb {
+        CdbRepr::SynchronizeCache16 { lba, blocks, immed }.emit()
+    }
+    /// UNMAP; the parameter list ([`UnmapParameterList`]) is `param_len` bytes of data-out.
+    pub fn unmap(param_len: u16) -> Cdb {
+        CdbRepr::Unmap {
+            anchor: false,
+            param_len,
+        }
+        .emit()
+    }
+    pub fn write_same16(lba: u64, blocks: u32, unmap: bool) -> Cdb {
+        CdbRepr::WriteSame16 {
+            lba,
+            blocks,
+            unmap,
+            anchor: false,
+            ndob: false,
+        }
+        .emit()
+    }
+    pub fn report_luns(select_report: u8, alloc_len: u32) -> Cdb {
+        CdbRepr::ReportLuns {
+            select_report,
+            alloc_len,
+        }
+        .emit()
+    }
+    /// REPORT TARGET PORT GROUPS; `extended` asks for the extended header
+    /// (parameter data format 001b) carrying the implicit transition time.
+    pub fn report_target_port_groups(extended: bool, alloc_len: u32) -> Cdb {
+        CdbRepr::ReportTargetPortGroups {
+            extended,
+            alloc_len,
+        }
+        .emit()
+    }
+}
+
+/// Typed CDB. Reserved bits, GROUP NUMBER and CONTROL are ignored on parse
+/// and emitted as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CdbRepr {
+    TestUnitReady,
+    RequestSense {
+        descriptor: bool,
+        alloc_len: u8,
+    },
+    Inquiry {
+        evpd: bool,
+        page_code: u8,
+        alloc_len: u16,
+    },
+    ModeSense10 {
+        llbaa: bool,
+        dbd: bool,
+        /// PC: 0 current, 1 changeable, 2 default, 3 saved (2 bits).
+        page_control: u8,
+        /// 6 bits.
+        page_code: u8,
+        subpage_code: u8,
+        alloc_len: u16,
+    },
+    ReadCapacity10,
+    ReadCapacity16 {
+        alloc_len: u32,
+    },
+    Read10 {
+        lba: u32,
+        blocks: u16,
+        dpo: bool,
+        fua: bool,
+    },
+    Read16 {
+        lba: u64,
+        blocks: u32,
+        dpo: bool,
+        fua: bool,
+    },
+    Write10 {
+        lba: u32,
+        blocks: u16,
+        dpo: bool,
+        fua: bool,
+    },
+    Write16 {
+        lba: u64,
+        blocks: u32,
+        dpo: bool,
+        fua: bool,
+    },
+    SynchronizeCache10 {
+        lba: u32,
+        blocks: u16,
+        immed: bool,
+    },
+    SynchronizeCache16 {
+        lba: u64,
+        blocks: u32,
+        immed: bool,
+    },
+    Unmap {
+        anchor: bool,
+        param_len: u16,
+    },
+    WriteSame16 {
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+        anchor: bool,
+        ndob: bool,
+    },
+    ReportLuns {
+        select_report: u8,
+        alloc_len: u32,
+    },
+    ReportTargetPortGroups {
+        extended: bool,
+        alloc_len: u32,
+    },
+}
+
+impl CdbRepr {
+    /// Decode a CDB. `bytes` may be longer than the CDB (iSCSI pads to 16).
+    /// Unknown operation codes give [`ScsiWireError::UnknownOpcode`] (the
+    /// target answers ILLEGAL REQUEST, 20h/00h).
+    pub fn parse(b: &[u8]) -> Result<CdbRepr, ScsiWireError> {
+        let op = u8_at(b, 0).ok_or(ScsiWireError::Truncated {
+            what: "CDB",
+            len: 0,
+            need: 1,
+        })?;
+        let len = cdb_len_for_opcode(op).ok_or(ScsiWireError::UnknownOpcode(op))?;
+        need("CDB", b, len)?;
+        let b = &b[..len];
+        let bit = |at: usize, n: u8| b[at] & (1 << n) != 0;
+        let r16 = |at| be16(b, at).unwrap_or(0);
+        let r32 = |at| be32(b, at).unwrap_or(0);
+        let r64 = |at| be64(b, at).unwrap_or(0);
+        Ok(match op {
+            opcode::TEST_UNIT_READY => CdbRepr::TestUnitReady,
+            opcode::REQUEST_SENSE => CdbRepr::RequestSense {
+                descriptor: bit(1, 0),
+                alloc_len: b[4],
+            },
+            opcode::INQUIRY => CdbRepr::Inquiry {
+                evpd: bit(1, 0),
+                page_code: b[2],
+                alloc_len: r16(3),
+            },
+            opcode::MODE_SENSE_10 => CdbRepr::ModeSense10 {
+                llbaa: bit(1, 4),
+                dbd: bit(1, 3),
+                page_control: b[2] >> 6,
+                page_code: b[2] & 0x3f,
+                subpage_code: b[3],
+                alloc_len: r16(7),
+            },
+            opcode::READ_CAPACITY_10 => CdbRepr::ReadCapacity10,
+            opcode::READ_10 => CdbRepr::Read10 {
+                lba: r32(2),
+                blocks: r16(7),
+                dpo: bit(1, 4),
+                fua: bit(1, 3),
+            },
+            opcode::WRITE_10 => CdbRepr::Write10 {
+                lba: r32(2),
+                blocks: r16(7),
+                dpo: bit(1, 4),
+                fua: bit(1, 3),
+            },
+            opcode::SYNCHRONIZE_CACHE_10 => CdbRepr::SynchronizeCache10 {
+                lba: r32(2),
+                blocks: r16(7),
+                immed: bit(1, 1),
+            },
+            opcode::UNMAP => CdbRepr::Unmap {
+                anchor: bit(1, 0),
+                param_len: r16(7),
+            },
+            opcode::READ_16 => CdbRepr::Read16 {
+                lba: r64(2),
+                blocks: r32(10),
+                dpo: bit(1, 4),
+                fua: bit(1, 3),
+            },
+            opcode::WRITE_16 => CdbRepr::Write16 {
+                lba: r64(2),
+                blocks: r32(10),
+                dpo: bit(1, 4),
+                fua: bit(1, 3),
+            },
+            opcode::SYNCHRONIZE_CACHE_16 => CdbRepr::SynchronizeCache16 {
+                lba: r64(2),
+                blocks: r32(10),
+                immed: bit(1, 1),
+            },
+            opcode::WRITE_SAME_16 => CdbRepr::WriteSame16 {
+                lba: r64(2),
+                blocks: r32(10),
+                unmap: bit(1, 3),
+                anchor: bit(1, 4),
+                ndob: bit(1, 0),
+            },
+            opcode::SERVICE_ACTION_IN_16 => match b[1] & 0x1f {
+                opcode::SA_READ_CAPACITY_16 => CdbRepr::ReadCapacity16 { alloc_len: r32(10) },
+                sa => return Err(ScsiWireError::UnknownServiceAction { opcode: op, sa }),
+            },
+            opcode::REPORT_LUNS => CdbRepr::ReportLuns {
+                select_report: b[2],
+                alloc_len: r32(6),
+            },
+            opcode::MAINTENANCE_IN => match b[1] & 0x1f {
+                opcode::SA_REPORT_TARGET_PORT_GROUPS => CdbRepr::ReportTargetPortGroups {
+                    extended: b[1] >> 5 == 1,
+                    alloc_len: r32(6),
+                },
+                sa => return Err(ScsiWireError::UnknownServiceAction { opcode: op, sa }),
+            },
+            other => return Err(ScsiWireError::UnknownOpcode(other)),
+        })
+    }
+
+    pub fn opcode(&self) -> u8 {
+        match self {
+            CdbRepr::TestUnitReady => opcode::TEST_UNIT_READY,
+            CdbRepr::RequestSense { .. } => opcode::REQUEST_SENSE,
+            CdbRepr::Inquiry { .. } => opcode::INQUIRY,
+            CdbRepr::ModeSense10 { .. } => opcode::MODE_SENSE_10,
+            CdbRepr::ReadCapacity10 => opcode::READ_CAPACITY_10,
+            CdbRepr::ReadCapacity16 { .. } => opcode::SERVICE_ACTION_IN_16,
+            CdbRepr::Read10 { .. } => opcode::READ_10,
+            CdbRepr::Read16 { .. } => opcode::READ_16,
+            CdbRepr::Write10 { .. } => opcode::WRITE_10,
+            CdbRepr::Write16 { .. } => opcode::WRITE_16,
+            CdbRepr::SynchronizeCache10 { .. } => opcode::SYNCHRONIZE_CACHE_10,
+            CdbRepr::SynchronizeCache16 { .. } => opcode::SYNCHRONIZE_CACHE_16,
+            CdbRepr::Unmap { .. } => opcode::UNMAP,
+            CdbRepr::WriteSame16 { .. } => opcode::WRITE_SAME_16,
+            CdbRepr::ReportLuns { .. } => opcode::REPORT_LUNS,
+            CdbRepr::ReportTargetPortGroups { .. } => opcode::MAINTENANCE_IN,
+        }
+    }
+
+    /// Length of the emitted CDB.
+    pub fn buffer_len(&self) -> usize {
+        cdb_len_for_opcode(self.opcode()).unwrap_or(MAX_CDB_LEN)
+    }
+
+    /// Allocation length (data-in commands) or parameter list length
+    /// (UNMAP) carried in the CDB, in bytes; `None` for block I/O and
+    /// commands without data.
+    pub fn allocation_len(&self) -> Option<u32> {
+        match *self {
+            CdbRepr::RequestSense { alloc_len, .. } => Some(alloc_len.into()),
+            CdbRepr::Inquiry { alloc_len, .. } => Some(alloc_len.into()),
+            CdbRepr::ModeSense10 { alloc_len, .. } => Some(alloc_len.into()),
+            CdbRepr::ReadCapacity10 => Some(8),
+            CdbRepr::ReadCapacity16 { alloc_len } => Some(alloc_len),
+            CdbRepr::Unmap { param_len, .. } => Some(param_len.into()),
+            CdbRepr::ReportLuns { alloc_len, .. } => Some(alloc_len),
+            CdbRepr::ReportTargetPortGroups { alloc_len, .. } => Some(alloc_len),
+            _ => None,
+        }
+    }
+
+    /// `(lba, blocks)` for block commands (READ/WRITE/SYNCHRONIZE CACHE/WRITE SAME).
+    pub fn lba_range(&self) -> Option<(u64, u32)> {
+        match *self {
+            CdbRepr::Read10 { lba, blocks, .. }
+            | CdbRepr::Write10 { lba, blocks, .. }
+            | CdbRepr::SynchronizeCache10 { lba, blocks, .. } => {
+                Some((lba.into(), blocks.into()))
+            }
+            CdbRepr::Read16 { lba, blocks, .. }
+            | CdbRepr::Write16 { lba, blocks, .. }
+            | CdbRepr::SynchronizeCache16 { lba, blocks, .. }
+            | CdbRepr::WriteSame16 { lba, blocks, .. } => Some((lba, blocks)),
+            _ => None,
+        }
+    }
+
+    /// Build the CDB bytes.
+    pub fn emit(&self) -> Cdb {
+        let mut b = [0u8; MAX_CDB_LEN];
+        let len = self.buffer_len();
+        b[0] = self.opcode();
+        let flag = |v: bool, n: u8| if v { 1u8 << n } else { 0 };
+        match *self {
+            CdbRepr::TestUnitReady | CdbRepr::ReadCapacity10 => {}
+            CdbRepr::RequestSense {
+                descriptor,
+                alloc_len,
+            } => {
+                b[1] = flag(descriptor, 0);
+                b[4] = alloc_len;
+            }
+            CdbRepr::Inquiry {
+                evpd,
+                page_code,
+                alloc_len,
+            } => {
+                b[1] = flag(evpd, 0);
+                b[2] = page_code;
+                put16(&mut b, 3, alloc_len);
+            }
+            CdbRepr::ModeSense10 {
+                llbaa,
+                dbd,
+                page_control,
+                page_code,
+                subpage_code,
+                alloc_len,
+            } => {
+                b[1] = flag(llbaa, 4) | flag(dbd, 3);
+                b[2] = (page_control & 3) << 6 | (page_code & 0x3f);
+                b[3] = subpage_code;
+                put16(&mut b, 7, alloc_len);
+            }
+            CdbRepr::ReadCapacity16 { alloc_len } => {
+                b[1] = opcode::SA_READ_CAPACITY_16;
+                put32(&mut b, 10, alloc_len);
+            }
+            CdbRepr::Read10 {
+                lba,
+                blocks,
+                dpo,
+                fua,
+            }
+            | CdbRepr::Write10 {
+                lba,
+                blocks,
+                dpo,
+                fua,
+            } => {
+                b[1] = flag(dpo, 4) | flag(fua, 3);
+                put32(&mut b, 2, lba);
+                put16(&mut b, 7, blocks);
+            }
+            CdbRepr::Read16 {
+                lba,
+                blocks,
+                dpo,
+                fua,
+            }
+            | CdbRepr::Write16 {
+                lba,
+                blocks,
+                dpo,
+                fua,
+            } => {
+                b[1] = flag(dpo, 4) | flag(fua, 3);
+                put64(&mut b, 2, lba);
+                put32(&mut b, 10, blocks);
+            }
+            CdbRepr::SynchronizeCache10 { lba, blocks, immed } => {
+                b[1] = flag(immed, 1);
+                put32(&mut b, 2, lba);
+                put16(&mut b, 7, blocks);
+            }
+            CdbRepr::SynchronizeCache16 { lba, blocks, immed } => {
+                b[1] = flag(immed, 1);
+                put64(&mut b, 2, lba);
+                put32(&mut b, 10, blocks);
+            }
+            CdbRepr::Unmap { anchor, param_len } => {
+                b[1] = flag(anchor, 0);
+                put16(&mut b, 7, param_len);
+            }
+            CdbRepr::WriteSame16 {
+                lba,
+                blocks,
+                unmap,
+                anchor,
+                ndob,
+            } => {
+                b[1] = flag(anchor, 4) | flag(unmap, 3) | flag(ndob, 0);
+                put64(&mut b, 2, lba);
+                put32(&mut b, 10, blocks);
+            }
+            CdbRepr::ReportLuns {
+                select_report,
+                alloc_len,
+            } => {
+                b[2] = select_report;
+                put32(&mut b, 6, alloc_len);
+            }
+            CdbRepr::ReportTargetPortGroups {
+                extended,
+                alloc_len,
+            } => {
+                b[1] = if extended { 0x20 } else { 0 } | opcode::SA_REPORT_TARGET_PORT_GROUPS;
+                put32(&mut b, 6, alloc_len);
+            }
+        }
+        Cdb {
+            bytes: b,
+            len: len as u8,
+        }
+    }
+}
+
+impl fmt::Display for CdbRepr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CdbRepr::TestUnitReady => write!(f, "TEST UNIT READY"),
+            CdbRepr::RequestSense { .. } => write!(f, "REQUEST SENSE"),
+            CdbRepr::Inquiry {
+                evpd: true,
+                page_code,
+                ..
+            } => write!(f, "INQUIRY VPD {page_code:02x}h"),
+            CdbRepr::Inquiry { .. } => write!(f, "INQUIRY"),
+            CdbRepr::ModeSense10 { page_code, .. } => {
+                write!(f, "MODE SENSE(10) page {page_code:02x}h")
+            }
+            CdbRepr::ReadCapacity10 => write!(f, "READ CAPACITY(10)"),
+            CdbRepr::ReadCapacity16 { .. } => write!(f, "READ CAPACITY(16)"),
+            CdbRepr::Read10 { lba, blocks, .. } => write!(f, "READ(10) lba {lba} blocks {blocks}"),
+            CdbRepr::Read16 { lba, blocks, .. } => write!(f, "READ(16) lba {lba} blocks {blocks}"),
+            CdbRepr::Write10 { lba, blocks, .. } => {
+                write!(f, "WRITE(10) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::Write16 { lba, blocks, .. } => {
+                write!(f, "WRITE(16) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::SynchronizeCache10 { .. } => write!(f, "SYNCHRONIZE CACHE(10)"),
+            CdbRepr::SynchronizeCache16 { .. } => write!(f, "SYNCHRONIZE CACHE(16)"),
+            CdbRepr::Unmap { .. } => write!(f, "UNMAP"),
+            CdbRepr::WriteSame16 { lba, blocks, .. } => {
+                write!(f, "WRITE SAME(16) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::ReportLuns { .. } => write!(f, "REPORT LUNS"),
+            CdbRepr::ReportTargetPortGroups { .. } => write!(f, "REPORT TARGET PORT GROUPS"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// INQUIRY data
+
+/// Peripheral device types (SPC-4 table 141) used by this crate.
+pub mod device_type {
+    pub const DIRECT_ACCESS: u8 = 0x00;
+    pub const SEQUENTIAL_ACCESS: u8 = 0x01;
+    pub const CD_DVD: u8 = 0x05;
+    pub const OPTICAL: u8 = 0x07;
+    pub const MEDIUM_CHANGER: u8 = 0x08;
+    pub const STORAGE_ARRAY_CONTROLLER: u8 = 0x0c;
+    pub const ENCLOSURE_SERVICES: u8 = 0x0d;
+    pub const SIMPLIFIED_DIRECT_ACCESS: u8 = 0x0e;
+    pub const WELL_KNOWN_LU: u8 = 0x1e;
+    pub const UNKNOWN: u8 = 0x1f;
+}
+
+/// Human name of a peripheral device type.
+pub fn device_type_name(t: u8) -> &'static str {
+    match t {
+        0x00 => "disk",
+        0x01 => "tape",
+        0x02 => "printer",
+        0x03 => "processor",
+        0x04 => "write-once",
+        0x05 => "cd/dvd",
+        0x07 => "optical",
+        0x08 => "medium changer",
+        0x0c => "storage array controller",
+        0x0d => "enclosure",
+        0x0e => "simplified disk",
+        0x0f => "optical card",
+        0x11 => "object storage",
+        0x12 => "automation/drive interface",
+        0x14 => "host managed zoned block",
+        0x1e => "well known LU",
+        0x1f => "unknown",
+        _ => "reserved",
+    }
+}
+
+/// Byte 0 of INQUIRY data and every VPD page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Peripheral {
+    /// 3 bits: 0 connected, 1 not connected, 3 no LU at this LUN.
+    pub qualifier: u8,
+    /// 5 bits, see [`device_type`].
+    pub device_type: u8,
+}
+
+impl Peripheral {
+    pub const DISK: Peripheral = Peripheral {
+        qualifier: 0,
+        device_type: device_type::DIRECT_ACCESS,
+    };
+    /// Qualifier 011b, type 1Fh: no logical unit at this LUN.
+    pub const NO_LUN: Peripheral = Peripheral {
+        qualifier: 3,
+        device_type: device_type::UNKNOWN,
+    };
+    pub fn from_byte(b: u8) -> Peripheral {
+        Peripheral {
+            qualifier: b >> 5,
+            device_type: b & 0x1f,
+        }
+    }
+    pub fn to_byte(self) -> u8 {
+        (self.qualifier & 7) << 5 | (self.device_type & 0x1f)
+    }
+    /// A logical unit is present (qualifier 000b).
+    pub fn is_connected(self) -> bool {
+        self.qualifier == 0
+    }
+}
+
+/// Target port group support (TPGS field of standard INQUIRY data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Tpgs {
+    /// No ALUA.
+    #[default]
+    None,
+    Implicit,
+    Explicit,
+    Both,
+}
+
+impl Tpgs {
+    pub fn from_bits(v: u8) -> Tpgs {
+        match v & 3 {
+            0 => Tpgs::None,
+            1 => Tpgs::Implicit,
+            2 => Tpgs::Explicit,
+            _ => Tpgs::Both,
+        }
+    }
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+    /// ALUA is supported in some form.
+    pub fn alua(self) -> bool {
+        self != Tpgs::None
+    }
+}
+
+/// Standard INQUIRY data (SPC-4 §6.6.2), the first 36 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InquiryData {
+    pub peripheral: Peripheral,
+    pub removable: bool,
+    /// 0x06 = SPC-4, 0x05 = SPC-3.
+    pub version: u8,
+    pub normaca: bool,
+    pub hisup: bool,
+    /// 4 bits; 2 for every modern device.
+    pub response_data_format: u8,
+    pub sccs: bool,
+    pub acc: bool,
+    pub tpgs: Tpgs,
+    pub third_party_copy: bool,
+    pub protect: bool,
+    pub encserv: bool,
+    pub multip: bool,
+    pub cmdque: bool,
+    pub vendor: [u8; 8],
+    pub product: [u8; 16],
+    pub revision: [u8; 4],
+}
+
+impl InquiryData {
+    /// Length of the standard data emitted (additional length 31).
+    pub const LEN: usize = 36;
+
+    /// SPC-4 data for a connected LU with command queuing; ASCII fields are
+    /// space padded.
+    pub fn new(peripheral: Peripheral, vendor: &str, product: &str, revision: &str) -> Self {
+        InquiryData {
+            peripheral,
+            removable: false,
+            version: 0x06,
+            normaca: false,
+            hisup: true,
+            response_data_format: 2,
+            sccs: false,
+            acc: false,
+            tpgs: Tpgs::None,
+            third_party_copy: false,
+            protect: false,
+            encserv: false,
+            multip: false,
+            cmdque: true,
+            vendor: ascii_pad(vendor),
+            product: ascii_pad(product),
+            revision: ascii_pad(revision),
+        }
+    }
+    pub fn vendor_str(&self) -> String {
+        ascii_trim(&self.vendor)
+    }
+    pub fn product_str(&self) -> String {
+        ascii_trim(&self.product)
+    }
+    pub fn revision_str(&self) -> String {
+        ascii_trim(&self.revision)
+    }
+}
+
+impl DataRepr for InquiryData {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("standard INQUIRY data", b, Self::LEN)?;
+        let bit = |at: usize, n: u8| b[at] & (1 << n) != 0;
+        let mut vendor = [0u8; 8];
+        let mut product = [0u8; 16];
+        let mut revision = [0u8; 4];
+        vendor.copy_from_slice(&b[8..16]);
+        product.copy_from_slice(&b[16..32]);
+        revision.copy_from_slice(&b[32..36]);
+        Ok(InquiryData {
+            peripheral: Peripheral::from_byte(b[0]),
+            removable: bit(1, 7),
+            version: b[2],
+            normaca: bit(3, 5),
+            hisup: bit(3, 4),
+            response_data_format: b[3] & 0x0f,
+            sccs: bit(5, 7),
+            acc: bit(5, 6),
+            tpgs: Tpgs::from_bits(b[5] >> 4),
+            third_party_copy: bit(5, 3),
+            protect: bit(5, 0),
+            encserv: bit(6, 6),
+            multip: bit(6, 4),
+            cmdque: bit(7, 1),
+            vendor,
+            product,
+            revision,
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        Self::LEN
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        let f = |v: bool, n: u8| if v { 1u8 << n } else { 0 };
+        b[0] = self.peripheral.to_byte();
+        b[1] = f(self.removable, 7);
+        b[2] = self.version;
+        b[3] = f(self.normaca, 5) | f(self.hisup, 4) | (self.response_data_format & 0x0f);
+        b[4] = (Self::LEN - 5) as u8;
+        b[5] = f(self.sccs, 7)
+            | f(self.acc, 6)
+            | self.tpgs.bits() << 4
+            | f(self.third_party_copy, 3)
+            | f(self.protect, 0);
+        b[6] = f(self.encserv, 6) | f(self.multip, 4);
+        b[7] = f(self.cmdque, 1);
+        b[8..16].copy_from_slice(&self.vendor);
+        b[16..32].copy_from_slice(&self.product);
+        b[32..36].copy_from_slice(&self.revision);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// VPD pages
+
+/// VPD page codes.
+pub mod vpd {
+    pub const SUPPORTED_PAGES: u8 = 0x00;
+    pub const UNIT_SERIAL_NUMBER: u8 = 0x80;
+    pub const DEVICE_IDENTIFICATION: u8 = 0x83;
+    pub const BLOCK_LIMITS: u8 = 0xb0;
+    pub const BLOCK_DEVICE_CHARACTERISTICS: u8 = 0xb1;
+    pub const LOGICAL_BLOCK_PROVISIONING: u8 = 0xb2;
+}
+
+/// Check the 4-byte VPD header; returns the peripheral and the page payload
+/// (bounded by both PAGE LENGTH and the bytes present).
+fn vpd_header<'a>(
+    b: &'a [u8],
+    page: u8,
+    what: &'static str,
+) -> Result<(Peripheral, &'a [u8]), ScsiWireError> {
+    need(what, b, 4)?;
+    if b[1] != page {
+        return Err(ScsiWireError::WrongPage {
+            expected: page,
+            got: b[1],
+        });
+    }
+    let len = usize::from(be16(b, 2).unwrap_or(0));
+    let end = b.len().min(4 + len);
+    Ok((Peripheral::from_byte(b[0]), &b[4..end]))
+}
+
+fn vpd_emit_header(b: &mut [u8], p: Peripheral, page: u8) {
+    b[0] = p.to_byte();
+    b[1] = page;
+    put16(b, 2, (b.len() - 4) as u16);
+}
+
+/// VPD page 00h: supported VPD pages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SupportedVpdPages {
+    pub peripheral: Peripheral,
+    pub pages: Vec<u8>,
+}
+
+impl SupportedVpdPages {
+    pub fn supports(&self, page: u8) -> bool {
+        self.pages.contains(&page)
+    }
+}
+
+impl DataRepr for SupportedVpdPages {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, body) = vpd_header(b, vpd::SUPPORTED_PAGES, "VPD page 00h")?;
+        Ok(SupportedVpdPages {
+            peripheral,
+            pages: body.to_vec(),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + self.pages.len().min(u16::MAX as usize)
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::SUPPORTED_PAGES);
+        let n = b.len() - 4;
+        b[4..].copy_from_slice(&self.pages[..n]);
+    }
+}
+
+/// VPD page 80h: unit serial number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UnitSerialNumber {
+    pub peripheral: Peripheral,
+    /// Raw ASCII serial (may carry padding spaces).
+    pub serial: Vec<u8>,
+}
+
+impl UnitSerialNumber {
+    pub fn serial_str(&self) -> String {
+        ascii_trim(&self.serial)
+    }
+}
+
+impl DataRepr for UnitSerialNumber {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, body) = vpd_header(b, vpd::UNIT_SERIAL_NUMBER, "VPD page 80h")?;
+        Ok(UnitSerialNumber {
+            peripheral,
+            serial: body.to_vec(),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + self.serial.len().min(u16::MAX as usize)
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::UNIT_SERIAL_NUMBER);
+        let n = b.len() - 4;
+        b[4..].copy_from_slice(&self.serial[..n]);
+    }
+}
+
+/// Code set of a designator (4 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CodeSet {
+    Binary,
+    Ascii,
+    Utf8,
+    /// Any other (reserved) value, never 1, 2 or 3.
+    Other(u8),
+}
+
+impl CodeSet {
+    pub fn from_bits(v: u8) -> CodeSet {
+        match v & 0x0f {
+            1 => CodeSet::Binary,
+            2 => CodeSet::Ascii,
+            3 => CodeSet::Utf8,
+            o => CodeSet::Other(o),
+        }
+    }
+    pub fn bits(self) -> u8 {
+        match self {
+            CodeSet::Binary => 1,
+            CodeSet::Ascii => 2,
+            CodeSet::Utf8 => 3,
+            CodeSet::Other(o) => o & 0x0f,
+        }
+    }
+}
+
+/// What a designator identifies (2 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Association {
+    LogicalUnit,
+    TargetPort,
+    TargetDevice,
+    Reserved,
+}
+
+impl Association {
+    pub fn from_bits(v: u8) -> Association {
+        match v & 3 {
+            0 => Association::LogicalUnit,
+            1 => Association::TargetPort,
+            2 => Association::TargetDevice,
+            _ => Association::Reserved,
+        }
+    }
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Designator type (4 bits, SPC-4 table 459).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DesignatorType {
+    VendorSpecific,
+    T10VendorId,
+    Eui64,
+    Naa,
+    RelativeTargetPort,
+    TargetPortGroup,
+    LogicalUnitGroup,
+    Md5LogicalUnitId,
+    ScsiNameString,
+    ProtocolSpecificPortId,
+    Uuid,
+    /// Reserved values 0Bh..0Fh.
+    Other(u8),
+}
+
+impl DesignatorType {
+    pub fn from_bits(v: u8) -> DesignatorType {
+        match v & 0x0f {
+            0 => DesignatorType::VendorSpecific,
+            1 => DesignatorType::T10VendorId,
+            2 => DesignatorType::Eui64,
+            3 => DesignatorType::Naa,
+            4 => DesignatorType::RelativeTargetPort,
+            5 => DesignatorType::TargetPortGroup,
+            6 => DesignatorType::LogicalUnitGroup,
+            7 => DesignatorType::Md5LogicalUnitId,
+            8 => DesignatorType::ScsiNameString,
+            9 => DesignatorType::ProtocolSpecificPortId,
+            0x0a => DesignatorType::Uuid,
+            o => DesignatorType::Other(o),
+        }
+    }
+    pub fn bits(self) -> u8 {
+        match self {
+            DesignatorType::VendorSpecific => 0,
+            DesignatorType::T10VendorId => 1,
+            DesignatorType::Eui64 => 2,
+            DesignatorType::Naa => 3,
+            DesignatorType::RelativeTargetPort => 4,
+            DesignatorType::TargetPortGroup => 5,
+            DesignatorType::LogicalUnitGroup => 6,
+            DesignatorType::Md5LogicalUnitId => 7,
+            DesignatorType::ScsiNameString => 8,
+            DesignatorType::ProtocolSpecificPortId => 9,
+            DesignatorType::Uuid => 0x0a,
+            DesignatorType::Other(o) => o & 0x0f,
+        }
+    }
+}
+
+/// Protocol identifier for iSCSI (SPC-4 table 362).
+pub const PROTOCOL_ID_ISCSI: u8 = 5;
+
+/// One designation descriptor of VPD page 83h.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Designator {
+    /// 4 bits; meaningful only when `piv` is set.
+    pub protocol_id: u8,
+    pub code_set: CodeSet,
+    pub piv: bool,
+    pub association: Association,
+    pub designator_type: DesignatorType,
+    /// At most 255 bytes.
+    pub value: Vec<u8>,
+}
+
+impl Designator {
+    /// A binary NAA designator for the logical unit.
+    pub fn naa(value: Vec<u8>) -> Designator {
+        Designator {
+            protocol_id: 0,
+            code_set: CodeSet::Binary,
+            piv: false,
+            association: Association::LogicalUnit,
+            designator_type: DesignatorType::Naa,
+            value,
+        }
+    }
+
+    /// A 16-bit designator value for target port relations
+    /// (relative target port, target port group, logical unit group).
+    fn port_u16(&self, t: DesignatorType) -> Option<u16> {
+        if self.designator_type == t {
+            be16(&self.value, 2)
+        } else {
+            None
+        }
+    }
+    /// The relative target port identifier, for a type 4h designator.
+    pub fn relative_target_port(&self) -> Option<u16> {
+        self.port_u16(DesignatorType::RelativeTargetPort)
+    }
+    /// The target port group, for a type 5h designator.
+    pub fn target_port_group(&self) -> Option<u16> {
+        self.port_u16(DesignatorType::TargetPortGroup)
+    }
+    /// Designator for a relative target port (association target port).
+    pub fn relative_target_port_id(id: u16) -> Designator {
+        Designator {
+            protocol_id: 0,
+            code_set: CodeSet::Binary,
+            piv: false,
+            association: Association::TargetPort,
+            designator_type: DesignatorType::RelativeTargetPort,
+            value: vec![0, 0, (id >> 8) as u8, id as u8],
+        }
+    }
+    /// Designator for a target port group (association target port).
+    pub fn target_port_group_id(id: u16) -> Designator {
+        Designator {
+            designator_type: DesignatorType::TargetPortGroup,
+            ..Designator::relative_target_port_id(id)
+        }
+    }
+
+    /// The NAA field (top nibble of the first byte) of an NAA designator.
+    pub fn naa_type(&self) -> Option<u8> {
+        if self.designator_type == DesignatorType::Naa {
+            self.value.first().map(|b| b >> 4)
+        } else {
+            None
+        }
+    }
+
+    /// Preference as a logical-unit identity (higher is better; `None` if
+    /// this designator cannot identify a logical unit).
+    pub fn lu_identity_rank(&self) -> Option<u8> {
+        if self.association != Association::LogicalUnit || self.value.is_empty() {
+            return None;
+        }
+        Some(match self.designator_type {
+            DesignatorType::Naa => match self.naa_type() {
+                Some(6) => 10,
+                Some(5) => 9,
+                _ => 5,
+            },
+            DesignatorType::ScsiNameString => 8,
+            DesignatorType::Eui64 => match self.value.len() {
+                16 => 7,
+                12 => 6,
+                _ => 5,
+            },
+            DesignatorType::Uuid => 4,
+            DesignatorType::T10VendorId => 3,
+            DesignatorType::Md5LogicalUnitId => 2,
+            DesignatorType::VendorSpecific => 1,
+            _ => return None,
+        })
+    }
+
+    fn text_value(&self) -> Option<String> {
+        match self.code_set {
+            CodeSet::Ascii | CodeSet::Utf8 => Some(ascii_trim(&self.value)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Designator {
+    /// `naa.<hex>`, `eui.<hex>`, `t10.<text>`, the SCSI name string itself,
+    /// `rtp.<n>`, `tpg.<n>`, `uuid.<hex>`, ... — the form Linux and VMware
+    /// print, usable as a multipath device identity.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.text_value();
+        match self.designator_type {
+            DesignatorType::Naa => write!(f, "naa.{}", hex(&self.value)),
+            DesignatorType::Eui64 => write!(f, "eui.{}", hex(&self.value)),
+            DesignatorType::T10VendorId => match text {
+                Some(t) => write!(f, "t10.{t}"),
+                None => write!(f, "t10.{}", ascii_trim(&self.value)),
+            },
+            DesignatorType::ScsiNameString => match text {
+                Some(t) => f.write_str(&t),
+                None => write!(f, "name.{}", hex(&self.value)),
+            },
+            DesignatorType::RelativeTargetPort => {
+                write!(f, "rtp.{}", self.relative_target_port().unwrap_or(0))
+            }
+            DesignatorType::TargetPortGroup => {
+                write!(f, "tpg.{}", self.target_port_group().unwrap_or(0))
+            }
+            DesignatorType::LogicalUnitGroup => {
+                write!(f, "lug.{}", be16(&self.value, 2).unwrap_or(0))
+            }
+            DesignatorType::Md5LogicalUnitId => write!(f, "md5.{}", hex(&self.value)),
+            DesignatorType::Uuid => write!(f, "uuid.{}", hex(&self.value)),
+            DesignatorType::VendorSpecific => match text {
+                Some(t) => write!(f, "vendor.{t}"),
+                None => write!(f, "vendor.{}", hex(&self.value)),
+            },
+            DesignatorType::ProtocolSpecificPortId => write!(f, "port.{}", hex(&self.value)),
+            DesignatorType::Other(t) => write!(f, "type{t}.{}", hex(&self.value)),
+        }
+    }
+}
+
+/// VPD page 83h: device identification.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceIdentification {
+    pub peripheral: Peripheral,
+    pub designators: Vec<Designator>,
+}
+
+impl DeviceIdentification {
+    /// The designator used as the logical unit's identity for multipath:
+    /// the best-ranked logical-unit designator (NAA IEEE Registered
+    /// Extended > NAA IEEE Registered > SCSI name string > EUI-64 > other
+    /// NAA > UUID > T10 vendor id > MD5 > vendor specific); the first one
+    /// wins a tie. Every path to one LU reports the same page, so the choice
+    /// is stable across paths.
+    pub fn lu_designator(&self) -> Option<&Designator> {
+        let mut best: Option<(u8, &Designator)> = None;
+        for d in &self.designators {
+            if let Some(r) = d.lu_identity_rank() {
+                if best.is_none_or(|(br, _)| r > br) {
+                    best = Some((r, d));
+                }
+            }
+        }
+        best.map(|(_, d)| d)
+    }
+    /// Relative target port identifier of the port the page came through.
+    pub fn relative_target_port(&self) -> Option<u16> {
+        self.designators
+            .iter()
+            .find_map(Designator::relative_target_port)
+    }
+    /// Target port group of the port the page came through.
+    pub fn target_port_group(&self) -> Option<u16> {
+        self.designators
+            .iter()
+            .find_map(Designator::target_port_group)
+    }
+    /// SCSI name string of the target port (iSCSI: `iqn...,t,0x<tpgt>`).
+    pub fn target_port_name(&self) -> Option<&Designator> {
+        self.designators.iter().find(|d| {
+            d.association == Association::TargetPort
+                && d.designator_type == DesignatorType::ScsiNameString
+        })
+    }
+}
+
+impl DataRepr for DeviceIdentification {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, mut body) =
+            vpd_header(b, vpd::DEVICE_IDENTIFICATION, "VPD page 83h")?;
+        let mut designators = Vec::new();
+        // Descriptors cut short by the allocation length are dropped.
+        while body.len() >= 4 {
+            let len = usize::from(body[3]);
+            let Some(value) = body.get(4..4 + len) else {
+                break;
+            };
+            designators.push(Designator {
+                protocol_id: body[0] >> 4,
+                code_set: CodeSet::from_bits(body[0]),
+                piv: body[1] & 0x80 != 0,
+                association: Association::from_bits(body[1] >> 4),
+                designator_type: DesignatorType::from_bits(body[1]),
+                value: value.to_vec(),
+            });
+            body = &body[4 + len..];
+        }
+        Ok(DeviceIdentification {
+            peripheral,
+            designators,
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        let mut n = 4;
+        for d in &self.designators {
+            let add = 4 + d.value.len().min(255);
+            if n + add > 4 + u16::MAX as usize {
+                break;
+            }
+            n += add;
+        }
+        n
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::DEVICE_IDENTIFICATION);
+        let mut at = 4;
+        for d in &self.designators {
+            let len = d.value.len().min(255);
+            if at + 4 + len > b.len() {
+                break;
+            }
+            b[at] = (d.protocol_id & 0x0f) << 4 | d.code_set.bits();
+            b[at + 1] = if d.piv { 0x80 } else { 0 }
+                | d.association.bits() << 4
+                | d.designator_type.bits();
+            b[at + 3] = len as u8;
+            b[at + 4..at + 4 + len].copy_from_slice(&d.value[..len]);
+            at += 4 + len;
+        }
+    }
+}
+
+/// VPD page B0h: block limits (SBC-3 §6.5.3). Fields a short (SBC-2 era)
+/// page lacks parse as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BlockLimits {
+    pub peripheral: Peripheral,
+    pub wsnz: bool,
+    pub max_compare_and_write_len: u8,
+    pub optimal_transfer_len_granularity: u16,
+    /// Blocks; 0 = no limit reported.
+    pub max_transfer_len: u32,
+    pub optimal_transfer_len: u32,
+    pub max_prefetch_len: u32,
+    pub max_unmap_lba_count: u32,
+    pub max_unmap_descriptor_count: u32,
+    pub optimal_unmap_granularity: u32,
+    /// Present when UGAVALID is set (31 bits).
+    pub unmap_granularity_alignment: Option<u32>,
+    pub max_write_same_len: u64,
+}
+
+impl BlockLimits {
+    /// Page length emitted (3Ch, SBC-3).
+    pub const PAGE_LEN: u16 = 0x3c;
+}
+
+impl DataRepr for BlockLimits {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, _) = vpd_header(b, vpd::BLOCK_LIMITS, "VPD page B0h")?;
+        let end = b.len().min(4 + usize::from(be16(b, 2).unwrap_or(0)));
+        let b = &b[..end];
+        let r32 = |at| be32(b, at).unwrap_or(0);
+        let uga = r32(32);
+        Ok(BlockLimits {
+            peripheral,
+            wsnz: u8_at(b, 4).unwrap_or(0) & 1 != 0,
+            max_compare_and_write_len: u8_at(b, 5).unwrap_or(0),
+            optimal_transfer_len_granularity: be16(b, 6).unwrap_or(0),
+            max_transfer_len: r32(8),
+            optimal_transfer_len: r32(12),
+            max_prefetch_len: r32(16),
+            max_unmap_lba_count: r32(20),
+            max_unmap_descriptor_count: r32(24),
+            optimal_unmap_granularity: r32(28),
+            unmap_granularity_alignment: (uga & 0x8000_0000 != 0).then_some(uga & 0x7fff_ffff),
+            max_write_same_len: be64(b, 36).unwrap_or(0),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + Self::PAGE_LEN as usize
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::BLOCK_LIMITS);
+        b[4] = self.wsnz as u8;
+        b[5] = self.max_compare_and_write_len;
+        put16(b, 6, self.optimal_transfer_len_granularity);
+        put32(b, 8, self.max_transfer_len);
+        put32(b, 12, self.optimal_transfer_len);
+        put32(b, 16, self.max_prefetch_len);
+        put32(b, 20, self.max_unmap_lba_count);
+        put32(b, 24, self.max_unmap_descriptor_count);
+        put32(b, 28, self.optimal_unmap_granularity);
+        if let Some(a) = self.unmap_granularity_alignment {
+            put32(b, 32, 0x8000_0000 | (a & 0x7fff_ffff));
+        }
+        put64(b, 36, self.max_write_same_len);
+    }
+}
+
+/// Provisioning type of VPD page B2h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ProvisioningType {
+    #[default]
+    Full,
+    Resource,
+    Thin,
+    Reserved(u8),
+}
+
+impl ProvisioningType {
+    pub fn from_bits(v: u8) -> Self {
+        match v & 7 {
+            0 => ProvisioningType::Full,
+            1 => ProvisioningType::Resource,
+            2 => ProvisioningType::Thin,
+            o => ProvisioningType::Reserved(o),
+        }
+    }
+    pub fn bits(self) -> u8 {
+        match self {
+            ProvisioningType::Full => 0,
+            ProvisioningType::Resource => 1,
+            ProvisioningType::Thin => 2,
+            ProvisioningType::Reserved(o) => o & 7,
+        }
+    }
+}
+
+/// VPD page B2h: logical block provisioning (SBC-3 §6.5.4). The
+/// provisioning group descriptor is not decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LogicalBlockProvisioning {
+    pub peripheral: Peripheral,
+    pub threshold_exponent: u8,
+    /// UNMAP supported.
+    pub lbpu: bool,
+    /// WRITE SAME(16) with UNMAP supported.
+    pub lbpws: bool,
+    /// WRITE SAME(10) with UNMAP supported.
+    pub lbpws10: bool,
+    /// 3 bits (SBC-4); bit 0 is SBC-3's LBPRZ.
+    pub lbprz: u8,
+    pub anc_sup: bool,
+    pub dp: bool,
+    pub provisioning_type: ProvisioningType,
+}
+
+impl DataRepr for LogicalBlockProvisioning {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, body) =
+            vpd_header(b, vpd::LOGICAL_BLOCK_PROVISIONING, "VPD page B2h")?;
+        let g = |i: usize| body.get(i).copied().unwrap_or(0);
+        let f = g(1);
+        Ok(LogicalBlockProvisioning {
+            peripheral,
+            threshold_exponent: g(0),
+            lbpu: f & 0x80 != 0,
+            lbpws: f & 0x40 != 0,
+            lbpws10: f & 0x20 != 0,
+            lbprz: (f >> 2) & 7,
+            anc_sup: f & 0x02 != 0,
+            dp: f & 0x01 != 0,
+            provisioning_type: ProvisioningType::from_bits(g(2)),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        8
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::LOGICAL_BLOCK_PROVISIONING);
+        let f = |v: bool, n: u8| if v { 1u8 << n } else { 0 };
+        b[4] = self.threshold_exponent;
+        b[5] = f(self.lbpu, 7)
+            | f(self.lbpws, 6)
+            | f(self.lbpws10, 5)
+            | (self.lbprz & 7) << 2
+            | f(self.anc_sup, 1)
+            | f(self.dp, 0);
+        b[6] = self.provisioning_type.bits();
+    }
+}
