@@ -661,9 +661,7 @@ impl CdbRepr {
         match *self {
             CdbRepr::Read10 { lba, blocks, .. }
             | CdbRepr::Write10 { lba, blocks, .. }
-            | CdbRepr::SynchronizeCache10 { lba, blocks, .. } => {
-                Some((lba.into(), blocks.into()))
-            }
+            | CdbRepr::SynchronizeCache10 { lba, blocks, .. } => Some((lba.into(), blocks.into())),
             CdbRepr::Read16 { lba, blocks, .. }
             | CdbRepr::Write16 { lba, blocks, .. }
             | CdbRepr::SynchronizeCache16 { lba, blocks, .. }
@@ -1447,8 +1445,7 @@ impl DeviceIdentification {
 
 impl DataRepr for DeviceIdentification {
     fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
-        let (peripheral, mut body) =
-            vpd_header(b, vpd::DEVICE_IDENTIFICATION, "VPD page 83h")?;
+        let (peripheral, mut body) = vpd_header(b, vpd::DEVICE_IDENTIFICATION, "VPD page 83h")?;
         let mut designators = Vec::new();
         // Descriptors cut short by the allocation length are dropped.
         while body.len() >= 4 {
@@ -1491,9 +1488,8 @@ impl DataRepr for DeviceIdentification {
                 break;
             }
             b[at] = (d.protocol_id & 0x0f) << 4 | d.code_set.bits();
-            b[at + 1] = if d.piv { 0x80 } else { 0 }
-                | d.association.bits() << 4
-                | d.designator_type.bits();
+            b[at + 1] =
+                if d.piv { 0x80 } else { 0 } | d.association.bits() << 4 | d.designator_type.bits();
             b[at + 3] = len as u8;
             b[at + 4..at + 4 + len].copy_from_slice(&d.value[..len]);
             at += 4 + len;
@@ -1619,8 +1615,7 @@ pub struct LogicalBlockProvisioning {
 
 impl DataRepr for LogicalBlockProvisioning {
     fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
-        let (peripheral, body) =
-            vpd_header(b, vpd::LOGICAL_BLOCK_PROVISIONING, "VPD page B2h")?;
+        let (peripheral, body) = vpd_header(b, vpd::LOGICAL_BLOCK_PROVISIONING, "VPD page B2h")?;
         let g = |i: usize| body.get(i).copied().unwrap_or(0);
         let f = g(1);
         Ok(LogicalBlockProvisioning {
@@ -1649,5 +1644,1114 @@ impl DataRepr for LogicalBlockProvisioning {
             | f(self.anc_sup, 1)
             | f(self.dp, 0);
         b[6] = self.provisioning_type.bits();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// READ CAPACITY
+
+/// READ CAPACITY(10) parameter data (SBC-3 §5.15.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ReadCapacity10Data {
+    /// Last LBA; `u32::MAX` means "use READ CAPACITY(16)".
+    pub last_lba: u32,
+    pub block_len: u32,
+}
+
+impl ReadCapacity10Data {
+    /// The device is too large for READ CAPACITY(10).
+    pub fn needs_rc16(&self) -> bool {
+        self.last_lba == u32::MAX
+    }
+    pub fn block_count(&self) -> u64 {
+        u64::from(self.last_lba) + 1
+    }
+}
+
+impl DataRepr for ReadCapacity10Data {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("READ CAPACITY(10) data", b, 8)?;
+        Ok(ReadCapacity10Data {
+            last_lba: be32(b, 0).unwrap_or(0),
+            block_len: be32(b, 4).unwrap_or(0),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        8
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put32(b, 0, self.last_lba);
+        put32(b, 4, self.block_len);
+    }
+}
+
+/// READ CAPACITY(16) parameter data (SBC-3 §5.16.2). Only the first 12
+/// bytes are required; missing later fields parse as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ReadCapacity16Data {
+    pub last_lba: u64,
+    pub block_len: u32,
+    /// 3 bits.
+    pub p_type: u8,
+    pub prot_en: bool,
+    /// 4 bits.
+    pub p_i_exponent: u8,
+    /// Logical blocks per physical block exponent (4 bits).
+    pub lb_per_pb_exponent: u8,
+    /// Logical block provisioning management enabled (thin provisioning).
+    pub lbpme: bool,
+    /// Unmapped blocks read as zero.
+    pub lbprz: bool,
+    /// 14 bits.
+    pub lowest_aligned_lba: u16,
+}
+
+impl ReadCapacity16Data {
+    pub const LEN: usize = 32;
+    /// Number of logical blocks (saturating at `u64::MAX`).
+    pub fn block_count(&self) -> u64 {
+        self.last_lba.saturating_add(1)
+    }
+    /// Physical block size in bytes (saturating).
+    pub fn physical_block_len(&self) -> u32 {
+        self.block_len
+            .checked_shl(u32::from(self.lb_per_pb_exponent))
+            .unwrap_or(u32::MAX)
+    }
+}
+
+impl DataRepr for ReadCapacity16Data {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("READ CAPACITY(16) data", b, 12)?;
+        let g = |i| u8_at(b, i).unwrap_or(0);
+        Ok(ReadCapacity16Data {
+            last_lba: be64(b, 0).unwrap_or(0),
+            block_len: be32(b, 8).unwrap_or(0),
+            p_type: (g(12) >> 1) & 7,
+            prot_en: g(12) & 1 != 0,
+            p_i_exponent: g(13) >> 4,
+            lb_per_pb_exponent: g(13) & 0x0f,
+            lbpme: g(14) & 0x80 != 0,
+            lbprz: g(14) & 0x40 != 0,
+            lowest_aligned_lba: u16::from(g(14) & 0x3f) << 8 | u16::from(g(15)),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        Self::LEN
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put64(b, 0, self.last_lba);
+        put32(b, 8, self.block_len);
+        b[12] = (self.p_type & 7) << 1 | self.prot_en as u8;
+        b[13] = (self.p_i_exponent & 0x0f) << 4 | (self.lb_per_pb_exponent & 0x0f);
+        b[14] = if self.lbpme { 0x80 } else { 0 }
+            | if self.lbprz { 0x40 } else { 0 }
+            | ((self.lowest_aligned_lba >> 8) as u8 & 0x3f);
+        b[15] = self.lowest_aligned_lba as u8;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// LUNs and REPORT LUNS
+
+/// An 8-byte SAM-5 logical unit number, as carried in REPORT LUNS data and
+/// in the iSCSI BHS LUN field (`to_u64`/`from_u64` are big-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Lun(pub [u8; 8]);
+
+/// The first addressing level of a [`Lun`] (SAM-5 §4.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LunAddress {
+    /// Address method 00b: bus identifier (6 bits) and target/LUN byte.
+    Peripheral { bus: u8, lun: u8 },
+    /// Address method 01b: a 14-bit flat LUN.
+    Flat(u16),
+    /// Address method 10b: target (6 bits), bus (3 bits), LUN (5 bits).
+    LogicalUnit { target: u8, bus: u8, lun: u8 },
+    /// Address method 11b: extended addressing (not decoded).
+    Extended,
+}
+
+impl Lun {
+    /// The conventional encoding of a small LUN number: peripheral device
+    /// addressing (bus 0) below 256, flat space addressing up to 16383.
+    /// Larger values are truncated to 14 bits.
+    pub fn from_number(n: u16) -> Lun {
+        let mut b = [0u8; 8];
+        if n < 256 {
+            b[1] = n as u8;
+        } else {
+            b[0] = 0x40 | ((n >> 8) as u8 & 0x3f);
+            b[1] = n as u8;
+        }
+        Lun(b)
+    }
+    pub fn from_u64(v: u64) -> Lun {
+        Lun(v.to_be_bytes())
+    }
+    pub fn to_u64(self) -> u64 {
+        u64::from_be_bytes(self.0)
+    }
+    /// Decode the first addressing level.
+    pub fn address(&self) -> LunAddress {
+        let (b0, b1) = (self.0[0], self.0[1]);
+        match b0 >> 6 {
+            0 => LunAddress::Peripheral {
+                bus: b0 & 0x3f,
+                lun: b1,
+            },
+            1 => LunAddress::Flat(u16::from(b0 & 0x3f) << 8 | u16::from(b1)),
+            2 => LunAddress::LogicalUnit {
+                target: b0 & 0x3f,
+                bus: b1 >> 5,
+                lun: b1 & 0x1f,
+            },
+            _ => LunAddress::Extended,
+        }
+    }
+    /// Single-level LUN (levels 2..4 all zero).
+    pub fn is_single_level(&self) -> bool {
+        self.0[2..].iter().all(|&b| b == 0)
+    }
+    /// The plain LUN number for single-level peripheral (bus 0) or flat
+    /// addressing, the forms iSCSI targets use.
+    pub fn number(&self) -> Option<u16> {
+        if !self.is_single_level() {
+            return None;
+        }
+        match self.address() {
+            LunAddress::Peripheral { bus: 0, lun } => Some(lun.into()),
+            LunAddress::Flat(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Lun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.number() {
+            Some(n) => write!(f, "{n}"),
+            None => write!(f, "0x{}", hex(&self.0)),
+        }
+    }
+}
+
+/// REPORT LUNS parameter data (SPC-4 §6.33). When the allocation length cut
+/// the list short, the LUNs that arrived whole are returned; use
+/// [`ReportLunsData::required_len`] to size a retry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ReportLunsData {
+    pub luns: Vec<Lun>,
+}
+
+impl ReportLunsData {
+    /// Allocation length needed for the whole list, from the header.
+    pub fn required_len(bytes: &[u8]) -> Option<u64> {
+        be32(bytes, 0).map(|l| u64::from(l) + 8)
+    }
+}
+
+impl DataRepr for ReportLunsData {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("REPORT LUNS data", b, 8)?;
+        let list_len = be32(b, 0).unwrap_or(0) as usize;
+        let end = b.len().min(8usize.saturating_add(list_len));
+        let luns = b[8..end]
+            .chunks_exact(8)
+            .map(|c| {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(c);
+                Lun(l)
+            })
+            .collect();
+        Ok(ReportLunsData { luns })
+    }
+    fn buffer_len(&self) -> usize {
+        8 + 8 * self.luns.len().min((u32::MAX / 8) as usize)
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put32(b, 0, (b.len() - 8) as u32);
+        for (dst, lun) in b[8..].chunks_exact_mut(8).zip(&self.luns) {
+            dst.copy_from_slice(&lun.0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// REPORT TARGET PORT GROUPS
+
+/// Asymmetric access state of a target port group (SPC-4 §5.15.2.x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AluaState {
+    ActiveOptimized,
+    ActiveNonOptimized,
+    Standby,
+    Unavailable,
+    LbaDependent,
+    Offline,
+    Transitioning,
+    /// Reserved values (5h..Dh).
+    Reserved(u8),
+}
+
+impl AluaState {
+    pub fn from_bits(v: u8) -> AluaState {
+        match v & 0x0f {
+            0 => AluaState::ActiveOptimized,
+            1 => AluaState::ActiveNonOptimized,
+            2 => AluaState::Standby,
+            3 => AluaState::Unavailable,
+            4 => AluaState::LbaDependent,
+            0x0e => AluaState::Offline,
+            0x0f => AluaState::Transitioning,
+            o => AluaState::Reserved(o),
+        }
+    }
+    pub fn bits(self) -> u8 {
+        match self {
+            AluaState::ActiveOptimized => 0,
+            AluaState::ActiveNonOptimized => 1,
+            AluaState::Standby => 2,
+            AluaState::Unavailable => 3,
+            AluaState::LbaDependent => 4,
+            AluaState::Offline => 0x0e,
+            AluaState::Transitioning => 0x0f,
+            AluaState::Reserved(o) => o & 0x0f,
+        }
+    }
+    /// Reads and writes are serviced in this state.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            AluaState::ActiveOptimized | AluaState::ActiveNonOptimized | AluaState::LbaDependent
+        )
+    }
+}
+
+impl fmt::Display for AluaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AluaState::ActiveOptimized => f.write_str("active/optimized"),
+            AluaState::ActiveNonOptimized => f.write_str("active/non-optimized"),
+            AluaState::Standby => f.write_str("standby"),
+            AluaState::Unavailable => f.write_str("unavailable"),
+            AluaState::LbaDependent => f.write_str("lba-dependent"),
+            AluaState::Offline => f.write_str("offline"),
+            AluaState::Transitioning => f.write_str("transitioning"),
+            AluaState::Reserved(v) => write!(f, "reserved({v:x}h)"),
+        }
+    }
+}
+
+/// One target port group descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetPortGroup {
+    /// PREF: preferred target port group.
+    pub pref: bool,
+    pub state: AluaState,
+    /// Supported-states byte: T_SUP(7) O_SUP(6) LBD_SUP(4) U_SUP(3) S_SUP(2)
+    /// AN_SUP(1) AO_SUP(0).
+    pub supported: u8,
+    pub id: u16,
+    pub status_code: u8,
+    pub vendor_specific: u8,
+    /// Relative target port identifiers (at most 255).
+    pub ports: Vec<u16>,
+}
+
+impl TargetPortGroup {
+    /// Supported-states byte advertising every state.
+    pub const ALL_STATES: u8 = 0xdf;
+    fn len(&self) -> usize {
+        8 + 4 * self.ports.len().min(255)
+    }
+}
+
+/// REPORT TARGET PORT GROUPS parameter data (SPC-4 §6.37).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct TargetPortGroupsData {
+    /// Extended header (format 001b): the implicit transition time, seconds.
+    pub implicit_transition_time: Option<u8>,
+    pub groups: Vec<TargetPortGroup>,
+}
+
+impl TargetPortGroupsData {
+    /// The group that holds relative target port `port`.
+    pub fn group_of_port(&self, port: u16) -> Option<&TargetPortGroup> {
+        self.groups.iter().find(|g| g.ports.contains(&port))
+    }
+    pub fn group(&self, id: u16) -> Option<&TargetPortGroup> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+}
+
+impl DataRepr for TargetPortGroupsData {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("REPORT TARGET PORT GROUPS data", b, 4)?;
+        let len = be32(b, 0).unwrap_or(0) as usize;
+        let end = b.len().min(4usize.saturating_add(len));
+        let b = &b[..end];
+        let (implicit_transition_time, mut body) = match b.get(4) {
+            Some(v) if v & 0x70 == 0x10 => {
+                (Some(u8_at(b, 5).unwrap_or(0)), b.get(8..).unwrap_or(&[]))
+            }
+            _ => (None, &b[4..]),
+        };
+        let mut groups = Vec::new();
+        // A descriptor cut short by the allocation length is dropped.
+        while body.len() >= 8 {
+            let count = usize::from(body[7]);
+            let Some(ports) = body.get(8..8 + 4 * count) else {
+                break;
+            };
+            groups.push(TargetPortGroup {
+                pref: body[0] & 0x80 != 0,
+                state: AluaState::from_bits(body[0]),
+                supported: body[1],
+                id: be16(body, 2).unwrap_or(0),
+                status_code: body[5],
+                vendor_specific: body[6],
+                ports: ports
+                    .chunks_exact(4)
+                    .map(|p| u16::from_be_bytes([p[2], p[3]]))
+                    .collect(),
+            });
+            body = &body[8 + 4 * count..];
+        }
+        Ok(TargetPortGroupsData {
+            implicit_transition_time,
+            groups,
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        let head = if self.implicit_transition_time.is_some() {
+            8
+        } else {
+            4
+        };
+        head + self.groups.iter().map(TargetPortGroup::len).sum::<usize>()
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put32(b, 0, (b.len() - 4) as u32);
+        let mut at = 4;
+        if let Some(t) = self.implicit_transition_time {
+            b[4] = 0x10;
+            b[5] = t;
+            at = 8;
+        }
+        for g in &self.groups {
+            let n = g.ports.len().min(255);
+            b[at] = if g.pref { 0x80 } else { 0 } | g.state.bits();
+            b[at + 1] = g.supported;
+            put16(b, at + 2, g.id);
+            b[at + 5] = g.status_code;
+            b[at + 6] = g.vendor_specific;
+            b[at + 7] = n as u8;
+            for (i, p) in g.ports[..n].iter().enumerate() {
+                put16(b, at + 8 + 4 * i + 2, *p);
+            }
+            at += g.len();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MODE SENSE(10)
+
+/// Mode page codes.
+pub mod mode_page {
+    pub const CACHING: u8 = 0x08;
+    pub const CONTROL: u8 = 0x0a;
+    pub const ALL: u8 = 0x3f;
+}
+
+/// One mode page (page_0 or sub_page format).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModePage {
+    /// PS: parameters savable.
+    pub ps: bool,
+    /// 6 bits.
+    pub page_code: u8,
+    /// `Some` for the sub_page format (SPF set).
+    pub subpage_code: Option<u8>,
+    /// Page body after the page length field (page_0: at most 255 bytes).
+    pub data: Vec<u8>,
+}
+
+impl ModePage {
+    fn max_data(&self) -> usize {
+        if self.subpage_code.is_some() {
+            u16::MAX as usize
+        } else {
+            255
+        }
+    }
+    fn len(&self) -> usize {
+        let head = if self.subpage_code.is_some() { 4 } else { 2 };
+        head + self.data.len().min(self.max_data())
+    }
+}
+
+/// MODE SENSE(10) parameter data: header, raw block descriptors, pages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ModeSense10Data {
+    pub medium_type: u8,
+    /// Device-specific parameter: WP (bit 7) for disks.
+    pub write_protect: bool,
+    /// Device-specific parameter: DPOFUA (bit 4), DPO and FUA supported.
+    pub dpofua: bool,
+    pub longlba: bool,
+    pub block_descriptors: Vec<u8>,
+    pub pages: Vec<ModePage>,
+}
+
+impl ModeSense10Data {
+    pub fn page(&self, code: u8, subpage: Option<u8>) -> Option<&ModePage> {
+        self.pages
+            .iter()
+            .find(|p| p.page_code == code && p.subpage_code == subpage)
+    }
+    /// WCE of the caching mode page, when it was returned.
+    pub fn write_cache_enabled(&self) -> Option<bool> {
+        let p = self.page(mode_page::CACHING, None)?;
+        p.data.first().map(|b| b & 0x04 != 0)
+    }
+}
+
+impl DataRepr for ModeSense10Data {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("MODE SENSE(10) data", b, 8)?;
+        let end = b.len().min(2 + usize::from(be16(b, 0).unwrap_or(0)));
+        let b = &b[..end.max(8)];
+        let bdl = usize::from(be16(b, 6).unwrap_or(0));
+        let bd_end = b.len().min(8 + bdl);
+        let mut body = &b[bd_end..];
+        let mut pages = Vec::new();
+        while body.len() >= 2 {
+            let spf = body[0] & 0x40 != 0;
+            let (sub, head, len) = if spf {
+                let Some(l) = be16(body, 2) else { break };
+                (Some(body[1]), 4, usize::from(l))
+            } else {
+                (None, 2, usize::from(body[1]))
+            };
+            let Some(data) = body.get(head..head + len) else {
+                break;
+            };
+            pages.push(ModePage {
+                ps: body[0] & 0x80 != 0,
+                page_code: body[0] & 0x3f,
+                subpage_code: sub,
+                data: data.to_vec(),
+            });
+            body = &body[head + len..];
+        }
+        Ok(ModeSense10Data {
+            medium_type: b[2],
+            write_protect: b[3] & 0x80 != 0,
+            dpofua: b[3] & 0x10 != 0,
+            longlba: b[4] & 1 != 0,
+            block_descriptors: b[8..bd_end].to_vec(),
+            pages,
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        let mut n = 8 + self.block_descriptors.len().min(0xff00);
+        for p in &self.pages {
+            if n + p.len() > 0xffff {
+                break;
+            }
+            n += p.len();
+        }
+        n
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put16(b, 0, (b.len() - 2) as u16);
+        b[2] = self.medium_type;
+        b[3] = if self.write_protect { 0x80 } else { 0 } | if self.dpofua { 0x10 } else { 0 };
+        b[4] = self.longlba as u8;
+        let bdl = self.block_descriptors.len().min(0xff00);
+        put16(b, 6, bdl as u16);
+        b[8..8 + bdl].copy_from_slice(&self.block_descriptors[..bdl]);
+        let mut at = 8 + bdl;
+        for p in &self.pages {
+            let n = p.len();
+            if at + n > b.len() {
+                break;
+            }
+            let dl = n - if p.subpage_code.is_some() { 4 } else { 2 };
+            b[at] = if p.ps { 0x80 } else { 0 } | (p.page_code & 0x3f);
+            match p.subpage_code {
+                Some(s) => {
+                    b[at] |= 0x40;
+                    b[at + 1] = s;
+                    put16(b, at + 2, dl as u16);
+                    b[at + 4..at + n].copy_from_slice(&p.data[..dl]);
+                }
+                None => {
+                    b[at + 1] = dl as u8;
+                    b[at + 2..at + n].copy_from_slice(&p.data[..dl]);
+                }
+            }
+            at += n;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// UNMAP parameter list
+
+/// One UNMAP block descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct UnmapDescriptor {
+    pub lba: u64,
+    pub blocks: u32,
+}
+
+/// UNMAP parameter list (SBC-3 §5.28.2), the data-out of UNMAP.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct UnmapParameterList {
+    pub descriptors: Vec<UnmapDescriptor>,
+}
+
+impl UnmapParameterList {
+    /// Most descriptors the 16-bit length fields can describe.
+    pub const MAX_DESCRIPTORS: usize = (u16::MAX as usize - 8) / 16;
+}
+
+impl DataRepr for UnmapParameterList {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("UNMAP parameter list", b, 8)?;
+        let bddl = usize::from(be16(b, 2).unwrap_or(0));
+        let end = b.len().min(8 + bddl);
+        let descriptors = b[8..end]
+            .chunks_exact(16)
+            .map(|d| UnmapDescriptor {
+                lba: be64(d, 0).unwrap_or(0),
+                blocks: be32(d, 8).unwrap_or(0),
+            })
+            .collect();
+        Ok(UnmapParameterList { descriptors })
+    }
+    fn buffer_len(&self) -> usize {
+        8 + 16 * self.descriptors.len().min(Self::MAX_DESCRIPTORS)
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        let n = b.len();
+        put16(b, 0, (n - 2) as u16);
+        put16(b, 2, (n - 8) as u16);
+        for (dst, d) in b[8..].chunks_exact_mut(16).zip(&self.descriptors) {
+            put64(dst, 0, d.lba);
+            put32(dst, 8, d.blocks);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sense data
+
+/// Sense keys (SPC-4 table 48).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SenseKey {
+    NoSense = 0x0,
+    RecoveredError = 0x1,
+    NotReady = 0x2,
+    MediumError = 0x3,
+    HardwareError = 0x4,
+    IllegalRequest = 0x5,
+    UnitAttention = 0x6,
+    DataProtect = 0x7,
+    BlankCheck = 0x8,
+    VendorSpecific = 0x9,
+    CopyAborted = 0xa,
+    AbortedCommand = 0xb,
+    Reserved = 0xc,
+    VolumeOverflow = 0xd,
+    Miscompare = 0xe,
+    Completed = 0xf,
+}
+
+impl SenseKey {
+    pub fn from_bits(v: u8) -> SenseKey {
+        match v & 0x0f {
+            0x0 => SenseKey::NoSense,
+            0x1 => SenseKey::RecoveredError,
+            0x2 => SenseKey::NotReady,
+            0x3 => SenseKey::MediumError,
+            0x4 => SenseKey::HardwareError,
+            0x5 => SenseKey::IllegalRequest,
+            0x6 => SenseKey::UnitAttention,
+            0x7 => SenseKey::DataProtect,
+            0x8 => SenseKey::BlankCheck,
+            0x9 => SenseKey::VendorSpecific,
+            0xa => SenseKey::CopyAborted,
+            0xb => SenseKey::AbortedCommand,
+            0xc => SenseKey::Reserved,
+            0xd => SenseKey::VolumeOverflow,
+            0xe => SenseKey::Miscompare,
+            _ => SenseKey::Completed,
+        }
+    }
+    pub fn bits(self) -> u8 {
+        self as u8
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            SenseKey::NoSense => "NO SENSE",
+            SenseKey::RecoveredError => "RECOVERED ERROR",
+            SenseKey::NotReady => "NOT READY",
+            SenseKey::MediumError => "MEDIUM ERROR",
+            SenseKey::HardwareError => "HARDWARE ERROR",
+            SenseKey::IllegalRequest => "ILLEGAL REQUEST",
+            SenseKey::UnitAttention => "UNIT ATTENTION",
+            SenseKey::DataProtect => "DATA PROTECT",
+            SenseKey::BlankCheck => "BLANK CHECK",
+            SenseKey::VendorSpecific => "VENDOR SPECIFIC",
+            SenseKey::CopyAborted => "COPY ABORTED",
+            SenseKey::AbortedCommand => "ABORTED COMMAND",
+            SenseKey::Reserved => "RESERVED",
+            SenseKey::VolumeOverflow => "VOLUME OVERFLOW",
+            SenseKey::Miscompare => "MISCOMPARE",
+            SenseKey::Completed => "COMPLETED",
+        }
+    }
+}
+
+impl fmt::Display for SenseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Sense data format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SenseFormat {
+    /// Response codes 70h/71h.
+    #[default]
+    Fixed,
+    /// Response codes 72h/73h.
+    Descriptor,
+}
+
+/// Additional sense codes this crate names (ASC, ASCQ).
+pub mod asc {
+    pub const NO_ADDITIONAL_SENSE: (u8, u8) = (0x00, 0x00);
+    pub const LUN_NOT_READY_CAUSE_NOT_REPORTABLE: (u8, u8) = (0x04, 0x00);
+    pub const LUN_BECOMING_READY: (u8, u8) = (0x04, 0x01);
+    pub const LUN_NOT_READY_INIT_REQUIRED: (u8, u8) = (0x04, 0x02);
+    pub const LUN_NOT_READY_MANUAL_INTERVENTION: (u8, u8) = (0x04, 0x03);
+    pub const LUN_NOT_READY_FORMAT_IN_PROGRESS: (u8, u8) = (0x04, 0x04);
+    pub const LUN_NOT_READY_OPERATION_IN_PROGRESS: (u8, u8) = (0x04, 0x07);
+    pub const ALUA_TRANSITION: (u8, u8) = (0x04, 0x0a);
+    pub const ALUA_STANDBY: (u8, u8) = (0x04, 0x0b);
+    pub const ALUA_UNAVAILABLE: (u8, u8) = (0x04, 0x0c);
+    pub const UNRECOVERED_READ_ERROR: (u8, u8) = (0x11, 0x00);
+    pub const INVALID_OPCODE: (u8, u8) = (0x20, 0x00);
+    pub const LBA_OUT_OF_RANGE: (u8, u8) = (0x21, 0x00);
+    pub const INVALID_FIELD_IN_CDB: (u8, u8) = (0x24, 0x00);
+    pub const LUN_NOT_SUPPORTED: (u8, u8) = (0x25, 0x00);
+    pub const INVALID_FIELD_IN_PARAMETER_LIST: (u8, u8) = (0x26, 0x00);
+    pub const WRITE_PROTECTED: (u8, u8) = (0x27, 0x00);
+    pub const POWER_ON_RESET: (u8, u8) = (0x29, 0x00);
+    pub const PARAMETERS_CHANGED: (u8, u8) = (0x2a, 0x00);
+    pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2a, 0x01);
+    pub const ASYMMETRIC_ACCESS_STATE_CHANGED: (u8, u8) = (0x2a, 0x06);
+    pub const IMPLICIT_ALUA_TRANSITION_FAILED: (u8, u8) = (0x2a, 0x07);
+    pub const CAPACITY_DATA_CHANGED: (u8, u8) = (0x2a, 0x09);
+    pub const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
+    pub const INQUIRY_DATA_CHANGED: (u8, u8) = (0x3f, 0x03);
+    pub const REPORTED_LUNS_DATA_CHANGED: (u8, u8) = (0x3f, 0x0e);
+    pub const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
+}
+
+/// Human text for an ASC/ASCQ pair, for the codes block storage meets.
+pub fn asc_ascq_text(asc: u8, ascq: u8) -> Option<&'static str> {
+    Some(match (asc, ascq) {
+        (0x00, 0x00) => "no additional sense information",
+        (0x00, 0x06) => "i/o process terminated",
+        (0x00, 0x16) => "operation in progress",
+        (0x00, 0x17) => "cleaning requested",
+        (0x00, 0x1d) => "ATA pass through information available",
+        (0x02, 0x00) => "no seek complete",
+        (0x03, 0x00) => "peripheral device write fault",
+        (0x04, 0x00) => "logical unit not ready, cause not reportable",
+        (0x04, 0x01) => "logical unit is in process of becoming ready",
+        (0x04, 0x02) => "logical unit not ready, initializing command required",
+        (0x04, 0x03) => "logical unit not ready, manual intervention required",
+        (0x04, 0x04) => "logical unit not ready, format in progress",
+        (0x04, 0x05) => "logical unit not ready, rebuild in progress",
+        (0x04, 0x06) => "logical unit not ready, recalculation in progress",
+        (0x04, 0x07) => "logical unit not ready, operation in progress",
+        (0x04, 0x08) => "logical unit not ready, long write in progress",
+        (0x04, 0x09) => "logical unit not ready, self-test in progress",
+        (0x04, 0x0a) => "logical unit not accessible, asymmetric access state transition",
+        (0x04, 0x0b) => "logical unit not accessible, target port in standby state",
+        (0x04, 0x0c) => "logical unit not accessible, target port in unavailable state",
+        (0x04, 0x0d) => "logical unit not ready, structure check required",
+        (0x04, 0x10) => "logical unit not ready, auxiliary memory not accessible",
+        (0x04, 0x11) => "logical unit not ready, notify (enable spinup) required",
+        (0x04, 0x12) => "logical unit not ready, offline",
+        (0x04, 0x1b) => "logical unit not ready, sanitize in progress",
+        (0x05, 0x00) => "logical unit does not respond to selection",
+        (0x08, 0x00) => "logical unit communication failure",
+        (0x08, 0x01) => "logical unit communication time-out",
+        (0x08, 0x02) => "logical unit communication parity error",
+        (0x0c, 0x00) => "write error",
+        (0x0c, 0x02) => "write error, auto reallocation failed",
+        (0x0c, 0x03) => "write error, recommend reassignment",
+        (0x10, 0x00) => "id crc or ecc error",
+        (0x10, 0x01) => "logical block guard check failed",
+        (0x10, 0x02) => "logical block application tag check failed",
+        (0x10, 0x03) => "logical block reference tag check failed",
+        (0x11, 0x00) => "unrecovered read error",
+        (0x11, 0x01) => "read retries exhausted",
+        (0x11, 0x02) => "error too long to correct",
+        (0x11, 0x04) => "unrecovered read error, auto reallocate failed",
+        (0x11, 0x0b) => "unrecovered read error, recommend reassignment",
+        (0x11, 0x0c) => "unrecovered read error, recommend rewrite the data",
+        (0x14, 0x01) => "record not found",
+        (0x15, 0x00) => "random positioning error",
+        (0x17, 0x00) => "recovered data with no error correction applied",
+        (0x18, 0x00) => "recovered data with error correction applied",
+        (0x1a, 0x00) => "parameter list length error",
+        (0x1d, 0x00) => "miscompare during verify operation",
+        (0x20, 0x00) => "invalid command operation code",
+        (0x20, 0x09) => "access denied, invalid lu identifier",
+        (0x21, 0x00) => "logical block address out of range",
+        (0x21, 0x01) => "invalid element address",
+        (0x24, 0x00) => "invalid field in cdb",
+        (0x25, 0x00) => "logical unit not supported",
+        (0x26, 0x00) => "invalid field in parameter list",
+        (0x26, 0x01) => "parameter not supported",
+        (0x26, 0x02) => "parameter value invalid",
+        (0x27, 0x00) => "write protected",
+        (0x27, 0x01) => "hardware write protected",
+        (0x27, 0x02) => "logical unit software write protected",
+        (0x27, 0x07) => "space allocation failed write protect",
+        (0x28, 0x00) => "not ready to ready change, medium may have changed",
+        (0x29, 0x00) => "power on, reset, or bus device reset occurred",
+        (0x29, 0x01) => "power on occurred",
+        (0x29, 0x02) => "scsi bus reset occurred",
+        (0x29, 0x03) => "bus device reset function occurred",
+        (0x29, 0x04) => "device internal reset",
+        (0x29, 0x05) => "transceiver mode changed to single-ended",
+        (0x29, 0x06) => "transceiver mode changed to lvd",
+        (0x29, 0x07) => "i_t nexus loss occurred",
+        (0x2a, 0x00) => "parameters changed",
+        (0x2a, 0x01) => "mode parameters changed",
+        (0x2a, 0x02) => "log parameters changed",
+        (0x2a, 0x03) => "reservations preempted",
+        (0x2a, 0x04) => "reservations released",
+        (0x2a, 0x05) => "registrations preempted",
+        (0x2a, 0x06) => "asymmetric access state changed",
+        (0x2a, 0x07) => "implicit asymmetric access state transition failed",
+        (0x2a, 0x08) => "priority changed",
+        (0x2a, 0x09) => "capacity data has changed",
+        (0x2a, 0x10) => "timestamp changed",
+        (0x2c, 0x00) => "command sequence error",
+        (0x2f, 0x00) => "commands cleared by another initiator",
+        (0x2f, 0x01) => "commands cleared by power loss notification",
+        (0x2f, 0x02) => "commands cleared by device server",
+        (0x31, 0x00) => "medium format corrupted",
+        (0x32, 0x00) => "no defect spare location available",
+        (0x38, 0x07) => "thin provisioning soft threshold reached",
+        (0x3a, 0x00) => "medium not present",
+        (0x3e, 0x01) => "logical unit failure",
+        (0x3e, 0x02) => "timeout on logical unit",
+        (0x3e, 0x03) => "logical unit failed self-test",
+        (0x3f, 0x00) => "target operating conditions have changed",
+        (0x3f, 0x01) => "microcode has been changed",
+        (0x3f, 0x03) => "inquiry data has changed",
+        (0x3f, 0x04) => "component device attached",
+        (0x3f, 0x05) => "device identifier changed",
+        (0x3f, 0x0e) => "reported luns data has changed",
+        (0x43, 0x00) => "message error",
+        (0x44, 0x00) => "internal target failure",
+        (0x45, 0x00) => "select or reselect failure",
+        (0x47, 0x00) => "scsi parity error",
+        (0x47, 0x03) => "information unit iucrc error detected",
+        (0x48, 0x00) => "initiator detected error message received",
+        (0x49, 0x00) => "invalid message error",
+        (0x4b, 0x00) => "data phase error",
+        (0x4b, 0x02) => "too much write data",
+        (0x4b, 0x03) => "ack/nak timeout",
+        (0x4b, 0x04) => "nak received",
+        (0x4b, 0x05) => "data offset error",
+        (0x4b, 0x06) => "initiator response timeout",
+        (0x4c, 0x00) => "logical unit failed self-configuration",
+        (0x4e, 0x00) => "overlapped commands attempted",
+        (0x55, 0x03) => "insufficient resources",
+        (0x5d, 0x00) => "failure prediction threshold exceeded",
+        (0x5e, 0x00) => "low power condition on",
+        (0x74, 0x71) => "logical unit access not authorized",
+        _ => return None,
+    })
+}
+
+/// Decoded sense data (SPC-4 §4.5).
+///
+/// Fixed format carries a 32-bit information field: on emit in fixed
+/// format, a value above `u32::MAX` is reported as not valid (SPC-4
+/// §4.5.3). `command_specific` is 0 when absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SenseData {
+    pub format: SenseFormat,
+    /// Deferred error (71h/73h) rather than current (70h/72h).
+    pub deferred: bool,
+    pub key: SenseKey,
+    pub asc: u8,
+    pub ascq: u8,
+    /// The INFORMATION field, when VALID (often the failing LBA).
+    pub information: Option<u64>,
+    pub command_specific: u64,
+    /// Sense-key specific bytes (SKSV set), with the SKSV bit cleared.
+    pub sense_key_specific: Option<[u8; 3]>,
+    pub field_replaceable_unit: u8,
+    /// Incorrect length indicator.
+    pub ili: bool,
+}
+
+impl SenseData {
+    /// Length of the fixed format emitted (additional sense length 10).
+    pub const FIXED_LEN: usize = 18;
+
+    /// Current error, fixed format.
+    pub fn new(key: SenseKey, asc: u8, ascq: u8) -> SenseData {
+        SenseData {
+            format: SenseFormat::Fixed,
+            deferred: false,
+            key,
+            asc,
+            ascq,
+            information: None,
+            command_specific: 0,
+            sense_key_specific: None,
+            field_replaceable_unit: 0,
+            ili: false,
+        }
+    }
+    /// Like [`SenseData::new`] from an `(asc, ascq)` pair of [`asc`].
+    pub fn with_code(key: SenseKey, code: (u8, u8)) -> SenseData {
+        SenseData::new(key, code.0, code.1)
+    }
+    pub fn code(&self) -> (u8, u8) {
+        (self.asc, self.ascq)
+    }
+    pub fn is(&self, key: SenseKey, code: (u8, u8)) -> bool {
+        self.key == key && self.code() == code
+    }
+    /// Human text for the ASC/ASCQ, when known.
+    pub fn text(&self) -> Option<&'static str> {
+        asc_ascq_text(self.asc, self.ascq)
+    }
+    pub fn response_code(&self) -> u8 {
+        match (self.format, self.deferred) {
+            (SenseFormat::Fixed, false) => 0x70,
+            (SenseFormat::Fixed, true) => 0x71,
+            (SenseFormat::Descriptor, false) => 0x72,
+            (SenseFormat::Descriptor, true) => 0x73,
+        }
+    }
+    /// ILLEGAL REQUEST field pointer: `(in_cdb, byte, bit)`; `bit` is set
+    /// when BPV is.
+    pub fn field_pointer(&self) -> Option<(bool, u16, Option<u8>)> {
+        let s = self.sense_key_specific?;
+        (self.key == SenseKey::IllegalRequest).then(|| {
+            let bpv = s[0] & 0x08 != 0;
+            (
+                s[0] & 0x40 != 0,
+                u16::from_be_bytes([s[1], s[2]]),
+                bpv.then_some(s[0] & 7),
+            )
+        })
+    }
+    /// Progress indication (NOT READY / NO SENSE), 0..=65535 of 65536.
+    pub fn progress(&self) -> Option<u16> {
+        let s = self.sense_key_specific?;
+        matches!(self.key, SenseKey::NotReady | SenseKey::NoSense)
+            .then(|| u16::from_be_bytes([s[1], s[2]]))
+    }
+
+    fn parse_fixed(b: &[u8]) -> SenseData {
+        // Bytes past ADDITIONAL SENSE LENGTH (or absent) read as zero.
+        let end = match u8_at(b, 7) {
+            Some(l) => b.len().min(8 + usize::from(l)),
+            None => b.len(),
+        };
+        let b = &b[..end];
+        let g = |i| u8_at(b, i).unwrap_or(0);
+        let info = be32(b, 3).unwrap_or(0);
+        let sks = [g(15), g(16), g(17)];
+        SenseData {
+            format: SenseFormat::Fixed,
+            deferred: g(0) & 0x7f == 0x71,
+            key: SenseKey::from_bits(g(2)),
+            asc: g(12),
+            ascq: g(13),
+            information: (g(0) & 0x80 != 0).then_some(u64::from(info)),
+            command_specific: u64::from(be32(b, 8).unwrap_or(0)),
+            sense_key_specific: (sks[0] & 0x80 != 0).then_some([sks[0] & 0x7f, sks[1], sks[2]]),
+            field_replaceable_unit: g(14),
+            ili: g(2) & 0x20 != 0,
+        }
+    }
+
+    fn parse_descriptor(b: &[u8]) -> SenseData {
+        let g = |i| u8_at(b, i).unwrap_or(0);
+        let mut s = SenseData {
+            format: SenseFormat::Descriptor,
+            deferred: g(0) & 0x7f == 0x73,
+            key: SenseKey::from_bits(g(1)),
+            asc: g(2),
+            ascq: g(3),
+            ..SenseData::new(SenseKey::NoSense, 0, 0)
+        };
+        let end = b.len().min(8 + usize::from(g(7)));
+        let mut d = b.get(8..end).unwrap_or(&[]);
+        while d.len() >= 2 {
+            let len = usize::from(d[1]);
+            let Some(desc) = d.get(..2 + len) else { break };
+            match desc[0] {
+                0x00 if len >= 0x0a => {
+                    if desc[2] & 0x80 != 0 {
+                        s.information = be64(desc, 4);
+                    }
+                }
+                0x01 if len >= 0x0a => s.command_specific = be64(desc, 4).unwrap_or(0),
+                0x02 if len >= 0x06 => {
+                    if desc[4] & 0x80 != 0 {
+                        s.sense_key_specific = Some([desc[4] & 0x7f, desc[5], desc[6]]);
+                    }
+                }
+                0x03 if len >= 0x02 => s.field_replaceable_unit = desc[3],
+                0x04 | 0x05 if len >= 0x02 => s.ili |= desc[3] & 0x20 != 0,
+                _ => {}
+            }
+            d = &d[2 + len..];
+        }
+        s
+    }
+
+    fn descriptor_len(&self) -> usize {
+        let mut n = 8;
+        if self.information.is_some() {
+            n += 12;
+        }
+        if self.command_specific != 0 {
+            n += 12;
+        }
+        if self.sense_key_specific.is_some() {
+            n += 8;
+        }
+        if self.field_replaceable_unit != 0 {
+            n += 4;
+        }
+        if self.ili {
+            n += 4;
+        }
+        n
+    }
+}
+
+impl DataRepr for SenseData {
+    /// Parse sense data as returned (for iSCSI: after the 2-byte
+    /// SenseLength prefix of the SCSI Response data segment). Short fixed
+    /// data (at least 3 bytes) and descriptor data (at least 4) parse with
+    /// missing fields as zero.
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let rc = u8_at(b, 0).ok_or(ScsiWireError::Truncated {
+            what: "sense data",
+            len: 0,
+            need: 3,
+        })?;
+        match rc & 0x7f {
+            0x70 | 0x71 => {
+                need("fixed sense data", b, 3)?;
+                Ok(Self::parse_fixed(b))
+            }
+            0x72 | 0x73 => {
+                need("descriptor sense data", b, 4)?;
+                Ok(Self::parse_descriptor(b))
+            }
+            other => Err(ScsiWireError::BadSenseResponseCode(other)),
+        }
+    }
+    fn buffer_len(&self) -> usize {
+        match self.format {
+            SenseFormat::Fixed => Self::FIXED_LEN,
+            SenseFormat::Descriptor => self.descriptor_len(),
+        }
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        match self.format {
+            SenseFormat::Fixed => {
+                let info = self.information.and_then(|i| u32::try_from(i).ok());
+                b[0] = self.response_code() | if info.is_some() { 0x80 } else { 0 };
+                b[2] = self.key.bits() | if self.ili { 0x20 } else { 0 };
+                put32(b, 3, info.unwrap_or(0));
+                b[7] = (Self::FIXED_LEN - 8) as u8;
+                put32(b, 8, self.command_specific as u32);
+                b[12] = self.asc;
+                b[13] = self.ascq;
+                b[14] = self.field_replaceable_unit;
+                if let Some(s) = self.sense_key_specific {
+                    b[15] = 0x80 | s[0];
+                    b[16] = s[1];
+                    b[17] = s[2];
+                }
+            }
+            SenseFormat::Descriptor => {
+                b[0] = self.response_code();
+                b[1] = self.key.bits();
+                b[2] = self.asc;
+                b[3] = self.ascq;
+                b[7] = (b.len() - 8) as u8;
+                let mut at = 8;
+                if let Some(i) = self.information {
+                    b[at..at + 3].copy_from_slice(&[0x00, 0x0a, 0x80]);
+                    put64(b, at + 4, i);
+                    at += 12;
+                }
+                if self.command_specific != 0 {
+                    b[at..at + 2].copy_from_slice(&[0x01, 0x0a]);
+                    put64(b, at + 4, self.command_specific);
+                    at += 12;
+                }
+                if let Some(s) = self.sense_key_specific {
+                    b[at..at + 7].copy_from_slice(&[0x02, 0x06, 0, 0, 0x80 | s[0], s[1], s[2]]);
+                    at += 8;
+                }
+                if self.field_replaceable_unit != 0 {
+                    b[at..at + 4].copy_from_slice(&[0x03, 0x02, 0, self.field_replaceable_unit]);
+                    at += 4;
+                }
+                if self.ili {
+                    b[at..at + 4].copy_from_slice(&[0x05, 0x02, 0, 0x20]);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for SenseData {
+    /// `MEDIUM ERROR: unrecovered read error (asc 11h ascq 00h)`, plus
+    /// `, information 0x...` when valid; `deferred ` prefixed for deferred
+    /// errors.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.deferred {
+            f.write_str("deferred ")?;
+        }
+        write!(f, "{}: ", self.key)?;
+        match self.text() {
+            Some(t) => f.write_str(t)?,
+            None if self.asc >= 0x80 || self.ascq >= 0x80 => f.write_str("vendor specific")?,
+            None => f.write_str("unknown additional sense code")?,
+        }
+        write!(f, " (asc {:02X}h ascq {:02X}h)", self.asc, self.ascq)?;
+        if let Some(i) = self.information {
+            write!(f, ", information {i:#x}")?;
+        }
+        Ok(())
     }
 }
