@@ -2613,16 +2613,10 @@ impl SenseData {
             let len = usize::from(d[1]);
             let Some(desc) = d.get(..2 + len) else { break };
             match desc[0] {
-                0x00 if len >= 0x0a => {
-                    if desc[2] & 0x80 != 0 {
-                        s.information = be64(desc, 4);
-                    }
-                }
+                0x00 if len >= 0x0a && desc[2] & 0x80 != 0 => s.information = be64(desc, 4),
                 0x01 if len >= 0x0a => s.command_specific = be64(desc, 4).unwrap_or(0),
-                0x02 if len >= 0x06 => {
-                    if desc[4] & 0x80 != 0 {
-                        s.sense_key_specific = Some([desc[4] & 0x7f, desc[5], desc[6]]);
-                    }
+                0x02 if len >= 0x06 && desc[4] & 0x80 != 0 => {
+                    s.sense_key_specific = Some([desc[4] & 0x7f, desc[5], desc[6]])
                 }
                 0x03 if len >= 0x02 => s.field_replaceable_unit = desc[3],
                 0x04 | 0x05 if len >= 0x02 => s.ili |= desc[3] & 0x20 != 0,
