@@ -3753,7 +3753,7 @@ mod tests {
         fn prop_parsers_never_panic_with_headers(
             page in prop::sample::select(vec![0x00u8, 0x80, 0x83, 0xb0, 0xb2]),
             rc in prop::sample::select(vec![0x70u8, 0x71, 0x72, 0x73, 0xf0, 0xf2]),
-            mut b in proptest::collection::vec(any::<u8>(), 4..300),
+            mut b in proptest::collection::vec(any::<u8>(), 8..300),
         ) {
             b[1] = page;
             parse_is_total_and_stable::<SupportedVpdPages>(&b);
