@@ -10,6 +10,7 @@
 
 mod command;
 mod error;
+pub mod lun;
 mod lun_info;
 
 pub use command::{DataDirection, ScsiCommand};
