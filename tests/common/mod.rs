@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 /// True when the test must not be skipped (CI runs as root with tgtd set up).
 pub fn required() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Returns Some(reason) when tgtd-based tests cannot run here. In CI that is
@@ -51,7 +53,11 @@ pub fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 static NEXT_CONTROL: AtomicU16 = AtomicU16::new(0);
@@ -101,7 +107,11 @@ impl Tgtd {
         let control_port = 1000
             + (std::process::id() as u16 % 20000)
             + NEXT_CONTROL.fetch_add(1, Ordering::SeqCst) * 7;
-        let dir = std::env::temp_dir().join(format!("iscsi-bypass-tgtd-{}-{}", std::process::id(), control_port));
+        let dir = std::env::temp_dir().join(format!(
+            "iscsi-bypass-tgtd-{}-{}",
+            std::process::id(),
+            control_port
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = match &opts.netns {
             Some(ns) => {
@@ -131,7 +141,16 @@ impl Tgtd {
             lun_files: Vec::new(),
         };
         t.wait_ready();
-        t.adm(&["--mode", "target", "--op", "new", "--tid", "1", "-T", &t.iqn.clone()]);
+        t.adm(&[
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            "1",
+            "-T",
+            &t.iqn.clone(),
+        ]);
         for (i, size) in opts.lun_sizes.iter().enumerate() {
             let f = t.dir.join(format!("lun{}.img", i + 1));
             let file = std::fs::File::create(&f).unwrap();
@@ -153,17 +172,51 @@ impl Tgtd {
             t.lun_files.push(f);
         }
         if let Some((u, p)) = &opts.chap {
-            t.adm(&["--mode", "account", "--op", "new", "--user", u, "--password", p]);
-            t.adm(&["--mode", "account", "--op", "bind", "--tid", "1", "--user", u]);
+            t.adm(&[
+                "--mode",
+                "account",
+                "--op",
+                "new",
+                "--user",
+                u,
+                "--password",
+                p,
+            ]);
+            t.adm(&[
+                "--mode", "account", "--op", "bind", "--tid", "1", "--user", u,
+            ]);
         }
         if let Some((u, p)) = &opts.mutual {
-            t.adm(&["--mode", "account", "--op", "new", "--user", u, "--password", p]);
-            t.adm(&["--mode", "account", "--op", "bind", "--tid", "1", "--user", u, "--outgoing"]);
+            t.adm(&[
+                "--mode",
+                "account",
+                "--op",
+                "new",
+                "--user",
+                u,
+                "--password",
+                p,
+            ]);
+            t.adm(&[
+                "--mode",
+                "account",
+                "--op",
+                "bind",
+                "--tid",
+                "1",
+                "--user",
+                u,
+                "--outgoing",
+            ]);
         }
         for (k, v) in &opts.params {
-            t.adm(&["--mode", "target", "--op", "update", "--tid", "1", "--name", k, "--value", v]);
+            t.adm(&[
+                "--mode", "target", "--op", "update", "--tid", "1", "--name", k, "--value", v,
+            ]);
         }
-        t.adm(&["--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL"]);
+        t.adm(&[
+            "--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL",
+        ]);
         t
     }
 
@@ -171,7 +224,16 @@ impl Tgtd {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = Command::new("tgtadm")
-                .args(["-C", &self.control_port.to_string(), "--lld", "iscsi", "--mode", "target", "--op", "show"])
+                .args([
+                    "-C",
+                    &self.control_port.to_string(),
+                    "--lld",
+                    "iscsi",
+                    "--mode",
+                    "target",
+                    "--op",
+                    "show",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
