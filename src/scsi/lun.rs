@@ -97,7 +97,7 @@ impl<T: Transport> LunHandle<T> {
                     attempt += 1;
                     buffer = done.buffer;
                     // BUSY / TASK SET FULL: give the target a moment.
-                    if !matches!(e.unit_attention(), Some(_)) {
+                    if e.unit_attention().is_none() {
                         std::thread::sleep(Duration::from_millis(10 << attempt.min(6)));
                     }
                 }
@@ -253,7 +253,7 @@ impl<T: Transport> LunHandle<T> {
     pub fn write(&mut self, lba: u64, data: Vec<u8>) -> Result<Vec<u8>, LunError> {
         let cap = self.capacity()?;
         let bs = cap.block_size;
-        if bs == 0 || data.len() % bs as usize != 0 {
+        if bs == 0 || !data.len().is_multiple_of(bs as usize) {
             return Err(LunError::Unaligned {
                 len: data.len(),
                 block_size: bs,
