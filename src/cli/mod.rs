@@ -204,7 +204,7 @@ pub fn read_blocks(lun: &mut LunHandle<KernelTcp>, lba: u64, blocks: u32) -> Res
 
 pub fn write_blocks(lun: &mut LunHandle<KernelTcp>, lba: u64, data: Vec<u8>) -> Result<()> {
     let bs = lun.read_capacity()?.block_size as usize;
-    if data.len() % bs != 0 {
+    if !data.len().is_multiple_of(bs) {
         bail!(
             "input is {} bytes, not a whole number of {bs}-byte blocks",
             data.len()
