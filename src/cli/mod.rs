@@ -1,5 +1,7 @@
 //! CLI plumbing: connection options, secrets, output formatting.
 
+pub mod bench;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use iscsi_bypass::iscsi::chap::{Credentials, Secret};

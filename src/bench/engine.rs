@@ -1,0 +1,166 @@
+//! Engines: a single iSCSI session driven inline by the job thread (what
+//! libiscsi's iscsi-perf does, so the comparison is like for like).
+
+use super::{BenchDone, BenchIo, Engine, EngineFactory};
+use crate::iscsi::connection::{Command, Direction, Event};
+use crate::iscsi::session::Session;
+use crate::scsi::{check_status, ScsiCommand};
+use crate::transport::Transport;
+use crate::wire::scsi::Lun;
+
+/// One session per job thread; the job thread polls it.
+pub struct SessionEngine<T: Transport> {
+    session: Session<T>,
+    lun: u64,
+    block_size: u32,
+    /// Commands submitted but not acknowledged by a completion.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Consecutive retries of retryable statuses (reset by any success).
+    retries: u32,
+}
+
+/// A target that keeps answering BUSY/UNIT ATTENTION is broken; give up then.
+const MAX_RETRIES_IN_A_ROW: u32 = 64;
+
+impl<T: Transport> SessionEngine<T> {
+    pub fn new(
+        session: Session<T>,
+        lun: u16,
+        block_size: u32,
+        max_in_flight: usize,
+    ) -> SessionEngine<T> {
+        SessionEngine {
+            session,
+            lun: Lun::from_number(lun).to_u64(),
+            block_size,
+            in_flight: 0,
+            max_in_flight,
+            retries: 0,
+        }
+    }
+}
+
+impl<T: Transport> Engine for SessionEngine<T> {
+    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo> {
+        if self.in_flight >= self.max_in_flight {
+            return Err(io);
+        }
+        let cmd = if io.write {
+            ScsiCommand::write16(io.lba, io.blocks, self.block_size, false)
+        } else {
+            ScsiCommand::read16(io.lba, io.blocks, self.block_size)
+        };
+        let Ok(cmd) = cmd else { return Err(io) };
+        let dir = if io.write {
+            Direction::Write
+        } else {
+            Direction::Read
+        };
+        let Ok(mut c) = Command::new(self.lun, cmd.cdb_bytes(), dir, io.buffer) else {
+            return Err(BenchIo {
+                tag: io.tag,
+                write: io.write,
+                lba: io.lba,
+                blocks: io.blocks,
+                buffer: Vec::new(),
+            });
+        };
+        c.user_tag = io.tag;
+        match self.session.submit(c) {
+            Ok(()) => {
+                self.in_flight += 1;
+                Ok(())
+            }
+            Err(_) => Err(BenchIo {
+                tag: io.tag,
+                write: io.write,
+                lba: io.lba,
+                blocks: io.blocks,
+                buffer: vec![0; (io.blocks * self.block_size) as usize],
+            }),
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
+        self.session.poll_io().map_err(|e| e.to_string())?;
+        while let Some(ev) = self.session.connection_mut().poll_event() {
+            if let Event::Completed(c) = ev {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let result = if c.response != 0 {
+                    Err(format!("iSCSI target failure (response {})", c.response))
+                } else {
+                    match check_status(c.status, &c.sense) {
+                        Ok(()) => Ok(()),
+                        // UNIT ATTENTION, BUSY, TASK SET FULL: the command
+                        // did not run; send it again (bounded per I/O).
+                        Err(e) if e.is_retryable() && self.retries < MAX_RETRIES_IN_A_ROW => {
+                            self.retries += 1;
+                            let mut again = Command::new(
+                                c.command.lun,
+                                &c.command.cdb[..c.command.cdb_len as usize],
+                                c.command.direction,
+                                c.buffer,
+                            )
+                            .map_err(|e| e.to_string())?;
+                            again.user_tag = c.user_tag;
+                            self.session.submit(again).map_err(|e| e.to_string())?;
+                            self.in_flight += 1;
+                            continue;
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                if result.is_ok() {
+                    self.retries = 0;
+                }
+                out.push(BenchDone {
+                    tag: c.user_tag,
+                    result,
+                    buffer: c.buffer,
+                    path: Some(0),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        // Logging out needs ownership; a best-effort close is enough here.
+    }
+}
+
+/// Opens one session per job thread with `connect`.
+pub struct SessionFactory<F> {
+    pub connect: F,
+    pub lun: u16,
+    pub block_size: u32,
+    pub capacity_blocks: u64,
+    pub max_in_flight: usize,
+    pub path_name: String,
+}
+
+impl<T, F> EngineFactory for SessionFactory<F>
+where
+    T: Transport + 'static,
+    F: Fn(u32) -> Result<Session<T>, String> + Sync,
+{
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.capacity_blocks
+    }
+    fn open(&self, job_index: u32) -> Result<Box<dyn Engine>, String> {
+        let s = (self.connect)(job_index)?;
+        Ok(Box::new(SessionEngine::new(
+            s,
+            self.lun,
+            self.block_size,
+            self.max_in_flight,
+        )))
+    }
+    fn path_names(&self) -> Vec<String> {
+        vec![self.path_name.clone()]
+    }
+}
