@@ -237,13 +237,13 @@ impl JobSpec {
     /// the job may touch.
     pub fn region(&self, block_size: u32, capacity_blocks: u64) -> Result<(u64, u64), JobError> {
         let bs = block_size as u64;
-        if self.bs as u64 % bs != 0 {
+        if !(self.bs as u64).is_multiple_of(bs) {
             return Err(JobError::Invalid {
                 key: "bs".into(),
                 why: format!("{} is not a multiple of the LUN block size {bs}", self.bs),
             });
         }
-        if self.offset % bs != 0 {
+        if !self.offset.is_multiple_of(bs) {
             return Err(JobError::Invalid {
                 key: "offset".into(),
                 why: format!("not a multiple of the LUN block size {bs}"),

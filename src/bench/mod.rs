@@ -166,7 +166,7 @@ pub fn run_job(
             break;
         }
         // Fill the queue.
-        while !stopping {
+        while !stopping && !free_tags.is_empty() {
             let Some(tag) = free_tags.pop() else { break };
             let slot = if spec.rw.random() {
                 // Avoid a slot with an I/O in flight (verify needs order).

@@ -93,7 +93,7 @@ pub fn summary(run: &RunResult) -> Summary {
     let mut total = read.clone();
     let _ = total.add(&write);
     let ios = total.len();
-    let bytes_per_io = if ios > 0 { (rb + wb) / ios } else { 0 };
+    let bytes_per_io = (rb + wb).checked_div(ios).unwrap_or(0);
     let paths = per_path
         .iter()
         .enumerate()
