@@ -4,13 +4,13 @@
 //! `wire` ← `net` ← `phy`/`transport` ← `iscsi` ← `scsi` ← `multipath` ← `worker` ← `bench`/CLI.
 //! See `shared/DESIGN.md` in the steering repository for the architecture.
 
-pub mod bench;
-pub mod iscsi;
-pub mod multipath;
+pub mod wire;
 pub mod net;
 pub mod phy;
-pub mod scsi;
-pub mod target;
 pub mod transport;
-pub mod wire;
+pub mod iscsi;
+pub mod scsi;
+pub mod multipath;
 pub mod worker;
+pub mod bench;
+pub mod target;
