@@ -101,8 +101,13 @@ impl RingBuffer {
         let count = count.min(self.len);
         self.read_at = self.index(count);
         self.len -= count;
+    }
+
+    /// Moves an empty ring back to offset 0, which keeps later data
+    /// contiguous for longer. Only for rings without out-of-order data
+    /// parked beyond the allocated part (the send buffer).
+    pub fn rewind_if_empty(&mut self) {
         if self.len == 0 {
-            // Keeps segments contiguous for as long as possible.
             self.read_at = 0;
         }
     }

@@ -880,6 +880,7 @@ impl TcpSocket {
             data_acked -= 1;
         }
         self.tx.dequeue_allocated(data_acked);
+        self.tx.rewind_if_empty();
         self.snd_una = ack;
         self.snd_nxt = self.snd_nxt.max(ack);
         self.scoreboard.prune(ack);
@@ -1094,7 +1095,7 @@ impl TcpSocket {
     }
 
     fn has_urgent_work(&self) -> bool {
-        self.ack_now || self.rst_due || self.syn_due || self.probe_due || self.keepalive_due || self.next_data_plan().is_some()
+        self.next_plan().is_some()
     }
 
     // ---- output -------------------------------------------------------
@@ -1158,13 +1159,17 @@ impl TcpSocket {
             rst,
             with_ack,
         };
+        // Bare ACK/RST carry the highest sequence sent: after a go-back-N
+        // rewind `snd_nxt` may sit below the peer's RCV.NXT, which would make
+        // them unacceptable (and two such peers ACK each other forever).
         if self.rst_due {
-            return Some(control(self.snd_nxt, false, true, true));
+            return Some(control(self.snd_max, false, true, true));
         }
         match self.state {
             State::Closed | State::Listen => return None,
             State::SynSent if self.syn_due => return Some(control(self.iss, true, false, false)),
-            State::SynReceived if self.syn_due => return Some(control(self.iss, true, false, true)),
+            // A duplicate SYN or an unacceptable segment is answered with the SYN-ACK.
+            State::SynReceived if self.syn_due || self.ack_now => return Some(control(self.iss, true, false, true)),
             State::SynSent | State::SynReceived => return None,
             _ => {}
         }
@@ -1189,7 +1194,7 @@ impl TcpSocket {
             return Some(Plan { kind: PlanKind::Keepalive, ..control(self.snd_una - 1, false, false, true) });
         }
         if self.ack_now {
-            return Some(control(self.snd_nxt, false, false, true));
+            return Some(control(self.snd_max, false, false, true));
         }
         None
     }
