@@ -63,7 +63,7 @@ fn scenario(seed: u64) -> Scenario {
             // Generous so that 10 % loss never kills a connection.
             syn_retries: 20,
             max_retransmissions: 30,
-            time_wait: Duration::from_secs(2),
+            time_wait: Duration::from_secs(60),
             ..TcpConfig::default()
         }
     };
