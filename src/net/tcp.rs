@@ -979,13 +979,14 @@ impl TcpSocket {
             self.ack_now = true;
             return;
         }
+        // Filling a hole is acknowledged at once (RFC 5681 §4.2).
+        let had_holes = !self.assembler.is_empty();
         let written = self.rx.write_unallocated(offset, data);
         if self.assembler.add(offset, written).is_err() {
             self.counters.out_of_order_dropped += 1;
             self.ack_now = true;
             return;
         }
-        let had_holes = !self.assembler.is_empty() && offset == 0;
         let advanced = self.assembler.remove_front();
         self.rx.enqueue_unallocated(advanced);
         self.rcv_nxt += advanced;
