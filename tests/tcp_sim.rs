@@ -6,8 +6,8 @@
 //! changes how many seeds run (default 2000).
 
 use iscsi_bypass::net::{
-    CongestionAlgorithm, Instant, Interface, InterfaceConfig, OffloadConfig, SocketHandle, TcpConfig, TcpError,
-    TcpState,
+    CongestionAlgorithm, Instant, Interface, InterfaceConfig, OffloadConfig, SocketHandle,
+    TcpConfig, TcpError, TcpState,
 };
 use iscsi_bypass::phy::sim::{self, SimConfig, SimDevice};
 use iscsi_bypass::phy::Device;
@@ -40,9 +40,17 @@ fn scenario(seed: u64) -> Scenario {
         duplicate: if lossy { rng.gen_range(0.0..0.05) } else { 0.0 },
         reorder: if lossy { rng.gen_range(0.0..0.10) } else { 0.0 },
         reorder_delay: Duration::from_micros(rng.gen_range(100..5_000)),
-        corrupt: if rng.gen_bool(0.2) { rng.gen_range(0.0..0.02) } else { 0.0 },
+        corrupt: if rng.gen_bool(0.2) {
+            rng.gen_range(0.0..0.02)
+        } else {
+            0.0
+        },
         delay: Duration::from_micros(rng.gen_range(50..20_000)),
-        bandwidth: if rng.gen_bool(0.5) { Some(rng.gen_range(10_000_000..10_000_000_000)) } else { None },
+        bandwidth: if rng.gen_bool(0.5) {
+            Some(rng.gen_range(10_000_000..10_000_000_000))
+        } else {
+            None
+        },
         mtu: [576, 1280, 1500, 1500, 9000][rng.gen_range(0..5)],
         rx_checksum: rng.gen_bool(0.5),
         tx_checksum: rng.gen_bool(0.5),
@@ -53,13 +61,25 @@ fn scenario(seed: u64) -> Scenario {
     let mut tcp = || {
         let small = rng.gen_bool(0.3);
         TcpConfig {
-            rx_buffer: if small { rng.gen_range(2_000..16_000) } else { rng.gen_range(64_000..1_000_000) },
+            rx_buffer: if small {
+                rng.gen_range(2_000..16_000)
+            } else {
+                rng.gen_range(64_000..1_000_000)
+            },
             tx_buffer: rng.gen_range(4_000..300_000),
             window_scaling: rng.gen_bool(0.8),
             timestamps: rng.gen_bool(0.7),
             sack: rng.gen_bool(0.7),
-            congestion: if rng.gen_bool(0.6) { CongestionAlgorithm::Cubic } else { CongestionAlgorithm::NewReno },
-            delayed_ack: if rng.gen_bool(0.7) { Some(Duration::from_millis(40)) } else { None },
+            congestion: if rng.gen_bool(0.6) {
+                CongestionAlgorithm::Cubic
+            } else {
+                CongestionAlgorithm::NewReno
+            },
+            delayed_ack: if rng.gen_bool(0.7) {
+                Some(Duration::from_millis(40))
+            } else {
+                None
+            },
             // Generous so that 10 % loss never kills a connection.
             syn_retries: 20,
             max_retransmissions: 30,
@@ -73,10 +93,18 @@ fn scenario(seed: u64) -> Scenario {
         link,
         tcp_client,
         tcp_server,
-        offload: OffloadConfig { rx_checksum: rng.gen_bool(0.7), tx_checksum: rng.gen_bool(0.7), tso: rng.gen_bool(0.7) },
+        offload: OffloadConfig {
+            rx_checksum: rng.gen_bool(0.7),
+            tx_checksum: rng.gen_bool(0.7),
+            tso: rng.gen_bool(0.7),
+        },
         to_server: rng.gen_range(0..80_000),
         to_client: rng.gen_range(0..80_000),
-        read_chunk: if rng.gen_bool(0.3) { rng.gen_range(1..3_000) } else { usize::MAX },
+        read_chunk: if rng.gen_bool(0.3) {
+            rng.gen_range(1..3_000)
+        } else {
+            usize::MAX
+        },
     }
 }
 
@@ -92,21 +120,39 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    fn new(dev: SimDevice, ip: Ipv4Addr, seed: u64, tcp: TcpConfig, offload: OffloadConfig, data: Vec<u8>) -> Endpoint {
+    fn new(
+        dev: SimDevice,
+        ip: Ipv4Addr,
+        seed: u64,
+        tcp: TcpConfig,
+        offload: OffloadConfig,
+        data: Vec<u8>,
+    ) -> Endpoint {
         let mut config = InterfaceConfig::new(ip, 24);
         config.seed = seed;
         config.offload = offload;
         config.tcp = tcp;
         let mut iface = Interface::new(config, dev.caps());
         let handle = iface.add_socket(None);
-        Endpoint { iface, dev, handle, outgoing: data, sent: 0, received: Vec::new(), closed_tx: false, got_fin: false }
+        Endpoint {
+            iface,
+            dev,
+            handle,
+            outgoing: data,
+            sent: 0,
+            received: Vec::new(),
+            closed_tx: false,
+            got_fin: false,
+        }
     }
 
     /// The application: write what fits, read what arrived, close when done.
     fn app(&mut self, read_chunk: usize) -> Result<(), String> {
         let socket = self.iface.socket_mut(self.handle);
         if socket.may_send() && self.sent < self.outgoing.len() {
-            self.sent += socket.send_slice(&self.outgoing[self.sent..]).map_err(|e| format!("send: {e}"))?;
+            self.sent += socket
+                .send_slice(&self.outgoing[self.sent..])
+                .map_err(|e| format!("send: {e}"))?;
         }
         if socket.may_send() && self.sent == self.outgoing.len() && !self.closed_tx {
             socket.close();
@@ -130,13 +176,33 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
         eprintln!("{sc:#?}");
     }
     let mut rng = SmallRng::seed_from_u64(seed);
-    let link = SimConfig { trace: trace && std::env::var("TCP_SIM_TRACE").is_ok(), ..sc.link.clone() };
+    let link = SimConfig {
+        trace: trace && std::env::var("TCP_SIM_TRACE").is_ok(),
+        ..sc.link.clone()
+    };
     let (dev_a, dev_b) = sim::link(link, seed);
     let to_server: Vec<u8> = (0..sc.to_server).map(|_| rng.gen()).collect();
     let to_client: Vec<u8> = (0..sc.to_client).map(|_| rng.gen()).collect();
-    let mut client = Endpoint::new(dev_a, CLIENT_IP, seed, sc.tcp_client.clone(), sc.offload, to_server.clone());
-    let mut server = Endpoint::new(dev_b, SERVER_IP, seed + 1, sc.tcp_server.clone(), sc.offload, to_client.clone());
-    server.iface.listen(server.handle, PORT).map_err(|e| e.to_string())?;
+    let mut client = Endpoint::new(
+        dev_a,
+        CLIENT_IP,
+        seed,
+        sc.tcp_client.clone(),
+        sc.offload,
+        to_server.clone(),
+    );
+    let mut server = Endpoint::new(
+        dev_b,
+        SERVER_IP,
+        seed + 1,
+        sc.tcp_server.clone(),
+        sc.offload,
+        to_client.clone(),
+    );
+    server
+        .iface
+        .listen(server.handle, PORT)
+        .map_err(|e| e.to_string())?;
     let mut now = Instant::ZERO;
     client
         .iface
@@ -147,7 +213,12 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
     let mut stuck = 0;
     let mut last_trace = Instant::ZERO;
     loop {
-        let progress_mark = (client.sent, client.received.len(), server.sent, server.received.len());
+        let progress_mark = (
+            client.sent,
+            client.received.len(),
+            server.sent,
+            server.received.len(),
+        );
         client.dev.set_now(now);
         client.iface.poll(now, &mut client.dev);
         server.iface.poll(now, &mut server.dev);
@@ -156,15 +227,26 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
             app_result = client.app(sc.read_chunk);
         }
         if app_result.is_ok()
-            && !matches!(server.iface.socket(server.handle).state(), TcpState::Listen | TcpState::SynReceived)
+            && !matches!(
+                server.iface.socket(server.handle).state(),
+                TcpState::Listen | TcpState::SynReceived
+            )
         {
             app_result = server.app(sc.read_chunk);
         }
         if let Err(e) = app_result {
             if trace {
                 eprintln!("link {:?}", client.dev.counters());
-                eprintln!("client {:?}\n{:?}", client.iface.socket(client.handle).counters(), client.iface.counters());
-                eprintln!("server {:?}\n{:?}", server.iface.socket(server.handle).counters(), server.iface.counters());
+                eprintln!(
+                    "client {:?}\n{:?}",
+                    client.iface.socket(client.handle).counters(),
+                    client.iface.counters()
+                );
+                eprintln!(
+                    "server {:?}\n{:?}",
+                    server.iface.socket(server.handle).counters(),
+                    server.iface.counters()
+                );
             }
             return Err(e);
         }
@@ -190,9 +272,16 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
             );
         }
         if let Some(e) = cs.error().or(ss.error()) {
-            return Err(format!("connection error {e} at {now}: client {:?} server {:?}", cs.state(), ss.state()));
+            return Err(format!(
+                "connection error {e} at {now}: client {:?} server {:?}",
+                cs.state(),
+                ss.state()
+            ));
         }
-        let done = cs.state() == TcpState::Closed && ss.state() == TcpState::Closed && client.got_fin && server.got_fin;
+        let done = cs.state() == TcpState::Closed
+            && ss.state() == TcpState::Closed
+            && client.got_fin
+            && server.got_fin;
         if done {
             break;
         }
@@ -213,16 +302,26 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
                 ss.counters()
             ));
         }
-        let next = [client.iface.poll_at(now), server.iface.poll_at(now), client.dev.next_arrival()]
-            .into_iter()
-            .flatten()
-            .min();
+        let next = [
+            client.iface.poll_at(now),
+            server.iface.poll_at(now),
+            client.dev.next_arrival(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         match next {
             Some(t) if t > now => {
                 now = t;
                 stuck = 0;
             }
-            _ if progress_mark != (client.sent, client.received.len(), server.sent, server.received.len()) => {}
+            _ if progress_mark
+                != (
+                    client.sent,
+                    client.received.len(),
+                    server.sent,
+                    server.received.len(),
+                ) => {}
             _ => {
                 stuck += 1;
                 if stuck > 50 {
@@ -244,8 +343,16 @@ fn run(seed: u64, trace: bool) -> Result<(), String> {
     if trace {
         eprintln!("done at {now}");
         eprintln!("link {:?}", client.dev.counters());
-        eprintln!("client {:?}\n{:?}", client.iface.socket(client.handle).counters(), client.iface.counters());
-        eprintln!("server {:?}\n{:?}", server.iface.socket(server.handle).counters(), server.iface.counters());
+        eprintln!(
+            "client {:?}\n{:?}",
+            client.iface.socket(client.handle).counters(),
+            client.iface.counters()
+        );
+        eprintln!(
+            "server {:?}\n{:?}",
+            server.iface.socket(server.handle).counters(),
+            server.iface.counters()
+        );
     }
     Ok(())
 }
@@ -254,7 +361,11 @@ fn check_stream(who: &str, got: &[u8], want: &[u8]) -> Result<(), String> {
     if got == want {
         return Ok(());
     }
-    let first_diff = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    let first_diff = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
     let probe = &got[first_diff..(first_diff + 16).min(got.len())];
     let found = want.windows(probe.len().max(1)).position(|w| w == probe);
     let last_diff = got.iter().zip(want).rposition(|(a, b)| a != b);
@@ -274,8 +385,13 @@ fn many_seeds_deliver_everything_once_in_order() {
         }
         return;
     }
-    let seeds: u64 = std::env::var("TCP_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
+    let seeds: u64 = std::env::var("TCP_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4) as u64;
     let failures: Vec<(u64, String)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
@@ -287,10 +403,17 @@ fn many_seeds_deliver_everything_once_in_order() {
                 })
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().expect("worker panicked")).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker panicked"))
+            .collect()
     });
     for (seed, e) in failures.iter().take(20) {
         eprintln!("seed {seed} failed: {e}  (replay with TCP_SIM_SEED={seed})");
     }
-    assert!(failures.is_empty(), "{} of {seeds} seeds failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed",
+        failures.len()
+    );
 }

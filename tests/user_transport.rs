@@ -48,14 +48,22 @@ fn echo_server(mut dev: sim::SimDevice, stop: Arc<AtomicBool>) -> std::thread::J
 
 #[test]
 fn user_tcp_echo_round_trip_and_close() {
-    let link = SimConfig { loss: 0.02, delay: Duration::from_micros(200), ..SimConfig::default() };
+    let link = SimConfig {
+        loss: 0.02,
+        delay: Duration::from_micros(200),
+        ..SimConfig::default()
+    };
     let (client_dev, server_dev) = sim::link_real_time(link, 7);
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(server_dev, stop.clone());
 
     let remote = SocketAddrV4::new(SERVER_IP, 3260);
-    let config = UserTcpConfig { seed: 5, ..UserTcpConfig::default() };
-    let mut conn = UserTcp::connect(client_dev, CLIENT_IP, None, None, remote, config).expect("connect");
+    let config = UserTcpConfig {
+        seed: 5,
+        ..UserTcpConfig::default()
+    };
+    let mut conn =
+        UserTcp::connect(client_dev, CLIENT_IP, None, None, remote, config).expect("connect");
     assert_eq!(conn.peer_addr(), Some(SocketAddr::V4(remote)));
     assert_eq!(conn.local_addr().map(|a| a.ip()), Some(CLIENT_IP.into()));
 
@@ -64,7 +72,11 @@ fn user_tcp_echo_round_trip_and_close() {
     let mut echoed = Vec::new();
     let start = std::time::Instant::now();
     while echoed.len() < message.len() {
-        assert!(start.elapsed() < Duration::from_secs(30), "echo stalled at {} bytes", echoed.len());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "echo stalled at {} bytes",
+            echoed.len()
+        );
         if sent < message.len() {
             sent += conn.send(&message[sent..]).unwrap();
         }
@@ -100,11 +112,21 @@ fn connect_to_closed_port_is_refused() {
     let stop = Arc::new(AtomicBool::new(false));
     let server = echo_server(server_dev, stop.clone());
     let remote = SocketAddrV4::new(SERVER_IP, 9999);
-    let err = UserTcp::connect(client_dev, CLIENT_IP, None, None, remote, UserTcpConfig::default()).unwrap_err();
+    let err = UserTcp::connect(
+        client_dev,
+        CLIENT_IP,
+        None,
+        None,
+        remote,
+        UserTcpConfig::default(),
+    )
+    .unwrap_err();
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     match err {
-        TransportError::Connect { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused),
+        TransportError::Connect { source, .. } => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused)
+        }
         other => panic!("expected refusal, got {other:?}"),
     }
 }
@@ -112,7 +134,21 @@ fn connect_to_closed_port_is_refused() {
 #[test]
 fn connect_times_out_without_peer() {
     let (client_dev, _server_dev) = sim::link_real_time(SimConfig::default(), 1);
-    let config = UserTcpConfig { connect_timeout: Duration::from_millis(300), ..UserTcpConfig::default() };
-    let err = UserTcp::connect(client_dev, CLIENT_IP, None, None, SocketAddrV4::new(SERVER_IP, 3260), config).unwrap_err();
-    assert!(matches!(err, TransportError::ConnectTimeout { .. }), "{err:?}");
+    let config = UserTcpConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..UserTcpConfig::default()
+    };
+    let err = UserTcp::connect(
+        client_dev,
+        CLIENT_IP,
+        None,
+        None,
+        SocketAddrV4::new(SERVER_IP, 3260),
+        config,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, TransportError::ConnectTimeout { .. }),
+        "{err:?}"
+    );
 }

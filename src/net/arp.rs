@@ -23,7 +23,11 @@ pub struct ArpCache {
 
 impl ArpCache {
     pub fn new(capacity: usize, timeout: Duration) -> ArpCache {
-        ArpCache { entries: Vec::with_capacity(capacity.max(1)), capacity: capacity.max(1), timeout }
+        ArpCache {
+            entries: Vec::with_capacity(capacity.max(1)),
+            capacity: capacity.max(1),
+            timeout,
+        }
     }
 
     pub fn lookup(&self, ip: Ipv4Addr, now: Instant) -> Option<EthernetAddress> {
@@ -42,7 +46,11 @@ impl ArpCache {
         if self.entries.len() == self.capacity {
             self.entries.remove(0);
         }
-        self.entries.push(Entry { ip, mac, expires_at: None });
+        self.entries.push(Entry {
+            ip,
+            mac,
+            expires_at: None,
+        });
     }
 
     /// Learns or refreshes a dynamic entry; static entries win.
@@ -71,7 +79,11 @@ impl ArpCache {
                 None => return,
             }
         }
-        self.entries.push(Entry { ip, mac, expires_at });
+        self.entries.push(Entry {
+            ip,
+            mac,
+            expires_at,
+        });
     }
 }
 

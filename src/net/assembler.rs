@@ -14,7 +14,10 @@ pub struct TooManyHoles;
 
 impl Default for Assembler {
     fn default() -> Self {
-        Assembler { ranges: [(0, 0); Assembler::SLOTS], count: 0 }
+        Assembler {
+            ranges: [(0, 0); Assembler::SLOTS],
+            count: 0,
+        }
     }
 }
 
@@ -91,7 +94,10 @@ impl Assembler {
 
     /// The range containing `offset`, if any.
     pub fn range_containing(&self, offset: usize) -> Option<(usize, usize)> {
-        self.ranges().iter().copied().find(|&(s, e)| s <= offset && offset < e)
+        self.ranges()
+            .iter()
+            .copied()
+            .find(|&(s, e)| s <= offset && offset < e)
     }
 }
 

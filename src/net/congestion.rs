@@ -151,7 +151,10 @@ impl CongestionController {
 
     /// Leaving fast recovery (RFC 6582 §3.2 step 6, option 1).
     pub fn on_recovery_exit(&mut self, flight: usize) {
-        self.cwnd = self.ssthresh.min(flight.max(self.mss) + self.mss).max(2 * self.mss);
+        self.cwnd = self
+            .ssthresh
+            .min(flight.max(self.mss) + self.mss)
+            .max(2 * self.mss);
         self.epoch_start = None;
     }
 

@@ -11,7 +11,9 @@ use crate::wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr, Fram
 use crate::wire::icmp::{self, Icmpv4Repr};
 use crate::wire::ipv4::{self, protocol, Ipv4Repr};
 use crate::wire::packet::{Checksum, PacketError};
-use crate::wire::tcp::{self as tcp_wire, offload_pseudo_header_checksum, SeqNumber, TcpFlags, TcpOptions, TcpRepr};
+use crate::wire::tcp::{
+    self as tcp_wire, offload_pseudo_header_checksum, SeqNumber, TcpFlags, TcpOptions, TcpRepr,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -29,12 +31,20 @@ pub struct OffloadConfig {
 
 impl Default for OffloadConfig {
     fn default() -> Self {
-        OffloadConfig { rx_checksum: true, tx_checksum: true, tso: true }
+        OffloadConfig {
+            rx_checksum: true,
+            tx_checksum: true,
+            tso: true,
+        }
     }
 }
 
 impl OffloadConfig {
-    pub const NONE: OffloadConfig = OffloadConfig { rx_checksum: false, tx_checksum: false, tso: false };
+    pub const NONE: OffloadConfig = OffloadConfig {
+        rx_checksum: false,
+        tx_checksum: false,
+        tso: false,
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -118,15 +128,25 @@ struct ReplyQueue {
 impl ReplyQueue {
     fn new(slots: usize, frame_len: usize) -> ReplyQueue {
         ReplyQueue {
-            frames: (0..slots).map(|_| (0, vec![0u8; frame_len].into_boxed_slice())).collect(),
+            frames: (0..slots)
+                .map(|_| (0, vec![0u8; frame_len].into_boxed_slice()))
+                .collect(),
             len: 0,
         }
     }
 
     /// Builds a frame of `len` bytes with `fill`; false when full or too big.
-    fn push(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), PacketError>) -> bool {
-        let Some((slot_len, buf)) = self.frames.get_mut(self.len) else { return false };
-        let Some(frame) = buf.get_mut(..len) else { return false };
+    fn push(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), PacketError>,
+    ) -> bool {
+        let Some((slot_len, buf)) = self.frames.get_mut(self.len) else {
+            return false;
+        };
+        let Some(frame) = buf.get_mut(..len) else {
+            return false;
+        };
         if fill(frame).is_err() {
             return false;
         }
@@ -154,7 +174,10 @@ pub struct Interface {
 
 impl std::fmt::Debug for Interface {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Interface").field("ip", &self.config.ip).field("mac", &self.mac).finish()
+        f.debug_struct("Interface")
+            .field("ip", &self.config.ip)
+            .field("mac", &self.mac)
+            .finish()
     }
 }
 
@@ -174,7 +197,11 @@ struct TxContext<'a> {
 }
 
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix_len: u8) -> bool {
-    let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix_len.min(32)))
+    };
     u32::from(a) & mask == u32::from(b) & mask
 }
 
@@ -188,7 +215,12 @@ impl TxContext<'_> {
     }
 
     /// The neighbour's MAC, or an ARP request (rate-limited) and `None`.
-    fn resolve(&mut self, now: Instant, dst: Ipv4Addr, device: &mut dyn Device) -> Option<EthernetAddress> {
+    fn resolve(
+        &mut self,
+        now: Instant,
+        dst: Ipv4Addr,
+        device: &mut dyn Device,
+    ) -> Option<EthernetAddress> {
         let hop = self.next_hop(dst);
         if let Some(mac) = self.arp.lookup(hop, now) {
             return Some(mac);
@@ -247,9 +279,17 @@ impl TxContext<'_> {
             l3_len: ipv4::HEADER_LEN as u8,
             l4_len: repr.header_len() as u8,
         };
-        let eth = EthernetRepr { src_addr: self.mac, dst_addr: dst_mac, ethertype: EtherType::Ipv4 };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: dst_mac,
+            ethertype: EtherType::Ipv4,
+        };
         let total = ethernet::HEADER_LEN + ipv4::HEADER_LEN + tcp_len;
-        let csum = if csum_offload { Checksum::None } else { Checksum::Both };
+        let csum = if csum_offload {
+            Checksum::None
+        } else {
+            Checksum::Both
+        };
         let src_ip = self.ip;
         let result = device.tx_frame(total, offload, &mut |buf: &mut [u8]| {
             let (eth_buf, rest) = buf.split_at_mut(ethernet::HEADER_LEN);
@@ -283,11 +323,19 @@ fn send_arp(
     dst: EthernetAddress,
     repr: &ArpRepr,
 ) -> Result<(), crate::phy::PhyError> {
-    let eth = EthernetRepr { src_addr: src, dst_addr: dst, ethertype: EtherType::Arp };
-    device.tx_frame(ethernet::HEADER_LEN + arp_wire::PACKET_LEN, TxOffload::default(), &mut |buf| {
-        let _ = eth.emit(buf);
-        let _ = repr.emit(&mut buf[ethernet::HEADER_LEN..]);
-    })
+    let eth = EthernetRepr {
+        src_addr: src,
+        dst_addr: dst,
+        ethertype: EtherType::Arp,
+    };
+    device.tx_frame(
+        ethernet::HEADER_LEN + arp_wire::PACKET_LEN,
+        TxOffload::default(),
+        &mut |buf| {
+            let _ = eth.emit(buf);
+            let _ = repr.emit(&mut buf[ethernet::HEADER_LEN..]);
+        },
+    )
 }
 
 impl Interface {
@@ -342,7 +390,10 @@ impl Interface {
     /// Creates a socket (allocates its buffers once).
     pub fn add_socket(&mut self, config: Option<TcpConfig>) -> SocketHandle {
         let mut socket = TcpSocket::new(config.unwrap_or_else(|| self.config.tcp.clone()));
-        socket.set_link_limits(self.mtu - ipv4::HEADER_LEN - tcp_wire::HEADER_LEN, self.tso_payload());
+        socket.set_link_limits(
+            self.mtu - ipv4::HEADER_LEN - tcp_wire::HEADER_LEN,
+            self.tso_payload(),
+        );
         self.sockets.push(socket);
         SocketHandle(self.sockets.len() - 1)
     }
@@ -351,8 +402,14 @@ impl Interface {
         if !self.offload.tso {
             return 0;
         }
-        let headers = ethernet::HEADER_LEN + ipv4::HEADER_LEN + tcp_wire::HEADER_LEN + tcp_wire::MAX_OPTIONS_LEN;
-        self.caps.max_tx_frame.saturating_sub(headers).min(65535 - 100)
+        let headers = ethernet::HEADER_LEN
+            + ipv4::HEADER_LEN
+            + tcp_wire::HEADER_LEN
+            + tcp_wire::MAX_OPTIONS_LEN;
+        self.caps
+            .max_tx_frame
+            .saturating_sub(headers)
+            .min(65535 - 100)
     }
 
     pub fn socket(&self, handle: SocketHandle) -> &TcpSocket {
@@ -366,11 +423,18 @@ impl Interface {
     }
 
     fn port_in_use(&self, port: u16) -> bool {
-        self.sockets.iter().any(|s| s.is_open() && s.local_endpoint().port() == port)
+        self.sockets
+            .iter()
+            .any(|s| s.is_open() && s.local_endpoint().port() == port)
     }
 
     /// Active open to `remote` from a random ephemeral port.
-    pub fn connect(&mut self, now: Instant, handle: SocketHandle, remote: SocketAddrV4) -> Result<u16, NetError> {
+    pub fn connect(
+        &mut self,
+        now: Instant,
+        handle: SocketHandle,
+        remote: SocketAddrV4,
+    ) -> Result<u16, NetError> {
         if handle.0 >= self.sockets.len() {
             return Err(NetError::InvalidHandle);
         }
@@ -425,7 +489,15 @@ impl Interface {
         self.flush_replies(device);
 
         let Interface {
-            config, mac, offload, arp, arp_pending, sockets, ip_ident, counters, ..
+            config,
+            mac,
+            offload,
+            arp,
+            arp_pending,
+            sockets,
+            ip_ident,
+            counters,
+            ..
         } = self;
         let mut ctx = TxContext {
             mac: *mac,
@@ -442,7 +514,9 @@ impl Interface {
         };
         for socket in sockets.iter_mut() {
             let remote = *socket.remote_endpoint().ip();
-            let _ = socket.dispatch(now, &mut |repr, seg_size| ctx.send_tcp(now, device, remote, repr, seg_size));
+            let _ = socket.dispatch(now, &mut |repr, seg_size| {
+                ctx.send_tcp(now, device, remote, repr, seg_size)
+            });
         }
         device.tx_flush();
         received > 0 || self.counters.tx_frames != tx_before
@@ -452,7 +526,9 @@ impl Interface {
     pub fn poll_at(&self, now: Instant) -> Option<Instant> {
         let mut at = None;
         for socket in &self.sockets {
-            let Some(mut t) = socket.poll_at() else { continue };
+            let Some(mut t) = socket.poll_at() else {
+                continue;
+            };
             let remote = *socket.remote_endpoint().ip();
             let hop = if same_subnet(remote, self.config.ip, self.config.prefix_len) {
                 remote
@@ -475,7 +551,9 @@ impl Interface {
     fn flush_replies(&mut self, device: &mut dyn Device) {
         for (len, buf) in &self.replies.frames[..self.replies.len] {
             let frame = &buf[..*len];
-            match device.tx_frame(frame.len(), TxOffload::default(), &mut |out| out.copy_from_slice(frame)) {
+            match device.tx_frame(frame.len(), TxOffload::default(), &mut |out| {
+                out.copy_from_slice(frame)
+            }) {
                 Ok(()) => self.counters.tx_frames += 1,
                 Err(_) => self.counters.tx_device_errors += 1,
             }
@@ -515,7 +593,10 @@ impl Interface {
         };
         let sender_ip = repr.source_protocol_addr;
         let sender_mac = repr.source_hardware_addr;
-        if sender_mac == self.mac || sender_ip == self.config.ip || !sender_mac.is_unicast() || sender_ip.is_unspecified()
+        if sender_mac == self.mac
+            || sender_ip == self.config.ip
+            || !sender_mac.is_unicast()
+            || sender_ip.is_unspecified()
         {
             return;
         }
@@ -534,11 +615,17 @@ impl Interface {
                 target_hardware_addr: sender_mac,
                 target_protocol_addr: sender_ip,
             };
-            let eth = EthernetRepr { src_addr: self.mac, dst_addr: sender_mac, ethertype: EtherType::Arp };
-            let queued = self.replies.push(ethernet::HEADER_LEN + arp_wire::PACKET_LEN, |buf| {
-                eth.emit(buf)?;
-                reply.emit(&mut buf[ethernet::HEADER_LEN..])
-            });
+            let eth = EthernetRepr {
+                src_addr: self.mac,
+                dst_addr: sender_mac,
+                ethertype: EtherType::Arp,
+            };
+            let queued = self
+                .replies
+                .push(ethernet::HEADER_LEN + arp_wire::PACKET_LEN, |buf| {
+                    eth.emit(buf)?;
+                    reply.emit(&mut buf[ethernet::HEADER_LEN..])
+                });
             if queued {
                 self.counters.arp_replies_sent += 1;
             } else {
@@ -547,12 +634,22 @@ impl Interface {
         }
     }
 
-    fn process_ipv4(&mut self, now: Instant, src_mac: EthernetAddress, payload: &[u8], meta: RxMeta) {
+    fn process_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        payload: &[u8],
+        meta: RxMeta,
+    ) {
         let Ok(packet) = ipv4::Packet::new_checked(payload) else {
             self.counters.rx_malformed += 1;
             return;
         };
-        let ip_check = if self.offload.rx_checksum && meta.ipv4_checksum_good { Checksum::None } else { Checksum::Both };
+        let ip_check = if self.offload.rx_checksum && meta.ipv4_checksum_good {
+            Checksum::None
+        } else {
+            Checksum::Both
+        };
         let ip_repr = match Ipv4Repr::parse(&packet, ip_check) {
             Ok(r) => r,
             Err(PacketError::Checksum) => {
@@ -585,11 +682,20 @@ impl Interface {
             self.counters.rx_malformed += 1;
             return;
         };
-        let Ok(Icmpv4Repr::EchoRequest { ident, seq_no, data }) = Icmpv4Repr::parse(&packet, Checksum::Both) else {
+        let Ok(Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        }) = Icmpv4Repr::parse(&packet, Checksum::Both)
+        else {
             self.counters.rx_icmp_ignored += 1;
             return;
         };
-        let reply = Icmpv4Repr::EchoReply { ident, seq_no, data };
+        let reply = Icmpv4Repr::EchoReply {
+            ident,
+            seq_no,
+            data,
+        };
         let ip_reply = Ipv4Repr {
             src_addr: self.config.ip,
             dst_addr: ip_repr.src_addr,
@@ -600,7 +706,11 @@ impl Interface {
             dont_frag: true,
         };
         self.ip_ident = self.ip_ident.wrapping_add(1);
-        let eth = EthernetRepr { src_addr: self.mac, dst_addr: src_mac, ethertype: EtherType::Ipv4 };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: src_mac,
+            ethertype: EtherType::Ipv4,
+        };
         let len = ethernet::HEADER_LEN + ipv4::HEADER_LEN + reply.buffer_len();
         let queued = self.replies.push(len, |buf| {
             eth.emit(buf)?;
@@ -614,12 +724,23 @@ impl Interface {
         }
     }
 
-    fn process_tcp(&mut self, now: Instant, src_mac: EthernetAddress, ip_repr: &Ipv4Repr, data: &[u8], meta: RxMeta) {
+    fn process_tcp(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        ip_repr: &Ipv4Repr,
+        data: &[u8],
+        meta: RxMeta,
+    ) {
         let Ok(packet) = tcp_wire::Packet::new_checked(data) else {
             self.counters.rx_malformed += 1;
             return;
         };
-        let check = if self.offload.rx_checksum && meta.l4_checksum_good { Checksum::None } else { Checksum::Both };
+        let check = if self.offload.rx_checksum && meta.l4_checksum_good {
+            Checksum::None
+        } else {
+            Checksum::Both
+        };
         let seg = match TcpRepr::parse(&packet, ip_repr.src_addr, ip_repr.dst_addr, check) {
             Ok(seg) => seg,
             Err(PacketError::Checksum) => {
@@ -660,7 +781,10 @@ impl Interface {
         let rst = TcpRepr {
             src_port: seg.dst_port,
             dst_port: seg.src_port,
-            flags: TcpFlags { rst: true, ..TcpFlags::default() },
+            flags: TcpFlags {
+                rst: true,
+                ..TcpFlags::default()
+            },
             seq_number: seq,
             ack_number: ack,
             window_len: 0,
@@ -677,13 +801,22 @@ impl Interface {
             dont_frag: true,
         };
         self.ip_ident = self.ip_ident.wrapping_add(1);
-        let eth = EthernetRepr { src_addr: self.mac, dst_addr: src_mac, ethertype: EtherType::Ipv4 };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: src_mac,
+            ethertype: EtherType::Ipv4,
+        };
         let len = ethernet::HEADER_LEN + ipv4::HEADER_LEN + rst.buffer_len();
         let (src_ip, dst_ip) = (self.config.ip, ip_repr.src_addr);
         let queued = self.replies.push(len, |buf| {
             eth.emit(buf)?;
             ip.emit(&mut buf[ethernet::HEADER_LEN..], Checksum::Both)?;
-            rst.emit(&mut buf[ethernet::HEADER_LEN + ipv4::HEADER_LEN..], src_ip, dst_ip, Checksum::Both)
+            rst.emit(
+                &mut buf[ethernet::HEADER_LEN + ipv4::HEADER_LEN..],
+                src_ip,
+                dst_ip,
+                Checksum::Both,
+            )
         });
         if queued {
             self.counters.tcp_resets_sent += 1;

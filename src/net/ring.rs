@@ -11,7 +11,11 @@ pub struct RingBuffer {
 
 impl RingBuffer {
     pub fn new(capacity: usize) -> RingBuffer {
-        RingBuffer { storage: vec![0u8; capacity].into_boxed_slice(), read_at: 0, len: 0 }
+        RingBuffer {
+            storage: vec![0u8; capacity].into_boxed_slice(),
+            read_at: 0,
+            len: 0,
+        }
     }
     pub fn capacity(&self) -> usize {
         self.storage.len()

@@ -13,9 +13,7 @@ use super::ring::RingBuffer;
 use super::rtt::RttEstimator;
 use super::scoreboard::Scoreboard;
 use super::time::{earliest, Instant};
-use crate::wire::tcp::{
-    SeqNumber, TcpFlags, TcpOptions, TcpRepr, TcpTimestamp, MAX_WINDOW_SCALE,
-};
+use crate::wire::tcp::{SeqNumber, TcpFlags, TcpOptions, TcpRepr, TcpTimestamp, MAX_WINDOW_SCALE};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -347,7 +345,10 @@ impl TcpSocket {
     /// Data can still arrive or is waiting to be read.
     pub fn may_recv(&self) -> bool {
         !self.rx.is_empty()
-            || matches!(self.state, State::Established | State::FinWait1 | State::FinWait2)
+            || matches!(
+                self.state,
+                State::Established | State::FinWait1 | State::FinWait2
+            )
     }
     pub fn send_queue(&self) -> usize {
         self.tx.len()
@@ -371,7 +372,8 @@ impl TcpSocket {
     /// Segment payload size in use (MSS less the timestamp option).
     pub fn effective_mss(&self) -> usize {
         let mss = self.local_mss.min(self.remote_mss);
-        mss.saturating_sub(if self.timestamps { 12 } else { 0 }).max(1)
+        mss.saturating_sub(if self.timestamps { 12 } else { 0 })
+            .max(1)
     }
 
     /// Sets the MSS the link allows (MTU - 40) and the TSO frame payload
@@ -387,7 +389,10 @@ impl TcpSocket {
         let config = self.config.clone();
         let (local_mss, tso) = (self.local_mss, self.tso_payload);
         let counters = self.counters;
-        let (tx, rx) = (std::mem::replace(&mut self.tx, RingBuffer::new(0)), std::mem::replace(&mut self.rx, RingBuffer::new(0)));
+        let (tx, rx) = (
+            std::mem::replace(&mut self.tx, RingBuffer::new(0)),
+            std::mem::replace(&mut self.rx, RingBuffer::new(0)),
+        );
         *self = TcpSocket::new_with_buffers(config, tx, rx);
         self.tx.clear();
         self.rx.clear();
@@ -412,7 +417,11 @@ impl TcpSocket {
 
     fn new_with_buffers(config: TcpConfig, tx: RingBuffer, rx: RingBuffer) -> TcpSocket {
         // Reuses the pre-allocated rings: no allocation when a socket is reopened.
-        let mut s = TcpSocket::new(TcpConfig { rx_buffer: 0, tx_buffer: 0, ..config });
+        let mut s = TcpSocket::new(TcpConfig {
+            rx_buffer: 0,
+            tx_buffer: 0,
+            ..config
+        });
         s.config.rx_buffer = rx.capacity();
         s.config.tx_buffer = tx.capacity();
         s.tx = tx;
@@ -443,7 +452,12 @@ impl TcpSocket {
     }
 
     /// Waits for one connection on `local` (address may be unspecified).
-    pub fn listen(&mut self, local: SocketAddrV4, iss: SeqNumber, ts_offset: u32) -> Result<(), TcpError> {
+    pub fn listen(
+        &mut self,
+        local: SocketAddrV4,
+        iss: SeqNumber,
+        ts_offset: u32,
+    ) -> Result<(), TcpError> {
         if self.is_open() || local.port() == 0 {
             return Err(TcpError::InvalidState);
         }
@@ -471,7 +485,10 @@ impl TcpSocket {
             if self.fin_received {
                 return Err(TcpError::Finished);
             }
-            if matches!(self.state, State::Closed | State::Listen | State::SynSent | State::SynReceived) {
+            if matches!(
+                self.state,
+                State::Closed | State::Listen | State::SynSent | State::SynReceived
+            ) {
                 return Err(TcpError::InvalidState);
             }
             return Ok(0);
@@ -506,7 +523,9 @@ impl TcpSocket {
     /// Drops the connection with a reset.
     pub fn abort(&mut self) {
         match self.state {
-            State::Closed | State::Listen | State::SynSent | State::TimeWait => self.state = State::Closed,
+            State::Closed | State::Listen | State::SynSent | State::TimeWait => {
+                self.state = State::Closed
+            }
             _ => self.rst_due = true,
         }
     }
@@ -604,7 +623,13 @@ impl TcpSocket {
     }
 
     /// Processes one segment addressed to this socket.
-    pub fn process(&mut self, now: Instant, src: SocketAddrV4, dst: SocketAddrV4, seg: &TcpRepr) -> ProcessOutcome {
+    pub fn process(
+        &mut self,
+        now: Instant,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seg: &TcpRepr,
+    ) -> ProcessOutcome {
         self.counters.segments_in += 1;
         match self.state {
             State::Closed => ProcessOutcome::SendReset,
@@ -614,7 +639,13 @@ impl TcpSocket {
         }
     }
 
-    fn process_listen(&mut self, now: Instant, src: SocketAddrV4, dst: SocketAddrV4, seg: &TcpRepr) -> ProcessOutcome {
+    fn process_listen(
+        &mut self,
+        now: Instant,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seg: &TcpRepr,
+    ) -> ProcessOutcome {
         if seg.flags.rst {
             return ProcessOutcome::Done;
         }
@@ -642,7 +673,11 @@ impl TcpSocket {
         let ack_ok = match seg.ack_number {
             Some(ack) => {
                 if ack <= self.iss || ack > self.snd_max {
-                    return if seg.flags.rst { ProcessOutcome::Done } else { ProcessOutcome::SendReset };
+                    return if seg.flags.rst {
+                        ProcessOutcome::Done
+                    } else {
+                        ProcessOutcome::SendReset
+                    };
                 }
                 true
             }
@@ -807,12 +842,23 @@ impl TcpSocket {
         }
         self.process_ack(now, seg, ack, payload.is_empty() && !fin);
 
-        if !matches!(self.state, State::Established | State::FinWait1 | State::FinWait2 | State::CloseWait | State::Closing | State::LastAck) {
+        if !matches!(
+            self.state,
+            State::Established
+                | State::FinWait1
+                | State::FinWait2
+                | State::CloseWait
+                | State::Closing
+                | State::LastAck
+        ) {
             return ProcessOutcome::Done;
         }
 
         // Data.
-        let accepts_data = matches!(self.state, State::Established | State::FinWait1 | State::FinWait2);
+        let accepts_data = matches!(
+            self.state,
+            State::Established | State::FinWait1 | State::FinWait2
+        );
         if !payload.is_empty() {
             if accepts_data {
                 self.receive_data(now, seq, payload);
@@ -906,7 +952,11 @@ impl TcpSocket {
             }
         }
 
-        self.timer_rtx = if self.flight() == 0 { None } else { Some(now + self.rtt.rto()) };
+        self.timer_rtx = if self.flight() == 0 {
+            None
+        } else {
+            Some(now + self.rtt.rto())
+        };
 
         if self.in_recovery {
             if ack >= self.recover {
@@ -1043,7 +1093,10 @@ impl TcpSocket {
                     self.set_closed(Some(TcpError::TimedOut));
                     return;
                 }
-                if matches!(self.state, State::Established | State::CloseWait | State::FinWait2) {
+                if matches!(
+                    self.state,
+                    State::Established | State::CloseWait | State::FinWait2
+                ) {
                     self.keepalive_due = true;
                 }
             }
@@ -1104,7 +1157,11 @@ impl TcpSocket {
     fn next_data_plan(&self) -> Option<Plan> {
         if !matches!(
             self.state,
-            State::Established | State::FinWait1 | State::CloseWait | State::Closing | State::LastAck
+            State::Established
+                | State::FinWait1
+                | State::CloseWait
+                | State::Closing
+                | State::LastAck
         ) {
             return None;
         }
@@ -1147,7 +1204,15 @@ impl TcpSocket {
         if len == 0 && !fin {
             return None;
         }
-        Some(Plan { kind: PlanKind::Data, seq: self.snd_nxt, len, syn: false, fin, rst: false, with_ack: true })
+        Some(Plan {
+            kind: PlanKind::Data,
+            seq: self.snd_nxt,
+            len,
+            syn: false,
+            fin,
+            rst: false,
+            with_ack: true,
+        })
     }
 
     fn next_plan(&self) -> Option<Plan> {
@@ -1170,7 +1235,9 @@ impl TcpSocket {
             State::Closed | State::Listen => return None,
             State::SynSent if self.syn_due => return Some(control(self.iss, true, false, false)),
             // A duplicate SYN or an unacceptable segment is answered with the SYN-ACK.
-            State::SynReceived if self.syn_due || self.ack_now => return Some(control(self.iss, true, false, true)),
+            State::SynReceived if self.syn_due || self.ack_now => {
+                return Some(control(self.iss, true, false, true))
+            }
             State::SynSent | State::SynReceived => return None,
             _ => {}
         }
@@ -1192,7 +1259,10 @@ impl TcpSocket {
             }
         }
         if self.keepalive_due {
-            return Some(Plan { kind: PlanKind::Keepalive, ..control(self.snd_una - 1, false, false, true) });
+            return Some(Plan {
+                kind: PlanKind::Keepalive,
+                ..control(self.snd_una - 1, false, false, true)
+            });
         }
         if self.ack_now {
             return Some(control(self.snd_max, false, false, true));
@@ -1205,11 +1275,17 @@ impl TcpSocket {
         if plan.syn {
             let syn_ack = self.state == State::SynReceived;
             options.mss = Some(self.local_mss.min(65535) as u16);
-            if self.config.window_scaling && (!syn_ack || self.snd_wscale > 0 || self.rcv_wscale > 0) {
+            if self.config.window_scaling
+                && (!syn_ack || self.snd_wscale > 0 || self.rcv_wscale > 0)
+            {
                 options.window_scale = Some(self.rcv_wscale);
             }
             options.sack_permitted = if syn_ack { self.sack } else { self.config.sack };
-            let want_ts = if syn_ack { self.timestamps } else { self.config.timestamps };
+            let want_ts = if syn_ack {
+                self.timestamps
+            } else {
+                self.config.timestamps
+            };
             if want_ts {
                 options.timestamp = Some(TcpTimestamp {
                     tsval: self.ts_now(now),
@@ -1219,7 +1295,10 @@ impl TcpSocket {
             return options;
         }
         if self.timestamps && !plan.rst {
-            options.timestamp = Some(TcpTimestamp { tsval: self.ts_now(now), tsecr: self.ts_recent });
+            options.timestamp = Some(TcpTimestamp {
+                tsval: self.ts_now(now),
+                tsecr: self.ts_recent,
+            });
         }
         if self.sack && plan.with_ack && !plan.rst && !self.assembler.is_empty() {
             if let Some((l, r)) = self.last_ooo.filter(|&(l, _)| l > self.rcv_nxt) {
@@ -1253,14 +1332,21 @@ impl TcpSocket {
             let options = self.build_options(now, &plan);
             // Option bytes beyond the timestamp come out of the payload so a
             // segment never exceeds the MSS; TSO frames are whole segments.
-            let extra_options = options.buffer_len().saturating_sub(if self.timestamps { 12 } else { 0 });
+            let extra_options =
+                options
+                    .buffer_len()
+                    .saturating_sub(if self.timestamps { 12 } else { 0 });
             let seg_size = self.effective_mss().saturating_sub(extra_options).max(1);
             let mut len = plan.len;
             if len > seg_size {
                 len = len / seg_size * seg_size;
             }
             let offset = plan.seq.since(self.snd_una);
-            let payload = if len > 0 { self.tx.get_allocated(offset, len) } else { &[] };
+            let payload = if len > 0 {
+                self.tx.get_allocated(offset, len)
+            } else {
+                &[]
+            };
             let fin = plan.fin && payload.len() == plan.len;
             let ack_number = plan.with_ack.then_some(self.rcv_nxt);
             let repr = TcpRepr {
@@ -1328,7 +1414,8 @@ impl TcpSocket {
             PlanKind::Data => {
                 if plan.seq < self.snd_max {
                     self.counters.retransmitted_segments += 1;
-                    self.counters.retransmitted_bytes += len.min(self.snd_max.since(plan.seq)) as u64;
+                    self.counters.retransmitted_bytes +=
+                        len.min(self.snd_max.since(plan.seq)) as u64;
                 } else if self.rtt_probe.is_none() && len > 0 {
                     self.rtt_probe = Some((plan.seq, now));
                 }
@@ -1348,7 +1435,10 @@ impl TcpSocket {
                 self.probe_due = false;
                 self.snd_max = self.snd_max.max(end);
                 self.persist_backoff += 1;
-                let backoff = self.rtt.rto().saturating_mul(1 << self.persist_backoff.min(10));
+                let backoff = self
+                    .rtt
+                    .rto()
+                    .saturating_mul(1 << self.persist_backoff.min(10));
                 self.timer_persist = Some(now + backoff.min(self.config.max_rto));
             }
             PlanKind::Keepalive => {
@@ -1362,10 +1452,16 @@ impl TcpSocket {
 
     /// Arms the persist timer when the peer's zero window stalls queued data.
     fn arm_persist(&mut self, now: Instant) {
-        let unsent = self.tx.len().saturating_sub(self.snd_nxt.since(self.snd_una));
+        let unsent = self
+            .tx
+            .len()
+            .saturating_sub(self.snd_nxt.since(self.snd_una));
         let stalled = self.snd_wnd == 0 && unsent > 0 && self.flight() == 0;
         if stalled && self.is_open() && self.timer_persist.is_none() && !self.probe_due {
-            let backoff = self.rtt.rto().saturating_mul(1 << self.persist_backoff.min(10));
+            let backoff = self
+                .rtt
+                .rto()
+                .saturating_mul(1 << self.persist_backoff.min(10));
             self.timer_persist = Some(now + backoff.min(self.config.max_rto));
         }
     }

@@ -18,7 +18,9 @@ impl Instant {
         Instant { micros }
     }
     pub const fn from_millis(millis: u64) -> Instant {
-        Instant { micros: millis * 1000 }
+        Instant {
+            micros: millis * 1000,
+        }
     }
     pub const fn total_micros(self) -> u64 {
         self.micros
@@ -39,7 +41,9 @@ fn duration_micros(d: Duration) -> u64 {
 impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, rhs: Duration) -> Instant {
-        Instant { micros: self.micros.saturating_add(duration_micros(rhs)) }
+        Instant {
+            micros: self.micros.saturating_add(duration_micros(rhs)),
+        }
     }
 }
 
@@ -52,7 +56,9 @@ impl AddAssign<Duration> for Instant {
 impl Sub<Duration> for Instant {
     type Output = Instant;
     fn sub(self, rhs: Duration) -> Instant {
-        Instant { micros: self.micros.saturating_sub(duration_micros(rhs)) }
+        Instant {
+            micros: self.micros.saturating_sub(duration_micros(rhs)),
+        }
     }
 }
 
@@ -65,7 +71,12 @@ impl Sub<Instant> for Instant {
 
 impl fmt::Display for Instant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:06}s", self.micros / 1_000_000, self.micros % 1_000_000)
+        write!(
+            f,
+            "{}.{:06}s",
+            self.micros / 1_000_000,
+            self.micros % 1_000_000
+        )
     }
 }
 

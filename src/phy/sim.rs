@@ -129,7 +129,14 @@ impl Medium {
         self.counters.sent += 1;
         let lost = self.rng.gen_bool(self.config.loss.clamp(0.0, 1.0));
         if self.config.trace {
-            eprintln!("{} {}->{} {}{}", self.now(), 1 - to, to, describe(&frame), if lost { " LOST" } else { "" });
+            eprintln!(
+                "{} {}->{} {}{}",
+                self.now(),
+                1 - to,
+                to,
+                describe(&frame),
+                if lost { " LOST" } else { "" }
+            );
         }
         if lost {
             self.counters.lost += 1;
@@ -143,7 +150,9 @@ impl Medium {
         };
         let now = self.now();
         let serialization = match self.config.bandwidth {
-            Some(bps) if bps > 0 => Duration::from_nanos((frame.len() as u64 * 8).saturating_mul(1_000_000_000) / bps),
+            Some(bps) if bps > 0 => {
+                Duration::from_nanos((frame.len() as u64 * 8).saturating_mul(1_000_000_000) / bps)
+            }
             _ => Duration::ZERO,
         };
         let start = self.link_free_at[to].max(now);
@@ -156,7 +165,9 @@ impl Medium {
             let mut arrive = start + serialization + self.config.delay;
             if self.rng.gen_bool(self.config.reorder.clamp(0.0, 1.0)) {
                 self.counters.reordered += 1;
-                let extra = self.rng.gen_range(0..=self.config.reorder_delay.as_micros() as u64);
+                let extra = self
+                    .rng
+                    .gen_range(0..=self.config.reorder_delay.as_micros() as u64);
                 arrive += Duration::from_micros(extra);
             }
             let mut frame = frame.clone();
@@ -166,7 +177,11 @@ impl Medium {
                 frame[at] ^= 1 << self.rng.gen_range(0..8);
             }
             self.order += 1;
-            self.queues[to].push(InFlight { arrive, order: self.order, frame });
+            self.queues[to].push(InFlight {
+                arrive,
+                order: self.order,
+                frame,
+            });
         }
     }
 }
@@ -199,8 +214,16 @@ fn link_with_clock(config: SimConfig, seed: u64, clock: Clock) -> (SimDevice, Si
         order: 0,
         counters: SimCounters::default(),
     }));
-    let a = SimDevice { medium: medium.clone(), side: 0, mac: [0x02, 0, 0, 0, 0, 0x0a] };
-    let b = SimDevice { medium, side: 1, mac: [0x02, 0, 0, 0, 0, 0x0b] };
+    let a = SimDevice {
+        medium: medium.clone(),
+        side: 0,
+        mac: [0x02, 0, 0, 0, 0, 0x0a],
+    };
+    let b = SimDevice {
+        medium,
+        side: 1,
+        mac: [0x02, 0, 0, 0, 0, 0x0b],
+    };
     (a, b)
 }
 
@@ -225,7 +248,10 @@ impl SimDevice {
     /// When the next frame (in either direction) arrives.
     pub fn next_arrival(&self) -> Option<Instant> {
         let m = self.medium();
-        m.queues.iter().filter_map(|q| q.peek().map(|f| f.arrive)).min()
+        m.queues
+            .iter()
+            .filter_map(|q| q.peek().map(|f| f.arrive))
+            .min()
     }
 
     pub fn counters(&self) -> SimCounters {
@@ -308,15 +334,27 @@ fn finish_checksums(frame: &mut [u8], l2: usize, l3: usize, ip: bool, tcp_sum: b
 
 /// One line about a frame, for traces.
 pub fn describe(frame: &[u8]) -> String {
-    let Ok(eth) = ethernet::Frame::new_checked(frame) else { return "runt".into() };
+    let Ok(eth) = ethernet::Frame::new_checked(frame) else {
+        return "runt".into();
+    };
     if eth.ethertype() != ethernet::EtherType::Ipv4 {
         return format!("{:?}", eth.ethertype());
     }
-    let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) else { return "bad ipv4".into() };
-    let Ok(seg) = tcp::Packet::new_checked(ip.payload()) else { return format!("ip proto {}", ip.protocol()) };
+    let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) else {
+        return "bad ipv4".into();
+    };
+    let Ok(seg) = tcp::Packet::new_checked(ip.payload()) else {
+        return format!("ip proto {}", ip.protocol());
+    };
     let f = seg.flags();
     let mut flags = String::new();
-    for (bit, c) in [(tcp::flag::SYN, 'S'), (tcp::flag::FIN, 'F'), (tcp::flag::RST, 'R'), (tcp::flag::PSH, 'P'), (tcp::flag::ACK, '.')] {
+    for (bit, c) in [
+        (tcp::flag::SYN, 'S'),
+        (tcp::flag::FIN, 'F'),
+        (tcp::flag::RST, 'R'),
+        (tcp::flag::PSH, 'P'),
+        (tcp::flag::ACK, '.'),
+    ] {
         if f & bit != 0 {
             flags.push(c);
         }
@@ -338,11 +376,15 @@ pub fn describe(frame: &[u8]) -> String {
 /// Receive-side verification the simulated NIC reports in `RxMeta`.
 fn verify_rx(frame: &[u8]) -> RxMeta {
     let mut meta = RxMeta::default();
-    let Ok(eth) = ethernet::Frame::new_checked(frame) else { return meta };
+    let Ok(eth) = ethernet::Frame::new_checked(frame) else {
+        return meta;
+    };
     if eth.ethertype() != ethernet::EtherType::Ipv4 {
         return meta;
     }
-    let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) else { return meta };
+    let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) else {
+        return meta;
+    };
     meta.ipv4_checksum_good = ip.verify_checksum();
     if ip.protocol() == ipv4::protocol::TCP {
         if let Ok(seg) = tcp::Packet::new_checked(ip.payload()) {
@@ -361,7 +403,11 @@ impl Device for SimDevice {
             rx_checksum: m.config.rx_checksum,
             tx_checksum: m.config.tx_checksum,
             tso: m.config.tso,
-            max_tx_frame: if m.config.tso { 65535 + ethernet::HEADER_LEN } else { m.config.mtu + ethernet::HEADER_LEN },
+            max_tx_frame: if m.config.tso {
+                65535 + ethernet::HEADER_LEN
+            } else {
+                m.config.mtu + ethernet::HEADER_LEN
+            },
         }
     }
 
@@ -375,11 +421,17 @@ impl Device for SimDevice {
                     Some(f) if f.arrive <= now => {}
                     _ => break,
                 }
-                let Some(f) = m.queues[self.side].pop() else { break };
+                let Some(f) = m.queues[self.side].pop() else {
+                    break;
+                };
                 m.counters.delivered += 1;
                 (f.frame, m.config.rx_checksum)
             };
-            let meta = if rx_checksum { verify_rx(&frame) } else { RxMeta::default() };
+            let meta = if rx_checksum {
+                verify_rx(&frame)
+            } else {
+                RxMeta::default()
+            };
             // The lock is not held here: the callback may transmit.
             on_frame(&frame, meta);
             count += 1;
@@ -387,13 +439,21 @@ impl Device for SimDevice {
         count
     }
 
-    fn tx_frame(&mut self, len: usize, offload: TxOffload, fill: &mut dyn FnMut(&mut [u8])) -> Result<(), PhyError> {
+    fn tx_frame(
+        &mut self,
+        len: usize,
+        offload: TxOffload,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), PhyError> {
         let (mtu, max_frame) = {
             let caps = self.caps();
             (caps.mtu, caps.max_tx_frame)
         };
         if len > max_frame {
-            return Err(PhyError::FrameTooLong { len, max: max_frame });
+            return Err(PhyError::FrameTooLong {
+                len,
+                max: max_frame,
+            });
         }
         let mut frame = vec![0u8; len];
         fill(&mut frame);
@@ -408,7 +468,10 @@ impl Device for SimDevice {
             }
         });
         match too_long {
-            Some(len) => Err(PhyError::FrameTooLong { len, max: mtu + ethernet::HEADER_LEN }),
+            Some(len) => Err(PhyError::FrameTooLong {
+                len,
+                max: mtu + ethernet::HEADER_LEN,
+            }),
             None => Ok(()),
         }
     }

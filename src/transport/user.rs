@@ -5,8 +5,8 @@
 
 use super::{Transport, TransportError};
 use crate::net::{
-    Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig, TcpError, TcpSocket,
-    TcpState,
+    Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig,
+    TcpError, TcpSocket, TcpState,
 };
 use crate::phy::Device;
 use crate::wire::ethernet::EthernetAddress;
@@ -66,7 +66,10 @@ pub struct UserTcp<D: Device> {
 
 impl<D: Device> std::fmt::Debug for UserTcp<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UserTcp").field("iface", &self.iface).field("remote", &self.remote).finish()
+        f.debug_struct("UserTcp")
+            .field("iface", &self.iface)
+            .field("remote", &self.remote)
+            .finish()
     }
 }
 
@@ -92,12 +95,17 @@ impl<D: Device> UserTcp<D> {
         remote: SocketAddrV4,
         config: UserTcpConfig,
     ) -> Result<Self, TransportError> {
-        let clock = Clock { epoch: std::time::Instant::now() };
+        let clock = Clock {
+            epoch: std::time::Instant::now(),
+        };
         let mut iface_config = InterfaceConfig::new(local_ip, config.prefix_len);
         iface_config.mac = local_mac.map(EthernetAddress);
         iface_config.gateway = gateway;
-        iface_config.static_neighbours =
-            config.static_neighbours.iter().map(|&(ip, mac)| (ip, EthernetAddress(mac))).collect();
+        iface_config.static_neighbours = config
+            .static_neighbours
+            .iter()
+            .map(|&(ip, mac)| (ip, EthernetAddress(mac)))
+            .collect();
         iface_config.mtu = config.mtu;
         iface_config.offload = config.offload;
         iface_config.seed = config.seed;
@@ -107,9 +115,11 @@ impl<D: Device> UserTcp<D> {
         let addr = SocketAddr::V4(remote);
         let connect_error = |e: NetError| TransportError::Connect {
             addr,
-            source: io::Error::new(io::ErrorKind::Other, e.to_string()),
+            source: io::Error::other(e.to_string()),
         };
-        iface.connect(clock.now(), handle, remote).map_err(connect_error)?;
+        iface
+            .connect(clock.now(), handle, remote)
+            .map_err(connect_error)?;
         let deadline = clock.now() + config.connect_timeout;
         loop {
             let now = clock.now();
@@ -123,16 +133,28 @@ impl<D: Device> UserTcp<D> {
                         Some(TcpError::TimedOut) => io::ErrorKind::TimedOut,
                         _ => io::ErrorKind::ConnectionAborted,
                     };
-                    return Err(TransportError::Connect { addr, source: io::Error::from(kind) });
+                    return Err(TransportError::Connect {
+                        addr,
+                        source: io::Error::from(kind),
+                    });
                 }
                 _ => {}
             }
             if now >= deadline {
-                return Err(TransportError::ConnectTimeout { addr, timeout: config.connect_timeout });
+                return Err(TransportError::ConnectTimeout {
+                    addr,
+                    timeout: config.connect_timeout,
+                });
             }
             std::thread::yield_now();
         }
-        Ok(UserTcp { device, iface, handle, clock, remote })
+        Ok(UserTcp {
+            device,
+            iface,
+            handle,
+            clock,
+            remote,
+        })
     }
 
     pub fn socket(&self) -> &TcpSocket {
@@ -152,7 +174,9 @@ impl<D: Device> UserTcp<D> {
 
 impl<D: Device + Send> Transport for UserTcp<D> {
     fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
-        self.socket_mut().send_slice(buf).map_err(to_transport_error)
+        self.socket_mut()
+            .send_slice(buf)
+            .map_err(to_transport_error)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
@@ -177,7 +201,9 @@ impl<D: Device + Send> Transport for UserTcp<D> {
         loop {
             self.poll()?;
             let socket = self.socket();
-            let ready = socket.recv_queue() > 0 || (socket.may_send() && socket.send_capacity() > 0) || !socket.may_recv();
+            let ready = socket.recv_queue() > 0
+                || (socket.may_send() && socket.send_capacity() > 0)
+                || !socket.may_recv();
             if ready || self.clock.now() >= deadline {
                 return Ok(());
             }

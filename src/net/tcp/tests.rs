@@ -87,7 +87,11 @@ fn expect_nothing(s: &mut TcpSocket, now: Instant) {
 
 #[track_caller]
 fn expect_ack(seg: &Seg, seq: SeqNumber, ack: SeqNumber) {
-    assert!(!seg.flags.syn && !seg.flags.fin && !seg.flags.rst, "flags {:?}", seg.flags);
+    assert!(
+        !seg.flags.syn && !seg.flags.fin && !seg.flags.rst,
+        "flags {:?}",
+        seg.flags
+    );
     assert_eq!((seg.seq, seg.ack), (seq, Some(ack)), "seq/ack");
 }
 
@@ -102,8 +106,14 @@ fn syn_sent(config: TcpConfig) -> TcpSocket {
 
 fn synack(options: TcpOptions) -> TcpRepr<'static> {
     TcpRepr {
-        flags: TcpFlags { syn: true, ..Default::default() },
-        options: TcpOptions { mss: Some(MSS as u16), ..options },
+        flags: TcpFlags {
+            syn: true,
+            ..Default::default()
+        },
+        options: TcpOptions {
+            mss: Some(MSS as u16),
+            ..options
+        },
         ..seg_in(REMOTE_ISS, Some(LOCAL_ISS + 1))
     }
 }
@@ -118,7 +128,10 @@ fn established() -> TcpSocket {
 
 /// Data from the peer at `offset` bytes into its stream.
 fn data_in(offset: usize, payload: &'static [u8]) -> TcpRepr<'static> {
-    TcpRepr { payload, ..seg_in(REMOTE_ISS + 1 + offset, Some(LOCAL_ISS + 1)) }
+    TcpRepr {
+        payload,
+        ..seg_in(REMOTE_ISS + 1 + offset, Some(LOCAL_ISS + 1))
+    }
 }
 
 fn ack_in(ack: SeqNumber) -> TcpRepr<'static> {
@@ -129,7 +142,12 @@ fn ack_in(ack: SeqNumber) -> TcpRepr<'static> {
 
 #[test]
 fn connect_sends_syn_with_options() {
-    let mut s = TcpSocket::new(TcpConfig { window_scaling: true, timestamps: true, sack: true, ..config() });
+    let mut s = TcpSocket::new(TcpConfig {
+        window_scaling: true,
+        timestamps: true,
+        sack: true,
+        ..config()
+    });
     s.set_link_limits(1460, 0);
     s.connect(t(0), LOCAL, REMOTE, LOCAL_ISS, 77).unwrap();
     let syn = expect_one(&mut s, t(0));
@@ -151,7 +169,13 @@ fn syn_sent_syn_ack_establishes() {
 #[test]
 fn syn_sent_rst_with_good_ack_is_refused() {
     let mut s = syn_sent(config());
-    let rst = TcpRepr { flags: TcpFlags { rst: true, ..Default::default() }, ..seg_in(SeqNumber(0), Some(LOCAL_ISS + 1)) };
+    let rst = TcpRepr {
+        flags: TcpFlags {
+            rst: true,
+            ..Default::default()
+        },
+        ..seg_in(SeqNumber(0), Some(LOCAL_ISS + 1))
+    };
     recv(&mut s, t(5), rst);
     assert_eq!(s.state(), State::Closed);
     assert_eq!(s.error(), Some(TcpError::Refused));
@@ -160,15 +184,27 @@ fn syn_sent_rst_with_good_ack_is_refused() {
 #[test]
 fn syn_sent_bad_ack_gets_reset_and_bad_rst_is_ignored() {
     let mut s = syn_sent(config());
-    assert_eq!(recv(&mut s, t(5), seg_in(REMOTE_ISS, Some(LOCAL_ISS + 100))), ProcessOutcome::SendReset);
-    let rst = TcpRepr { flags: TcpFlags { rst: true, ..Default::default() }, ..seg_in(SeqNumber(0), Some(LOCAL_ISS + 9)) };
+    assert_eq!(
+        recv(&mut s, t(5), seg_in(REMOTE_ISS, Some(LOCAL_ISS + 100))),
+        ProcessOutcome::SendReset
+    );
+    let rst = TcpRepr {
+        flags: TcpFlags {
+            rst: true,
+            ..Default::default()
+        },
+        ..seg_in(SeqNumber(0), Some(LOCAL_ISS + 9))
+    };
     assert_eq!(recv(&mut s, t(5), rst), ProcessOutcome::Done);
     assert_eq!(s.state(), State::SynSent);
 }
 
 #[test]
 fn syn_retransmitted_with_backoff_then_times_out() {
-    let mut s = syn_sent(TcpConfig { syn_retries: 2, ..config() });
+    let mut s = syn_sent(TcpConfig {
+        syn_retries: 2,
+        ..config()
+    });
     expect_nothing(&mut s, t(999));
     assert_eq!(expect_one(&mut s, t(1000)).seq, LOCAL_ISS);
     expect_nothing(&mut s, t(2999));
@@ -183,7 +219,13 @@ fn syn_retransmitted_with_backoff_then_times_out() {
 #[test]
 fn simultaneous_open_goes_through_syn_received() {
     let mut s = syn_sent(config());
-    let syn = TcpRepr { flags: TcpFlags { syn: true, ..Default::default() }, ..seg_in(REMOTE_ISS, None) };
+    let syn = TcpRepr {
+        flags: TcpFlags {
+            syn: true,
+            ..Default::default()
+        },
+        ..seg_in(REMOTE_ISS, None)
+    };
     recv(&mut s, t(5), syn);
     assert_eq!(s.state(), State::SynReceived);
     let synack = expect_one(&mut s, t(5));
@@ -195,11 +237,20 @@ fn simultaneous_open_goes_through_syn_received() {
 
 #[test]
 fn options_negotiated_from_syn_ack() {
-    let mut s = syn_sent(TcpConfig { window_scaling: true, timestamps: true, sack: true, rx_buffer: 1 << 20, ..config() });
+    let mut s = syn_sent(TcpConfig {
+        window_scaling: true,
+        timestamps: true,
+        sack: true,
+        rx_buffer: 1 << 20,
+        ..config()
+    });
     let opts = TcpOptions {
         window_scale: Some(3),
         sack_permitted: true,
-        timestamp: Some(TcpTimestamp { tsval: 500, tsecr: 1 }),
+        timestamp: Some(TcpTimestamp {
+            tsval: 500,
+            tsecr: 1,
+        }),
         ..Default::default()
     };
     recv(&mut s, t(10), synack(opts));
@@ -210,7 +261,14 @@ fn options_negotiated_from_syn_ack() {
     // 1 MiB buffer advertised with our shift of 5.
     assert_eq!(usize::from(ack.window) << 5, 1 << 20);
     // Peer windows are scaled by its shift of 3.
-    recv(&mut s, t(20), TcpRepr { window_len: 100, ..ack_in(LOCAL_ISS + 1) });
+    recv(
+        &mut s,
+        t(20),
+        TcpRepr {
+            window_len: 100,
+            ..ack_in(LOCAL_ISS + 1)
+        },
+    );
     assert_eq!(s.snd_wnd, 800);
 }
 
@@ -219,7 +277,12 @@ fn options_negotiated_from_syn_ack() {
 fn listening() -> TcpSocket {
     let mut s = TcpSocket::new(config());
     s.set_link_limits(MSS, 0);
-    s.listen(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, LOCAL.port()), LOCAL_ISS, 0).unwrap();
+    s.listen(
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, LOCAL.port()),
+        LOCAL_ISS,
+        0,
+    )
+    .unwrap();
     s
 }
 
@@ -228,8 +291,14 @@ fn listen_syn_then_ack_establishes() {
     let mut s = listening();
     assert!(s.accepts(REMOTE, LOCAL));
     let syn = TcpRepr {
-        flags: TcpFlags { syn: true, ..Default::default() },
-        options: TcpOptions { mss: Some(1200), ..Default::default() },
+        flags: TcpFlags {
+            syn: true,
+            ..Default::default()
+        },
+        options: TcpOptions {
+            mss: Some(1200),
+            ..Default::default()
+        },
         ..seg_in(REMOTE_ISS, None)
     };
     recv(&mut s, t(0), syn);
@@ -250,8 +319,17 @@ fn listen_syn_then_ack_establishes() {
 #[test]
 fn listen_rejects_ack_and_ignores_rst() {
     let mut s = listening();
-    assert_eq!(recv(&mut s, t(0), ack_in(LOCAL_ISS)), ProcessOutcome::SendReset);
-    let rst = TcpRepr { flags: TcpFlags { rst: true, ..Default::default() }, ..seg_in(REMOTE_ISS, None) };
+    assert_eq!(
+        recv(&mut s, t(0), ack_in(LOCAL_ISS)),
+        ProcessOutcome::SendReset
+    );
+    let rst = TcpRepr {
+        flags: TcpFlags {
+            rst: true,
+            ..Default::default()
+        },
+        ..seg_in(REMOTE_ISS, None)
+    };
     assert_eq!(recv(&mut s, t(0), rst), ProcessOutcome::Done);
     assert_eq!(s.state(), State::Listen);
 }
@@ -259,9 +337,22 @@ fn listen_rejects_ack_and_ignores_rst() {
 #[test]
 fn syn_received_bad_ack_gets_reset() {
     let mut s = listening();
-    recv(&mut s, t(0), TcpRepr { flags: TcpFlags { syn: true, ..Default::default() }, ..seg_in(REMOTE_ISS, None) });
+    recv(
+        &mut s,
+        t(0),
+        TcpRepr {
+            flags: TcpFlags {
+                syn: true,
+                ..Default::default()
+            },
+            ..seg_in(REMOTE_ISS, None)
+        },
+    );
     expect_one(&mut s, t(0));
-    assert_eq!(recv(&mut s, t(1), ack_in(LOCAL_ISS + 7)), ProcessOutcome::SendReset);
+    assert_eq!(
+        recv(&mut s, t(1), ack_in(LOCAL_ISS + 7)),
+        ProcessOutcome::SendReset
+    );
 }
 
 // ---- ESTABLISHED: data -----------------------------------------------------
@@ -279,8 +370,18 @@ fn data_in_is_acked_and_readable() {
 
 #[test]
 fn out_of_order_data_is_sacked_and_reassembled() {
-    let mut s = syn_sent(TcpConfig { sack: true, ..config() });
-    recv(&mut s, t(10), synack(TcpOptions { sack_permitted: true, ..Default::default() }));
+    let mut s = syn_sent(TcpConfig {
+        sack: true,
+        ..config()
+    });
+    recv(
+        &mut s,
+        t(10),
+        synack(TcpOptions {
+            sack_permitted: true,
+            ..Default::default()
+        }),
+    );
     expect_one(&mut s, t(10));
     recv(&mut s, t(20), data_in(5, b"world"));
     let dup = expect_one(&mut s, t(20));
@@ -299,7 +400,10 @@ fn out_of_order_data_is_sacked_and_reassembled() {
 
 #[test]
 fn delayed_ack_waits_then_fires_and_every_second_segment_is_acked() {
-    let mut s = syn_sent(TcpConfig { delayed_ack: Some(Duration::from_millis(40)), ..config() });
+    let mut s = syn_sent(TcpConfig {
+        delayed_ack: Some(Duration::from_millis(40)),
+        ..config()
+    });
     recv(&mut s, t(10), synack(TcpOptions::default()));
     expect_one(&mut s, t(10));
     recv(&mut s, t(20), data_in(0, b"a"));
@@ -326,7 +430,10 @@ fn send_data_and_ack_drains_buffer() {
     let mut s = established();
     assert_eq!(s.send_slice(&[7u8; 2500]), Ok(2500));
     let segs = dispatch_all(&mut s, t(20));
-    assert_eq!(segs.iter().map(|s| s.payload.len()).collect::<Vec<_>>(), vec![1000, 1000, 500]);
+    assert_eq!(
+        segs.iter().map(|s| s.payload.len()).collect::<Vec<_>>(),
+        vec![1000, 1000, 500]
+    );
     assert_eq!(segs[1].seq, LOCAL_ISS + 1001);
     assert!(segs[2].flags.psh);
     recv(&mut s, t(40), ack_in(LOCAL_ISS + 2501));
@@ -345,7 +452,10 @@ fn rto_retransmits_with_backoff_and_karn() {
     let rto = s.rto();
     expect_nothing(&mut s, t(20) + rto - Duration::from_millis(1));
     let again = expect_one(&mut s, t(20) + rto);
-    assert_eq!((again.seq, again.payload.clone()), (first.seq, first.payload));
+    assert_eq!(
+        (again.seq, again.payload.clone()),
+        (first.seq, first.payload)
+    );
     assert_eq!(s.rto(), rto * 2);
     assert_eq!(s.cwnd(), s.effective_mss());
     assert_eq!(s.counters().timeouts, 1);
@@ -381,8 +491,18 @@ fn three_dup_acks_trigger_fast_retransmit() {
 
 #[test]
 fn sack_retransmits_only_holes() {
-    let mut s = syn_sent(TcpConfig { sack: true, ..config() });
-    recv(&mut s, t(10), synack(TcpOptions { sack_permitted: true, ..Default::default() }));
+    let mut s = syn_sent(TcpConfig {
+        sack: true,
+        ..config()
+    });
+    recv(
+        &mut s,
+        t(10),
+        synack(TcpOptions {
+            sack_permitted: true,
+            ..Default::default()
+        }),
+    );
     expect_one(&mut s, t(10));
     s.send_slice(&[1u8; 5000]).unwrap();
     assert_eq!(dispatch_all(&mut s, t(20)).len(), 5);
@@ -392,7 +512,10 @@ fn sack_retransmits_only_holes() {
         for &(l, r) in blocks {
             opts.sack_blocks.push(LOCAL_ISS + 1 + l, LOCAL_ISS + 1 + r);
         }
-        TcpRepr { options: opts, ..ack_in(LOCAL_ISS + 1001) }
+        TcpRepr {
+            options: opts,
+            ..ack_in(LOCAL_ISS + 1001)
+        }
     };
     recv(&mut s, t(30), ack_in(LOCAL_ISS + 1001));
     recv(&mut s, t(31), sack(&[(2000, 3000)]));
@@ -417,7 +540,13 @@ fn active_close_fin_wait_to_time_wait_to_closed() {
     assert_eq!(fin.seq, LOCAL_ISS + 1);
     recv(&mut s, t(30), ack_in(LOCAL_ISS + 2));
     assert_eq!(s.state(), State::FinWait2);
-    let peer_fin = TcpRepr { flags: TcpFlags { fin: true, ..Default::default() }, ..ack_in(LOCAL_ISS + 2) };
+    let peer_fin = TcpRepr {
+        flags: TcpFlags {
+            fin: true,
+            ..Default::default()
+        },
+        ..ack_in(LOCAL_ISS + 2)
+    };
     recv(&mut s, t(40), peer_fin);
     assert_eq!(s.state(), State::TimeWait);
     expect_ack(&expect_one(&mut s, t(40)), LOCAL_ISS + 2, REMOTE_ISS + 2);
@@ -448,7 +577,13 @@ fn fin_follows_queued_data() {
 #[test]
 fn passive_close_close_wait_last_ack_closed() {
     let mut s = established();
-    let fin = TcpRepr { flags: TcpFlags { fin: true, ..Default::default() }, ..ack_in(LOCAL_ISS + 1) };
+    let fin = TcpRepr {
+        flags: TcpFlags {
+            fin: true,
+            ..Default::default()
+        },
+        ..ack_in(LOCAL_ISS + 1)
+    };
     recv(&mut s, t(20), fin);
     assert_eq!(s.state(), State::CloseWait);
     expect_ack(&expect_one(&mut s, t(20)), LOCAL_ISS + 1, REMOTE_ISS + 2);
@@ -466,7 +601,13 @@ fn simultaneous_close_goes_through_closing() {
     let mut s = established();
     s.close();
     expect_one(&mut s, t(20));
-    let fin = TcpRepr { flags: TcpFlags { fin: true, ..Default::default() }, ..ack_in(LOCAL_ISS + 1) };
+    let fin = TcpRepr {
+        flags: TcpFlags {
+            fin: true,
+            ..Default::default()
+        },
+        ..ack_in(LOCAL_ISS + 1)
+    };
     recv(&mut s, t(21), fin);
     assert_eq!(s.state(), State::Closing);
     expect_one(&mut s, t(21));
@@ -490,7 +631,13 @@ fn fin_lost_is_retransmitted() {
 #[test]
 fn exact_rst_resets_in_window_rst_is_challenged() {
     let mut s = established();
-    let rst = |seq| TcpRepr { flags: TcpFlags { rst: true, ..Default::default() }, ..seg_in(seq, None) };
+    let rst = |seq| TcpRepr {
+        flags: TcpFlags {
+            rst: true,
+            ..Default::default()
+        },
+        ..seg_in(seq, None)
+    };
     recv(&mut s, t(20), rst(REMOTE_ISS + 100));
     assert_eq!(s.state(), State::Established);
     expect_ack(&expect_one(&mut s, t(20)), LOCAL_ISS + 1, REMOTE_ISS + 1);
@@ -505,7 +652,13 @@ fn exact_rst_resets_in_window_rst_is_challenged() {
 #[test]
 fn syn_in_established_is_challenged() {
     let mut s = established();
-    let syn = TcpRepr { flags: TcpFlags { syn: true, ..Default::default() }, ..seg_in(REMOTE_ISS + 1, None) };
+    let syn = TcpRepr {
+        flags: TcpFlags {
+            syn: true,
+            ..Default::default()
+        },
+        ..seg_in(REMOTE_ISS + 1, None)
+    };
     recv(&mut s, t(20), syn);
     assert_eq!(s.state(), State::Established);
     expect_ack(&expect_one(&mut s, t(20)), LOCAL_ISS + 1, REMOTE_ISS + 1);
@@ -526,7 +679,14 @@ fn abort_sends_rst() {
 #[test]
 fn zero_window_is_probed_and_reopens() {
     let mut s = established();
-    recv(&mut s, t(20), TcpRepr { window_len: 0, ..ack_in(LOCAL_ISS + 1) });
+    recv(
+        &mut s,
+        t(20),
+        TcpRepr {
+            window_len: 0,
+            ..ack_in(LOCAL_ISS + 1)
+        },
+    );
     s.send_slice(b"data").unwrap();
     expect_nothing(&mut s, t(20));
     let at = s.poll_at().expect("persist timer");
@@ -534,10 +694,24 @@ fn zero_window_is_probed_and_reopens() {
     assert_eq!((probe.seq, probe.payload.len()), (LOCAL_ISS + 1, 1));
     assert_eq!(s.counters().zero_window_probes, 1);
     // Still closed: the next probe waits longer.
-    recv(&mut s, at, TcpRepr { window_len: 0, ..ack_in(LOCAL_ISS + 1) });
+    recv(
+        &mut s,
+        at,
+        TcpRepr {
+            window_len: 0,
+            ..ack_in(LOCAL_ISS + 1)
+        },
+    );
     let next = s.poll_at().unwrap();
     assert!(next - at > at - t(20));
-    recv(&mut s, next, TcpRepr { window_len: 100, ..ack_in(LOCAL_ISS + 1) });
+    recv(
+        &mut s,
+        next,
+        TcpRepr {
+            window_len: 100,
+            ..ack_in(LOCAL_ISS + 1)
+        },
+    );
     let seg = expect_one(&mut s, next);
     assert_eq!(seg.payload, b"data");
     assert_eq!(s.state(), State::Established);
@@ -558,8 +732,15 @@ fn own_zero_window_then_update_after_read() {
 
 #[test]
 fn keepalive_probes_then_times_out() {
-    let keepalive = Keepalive { idle: Duration::from_secs(10), interval: Duration::from_secs(1), probes: 2 };
-    let mut s = syn_sent(TcpConfig { keepalive: Some(keepalive), ..config() });
+    let keepalive = Keepalive {
+        idle: Duration::from_secs(10),
+        interval: Duration::from_secs(1),
+        probes: 2,
+    };
+    let mut s = syn_sent(TcpConfig {
+        keepalive: Some(keepalive),
+        ..config()
+    });
     recv(&mut s, t(0), synack(TcpOptions::default()));
     expect_one(&mut s, t(0));
     let probe = expect_one(&mut s, t(10_000));
@@ -577,13 +758,33 @@ fn keepalive_probes_then_times_out() {
 
 #[test]
 fn paws_drops_old_timestamps() {
-    let mut s = syn_sent(TcpConfig { timestamps: true, ..config() });
-    let ts = |tsval| TcpOptions { timestamp: Some(TcpTimestamp { tsval, tsecr: 1 }), ..Default::default() };
+    let mut s = syn_sent(TcpConfig {
+        timestamps: true,
+        ..config()
+    });
+    let ts = |tsval| TcpOptions {
+        timestamp: Some(TcpTimestamp { tsval, tsecr: 1 }),
+        ..Default::default()
+    };
     recv(&mut s, t(10), synack(ts(1000)));
     expect_one(&mut s, t(10));
-    recv(&mut s, t(20), TcpRepr { options: ts(1001), ..data_in(0, b"new") });
+    recv(
+        &mut s,
+        t(20),
+        TcpRepr {
+            options: ts(1001),
+            ..data_in(0, b"new")
+        },
+    );
     expect_one(&mut s, t(20));
-    recv(&mut s, t(30), TcpRepr { options: ts(900), ..data_in(3, b"old") });
+    recv(
+        &mut s,
+        t(30),
+        TcpRepr {
+            options: ts(900),
+            ..data_in(3, b"old")
+        },
+    );
     let ack = expect_one(&mut s, t(30));
     assert_eq!(ack.ack, Some(REMOTE_ISS + 4), "old segment not accepted");
     assert_eq!(s.counters().paws_rejected, 1);
@@ -592,15 +793,27 @@ fn paws_drops_old_timestamps() {
 
 #[test]
 fn timestamps_give_rtt_samples() {
-    let mut s = syn_sent(TcpConfig { timestamps: true, ..config() });
-    let opts = TcpOptions { timestamp: Some(TcpTimestamp { tsval: 1, tsecr: 1 }), ..Default::default() };
+    let mut s = syn_sent(TcpConfig {
+        timestamps: true,
+        ..config()
+    });
+    let opts = TcpOptions {
+        timestamp: Some(TcpTimestamp { tsval: 1, tsecr: 1 }),
+        ..Default::default()
+    };
     recv(&mut s, t(10), synack(opts));
     expect_one(&mut s, t(10));
     s.send_slice(b"x").unwrap();
     let seg = expect_one(&mut s, t(100));
     let tsval = seg.options.timestamp.unwrap().tsval;
     let ack = TcpRepr {
-        options: TcpOptions { timestamp: Some(TcpTimestamp { tsval: 2, tsecr: tsval }), ..Default::default() },
+        options: TcpOptions {
+            timestamp: Some(TcpTimestamp {
+                tsval: 2,
+                tsecr: tsval,
+            }),
+            ..Default::default()
+        },
         ..ack_in(LOCAL_ISS + 2)
     };
     recv(&mut s, t(150), ack);
@@ -620,7 +833,13 @@ fn congestion_window_grows_in_slow_start() {
 
 #[test]
 fn newreno_is_selectable() {
-    let s = TcpSocket::new(TcpConfig { congestion: CongestionAlgorithm::NewReno, ..config() });
+    let s = TcpSocket::new(TcpConfig {
+        congestion: CongestionAlgorithm::NewReno,
+        ..config()
+    });
     assert_eq!(s.cc.algorithm(), CongestionAlgorithm::NewReno);
-    assert_eq!(TcpSocket::new(config()).cc.algorithm(), CongestionAlgorithm::Cubic);
+    assert_eq!(
+        TcpSocket::new(config()).cc.algorithm(),
+        CongestionAlgorithm::Cubic
+    );
 }
