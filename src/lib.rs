@@ -4,13 +4,13 @@
 //! `wire` ← `net` ← `phy`/`transport` ← `iscsi` ← `scsi` ← `multipath` ← `worker` ← `bench`/CLI.
 //! See `shared/DESIGN.md` in the steering repository for the architecture.
 
-pub mod wire;
+pub mod bench;
+pub mod iscsi;
+pub mod multipath;
 pub mod net;
 pub mod phy;
-pub mod transport;
-pub mod iscsi;
 pub mod scsi;
-pub mod multipath;
-pub mod worker;
-pub mod bench;
 pub mod target;
+pub mod transport;
+pub mod wire;
+pub mod worker;

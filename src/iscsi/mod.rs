@@ -4,5 +4,5 @@
 //! [`session`] move the bytes over a [`crate::transport::Transport`].
 #![deny(unsafe_code)]
 
-pub mod params;
 pub mod chap;
+pub mod params;

@@ -70,8 +70,14 @@ pub fn rule_for(key: &str) -> Option<Rule> {
         "IFMarker" | "OFMarker" => Rule::And,
         "iSCSIProtocolLevel" => Rule::Min(0, 31),
         "TaskReporting" => Rule::List,
-        "SessionType" | "TargetName" | "InitiatorName" | "TargetAlias" | "InitiatorAlias"
-        | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => Rule::Declarative,
+        "SessionType"
+        | "TargetName"
+        | "InitiatorName"
+        | "TargetAlias"
+        | "InitiatorAlias"
+        | "TargetAddress"
+        | "TargetPortalGroupTag"
+        | "SendTargets" => Rule::Declarative,
         _ => return None,
     })
 }
@@ -424,7 +430,10 @@ mod tests {
 
     #[test]
     fn responder_rules() {
-        assert_eq!(respond("MaxBurstLength", "1048576", "262144").unwrap(), "262144");
+        assert_eq!(
+            respond("MaxBurstLength", "1048576", "262144").unwrap(),
+            "262144"
+        );
         assert_eq!(respond("DefaultTime2Wait", "2", "5").unwrap(), "5");
         assert_eq!(respond("InitialR2T", "No", "Yes").unwrap(), "Yes");
         assert_eq!(respond("ImmediateData", "Yes", "No").unwrap(), "No");
@@ -433,13 +442,19 @@ mod tests {
             "CRC32C"
         );
         assert_eq!(respond("HeaderDigest", "CRC32C", "None").unwrap(), "Reject");
-        assert_eq!(respond("X-com.example.Foo", "1", "").unwrap(), "NotUnderstood");
+        assert_eq!(
+            respond("X-com.example.Foo", "1", "").unwrap(),
+            "NotUnderstood"
+        );
         assert!(respond("MaxBurstLength", "12", "262144").is_err());
     }
 
     #[test]
     fn originator_checks_answers() {
-        assert_eq!(check_answer("MaxBurstLength", "1048576", "262144").unwrap(), "262144");
+        assert_eq!(
+            check_answer("MaxBurstLength", "1048576", "262144").unwrap(),
+            "262144"
+        );
         assert!(matches!(
             check_answer("MaxBurstLength", "262144", "1048576"),
             Err(NegotiationError::RuleViolated { .. })
@@ -461,7 +476,10 @@ mod tests {
             check_answer("DataDigest", "CRC32C", "Reject"),
             Err(NegotiationError::Rejected { .. })
         ));
-        assert_eq!(check_answer("FirstBurstLength", "65536", "Irrelevant").unwrap(), "65536");
+        assert_eq!(
+            check_answer("FirstBurstLength", "65536", "Irrelevant").unwrap(),
+            "65536"
+        );
         assert!(matches!(
             check_answer("ErrorRecoveryLevel", "0", "7"),
             Err(NegotiationError::BadValue { .. })

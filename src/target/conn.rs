@@ -15,8 +15,8 @@ use crate::iscsi::chap;
 use crate::iscsi::params::{respond, Params};
 use crate::wire::iscsi::{
     digest, pad_len, tmf, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest,
-    LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t,
-    Reject, ScsiCommand, ScsiResponse, Sn, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
+    LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t, Reject,
+    ScsiCommand, ScsiResponse, Sn, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
     TextResponse, BHS_LEN, RESERVED_TAG,
 };
 use crate::wire::text::TextPairs;
@@ -62,7 +62,10 @@ enum Auth {
     /// AuthMethod=CHAP chosen; waiting for CHAP_A.
     ChapAlgorithm,
     /// Challenge sent; waiting for CHAP_N/CHAP_R.
-    ChapResponse { id: u8, challenge: [u8; 16] },
+    ChapResponse {
+        id: u8,
+        challenge: [u8; 16],
+    },
     Done,
 }
 
@@ -599,7 +602,14 @@ impl Core {
         self.close(format!("login failed: {why}"));
     }
 
-    fn login_respond(&mut self, r: &LoginRequest, transit: bool, nsg: Stage, tsih: u16, text: &[u8]) {
+    fn login_respond(
+        &mut self,
+        r: &LoginRequest,
+        transit: bool,
+        nsg: Stage,
+        tsih: u16,
+        text: &[u8],
+    ) {
         let (exp, max) = self.window();
         let h = PduHeader::LoginResponse(LoginResponse {
             transit,
@@ -855,7 +865,9 @@ impl Core {
                 }
                 match (pairs.get("CHAP_I"), pairs.get("CHAP_C")) {
                     (Some(i), Some(c)) => {
-                        let target = cfg.target.ok_or("mutual CHAP asked, but no target secret")?;
+                        let target = cfg
+                            .target
+                            .ok_or("mutual CHAP asked, but no target secret")?;
                         let i = chap::parse_identifier(i).map_err(|e| e.to_string())?;
                         let c = chap::decode_binary(c).map_err(|e| e.to_string())?;
                         if c == challenge {
@@ -897,7 +909,14 @@ impl Core {
 
     // ------------------------------------------------------------ SCSI
 
-    fn send_status(&mut self, itt: u32, status: u8, resid: Residual, exp_data_sn: Sn, sense: Option<Sense>) {
+    fn send_status(
+        &mut self,
+        itt: u32,
+        status: u8,
+        resid: Residual,
+        exp_data_sn: Sn,
+        sense: Option<Sense>,
+    ) {
         let (exp, max) = self.window();
         let h = PduHeader::ScsiResponse(ScsiResponse {
             bidi_overflow: false,
@@ -913,7 +932,11 @@ impl Core {
             max_cmd_sn: max,
             exp_data_sn,
             bidi_residual: 0,
-            residual: if resid.overflow || resid.underflow { resid.count } else { 0 },
+            residual: if resid.overflow || resid.underflow {
+                resid.count
+            } else {
+                0
+            },
         });
         match sense {
             None => self.emit(&h, &[]),
@@ -933,7 +956,14 @@ impl Core {
 
     /// Data-In PDUs cut at the initiator's MaxRecvDataSegmentLength, the F
     /// bit at each MaxBurstLength, and GOOD status in the last one.
-    fn send_data_in(&mut self, itt: u32, lun: u64, source: DataSource, transfer: u64, expected: u32) {
+    fn send_data_in(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        source: DataSource,
+        transfer: u64,
+        expected: u32,
+    ) {
         let resid = residual(transfer, expected);
         let total = transfer.min(u64::from(expected)) as u32;
         if total == 0 {
@@ -1060,7 +1090,14 @@ impl Core {
         }
     }
 
-    fn start_write(&mut self, c: &ScsiCommand, data: &[u8], sink: Sink, transfer: u64, error: Option<Sense>) {
+    fn start_write(
+        &mut self,
+        c: &ScsiCommand,
+        data: &[u8],
+        sink: Sink,
+        transfer: u64,
+        error: Option<Sense>,
+    ) {
         if self.tasks.len() >= MAX_PENDING_WRITES {
             return self.close("too many write commands waiting for data");
         }
@@ -1133,9 +1170,12 @@ impl Core {
             return self.send_check(task.itt, sense, r2ts);
         }
         let result = match task.sink {
-            Sink::Params { lun, command, buf } => {
-                scsi::finish_params(&self.shared, lun, command, &buf[..(task.received as usize).min(buf.len())])
-            }
+            Sink::Params { lun, command, buf } => scsi::finish_params(
+                &self.shared,
+                lun,
+                command,
+                &buf[..(task.received as usize).min(buf.len())],
+            ),
             Sink::Lun { .. } | Sink::Discard => Ok(()),
         };
         match result {
@@ -1194,7 +1234,9 @@ impl Core {
             exp_cmd_sn: exp,
             max_cmd_sn: max,
         });
-        let echo = data.len().min(self.params.max_xmit_data_segment_len as usize);
+        let echo = data
+            .len()
+            .min(self.params.max_xmit_data_segment_len as usize);
         self.emit(&h, &data[..echo]);
     }
 
@@ -1309,7 +1351,11 @@ impl Core {
         }
         let response = match t.function {
             tmf::ABORT_TASK => {
-                if let Some(i) = self.tasks.iter().position(|w| w.itt == t.referenced_task_tag) {
+                if let Some(i) = self
+                    .tasks
+                    .iter()
+                    .position(|w| w.itt == t.referenced_task_tag)
+                {
                     self.tasks.swap_remove(i);
                     0
                 } else if t.ref_cmd_sn.lt(t.cmd_sn) {
@@ -1375,3 +1421,946 @@ impl Core {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::chap::Secret;
+    use crate::target::{TargetConfig, TargetLimits, TargetShared};
+    use crate::wire::iscsi::{LoginRequest, ScsiCommand};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const IQN: &str = "iqn.2024-01.test:target";
+
+    fn shared(cfg: TargetConfig) -> SharedTarget {
+        let addrs: Vec<SocketAddr> = vec![
+            "10.0.0.1:3260".parse().unwrap(),
+            "10.0.1.1:3260".parse().unwrap(),
+        ];
+        Arc::new(TargetShared::new(cfg, &addrs).unwrap())
+    }
+
+    /// A scripted initiator talking to one `TargetConn`.
+    struct Peer {
+        conn: TargetConn,
+        digests: Digests,
+        now: Instant,
+        cmd_sn: Sn,
+        itt: u32,
+        isid: [u8; 6],
+    }
+
+    type Pdu = (PduHeader, Vec<u8>);
+
+    impl Peer {
+        fn new(shared: SharedTarget, portal: usize) -> Peer {
+            let now = Instant::now();
+            Peer {
+                conn: TargetConn::new(shared, portal, now),
+                digests: Digests::default(),
+                now,
+                cmd_sn: Sn(100),
+                itt: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+            }
+        }
+
+        fn send_raw(&mut self, bytes: &[u8]) -> Vec<Pdu> {
+            self.conn.receive(bytes, self.now);
+            let out = self.conn.output().to_vec();
+            self.conn.clear_output();
+            let framer = PduFramer {
+                digests: self.digests,
+                max_data_segment_len: 16 << 20,
+            };
+            let mut pdus = Vec::new();
+            let mut at = 0;
+            while at < out.len() {
+                let f = framer
+                    .frame(&out[at..])
+                    .expect("target output frames")
+                    .expect("whole PDU");
+                pdus.push((f.header.clone(), out[at..][f.data.clone()].to_vec()));
+                at += f.total_len;
+            }
+            pdus
+        }
+
+        #[track_caller]
+        fn send(&mut self, h: PduHeader, data: &[u8]) -> Vec<Pdu> {
+            let mut bytes = Vec::new();
+            crate::wire::iscsi::encode_pdu(&mut bytes, &h, data, self.digests);
+            self.send_raw(&bytes)
+        }
+
+        fn next_itt(&mut self) -> u32 {
+            self.itt += 1;
+            self.itt
+        }
+
+        #[track_caller]
+        fn login_step(
+            &mut self,
+            csg: Stage,
+            nsg: Stage,
+            transit: bool,
+            keys: &[(&str, &str)],
+        ) -> (LoginResponse, TextPairs) {
+            let mut t = TextPairs::new();
+            for (k, v) in keys {
+                t.push(k, *v);
+            }
+            let h = PduHeader::LoginRequest(LoginRequest {
+                transit,
+                cont: false,
+                csg,
+                nsg,
+                version_max: 0,
+                version_min: 0,
+                isid: self.isid,
+                tsih: 0,
+                itt: 7,
+                cid: 1,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: Sn(50),
+            });
+            let mut pdus = self.send(h, &t.to_bytes());
+            assert_eq!(pdus.len(), 1, "one login response");
+            let (h, data) = pdus.remove(0);
+            let PduHeader::LoginResponse(r) = h else {
+                panic!("not a login response: {h:?}")
+            };
+            (r, TextPairs::parse(&data).unwrap())
+        }
+
+        /// Normal session without authentication, straight to full feature.
+        #[track_caller]
+        fn login_normal(&mut self, ops: &[(&str, &str)]) -> TextPairs {
+            let mut keys = vec![
+                ("InitiatorName", "iqn.2024-01.test:ini"),
+                ("TargetName", IQN),
+                ("SessionType", "Normal"),
+            ];
+            keys.extend_from_slice(ops);
+            let (r, t) = self.login_step(Stage::Operational, Stage::FullFeature, true, &keys);
+            assert_eq!((r.status_class, r.status_detail), (0, 0), "{t:?}");
+            assert!(r.transit && r.nsg == Stage::FullFeature);
+            assert!(self.conn.is_full_feature());
+            self.digests = self.conn.params().digests();
+            t
+        }
+
+        fn command(
+            &mut self,
+            cdb: &[u8],
+            read: bool,
+            write: bool,
+            expected: u32,
+            final_bit: bool,
+        ) -> ScsiCommand {
+            let mut c = [0u8; 16];
+            c[..cdb.len()].copy_from_slice(cdb);
+            let itt = self.next_itt();
+            let cmd = ScsiCommand {
+                immediate: false,
+                final_bit,
+                read,
+                write,
+                attr: 1,
+                lun: 0,
+                itt,
+                expected_data_len: expected,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: Sn(0),
+                cdb: c,
+            };
+            self.cmd_sn = self.cmd_sn.next();
+            cmd
+        }
+
+        #[track_caller]
+        fn read10(&mut self, lba: u32, blocks: u16) -> Vec<Pdu> {
+            let mut cdb = vec![0x28, 0];
+            cdb.extend_from_slice(&lba.to_be_bytes());
+            cdb.extend_from_slice(&[0, (blocks >> 8) as u8, blocks as u8, 0]);
+            let c = self.command(&cdb, true, false, u32::from(blocks) * 512, true);
+            self.send(PduHeader::ScsiCommand(c), &[])
+        }
+    }
+
+    fn write10_cdb(lba: u32, blocks: u16) -> Vec<u8> {
+        let mut cdb = vec![0x2a, 0];
+        cdb.extend_from_slice(&lba.to_be_bytes());
+        cdb.extend_from_slice(&[0, (blocks >> 8) as u8, blocks as u8, 0]);
+        cdb
+    }
+
+    /// Joins Data-In payloads and returns (data, final status PDU).
+    #[track_caller]
+    fn collect_data_in(pdus: &[Pdu]) -> (Vec<u8>, DataIn) {
+        let mut data = Vec::new();
+        let mut last = None;
+        for (i, (h, d)) in pdus.iter().enumerate() {
+            let PduHeader::DataIn(di) = h else {
+                panic!("expected Data-In, got {h:?}")
+            };
+            assert_eq!(di.data_sn, Sn(i as u32));
+            assert_eq!(di.buffer_offset as usize, data.len());
+            assert_eq!(di.status_present, i == pdus.len() - 1);
+            data.extend_from_slice(d);
+            last = Some(di.clone());
+        }
+        (data, last.expect("at least one Data-In"))
+    }
+
+    #[track_caller]
+    fn expect_sense(pdus: &[Pdu], key: u8, asc: u8, ascq: u8) {
+        assert_eq!(pdus.len(), 1);
+        let (PduHeader::ScsiResponse(r), data) = &pdus[0] else {
+            panic!("{:?}", pdus[0])
+        };
+        assert_eq!(r.status, status::CHECK_CONDITION);
+        assert_eq!(&data[..2], &[0, 18]);
+        assert_eq!(
+            (data[2] & 0x7f, data[4] & 0x0f, data[14], data[15]),
+            (0x70, key, asc, ascq)
+        );
+    }
+
+    #[test]
+    fn login_negotiates_with_rfc_result_functions() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 1);
+        let t = p.login_normal(&[
+            ("HeaderDigest", "CRC32C,None"),
+            ("DataDigest", "None"),
+            ("MaxBurstLength", "16776192"),
+            ("FirstBurstLength", "65536"),
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("MaxOutstandingR2T", "16"),
+            ("MaxRecvDataSegmentLength", "32768"),
+            ("ErrorRecoveryLevel", "2"),
+            ("X-com.example.Vendor", "1"),
+        ]);
+        assert_eq!(t.get("HeaderDigest"), Some("CRC32C"));
+        assert_eq!(t.get("DataDigest"), Some("None"));
+        assert_eq!(t.get("MaxBurstLength"), Some("1048576"));
+        assert_eq!(t.get("FirstBurstLength"), Some("65536"));
+        assert_eq!(t.get("InitialR2T"), Some("No"));
+        assert_eq!(t.get("MaxOutstandingR2T"), Some("8"));
+        assert_eq!(t.get("ErrorRecoveryLevel"), Some("0"));
+        assert_eq!(t.get("X-com.example.Vendor"), Some("NotUnderstood"));
+        assert_eq!(t.get("TargetPortalGroupTag"), Some("2"));
+        assert_eq!(t.get("MaxRecvDataSegmentLength"), Some("262144"));
+        assert_eq!(p.conn.params().max_xmit_data_segment_len, 32768);
+        assert_ne!(p.conn.tsih(), 0);
+        // Header digests are on from the first full-feature PDU: a NOP round trip proves it.
+        let itt = p.next_itt();
+        let pdus = p.send(
+            PduHeader::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            b"ping",
+        );
+        let (PduHeader::NopIn(n), d) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((n.itt, d.as_slice()), (itt, &b"ping"[..]));
+    }
+
+    #[test]
+    fn login_refusals() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", "iqn.nope")],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x03));
+        assert!(p.conn.is_closed());
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x07));
+        s.faults.portal(0).refuse_logins(0x03, 0x01);
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x03, 0x01));
+        // Portal 1 is not refused.
+        let mut p = Peer::new(s, 1);
+        p.login_normal(&[]);
+    }
+
+    /// Runs the CHAP exchange; returns the final response and its keys.
+    fn chap_login(
+        p: &mut Peer,
+        user: &str,
+        secret: &[u8],
+        mutual: Option<(u8, &[u8])>,
+    ) -> (LoginResponse, TextPairs) {
+        let (r, t) = p.login_step(
+            Stage::Security,
+            Stage::Operational,
+            true,
+            &[
+                ("InitiatorName", "iqn.2024-01.test:ini"),
+                ("TargetName", IQN),
+                ("SessionType", "Normal"),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        );
+        assert_eq!(r.status_class, 0);
+        assert!(!r.transit, "no transit before CHAP completes");
+        assert_eq!(t.get("AuthMethod"), Some("CHAP"));
+        let (r, t) = p.login_step(
+            Stage::Security,
+            Stage::Operational,
+            false,
+            &[("CHAP_A", "7,5")],
+        );
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("CHAP_A"), Some("5"));
+        let id = chap::parse_identifier(t.get("CHAP_I").unwrap()).unwrap();
+        let challenge = chap::decode_binary(t.get("CHAP_C").unwrap()).unwrap();
+        assert!(challenge.len() >= 16);
+        let r_hex = chap::encode_hex(&chap::response(
+            id,
+            &Secret::new(secret.to_vec()),
+            &challenge,
+        ));
+        let mut keys = vec![("CHAP_N", user.to_string()), ("CHAP_R", r_hex)];
+        if let Some((i, c)) = mutual {
+            keys.push(("CHAP_I", i.to_string()));
+            keys.push(("CHAP_C", chap::encode_hex(c)));
+        }
+        let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        p.login_step(Stage::Security, Stage::Operational, true, &keys)
+    }
+
+    #[test]
+    fn chap_one_way() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).chap("alice", "secretsecret12"));
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = chap_login(&mut p, "alice", b"secretsecret12", None);
+        assert_eq!(
+            (r.status_class, r.transit, r.nsg),
+            (0, true, Stage::Operational)
+        );
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("MaxRecvDataSegmentLength", "8192")],
+        );
+        assert_eq!((r.status_class, r.nsg), (0, Stage::FullFeature));
+        assert!(p.conn.is_full_feature());
+
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = chap_login(&mut p, "alice", b"wrong-secret!!", None);
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+        assert!(p.conn.is_closed());
+
+        // Skipping security when CHAP is required fails too.
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+
+        // Mutual CHAP asked, but the target has no secret of its own.
+        let mut p = Peer::new(s, 0);
+        let (r, _) = chap_login(&mut p, "alice", b"secretsecret12", Some((9, &[0x55; 16])));
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+    }
+
+    #[test]
+    fn chap_mutual() {
+        let s = shared(
+            TargetConfig::ram(IQN, 1 << 20)
+                .chap("alice", "secretsecret12")
+                .mutual_chap("target-bob", "targetsecret34"),
+        );
+        let mut p = Peer::new(s, 0);
+        let challenge = [0x42u8; 16];
+        let (r, t) = chap_login(&mut p, "alice", b"secretsecret12", Some((9, &challenge)));
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("CHAP_N"), Some("target-bob"));
+        let their = chap::decode_binary(t.get("CHAP_R").unwrap()).unwrap();
+        chap::verify(
+            9,
+            &Secret::new(b"targetsecret34".to_vec()),
+            &challenge,
+            &their,
+        )
+        .unwrap();
+        assert!(chap::verify(9, &Secret::new(b"other".to_vec()), &challenge, &their).is_err());
+    }
+
+    #[test]
+    fn discovery_send_targets_lists_every_portal() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        let (r, t) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("SessionType", "Discovery")],
+        );
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("TargetPortalGroupTag"), None);
+        let pdus = p.send(
+            PduHeader::TextRequest(TextRequest {
+                immediate: true,
+                final_bit: true,
+                cont: false,
+                lun: 0,
+                itt: 3,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            b"SendTargets=All\0",
+        );
+        let (PduHeader::TextResponse(tr), data) = &pdus[0] else {
+            panic!()
+        };
+        assert!(tr.final_bit && tr.ttt == RESERVED_TAG);
+        let t = TextPairs::parse(data).unwrap();
+        let v: Vec<(&str, &str)> = t.iter().collect();
+        assert_eq!(
+            v,
+            [
+                ("TargetName", IQN),
+                ("TargetAddress", "10.0.0.1:3260,1"),
+                ("TargetAddress", "10.0.1.1:3260,2"),
+            ]
+        );
+        // SCSI commands are not for discovery sessions.
+        let c = p.command(&[0x00], false, false, 0, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        assert!(matches!(&pdus[0].0, PduHeader::Reject(r) if r.reason == reject::NOT_SUPPORTED));
+        // Logout closes.
+        let pdus = p.send(
+            PduHeader::LogoutRequest(LogoutRequest {
+                immediate: true,
+                reason: 0,
+                itt: 9,
+                cid: 1,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &[],
+        );
+        assert!(
+            matches!(&pdus[0].0, PduHeader::LogoutResponse(l) if l.response == 0 && l.itt == 9)
+        );
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn long_text_response_continues_with_ttt() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[("MaxRecvDataSegmentLength", "512")]);
+        let mut req = Vec::new();
+        for i in 0..40 {
+            req.extend_from_slice(format!("X-unknown-key-{i:03}=value\0").as_bytes());
+        }
+        let mut text = Vec::new();
+        let mut pdus = p.send(
+            PduHeader::TextRequest(TextRequest {
+                immediate: true,
+                final_bit: true,
+                cont: false,
+                lun: 0,
+                itt: 3,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &req,
+        );
+        loop {
+            let (PduHeader::TextResponse(tr), data) = pdus.remove(0) else {
+                panic!()
+            };
+            assert!(data.len() <= 512);
+            text.extend_from_slice(&data);
+            if tr.final_bit {
+                break;
+            }
+            assert!(tr.cont && tr.ttt != RESERVED_TAG);
+            pdus = p.send(
+                PduHeader::TextRequest(TextRequest {
+                    immediate: true,
+                    final_bit: true,
+                    cont: false,
+                    lun: 0,
+                    itt: 3,
+                    ttt: tr.ttt,
+                    cmd_sn: p.cmd_sn,
+                    exp_stat_sn: Sn(0),
+                }),
+                &[],
+            );
+        }
+        assert_eq!(TextPairs::parse(&text).unwrap().0.len(), 40);
+    }
+
+    #[test]
+    fn read_is_split_at_initiator_mrdsl_with_status_in_last_data_in() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        s.luns[0].write(512 * 10, &pattern);
+        let mut p = Peer::new(s, 0);
+        p.login_normal(&[
+            ("MaxRecvDataSegmentLength", "1000"),
+            ("MaxBurstLength", "4096"),
+        ]);
+        let pdus = p.read10(10, 16);
+        assert_eq!(
+            pdus.len(),
+            10,
+            "8192 bytes in 1000-byte PDUs cut at 4096-byte bursts"
+        );
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data, pattern);
+        assert_eq!(last.status, status::GOOD);
+        assert!(!last.underflow && !last.overflow);
+        let finals: Vec<bool> = pdus
+            .iter()
+            .map(|(h, _)| matches!(h, PduHeader::DataIn(d) if d.final_bit))
+            .collect();
+        assert_eq!(finals.iter().filter(|&&f| f).count(), 2);
+        assert!(finals[4] && finals[9]);
+    }
+
+    #[test]
+    fn read_with_digests_and_residuals() {
+        let mut p = Peer::new(shared(TargetConfig::null(IQN, 1 << 20)), 0);
+        p.login_normal(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+        assert!(p.digests.header && p.digests.data);
+        // INQUIRY with a 255-byte allocation: 36 bytes come back, underflow 219.
+        let c = p.command(&[0x12, 0, 0, 0, 255], true, false, 255, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data.len(), 36);
+        assert_eq!(&data[8..15], b"IBYPASS");
+        assert!(last.underflow && last.residual == 219);
+        // READ asking for 2 blocks with room for 1: overflow 512.
+        let c = p.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], true, false, 512, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data, vec![0u8; 512]);
+        assert!(last.overflow && last.residual == 512);
+    }
+
+    #[test]
+    fn write_with_immediate_data_only() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[("InitialR2T", "Yes"), ("ImmediateData", "Yes")]);
+        let data = vec![0xabu8; 1024];
+        let c = p.command(&write10_cdb(3, 2), false, true, 1024, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c.clone()), &data);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!("{pdus:?}")
+        };
+        assert_eq!(
+            (r.status, r.itt, r.exp_data_sn),
+            (status::GOOD, c.itt, Sn(0))
+        );
+        let mut back = vec![0u8; 1024];
+        s.luns[0].read(3 * 512, &mut back);
+        assert_eq!(back, data);
+        let (read, _) = collect_data_in(&p.read10(3, 2));
+        assert_eq!(read, data);
+    }
+
+    #[test]
+    fn write_with_unsolicited_data_and_r2ts() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("FirstBurstLength", "1024"),
+            ("MaxBurstLength", "2048"),
+            ("MaxOutstandingR2T", "2"),
+            ("MaxRecvDataSegmentLength", "65536"),
+        ]);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let c = p.command(&write10_cdb(0, 16), false, true, 8192, false);
+        // 512 immediate + 512 unsolicited Data-Out = FirstBurstLength.
+        assert!(p
+            .send(PduHeader::ScsiCommand(c.clone()), &data[..512])
+            .is_empty());
+        let dout = |offset: u32, ttt: u32, final_bit: bool, sn: u32| {
+            PduHeader::DataOut(DataOut {
+                final_bit,
+                lun: 0,
+                itt: c.itt,
+                ttt,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(sn),
+                buffer_offset: offset,
+            })
+        };
+        let pdus = p.send(dout(512, RESERVED_TAG, true, 0), &data[512..1024]);
+        // Two R2Ts (MaxOutstandingR2T), each at most MaxBurstLength.
+        let r2ts: Vec<R2t> = pdus
+            .iter()
+            .map(|(h, _)| match h {
+                PduHeader::R2t(r) => r.clone(),
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(r2ts.len(), 2);
+        assert_eq!(
+            (r2ts[0].buffer_offset, r2ts[0].desired_len, r2ts[0].r2t_sn),
+            (1024, 2048, Sn(0))
+        );
+        assert_eq!(
+            (r2ts[1].buffer_offset, r2ts[1].desired_len, r2ts[1].r2t_sn),
+            (3072, 2048, Sn(1))
+        );
+        let mut all = Vec::new();
+        let mut queue: std::collections::VecDeque<R2t> = r2ts.into();
+        while let Some(r) = queue.pop_front() {
+            // Answer each R2T in two Data-Outs.
+            let half = r.desired_len / 2;
+            let o = r.buffer_offset as usize;
+            assert!(p
+                .send(
+                    dout(r.buffer_offset, r.ttt, false, 0),
+                    &data[o..o + half as usize]
+                )
+                .is_empty());
+            let out = p.send(
+                dout(r.buffer_offset + half, r.ttt, true, 1),
+                &data[o + half as usize..o + r.desired_len as usize],
+            );
+            for (h, _) in out {
+                match h {
+                    PduHeader::R2t(r) => queue.push_back(r),
+                    other => all.push(other),
+                }
+            }
+        }
+        assert_eq!(all.len(), 1);
+        let PduHeader::ScsiResponse(resp) = &all[0] else {
+            panic!()
+        };
+        assert_eq!((resp.status, resp.exp_data_sn), (status::GOOD, Sn(4)));
+        let mut back = vec![0u8; 8192];
+        s.luns[0].read(0, &mut back);
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn bad_lba_and_bad_opcode_give_sense() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[]);
+        expect_sense(&p.read10(2048, 1), 0x05, 0x21, 0x00);
+        let c = p.command(&[0xee], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x05, 0x20, 0x00);
+        // A failing write whose unsolicited data follows answers after the data.
+        let c = p.command(&write10_cdb(4096, 1), false, true, 512, false);
+        assert!(p.send(PduHeader::ScsiCommand(c.clone()), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: true,
+                lun: 0,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(0),
+                buffer_offset: 0,
+            }),
+            &[0u8; 512],
+        );
+        expect_sense(&pdus, 0x05, 0x21, 0x00);
+    }
+
+    #[test]
+    fn cmd_window_advances_and_drops_outside_commands() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).queue_depth(4));
+        let mut p = Peer::new(s, 0);
+        p.login_normal(&[("InitialR2T", "Yes")]);
+        let tur = |p: &mut Peer| {
+            let c = p.command(&[0x00], false, false, 0, true);
+            p.send(PduHeader::ScsiCommand(c), &[])
+        };
+        let pdus = tur(&mut p);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (Sn(101), Sn(104)));
+        let stat = r.stat_sn;
+        // A write waiting for R2T data holds a slot: MaxCmdSN does not move on.
+        let c = p.command(&write10_cdb(0, 1), false, true, 512, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c.clone()), &[]);
+        let (PduHeader::R2t(r2t), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r2t.exp_cmd_sn, r2t.max_cmd_sn), (Sn(102), Sn(104)));
+        assert_eq!(r2t.stat_sn, stat.next(), "R2T does not consume StatSN");
+        // A duplicate CmdSN is dropped silently.
+        let mut dup = p.command(&[0x00], false, false, 0, true);
+        dup.cmd_sn = Sn(100);
+        p.cmd_sn = Sn(102);
+        assert!(p.send(PduHeader::ScsiCommand(dup), &[]).is_empty());
+        // Beyond MaxCmdSN too.
+        let mut far = p.command(&[0x00], false, false, 0, true);
+        far.cmd_sn = Sn(200);
+        p.cmd_sn = Sn(102);
+        assert!(p.send(PduHeader::ScsiCommand(far), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: true,
+                lun: 0,
+                itt: c.itt,
+                ttt: r2t.ttt,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(0),
+                buffer_offset: 0,
+            }),
+            &[1u8; 512],
+        );
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (r.exp_cmd_sn, r.max_cmd_sn, r.stat_sn),
+            (Sn(102), Sn(105), stat.next())
+        );
+        let pdus = tur(&mut p);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (Sn(103), Sn(106)));
+    }
+
+    #[test]
+    fn nop_pings_both_ways() {
+        let cfg = TargetConfig::ram(IQN, 1 << 20).nop_in_interval(Some(Duration::from_secs(5)));
+        let mut p = Peer::new(shared(cfg), 0);
+        p.login_normal(&[]);
+        let t0 = p.now;
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        p.conn.handle_timeout(t0 + Duration::from_secs(5));
+        let pdus = p.send_raw(&[]);
+        let (PduHeader::NopIn(ping), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!(ping.itt, RESERVED_TAG);
+        // Answered: no close at the next deadline.
+        p.send(
+            PduHeader::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt: RESERVED_TAG,
+                ttt: ping.ttt,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &[],
+        );
+        assert!(!p.conn.is_closed());
+        p.now = t0 + Duration::from_secs(6);
+        p.send_raw(&[]);
+        p.conn.handle_timeout(t0 + Duration::from_secs(11));
+        assert_eq!(p.send_raw(&[]).len(), 1, "second ping");
+        p.conn.handle_timeout(t0 + Duration::from_secs(17));
+        assert!(p.conn.is_closed(), "unanswered ping closes");
+    }
+
+    #[test]
+    fn malformed_pdus_get_reject_or_close() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[]);
+        let mut bad = [0u8; 48];
+        bad[0] = 0x1c; // no such opcode
+        let pdus = p.send_raw(&bad);
+        assert!(
+            matches!(&pdus[0], (PduHeader::Reject(r), d) if r.reason == reject::PROTOCOL_ERROR && d.len() == 48)
+        );
+        // A target-only opcode from the initiator.
+        bad[0] = 0x21;
+        let pdus = p.send_raw(&bad);
+        assert!(matches!(&pdus[0].0, PduHeader::Reject(_)));
+        assert!(!p.conn.is_closed());
+        // SNACK is not supported at ERL 0.
+        bad[0] = 0x10;
+        assert!(
+            matches!(&p.send_raw(&bad)[0].0, PduHeader::Reject(r) if r.reason == reject::SNACK)
+        );
+        // A data segment beyond our MaxRecvDataSegmentLength ends the connection.
+        bad[0] = 0x00;
+        bad[5] = 0x7f;
+        p.send_raw(&bad);
+        assert!(p.conn.is_closed());
+        // Garbage during login closes without a panic.
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.send_raw(&[0x25; 100]);
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn task_management_and_faults() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).unit_attention_on_login(true));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[("InitialR2T", "Yes")]);
+        // UNIT ATTENTION once, and INQUIRY does not consume it.
+        let c = p.command(&[0x12, 0, 0, 0, 36], true, false, 36, true);
+        assert!(matches!(
+            &p.send(PduHeader::ScsiCommand(c), &[])[0].0,
+            PduHeader::DataIn(_)
+        ));
+        let c = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x06, 0x29, 0x00);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c), &[])[0].0, PduHeader::ScsiResponse(r) if r.status == 0)
+        );
+        // ABORT TASK of a write waiting for data.
+        let c = p.command(&write10_cdb(0, 1), false, true, 512, true);
+        assert!(matches!(
+            &p.send(PduHeader::ScsiCommand(c.clone()), &[])[0].0,
+            PduHeader::R2t(_)
+        ));
+        let tm = |p: &mut Peer, function, referenced| {
+            PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+                immediate: true,
+                function,
+                lun: 0,
+                itt: 77,
+                referenced_task_tag: referenced,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+                ref_cmd_sn: c.cmd_sn,
+                exp_data_sn: Sn(0),
+            })
+        };
+        let h = tm(&mut p, tmf::ABORT_TASK, c.itt);
+        assert!(
+            matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0 && r.itt == 77)
+        );
+        let h = tm(&mut p, tmf::LOGICAL_UNIT_RESET, 0);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        let h = tm(&mut p, 0x7f, 0);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 5));
+        // Injected Reject and CHECK CONDITION, then normal service again.
+        s.faults.reject_next_commands(1, 0x09);
+        s.faults.check_condition_next(1, 0x03, 0x11, 0x00);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c), &[])[0].0, PduHeader::Reject(r) if r.reason == 0x09)
+        );
+        let c = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x03, 0x11, 0x00);
+        s.faults.drop_after_commands(2);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert_eq!(p.send(PduHeader::ScsiCommand(c), &[]).len(), 1);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert_eq!(
+            p.send(PduHeader::ScsiCommand(c), &[]).len(),
+            1,
+            "the Nth command is answered"
+        );
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn login_text_may_span_pdus() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        let text = b"InitiatorName=iqn.x\0TargetName=iqn.2024-01.test:target\0";
+        let req = |cont, transit| {
+            PduHeader::LoginRequest(LoginRequest {
+                transit,
+                cont,
+                csg: Stage::Operational,
+                nsg: Stage::FullFeature,
+                version_max: 0,
+                version_min: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                itt: 1,
+                cid: 0,
+                cmd_sn: Sn(1),
+                exp_stat_sn: Sn(0),
+            })
+        };
+        let pdus = p.send(req(true, false), &text[..10]);
+        assert!(matches!(&pdus[0], (PduHeader::LoginResponse(r), d) if d.is_empty() && !r.transit));
+        let pdus = p.send(req(false, true), &text[10..]);
+        assert!(
+            matches!(&pdus[0].0, PduHeader::LoginResponse(r) if r.status_class == 0 && r.transit)
+        );
+        assert!(p.conn.is_full_feature());
+    }
+
+    #[test]
+    fn small_limits_still_work() {
+        let limits = TargetLimits {
+            max_recv_data_segment_len: 512,
+            max_burst_len: 512,
+            first_burst_len: 512,
+            max_outstanding_r2t: 1,
+            ..TargetLimits::default()
+        };
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).limits(limits));
+        let mut p = Peer::new(s, 0);
+        let t = p.login_normal(&[("MaxBurstLength", "262144"), ("InitialR2T", "No")]);
+        assert_eq!(t.get("MaxRecvDataSegmentLength"), Some("512"));
+        assert_eq!(t.get("MaxBurstLength"), Some("512"));
+    }
+
+    proptest! {
+        /// No byte sequence from the initiator panics the target, in login or later.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), after_login: bool) {
+            let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+            if after_login {
+                p.login_normal(&[]);
+            }
+            p.conn.receive(&bytes, p.now);
+            p.conn.clear_output();
+        }
+
+        /// Valid-looking headers with random fields never panic either.
+        #[test]
+        fn arbitrary_headers_never_panic(mut hdr in proptest::array::uniform32(any::<u8>()), tail in proptest::array::uniform16(any::<u8>()),
+                                         op in proptest::sample::select(vec![0x00u8, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10])) {
+            let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+            p.login_normal(&[]);
+            hdr[0] = op | (hdr[0] & 0x40);
+            hdr[4] = 0;
+            hdr[5] = 0;
+            hdr[6] &= 0x03;
+            let mut pdu = hdr.to_vec();
+            pdu.extend_from_slice(&tail);
+            let dsl = u32::from_be_bytes([0, hdr[5], hdr[6], hdr[7]]) as usize;
+            pdu.resize(48 + dsl + pad_len(dsl), 0x5a);
+            p.conn.receive(&pdu, p.now);
+        }
+    }
+}

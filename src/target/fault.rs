@@ -213,14 +213,16 @@ impl FaultInjector {
     }
 
     pub(crate) fn take_check_condition(&self, portal: usize) -> Option<InjectedSense> {
-        self.sets(portal).find(|s| take_one(&s.check_next)).map(|s| {
-            let v = s.check_sense.load(Ordering::Relaxed);
-            InjectedSense {
-                key: (v >> 16) as u8,
-                asc: (v >> 8) as u8,
-                ascq: v as u8,
-            }
-        })
+        self.sets(portal)
+            .find(|s| take_one(&s.check_next))
+            .map(|s| {
+                let v = s.check_sense.load(Ordering::Relaxed);
+                InjectedSense {
+                    key: (v >> 16) as u8,
+                    asc: (v >> 8) as u8,
+                    ascq: v as u8,
+                }
+            })
     }
 
     /// Counts one command; true when this one is the last before a drop.
@@ -280,7 +282,11 @@ mod tests {
         f.check_condition_next(1, 0x03, 0x11, 0x00);
         assert_eq!(
             f.take_check_condition(0),
-            Some(InjectedSense { key: 3, asc: 0x11, ascq: 0 })
+            Some(InjectedSense {
+                key: 3,
+                asc: 0x11,
+                ascq: 0
+            })
         );
         assert_eq!(f.take_check_condition(1), None);
         f.drop_after_commands(2);

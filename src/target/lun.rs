@@ -74,7 +74,8 @@ impl Lun {
 
     /// Whether `[lba, lba + blocks)` lies inside the LUN.
     pub fn in_range(&self, lba: u64, blocks: u64) -> bool {
-        lba.checked_add(blocks).is_some_and(|end| end <= self.blocks)
+        lba.checked_add(blocks)
+            .is_some_and(|end| end <= self.blocks)
     }
 
     /// Fills `buf` from byte `offset`. Bytes beyond the end read as zeros.
@@ -89,7 +90,10 @@ impl Lun {
             let (ci, within) = ((pos / CHUNK) as usize, (pos % CHUNK) as usize);
             let n = (buf.len() - done).min(CHUNK as usize - within);
             let dst = &mut buf[done..done + n];
-            match chunks.get(ci).map(|c| c.read().unwrap_or_else(|e| e.into_inner())) {
+            match chunks
+                .get(ci)
+                .map(|c| c.read().unwrap_or_else(|e| e.into_inner()))
+            {
                 Some(guard) => match guard.as_ref() {
                     Some(data) => dst.copy_from_slice(&data[within..within + n]),
                     None => dst.fill(0),

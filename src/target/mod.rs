@@ -412,10 +412,17 @@ impl TargetShared {
         let mut alua: Vec<(u16, AtomicU8)> = Vec::new();
         for p in &portals {
             if !alua.iter().any(|(g, _)| *g == p.alua_group) {
-                alua.push((p.alua_group, AtomicU8::new(AluaState::ActiveOptimized.code())));
+                alua.push((
+                    p.alua_group,
+                    AtomicU8::new(AluaState::ActiveOptimized.code()),
+                ));
             }
         }
-        let luns = config.luns.iter().map(|l| Lun::new(&config.iqn, l)).collect();
+        let luns = config
+            .luns
+            .iter()
+            .map(|l| Lun::new(&config.iqn, l))
+            .collect();
         let faults = FaultInjector::new(portals.len());
         Ok(TargetShared {
             config,

@@ -163,7 +163,9 @@ fn lba_and_blocks(cdb: &[u8; 16]) -> (u64, u64) {
             let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
             (lba, n)
         }
-        0x28 | 0x2a | 0x2f | 0x41 | 0x35 => (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..]))),
+        0x28 | 0x2a | 0x2f | 0x41 | 0x35 => {
+            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
+        }
         0xa8 | 0xaa => (u64::from(be32(&cdb[2..])), u64::from(be32(&cdb[6..]))),
         _ => (be64(&cdb[2..]), u64::from(be32(&cdb[10..]))),
     }
@@ -216,9 +218,17 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             }
             let (offset, len) = (lba * bs, blocks * bs);
             if matches!(cdb[0], 0x08 | 0x28 | 0xa8 | 0x88) {
-                Plan::ReadLun { lun: li, offset, len }
+                Plan::ReadLun {
+                    lun: li,
+                    offset,
+                    len,
+                }
             } else {
-                Plan::WriteLun { lun: li, offset, len }
+                Plan::WriteLun {
+                    lun: li,
+                    offset,
+                    len,
+                }
             }
         }
         // VERIFY 10/16 without data (BYTCHK 0), SYNCHRONIZE CACHE 10/16.
@@ -303,7 +313,9 @@ pub fn finish_params(
                 return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
             }
             let desc_len = usize::from(be16(&data[2..]));
-            let descs = data.get(8..8 + desc_len).ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+            let descs = data
+                .get(8..8 + desc_len)
+                .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
             // Check every range before touching any.
             for d in descs.chunks_exact(16) {
                 if !l.in_range(be64(d), u64::from(be32(&d[8..]))) {
@@ -491,7 +503,9 @@ fn mode_sense(l: &super::Lun, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
         buf.extend_from_slice(&l.block_size().to_be_bytes());
         buf[header_len - 1] = 8;
     }
-    let caching = [0x08, 0x12, 0, 0, 0xff, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0];
+    let caching = [
+        0x08, 0x12, 0, 0, 0xff, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
     // Control page: QAM unrestricted.
     let control = [0x0a, 0x0a, 0, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
     match page {
@@ -525,7 +539,10 @@ mod tests {
     fn shared() -> TargetShared {
         let cfg = TargetConfig::ram("iqn.2024-01.test:t", 1 << 20)
             .lun(LunConfig::null(3, 1 << 20).block_size(4096));
-        let addrs: Vec<SocketAddr> = vec!["127.0.0.1:3260".parse().unwrap(), "127.0.0.1:3261".parse().unwrap()];
+        let addrs: Vec<SocketAddr> = vec![
+            "127.0.0.1:3260".parse().unwrap(),
+            "127.0.0.1:3261".parse().unwrap(),
+        ];
         TargetShared::new(cfg, &addrs).unwrap()
     }
 
@@ -549,9 +566,35 @@ mod tests {
         let mut a = Vec::new();
         let mut b = Vec::new();
         let c = cdb(&[0x12, 1, 0x83, 1, 0]);
-        assert_eq!(plan(Port { shared: &s, portal: 0 }, 0, &c, &mut a), Plan::DataIn);
-        assert_eq!(plan(Port { shared: &s, portal: 1 }, 0, &c, &mut b), Plan::DataIn);
-        assert_eq!(a[8..24], b[8..24], "NAA designator must match across portals");
+        assert_eq!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 0
+                },
+                0,
+                &c,
+                &mut a
+            ),
+            Plan::DataIn
+        );
+        assert_eq!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 1
+                },
+                0,
+                &c,
+                &mut b
+            ),
+            Plan::DataIn
+        );
+        assert_eq!(
+            a[8..24],
+            b[8..24],
+            "NAA designator must match across portals"
+        );
         assert_eq!(a[4..8], [0x01, 0x03, 0, 16]);
         assert_eq!(a[24..32], [0x51, 0x94, 0, 4, 0, 0, 0, 1]);
         assert_eq!(b[24..32], [0x51, 0x94, 0, 4, 0, 0, 0, 2]);
@@ -562,7 +605,10 @@ mod tests {
     #[test]
     fn read_write_ranges_and_sense() {
         let s = shared();
-        let p = Port { shared: &s, portal: 0 };
+        let p = Port {
+            shared: &s,
+            portal: 0,
+        };
         let mut buf = Vec::new();
         // READ(16) of the last block works, one past it does not.
         let mut c = cdb(&[0x88]);
@@ -570,19 +616,38 @@ mod tests {
         c[10..14].copy_from_slice(&1u32.to_be_bytes());
         assert_eq!(
             plan(p, 0, &c, &mut buf),
-            Plan::ReadLun { lun: 0, offset: 2047 * 512, len: 512 }
+            Plan::ReadLun {
+                lun: 0,
+                offset: 2047 * 512,
+                len: 512
+            }
         );
         c[10..14].copy_from_slice(&2u32.to_be_bytes());
-        assert_eq!(plan(p, 0, &c, &mut buf), Plan::Check(Sense::LBA_OUT_OF_RANGE));
-        assert_eq!(plan(p, 0, &cdb(&[0xee]), &mut buf), Plan::Check(Sense::INVALID_OPCODE));
+        assert_eq!(
+            plan(p, 0, &c, &mut buf),
+            Plan::Check(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert_eq!(
+            plan(p, 0, &cdb(&[0xee]), &mut buf),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
         assert_eq!(
             plan(p, encode_lun(9), &cdb(&[0x00]), &mut buf),
             Plan::Check(Sense::LUN_NOT_SUPPORTED)
         );
         // WRITE(10) on the 4K null LUN.
         assert_eq!(
-            plan(p, encode_lun(3), &cdb(&[0x2a, 0, 0, 0, 0, 1, 0, 0, 2]), &mut buf),
-            Plan::WriteLun { lun: 1, offset: 4096, len: 8192 }
+            plan(
+                p,
+                encode_lun(3),
+                &cdb(&[0x2a, 0, 0, 0, 0, 1, 0, 0, 2]),
+                &mut buf
+            ),
+            Plan::WriteLun {
+                lun: 1,
+                offset: 4096,
+                len: 8192
+            }
         );
         let f = Sense::LBA_OUT_OF_RANGE.emit_fixed();
         assert_eq!((f[0], f[2], f[12], f[13]), (0x70, 5, 0x21, 0));
@@ -591,7 +656,10 @@ mod tests {
     #[test]
     fn capacity_luns_and_alua() {
         let s = shared();
-        let p = Port { shared: &s, portal: 1 };
+        let p = Port {
+            shared: &s,
+            portal: 1,
+        };
         let mut buf = Vec::new();
         assert_eq!(plan(p, 0, &cdb(&[0x25]), &mut buf), Plan::DataIn);
         assert_eq!(buf, [0, 0, 7, 0xff, 0, 0, 2, 0]);
@@ -614,9 +682,24 @@ mod tests {
         let read = cdb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1]);
         assert_eq!(
             plan(p, 0, &read, &mut buf),
-            Plan::Check(Sense { key: sense_key::NOT_READY, asc: 4, ascq: 0x0b })
+            Plan::Check(Sense {
+                key: sense_key::NOT_READY,
+                asc: 4,
+                ascq: 0x0b
+            })
         );
-        assert!(matches!(plan(Port { shared: &s, portal: 0 }, 0, &read, &mut buf), Plan::ReadLun { .. }));
+        assert!(matches!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 0
+                },
+                0,
+                &read,
+                &mut buf
+            ),
+            Plan::ReadLun { .. }
+        ));
     }
 
     #[test]
@@ -631,11 +714,24 @@ mod tests {
         let mut b = [0u8; 1024];
         s.luns[0].read(512, &mut b);
         assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 7));
-        finish_params(&s, 0, ParamCommand::WriteSame { lba: 4, blocks: 2, unmap: false }, &[5u8; 512]).unwrap();
+        finish_params(
+            &s,
+            0,
+            ParamCommand::WriteSame {
+                lba: 4,
+                blocks: 2,
+                unmap: false,
+            },
+            &[5u8; 512],
+        )
+        .unwrap();
         s.luns[0].read(4 * 512, &mut b);
         assert!(b.iter().all(|&x| x == 5));
-        params[16..24].copy_from_slice(&5000u64.to_be_bytes());
-        assert_eq!(finish_params(&s, 0, ParamCommand::Unmap, &params), Err(Sense::LBA_OUT_OF_RANGE));
+        params[8..16].copy_from_slice(&5000u64.to_be_bytes());
+        assert_eq!(
+            finish_params(&s, 0, ParamCommand::Unmap, &params),
+            Err(Sense::LBA_OUT_OF_RANGE)
+        );
         assert!(finish_params(&s, 0, ParamCommand::Unmap, &params[..4]).is_err());
     }
 }

@@ -159,8 +159,7 @@ fn listen(shared: SharedTarget, runtime: Arc<Runtime>, portal: usize, listener: 
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 // Reap finished connection threads so the list stays short.
-                let (done, live): (Vec<_>, Vec<_>) =
-                    conns.drain(..).partition(|h| h.is_finished());
+                let (done, live): (Vec<_>, Vec<_>) = conns.drain(..).partition(|h| h.is_finished());
                 *conns = live;
                 match spawned {
                     Ok(h) => conns.push(h),
@@ -202,7 +201,12 @@ fn serve(
 }
 
 /// Moves bytes between the socket and the state machine; returns why it ended.
-fn drive(shared: &SharedTarget, runtime: &Runtime, portal: usize, stream: &mut TcpStream) -> String {
+fn drive(
+    shared: &SharedTarget,
+    runtime: &Runtime,
+    portal: usize,
+    stream: &mut TcpStream,
+) -> String {
     let setup = stream
         .set_nonblocking(false)
         .and_then(|_| stream.set_nodelay(true));

@@ -848,10 +848,8 @@ impl PduHeader {
                 w
             }
             PduHeader::LoginRequest(p) => {
-                let flags = flag(p.transit, 0x80)
-                    | flag(p.cont, 0x40)
-                    | ((p.csg as u8) << 2)
-                    | p.nsg as u8;
+                let flags =
+                    flag(p.transit, 0x80) | flag(p.cont, 0x40) | ((p.csg as u8) << 2) | p.nsg as u8;
                 // Login requests are always immediate (RFC 7143 §11.12).
                 let mut w = BhsWriter::new(Opcode::LoginRequest, true, flags);
                 w.u8(2, p.version_max).u8(3, p.version_min);
@@ -941,10 +939,8 @@ impl PduHeader {
                 w
             }
             PduHeader::LoginResponse(p) => {
-                let flags = flag(p.transit, 0x80)
-                    | flag(p.cont, 0x40)
-                    | ((p.csg as u8) << 2)
-                    | p.nsg as u8;
+                let flags =
+                    flag(p.transit, 0x80) | flag(p.cont, 0x40) | ((p.csg as u8) << 2) | p.nsg as u8;
                 let mut w = BhsWriter::new(Opcode::LoginResponse, false, flags);
                 w.u8(2, p.version_max).u8(3, p.version_active);
                 w.0[8..14].copy_from_slice(&p.isid);
@@ -1271,7 +1267,15 @@ mod tests {
         });
         for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut out = Vec::new();
-            encode_pdu(&mut out, &h, b"hello", Digests { header: hd, data: dd });
+            encode_pdu(
+                &mut out,
+                &h,
+                b"hello",
+                Digests {
+                    header: hd,
+                    data: dd,
+                },
+            );
             let f = framer(hd, dd);
             // Every strict prefix asks for more bytes.
             for cut in 0..out.len() {
@@ -1295,7 +1299,10 @@ mod tests {
             exp_stat_sn: Sn(1),
         });
         let mut out = Vec::new();
-        let d = Digests { header: true, data: true };
+        let d = Digests {
+            header: true,
+            data: true,
+        };
         encode_pdu(&mut out, &h, b"payload!", d);
         let mut bad_header = out.clone();
         bad_header[20] ^= 1;
