@@ -1,3 +1,135 @@
+//! `iscsi-bypass`: the command-line front end.
+
+mod cli;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use cli::{ConnectOptions, Output};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "iscsi-bypass",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ISCSI_BYPASS_GIT_REV"), ")"),
+    about = "Kernel-bypass, multipath iSCSI initiator",
+    long_about = "Kernel-bypass, multipath iSCSI initiator.\n\nTarget URLs use libiscsi's format: iscsi://[user[%password]@]host[:port]/target-iqn/lun\n(mutual CHAP: ?target_user=U&target_password=P). Prefer secrets from files or the environment:\nISCSI_CHAP_PASSWORD / ISCSI_CHAP_TARGET_PASSWORD (LIBISCSI_CHAP_PASSWORD is honoured too)."
+)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectOptions,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the targets and portals a portal knows (SendTargets=All).
+    Discover {
+        /// iscsi://host[:port]
+        portal: String,
+    },
+    /// INQUIRY with VPD pages (serial, device identification, limits).
+    Inquiry { url: String },
+    /// READ CAPACITY(16): block count, block size, capacity.
+    Readcap { url: String },
+    /// REPORT LUNS.
+    ReportLuns { url: String },
+    /// Read blocks into a file (or stdout with --out -).
+    Read {
+        url: String,
+        #[arg(long, default_value_t = 0)]
+        lba: u64,
+        #[arg(long)]
+        blocks: u32,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Write a file's contents (a whole number of blocks) at an LBA.
+    Write {
+        url: String,
+        #[arg(long, default_value_t = 0)]
+        lba: u64,
+        #[arg(long = "in", short)]
+        input: PathBuf,
+        /// Issue SYNCHRONIZE CACHE after the write.
+        #[arg(long)]
+        sync: bool,
+    },
+}
+
 fn main() {
-    println!("iscsi-bypass {}", env!("ISCSI_BYPASS_GIT_REV"));
+    let cli = Cli::parse();
+    let out = Output { json: cli.json };
+    if let Err(e) = run(cli, &out) {
+        // One clear line, with the chain of causes, and a non-zero exit.
+        eprintln!("error: {}", cli::error_chain(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli, out: &Output) -> Result<()> {
+    let opts = &cli.connect;
+    match cli.command {
+        Cmd::Discover { portal } => {
+            let targets = cli::discover(&portal, opts)?;
+            out.discovery(&targets);
+        }
+        Cmd::Inquiry { url } => {
+            let mut lun = cli::open_lun(&url, opts)?;
+            let info = lun.lun_info().context("INQUIRY")?;
+            out.lun_info(&info);
+            cli::close(lun);
+        }
+        Cmd::Readcap { url } => {
+            let mut lun = cli::open_lun(&url, opts)?;
+            let cap = lun.read_capacity().context("READ CAPACITY")?;
+            out.capacity(&cap);
+            cli::close(lun);
+        }
+        Cmd::ReportLuns { url } => {
+            let mut lun = cli::open_lun(&url, opts)?;
+            let luns = lun.report_luns().context("REPORT LUNS")?;
+            out.luns(&luns);
+            cli::close(lun);
+        }
+        Cmd::Read {
+            url,
+            lba,
+            blocks,
+            out: path,
+        } => {
+            let mut lun = cli::open_lun(&url, opts)?;
+            let data = cli::read_blocks(&mut lun, lba, blocks)?;
+            if path.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&data)?;
+            } else {
+                std::fs::write(&path, &data)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                out.transfer("read", lba, data.len());
+            }
+            cli::close(lun);
+        }
+        Cmd::Write {
+            url,
+            lba,
+            input,
+            sync,
+        } => {
+            let data =
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
+            let mut lun = cli::open_lun(&url, opts)?;
+            let n = data.len();
+            cli::write_blocks(&mut lun, lba, data)?;
+            if sync {
+                lun.synchronize_cache().context("SYNCHRONIZE CACHE")?;
+            }
+            out.transfer("written", lba, n);
+            cli::close(lun);
+        }
+    }
+    Ok(())
 }

@@ -5,4 +5,9 @@
 #![deny(unsafe_code)]
 
 pub mod chap;
+pub mod connection;
+pub mod discovery;
+pub mod login;
 pub mod params;
+pub mod session;
+pub mod url;

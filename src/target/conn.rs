@@ -645,7 +645,7 @@ impl Core {
             self.cid = r.cid;
             self.stat_sn = r.exp_stat_sn;
             self.exp_cmd_sn = r.cmd_sn;
-            self.max_cmd_sn = r.cmd_sn.add(self.shared.config.queue_depth.max(1) - 1);
+            self.max_cmd_sn = r.cmd_sn.plus(self.shared.config.queue_depth.max(1) - 1);
             if r.version_min > 0 {
                 return self.login_fail(r, 0x02, 0x05, "unsupported iSCSI version");
             }

@@ -41,3 +41,4 @@ pub trait Transport: Send {
     fn local_addr(&self) -> Option<SocketAddr>;
     fn peer_addr(&self) -> Option<SocketAddr>;
 }
+pub mod kernel;

@@ -46,7 +46,7 @@ impl Sn {
     pub fn next(self) -> Sn {
         Sn(self.0.wrapping_add(1))
     }
-    pub fn add(self, n: u32) -> Sn {
+    pub fn plus(self, n: u32) -> Sn {
         Sn(self.0.wrapping_add(n))
     }
     /// Signed distance `self - other` in serial arithmetic.

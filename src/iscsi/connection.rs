@@ -1,0 +1,1275 @@
+//! The full-feature-phase connection state machine (RFC 7143 §3-4, §11),
+//! initiator side, sans-IO.
+//!
+//! Bytes from the transport go in through [`Connection::rx_space`] +
+//! [`Connection::commit_rx`]; bytes to send come out of
+//! [`Connection::pending_tx`] + [`Connection::consume_tx`]; completions come
+//! out of [`Connection::poll_event`]. Time is passed in (`now`), never read.
+//!
+//! Covered: CmdSN/ExpCmdSN/MaxCmdSN window (never sends outside it),
+//! StatSN/ExpStatSN, task tags, immediate and unsolicited data
+//! (FirstBurstLength), R2T with MaxBurstLength/MaxOutstandingR2T, Data-In with
+//! DataSN order and bounds checks, status in the final Data-In, digests,
+//! NOP-Out pings and answers to target NOP-Ins, text requests (SendTargets)
+//! with continuation, task management, logout, Reject and Async Message.
+//! Error recovery level 0: any protocol error fails the connection, and
+//! [`Connection::take_outstanding`] hands every unfinished command back so
+//! that a session or the multipath layer can retry it elsewhere.
+
+use super::params::Params;
+use crate::wire::iscsi::{
+    encode_pdu, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu, IscsiWireError,
+    LogoutRequest, NopOut, PduFramer, PduHeader, ScsiCommand, Sn, TaskMgmtRequest, TextRequest,
+    BHS_LEN, RESERVED_TAG,
+};
+use crate::wire::text::TextPairs;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Most tasks one connection tracks at once (bounded: the slab never grows past it).
+pub const MAX_TASKS: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConnError {
+    #[error("malformed PDU from target: {0}")]
+    Wire(#[from] IscsiWireError),
+    #[error("protocol error from target: {0}")]
+    Protocol(String),
+    #[error("target rejected a PDU: {0}")]
+    Rejected(String),
+    #[error("target dropped the connection (async event {0})")]
+    TargetDropped(u8),
+    #[error("no answer to NOP-Out ping within {0:?}: connection considered dead")]
+    PingTimeout(Duration),
+    #[error("command timed out after {0:?}")]
+    CommandTimeout(Duration),
+    #[error("connection has failed earlier: {0}")]
+    Failed(String),
+    #[error("connection is logged out")]
+    LoggedOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubmitError {
+    #[error("too many outstanding tasks ({MAX_TASKS})")]
+    Full,
+    #[error("data buffer of {len} bytes is larger than the 32-bit transfer length")]
+    TooLarge { len: usize },
+    #[error("CDB of {0} bytes is longer than 16 bytes")]
+    CdbTooLong(usize),
+    #[error("connection is not usable: {0}")]
+    Down(String),
+}
+
+/// Data direction of a SCSI command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    None,
+    /// Data from the target into the buffer.
+    Read,
+    /// Data from the buffer to the target.
+    Write,
+}
+
+/// A SCSI command to run. The buffer's length is the expected transfer length.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub lun: u64,
+    pub cdb: [u8; 16],
+    pub cdb_len: u8,
+    pub direction: Direction,
+    pub buffer: Vec<u8>,
+    /// The caller's tag, returned in the completion.
+    pub user_tag: u64,
+}
+
+impl Command {
+    pub fn new(
+        lun: u64,
+        cdb: &[u8],
+        direction: Direction,
+        buffer: Vec<u8>,
+    ) -> Result<Command, SubmitError> {
+        if cdb.len() > 16 {
+            return Err(SubmitError::CdbTooLong(cdb.len()));
+        }
+        let mut c = [0u8; 16];
+        c[..cdb.len()].copy_from_slice(cdb);
+        Ok(Command {
+            lun,
+            cdb: c,
+            cdb_len: cdb.len() as u8,
+            direction,
+            buffer,
+            user_tag: 0,
+        })
+    }
+}
+
+/// A finished SCSI command: the target's status, sense bytes if any, and
+/// the buffer back (filled for reads).
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub user_tag: u64,
+    /// iSCSI response: 0 = command completed at target, 1 = target failure.
+    pub response: u8,
+    pub status: u8,
+    pub sense: Vec<u8>,
+    /// Bytes not transferred (underflow) as positive, overflow as negative.
+    pub residual: i64,
+    /// Bytes of data the target actually moved.
+    pub transferred: usize,
+    pub buffer: Vec<u8>,
+    pub command: CommandEcho,
+}
+
+/// Enough of the command to resubmit it or report on it.
+#[derive(Debug, Clone)]
+pub struct CommandEcho {
+    pub lun: u64,
+    pub cdb: [u8; 16],
+    pub cdb_len: u8,
+    pub direction: Direction,
+}
+
+/// Things the connection reports.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Completed(Completion),
+    /// Answer to a task management request.
+    TaskManagement {
+        user_tag: u64,
+        response: u8,
+    },
+    /// Complete answer to a text request (all continuations joined).
+    Text {
+        user_tag: u64,
+        pairs: TextPairs,
+    },
+    /// A NOP-Out ping we sent was answered.
+    PingAnswered {
+        rtt: Duration,
+    },
+    /// SCSI asynchronous event (e.g. a UNIT ATTENTION such as an ALUA change).
+    AsyncScsiEvent {
+        lun: u64,
+        sense: Vec<u8>,
+    },
+    /// The target asks us to log out within `within` seconds.
+    LogoutRequested {
+        within: u16,
+    },
+    LoggedOut {
+        time2wait: u16,
+        time2retain: u16,
+    },
+}
+
+#[derive(Debug)]
+enum TaskKind {
+    Scsi {
+        cmd: Command,
+        /// Data-In bytes received or Data-Out bytes sent so far.
+        data_done: usize,
+        next_data_sn: Sn,
+        /// Pending R2T-solicited transfers: (ttt, offset, length).
+        r2ts: VecDeque<(u32, u32, u32)>,
+        /// Unsolicited data still to send as Data-Out (offset, end).
+        unsolicited: Option<(u32, u32)>,
+        r2ts_seen: u32,
+    },
+    Tmf {
+        user_tag: u64,
+    },
+    Text {
+        user_tag: u64,
+        collected: Vec<u8>,
+    },
+    Ping {
+        sent_at: Instant,
+    },
+    Logout,
+}
+
+#[derive(Debug)]
+struct Task {
+    itt: u32,
+    kind: TaskKind,
+    /// CmdSN given (None while waiting for window space).
+    cmd_sn: Option<Sn>,
+    submitted_at: Instant,
+}
+
+/// Timers and limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimers {
+    /// Send a NOP-Out ping after this much silence from the target.
+    pub nop_interval: Option<Duration>,
+    /// A ping not answered within this fails the connection.
+    pub nop_timeout: Duration,
+    /// A SCSI command not finished within this fails the connection.
+    pub command_timeout: Option<Duration>,
+}
+
+impl Default for ConnTimers {
+    fn default() -> ConnTimers {
+        ConnTimers {
+            nop_interval: Some(Duration::from_secs(5)),
+            nop_timeout: Duration::from_secs(5),
+            command_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Connection-level counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ConnStats {
+    pub commands: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub pdus_in: u64,
+    pub pdus_out: u64,
+    pub r2ts: u64,
+    pub nop_pings: u64,
+    pub window_stalls: u64,
+}
+
+pub struct Connection {
+    params: Params,
+    framer: PduFramer,
+    digests: Digests,
+    timers: ConnTimers,
+    cmd_sn: Sn,
+    exp_cmd_sn: Sn,
+    max_cmd_sn: Sn,
+    exp_stat_sn: Sn,
+    /// Slots indexed by the low 16 bits of the ITT; high bits are a generation
+    /// so a late PDU for a reused slot is recognised as unknown.
+    slots: Vec<Option<Task>>,
+    free: Vec<u16>,
+    generation: u16,
+    /// Commands waiting for CmdSN window space, in submission order.
+    waiting: VecDeque<u16>,
+    /// Tasks with Data-Out still to send.
+    data_out_ready: VecDeque<u16>,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: Vec<u8>,
+    tx_start: usize,
+    events: VecDeque<Event>,
+    failed: Option<ConnError>,
+    last_rx: Instant,
+    ping_outstanding: bool,
+    logged_out: bool,
+    pub stats: ConnStats,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("cmd_sn", &self.cmd_sn)
+            .field("max_cmd_sn", &self.max_cmd_sn)
+            .field("exp_stat_sn", &self.exp_stat_sn)
+            .field("outstanding", &self.outstanding())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Starts the full feature phase from a login outcome.
+    pub fn new(
+        outcome: &super::login::LoginOutcome,
+        timers: ConnTimers,
+        now: Instant,
+    ) -> Connection {
+        let params = outcome.params.clone();
+        let digests = params.digests();
+        let rx_cap = params.max_recv_data_segment_len as usize * 2 + 4096;
+        Connection {
+            framer: PduFramer {
+                digests,
+                max_data_segment_len: params.max_recv_data_segment_len,
+            },
+            digests,
+            params,
+            timers,
+            cmd_sn: outcome.cmd_sn,
+            exp_cmd_sn: outcome.exp_cmd_sn,
+            max_cmd_sn: outcome.max_cmd_sn,
+            exp_stat_sn: outcome.exp_stat_sn,
+            slots: Vec::new(),
+            free: Vec::new(),
+            generation: 1,
+            waiting: VecDeque::new(),
+            data_out_ready: VecDeque::new(),
+            rx: vec![0; rx_cap.max(64 * 1024)],
+            rx_start: 0,
+            rx_end: 0,
+            tx: Vec::with_capacity(256 * 1024),
+            tx_start: 0,
+            events: VecDeque::new(),
+            failed: None,
+            last_rx: now,
+            ping_outstanding: false,
+            logged_out: false,
+            stats: ConnStats::default(),
+        }
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// SCSI commands submitted and not finished (incl. those waiting for window).
+    pub fn outstanding(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|t| matches!(t.kind, TaskKind::Scsi { .. }))
+            .count()
+    }
+
+    /// How many more non-immediate commands the target's window allows now.
+    pub fn window_space(&self) -> u32 {
+        let d = self.max_cmd_sn.diff(self.cmd_sn);
+        if d < 0 {
+            0
+        } else {
+            d as u32 + 1
+        }
+    }
+
+    pub fn is_failed(&self) -> Option<&ConnError> {
+        self.failed.as_ref()
+    }
+
+    fn check_usable(&self) -> Result<(), SubmitError> {
+        if let Some(e) = &self.failed {
+            return Err(SubmitError::Down(e.to_string()));
+        }
+        if self.logged_out {
+            return Err(SubmitError::Down("logged out".into()));
+        }
+        Ok(())
+    }
+
+    fn alloc_slot(&mut self, kind: TaskKind, now: Instant) -> Result<u16, SubmitError> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.slots.len() < MAX_TASKS => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u16
+            }
+            None => return Err(SubmitError::Full),
+        };
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let itt = ((self.generation as u32) << 16) | slot as u32;
+        self.slots[slot as usize] = Some(Task {
+            itt,
+            kind,
+            cmd_sn: None,
+            submitted_at: now,
+        });
+        Ok(slot)
+    }
+
+    fn task_by_itt(&mut self, itt: u32) -> Option<(u16, &mut Task)> {
+        let slot = (itt & 0xffff) as u16;
+        match self.slots.get_mut(slot as usize) {
+            Some(Some(t)) if t.itt == itt => Some((slot, t)),
+            _ => None,
+        }
+    }
+
+    fn free_slot(&mut self, slot: u16) -> Option<Task> {
+        let t = self.slots.get_mut(slot as usize)?.take();
+        if t.is_some() {
+            self.free.push(slot);
+        }
+        t
+    }
+
+    /// Queues a SCSI command. It is sent as soon as the CmdSN window allows.
+    pub fn submit(&mut self, cmd: Command, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        if u32::try_from(cmd.buffer.len()).is_err() {
+            return Err(SubmitError::TooLarge {
+                len: cmd.buffer.len(),
+            });
+        }
+        let slot = self.alloc_slot(
+            TaskKind::Scsi {
+                cmd,
+                data_done: 0,
+                next_data_sn: Sn(0),
+                r2ts: VecDeque::new(),
+                unsolicited: None,
+                r2ts_seen: 0,
+            },
+            now,
+        )?;
+        self.waiting.push_back(slot);
+        self.stats.commands += 1;
+        self.flush_waiting();
+        Ok(())
+    }
+
+    /// Sends queued commands while the window has room.
+    fn flush_waiting(&mut self) {
+        while let Some(&slot) = self.waiting.front() {
+            if self.window_space() == 0 {
+                self.stats.window_stalls += 1;
+                return;
+            }
+            self.waiting.pop_front();
+            self.send_command(slot);
+        }
+    }
+
+    fn send_command(&mut self, slot: u16) {
+        let cmd_sn = self.cmd_sn;
+        self.cmd_sn = self.cmd_sn.next();
+        let exp_stat_sn = self.exp_stat_sn;
+        let immediate_allowed = self.params.immediate_data;
+        let initial_r2t = self.params.initial_r2t;
+        let first_burst = self.params.first_burst_len as usize;
+        let max_xmit = self.params.max_xmit_data_segment_len as usize;
+        let digests = self.digests;
+        let Some(Some(task)) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        task.cmd_sn = Some(cmd_sn);
+        let itt = task.itt;
+        let TaskKind::Scsi {
+            cmd,
+            data_done,
+            unsolicited,
+            ..
+        } = &mut task.kind
+        else {
+            return;
+        };
+        let len = cmd.buffer.len();
+        let write = cmd.direction == Direction::Write;
+        // Unsolicited data: immediate (in the command PDU) then Data-Out up to
+        // FirstBurstLength when InitialR2T=No (RFC 7143 §3.2.4.2).
+        let mut immediate_len = 0;
+        if write && len > 0 {
+            let unsolicited_limit = if initial_r2t && !immediate_allowed {
+                0
+            } else {
+                len.min(first_burst)
+            };
+            if immediate_allowed {
+                immediate_len = unsolicited_limit.min(max_xmit);
+            }
+            if !initial_r2t && unsolicited_limit > immediate_len {
+                *unsolicited = Some((immediate_len as u32, unsolicited_limit as u32));
+            }
+        }
+        *data_done = immediate_len;
+        let unsolicited_follows = unsolicited.is_some();
+        let hdr = PduHeader::ScsiCommand(ScsiCommand {
+            immediate: false,
+            final_bit: !unsolicited_follows,
+            read: cmd.direction == Direction::Read,
+            write,
+            attr: 1,
+            lun: cmd.lun,
+            itt,
+            expected_data_len: len as u32,
+            cmd_sn,
+            exp_stat_sn,
+            cdb: cmd.cdb,
+        });
+        encode_pdu(&mut self.tx, &hdr, &cmd.buffer[..immediate_len], digests);
+        self.stats.pdus_out += 1;
+        if write {
+            self.stats.bytes_written += immediate_len as u64;
+        }
+        if unsolicited_follows {
+            self.data_out_ready.push_back(slot);
+            self.send_data_out();
+        }
+    }
+
+    /// Emits Data-Out PDUs for unsolicited bursts and answered R2Ts.
+    fn send_data_out(&mut self) {
+        let max_xmit = self.params.max_xmit_data_segment_len as usize;
+        let exp_stat_sn = self.exp_stat_sn;
+        let digests = self.digests;
+        while let Some(slot) = self.data_out_ready.pop_front() {
+            let Some(Some(task)) = self.slots.get_mut(slot as usize) else {
+                continue;
+            };
+            let itt = task.itt;
+            let TaskKind::Scsi {
+                cmd,
+                unsolicited,
+                r2ts,
+                data_done,
+                ..
+            } = &mut task.kind
+            else {
+                continue;
+            };
+            let (ttt, start, end) = if let Some((s, e)) = unsolicited.take() {
+                (RESERVED_TAG, s as usize, e as usize)
+            } else if let Some((ttt, off, len)) = r2ts.pop_front() {
+                (ttt, off as usize, off as usize + len as usize)
+            } else {
+                continue;
+            };
+            let mut offset = start;
+            let mut data_sn = Sn(0);
+            while offset < end {
+                let n = (end - offset).min(max_xmit);
+                let hdr = PduHeader::DataOut(DataOut {
+                    final_bit: offset + n == end,
+                    lun: cmd.lun,
+                    itt,
+                    ttt,
+                    exp_stat_sn,
+                    data_sn,
+                    buffer_offset: offset as u32,
+                });
+                encode_pdu(&mut self.tx, &hdr, &cmd.buffer[offset..offset + n], digests);
+                self.stats.pdus_out += 1;
+                self.stats.bytes_written += n as u64;
+                *data_done += n;
+                data_sn = data_sn.next();
+                offset += n;
+            }
+            if !r2ts.is_empty() {
+                self.data_out_ready.push_back(slot);
+            }
+        }
+    }
+
+    /// Sends a NOP-Out ping (immediate, so it needs no window space).
+    pub fn ping(&mut self, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let slot = self.alloc_slot(TaskKind::Ping { sent_at: now }, now)?;
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
+        let hdr = PduHeader::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        self.stats.nop_pings += 1;
+        self.ping_outstanding = true;
+        Ok(())
+    }
+
+    /// Sends a task management request (immediate).
+    pub fn task_management(
+        &mut self,
+        function: u8,
+        lun: u64,
+        referenced_user_tag: Option<u64>,
+        user_tag: u64,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let (referenced_itt, ref_cmd_sn) = match referenced_user_tag {
+            Some(tag) => self
+                .slots
+                .iter()
+                .flatten()
+                .find_map(|t| match &t.kind {
+                    TaskKind::Scsi { cmd, .. } if cmd.user_tag == tag => {
+                        Some((t.itt, t.cmd_sn.unwrap_or(self.cmd_sn)))
+                    }
+                    _ => None,
+                })
+                .unwrap_or((RESERVED_TAG, self.cmd_sn)),
+            None => (RESERVED_TAG, self.cmd_sn),
+        };
+        let slot = self.alloc_slot(TaskKind::Tmf { user_tag }, now)?;
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
+        let hdr = PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun,
+            itt,
+            referenced_task_tag: referenced_itt,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn,
+            exp_data_sn: Sn(0),
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    /// Sends a text request (e.g. `SendTargets=All`); the answer comes as
+    /// [`Event::Text`].
+    pub fn text_request(
+        &mut self,
+        pairs: &TextPairs,
+        user_tag: u64,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let slot = self.alloc_slot(
+            TaskKind::Text {
+                user_tag,
+                collected: Vec::new(),
+            },
+            now,
+        )?;
+        let data = pairs.to_bytes();
+        self.send_text_pdu(slot, RESERVED_TAG, &data);
+        Ok(())
+    }
+
+    fn send_text_pdu(&mut self, slot: u16, ttt: u32, data: &[u8]) {
+        let cmd_sn = self.cmd_sn;
+        // Text requests are non-immediate: they take a CmdSN.
+        self.cmd_sn = self.cmd_sn.next();
+        let Some(Some(task)) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        task.cmd_sn = Some(cmd_sn);
+        let hdr = PduHeader::TextRequest(TextRequest {
+            immediate: false,
+            final_bit: true,
+            cont: false,
+            lun: 0,
+            itt: task.itt,
+            ttt,
+            cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        encode_pdu(&mut self.tx, &hdr, data, self.digests);
+        self.stats.pdus_out += 1;
+    }
+
+    /// Starts a logout of the whole session (reason 0).
+    pub fn logout(&mut self, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let slot = self.alloc_slot(TaskKind::Logout, now)?;
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
+        let cmd_sn = self.cmd_sn;
+        let hdr = PduHeader::LogoutRequest(LogoutRequest {
+            immediate: true,
+            reason: 0,
+            itt,
+            cid: 0,
+            cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    /// Bytes waiting to be written to the transport.
+    pub fn pending_tx(&self) -> &[u8] {
+        &self.tx[self.tx_start..]
+    }
+
+    /// Marks `n` bytes of [`pending_tx`](Self::pending_tx) as written.
+    pub fn consume_tx(&mut self, n: usize) {
+        self.tx_start = (self.tx_start + n).min(self.tx.len());
+        if self.tx_start == self.tx.len() {
+            self.tx.clear();
+            self.tx_start = 0;
+        }
+    }
+
+    /// Space to read transport bytes into (at least `min` bytes).
+    pub fn rx_space(&mut self, min: usize) -> &mut [u8] {
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        }
+        if self.rx.len() - self.rx_end < min {
+            // Compact, then grow only if a single PDU needs it (bounded by
+            // MaxRecvDataSegmentLength through the framer).
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+            if self.rx.len() - self.rx_end < min {
+                self.rx.resize(self.rx_end + min, 0);
+            }
+        }
+        &mut self.rx[self.rx_end..]
+    }
+
+    /// Processes `n` bytes that were written into [`rx_space`](Self::rx_space).
+    pub fn commit_rx(&mut self, n: usize, now: Instant) -> Result<(), ConnError> {
+        if let Some(e) = &self.failed {
+            return Err(ConnError::Failed(e.to_string()));
+        }
+        self.rx_end = (self.rx_end + n).min(self.rx.len());
+        if n > 0 {
+            self.last_rx = now;
+        }
+        loop {
+            let framed = match self.framer.frame(&self.rx[self.rx_start..self.rx_end]) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            let start = self.rx_start;
+            self.rx_start += framed.total_len;
+            self.stats.pdus_in += 1;
+            if let Err(e) = self.handle_pdu(&framed, start, now) {
+                return Err(self.fail(e));
+            }
+        }
+        // Make sure a whole PDU of the largest size fits.
+        let buffered = self.rx_end - self.rx_start;
+        if buffered >= BHS_LEN {
+            if let Ok(b) = Bhs::new_checked(&self.rx[self.rx_start..self.rx_end]) {
+                let need = self.framer.pdu_len(&b);
+                if self.rx.len() - self.rx_start < need {
+                    let _ = self.rx_space(need - buffered);
+                }
+            }
+        }
+        self.flush_waiting();
+        self.send_data_out();
+        Ok(())
+    }
+
+    /// Feeds received bytes by copying (for callers without their own buffer).
+    pub fn receive(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), ConnError> {
+        while !bytes.is_empty() {
+            let space = self.rx_space(bytes.len().min(64 * 1024));
+            let n = space.len().min(bytes.len());
+            space[..n].copy_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            self.commit_rx(n, now)?;
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: ConnError) -> ConnError {
+        if self.failed.is_none() {
+            self.failed = Some(e.clone());
+        }
+        e
+    }
+
+    /// Marks the connection failed from outside (transport error).
+    pub fn set_failed(&mut self, e: ConnError) {
+        self.fail(e);
+    }
+
+    fn update_window(&mut self, exp_cmd_sn: Sn, max_cmd_sn: Sn) {
+        // RFC 7143 §4.2.2.1: ignore values where MaxCmdSN < ExpCmdSN - 1, and
+        // never let the window move backwards.
+        if max_cmd_sn.lt(Sn(exp_cmd_sn.0.wrapping_sub(1))) {
+            return;
+        }
+        if exp_cmd_sn.gt(self.exp_cmd_sn) {
+            self.exp_cmd_sn = exp_cmd_sn;
+        }
+        if max_cmd_sn.gt(self.max_cmd_sn) {
+            self.max_cmd_sn = max_cmd_sn;
+        }
+    }
+
+    fn check_stat_sn(&mut self, stat_sn: Sn) -> Result<(), ConnError> {
+        // In-order delivery on one connection: StatSN must be the expected one.
+        if stat_sn != self.exp_stat_sn {
+            return Err(ConnError::Protocol(format!(
+                "StatSN {} out of order (expected {})",
+                stat_sn, self.exp_stat_sn
+            )));
+        }
+        self.exp_stat_sn = stat_sn.next();
+        Ok(())
+    }
+
+    fn handle_pdu(&mut self, f: &FramedPdu, base: usize, now: Instant) -> Result<(), ConnError> {
+        let data = base + f.data.start..base + f.data.end;
+        match &f.header {
+            PduHeader::DataIn(d) => {
+                self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
+                self.on_data_in(d, data)
+            }
+            PduHeader::ScsiResponse(r) => {
+                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
+                self.check_stat_sn(r.stat_sn)?;
+                let payload = &self.rx[data];
+                // Data segment: SenseLength (2 bytes) + sense data.
+                let sense = if payload.len() >= 2 {
+                    let sl = u16::from_be_bytes([payload[0], payload[1]]) as usize;
+                    payload.get(2..2 + sl).unwrap_or(&payload[2..]).to_vec()
+                } else {
+                    Vec::new()
+                };
+                let residual = if r.underflow {
+                    r.residual as i64
+                } else if r.overflow {
+                    -(r.residual as i64)
+                } else {
+                    0
+                };
+                self.complete_scsi(r.itt, r.response, r.status, sense, Some(residual))
+            }
+            PduHeader::R2t(r) => {
+                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
+                // R2T carries StatSN but does not advance it.
+                self.on_r2t(r.itt, r.ttt, r.buffer_offset, r.desired_len, r.r2t_sn)
+            }
+            PduHeader::NopIn(n) => {
+                self.update_window(n.exp_cmd_sn, n.max_cmd_sn);
+                if n.itt != RESERVED_TAG {
+                    self.check_stat_sn(n.stat_sn)?;
+                    let Some((slot, task)) = self.task_by_itt(n.itt) else {
+                        return Err(ConnError::Protocol(format!(
+                            "NOP-In for unknown task tag {:#x}",
+                            n.itt
+                        )));
+                    };
+                    let TaskKind::Ping { sent_at } = task.kind else {
+                        return Err(ConnError::Protocol(format!(
+                            "NOP-In answers task {:#x}, which is not a ping",
+                            n.itt
+                        )));
+                    };
+                    self.free_slot(slot);
+                    self.ping_outstanding = false;
+                    self.events.push_back(Event::PingAnswered {
+                        rtt: now.saturating_duration_since(sent_at),
+                    });
+                } else if n.ttt != RESERVED_TAG {
+                    // The target pings us: answer with its TTT, echoing its data.
+                    let echo = self.rx[data].to_vec();
+                    let hdr = PduHeader::NopOut(NopOut {
+                        immediate: true,
+                        lun: n.lun,
+                        itt: RESERVED_TAG,
+                        ttt: n.ttt,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn: self.exp_stat_sn,
+                    });
+                    encode_pdu(&mut self.tx, &hdr, &echo, self.digests);
+                    self.stats.pdus_out += 1;
+                }
+                Ok(())
+            }
+            PduHeader::TaskMgmtResponse(t) => {
+                self.update_window(t.exp_cmd_sn, t.max_cmd_sn);
+                self.check_stat_sn(t.stat_sn)?;
+                let Some((slot, task)) = self.task_by_itt(t.itt) else {
+                    return Err(ConnError::Protocol(format!(
+                        "task management response for unknown tag {:#x}",
+                        t.itt
+                    )));
+                };
+                let TaskKind::Tmf { user_tag } = task.kind else {
+                    return Err(ConnError::Protocol(
+                        "task management response for a non-TMF task".into(),
+                    ));
+                };
+                self.free_slot(slot);
+                self.events.push_back(Event::TaskManagement {
+                    user_tag,
+                    response: t.response,
+                });
+                Ok(())
+            }
+            PduHeader::TextResponse(t) => {
+                self.update_window(t.exp_cmd_sn, t.max_cmd_sn);
+                self.check_stat_sn(t.stat_sn)?;
+                let payload = self.rx[data].to_vec();
+                let Some((slot, task)) = self.task_by_itt(t.itt) else {
+                    return Err(ConnError::Protocol(format!(
+                        "text response for unknown tag {:#x}",
+                        t.itt
+                    )));
+                };
+                let TaskKind::Text {
+                    user_tag,
+                    collected,
+                } = &mut task.kind
+                else {
+                    return Err(ConnError::Protocol(
+                        "text response for a non-text task".into(),
+                    ));
+                };
+                if collected.len() + payload.len() > 1 << 20 {
+                    return Err(ConnError::Protocol(
+                        "text response larger than 1 MiB".into(),
+                    ));
+                }
+                collected.extend_from_slice(&payload);
+                let user_tag = *user_tag;
+                if t.cont || !t.final_bit {
+                    // Ask for the rest with an empty request carrying the TTT.
+                    if t.ttt == RESERVED_TAG {
+                        return Err(ConnError::Protocol(
+                            "text response continues but has no target transfer tag".into(),
+                        ));
+                    }
+                    self.send_text_pdu(slot, t.ttt, &[]);
+                    return Ok(());
+                }
+                let Some(task) = self.free_slot(slot) else {
+                    return Ok(());
+                };
+                let TaskKind::Text { collected, .. } = task.kind else {
+                    return Ok(());
+                };
+                let pairs = TextPairs::parse(&collected)
+                    .map_err(|e| ConnError::Protocol(format!("text response: {e}")))?;
+                self.events.push_back(Event::Text { user_tag, pairs });
+                Ok(())
+            }
+            PduHeader::LogoutResponse(l) => {
+                self.update_window(l.exp_cmd_sn, l.max_cmd_sn);
+                self.check_stat_sn(l.stat_sn)?;
+                if let Some((slot, _)) = self.task_by_itt(l.itt) {
+                    self.free_slot(slot);
+                }
+                self.logged_out = true;
+                self.events.push_back(Event::LoggedOut {
+                    time2wait: l.time2wait,
+                    time2retain: l.time2retain,
+                });
+                if l.response != 0 {
+                    return Err(ConnError::Protocol(format!(
+                        "logout refused by target (response {})",
+                        l.response
+                    )));
+                }
+                Ok(())
+            }
+            PduHeader::AsyncMessage(a) => {
+                self.update_window(a.exp_cmd_sn, a.max_cmd_sn);
+                self.check_stat_sn(a.stat_sn)?;
+                match a.event {
+                    0 => {
+                        let payload = &self.rx[data];
+                        let sense = if payload.len() >= 2 {
+                            let sl = u16::from_be_bytes([payload[0], payload[1]]) as usize;
+                            payload.get(2..2 + sl).unwrap_or(&payload[2..]).to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        self.events
+                            .push_back(Event::AsyncScsiEvent { lun: a.lun, sense });
+                        Ok(())
+                    }
+                    1 => {
+                        self.events
+                            .push_back(Event::LogoutRequested { within: a.param3 });
+                        Ok(())
+                    }
+                    2 | 3 => Err(ConnError::TargetDropped(a.event)),
+                    // 4 = renegotiate, 255 = vendor: nothing we must do.
+                    _ => Ok(()),
+                }
+            }
+            PduHeader::Reject(r) => {
+                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
+                self.check_stat_sn(r.stat_sn)?;
+                let what = reject_reason_text(r.reason);
+                let rejected = self.rx[data].to_vec();
+                let itt = Bhs::new_checked(&rejected).map(|b| b.itt()).ok();
+                Err(ConnError::Rejected(match itt {
+                    Some(itt) => format!("{what} (reason {:#04x}, task tag {itt:#x})", r.reason),
+                    None => format!("{what} (reason {:#04x})", r.reason),
+                }))
+            }
+            other => Err(ConnError::Protocol(format!(
+                "target sent an initiator-only PDU ({})",
+                other.opcode()
+            ))),
+        }
+    }
+
+    fn on_data_in(&mut self, d: &DataIn, data: std::ops::Range<usize>) -> Result<(), ConnError> {
+        if d.status_present {
+            self.check_stat_sn(d.stat_sn)?;
+        }
+        let len = data.len();
+        let itt = d.itt;
+        // Borrow only the slot table, so the receive buffer stays readable.
+        let task = match self.slots.get_mut((itt & 0xffff) as usize) {
+            Some(Some(t)) if t.itt == itt => t,
+            _ => {
+                return Err(ConnError::Protocol(format!(
+                    "Data-In for unknown task tag {itt:#x}"
+                )))
+            }
+        };
+        let TaskKind::Scsi {
+            cmd,
+            data_done,
+            next_data_sn,
+            ..
+        } = &mut task.kind
+        else {
+            return Err(ConnError::Protocol(format!(
+                "Data-In for non-SCSI task {itt:#x}"
+            )));
+        };
+        if len > 0 {
+            if cmd.direction != Direction::Read {
+                return Err(ConnError::Protocol(format!(
+                    "Data-In for task {itt:#x}, which reads no data"
+                )));
+            }
+            if d.data_sn != *next_data_sn {
+                return Err(ConnError::Protocol(format!(
+                    "Data-In DataSN {} out of order (expected {}) for task {itt:#x}",
+                    d.data_sn, next_data_sn
+                )));
+            }
+            let off = d.buffer_offset as usize;
+            let end = off.saturating_add(len);
+            if end > cmd.buffer.len() {
+                return Err(ConnError::Protocol(format!(
+                    "Data-In past the expected transfer length: offset {off} + {len} > {}",
+                    cmd.buffer.len()
+                )));
+            }
+            if off != *data_done {
+                // DataPDUInOrder=Yes: data must arrive contiguously.
+                return Err(ConnError::Protocol(format!(
+                    "Data-In at offset {off}, expected {data_done} (DataPDUInOrder)"
+                )));
+            }
+            cmd.buffer[off..end].copy_from_slice(&self.rx[data]);
+            *data_done = end;
+            *next_data_sn = next_data_sn.next();
+            self.stats.bytes_read += len as u64;
+        }
+        if d.status_present {
+            if !d.final_bit {
+                return Err(ConnError::Protocol(
+                    "Data-In with status but without the F bit".into(),
+                ));
+            }
+            let residual = if d.underflow {
+                d.residual as i64
+            } else if d.overflow {
+                -(d.residual as i64)
+            } else {
+                0
+            };
+            return self.complete_scsi(itt, 0, d.status, Vec::new(), Some(residual));
+        }
+        Ok(())
+    }
+
+    fn on_r2t(
+        &mut self,
+        itt: u32,
+        ttt: u32,
+        offset: u32,
+        len: u32,
+        r2t_sn: Sn,
+    ) -> Result<(), ConnError> {
+        let max_burst = self.params.max_burst_len;
+        let max_r2t = self.params.max_outstanding_r2t;
+        let Some((slot, task)) = self.task_by_itt(itt) else {
+            return Err(ConnError::Protocol(format!(
+                "R2T for unknown task tag {itt:#x}"
+            )));
+        };
+        let TaskKind::Scsi {
+            cmd,
+            r2ts,
+            r2ts_seen,
+            ..
+        } = &mut task.kind
+        else {
+            return Err(ConnError::Protocol(format!(
+                "R2T for non-SCSI task {itt:#x}"
+            )));
+        };
+        if cmd.direction != Direction::Write {
+            return Err(ConnError::Protocol(format!(
+                "R2T for task {itt:#x}, which writes no data"
+            )));
+        }
+        if r2t_sn != Sn(*r2ts_seen) {
+            return Err(ConnError::Protocol(format!(
+                "R2TSN {} out of order (expected {}) for task {itt:#x}",
+                r2t_sn, r2ts_seen
+            )));
+        }
+        if len == 0 || len > max_burst {
+            return Err(ConnError::Protocol(format!(
+                "R2T asks for {len} bytes; MaxBurstLength is {max_burst}"
+            )));
+        }
+        let end = offset as u64 + len as u64;
+        if end > cmd.buffer.len() as u64 {
+            return Err(ConnError::Protocol(format!(
+                "R2T for bytes {offset}..{end}, past the {} bytes of the command",
+                cmd.buffer.len()
+            )));
+        }
+        if r2ts.len() as u32 >= max_r2t {
+            return Err(ConnError::Protocol(format!(
+                "more than MaxOutstandingR2T={max_r2t} R2Ts outstanding"
+            )));
+        }
+        *r2ts_seen += 1;
+        r2ts.push_back((ttt, offset, len));
+        self.stats.r2ts += 1;
+        self.data_out_ready.push_back(slot);
+        Ok(())
+    }
+
+    fn complete_scsi(
+        &mut self,
+        itt: u32,
+        response: u8,
+        status: u8,
+        sense: Vec<u8>,
+        residual: Option<i64>,
+    ) -> Result<(), ConnError> {
+        let Some((slot, task)) = self.task_by_itt(itt) else {
+            return Err(ConnError::Protocol(format!(
+                "SCSI status for unknown task tag {itt:#x}"
+            )));
+        };
+        if !matches!(task.kind, TaskKind::Scsi { .. }) {
+            return Err(ConnError::Protocol(format!(
+                "SCSI status for non-SCSI task {itt:#x}"
+            )));
+        }
+        let Some(task) = self.free_slot(slot) else {
+            return Ok(());
+        };
+        let TaskKind::Scsi { cmd, data_done, .. } = task.kind else {
+            return Ok(());
+        };
+        self.data_out_ready.retain(|&s| s != slot);
+        let transferred = if cmd.direction == Direction::Read {
+            data_done
+        } else {
+            cmd.buffer
+                .len()
+                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
+        };
+        self.events.push_back(Event::Completed(Completion {
+            user_tag: cmd.user_tag,
+            response,
+            status,
+            sense,
+            residual: residual.unwrap_or(0),
+            transferred,
+            command: CommandEcho {
+                lun: cmd.lun,
+                cdb: cmd.cdb,
+                cdb_len: cmd.cdb_len,
+                direction: cmd.direction,
+            },
+            buffer: cmd.buffer,
+        }));
+        Ok(())
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) needs to run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(iv) = self.timers.nop_interval {
+            if self.ping_outstanding {
+                consider(self.last_rx + iv + self.timers.nop_timeout);
+            } else {
+                consider(self.last_rx + iv);
+            }
+        }
+        if let Some(ct) = self.timers.command_timeout {
+            if let Some(oldest) = self
+                .slots
+                .iter()
+                .flatten()
+                .filter(|t| matches!(t.kind, TaskKind::Scsi { .. }))
+                .map(|t| t.submitted_at)
+                .min()
+            {
+                consider(oldest + ct);
+            }
+        }
+        next
+    }
+
+    /// Runs timers: pings an idle target, fails the connection on a missing
+    /// ping answer or a command past its timeout.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ConnError> {
+        if self.failed.is_some() || self.logged_out {
+            return Ok(());
+        }
+        if let Some(iv) = self.timers.nop_interval {
+            let silent = now.saturating_duration_since(self.last_rx);
+            if self.ping_outstanding && silent >= iv + self.timers.nop_timeout {
+                return Err(self.fail(ConnError::PingTimeout(self.timers.nop_timeout)));
+            }
+            if !self.ping_outstanding && silent >= iv {
+                let _ = self.ping(now);
+            }
+        }
+        if let Some(ct) = self.timers.command_timeout {
+            let late = self.slots.iter().flatten().any(|t| {
+                matches!(t.kind, TaskKind::Scsi { .. })
+                    && now.saturating_duration_since(t.submitted_at) >= ct
+            });
+            if late {
+                return Err(self.fail(ConnError::CommandTimeout(ct)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back every unfinished SCSI command (after a failure), so it can
+    /// be retried on another connection. Writes included: none of them was
+    /// acknowledged, so resending is safe.
+    pub fn take_outstanding(&mut self) -> Vec<Command> {
+        let mut out = Vec::new();
+        // Resubmit in CmdSN order to keep ordering as close as possible.
+        let mut tasks: Vec<Task> = (0..self.slots.len())
+            .filter_map(|i| self.slots[i].take())
+            .collect();
+        tasks.sort_by_key(|t| {
+            t.cmd_sn
+                .map(|s| s.0.wrapping_sub(self.exp_cmd_sn.0))
+                .unwrap_or(u32::MAX)
+        });
+        for t in tasks {
+            if let TaskKind::Scsi { cmd, .. } = t.kind {
+                out.push(cmd);
+            }
+        }
+        self.free.clear();
+        self.slots.clear();
+        self.waiting.clear();
+        self.data_out_ready.clear();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,502 @@
+use super::*;
+use crate::iscsi::login::LoginOutcome;
+use crate::wire::iscsi::{NopIn, R2t, ScsiResponse};
+
+fn outcome(params: Params) -> LoginOutcome {
+    LoginOutcome {
+        params,
+        tsih: 1,
+        isid: [0x80, 0, 0, 0, 0, 1],
+        cid: 0,
+        cmd_sn: Sn(10),
+        exp_stat_sn: Sn(100),
+        exp_cmd_sn: Sn(10),
+        max_cmd_sn: Sn(41),
+    }
+}
+
+fn params() -> Params {
+    Params {
+        max_recv_data_segment_len: 8192,
+        max_xmit_data_segment_len: 4096,
+        initial_r2t: true,
+        immediate_data: true,
+        first_burst_len: 8192,
+        max_burst_len: 65536,
+        ..Params::default()
+    }
+}
+
+/// A scripted target: decodes what the connection sent.
+struct Peer {
+    framer: PduFramer,
+    digests: Digests,
+    stat_sn: Sn,
+}
+
+impl Peer {
+    fn new(digests: Digests) -> Peer {
+        Peer {
+            framer: PduFramer {
+                digests,
+                max_data_segment_len: 1 << 20,
+            },
+            digests,
+            stat_sn: Sn(100),
+        }
+    }
+
+    #[track_caller]
+    fn sent(&self, c: &mut Connection) -> Vec<(PduHeader, Vec<u8>)> {
+        let bytes = c.pending_tx().to_vec();
+        c.consume_tx(bytes.len());
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at < bytes.len() {
+            let f = self
+                .framer
+                .frame(&bytes[at..])
+                .unwrap()
+                .expect("partial PDU");
+            out.push((f.header.clone(), bytes[at..][f.data.clone()].to_vec()));
+            at += f.total_len;
+        }
+        out
+    }
+
+    fn next_stat_sn(&mut self) -> Sn {
+        let s = self.stat_sn;
+        self.stat_sn = s.next();
+        s
+    }
+
+    fn encode(&self, h: PduHeader, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_pdu(&mut v, &h, data, self.digests);
+        v
+    }
+
+    fn data_in(
+        &mut self,
+        itt: u32,
+        data_sn: u32,
+        offset: u32,
+        data: &[u8],
+        status: bool,
+    ) -> Vec<u8> {
+        let stat_sn = if status {
+            self.next_stat_sn()
+        } else {
+            self.stat_sn
+        };
+        self.encode(
+            PduHeader::DataIn(DataIn {
+                final_bit: status,
+                ack: false,
+                overflow: false,
+                underflow: false,
+                status_present: status,
+                status: 0,
+                lun: 0,
+                itt,
+                ttt: RESERVED_TAG,
+                stat_sn,
+                exp_cmd_sn: Sn(11),
+                max_cmd_sn: Sn(42),
+                data_sn: Sn(data_sn),
+                buffer_offset: offset,
+                residual: 0,
+            }),
+            data,
+        )
+    }
+
+    fn response(&mut self, itt: u32, status: u8, sense: &[u8], max_cmd_sn: u32) -> Vec<u8> {
+        let mut data = Vec::new();
+        if !sense.is_empty() {
+            data.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+            data.extend_from_slice(sense);
+        }
+        let stat_sn = self.next_stat_sn();
+        self.encode(
+            PduHeader::ScsiResponse(ScsiResponse {
+                bidi_overflow: false,
+                bidi_underflow: false,
+                overflow: false,
+                underflow: false,
+                response: 0,
+                status,
+                itt,
+                snack_tag: 0,
+                stat_sn,
+                exp_cmd_sn: Sn(max_cmd_sn.wrapping_sub(31)),
+                max_cmd_sn: Sn(max_cmd_sn),
+                exp_data_sn: Sn(0),
+                bidi_residual: 0,
+                residual: 0,
+            }),
+            &data,
+        )
+    }
+
+    fn r2t(&self, itt: u32, ttt: u32, r2t_sn: u32, offset: u32, len: u32) -> Vec<u8> {
+        self.encode(
+            PduHeader::R2t(R2t {
+                lun: 0,
+                itt,
+                ttt,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: Sn(11),
+                max_cmd_sn: Sn(42),
+                r2t_sn: Sn(r2t_sn),
+                buffer_offset: offset,
+                desired_len: len,
+            }),
+            &[],
+        )
+    }
+}
+
+fn read_cmd(len: usize, tag: u64) -> Command {
+    let mut c = Command::new(0, &[0x88; 16], Direction::Read, vec![0; len]).unwrap();
+    c.user_tag = tag;
+    c
+}
+
+fn write_cmd(len: usize, tag: u64) -> Command {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut c = Command::new(0, &[0x8a; 16], Direction::Write, data).unwrap();
+    c.user_tag = tag;
+    c
+}
+
+#[track_caller]
+fn completion(c: &mut Connection) -> Completion {
+    match c.poll_event() {
+        Some(Event::Completed(done)) => done,
+        other => panic!("expected a completion, got {other:?}"),
+    }
+}
+
+#[test]
+fn read_across_several_data_in_with_status_in_last() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(10000, 7), now).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::ScsiCommand(cmd) = &sent[0].0 else {
+        panic!()
+    };
+    assert!(cmd.read && cmd.final_bit);
+    assert_eq!(cmd.cmd_sn, Sn(10));
+    assert_eq!(cmd.expected_data_len, 10000);
+    let payload: Vec<u8> = (0..10000).map(|i| (i * 7) as u8).collect();
+    let mut bytes = peer.data_in(cmd.itt, 0, 0, &payload[..8192], false);
+    bytes.extend(peer.data_in(cmd.itt, 1, 8192, &payload[8192..], true));
+    // Deliver in awkward pieces to exercise framing.
+    for chunk in bytes.chunks(333) {
+        c.receive(chunk, now).unwrap();
+    }
+    let done = completion(&mut c);
+    assert_eq!(done.user_tag, 7);
+    assert_eq!(done.status, 0);
+    assert_eq!(done.buffer, payload);
+    assert_eq!(done.transferred, 10000);
+    assert_eq!(c.outstanding(), 0);
+}
+
+#[test]
+fn write_sends_immediate_data_then_answers_r2t_in_pieces() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    let cmd = write_cmd(20000, 3);
+    let expected = cmd.buffer.clone();
+    c.submit(cmd, now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 1);
+    let PduHeader::ScsiCommand(sc) = &sent[0].0 else {
+        panic!()
+    };
+    // Immediate data is limited by the target's MaxRecvDataSegmentLength.
+    assert_eq!(sent[0].1.len(), 4096);
+    assert!(sc.write && sc.final_bit);
+    let itt = sc.itt;
+    c.receive(&peer.r2t(itt, 0x55, 0, 4096, 15904), now)
+        .unwrap();
+    let sent = peer.sent(&mut c);
+    let mut got = expected[..4096].to_vec();
+    for (i, (h, d)) in sent.iter().enumerate() {
+        let PduHeader::DataOut(o) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!(o.ttt, 0x55);
+        assert_eq!(o.data_sn, Sn(i as u32));
+        assert_eq!(o.buffer_offset as usize, got.len());
+        assert_eq!(o.final_bit, i == sent.len() - 1);
+        assert!(d.len() <= 4096);
+        got.extend_from_slice(d);
+    }
+    assert_eq!(got, expected);
+    c.receive(&peer.response(itt, 0, &[], 42), now).unwrap();
+    assert_eq!(completion(&mut c).user_tag, 3);
+}
+
+#[test]
+fn unsolicited_data_out_when_initial_r2t_is_no() {
+    let now = Instant::now();
+    let p = Params {
+        initial_r2t: false,
+        immediate_data: false,
+        ..params()
+    };
+    let mut c = Connection::new(&outcome(p), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(write_cmd(12000, 1), now).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::ScsiCommand(sc) = &sent[0].0 else {
+        panic!()
+    };
+    assert!(
+        !sc.final_bit,
+        "F must be clear when unsolicited Data-Out follows"
+    );
+    assert!(sent[0].1.is_empty());
+    let total: usize = sent[1..].iter().map(|(_, d)| d.len()).sum();
+    assert_eq!(total, 8192, "unsolicited data stops at FirstBurstLength");
+    let PduHeader::DataOut(last) = &sent.last().unwrap().0 else {
+        panic!()
+    };
+    assert!(last.final_bit);
+    assert_eq!(last.ttt, RESERVED_TAG);
+    let _ = peer.next_stat_sn();
+}
+
+#[test]
+fn never_sends_outside_the_cmdsn_window() {
+    let now = Instant::now();
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(11); // room for CmdSN 10 and 11
+    let mut c = Connection::new(&o, ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    for tag in 0..5 {
+        c.submit(read_cmd(0, tag), now).unwrap();
+    }
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(c.window_space(), 0);
+    let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+        panic!()
+    };
+    // The target completes one and opens the window by one.
+    c.receive(&peer.response(first.itt, 0, &[], 12), now)
+        .unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 1);
+    let PduHeader::ScsiCommand(third) = &sent[0].0 else {
+        panic!()
+    };
+    assert_eq!(third.cmd_sn, Sn(12));
+    // A MaxCmdSN that goes backwards is ignored.
+    c.receive(&peer.response(third.itt, 0, &[], 5), now)
+        .unwrap();
+    assert!(peer.sent(&mut c).is_empty());
+    assert_eq!(c.outstanding(), 3);
+}
+
+#[test]
+fn check_condition_carries_sense() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(512, 9), now).unwrap();
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    let sense = [
+        0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0x00, 0, 0, 0, 0,
+    ];
+    c.receive(&peer.response(sc.itt, 2, &sense, 42), now)
+        .unwrap();
+    let done = completion(&mut c);
+    assert_eq!(done.status, 2);
+    assert_eq!(done.sense, sense);
+}
+
+#[test]
+fn digests_on_both_ways() {
+    let now = Instant::now();
+    let p = Params {
+        header_digest: super::super::params::DigestKind::Crc32c,
+        data_digest: super::super::params::DigestKind::Crc32c,
+        ..params()
+    };
+    let mut c = Connection::new(&outcome(p), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests {
+        header: true,
+        data: true,
+    });
+    c.submit(read_cmd(100, 1), now).unwrap();
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    let mut bytes = peer.data_in(sc.itt, 0, 0, &[5u8; 100], true);
+    c.receive(&bytes, now).unwrap();
+    assert_eq!(completion(&mut c).buffer, vec![5u8; 100]);
+    // A flipped bit in the data now fails the connection.
+    c.submit(read_cmd(100, 2), now).unwrap();
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    bytes = peer.data_in(sc.itt, 0, 0, &[5u8; 100], true);
+    bytes[60] ^= 0x10;
+    assert!(matches!(
+        c.receive(&bytes, now),
+        Err(ConnError::Wire(IscsiWireError::DataDigest { .. }))
+    ));
+    let back = c.take_outstanding();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].user_tag, 2);
+}
+
+#[test]
+fn hostile_target_pdus_fail_the_connection_cleanly() {
+    type Case = fn(&mut Peer, u32) -> Vec<u8>;
+    let cases: Vec<(&str, Case)> = vec![
+        ("data past end", |p, itt| {
+            p.data_in(itt, 0, 4000, &[0; 200], false)
+        }),
+        ("unknown tag", |p, itt| {
+            p.data_in(itt ^ 0x10000, 0, 0, &[0; 10], false)
+        }),
+        ("bad DataSN", |p, itt| p.data_in(itt, 3, 0, &[0; 10], false)),
+        ("StatSN jump", |p, itt| {
+            p.stat_sn = p.stat_sn.plus(5);
+            p.response(itt, 0, &[], 42)
+        }),
+        ("R2T on read", |p, itt| p.r2t(itt, 1, 0, 0, 100)),
+        ("target-only opcode", |p, _| {
+            p.encode(
+                PduHeader::NopOut(NopOut {
+                    immediate: true,
+                    lun: 0,
+                    itt: 1,
+                    ttt: RESERVED_TAG,
+                    cmd_sn: Sn(0),
+                    exp_stat_sn: Sn(0),
+                }),
+                &[],
+            )
+        }),
+    ];
+    for (name, make) in cases {
+        let now = Instant::now();
+        let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+        let mut peer = Peer::new(Digests::default());
+        c.submit(read_cmd(4096, 1), now).unwrap();
+        let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+            panic!()
+        };
+        let bytes = make(&mut peer, sc.itt);
+        assert!(c.receive(&bytes, now).is_err(), "{name} was accepted");
+        assert!(c.is_failed().is_some(), "{name}");
+        assert!(c.submit(read_cmd(1, 2), now).is_err());
+        assert_eq!(
+            c.take_outstanding().len(),
+            1,
+            "{name}: the command must come back for retry"
+        );
+    }
+}
+
+#[test]
+fn r2t_beyond_limits_is_refused() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let peer = Peer::new(Digests::default());
+    c.submit(write_cmd(200_000, 1), now).unwrap();
+    let PduHeader::ScsiCommand(sc) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    // More than MaxBurstLength (65536).
+    let e = c
+        .receive(&peer.r2t(sc.itt, 1, 0, 4096, 100_000), now)
+        .unwrap_err();
+    assert!(e.to_string().contains("MaxBurstLength"), "{e}");
+}
+
+#[test]
+fn answers_target_nop_in_and_pings_when_idle() {
+    let now = Instant::now();
+    let timers = ConnTimers {
+        nop_interval: Some(Duration::from_secs(1)),
+        nop_timeout: Duration::from_secs(1),
+        command_timeout: None,
+    };
+    let mut c = Connection::new(&outcome(params()), timers, now);
+    let mut peer = Peer::new(Digests::default());
+    let nop = peer.encode(
+        PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt: 0x77,
+            stat_sn: Sn(100),
+            exp_cmd_sn: Sn(10),
+            max_cmd_sn: Sn(41),
+        }),
+        b"ping",
+    );
+    c.receive(&nop, now).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::NopOut(o) = &sent[0].0 else {
+        panic!()
+    };
+    assert_eq!((o.ttt, o.itt), (0x77, RESERVED_TAG));
+    assert_eq!(sent[0].1, b"ping");
+
+    // Idle: after nop_interval a ping goes out; unanswered, the connection dies.
+    assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(1)));
+    c.handle_timeout(now + Duration::from_secs(1)).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::NopOut(ping) = &sent[0].0 else {
+        panic!()
+    };
+    assert!(ping.immediate && ping.itt != RESERVED_TAG);
+    let stat_sn = peer.next_stat_sn();
+    let answer = peer.encode(
+        PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: ping.itt,
+            ttt: RESERVED_TAG,
+            stat_sn,
+            exp_cmd_sn: Sn(10),
+            max_cmd_sn: Sn(41),
+        }),
+        &[],
+    );
+    let t1 = now + Duration::from_millis(1200);
+    c.receive(&answer, t1).unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::PingAnswered { .. })));
+    c.handle_timeout(t1 + Duration::from_secs(1)).unwrap();
+    assert!(!peer.sent(&mut c).is_empty());
+    let e = c.handle_timeout(t1 + Duration::from_secs(3)).unwrap_err();
+    assert!(matches!(e, ConnError::PingTimeout(_)));
+}
+
+#[test]
+fn command_timeout_fails_connection() {
+    let now = Instant::now();
+    let timers = ConnTimers {
+        nop_interval: None,
+        nop_timeout: Duration::from_secs(1),
+        command_timeout: Some(Duration::from_secs(2)),
+    };
+    let mut c = Connection::new(&outcome(params()), timers, now);
+    c.submit(read_cmd(10, 1), now).unwrap();
+    c.handle_timeout(now + Duration::from_secs(1)).unwrap();
+    assert!(matches!(
+        c.handle_timeout(now + Duration::from_secs(2)),
+        Err(ConnError::CommandTimeout(_))
+    ));
+}

@@ -1,0 +1,155 @@
+//! Discovery sessions: `SendTargets=All` (RFC 7143 §12.3, Appendix C).
+
+use super::login::{LoginConfig, SessionType};
+use super::session::{Session, SessionConfig, SessionError};
+use crate::transport::Transport;
+use crate::wire::text::TextPairs;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Portal {
+    /// Address as the target wrote it (IPv4, name, or IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+    pub tpgt: Option<u16>,
+}
+
+impl Portal {
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiscoveredTarget {
+    pub name: String,
+    pub portals: Vec<Portal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DiscoveryError {
+    #[error("SendTargets answer has a TargetAddress before any TargetName")]
+    AddressWithoutTarget,
+    #[error("SendTargets answer has a malformed TargetAddress {0:?}")]
+    BadAddress(String),
+}
+
+/// Parses a SendTargets answer. A target without TargetAddress is reachable
+/// through the portal the discovery session used (`default_portal`).
+pub fn parse_send_targets(
+    pairs: &TextPairs,
+    default_portal: &Portal,
+) -> Result<Vec<DiscoveredTarget>, DiscoveryError> {
+    let mut targets: Vec<DiscoveredTarget> = Vec::new();
+    for (k, v) in pairs.iter() {
+        match k {
+            "TargetName" => targets.push(DiscoveredTarget {
+                name: v.to_string(),
+                portals: Vec::new(),
+            }),
+            "TargetAddress" => {
+                let t = targets
+                    .last_mut()
+                    .ok_or(DiscoveryError::AddressWithoutTarget)?;
+                t.portals.push(parse_address(v, default_portal.port)?);
+            }
+            _ => {}
+        }
+    }
+    for t in &mut targets {
+        if t.portals.is_empty() {
+            t.portals.push(default_portal.clone());
+        }
+    }
+    Ok(targets)
+}
+
+/// `host[:port][,tpgt]`, host may be `[IPv6]`.
+fn parse_address(v: &str, default_port: u16) -> Result<Portal, DiscoveryError> {
+    let bad = || DiscoveryError::BadAddress(v.chars().take(80).collect());
+    let (hp, tpgt) = match v.rsplit_once(',') {
+        Some((hp, t)) => (hp, Some(t.parse::<u16>().map_err(|_| bad())?)),
+        None => (v, None),
+    };
+    let (host, port) = if let Some(rest) = hp.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None => default_port,
+        };
+        (h.to_string(), port)
+    } else {
+        match hp.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad())?),
+            None => (hp.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Portal { host, port, tpgt })
+}
+
+/// Logs in a discovery session over `transport`, asks `SendTargets=All`,
+/// logs out.
+pub fn send_targets<T: Transport>(
+    transport: T,
+    mut login: LoginConfig,
+    timeout: Duration,
+) -> Result<Vec<DiscoveredTarget>, SessionError> {
+    let peer = transport.peer_addr();
+    login.session_type = SessionType::Discovery;
+    login.target_name = None;
+    let mut config = SessionConfig::new(login);
+    config.login_timeout = timeout;
+    let mut session = Session::login(transport, &config)?;
+    let mut req = TextPairs::new();
+    req.push("SendTargets", "All");
+    let answer = session.text(&req, timeout)?;
+    let _ = session.logout(timeout);
+    let default_portal = Portal {
+        host: peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        port: peer.map(|p| p.port()).unwrap_or(3260),
+        tpgt: None,
+    };
+    parse_send_targets(&answer, &default_portal).map_err(|e| {
+        SessionError::Connection(super::connection::ConnError::Protocol(e.to_string()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_targets_and_portals() {
+        let t = TextPairs::parse(
+            b"TargetName=iqn.a:1\0TargetAddress=10.0.0.1:3260,1\0TargetAddress=[fe80::1]:3261,2\0TargetName=iqn.a:2\0",
+        )
+        .unwrap();
+        let d = Portal {
+            host: "192.0.2.9".into(),
+            port: 3260,
+            tpgt: None,
+        };
+        let targets = parse_send_targets(&t, &d).unwrap();
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[0].portals.len(), 2);
+        assert_eq!(targets[0].portals[1].host, "fe80::1");
+        assert_eq!(targets[0].portals[1].tpgt, Some(2));
+        assert_eq!(targets[0].portals[1].address(), "[fe80::1]:3261");
+        assert_eq!(targets[1].portals, vec![d.clone()]);
+        let bad = TextPairs::parse(b"TargetAddress=1.2.3.4\0").unwrap();
+        assert_eq!(
+            parse_send_targets(&bad, &d),
+            Err(DiscoveryError::AddressWithoutTarget)
+        );
+        let bad = TextPairs::parse(b"TargetName=x\0TargetAddress=1.2.3.4:http\0").unwrap();
+        assert!(parse_send_targets(&bad, &d).is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! A driver that runs the sans-IO login and connection state machines over a
+//! [`Transport`]: log in, submit commands, pump bytes, collect events.
+//! One session = one connection here (MPIO); the multipath layer runs one
+//! session per path.
+
+use super::connection::{
+    Command, Completion, ConnError, ConnTimers, Connection, Event, SubmitError,
+};
+use super::login::{Login, LoginConfig, LoginError, LoginOutcome, LoginProgress};
+use crate::transport::{Transport, TransportError};
+use crate::wire::iscsi::{Digests, IscsiWireError, PduFramer, PduHeader, Sn};
+use crate::wire::text::TextPairs;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Login(#[from] LoginError),
+    #[error(transparent)]
+    Connection(#[from] ConnError),
+    #[error("cannot submit: {0}")]
+    Submit(#[from] SubmitError),
+    #[error("malformed login PDU from target: {0}")]
+    LoginWire(#[from] IscsiWireError),
+    #[error("target sent a {0} PDU during login")]
+    UnexpectedLoginPdu(String),
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+}
+
+/// What the driver does when there is nothing to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdlePolicy {
+    /// Spin (poll-mode): lowest latency, one core busy.
+    BusyPoll,
+    /// Block in the transport for up to this long (shared machines, CLI).
+    Wait(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub login: LoginConfig,
+    pub timers: ConnTimers,
+    pub login_timeout: Duration,
+    pub idle: IdlePolicy,
+}
+
+impl SessionConfig {
+    pub fn new(login: LoginConfig) -> SessionConfig {
+        SessionConfig {
+            login,
+            timers: ConnTimers::default(),
+            login_timeout: Duration::from_secs(10),
+            idle: IdlePolicy::Wait(Duration::from_millis(2)),
+        }
+    }
+}
+
+pub struct Session<T: Transport> {
+    conn: Connection,
+    transport: T,
+    outcome: LoginOutcome,
+    idle: IdlePolicy,
+}
+
+impl<T: Transport> std::fmt::Debug for Session<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tsih", &self.outcome.tsih)
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends everything in `buf` (spinning/waiting on a full transport).
+fn send_all<T: Transport>(
+    t: &mut T,
+    mut buf: &[u8],
+    deadline: Instant,
+) -> Result<(), SessionError> {
+    while !buf.is_empty() {
+        t.poll()?;
+        let n = t.send(buf)?;
+        buf = &buf[n..];
+        if n == 0 {
+            if Instant::now() >= deadline {
+                return Err(SessionError::Timeout {
+                    what: "sending to the target",
+                    after: Duration::ZERO,
+                });
+            }
+            t.wait(Duration::from_micros(200))?;
+        }
+    }
+    Ok(())
+}
+
+impl<T: Transport> Session<T> {
+    /// Logs in over a connected transport.
+    pub fn login(mut transport: T, config: &SessionConfig) -> Result<Session<T>, SessionError> {
+        let start = Instant::now();
+        let deadline = start + config.login_timeout;
+        let mut login = Login::new(config.login.clone(), 0, Sn(1));
+        let mut out = Vec::new();
+        login.start(&mut out);
+        // During login the target may send up to 8 KiB per PDU; allow more to
+        // be lenient with targets that ignore that, but stay bounded.
+        let framer = PduFramer {
+            digests: Digests::default(),
+            max_data_segment_len: 65536,
+        };
+        let mut inbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            send_all(&mut transport, &out, deadline)?;
+            out.clear();
+            // Read until one whole login response is there.
+            let framed = loop {
+                if let Some(f) = framer.frame(&inbuf)? {
+                    break f;
+                }
+                transport.poll()?;
+                let n = transport.recv(&mut chunk)?;
+                if n == 0 {
+                    if Instant::now() >= deadline {
+                        return Err(SessionError::Timeout {
+                            what: "login",
+                            after: config.login_timeout,
+                        });
+                    }
+                    transport.wait(Duration::from_millis(5))?;
+                }
+                inbuf.extend_from_slice(&chunk[..n]);
+            };
+            let data = inbuf[framed.data.clone()].to_vec();
+            inbuf.drain(..framed.total_len);
+            let PduHeader::LoginResponse(rsp) = &framed.header else {
+                return Err(SessionError::UnexpectedLoginPdu(
+                    framed.header.opcode().to_string(),
+                ));
+            };
+            match login.on_response(rsp, &data, &mut out)? {
+                LoginProgress::Continue => {}
+                LoginProgress::Done(outcome) => {
+                    let mut conn = Connection::new(&outcome, config.timers, Instant::now());
+                    if !inbuf.is_empty() {
+                        conn.receive(&inbuf, Instant::now())?;
+                    }
+                    return Ok(Session {
+                        conn,
+                        transport,
+                        outcome,
+                        idle: config.idle,
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn outcome(&self) -> &LoginOutcome {
+        &self.outcome
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    pub fn submit(&mut self, cmd: Command) -> Result<(), SessionError> {
+        self.conn.submit(cmd, Instant::now())?;
+        Ok(())
+    }
+
+    /// One round of I/O: flush output, read input, run timers. Returns true
+    /// if anything moved. Errors mean the connection is dead; take the
+    /// outstanding commands back with [`Connection::take_outstanding`].
+    pub fn poll_io(&mut self) -> Result<bool, SessionError> {
+        let r = self.poll_io_inner();
+        if let Err(e) = &r {
+            self.conn.set_failed(ConnError::Failed(e.to_string()));
+        }
+        r
+    }
+
+    fn poll_io_inner(&mut self) -> Result<bool, SessionError> {
+        let now = Instant::now();
+        let mut progressed = false;
+        self.transport.poll()?;
+        loop {
+            let pending = self.conn.pending_tx();
+            if pending.is_empty() {
+                break;
+            }
+            let n = self.transport.send(pending)?;
+            if n == 0 {
+                break;
+            }
+            self.conn.consume_tx(n);
+            progressed = true;
+        }
+        loop {
+            let space = self.conn.rx_space(64 * 1024);
+            let n = self.transport.recv(space)?;
+            if n == 0 {
+                break;
+            }
+            self.conn.commit_rx(n, now)?;
+            progressed = true;
+        }
+        if !self.conn.pending_tx().is_empty() {
+            // Answers to what we just received (R2T data, NOP-Out) go out now.
+            let n = self.transport.send(self.conn.pending_tx())?;
+            self.conn.consume_tx(n);
+        }
+        if let Some(t) = self.conn.poll_timeout() {
+            if now >= t {
+                self.conn.handle_timeout(now)?;
+            }
+        }
+        Ok(progressed)
+    }
+
+    /// Waits for the next event, pumping I/O, for up to `timeout`.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, SessionError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.conn.poll_event() {
+                return Ok(Some(e));
+            }
+            let progressed = self.poll_io()?;
+            if let Some(e) = self.conn.poll_event() {
+                return Ok(Some(e));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            if !progressed {
+                self.idle_wait(deadline - now)?;
+            }
+        }
+    }
+
+    fn idle_wait(&mut self, left: Duration) -> Result<(), SessionError> {
+        match self.idle {
+            IdlePolicy::BusyPoll => Ok(()),
+            IdlePolicy::Wait(d) => {
+                // Don't block while we still have bytes to push out.
+                let d = if self.conn.pending_tx().is_empty() {
+                    d
+                } else {
+                    Duration::from_micros(100)
+                };
+                self.transport.wait(d.min(left))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs one command to completion (blocking convenience).
+    pub fn execute(
+        &mut self,
+        mut cmd: Command,
+        timeout: Duration,
+    ) -> Result<Completion, SessionError> {
+        // A tag unlikely to collide with asynchronous users of this session.
+        const SYNC_TAG: u64 = u64::MAX - 1;
+        cmd.user_tag = SYNC_TAG;
+        self.submit(cmd)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left)? {
+                Some(Event::Completed(c)) if c.user_tag == SYNC_TAG => return Ok(c),
+                Some(_) => {}
+                None => {
+                    return Err(SessionError::Timeout {
+                        what: "SCSI command",
+                        after: timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sends a text request and waits for the whole answer.
+    pub fn text(
+        &mut self,
+        pairs: &TextPairs,
+        timeout: Duration,
+    ) -> Result<TextPairs, SessionError> {
+        const TEXT_TAG: u64 = u64::MAX - 2;
+        self.conn.text_request(pairs, TEXT_TAG, Instant::now())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left)? {
+                Some(Event::Text { user_tag, pairs }) if user_tag == TEXT_TAG => return Ok(pairs),
+                Some(_) => {}
+                None => {
+                    return Err(SessionError::Timeout {
+                        what: "text request",
+                        after: timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Task management (ABORT TASK, LUN RESET...), waiting for the answer.
+    pub fn task_management(
+        &mut self,
+        function: u8,
+        lun: u64,
+        referenced: Option<u64>,
+        timeout: Duration,
+    ) -> Result<u8, SessionError> {
+        const TMF_TAG: u64 = u64::MAX - 3;
+        self.conn
+            .task_management(function, lun, referenced, TMF_TAG, Instant::now())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left)? {
+                Some(Event::TaskManagement { user_tag, response }) if user_tag == TMF_TAG => {
+                    return Ok(response)
+                }
+                Some(_) => {}
+                None => {
+                    return Err(SessionError::Timeout {
+                        what: "task management request",
+                        after: timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Logs out and closes the transport.
+    pub fn logout(mut self, timeout: Duration) -> Result<(), SessionError> {
+        self.conn.logout(Instant::now())?;
+        let deadline = Instant::now() + timeout;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left) {
+                Ok(Some(Event::LoggedOut { .. })) => break Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    break Err(SessionError::Timeout {
+                        what: "logout",
+                        after: timeout,
+                    })
+                }
+                // A target may close right after answering.
+                Err(SessionError::Transport(TransportError::Closed)) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.transport.close();
+        result
+    }
+
+    /// Takes the transport back and returns unfinished commands (after a failure).
+    pub fn into_parts(mut self) -> (T, Vec<Command>) {
+        let cmds = self.conn.take_outstanding();
+        (self.transport, cmds)
+    }
+}

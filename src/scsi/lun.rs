@@ -1,0 +1,282 @@
+//! A blocking handle on one logical unit over one iSCSI session: the SCSI
+//! commands a user or tool needs, with UNIT ATTENTION / BUSY retries and
+//! responses decoded. Used by the CLI and as the simplest library entry.
+
+use super::{check_status, Capacity, DataRepr, LunInfo, ScsiCommand, ScsiError};
+use crate::iscsi::connection::{Command, Direction};
+use crate::iscsi::session::{Session, SessionError};
+use crate::transport::Transport;
+use crate::wire::scsi::{
+    vpd, BlockLimits, DeviceIdentification, InquiryData, LogicalBlockProvisioning, Lun,
+    ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, SupportedVpdPages,
+    TargetPortGroupsData, UnitSerialNumber,
+};
+use std::time::Duration;
+use thiserror::Error;
+
+/// How many times a retryable status (UNIT ATTENTION, BUSY, ...) is retried.
+pub const DEFAULT_RETRIES: u32 = 8;
+
+#[derive(Debug, Error)]
+pub enum LunError {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("SCSI error: {0}")]
+    Scsi(#[from] ScsiError),
+    #[error("iSCSI target failure (response {0:#04x}) for {1}")]
+    TargetFailure(u8, String),
+    #[error("{what}: target returned {got} bytes, at least {need} needed")]
+    ShortData {
+        what: &'static str,
+        got: usize,
+        need: usize,
+    },
+    #[error("block range {lba}+{blocks} is past the end of the LUN ({capacity} blocks)")]
+    OutOfRange {
+        lba: u64,
+        blocks: u64,
+        capacity: u64,
+    },
+    #[error("buffer of {len} bytes is not a multiple of the block size {block_size}")]
+    Unaligned { len: usize, block_size: u32 },
+}
+
+pub struct LunHandle<T: Transport> {
+    session: Session<T>,
+    lun: u64,
+    pub timeout: Duration,
+    pub retries: u32,
+    /// Filled by [`read_capacity`](Self::read_capacity).
+    capacity: Option<Capacity>,
+}
+
+impl<T: Transport> LunHandle<T> {
+    pub fn new(session: Session<T>, lun_number: u16) -> LunHandle<T> {
+        LunHandle {
+            session,
+            lun: Lun::from_number(lun_number).to_u64(),
+            timeout: Duration::from_secs(30),
+            retries: DEFAULT_RETRIES,
+            capacity: None,
+        }
+    }
+
+    pub fn session(&mut self) -> &mut Session<T> {
+        &mut self.session
+    }
+
+    pub fn into_session(self) -> Session<T> {
+        self.session
+    }
+
+    /// Runs `cmd` with `buffer` (data-out for writes; sized for data-in
+    /// otherwise), retrying retryable statuses. Returns the buffer and the
+    /// bytes the target transferred.
+    pub fn run(
+        &mut self,
+        cmd: &ScsiCommand,
+        buffer: Vec<u8>,
+    ) -> Result<(Vec<u8>, usize), LunError> {
+        let direction = match cmd.direction {
+            super::DataDirection::None => Direction::None,
+            super::DataDirection::Read(_) => Direction::Read,
+            super::DataDirection::Write(_) => Direction::Write,
+        };
+        let mut buffer = buffer;
+        let mut attempt = 0;
+        loop {
+            let c = Command::new(self.lun, cmd.cdb_bytes(), direction, buffer)
+                .map_err(|e| LunError::Session(e.into()))?;
+            let done = self.session.execute(c, self.timeout)?;
+            if done.response != 0 {
+                return Err(LunError::TargetFailure(done.response, describe(cmd)));
+            }
+            match check_status(done.status, &done.sense) {
+                Ok(()) => return Ok((done.buffer, done.transferred)),
+                Err(e) if e.is_retryable() && attempt < self.retries => {
+                    attempt += 1;
+                    buffer = done.buffer;
+                    // BUSY / TASK SET FULL: give the target a moment.
+                    if e.unit_attention().is_none() {
+                        std::thread::sleep(Duration::from_millis(10 << attempt.min(6)));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn data_in<R: DataRepr>(
+        &mut self,
+        cmd: ScsiCommand,
+        what: &'static str,
+    ) -> Result<R, LunError> {
+        let len = cmd.transfer_len() as usize;
+        let (buf, n) = self.run(&cmd, vec![0; len])?;
+        R::parse(&buf[..n.min(buf.len())]).map_err(|e| {
+            let _ = what;
+            LunError::Scsi(ScsiError::BadData(e))
+        })
+    }
+
+    pub fn test_unit_ready(&mut self) -> Result<(), LunError> {
+        self.run(&ScsiCommand::test_unit_ready(), Vec::new())?;
+        Ok(())
+    }
+
+    pub fn inquiry(&mut self) -> Result<InquiryData, LunError> {
+        self.data_in(ScsiCommand::inquiry(), "INQUIRY")
+    }
+
+    pub fn supported_vpd_pages(&mut self) -> Result<SupportedVpdPages, LunError> {
+        self.data_in(ScsiCommand::supported_vpd_pages(), "VPD 0x00")
+    }
+
+    pub fn unit_serial_number(&mut self) -> Result<UnitSerialNumber, LunError> {
+        self.data_in(ScsiCommand::unit_serial_number(), "VPD 0x80")
+    }
+
+    pub fn device_identification(&mut self) -> Result<DeviceIdentification, LunError> {
+        self.data_in(ScsiCommand::device_identification(), "VPD 0x83")
+    }
+
+    pub fn report_target_port_groups(&mut self) -> Result<TargetPortGroupsData, LunError> {
+        self.data_in(
+            ScsiCommand::report_target_port_groups(4096),
+            "REPORT TARGET PORT GROUPS",
+        )
+    }
+
+    /// READ CAPACITY(16), falling back to (10) for old targets.
+    pub fn read_capacity(&mut self) -> Result<Capacity, LunError> {
+        let cap = match self
+            .data_in::<ReadCapacity16Data>(ScsiCommand::read_capacity16(), "READ CAPACITY(16)")
+        {
+            Ok(d) => Capacity::from(&d),
+            Err(LunError::Scsi(e)) if !e.is_retryable() => {
+                let d: ReadCapacity10Data =
+                    self.data_in(ScsiCommand::read_capacity10(), "READ CAPACITY(10)")?;
+                Capacity::from(&d)
+            }
+            Err(e) => return Err(e),
+        };
+        self.capacity = Some(cap);
+        Ok(cap)
+    }
+
+    /// REPORT LUNS, growing the buffer when the list is longer.
+    pub fn report_luns(&mut self) -> Result<ReportLunsData, LunError> {
+        let mut alloc = 4096u32;
+        loop {
+            let (buf, n) = self.run(&ScsiCommand::report_luns(alloc), vec![0; alloc as usize])?;
+            let data = &buf[..n.min(buf.len())];
+            match ReportLunsData::required_len(data) {
+                Some(need) if need > alloc as u64 && need <= 1 << 20 => alloc = need as u32,
+                _ => return Ok(ReportLunsData::parse(data).map_err(ScsiError::BadData)?),
+            }
+        }
+    }
+
+    /// Everything a user wants to know about the LU, VPD pages where supported.
+    pub fn lun_info(&mut self) -> Result<LunInfo, LunError> {
+        let inquiry = self.inquiry()?;
+        let cap = self.read_capacity()?;
+        let mut info = LunInfo::new(&inquiry, &cap).with_lun(self.lun);
+        if let Ok(pages) = self.supported_vpd_pages() {
+            if pages.supports(vpd::UNIT_SERIAL_NUMBER) {
+                if let Ok(p) = self.unit_serial_number() {
+                    info = info.with_serial(&p);
+                }
+            }
+            if pages.supports(vpd::DEVICE_IDENTIFICATION) {
+                if let Ok(p) = self.device_identification() {
+                    info = info.with_device_id(&p);
+                }
+            }
+            if pages.supports(vpd::BLOCK_LIMITS) {
+                if let Ok(p) = self.data_in::<BlockLimits>(ScsiCommand::block_limits(), "VPD 0xB0")
+                {
+                    info = info.with_block_limits(&p);
+                }
+            }
+            if pages.supports(vpd::LOGICAL_BLOCK_PROVISIONING) {
+                if let Ok(p) = self.data_in::<LogicalBlockProvisioning>(
+                    ScsiCommand::logical_block_provisioning(),
+                    "VPD 0xB2",
+                ) {
+                    info = info.with_provisioning(&p);
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    fn capacity(&mut self) -> Result<Capacity, LunError> {
+        match self.capacity {
+            Some(c) => Ok(c),
+            None => self.read_capacity(),
+        }
+    }
+
+    fn check_range(&mut self, lba: u64, blocks: u64) -> Result<u32, LunError> {
+        let cap = self.capacity()?;
+        if lba
+            .checked_add(blocks)
+            .is_none_or(|end| end > cap.block_count)
+        {
+            return Err(LunError::OutOfRange {
+                lba,
+                blocks,
+                capacity: cap.block_count,
+            });
+        }
+        Ok(cap.block_size)
+    }
+
+    /// Reads `blocks` blocks at `lba` (READ(16)).
+    pub fn read(&mut self, lba: u64, blocks: u32) -> Result<Vec<u8>, LunError> {
+        let bs = self.check_range(lba, blocks as u64)?;
+        let cmd = ScsiCommand::read16(lba, blocks, bs)?;
+        let (buf, n) = self.run(&cmd, vec![0; cmd.transfer_len() as usize])?;
+        if n < buf.len() {
+            return Err(LunError::ShortData {
+                what: "READ(16)",
+                got: n,
+                need: buf.len(),
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` (a whole number of blocks) at `lba` (WRITE(16)).
+    /// Returns the buffer for reuse.
+    pub fn write(&mut self, lba: u64, data: Vec<u8>) -> Result<Vec<u8>, LunError> {
+        let cap = self.capacity()?;
+        let bs = cap.block_size;
+        if bs == 0 || !data.len().is_multiple_of(bs as usize) {
+            return Err(LunError::Unaligned {
+                len: data.len(),
+                block_size: bs,
+            });
+        }
+        let blocks = (data.len() / bs as usize) as u32;
+        self.check_range(lba, blocks as u64)?;
+        let cmd = ScsiCommand::write16(lba, blocks, bs, false)?;
+        Ok(self.run(&cmd, data)?.0)
+    }
+
+    pub fn synchronize_cache(&mut self) -> Result<(), LunError> {
+        self.run(&ScsiCommand::synchronize_cache(), Vec::new())?;
+        Ok(())
+    }
+}
+
+fn describe(cmd: &ScsiCommand) -> String {
+    match cmd.repr() {
+        Some(r) => r.to_string(),
+        None => format!(
+            "opcode {:#04x}",
+            cmd.cdb_bytes().first().copied().unwrap_or(0)
+        ),
+    }
+}
