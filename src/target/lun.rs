@@ -9,6 +9,9 @@ use super::{stable_hash, LunBacking, LunConfig};
 /// Bytes per independently locked chunk of a RAM LUN.
 const CHUNK: u64 = 1 << 20;
 
+/// One chunk of a RAM LUN; `None` until first written (reads as zeros).
+type Chunk = RwLock<Option<Box<[u8]>>>;
+
 /// One logical unit.
 #[derive(Debug)]
 pub struct Lun {
@@ -20,7 +23,7 @@ pub struct Lun {
     /// identity, the same on every portal.
     naa: [u8; 16],
     /// `None` for a null LUN; each chunk is `None` until first written.
-    chunks: Option<Vec<RwLock<Option<Box<[u8]>>>>>,
+    chunks: Option<Vec<Chunk>>,
 }
 
 impl Lun {
