@@ -114,6 +114,9 @@ struct WriteTask {
     next_r2t_offset: u32,
     outstanding_r2t: u32,
     r2t_sn: Sn,
+    /// TTT of the Data-Out sequence in progress (0xffffffff: unsolicited).
+    sequence_ttt: Option<u32>,
+    next_data_sn: Sn,
     error: Option<Sense>,
 }
 
@@ -183,8 +186,10 @@ struct Core {
     next_ttt: u32,
     scratch: Vec<u8>,
     text: TextExchange,
-    /// Per LUN index: a UNIT ATTENTION is still to be reported.
-    unit_attention: Vec<bool>,
+    /// Per LUN index: a UNIT ATTENTION still to be reported.
+    unit_attention: Vec<Option<Sense>>,
+    /// Per LUN index: the reset generation this session has been told about.
+    seen_resets: Vec<u64>,
     last_rx: Instant,
     ping: Option<(u32, Instant)>,
 }
@@ -235,6 +240,7 @@ impl TargetConn {
                 scratch: Vec::with_capacity(4096),
                 text: TextExchange::default(),
                 unit_attention: Vec::new(),
+                seen_resets: Vec::new(),
                 last_rx: now,
                 ping: None,
             },
@@ -896,8 +902,18 @@ impl Core {
             digests: self.digests,
             max_data_segment_len: self.params.max_recv_data_segment_len,
         };
-        let ua = self.shared.config.unit_attention_on_login;
+        let ua = self
+            .shared
+            .config
+            .unit_attentions
+            .then_some(Sense::POWER_ON_RESET);
         self.unit_attention = vec![ua; self.shared.luns.len()];
+        self.seen_resets = self
+            .shared
+            .luns
+            .iter()
+            .map(|l| l.reset_generation())
+            .collect();
         log::debug!(
             "login of {} complete: {:?} session, TSIH {}, {}",
             self.initiator_name,
@@ -1043,11 +1059,10 @@ impl Core {
                 ascq: s.ascq,
             })
         } else if let Some(ua) = lun_index
-            .filter(|&i| self.unit_attention.get(i) == Some(&true))
             .filter(|_| !scsi::ignores_unit_attention(&c.cdb))
+            .and_then(|i| self.take_unit_attention(i))
         {
-            self.unit_attention[ua] = false;
-            Plan::Check(Sense::POWER_ON_RESET)
+            Plan::Check(ua)
         } else {
             let port = Port {
                 shared: &self.shared,
@@ -1090,6 +1105,21 @@ impl Core {
         }
     }
 
+    /// A pending UNIT ATTENTION for LUN index `i`, if unit attentions are on.
+    fn take_unit_attention(&mut self, i: usize) -> Option<Sense> {
+        if !self.shared.config.unit_attentions {
+            return None;
+        }
+        let generation = self.shared.luns.get(i)?.reset_generation();
+        if let Some(seen) = self.seen_resets.get_mut(i) {
+            if *seen != generation {
+                *seen = generation;
+                self.unit_attention[i] = Some(Sense::LUN_RESET_OCCURRED);
+            }
+        }
+        self.unit_attention.get_mut(i)?.take()
+    }
+
     fn start_write(
         &mut self,
         c: &ScsiCommand,
@@ -1113,6 +1143,8 @@ impl Core {
             next_r2t_offset: 0,
             outstanding_r2t: 0,
             r2t_sn: Sn(0),
+            sequence_ttt: None,
+            next_data_sn: Sn(0),
             error,
         };
         if !data.is_empty() && expected > 0 {
@@ -1197,6 +1229,23 @@ impl Core {
         if end > u64::from(self.tasks[i].expected) {
             return self.reject(reject::INVALID_FIELD, bhs);
         }
+        // DataPDUInOrder and DataSequenceInOrder are Yes: offsets follow on,
+        // DataSN counts from 0 in each sequence. ERL 0 cannot recover a gap.
+        let t = &mut self.tasks[i];
+        let expected_sn = if t.sequence_ttt == Some(d.ttt) {
+            t.next_data_sn
+        } else {
+            Sn(0)
+        };
+        if d.data_sn != expected_sn || d.buffer_offset != t.received {
+            let why = format!(
+                "Data-Out for ITT {:#x} has DataSN {} offset {}, expected DataSN {} offset {}",
+                d.itt, d.data_sn, d.buffer_offset, expected_sn, t.received
+            );
+            return self.close(why);
+        }
+        t.sequence_ttt = (!d.final_bit).then_some(d.ttt);
+        t.next_data_sn = expected_sn.next();
         store(&self.shared, &mut self.tasks[i].sink, d.buffer_offset, data);
         let t = &mut self.tasks[i];
         t.received = t.received.saturating_add(data.len() as u32);
@@ -1358,8 +1407,10 @@ impl Core {
                 {
                     self.tasks.swap_remove(i);
                     0
-                } else if t.ref_cmd_sn.lt(t.cmd_sn) {
-                    // Already answered: "function complete" (RFC 7143 §11.5.1).
+                } else if t.ref_cmd_sn.ge(self.exp_cmd_sn) && t.ref_cmd_sn.lt(t.cmd_sn) {
+                    // Never received, still in the window: "function
+                    // complete" (RFC 7143 §11.5.1). One already answered
+                    // falls through to "task does not exist".
                     0
                 } else {
                     1
@@ -1367,11 +1418,19 @@ impl Core {
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
                 let known = scsi::decode_lun(t.lun).and_then(|n| self.shared.lun_index(n));
-                if known.is_none() {
-                    2
-                } else {
-                    self.tasks.retain(|w| w.lun_field != t.lun);
-                    0
+                match known {
+                    None => 2,
+                    Some(i) => {
+                        self.tasks.retain(|w| w.lun_field != t.lun);
+                        if t.function == tmf::LOGICAL_UNIT_RESET {
+                            // Other sessions get 29/03; the resetting one does not.
+                            let generation = self.shared.luns[i].reset();
+                            if let Some(seen) = self.seen_resets.get_mut(i) {
+                                *seen = generation;
+                            }
+                        }
+                        0
+                    }
                 }
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
@@ -1958,13 +2017,13 @@ mod tests {
         let mut p = Peer::new(shared(TargetConfig::null(IQN, 1 << 20)), 0);
         p.login_normal(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
         assert!(p.digests.header && p.digests.data);
-        // INQUIRY with a 255-byte allocation: 36 bytes come back, underflow 219.
+        // INQUIRY with a 255-byte allocation: 66 bytes come back, underflow 189.
         let c = p.command(&[0x12, 0, 0, 0, 255], true, false, 255, true);
         let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
         let (data, last) = collect_data_in(&pdus);
-        assert_eq!(data.len(), 36);
+        assert_eq!(data.len(), 66);
         assert_eq!(&data[8..15], b"IBYPASS");
-        assert!(last.underflow && last.residual == 219);
+        assert!(last.underflow && last.residual == 189);
         // READ asking for 2 blocks with room for 1: overflow 512.
         let c = p.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], true, false, 512, true);
         let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
@@ -2101,6 +2160,29 @@ mod tests {
     }
 
     #[test]
+    fn data_sn_out_of_order_closes_the_connection() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[("InitialR2T", "No"), ("ImmediateData", "No")]);
+        let c = p.command(&write10_cdb(0, 2), false, true, 1024, false);
+        assert!(p.send(PduHeader::ScsiCommand(c.clone()), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: false,
+                lun: 0,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(1),
+                buffer_offset: 0,
+            }),
+            &[0u8; 512],
+        );
+        assert!(pdus.is_empty());
+        assert!(p.conn.is_closed());
+        assert!(p.conn.close_reason().unwrap().contains("DataSN"));
+    }
+
+    #[test]
     fn cmd_window_advances_and_drops_outside_commands() {
         let s = shared(TargetConfig::ram(IQN, 1 << 20).queue_depth(4));
         let mut p = Peer::new(s, 0);
@@ -2226,7 +2308,7 @@ mod tests {
 
     #[test]
     fn task_management_and_faults() {
-        let s = shared(TargetConfig::ram(IQN, 1 << 20).unit_attention_on_login(true));
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).unit_attentions(true));
         let mut p = Peer::new(s.clone(), 0);
         p.login_normal(&[("InitialR2T", "Yes")]);
         // UNIT ATTENTION once, and INQUIRY does not consume it.
@@ -2264,8 +2346,32 @@ mod tests {
         assert!(
             matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0 && r.itt == 77)
         );
+        // The same task again: answered already, so "task does not exist".
+        let h = tm(&mut p, tmf::ABORT_TASK, c.itt);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 1));
+        // LUN RESET: a UNIT ATTENTION 29/03 for the other session, not this one.
+        let mut other = Peer::new(s.clone(), 1);
+        other.login_normal(&[]);
+        let c2 = other.command(&[0x00], false, false, 0, true);
+        expect_sense(
+            &other.send(PduHeader::ScsiCommand(c2), &[]),
+            0x06,
+            0x29,
+            0x00,
+        );
         let h = tm(&mut p, tmf::LOGICAL_UNIT_RESET, 0);
         assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        let c2 = other.command(&[0x00], false, false, 0, true);
+        expect_sense(
+            &other.send(PduHeader::ScsiCommand(c2), &[]),
+            0x06,
+            0x29,
+            0x03,
+        );
+        let c1 = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c1), &[])[0].0, PduHeader::ScsiResponse(r) if r.status == 0)
+        );
         let h = tm(&mut p, 0x7f, 0);
         assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 5));
         // Injected Reject and CHECK CONDITION, then normal service again.

@@ -2,6 +2,7 @@
 //! first write, so a large sparse LUN costs little and connections on
 //! different chunks do not contend) or null.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use super::{stable_hash, LunBacking, LunConfig};
@@ -24,6 +25,9 @@ pub struct Lun {
     naa: [u8; 16],
     /// `None` for a null LUN; each chunk is `None` until first written.
     chunks: Option<Vec<Chunk>>,
+    /// Bumped by every LUN reset; sessions that saw an older value owe
+    /// their initiator a UNIT ATTENTION.
+    resets: AtomicU64,
 }
 
 impl Lun {
@@ -50,7 +54,17 @@ impl Lun {
             serial,
             naa: naa_designator(id, stable_hash(&[&id.to_be_bytes(), iqn.as_bytes()])),
             chunks,
+            resets: AtomicU64::new(0),
         }
+    }
+
+    /// Records a LUN reset; returns the new reset generation.
+    pub fn reset(&self) -> u64 {
+        self.resets.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn reset_generation(&self) -> u64 {
+        self.resets.load(Ordering::Acquire)
     }
 
     pub fn number(&self) -> u16 {

@@ -204,8 +204,9 @@ pub struct TargetConfig {
     /// Commands the initiator may have outstanding per session (the CmdSN window).
     pub queue_depth: u32,
     pub limits: TargetLimits,
-    /// Report UNIT ATTENTION 29/00 (power on/reset) once per LUN per new session.
-    pub unit_attention_on_login: bool,
+    /// Report UNIT ATTENTIONs: 29/00 (power on/reset) once per LUN per new
+    /// session, and 29/03 on the other sessions after a LUN reset.
+    pub unit_attentions: bool,
     /// Send our own NOP-In pings this often when the connection is idle; a
     /// ping still unanswered at the next interval closes the connection.
     pub nop_in_interval: Option<Duration>,
@@ -222,7 +223,7 @@ impl TargetConfig {
             chap: None,
             queue_depth: 128,
             limits: TargetLimits::default(),
-            unit_attention_on_login: false,
+            unit_attentions: false,
             nop_in_interval: None,
         }
     }
@@ -323,8 +324,8 @@ impl TargetConfig {
         self
     }
 
-    pub fn unit_attention_on_login(mut self, on: bool) -> TargetConfig {
-        self.unit_attention_on_login = on;
+    pub fn unit_attentions(mut self, on: bool) -> TargetConfig {
+        self.unit_attentions = on;
         self
     }
 

@@ -39,6 +39,11 @@ impl Sense {
     pub const LUN_NOT_SUPPORTED: Sense = Sense::illegal(0x25, 0x00);
     pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::illegal(0x26, 0x00);
     pub const PARAMETER_LIST_LENGTH_ERROR: Sense = Sense::illegal(0x1a, 0x00);
+    pub const LUN_RESET_OCCURRED: Sense = Sense {
+        key: sense_key::UNIT_ATTENTION,
+        asc: 0x29,
+        ascq: 0x03,
+    };
     pub const POWER_ON_RESET: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
@@ -212,6 +217,10 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             if let Some(s) = alua_block {
                 return Plan::Check(s);
             }
+            // No protection information: RDPROTECT/WRPROTECT must be 0.
+            if cdb[0] != 0x08 && cdb[0] != 0x0a && cdb[1] & 0xe0 != 0 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
             let (lba, blocks) = lba_and_blocks(cdb);
             if !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
@@ -275,6 +284,9 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
         0x41 | 0x93 => {
             if let Some(s) = alua_block {
                 return Plan::Check(s);
+            }
+            if cdb[1] & 0xe0 != 0 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
             let (lba, mut blocks) = lba_and_blocks(cdb);
             if blocks == 0 {
@@ -370,10 +382,16 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
         };
         // SPC-4, HiSup, response format 2; TPGS=01 (implicit ALUA);
         // MultiP; CmdQue.
-        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 31, 0x10, 0x10, 0x02]);
+        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 0, 0x10, 0x10, 0x02]);
         put_padded(buf, "IBYPASS", 8);
         put_padded(buf, product, 16);
         put_padded(buf, "0001", 4);
+        buf.resize(58, 0);
+        // Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
+        for v in [0x00a0u16, 0x0460, 0x04c0, 0x0960] {
+            buf.extend_from_slice(&v.to_be_bytes());
+        }
+        buf[4] = (buf.len() - 5) as u8;
         buf.truncate(alloc);
         return Plan::DataIn;
     }
