@@ -1423,11 +1423,9 @@ impl Core {
                     Some(i) => {
                         self.tasks.retain(|w| w.lun_field != t.lun);
                         if t.function == tmf::LOGICAL_UNIT_RESET {
-                            // Other sessions get 29/03; the resetting one does not.
-                            let generation = self.shared.luns[i].reset();
-                            if let Some(seen) = self.seen_resets.get_mut(i) {
-                                *seen = generation;
-                            }
+                            // Every session, this one included, then reports
+                            // 29/03 once (as LIO does per initiator).
+                            self.shared.luns[i].reset();
                         }
                         0
                     }
@@ -2349,7 +2347,7 @@ mod tests {
         // The same task again: answered already, so "task does not exist".
         let h = tm(&mut p, tmf::ABORT_TASK, c.itt);
         assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 1));
-        // LUN RESET: a UNIT ATTENTION 29/03 for the other session, not this one.
+        // LUN RESET: a UNIT ATTENTION 29/03 once on every session.
         let mut other = Peer::new(s.clone(), 1);
         other.login_normal(&[]);
         let c2 = other.command(&[0x00], false, false, 0, true);
@@ -2368,6 +2366,8 @@ mod tests {
             0x29,
             0x03,
         );
+        let c1 = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c1), &[]), 0x06, 0x29, 0x03);
         let c1 = p.command(&[0x00], false, false, 0, true);
         assert!(
             matches!(&p.send(PduHeader::ScsiCommand(c1), &[])[0].0, PduHeader::ScsiResponse(r) if r.status == 0)

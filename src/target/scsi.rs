@@ -22,6 +22,7 @@ pub mod sense_key {
     pub const MEDIUM_ERROR: u8 = 0x3;
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const UNIT_ATTENTION: u8 = 0x6;
+    pub const MISCOMPARE: u8 = 0xe;
 }
 
 /// Fixed-format sense (key, additional sense code and qualifier).
@@ -43,6 +44,11 @@ impl Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
         ascq: 0x03,
+    };
+    pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
+        key: sense_key::MISCOMPARE,
+        asc: 0x1d,
+        ascq: 0x00,
     };
     pub const POWER_ON_RESET: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
@@ -92,7 +98,17 @@ impl Sense {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamCommand {
     Unmap,
-    WriteSame { lba: u64, blocks: u64, unmap: bool },
+    WriteSame {
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+    },
+    /// VERIFY with BYTCHK: compare the data (or one block, `same`) with the medium.
+    Verify {
+        lba: u64,
+        blocks: u64,
+        same: bool,
+    },
 }
 
 /// What the connection must do for one CDB.
@@ -171,7 +187,7 @@ fn lba_and_blocks(cdb: &[u8; 16]) -> (u64, u64) {
         0x28 | 0x2a | 0x2f | 0x41 | 0x35 => {
             (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
         }
-        0xa8 | 0xaa => (u64::from(be32(&cdb[2..])), u64::from(be32(&cdb[6..]))),
+        0xa8 | 0xaa | 0xaf => (u64::from(be32(&cdb[2..])), u64::from(be32(&cdb[6..]))),
         _ => (be64(&cdb[2..]), u64::from(be32(&cdb[10..]))),
     }
 }
@@ -240,12 +256,38 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 }
             }
         }
-        // VERIFY 10/16 without data (BYTCHK 0), SYNCHRONIZE CACHE 10/16.
-        0x2f | 0x8f | 0x35 | 0x91 => {
+        // VERIFY 10/12/16.
+        0x2f | 0xaf | 0x8f => {
             let (lba, blocks) = lba_and_blocks(cdb);
-            if matches!(cdb[0], 0x2f | 0x8f) && cdb[1] & 0x06 != 0 {
+            if cdb[1] & 0xe0 != 0 {
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
+            if !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            let same = match (cdb[1] >> 1) & 3 {
+                0 => return Plan::Good,
+                1 => false,
+                3 => true,
+                _ => return Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+            };
+            let len = if same { bs } else { blocks * bs };
+            if blocks == 0 {
+                return Plan::Good;
+            }
+            // The compare buffer is allocated; keep it bounded.
+            if len > 16 << 20 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::Verify { lba, blocks, same },
+                len: len as u32,
+            }
+        }
+        // SYNCHRONIZE CACHE 10/16.
+        0x35 | 0x91 => {
+            let (lba, blocks) = lba_and_blocks(cdb);
             if blocks != 0 && !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
@@ -336,6 +378,21 @@ pub fn finish_params(
             }
             for d in descs.chunks_exact(16) {
                 l.zero(be64(d) * bs, u64::from(be32(&d[8..])) * bs);
+            }
+            Ok(())
+        }
+        ParamCommand::Verify { lba, blocks, same } => {
+            let want = if same { bs } else { blocks * bs };
+            if data.len() as u64 != want {
+                return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            let mut block = vec![0u8; bs as usize];
+            for b in 0..blocks {
+                l.read((lba + b) * bs, &mut block);
+                let at = if same { 0 } else { (b * bs) as usize };
+                if block[..] != data[at..at + bs as usize] {
+                    return Err(Sense::MISCOMPARE_DURING_VERIFY);
+                }
             }
             Ok(())
         }
