@@ -1,2 +1,23 @@
-//! scsi layer.
+//! SCSI command layer (SPC-4 / SBC-3) above any transport.
+//!
+//! Pure: a [`ScsiCommand`] (CDB bytes and data direction/length) goes in;
+//! status, sense bytes and data-in come out, and [`check_status`] turns the
+//! status and sense into a [`ScsiError`] with a retry classification. This
+//! module knows nothing about iSCSI; the iSCSI layer carries these values.
+//! [`LunInfo`] summarises a logical unit from its INQUIRY, VPD and
+//! capacity data.
 #![deny(unsafe_code)]
+
+mod command;
+mod error;
+mod lun_info;
+
+pub use command::{DataDirection, ScsiCommand};
+pub use error::{check_status, classify_sense, ErrorClass, ScsiError, UnitAttention};
+pub use lun_info::{Capacity, LunInfo};
+
+pub use crate::wire::scsi::{
+    AluaState, Cdb, CdbRepr, DataRepr, DesignatorType, DeviceIdentification, InquiryData, Lun,
+    ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, ScsiStatus, SenseData, SenseKey,
+    TargetPortGroupsData, UnmapDescriptor, UnmapParameterList,
+};

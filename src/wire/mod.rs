@@ -3,4 +3,5 @@
 #![deny(unsafe_code)]
 
 pub mod iscsi;
+pub mod scsi;
 pub mod text;
