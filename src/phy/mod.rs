@@ -7,6 +7,9 @@
 
 use thiserror::Error;
 
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
+
 /// Errors of the packet-device layer.
 #[derive(Debug, Error)]
 pub enum PhyError {

@@ -21,3 +21,6 @@ pub use crate::wire::scsi::{
     ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, ScsiStatus, SenseData, SenseKey,
     TargetPortGroupsData, UnmapDescriptor, UnmapParameterList,
 };
+
+#[cfg(test)]
+mod tests;

@@ -2749,3 +2749,1022 @@ impl fmt::Display for SenseData {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[track_caller]
+    fn round_trip<T: DataRepr + PartialEq + fmt::Debug>(v: &T) -> Vec<u8> {
+        let bytes = v.to_vec();
+        assert_eq!(bytes.len(), v.buffer_len());
+        let back = T::parse(&bytes).expect("parse of emitted bytes");
+        assert_eq!(&back, v, "bytes {}", hex(&bytes));
+        bytes
+    }
+
+    #[track_caller]
+    fn cdb_round_trip(r: CdbRepr, expect: &[u8]) {
+        let cdb = r.emit();
+        assert_eq!(cdb.as_slice(), expect, "{r:?}");
+        assert_eq!(Cdb::parse(cdb.bytes()).unwrap(), r);
+        assert_eq!(cdb.repr().unwrap(), r);
+    }
+
+    // ---- CDBs --------------------------------------------------------------
+
+    #[test]
+    fn cdb_layouts_match_spc_sbc() {
+        cdb_round_trip(CdbRepr::TestUnitReady, &[0; 6]);
+        cdb_round_trip(
+            CdbRepr::RequestSense {
+                descriptor: true,
+                alloc_len: 252,
+            },
+            &[0x03, 0x01, 0, 0, 252, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::Inquiry {
+                evpd: true,
+                page_code: 0x83,
+                alloc_len: 0x0400,
+            },
+            &[0x12, 0x01, 0x83, 0x04, 0x00, 0x00],
+        );
+        assert_eq!(Cdb::inquiry(36).as_slice(), &[0x12, 0, 0, 0, 36, 0]);
+        cdb_round_trip(CdbRepr::ReadCapacity10, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        cdb_round_trip(
+            CdbRepr::ReadCapacity16 { alloc_len: 32 },
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::Read16 {
+                lba: 0x0102_0304_0506_0708,
+                blocks: 0x0a0b_0c0d,
+                dpo: false,
+                fua: true,
+            },
+            &[
+                0x88, 0x08, 1, 2, 3, 4, 5, 6, 7, 8, 0x0a, 0x0b, 0x0c, 0x0d, 0, 0,
+            ],
+        );
+        cdb_round_trip(
+            CdbRepr::Write10 {
+                lba: 0x1234_5678,
+                blocks: 8,
+                dpo: true,
+                fua: true,
+            },
+            &[0x2a, 0x18, 0x12, 0x34, 0x56, 0x78, 0, 0, 8, 0],
+        );
+        assert_eq!(
+            Cdb::write16(2048, 16, false).as_slice(),
+            &[0x8a, 0, 0, 0, 0, 0, 0, 0, 0x08, 0, 0, 0, 0, 16, 0, 0]
+        );
+        cdb_round_trip(
+            CdbRepr::SynchronizeCache16 {
+                lba: 0,
+                blocks: 0,
+                immed: true,
+            },
+            &[0x91, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::SynchronizeCache10 {
+                lba: 1,
+                blocks: 2,
+                immed: false,
+            },
+            &[0x35, 0, 0, 0, 0, 1, 0, 0, 2, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::Unmap {
+                anchor: false,
+                param_len: 24,
+            },
+            &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::WriteSame16 {
+                lba: 100,
+                blocks: 200,
+                unmap: true,
+                anchor: false,
+                ndob: false,
+            },
+            &[0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 100, 0, 0, 0, 200, 0, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::ReportLuns {
+                select_report: 0,
+                alloc_len: 4096,
+            },
+            &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::ReportTargetPortGroups {
+                extended: true,
+                alloc_len: 0x1000,
+            },
+            &[0xa3, 0x2a, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0],
+        );
+        assert_eq!(
+            Cdb::report_target_port_groups(false, 255).as_slice(),
+            &[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 0, 255, 0, 0]
+        );
+        cdb_round_trip(
+            CdbRepr::ModeSense10 {
+                llbaa: false,
+                dbd: true,
+                page_control: 0,
+                page_code: 0x08,
+                subpage_code: 0,
+                alloc_len: 192,
+            },
+            &[0x5a, 0x08, 0x08, 0, 0, 0, 0, 0, 192, 0],
+        );
+        assert_eq!(Cdb::read10(5, 1).bytes()[10..], [0u8; 6]);
+    }
+
+    #[test]
+    fn cdb_parse_rejects_unknown_and_short() {
+        assert_eq!(
+            Cdb::parse(&[0xff; 16]),
+            Err(ScsiWireError::UnknownOpcode(0xff))
+        );
+        assert_eq!(
+            Cdb::parse(&[0x1a, 0, 0, 0, 0, 0]),
+            Err(ScsiWireError::UnknownOpcode(0x1a))
+        );
+        assert!(matches!(
+            Cdb::parse(&[0x88, 0, 0]),
+            Err(ScsiWireError::Truncated { need: 16, .. })
+        ));
+        assert!(matches!(
+            Cdb::parse(&[]),
+            Err(ScsiWireError::Truncated { .. })
+        ));
+        assert_eq!(
+            Cdb::parse(&[0x9e, 0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(ScsiWireError::UnknownServiceAction {
+                opcode: 0x9e,
+                sa: 0x11
+            })
+        );
+        // CONTROL byte and GROUP NUMBER are ignored.
+        let mut b = *Cdb::read10(7, 3).bytes();
+        b[6] = 0x1f;
+        b[9] = 0x04;
+        assert_eq!(
+            Cdb::parse(&b).unwrap().lba_range(),
+            Some((7, 3)),
+            "group/control ignored"
+        );
+        assert!(Cdb::from_slice(&[0; 17]).is_err());
+        assert_eq!(
+            Cdb::from_slice(&[0x12, 1, 0x80, 0, 255, 0]).unwrap(),
+            Cdb::inquiry_vpd(0x80, 255)
+        );
+    }
+
+    // ---- status ------------------------------------------------------------
+
+    #[test]
+    fn status_codes() {
+        for (v, s) in [
+            (0x00, ScsiStatus::Good),
+            (0x02, ScsiStatus::CheckCondition),
+            (0x04, ScsiStatus::ConditionMet),
+            (0x08, ScsiStatus::Busy),
+            (0x18, ScsiStatus::ReservationConflict),
+            (0x28, ScsiStatus::TaskSetFull),
+            (0x30, ScsiStatus::AcaActive),
+            (0x40, ScsiStatus::TaskAborted),
+        ] {
+            assert_eq!(ScsiStatus::from_u8(v), Ok(s));
+            assert_eq!(s.as_u8(), v);
+        }
+        assert_eq!(
+            ScsiStatus::from_u8(0x22),
+            Err(ScsiWireError::UnknownStatus(0x22))
+        );
+        assert_eq!(ScsiStatus::TaskSetFull.to_string(), "TASK SET FULL");
+        assert!(ScsiStatus::ConditionMet.is_success());
+    }
+
+    // ---- INQUIRY / VPD -----------------------------------------------------
+
+    /// Standard INQUIRY data as LIO returns it for an iblock LU with ALUA.
+    const LIO_INQUIRY: [u8; 36] = [
+        0x00, 0x00, 0x06, 0x12, 0x1f, 0x10, 0x00, 0x02, b'L', b'I', b'O', b'-', b'O', b'R', b'G',
+        b' ', b'b', b'l', b'o', b'c', b'k', b'0', b' ', b' ', b' ', b' ', b' ', b' ', b' ', b' ',
+        b' ', b' ', b'4', b'.', b'0', b' ',
+    ];
+
+    #[test]
+    fn standard_inquiry_sample() {
+        let d = InquiryData::parse(&LIO_INQUIRY).unwrap();
+        assert_eq!(d.peripheral, Peripheral::DISK);
+        assert_eq!(d.version, 6);
+        assert!(d.hisup);
+        assert_eq!(d.response_data_format, 2);
+        assert_eq!(d.tpgs, Tpgs::Implicit);
+        assert!(d.cmdque);
+        assert_eq!(d.vendor_str(), "LIO-ORG");
+        assert_eq!(d.product_str(), "block0");
+        assert_eq!(d.revision_str(), "4.0");
+        assert_eq!(round_trip(&d), LIO_INQUIRY);
+        // Longer data (vendor-specific tail) parses; shorter does not.
+        let mut long = LIO_INQUIRY.to_vec();
+        long.extend_from_slice(&[0; 60]);
+        assert_eq!(InquiryData::parse(&long).unwrap(), d);
+        assert!(InquiryData::parse(&LIO_INQUIRY[..35]).is_err());
+        let built = InquiryData {
+            tpgs: Tpgs::Implicit,
+            ..InquiryData::new(Peripheral::DISK, "LIO-ORG", "block0", "4.0")
+        };
+        assert_eq!(built, d);
+    }
+
+    /// VPD 83h the way LIO reports it: NAA 6, T10 vendor id, relative
+    /// target port, target port group, SCSI name string of the port.
+    fn lio_vpd83() -> Vec<u8> {
+        let mut body = vec![
+            0x01, 0x03, 0x00, 0x10, // binary, LU, NAA, 16 bytes
+            0x60, 0x01, 0x40, 0x5a, 0xbc, 0xde, 0xf0, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde,
+            0xf0, 0x12,
+        ];
+        body.extend_from_slice(&[0x02, 0x01, 0x00, 0x0e]); // ascii, LU, T10
+        body.extend_from_slice(b"LIO-ORGblock0 ");
+        body.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0, 0, 1]); // iSCSI, PIV, port, RTP 1
+        body.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0, 0, 3]); // TPG 3
+        let name = b"iqn.2003-01.org.linux-iscsi.host:sn.1,t,0x0001\0\0";
+        body.extend_from_slice(&[0x53, 0x98, 0x00, name.len() as u8]);
+        body.extend_from_slice(name);
+        let mut page = vec![0x00, 0x83, 0, body.len() as u8];
+        page.extend_from_slice(&body);
+        page
+    }
+
+    #[test]
+    fn device_identification_sample() {
+        let bytes = lio_vpd83();
+        let p = DeviceIdentification::parse(&bytes).unwrap();
+        assert_eq!(p.designators.len(), 5);
+        let lu = p.lu_designator().unwrap();
+        assert_eq!(lu.designator_type, DesignatorType::Naa);
+        assert_eq!(lu.naa_type(), Some(6));
+        assert_eq!(lu.to_string(), "naa.6001405abcdef0123456789abcdef012");
+        assert_eq!(p.designators[1].to_string(), "t10.LIO-ORGblock0");
+        assert_eq!(p.relative_target_port(), Some(1));
+        assert_eq!(p.target_port_group(), Some(3));
+        let port = p.target_port_name().unwrap();
+        assert!(port.piv);
+        assert_eq!(port.protocol_id, PROTOCOL_ID_ISCSI);
+        assert_eq!(port.code_set, CodeSet::Utf8);
+        assert_eq!(
+            port.to_string(),
+            "iqn.2003-01.org.linux-iscsi.host:sn.1,t,0x0001"
+        );
+        assert_eq!(round_trip(&p), bytes);
+        // Truncated by a short allocation length: whole descriptors survive.
+        let short = DeviceIdentification::parse(&bytes[..30]).unwrap();
+        assert_eq!(short.designators.len(), 1);
+        // Without an NAA, the SCSI name string of the LU beats T10.
+        let mut d = p.clone();
+        d.designators.remove(0);
+        assert_eq!(
+            d.lu_designator().unwrap().designator_type,
+            DesignatorType::T10VendorId
+        );
+        d.designators.push(Designator {
+            association: Association::LogicalUnit,
+            ..port.clone()
+        });
+        assert_eq!(
+            d.lu_designator().unwrap().designator_type,
+            DesignatorType::ScsiNameString
+        );
+        assert_eq!(
+            DeviceIdentification::parse(&[0, 0x80, 0, 0]),
+            Err(ScsiWireError::WrongPage {
+                expected: 0x83,
+                got: 0x80
+            })
+        );
+    }
+
+    #[test]
+    fn serial_supported_pages_limits_provisioning_samples() {
+        let b = [
+            0x00, 0x80, 0x00, 0x0a, b' ', b' ', b'S', b'N', b'1', b'2', b'3', b'4', b' ', b' ',
+        ];
+        let s = UnitSerialNumber::parse(&b).unwrap();
+        assert_eq!(s.serial_str(), "SN1234");
+        assert_eq!(round_trip(&s), b);
+
+        let b = [0x00, 0x00, 0x00, 0x05, 0x00, 0x80, 0x83, 0xb0, 0xb2];
+        let p = SupportedVpdPages::parse(&b).unwrap();
+        assert!(p.supports(vpd::BLOCK_LIMITS) && !p.supports(0xb1));
+        assert_eq!(round_trip(&p), b);
+
+        let mut b = vec![0u8; 64];
+        b[1] = 0xb0;
+        b[3] = 0x3c;
+        b[8..12].copy_from_slice(&8192u32.to_be_bytes());
+        b[20..24].copy_from_slice(&0x40_0000u32.to_be_bytes());
+        b[32..36].copy_from_slice(&0x8000_0008u32.to_be_bytes());
+        let l = BlockLimits::parse(&b).unwrap();
+        assert_eq!(l.max_transfer_len, 8192);
+        assert_eq!(l.max_unmap_lba_count, 0x40_0000);
+        assert_eq!(l.unmap_granularity_alignment, Some(8));
+        assert_eq!(round_trip(&l), b);
+        // SBC-2 era short page.
+        let short = BlockLimits::parse(&b[..16]).unwrap();
+        assert_eq!(short.max_transfer_len, 8192);
+        assert_eq!(short.max_unmap_lba_count, 0);
+
+        let b = [0x00, 0xb2, 0x00, 0x04, 0x00, 0xc4, 0x02, 0x00];
+        let p = LogicalBlockProvisioning::parse(&b).unwrap();
+        assert!(p.lbpu && p.lbpws && !p.lbpws10);
+        assert_eq!(p.lbprz, 1);
+        assert_eq!(p.provisioning_type, ProvisioningType::Thin);
+        assert_eq!(round_trip(&p), b);
+    }
+
+    // ---- capacity, LUNs, ALUA ----------------------------------------------
+
+    #[test]
+    fn read_capacity_samples() {
+        let b = [0x00, 0x3f, 0xff, 0xff, 0x00, 0x00, 0x02, 0x00];
+        let d = ReadCapacity10Data::parse(&b).unwrap();
+        assert_eq!(d.block_count(), 0x40_0000);
+        assert_eq!(d.block_len, 512);
+        assert!(!d.needs_rc16());
+        assert_eq!(round_trip(&d), b);
+
+        let mut b = [0u8; 32];
+        b[0..8].copy_from_slice(&(0x1_0000_0000u64 - 1).to_be_bytes());
+        b[8..12].copy_from_slice(&4096u32.to_be_bytes());
+        b[13] = 0x03; // 8 logical per physical
+        b[14] = 0xc0; // LBPME, LBPRZ
+        let d = ReadCapacity16Data::parse(&b).unwrap();
+        assert_eq!(d.block_count(), 0x1_0000_0000);
+        assert!(d.lbpme && d.lbprz);
+        assert_eq!(d.physical_block_len(), 32768);
+        assert_eq!(round_trip(&d), b);
+        assert_eq!(ReadCapacity16Data::parse(&b[..12]).unwrap().block_len, 4096);
+        assert!(ReadCapacity16Data::parse(&b[..11]).is_err());
+        let max = ReadCapacity16Data {
+            last_lba: u64::MAX,
+            ..d
+        };
+        assert_eq!(max.block_count(), u64::MAX);
+    }
+
+    #[test]
+    fn report_luns_sample() {
+        let b = [
+            0, 0, 0, 24, 0, 0, 0, 0, // header: 3 LUNs
+            0, 0, 0, 0, 0, 0, 0, 0, // LUN 0
+            0, 1, 0, 0, 0, 0, 0, 0, // LUN 1
+            0x41, 0x2c, 0, 0, 0, 0, 0, 0, // flat 300
+        ];
+        let d = ReportLunsData::parse(&b).unwrap();
+        let nums: Vec<_> = d.luns.iter().map(|l| l.number()).collect();
+        assert_eq!(nums, [Some(0), Some(1), Some(300)]);
+        assert_eq!(d.luns[2].address(), LunAddress::Flat(300));
+        assert_eq!(Lun::from_number(300), d.luns[2]);
+        assert_eq!(Lun::from_number(1), d.luns[1]);
+        assert_eq!(d.luns[1].to_u64(), 0x0001_0000_0000_0000);
+        assert_eq!(Lun::from_u64(0x0001_0000_0000_0000), d.luns[1]);
+        assert_eq!(d.luns[2].to_string(), "300");
+        assert_eq!(round_trip(&d), b);
+        // Truncated by the allocation length.
+        let short = ReportLunsData::parse(&b[..20]).unwrap();
+        assert_eq!(short.luns.len(), 1);
+        assert_eq!(ReportLunsData::required_len(&b[..20]), Some(32));
+        let lu = Lun([0x80 | 2, 0x23, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            lu.address(),
+            LunAddress::LogicalUnit {
+                target: 2,
+                bus: 1,
+                lun: 3
+            }
+        );
+        assert_eq!(lu.number(), None);
+        assert_eq!(
+            Lun([0xc0, 0, 0, 0, 0, 0, 0, 0]).address(),
+            LunAddress::Extended
+        );
+        assert_eq!(Lun([0, 1, 0, 2, 0, 0, 0, 0]).number(), None);
+    }
+
+    #[test]
+    fn report_target_port_groups_sample() {
+        // Extended header, two groups: 0 active/optimized (pref) with ports
+        // 1 and 2, 1 standby with port 3.
+        let b = [
+            0, 0, 0, 32, 0x10, 60, 0, 0, // header, 60 s transition time
+            0x80, 0xdf, 0, 0, 0, 0x02, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2, // group 0
+            0x02, 0xdf, 0, 1, 0, 0, 0, 1, 0, 0, 0, 3, // group 1
+        ];
+        let d = TargetPortGroupsData::parse(&b).unwrap();
+        assert_eq!(d.implicit_transition_time, Some(60));
+        assert_eq!(d.groups.len(), 2);
+        assert!(d.groups[0].pref);
+        assert_eq!(d.groups[0].state, AluaState::ActiveOptimized);
+        assert_eq!(d.groups[0].status_code, 2);
+        assert_eq!(d.groups[0].ports, [1, 2]);
+        assert_eq!(d.group_of_port(3).unwrap().state, AluaState::Standby);
+        assert_eq!(d.group(1).unwrap().state.to_string(), "standby");
+        assert!(!AluaState::Transitioning.is_active());
+        assert_eq!(round_trip(&d), b);
+        // Length-only header format.
+        let mut plain = vec![0, 0, 0, 28];
+        plain.extend_from_slice(&b[8..]);
+        let p = TargetPortGroupsData::parse(&plain).unwrap();
+        assert_eq!(p.implicit_transition_time, None);
+        assert_eq!(p.groups, d.groups);
+        assert_eq!(round_trip(&p), plain);
+        for (v, s) in [
+            (1, AluaState::ActiveNonOptimized),
+            (3, AluaState::Unavailable),
+            (0xf, AluaState::Transitioning),
+            (0xe, AluaState::Offline),
+        ] {
+            assert_eq!(AluaState::from_bits(v), s);
+        }
+    }
+
+    #[test]
+    fn mode_sense_and_unmap_samples() {
+        // Header, no block descriptors, caching page with WCE.
+        let b = [
+            0, 26, 0, 0x10, 0, 0, 0, 0, 0x88, 0x12, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0,
+        ];
+        let d = ModeSense10Data::parse(&b).unwrap();
+        assert!(d.dpofua && !d.write_protect);
+        assert_eq!(d.write_cache_enabled(), Some(true));
+        assert!(d.pages[0].ps);
+        assert_eq!(round_trip(&d), b);
+
+        let list = UnmapParameterList {
+            descriptors: vec![UnmapDescriptor { lba: 8, blocks: 16 }],
+        };
+        let b = round_trip(&list);
+        assert_eq!(
+            b,
+            [0, 22, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 16, 0, 0, 0, 0]
+        );
+    }
+
+    // ---- sense ---------------------------------------------------------------
+
+    #[test]
+    fn fixed_sense_sample() {
+        // Unrecovered read error at LBA 0x1000, VALID set.
+        let b = [
+            0xf0, 0, 0x03, 0, 0, 0x10, 0, 0x0a, 0, 0, 0, 0, 0x11, 0x00, 0, 0, 0, 0,
+        ];
+        let s = SenseData::parse(&b).unwrap();
+        assert_eq!(s.key, SenseKey::MediumError);
+        assert_eq!(s.code(), asc::UNRECOVERED_READ_ERROR);
+        assert_eq!(s.information, Some(0x1000));
+        assert_eq!(
+            s.to_string(),
+            "MEDIUM ERROR: unrecovered read error (asc 11h ascq 00h), information 0x1000"
+        );
+        assert_eq!(round_trip(&s), b);
+        let ua = SenseData::with_code(
+            SenseKey::UnitAttention,
+            asc::ASYMMETRIC_ACCESS_STATE_CHANGED,
+        );
+        assert_eq!(
+            ua.to_string(),
+            "UNIT ATTENTION: asymmetric access state changed (asc 2Ah ascq 06h)"
+        );
+        // Short fixed data: key only.
+        let s = SenseData::parse(&[0x70, 0, 0x06]).unwrap();
+        assert_eq!(s.key, SenseKey::UnitAttention);
+        assert_eq!(s.code(), (0, 0));
+        // Additional sense length bounds the fields.
+        let s = SenseData::parse(&[0x70, 0, 0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0x24, 0]).unwrap();
+        assert_eq!(s.code(), (0, 0));
+        // ILLEGAL REQUEST with a field pointer: CDB byte 2, bit 5.
+        let b = [
+            0x70, 0, 0x05, 0, 0, 0, 0, 0x0a, 0, 0, 0, 0, 0x24, 0x00, 0, 0xcd, 0x00, 0x02,
+        ];
+        let s = SenseData::parse(&b).unwrap();
+        assert_eq!(s.field_pointer(), Some((true, 2, Some(5))));
+        assert_eq!(round_trip(&s), b);
+        assert_eq!(
+            SenseData::parse(&[0x7f, 0, 0]),
+            Err(ScsiWireError::BadSenseResponseCode(0x7f))
+        );
+    }
+
+    #[test]
+    fn descriptor_sense_sample() {
+        let b = [
+            0x72, 0x03, 0x11, 0x00, 0, 0, 0, 12, // header
+            0x00, 0x0a, 0x80, 0, 0, 0, 0, 1, 0, 0, 0, 0, // information 2^32
+        ];
+        let s = SenseData::parse(&b).unwrap();
+        assert_eq!(s.format, SenseFormat::Descriptor);
+        assert_eq!(s.information, Some(1 << 32));
+        assert_eq!(s.key, SenseKey::MediumError);
+        assert_eq!(round_trip(&s), b);
+        // In fixed format that information does not fit: VALID clear.
+        let f = SenseData {
+            format: SenseFormat::Fixed,
+            ..s
+        };
+        assert_eq!(SenseData::parse(&f.to_vec()).unwrap().information, None);
+        // Unknown descriptors are skipped; a truncated one ends the list.
+        let b = [
+            0x73, 0x02, 0x04, 0x0a, 0, 0, 0, 12, 0x80, 0x02, 0xaa, 0xbb, 0x05, 0x02, 0, 0x20, 0x02,
+            0x06, 0,
+        ];
+        let s = SenseData::parse(&b).unwrap();
+        assert!(s.deferred && s.ili);
+        assert_eq!(s.code(), asc::ALUA_TRANSITION);
+        assert_eq!(s.sense_key_specific, None);
+        assert!(s
+            .to_string()
+            .starts_with("deferred NOT READY: logical unit not accessible"));
+    }
+
+    #[test]
+    fn asc_table_covers_required_codes() {
+        for (code, text) in [
+            ((0x04, 0x01), "becoming ready"),
+            ((0x04, 0x0a), "transition"),
+            ((0x04, 0x0b), "standby"),
+            ((0x11, 0x00), "unrecovered read error"),
+            ((0x20, 0x00), "invalid command operation code"),
+            ((0x21, 0x00), "out of range"),
+            ((0x24, 0x00), "invalid field in cdb"),
+            ((0x27, 0x00), "write protected"),
+            ((0x29, 0x00), "power on"),
+            ((0x29, 0x07), "nexus loss"),
+            ((0x2a, 0x06), "asymmetric access state changed"),
+            ((0x2a, 0x09), "capacity data has changed"),
+            ((0x3f, 0x0e), "reported luns data has changed"),
+        ] {
+            let t = asc_ascq_text(code.0, code.1).unwrap();
+            assert!(t.contains(text), "{code:?}: {t}");
+        }
+        assert_eq!(asc_ascq_text(0x99, 0x99), None);
+        assert_eq!(
+            SenseData::new(SenseKey::HardwareError, 0x80, 1).to_string(),
+            "HARDWARE ERROR: vendor specific (asc 80h ascq 01h)"
+        );
+    }
+
+    // ---- property tests ------------------------------------------------------
+
+    fn peripheral() -> impl Strategy<Value = Peripheral> {
+        (0u8..8, 0u8..32).prop_map(|(qualifier, device_type)| Peripheral {
+            qualifier,
+            device_type,
+        })
+    }
+
+    fn cdb_repr() -> impl Strategy<Value = CdbRepr> {
+        let b = any::<bool>;
+        prop_oneof![
+            Just(CdbRepr::TestUnitReady),
+            Just(CdbRepr::ReadCapacity10),
+            (b(), any::<u8>()).prop_map(|(descriptor, alloc_len)| CdbRepr::RequestSense {
+                descriptor,
+                alloc_len
+            }),
+            (b(), any::<u8>(), any::<u16>()).prop_map(|(evpd, page_code, alloc_len)| {
+                CdbRepr::Inquiry {
+                    evpd,
+                    page_code,
+                    alloc_len,
+                }
+            }),
+            (b(), b(), 0u8..4, 0u8..64, any::<u8>(), any::<u16>()).prop_map(
+                |(llbaa, dbd, page_control, page_code, subpage_code, alloc_len)| {
+                    CdbRepr::ModeSense10 {
+                        llbaa,
+                        dbd,
+                        page_control,
+                        page_code,
+                        subpage_code,
+                        alloc_len,
+                    }
+                }
+            ),
+            any::<u32>().prop_map(|alloc_len| CdbRepr::ReadCapacity16 { alloc_len }),
+            (any::<u32>(), any::<u16>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
+                CdbRepr::Read10 {
+                    lba,
+                    blocks,
+                    dpo,
+                    fua,
+                }
+            }),
+            (any::<u64>(), any::<u32>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
+                CdbRepr::Read16 {
+                    lba,
+                    blocks,
+                    dpo,
+                    fua,
+                }
+            }),
+            (any::<u32>(), any::<u16>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
+                CdbRepr::Write10 {
+                    lba,
+                    blocks,
+                    dpo,
+                    fua,
+                }
+            }),
+            (any::<u64>(), any::<u32>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
+                CdbRepr::Write16 {
+                    lba,
+                    blocks,
+                    dpo,
+                    fua,
+                }
+            }),
+            (any::<u32>(), any::<u16>(), b()).prop_map(|(lba, blocks, immed)| {
+                CdbRepr::SynchronizeCache10 { lba, blocks, immed }
+            }),
+            (any::<u64>(), any::<u32>(), b()).prop_map(|(lba, blocks, immed)| {
+                CdbRepr::SynchronizeCache16 { lba, blocks, immed }
+            }),
+            (b(), any::<u16>())
+                .prop_map(|(anchor, param_len)| CdbRepr::Unmap { anchor, param_len }),
+            (any::<u64>(), any::<u32>(), b(), b(), b()).prop_map(
+                |(lba, blocks, unmap, anchor, ndob)| CdbRepr::WriteSame16 {
+                    lba,
+                    blocks,
+                    unmap,
+                    anchor,
+                    ndob,
+                }
+            ),
+            (any::<u8>(), any::<u32>()).prop_map(|(select_report, alloc_len)| {
+                CdbRepr::ReportLuns {
+                    select_report,
+                    alloc_len,
+                }
+            }),
+            (b(), any::<u32>()).prop_map(|(extended, alloc_len)| {
+                CdbRepr::ReportTargetPortGroups {
+                    extended,
+                    alloc_len,
+                }
+            }),
+        ]
+    }
+
+    fn inquiry() -> impl Strategy<Value = InquiryData> {
+        (
+            peripheral(),
+            any::<[bool; 12]>(),
+            any::<u8>(),
+            0u8..16,
+            0u8..4,
+            any::<[u8; 8]>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 4]>(),
+        )
+            .prop_map(
+                |(peripheral, f, version, rdf, tpgs, vendor, product, revision)| InquiryData {
+                    peripheral,
+                    removable: f[0],
+                    version,
+                    normaca: f[1],
+                    hisup: f[2],
+                    response_data_format: rdf,
+                    sccs: f[3],
+                    acc: f[4],
+                    tpgs: Tpgs::from_bits(tpgs),
+                    third_party_copy: f[5],
+                    protect: f[6],
+                    encserv: f[7],
+                    multip: f[8],
+                    cmdque: f[9],
+                    vendor,
+                    product,
+                    revision,
+                },
+            )
+    }
+
+    fn designator() -> impl Strategy<Value = Designator> {
+        (
+            0u8..16,
+            0u8..16,
+            any::<bool>(),
+            0u8..4,
+            0u8..16,
+            proptest::collection::vec(any::<u8>(), 0..=255),
+        )
+            .prop_map(|(protocol_id, cs, piv, assoc, t, value)| Designator {
+                protocol_id,
+                code_set: CodeSet::from_bits(cs),
+                piv,
+                association: Association::from_bits(assoc),
+                designator_type: DesignatorType::from_bits(t),
+                value,
+            })
+    }
+
+    fn sense() -> impl Strategy<Value = SenseData> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            0u8..16,
+            any::<(u8, u8)>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            proptest::option::of(any::<[u8; 3]>()),
+            any::<u8>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(desc, deferred, key, (asc, ascq), info, cs, sks, fru, ili)| {
+                    let fixed = !desc;
+                    SenseData {
+                        format: if desc {
+                            SenseFormat::Descriptor
+                        } else {
+                            SenseFormat::Fixed
+                        },
+                        deferred,
+                        key: SenseKey::from_bits(key),
+                        asc,
+                        ascq,
+                        information: info.map(|i| if fixed { i & 0xffff_ffff } else { i }),
+                        command_specific: if fixed { cs & 0xffff_ffff } else { cs },
+                        sense_key_specific: sks.map(|s| [s[0] & 0x7f, s[1], s[2]]),
+                        field_replaceable_unit: fru,
+                        ili,
+                    }
+                },
+            )
+    }
+
+    fn tpg() -> impl Strategy<Value = TargetPortGroup> {
+        (
+            any::<bool>(),
+            0u8..16,
+            any::<(u8, u16, u8, u8)>(),
+            proptest::collection::vec(any::<u16>(), 0..20),
+        )
+            .prop_map(|(pref, st, (supported, id, status_code, vs), ports)| {
+                TargetPortGroup {
+                    pref,
+                    state: AluaState::from_bits(st),
+                    supported,
+                    id,
+                    status_code,
+                    vendor_specific: vs,
+                    ports,
+                }
+            })
+    }
+
+    fn mode_page() -> impl Strategy<Value = ModePage> {
+        (
+            any::<bool>(),
+            0u8..64,
+            proptest::option::of(any::<u8>()),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(ps, page_code, subpage_code, data)| ModePage {
+                ps,
+                page_code,
+                subpage_code,
+                data,
+            })
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..600)
+    }
+
+    /// Parsing arbitrary bytes never panics, and whatever parses re-emits to
+    /// bytes that parse back to the same value.
+    fn parse_is_total_and_stable<T: DataRepr + PartialEq + fmt::Debug>(b: &[u8]) {
+        if let Ok(v) = T::parse(b) {
+            let again = v.to_vec();
+            assert_eq!(
+                T::parse(&again).as_ref(),
+                Ok(&v),
+                "re-emitted {}",
+                hex(&again)
+            );
+            let mut small = vec![0u8; v.buffer_len().saturating_sub(1)];
+            assert!(v.emit(&mut small).is_err());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn prop_cdb_round_trip(r in cdb_repr()) {
+            let cdb = r.emit();
+            prop_assert_eq!(cdb.len(), r.buffer_len());
+            prop_assert_eq!(Cdb::parse(cdb.as_slice()), Ok(r));
+            prop_assert_eq!(Cdb::parse(cdb.bytes()), Ok(r));
+        }
+
+        #[test]
+        fn prop_cdb_parse_total(b in proptest::collection::vec(any::<u8>(), 0..20)) {
+            if let Ok(r) = Cdb::parse(&b) {
+                // Re-emitting the decoded CDB decodes the same.
+                prop_assert_eq!(Cdb::parse(r.emit().as_slice()), Ok(r));
+            }
+            let _ = Cdb::from_slice(&b);
+        }
+
+        #[test]
+        fn prop_inquiry_round_trip(d in inquiry()) { round_trip(&d); }
+
+        #[test]
+        fn prop_vpd_simple_round_trip(
+            p in peripheral(),
+            pages in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            round_trip(&SupportedVpdPages { peripheral: p, pages: pages.clone() });
+            round_trip(&UnitSerialNumber { peripheral: p, serial: pages });
+        }
+
+        #[test]
+        fn prop_device_identification_round_trip(
+            peripheral in peripheral(),
+            designators in proptest::collection::vec(designator(), 0..8),
+        ) {
+            round_trip(&DeviceIdentification { peripheral, designators });
+        }
+
+        #[test]
+        fn prop_block_limits_round_trip(
+            peripheral in peripheral(),
+            a in any::<(bool, u8, u16, u32, u32, u32)>(),
+            c in any::<(u32, u32, u32, u64)>(),
+            uga in proptest::option::of(0u32..0x8000_0000),
+        ) {
+            round_trip(&BlockLimits {
+                peripheral,
+                wsnz: a.0,
+                max_compare_and_write_len: a.1,
+                optimal_transfer_len_granularity: a.2,
+                max_transfer_len: a.3,
+                optimal_transfer_len: a.4,
+                max_prefetch_len: a.5,
+                max_unmap_lba_count: c.0,
+                max_unmap_descriptor_count: c.1,
+                optimal_unmap_granularity: c.2,
+                unmap_granularity_alignment: uga,
+                max_write_same_len: c.3,
+            });
+        }
+
+        #[test]
+        fn prop_provisioning_round_trip(
+            peripheral in peripheral(),
+            te in any::<u8>(),
+            f in any::<[bool; 5]>(),
+            lbprz in 0u8..8,
+            pt in 0u8..8,
+        ) {
+            round_trip(&LogicalBlockProvisioning {
+                peripheral,
+                threshold_exponent: te,
+                lbpu: f[0],
+                lbpws: f[1],
+                lbpws10: f[2],
+                lbprz,
+                anc_sup: f[3],
+                dp: f[4],
+                provisioning_type: ProvisioningType::from_bits(pt),
+            });
+        }
+
+        #[test]
+        fn prop_capacity_round_trip(
+            a in any::<(u32, u32, u64, u32)>(),
+            f in any::<(bool, bool, bool)>(),
+            p_type in 0u8..8, pie in 0u8..16, lbpb in 0u8..16, lal in 0u16..0x4000,
+        ) {
+            round_trip(&ReadCapacity10Data { last_lba: a.0, block_len: a.1 });
+            round_trip(&ReadCapacity16Data {
+                last_lba: a.2,
+                block_len: a.3,
+                p_type,
+                prot_en: f.0,
+                p_i_exponent: pie,
+                lb_per_pb_exponent: lbpb,
+                lbpme: f.1,
+                lbprz: f.2,
+                lowest_aligned_lba: lal,
+            });
+        }
+
+        #[test]
+        fn prop_report_luns_round_trip(luns in proptest::collection::vec(any::<[u8; 8]>(), 0..40)) {
+            round_trip(&ReportLunsData { luns: luns.into_iter().map(Lun).collect() });
+        }
+
+        #[test]
+        fn prop_lun_number_round_trip(n in 0u16..0x4000) {
+            prop_assert_eq!(Lun::from_number(n).number(), Some(n));
+            let l = Lun::from_number(n);
+            prop_assert_eq!(Lun::from_u64(l.to_u64()), l);
+        }
+
+        #[test]
+        fn prop_rtpg_round_trip(
+            itt in proptest::option::of(any::<u8>()),
+            groups in proptest::collection::vec(tpg(), 0..6),
+        ) {
+            round_trip(&TargetPortGroupsData { implicit_transition_time: itt, groups });
+        }
+
+        #[test]
+        fn prop_mode_sense_round_trip(
+            h in any::<(u8, bool, bool, bool)>(),
+            bd in proptest::collection::vec(any::<u8>(), 0..24),
+            pages in proptest::collection::vec(mode_page(), 0..5),
+        ) {
+            round_trip(&ModeSense10Data {
+                medium_type: h.0,
+                write_protect: h.1,
+                dpofua: h.2,
+                longlba: h.3,
+                block_descriptors: bd,
+                pages,
+            });
+        }
+
+        #[test]
+        fn prop_unmap_list_round_trip(d in proptest::collection::vec(any::<(u64, u32)>(), 0..30)) {
+            round_trip(&UnmapParameterList {
+                descriptors: d.into_iter().map(|(lba, blocks)| UnmapDescriptor { lba, blocks }).collect(),
+            });
+        }
+
+        #[test]
+        fn prop_sense_round_trip(s in sense()) {
+            round_trip(&s);
+            let _ = s.to_string();
+            let _ = (s.field_pointer(), s.progress());
+        }
+
+        #[test]
+        fn prop_parsers_never_panic(b in bytes()) {
+            parse_is_total_and_stable::<InquiryData>(&b);
+            parse_is_total_and_stable::<SupportedVpdPages>(&b);
+            parse_is_total_and_stable::<UnitSerialNumber>(&b);
+            parse_is_total_and_stable::<DeviceIdentification>(&b);
+            parse_is_total_and_stable::<BlockLimits>(&b);
+            parse_is_total_and_stable::<LogicalBlockProvisioning>(&b);
+            parse_is_total_and_stable::<ReadCapacity10Data>(&b);
+            parse_is_total_and_stable::<ReadCapacity16Data>(&b);
+            parse_is_total_and_stable::<ReportLunsData>(&b);
+            parse_is_total_and_stable::<TargetPortGroupsData>(&b);
+            parse_is_total_and_stable::<ModeSense10Data>(&b);
+            parse_is_total_and_stable::<UnmapParameterList>(&b);
+            parse_is_total_and_stable::<SenseData>(&b);
+            let _ = ReportLunsData::required_len(&b);
+            if let Ok(d) = DeviceIdentification::parse(&b) {
+                for x in &d.designators { let _ = x.to_string(); }
+                let _ = d.lu_designator();
+            }
+            if let Ok(s) = SenseData::parse(&b) { let _ = s.to_string(); }
+        }
+
+        /// Structured inputs with a valid page code / response code, so the
+        /// parsers get past their first check more often.
+        #[test]
+        fn prop_parsers_never_panic_with_headers(
+            page in prop::sample::select(vec![0x00u8, 0x80, 0x83, 0xb0, 0xb2]),
+            rc in prop::sample::select(vec![0x70u8, 0x71, 0x72, 0x73, 0xf0, 0xf2]),
+            mut b in proptest::collection::vec(any::<u8>(), 8..300),
+        ) {
+            b[1] = page;
+            parse_is_total_and_stable::<SupportedVpdPages>(&b);
+            parse_is_total_and_stable::<UnitSerialNumber>(&b);
+            parse_is_total_and_stable::<DeviceIdentification>(&b);
+            parse_is_total_and_stable::<BlockLimits>(&b);
+            parse_is_total_and_stable::<LogicalBlockProvisioning>(&b);
+            b[0] = rc;
+            parse_is_total_and_stable::<SenseData>(&b);
+            b[4] = 0x10;
+            parse_is_total_and_stable::<TargetPortGroupsData>(&b);
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! target layer.
+#![deny(unsafe_code)]

@@ -1,0 +1,86 @@
+//! Helpers shared by the DPDK test binaries (each binary owns one EAL).
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use iscsi_bypass::phy::dpdk;
+
+fn status_field(name: &str) -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(|rest| rest.trim().to_string())
+}
+
+/// Why DPDK tests cannot run here, if they cannot.
+pub fn skip_reason(pmd: &str) -> Option<String> {
+    // "Uid:  real effective saved fs"
+    let root = status_field("Uid:")
+        .and_then(|uids| uids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false);
+    if !root {
+        return Some("needs root (DPDK maps memory and devices)".to_string());
+    }
+    let plugin = Path::new(dpdk::PMD_DIR).join(format!("librte_{pmd}.so"));
+    if !plugin.exists() {
+        return Some(format!(
+            "no DPDK plugin {} (run scripts/setup.sh)",
+            plugin.display()
+        ));
+    }
+    None
+}
+
+fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("HugePages_Free:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The first CPU this process may run on: EAL's main lcore must be one.
+fn first_allowed_cpu() -> String {
+    status_field("Cpus_allowed_list:")
+        .and_then(|list| {
+            list.split([',', '-'])
+                .next()
+                .map(|cpu| cpu.trim().to_string())
+        })
+        .filter(|cpu| !cpu.is_empty())
+        .unwrap_or_else(|| "0".to_string())
+}
+
+/// EAL arguments for one test process with one `vdev`: hugepages when free
+/// ones exist (`--in-memory`), else `--no-huge -m 256`;
+/// ISCSI_BYPASS_DPDK_NO_HUGE=1 forces the latter.
+pub fn eal_args(vdev: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-l".into(),
+        first_allowed_cpu(),
+        "--no-pci".into(),
+        "--vdev".into(),
+        vdev.into(),
+        // The shared EAL loads this directory by itself; naming it keeps the
+        // test working with an EAL built without a default plugin path.
+        "-d".into(),
+        dpdk::PMD_DIR.into(),
+        // Unique per process so parallel test binaries do not collide.
+        "--file-prefix".into(),
+        format!("iscsi-bypass-test-{}", std::process::id()),
+        "--log-level".into(),
+        "lib.eal:notice".into(),
+    ];
+    let force_no_huge = std::env::var_os("ISCSI_BYPASS_DPDK_NO_HUGE").is_some();
+    if !force_no_huge && free_hugepages() >= 64 {
+        // Hugepage memory without files left in hugetlbfs.
+        args.push("--in-memory".into());
+    } else {
+        args.extend(["--no-huge", "-m", "256"].map(String::from));
+    }
+    args
+}
