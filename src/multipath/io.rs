@@ -86,6 +86,8 @@ pub enum IoError {
     TargetFailure(u8),
     #[error("the device is closed")]
     Closed,
+    #[error("the path failed while taking the command, and it was lost: {0}")]
+    PathLost(String),
 }
 
 /// Builds the SCSI command for `io`, moving its buffer into the command.

@@ -4,3 +4,11 @@
 
 pub mod ring;
 mod sync;
+mod device;
+mod path_worker;
+
+pub use device::{IoQueue, MultipathDevice, SubmitError};
+pub use crate::multipath::{
+    DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
+    Policy,
+};
