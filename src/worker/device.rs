@@ -741,3 +741,230 @@ impl Drop for IoQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The queue's dispatch / failover / retry logic against fake workers
+    //! (the tests play the workers' side of the rings).
+    use super::*;
+    use crate::iscsi::connection::{CommandEcho, Completion};
+
+    struct FakeWorker {
+        sub: Consumer<Request>,
+        comp: Producer<Response>,
+    }
+
+    fn device(n: usize) -> (MultipathDevice, Vec<Arc<ArrayQueue<Control>>>) {
+        let opened = Instant::now();
+        let paths: Vec<_> = (0..n)
+            .map(|i| {
+                let p = Arc::new(PathShared::new(i, &format!("p{i}"), opened));
+                p.set_state(PathState::Up, "test");
+                p
+            })
+            .collect();
+        let controls: Vec<_> = (0..n).map(|_| Arc::new(ArrayQueue::new(8))).collect();
+        let dev = MultipathDevice {
+            shared: Arc::new(DeviceShared {
+                paths,
+                controls: controls.clone(),
+                selector: SelectorState::new(),
+                policy: Policy::QueueDepth,
+                lun: 0,
+                block_size: 512,
+                capacity_blocks: 1000,
+                lu_id: "naa.test".into(),
+                queue_depth: 8,
+                no_path_timeout: Duration::from_millis(50),
+                max_retries: 3,
+                closed: AtomicBool::new(false),
+                next_queue_id: AtomicU32::new(0),
+            }),
+            workers: Vec::new(),
+        };
+        (dev, controls)
+    }
+
+    fn workers(controls: &[Arc<ArrayQueue<Control>>]) -> Vec<FakeWorker> {
+        controls
+            .iter()
+            .map(|c| match c.pop() {
+                Some(Control::AddQueue { sub, comp, .. }) => FakeWorker { sub, comp },
+                _ => panic!("no queue registered"),
+            })
+            .collect()
+    }
+
+    fn done(req: Request, status: u8) -> Response {
+        let c = req.cmd;
+        Response::Done {
+            slot: req.slot,
+            completion: Completion {
+                user_tag: c.user_tag,
+                response: 0,
+                status,
+                sense: Vec::new(),
+                residual: 0,
+                transferred: c.buffer.len(),
+                command: CommandEcho {
+                    lun: c.lun,
+                    cdb: c.cdb,
+                    cdb_len: c.cdb_len,
+                    direction: c.direction,
+                },
+                buffer: c.buffer,
+            },
+        }
+    }
+
+    #[test]
+    fn queue_depth_spreads_and_completes() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        for t in 0..4 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        assert_eq!(dev.paths()[0].outstanding, 2);
+        assert_eq!(dev.paths()[1].outstanding, 2);
+        for fw in &mut w {
+            while let Some(r) = fw.sub.pop() {
+                assert!(fw.comp.push(done(r, 0)).is_ok());
+            }
+        }
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 4);
+        assert!(out.iter().all(|c| c.result.is_ok() && c.buffer.len() == 512));
+        let mut tags: Vec<_> = out.iter().map(|c| c.user_tag).collect();
+        tags.sort();
+        assert_eq!(tags, vec![0, 1, 2, 3]);
+        assert_eq!(q.in_flight(), 0);
+        assert!(dev.paths().iter().all(|p| p.outstanding == 0 && p.outstanding_bytes == 0));
+    }
+
+    #[test]
+    fn queue_full_gives_the_request_back() {
+        let (dev, _controls) = device(1);
+        let mut q = dev.queue_pair();
+        match q.submit(Io::read(999, 2, Vec::new(), 1)) {
+            Err(SubmitError::Invalid { error, .. }) => {
+                assert!(matches!(error, IoError::OutOfRange { .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+        for t in 0..8 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        match q.submit(Io::write(0, 1, vec![9; 512], 99)) {
+            Err(SubmitError::QueueFull(io)) => assert_eq!(io.buffer, vec![9; 512]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounced_write_is_resubmitted_on_the_other_path_and_completes_only_there() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        let data = vec![0xab; 1024];
+        q.submit(Io::write(10, 2, data.clone(), 42)).unwrap();
+        let (first, other) = if dev.paths()[0].outstanding == 1 { (0, 1) } else { (1, 0) };
+        let req = w[first].sub.pop().unwrap();
+        // The path dies with the write in flight: the worker marks it Down
+        // and hands the command back.
+        dev.shared.paths[first].set_state(PathState::Down, "link down");
+        assert!(w[first]
+            .comp
+            .push(Response::Bounced {
+                slot: req.slot,
+                cmd: req.cmd
+            })
+            .is_ok());
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 0, "not acknowledged yet");
+        let again = w[other].sub.pop().expect("resubmitted on the other path");
+        assert_eq!(again.cmd.buffer, data, "same data");
+        assert!(w[other].comp.push(done(again, 0)).is_ok());
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(out[0].result.is_ok());
+        assert_eq!((out[0].user_tag, out[0].path, out[0].retries), (42, Some(other), 1));
+        assert!(dev.paths().iter().all(|p| p.outstanding == 0));
+    }
+
+    #[test]
+    fn no_path_waits_then_fails_and_a_returning_path_rescues() {
+        let (dev, controls) = device(1);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        dev.shared.paths[0].set_state(PathState::Down, "down");
+        q.submit(Io::read(0, 1, Vec::new(), 1)).unwrap();
+        q.submit(Io::read(1, 1, Vec::new(), 2)).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 0);
+        // The path comes back within no_path_timeout: both go out.
+        dev.shared.paths[0].set_state(PathState::Up, "back");
+        assert_eq!(q.poll_completions(&mut out), 0);
+        let r1 = w[0].sub.pop().unwrap();
+        let r2 = w[0].sub.pop().unwrap();
+        assert!(w[0].comp.push(done(r1, 0)).is_ok());
+        dev.shared.paths[0].set_state(PathState::Down, "down again");
+        assert!(w[0]
+            .comp
+            .push(Response::Bounced {
+                slot: r2.slot,
+                cmd: r2.cmd
+            })
+            .is_ok());
+        assert_eq!(q.poll_completions(&mut out), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(matches!(out[1].result, Err(IoError::NoPath { .. })));
+        assert_eq!(out[1].buffer.len(), 512, "buffer comes back");
+        assert_eq!(q.in_flight(), 0);
+    }
+
+    #[test]
+    fn busy_is_retried_and_retries_run_out() {
+        let (dev, controls) = device(1);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        q.submit(Io::read(0, 1, Vec::new(), 5)).unwrap();
+        let mut out = Vec::new();
+        for round in 0..4 {
+            let mut req = None;
+            for _ in 0..200 {
+                q.poll_completions(&mut out);
+                req = w[0].sub.pop();
+                if req.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let req = req.unwrap_or_else(|| panic!("retry {round} not dispatched"));
+            assert!(w[0].comp.push(done(req, 0x08)).is_ok());
+        }
+        q.poll_completions(&mut out);
+        assert_eq!(out.len(), 1);
+        assert!(
+            matches!(out[0].result, Err(IoError::RetriesExhausted { retries: 3, .. })),
+            "{:?}",
+            out[0].result
+        );
+    }
+
+    #[test]
+    fn alua_optimized_paths_first() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        dev.shared.paths[0].set_alua(Some(crate::scsi::AluaState::ActiveNonOptimized));
+        for t in 0..4 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        assert_eq!(dev.paths()[1].outstanding, 4);
+        dev.shared.paths[1].set_alua(Some(crate::scsi::AluaState::Standby));
+        q.submit(Io::read(9, 1, Vec::new(), 9)).unwrap();
+        assert_eq!(dev.paths()[0].outstanding, 1, "non-optimized when nothing better");
+        drop(w.pop());
+    }
+}
