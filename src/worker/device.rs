@@ -177,7 +177,13 @@ impl MultipathDevice {
             let control = Arc::new(ArrayQueue::new(64));
             let stop = Arc::new(AtomicBool::new(false));
             let session = match r {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    // Up before open() returns, so the first I/O can use it.
+                    shared.set_tpg(p.target_port_group);
+                    shared.set_alua(p.alua);
+                    shared.set_state(PathState::Up, "logged in");
+                    Some(p)
+                }
                 Err(e) => {
                     shared.set_state(PathState::Down, &e.to_string());
                     None
