@@ -336,12 +336,21 @@ fn scenario_tbf(env: &Env) {
 }
 
 fn scenario_netem(env: &Env) {
-    // Path 1 gets 4 ms more in each direction... on the target side egress
-    // (responses) only, which is enough to make it slow.
-    sh(&[
-        "ip", "netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", "t1", "root", "netem", "delay",
-        "4ms",
-    ]);
+    // Make path 1 slow on the target side egress (responses): 4 ms of netem
+    // delay, or, on kernels without sch_netem, a narrow token bucket
+    // (4 KiB takes ~1.6 ms at 20 Mbit/s, plus queueing).
+    let netem = Command::new("ip")
+        .args(["netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", "t1", "root", "netem", "delay", "4ms"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !netem {
+        println!("MP netem: sch_netem unavailable, slowing path 1 with tbf 20mbit instead");
+        sh(&[
+            "ip", "netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", "t1", "root", "tbf", "rate",
+            "20mbit", "burst", "8kb", "latency", "100ms",
+        ]);
+    }
     let mut results = Vec::new();
     for policy in [
         Policy::RoundRobin { ios_per_path: 1 },
