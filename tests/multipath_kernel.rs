@@ -102,7 +102,13 @@ fn run_outer(bed_name: &str, scenario: &str) {
     let out = Command::new("ip")
         .args(["netns", "exec", &bed.ini()])
         .arg(exe)
-        .args(["inner", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "inner",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("MP_SCENARIO", scenario)
         .env("MP_IQN", &tgtd.iqn)
         .env("MP_PORT", tgtd.port.to_string())
@@ -190,7 +196,11 @@ fn config(env: &Env, paths: &[usize], policy: Policy) -> DeviceConfig {
         .map(|&i| {
             let portal: SocketAddr = format!("10.231.{}.2:{}", i + 1, env.port).parse().unwrap();
             let bind: SocketAddr = format!("10.231.{}.1:0", i + 1).parse().unwrap();
-            PathConfig::kernel(portal, Some(bind), LoginConfig::new(INITIATOR, Some(&env.iqn)))
+            PathConfig::kernel(
+                portal,
+                Some(bind),
+                LoginConfig::new(INITIATOR, Some(&env.iqn)),
+            )
         })
         .collect();
     let mut c = DeviceConfig::new(paths, 1);
@@ -221,7 +231,14 @@ struct RunStats {
 }
 
 /// Random reads of `blocks` blocks at queue depth `qd` for `dur`.
-fn read_load(q: &mut IoQueue, capacity: u64, blocks: u32, qd: usize, dur: Duration, npaths: usize) -> RunStats {
+fn read_load(
+    q: &mut IoQueue,
+    capacity: u64,
+    blocks: u32,
+    qd: usize,
+    dur: Duration,
+    npaths: usize,
+) -> RunStats {
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut next = |max: u64| {
         rng ^= rng << 13;
@@ -238,7 +255,9 @@ fn read_load(q: &mut IoQueue, capacity: u64, blocks: u32, qd: usize, dur: Durati
         elapsed: Duration::ZERO,
     };
     let bs = u64::from(q.block_size());
-    let mut free: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; blocks as usize * bs as usize]).collect();
+    let mut free: Vec<Vec<u8>> = (0..qd)
+        .map(|_| vec![0u8; blocks as usize * bs as usize])
+        .collect();
     let mut out: Vec<IoCompletion> = Vec::with_capacity(qd);
     let start = Instant::now();
     loop {
@@ -278,9 +297,13 @@ fn scenario_both(env: &Env) {
     let dev = MultipathDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
     assert_eq!(dev.paths().len(), 2);
     for p in dev.paths() {
-        println!("MP path {} {:?} alua {:?} tpg {:?} events {:?}", p.name, p.state, p.alua, p.target_port_group, p.events);
+        println!(
+            "MP path {} {:?} alua {:?} tpg {:?} events {:?}",
+            p.name, p.state, p.alua, p.target_port_group, p.events
+        );
     }
     let mut q = dev.queue_pair();
+    println!();
     let s = read_load(&mut q, dev.capacity(), 8, 16, Duration::from_secs(2), 2);
     println!(
         "MP both: {} IOPS, per path {:?}, p50 {} us p99 {} us",
@@ -314,25 +337,53 @@ fn scenario_tbf(env: &Env) {
     // Reads: the data flows target -> initiator, so shape the target side.
     for dev in ["t0", "t1"] {
         sh(&[
-            "ip", "netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-            "200mbit", "burst", "64kb", "latency", "50ms",
+            "ip",
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            "200mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "50ms",
         ]);
     }
     let run = |paths: &[usize]| {
         let dev = MultipathDevice::open(config(env, paths, Policy::QueueDepth)).unwrap();
         let mut q = dev.queue_pair();
         // Warm-up, then measure.
-        read_load(&mut q, dev.capacity(), 256, 8, Duration::from_millis(500), 2);
+        read_load(
+            &mut q,
+            dev.capacity(),
+            256,
+            8,
+            Duration::from_millis(500),
+            2,
+        );
         let s = read_load(&mut q, dev.capacity(), 256, 8, Duration::from_secs(3), 2);
         assert_eq!(s.errors, 0);
         let mbs = s.bytes as f64 / s.elapsed.as_secs_f64() / 1e6;
-        println!("MP tbf paths {paths:?}: {mbs:.1} MB/s, per path {:?}", s.per_path);
+        println!(
+            "MP tbf paths {paths:?}: {mbs:.1} MB/s, per path {:?}",
+            s.per_path
+        );
         mbs
     };
     let one = run(&[0]);
     let two = run(&[0, 1]);
     println!("MP tbf ratio two/one = {:.2}", two / one);
-    assert!(two > 1.6 * one, "two paths {two:.1} MB/s vs one {one:.1} MB/s");
+    assert!(
+        two > 1.6 * one,
+        "two paths {two:.1} MB/s vs one {one:.1} MB/s"
+    );
 }
 
 fn scenario_netem(env: &Env) {
@@ -340,15 +391,43 @@ fn scenario_netem(env: &Env) {
     // delay, or, on kernels without sch_netem, a narrow token bucket
     // (4 KiB takes ~1.6 ms at 20 Mbit/s, plus queueing).
     let netem = Command::new("ip")
-        .args(["netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", "t1", "root", "netem", "delay", "4ms"])
+        .args([
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "t1",
+            "root",
+            "netem",
+            "delay",
+            "4ms",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !netem {
         println!("MP netem: sch_netem unavailable, slowing path 1 with tbf 20mbit instead");
         sh(&[
-            "ip", "netns", "exec", &env.tgt_ns, "tc", "qdisc", "add", "dev", "t1", "root", "tbf", "rate",
-            "20mbit", "burst", "8kb", "latency", "100ms",
+            "ip",
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "t1",
+            "root",
+            "tbf",
+            "rate",
+            "20mbit",
+            "burst",
+            "8kb",
+            "latency",
+            "100ms",
         ]);
     }
     let mut results = Vec::new();
@@ -363,7 +442,10 @@ fn scenario_netem(env: &Env) {
         let s = read_load(&mut q, dev.capacity(), 8, 8, Duration::from_secs(2), 2);
         assert_eq!(s.errors, 0);
         let fast = s.per_path[0] as f64 / s.ios as f64;
-        let (p50, p99) = (s.lat_us.value_at_quantile(0.5), s.lat_us.value_at_quantile(0.99));
+        let (p50, p99) = (
+            s.lat_us.value_at_quantile(0.5),
+            s.lat_us.value_at_quantile(0.99),
+        );
         println!(
             "MP netem {policy:?}: {:.0} IOPS, fast-path share {:.3}, p50 {p50} us, p99 {p99} us, mean {:.0} us",
             s.ios as f64 / s.elapsed.as_secs_f64(),
@@ -379,9 +461,18 @@ fn scenario_netem(env: &Env) {
     assert!(rr_fast < 0.6, "round-robin splits evenly: {rr_fast}");
     assert!(qd_fast > 0.8, "queue-depth fast share {qd_fast}");
     assert!(st_fast > 0.9, "service-time fast share {st_fast}");
-    assert!(st_p99 < rr_p99, "service-time p99 {st_p99} vs round-robin {rr_p99}");
-    assert!(qd_p99 <= rr_p99 + rr_p99 / 10, "queue-depth p99 {qd_p99} vs round-robin {rr_p99}");
-    assert!(qd_mean < rr_mean / 2.0, "queue-depth mean {qd_mean} vs round-robin {rr_mean}");
+    assert!(
+        st_p99 < rr_p99,
+        "service-time p99 {st_p99} vs round-robin {rr_p99}"
+    );
+    assert!(
+        qd_p99 <= rr_p99 + rr_p99 / 10,
+        "queue-depth p99 {qd_p99} vs round-robin {rr_p99}"
+    );
+    assert!(
+        qd_mean < rr_mean / 2.0,
+        "queue-depth mean {qd_mean} vs round-robin {rr_mean}"
+    );
 }
 
 /// Write+verify workload with a link event schedule; returns after
@@ -464,6 +555,7 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
             mismatches += 1;
         }
     }
+    println!();
     println!(
         "MP write+verify: {ios} writes, {errors} errors, {mismatches} mismatches, longest completion gap {max_gap:?}"
     );
@@ -475,7 +567,10 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
             p.commands,
             p.resubmitted,
             p.logins,
-            p.events.iter().map(|e| (e.since_open, e.state)).collect::<Vec<_>>()
+            p.events
+                .iter()
+                .map(|e| (e.since_open, e.state))
+                .collect::<Vec<_>>()
         );
     }
     assert_eq!(errors, 0);
@@ -510,8 +605,14 @@ fn scenario_linkdown(_env: &Env) {
         }
     });
     let p = &dev.paths()[0];
-    assert!(p.events.iter().any(|e| e.state == PathState::Down), "path 0 never went down");
-    assert!(wait_state(&dev, 0, PathState::Up, Duration::from_secs(10)), "path 0 did not rejoin");
+    assert!(
+        p.events.iter().any(|e| e.state == PathState::Down),
+        "path 0 never went down"
+    );
+    assert!(
+        wait_state(&dev, 0, PathState::Up, Duration::from_secs(10)),
+        "path 0 did not rejoin"
+    );
     assert!(dev.paths()[0].logins >= 2);
     assert!(dev.paths()[1].commands > 0);
 }
@@ -525,12 +626,21 @@ fn scenario_flap(env: &Env) {
             last = t;
             is_down = !is_down;
             flips += 1;
-            sh(&["ip", "link", "set", "v1", if is_down { "down" } else { "up" }]);
+            sh(&[
+                "ip",
+                "link",
+                "set",
+                "v1",
+                if is_down { "down" } else { "up" },
+            ]);
         }
     });
     if is_down {
         sh(&["ip", "link", "set", "v1", "up"]);
     }
     println!("MP flap: {flips} link flips");
-    assert!(wait_state(&dev, 1, PathState::Up, Duration::from_secs(10)), "path 1 did not rejoin");
+    assert!(
+        wait_state(&dev, 1, PathState::Up, Duration::from_secs(10)),
+        "path 1 did not rejoin"
+    );
 }

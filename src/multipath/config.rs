@@ -180,7 +180,11 @@ impl DeviceConfig {
                 .socket_addr()
                 .map_err(|e| MultipathError::Config(format!("{url}: {e}")))?;
             let login = login_from_url(&url, initiator, t);
-            paths.push(PathConfig::kernel(addr, binds.get(i).copied().flatten(), login));
+            paths.push(PathConfig::kernel(
+                addr,
+                binds.get(i).copied().flatten(),
+                login,
+            ));
         }
         let lun = lun.ok_or_else(|| MultipathError::Config("no paths given".into()))?;
         Ok(DeviceConfig::new(paths, lun))

@@ -3,7 +3,9 @@
 //! retry, fail).
 
 use crate::iscsi::connection::{Command, Completion, Direction};
-use crate::scsi::{check_status, ErrorClass, ScsiCommand, ScsiError, UnitAttention, UnmapDescriptor};
+use crate::scsi::{
+    check_status, ErrorClass, ScsiCommand, ScsiError, UnitAttention, UnmapDescriptor,
+};
 use crate::wire::scsi::{DataRepr, UnmapParameterList};
 use std::time::Duration;
 use thiserror::Error;
@@ -233,10 +235,7 @@ pub fn judge(response: u8, status: u8, sense: &[u8], retries: u32, max_retries: 
         return Verdict::Fail(IoError::Scsi(err));
     }
     if retries >= max_retries {
-        return Verdict::Fail(IoError::RetriesExhausted {
-            retries,
-            last: err,
-        });
+        return Verdict::Fail(IoError::RetriesExhausted { retries, last: err });
     }
     let refresh_alua = class == ErrorClass::PathLevel
         || err.unit_attention() == Some(UnitAttention::AluaStateChanged);
@@ -274,9 +273,15 @@ pub struct IoCompletion {
 mod tests {
     use super::*;
 
-    const UA_ALUA: [u8; 18] = [0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2a, 0x06, 0, 0, 0, 0];
-    const UA_RESET: [u8; 18] = [0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x29, 0x00, 0, 0, 0, 0];
-    const MEDIUM: [u8; 18] = [0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0x00, 0, 0, 0, 0];
+    const UA_ALUA: [u8; 18] = [
+        0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2a, 0x06, 0, 0, 0, 0,
+    ];
+    const UA_RESET: [u8; 18] = [
+        0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x29, 0x00, 0, 0, 0, 0,
+    ];
+    const MEDIUM: [u8; 18] = [
+        0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0x00, 0, 0, 0, 0,
+    ];
 
     #[test]
     fn good_is_success() {

@@ -528,6 +528,9 @@ mod tests {
         assert_eq!(ewma_update(0, 800), 800);
         assert_eq!(ewma_update(800, 1600), 900);
         assert_eq!(ewma_update(800, 0), 700);
-        assert_eq!(ewma_update(u64::MAX, u64::MAX), u64::MAX - u64::MAX / 8 + u64::MAX / 8);
+        assert_eq!(
+            ewma_update(u64::MAX, u64::MAX),
+            u64::MAX - u64::MAX / 8 + u64::MAX / 8
+        );
     }
 }

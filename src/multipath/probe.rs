@@ -7,7 +7,9 @@ use super::MultipathError;
 use crate::iscsi::connection::{Command, ConnTimers, Direction};
 use crate::iscsi::login::LoginConfig;
 use crate::iscsi::session::{IdlePolicy, Session, SessionConfig};
-use crate::scsi::{check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData};
+use crate::scsi::{
+    check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData,
+};
 use crate::wire::scsi::{DataRepr, DeviceIdentification, ReadCapacity16Data};
 use std::time::Duration;
 
@@ -63,9 +65,7 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
     sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
     let mut session =
         Session::login(BoxedTransport(transport), &sc).map_err(|e| login_err(e.to_string()))?;
-    let time2wait = Duration::from_secs(u64::from(
-        session.connection().params().default_time2wait,
-    ));
+    let time2wait = Duration::from_secs(u64::from(session.connection().params().default_time2wait));
     let scsi_err = |what: &'static str| {
         let name = cfg.name.clone();
         move |e: ProbeExecError| match e {
@@ -98,12 +98,12 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
         what: "INQUIRY VPD 83h",
         error: ScsiError::BadData(e),
     })?;
-    let lu_id = id
-        .lu_designator()
-        .map(|d| d.to_string())
-        .ok_or_else(|| MultipathError::NoLuIdentity {
-            path: cfg.name.clone(),
-        })?;
+    let lu_id =
+        id.lu_designator()
+            .map(|d| d.to_string())
+            .ok_or_else(|| MultipathError::NoLuIdentity {
+                path: cfg.name.clone(),
+            })?;
     let tpg = id.target_port_group();
     let rel = id.relative_target_port();
     // Targets without ALUA answer ILLEGAL REQUEST: then every path is equal.

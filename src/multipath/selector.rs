@@ -6,8 +6,9 @@ use super::path::PathLoad;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// How a device spreads commands over its usable paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Policy {
+    #[default]
     /// Fewest outstanding commands; ties by outstanding bytes (default).
     QueueDepth,
     /// Outstanding bytes (plus this command) weighted by each path's recent
@@ -18,12 +19,6 @@ pub enum Policy {
     /// One active path; the others stand by until it fails (no automatic
     /// fail-back, so a flapping path does not bounce I/O around).
     Failover,
-}
-
-impl Default for Policy {
-    fn default() -> Policy {
-        Policy::QueueDepth
-    }
 }
 
 impl std::str::FromStr for Policy {
@@ -127,7 +122,11 @@ pub fn select(
 
 /// The candidate with the smallest key; among equal keys the first one at
 /// or after `rotate` (cyclically).
-fn min_by_key(candidates: &[PathLoad], rotate: usize, key: impl Fn(&PathLoad) -> u128) -> Option<usize> {
+fn min_by_key(
+    candidates: &[PathLoad],
+    rotate: usize,
+    key: impl Fn(&PathLoad) -> u128,
+) -> Option<usize> {
     let n = candidates.len();
     let start = rotate % n;
     let mut best: Option<(u128, usize)> = None;

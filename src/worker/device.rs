@@ -125,10 +125,7 @@ impl MultipathDevice {
                         })
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .filter_map(|h| h.join().ok())
-                    .collect()
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
             });
         if probed.is_empty() {
             return Err(MultipathError::Thread("login threads panicked".into()));
@@ -512,7 +509,9 @@ impl IoQueue {
 
     fn on_response(&mut self, path: usize, r: Response, now: Instant, out: &mut Vec<IoCompletion>) {
         let slot = match &r {
-            Response::Done { slot, .. } | Response::Bounced { slot, .. } | Response::Lost { slot, .. } => *slot,
+            Response::Done { slot, .. }
+            | Response::Bounced { slot, .. }
+            | Response::Lost { slot, .. } => *slot,
         };
         let Some(s) = self.slots.get_mut(slot as usize) else {
             return;
@@ -526,7 +525,13 @@ impl IoQueue {
         match r {
             Response::Done { completion: c, .. } => {
                 let retries = s.retries;
-                match judge(c.response, c.status, &c.sense, retries, self.dev.max_retries) {
+                match judge(
+                    c.response,
+                    c.status,
+                    &c.sense,
+                    retries,
+                    self.dev.max_retries,
+                ) {
                     Verdict::Success => self.complete(slot, Ok(()), c.buffer, now, out),
                     Verdict::Fail(e) => self.complete(slot, Err(e), c.buffer, now, out),
                     Verdict::Retry { .. } if closed => {
@@ -702,7 +707,7 @@ impl IoQueue {
 
     fn blocks_for(&self, op: IoOp, len: usize) -> Result<u32, IoError> {
         let bs = self.dev.block_size as usize;
-        if len % bs != 0 || u32::try_from(len / bs).is_err() {
+        if !len.is_multiple_of(bs) || u32::try_from(len / bs).is_err() {
             return Err(IoError::BadBuffer {
                 op,
                 expected: len.div_ceil(bs) * bs,
@@ -840,12 +845,17 @@ mod tests {
         }
         let mut out = Vec::new();
         assert_eq!(q.poll_completions(&mut out), 4);
-        assert!(out.iter().all(|c| c.result.is_ok() && c.buffer.len() == 512));
+        assert!(out
+            .iter()
+            .all(|c| c.result.is_ok() && c.buffer.len() == 512));
         let mut tags: Vec<_> = out.iter().map(|c| c.user_tag).collect();
         tags.sort();
         assert_eq!(tags, vec![0, 1, 2, 3]);
         assert_eq!(q.in_flight(), 0);
-        assert!(dev.paths().iter().all(|p| p.outstanding == 0 && p.outstanding_bytes == 0));
+        assert!(dev
+            .paths()
+            .iter()
+            .all(|p| p.outstanding == 0 && p.outstanding_bytes == 0));
     }
 
     #[test]
@@ -874,7 +884,11 @@ mod tests {
         let mut w = workers(&controls);
         let data = vec![0xab; 1024];
         q.submit(Io::write(10, 2, data.clone(), 42)).unwrap();
-        let (first, other) = if dev.paths()[0].outstanding == 1 { (0, 1) } else { (1, 0) };
+        let (first, other) = if dev.paths()[0].outstanding == 1 {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
         let req = w[first].sub.pop().unwrap();
         // The path dies with the write in flight: the worker marks it Down
         // and hands the command back.
@@ -893,7 +907,10 @@ mod tests {
         assert!(w[other].comp.push(done(again, 0)).is_ok());
         assert_eq!(q.poll_completions(&mut out), 1);
         assert!(out[0].result.is_ok());
-        assert_eq!((out[0].user_tag, out[0].path, out[0].retries), (42, Some(other), 1));
+        assert_eq!(
+            (out[0].user_tag, out[0].path, out[0].retries),
+            (42, Some(other), 1)
+        );
         assert!(dev.paths().iter().all(|p| p.outstanding == 0));
     }
 
@@ -952,7 +969,10 @@ mod tests {
         q.poll_completions(&mut out);
         assert_eq!(out.len(), 1);
         assert!(
-            matches!(out[0].result, Err(IoError::RetriesExhausted { retries: 3, .. })),
+            matches!(
+                out[0].result,
+                Err(IoError::RetriesExhausted { retries: 3, .. })
+            ),
             "{:?}",
             out[0].result
         );
@@ -970,7 +990,11 @@ mod tests {
         assert_eq!(dev.paths()[1].outstanding, 4);
         dev.shared.paths[1].set_alua(Some(crate::scsi::AluaState::Standby));
         q.submit(Io::read(9, 1, Vec::new(), 9)).unwrap();
-        assert_eq!(dev.paths()[0].outstanding, 1, "non-optimized when nothing better");
+        assert_eq!(
+            dev.paths()[0].outstanding,
+            1,
+            "non-optimized when nothing better"
+        );
         drop(w.pop());
     }
 }

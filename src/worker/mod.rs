@@ -2,13 +2,13 @@
 //! them and the application, and the application-facing multipath device.
 #![deny(unsafe_code)]
 
-pub mod ring;
-mod sync;
 mod device;
 mod path_worker;
+pub mod ring;
+mod sync;
 
-pub use device::{IoQueue, MultipathDevice, SubmitError};
 pub use crate::multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
     Policy,
 };
+pub use device::{IoQueue, MultipathDevice, SubmitError};

@@ -10,7 +10,9 @@ use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
 use crate::multipath::path::{new_histogram, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
-use crate::scsi::{check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention};
+use crate::scsi::{
+    check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention,
+};
 use crate::transport::Transport;
 use crate::wire::scsi::DataRepr;
 use crossbeam::queue::ArrayQueue;
@@ -285,14 +287,13 @@ impl Worker {
             progressed = true;
             match ev {
                 Event::Completed(c) => self.on_completion(c, now),
-                Event::AsyncScsiEvent { sense, .. } => {
+                Event::AsyncScsiEvent { sense, .. }
                     if SenseData::parse(&sense)
                         .ok()
                         .and_then(|s| UnitAttention::from_sense(&s))
-                        == Some(UnitAttention::AluaStateChanged)
-                    {
-                        self.alua_refresh_wanted = true;
-                    }
+                        == Some(UnitAttention::AluaStateChanged) =>
+                {
+                    self.alua_refresh_wanted = true;
                 }
                 Event::LogoutRequested { .. } => {
                     return Err("target requested logout".into());
@@ -305,7 +306,12 @@ impl Worker {
 
     fn submit_rtpg(&mut self, session: &mut Session<BoxedTransport>) {
         let c = ScsiCommand::report_target_port_groups(1024);
-        if let Ok(mut cmd) = Command::new(self.probe.lun, c.cdb_bytes(), Direction::Read, vec![0; 1024]) {
+        if let Ok(mut cmd) = Command::new(
+            self.probe.lun,
+            c.cdb_bytes(),
+            Direction::Read,
+            vec![0; 1024],
+        ) {
             cmd.user_tag = INTERNAL_TAG;
             if session.submit(cmd).is_ok() {
                 self.alua_refresh_pending = true;
@@ -318,9 +324,10 @@ impl Worker {
         if c.user_tag & INTERNAL_TAG != 0 {
             self.alua_refresh_pending = false;
             if c.response == 0 && check_status(c.status, &c.sense).is_ok() {
-                let state = TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
-                    .ok()
-                    .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
+                let state =
+                    TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
+                        .ok()
+                        .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
                 self.shared.set_alua(state);
             }
             return;
@@ -349,7 +356,10 @@ impl Worker {
             .record_completion(latency, c.transferred as u64, error);
         let _ = self.hist.record(latency.as_micros().max(1) as u64);
         // Capacity >= the queue's depth: this push cannot fail.
-        let _ = q.comp.push(Response::Done { slot, completion: c });
+        let _ = q.comp.push(Response::Done {
+            slot,
+            completion: c,
+        });
     }
 
     /// Sends every command waiting in the rings back for another path.
@@ -380,7 +390,10 @@ impl Worker {
         self.shared.set_state(PathState::Down, reason);
         self.health.on_failure(now);
         let cmds = session.connection_mut().take_outstanding();
-        let n = cmds.iter().filter(|c| c.user_tag & INTERNAL_TAG == 0).count();
+        let n = cmds
+            .iter()
+            .filter(|c| c.user_tag & INTERNAL_TAG == 0)
+            .count();
         self.shared.record_resubmitted(n as u64);
         for c in cmds {
             self.bounce(c);
@@ -410,8 +423,10 @@ impl Worker {
             Err(e) => {
                 // The connector moved into the failed closure: the path is lost.
                 self.health.give_up();
-                self.shared
-                    .set_state(PathState::Failed, &format!("cannot spawn login thread: {e}"));
+                self.shared.set_state(
+                    PathState::Failed,
+                    &format!("cannot spawn login thread: {e}"),
+                );
             }
         }
     }
