@@ -5,7 +5,6 @@
 mod device;
 mod path_worker;
 pub mod ring;
-mod sync;
 
 pub use crate::multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
