@@ -164,3 +164,68 @@ where
         vec![self.path_name.clone()]
     }
 }
+
+/// The multipath device: one `IoQueue` per job thread; the device's path
+/// workers do the I/O, so the job thread only submits and polls.
+pub struct MultipathEngine {
+    queue: crate::worker::IoQueue,
+    completions: Vec<crate::worker::IoCompletion>,
+}
+
+impl Engine for MultipathEngine {
+    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo> {
+        use crate::worker::Io;
+        let req = if io.write {
+            Io::write(io.lba, io.blocks, io.buffer, io.tag)
+        } else {
+            Io::read(io.lba, io.blocks, io.buffer, io.tag)
+        };
+        self.queue.submit(req).map_err(|e| {
+            let back = e.into_io();
+            BenchIo {
+                tag: back.user_tag,
+                write: io.write,
+                lba: back.lba,
+                blocks: back.blocks,
+                buffer: back.buffer,
+            }
+        })
+    }
+
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
+        self.queue.poll_completions(&mut self.completions);
+        for c in self.completions.drain(..) {
+            out.push(BenchDone {
+                tag: c.user_tag,
+                result: c.result.map_err(|e| e.to_string()),
+                buffer: c.buffer,
+                path: c.path,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Opens one `IoQueue` per job on a shared multipath device.
+pub struct MultipathFactory<'a> {
+    pub device: &'a crate::worker::MultipathDevice,
+    pub path_names: Vec<String>,
+}
+
+impl EngineFactory for MultipathFactory<'_> {
+    fn block_size(&self) -> u32 {
+        self.device.block_size()
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.device.capacity()
+    }
+    fn open(&self, _job_index: u32) -> Result<Box<dyn Engine>, String> {
+        Ok(Box::new(MultipathEngine {
+            queue: self.device.queue_pair(),
+            completions: Vec::with_capacity(256),
+        }))
+    }
+    fn path_names(&self) -> Vec<String> {
+        self.path_names.clone()
+    }
+}

@@ -3,11 +3,13 @@
 use super::{ConnectOptions, Output};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use iscsi_bypass::bench::engine::SessionFactory;
+use iscsi_bypass::bench::engine::{MultipathFactory, SessionFactory};
 use iscsi_bypass::bench::job::JobSpec;
 use iscsi_bypass::bench::{self, report, LiveCounters};
 use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
+use iscsi_bypass::target::{Target, TargetConfig};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -64,6 +66,14 @@ pub struct BenchArgs {
     /// Spin instead of blocking when idle (poll mode; one core per job).
     #[arg(long)]
     pub busy_poll: bool,
+    /// auto (inline for one path, multipath for several), inline (the job
+    /// thread drives its own session, like iscsi-perf), multipath (path
+    /// workers behind lock-free rings).
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
+    /// Cores to pin path workers to (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
 }
 
 impl BenchArgs {
@@ -104,21 +114,72 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     let job = args.job()?;
     if args.transport != "kernel" {
         bail!(
-            "transport {:?} is not available in this build yet (use --transport kernel)",
+            "transport {:?} is not available in this build (use --transport kernel)",
             args.transport
         );
     }
-    if args.urls.is_empty() {
-        bail!("no target URL given; the embedded target is not available in this build yet");
-    }
-    if args.urls.len() > 1 {
-        bail!("several paths need the multipath device, which is not available in this build yet");
-    }
-    let url = IscsiUrl::parse(&args.urls[0])?;
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    // No URL: the embedded target on loopback with two portals, so a new
+    // user sees the whole thing (two paths, multipath) with one command.
+    let embedded = if args.urls.is_empty() {
+        let config = TargetConfig::null(EMBEDDED_IQN, EMBEDDED_SIZE).loopback_portals(2);
+        let t = Target::start(config).context("starting the embedded target")?;
+        if !out.json {
+            let portals: Vec<String> = t.portals().iter().map(|p| p.to_string()).collect();
+            eprintln!(
+                "no target given: using the embedded null target {} on {}",
+                t.iqn(),
+                portals.join(" and ")
+            );
+        }
+        Some(t)
+    } else {
+        None
+    };
+    let urls: Vec<String> = match &embedded {
+        Some(t) => t
+            .portals()
+            .iter()
+            .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
+            .collect(),
+        None => args.urls.clone(),
+    };
+    let engine = match args.engine.as_str() {
+        "auto" if urls.len() == 1 => "inline",
+        "auto" => "multipath",
+        "inline" if urls.len() > 1 => {
+            bail!("--engine inline drives one path; give one URL or use --engine multipath")
+        }
+        e @ ("inline" | "multipath") => e,
+        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
+    };
+    let result = if engine == "inline" {
+        run_inline(&urls[0], &job, args, opts, out)?
+    } else {
+        run_multipath(&urls, policy, &job, args, opts, out)?
+    };
+    drop(embedded);
+    report_and_check(&result, args, out)
+}
+
+const EMBEDDED_IQN: &str = "iqn.2026-11.org.iscsi-bypass:embedded";
+const EMBEDDED_SIZE: u64 = 1 << 30;
+
+fn run_inline(
+    url_text: &str,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let url = IscsiUrl::parse(url_text)?;
     let (target, lun) = url.require_target()?;
     let target = target.to_string();
     // Probe the LUN once: capacity and block size, and a clear error early.
-    let mut probe = super::open_lun(&args.urls[0], opts)?;
+    let mut probe = super::open_lun(url_text, opts)?;
     let cap = probe.read_capacity().context("READ CAPACITY")?;
     super::close(probe);
     job.region(cap.block_size, cap.block_count)?;
@@ -145,8 +206,52 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         max_in_flight: job.iodepth as usize,
         path_name: url.portal(),
     };
-    let result = run_with_progress(&job, &factory, out)?;
-    report_and_check(&result, args, out)
+    run_with_progress(job, &factory, out)
+}
+
+fn run_multipath(
+    urls: &[String],
+    policy: Policy,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let mut paths = Vec::new();
+    let mut lun = None;
+    for u in urls {
+        let url = IscsiUrl::parse(u)?;
+        let (target, l) = url.require_target()?;
+        if lun.is_some_and(|x| x != l) {
+            bail!("all paths must name the same LUN ({u} names LUN {l})");
+        }
+        lun = Some(l);
+        let login = opts.login_config(&url, Some(target))?;
+        let addr = url
+            .socket_addr()
+            .with_context(|| format!("resolving {}", url.portal()))?;
+        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
+        paths.push(PathConfig::kernel(addr, bind, login));
+    }
+    let mut config = DeviceConfig::new(paths, lun.unwrap_or(0));
+    config.policy = policy;
+    config.queue_depth = job.iodepth as usize;
+    config.login_timeout = opts.timeout();
+    config.idle = if args.busy_poll {
+        IdleMode::BusyPoll
+    } else {
+        IdleMode::Sleep(Duration::from_micros(20))
+    };
+    config.cores = args.cores.clone();
+    let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    job.region(device.block_size(), device.capacity())?;
+    let factory = MultipathFactory {
+        path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
+        device: &device,
+    };
+    let result = run_with_progress(job, &factory, out)?;
+    device.close();
+    Ok(result)
 }
 
 /// Runs the job with a live progress line on a terminal (none when piped).
