@@ -166,6 +166,7 @@ fn verify_passes_on_good_data_and_names_the_lba_of_a_corruption() {
     let factory = MultipathFactory {
         device: &device,
         path_names: vec!["a".into(), "b".into()],
+        idle_sleep: Some(Duration::from_micros(20)),
     };
     // Sequential writes stamp every block of the 1 MiB region first.
     let mut fill = verify_job(RwMode::Write);
@@ -202,4 +203,36 @@ fn verify_passes_on_good_data_and_names_the_lba_of_a_corruption() {
         other => panic!("corruption not detected: {:?}", other.err()),
     }
     device.close();
+}
+
+#[test]
+fn discovered_target_uses_all_its_portals() {
+    let t = Target::start(
+        TargetConfig::null("iqn.2026-11.org.iscsi-bypass:disc", 64 << 20).loopback_portals(2),
+    )
+    .unwrap();
+    let portal = format!("iscsi://{}", t.portals()[0]);
+    let (ok, out, err) = bench_cmd(&[
+        "--discover",
+        &portal,
+        "--runtime",
+        "500ms",
+        "--ramp",
+        "0",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let paths = v["iscsi_bypass"]["paths"].as_array().unwrap();
+    assert_eq!(paths.len(), 2, "{v}");
+    let (ok, _, err) = bench_cmd(&[
+        "--discover",
+        &portal,
+        "--target-iqn",
+        "iqn.2026-11.nope:x",
+        "--runtime",
+        "1s",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("is not among"), "{err}");
 }

@@ -66,6 +66,16 @@ pub struct BenchArgs {
     /// Spin instead of blocking when idle (poll mode; one core per job).
     #[arg(long)]
     pub busy_poll: bool,
+    /// Discover the target's paths at this portal (SendTargets): every portal
+    /// of the target becomes a path.
+    #[arg(long, conflicts_with = "urls")]
+    pub discover: Option<String>,
+    /// With --discover: which target (needed when the portal lists several).
+    #[arg(long, requires = "discover")]
+    pub target_iqn: Option<String>,
+    /// With --discover: the LUN.
+    #[arg(long, default_value_t = 0)]
+    pub lun: u16,
     /// auto (inline for one path, multipath for several), inline (the job
     /// thread drives its own session, like iscsi-perf), multipath (path
     /// workers behind lock-free rings).
@@ -124,7 +134,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         .map_err(|e: String| anyhow::anyhow!(e))?;
     // No URL: the embedded target on loopback with two portals, so a new
     // user sees the whole thing (two paths, multipath) with one command.
-    let embedded = if args.urls.is_empty() {
+    let embedded = if args.urls.is_empty() && args.discover.is_none() {
         let config = TargetConfig::null(EMBEDDED_IQN, EMBEDDED_SIZE).loopback_portals(2);
         let t = Target::start(config).context("starting the embedded target")?;
         if !out.json {
@@ -139,13 +149,14 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     } else {
         None
     };
-    let urls: Vec<String> = match &embedded {
-        Some(t) => t
+    let urls: Vec<String> = match (&embedded, &args.discover) {
+        (Some(t), _) => t
             .portals()
             .iter()
             .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
             .collect(),
-        None => args.urls.clone(),
+        (None, Some(portal)) => discovered_urls(portal, args, opts)?,
+        (None, None) => args.urls.clone(),
     };
     let engine = match args.engine.as_str() {
         "auto" if urls.len() == 1 => "inline",
@@ -163,6 +174,36 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     };
     drop(embedded);
     report_and_check(&result, args, out)
+}
+
+/// One URL per portal of the discovered target.
+fn discovered_urls(portal: &str, args: &BenchArgs, opts: &ConnectOptions) -> Result<Vec<String>> {
+    let targets = super::discover(portal, opts)?;
+    let target = match &args.target_iqn {
+        Some(iqn) => targets.iter().find(|t| &t.name == iqn).with_context(|| {
+            format!(
+                "target {iqn} is not among the {} targets at {portal}",
+                targets.len()
+            )
+        })?,
+        None => match targets.as_slice() {
+            [one] => one,
+            [] => bail!("no targets found at {portal}"),
+            many => bail!(
+                "{} targets at {portal}; choose one with --target-iqn ({})",
+                many.len(),
+                many.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    Ok(target
+        .portals
+        .iter()
+        .map(|p| format!("iscsi://{}/{}/{}", p.address(), target.name, args.lun))
+        .collect())
 }
 
 const EMBEDDED_IQN: &str = "iqn.2026-11.org.iscsi-bypass:embedded";
@@ -248,6 +289,7 @@ fn run_multipath(
     let factory = MultipathFactory {
         path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
         device: &device,
+        idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
     };
     let result = run_with_progress(job, &factory, out)?;
     device.close();
