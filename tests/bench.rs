@@ -236,3 +236,58 @@ fn discovered_target_uses_all_its_portals() {
     assert!(!ok);
     assert!(err.contains("is not among"), "{err}");
 }
+
+#[test]
+fn verify_holds_across_a_path_failure() {
+    let t = Target::start(
+        TargetConfig::ram("iqn.2026-11.org.iscsi-bypass:failover", 8 << 20).loopback_portals(2),
+    )
+    .unwrap();
+    let paths = t
+        .portals()
+        .iter()
+        .map(|p| {
+            PathConfig::kernel(
+                *p,
+                None,
+                LoginConfig::new("iqn.2026-11.org.iscsi-bypass:test", Some(t.iqn())),
+            )
+        })
+        .collect();
+    let mut config = DeviceConfig::new(paths, 0);
+    config.idle = IdleMode::Sleep(Duration::from_micros(50));
+    // Notice a dead path fast.
+    config.timers.nop_interval = Some(Duration::from_millis(200));
+    config.timers.nop_timeout = Duration::from_millis(300);
+    let device = MultipathDevice::open(config).unwrap();
+    let factory = MultipathFactory {
+        device: &device,
+        path_names: vec!["a".into(), "b".into()],
+        idle_sleep: Some(Duration::from_micros(20)),
+    };
+    let mut job = verify_job(RwMode::RandRw);
+    job.runtime = Duration::from_secs(3);
+    let faults = t.faults().portal(0);
+    let r = std::thread::scope(|s| {
+        let runner = s.spawn(|| bench::run(&job, &factory, Arc::new(LiveCounters::default())));
+        std::thread::sleep(Duration::from_millis(800));
+        faults.drop_connections_now();
+        runner.join().unwrap()
+    })
+    .unwrap();
+    r.check()
+        .expect("no I/O error and no verify mismatch across the failover");
+    let s = bench::report::summary(&r);
+    assert!(
+        s.read.ios > 100 && s.write.ios > 100,
+        "I/O went on: {} reads, {} writes",
+        s.read.ios,
+        s.write.ios
+    );
+    let stats = device.paths();
+    assert!(
+        stats.iter().map(|p| p.logins).sum::<u64>() >= 3,
+        "the dropped path logged in again: {stats:?}"
+    );
+    device.close();
+}
