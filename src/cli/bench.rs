@@ -319,6 +319,7 @@ pub fn run_with_progress(
 
 fn progress_loop(live: &LiveCounters) {
     let mut last = (Instant::now(), 0u64, 0u64, 0u64);
+    let mut last_paths = [0u64; 8];
     while !live.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         let now = Instant::now();
@@ -340,8 +341,17 @@ fn progress_loop(live: &LiveCounters) {
         } else {
             "ramp"
         };
+        let mut per_path = String::new();
+        for (i, c) in live.path_ios.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            let d = n - last_paths[i];
+            last_paths[i] = n;
+            if n > 0 {
+                per_path.push_str(&format!("  path{i} {:.0}", d as f64 / dt));
+            }
+        }
         eprint!(
-            "\r\x1b[2K[{state}] {:.0} IOPS  {:.1} MiB/s  mean {:.1} us",
+            "\r\x1b[2K[{state}] {:.0} IOPS  {:.1} MiB/s  mean {:.1} us{per_path}",
             dios as f64 / dt,
             (bytes - last.2) as f64 / dt / 1048576.0,
             mean_us
