@@ -84,6 +84,35 @@ pub struct BenchArgs {
     /// Cores to pin path workers to (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub cores: Vec<usize>,
+    #[command(flatten)]
+    pub dpdk: DpdkArgs,
+}
+
+/// Options of `--transport dpdk` (the userspace TCP/IP stack on DPDK).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DpdkArgs {
+    /// DPDK EAL options, one string, e.g. "-l 1 --in-memory --no-pci
+    /// --vdev net_af_packet0,iface=veth0" (split on whitespace).
+    #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
+    pub eal: Option<String>,
+    /// DPDK port by its device name (net_af_packet0, 0000:03:00.0).
+    #[arg(long, value_name = "NAME")]
+    pub dpdk_port: Option<String>,
+    /// The userspace stack's address on that port, A.B.C.D/NN.
+    #[arg(long, value_name = "A.B.C.D/NN")]
+    pub local_ip: Option<String>,
+    /// Next hop for targets outside --local-ip's prefix.
+    #[arg(long, value_name = "A.B.C.D")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Static neighbour, never ARPed: IP=MAC (repeatable).
+    #[arg(long = "neighbour", value_name = "IP=MAC")]
+    pub neighbours: Vec<String>,
+    /// Queue pairs to configure (default: one per job).
+    #[arg(long, value_name = "N")]
+    pub dpdk_queues: Option<u16>,
+    /// Do not use checksum offload or TSO even where the port has them.
+    #[arg(long)]
+    pub dpdk_no_offload: bool,
 }
 
 impl BenchArgs {
@@ -122,11 +151,10 @@ impl BenchArgs {
 
 pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> {
     let job = args.job()?;
-    if args.transport != "kernel" {
-        bail!(
-            "transport {:?} is not available in this build (use --transport kernel)",
-            args.transport
-        );
+    match args.transport.as_str() {
+        "kernel" => {}
+        "dpdk" => return run_dpdk(args, opts, out, &job),
+        other => bail!("unknown transport {other:?} (kernel or dpdk)"),
     }
     let policy: Policy = args
         .policy
@@ -294,6 +322,112 @@ fn run_multipath(
     let result = run_with_progress(job, &factory, out)?;
     device.close();
     Ok(result)
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Result<()> {
+    bail!("this build has no DPDK support (rebuild with the `dpdk` feature)")
+}
+
+/// Starts the DPDK port and the userspace stack from the CLI options.
+#[cfg(feature = "dpdk")]
+fn dpdk_stack(d: &DpdkArgs, queues: u16) -> Result<Arc<iscsi_bypass::transport::dpdk::DpdkStack>> {
+    use iscsi_bypass::net::OffloadConfig;
+    use iscsi_bypass::transport::dpdk::{parse_ip_prefix, parse_neighbour, DpdkOptions, DpdkStack};
+    let eal: Vec<String> = d
+        .eal
+        .as_deref()
+        .context("--transport dpdk needs --eal \"EAL ARGS\" (e.g. \"-l 1 --in-memory --vdev net_af_packet0,iface=veth0\")")?
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let port = d
+        .dpdk_port
+        .as_deref()
+        .context("--transport dpdk needs --dpdk-port NAME (e.g. net_af_packet0 or 0000:03:00.0)")?;
+    let (ip, prefix) = parse_ip_prefix(
+        d.local_ip
+            .as_deref()
+            .context("--transport dpdk needs --local-ip A.B.C.D/NN")?,
+    )?;
+    let mut options = DpdkOptions::new(eal, port, ip, prefix);
+    options.queues = d.dpdk_queues.unwrap_or(queues).max(queues);
+    options.gateway = d.gateway;
+    options.user.static_neighbours = d
+        .neighbours
+        .iter()
+        .map(|n| parse_neighbour(n))
+        .collect::<Result<_, _>>()?;
+    if d.dpdk_no_offload {
+        options.user.offload = OffloadConfig::NONE;
+        options.port_config.checksum_offload = false;
+        options.port_config.tso = false;
+    }
+    Ok(DpdkStack::open(options)?)
+}
+
+/// `bench --transport dpdk`: the same job, each job thread on its own queue
+/// pair of the DPDK port with its own userspace stack and session.
+#[cfg(feature = "dpdk")]
+fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
+    use iscsi_bypass::scsi::lun::LunHandle;
+    use std::net::SocketAddr;
+    if args.urls.len() != 1 {
+        bail!("--transport dpdk takes exactly one target URL");
+    }
+    let url = IscsiUrl::parse(&args.urls[0])?;
+    let (target, lun) = url.require_target()?;
+    let target = target.to_string();
+    let remote = match url
+        .socket_addr()
+        .with_context(|| format!("resolving portal {}", url.portal()))?
+    {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => bail!("the userspace stack speaks IPv4 only, not {a}"),
+    };
+    let jobs = u16::try_from(job.numjobs).context("too many jobs for DPDK queues")?;
+    let stack = dpdk_stack(&args.dpdk, jobs.max(1))?;
+    let queues = stack.queues();
+    let login = |queue: u16| -> Result<Session<_>> {
+        let t = stack.connect(queue, remote).with_context(|| {
+            format!(
+                "TCP over DPDK port {:?} queue {queue}",
+                stack.options().port
+            )
+        })?;
+        let mut config = SessionConfig::new(opts.login_config(&url, Some(&target))?);
+        config.login_timeout = opts.timeout();
+        config.idle = if args.busy_poll {
+            IdlePolicy::BusyPoll
+        } else {
+            IdlePolicy::Wait(Duration::from_micros(200))
+        };
+        Session::login(t, &config)
+            .with_context(|| format!("login to {target} at {} over DPDK", url.portal()))
+    };
+    // Probe on queue 0 (free again afterwards): capacity and block size.
+    let mut probe = LunHandle::new(login(0)?, lun);
+    probe.timeout = opts.timeout();
+    let cap = probe.read_capacity().context("READ CAPACITY")?;
+    let _ = probe.into_session().logout(Duration::from_secs(2));
+    job.region(cap.block_size, cap.block_count)?;
+    let factory = SessionFactory {
+        connect: |job: u32| -> Result<Session<_>, String> {
+            login((job % u32::from(queues)) as u16).map_err(|e| super::error_chain(&e))
+        },
+        lun,
+        block_size: cap.block_size,
+        capacity_blocks: cap.block_count,
+        max_in_flight: job.iodepth as usize,
+        path_name: format!(
+            "{}->{} (dpdk {})",
+            stack.options().local_ip,
+            remote,
+            stack.options().port
+        ),
+    };
+    let result = run_with_progress(job, &factory, out)?;
+    report_and_check(&result, args, out)
 }
 
 /// Runs the job with a live progress line on a terminal (none when piped).
