@@ -328,7 +328,9 @@ fn gen_scsi() {
     let devid = DeviceIdentification {
         peripheral: peripheral(),
         designators: vec![
-            Designator::naa(vec![0x60, 0x01, 0x40, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+            Designator::naa(vec![
+                0x60, 0x01, 0x40, 0x5a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+            ]),
             Designator::relative_target_port_id(1),
             Designator::target_port_group_id(0),
         ],
@@ -391,7 +393,9 @@ fn gen_scsi() {
             ps: false,
             page_code: 8,
             subpage_code: None,
-            data: vec![0x04, 0, 0xff, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x80, 0x14, 0, 0, 0, 0, 0, 0],
+            data: vec![
+                0x04, 0, 0xff, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x80, 0x14, 0, 0, 0, 0, 0, 0,
+            ],
         }],
     };
     let samples: Vec<(u8, &str, Vec<u8>)> = vec![
@@ -446,7 +450,11 @@ fn gen_scsi() {
             8,
             "report_luns",
             ReportLunsData {
-                luns: vec![Lun::from_number(0), Lun::from_number(1), Lun::from_number(300)],
+                luns: vec![
+                    Lun::from_number(0),
+                    Lun::from_number(1),
+                    Lun::from_number(300),
+                ],
             }
             .to_vec(),
         ),
@@ -504,9 +512,15 @@ fn gen_scsi() {
 
 fn gen_url_chap() {
     for (name, s) in [
-        ("full", "iscsi://user%secret@192.0.2.1:3261/iqn.2024-01.org.example:disk1/0"),
+        (
+            "full",
+            "iscsi://user%secret@192.0.2.1:3261/iqn.2024-01.org.example:disk1/0",
+        ),
         ("portal", "iscsi://storage.example.net"),
-        ("ipv6", "iscsi://[2001:db8::1]:3260/iqn.2024-01.org.example:disk1/7"),
+        (
+            "ipv6",
+            "iscsi://[2001:db8::1]:3260/iqn.2024-01.org.example:disk1/7",
+        ),
         (
             "mutual",
             "iscsi://u%p@host/iqn.2024-01.org.example:t/1?target_user=t&target_password=tp",
@@ -628,7 +642,11 @@ fn login_seed(cfg: u8, multi_pdu: bool) -> Vec<u8> {
             }
             r.stat_sn = stat_sn;
             stat_sn = stat_sn.next();
-            let bytes = pdu(PduHeader::LoginResponse(r.clone()), part, Digests::default());
+            let bytes = pdu(
+                PduHeader::LoginResponse(r.clone()),
+                part,
+                Digests::default(),
+            );
             stream.extend_from_slice(&bytes);
             out.clear();
             progress = Some(login.on_response(&r, part, &mut out).expect("seed login"));
@@ -922,7 +940,11 @@ fn conn_seed(setup: [u8; 5], tail: &[u8]) -> Vec<u8> {
             }
         }
     }
-    assert_eq!(done, CONN_COMMANDS.len(), "seed {setup:02x?} did not finish");
+    assert_eq!(
+        done,
+        CONN_COMMANDS.len(),
+        "seed {setup:02x?} did not finish"
+    );
     stream.extend_from_slice(tail);
     stream
 }
@@ -936,14 +958,27 @@ fn gen_connection() {
     let seeds: Vec<(&str, [u8; 5], Vec<u8>)> = vec![
         // a: digests | immediate | initial_r2t | mrdsl | max_xmit
         // b: max_burst | first_burst | max_r2t; w: window; chunk; timers
-        ("plain_open_window", [0x04 | 0x10, 0x1a, 7, 0, 0], Vec::new()),
+        (
+            "plain_open_window",
+            [0x04 | 0x10, 0x1a, 7, 0, 0],
+            Vec::new(),
+        ),
         ("r2t_small_bursts", [0x08 | 0x40, 0x30, 7, 2, 0], Vec::new()),
-        ("unsolicited_data_out", [0x04 | 0xc0, 0x0a, 7, 3, 0], Vec::new()),
-        ("digests_bytewise", [0x03 | 0x04 | 0x20, 0x3b, 7, 1, 0], Vec::new()),
+        (
+            "unsolicited_data_out",
+            [0x04 | 0xc0, 0x0a, 7, 3, 0],
+            Vec::new(),
+        ),
+        (
+            "digests_bytewise",
+            [0x03 | 0x04 | 0x20, 0x3b, 7, 1, 0],
+            Vec::new(),
+        ),
         ("window_of_two", [0x0c | 0x30, 0x12, 2, 2, 0], Vec::new()),
         ("closed_window", [0x04 | 0x10, 0x1a, 0, 0, 4], Vec::new()),
         ("reject_after", [0x04 | 0x10, 0x1a, 7, 0, 0], reject),
         ("timers", [0x04 | 0x10, 0x1a, 7, 6, 3], Vec::new()),
+        ("late_submit", [0x04 | 0x10, 0x1a, 2, 8 | 2, 0], Vec::new()),
     ];
     for (name, setup, tail) in seeds {
         let s = conn_seed(setup, &tail);

@@ -19,7 +19,7 @@ use iscsi_bypass::iscsi::login::{
 use iscsi_bypass::iscsi::params::{DigestKind, Params};
 use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::wire::iscsi::{
-    encode_pdu, Bhs, Digests, PduFramer, PduHeader, Sn, MAX_DATA_SEGMENT_LEN,
+    encode_pdu, Bhs, Digests, PduFramer, PduHeader, Sn, MAX_DATA_SEGMENT_LEN, RESERVED_TAG,
 };
 use iscsi_bypass::wire::scsi::{
     BlockLimits, Cdb, CdbRepr, DataRepr, DeviceIdentification, InquiryData,
@@ -116,7 +116,11 @@ pub fn text(data: &[u8]) {
     let parsed = TextPairs::parse(data);
     let unique = TextPairs::parse_unique(data);
     if let Ok(u) = &unique {
-        assert_eq!(Ok(u), parsed.as_ref(), "parse_unique accepted more than parse");
+        assert_eq!(
+            Ok(u),
+            parsed.as_ref(),
+            "parse_unique accepted more than parse"
+        );
     }
     if let Ok(t) = parsed {
         let bytes = t.to_bytes();
@@ -146,7 +150,10 @@ fn stable<T: DataRepr + PartialEq + Debug>(b: &[u8]) -> Option<T> {
     assert!(v.emit(&mut small).is_err() || v.buffer_len() == 0);
     let mut big = vec![0xa5u8; v.buffer_len() + 7];
     assert_eq!(v.emit(&mut big), Ok(v.buffer_len()));
-    assert!(big[v.buffer_len()..].iter().all(|&x| x == 0xa5), "emit wrote past buffer_len");
+    assert!(
+        big[v.buffer_len()..].iter().all(|&x| x == 0xa5),
+        "emit wrote past buffer_len"
+    );
     Some(v)
 }
 
@@ -359,7 +366,10 @@ fn check_outcome(o: &LoginOutcome, offered_mrdsl: u32, session_type: SessionType
     let p = &o.params;
     assert!(p.first_burst_len <= p.max_burst_len, "{p:?}");
     assert!((512..=16_777_215).contains(&p.max_burst_len), "{p:?}");
-    assert!((512..=16_777_215).contains(&p.max_xmit_data_segment_len), "{p:?}");
+    assert!(
+        (512..=16_777_215).contains(&p.max_xmit_data_segment_len),
+        "{p:?}"
+    );
     assert_eq!(p.max_recv_data_segment_len, offered_mrdsl);
     assert!(p.max_outstanding_r2t >= 1);
     assert!(p.error_recovery_level <= 2);
@@ -476,26 +486,43 @@ pub fn conn_setup(input: &mut Input<'_>) -> ConnSetup {
 /// The SCSI commands every fuzz_connection run submits: (tag, direction, length).
 pub const CONN_COMMANDS: [(u64, Direction, usize); 5] = [
     (1, Direction::Read, 512),
-    (2, Direction::Write, 8192),
+    (2, Direction::Write, 2048),
     (3, Direction::None, 0),
-    (4, Direction::Read, 16384),
+    (4, Direction::Read, 1500),
     (5, Direction::Write, 600),
 ];
+
+/// Submitted after the first chunk when the chunk byte has bit 3 set, so a
+/// slot freed by then may be reused.
+pub const LATE_COMMAND: (u64, Direction, usize) = (6, Direction::Read, 512);
+
+fn command_len(tag: u64) -> usize {
+    CONN_COMMANDS
+        .iter()
+        .chain([&LATE_COMMAND])
+        .find(|(t, _, _)| *t == tag)
+        .map(|c| c.2)
+        .unwrap_or_else(|| panic!("completion for tag {tag}, never submitted"))
+}
+
+fn make_command((tag, dir, len): (u64, Direction, usize)) -> Command {
+    let cdb: &[u8] = match dir {
+        Direction::Read => &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        Direction::Write => &[0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        Direction::None => &[0, 0, 0, 0, 0, 0],
+    };
+    let buffer = (0..len).map(|i| (i as u8) ^ (tag as u8)).collect();
+    let mut cmd = Command::new(0, cdb, dir, buffer).expect("cdb fits");
+    cmd.user_tag = tag;
+    cmd
+}
 
 /// Builds the connection and submits the commands (plus a ping and a text
 /// request); returns it with the bytes it sent so far.
 pub fn conn_start(setup: &ConnSetup, now: Instant) -> Connection {
     let mut c = Connection::new(&setup.outcome, setup.timers, now);
-    for (tag, dir, len) in CONN_COMMANDS {
-        let cdb: &[u8] = match dir {
-            Direction::Read => &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            Direction::Write => &[0x8a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            Direction::None => &[0, 0, 0, 0, 0, 0],
-        };
-        let buffer = (0..len).map(|i| (i as u8) ^ (tag as u8)).collect();
-        let mut cmd = Command::new(0, cdb, dir, buffer).expect("cdb fits");
-        cmd.user_tag = tag;
-        c.submit(cmd, now).expect("submit");
+    for spec in CONN_COMMANDS {
+        c.submit(make_command(spec), now).expect("submit");
     }
     c.ping(now).expect("ping");
     let mut t = TextPairs::new();
@@ -557,14 +584,25 @@ fn check_tx(c: &mut Connection, window: &Window, digests: Digests, sent: &mut Se
                 };
                 assert_eq!(dir, Direction::Write);
                 assert!(dlen <= max_xmit);
-                assert!(d.buffer_offset as usize + dlen <= len, "Data-Out past the buffer");
+                assert!(
+                    d.buffer_offset as usize + dlen <= len,
+                    "Data-Out past the buffer"
+                );
             }
             PduHeader::TextRequest(t) => {
                 assert!(!t.immediate);
-                let _ = sent.cmd_sns.insert(t.cmd_sn.0);
+                if t.ttt == RESERVED_TAG {
+                    // A new request (not a continuation the target asked for).
+                    assert!(
+                        t.cmd_sn.le(window.max),
+                        "text CmdSN {} sent outside the window (MaxCmdSN {})",
+                        t.cmd_sn,
+                        window.max
+                    );
+                }
+                assert!(sent.cmd_sns.insert(t.cmd_sn.0), "CmdSN {} reused", t.cmd_sn);
             }
-            PduHeader::NopOut(_) | PduHeader::TaskMgmtRequest(_) | PduHeader::LogoutRequest(_) => {
-            }
+            PduHeader::NopOut(_) | PduHeader::TaskMgmtRequest(_) | PduHeader::LogoutRequest(_) => {}
             other => panic!("initiator sent {other:?}"),
         }
         buf = &buf[f.total_len..];
@@ -606,7 +644,7 @@ pub fn connection(data: &[u8]) {
         max_data_segment_len: setup.outcome.params.max_recv_data_segment_len,
     };
     let mut completed: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut seed = u32::from(setup.chunk_seed) * 0x0101_0101 | 1;
+    let mut seed = (u32::from(setup.chunk_seed) * 0x0101_0101) | 1;
     let max_chunk = match setup.chunk_seed & 3 {
         0 => usize::MAX,
         1 => 1,
@@ -617,6 +655,8 @@ pub fn connection(data: &[u8]) {
     let mut shadow_at = 0;
     let mut now = t0;
     let mut failed = false;
+    let mut late_submitted = false;
+    let mut expected: Vec<u64> = CONN_COMMANDS.iter().map(|c| c.0).collect();
     while fed < stream.len() && !failed {
         let n = if max_chunk == usize::MAX {
             stream.len()
@@ -638,11 +678,28 @@ pub fn connection(data: &[u8]) {
         }
         check_tx(&mut c, &window, digests, &mut sent);
         drain_events(&mut c, &mut completed);
+        if setup.chunk_seed & 8 != 0 && !late_submitted {
+            late_submitted = true;
+            match c.submit(make_command(LATE_COMMAND), now) {
+                Ok(()) => expected.push(LATE_COMMAND.0),
+                Err(e) => assert!(c.is_failed().is_some(), "late submit refused: {e}"),
+            }
+            check_tx(&mut c, &window, digests, &mut sent);
+        }
     }
+    // Every non-immediate PDU took the next CmdSN: no holes the target
+    // would wait on forever.
+    let want: BTreeSet<u32> = (0..sent.cmd_sns.len() as u32)
+        .map(|i| CONN_CMD_SN.wrapping_add(i))
+        .collect();
+    assert_eq!(sent.cmd_sns, want, "CmdSNs sent with a hole");
     if let Some(e) = c.is_failed() {
         assert!(e.to_string().len() < 1024, "{e}");
         assert!(matches!(
-            c.submit(Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(), now),
+            c.submit(
+                Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(),
+                now
+            ),
             Err(SubmitError::Down(_))
         ));
     }
@@ -652,13 +709,15 @@ pub fn connection(data: &[u8]) {
     assert_eq!(back.len(), outstanding_count);
     for cmd in &back {
         *completed.entry(cmd.user_tag).or_default() += 1;
-        let (_, _, len) = CONN_COMMANDS
-            .iter()
-            .find(|(t, _, _)| *t == cmd.user_tag)
-            .expect("known tag");
-        assert_eq!(cmd.buffer.len(), *len, "buffer of {} changed size", cmd.user_tag);
+        let len = command_len(cmd.user_tag);
+        assert_eq!(
+            cmd.buffer.len(),
+            len,
+            "buffer of {} changed size",
+            cmd.user_tag
+        );
     }
-    for (tag, _, _) in CONN_COMMANDS {
+    for &tag in &expected {
         assert_eq!(
             completed.get(&tag).copied().unwrap_or(0),
             1,
@@ -666,18 +725,15 @@ pub fn connection(data: &[u8]) {
             completed.get(&tag)
         );
     }
-    assert_eq!(completed.len(), CONN_COMMANDS.len(), "{completed:?}");
+    assert_eq!(completed.len(), expected.len(), "{completed:?}");
     assert_eq!(c.outstanding(), 0);
 }
 
 fn drain_events(c: &mut Connection, completed: &mut BTreeMap<u64, usize>) {
     while let Some(e) = c.poll_event() {
         if let Event::Completed(done) = e {
-            let (_, _, len) = CONN_COMMANDS
-                .iter()
-                .find(|(t, _, _)| *t == done.user_tag)
-                .expect("completion for a tag never submitted");
-            assert_eq!(done.buffer.len(), *len, "buffer changed size");
+            let len = command_len(done.user_tag);
+            assert_eq!(done.buffer.len(), len, "buffer changed size");
             assert!(done.transferred <= done.buffer.len());
             *completed.entry(done.user_tag).or_default() += 1;
         }

@@ -112,7 +112,10 @@ fn corpora_and_mutations() {
                 let _ = std::fs::create_dir_all(&dir);
                 let p = dir.join(format!("{name}-{n}"));
                 std::fs::write(&p, &input).unwrap();
-                panic!("{name} failed on generated input {n}, saved to {}", p.display());
+                panic!(
+                    "{name} failed on generated input {n}, saved to {}",
+                    p.display()
+                );
             }
         }
     }

@@ -19,6 +19,10 @@ pub enum UrlError {
     BadPort(String),
     #[error("URL has an unterminated IPv6 address: {0:?}")]
     BadIpv6(String),
+    #[error(
+        "URL host {0:?} looks like an IPv6 address; write it in brackets: iscsi://[addr]:port/..."
+    )]
+    UnbracketedIpv6(String),
     #[error("URL names a target but no LUN (expected .../target-iqn/lun): {0:?}")]
     NoLun(String),
     #[error("URL LUN {0:?} is not a number 0-16383")]
@@ -77,10 +81,16 @@ impl IscsiUrl {
             };
             (h.to_string(), port)
         } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), parse_port(p)?),
-                None => (hostport.to_string(), DEFAULT_PORT),
+            let (h, port) = match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, parse_port(p)?),
+                None => (hostport, DEFAULT_PORT),
+            };
+            // Without brackets, "2001:db8::1" would silently become host
+            // "2001:db8:" and port 1.
+            if h.contains([':', '[', ']']) {
+                return Err(UrlError::UnbracketedIpv6(hostport.to_string()));
             }
+            (h.to_string(), port)
         };
         if host.is_empty() {
             return Err(UrlError::NoHost(redact(s)));
@@ -235,6 +245,9 @@ mod tests {
             ("iscsi://h/iqn.x:y", "no LUN"),
             ("iscsi://h/iqn.x:y/abc", "LUN"),
             ("iscsi://[::1/iqn/0", "IPv6"),
+            // Regression (fuzz_url): used to parse as host "2001:db8:", port 1.
+            ("iscsi://2001:db8::1/iqn/0", "brackets"),
+            ("iscsi://h]:3260/iqn/0", "brackets"),
             ("iscsi://h/iqn/0?foo=1", "query"),
         ];
         for (url, needle) in cases {
