@@ -47,6 +47,11 @@ enum Cmd {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Benchmark: fio-like job against one or more target URLs (or, with no
+    /// URL, against the embedded target on loopback over two paths).
+    Bench(Box<cli::bench::BenchArgs>),
+    /// Run the embedded iSCSI target (RAM or null LUN) until interrupted.
+    Target(cli::target::TargetArgs),
     /// Write a file's contents (a whole number of blocks) at an LBA.
     Write {
         url: String,
@@ -73,6 +78,8 @@ fn main() {
 fn run(cli: Cli, out: &Output) -> Result<()> {
     let opts = &cli.connect;
     match cli.command {
+        Cmd::Bench(args) => cli::bench::run(&args, opts, out)?,
+        Cmd::Target(args) => cli::target::run(&args, out)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);

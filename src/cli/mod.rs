@@ -1,5 +1,8 @@
 //! CLI plumbing: connection options, secrets, output formatting.
 
+pub mod bench;
+pub mod target;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use iscsi_bypass::iscsi::chap::{Credentials, Secret};

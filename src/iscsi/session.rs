@@ -262,6 +262,13 @@ impl<T: Transport> Session<T> {
         }
     }
 
+    /// Waits (per the idle policy) for the transport to have something, up to
+    /// `max`. Poll-mode callers call this after a [`poll_io`](Self::poll_io)
+    /// that moved nothing, so an idle session sleeps instead of spinning.
+    pub fn wait_for_io(&mut self, max: Duration) -> Result<(), SessionError> {
+        self.idle_wait(max)
+    }
+
     fn idle_wait(&mut self, left: Duration) -> Result<(), SessionError> {
         match self.idle {
             IdlePolicy::BusyPoll => Ok(()),

@@ -1,2 +1,491 @@
-//! target layer.
+//! A small embedded iSCSI target: the default target of `iscsi-bypass bench`,
+//! a null/RAM LUN for benchmarking the initiator alone, and a fault injector
+//! for tests.
+//!
+//! - [`conn`]: the sans-IO connection state machine (bytes in, bytes out):
+//!   login with CHAP, negotiation, discovery, SCSI command flow (immediate
+//!   data, unsolicited Data-Out, R2T, Data-In), NOP, task management, logout.
+//! - [`scsi`]: the SCSI device emulation behind it (INQUIRY/VPD, READ
+//!   CAPACITY, READ/WRITE, REPORT LUNS, ALUA REPORT TARGET PORT GROUPS, ...).
+//! - [`lun`]: RAM-backed (sharded locks, shared by every connection) or null
+//!   logical units.
+//! - [`fault`]: the [`FaultInjector`] (atomics; cheap to clone).
+//! - [`server`]: the runtime over kernel TCP, one thread per connection.
 #![deny(unsafe_code)]
+
+pub mod conn;
+pub mod fault;
+pub mod lun;
+pub mod scsi;
+pub mod server;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+use crate::iscsi::chap::{Credentials, Secret};
+
+pub use conn::TargetConn;
+pub use fault::FaultInjector;
+pub use lun::Lun;
+pub use server::{Target, TargetHandle};
+
+/// Errors of the embedded target's runtime and configuration.
+#[derive(Debug, Error)]
+pub enum TargetError {
+    #[error("cannot listen on portal {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid target configuration: {0}")]
+    Config(String),
+    #[error("no ALUA target port group {0} on this target")]
+    UnknownAluaGroup(u16),
+    #[error("cannot start a target thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Asymmetric access state of a target port group (SPC-4 §6.37).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AluaState {
+    ActiveOptimized,
+    ActiveNonOptimized,
+    Standby,
+    Unavailable,
+    Offline,
+    Transitioning,
+}
+
+impl AluaState {
+    /// The 4-bit code in REPORT TARGET PORT GROUPS.
+    pub fn code(self) -> u8 {
+        match self {
+            AluaState::ActiveOptimized => 0x0,
+            AluaState::ActiveNonOptimized => 0x1,
+            AluaState::Standby => 0x2,
+            AluaState::Unavailable => 0x3,
+            AluaState::Offline => 0xe,
+            AluaState::Transitioning => 0xf,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<AluaState> {
+        Some(match code & 0x0f {
+            0x0 => AluaState::ActiveOptimized,
+            0x1 => AluaState::ActiveNonOptimized,
+            0x2 => AluaState::Standby,
+            0x3 => AluaState::Unavailable,
+            0xe => AluaState::Offline,
+            0xf => AluaState::Transitioning,
+            _ => return None,
+        })
+    }
+}
+
+/// What stores a logical unit's blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LunBacking {
+    /// RAM, allocated lazily in chunks; shared by all connections and portals
+    /// and kept for the life of the target.
+    Ram,
+    /// Reads return zeros, writes are discarded: for benchmarking the initiator.
+    Null,
+}
+
+/// One logical unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunConfig {
+    /// LUN number (0..16383, single-level addressing).
+    pub lun: u16,
+    pub backing: LunBacking,
+    pub size_bytes: u64,
+    /// 512 or 4096.
+    pub block_size: u32,
+    /// VPD 0x80 unit serial number; derived from the IQN and LUN when `None`.
+    pub serial: Option<String>,
+}
+
+impl LunConfig {
+    pub fn ram(lun: u16, size_bytes: u64) -> LunConfig {
+        LunConfig {
+            lun,
+            backing: LunBacking::Ram,
+            size_bytes,
+            block_size: 512,
+            serial: None,
+        }
+    }
+
+    pub fn null(lun: u16, size_bytes: u64) -> LunConfig {
+        LunConfig {
+            backing: LunBacking::Null,
+            ..LunConfig::ram(lun, size_bytes)
+        }
+    }
+
+    pub fn block_size(mut self, block_size: u32) -> LunConfig {
+        self.block_size = block_size;
+        self
+    }
+
+    pub fn serial(mut self, serial: impl Into<String>) -> LunConfig {
+        self.serial = Some(serial.into());
+        self
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size_bytes / u64::from(self.block_size.max(1))
+    }
+}
+
+/// One network portal: a listen address and the ALUA target port group its
+/// target port belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortalConfig {
+    /// Port 0 picks a free port; see [`TargetHandle::portals`].
+    pub addr: SocketAddr,
+    pub alua_group: u16,
+}
+
+/// CHAP settings. `initiator` is what the initiator must prove it knows;
+/// `target` (mutual CHAP) is what we answer with when challenged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChapConfig {
+    pub initiator: Credentials,
+    pub target: Option<Credentials>,
+    /// Require CHAP on discovery sessions too (normal sessions always do).
+    pub on_discovery: bool,
+}
+
+/// Values the target allows in operational negotiation (the initiator's
+/// offer is met with the RFC 7143 result function against these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetLimits {
+    /// The largest data segment we accept (our MaxRecvDataSegmentLength).
+    pub max_recv_data_segment_len: u32,
+    pub max_burst_len: u32,
+    pub first_burst_len: u32,
+    pub max_outstanding_r2t: u32,
+    /// Our InitialR2T value (OR-ed with the initiator's).
+    pub initial_r2t: bool,
+    /// Our ImmediateData value (AND-ed with the initiator's).
+    pub immediate_data: bool,
+    /// Accept CRC32C header/data digests when offered.
+    pub allow_digests: bool,
+}
+
+impl Default for TargetLimits {
+    fn default() -> TargetLimits {
+        TargetLimits {
+            max_recv_data_segment_len: 262_144,
+            max_burst_len: 1_048_576,
+            first_burst_len: 262_144,
+            max_outstanding_r2t: 8,
+            initial_r2t: false,
+            immediate_data: true,
+            allow_digests: true,
+        }
+    }
+}
+
+/// Everything [`Target::start`] needs. Build it with [`TargetConfig::ram`] /
+/// [`TargetConfig::null`] and the builder methods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    pub iqn: String,
+    pub alias: Option<String>,
+    pub luns: Vec<LunConfig>,
+    /// Empty means one portal on 127.0.0.1 with a free port.
+    pub portals: Vec<PortalConfig>,
+    pub chap: Option<ChapConfig>,
+    /// Commands the initiator may have outstanding per session (the CmdSN window).
+    pub queue_depth: u32,
+    pub limits: TargetLimits,
+    /// Report UNIT ATTENTIONs: 29/00 (power on/reset) once per LUN per new
+    /// session, and 29/03 on the other sessions after a LUN reset.
+    pub unit_attentions: bool,
+    /// Send our own NOP-In pings this often when the connection is idle; a
+    /// ping still unanswered at the next interval closes the connection.
+    pub nop_in_interval: Option<Duration>,
+}
+
+impl TargetConfig {
+    /// A target with no LUNs and no portals yet.
+    pub fn new(iqn: impl Into<String>) -> TargetConfig {
+        TargetConfig {
+            iqn: iqn.into(),
+            alias: None,
+            luns: Vec::new(),
+            portals: Vec::new(),
+            chap: None,
+            queue_depth: 128,
+            limits: TargetLimits::default(),
+            unit_attentions: false,
+            nop_in_interval: None,
+        }
+    }
+
+    /// One RAM-backed LUN 0 of `size_bytes` with 512-byte blocks.
+    pub fn ram(iqn: impl Into<String>, size_bytes: u64) -> TargetConfig {
+        TargetConfig::new(iqn).lun(LunConfig::ram(0, size_bytes))
+    }
+
+    /// One null LUN 0 (reads zeros, discards writes) with 512-byte blocks.
+    pub fn null(iqn: impl Into<String>, size_bytes: u64) -> TargetConfig {
+        TargetConfig::new(iqn).lun(LunConfig::null(0, size_bytes))
+    }
+
+    pub fn lun(mut self, lun: LunConfig) -> TargetConfig {
+        self.luns.push(lun);
+        self
+    }
+
+    /// Sets the block size of every LUN configured so far.
+    pub fn block_size(mut self, block_size: u32) -> TargetConfig {
+        for l in &mut self.luns {
+            l.block_size = block_size;
+        }
+        self
+    }
+
+    /// Adds a portal in its own ALUA group (group id = portal index + 1).
+    pub fn portal(mut self, addr: SocketAddr) -> TargetConfig {
+        let alua_group = self.portals.len() as u16 + 1;
+        self.portals.push(PortalConfig { addr, alua_group });
+        self
+    }
+
+    /// Adds a portal in the given ALUA target port group.
+    pub fn portal_in_group(mut self, addr: SocketAddr, alua_group: u16) -> TargetConfig {
+        self.portals.push(PortalConfig { addr, alua_group });
+        self
+    }
+
+    /// Adds `n` portals on 127.0.0.1 with free ports, each in its own ALUA group.
+    pub fn loopback_portals(mut self, n: usize) -> TargetConfig {
+        for _ in 0..n {
+            self = self.portal(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        }
+        self
+    }
+
+    /// Requires one-way CHAP: the initiator must know `user`/`secret`.
+    pub fn chap(mut self, user: impl Into<String>, secret: impl Into<Vec<u8>>) -> TargetConfig {
+        let initiator = Credentials {
+            user: user.into(),
+            secret: Secret::new(secret),
+        };
+        match &mut self.chap {
+            Some(c) => c.initiator = initiator,
+            None => {
+                self.chap = Some(ChapConfig {
+                    initiator,
+                    target: None,
+                    on_discovery: false,
+                })
+            }
+        }
+        self
+    }
+
+    /// The target's own credentials for mutual CHAP. Call after [`chap`](Self::chap).
+    pub fn mutual_chap(
+        mut self,
+        user: impl Into<String>,
+        secret: impl Into<Vec<u8>>,
+    ) -> TargetConfig {
+        if let Some(c) = &mut self.chap {
+            c.target = Some(Credentials {
+                user: user.into(),
+                secret: Secret::new(secret),
+            });
+        }
+        self
+    }
+
+    /// Requires CHAP on discovery sessions as well.
+    pub fn chap_on_discovery(mut self, on: bool) -> TargetConfig {
+        if let Some(c) = &mut self.chap {
+            c.on_discovery = on;
+        }
+        self
+    }
+
+    pub fn queue_depth(mut self, depth: u32) -> TargetConfig {
+        self.queue_depth = depth;
+        self
+    }
+
+    pub fn limits(mut self, limits: TargetLimits) -> TargetConfig {
+        self.limits = limits;
+        self
+    }
+
+    pub fn unit_attentions(mut self, on: bool) -> TargetConfig {
+        self.unit_attentions = on;
+        self
+    }
+
+    pub fn nop_in_interval(mut self, interval: Option<Duration>) -> TargetConfig {
+        self.nop_in_interval = interval;
+        self
+    }
+
+    pub fn alias(mut self, alias: impl Into<String>) -> TargetConfig {
+        self.alias = Some(alias.into());
+        self
+    }
+
+    /// Checks what [`Target::start`] would refuse.
+    pub fn validate(&self) -> Result<(), TargetError> {
+        let bad = |s: String| Err(TargetError::Config(s));
+        if self.iqn.is_empty() || self.iqn.len() > 223 {
+            return bad(format!("target name {:?} must be 1..=223 bytes", self.iqn));
+        }
+        if self.queue_depth == 0 {
+            return bad("queue depth must be at least 1".into());
+        }
+        let l = &self.limits;
+        if !(512..=16_777_215).contains(&l.max_recv_data_segment_len)
+            || !(512..=16_777_215).contains(&l.max_burst_len)
+            || !(512..=16_777_215).contains(&l.first_burst_len)
+            || l.max_outstanding_r2t == 0
+        {
+            return bad("negotiation limits are outside the RFC 7143 ranges".into());
+        }
+        for (i, lun) in self.luns.iter().enumerate() {
+            if lun.block_size != 512 && lun.block_size != 4096 {
+                return bad(format!("LUN {}: block size must be 512 or 4096", lun.lun));
+            }
+            if lun.blocks() == 0 {
+                return bad(format!("LUN {}: size is smaller than one block", lun.lun));
+            }
+            if lun.lun > 0x3fff {
+                return bad(format!("LUN {} is beyond single-level addressing", lun.lun));
+            }
+            if self.luns[..i].iter().any(|o| o.lun == lun.lun) {
+                return bad(format!("LUN {} is configured twice", lun.lun));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One portal as the running target knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortalInfo {
+    /// The bound address (the real port when port 0 was asked for).
+    pub addr: SocketAddr,
+    /// iSCSI TargetPortalGroupTag, and the SCSI relative target port id.
+    pub tpgt: u16,
+    pub alua_group: u16,
+}
+
+/// State shared by every connection of one target: configuration, LUNs,
+/// portals, ALUA states, TSIH allocation and faults.
+#[derive(Debug)]
+pub struct TargetShared {
+    pub config: TargetConfig,
+    pub luns: Vec<Lun>,
+    pub portals: Vec<PortalInfo>,
+    alua: Vec<(u16, AtomicU8)>,
+    next_tsih: AtomicU16,
+    pub faults: FaultInjector,
+}
+
+impl TargetShared {
+    /// Builds the shared state for portals already bound at `addrs` (one per
+    /// entry of `config.portals`, or one when that list is empty).
+    pub fn new(config: TargetConfig, addrs: &[SocketAddr]) -> Result<TargetShared, TargetError> {
+        config.validate()?;
+        let portals: Vec<PortalInfo> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| PortalInfo {
+                addr,
+                tpgt: i as u16 + 1,
+                alua_group: config.portals.get(i).map_or(i as u16 + 1, |p| p.alua_group),
+            })
+            .collect();
+        let mut alua: Vec<(u16, AtomicU8)> = Vec::new();
+        for p in &portals {
+            if !alua.iter().any(|(g, _)| *g == p.alua_group) {
+                alua.push((
+                    p.alua_group,
+                    AtomicU8::new(AluaState::ActiveOptimized.code()),
+                ));
+            }
+        }
+        let luns = config
+            .luns
+            .iter()
+            .map(|l| Lun::new(&config.iqn, l))
+            .collect();
+        let faults = FaultInjector::new(portals.len());
+        Ok(TargetShared {
+            config,
+            luns,
+            portals,
+            alua,
+            next_tsih: AtomicU16::new(1),
+            faults,
+        })
+    }
+
+    pub fn alua_state(&self, group: u16) -> Option<AluaState> {
+        self.alua
+            .iter()
+            .find(|(g, _)| *g == group)
+            .and_then(|(_, s)| AluaState::from_code(s.load(Ordering::Relaxed)))
+    }
+
+    pub fn set_alua_state(&self, group: u16, state: AluaState) -> Result<(), TargetError> {
+        let (_, s) = self
+            .alua
+            .iter()
+            .find(|(g, _)| *g == group)
+            .ok_or(TargetError::UnknownAluaGroup(group))?;
+        s.store(state.code(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// ALUA group ids in the order they first appear among the portals.
+    pub fn alua_groups(&self) -> impl Iterator<Item = u16> + '_ {
+        self.alua.iter().map(|(g, _)| *g)
+    }
+
+    pub fn lun_index(&self, lun: u16) -> Option<usize> {
+        self.luns.iter().position(|l| l.number() == lun)
+    }
+
+    /// A fresh non-zero TSIH.
+    fn allocate_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+}
+
+/// Shared state behind an `Arc`, as connections hold it.
+pub type SharedTarget = Arc<TargetShared>;
+
+/// FNV-1a: a stable hash for identifiers derived from the IQN (serial
+/// numbers, NAA designators) so they survive restarts.
+pub(crate) fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

@@ -3,9 +3,11 @@
 //! through the interface that owns that address).
 
 use super::{Transport, TransportError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 /// Options of a kernel TCP connection.
@@ -115,29 +117,15 @@ impl Transport for KernelTcp {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
-        // Block in peek until data arrives or the timeout passes; no unsafe
-        // poll(2) needed. Writers that are blocked retry after the timeout.
         if timeout.is_zero() {
             return Ok(());
         }
-        self.stream.set_nonblocking(false)?;
-        self.stream.set_read_timeout(Some(timeout))?;
-        let mut one = [0u8; 1];
-        let r = self.stream.peek(&mut one);
-        self.stream.set_nonblocking(true)?;
-        match r {
-            Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(classify(e)),
+        // poll(2) for readability: one syscall, no mode switches.
+        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        let ms = timeout.as_millis().clamp(1, u16::MAX as u128) as u16;
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(TransportError::Io(e.into())),
         }
     }
 

@@ -42,3 +42,4 @@ pub trait Transport: Send {
     fn peer_addr(&self) -> Option<SocketAddr>;
 }
 pub mod kernel;
+pub mod user;

@@ -2,6 +2,12 @@
 //! no I/O, and no panic on any input once a view has been checked.
 #![deny(unsafe_code)]
 
+pub mod arp;
+pub mod ethernet;
+pub mod icmp;
+pub mod ipv4;
 pub mod iscsi;
+pub mod packet;
 pub mod scsi;
+pub mod tcp;
 pub mod text;

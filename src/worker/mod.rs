@@ -1,2 +1,13 @@
-//! worker layer.
+//! Worker layer: per-path poll-mode workers, the lock-free rings between
+//! them and the application, and the application-facing multipath device.
 #![deny(unsafe_code)]
+
+mod device;
+mod path_worker;
+pub mod ring;
+
+pub use crate::multipath::{
+    DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
+    Policy,
+};
+pub use device::{IoQueue, MultipathDevice, SubmitError};

@@ -1,0 +1,368 @@
+//! `iscsi-bypass bench`.
+
+use super::{ConnectOptions, Output};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use iscsi_bypass::bench::engine::{MultipathFactory, SessionFactory};
+use iscsi_bypass::bench::job::JobSpec;
+use iscsi_bypass::bench::{self, report, LiveCounters};
+use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
+use iscsi_bypass::iscsi::url::IscsiUrl;
+use iscsi_bypass::target::{Target, TargetConfig};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Target URLs (iscsi://host[:port]/iqn/lun), one per path. None: start
+    /// the embedded target on loopback with two portals.
+    pub urls: Vec<String>,
+    /// fio-style job file (key=value lines); flags below override it.
+    #[arg(long)]
+    pub job_file: Option<PathBuf>,
+    /// randread, randwrite, read, write, randrw, rw.
+    #[arg(long)]
+    pub rw: Option<String>,
+    #[arg(long)]
+    pub rwmixread: Option<String>,
+    /// Block size per I/O (e.g. 4k, 128k).
+    #[arg(long)]
+    pub bs: Option<String>,
+    /// Outstanding I/Os per job.
+    #[arg(long)]
+    pub iodepth: Option<String>,
+    /// Job threads (each with its own queue).
+    #[arg(long, alias = "workers")]
+    pub numjobs: Option<String>,
+    /// Measured time (e.g. 30s).
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Warm-up before measuring (e.g. 2s).
+    #[arg(long)]
+    pub ramp: Option<String>,
+    /// Bytes of the LUN to use.
+    #[arg(long)]
+    pub size: Option<String>,
+    #[arg(long)]
+    pub offset: Option<String>,
+    /// Stamp every written block (LBA, generation, CRC32C) and check reads.
+    #[arg(long)]
+    pub verify: bool,
+    #[arg(long)]
+    pub seed: Option<String>,
+    /// Write an HdrHistogram interval log here.
+    #[arg(long)]
+    pub hist_log: Option<PathBuf>,
+    /// Transport: kernel (TCP sockets) or dpdk (userspace TCP on DPDK).
+    #[arg(long, default_value = "kernel")]
+    pub transport: String,
+    /// Multipath path selector: queue-depth, service-time, round-robin, failover.
+    #[arg(long, default_value = "queue-depth")]
+    pub policy: String,
+    /// Spin instead of blocking when idle (poll mode; one core per job).
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// Discover the target's paths at this portal (SendTargets): every portal
+    /// of the target becomes a path.
+    #[arg(long, conflicts_with = "urls")]
+    pub discover: Option<String>,
+    /// With --discover: which target (needed when the portal lists several).
+    #[arg(long, requires = "discover")]
+    pub target_iqn: Option<String>,
+    /// With --discover: the LUN.
+    #[arg(long, default_value_t = 0)]
+    pub lun: u16,
+    /// auto (inline for one path, multipath for several), inline (the job
+    /// thread drives its own session, like iscsi-perf), multipath (path
+    /// workers behind lock-free rings).
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
+    /// Cores to pin path workers to (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
+}
+
+impl BenchArgs {
+    fn job(&self) -> Result<JobSpec> {
+        let mut job = match &self.job_file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading job file {}", p.display()))?;
+                JobSpec::from_job_file(&text)?
+            }
+            None => JobSpec::default(),
+        };
+        let flags = [
+            ("rw", &self.rw),
+            ("rwmixread", &self.rwmixread),
+            ("bs", &self.bs),
+            ("iodepth", &self.iodepth),
+            ("numjobs", &self.numjobs),
+            ("runtime", &self.runtime),
+            ("ramp_time", &self.ramp),
+            ("size", &self.size),
+            ("offset", &self.offset),
+            ("randseed", &self.seed),
+        ];
+        for (k, v) in flags {
+            if let Some(v) = v {
+                job.set(k, v)?;
+            }
+        }
+        if self.verify {
+            job.verify = true;
+        }
+        Ok(job)
+    }
+}
+
+pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> {
+    let job = args.job()?;
+    if args.transport != "kernel" {
+        bail!(
+            "transport {:?} is not available in this build (use --transport kernel)",
+            args.transport
+        );
+    }
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    // No URL: the embedded target on loopback with two portals, so a new
+    // user sees the whole thing (two paths, multipath) with one command.
+    let embedded = if args.urls.is_empty() && args.discover.is_none() {
+        let config = TargetConfig::null(EMBEDDED_IQN, EMBEDDED_SIZE).loopback_portals(2);
+        let t = Target::start(config).context("starting the embedded target")?;
+        if !out.json {
+            let portals: Vec<String> = t.portals().iter().map(|p| p.to_string()).collect();
+            eprintln!(
+                "no target given: using the embedded null target {} on {}",
+                t.iqn(),
+                portals.join(" and ")
+            );
+        }
+        Some(t)
+    } else {
+        None
+    };
+    let urls: Vec<String> = match (&embedded, &args.discover) {
+        (Some(t), _) => t
+            .portals()
+            .iter()
+            .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
+            .collect(),
+        (None, Some(portal)) => discovered_urls(portal, args, opts)?,
+        (None, None) => args.urls.clone(),
+    };
+    let engine = match args.engine.as_str() {
+        "auto" if urls.len() == 1 => "inline",
+        "auto" => "multipath",
+        "inline" if urls.len() > 1 => {
+            bail!("--engine inline drives one path; give one URL or use --engine multipath")
+        }
+        e @ ("inline" | "multipath") => e,
+        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
+    };
+    let result = if engine == "inline" {
+        run_inline(&urls[0], &job, args, opts, out)?
+    } else {
+        run_multipath(&urls, policy, &job, args, opts, out)?
+    };
+    drop(embedded);
+    report_and_check(&result, args, out)
+}
+
+/// One URL per portal of the discovered target.
+fn discovered_urls(portal: &str, args: &BenchArgs, opts: &ConnectOptions) -> Result<Vec<String>> {
+    let targets = super::discover(portal, opts)?;
+    let target = match &args.target_iqn {
+        Some(iqn) => targets.iter().find(|t| &t.name == iqn).with_context(|| {
+            format!(
+                "target {iqn} is not among the {} targets at {portal}",
+                targets.len()
+            )
+        })?,
+        None => match targets.as_slice() {
+            [one] => one,
+            [] => bail!("no targets found at {portal}"),
+            many => bail!(
+                "{} targets at {portal}; choose one with --target-iqn ({})",
+                many.len(),
+                many.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    Ok(target
+        .portals
+        .iter()
+        .map(|p| format!("iscsi://{}/{}/{}", p.address(), target.name, args.lun))
+        .collect())
+}
+
+const EMBEDDED_IQN: &str = "iqn.2026-11.org.iscsi-bypass:embedded";
+const EMBEDDED_SIZE: u64 = 1 << 30;
+
+fn run_inline(
+    url_text: &str,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let url = IscsiUrl::parse(url_text)?;
+    let (target, lun) = url.require_target()?;
+    let target = target.to_string();
+    // Probe the LUN once: capacity and block size, and a clear error early.
+    let mut probe = super::open_lun(url_text, opts)?;
+    let cap = probe.read_capacity().context("READ CAPACITY")?;
+    super::close(probe);
+    job.region(cap.block_size, cap.block_count)?;
+    let idle = if args.busy_poll {
+        IdlePolicy::BusyPoll
+    } else {
+        IdlePolicy::Wait(Duration::from_micros(200))
+    };
+    let factory = SessionFactory {
+        connect: |_job: u32| -> Result<Session<_>, String> {
+            let login = opts
+                .login_config(&url, Some(&target))
+                .map_err(|e| e.to_string())?;
+            let t = opts.connect(&url).map_err(|e| super::error_chain(&e))?;
+            let mut config = SessionConfig::new(login);
+            config.idle = idle;
+            config.login_timeout = opts.timeout();
+            Session::login(t, &config)
+                .map_err(|e| format!("login to {} at {}: {e}", target, url.portal()))
+        },
+        lun,
+        block_size: cap.block_size,
+        capacity_blocks: cap.block_count,
+        max_in_flight: job.iodepth as usize,
+        path_name: url.portal(),
+    };
+    run_with_progress(job, &factory, out)
+}
+
+fn run_multipath(
+    urls: &[String],
+    policy: Policy,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let mut paths = Vec::new();
+    let mut lun = None;
+    for u in urls {
+        let url = IscsiUrl::parse(u)?;
+        let (target, l) = url.require_target()?;
+        if lun.is_some_and(|x| x != l) {
+            bail!("all paths must name the same LUN ({u} names LUN {l})");
+        }
+        lun = Some(l);
+        let login = opts.login_config(&url, Some(target))?;
+        let addr = url
+            .socket_addr()
+            .with_context(|| format!("resolving {}", url.portal()))?;
+        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
+        paths.push(PathConfig::kernel(addr, bind, login));
+    }
+    let mut config = DeviceConfig::new(paths, lun.unwrap_or(0));
+    config.policy = policy;
+    config.queue_depth = job.iodepth as usize;
+    config.login_timeout = opts.timeout();
+    config.idle = if args.busy_poll {
+        IdleMode::BusyPoll
+    } else {
+        IdleMode::Sleep(Duration::from_micros(20))
+    };
+    config.cores = args.cores.clone();
+    let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    job.region(device.block_size(), device.capacity())?;
+    let factory = MultipathFactory {
+        path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
+        device: &device,
+        idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
+    };
+    let result = run_with_progress(job, &factory, out)?;
+    device.close();
+    Ok(result)
+}
+
+/// Runs the job with a live progress line on a terminal (none when piped).
+pub fn run_with_progress(
+    job: &JobSpec,
+    factory: &dyn bench::EngineFactory,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let live = Arc::new(LiveCounters::default());
+    let show = std::io::stderr().is_terminal() && !out.json;
+    let progress = show.then(|| {
+        let live = live.clone();
+        std::thread::spawn(move || progress_loop(&live))
+    });
+    let r = bench::run(job, factory, live.clone());
+    live.stop.store(true, Ordering::Relaxed);
+    if let Some(p) = progress {
+        let _ = p.join();
+        eprint!("\r\x1b[2K");
+    }
+    Ok(r?)
+}
+
+fn progress_loop(live: &LiveCounters) {
+    let mut last = (Instant::now(), 0u64, 0u64, 0u64);
+    while !live.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Instant::now();
+        if now.duration_since(last.0) < Duration::from_secs(1) {
+            continue;
+        }
+        let ios = live.ios.load(Ordering::Relaxed);
+        let bytes = live.bytes.load(Ordering::Relaxed);
+        let lat = live.lat_ns_sum.load(Ordering::Relaxed);
+        let dt = now.duration_since(last.0).as_secs_f64();
+        let dios = ios - last.1;
+        let mean_us = if dios > 0 {
+            (lat - last.3) as f64 / dios as f64 / 1e3
+        } else {
+            0.0
+        };
+        let state = if live.measuring.load(Ordering::Relaxed) {
+            "run"
+        } else {
+            "ramp"
+        };
+        eprint!(
+            "\r\x1b[2K[{state}] {:.0} IOPS  {:.1} MiB/s  mean {:.1} us",
+            dios as f64 / dt,
+            (bytes - last.2) as f64 / dt / 1048576.0,
+            mean_us
+        );
+        last = (now, ios, bytes, lat);
+    }
+}
+
+pub fn report_and_check(result: &bench::RunResult, args: &BenchArgs, out: &Output) -> Result<()> {
+    let s = report::summary(result);
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(result, &s))?
+        );
+    } else {
+        print!("{}", report::text(result, &s));
+    }
+    if let Some(p) = &args.hist_log {
+        report::write_hist_log(result, p).with_context(|| format!("writing {}", p.display()))?;
+    }
+    result.check()?;
+    Ok(())
+}

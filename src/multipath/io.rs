@@ -1,0 +1,370 @@
+//! Block I/O requests and completions as the application sees them, how they
+//! become SCSI commands, and what to do with a command's outcome (complete,
+//! retry, fail).
+
+use crate::iscsi::connection::{Command, Completion, Direction};
+use crate::scsi::{
+    check_status, ErrorClass, ScsiCommand, ScsiError, UnitAttention, UnmapDescriptor,
+};
+use crate::wire::scsi::{DataRepr, UnmapParameterList};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Block operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum IoOp {
+    /// READ(16) of `blocks` blocks into `buffer` (resized to fit).
+    Read,
+    /// WRITE(16) of `buffer` (exactly `blocks` blocks).
+    Write,
+    /// SYNCHRONIZE CACHE(16) of the whole LU; `lba`/`blocks` ignored.
+    Flush,
+    /// UNMAP of one range; `buffer` is reused for the parameter list.
+    Unmap,
+    /// WRITE SAME(16): `buffer` holds one block written `blocks` times.
+    WriteSame,
+}
+
+/// One I/O request. The buffer travels with it and comes back in the
+/// completion, so an application can reuse buffers without allocating.
+#[derive(Debug, Clone)]
+pub struct Io {
+    pub op: IoOp,
+    pub lba: u64,
+    pub blocks: u32,
+    pub buffer: Vec<u8>,
+    /// Returned unchanged in the completion.
+    pub user_tag: u64,
+}
+
+impl Io {
+    pub fn read(lba: u64, blocks: u32, buffer: Vec<u8>, user_tag: u64) -> Io {
+        Io {
+            op: IoOp::Read,
+            lba,
+            blocks,
+            buffer,
+            user_tag,
+        }
+    }
+    pub fn write(lba: u64, blocks: u32, buffer: Vec<u8>, user_tag: u64) -> Io {
+        Io {
+            op: IoOp::Write,
+            lba,
+            blocks,
+            buffer,
+            user_tag,
+        }
+    }
+    pub fn flush(user_tag: u64) -> Io {
+        Io {
+            op: IoOp::Flush,
+            lba: 0,
+            blocks: 0,
+            buffer: Vec::new(),
+            user_tag,
+        }
+    }
+}
+
+/// Why an I/O failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IoError {
+    #[error("SCSI error: {0}")]
+    Scsi(ScsiError),
+    #[error("gave up after {retries} retries; last error: {last}")]
+    RetriesExhausted { retries: u32, last: ScsiError },
+    #[error("no usable path for {waited:?} (no_path_timeout)")]
+    NoPath { waited: Duration },
+    #[error("blocks {lba}..{end} are beyond the end of the device ({capacity} blocks)")]
+    OutOfRange { lba: u64, end: u64, capacity: u64 },
+    #[error("buffer of {got} bytes for {op:?} needs {expected} bytes")]
+    BadBuffer {
+        op: IoOp,
+        expected: usize,
+        got: usize,
+    },
+    #[error("the target reported an iSCSI target failure (response {0:#04x})")]
+    TargetFailure(u8),
+    #[error("the device is closed")]
+    Closed,
+    #[error("the path failed while taking the command, and it was lost: {0}")]
+    PathLost(String),
+}
+
+/// Builds the SCSI command for `io`, moving its buffer into the command.
+/// On error the buffer stays in `io`.
+pub fn build_command(
+    io: &mut Io,
+    lun: u64,
+    block_size: u32,
+    capacity_blocks: u64,
+) -> Result<Command, IoError> {
+    let bs = block_size as usize;
+    let check_range = |io: &Io| {
+        let end = io.lba.saturating_add(u64::from(io.blocks));
+        if end > capacity_blocks {
+            Err(IoError::OutOfRange {
+                lba: io.lba,
+                end,
+                capacity: capacity_blocks,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let bad_buffer = |io: &Io, expected: usize| IoError::BadBuffer {
+        op: io.op,
+        expected,
+        got: io.buffer.len(),
+    };
+    let (scsi, direction) = match io.op {
+        IoOp::Read => {
+            check_range(io)?;
+            let c = ScsiCommand::read16(io.lba, io.blocks, block_size).map_err(IoError::Scsi)?;
+            // No allocation when the caller's buffer already has the capacity.
+            io.buffer.resize(c.transfer_len() as usize, 0);
+            (c, Direction::Read)
+        }
+        IoOp::Write => {
+            check_range(io)?;
+            let c = ScsiCommand::write16(io.lba, io.blocks, block_size, false)
+                .map_err(IoError::Scsi)?;
+            if io.buffer.len() != c.transfer_len() as usize {
+                return Err(bad_buffer(io, c.transfer_len() as usize));
+            }
+            (c, Direction::Write)
+        }
+        IoOp::Flush => {
+            io.buffer.clear();
+            (ScsiCommand::synchronize_cache(), Direction::None)
+        }
+        IoOp::WriteSame => {
+            check_range(io)?;
+            if io.buffer.len() != bs {
+                return Err(bad_buffer(io, bs));
+            }
+            (
+                ScsiCommand::write_same16(io.lba, io.blocks, block_size, false),
+                Direction::Write,
+            )
+        }
+        IoOp::Unmap => {
+            check_range(io)?;
+            let list = UnmapParameterList {
+                descriptors: vec![UnmapDescriptor {
+                    lba: io.lba,
+                    blocks: io.blocks,
+                }],
+            }
+            .to_vec();
+            io.buffer.clear();
+            io.buffer.extend_from_slice(&list);
+            (
+                ScsiCommand::new(
+                    crate::wire::scsi::Cdb::unmap(list.len() as u16),
+                    crate::scsi::DataDirection::Write(list.len() as u32),
+                ),
+                Direction::Write,
+            )
+        }
+    };
+    let mut cdb = [0u8; 16];
+    let bytes = scsi.cdb_bytes();
+    cdb[..bytes.len()].copy_from_slice(bytes);
+    Ok(Command {
+        lun,
+        cdb,
+        cdb_len: bytes.len() as u8,
+        direction,
+        buffer: std::mem::take(&mut io.buffer),
+        user_tag: 0,
+    })
+}
+
+/// Rebuilds the command from a completion, for a retry (the buffer comes
+/// back with it; write data is unchanged).
+pub fn command_from_completion(c: Completion) -> Command {
+    Command {
+        lun: c.command.lun,
+        cdb: c.command.cdb,
+        cdb_len: c.command.cdb_len,
+        direction: c.command.direction,
+        buffer: c.buffer,
+        user_tag: c.user_tag,
+    }
+}
+
+/// What to do with a finished command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done: GOOD (or recovered) status.
+    Success,
+    /// Retry after `delay`, on any usable path. `refresh_alua`: the path's
+    /// ALUA state may have changed.
+    Retry {
+        error: ScsiError,
+        delay: Duration,
+        refresh_alua: bool,
+    },
+    /// Report to the application.
+    Fail(IoError),
+}
+
+/// Judges a command's outcome; `retries` is how often it was retried already.
+pub fn judge(response: u8, status: u8, sense: &[u8], retries: u32, max_retries: u32) -> Verdict {
+    if response != 0 {
+        // iSCSI "target failure": the command may not have run; try again
+        // (likely through another path) like a path error.
+        return if retries < max_retries {
+            Verdict::Retry {
+                error: ScsiError::TaskAborted,
+                delay: Duration::from_millis(1),
+                refresh_alua: false,
+            }
+        } else {
+            Verdict::Fail(IoError::TargetFailure(response))
+        };
+    }
+    let err = match check_status(status, sense) {
+        Ok(()) => return Verdict::Success,
+        Err(e) => e,
+    };
+    let class = err.class();
+    if class == ErrorClass::Fatal {
+        return Verdict::Fail(IoError::Scsi(err));
+    }
+    if retries >= max_retries {
+        return Verdict::Fail(IoError::RetriesExhausted { retries, last: err });
+    }
+    let refresh_alua = class == ErrorClass::PathLevel
+        || err.unit_attention() == Some(UnitAttention::AluaStateChanged);
+    // UNIT ATTENTION is reported once: retry at once. BUSY / TASK SET FULL /
+    // not-ready-in-progress: give the target a moment, growing with retries.
+    let delay = if err.unit_attention().is_some() {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(1u64 << retries.min(8))
+    };
+    Verdict::Retry {
+        error: err,
+        delay,
+        refresh_alua,
+    }
+}
+
+/// What the application gets back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    pub user_tag: u64,
+    pub op: IoOp,
+    pub result: Result<(), IoError>,
+    /// From `submit` to completion, retries and path changes included.
+    pub latency: Duration,
+    /// The path that served the final attempt (None if it never got one).
+    pub path: Option<usize>,
+    /// Retries after SCSI errors plus resubmissions after path failures.
+    pub retries: u32,
+    /// The request's buffer (read data for reads).
+    pub buffer: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UA_ALUA: [u8; 18] = [
+        0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2a, 0x06, 0, 0, 0, 0,
+    ];
+    const UA_RESET: [u8; 18] = [
+        0x70, 0, 0x06, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x29, 0x00, 0, 0, 0, 0,
+    ];
+    const MEDIUM: [u8; 18] = [
+        0x70, 0, 0x03, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x11, 0x00, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn good_is_success() {
+        assert_eq!(judge(0, 0, &[], 0, 5), Verdict::Success);
+    }
+
+    #[test]
+    fn unit_attention_busy_task_set_full_are_retried() {
+        match judge(0, 0x02, &UA_RESET, 0, 5) {
+            Verdict::Retry {
+                delay,
+                refresh_alua,
+                ..
+            } => {
+                assert_eq!(delay, Duration::ZERO);
+                assert!(!refresh_alua);
+            }
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            judge(0, 0x02, &UA_ALUA, 0, 5),
+            Verdict::Retry {
+                refresh_alua: true,
+                ..
+            }
+        ));
+        for status in [0x08u8, 0x28] {
+            match judge(0, status, &[], 2, 5) {
+                Verdict::Retry { delay, .. } => assert_eq!(delay, Duration::from_millis(4)),
+                v => panic!("{v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn retries_run_out_and_fatal_errors_fail_at_once() {
+        assert!(matches!(
+            judge(0, 0x08, &[], 5, 5),
+            Verdict::Fail(IoError::RetriesExhausted { retries: 5, .. })
+        ));
+        assert!(matches!(
+            judge(0, 0x02, &MEDIUM, 0, 5),
+            Verdict::Fail(IoError::Scsi(_))
+        ));
+        assert!(matches!(judge(1, 0, &[], 0, 5), Verdict::Retry { .. }));
+        assert!(matches!(
+            judge(1, 0, &[], 5, 5),
+            Verdict::Fail(IoError::TargetFailure(1))
+        ));
+    }
+
+    #[test]
+    fn commands_are_built_and_checked() {
+        let mut io = Io::read(10, 8, Vec::with_capacity(8192), 7);
+        let ptr = io.buffer.as_ptr();
+        let c = build_command(&mut io, 0, 512, 100).unwrap();
+        assert_eq!(c.buffer.len(), 4096);
+        assert_eq!(c.buffer.as_ptr(), ptr, "no reallocation");
+        assert_eq!(c.cdb[0], 0x88);
+        assert_eq!(c.direction, Direction::Read);
+
+        let mut io = Io::write(95, 8, vec![0; 4096], 1);
+        assert!(matches!(
+            build_command(&mut io, 0, 512, 100),
+            Err(IoError::OutOfRange { end: 103, .. })
+        ));
+        assert_eq!(io.buffer.len(), 4096, "buffer stays with the request");
+        let mut io = Io::write(0, 8, vec![0; 100], 1);
+        assert!(matches!(
+            build_command(&mut io, 0, 512, 100),
+            Err(IoError::BadBuffer { expected: 4096, .. })
+        ));
+        let mut io = Io::flush(3);
+        let c = build_command(&mut io, 0, 512, 100).unwrap();
+        assert_eq!((c.cdb[0], c.direction), (0x91, Direction::None));
+        let mut io = Io {
+            op: IoOp::Unmap,
+            lba: 4,
+            blocks: 2,
+            buffer: Vec::new(),
+            user_tag: 0,
+        };
+        let c = build_command(&mut io, 0, 512, 100).unwrap();
+        assert_eq!((c.cdb[0], c.buffer.len()), (0x42, 24));
+    }
+}

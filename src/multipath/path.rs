@@ -1,0 +1,536 @@
+//! Per-path shared state (atomics read by selectors on every submission),
+//! the path state machine with reconnect back-off, and statistics snapshots.
+
+use crate::scsi::AluaState;
+use crossbeam::utils::CachePadded;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where a path is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum PathState {
+    /// Logging in (first time or after a failure).
+    Connecting,
+    /// Logged in and carrying I/O.
+    Up,
+    /// Failed; waiting for the next reconnect attempt.
+    Down,
+    /// Will not be retried (e.g. it leads to a different logical unit).
+    Failed,
+    /// The device was closed.
+    Closed,
+}
+
+impl PathState {
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+    fn from_u8(v: u8) -> PathState {
+        match v {
+            0 => PathState::Connecting,
+            1 => PathState::Up,
+            2 => PathState::Down,
+            3 => PathState::Failed,
+            _ => PathState::Closed,
+        }
+    }
+}
+
+const ALUA_UNKNOWN: u8 = 0xff;
+
+/// Which ALUA tier a path belongs to; lower is preferred. `None`: unusable.
+pub fn alua_tier(state: Option<AluaState>) -> Option<u8> {
+    match state {
+        // No ALUA information (target without TPGS): treat as optimized.
+        None | Some(AluaState::ActiveOptimized) => Some(0),
+        Some(AluaState::ActiveNonOptimized) | Some(AluaState::LbaDependent) => Some(1),
+        Some(_) => None,
+    }
+}
+
+/// A state change, for the stats snapshot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathEvent {
+    pub at: SystemTime,
+    /// Time since the device was opened.
+    pub since_open: Duration,
+    pub state: PathState,
+    pub reason: String,
+}
+
+/// Counters the submitters write (hot, contended between app threads).
+#[derive(Debug, Default)]
+struct Load {
+    outstanding: AtomicU64,
+    outstanding_bytes: AtomicU64,
+}
+
+/// Counters the path's worker writes (single writer).
+#[derive(Debug, Default)]
+struct WorkerCounters {
+    latency_ewma_ns: AtomicU64,
+    commands: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+    resubmitted: AtomicU64,
+    logins: AtomicU64,
+}
+
+/// State of one path shared between its worker, the submitters and the
+/// stats reader. Everything on the submission path is a plain atomic.
+#[derive(Debug)]
+pub struct PathShared {
+    pub index: usize,
+    pub name: String,
+    opened: Instant,
+    state: CachePadded<AtomicU8>,
+    alua: AtomicU8,
+    tpg: Mutex<Option<u16>>,
+    load: CachePadded<Load>,
+    counters: CachePadded<WorkerCounters>,
+    events: Mutex<Vec<PathEvent>>,
+    /// Latencies in microseconds, merged in by the worker now and then.
+    histogram: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+/// A new latency histogram: 1 µs .. 100 s, 3 significant digits.
+pub fn new_histogram() -> hdrhistogram::Histogram<u64> {
+    // Constant, valid bounds: this cannot fail.
+    #[allow(clippy::expect_used)]
+    hdrhistogram::Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Keeps at most this many state changes per path (the newest ones).
+const MAX_EVENTS: usize = 256;
+
+impl PathShared {
+    pub fn new(index: usize, name: &str, opened: Instant) -> PathShared {
+        PathShared {
+            index,
+            name: name.to_string(),
+            opened,
+            state: CachePadded::new(AtomicU8::new(PathState::Connecting.to_u8())),
+            alua: AtomicU8::new(ALUA_UNKNOWN),
+            tpg: Mutex::new(None),
+            load: CachePadded::new(Load::default()),
+            counters: CachePadded::new(WorkerCounters::default()),
+            events: Mutex::new(Vec::new()),
+            histogram: Mutex::new(new_histogram()),
+        }
+    }
+
+    pub fn state(&self) -> PathState {
+        PathState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Changes the state and records the change (not on the I/O path).
+    pub fn set_state(&self, state: PathState, reason: &str) {
+        let old = self.state.swap(state.to_u8(), Ordering::AcqRel);
+        if old == state.to_u8() {
+            return;
+        }
+        if state == PathState::Up {
+            self.counters.logins.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut ev) = self.events.lock() {
+            if ev.len() >= MAX_EVENTS {
+                ev.remove(0);
+            }
+            ev.push(PathEvent {
+                at: SystemTime::now(),
+                since_open: self.opened.elapsed(),
+                state,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    pub fn alua(&self) -> Option<AluaState> {
+        match self.alua.load(Ordering::Acquire) {
+            ALUA_UNKNOWN => None,
+            v => Some(AluaState::from_bits(v)),
+        }
+    }
+
+    pub fn set_alua(&self, state: Option<AluaState>) {
+        let v = state.map_or(ALUA_UNKNOWN, AluaState::bits);
+        self.alua.store(v, Ordering::Release);
+    }
+
+    pub fn set_tpg(&self, tpg: Option<u16>) {
+        if let Ok(mut t) = self.tpg.lock() {
+            *t = tpg;
+        }
+    }
+
+    pub fn tpg(&self) -> Option<u16> {
+        self.tpg.lock().ok().and_then(|t| *t)
+    }
+
+    /// Tier for selection, or None when the path cannot take I/O now.
+    pub fn usable_tier(&self) -> Option<u8> {
+        if self.state() != PathState::Up {
+            return None;
+        }
+        alua_tier(self.alua())
+    }
+
+    /// Submitter side: a command of `bytes` was handed to this path.
+    pub fn add_outstanding(&self, bytes: u64) {
+        self.load.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.load
+            .outstanding_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Submitter side: a command handed to this path came back.
+    pub fn sub_outstanding(&self, bytes: u64) {
+        self.load.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.load
+            .outstanding_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Snapshot of the load figures selectors use.
+    pub fn load(&self) -> PathLoad {
+        PathLoad {
+            index: self.index,
+            outstanding: self.load.outstanding.load(Ordering::Relaxed),
+            outstanding_bytes: self.load.outstanding_bytes.load(Ordering::Relaxed),
+            latency_ewma_ns: self.counters.latency_ewma_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Worker side: one command finished on this path.
+    pub fn record_completion(&self, latency: Duration, bytes: u64, error: bool) {
+        let c = &self.counters;
+        let sample = latency.as_nanos().min(u64::MAX as u128) as u64;
+        let old = c.latency_ewma_ns.load(Ordering::Relaxed);
+        c.latency_ewma_ns
+            .store(ewma_update(old, sample), Ordering::Relaxed);
+        c.commands.fetch_add(1, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if error {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker side: commands handed back because this path failed.
+    pub fn record_resubmitted(&self, n: u64) {
+        self.counters.resubmitted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Worker side: merge a batch of latency samples into the shared
+    /// histogram (not per I/O: every few milliseconds).
+    pub fn merge_histogram(&self, local: &mut hdrhistogram::Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        if let Ok(mut h) = self.histogram.lock() {
+            let _ = h.add(&*local);
+        }
+        local.reset();
+    }
+
+    pub fn stats(&self) -> PathStats {
+        let c = &self.counters;
+        let l = self.load();
+        let q = |h: &hdrhistogram::Histogram<u64>, p: f64| {
+            Duration::from_micros(if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(p)
+            })
+        };
+        let (p50, p90, p99, p999, max, samples) = match self.histogram.lock() {
+            Ok(h) => (
+                q(&h, 0.5),
+                q(&h, 0.9),
+                q(&h, 0.99),
+                q(&h, 0.999),
+                Duration::from_micros(h.max()),
+                h.len(),
+            ),
+            Err(_) => Default::default(),
+        };
+        PathStats {
+            index: self.index,
+            name: self.name.clone(),
+            state: self.state(),
+            alua: self.alua().map(|a| a.to_string()),
+            target_port_group: self.tpg(),
+            commands: c.commands.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            resubmitted: c.resubmitted.load(Ordering::Relaxed),
+            logins: c.logins.load(Ordering::Relaxed),
+            outstanding: l.outstanding,
+            outstanding_bytes: l.outstanding_bytes,
+            latency_ewma: Duration::from_nanos(l.latency_ewma_ns),
+            latency_samples: samples,
+            latency_p50: p50,
+            latency_p90: p90,
+            latency_p99: p99,
+            latency_p999: p999,
+            latency_max: max,
+            events: self.events.lock().map(|e| e.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// EWMA with weight 1/8 for the new sample; the first sample is taken as is.
+pub fn ewma_update(old: u64, sample: u64) -> u64 {
+    if old == 0 {
+        sample.max(1)
+    } else {
+        // old + (sample - old) / 8 without overflow or going negative.
+        (old - old / 8).saturating_add(sample / 8).max(1)
+    }
+}
+
+/// The load figures a selector looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathLoad {
+    pub index: usize,
+    pub outstanding: u64,
+    pub outstanding_bytes: u64,
+    /// 0 = no sample yet.
+    pub latency_ewma_ns: u64,
+}
+
+/// A point-in-time view of one path.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathStats {
+    pub index: usize,
+    pub name: String,
+    pub state: PathState,
+    pub alua: Option<String>,
+    pub target_port_group: Option<u16>,
+    /// Commands completed on this path (any status).
+    pub commands: u64,
+    /// Data bytes moved by completed commands.
+    pub bytes: u64,
+    /// Completions with a non-GOOD status.
+    pub errors: u64,
+    /// Commands handed back for another path after this path failed.
+    pub resubmitted: u64,
+    /// Successful logins (1 + reconnects).
+    pub logins: u64,
+    pub outstanding: u64,
+    pub outstanding_bytes: u64,
+    pub latency_ewma: Duration,
+    pub latency_samples: u64,
+    pub latency_p50: Duration,
+    pub latency_p90: Duration,
+    pub latency_p99: Duration,
+    pub latency_p999: Duration,
+    pub latency_max: Duration,
+    pub events: Vec<PathEvent>,
+}
+
+/// Reconnect timing: exponential back-off, never sooner than the target's
+/// DefaultTime2Wait after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> ReconnectPolicy {
+        ReconnectPolicy {
+            initial: Duration::from_millis(250),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The path state machine, sans-IO: the worker feeds it outcomes and `now`,
+/// it says when to try to log in again.
+#[derive(Debug, Clone)]
+pub struct PathHealth {
+    policy: ReconnectPolicy,
+    state: PathState,
+    /// Failed attempts since the last successful login.
+    attempts: u32,
+    next_attempt: Option<Instant>,
+    /// DefaultTime2Wait of the last session.
+    time2wait: Duration,
+}
+
+impl PathHealth {
+    pub fn new(policy: ReconnectPolicy) -> PathHealth {
+        PathHealth {
+            policy,
+            state: PathState::Connecting,
+            attempts: 0,
+            next_attempt: None,
+            time2wait: Duration::ZERO,
+        }
+    }
+
+    pub fn state(&self) -> PathState {
+        self.state
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    pub fn next_attempt(&self) -> Option<Instant> {
+        self.next_attempt
+    }
+
+    /// Logged in (again). `time2wait` is the negotiated DefaultTime2Wait.
+    pub fn on_login(&mut self, time2wait: Duration) {
+        if matches!(self.state, PathState::Failed | PathState::Closed) {
+            return;
+        }
+        self.state = PathState::Up;
+        self.attempts = 0;
+        self.next_attempt = None;
+        self.time2wait = time2wait;
+    }
+
+    /// The connection failed (or a login attempt did): schedule a retry.
+    pub fn on_failure(&mut self, now: Instant) -> Instant {
+        if self.state == PathState::Up {
+            self.attempts = 0;
+        }
+        if !matches!(self.state, PathState::Failed | PathState::Closed) {
+            self.state = PathState::Down;
+        }
+        let shift = self.attempts.min(20);
+        let backoff = self
+            .policy
+            .initial
+            .saturating_mul(1u32 << shift)
+            .min(self.policy.max);
+        // The target asked us to wait at least Time2Wait before logging in again.
+        let delay = if self.attempts == 0 {
+            backoff.max(self.time2wait)
+        } else {
+            backoff
+        };
+        self.attempts = self.attempts.saturating_add(1);
+        let at = now + delay;
+        self.next_attempt = Some(at);
+        at
+    }
+
+    /// A login attempt starts.
+    pub fn on_attempt(&mut self) {
+        if self.state == PathState::Down {
+            self.state = PathState::Connecting;
+        }
+        self.next_attempt = None;
+    }
+
+    /// Whether to start a login attempt now.
+    pub fn due(&self, now: Instant) -> bool {
+        self.state == PathState::Down && self.next_attempt.is_some_and(|t| now >= t)
+    }
+
+    /// Never again (wrong LU, bad credentials...).
+    pub fn give_up(&mut self) {
+        self.state = PathState::Failed;
+        self.next_attempt = None;
+    }
+
+    pub fn close(&mut self) {
+        self.state = PathState::Closed;
+        self.next_attempt = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ReconnectPolicy {
+        ReconnectPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_max_and_resets_on_login() {
+        let t0 = Instant::now();
+        let mut h = PathHealth::new(policy());
+        h.on_login(Duration::ZERO);
+        assert_eq!(h.state(), PathState::Up);
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            let at = h.on_failure(t0);
+            assert_eq!(h.state(), PathState::Down);
+            delays.push((at - t0).as_millis());
+            assert!(h.due(at) && !h.due(t0));
+            h.on_attempt();
+            assert_eq!(h.state(), PathState::Connecting);
+        }
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        h.on_login(Duration::ZERO);
+        assert_eq!(h.state(), PathState::Up);
+        assert_eq!(h.attempts(), 0);
+        assert_eq!((h.on_failure(t0) - t0).as_millis(), 100);
+    }
+
+    #[test]
+    fn first_retry_honours_time2wait() {
+        let t0 = Instant::now();
+        let mut h = PathHealth::new(policy());
+        h.on_login(Duration::from_secs(2));
+        assert_eq!(h.on_failure(t0) - t0, Duration::from_secs(2));
+        h.on_attempt();
+        // Later attempts follow the back-off.
+        assert_eq!(h.on_failure(t0) - t0, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn failed_paths_stay_failed() {
+        let t0 = Instant::now();
+        let mut h = PathHealth::new(policy());
+        h.give_up();
+        h.on_failure(t0);
+        assert_eq!(h.state(), PathState::Failed);
+        h.on_login(Duration::ZERO);
+        assert_eq!(h.state(), PathState::Failed);
+        assert!(!h.due(t0 + Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn shared_state_tiers_and_counters() {
+        let p = PathShared::new(0, "p0", Instant::now());
+        assert_eq!(p.usable_tier(), None, "not up yet");
+        p.set_state(PathState::Up, "login");
+        assert_eq!(p.usable_tier(), Some(0));
+        p.set_alua(Some(AluaState::ActiveNonOptimized));
+        assert_eq!(p.usable_tier(), Some(1));
+        p.set_alua(Some(AluaState::Standby));
+        assert_eq!(p.usable_tier(), None);
+        p.set_alua(None);
+        p.add_outstanding(4096);
+        p.add_outstanding(512);
+        assert_eq!(p.load().outstanding, 2);
+        p.sub_outstanding(4096);
+        assert_eq!(p.load().outstanding_bytes, 512);
+        p.record_completion(Duration::from_micros(100), 4096, false);
+        let s = p.stats();
+        assert_eq!((s.commands, s.bytes, s.logins), (1, 4096, 1));
+        assert_eq!(s.events.len(), 1);
+        assert_eq!(s.events[0].state, PathState::Up);
+    }
+
+    #[test]
+    fn ewma_moves_an_eighth() {
+        assert_eq!(ewma_update(0, 800), 800);
+        assert_eq!(ewma_update(800, 1600), 900);
+        assert_eq!(ewma_update(800, 0), 700);
+        assert_eq!(
+            ewma_update(u64::MAX, u64::MAX),
+            u64::MAX - u64::MAX / 8 + u64::MAX / 8
+        );
+    }
+}

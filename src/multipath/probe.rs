@@ -1,0 +1,221 @@
+//! Logging a path in and finding out what is behind it: which logical unit
+//! (VPD 83h designator), through which target port group, in which ALUA
+//! state, and the capacity. Runs off the I/O path (at open and on reconnect).
+
+use super::config::{BoxedTransport, Connector};
+use super::MultipathError;
+use crate::iscsi::connection::{Command, ConnTimers, Direction};
+use crate::iscsi::login::LoginConfig;
+use crate::iscsi::session::{IdlePolicy, Session, SessionConfig};
+use crate::scsi::{
+    check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData,
+};
+use crate::wire::scsi::{DataRepr, DeviceIdentification, ReadCapacity16Data};
+use std::time::Duration;
+
+/// A logged-in path and what it reported.
+pub struct PathProbe {
+    pub session: Session<BoxedTransport>,
+    /// The LU's identity, e.g. `naa.60000...` (VPD 83h).
+    pub lu_id: String,
+    pub target_port_group: Option<u16>,
+    pub relative_port: Option<u16>,
+    /// None: the target does not do ALUA (or REPORT TARGET PORT GROUPS failed).
+    pub alua: Option<AluaState>,
+    pub capacity_blocks: u64,
+    pub block_size: u32,
+    /// Negotiated DefaultTime2Wait.
+    pub time2wait: Duration,
+}
+
+impl std::fmt::Debug for PathProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PathProbe")
+            .field("lu_id", &self.lu_id)
+            .field("tpg", &self.target_port_group)
+            .field("alua", &self.alua)
+            .field("capacity_blocks", &self.capacity_blocks)
+            .field("block_size", &self.block_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `probe` needs besides the connector.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub name: String,
+    pub login: LoginConfig,
+    pub lun: u64,
+    pub timers: ConnTimers,
+    pub login_timeout: Duration,
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects, logs in and inspects the LU.
+pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, MultipathError> {
+    let login_err = |e: String| MultipathError::Login {
+        path: cfg.name.clone(),
+        reason: e,
+    };
+    let transport = connector().map_err(|e| login_err(e.to_string()))?;
+    let mut sc = SessionConfig::new(cfg.login.clone());
+    sc.timers = cfg.timers;
+    sc.login_timeout = cfg.login_timeout;
+    sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
+    let mut session =
+        Session::login(BoxedTransport(transport), &sc).map_err(|e| login_err(e.to_string()))?;
+    let time2wait = Duration::from_secs(u64::from(session.connection().params().default_time2wait));
+    let scsi_err = |what: &'static str| {
+        let name = cfg.name.clone();
+        move |e: ProbeExecError| match e {
+            ProbeExecError::Scsi(error) => MultipathError::Scsi {
+                path: name.clone(),
+                what,
+                error,
+            },
+            ProbeExecError::Session(reason) => MultipathError::Login {
+                path: name.clone(),
+                reason,
+            },
+        }
+    };
+    // The first command after login usually meets a power-on UNIT
+    // ATTENTION; `execute` retries those.
+    execute(&mut session, cfg.lun, ScsiCommand::test_unit_ready())
+        .map_err(scsi_err("TEST UNIT READY"))?;
+    let cap = execute(&mut session, cfg.lun, ScsiCommand::read_capacity16())
+        .map_err(scsi_err("READ CAPACITY(16)"))?;
+    let cap = ReadCapacity16Data::parse(&cap).map_err(|e| MultipathError::Scsi {
+        path: cfg.name.clone(),
+        what: "READ CAPACITY(16)",
+        error: ScsiError::BadData(e),
+    })?;
+    let vpd = execute(&mut session, cfg.lun, ScsiCommand::device_identification())
+        .map_err(scsi_err("INQUIRY VPD 83h"))?;
+    let id = DeviceIdentification::parse(&vpd).map_err(|e| MultipathError::Scsi {
+        path: cfg.name.clone(),
+        what: "INQUIRY VPD 83h",
+        error: ScsiError::BadData(e),
+    })?;
+    let lu_id =
+        id.lu_designator()
+            .map(|d| d.to_string())
+            .ok_or_else(|| MultipathError::NoLuIdentity {
+                path: cfg.name.clone(),
+            })?;
+    let tpg = id.target_port_group();
+    let rel = id.relative_target_port();
+    // Targets without ALUA answer ILLEGAL REQUEST: then every path is equal.
+    let alua = execute(
+        &mut session,
+        cfg.lun,
+        ScsiCommand::report_target_port_groups(1024),
+    )
+    .ok()
+    .and_then(|d| TargetPortGroupsData::parse(&d).ok())
+    .and_then(|d| alua_state_of(&d, tpg, rel));
+    Ok(PathProbe {
+        session,
+        lu_id,
+        target_port_group: tpg,
+        relative_port: rel,
+        alua,
+        capacity_blocks: cap.block_count(),
+        block_size: cap.block_len,
+        time2wait,
+    })
+}
+
+/// The access state of the group this path's port belongs to.
+pub fn alua_state_of(
+    data: &TargetPortGroupsData,
+    tpg: Option<u16>,
+    relative_port: Option<u16>,
+) -> Option<AluaState> {
+    tpg.and_then(|g| data.group(g))
+        .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
+        .map(|g| g.state)
+}
+
+#[derive(Debug)]
+enum ProbeExecError {
+    Scsi(ScsiError),
+    Session(String),
+}
+
+/// Runs one command, retrying retryable SCSI errors a few times.
+fn execute(
+    session: &mut Session<BoxedTransport>,
+    lun: u64,
+    cmd: ScsiCommand,
+) -> Result<Vec<u8>, ProbeExecError> {
+    let (direction, len) = match cmd.direction {
+        crate::scsi::DataDirection::None => (Direction::None, 0),
+        crate::scsi::DataDirection::Read(n) => (Direction::Read, n as usize),
+        crate::scsi::DataDirection::Write(n) => (Direction::Write, n as usize),
+    };
+    let mut last = None;
+    for attempt in 0..6u32 {
+        let c = Command::new(lun, cmd.cdb_bytes(), direction, vec![0; len])
+            .map_err(|e| ProbeExecError::Session(e.to_string()))?;
+        let done = session
+            .execute(c, PROBE_TIMEOUT)
+            .map_err(|e| ProbeExecError::Session(e.to_string()))?;
+        match check_status(done.status, &done.sense) {
+            Ok(()) => {
+                let mut data = done.buffer;
+                data.truncate(done.transferred);
+                return Ok(data);
+            }
+            Err(e) if e.class() == ErrorClass::Fatal => return Err(ProbeExecError::Scsi(e)),
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(10 << attempt.min(5)));
+            }
+        }
+    }
+    Err(ProbeExecError::Scsi(last.unwrap_or(ScsiError::Busy)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::scsi::TargetPortGroup;
+
+    fn group(id: u16, state: AluaState, ports: Vec<u16>) -> TargetPortGroup {
+        TargetPortGroup {
+            pref: false,
+            state,
+            supported: TargetPortGroup::ALL_STATES,
+            id,
+            status_code: 0,
+            vendor_specific: 0,
+            ports,
+        }
+    }
+
+    #[test]
+    fn alua_state_by_group_or_port() {
+        let d = TargetPortGroupsData {
+            implicit_transition_time: None,
+            groups: vec![
+                group(1, AluaState::ActiveOptimized, vec![1]),
+                group(2, AluaState::ActiveNonOptimized, vec![2, 3]),
+            ],
+        };
+        assert_eq!(
+            alua_state_of(&d, Some(2), None),
+            Some(AluaState::ActiveNonOptimized)
+        );
+        assert_eq!(
+            alua_state_of(&d, None, Some(1)),
+            Some(AluaState::ActiveOptimized)
+        );
+        assert_eq!(
+            alua_state_of(&d, Some(9), Some(3)),
+            Some(AluaState::ActiveNonOptimized)
+        );
+        assert_eq!(alua_state_of(&d, None, None), None);
+    }
+}

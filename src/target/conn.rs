@@ -1,0 +1,2472 @@
+//! The target side of one iSCSI connection, sans-IO: the driver reads bytes
+//! into [`TargetConn::recv_buffer`], calls [`TargetConn::received`], writes
+//! [`TargetConn::output`] and calls [`TargetConn::clear_output`]; timers go
+//! through [`TargetConn::poll_timeout`]/[`TargetConn::handle_timeout`].
+//! Nothing here reads a clock or a socket.
+//!
+//! Error recovery level 0, one connection per session. Malformed PDUs are
+//! answered with Reject where the stream can continue, otherwise the
+//! connection closes with a reason ([`TargetConn::close_reason`]).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::iscsi::chap;
+use crate::iscsi::params::{respond, Params};
+use crate::wire::iscsi::{
+    digest, pad_len, tmf, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest,
+    LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t, Reject,
+    ScsiCommand, ScsiResponse, Sn, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
+    TextResponse, BHS_LEN, RESERVED_TAG,
+};
+use crate::wire::text::TextPairs;
+
+use super::scsi::{self, status, ParamCommand, Plan, Port, Sense};
+use super::SharedTarget;
+
+/// Reject reason codes (RFC 7143 §11.17.1).
+mod reject {
+    pub const DATA_DIGEST: u8 = 0x02;
+    pub const SNACK: u8 = 0x03;
+    pub const PROTOCOL_ERROR: u8 = 0x04;
+    pub const NOT_SUPPORTED: u8 = 0x05;
+    pub const INVALID_FIELD: u8 = 0x09;
+}
+
+/// Reads smaller than this leave too little room; the buffer is compacted
+/// or grown first.
+const MIN_RECV_ROOM: usize = 64 * 1024;
+/// Login text larger than this (all continuation PDUs together) is refused.
+const MAX_LOGIN_TEXT: usize = 64 * 1024;
+/// Write commands waiting for data beyond this close the connection: only a
+/// misbehaving initiator gets here (the CmdSN window bounds the others).
+const MAX_PENDING_WRITES: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Login,
+    FullFeature,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionType {
+    Normal,
+    Discovery,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// No AuthMethod negotiated yet.
+    NotStarted,
+    /// AuthMethod=CHAP chosen; waiting for CHAP_A.
+    ChapAlgorithm,
+    /// Challenge sent; waiting for CHAP_N/CHAP_R.
+    ChapResponse {
+        id: u8,
+        challenge: [u8; 16],
+    },
+    Done,
+}
+
+#[derive(Debug)]
+struct LoginState {
+    started: bool,
+    names_checked: bool,
+    auth: Auth,
+    /// Text of Login Requests with the C bit, awaiting the last one.
+    partial: Vec<u8>,
+    tpgt_sent: bool,
+    mrdsl_declared: bool,
+}
+
+/// Where the data of a write goes.
+#[derive(Debug)]
+enum Sink {
+    Lun {
+        lun: usize,
+        offset: u64,
+        len: u64,
+    },
+    Params {
+        lun: usize,
+        command: ParamCommand,
+        buf: Vec<u8>,
+    },
+    /// The command already failed; its data is drained before the status.
+    Discard,
+}
+
+/// A command waiting for Data-Out.
+#[derive(Debug)]
+struct WriteTask {
+    itt: u32,
+    lun_field: u64,
+    sink: Sink,
+    /// Bytes the initiator will send (ExpectedDataTransferLength).
+    expected: u32,
+    /// Bytes the CDB asks for, for the residual.
+    transfer: u64,
+    received: u32,
+    /// The unsolicited burst (immediate data and Data-Out with TTT
+    /// 0xffffffff) has ended; R2Ts may go out.
+    unsolicited_done: bool,
+    next_r2t_offset: u32,
+    outstanding_r2t: u32,
+    r2t_sn: Sn,
+    /// TTT of the Data-Out sequence in progress (0xffffffff: unsolicited).
+    sequence_ttt: Option<u32>,
+    next_data_sn: Sn,
+    error: Option<Sense>,
+}
+
+/// Text Request/Response exchange spanning several PDUs.
+#[derive(Debug, Default)]
+struct TextExchange {
+    ttt: u32,
+    incoming: Vec<u8>,
+    outgoing: Vec<u8>,
+    sent: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Residual {
+    overflow: bool,
+    underflow: bool,
+    count: u32,
+}
+
+fn residual(transfer: u64, expected: u32) -> Residual {
+    let expected = u64::from(expected);
+    Residual {
+        overflow: transfer > expected,
+        underflow: transfer < expected,
+        count: transfer.abs_diff(expected).min(u64::from(u32::MAX)) as u32,
+    }
+}
+
+enum DataSource {
+    Lun { lun: usize, offset: u64 },
+    Scratch,
+}
+
+/// One target-side connection.
+#[derive(Debug)]
+pub struct TargetConn {
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    core: Core,
+}
+
+#[derive(Debug)]
+struct Core {
+    shared: SharedTarget,
+    portal: usize,
+    local_addr: Option<SocketAddr>,
+    out: Vec<u8>,
+    phase: Phase,
+    close_reason: Option<String>,
+    login: LoginState,
+    session_type: SessionType,
+    initiator_name: String,
+    isid: [u8; 6],
+    tsih: u16,
+    cid: u16,
+    /// Negotiated values. Field names follow the initiator's view in
+    /// `Params`; here `max_xmit_data_segment_len` is the initiator's
+    /// MaxRecvDataSegmentLength, which bounds what we send.
+    params: Params,
+    digests: Digests,
+    framer: PduFramer,
+    stat_sn: Sn,
+    exp_cmd_sn: Sn,
+    max_cmd_sn: Sn,
+    tasks: Vec<WriteTask>,
+    next_ttt: u32,
+    scratch: Vec<u8>,
+    text: TextExchange,
+    /// Per LUN index: a UNIT ATTENTION still to be reported.
+    unit_attention: Vec<Option<Sense>>,
+    /// Per LUN index: the reset generation this session has been told about.
+    seen_resets: Vec<u64>,
+    last_rx: Instant,
+    ping: Option<(u32, Instant)>,
+}
+
+impl TargetConn {
+    /// A new connection on portal index `portal` of `shared`.
+    pub fn new(shared: SharedTarget, portal: usize, now: Instant) -> TargetConn {
+        let ours = shared.config.limits.max_recv_data_segment_len;
+        let params = Params {
+            max_recv_data_segment_len: ours,
+            ..Params::default()
+        };
+        TargetConn {
+            rx: vec![0u8; 2 * MIN_RECV_ROOM],
+            rx_start: 0,
+            rx_end: 0,
+            core: Core {
+                shared,
+                portal,
+                local_addr: None,
+                out: Vec::with_capacity(64 * 1024),
+                phase: Phase::Login,
+                close_reason: None,
+                login: LoginState {
+                    started: false,
+                    names_checked: false,
+                    auth: Auth::NotStarted,
+                    partial: Vec::new(),
+                    tpgt_sent: false,
+                    mrdsl_declared: false,
+                },
+                session_type: SessionType::Normal,
+                initiator_name: String::new(),
+                isid: [0; 6],
+                tsih: 0,
+                cid: 0,
+                params,
+                digests: Digests::default(),
+                framer: PduFramer {
+                    digests: Digests::default(),
+                    max_data_segment_len: ours.max(8192),
+                },
+                stat_sn: Sn(0),
+                exp_cmd_sn: Sn(0),
+                max_cmd_sn: Sn(0),
+                tasks: Vec::with_capacity(64),
+                next_ttt: 1,
+                scratch: Vec::with_capacity(4096),
+                text: TextExchange::default(),
+                unit_attention: Vec::new(),
+                seen_resets: Vec::new(),
+                last_rx: now,
+                ping: None,
+            },
+        }
+    }
+
+    /// The address the initiator connected to; used for SendTargets when a
+    /// portal listens on an unspecified address.
+    pub fn set_local_addr(&mut self, addr: SocketAddr) {
+        self.core.local_addr = Some(addr);
+    }
+
+    /// Free space to read into; pass the count read to [`received`](Self::received).
+    pub fn recv_buffer(&mut self) -> &mut [u8] {
+        if self.rx.len() - self.rx_end < MIN_RECV_ROOM {
+            if self.rx_start > 0 {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            // A PDU may need the whole negotiated segment plus headers.
+            let need = self.rx_end + MIN_RECV_ROOM;
+            if self.rx.len() < need {
+                self.rx.resize(need.next_power_of_two(), 0);
+            }
+        }
+        &mut self.rx[self.rx_end..]
+    }
+
+    /// `n` bytes were read into [`recv_buffer`](Self::recv_buffer).
+    pub fn received(&mut self, n: usize, now: Instant) {
+        self.rx_end = (self.rx_end + n).min(self.rx.len());
+        self.core.last_rx = now;
+        self.process(now);
+    }
+
+    /// Convenience for tests and simple drivers: copies `bytes` in.
+    pub fn receive(&mut self, mut bytes: &[u8], now: Instant) {
+        while !bytes.is_empty() && !self.is_closed() {
+            let room = self.recv_buffer();
+            let n = room.len().min(bytes.len());
+            room[..n].copy_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            self.received(n, now);
+        }
+    }
+
+    /// Bytes to send to the initiator.
+    pub fn output(&self) -> &[u8] {
+        &self.core.out
+    }
+
+    /// Call after [`output`](Self::output) was written; keeps the capacity.
+    pub fn clear_output(&mut self) {
+        self.core.out.clear();
+    }
+
+    /// True once the connection should be closed (after writing the output).
+    pub fn is_closed(&self) -> bool {
+        self.core.phase == Phase::Closed
+    }
+
+    pub fn close_reason(&self) -> Option<&str> {
+        self.core.close_reason.as_deref()
+    }
+
+    pub fn is_full_feature(&self) -> bool {
+        self.core.phase == Phase::FullFeature
+    }
+
+    pub fn session_type(&self) -> SessionType {
+        self.core.session_type
+    }
+
+    pub fn tsih(&self) -> u16 {
+        self.core.tsih
+    }
+
+    pub fn initiator_name(&self) -> &str {
+        &self.core.initiator_name
+    }
+
+    /// The negotiated parameters (initiator's view of the names; see [`Params`]).
+    pub fn params(&self) -> &Params {
+        &self.core.params
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) wants to run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let interval = self.core.shared.config.nop_in_interval?;
+        if self.core.phase != Phase::FullFeature {
+            return None;
+        }
+        Some(match self.core.ping {
+            Some((_, sent)) => sent + interval,
+            None => self.core.last_rx + interval,
+        })
+    }
+
+    /// Runs timers: sends a NOP-In ping on an idle connection, or closes
+    /// one whose ping went unanswered for a whole interval.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.poll_timeout() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let c = &mut self.core;
+        if c.ping.is_some() {
+            c.close("the initiator did not answer our NOP-In ping");
+            return;
+        }
+        let ttt = c.alloc_ttt();
+        let (exp, max) = c.window();
+        let h = PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt,
+            stat_sn: c.stat_sn,
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        });
+        c.emit(&h, &[]);
+        c.ping = Some((ttt, now));
+    }
+
+    fn process(&mut self, now: Instant) {
+        while self.core.phase != Phase::Closed && self.rx_start < self.rx_end {
+            let avail = &self.rx[self.rx_start..self.rx_end];
+            match self.core.framer.frame(avail) {
+                Ok(None) => break,
+                Ok(Some(f)) => {
+                    let bhs = &avail[..BHS_LEN];
+                    let data = &avail[f.data.clone()];
+                    self.core.handle(&f.header, bhs, data, now);
+                    self.rx_start += f.total_len;
+                }
+                Err(e) => {
+                    let Some(skip) = self.core.framing_error(avail, e) else {
+                        break;
+                    };
+                    self.rx_start += skip;
+                }
+            }
+        }
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        }
+    }
+}
+
+/// Appends one PDU whose data segment (`len` bytes) is written in place by
+/// `fill`, so LUN data goes straight into the send buffer.
+fn push_pdu_with(
+    out: &mut Vec<u8>,
+    header: &PduHeader,
+    len: usize,
+    digests: Digests,
+    fill: impl FnOnce(&mut [u8]),
+) {
+    let start = out.len();
+    out.extend_from_slice(&header.emit(0, len as u32));
+    if digests.header {
+        let d = digest(&out[start..]);
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    if len > 0 {
+        let data_start = out.len();
+        out.resize(data_start + len + pad_len(len), 0);
+        fill(&mut out[data_start..data_start + len]);
+        if digests.data {
+            let d = digest(&out[data_start..]);
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+    }
+}
+
+/// Puts `data`, which belongs at byte `at` of the command's buffer, where
+/// the command wants it.
+fn store(shared: &super::TargetShared, sink: &mut Sink, at: u32, data: &[u8]) {
+    match sink {
+        Sink::Lun { lun, offset, len } => {
+            let at = u64::from(at);
+            if at < *len {
+                let n = (data.len() as u64).min(*len - at) as usize;
+                shared.luns[*lun].write(*offset + at, &data[..n]);
+            }
+        }
+        Sink::Params { buf, .. } => {
+            let at = at as usize;
+            if at < buf.len() {
+                let n = data.len().min(buf.len() - at);
+                buf[at..at + n].copy_from_slice(&data[..n]);
+            }
+        }
+        Sink::Discard => {}
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "Yes"
+    } else {
+        "No"
+    }
+}
+
+impl Core {
+    fn close(&mut self, reason: impl Into<String>) {
+        if self.phase != Phase::Closed {
+            let reason = reason.into();
+            log::debug!("iSCSI target connection closing: {reason}");
+            self.close_reason = Some(reason);
+            self.phase = Phase::Closed;
+        }
+    }
+
+    fn emit(&mut self, h: &PduHeader, data: &[u8]) {
+        crate::wire::iscsi::encode_pdu(&mut self.out, h, data, self.digests);
+    }
+
+    fn next_stat_sn(&mut self) -> Sn {
+        let s = self.stat_sn;
+        self.stat_sn = s.next();
+        s
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = match t.wrapping_add(1) {
+            RESERVED_TAG => 1,
+            n => n,
+        };
+        t
+    }
+
+    /// ExpCmdSN and MaxCmdSN to advertise. The window is the queue depth
+    /// minus the commands still waiting for data; MaxCmdSN never moves
+    /// back, because initiators ignore a smaller value anyway.
+    fn window(&mut self) -> (Sn, Sn) {
+        let depth = self.shared.config.queue_depth.max(1);
+        let busy = self.tasks.len() as u32;
+        let candidate = Sn(self
+            .exp_cmd_sn
+            .0
+            .wrapping_add(depth.saturating_sub(busy).max(1))
+            .wrapping_sub(1));
+        if candidate.gt(self.max_cmd_sn) {
+            self.max_cmd_sn = candidate;
+        }
+        (self.exp_cmd_sn, self.max_cmd_sn)
+    }
+
+    /// CmdSN rules (RFC 7143 §3.2.2.1): immediate PDUs pass; others must lie
+    /// in [ExpCmdSN, MaxCmdSN] and advance ExpCmdSN; duplicates and
+    /// out-of-window ones are dropped.
+    fn accept_cmd_sn(&mut self, immediate: bool, cmd_sn: Sn) -> bool {
+        if immediate {
+            return true;
+        }
+        if cmd_sn.lt(self.exp_cmd_sn) || cmd_sn.gt(self.max_cmd_sn) {
+            log::warn!(
+                "dropping command with CmdSN {cmd_sn} outside the window [{}, {}]",
+                self.exp_cmd_sn,
+                self.max_cmd_sn
+            );
+            return false;
+        }
+        if cmd_sn != self.exp_cmd_sn {
+            // One TCP connection cannot lose a command; a gap is an
+            // initiator bug. Go on rather than wait forever.
+            log::warn!("CmdSN gap: expected {}, got {cmd_sn}", self.exp_cmd_sn);
+        }
+        self.exp_cmd_sn = cmd_sn.next();
+        true
+    }
+
+    fn reject(&mut self, reason: u8, bhs: &[u8]) {
+        log::debug!(
+            "rejecting PDU: {}",
+            crate::wire::iscsi::reject_reason_text(reason)
+        );
+        let (exp, max) = self.window();
+        let h = PduHeader::Reject(Reject {
+            reason,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            data_sn: Sn(0),
+        });
+        self.emit(&h, &bhs[..BHS_LEN.min(bhs.len())]);
+    }
+
+    /// Decides what to do about bytes the framer refused: `Some(n)` skips
+    /// a PDU of `n` bytes (it was answered with Reject), `None` waits for
+    /// more bytes or has closed the connection.
+    fn framing_error(&mut self, avail: &[u8], e: IscsiWireError) -> Option<usize> {
+        let bhs = Bhs::new_checked(avail).ok()?;
+        let total = self.framer.pdu_len(&bhs);
+        match e {
+            IscsiWireError::UnknownOpcode(_) | IscsiWireError::BadStage(_)
+                if self.phase == Phase::FullFeature =>
+            {
+                self.reject(reject::PROTOCOL_ERROR, &avail[..BHS_LEN]);
+                Some(total)
+            }
+            IscsiWireError::DataDigest { .. } if self.phase == Phase::FullFeature => {
+                self.reject(reject::DATA_DIGEST, &avail[..BHS_LEN]);
+                Some(total)
+            }
+            e => {
+                self.close(format!("malformed PDU: {e}"));
+                None
+            }
+        }
+    }
+
+    fn handle(&mut self, h: &PduHeader, bhs: &[u8], data: &[u8], now: Instant) {
+        match self.phase {
+            Phase::Login => match h {
+                PduHeader::LoginRequest(r) => self.on_login(r, data),
+                other => self.close(format!("{} PDU during login", other.opcode())),
+            },
+            Phase::FullFeature => match h {
+                PduHeader::ScsiCommand(c) => self.on_scsi_command(c, bhs, data),
+                PduHeader::DataOut(d) => self.on_data_out(d, bhs, data),
+                PduHeader::NopOut(n) => self.on_nop_out(n, data, now),
+                PduHeader::TextRequest(t) => self.on_text(t, bhs, data),
+                PduHeader::TaskMgmtRequest(t) => self.on_task_mgmt(t),
+                PduHeader::LogoutRequest(l) => self.on_logout(l),
+                PduHeader::Snack(_) => self.reject(reject::SNACK, bhs),
+                _ => self.reject(reject::PROTOCOL_ERROR, bhs),
+            },
+            Phase::Closed => {}
+        }
+    }
+
+    // ------------------------------------------------------------ login
+
+    fn login_fail(&mut self, r: &LoginRequest, class: u8, detail: u8, why: &str) {
+        log::info!(
+            "login from {:?} refused ({class:#04x}/{detail:#04x}): {why}",
+            self.initiator_name
+        );
+        let (exp, max) = self.window();
+        let h = PduHeader::LoginResponse(LoginResponse {
+            transit: false,
+            cont: false,
+            csg: r.csg,
+            nsg: r.csg,
+            version_max: 0,
+            version_active: 0,
+            isid: r.isid,
+            tsih: 0,
+            itt: r.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            status_class: class,
+            status_detail: detail,
+        });
+        self.emit(&h, &[]);
+        self.close(format!("login failed: {why}"));
+    }
+
+    fn login_respond(
+        &mut self,
+        r: &LoginRequest,
+        transit: bool,
+        nsg: Stage,
+        tsih: u16,
+        text: &[u8],
+    ) {
+        let (exp, max) = self.window();
+        let h = PduHeader::LoginResponse(LoginResponse {
+            transit,
+            cont: false,
+            csg: r.csg,
+            nsg: if transit { nsg } else { r.csg },
+            version_max: 0,
+            version_active: 0,
+            isid: r.isid,
+            tsih,
+            itt: r.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            status_class: 0,
+            status_detail: 0,
+        });
+        self.emit(&h, text);
+    }
+
+    fn chap_required(&self) -> bool {
+        self.shared
+            .config
+            .chap
+            .as_ref()
+            .is_some_and(|c| self.session_type == SessionType::Normal || c.on_discovery)
+    }
+
+    fn on_login(&mut self, r: &LoginRequest, data: &[u8]) {
+        if !self.login.started {
+            self.login.started = true;
+            self.isid = r.isid;
+            self.cid = r.cid;
+            self.stat_sn = r.exp_stat_sn;
+            self.exp_cmd_sn = r.cmd_sn;
+            self.max_cmd_sn = r.cmd_sn.plus(self.shared.config.queue_depth.max(1) - 1);
+            if r.version_min > 0 {
+                return self.login_fail(r, 0x02, 0x05, "unsupported iSCSI version");
+            }
+            if let Some((class, detail)) = self.shared.faults.login_refusal(self.portal) {
+                return self.login_fail(r, class, detail, "refused by fault injection");
+            }
+            if r.tsih != 0 {
+                return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)");
+            }
+        }
+        if self.login.partial.len() + data.len() > MAX_LOGIN_TEXT {
+            return self.login_fail(r, 0x02, 0x00, "login text too long");
+        }
+        if r.cont {
+            // More text follows: acknowledge with an empty response.
+            self.login.partial.extend_from_slice(data);
+            return self.login_respond(r, false, r.csg, 0, &[]);
+        }
+        let text;
+        let text_ref = if self.login.partial.is_empty() {
+            data
+        } else {
+            self.login.partial.extend_from_slice(data);
+            text = std::mem::take(&mut self.login.partial);
+            &text[..]
+        };
+        let pairs = match TextPairs::parse(text_ref) {
+            Ok(p) => p,
+            Err(e) => return self.login_fail(r, 0x02, 0x00, &format!("bad login text: {e}")),
+        };
+        let mut reply = TextPairs::new();
+        if let Err((class, detail, why)) = self.login_keys(r, &pairs, &mut reply) {
+            return self.login_fail(r, class, detail, &why);
+        }
+        let chap_required = self.chap_required();
+        let transit_allowed = match r.csg {
+            Stage::Security => match self.security_step(&pairs, &mut reply) {
+                Err(why) => return self.login_fail(r, 0x02, 0x01, &why),
+                Ok(()) => match self.login.auth {
+                    Auth::Done => true,
+                    Auth::NotStarted if !chap_required => true,
+                    Auth::NotStarted if r.transit => {
+                        return self.login_fail(r, 0x02, 0x01, "authentication required")
+                    }
+                    _ => false,
+                },
+            },
+            Stage::Operational => {
+                if chap_required && self.login.auth != Auth::Done {
+                    return self.login_fail(r, 0x02, 0x01, "authentication required");
+                }
+                true
+            }
+            Stage::FullFeature => {
+                return self.login_fail(r, 0x02, 0x0b, "login request in full feature stage")
+            }
+        };
+        let transit = r.transit && transit_allowed;
+        // Declarations the initiator needs from us.
+        if !self.login.tpgt_sent && self.session_type == SessionType::Normal {
+            self.login.tpgt_sent = true;
+            let tpgt = self.shared.portals.get(self.portal).map_or(1, |p| p.tpgt);
+            reply.push("TargetPortalGroupTag", tpgt.to_string());
+            if let Some(alias) = &self.shared.config.alias {
+                reply.push("TargetAlias", alias.clone());
+            }
+        }
+        if !self.login.mrdsl_declared
+            && (r.csg == Stage::Operational || pairs.get("MaxRecvDataSegmentLength").is_some())
+        {
+            self.login.mrdsl_declared = true;
+            reply.push(
+                "MaxRecvDataSegmentLength",
+                self.params.max_recv_data_segment_len.to_string(),
+            );
+        }
+        let text = reply.to_bytes();
+        if transit && r.nsg == Stage::FullFeature {
+            let tsih = self.shared.allocate_tsih();
+            self.tsih = tsih;
+            self.login_respond(r, true, r.nsg, tsih, &text);
+            self.enter_full_feature();
+        } else {
+            self.login_respond(r, transit, r.nsg, 0, &text);
+        }
+    }
+
+    /// Declarative and operational keys; `Err` fails the login.
+    fn login_keys(
+        &mut self,
+        r: &LoginRequest,
+        pairs: &TextPairs,
+        reply: &mut TextPairs,
+    ) -> Result<(), (u8, u8, String)> {
+        let mut target_named = false;
+        for (k, v) in pairs.iter() {
+            match k {
+                "InitiatorName" => self.initiator_name = v.to_string(),
+                "InitiatorAlias" => {}
+                "SessionType" => {
+                    self.session_type = match v {
+                        "Normal" => SessionType::Normal,
+                        "Discovery" => SessionType::Discovery,
+                        _ => return Err((0x02, 0x00, format!("SessionType={v}"))),
+                    }
+                }
+                "TargetName" => {
+                    if v != self.shared.config.iqn {
+                        return Err((0x02, 0x03, format!("no target named {v}")));
+                    }
+                    target_named = true;
+                }
+                "AuthMethod" => {}
+                _ if k.starts_with("CHAP_") => {}
+                "MaxRecvDataSegmentLength" => match v.parse::<u32>() {
+                    Ok(n) if (512..=16_777_215).contains(&n) => {
+                        self.params.max_xmit_data_segment_len = n
+                    }
+                    _ => reply.push(k, "Reject"),
+                },
+                // Declarations only a target makes; the initiator gets no answer.
+                "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
+                    reply.push(k, "Irrelevant")
+                }
+                _ => self.negotiate(k, v, reply),
+            }
+        }
+        if !self.login.names_checked && !r.cont {
+            self.login.names_checked = true;
+            if self.initiator_name.is_empty() {
+                return Err((0x02, 0x07, "InitiatorName missing".into()));
+            }
+            if self.session_type == SessionType::Normal && !target_named {
+                return Err((0x02, 0x07, "TargetName missing".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers one operational key with the RFC 7143 result function.
+    fn negotiate(&mut self, key: &str, offer: &str, reply: &mut TextPairs) {
+        let l = self.shared.config.limits;
+        let ours: String = match key {
+            "HeaderDigest" | "DataDigest" => {
+                if l.allow_digests {
+                    "None,CRC32C".into()
+                } else {
+                    "None".into()
+                }
+            }
+            "MaxConnections" => "1".into(),
+            "InitialR2T" => yes_no(l.initial_r2t).into(),
+            "ImmediateData" => yes_no(l.immediate_data).into(),
+            "MaxBurstLength" => l.max_burst_len.to_string(),
+            "FirstBurstLength" => l.first_burst_len.to_string(),
+            "DefaultTime2Wait" => "0".into(),
+            "DefaultTime2Retain" => "0".into(),
+            "MaxOutstandingR2T" => l.max_outstanding_r2t.to_string(),
+            "DataPDUInOrder" | "DataSequenceInOrder" => "Yes".into(),
+            "ErrorRecoveryLevel" => "0".into(),
+            "IFMarker" | "OFMarker" => "No".into(),
+            "iSCSIProtocolLevel" => "1".into(),
+            "TaskReporting" => "RFC3720".into(),
+            _ => String::new(),
+        };
+        let answer = respond(key, offer, &ours).unwrap_or_else(|_| "Reject".into());
+        if answer != "Reject" && answer != "NotUnderstood" {
+            // Values came out of `respond`, so they parse.
+            let _ = self.params.apply(key, &answer);
+        }
+        reply.push(key, answer);
+    }
+
+    /// AuthMethod and the CHAP exchange. `Err` is an authentication failure.
+    fn security_step(&mut self, pairs: &TextPairs, reply: &mut TextPairs) -> Result<(), String> {
+        let chap_cfg = self.shared.config.chap.clone();
+        if let Some(offer) = pairs.get("AuthMethod") {
+            let ours = match (&chap_cfg, self.chap_required()) {
+                (Some(_), true) => "CHAP",
+                (Some(_), false) => "CHAP,None",
+                (None, _) => "None",
+            };
+            let chosen = respond("AuthMethod", offer, ours).unwrap_or_else(|_| "Reject".into());
+            reply.push("AuthMethod", chosen.clone());
+            self.login.auth = match chosen.as_str() {
+                "CHAP" => Auth::ChapAlgorithm,
+                "None" => Auth::Done,
+                _ => return Err(format!("no acceptable AuthMethod in {offer}")),
+            };
+        }
+        match self.login.auth {
+            Auth::ChapAlgorithm => {
+                let Some(algs) = pairs.get("CHAP_A") else {
+                    return Ok(());
+                };
+                if !algs.split(',').any(|a| a == chap::CHAP_MD5) {
+                    reply.push("CHAP_A", "Reject");
+                    return Err(format!("CHAP_A={algs} has no MD5"));
+                }
+                let id: u8 = rand::random();
+                let challenge: [u8; 16] = rand::random();
+                reply.push("CHAP_A", chap::CHAP_MD5);
+                reply.push("CHAP_I", id.to_string());
+                reply.push("CHAP_C", chap::encode_hex(&challenge));
+                self.login.auth = Auth::ChapResponse { id, challenge };
+            }
+            Auth::ChapResponse { id, challenge } => {
+                let cfg = chap_cfg.ok_or("CHAP is not configured")?;
+                let (Some(name), Some(resp)) = (pairs.get("CHAP_N"), pairs.get("CHAP_R")) else {
+                    return Err("CHAP_N/CHAP_R missing".into());
+                };
+                let resp = chap::decode_binary(resp).map_err(|e| e.to_string())?;
+                if name != cfg.initiator.user
+                    || chap::verify(id, &cfg.initiator.secret, &challenge, &resp).is_err()
+                {
+                    return Err(format!("CHAP response of user {name:?} does not verify"));
+                }
+                match (pairs.get("CHAP_I"), pairs.get("CHAP_C")) {
+                    (Some(i), Some(c)) => {
+                        let target = cfg
+                            .target
+                            .ok_or("mutual CHAP asked, but no target secret")?;
+                        let i = chap::parse_identifier(i).map_err(|e| e.to_string())?;
+                        let c = chap::decode_binary(c).map_err(|e| e.to_string())?;
+                        if c == challenge {
+                            return Err("initiator reflected our CHAP challenge".into());
+                        }
+                        reply.push("CHAP_N", target.user.clone());
+                        reply.push(
+                            "CHAP_R",
+                            chap::encode_hex(&chap::response(i, &target.secret, &c)),
+                        );
+                    }
+                    (None, None) => {}
+                    _ => return Err("CHAP_I without CHAP_C or the reverse".into()),
+                }
+                self.login.auth = Auth::Done;
+            }
+            Auth::NotStarted | Auth::Done => {}
+        }
+        Ok(())
+    }
+
+    fn enter_full_feature(&mut self) {
+        self.phase = Phase::FullFeature;
+        self.digests = self.params.digests();
+        self.framer = PduFramer {
+            digests: self.digests,
+            max_data_segment_len: self.params.max_recv_data_segment_len,
+        };
+        let ua = self
+            .shared
+            .config
+            .unit_attentions
+            .then_some(Sense::POWER_ON_RESET);
+        self.unit_attention = vec![ua; self.shared.luns.len()];
+        self.seen_resets = self
+            .shared
+            .luns
+            .iter()
+            .map(|l| l.reset_generation())
+            .collect();
+        log::debug!(
+            "login of {} complete: {:?} session, TSIH {}, {}",
+            self.initiator_name,
+            self.session_type,
+            self.tsih,
+            self.params
+        );
+    }
+
+    // ------------------------------------------------------------ SCSI
+
+    fn send_status(
+        &mut self,
+        itt: u32,
+        status: u8,
+        resid: Residual,
+        exp_data_sn: Sn,
+        sense: Option<Sense>,
+    ) {
+        let (exp, max) = self.window();
+        let h = PduHeader::ScsiResponse(ScsiResponse {
+            bidi_overflow: false,
+            bidi_underflow: false,
+            overflow: resid.overflow,
+            underflow: resid.underflow,
+            response: 0,
+            status,
+            itt,
+            snack_tag: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            exp_data_sn,
+            bidi_residual: 0,
+            residual: if resid.overflow || resid.underflow {
+                resid.count
+            } else {
+                0
+            },
+        });
+        match sense {
+            None => self.emit(&h, &[]),
+            Some(s) => {
+                let mut data = [0u8; 2 + Sense::FIXED_LEN];
+                data[1] = Sense::FIXED_LEN as u8;
+                data[2..].copy_from_slice(&s.emit_fixed());
+                self.emit(&h, &data);
+            }
+        }
+    }
+
+    fn send_check(&mut self, itt: u32, sense: Sense, exp_data_sn: Sn) {
+        let none = residual(0, 0);
+        self.send_status(itt, status::CHECK_CONDITION, none, exp_data_sn, Some(sense));
+    }
+
+    /// Data-In PDUs cut at the initiator's MaxRecvDataSegmentLength, the F
+    /// bit at each MaxBurstLength, and GOOD status in the last one.
+    fn send_data_in(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        source: DataSource,
+        transfer: u64,
+        expected: u32,
+    ) {
+        let resid = residual(transfer, expected);
+        let total = transfer.min(u64::from(expected)) as u32;
+        if total == 0 {
+            return self.send_status(itt, status::GOOD, resid, Sn(0), None);
+        }
+        let max_seg = self.params.max_xmit_data_segment_len.max(512);
+        let burst = self.params.max_burst_len.max(512);
+        let (exp, max) = self.window();
+        let stat_sn = self.next_stat_sn();
+        let Core {
+            out,
+            scratch,
+            shared,
+            digests,
+            ..
+        } = self;
+        let (mut offset, mut in_burst, mut data_sn) = (0u32, 0u32, Sn(0));
+        while offset < total {
+            let len = (total - offset).min(max_seg).min(burst - in_burst);
+            let last = offset + len == total;
+            in_burst += len;
+            let burst_end = last || in_burst == burst;
+            if burst_end {
+                in_burst = 0;
+            }
+            let h = PduHeader::DataIn(DataIn {
+                final_bit: burst_end,
+                ack: false,
+                overflow: last && resid.overflow,
+                underflow: last && resid.underflow,
+                status_present: last,
+                status: status::GOOD,
+                lun,
+                itt,
+                ttt: RESERVED_TAG,
+                stat_sn,
+                exp_cmd_sn: exp,
+                max_cmd_sn: max,
+                data_sn,
+                buffer_offset: offset,
+                residual: if last && (resid.overflow || resid.underflow) {
+                    resid.count
+                } else {
+                    0
+                },
+            });
+            push_pdu_with(out, &h, len as usize, *digests, |buf| match source {
+                DataSource::Lun { lun, offset: base } => {
+                    shared.luns[lun].read(base + u64::from(offset), buf)
+                }
+                DataSource::Scratch => {
+                    buf.copy_from_slice(&scratch[offset as usize..offset as usize + buf.len()])
+                }
+            });
+            offset += len;
+            data_sn = data_sn.next();
+        }
+    }
+
+    fn on_scsi_command(&mut self, c: &ScsiCommand, bhs: &[u8], data: &[u8]) {
+        if !self.accept_cmd_sn(c.immediate, c.cmd_sn) {
+            return;
+        }
+        if self.session_type == SessionType::Discovery {
+            return self.reject(reject::NOT_SUPPORTED, bhs);
+        }
+        let faults = self.shared.faults.clone();
+        if let Some(reason) = faults.take_reject(self.portal) {
+            return self.reject(reason, bhs);
+        }
+        let drop_after = faults.count_command_for_drop(self.portal);
+        let lun_index = scsi::decode_lun(c.lun).and_then(|n| self.shared.lun_index(n));
+        let plan = if let Some(s) = faults.take_check_condition(self.portal) {
+            Plan::Check(Sense {
+                key: s.key,
+                asc: s.asc,
+                ascq: s.ascq,
+            })
+        } else if let Some(ua) = lun_index
+            .filter(|_| !scsi::ignores_unit_attention(&c.cdb))
+            .and_then(|i| self.take_unit_attention(i))
+        {
+            Plan::Check(ua)
+        } else {
+            let port = Port {
+                shared: &self.shared,
+                portal: self.portal,
+            };
+            scsi::plan(port, c.lun, &c.cdb, &mut self.scratch)
+        };
+        let expected = c.expected_data_len;
+        match plan {
+            Plan::ReadLun { lun, offset, len } => {
+                self.send_data_in(c.itt, c.lun, DataSource::Lun { lun, offset }, len, expected)
+            }
+            Plan::DataIn => {
+                let len = self.scratch.len() as u64;
+                self.send_data_in(c.itt, c.lun, DataSource::Scratch, len, expected)
+            }
+            Plan::Good => self.send_status(c.itt, status::GOOD, residual(0, expected), Sn(0), None),
+            Plan::Check(sense) => {
+                if c.write && !c.final_bit {
+                    // Unsolicited Data-Out follows; drain it, then report.
+                    self.start_write(c, &[], Sink::Discard, 0, Some(sense));
+                } else {
+                    self.send_check(c.itt, sense, Sn(0));
+                }
+            }
+            Plan::WriteLun { lun, offset, len } => {
+                self.start_write(c, data, Sink::Lun { lun, offset, len }, len, None)
+            }
+            Plan::ParamsOut { lun, command, len } => {
+                let sink = Sink::Params {
+                    lun,
+                    command,
+                    buf: vec![0u8; len as usize],
+                };
+                self.start_write(c, data, sink, u64::from(len), None)
+            }
+        }
+        if drop_after {
+            self.close("fault injection: drop after N commands");
+        }
+    }
+
+    /// A pending UNIT ATTENTION for LUN index `i`, if unit attentions are on.
+    fn take_unit_attention(&mut self, i: usize) -> Option<Sense> {
+        if !self.shared.config.unit_attentions {
+            return None;
+        }
+        let generation = self.shared.luns.get(i)?.reset_generation();
+        if let Some(seen) = self.seen_resets.get_mut(i) {
+            if *seen != generation {
+                *seen = generation;
+                self.unit_attention[i] = Some(Sense::LUN_RESET_OCCURRED);
+            }
+        }
+        self.unit_attention.get_mut(i)?.take()
+    }
+
+    fn start_write(
+        &mut self,
+        c: &ScsiCommand,
+        data: &[u8],
+        sink: Sink,
+        transfer: u64,
+        error: Option<Sense>,
+    ) {
+        if self.tasks.len() >= MAX_PENDING_WRITES {
+            return self.close("too many write commands waiting for data");
+        }
+        let expected = if c.write { c.expected_data_len } else { 0 };
+        let mut task = WriteTask {
+            itt: c.itt,
+            lun_field: c.lun,
+            sink,
+            expected,
+            transfer,
+            received: 0,
+            unsolicited_done: c.final_bit,
+            next_r2t_offset: 0,
+            outstanding_r2t: 0,
+            r2t_sn: Sn(0),
+            sequence_ttt: None,
+            next_data_sn: Sn(0),
+            error,
+        };
+        if !data.is_empty() && expected > 0 {
+            let n = data.len().min(expected as usize);
+            store(&self.shared, &mut task.sink, 0, &data[..n]);
+            task.received = n as u32;
+        }
+        task.next_r2t_offset = task.received;
+        self.tasks.push(task);
+        let i = self.tasks.len() - 1;
+        self.advance_write(i);
+    }
+
+    /// After data arrived (or the command itself): complete the task, or
+    /// send the R2Ts its window allows.
+    fn advance_write(&mut self, i: usize) {
+        let t = &self.tasks[i];
+        if t.received >= t.expected || (t.unsolicited_done && t.error.is_some()) {
+            let task = self.tasks.swap_remove(i);
+            return self.complete_write(task);
+        }
+        if !self.tasks[i].unsolicited_done {
+            return;
+        }
+        let max_r2t = self.params.max_outstanding_r2t.max(1);
+        let burst = self.params.max_burst_len.max(512);
+        while self.tasks[i].outstanding_r2t < max_r2t
+            && self.tasks[i].next_r2t_offset < self.tasks[i].expected
+        {
+            let ttt = self.alloc_ttt();
+            let (exp, max) = self.window();
+            let t = &mut self.tasks[i];
+            let len = (t.expected - t.next_r2t_offset).min(burst);
+            let h = PduHeader::R2t(R2t {
+                lun: t.lun_field,
+                itt: t.itt,
+                ttt,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: exp,
+                max_cmd_sn: max,
+                r2t_sn: t.r2t_sn,
+                buffer_offset: t.next_r2t_offset,
+                desired_len: len,
+            });
+            t.r2t_sn = t.r2t_sn.next();
+            t.next_r2t_offset += len;
+            t.outstanding_r2t += 1;
+            crate::wire::iscsi::encode_pdu(&mut self.out, &h, &[], self.digests);
+        }
+    }
+
+    fn complete_write(&mut self, task: WriteTask) {
+        let r2ts = task.r2t_sn;
+        if let Some(sense) = task.error {
+            return self.send_check(task.itt, sense, r2ts);
+        }
+        let result = match task.sink {
+            Sink::Params { lun, command, buf } => scsi::finish_params(
+                &self.shared,
+                lun,
+                command,
+                &buf[..(task.received as usize).min(buf.len())],
+            ),
+            Sink::Lun { .. } | Sink::Discard => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                let resid = residual(task.transfer, task.expected);
+                self.send_status(task.itt, status::GOOD, resid, r2ts, None)
+            }
+            Err(sense) => self.send_check(task.itt, sense, r2ts),
+        }
+    }
+
+    fn on_data_out(&mut self, d: &DataOut, bhs: &[u8], data: &[u8]) {
+        let Some(i) = self.tasks.iter().position(|t| t.itt == d.itt) else {
+            // The command may have failed early; its data is stale.
+            log::debug!("Data-Out for unknown ITT {:#x} dropped", d.itt);
+            return;
+        };
+        let end = u64::from(d.buffer_offset) + data.len() as u64;
+        if end > u64::from(self.tasks[i].expected) {
+            return self.reject(reject::INVALID_FIELD, bhs);
+        }
+        // DataPDUInOrder and DataSequenceInOrder are Yes: offsets follow on,
+        // DataSN counts from 0 in each sequence. ERL 0 cannot recover a gap.
+        let t = &mut self.tasks[i];
+        let expected_sn = if t.sequence_ttt == Some(d.ttt) {
+            t.next_data_sn
+        } else {
+            Sn(0)
+        };
+        if d.data_sn != expected_sn || d.buffer_offset != t.received {
+            let why = format!(
+                "Data-Out for ITT {:#x} has DataSN {} offset {}, expected DataSN {} offset {}",
+                d.itt, d.data_sn, d.buffer_offset, expected_sn, t.received
+            );
+            return self.close(why);
+        }
+        t.sequence_ttt = (!d.final_bit).then_some(d.ttt);
+        t.next_data_sn = expected_sn.next();
+        store(&self.shared, &mut self.tasks[i].sink, d.buffer_offset, data);
+        let t = &mut self.tasks[i];
+        t.received = t.received.saturating_add(data.len() as u32);
+        if d.ttt == RESERVED_TAG {
+            if d.final_bit && !t.unsolicited_done {
+                t.unsolicited_done = true;
+                t.next_r2t_offset = t.next_r2t_offset.max(t.received);
+            }
+        } else if d.final_bit {
+            t.outstanding_r2t = t.outstanding_r2t.saturating_sub(1);
+        }
+        self.advance_write(i);
+    }
+
+    // ------------------------------------------------------------ others
+
+    fn on_nop_out(&mut self, n: &NopOut, data: &[u8], now: Instant) {
+        if n.itt == RESERVED_TAG {
+            // The answer to our ping (or a one-way NOP): nothing to send.
+            if self.ping.is_some_and(|(ttt, _)| ttt == n.ttt) {
+                self.ping = None;
+                self.last_rx = now;
+            }
+            return;
+        }
+        if !self.accept_cmd_sn(n.immediate, n.cmd_sn) {
+            return;
+        }
+        let (exp, max) = self.window();
+        let h = PduHeader::NopIn(NopIn {
+            lun: n.lun,
+            itt: n.itt,
+            ttt: RESERVED_TAG,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        });
+        let echo = data
+            .len()
+            .min(self.params.max_xmit_data_segment_len as usize);
+        self.emit(&h, &data[..echo]);
+    }
+
+    fn on_text(&mut self, t: &TextRequest, bhs: &[u8], data: &[u8]) {
+        if !self.accept_cmd_sn(t.immediate, t.cmd_sn) {
+            return;
+        }
+        if t.ttt != RESERVED_TAG {
+            if t.ttt != self.text.ttt {
+                return self.reject(reject::INVALID_FIELD, bhs);
+            }
+            if self.text.sent < self.text.outgoing.len() {
+                return self.send_text_chunk(t);
+            }
+        } else {
+            // A new exchange resets any earlier one.
+            self.text.incoming.clear();
+            self.text.outgoing.clear();
+            self.text.sent = 0;
+        }
+        if self.text.incoming.len() + data.len() > MAX_LOGIN_TEXT {
+            return self.reject(reject::INVALID_FIELD, bhs);
+        }
+        self.text.incoming.extend_from_slice(data);
+        if t.cont {
+            // More request text follows: empty answer with a TTT to echo.
+            self.text.ttt = self.alloc_ttt();
+            let (exp, max) = self.window();
+            let h = PduHeader::TextResponse(TextResponse {
+                final_bit: false,
+                cont: false,
+                lun: t.lun,
+                itt: t.itt,
+                ttt: self.text.ttt,
+                stat_sn: self.next_stat_sn(),
+                exp_cmd_sn: exp,
+                max_cmd_sn: max,
+            });
+            return self.emit(&h, &[]);
+        }
+        let request = std::mem::take(&mut self.text.incoming);
+        let pairs = match TextPairs::parse(&request) {
+            Ok(p) => p,
+            Err(_) => return self.reject(reject::INVALID_FIELD, bhs),
+        };
+        let mut reply = TextPairs::new();
+        for (k, v) in pairs.iter() {
+            if k == "SendTargets" {
+                self.send_targets(v, &mut reply);
+            } else {
+                reply.push(k, "NotUnderstood");
+            }
+        }
+        self.text.outgoing = reply.to_bytes();
+        self.text.sent = 0;
+        self.text.ttt = self.alloc_ttt();
+        self.send_text_chunk(t);
+    }
+
+    fn send_targets(&self, which: &str, reply: &mut TextPairs) {
+        let iqn = &self.shared.config.iqn;
+        let ours = match which {
+            "All" => true,
+            // Empty: the target of this (normal) session.
+            "" => self.session_type == SessionType::Normal,
+            name => name == iqn,
+        };
+        if !ours {
+            return;
+        }
+        reply.push("TargetName", iqn.clone());
+        for p in &self.shared.portals {
+            let mut addr = p.addr;
+            if addr.ip().is_unspecified() {
+                if let Some(local) = self.local_addr {
+                    addr.set_ip(local.ip());
+                }
+            }
+            reply.push("TargetAddress", format!("{addr},{}", p.tpgt));
+        }
+    }
+
+    fn send_text_chunk(&mut self, t: &TextRequest) {
+        let max = self.params.max_xmit_data_segment_len.max(512) as usize;
+        let start = self.text.sent;
+        let end = (start + max).min(self.text.outgoing.len());
+        let last = end == self.text.outgoing.len();
+        let (exp, max_cmd) = self.window();
+        let h = PduHeader::TextResponse(TextResponse {
+            final_bit: last,
+            cont: !last,
+            lun: t.lun,
+            itt: t.itt,
+            ttt: if last { RESERVED_TAG } else { self.text.ttt },
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max_cmd,
+        });
+        let chunk = std::mem::take(&mut self.text.outgoing);
+        self.emit(&h, &chunk[start..end]);
+        self.text.outgoing = chunk;
+        self.text.sent = end;
+        if last {
+            self.text.outgoing.clear();
+            self.text.sent = 0;
+        }
+    }
+
+    fn on_task_mgmt(&mut self, t: &TaskMgmtRequest) {
+        if !self.accept_cmd_sn(t.immediate, t.cmd_sn) {
+            return;
+        }
+        let response = match t.function {
+            tmf::ABORT_TASK => {
+                if let Some(i) = self
+                    .tasks
+                    .iter()
+                    .position(|w| w.itt == t.referenced_task_tag)
+                {
+                    self.tasks.swap_remove(i);
+                    0
+                } else if t.ref_cmd_sn.ge(self.exp_cmd_sn) && t.ref_cmd_sn.lt(t.cmd_sn) {
+                    // Never received, still in the window: "function
+                    // complete" (RFC 7143 §11.5.1). One already answered
+                    // falls through to "task does not exist".
+                    0
+                } else {
+                    1
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
+                let known = scsi::decode_lun(t.lun).and_then(|n| self.shared.lun_index(n));
+                match known {
+                    None => 2,
+                    Some(i) => {
+                        self.tasks.retain(|w| w.lun_field != t.lun);
+                        if t.function == tmf::LOGICAL_UNIT_RESET {
+                            // Every session, this one included, then reports
+                            // 29/03 once (as LIO does per initiator).
+                            self.shared.luns[i].reset();
+                        }
+                        0
+                    }
+                }
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                self.tasks.clear();
+                0
+            }
+            tmf::CLEAR_ACA => 0,
+            tmf::TASK_REASSIGN => 4,
+            _ => 5,
+        };
+        let (exp, max) = self.window();
+        let h = PduHeader::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt: t.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        });
+        self.emit(&h, &[]);
+    }
+
+    fn on_logout(&mut self, l: &LogoutRequest) {
+        if !self.accept_cmd_sn(l.immediate, l.cmd_sn) {
+            return;
+        }
+        let response = match l.reason {
+            0 => 0,
+            1 if l.cid == self.cid => 0,
+            1 => 1,
+            _ => 2,
+        };
+        let (exp, max) = self.window();
+        let h = PduHeader::LogoutResponse(LogoutResponse {
+            response,
+            itt: l.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            time2wait: 0,
+            time2retain: 0,
+        });
+        self.emit(&h, &[]);
+        if response == 0 {
+            self.tasks.clear();
+            self.close("logout");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::chap::Secret;
+    use crate::target::{TargetConfig, TargetLimits, TargetShared};
+    use crate::wire::iscsi::{LoginRequest, ScsiCommand};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const IQN: &str = "iqn.2024-01.test:target";
+
+    fn shared(cfg: TargetConfig) -> SharedTarget {
+        let addrs: Vec<SocketAddr> = vec![
+            "10.0.0.1:3260".parse().unwrap(),
+            "10.0.1.1:3260".parse().unwrap(),
+        ];
+        Arc::new(TargetShared::new(cfg, &addrs).unwrap())
+    }
+
+    /// A scripted initiator talking to one `TargetConn`.
+    struct Peer {
+        conn: TargetConn,
+        digests: Digests,
+        now: Instant,
+        cmd_sn: Sn,
+        itt: u32,
+        isid: [u8; 6],
+    }
+
+    type Pdu = (PduHeader, Vec<u8>);
+
+    impl Peer {
+        fn new(shared: SharedTarget, portal: usize) -> Peer {
+            let now = Instant::now();
+            Peer {
+                conn: TargetConn::new(shared, portal, now),
+                digests: Digests::default(),
+                now,
+                cmd_sn: Sn(100),
+                itt: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+            }
+        }
+
+        fn send_raw(&mut self, bytes: &[u8]) -> Vec<Pdu> {
+            self.conn.receive(bytes, self.now);
+            let out = self.conn.output().to_vec();
+            self.conn.clear_output();
+            let framer = PduFramer {
+                digests: self.digests,
+                max_data_segment_len: 16 << 20,
+            };
+            let mut pdus = Vec::new();
+            let mut at = 0;
+            while at < out.len() {
+                let f = framer
+                    .frame(&out[at..])
+                    .expect("target output frames")
+                    .expect("whole PDU");
+                pdus.push((f.header.clone(), out[at..][f.data.clone()].to_vec()));
+                at += f.total_len;
+            }
+            pdus
+        }
+
+        #[track_caller]
+        fn send(&mut self, h: PduHeader, data: &[u8]) -> Vec<Pdu> {
+            let mut bytes = Vec::new();
+            crate::wire::iscsi::encode_pdu(&mut bytes, &h, data, self.digests);
+            self.send_raw(&bytes)
+        }
+
+        fn next_itt(&mut self) -> u32 {
+            self.itt += 1;
+            self.itt
+        }
+
+        #[track_caller]
+        fn login_step(
+            &mut self,
+            csg: Stage,
+            nsg: Stage,
+            transit: bool,
+            keys: &[(&str, &str)],
+        ) -> (LoginResponse, TextPairs) {
+            let mut t = TextPairs::new();
+            for (k, v) in keys {
+                t.push(k, *v);
+            }
+            let h = PduHeader::LoginRequest(LoginRequest {
+                transit,
+                cont: false,
+                csg,
+                nsg,
+                version_max: 0,
+                version_min: 0,
+                isid: self.isid,
+                tsih: 0,
+                itt: 7,
+                cid: 1,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: Sn(50),
+            });
+            let mut pdus = self.send(h, &t.to_bytes());
+            assert_eq!(pdus.len(), 1, "one login response");
+            let (h, data) = pdus.remove(0);
+            let PduHeader::LoginResponse(r) = h else {
+                panic!("not a login response: {h:?}")
+            };
+            (r, TextPairs::parse(&data).unwrap())
+        }
+
+        /// Normal session without authentication, straight to full feature.
+        #[track_caller]
+        fn login_normal(&mut self, ops: &[(&str, &str)]) -> TextPairs {
+            let mut keys = vec![
+                ("InitiatorName", "iqn.2024-01.test:ini"),
+                ("TargetName", IQN),
+                ("SessionType", "Normal"),
+            ];
+            keys.extend_from_slice(ops);
+            let (r, t) = self.login_step(Stage::Operational, Stage::FullFeature, true, &keys);
+            assert_eq!((r.status_class, r.status_detail), (0, 0), "{t:?}");
+            assert!(r.transit && r.nsg == Stage::FullFeature);
+            assert!(self.conn.is_full_feature());
+            self.digests = self.conn.params().digests();
+            t
+        }
+
+        fn command(
+            &mut self,
+            cdb: &[u8],
+            read: bool,
+            write: bool,
+            expected: u32,
+            final_bit: bool,
+        ) -> ScsiCommand {
+            let mut c = [0u8; 16];
+            c[..cdb.len()].copy_from_slice(cdb);
+            let itt = self.next_itt();
+            let cmd = ScsiCommand {
+                immediate: false,
+                final_bit,
+                read,
+                write,
+                attr: 1,
+                lun: 0,
+                itt,
+                expected_data_len: expected,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: Sn(0),
+                cdb: c,
+            };
+            self.cmd_sn = self.cmd_sn.next();
+            cmd
+        }
+
+        #[track_caller]
+        fn read10(&mut self, lba: u32, blocks: u16) -> Vec<Pdu> {
+            let mut cdb = vec![0x28, 0];
+            cdb.extend_from_slice(&lba.to_be_bytes());
+            cdb.extend_from_slice(&[0, (blocks >> 8) as u8, blocks as u8, 0]);
+            let c = self.command(&cdb, true, false, u32::from(blocks) * 512, true);
+            self.send(PduHeader::ScsiCommand(c), &[])
+        }
+    }
+
+    fn write10_cdb(lba: u32, blocks: u16) -> Vec<u8> {
+        let mut cdb = vec![0x2a, 0];
+        cdb.extend_from_slice(&lba.to_be_bytes());
+        cdb.extend_from_slice(&[0, (blocks >> 8) as u8, blocks as u8, 0]);
+        cdb
+    }
+
+    /// Joins Data-In payloads and returns (data, final status PDU).
+    #[track_caller]
+    fn collect_data_in(pdus: &[Pdu]) -> (Vec<u8>, DataIn) {
+        let mut data = Vec::new();
+        let mut last = None;
+        for (i, (h, d)) in pdus.iter().enumerate() {
+            let PduHeader::DataIn(di) = h else {
+                panic!("expected Data-In, got {h:?}")
+            };
+            assert_eq!(di.data_sn, Sn(i as u32));
+            assert_eq!(di.buffer_offset as usize, data.len());
+            assert_eq!(di.status_present, i == pdus.len() - 1);
+            data.extend_from_slice(d);
+            last = Some(di.clone());
+        }
+        (data, last.expect("at least one Data-In"))
+    }
+
+    #[track_caller]
+    fn expect_sense(pdus: &[Pdu], key: u8, asc: u8, ascq: u8) {
+        assert_eq!(pdus.len(), 1);
+        let (PduHeader::ScsiResponse(r), data) = &pdus[0] else {
+            panic!("{:?}", pdus[0])
+        };
+        assert_eq!(r.status, status::CHECK_CONDITION);
+        assert_eq!(&data[..2], &[0, 18]);
+        assert_eq!(
+            (data[2] & 0x7f, data[4] & 0x0f, data[14], data[15]),
+            (0x70, key, asc, ascq)
+        );
+    }
+
+    #[test]
+    fn login_negotiates_with_rfc_result_functions() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 1);
+        let t = p.login_normal(&[
+            ("HeaderDigest", "CRC32C,None"),
+            ("DataDigest", "None"),
+            ("MaxBurstLength", "16776192"),
+            ("FirstBurstLength", "65536"),
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("MaxOutstandingR2T", "16"),
+            ("MaxRecvDataSegmentLength", "32768"),
+            ("ErrorRecoveryLevel", "2"),
+            ("X-com.example.Vendor", "1"),
+        ]);
+        assert_eq!(t.get("HeaderDigest"), Some("CRC32C"));
+        assert_eq!(t.get("DataDigest"), Some("None"));
+        assert_eq!(t.get("MaxBurstLength"), Some("1048576"));
+        assert_eq!(t.get("FirstBurstLength"), Some("65536"));
+        assert_eq!(t.get("InitialR2T"), Some("No"));
+        assert_eq!(t.get("MaxOutstandingR2T"), Some("8"));
+        assert_eq!(t.get("ErrorRecoveryLevel"), Some("0"));
+        assert_eq!(t.get("X-com.example.Vendor"), Some("NotUnderstood"));
+        assert_eq!(t.get("TargetPortalGroupTag"), Some("2"));
+        assert_eq!(t.get("MaxRecvDataSegmentLength"), Some("262144"));
+        assert_eq!(p.conn.params().max_xmit_data_segment_len, 32768);
+        assert_ne!(p.conn.tsih(), 0);
+        // Header digests are on from the first full-feature PDU: a NOP round trip proves it.
+        let itt = p.next_itt();
+        let pdus = p.send(
+            PduHeader::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            b"ping",
+        );
+        let (PduHeader::NopIn(n), d) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((n.itt, d.as_slice()), (itt, &b"ping"[..]));
+    }
+
+    #[test]
+    fn login_refusals() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", "iqn.nope")],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x03));
+        assert!(p.conn.is_closed());
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x07));
+        s.faults.portal(0).refuse_logins(0x03, 0x01);
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x03, 0x01));
+        // Portal 1 is not refused.
+        let mut p = Peer::new(s, 1);
+        p.login_normal(&[]);
+    }
+
+    /// Runs the CHAP exchange; returns the final response and its keys.
+    fn chap_login(
+        p: &mut Peer,
+        user: &str,
+        secret: &[u8],
+        mutual: Option<(u8, &[u8])>,
+    ) -> (LoginResponse, TextPairs) {
+        let (r, t) = p.login_step(
+            Stage::Security,
+            Stage::Operational,
+            true,
+            &[
+                ("InitiatorName", "iqn.2024-01.test:ini"),
+                ("TargetName", IQN),
+                ("SessionType", "Normal"),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        );
+        assert_eq!(r.status_class, 0);
+        assert!(!r.transit, "no transit before CHAP completes");
+        assert_eq!(t.get("AuthMethod"), Some("CHAP"));
+        let (r, t) = p.login_step(
+            Stage::Security,
+            Stage::Operational,
+            false,
+            &[("CHAP_A", "7,5")],
+        );
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("CHAP_A"), Some("5"));
+        let id = chap::parse_identifier(t.get("CHAP_I").unwrap()).unwrap();
+        let challenge = chap::decode_binary(t.get("CHAP_C").unwrap()).unwrap();
+        assert!(challenge.len() >= 16);
+        let r_hex = chap::encode_hex(&chap::response(
+            id,
+            &Secret::new(secret.to_vec()),
+            &challenge,
+        ));
+        let mut keys = vec![("CHAP_N", user.to_string()), ("CHAP_R", r_hex)];
+        if let Some((i, c)) = mutual {
+            keys.push(("CHAP_I", i.to_string()));
+            keys.push(("CHAP_C", chap::encode_hex(c)));
+        }
+        let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        p.login_step(Stage::Security, Stage::Operational, true, &keys)
+    }
+
+    #[test]
+    fn chap_one_way() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).chap("alice", "secretsecret12"));
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = chap_login(&mut p, "alice", b"secretsecret12", None);
+        assert_eq!(
+            (r.status_class, r.transit, r.nsg),
+            (0, true, Stage::Operational)
+        );
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("MaxRecvDataSegmentLength", "8192")],
+        );
+        assert_eq!((r.status_class, r.nsg), (0, Stage::FullFeature));
+        assert!(p.conn.is_full_feature());
+
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = chap_login(&mut p, "alice", b"wrong-secret!!", None);
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+        assert!(p.conn.is_closed());
+
+        // Skipping security when CHAP is required fails too.
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, _) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("TargetName", IQN)],
+        );
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+
+        // Mutual CHAP asked, but the target has no secret of its own.
+        let mut p = Peer::new(s, 0);
+        let (r, _) = chap_login(&mut p, "alice", b"secretsecret12", Some((9, &[0x55; 16])));
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+    }
+
+    #[test]
+    fn chap_mutual() {
+        let s = shared(
+            TargetConfig::ram(IQN, 1 << 20)
+                .chap("alice", "secretsecret12")
+                .mutual_chap("target-bob", "targetsecret34"),
+        );
+        let mut p = Peer::new(s, 0);
+        let challenge = [0x42u8; 16];
+        let (r, t) = chap_login(&mut p, "alice", b"secretsecret12", Some((9, &challenge)));
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("CHAP_N"), Some("target-bob"));
+        let their = chap::decode_binary(t.get("CHAP_R").unwrap()).unwrap();
+        chap::verify(
+            9,
+            &Secret::new(b"targetsecret34".to_vec()),
+            &challenge,
+            &their,
+        )
+        .unwrap();
+        assert!(chap::verify(9, &Secret::new(b"other".to_vec()), &challenge, &their).is_err());
+    }
+
+    #[test]
+    fn discovery_send_targets_lists_every_portal() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        let (r, t) = p.login_step(
+            Stage::Operational,
+            Stage::FullFeature,
+            true,
+            &[("InitiatorName", "iqn.x"), ("SessionType", "Discovery")],
+        );
+        assert_eq!(r.status_class, 0);
+        assert_eq!(t.get("TargetPortalGroupTag"), None);
+        let pdus = p.send(
+            PduHeader::TextRequest(TextRequest {
+                immediate: true,
+                final_bit: true,
+                cont: false,
+                lun: 0,
+                itt: 3,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            b"SendTargets=All\0",
+        );
+        let (PduHeader::TextResponse(tr), data) = &pdus[0] else {
+            panic!()
+        };
+        assert!(tr.final_bit && tr.ttt == RESERVED_TAG);
+        let t = TextPairs::parse(data).unwrap();
+        let v: Vec<(&str, &str)> = t.iter().collect();
+        assert_eq!(
+            v,
+            [
+                ("TargetName", IQN),
+                ("TargetAddress", "10.0.0.1:3260,1"),
+                ("TargetAddress", "10.0.1.1:3260,2"),
+            ]
+        );
+        // SCSI commands are not for discovery sessions.
+        let c = p.command(&[0x00], false, false, 0, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        assert!(matches!(&pdus[0].0, PduHeader::Reject(r) if r.reason == reject::NOT_SUPPORTED));
+        // Logout closes.
+        let pdus = p.send(
+            PduHeader::LogoutRequest(LogoutRequest {
+                immediate: true,
+                reason: 0,
+                itt: 9,
+                cid: 1,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &[],
+        );
+        assert!(
+            matches!(&pdus[0].0, PduHeader::LogoutResponse(l) if l.response == 0 && l.itt == 9)
+        );
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn long_text_response_continues_with_ttt() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[("MaxRecvDataSegmentLength", "512")]);
+        let mut req = Vec::new();
+        for i in 0..40 {
+            req.extend_from_slice(format!("X-unknown-key-{i:03}=value\0").as_bytes());
+        }
+        let mut text = Vec::new();
+        let mut pdus = p.send(
+            PduHeader::TextRequest(TextRequest {
+                immediate: true,
+                final_bit: true,
+                cont: false,
+                lun: 0,
+                itt: 3,
+                ttt: RESERVED_TAG,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &req,
+        );
+        loop {
+            let (PduHeader::TextResponse(tr), data) = pdus.remove(0) else {
+                panic!()
+            };
+            assert!(data.len() <= 512);
+            text.extend_from_slice(&data);
+            if tr.final_bit {
+                break;
+            }
+            assert!(tr.cont && tr.ttt != RESERVED_TAG);
+            pdus = p.send(
+                PduHeader::TextRequest(TextRequest {
+                    immediate: true,
+                    final_bit: true,
+                    cont: false,
+                    lun: 0,
+                    itt: 3,
+                    ttt: tr.ttt,
+                    cmd_sn: p.cmd_sn,
+                    exp_stat_sn: Sn(0),
+                }),
+                &[],
+            );
+        }
+        assert_eq!(TextPairs::parse(&text).unwrap().0.len(), 40);
+    }
+
+    #[test]
+    fn read_is_split_at_initiator_mrdsl_with_status_in_last_data_in() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        s.luns[0].write(512 * 10, &pattern);
+        let mut p = Peer::new(s, 0);
+        p.login_normal(&[
+            ("MaxRecvDataSegmentLength", "1000"),
+            ("MaxBurstLength", "4096"),
+        ]);
+        let pdus = p.read10(10, 16);
+        assert_eq!(
+            pdus.len(),
+            10,
+            "8192 bytes in 1000-byte PDUs cut at 4096-byte bursts"
+        );
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data, pattern);
+        assert_eq!(last.status, status::GOOD);
+        assert!(!last.underflow && !last.overflow);
+        let finals: Vec<bool> = pdus
+            .iter()
+            .map(|(h, _)| matches!(h, PduHeader::DataIn(d) if d.final_bit))
+            .collect();
+        assert_eq!(finals.iter().filter(|&&f| f).count(), 2);
+        assert!(finals[4] && finals[9]);
+    }
+
+    #[test]
+    fn read_with_digests_and_residuals() {
+        let mut p = Peer::new(shared(TargetConfig::null(IQN, 1 << 20)), 0);
+        p.login_normal(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+        assert!(p.digests.header && p.digests.data);
+        // INQUIRY with a 255-byte allocation: 66 bytes come back, underflow 189.
+        let c = p.command(&[0x12, 0, 0, 0, 255], true, false, 255, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data.len(), 66);
+        assert_eq!(&data[8..15], b"IBYPASS");
+        assert!(last.underflow && last.residual == 189);
+        // READ asking for 2 blocks with room for 1: overflow 512.
+        let c = p.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], true, false, 512, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[]);
+        let (data, last) = collect_data_in(&pdus);
+        assert_eq!(data, vec![0u8; 512]);
+        assert!(last.overflow && last.residual == 512);
+    }
+
+    #[test]
+    fn write_with_immediate_data_only() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[("InitialR2T", "Yes"), ("ImmediateData", "Yes")]);
+        let data = vec![0xabu8; 1024];
+        let c = p.command(&write10_cdb(3, 2), false, true, 1024, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c.clone()), &data);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!("{pdus:?}")
+        };
+        assert_eq!(
+            (r.status, r.itt, r.exp_data_sn),
+            (status::GOOD, c.itt, Sn(0))
+        );
+        let mut back = vec![0u8; 1024];
+        s.luns[0].read(3 * 512, &mut back);
+        assert_eq!(back, data);
+        let (read, _) = collect_data_in(&p.read10(3, 2));
+        assert_eq!(read, data);
+    }
+
+    #[test]
+    fn write_with_unsolicited_data_and_r2ts() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("FirstBurstLength", "1024"),
+            ("MaxBurstLength", "2048"),
+            ("MaxOutstandingR2T", "2"),
+            ("MaxRecvDataSegmentLength", "65536"),
+        ]);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let c = p.command(&write10_cdb(0, 16), false, true, 8192, false);
+        // 512 immediate + 512 unsolicited Data-Out = FirstBurstLength.
+        assert!(p
+            .send(PduHeader::ScsiCommand(c.clone()), &data[..512])
+            .is_empty());
+        let dout = |offset: u32, ttt: u32, final_bit: bool, sn: u32| {
+            PduHeader::DataOut(DataOut {
+                final_bit,
+                lun: 0,
+                itt: c.itt,
+                ttt,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(sn),
+                buffer_offset: offset,
+            })
+        };
+        let pdus = p.send(dout(512, RESERVED_TAG, true, 0), &data[512..1024]);
+        // Two R2Ts (MaxOutstandingR2T), each at most MaxBurstLength.
+        let r2ts: Vec<R2t> = pdus
+            .iter()
+            .map(|(h, _)| match h {
+                PduHeader::R2t(r) => r.clone(),
+                o => panic!("{o:?}"),
+            })
+            .collect();
+        assert_eq!(r2ts.len(), 2);
+        assert_eq!(
+            (r2ts[0].buffer_offset, r2ts[0].desired_len, r2ts[0].r2t_sn),
+            (1024, 2048, Sn(0))
+        );
+        assert_eq!(
+            (r2ts[1].buffer_offset, r2ts[1].desired_len, r2ts[1].r2t_sn),
+            (3072, 2048, Sn(1))
+        );
+        let mut all = Vec::new();
+        let mut queue: std::collections::VecDeque<R2t> = r2ts.into();
+        while let Some(r) = queue.pop_front() {
+            // Answer each R2T in two Data-Outs.
+            let half = r.desired_len / 2;
+            let o = r.buffer_offset as usize;
+            assert!(p
+                .send(
+                    dout(r.buffer_offset, r.ttt, false, 0),
+                    &data[o..o + half as usize]
+                )
+                .is_empty());
+            let out = p.send(
+                dout(r.buffer_offset + half, r.ttt, true, 1),
+                &data[o + half as usize..o + r.desired_len as usize],
+            );
+            for (h, _) in out {
+                match h {
+                    PduHeader::R2t(r) => queue.push_back(r),
+                    other => all.push(other),
+                }
+            }
+        }
+        assert_eq!(all.len(), 1);
+        let PduHeader::ScsiResponse(resp) = &all[0] else {
+            panic!()
+        };
+        assert_eq!((resp.status, resp.exp_data_sn), (status::GOOD, Sn(4)));
+        let mut back = vec![0u8; 8192];
+        s.luns[0].read(0, &mut back);
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn bad_lba_and_bad_opcode_give_sense() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[]);
+        expect_sense(&p.read10(2048, 1), 0x05, 0x21, 0x00);
+        let c = p.command(&[0xee], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x05, 0x20, 0x00);
+        // A failing write whose unsolicited data follows answers after the data.
+        let c = p.command(&write10_cdb(4096, 1), false, true, 512, false);
+        assert!(p.send(PduHeader::ScsiCommand(c.clone()), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: true,
+                lun: 0,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(0),
+                buffer_offset: 0,
+            }),
+            &[0u8; 512],
+        );
+        expect_sense(&pdus, 0x05, 0x21, 0x00);
+    }
+
+    #[test]
+    fn data_sn_out_of_order_closes_the_connection() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[("InitialR2T", "No"), ("ImmediateData", "No")]);
+        let c = p.command(&write10_cdb(0, 2), false, true, 1024, false);
+        assert!(p.send(PduHeader::ScsiCommand(c.clone()), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: false,
+                lun: 0,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(1),
+                buffer_offset: 0,
+            }),
+            &[0u8; 512],
+        );
+        assert!(pdus.is_empty());
+        assert!(p.conn.is_closed());
+        assert!(p.conn.close_reason().unwrap().contains("DataSN"));
+    }
+
+    #[test]
+    fn cmd_window_advances_and_drops_outside_commands() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).queue_depth(4));
+        let mut p = Peer::new(s, 0);
+        p.login_normal(&[("InitialR2T", "Yes")]);
+        let tur = |p: &mut Peer| {
+            let c = p.command(&[0x00], false, false, 0, true);
+            p.send(PduHeader::ScsiCommand(c), &[])
+        };
+        let pdus = tur(&mut p);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (Sn(101), Sn(104)));
+        let stat = r.stat_sn;
+        // A write waiting for R2T data holds a slot: MaxCmdSN does not move on.
+        let c = p.command(&write10_cdb(0, 1), false, true, 512, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c.clone()), &[]);
+        let (PduHeader::R2t(r2t), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r2t.exp_cmd_sn, r2t.max_cmd_sn), (Sn(102), Sn(104)));
+        assert_eq!(r2t.stat_sn, stat.next(), "R2T does not consume StatSN");
+        // A duplicate CmdSN is dropped silently.
+        let mut dup = p.command(&[0x00], false, false, 0, true);
+        dup.cmd_sn = Sn(100);
+        p.cmd_sn = Sn(102);
+        assert!(p.send(PduHeader::ScsiCommand(dup), &[]).is_empty());
+        // Beyond MaxCmdSN too.
+        let mut far = p.command(&[0x00], false, false, 0, true);
+        far.cmd_sn = Sn(200);
+        p.cmd_sn = Sn(102);
+        assert!(p.send(PduHeader::ScsiCommand(far), &[]).is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: true,
+                lun: 0,
+                itt: c.itt,
+                ttt: r2t.ttt,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(0),
+                buffer_offset: 0,
+            }),
+            &[1u8; 512],
+        );
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (r.exp_cmd_sn, r.max_cmd_sn, r.stat_sn),
+            (Sn(102), Sn(105), stat.next())
+        );
+        let pdus = tur(&mut p);
+        let (PduHeader::ScsiResponse(r), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!((r.exp_cmd_sn, r.max_cmd_sn), (Sn(103), Sn(106)));
+    }
+
+    #[test]
+    fn nop_pings_both_ways() {
+        let cfg = TargetConfig::ram(IQN, 1 << 20).nop_in_interval(Some(Duration::from_secs(5)));
+        let mut p = Peer::new(shared(cfg), 0);
+        p.login_normal(&[]);
+        let t0 = p.now;
+        assert_eq!(p.conn.poll_timeout(), Some(t0 + Duration::from_secs(5)));
+        p.conn.handle_timeout(t0 + Duration::from_secs(5));
+        let pdus = p.send_raw(&[]);
+        let (PduHeader::NopIn(ping), _) = &pdus[0] else {
+            panic!()
+        };
+        assert_eq!(ping.itt, RESERVED_TAG);
+        // Answered: no close at the next deadline.
+        p.send(
+            PduHeader::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt: RESERVED_TAG,
+                ttt: ping.ttt,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+            }),
+            &[],
+        );
+        assert!(!p.conn.is_closed());
+        p.now = t0 + Duration::from_secs(6);
+        p.send_raw(&[]);
+        p.conn.handle_timeout(t0 + Duration::from_secs(11));
+        assert_eq!(p.send_raw(&[]).len(), 1, "second ping");
+        p.conn.handle_timeout(t0 + Duration::from_secs(17));
+        assert!(p.conn.is_closed(), "unanswered ping closes");
+    }
+
+    #[test]
+    fn malformed_pdus_get_reject_or_close() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.login_normal(&[]);
+        let mut bad = [0u8; 48];
+        bad[0] = 0x1c; // no such opcode
+        let pdus = p.send_raw(&bad);
+        assert!(
+            matches!(&pdus[0], (PduHeader::Reject(r), d) if r.reason == reject::PROTOCOL_ERROR && d.len() == 48)
+        );
+        // A target-only opcode from the initiator.
+        bad[0] = 0x21;
+        let pdus = p.send_raw(&bad);
+        assert!(matches!(&pdus[0].0, PduHeader::Reject(_)));
+        assert!(!p.conn.is_closed());
+        // SNACK is not supported at ERL 0.
+        bad[0] = 0x10;
+        assert!(
+            matches!(&p.send_raw(&bad)[0].0, PduHeader::Reject(r) if r.reason == reject::SNACK)
+        );
+        // A data segment beyond our MaxRecvDataSegmentLength ends the connection.
+        bad[0] = 0x00;
+        bad[5] = 0x7f;
+        p.send_raw(&bad);
+        assert!(p.conn.is_closed());
+        // Garbage during login closes without a panic.
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        p.send_raw(&[0x25; 100]);
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn task_management_and_faults() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).unit_attentions(true));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[("InitialR2T", "Yes")]);
+        // UNIT ATTENTION once, and INQUIRY does not consume it.
+        let c = p.command(&[0x12, 0, 0, 0, 36], true, false, 36, true);
+        assert!(matches!(
+            &p.send(PduHeader::ScsiCommand(c), &[])[0].0,
+            PduHeader::DataIn(_)
+        ));
+        let c = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x06, 0x29, 0x00);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c), &[])[0].0, PduHeader::ScsiResponse(r) if r.status == 0)
+        );
+        // ABORT TASK of a write waiting for data.
+        let c = p.command(&write10_cdb(0, 1), false, true, 512, true);
+        assert!(matches!(
+            &p.send(PduHeader::ScsiCommand(c.clone()), &[])[0].0,
+            PduHeader::R2t(_)
+        ));
+        let tm = |p: &mut Peer, function, referenced| {
+            PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+                immediate: true,
+                function,
+                lun: 0,
+                itt: 77,
+                referenced_task_tag: referenced,
+                cmd_sn: p.cmd_sn,
+                exp_stat_sn: Sn(0),
+                ref_cmd_sn: c.cmd_sn,
+                exp_data_sn: Sn(0),
+            })
+        };
+        let h = tm(&mut p, tmf::ABORT_TASK, c.itt);
+        assert!(
+            matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0 && r.itt == 77)
+        );
+        // The same task again: answered already, so "task does not exist".
+        let h = tm(&mut p, tmf::ABORT_TASK, c.itt);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 1));
+        // LUN RESET: a UNIT ATTENTION 29/03 once on every session.
+        let mut other = Peer::new(s.clone(), 1);
+        other.login_normal(&[]);
+        let c2 = other.command(&[0x00], false, false, 0, true);
+        expect_sense(
+            &other.send(PduHeader::ScsiCommand(c2), &[]),
+            0x06,
+            0x29,
+            0x00,
+        );
+        let h = tm(&mut p, tmf::LOGICAL_UNIT_RESET, 0);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        let c2 = other.command(&[0x00], false, false, 0, true);
+        expect_sense(
+            &other.send(PduHeader::ScsiCommand(c2), &[]),
+            0x06,
+            0x29,
+            0x03,
+        );
+        let c1 = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c1), &[]), 0x06, 0x29, 0x03);
+        let c1 = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c1), &[])[0].0, PduHeader::ScsiResponse(r) if r.status == 0)
+        );
+        let h = tm(&mut p, 0x7f, 0);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 5));
+        // Injected Reject and CHECK CONDITION, then normal service again.
+        s.faults.reject_next_commands(1, 0x09);
+        s.faults.check_condition_next(1, 0x03, 0x11, 0x00);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert!(
+            matches!(&p.send(PduHeader::ScsiCommand(c), &[])[0].0, PduHeader::Reject(r) if r.reason == 0x09)
+        );
+        let c = p.command(&[0x00], false, false, 0, true);
+        expect_sense(&p.send(PduHeader::ScsiCommand(c), &[]), 0x03, 0x11, 0x00);
+        s.faults.drop_after_commands(2);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert_eq!(p.send(PduHeader::ScsiCommand(c), &[]).len(), 1);
+        let c = p.command(&[0x00], false, false, 0, true);
+        assert_eq!(
+            p.send(PduHeader::ScsiCommand(c), &[]).len(),
+            1,
+            "the Nth command is answered"
+        );
+        assert!(p.conn.is_closed());
+    }
+
+    #[test]
+    fn login_text_may_span_pdus() {
+        let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+        let text = b"InitiatorName=iqn.x\0TargetName=iqn.2024-01.test:target\0";
+        let req = |cont, transit| {
+            PduHeader::LoginRequest(LoginRequest {
+                transit,
+                cont,
+                csg: Stage::Operational,
+                nsg: Stage::FullFeature,
+                version_max: 0,
+                version_min: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                itt: 1,
+                cid: 0,
+                cmd_sn: Sn(1),
+                exp_stat_sn: Sn(0),
+            })
+        };
+        let pdus = p.send(req(true, false), &text[..10]);
+        assert!(matches!(&pdus[0], (PduHeader::LoginResponse(r), d) if d.is_empty() && !r.transit));
+        let pdus = p.send(req(false, true), &text[10..]);
+        assert!(
+            matches!(&pdus[0].0, PduHeader::LoginResponse(r) if r.status_class == 0 && r.transit)
+        );
+        assert!(p.conn.is_full_feature());
+    }
+
+    #[test]
+    fn small_limits_still_work() {
+        let limits = TargetLimits {
+            max_recv_data_segment_len: 512,
+            max_burst_len: 512,
+            first_burst_len: 512,
+            max_outstanding_r2t: 1,
+            ..TargetLimits::default()
+        };
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).limits(limits));
+        let mut p = Peer::new(s, 0);
+        let t = p.login_normal(&[("MaxBurstLength", "262144"), ("InitialR2T", "No")]);
+        assert_eq!(t.get("MaxRecvDataSegmentLength"), Some("512"));
+        assert_eq!(t.get("MaxBurstLength"), Some("512"));
+    }
+
+    proptest! {
+        /// No byte sequence from the initiator panics the target, in login or later.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), after_login: bool) {
+            let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+            if after_login {
+                p.login_normal(&[]);
+            }
+            p.conn.receive(&bytes, p.now);
+            p.conn.clear_output();
+        }
+
+        /// Valid-looking headers with random fields never panic either.
+        #[test]
+        fn arbitrary_headers_never_panic(mut hdr in proptest::array::uniform32(any::<u8>()), tail in proptest::array::uniform16(any::<u8>()),
+                                         op in proptest::sample::select(vec![0x00u8, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10])) {
+            let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
+            p.login_normal(&[]);
+            hdr[0] = op | (hdr[0] & 0x40);
+            hdr[4] = 0;
+            hdr[5] = 0;
+            hdr[6] &= 0x03;
+            let mut pdu = hdr.to_vec();
+            pdu.extend_from_slice(&tail);
+            let dsl = u32::from_be_bytes([0, hdr[5], hdr[6], hdr[7]]) as usize;
+            pdu.resize(48 + dsl + pad_len(dsl), 0x5a);
+            p.conn.receive(&pdu, p.now);
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Fault injection: a [`FaultInjector`] is a cheap handle (one `Arc`) onto
+//! atomics that connections consult as they work. Each fault is set either
+//! for all portals ([`FaultInjector`] as returned by the target) or for one
+//! ([`FaultInjector::portal`]).
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Sense data for injected CHECK CONDITIONs: key, ASC, ASCQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InjectedSense {
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+}
+
+#[derive(Debug, Default)]
+struct FaultSet {
+    delay_us: AtomicU64,
+    /// Commands left before a connection is dropped; 0 = off.
+    drop_after: AtomicU64,
+    /// `class << 8 | detail`, or 0 = accept logins.
+    refuse_login: AtomicU32,
+    reject_next: AtomicU32,
+    reject_reason: AtomicU32,
+    check_next: AtomicU32,
+    /// `key << 16 | asc << 8 | ascq`.
+    check_sense: AtomicU32,
+    stalled: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Registered {
+    id: u64,
+    portal: usize,
+    stream: TcpStream,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    all: FaultSet,
+    portals: Vec<FaultSet>,
+    /// Live connections, so "drop now" can shut their sockets at once.
+    conns: Mutex<Vec<Registered>>,
+    next_conn_id: AtomicU64,
+}
+
+/// Handle onto the fault switches of one target, scoped to all portals or to
+/// one portal.
+#[derive(Debug, Clone)]
+pub struct FaultInjector {
+    faults: Arc<Faults>,
+    /// `None` = all portals.
+    scope: Option<usize>,
+}
+
+/// Takes one from a countdown; true when one was there to take.
+fn take_one(c: &AtomicU32) -> bool {
+    c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+impl FaultInjector {
+    pub(crate) fn new(portals: usize) -> FaultInjector {
+        FaultInjector {
+            faults: Arc::new(Faults {
+                portals: (0..portals).map(|_| FaultSet::default()).collect(),
+                ..Faults::default()
+            }),
+            scope: None,
+        }
+    }
+
+    /// The same switches, scoped to portal `index` (as in `portals()`).
+    /// An index beyond the portals affects nothing.
+    pub fn portal(&self, index: usize) -> FaultInjector {
+        FaultInjector {
+            faults: self.faults.clone(),
+            scope: Some(index),
+        }
+    }
+
+    /// Scoped back to all portals.
+    pub fn all_portals(&self) -> FaultInjector {
+        FaultInjector {
+            faults: self.faults.clone(),
+            scope: None,
+        }
+    }
+
+    fn set(&self) -> Option<&FaultSet> {
+        match self.scope {
+            None => Some(&self.faults.all),
+            Some(i) => self.faults.portals.get(i),
+        }
+    }
+
+    fn with(&self, f: impl FnOnce(&FaultSet)) {
+        if let Some(s) = self.set() {
+            f(s)
+        }
+    }
+
+    /// Delays every response by `delay` (zero turns it off).
+    pub fn delay_responses(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.with(|s| s.delay_us.store(us, Ordering::Relaxed));
+    }
+
+    /// Closes the connection that answers the `n`-th SCSI command from now
+    /// (right after answering it). 0 turns it off.
+    pub fn drop_after_commands(&self, n: u64) {
+        self.with(|s| s.drop_after.store(n, Ordering::Relaxed));
+    }
+
+    /// Closes every connection in scope now (shuts the sockets down).
+    pub fn drop_connections_now(&self) {
+        let conns = self.faults.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in conns.iter() {
+            if self.scope.is_none_or(|p| p == c.portal) {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Fails every login with this status class/detail (e.g. 0x02/0x01
+    /// authentication failure, 0x03/0x01 out of resources).
+    pub fn refuse_logins(&self, status_class: u8, status_detail: u8) {
+        let v = (u32::from(status_class) << 8) | u32::from(status_detail);
+        self.with(|s| s.refuse_login.store(v, Ordering::Relaxed));
+    }
+
+    pub fn accept_logins(&self) {
+        self.with(|s| s.refuse_login.store(0, Ordering::Relaxed));
+    }
+
+    /// Answers the next `n` SCSI commands with a Reject PDU of `reason`
+    /// (e.g. 0x04 protocol error, 0x09 invalid PDU field).
+    pub fn reject_next_commands(&self, n: u32, reason: u8) {
+        self.with(|s| {
+            s.reject_reason.store(u32::from(reason), Ordering::Relaxed);
+            s.reject_next.store(n, Ordering::Release);
+        });
+    }
+
+    /// Answers the next `n` SCSI commands with CHECK CONDITION and this sense.
+    pub fn check_condition_next(&self, n: u32, key: u8, asc: u8, ascq: u8) {
+        let v = (u32::from(key) << 16) | (u32::from(asc) << 8) | u32::from(ascq);
+        self.with(|s| {
+            s.check_sense.store(v, Ordering::Relaxed);
+            s.check_next.store(n, Ordering::Release);
+        });
+    }
+
+    /// Stalls: connections keep being accepted and read, but nothing is
+    /// answered until [`unstall`](Self::unstall).
+    pub fn stall(&self) {
+        self.with(|s| s.stalled.store(true, Ordering::Relaxed));
+    }
+
+    pub fn unstall(&self) {
+        self.with(|s| s.stalled.store(false, Ordering::Relaxed));
+    }
+
+    /// Turns every fault in scope off.
+    pub fn clear(&self) {
+        self.with(|s| {
+            s.delay_us.store(0, Ordering::Relaxed);
+            s.drop_after.store(0, Ordering::Relaxed);
+            s.refuse_login.store(0, Ordering::Relaxed);
+            s.reject_next.store(0, Ordering::Relaxed);
+            s.check_next.store(0, Ordering::Relaxed);
+            s.stalled.store(false, Ordering::Relaxed);
+        });
+    }
+
+    // ---- what connections ask (portal-specific set first, then the global one)
+
+    fn sets(&self, portal: usize) -> impl Iterator<Item = &FaultSet> {
+        self.faults
+            .portals
+            .get(portal)
+            .into_iter()
+            .chain(std::iter::once(&self.faults.all))
+    }
+
+    pub(crate) fn response_delay(&self, portal: usize) -> Duration {
+        let us = self
+            .sets(portal)
+            .map(|s| s.delay_us.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Duration::from_micros(us)
+    }
+
+    pub(crate) fn is_stalled(&self, portal: usize) -> bool {
+        self.sets(portal).any(|s| s.stalled.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn login_refusal(&self, portal: usize) -> Option<(u8, u8)> {
+        self.sets(portal)
+            .map(|s| s.refuse_login.load(Ordering::Relaxed))
+            .find(|&v| v != 0)
+            .map(|v| ((v >> 8) as u8, v as u8))
+    }
+
+    pub(crate) fn take_reject(&self, portal: usize) -> Option<u8> {
+        self.sets(portal)
+            .find(|s| take_one(&s.reject_next))
+            .map(|s| s.reject_reason.load(Ordering::Relaxed) as u8)
+    }
+
+    pub(crate) fn take_check_condition(&self, portal: usize) -> Option<InjectedSense> {
+        self.sets(portal)
+            .find(|s| take_one(&s.check_next))
+            .map(|s| {
+                let v = s.check_sense.load(Ordering::Relaxed);
+                InjectedSense {
+                    key: (v >> 16) as u8,
+                    asc: (v >> 8) as u8,
+                    ascq: v as u8,
+                }
+            })
+    }
+
+    /// Counts one command; true when this one is the last before a drop.
+    pub(crate) fn count_command_for_drop(&self, portal: usize) -> bool {
+        self.sets(portal).any(|s| {
+            s.drop_after
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                == Ok(1)
+        })
+    }
+
+    pub(crate) fn register(&self, portal: usize, stream: &TcpStream) -> Option<u64> {
+        let stream = stream.try_clone().ok()?;
+        let id = self.faults.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        self.faults
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Registered { id, portal, stream });
+        Some(id)
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
+        self.faults
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| c.id != id);
+    }
+
+    /// Shuts down every registered connection regardless of scope (stop).
+    pub(crate) fn shutdown_all(&self) {
+        for c in self
+            .faults
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn countdowns_are_per_scope() {
+        let f = FaultInjector::new(2);
+        f.portal(1).reject_next_commands(2, 0x04);
+        assert_eq!(f.take_reject(0), None);
+        assert_eq!(f.take_reject(1), Some(0x04));
+        assert_eq!(f.take_reject(1), Some(0x04));
+        assert_eq!(f.take_reject(1), None);
+        f.check_condition_next(1, 0x03, 0x11, 0x00);
+        assert_eq!(
+            f.take_check_condition(0),
+            Some(InjectedSense {
+                key: 3,
+                asc: 0x11,
+                ascq: 0
+            })
+        );
+        assert_eq!(f.take_check_condition(1), None);
+        f.drop_after_commands(2);
+        assert!(!f.count_command_for_drop(0));
+        assert!(f.count_command_for_drop(1));
+        assert!(!f.count_command_for_drop(1));
+        f.portal(0).delay_responses(Duration::from_micros(50));
+        assert_eq!(f.response_delay(0), Duration::from_micros(50));
+        assert_eq!(f.response_delay(1), Duration::ZERO);
+        f.refuse_logins(3, 1);
+        assert_eq!(f.login_refusal(1), Some((3, 1)));
+        f.clear();
+        assert_eq!(f.login_refusal(1), None);
+        // Out-of-range portal scopes are inert, not a panic.
+        f.portal(9).stall();
+        assert!(!f.is_stalled(9));
+    }
+}

@@ -1,0 +1,812 @@
+//! The SCSI block device the target emulates. [`plan`] decodes one CDB and
+//! says what moves: data to the initiator from the LUN or from a small
+//! response buffer, data from the initiator to the LUN or to a parameter
+//! list, or just a status. The connection moves the bytes; nothing here
+//! allocates on the READ/WRITE path.
+//!
+//! CDB fields are read with private helpers until `wire::scsi` (another
+//! branch) lands; the response layouts follow SPC-4/SBC-3.
+
+use super::{AluaState, TargetShared};
+
+/// SCSI status codes.
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+}
+
+/// Sense keys used here.
+pub mod sense_key {
+    pub const NO_SENSE: u8 = 0x0;
+    pub const NOT_READY: u8 = 0x2;
+    pub const MEDIUM_ERROR: u8 = 0x3;
+    pub const ILLEGAL_REQUEST: u8 = 0x5;
+    pub const UNIT_ATTENTION: u8 = 0x6;
+    pub const MISCOMPARE: u8 = 0xe;
+}
+
+/// Fixed-format sense (key, additional sense code and qualifier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+}
+
+impl Sense {
+    pub const INVALID_OPCODE: Sense = Sense::illegal(0x20, 0x00);
+    pub const LBA_OUT_OF_RANGE: Sense = Sense::illegal(0x21, 0x00);
+    pub const INVALID_FIELD_IN_CDB: Sense = Sense::illegal(0x24, 0x00);
+    pub const LUN_NOT_SUPPORTED: Sense = Sense::illegal(0x25, 0x00);
+    pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::illegal(0x26, 0x00);
+    pub const PARAMETER_LIST_LENGTH_ERROR: Sense = Sense::illegal(0x1a, 0x00);
+    pub const LUN_RESET_OCCURRED: Sense = Sense {
+        key: sense_key::UNIT_ATTENTION,
+        asc: 0x29,
+        ascq: 0x03,
+    };
+    pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
+        key: sense_key::MISCOMPARE,
+        asc: 0x1d,
+        ascq: 0x00,
+    };
+    pub const POWER_ON_RESET: Sense = Sense {
+        key: sense_key::UNIT_ATTENTION,
+        asc: 0x29,
+        ascq: 0x00,
+    };
+
+    const fn illegal(asc: u8, ascq: u8) -> Sense {
+        Sense {
+            key: sense_key::ILLEGAL_REQUEST,
+            asc,
+            ascq,
+        }
+    }
+
+    /// NOT READY for media access in ALUA states that forbid it.
+    fn alua(state: AluaState) -> Option<Sense> {
+        let ascq = match state {
+            AluaState::ActiveOptimized | AluaState::ActiveNonOptimized => return None,
+            AluaState::Transitioning => 0x0a,
+            AluaState::Standby => 0x0b,
+            AluaState::Unavailable | AluaState::Offline => 0x0c,
+        };
+        Some(Sense {
+            key: sense_key::NOT_READY,
+            asc: 0x04,
+            ascq,
+        })
+    }
+
+    /// Length of [`emit_fixed`](Self::emit_fixed)'s output.
+    pub const FIXED_LEN: usize = 18;
+
+    /// Fixed-format sense data (SPC-4 §4.5.3), current error.
+    pub fn emit_fixed(&self) -> [u8; Sense::FIXED_LEN] {
+        let mut s = [0u8; Sense::FIXED_LEN];
+        s[0] = 0x70;
+        s[2] = self.key & 0x0f;
+        s[7] = 10;
+        s[12] = self.asc;
+        s[13] = self.ascq;
+        s
+    }
+}
+
+/// Commands whose parameter data comes from the initiator before they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamCommand {
+    Unmap,
+    WriteSame {
+        lba: u64,
+        blocks: u64,
+        unmap: bool,
+    },
+    /// VERIFY with BYTCHK: compare the data (or one block, `same`) with the medium.
+    Verify {
+        lba: u64,
+        blocks: u64,
+        same: bool,
+    },
+}
+
+/// What the connection must do for one CDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Send `len` bytes read from LUN index `lun` at byte `offset`; GOOD.
+    ReadLun { lun: usize, offset: u64, len: u64 },
+    /// Send the response buffer (already cut to the allocation length); GOOD.
+    DataIn,
+    /// Receive `len` bytes and store them in LUN `lun` at byte `offset`.
+    WriteLun { lun: usize, offset: u64, len: u64 },
+    /// Receive a `len`-byte parameter list, then [`finish_params`].
+    ParamsOut {
+        lun: usize,
+        command: ParamCommand,
+        len: u32,
+    },
+    /// No data; GOOD.
+    Good,
+    /// CHECK CONDITION with this sense.
+    Check(Sense),
+}
+
+/// Which portal a command arrived on, for the port-specific answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Port<'a> {
+    pub shared: &'a TargetShared,
+    pub portal: usize,
+}
+
+/// The LUN number of a single-level LUN field (peripheral or flat addressing).
+pub fn decode_lun(field: u64) -> Option<u16> {
+    let b = field.to_be_bytes();
+    if b[2..].iter().any(|&x| x != 0) {
+        return None;
+    }
+    match b[0] >> 6 {
+        0 if b[0] == 0 => Some(u16::from(b[1])),
+        1 => Some((u16::from(b[0] & 0x3f) << 8) | u16::from(b[1])),
+        _ => None,
+    }
+}
+
+/// The LUN field for LUN `n` (peripheral addressing below 256, else flat).
+pub fn encode_lun(n: u16) -> u64 {
+    let hi: u16 = if n < 256 { n } else { 0x4000 | (n & 0x3fff) };
+    u64::from(hi) << 48
+}
+
+/// Commands that neither report nor clear a pending UNIT ATTENTION (SAM-5).
+pub fn ignores_unit_attention(cdb: &[u8; 16]) -> bool {
+    matches!(cdb[0], 0x12 | 0xa0 | 0x03)
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// Starting LBA and block count of a READ/WRITE/VERIFY/WRITE SAME CDB.
+fn lba_and_blocks(cdb: &[u8; 16]) -> (u64, u64) {
+    match cdb[0] {
+        0x08 | 0x0a => {
+            let lba = u64::from(be32(&[0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
+            // A 6-byte transfer length of 0 means 256 blocks.
+            let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
+            (lba, n)
+        }
+        0x28 | 0x2a | 0x2f | 0x41 | 0x35 => {
+            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
+        }
+        0xa8 | 0xaa | 0xaf => (u64::from(be32(&cdb[2..])), u64::from(be32(&cdb[6..]))),
+        _ => (be64(&cdb[2..]), u64::from(be32(&cdb[10..]))),
+    }
+}
+
+/// Decodes `cdb` for the LUN in `lun_field` and plans its execution.
+/// Response data for non-media commands is written into `buf`.
+pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    buf.clear();
+    let shared = port.shared;
+    let lun = decode_lun(lun_field).and_then(|n| shared.lun_index(n));
+    // Commands that work without a valid LUN.
+    match cdb[0] {
+        0x12 => return inquiry(port, lun, cdb, buf),
+        0xa0 => return report_luns(shared, cdb, buf),
+        0x03 => {
+            buf.extend_from_slice(
+                &Sense {
+                    key: sense_key::NO_SENSE,
+                    asc: 0,
+                    ascq: 0,
+                }
+                .emit_fixed(),
+            );
+            buf.truncate(usize::from(cdb[4]));
+            return Plan::DataIn;
+        }
+        _ => {}
+    }
+    let Some(li) = lun else {
+        return Plan::Check(Sense::LUN_NOT_SUPPORTED);
+    };
+    let l = &shared.luns[li];
+    let bs = u64::from(l.block_size());
+    let alua_block = shared
+        .portals
+        .get(port.portal)
+        .and_then(|p| shared.alua_state(p.alua_group))
+        .and_then(Sense::alua);
+    match cdb[0] {
+        0x00 | 0x1b | 0x1e => Plan::Good,
+        // READ 6/10/12/16, WRITE 6/10/12/16.
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x0a | 0x2a | 0xaa | 0x8a => {
+            if let Some(s) = alua_block {
+                return Plan::Check(s);
+            }
+            // No protection information: RDPROTECT/WRPROTECT must be 0.
+            if cdb[0] != 0x08 && cdb[0] != 0x0a && cdb[1] & 0xe0 != 0 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let (lba, blocks) = lba_and_blocks(cdb);
+            if !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            let (offset, len) = (lba * bs, blocks * bs);
+            if matches!(cdb[0], 0x08 | 0x28 | 0xa8 | 0x88) {
+                Plan::ReadLun {
+                    lun: li,
+                    offset,
+                    len,
+                }
+            } else {
+                Plan::WriteLun {
+                    lun: li,
+                    offset,
+                    len,
+                }
+            }
+        }
+        // VERIFY 10/12/16.
+        0x2f | 0xaf | 0x8f => {
+            let (lba, blocks) = lba_and_blocks(cdb);
+            if cdb[1] & 0xe0 != 0 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            if !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            let same = match (cdb[1] >> 1) & 3 {
+                0 => return Plan::Good,
+                1 => false,
+                3 => true,
+                _ => return Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+            };
+            let len = if same { bs } else { blocks * bs };
+            if blocks == 0 {
+                return Plan::Good;
+            }
+            // The compare buffer is allocated; keep it bounded.
+            if len > 16 << 20 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::Verify { lba, blocks, same },
+                len: len as u32,
+            }
+        }
+        // SYNCHRONIZE CACHE 10/16.
+        0x35 | 0x91 => {
+            let (lba, blocks) = lba_and_blocks(cdb);
+            if blocks != 0 && !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            Plan::Good
+        }
+        0x25 => {
+            let last = (l.blocks() - 1).min(0xffff_ffff) as u32;
+            buf.extend_from_slice(&last.to_be_bytes());
+            buf.extend_from_slice(&l.block_size().to_be_bytes());
+            Plan::DataIn
+        }
+        0x9e if cdb[1] & 0x1f == 0x10 => {
+            buf.extend_from_slice(&(l.blocks() - 1).to_be_bytes());
+            buf.extend_from_slice(&l.block_size().to_be_bytes());
+            buf.extend_from_slice(&[0, 0, 0x80, 0]); // LBPME: UNMAP works
+            buf.resize(32, 0);
+            buf.truncate(be32(&cdb[10..]) as usize);
+            Plan::DataIn
+        }
+        0xa3 if cdb[1] & 0x1f == 0x0a => report_target_port_groups(port, cdb, buf),
+        0x1a | 0x5a => mode_sense(l, cdb, buf),
+        0x42 => {
+            if let Some(s) = alua_block {
+                return Plan::Check(s);
+            }
+            let len = be16(&cdb[7..]);
+            if len == 0 {
+                return Plan::Good;
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::Unmap,
+                len: u32::from(len),
+            }
+        }
+        0x41 | 0x93 => {
+            if let Some(s) = alua_block {
+                return Plan::Check(s);
+            }
+            if cdb[1] & 0xe0 != 0 {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let (lba, mut blocks) = lba_and_blocks(cdb);
+            if blocks == 0 {
+                blocks = l.blocks().saturating_sub(lba);
+            }
+            if !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::WriteSame {
+                    lba,
+                    blocks,
+                    unmap: cdb[1] & 0x08 != 0,
+                },
+                len: l.block_size(),
+            }
+        }
+        0x9e | 0xa3 => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+        _ => Plan::Check(Sense::INVALID_OPCODE),
+    }
+}
+
+/// Runs a [`Plan::ParamsOut`] command once its parameter list has arrived.
+pub fn finish_params(
+    shared: &TargetShared,
+    lun: usize,
+    command: ParamCommand,
+    data: &[u8],
+) -> Result<(), Sense> {
+    let l = &shared.luns[lun];
+    let bs = u64::from(l.block_size());
+    match command {
+        ParamCommand::Unmap => {
+            if data.len() < 8 {
+                return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            let desc_len = usize::from(be16(&data[2..]));
+            let descs = data
+                .get(8..8 + desc_len)
+                .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+            // Check every range before touching any.
+            for d in descs.chunks_exact(16) {
+                if !l.in_range(be64(d), u64::from(be32(&d[8..]))) {
+                    return Err(Sense::LBA_OUT_OF_RANGE);
+                }
+            }
+            for d in descs.chunks_exact(16) {
+                l.zero(be64(d) * bs, u64::from(be32(&d[8..])) * bs);
+            }
+            Ok(())
+        }
+        ParamCommand::Verify { lba, blocks, same } => {
+            let want = if same { bs } else { blocks * bs };
+            if data.len() as u64 != want {
+                return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            let mut block = vec![0u8; bs as usize];
+            for b in 0..blocks {
+                l.read((lba + b) * bs, &mut block);
+                let at = if same { 0 } else { (b * bs) as usize };
+                if block[..] != data[at..at + bs as usize] {
+                    return Err(Sense::MISCOMPARE_DURING_VERIFY);
+                }
+            }
+            Ok(())
+        }
+        ParamCommand::WriteSame { lba, blocks, unmap } => {
+            if data.len() as u64 != bs {
+                return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            if unmap || data.iter().all(|&b| b == 0) {
+                l.zero(lba * bs, blocks * bs);
+            } else {
+                for b in 0..blocks {
+                    l.write((lba + b) * bs, data);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn put_padded(buf: &mut Vec<u8>, s: &str, width: usize) {
+    let b = s.as_bytes();
+    let n = b.len().min(width);
+    buf.extend_from_slice(&b[..n]);
+    buf.resize(buf.len() + width - n, b' ');
+}
+
+fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    let shared = port.shared;
+    let evpd = cdb[1] & 1 != 0;
+    let page = cdb[2];
+    let alloc = usize::from(be16(&cdb[3..]));
+    if !evpd {
+        if page != 0 {
+            return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        // Peripheral qualifier 3 / type 0x1f: no LU here.
+        let peripheral = match lun {
+            Some(_) => 0x00,
+            None => 0x7f,
+        };
+        let product = match lun.map(|i| shared.luns[i].is_null()) {
+            Some(true) => "NULL LUN",
+            _ => "RAM LUN",
+        };
+        // SPC-4, HiSup, response format 2; TPGS=01 (implicit ALUA);
+        // MultiP; CmdQue.
+        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 0, 0x10, 0x10, 0x02]);
+        put_padded(buf, "IBYPASS", 8);
+        put_padded(buf, product, 16);
+        put_padded(buf, "0001", 4);
+        buf.resize(58, 0);
+        // Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
+        for v in [0x00a0u16, 0x0460, 0x04c0, 0x0960] {
+            buf.extend_from_slice(&v.to_be_bytes());
+        }
+        buf[4] = (buf.len() - 5) as u8;
+        buf.truncate(alloc);
+        return Plan::DataIn;
+    }
+    let Some(li) = lun else {
+        return Plan::Check(Sense::LUN_NOT_SUPPORTED);
+    };
+    let l = &shared.luns[li];
+    let portal = shared.portals.get(port.portal);
+    buf.extend_from_slice(&[0, page, 0, 0]);
+    match page {
+        0x00 => buf.extend_from_slice(&[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]),
+        0x80 => buf.extend_from_slice(l.serial().as_bytes()),
+        0x83 => {
+            // LU: NAA (binary), identical on every portal: the multipath identity.
+            buf.extend_from_slice(&[0x01, 0x03, 0, 16]);
+            buf.extend_from_slice(l.naa());
+            // Target port (iSCSI, PIV): relative port and port group differ per portal.
+            let rel = portal.map_or(0, |p| p.tpgt);
+            let group = portal.map_or(0, |p| p.alua_group);
+            buf.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
+            buf.extend_from_slice(&rel.to_be_bytes());
+            buf.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0]);
+            buf.extend_from_slice(&group.to_be_bytes());
+            // SCSI name strings: the target port and the target device.
+            let port_name = format!("{},t,0x{:04x}", shared.config.iqn, rel);
+            scsi_name(buf, 0x98, &port_name);
+            scsi_name(buf, 0xa8, &shared.config.iqn);
+        }
+        0xb0 => {
+            buf.resize(64, 0);
+            let max_xfer = ((16u64 << 20) / u64::from(l.block_size())) as u32;
+            buf[8..12].copy_from_slice(&max_xfer.to_be_bytes());
+            buf[20..24].copy_from_slice(&u32::MAX.to_be_bytes()); // max unmap LBA count
+            buf[24..28].copy_from_slice(&256u32.to_be_bytes()); // max unmap descriptors
+            buf[28..32].copy_from_slice(&1u32.to_be_bytes()); // unmap granularity
+        }
+        0xb1 => {
+            buf.resize(64, 0);
+            buf[5] = 1; // non-rotating medium
+        }
+        0xb2 => buf.extend_from_slice(&[0, 0xe0, 0, 0]), // LBPU, LBPWS, LBPWS10
+        _ => {
+            buf.clear();
+            return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+        }
+    }
+    let page_len = (buf.len() - 4) as u16;
+    buf[2..4].copy_from_slice(&page_len.to_be_bytes());
+    buf.truncate(alloc);
+    Plan::DataIn
+}
+
+/// A SCSI name string designator (UTF-8, NUL-terminated, padded to 4).
+fn scsi_name(buf: &mut Vec<u8>, assoc_and_type: u8, name: &str) {
+    let len = (name.len() + 1).next_multiple_of(4).min(252);
+    buf.extend_from_slice(&[0x53, assoc_and_type, 0, len as u8]);
+    let start = buf.len();
+    buf.extend_from_slice(&name.as_bytes()[..name.len().min(len - 1)]);
+    buf.resize(start + len, 0);
+}
+
+fn report_luns(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    let alloc = be32(&cdb[6..]) as usize;
+    if alloc < 16 && alloc != 0 {
+        return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+    }
+    buf.extend_from_slice(&((shared.luns.len() * 8) as u32).to_be_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    for l in &shared.luns {
+        buf.extend_from_slice(&encode_lun(l.number()).to_be_bytes());
+    }
+    buf.truncate(alloc);
+    Plan::DataIn
+}
+
+fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    let shared = port.shared;
+    let extended = (cdb[1] >> 5) & 7 == 1;
+    let alloc = be32(&cdb[6..]) as usize;
+    buf.extend_from_slice(&[0; 4]);
+    if extended {
+        // Format 1, implicit transition time 0.
+        buf.extend_from_slice(&[0x10, 0, 0, 0]);
+    }
+    for group in shared.alua_groups() {
+        let state = shared.alua_state(group).unwrap_or(AluaState::Offline);
+        let ports: Vec<u16> = shared
+            .portals
+            .iter()
+            .filter(|p| p.alua_group == group)
+            .map(|p| p.tpgt)
+            .collect();
+        // T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
+        buf.extend_from_slice(&[state.code(), 0xcf]);
+        buf.extend_from_slice(&group.to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, ports.len().min(255) as u8]);
+        for p in ports {
+            buf.extend_from_slice(&[0, 0]);
+            buf.extend_from_slice(&p.to_be_bytes());
+        }
+    }
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.truncate(alloc);
+    Plan::DataIn
+}
+
+fn mode_sense(l: &super::Lun, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    let ten = cdb[0] == 0x5a;
+    let dbd = cdb[1] & 0x08 != 0;
+    let page = cdb[2] & 0x3f;
+    let subpage = cdb[3];
+    let alloc = if ten {
+        usize::from(be16(&cdb[7..]))
+    } else {
+        usize::from(cdb[4])
+    };
+    if subpage != 0 && !(page == 0x3f && subpage == 0xff) {
+        return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+    }
+    let header_len = if ten { 8 } else { 4 };
+    buf.resize(header_len, 0);
+    buf[if ten { 3 } else { 2 }] = 0x10; // DPOFUA
+    if !dbd {
+        let blocks = l.blocks().min(0x00ff_ffff) as u32;
+        buf.extend_from_slice(&[0, (blocks >> 16) as u8, (blocks >> 8) as u8, blocks as u8]);
+        buf.extend_from_slice(&l.block_size().to_be_bytes());
+        buf[header_len - 1] = 8;
+    }
+    let caching = [
+        0x08, 0x12, 0, 0, 0xff, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    // Control page: QAM unrestricted.
+    let control = [0x0a, 0x0a, 0, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0];
+    match page {
+        0x08 => buf.extend_from_slice(&caching),
+        0x0a => buf.extend_from_slice(&control),
+        0x3f => {
+            buf.extend_from_slice(&caching);
+            buf.extend_from_slice(&control);
+        }
+        _ => {
+            buf.clear();
+            return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+        }
+    }
+    if ten {
+        let n = (buf.len() - 2) as u16;
+        buf[..2].copy_from_slice(&n.to_be_bytes());
+    } else {
+        buf[0] = (buf.len() - 1).min(255) as u8;
+    }
+    buf.truncate(alloc);
+    Plan::DataIn
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::{LunConfig, TargetConfig};
+    use std::net::SocketAddr;
+
+    fn shared() -> TargetShared {
+        let cfg = TargetConfig::ram("iqn.2024-01.test:t", 1 << 20)
+            .lun(LunConfig::null(3, 1 << 20).block_size(4096));
+        let addrs: Vec<SocketAddr> = vec![
+            "127.0.0.1:3260".parse().unwrap(),
+            "127.0.0.1:3261".parse().unwrap(),
+        ];
+        TargetShared::new(cfg, &addrs).unwrap()
+    }
+
+    fn cdb(bytes: &[u8]) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    #[test]
+    fn lun_addressing() {
+        assert_eq!(decode_lun(encode_lun(3)), Some(3));
+        assert_eq!(decode_lun(encode_lun(300)), Some(300));
+        assert_eq!(decode_lun(1), None);
+        assert_eq!(decode_lun(0xc000 << 48), None);
+    }
+
+    #[test]
+    fn vpd83_identity_is_per_lu_and_ports_per_portal() {
+        let s = shared();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let c = cdb(&[0x12, 1, 0x83, 1, 0]);
+        assert_eq!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 0
+                },
+                0,
+                &c,
+                &mut a
+            ),
+            Plan::DataIn
+        );
+        assert_eq!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 1
+                },
+                0,
+                &c,
+                &mut b
+            ),
+            Plan::DataIn
+        );
+        assert_eq!(
+            a[8..24],
+            b[8..24],
+            "NAA designator must match across portals"
+        );
+        assert_eq!(a[4..8], [0x01, 0x03, 0, 16]);
+        assert_eq!(a[24..32], [0x51, 0x94, 0, 4, 0, 0, 0, 1]);
+        assert_eq!(b[24..32], [0x51, 0x94, 0, 4, 0, 0, 0, 2]);
+        assert_eq!(b[32..40], [0x51, 0x95, 0, 4, 0, 0, 0, 2]);
+        assert_eq!(usize::from(be16(&a[2..])), a.len() - 4);
+    }
+
+    #[test]
+    fn read_write_ranges_and_sense() {
+        let s = shared();
+        let p = Port {
+            shared: &s,
+            portal: 0,
+        };
+        let mut buf = Vec::new();
+        // READ(16) of the last block works, one past it does not.
+        let mut c = cdb(&[0x88]);
+        c[2..10].copy_from_slice(&2047u64.to_be_bytes());
+        c[10..14].copy_from_slice(&1u32.to_be_bytes());
+        assert_eq!(
+            plan(p, 0, &c, &mut buf),
+            Plan::ReadLun {
+                lun: 0,
+                offset: 2047 * 512,
+                len: 512
+            }
+        );
+        c[10..14].copy_from_slice(&2u32.to_be_bytes());
+        assert_eq!(
+            plan(p, 0, &c, &mut buf),
+            Plan::Check(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert_eq!(
+            plan(p, 0, &cdb(&[0xee]), &mut buf),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
+        assert_eq!(
+            plan(p, encode_lun(9), &cdb(&[0x00]), &mut buf),
+            Plan::Check(Sense::LUN_NOT_SUPPORTED)
+        );
+        // WRITE(10) on the 4K null LUN.
+        assert_eq!(
+            plan(
+                p,
+                encode_lun(3),
+                &cdb(&[0x2a, 0, 0, 0, 0, 1, 0, 0, 2]),
+                &mut buf
+            ),
+            Plan::WriteLun {
+                lun: 1,
+                offset: 4096,
+                len: 8192
+            }
+        );
+        let f = Sense::LBA_OUT_OF_RANGE.emit_fixed();
+        assert_eq!((f[0], f[2], f[12], f[13]), (0x70, 5, 0x21, 0));
+    }
+
+    #[test]
+    fn capacity_luns_and_alua() {
+        let s = shared();
+        let p = Port {
+            shared: &s,
+            portal: 1,
+        };
+        let mut buf = Vec::new();
+        assert_eq!(plan(p, 0, &cdb(&[0x25]), &mut buf), Plan::DataIn);
+        assert_eq!(buf, [0, 0, 7, 0xff, 0, 0, 2, 0]);
+        let mut c = cdb(&[0x9e, 0x10]);
+        c[13] = 32;
+        plan(p, encode_lun(3), &c, &mut buf);
+        assert_eq!(buf.len(), 32);
+        assert_eq!(be64(&buf), 255);
+        assert_eq!(be32(&buf[8..]), 4096);
+        plan(p, 0, &cdb(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), &mut buf);
+        assert_eq!(buf.len(), 24);
+        assert_eq!(buf[17], 3);
+        s.set_alua_state(2, AluaState::Standby).unwrap();
+        plan(p, 0, &cdb(&[0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0]), &mut buf);
+        // Two groups of one port each: 4 + 2 * 12 bytes.
+        assert_eq!(buf.len(), 28);
+        assert_eq!(buf[4] & 0x0f, 0);
+        assert_eq!(buf[16] & 0x0f, 2);
+        assert_eq!(be16(&buf[18..]), 2);
+        let read = cdb(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            plan(p, 0, &read, &mut buf),
+            Plan::Check(Sense {
+                key: sense_key::NOT_READY,
+                asc: 4,
+                ascq: 0x0b
+            })
+        );
+        assert!(matches!(
+            plan(
+                Port {
+                    shared: &s,
+                    portal: 0
+                },
+                0,
+                &read,
+                &mut buf
+            ),
+            Plan::ReadLun { .. }
+        ));
+    }
+
+    #[test]
+    fn unmap_and_write_same() {
+        let s = shared();
+        s.luns[0].write(512, &[7u8; 1024]);
+        let mut params = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        params.extend_from_slice(&1u64.to_be_bytes());
+        params.extend_from_slice(&1u32.to_be_bytes());
+        params.extend_from_slice(&[0; 4]);
+        finish_params(&s, 0, ParamCommand::Unmap, &params).unwrap();
+        let mut b = [0u8; 1024];
+        s.luns[0].read(512, &mut b);
+        assert!(b[..512].iter().all(|&x| x == 0) && b[512..].iter().all(|&x| x == 7));
+        finish_params(
+            &s,
+            0,
+            ParamCommand::WriteSame {
+                lba: 4,
+                blocks: 2,
+                unmap: false,
+            },
+            &[5u8; 512],
+        )
+        .unwrap();
+        s.luns[0].read(4 * 512, &mut b);
+        assert!(b.iter().all(|&x| x == 5));
+        params[8..16].copy_from_slice(&5000u64.to_be_bytes());
+        assert_eq!(
+            finish_params(&s, 0, ParamCommand::Unmap, &params),
+            Err(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert!(finish_params(&s, 0, ParamCommand::Unmap, &params[..4]).is_err());
+    }
+}

@@ -1,0 +1,227 @@
+//! [`Transport`] over the userspace stack and any [`Device`]: the iSCSI
+//! layer runs unchanged on kernel TCP or on this. Time comes from the real
+//! clock, converted to the stack's [`Instant`] (the stack never reads it).
+#![deny(unsafe_code)]
+
+use super::{Transport, TransportError};
+use crate::net::{
+    Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig,
+    TcpError, TcpSocket, TcpState,
+};
+use crate::phy::Device;
+use crate::wire::ethernet::EthernetAddress;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+/// Settings of a userspace-stack connection.
+#[derive(Debug, Clone)]
+pub struct UserTcpConfig {
+    pub prefix_len: u8,
+    /// Neighbours never resolved with ARP (e.g. a point-to-point target).
+    pub static_neighbours: Vec<(Ipv4Addr, [u8; 6])>,
+    pub mtu: Option<usize>,
+    pub offload: OffloadConfig,
+    pub tcp: TcpConfig,
+    /// Seeds ISN, timestamp offset and ephemeral port choice.
+    pub seed: u64,
+    /// ARP plus handshake must finish within this.
+    pub connect_timeout: Duration,
+}
+
+impl Default for UserTcpConfig {
+    fn default() -> Self {
+        UserTcpConfig {
+            prefix_len: 24,
+            static_neighbours: Vec::new(),
+            mtu: None,
+            offload: OffloadConfig::default(),
+            tcp: TcpConfig::default(),
+            seed: 0,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Real time since the transport was created, as the stack's `Instant`.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    epoch: std::time::Instant,
+}
+
+impl Clock {
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+}
+
+/// One TCP connection over the userspace stack, owning its device queue.
+pub struct UserTcp<D: Device> {
+    device: D,
+    iface: Interface,
+    handle: SocketHandle,
+    clock: Clock,
+    remote: SocketAddrV4,
+}
+
+impl<D: Device> std::fmt::Debug for UserTcp<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserTcp")
+            .field("iface", &self.iface)
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+fn to_transport_error(err: TcpError) -> TransportError {
+    match err {
+        TcpError::Finished => TransportError::Closed,
+        TcpError::Reset => TransportError::Reset("connection reset by peer".into()),
+        TcpError::TimedOut => TransportError::Reset("retransmission timeout".into()),
+        TcpError::Refused => TransportError::Reset("connection refused".into()),
+        TcpError::InvalidState => TransportError::Closed,
+    }
+}
+
+impl<D: Device> UserTcp<D> {
+    /// Resolves the next hop with ARP (unless static), opens the connection
+    /// and returns once it is established. `local_mac` overrides the
+    /// device's; `gateway` is used for remotes outside the local prefix.
+    pub fn connect(
+        mut device: D,
+        local_ip: Ipv4Addr,
+        local_mac: Option<[u8; 6]>,
+        gateway: Option<Ipv4Addr>,
+        remote: SocketAddrV4,
+        config: UserTcpConfig,
+    ) -> Result<Self, TransportError> {
+        let clock = Clock {
+            epoch: std::time::Instant::now(),
+        };
+        let mut iface_config = InterfaceConfig::new(local_ip, config.prefix_len);
+        iface_config.mac = local_mac.map(EthernetAddress);
+        iface_config.gateway = gateway;
+        iface_config.static_neighbours = config
+            .static_neighbours
+            .iter()
+            .map(|&(ip, mac)| (ip, EthernetAddress(mac)))
+            .collect();
+        iface_config.mtu = config.mtu;
+        iface_config.offload = config.offload;
+        iface_config.seed = config.seed;
+        iface_config.tcp = config.tcp.clone();
+        let mut iface = Interface::new(iface_config, device.caps());
+        let handle = iface.add_socket(None);
+        let addr = SocketAddr::V4(remote);
+        let connect_error = |e: NetError| TransportError::Connect {
+            addr,
+            source: io::Error::other(e.to_string()),
+        };
+        iface
+            .connect(clock.now(), handle, remote)
+            .map_err(connect_error)?;
+        let deadline = clock.now() + config.connect_timeout;
+        loop {
+            let now = clock.now();
+            iface.poll(now, &mut device);
+            let socket = iface.socket(handle);
+            match socket.state() {
+                TcpState::Established | TcpState::CloseWait => break,
+                TcpState::Closed => {
+                    let kind = match socket.error() {
+                        Some(TcpError::Refused) => io::ErrorKind::ConnectionRefused,
+                        Some(TcpError::TimedOut) => io::ErrorKind::TimedOut,
+                        _ => io::ErrorKind::ConnectionAborted,
+                    };
+                    return Err(TransportError::Connect {
+                        addr,
+                        source: io::Error::from(kind),
+                    });
+                }
+                _ => {}
+            }
+            if now >= deadline {
+                return Err(TransportError::ConnectTimeout {
+                    addr,
+                    timeout: config.connect_timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+        Ok(UserTcp {
+            device,
+            iface,
+            handle,
+            clock,
+            remote,
+        })
+    }
+
+    pub fn socket(&self) -> &TcpSocket {
+        self.iface.socket(self.handle)
+    }
+    pub fn interface(&self) -> &Interface {
+        &self.iface
+    }
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn socket_mut(&mut self) -> &mut TcpSocket {
+        self.iface.socket_mut(self.handle)
+    }
+}
+
+impl<D: Device + Send> Transport for UserTcp<D> {
+    fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+        self.socket_mut()
+            .send_slice(buf)
+            .map_err(to_transport_error)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        match self.socket_mut().recv_slice(buf) {
+            Ok(n) => Ok(n),
+            Err(TcpError::InvalidState) if self.socket().state() != TcpState::Closed => Ok(0),
+            Err(e) => Err(to_transport_error(e)),
+        }
+    }
+
+    fn poll(&mut self) -> Result<(), TransportError> {
+        let now = self.clock.now();
+        self.iface.poll(now, &mut self.device);
+        match self.socket().error() {
+            Some(e) if self.socket().recv_queue() == 0 => Err(to_transport_error(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        let deadline = self.clock.now() + timeout;
+        loop {
+            self.poll()?;
+            let socket = self.socket();
+            let ready = socket.recv_queue() > 0
+                || (socket.may_send() && socket.send_capacity() > 0)
+                || !socket.may_recv();
+            if ready || self.clock.now() >= deadline {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn close(&mut self) {
+        self.socket_mut().close();
+        let now = self.clock.now();
+        self.iface.poll(now, &mut self.device);
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::V4(self.socket().local_endpoint()))
+    }
+
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::V4(self.remote))
+    }
+}

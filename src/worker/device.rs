@@ -1,0 +1,1000 @@
+//! The application-facing multipath device: open (log in every path, check
+//! they reach the same LU), per-thread I/O queues, blocking helpers, stats.
+//!
+//! ```text
+//! IoQueue (app thread) --SPSC Request ring--> path worker i --> iSCSI session i
+//!          <--SPSC Response ring--
+//! ```
+//! Each `IoQueue` has one ring pair per path, so every ring has exactly one
+//! producer and one consumer. The selector reads per-path atomics. Commands
+//! that come back from a failed path are re-dispatched by their queue, so a
+//! queue must be polled (`poll_completions`, or the blocking helpers) for
+//! failover to make progress.
+
+use super::path_worker::{Control, Request, Response, Worker, WorkerSetup};
+use super::ring::{ring, Consumer, Producer};
+use crate::iscsi::connection::Command;
+use crate::multipath::config::DeviceConfig;
+use crate::multipath::io::{build_command, command_from_completion, judge, Verdict};
+use crate::multipath::path::{PathHealth, PathShared, PathState};
+use crate::multipath::probe::{probe, PathProbe, ProbeConfig};
+use crate::multipath::{
+    select, Io, IoCompletion, IoError, IoOp, MultipathError, PathLoad, PathStats, Policy,
+    SelectorState,
+};
+use crate::scsi::Lun;
+use crossbeam::queue::ArrayQueue;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Why `IoQueue::submit` did not take a request; the request comes back.
+#[derive(Debug, Error)]
+pub enum SubmitError {
+    /// `queue_depth` I/Os are in flight: poll completions, then retry.
+    #[error("queue full")]
+    QueueFull(Io),
+    #[error("invalid request: {error}")]
+    Invalid { error: IoError, io: Io },
+    #[error("device closed")]
+    Closed(Io),
+}
+
+impl SubmitError {
+    /// The request, to retry it or reuse its buffer.
+    pub fn into_io(self) -> Io {
+        match self {
+            SubmitError::QueueFull(io)
+            | SubmitError::Closed(io)
+            | SubmitError::Invalid { io, .. } => io,
+        }
+    }
+}
+
+struct DeviceShared {
+    paths: Vec<Arc<PathShared>>,
+    controls: Vec<Arc<ArrayQueue<Control>>>,
+    selector: SelectorState,
+    policy: Policy,
+    lun: u64,
+    block_size: u32,
+    capacity_blocks: u64,
+    lu_id: String,
+    queue_depth: usize,
+    no_path_timeout: Duration,
+    max_retries: u32,
+    closed: AtomicBool,
+    next_queue_id: AtomicU32,
+}
+
+struct WorkerHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A logical unit reached over several paths (one iSCSI session each).
+pub struct MultipathDevice {
+    shared: Arc<DeviceShared>,
+    workers: Vec<WorkerHandle>,
+}
+
+impl std::fmt::Debug for MultipathDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultipathDevice")
+            .field("lu", &self.shared.lu_id)
+            .field("paths", &self.shared.paths.len())
+            .field("policy", &self.shared.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MultipathDevice {
+    /// Logs in every path (in parallel), checks that all reach the same LU
+    /// (VPD 83h designator) with the same geometry, and starts one worker
+    /// per path. Paths that cannot log in now start Down and keep retrying
+    /// in the background; at least one must come up.
+    pub fn open(config: DeviceConfig) -> Result<MultipathDevice, MultipathError> {
+        if config.paths.is_empty() {
+            return Err(MultipathError::Config("no paths given".into()));
+        }
+        let lun = Lun::from_number(config.lun).to_u64();
+        let opened = Instant::now();
+        let mut setups = Vec::new();
+        for p in config.paths {
+            let probe_cfg = ProbeConfig {
+                name: p.name.clone(),
+                login: p.login,
+                lun,
+                timers: config.timers,
+                login_timeout: config.login_timeout,
+            };
+            setups.push((probe_cfg, p.connector));
+        }
+        // Log in all paths at once: a dead portal costs one timeout, not one each.
+        let probed: Vec<(ProbeConfig, _, Result<PathProbe, MultipathError>)> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = setups
+                    .into_iter()
+                    .map(|(cfg, mut conn)| {
+                        s.spawn(move || {
+                            let r = probe(&mut conn, &cfg);
+                            (cfg, conn, r)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+        if probed.is_empty() {
+            return Err(MultipathError::Thread("login threads panicked".into()));
+        }
+        let reference = probed
+            .iter()
+            .find_map(|(cfg, _, r)| r.as_ref().ok().map(|p| (cfg.name.clone(), p)));
+        let Some((ref_name, reference)) = reference else {
+            return Err(MultipathError::NoPathUp(
+                probed
+                    .iter()
+                    .filter_map(|(_, _, r)| r.as_ref().err().map(|e| e.to_string()))
+                    .collect(),
+            ));
+        };
+        let (lu_id, block_size, capacity_blocks) = (
+            reference.lu_id.clone(),
+            reference.block_size,
+            reference.capacity_blocks,
+        );
+        for (cfg, _, r) in &probed {
+            if let Ok(p) = r {
+                if p.lu_id != lu_id {
+                    return Err(MultipathError::DifferentLogicalUnits {
+                        first_path: ref_name,
+                        expected: lu_id,
+                        path: cfg.name.clone(),
+                        found: p.lu_id.clone(),
+                    });
+                }
+                if (p.block_size, p.capacity_blocks) != (block_size, capacity_blocks) {
+                    return Err(MultipathError::GeometryMismatch {
+                        path: cfg.name.clone(),
+                        expected: format!("{capacity_blocks} blocks of {block_size}"),
+                        found: format!("{} blocks of {}", p.capacity_blocks, p.block_size),
+                    });
+                }
+            }
+        }
+        let mut paths = Vec::new();
+        let mut controls = Vec::new();
+        let mut workers = Vec::new();
+        let mut starts = Vec::new();
+        for (i, (cfg, connector, r)) in probed.into_iter().enumerate() {
+            let shared = Arc::new(PathShared::new(i, &cfg.name, opened));
+            let control = Arc::new(ArrayQueue::new(64));
+            let stop = Arc::new(AtomicBool::new(false));
+            let session = match r {
+                Ok(p) => {
+                    // Up before open() returns, so the first I/O can use it.
+                    shared.set_tpg(p.target_port_group);
+                    shared.set_alua(p.alua);
+                    shared.set_state(PathState::Up, "logged in");
+                    Some(p)
+                }
+                Err(e) => {
+                    shared.set_state(PathState::Down, &e.to_string());
+                    None
+                }
+            };
+            paths.push(shared.clone());
+            controls.push(control.clone());
+            starts.push(WorkerSetup {
+                shared,
+                control,
+                stop: stop.clone(),
+                connector,
+                probe: cfg,
+                lu_id: lu_id.clone(),
+                health: PathHealth::new(config.reconnect),
+                session,
+                idle: config.idle,
+                core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
+            });
+            workers.push(WorkerHandle { stop, thread: None });
+        }
+        for (i, setup) in starts.into_iter().enumerate() {
+            let t = std::thread::Builder::new()
+                .name(format!("mp-worker-{i}"))
+                .spawn(move || Worker::new(setup).run())
+                .map_err(|e| MultipathError::Thread(e.to_string()))?;
+            workers[i].thread = Some(t);
+        }
+        Ok(MultipathDevice {
+            shared: Arc::new(DeviceShared {
+                paths,
+                controls,
+                selector: SelectorState::new(),
+                policy: config.policy,
+                lun,
+                block_size,
+                capacity_blocks,
+                lu_id,
+                queue_depth: config.queue_depth.clamp(1, 1 << 16),
+                no_path_timeout: config.no_path_timeout,
+                max_retries: config.max_retries,
+                closed: AtomicBool::new(false),
+                next_queue_id: AtomicU32::new(0),
+            }),
+            workers,
+        })
+    }
+
+    /// A new I/O queue for one application thread (`queue_depth` slots).
+    pub fn queue_pair(&self) -> IoQueue {
+        let d = &self.shared;
+        let id = d.next_queue_id.fetch_add(1, Ordering::Relaxed);
+        let depth = d.queue_depth;
+        let mut subs = Vec::new();
+        let mut comps = Vec::new();
+        for control in &d.controls {
+            let (sub_p, sub_c) = ring::<Request>(depth);
+            let (comp_p, comp_c) = ring::<Response>(depth);
+            subs.push(sub_p);
+            comps.push(comp_c);
+            let mut msg = Control::AddQueue {
+                id,
+                depth,
+                sub: sub_c,
+                comp: comp_p,
+            };
+            // Workers drain controls every round; wait for room if needed.
+            while let Err(back) = control.push(msg) {
+                msg = back;
+                std::thread::yield_now();
+            }
+        }
+        IoQueue {
+            dev: d.clone(),
+            id,
+            subs,
+            comps,
+            slots: (0..depth).map(|_| Slot::default()).collect(),
+            free: (0..depth as u32).rev().collect(),
+            in_flight: 0,
+            waiting: VecDeque::with_capacity(depth),
+            ready: Vec::with_capacity(depth),
+            blocking_done: None,
+            scratch: Vec::with_capacity(d.paths.len()),
+            rotate: id as usize,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Capacity in blocks.
+    pub fn capacity(&self) -> u64 {
+        self.shared.capacity_blocks
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.shared.capacity_blocks * u64::from(self.shared.block_size)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.shared.block_size
+    }
+
+    /// The LU's VPD 83h identity, e.g. `naa.60000000...`.
+    pub fn lu_id(&self) -> &str {
+        &self.shared.lu_id
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.shared.policy
+    }
+
+    /// A snapshot of every path: state, ALUA, counters, latency percentiles
+    /// (merged from the workers every ~20 ms), state changes.
+    pub fn paths(&self) -> Vec<PathStats> {
+        self.shared.paths.iter().map(|p| p.stats()).collect()
+    }
+
+    /// Stops the workers (logging out). In-flight I/O completes with
+    /// `IoError::Closed` in its queue.
+    pub fn close(mut self) {
+        self.stop_workers();
+    }
+
+    fn stop_workers(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        for w in &self.workers {
+            w.stop.store(true, Ordering::Release);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for MultipathDevice {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    user_tag: u64,
+    op: Option<IoOp>,
+    submitted_at: Option<Instant>,
+    bytes: u64,
+    /// The path it was handed to, while a worker has it.
+    path: Option<usize>,
+    last_path: Option<usize>,
+    retries: u32,
+    /// A command waiting here (for a path, or for its retry delay).
+    held: Option<Command>,
+    not_before: Option<Instant>,
+    no_path_since: Option<Instant>,
+    blocking: bool,
+}
+
+/// One application thread's submission/completion queue. Not `Sync`: give
+/// each thread its own (`MultipathDevice::queue_pair`).
+pub struct IoQueue {
+    dev: Arc<DeviceShared>,
+    id: u32,
+    subs: Vec<Producer<Request>>,
+    comps: Vec<Consumer<Response>>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    waiting: VecDeque<u32>,
+    /// Completions met while a blocking call waited for its own.
+    ready: Vec<IoCompletion>,
+    blocking_done: Option<IoCompletion>,
+    scratch: Vec<PathLoad>,
+    rotate: usize,
+    spare: Vec<u8>,
+}
+
+impl std::fmt::Debug for IoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("id", &self.id)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IoQueue {
+    /// I/Os submitted and not yet returned by `poll_completions`.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.dev.block_size
+    }
+
+    /// Queues an I/O. Never blocks; `QueueFull` when `queue_depth` I/Os are
+    /// in flight. Without a usable path the I/O waits (up to
+    /// `no_path_timeout`) inside the queue.
+    pub fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
+        self.submit_inner(io, false)
+    }
+
+    fn submit_inner(&mut self, mut io: Io, blocking: bool) -> Result<(), SubmitError> {
+        if self.dev.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed(io));
+        }
+        let Some(&slot) = self.free.last() else {
+            return Err(SubmitError::QueueFull(io));
+        };
+        let d = &self.dev;
+        let cmd = match build_command(&mut io, d.lun, d.block_size, d.capacity_blocks) {
+            Ok(c) => c,
+            Err(error) => return Err(SubmitError::Invalid { error, io }),
+        };
+        self.free.pop();
+        let now = Instant::now();
+        let s = &mut self.slots[slot as usize];
+        *s = Slot {
+            user_tag: io.user_tag,
+            op: Some(io.op),
+            submitted_at: Some(now),
+            bytes: cmd.buffer.len() as u64,
+            blocking,
+            ..Slot::default()
+        };
+        self.in_flight += 1;
+        if let Err(cmd) = self.dispatch(slot, cmd, now) {
+            let s = &mut self.slots[slot as usize];
+            s.held = Some(cmd);
+            s.no_path_since = Some(now);
+            self.waiting.push_back(slot);
+        }
+        Ok(())
+    }
+
+    /// Hands a command to the best path; gives it back if there is none.
+    fn dispatch(&mut self, slot: u32, cmd: Command, now: Instant) -> Result<(), Command> {
+        let d = &self.dev;
+        self.scratch.clear();
+        let mut best = u8::MAX;
+        for p in &d.paths {
+            if let Some(t) = p.usable_tier() {
+                if t < best {
+                    best = t;
+                    self.scratch.clear();
+                }
+                if t == best {
+                    self.scratch.push(p.load());
+                }
+            }
+        }
+        let bytes = cmd.buffer.len() as u64;
+        self.rotate = self.rotate.wrapping_add(1);
+        let Some(i) = select(d.policy, &self.scratch, bytes, &d.selector, self.rotate) else {
+            return Err(cmd);
+        };
+        let req = Request {
+            slot,
+            cmd,
+            dispatched_at: now,
+        };
+        match self.subs[i].push(req) {
+            Ok(()) => {
+                d.paths[i].add_outstanding(bytes);
+                let s = &mut self.slots[slot as usize];
+                s.path = Some(i);
+                s.last_path = Some(i);
+                s.no_path_since = None;
+                Ok(())
+            }
+            Err(req) => Err(req.cmd),
+        }
+    }
+
+    /// Moves finished I/Os into `out` (appending); returns how many. Also
+    /// re-dispatches I/Os coming back from failed paths and retries.
+    pub fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        let before = out.len();
+        out.append(&mut self.ready);
+        self.pump(out);
+        out.len() - before
+    }
+
+    /// Like `poll_completions`, but waits (spinning, then yielding) until
+    /// at least `min` completions are there or `timeout` passes.
+    pub fn wait_completions(
+        &mut self,
+        out: &mut Vec<IoCompletion>,
+        min: usize,
+        timeout: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut got = 0;
+        let mut rounds = 0u32;
+        loop {
+            got += self.poll_completions(out);
+            if got >= min || self.in_flight == 0 || Instant::now() >= deadline {
+                return got;
+            }
+            rounds += 1;
+            if rounds < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn pump(&mut self, out: &mut Vec<IoCompletion>) {
+        let now = Instant::now();
+        for i in 0..self.comps.len() {
+            while let Some(r) = self.comps[i].pop() {
+                self.on_response(i, r, now, out);
+            }
+        }
+        if !self.waiting.is_empty() {
+            self.retry_waiting(now, out);
+        }
+    }
+
+    fn on_response(&mut self, path: usize, r: Response, now: Instant, out: &mut Vec<IoCompletion>) {
+        let slot = match &r {
+            Response::Done { slot, .. }
+            | Response::Bounced { slot, .. }
+            | Response::Lost { slot, .. } => *slot,
+        };
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if s.path != Some(path) {
+            return; // not ours (cannot happen with distinct queue ids)
+        }
+        s.path = None;
+        self.dev.paths[path].sub_outstanding(s.bytes);
+        let closed = self.dev.closed.load(Ordering::Acquire);
+        match r {
+            Response::Done { completion: c, .. } => {
+                let retries = s.retries;
+                match judge(
+                    c.response,
+                    c.status,
+                    &c.sense,
+                    retries,
+                    self.dev.max_retries,
+                ) {
+                    Verdict::Success => self.complete(slot, Ok(()), c.buffer, now, out),
+                    Verdict::Fail(e) => self.complete(slot, Err(e), c.buffer, now, out),
+                    Verdict::Retry { .. } if closed => {
+                        self.complete(slot, Err(IoError::Closed), c.buffer, now, out)
+                    }
+                    Verdict::Retry { delay, .. } => {
+                        let s = &mut self.slots[slot as usize];
+                        s.retries += 1;
+                        s.not_before = (!delay.is_zero()).then(|| now + delay);
+                        s.held = Some(command_from_completion(c));
+                        self.waiting.push_back(slot);
+                    }
+                }
+            }
+            Response::Bounced { cmd, .. } => {
+                if closed {
+                    self.complete(slot, Err(IoError::Closed), cmd.buffer, now, out);
+                    return;
+                }
+                s.retries += 1;
+                if let Err(cmd) = self.dispatch(slot, cmd, now) {
+                    let s = &mut self.slots[slot as usize];
+                    s.held = Some(cmd);
+                    s.no_path_since = Some(now);
+                    self.waiting.push_back(slot);
+                }
+            }
+            Response::Lost { reason, .. } => {
+                let e = IoError::PathLost(reason);
+                self.complete(slot, Err(e), Vec::new(), now, out);
+            }
+        }
+    }
+
+    fn retry_waiting(&mut self, now: Instant, out: &mut Vec<IoCompletion>) {
+        let closed = self.dev.closed.load(Ordering::Acquire);
+        for _ in 0..self.waiting.len() {
+            let Some(slot) = self.waiting.pop_front() else {
+                break;
+            };
+            let s = &mut self.slots[slot as usize];
+            let Some(cmd) = s.held.take() else {
+                continue;
+            };
+            if closed {
+                self.complete(slot, Err(IoError::Closed), cmd.buffer, now, out);
+                continue;
+            }
+            if s.not_before.is_some_and(|t| now < t) {
+                s.held = Some(cmd);
+                self.waiting.push_back(slot);
+                continue;
+            }
+            s.not_before = None;
+            if let Err(cmd) = self.dispatch(slot, cmd, now) {
+                let s = &mut self.slots[slot as usize];
+                let since = *s.no_path_since.get_or_insert(now);
+                let waited = now.saturating_duration_since(since);
+                if waited >= self.dev.no_path_timeout {
+                    self.complete(slot, Err(IoError::NoPath { waited }), cmd.buffer, now, out);
+                } else {
+                    s.held = Some(cmd);
+                    self.waiting.push_back(slot);
+                }
+            }
+        }
+    }
+
+    fn complete(
+        &mut self,
+        slot: u32,
+        result: Result<(), IoError>,
+        buffer: Vec<u8>,
+        now: Instant,
+        out: &mut Vec<IoCompletion>,
+    ) {
+        let s = std::mem::take(&mut self.slots[slot as usize]);
+        let c = IoCompletion {
+            user_tag: s.user_tag,
+            op: s.op.unwrap_or(IoOp::Read),
+            result,
+            latency: s
+                .submitted_at
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+            path: s.last_path,
+            retries: s.retries,
+            buffer,
+        };
+        self.free.push(slot);
+        self.in_flight -= 1;
+        if s.blocking {
+            self.blocking_done = Some(c);
+        } else {
+            out.push(c);
+        }
+    }
+
+    /// Runs one I/O to completion; other I/Os finishing meanwhile are kept
+    /// for the next `poll_completions`.
+    fn run_blocking(&mut self, mut io: Io) -> IoCompletion {
+        let mut rounds = 0u32;
+        loop {
+            match self.submit_inner(io, true) {
+                Ok(()) => break,
+                Err(SubmitError::QueueFull(back)) => {
+                    io = back;
+                    self.pump_ready();
+                    backoff(&mut rounds);
+                }
+                Err(e) => {
+                    let (error, io) = match e {
+                        SubmitError::Invalid { error, io } => (error, io),
+                        SubmitError::Closed(io) | SubmitError::QueueFull(io) => {
+                            (IoError::Closed, io)
+                        }
+                    };
+                    return IoCompletion {
+                        user_tag: io.user_tag,
+                        op: io.op,
+                        result: Err(error),
+                        latency: Duration::ZERO,
+                        path: None,
+                        retries: 0,
+                        buffer: io.buffer,
+                    };
+                }
+            }
+        }
+        rounds = 0;
+        loop {
+            self.pump_ready();
+            if let Some(c) = self.blocking_done.take() {
+                return c;
+            }
+            backoff(&mut rounds);
+        }
+    }
+
+    fn pump_ready(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.pump(&mut ready);
+        self.ready = ready;
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of the block size) at block `lba`.
+    pub fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        let blocks = self.blocks_for(IoOp::Read, buf.len())?;
+        let spare = std::mem::take(&mut self.spare);
+        let c = self.run_blocking(Io::read(lba, blocks, spare, 0));
+        if c.result.is_ok() && c.buffer.len() >= buf.len() {
+            buf.copy_from_slice(&c.buffer[..buf.len()]);
+        }
+        self.spare = c.buffer;
+        c.result
+    }
+
+    /// Writes `data` (a multiple of the block size) at block `lba`; returns
+    /// once the target has confirmed it.
+    pub fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+        let blocks = self.blocks_for(IoOp::Write, data.len())?;
+        let mut spare = std::mem::take(&mut self.spare);
+        spare.clear();
+        spare.extend_from_slice(data);
+        let c = self.run_blocking(Io::write(lba, blocks, spare, 0));
+        self.spare = c.buffer;
+        c.result
+    }
+
+    /// SYNCHRONIZE CACHE for the whole LU.
+    pub fn flush(&mut self) -> Result<(), IoError> {
+        self.run_blocking(Io::flush(0)).result
+    }
+
+    fn blocks_for(&self, op: IoOp, len: usize) -> Result<u32, IoError> {
+        let bs = self.dev.block_size as usize;
+        if !len.is_multiple_of(bs) || u32::try_from(len / bs).is_err() {
+            return Err(IoError::BadBuffer {
+                op,
+                expected: len.div_ceil(bs) * bs,
+                got: len,
+            });
+        }
+        Ok((len / bs) as u32)
+    }
+}
+
+fn backoff(rounds: &mut u32) {
+    *rounds = rounds.saturating_add(1);
+    if *rounds < 256 {
+        std::hint::spin_loop();
+    } else if *rounds < 4096 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // What the workers still hold for us will never be collected: take
+        // it off the paths' load figures, and tell the workers.
+        for s in &self.slots {
+            if let Some(p) = s.path {
+                self.dev.paths[p].sub_outstanding(s.bytes);
+            }
+        }
+        for c in &self.dev.controls {
+            let mut msg = Control::RemoveQueue { id: self.id };
+            for _ in 0..1000 {
+                match c.push(msg) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        msg = back;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The queue's dispatch / failover / retry logic against fake workers
+    //! (the tests play the workers' side of the rings).
+    use super::*;
+    use crate::iscsi::connection::{CommandEcho, Completion};
+
+    struct FakeWorker {
+        sub: Consumer<Request>,
+        comp: Producer<Response>,
+    }
+
+    fn device(n: usize) -> (MultipathDevice, Vec<Arc<ArrayQueue<Control>>>) {
+        let opened = Instant::now();
+        let paths: Vec<_> = (0..n)
+            .map(|i| {
+                let p = Arc::new(PathShared::new(i, &format!("p{i}"), opened));
+                p.set_state(PathState::Up, "test");
+                p
+            })
+            .collect();
+        let controls: Vec<_> = (0..n).map(|_| Arc::new(ArrayQueue::new(8))).collect();
+        let dev = MultipathDevice {
+            shared: Arc::new(DeviceShared {
+                paths,
+                controls: controls.clone(),
+                selector: SelectorState::new(),
+                policy: Policy::QueueDepth,
+                lun: 0,
+                block_size: 512,
+                capacity_blocks: 1000,
+                lu_id: "naa.test".into(),
+                queue_depth: 8,
+                no_path_timeout: Duration::from_millis(50),
+                max_retries: 3,
+                closed: AtomicBool::new(false),
+                next_queue_id: AtomicU32::new(0),
+            }),
+            workers: Vec::new(),
+        };
+        (dev, controls)
+    }
+
+    fn workers(controls: &[Arc<ArrayQueue<Control>>]) -> Vec<FakeWorker> {
+        controls
+            .iter()
+            .map(|c| match c.pop() {
+                Some(Control::AddQueue { sub, comp, .. }) => FakeWorker { sub, comp },
+                _ => panic!("no queue registered"),
+            })
+            .collect()
+    }
+
+    fn done(req: Request, status: u8) -> Response {
+        let c = req.cmd;
+        Response::Done {
+            slot: req.slot,
+            completion: Completion {
+                user_tag: c.user_tag,
+                response: 0,
+                status,
+                sense: Vec::new(),
+                residual: 0,
+                transferred: c.buffer.len(),
+                command: CommandEcho {
+                    lun: c.lun,
+                    cdb: c.cdb,
+                    cdb_len: c.cdb_len,
+                    direction: c.direction,
+                },
+                buffer: c.buffer,
+            },
+        }
+    }
+
+    #[test]
+    fn queue_depth_spreads_and_completes() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        for t in 0..4 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        assert_eq!(dev.paths()[0].outstanding, 2);
+        assert_eq!(dev.paths()[1].outstanding, 2);
+        for fw in &mut w {
+            while let Some(r) = fw.sub.pop() {
+                assert!(fw.comp.push(done(r, 0)).is_ok());
+            }
+        }
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 4);
+        assert!(out
+            .iter()
+            .all(|c| c.result.is_ok() && c.buffer.len() == 512));
+        let mut tags: Vec<_> = out.iter().map(|c| c.user_tag).collect();
+        tags.sort();
+        assert_eq!(tags, vec![0, 1, 2, 3]);
+        assert_eq!(q.in_flight(), 0);
+        assert!(dev
+            .paths()
+            .iter()
+            .all(|p| p.outstanding == 0 && p.outstanding_bytes == 0));
+    }
+
+    #[test]
+    fn queue_full_gives_the_request_back() {
+        let (dev, _controls) = device(1);
+        let mut q = dev.queue_pair();
+        match q.submit(Io::read(999, 2, Vec::new(), 1)) {
+            Err(SubmitError::Invalid { error, .. }) => {
+                assert!(matches!(error, IoError::OutOfRange { .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+        for t in 0..8 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        match q.submit(Io::write(0, 1, vec![9; 512], 99)) {
+            Err(SubmitError::QueueFull(io)) => assert_eq!(io.buffer, vec![9; 512]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bounced_write_is_resubmitted_on_the_other_path_and_completes_only_there() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        let data = vec![0xab; 1024];
+        q.submit(Io::write(10, 2, data.clone(), 42)).unwrap();
+        let (first, other) = if dev.paths()[0].outstanding == 1 {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        let req = w[first].sub.pop().unwrap();
+        // The path dies with the write in flight: the worker marks it Down
+        // and hands the command back.
+        dev.shared.paths[first].set_state(PathState::Down, "link down");
+        assert!(w[first]
+            .comp
+            .push(Response::Bounced {
+                slot: req.slot,
+                cmd: req.cmd
+            })
+            .is_ok());
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 0, "not acknowledged yet");
+        let again = w[other].sub.pop().expect("resubmitted on the other path");
+        assert_eq!(again.cmd.buffer, data, "same data");
+        assert!(w[other].comp.push(done(again, 0)).is_ok());
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(out[0].result.is_ok());
+        assert_eq!(
+            (out[0].user_tag, out[0].path, out[0].retries),
+            (42, Some(other), 1)
+        );
+        assert!(dev.paths().iter().all(|p| p.outstanding == 0));
+    }
+
+    #[test]
+    fn no_path_waits_then_fails_and_a_returning_path_rescues() {
+        let (dev, controls) = device(1);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        dev.shared.paths[0].set_state(PathState::Down, "down");
+        q.submit(Io::read(0, 1, Vec::new(), 1)).unwrap();
+        q.submit(Io::read(1, 1, Vec::new(), 2)).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 0);
+        // The path comes back within no_path_timeout: both go out.
+        dev.shared.paths[0].set_state(PathState::Up, "back");
+        assert_eq!(q.poll_completions(&mut out), 0);
+        let r1 = w[0].sub.pop().unwrap();
+        let r2 = w[0].sub.pop().unwrap();
+        assert!(w[0].comp.push(done(r1, 0)).is_ok());
+        dev.shared.paths[0].set_state(PathState::Down, "down again");
+        assert!(w[0]
+            .comp
+            .push(Response::Bounced {
+                slot: r2.slot,
+                cmd: r2.cmd
+            })
+            .is_ok());
+        assert_eq!(q.poll_completions(&mut out), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(q.poll_completions(&mut out), 1);
+        assert!(matches!(out[1].result, Err(IoError::NoPath { .. })));
+        assert_eq!(out[1].buffer.len(), 512, "buffer comes back");
+        assert_eq!(q.in_flight(), 0);
+    }
+
+    #[test]
+    fn busy_is_retried_and_retries_run_out() {
+        let (dev, controls) = device(1);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        q.submit(Io::read(0, 1, Vec::new(), 5)).unwrap();
+        let mut out = Vec::new();
+        for round in 0..4 {
+            let mut req = None;
+            for _ in 0..200 {
+                q.poll_completions(&mut out);
+                req = w[0].sub.pop();
+                if req.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let req = req.unwrap_or_else(|| panic!("retry {round} not dispatched"));
+            assert!(w[0].comp.push(done(req, 0x08)).is_ok());
+        }
+        q.poll_completions(&mut out);
+        assert_eq!(out.len(), 1);
+        assert!(
+            matches!(
+                out[0].result,
+                Err(IoError::RetriesExhausted { retries: 3, .. })
+            ),
+            "{:?}",
+            out[0].result
+        );
+    }
+
+    #[test]
+    fn alua_optimized_paths_first() {
+        let (dev, controls) = device(2);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        dev.shared.paths[0].set_alua(Some(crate::scsi::AluaState::ActiveNonOptimized));
+        for t in 0..4 {
+            q.submit(Io::read(t, 1, Vec::new(), t)).unwrap();
+        }
+        assert_eq!(dev.paths()[1].outstanding, 4);
+        dev.shared.paths[1].set_alua(Some(crate::scsi::AluaState::Standby));
+        q.submit(Io::read(9, 1, Vec::new(), 9)).unwrap();
+        assert_eq!(
+            dev.paths()[0].outstanding,
+            1,
+            "non-optimized when nothing better"
+        );
+        drop(w.pop());
+    }
+}

@@ -1,0 +1,477 @@
+//! The per-path poll loop: drain submission rings into the session, pump the
+//! session's I/O, hand completions back on the completion rings. On failure
+//! every unfinished command goes back to its queue for another path, and the
+//! path logs in again in the background with back-off.
+
+use super::ring::{Consumer, Producer};
+use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
+use crate::iscsi::session::Session;
+use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
+use crate::multipath::path::{new_histogram, PathHealth, PathShared, PathState};
+use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
+use crate::multipath::MultipathError;
+use crate::scsi::{
+    check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention,
+};
+use crate::transport::Transport;
+use crate::wire::scsi::DataRepr;
+use crossbeam::queue::ArrayQueue;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A command on its way to a worker. `slot` is the queue's own index.
+pub(crate) struct Request {
+    pub slot: u32,
+    pub cmd: Command,
+    pub dispatched_at: Instant,
+}
+
+/// What a worker hands back to a queue.
+pub(crate) enum Response {
+    /// The target answered (any status).
+    Done { slot: u32, completion: Completion },
+    /// Not run to completion on this path (path failed or going away):
+    /// resubmit elsewhere. Writes included: none was acknowledged.
+    Bounced { slot: u32, cmd: Command },
+    /// The command could not be handed to the session and is lost.
+    Lost { slot: u32, reason: String },
+}
+
+/// Control messages to a worker (rare; MPSC because any thread may open a queue).
+pub(crate) enum Control {
+    AddQueue {
+        id: u32,
+        depth: usize,
+        sub: Consumer<Request>,
+        comp: Producer<Response>,
+    },
+    RemoveQueue {
+        id: u32,
+    },
+}
+
+struct QueueEnds {
+    id: u32,
+    sub: Consumer<Request>,
+    comp: Producer<Response>,
+    /// When each slot's command was dispatched (for the latency).
+    started: Vec<Instant>,
+}
+
+/// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
+const INTERNAL_TAG: u64 = 1 << 63;
+
+fn tag(queue: u32, slot: u32) -> u64 {
+    (u64::from(queue) << 32) | u64::from(slot)
+}
+
+type ConnectResult = (Connector, Result<PathProbe, MultipathError>);
+
+enum Conn {
+    Up(Box<Session<BoxedTransport>>),
+    Down,
+    Connecting(JoinHandle<ConnectResult>),
+}
+
+pub(crate) struct WorkerSetup {
+    pub shared: Arc<PathShared>,
+    pub control: Arc<ArrayQueue<Control>>,
+    pub stop: Arc<AtomicBool>,
+    pub connector: Connector,
+    pub probe: ProbeConfig,
+    pub lu_id: String,
+    pub health: PathHealth,
+    pub session: Option<PathProbe>,
+    pub idle: IdleMode,
+    pub core: Option<usize>,
+}
+
+pub(crate) struct Worker {
+    shared: Arc<PathShared>,
+    control: Arc<ArrayQueue<Control>>,
+    stop: Arc<AtomicBool>,
+    connector: Option<Connector>,
+    probe: ProbeConfig,
+    lu_id: String,
+    health: PathHealth,
+    conn: Conn,
+    queues: Vec<QueueEnds>,
+    /// SCSI commands in the current session (ours: no O(n) scan per I/O).
+    in_session: usize,
+    tpg: Option<u16>,
+    relative_port: Option<u16>,
+    alua_refresh_pending: bool,
+    alua_refresh_wanted: bool,
+    hist: hdrhistogram::Histogram<u64>,
+    last_merge: Instant,
+    idle: IdleMode,
+    idle_rounds: u32,
+}
+
+impl Worker {
+    pub(crate) fn new(s: WorkerSetup) -> Worker {
+        let mut w = Worker {
+            shared: s.shared,
+            control: s.control,
+            stop: s.stop,
+            connector: Some(s.connector),
+            probe: s.probe,
+            lu_id: s.lu_id,
+            health: s.health,
+            conn: Conn::Down,
+            queues: Vec::new(),
+            in_session: 0,
+            tpg: None,
+            relative_port: None,
+            alua_refresh_pending: false,
+            alua_refresh_wanted: false,
+            hist: new_histogram(),
+            last_merge: Instant::now(),
+            idle: s.idle,
+            idle_rounds: 0,
+        };
+        if let Some(core) = s.core {
+            // Fewer cores than workers is fine: several share one.
+            let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
+        }
+        match s.session {
+            Some(p) => w.install(p),
+            None => {
+                w.health.on_failure(Instant::now());
+            }
+        }
+        w
+    }
+
+    /// Takes a freshly logged-in session into service.
+    fn install(&mut self, p: PathProbe) {
+        self.tpg = p.target_port_group;
+        self.relative_port = p.relative_port;
+        self.shared.set_tpg(p.target_port_group);
+        self.shared.set_alua(p.alua);
+        self.health.on_login(p.time2wait);
+        self.in_session = 0;
+        self.alua_refresh_pending = false;
+        self.alua_refresh_wanted = false;
+        self.conn = Conn::Up(Box::new(p.session));
+        self.shared.set_state(PathState::Up, "logged in");
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                self.shutdown();
+                return;
+            }
+            self.take_control();
+            let now = Instant::now();
+            let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
+                Conn::Up(mut session) => {
+                    let r = self.step_up(&mut session, now);
+                    match r {
+                        Ok(p) => {
+                            self.conn = Conn::Up(session);
+                            p
+                        }
+                        Err(reason) => {
+                            self.path_failed(*session, &reason, now);
+                            true
+                        }
+                    }
+                }
+                Conn::Down => {
+                    self.bounce_rings();
+                    if self.health.due(now) {
+                        self.start_connect();
+                    }
+                    false
+                }
+                Conn::Connecting(handle) => {
+                    self.bounce_rings();
+                    if handle.is_finished() {
+                        self.finish_connect(handle, now);
+                    } else {
+                        self.conn = Conn::Connecting(handle);
+                    }
+                    false
+                }
+            };
+            if now.duration_since(self.last_merge) >= Duration::from_millis(20) {
+                self.shared.merge_histogram(&mut self.hist);
+                self.last_merge = now;
+            }
+            self.idle_wait(progressed);
+        }
+    }
+
+    fn idle_wait(&mut self, progressed: bool) {
+        if progressed {
+            self.idle_rounds = 0;
+            return;
+        }
+        if !matches!(self.conn, Conn::Up(_)) {
+            std::thread::sleep(Duration::from_millis(1));
+            return;
+        }
+        self.idle_rounds = self.idle_rounds.saturating_add(1);
+        if self.idle_rounds < 64 {
+            std::hint::spin_loop();
+            return;
+        }
+        match self.idle {
+            IdleMode::BusyPoll => std::hint::spin_loop(),
+            IdleMode::Yield => std::thread::yield_now(),
+            IdleMode::Sleep(d) => std::thread::sleep(d),
+        }
+    }
+
+    fn take_control(&mut self) {
+        while let Some(c) = self.control.pop() {
+            match c {
+                Control::AddQueue {
+                    id,
+                    depth,
+                    sub,
+                    comp,
+                } => self.queues.push(QueueEnds {
+                    id,
+                    sub,
+                    comp,
+                    started: vec![Instant::now(); depth],
+                }),
+                Control::RemoveQueue { id } => self.queues.retain(|q| q.id != id),
+            }
+        }
+    }
+
+    /// One round on a live session. Err: the connection is dead.
+    fn step_up(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> Result<bool, String> {
+        let mut progressed = false;
+        if let Some(e) = session.connection().is_failed() {
+            return Err(e.to_string());
+        }
+        // Admit new commands while the target's CmdSN window has room;
+        // otherwise they wait in the rings and the submitters see this path
+        // as loaded (and eventually QueueFull).
+        for q in &mut self.queues {
+            while session.connection().window_space() > 0 && self.in_session < MAX_TASKS - 8 {
+                let Some(req) = q.sub.pop() else { break };
+                let slot = req.slot;
+                if let Some(s) = q.started.get_mut(slot as usize) {
+                    *s = req.dispatched_at;
+                }
+                let mut cmd = req.cmd;
+                cmd.user_tag = tag(q.id, slot);
+                if let Err(e) = session.submit(cmd) {
+                    let _ = q.comp.push(Response::Lost {
+                        slot,
+                        reason: e.to_string(),
+                    });
+                    return Err(e.to_string());
+                }
+                self.in_session += 1;
+                progressed = true;
+            }
+        }
+        if self.alua_refresh_wanted && !self.alua_refresh_pending {
+            self.submit_rtpg(session);
+        }
+        progressed |= session.poll_io().map_err(|e| e.to_string())?;
+        while let Some(ev) = session.connection_mut().poll_event() {
+            progressed = true;
+            match ev {
+                Event::Completed(c) => self.on_completion(c, now),
+                Event::AsyncScsiEvent { sense, .. }
+                    if SenseData::parse(&sense)
+                        .ok()
+                        .and_then(|s| UnitAttention::from_sense(&s))
+                        == Some(UnitAttention::AluaStateChanged) =>
+                {
+                    self.alua_refresh_wanted = true;
+                }
+                Event::LogoutRequested { .. } => {
+                    return Err("target requested logout".into());
+                }
+                _ => {}
+            }
+        }
+        Ok(progressed)
+    }
+
+    fn submit_rtpg(&mut self, session: &mut Session<BoxedTransport>) {
+        let c = ScsiCommand::report_target_port_groups(1024);
+        if let Ok(mut cmd) = Command::new(
+            self.probe.lun,
+            c.cdb_bytes(),
+            Direction::Read,
+            vec![0; 1024],
+        ) {
+            cmd.user_tag = INTERNAL_TAG;
+            if session.submit(cmd).is_ok() {
+                self.alua_refresh_pending = true;
+                self.alua_refresh_wanted = false;
+            }
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion, now: Instant) {
+        if c.user_tag & INTERNAL_TAG != 0 {
+            self.alua_refresh_pending = false;
+            if c.response == 0 && check_status(c.status, &c.sense).is_ok() {
+                let state =
+                    TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
+                        .ok()
+                        .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
+                self.shared.set_alua(state);
+            }
+            return;
+        }
+        self.in_session = self.in_session.saturating_sub(1);
+        let error = c.response != 0 || c.status != 0;
+        if error {
+            if let Err(e) = check_status(c.status, &c.sense) {
+                if e.class() == ErrorClass::PathLevel
+                    || e.unit_attention() == Some(UnitAttention::AluaStateChanged)
+                {
+                    self.alua_refresh_wanted = true;
+                }
+            }
+        }
+        let qid = (c.user_tag >> 32) as u32;
+        let slot = c.user_tag as u32;
+        let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) else {
+            return; // the queue is gone
+        };
+        let latency = q
+            .started
+            .get(slot as usize)
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(*s));
+        self.shared
+            .record_completion(latency, c.transferred as u64, error);
+        let _ = self.hist.record(latency.as_micros().max(1) as u64);
+        // Capacity >= the queue's depth: this push cannot fail.
+        let _ = q.comp.push(Response::Done {
+            slot,
+            completion: c,
+        });
+    }
+
+    /// Sends every command waiting in the rings back for another path.
+    fn bounce_rings(&mut self) {
+        for q in &mut self.queues {
+            while let Some(req) = q.sub.pop() {
+                let _ = q.comp.push(Response::Bounced {
+                    slot: req.slot,
+                    cmd: req.cmd,
+                });
+            }
+        }
+    }
+
+    fn bounce(&mut self, cmd: Command) {
+        if cmd.user_tag & INTERNAL_TAG != 0 {
+            return;
+        }
+        let qid = (cmd.user_tag >> 32) as u32;
+        let slot = cmd.user_tag as u32;
+        if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
+            let _ = q.comp.push(Response::Bounced { slot, cmd });
+        }
+    }
+
+    fn path_failed(&mut self, mut session: Session<BoxedTransport>, reason: &str, now: Instant) {
+        // State first, so the queues do not pick this path for what we bounce.
+        self.shared.set_state(PathState::Down, reason);
+        self.health.on_failure(now);
+        let cmds = session.connection_mut().take_outstanding();
+        let n = cmds
+            .iter()
+            .filter(|c| c.user_tag & INTERNAL_TAG == 0)
+            .count();
+        self.shared.record_resubmitted(n as u64);
+        for c in cmds {
+            self.bounce(c);
+        }
+        self.bounce_rings();
+        self.in_session = 0;
+        let (mut t, _) = session.into_parts();
+        t.close();
+        self.conn = Conn::Down;
+    }
+
+    fn start_connect(&mut self) {
+        let Some(mut connector) = self.connector.take() else {
+            return;
+        };
+        self.health.on_attempt();
+        self.shared.set_state(PathState::Connecting, "reconnecting");
+        let cfg = self.probe.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("mp-login-{}", self.shared.index))
+            .spawn(move || {
+                let r = probe(&mut connector, &cfg);
+                (connector, r)
+            });
+        match spawned {
+            Ok(h) => self.conn = Conn::Connecting(h),
+            Err(e) => {
+                // The connector moved into the failed closure: the path is lost.
+                self.health.give_up();
+                self.shared.set_state(
+                    PathState::Failed,
+                    &format!("cannot spawn login thread: {e}"),
+                );
+            }
+        }
+    }
+
+    fn finish_connect(&mut self, handle: JoinHandle<ConnectResult>, now: Instant) {
+        let Ok((connector, result)) = handle.join() else {
+            self.health.give_up();
+            self.shared
+                .set_state(PathState::Failed, "login thread panicked");
+            return;
+        };
+        self.connector = Some(connector);
+        match result {
+            Ok(p) if p.lu_id != self.lu_id => {
+                let reason = format!(
+                    "now leads to logical unit {} instead of {}",
+                    p.lu_id, self.lu_id
+                );
+                let (mut t, _) = p.session.into_parts();
+                t.close();
+                self.health.give_up();
+                self.shared.set_state(PathState::Failed, &reason);
+            }
+            Ok(p) => self.install(p),
+            Err(e) => {
+                self.health.on_failure(now);
+                self.shared.set_state(PathState::Down, &e.to_string());
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        match std::mem::replace(&mut self.conn, Conn::Down) {
+            Conn::Up(mut session) => {
+                let cmds = session.connection_mut().take_outstanding();
+                for c in cmds {
+                    self.bounce(c);
+                }
+                let _ = session.logout(Duration::from_millis(500));
+            }
+            Conn::Connecting(_) | Conn::Down => {}
+        }
+        self.bounce_rings();
+        self.shared.merge_histogram(&mut self.hist);
+        self.health.close();
+        self.shared.set_state(PathState::Closed, "device closed");
+    }
+}

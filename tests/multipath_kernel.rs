@@ -1,0 +1,646 @@
+//! Multipath over kernel TCP against tgtd, in a two-path netns test bed
+//! (scripts/netns-multipath.sh): tgtd listens on both target-side veths;
+//! the initiator runs inside the initiator namespace (this test binary
+//! re-executes itself there with `ip netns exec`, so no unsafe `setns`),
+//! binding each path to its own veth address.
+//!
+//! Needs root, tgtd and iproute2 (tc): skipped with a reason otherwise,
+//! failed when CI=true.
+
+mod common;
+
+use common::{tgtd_unavailable, which, Tgtd, TgtdOptions};
+use iscsi_bypass::iscsi::connection::ConnTimers;
+use iscsi_bypass::iscsi::login::LoginConfig;
+use iscsi_bypass::multipath::ReconnectPolicy;
+use iscsi_bypass::worker::{
+    DeviceConfig, IdleMode, Io, IoCompletion, IoQueue, MultipathDevice, PathConfig, PathState,
+    Policy,
+};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const INITIATOR: &str = "iqn.2026-11.org.iscsi-bypass:mp-test";
+/// Throughput/latency scenarios must not share the 2 cores with each other.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct TestBed {
+    name: String,
+}
+
+impl TestBed {
+    fn up(name: &str) -> TestBed {
+        let st = Command::new("bash")
+            .args([script(), "up", name])
+            .status()
+            .expect("run netns-multipath.sh");
+        assert!(st.success(), "netns-multipath.sh up failed");
+        TestBed {
+            name: name.to_string(),
+        }
+    }
+    fn ini(&self) -> String {
+        format!("{}-ini", self.name)
+    }
+    fn tgt(&self) -> String {
+        format!("{}-tgt", self.name)
+    }
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .args([script(), "down", &self.name])
+            .status();
+    }
+}
+
+fn script() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-multipath.sh")
+}
+
+fn unavailable() -> bool {
+    if tgtd_unavailable().is_some() {
+        return true;
+    }
+    for tool in ["ip", "tc"] {
+        if which(tool).is_none() {
+            assert!(!common::required(), "CI requires {tool}");
+            eprintln!("SKIPPED: {tool} not installed");
+            return true;
+        }
+    }
+    false
+}
+
+/// Sets up the bed and tgtd, then runs `scenario` inside the initiator
+/// namespace (the `inner` test below) and checks it passed.
+fn run_outer(bed_name: &str, scenario: &str) {
+    if unavailable() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = TestBed::up(bed_name);
+    let tgtd = Tgtd::start(TgtdOptions {
+        lun_sizes: vec![64 << 20],
+        portals: vec!["10.231.1.2".into()],
+        netns: Some(bed.tgt()),
+        ..Default::default()
+    });
+    // tgtd keeps only the last --iscsi portal= option: add the second portal.
+    tgtd.adm(&[
+        "--mode",
+        "portal",
+        "--op",
+        "new",
+        "--param",
+        &format!("portal=10.231.2.2:{}", tgtd.port),
+    ]);
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &bed.ini()])
+        .arg(exe)
+        .args([
+            "inner",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MP_SCENARIO", scenario)
+        .env("MP_IQN", &tgtd.iqn)
+        .env("MP_PORT", tgtd.port.to_string())
+        .env("MP_TGT_NS", bed.tgt())
+        .output()
+        .expect("run inner test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in text.lines().filter(|l| l.starts_with("MP ")) {
+        println!("{l}");
+    }
+    assert!(
+        out.status.success() && text.contains("MP-SCENARIO-PASSED"),
+        "scenario {scenario} failed:\n{text}"
+    );
+}
+
+#[test]
+fn both_paths_carry_io_under_queue_depth() {
+    run_outer("mpk1", "both");
+}
+
+#[test]
+fn two_rate_limited_paths_nearly_double_throughput() {
+    run_outer("mpk2", "tbf");
+}
+
+#[test]
+fn slow_path_gets_little_io_under_queue_depth_and_service_time() {
+    run_outer("mpk3", "netem");
+}
+
+#[test]
+fn link_down_fails_over_without_errors_and_path_rejoins() {
+    run_outer("mpk4", "linkdown");
+}
+
+#[test]
+fn flapping_path_loses_nothing() {
+    run_outer("mpk5", "flap");
+}
+
+// ---------------------------------------------------------------------------
+// Inside the initiator namespace.
+
+#[test]
+#[ignore = "run by the tests above inside the initiator namespace"]
+fn inner() {
+    let Ok(scenario) = std::env::var("MP_SCENARIO") else {
+        return;
+    };
+    let env = Env {
+        iqn: std::env::var("MP_IQN").unwrap(),
+        port: std::env::var("MP_PORT").unwrap().parse().unwrap(),
+        tgt_ns: std::env::var("MP_TGT_NS").unwrap(),
+    };
+    match scenario.as_str() {
+        "both" => scenario_both(&env),
+        "tbf" => scenario_tbf(&env),
+        "netem" => scenario_netem(&env),
+        "linkdown" => scenario_linkdown(&env),
+        "flap" => scenario_flap(&env),
+        s => panic!("unknown scenario {s}"),
+    }
+    println!("MP-SCENARIO-PASSED");
+}
+
+struct Env {
+    iqn: String,
+    port: u16,
+    tgt_ns: String,
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(st.success(), "{args:?} failed");
+}
+
+fn config(env: &Env, paths: &[usize], policy: Policy) -> DeviceConfig {
+    let paths = paths
+        .iter()
+        .map(|&i| {
+            let portal: SocketAddr = format!("10.231.{}.2:{}", i + 1, env.port).parse().unwrap();
+            let bind: SocketAddr = format!("10.231.{}.1:0", i + 1).parse().unwrap();
+            PathConfig::kernel(
+                portal,
+                Some(bind),
+                LoginConfig::new(INITIATOR, Some(&env.iqn)),
+            )
+        })
+        .collect();
+    let mut c = DeviceConfig::new(paths, 1);
+    c.policy = policy;
+    c.queue_depth = 64;
+    c.idle = IdleMode::Sleep(Duration::from_micros(20));
+    c.cores = vec![0, 1];
+    c.no_path_timeout = Duration::from_secs(30);
+    c.timers = ConnTimers {
+        nop_interval: Some(Duration::from_millis(500)),
+        nop_timeout: Duration::from_millis(1000),
+        command_timeout: Some(Duration::from_secs(5)),
+    };
+    c.reconnect = ReconnectPolicy {
+        initial: Duration::from_millis(250),
+        max: Duration::from_secs(2),
+    };
+    c
+}
+
+struct RunStats {
+    ios: u64,
+    bytes: u64,
+    errors: u64,
+    lat_us: hdrhistogram::Histogram<u64>,
+    per_path: Vec<u64>,
+    elapsed: Duration,
+}
+
+/// Random reads of `blocks` blocks at queue depth `qd` for `dur`.
+fn read_load(
+    q: &mut IoQueue,
+    capacity: u64,
+    blocks: u32,
+    qd: usize,
+    dur: Duration,
+    npaths: usize,
+) -> RunStats {
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = |max: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max
+    };
+    let mut s = RunStats {
+        ios: 0,
+        bytes: 0,
+        errors: 0,
+        lat_us: hdrhistogram::Histogram::new(3).unwrap(),
+        per_path: vec![0; npaths],
+        elapsed: Duration::ZERO,
+    };
+    let bs = u64::from(q.block_size());
+    let mut free: Vec<Vec<u8>> = (0..qd)
+        .map(|_| vec![0u8; blocks as usize * bs as usize])
+        .collect();
+    let mut out: Vec<IoCompletion> = Vec::with_capacity(qd);
+    let start = Instant::now();
+    loop {
+        let running = start.elapsed() < dur;
+        while running && !free.is_empty() {
+            let buf = free.pop().unwrap();
+            let lba = next(capacity / u64::from(blocks)) * u64::from(blocks);
+            if let Err(e) = q.submit(Io::read(lba, blocks, buf, 0)) {
+                free.push(e.into_io().buffer);
+                break;
+            }
+        }
+        if !running && q.in_flight() == 0 {
+            break;
+        }
+        out.clear();
+        q.wait_completions(&mut out, 1, Duration::from_millis(100));
+        for c in out.drain(..) {
+            s.ios += 1;
+            if c.result.is_err() {
+                s.errors += 1;
+            } else {
+                s.bytes += c.buffer.len() as u64;
+            }
+            let _ = s.lat_us.record(c.latency.as_micros().max(1) as u64);
+            if let Some(p) = c.path {
+                s.per_path[p] += 1;
+            }
+            free.push(c.buffer);
+        }
+    }
+    s.elapsed = start.elapsed();
+    s
+}
+
+fn scenario_both(env: &Env) {
+    let dev = MultipathDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
+    assert_eq!(dev.paths().len(), 2);
+    for p in dev.paths() {
+        println!(
+            "MP path {} {:?} alua {:?} tpg {:?} events {:?}",
+            p.name, p.state, p.alua, p.target_port_group, p.events
+        );
+    }
+    let mut q = dev.queue_pair();
+    println!();
+    let s = read_load(&mut q, dev.capacity(), 8, 16, Duration::from_secs(2), 2);
+    println!(
+        "MP both: {} IOPS, per path {:?}, p50 {} us p99 {} us",
+        s.ios as f64 / s.elapsed.as_secs_f64(),
+        s.per_path,
+        s.lat_us.value_at_quantile(0.5),
+        s.lat_us.value_at_quantile(0.99)
+    );
+    assert_eq!(s.errors, 0);
+    for (i, &n) in s.per_path.iter().enumerate() {
+        assert!(n * 5 > s.ios, "path {i} carried only {n} of {}", s.ios);
+    }
+    for p in dev.paths() {
+        println!(
+            "MP path {} {:?} cmds {} p50 {:?} p99 {:?}",
+            p.name, p.state, p.commands, p.latency_p50, p.latency_p99
+        );
+        assert!(p.commands > 0);
+    }
+    // Blocking helpers round trip.
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+    q.write_at(100, &data).unwrap();
+    q.flush().unwrap();
+    let mut back = vec![0u8; 4096];
+    q.read_at(100, &mut back).unwrap();
+    assert_eq!(back, data);
+    dev.close();
+}
+
+fn scenario_tbf(env: &Env) {
+    // Reads: the data flows target -> initiator, so shape the target side.
+    for dev in ["t0", "t1"] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            "200mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "50ms",
+        ]);
+    }
+    let run = |paths: &[usize]| {
+        let dev = MultipathDevice::open(config(env, paths, Policy::QueueDepth)).unwrap();
+        let mut q = dev.queue_pair();
+        // Warm-up, then measure.
+        read_load(
+            &mut q,
+            dev.capacity(),
+            256,
+            8,
+            Duration::from_millis(500),
+            2,
+        );
+        let s = read_load(&mut q, dev.capacity(), 256, 8, Duration::from_secs(3), 2);
+        assert_eq!(s.errors, 0);
+        let mbs = s.bytes as f64 / s.elapsed.as_secs_f64() / 1e6;
+        println!(
+            "MP tbf paths {paths:?}: {mbs:.1} MB/s, per path {:?}",
+            s.per_path
+        );
+        mbs
+    };
+    let one = run(&[0]);
+    let two = run(&[0, 1]);
+    println!("MP tbf ratio two/one = {:.2}", two / one);
+    assert!(
+        two > 1.6 * one,
+        "two paths {two:.1} MB/s vs one {one:.1} MB/s"
+    );
+}
+
+fn scenario_netem(env: &Env) {
+    // Make path 1 slow on the target side egress (responses): 4 ms of netem
+    // delay, or, on kernels without sch_netem, a narrow token bucket
+    // (4 KiB takes ~1.6 ms at 20 Mbit/s, plus queueing).
+    let netem = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "t1",
+            "root",
+            "netem",
+            "delay",
+            "4ms",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !netem {
+        println!("MP netem: sch_netem unavailable, slowing path 1 with tbf 20mbit instead");
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "t1",
+            "root",
+            "tbf",
+            "rate",
+            "20mbit",
+            "burst",
+            "8kb",
+            "latency",
+            "100ms",
+        ]);
+    }
+    let mut results = Vec::new();
+    for policy in [
+        Policy::RoundRobin { ios_per_path: 1 },
+        Policy::QueueDepth,
+        Policy::ServiceTime,
+    ] {
+        let dev = MultipathDevice::open(config(env, &[0, 1], policy)).unwrap();
+        let mut q = dev.queue_pair();
+        read_load(&mut q, dev.capacity(), 8, 8, Duration::from_millis(300), 2);
+        let s = read_load(&mut q, dev.capacity(), 8, 8, Duration::from_secs(2), 2);
+        assert_eq!(s.errors, 0);
+        let fast = s.per_path[0] as f64 / s.ios as f64;
+        let (p50, p99) = (
+            s.lat_us.value_at_quantile(0.5),
+            s.lat_us.value_at_quantile(0.99),
+        );
+        println!(
+            "MP netem {policy:?}: {:.0} IOPS, fast-path share {:.3}, p50 {p50} us, p99 {p99} us, mean {:.0} us",
+            s.ios as f64 / s.elapsed.as_secs_f64(),
+            fast,
+            s.lat_us.mean()
+        );
+        results.push((policy, fast, p99, s.lat_us.mean()));
+        dev.close();
+    }
+    let (_, rr_fast, rr_p99, rr_mean) = results[0];
+    let (_, qd_fast, qd_p99, qd_mean) = results[1];
+    let (_, st_fast, st_p99, _) = results[2];
+    assert!(rr_fast < 0.6, "round-robin splits evenly: {rr_fast}");
+    assert!(qd_fast > 0.8, "queue-depth fast share {qd_fast}");
+    assert!(st_fast > 0.9, "service-time fast share {st_fast}");
+    assert!(
+        st_p99 < rr_p99,
+        "service-time p99 {st_p99} vs round-robin {rr_p99}"
+    );
+    assert!(
+        qd_p99 <= rr_p99 + rr_p99 / 10,
+        "queue-depth p99 {qd_p99} vs round-robin {rr_p99}"
+    );
+    assert!(
+        qd_mean < rr_mean / 2.0,
+        "queue-depth mean {qd_mean} vs round-robin {rr_mean}"
+    );
+}
+
+/// Write+verify workload with a link event schedule; returns after
+/// verifying every chunk. `events(t)` runs link commands at times.
+fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> MultipathDevice {
+    let dev = MultipathDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
+    let mut q = dev.queue_pair();
+    const CHUNK_BLOCKS: u32 = 8;
+    let bs = dev.block_size() as usize;
+    let chunk = CHUNK_BLOCKS as usize * bs;
+    let chunks = 2048u64; // 8 MiB region
+    let mut generation = vec![0u32; chunks as usize];
+    let fill = |buf: &mut Vec<u8>, c: u64, g: u32| {
+        buf.resize(chunk, 0);
+        for (i, w) in buf.chunks_mut(8).enumerate() {
+            let v = (c << 32 | u64::from(g)) ^ (i as u64) << 48;
+            w.copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    let qd = 8;
+    let mut free: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; chunk]).collect();
+    let mut out = Vec::new();
+    let mut next_chunk = 0u64;
+    let mut pending_gen = vec![0u32; chunks as usize];
+    let start = Instant::now();
+    let (mut errors, mut ios) = (0u64, 0u64);
+    let mut last_done = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    loop {
+        let t = start.elapsed();
+        events(t);
+        let running = t < dur;
+        while running && !free.is_empty() {
+            let mut buf = free.pop().unwrap();
+            let c = next_chunk % chunks;
+            next_chunk += 1;
+            let g = generation[c as usize] + 1;
+            fill(&mut buf, c, g);
+            pending_gen[c as usize] = g;
+            if let Err(e) = q.submit(Io::write(c * u64::from(CHUNK_BLOCKS), CHUNK_BLOCKS, buf, c)) {
+                free.push(e.into_io().buffer);
+                next_chunk -= 1;
+                break;
+            }
+        }
+        if !running && q.in_flight() == 0 {
+            break;
+        }
+        out.clear();
+        q.wait_completions(&mut out, 1, Duration::from_millis(20));
+        let now = Instant::now();
+        if !out.is_empty() {
+            max_gap = max_gap.max(now - last_done);
+            last_done = now;
+        }
+        for c in out.drain(..) {
+            ios += 1;
+            match &c.result {
+                Ok(()) => generation[c.user_tag as usize] = pending_gen[c.user_tag as usize],
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("write error: {e}");
+                }
+            }
+            free.push(c.buffer);
+        }
+    }
+    // Verify everything.
+    let mut mismatches = 0;
+    let mut expect = Vec::new();
+    let mut got = vec![0u8; chunk];
+    for c in 0..chunks {
+        let g = generation[c as usize];
+        if g == 0 {
+            continue;
+        }
+        fill(&mut expect, c, g);
+        q.read_at(c * u64::from(CHUNK_BLOCKS), &mut got).unwrap();
+        if got != expect {
+            mismatches += 1;
+        }
+    }
+    println!();
+    println!(
+        "MP write+verify: {ios} writes, {errors} errors, {mismatches} mismatches, longest completion gap {max_gap:?}"
+    );
+    for p in dev.paths() {
+        println!(
+            "MP path {} {:?} cmds {} resubmitted {} logins {} events {:?}",
+            p.name,
+            p.state,
+            p.commands,
+            p.resubmitted,
+            p.logins,
+            p.events
+                .iter()
+                .map(|e| (e.since_open, e.state))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(errors, 0);
+    assert_eq!(mismatches, 0);
+    drop(q);
+    dev
+}
+
+fn wait_state(dev: &MultipathDevice, path: usize, state: PathState, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if dev.paths()[path].state == state {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn scenario_linkdown(_env: &Env) {
+    let env = _env;
+    let mut down_done = false;
+    let mut up_done = false;
+    let dev = write_verify(env, Duration::from_secs(12), |t| {
+        if !down_done && t >= Duration::from_secs(2) {
+            sh(&["ip", "link", "set", "v0", "down"]);
+            down_done = true;
+        }
+        if !up_done && t >= Duration::from_secs(7) {
+            sh(&["ip", "link", "set", "v0", "up"]);
+            up_done = true;
+        }
+    });
+    let p = &dev.paths()[0];
+    assert!(
+        p.events.iter().any(|e| e.state == PathState::Down),
+        "path 0 never went down"
+    );
+    assert!(
+        wait_state(&dev, 0, PathState::Up, Duration::from_secs(10)),
+        "path 0 did not rejoin"
+    );
+    assert!(dev.paths()[0].logins >= 2);
+    assert!(dev.paths()[1].commands > 0);
+}
+
+fn scenario_flap(env: &Env) {
+    let mut last = Duration::ZERO;
+    let mut is_down = false;
+    let mut flips = 0;
+    let dev = write_verify(env, Duration::from_secs(20), |t| {
+        if t >= last + Duration::from_secs(3) && t < Duration::from_secs(18) {
+            last = t;
+            is_down = !is_down;
+            flips += 1;
+            sh(&[
+                "ip",
+                "link",
+                "set",
+                "v1",
+                if is_down { "down" } else { "up" },
+            ]);
+        }
+    });
+    if is_down {
+        sh(&["ip", "link", "set", "v1", "up"]);
+    }
+    println!("MP flap: {flips} link flips");
+    assert!(
+        wait_state(&dev, 1, PathState::Up, Duration::from_secs(10)),
+        "path 1 did not rejoin"
+    );
+}
