@@ -10,7 +10,9 @@
 # in fuzz/corpus/<target>/ stay small; pass FUZZ_KEEP_CORPUS=1 to merge the
 # new inputs back into them instead. Exits non-zero on the first crash,
 # leak, timeout or OOM, printing the path of the input that caused it
-# (reproduce with `RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a <target> <path>`).
+# (reproduce with `RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a <target> <path>`;
+# then copy it to fuzz/regressions/<target>/, which the stable replay test
+# `cargo test --manifest-path fuzz/Cargo.toml` runs on every CI build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,6 +47,10 @@ for t in "${targets[@]}"; do
     corpus=("$scratch/$t" "$seeds")
     if [ "${FUZZ_KEEP_CORPUS:-0}" = 1 ]; then
         corpus=("$seeds")
+    fi
+    # Inputs that once crashed a target (kept as regressions) seed it too.
+    if [ -d "fuzz/regressions/$t" ]; then
+        corpus+=("fuzz/regressions/$t")
     fi
     set +e
     cargo fuzz run "${flags[@]}" "$t" "${corpus[@]}" -- \

@@ -988,7 +988,376 @@ fn gen_connection() {
     let _ = Direction::Read;
 }
 
+// ---------------------------------------------------------------------------
+// Network frames
+
+mod net_seeds {
+    use iscsi_bypass::net::{Instant as NetInstant, Interface, InterfaceConfig};
+    use iscsi_bypass::phy::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
+    use iscsi_bypass::wire::ethernet::{EtherType, EthernetAddress, EthernetRepr};
+    use iscsi_bypass::wire::packet::Checksum;
+    use iscsi_bypass::wire::tcp::{SeqNumber, TcpFlags, TcpOptions, TcpRepr, TcpTimestamp};
+    use iscsi_bypass::wire::{arp, icmp, ipv4, tcp};
+    use iscsi_fuzz::{NET_IP, NET_MAC, NET_PEER, NET_PORT};
+    use std::time::Duration;
+
+    const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+
+    fn eth(ty: EtherType, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + payload.len()];
+        EthernetRepr {
+            src_addr: EthernetAddress(PEER_MAC),
+            dst_addr: EthernetAddress(NET_MAC),
+            ethertype: ty,
+        }
+        .emit(&mut f)
+        .unwrap();
+        f[14..].copy_from_slice(payload);
+        f
+    }
+
+    fn ip(protocol: u8, payload: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + payload.len()];
+        ipv4::Ipv4Repr {
+            src_addr: NET_PEER,
+            dst_addr: NET_IP,
+            protocol,
+            payload_len: payload.len(),
+            ttl: 64,
+            ident: 1,
+            dont_frag: true,
+        }
+        .emit(&mut p, Checksum::Both)
+        .unwrap();
+        p[20..].copy_from_slice(payload);
+        p
+    }
+
+    pub fn arp_request() -> Vec<u8> {
+        let r = arp::ArpRepr {
+            operation: arp::ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(PEER_MAC),
+            source_protocol_addr: NET_PEER,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: NET_IP,
+        };
+        let mut b = vec![0u8; r.buffer_len()];
+        r.emit(&mut b).unwrap();
+        eth(EtherType::Arp, &b)
+    }
+
+    pub fn ping() -> Vec<u8> {
+        let r = icmp::Icmpv4Repr::EchoRequest {
+            ident: 7,
+            seq_no: 1,
+            data: b"abcdefgh",
+        };
+        let mut b = vec![0u8; r.buffer_len()];
+        r.emit(&mut b).unwrap();
+        eth(EtherType::Ipv4, &ip(ipv4::protocol::ICMP, &b))
+    }
+
+    pub fn tcp_segment(r: &TcpRepr<'_>) -> Vec<u8> {
+        let mut b = vec![0u8; r.buffer_len()];
+        r.emit(&mut b, NET_PEER, NET_IP, Checksum::Both).unwrap();
+        eth(EtherType::Ipv4, &ip(ipv4::protocol::TCP, &b))
+    }
+
+    pub fn syn_options() -> TcpOptions {
+        TcpOptions {
+            mss: Some(1460),
+            window_scale: Some(7),
+            sack_permitted: true,
+            timestamp: Some(TcpTimestamp { tsval: 1, tsecr: 0 }),
+            ..Default::default()
+        }
+    }
+
+    pub fn syn() -> TcpRepr<'static> {
+        TcpRepr {
+            src_port: 40000,
+            dst_port: NET_PORT,
+            flags: TcpFlags {
+                syn: true,
+                ..Default::default()
+            },
+            seq_number: SeqNumber(1000),
+            ack_number: None,
+            window_len: 65535,
+            options: syn_options(),
+            payload: &[],
+        }
+    }
+
+    /// Records the frames the stack sends.
+    struct Capture {
+        rx: Vec<Vec<u8>>,
+        tx: Vec<Vec<u8>>,
+    }
+    impl Device for Capture {
+        fn caps(&self) -> DeviceCaps {
+            caps()
+        }
+        fn rx_burst(&mut self, _max: usize, on_frame: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
+            let n = self.rx.len();
+            for f in self.rx.drain(..) {
+                on_frame(&f, RxMeta::default());
+            }
+            n
+        }
+        fn tx_frame(
+            &mut self,
+            len: usize,
+            _o: TxOffload,
+            fill: &mut dyn FnMut(&mut [u8]),
+        ) -> Result<(), PhyError> {
+            let mut b = vec![0u8; len];
+            fill(&mut b);
+            self.tx.push(b);
+            Ok(())
+        }
+        fn tx_flush(&mut self) -> usize {
+            0
+        }
+    }
+
+    fn caps() -> DeviceCaps {
+        DeviceCaps {
+            mac: NET_MAC,
+            mtu: 1500,
+            rx_checksum: false,
+            tx_checksum: false,
+            tso: false,
+            max_tx_frame: 1514,
+        }
+    }
+
+    /// A TCP handshake, data and FIN against the stack as net_iface sets it
+    /// up for config byte `cfg` (same seed, so the same ISN).
+    pub fn conversation(cfg: u8) -> Vec<Vec<u8>> {
+        let mut config = InterfaceConfig::new(NET_IP, 24);
+        config.seed = u64::from(cfg);
+        let mut iface = Interface::new(config, caps());
+        let l = iface.add_socket(None);
+        iface.listen(l, NET_PORT).unwrap();
+        let syn_frame = tcp_segment(&syn());
+        let mut dev = Capture {
+            rx: vec![arp_request(), syn_frame.clone()],
+            tx: Vec::new(),
+        };
+        let now = NetInstant::from_millis(1000);
+        iface.poll(now, &mut dev);
+        iface.poll(now + Duration::from_millis(1), &mut dev);
+        let synack = dev
+            .tx
+            .iter()
+            .filter_map(|f| {
+                let p = tcp::Packet::new_checked(f.get(34..)?).ok()?;
+                let r = TcpRepr::parse(&p, NET_IP, NET_PEER, Checksum::None).ok()?;
+                r.flags.syn.then_some((r.seq_number, r.options.timestamp))
+            })
+            .next()
+            .expect("SYN-ACK");
+        let their = synack.0 + 1;
+        let ts = synack.1.map(|t| TcpTimestamp {
+            tsval: 2,
+            tsecr: t.tsval,
+        });
+        let opts = TcpOptions {
+            timestamp: ts,
+            ..Default::default()
+        };
+        let seg = |seq: u32, flags: TcpFlags, payload: &'static [u8]| TcpRepr {
+            src_port: 40000,
+            dst_port: NET_PORT,
+            flags,
+            seq_number: SeqNumber(seq),
+            ack_number: Some(their),
+            window_len: 512,
+            options: opts,
+            payload,
+        };
+        vec![
+            arp_request(),
+            ping(),
+            syn_frame,
+            tcp_segment(&seg(1001, TcpFlags::default(), &[])),
+            tcp_segment(&seg(
+                1001,
+                TcpFlags {
+                    psh: true,
+                    ..Default::default()
+                },
+                b"login request bytes",
+            )),
+            tcp_segment(&seg(
+                1020,
+                TcpFlags {
+                    fin: true,
+                    ..Default::default()
+                },
+                &[],
+            )),
+        ]
+    }
+}
+
+fn gen_net() {
+    use net_seeds::*;
+    let with_sel = |sel: u8, b: &[u8]| {
+        let mut v = vec![sel];
+        v.extend_from_slice(b);
+        v
+    };
+    let arp = arp_request();
+    let png = ping();
+    let syn = tcp_segment(&syn());
+    write("fuzz_net_packet", "ethernet", &with_sel(0, &arp));
+    write("fuzz_net_packet", "arp", &with_sel(1, &arp[14..]));
+    write("fuzz_net_packet", "ipv4_icmp", &with_sel(2, &png[14..]));
+    write("fuzz_net_packet", "icmp_echo", &with_sel(3, &png[34..]));
+    write("fuzz_net_packet", "tcp_syn", &with_sel(4, &syn[34..]));
+    write(
+        "fuzz_net_packet",
+        "tcp_syn_nocsum",
+        &with_sel(0x84, &syn[34..]),
+    );
+    let opts = syn_options();
+    let mut ob = vec![0u8; opts.buffer_len()];
+    opts.emit(&mut ob).unwrap();
+    write("fuzz_net_packet", "tcp_options", &with_sel(5, &ob));
+    for cfg in [0u8, 0x85] {
+        let mut v = vec![cfg];
+        for f in conversation(cfg) {
+            v.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            v.extend_from_slice(&f);
+        }
+        iscsi_fuzz::net_iface(&v);
+        write("fuzz_net_iface", &format!("handshake_{cfg:02x}"), &v);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The embedded target, driven by our own initiator
+
+fn target_seed(digests: bool, chunk: u8) -> Vec<u8> {
+    use iscsi_bypass::iscsi::connection::{Command, ConnTimers, Connection};
+    use iscsi_bypass::iscsi::login::LoginConfig;
+    use iscsi_bypass::iscsi::params::DigestKind;
+    use iscsi_bypass::target::TargetConn;
+    let now = Instant::now();
+    let mut t = TargetConn::new(iscsi_fuzz::target_shared(), 0, now);
+    let mut cfg = LoginConfig::new(
+        "iqn.2024-01.org.example:initiator",
+        Some(iscsi_fuzz::TARGET_IQN),
+    );
+    cfg.isid = iscsi_fuzz::FUZZ_ISID;
+    cfg.offer.max_recv_data_segment_len = 8192;
+    if digests {
+        cfg.offer.header_digest = vec![DigestKind::Crc32c];
+        cfg.offer.data_digest = vec![DigestKind::Crc32c];
+    }
+    let mut login = Login::new(cfg, 0, Sn(1));
+    let mut out = Vec::new();
+    login.start(&mut out);
+    let mut sent = vec![chunk];
+    let framer = PduFramer {
+        digests: Digests::default(),
+        max_data_segment_len: MAX_DATA_SEGMENT_LEN,
+    };
+    let outcome = loop {
+        sent.extend_from_slice(&out);
+        t.receive(&out, now);
+        let back = t.output().to_vec();
+        t.clear_output();
+        let f = framer.frame(&back).unwrap().expect("login response");
+        let PduHeader::LoginResponse(r) = &f.header else {
+            panic!("{:?}", f.header)
+        };
+        out.clear();
+        match login
+            .on_response(r, &back[f.data.clone()], &mut out)
+            .expect("login to the embedded target")
+        {
+            LoginProgress::Continue => {}
+            LoginProgress::Done(o) => break o,
+        }
+    };
+    let mut c = Connection::new(&outcome, ConnTimers::default(), now);
+    let cmds: Vec<(Vec<u8>, Direction, usize)> = vec![
+        (Cdb::inquiry(96).as_slice().to_vec(), Direction::Read, 96),
+        (
+            Cdb::read_capacity16(32).as_slice().to_vec(),
+            Direction::Read,
+            32,
+        ),
+        (
+            Cdb::write16(8, 16, false).as_slice().to_vec(),
+            Direction::Write,
+            8192,
+        ),
+        (
+            Cdb::read16(8, 16).as_slice().to_vec(),
+            Direction::Read,
+            8192,
+        ),
+        (
+            Cdb::test_unit_ready().as_slice().to_vec(),
+            Direction::None,
+            0,
+        ),
+        (
+            Cdb::report_luns(0, 256).as_slice().to_vec(),
+            Direction::Read,
+            256,
+        ),
+    ];
+    let n = cmds.len();
+    for (i, (cdb, dir, len)) in cmds.into_iter().enumerate() {
+        let mut cmd = Command::new(0, &cdb, dir, vec![i as u8; len]).unwrap();
+        cmd.user_tag = i as u64;
+        c.submit(cmd, now).unwrap();
+    }
+    let mut done = 0;
+    for _ in 0..100 {
+        let tx = c.pending_tx().to_vec();
+        c.consume_tx(tx.len());
+        if tx.is_empty() && done == n {
+            break;
+        }
+        sent.extend_from_slice(&tx);
+        t.receive(&tx, now);
+        let back = t.output().to_vec();
+        t.clear_output();
+        c.receive(&back, now).expect("embedded target answers well");
+        while let Some(e) = c.poll_event() {
+            if let Event::Completed(d) = e {
+                assert_eq!(d.status, 0, "{:?}", d.command);
+                done += 1;
+            }
+        }
+    }
+    assert_eq!(done, n);
+    c.logout(now).unwrap();
+    sent.extend_from_slice(c.pending_tx());
+    sent
+}
+
+fn gen_target() {
+    for (name, digests, chunk) in [
+        ("session", false, 0u8),
+        ("session_digests", true, 3),
+        ("session_bytewise", false, 1),
+    ] {
+        let s = target_seed(digests, chunk);
+        iscsi_fuzz::target_conn(&s);
+        write("fuzz_target_conn", name, &s);
+    }
+}
+
 fn main() {
+    gen_net();
+    gen_target();
     gen_pdus();
     gen_text();
     gen_scsi();

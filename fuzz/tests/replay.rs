@@ -18,6 +18,9 @@ const TARGETS: &[(&str, Target)] = &[
     ("fuzz_send_targets", iscsi_fuzz::send_targets),
     ("fuzz_url", iscsi_fuzz::url),
     ("fuzz_chap", iscsi_fuzz::chap),
+    ("fuzz_net_packet", iscsi_fuzz::net_packet),
+    ("fuzz_net_iface", iscsi_fuzz::net_iface),
+    ("fuzz_target_conn", iscsi_fuzz::target_conn),
 ];
 
 fn corpus(name: &str) -> Vec<(String, Vec<u8>)> {
