@@ -184,6 +184,8 @@ enum TaskKind {
     },
     Text {
         user_tag: u64,
+        /// Our request text, kept until the window lets it go.
+        request: Vec<u8>,
         collected: Vec<u8>,
     },
     Ping {
@@ -429,6 +431,23 @@ impl Connection {
     }
 
     fn send_command(&mut self, slot: u16) {
+        match self.slots.get(slot as usize) {
+            Some(Some(Task {
+                kind: TaskKind::Scsi { .. },
+                ..
+            })) => {}
+            Some(Some(Task {
+                kind: TaskKind::Text { request, .. },
+                ..
+            })) => {
+                let data = request.clone();
+                self.send_text_pdu(slot, RESERVED_TAG, &data);
+                return;
+            }
+            // Gone (or not a queued kind): never burn a CmdSN on it, or the
+            // target would wait forever for the hole.
+            _ => return,
+        }
         let cmd_sn = self.cmd_sn;
         self.cmd_sn = self.cmd_sn.next();
         let exp_stat_sn = self.exp_stat_sn;
@@ -628,12 +647,14 @@ impl Connection {
         let slot = self.alloc_slot(
             TaskKind::Text {
                 user_tag,
+                request: pairs.to_bytes(),
                 collected: Vec::new(),
             },
             now,
         )?;
-        let data = pairs.to_bytes();
-        self.send_text_pdu(slot, RESERVED_TAG, &data);
+        // Non-immediate: it takes a CmdSN, so it waits for window space too.
+        self.waiting.push_back(slot);
+        self.flush_waiting();
         Ok(())
     }
 
@@ -901,9 +922,16 @@ impl Connection {
                         t.itt
                     )));
                 };
+                if task.cmd_sn.is_none() {
+                    return Err(ConnError::Protocol(format!(
+                        "text response for task {:#x}, which was not sent yet",
+                        t.itt
+                    )));
+                }
                 let TaskKind::Text {
                     user_tag,
                     collected,
+                    ..
                 } = &mut task.kind
                 else {
                     return Err(ConnError::Protocol(
@@ -1016,6 +1044,9 @@ impl Connection {
                 )))
             }
         };
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("Data-In", itt));
+        }
         let TaskKind::Scsi {
             cmd,
             data_done,
@@ -1091,6 +1122,9 @@ impl Connection {
                 "R2T for unknown task tag {itt:#x}"
             )));
         };
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("R2T", itt));
+        }
         let TaskKind::Scsi {
             cmd,
             r2ts,
@@ -1154,6 +1188,9 @@ impl Connection {
             return Err(ConnError::Protocol(format!(
                 "SCSI status for non-SCSI task {itt:#x}"
             )));
+        }
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("SCSI status", itt));
         }
         let Some(task) = self.free_slot(slot) else {
             return Ok(());
@@ -1269,6 +1306,14 @@ impl Connection {
         self.data_out_ready.clear();
         out
     }
+}
+
+/// A target answered a task still waiting for CmdSN window space: it can
+/// only have guessed the tag.
+fn not_sent_yet(what: &str, itt: u32) -> ConnError {
+    ConnError::Protocol(format!(
+        "{what} for task {itt:#x}, which was not sent yet (waiting for CmdSN window space)"
+    ))
 }
 
 #[cfg(test)]
