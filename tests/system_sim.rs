@@ -327,7 +327,7 @@ fn scenario(seed: u64) -> Scenario {
         .max(Instant::from_micros(fault_window.as_micros() as u64));
     let ios = rng.gen_range(100..300);
     let qd = pick(&mut rng, &[1usize, 2, 4, 8, 12]);
-    let think = fault_window * qd as u32 / ios;
+    let think = fault_window / ios;
     Scenario {
         paths,
         links,
@@ -1728,40 +1728,65 @@ impl Sim {
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
+        self.wakeups().into_iter().map(|(t, _)| t).min()
+    }
+
+    /// Every timer and arrival the simulation waits for, with its source.
+    fn wakeups(&self) -> Vec<(Instant, String)> {
         let now = self.now;
-        let mut next: Option<Instant> = None;
-        let mut consider = |t: Option<Instant>| {
+        let mut all = Vec::new();
+        let mut label = String::new();
+        let mut consider = |t: Option<Instant>, what: &str| {
             if let Some(t) = t {
-                next = Some(next.map_or(t, |n: Instant| n.min(t)));
+                all.push((t, what.to_string()));
             }
         };
         for path in &self.paths {
-            consider(path.ini.poll_at(now));
-            consider(path.tgt.poll_at(now));
-            consider(path.dev_i.next_arrival());
+            label.clear();
+            let _ = write!(label, "path {}", path.index);
+            consider(path.ini.poll_at(now), &format!("{label} initiator iface"));
+            consider(path.tgt.poll_at(now), &format!("{label} target iface"));
+            consider(path.dev_i.next_arrival(), &format!("{label} link"));
             match &path.state {
-                Ini::Down => consider(path.health.next_attempt().map(|t| self.from_std(t))),
-                Ini::Connecting { deadline, .. } => consider(Some(*deadline)),
-                Ini::Up { conn, .. } => consider(conn.poll_timeout().map(|t| self.from_std(t))),
+                Ini::Down => consider(
+                    path.health.next_attempt().map(|t| self.from_std(t)),
+                    &format!("{label} reconnect"),
+                ),
+                Ini::Connecting { deadline, .. } => {
+                    consider(Some(*deadline), &format!("{label} login deadline"))
+                }
+                Ini::Up { conn, .. } => consider(
+                    conn.poll_timeout().map(|t| self.from_std(t)),
+                    &format!("{label} connection timer"),
+                ),
             }
-            for c in &path.tconns {
-                consider(c.conn.poll_timeout().map(|t| self.from_std(t)));
-                if !path.hung {
-                    consider(c.delayed.front().map(|(t, _)| *t));
+            if !path.hung {
+                for c in &path.tconns {
+                    consider(
+                        c.conn.poll_timeout().map(|t| self.from_std(t)),
+                        &format!("{label} target conn {} timer", c.id),
+                    );
+                    consider(
+                        c.delayed.front().map(|(t, _)| *t),
+                        &format!("{label} target conn {} delayed output", c.id),
+                    );
                 }
             }
         }
-        consider(self.fault_events.front().map(|(t, _, _)| *t));
+        consider(self.fault_events.front().map(|(t, _, _)| *t), "fault");
         for id in &self.waiting {
             if let Some(io) = self.ios.get(id) {
-                consider(io.not_before);
-                consider(io.no_path_since.map(|t| t + self.sc.no_path_timeout));
+                consider(io.not_before, "retry delay");
+                consider(
+                    io.no_path_since.map(|t| t + self.sc.no_path_timeout),
+                    "no-path timeout",
+                );
             }
         }
         if self.submitted < self.sc.ios && self.ios.len() < self.sc.qd {
-            consider(Some(self.next_submit));
+            consider(Some(self.next_submit), "workload");
         }
-        next
+        all
     }
 
     fn all_paths_up(&self) -> bool {
@@ -1824,7 +1849,13 @@ impl Sim {
                 Some(_) => {
                     same_instant += 1;
                     if same_instant > 1_000 {
-                        return Err(format!("busy loop at {}", self.now));
+                        let due: Vec<String> = self
+                            .wakeups()
+                            .into_iter()
+                            .filter(|(t, _)| *t <= self.now)
+                            .map(|(t, w)| format!("{w} at {t}"))
+                            .collect();
+                        return Err(format!("busy loop at {}: due {due:?}", self.now));
                     }
                 }
                 None => {
