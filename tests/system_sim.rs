@@ -654,6 +654,9 @@ struct Stats {
 
 struct Sim {
     sc: Scenario,
+    /// A hung portal resumes its old connections instead of restarting
+    /// them (`SYSTEM_SIM_HUNG_RESUME=1`): shows the stale-write hazard.
+    hung_resume: bool,
     trace: bool,
     trace_io: bool,
     base: std::time::Instant,
@@ -741,6 +744,7 @@ impl Sim {
             ..Stats::default()
         };
         let mut s = Sim {
+            hung_resume: std::env::var("SYSTEM_SIM_HUNG_RESUME").is_ok_and(|v| v == "1"),
             trace,
             trace_io,
             base,
@@ -858,6 +862,11 @@ impl Sim {
                     for c in &mut self.paths[p].tconns {
                         c.hung = true;
                     }
+                }
+                (FaultKind::HungTarget, false) if self.hung_resume => {
+                    // The portal resumes where it stopped: commands queued
+                    // on connections the initiator gave up on still run.
+                    self.paths[p].hung = false;
                 }
                 (FaultKind::HungTarget, false) => {
                     self.paths[p].hung = false;
@@ -1005,6 +1014,7 @@ impl Sim {
         let path = &mut self.paths[p];
         let slow = path.slow;
         let hung = path.hung;
+        let hung_resume = self.hung_resume;
         for c in &mut path.tconns {
             let sock = path.tgt.socket_mut(c.sock);
             let mut gone = None;
@@ -1070,7 +1080,10 @@ impl Sim {
             if c.conn.is_closed() && c.delayed.is_empty() && c.sendbuf.is_empty() {
                 gone = gone.or(Some("target closed the connection"));
             }
-            if sock.state() == TcpState::Closed {
+            // With SYSTEM_SIM_HUNG_RESUME, a hung portal still has what its
+            // TCP buffered before the reset, and reads it when it resumes.
+            let keep = hung && hung_resume && sock.recv_queue() > 0;
+            if sock.state() == TcpState::Closed && !keep {
                 gone = gone.or(Some("socket closed"));
             }
             if let Some(why) = gone {
