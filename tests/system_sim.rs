@@ -90,9 +90,13 @@ enum FaultKind {
     CheckCondition,
     /// The next command on a portal is answered with a Reject.
     Reject,
+    /// A bit flips in the iSCSI byte stream above TCP (a bad NIC, bad
+    /// memory): only on connections with header and data digests, which
+    /// must catch it.
+    Corrupt,
 }
 
-const FAULT_KINDS: [FaultKind; 11] = [
+const FAULT_KINDS: [FaultKind; 12] = [
     FaultKind::LossBurst,
     FaultKind::Partition,
     FaultKind::Flap,
@@ -104,6 +108,7 @@ const FAULT_KINDS: [FaultKind; 11] = [
     FaultKind::TargetRestart,
     FaultKind::CheckCondition,
     FaultKind::Reject,
+    FaultKind::Corrupt,
 ];
 
 #[derive(Debug, Clone)]
@@ -292,6 +297,7 @@ fn scenario(seed: u64) -> Scenario {
             FaultKind::TargetRestart => (ms(rng.gen_range(0..4_000)), 0),
             FaultKind::CheckCondition => (Duration::ZERO, rng.gen_range(1..=3)),
             FaultKind::Reject => (Duration::ZERO, 1),
+            FaultKind::Corrupt => (Duration::ZERO, rng.gen_range(1..=3)),
         };
         *counts.entry(kind).or_default() += 1;
         if kind == FaultKind::Flap {
@@ -573,6 +579,9 @@ struct Path {
     // Fault state.
     slow: Duration,
     hung: bool,
+    /// Bit flips still to do towards the target / towards the initiator.
+    corrupt_rx: u64,
+    corrupt_tx: u64,
     logins: u32,
     failures: u32,
 }
@@ -645,6 +654,8 @@ struct Stats {
     bounced: u64,
     scsi_retries: u64,
     window_checked: u64,
+    /// Bit flips actually made above TCP (caught by digests).
+    corruptions: u64,
     faults: BTreeMap<FaultKind, u64>,
     virtual_time: Duration,
     max_latency: Duration,
@@ -729,6 +740,8 @@ impl Sim {
                 outstanding_bytes: 0,
                 slow: Duration::ZERO,
                 hung: false,
+                corrupt_rx: 0,
+                corrupt_tx: 0,
                 logins: 0,
                 failures: 0,
             });
@@ -889,9 +902,8 @@ impl Sim {
                             self.paths[q].tgt_pool.push(l);
                         }
                     }
-                    self.restart_until = Some(
-                        self.restart_until.map_or(f.end(), |u| u.max(f.end())),
-                    );
+                    self.restart_until =
+                        Some(self.restart_until.map_or(f.end(), |u| u.max(f.end())));
                 }
                 (FaultKind::TargetRestart, false) => {
                     if self.restart_until.is_some_and(|u| u <= self.now) {
@@ -915,6 +927,15 @@ impl Sim {
                         asc,
                         ascq,
                     );
+                }
+                (FaultKind::Corrupt, true) => {
+                    for _ in 0..f.param {
+                        if self.rng.gen_bool(0.5) {
+                            self.paths[p].corrupt_rx += 1;
+                        } else {
+                            self.paths[p].corrupt_tx += 1;
+                        }
+                    }
                 }
                 (FaultKind::Reject, true) => {
                     self.shared
@@ -1011,12 +1032,15 @@ impl Sim {
             }
         }
         let mut finished = Vec::new();
+        let mut corrupted = Vec::new();
         let path = &mut self.paths[p];
         let slow = path.slow;
         let hung = path.hung;
         let hung_resume = self.hung_resume;
         for c in &mut path.tconns {
             let sock = path.tgt.socket_mut(c.sock);
+            let d = c.conn.params().digests();
+            let protected = c.conn.is_full_feature() && d.header && d.data;
             let mut gone = None;
             if !hung && !c.conn.is_closed() {
                 loop {
@@ -1027,6 +1051,12 @@ impl Sim {
                         Ok(n) => {
                             if let Err(e) = c.check.on_initiator_bytes(&buf[..n]) {
                                 return Err(format!("path {p} target conn {}: {e}", c.id));
+                            }
+                            if protected && path.corrupt_rx > 0 {
+                                path.corrupt_rx -= 1;
+                                let at = self.rng.gen_range(0..n);
+                                buf[at] ^= 1 << self.rng.gen_range(0..8);
+                                corrupted.push((c.id, "to the target"));
                             }
                             c.conn.received(n, std_now);
                             // Login output is framed without digests: tap
@@ -1062,7 +1092,13 @@ impl Sim {
             }
             if !hung {
                 while c.delayed.front().is_some_and(|(t, _)| *t <= now) {
-                    if let Some((_, bytes)) = c.delayed.pop_front() {
+                    if let Some((_, mut bytes)) = c.delayed.pop_front() {
+                        if protected && path.corrupt_tx > 0 && !bytes.is_empty() {
+                            path.corrupt_tx -= 1;
+                            let at = self.rng.gen_range(0..bytes.len());
+                            bytes[at] ^= 1 << self.rng.gen_range(0..8);
+                            corrupted.push((c.id, "to the initiator"));
+                        }
                         c.sendbuf.extend_from_slice(&bytes);
                     }
                 }
@@ -1089,6 +1125,12 @@ impl Sim {
             if let Some(why) = gone {
                 finished.push((c.id, why, c.conn.close_reason().map(str::to_string)));
             }
+        }
+        for (id, dir) in corrupted {
+            self.stats.corruptions += 1;
+            self.note(format!(
+                "corrupted a byte {dir} on target conn {id} (path {p})"
+            ));
         }
         for (id, why, reason) in finished {
             let p_ = &mut self.paths[p];
@@ -1118,10 +1160,7 @@ impl Sim {
         let path = &mut self.paths[p];
         path.health.on_attempt();
         let h = take_socket(&mut path.ini, &mut path.ini_pool);
-        match path
-            .ini
-            .connect(now, h, SocketAddrV4::new(tgt_ip(p), PORT))
-        {
+        match path.ini.connect(now, h, SocketAddrV4::new(tgt_ip(p), PORT)) {
             Ok(_) => {
                 path.state = Ini::Connecting {
                     sock: h,
@@ -1231,8 +1270,7 @@ impl Sim {
                             let data = inbuf[f.data.clone()].to_vec();
                             inbuf.drain(..f.total_len);
                             let PduHeader::LoginResponse(rsp) = &f.header else {
-                                failure =
-                                    Some(format!("{} PDU during login", f.header.opcode()));
+                                failure = Some(format!("{} PDU during login", f.header.opcode()));
                                 break;
                             };
                             let Some(l) = login.as_mut() else { break };
@@ -1426,7 +1464,9 @@ impl Sim {
                         self.release_path_load(p, bytes);
                         self.stats.bounced += 1;
                         if !self.dispatch(id) {
-                            self.ios.get_mut(&id).map(|io| io.no_path_since = Some(self.now));
+                            self.ios
+                                .get_mut(&id)
+                                .map(|io| io.no_path_since = Some(self.now));
                             self.waiting.push_back(id);
                         }
                     }
@@ -1513,7 +1553,12 @@ impl Sim {
     }
 
     /// The application sees I/O `id` finish: check it against the model.
-    fn finish(&mut self, id: u64, result: Result<(), IoError>, buffer: Vec<u8>) -> Result<(), String> {
+    fn finish(
+        &mut self,
+        id: u64,
+        result: Result<(), IoError>,
+        buffer: Vec<u8>,
+    ) -> Result<(), String> {
         let io = self.ios.remove(&id).ok_or("finish: unknown I/O")?;
         let latency = self.now.saturating_duration_since(io.submitted);
         self.stats.max_latency = self.stats.max_latency.max(latency);
@@ -1529,7 +1574,9 @@ impl Sim {
             Err(IoError::NoPath { waited }) => {
                 self.stats.no_path_failures += 1;
                 if *waited < self.sc.no_path_timeout {
-                    return Err(format!("I/O {id} failed after only {waited:?} without a path"));
+                    return Err(format!(
+                        "I/O {id} failed after only {waited:?} without a path"
+                    ));
                 }
                 // Independent oracle: no path was up for the whole timeout.
                 if let Some(t) = self.last_any_up {
@@ -1683,7 +1730,9 @@ fn block_generation(block: &[u8], lba: u64) -> Result<u64, String> {
     if &block[0..8] != iscsi_bypass::bench::verify::MAGIC {
         return Err("neither zeros nor a verify stamp (garbage)".into());
     }
-    Ok(u64::from_le_bytes(block[16..24].try_into().unwrap_or([0; 8])))
+    Ok(u64::from_le_bytes(
+        block[16..24].try_into().unwrap_or([0; 8]),
+    ))
 }
 
 // ------------------------------------------------------------- main loop
@@ -1816,8 +1865,8 @@ impl Sim {
                 return Err(format!("block {b} still has a write in flight"));
             }
             lun.read(b as u64 * u64::from(BLOCK), &mut buf);
-            let found = block_generation(&buf, b as u64)
-                .map_err(|e| format!("medium block {b}: {e}"))?;
+            let found =
+                block_generation(&buf, b as u64).map_err(|e| format!("medium block {b}: {e}"))?;
             if found != m.committed && !m.uncertain.contains(&found) {
                 return Err(format!(
                     "medium block {b} holds generation {found}, acknowledged {} \
@@ -1978,6 +2027,7 @@ fn system_simulation_many_seeds() {
                 total.bounced += s.bounced;
                 total.scsi_retries += s.scsi_retries;
                 total.window_checked += s.window_checked;
+                total.corruptions += s.corruptions;
                 total.virtual_time += s.virtual_time;
                 total.max_latency = total.max_latency.max(s.max_latency);
                 for (k, v) in s.faults {
@@ -1992,7 +2042,8 @@ fn system_simulation_many_seeds() {
         summary,
         "system sim: {} seeds in {:?} ({} failed); {} I/Os ({} reads verified, {} writes acked, \
          {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted, \
-         {} SCSI retries, {} commands window-checked, {:?} virtual, max I/O latency {:?}",
+         {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
+         {:?} virtual, max I/O latency {:?}",
         seeds,
         started.elapsed(),
         failures.len(),
@@ -2005,6 +2056,7 @@ fn system_simulation_many_seeds() {
         total.bounced,
         total.scsi_retries,
         total.window_checked,
+        total.corruptions,
         total.virtual_time,
         total.max_latency
     );
