@@ -185,6 +185,8 @@ enum TaskKind {
     Text {
         user_tag: u64,
         collected: Vec<u8>,
+        /// A request PDU (TTT, data) waiting for CmdSN window space.
+        unsent: Option<(u32, Vec<u8>)>,
     },
     Ping {
         sent_at: Instant,
@@ -416,7 +418,7 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends queued commands while the window has room.
+    /// Sends queued commands (SCSI and text) while the window has room.
     fn flush_waiting(&mut self) {
         while let Some(&slot) = self.waiting.front() {
             if self.window_space() == 0 {
@@ -424,7 +426,18 @@ impl Connection {
                 return;
             }
             self.waiting.pop_front();
-            self.send_command(slot);
+            let text = match self.slots.get_mut(slot as usize) {
+                Some(Some(Task {
+                    kind: TaskKind::Text { unsent, .. },
+                    ..
+                })) => Some(unsent.take()),
+                _ => None,
+            };
+            match text {
+                Some(Some((ttt, data))) => self.send_text_pdu(slot, ttt, &data),
+                Some(None) => {}
+                None => self.send_command(slot),
+            }
         }
     }
 
@@ -629,11 +642,13 @@ impl Connection {
             TaskKind::Text {
                 user_tag,
                 collected: Vec::new(),
+                unsent: Some((RESERVED_TAG, pairs.to_bytes())),
             },
             now,
         )?;
-        let data = pairs.to_bytes();
-        self.send_text_pdu(slot, RESERVED_TAG, &data);
+        // Non-immediate: it takes a CmdSN, so it waits for window space.
+        self.waiting.push_back(slot);
+        self.flush_waiting();
         Ok(())
     }
 
@@ -904,6 +919,7 @@ impl Connection {
                 let TaskKind::Text {
                     user_tag,
                     collected,
+                    unsent,
                 } = &mut task.kind
                 else {
                     return Err(ConnError::Protocol(
@@ -924,7 +940,9 @@ impl Connection {
                             "text response continues but has no target transfer tag".into(),
                         ));
                     }
-                    self.send_text_pdu(slot, t.ttt, &[]);
+                    // A new non-immediate request: it waits for the window.
+                    *unsent = Some((t.ttt, Vec::new()));
+                    self.waiting.push_back(slot);
                     return Ok(());
                 }
                 let Some(task) = self.free_slot(slot) else {
