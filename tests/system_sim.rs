@@ -176,16 +176,16 @@ fn scenario(seed: u64) -> Scenario {
                     0.0
                 },
                 delay: Duration::from_micros(rng.gen_range(20..3_000)),
-                bandwidth: if rng.gen_bool(0.5) {
-                    Some(rng.gen_range(100_000_000..10_000_000_000))
-                } else {
-                    None
+                bandwidth: match rng.gen_range(0..4) {
+                    0 => Some(rng.gen_range(5_000_000..50_000_000)),
+                    1 => Some(rng.gen_range(100_000_000..10_000_000_000)),
+                    _ => None,
                 },
                 mtu: pick(&mut rng, &[1280, 1500, 1500, 9000]),
                 rx_checksum: rng.gen_bool(0.5),
                 tx_checksum: rng.gen_bool(0.5),
                 tso: rng.gen_bool(0.5),
-                queue_limit: 10_000,
+                queue_limit: pick(&mut rng, &[30, 200, 10_000]),
                 trace: false,
             }
         })
@@ -332,7 +332,7 @@ fn scenario(seed: u64) -> Scenario {
         .unwrap_or(Instant::ZERO)
         .max(Instant::from_micros(fault_window.as_micros() as u64));
     let ios = rng.gen_range(100..300);
-    let qd = pick(&mut rng, &[1usize, 2, 4, 8, 12]);
+    let qd = pick(&mut rng, &[1usize, 2, 4, 8, 12, 32]);
     let think = fault_window / ios;
     Scenario {
         paths,
@@ -359,7 +359,7 @@ fn scenario(seed: u64) -> Scenario {
         qd,
         think,
         hot_blocks: pick(&mut rng, &[16u64, 64, 512, LUN_BLOCKS]),
-        max_blocks: pick(&mut rng, &[1u32, 8, 8, 64]),
+        max_blocks: pick(&mut rng, &[1u32, 8, 8, 64, 256]),
         write_ratio: rng.gen_range(0.3..0.8),
     }
 }
@@ -793,7 +793,7 @@ impl Sim {
         self.base + Duration::from_micros(t.total_micros())
     }
 
-    fn from_std(&self, t: std::time::Instant) -> Instant {
+    fn virtual_of(&self, t: std::time::Instant) -> Instant {
         let d = t.saturating_duration_since(self.base);
         // Round up: a timer is due at or after its instant.
         Instant::from_micros(d.as_nanos().div_ceil(1000) as u64)
@@ -905,12 +905,12 @@ impl Sim {
                     self.restart_until =
                         Some(self.restart_until.map_or(f.end(), |u| u.max(f.end())));
                 }
-                (FaultKind::TargetRestart, false) => {
-                    if self.restart_until.is_some_and(|u| u <= self.now) {
-                        self.restart_until = None;
-                        for q in 0..self.paths.len() {
-                            self.listen(q);
-                        }
+                (FaultKind::TargetRestart, false)
+                    if self.restart_until.is_some_and(|u| u <= self.now) =>
+                {
+                    self.restart_until = None;
+                    for q in 0..self.paths.len() {
+                        self.listen(q);
                     }
                 }
                 (FaultKind::CheckCondition, true) => {
@@ -1201,7 +1201,7 @@ impl Sim {
         let next = self.paths[p]
             .health
             .next_attempt()
-            .map(|t| self.from_std(t));
+            .map(|t| self.virtual_of(t));
         self.note(format!(
             "path {p} {} failed: {why}; retry at {}",
             if was_up { "connection" } else { "login" },
@@ -1464,9 +1464,10 @@ impl Sim {
                         self.release_path_load(p, bytes);
                         self.stats.bounced += 1;
                         if !self.dispatch(id) {
-                            self.ios
-                                .get_mut(&id)
-                                .map(|io| io.no_path_since = Some(self.now));
+                            let now = self.now;
+                            if let Some(io) = self.ios.get_mut(&id) {
+                                io.no_path_since = Some(now);
+                            }
                             self.waiting.push_back(id);
                         }
                     }
@@ -1811,21 +1812,21 @@ impl Sim {
             consider(path.dev_i.next_arrival(), &format!("{label} link"));
             match &path.state {
                 Ini::Down => consider(
-                    path.health.next_attempt().map(|t| self.from_std(t)),
+                    path.health.next_attempt().map(|t| self.virtual_of(t)),
                     &format!("{label} reconnect"),
                 ),
                 Ini::Connecting { deadline, .. } => {
                     consider(Some(*deadline), &format!("{label} login deadline"))
                 }
                 Ini::Up { conn, .. } => consider(
-                    conn.poll_timeout().map(|t| self.from_std(t)),
+                    conn.poll_timeout().map(|t| self.virtual_of(t)),
                     &format!("{label} connection timer"),
                 ),
             }
             if !path.hung {
                 for c in &path.tconns {
                     consider(
-                        c.conn.poll_timeout().map(|t| self.from_std(t)),
+                        c.conn.poll_timeout().map(|t| self.virtual_of(t)),
                         &format!("{label} target conn {} timer", c.id),
                     );
                     consider(
@@ -1929,11 +1930,6 @@ impl Sim {
             }
         }
         self.final_check()?;
-        for path in &self.paths {
-            for c in &path.tconns {
-                let _ = c;
-            }
-        }
         self.stats.virtual_time = Duration::from_micros(self.now.total_micros());
         Ok(())
     }
