@@ -1083,7 +1083,8 @@ impl Core {
             Plan::Check(sense) => {
                 if c.write && !c.final_bit {
                     // Unsolicited Data-Out follows; drain it, then report.
-                    self.start_write(c, &[], Sink::Discard, 0, Some(sense));
+                    // Immediate data counts: the Data-Out continues after it.
+                    self.start_write(c, data, Sink::Discard, 0, Some(sense));
                 } else {
                     self.send_check(c.itt, sense, Sn(0));
                 }
@@ -2393,6 +2394,39 @@ mod tests {
             "the Nth command is answered"
         );
         assert!(p.conn.is_closed());
+    }
+
+    /// Regression (found by tests/system_sim.rs): a write that fails
+    /// before its data arrives (here a UNIT ATTENTION) with immediate data
+    /// and unsolicited Data-Out following must drain the Data-Out that
+    /// continues after the immediate data, not close the connection.
+    #[test]
+    fn failed_write_with_immediate_data_drains_the_unsolicited_rest() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20).unit_attentions(true));
+        let mut p = Peer::new(s, 0);
+        p.login_normal(&[("InitialR2T", "No"), ("ImmediateData", "Yes")]);
+        let data = vec![0x5au8; 2048];
+        let c = p.command(&write10_cdb(8, 4), false, true, 2048, false);
+        assert!(p
+            .send(PduHeader::ScsiCommand(c.clone()), &data[..1024])
+            .is_empty());
+        let pdus = p.send(
+            PduHeader::DataOut(DataOut {
+                final_bit: true,
+                lun: 0,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                exp_stat_sn: Sn(0),
+                data_sn: Sn(0),
+                buffer_offset: 1024,
+            }),
+            &data[1024..],
+        );
+        assert!(!p.conn.is_closed(), "{:?}", p.conn.close_reason());
+        expect_sense(&pdus, 0x06, 0x29, 0x00);
+        // Nothing was written, and the connection goes on.
+        let (read, _) = collect_data_in(&p.read10(8, 4));
+        assert_eq!(read, vec![0u8; 2048]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use super::*;
 use crate::iscsi::login::LoginOutcome;
-use crate::wire::iscsi::{NopIn, R2t, ScsiResponse};
+use crate::wire::iscsi::{NopIn, R2t, ScsiResponse, TextResponse};
 
 fn outcome(params: Params) -> LoginOutcome {
     LoginOutcome {
@@ -303,6 +303,73 @@ fn never_sends_outside_the_cmdsn_window() {
         .unwrap();
     assert!(peer.sent(&mut c).is_empty());
     assert_eq!(c.outstanding(), 3);
+}
+
+/// Regression: text requests are non-immediate, so they take a CmdSN and
+/// must wait for window space like SCSI commands (they used to go out at
+/// once, outside the window; continuations too).
+#[test]
+fn text_requests_wait_for_the_cmdsn_window() {
+    let now = Instant::now();
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(10); // room for CmdSN 10 only
+    let mut c = Connection::new(&o, ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(0, 1), now).unwrap();
+    let mut pairs = TextPairs::new();
+    pairs.push("SendTargets", "All");
+    c.text_request(&pairs, 9, now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 1, "only the SCSI command fits: {sent:?}");
+    let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+        panic!()
+    };
+    assert_eq!(first.cmd_sn, Sn(10));
+    // The window opens by one: now the text request goes, with CmdSN 11.
+    c.receive(&peer.response(first.itt, 0, &[], 11), now)
+        .unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 1);
+    let PduHeader::TextRequest(t) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(t.cmd_sn, Sn(11));
+    assert_eq!(sent[0].1, pairs.to_bytes());
+    // A partial answer (C bit): the continuation request also waits.
+    let stat_sn = peer.next_stat_sn();
+    let partial = peer.encode(
+        PduHeader::TextResponse(TextResponse {
+            final_bit: false,
+            cont: true,
+            lun: 0,
+            itt: t.itt,
+            ttt: 0x55,
+            stat_sn,
+            exp_cmd_sn: Sn(12),
+            max_cmd_sn: Sn(11),
+        }),
+        b"TargetName=iqn.x\0",
+    );
+    c.receive(&partial, now).unwrap();
+    assert!(peer.sent(&mut c).is_empty(), "window closed");
+    let stat_sn = peer.stat_sn;
+    let nop = peer.encode(
+        PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt: RESERVED_TAG,
+            stat_sn,
+            exp_cmd_sn: Sn(12),
+            max_cmd_sn: Sn(12),
+        }),
+        &[],
+    );
+    c.receive(&nop, now).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::TextRequest(t2) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!((t2.cmd_sn, t2.ttt), (Sn(12), 0x55));
 }
 
 #[test]

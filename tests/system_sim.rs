@@ -1,0 +1,2078 @@
+//! Whole-system deterministic simulation: one process, one thread, virtual
+//! time, one seed. A multipath initiator with 2-3 paths; each path is an
+//! initiator `Interface` + TCP socket, a simulated link, and a target
+//! `Interface` + listener driving the embedded target's sans-IO
+//! [`TargetConn`]s. Every target connection shares one RAM LUN.
+//!
+//! On top runs a small dispatcher built from the real multipath pieces
+//! (queue-depth [`select`], [`judge`] for retries, [`PathHealth`] for
+//! reconnect back-off) and a verify workload (blocks stamped with LBA,
+//! generation and CRC, as `bench::verify` does). Faults drawn from the seed:
+//! loss bursts, partitions, link flaps, reordering + duplication, target
+//! connection resets and closes, slow target, hung target, target restarts,
+//! injected CHECK CONDITIONs and Rejects.
+//!
+//! Invariants checked as the run goes: reads return the last acknowledged
+//! generation of each block (or that of a write in flight or failed), no I/O
+//! completes twice, a failed path hands back every command it held, I/O fails
+//! only with "no path" and only after `no_path_timeout` without any path,
+//! no I/O outlives the faults by more than the recovery bound, every
+//! non-immediate PDU carries the next CmdSN inside the window the target
+//! advertised, and at the end the LUN holds exactly what the model says and
+//! every path is up again.
+//!
+//! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300);
+//! `SYSTEM_SIM_SEED=n` replays one seed with a trace of faults and events
+//! (`SYSTEM_SIM_TRACE=io` adds every I/O).
+
+use iscsi_bypass::bench::verify::{check_block, stamp_block};
+use iscsi_bypass::iscsi::connection::{Command, Completion, ConnTimers, Connection, Event};
+use iscsi_bypass::iscsi::login::{Login, LoginConfig, LoginProgress};
+use iscsi_bypass::iscsi::params::{DigestKind, Offer};
+use iscsi_bypass::multipath::io::{build_command, command_from_completion, judge, Verdict};
+use iscsi_bypass::multipath::{
+    select, Io, IoError, IoOp, PathHealth, PathLoad, PathState, Policy, ReconnectPolicy,
+    SelectorState,
+};
+use iscsi_bypass::net::{
+    CongestionAlgorithm, Instant, Interface, InterfaceConfig, OffloadConfig, SocketHandle,
+    TcpConfig, TcpError, TcpState,
+};
+use iscsi_bypass::phy::sim::{self, SimConfig, SimDevice};
+use iscsi_bypass::phy::Device;
+use iscsi_bypass::target::{LunConfig, TargetConfig, TargetConn, TargetLimits, TargetShared};
+use iscsi_bypass::wire::iscsi::{Digests, PduFramer, PduHeader, Sn};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+const PORT: u16 = 3260;
+const BLOCK: u32 = 512;
+const LUN_BYTES: u64 = 4 << 20;
+const LUN_BLOCKS: u64 = LUN_BYTES / BLOCK as u64;
+const TARGET_IQN: &str = "iqn.2024-01.sim:target";
+const INITIATOR_IQN: &str = "iqn.2024-01.sim:initiator";
+const MAX_RETRIES: u32 = 8;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+// ---------------------------------------------------------------- scenario
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum FaultKind {
+    /// Heavy loss on one link for a while.
+    LossBurst,
+    /// One link drops everything for a while.
+    Partition,
+    /// A link goes down and up several times.
+    Flap,
+    /// Heavy reordering and duplication on one link.
+    ReorderDup,
+    /// The target resets (RST) its connections on one portal.
+    TargetReset,
+    /// The target closes (FIN) its connections on one portal.
+    TargetClose,
+    /// Target responses on one portal are delayed.
+    SlowTarget,
+    /// One portal stops reading and answering; it restarts its connections
+    /// when it comes back.
+    HungTarget,
+    /// Every target connection is dropped and the portals refuse
+    /// connections for a while.
+    TargetRestart,
+    /// The next commands on a portal get a retryable CHECK CONDITION.
+    CheckCondition,
+    /// The next command on a portal is answered with a Reject.
+    Reject,
+    /// A bit flips in the iSCSI byte stream above TCP (a bad NIC, bad
+    /// memory): only on connections with header and data digests, which
+    /// must catch it.
+    Corrupt,
+}
+
+const FAULT_KINDS: [FaultKind; 12] = [
+    FaultKind::LossBurst,
+    FaultKind::Partition,
+    FaultKind::Flap,
+    FaultKind::ReorderDup,
+    FaultKind::TargetReset,
+    FaultKind::TargetClose,
+    FaultKind::SlowTarget,
+    FaultKind::HungTarget,
+    FaultKind::TargetRestart,
+    FaultKind::CheckCondition,
+    FaultKind::Reject,
+    FaultKind::Corrupt,
+];
+
+#[derive(Debug, Clone)]
+struct Fault {
+    kind: FaultKind,
+    path: usize,
+    at: Instant,
+    duration: Duration,
+    /// Loss rate, response delay in µs, flap count or command count.
+    param: u64,
+}
+
+impl Fault {
+    fn end(&self) -> Instant {
+        self.at + self.duration
+    }
+}
+
+#[derive(Debug)]
+struct Scenario {
+    paths: usize,
+    links: Vec<SimConfig>,
+    tcp: TcpConfig,
+    offload: OffloadConfig,
+    offer: Offer,
+    limits: TargetLimits,
+    queue_depth: u32,
+    unit_attentions: bool,
+    target_nop: Option<Duration>,
+    timers: ConnTimers,
+    login_timeout: Duration,
+    reconnect: ReconnectPolicy,
+    no_path_timeout: Duration,
+    faults: Vec<Fault>,
+    /// Faults drawn, per kind (a flap counts once).
+    fault_counts: BTreeMap<FaultKind, u64>,
+    fault_end: Instant,
+    // Workload.
+    ios: u32,
+    qd: usize,
+    think: Duration,
+    hot_blocks: u64,
+    max_blocks: u32,
+    write_ratio: f64,
+}
+
+fn pick<T: Copy>(rng: &mut SmallRng, xs: &[T]) -> T {
+    xs[rng.gen_range(0..xs.len())]
+}
+
+fn scenario(seed: u64) -> Scenario {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5157_e55e_d5ee_d000);
+    let paths = rng.gen_range(2..=3);
+    let links = (0..paths)
+        .map(|_| {
+            let noisy = rng.gen_bool(0.5);
+            SimConfig {
+                loss: if noisy { rng.gen_range(0.0..0.02) } else { 0.0 },
+                duplicate: if noisy { rng.gen_range(0.0..0.01) } else { 0.0 },
+                reorder: if noisy { rng.gen_range(0.0..0.02) } else { 0.0 },
+                reorder_delay: Duration::from_micros(rng.gen_range(100..3_000)),
+                corrupt: if rng.gen_bool(0.2) {
+                    rng.gen_range(0.0..0.005)
+                } else {
+                    0.0
+                },
+                delay: Duration::from_micros(rng.gen_range(20..3_000)),
+                bandwidth: match rng.gen_range(0..4) {
+                    0 => Some(rng.gen_range(5_000_000..50_000_000)),
+                    1 => Some(rng.gen_range(100_000_000..10_000_000_000)),
+                    _ => None,
+                },
+                mtu: pick(&mut rng, &[1280, 1500, 1500, 9000]),
+                rx_checksum: rng.gen_bool(0.5),
+                tx_checksum: rng.gen_bool(0.5),
+                tso: rng.gen_bool(0.5),
+                queue_limit: pick(&mut rng, &[30, 200, 10_000]),
+                trace: false,
+            }
+        })
+        .collect();
+    let small = rng.gen_bool(0.2);
+    let tcp = TcpConfig {
+        rx_buffer: if small {
+            rng.gen_range(8_000..32_000)
+        } else {
+            rng.gen_range(64_000..512_000)
+        },
+        tx_buffer: rng.gen_range(16_000..512_000),
+        window_scaling: rng.gen_bool(0.8),
+        timestamps: rng.gen_bool(0.7),
+        sack: rng.gen_bool(0.7),
+        congestion: if rng.gen_bool(0.5) {
+            CongestionAlgorithm::Cubic
+        } else {
+            CongestionAlgorithm::NewReno
+        },
+        initial_rto: ms(rng.gen_range(200..1_000)),
+        min_rto: ms(200),
+        max_rto: ms(rng.gen_range(1_000..4_000)),
+        syn_retries: 3,
+        max_retransmissions: rng.gen_range(5..10),
+        delayed_ack: if rng.gen_bool(0.6) {
+            Some(ms(rng.gen_range(1..40)))
+        } else {
+            None
+        },
+        keepalive: None,
+        time_wait: ms(1_000),
+    };
+    let offload = OffloadConfig {
+        rx_checksum: rng.gen_bool(0.7),
+        tx_checksum: rng.gen_bool(0.7),
+        tso: rng.gen_bool(0.7),
+    };
+    // Every length a multiple of the block size, so PDU boundaries never
+    // split a block (a torn block is then always a bug).
+    let sizes = [512u32, 1024, 4096, 8192, 65_536, 262_144];
+    let max_burst = pick(&mut rng, &[512u32, 4096, 16_384, 65_536, 1_048_576]);
+    let first_burst = pick(&mut rng, &[512u32, 4096, 65_536, 262_144]).min(max_burst);
+    let digest = |rng: &mut SmallRng| match rng.gen_range(0..3) {
+        0 => vec![DigestKind::None],
+        1 => vec![DigestKind::Crc32c],
+        _ => vec![DigestKind::Crc32c, DigestKind::None],
+    };
+    let offer = Offer {
+        header_digest: digest(&mut rng),
+        data_digest: digest(&mut rng),
+        max_connections: 1,
+        initial_r2t: rng.gen_bool(0.4),
+        immediate_data: rng.gen_bool(0.7),
+        max_recv_data_segment_len: pick(&mut rng, &sizes),
+        max_burst_len: max_burst,
+        first_burst_len: first_burst,
+        default_time2wait: rng.gen_range(0..=2),
+        default_time2retain: 0,
+        max_outstanding_r2t: rng.gen_range(1..=4),
+        error_recovery_level: 0,
+    };
+    let t_burst = pick(&mut rng, &[512u32, 8192, 262_144, 1_048_576]);
+    let limits = TargetLimits {
+        max_recv_data_segment_len: pick(&mut rng, &sizes),
+        max_burst_len: t_burst,
+        first_burst_len: pick(&mut rng, &[512u32, 8192, 262_144]).min(t_burst),
+        max_outstanding_r2t: rng.gen_range(1..=8),
+        initial_r2t: rng.gen_bool(0.3),
+        immediate_data: rng.gen_bool(0.8),
+        allow_digests: true,
+    };
+    let nop_interval = ms(rng.gen_range(300..2_000));
+    let timers = ConnTimers {
+        nop_interval: Some(nop_interval),
+        nop_timeout: ms(rng.gen_range(300..2_000)),
+        command_timeout: Some(ms(rng.gen_range(3_000..10_000))),
+    };
+    let reconnect = ReconnectPolicy {
+        initial: ms(rng.gen_range(50..500)),
+        max: ms(rng.gen_range(1_000..4_000)),
+    };
+    let fault_window = ms(rng.gen_range(5_000..25_000));
+    let n_faults = if rng.gen_bool(0.1) {
+        0
+    } else {
+        rng.gen_range(1..=10)
+    };
+    let mut faults = Vec::new();
+    let mut counts = BTreeMap::new();
+    for _ in 0..n_faults {
+        let kind = pick(&mut rng, &FAULT_KINDS);
+        let path = rng.gen_range(0..paths);
+        let at = Instant::from_micros(rng.gen_range(200_000..fault_window.as_micros() as u64));
+        let (duration, param) = match kind {
+            FaultKind::LossBurst => (
+                ms(rng.gen_range(100..5_000)),
+                rng.gen_range(20..70), // percent
+            ),
+            FaultKind::Partition => (ms(rng.gen_range(100..8_000)), 100),
+            FaultKind::Flap => (ms(rng.gen_range(1_000..6_000)), rng.gen_range(2..8)),
+            FaultKind::ReorderDup => (ms(rng.gen_range(500..5_000)), 0),
+            FaultKind::TargetReset | FaultKind::TargetClose => (Duration::ZERO, 0),
+            FaultKind::SlowTarget => (
+                ms(rng.gen_range(500..6_000)),
+                pick(&mut rng, &[5_000, 50_000, 500_000, 2_000_000, 5_000_000]),
+            ),
+            FaultKind::HungTarget => (ms(rng.gen_range(200..6_000)), 0),
+            FaultKind::TargetRestart => (ms(rng.gen_range(0..4_000)), 0),
+            FaultKind::CheckCondition => (Duration::ZERO, rng.gen_range(1..=3)),
+            FaultKind::Reject => (Duration::ZERO, 1),
+            FaultKind::Corrupt => (Duration::ZERO, rng.gen_range(1..=3)),
+        };
+        *counts.entry(kind).or_default() += 1;
+        if kind == FaultKind::Flap {
+            // `param` short outages spread over the duration.
+            let piece = duration / param as u32;
+            for i in 0..param {
+                let start = at + piece * i as u32;
+                let down = ms(rng.gen_range(30..=piece.as_millis().max(31) as u64));
+                faults.push(Fault {
+                    kind,
+                    path,
+                    at: start,
+                    duration: down.min(piece),
+                    param: 100,
+                });
+            }
+            continue;
+        }
+        faults.push(Fault {
+            kind,
+            path,
+            at,
+            duration,
+            param,
+        });
+    }
+    faults.sort_by_key(|f| f.at);
+    let fault_end = faults
+        .iter()
+        .map(|f| f.end())
+        .max()
+        .unwrap_or(Instant::ZERO)
+        .max(Instant::from_micros(fault_window.as_micros() as u64));
+    let ios = rng.gen_range(100..300);
+    let qd = pick(&mut rng, &[1usize, 2, 4, 8, 12, 32]);
+    let think = fault_window / ios;
+    Scenario {
+        paths,
+        links,
+        tcp,
+        offload,
+        offer,
+        limits,
+        queue_depth: pick(&mut rng, &[1u32, 2, 4, 8, 32, 128]),
+        unit_attentions: rng.gen_bool(0.5),
+        target_nop: if rng.gen_bool(0.3) {
+            Some(ms(rng.gen_range(1_000..4_000)))
+        } else {
+            None
+        },
+        timers,
+        login_timeout: ms(rng.gen_range(2_000..4_000)),
+        reconnect,
+        no_path_timeout: ms(rng.gen_range(1_000..8_000)),
+        faults,
+        fault_counts: counts,
+        fault_end,
+        ios,
+        qd,
+        think,
+        hot_blocks: pick(&mut rng, &[16u64, 64, 512, LUN_BLOCKS]),
+        max_blocks: pick(&mut rng, &[1u32, 8, 8, 64, 256]),
+        write_ratio: rng.gen_range(0.3..0.8),
+    }
+}
+
+impl Scenario {
+    /// How long after the last fault every I/O must be done and every path
+    /// up again: detection (ping or command timeout), the slowest response,
+    /// back-off, Time2Wait, a login and the no-path timeout, with slack.
+    fn recovery_bound(&self) -> Duration {
+        let t = &self.timers;
+        let detect = (t.nop_interval.unwrap_or_default() + t.nop_timeout)
+            .max(t.command_timeout.unwrap_or_default());
+        let slow = self
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::SlowTarget)
+            .map(|f| Duration::from_micros(f.param))
+            .max()
+            .unwrap_or_default();
+        detect
+            + slow
+            + self.reconnect.max
+            + Duration::from_secs(u64::from(self.offer.default_time2wait))
+            + 2 * self.login_timeout
+            + self.no_path_timeout
+            + ms(10_000)
+    }
+}
+
+// ------------------------------------------------------- PDU stream taps
+
+/// Frames a byte stream PDU by PDU without the crate's parser (an
+/// independent oracle): only lengths and the few fields the checks need.
+#[derive(Debug, Default)]
+struct Tap {
+    buf: Vec<u8>,
+    digests: Digests,
+}
+
+struct RawPdu {
+    opcode: u8,
+    immediate: bool,
+    bhs: [u8; 48],
+}
+
+impl Tap {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<RawPdu>) {
+        self.buf.extend_from_slice(bytes);
+        let mut at = 0;
+        while self.buf.len() - at >= 48 {
+            let b = &self.buf[at..];
+            let ahs = usize::from(b[4]) * 4;
+            let dsl = usize::from(b[5]) << 16 | usize::from(b[6]) << 8 | usize::from(b[7]);
+            let mut len = 48 + ahs;
+            if self.digests.header {
+                len += 4;
+            }
+            if dsl > 0 {
+                len += dsl.div_ceil(4) * 4;
+                if self.digests.data {
+                    len += 4;
+                }
+            }
+            if b.len() < len {
+                break;
+            }
+            let mut bhs = [0u8; 48];
+            bhs.copy_from_slice(&b[..48]);
+            out.push(RawPdu {
+                opcode: b[0] & 0x3f,
+                immediate: b[0] & 0x40 != 0,
+                bhs,
+            });
+            at += len;
+        }
+        self.buf.drain(..at);
+    }
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// CmdSN discipline on one connection, seen at the target: every
+/// non-immediate PDU carries the next CmdSN, inside the highest window the
+/// target had advertised before it arrived.
+#[derive(Debug, Default)]
+struct WindowCheck {
+    rx: Tap,
+    tx: Tap,
+    max_advertised: Option<Sn>,
+    next_cmd_sn: Option<Sn>,
+    commands: u64,
+}
+
+impl WindowCheck {
+    fn on_initiator_bytes(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let mut pdus = Vec::new();
+        self.rx.feed(bytes, &mut pdus);
+        for p in pdus {
+            let cmd_sn = Sn(be32(&p.bhs[24..28]));
+            match p.opcode {
+                // Login Request: its CmdSN is the first one of the session.
+                0x03 => self.next_cmd_sn = Some(cmd_sn),
+                // NOP-Out, SCSI Command, TMF, Text, Logout.
+                0x00 | 0x01 | 0x02 | 0x04 | 0x06 if !p.immediate => {
+                    self.commands += 1;
+                    let Some(max) = self.max_advertised else {
+                        return Err(format!(
+                            "opcode {:#04x} with CmdSN {cmd_sn} before any window",
+                            p.opcode
+                        ));
+                    };
+                    if cmd_sn.gt(max) {
+                        return Err(format!(
+                            "opcode {:#04x} with CmdSN {cmd_sn} outside the window (MaxCmdSN {max})",
+                            p.opcode
+                        ));
+                    }
+                    if let Some(next) = self.next_cmd_sn {
+                        if cmd_sn != next {
+                            return Err(format!(
+                                "opcode {:#04x} with CmdSN {cmd_sn}, expected {next}",
+                                p.opcode
+                            ));
+                        }
+                    }
+                    self.next_cmd_sn = Some(cmd_sn.next());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_target_bytes(&mut self, bytes: &[u8]) {
+        let mut pdus = Vec::new();
+        self.tx.feed(bytes, &mut pdus);
+        for p in pdus {
+            if p.opcode < 0x20 {
+                continue;
+            }
+            let exp = Sn(be32(&p.bhs[28..32]));
+            let max = Sn(be32(&p.bhs[32..36]));
+            // RFC 7143 §4.2.2.1: MaxCmdSN < ExpCmdSN - 1 means "ignore".
+            if max.lt(Sn(exp.0.wrapping_sub(1))) {
+                continue;
+            }
+            if self.max_advertised.is_none_or(|m| max.gt(m)) {
+                self.max_advertised = Some(max);
+            }
+        }
+    }
+
+    fn set_digests(&mut self, d: Digests) {
+        self.rx.digests = d;
+        self.tx.digests = d;
+    }
+}
+
+// ------------------------------------------------------------------ target
+
+/// One target-side connection and its driver state.
+struct TConn {
+    id: u64,
+    sock: SocketHandle,
+    conn: TargetConn,
+    /// Output waiting for its release time (slow target).
+    delayed: VecDeque<(Instant, Vec<u8>)>,
+    sendbuf: Vec<u8>,
+    sent: usize,
+    check: WindowCheck,
+    /// Existed while its portal was hung: restarted when the portal returns.
+    hung: bool,
+}
+
+// --------------------------------------------------------------- initiator
+
+enum Ini {
+    Down,
+    Connecting {
+        sock: SocketHandle,
+        login: Option<Box<Login>>,
+        out: Vec<u8>,
+        inbuf: Vec<u8>,
+        deadline: Instant,
+    },
+    Up {
+        sock: SocketHandle,
+        conn: Box<Connection>,
+    },
+}
+
+/// What a path's initiator side reports to the dispatcher.
+enum PathNews {
+    Completed(usize, Completion),
+    Failed(usize, Vec<Command>, String),
+}
+
+struct Path {
+    index: usize,
+    base_link: SimConfig,
+    link_now: (u64, u64, u64, bool),
+    dev_i: SimDevice,
+    dev_t: SimDevice,
+    ini: Interface,
+    tgt: Interface,
+    ini_pool: Vec<SocketHandle>,
+    tgt_pool: Vec<SocketHandle>,
+    listener: Option<SocketHandle>,
+    tconns: Vec<TConn>,
+    state: Ini,
+    health: PathHealth,
+    /// I/Os handed to this path's connection: count and bytes (PathLoad).
+    outstanding: u64,
+    outstanding_bytes: u64,
+    // Fault state.
+    slow: Duration,
+    hung: bool,
+    /// Bit flips still to do towards the target / towards the initiator.
+    corrupt_rx: u64,
+    corrupt_tx: u64,
+    logins: u32,
+    failures: u32,
+}
+
+fn take_socket(iface: &mut Interface, pool: &mut Vec<SocketHandle>) -> SocketHandle {
+    match pool
+        .iter()
+        .position(|&h| iface.socket(h).state() == TcpState::Closed)
+    {
+        Some(i) => pool.swap_remove(i),
+        None => iface.add_socket(None),
+    }
+}
+
+fn ini_ip(p: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, p as u8, 1)
+}
+fn tgt_ip(p: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, p as u8, 2)
+}
+
+// ------------------------------------------------------------- the model
+
+#[derive(Debug, Clone, Default)]
+struct BlockModel {
+    /// Last acknowledged generation (0: never written, reads as zeros).
+    committed: u64,
+    /// Generation of the write in flight, if any (the workload never has
+    /// two overlapping writes in flight).
+    inflight: Option<u64>,
+    /// Generations of writes that failed since the last acknowledged one:
+    /// they may or may not have reached the medium.
+    uncertain: Vec<u64>,
+}
+
+impl BlockModel {
+    fn possible(&self) -> Vec<u64> {
+        let mut v = vec![self.committed];
+        v.extend(self.inflight);
+        v.extend(self.uncertain.iter().copied());
+        v
+    }
+}
+
+struct IoSlot {
+    op: IoOp,
+    lba: u64,
+    blocks: u32,
+    generation: u64,
+    bytes: u64,
+    submitted: Instant,
+    path: Option<usize>,
+    held: Option<Command>,
+    not_before: Option<Instant>,
+    no_path_since: Option<Instant>,
+    scsi_retries: u32,
+    bounces: u32,
+    /// For reads: per block, the generations it may return.
+    allowed: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Stats {
+    ios: u64,
+    reads_verified: u64,
+    writes_acked: u64,
+    no_path_failures: u64,
+    path_failures: u64,
+    logins: u64,
+    bounced: u64,
+    scsi_retries: u64,
+    window_checked: u64,
+    /// Bit flips actually made above TCP (caught by digests).
+    corruptions: u64,
+    faults: BTreeMap<FaultKind, u64>,
+    virtual_time: Duration,
+    max_latency: Duration,
+}
+
+// ------------------------------------------------------------- simulation
+
+struct Sim {
+    sc: Scenario,
+    /// A hung portal resumes its old connections instead of restarting
+    /// them (`SYSTEM_SIM_HUNG_RESUME=1`): shows the stale-write hazard.
+    hung_resume: bool,
+    trace: bool,
+    trace_io: bool,
+    base: std::time::Instant,
+    now: Instant,
+    rng: SmallRng,
+    shared: Arc<TargetShared>,
+    paths: Vec<Path>,
+    selector: SelectorState,
+    rotate: usize,
+    ios: BTreeMap<u64, IoSlot>,
+    waiting: VecDeque<u64>,
+    next_io: u64,
+    next_gen: u64,
+    submitted: u32,
+    next_submit: Instant,
+    model: Vec<BlockModel>,
+    last_any_up: Option<Instant>,
+    next_tconn: u64,
+    /// Fault boundaries still to process: (time, fault index, is_start).
+    fault_events: VecDeque<(Instant, usize, bool)>,
+    restart_until: Option<Instant>,
+    stats: Stats,
+    log: Vec<String>,
+}
+
+impl Sim {
+    fn new(seed: u64, trace: bool, trace_io: bool) -> Result<Sim, String> {
+        let sc = scenario(seed);
+        let base = std::time::Instant::now();
+        let addrs: Vec<SocketAddr> = (0..sc.paths)
+            .map(|p| SocketAddr::from((tgt_ip(p), PORT)))
+            .collect();
+        let mut config = TargetConfig::new(TARGET_IQN)
+            .lun(LunConfig::ram(0, LUN_BYTES))
+            .queue_depth(sc.queue_depth)
+            .limits(sc.limits)
+            .unit_attentions(sc.unit_attentions)
+            .nop_in_interval(sc.target_nop);
+        for a in &addrs {
+            config = config.portal(*a);
+        }
+        let shared = Arc::new(TargetShared::new(config, &addrs).map_err(|e| e.to_string())?);
+        let mut paths = Vec::new();
+        for p in 0..sc.paths {
+            let (dev_i, dev_t) = sim::link(sc.links[p].clone(), seed.wrapping_mul(31) + p as u64);
+            let mk = |ip: Ipv4Addr, dev: &SimDevice, s: u64| {
+                let mut c = InterfaceConfig::new(ip, 24);
+                c.seed = s;
+                c.offload = sc.offload;
+                c.tcp = sc.tcp.clone();
+                Interface::new(c, dev.caps())
+            };
+            let ini = mk(ini_ip(p), &dev_i, seed ^ (0x100 + p as u64));
+            let tgt = mk(tgt_ip(p), &dev_t, seed ^ (0x200 + p as u64));
+            paths.push(Path {
+                index: p,
+                base_link: sc.links[p].clone(),
+                link_now: (0, 0, 0, false),
+                dev_i,
+                dev_t,
+                ini,
+                tgt,
+                ini_pool: Vec::new(),
+                tgt_pool: Vec::new(),
+                listener: None,
+                tconns: Vec::new(),
+                state: Ini::Down,
+                health: PathHealth::new(sc.reconnect),
+                outstanding: 0,
+                outstanding_bytes: 0,
+                slow: Duration::ZERO,
+                hung: false,
+                corrupt_rx: 0,
+                corrupt_tx: 0,
+                logins: 0,
+                failures: 0,
+            });
+        }
+        let mut fault_events: Vec<(Instant, usize, bool)> = Vec::new();
+        for (i, f) in sc.faults.iter().enumerate() {
+            fault_events.push((f.at, i, true));
+            fault_events.push((f.end(), i, false));
+        }
+        fault_events.sort_by_key(|&(t, i, start)| (t, !start, i));
+        let stats = Stats {
+            faults: sc.fault_counts.clone(),
+            ..Stats::default()
+        };
+        let mut s = Sim {
+            hung_resume: std::env::var("SYSTEM_SIM_HUNG_RESUME").is_ok_and(|v| v == "1"),
+            trace,
+            trace_io,
+            base,
+            now: Instant::ZERO,
+            rng: SmallRng::seed_from_u64(seed),
+            shared,
+            paths,
+            selector: SelectorState::new(),
+            rotate: 0,
+            ios: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            next_io: 1,
+            next_gen: 1,
+            submitted: 0,
+            next_submit: Instant::ZERO,
+            model: vec![BlockModel::default(); LUN_BLOCKS as usize],
+            last_any_up: None,
+            next_tconn: 1,
+            fault_events: fault_events.into(),
+            restart_until: None,
+            stats,
+            log: Vec::new(),
+            sc,
+        };
+        for p in 0..s.paths.len() {
+            s.listen(p);
+            s.start_connect(p);
+        }
+        Ok(s)
+    }
+
+    fn std(&self, t: Instant) -> std::time::Instant {
+        self.base + Duration::from_micros(t.total_micros())
+    }
+
+    fn virtual_of(&self, t: std::time::Instant) -> Instant {
+        let d = t.saturating_duration_since(self.base);
+        // Round up: a timer is due at or after its instant.
+        Instant::from_micros(d.as_nanos().div_ceil(1000) as u64)
+    }
+
+    fn note(&mut self, msg: String) {
+        if self.trace {
+            eprintln!("{} {msg}", self.now);
+        }
+        if self.log.len() < 200 {
+            self.log.push(format!("{} {msg}", self.now));
+        } else {
+            self.log.remove(0);
+            self.log.push(format!("{} {msg}", self.now));
+        }
+    }
+
+    // ------------------------------------------------------------- faults
+
+    fn link_config(&self, p: usize) -> SimConfig {
+        let mut c = self.paths[p].base_link.clone();
+        for f in &self.sc.faults {
+            if f.path != p || !(f.at <= self.now && self.now < f.end()) {
+                continue;
+            }
+            match f.kind {
+                FaultKind::LossBurst => c.loss = c.loss.max(f.param as f64 / 100.0),
+                FaultKind::Partition | FaultKind::Flap => c.loss = 1.0,
+                FaultKind::ReorderDup => {
+                    c.reorder = 0.3;
+                    c.reorder_delay = ms(20);
+                    c.duplicate = 0.1;
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+
+    fn apply_link(&mut self, p: usize) {
+        let c = self.link_config(p);
+        let key = (
+            (c.loss * 1e6) as u64,
+            (c.duplicate * 1e6) as u64,
+            (c.reorder * 1e6) as u64,
+            c.reorder_delay > self.paths[p].base_link.reorder_delay,
+        );
+        if key != self.paths[p].link_now {
+            self.paths[p].link_now = key;
+            self.paths[p].dev_i.set_config(c);
+        }
+    }
+
+    fn process_faults(&mut self) {
+        while let Some(&(t, i, start)) = self.fault_events.front() {
+            if t > self.now {
+                break;
+            }
+            self.fault_events.pop_front();
+            let f = self.sc.faults[i].clone();
+            let p = f.path;
+            if start {
+                self.note(format!(
+                    "FAULT {:?} path {p} for {:?} param {}",
+                    f.kind, f.duration, f.param
+                ));
+            } else if !f.duration.is_zero() {
+                self.note(format!("fault {:?} path {p} ends", f.kind));
+            }
+            match (f.kind, start) {
+                (FaultKind::TargetReset, true) => self.drop_target_conns(p, true),
+                (FaultKind::TargetClose, true) => self.drop_target_conns(p, false),
+                (FaultKind::SlowTarget, true) => {
+                    self.paths[p].slow = Duration::from_micros(f.param)
+                }
+                (FaultKind::SlowTarget, false) => self.paths[p].slow = Duration::ZERO,
+                (FaultKind::HungTarget, true) => {
+                    self.paths[p].hung = true;
+                    for c in &mut self.paths[p].tconns {
+                        c.hung = true;
+                    }
+                }
+                (FaultKind::HungTarget, false) if self.hung_resume => {
+                    // The portal resumes where it stopped: commands queued
+                    // on connections the initiator gave up on still run.
+                    self.paths[p].hung = false;
+                }
+                (FaultKind::HungTarget, false) => {
+                    self.paths[p].hung = false;
+                    // The hung portal is restarted: its connections are gone.
+                    let hung: Vec<u64> = self.paths[p]
+                        .tconns
+                        .iter()
+                        .filter(|c| c.hung)
+                        .map(|c| c.id)
+                        .collect();
+                    for id in hung {
+                        self.drop_tconn(p, id, true);
+                    }
+                }
+                (FaultKind::TargetRestart, true) => {
+                    for q in 0..self.paths.len() {
+                        self.drop_target_conns(q, true);
+                        if let Some(l) = self.paths[q].listener.take() {
+                            self.paths[q].tgt.socket_mut(l).close();
+                            self.paths[q].tgt_pool.push(l);
+                        }
+                    }
+                    self.restart_until =
+                        Some(self.restart_until.map_or(f.end(), |u| u.max(f.end())));
+                }
+                (FaultKind::TargetRestart, false)
+                    if self.restart_until.is_some_and(|u| u <= self.now) =>
+                {
+                    self.restart_until = None;
+                    for q in 0..self.paths.len() {
+                        self.listen(q);
+                    }
+                }
+                (FaultKind::CheckCondition, true) => {
+                    // Retryable: UNIT ATTENTION (mode parameters changed)
+                    // or NOT READY (becoming ready).
+                    let (key, asc, ascq) = if self.rng.gen_bool(0.5) {
+                        (0x06, 0x2a, 0x01)
+                    } else {
+                        (0x02, 0x04, 0x01)
+                    };
+                    self.shared.faults.portal(p).check_condition_next(
+                        f.param as u32,
+                        key,
+                        asc,
+                        ascq,
+                    );
+                }
+                (FaultKind::Corrupt, true) => {
+                    for _ in 0..f.param {
+                        if self.rng.gen_bool(0.5) {
+                            self.paths[p].corrupt_rx += 1;
+                        } else {
+                            self.paths[p].corrupt_tx += 1;
+                        }
+                    }
+                }
+                (FaultKind::Reject, true) => {
+                    self.shared
+                        .faults
+                        .portal(p)
+                        .reject_next_commands(f.param as u32, 0x09);
+                }
+                _ => {}
+            }
+            self.apply_link(p);
+        }
+    }
+
+    // ------------------------------------------------------------- target
+
+    /// Makes sure portal `p` has a socket listening (unless restarting).
+    fn listen(&mut self, p: usize) {
+        if self.restart_until.is_some() {
+            return;
+        }
+        let path = &mut self.paths[p];
+        if path.listener.is_some() {
+            return;
+        }
+        let h = take_socket(&mut path.tgt, &mut path.tgt_pool);
+        if path.tgt.listen(h, PORT).is_ok() {
+            path.listener = Some(h);
+        } else {
+            path.tgt_pool.push(h);
+        }
+    }
+
+    /// The target drops every connection on portal `p`: with a reset, or
+    /// closing gracefully after what it has already written.
+    fn drop_target_conns(&mut self, p: usize, reset: bool) {
+        let ids: Vec<u64> = self.paths[p].tconns.iter().map(|c| c.id).collect();
+        for id in ids {
+            self.drop_tconn(p, id, reset);
+        }
+    }
+
+    fn drop_tconn(&mut self, p: usize, id: u64, reset: bool) {
+        let path = &mut self.paths[p];
+        let Some(i) = path.tconns.iter().position(|c| c.id == id) else {
+            return;
+        };
+        let c = path.tconns.remove(i);
+        let sock = path.tgt.socket_mut(c.sock);
+        if reset {
+            sock.abort();
+        } else {
+            // Whatever the state machine already produced goes out first.
+            let _ = sock.send_slice(&c.sendbuf[c.sent..]);
+            sock.close();
+        }
+        path.tgt_pool.push(c.sock);
+        self.stats.window_checked += c.check.commands;
+        self.note(format!(
+            "target conn {id} on path {p} dropped ({})",
+            if reset { "reset" } else { "closed" }
+        ));
+    }
+
+    /// Accepts new connections and runs every target connection of portal `p`.
+    fn target_step(&mut self, p: usize) -> Result<(), String> {
+        let now = self.now;
+        let std_now = self.std(now);
+        // A listener that got a SYN is now a connection: wrap it, listen anew.
+        if let Some(l) = self.paths[p].listener {
+            let state = self.paths[p].tgt.socket(l).state();
+            if state != TcpState::Listen {
+                self.paths[p].listener = None;
+                if state == TcpState::Closed {
+                    self.paths[p].tgt_pool.push(l);
+                } else {
+                    let id = self.next_tconn;
+                    self.next_tconn += 1;
+                    let mut conn = TargetConn::new(self.shared.clone(), p, std_now);
+                    conn.set_local_addr(SocketAddr::from((tgt_ip(p), PORT)));
+                    let hung = self.paths[p].hung;
+                    self.paths[p].tconns.push(TConn {
+                        id,
+                        sock: l,
+                        conn,
+                        delayed: VecDeque::new(),
+                        sendbuf: Vec::new(),
+                        sent: 0,
+                        check: WindowCheck::default(),
+                        hung,
+                    });
+                    self.note(format!("target conn {id} accepted on path {p}"));
+                }
+                self.listen(p);
+            }
+        }
+        let mut finished = Vec::new();
+        let mut corrupted = Vec::new();
+        let path = &mut self.paths[p];
+        let slow = path.slow;
+        let hung = path.hung;
+        let hung_resume = self.hung_resume;
+        for c in &mut path.tconns {
+            let sock = path.tgt.socket_mut(c.sock);
+            let d = c.conn.params().digests();
+            let protected = c.conn.is_full_feature() && d.header && d.data;
+            let mut gone = None;
+            if !hung && !c.conn.is_closed() {
+                loop {
+                    let was_ff = c.conn.is_full_feature();
+                    let buf = c.conn.recv_buffer();
+                    match sock.recv_slice(buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if let Err(e) = c.check.on_initiator_bytes(&buf[..n]) {
+                                return Err(format!("path {p} target conn {}: {e}", c.id));
+                            }
+                            if protected && path.corrupt_rx > 0 {
+                                path.corrupt_rx -= 1;
+                                let at = self.rng.gen_range(0..n);
+                                buf[at] ^= 1 << self.rng.gen_range(0..8);
+                                corrupted.push((c.id, "to the target"));
+                            }
+                            c.conn.received(n, std_now);
+                            // Login output is framed without digests: tap
+                            // it before switching to the negotiated ones.
+                            if !c.conn.output().is_empty() {
+                                c.check.on_target_bytes(c.conn.output());
+                                c.delayed.push_back((now + slow, c.conn.output().to_vec()));
+                                c.conn.clear_output();
+                            }
+                            if !was_ff && c.conn.is_full_feature() {
+                                c.check.set_digests(c.conn.params().digests());
+                            }
+                        }
+                        Err(TcpError::Finished) => {
+                            gone = Some("initiator closed");
+                            break;
+                        }
+                        Err(TcpError::InvalidState) => break,
+                        Err(_) => {
+                            gone = Some("connection reset");
+                            break;
+                        }
+                    }
+                }
+                if c.conn.poll_timeout().is_some_and(|t| t <= std_now) {
+                    c.conn.handle_timeout(std_now);
+                }
+                if !c.conn.output().is_empty() {
+                    c.check.on_target_bytes(c.conn.output());
+                    c.delayed.push_back((now + slow, c.conn.output().to_vec()));
+                    c.conn.clear_output();
+                }
+            }
+            if !hung {
+                while c.delayed.front().is_some_and(|(t, _)| *t <= now) {
+                    if let Some((_, mut bytes)) = c.delayed.pop_front() {
+                        if protected && path.corrupt_tx > 0 && !bytes.is_empty() {
+                            path.corrupt_tx -= 1;
+                            let at = self.rng.gen_range(0..bytes.len());
+                            bytes[at] ^= 1 << self.rng.gen_range(0..8);
+                            corrupted.push((c.id, "to the initiator"));
+                        }
+                        c.sendbuf.extend_from_slice(&bytes);
+                    }
+                }
+            }
+            if c.sent < c.sendbuf.len() && sock.may_send() {
+                match sock.send_slice(&c.sendbuf[c.sent..]) {
+                    Ok(n) => c.sent += n,
+                    Err(_) => gone = gone.or(Some("send failed")),
+                }
+                if c.sent == c.sendbuf.len() {
+                    c.sendbuf.clear();
+                    c.sent = 0;
+                }
+            }
+            if c.conn.is_closed() && c.delayed.is_empty() && c.sendbuf.is_empty() {
+                gone = gone.or(Some("target closed the connection"));
+            }
+            // With SYSTEM_SIM_HUNG_RESUME, a hung portal still has what its
+            // TCP buffered before the reset, and reads it when it resumes.
+            let keep = hung && hung_resume && sock.recv_queue() > 0;
+            if sock.state() == TcpState::Closed && !keep {
+                gone = gone.or(Some("socket closed"));
+            }
+            if let Some(why) = gone {
+                finished.push((c.id, why, c.conn.close_reason().map(str::to_string)));
+            }
+        }
+        for (id, dir) in corrupted {
+            self.stats.corruptions += 1;
+            self.note(format!(
+                "corrupted a byte {dir} on target conn {id} (path {p})"
+            ));
+        }
+        for (id, why, reason) in finished {
+            let p_ = &mut self.paths[p];
+            if let Some(i) = p_.tconns.iter().position(|c| c.id == id) {
+                let c = p_.tconns.remove(i);
+                let sock = p_.tgt.socket_mut(c.sock);
+                match sock.state() {
+                    TcpState::Closed | TcpState::TimeWait => {}
+                    TcpState::CloseWait | TcpState::Established => sock.close(),
+                    _ => {}
+                }
+                p_.tgt_pool.push(c.sock);
+                self.stats.window_checked += c.check.commands;
+                self.note(format!(
+                    "target conn {id} on path {p} ends: {why} ({})",
+                    reason.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------- initiator
+
+    fn start_connect(&mut self, p: usize) {
+        let now = self.now;
+        let path = &mut self.paths[p];
+        path.health.on_attempt();
+        let h = take_socket(&mut path.ini, &mut path.ini_pool);
+        match path.ini.connect(now, h, SocketAddrV4::new(tgt_ip(p), PORT)) {
+            Ok(_) => {
+                path.state = Ini::Connecting {
+                    sock: h,
+                    login: None,
+                    out: Vec::new(),
+                    inbuf: Vec::new(),
+                    deadline: now + self.sc.login_timeout,
+                };
+                self.note(format!("path {p} connecting"));
+            }
+            Err(e) => {
+                path.ini_pool.push(h);
+                let std_now = self.std(now);
+                self.paths[p].health.on_failure(std_now);
+                self.note(format!("path {p} cannot connect: {e}"));
+            }
+        }
+    }
+
+    /// A login attempt or a live connection died.
+    fn path_down(&mut self, p: usize, why: String, news: &mut Vec<PathNews>) {
+        let std_now = self.std(self.now);
+        let path = &mut self.paths[p];
+        let state = std::mem::replace(&mut path.state, Ini::Down);
+        let (sock, cmds) = match state {
+            Ini::Down => return,
+            Ini::Connecting { sock, .. } => (sock, None),
+            Ini::Up { sock, mut conn } => (sock, Some(conn.take_outstanding())),
+        };
+        path.ini.socket_mut(sock).abort();
+        path.ini_pool.push(sock);
+        path.health.on_failure(std_now);
+        path.failures += 1;
+        let was_up = cmds.is_some();
+        if let Some(cmds) = cmds {
+            news.push(PathNews::Failed(p, cmds, why.clone()));
+        }
+        let next = self.paths[p]
+            .health
+            .next_attempt()
+            .map(|t| self.virtual_of(t));
+        self.note(format!(
+            "path {p} {} failed: {why}; retry at {}",
+            if was_up { "connection" } else { "login" },
+            next.map_or("never".into(), |t| t.to_string())
+        ));
+    }
+
+    fn initiator_step(&mut self, p: usize, news: &mut Vec<PathNews>) {
+        let now = self.now;
+        let std_now = self.std(now);
+        let timers = self.sc.timers;
+        let mut failure: Option<String> = None;
+        let mut logged_in = None;
+        {
+            let path = &mut self.paths[p];
+            match &mut path.state {
+                Ini::Down => {}
+                Ini::Connecting {
+                    sock,
+                    login,
+                    out,
+                    inbuf,
+                    deadline,
+                } => {
+                    let s = path.ini.socket_mut(*sock);
+                    if now >= *deadline {
+                        failure = Some("login timed out".into());
+                    } else if s.state() == TcpState::Closed {
+                        failure = Some(format!(
+                            "TCP connect failed: {}",
+                            s.error().map_or("closed".into(), |e| e.to_string())
+                        ));
+                    } else if s.state() == TcpState::Established || login.is_some() {
+                        if login.is_none() {
+                            let mut cfg = LoginConfig::new(INITIATOR_IQN, Some(TARGET_IQN));
+                            cfg.isid = [0x80, 0, 0, 0, 0, p as u8];
+                            cfg.offer = self.sc.offer.clone();
+                            let mut l = Login::new(cfg, 0, Sn(1));
+                            l.start(out);
+                            *login = Some(Box::new(l));
+                        }
+                        let mut chunk = [0u8; 4096];
+                        loop {
+                            match s.recv_slice(&mut chunk) {
+                                Ok(0) => break,
+                                Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+                                Err(e) => {
+                                    failure = Some(format!("during login: {e}"));
+                                    break;
+                                }
+                            }
+                        }
+                        let framer = PduFramer {
+                            digests: Digests::default(),
+                            max_data_segment_len: 65_536,
+                        };
+                        while failure.is_none() && logged_in.is_none() {
+                            let f = match framer.frame(inbuf) {
+                                Ok(Some(f)) => f,
+                                Ok(None) => break,
+                                Err(e) => {
+                                    failure = Some(format!("login framing: {e}"));
+                                    break;
+                                }
+                            };
+                            let data = inbuf[f.data.clone()].to_vec();
+                            inbuf.drain(..f.total_len);
+                            let PduHeader::LoginResponse(rsp) = &f.header else {
+                                failure = Some(format!("{} PDU during login", f.header.opcode()));
+                                break;
+                            };
+                            let Some(l) = login.as_mut() else { break };
+                            match l.on_response(rsp, &data, out) {
+                                Ok(LoginProgress::Continue) => {}
+                                Ok(LoginProgress::Done(outcome)) => logged_in = Some(outcome),
+                                Err(e) => failure = Some(e.to_string()),
+                            }
+                        }
+                        if failure.is_none() && !out.is_empty() {
+                            match s.send_slice(out) {
+                                Ok(n) => {
+                                    out.drain(..n);
+                                }
+                                Err(e) => failure = Some(format!("login send: {e}")),
+                            }
+                        }
+                    }
+                }
+                Ini::Up { sock, conn } => {
+                    let s = path.ini.socket_mut(*sock);
+                    loop {
+                        let space = conn.rx_space(4096);
+                        match s.recv_slice(space) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if let Err(e) = conn.commit_rx(n, std_now) {
+                                    failure = Some(e.to_string());
+                                    break;
+                                }
+                            }
+                            Err(TcpError::Finished) => {
+                                failure = Some("target closed the connection".into());
+                                break;
+                            }
+                            Err(e) => {
+                                failure = Some(format!("TCP: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                    if failure.is_none() && conn.poll_timeout().is_some_and(|t| t <= std_now) {
+                        if let Err(e) = conn.handle_timeout(std_now) {
+                            failure = Some(e.to_string());
+                        }
+                    }
+                    while let Some(ev) = conn.poll_event() {
+                        match ev {
+                            Event::Completed(c) => news.push(PathNews::Completed(p, c)),
+                            Event::LogoutRequested { .. } => {
+                                failure = failure.or(Some("target asks for logout".into()))
+                            }
+                            _ => {}
+                        }
+                    }
+                    if failure.is_none() {
+                        if let Some(e) = conn.is_failed() {
+                            failure = Some(e.to_string());
+                        } else if s.state() == TcpState::Closed {
+                            failure = Some("TCP connection closed".into());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(outcome) = logged_in {
+            let path = &mut self.paths[p];
+            if let Ini::Connecting { sock, inbuf, .. } =
+                std::mem::replace(&mut path.state, Ini::Down)
+            {
+                let mut conn = Box::new(Connection::new(&outcome, timers, std_now));
+                let leftover = conn.receive(&inbuf, std_now);
+                path.health.on_login(Duration::from_secs(u64::from(
+                    outcome.params.default_time2wait,
+                )));
+                path.logins += 1;
+                self.stats.logins += 1;
+                path.state = Ini::Up { sock, conn };
+                self.note(format!(
+                    "path {p} logged in: tsih {} window {}..={} | {}",
+                    outcome.tsih, outcome.cmd_sn, outcome.max_cmd_sn, outcome.params
+                ));
+                if let Err(e) = leftover {
+                    failure = Some(e.to_string());
+                }
+            }
+        }
+        if let Some(why) = failure {
+            self.path_down(p, why, news);
+        }
+        if matches!(self.paths[p].state, Ini::Down) && self.paths[p].health.due(std_now) {
+            self.start_connect(p);
+        }
+    }
+
+    /// Moves the connection's output into the socket.
+    fn initiator_flush(&mut self, p: usize) {
+        let path = &mut self.paths[p];
+        if let Ini::Up { sock, conn } = &mut path.state {
+            let s = path.ini.socket_mut(*sock);
+            let pending = conn.pending_tx();
+            if !pending.is_empty() && s.may_send() {
+                if let Ok(n) = s.send_slice(pending) {
+                    conn.consume_tx(n);
+                }
+            }
+        }
+    }
+
+    fn path_up(&self, p: usize) -> bool {
+        self.paths[p].health.state() == PathState::Up
+            && matches!(&self.paths[p].state, Ini::Up { conn, .. } if conn.is_failed().is_none())
+    }
+
+    // --------------------------------------------------------- dispatcher
+
+    /// Hands I/O `id` (its command in `held`) to the best usable path.
+    fn dispatch(&mut self, id: u64) -> bool {
+        let candidates: Vec<PathLoad> = (0..self.paths.len())
+            .filter(|&p| self.path_up(p))
+            .map(|p| PathLoad {
+                index: p,
+                outstanding: self.paths[p].outstanding,
+                outstanding_bytes: self.paths[p].outstanding_bytes,
+                latency_ewma_ns: 0,
+            })
+            .collect();
+        let Some(io) = self.ios.get_mut(&id) else {
+            return true;
+        };
+        self.rotate = self.rotate.wrapping_add(1);
+        let Some(p) = select(
+            Policy::QueueDepth,
+            &candidates,
+            io.bytes,
+            &self.selector,
+            self.rotate,
+        ) else {
+            return false;
+        };
+        let Some(mut cmd) = io.held.take() else {
+            return true;
+        };
+        cmd.user_tag = id;
+        let std_now = self.base + Duration::from_micros(self.now.total_micros());
+        let path = &mut self.paths[p];
+        let Ini::Up { conn, .. } = &mut path.state else {
+            io.held = Some(cmd);
+            return false;
+        };
+        // A failed connection would swallow the command: path_up() checked.
+        if let Err(e) = conn.submit(cmd, std_now) {
+            panic!("submit on a usable connection failed: {e}");
+        }
+        path.outstanding += 1;
+        path.outstanding_bytes += io.bytes;
+        io.path = Some(p);
+        io.no_path_since = None;
+        true
+    }
+
+    fn release_path_load(&mut self, p: usize, bytes: u64) {
+        let path = &mut self.paths[p];
+        path.outstanding = path.outstanding.saturating_sub(1);
+        path.outstanding_bytes = path.outstanding_bytes.saturating_sub(bytes);
+    }
+
+    fn handle_news(&mut self, news: Vec<PathNews>) -> Result<(), String> {
+        for n in news {
+            match n {
+                PathNews::Completed(p, c) => self.on_completion(p, c)?,
+                PathNews::Failed(p, cmds, why) => {
+                    self.stats.path_failures += 1;
+                    for cmd in cmds {
+                        let id = cmd.user_tag;
+                        let Some(io) = self.ios.get_mut(&id) else {
+                            return Err(format!(
+                                "path {p} handed back I/O {id}, which already completed"
+                            ));
+                        };
+                        if io.path != Some(p) {
+                            return Err(format!(
+                                "path {p} handed back I/O {id}, which is on path {:?}",
+                                io.path
+                            ));
+                        }
+                        io.path = None;
+                        io.bounces += 1;
+                        io.held = Some(cmd);
+                        let bytes = io.bytes;
+                        self.release_path_load(p, bytes);
+                        self.stats.bounced += 1;
+                        if !self.dispatch(id) {
+                            let now = self.now;
+                            if let Some(io) = self.ios.get_mut(&id) {
+                                io.no_path_since = Some(now);
+                            }
+                            self.waiting.push_back(id);
+                        }
+                    }
+                    // Nothing may stay behind on the dead connection.
+                    if let Some((id, _)) = self.ios.iter().find(|(_, io)| io.path == Some(p)) {
+                        return Err(format!(
+                            "I/O {id} lost: path {p} failed ({why}) without handing it back"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_completion(&mut self, p: usize, c: Completion) -> Result<(), String> {
+        let id = c.user_tag;
+        let Some(io) = self.ios.get_mut(&id) else {
+            return Err(format!(
+                "I/O {id} completed on path {p} but is not outstanding (completed twice?)"
+            ));
+        };
+        if io.path != Some(p) {
+            return Err(format!(
+                "I/O {id} completed on path {p} but was handed to {:?}",
+                io.path
+            ));
+        }
+        io.path = None;
+        let bytes = io.bytes;
+        self.release_path_load(p, bytes);
+        let io = self.ios.get_mut(&id).ok_or("vanished")?;
+        match judge(c.response, c.status, &c.sense, io.scsi_retries, MAX_RETRIES) {
+            Verdict::Success => {
+                if c.residual != 0 {
+                    return Err(format!("I/O {id}: GOOD with residual {}", c.residual));
+                }
+                self.finish(id, Ok(()), c.buffer)
+            }
+            Verdict::Fail(e) => self.finish(id, Err(e), c.buffer),
+            Verdict::Retry { delay, error, .. } => {
+                io.scsi_retries += 1;
+                self.stats.scsi_retries += 1;
+                io.not_before = (!delay.is_zero()).then(|| self.now + delay);
+                io.held = Some(command_from_completion(c));
+                if self.trace_io {
+                    eprintln!("{} io {id} retry after {error}", self.now);
+                }
+                self.waiting.push_back(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Retries held I/Os; fails those without a path for `no_path_timeout`.
+    fn retry_waiting(&mut self) -> Result<(), String> {
+        for _ in 0..self.waiting.len() {
+            let Some(id) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some(io) = self.ios.get(&id) else {
+                continue;
+            };
+            if io.not_before.is_some_and(|t| self.now < t) {
+                self.waiting.push_back(id);
+                continue;
+            }
+            if self.dispatch(id) {
+                continue;
+            }
+            let now = self.now;
+            let io = self.ios.get_mut(&id).ok_or("vanished")?;
+            io.not_before = None;
+            let since = *io.no_path_since.get_or_insert(now);
+            let waited = now.saturating_duration_since(since);
+            if waited >= self.sc.no_path_timeout {
+                let buf = io.held.take().map(|c| c.buffer).unwrap_or_default();
+                self.finish(id, Err(IoError::NoPath { waited }), buf)?;
+            } else {
+                self.waiting.push_back(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// The application sees I/O `id` finish: check it against the model.
+    fn finish(
+        &mut self,
+        id: u64,
+        result: Result<(), IoError>,
+        buffer: Vec<u8>,
+    ) -> Result<(), String> {
+        let io = self.ios.remove(&id).ok_or("finish: unknown I/O")?;
+        let latency = self.now.saturating_duration_since(io.submitted);
+        self.stats.max_latency = self.stats.max_latency.max(latency);
+        self.stats.ios += 1;
+        if self.trace_io {
+            eprintln!(
+                "{} io {id} {:?} lba {} +{} gen {} -> {:?} after {latency:?} ({} bounces, {} retries)",
+                self.now, io.op, io.lba, io.blocks, io.generation, result, io.bounces, io.scsi_retries
+            );
+        }
+        match &result {
+            Ok(()) => {}
+            Err(IoError::NoPath { waited }) => {
+                self.stats.no_path_failures += 1;
+                if *waited < self.sc.no_path_timeout {
+                    return Err(format!(
+                        "I/O {id} failed after only {waited:?} without a path"
+                    ));
+                }
+                // Independent oracle: no path was up for the whole timeout.
+                if let Some(t) = self.last_any_up {
+                    let quiet = self.now.saturating_duration_since(t);
+                    if quiet < self.sc.no_path_timeout {
+                        return Err(format!(
+                            "I/O {id} failed with no path, but a path was up {quiet:?} ago"
+                        ));
+                    }
+                }
+                self.note(format!("io {id} failed: no path for {waited:?}"));
+            }
+            Err(e) => return Err(format!("I/O {id} ({:?}) failed: {e}", io.op)),
+        }
+        let first = io.lba as usize;
+        match io.op {
+            IoOp::Write => {
+                for b in first..first + io.blocks as usize {
+                    let m = &mut self.model[b];
+                    if m.inflight != Some(io.generation) {
+                        return Err(format!("model: block {b} lost its in-flight write"));
+                    }
+                    m.inflight = None;
+                    if result.is_ok() {
+                        m.committed = io.generation;
+                        m.uncertain.clear();
+                    } else {
+                        m.uncertain.push(io.generation);
+                    }
+                }
+                if result.is_ok() {
+                    self.stats.writes_acked += 1;
+                }
+            }
+            IoOp::Read if result.is_ok() => {
+                for (i, block) in buffer.chunks(BLOCK as usize).enumerate() {
+                    let lba = io.lba + i as u64;
+                    let found = block_generation(block, lba)
+                        .map_err(|e| format!("I/O {id} read block {lba}: {e}"))?;
+                    if !io.allowed[i].contains(&found) {
+                        return Err(format!(
+                            "I/O {id} read block {lba}: generation {found}, allowed {:?} \
+                             (lost or stale write)",
+                            io.allowed[i]
+                        ));
+                    }
+                }
+                self.stats.reads_verified += 1;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------- workload
+
+    fn submit_workload(&mut self) -> Result<(), String> {
+        while self.submitted < self.sc.ios
+            && self.ios.len() < self.sc.qd
+            && self.now >= self.next_submit
+        {
+            let blocks = self.rng.gen_range(1..=self.sc.max_blocks) as u64;
+            let hot = self.sc.hot_blocks.max(blocks);
+            let mut lba = self.rng.gen_range(0..=hot - blocks);
+            let mut write = self.rng.gen_bool(self.sc.write_ratio);
+            if write {
+                // Never two overlapping writes in flight: the model could
+                // not tell which one the medium holds.
+                let busy = |lba: u64, model: &[BlockModel]| {
+                    (lba..lba + blocks).any(|b| model[b as usize].inflight.is_some())
+                };
+                let mut tries = 0;
+                while busy(lba, &self.model) && tries < 8 {
+                    lba = self.rng.gen_range(0..=hot - blocks);
+                    tries += 1;
+                }
+                write = !busy(lba, &self.model);
+            }
+            let id = self.next_io;
+            self.next_io += 1;
+            let blocks = blocks as u32;
+            let mut generation = 0;
+            let mut io = if write {
+                generation = self.next_gen;
+                self.next_gen += 1;
+                let mut buf = vec![0u8; (blocks * BLOCK) as usize];
+                for (i, b) in buf.chunks_mut(BLOCK as usize).enumerate() {
+                    stamp_block(b, lba + i as u64, generation);
+                }
+                for b in lba..lba + u64::from(blocks) {
+                    self.model[b as usize].inflight = Some(generation);
+                }
+                // Reads in flight over these blocks may now see this write.
+                for r in self.ios.values_mut().filter(|r| r.op == IoOp::Read) {
+                    for b in lba..lba + u64::from(blocks) {
+                        if (r.lba..r.lba + u64::from(r.blocks)).contains(&b) {
+                            r.allowed[(b - r.lba) as usize].push(generation);
+                        }
+                    }
+                }
+                Io::write(lba, blocks, buf, id)
+            } else {
+                Io::read(lba, blocks, Vec::new(), id)
+            };
+            let allowed = if write {
+                Vec::new()
+            } else {
+                (lba..lba + u64::from(blocks))
+                    .map(|b| self.model[b as usize].possible())
+                    .collect()
+            };
+            let cmd = build_command(&mut io, 0, BLOCK, LUN_BLOCKS).map_err(|e| e.to_string())?;
+            self.ios.insert(
+                id,
+                IoSlot {
+                    op: io.op,
+                    lba,
+                    blocks,
+                    generation,
+                    bytes: cmd.buffer.len() as u64,
+                    submitted: self.now,
+                    path: None,
+                    held: Some(cmd),
+                    not_before: None,
+                    no_path_since: None,
+                    scsi_retries: 0,
+                    bounces: 0,
+                    allowed,
+                },
+            );
+            self.submitted += 1;
+            if !self.dispatch(id) {
+                if let Some(io) = self.ios.get_mut(&id) {
+                    io.no_path_since = Some(self.now);
+                }
+                self.waiting.push_back(id);
+            }
+            let think = self.sc.think.as_micros() as u64;
+            self.next_submit = self.now + Duration::from_micros(self.rng.gen_range(0..=2 * think));
+        }
+        Ok(())
+    }
+}
+
+/// The generation a block read back carries (0: never written, all zeros).
+fn block_generation(block: &[u8], lba: u64) -> Result<u64, String> {
+    check_block(block, lba, 0).map_err(|e| e.to_string())?;
+    if block.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    if &block[0..8] != iscsi_bypass::bench::verify::MAGIC {
+        return Err("neither zeros nor a verify stamp (garbage)".into());
+    }
+    Ok(u64::from_le_bytes(
+        block[16..24].try_into().unwrap_or([0; 8]),
+    ))
+}
+
+// ------------------------------------------------------------- main loop
+
+impl Sim {
+    fn poll_links(&mut self) {
+        let now = self.now;
+        for path in &mut self.paths {
+            path.dev_i.set_now(now);
+            path.ini.poll(now, &mut path.dev_i);
+            path.tgt.poll(now, &mut path.dev_t);
+        }
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.process_faults();
+        self.poll_links();
+        for p in 0..self.paths.len() {
+            self.target_step(p)?;
+        }
+        let mut news = Vec::new();
+        for p in 0..self.paths.len() {
+            self.initiator_step(p, &mut news);
+        }
+        self.handle_news(news)?;
+        if (0..self.paths.len()).any(|p| self.path_up(p)) {
+            self.last_any_up = Some(self.now);
+        }
+        self.retry_waiting()?;
+        self.submit_workload()?;
+        for p in 0..self.paths.len() {
+            self.initiator_flush(p);
+        }
+        // Replies the target can give at once (and the login requests).
+        for p in 0..self.paths.len() {
+            self.target_step(p)?;
+        }
+        self.poll_links();
+        self.check_hangs()
+    }
+
+    fn check_hangs(&self) -> Result<(), String> {
+        let bound = self.sc.recovery_bound();
+        for (id, io) in &self.ios {
+            let from = io.submitted.max(self.sc.fault_end);
+            if self.now.saturating_duration_since(from) > bound {
+                return Err(format!(
+                    "I/O {id} ({:?} lba {}) hangs: submitted at {}, on path {:?}, \
+                     {} bounces, still outstanding {bound:?} after the faults ended",
+                    io.op, io.lba, io.submitted, io.path, io.bounces
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.wakeups().into_iter().map(|(t, _)| t).min()
+    }
+
+    /// Every timer and arrival the simulation waits for, with its source.
+    fn wakeups(&self) -> Vec<(Instant, String)> {
+        let now = self.now;
+        let mut all = Vec::new();
+        let mut label = String::new();
+        let mut consider = |t: Option<Instant>, what: &str| {
+            if let Some(t) = t {
+                all.push((t, what.to_string()));
+            }
+        };
+        for path in &self.paths {
+            label.clear();
+            let _ = write!(label, "path {}", path.index);
+            consider(path.ini.poll_at(now), &format!("{label} initiator iface"));
+            consider(path.tgt.poll_at(now), &format!("{label} target iface"));
+            consider(path.dev_i.next_arrival(), &format!("{label} link"));
+            match &path.state {
+                Ini::Down => consider(
+                    path.health.next_attempt().map(|t| self.virtual_of(t)),
+                    &format!("{label} reconnect"),
+                ),
+                Ini::Connecting { deadline, .. } => {
+                    consider(Some(*deadline), &format!("{label} login deadline"))
+                }
+                Ini::Up { conn, .. } => consider(
+                    conn.poll_timeout().map(|t| self.virtual_of(t)),
+                    &format!("{label} connection timer"),
+                ),
+            }
+            if !path.hung {
+                for c in &path.tconns {
+                    consider(
+                        c.conn.poll_timeout().map(|t| self.virtual_of(t)),
+                        &format!("{label} target conn {} timer", c.id),
+                    );
+                    consider(
+                        c.delayed.front().map(|(t, _)| *t),
+                        &format!("{label} target conn {} delayed output", c.id),
+                    );
+                }
+            }
+        }
+        consider(self.fault_events.front().map(|(t, _, _)| *t), "fault");
+        for id in &self.waiting {
+            if let Some(io) = self.ios.get(id) {
+                consider(io.not_before, "retry delay");
+                consider(
+                    io.no_path_since.map(|t| t + self.sc.no_path_timeout),
+                    "no-path timeout",
+                );
+            }
+        }
+        if self.submitted < self.sc.ios && self.ios.len() < self.sc.qd {
+            consider(Some(self.next_submit), "workload");
+        }
+        all
+    }
+
+    fn all_paths_up(&self) -> bool {
+        (0..self.paths.len()).all(|p| self.path_up(p))
+    }
+
+    /// After the run: the medium holds, block by block, the last
+    /// acknowledged write (or one that failed after it).
+    fn final_check(&self) -> Result<(), String> {
+        let lun = &self.shared.luns[0];
+        let mut buf = vec![0u8; BLOCK as usize];
+        for (b, m) in self.model.iter().enumerate() {
+            if m.inflight.is_some() {
+                return Err(format!("block {b} still has a write in flight"));
+            }
+            lun.read(b as u64 * u64::from(BLOCK), &mut buf);
+            let found =
+                block_generation(&buf, b as u64).map_err(|e| format!("medium block {b}: {e}"))?;
+            if found != m.committed && !m.uncertain.contains(&found) {
+                return Err(format!(
+                    "medium block {b} holds generation {found}, acknowledged {} \
+                     (failed since: {:?}): lost or stale write",
+                    m.committed, m.uncertain
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let bound = self.sc.recovery_bound();
+        let hard_deadline = self.sc.fault_end + bound + ms(1_000);
+        let mut same_instant = 0u32;
+        loop {
+            self.step()?;
+            let done = self.submitted >= self.sc.ios
+                && self.ios.is_empty()
+                && self.now >= self.sc.fault_end
+                && self.all_paths_up();
+            if done {
+                break;
+            }
+            if self.now > hard_deadline {
+                let down: Vec<usize> = (0..self.paths.len())
+                    .filter(|&p| !self.path_up(p))
+                    .collect();
+                return Err(format!(
+                    "no progress {bound:?} after the faults ended: {} I/Os outstanding \
+                     ({} of {} submitted), paths down: {down:?}",
+                    self.ios.len(),
+                    self.submitted,
+                    self.sc.ios
+                ));
+            }
+            match self.next_wakeup() {
+                Some(t) if t > self.now => {
+                    self.now = t;
+                    same_instant = 0;
+                }
+                Some(_) => {
+                    same_instant += 1;
+                    if same_instant > 1_000 {
+                        let due: Vec<String> = self
+                            .wakeups()
+                            .into_iter()
+                            .filter(|(t, _)| *t <= self.now)
+                            .map(|(t, w)| format!("{w} at {t}"))
+                            .collect();
+                        return Err(format!("busy loop at {}: due {due:?}", self.now));
+                    }
+                }
+                None => {
+                    return Err(format!(
+                        "nothing left to wait for, but {} I/Os outstanding",
+                        self.ios.len()
+                    ))
+                }
+            }
+        }
+        self.final_check()?;
+        self.stats.virtual_time = Duration::from_micros(self.now.total_micros());
+        Ok(())
+    }
+}
+
+struct Failure {
+    seed: u64,
+    error: String,
+    log: Vec<String>,
+}
+
+fn run_seed(seed: u64, trace: bool, trace_io: bool) -> Result<Stats, Failure> {
+    let fail = |error: String, log: Vec<String>| Failure { seed, error, log };
+    let mut sim = Sim::new(seed, trace, trace_io).map_err(|e| fail(e, Vec::new()))?;
+    if trace {
+        eprintln!("{:#?}", sim.sc);
+    }
+    match sim.run() {
+        Ok(()) => {
+            for path in &sim.paths {
+                for c in &path.tconns {
+                    sim.stats.window_checked += c.check.commands;
+                }
+            }
+            if trace {
+                for path in &sim.paths {
+                    eprintln!(
+                        "path {}: {} logins, {} failures, link {:?}",
+                        path.index,
+                        path.logins,
+                        path.failures,
+                        path.dev_i.counters()
+                    );
+                }
+                eprintln!("{:#?}", sim.stats);
+            }
+            Ok(sim.stats)
+        }
+        Err(e) => {
+            let log = std::mem::take(&mut sim.log);
+            Err(fail(format!("at {}: {e}", sim.now), log))
+        }
+    }
+}
+
+#[test]
+fn system_simulation_many_seeds() {
+    let trace_io = std::env::var("SYSTEM_SIM_TRACE").is_ok_and(|v| v == "io");
+    if let Ok(seed) = std::env::var("SYSTEM_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("SYSTEM_SIM_SEED must be a number");
+        if let Err(f) = run_seed(seed, true, trace_io) {
+            panic!("seed {seed}: {}", f.error);
+        }
+        return;
+    }
+    let seeds: u64 = std::env::var("SYSTEM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4) as u64;
+    let started = std::time::Instant::now();
+    let results: Vec<Result<Stats, Failure>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (0..seeds)
+                        .filter(|s| s % threads == t)
+                        .map(|seed| run_seed(seed, false, false))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker panicked"))
+            .collect()
+    });
+    let mut total = Stats::default();
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok(s) => {
+                total.ios += s.ios;
+                total.reads_verified += s.reads_verified;
+                total.writes_acked += s.writes_acked;
+                total.no_path_failures += s.no_path_failures;
+                total.path_failures += s.path_failures;
+                total.logins += s.logins;
+                total.bounced += s.bounced;
+                total.scsi_retries += s.scsi_retries;
+                total.window_checked += s.window_checked;
+                total.corruptions += s.corruptions;
+                total.virtual_time += s.virtual_time;
+                total.max_latency = total.max_latency.max(s.max_latency);
+                for (k, v) in s.faults {
+                    *total.faults.entry(k).or_default() += v;
+                }
+            }
+            Err(f) => failures.push(f),
+        }
+    }
+    let mut summary = String::new();
+    let _ = writeln!(
+        summary,
+        "system sim: {} seeds in {:?} ({} failed); {} I/Os ({} reads verified, {} writes acked, \
+         {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted, \
+         {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
+         {:?} virtual, max I/O latency {:?}",
+        seeds,
+        started.elapsed(),
+        failures.len(),
+        total.ios,
+        total.reads_verified,
+        total.writes_acked,
+        total.no_path_failures,
+        total.path_failures,
+        total.logins,
+        total.bounced,
+        total.scsi_retries,
+        total.window_checked,
+        total.corruptions,
+        total.virtual_time,
+        total.max_latency
+    );
+    let _ = writeln!(summary, "faults survived: {:?}", total.faults);
+    eprint!("{summary}");
+    failures.sort_by_key(|f| f.seed);
+    for f in failures.iter().take(10) {
+        eprintln!(
+            "seed {} failed: {}\n  replay: SYSTEM_SIM_SEED={} cargo test --test system_sim -- --nocapture",
+            f.seed, f.error, f.seed
+        );
+        for line in f.log.iter().rev().take(15).rev() {
+            eprintln!("    {line}");
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed; first: seed {} ({})",
+        failures.len(),
+        failures[0].seed,
+        failures[0].error
+    );
+}
