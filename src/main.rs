@@ -61,6 +61,8 @@ enum Cmd {
         #[arg(long)]
         sync: bool,
     },
+    /// Serve the multipath LU over NBD (qemu, nbdcopy, nbd-client).
+    ExportNbd(Box<cli::nbd::ExportNbdArgs>),
 }
 
 fn main() {
@@ -77,6 +79,7 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
     let opts = &cli.connect;
     match cli.command {
         Cmd::Bench(args) => cli::bench::run(&args, opts, out)?,
+        Cmd::ExportNbd(args) => cli::nbd::run(&args, opts)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);
