@@ -63,6 +63,8 @@ enum Cmd {
         #[arg(long)]
         sync: bool,
     },
+    /// Serve the multipath LU over NBD (qemu, nbdcopy, nbd-client).
+    ExportNbd(Box<cli::nbd::ExportNbdArgs>),
 }
 
 fn main() {
@@ -80,6 +82,7 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
     match cli.command {
         Cmd::Bench(args) => cli::bench::run(&args, opts, out)?,
         Cmd::Target(args) => cli::target::run(&args, out)?,
+        Cmd::ExportNbd(args) => cli::nbd::run(&args, opts)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);

@@ -1,6 +1,7 @@
 //! CLI plumbing: connection options, secrets, output formatting.
 
 pub mod bench;
+pub mod nbd;
 pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
