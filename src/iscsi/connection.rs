@@ -187,6 +187,9 @@ enum TaskKind {
         /// Our request text, kept until the window lets it go.
         request: Vec<u8>,
         collected: Vec<u8>,
+        /// The target's transfer tag once it answered with the C bit: the
+        /// next (empty) request asks for the rest, and it too takes a CmdSN.
+        continuation: Option<u32>,
     },
     Ping {
         sent_at: Instant,
@@ -437,11 +440,21 @@ impl Connection {
                 ..
             })) => {}
             Some(Some(Task {
-                kind: TaskKind::Text { request, .. },
+                kind:
+                    TaskKind::Text {
+                        request,
+                        continuation,
+                        ..
+                    },
                 ..
             })) => {
-                let data = request.clone();
-                self.send_text_pdu(slot, RESERVED_TAG, &data);
+                match *continuation {
+                    Some(ttt) => self.send_text_pdu(slot, ttt, &[]),
+                    None => {
+                        let data = request.clone();
+                        self.send_text_pdu(slot, RESERVED_TAG, &data);
+                    }
+                }
                 return;
             }
             // Gone (or not a queued kind): never burn a CmdSN on it, or the
@@ -649,6 +662,7 @@ impl Connection {
                 user_tag,
                 request: pairs.to_bytes(),
                 collected: Vec::new(),
+                continuation: None,
             },
             now,
         )?;
@@ -931,6 +945,7 @@ impl Connection {
                 let TaskKind::Text {
                     user_tag,
                     collected,
+                    continuation,
                     ..
                 } = &mut task.kind
                 else {
@@ -952,7 +967,10 @@ impl Connection {
                             "text response continues but has no target transfer tag".into(),
                         ));
                     }
-                    self.send_text_pdu(slot, t.ttt, &[]);
+                    // Queued like any non-immediate PDU: it goes out when
+                    // the CmdSN window has room.
+                    *continuation = Some(t.ttt);
+                    self.waiting.push_back(slot);
                     return Ok(());
                 }
                 let Some(task) = self.free_slot(slot) else {
