@@ -332,7 +332,11 @@ struct Slot {
     /// The path it was handed to, while a worker has it.
     path: Option<usize>,
     last_path: Option<usize>,
+    /// Every resubmission (reported in the completion).
     retries: u32,
+    /// Resubmissions after retryable SCSI statuses only: what `max_retries`
+    /// bounds. Bounces off failed paths do not count (DeviceConfig says so).
+    status_retries: u32,
     /// A command waiting here (for a path, or for its retry delay).
     held: Option<Command>,
     not_before: Option<Instant>,
@@ -524,7 +528,7 @@ impl IoQueue {
         let closed = self.dev.closed.load(Ordering::Acquire);
         match r {
             Response::Done { completion: c, .. } => {
-                let retries = s.retries;
+                let retries = s.status_retries;
                 match judge(
                     c.response,
                     c.status,
@@ -540,6 +544,7 @@ impl IoQueue {
                     Verdict::Retry { delay, .. } => {
                         let s = &mut self.slots[slot as usize];
                         s.retries += 1;
+                        s.status_retries += 1;
                         s.not_before = (!delay.is_zero()).then(|| now + delay);
                         s.held = Some(command_from_completion(c));
                         self.waiting.push_back(slot);
@@ -976,6 +981,46 @@ mod tests {
             "{:?}",
             out[0].result
         );
+    }
+
+    #[test]
+    fn path_bounces_do_not_use_up_status_retries() {
+        let (dev, controls) = device(1);
+        let mut q = dev.queue_pair();
+        let mut w = workers(&controls);
+        q.submit(Io::read(0, 1, Vec::new(), 5)).unwrap();
+        let mut out = Vec::new();
+        let next =
+            |q: &mut IoQueue, out: &mut Vec<IoCompletion>, w: &mut Vec<FakeWorker>, round: u32| {
+                for _ in 0..200 {
+                    q.poll_completions(out);
+                    if let Some(r) = w[0].sub.pop() {
+                        return r;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                panic!("round {round} not dispatched")
+            };
+        // More path bounces than max_retries (3)...
+        for round in 0..5 {
+            let req = next(&mut q, &mut out, &mut w, round);
+            assert!(w[0]
+                .comp
+                .push(Response::Bounced {
+                    slot: req.slot,
+                    cmd: req.cmd
+                })
+                .is_ok());
+        }
+        // ...then one BUSY: still retried, then it succeeds.
+        let req = next(&mut q, &mut out, &mut w, 5);
+        assert!(w[0].comp.push(done(req, 0x08)).is_ok());
+        let req = next(&mut q, &mut out, &mut w, 6);
+        assert!(w[0].comp.push(done(req, 0x00)).is_ok());
+        q.poll_completions(&mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        assert_eq!(out[0].retries, 6);
     }
 
     #[test]
