@@ -20,3 +20,8 @@ echo "== cargo test"
 # Integration tests start tgtd/namespaces/DPDK themselves; run test binaries
 # one at a time so two of them never fight over the same resources.
 cargo test --workspace -- --test-threads=4
+
+echo "== fuzz: replay committed regressions and seeds (stable)"
+cargo test --manifest-path fuzz/Cargo.toml
+echo "== fuzz: short coverage-guided runs of every target"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
