@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod iscsi;
 pub mod multipath;
+pub mod nbd;
 pub mod net;
 pub mod phy;
 pub mod scsi;

@@ -50,6 +50,8 @@ enum Cmd {
     /// Benchmark: fio-like job against one or more target URLs (or, with no
     /// URL, against the embedded target on loopback over two paths).
     Bench(Box<cli::bench::BenchArgs>),
+    /// Run the embedded iSCSI target (RAM or null LUN) until interrupted.
+    Target(cli::target::TargetArgs),
     /// Write a file's contents (a whole number of blocks) at an LBA.
     Write {
         url: String,
@@ -61,6 +63,8 @@ enum Cmd {
         #[arg(long)]
         sync: bool,
     },
+    /// Serve the multipath LU over NBD (qemu, nbdcopy, nbd-client).
+    ExportNbd(Box<cli::nbd::ExportNbdArgs>),
 }
 
 fn main() {
@@ -77,6 +81,8 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
     let opts = &cli.connect;
     match cli.command {
         Cmd::Bench(args) => cli::bench::run(&args, opts, out)?,
+        Cmd::Target(args) => cli::target::run(&args, out)?,
+        Cmd::ExportNbd(args) => cli::nbd::run(&args, opts)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);

@@ -1,12 +1,12 @@
 //! CPU time of the initiator's own threads, from the kernel's per-thread
 //! scheduler statistics (nanoseconds on CPU, no sampling). Threads of the
-//! embedded target are named `target-*` and left out, so a run against the
+//! embedded target are named `iscsi-tgt-*` and left out, so a run against the
 //! in-process target still reports the initiator's cost alone.
 
 use std::fs;
 
 /// Prefix of thread names that are not the initiator's.
-pub const EXCLUDED_THREAD_PREFIX: &str = "target-";
+pub const EXCLUDED_THREAD_PREFIX: &str = "iscsi-tgt-";
 
 /// Total on-CPU nanoseconds of this process's threads, except the target's.
 pub fn initiator_cpu_ns() -> u64 {
@@ -68,7 +68,7 @@ mod tests {
             }
         };
         let h = std::thread::Builder::new()
-            .name("target-spin".into())
+            .name("iscsi-tgt-spin".into())
             .spawn(move || spin(150))
             .unwrap();
         h.join().unwrap();

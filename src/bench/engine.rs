@@ -83,7 +83,15 @@ impl<T: Transport> Engine for SessionEngine<T> {
     }
 
     fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
-        self.session.poll_io().map_err(|e| e.to_string())?;
+        let progressed = self.session.poll_io().map_err(|e| e.to_string())?;
+        if !progressed && self.in_flight > 0 {
+            // Nothing arrived: block in poll(2) (or spin, in busy-poll mode)
+            // rather than burning CPU on empty reads.
+            self.session
+                .wait_for_io(std::time::Duration::from_millis(1))
+                .map_err(|e| e.to_string())?;
+            self.session.poll_io().map_err(|e| e.to_string())?;
+        }
         while let Some(ev) = self.session.connection_mut().poll_event() {
             if let Event::Completed(c) = ev {
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -162,5 +170,86 @@ where
     }
     fn path_names(&self) -> Vec<String> {
         vec![self.path_name.clone()]
+    }
+}
+
+/// The multipath device: one `IoQueue` per job thread; the device's path
+/// workers do the I/O, so the job thread only submits and polls.
+pub struct MultipathEngine {
+    queue: crate::worker::IoQueue,
+    completions: Vec<crate::worker::IoCompletion>,
+    /// Sleep this long after a run of empty polls (None: pure busy-poll).
+    idle_sleep: Option<std::time::Duration>,
+    empty_polls: u32,
+}
+
+impl Engine for MultipathEngine {
+    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo> {
+        use crate::worker::Io;
+        let req = if io.write {
+            Io::write(io.lba, io.blocks, io.buffer, io.tag)
+        } else {
+            Io::read(io.lba, io.blocks, io.buffer, io.tag)
+        };
+        self.queue.submit(req).map_err(|e| {
+            let back = e.into_io();
+            BenchIo {
+                tag: back.user_tag,
+                write: io.write,
+                lba: back.lba,
+                blocks: back.blocks,
+                buffer: back.buffer,
+            }
+        })
+    }
+
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
+        if self.queue.poll_completions(&mut self.completions) == 0 {
+            self.empty_polls += 1;
+            if let Some(d) = self.idle_sleep {
+                if self.empty_polls > 64 {
+                    std::thread::sleep(d);
+                }
+            }
+        } else {
+            self.empty_polls = 0;
+        }
+        for c in self.completions.drain(..) {
+            out.push(BenchDone {
+                tag: c.user_tag,
+                result: c.result.map_err(|e| e.to_string()),
+                buffer: c.buffer,
+                path: c.path,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Opens one `IoQueue` per job on a shared multipath device.
+pub struct MultipathFactory<'a> {
+    pub device: &'a crate::worker::MultipathDevice,
+    pub path_names: Vec<String>,
+    /// Back-off of the job threads when idle (None: busy-poll).
+    pub idle_sleep: Option<std::time::Duration>,
+}
+
+impl EngineFactory for MultipathFactory<'_> {
+    fn block_size(&self) -> u32 {
+        self.device.block_size()
+    }
+    fn capacity_blocks(&self) -> u64 {
+        self.device.capacity()
+    }
+    fn open(&self, _job_index: u32) -> Result<Box<dyn Engine>, String> {
+        Ok(Box::new(MultipathEngine {
+            queue: self.device.queue_pair(),
+            completions: Vec::with_capacity(256),
+            idle_sleep: self.idle_sleep,
+            empty_polls: 0,
+        }))
+    }
+    fn path_names(&self) -> Vec<String> {
+        self.path_names.clone()
     }
 }

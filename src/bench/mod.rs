@@ -98,6 +98,8 @@ pub struct LiveCounters {
     pub ios: AtomicU64,
     pub bytes: AtomicU64,
     pub lat_ns_sum: AtomicU64,
+    /// Completed I/Os per path (the first eight paths), for the progress line.
+    pub path_ios: [AtomicU64; 8],
     pub measuring: AtomicBool,
     pub stop: AtomicBool,
 }
@@ -266,6 +268,9 @@ pub fn run_job(
                             r.read_bytes += bytes;
                         }
                         if let Some(p) = d.path {
+                            if let Some(c) = live.path_ios.get(p) {
+                                c.fetch_add(1, Ordering::Relaxed);
+                            }
                             if let Some(c) = r.ios_per_path.get_mut(p) {
                                 *c += 1;
                             }

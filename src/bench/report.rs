@@ -273,6 +273,7 @@ pub fn write_hist_log(run: &RunResult, path: &std::path::Path) -> std::io::Resul
         run.spec.bs
     ));
     builder.with_max_value_divisor(1e6);
+    builder.with_start_time(std::time::SystemTime::now() - dur_of(run));
     let mut w = builder.begin_log_with(&mut file, &mut ser)?;
     let dur = Duration::from_secs_f64(
         run.jobs
@@ -289,4 +290,13 @@ pub fn write_hist_log(run: &RunResult, path: &std::path::Path) -> std::io::Resul
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
     }
     Ok(())
+}
+
+fn dur_of(run: &RunResult) -> Duration {
+    Duration::from_secs_f64(
+        run.jobs
+            .iter()
+            .map(|j| j.measured.as_secs_f64())
+            .fold(0.0, f64::max),
+    )
 }

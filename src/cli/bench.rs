@@ -3,11 +3,13 @@
 use super::{ConnectOptions, Output};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use iscsi_bypass::bench::engine::SessionFactory;
+use iscsi_bypass::bench::engine::{MultipathFactory, SessionFactory};
 use iscsi_bypass::bench::job::JobSpec;
 use iscsi_bypass::bench::{self, report, LiveCounters};
 use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
+use iscsi_bypass::target::{Target, TargetConfig};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -64,6 +66,53 @@ pub struct BenchArgs {
     /// Spin instead of blocking when idle (poll mode; one core per job).
     #[arg(long)]
     pub busy_poll: bool,
+    /// Discover the target's paths at this portal (SendTargets): every portal
+    /// of the target becomes a path.
+    #[arg(long, conflicts_with = "urls")]
+    pub discover: Option<String>,
+    /// With --discover: which target (needed when the portal lists several).
+    #[arg(long, requires = "discover")]
+    pub target_iqn: Option<String>,
+    /// With --discover: the LUN.
+    #[arg(long, default_value_t = 0)]
+    pub lun: u16,
+    /// auto (inline for one path, multipath for several), inline (the job
+    /// thread drives its own session, like iscsi-perf), multipath (path
+    /// workers behind lock-free rings).
+    #[arg(long, default_value = "auto")]
+    pub engine: String,
+    /// Cores to pin path workers to (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
+    #[command(flatten)]
+    pub dpdk: DpdkArgs,
+}
+
+/// Options of `--transport dpdk` (the userspace TCP/IP stack on DPDK).
+#[derive(Args, Debug, Clone, Default)]
+pub struct DpdkArgs {
+    /// DPDK EAL options, one string, e.g. "-l 1 --in-memory --no-pci
+    /// --vdev net_af_packet0,iface=veth0" (split on whitespace).
+    #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
+    pub eal: Option<String>,
+    /// DPDK port by its device name (net_af_packet0, 0000:03:00.0).
+    #[arg(long, value_name = "NAME")]
+    pub dpdk_port: Option<String>,
+    /// The userspace stack's address on that port, A.B.C.D/NN.
+    #[arg(long, value_name = "A.B.C.D/NN")]
+    pub local_ip: Option<String>,
+    /// Next hop for targets outside --local-ip's prefix.
+    #[arg(long, value_name = "A.B.C.D")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Static neighbour, never ARPed: IP=MAC (repeatable).
+    #[arg(long = "neighbour", value_name = "IP=MAC")]
+    pub neighbours: Vec<String>,
+    /// Queue pairs to configure (default: one per job).
+    #[arg(long, value_name = "N")]
+    pub dpdk_queues: Option<u16>,
+    /// Do not use checksum offload or TSO even where the port has them.
+    #[arg(long)]
+    pub dpdk_no_offload: bool,
 }
 
 impl BenchArgs {
@@ -102,23 +151,104 @@ impl BenchArgs {
 
 pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> {
     let job = args.job()?;
-    if args.transport != "kernel" {
-        bail!(
-            "transport {:?} is not available in this build yet (use --transport kernel)",
-            args.transport
-        );
+    match args.transport.as_str() {
+        "kernel" => {}
+        "dpdk" => return run_dpdk(args, opts, out, &job),
+        other => bail!("unknown transport {other:?} (kernel or dpdk)"),
     }
-    if args.urls.is_empty() {
-        bail!("no target URL given; the embedded target is not available in this build yet");
-    }
-    if args.urls.len() > 1 {
-        bail!("several paths need the multipath device, which is not available in this build yet");
-    }
-    let url = IscsiUrl::parse(&args.urls[0])?;
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    // No URL: the embedded target on loopback with two portals, so a new
+    // user sees the whole thing (two paths, multipath) with one command.
+    let embedded = if args.urls.is_empty() && args.discover.is_none() {
+        let config = TargetConfig::null(EMBEDDED_IQN, EMBEDDED_SIZE).loopback_portals(2);
+        let t = Target::start(config).context("starting the embedded target")?;
+        if !out.json {
+            let portals: Vec<String> = t.portals().iter().map(|p| p.to_string()).collect();
+            eprintln!(
+                "no target given: using the embedded null target {} on {}",
+                t.iqn(),
+                portals.join(" and ")
+            );
+        }
+        Some(t)
+    } else {
+        None
+    };
+    let urls: Vec<String> = match (&embedded, &args.discover) {
+        (Some(t), _) => t
+            .portals()
+            .iter()
+            .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
+            .collect(),
+        (None, Some(portal)) => discovered_urls(portal, args, opts)?,
+        (None, None) => args.urls.clone(),
+    };
+    let engine = match args.engine.as_str() {
+        "auto" if urls.len() == 1 => "inline",
+        "auto" => "multipath",
+        "inline" if urls.len() > 1 => {
+            bail!("--engine inline drives one path; give one URL or use --engine multipath")
+        }
+        e @ ("inline" | "multipath") => e,
+        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
+    };
+    let result = if engine == "inline" {
+        run_inline(&urls[0], &job, args, opts, out)?
+    } else {
+        run_multipath(&urls, policy, &job, args, opts, out)?
+    };
+    drop(embedded);
+    report_and_check(&result, args, out)
+}
+
+/// One URL per portal of the discovered target.
+fn discovered_urls(portal: &str, args: &BenchArgs, opts: &ConnectOptions) -> Result<Vec<String>> {
+    let targets = super::discover(portal, opts)?;
+    let target = match &args.target_iqn {
+        Some(iqn) => targets.iter().find(|t| &t.name == iqn).with_context(|| {
+            format!(
+                "target {iqn} is not among the {} targets at {portal}",
+                targets.len()
+            )
+        })?,
+        None => match targets.as_slice() {
+            [one] => one,
+            [] => bail!("no targets found at {portal}"),
+            many => bail!(
+                "{} targets at {portal}; choose one with --target-iqn ({})",
+                many.len(),
+                many.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    Ok(target
+        .portals
+        .iter()
+        .map(|p| format!("iscsi://{}/{}/{}", p.address(), target.name, args.lun))
+        .collect())
+}
+
+const EMBEDDED_IQN: &str = "iqn.2026-11.org.iscsi-bypass:embedded";
+const EMBEDDED_SIZE: u64 = 1 << 30;
+
+fn run_inline(
+    url_text: &str,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let url = IscsiUrl::parse(url_text)?;
     let (target, lun) = url.require_target()?;
     let target = target.to_string();
     // Probe the LUN once: capacity and block size, and a clear error early.
-    let mut probe = super::open_lun(&args.urls[0], opts)?;
+    let mut probe = super::open_lun(url_text, opts)?;
     let cap = probe.read_capacity().context("READ CAPACITY")?;
     super::close(probe);
     job.region(cap.block_size, cap.block_count)?;
@@ -145,7 +275,158 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         max_in_flight: job.iodepth as usize,
         path_name: url.portal(),
     };
-    let result = run_with_progress(&job, &factory, out)?;
+    run_with_progress(job, &factory, out)
+}
+
+fn run_multipath(
+    urls: &[String],
+    policy: Policy,
+    job: &JobSpec,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+) -> Result<bench::RunResult> {
+    let mut paths = Vec::new();
+    let mut lun = None;
+    for u in urls {
+        let url = IscsiUrl::parse(u)?;
+        let (target, l) = url.require_target()?;
+        if lun.is_some_and(|x| x != l) {
+            bail!("all paths must name the same LUN ({u} names LUN {l})");
+        }
+        lun = Some(l);
+        let login = opts.login_config(&url, Some(target))?;
+        let addr = url
+            .socket_addr()
+            .with_context(|| format!("resolving {}", url.portal()))?;
+        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
+        paths.push(PathConfig::kernel(addr, bind, login));
+    }
+    let mut config = DeviceConfig::new(paths, lun.unwrap_or(0));
+    config.policy = policy;
+    config.queue_depth = job.iodepth as usize;
+    config.login_timeout = opts.timeout();
+    config.idle = if args.busy_poll {
+        IdleMode::BusyPoll
+    } else {
+        IdleMode::Sleep(Duration::from_micros(20))
+    };
+    config.cores = args.cores.clone();
+    let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    job.region(device.block_size(), device.capacity())?;
+    let factory = MultipathFactory {
+        path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
+        device: &device,
+        idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
+    };
+    let result = run_with_progress(job, &factory, out)?;
+    device.close();
+    Ok(result)
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Result<()> {
+    bail!("this build has no DPDK support (rebuild with the `dpdk` feature)")
+}
+
+/// Starts the DPDK port and the userspace stack from the CLI options.
+#[cfg(feature = "dpdk")]
+fn dpdk_stack(d: &DpdkArgs, queues: u16) -> Result<Arc<iscsi_bypass::transport::dpdk::DpdkStack>> {
+    use iscsi_bypass::net::OffloadConfig;
+    use iscsi_bypass::transport::dpdk::{parse_ip_prefix, parse_neighbour, DpdkOptions, DpdkStack};
+    let eal: Vec<String> = d
+        .eal
+        .as_deref()
+        .context("--transport dpdk needs --eal \"EAL ARGS\" (e.g. \"-l 1 --in-memory --vdev net_af_packet0,iface=veth0\")")?
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let port = d
+        .dpdk_port
+        .as_deref()
+        .context("--transport dpdk needs --dpdk-port NAME (e.g. net_af_packet0 or 0000:03:00.0)")?;
+    let (ip, prefix) = parse_ip_prefix(
+        d.local_ip
+            .as_deref()
+            .context("--transport dpdk needs --local-ip A.B.C.D/NN")?,
+    )?;
+    let mut options = DpdkOptions::new(eal, port, ip, prefix);
+    options.queues = d.dpdk_queues.unwrap_or(queues).max(queues);
+    options.gateway = d.gateway;
+    options.user.static_neighbours = d
+        .neighbours
+        .iter()
+        .map(|n| parse_neighbour(n))
+        .collect::<Result<_, _>>()?;
+    if d.dpdk_no_offload {
+        options.user.offload = OffloadConfig::NONE;
+        options.port_config.checksum_offload = false;
+        options.port_config.tso = false;
+    }
+    Ok(DpdkStack::open(options)?)
+}
+
+/// `bench --transport dpdk`: the same job, each job thread on its own queue
+/// pair of the DPDK port with its own userspace stack and session.
+#[cfg(feature = "dpdk")]
+fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
+    use iscsi_bypass::scsi::lun::LunHandle;
+    use std::net::SocketAddr;
+    if args.urls.len() != 1 {
+        bail!("--transport dpdk takes exactly one target URL");
+    }
+    let url = IscsiUrl::parse(&args.urls[0])?;
+    let (target, lun) = url.require_target()?;
+    let target = target.to_string();
+    let remote = match url
+        .socket_addr()
+        .with_context(|| format!("resolving portal {}", url.portal()))?
+    {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => bail!("the userspace stack speaks IPv4 only, not {a}"),
+    };
+    let jobs = u16::try_from(job.numjobs).context("too many jobs for DPDK queues")?;
+    let stack = dpdk_stack(&args.dpdk, jobs.max(1))?;
+    let queues = stack.queues();
+    let login = |queue: u16| -> Result<Session<_>> {
+        let t = stack.connect(queue, remote).with_context(|| {
+            format!(
+                "TCP over DPDK port {:?} queue {queue}",
+                stack.options().port
+            )
+        })?;
+        let mut config = SessionConfig::new(opts.login_config(&url, Some(&target))?);
+        config.login_timeout = opts.timeout();
+        config.idle = if args.busy_poll {
+            IdlePolicy::BusyPoll
+        } else {
+            IdlePolicy::Wait(Duration::from_micros(200))
+        };
+        Session::login(t, &config)
+            .with_context(|| format!("login to {target} at {} over DPDK", url.portal()))
+    };
+    // Probe on queue 0 (free again afterwards): capacity and block size.
+    let mut probe = LunHandle::new(login(0)?, lun);
+    probe.timeout = opts.timeout();
+    let cap = probe.read_capacity().context("READ CAPACITY")?;
+    let _ = probe.into_session().logout(Duration::from_secs(2));
+    job.region(cap.block_size, cap.block_count)?;
+    let factory = SessionFactory {
+        connect: |job: u32| -> Result<Session<_>, String> {
+            login((job % u32::from(queues)) as u16).map_err(|e| super::error_chain(&e))
+        },
+        lun,
+        block_size: cap.block_size,
+        capacity_blocks: cap.block_count,
+        max_in_flight: job.iodepth as usize,
+        path_name: format!(
+            "{}->{} (dpdk {})",
+            stack.options().local_ip,
+            remote,
+            stack.options().port
+        ),
+    };
+    let result = run_with_progress(job, &factory, out)?;
     report_and_check(&result, args, out)
 }
 
@@ -172,6 +453,7 @@ pub fn run_with_progress(
 
 fn progress_loop(live: &LiveCounters) {
     let mut last = (Instant::now(), 0u64, 0u64, 0u64);
+    let mut last_paths = [0u64; 8];
     while !live.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
         let now = Instant::now();
@@ -193,8 +475,17 @@ fn progress_loop(live: &LiveCounters) {
         } else {
             "ramp"
         };
+        let mut per_path = String::new();
+        for (i, c) in live.path_ios.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            let d = n - last_paths[i];
+            last_paths[i] = n;
+            if n > 0 {
+                per_path.push_str(&format!("  path{i} {:.0}", d as f64 / dt));
+            }
+        }
         eprint!(
-            "\r\x1b[2K[{state}] {:.0} IOPS  {:.1} MiB/s  mean {:.1} us",
+            "\r\x1b[2K[{state}] {:.0} IOPS  {:.1} MiB/s  mean {:.1} us{per_path}",
             dios as f64 / dt,
             (bytes - last.2) as f64 / dt / 1048576.0,
             mean_us

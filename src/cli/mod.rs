@@ -1,6 +1,8 @@
 //! CLI plumbing: connection options, secrets, output formatting.
 
 pub mod bench;
+pub mod nbd;
+pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;

@@ -216,4 +216,33 @@ mod tests {
         assert!(check_algorithm("7").is_err());
         assert!(parse_identifier("256").is_err());
     }
+
+    proptest::proptest! {
+        /// CHAP binary values: hex and base64 encodings decode to the bytes.
+        #[test]
+        fn binary_round_trip(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..100)) {
+            proptest::prop_assert_eq!(decode_binary(&encode_hex(&bytes)), Ok(bytes.clone()));
+            proptest::prop_assert_eq!(decode_binary(&encode_hex(&bytes).to_uppercase().replacen("0X", "0x", 1)), Ok(bytes.clone()));
+            // Base64, as RFC 7143 §6.1 allows.
+            const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut b64 = String::from("0b");
+            for c in bytes.chunks(3) {
+                let n = c.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
+                for i in 0..=c.len() {
+                    b64.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+                }
+                for _ in c.len()..3 {
+                    b64.push('=');
+                }
+            }
+            proptest::prop_assert_eq!(decode_binary(&b64), Ok(bytes));
+        }
+
+        #[test]
+        fn decode_never_panics(s in "\\PC{0,40}") {
+            let _ = decode_binary(&s);
+            let _ = decode_binary(&format!("0x{s}"));
+            let _ = decode_binary(&format!("0b{s}"));
+        }
+    }
 }

@@ -184,9 +184,9 @@ enum TaskKind {
     },
     Text {
         user_tag: u64,
+        /// Our request text, kept until the window lets it go.
+        request: Vec<u8>,
         collected: Vec<u8>,
-        /// A request PDU (TTT, data) waiting for CmdSN window space.
-        unsent: Option<(u32, Vec<u8>)>,
     },
     Ping {
         sent_at: Instant,
@@ -418,7 +418,7 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends queued commands (SCSI and text) while the window has room.
+    /// Sends queued commands while the window has room.
     fn flush_waiting(&mut self) {
         while let Some(&slot) = self.waiting.front() {
             if self.window_space() == 0 {
@@ -426,22 +426,28 @@ impl Connection {
                 return;
             }
             self.waiting.pop_front();
-            let text = match self.slots.get_mut(slot as usize) {
-                Some(Some(Task {
-                    kind: TaskKind::Text { unsent, .. },
-                    ..
-                })) => Some(unsent.take()),
-                _ => None,
-            };
-            match text {
-                Some(Some((ttt, data))) => self.send_text_pdu(slot, ttt, &data),
-                Some(None) => {}
-                None => self.send_command(slot),
-            }
+            self.send_command(slot);
         }
     }
 
     fn send_command(&mut self, slot: u16) {
+        match self.slots.get(slot as usize) {
+            Some(Some(Task {
+                kind: TaskKind::Scsi { .. },
+                ..
+            })) => {}
+            Some(Some(Task {
+                kind: TaskKind::Text { request, .. },
+                ..
+            })) => {
+                let data = request.clone();
+                self.send_text_pdu(slot, RESERVED_TAG, &data);
+                return;
+            }
+            // Gone (or not a queued kind): never burn a CmdSN on it, or the
+            // target would wait forever for the hole.
+            _ => return,
+        }
         let cmd_sn = self.cmd_sn;
         self.cmd_sn = self.cmd_sn.next();
         let exp_stat_sn = self.exp_stat_sn;
@@ -641,12 +647,12 @@ impl Connection {
         let slot = self.alloc_slot(
             TaskKind::Text {
                 user_tag,
+                request: pairs.to_bytes(),
                 collected: Vec::new(),
-                unsent: Some((RESERVED_TAG, pairs.to_bytes())),
             },
             now,
         )?;
-        // Non-immediate: it takes a CmdSN, so it waits for window space.
+        // Non-immediate: it takes a CmdSN, so it waits for window space too.
         self.waiting.push_back(slot);
         self.flush_waiting();
         Ok(())
@@ -916,10 +922,16 @@ impl Connection {
                         t.itt
                     )));
                 };
+                if task.cmd_sn.is_none() {
+                    return Err(ConnError::Protocol(format!(
+                        "text response for task {:#x}, which was not sent yet",
+                        t.itt
+                    )));
+                }
                 let TaskKind::Text {
                     user_tag,
                     collected,
-                    unsent,
+                    ..
                 } = &mut task.kind
                 else {
                     return Err(ConnError::Protocol(
@@ -940,9 +952,7 @@ impl Connection {
                             "text response continues but has no target transfer tag".into(),
                         ));
                     }
-                    // A new non-immediate request: it waits for the window.
-                    *unsent = Some((t.ttt, Vec::new()));
-                    self.waiting.push_back(slot);
+                    self.send_text_pdu(slot, t.ttt, &[]);
                     return Ok(());
                 }
                 let Some(task) = self.free_slot(slot) else {
@@ -1034,6 +1044,9 @@ impl Connection {
                 )))
             }
         };
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("Data-In", itt));
+        }
         let TaskKind::Scsi {
             cmd,
             data_done,
@@ -1109,6 +1122,9 @@ impl Connection {
                 "R2T for unknown task tag {itt:#x}"
             )));
         };
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("R2T", itt));
+        }
         let TaskKind::Scsi {
             cmd,
             r2ts,
@@ -1172,6 +1188,9 @@ impl Connection {
             return Err(ConnError::Protocol(format!(
                 "SCSI status for non-SCSI task {itt:#x}"
             )));
+        }
+        if task.cmd_sn.is_none() {
+            return Err(not_sent_yet("SCSI status", itt));
         }
         let Some(task) = self.free_slot(slot) else {
             return Ok(());
@@ -1287,6 +1306,14 @@ impl Connection {
         self.data_out_ready.clear();
         out
     }
+}
+
+/// A target answered a task still waiting for CmdSN window space: it can
+/// only have guessed the tag.
+fn not_sent_yet(what: &str, itt: u32) -> ConnError {
+    ConnError::Protocol(format!(
+        "{what} for task {itt:#x}, which was not sent yet (waiting for CmdSN window space)"
+    ))
 }
 
 #[cfg(test)]

@@ -152,4 +152,35 @@ mod tests {
         let bad = TextPairs::parse(b"TargetName=x\0TargetAddress=1.2.3.4:http\0").unwrap();
         assert!(parse_send_targets(&bad, &d).is_err());
     }
+
+    proptest::proptest! {
+        /// `host:port,tpgt` as targets write TargetAddress parses back to the
+        /// portal, IPv6 in brackets included.
+        #[test]
+        fn target_address_round_trip(
+            host in proptest::prop_oneof![
+                "[a-z][a-z0-9.-]{0,20}",
+                "[0-9a-f]{1,4}(:[0-9a-f]{0,4}){2,6}",
+            ],
+            port in proptest::prelude::any::<u16>(),
+            tpgt in proptest::option::of(proptest::prelude::any::<u16>()),
+        ) {
+            let p = Portal { host, port, tpgt };
+            let mut text = p.address();
+            if let Some(t) = tpgt {
+                text.push_str(&format!(",{t}"));
+            }
+            proptest::prop_assert_eq!(parse_address(&text, 1), Ok(p));
+        }
+
+        #[test]
+        fn send_targets_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            if let Ok(t) = TextPairs::parse(&bytes) {
+                let d = Portal { host: "h".into(), port: 1, tpgt: None };
+                if let Ok(targets) = parse_send_targets(&t, &d) {
+                    proptest::prop_assert!(targets.iter().all(|t| !t.portals.is_empty()));
+                }
+            }
+        }
+    }
 }

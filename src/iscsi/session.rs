@@ -122,15 +122,17 @@ impl<T: Transport> Session<T> {
                 if let Some(f) = framer.frame(&inbuf)? {
                     break f;
                 }
+                // Checked on every round, not only when nothing arrived: a
+                // target that keeps talking must not keep the login alive.
+                if Instant::now() >= deadline {
+                    return Err(SessionError::Timeout {
+                        what: "login",
+                        after: config.login_timeout,
+                    });
+                }
                 transport.poll()?;
                 let n = transport.recv(&mut chunk)?;
                 if n == 0 {
-                    if Instant::now() >= deadline {
-                        return Err(SessionError::Timeout {
-                            what: "login",
-                            after: config.login_timeout,
-                        });
-                    }
                     transport.wait(Duration::from_millis(5))?;
                 }
                 inbuf.extend_from_slice(&chunk[..n]);
@@ -193,6 +195,9 @@ impl<T: Transport> Session<T> {
     }
 
     fn poll_io_inner(&mut self) -> Result<bool, SessionError> {
+        if let Some(e) = self.conn.is_failed() {
+            return Err(e.clone().into());
+        }
         let now = Instant::now();
         let mut progressed = false;
         self.transport.poll()?;
@@ -237,7 +242,13 @@ impl<T: Transport> Session<T> {
             if let Some(e) = self.conn.poll_event() {
                 return Ok(Some(e));
             }
-            let progressed = self.poll_io()?;
+            let progressed = match self.poll_io() {
+                Ok(p) => p,
+                // What arrived before the failure (say, a final response
+                // followed by the target closing) is delivered first; the
+                // failure is sticky and comes with the next call.
+                Err(e) => return self.conn.poll_event().map(Some).ok_or(e),
+            };
             if let Some(e) = self.conn.poll_event() {
                 return Ok(Some(e));
             }
@@ -249,6 +260,13 @@ impl<T: Transport> Session<T> {
                 self.idle_wait(deadline - now)?;
             }
         }
+    }
+
+    /// Waits (per the idle policy) for the transport to have something, up to
+    /// `max`. Poll-mode callers call this after a [`poll_io`](Self::poll_io)
+    /// that moved nothing, so an idle session sleeps instead of spinning.
+    pub fn wait_for_io(&mut self, max: Duration) -> Result<(), SessionError> {
+        self.idle_wait(max)
     }
 
     fn idle_wait(&mut self, left: Duration) -> Result<(), SessionError> {
@@ -374,5 +392,128 @@ impl<T: Transport> Session<T> {
     pub fn into_parts(mut self) -> (T, Vec<Command>) {
         let cmds = self.conn.take_outstanding();
         (self.transport, cmds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::connection::Direction;
+    use crate::wire::iscsi::{encode_pdu, LoginResponse, ScsiResponse, Stage};
+    use std::collections::VecDeque;
+    use std::net::SocketAddr;
+
+    /// An in-memory transport: each send releases the next scripted chunk of
+    /// target bytes; once the script is used up and read, the peer has closed.
+    struct Scripted {
+        stages: VecDeque<Vec<u8>>,
+        rx: VecDeque<u8>,
+    }
+
+    impl Transport for Scripted {
+        fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+            if let Some(s) = self.stages.pop_front() {
+                self.rx.extend(s);
+            }
+            Ok(buf.len())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+            if self.rx.is_empty() {
+                return if self.stages.is_empty() {
+                    Err(TransportError::Closed)
+                } else {
+                    Ok(0)
+                };
+            }
+            let n = buf.len().min(self.rx.len());
+            for (d, s) in buf.iter_mut().zip(self.rx.drain(..n)) {
+                *d = s;
+            }
+            Ok(n)
+        }
+        fn poll(&mut self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        fn wait(&mut self, _: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+        fn close(&mut self) {}
+        fn local_addr(&self) -> Option<SocketAddr> {
+            None
+        }
+        fn peer_addr(&self) -> Option<SocketAddr> {
+            None
+        }
+    }
+
+    fn login_rsp(csg: Stage, nsg: Stage, stat_sn: u32, text: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        let h = PduHeader::LoginResponse(LoginResponse {
+            transit: true,
+            cont: false,
+            csg,
+            nsg,
+            version_max: 0,
+            version_active: 0,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            tsih: 1,
+            itt: 0,
+            stat_sn: Sn(stat_sn),
+            exp_cmd_sn: Sn(1),
+            max_cmd_sn: Sn(8),
+            status_class: 0,
+            status_detail: 0,
+        });
+        encode_pdu(&mut v, &h, text, Digests::default());
+        v
+    }
+
+    /// Regression: a target that sends a command's final response and closes
+    /// at once. The completion arrived before the close and must be
+    /// delivered; the close is reported on the next call, and stays reported.
+    #[test]
+    fn completion_before_close_is_delivered_and_failure_is_sticky() {
+        let mut status = Vec::new();
+        let rsp = PduHeader::ScsiResponse(ScsiResponse {
+            bidi_overflow: false,
+            bidi_underflow: false,
+            overflow: false,
+            underflow: false,
+            response: 0,
+            status: 0,
+            itt: 0x2_0000,
+            snack_tag: 0,
+            stat_sn: Sn(102),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+            exp_data_sn: Sn(0),
+            bidi_residual: 0,
+            residual: 0,
+        });
+        encode_pdu(&mut status, &rsp, &[], Digests::default());
+        let t = Scripted {
+            stages: VecDeque::from(vec![
+                login_rsp(
+                    Stage::Security,
+                    Stage::Operational,
+                    100,
+                    b"AuthMethod=None\0",
+                ),
+                login_rsp(Stage::Operational, Stage::FullFeature, 101, &[]),
+                status,
+            ]),
+            rx: VecDeque::new(),
+        };
+        let mut config = SessionConfig::new(LoginConfig::new("iqn.i", Some("iqn.t")));
+        config.login.isid = [0x80, 0, 0, 0, 0, 1];
+        config.idle = IdlePolicy::BusyPoll;
+        let mut s = Session::login(t, &config).expect("login");
+        let cmd = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+        let done = s.execute(cmd, Duration::from_secs(1)).expect("completion");
+        assert_eq!(done.status, 0);
+        let e = s.next_event(Duration::from_millis(10)).unwrap_err();
+        assert!(e.to_string().contains("closed"), "{e}");
+        let e = s.next_event(Duration::from_millis(10)).unwrap_err();
+        assert!(e.to_string().contains("closed"), "{e}");
     }
 }

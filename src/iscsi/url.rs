@@ -19,6 +19,10 @@ pub enum UrlError {
     BadPort(String),
     #[error("URL has an unterminated IPv6 address: {0:?}")]
     BadIpv6(String),
+    #[error(
+        "URL host {0:?} looks like an IPv6 address; write it in brackets: iscsi://[addr]:port/..."
+    )]
+    UnbracketedIpv6(String),
     #[error("URL names a target but no LUN (expected .../target-iqn/lun): {0:?}")]
     NoLun(String),
     #[error("URL LUN {0:?} is not a number 0-16383")]
@@ -75,12 +79,22 @@ impl IscsiUrl {
                 None if after.is_empty() => DEFAULT_PORT,
                 None => return Err(UrlError::BadIpv6(hostport.to_string())),
             };
+            // "[[]" would give host "[", which prints as an unterminated "[".
+            if h.contains('[') {
+                return Err(UrlError::BadIpv6(hostport.to_string()));
+            }
             (h.to_string(), port)
         } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), parse_port(p)?),
-                None => (hostport.to_string(), DEFAULT_PORT),
+            let (h, port) = match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, parse_port(p)?),
+                None => (hostport, DEFAULT_PORT),
+            };
+            // Without brackets, "2001:db8::1" would silently become host
+            // "2001:db8:" and port 1.
+            if h.contains([':', '[', ']']) {
+                return Err(UrlError::UnbracketedIpv6(hostport.to_string()));
             }
+            (h.to_string(), port)
         };
         if host.is_empty() {
             return Err(UrlError::NoHost(redact(s)));
@@ -235,6 +249,10 @@ mod tests {
             ("iscsi://h/iqn.x:y", "no LUN"),
             ("iscsi://h/iqn.x:y/abc", "LUN"),
             ("iscsi://[::1/iqn/0", "IPv6"),
+            // Regression (fuzz_url): used to parse as host "2001:db8:", port 1.
+            ("iscsi://2001:db8::1/iqn/0", "brackets"),
+            ("iscsi://h]:3260/iqn/0", "brackets"),
+            ("iscsi://[[]/iqn/0", "IPv6"),
             ("iscsi://h/iqn/0?foo=1", "query"),
         ];
         for (url, needle) in cases {
@@ -243,5 +261,58 @@ mod tests {
         }
         let e = IscsiUrl::parse("ftp://u%pw@h/i/0").unwrap_err().to_string();
         assert!(!e.contains("pw"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// A URL built from parts parses to those parts, and its `Display`
+        /// (which drops secrets) parses back to it without them.
+        #[test]
+        fn parse_display_round_trip(
+            host in proptest::prop_oneof![
+                "[a-z][a-z0-9.-]{0,20}",
+                "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+                "[0-9a-f]{1,4}(:[0-9a-f]{0,4}){2,6}",
+            ],
+            port in 1u16..,
+            target in proptest::option::of("iqn\\.[0-9]{4}-[0-9]{2}\\.[a-z.]{1,12}:[a-z0-9:._-]{1,16}"),
+            lun in 0u16..16384,
+            user in proptest::option::of("[a-z0-9_.-]{1,10}"),
+            password in proptest::option::of("[a-zA-Z0-9!$^*()_+-]{1,12}"),
+        ) {
+            let mut s = String::from("iscsi://");
+            if let Some(u) = &user {
+                s.push_str(u);
+                if let Some(p) = &password {
+                    s.push('%');
+                    s.push_str(p);
+                }
+                s.push('@');
+            }
+            if host.contains(':') {
+                s.push_str(&format!("[{host}]:{port}"));
+            } else {
+                s.push_str(&format!("{host}:{port}"));
+            }
+            if let Some(t) = &target {
+                s.push_str(&format!("/{t}/{lun}"));
+            }
+            let u = IscsiUrl::parse(&s).unwrap();
+            proptest::prop_assert_eq!(&u.host, &host);
+            proptest::prop_assert_eq!(u.port, port);
+            proptest::prop_assert_eq!(&u.target, &target);
+            proptest::prop_assert_eq!(u.lun, target.as_ref().map(|_| lun));
+            proptest::prop_assert_eq!(&u.user, &user);
+            proptest::prop_assert_eq!(&u.password, &user.as_ref().and(password.clone()));
+            let back = IscsiUrl::parse(&u.to_string()).unwrap();
+            proptest::prop_assert_eq!(back, IscsiUrl { password: None, ..u });
+        }
+
+        #[test]
+        fn parse_never_panics(s in "iscsi://\\PC{0,60}") {
+            if let Ok(u) = IscsiUrl::parse(&s) {
+                let again = IscsiUrl::parse(&u.to_string()).unwrap();
+                proptest::prop_assert_eq!(again.host, u.host);
+            }
+        }
     }
 }

@@ -29,15 +29,22 @@ pub enum IoOp {
 /// completion, so an application can reuse buffers without allocating.
 #[derive(Debug, Clone)]
 pub struct Io {
+    /// What to do.
     pub op: IoOp,
+    /// First logical block.
     pub lba: u64,
+    /// Number of blocks (ignored by `Flush`; never 0 for `WriteSame`, which
+    /// SCSI would read as "to the end of the LU").
     pub blocks: u32,
+    /// Data to write, room for data to read (resized, no allocation when
+    /// its capacity suffices), or scratch for the UNMAP parameter list.
     pub buffer: Vec<u8>,
     /// Returned unchanged in the completion.
     pub user_tag: u64,
 }
 
 impl Io {
+    /// READ(16) of `blocks` blocks at `lba` into `buffer`.
     pub fn read(lba: u64, blocks: u32, buffer: Vec<u8>, user_tag: u64) -> Io {
         Io {
             op: IoOp::Read,
@@ -47,6 +54,7 @@ impl Io {
             user_tag,
         }
     }
+    /// WRITE(16) of `buffer` (exactly `blocks` blocks) at `lba`.
     pub fn write(lba: u64, blocks: u32, buffer: Vec<u8>, user_tag: u64) -> Io {
         Io {
             op: IoOp::Write,
@@ -56,12 +64,38 @@ impl Io {
             user_tag,
         }
     }
+    /// SYNCHRONIZE CACHE of the whole LU: everything acknowledged before
+    /// it completes is durable once it completes.
     pub fn flush(user_tag: u64) -> Io {
         Io {
             op: IoOp::Flush,
             lba: 0,
             blocks: 0,
             buffer: Vec::new(),
+            user_tag,
+        }
+    }
+
+    /// UNMAP of `blocks` blocks at `lba`; `buffer` (any, e.g. empty) is
+    /// reused for the 24-byte parameter list.
+    pub fn unmap(lba: u64, blocks: u32, buffer: Vec<u8>, user_tag: u64) -> Io {
+        Io {
+            op: IoOp::Unmap,
+            lba,
+            blocks,
+            buffer,
+            user_tag,
+        }
+    }
+
+    /// WRITE SAME(16): writes the one block in `block` to `blocks` blocks
+    /// at `lba` (a zero block zeroes the range). `blocks` must not be 0.
+    pub fn write_same(lba: u64, blocks: u32, block: Vec<u8>, user_tag: u64) -> Io {
+        Io {
+            op: IoOp::WriteSame,
+            lba,
+            blocks,
+            buffer: block,
             user_tag,
         }
     }
@@ -90,6 +124,12 @@ pub enum IoError {
     Closed,
     #[error("the path failed while taking the command, and it was lost: {0}")]
     PathLost(String),
+    /// A request that needs at least one block got none.
+    #[error("{op:?} of 0 blocks")]
+    ZeroLength {
+        /// The operation.
+        op: IoOp,
+    },
 }
 
 /// Builds the SCSI command for `io`, moving its buffer into the command.
@@ -141,6 +181,10 @@ pub fn build_command(
         }
         IoOp::WriteSame => {
             check_range(io)?;
+            if io.blocks == 0 {
+                // 0 means "to the end of the LU" in the CDB: never by accident.
+                return Err(IoError::ZeroLength { op: io.op });
+            }
             if io.buffer.len() != bs {
                 return Err(bad_buffer(io, bs));
             }

@@ -152,6 +152,26 @@ impl Eal {
         check(ret, "rte_eth_dev_get_port_by_name")?;
         Ok(port_id)
     }
+
+    /// The DPDK names of all probed ports (for error messages).
+    pub fn port_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for port_id in 0..sys::RTE_MAX_ETHPORTS as u16 {
+            // SAFETY: EAL is initialised; this only reads the port table.
+            if unsafe { sys::rte_eth_dev_is_valid_port(port_id) } == 0 {
+                continue;
+            }
+            let mut buf = [0 as c_char; sys::RTE_ETH_NAME_MAX_LEN as usize];
+            // SAFETY: buf has room for RTE_ETH_NAME_MAX_LEN bytes including
+            // the NUL, which is what the call writes at most.
+            if unsafe { sys::rte_eth_dev_get_name_by_port(port_id, buf.as_mut_ptr()) } == 0 {
+                // SAFETY: on success buf holds a NUL-terminated string.
+                let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
+                names.push(name.to_string_lossy().into_owned());
+            }
+        }
+        names
+    }
 }
 
 /// The lcore id of the calling thread (`u32::MAX`, LCORE_ID_ANY, for a thread

@@ -75,4 +75,5 @@ pub trait Device {
     /// Sends the queued frames as one burst; returns how many left.
     fn tx_flush(&mut self) -> usize;
 }
+pub mod impair;
 pub mod sim;

@@ -41,5 +41,7 @@ pub trait Transport: Send {
     fn local_addr(&self) -> Option<SocketAddr>;
     fn peer_addr(&self) -> Option<SocketAddr>;
 }
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod kernel;
 pub mod user;

@@ -83,6 +83,24 @@ fn to_transport_error(err: TcpError) -> TransportError {
     }
 }
 
+/// The address ARP must resolve to reach `remote`: itself when on the local
+/// prefix, else the gateway (or, lacking one, `remote` anyway).
+fn next_hop(
+    local: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Option<Ipv4Addr>,
+    remote: Ipv4Addr,
+) -> Ipv4Addr {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    let on_link = u32::from(local) & mask == u32::from(remote) & mask;
+    match gateway {
+        Some(gw) if !on_link => gw,
+        _ => remote,
+    }
+}
+
 impl<D: Device> UserTcp<D> {
     /// Resolves the next hop with ARP (unless static), opens the connection
     /// and returns once it is established. `local_mac` overrides the
@@ -141,6 +159,19 @@ impl<D: Device> UserTcp<D> {
                 _ => {}
             }
             if now >= deadline {
+                let next_hop = next_hop(local_ip, config.prefix_len, gateway, *remote.ip());
+                if iface.neighbour(next_hop, now).is_none() {
+                    return Err(TransportError::Connect {
+                        addr,
+                        source: io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "ARP for next hop {next_hop} from {local_ip} got no reply within {:?}",
+                                config.connect_timeout
+                            ),
+                        ),
+                    });
+                }
                 return Err(TransportError::ConnectTimeout {
                     addr,
                     timeout: config.connect_timeout,

@@ -1367,4 +1367,37 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        /// encode_pdu → frame gives back the header and the data, with every
+        /// digest setting, and every strict prefix asks for more bytes.
+        #[test]
+        fn encode_frame_round_trip(
+            mut bytes in proptest::array::uniform32(any::<u8>()),
+            rest in proptest::array::uniform16(any::<u8>()),
+            op in proptest::sample::select(vec![0x00u8,0x01,0x02,0x03,0x04,0x05,0x06,0x10,0x20,0x21,0x22,0x23,0x24,0x25,0x26,0x31,0x32,0x3f]),
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            hd in any::<bool>(),
+            dd in any::<bool>(),
+        ) {
+            bytes[0] = op;
+            let mut full = [0u8; 48];
+            full[..32].copy_from_slice(&bytes);
+            full[32..].copy_from_slice(&rest);
+            if let Ok(h) = PduHeader::parse(&Bhs::new_checked(&full).unwrap()) {
+                let mut out = Vec::new();
+                encode_pdu(&mut out, &h, &data, Digests { header: hd, data: dd });
+                let f = framer(hd, dd);
+                let got = f.frame(&out).unwrap().unwrap();
+                prop_assert_eq!(got.total_len, out.len());
+                prop_assert_eq!(&got.header, &h);
+                prop_assert_eq!(&out[got.data.clone()], &data[..]);
+                for cut in [0, 47, out.len() - 1] {
+                    if cut < out.len() {
+                        prop_assert_eq!(f.frame(&out[..cut]).unwrap(), None);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -165,4 +165,15 @@ mod tests {
             prop_assert_eq!(back, t);
         }
     }
+
+    proptest! {
+        /// Whatever parses (any bytes) re-emits to text that parses the same.
+        #[test]
+        fn parse_emit_round_trip_on_any_bytes(bytes in proptest::collection::vec(
+            prop::sample::select(vec![0u8, b'=', b'a', b'K', b'1', b',', 0xc3, 0xa9, 0xff]), 0..200)) {
+            if let Ok(t) = TextPairs::parse(&bytes) {
+                prop_assert_eq!(TextPairs::parse(&t.to_bytes()), Ok(t));
+            }
+        }
+    }
 }

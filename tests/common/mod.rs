@@ -122,7 +122,9 @@ impl Tgtd {
             None => Command::new("tgtd"),
         };
         cmd.arg("-f").arg("-C").arg(control_port.to_string());
-        for p in &opts.portals {
+        // tgtd keeps only the last --iscsi portal= option; the others are
+        // added with tgtadm once it runs.
+        if let Some(p) = opts.portals.first() {
             cmd.arg("--iscsi").arg(format!("portal={p}:{port}"));
         }
         let log = std::fs::File::create(dir.join("tgtd.log")).unwrap();
@@ -141,6 +143,16 @@ impl Tgtd {
             lun_files: Vec::new(),
         };
         t.wait_ready();
+        for p in opts.portals.iter().skip(1) {
+            t.adm(&[
+                "--mode",
+                "portal",
+                "--op",
+                "new",
+                "--param",
+                &format!("portal={p}:{port}"),
+            ]);
+        }
         t.adm(&[
             "--mode",
             "target",

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+pub mod netns;
+
 use iscsi_bypass::phy::dpdk;
 
 fn status_field(name: &str) -> Option<String> {

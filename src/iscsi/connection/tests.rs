@@ -567,3 +567,82 @@ fn command_timeout_fails_connection() {
         Err(ConnError::CommandTimeout(_))
     ));
 }
+
+/// Regression (found by fuzz_connection): a status for a command still
+/// waiting for window space used to complete it while it stayed queued;
+/// when the window opened, the initiator burnt a CmdSN on the freed slot
+/// (a hole the target waits on forever) or sent the slot's next user twice.
+#[test]
+fn answers_for_commands_not_sent_yet_are_refused() {
+    type Case = fn(&mut Peer, u32) -> Vec<u8>;
+    let cases: Vec<(&str, Case)> = vec![
+        ("SCSI status", |p, itt| p.response(itt, 0, &[], 10)),
+        ("Data-In", |p, itt| p.data_in(itt, 0, 0, &[0; 16], false)),
+        ("R2T", |p, itt| p.r2t(itt, 1, 0, 0, 16)),
+    ];
+    for (name, make) in cases {
+        let now = Instant::now();
+        let mut o = outcome(params());
+        o.max_cmd_sn = Sn(10); // room for one command
+        let mut c = Connection::new(&o, ConnTimers::default(), now);
+        let mut peer = Peer::new(Digests::default());
+        c.submit(read_cmd(16, 1), now).unwrap();
+        let mut second = if name == "R2T" {
+            write_cmd(16, 2)
+        } else {
+            read_cmd(16, 2)
+        };
+        second.user_tag = 2;
+        c.submit(second, now).unwrap();
+        let sent = peer.sent(&mut c);
+        assert_eq!(sent.len(), 1);
+        let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+            panic!()
+        };
+        // The waiting command's tag is the next generation in slot 1.
+        let guessed = (((first.itt >> 16) + 1) << 16) | 1;
+        let e = c.receive(&make(&mut peer, guessed), now).unwrap_err();
+        assert!(e.to_string().contains("not sent yet"), "{name}: {e}");
+        assert!(
+            c.poll_event().is_none(),
+            "{name}: completed a command never sent"
+        );
+        assert_eq!(c.take_outstanding().len(), 2, "{name}");
+    }
+}
+
+#[test]
+fn text_requests_wait_for_window_space() {
+    let now = Instant::now();
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(9); // closed
+    let mut c = Connection::new(&o, ConnTimers::default(), now);
+    let peer = Peer::new(Digests::default());
+    let mut t = TextPairs::new();
+    t.push("SendTargets", "All");
+    c.text_request(&t, 5, now).unwrap();
+    assert!(
+        peer.sent(&mut c).is_empty(),
+        "text request sent outside the window"
+    );
+    // A NOP-In opens the window; the request goes with CmdSN 10.
+    let nop = peer.encode(
+        PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt: RESERVED_TAG,
+            stat_sn: Sn(100),
+            exp_cmd_sn: Sn(10),
+            max_cmd_sn: Sn(10),
+        }),
+        &[],
+    );
+    c.receive(&nop, now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 1);
+    let PduHeader::TextRequest(r) = &sent[0].0 else {
+        panic!("{:?}", sent[0].0)
+    };
+    assert_eq!(r.cmd_sn, Sn(10));
+    assert_eq!(TextPairs::parse(&sent[0].1).unwrap(), t);
+}

@@ -1,0 +1,97 @@
+//! `iscsi-bypass target`: the embedded target as a standalone server, e.g.
+//! for benchmarks where target and initiator run as separate processes.
+
+use super::Output;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use iscsi_bypass::bench::job::parse_size;
+use iscsi_bypass::target::{LunConfig, Target, TargetConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Address to listen on; repeat for several portals (one ALUA group each).
+    #[arg(long = "portal", default_value = "127.0.0.1:3260")]
+    pub portals: Vec<SocketAddr>,
+    #[arg(long, default_value = "iqn.2026-11.org.iscsi-bypass:target")]
+    pub iqn: String,
+    /// LUN 0 size (e.g. 1g).
+    #[arg(long, default_value = "1g")]
+    pub size: String,
+    /// Block size: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// Null LUN: reads return zeros, writes are dropped (for initiator benchmarks).
+    #[arg(long)]
+    pub null: bool,
+    /// Require CHAP from initiators with this user name.
+    #[arg(long)]
+    pub chap_user: Option<String>,
+    /// File holding the CHAP secret initiators must use.
+    #[arg(long)]
+    pub chap_secret_file: Option<PathBuf>,
+    /// Command window (MaxCmdSN - ExpCmdSN + 1) per session.
+    #[arg(long, default_value_t = 128)]
+    pub queue_depth: u32,
+    /// Stop after this many seconds (default: run until interrupted).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+}
+
+pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
+    let size = parse_size(&args.size)?;
+    if args.block_size != 512 && args.block_size != 4096 {
+        bail!("block size must be 512 or 4096, not {}", args.block_size);
+    }
+    let lun = if args.null {
+        LunConfig::null(0, size)
+    } else {
+        LunConfig::ram(0, size)
+    }
+    .block_size(args.block_size);
+    let mut config = TargetConfig::new(args.iqn.clone())
+        .lun(lun)
+        .queue_depth(args.queue_depth);
+    for p in &args.portals {
+        config = config.portal(*p);
+    }
+    if let Some(user) = &args.chap_user {
+        let Some(f) = &args.chap_secret_file else {
+            bail!("--chap-user needs --chap-secret-file");
+        };
+        let secret =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        config = config.chap(
+            user.clone(),
+            secret.lines().next().unwrap_or("").as_bytes().to_vec(),
+        );
+    }
+    let handle = Target::start(config).context("starting the target")?;
+    let portals: Vec<String> = handle.portals().iter().map(|p| p.to_string()).collect();
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"iqn": handle.iqn(), "portals": portals})
+        );
+    } else {
+        println!(
+            "target {} listening on {}",
+            handle.iqn(),
+            portals.join(", ")
+        );
+        for p in &portals {
+            println!("  iscsi://{p}/{}/0", handle.iqn());
+        }
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    match args.seconds {
+        Some(s) => std::thread::sleep(std::time::Duration::from_secs(s)),
+        None => loop {
+            std::thread::park();
+        },
+    }
+    handle.stop();
+    Ok(())
+}

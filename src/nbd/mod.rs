@@ -1,0 +1,48 @@
+//! NBD export: serves a [`MultipathDevice`](crate::worker::MultipathDevice)
+//! over the Network Block Device protocol, so unmodified programs (qemu,
+//! nbdcopy, `nbd-client` + the kernel's `/dev/nbdX`) can use the multipath
+//! LU.
+//!
+//! - [`wire`]: message formats, sans-IO, no panics on any bytes.
+//! - [`handshake`]: the fixed newstyle negotiation as a sans-IO state
+//!   machine (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`).
+//! - [`server`]: the runtime: a listener thread and one thread per client,
+//!   each with its own [`IoQueue`](crate::worker::IoQueue); requests are
+//!   pipelined and answered with simple replies in completion order.
+//!
+//! Mapping: READ → READ(16), WRITE → WRITE(16) (+FUA → SYNCHRONIZE CACHE
+//! after it), FLUSH → SYNCHRONIZE CACHE, TRIM → UNMAP (whole blocks; ignored
+//! where the target has no UNMAP), WRITE_ZEROES → WRITE SAME(16) with a zero
+//! block (zero writes where the target refuses WRITE SAME). Requests that do
+//! not cover whole blocks are served by read-modify-write.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod handshake;
+pub mod server;
+pub mod wire;
+
+pub use handshake::ExportInfo;
+pub use server::{ExportConfig, Listener, NbdServer, NbdServerHandle, ServerStats};
+
+use thiserror::Error;
+
+/// Errors of the NBD export.
+#[derive(Debug, Error)]
+pub enum NbdError {
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+    /// Socket I/O with a client failed.
+    #[error("socket error: {0}")]
+    Io(std::io::Error),
+    /// A client broke the protocol; its connection is closed.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Bad export configuration.
+    #[error("bad export configuration: {0}")]
+    Config(String),
+    /// A thread could not be started or panicked.
+    #[error("thread: {0}")]
+    Thread(String),
+}

@@ -1,0 +1,294 @@
+//! Userspace-stack transports on a DPDK port: [`DpdkStack`] initialises EAL
+//! (once per process), starts one port with one queue pair per path/worker
+//! and opens [`UserTcp`] connections over those queues. A connector for the
+//! multipath device or the bench is [`DpdkStack::connector`]: one queue,
+//! taken again on every reconnect.
+//!
+//! Layer order: this uses `phy::dpdk` (the only `unsafe` code) and `net`;
+//! it adds no `unsafe` of its own.
+#![deny(unsafe_code)]
+
+use super::user::{UserTcp, UserTcpConfig};
+use super::{Transport, TransportError};
+use crate::phy::dpdk::{DpdkQueue, Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
+use crate::phy::{Device, PhyError};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Why a DPDK stack could not be set up; each names what failed.
+#[derive(Debug, Error)]
+pub enum DpdkSetupError {
+    #[error("DPDK EAL initialisation failed (EAL args {args:?}): {source}")]
+    Eal { args: Vec<String>, source: PhyError },
+    #[error("no DPDK port named {name:?} (ports EAL probed: {available}); add it with --vdev or -a in the EAL args")]
+    NoSuchPort { name: String, available: String },
+    #[error("DPDK mempool for port {port:?}: {source}")]
+    Mempool { port: String, source: PhyError },
+    #[error("starting DPDK port {port:?} with {queues} queue(s): {source}")]
+    Port {
+        port: String,
+        queues: u16,
+        source: PhyError,
+    },
+    #[error("invalid DPDK option: {0}")]
+    Invalid(String),
+}
+
+/// How to bring up a port and address the stacks on it.
+#[derive(Debug, Clone)]
+pub struct DpdkOptions {
+    /// EAL options (`-l 1 --in-memory --vdev net_af_packet0,iface=veth0`).
+    /// Ignored when EAL is already initialised in this process.
+    pub eal_args: Vec<String>,
+    /// DPDK device name of the port (`net_af_packet0`, `0000:03:00.0`).
+    pub port: String,
+    /// Queue pairs to configure, one per path/worker.
+    pub queues: u16,
+    pub local_ip: Ipv4Addr,
+    /// Stack settings: prefix length, static neighbours, MTU, offloads, TCP.
+    pub user: UserTcpConfig,
+    pub gateway: Option<Ipv4Addr>,
+    /// Port settings (`queues` above overrides `port_config.queues`).
+    pub port_config: PortConfig,
+    /// Mbufs in the port's pool (rx rings plus tx in flight).
+    pub mbufs: u32,
+}
+
+impl DpdkOptions {
+    pub fn new(eal_args: Vec<String>, port: &str, local_ip: Ipv4Addr, prefix_len: u8) -> Self {
+        DpdkOptions {
+            eal_args,
+            port: port.to_string(),
+            queues: 1,
+            local_ip,
+            user: UserTcpConfig {
+                prefix_len,
+                ..UserTcpConfig::default()
+            },
+            gateway: None,
+            port_config: PortConfig::default(),
+            mbufs: 0,
+        }
+    }
+}
+
+/// Parses `A.B.C.D/NN` (prefix defaults to 24).
+pub fn parse_ip_prefix(text: &str) -> Result<(Ipv4Addr, u8), DpdkSetupError> {
+    let (ip, prefix) = match text.split_once('/') {
+        Some((ip, p)) => (
+            ip,
+            p.parse::<u8>()
+                .ok()
+                .filter(|p| (1..=32).contains(p))
+                .ok_or_else(|| DpdkSetupError::Invalid(format!("bad prefix length in {text:?}")))?,
+        ),
+        None => (text, 24),
+    };
+    let ip = ip
+        .parse()
+        .map_err(|_| DpdkSetupError::Invalid(format!("bad IPv4 address {ip:?}")))?;
+    Ok((ip, prefix))
+}
+
+/// Parses `IP=aa:bb:cc:dd:ee:ff` (a static neighbour).
+pub fn parse_neighbour(text: &str) -> Result<(Ipv4Addr, [u8; 6]), DpdkSetupError> {
+    let bad = || DpdkSetupError::Invalid(format!("bad neighbour {text:?}, want IP=MAC"));
+    let (ip, mac) = text.split_once('=').ok_or_else(bad)?;
+    let ip = ip.parse().map_err(|_| bad())?;
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut out {
+        *byte = u8::from_str_radix(parts.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok((ip, out))
+}
+
+/// One started DPDK port and the settings of the stacks on its queues.
+pub struct DpdkStack {
+    eal: Eal,
+    port: Port,
+    options: DpdkOptions,
+    /// Distinct seeds per connection: ISN, ephemeral port, timestamps.
+    next_seed: AtomicU64,
+}
+
+impl std::fmt::Debug for DpdkStack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpdkStack")
+            .field("port", &self.options.port)
+            .field("queues", &self.options.queues)
+            .field("local_ip", &self.options.local_ip)
+            .finish()
+    }
+}
+
+/// EAL for this process: initialised with `args` the first time, reused after.
+pub fn eal(args: &[String]) -> Result<Eal, DpdkSetupError> {
+    if let Some(eal) = Eal::get() {
+        return Ok(eal);
+    }
+    Eal::init(args).map_err(|source| DpdkSetupError::Eal {
+        args: args.to_vec(),
+        source,
+    })
+}
+
+impl DpdkStack {
+    /// Initialises EAL if needed, finds the port and starts it.
+    pub fn open(options: DpdkOptions) -> Result<Arc<DpdkStack>, DpdkSetupError> {
+        if options.queues == 0 {
+            return Err(DpdkSetupError::Invalid(
+                "a DPDK port needs at least one queue".into(),
+            ));
+        }
+        let eal = eal(&options.eal_args)?;
+        let port_id = eal
+            .port_by_name(&options.port)
+            .map_err(|_| DpdkSetupError::NoSuchPort {
+                name: options.port.clone(),
+                available: port_names(&eal),
+            })?;
+        let mut port_config = options.port_config.clone();
+        port_config.queues = options.queues;
+        let rings = u32::from(options.queues)
+            * (u32::from(port_config.rx_ring_size) + u32::from(port_config.tx_ring_size));
+        let mbufs = options.mbufs.max(rings + 2048 * u32::from(options.queues));
+        let pool_name = format!("ib_p{port_id}");
+        let pool = Mempool::new(&eal, &pool_name, mbufs, 256, DEFAULT_MBUF_DATA_ROOM, -1).map_err(
+            |source| DpdkSetupError::Mempool {
+                port: options.port.clone(),
+                source,
+            },
+        )?;
+        let port = Port::start(&eal, port_id, &port_config, pool).map_err(|source| {
+            DpdkSetupError::Port {
+                port: options.port.clone(),
+                queues: options.queues,
+                source,
+            }
+        })?;
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ u64::from(std::process::id()) << 32;
+        Ok(Arc::new(DpdkStack {
+            eal,
+            port,
+            options,
+            next_seed: AtomicU64::new(seed),
+        }))
+    }
+
+    pub fn port(&self) -> &Port {
+        &self.port
+    }
+    pub fn queues(&self) -> u16 {
+        self.options.queues
+    }
+    pub fn options(&self) -> &DpdkOptions {
+        &self.options
+    }
+
+    /// Takes queue pair `queue` (free again once the transport is dropped),
+    /// resolves the next hop and connects.
+    pub fn connect(
+        &self,
+        queue: u16,
+        remote: SocketAddrV4,
+    ) -> Result<UserTcp<DpdkQueue>, TransportError> {
+        let device = self.take_queue(queue, remote)?;
+        self.connect_device(device, remote)
+    }
+
+    /// Queue pair `queue` as a bare device (e.g. to wrap it in
+    /// `phy::impair::Impaired`), for [`DpdkStack::connect_device`].
+    pub fn take_queue(
+        &self,
+        queue: u16,
+        remote: SocketAddrV4,
+    ) -> Result<DpdkQueue, TransportError> {
+        self.port.queue(queue).map_err(|e| TransportError::Connect {
+            addr: remote.into(),
+            source: std::io::Error::other(format!("DPDK port {:?}: {e}", self.options.port)),
+        })
+    }
+
+    /// Connects over `device` (one of this port's queues, maybe wrapped)
+    /// with this stack's addresses and settings.
+    pub fn connect_device<D: Device>(
+        &self,
+        device: D,
+        remote: SocketAddrV4,
+    ) -> Result<UserTcp<D>, TransportError> {
+        // Mempool per-lcore caches need an lcore id on the calling thread.
+        if crate::phy::dpdk::lcore_id() == u32::MAX {
+            let _ = self.eal.register_current_thread();
+        }
+        let mut config = self.options.user.clone();
+        config.seed = self
+            .next_seed
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        UserTcp::connect(
+            device,
+            self.options.local_ip,
+            None,
+            self.options.gateway,
+            remote,
+            config,
+        )
+    }
+
+    /// A connector (for `multipath::PathConfig` or the bench) that opens a
+    /// connection to `remote` on queue `queue` each time it is called.
+    pub fn connector(
+        self: &Arc<Self>,
+        queue: u16,
+        remote: SocketAddrV4,
+    ) -> impl FnMut() -> Result<Box<dyn Transport>, TransportError> + Send + 'static {
+        let stack = Arc::clone(self);
+        move || {
+            let t = stack.connect(queue, remote)?;
+            Ok(Box::new(t) as Box<dyn Transport>)
+        }
+    }
+}
+
+fn port_names(eal: &Eal) -> String {
+    let names = eal.port_names();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prefix_and_neighbour() {
+        assert_eq!(
+            parse_ip_prefix("10.1.2.3/16").unwrap(),
+            (Ipv4Addr::new(10, 1, 2, 3), 16)
+        );
+        assert_eq!(
+            parse_ip_prefix("10.1.2.3").unwrap(),
+            (Ipv4Addr::new(10, 1, 2, 3), 24)
+        );
+        assert!(parse_ip_prefix("10.1.2.3/33").is_err());
+        assert!(parse_ip_prefix("10.1.2/8").is_err());
+        assert_eq!(
+            parse_neighbour("10.0.0.1=02:00:00:00:00:0a").unwrap(),
+            (Ipv4Addr::new(10, 0, 0, 1), [2, 0, 0, 0, 0, 10])
+        );
+        assert!(parse_neighbour("10.0.0.1=02:00:00:00:00").is_err());
+        assert!(parse_neighbour("10.0.0.1").is_err());
+    }
+}
