@@ -685,6 +685,7 @@ struct Sim {
     next_submit: Instant,
     model: Vec<BlockModel>,
     last_any_up: Option<Instant>,
+    last_progress: Instant,
     next_tconn: u64,
     /// Fault boundaries still to process: (time, fault index, is_start).
     fault_events: VecDeque<(Instant, usize, bool)>,
@@ -775,6 +776,7 @@ impl Sim {
             next_submit: Instant::ZERO,
             model: vec![BlockModel::default(); LUN_BLOCKS as usize],
             last_any_up: None,
+            last_progress: Instant::ZERO,
             next_tconn: 1,
             fault_events: fault_events.into(),
             restart_until: None,
@@ -1561,6 +1563,7 @@ impl Sim {
         buffer: Vec<u8>,
     ) -> Result<(), String> {
         let io = self.ios.remove(&id).ok_or("finish: unknown I/O")?;
+        self.last_progress = self.now;
         let latency = self.now.saturating_duration_since(io.submitted);
         self.stats.max_latency = self.stats.max_latency.max(latency);
         self.stats.ios += 1;
@@ -1709,6 +1712,7 @@ impl Sim {
                 },
             );
             self.submitted += 1;
+            self.last_progress = self.now;
             if !self.dispatch(id) {
                 if let Some(io) = self.ios.get_mut(&id) {
                     io.no_path_since = Some(self.now);
@@ -1881,7 +1885,8 @@ impl Sim {
 
     fn run(&mut self) -> Result<(), String> {
         let bound = self.sc.recovery_bound();
-        let hard_deadline = self.sc.fault_end + bound + ms(1_000);
+        // Progress = an I/O submitted or finished; none for the recovery
+        // bound after the faults is a hang.
         let mut same_instant = 0u32;
         loop {
             self.step()?;
@@ -1892,7 +1897,8 @@ impl Sim {
             if done {
                 break;
             }
-            if self.now > hard_deadline {
+            let deadline = self.sc.fault_end.max(self.last_progress) + bound + ms(1_000);
+            if self.now > deadline {
                 let down: Vec<usize> = (0..self.paths.len())
                     .filter(|&p| !self.path_up(p))
                     .collect();
