@@ -4,6 +4,9 @@
 # (`iscsi-bypass bench`) on the root end, first with a kernel address on it
 # (--transport kernel), then without one, through net_af_packet
 # (--transport dpdk). Root only; everything is removed on exit.
+# NUMJOBS=N makes N veth pairs into one bridge in the namespace and gives
+# each DPDK job its own port (net_af_packetJ) and address (.2, .3, ...);
+# the kernel run uses the first pair.
 #
 # Env: RW (randread), BS (4k), IODEPTH (16), RUNTIME (5s), NUMJOBS (1),
 #      LUN_MIB (256), BUSY_POLL=1 adds --busy-poll to both runs.
@@ -28,21 +31,28 @@ cleanup() {
     set +e
     # tgtd ignores SIGTERM while it has targets.
     if [[ -n $tgtd_pid ]]; then kill -9 "$tgtd_pid" 2>/dev/null; wait "$tgtd_pid" 2>/dev/null; fi
-    ip link del "$dev" 2>/dev/null || true
+    for j in $(seq 0 $((NUMJOBS - 1))); do ip link del "$dev${j/#0/}" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null || true
     rm -rf "$dir"
 }
 trap cleanup EXIT
 
 ip netns add "$ns"
-ip link add "$dev" type veth peer name "$kdev" netns "$ns"
-sysctl -qw "net.ipv6.conf.$dev.disable_ipv6=1" || true
-sysctl -qw "net.ipv4.conf.$dev.forwarding=0"
-# af_packet passes the kernel's CHECKSUM_PARTIAL frames on as they are.
-ip netns exec "$ns" ethtool -K "$kdev" tx off >/dev/null
-ip link set "$dev" up
-ip -n "$ns" addr add "$kip/24" dev "$kdev"
-ip -n "$ns" link set "$kdev" up
+ip -n "$ns" link add br0 type bridge
+ip -n "$ns" link set br0 up
+for j in $(seq 0 $((NUMJOBS - 1))); do
+    d=$dev${j/#0/}; k=$kdev$j
+    ip link add "$d" type veth peer name "$k" netns "$ns"
+    sysctl -qw "net.ipv6.conf.$d.disable_ipv6=1" || true
+    sysctl -qw "net.ipv4.conf.$d.forwarding=0"
+    # af_packet passes the kernel's CHECKSUM_PARTIAL frames on as they are.
+    ip netns exec "$ns" ethtool -K "$k" tx off >/dev/null
+    ip link set "$d" up
+    ip -n "$ns" link set "$k" master br0
+    ip -n "$ns" link set "$k" up
+done
+ip netns exec "$ns" ethtool -K br0 tx off >/dev/null
+ip -n "$ns" addr add "$kip/24" dev br0
 ip -n "$ns" link set lo up
 
 truncate -s "${LUN_MIB}M" "$dir/lun1.img"
@@ -66,7 +76,12 @@ ip neigh flush dev "$dev" || true
 
 free=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
 mem="--in-memory"; [[ ${free:-0} -ge 64 ]] || mem="--no-huge -m 256"
-eal="-l 0 --no-pci $mem --file-prefix iscsi-dpdk-$id --log-level lib.eal:notice --vdev net_af_packet0,iface=$dev,qpairs=$NUMJOBS"
-echo "== userspace TCP on DPDK (net_af_packet0 on $dev, stack $sip): ${job[*]}"
-"$bin" bench "$url" "${job[@]}" --transport dpdk --eal "$eal" \
-    --dpdk-port net_af_packet0 --local-ip "$sip/24" 2> >(grep -v -e '^EAL: No free' -e '^TELEMETRY' >&2)
+eal="-l 0 --no-pci $mem --file-prefix iscsi-dpdk-$id --log-level lib.eal:notice"
+ports=()
+for j in $(seq 0 $((NUMJOBS - 1))); do
+    eal+=" --vdev net_af_packet$j,iface=$dev${j/#0/}"
+    ports+=(--dpdk-port "net_af_packet$j" --local-ip "$net.$((j + 2))/24")
+done
+echo "== userspace TCP on DPDK (net_af_packet0..$((NUMJOBS - 1)), stack $sip..): ${job[*]}"
+"$bin" bench "$url" "${job[@]}" --transport dpdk --eal "$eal" "${ports[@]}" \
+    2> >(grep -v -e '^EAL: No free' -e '^TELEMETRY' >&2)
