@@ -191,6 +191,7 @@ fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Resul
 fn dpdk_stacks(
     d: &DpdkArgs,
     jobs: u16,
+    connect_timeout: Duration,
 ) -> Result<Vec<Arc<iscsi_bypass::transport::dpdk::DpdkStack>>> {
     use iscsi_bypass::net::OffloadConfig;
     use iscsi_bypass::transport::dpdk::{parse_ip_prefix, parse_neighbour, DpdkOptions, DpdkStack};
@@ -236,6 +237,7 @@ fn dpdk_stacks(
         let mut options = DpdkOptions::new(eal.clone(), port, ip, prefix);
         options.queues = queues;
         options.gateway = d.gateway;
+        options.user.connect_timeout = connect_timeout;
         options.user.static_neighbours = neighbours.clone();
         if d.dpdk_no_offload {
             options.user.offload = OffloadConfig::NONE;
@@ -267,7 +269,7 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         SocketAddr::V6(a) => bail!("the userspace stack speaks IPv4 only, not {a}"),
     };
     let jobs = u16::try_from(job.numjobs).context("too many jobs for DPDK queues")?;
-    let stacks = dpdk_stacks(&args.dpdk, jobs.max(1))?;
+    let stacks = dpdk_stacks(&args.dpdk, jobs.max(1), opts.timeout())?;
     let login = |job: u32| -> Result<Session<_>> {
         let stack = &stacks[job as usize % stacks.len()];
         let queue = ((job as usize / stacks.len()) % usize::from(stack.queues())) as u16;
