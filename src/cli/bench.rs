@@ -95,19 +95,23 @@ pub struct DpdkArgs {
     /// --vdev net_af_packet0,iface=veth0" (split on whitespace).
     #[arg(long, allow_hyphen_values = true, value_name = "ARGS")]
     pub eal: Option<String>,
-    /// DPDK port by its device name (net_af_packet0, 0000:03:00.0).
+    /// DPDK port by its device name (net_af_packet0, 0000:03:00.0);
+    /// repeat for several ports: job j runs on port j mod #ports.
     #[arg(long, value_name = "NAME")]
-    pub dpdk_port: Option<String>,
-    /// The userspace stack's address on that port, A.B.C.D/NN.
+    pub dpdk_port: Vec<String>,
+    /// The userspace stack's address, A.B.C.D/NN: one per --dpdk-port (in
+    /// the same order), or one for all of them.
     #[arg(long, value_name = "A.B.C.D/NN")]
-    pub local_ip: Option<String>,
+    pub local_ip: Vec<String>,
     /// Next hop for targets outside --local-ip's prefix.
     #[arg(long, value_name = "A.B.C.D")]
     pub gateway: Option<std::net::Ipv4Addr>,
     /// Static neighbour, never ARPed: IP=MAC (repeatable).
     #[arg(long = "neighbour", value_name = "IP=MAC")]
     pub neighbours: Vec<String>,
-    /// Queue pairs to configure (default: one per job).
+    /// Queue pairs per port (default: jobs / ports). More than one per
+    /// port needs flow steering the stack does not do yet (see
+    /// docs/dpdk.md), so it must be asked for explicitly.
     #[arg(long, value_name = "N")]
     pub dpdk_queues: Option<u16>,
     /// Do not use checksum offload or TSO even where the port has them.
@@ -329,9 +333,13 @@ fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Resul
     bail!("this build has no DPDK support (rebuild with the `dpdk` feature)")
 }
 
-/// Starts the DPDK port and the userspace stack from the CLI options.
+/// Starts the DPDK ports and a userspace stack on each from the CLI options.
 #[cfg(feature = "dpdk")]
-fn dpdk_stack(d: &DpdkArgs, queues: u16) -> Result<Arc<iscsi_bypass::transport::dpdk::DpdkStack>> {
+fn dpdk_stacks(
+    d: &DpdkArgs,
+    jobs: u16,
+    connect_timeout: Duration,
+) -> Result<Vec<Arc<iscsi_bypass::transport::dpdk::DpdkStack>>> {
     use iscsi_bypass::net::OffloadConfig;
     use iscsi_bypass::transport::dpdk::{parse_ip_prefix, parse_neighbour, DpdkOptions, DpdkStack};
     let eal: Vec<String> = d
@@ -341,33 +349,55 @@ fn dpdk_stack(d: &DpdkArgs, queues: u16) -> Result<Arc<iscsi_bypass::transport::
         .split_whitespace()
         .map(String::from)
         .collect();
-    let port = d
-        .dpdk_port
-        .as_deref()
-        .context("--transport dpdk needs --dpdk-port NAME (e.g. net_af_packet0 or 0000:03:00.0)")?;
-    let (ip, prefix) = parse_ip_prefix(
-        d.local_ip
-            .as_deref()
-            .context("--transport dpdk needs --local-ip A.B.C.D/NN")?,
-    )?;
-    let mut options = DpdkOptions::new(eal, port, ip, prefix);
-    options.queues = d.dpdk_queues.unwrap_or(queues).max(queues);
-    options.gateway = d.gateway;
-    options.user.static_neighbours = d
+    if d.dpdk_port.is_empty() {
+        bail!("--transport dpdk needs --dpdk-port NAME (e.g. net_af_packet0 or 0000:03:00.0)");
+    }
+    let ports = d.dpdk_port.len() as u16;
+    let ips = match d.local_ip.len() {
+        0 => bail!("--transport dpdk needs --local-ip A.B.C.D/NN"),
+        1 => vec![d.local_ip[0].clone(); d.dpdk_port.len()],
+        n if n == d.dpdk_port.len() => d.local_ip.clone(),
+        n => bail!("{n} --local-ip for {ports} --dpdk-port: give one per port or one for all"),
+    };
+    let queues = match d.dpdk_queues {
+        Some(q) => q.max(1),
+        None => {
+            let q = jobs.div_ceil(ports).max(1);
+            if q > 1 {
+                bail!(
+                    "{jobs} jobs on {ports} DPDK port(s) would put {q} connections on one port's queues, \
+                     and nothing steers each flow to its queue yet (af_packet and RSS hash flows); \
+                     give one --dpdk-port per job, or force it with --dpdk-queues {q}"
+                );
+            }
+            q
+        }
+    };
+    let neighbours = d
         .neighbours
         .iter()
         .map(|n| parse_neighbour(n))
-        .collect::<Result<_, _>>()?;
-    if d.dpdk_no_offload {
-        options.user.offload = OffloadConfig::NONE;
-        options.port_config.checksum_offload = false;
-        options.port_config.tso = false;
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stacks = Vec::new();
+    for (port, ip) in d.dpdk_port.iter().zip(&ips) {
+        let (ip, prefix) = parse_ip_prefix(ip)?;
+        let mut options = DpdkOptions::new(eal.clone(), port, ip, prefix);
+        options.queues = queues;
+        options.gateway = d.gateway;
+        options.user.connect_timeout = connect_timeout;
+        options.user.static_neighbours = neighbours.clone();
+        if d.dpdk_no_offload {
+            options.user.offload = OffloadConfig::NONE;
+            options.port_config.checksum_offload = false;
+            options.port_config.tso = false;
+        }
+        stacks.push(DpdkStack::open(options)?);
     }
-    Ok(DpdkStack::open(options)?)
+    Ok(stacks)
 }
 
 /// `bench --transport dpdk`: the same job, each job thread on its own queue
-/// pair of the DPDK port with its own userspace stack and session.
+/// pair (of port j mod #ports) with its own userspace stack and session.
 #[cfg(feature = "dpdk")]
 fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
@@ -386,9 +416,10 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         SocketAddr::V6(a) => bail!("the userspace stack speaks IPv4 only, not {a}"),
     };
     let jobs = u16::try_from(job.numjobs).context("too many jobs for DPDK queues")?;
-    let stack = dpdk_stack(&args.dpdk, jobs.max(1))?;
-    let queues = stack.queues();
-    let login = |queue: u16| -> Result<Session<_>> {
+    let stacks = dpdk_stacks(&args.dpdk, jobs.max(1), opts.timeout())?;
+    let login = |job: u32| -> Result<Session<_>> {
+        let stack = &stacks[job as usize % stacks.len()];
+        let queue = ((job as usize / stacks.len()) % usize::from(stack.queues())) as u16;
         let t = stack.connect(queue, remote).with_context(|| {
             format!(
                 "TCP over DPDK port {:?} queue {queue}",
@@ -405,26 +436,26 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         Session::login(t, &config)
             .with_context(|| format!("login to {target} at {} over DPDK", url.portal()))
     };
-    // Probe on queue 0 (free again afterwards): capacity and block size.
+    // Probe as job 0 (its queue is free again afterwards): capacity and
+    // block size.
     let mut probe = LunHandle::new(login(0)?, lun);
     probe.timeout = opts.timeout();
     let cap = probe.read_capacity().context("READ CAPACITY")?;
     let _ = probe.into_session().logout(Duration::from_secs(2));
     job.region(cap.block_size, cap.block_count)?;
+    let names: Vec<String> = stacks
+        .iter()
+        .map(|s| format!("{} on {}", s.options().local_ip, s.options().port))
+        .collect();
     let factory = SessionFactory {
         connect: |job: u32| -> Result<Session<_>, String> {
-            login((job % u32::from(queues)) as u16).map_err(|e| super::error_chain(&e))
+            login(job).map_err(|e| super::error_chain(&e))
         },
         lun,
         block_size: cap.block_size,
         capacity_blocks: cap.block_count,
         max_in_flight: job.iodepth as usize,
-        path_name: format!(
-            "{}->{} (dpdk {})",
-            stack.options().local_ip,
-            remote,
-            stack.options().port
-        ),
+        path_name: format!("dpdk {} -> {remote}", names.join(", ")),
     };
     let result = run_with_progress(job, &factory, out)?;
     report_and_check(&result, args, out)
