@@ -987,8 +987,30 @@ impl Connection {
             PduHeader::LogoutResponse(l) => {
                 self.update_window(l.exp_cmd_sn, l.max_cmd_sn);
                 self.check_stat_sn(l.stat_sn)?;
-                if let Some((slot, _)) = self.task_by_itt(l.itt) {
-                    self.free_slot(slot);
+                // Only our Logout Request may be answered: freeing whatever
+                // task the tag names would drop a SCSI command silently.
+                match self.task_by_itt(l.itt) {
+                    Some((
+                        slot,
+                        Task {
+                            kind: TaskKind::Logout,
+                            ..
+                        },
+                    )) => {
+                        self.free_slot(slot);
+                    }
+                    Some(_) => {
+                        return Err(ConnError::Protocol(format!(
+                            "logout response for task {:#x}, which is not a logout",
+                            l.itt
+                        )))
+                    }
+                    None => {
+                        return Err(ConnError::Protocol(format!(
+                            "logout response for unknown task tag {:#x}",
+                            l.itt
+                        )))
+                    }
                 }
                 self.logged_out = true;
                 self.events.push_back(Event::LoggedOut {

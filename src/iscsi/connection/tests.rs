@@ -646,3 +646,50 @@ fn text_requests_wait_for_window_space() {
     assert_eq!(r.cmd_sn, Sn(10));
     assert_eq!(TextPairs::parse(&sent[0].1).unwrap(), t);
 }
+
+/// Regression (fuzz_connection): a Logout Response carrying a SCSI
+/// command's task tag freed that command's slot, so it was neither
+/// completed nor handed back by `take_outstanding` (lost, never retried).
+#[test]
+fn logout_response_for_a_scsi_task_is_refused() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(512, 1), now).unwrap();
+    let PduHeader::ScsiCommand(cmd) = peer.sent(&mut c)[0].0.clone() else {
+        panic!()
+    };
+    let stat_sn = peer.next_stat_sn();
+    let rsp = peer.encode(
+        PduHeader::LogoutResponse(crate::wire::iscsi::LogoutResponse {
+            response: 0,
+            itt: cmd.itt,
+            stat_sn,
+            exp_cmd_sn: Sn(11),
+            max_cmd_sn: Sn(41),
+            time2wait: 0,
+            time2retain: 0,
+        }),
+        &[],
+    );
+    let e = c.receive(&rsp, now).unwrap_err();
+    assert!(e.to_string().contains("not a logout"), "{e}");
+    assert_eq!(c.take_outstanding().len(), 1, "the command must come back");
+    // An unsolicited one (no logout pending) is refused too.
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    let stat_sn = peer.next_stat_sn();
+    let rsp = peer.encode(
+        PduHeader::LogoutResponse(crate::wire::iscsi::LogoutResponse {
+            response: 0,
+            itt: 0x1234,
+            stat_sn,
+            exp_cmd_sn: Sn(10),
+            max_cmd_sn: Sn(41),
+            time2wait: 0,
+            time2retain: 0,
+        }),
+        &[],
+    );
+    assert!(c.receive(&rsp, now).is_err());
+}
