@@ -3,6 +3,36 @@
 //! Layer order (a layer never reaches up):
 //! `wire` ← `net` ← `phy`/`transport` ← `iscsi` ← `scsi` ← `multipath` ← `worker` ← `bench`/CLI.
 //! See `shared/DESIGN.md` in the steering repository for the architecture.
+//!
+//! # The library API
+//!
+//! An application opens one [`Device`] (a multipath LU: one iSCSI session
+//! per path, one poll-mode worker thread per path), then takes one
+//! [`IoQueue`] per application thread and submits [`Io`]s on it:
+//!
+//! ```no_run
+//! use iscsi_bypass::{Device, Io, IoCompletion, Options};
+//! use std::time::Duration;
+//! let dev = Device::open_urls(&["iscsi://10.0.1.2/iqn.2003-01.org.example:disk/0",
+//!                               "iscsi://10.0.2.2/iqn.2003-01.org.example:disk/0"],
+//!                             &Options::default())?;
+//! let mut q = dev.queue_pair();
+//! // Polling: submit without waiting, collect completions (buffers come back).
+//! q.submit(Io::write(0, 8, vec![0xab; 4096], 1)).map_err(|e| e.to_string())?;
+//! q.submit(Io::flush(2)).map_err(|e| e.to_string())?;
+//! let mut done: Vec<IoCompletion> = Vec::with_capacity(64);
+//! q.wait_completions(&mut done, 2, Duration::from_secs(5));
+//! // Blocking convenience on the same queue.
+//! let mut buf = vec![0u8; 4096];
+//! q.read_at(0, &mut buf)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Errors are typed: [`IoError`] carries the SCSI status and decoded sense
+//! ([`ScsiError`], [`SenseData`]), retries that ran out, and
+//! [`IoError::NoPath`] when every path stayed down for `no_path_timeout`;
+//! [`IoCompletion::retries`] counts the path-level resubmissions that
+//! succeeded. Which calls may run on which threads: `docs/threading.md`.
 
 pub mod bench;
 pub mod iscsi;
@@ -15,3 +45,14 @@ pub mod target;
 pub mod transport;
 pub mod wire;
 pub mod worker;
+
+pub use multipath::{
+    DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, MultipathError, PathConfig, PathState,
+    PathStats, Policy,
+};
+pub use scsi::ScsiError;
+pub use wire::scsi::{SenseData, SenseKey};
+pub use worker::{Chap, IoQueue, MultipathDevice, Options, SubmitError, Transport};
+
+/// The application-facing multipath device ([`MultipathDevice`]).
+pub type Device = MultipathDevice;

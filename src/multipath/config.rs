@@ -1,6 +1,7 @@
 //! Device and path configuration. A path is a port binding: how to open a
 //! byte stream to one target portal (kernel TCP bound to a local address, or
 //! the userspace stack) plus the login for its own session (MPIO).
+#![warn(missing_docs)]
 
 use super::path::ReconnectPolicy;
 use super::selector::Policy;
@@ -53,6 +54,7 @@ pub struct PathConfig {
     /// Login parameters. Each path needs its own ISID (distinct I_T nexus);
     /// the constructors below pick a random one.
     pub login: LoginConfig,
+    /// Opens this path's byte stream (first login and every reconnect).
     pub connector: Connector,
 }
 
@@ -112,9 +114,11 @@ pub enum IdleMode {
 /// Everything `MultipathDevice::open` needs.
 #[derive(Debug)]
 pub struct DeviceConfig {
+    /// The paths, all to the same LU.
     pub paths: Vec<PathConfig>,
     /// LUN number (as in `iscsi://host/iqn/LUN`).
     pub lun: u16,
+    /// Path selection policy.
     pub policy: Policy,
     /// Most I/Os in flight per `IoQueue`; `submit` answers `QueueFull` beyond.
     pub queue_depth: usize,
@@ -125,14 +129,19 @@ pub struct DeviceConfig {
     pub max_retries: u32,
     /// NOP-Out pings on idle paths and the command timeout.
     pub timers: ConnTimers,
+    /// Time allowed for each path's connect + login (+ probe).
     pub login_timeout: Duration,
+    /// Back-off between reconnect attempts of a failed path.
     pub reconnect: ReconnectPolicy,
+    /// What idle path workers do.
     pub idle: IdleMode,
     /// Cores to pin workers to (worker i on `cores[i % len]`); empty: no pinning.
     pub cores: Vec<usize>,
 }
 
 impl DeviceConfig {
+    /// Defaults: queue-depth policy, depth 128, 30 s `no_path_timeout`,
+    /// 8 retries, NOP every 2 s, 20 s command timeout, busy-polling workers.
     pub fn new(paths: Vec<PathConfig>, lun: u16) -> DeviceConfig {
         DeviceConfig {
             paths,

@@ -1,6 +1,7 @@
 //! Block I/O requests and completions as the application sees them, how they
 //! become SCSI commands, and what to do with a command's outcome (complete,
 //! retry, fail).
+#![warn(missing_docs)]
 
 use crate::iscsi::connection::{Command, Completion, Direction};
 use crate::scsi::{
@@ -104,24 +105,54 @@ impl Io {
 /// Why an I/O failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IoError {
+    /// The target completed the command with a non-GOOD status that is not
+    /// worth retrying (e.g. CHECK CONDITION with MEDIUM ERROR or ILLEGAL
+    /// REQUEST); the sense data is decoded ([`IoError::sense`]).
     #[error("SCSI error: {0}")]
     Scsi(ScsiError),
+    /// A retryable status (UNIT ATTENTION, BUSY, TASK SET FULL, ...) came
+    /// back `max_retries` times.
     #[error("gave up after {retries} retries; last error: {last}")]
-    RetriesExhausted { retries: u32, last: ScsiError },
+    RetriesExhausted {
+        /// Retries made.
+        retries: u32,
+        /// The last status.
+        last: ScsiError,
+    },
+    /// Every path was down (or not usable) for `no_path_timeout`.
     #[error("no usable path for {waited:?} (no_path_timeout)")]
-    NoPath { waited: Duration },
+    NoPath {
+        /// How long the I/O waited for a path.
+        waited: Duration,
+    },
+    /// The request reaches past the end of the LU (nothing was sent).
     #[error("blocks {lba}..{end} are beyond the end of the device ({capacity} blocks)")]
-    OutOfRange { lba: u64, end: u64, capacity: u64 },
+    OutOfRange {
+        /// First block asked for.
+        lba: u64,
+        /// One past the last block asked for.
+        end: u64,
+        /// The LU's size in blocks.
+        capacity: u64,
+    },
+    /// The buffer does not fit the request (nothing was sent).
     #[error("buffer of {got} bytes for {op:?} needs {expected} bytes")]
     BadBuffer {
+        /// The operation.
         op: IoOp,
+        /// Bytes needed.
         expected: usize,
+        /// Bytes given.
         got: usize,
     },
+    /// The iSCSI layer reported a target failure (response code) on every try.
     #[error("the target reported an iSCSI target failure (response {0:#04x})")]
     TargetFailure(u8),
+    /// The device was closed with the I/O still queued or in flight.
     #[error("the device is closed")]
     Closed,
+    /// A path failed while handing the command to its session, and the
+    /// command could not be recovered (rare; the data state is unknown).
     #[error("the path failed while taking the command, and it was lost: {0}")]
     PathLost(String),
     /// A request that needs at least one block got none.
@@ -130,6 +161,34 @@ pub enum IoError {
         /// The operation.
         op: IoOp,
     },
+}
+
+impl IoError {
+    /// The decoded sense data, when the target answered CHECK CONDITION
+    /// (directly, or as the last error before retries ran out).
+    pub fn sense(&self) -> Option<&crate::wire::scsi::SenseData> {
+        match self {
+            IoError::Scsi(ScsiError::CheckCondition { sense })
+            | IoError::RetriesExhausted {
+                last: ScsiError::CheckCondition { sense },
+                ..
+            } => Some(sense),
+            _ => None,
+        }
+    }
+
+    /// The SCSI error behind this failure, if the target returned one.
+    pub fn scsi(&self) -> Option<&ScsiError> {
+        match self {
+            IoError::Scsi(e) | IoError::RetriesExhausted { last: e, .. } => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether no path was usable for the whole `no_path_timeout`.
+    pub fn is_no_path(&self) -> bool {
+        matches!(self, IoError::NoPath { .. })
+    }
 }
 
 /// Builds the SCSI command for `io`, moving its buffer into the command.
@@ -247,8 +306,11 @@ pub enum Verdict {
     /// Retry after `delay`, on any usable path. `refresh_alua`: the path's
     /// ALUA state may have changed.
     Retry {
+        /// The status that caused it.
         error: ScsiError,
+        /// Wait this long first.
         delay: Duration,
+        /// Re-read the path's ALUA state.
         refresh_alua: bool,
     },
     /// Report to the application.
@@ -300,8 +362,11 @@ pub fn judge(response: u8, status: u8, sense: &[u8], retries: u32, max_retries: 
 /// What the application gets back.
 #[derive(Debug)]
 pub struct IoCompletion {
+    /// The request's `user_tag`.
     pub user_tag: u64,
+    /// The request's operation.
     pub op: IoOp,
+    /// Success, or why it failed (after retries and path failovers).
     pub result: Result<(), IoError>,
     /// From `submit` to completion, retries and path changes included.
     pub latency: Duration,

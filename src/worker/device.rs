@@ -37,8 +37,15 @@ pub enum SubmitError {
     /// `queue_depth` I/Os are in flight: poll completions, then retry.
     #[error("queue full")]
     QueueFull(Io),
+    /// The request is malformed (range, buffer size); nothing was sent.
     #[error("invalid request: {error}")]
-    Invalid { error: IoError, io: Io },
+    Invalid {
+        /// What is wrong.
+        error: IoError,
+        /// The request, buffer included.
+        io: Io,
+    },
+    /// The device is closed.
     #[error("device closed")]
     Closed(Io),
 }
@@ -275,10 +282,12 @@ impl MultipathDevice {
         self.shared.capacity_blocks
     }
 
+    /// Capacity in bytes.
     pub fn capacity_bytes(&self) -> u64 {
         self.shared.capacity_blocks * u64::from(self.shared.block_size)
     }
 
+    /// Logical block size in bytes (512 or 4096 typically).
     pub fn block_size(&self) -> u32 {
         self.shared.block_size
     }
@@ -288,6 +297,7 @@ impl MultipathDevice {
         &self.shared.lu_id
     }
 
+    /// The path selection policy.
     pub fn policy(&self) -> Policy {
         self.shared.policy
     }
@@ -378,10 +388,12 @@ impl IoQueue {
         self.in_flight
     }
 
+    /// Most I/Os this queue takes at once (`queue_depth`).
     pub fn depth(&self) -> usize {
         self.slots.len()
     }
 
+    /// The device's logical block size in bytes.
     pub fn block_size(&self) -> u32 {
         self.dev.block_size
     }

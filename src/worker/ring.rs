@@ -62,6 +62,7 @@ impl<T> Producer<T> {
         self.queue.capacity() - self.queue.len()
     }
 
+    /// Slots in the ring.
     pub fn capacity(&self) -> usize {
         self.queue.capacity()
     }
@@ -73,14 +74,17 @@ impl<T> Consumer<T> {
         self.queue.pop()
     }
 
+    /// Items waiting.
     pub fn len(&mut self) -> usize {
         self.queue.len()
     }
 
+    /// Whether nothing waits.
     pub fn is_empty(&mut self) -> bool {
         self.queue.is_empty()
     }
 
+    /// Slots in the ring.
     pub fn capacity(&self) -> usize {
         self.queue.capacity()
     }

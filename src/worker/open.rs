@@ -1,0 +1,228 @@
+//! The easy way in: [`MultipathDevice::open_urls`] with [`Options`].
+//!
+//! ```no_run
+//! use iscsi_bypass::{Chap, Device, Options};
+//! let opts = Options {
+//!     chap: Chap::from_env(),
+//!     cores: vec![2, 3],
+//!     ..Options::default()
+//! };
+//! let dev = Device::open_urls(
+//!     &["iscsi://10.0.1.2/iqn.2003-01.org.example:disk/0",
+//!       "iscsi://10.0.2.2/iqn.2003-01.org.example:disk/0"],
+//!     &opts,
+//! )?;
+//! let mut q = dev.queue_pair(); // one per application thread
+//! let mut block = vec![0u8; dev.block_size() as usize];
+//! q.read_at(0, &mut block)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use super::MultipathDevice;
+use crate::iscsi::chap::{Credentials, Secret};
+use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Which byte stream the paths run over.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// Kernel TCP sockets (`poll(2)`-driven, one per path).
+    #[default]
+    Kernel,
+}
+
+/// CHAP credentials for every path's login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chap {
+    /// Our CHAP name and secret (the target checks them).
+    pub initiator: Credentials,
+    /// The target's name and secret, for mutual CHAP (we check them).
+    pub target: Option<Credentials>,
+}
+
+fn env_first(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+}
+
+impl Chap {
+    /// One-way CHAP.
+    pub fn new(user: impl Into<String>, secret: impl Into<Vec<u8>>) -> Chap {
+        Chap {
+            initiator: Credentials {
+                user: user.into(),
+                secret: Secret::new(secret),
+            },
+            target: None,
+        }
+    }
+
+    /// Adds the target's credentials (mutual CHAP).
+    pub fn mutual(mut self, user: impl Into<String>, secret: impl Into<Vec<u8>>) -> Chap {
+        self.target = Some(Credentials {
+            user: user.into(),
+            secret: Secret::new(secret),
+        });
+        self
+    }
+
+    /// From the environment: `ISCSI_CHAP_USER` + `ISCSI_CHAP_PASSWORD`
+    /// (or libiscsi's `LIBISCSI_CHAP_USERNAME` / `LIBISCSI_CHAP_PASSWORD`),
+    /// and for mutual CHAP `ISCSI_CHAP_TARGET_USER` +
+    /// `ISCSI_CHAP_TARGET_PASSWORD`. `None` when user or secret is unset.
+    pub fn from_env() -> Option<Chap> {
+        let user = env_first(&["ISCSI_CHAP_USER", "LIBISCSI_CHAP_USERNAME"])?;
+        let secret = env_first(&["ISCSI_CHAP_PASSWORD", "LIBISCSI_CHAP_PASSWORD"])?;
+        let mut c = Chap::new(user, secret.into_bytes());
+        if let (Some(u), Some(s)) = (
+            env_first(&["ISCSI_CHAP_TARGET_USER", "LIBISCSI_CHAP_TARGET_USERNAME"]),
+            env_first(&[
+                "ISCSI_CHAP_TARGET_PASSWORD",
+                "LIBISCSI_CHAP_TARGET_PASSWORD",
+            ]),
+        ) {
+            c = c.mutual(u, s.into_bytes());
+        }
+        Some(c)
+    }
+
+    /// `user` with the secret on the first line of `secret_file`.
+    pub fn from_file(user: impl Into<String>, secret_file: &Path) -> std::io::Result<Chap> {
+        let text = std::fs::read_to_string(secret_file)?;
+        let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        if line.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("secret file {} is empty", secret_file.display()),
+            ));
+        }
+        Ok(Chap::new(user, line.as_bytes().to_vec()))
+    }
+}
+
+/// What [`MultipathDevice::open_urls`] needs besides the URLs. Every field
+/// has a default (`Options::default()`).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Our initiator IQN (default `iqn.2026-11.org.iscsi-bypass:<hostname>`).
+    pub initiator: String,
+    /// Transport of every path.
+    pub transport: Transport,
+    /// Local addresses to bind path `i`'s connection to (`binds[i]`, port
+    /// binding); missing entries: no binding.
+    pub binds: Vec<Option<SocketAddr>>,
+    /// Cores to pin the path workers to (worker `i` on `cores[i % len]`);
+    /// empty: no pinning.
+    pub cores: Vec<usize>,
+    /// Path selection policy.
+    pub policy: Policy,
+    /// Most I/Os in flight per [`IoQueue`](super::IoQueue).
+    pub queue_depth: usize,
+    /// How long I/O waits for a usable path before failing with
+    /// [`IoError::NoPath`](crate::multipath::IoError::NoPath).
+    pub no_path_timeout: Duration,
+    /// Login timeout per path.
+    pub login_timeout: Duration,
+    /// What idle path workers do: `BusyPoll` for the lowest latency (one
+    /// core per path), `Sleep` on shared machines.
+    pub idle: IdleMode,
+    /// CHAP for every path; URL credentials (`user%secret@`) apply when `None`.
+    pub chap: Option<Chap>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let base = DeviceConfig::new(Vec::new(), 0);
+        Options {
+            initiator: format!("iqn.2026-11.org.iscsi-bypass:{host}"),
+            transport: Transport::Kernel,
+            binds: Vec::new(),
+            cores: Vec::new(),
+            policy: base.policy,
+            queue_depth: base.queue_depth,
+            no_path_timeout: base.no_path_timeout,
+            login_timeout: base.login_timeout,
+            idle: base.idle,
+            chap: None,
+        }
+    }
+}
+
+impl Options {
+    /// The full [`DeviceConfig`] for `urls` (one path per URL), to adjust
+    /// further before [`MultipathDevice::open`].
+    pub fn device_config(&self, urls: &[&str]) -> Result<DeviceConfig, MultipathError> {
+        match self.transport {
+            Transport::Kernel => {}
+        }
+        let mut c = DeviceConfig::from_urls(urls, &self.initiator, &self.binds)?;
+        if let Some(chap) = &self.chap {
+            for p in &mut c.paths {
+                p.login.chap = Some(chap.initiator.clone());
+                p.login.mutual_chap = chap.target.clone();
+            }
+        }
+        c.cores = self.cores.clone();
+        c.policy = self.policy;
+        c.queue_depth = self.queue_depth;
+        c.no_path_timeout = self.no_path_timeout;
+        c.login_timeout = self.login_timeout;
+        c.idle = self.idle;
+        Ok(c)
+    }
+}
+
+impl MultipathDevice {
+    /// Opens the LU behind `urls` (`iscsi://[user%secret@]host[:port]/iqn/lun`,
+    /// one path per URL, all to the same target and LUN) with `options`.
+    pub fn open_urls(urls: &[&str], options: &Options) -> Result<MultipathDevice, MultipathError> {
+        MultipathDevice::open(options.device_config(urls)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_a_device_config() {
+        let o = Options {
+            chap: Some(
+                Chap::new("u", b"secret-123456".to_vec()).mutual("t", b"tsecret-12345".to_vec()),
+            ),
+            cores: vec![1],
+            queue_depth: 7,
+            ..Options::default()
+        };
+        let c = o
+            .device_config(&[
+                "iscsi://127.0.0.1:3260/iqn.x:y/1",
+                "iscsi://127.0.0.2/iqn.x:y/1",
+            ])
+            .unwrap();
+        assert_eq!((c.paths.len(), c.lun, c.queue_depth), (2, 1, 7));
+        assert_eq!(c.paths[1].login.chap.as_ref().unwrap().user, "u");
+        assert_eq!(c.paths[0].login.mutual_chap.as_ref().unwrap().user, "t");
+        assert!(o.device_config(&[]).is_err());
+    }
+
+    #[test]
+    fn chap_from_file() {
+        let p = std::env::temp_dir().join(format!("chap-{}", std::process::id()));
+        std::fs::write(&p, "s3cret-value\nignored\n").unwrap();
+        let c = Chap::from_file("me", &p).unwrap();
+        assert_eq!(c.initiator.secret.expose(), b"s3cret-value");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(Chap::from_file("me", &p).is_err());
+        let _ = std::fs::remove_file(&p);
+    }
+}
