@@ -34,7 +34,12 @@ fi
 
 flags=(-O -a)
 echo "== cargo fuzz build ${flags[*]} (${#targets[@]} targets)"
-cargo fuzz build "${flags[@]}"
+cargo fuzz build "${flags[@]}" >&2
+# Run the built binaries directly: `cargo fuzz run` would call cargo again
+# per target, and anything that makes cargo rebuild (e.g. a build script
+# that reruns every time) would then cost a rebuild per target.
+triple="$(rustc -vV | sed -n 's/^host: //p')"
+bindir="fuzz/target/$triple/release"
 
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
@@ -53,9 +58,10 @@ for t in "${targets[@]}"; do
         corpus+=("fuzz/regressions/$t")
     fi
     set +e
-    cargo fuzz run "${flags[@]}" "$t" "${corpus[@]}" -- \
+    mkdir -p "fuzz/artifacts/$t"
+    "$bindir/$t" -artifact_prefix="fuzz/artifacts/$t/" \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 >"$log" 2>&1
+        -print_final_stats=1 "${corpus[@]}" >"$log" 2>&1
     rc=$?
     set -e
     execs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)"
