@@ -593,3 +593,61 @@ fn several_clients_at_once() {
     }
     server.stop().unwrap();
 }
+
+/// The `export-nbd` subcommand end to end: the binary in a child process,
+/// the embedded target in this one (reachable over loopback TCP).
+#[test]
+fn cli_export_nbd_serves_the_embedded_target() {
+    if !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let target = Target::start(TargetConfig::ram(IQN, SIZE).loopback_portals(2)).unwrap();
+    let dir = std::env::temp_dir().join(format!("nbd-test-{}-cli", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("cli.sock");
+    let mut args: Vec<String> = vec!["export-nbd".into()];
+    args.extend(
+        target
+            .portals()
+            .iter()
+            .map(|p| format!("iscsi://{p}/{IQN}/0")),
+    );
+    args.extend(["--socket".into(), socket.display().to_string()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .args(&args)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !socket.exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let size = Command::new("nbdinfo").args(["--size", &uri]).output();
+    let io = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5c 4k 8k",
+            "-c",
+            "read -P 0x5c 4k 8k",
+            &uri,
+        ])
+        .output();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let size = size.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&size.stdout).trim(),
+        SIZE.to_string()
+    );
+    let io = io.unwrap();
+    let text = String::from_utf8_lossy(&io.stdout);
+    assert!(io.status.success() && !text.contains("fail"), "{text}");
+    let lun = target.lun(0).unwrap();
+    let mut b = vec![0u8; 8192];
+    lun.read(4096, &mut b);
+    assert!(b.iter().all(|&x| x == 0x5c), "data reached the target");
+}

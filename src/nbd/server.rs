@@ -435,6 +435,58 @@ fn serve(mut stream: Stream, export: &Export, stop: &AtomicBool) -> Result<Strin
     r
 }
 
+/// Bytes read from the client and not yet parsed: `buf[start..end]`.
+/// Zeroed once; grows only for large write payloads, shrinks back when empty.
+struct InBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+const INBUF: usize = 256 * 1024;
+
+impl InBuf {
+    fn new(early: Vec<u8>) -> InBuf {
+        let end = early.len();
+        let mut buf = early;
+        buf.resize(end.max(INBUF), 0);
+        InBuf { buf, start: 0, end }
+    }
+
+    fn data(&self) -> &[u8] {
+        self.buf.get(self.start..self.end).unwrap_or(&[])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > 4 * INBUF {
+                self.buf.truncate(INBUF);
+                self.buf.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Free space after the data, with room for `need` bytes of data in all.
+    fn space_for(&mut self, need: usize) -> &mut [u8] {
+        if self.buf.len() - self.start < need.max(INBUF / 4) || self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+}
+
 enum OutSeg {
     Header([u8; wire::SIMPLE_REPLY_LEN]),
     Data {
@@ -530,11 +582,11 @@ impl<'a> Conn<'a> {
     fn run(
         &mut self,
         s: &mut Stream,
-        mut inbuf: Vec<u8>,
+        early: Vec<u8>,
         stop: &AtomicBool,
     ) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
-        let mut in_start = 0usize;
+        let mut inbuf = InBuf::new(early);
         let mut disc = false;
         let mut eof = false;
         let mut idle_rounds = 0u32;
@@ -545,8 +597,7 @@ impl<'a> Conn<'a> {
             let mut progress = self.submit_backlog();
             // Requests already buffered.
             while !disc && self.backlog.is_empty() && self.live < MAX_PENDING {
-                let avail = inbuf.get(in_start..).unwrap_or(&[]);
-                match wire::parse_request(avail, max_payload) {
+                match wire::parse_request(inbuf.data(), max_payload) {
                     Ok(Some((req, payload, n))) => {
                         progress = true;
                         if req.kind == cmd::DISC {
@@ -554,7 +605,7 @@ impl<'a> Conn<'a> {
                         } else {
                             self.request(req, payload);
                         }
-                        in_start += n;
+                        inbuf.consume(n);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -564,44 +615,33 @@ impl<'a> Conn<'a> {
                     }
                 }
             }
-            if in_start > 0 && (in_start == inbuf.len() || in_start > 1 << 20) {
-                inbuf.drain(..in_start);
-                in_start = 0;
-            }
             progress |= self.collect();
             progress |= self.write_out(s)?;
             // Read more when we can take it.
             if !disc && !eof && self.backlog.is_empty() && self.live < MAX_PENDING {
-                let want = match wire::Request::parse(&inbuf[in_start..]) {
+                let need = match wire::Request::parse(inbuf.data()) {
                     Ok(Some(r)) => wire::REQUEST_LEN + r.payload_len().min(max_payload as usize),
                     _ => wire::REQUEST_LEN,
                 };
-                let have = inbuf.len() - in_start;
-                let room = want.saturating_sub(have).max(256 * 1024);
-                let old = inbuf.len();
-                inbuf.resize(old + room, 0);
-                match s.read(&mut inbuf[old..]) {
-                    Ok(0) => {
-                        inbuf.truncate(old);
-                        eof = true;
-                    }
+                let space = inbuf.space_for(need);
+                let got = if space.is_empty() {
+                    Err(std::io::Error::from(ErrorKind::WouldBlock))
+                } else {
+                    s.read(space)
+                };
+                match got {
+                    Ok(0) => eof = true,
                     Ok(n) => {
-                        inbuf.truncate(old + n);
+                        inbuf.filled(n);
                         progress = true;
                     }
                     Err(e)
-                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) =>
-                    {
-                        inbuf.truncate(old);
-                    }
-                    Err(e) => {
-                        inbuf.truncate(old);
-                        return Err(e.into());
-                    }
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             if (disc || eof) && self.live == 0 && self.backlog.is_empty() && self.out.is_empty() {
-                let pending_bytes = inbuf.len() - in_start;
+                let pending_bytes = inbuf.data().len();
                 return Ok(if disc {
                     "client disconnected (NBD_CMD_DISC)".into()
                 } else if pending_bytes > 0 {

@@ -215,6 +215,17 @@ mod tests {
         assert!(o.device_config(&[]).is_err());
     }
 
+    /// What docs/threading.md promises.
+    #[test]
+    fn thread_contracts() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<MultipathDevice>();
+        send::<super::super::IoQueue>();
+        send::<crate::multipath::Io>();
+        send::<crate::multipath::IoCompletion>();
+    }
+
     #[test]
     fn chap_from_file() {
         let p = std::env::temp_dir().join(format!("chap-{}", std::process::id()));
