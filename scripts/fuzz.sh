@@ -73,6 +73,7 @@ for t in "${targets[@]}"; do
         exit 1
     fi
     summary+=("$t: ${secs}s, ${execs:-?} runs, cov ${cov:-?}")
+    echo "   ok: ${summary[-1]}"
 done
 echo "== all ${#targets[@]} targets passed"
 printf '  %s\n' "${summary[@]}"

@@ -783,11 +783,14 @@ pub fn url(data: &[u8]) {
                 ..u.clone()
             };
             assert_eq!(back, expect, "{s:?} shown as {shown:?}");
-            if let Some(p) = &u.password {
-                if p.len() >= 6 && !s.replacen(p.as_str(), "", 1).contains(p.as_str()) {
-                    assert!(!shown.contains(p.as_str()), "password shown in {shown:?}");
-                }
-            }
+            // What is shown does not depend on the secrets at all.
+            let other = IscsiUrl {
+                password: u.password.as_ref().map(|_| "other-secret".to_string()),
+                target_password: u.target_password.as_ref().map(|_| "x".to_string()),
+                ..u.clone()
+            };
+            assert_eq!(other.to_string(), shown, "Display depends on a password");
+            assert_eq!(format!("{other:?}"), format!("{u:?}"));
             let _ = u.require_target();
         }
         Err(e) => {
