@@ -11,5 +11,16 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rustc-env=ISCSI_BYPASS_GIT_REV={rev}");
-    println!("cargo:rerun-if-changed=.git/HEAD");
+    // In a git worktree `.git` is a file; ask git where HEAD lives, and only
+    // watch it if it exists (a missing path would rerun this on every build).
+    let head = Command::new("git")
+        .args(["rev-parse", "--git-path", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(h) if std::path::Path::new(&h).exists() => println!("cargo:rerun-if-changed={h}"),
+        _ => println!("cargo:rerun-if-changed=build.rs"),
+    }
 }

@@ -60,22 +60,52 @@ mod tests {
     #[test]
     fn busy_thread_cpu_is_counted() {
         let before = initiator_cpu_ns();
-        let spin = |ms| {
-            let t = std::time::Instant::now();
-            let mut x = 0u64;
-            while t.elapsed() < std::time::Duration::from_millis(ms) {
+        // Spin until this thread itself has used 100 ms of CPU (not wall
+        // time, so a loaded machine cannot make the test fail).
+        let mine = current_thread_cpu_ns();
+        let mut x = 0u64;
+        while current_thread_cpu_ns() < mine + 100_000_000 {
+            for _ in 0..10_000 {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
-        };
+        }
+        let used = initiator_cpu_ns() - before;
+        // At least this thread's 100 ms. (No upper bound: other tests run
+        // on other threads of this process at the same time.)
+        assert!(used >= 100_000_000, "{used}");
+    }
+
+    #[test]
+    fn target_threads_are_left_out() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let h = std::thread::Builder::new()
             .name("iscsi-tgt-spin".into())
-            .spawn(move || spin(150))
+            .spawn(move || {
+                let start = current_thread_cpu_ns();
+                while current_thread_cpu_ns() < start + 50_000_000 {
+                    std::hint::black_box(0u64);
+                }
+                tx.send(current_thread_cpu_ns()).unwrap();
+                let _ = stop_rx.recv();
+            })
             .unwrap();
+        let spun = rx.recv().unwrap();
+        assert!(spun >= 50_000_000);
+        // The spinning thread is alive and named iscsi-tgt-*: a process-wide
+        // sum would include its CPU, the initiator sum must not. Compare
+        // against a sum that includes every thread.
+        let all: u64 = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .map(|e| thread_cpu_ns(&e.path().join("schedstat")))
+            .sum();
+        let initiator = initiator_cpu_ns() - exited_threads_ns();
+        assert!(
+            all >= initiator + 50_000_000,
+            "all {all} initiator {initiator}"
+        );
+        stop_tx.send(()).unwrap();
         h.join().unwrap();
-        spin(100);
-        let used = initiator_cpu_ns() - before;
-        // The 100 ms of this thread counts. (No upper bound: other tests
-        // run on other threads of this process at the same time.)
-        assert!(used >= 50_000_000, "{used}");
     }
 }
