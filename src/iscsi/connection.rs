@@ -847,20 +847,8 @@ impl Connection {
                 self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
                 self.check_stat_sn(r.stat_sn)?;
                 let payload = &self.rx[data];
-                // Data segment: SenseLength (2 bytes) + sense data.
-                let sense = if payload.len() >= 2 {
-                    let sl = u16::from_be_bytes([payload[0], payload[1]]) as usize;
-                    payload.get(2..2 + sl).unwrap_or(&payload[2..]).to_vec()
-                } else {
-                    Vec::new()
-                };
-                let residual = if r.underflow {
-                    r.residual as i64
-                } else if r.overflow {
-                    -(r.residual as i64)
-                } else {
-                    0
-                };
+                let sense = sense_from_segment(payload);
+                let residual = signed_residual(r.underflow, r.overflow, r.residual);
                 self.complete_scsi(r.itt, r.response, r.status, sense, Some(residual))
             }
             PduHeader::R2t(r) => {
@@ -1031,12 +1019,7 @@ impl Connection {
                 match a.event {
                     0 => {
                         let payload = &self.rx[data];
-                        let sense = if payload.len() >= 2 {
-                            let sl = u16::from_be_bytes([payload[0], payload[1]]) as usize;
-                            payload.get(2..2 + sl).unwrap_or(&payload[2..]).to_vec()
-                        } else {
-                            Vec::new()
-                        };
+                        let sense = sense_from_segment(payload);
                         self.events
                             .push_back(Event::AsyncScsiEvent { lun: a.lun, sense });
                         Ok(())
@@ -1135,13 +1118,7 @@ impl Connection {
                     "Data-In with status but without the F bit".into(),
                 ));
             }
-            let residual = if d.underflow {
-                d.residual as i64
-            } else if d.overflow {
-                -(d.residual as i64)
-            } else {
-                0
-            };
+            let residual = signed_residual(d.underflow, d.overflow, d.residual);
             return self.complete_scsi(itt, 0, d.status, Vec::new(), Some(residual));
         }
         Ok(())
@@ -1354,6 +1331,27 @@ fn not_sent_yet(what: &str, itt: u32) -> ConnError {
     ConnError::Protocol(format!(
         "{what} for task {itt:#x}, which was not sent yet (waiting for CmdSN window space)"
     ))
+}
+
+/// Sense bytes from a SCSI Response or Async Message data segment:
+/// SenseLength (2 bytes) then the sense data (clipped to what is there).
+fn sense_from_segment(payload: &[u8]) -> Vec<u8> {
+    if payload.len() < 2 {
+        return Vec::new();
+    }
+    let sl = u16::from_be_bytes([payload[0], payload[1]]) as usize;
+    payload.get(2..2 + sl).unwrap_or(&payload[2..]).to_vec()
+}
+
+/// Residual count as a signed value: underflow positive, overflow negative.
+fn signed_residual(underflow: bool, overflow: bool, residual: u32) -> i64 {
+    if underflow {
+        residual as i64
+    } else if overflow {
+        -(residual as i64)
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
