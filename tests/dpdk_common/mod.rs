@@ -61,12 +61,16 @@ fn first_allowed_cpu() -> String {
 /// ones exist (`--in-memory`), else `--no-huge -m 256`;
 /// ISCSI_BYPASS_DPDK_NO_HUGE=1 forces the latter.
 pub fn eal_args(vdev: &str) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "-l".into(),
-        first_allowed_cpu(),
-        "--no-pci".into(),
-        "--vdev".into(),
-        vdev.into(),
+    eal_args_multi(&[vdev])
+}
+
+/// [`eal_args`] with several `--vdev`s (one port each).
+pub fn eal_args_multi(vdevs: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["-l".into(), first_allowed_cpu(), "--no-pci".into()];
+    for vdev in vdevs {
+        args.extend(["--vdev".to_string(), vdev.to_string()]);
+    }
+    args.extend([
         // The shared EAL loads this directory by itself; naming it keeps the
         // test working with an EAL built without a default plugin path.
         "-d".into(),
@@ -76,7 +80,7 @@ pub fn eal_args(vdev: &str) -> Vec<String> {
         format!("iscsi-bypass-test-{}", std::process::id()),
         "--log-level".into(),
         "lib.eal:notice".into(),
-    ];
+    ]);
     let force_no_huge = std::env::var_os("ISCSI_BYPASS_DPDK_NO_HUGE").is_some();
     if !force_no_huge && free_hugepages() >= 64 {
         // Hugepage memory without files left in hugetlbfs.

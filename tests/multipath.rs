@@ -1,13 +1,21 @@
-//! Multipath over kernel TCP against tgtd, in a two-path netns test bed
-//! (scripts/netns-multipath.sh): tgtd listens on both target-side veths;
-//! the initiator runs inside the initiator namespace (this test binary
-//! re-executes itself there with `ip netns exec`, so no unsafe `setns`),
-//! binding each path to its own veth address.
+//! Multipath against tgtd in a two-path netns test bed
+//! (scripts/netns-multipath.sh), the same five scenarios over two
+//! transports: tgtd listens on both target-side veths; the initiator runs
+//! inside the initiator namespace (this test binary re-executes itself
+//! there with `ip netns exec`, so no unsafe `setns`, and each DPDK run gets
+//! a process, hence an EAL, of its own).
 //!
-//! Needs root, tgtd and iproute2 (tc): skipped with a reason otherwise,
-//! failed when CI=true.
+//! - `kernel_*`: kernel TCP, each path bound to its own veth address.
+//! - `dpdk_*`: the userspace TCP/IP stack, one DPDK net_af_packet port per
+//!   veth (the veths carry no kernel address in this mode), each path a
+//!   stack instance with its own address on its own port and queue.
+//!
+//! Needs root, tgtd and iproute2 (tc), and for `dpdk_*` the af_packet PMD:
+//! skipped with a reason otherwise, failed when CI=true.
 
 mod common;
+#[cfg(feature = "dpdk")]
+mod dpdk_common;
 
 use common::{tgtd_unavailable, which, Tgtd, TgtdOptions};
 use iscsi_bypass::iscsi::connection::ConnTimers;
@@ -31,9 +39,9 @@ struct TestBed {
 }
 
 impl TestBed {
-    fn up(name: &str) -> TestBed {
+    fn up(name: &str, transport: &str) -> TestBed {
         let st = Command::new("bash")
-            .args([script(), "up", name])
+            .args([script(), "up", name, transport])
             .status()
             .expect("run netns-multipath.sh");
         assert!(st.success(), "netns-multipath.sh up failed");
@@ -61,11 +69,24 @@ fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/netns-multipath.sh")
 }
 
-fn unavailable() -> bool {
+fn unavailable(transport: &str) -> bool {
     if tgtd_unavailable().is_some() {
         return true;
     }
-    for tool in ["ip", "tc"] {
+    if transport == "dpdk" {
+        #[cfg(feature = "dpdk")]
+        if let Some(why) = dpdk_common::skip_reason("net_af_packet") {
+            assert!(!common::required(), "CI requires the DPDK tests: {why}");
+            eprintln!("SKIPPED: {why}");
+            return true;
+        }
+        #[cfg(not(feature = "dpdk"))]
+        {
+            eprintln!("SKIPPED: built without the dpdk feature");
+            return true;
+        }
+    }
+    for tool in ["ip", "tc", "ethtool"] {
         if which(tool).is_none() {
             assert!(!common::required(), "CI requires {tool}");
             eprintln!("SKIPPED: {tool} not installed");
@@ -77,12 +98,12 @@ fn unavailable() -> bool {
 
 /// Sets up the bed and tgtd, then runs `scenario` inside the initiator
 /// namespace (the `inner` test below) and checks it passed.
-fn run_outer(bed_name: &str, scenario: &str) {
-    if unavailable() {
+fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
+    if unavailable(transport) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let bed = TestBed::up(bed_name);
+    let bed = TestBed::up(bed_name, transport);
     let tgtd = Tgtd::start(TgtdOptions {
         lun_sizes: vec![64 << 20],
         portals: vec!["10.231.1.2".into()],
@@ -110,6 +131,7 @@ fn run_outer(bed_name: &str, scenario: &str) {
             "--test-threads=1",
         ])
         .env("MP_SCENARIO", scenario)
+        .env("MP_TRANSPORT", transport)
         .env("MP_IQN", &tgtd.iqn)
         .env("MP_PORT", tgtd.port.to_string())
         .env("MP_TGT_NS", bed.tgt())
@@ -125,33 +147,58 @@ fn run_outer(bed_name: &str, scenario: &str) {
     }
     assert!(
         out.status.success() && text.contains("MP-SCENARIO-PASSED"),
-        "scenario {scenario} failed:\n{text}"
+        "scenario {scenario} over {transport} failed:\n{text}"
     );
 }
 
 #[test]
-fn both_paths_carry_io_under_queue_depth() {
-    run_outer("mpk1", "both");
+fn kernel_both_paths_carry_io_under_queue_depth() {
+    run_outer("mpk1", "both", "kernel");
 }
 
 #[test]
-fn two_rate_limited_paths_nearly_double_throughput() {
-    run_outer("mpk2", "tbf");
+fn dpdk_both_paths_carry_io_under_queue_depth() {
+    run_outer("mpd1", "both", "dpdk");
 }
 
 #[test]
-fn slow_path_gets_little_io_under_queue_depth_and_service_time() {
-    run_outer("mpk3", "netem");
+fn kernel_two_rate_limited_paths_nearly_double_throughput() {
+    run_outer("mpk2", "tbf", "kernel");
 }
 
 #[test]
-fn link_down_fails_over_without_errors_and_path_rejoins() {
-    run_outer("mpk4", "linkdown");
+fn dpdk_two_rate_limited_paths_nearly_double_throughput() {
+    run_outer("mpd2", "tbf", "dpdk");
 }
 
 #[test]
-fn flapping_path_loses_nothing() {
-    run_outer("mpk5", "flap");
+fn kernel_slow_path_gets_little_io_under_queue_depth_and_service_time() {
+    run_outer("mpk3", "netem", "kernel");
+}
+
+#[test]
+fn dpdk_slow_path_gets_little_io_under_queue_depth_and_service_time() {
+    run_outer("mpd3", "netem", "dpdk");
+}
+
+#[test]
+fn kernel_link_down_fails_over_without_errors_and_path_rejoins() {
+    run_outer("mpk4", "linkdown", "kernel");
+}
+
+#[test]
+fn dpdk_link_down_fails_over_without_errors_and_path_rejoins() {
+    run_outer("mpd4", "linkdown", "dpdk");
+}
+
+#[test]
+fn kernel_flapping_path_loses_nothing() {
+    run_outer("mpk5", "flap", "kernel");
+}
+
+#[test]
+fn dpdk_flapping_path_loses_nothing() {
+    run_outer("mpd5", "flap", "dpdk");
 }
 
 // ---------------------------------------------------------------------------
@@ -167,6 +214,7 @@ fn inner() {
         iqn: std::env::var("MP_IQN").unwrap(),
         port: std::env::var("MP_PORT").unwrap().parse().unwrap(),
         tgt_ns: std::env::var("MP_TGT_NS").unwrap(),
+        dpdk: std::env::var("MP_TRANSPORT").as_deref() == Ok("dpdk"),
     };
     match scenario.as_str() {
         "both" => scenario_both(&env),
@@ -183,6 +231,8 @@ struct Env {
     iqn: String,
     port: u16,
     tgt_ns: String,
+    /// Paths over DPDK (userspace stacks on v0/v1) instead of kernel TCP.
+    dpdk: bool,
 }
 
 fn sh(args: &[&str]) {
@@ -190,19 +240,51 @@ fn sh(args: &[&str]) {
     assert!(st.success(), "{args:?} failed");
 }
 
+fn path_config(env: &Env, i: usize) -> PathConfig {
+    let portal: SocketAddr = format!("10.231.{}.2:{}", i + 1, env.port).parse().unwrap();
+    let login = LoginConfig::new(INITIATOR, Some(&env.iqn));
+    if env.dpdk {
+        return dpdk_path(i, portal, login);
+    }
+    let bind: SocketAddr = format!("10.231.{}.1:0", i + 1).parse().unwrap();
+    PathConfig::kernel(portal, Some(bind), login)
+}
+
+/// Path `i` over the userspace stack on DPDK port `i` (veth `v{i}`); the
+/// ports start once per process and serve every device the scenario opens.
+#[cfg(feature = "dpdk")]
+fn dpdk_path(i: usize, portal: SocketAddr, login: LoginConfig) -> PathConfig {
+    use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
+    use std::net::Ipv4Addr;
+    use std::sync::{Arc, OnceLock};
+    static STACKS: OnceLock<Vec<Arc<DpdkStack>>> = OnceLock::new();
+    let stacks = STACKS.get_or_init(|| {
+        let vdevs = ["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"];
+        let args = dpdk_common::eal_args_multi(&vdevs);
+        println!("MP EAL args: {}", args.join(" "));
+        (0..2u8)
+            .map(|p| {
+                let ip = Ipv4Addr::new(10, 231, p + 1, 1);
+                let port = format!("net_af_packet{p}");
+                DpdkStack::open(DpdkOptions::new(args.clone(), &port, ip, 24))
+                    .unwrap_or_else(|e| panic!("DPDK stack on {port}: {e}"))
+            })
+            .collect()
+    });
+    let SocketAddr::V4(remote) = portal else {
+        panic!("IPv4 portal expected")
+    };
+    let name = format!("dpdk{i}:{}->{remote}", stacks[i].options().local_ip);
+    PathConfig::new(&name, login, Box::new(stacks[i].connector(0, remote)))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_path(_: usize, _: SocketAddr, _: LoginConfig) -> PathConfig {
+    unreachable!("dpdk scenarios are skipped without the dpdk feature")
+}
+
 fn config(env: &Env, paths: &[usize], policy: Policy) -> DeviceConfig {
-    let paths = paths
-        .iter()
-        .map(|&i| {
-            let portal: SocketAddr = format!("10.231.{}.2:{}", i + 1, env.port).parse().unwrap();
-            let bind: SocketAddr = format!("10.231.{}.1:0", i + 1).parse().unwrap();
-            PathConfig::kernel(
-                portal,
-                Some(bind),
-                LoginConfig::new(INITIATOR, Some(&env.iqn)),
-            )
-        })
-        .collect();
+    let paths = paths.iter().map(|&i| path_config(env, i)).collect();
     let mut c = DeviceConfig::new(paths, 1);
     c.policy = policy;
     c.queue_depth = 64;
@@ -306,11 +388,12 @@ fn scenario_both(env: &Env) {
     println!();
     let s = read_load(&mut q, dev.capacity(), 8, 16, Duration::from_secs(2), 2);
     println!(
-        "MP both: {} IOPS, per path {:?}, p50 {} us p99 {} us",
+        "MP both: {:.0} IOPS, per path {:?}, p50 {} us p99 {} us p99.9 {} us",
         s.ios as f64 / s.elapsed.as_secs_f64(),
         s.per_path,
         s.lat_us.value_at_quantile(0.5),
-        s.lat_us.value_at_quantile(0.99)
+        s.lat_us.value_at_quantile(0.99),
+        s.lat_us.value_at_quantile(0.999)
     );
     assert_eq!(s.errors, 0);
     for (i, &n) in s.per_path.iter().enumerate() {
@@ -442,12 +525,13 @@ fn scenario_netem(env: &Env) {
         let s = read_load(&mut q, dev.capacity(), 8, 8, Duration::from_secs(2), 2);
         assert_eq!(s.errors, 0);
         let fast = s.per_path[0] as f64 / s.ios as f64;
-        let (p50, p99) = (
+        let (p50, p99, p999) = (
             s.lat_us.value_at_quantile(0.5),
             s.lat_us.value_at_quantile(0.99),
+            s.lat_us.value_at_quantile(0.999),
         );
         println!(
-            "MP netem {policy:?}: {:.0} IOPS, fast-path share {:.3}, p50 {p50} us, p99 {p99} us, mean {:.0} us",
+            "MP netem {policy:?}: {:.0} IOPS, fast-path share {:.3}, p50 {p50} us, p99 {p99} us, p99.9 {p999} us, mean {:.0} us",
             s.ios as f64 / s.elapsed.as_secs_f64(),
             fast,
             s.lat_us.mean()
@@ -501,6 +585,10 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     let (mut errors, mut ios) = (0u64, 0u64);
     let mut last_done = Instant::now();
     let mut max_gap = Duration::ZERO;
+    // Latency of every write, and of those that moved to another path: the
+    // longest of the latter is the failover stall one I/O saw.
+    let mut lat_us = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let (mut failed_over, mut failover_stall) = (0u64, Duration::ZERO);
     loop {
         let t = start.elapsed();
         events(t);
@@ -530,6 +618,11 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
         }
         for c in out.drain(..) {
             ios += 1;
+            let _ = lat_us.record(c.latency.as_micros().max(1) as u64);
+            if c.retries > 0 {
+                failed_over += 1;
+                failover_stall = failover_stall.max(c.latency);
+            }
             match &c.result {
                 Ok(()) => generation[c.user_tag as usize] = pending_gen[c.user_tag as usize],
                 Err(e) => {
@@ -557,7 +650,13 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     }
     println!();
     println!(
-        "MP write+verify: {ios} writes, {errors} errors, {mismatches} mismatches, longest completion gap {max_gap:?}"
+        "MP write+verify: {ios} writes, {errors} errors, {mismatches} mismatches, p50 {} us p99 {} us p99.9 {} us",
+        lat_us.value_at_quantile(0.5),
+        lat_us.value_at_quantile(0.99),
+        lat_us.value_at_quantile(0.999)
+    );
+    println!(
+        "MP failover: longest gap between completions {max_gap:?}, {failed_over} writes retried, the longest of them took {failover_stall:?}"
     );
     for p in dev.paths() {
         println!(
