@@ -202,7 +202,9 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     let result = if engine == "inline" {
         run_inline(&urls[0], &job, args, opts, out)?
     } else {
-        run_multipath(&urls, policy, &job, args, opts, out)?
+        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
+        let kernel_path = |_: usize, addr, login| Ok(PathConfig::kernel(addr, bind, login));
+        run_multipath(&urls, policy, &job, args, opts, out, &kernel_path)?
     };
     drop(embedded);
     report_and_check(&result, args, out)
@@ -282,6 +284,10 @@ fn run_inline(
     run_with_progress(job, &factory, out)
 }
 
+/// Makes path `i` to a portal with a login (the transport's connector).
+type PathMaker<'a> =
+    dyn Fn(usize, std::net::SocketAddr, iscsi_bypass::iscsi::login::LoginConfig) -> Result<PathConfig> + 'a;
+
 fn run_multipath(
     urls: &[String],
     policy: Policy,
@@ -289,6 +295,7 @@ fn run_multipath(
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
+    make_path: &PathMaker,
 ) -> Result<bench::RunResult> {
     let mut paths = Vec::new();
     let mut lun = None;
@@ -303,8 +310,7 @@ fn run_multipath(
         let addr = url
             .socket_addr()
             .with_context(|| format!("resolving {}", url.portal()))?;
-        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
-        paths.push(PathConfig::kernel(addr, bind, login));
+        paths.push(make_path(paths.len(), addr, login)?);
     }
     let mut config = DeviceConfig::new(paths, lun.unwrap_or(0));
     config.policy = policy;
@@ -365,9 +371,9 @@ fn dpdk_stacks(
             let q = jobs.div_ceil(ports).max(1);
             if q > 1 {
                 bail!(
-                    "{jobs} jobs on {ports} DPDK port(s) would put {q} connections on one port's queues, \
+                    "{jobs} connections (jobs, or paths) on {ports} DPDK port(s) would put {q} on one port's queues, \
                      and nothing steers each flow to its queue yet (af_packet and RSS hash flows); \
-                     give one --dpdk-port per job, or force it with --dpdk-queues {q}"
+                     give one --dpdk-port per connection, or force it with --dpdk-queues {q}"
                 );
             }
             q
@@ -402,8 +408,20 @@ fn dpdk_stacks(
 fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
     use std::net::SocketAddr;
-    if args.urls.len() != 1 {
-        bail!("--transport dpdk takes exactly one target URL");
+    let multipath = match args.engine.as_str() {
+        "auto" => args.urls.len() > 1,
+        "multipath" => true,
+        "inline" if args.urls.len() > 1 => {
+            bail!("--engine inline drives one path; give one URL or use --engine multipath")
+        }
+        "inline" => false,
+        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
+    };
+    if args.urls.is_empty() {
+        bail!("--transport dpdk needs target URLs (one per path)");
+    }
+    if multipath {
+        return run_dpdk_multipath(args, opts, out, job);
     }
     let url = IscsiUrl::parse(&args.urls[0])?;
     let (target, lun) = url.require_target()?;
@@ -458,6 +476,43 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         path_name: format!("dpdk {} -> {remote}", names.join(", ")),
     };
     let result = run_with_progress(job, &factory, out)?;
+    report_and_check(&result, args, out)
+}
+
+/// `bench --transport dpdk --engine multipath`: the library's multipath
+/// device with path `i` on port `i mod #ports`, queue pair `i / #ports`.
+#[cfg(feature = "dpdk")]
+fn run_dpdk_multipath(
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+    job: &JobSpec,
+) -> Result<()> {
+    use std::net::SocketAddr;
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let paths = u16::try_from(args.urls.len()).context("too many paths")?;
+    let stacks = dpdk_stacks(&args.dpdk, paths, opts.timeout())?;
+    let dpdk_path = |i: usize, addr: SocketAddr, login| -> Result<PathConfig> {
+        let SocketAddr::V4(remote) = addr else {
+            bail!("the userspace stack speaks IPv4 only, not {addr}");
+        };
+        let stack = &stacks[i % stacks.len()];
+        let queue = (i / stacks.len()) as u16;
+        let name = format!(
+            "{}/q{queue} {}->{remote}",
+            stack.options().port,
+            stack.options().local_ip
+        );
+        Ok(PathConfig::new(
+            &name,
+            login,
+            Box::new(stack.connector(queue, remote)),
+        ))
+    };
+    let result = run_multipath(&args.urls, policy, job, args, opts, out, &dpdk_path)?;
     report_and_check(&result, args, out)
 }
 

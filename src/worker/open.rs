@@ -26,12 +26,20 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Which byte stream the paths run over.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub enum Transport {
     /// Kernel TCP sockets (`poll(2)`-driven, one per path).
     #[default]
     Kernel,
+    /// The userspace TCP/IP stack on started DPDK ports
+    /// ([`DpdkStack::open`](crate::transport::dpdk::DpdkStack::open)): path
+    /// `i` runs on `stacks[i % stacks.len()]`, on its queue pair
+    /// `i / stacks.len()`, so a stack needs as many queues as paths land on
+    /// it. Each path worker then owns one queue pair, one stack instance
+    /// and one connection; nothing on its I/O path enters the kernel.
+    #[cfg(feature = "dpdk")]
+    Dpdk(Vec<std::sync::Arc<crate::transport::dpdk::DpdkStack>>),
 }
 
 /// CHAP credentials for every path's login.
@@ -161,10 +169,12 @@ impl Options {
     /// The full [`DeviceConfig`] for `urls` (one path per URL), to adjust
     /// further before [`MultipathDevice::open`].
     pub fn device_config(&self, urls: &[&str]) -> Result<DeviceConfig, MultipathError> {
-        match self.transport {
-            Transport::Kernel => {}
-        }
         let mut c = DeviceConfig::from_urls(urls, &self.initiator, &self.binds)?;
+        match &self.transport {
+            Transport::Kernel => {}
+            #[cfg(feature = "dpdk")]
+            Transport::Dpdk(stacks) => dpdk_connectors(&mut c, urls, stacks)?,
+        }
         if let Some(chap) = &self.chap {
             for p in &mut c.paths {
                 p.login.chap = Some(chap.initiator.clone());
@@ -179,6 +189,48 @@ impl Options {
         c.idle = self.idle;
         Ok(c)
     }
+}
+
+/// Puts path `i` of `c` (from `urls[i]`) on the userspace stack of
+/// `stacks[i % n]`, queue pair `i / n`.
+#[cfg(feature = "dpdk")]
+fn dpdk_connectors(
+    c: &mut DeviceConfig,
+    urls: &[&str],
+    stacks: &[std::sync::Arc<crate::transport::dpdk::DpdkStack>],
+) -> Result<(), MultipathError> {
+    if stacks.is_empty() {
+        return Err(MultipathError::Config(
+            "Transport::Dpdk needs at least one started DPDK stack".into(),
+        ));
+    }
+    for (i, (path, url)) in c.paths.iter_mut().zip(urls).enumerate() {
+        let stack = &stacks[i % stacks.len()];
+        let queue = i / stacks.len();
+        let port = &stack.options().port;
+        if queue >= usize::from(stack.queues()) {
+            return Err(MultipathError::Config(format!(
+                "path {i} ({url}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
+                 (open the stack with more queues, or add ports)",
+                stack.queues()
+            )));
+        }
+        let addr = crate::iscsi::url::IscsiUrl::parse(url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| u.socket_addr().map_err(|e| e.to_string()))
+            .map_err(|e| MultipathError::Config(format!("{url}: {e}")))?;
+        let SocketAddr::V4(remote) = addr else {
+            return Err(MultipathError::Config(format!(
+                "{url}: the userspace stack speaks IPv4 only"
+            )));
+        };
+        path.name = format!(
+            "{port}/q{queue} {}->{remote}",
+            stack.options().local_ip
+        );
+        path.connector = Box::new(stack.connector(queue as u16, remote));
+    }
+    Ok(())
 }
 
 impl MultipathDevice {
