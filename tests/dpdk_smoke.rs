@@ -160,7 +160,29 @@ fn dpdk_net_ring_loopback() {
         "every mbuf went back to the pool"
     );
     let queue_again = port.queue(0).expect("a dropped queue can be taken again");
-    drop(queue_again);
+    // A polling thread that did not connect registers itself on its first
+    // burst, and every registered thread gives its lcore id back when it
+    // exits: many more short-lived threads (a login thread per reconnect)
+    // than EAL has lcores (128) each get one.
+    let mut queue = queue_again;
+    let threads = std::thread::spawn(move || {
+        assert_eq!(iscsi_bypass::phy::dpdk::lcore_id(), u32::MAX);
+        queue.rx_burst(1, &mut |_, _| {});
+        let id = iscsi_bypass::phy::dpdk::lcore_id();
+        assert_ne!(id, u32::MAX, "the polling thread was given an lcore id");
+        (0..300)
+            .map(|_| {
+                std::thread::spawn(|| Eal::get().unwrap().register_current_thread())
+                    .join()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    for (i, r) in threads.iter().enumerate() {
+        assert!(r.is_ok(), "thread {i} of 300: {r:?}");
+    }
     drop(port);
     println!("dpdk_net_ring_loopback: {total} frames looped through net_ring0");
 }

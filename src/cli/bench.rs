@@ -285,8 +285,8 @@ fn run_inline(
 }
 
 /// Makes path `i` to a portal with a login (the transport's connector).
-type PathMaker<'a> =
-    dyn Fn(usize, std::net::SocketAddr, iscsi_bypass::iscsi::login::LoginConfig) -> Result<PathConfig> + 'a;
+type PathMaker<'a> = dyn Fn(usize, std::net::SocketAddr, iscsi_bypass::iscsi::login::LoginConfig) -> Result<PathConfig>
+    + 'a;
 
 fn run_multipath(
     urls: &[String],

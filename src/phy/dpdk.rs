@@ -121,18 +121,13 @@ impl Eal {
     }
 
     /// Gives the calling (non-EAL) thread an lcore id, so mempool per-lcore
-    /// caches work on it. Call once at the start of each worker thread.
+    /// caches work on it, for as long as the thread lives: the id is
+    /// released when the thread exits, so short-lived threads (a login
+    /// thread per reconnect) do not use up EAL's lcore table nor strand the
+    /// mbufs in their caches (the next thread given the id reuses them).
+    /// A thread that already has an id keeps it.
     pub fn register_current_thread(&self) -> Result<u32, PhyError> {
-        // SAFETY: EAL is initialised (self exists); rte_thread_register only
-        // touches the calling thread's lcore slot.
-        let ret = unsafe { sys::rte_thread_register() };
-        if ret < 0 {
-            return Err(PhyError::Device(format!(
-                "rte_thread_register: {}",
-                rte_strerror(rte_errno())
-            )));
-        }
-        Ok(lcore_id())
+        register_thread_for_life()
     }
 
     /// Number of ethdev ports EAL probed (PCI devices bound to a DPDK driver
@@ -172,6 +167,44 @@ impl Eal {
         }
         names
     }
+}
+
+/// Releases the calling thread's lcore id when the thread exits.
+struct LcoreRelease;
+
+impl Drop for LcoreRelease {
+    fn drop(&mut self) {
+        // SAFETY: runs on the registered thread itself (thread-local
+        // destructor), once; EAL outlives every thread (it is never torn
+        // down), and unregistering only frees this thread's lcore slot.
+        unsafe { sys::rte_thread_unregister() }
+    }
+}
+
+thread_local! {
+    static LCORE_RELEASE: std::cell::RefCell<Option<LcoreRelease>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Registers the calling thread with EAL until it exits (see
+/// [`Eal::register_current_thread`]). Only called where an EAL exists.
+fn register_thread_for_life() -> Result<u32, PhyError> {
+    let current = lcore_id();
+    if current != u32::MAX {
+        return Ok(current);
+    }
+    // SAFETY: EAL is initialised (callers hold an Eal, or a queue of a port
+    // that needed one); rte_thread_register only touches the calling
+    // thread's lcore slot.
+    let ret = unsafe { sys::rte_thread_register() };
+    if ret < 0 {
+        return Err(PhyError::Device(format!(
+            "rte_thread_register: {}",
+            rte_strerror(rte_errno())
+        )));
+    }
+    LCORE_RELEASE.with(|r| *r.borrow_mut() = Some(LcoreRelease));
+    Ok(lcore_id())
 }
 
 /// The lcore id of the calling thread (`u32::MAX`, LCORE_ID_ANY, for a thread
@@ -792,6 +825,13 @@ impl Device for DpdkQueue {
     }
 
     fn rx_burst(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
+        // The polling thread may not be the one that connected (a login
+        // thread): give it an lcore id so its mbuf allocs and frees use a
+        // per-lcore cache instead of the pool's shared ring. One
+        // thread-local read when already registered.
+        if lcore_id() == u32::MAX {
+            let _ = register_thread_for_life();
+        }
         let mut received = 0;
         while received < max {
             let want = (max - received).min(RX_BURST);

@@ -224,10 +224,7 @@ fn dpdk_connectors(
                 "{url}: the userspace stack speaks IPv4 only"
             )));
         };
-        path.name = format!(
-            "{port}/q{queue} {}->{remote}",
-            stack.options().local_ip
-        );
+        path.name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
         path.connector = Box::new(stack.connector(queue as u16, remote));
     }
     Ok(())
