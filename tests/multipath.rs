@@ -142,6 +142,7 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    println!("MP == {scenario} over {transport}");
     for l in text.lines().filter(|l| l.starts_with("MP ")) {
         println!("{l}");
     }
