@@ -153,9 +153,10 @@ impl PathShared {
         }
     }
 
-    pub fn set_alua(&self, state: Option<AluaState>) {
+    /// Sets the path's ALUA state; true when it changed.
+    pub fn set_alua(&self, state: Option<AluaState>) -> bool {
         let v = state.map_or(ALUA_UNKNOWN, AluaState::bits);
-        self.alua.store(v, Ordering::Release);
+        self.alua.swap(v, Ordering::AcqRel) != v
     }
 
     pub fn set_tpg(&self, tpg: Option<u16>) {

@@ -190,6 +190,8 @@ struct Core {
     unit_attention: Vec<Option<Sense>>,
     /// Per LUN index: the reset generation this session has been told about.
     seen_resets: Vec<u64>,
+    /// Per LUN index: the ALUA generation this session has been told about.
+    seen_alua: Vec<u64>,
     last_rx: Instant,
     ping: Option<(u32, Instant)>,
 }
@@ -241,6 +243,7 @@ impl TargetConn {
                 text: TextExchange::default(),
                 unit_attention: Vec::new(),
                 seen_resets: Vec::new(),
+                seen_alua: Vec::new(),
                 last_rx: now,
                 ping: None,
             },
@@ -914,6 +917,7 @@ impl Core {
             .iter()
             .map(|l| l.reset_generation())
             .collect();
+        self.seen_alua = vec![self.shared.alua_generation(); self.shared.luns.len()];
         log::debug!(
             "login of {} complete: {:?} session, TSIH {}, {}",
             self.initiator_name,
@@ -1106,8 +1110,17 @@ impl Core {
         }
     }
 
-    /// A pending UNIT ATTENTION for LUN index `i`, if unit attentions are on.
+    /// A pending UNIT ATTENTION for LUN index `i`: an ALUA state change
+    /// (always reported), else reset and power-on ones if unit attentions
+    /// are on.
     fn take_unit_attention(&mut self, i: usize) -> Option<Sense> {
+        let alua = self.shared.alua_generation();
+        if let Some(seen) = self.seen_alua.get_mut(i) {
+            if *seen != alua {
+                *seen = alua;
+                return Some(Sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+            }
+        }
         if !self.shared.config.unit_attentions {
             return None;
         }
@@ -2427,6 +2440,36 @@ mod tests {
         // Nothing was written, and the connection goes on.
         let (read, _) = collect_data_in(&p.read10(8, 4));
         assert_eq!(read, vec![0u8; 2048]);
+    }
+
+    /// SPC-4: an ALUA state change is reported to every session, once, by
+    /// UNIT ATTENTION 2A/06 (also with power-on/reset UAs off), so
+    /// initiators re-read REPORT TARGET PORT GROUPS.
+    #[test]
+    fn alua_change_raises_one_unit_attention_per_session() {
+        let cfg = TargetConfig::ram(IQN, 1 << 20)
+            .portal_in_group("10.0.0.1:3260".parse().unwrap(), 1)
+            .portal_in_group("10.0.1.1:3260".parse().unwrap(), 2);
+        let s = shared(cfg);
+        let mut a = Peer::new(s.clone(), 0);
+        a.login_normal(&[]);
+        let mut b = Peer::new(s.clone(), 1);
+        b.login_normal(&[]);
+        collect_data_in(&a.read10(0, 1));
+        s.set_alua_state(1, crate::target::AluaState::ActiveNonOptimized)
+            .unwrap();
+        expect_sense(&a.read10(0, 1), 0x06, 0x2a, 0x06);
+        collect_data_in(&a.read10(0, 1));
+        expect_sense(&b.read10(0, 1), 0x06, 0x2a, 0x06);
+        collect_data_in(&b.read10(0, 1));
+        // The same state again is no change.
+        s.set_alua_state(1, crate::target::AluaState::ActiveNonOptimized)
+            .unwrap();
+        collect_data_in(&a.read10(0, 1));
+        // A session that logs in after a change has nothing to hear.
+        let mut c = Peer::new(s.clone(), 1);
+        c.login_normal(&[]);
+        collect_data_in(&c.read10(0, 1));
     }
 
     #[test]

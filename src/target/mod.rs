@@ -20,7 +20,7 @@ pub mod scsi;
 pub mod server;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -392,6 +392,9 @@ pub struct TargetShared {
     pub luns: Vec<Lun>,
     pub portals: Vec<PortalInfo>,
     alua: Vec<(u16, AtomicU8)>,
+    /// Bumped on every ALUA state change: each session that has not seen
+    /// the current value owes its initiator a UNIT ATTENTION 2A/06.
+    alua_generation: AtomicU64,
     next_tsih: AtomicU16,
     pub faults: FaultInjector,
 }
@@ -430,6 +433,7 @@ impl TargetShared {
             luns,
             portals,
             alua,
+            alua_generation: AtomicU64::new(0),
             next_tsih: AtomicU16::new(1),
             faults,
         })
@@ -448,8 +452,17 @@ impl TargetShared {
             .iter()
             .find(|(g, _)| *g == group)
             .ok_or(TargetError::UnknownAluaGroup(group))?;
-        s.store(state.code(), Ordering::Relaxed);
+        if s.swap(state.code(), Ordering::AcqRel) != state.code() {
+            // SPC-4 5.15.2.4: every I_T nexus hears of the change by a
+            // UNIT ATTENTION (ASYMMETRIC ACCESS STATE CHANGED).
+            self.alua_generation.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(())
+    }
+
+    /// How many ALUA state changes there have been.
+    pub fn alua_generation(&self) -> u64 {
+        self.alua_generation.load(Ordering::Acquire)
     }
 
     /// ALUA group ids in the order they first appear among the portals.

@@ -45,6 +45,11 @@ impl Sense {
         asc: 0x29,
         ascq: 0x03,
     };
+    pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense {
+        key: sense_key::UNIT_ATTENTION,
+        asc: 0x2a,
+        ascq: 0x06,
+    };
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
         key: sense_key::MISCOMPARE,
         asc: 0x1d,

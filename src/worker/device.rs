@@ -172,6 +172,10 @@ impl MultipathDevice {
                 }
             }
         }
+        // Bumped by any path that learns of an ALUA change: the others then
+        // re-read their state (a standby path gets no I/O, so it would not
+        // hear the target's UNIT ATTENTION by itself).
+        let alua_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut paths = Vec::new();
         let mut controls = Vec::new();
         let mut workers = Vec::new();
@@ -206,6 +210,7 @@ impl MultipathDevice {
                 session,
                 idle: config.idle,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
+                alua_epoch: alua_epoch.clone(),
             });
             workers.push(WorkerHandle { stop, thread: None });
         }

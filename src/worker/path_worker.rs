@@ -16,7 +16,7 @@ use crate::scsi::{
 use crate::transport::Transport;
 use crate::wire::scsi::DataRepr;
 use crossbeam::queue::ArrayQueue;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -86,6 +86,8 @@ pub(crate) struct WorkerSetup {
     pub session: Option<PathProbe>,
     pub idle: IdleMode,
     pub core: Option<usize>,
+    /// Device-wide count of ALUA changes any path learnt of.
+    pub alua_epoch: Arc<AtomicU64>,
 }
 
 pub(crate) struct Worker {
@@ -104,6 +106,9 @@ pub(crate) struct Worker {
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
     alua_refresh_wanted: bool,
+    alua_epoch: Arc<AtomicU64>,
+    /// The epoch this path's state was last read in.
+    alua_epoch_seen: u64,
     hist: hdrhistogram::Histogram<u64>,
     last_merge: Instant,
     idle: IdleMode,
@@ -127,6 +132,8 @@ impl Worker {
             relative_port: None,
             alua_refresh_pending: false,
             alua_refresh_wanted: false,
+            alua_epoch_seen: s.alua_epoch.load(Ordering::Acquire),
+            alua_epoch: s.alua_epoch,
             hist: new_histogram(),
             last_merge: Instant::now(),
             idle: s.idle,
@@ -150,7 +157,10 @@ impl Worker {
         self.tpg = p.target_port_group;
         self.relative_port = p.relative_port;
         self.shared.set_tpg(p.target_port_group);
-        self.shared.set_alua(p.alua);
+        if self.shared.set_alua(p.alua) {
+            self.alua_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
         self.health.on_login(p.time2wait);
         self.in_session = 0;
         self.alua_refresh_pending = false;
@@ -279,6 +289,11 @@ impl Worker {
                 progressed = true;
             }
         }
+        let epoch = self.alua_epoch.load(Ordering::Acquire);
+        if epoch != self.alua_epoch_seen {
+            self.alua_epoch_seen = epoch;
+            self.alua_refresh_wanted = true;
+        }
         if self.alua_refresh_wanted && !self.alua_refresh_pending {
             self.submit_rtpg(session);
         }
@@ -293,7 +308,7 @@ impl Worker {
                         .and_then(|s| UnitAttention::from_sense(&s))
                         == Some(UnitAttention::AluaStateChanged) =>
                 {
-                    self.alua_refresh_wanted = true;
+                    self.alua_changed();
                 }
                 Event::LogoutRequested { .. } => {
                     return Err("target requested logout".into());
@@ -302,6 +317,13 @@ impl Worker {
             }
         }
         Ok(progressed)
+    }
+
+    /// The target said the ALUA states changed: re-read ours, and have the
+    /// other paths re-read theirs.
+    fn alua_changed(&mut self) {
+        self.alua_refresh_wanted = true;
+        self.alua_epoch_seen = self.alua_epoch.fetch_add(1, Ordering::AcqRel) + 1;
     }
 
     fn submit_rtpg(&mut self, session: &mut Session<BoxedTransport>) {
@@ -323,12 +345,21 @@ impl Worker {
     fn on_completion(&mut self, c: Completion, now: Instant) {
         if c.user_tag & INTERNAL_TAG != 0 {
             self.alua_refresh_pending = false;
-            if c.response == 0 && check_status(c.status, &c.sense).is_ok() {
-                let state =
-                    TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
-                        .ok()
-                        .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
-                self.shared.set_alua(state);
+            match check_status(c.status, &c.sense) {
+                Ok(()) if c.response == 0 => {
+                    let state =
+                        TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
+                            .ok()
+                            .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
+                    if self.shared.set_alua(state) {
+                        self.alua_epoch.fetch_add(1, Ordering::AcqRel);
+                        self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
+                    }
+                }
+                // A UNIT ATTENTION is reported once (often the very ALUA
+                // change we ask about): ask again.
+                Err(e) if e.unit_attention().is_some() => self.alua_refresh_wanted = true,
+                _ => {}
             }
             return;
         }
@@ -336,9 +367,9 @@ impl Worker {
         let error = c.response != 0 || c.status != 0;
         if error {
             if let Err(e) = check_status(c.status, &c.sense) {
-                if e.class() == ErrorClass::PathLevel
-                    || e.unit_attention() == Some(UnitAttention::AluaStateChanged)
-                {
+                if e.unit_attention() == Some(UnitAttention::AluaStateChanged) {
+                    self.alua_changed();
+                } else if e.class() == ErrorClass::PathLevel {
                     self.alua_refresh_wanted = true;
                 }
             }
