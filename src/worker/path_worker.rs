@@ -165,45 +165,50 @@ impl Worker {
                 self.shutdown();
                 return;
             }
-            self.take_control();
-            let now = Instant::now();
-            let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
-                Conn::Up(mut session) => {
-                    let r = self.step_up(&mut session, now);
-                    match r {
-                        Ok(p) => {
-                            self.conn = Conn::Up(session);
-                            p
-                        }
-                        Err(reason) => {
-                            self.path_failed(*session, &reason, now);
-                            true
-                        }
-                    }
-                }
-                Conn::Down => {
-                    self.bounce_rings();
-                    if self.health.due(now) {
-                        self.start_connect();
-                    }
-                    false
-                }
-                Conn::Connecting(handle) => {
-                    self.bounce_rings();
-                    if handle.is_finished() {
-                        self.finish_connect(handle, now);
-                    } else {
-                        self.conn = Conn::Connecting(handle);
-                    }
-                    false
-                }
-            };
-            if now.duration_since(self.last_merge) >= Duration::from_millis(20) {
-                self.shared.merge_histogram(&mut self.hist);
-                self.last_merge = now;
-            }
+            let progressed = self.round(Instant::now());
             self.idle_wait(progressed);
         }
+    }
+
+    /// One turn of the poll loop; true if anything moved.
+    fn round(&mut self, now: Instant) -> bool {
+        self.take_control();
+        let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
+            Conn::Up(mut session) => {
+                let r = self.step_up(&mut session, now);
+                match r {
+                    Ok(p) => {
+                        self.conn = Conn::Up(session);
+                        p
+                    }
+                    Err(reason) => {
+                        self.path_failed(*session, &reason, now);
+                        true
+                    }
+                }
+            }
+            Conn::Down => {
+                self.bounce_rings();
+                if self.health.due(now) {
+                    self.start_connect();
+                }
+                false
+            }
+            Conn::Connecting(handle) => {
+                self.bounce_rings();
+                if handle.is_finished() {
+                    self.finish_connect(handle, now);
+                } else {
+                    self.conn = Conn::Connecting(handle);
+                }
+                false
+            }
+        };
+        if now.duration_since(self.last_merge) >= Duration::from_millis(20) {
+            self.shared.merge_histogram(&mut self.hist);
+            self.last_merge = now;
+        }
+        progressed
     }
 
     fn idle_wait(&mut self, progressed: bool) {
@@ -473,5 +478,115 @@ impl Worker {
         self.shared.merge_histogram(&mut self.hist);
         self.health.close();
         self.shared.set_state(PathState::Closed, "device closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker's poll loop against a real session over a scripted
+    //! in-memory transport (the test plays the queue's side of the rings).
+    use super::*;
+    use crate::iscsi::connection::ConnTimers;
+    use crate::iscsi::login::LoginConfig;
+    use crate::iscsi::session::testing::{login_stages, scsi_response, Scripted};
+    use crate::iscsi::session::{IdlePolicy, SessionConfig};
+    use crate::multipath::path::ReconnectPolicy;
+    use crate::transport::TransportError;
+    use crate::worker::ring::ring;
+    use std::collections::VecDeque;
+
+    /// A worker whose path is Up on a session that plays `after_login`
+    /// (one stage per send, then the peer closes), with one queue of
+    /// depth 8 registered: its submission producer and completion consumer.
+    fn worker_on(
+        after_login: Vec<Vec<u8>>,
+    ) -> (
+        Worker,
+        Arc<PathShared>,
+        Producer<Request>,
+        Consumer<Response>,
+    ) {
+        let mut stages = login_stages();
+        stages.extend(after_login);
+        let t = Scripted {
+            stages: VecDeque::from(stages),
+            rx: VecDeque::new(),
+        };
+        let mut login = LoginConfig::new("iqn.i", Some("iqn.t"));
+        login.isid = [0x80, 0, 0, 0, 0, 1];
+        let mut config = SessionConfig::new(login.clone());
+        config.idle = IdlePolicy::BusyPoll;
+        let session = Session::login(BoxedTransport(Box::new(t)), &config).expect("login");
+        let shared = Arc::new(PathShared::new(0, "p0", Instant::now()));
+        shared.set_state(PathState::Up, "test");
+        let control = Arc::new(ArrayQueue::new(8));
+        let w = Worker::new(WorkerSetup {
+            shared: shared.clone(),
+            control: control.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            connector: Box::new(|| Err(TransportError::Closed)),
+            probe: ProbeConfig {
+                name: "p0".into(),
+                login,
+                lun: 0,
+                timers: ConnTimers::default(),
+                login_timeout: Duration::from_secs(1),
+            },
+            lu_id: "naa.test".into(),
+            health: PathHealth::new(ReconnectPolicy::default()),
+            session: Some(PathProbe {
+                session,
+                lu_id: "naa.test".into(),
+                target_port_group: None,
+                relative_port: None,
+                alua: None,
+                capacity_blocks: 1000,
+                block_size: 512,
+                time2wait: Duration::ZERO,
+            }),
+            idle: IdleMode::BusyPoll,
+            core: None,
+        });
+        let (sub_p, sub_c) = ring::<Request>(8);
+        let (comp_p, comp_c) = ring::<Response>(8);
+        assert!(control
+            .push(Control::AddQueue {
+                id: 0,
+                depth: 8,
+                sub: sub_c,
+                comp: comp_p,
+            })
+            .is_ok());
+        (w, shared, sub_p, comp_c)
+    }
+
+    fn test_unit_ready(slot: u32) -> Request {
+        Request {
+            slot,
+            cmd: Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(),
+            dispatched_at: Instant::now(),
+        }
+    }
+
+    /// A command the target never answered comes back
+    /// `Bounced` when the connection dies.
+    #[test]
+    fn unanswered_command_is_bounced_when_the_connection_dies() {
+        let (mut w, shared, mut sub, mut comp) = worker_on(Vec::new());
+        assert!(sub.push(test_unit_ready(5)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down);
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced { slot: 5, .. })
+        ));
+        assert!(comp.pop().is_none());
+        // What arrives while the path is down goes straight back too.
+        assert!(sub.push(test_unit_ready(6)).is_ok());
+        w.round(Instant::now());
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced { slot: 6, .. })
+        ));
     }
 }
