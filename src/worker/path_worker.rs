@@ -390,10 +390,29 @@ impl Worker {
         }
     }
 
+    /// Hands over the completions the session decoded but nobody polled yet.
+    ///
+    /// A session can fail in the same `poll_io` that decoded final responses
+    /// (the target answers, then closes: one read returns the answers, the
+    /// next one the close), and `step_up` also returns early on a failed
+    /// submit or a logout request. Those commands are finished, so
+    /// `take_outstanding` no longer has them: if their `Completed` events
+    /// were dropped with the session, their queue would get neither `Done`
+    /// nor `Bounced`, and the I/O would stay outstanding for ever.
+    fn deliver_decoded(&mut self, session: &mut Session<BoxedTransport>, now: Instant) {
+        while let Some(ev) = session.connection_mut().poll_event() {
+            if let Event::Completed(c) = ev {
+                self.on_completion(c, now);
+            }
+        }
+    }
+
     fn path_failed(&mut self, mut session: Session<BoxedTransport>, reason: &str, now: Instant) {
         // State first, so the queues do not pick this path for what we bounce.
         self.shared.set_state(PathState::Down, reason);
         self.health.on_failure(now);
+        // Answered before the failure: Done, not Bounced (and not lost).
+        self.deliver_decoded(&mut session, now);
         let cmds = session.connection_mut().take_outstanding();
         let n = cmds
             .iter()
@@ -466,6 +485,7 @@ impl Worker {
     fn shutdown(&mut self) {
         match std::mem::replace(&mut self.conn, Conn::Down) {
             Conn::Up(mut session) => {
+                self.deliver_decoded(&mut session, Instant::now());
                 let cmds = session.connection_mut().take_outstanding();
                 for c in cmds {
                     self.bounce(c);
@@ -566,6 +586,30 @@ mod tests {
             cmd: Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(),
             dispatched_at: Instant::now(),
         }
+    }
+
+    /// Regression (the all-paths-down hang): the target answers a command
+    /// and closes the connection, and the worker reads both in one poll.
+    /// The answer became a completion event inside the session, the failure
+    /// sent the worker to `path_failed` before it drained the events, and
+    /// `take_outstanding` no longer had the (finished) command: the queue got
+    /// neither `Done` nor `Bounced`, and the I/O stayed outstanding for ever.
+    #[test]
+    fn completion_read_together_with_the_close_is_delivered() {
+        // The first task after login gets ITT 0x2_0000 and StatSN 102.
+        let (mut w, shared, mut sub, mut comp) = worker_on(vec![scsi_response(0x2_0000, 102, 0)]);
+        assert!(sub.push(test_unit_ready(3)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down, "the close was seen");
+        match comp.pop() {
+            Some(Response::Done { slot, completion }) => {
+                assert_eq!((slot, completion.status), (3, 0));
+            }
+            Some(Response::Bounced { slot, .. }) => panic!("slot {slot} bounced"),
+            Some(Response::Lost { slot, reason }) => panic!("slot {slot} lost: {reason}"),
+            None => panic!("the completion was dropped: the I/O would hang"),
+        }
+        assert!(comp.pop().is_none(), "exactly one response per command");
     }
 
     /// A command the target never answered comes back
