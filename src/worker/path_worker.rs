@@ -60,6 +60,25 @@ struct QueueEnds {
     started: Vec<Instant>,
 }
 
+impl QueueEnds {
+    /// Hands a response to the queue. This cannot fail, so no command is
+    /// dropped here: the queue has `depth` slots, a slot's command is in one
+    /// place at a time (the queue, a submission ring, a session, or this
+    /// completion ring, one response per dispatch), and the ring holds at
+    /// least `depth` (checked when the queue is added). A full ring means a
+    /// slot was answered twice.
+    fn respond(&mut self, r: Response) {
+        let pushed = self.comp.push(r);
+        debug_assert!(pushed.is_ok(), "queue {}: completion ring full", self.id);
+        if pushed.is_err() {
+            log::error!(
+                "queue {}: completion ring full, a response is lost",
+                self.id
+            );
+        }
+    }
+}
+
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
 
@@ -240,12 +259,16 @@ impl Worker {
                     depth,
                     sub,
                     comp,
-                } => self.queues.push(QueueEnds {
-                    id,
-                    sub,
-                    comp,
-                    started: vec![Instant::now(); depth],
-                }),
+                } => {
+                    // What makes `QueueEnds::respond` infallible.
+                    debug_assert!(comp.capacity() >= depth);
+                    self.queues.push(QueueEnds {
+                        id,
+                        sub,
+                        comp,
+                        started: vec![Instant::now(); depth],
+                    })
+                }
                 Control::RemoveQueue { id } => self.queues.retain(|q| q.id != id),
             }
         }
@@ -274,7 +297,11 @@ impl Worker {
                 let mut cmd = req.cmd;
                 cmd.user_tag = tag(q.id, slot);
                 if let Err(e) = session.submit(cmd) {
-                    let _ = q.comp.push(Response::Lost {
+                    // The session consumed the command, so it is reported
+                    // lost (an error completion, not a silent drop). Only a
+                    // buffer over 4 GiB gets here: is_failed was checked
+                    // above and in_session bounds the tasks.
+                    q.respond(Response::Lost {
                         slot,
                         reason: e.to_string(),
                     });
@@ -360,8 +387,7 @@ impl Worker {
         self.shared
             .record_completion(latency, c.transferred as u64, error);
         let _ = self.hist.record(latency.as_micros().max(1) as u64);
-        // Capacity >= the queue's depth: this push cannot fail.
-        let _ = q.comp.push(Response::Done {
+        q.respond(Response::Done {
             slot,
             completion: c,
         });
@@ -371,7 +397,7 @@ impl Worker {
     fn bounce_rings(&mut self) {
         for q in &mut self.queues {
             while let Some(req) = q.sub.pop() {
-                let _ = q.comp.push(Response::Bounced {
+                q.respond(Response::Bounced {
                     slot: req.slot,
                     cmd: req.cmd,
                 });
@@ -386,7 +412,7 @@ impl Worker {
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
-            let _ = q.comp.push(Response::Bounced { slot, cmd });
+            q.respond(Response::Bounced { slot, cmd });
         }
     }
 
