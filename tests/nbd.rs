@@ -306,12 +306,11 @@ fn a_path_failure_during_nbdcopy_loses_nothing() {
 
 /// Both paths die, one after the other, so for a while no path is up and
 /// I/O waits in the queues (no_path_timeout) until they log back in.
-///
-/// Ignored: about one run in six hangs with a few commands stuck
-/// "outstanding" on a path that logged back in (a multipath worker bug,
-/// reproduced here; see the branch notes).
+/// Regression: completions read together with a connection's close were
+/// lost, and the copy hung with commands "outstanding" on a path that had
+/// logged back in (see `completion_read_together_with_the_close_is_delivered`
+/// in src/worker/path_worker.rs).
 #[test]
-#[ignore]
 fn all_paths_down_during_nbdcopy_loses_nothing() {
     nbdcopy_with_path_failures("all-down", &[0, 1, 0, 1, 0, 1]);
 }

@@ -395,19 +395,23 @@ impl<T: Transport> Session<T> {
     }
 }
 
+/// Test helpers shared with the layers above (the multipath worker tests
+/// run real sessions over these).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::iscsi::connection::Direction;
-    use crate::wire::iscsi::{encode_pdu, LoginResponse, ScsiResponse, Stage};
+pub(crate) mod testing {
+    use crate::transport::{Transport, TransportError};
+    use crate::wire::iscsi::{
+        encode_pdu, Digests, LoginResponse, PduHeader, ScsiResponse, Sn, Stage,
+    };
     use std::collections::VecDeque;
     use std::net::SocketAddr;
+    use std::time::Duration;
 
     /// An in-memory transport: each send releases the next scripted chunk of
     /// target bytes; once the script is used up and read, the peer has closed.
-    struct Scripted {
-        stages: VecDeque<Vec<u8>>,
-        rx: VecDeque<u8>,
+    pub(crate) struct Scripted {
+        pub stages: VecDeque<Vec<u8>>,
+        pub rx: VecDeque<u8>,
     }
 
     impl Transport for Scripted {
@@ -446,7 +450,7 @@ mod tests {
         }
     }
 
-    fn login_rsp(csg: Stage, nsg: Stage, stat_sn: u32, text: &[u8]) -> Vec<u8> {
+    pub(crate) fn login_rsp(csg: Stage, nsg: Stage, stat_sn: u32, text: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
         let h = PduHeader::LoginResponse(LoginResponse {
             transit: true,
@@ -467,6 +471,53 @@ mod tests {
         encode_pdu(&mut v, &h, text, Digests::default());
         v
     }
+
+    /// The two login responses `Scripted` plays to a login with ISID
+    /// 80 00 00 00 00 01; the session ends up at StatSN 102, CmdSN window
+    /// 1..8.
+    pub(crate) fn login_stages() -> Vec<Vec<u8>> {
+        vec![
+            login_rsp(
+                Stage::Security,
+                Stage::Operational,
+                100,
+                b"AuthMethod=None\0",
+            ),
+            login_rsp(Stage::Operational, Stage::FullFeature, 101, &[]),
+        ]
+    }
+
+    /// A SCSI Response PDU (no sense, no residual).
+    pub(crate) fn scsi_response(itt: u32, stat_sn: u32, status: u8) -> Vec<u8> {
+        let mut v = Vec::new();
+        let h = PduHeader::ScsiResponse(ScsiResponse {
+            bidi_overflow: false,
+            bidi_underflow: false,
+            overflow: false,
+            underflow: false,
+            response: 0,
+            status,
+            itt,
+            snack_tag: 0,
+            stat_sn: Sn(stat_sn),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+            exp_data_sn: Sn(0),
+            bidi_residual: 0,
+            residual: 0,
+        });
+        encode_pdu(&mut v, &h, &[], Digests::default());
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{login_rsp, Scripted};
+    use super::*;
+    use crate::iscsi::connection::Direction;
+    use crate::wire::iscsi::{encode_pdu, ScsiResponse, Stage};
+    use std::collections::VecDeque;
 
     /// Regression: a target that sends a command's final response and closes
     /// at once. The completion arrived before the close and must be

@@ -534,11 +534,20 @@ impl IoQueue {
             | Response::Bounced { slot, .. }
             | Response::Lost { slot, .. } => *slot,
         };
+        // Workers answer only what this queue handed them, once per
+        // dispatch (queue ids are distinct): anything else would be a worker
+        // bug, and dropping it here would leave an I/O hanging.
         let Some(s) = self.slots.get_mut(slot as usize) else {
+            debug_assert!(false, "response for slot {slot} of {}", self.slots.len());
             return;
         };
         if s.path != Some(path) {
-            return; // not ours (cannot happen with distinct queue ids)
+            debug_assert!(
+                false,
+                "slot {slot} answered by path {path}, was on {:?}",
+                s.path
+            );
+            return;
         }
         s.path = None;
         self.dev.paths[path].sub_outstanding(s.bytes);

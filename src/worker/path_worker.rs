@@ -60,6 +60,25 @@ struct QueueEnds {
     started: Vec<Instant>,
 }
 
+impl QueueEnds {
+    /// Hands a response to the queue. This cannot fail, so no command is
+    /// dropped here: the queue has `depth` slots, a slot's command is in one
+    /// place at a time (the queue, a submission ring, a session, or this
+    /// completion ring, one response per dispatch), and the ring holds at
+    /// least `depth` (checked when the queue is added). A full ring means a
+    /// slot was answered twice.
+    fn respond(&mut self, r: Response) {
+        let pushed = self.comp.push(r);
+        debug_assert!(pushed.is_ok(), "queue {}: completion ring full", self.id);
+        if pushed.is_err() {
+            log::error!(
+                "queue {}: completion ring full, a response is lost",
+                self.id
+            );
+        }
+    }
+}
+
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
 
@@ -175,45 +194,50 @@ impl Worker {
                 self.shutdown();
                 return;
             }
-            self.take_control();
-            let now = Instant::now();
-            let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
-                Conn::Up(mut session) => {
-                    let r = self.step_up(&mut session, now);
-                    match r {
-                        Ok(p) => {
-                            self.conn = Conn::Up(session);
-                            p
-                        }
-                        Err(reason) => {
-                            self.path_failed(*session, &reason, now);
-                            true
-                        }
-                    }
-                }
-                Conn::Down => {
-                    self.bounce_rings();
-                    if self.health.due(now) {
-                        self.start_connect();
-                    }
-                    false
-                }
-                Conn::Connecting(handle) => {
-                    self.bounce_rings();
-                    if handle.is_finished() {
-                        self.finish_connect(handle, now);
-                    } else {
-                        self.conn = Conn::Connecting(handle);
-                    }
-                    false
-                }
-            };
-            if now.duration_since(self.last_merge) >= Duration::from_millis(20) {
-                self.shared.merge_histogram(&mut self.hist);
-                self.last_merge = now;
-            }
+            let progressed = self.round(Instant::now());
             self.idle_wait(progressed);
         }
+    }
+
+    /// One turn of the poll loop; true if anything moved.
+    fn round(&mut self, now: Instant) -> bool {
+        self.take_control();
+        let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
+            Conn::Up(mut session) => {
+                let r = self.step_up(&mut session, now);
+                match r {
+                    Ok(p) => {
+                        self.conn = Conn::Up(session);
+                        p
+                    }
+                    Err(reason) => {
+                        self.path_failed(*session, &reason, now);
+                        true
+                    }
+                }
+            }
+            Conn::Down => {
+                self.bounce_rings();
+                if self.health.due(now) {
+                    self.start_connect();
+                }
+                false
+            }
+            Conn::Connecting(handle) => {
+                self.bounce_rings();
+                if handle.is_finished() {
+                    self.finish_connect(handle, now);
+                } else {
+                    self.conn = Conn::Connecting(handle);
+                }
+                false
+            }
+        };
+        if now.duration_since(self.last_merge) >= Duration::from_millis(20) {
+            self.shared.merge_histogram(&mut self.hist);
+            self.last_merge = now;
+        }
+        progressed
     }
 
     fn idle_wait(&mut self, progressed: bool) {
@@ -245,12 +269,16 @@ impl Worker {
                     depth,
                     sub,
                     comp,
-                } => self.queues.push(QueueEnds {
-                    id,
-                    sub,
-                    comp,
-                    started: vec![Instant::now(); depth],
-                }),
+                } => {
+                    // What makes `QueueEnds::respond` infallible.
+                    debug_assert!(comp.capacity() >= depth);
+                    self.queues.push(QueueEnds {
+                        id,
+                        sub,
+                        comp,
+                        started: vec![Instant::now(); depth],
+                    })
+                }
                 Control::RemoveQueue { id } => self.queues.retain(|q| q.id != id),
             }
         }
@@ -279,7 +307,11 @@ impl Worker {
                 let mut cmd = req.cmd;
                 cmd.user_tag = tag(q.id, slot);
                 if let Err(e) = session.submit(cmd) {
-                    let _ = q.comp.push(Response::Lost {
+                    // The session consumed the command, so it is reported
+                    // lost (an error completion, not a silent drop). Only a
+                    // buffer over 4 GiB gets here: is_failed was checked
+                    // above and in_session bounds the tasks.
+                    q.respond(Response::Lost {
                         slot,
                         reason: e.to_string(),
                     });
@@ -386,8 +418,7 @@ impl Worker {
         self.shared
             .record_completion(latency, c.transferred as u64, error);
         let _ = self.hist.record(latency.as_micros().max(1) as u64);
-        // Capacity >= the queue's depth: this push cannot fail.
-        let _ = q.comp.push(Response::Done {
+        q.respond(Response::Done {
             slot,
             completion: c,
         });
@@ -397,7 +428,7 @@ impl Worker {
     fn bounce_rings(&mut self) {
         for q in &mut self.queues {
             while let Some(req) = q.sub.pop() {
-                let _ = q.comp.push(Response::Bounced {
+                q.respond(Response::Bounced {
                     slot: req.slot,
                     cmd: req.cmd,
                 });
@@ -412,7 +443,24 @@ impl Worker {
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
-            let _ = q.comp.push(Response::Bounced { slot, cmd });
+            q.respond(Response::Bounced { slot, cmd });
+        }
+    }
+
+    /// Hands over the completions the session decoded but nobody polled yet.
+    ///
+    /// A session can fail in the same `poll_io` that decoded final responses
+    /// (the target answers, then closes: one read returns the answers, the
+    /// next one the close), and `step_up` also returns early on a failed
+    /// submit or a logout request. Those commands are finished, so
+    /// `take_outstanding` no longer has them: if their `Completed` events
+    /// were dropped with the session, their queue would get neither `Done`
+    /// nor `Bounced`, and the I/O would stay outstanding for ever.
+    fn deliver_decoded(&mut self, session: &mut Session<BoxedTransport>, now: Instant) {
+        while let Some(ev) = session.connection_mut().poll_event() {
+            if let Event::Completed(c) = ev {
+                self.on_completion(c, now);
+            }
         }
     }
 
@@ -420,6 +468,8 @@ impl Worker {
         // State first, so the queues do not pick this path for what we bounce.
         self.shared.set_state(PathState::Down, reason);
         self.health.on_failure(now);
+        // Answered before the failure: Done, not Bounced (and not lost).
+        self.deliver_decoded(&mut session, now);
         let cmds = session.connection_mut().take_outstanding();
         let n = cmds
             .iter()
@@ -492,6 +542,7 @@ impl Worker {
     fn shutdown(&mut self) {
         match std::mem::replace(&mut self.conn, Conn::Down) {
             Conn::Up(mut session) => {
+                self.deliver_decoded(&mut session, Instant::now());
                 let cmds = session.connection_mut().take_outstanding();
                 for c in cmds {
                     self.bounce(c);
@@ -504,5 +555,139 @@ impl Worker {
         self.shared.merge_histogram(&mut self.hist);
         self.health.close();
         self.shared.set_state(PathState::Closed, "device closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker's poll loop against a real session over a scripted
+    //! in-memory transport (the test plays the queue's side of the rings).
+    use super::*;
+    use crate::iscsi::connection::ConnTimers;
+    use crate::iscsi::login::LoginConfig;
+    use crate::iscsi::session::testing::{login_stages, scsi_response, Scripted};
+    use crate::iscsi::session::{IdlePolicy, SessionConfig};
+    use crate::multipath::path::ReconnectPolicy;
+    use crate::transport::TransportError;
+    use crate::worker::ring::ring;
+    use std::collections::VecDeque;
+
+    /// A worker whose path is Up on a session that plays `after_login`
+    /// (one stage per send, then the peer closes), with one queue of
+    /// depth 8 registered: its submission producer and completion consumer.
+    fn worker_on(
+        after_login: Vec<Vec<u8>>,
+    ) -> (
+        Worker,
+        Arc<PathShared>,
+        Producer<Request>,
+        Consumer<Response>,
+    ) {
+        let mut stages = login_stages();
+        stages.extend(after_login);
+        let t = Scripted {
+            stages: VecDeque::from(stages),
+            rx: VecDeque::new(),
+        };
+        let mut login = LoginConfig::new("iqn.i", Some("iqn.t"));
+        login.isid = [0x80, 0, 0, 0, 0, 1];
+        let mut config = SessionConfig::new(login.clone());
+        config.idle = IdlePolicy::BusyPoll;
+        let session = Session::login(BoxedTransport(Box::new(t)), &config).expect("login");
+        let shared = Arc::new(PathShared::new(0, "p0", Instant::now()));
+        shared.set_state(PathState::Up, "test");
+        let control = Arc::new(ArrayQueue::new(8));
+        let w = Worker::new(WorkerSetup {
+            shared: shared.clone(),
+            control: control.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            connector: Box::new(|| Err(TransportError::Closed)),
+            probe: ProbeConfig {
+                name: "p0".into(),
+                login,
+                lun: 0,
+                timers: ConnTimers::default(),
+                login_timeout: Duration::from_secs(1),
+            },
+            lu_id: "naa.test".into(),
+            health: PathHealth::new(ReconnectPolicy::default()),
+            session: Some(PathProbe {
+                session,
+                lu_id: "naa.test".into(),
+                target_port_group: None,
+                relative_port: None,
+                alua: None,
+                capacity_blocks: 1000,
+                block_size: 512,
+                time2wait: Duration::ZERO,
+            }),
+            idle: IdleMode::BusyPoll,
+            core: None,
+        });
+        let (sub_p, sub_c) = ring::<Request>(8);
+        let (comp_p, comp_c) = ring::<Response>(8);
+        assert!(control
+            .push(Control::AddQueue {
+                id: 0,
+                depth: 8,
+                sub: sub_c,
+                comp: comp_p,
+            })
+            .is_ok());
+        (w, shared, sub_p, comp_c)
+    }
+
+    fn test_unit_ready(slot: u32) -> Request {
+        Request {
+            slot,
+            cmd: Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(),
+            dispatched_at: Instant::now(),
+        }
+    }
+
+    /// Regression (the all-paths-down hang): the target answers a command
+    /// and closes the connection, and the worker reads both in one poll.
+    /// The answer became a completion event inside the session, the failure
+    /// sent the worker to `path_failed` before it drained the events, and
+    /// `take_outstanding` no longer had the (finished) command: the queue got
+    /// neither `Done` nor `Bounced`, and the I/O stayed outstanding for ever.
+    #[test]
+    fn completion_read_together_with_the_close_is_delivered() {
+        // The first task after login gets ITT 0x2_0000 and StatSN 102.
+        let (mut w, shared, mut sub, mut comp) = worker_on(vec![scsi_response(0x2_0000, 102, 0)]);
+        assert!(sub.push(test_unit_ready(3)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down, "the close was seen");
+        match comp.pop() {
+            Some(Response::Done { slot, completion }) => {
+                assert_eq!((slot, completion.status), (3, 0));
+            }
+            Some(Response::Bounced { slot, .. }) => panic!("slot {slot} bounced"),
+            Some(Response::Lost { slot, reason }) => panic!("slot {slot} lost: {reason}"),
+            None => panic!("the completion was dropped: the I/O would hang"),
+        }
+        assert!(comp.pop().is_none(), "exactly one response per command");
+    }
+
+    /// A command the target never answered comes back
+    /// `Bounced` when the connection dies.
+    #[test]
+    fn unanswered_command_is_bounced_when_the_connection_dies() {
+        let (mut w, shared, mut sub, mut comp) = worker_on(Vec::new());
+        assert!(sub.push(test_unit_ready(5)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down);
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced { slot: 5, .. })
+        ));
+        assert!(comp.pop().is_none());
+        // What arrives while the path is down goes straight back too.
+        assert!(sub.push(test_unit_ready(6)).is_ok());
+        w.round(Instant::now());
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced { slot: 6, .. })
+        ));
     }
 }
