@@ -623,6 +623,7 @@ mod tests {
             }),
             idle: IdleMode::BusyPoll,
             core: None,
+            alua_epoch: Arc::new(AtomicU64::new(0)),
         });
         let (sub_p, sub_c) = ring::<Request>(8);
         let (comp_p, comp_c) = ring::<Response>(8);
