@@ -9,7 +9,10 @@
 # net_af_packet (--transport dpdk). Prints p50/p99/p99.9 per row and the
 # DPDK/kernel ratio. Root only; everything is removed on exit.
 #
-#   bench/library-qd1-transports.sh        Env: RUNTIME (5s), LUN_MIB (256)
+#   bench/library-qd1-transports.sh        Env: RUNTIME (5s), LUN_MIB (256),
+#   POLL=busy (default: pollers spin; needs a core per poller: the
+#   application thread, the path worker, the target) or POLL=sleep (idle
+#   pollers nap 20 us: for machines with fewer cores than pollers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
@@ -53,7 +56,8 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 url="iscsi://$kip:3260/$iqn/0"
-job=(--bs 4k --iodepth 1 --runtime "$RUNTIME" --ramp 1s --busy-poll --json)
+job=(--bs 4k --iodepth 1 --runtime "$RUNTIME" --ramp 1s --json)
+[[ ${POLL:-busy} == busy ]] && job+=(--busy-poll)
 
 free=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
 mem="--in-memory"; [[ ${free:-0} -ge 64 ]] || mem="--no-huge -m 256"

@@ -38,6 +38,17 @@ fn expected_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
 }
 
 /// Polls until `want` frames arrived or a generous number of empty polls.
+/// The calling thread's allowed CPUs (`Cpus_allowed_list`).
+fn thread_cpus() -> String {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 fn receive(queue: &mut impl Device, want: usize) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     for _ in 0..100_000 {
@@ -61,7 +72,11 @@ fn dpdk_net_ring_loopback() {
 
     let args = dpdk_common::eal_args("net_ring0");
     println!("EAL args: {}", args.join(" "));
+    let cpus_before = thread_cpus();
     let eal = Eal::init(&args).expect("EAL initialises");
+    // EAL pins its caller to the main lcore; Eal::init undoes that, or
+    // every thread spawned later (path workers) would share one CPU.
+    assert_eq!(thread_cpus(), cpus_before, "the caller's CPU set is kept");
     assert!(Eal::init(&args).is_err(), "EAL must refuse a second init");
     assert!(Eal::get().is_some());
 

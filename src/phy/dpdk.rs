@@ -63,7 +63,11 @@ impl Eal {
     /// "--in-memory", "--vdev", "net_ring0"]`; the program name is added).
     ///
     /// Once per process: a second call returns an error, use [`Eal::get`].
-    /// Note that `rte_eal_init` pins the calling thread to the main lcore.
+    /// `rte_eal_init` pins the calling thread to the main lcore; this gives
+    /// the thread its CPU set back afterwards, since we run no EAL lcore
+    /// functions and every thread spawned later would inherit the pin: an
+    /// application thread and a path worker both spinning on one CPU take
+    /// turns of a scheduler slice each (milliseconds per I/O).
     pub fn init(args: &[String]) -> Result<Eal, PhyError> {
         let mut state = EAL_STATE
             .lock()
@@ -102,7 +106,11 @@ impl Eal {
         // SAFETY: argv holds argc valid NUL-terminated strings followed by a
         // NULL, all leaked so they outlive EAL; the state lock guarantees this
         // is the only rte_eal_init call in the process.
+        let cpus = current_cpu_set();
         let ret = unsafe { sys::rte_eal_init(argc, argv.as_mut_ptr()) };
+        if let Some(cpus) = cpus {
+            restore_cpu_set(&cpus);
+        }
         if ret < 0 {
             let why = rte_strerror(rte_errno());
             *state = EalState::Failed(why.clone());
@@ -166,6 +174,30 @@ impl Eal {
             }
         }
         names
+    }
+}
+
+/// The calling thread's CPU affinity, if it can be read.
+fn current_cpu_set() -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data (all-zero is a valid empty set) and
+    // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(set)
+    }
+}
+
+/// Sets the calling thread's CPU affinity (best effort).
+fn restore_cpu_set(set: &libc::cpu_set_t) {
+    // SAFETY: `set` is a valid cpu_set_t read by sched_getaffinity; the call
+    // only reads it and changes this thread's own affinity.
+    let ret = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    if ret != 0 {
+        log::warn!(
+            "could not restore the CPU affinity after rte_eal_init: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
