@@ -2,7 +2,7 @@
 # Multipath figures on the two-path netns bed (scripts/netns-multipath.sh,
 # tgtd on two portals), over kernel TCP and over DPDK (one net_af_packet
 # port + userspace stack per path), from the scenarios of tests/multipath.rs
-# built with optimisations:
+# (test profile: opt-level 1, dependencies 2):
 #   - IOPS split per path under queue-depth (4 KiB random reads, QD16);
 #   - two rate-limited paths vs one (tbf 200 Mbit/s each, 128 KiB reads);
 #   - a slow path (netem delay, or tbf 20 Mbit/s where netem is missing):
@@ -28,7 +28,7 @@ esac
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 log=$(mktemp /tmp/multipath-bench.XXXXXX)
 trap 'rm -f "$log"' EXIT
-CI=true cargo test --release --test multipath -- $filter --test-threads=1 --nocapture \
+CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
     >"$log" 2>&1 || { cat "$log"; exit 1; }
 # Each scenario's lines start with "MP == <scenario> over <transport>".
 sed -n -e 's/^.*MP == /== /p' -e 's/^MP /  /p' -e '/^test result/p' "$log"
