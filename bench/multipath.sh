@@ -31,4 +31,4 @@ trap 'rm -f "$log"' EXIT
 CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
     >"$log" 2>&1 || { cat "$log"; exit 1; }
 # Each scenario's lines start with "MP == <scenario> over <transport>".
-sed -n -e 's/^.*MP == /== /p' -e 's/^MP /  /p' -e '/^test result/p' "$log"
+sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP /  /p' -e '/^test result/p' "$log"
