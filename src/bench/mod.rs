@@ -210,10 +210,13 @@ pub fn run_job(
                 blocks: bs_blocks as u32,
                 buffer,
             };
+            // Before the submit: a job thread preempted right after it
+            // would otherwise shorten the latency by the time it waited.
+            let submitted = Instant::now();
             match engine.submit(io) {
                 Ok(()) => {
                     in_flight.insert(slot);
-                    pending[tag as usize] = Some((slot, write, generation, Instant::now()));
+                    pending[tag as usize] = Some((slot, write, generation, submitted));
                 }
                 Err(io) => {
                     buffers.push(io.buffer);
