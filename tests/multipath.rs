@@ -143,7 +143,11 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("MP == {scenario} over {transport}");
-    for l in text.lines().filter(|l| l.starts_with("MP ")) {
+    // libtest's own "test inner ... " may precede the first line.
+    for l in text
+        .lines()
+        .filter_map(|l| l.find("MP ").map(|at| &l[at..]))
+    {
         println!("{l}");
     }
     assert!(
@@ -202,6 +206,13 @@ fn dpdk_flapping_path_loses_nothing() {
     run_outer("mpd5", "flap", "dpdk");
 }
 
+/// The CLI's `bench --transport dpdk` with one URL per path: the library's
+/// multipath device with a DPDK port per path (its own EAL, its own process).
+#[test]
+fn dpdk_cli_bench_drives_both_paths() {
+    run_outer("mpd6", "cli", "dpdk");
+}
+
 // ---------------------------------------------------------------------------
 // Inside the initiator namespace.
 
@@ -223,6 +234,7 @@ fn inner() {
         "netem" => scenario_netem(&env),
         "linkdown" => scenario_linkdown(&env),
         "flap" => scenario_flap(&env),
+        "cli" => scenario_cli(&env),
         s => panic!("unknown scenario {s}"),
     }
     println!("MP-SCENARIO-PASSED");
@@ -742,5 +754,66 @@ fn scenario_flap(env: &Env) {
     assert!(
         wait_state(&dev, 1, PathState::Up, Duration::from_secs(10)),
         "path 1 did not rejoin"
+    );
+}
+
+fn scenario_cli(env: &Env) {
+    let urls: Vec<String> = (1..=2)
+        .map(|i| format!("iscsi://10.231.{i}.2:{}/{}/1", env.port, env.iqn))
+        .collect();
+    let eal = format!(
+        "-l 0 --no-pci --no-huge -m 256 --file-prefix mp-cli-{} --log-level lib.eal:notice \
+         --vdev net_af_packet0,iface=v0 --vdev net_af_packet1,iface=v1",
+        std::process::id()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .arg("bench")
+        .args(&urls)
+        .args(["--transport", "dpdk", "--eal", &eal])
+        .args([
+            "--dpdk-port",
+            "net_af_packet0",
+            "--local-ip",
+            "10.231.1.1/24",
+        ])
+        .args([
+            "--dpdk-port",
+            "net_af_packet1",
+            "--local-ip",
+            "10.231.2.1/24",
+        ])
+        .args([
+            "--rw",
+            "randrw",
+            "--bs",
+            "4k",
+            "--iodepth",
+            "16",
+            "--runtime",
+            "2s",
+        ])
+        .args(["--verify", "--json"])
+        .output()
+        .expect("run iscsi-bypass bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let paths = report["iscsi_bypass"]["paths"]
+        .as_array()
+        .expect("per-path stats");
+    assert_eq!(paths.len(), 2, "{report}");
+    for p in paths {
+        let ios = p["stats"]["total_ios"].as_u64().unwrap_or(0);
+        println!("MP cli path {}: {ios} I/Os", p["name"]);
+        assert!(ios > 100, "path {} carried {ios} I/Os", p["name"]);
+    }
+    let job = &report["jobs"][0];
+    println!(
+        "MP cli: read {:.0} IOPS, write {:.0} IOPS, verified",
+        job["read"]["iops"].as_f64().unwrap_or(0.0),
+        job["write"]["iops"].as_f64().unwrap_or(0.0)
     );
 }
