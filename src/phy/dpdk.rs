@@ -103,10 +103,10 @@ impl Eal {
                 .into_boxed_slice(),
         );
         let argc = (argv.len() - 1) as i32;
+        let cpus = current_cpu_set();
         // SAFETY: argv holds argc valid NUL-terminated strings followed by a
         // NULL, all leaked so they outlive EAL; the state lock guarantees this
         // is the only rte_eal_init call in the process.
-        let cpus = current_cpu_set();
         let ret = unsafe { sys::rte_eal_init(argc, argv.as_mut_ptr()) };
         if let Some(cpus) = cpus {
             restore_cpu_set(&cpus);
