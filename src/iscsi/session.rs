@@ -513,10 +513,10 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{login_rsp, Scripted};
+    use super::testing::{login_stages, Scripted};
     use super::*;
     use crate::iscsi::connection::Direction;
-    use crate::wire::iscsi::{encode_pdu, ScsiResponse, Stage};
+    use crate::wire::iscsi::{encode_pdu, ScsiResponse};
     use std::collections::VecDeque;
 
     /// Regression: a target that sends a command's final response and closes
@@ -543,16 +543,7 @@ mod tests {
         });
         encode_pdu(&mut status, &rsp, &[], Digests::default());
         let t = Scripted {
-            stages: VecDeque::from(vec![
-                login_rsp(
-                    Stage::Security,
-                    Stage::Operational,
-                    100,
-                    b"AuthMethod=None\0",
-                ),
-                login_rsp(Stage::Operational, Stage::FullFeature, 101, &[]),
-                status,
-            ]),
+            stages: login_stages().into_iter().chain([status]).collect(),
             rx: VecDeque::new(),
         };
         let mut config = SessionConfig::new(LoginConfig::new("iqn.i", Some("iqn.t")));
