@@ -33,7 +33,7 @@ cleanup() {
     if [[ -n $tgtd_pid ]]; then kill -9 "$tgtd_pid" 2>/dev/null; wait "$tgtd_pid" 2>/dev/null; fi
     for j in $(seq 0 $((NUMJOBS - 1))); do ip link del "$dev${j/#0/}" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$dir"
+    rm -rf "$dir" "/var/run/dpdk/iscsi-dpdk-$id"
 }
 trap cleanup EXIT
 

@@ -33,7 +33,7 @@ cleanup() {
     [[ -n $target_pid ]] && { kill "$target_pid" 2>/dev/null; wait "$target_pid" 2>/dev/null; }
     ip link del "$dev" 2>/dev/null
     ip netns del "$ns" 2>/dev/null
-    rm -rf "$dir"
+    rm -rf "$dir" "/var/run/dpdk/library-qd1-$id"
 }
 trap cleanup EXIT
 

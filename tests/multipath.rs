@@ -735,11 +735,7 @@ fn scenario_cli(env: &Env) {
     let urls: Vec<String> = (1..=2)
         .map(|i| format!("iscsi://10.231.{i}.2:{}/{}/1", env.port, env.iqn))
         .collect();
-    let eal = format!(
-        "-l 0 --no-pci --no-huge -m 256 --file-prefix mp-cli-{} --log-level lib.eal:notice \
-         --vdev net_af_packet0,iface=v0 --vdev net_af_packet1,iface=v1",
-        std::process::id()
-    );
+    let eal = cli_eal_args();
     let out = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
         .arg("bench")
         .args(&urls)
@@ -790,4 +786,16 @@ fn scenario_cli(env: &Env) {
         job["read"]["iops"].as_f64().unwrap_or(0.0),
         job["write"]["iops"].as_f64().unwrap_or(0.0)
     );
+}
+
+/// EAL options for the CLI: what the DPDK tests use (`--in-memory` with
+/// free hugepages, so nothing is left in /var/run/dpdk), two af_packet ports.
+#[cfg(feature = "dpdk")]
+fn cli_eal_args() -> String {
+    dpdk_common::eal_args_multi(&["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"]).join(" ")
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn cli_eal_args() -> String {
+    unreachable!("dpdk scenarios are skipped without the dpdk feature")
 }

@@ -57,8 +57,8 @@ fn first_allowed_cpu() -> String {
         .unwrap_or_else(|| "0".to_string())
 }
 
-/// EAL arguments for one test process with one `vdev`: hugepages when free
-/// ones exist (`--in-memory`), else `--no-huge -m 256`;
+/// EAL arguments for one test process with one `vdev`: `--in-memory`, with
+/// hugepages when free ones exist, else `--no-huge -m 256`;
 /// ISCSI_BYPASS_DPDK_NO_HUGE=1 forces the latter.
 pub fn eal_args(vdev: &str) -> Vec<String> {
     eal_args_multi(&[vdev])
@@ -75,18 +75,36 @@ pub fn eal_args_multi(vdevs: &[&str]) -> Vec<String> {
         // test working with an EAL built without a default plugin path.
         "-d".into(),
         dpdk::PMD_DIR.into(),
-        // Unique per process so parallel test binaries do not collide.
-        "--file-prefix".into(),
-        format!("iscsi-bypass-test-{}", std::process::id()),
         "--log-level".into(),
         "lib.eal:notice".into(),
     ]);
     let force_no_huge = std::env::var_os("ISCSI_BYPASS_DPDK_NO_HUGE").is_some();
-    if !force_no_huge && free_hugepages() >= 64 {
-        // Hugepage memory without files left in hugetlbfs.
-        args.push("--in-memory".into());
+    let prefix = if !force_no_huge && free_hugepages() >= 64 {
+        // Hugepages without shared files (hugetlbfs, /var/run/dpdk), so
+        // processes may share a prefix: one per test binary, since EAL
+        // leaves an empty runtime directory per prefix in /var/run/dpdk
+        // and per-process names would pile up there run after run.
+        // (No telemetry socket either: two processes would fight over it.)
+        args.extend(["--in-memory", "--no-telemetry"].map(String::from));
+        format!("iscsi-bypass-test-{}", test_binary_name())
     } else {
+        // --no-huge implies legacy memory, which --in-memory refuses: the
+        // config files need a prefix of their own per process.
         args.extend(["--no-huge", "-m", "256"].map(String::from));
-    }
+        format!("iscsi-bypass-test-{}", std::process::id())
+    };
+    args.extend(["--file-prefix".to_string(), prefix]);
     args
+}
+
+/// `dpdk_smoke` for `target/debug/deps/dpdk_smoke-0123abcd`.
+fn test_binary_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|stem| match stem.rsplit_once('-') {
+            Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+            _ => stem,
+        })
+        .unwrap_or_else(|| "unknown".to_string())
 }
