@@ -771,6 +771,25 @@ fn scenario_cli(env: &Env) {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    // Two connections on one af_packet port: it cannot say how it spreads
+    // flows over queues, so the CLI refuses instead of losing replies.
+    let refused = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .args(["bench", &urls[0], "--numjobs", "2", "--runtime", "1s"])
+        .args(["--transport", "dpdk", "--eal"])
+        .arg(eal.replace("iface=v0", "iface=v0,qpairs=2"))
+        .args([
+            "--dpdk-port",
+            "net_af_packet0",
+            "--local-ip",
+            "10.231.1.1/24",
+        ])
+        .output()
+        .expect("run iscsi-bypass bench");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("does not report its RSS"),
+        "two connections on one af_packet port: {stderr}"
+    );
     let paths = report["iscsi_bypass"]["paths"]
         .as_array()
         .expect("per-path stats");

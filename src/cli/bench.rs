@@ -109,9 +109,10 @@ pub struct DpdkArgs {
     /// Static neighbour, never ARPed: IP=MAC (repeatable).
     #[arg(long = "neighbour", value_name = "IP=MAC")]
     pub neighbours: Vec<String>,
-    /// Queue pairs per port (default: jobs / ports). More than one per
-    /// port needs flow steering the stack does not do yet (see
-    /// docs/dpdk.md), so it must be asked for explicitly.
+    /// Queue pairs per port (default: connections / ports). Several
+    /// connections on one port need a port that reports its RSS key and
+    /// redirection table (real NICs do; af_packet does not): each
+    /// connection then picks a source port RSS steers to its queue.
     #[arg(long, value_name = "N")]
     pub dpdk_queues: Option<u16>,
     /// Do not use checksum offload or TSO even where the port has them.
@@ -365,20 +366,7 @@ fn dpdk_stacks(
         n if n == d.dpdk_port.len() => d.local_ip.clone(),
         n => bail!("{n} --local-ip for {ports} --dpdk-port: give one per port or one for all"),
     };
-    let queues = match d.dpdk_queues {
-        Some(q) => q.max(1),
-        None => {
-            let q = jobs.div_ceil(ports).max(1);
-            if q > 1 {
-                bail!(
-                    "{jobs} connections (jobs, or paths) on {ports} DPDK port(s) would put {q} on one port's queues, \
-                     and nothing steers each flow to its queue yet (af_packet and RSS hash flows); \
-                     give one --dpdk-port per connection, or force it with --dpdk-queues {q}"
-                );
-            }
-            q
-        }
-    };
+    let queues = d.dpdk_queues.unwrap_or_else(|| jobs.div_ceil(ports)).max(1);
     let neighbours = d
         .neighbours
         .iter()
@@ -397,7 +385,15 @@ fn dpdk_stacks(
             options.port_config.checksum_offload = false;
             options.port_config.tso = false;
         }
-        stacks.push(DpdkStack::open(options)?);
+        let stack = DpdkStack::open(options)?;
+        if queues > 1 && stack.port().rss_steering().is_none() {
+            bail!(
+                "{jobs} connections (jobs, or paths) on {ports} DPDK port(s) put {queues} on port {port:?}, \
+                 which does not report its RSS key and redirection table (af_packet, for one), so \
+                 replies could land on another connection's queue; give one --dpdk-port per connection"
+            );
+        }
+        stacks.push(stack);
     }
     Ok(stacks)
 }

@@ -435,8 +435,30 @@ impl Interface {
         handle: SocketHandle,
         remote: SocketAddrV4,
     ) -> Result<u16, NetError> {
+        self.connect_from(now, handle, None, remote)
+    }
+
+    /// Active open to `remote` from `local_port` (e.g. one chosen for RSS
+    /// steering), or from a random ephemeral port when None.
+    pub fn connect_from(
+        &mut self,
+        now: Instant,
+        handle: SocketHandle,
+        local_port: Option<u16>,
+        remote: SocketAddrV4,
+    ) -> Result<u16, NetError> {
         if handle.0 >= self.sockets.len() {
             return Err(NetError::InvalidHandle);
+        }
+        if let Some(port) = local_port.filter(|&p| p != 0 && !self.port_in_use(p)) {
+            let iss = SeqNumber(self.rng.gen());
+            let ts_offset = self.rng.gen();
+            let local = SocketAddrV4::new(self.config.ip, port);
+            self.sockets[handle.0].connect(now, local, remote, iss, ts_offset)?;
+            return Ok(port);
+        }
+        if local_port.is_some() {
+            return Err(NetError::NoEphemeralPort);
         }
         let range = self.config.ephemeral_ports.clone();
         let span = u32::from(*range.end()).saturating_sub(u32::from(*range.start())) + 1;

@@ -9,6 +9,7 @@ pub mod assembler;
 pub mod congestion;
 pub mod iface;
 pub mod ring;
+pub mod rss;
 pub mod rtt;
 pub mod scoreboard;
 pub mod tcp;

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use dpdk_sys as sys;
 
 use super::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
+use crate::net::rss::RssSteering;
 
 /// Frames asked for in one `rte_eth_rx_burst` call.
 const RX_BURST: usize = 64;
@@ -175,6 +176,51 @@ impl Eal {
         }
         names
     }
+}
+
+/// The RSS hash key and redirection table of a started port; None when
+/// the PMD does not report them (or reports nothing usable).
+fn query_rss(port_id: u16, info: &sys::rte_eth_dev_info) -> Option<RssSteering> {
+    let key_len = usize::from(info.hash_key_size);
+    let reta_size = usize::from(info.reta_size);
+    if key_len < 16 || reta_size == 0 {
+        return None;
+    }
+    let mut key = vec![0u8; key_len];
+    let mut conf = sys::rte_eth_rss_conf {
+        rss_key: key.as_mut_ptr(),
+        rss_key_len: info.hash_key_size,
+        rss_hf: 0,
+    };
+    // SAFETY: the port is started; rss_key points to rss_key_len writable
+    // bytes that outlive the call.
+    if unsafe { sys::rte_eth_dev_rss_hash_conf_get(port_id, &mut conf) } != 0 {
+        return None;
+    }
+    // Only the 4-tuple hash of TCP over IPv4 is modelled.
+    if conf.rss_hf & sys::SHIM_ETH_RSS_TCP == 0 {
+        return None;
+    }
+    let groups = reta_size.div_ceil(64);
+    let mut entries: Vec<sys::rte_eth_rss_reta_entry64> = (0..groups)
+        .map(|_| sys::rte_eth_rss_reta_entry64 {
+            mask: u64::MAX,
+            reta: [0; 64],
+        })
+        .collect();
+    // SAFETY: entries holds reta_size.div_ceil(64) groups, as many as
+    // reta_size entries need; the port is started.
+    let ret =
+        unsafe { sys::rte_eth_dev_rss_reta_query(port_id, entries.as_mut_ptr(), info.reta_size) };
+    if ret != 0 {
+        return None;
+    }
+    let reta = entries
+        .iter()
+        .flat_map(|g| g.reta.iter().copied())
+        .take(reta_size)
+        .collect();
+    Some(RssSteering { key, reta })
 }
 
 /// The calling thread's CPU affinity, if it can be read.
@@ -433,6 +479,9 @@ struct PortInner {
     offloads: PortOffloads,
     rx_pool: Arc<Mempool>,
     queue_taken: Vec<AtomicBool>,
+    /// Hash key and redirection table, when the port spreads flows over
+    /// several rx queues by RSS and tells how.
+    rss: Option<RssSteering>,
 }
 
 impl Drop for PortInner {
@@ -603,7 +652,11 @@ impl Port {
             offloads,
             rx_pool,
             queue_taken: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
+            rss: None,
         };
+        if eth_conf.rxmode.mq_mode == sys::RTE_ETH_MQ_RX_RSS {
+            inner.rss = query_rss(port_id, &info);
+        }
         if config.promiscuous {
             // SAFETY: the port is started. Some PMDs have no promiscuous mode
             // (-ENOTSUP); that only matters for traffic to other MACs.
@@ -626,6 +679,13 @@ impl Port {
 
     pub fn id(&self) -> u16 {
         self.inner.port_id
+    }
+
+    /// How the port spreads received flows over its queues (RSS key and
+    /// redirection table), if it does and says so: what a connection needs
+    /// to pick a source port whose traffic comes back on its own queue.
+    pub fn rss_steering(&self) -> Option<&RssSteering> {
+        self.inner.rss.as_ref()
     }
 
     pub fn mac(&self) -> [u8; 6] {

@@ -203,7 +203,7 @@ impl DpdkStack {
         remote: SocketAddrV4,
     ) -> Result<UserTcp<DpdkQueue>, TransportError> {
         let device = self.take_queue(queue, remote)?;
-        self.connect_device(device, remote)
+        self.connect_on(device, Some(queue), remote)
     }
 
     /// Queue pair `queue` as a bare device (e.g. to wrap it in
@@ -221,9 +221,33 @@ impl DpdkStack {
 
     /// Connects over `device` (one of this port's queues, maybe wrapped)
     /// with this stack's addresses and settings.
+    /// With several queues on the port, pass the queue the device stands
+    /// for to [`DpdkStack::connect_device_on`] instead, so the connection
+    /// is steered to it.
     pub fn connect_device<D: Device>(
         &self,
         device: D,
+        remote: SocketAddrV4,
+    ) -> Result<UserTcp<D>, TransportError> {
+        self.connect_on(device, None, remote)
+    }
+
+    /// [`DpdkStack::connect_device`] for a device wrapping queue `queue`:
+    /// on a multi-queue port the source port is chosen so that RSS brings
+    /// the replies back to that queue.
+    pub fn connect_device_on<D: Device>(
+        &self,
+        device: D,
+        queue: u16,
+        remote: SocketAddrV4,
+    ) -> Result<UserTcp<D>, TransportError> {
+        self.connect_on(device, Some(queue), remote)
+    }
+
+    fn connect_on<D: Device>(
+        &self,
+        device: D,
+        queue: Option<u16>,
         remote: SocketAddrV4,
     ) -> Result<UserTcp<D>, TransportError> {
         // Mempool per-lcore caches need an lcore id on the calling thread.
@@ -234,6 +258,7 @@ impl DpdkStack {
         config.seed = self
             .next_seed
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        config.local_port = self.steered_port(queue, remote, config.seed)?;
         UserTcp::connect(
             device,
             self.options.local_ip,
@@ -256,6 +281,44 @@ impl DpdkStack {
             let t = stack.connect(queue, remote)?;
             Ok(Box::new(t) as Box<dyn Transport>)
         }
+    }
+}
+
+impl DpdkStack {
+    /// With several queues, the source port whose return traffic the NIC's
+    /// RSS puts on `queue` (None: one queue, any port will do). A port that
+    /// spreads flows without saying how cannot carry a connection per queue.
+    fn steered_port(
+        &self,
+        queue: Option<u16>,
+        remote: SocketAddrV4,
+        seed: u64,
+    ) -> Result<Option<u16>, TransportError> {
+        let (Some(queue), true) = (queue, self.options.queues > 1) else {
+            return Ok(None);
+        };
+        let unsteerable = |why: String| TransportError::Connect {
+            addr: remote.into(),
+            source: std::io::Error::other(why),
+        };
+        let rss = self.port.rss_steering().ok_or_else(|| {
+            unsteerable(format!(
+                "DPDK port {:?} has {} queues but reports no RSS key and redirection table, \
+                 so connection {queue} cannot be steered to its queue (give each path a port \
+                 of its own)",
+                self.options.port, self.options.queues
+            ))
+        })?;
+        let start = 49152 + (seed % 16384) as u16;
+        rss.pick_local_port(self.options.local_ip, remote, queue, 49152..=65535, start)
+            .map(Some)
+            .ok_or_else(|| {
+                unsteerable(format!(
+                    "no source port steers {remote}'s replies to queue {queue} of DPDK port {:?} \
+                     (its redirection table never names that queue)",
+                    self.options.port
+                ))
+            })
     }
 }
 

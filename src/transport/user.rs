@@ -25,6 +25,8 @@ pub struct UserTcpConfig {
     pub tcp: TcpConfig,
     /// Seeds ISN, timestamp offset and ephemeral port choice.
     pub seed: u64,
+    /// Source port to use instead of a random ephemeral one (RSS steering).
+    pub local_port: Option<u16>,
     /// ARP plus handshake must finish within this.
     pub connect_timeout: Duration,
 }
@@ -38,6 +40,7 @@ impl Default for UserTcpConfig {
             offload: OffloadConfig::default(),
             tcp: TcpConfig::default(),
             seed: 0,
+            local_port: None,
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -136,7 +139,7 @@ impl<D: Device> UserTcp<D> {
             source: io::Error::other(e.to_string()),
         };
         iface
-            .connect(clock.now(), handle, remote)
+            .connect_from(clock.now(), handle, config.local_port, remote)
             .map_err(connect_error)?;
         let deadline = clock.now() + config.connect_timeout;
         loop {
