@@ -208,6 +208,13 @@ fn dpdk_flapping_path_loses_nothing() {
 
 /// The CLI's `bench --transport dpdk` with one URL per path: the library's
 /// multipath device with a DPDK port per path (its own EAL, its own process).
+/// The library over DPDK: discovery through a stack, and paths given in
+/// any order each land on the port of their portal's subnet.
+#[test]
+fn dpdk_library_discovers_and_maps_paths_by_subnet() {
+    run_outer("mpd7", "discover", "dpdk");
+}
+
 #[test]
 fn dpdk_cli_bench_drives_both_paths() {
     run_outer("mpd6", "cli", "dpdk");
@@ -235,6 +242,7 @@ fn inner() {
         "linkdown" => scenario_linkdown(&env),
         "flap" => scenario_flap(&env),
         "cli" => scenario_cli(&env),
+        "discover" => scenario_discover(&env),
         s => panic!("unknown scenario {s}"),
     }
     println!("MP-SCENARIO-PASSED");
@@ -267,11 +275,23 @@ fn path_config(env: &Env, i: usize) -> PathConfig {
 /// ports start once per process and serve every device the scenario opens.
 #[cfg(feature = "dpdk")]
 fn dpdk_path(i: usize, portal: SocketAddr, login: LoginConfig) -> PathConfig {
+    let stacks = dpdk_stacks();
+    let SocketAddr::V4(remote) = portal else {
+        panic!("IPv4 portal expected")
+    };
+    let name = format!("dpdk{i}:{}->{remote}", stacks[i].options().local_ip);
+    PathConfig::new(&name, login, Box::new(stacks[i].connector(0, remote)))
+}
+
+/// The two stacks (ports net_af_packet0/1 on v0/v1), started once per
+/// process and shared by every device a scenario opens.
+#[cfg(feature = "dpdk")]
+fn dpdk_stacks() -> &'static Vec<std::sync::Arc<iscsi_bypass::transport::dpdk::DpdkStack>> {
     use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
     use std::net::Ipv4Addr;
     use std::sync::{Arc, OnceLock};
     static STACKS: OnceLock<Vec<Arc<DpdkStack>>> = OnceLock::new();
-    let stacks = STACKS.get_or_init(|| {
+    STACKS.get_or_init(|| {
         let vdevs = ["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"];
         let args = dpdk_common::eal_args_multi(&vdevs);
         println!("MP EAL args: {}", args.join(" "));
@@ -283,12 +303,7 @@ fn dpdk_path(i: usize, portal: SocketAddr, login: LoginConfig) -> PathConfig {
                     .unwrap_or_else(|e| panic!("DPDK stack on {port}: {e}"))
             })
             .collect()
-    });
-    let SocketAddr::V4(remote) = portal else {
-        panic!("IPv4 portal expected")
-    };
-    let name = format!("dpdk{i}:{}->{remote}", stacks[i].options().local_ip);
-    PathConfig::new(&name, login, Box::new(stacks[i].connector(0, remote)))
+    })
 }
 
 #[cfg(not(feature = "dpdk"))]
@@ -816,5 +831,54 @@ fn cli_eal_args() -> String {
 
 #[cfg(not(feature = "dpdk"))]
 fn cli_eal_args() -> String {
+    unreachable!("dpdk scenarios are skipped without the dpdk feature")
+}
+
+#[cfg(feature = "dpdk")]
+fn scenario_discover(env: &Env) {
+    use iscsi_bypass::{Device, Options, Transport};
+    let opts = Options {
+        initiator: INITIATOR.into(),
+        transport: Transport::Dpdk(dpdk_stacks().clone()),
+        idle: IdleMode::Sleep(Duration::from_micros(20)),
+        ..Options::default()
+    };
+    // tgtd answers SendTargets with the portal the question came in on.
+    let portal = format!("10.231.2.2:{}", env.port);
+    let urls = opts
+        .discover_urls(&portal, Some(&env.iqn), 1)
+        .expect("SendTargets over DPDK");
+    println!("MP discover through {portal}: {urls:?}");
+    assert!(urls.iter().any(|u| u.contains("10.231.2.2")), "{urls:?}");
+    // Both portals, the second subnet first: each path still goes out of
+    // the port on its portal's subnet.
+    let both: Vec<String> = [2, 1]
+        .iter()
+        .map(|n| format!("iscsi://10.231.{n}.2:{}/{}/1", env.port, env.iqn))
+        .collect();
+    let both: Vec<&str> = both.iter().map(String::as_str).collect();
+    let dev = Device::open_urls(&both, &opts).expect("open over DPDK");
+    let names: Vec<String> = dev.paths().iter().map(|p| p.name.clone()).collect();
+    println!("MP discover paths: {names:?}");
+    assert!(
+        names[0].starts_with("net_af_packet1/q0 10.231.2.1->"),
+        "{names:?}"
+    );
+    assert!(
+        names[1].starts_with("net_af_packet0/q0 10.231.1.1->"),
+        "{names:?}"
+    );
+    let mut q = dev.queue_pair();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    q.write_at(2048, &data).expect("write");
+    let mut back = vec![0u8; data.len()];
+    q.read_at(2048, &mut back).expect("read");
+    assert!(back == data, "read back differs");
+    drop(q);
+    dev.close();
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn scenario_discover(_: &Env) {
     unreachable!("dpdk scenarios are skipped without the dpdk feature")
 }

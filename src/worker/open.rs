@@ -33,11 +33,14 @@ pub enum Transport {
     #[default]
     Kernel,
     /// The userspace TCP/IP stack on started DPDK ports
-    /// ([`DpdkStack::open`](crate::transport::dpdk::DpdkStack::open)): path
-    /// `i` runs on `stacks[i % stacks.len()]`, on its queue pair
-    /// `i / stacks.len()`, so a stack needs as many queues as paths land on
-    /// it. Each path worker then owns one queue pair, one stack instance
-    /// and one connection; nothing on its I/O path enters the kernel.
+    /// ([`DpdkStack::open`](crate::transport::dpdk::DpdkStack::open)): each
+    /// path runs on a stack whose subnet holds its portal (the one with the
+    /// fewest paths so far), or, with no such stack, on `stacks[i % n]`
+    /// (through its gateway). Each path takes the next free queue pair of
+    /// its stack, so a stack needs as many queues as paths land on it (and,
+    /// with more than one, a port that reports its RSS configuration). Each
+    /// path worker then owns one queue pair, one stack instance and one
+    /// connection; nothing on its I/O path enters the kernel.
     #[cfg(feature = "dpdk")]
     Dpdk(Vec<std::sync::Arc<crate::transport::dpdk::DpdkStack>>),
 }
@@ -191,8 +194,17 @@ impl Options {
     }
 }
 
-/// Puts path `i` of `c` (from `urls[i]`) on the userspace stack of
-/// `stacks[i % n]`, queue pair `i / n`.
+/// Whether `ip` is in the subnet of `stack`.
+#[cfg(feature = "dpdk")]
+fn on_subnet(stack: &crate::transport::dpdk::DpdkStack, ip: std::net::Ipv4Addr) -> bool {
+    let prefix = u32::from(stack.options().user.prefix_len.min(32));
+    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+    u32::from(stack.options().local_ip) & mask == u32::from(ip) & mask
+}
+
+/// Puts each path of `c` (from `urls[i]`) on a userspace stack: one on the
+/// portal's subnet with the fewest paths so far, else `stacks[i % n]`; the
+/// path takes that stack's next queue pair.
 #[cfg(feature = "dpdk")]
 fn dpdk_connectors(
     c: &mut DeviceConfig,
@@ -204,17 +216,8 @@ fn dpdk_connectors(
             "Transport::Dpdk needs at least one started DPDK stack".into(),
         ));
     }
+    let mut used = vec![0usize; stacks.len()];
     for (i, (path, url)) in c.paths.iter_mut().zip(urls).enumerate() {
-        let stack = &stacks[i % stacks.len()];
-        let queue = i / stacks.len();
-        let port = &stack.options().port;
-        if queue >= usize::from(stack.queues()) {
-            return Err(MultipathError::Config(format!(
-                "path {i} ({url}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
-                 (open the stack with more queues, or add ports)",
-                stack.queues()
-            )));
-        }
         let addr = crate::iscsi::url::IscsiUrl::parse(url)
             .map_err(|e| e.to_string())
             .and_then(|u| u.socket_addr().map_err(|e| e.to_string()))
@@ -224,13 +227,133 @@ fn dpdk_connectors(
                 "{url}: the userspace stack speaks IPv4 only"
             )));
         };
+        let s = (0..stacks.len())
+            .filter(|&s| on_subnet(&stacks[s], *remote.ip()))
+            .min_by_key(|&s| used[s])
+            .unwrap_or(i % stacks.len());
+        let stack = &stacks[s];
+        let queue = used[s];
+        used[s] += 1;
+        let port = &stack.options().port;
+        if queue >= usize::from(stack.queues()) {
+            return Err(MultipathError::Config(format!(
+                "path {i} ({url}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
+                 (open the stack with more queues, or add ports)",
+                stack.queues()
+            )));
+        }
         path.name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
         path.connector = Box::new(stack.connector(queue as u16, remote));
     }
     Ok(())
 }
 
+impl Options {
+    /// SendTargets through `portal` (`host[:port]`, port 3260 by default):
+    /// one URL per portal the target reports, for LUN `lun`. `target` picks
+    /// the target when the portal serves several (with one, None will do).
+    /// Runs over this transport: kernel TCP (leaving from `binds[0]` when
+    /// given) or the first DPDK stack's queue 0 (free again afterwards);
+    /// `chap` applies to the discovery login too.
+    pub fn discover_urls(
+        &self,
+        portal: &str,
+        target: Option<&str>,
+        lun: u16,
+    ) -> Result<Vec<String>, MultipathError> {
+        use crate::iscsi::discovery::send_targets;
+        use crate::iscsi::login::LoginConfig;
+        use std::net::ToSocketAddrs;
+        let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
+        let addr = portal
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| (portal, 3260).to_socket_addrs().ok()?.next())
+            .ok_or_else(|| fail("not an address (host[:port])".into()))?;
+        let mut login = LoginConfig::new(&self.initiator, None);
+        if let Some(chap) = &self.chap {
+            login.chap = Some(chap.initiator.clone());
+            login.mutual_chap = chap.target.clone();
+        }
+        let found = match &self.transport {
+            Transport::Kernel => {
+                let opts = crate::transport::kernel::KernelTcpOptions {
+                    bind: self.binds.first().copied().flatten(),
+                    connect_timeout: Some(self.login_timeout),
+                    ..Default::default()
+                };
+                let t = crate::transport::kernel::KernelTcp::connect(addr, &opts)
+                    .map_err(|e| fail(e.to_string()))?;
+                send_targets(t, login, self.login_timeout)
+            }
+            #[cfg(feature = "dpdk")]
+            Transport::Dpdk(stacks) => {
+                let SocketAddr::V4(remote) = addr else {
+                    return Err(fail("the userspace stack speaks IPv4 only".into()));
+                };
+                let stack = stacks
+                    .iter()
+                    .find(|s| on_subnet(s, *remote.ip()))
+                    .or(stacks.first())
+                    .ok_or_else(|| fail("Transport::Dpdk has no stack".into()))?;
+                let t = stack.connect(0, remote).map_err(|e| fail(e.to_string()))?;
+                send_targets(t, login, self.login_timeout)
+            }
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let chosen = match target {
+            Some(name) => found.iter().find(|t| t.name == name).ok_or_else(|| {
+                fail(format!(
+                    "target {name} not reported (it reported: {})",
+                    found
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?,
+            None => match found.as_slice() {
+                [one] => one,
+                [] => return Err(fail("no targets reported".into())),
+                many => {
+                    return Err(fail(format!(
+                        "{} targets reported; name one ({})",
+                        many.len(),
+                        many.iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            },
+        };
+        let urls: Vec<String> = chosen
+            .portals
+            .iter()
+            .map(|p| format!("iscsi://{}/{}/{lun}", p.address(), chosen.name))
+            .collect();
+        if urls.is_empty() {
+            return Err(fail(format!("target {} has no portal", chosen.name)));
+        }
+        Ok(urls)
+    }
+}
+
 impl MultipathDevice {
+    /// Discovers `target`'s portals through `portal`
+    /// ([`Options::discover_urls`]) and opens LUN `lun` with one path per
+    /// portal.
+    pub fn open_discovered(
+        portal: &str,
+        target: Option<&str>,
+        lun: u16,
+        options: &Options,
+    ) -> Result<MultipathDevice, MultipathError> {
+        let urls = options.discover_urls(portal, target, lun)?;
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+        MultipathDevice::open_urls(&urls, options)
+    }
+
     /// Opens the LU behind `urls` (`iscsi://[user%secret@]host[:port]/iqn/lun`,
     /// one path per URL, all to the same target and LUN) with `options`.
     pub fn open_urls(urls: &[&str], options: &Options) -> Result<MultipathDevice, MultipathError> {

@@ -1,0 +1,76 @@
+//! The library's discovery entry point: `Device::open_discovered` against
+//! the embedded target with two loopback portals and CHAP (on discovery
+//! too), and its errors for a wrong target name, wrong secret and an
+//! unreachable portal.
+
+use iscsi_bypass::target::{Target, TargetConfig};
+use iscsi_bypass::{Chap, Device, IdleMode, MultipathError, Options};
+use std::time::Duration;
+
+const IQN: &str = "iqn.2026-11.org.iscsi-bypass:discover";
+
+fn options(secret: &[u8]) -> Options {
+    Options {
+        chap: Some(Chap::new("db-host", secret.to_vec())),
+        idle: IdleMode::Sleep(Duration::from_micros(50)),
+        login_timeout: Duration::from_secs(3),
+        ..Options::default()
+    }
+}
+
+#[test]
+fn open_discovered_finds_every_portal_and_does_io() {
+    let target = Target::start(
+        TargetConfig::ram(IQN, 16 << 20)
+            .loopback_portals(2)
+            .chap("db-host", b"a-secret-of-12".to_vec())
+            .chap_on_discovery(true),
+    )
+    .expect("embedded target");
+    let portal = target.portals()[0].to_string();
+    let opts = options(b"a-secret-of-12");
+
+    let urls = opts.discover_urls(&portal, None, 0).expect("discovery");
+    assert_eq!(urls.len(), 2, "{urls:?}");
+    for p in target.portals() {
+        assert!(
+            urls.contains(&format!("iscsi://{p}/{IQN}/0")),
+            "{p} missing from {urls:?}"
+        );
+    }
+
+    let dev = Device::open_discovered(&portal, Some(IQN), 0, &opts).expect("open");
+    assert_eq!(dev.paths().len(), 2);
+    let mut q = dev.queue_pair();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+    q.write_at(64, &data).expect("write");
+    let mut back = vec![0u8; 4096];
+    q.read_at(64, &mut back).expect("read");
+    assert_eq!(back, data);
+    drop(q);
+    dev.close();
+
+    // Bad input: one clear error each.
+    let err = opts
+        .discover_urls(&portal, Some("iqn.2026-11.nobody:here"), 0)
+        .unwrap_err();
+    assert!(
+        matches!(&err, MultipathError::Discovery(m) if m.contains("not reported") && m.contains(IQN)),
+        "{err}"
+    );
+    let err = options(b"a-wrong-secret")
+        .discover_urls(&portal, None, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("authentication"), "{err}");
+    let err = opts.discover_urls("not an address", None, 0).unwrap_err();
+    assert!(err.to_string().contains("not an address"), "{err}");
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = opts
+        .discover_urls(&closed.to_string(), None, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains(&closed.to_string()), "{err}");
+}
