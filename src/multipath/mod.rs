@@ -7,6 +7,7 @@
 //! application-facing device that run it live one layer up, in
 //! [`crate::worker`] (`worker::MultipathDevice`, `worker::IoQueue`).
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod io;
@@ -27,35 +28,72 @@ use thiserror::Error;
 /// Errors of opening and running a multipath device.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MultipathError {
+    /// The configuration is unusable: no paths, a URL that does not parse
+    /// or names another target/LUN than the first, or a transport that
+    /// cannot serve a path. The string says which.
     #[error("bad configuration: {0}")]
     Config(String),
+    /// SendTargets discovery failed: the portal could not be reached, or it
+    /// did not report the target or any usable portal for it.
     #[error("discovery failed: {0}")]
     Discovery(String),
+    /// A path could not connect, log in, or keep its session while being
+    /// probed.
     #[error("path {path}: login failed: {reason}")]
-    Login { path: String, reason: String },
+    Login {
+        /// The path's name ([`PathConfig::name`]).
+        path: String,
+        /// The transport, login or session error, as text.
+        reason: String,
+    },
+    /// A SCSI command sent while probing a path (TEST UNIT READY, READ
+    /// CAPACITY(16), INQUIRY VPD 83h) failed or returned malformed data.
     #[error("path {path}: {what} failed: {error}")]
     Scsi {
+        /// The path's name ([`PathConfig::name`]).
         path: String,
+        /// The command that failed, e.g. `"READ CAPACITY(16)"`.
         what: &'static str,
+        /// The SCSI status, sense or parse error.
         error: ScsiError,
     },
+    /// The LU behind a path has no VPD 83h designator to identify it by, so
+    /// the path cannot be grouped with others.
     #[error("path {path}: the logical unit reports no usable VPD 83h designator, so it cannot be matched with other paths")]
-    NoLuIdentity { path: String },
+    NoLuIdentity {
+        /// The path's name ([`PathConfig::name`]).
+        path: String,
+    },
+    /// Two paths lead to different logical units (VPD 83h designators
+    /// differ); the device refuses to open rather than mix them.
     #[error("path {path} leads to logical unit {found}, but path {first_path} leads to {expected}: refusing to group different LUs into one device")]
     DifferentLogicalUnits {
+        /// The first path that logged in; its LU is the device's.
         first_path: String,
+        /// The LU designator of `first_path`, e.g. `naa.6000...`.
         expected: String,
+        /// The path that leads elsewhere.
         path: String,
+        /// The LU designator `path` reported.
         found: String,
     },
+    /// A path reports another capacity or block size than the first path
+    /// that logged in.
     #[error("path {path} reports {found}, but the device has {expected}")]
     GeometryMismatch {
+        /// The path that disagrees.
         path: String,
+        /// The device's geometry, as `"<N> blocks of <size>"`.
         expected: String,
+        /// What `path` reported, in the same form.
         found: String,
     },
+    /// No path could be logged in and probed at open; one error message per
+    /// path that failed.
     #[error("no path could be logged in: {}", .0.join("; "))]
     NoPathUp(Vec<String>),
+    /// A worker or login thread could not be spawned (or all login threads
+    /// panicked).
     #[error("cannot start worker thread: {0}")]
     Thread(String),
 }

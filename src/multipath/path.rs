@@ -52,10 +52,14 @@ pub fn alua_tier(state: Option<AluaState>) -> Option<u8> {
 /// A state change, for the stats snapshot.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PathEvent {
+    /// Wall-clock time of the change.
     pub at: SystemTime,
     /// Time since the device was opened.
     pub since_open: Duration,
+    /// The state the path entered.
     pub state: PathState,
+    /// Why, e.g. `"logged in"`, `"reconnecting"` or the error that took the
+    /// path down.
     pub reason: String,
 }
 
@@ -81,7 +85,10 @@ struct WorkerCounters {
 /// stats reader. Everything on the submission path is a plain atomic.
 #[derive(Debug)]
 pub struct PathShared {
+    /// The path's position in [`DeviceConfig::paths`](super::DeviceConfig::paths);
+    /// selectors and completions name paths by it.
     pub index: usize,
+    /// The path's name, from [`PathConfig::name`](super::PathConfig::name).
     pub name: String,
     opened: Instant,
     state: CachePadded<AtomicU8>,
@@ -105,6 +112,9 @@ pub fn new_histogram() -> hdrhistogram::Histogram<u64> {
 const MAX_EVENTS: usize = 256;
 
 impl PathShared {
+    /// A path in state [`PathState::Connecting`] with no ALUA state, target
+    /// port group or counters yet; `opened` is the device's open time, the
+    /// origin of [`PathEvent::since_open`].
     pub fn new(index: usize, name: &str, opened: Instant) -> PathShared {
         PathShared {
             index,
@@ -120,6 +130,7 @@ impl PathShared {
         }
     }
 
+    /// The path's current state.
     pub fn state(&self) -> PathState {
         PathState::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -146,6 +157,8 @@ impl PathShared {
         }
     }
 
+    /// The path's ALUA access state; `None` while unknown or when the
+    /// target does not report one (treated as active/optimized).
     pub fn alua(&self) -> Option<AluaState> {
         match self.alua.load(Ordering::Acquire) {
             ALUA_UNKNOWN => None,
@@ -159,12 +172,14 @@ impl PathShared {
         self.alua.swap(v, Ordering::AcqRel) != v
     }
 
+    /// Records the target port group the path's port belongs to (from VPD 83h).
     pub fn set_tpg(&self, tpg: Option<u16>) {
         if let Ok(mut t) = self.tpg.lock() {
             *t = tpg;
         }
     }
 
+    /// The path's target port group, if the target reported one.
     pub fn tpg(&self) -> Option<u16> {
         self.tpg.lock().ok().and_then(|t| *t)
     }
@@ -234,6 +249,9 @@ impl PathShared {
         local.reset();
     }
 
+    /// A snapshot of state, counters, latency percentiles and state changes.
+    /// Percentiles cover only samples the worker has merged so far (it does
+    /// so every ~20 ms).
     pub fn stats(&self) -> PathStats {
         let c = &self.counters;
         let l = self.load();
@@ -293,20 +311,31 @@ pub fn ewma_update(old: u64, sample: u64) -> u64 {
 /// The load figures a selector looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PathLoad {
+    /// The path's index ([`PathShared::index`]); what [`select`](super::select)
+    /// returns.
     pub index: usize,
+    /// Commands handed to the path and not yet completed.
     pub outstanding: u64,
+    /// Data bytes of those commands.
     pub outstanding_bytes: u64,
-    /// 0 = no sample yet.
+    /// Smoothed command latency in nanoseconds (EWMA, new sample weighted
+    /// 1/8); 0 = no sample yet.
     pub latency_ewma_ns: u64,
 }
 
 /// A point-in-time view of one path.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PathStats {
+    /// The path's position in [`DeviceConfig::paths`](super::DeviceConfig::paths).
     pub index: usize,
+    /// The path's name, e.g. `10.0.1.1->10.0.1.2:3260`.
     pub name: String,
+    /// Current state.
     pub state: PathState,
+    /// ALUA access state as text (e.g. `active/optimized`, `standby`);
+    /// `None` when unknown or the target does not do ALUA.
     pub alua: Option<String>,
+    /// Target port group of the path's port, if the target reported one.
     pub target_port_group: Option<u16>,
     /// Commands completed on this path (any status).
     pub commands: u64,
@@ -318,15 +347,28 @@ pub struct PathStats {
     pub resubmitted: u64,
     /// Successful logins (1 + reconnects).
     pub logins: u64,
+    /// Commands handed to this path and not yet completed.
     pub outstanding: u64,
+    /// Data bytes of those commands.
     pub outstanding_bytes: u64,
+    /// Smoothed command latency (EWMA, new sample weighted 1/8); zero
+    /// before the first completion. Latency runs from dispatch to this path
+    /// until completion.
     pub latency_ewma: Duration,
+    /// Latency samples behind the percentiles below (one per completed
+    /// command, merged every ~20 ms).
     pub latency_samples: u64,
+    /// Median latency (microsecond resolution; zero with no samples).
     pub latency_p50: Duration,
+    /// 90th percentile latency.
     pub latency_p90: Duration,
+    /// 99th percentile latency.
     pub latency_p99: Duration,
+    /// 99.9th percentile latency.
     pub latency_p999: Duration,
+    /// Highest latency seen.
     pub latency_max: Duration,
+    /// State changes, oldest first (at most the newest 256 are kept).
     pub events: Vec<PathEvent>,
 }
 
@@ -334,7 +376,10 @@ pub struct PathStats {
 /// DefaultTime2Wait after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectPolicy {
+    /// Delay before the first reconnect attempt; doubled after each failed
+    /// attempt (default 250 ms).
     pub initial: Duration,
+    /// Upper bound of the delay (default 10 s).
     pub max: Duration,
 }
 
@@ -361,6 +406,7 @@ pub struct PathHealth {
 }
 
 impl PathHealth {
+    /// A path about to log in for the first time ([`PathState::Connecting`]).
     pub fn new(policy: ReconnectPolicy) -> PathHealth {
         PathHealth {
             policy,
@@ -371,14 +417,18 @@ impl PathHealth {
         }
     }
 
+    /// The path's state as the state machine sees it.
     pub fn state(&self) -> PathState {
         self.state
     }
 
+    /// Failed attempts since the last successful login (0 while up).
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
 
+    /// When the next login attempt is due; `None` when none is scheduled
+    /// (up, connecting, failed or closed).
     pub fn next_attempt(&self) -> Option<Instant> {
         self.next_attempt
     }
@@ -439,6 +489,7 @@ impl PathHealth {
         self.next_attempt = None;
     }
 
+    /// The device is closing: [`PathState::Closed`], no further attempts.
     pub fn close(&mut self) {
         self.state = PathState::Closed;
         self.next_attempt = None;

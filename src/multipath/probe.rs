@@ -15,14 +15,19 @@ use std::time::Duration;
 
 /// A logged-in path and what it reported.
 pub struct PathProbe {
+    /// The logged-in session, handed on to the path's worker.
     pub session: Session<BoxedTransport>,
     /// The LU's identity, e.g. `naa.60000...` (VPD 83h).
     pub lu_id: String,
+    /// Target port group of the port this path reaches (VPD 83h), if reported.
     pub target_port_group: Option<u16>,
+    /// Relative target port identifier of that port (VPD 83h), if reported.
     pub relative_port: Option<u16>,
     /// None: the target does not do ALUA (or REPORT TARGET PORT GROUPS failed).
     pub alua: Option<AluaState>,
+    /// The LU's size in logical blocks (READ CAPACITY(16)).
     pub capacity_blocks: u64,
+    /// Logical block size in bytes (READ CAPACITY(16)).
     pub block_size: u32,
     /// Negotiated DefaultTime2Wait.
     pub time2wait: Duration,
@@ -43,10 +48,16 @@ impl std::fmt::Debug for PathProbe {
 /// What `probe` needs besides the connector.
 #[derive(Debug, Clone)]
 pub struct ProbeConfig {
+    /// The path's name, used in errors.
     pub name: String,
+    /// Login parameters for the path's session.
     pub login: LoginConfig,
+    /// The LUN in its 8-byte wire encoding (`Lun::to_u64`), not the plain
+    /// LU number.
     pub lun: u64,
+    /// NOP-Out and command timers of the session.
     pub timers: ConnTimers,
+    /// Time allowed for connect + login.
     pub login_timeout: Duration,
 }
 

@@ -15,7 +15,10 @@ pub enum Policy {
     /// latency (EWMA): a slow path gets proportionally less.
     ServiceTime,
     /// Rotate, switching path every `ios_per_path` commands.
-    RoundRobin { ios_per_path: u32 },
+    RoundRobin {
+        /// Commands sent down one path before moving to the next (0 acts as 1).
+        ios_per_path: u32,
+    },
     /// One active path; the others stand by until it fails (no automatic
     /// fail-back, so a flapping path does not bounce I/O around).
     Failover,
@@ -53,6 +56,8 @@ pub struct SelectorState {
 }
 
 impl SelectorState {
+    /// Fresh state: round-robin starts at the first candidate, no failover
+    /// path chosen yet.
     pub fn new() -> SelectorState {
         SelectorState::default()
     }

@@ -1,5 +1,6 @@
 //! Command outcome: SCSI status + sense decoded into [`ScsiError`], and a
 //! retry classification for the multipath layer.
+#![warn(missing_docs)]
 
 use crate::wire::scsi::{asc, DataRepr, ScsiStatus, ScsiWireError, SenseData, SenseKey};
 use thiserror::Error;
@@ -7,28 +8,50 @@ use thiserror::Error;
 /// Errors of the SCSI layer.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ScsiError {
+    /// CHECK CONDITION with parsed sense data (key, ASC/ASCQ) saying why.
     #[error("CHECK CONDITION: {sense}")]
-    CheckCondition { sense: SenseData },
+    CheckCondition {
+        /// The decoded sense data.
+        sense: SenseData,
+    },
     /// CHECK CONDITION whose sense data was missing or malformed.
     #[error("CHECK CONDITION with unusable sense data: {0}")]
     CheckConditionNoSense(ScsiWireError),
+    /// BUSY status: the LU cannot take the command now; retryable.
     #[error("BUSY")]
     Busy,
+    /// RESERVATION CONFLICT status: another initiator holds a reservation
+    /// on the LU; not retried.
     #[error("RESERVATION CONFLICT")]
     ReservationConflict,
+    /// TASK SET FULL status: the LU's command queue is full; retryable.
     #[error("TASK SET FULL")]
     TaskSetFull,
+    /// ACA ACTIVE status: an auto contingent allegiance condition blocks
+    /// the command; retryable.
     #[error("ACA ACTIVE")]
     AcaActive,
+    /// TASK ABORTED status: the command was aborted by another initiator or
+    /// the device server; retryable.
     #[error("TASK ABORTED")]
     TaskAborted,
+    /// A status byte this crate does not know (the raw value); fatal.
     #[error("unknown SCSI status {0:#04x}")]
     UnknownStatus(u8),
     /// Response data that does not parse.
     #[error("malformed response data: {0}")]
     BadData(#[from] ScsiWireError),
+    /// `blocks × block_size` is 4 GiB or more, beyond the 32-bit transfer
+    /// length of one command; the command is not built.
     #[error("transfer of {blocks} blocks of {block_size} bytes exceeds 4 GiB")]
-    TransferTooLarge { blocks: u32, block_size: u32 },
+    TransferTooLarge {
+        /// Blocks asked for.
+        blocks: u32,
+        /// Logical block size in bytes.
+        block_size: u32,
+    },
+    /// More UNMAP block descriptors (the count given) than one parameter
+    /// list can hold; the command is not built.
     #[error("{0} UNMAP descriptors do not fit one parameter list")]
     TooManyDescriptors(usize),
 }
@@ -65,10 +88,13 @@ pub enum UnitAttention {
     MediumChanged,
     /// 2Fh/xx: commands cleared by another initiator or the device server.
     CommandsCleared,
+    /// Any other UNIT ATTENTION (retried, no further action).
     Other,
 }
 
 impl UnitAttention {
+    /// The kind of UNIT ATTENTION `s` reports, from its ASC/ASCQ; `None`
+    /// when the sense key is not UNIT ATTENTION.
     pub fn from_sense(s: &SenseData) -> Option<UnitAttention> {
         if s.key != SenseKey::UnitAttention {
             return None;
@@ -141,15 +167,20 @@ impl ScsiError {
             | ScsiError::TooManyDescriptors(_) => ErrorClass::Fatal,
         }
     }
+    /// Whether [`class`](Self::class) is [`ErrorClass::Retryable`].
     pub fn is_retryable(&self) -> bool {
         self.class() == ErrorClass::Retryable
     }
+    /// Whether [`class`](Self::class) is [`ErrorClass::PathLevel`]: retry on
+    /// another path.
     pub fn is_path_error(&self) -> bool {
         self.class() == ErrorClass::PathLevel
     }
+    /// Whether [`class`](Self::class) is [`ErrorClass::Fatal`].
     pub fn is_fatal(&self) -> bool {
         self.class() == ErrorClass::Fatal
     }
+    /// The sense data, for [`ScsiError::CheckCondition`] only.
     pub fn sense(&self) -> Option<&SenseData> {
         match self {
             ScsiError::CheckCondition { sense } => Some(sense),

@@ -2254,25 +2254,44 @@ impl DataRepr for UnmapParameterList {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum SenseKey {
+    /// 0h: no specific sense key; see ASC/ASCQ (e.g. progress indication).
     NoSense = 0x0,
+    /// 1h: the command completed after recovery action by the device.
     RecoveredError = 0x1,
+    /// 2h: the LU cannot be accessed now (becoming ready, ALUA standby or
+    /// transitioning, needs manual intervention, ...).
     NotReady = 0x2,
+    /// 3h: unrecovered error on the medium (e.g. unreadable block).
     MediumError = 0x3,
+    /// 4h: non-recoverable hardware failure.
     HardwareError = 0x4,
+    /// 5h: invalid command, field or parameter (e.g. LBA out of range).
     IllegalRequest = 0x5,
+    /// 6h: a condition changed (reset, capacity, ALUA state, ...); the
+    /// command was not executed.
     UnitAttention = 0x6,
+    /// 7h: the operation is not permitted (e.g. write-protected).
     DataProtect = 0x7,
+    /// 8h: blank or end-of-data medium encountered.
     BlankCheck = 0x8,
+    /// 9h: vendor-specific condition.
     VendorSpecific = 0x9,
+    /// Ah: a copy command was aborted.
     CopyAborted = 0xa,
+    /// Bh: the device server aborted the command; it may be retried.
     AbortedCommand = 0xb,
+    /// Ch: reserved (obsolete EQUAL).
     Reserved = 0xc,
+    /// Dh: a buffered device reached the end of a partition with data left.
     VolumeOverflow = 0xd,
+    /// Eh: source data did not match the medium (COMPARE AND WRITE, VERIFY).
     Miscompare = 0xe,
+    /// Fh: the command completed; the sense data is informational.
     Completed = 0xf,
 }
 
 impl SenseKey {
+    /// The key in the low 4 bits of `v` (higher bits are ignored).
     pub fn from_bits(v: u8) -> SenseKey {
         match v & 0x0f {
             0x0 => SenseKey::NoSense,
@@ -2293,9 +2312,11 @@ impl SenseKey {
             _ => SenseKey::Completed,
         }
     }
+    /// The 4-bit sense key value.
     pub fn bits(self) -> u8 {
         self as u8
     }
+    /// The key's name as in SPC-4, e.g. `"UNIT ATTENTION"` (also its `Display`).
     pub fn name(self) -> &'static str {
         match self {
             SenseKey::NoSense => "NO SENSE",
@@ -2496,17 +2517,25 @@ pub fn asc_ascq_text(asc: u8, ascq: u8) -> Option<&'static str> {
 /// §4.5.3). `command_specific` is 0 when absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SenseData {
+    /// Fixed (70h/71h) or descriptor (72h/73h) format, as received or to emit.
     pub format: SenseFormat,
     /// Deferred error (71h/73h) rather than current (70h/72h).
     pub deferred: bool,
+    /// The sense key: the broad class of the condition.
     pub key: SenseKey,
+    /// Additional sense code: what happened, refined by `ascq` (see [`asc`]).
     pub asc: u8,
+    /// Additional sense code qualifier.
     pub ascq: u8,
     /// The INFORMATION field, when VALID (often the failing LBA).
     pub information: Option<u64>,
+    /// The COMMAND-SPECIFIC INFORMATION field (meaning depends on the
+    /// command, e.g. EXTENDED COPY); 0 when absent.
     pub command_specific: u64,
     /// Sense-key specific bytes (SKSV set), with the SKSV bit cleared.
     pub sense_key_specific: Option<[u8; 3]>,
+    /// FIELD REPLACEABLE UNIT CODE (vendor-specific component that failed);
+    /// 0 when absent.
     pub field_replaceable_unit: u8,
     /// Incorrect length indicator.
     pub ili: bool,
@@ -2535,9 +2564,11 @@ impl SenseData {
     pub fn with_code(key: SenseKey, code: (u8, u8)) -> SenseData {
         SenseData::new(key, code.0, code.1)
     }
+    /// `(asc, ascq)`, comparable with the constants of [`asc`].
     pub fn code(&self) -> (u8, u8) {
         (self.asc, self.ascq)
     }
+    /// Whether this is sense key `key` with `(asc, ascq)` equal to `code`.
     pub fn is(&self, key: SenseKey, code: (u8, u8)) -> bool {
         self.key == key && self.code() == code
     }
@@ -2545,6 +2576,7 @@ impl SenseData {
     pub fn text(&self) -> Option<&'static str> {
         asc_ascq_text(self.asc, self.ascq)
     }
+    /// The RESPONSE CODE byte for `format` and `deferred`: 70h, 71h, 72h or 73h.
     pub fn response_code(&self) -> u8 {
         match (self.format, self.deferred) {
             (SenseFormat::Fixed, false) => 0x70,
