@@ -275,20 +275,12 @@ impl Peer {
     fn scsi_response(&mut self, itt: u32, status: u8) -> PduHeader {
         let stat_sn = self.take_stat_sn();
         PduHeader::ScsiResponse(ScsiResponse {
-            bidi_overflow: false,
-            bidi_underflow: false,
-            overflow: false,
-            underflow: false,
-            response: 0,
             status,
             itt,
-            snack_tag: 0,
             stat_sn,
             exp_cmd_sn: self.exp_cmd_sn,
             max_cmd_sn: self.max_cmd_sn,
-            exp_data_sn: Sn(0),
-            bidi_residual: 0,
-            residual: 0,
+            ..ScsiResponse::default()
         })
     }
 

@@ -491,20 +491,12 @@ pub(crate) mod testing {
     pub(crate) fn scsi_response(itt: u32, stat_sn: u32, status: u8) -> Vec<u8> {
         let mut v = Vec::new();
         let h = PduHeader::ScsiResponse(ScsiResponse {
-            bidi_overflow: false,
-            bidi_underflow: false,
-            overflow: false,
-            underflow: false,
-            response: 0,
             status,
             itt,
-            snack_tag: 0,
             stat_sn: Sn(stat_sn),
             exp_cmd_sn: Sn(2),
             max_cmd_sn: Sn(9),
-            exp_data_sn: Sn(0),
-            bidi_residual: 0,
-            residual: 0,
+            ..ScsiResponse::default()
         });
         encode_pdu(&mut v, &h, &[], Digests::default());
         v
@@ -526,20 +518,12 @@ mod tests {
     fn completion_before_close_is_delivered_and_failure_is_sticky() {
         let mut status = Vec::new();
         let rsp = PduHeader::ScsiResponse(ScsiResponse {
-            bidi_overflow: false,
-            bidi_underflow: false,
-            overflow: false,
-            underflow: false,
-            response: 0,
             status: 0,
             itt: 0x2_0000,
-            snack_tag: 0,
             stat_sn: Sn(102),
             exp_cmd_sn: Sn(2),
             max_cmd_sn: Sn(9),
-            exp_data_sn: Sn(0),
-            bidi_residual: 0,
-            residual: 0,
+            ..ScsiResponse::default()
         });
         encode_pdu(&mut status, &rsp, &[], Digests::default());
         let t = Scripted {

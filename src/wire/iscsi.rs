@@ -396,7 +396,8 @@ pub struct NopIn {
     pub max_cmd_sn: Sn,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A SCSI Response; `Default` is GOOD with no residuals, for building one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ScsiResponse {
     pub bidi_overflow: bool,
     pub bidi_underflow: bool,

@@ -120,20 +120,12 @@ impl Peer {
         let stat_sn = self.next_stat_sn();
         self.encode(
             PduHeader::ScsiResponse(ScsiResponse {
-                bidi_overflow: false,
-                bidi_underflow: false,
-                overflow: false,
-                underflow: false,
-                response: 0,
                 status,
                 itt,
-                snack_tag: 0,
                 stat_sn,
                 exp_cmd_sn: Sn(max_cmd_sn.wrapping_sub(31)),
                 max_cmd_sn: Sn(max_cmd_sn),
-                exp_data_sn: Sn(0),
-                bidi_residual: 0,
-                residual: 0,
+                ..ScsiResponse::default()
             }),
             &data,
         )
