@@ -358,6 +358,7 @@ pub fn run(
                 std::thread::Builder::new()
                     .name(format!("bench-job{i}"))
                     .spawn_scoped(s, move || {
+                        crate::worker::precise_timers();
                         let r = run_job(
                             spec,
                             i as u32,

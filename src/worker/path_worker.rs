@@ -158,6 +158,7 @@ impl Worker {
             idle: s.idle,
             idle_rounds: 0,
         };
+        super::precise_timers();
         if let Some(core) = s.core {
             // Fewer cores than workers is fine: several share one.
             let _ = core_affinity::set_for_current(core_affinity::CoreId { id: core });
