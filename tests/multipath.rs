@@ -876,6 +876,24 @@ fn scenario_discover(env: &Env) {
     assert!(back == data, "read back differs");
     drop(q);
     dev.close();
+    // Two paths through one stack with one queue: refused, saying why.
+    let one_stack = Options {
+        transport: Transport::Dpdk(vec![dpdk_stacks()[0].clone()]),
+        ..opts.clone()
+    };
+    let same_subnet = [both[1], both[1]];
+    let err = Device::open_urls(&same_subnet, &one_stack)
+        .err()
+        .expect("two paths on a one-queue port");
+    println!("MP discover: {err}");
+    assert!(
+        err.to_string().contains("needs queue pair 1") && err.to_string().contains("which has 1"),
+        "{err}"
+    );
+    let err = Device::open_urls(&["iscsi://[fd00::1]:3260/iqn.x:y/1"], &opts)
+        .err()
+        .expect("IPv6 portal over the userspace stack");
+    assert!(err.to_string().contains("IPv4 only"), "{err}");
 }
 
 #[cfg(not(feature = "dpdk"))]
