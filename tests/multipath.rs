@@ -882,17 +882,17 @@ fn scenario_discover(env: &Env) {
         ..opts.clone()
     };
     let same_subnet = [both[1], both[1]];
-    let err = Device::open_urls(&same_subnet, &one_stack)
-        .err()
-        .expect("two paths on a one-queue port");
+    let Err(err) = Device::open_urls(&same_subnet, &one_stack) else {
+        panic!("two paths on a one-queue port were accepted");
+    };
     println!("MP discover: {err}");
     assert!(
         err.to_string().contains("needs queue pair 1") && err.to_string().contains("which has 1"),
         "{err}"
     );
-    let err = Device::open_urls(&["iscsi://[fd00::1]:3260/iqn.x:y/1"], &opts)
-        .err()
-        .expect("IPv6 portal over the userspace stack");
+    let Err(err) = Device::open_urls(&["iscsi://[fd00::1]:3260/iqn.x:y/1"], &opts) else {
+        panic!("an IPv6 portal over the userspace stack was accepted");
+    };
     assert!(err.to_string().contains("IPv4 only"), "{err}");
 }
 
