@@ -170,6 +170,23 @@ impl DeviceConfig {
         initiator: &str,
         binds: &[Option<SocketAddr>],
     ) -> Result<DeviceConfig, MultipathError> {
+        DeviceConfig::from_urls_with(urls, initiator, |i, addr, login| {
+            Ok(PathConfig::kernel(
+                addr,
+                binds.get(i).copied().flatten(),
+                login,
+            ))
+        })
+    }
+
+    /// [`DeviceConfig::from_urls`] with another transport: `make_path(i,
+    /// portal, login)` builds path `i` from its URL's resolved portal and
+    /// login (credentials from the URL).
+    pub fn from_urls_with(
+        urls: &[&str],
+        initiator: &str,
+        mut make_path: impl FnMut(usize, SocketAddr, LoginConfig) -> Result<PathConfig, MultipathError>,
+    ) -> Result<DeviceConfig, MultipathError> {
         let mut paths = Vec::new();
         let mut lun = None;
         let mut target: Option<String> = None;
@@ -189,11 +206,7 @@ impl DeviceConfig {
                 .socket_addr()
                 .map_err(|e| MultipathError::Config(format!("{url}: {e}")))?;
             let login = login_from_url(&url, initiator, t);
-            paths.push(PathConfig::kernel(
-                addr,
-                binds.get(i).copied().flatten(),
-                login,
-            ));
+            paths.push(make_path(i, addr, login)?);
         }
         let lun = lun.ok_or_else(|| MultipathError::Config("no paths given".into()))?;
         Ok(DeviceConfig::new(paths, lun))

@@ -86,6 +86,14 @@ fn to_transport_error(err: TcpError) -> TransportError {
     }
 }
 
+/// Whether `remote` is on `local`'s prefix (reached without a gateway).
+pub fn on_link(local: Ipv4Addr, prefix_len: u8, remote: Ipv4Addr) -> bool {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    u32::from(local) & mask == u32::from(remote) & mask
+}
+
 /// The address ARP must resolve to reach `remote`: itself when on the local
 /// prefix, else the gateway (or, lacking one, `remote` anyway).
 fn next_hop(
@@ -94,12 +102,8 @@ fn next_hop(
     gateway: Option<Ipv4Addr>,
     remote: Ipv4Addr,
 ) -> Ipv4Addr {
-    let mask = u32::MAX
-        .checked_shl(32 - u32::from(prefix_len.min(32)))
-        .unwrap_or(0);
-    let on_link = u32::from(local) & mask == u32::from(remote) & mask;
     match gateway {
-        Some(gw) if !on_link => gw,
+        Some(gw) if !on_link(local, prefix_len, remote) => gw,
         _ => remote,
     }
 }

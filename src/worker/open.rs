@@ -20,6 +20,7 @@
 
 use super::MultipathDevice;
 use crate::iscsi::chap::{Credentials, Secret};
+use crate::iscsi::login::LoginConfig;
 use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -172,12 +173,13 @@ impl Options {
     /// The full [`DeviceConfig`] for `urls` (one path per URL), to adjust
     /// further before [`MultipathDevice::open`].
     pub fn device_config(&self, urls: &[&str]) -> Result<DeviceConfig, MultipathError> {
-        let mut c = DeviceConfig::from_urls(urls, &self.initiator, &self.binds)?;
-        match &self.transport {
-            Transport::Kernel => {}
+        let mut c = match &self.transport {
+            Transport::Kernel => DeviceConfig::from_urls(urls, &self.initiator, &self.binds)?,
             #[cfg(feature = "dpdk")]
-            Transport::Dpdk(stacks) => dpdk_connectors(&mut c, urls, stacks)?,
-        }
+            Transport::Dpdk(stacks) => {
+                DeviceConfig::from_urls_with(urls, &self.initiator, dpdk_paths(stacks)?)?
+            }
+        };
         if let Some(chap) = &self.chap {
             for p in &mut c.paths {
                 p.login.chap = Some(chap.initiator.clone());
@@ -197,34 +199,35 @@ impl Options {
 /// Whether `ip` is in the subnet of `stack`.
 #[cfg(feature = "dpdk")]
 fn on_subnet(stack: &crate::transport::dpdk::DpdkStack, ip: std::net::Ipv4Addr) -> bool {
-    let prefix = u32::from(stack.options().user.prefix_len.min(32));
-    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
-    u32::from(stack.options().local_ip) & mask == u32::from(ip) & mask
+    let o = stack.options();
+    crate::transport::user::on_link(o.local_ip, o.user.prefix_len, ip)
 }
 
-/// Puts each path of `c` (from `urls[i]`) on a userspace stack: one on the
-/// portal's subnet with the fewest paths so far, else `stacks[i % n]`; the
-/// path takes that stack's next queue pair.
+/// A path maker for [`DeviceConfig::from_urls_with`] that puts each path
+/// on a userspace stack: one on the portal's subnet with the fewest paths
+/// so far, else `stacks[i % n]`; the path takes that stack's next queue.
 #[cfg(feature = "dpdk")]
-fn dpdk_connectors(
-    c: &mut DeviceConfig,
-    urls: &[&str],
+fn dpdk_paths(
     stacks: &[std::sync::Arc<crate::transport::dpdk::DpdkStack>],
-) -> Result<(), MultipathError> {
+) -> Result<
+    impl FnMut(
+            usize,
+            SocketAddr,
+            LoginConfig,
+        ) -> Result<crate::multipath::PathConfig, MultipathError>
+        + '_,
+    MultipathError,
+> {
     if stacks.is_empty() {
         return Err(MultipathError::Config(
             "Transport::Dpdk needs at least one started DPDK stack".into(),
         ));
     }
     let mut used = vec![0usize; stacks.len()];
-    for (i, (path, url)) in c.paths.iter_mut().zip(urls).enumerate() {
-        let addr = crate::iscsi::url::IscsiUrl::parse(url)
-            .map_err(|e| e.to_string())
-            .and_then(|u| u.socket_addr().map_err(|e| e.to_string()))
-            .map_err(|e| MultipathError::Config(format!("{url}: {e}")))?;
+    Ok(move |i: usize, addr: SocketAddr, login: LoginConfig| {
         let SocketAddr::V4(remote) = addr else {
             return Err(MultipathError::Config(format!(
-                "{url}: the userspace stack speaks IPv4 only"
+                "path {i} to {addr}: the userspace stack speaks IPv4 only"
             )));
         };
         let s = (0..stacks.len())
@@ -237,15 +240,18 @@ fn dpdk_connectors(
         let port = &stack.options().port;
         if queue >= usize::from(stack.queues()) {
             return Err(MultipathError::Config(format!(
-                "path {i} ({url}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
+                "path {i} (to {remote}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
                  (open the stack with more queues, or add ports)",
                 stack.queues()
             )));
         }
-        path.name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
-        path.connector = Box::new(stack.connector(queue as u16, remote));
-    }
-    Ok(())
+        let name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
+        Ok(crate::multipath::PathConfig::new(
+            &name,
+            login,
+            Box::new(stack.connector(queue as u16, remote)),
+        ))
+    })
 }
 
 impl Options {
@@ -262,7 +268,6 @@ impl Options {
         lun: u16,
     ) -> Result<Vec<String>, MultipathError> {
         use crate::iscsi::discovery::send_targets;
-        use crate::iscsi::login::LoginConfig;
         use std::net::ToSocketAddrs;
         let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
         let addr = portal
