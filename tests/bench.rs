@@ -126,6 +126,11 @@ fn bad_input_gives_one_clear_line_and_nonzero_exit() {
 }
 
 fn device_on(t: &TargetHandle) -> MultipathDevice {
+    MultipathDevice::open(config_on(t)).unwrap()
+}
+
+/// One kernel path per portal of `t`, workers napping when idle.
+fn config_on(t: &TargetHandle) -> DeviceConfig {
     let paths = t
         .portals()
         .iter()
@@ -139,7 +144,7 @@ fn device_on(t: &TargetHandle) -> MultipathDevice {
         .collect();
     let mut config = DeviceConfig::new(paths, 0);
     config.idle = IdleMode::Sleep(Duration::from_micros(50));
-    MultipathDevice::open(config).unwrap()
+    config
 }
 
 fn verify_job(rw: RwMode) -> JobSpec {
@@ -243,19 +248,7 @@ fn verify_holds_across_a_path_failure() {
         TargetConfig::ram("iqn.2026-11.org.iscsi-bypass:failover", 8 << 20).loopback_portals(2),
     )
     .unwrap();
-    let paths = t
-        .portals()
-        .iter()
-        .map(|p| {
-            PathConfig::kernel(
-                *p,
-                None,
-                LoginConfig::new("iqn.2026-11.org.iscsi-bypass:test", Some(t.iqn())),
-            )
-        })
-        .collect();
-    let mut config = DeviceConfig::new(paths, 0);
-    config.idle = IdleMode::Sleep(Duration::from_micros(50));
+    let mut config = config_on(&t);
     // Notice a dead path fast.
     config.timers.nop_interval = Some(Duration::from_millis(200));
     config.timers.nop_timeout = Duration::from_millis(300);

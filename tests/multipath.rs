@@ -31,6 +31,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const INITIATOR: &str = "iqn.2026-11.org.iscsi-bypass:mp-test";
+/// One af_packet port per initiator-side veth of the bed (DPDK mode).
+#[cfg(feature = "dpdk")]
+const VDEVS: [&str; 2] = ["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"];
 /// Throughput/latency scenarios must not share the 2 cores with each other.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -292,8 +295,7 @@ fn dpdk_stacks() -> &'static Vec<std::sync::Arc<iscsi_bypass::transport::dpdk::D
     use std::sync::{Arc, OnceLock};
     static STACKS: OnceLock<Vec<Arc<DpdkStack>>> = OnceLock::new();
     STACKS.get_or_init(|| {
-        let vdevs = ["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"];
-        let args = dpdk_common::eal_args_multi(&vdevs);
+        let args = dpdk_common::eal_args_multi(&VDEVS);
         println!("MP EAL args: {}", args.join(" "));
         (0..2u8)
             .map(|p| {
@@ -826,7 +828,7 @@ fn scenario_cli(env: &Env) {
 /// free hugepages, so nothing is left in /var/run/dpdk), two af_packet ports.
 #[cfg(feature = "dpdk")]
 fn cli_eal_args() -> String {
-    dpdk_common::eal_args_multi(&["net_af_packet0,iface=v0", "net_af_packet1,iface=v1"]).join(" ")
+    dpdk_common::eal_args_multi(&VDEVS).join(" ")
 }
 
 #[cfg(not(feature = "dpdk"))]

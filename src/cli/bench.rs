@@ -191,16 +191,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         (None, Some(portal)) => discovered_urls(portal, args, opts)?,
         (None, None) => args.urls.clone(),
     };
-    let engine = match args.engine.as_str() {
-        "auto" if urls.len() == 1 => "inline",
-        "auto" => "multipath",
-        "inline" if urls.len() > 1 => {
-            bail!("--engine inline drives one path; give one URL or use --engine multipath")
-        }
-        e @ ("inline" | "multipath") => e,
-        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
-    };
-    let result = if engine == "inline" {
+    let result = if !multipath_engine(&args.engine, urls.len())? {
         run_inline(&urls[0], &job, args, opts, out)?
     } else {
         let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
@@ -209,6 +200,20 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     };
     drop(embedded);
     report_and_check(&result, args, out)
+}
+
+/// Whether `--engine` (for `paths` URLs) means the multipath device rather
+/// than a job thread driving its own session (`inline`).
+fn multipath_engine(engine: &str, paths: usize) -> Result<bool> {
+    match engine {
+        "auto" => Ok(paths > 1),
+        "multipath" => Ok(true),
+        "inline" if paths > 1 => {
+            bail!("--engine inline drives one path; give one URL or use --engine multipath")
+        }
+        "inline" => Ok(false),
+        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
+    }
 }
 
 /// One URL per portal of the discovered target.
@@ -404,15 +409,7 @@ fn dpdk_stacks(
 fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
     use std::net::SocketAddr;
-    let multipath = match args.engine.as_str() {
-        "auto" => args.urls.len() > 1,
-        "multipath" => true,
-        "inline" if args.urls.len() > 1 => {
-            bail!("--engine inline drives one path; give one URL or use --engine multipath")
-        }
-        "inline" => false,
-        other => bail!("unknown engine {other:?} (auto, inline, multipath)"),
-    };
+    let multipath = multipath_engine(&args.engine, args.urls.len())?;
     if args.urls.is_empty() {
         bail!("--transport dpdk needs target URLs (one per path)");
     }

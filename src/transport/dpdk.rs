@@ -110,7 +110,6 @@ pub fn parse_neighbour(text: &str) -> Result<(Ipv4Addr, [u8; 6]), DpdkSetupError
 
 /// One started DPDK port and the settings of the stacks on its queues.
 pub struct DpdkStack {
-    eal: Eal,
     port: Port,
     options: DpdkOptions,
     /// Distinct seeds per connection: ISN, ephemeral port, timestamps.
@@ -178,7 +177,6 @@ impl DpdkStack {
             .unwrap_or(1)
             ^ u64::from(std::process::id()) << 32;
         Ok(Arc::new(DpdkStack {
-            eal,
             port,
             options,
             next_seed: AtomicU64::new(seed),
@@ -250,10 +248,7 @@ impl DpdkStack {
         queue: Option<u16>,
         remote: SocketAddrV4,
     ) -> Result<UserTcp<D>, TransportError> {
-        // Mempool per-lcore caches need an lcore id on the calling thread.
-        if crate::phy::dpdk::lcore_id() == u32::MAX {
-            let _ = self.eal.register_current_thread();
-        }
+        // (The queue's first burst gives this thread an EAL lcore id.)
         let mut config = self.options.user.clone();
         config.seed = self
             .next_seed

@@ -177,9 +177,8 @@ impl Worker {
         self.tpg = p.target_port_group;
         self.relative_port = p.relative_port;
         self.shared.set_tpg(p.target_port_group);
-        if self.shared.set_alua(p.alua) {
-            self.alua_epoch.fetch_add(1, Ordering::AcqRel);
-        }
+        self.set_alua(p.alua);
+        // Just read: changes announced before this login are known.
         self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
         self.health.on_login(p.time2wait);
         self.in_session = 0;
@@ -356,6 +355,19 @@ impl Worker {
     /// other paths re-read theirs.
     fn alua_changed(&mut self) {
         self.alua_refresh_wanted = true;
+        self.announce_alua_change();
+    }
+
+    /// Records this path's ALUA state; a change is news for the others.
+    fn set_alua(&mut self, state: Option<crate::scsi::AluaState>) {
+        if self.shared.set_alua(state) {
+            self.announce_alua_change();
+        }
+    }
+
+    /// Bumps the device-wide epoch (the other paths re-read their state),
+    /// counting the bump as seen here.
+    fn announce_alua_change(&mut self) {
         self.alua_epoch_seen = self.alua_epoch.fetch_add(1, Ordering::AcqRel) + 1;
     }
 
@@ -384,10 +396,7 @@ impl Worker {
                         TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
                             .ok()
                             .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
-                    if self.shared.set_alua(state) {
-                        self.alua_epoch.fetch_add(1, Ordering::AcqRel);
-                        self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
-                    }
+                    self.set_alua(state);
                 }
                 // A UNIT ATTENTION is reported once (often the very ALUA
                 // change we ask about): ask again.
