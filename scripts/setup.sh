@@ -11,7 +11,7 @@
 set -euo pipefail
 
 PACKAGES=(dpdk libdpdk-dev libclang-dev clang pkg-config tgt libiscsi-bin
-          iproute2 libnbd-bin qemu-utils valgrind)
+          iproute2 libnbd-bin qemu-utils valgrind ethtool fio)
 HUGEPAGES_WANTED=${HUGEPAGES_WANTED:-512}
 HUGEPAGE_MOUNT=/dev/hugepages
 
