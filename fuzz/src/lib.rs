@@ -1,4 +1,5 @@
-//! Bodies of the fuzz targets (DESIGN.md habit 7), one function per target.
+//! Bodies of the fuzz targets, one function per target: every parser that
+//! sees network bytes has one (`docs/fuzzing.md`, `docs/architecture.md`).
 //!
 //! `fuzz_targets/<name>.rs` hands libFuzzer's input to the function of the
 //! same name; `tests/replay.rs` runs the committed corpora and a

@@ -4,7 +4,7 @@
 //!
 //! The storage is crossbeam's lock-free `ArrayQueue` (no allocation per
 //! item, no locks). It replaced a hand-written ring so that `unsafe` stays in
-//! `dpdk-sys` and the DPDK wrappers, as DESIGN.md asks; crossbeam's queue is
+//! `dpdk-sys` and the DPDK wrapper (`docs/architecture.md`); crossbeam's queue is
 //! itself tested under loom and miri upstream.
 
 use crossbeam::queue::ArrayQueue;
