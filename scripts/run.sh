@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Sets up the machine (idempotent), builds, and runs the main job: a short
 # 4 KiB random-read benchmark over two paths against the embedded target.
-# Extra arguments go to `iscsi-bypass bench`.
+# Extra arguments go to `iscsi-bypass bench`. Run it as root or as a user
+# with sudo: only the set-up needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -eq 0 ]; then
-    bash scripts/setup.sh
-fi
+source scripts/privilege.sh
+as_root bash scripts/setup.sh
 cargo build --release
 exec ./target/release/iscsi-bypass bench "$@"

@@ -5,23 +5,43 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -eq 0 ]; then
-    bash scripts/setup.sh
+source scripts/privilege.sh
+# .ci/run sets CI=true: a missing prerequisite then fails its test instead of
+# skipping it. Run by hand, tests that cannot run here say SKIPPED and why.
+if [ "${CI:-}" = true ] || is_root || command -v sudo >/dev/null 2>&1; then
+    as_root bash scripts/setup.sh
 else
-    echo "note: not root; skipping scripts/setup.sh (tests needing root will skip)" >&2
+    echo "note: not root and no sudo: skipping scripts/setup.sh (tests needing root will skip)" >&2
+fi
+if ! is_root && command -v sudo >/dev/null 2>&1; then
+    # Build as this user, run the test binaries as root (namespaces, tgtd, DPDK).
+    export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="sudo -E --"
 fi
 
 export CARGO_TERM_COLOR=never
-echo "== cargo fmt --check"
-cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test"
-# Integration tests start tgtd/namespaces/DPDK themselves; run test binaries
-# one at a time so two of them never fight over the same resources.
-cargo test --workspace -- --test-threads=4
+# Every step runs even when an earlier one failed, so one failure never hides
+# the next; the script exits non-zero if any step failed.
+failed=()
+step() {
+    local name=$1
+    shift
+    echo "== $name"
+    "$@" || failed+=("$name")
+}
+step "prerequisites: every program the tests and scripts call is installed by setup" \
+    bash scripts/check-tools.sh
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+# Integration tests start tgtd/namespaces/DPDK themselves; cargo runs the test
+# binaries one at a time, so two of them never fight over the same resources.
+# --no-fail-fast: one failing binary must not hide the failures of the rest.
+step "cargo test" cargo test --workspace --no-fail-fast -- --test-threads=4
+step "fuzz: replay committed regressions and seeds (stable)" \
+    cargo test --manifest-path fuzz/Cargo.toml
+step "fuzz: short coverage-guided runs of every target" bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
 
-echo "== fuzz: replay committed regressions and seeds (stable)"
-cargo test --manifest-path fuzz/Cargo.toml
-echo "== fuzz: short coverage-guided runs of every target"
-bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
+if ((${#failed[@]})); then
+    printf 'FAILED: %s\n' "${failed[@]}" >&2
+    exit 1
+fi
+echo "all checks passed"

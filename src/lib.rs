@@ -1,8 +1,12 @@
 //! iscsi-bypass: a kernel-bypass, multipath iSCSI initiator.
 //!
-//! Layer order (a layer never reaches up):
-//! `wire` ← `net` ← `phy`/`transport` ← `iscsi` ← `scsi` ← `multipath` ← `worker` ← `bench`/CLI.
-//! See `shared/DESIGN.md` in the steering repository for the architecture.
+//! Layer order (each layer imports only from the layers before it):
+//! `wire`, `clock` ← `phy` ← `net` ← `transport` ← `iscsi` ← `scsi` ←
+//! `multipath` ← `worker` ← {`bench`, `nbd`} ← the CLI (`src/main.rs`,
+//! `src/cli/`). `target`, the embedded iSCSI target, uses only `wire` and
+//! `iscsi` (`chap`, `params`); the CLI and the tests run it.
+//! The architecture (layers, threads, data path, `unsafe`, tests):
+//! `docs/architecture.md`.
 //!
 //! # The library API
 //!
@@ -33,8 +37,10 @@
 //! [`IoError::NoPath`] when every path stayed down for `no_path_timeout`;
 //! [`IoCompletion::retries`] counts the path-level resubmissions that
 //! succeeded. Which calls may run on which threads: `docs/threading.md`.
+#![deny(unsafe_code)]
 
 pub mod bench;
+pub mod clock;
 pub mod iscsi;
 pub mod multipath;
 pub mod nbd;

@@ -1,5 +1,7 @@
 //! `iscsi-bypass`: the command-line front end.
 
+#![deny(unsafe_code)]
+
 mod cli;
 
 use anyhow::{Context, Result};
@@ -32,18 +34,32 @@ enum Cmd {
         portal: String,
     },
     /// INQUIRY with VPD pages (serial, device identification, limits).
-    Inquiry { url: String },
+    Inquiry {
+        /// Target LU: iscsi://[user[%password]@]host[:port]/target-iqn/lun
+        url: String,
+    },
     /// READ CAPACITY(16): block count, block size, capacity.
-    Readcap { url: String },
+    Readcap {
+        /// Target LU: iscsi://[user[%password]@]host[:port]/target-iqn/lun
+        url: String,
+    },
     /// REPORT LUNS.
-    ReportLuns { url: String },
+    ReportLuns {
+        /// Target: iscsi://[user[%password]@]host[:port]/target-iqn/lun (the LUN part
+        /// only picks where to send the command)
+        url: String,
+    },
     /// Read blocks into a file (or stdout with --out -).
     Read {
+        /// Target LU: iscsi://[user[%password]@]host[:port]/target-iqn/lun
         url: String,
+        /// First logical block to read.
         #[arg(long, default_value_t = 0)]
         lba: u64,
+        /// Number of logical blocks to read.
         #[arg(long)]
         blocks: u32,
+        /// File to write the blocks to; `-` for stdout.
         #[arg(long, short)]
         out: PathBuf,
     },
@@ -54,9 +70,12 @@ enum Cmd {
     Target(cli::target::TargetArgs),
     /// Write a file's contents (a whole number of blocks) at an LBA.
     Write {
+        /// Target LU: iscsi://[user[%password]@]host[:port]/target-iqn/lun
         url: String,
+        /// First logical block to write.
         #[arg(long, default_value_t = 0)]
         lba: u64,
+        /// File whose contents are written (a whole number of blocks).
         #[arg(long = "in", short)]
         input: PathBuf,
         /// Issue SYNCHRONIZE CACHE after the write.
@@ -142,4 +161,37 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every option and positional argument of every subcommand says what it
+    /// is in `--help` (clap's own `--help`/`--version` aside).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let said = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if said.trim().is_empty() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "iscsi-bypass", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {missing:#?}"
+        );
+    }
 }

@@ -38,13 +38,9 @@ const ECHO_PORT: u16 = 5201;
 /// Pattern period: a prime, so a misplaced chunk never lines up again.
 const PERIOD: usize = 1_048_573;
 
-fn required() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
 fn skip(why: &str) {
     assert!(
-        !required(),
+        !dpdk_common::required(),
         "CI=true requires dpdk_interop to run, but: {why}"
     );
     println!("SKIPPED dpdk_interop: {why}");

@@ -85,6 +85,7 @@ fn unavailable(transport: &str) -> bool {
         }
         #[cfg(not(feature = "dpdk"))]
         {
+            assert!(!common::required(), "CI requires the dpdk feature");
             eprintln!("SKIPPED: built without the dpdk feature");
             return true;
         }

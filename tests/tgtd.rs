@@ -279,14 +279,20 @@ fn cli_and_libiscsi_agree_on_inquiry_and_capacity() {
         .unwrap();
     let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
     assert_eq!(ours["capacity_bytes"].as_u64(), Some(48 << 20));
-    if let Some(rc) = which("iscsi-readcapacity16") {
-        let theirs =
-            String::from_utf8(Command::new(rc).arg(&url).output().unwrap().stdout).unwrap();
-        let total = theirs
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Total size:"))
-            .map(|v| v.trim().parse::<u64>().unwrap());
-        assert_eq!(total, Some(48 << 20), "iscsi-readcapacity16 said: {theirs}");
+    match which("iscsi-readcapacity16") {
+        Some(rc) => {
+            let theirs =
+                String::from_utf8(Command::new(rc).arg(&url).output().unwrap().stdout).unwrap();
+            let total = theirs
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Total size:"))
+                .map(|v| v.trim().parse::<u64>().unwrap());
+            assert_eq!(total, Some(48 << 20), "iscsi-readcapacity16 said: {theirs}");
+        }
+        None => {
+            assert!(!common::required(), "libiscsi-bin missing in CI");
+            eprintln!("SKIPPED: the iscsi-readcapacity16 cross-check (not installed)");
+        }
     }
 }
 

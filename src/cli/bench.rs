@@ -27,6 +27,7 @@ pub struct BenchArgs {
     /// randread, randwrite, read, write, randrw, rw.
     #[arg(long)]
     pub rw: Option<String>,
+    /// Percentage of reads in a mixed workload (randrw, rw); default 50.
     #[arg(long)]
     pub rwmixread: Option<String>,
     /// Block size per I/O (e.g. 4k, 128k).
@@ -47,11 +48,13 @@ pub struct BenchArgs {
     /// Bytes of the LUN to use.
     #[arg(long)]
     pub size: Option<String>,
+    /// Byte offset into the LUN where the I/O region starts (e.g. 1g).
     #[arg(long)]
     pub offset: Option<String>,
     /// Stamp every written block (LBA, generation, CRC32C) and check reads.
     #[arg(long)]
     pub verify: bool,
+    /// Seed for the random offsets (fio's randseed), for repeatable runs.
     #[arg(long)]
     pub seed: Option<String>,
     /// Write an HdrHistogram interval log here.

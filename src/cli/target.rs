@@ -14,6 +14,7 @@ pub struct TargetArgs {
     /// Address to listen on; repeat for several portals (one ALUA group each).
     #[arg(long = "portal", default_value = "127.0.0.1:3260")]
     pub portals: Vec<SocketAddr>,
+    /// The target's iSCSI name (IQN), as initiators address it.
     #[arg(long, default_value = "iqn.2026-11.org.iscsi-bypass:target")]
     pub iqn: String,
     /// LUN 0 size (e.g. 1g).

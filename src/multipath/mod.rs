@@ -6,7 +6,6 @@
 //! This layer is logic and shared state only; the threads, rings and the
 //! application-facing device that run it live one layer up, in
 //! [`crate::worker`] (`worker::MultipathDevice`, `worker::IoQueue`).
-#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;

@@ -15,7 +15,6 @@
 //! where the target has no UNMAP), WRITE_ZEROES → WRITE SAME(16) with a zero
 //! block (zero writes where the target refuses WRITE SAME). Requests that do
 //! not cover whole blocks are served by read-modify-write.
-#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod handshake;

@@ -1,6 +1,6 @@
 //! The neighbour cache: IPv4 → MAC with expiry, plus static entries.
 
-use super::time::Instant;
+use crate::clock::Instant;
 use crate::wire::ethernet::EthernetAddress;
 use std::net::Ipv4Addr;
 use std::time::Duration;

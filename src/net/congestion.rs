@@ -2,7 +2,7 @@
 //! RFC 6582). Fast-recovery window inflation is done by the socket; the
 //! controller owns `cwnd`/`ssthresh` and the growth rules outside recovery.
 
-use super::time::Instant;
+use crate::clock::Instant;
 use std::time::Duration;
 
 /// Which algorithm a socket uses.

@@ -3,8 +3,8 @@
 
 use super::arp::ArpCache;
 use super::tcp::{EmitBlocked, ProcessOutcome, TcpConfig, TcpSocket};
-use super::time::{earliest, Instant};
 use super::NetError;
+use crate::clock::{earliest, Instant};
 use crate::phy::{Device, DeviceCaps, RxMeta, TxOffload};
 use crate::wire::arp::{self as arp_wire, ArpOperation, ArpRepr};
 use crate::wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr, Frame};

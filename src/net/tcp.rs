@@ -12,7 +12,7 @@ use super::congestion::{CongestionAlgorithm, CongestionController};
 use super::ring::RingBuffer;
 use super::rtt::RttEstimator;
 use super::scoreboard::Scoreboard;
-use super::time::{earliest, Instant};
+use crate::clock::{earliest, Instant};
 use crate::wire::tcp::{SeqNumber, TcpFlags, TcpOptions, TcpRepr, TcpTimestamp, MAX_WINDOW_SCALE};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};

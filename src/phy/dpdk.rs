@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use dpdk_sys as sys;
 
+use super::rss::RssSteering;
 use super::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
-use crate::net::rss::RssSteering;
 
 /// Frames asked for in one `rte_eth_rx_burst` call.
 const RX_BURST: usize = 64;

@@ -2,7 +2,6 @@
 //! randomness, for tests of the stack against real peers (a kernel TCP over
 //! DPDK) where the kernel's own impairment (netem) is not available.
 //! Not for production paths: held-back frames are copied.
-#![deny(unsafe_code)]
 
 use super::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
 use rand::rngs::SmallRng;

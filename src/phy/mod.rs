@@ -76,4 +76,5 @@ pub trait Device {
     fn tx_flush(&mut self) -> usize;
 }
 pub mod impair;
+pub mod rss;
 pub mod sim;

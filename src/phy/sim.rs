@@ -5,10 +5,9 @@
 //! The simulated NIC also does what a real one would for the offloads it
 //! advertises: it finishes IPv4/TCP checksums from the pseudo-header sum the
 //! stack left, splits TSO frames, and marks received checksums as verified.
-#![deny(unsafe_code)]
 
 use super::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
-use crate::net::Instant;
+use crate::clock::Instant;
 use crate::wire::packet::checksum;
 use crate::wire::{ethernet, ipv4, tcp};
 use rand::rngs::SmallRng;

@@ -6,7 +6,6 @@
 //! module knows nothing about iSCSI; the iSCSI layer carries these values.
 //! [`LunInfo`] summarises a logical unit from its INQUIRY, VPD and
 //! capacity data.
-#![deny(unsafe_code)]
 
 mod command;
 mod error;

@@ -6,7 +6,6 @@
 //!
 //! Layer order: this uses `phy::dpdk` (the only `unsafe` code) and `net`;
 //! it adds no `unsafe` of its own.
-#![deny(unsafe_code)]
 
 use super::user::{UserTcp, UserTcpConfig};
 use super::{Transport, TransportError};

@@ -1,7 +1,6 @@
 //! Byte-stream transports the iSCSI layer runs over: kernel TCP sockets and
 //! the userspace TCP stack. The iSCSI code is sans-IO; a driver moves bytes
 //! between a [`Transport`] and the iSCSI state machines.
-#![deny(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;

@@ -1,7 +1,6 @@
 //! [`Transport`] over the userspace stack and any [`Device`]: the iSCSI
 //! layer runs unchanged on kernel TCP or on this. Time comes from the real
 //! clock, converted to the stack's [`Instant`] (the stack never reads it).
-#![deny(unsafe_code)]
 
 use super::{Transport, TransportError};
 use crate::net::{

@@ -15,8 +15,26 @@ fn status_field(name: &str) -> Option<String> {
         .map(|rest| rest.trim().to_string())
 }
 
-/// Why DPDK tests cannot run here, if they cannot.
+/// True under `CI=true`: a missing prerequisite fails the test instead of
+/// skipping it.
+pub fn required() -> bool {
+    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+}
+
+/// Why DPDK tests cannot run here, if they cannot. Under `CI=true` that is a
+/// failure with the reason, never a skip.
 pub fn skip_reason(pmd: &str) -> Option<String> {
+    let why = missing_prerequisite(pmd);
+    if let Some(why) = &why {
+        assert!(
+            !required(),
+            "CI=true requires the {pmd} test to run, but: {why}"
+        );
+    }
+    why
+}
+
+fn missing_prerequisite(pmd: &str) -> Option<String> {
     // "Uid:  real effective saved fs"
     let root = status_field("Uid:")
         .and_then(|uids| uids.split_whitespace().nth(1).map(|euid| euid == "0"))

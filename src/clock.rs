@@ -1,4 +1,5 @@
-//! Virtual time for the sans-IO stack: the caller says what time it is.
+//! The clock of the sans-IO layers (net, transport, iscsi): virtual time,
+//! the caller says what time it is. It sits below phy and net, which both use it.
 
 use std::fmt;
 use std::ops::{Add, AddAssign, Sub};
