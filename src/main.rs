@@ -84,10 +84,13 @@ enum Cmd {
     },
     /// Serve the multipath LU over NBD (qemu, nbdcopy, nbd-client).
     ExportNbd(Box<cli::nbd::ExportNbdArgs>),
+    /// Show the LU and its paths by ALUA group, like `multipath -ll`.
+    Paths(cli::paths::PathsArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(&cli.command);
     let out = Output { json: cli.json };
     if let Err(e) = run(cli, &out) {
         // One clear line, with the chain of causes, and a non-zero exit.
@@ -96,12 +99,26 @@ fn main() {
     }
 }
 
+/// Logs to stderr with timestamps, filtered by `RUST_LOG` (e.g.
+/// `RUST_LOG=iscsi_bypass=debug`). Quiet by default: warnings and errors,
+/// plus path events and clients for the long-running servers.
+fn init_logging(command: &Cmd) {
+    let default = match command {
+        Cmd::ExportNbd(_) | Cmd::Target(_) => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_micros()
+        .init();
+}
+
 fn run(cli: Cli, out: &Output) -> Result<()> {
     let opts = &cli.connect;
     match cli.command {
         Cmd::Bench(args) => cli::bench::run(&args, opts, out)?,
         Cmd::Target(args) => cli::target::run(&args, out)?,
         Cmd::ExportNbd(args) => cli::nbd::run(&args, opts)?,
+        Cmd::Paths(args) => cli::paths::run(&args, opts, out)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);

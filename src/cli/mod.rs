@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod nbd;
+pub mod paths;
 pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +16,7 @@ use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::scsi::{Capacity, LunInfo, ReportLunsData};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -167,6 +169,38 @@ pub fn discover(portal: &str, opts: &ConnectOptions) -> Result<Vec<DiscoveredTar
     let t = opts.connect(&url)?;
     discovery::send_targets(t, login, opts.timeout())
         .with_context(|| format!("discovery at {}", url.portal()))
+}
+
+/// Opens a multipath device over kernel TCP, one path per URL, with the
+/// connection options' CHAP, digests and timeouts.
+pub fn open_device(
+    urls: &[String],
+    opts: &ConnectOptions,
+    policy: &str,
+    no_path_timeout_secs: u64,
+    busy_poll: bool,
+) -> Result<MultipathDevice> {
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let bind = opts.bind.map(|ip| SocketAddr::new(ip, 0));
+    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &vec![bind; urls.len()])
+        .context("path configuration")?;
+    // CHAP from flags, secret files and the environment, per URL.
+    for (p, u) in config.paths.iter_mut().zip(&urls) {
+        let url = IscsiUrl::parse(u)?;
+        let target = p.login.target_name.clone();
+        let isid = p.login.isid;
+        p.login = opts.login_config(&url, target.as_deref())?;
+        p.login.isid = isid;
+    }
+    config.policy = policy.parse().map_err(anyhow::Error::msg)?;
+    config.no_path_timeout = Duration::from_secs(no_path_timeout_secs.max(1));
+    config.login_timeout = opts.timeout();
+    config.idle = if busy_poll {
+        IdleMode::BusyPoll
+    } else {
+        IdleMode::Sleep(Duration::from_micros(50))
+    };
+    MultipathDevice::open(config).context("opening the multipath device")
 }
 
 pub fn open_lun(url: &str, opts: &ConnectOptions) -> Result<LunHandle<KernelTcp>> {

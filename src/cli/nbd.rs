@@ -1,15 +1,13 @@
 //! `iscsi-bypass export-nbd`: serve a multipath LU over NBD.
 
 use super::ConnectOptions;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use iscsi_bypass::nbd::{ExportConfig, Listener, NbdServer};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Arguments of `export-nbd`.
 #[derive(Args, Debug)]
@@ -41,53 +39,19 @@ pub struct ExportNbdArgs {
     pub no_path_timeout: u64,
 }
 
-/// Logs to stderr (the CLI has no logger otherwise).
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("{} {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLog = StderrLog;
-
 pub fn run(args: &ExportNbdArgs, opts: &ConnectOptions) -> Result<()> {
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
     let listener = match (&args.socket, args.listen) {
         (Some(p), None) => Listener::unix(p)?,
         (None, Some(a)) => Listener::tcp(a)?,
         _ => bail!("give exactly one of --socket PATH or --listen ADDR:PORT"),
     };
-    let urls: Vec<&str> = args.urls.iter().map(String::as_str).collect();
-    let bind = opts.bind.map(|ip| SocketAddr::new(ip, 0));
-    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &vec![bind; urls.len()])
-        .context("path configuration")?;
-    // CHAP from flags, secret files and the environment, per URL.
-    for (p, u) in config.paths.iter_mut().zip(&urls) {
-        let url = iscsi_bypass::iscsi::url::IscsiUrl::parse(u)?;
-        let target = p.login.target_name.clone();
-        let isid = p.login.isid;
-        p.login = opts.login_config(&url, target.as_deref())?;
-        p.login.isid = isid;
-    }
-    config.policy = args.policy.parse().map_err(anyhow::Error::msg)?;
-    config.no_path_timeout = Duration::from_secs(args.no_path_timeout.max(1));
-    config.login_timeout = opts.timeout();
-    config.idle = if args.busy_poll {
-        IdleMode::BusyPoll
-    } else {
-        IdleMode::Sleep(Duration::from_micros(50))
-    };
-    let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    let device = super::open_device(
+        &args.urls,
+        opts,
+        &args.policy,
+        args.no_path_timeout,
+        args.busy_poll,
+    )?;
     log::info!(
         "LU {}: {} blocks of {} bytes over {} path(s)",
         device.lu_id(),

@@ -17,7 +17,7 @@ pub mod selector;
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{
-    PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
+    Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };
 pub use selector::{select, Policy, SelectorState};
 

@@ -37,6 +37,18 @@ impl PathState {
     }
 }
 
+impl std::fmt::Display for PathState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathState::Connecting => "connecting",
+            PathState::Up => "up",
+            PathState::Down => "down",
+            PathState::Failed => "failed",
+            PathState::Closed => "closed",
+        })
+    }
+}
+
 const ALUA_UNKNOWN: u8 = 0xff;
 
 /// Which ALUA tier a path belongs to; lower is preferred. `None`: unusable.
@@ -97,6 +109,8 @@ pub struct PathShared {
     load: CachePadded<Load>,
     counters: CachePadded<WorkerCounters>,
     events: Mutex<Vec<PathEvent>>,
+    /// The I_T nexus of the current (or last) session.
+    nexus: Mutex<Option<Nexus>>,
     /// Latencies in microseconds, merged in by the worker now and then.
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -126,6 +140,7 @@ impl PathShared {
             load: CachePadded::new(Load::default()),
             counters: CachePadded::new(WorkerCounters::default()),
             events: Mutex::new(Vec::new()),
+            nexus: Mutex::new(None),
             histogram: Mutex::new(new_histogram()),
         }
     }
@@ -143,6 +158,12 @@ impl PathShared {
         }
         if state == PathState::Up {
             self.counters.logins.fetch_add(1, Ordering::Relaxed);
+        }
+        let old = PathState::from_u8(old);
+        if state == PathState::Up || old == PathState::Up {
+            log::info!("path {}: {old} -> {state}: {reason}", self.name);
+        } else {
+            log::debug!("path {}: {old} -> {state}: {reason}", self.name);
         }
         if let Ok(mut ev) = self.events.lock() {
             if ev.len() >= MAX_EVENTS {
@@ -168,6 +189,23 @@ impl PathShared {
 
     /// Sets the path's ALUA state; true when it changed.
     pub fn set_alua(&self, state: Option<AluaState>) -> bool {
+        let changed = self.swap_alua(state);
+        if changed {
+            let shown = state.map_or("unknown".to_string(), |a| a.to_string());
+            log::info!("path {}: ALUA state {shown}", self.name);
+        }
+        changed
+    }
+
+    /// Records the session's I_T nexus after a login (for the stats).
+    pub fn set_nexus(&self, nexus: Nexus) {
+        if let Ok(mut n) = self.nexus.lock() {
+            *n = Some(nexus);
+        }
+    }
+
+    /// Stores the ALUA state; true when it changed.
+    fn swap_alua(&self, state: Option<AluaState>) -> bool {
         let v = state.map_or(ALUA_UNKNOWN, AluaState::bits);
         self.alua.swap(v, Ordering::AcqRel) != v
     }
@@ -234,6 +272,12 @@ impl PathShared {
 
     /// Worker side: commands handed back because this path failed.
     pub fn record_resubmitted(&self, n: u64) {
+        if n > 0 {
+            log::info!(
+                "path {}: failing over {n} command(s) to other paths",
+                self.name
+            );
+        }
         self.counters.resubmitted.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -294,6 +338,7 @@ impl PathShared {
             latency_p999: p999,
             latency_max: max,
             events: self.events.lock().map(|e| e.clone()).unwrap_or_default(),
+            nexus: self.nexus.lock().ok().and_then(|n| *n),
         }
     }
 }
@@ -370,6 +415,40 @@ pub struct PathStats {
     pub latency_max: Duration,
     /// State changes, oldest first (at most the newest 256 are kept).
     pub events: Vec<PathEvent>,
+    /// The current (or last) session's I_T nexus; `None` before the first
+    /// login.
+    pub nexus: Option<Nexus>,
+}
+
+/// Which session and connection carry a path (RFC 7143 §4.2.7: the ISID
+/// and TSIH name the session, the CID the connection in it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Nexus {
+    /// Initiator session ID, 6 bytes as 12 hex digits.
+    #[serde(serialize_with = "isid_hex")]
+    pub isid: [u8; 6],
+    /// Target-assigned session identifying handle.
+    pub tsih: u16,
+    /// Connection ID within the session.
+    pub cid: u16,
+}
+
+impl Nexus {
+    /// The ISID as 12 hex digits, as targets and `iscsiadm` show it.
+    pub fn isid_hex(&self) -> String {
+        self.isid.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn isid_hex<S: serde::Serializer>(isid: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        &Nexus {
+            isid: *isid,
+            tsih: 0,
+            cid: 0,
+        }
+        .isid_hex(),
+    )
 }
 
 /// Reconnect timing: exponential back-off, never sooner than the target's

@@ -7,7 +7,7 @@ use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
-use crate::multipath::path::{new_histogram, PathHealth, PathShared, PathState};
+use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
 use crate::scsi::{
@@ -184,6 +184,12 @@ impl Worker {
         self.in_session = 0;
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
+        let outcome = p.session.outcome();
+        self.shared.set_nexus(Nexus {
+            isid: outcome.isid,
+            tsih: outcome.tsih,
+            cid: outcome.cid,
+        });
         self.conn = Conn::Up(Box::new(p.session));
         self.shared.set_state(PathState::Up, "logged in");
     }
