@@ -94,7 +94,7 @@ fn discovery_finds_every_portal_and_text_draws_the_tree() {
     );
     assert!(lines[2].starts_with("`-+- alua=active/optimized"), "{text}");
     for (line, p) in lines[3..].iter().zip(t.portals()) {
-        assert!(line.contains(&format!("->{p} kernel isid=")), "{line}");
+        assert!(line.contains(&format!(" {p} kernel isid=")), "{line}");
         assert!(line.contains(" up "), "{line}");
     }
 }

@@ -225,7 +225,10 @@ pub fn render_text(view: &PathsView) -> String {
         for (i, p) in group.paths.iter().enumerate() {
             let branch = if i + 1 == group.paths.len() { '`' } else { '|' };
             let stem = if last_group { ' ' } else { '|' };
-            let local = p.local.as_deref().unwrap_or("-");
+            let route = match &p.local {
+                Some(local) => format!("{local}->{}", p.portal),
+                None => p.portal.clone(),
+            };
             let nexus = match (&p.isid, p.tsih, p.cid) {
                 (Some(isid), Some(tsih), Some(cid)) => {
                     format!("isid={isid} tsih={tsih} cid={cid}")
@@ -234,9 +237,8 @@ pub fn render_text(view: &PathsView) -> String {
             };
             let _ = writeln!(
                 out,
-                "{stem} {branch}- {} {local}->{} {} {nexus} {} out={} iops={:.0} lat={:.0}us p99={:.0}us logins={} errors={}",
+                "{stem} {branch}- {} {route} {} {nexus} {} out={} iops={:.0} lat={:.0}us p99={:.0}us logins={} errors={}",
                 p.index,
-                p.portal,
                 p.transport,
                 p.state,
                 p.outstanding,
@@ -317,7 +319,6 @@ pub fn run(args: &PathsArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     let device = super::open_device(&urls, opts, &args.policy, 30, false)?;
     let opened = Instant::now();
     wait_settled(&device, Duration::from_secs(args.settle));
-    let policy = format!("{:?}", device.policy()).to_lowercase();
     let mut previous: Option<(Vec<u64>, Instant)> = None;
     loop {
         let paths = device.paths();
@@ -327,7 +328,7 @@ pub fn run(args: &PathsArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
             .map(|(c, at)| (c.as_slice(), now.duration_since(*at)));
         let view = build_view(
             LuView::from_info(&info),
-            policy.clone(),
+            args.policy.clone(),
             &paths,
             before,
             opened.elapsed(),
