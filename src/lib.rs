@@ -42,6 +42,7 @@
 pub mod bench;
 pub mod clock;
 pub mod iscsi;
+pub mod metrics;
 pub mod multipath;
 pub mod nbd;
 pub mod net;

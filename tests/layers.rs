@@ -20,6 +20,7 @@ const ORDER: &[(&str, u32)] = &[
     ("worker", 7),
     ("bench", 8),
     ("nbd", 8),
+    ("metrics", 8),
 ];
 const TARGET_MAY_USE: &[&str] = &["wire", "clock", "iscsi", "target"];
 

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// Write an HdrHistogram interval log here.
     #[arg(long)]
     pub hist_log: Option<PathBuf>,
+    /// Serve Prometheus metrics of the paths at http://ADDR/metrics while
+    /// the job runs (multipath engine), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Transport: kernel (TCP sockets) or dpdk (userspace TCP on DPDK).
     #[arg(long, default_value = "kernel")]
     pub transport: String,
@@ -332,6 +336,7 @@ fn run_multipath(
     };
     config.cores = args.cores.clone();
     let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    let metrics = super::start_metrics(args.metrics_listen, &device)?;
     job.region(device.block_size(), device.capacity())?;
     let factory = MultipathFactory {
         path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
@@ -339,6 +344,7 @@ fn run_multipath(
         idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
     };
     let result = run_with_progress(job, &factory, out)?;
+    drop(metrics);
     device.close();
     Ok(result)
 }

@@ -203,6 +203,18 @@ pub fn open_device(
     MultipathDevice::open(config).context("opening the multipath device")
 }
 
+/// Starts the Prometheus endpoint for `device` when `--metrics-listen` was
+/// given; it stops when the returned server is dropped.
+pub fn start_metrics(
+    addr: Option<SocketAddr>,
+    device: &MultipathDevice,
+) -> Result<Option<iscsi_bypass::metrics::MetricsServer>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let server = iscsi_bypass::metrics::MetricsServer::start(addr, device.path_handles())?;
+    eprintln!("metrics at http://{}/metrics", server.local_addr());
+    Ok(Some(server))
+}
+
 pub fn open_lun(url: &str, opts: &ConnectOptions) -> Result<LunHandle<KernelTcp>> {
     let url = IscsiUrl::parse(url)?;
     let (target, lun) = url.require_target()?;

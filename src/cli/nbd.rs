@@ -37,6 +37,10 @@ pub struct ExportNbdArgs {
     /// Seconds I/O waits for a usable path before failing.
     #[arg(long, default_value_t = 30)]
     pub no_path_timeout: u64,
+    /// Serve Prometheus metrics (per-path commands, bytes, errors, latency
+    /// histogram, state) at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub fn run(args: &ExportNbdArgs, opts: &ConnectOptions) -> Result<()> {
@@ -52,6 +56,7 @@ pub fn run(args: &ExportNbdArgs, opts: &ConnectOptions) -> Result<()> {
         args.no_path_timeout,
         args.busy_poll,
     )?;
+    let _metrics = super::start_metrics(args.metrics_listen, &device)?;
     log::info!(
         "LU {}: {} blocks of {} bytes over {} path(s)",
         device.lu_id(),

@@ -293,6 +293,32 @@ impl PathShared {
         local.reset();
     }
 
+    /// The latency histogram in buckets: for each upper bound (seconds,
+    /// ascending) the samples above the previous bound and at most this one,
+    /// then infinity (`+Inf`) for the samples above the last bound; with the sum
+    /// (seconds) and count of all samples. The shape `prometheus-client`
+    /// encodes (it accumulates the buckets itself).
+    pub fn latency_buckets(&self, bounds_secs: &[f64]) -> (f64, u64, Vec<(f64, u64)>) {
+        let Ok(h) = self.histogram.lock() else {
+            return (0.0, 0, Vec::new());
+        };
+        let mut buckets = Vec::with_capacity(bounds_secs.len() + 1);
+        let mut counted = 0;
+        for &bound in bounds_secs {
+            let micros = (bound * 1e6) as u64;
+            let at_most = if h.is_empty() || micros < h.low() {
+                0
+            } else {
+                h.count_between(0, micros)
+            };
+            buckets.push((bound, at_most.saturating_sub(counted)));
+            counted = counted.max(at_most);
+        }
+        buckets.push((f64::INFINITY, h.len().saturating_sub(counted)));
+        let sum_secs = h.mean() * h.len() as f64 / 1e6;
+        (sum_secs, h.len(), buckets)
+    }
+
     /// A snapshot of state, counters, latency percentiles and state changes.
     /// Percentiles cover only samples the worker has merged so far (it does
     /// so every ~20 ms).

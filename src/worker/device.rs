@@ -313,6 +313,13 @@ impl MultipathDevice {
         self.shared.paths.iter().map(|p| p.stats()).collect()
     }
 
+    /// The live per-path state (what [`paths`](Self::paths) snapshots), for
+    /// exporters that read it on their own schedule, such as
+    /// [`crate::metrics`].
+    pub fn path_handles(&self) -> Vec<Arc<PathShared>> {
+        self.shared.paths.clone()
+    }
+
     /// Stops the workers (logging out). In-flight I/O completes with
     /// `IoError::Closed` in its queue.
     pub fn close(mut self) {
