@@ -147,8 +147,12 @@ impl PortBinding {
         if let Some(iface) = &self.iface {
             let known: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
             if !known.contains(&iface.as_str()) {
-                let mut names = known.clone();
-                names.dedup();
+                let mut names: Vec<&str> = Vec::new();
+                for n in &known {
+                    if !names.contains(n) {
+                        names.push(n);
+                    }
+                }
                 return Err(MultipathError::Config(format!(
                     "binding {}: no interface named {iface:?} (interfaces here: {})",
                     self.describe(),

@@ -531,10 +531,17 @@ impl Options {
             target: chosen.name.clone(),
             ..DiscoveredPaths::default()
         };
+        // Paths taken per binding so far: with a cap, each portal prefers
+        // the bindings with the fewest paths (so two interfaces capped at
+        // one path per portal spread over two portals).
+        let mut used = vec![0usize; bindings.len()];
         for p in &chosen.portals {
             let text = p.address();
             let mut taken = 0;
-            for b in &bindings {
+            let mut order: Vec<usize> = (0..bindings.len()).collect();
+            order.sort_by_key(|&b| used[b]);
+            for bi in order {
+                let b = &bindings[bi];
                 let unreachable = |reason: String| UnreachablePair {
                     binding: b.clone(),
                     portal: text.clone(),
@@ -552,10 +559,6 @@ impl Options {
                         .push(unreachable("another address family".into()));
                     continue;
                 }
-                if max_per_portal.is_some_and(|m| taken >= m) {
-                    out.capped.push((b.clone(), text.clone()));
-                    continue;
-                }
                 if probe {
                     match self.connect_through(portal_addr, b, probe_timeout) {
                         Ok(mut t) => crate::transport::Transport::close(&mut t),
@@ -565,9 +568,14 @@ impl Options {
                         }
                     }
                 }
+                if max_per_portal.is_some_and(|m| taken >= m) {
+                    out.capped.push((b.clone(), text.clone()));
+                    continue;
+                }
                 out.urls
                     .push(format!("iscsi://{text}/{}/{lun}", chosen.name));
                 out.bindings.push(b.clone());
+                used[bi] += 1;
                 taken += 1;
             }
         }
