@@ -215,6 +215,11 @@ fn dpdk_one_subnet_iface_down_fails_only_its_path_and_loses_nothing() {
     run_outer("pbd3", "down", true, 1);
 }
 
+#[test]
+fn dpdk_cli_bench_binds_each_path_to_the_port_of_its_iface() {
+    run_outer("pbd4", "cli", true, 1);
+}
+
 /// The CLI's count and name checks (no target needed: they come first).
 #[test]
 fn cli_refuses_mismatched_or_unknown_bindings() {
@@ -295,6 +300,7 @@ fn inner() {
         "split" => scenario_split(&env),
         "two-portals" => scenario_two_portals(&env),
         "down" => scenario_down(&env),
+        "cli" => scenario_cli_dpdk(&env),
         s => panic!("unknown scenario {s}"),
     }
     println!("PB-SCENARIO-PASSED");
@@ -814,4 +820,60 @@ fn scenario_down(env: &Env) {
     assert_eq!(paths[1].state, PathState::Up);
     drop(q);
     dev.close();
+}
+
+/// `bench --transport dpdk` with `--iface` per URL, in reverse of the port
+/// order: path 0 on the port driving v1, path 1 on the one driving v0.
+#[cfg(feature = "dpdk")]
+fn scenario_cli_dpdk(env: &Env) {
+    let urls = [env.url("10.233.1.2"), env.url("10.233.1.2")];
+    let eal = dpdk_common::eal_args_multi(&VDEVS).join(" ");
+    let out = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .arg("bench")
+        .args(&urls)
+        .args([
+            "--transport",
+            "dpdk",
+            "--eal",
+            &eal,
+            "--engine",
+            "multipath",
+        ])
+        .args([
+            "--dpdk-port",
+            "net_af_packet0",
+            "--local-ip",
+            "10.233.1.11/24",
+        ])
+        .args([
+            "--dpdk-port",
+            "net_af_packet1",
+            "--local-ip",
+            "10.233.1.12/24",
+        ])
+        .args(["--iface", "v1", "--iface", "v0"])
+        .args(["--bs", "32k", "--iodepth", "16", "--runtime", "1s"])
+        .args(["--ramp", "0", "--json"])
+        .output()
+        .expect("run bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let paths = report["iscsi_bypass"]["paths"].as_array().expect("paths");
+    let names: Vec<&str> = paths.iter().filter_map(|p| p["name"].as_str()).collect();
+    println!("PB cli dpdk paths: {names:?}");
+    assert!(
+        names[0].starts_with("net_af_packet1/q0 10.233.1.12->")
+            && names[1].starts_with("net_af_packet0/q0 10.233.1.11->"),
+        "{names:?}"
+    );
+    for p in paths {
+        let ios = p["stats"]["total_ios"].as_u64().unwrap_or(0);
+        assert!(ios > 50, "path {} carried {ios} I/Os", p["name"]);
+    }
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn scenario_cli_dpdk(_: &Env) {
+    unreachable!("dpdk scenarios are skipped without the dpdk feature")
 }
