@@ -294,7 +294,7 @@ fn inner() {
         dpdk: std::env::var("PB_DPDK").as_deref() == Ok("1"),
     };
     if !env.dpdk {
-        host_setup();
+        host_setup(&env);
     }
     match scenario.as_str() {
         "split" => scenario_split(&env),
@@ -308,7 +308,7 @@ fn inner() {
 
 /// scripts/check-port-binding.sh on the fresh bed reports what is missing;
 /// applying what it prints makes it pass.
-fn host_setup() {
+fn host_setup(env: &Env) {
     let check = || {
         Command::new("bash")
             .arg(script("check-port-binding.sh"))
@@ -326,6 +326,19 @@ fn host_setup() {
     ] {
         assert!(fixes.contains(want), "no {want} in:\n{fixes}");
     }
+    // The bench warns about the same before it runs.
+    let url = env.url("10.233.1.2");
+    let bench = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .args(["bench", &url, &url, "--iface", "v0", "--iface", "v1"])
+        .args(["--runtime", "200ms", "--ramp", "0", "--json"])
+        .output()
+        .expect("run bench");
+    let stderr = String::from_utf8_lossy(&bench.stderr);
+    assert!(
+        stderr.contains("warning: the bound interfaces v0, v1 share a subnet")
+            && stderr.contains("v1: arp_ignore=0"),
+        "no set-up warning from bench: {stderr}"
+    );
     println!("PB check-port-binding.sh prints:");
     for l in fixes.lines() {
         println!("PB   {l}");
