@@ -583,6 +583,7 @@ fn scenario_split(env: &Env) {
         let (share, iface) = measure("bound by interface only, reversed", &dev);
         dev.close();
         assert_follows("bound by interface", &share, iface, [1, 0]);
+        nbd_export_is_bound(&urls);
         // The CLI: one --iface/--bind per URL.
         let out = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
             .arg("bench")
@@ -889,4 +890,63 @@ fn scenario_cli_dpdk(env: &Env) {
 #[cfg(not(feature = "dpdk"))]
 fn scenario_cli_dpdk(_: &Env) {
     unreachable!("dpdk scenarios are skipped without the dpdk feature")
+}
+
+/// `export-nbd` with one `--iface`/`--bind` per URL: nbdcopy reads the
+/// whole LU through it, and both interfaces carry the bytes.
+fn nbd_export_is_bound(urls: &[String]) {
+    let sock = format!("/tmp/pb-nbd-{}.sock", std::process::id());
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .arg("export-nbd")
+        .args(urls)
+        .args(["--iface", "v0", "--bind", "10.233.1.11"])
+        .args(["--iface", "v1", "--bind", "10.233.1.12"])
+        .args(["--socket", &sock])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start export-nbd");
+    struct Kill(std::process::Child, String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::path::Path::new(&sock).exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("export-nbd exited ({st}): {err}");
+        }
+        assert!(Instant::now() < deadline, "export-nbd did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let child = Kill(child, sock.clone());
+    let before = [counters("v0"), counters("v1")];
+    let st = Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///?socket={sock}"))
+        .arg("null:")
+        .status()
+        .expect("run nbdcopy (scripts/setup.sh installs libnbd-bin)");
+    assert!(st.success(), "nbdcopy failed");
+    let after = [counters("v0"), counters("v1")];
+    drop(child);
+    let bytes = [after[0] - before[0], after[1] - before[1]];
+    let total = (bytes[0] + bytes[1]) as f64;
+    println!(
+        "PB split export-nbd bound, nbdcopy of the LU: v0 {:.1} MB ({:.1}%), v1 {:.1} MB ({:.1}%)",
+        bytes[0] as f64 / 1e6,
+        bytes[0] as f64 / total * 100.0,
+        bytes[1] as f64 / 1e6,
+        bytes[1] as f64 / total * 100.0
+    );
+    assert!(total > 60e6, "nbdcopy moved only {total} bytes");
+    for (i, b) in bytes.iter().enumerate() {
+        assert!(*b as f64 > total * 0.1, "v{i} carried {b} of {total} bytes");
+    }
 }
