@@ -217,7 +217,13 @@ fn on_subnet(stack: &crate::transport::dpdk::DpdkStack, ip: std::net::Ipv4Addr) 
 #[cfg(feature = "dpdk")]
 pub fn dpdk_port_iface(stack: &crate::transport::dpdk::DpdkStack) -> Option<String> {
     let o = stack.options();
-    let mut args = o.eal_args.iter();
+    vdev_iface(&o.eal_args, &o.port)
+}
+
+/// `NAME` of `--vdev PORT,...,iface=NAME` (or `--vdev=...`) in `eal_args`.
+#[cfg(any(feature = "dpdk", test))]
+fn vdev_iface(eal_args: &[String], port: &str) -> Option<String> {
+    let mut args = eal_args.iter();
     while let Some(a) = args.next() {
         let vdev = match a.strip_prefix("--vdev=") {
             Some(v) => v,
@@ -225,7 +231,7 @@ pub fn dpdk_port_iface(stack: &crate::transport::dpdk::DpdkStack) -> Option<Stri
             None => continue,
         };
         let mut parts = vdev.split(',');
-        if parts.next() != Some(o.port.as_str()) {
+        if parts.next() != Some(port) {
             continue;
         }
         if let Some(name) = parts.find_map(|kv| kv.strip_prefix("iface=")) {
@@ -697,6 +703,26 @@ mod tests {
         send::<super::super::IoQueue>();
         send::<crate::multipath::Io>();
         send::<crate::multipath::IoCompletion>();
+    }
+
+    #[test]
+    fn vdev_iface_names_the_kernel_interface_of_a_port() {
+        let args: Vec<String> = [
+            "-l",
+            "1",
+            "--vdev",
+            "net_af_packet0,iface=v0,qpairs=1",
+            "--vdev=net_af_packet1,blocksz=4096,iface=eth7",
+            "--vdev",
+            "net_tap0,iface=tap3",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(vdev_iface(&args, "net_af_packet0").as_deref(), Some("v0"));
+        assert_eq!(vdev_iface(&args, "net_af_packet1").as_deref(), Some("eth7"));
+        assert_eq!(vdev_iface(&args, "net_tap0").as_deref(), Some("tap3"));
+        assert_eq!(vdev_iface(&args, "0000:03:00.0"), None);
+        assert_eq!(vdev_iface(&args, "net_af_packet"), None);
     }
 
     #[test]
