@@ -881,6 +881,46 @@ fn scenario_cli_dpdk(env: &Env) {
             && names[1].starts_with("net_af_packet0/q0 10.233.1.11->"),
         "{names:?}"
     );
+    // --discover over DPDK with both interfaces: tgtd reports the portal
+    // asked, so one path per interface, each on its port.
+    let out = Command::new(env!("CARGO_BIN_EXE_iscsi-bypass"))
+        .arg("bench")
+        .args(["--discover", &format!("iscsi://10.233.1.2:{}", env.port)])
+        .args(["--target-iqn", &env.iqn, "--lun", "1"])
+        .args(["--transport", "dpdk", "--eal", &eal])
+        .args([
+            "--dpdk-port",
+            "net_af_packet0",
+            "--local-ip",
+            "10.233.1.11/24",
+        ])
+        .args([
+            "--dpdk-port",
+            "net_af_packet1",
+            "--local-ip",
+            "10.233.1.12/24",
+        ])
+        .args(["--iface", "v0", "--iface", "v1"])
+        .args(["--bs", "32k", "--iodepth", "16", "--runtime", "1s"])
+        .args(["--ramp", "0", "--json"])
+        .output()
+        .expect("run bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench --discover over DPDK: {stderr}");
+    let discovered: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let found: Vec<&str> = discovered["iscsi_bypass"]["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    println!("PB cli dpdk discovered paths: {found:?}");
+    assert!(
+        found.len() == 2
+            && found[0].starts_with("net_af_packet0/q0 ")
+            && found[1].starts_with("net_af_packet1/q0 "),
+        "{found:?}"
+    );
     // The names prove the binding (the byte split is the library
     // scenario's); here each path must carry I/O at all.
     for p in paths {

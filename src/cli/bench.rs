@@ -69,7 +69,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub busy_poll: bool,
     /// Discover the target's paths at this portal (SendTargets): every portal
-    /// of the target becomes a path.
+    /// of the target becomes a path; with --iface (or --bind) repeated, every
+    /// interface × portal pair that reaches the target (kernel or dpdk).
     #[arg(long, conflicts_with = "urls")]
     pub discover: Option<String>,
     /// With --discover: which target (needed when the portal lists several).
@@ -199,7 +200,9 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
             let b = opts.bindings(urls.len())?;
             (urls, b)
         }
-        (None, Some(portal)) if bound => discovered_bound_paths(portal, args, opts, out)?,
+        (None, Some(portal)) if bound => {
+            discovered_bound_paths(portal, args, opts, out, iscsi_bypass::Transport::Kernel)?
+        }
         (None, Some(portal)) => (discovered_urls(portal, args, opts)?, Vec::new()),
         (None, None) => (args.urls.clone(), opts.bindings(args.urls.len())?),
     };
@@ -272,11 +275,13 @@ fn discovered_bound_paths(
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
+    transport: iscsi_bypass::Transport,
 ) -> Result<(Vec<String>, Vec<PortBinding>)> {
     let url = IscsiUrl::parse(portal)?;
     let login = opts.login_config(&url, None)?;
     let options = iscsi_bypass::Options {
         initiator: opts.initiator_name.clone(),
+        transport,
         bindings: opts.mesh_bindings()?,
         login_timeout: opts.timeout(),
         chap: login.chap.map(|initiator| iscsi_bypass::Chap {
@@ -477,9 +482,12 @@ fn dpdk_stacks(
 fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
     use std::net::SocketAddr;
+    if let Some(portal) = &args.discover {
+        return run_dpdk_discovered(portal, args, opts, out, job);
+    }
     let multipath = multipath_engine(&args.engine, args.urls.len())?;
     if args.urls.is_empty() {
-        bail!("--transport dpdk needs target URLs (one per path)");
+        bail!("--transport dpdk needs target URLs (one per path) or --discover PORTAL");
     }
     if multipath {
         return run_dpdk_multipath(args, opts, out, job);
@@ -543,6 +551,33 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         path_name: format!("dpdk {} -> {remote}", names.join(", ")),
     };
     let result = run_with_progress(job, &factory, out)?;
+    report_and_check(&result, args, out)
+}
+
+/// `bench --transport dpdk --discover PORTAL`: SendTargets over a stack,
+/// then one path per portal, or with `--iface` per interface × portal pair
+/// that reaches the target (each on its interface's port, next queue).
+#[cfg(feature = "dpdk")]
+fn run_dpdk_discovered(
+    portal: &str,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+    job: &JobSpec,
+) -> Result<()> {
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let ports = u16::try_from(args.dpdk.dpdk_port.len().max(1)).context("too many ports")?;
+    let stacks = dpdk_stacks(&args.dpdk, ports, opts.timeout())?;
+    let transport = iscsi_bypass::Transport::Dpdk(stacks.clone());
+    let (urls, bindings) = discovered_bound_paths(portal, args, opts, out, transport)?;
+    let maker = std::cell::RefCell::new(iscsi_bypass::worker::dpdk_path_maker(&stacks, &bindings)?);
+    let path = |i: usize, addr: std::net::SocketAddr, login| -> Result<PathConfig> {
+        Ok((maker.borrow_mut())(i, addr, login)?)
+    };
+    let result = run_multipath(&urls, policy, job, args, opts, out, &path)?;
     report_and_check(&result, args, out)
 }
 
