@@ -54,7 +54,7 @@ pub mod worker;
 
 pub use multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, MultipathError, PathConfig, PathState,
-    PathStats, Policy,
+    PathStats, Policy, PortBinding,
 };
 pub use scsi::ScsiError;
 pub use wire::scsi::{SenseData, SenseKey};

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod nbd;
+pub mod port_binding;
 pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +16,7 @@ use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::scsi::{Capacity, LunInfo, ReportLunsData};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
+use iscsi_bypass::PortBinding;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,9 +45,15 @@ pub struct ConnectOptions {
     /// Offer data digests: none, crc32c, or both.
     #[arg(long, global = true, default_value = "none")]
     pub data_digest: String,
-    /// Local address to bind (port binding: the path's source interface).
-    #[arg(long, global = true)]
-    pub bind: Option<std::net::IpAddr>,
+    /// Source address of a path (port binding); repeat it once per path,
+    /// in the order of the URLs (with --discover: one per --iface).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub bind: Vec<std::net::IpAddr>,
+    /// Interface a path leaves through (port binding: SO_BINDTODEVICE on
+    /// kernel TCP, the port on DPDK); repeat it once per path, in the order
+    /// of the URLs. With --discover: the interfaces to pair with every portal.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub iface: Vec<String>,
     /// Seconds to wait for connect, login and each command.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
@@ -148,15 +156,38 @@ impl ConnectOptions {
         Ok(c)
     }
 
+    /// One port binding per path for `paths` URLs, from the repeated
+    /// `--iface` and `--bind` (each none, or one per URL), checked against
+    /// this host's interfaces.
+    pub fn bindings(&self, paths: usize) -> Result<Vec<PortBinding>> {
+        let b = PortBinding::per_path(&self.iface, &self.bind, paths)?;
+        Ok(b)
+    }
+
+    /// The bindings to pair with discovered portals: `--iface` i with
+    /// `--bind` i (either list may be empty).
+    pub fn mesh_bindings(&self) -> Result<Vec<PortBinding>> {
+        self.bindings(self.iface.len().max(self.bind.len()))
+    }
+
+    /// The binding of a one-connection command.
+    fn single_binding(&self) -> Result<PortBinding> {
+        if self.iface.len() > 1 || self.bind.len() > 1 {
+            bail!("this command opens one connection: give at most one --iface and one --bind");
+        }
+        let b = PortBinding {
+            iface: self.iface.first().cloned(),
+            source: self.bind.first().copied(),
+        };
+        b.check_kernel()?;
+        Ok(b)
+    }
+
     pub fn connect(&self, url: &IscsiUrl) -> Result<KernelTcp> {
         let addr: SocketAddr = url
             .socket_addr()
             .with_context(|| format!("resolving portal {}", url.portal()))?;
-        let opts = KernelTcpOptions {
-            bind: self.bind.map(|ip| SocketAddr::new(ip, 0)),
-            connect_timeout: Some(self.timeout()),
-            ..Default::default()
-        };
+        let opts: KernelTcpOptions = self.single_binding()?.kernel_options(self.timeout());
         Ok(KernelTcp::connect(addr, &opts)?)
     }
 }

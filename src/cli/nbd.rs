@@ -68,8 +68,9 @@ pub fn run(args: &ExportNbdArgs, opts: &ConnectOptions) -> Result<()> {
         _ => bail!("give exactly one of --socket PATH or --listen ADDR:PORT"),
     };
     let urls: Vec<&str> = args.urls.iter().map(String::as_str).collect();
-    let bind = opts.bind.map(|ip| SocketAddr::new(ip, 0));
-    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &vec![bind; urls.len()])
+    let bindings = opts.bindings(urls.len())?;
+    super::port_binding::warn_host_setup(&bindings);
+    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &bindings)
         .context("path configuration")?;
     // CHAP from flags, secret files and the environment, per URL.
     for (p, u) in config.paths.iter_mut().zip(&urls) {
