@@ -18,16 +18,14 @@
 mod common;
 mod dpdk_common;
 
+use dpdk_common::target_process;
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::session::{Session, SessionConfig};
-use iscsi_bypass::phy::dpdk::PMD_DIR;
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
 use rand::{Rng, SeedableRng};
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:memif";
@@ -42,73 +40,6 @@ fn skip(why: &str) {
     println!("SKIPPED dpdk_memif: {why}");
 }
 
-/// The target process; killed (and its memif socket removed) on drop.
-struct TargetProcess {
-    child: Child,
-    socket: String,
-}
-
-impl Drop for TargetProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_iscsi-bypass")
-}
-
-fn start_target(socket: &str, cpu: usize) -> TargetProcess {
-    let eal = format!(
-        "-l {cpu} --no-pci --no-huge -m 256 --no-telemetry --file-prefix ibx-memif-t{} -d {PMD_DIR} \
-         --log-level lib.eal:notice --vdev net_memif0,role=server,socket={socket}",
-        std::process::id()
-    );
-    let mut child = Command::new(binary())
-        .args([
-            "target",
-            "--transport",
-            "dpdk",
-            "--size",
-            "64m",
-            "--iqn",
-            IQN,
-        ])
-        .args(["--eal", &eal, "--dpdk-port", "net_memif0"])
-        .args(["--local-ip", &format!("{TARGET_IP}/24")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start iscsi-bypass target");
-    let stdout = child.stdout.take().expect("target stdout");
-    let mut target = TargetProcess {
-        child,
-        socket: socket.to_string(),
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            println!("target: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("listening on") => break,
-            Ok(_) => {}
-            Err(_) => {
-                let status = target.child.try_wait().ok().flatten();
-                panic!("the memif target did not come up within 20 s (exit status {status:?})");
-            }
-        }
-    }
-    target
-}
-
 #[test]
 fn iscsi_over_memif_between_two_userspace_stacks() {
     if let Some(why) = dpdk_common::skip_reason("net_memif") {
@@ -119,17 +50,24 @@ fn iscsi_over_memif_between_two_userspace_stacks() {
     let _ = std::fs::remove_file(&socket);
     let cpus = dpdk_common::allowed_cpus();
     let target_cpu = *cpus.last().unwrap_or(&0);
-    let _target = start_target(&socket, target_cpu);
+    let vdev = format!("net_memif0,role=server,socket={socket}");
+    let _target = target_process::start(
+        IQN,
+        &vdev,
+        "net_memif0",
+        TARGET_IP,
+        target_cpu,
+        Some(socket.clone()),
+    );
     let url = format!("iscsi://{TARGET_IP}:3260/{IQN}/0");
 
     // 1. The CLI initiator in a process of its own, with verify.
-    let eal = format!(
-        "-l {} --no-pci --no-huge -m 256 --no-telemetry --file-prefix ibx-memif-b{} -d {PMD_DIR} \
-         --log-level lib.eal:notice --vdev net_memif0,role=client,socket={socket}",
+    let eal = target_process::process_eal(
         cpus[0],
-        std::process::id()
+        "ibx-b",
+        &format!("net_memif0,role=client,socket={socket}"),
     );
-    let bench = Command::new(binary())
+    let bench = Command::new(target_process::BIN)
         .args(["bench", &url, "--transport", "dpdk", "--eal", &eal])
         .args(["--dpdk-port", "net_memif0", "--local-ip"])
         .arg(format!("{INITIATOR_IP}/24"))

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 pub mod netns;
+pub mod target_process;
 
 use iscsi_bypass::phy::dpdk;
 
