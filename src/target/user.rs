@@ -309,9 +309,10 @@ impl super::server::Target {
                 options.port
             ))
         })?;
-        let interface = options
+        let mut interface = options
             .user
             .interface_config(options.local_ip, options.gateway);
+        interface.mac = Some(crate::wire::ethernet::EthernetAddress(stack.mac()));
         let mut listen = UserListenConfig::new(interface);
         listen.thread_name = format!("iscsi-tgt-dpdk{queue}");
         Self::start_on_device(config, device, listen)
