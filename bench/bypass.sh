@@ -86,19 +86,27 @@ start_target() {
 }
 
 eal_common="--no-pci --no-huge -m 512 --no-telemetry -d $PMD --log-level lib.eal:error --log-level pmd.net.*:error"
-declare -A kernel_stats
+failures=0
 
 # run_case <bed> <rw> <bs> <qd> <bench args...>
 run_case() {
     local bed=$1 rw=$2 bs=$3 qd=$4; shift 4
     local json=$dir/$bed-$rw-$bs-$qd.json perfout=$dir/$bed-$rw-$bs-$qd.perf
     local cmd=("$@" --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime "$RUNTIME" --ramp "$RAMP" --size 512m --json)
+    local ok=1
     if [[ $perf_ok == 1 ]]; then
-        perf stat -x, -e instructions:u -o "$perfout" -- "${cmd[@]}" >"$json" 2>"$dir/bench.err" ||
-            { cat "$dir/bench.err" >&2; echo "bench failed: $bed $rw $bs $qd" >&2; exit 1; }
+        perf stat -x, -e instructions:u -o "$perfout" -- "${cmd[@]}" >"$json" 2>"$dir/bench.err" || ok=0
     else
-        "${cmd[@]}" >"$json" 2>"$dir/bench.err" ||
-            { cat "$dir/bench.err" >&2; echo "bench failed: $bed $rw $bs $qd" >&2; exit 1; }
+        "${cmd[@]}" >"$json" 2>"$dir/bench.err" || ok=0
+    fi
+    if [[ $ok == 0 ]]; then
+        # One line saying why, and on to the next case.
+        local why
+        why=$(grep -m1 '^error' "$dir/bench.err" | tr -s ' "' ' ' || true)
+        cat "$dir/bench.err" >&2
+        echo "RESULT bed=$bed rw=$rw bs=$bs qd=$qd failed=\"${why:-bench exited non-zero}\""
+        failures=$((failures + 1))
+        return 0
     fi
     local line
     line=$(python3 - "$json" "$perfout" "$bed" "$rw" "$bs" "$qd" <<'EOF'
@@ -185,6 +193,7 @@ for bed in $BEDS; do
 done
 
 # Ratios to the kernel bed, case by case.
+touch "$dir/results"
 python3 - "$dir/results" <<'EOF'
 import sys
 rows = []
@@ -205,3 +214,4 @@ for r in rows:
     print(f"RATIO bed={r['bed']} rw={r['rw']} bs={r['bs']} qd={r['qd']} "
           f"iops_x={iops_x:.2f} p50_x={p50_x:.2f} per_cpu_x={per_cpu_x:.2f}")
 EOF
+[[ $failures == 0 ]] || { echo "$failures case(s) failed" >&2; exit 1; }
