@@ -82,6 +82,7 @@ fn iscsi_over_memif_between_two_userspace_stacks() {
         ])
         .output()
         .expect("run iscsi-bypass bench");
+    target_process::remove_runtime_dir("ibx-b");
     let text = String::from_utf8_lossy(&bench.stdout);
     println!("bench:\n{text}{}", String::from_utf8_lossy(&bench.stderr));
     assert!(bench.status.success(), "bench over memif failed");

@@ -23,7 +23,14 @@ impl Drop for TargetProcess {
         if let Some(path) = &self.remove {
             let _ = std::fs::remove_file(path);
         }
+        remove_runtime_dir("ibx-t");
     }
+}
+
+/// Removes the runtime directory EAL leaves in /var/run/dpdk for a helper
+/// process started with [`process_eal`] and `prefix`.
+pub fn remove_runtime_dir(prefix: &str) {
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}{}", std::process::id()));
 }
 
 /// EAL arguments for a helper process: `--no-huge`, its own file prefix.
