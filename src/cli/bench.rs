@@ -423,7 +423,7 @@ fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Resul
 
 /// Starts the DPDK ports and a userspace stack on each from the CLI options.
 #[cfg(feature = "dpdk")]
-fn dpdk_stacks(
+pub(super) fn dpdk_stacks(
     d: &DpdkArgs,
     jobs: u16,
     connect_timeout: Duration,

@@ -5,6 +5,7 @@
 mod device;
 mod open;
 mod path_worker;
+pub mod poll_meter;
 pub mod ring;
 
 pub use crate::multipath::{
