@@ -3,8 +3,9 @@
 //! Layer order (each layer imports only from the layers before it):
 //! `wire`, `clock` ← `phy` ← `net` ← `transport` ← `iscsi` ← `scsi` ←
 //! `multipath` ← `worker` ← {`bench`, `nbd`} ← the CLI (`src/main.rs`,
-//! `src/cli/`). `target`, the embedded iSCSI target, uses only `wire` and
-//! `iscsi` (`chap`, `params`); the CLI and the tests run it.
+//! `src/cli/`). `target`, the embedded iSCSI target, uses `wire`, `iscsi`
+//! (`chap`, `params`) and, for its DPDK listener, the userspace stack
+//! (`phy`, `net`, `transport`); the CLI and the tests run it.
 //! The architecture (layers, threads, data path, `unsafe`, tests):
 //! `docs/architecture.md`.
 //!
@@ -55,7 +56,7 @@ pub mod worker;
 
 pub use multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, MultipathError, PathConfig, PathState,
-    PathStats, Policy,
+    PathStats, Policy, PortBinding,
 };
 pub use scsi::ScsiError;
 pub use wire::scsi::{SenseData, SenseKey};

@@ -67,7 +67,7 @@ enum Cmd {
     /// URL, against the embedded target on loopback over two paths).
     Bench(Box<cli::bench::BenchArgs>),
     /// Run the embedded iSCSI target (RAM or null LUN) until interrupted.
-    Target(cli::target::TargetArgs),
+    Target(Box<cli::target::TargetArgs>),
     /// Write a file's contents (a whole number of blocks) at an LBA.
     Write {
         /// Target LU: iscsi://[user[%password]@]host[:port]/target-iqn/lun

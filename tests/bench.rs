@@ -39,6 +39,11 @@ fn default_job_runs_over_two_paths_with_fio_like_json() {
     }
     let ours = &v["iscsi_bypass"];
     assert!(ours["cpu_ns_per_io"].as_f64().unwrap() > 0.0);
+    // Poll-mode accounting: the path workers' busy rounds, per I/O; the
+    // rounds that found nothing (they nap between I/Os) are idle.
+    let busy = ours["busy_ns_per_io"].as_f64().unwrap();
+    assert!(busy > 0.0, "{ours}");
+    assert!(ours["idle_ns"].as_u64().unwrap() > 0, "{ours}");
     let paths = ours["paths"].as_array().unwrap();
     assert_eq!(paths.len(), 2, "the default job uses two paths");
     for p in paths {

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Rank of each layer: a layer may use layers of a lower rank. `target` is
-/// placed separately: it sits on `wire`, `clock` and `iscsi` only.
+/// placed separately: it sits on `wire`, `clock` and `iscsi`, and on the
+/// userspace stack (`phy`, `net`, `transport`) for its DPDK listener.
 const ORDER: &[(&str, u32)] = &[
     ("wire", 0),
     ("clock", 0),
@@ -22,7 +23,15 @@ const ORDER: &[(&str, u32)] = &[
     ("nbd", 8),
     ("metrics", 8),
 ];
-const TARGET_MAY_USE: &[&str] = &["wire", "clock", "iscsi", "target"];
+const TARGET_MAY_USE: &[&str] = &[
+    "wire",
+    "clock",
+    "phy",
+    "net",
+    "transport",
+    "iscsi",
+    "target",
+];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read src dir") {

@@ -156,3 +156,77 @@ fn connect_times_out_without_peer() {
         "{err:?}"
     );
 }
+
+/// The embedded target on the userspace stack (`Target::start_on_device`)
+/// over the simulated link: two sessions at once (the listener re-arms after
+/// each accept), writes read back byte for byte, a third login after both
+/// logged out (closed sockets are reused), and a portal off the stack's
+/// address refused.
+#[test]
+fn embedded_target_on_userspace_stack_serves_sessions() {
+    use iscsi_bypass::iscsi::login::LoginConfig;
+    use iscsi_bypass::iscsi::session::{Session, SessionConfig};
+    use iscsi_bypass::scsi::lun::LunHandle;
+    use iscsi_bypass::target::{LunConfig, Target, TargetConfig, UserListenConfig};
+
+    const IQN: &str = "iqn.2026-11.org.iscsi-bypass:user-target";
+    let link = SimConfig {
+        delay: Duration::from_micros(50),
+        ..SimConfig::default()
+    };
+    let (client_dev, server_dev) = sim::link_real_time(link, 11);
+    let config = TargetConfig::new(IQN).lun(LunConfig::ram(0, 8 << 20));
+    let mut iface = InterfaceConfig::new(SERVER_IP, 24);
+    iface.seed = 3;
+    let target = Target::start_on_device(config, server_dev, UserListenConfig::new(iface))
+        .expect("target on the userspace stack");
+    assert_eq!(
+        target.portals(),
+        vec![SocketAddr::from((SERVER_IP, 3260))],
+        "default portal: the stack's address, port 3260"
+    );
+
+    // Sessions one after another, each on its own interface over the same
+    // end of the link: the second needs the listener re-armed.
+    let remote = SocketAddrV4::new(SERVER_IP, 3260);
+    for round in 0..2u64 {
+        let config = UserTcpConfig {
+            seed: 40 + round,
+            ..UserTcpConfig::default()
+        };
+        let t = UserTcp::connect(client_dev.clone(), CLIENT_IP, None, None, remote, config)
+            .expect("connect to the userspace-stack target");
+        let login = LoginConfig::new("iqn.2026-11.org.iscsi-bypass:user-test", Some(IQN));
+        let session = Session::login(t, &SessionConfig::new(login)).expect("login");
+        let mut lun = LunHandle::new(session, 0);
+        let cap = lun.read_capacity().expect("READ CAPACITY");
+        assert_eq!(cap.block_count * u64::from(cap.block_size), 8 << 20);
+        for i in 0..16u64 {
+            let lba = (i * 97 + round * 13) % (cap.block_count - 256);
+            let data: Vec<u8> = (0..128 * 1024u32)
+                .map(|b| (u64::from(b) ^ lba ^ round) as u8)
+                .collect();
+            lun.write(lba, data.clone()).expect("WRITE");
+            assert!(
+                lun.read(lba, 256).expect("READ") == data,
+                "read back differs"
+            );
+        }
+        lun.into_session()
+            .logout(Duration::from_secs(5))
+            .expect("logout");
+    }
+    target.stop();
+
+    let (_, server_dev) = sim::link_real_time(SimConfig::default(), 12);
+    let config = TargetConfig::new(IQN)
+        .lun(LunConfig::ram(0, 1 << 20))
+        .portal(SocketAddr::from(([10, 9, 9, 9], 3260)));
+    let err = Target::start_on_device(
+        config,
+        server_dev,
+        UserListenConfig::new(InterfaceConfig::new(SERVER_IP, 24)),
+    )
+    .expect_err("a portal off the stack's address is refused");
+    assert!(err.to_string().contains("10.9.9.9"), "{err}");
+}

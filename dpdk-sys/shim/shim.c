@@ -1,6 +1,11 @@
 /* See shim.h: forwards to DPDK's static-inline functions. */
 #include "shim.h"
 
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <rte_ring.h>
+
 int shim_rte_errno(void) { return rte_errno; }
 unsigned shim_rte_lcore_id(void) { return rte_lcore_id(); }
 
@@ -57,4 +62,44 @@ void shim_rte_mbuf_set_tx_offload(struct rte_mbuf *m, uint8_t l2_len, uint8_t l3
 	m->l3_len = l3_len;
 	m->l4_len = l4_len;
 	m->tso_segsz = tso_segsz;
+}
+
+typedef int (*shim_from_rings_fn)(const char *name, struct rte_ring *const rx[],
+				  unsigned nb_rx, struct rte_ring *const tx[],
+				  unsigned nb_tx, unsigned numa_node);
+
+int shim_ring_pair(const char *plugin, const char *name_a, const char *name_b,
+		   unsigned ring_size, uint16_t *port_a, uint16_t *port_b)
+{
+	void *lib = dlopen(plugin, RTLD_NOW | RTLD_NOLOAD);
+	if (lib == NULL)
+		return -ENOENT;
+	shim_from_rings_fn from_rings = (shim_from_rings_fn)dlsym(lib, "rte_eth_from_rings");
+	if (from_rings == NULL) {
+		dlclose(lib);
+		return -ENOSYS;
+	}
+	char name[RTE_RING_NAMESIZE];
+	snprintf(name, sizeof(name), "pr_%s", name_a);
+	struct rte_ring *a_to_b = rte_ring_create(name, ring_size, rte_socket_id(),
+						  RING_F_SP_ENQ | RING_F_SC_DEQ);
+	snprintf(name, sizeof(name), "pr_%s", name_b);
+	struct rte_ring *b_to_a = rte_ring_create(name, ring_size, rte_socket_id(),
+						  RING_F_SP_ENQ | RING_F_SC_DEQ);
+	if (a_to_b == NULL || b_to_a == NULL) {
+		int err = rte_errno;
+		rte_ring_free(a_to_b);
+		rte_ring_free(b_to_a);
+		dlclose(lib);
+		return -err;
+	}
+	int a = from_rings(name_a, &b_to_a, 1, &a_to_b, 1, rte_socket_id());
+	int b = a < 0 ? a : from_rings(name_b, &a_to_b, 1, &b_to_a, 1, rte_socket_id());
+	/* The plugin stays loaded by EAL's own handle. */
+	dlclose(lib);
+	if (a < 0 || b < 0)
+		return -rte_errno;
+	*port_a = (uint16_t)a;
+	*port_b = (uint16_t)b;
+	return 0;
 }

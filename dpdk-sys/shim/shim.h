@@ -93,4 +93,15 @@ uint32_t shim_rte_mbuf_packet_type(const struct rte_mbuf *m);
 void shim_rte_mbuf_set_tx_offload(struct rte_mbuf *m, uint8_t l2_len, uint8_t l3_len,
 				  uint8_t l4_len, uint16_t tso_segsz);
 
+/*
+ * Two ring ports joined back to back (what one sends, the other receives):
+ * two rte_rings crossed through rte_eth_from_rings, which lives in the
+ * net_ring PMD. That PMD is a plugin EAL has already dlopen()ed from
+ * `plugin`; the function is looked up there rather than linked a second
+ * time. Ports are named net_ring_<name_a> and net_ring_<name_b>. Returns 0
+ * or a negative errno (-ENOENT: plugin not loaded, -ENOSYS: no such symbol).
+ */
+int shim_ring_pair(const char *plugin, const char *name_a, const char *name_b,
+		   unsigned ring_size, uint16_t *port_a, uint16_t *port_b);
+
 #endif

@@ -7,6 +7,7 @@ use crate::iscsi::session::Session;
 use crate::scsi::{check_status, ScsiCommand};
 use crate::transport::Transport;
 use crate::wire::scsi::Lun;
+use crate::worker::poll_meter;
 
 /// One session per job thread; the job thread polls it.
 pub struct SessionEngine<T: Transport> {
@@ -84,13 +85,16 @@ impl<T: Transport> Engine for SessionEngine<T> {
 
     fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
         let progressed = self.session.poll_io().map_err(|e| e.to_string())?;
+        poll_meter::tick(progressed);
         if !progressed && self.in_flight > 0 {
             // Nothing arrived: block in poll(2) (or spin, in busy-poll mode)
             // rather than burning CPU on empty reads.
             self.session
                 .wait_for_io(std::time::Duration::from_millis(1))
                 .map_err(|e| e.to_string())?;
-            self.session.poll_io().map_err(|e| e.to_string())?;
+            poll_meter::tick(false);
+            let progressed = self.session.poll_io().map_err(|e| e.to_string())?;
+            poll_meter::tick(progressed);
         }
         while let Some(ev) = self.session.connection_mut().poll_event() {
             if let Event::Completed(c) = ev {
@@ -205,13 +209,16 @@ impl Engine for MultipathEngine {
 
     fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
         if self.queue.poll_completions(&mut self.completions) == 0 {
+            poll_meter::tick(false);
             self.empty_polls += 1;
             if let Some(d) = self.idle_sleep {
                 if self.empty_polls > 64 {
                     std::thread::sleep(d);
+                    poll_meter::tick(false);
                 }
             }
         } else {
+            poll_meter::tick(true);
             self.empty_polls = 0;
         }
         for c in self.completions.drain(..) {

@@ -13,6 +13,7 @@ pub mod job;
 pub mod report;
 pub mod verify;
 
+use crate::worker::poll_meter;
 use hdrhistogram::Histogram;
 use job::JobSpec;
 use rand::rngs::SmallRng;
@@ -167,6 +168,7 @@ pub fn run_job(
             break;
         }
         // Fill the queue.
+        let mut submitted_any = false;
         while !stopping && !free_tags.is_empty() {
             let Some(tag) = free_tags.pop() else { break };
             let slot = if spec.rw.random() {
@@ -214,6 +216,7 @@ pub fn run_job(
             let submitted = Instant::now();
             match engine.submit(io) {
                 Ok(()) => {
+                    submitted_any = true;
                     in_flight.insert(slot);
                     pending[tag as usize] = Some((slot, write, generation, submitted));
                 }
@@ -224,12 +227,14 @@ pub fn run_job(
                 }
             }
         }
+        poll_meter::tick(submitted_any);
         if let Err(e) = engine.poll(&mut done) {
             r.errors += 1;
             r.first_error.get_or_insert(e);
             break;
         }
         let now = Instant::now();
+        let completed_any = !done.is_empty();
         for d in done.drain(..) {
             let Some(Some((slot, write, generation, t0))) =
                 pending.get_mut(d.tag as usize).map(Option::take)
@@ -294,6 +299,7 @@ pub fn run_job(
             }
             buffers.push(d.buffer);
         }
+        poll_meter::tick(completed_any);
     }
     r.measured = Instant::now()
         .saturating_duration_since(measure_from)
@@ -309,6 +315,9 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Initiator CPU nanoseconds during the measured part.
     pub cpu_ns: u64,
+    /// Busy and idle time of the initiator's poll loops (job threads and
+    /// path workers) during the measured part: see [`poll_meter`].
+    pub poll: poll_meter::PollTotals,
     pub path_names: Vec<String>,
 }
 
@@ -334,17 +343,20 @@ pub fn run(
     }
     let start = Instant::now();
     let cpu_start = Arc::new(AtomicU64::new(0));
-    let results: Vec<JobResult> = std::thread::scope(|s| {
+    let poll_start = Arc::new(std::sync::Mutex::new(poll_meter::totals()));
+    let results: Vec<(JobResult, poll_meter::PollTotals)> = std::thread::scope(|s| {
         // Sample the CPU counter when measuring begins (after the ramp).
         let sampler = {
             let live = live.clone();
             let cpu_start = cpu_start.clone();
+            let poll_start = poll_start.clone();
             s.spawn(move || {
                 while !live.measuring.load(Ordering::Relaxed) && !live.stop.load(Ordering::Relaxed)
                 {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 cpu_start.store(cpu::initiator_cpu_ns(), Ordering::Relaxed);
+                *poll_start.lock().unwrap_or_else(|e| e.into_inner()) = poll_meter::totals();
             })
         };
         let handles: Vec<_> = engines
@@ -367,9 +379,13 @@ pub fn run(
                             n_paths,
                             live,
                         );
+                        // The measured part ended: what the loop did
+                        // after it (logout) is not the run's.
+                        poll_meter::flush();
+                        let poll = poll_meter::totals();
                         drop(engine);
                         cpu::account_exiting_thread();
-                        r
+                        (r, poll)
                     })
                     .expect("spawn job thread")
             })
@@ -383,9 +399,17 @@ pub fn run(
         results
     });
     let cpu_ns = cpu::initiator_cpu_ns().saturating_sub(cpu_start.load(Ordering::Relaxed));
+    // The latest of the job threads' end-of-run readings.
+    let poll_end = results
+        .iter()
+        .map(|(_, p)| *p)
+        .max_by_key(|p| p.busy_ns + p.idle_ns)
+        .unwrap_or_else(poll_meter::totals);
+    let poll = poll_end.since(*poll_start.lock().unwrap_or_else(|e| e.into_inner()));
     let run = RunResult {
         spec: spec.clone(),
-        jobs: results,
+        jobs: results.into_iter().map(|(r, _)| r).collect(),
+        poll,
         elapsed: start.elapsed(),
         cpu_ns,
         path_names: paths,

@@ -61,6 +61,13 @@ pub struct Summary {
     pub cpu_ns_per_io: f64,
     /// IOs per initiator CPU-second.
     pub iops_per_cpu_second: f64,
+    /// Time of the initiator's poll-loop rounds that did work (see
+    /// `worker::poll_meter`), and per I/O: a busy-polling worker's CPU per
+    /// I/O without the spin.
+    pub busy_ns: u64,
+    pub busy_ns_per_io: f64,
+    /// Time of rounds that found nothing (spinning or sleeping).
+    pub idle_ns: u64,
     pub paths: Vec<(String, DirSummary)>,
     pub errors: u64,
 }
@@ -121,6 +128,13 @@ pub fn summary(run: &RunResult) -> Summary {
         } else {
             0.0
         },
+        busy_ns: run.poll.busy_ns,
+        busy_ns_per_io: if ios > 0 {
+            run.poll.busy_ns as f64 / ios as f64
+        } else {
+            0.0
+        },
+        idle_ns: run.poll.idle_ns,
         paths,
         errors,
     }
@@ -182,6 +196,12 @@ pub fn text(run: &RunResult, s: &Summary) -> String {
         s.cpu_ns as f64 / 1e6,
         s.cpu_ns_per_io,
         s.iops_per_cpu_second
+    ));
+    out.push_str(&format!(
+        "  poll: busy {:.2} ms, idle {:.2} ms, busy_ns_per_io={:.0}\n",
+        s.busy_ns as f64 / 1e6,
+        s.idle_ns as f64 / 1e6,
+        s.busy_ns_per_io
     ));
     for (name, p) in &s.paths {
         let share = if s.total.ios > 0 {
@@ -246,6 +266,9 @@ pub fn json(run: &RunResult, s: &Summary) -> Value {
             "cpu_ns": s.cpu_ns,
             "cpu_ns_per_io": s.cpu_ns_per_io,
             "iops_per_cpu_second": s.iops_per_cpu_second,
+            "busy_ns": s.busy_ns,
+            "busy_ns_per_io": s.busy_ns_per_io,
+            "idle_ns": s.idle_ns,
             "total": dir_json(&s.total, ms),
             "paths": s.paths.iter().map(|(name, p)| json!({"name": name, "stats": dir_json(p, ms)})).collect::<Vec<_>>(),
         }

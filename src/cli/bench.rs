@@ -9,7 +9,9 @@ use iscsi_bypass::bench::{self, report, LiveCounters};
 use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::target::{Target, TargetConfig};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy};
+use iscsi_bypass::worker::{
+    DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy, PortBinding,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -74,7 +76,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub busy_poll: bool,
     /// Discover the target's paths at this portal (SendTargets): every portal
-    /// of the target becomes a path.
+    /// of the target becomes a path; with --iface (or --bind) repeated, every
+    /// interface × portal pair that reaches the target (kernel or dpdk).
     #[arg(long, conflicts_with = "urls")]
     pub discover: Option<String>,
     /// With --discover: which target (needed when the portal lists several).
@@ -83,6 +86,10 @@ pub struct BenchArgs {
     /// With --discover: the LUN.
     #[arg(long, default_value_t = 0)]
     pub lun: u16,
+    /// With --discover and several --iface: at most this many paths (bound
+    /// interfaces) per portal.
+    #[arg(long, requires = "discover", value_name = "N")]
+    pub max_paths_per_portal: Option<usize>,
     /// auto (inline for one path, multipath for several), inline (the job
     /// thread drives its own session, like iscsi-perf), multipath (path
     /// workers behind lock-free rings).
@@ -189,20 +196,42 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     } else {
         None
     };
-    let urls: Vec<String> = match (&embedded, &args.discover) {
-        (Some(t), _) => t
-            .portals()
-            .iter()
-            .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
-            .collect(),
-        (None, Some(portal)) => discovered_urls(portal, args, opts)?,
-        (None, None) => args.urls.clone(),
+    let bound = !opts.iface.is_empty() || !opts.bind.is_empty();
+    let (urls, bindings): (Vec<String>, Vec<PortBinding>) = match (&embedded, &args.discover) {
+        (Some(t), _) => {
+            let urls: Vec<String> = t
+                .portals()
+                .iter()
+                .map(|p| format!("iscsi://{p}/{}/0", t.iqn()))
+                .collect();
+            let b = opts.bindings(urls.len())?;
+            (urls, b)
+        }
+        (None, Some(portal)) if bound => {
+            discovered_bound_paths(portal, args, opts, out, iscsi_bypass::Transport::Kernel)?
+        }
+        (None, Some(portal)) => (
+            super::discovered_urls(
+                portal,
+                args.target_iqn.as_deref(),
+                u64::from(args.lun),
+                opts,
+            )?,
+            Vec::new(),
+        ),
+        (None, None) => (args.urls.clone(), opts.bindings(args.urls.len())?),
     };
     let result = if !multipath_engine(&args.engine, urls.len())? {
         run_inline(&urls[0], &job, args, opts, out)?
     } else {
-        let bind = opts.bind.map(|ip| std::net::SocketAddr::new(ip, 0));
-        let kernel_path = |_: usize, addr, login| Ok(PathConfig::kernel(addr, bind, login));
+        for b in &bindings {
+            b.check_kernel()?;
+        }
+        super::port_binding::warn_host_setup(&bindings);
+        let kernel_path = |i: usize, addr, login| {
+            let b = bindings.get(i).cloned().unwrap_or_default();
+            Ok(PathConfig::kernel_bound(addr, &b, login))
+        };
         run_multipath(&urls, policy, &job, args, opts, out, &kernel_path)?
     };
     drop(embedded);
@@ -223,34 +252,56 @@ fn multipath_engine(engine: &str, paths: usize) -> Result<bool> {
     }
 }
 
-/// One URL per portal of the discovered target.
-fn discovered_urls(portal: &str, args: &BenchArgs, opts: &ConnectOptions) -> Result<Vec<String>> {
-    let targets = super::discover(portal, opts)?;
-    let target = match &args.target_iqn {
-        Some(iqn) => targets.iter().find(|t| &t.name == iqn).with_context(|| {
-            format!(
-                "target {iqn} is not among the {} targets at {portal}",
-                targets.len()
-            )
-        })?,
-        None => match targets.as_slice() {
-            [one] => one,
-            [] => bail!("no targets found at {portal}"),
-            many => bail!(
-                "{} targets at {portal}; choose one with --target-iqn ({})",
-                many.len(),
-                many.iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
+/// `--discover` with `--iface`/`--bind`: every binding × portal pair that
+/// reaches the target (at most `--max-paths-per-portal` per portal); the
+/// pairs that do not are reported on stderr.
+fn discovered_bound_paths(
+    portal: &str,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+    transport: iscsi_bypass::Transport,
+) -> Result<(Vec<String>, Vec<PortBinding>)> {
+    let url = IscsiUrl::parse(portal)?;
+    let login = opts.login_config(&url, None)?;
+    let options = iscsi_bypass::Options {
+        initiator: opts.initiator_name.clone(),
+        transport,
+        bindings: opts.mesh_bindings()?,
+        login_timeout: opts.timeout(),
+        chap: login.chap.map(|initiator| iscsi_bypass::Chap {
+            initiator,
+            target: login.mutual_chap,
+        }),
+        ..iscsi_bypass::Options::default()
     };
-    Ok(target
-        .portals
-        .iter()
-        .map(|p| format!("iscsi://{}/{}/{}", p.address(), target.name, args.lun))
-        .collect())
+    let found = options.discover_paths(
+        &url.portal(),
+        args.target_iqn.as_deref(),
+        args.lun,
+        args.max_paths_per_portal,
+    )?;
+    for u in &found.unreachable {
+        eprintln!(
+            "discovery: {} -> {} cannot reach {}: {}",
+            u.binding.describe(),
+            u.portal,
+            found.target,
+            u.reason
+        );
+    }
+    for (b, p) in &found.capped {
+        eprintln!(
+            "discovery: {} -> {p} left out by --max-paths-per-portal",
+            b.describe()
+        );
+    }
+    if !out.json {
+        for (u, b) in found.urls.iter().zip(&found.bindings) {
+            eprintln!("discovery: path {} -> {u}", b.describe());
+        }
+    }
+    Ok((found.urls, found.bindings))
 }
 
 const EMBEDDED_IQN: &str = "iqn.2026-11.org.iscsi-bypass:embedded";
@@ -356,7 +407,7 @@ fn run_dpdk(_: &BenchArgs, _: &ConnectOptions, _: &Output, _: &JobSpec) -> Resul
 
 /// Starts the DPDK ports and a userspace stack on each from the CLI options.
 #[cfg(feature = "dpdk")]
-fn dpdk_stacks(
+pub(super) fn dpdk_stacks(
     d: &DpdkArgs,
     jobs: u16,
     connect_timeout: Duration,
@@ -418,12 +469,21 @@ fn dpdk_stacks(
 fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
     use std::net::SocketAddr;
+    if let Some(portal) = &args.discover {
+        return run_dpdk_discovered(portal, args, opts, out, job);
+    }
     let multipath = multipath_engine(&args.engine, args.urls.len())?;
     if args.urls.is_empty() {
-        bail!("--transport dpdk needs target URLs (one per path)");
+        bail!("--transport dpdk needs target URLs (one per path) or --discover PORTAL");
     }
     if multipath {
         return run_dpdk_multipath(args, opts, out, job);
+    }
+    if !opts.iface.is_empty() || !opts.bind.is_empty() {
+        bail!(
+            "--iface/--bind over DPDK pick each path's port: use them with --engine multipath \
+             (the inline engine runs job j on port j mod #ports)"
+        );
     }
     let url = IscsiUrl::parse(&args.urls[0])?;
     let (target, lun) = url.require_target()?;
@@ -481,6 +541,33 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
     report_and_check(&result, args, out)
 }
 
+/// `bench --transport dpdk --discover PORTAL`: SendTargets over a stack,
+/// then one path per portal, or with `--iface` per interface × portal pair
+/// that reaches the target (each on its interface's port, next queue).
+#[cfg(feature = "dpdk")]
+fn run_dpdk_discovered(
+    portal: &str,
+    args: &BenchArgs,
+    opts: &ConnectOptions,
+    out: &Output,
+    job: &JobSpec,
+) -> Result<()> {
+    let policy: Policy = args
+        .policy
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let ports = u16::try_from(args.dpdk.dpdk_port.len().max(1)).context("too many ports")?;
+    let stacks = dpdk_stacks(&args.dpdk, ports, opts.timeout())?;
+    let transport = iscsi_bypass::Transport::Dpdk(stacks.clone());
+    let (urls, bindings) = discovered_bound_paths(portal, args, opts, out, transport)?;
+    let maker = std::cell::RefCell::new(iscsi_bypass::worker::dpdk_path_maker(&stacks, &bindings)?);
+    let path = |i: usize, addr: std::net::SocketAddr, login| -> Result<PathConfig> {
+        Ok((maker.borrow_mut())(i, addr, login)?)
+    };
+    let result = run_multipath(&urls, policy, job, args, opts, out, &path)?;
+    report_and_check(&result, args, out)
+}
+
 /// `bench --transport dpdk --engine multipath`: the library's multipath
 /// device with path `i` on port `i mod #ports`, queue pair `i / #ports`.
 #[cfg(feature = "dpdk")]
@@ -496,7 +583,18 @@ fn run_dpdk_multipath(
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))?;
     let paths = u16::try_from(args.urls.len()).context("too many paths")?;
+    let bindings = opts.bindings(args.urls.len())?;
     let stacks = dpdk_stacks(&args.dpdk, paths, opts.timeout())?;
+    if !bindings.is_empty() {
+        // Port binding: each path on the port its --iface/--bind names.
+        let maker =
+            std::cell::RefCell::new(iscsi_bypass::worker::dpdk_path_maker(&stacks, &bindings)?);
+        let bound_path = |i: usize, addr: SocketAddr, login| -> Result<PathConfig> {
+            Ok((maker.borrow_mut())(i, addr, login)?)
+        };
+        let result = run_multipath(&args.urls, policy, job, args, opts, out, &bound_path)?;
+        return report_and_check(&result, args, out);
+    }
     let dpdk_path = |i: usize, addr: SocketAddr, login| -> Result<PathConfig> {
         let SocketAddr::V4(remote) = addr else {
             bail!("the userspace stack speaks IPv4 only, not {addr}");

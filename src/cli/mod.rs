@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod nbd;
 pub mod paths;
+pub mod port_binding;
 pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,6 +18,7 @@ use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::scsi::{Capacity, LunInfo, ReportLunsData};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
 use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+use iscsi_bypass::PortBinding;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,9 +47,15 @@ pub struct ConnectOptions {
     /// Offer data digests: none, crc32c, or both.
     #[arg(long, global = true, default_value = "none")]
     pub data_digest: String,
-    /// Local address to bind (port binding: the path's source interface).
-    #[arg(long, global = true)]
-    pub bind: Option<std::net::IpAddr>,
+    /// Source address of a path (port binding); repeat it once per path,
+    /// in the order of the URLs (with --discover: one per --iface).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub bind: Vec<std::net::IpAddr>,
+    /// Interface a path leaves through (port binding: SO_BINDTODEVICE on
+    /// kernel TCP, the port on DPDK); repeat it once per path, in the order
+    /// of the URLs. With --discover: the interfaces to pair with every portal.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub iface: Vec<String>,
     /// Seconds to wait for connect, login and each command.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
@@ -150,15 +158,38 @@ impl ConnectOptions {
         Ok(c)
     }
 
+    /// One port binding per path for `paths` URLs, from the repeated
+    /// `--iface` and `--bind` (each none, or one per URL), checked against
+    /// this host's interfaces.
+    pub fn bindings(&self, paths: usize) -> Result<Vec<PortBinding>> {
+        let b = PortBinding::per_path(&self.iface, &self.bind, paths)?;
+        Ok(b)
+    }
+
+    /// The bindings to pair with discovered portals: `--iface` i with
+    /// `--bind` i (either list may be empty).
+    pub fn mesh_bindings(&self) -> Result<Vec<PortBinding>> {
+        self.bindings(self.iface.len().max(self.bind.len()))
+    }
+
+    /// The binding of a one-connection command.
+    fn single_binding(&self) -> Result<PortBinding> {
+        if self.iface.len() > 1 || self.bind.len() > 1 {
+            bail!("this command opens one connection: give at most one --iface and one --bind");
+        }
+        let b = PortBinding {
+            iface: self.iface.first().cloned(),
+            source: self.bind.first().copied(),
+        };
+        b.check_kernel()?;
+        Ok(b)
+    }
+
     pub fn connect(&self, url: &IscsiUrl) -> Result<KernelTcp> {
         let addr: SocketAddr = url
             .socket_addr()
             .with_context(|| format!("resolving portal {}", url.portal()))?;
-        let opts = KernelTcpOptions {
-            bind: self.bind.map(|ip| SocketAddr::new(ip, 0)),
-            connect_timeout: Some(self.timeout()),
-            ..Default::default()
-        };
+        let opts: KernelTcpOptions = self.single_binding()?.kernel_options(self.timeout());
         Ok(KernelTcp::connect(addr, &opts)?)
     }
 }
@@ -181,8 +212,9 @@ pub fn open_device(
     busy_poll: bool,
 ) -> Result<MultipathDevice> {
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    let bind = opts.bind.map(|ip| SocketAddr::new(ip, 0));
-    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &vec![bind; urls.len()])
+    let bindings = opts.bindings(urls.len())?;
+    port_binding::warn_host_setup(&bindings);
+    let mut config = DeviceConfig::from_urls(&urls, &opts.initiator_name, &bindings)
         .context("path configuration")?;
     // CHAP from flags, secret files and the environment, per URL.
     for (p, u) in config.paths.iter_mut().zip(&urls) {
@@ -213,6 +245,42 @@ pub fn start_metrics(
     let server = iscsi_bypass::metrics::MetricsServer::start(addr, device.path_handles())?;
     eprintln!("metrics at http://{}/metrics", server.local_addr());
     Ok(Some(server))
+}
+
+/// One URL per portal of the discovered target (`target_iqn`, or the only
+/// target the portal reports).
+pub fn discovered_urls(
+    portal: &str,
+    target_iqn: Option<&str>,
+    lun: u64,
+    opts: &ConnectOptions,
+) -> Result<Vec<String>> {
+    let targets = discover(portal, opts)?;
+    let target = match target_iqn {
+        Some(iqn) => targets.iter().find(|t| t.name == iqn).with_context(|| {
+            format!(
+                "target {iqn} is not among the {} targets at {portal}",
+                targets.len()
+            )
+        })?,
+        None => match targets.as_slice() {
+            [one] => one,
+            [] => bail!("no targets found at {portal}"),
+            many => bail!(
+                "{} targets at {portal}; choose one with --target-iqn ({})",
+                many.len(),
+                many.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
+    };
+    Ok(target
+        .portals
+        .iter()
+        .map(|p| format!("iscsi://{}/{}/{}", p.address(), target.name, lun))
+        .collect())
 }
 
 pub fn open_lun(url: &str, opts: &ConnectOptions) -> Result<LunHandle<KernelTcp>> {

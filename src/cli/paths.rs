@@ -2,7 +2,7 @@
 //! the style of `multipath -ll` (text) or as JSON.
 
 use super::{ConnectOptions, Output};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use iscsi_bypass::multipath::{PathState, PathStats};
 use iscsi_bypass::scsi::LunInfo;
@@ -23,7 +23,7 @@ pub struct PathsArgs {
     pub discover: Option<String>,
     /// With --discover: the target to show (default: the only one found).
     #[arg(long, value_name = "IQN")]
-    pub target: Option<String>,
+    pub target_iqn: Option<String>,
     /// With --discover: the LUN to show.
     #[arg(long, default_value_t = 0)]
     pub lun: u64,
@@ -253,44 +253,6 @@ pub fn render_text(view: &PathsView) -> String {
     out
 }
 
-/// The URLs of every portal of the chosen target, found by SendTargets.
-fn discovered_urls(args: &PathsArgs, portal: &str, opts: &ConnectOptions) -> Result<Vec<String>> {
-    let targets = super::discover(portal, opts)?;
-    let target = match &args.target {
-        Some(name) => targets
-            .iter()
-            .find(|t| &t.name == name)
-            .with_context(|| format!("{portal} does not report target {name}"))?,
-        None => match targets.as_slice() {
-            [only] => only,
-            [] => bail!("{portal} reports no targets"),
-            more => bail!(
-                "{portal} reports {} targets; choose one with --target ({})",
-                more.len(),
-                more.iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        },
-    };
-    if target.portals.is_empty() {
-        bail!("{portal} reports no portals for {}", target.name);
-    }
-    Ok(target
-        .portals
-        .iter()
-        .map(|p| {
-            let host = if p.host.contains(':') {
-                format!("[{}]", p.host)
-            } else {
-                p.host.clone()
-            };
-            format!("iscsi://{host}:{}/{}/{}", p.port, target.name, args.lun)
-        })
-        .collect())
-}
-
 /// Waits until no path is still logging in, or `settle` passes.
 fn wait_settled(device: &MultipathDevice, settle: Duration) {
     let deadline = Instant::now() + settle;
@@ -305,7 +267,7 @@ fn wait_settled(device: &MultipathDevice, settle: Duration) {
 
 pub fn run(args: &PathsArgs, opts: &ConnectOptions, out: &Output) -> Result<()> {
     let urls = match &args.discover {
-        Some(portal) => discovered_urls(args, portal, opts)?,
+        Some(portal) => super::discovered_urls(portal, args.target_iqn.as_deref(), args.lun, opts)?,
         None => args.urls.clone(),
     };
     // The LU's identity and names come from one plain session to the first

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
 pub struct TargetArgs {
-    /// Address to listen on; repeat for several portals (one ALUA group each).
-    #[arg(long = "portal", default_value = "127.0.0.1:3260")]
+    /// Address to listen on; repeat for several portals (one ALUA group
+    /// each). Default: 127.0.0.1:3260 (kernel), or the --local-ip on port
+    /// 3260 (dpdk).
+    #[arg(long = "portal")]
     pub portals: Vec<SocketAddr>,
     /// The target's iSCSI name (IQN), as initiators address it.
     #[arg(long, default_value = "iqn.2026-11.org.iscsi-bypass:target")]
@@ -38,6 +40,13 @@ pub struct TargetArgs {
     /// Stop after this many seconds (default: run until interrupted).
     #[arg(long)]
     pub seconds: Option<u64>,
+    /// Transport: kernel (TCP sockets) or dpdk (the userspace TCP/IP stack
+    /// on a DPDK port, one poll-mode thread; takes the --eal, --dpdk-port
+    /// and --local-ip options of `bench`).
+    #[arg(long, default_value = "kernel")]
+    pub transport: String,
+    #[command(flatten)]
+    pub dpdk: super::bench::DpdkArgs,
 }
 
 pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
@@ -54,7 +63,12 @@ pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
     let mut config = TargetConfig::new(args.iqn.clone())
         .lun(lun)
         .queue_depth(args.queue_depth);
-    for p in &args.portals {
+    let portals = if args.portals.is_empty() && args.transport == "kernel" {
+        vec![SocketAddr::from(([127, 0, 0, 1], 3260))]
+    } else {
+        args.portals.clone()
+    };
+    for p in &portals {
         config = config.portal(*p);
     }
     if let Some(user) = &args.chap_user {
@@ -68,7 +82,11 @@ pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
             secret.lines().next().unwrap_or("").as_bytes().to_vec(),
         );
     }
-    let handle = Target::start(config).context("starting the target")?;
+    let handle = match args.transport.as_str() {
+        "kernel" => Target::start(config).context("starting the target")?,
+        "dpdk" => start_dpdk(config, args)?,
+        other => bail!("unknown transport {other:?} (kernel or dpdk)"),
+    };
     let portals: Vec<String> = handle.portals().iter().map(|p| p.to_string()).collect();
     if out.json {
         println!(
@@ -95,4 +113,22 @@ pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
     }
     handle.stop();
     Ok(())
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn start_dpdk(_: TargetConfig, _: &TargetArgs) -> Result<iscsi_bypass::target::TargetHandle> {
+    bail!("this build has no DPDK support (rebuild with the `dpdk` feature)")
+}
+
+/// The target on queue 0 of one DPDK port, on the userspace stack.
+#[cfg(feature = "dpdk")]
+fn start_dpdk(
+    config: TargetConfig,
+    args: &TargetArgs,
+) -> Result<iscsi_bypass::target::TargetHandle> {
+    if args.dpdk.dpdk_port.len() != 1 {
+        bail!("target --transport dpdk serves on one --dpdk-port");
+    }
+    let stacks = super::bench::dpdk_stacks(&args.dpdk, 1, std::time::Duration::from_secs(10))?;
+    Target::start_on_dpdk(config, &stacks[0], 0).context("starting the target on DPDK")
 }

@@ -13,7 +13,7 @@ use crate::iscsi::login::{random_isid, LoginConfig};
 use crate::iscsi::url::IscsiUrl;
 use crate::transport::kernel::{KernelTcp, KernelTcpOptions};
 use crate::transport::{Transport, TransportError};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Opens a new byte stream for a path; called for the first login and for
@@ -45,6 +45,190 @@ impl Transport for BoxedTransport {
     fn peer_addr(&self) -> Option<SocketAddr> {
         self.0.peer_addr()
     }
+}
+
+/// The local half of a port binding: where one path leaves from. A path is
+/// (interface, source address, portal), the way an ESXi port binding pairs
+/// a VMkernel port (its uplink and address) with a target portal.
+///
+/// Over kernel TCP the interface becomes `SO_BINDTODEVICE` (so the path
+/// leaves through it even when several interfaces share one subnet) and the
+/// source address a `bind(2)`; over DPDK the interface names the port (its
+/// DPDK name, or the kernel interface its af_packet vdev drives) and the
+/// address must be that port's stack address. Both parts are optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PortBinding {
+    /// Interface the path leaves through (`eth1`, `v0`; on DPDK also the
+    /// port name such as `net_af_packet0`).
+    pub iface: Option<String>,
+    /// Source address of the path's connection.
+    pub source: Option<IpAddr>,
+}
+
+impl PortBinding {
+    /// A binding to interface `iface` (the kernel picks its address).
+    pub fn iface(iface: &str) -> PortBinding {
+        PortBinding {
+            iface: Some(iface.to_string()),
+            source: None,
+        }
+    }
+
+    /// A binding to interface `iface` with source address `source`.
+    pub fn iface_source(iface: &str, source: IpAddr) -> PortBinding {
+        PortBinding {
+            iface: Some(iface.to_string()),
+            source: Some(source),
+        }
+    }
+
+    /// A binding to source address `source` alone.
+    pub fn source(source: IpAddr) -> PortBinding {
+        PortBinding {
+            iface: None,
+            source: Some(source),
+        }
+    }
+
+    /// Whether this binds nothing (the path goes wherever routing sends it).
+    pub fn is_unbound(&self) -> bool {
+        self.iface.is_none() && self.source.is_none()
+    }
+
+    /// `v0 10.0.0.11`, `v0`, `10.0.0.11`, or `unbound`.
+    pub fn describe(&self) -> String {
+        match (&self.iface, self.source) {
+            (Some(i), Some(s)) => format!("{i} {s}"),
+            (Some(i), None) => i.clone(),
+            (None, Some(s)) => s.to_string(),
+            (None, None) => "unbound".into(),
+        }
+    }
+
+    /// One binding per path from per-path interface and source lists (the
+    /// CLI's repeated `--iface` and `--bind`, in the order of the paths):
+    /// each list is empty or has exactly one entry per path.
+    pub fn per_path(
+        ifaces: &[String],
+        sources: &[IpAddr],
+        paths: usize,
+    ) -> Result<Vec<PortBinding>, MultipathError> {
+        for (what, n) in [
+            ("--iface (interface)", ifaces.len()),
+            ("--bind (source address)", sources.len()),
+        ] {
+            if n != 0 && n != paths {
+                return Err(MultipathError::Config(format!(
+                    "{paths} path(s) but {n} {what} binding(s): give one per path, in the order of the paths, or none"
+                )));
+            }
+        }
+        Ok((0..paths)
+            .map(|i| PortBinding {
+                iface: ifaces.get(i).cloned(),
+                source: sources.get(i).copied(),
+            })
+            .collect())
+    }
+
+    /// Checks this binding against the host's interfaces for kernel TCP:
+    /// the interface exists, and the source address is one of its own
+    /// (or, with no interface, of some interface).
+    pub fn check_kernel(&self) -> Result<(), MultipathError> {
+        if self.is_unbound() {
+            return Ok(());
+        }
+        let addrs = host_addresses().map_err(|e| {
+            MultipathError::Config(format!(
+                "binding {}: listing interfaces: {e}",
+                self.describe()
+            ))
+        })?;
+        if let Some(iface) = &self.iface {
+            let known: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
+            if !known.contains(&iface.as_str()) {
+                let mut names: Vec<&str> = Vec::new();
+                for n in &known {
+                    if !names.contains(n) {
+                        names.push(n);
+                    }
+                }
+                return Err(MultipathError::Config(format!(
+                    "binding {}: no interface named {iface:?} (interfaces here: {})",
+                    self.describe(),
+                    names.join(", ")
+                )));
+            }
+        }
+        if let Some(source) = self.source {
+            let owners: Vec<&str> = addrs
+                .iter()
+                .filter(|(_, a)| *a == Some(source))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            match &self.iface {
+                Some(iface) if !owners.contains(&iface.as_str()) => {
+                    let own: Vec<String> = addrs
+                        .iter()
+                        .filter(|(n, a)| n == iface && a.is_some())
+                        .filter_map(|(_, a)| a.map(|a| a.to_string()))
+                        .collect();
+                    return Err(MultipathError::Config(format!(
+                        "binding {}: {source} is not an address of {iface} (its addresses: {})",
+                        self.describe(),
+                        if own.is_empty() {
+                            "none".into()
+                        } else {
+                            own.join(", ")
+                        }
+                    )));
+                }
+                None if owners.is_empty() => {
+                    return Err(MultipathError::Config(format!(
+                        "binding {source}: no interface here has that address"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Kernel TCP options for a path with this binding.
+    pub fn kernel_options(&self, connect_timeout: Duration) -> KernelTcpOptions {
+        KernelTcpOptions {
+            bind: self.source.map(|ip| SocketAddr::new(ip, 0)),
+            bind_device: self.iface.clone(),
+            connect_timeout: Some(connect_timeout),
+            ..Default::default()
+        }
+    }
+}
+
+/// Every interface with each of its IP addresses (`None` for an interface
+/// with no address, so that it is still known by name).
+fn host_addresses() -> Result<Vec<(String, Option<IpAddr>)>, nix::Error> {
+    let mut out = Vec::new();
+    for a in nix::ifaddrs::getifaddrs()? {
+        let ip = a.address.as_ref().and_then(|s| {
+            s.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        });
+        out.push((a.interface_name, ip));
+    }
+    Ok(out)
+}
+
+/// Checks `bindings` for `paths` paths: none, or one per path.
+pub fn check_binding_count(bindings: &[PortBinding], paths: usize) -> Result<(), MultipathError> {
+    if !bindings.is_empty() && bindings.len() != paths {
+        return Err(MultipathError::Config(format!(
+            "{paths} path(s) but {} port binding(s): give one per path, in the order of the paths, or none",
+            bindings.len()
+        )));
+    }
+    Ok(())
 }
 
 /// One path: a connector and the login for this path's session.
@@ -81,14 +265,26 @@ impl PathConfig {
     /// A kernel TCP path to `portal`, leaving from `bind` (port binding)
     /// when given.
     pub fn kernel(portal: SocketAddr, bind: Option<SocketAddr>, login: LoginConfig) -> PathConfig {
-        let opts = KernelTcpOptions {
-            bind,
-            connect_timeout: Some(Duration::from_secs(2)),
-            ..Default::default()
+        let binding = PortBinding {
+            iface: None,
+            source: bind.map(|b| b.ip()),
         };
-        let name = match bind {
-            Some(b) => format!("{}->{}", b.ip(), portal),
-            None => portal.to_string(),
+        PathConfig::kernel_bound(portal, &binding, login)
+    }
+
+    /// A kernel TCP path to `portal` through `binding`: `SO_BINDTODEVICE`
+    /// on its interface and `bind(2)` to its source address, each when
+    /// given. Named `iface source->portal`.
+    pub fn kernel_bound(
+        portal: SocketAddr,
+        binding: &PortBinding,
+        login: LoginConfig,
+    ) -> PathConfig {
+        let opts = binding.kernel_options(Duration::from_secs(2));
+        let name = if binding.is_unbound() {
+            portal.to_string()
+        } else {
+            format!("{}->{}", binding.describe(), portal)
         };
         PathConfig::new(
             &name,
@@ -163,19 +359,30 @@ impl DeviceConfig {
     }
 
     /// Paths from URLs (`iscsi://[user%pass@]host[:port]/iqn/lun`), one per
-    /// URL, kernel TCP, bound to `binds[i]` when given. All URLs must name
+    /// URL, kernel TCP, path `i` through `bindings[i]` (none, or one per
+    /// URL; each checked against the host's interfaces). All URLs must name
     /// the same target and LUN.
     pub fn from_urls(
         urls: &[&str],
         initiator: &str,
-        binds: &[Option<SocketAddr>],
+        bindings: &[PortBinding],
     ) -> Result<DeviceConfig, MultipathError> {
+        check_binding_count(bindings, urls.len())?;
+        for b in bindings {
+            b.check_kernel()?;
+        }
         DeviceConfig::from_urls_with(urls, initiator, |i, addr, login| {
-            Ok(PathConfig::kernel(
-                addr,
-                binds.get(i).copied().flatten(),
-                login,
-            ))
+            let binding = bindings.get(i).cloned().unwrap_or_default();
+            if binding
+                .source
+                .is_some_and(|s| s.is_ipv4() != addr.is_ipv4())
+            {
+                return Err(MultipathError::Config(format!(
+                    "path {i}: source {} cannot reach portal {addr} (another address family)",
+                    binding.describe()
+                )));
+            }
+            Ok(PathConfig::kernel_bound(addr, &binding, login))
         })
     }
 
@@ -212,22 +419,24 @@ impl DeviceConfig {
         Ok(DeviceConfig::new(paths, lun))
     }
 
-    /// Paths from SendTargets discovery through `portal`: one path per portal
-    /// the target reports (per bind address, when several are given: the
-    /// full mesh of local addresses × portals).
+    /// Paths from SendTargets discovery through `portal` over kernel TCP:
+    /// one path per portal the target reports, per binding when several
+    /// are given (the full mesh of bindings × portals; a source address
+    /// only pairs with portals of its own family). Discovery itself leaves
+    /// through the first binding. For the mesh with reachability checks
+    /// and a per-portal cap, see `Options::discover_paths`.
     pub fn from_discovery(
         portal: SocketAddr,
         initiator: &str,
         target: &str,
         lun: u16,
-        binds: &[Option<SocketAddr>],
+        bindings: &[PortBinding],
     ) -> Result<DeviceConfig, MultipathError> {
-        let opts = KernelTcpOptions {
-            bind: binds.first().copied().flatten(),
-            connect_timeout: Some(Duration::from_secs(3)),
-            ..Default::default()
-        };
-        let t = KernelTcp::connect(portal, &opts)
+        for b in bindings {
+            b.check_kernel()?;
+        }
+        let first = bindings.first().cloned().unwrap_or_default();
+        let t = KernelTcp::connect(portal, &first.kernel_options(Duration::from_secs(3)))
             .map_err(|e| MultipathError::Discovery(e.to_string()))?;
         let found = send_targets(
             t,
@@ -239,24 +448,24 @@ impl DeviceConfig {
             .iter()
             .find(|t| t.name == target)
             .ok_or_else(|| MultipathError::Discovery(format!("target {target} not reported")))?;
-        let binds: Vec<Option<SocketAddr>> = if binds.is_empty() {
-            vec![None]
+        let bindings: Vec<PortBinding> = if bindings.is_empty() {
+            vec![PortBinding::default()]
         } else {
-            binds.to_vec()
+            bindings.to_vec()
         };
         let mut paths = Vec::new();
         for p in &t.portals {
             let Ok(addr) = p.address().parse::<SocketAddr>() else {
                 continue;
             };
-            for b in &binds {
-                // A bind address only reaches portals of its own family.
-                if b.is_some_and(|b| b.is_ipv4() != addr.is_ipv4()) {
+            for b in &bindings {
+                // A source address only reaches portals of its own family.
+                if b.source.is_some_and(|s| s.is_ipv4() != addr.is_ipv4()) {
                     continue;
                 }
-                paths.push(PathConfig::kernel(
+                paths.push(PathConfig::kernel_bound(
                     addr,
-                    *b,
+                    b,
                     LoginConfig::new(initiator, Some(target)),
                 ));
             }
@@ -285,4 +494,67 @@ fn login_from_url(url: &IscsiUrl, initiator: &str, target: &str) -> LoginConfig 
         });
     }
     login
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_per_path_need_one_per_path_or_none() {
+        let ifaces = vec!["v0".to_string(), "v1".to_string()];
+        let src: Vec<IpAddr> = vec!["10.0.0.11".parse().unwrap()];
+        let b = PortBinding::per_path(&ifaces, &[], 2).unwrap();
+        assert_eq!(b[1], PortBinding::iface("v1"));
+        assert!(PortBinding::per_path(&[], &[], 3)
+            .unwrap()
+            .iter()
+            .all(PortBinding::is_unbound));
+        let e = PortBinding::per_path(&ifaces, &src, 2).unwrap_err();
+        assert!(e.to_string().contains("2 path(s) but 1 --bind"), "{e}");
+        let e = PortBinding::per_path(&ifaces, &[], 3).unwrap_err();
+        assert!(e.to_string().contains("3 path(s) but 2 --iface"), "{e}");
+    }
+
+    #[test]
+    fn kernel_bindings_are_checked_against_the_interfaces() {
+        let lo = "127.0.0.1".parse().unwrap();
+        PortBinding::iface_source("lo", lo).check_kernel().unwrap();
+        PortBinding::source(lo).check_kernel().unwrap();
+        let e = PortBinding::iface("no-such-if0")
+            .check_kernel()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("no interface named \"no-such-if0\""),
+            "{e}"
+        );
+        let e = PortBinding::source("192.0.2.77".parse().unwrap())
+            .check_kernel()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("no interface here has that address"),
+            "{e}"
+        );
+        let e = PortBinding::iface_source("lo", "192.0.2.77".parse().unwrap())
+            .check_kernel()
+            .unwrap_err();
+        assert!(e.to_string().contains("is not an address of lo"), "{e}");
+        let e = DeviceConfig::from_urls(
+            &["iscsi://127.0.0.1/iqn.x:y/0", "iscsi://127.0.0.2/iqn.x:y/0"],
+            "iqn.x:i",
+            &[PortBinding::iface("lo")],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("2 path(s) but 1 port binding"),
+            "{e}"
+        );
+        let c = DeviceConfig::from_urls(
+            &["iscsi://127.0.0.1/iqn.x:y/0"],
+            "iqn.x:i",
+            &[PortBinding::iface_source("lo", lo)],
+        )
+        .unwrap();
+        assert_eq!(c.paths[0].name, "lo 127.0.0.1->127.0.0.1:3260");
+    }
 }

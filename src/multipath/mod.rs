@@ -14,7 +14,7 @@ pub mod path;
 pub mod probe;
 pub mod selector;
 
-pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig};
+pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PortBinding};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,

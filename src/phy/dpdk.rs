@@ -157,6 +157,41 @@ impl Eal {
         Ok(port_id)
     }
 
+    /// Two ring ports joined back to back, `net_ring_<a>` and
+    /// `net_ring_<b>`: what one sends the other receives (a cable in
+    /// memory, for tests in one process). A `net_ring` vdev made on the
+    /// EAL command line loops back to itself instead. Needs the net_ring
+    /// plugin loaded by EAL (it is, from the distribution's plugin dir).
+    pub fn ring_pair(&self, a: &str, b: &str) -> Result<(u16, u16), PhyError> {
+        let plugin = CString::new(format!("{PMD_DIR}/librte_net_ring.so"))
+            .map_err(|_| PhyError::Device("plugin path contains a NUL byte".into()))?;
+        let name = |n: &str| {
+            CString::new(n)
+                .map_err(|_| PhyError::Device(format!("port name {n:?} contains a NUL byte")))
+        };
+        let (c_a, c_b) = (name(a)?, name(b)?);
+        let (mut port_a, mut port_b) = (0u16, 0u16);
+        // SAFETY: EAL is initialised (self exists); every string is
+        // NUL-terminated and outlives the call; both out pointers are valid.
+        let ret = unsafe {
+            sys::shim_ring_pair(
+                plugin.as_ptr(),
+                c_a.as_ptr(),
+                c_b.as_ptr(),
+                1024,
+                &mut port_a,
+                &mut port_b,
+            )
+        };
+        match ret {
+            0 => Ok((port_a, port_b)),
+            r if r == -libc_errno::ENOENT => Err(PhyError::Device(format!(
+                "the net_ring plugin {PMD_DIR}/librte_net_ring.so is not loaded (add -d {PMD_DIR} to the EAL args)"
+            ))),
+            r => check(r, "rte_eth_from_rings (ring pair)").map(|()| (port_a, port_b)),
+        }
+    }
+
     /// The DPDK names of all probed ports (for error messages).
     pub fn port_names(&self) -> Vec<String> {
         let mut names = Vec::new();
@@ -307,6 +342,11 @@ fn rte_strerror(errnum: i32) -> String {
 }
 
 /// Turns a DPDK `0 or -errno` return value into a `PhyError`.
+/// The errno values the shim returns negated.
+mod libc_errno {
+    pub const ENOENT: i32 = 2;
+}
+
 fn check(ret: i32, what: &str) -> Result<(), PhyError> {
     if ret < 0 {
         Err(PhyError::Device(format!("{what}: {}", rte_strerror(ret))))

@@ -11,12 +11,15 @@
 //!   logical units.
 //! - [`fault`]: the [`FaultInjector`] (atomics; cheap to clone).
 //! - [`server`]: the runtime over kernel TCP, one thread per connection.
+//! - [`user`]: the runtime over the userspace stack on a packet device
+//!   (DPDK), one poll-mode thread for every connection.
 
 pub mod conn;
 pub mod fault;
 pub mod lun;
 pub mod scsi;
 pub mod server;
+pub mod user;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
@@ -30,6 +33,7 @@ pub use conn::TargetConn;
 pub use fault::FaultInjector;
 pub use lun::Lun;
 pub use server::{Target, TargetHandle};
+pub use user::UserListenConfig;
 
 /// Errors of the embedded target's runtime and configuration.
 #[derive(Debug, Error)]

@@ -67,8 +67,8 @@ impl Target {
 }
 
 #[derive(Debug, Default)]
-struct Runtime {
-    stop: AtomicBool,
+pub(super) struct Runtime {
+    pub(super) stop: AtomicBool,
     connections: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -82,6 +82,20 @@ pub struct TargetHandle {
 }
 
 impl TargetHandle {
+    /// A handle over threads started by another runtime (the userspace
+    /// stack's poll thread): stopping sets `runtime.stop` and joins them.
+    pub(super) fn from_parts(
+        shared: SharedTarget,
+        runtime: Arc<Runtime>,
+        threads: Vec<JoinHandle<()>>,
+    ) -> TargetHandle {
+        TargetHandle {
+            shared,
+            runtime,
+            listeners: threads,
+        }
+    }
+
     /// The bound portal addresses, in configuration order (real ports).
     pub fn portals(&self) -> Vec<SocketAddr> {
         self.shared.portals.iter().map(|p| p.addr).collect()

@@ -185,6 +185,16 @@ impl DpdkStack {
     pub fn port(&self) -> &Port {
         &self.port
     }
+
+    /// The stack's MAC: the port's, or for a port without one (ring ports
+    /// made by `Eal::ring_pair` are all 00:00:00:00:00:00) a locally
+    /// administered 02:69:62:00:00:<port id>, so two such ports differ.
+    pub fn mac(&self) -> [u8; 6] {
+        match self.port.mac() {
+            [0, 0, 0, 0, 0, 0] => [0x02, 0x69, 0x62, 0, 0, self.port.id() as u8],
+            mac => mac,
+        }
+    }
     pub fn queues(&self) -> u16 {
         self.options.queues
     }
@@ -256,7 +266,7 @@ impl DpdkStack {
         UserTcp::connect(
             device,
             self.options.local_ip,
-            None,
+            Some(self.mac()),
             self.options.gateway,
             remote,
             config,

@@ -45,6 +45,29 @@ impl Default for UserTcpConfig {
     }
 }
 
+impl UserTcpConfig {
+    /// The interface these settings describe, at `local_ip` (e.g. for a
+    /// listening stack: the embedded target on the userspace stack).
+    pub fn interface_config(
+        &self,
+        local_ip: Ipv4Addr,
+        gateway: Option<Ipv4Addr>,
+    ) -> InterfaceConfig {
+        let mut c = InterfaceConfig::new(local_ip, self.prefix_len);
+        c.gateway = gateway;
+        c.static_neighbours = self
+            .static_neighbours
+            .iter()
+            .map(|&(ip, mac)| (ip, EthernetAddress(mac)))
+            .collect();
+        c.mtu = self.mtu;
+        c.offload = self.offload;
+        c.seed = self.seed;
+        c.tcp = self.tcp.clone();
+        c
+    }
+}
+
 /// Real time since the transport was created, as the stack's `Instant`.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
@@ -122,18 +145,8 @@ impl<D: Device> UserTcp<D> {
         let clock = Clock {
             epoch: std::time::Instant::now(),
         };
-        let mut iface_config = InterfaceConfig::new(local_ip, config.prefix_len);
+        let mut iface_config = config.interface_config(local_ip, gateway);
         iface_config.mac = local_mac.map(EthernetAddress);
-        iface_config.gateway = gateway;
-        iface_config.static_neighbours = config
-            .static_neighbours
-            .iter()
-            .map(|&(ip, mac)| (ip, EthernetAddress(mac)))
-            .collect();
-        iface_config.mtu = config.mtu;
-        iface_config.offload = config.offload;
-        iface_config.seed = config.seed;
-        iface_config.tcp = config.tcp.clone();
         let mut iface = Interface::new(iface_config, device.caps());
         let handle = iface.add_socket(None);
         let addr = SocketAddr::V4(remote);

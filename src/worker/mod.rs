@@ -5,14 +5,17 @@
 mod device;
 mod open;
 mod path_worker;
+pub mod poll_meter;
 pub mod ring;
 
 pub use crate::multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
-    Policy,
+    Policy, PortBinding,
 };
 pub use device::{IoQueue, MultipathDevice, SubmitError};
-pub use open::{Chap, Options, Transport};
+#[cfg(feature = "dpdk")]
+pub use open::{dpdk_path_maker, dpdk_port_iface};
+pub use open::{Chap, DiscoveredPaths, Options, Transport, UnreachablePair};
 
 /// Lets the calling thread's short sleeps end on time: Linux pads every
 /// timed wait by the thread's timer slack (50 µs by default), which

@@ -20,8 +20,9 @@
 
 use super::MultipathDevice;
 use crate::iscsi::chap::{Credentials, Secret};
+use crate::iscsi::discovery::DiscoveredTarget;
 use crate::iscsi::login::LoginConfig;
-use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy};
+use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy, PortBinding};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -124,9 +125,12 @@ pub struct Options {
     pub initiator: String,
     /// Transport of every path.
     pub transport: Transport,
-    /// Local addresses to bind path `i`'s connection to (`binds[i]`, port
-    /// binding); missing entries: no binding.
-    pub binds: Vec<Option<SocketAddr>>,
+    /// Port binding of each path (`bindings[i]` for the `i`th URL: the
+    /// interface it leaves through and its source address); empty: no
+    /// binding, otherwise exactly one per URL. With discovery
+    /// ([`Options::discover_paths`]) these are the bindings to mesh with
+    /// the target's portals.
+    pub bindings: Vec<PortBinding>,
     /// Cores to pin the path workers to (worker `i` on `cores[i % len]`);
     /// empty: no pinning.
     pub cores: Vec<usize>,
@@ -157,7 +161,7 @@ impl Default for Options {
         Options {
             initiator: format!("iqn.2026-11.org.iscsi-bypass:{host}"),
             transport: Transport::Kernel,
-            binds: Vec::new(),
+            bindings: Vec::new(),
             cores: Vec::new(),
             policy: base.policy,
             queue_depth: base.queue_depth,
@@ -174,10 +178,15 @@ impl Options {
     /// further before [`MultipathDevice::open`].
     pub fn device_config(&self, urls: &[&str]) -> Result<DeviceConfig, MultipathError> {
         let mut c = match &self.transport {
-            Transport::Kernel => DeviceConfig::from_urls(urls, &self.initiator, &self.binds)?,
+            Transport::Kernel => DeviceConfig::from_urls(urls, &self.initiator, &self.bindings)?,
             #[cfg(feature = "dpdk")]
             Transport::Dpdk(stacks) => {
-                DeviceConfig::from_urls_with(urls, &self.initiator, dpdk_paths(stacks)?)?
+                crate::multipath::config::check_binding_count(&self.bindings, urls.len())?;
+                DeviceConfig::from_urls_with(
+                    urls,
+                    &self.initiator,
+                    dpdk_path_maker(stacks, &self.bindings)?,
+                )?
             }
         };
         if let Some(chap) = &self.chap {
@@ -203,19 +212,110 @@ fn on_subnet(stack: &crate::transport::dpdk::DpdkStack, ip: std::net::Ipv4Addr) 
     crate::transport::user::on_link(o.local_ip, o.user.prefix_len, ip)
 }
 
-/// A path maker for [`DeviceConfig::from_urls_with`] that puts each path
-/// on a userspace stack: one on the portal's subnet with the fewest paths
-/// so far, else `stacks[i % n]`; the path takes that stack's next queue.
+/// The kernel interface a DPDK port drives, when it is an af_packet (or
+/// similar) vdev named in the EAL arguments with `iface=NAME`.
 #[cfg(feature = "dpdk")]
-fn dpdk_paths(
+pub fn dpdk_port_iface(stack: &crate::transport::dpdk::DpdkStack) -> Option<String> {
+    let o = stack.options();
+    vdev_iface(&o.eal_args, &o.port)
+}
+
+/// `NAME` of `--vdev PORT,...,iface=NAME` (or `--vdev=...`) in `eal_args`.
+#[cfg(any(feature = "dpdk", test))]
+fn vdev_iface(eal_args: &[String], port: &str) -> Option<String> {
+    let mut args = eal_args.iter();
+    while let Some(a) = args.next() {
+        let vdev = match a.strip_prefix("--vdev=") {
+            Some(v) => v,
+            None if a == "--vdev" => args.next()?,
+            None => continue,
+        };
+        let mut parts = vdev.split(',');
+        if parts.next() != Some(port) {
+            continue;
+        }
+        if let Some(name) = parts.find_map(|kv| kv.strip_prefix("iface=")) {
+            return Some(name.to_string());
+        }
+    }
+    None
+}
+
+/// The stack `binding` names: its interface is the port's DPDK name or the
+/// kernel interface the port drives, and its source (if given) is the
+/// stack's address.
+#[cfg(feature = "dpdk")]
+fn stack_for_binding(
     stacks: &[std::sync::Arc<crate::transport::dpdk::DpdkStack>],
+    binding: &PortBinding,
+) -> Result<usize, MultipathError> {
+    let by_iface = |s: &crate::transport::dpdk::DpdkStack, iface: &str| {
+        s.options().port == iface || dpdk_port_iface(s).as_deref() == Some(iface)
+    };
+    let by_source = |s: &crate::transport::dpdk::DpdkStack| {
+        binding
+            .source
+            .is_none_or(|ip| ip == std::net::IpAddr::V4(s.options().local_ip))
+    };
+    let describe_all = || {
+        stacks
+            .iter()
+            .map(|s| match dpdk_port_iface(s) {
+                Some(i) => format!("{} on {i} at {}", s.options().port, s.options().local_ip),
+                None => format!("{} at {}", s.options().port, s.options().local_ip),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let found = match &binding.iface {
+        Some(iface) => {
+            let s = stacks
+                .iter()
+                .position(|s| by_iface(s, iface))
+                .ok_or_else(|| {
+                    MultipathError::Config(format!(
+                        "binding {}: no DPDK port named {iface:?} or driving that interface (ports: {})",
+                        binding.describe(),
+                        describe_all()
+                    ))
+                })?;
+            if !by_source(&stacks[s]) {
+                return Err(MultipathError::Config(format!(
+                    "binding {}: the stack on DPDK port {} has address {}, not {}",
+                    binding.describe(),
+                    stacks[s].options().port,
+                    stacks[s].options().local_ip,
+                    binding.source.map(|a| a.to_string()).unwrap_or_default()
+                )));
+            }
+            s
+        }
+        None => stacks.iter().position(|s| by_source(s)).ok_or_else(|| {
+            MultipathError::Config(format!(
+                "binding {}: no DPDK stack has that address (stacks: {})",
+                binding.describe(),
+                describe_all()
+            ))
+        })?,
+    };
+    Ok(found)
+}
+
+/// A path maker for [`DeviceConfig::from_urls_with`] that puts path `i` on
+/// a userspace stack: the one `bindings[i]` names (port binding), or with
+/// no binding one on the portal's subnet with the fewest paths so far, else
+/// `stacks[i % n]`; the path takes that stack's next free queue pair.
+#[cfg(feature = "dpdk")]
+pub fn dpdk_path_maker<'a>(
+    stacks: &'a [std::sync::Arc<crate::transport::dpdk::DpdkStack>],
+    bindings: &'a [PortBinding],
 ) -> Result<
     impl FnMut(
             usize,
             SocketAddr,
             LoginConfig,
         ) -> Result<crate::multipath::PathConfig, MultipathError>
-        + '_,
+        + 'a,
     MultipathError,
 > {
     if stacks.is_empty() {
@@ -230,10 +330,13 @@ fn dpdk_paths(
                 "path {i} to {addr}: the userspace stack speaks IPv4 only"
             )));
         };
-        let s = (0..stacks.len())
-            .filter(|&s| on_subnet(&stacks[s], *remote.ip()))
-            .min_by_key(|&s| used[s])
-            .unwrap_or(i % stacks.len());
+        let s = match bindings.get(i).filter(|b| !b.is_unbound()) {
+            Some(b) => stack_for_binding(stacks, b)?,
+            None => (0..stacks.len())
+                .filter(|&s| on_subnet(&stacks[s], *remote.ip()))
+                .min_by_key(|&s| used[s])
+                .unwrap_or(i % stacks.len()),
+        };
         let stack = &stacks[s];
         let queue = used[s];
         used[s] += 1;
@@ -254,84 +357,141 @@ fn dpdk_paths(
     })
 }
 
+/// A binding × portal pair that discovery could not use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreachablePair {
+    /// The local half of the pair.
+    pub binding: PortBinding,
+    /// The portal (`host:port`) as the target reported it.
+    pub portal: String,
+    /// Why not: the connect error, or another address family.
+    pub reason: String,
+}
+
+/// What [`Options::discover_paths`] found: one path per usable binding ×
+/// portal pair.
+#[derive(Debug, Clone, Default)]
+pub struct DiscoveredPaths {
+    /// The target's name.
+    pub target: String,
+    /// One URL per path.
+    pub urls: Vec<String>,
+    /// Path `i`'s binding (for [`Options::bindings`]).
+    pub bindings: Vec<PortBinding>,
+    /// Pairs that could not reach the target.
+    pub unreachable: Vec<UnreachablePair>,
+    /// Reachable pairs left out by the per-portal cap.
+    pub capped: Vec<(PortBinding, String)>,
+}
+
+impl DiscoveredPaths {
+    /// `Options` for opening these paths: `base` with these bindings.
+    pub fn options(&self, base: &Options) -> Options {
+        Options {
+            bindings: self.bindings.clone(),
+            ..base.clone()
+        }
+    }
+}
+
 impl Options {
+    /// One byte stream to `addr` through `binding` over this transport:
+    /// kernel TCP bound as the binding says, or queue 0 of the DPDK stack
+    /// the binding names (with no binding: the stack on `addr`'s subnet,
+    /// else the first). For discovery and reachability probes, while no
+    /// device holds the queues.
+    fn connect_through(
+        &self,
+        addr: SocketAddr,
+        binding: &PortBinding,
+        timeout: Duration,
+    ) -> Result<crate::multipath::BoxedTransport, String> {
+        match &self.transport {
+            Transport::Kernel => {
+                let opts = binding.kernel_options(timeout);
+                let t = crate::transport::kernel::KernelTcp::connect(addr, &opts)
+                    .map_err(|e| e.to_string())?;
+                Ok(crate::multipath::BoxedTransport(Box::new(t)))
+            }
+            #[cfg(feature = "dpdk")]
+            Transport::Dpdk(stacks) => {
+                let SocketAddr::V4(remote) = addr else {
+                    return Err("the userspace stack speaks IPv4 only".into());
+                };
+                let s = if binding.is_unbound() {
+                    stacks
+                        .iter()
+                        .position(|s| on_subnet(s, *remote.ip()))
+                        .unwrap_or(0)
+                } else {
+                    stack_for_binding(stacks, binding).map_err(|e| e.to_string())?
+                };
+                let stack = stacks
+                    .get(s)
+                    .ok_or_else(|| "Transport::Dpdk has no stack".to_string())?;
+                let t = stack.connect(0, remote).map_err(|e| e.to_string())?;
+                Ok(crate::multipath::BoxedTransport(Box::new(t)))
+            }
+        }
+    }
+
+    /// SendTargets at `addr`, leaving through the first of the bindings
+    /// (or none) that works.
+    fn send_targets_through(
+        &self,
+        addr: SocketAddr,
+        fail: &dyn Fn(String) -> MultipathError,
+    ) -> Result<Vec<DiscoveredTarget>, MultipathError> {
+        use crate::iscsi::discovery::send_targets;
+        if matches!(self.transport, Transport::Kernel) {
+            for b in &self.bindings {
+                b.check_kernel()?;
+            }
+        }
+        let mut login = LoginConfig::new(&self.initiator, None);
+        if let Some(chap) = &self.chap {
+            login.chap = Some(chap.initiator.clone());
+            login.mutual_chap = chap.target.clone();
+        }
+        let unbound = [PortBinding::default()];
+        let tries: &[PortBinding] = if self.bindings.is_empty() {
+            &unbound
+        } else {
+            &self.bindings
+        };
+        let mut errors = Vec::new();
+        for b in tries {
+            let found = self
+                .connect_through(addr, b, self.login_timeout)
+                .and_then(|t| {
+                    send_targets(t, login.clone(), self.login_timeout).map_err(|e| e.to_string())
+                });
+            match found {
+                Ok(found) => return Ok(found),
+                Err(e) if b.is_unbound() => errors.push(e),
+                Err(e) => errors.push(format!("via {}: {e}", b.describe())),
+            }
+        }
+        Err(fail(errors.join("; ")))
+    }
+
     /// SendTargets through `portal` (`host[:port]`, port 3260 by default):
     /// one URL per portal the target reports, for LUN `lun`. `target` picks
     /// the target when the portal serves several (with one, None will do).
-    /// Runs over this transport: kernel TCP (leaving from `binds[0]` when
-    /// given) or the first DPDK stack's queue 0 (free again afterwards);
-    /// `chap` applies to the discovery login too.
+    /// Runs over this transport: kernel TCP (leaving through the first of
+    /// `bindings` that works) or a DPDK stack's queue 0 (free again
+    /// afterwards); `chap` applies to the discovery login too.
     pub fn discover_urls(
         &self,
         portal: &str,
         target: Option<&str>,
         lun: u16,
     ) -> Result<Vec<String>, MultipathError> {
-        use crate::iscsi::discovery::send_targets;
-        use std::net::ToSocketAddrs;
         let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
-        let addr = portal
-            .parse::<SocketAddr>()
-            .ok()
-            .or_else(|| (portal, 3260).to_socket_addrs().ok()?.next())
-            .ok_or_else(|| fail("not an address (host[:port])".into()))?;
-        let mut login = LoginConfig::new(&self.initiator, None);
-        if let Some(chap) = &self.chap {
-            login.chap = Some(chap.initiator.clone());
-            login.mutual_chap = chap.target.clone();
-        }
-        let found = match &self.transport {
-            Transport::Kernel => {
-                let opts = crate::transport::kernel::KernelTcpOptions {
-                    bind: self.binds.first().copied().flatten(),
-                    connect_timeout: Some(self.login_timeout),
-                    ..Default::default()
-                };
-                let t = crate::transport::kernel::KernelTcp::connect(addr, &opts)
-                    .map_err(|e| fail(e.to_string()))?;
-                send_targets(t, login, self.login_timeout)
-            }
-            #[cfg(feature = "dpdk")]
-            Transport::Dpdk(stacks) => {
-                let SocketAddr::V4(remote) = addr else {
-                    return Err(fail("the userspace stack speaks IPv4 only".into()));
-                };
-                let stack = stacks
-                    .iter()
-                    .find(|s| on_subnet(s, *remote.ip()))
-                    .or(stacks.first())
-                    .ok_or_else(|| fail("Transport::Dpdk has no stack".into()))?;
-                let t = stack.connect(0, remote).map_err(|e| fail(e.to_string()))?;
-                send_targets(t, login, self.login_timeout)
-            }
-        }
-        .map_err(|e| fail(e.to_string()))?;
-        let chosen = match target {
-            Some(name) => found.iter().find(|t| t.name == name).ok_or_else(|| {
-                fail(format!(
-                    "target {name} not reported (it reported: {})",
-                    found
-                        .iter()
-                        .map(|t| t.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?,
-            None => match found.as_slice() {
-                [one] => one,
-                [] => return Err(fail("no targets reported".into())),
-                many => {
-                    return Err(fail(format!(
-                        "{} targets reported; name one ({})",
-                        many.len(),
-                        many.iter()
-                            .map(|t| t.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )))
-                }
-            },
-        };
+        let addr =
+            resolve_portal(portal).ok_or_else(|| fail("not an address (host[:port])".into()))?;
+        let found = self.send_targets_through(addr, &fail)?;
+        let chosen = choose_target(&found, target).map_err(fail)?;
         let urls: Vec<String> = chosen
             .portals
             .iter()
@@ -342,21 +502,163 @@ impl Options {
         }
         Ok(urls)
     }
+
+    /// Discovery across port bindings, as ESXi does for a bound adapter:
+    /// SendTargets through `portal`, then every binding of
+    /// [`Options::bindings`] × every portal the target reports that can
+    /// reach it (each pair is tried with a connect, closed again) becomes a
+    /// path, at most `max_per_portal` per portal. With no bindings: one
+    /// path per portal, as [`Options::discover_urls`]. Pairs that cannot
+    /// reach the target are listed in the answer; none reaching it is an
+    /// error naming every pair and why.
+    pub fn discover_paths(
+        &self,
+        portal: &str,
+        target: Option<&str>,
+        lun: u16,
+        max_per_portal: Option<usize>,
+    ) -> Result<DiscoveredPaths, MultipathError> {
+        let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
+        if max_per_portal == Some(0) {
+            return Err(fail("at most 0 paths per portal leaves no path".into()));
+        }
+        let addr =
+            resolve_portal(portal).ok_or_else(|| fail("not an address (host[:port])".into()))?;
+        let found = self.send_targets_through(addr, &fail)?;
+        let chosen = choose_target(&found, target).map_err(fail)?;
+        let probe = !self.bindings.is_empty();
+        let bindings = if probe {
+            self.bindings.clone()
+        } else {
+            vec![PortBinding::default()]
+        };
+        let probe_timeout = self.login_timeout.min(Duration::from_secs(3));
+        let mut out = DiscoveredPaths {
+            target: chosen.name.clone(),
+            ..DiscoveredPaths::default()
+        };
+        // Paths taken per binding so far: with a cap, each portal prefers
+        // the bindings with the fewest paths (so two interfaces capped at
+        // one path per portal spread over two portals).
+        let mut used = vec![0usize; bindings.len()];
+        for p in &chosen.portals {
+            let text = p.address();
+            let mut taken = 0;
+            let mut order: Vec<usize> = (0..bindings.len()).collect();
+            order.sort_by_key(|&b| used[b]);
+            for bi in order {
+                let b = &bindings[bi];
+                let unreachable = |reason: String| UnreachablePair {
+                    binding: b.clone(),
+                    portal: text.clone(),
+                    reason,
+                };
+                let Ok(portal_addr) = text.parse::<SocketAddr>() else {
+                    out.unreachable
+                        .push(unreachable("not an IP address and port".into()));
+                    continue;
+                };
+                if b.source
+                    .is_some_and(|s| s.is_ipv4() != portal_addr.is_ipv4())
+                {
+                    out.unreachable
+                        .push(unreachable("another address family".into()));
+                    continue;
+                }
+                if probe {
+                    match self.connect_through(portal_addr, b, probe_timeout) {
+                        Ok(mut t) => crate::transport::Transport::close(&mut t),
+                        Err(e) => {
+                            out.unreachable.push(unreachable(e));
+                            continue;
+                        }
+                    }
+                }
+                if max_per_portal.is_some_and(|m| taken >= m) {
+                    out.capped.push((b.clone(), text.clone()));
+                    continue;
+                }
+                out.urls
+                    .push(format!("iscsi://{text}/{}/{lun}", chosen.name));
+                out.bindings.push(b.clone());
+                used[bi] += 1;
+                taken += 1;
+            }
+        }
+        if out.urls.is_empty() {
+            let why: Vec<String> = out
+                .unreachable
+                .iter()
+                .map(|u| format!("{} -> {}: {}", u.binding.describe(), u.portal, u.reason))
+                .collect();
+            return Err(fail(format!(
+                "no binding × portal pair of target {} is usable ({})",
+                chosen.name,
+                if why.is_empty() {
+                    "it reported no portal".into()
+                } else {
+                    why.join("; ")
+                }
+            )));
+        }
+        if !probe {
+            out.bindings.clear();
+        }
+        Ok(out)
+    }
+}
+
+/// `host:port`, or `host` with port 3260.
+fn resolve_portal(portal: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    portal
+        .parse::<SocketAddr>()
+        .ok()
+        .or_else(|| (portal, 3260).to_socket_addrs().ok()?.next())
+}
+
+/// The target named `target`, or the only one reported.
+fn choose_target<'a>(
+    found: &'a [DiscoveredTarget],
+    target: Option<&str>,
+) -> Result<&'a DiscoveredTarget, String> {
+    let names = || {
+        found
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match target {
+        Some(name) => found
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| format!("target {name} not reported (it reported: {})", names())),
+        None => match found {
+            [one] => Ok(one),
+            [] => Err("no targets reported".into()),
+            many => Err(format!(
+                "{} targets reported; name one ({})",
+                many.len(),
+                names()
+            )),
+        },
+    }
 }
 
 impl MultipathDevice {
     /// Discovers `target`'s portals through `portal`
-    /// ([`Options::discover_urls`]) and opens LUN `lun` with one path per
-    /// portal.
+    /// ([`Options::discover_paths`]) and opens LUN `lun` with one path per
+    /// portal, or, with bindings, per binding × portal pair that reaches it.
     pub fn open_discovered(
         portal: &str,
         target: Option<&str>,
         lun: u16,
         options: &Options,
     ) -> Result<MultipathDevice, MultipathError> {
-        let urls = options.discover_urls(portal, target, lun)?;
-        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-        MultipathDevice::open_urls(&urls, options)
+        let found = options.discover_paths(portal, target, lun, None)?;
+        let urls: Vec<&str> = found.urls.iter().map(String::as_str).collect();
+        MultipathDevice::open_urls(&urls, &found.options(options))
     }
 
     /// Opens the LU behind `urls` (`iscsi://[user%secret@]host[:port]/iqn/lun`,
@@ -401,6 +703,26 @@ mod tests {
         send::<super::super::IoQueue>();
         send::<crate::multipath::Io>();
         send::<crate::multipath::IoCompletion>();
+    }
+
+    #[test]
+    fn vdev_iface_names_the_kernel_interface_of_a_port() {
+        let args: Vec<String> = [
+            "-l",
+            "1",
+            "--vdev",
+            "net_af_packet0,iface=v0,qpairs=1",
+            "--vdev=net_af_packet1,blocksz=4096,iface=eth7",
+            "--vdev",
+            "net_tap0,iface=tap3",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(vdev_iface(&args, "net_af_packet0").as_deref(), Some("v0"));
+        assert_eq!(vdev_iface(&args, "net_af_packet1").as_deref(), Some("eth7"));
+        assert_eq!(vdev_iface(&args, "net_tap0").as_deref(), Some("tap3"));
+        assert_eq!(vdev_iface(&args, "0000:03:00.0"), None);
+        assert_eq!(vdev_iface(&args, "net_af_packet"), None);
     }
 
     #[test]

@@ -201,7 +201,11 @@ impl Worker {
                 return;
             }
             let progressed = self.round(Instant::now());
+            super::poll_meter::tick(progressed);
             self.idle_wait(progressed);
+            if !progressed {
+                super::poll_meter::tick(false);
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 pub mod netns;
+pub mod target_process;
 
 use iscsi_bypass::phy::dpdk;
 
@@ -125,4 +126,20 @@ fn test_binary_name() -> String {
             _ => stem,
         })
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The CPUs this process may run on (from Cpus_allowed_list), in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    let list = status_field("Cpus_allowed_list:").unwrap_or_default();
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(lo), Ok(hi)) = (lo.parse::<usize>(), hi.parse::<usize>()) {
+            cpus.extend(lo..=hi);
+        }
+    }
+    if cpus.is_empty() {
+        cpus.push(0);
+    }
+    cpus
 }

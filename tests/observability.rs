@@ -1,8 +1,10 @@
-//! `iscsi-bypass paths` (the `multipath -ll` view) and the CLI's logging,
-//! against the embedded target on two loopback portals in two ALUA groups.
+//! What engineers watch: `iscsi-bypass paths` (the `multipath -ll` view),
+//! the CLI's logging, and the Prometheus endpoint of a long-running export,
+//! against the embedded target on two loopback portals.
 
 use iscsi_bypass::target::{AluaState, Target, TargetConfig, TargetHandle};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -156,7 +158,7 @@ fn bad_input_gets_one_clear_error() {
             "paths",
             "--discover",
             &portal,
-            "--target",
+            "--target-iqn",
             "iqn.2026-12.org.example:nope",
         ],
         None,
@@ -164,9 +166,59 @@ fn bad_input_gets_one_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("does not report target iqn.2026-12.org.example:nope"),
+        err.contains("target iqn.2026-12.org.example:nope is not among the 1 targets"),
         "{err}"
     );
     let out = cli(&["paths"], None);
     assert!(!out.status.success(), "a URL or --discover is required");
+}
+
+/// One scrape of `http://addr/metrics`.
+fn scrape(addr: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    reply.starts_with("HTTP/1.1 200").then_some(reply)
+}
+
+#[test]
+fn export_nbd_serves_path_metrics_on_loopback() {
+    let t = target();
+    let u = urls(&t);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let socket = std::env::temp_dir().join(format!("ibx-metrics-{}.sock", std::process::id()));
+    let mut child = Command::new(BIN)
+        .args(["export-nbd", &u[0], &u[1], "--socket"])
+        .arg(&socket)
+        .args(["--metrics-listen", &metrics])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut text = None;
+    while text.is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        text = scrape(&metrics);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&socket);
+    let text = text.expect("the export serves /metrics");
+    for (i, p) in t.portals().iter().enumerate() {
+        let line = format!(r#"iscsi_path_up{{path="{i}",name="{p}"}} 1"#);
+        assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        let logins = format!(r#"iscsi_path_logins_total{{path="{i}",name="{p}"}} 1"#);
+        assert!(text.lines().any(|l| l == logins), "no {logins} in\n{text}");
+    }
+    assert!(text.contains("# TYPE iscsi_path_latency_seconds histogram"));
+    assert!(text.trim_end().ends_with("# EOF"));
 }
