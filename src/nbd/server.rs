@@ -4,7 +4,8 @@
 //! requests from a non-blocking socket, submits them without waiting, and
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
-use super::handshake::{ExportInfo, Handshake, Step};
+use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
+use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
 use crate::multipath::{Io, IoCompletion, IoError, IoOp};
@@ -36,8 +37,17 @@ pub struct ExportConfig {
     pub max_payload: u32,
     /// Largest single SCSI command the export issues; bigger requests are split.
     pub max_io_bytes: u32,
-    /// How long a client has to finish the handshake.
+    /// How long a client has to finish the handshake (TLS included).
     pub handshake_timeout: Duration,
+    /// TLS (`NBD_OPT_STARTTLS`); `None` serves plaintext only.
+    pub tls: Option<TlsConfig>,
+    /// Most clients connected at once; more are closed on accept.
+    pub max_clients: usize,
+    /// Most bytes one client may hold in the server: data of requests in
+    /// progress plus replies it has not read yet. Past this the server
+    /// stops reading its requests until it catches up (one request of up
+    /// to `max_payload` is always taken).
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ExportConfig {
@@ -48,7 +58,10 @@ impl Default for ExportConfig {
             read_only: false,
             max_payload: 32 << 20,
             max_io_bytes: 1 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            tls: None,
+            max_clients: 32,
+            max_buffered_bytes: 64 << 20,
         }
     }
 }
@@ -146,12 +159,6 @@ impl Stream {
             Stream::Unix(s) => s.set_nonblocking(on),
         }
     }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -193,6 +200,86 @@ impl Write for Stream {
     }
 }
 
+/// A client connection: the socket, and TLS over it after `STARTTLS`.
+struct Wire {
+    sock: Stream,
+    tls: Option<TlsSession>,
+}
+
+impl Wire {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.fd()
+    }
+
+    /// Encrypted bytes waiting for the socket (never for plaintext).
+    fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsSession::wants_write)
+    }
+
+    fn flush_tls(&mut self) -> std::io::Result<bool> {
+        match &mut self.tls {
+            None => Ok(false),
+            Some(t) => t.flush_tls(&mut self.sock),
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.close(&mut self.sock);
+        }
+        self.sock.shutdown();
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            None => self.sock.read(buf),
+            Some(t) => t.read(&mut self.sock, buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            None => self.sock.write_vectored(bufs),
+            Some(t) => t.write_vectored(&mut self.sock, bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Refuses to serve the LU in plaintext beyond this host by mistake: a TCP
+/// listener on a non-loopback address needs TLS with
+/// [`TlsPolicy::Require`], unless `insecure_plaintext` says the network is
+/// trusted. Unix sockets and loopback addresses always pass.
+pub fn check_exposure(
+    addr: SocketAddr,
+    tls: Option<&TlsConfig>,
+    insecure_plaintext: bool,
+) -> Result<(), NbdError> {
+    let ip = addr.ip().to_canonical();
+    if ip.is_loopback() || insecure_plaintext {
+        return Ok(());
+    }
+    let why = match tls.map(|t| t.policy) {
+        Some(TlsPolicy::Require) => return Ok(()),
+        Some(_) => "--tls allow still serves clients that do not start TLS",
+        None => "there is no TLS",
+    };
+    Err(NbdError::Insecure(format!(
+        "refusing to serve NBD on {addr} in plaintext ({why}): {ip} is not a loopback address, \
+         so anyone who can reach it could read and write the whole LU. Add --tls-cert FILE \
+         --tls-key FILE (and --tls require), or --insecure-plaintext if this network is trusted"
+    )))
+}
+
 /// Counters of a running server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
@@ -202,6 +289,14 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Requests answered with an error.
     pub errors: AtomicU64,
+    /// Clients connected now (handshake or transmission).
+    pub active: AtomicU64,
+    /// Connections closed on accept because `max_clients` were connected.
+    pub refused: AtomicU64,
+    /// TLS sessions established.
+    pub tls_sessions: AtomicU64,
+    /// Connections closed for a failed or timed-out handshake (TLS included).
+    pub handshake_failures: AtomicU64,
 }
 
 struct Export {
@@ -327,6 +422,11 @@ impl NbdServer {
                 "max_io_bytes must hold a block and max_payload must be positive".into(),
             ));
         }
+        if config.max_clients == 0 || config.max_buffered_bytes == 0 {
+            return Err(NbdError::Config(
+                "max_clients and max_buffered_bytes must be positive".into(),
+            ));
+        }
         listener
             .set_nonblocking()
             .map_err(|e| NbdError::Bind(listener.uri(), e))?;
@@ -350,18 +450,38 @@ impl NbdServer {
             conns.retain(|c| !c.is_finished());
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    if conns.len() >= export.config.max_clients {
+                        export.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        log::warn!(
+                            "NBD client {peer}: refused, {} clients are connected (the limit; \
+                             raise it with --max-clients)",
+                            conns.len()
+                        );
+                        stream.shutdown();
+                        continue;
+                    }
                     next += 1;
                     export.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    export.stats.active.fetch_add(1, Ordering::Relaxed);
                     let (e, s) = (export.clone(), stop.clone());
                     let spawned = std::thread::Builder::new()
                         .name(format!("nbd-conn-{next}"))
-                        .spawn(move || match serve(stream, &e, &s) {
-                            Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
-                            Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                        .spawn(move || {
+                            match serve(stream, &e, &s) {
+                                Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
+                                Err(NbdError::Stopping) => {
+                                    log::info!("NBD client {peer}: closed (server stopping)")
+                                }
+                                Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                            }
+                            e.stats.active.fetch_sub(1, Ordering::Relaxed);
                         });
                     match spawned {
                         Ok(t) => conns.push(t),
-                        Err(e) => log::warn!("cannot start a thread for an NBD client: {e}"),
+                        Err(err) => {
+                            export.stats.active.fetch_sub(1, Ordering::Relaxed);
+                            log::warn!("cannot start a thread for an NBD client: {err}")
+                        }
                     }
                 }
                 Err(e)
@@ -384,55 +504,168 @@ impl NbdServer {
 }
 
 /// Runs one client: handshake, then transmission. Returns why it ended.
-fn serve(mut stream: Stream, export: &Export, stop: &AtomicBool) -> Result<String, NbdError> {
+fn serve(stream: Stream, export: &Export, stop: &AtomicBool) -> Result<String, NbdError> {
+    stream.set_nonblocking(true)?;
+    let mut wire = Wire {
+        sock: stream,
+        tls: None,
+    };
+    let r = match handshake(&mut wire, export, stop) {
+        Ok(Ok(early)) => Conn::new(export).run(&mut wire, early, stop),
+        Ok(Err(why)) => Ok(why),
+        Err(e) => {
+            if !matches!(e, NbdError::Stopping) {
+                export
+                    .stats
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
+        }
+    };
+    wire.close();
+    r
+}
+
+/// Waits until `wire` is readable (or writable, when `out` or TLS bytes
+/// wait), the handshake deadline passes, or the server stops.
+fn wait_handshake(
+    wire: &Wire,
+    want_out: bool,
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<(), NbdError> {
+    if stop.load(Ordering::Acquire) {
+        return Err(NbdError::Stopping);
+    }
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(NbdError::Protocol(format!(
+            "handshake not finished within {} s (the handshake timeout)",
+            limit.as_secs_f64()
+        )));
+    }
+    let mut flags = PollFlags::POLLIN;
+    if want_out || wire.wants_write() {
+        flags |= PollFlags::POLLOUT;
+    }
+    let ms = (deadline - now).as_millis().clamp(1, 200) as u16;
+    let mut fds = [PollFd::new(wire.fd(), flags)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+    Ok(())
+}
+
+/// Sends handshake bytes on the non-blocking `wire`, within the deadline.
+fn send_handshake(
+    wire: &mut Wire,
+    mut bytes: &[u8],
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<(), NbdError> {
+    loop {
+        if !bytes.is_empty() {
+            match wire.write(bytes) {
+                Ok(0) => return Err(NbdError::Protocol("socket closed in the handshake".into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        wire.flush_tls()?;
+        if bytes.is_empty() && !wire.wants_write() {
+            return Ok(());
+        }
+        wait_handshake(wire, true, deadline, limit, stop)?;
+    }
+}
+
+/// The option haggling (and TLS, when the client starts it). `Ok(Ok(bytes))`
+/// enters transmission with `bytes` already read; `Ok(Err(why))` is a
+/// clean close.
+fn handshake(
+    wire: &mut Wire,
+    export: &Export,
+    stop: &AtomicBool,
+) -> Result<Result<Vec<u8>, String>, NbdError> {
+    let tls = export.config.tls.as_ref();
+    let policy = tls.map_or(TlsPolicy::Off, |t| t.policy);
+    let limit = export.config.handshake_timeout;
+    let deadline = Instant::now() + limit;
     let mut out = Vec::with_capacity(256);
-    let mut hs = Handshake::new(export.info.clone(), &mut out);
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    stream.write_all(&out)?;
+    let mut hs = Handshake::with_tls(export.info.clone(), policy, &mut out);
+    send_handshake(wire, &out, deadline, limit, stop)?;
     out.clear();
-    let deadline = Instant::now() + export.config.handshake_timeout;
     let mut inbuf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        if stop.load(Ordering::Acquire) {
-            return Ok("server stopping".into());
-        }
-        if Instant::now() > deadline {
-            return Err(NbdError::Protocol("handshake timed out".into()));
-        }
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => return Ok("client left during the handshake".into()),
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e.into()),
-        };
-        inbuf.extend_from_slice(&chunk[..n]);
         let (used, step) = hs
             .feed(&inbuf, &mut out)
             .map_err(|e| NbdError::Protocol(format!("handshake: {e}")))?;
         inbuf.drain(..used);
-        stream.write_all(&out)?;
+        send_handshake(wire, &out, deadline, limit, stop)?;
         out.clear();
         match step {
             Step::Continue => {}
-            Step::Close(why) => return Ok(why),
-            Step::Transmission => break,
+            Step::Close(why) => return Ok(Err(why)),
+            Step::Transmission => return Ok(Ok(inbuf)),
+            Step::StartTls => {
+                let Some(tls) = tls.filter(|_| wire.tls.is_none()) else {
+                    return Err(NbdError::Protocol("STARTTLS twice".into()));
+                };
+                wire.tls = Some(TlsSession::new(tls.session()?, &inbuf)?);
+                inbuf.clear();
+                if !tls_handshake(wire, &mut inbuf, deadline, limit, stop)? {
+                    return Ok(Err("client left during the TLS handshake".into()));
+                }
+                hs.tls_started();
+                export.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        match wire.read(&mut chunk) {
+            Ok(0) => return Ok(Err("client left during the handshake".into())),
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                wait_handshake(wire, false, deadline, limit, stop)?
+            }
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                return Err(NbdError::Tls(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-    stream.set_read_timeout(None)?;
-    stream.set_nonblocking(true)?;
-    let mut conn = Conn::new(export);
-    let r = conn.run(&mut stream, inbuf, stop);
-    stream.shutdown();
-    r
+}
+
+/// Runs the TLS handshake to its end; decrypted bytes that follow it go to
+/// `inbuf`. `Ok(false)`: the client closed the connection.
+fn tls_handshake(
+    wire: &mut Wire,
+    inbuf: &mut Vec<u8>,
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<bool, NbdError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match wire.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(NbdError::Tls(format!("handshake failed: {e}"))),
+        }
+        wire.flush_tls()?;
+        if !wire.tls.as_ref().is_some_and(TlsSession::is_handshaking) {
+            return Ok(true);
+        }
+        if let Err(e) = wait_handshake(wire, false, deadline, limit, stop) {
+            return Err(match e {
+                NbdError::Protocol(why) => NbdError::Tls(why),
+                other => other,
+            });
+        }
+    }
 }
 
 /// Bytes read from the client and not yet parsed: `buf[start..end]`.
@@ -531,12 +764,16 @@ struct Pending {
     /// plain writes (WRITE SAME was refused).
     zero: (u64, u64),
     refill: bool,
+    /// Request data bytes this request holds (reads and writes).
+    held: usize,
 }
 
 /// Most NBD requests one connection keeps in progress.
 const MAX_PENDING: usize = 1024;
 /// Buffers kept for reuse per connection.
 const POOL: usize = 64;
+/// Most bytes of buffer capacity kept for reuse per connection.
+const POOL_BYTES: usize = 16 << 20;
 
 struct Conn<'a> {
     export: &'a Export,
@@ -551,7 +788,11 @@ struct Conn<'a> {
     live: usize,
     backlog: VecDeque<Io>,
     pool: Vec<Vec<u8>>,
+    pool_bytes: usize,
     comps: Vec<IoCompletion>,
+    /// Bytes held for the client: data of requests in progress plus
+    /// replies not yet written (bounded by `max_buffered_bytes`).
+    held: usize,
 }
 
 fn tag(id: u32, chunk: u32) -> u64 {
@@ -575,16 +816,13 @@ impl<'a> Conn<'a> {
             live: 0,
             backlog: VecDeque::new(),
             pool: Vec::new(),
+            pool_bytes: 0,
             comps: Vec::with_capacity(256),
+            held: 0,
         }
     }
 
-    fn run(
-        &mut self,
-        s: &mut Stream,
-        early: Vec<u8>,
-        stop: &AtomicBool,
-    ) -> Result<String, NbdError> {
+    fn run(&mut self, s: &mut Wire, early: Vec<u8>, stop: &AtomicBool) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
         let mut inbuf = InBuf::new(early);
         let mut disc = false;
@@ -596,7 +834,7 @@ impl<'a> Conn<'a> {
             }
             let mut progress = self.submit_backlog();
             // Requests already buffered.
-            while !disc && self.backlog.is_empty() && self.live < MAX_PENDING {
+            while !disc && self.backlog.is_empty() && self.live < MAX_PENDING && self.has_room() {
                 match wire::parse_request(inbuf.data(), max_payload) {
                     Ok(Some((req, payload, n))) => {
                         progress = true;
@@ -617,8 +855,14 @@ impl<'a> Conn<'a> {
             }
             progress |= self.collect();
             progress |= self.write_out(s)?;
+            progress |= s.flush_tls()?;
             // Read more when we can take it.
-            if !disc && !eof && self.backlog.is_empty() && self.live < MAX_PENDING {
+            if !disc
+                && !eof
+                && self.backlog.is_empty()
+                && self.live < MAX_PENDING
+                && self.has_room()
+            {
                 let need = match wire::Request::parse(inbuf.data()) {
                     Ok(Some(r)) => wire::REQUEST_LEN + r.payload_len().min(max_payload as usize),
                     _ => wire::REQUEST_LEN,
@@ -637,6 +881,9 @@ impl<'a> Conn<'a> {
                     }
                     Err(e)
                         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) if e.kind() == ErrorKind::InvalidData && s.tls.is_some() => {
+                        return Err(NbdError::Tls(e.to_string()))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -669,7 +916,7 @@ impl<'a> Conn<'a> {
                 if !disc && !eof {
                     flags |= PollFlags::POLLIN;
                 }
-                if !self.out.is_empty() {
+                if !self.out.is_empty() || s.wants_write() {
                     flags |= PollFlags::POLLOUT;
                 }
                 let mut fds = [PollFd::new(s.fd(), flags)];
@@ -679,13 +926,36 @@ impl<'a> Conn<'a> {
     }
 
     fn take_buf(&mut self) -> Vec<u8> {
-        self.pool.pop().unwrap_or_default()
+        let b = self.pool.pop().unwrap_or_default();
+        self.pool_bytes -= b.capacity();
+        b
     }
 
     fn give_buf(&mut self, mut b: Vec<u8>) {
-        if self.pool.len() < POOL && b.capacity() > 0 {
+        let cap = b.capacity();
+        if self.pool.len() < POOL && cap > 0 && self.pool_bytes + cap <= POOL_BYTES {
             b.clear();
+            self.pool_bytes += cap;
             self.pool.push(b);
+        }
+    }
+
+    /// Whether the client may send more requests now.
+    fn has_room(&self) -> bool {
+        self.held < self.export.config.max_buffered_bytes
+    }
+
+    fn push_out(&mut self, seg: OutSeg) {
+        self.held += seg.bytes().len();
+        self.out.push_back(seg);
+    }
+
+    fn pop_out(&mut self) {
+        if let Some(seg) = self.out.pop_front() {
+            self.held -= seg.bytes().len();
+            if let OutSeg::Data { buf, .. } = seg {
+                self.give_buf(buf);
+            }
         }
     }
 
@@ -694,12 +964,12 @@ impl<'a> Conn<'a> {
         if error != 0 {
             self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.out
-            .push_back(OutSeg::Header(wire::simple_reply(error, handle)));
+        self.push_out(OutSeg::Header(wire::simple_reply(error, handle)));
     }
 
     fn new_pending(&mut self, p: Pending) -> u32 {
         self.live += 1;
+        self.held += p.held;
         match self.free.pop() {
             Some(id) => {
                 self.pending[id as usize] = Some(p);
@@ -726,6 +996,7 @@ impl<'a> Conn<'a> {
             chunk_bytes: 0,
             zero: (0, 0),
             refill: false,
+            held: 0,
         })
     }
 
@@ -818,6 +1089,7 @@ impl<'a> Conn<'a> {
             chunk_bytes: self.max_io as usize,
             zero: (0, 0),
             refill: false,
+            held: r.length as usize,
         });
         let mut at = a0;
         let mut i = 0u32;
@@ -840,6 +1112,10 @@ impl<'a> Conn<'a> {
             return self.reply_now(r.handle, e);
         }
         let id = self.pending_for(r.handle, Kind::Write, fua);
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.held = payload.len();
+        }
+        self.held += payload.len();
         for (i, c) in payload.chunks(self.max_io as usize).enumerate() {
             let mut b = self.take_buf();
             b.extend_from_slice(c);
@@ -1045,6 +1321,7 @@ impl<'a> Conn<'a> {
         };
         self.free.push(id);
         self.live -= 1;
+        self.held -= p.held;
         self.reply_now(p.handle, p.error);
         if p.kind != Kind::Read {
             return;
@@ -1061,7 +1338,7 @@ impl<'a> Conn<'a> {
             let s = skip.max(cs);
             let e = (skip + len).min(ce);
             if s < e {
-                self.out.push_back(OutSeg::Data {
+                self.push_out(OutSeg::Data {
                     buf,
                     start: s - cs,
                     end: e - cs,
@@ -1073,7 +1350,7 @@ impl<'a> Conn<'a> {
     }
 
     /// Writes queued replies; `Ok(true)` when some bytes went out.
-    fn write_out(&mut self, s: &mut Stream) -> Result<bool, NbdError> {
+    fn write_out(&mut self, s: &mut Wire) -> Result<bool, NbdError> {
         let mut any = false;
         while !self.out.is_empty() {
             let mut slices = [std::io::IoSlice::new(&[]); 16];
@@ -1097,9 +1374,7 @@ impl<'a> Conn<'a> {
                         if w >= left {
                             w -= left;
                             self.out_pos = 0;
-                            if let Some(OutSeg::Data { buf, .. }) = self.out.pop_front() {
-                                self.give_buf(buf);
-                            }
+                            self.pop_out();
                         } else {
                             self.out_pos += w;
                             w = 0;
@@ -1111,9 +1386,7 @@ impl<'a> Conn<'a> {
                         .front()
                         .is_some_and(|f| f.bytes().len() == self.out_pos && self.out_pos == 0)
                     {
-                        if let Some(OutSeg::Data { buf, .. }) = self.out.pop_front() {
-                            self.give_buf(buf);
-                        }
+                        self.pop_out();
                     }
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -1169,5 +1442,32 @@ impl From<std::io::Error> for NbdError {
 impl From<WireError> for NbdError {
     fn from(e: WireError) -> NbdError {
         NbdError::Protocol(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_is_refused_beyond_loopback_unless_asked_for() {
+        for ok in [
+            "127.0.0.1:10809",
+            "127.9.9.9:1",
+            "[::1]:10809",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(
+                check_exposure(ok.parse().unwrap(), None, false).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["0.0.0.0:10809", "192.0.2.7:10809", "[::]:10809"] {
+            let e = check_exposure(bad.parse().unwrap(), None, false).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("not a loopback address"), "{msg}");
+            assert!(msg.contains("--tls-cert") && msg.contains("--insecure-plaintext"));
+            assert!(check_exposure(bad.parse().unwrap(), None, true).is_ok());
+        }
     }
 }
