@@ -297,6 +297,9 @@ pub struct ServerStats {
     pub tls_sessions: AtomicU64,
     /// Connections closed for a failed or timed-out handshake (TLS included).
     pub handshake_failures: AtomicU64,
+    /// Most bytes any one client has held in the server
+    /// (see [`ExportConfig::max_buffered_bytes`]).
+    pub peak_buffered: AtomicU64,
 }
 
 struct Export {
@@ -793,6 +796,8 @@ struct Conn<'a> {
     /// Bytes held for the client: data of requests in progress plus
     /// replies not yet written (bounded by `max_buffered_bytes`).
     held: usize,
+    /// The highest `held` published to the stats so far.
+    peak_held: usize,
 }
 
 fn tag(id: u32, chunk: u32) -> u64 {
@@ -819,6 +824,7 @@ impl<'a> Conn<'a> {
             pool_bytes: 0,
             comps: Vec::with_capacity(256),
             held: 0,
+            peak_held: 0,
         }
     }
 
@@ -948,6 +954,17 @@ impl<'a> Conn<'a> {
     fn push_out(&mut self, seg: OutSeg) {
         self.held += seg.bytes().len();
         self.out.push_back(seg);
+        self.note_peak();
+    }
+
+    fn note_peak(&mut self) {
+        if self.held > self.peak_held {
+            self.peak_held = self.held;
+            self.export
+                .stats
+                .peak_buffered
+                .fetch_max(self.held as u64, Ordering::Relaxed);
+        }
     }
 
     fn pop_out(&mut self) {
@@ -970,6 +987,7 @@ impl<'a> Conn<'a> {
     fn new_pending(&mut self, p: Pending) -> u32 {
         self.live += 1;
         self.held += p.held;
+        self.note_peak();
         match self.free.pop() {
             Some(id) => {
                 self.pending[id as usize] = Some(p);
@@ -1116,6 +1134,7 @@ impl<'a> Conn<'a> {
             p.held = payload.len();
         }
         self.held += payload.len();
+        self.note_peak();
         for (i, c) in payload.chunks(self.max_io as usize).enumerate() {
             let mut b = self.take_buf();
             b.extend_from_slice(c);
