@@ -207,15 +207,13 @@ fn a_slow_handshake_is_dropped_at_the_deadline_while_others_work() {
     let start = Instant::now();
     let mut good = Client::go(b.addr);
     // One byte every 100 ms: always progressing, never finishing.
-    let mut sent = 0;
     let mut closed = false;
-    for &byte in bytes.iter().cycle().take(60) {
+    for (sent, &byte) in bytes.iter().cycle().take(60).enumerate() {
         good.works((sent % 200) as u8);
         if slow.s.write_all(&[byte]).is_err() {
             closed = true;
             break;
         }
-        sent += 1;
         std::thread::sleep(Duration::from_millis(100));
         if start.elapsed() > Duration::from_millis(2500) {
             break;
