@@ -458,3 +458,36 @@ fn cli_refuses_plaintext_exports_and_unauthenticated_portals_beyond_loopback() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
 }
+
+#[test]
+fn a_client_silent_after_starttls_is_dropped_at_the_handshake_deadline() {
+    let bed = Bed::new("tls-silent");
+    let l = Listener::tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port: u16 = l.uri().rsplit(':').next().unwrap().parse().unwrap();
+    let config = ExportConfig {
+        tls: Some(bed.tls(TlsPolicy::Require, false, false)),
+        handshake_timeout: Duration::from_millis(800),
+        ..ExportConfig::default()
+    };
+    let h = NbdServer::spawn(bed.device.clone(), config, l).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut v = Vec::new();
+    wire::emit_option(opt::STARTTLS, &[], &mut v);
+    s.write_all(&v).unwrap();
+    let mut r = [0u8; 20];
+    s.read_exact(&mut r).unwrap();
+    let t = Instant::now();
+    // Say nothing: no ClientHello.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "dropped at the deadline"
+    );
+    wait_idle(&h);
+    assert_eq!(h.stats().handshake_failures.load(Ordering::Relaxed), 1);
+}
