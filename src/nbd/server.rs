@@ -302,8 +302,9 @@ pub struct ServerStats {
     pub peak_buffered: AtomicU64,
 }
 
+/// What every connection of one export shares (the device is passed
+/// separately: a connection only sees its own [`BlockQueue`]).
 struct Export {
-    device: Arc<MultipathDevice>,
     config: ExportConfig,
     info: ExportInfo,
     /// Serialises read-modify-write of partial blocks across connections.
@@ -435,7 +436,6 @@ impl NbdServer {
             .map_err(|e| NbdError::Bind(listener.uri(), e))?;
         let info = export_info(&device, &config);
         let export = Arc::new(Export {
-            device,
             config,
             info,
             rmw: Mutex::new(()),
@@ -466,11 +466,11 @@ impl NbdServer {
                     next += 1;
                     export.stats.connections.fetch_add(1, Ordering::Relaxed);
                     export.stats.active.fetch_add(1, Ordering::Relaxed);
-                    let (e, s) = (export.clone(), stop.clone());
+                    let (e, s, d) = (export.clone(), stop.clone(), device.clone());
                     let spawned = std::thread::Builder::new()
                         .name(format!("nbd-conn-{next}"))
                         .spawn(move || {
-                            match serve(stream, &e, &s) {
+                            match serve(stream, &e, &d, &s) {
                                 Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
                                 Err(NbdError::Stopping) => {
                                     log::info!("NBD client {peer}: closed (server stopping)")
@@ -507,14 +507,19 @@ impl NbdServer {
 }
 
 /// Runs one client: handshake, then transmission. Returns why it ended.
-fn serve(stream: Stream, export: &Export, stop: &AtomicBool) -> Result<String, NbdError> {
+fn serve(
+    stream: Stream,
+    export: &Export,
+    device: &MultipathDevice,
+    stop: &AtomicBool,
+) -> Result<String, NbdError> {
     stream.set_nonblocking(true)?;
     let mut wire = Wire {
         sock: stream,
         tls: None,
     };
     let r = match handshake(&mut wire, export, stop) {
-        Ok(Ok(early)) => Conn::new(export).run(&mut wire, early, stop),
+        Ok(Ok(early)) => Conn::new(export, device.queue_pair()).run(&mut wire, early, stop),
         Ok(Err(why)) => Ok(why),
         Err(e) => {
             if !matches!(e, NbdError::Stopping) {
@@ -771,6 +776,38 @@ struct Pending {
     held: usize,
 }
 
+/// What a connection needs from the device: one queue of it. The export
+/// uses an [`IoQueue`]; tests drive [`Conn`] over a queue in memory.
+trait BlockQueue {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError>;
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize;
+    fn in_flight(&self) -> usize;
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError>;
+    fn flush(&mut self) -> Result<(), IoError>;
+}
+
+impl BlockQueue for IoQueue {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
+        IoQueue::submit(self, io)
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        IoQueue::poll_completions(self, out)
+    }
+    fn in_flight(&self) -> usize {
+        IoQueue::in_flight(self)
+    }
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        IoQueue::read_at(self, lba, buf)
+    }
+    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+        IoQueue::write_at(self, lba, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        IoQueue::flush(self)
+    }
+}
+
 /// Most NBD requests one connection keeps in progress.
 const MAX_PENDING: usize = 1024;
 /// Buffers kept for reuse per connection.
@@ -778,9 +815,15 @@ const POOL: usize = 64;
 /// Most bytes of buffer capacity kept for reuse per connection.
 const POOL_BYTES: usize = 16 << 20;
 
-struct Conn<'a> {
+/// One client in transmission, sans-IO: bytes in ([`Conn::take_requests`]),
+/// I/Os to the queue and back ([`Conn::pump`]), reply bytes out
+/// ([`Conn::write_out`] into any `Write`). [`Conn::run`] drives it over the
+/// client's socket.
+struct Conn<'a, Q: BlockQueue> {
     export: &'a Export,
-    q: IoQueue,
+    q: Q,
+    /// The client sent NBD_CMD_DISC: take no more requests.
+    disc: bool,
     bs: u64,
     size: u64,
     max_io: u64,
@@ -804,13 +847,14 @@ fn tag(id: u32, chunk: u32) -> u64 {
     (u64::from(id) << 32) | u64::from(chunk)
 }
 
-impl<'a> Conn<'a> {
-    fn new(export: &'a Export) -> Conn<'a> {
-        let bs = u64::from(export.device.block_size().max(1));
+impl<'a, Q: BlockQueue> Conn<'a, Q> {
+    fn new(export: &'a Export, q: Q) -> Conn<'a, Q> {
+        let bs = u64::from(export.info.min_block.max(1));
         let max_io = (u64::from(export.config.max_io_bytes) / bs).max(1) * bs;
         Conn {
             export,
-            q: export.device.queue_pair(),
+            q,
+            disc: false,
             bs,
             size: export.info.size,
             max_io,
@@ -828,10 +872,48 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Whether the connection takes more requests now (none pending in the
+    /// backlog, room in the request table and in the buffer cap).
+    fn wants_requests(&self) -> bool {
+        !self.disc && self.backlog.is_empty() && self.live < MAX_PENDING && self.has_room()
+    }
+
+    /// Parses and starts the requests buffered in `inbuf`, as far as
+    /// [`wants_requests`](Self::wants_requests) allows. `Ok(true)` when
+    /// some were taken; an error means the stream cannot be framed.
+    fn take_requests(&mut self, inbuf: &mut InBuf) -> Result<bool, WireError> {
+        let max_payload = self.export.config.max_payload;
+        let mut progress = false;
+        while self.wants_requests() {
+            let Some((req, payload, n)) = wire::parse_request(inbuf.data(), max_payload)? else {
+                break;
+            };
+            progress = true;
+            if req.kind == cmd::DISC {
+                self.disc = true;
+            } else {
+                self.request(req, payload);
+            }
+            inbuf.consume(n);
+        }
+        Ok(progress)
+    }
+
+    /// Submits the backlog and collects completions; `true` on progress.
+    #[cfg(test)]
+    fn pump(&mut self) -> bool {
+        let submitted = self.submit_backlog();
+        submitted | self.collect()
+    }
+
+    /// Nothing in progress and nothing left to send.
+    fn is_drained(&self) -> bool {
+        self.live == 0 && self.backlog.is_empty() && self.out.is_empty()
+    }
+
     fn run(&mut self, s: &mut Wire, early: Vec<u8>, stop: &AtomicBool) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
         let mut inbuf = InBuf::new(early);
-        let mut disc = false;
         let mut eof = false;
         let mut idle_rounds = 0u32;
         loop {
@@ -840,35 +922,19 @@ impl<'a> Conn<'a> {
             }
             let mut progress = self.submit_backlog();
             // Requests already buffered.
-            while !disc && self.backlog.is_empty() && self.live < MAX_PENDING && self.has_room() {
-                match wire::parse_request(inbuf.data(), max_payload) {
-                    Ok(Some((req, payload, n))) => {
-                        progress = true;
-                        if req.kind == cmd::DISC {
-                            disc = true;
-                        } else {
-                            self.request(req, payload);
-                        }
-                        inbuf.consume(n);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        // Flush what we owe, then close: the stream cannot be framed.
-                        let _ = self.write_out(s);
-                        return Err(NbdError::Protocol(e.to_string()));
-                    }
+            match self.take_requests(&mut inbuf) {
+                Ok(p) => progress |= p,
+                Err(e) => {
+                    // Flush what we owe, then close: the stream cannot be framed.
+                    let _ = self.write_out(s);
+                    return Err(NbdError::Protocol(e.to_string()));
                 }
             }
             progress |= self.collect();
             progress |= self.write_out(s)?;
             progress |= s.flush_tls()?;
             // Read more when we can take it.
-            if !disc
-                && !eof
-                && self.backlog.is_empty()
-                && self.live < MAX_PENDING
-                && self.has_room()
-            {
+            if !eof && self.wants_requests() {
                 let need = match wire::Request::parse(inbuf.data()) {
                     Ok(Some(r)) => wire::REQUEST_LEN + r.payload_len().min(max_payload as usize),
                     _ => wire::REQUEST_LEN,
@@ -893,9 +959,9 @@ impl<'a> Conn<'a> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if (disc || eof) && self.live == 0 && self.backlog.is_empty() && self.out.is_empty() {
+            if (self.disc || eof) && self.is_drained() {
                 let pending_bytes = inbuf.data().len();
-                return Ok(if disc {
+                return Ok(if self.disc {
                     "client disconnected (NBD_CMD_DISC)".into()
                 } else if pending_bytes > 0 {
                     format!("client closed the socket mid-request ({pending_bytes} bytes unparsed)")
@@ -919,7 +985,7 @@ impl<'a> Conn<'a> {
                 }
             } else {
                 let mut flags = PollFlags::empty();
-                if !disc && !eof {
+                if !self.disc && !eof {
                     flags |= PollFlags::POLLIN;
                 }
                 if !self.out.is_empty() || s.wants_write() {
@@ -1369,7 +1435,7 @@ impl<'a> Conn<'a> {
     }
 
     /// Writes queued replies; `Ok(true)` when some bytes went out.
-    fn write_out(&mut self, s: &mut Wire) -> Result<bool, NbdError> {
+    fn write_out(&mut self, s: &mut impl Write) -> Result<bool, NbdError> {
         let mut any = false;
         while !self.out.is_empty() {
             let mut slices = [std::io::IoSlice::new(&[]); 16];
