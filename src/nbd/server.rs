@@ -1533,6 +1533,301 @@ impl From<WireError> for NbdError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::scsi::SenseData;
+
+    /// A LU in memory that completes every I/O at once (on submit).
+    struct MemQueue {
+        data: Vec<u8>,
+        bs: usize,
+        done: Vec<IoCompletion>,
+        refuse_write_same: bool,
+        ops: Vec<(IoOp, u64, u32)>,
+        /// Buffer bytes submitted and not yet collected, and its peak.
+        outstanding: usize,
+        peak_outstanding: usize,
+    }
+
+    impl MemQueue {
+        fn new(size: usize, bs: usize) -> MemQueue {
+            MemQueue {
+                data: (0..size).map(|i| (i * 7 + i / 511) as u8).collect(),
+                bs,
+                done: Vec::new(),
+                refuse_write_same: false,
+                ops: Vec::new(),
+                outstanding: 0,
+                peak_outstanding: 0,
+            }
+        }
+    }
+
+    impl BlockQueue for MemQueue {
+        fn submit(&mut self, mut io: Io) -> Result<(), SubmitError> {
+            let (bs, at) = (self.bs, io.lba as usize * self.bs);
+            let len = io.blocks as usize * bs;
+            self.ops.push((io.op, io.lba, io.blocks));
+            let mut result = Ok(());
+            match io.op {
+                IoOp::Read => {
+                    io.buffer.resize(len, 0);
+                    io.buffer.copy_from_slice(&self.data[at..at + len]);
+                }
+                IoOp::Write => self.data[at..at + len].copy_from_slice(&io.buffer),
+                IoOp::WriteSame if self.refuse_write_same => {
+                    let sense = SenseData::new(SenseKey::IllegalRequest, 0x20, 0);
+                    result = Err(IoError::Scsi(ScsiError::CheckCondition { sense }));
+                }
+                IoOp::WriteSame => {
+                    for b in self.data[at..at + len].chunks_mut(bs) {
+                        b.copy_from_slice(&io.buffer);
+                    }
+                }
+                IoOp::Unmap => self.data[at..at + len].fill(0),
+                IoOp::Flush => {}
+            }
+            self.outstanding += io.buffer.capacity();
+            self.peak_outstanding = self.peak_outstanding.max(self.outstanding);
+            self.done.push(IoCompletion {
+                user_tag: io.user_tag,
+                op: io.op,
+                result,
+                latency: Duration::ZERO,
+                path: Some(0),
+                retries: 0,
+                buffer: io.buffer,
+            });
+            Ok(())
+        }
+        fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+            let n = self.done.len();
+            self.outstanding = 0;
+            out.append(&mut self.done);
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+        fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+            let at = lba as usize * self.bs;
+            buf.copy_from_slice(&self.data[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+            let at = lba as usize * self.bs;
+            self.data[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), IoError> {
+            Ok(())
+        }
+    }
+
+    const BS: usize = 512;
+    const LU: usize = 4 << 20;
+
+    fn export(config: ExportConfig) -> Export {
+        Export {
+            info: ExportInfo {
+                name: config.name.clone(),
+                description: String::new(),
+                size: LU as u64,
+                flags: tflags::HAS_FLAGS,
+                min_block: BS as u32,
+                preferred_block: 4096,
+                max_payload: config.max_payload,
+            },
+            config,
+            rmw: Mutex::new(()),
+            no_write_same: AtomicBool::new(false),
+            stats: Arc::default(),
+        }
+    }
+
+    fn small_io() -> ExportConfig {
+        ExportConfig {
+            max_io_bytes: 4096,
+            ..ExportConfig::default()
+        }
+    }
+
+    fn req(kind: u16, handle: u64, offset: u64, length: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        Request {
+            flags: 0,
+            kind,
+            handle,
+            offset,
+            length,
+        }
+        .emit(&mut v);
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Runs the connection until nothing moves; returns the reply bytes.
+    fn drive(c: &mut Conn<'_, MemQueue>, inbuf: &mut InBuf) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let a = c.take_requests(inbuf).unwrap();
+            let b = c.pump();
+            let w = c.write_out(&mut out).unwrap();
+            if !(a || b || w) {
+                return out;
+            }
+        }
+    }
+
+    /// Splits reply bytes: (handle, error, data) with `len(handle)` bytes
+    /// of data after each successful read.
+    fn replies(mut b: &[u8], len: impl Fn(u64) -> usize) -> Vec<(u64, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            let (err, handle) = wire::parse_simple_reply(b).expect("reply magic");
+            let n = if err == 0 { len(handle) } else { 0 };
+            v.push((handle, err, b[16..16 + n].to_vec()));
+            b = &b[16 + n..];
+        }
+        v
+    }
+
+    #[test]
+    fn an_unaligned_read_is_split_into_chunks_and_trimmed_to_the_bytes_asked() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let want = c.q.data[1000..11000].to_vec();
+        let mut inbuf = InBuf::new(req(cmd::READ, 7, 1000, 10_000, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        let r = replies(&out, |_| 10_000);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0, r[0].1), (7, 0));
+        assert!(r[0].2 == want);
+        // Aligned to 512..11264: 4 KiB, 4 KiB, 2.5 KiB.
+        let ops: Vec<_> = c.q.ops.iter().map(|o| (o.1, o.2)).collect();
+        assert_eq!(ops, vec![(1, 8), (9, 8), (17, 5)]);
+        assert!(c.is_drained());
+        assert_eq!(c.held, 0);
+    }
+
+    #[test]
+    fn writes_aligned_and_partial_reach_the_lu() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let a: Vec<u8> = (0..10240u32).map(|i| (i % 251) as u8).collect();
+        let p: Vec<u8> = vec![0xab; 700];
+        let mut input = req(cmd::WRITE, 1, 8192, a.len() as u32, &a);
+        input.extend(req(cmd::WRITE, 2, 100_001, p.len() as u32, &p));
+        input.extend(req(cmd::FLUSH, 3, 0, 0, &[]));
+        let before = c.q.data.clone();
+        let mut inbuf = InBuf::new(input);
+        let out = drive(&mut c, &mut inbuf);
+        let mut r = replies(&out, |_| 0);
+        r.sort();
+        assert_eq!(r, vec![(1, 0, vec![]), (2, 0, vec![]), (3, 0, vec![])]);
+        assert!(c.q.data[8192..8192 + a.len()] == a[..]);
+        assert!(c.q.data[100_001..100_701] == p[..]);
+        // The bytes around the partial write are untouched.
+        assert_eq!(c.q.data[99_840..100_001], before[99_840..100_001]);
+        assert_eq!(c.q.data[100_701..101_376], before[100_701..101_376]);
+    }
+
+    #[test]
+    fn write_zeroes_falls_back_to_plain_writes_when_write_same_is_refused() {
+        let e = export(small_io());
+        let mut q = MemQueue::new(LU, BS);
+        q.refuse_write_same = true;
+        let mut c = Conn::new(&e, q);
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        assert_eq!(replies(&out, |_| 0), vec![(5, 0, vec![])]);
+        assert!(c.q.data[65_536..131_072].iter().all(|&b| b == 0));
+        assert_ne!(c.q.data[65_535], 0);
+        assert!(e.no_write_same.load(Ordering::Relaxed));
+        assert!(c.q.ops.iter().any(|o| o.0 == IoOp::WriteSame));
+        assert!(c.q.ops.iter().any(|o| o.0 == IoOp::Write));
+        // From then on, straight to writes.
+        c.q.ops.clear();
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
+        drive(&mut c, &mut inbuf);
+        assert!(c.q.ops.iter().all(|o| o.0 == IoOp::Write));
+    }
+
+    #[test]
+    fn bad_requests_get_errors_and_garbage_cannot_be_framed() {
+        let e = export(ExportConfig {
+            read_only: true,
+            ..small_io()
+        });
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = req(cmd::READ, 1, LU as u64 - 512, 1024, &[]);
+        input.extend(req(cmd::WRITE, 2, 0, 512, &[0; 512]));
+        input.extend(req(cmd::TRIM, 3, 0, 512, &[]));
+        input.extend(req(99, 4, 0, 0, &[]));
+        let mut inbuf = InBuf::new(input);
+        let r = replies(&drive(&mut c, &mut inbuf), |_| 0);
+        assert_eq!(
+            r,
+            vec![
+                (1, errno::EINVAL, vec![]),
+                (2, errno::EPERM, vec![]),
+                (3, errno::EPERM, vec![]),
+                (4, errno::EINVAL, vec![])
+            ]
+        );
+        assert!(c.q.ops.is_empty());
+        let mut inbuf = InBuf::new(vec![0x55; 64]);
+        assert!(c.take_requests(&mut inbuf).is_err());
+    }
+
+    #[test]
+    fn disc_stops_taking_requests() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = req(cmd::DISC, 1, 0, 0, &[]);
+        input.extend(req(cmd::READ, 2, 0, 512, &[]));
+        let mut inbuf = InBuf::new(input);
+        assert!(drive(&mut c, &mut inbuf).is_empty());
+        assert!(c.disc && c.is_drained());
+        assert_eq!(
+            inbuf.data().len(),
+            wire::REQUEST_LEN,
+            "the READ after DISC is left"
+        );
+    }
+
+    #[test]
+    fn a_client_that_reads_no_replies_is_held_to_the_buffer_cap() {
+        let cap = 256 * 1024;
+        let e = export(ExportConfig {
+            max_buffered_bytes: cap,
+            ..small_io()
+        });
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = Vec::new();
+        for i in 0..100u64 {
+            input.extend(req(cmd::READ, i, i * 65_536 % LU as u64, 65_536, &[]));
+        }
+        let mut inbuf = InBuf::new(input);
+        // Never written out: the replies pile up to the cap, no further.
+        for _ in 0..50 {
+            c.take_requests(&mut inbuf).unwrap();
+            c.pump();
+        }
+        assert!(!c.wants_requests());
+        assert!(
+            c.held >= cap && c.held < cap + 65_536 + 64,
+            "held {}",
+            c.held
+        );
+        let taken = 100 - inbuf.data().len() / wire::REQUEST_LEN;
+        assert!((4..=5).contains(&taken), "took {taken} requests");
+        // Once the client reads, the rest is served.
+        let out = drive(&mut c, &mut inbuf);
+        let r = replies(&out, |_| 65_536);
+        assert_eq!(r.len(), 100, "all answered once the client reads");
+        assert!(r.iter().all(|x| x.1 == 0));
+        assert!(c.is_drained() && c.held == 0);
+        assert!(e.stats.peak_buffered.load(Ordering::Relaxed) as usize <= cap + 65_536 + 64);
+    }
 
     #[test]
     fn plaintext_is_refused_beyond_loopback_unless_asked_for() {
