@@ -195,17 +195,24 @@ sample() { # prints "rss_kb fds threads" summed over the initiators
     echo "$rss $fds $thr"
 }
 log "running $minutes min: kernel bench pid $kbench, dpdk bench pid $dbench, export-nbd pid $nbd"
-start_sample="" end_sample="" restarted=0 t=0
+start_sample="" end_sample="" restarted=0 t=0 t0=$SECONDS
+# Wall-clock time; stop sampling once an initiator has exited (the benches
+# end on their own after their runtime, which started a little earlier).
 while ((t + 10 <= secs - 5)); do
-    sleep 10
-    t=$((t + 10))
+    next=$((t + 10))
+    while ((SECONDS - t0 < next)); do sleep 1; done
+    t=$((SECONDS - t0))
+    alive=1
     for p in "$kbench" "$dbench" "$nbd"; do
-        [[ -d /proc/$p ]] || { log "initiator $p exited early"; }
+        [[ -d /proc/$p ]] || { log "initiator $p has exited"; alive=0; }
     done
+    ((alive)) || break
     s=$(sample)
     log "t=${t}s rss_kb/fds/threads: $s"
     if [[ -z $start_sample && ( $t -ge 60 || $minutes -lt 2 ) ]]; then start_sample=$s; fi
     end_sample=$s
+    tail -1 "$dir/samples.log" >"$dir/last-sample"
+    [[ -n ${first_proc:-} ]] || { [[ $t -ge 60 || $minutes -lt 2 ]] && first_proc=$(tail -1 "$dir/samples.log"); }
     if [[ $restarted == 0 && $t -ge $((secs / 2)) ]]; then
         log "restarting tgtd of bed $K"
         kill -9 "${tgtd_pid[$K]}"; wait "${tgtd_pid[$K]}" 2>/dev/null || true
@@ -252,6 +259,8 @@ log "kernel bench: $kios I/Os, $kerr errors ($kst); dpdk bench: $dios I/Os, $der
 log "nbdcopy: $cops ops, $cerr errors, $cmis mismatches; qemu-io: $qops ops, $qerr errors, $qmis mismatches"
 log "path flaps: $(cat "$dir/flaps" 2>/dev/null || echo 0) per bed; tgtd restarts: $restarted"
 for f in nbdcopy.err qemu-io.err; do [[ -s $dir/$f ]] && { log "$f:"; tail -5 "$dir/$f"; }; done
+log "per process (pid=RSS/fds/threads) at start:${first_proc:-}"
+log "per process at end:$(cat "$dir/last-sample" 2>/dev/null)"
 read -r rs fs ts <<<"$start_sample"
 read -r re fe te <<<"$end_sample"
 mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }

@@ -312,7 +312,21 @@ struct Export {
     /// WRITE SAME was refused once: zero writes from then on.
     no_write_same: AtomicBool,
     stats: Arc<ServerStats>,
+    /// Buffers of closed connections, for the next ones: connections come
+    /// and go on threads of their own, and without this every one would
+    /// grow fresh buffers in its thread's malloc arena.
+    spare: Mutex<SparePool>,
 }
+
+/// Buffers kept across connections, and their capacity in bytes.
+#[derive(Default)]
+struct SparePool {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+/// Most buffer capacity kept across connections.
+const SPARE_BYTES: usize = 64 << 20;
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
 #[derive(Debug)]
@@ -441,6 +455,7 @@ impl NbdServer {
             rmw: Mutex::new(()),
             no_write_same: AtomicBool::new(false),
             stats,
+            spare: Mutex::default(),
         });
         log::info!(
             "NBD export serving {} ({} bytes)",
@@ -843,6 +858,19 @@ struct Conn<'a, Q: BlockQueue> {
     peak_held: usize,
 }
 
+impl<Q: BlockQueue> Drop for Conn<'_, Q> {
+    fn drop(&mut self) {
+        let mut spare = self.export.spare.lock().unwrap_or_else(|e| e.into_inner());
+        for b in self.pool.drain(..) {
+            if spare.bytes + b.capacity() > SPARE_BYTES {
+                break;
+            }
+            spare.bytes += b.capacity();
+            spare.bufs.push(b);
+        }
+    }
+}
+
 fn tag(id: u32, chunk: u32) -> u64 {
     (u64::from(id) << 32) | u64::from(chunk)
 }
@@ -998,9 +1026,18 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 
     fn take_buf(&mut self) -> Vec<u8> {
-        let b = self.pool.pop().unwrap_or_default();
-        self.pool_bytes -= b.capacity();
-        b
+        if let Some(b) = self.pool.pop() {
+            self.pool_bytes -= b.capacity();
+            return b;
+        }
+        let mut spare = self.export.spare.lock().unwrap_or_else(|e| e.into_inner());
+        match spare.bufs.pop() {
+            Some(b) => {
+                spare.bytes -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        }
     }
 
     fn give_buf(&mut self, mut b: Vec<u8>) {
@@ -1640,6 +1677,7 @@ mod tests {
             rmw: Mutex::new(()),
             no_write_same: AtomicBool::new(false),
             stats: Arc::default(),
+            spare: Mutex::default(),
         }
     }
 
@@ -1776,6 +1814,23 @@ mod tests {
         assert!(c.q.ops.is_empty());
         let mut inbuf = InBuf::new(vec![0x55; 64]);
         assert!(c.take_requests(&mut inbuf).is_err());
+    }
+
+    #[test]
+    fn buffers_of_a_closed_connection_serve_the_next_one() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut inbuf = InBuf::new(req(cmd::READ, 1, 0, 65_536, &[]));
+        drive(&mut c, &mut inbuf);
+        let kept = c.pool.len();
+        assert!(kept > 0);
+        drop(c);
+        let spare = e.spare.lock().unwrap().bufs.len();
+        assert_eq!(spare, kept);
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let b = c.take_buf();
+        assert!(b.capacity() >= 4096, "a grown buffer, not a new one");
+        assert_eq!(e.spare.lock().unwrap().bufs.len(), spare - 1);
     }
 
     #[test]
