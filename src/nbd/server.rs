@@ -312,21 +312,7 @@ struct Export {
     /// WRITE SAME was refused once: zero writes from then on.
     no_write_same: AtomicBool,
     stats: Arc<ServerStats>,
-    /// Buffers of closed connections, for the next ones: connections come
-    /// and go on threads of their own, and without this every one would
-    /// grow fresh buffers in its thread's malloc arena.
-    spare: Mutex<SparePool>,
 }
-
-/// Buffers kept across connections, and their capacity in bytes.
-#[derive(Default)]
-struct SparePool {
-    bufs: Vec<Vec<u8>>,
-    bytes: usize,
-}
-
-/// Most buffer capacity kept across connections.
-const SPARE_BYTES: usize = 64 << 20;
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
 #[derive(Debug)]
@@ -455,7 +441,6 @@ impl NbdServer {
             rmw: Mutex::new(()),
             no_write_same: AtomicBool::new(false),
             stats,
-            spare: Mutex::default(),
         });
         log::info!(
             "NBD export serving {} ({} bytes)",
@@ -787,6 +772,9 @@ struct Pending {
     /// plain writes (WRITE SAME was refused).
     zero: (u64, u64),
     refill: bool,
+    /// Write-zeroes: the next block to queue (zeroing goes out in batches
+    /// of at most `ZERO_BATCH_BYTES` of buffers).
+    zero_next: u64,
     /// Request data bytes this request holds (reads and writes).
     held: usize,
 }
@@ -827,6 +815,9 @@ impl BlockQueue for IoQueue {
 const MAX_PENDING: usize = 1024;
 /// Buffers kept for reuse per connection.
 const POOL: usize = 64;
+/// Most buffer bytes one write-zeroes request has queued at a time (zero
+/// writes, where the target refuses WRITE SAME, need a buffer per block).
+const ZERO_BATCH_BYTES: u64 = 8 << 20;
 /// Most bytes of buffer capacity kept for reuse per connection.
 const POOL_BYTES: usize = 16 << 20;
 
@@ -856,19 +847,6 @@ struct Conn<'a, Q: BlockQueue> {
     held: usize,
     /// The highest `held` published to the stats so far.
     peak_held: usize,
-}
-
-impl<Q: BlockQueue> Drop for Conn<'_, Q> {
-    fn drop(&mut self) {
-        let mut spare = self.export.spare.lock().unwrap_or_else(|e| e.into_inner());
-        for b in self.pool.drain(..) {
-            if spare.bytes + b.capacity() > SPARE_BYTES {
-                break;
-            }
-            spare.bytes += b.capacity();
-            spare.bufs.push(b);
-        }
-    }
 }
 
 fn tag(id: u32, chunk: u32) -> u64 {
@@ -1026,18 +1004,9 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 
     fn take_buf(&mut self) -> Vec<u8> {
-        if let Some(b) = self.pool.pop() {
-            self.pool_bytes -= b.capacity();
-            return b;
-        }
-        let mut spare = self.export.spare.lock().unwrap_or_else(|e| e.into_inner());
-        match spare.bufs.pop() {
-            Some(b) => {
-                spare.bytes -= b.capacity();
-                b
-            }
-            None => Vec::new(),
-        }
+        let b = self.pool.pop().unwrap_or_default();
+        self.pool_bytes -= b.capacity();
+        b
     }
 
     fn give_buf(&mut self, mut b: Vec<u8>) {
@@ -1117,6 +1086,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             chunk_bytes: 0,
             zero: (0, 0),
             refill: false,
+            zero_next: 0,
             held: 0,
         })
     }
@@ -1210,6 +1180,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             chunk_bytes: self.max_io as usize,
             zero: (0, 0),
             refill: false,
+            zero_next: 0,
             held: r.length as usize,
         });
         let mut at = a0;
@@ -1277,6 +1248,19 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     /// Queues zeroing of blocks `first..last` (WRITE SAME, or zero writes
     /// where the target refuses WRITE SAME).
     fn zero_range(&mut self, id: u32, first: u64, last: u64) {
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.zero = (first, last);
+            p.zero_next = first;
+        }
+        self.zero_batch(id);
+    }
+
+    /// Queues the next batch of the zeroing of request `id`.
+    fn zero_batch(&mut self, id: u32) {
+        let Some(Some(p)) = self.pending.get(id as usize) else {
+            return;
+        };
+        let (mut lba, last) = (p.zero_next, p.zero.1);
         let bs = self.bs;
         let ws = !self.export.no_write_same.load(Ordering::Relaxed);
         let step = if ws {
@@ -1284,11 +1268,12 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         } else {
             self.max_io / bs
         };
-        let mut lba = first;
-        while lba < last {
+        let mut queued = 0u64;
+        while lba < last && queued < ZERO_BATCH_BYTES {
             let n = (last - lba).min(step);
+            let bytes = if ws { bs } else { n * bs };
             let mut b = self.take_buf();
-            b.resize((if ws { bs } else { n * bs }) as usize, 0);
+            b.resize(bytes as usize, 0);
             b.fill(0);
             let io = Io {
                 op: if ws { IoOp::WriteSame } else { IoOp::Write },
@@ -1299,6 +1284,10 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             };
             self.push_io(id, io);
             lba += n;
+            queued += bytes;
+        }
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.zero_next = lba;
         }
     }
 
@@ -1431,6 +1420,10 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             p.refill = false;
             let (first, last) = p.zero;
             self.zero_range(id, first, last);
+            return;
+        }
+        if p.error == 0 && p.zero_next < p.zero.1 {
+            self.zero_batch(id);
             return;
         }
         if p.fua && !p.flushing && p.error == 0 && p.kind != Kind::Read {
@@ -1660,7 +1653,7 @@ mod tests {
     }
 
     const BS: usize = 512;
-    const LU: usize = 4 << 20;
+    const LU: usize = 16 << 20;
 
     fn export(config: ExportConfig) -> Export {
         Export {
@@ -1677,7 +1670,6 @@ mod tests {
             rmw: Mutex::new(()),
             no_write_same: AtomicBool::new(false),
             stats: Arc::default(),
-            spare: Mutex::default(),
         }
     }
 
@@ -1790,6 +1782,26 @@ mod tests {
     }
 
     #[test]
+    fn zero_writes_go_out_in_bounded_batches() {
+        let e = export(ExportConfig {
+            max_io_bytes: 1 << 20,
+            ..ExportConfig::default()
+        });
+        e.no_write_same.store(true, Ordering::Relaxed);
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let len = 12u32 << 20;
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        assert_eq!(replies(&out, |_| 0), vec![(8, 0, vec![])]);
+        assert!(c.q.data[1 << 20..(13 << 20)].iter().all(|&b| b == 0));
+        assert_ne!(c.q.data[(13 << 20) + 1], 0);
+        assert_eq!(c.q.ops.len(), 12);
+        // Never the whole 12 MiB of zero buffers at once.
+        let peak = c.q.peak_outstanding as u64;
+        assert!(peak <= 9 << 20, "{peak} bytes of zeroes queued at once");
+    }
+
+    #[test]
     fn bad_requests_get_errors_and_garbage_cannot_be_framed() {
         let e = export(ExportConfig {
             read_only: true,
@@ -1814,23 +1826,6 @@ mod tests {
         assert!(c.q.ops.is_empty());
         let mut inbuf = InBuf::new(vec![0x55; 64]);
         assert!(c.take_requests(&mut inbuf).is_err());
-    }
-
-    #[test]
-    fn buffers_of_a_closed_connection_serve_the_next_one() {
-        let e = export(small_io());
-        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
-        let mut inbuf = InBuf::new(req(cmd::READ, 1, 0, 65_536, &[]));
-        drive(&mut c, &mut inbuf);
-        let kept = c.pool.len();
-        assert!(kept > 0);
-        drop(c);
-        let spare = e.spare.lock().unwrap().bufs.len();
-        assert_eq!(spare, kept);
-        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
-        let b = c.take_buf();
-        assert!(b.capacity() >= 4096, "a grown buffer, not a new one");
-        assert_eq!(e.spare.lock().unwrap().bufs.len(), spare - 1);
     }
 
     #[test]
