@@ -37,6 +37,9 @@ pub struct TargetArgs {
     /// Command window (MaxCmdSN - ExpCmdSN + 1) per session.
     #[arg(long, default_value_t = 128)]
     pub queue_depth: u32,
+    /// Serve a non-loopback portal without CHAP (trusted networks only).
+    #[arg(long)]
+    pub no_auth: bool,
     /// Stop after this many seconds (default: run until interrupted).
     #[arg(long)]
     pub seconds: Option<u64>,
@@ -82,6 +85,8 @@ pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
             secret.lines().next().unwrap_or("").as_bytes().to_vec(),
         );
     }
+    // Before binding: never serve the LUN unauthenticated to the network by mistake.
+    config.check_exposure(args.no_auth)?;
     let handle = match args.transport.as_str() {
         "kernel" => Target::start(config).context("starting the target")?,
         "dpdk" => start_dpdk(config, args)?,

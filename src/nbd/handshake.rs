@@ -6,7 +6,12 @@
 //! client: option ...                   server: option reply ...
 //!   NBD_OPT_GO (ACK)  or  NBD_OPT_EXPORT_NAME (size, flags)  -> transmission
 //!   NBD_OPT_ABORT (ACK) -> close
+//!   NBD_OPT_STARTTLS (ACK) -> TLS handshake, then options again, encrypted
 //! ```
+//!
+//! With [`TlsPolicy::Require`] every option but `STARTTLS` and `ABORT` is
+//! answered `NBD_REP_ERR_TLS_REQD` until TLS is up (`EXPORT_NAME`, which
+//! cannot carry an error, closes the connection).
 
 use super::wire::{self, info, opt, rep, InfoRequest, WireError};
 
@@ -34,6 +39,17 @@ pub const MAX_OPTION_DATA: u32 = 16 * 1024;
 /// Options a client may send before we give up on it.
 pub const MAX_OPTIONS: u32 = 1024;
 
+/// Whether the handshake offers TLS, and whether it insists on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS configured: `STARTTLS` is answered `NBD_REP_ERR_UNSUP`.
+    Off,
+    /// TLS on request; plaintext clients are served too.
+    Allow,
+    /// Nothing but `STARTTLS` (or `ABORT`) until TLS is up.
+    Require,
+}
+
 /// Where the handshake goes next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -43,6 +59,11 @@ pub enum Step {
     Transmission,
     /// Send what was written to `out`, then close, for this reason.
     Close(String),
+    /// Send what was written to `out` (the `STARTTLS` ACK) in plaintext,
+    /// run the TLS handshake, then call [`Handshake::tls_started`] and feed
+    /// the decrypted bytes. Bytes after the option are the client's first
+    /// TLS record, not options: they were not consumed.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +81,18 @@ pub struct Handshake {
     no_zeroes: bool,
     fixed: bool,
     options: u32,
+    tls: TlsPolicy,
+    tls_active: bool,
 }
 
 impl Handshake {
-    /// Starts a handshake; writes the server greeting to `out`.
+    /// Starts a handshake without TLS; writes the server greeting to `out`.
     pub fn new(export: ExportInfo, out: &mut Vec<u8>) -> Handshake {
+        Handshake::with_tls(export, TlsPolicy::Off, out)
+    }
+
+    /// Starts a handshake with a TLS policy; writes the greeting to `out`.
+    pub fn with_tls(export: ExportInfo, tls: TlsPolicy, out: &mut Vec<u8>) -> Handshake {
         wire::emit_server_greeting(wire::FLAG_FIXED_NEWSTYLE | wire::FLAG_NO_ZEROES, out);
         Handshake {
             export,
@@ -72,7 +100,19 @@ impl Handshake {
             no_zeroes: false,
             fixed: false,
             options: 0,
+            tls,
+            tls_active: false,
         }
+    }
+
+    /// The TLS handshake that [`Step::StartTls`] asked for has completed.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+    }
+
+    /// Whether the option haggling now runs over TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// Consumes as much of `input` as forms complete messages, writing
@@ -104,6 +144,10 @@ impl Handshake {
                         return Ok((used, Step::Close("too many options".into())));
                     }
                     let step = self.option(o.option, o.data, out);
+                    if step == Step::StartTls {
+                        // The rest of the input is TLS: stop here.
+                        return Ok((used, step));
+                    }
                     if step != Step::Continue {
                         self.state = State::Done;
                         return Ok((used, step));
@@ -123,6 +167,33 @@ impl Handshake {
     }
 
     fn option(&mut self, option: u32, data: &[u8], out: &mut Vec<u8>) -> Step {
+        if option == opt::STARTTLS {
+            return self.starttls(data, out);
+        }
+        if self.tls == TlsPolicy::Require && !self.tls_active {
+            return match option {
+                opt::ABORT => {
+                    wire::emit_option_reply(option, rep::ACK, &[], out);
+                    Step::Close("client aborted the handshake".into())
+                }
+                opt::EXPORT_NAME => Step::Close(
+                    "client asked for the export without TLS, and TLS is required".into(),
+                ),
+                _ if !self.fixed => Step::Close(
+                    "a non-fixed-newstyle client cannot negotiate the TLS this server requires"
+                        .into(),
+                ),
+                _ => {
+                    error_reply(
+                        option,
+                        rep::ERR_TLS_REQD,
+                        "this server requires TLS: use NBD_OPT_STARTTLS",
+                        out,
+                    );
+                    Step::Continue
+                }
+            };
+        }
         let e = &self.export;
         match option {
             opt::EXPORT_NAME => {
@@ -192,10 +263,6 @@ impl Handshake {
                     Step::Continue
                 }
             }
-            opt::STARTTLS => {
-                error_reply(option, rep::ERR_UNSUP, "TLS is not supported", out);
-                Step::Continue
-            }
             _ => {
                 if !self.fixed {
                     // Plain newstyle clients do not understand error replies.
@@ -207,6 +274,28 @@ impl Handshake {
                 Step::Continue
             }
         }
+    }
+}
+
+impl Handshake {
+    fn starttls(&mut self, data: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = opt::STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            error_reply(
+                option,
+                rep::ERR_UNSUP,
+                "TLS is not configured on this server",
+                out,
+            );
+        } else if self.tls_active {
+            error_reply(option, rep::ERR_INVALID, "TLS is already active", out);
+        } else if !data.is_empty() {
+            error_reply(option, rep::ERR_INVALID, "STARTTLS takes no data", out);
+        } else {
+            wire::emit_option_reply(option, rep::ACK, &[], out);
+            return Step::StartTls;
+        }
+        Step::Continue
     }
 }
 
@@ -365,6 +454,119 @@ mod tests {
         let mut input = vec![0, 0, 0, 1];
         input.extend_from_slice(&[0xff; 16]);
         assert!(h.feed(&input, &mut out).is_err());
+    }
+
+    fn option(o: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        wire::emit_option(o, data, &mut v);
+        v
+    }
+
+    fn start_tls(policy: TlsPolicy) -> Handshake {
+        let mut out = Vec::new();
+        Handshake::with_tls(export(), policy, &mut out)
+    }
+
+    #[test]
+    fn starttls_without_tls_configured_is_unsupported() {
+        let mut h = start();
+        let mut out = Vec::new();
+        let mut input = vec![0, 0, 0, 3];
+        input.extend_from_slice(&option(opt::STARTTLS, &[]));
+        let (n, step) = h.feed(&input, &mut out).unwrap();
+        assert_eq!((n, step), (input.len(), Step::Continue));
+        assert_eq!(replies(&out)[0].1, rep::ERR_UNSUP);
+    }
+
+    #[test]
+    fn require_refuses_everything_but_starttls_then_serves_over_tls() {
+        let mut h = start_tls(TlsPolicy::Require);
+        let mut out = Vec::new();
+        let mut input = vec![0, 0, 0, 3];
+        input.extend_from_slice(&option(opt::LIST, &[]));
+        input.extend_from_slice(&go(b"", vec![]));
+        input.extend_from_slice(&option(opt::STARTTLS, b"x"));
+        input.extend_from_slice(&option(opt::STARTTLS, &[]));
+        let tls_hello = [0x16, 0x03, 0x01, 0x00];
+        input.extend_from_slice(&tls_hello);
+        let (n, step) = h.feed(&input, &mut out).unwrap();
+        assert_eq!(step, Step::StartTls);
+        // The TLS record after STARTTLS is left for the TLS layer.
+        assert_eq!(n, input.len() - tls_hello.len());
+        let kinds: Vec<_> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (opt::LIST, rep::ERR_TLS_REQD),
+                (opt::GO, rep::ERR_TLS_REQD),
+                (opt::STARTTLS, rep::ERR_INVALID),
+                (opt::STARTTLS, rep::ACK),
+            ]
+        );
+        assert!(!h.tls_active());
+        h.tls_started();
+        let mut out = Vec::new();
+        let mut input = option(opt::STARTTLS, &[]);
+        input.extend_from_slice(&go(b"lun0", vec![]));
+        let (n, step) = h.feed(&input, &mut out).unwrap();
+        assert_eq!((n, step), (input.len(), Step::Transmission));
+        let kinds: Vec<_> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (opt::STARTTLS, rep::ERR_INVALID),
+                (opt::GO, rep::INFO),
+                (opt::GO, rep::ACK)
+            ]
+        );
+    }
+
+    #[test]
+    fn require_closes_export_name_without_tls_and_allow_serves_it() {
+        let mut input = vec![0, 0, 0, 3];
+        input.extend_from_slice(&option(opt::EXPORT_NAME, b""));
+        let mut out = Vec::new();
+        let step = start_tls(TlsPolicy::Require)
+            .feed(&input, &mut out)
+            .unwrap()
+            .1;
+        assert!(matches!(step, Step::Close(ref why) if why.contains("TLS is required")));
+        assert!(out.is_empty());
+        let step = start_tls(TlsPolicy::Allow)
+            .feed(&input, &mut out)
+            .unwrap()
+            .1;
+        assert_eq!(step, Step::Transmission);
+        // Allow also upgrades on request.
+        let mut out = Vec::new();
+        let mut input = vec![0, 0, 0, 3];
+        input.extend_from_slice(&option(opt::STARTTLS, &[]));
+        let step = start_tls(TlsPolicy::Allow)
+            .feed(&input, &mut out)
+            .unwrap()
+            .1;
+        assert_eq!(step, Step::StartTls);
+        assert_eq!(replies(&out)[0].1, rep::ACK);
+    }
+
+    #[test]
+    fn require_aborts_cleanly_and_closes_plain_newstyle_clients() {
+        let mut out = Vec::new();
+        let mut input = vec![0, 0, 0, 3];
+        input.extend_from_slice(&option(opt::ABORT, &[]));
+        let step = start_tls(TlsPolicy::Require)
+            .feed(&input, &mut out)
+            .unwrap()
+            .1;
+        assert!(matches!(step, Step::Close(_)));
+        assert_eq!(replies(&out)[0].1, rep::ACK);
+        let mut input = vec![0, 0, 0, 2];
+        input.extend_from_slice(&option(opt::LIST, &[]));
+        let step = start_tls(TlsPolicy::Require)
+            .feed(&input, &mut Vec::new())
+            .unwrap()
+            .1;
+        assert!(matches!(step, Step::Close(ref why) if why.contains("TLS")));
     }
 
     proptest! {

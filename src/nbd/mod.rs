@@ -6,6 +6,7 @@
 //! - [`wire`]: message formats, sans-IO, no panics on any bytes.
 //! - [`handshake`]: the fixed newstyle negotiation as a sans-IO state
 //!   machine (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`).
+//! - [`tls`]: `NBD_OPT_STARTTLS` with X.509 certificates (rustls).
 //! - [`server`]: the runtime: a listener thread and one thread per client,
 //!   each with its own [`IoQueue`](crate::worker::IoQueue); requests are
 //!   pipelined and answered with simple replies in completion order.
@@ -19,10 +20,12 @@
 
 pub mod handshake;
 pub mod server;
+pub mod tls;
 pub mod wire;
 
-pub use handshake::ExportInfo;
-pub use server::{ExportConfig, Listener, NbdServer, NbdServerHandle, ServerStats};
+pub use handshake::{ExportInfo, TlsPolicy};
+pub use server::{check_exposure, ExportConfig, Listener, NbdServer, NbdServerHandle, ServerStats};
+pub use tls::TlsConfig;
 
 use thiserror::Error;
 
@@ -41,6 +44,15 @@ pub enum NbdError {
     /// Bad export configuration.
     #[error("bad export configuration: {0}")]
     Config(String),
+    /// TLS with a client failed (handshake, certificate, record layer).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The server is stopping; the connection was closed.
+    #[error("server stopping")]
+    Stopping,
+    /// The configuration would expose the LU in plaintext to the network.
+    #[error("{0}")]
+    Insecure(String),
     /// A thread could not be started or panicked.
     #[error("thread: {0}")]
     Thread(String),

@@ -4,7 +4,8 @@
 //! requests from a non-blocking socket, submits them without waiting, and
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
-use super::handshake::{ExportInfo, Handshake, Step};
+use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
+use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
 use crate::multipath::{Io, IoCompletion, IoError, IoOp};
@@ -36,8 +37,17 @@ pub struct ExportConfig {
     pub max_payload: u32,
     /// Largest single SCSI command the export issues; bigger requests are split.
     pub max_io_bytes: u32,
-    /// How long a client has to finish the handshake.
+    /// How long a client has to finish the handshake (TLS included).
     pub handshake_timeout: Duration,
+    /// TLS (`NBD_OPT_STARTTLS`); `None` serves plaintext only.
+    pub tls: Option<TlsConfig>,
+    /// Most clients connected at once; more are closed on accept.
+    pub max_clients: usize,
+    /// Most bytes one client may hold in the server: data of requests in
+    /// progress plus replies it has not read yet. Past this the server
+    /// stops reading its requests until it catches up (one request of up
+    /// to `max_payload` is always taken).
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ExportConfig {
@@ -48,7 +58,10 @@ impl Default for ExportConfig {
             read_only: false,
             max_payload: 32 << 20,
             max_io_bytes: 1 << 20,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            tls: None,
+            max_clients: 32,
+            max_buffered_bytes: 64 << 20,
         }
     }
 }
@@ -146,12 +159,6 @@ impl Stream {
             Stream::Unix(s) => s.set_nonblocking(on),
         }
     }
-    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -193,6 +200,86 @@ impl Write for Stream {
     }
 }
 
+/// A client connection: the socket, and TLS over it after `STARTTLS`.
+struct Wire {
+    sock: Stream,
+    tls: Option<TlsSession>,
+}
+
+impl Wire {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.fd()
+    }
+
+    /// Encrypted bytes waiting for the socket (never for plaintext).
+    fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsSession::wants_write)
+    }
+
+    fn flush_tls(&mut self) -> std::io::Result<bool> {
+        match &mut self.tls {
+            None => Ok(false),
+            Some(t) => t.flush_tls(&mut self.sock),
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(t) = &mut self.tls {
+            t.close(&mut self.sock);
+        }
+        self.sock.shutdown();
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            None => self.sock.read(buf),
+            Some(t) => t.read(&mut self.sock, buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            None => self.sock.write_vectored(bufs),
+            Some(t) => t.write_vectored(&mut self.sock, bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Refuses to serve the LU in plaintext beyond this host by mistake: a TCP
+/// listener on a non-loopback address needs TLS with
+/// [`TlsPolicy::Require`], unless `insecure_plaintext` says the network is
+/// trusted. Unix sockets and loopback addresses always pass.
+pub fn check_exposure(
+    addr: SocketAddr,
+    tls: Option<&TlsConfig>,
+    insecure_plaintext: bool,
+) -> Result<(), NbdError> {
+    let ip = addr.ip().to_canonical();
+    if ip.is_loopback() || insecure_plaintext {
+        return Ok(());
+    }
+    let why = match tls.map(|t| t.policy) {
+        Some(TlsPolicy::Require) => return Ok(()),
+        Some(_) => "--tls allow still serves clients that do not start TLS",
+        None => "there is no TLS",
+    };
+    Err(NbdError::Insecure(format!(
+        "refusing to serve NBD on {addr} in plaintext ({why}): {ip} is not a loopback address, \
+         so anyone who can reach it could read and write the whole LU. Add --tls-cert FILE \
+         --tls-key FILE (and --tls require), or --insecure-plaintext if this network is trusted"
+    )))
+}
+
 /// Counters of a running server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
@@ -202,10 +289,22 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Requests answered with an error.
     pub errors: AtomicU64,
+    /// Clients connected now (handshake or transmission).
+    pub active: AtomicU64,
+    /// Connections closed on accept because `max_clients` were connected.
+    pub refused: AtomicU64,
+    /// TLS sessions established.
+    pub tls_sessions: AtomicU64,
+    /// Connections closed for a failed or timed-out handshake (TLS included).
+    pub handshake_failures: AtomicU64,
+    /// Most bytes any one client has held in the server
+    /// (see [`ExportConfig::max_buffered_bytes`]).
+    pub peak_buffered: AtomicU64,
 }
 
+/// What every connection of one export shares (the device is passed
+/// separately: a connection only sees its own [`BlockQueue`]).
 struct Export {
-    device: Arc<MultipathDevice>,
     config: ExportConfig,
     info: ExportInfo,
     /// Serialises read-modify-write of partial blocks across connections.
@@ -327,12 +426,16 @@ impl NbdServer {
                 "max_io_bytes must hold a block and max_payload must be positive".into(),
             ));
         }
+        if config.max_clients == 0 || config.max_buffered_bytes == 0 {
+            return Err(NbdError::Config(
+                "max_clients and max_buffered_bytes must be positive".into(),
+            ));
+        }
         listener
             .set_nonblocking()
             .map_err(|e| NbdError::Bind(listener.uri(), e))?;
         let info = export_info(&device, &config);
         let export = Arc::new(Export {
-            device,
             config,
             info,
             rmw: Mutex::new(()),
@@ -350,18 +453,38 @@ impl NbdServer {
             conns.retain(|c| !c.is_finished());
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    if conns.len() >= export.config.max_clients {
+                        export.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        log::warn!(
+                            "NBD client {peer}: refused, {} clients are connected (the limit; \
+                             raise it with --max-clients)",
+                            conns.len()
+                        );
+                        stream.shutdown();
+                        continue;
+                    }
                     next += 1;
                     export.stats.connections.fetch_add(1, Ordering::Relaxed);
-                    let (e, s) = (export.clone(), stop.clone());
+                    export.stats.active.fetch_add(1, Ordering::Relaxed);
+                    let (e, s, d) = (export.clone(), stop.clone(), device.clone());
                     let spawned = std::thread::Builder::new()
                         .name(format!("nbd-conn-{next}"))
-                        .spawn(move || match serve(stream, &e, &s) {
-                            Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
-                            Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                        .spawn(move || {
+                            match serve(stream, &e, &d, &s) {
+                                Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
+                                Err(NbdError::Stopping) => {
+                                    log::info!("NBD client {peer}: closed (server stopping)")
+                                }
+                                Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                            }
+                            e.stats.active.fetch_sub(1, Ordering::Relaxed);
                         });
                     match spawned {
                         Ok(t) => conns.push(t),
-                        Err(e) => log::warn!("cannot start a thread for an NBD client: {e}"),
+                        Err(err) => {
+                            export.stats.active.fetch_sub(1, Ordering::Relaxed);
+                            log::warn!("cannot start a thread for an NBD client: {err}")
+                        }
                     }
                 }
                 Err(e)
@@ -384,55 +507,173 @@ impl NbdServer {
 }
 
 /// Runs one client: handshake, then transmission. Returns why it ended.
-fn serve(mut stream: Stream, export: &Export, stop: &AtomicBool) -> Result<String, NbdError> {
+fn serve(
+    stream: Stream,
+    export: &Export,
+    device: &MultipathDevice,
+    stop: &AtomicBool,
+) -> Result<String, NbdError> {
+    stream.set_nonblocking(true)?;
+    let mut wire = Wire {
+        sock: stream,
+        tls: None,
+    };
+    let r = match handshake(&mut wire, export, stop) {
+        Ok(Ok(early)) => Conn::new(export, device.queue_pair()).run(&mut wire, early, stop),
+        Ok(Err(why)) => Ok(why),
+        Err(e) => {
+            if !matches!(e, NbdError::Stopping) {
+                export
+                    .stats
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
+        }
+    };
+    wire.close();
+    r
+}
+
+/// Waits until `wire` is readable (or writable, when `out` or TLS bytes
+/// wait), the handshake deadline passes, or the server stops.
+fn wait_handshake(
+    wire: &Wire,
+    want_out: bool,
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<(), NbdError> {
+    if stop.load(Ordering::Acquire) {
+        return Err(NbdError::Stopping);
+    }
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(NbdError::Protocol(format!(
+            "handshake not finished within {} s (the handshake timeout)",
+            limit.as_secs_f64()
+        )));
+    }
+    let mut flags = PollFlags::POLLIN;
+    if want_out || wire.wants_write() {
+        flags |= PollFlags::POLLOUT;
+    }
+    let ms = (deadline - now).as_millis().clamp(1, 200) as u16;
+    let mut fds = [PollFd::new(wire.fd(), flags)];
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+    Ok(())
+}
+
+/// Sends handshake bytes on the non-blocking `wire`, within the deadline.
+fn send_handshake(
+    wire: &mut Wire,
+    mut bytes: &[u8],
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<(), NbdError> {
+    loop {
+        if !bytes.is_empty() {
+            match wire.write(bytes) {
+                Ok(0) => return Err(NbdError::Protocol("socket closed in the handshake".into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        wire.flush_tls()?;
+        if bytes.is_empty() && !wire.wants_write() {
+            return Ok(());
+        }
+        wait_handshake(wire, true, deadline, limit, stop)?;
+    }
+}
+
+/// The option haggling (and TLS, when the client starts it). `Ok(Ok(bytes))`
+/// enters transmission with `bytes` already read; `Ok(Err(why))` is a
+/// clean close.
+fn handshake(
+    wire: &mut Wire,
+    export: &Export,
+    stop: &AtomicBool,
+) -> Result<Result<Vec<u8>, String>, NbdError> {
+    let tls = export.config.tls.as_ref();
+    let policy = tls.map_or(TlsPolicy::Off, |t| t.policy);
+    let limit = export.config.handshake_timeout;
+    let deadline = Instant::now() + limit;
     let mut out = Vec::with_capacity(256);
-    let mut hs = Handshake::new(export.info.clone(), &mut out);
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    stream.write_all(&out)?;
+    let mut hs = Handshake::with_tls(export.info.clone(), policy, &mut out);
+    send_handshake(wire, &out, deadline, limit, stop)?;
     out.clear();
-    let deadline = Instant::now() + export.config.handshake_timeout;
     let mut inbuf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        if stop.load(Ordering::Acquire) {
-            return Ok("server stopping".into());
-        }
-        if Instant::now() > deadline {
-            return Err(NbdError::Protocol("handshake timed out".into()));
-        }
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => return Ok("client left during the handshake".into()),
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e.into()),
-        };
-        inbuf.extend_from_slice(&chunk[..n]);
         let (used, step) = hs
             .feed(&inbuf, &mut out)
             .map_err(|e| NbdError::Protocol(format!("handshake: {e}")))?;
         inbuf.drain(..used);
-        stream.write_all(&out)?;
+        send_handshake(wire, &out, deadline, limit, stop)?;
         out.clear();
         match step {
             Step::Continue => {}
-            Step::Close(why) => return Ok(why),
-            Step::Transmission => break,
+            Step::Close(why) => return Ok(Err(why)),
+            Step::Transmission => return Ok(Ok(inbuf)),
+            Step::StartTls => {
+                let Some(tls) = tls.filter(|_| wire.tls.is_none()) else {
+                    return Err(NbdError::Protocol("STARTTLS twice".into()));
+                };
+                wire.tls = Some(TlsSession::new(tls.session()?, &inbuf)?);
+                inbuf.clear();
+                if !tls_handshake(wire, &mut inbuf, deadline, limit, stop)? {
+                    return Ok(Err("client left during the TLS handshake".into()));
+                }
+                hs.tls_started();
+                export.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        match wire.read(&mut chunk) {
+            Ok(0) => return Ok(Err("client left during the handshake".into())),
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                wait_handshake(wire, false, deadline, limit, stop)?
+            }
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                return Err(NbdError::Tls(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-    stream.set_read_timeout(None)?;
-    stream.set_nonblocking(true)?;
-    let mut conn = Conn::new(export);
-    let r = conn.run(&mut stream, inbuf, stop);
-    stream.shutdown();
-    r
+}
+
+/// Runs the TLS handshake to its end; decrypted bytes that follow it go to
+/// `inbuf`. `Ok(false)`: the client closed the connection.
+fn tls_handshake(
+    wire: &mut Wire,
+    inbuf: &mut Vec<u8>,
+    deadline: Instant,
+    limit: Duration,
+    stop: &AtomicBool,
+) -> Result<bool, NbdError> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match wire.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(NbdError::Tls(format!("handshake failed: {e}"))),
+        }
+        wire.flush_tls()?;
+        if !wire.tls.as_ref().is_some_and(TlsSession::is_handshaking) {
+            return Ok(true);
+        }
+        if let Err(e) = wait_handshake(wire, false, deadline, limit, stop) {
+            return Err(match e {
+                NbdError::Protocol(why) => NbdError::Tls(why),
+                other => other,
+            });
+        }
+    }
 }
 
 /// Bytes read from the client and not yet parsed: `buf[start..end]`.
@@ -531,16 +772,64 @@ struct Pending {
     /// plain writes (WRITE SAME was refused).
     zero: (u64, u64),
     refill: bool,
+    /// Write-zeroes: the next block to queue (zeroing goes out in batches
+    /// of at most `ZERO_BATCH_BYTES` of buffers).
+    zero_next: u64,
+    /// Request data bytes this request holds (reads and writes).
+    held: usize,
+}
+
+/// What a connection needs from the device: one queue of it. The export
+/// uses an [`IoQueue`]; tests drive [`Conn`] over a queue in memory.
+trait BlockQueue {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError>;
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize;
+    fn in_flight(&self) -> usize;
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError>;
+    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError>;
+    fn flush(&mut self) -> Result<(), IoError>;
+}
+
+impl BlockQueue for IoQueue {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
+        IoQueue::submit(self, io)
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        IoQueue::poll_completions(self, out)
+    }
+    fn in_flight(&self) -> usize {
+        IoQueue::in_flight(self)
+    }
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        IoQueue::read_at(self, lba, buf)
+    }
+    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+        IoQueue::write_at(self, lba, data)
+    }
+    fn flush(&mut self) -> Result<(), IoError> {
+        IoQueue::flush(self)
+    }
 }
 
 /// Most NBD requests one connection keeps in progress.
 const MAX_PENDING: usize = 1024;
 /// Buffers kept for reuse per connection.
 const POOL: usize = 64;
+/// Most buffer bytes one write-zeroes request has queued at a time (zero
+/// writes, where the target refuses WRITE SAME, need a buffer per block).
+const ZERO_BATCH_BYTES: u64 = 8 << 20;
+/// Most bytes of buffer capacity kept for reuse per connection.
+const POOL_BYTES: usize = 16 << 20;
 
-struct Conn<'a> {
+/// One client in transmission, sans-IO: bytes in ([`Conn::take_requests`]),
+/// I/Os to the queue and back ([`Conn::pump`]), reply bytes out
+/// ([`Conn::write_out`] into any `Write`). [`Conn::run`] drives it over the
+/// client's socket.
+struct Conn<'a, Q: BlockQueue> {
     export: &'a Export,
-    q: IoQueue,
+    q: Q,
+    /// The client sent NBD_CMD_DISC: take no more requests.
+    disc: bool,
     bs: u64,
     size: u64,
     max_io: u64,
@@ -551,20 +840,27 @@ struct Conn<'a> {
     live: usize,
     backlog: VecDeque<Io>,
     pool: Vec<Vec<u8>>,
+    pool_bytes: usize,
     comps: Vec<IoCompletion>,
+    /// Bytes held for the client: data of requests in progress plus
+    /// replies not yet written (bounded by `max_buffered_bytes`).
+    held: usize,
+    /// The highest `held` published to the stats so far.
+    peak_held: usize,
 }
 
 fn tag(id: u32, chunk: u32) -> u64 {
     (u64::from(id) << 32) | u64::from(chunk)
 }
 
-impl<'a> Conn<'a> {
-    fn new(export: &'a Export) -> Conn<'a> {
-        let bs = u64::from(export.device.block_size().max(1));
+impl<'a, Q: BlockQueue> Conn<'a, Q> {
+    fn new(export: &'a Export, q: Q) -> Conn<'a, Q> {
+        let bs = u64::from(export.info.min_block.max(1));
         let max_io = (u64::from(export.config.max_io_bytes) / bs).max(1) * bs;
         Conn {
             export,
-            q: export.device.queue_pair(),
+            q,
+            disc: false,
             bs,
             size: export.info.size,
             max_io,
@@ -575,19 +871,55 @@ impl<'a> Conn<'a> {
             live: 0,
             backlog: VecDeque::new(),
             pool: Vec::new(),
+            pool_bytes: 0,
             comps: Vec::with_capacity(256),
+            held: 0,
+            peak_held: 0,
         }
     }
 
-    fn run(
-        &mut self,
-        s: &mut Stream,
-        early: Vec<u8>,
-        stop: &AtomicBool,
-    ) -> Result<String, NbdError> {
+    /// Whether the connection takes more requests now (none pending in the
+    /// backlog, room in the request table and in the buffer cap).
+    fn wants_requests(&self) -> bool {
+        !self.disc && self.backlog.is_empty() && self.live < MAX_PENDING && self.has_room()
+    }
+
+    /// Parses and starts the requests buffered in `inbuf`, as far as
+    /// [`wants_requests`](Self::wants_requests) allows. `Ok(true)` when
+    /// some were taken; an error means the stream cannot be framed.
+    fn take_requests(&mut self, inbuf: &mut InBuf) -> Result<bool, WireError> {
+        let max_payload = self.export.config.max_payload;
+        let mut progress = false;
+        while self.wants_requests() {
+            let Some((req, payload, n)) = wire::parse_request(inbuf.data(), max_payload)? else {
+                break;
+            };
+            progress = true;
+            if req.kind == cmd::DISC {
+                self.disc = true;
+            } else {
+                self.request(req, payload);
+            }
+            inbuf.consume(n);
+        }
+        Ok(progress)
+    }
+
+    /// Submits the backlog and collects completions; `true` on progress.
+    #[cfg(test)]
+    fn pump(&mut self) -> bool {
+        let submitted = self.submit_backlog();
+        submitted | self.collect()
+    }
+
+    /// Nothing in progress and nothing left to send.
+    fn is_drained(&self) -> bool {
+        self.live == 0 && self.backlog.is_empty() && self.out.is_empty()
+    }
+
+    fn run(&mut self, s: &mut Wire, early: Vec<u8>, stop: &AtomicBool) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
         let mut inbuf = InBuf::new(early);
-        let mut disc = false;
         let mut eof = false;
         let mut idle_rounds = 0u32;
         loop {
@@ -596,29 +928,19 @@ impl<'a> Conn<'a> {
             }
             let mut progress = self.submit_backlog();
             // Requests already buffered.
-            while !disc && self.backlog.is_empty() && self.live < MAX_PENDING {
-                match wire::parse_request(inbuf.data(), max_payload) {
-                    Ok(Some((req, payload, n))) => {
-                        progress = true;
-                        if req.kind == cmd::DISC {
-                            disc = true;
-                        } else {
-                            self.request(req, payload);
-                        }
-                        inbuf.consume(n);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        // Flush what we owe, then close: the stream cannot be framed.
-                        let _ = self.write_out(s);
-                        return Err(NbdError::Protocol(e.to_string()));
-                    }
+            match self.take_requests(&mut inbuf) {
+                Ok(p) => progress |= p,
+                Err(e) => {
+                    // Flush what we owe, then close: the stream cannot be framed.
+                    let _ = self.write_out(s);
+                    return Err(NbdError::Protocol(e.to_string()));
                 }
             }
             progress |= self.collect();
             progress |= self.write_out(s)?;
+            progress |= s.flush_tls()?;
             // Read more when we can take it.
-            if !disc && !eof && self.backlog.is_empty() && self.live < MAX_PENDING {
+            if !eof && self.wants_requests() {
                 let need = match wire::Request::parse(inbuf.data()) {
                     Ok(Some(r)) => wire::REQUEST_LEN + r.payload_len().min(max_payload as usize),
                     _ => wire::REQUEST_LEN,
@@ -637,12 +959,15 @@ impl<'a> Conn<'a> {
                     }
                     Err(e)
                         if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(e) if e.kind() == ErrorKind::InvalidData && s.tls.is_some() => {
+                        return Err(NbdError::Tls(e.to_string()))
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
-            if (disc || eof) && self.live == 0 && self.backlog.is_empty() && self.out.is_empty() {
+            if (self.disc || eof) && self.is_drained() {
                 let pending_bytes = inbuf.data().len();
-                return Ok(if disc {
+                return Ok(if self.disc {
                     "client disconnected (NBD_CMD_DISC)".into()
                 } else if pending_bytes > 0 {
                     format!("client closed the socket mid-request ({pending_bytes} bytes unparsed)")
@@ -666,10 +991,10 @@ impl<'a> Conn<'a> {
                 }
             } else {
                 let mut flags = PollFlags::empty();
-                if !disc && !eof {
+                if !self.disc && !eof {
                     flags |= PollFlags::POLLIN;
                 }
-                if !self.out.is_empty() {
+                if !self.out.is_empty() || s.wants_write() {
                     flags |= PollFlags::POLLOUT;
                 }
                 let mut fds = [PollFd::new(s.fd(), flags)];
@@ -679,13 +1004,47 @@ impl<'a> Conn<'a> {
     }
 
     fn take_buf(&mut self) -> Vec<u8> {
-        self.pool.pop().unwrap_or_default()
+        let b = self.pool.pop().unwrap_or_default();
+        self.pool_bytes -= b.capacity();
+        b
     }
 
     fn give_buf(&mut self, mut b: Vec<u8>) {
-        if self.pool.len() < POOL && b.capacity() > 0 {
+        let cap = b.capacity();
+        if self.pool.len() < POOL && cap > 0 && self.pool_bytes + cap <= POOL_BYTES {
             b.clear();
+            self.pool_bytes += cap;
             self.pool.push(b);
+        }
+    }
+
+    /// Whether the client may send more requests now.
+    fn has_room(&self) -> bool {
+        self.held < self.export.config.max_buffered_bytes
+    }
+
+    fn push_out(&mut self, seg: OutSeg) {
+        self.held += seg.bytes().len();
+        self.out.push_back(seg);
+        self.note_peak();
+    }
+
+    fn note_peak(&mut self) {
+        if self.held > self.peak_held {
+            self.peak_held = self.held;
+            self.export
+                .stats
+                .peak_buffered
+                .fetch_max(self.held as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn pop_out(&mut self) {
+        if let Some(seg) = self.out.pop_front() {
+            self.held -= seg.bytes().len();
+            if let OutSeg::Data { buf, .. } = seg {
+                self.give_buf(buf);
+            }
         }
     }
 
@@ -694,12 +1053,13 @@ impl<'a> Conn<'a> {
         if error != 0 {
             self.export.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.out
-            .push_back(OutSeg::Header(wire::simple_reply(error, handle)));
+        self.push_out(OutSeg::Header(wire::simple_reply(error, handle)));
     }
 
     fn new_pending(&mut self, p: Pending) -> u32 {
         self.live += 1;
+        self.held += p.held;
+        self.note_peak();
         match self.free.pop() {
             Some(id) => {
                 self.pending[id as usize] = Some(p);
@@ -726,6 +1086,8 @@ impl<'a> Conn<'a> {
             chunk_bytes: 0,
             zero: (0, 0),
             refill: false,
+            zero_next: 0,
+            held: 0,
         })
     }
 
@@ -818,6 +1180,8 @@ impl<'a> Conn<'a> {
             chunk_bytes: self.max_io as usize,
             zero: (0, 0),
             refill: false,
+            zero_next: 0,
+            held: r.length as usize,
         });
         let mut at = a0;
         let mut i = 0u32;
@@ -840,6 +1204,11 @@ impl<'a> Conn<'a> {
             return self.reply_now(r.handle, e);
         }
         let id = self.pending_for(r.handle, Kind::Write, fua);
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.held = payload.len();
+        }
+        self.held += payload.len();
+        self.note_peak();
         for (i, c) in payload.chunks(self.max_io as usize).enumerate() {
             let mut b = self.take_buf();
             b.extend_from_slice(c);
@@ -879,6 +1248,19 @@ impl<'a> Conn<'a> {
     /// Queues zeroing of blocks `first..last` (WRITE SAME, or zero writes
     /// where the target refuses WRITE SAME).
     fn zero_range(&mut self, id: u32, first: u64, last: u64) {
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.zero = (first, last);
+            p.zero_next = first;
+        }
+        self.zero_batch(id);
+    }
+
+    /// Queues the next batch of the zeroing of request `id`.
+    fn zero_batch(&mut self, id: u32) {
+        let Some(Some(p)) = self.pending.get(id as usize) else {
+            return;
+        };
+        let (mut lba, last) = (p.zero_next, p.zero.1);
         let bs = self.bs;
         let ws = !self.export.no_write_same.load(Ordering::Relaxed);
         let step = if ws {
@@ -886,11 +1268,12 @@ impl<'a> Conn<'a> {
         } else {
             self.max_io / bs
         };
-        let mut lba = first;
-        while lba < last {
+        let mut queued = 0u64;
+        while lba < last && queued < ZERO_BATCH_BYTES {
             let n = (last - lba).min(step);
+            let bytes = if ws { bs } else { n * bs };
             let mut b = self.take_buf();
-            b.resize((if ws { bs } else { n * bs }) as usize, 0);
+            b.resize(bytes as usize, 0);
             b.fill(0);
             let io = Io {
                 op: if ws { IoOp::WriteSame } else { IoOp::Write },
@@ -901,6 +1284,10 @@ impl<'a> Conn<'a> {
             };
             self.push_io(id, io);
             lba += n;
+            queued += bytes;
+        }
+        if let Some(Some(p)) = self.pending.get_mut(id as usize) {
+            p.zero_next = lba;
         }
     }
 
@@ -1035,6 +1422,10 @@ impl<'a> Conn<'a> {
             self.zero_range(id, first, last);
             return;
         }
+        if p.error == 0 && p.zero_next < p.zero.1 {
+            self.zero_batch(id);
+            return;
+        }
         if p.fua && !p.flushing && p.error == 0 && p.kind != Kind::Read {
             p.flushing = true;
             self.push_io(id, Io::flush(tag(id, 0)));
@@ -1045,6 +1436,7 @@ impl<'a> Conn<'a> {
         };
         self.free.push(id);
         self.live -= 1;
+        self.held -= p.held;
         self.reply_now(p.handle, p.error);
         if p.kind != Kind::Read {
             return;
@@ -1061,7 +1453,7 @@ impl<'a> Conn<'a> {
             let s = skip.max(cs);
             let e = (skip + len).min(ce);
             if s < e {
-                self.out.push_back(OutSeg::Data {
+                self.push_out(OutSeg::Data {
                     buf,
                     start: s - cs,
                     end: e - cs,
@@ -1073,7 +1465,7 @@ impl<'a> Conn<'a> {
     }
 
     /// Writes queued replies; `Ok(true)` when some bytes went out.
-    fn write_out(&mut self, s: &mut Stream) -> Result<bool, NbdError> {
+    fn write_out(&mut self, s: &mut impl Write) -> Result<bool, NbdError> {
         let mut any = false;
         while !self.out.is_empty() {
             let mut slices = [std::io::IoSlice::new(&[]); 16];
@@ -1097,9 +1489,7 @@ impl<'a> Conn<'a> {
                         if w >= left {
                             w -= left;
                             self.out_pos = 0;
-                            if let Some(OutSeg::Data { buf, .. }) = self.out.pop_front() {
-                                self.give_buf(buf);
-                            }
+                            self.pop_out();
                         } else {
                             self.out_pos += w;
                             w = 0;
@@ -1111,9 +1501,7 @@ impl<'a> Conn<'a> {
                         .front()
                         .is_some_and(|f| f.bytes().len() == self.out_pos && self.out_pos == 0)
                     {
-                        if let Some(OutSeg::Data { buf, .. }) = self.out.pop_front() {
-                            self.give_buf(buf);
-                        }
+                        self.pop_out();
                     }
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -1169,5 +1557,347 @@ impl From<std::io::Error> for NbdError {
 impl From<WireError> for NbdError {
     fn from(e: WireError) -> NbdError {
         NbdError::Protocol(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::scsi::SenseData;
+
+    /// A LU in memory that completes every I/O at once (on submit).
+    struct MemQueue {
+        data: Vec<u8>,
+        bs: usize,
+        done: Vec<IoCompletion>,
+        refuse_write_same: bool,
+        ops: Vec<(IoOp, u64, u32)>,
+        /// Buffer bytes submitted and not yet collected, and its peak.
+        outstanding: usize,
+        peak_outstanding: usize,
+    }
+
+    impl MemQueue {
+        fn new(size: usize, bs: usize) -> MemQueue {
+            MemQueue {
+                data: (0..size).map(|i| (i * 7 + i / 511) as u8).collect(),
+                bs,
+                done: Vec::new(),
+                refuse_write_same: false,
+                ops: Vec::new(),
+                outstanding: 0,
+                peak_outstanding: 0,
+            }
+        }
+    }
+
+    impl BlockQueue for MemQueue {
+        fn submit(&mut self, mut io: Io) -> Result<(), SubmitError> {
+            let (bs, at) = (self.bs, io.lba as usize * self.bs);
+            let len = io.blocks as usize * bs;
+            self.ops.push((io.op, io.lba, io.blocks));
+            let mut result = Ok(());
+            match io.op {
+                IoOp::Read => {
+                    io.buffer.resize(len, 0);
+                    io.buffer.copy_from_slice(&self.data[at..at + len]);
+                }
+                IoOp::Write => self.data[at..at + len].copy_from_slice(&io.buffer),
+                IoOp::WriteSame if self.refuse_write_same => {
+                    let sense = SenseData::new(SenseKey::IllegalRequest, 0x20, 0);
+                    result = Err(IoError::Scsi(ScsiError::CheckCondition { sense }));
+                }
+                IoOp::WriteSame => {
+                    for b in self.data[at..at + len].chunks_mut(bs) {
+                        b.copy_from_slice(&io.buffer);
+                    }
+                }
+                IoOp::Unmap => self.data[at..at + len].fill(0),
+                IoOp::Flush => {}
+            }
+            self.outstanding += io.buffer.capacity();
+            self.peak_outstanding = self.peak_outstanding.max(self.outstanding);
+            self.done.push(IoCompletion {
+                user_tag: io.user_tag,
+                op: io.op,
+                result,
+                latency: Duration::ZERO,
+                path: Some(0),
+                retries: 0,
+                buffer: io.buffer,
+            });
+            Ok(())
+        }
+        fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+            let n = self.done.len();
+            self.outstanding = 0;
+            out.append(&mut self.done);
+            n
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+        fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+            let at = lba as usize * self.bs;
+            buf.copy_from_slice(&self.data[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+            let at = lba as usize * self.bs;
+            self.data[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), IoError> {
+            Ok(())
+        }
+    }
+
+    const BS: usize = 512;
+    const LU: usize = 16 << 20;
+
+    fn export(config: ExportConfig) -> Export {
+        Export {
+            info: ExportInfo {
+                name: config.name.clone(),
+                description: String::new(),
+                size: LU as u64,
+                flags: tflags::HAS_FLAGS,
+                min_block: BS as u32,
+                preferred_block: 4096,
+                max_payload: config.max_payload,
+            },
+            config,
+            rmw: Mutex::new(()),
+            no_write_same: AtomicBool::new(false),
+            stats: Arc::default(),
+        }
+    }
+
+    fn small_io() -> ExportConfig {
+        ExportConfig {
+            max_io_bytes: 4096,
+            ..ExportConfig::default()
+        }
+    }
+
+    fn req(kind: u16, handle: u64, offset: u64, length: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        Request {
+            flags: 0,
+            kind,
+            handle,
+            offset,
+            length,
+        }
+        .emit(&mut v);
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Runs the connection until nothing moves; returns the reply bytes.
+    fn drive(c: &mut Conn<'_, MemQueue>, inbuf: &mut InBuf) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let a = c.take_requests(inbuf).unwrap();
+            let b = c.pump();
+            let w = c.write_out(&mut out).unwrap();
+            if !(a || b || w) {
+                return out;
+            }
+        }
+    }
+
+    /// Splits reply bytes: (handle, error, data) with `len(handle)` bytes
+    /// of data after each successful read.
+    fn replies(mut b: &[u8], len: impl Fn(u64) -> usize) -> Vec<(u64, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !b.is_empty() {
+            let (err, handle) = wire::parse_simple_reply(b).expect("reply magic");
+            let n = if err == 0 { len(handle) } else { 0 };
+            v.push((handle, err, b[16..16 + n].to_vec()));
+            b = &b[16 + n..];
+        }
+        v
+    }
+
+    #[test]
+    fn an_unaligned_read_is_split_into_chunks_and_trimmed_to_the_bytes_asked() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let want = c.q.data[1000..11000].to_vec();
+        let mut inbuf = InBuf::new(req(cmd::READ, 7, 1000, 10_000, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        let r = replies(&out, |_| 10_000);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0, r[0].1), (7, 0));
+        assert!(r[0].2 == want);
+        // Aligned to 512..11264: 4 KiB, 4 KiB, 2.5 KiB.
+        let ops: Vec<_> = c.q.ops.iter().map(|o| (o.1, o.2)).collect();
+        assert_eq!(ops, vec![(1, 8), (9, 8), (17, 5)]);
+        assert!(c.is_drained());
+        assert_eq!(c.held, 0);
+    }
+
+    #[test]
+    fn writes_aligned_and_partial_reach_the_lu() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let a: Vec<u8> = (0..10240u32).map(|i| (i % 251) as u8).collect();
+        let p: Vec<u8> = vec![0xab; 700];
+        let mut input = req(cmd::WRITE, 1, 8192, a.len() as u32, &a);
+        input.extend(req(cmd::WRITE, 2, 100_001, p.len() as u32, &p));
+        input.extend(req(cmd::FLUSH, 3, 0, 0, &[]));
+        let before = c.q.data.clone();
+        let mut inbuf = InBuf::new(input);
+        let out = drive(&mut c, &mut inbuf);
+        let mut r = replies(&out, |_| 0);
+        r.sort();
+        assert_eq!(r, vec![(1, 0, vec![]), (2, 0, vec![]), (3, 0, vec![])]);
+        assert!(c.q.data[8192..8192 + a.len()] == a[..]);
+        assert!(c.q.data[100_001..100_701] == p[..]);
+        // The bytes around the partial write are untouched.
+        assert_eq!(c.q.data[99_840..100_001], before[99_840..100_001]);
+        assert_eq!(c.q.data[100_701..101_376], before[100_701..101_376]);
+    }
+
+    #[test]
+    fn write_zeroes_falls_back_to_plain_writes_when_write_same_is_refused() {
+        let e = export(small_io());
+        let mut q = MemQueue::new(LU, BS);
+        q.refuse_write_same = true;
+        let mut c = Conn::new(&e, q);
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        assert_eq!(replies(&out, |_| 0), vec![(5, 0, vec![])]);
+        assert!(c.q.data[65_536..131_072].iter().all(|&b| b == 0));
+        assert_ne!(c.q.data[65_535], 0);
+        assert!(e.no_write_same.load(Ordering::Relaxed));
+        assert!(c.q.ops.iter().any(|o| o.0 == IoOp::WriteSame));
+        assert!(c.q.ops.iter().any(|o| o.0 == IoOp::Write));
+        // From then on, straight to writes.
+        c.q.ops.clear();
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
+        drive(&mut c, &mut inbuf);
+        assert!(c.q.ops.iter().all(|o| o.0 == IoOp::Write));
+    }
+
+    #[test]
+    fn zero_writes_go_out_in_bounded_batches() {
+        let e = export(ExportConfig {
+            max_io_bytes: 1 << 20,
+            ..ExportConfig::default()
+        });
+        e.no_write_same.store(true, Ordering::Relaxed);
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let len = 12u32 << 20;
+        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
+        let out = drive(&mut c, &mut inbuf);
+        assert_eq!(replies(&out, |_| 0), vec![(8, 0, vec![])]);
+        assert!(c.q.data[1 << 20..(13 << 20)].iter().all(|&b| b == 0));
+        assert_ne!(c.q.data[(13 << 20) + 1], 0);
+        assert_eq!(c.q.ops.len(), 12);
+        // Never the whole 12 MiB of zero buffers at once.
+        let peak = c.q.peak_outstanding as u64;
+        assert!(peak <= 9 << 20, "{peak} bytes of zeroes queued at once");
+    }
+
+    #[test]
+    fn bad_requests_get_errors_and_garbage_cannot_be_framed() {
+        let e = export(ExportConfig {
+            read_only: true,
+            ..small_io()
+        });
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = req(cmd::READ, 1, LU as u64 - 512, 1024, &[]);
+        input.extend(req(cmd::WRITE, 2, 0, 512, &[0; 512]));
+        input.extend(req(cmd::TRIM, 3, 0, 512, &[]));
+        input.extend(req(99, 4, 0, 0, &[]));
+        let mut inbuf = InBuf::new(input);
+        let r = replies(&drive(&mut c, &mut inbuf), |_| 0);
+        assert_eq!(
+            r,
+            vec![
+                (1, errno::EINVAL, vec![]),
+                (2, errno::EPERM, vec![]),
+                (3, errno::EPERM, vec![]),
+                (4, errno::EINVAL, vec![])
+            ]
+        );
+        assert!(c.q.ops.is_empty());
+        let mut inbuf = InBuf::new(vec![0x55; 64]);
+        assert!(c.take_requests(&mut inbuf).is_err());
+    }
+
+    #[test]
+    fn disc_stops_taking_requests() {
+        let e = export(small_io());
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = req(cmd::DISC, 1, 0, 0, &[]);
+        input.extend(req(cmd::READ, 2, 0, 512, &[]));
+        let mut inbuf = InBuf::new(input);
+        assert!(drive(&mut c, &mut inbuf).is_empty());
+        assert!(c.disc && c.is_drained());
+        assert_eq!(
+            inbuf.data().len(),
+            wire::REQUEST_LEN,
+            "the READ after DISC is left"
+        );
+    }
+
+    #[test]
+    fn a_client_that_reads_no_replies_is_held_to_the_buffer_cap() {
+        let cap = 256 * 1024;
+        let e = export(ExportConfig {
+            max_buffered_bytes: cap,
+            ..small_io()
+        });
+        let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+        let mut input = Vec::new();
+        for i in 0..100u64 {
+            input.extend(req(cmd::READ, i, i * 65_536 % LU as u64, 65_536, &[]));
+        }
+        let mut inbuf = InBuf::new(input);
+        // Never written out: the replies pile up to the cap, no further.
+        for _ in 0..50 {
+            c.take_requests(&mut inbuf).unwrap();
+            c.pump();
+        }
+        assert!(!c.wants_requests());
+        assert!(
+            c.held >= cap && c.held < cap + 65_536 + 64,
+            "held {}",
+            c.held
+        );
+        let taken = 100 - inbuf.data().len() / wire::REQUEST_LEN;
+        assert!((4..=5).contains(&taken), "took {taken} requests");
+        // Once the client reads, the rest is served.
+        let out = drive(&mut c, &mut inbuf);
+        let r = replies(&out, |_| 65_536);
+        assert_eq!(r.len(), 100, "all answered once the client reads");
+        assert!(r.iter().all(|x| x.1 == 0));
+        assert!(c.is_drained() && c.held == 0);
+        assert!(e.stats.peak_buffered.load(Ordering::Relaxed) as usize <= cap + 65_536 + 64);
+    }
+
+    #[test]
+    fn plaintext_is_refused_beyond_loopback_unless_asked_for() {
+        for ok in [
+            "127.0.0.1:10809",
+            "127.9.9.9:1",
+            "[::1]:10809",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(
+                check_exposure(ok.parse().unwrap(), None, false).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["0.0.0.0:10809", "192.0.2.7:10809", "[::]:10809"] {
+            let e = check_exposure(bad.parse().unwrap(), None, false).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("not a loopback address"), "{msg}");
+            assert!(msg.contains("--tls-cert") && msg.contains("--insecure-plaintext"));
+            assert!(check_exposure(bad.parse().unwrap(), None, true).is_ok());
+        }
     }
 }

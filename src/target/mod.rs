@@ -49,6 +49,13 @@ pub enum TargetError {
     UnknownAluaGroup(u16),
     #[error("cannot start a target thread: {0}")]
     Spawn(std::io::Error),
+    #[error(
+        "refusing to serve portal {portal} without CHAP: {ip} is not a loopback address, so \
+         anyone who can reach it could read and write the LUNs. Add --chap-user NAME \
+         --chap-secret-file FILE, or --no-auth if this network is trusted",
+        ip = portal.ip()
+    )]
+    Unauthenticated { portal: SocketAddr },
 }
 
 /// Asymmetric access state of a target port group (SPC-4 §6.37).
@@ -342,6 +349,22 @@ impl TargetConfig {
         self
     }
 
+    /// Refuses, before anything is bound, to serve without CHAP on a portal
+    /// beyond this host, unless `no_auth` says the network is trusted.
+    pub fn check_exposure(&self, no_auth: bool) -> Result<(), TargetError> {
+        if self.chap.is_some() || no_auth {
+            return Ok(());
+        }
+        match self
+            .portals
+            .iter()
+            .find(|p| !p.addr.ip().to_canonical().is_loopback())
+        {
+            Some(p) => Err(TargetError::Unauthenticated { portal: p.addr }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks what [`Target::start`] would refuse.
     pub fn validate(&self) -> Result<(), TargetError> {
         let bad = |s: String| Err(TargetError::Config(s));
@@ -504,4 +527,30 @@ pub(crate) fn stable_hash(parts: &[&[u8]]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod exposure_tests {
+    use super::*;
+
+    #[test]
+    fn no_chap_beyond_loopback_is_refused_unless_no_auth() {
+        let iqn = "iqn.2026-11.org.iscsi-bypass:exposure";
+        let local = TargetConfig::new(iqn)
+            .portal("127.0.0.1:3260".parse().unwrap())
+            .portal("[::1]:3260".parse().unwrap());
+        assert!(local.check_exposure(false).is_ok());
+        let open = local.clone().portal("0.0.0.0:3260".parse().unwrap());
+        let e = open.check_exposure(false).unwrap_err().to_string();
+        assert!(
+            e.contains("0.0.0.0:3260") && e.contains("not a loopback address"),
+            "{e}"
+        );
+        assert!(e.contains("--chap-user") && e.contains("--no-auth"), "{e}");
+        assert!(open.check_exposure(true).is_ok());
+        assert!(open
+            .chap("user", b"secret-of-12+".to_vec())
+            .check_exposure(false)
+            .is_ok());
+    }
 }
