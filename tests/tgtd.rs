@@ -5,7 +5,7 @@
 mod common;
 
 use common::{tgtd_unavailable, which, Tgtd, TgtdOptions};
-use iscsi_bypass::iscsi::chap::{Credentials, Secret};
+use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::discovery;
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::params::DigestKind;
@@ -147,18 +147,48 @@ fn chap_one_way_and_mutual_and_wrong_secrets() {
         mutual: Some(("tgtuser".into(), "targetsecret9".into())),
         ..Default::default()
     });
-    // One-way CHAP.
-    let mut l = lun(&t, |c| c.chap = Some(creds("alice", "alicesecret1")));
-    write_read_random(&mut l, 2, 64 << 10);
-    // Mutual CHAP: we verify the target too.
+    // One-way CHAP with MD5, the one algorithm tgtd and we share.
+    let md5 = vec![ChapAlgorithm::Md5];
     let mut l = lun(&t, |c| {
         c.chap = Some(creds("alice", "alicesecret1"));
-        c.mutual_chap = Some(creds("tgtuser", "targetsecret9"));
+        c.chap_algorithms = md5.clone();
+    });
+    write_read_random(&mut l, 2, 64 << 10);
+    // tgtd skips the values it does not know (8, 6) and takes MD5.
+    use ChapAlgorithm::{Sha1, Sha3_256};
+    let sha3_sha1_md5 = vec![Sha3_256, Sha1, ChapAlgorithm::Md5];
+    let mut l = lun(&t, |c| {
+        c.chap = Some(creds("alice", "alicesecret1"));
+        c.chap_algorithms = sha3_sha1_md5.clone();
     });
     l.test_unit_ready().unwrap();
+    // tgt defines CHAP_A=7 as SHA-1 (the IANA registry: SHA-256), so our
+    // default list (8,7,6,5) gets 7 chosen and a SHA-256 response refused:
+    // the error says which algorithm and why.
+    let e = login_with(&t, |c| c.chap = Some(creds("alice", "alicesecret1"))).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("refused our CHAP response, computed with SHA-256 (7)")
+            && msg.contains("tgt's tgtd takes CHAP_A=7 to mean SHA-1"),
+        "{msg}"
+    );
+    // Mutual CHAP: we verify the target too.
+    for algorithms in [md5.clone(), sha3_sha1_md5] {
+        let mut l = lun(&t, |c| {
+            c.chap = Some(creds("alice", "alicesecret1"));
+            c.mutual_chap = Some(creds("tgtuser", "targetsecret9"));
+            c.chap_algorithms = algorithms;
+        });
+        l.test_unit_ready().unwrap();
+    }
     // Wrong initiator secret: the target refuses with a clear message.
-    let e = login_with(&t, |c| c.chap = Some(creds("alice", "wrongsecret1"))).unwrap_err();
+    let e = login_with(&t, |c| {
+        c.chap = Some(creds("alice", "wrongsecret1"));
+        c.chap_algorithms = md5.clone();
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("authentication failed"), "{e}");
+    assert!(e.to_string().contains("computed with MD5 (5)"), "{e}");
     // No credentials at all for a target that requires them.
     let e = login_with(&t, |_| {}).unwrap_err();
     assert!(
@@ -169,6 +199,7 @@ fn chap_one_way_and_mutual_and_wrong_secrets() {
     let e = login_with(&t, |c| {
         c.chap = Some(creds("alice", "alicesecret1"));
         c.mutual_chap = Some(creds("tgtuser", "notthesecret"));
+        c.chap_algorithms = md5;
     })
     .unwrap_err();
     assert!(e.to_string().contains("mutual CHAP"), "{e}");

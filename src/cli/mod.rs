@@ -6,7 +6,7 @@ pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use iscsi_bypass::iscsi::chap::{Credentials, Secret};
+use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::discovery::{self, DiscoveredTarget};
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::params::DigestKind;
@@ -37,6 +37,9 @@ pub struct ConnectOptions {
     /// File holding the target's CHAP secret, for mutual CHAP.
     #[arg(long, global = true)]
     pub target_secret_file: Option<PathBuf>,
+    /// CHAP algorithms to offer, most preferred first (CHAP_A 8, 7, 6, 5).
+    #[arg(long, global = true, default_value = "sha3-256,sha256,sha1,md5")]
+    pub chap_algorithms: String,
     /// Offer header digests: none, crc32c, or both (crc32c preferred).
     #[arg(long, global = true, default_value = "none")]
     pub header_digest: String,
@@ -109,6 +112,8 @@ impl ConnectOptions {
             self.max_recv_data_segment_length.clamp(512, 16_777_215);
         c.offer.immediate_data = !self.no_immediate_data;
         c.offer.initial_r2t = self.initial_r2t;
+        c.chap_algorithms =
+            ChapAlgorithm::parse_list(&self.chap_algorithms).context("--chap-algorithms")?;
         let user = self.chap_user.clone().or_else(|| url.user.clone());
         if let Some(user) = user {
             let secret = match &self.chap_secret_file {

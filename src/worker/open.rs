@@ -19,7 +19,7 @@
 //! ```
 
 use super::MultipathDevice;
-use crate::iscsi::chap::{Credentials, Secret};
+use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use crate::iscsi::login::LoginConfig;
 use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy};
 use std::net::SocketAddr;
@@ -144,6 +144,9 @@ pub struct Options {
     pub idle: IdleMode,
     /// CHAP for every path; URL credentials (`user%secret@`) apply when `None`.
     pub chap: Option<Chap>,
+    /// CHAP algorithms offered on every login, most preferred first
+    /// (default SHA3-256, SHA-256, SHA-1, MD5).
+    pub chap_algorithms: Vec<ChapAlgorithm>,
 }
 
 impl Default for Options {
@@ -165,6 +168,7 @@ impl Default for Options {
             login_timeout: base.login_timeout,
             idle: base.idle,
             chap: None,
+            chap_algorithms: ChapAlgorithm::PREFERRED.to_vec(),
         }
     }
 }
@@ -180,11 +184,12 @@ impl Options {
                 DeviceConfig::from_urls_with(urls, &self.initiator, dpdk_paths(stacks)?)?
             }
         };
-        if let Some(chap) = &self.chap {
-            for p in &mut c.paths {
+        for p in &mut c.paths {
+            if let Some(chap) = &self.chap {
                 p.login.chap = Some(chap.initiator.clone());
                 p.login.mutual_chap = chap.target.clone();
             }
+            p.login.chap_algorithms = self.chap_algorithms.clone();
         }
         c.cores = self.cores.clone();
         c.policy = self.policy;
@@ -276,6 +281,7 @@ impl Options {
             .or_else(|| (portal, 3260).to_socket_addrs().ok()?.next())
             .ok_or_else(|| fail("not an address (host[:port])".into()))?;
         let mut login = LoginConfig::new(&self.initiator, None);
+        login.chap_algorithms = self.chap_algorithms.clone();
         if let Some(chap) = &self.chap {
             login.chap = Some(chap.initiator.clone());
             login.mutual_chap = chap.target.clone();
