@@ -1,14 +1,17 @@
 //! Logins against the embedded target over loopback TCP: every CHAP
 //! algorithm one-way and mutual, the algorithm lists of both sides (library
 //! `Options`, `LoginConfig`, and the CLI's `--chap-algorithms`), and the
-//! error when the two sides have none in common.
+//! error when the two sides have none in common; login redirects,
+//! temporary and permanent, through the library and the CLI.
 
 use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::login::LoginConfig;
+use iscsi_bypass::iscsi::redirect::{Hop, LoginPortal, RedirectError};
 use iscsi_bypass::iscsi::session::{Session, SessionConfig, SessionError};
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
+use iscsi_bypass::transport::TransportError;
 use iscsi_bypass::{Chap, Device, IdleMode, Options};
 use std::net::SocketAddr;
 use std::process::Command;
@@ -240,6 +243,192 @@ fn cli_chap_algorithms_on_both_sides() {
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert!(
         !unknown.status.success() && err.contains("--chap-algorithms") && err.contains("sha512"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Login redirects (status 0x0101 / 0x0102) with the embedded target's
+// redirect fault: portal 0 plays the array's group address.
+
+fn kernel_connect(addr: SocketAddr) -> Result<KernelTcp, TransportError> {
+    KernelTcp::connect(addr, &KernelTcpOptions::default())
+}
+
+fn plain_config() -> SessionConfig {
+    let mut c = SessionConfig::new(LoginConfig::new(INITIATOR, Some(IQN)));
+    c.login_timeout = Duration::from_secs(3);
+    c
+}
+
+fn two_portal_target() -> (TargetHandle, SocketAddr, SocketAddr) {
+    let t = Target::start(TargetConfig::ram(IQN, 1 << 20).loopback_portals(2)).expect("target");
+    let p = t.portals();
+    (t, p[0], p[1])
+}
+
+#[test]
+fn temporary_redirect_is_followed_and_reconnects_start_at_the_original() {
+    let (target, group, member) = two_portal_target();
+    target.faults().portal(0).redirect_logins(member, false);
+    let mut portal = LoginPortal::new(group);
+    let (s, at) = portal
+        .login(kernel_connect, &plain_config())
+        .expect("login");
+    assert_eq!(at, member);
+    assert_eq!(
+        portal.last_hops(),
+        [Hop {
+            from: group,
+            to: member,
+            permanent: false
+        }]
+    );
+    assert_eq!(
+        portal.home(),
+        group,
+        "a temporary redirect keeps the original"
+    );
+    write_read(s);
+    // The next login (a reconnect) goes to the group address again.
+    let (_s, at) = portal
+        .login(kernel_connect, &plain_config())
+        .expect("again");
+    assert_eq!((at, portal.last_hops()[0].from), (member, group));
+    // Once the group address stops redirecting, logins stay there.
+    target.faults().portal(0).stop_redirecting();
+    let (_s, at) = portal
+        .login(kernel_connect, &plain_config())
+        .expect("direct");
+    assert_eq!(at, group);
+    assert!(portal.last_hops().is_empty());
+}
+
+#[test]
+fn permanent_redirect_moves_later_logins_to_the_new_address() {
+    let (target, group, member) = two_portal_target();
+    target.faults().portal(0).redirect_logins(member, true);
+    let mut portal = LoginPortal::new(group);
+    let (s, at) = portal
+        .login(kernel_connect, &plain_config())
+        .expect("login");
+    assert_eq!(at, member);
+    assert!(portal.last_hops()[0].permanent);
+    assert_eq!(portal.home(), member);
+    write_read(s);
+    // The reconnect goes straight to the new address; the old one would
+    // still redirect, and one that stopped answering is not tried.
+    target.faults().portal(0).refuse_logins(0x03, 0x01);
+    let (_s, at) = portal
+        .login(kernel_connect, &plain_config())
+        .expect("reconnect");
+    assert_eq!(at, member);
+    assert!(portal.last_hops().is_empty());
+    assert_eq!(portal.original(), group);
+}
+
+#[test]
+fn redirect_errors_say_where_the_login_was_sent() {
+    let (target, group, member) = two_portal_target();
+    // A loop between the two portals ends after the bounded hops.
+    target.faults().portal(0).redirect_logins(member, false);
+    target.faults().portal(1).redirect_logins(group, false);
+    let e = LoginPortal::new(group)
+        .login(kernel_connect, &plain_config())
+        .expect_err("loop");
+    let msg = e.to_string();
+    assert!(
+        matches!(e, RedirectError::TooManyRedirects { max: 4, ref hops } if hops.len() == 5),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "{group} redirected temporarily to {member}, then {member}"
+        )),
+        "{msg}"
+    );
+    // No redirects allowed: the first one is the error.
+    let e = LoginPortal::new(group)
+        .max_redirects(0)
+        .login(kernel_connect, &plain_config())
+        .expect_err("no hops allowed");
+    assert!(e.to_string().contains("more than 0 times"), "{e}");
+    // A TargetAddress that is no address.
+    target
+        .faults()
+        .portal(0)
+        .redirect_logins_to("[::1".into(), true);
+    let e = LoginPortal::new(group)
+        .login(kernel_connect, &plain_config())
+        .expect_err("bad address");
+    assert!(
+        e.to_string().contains(&format!(
+            "login at {group} redirected to TargetAddress=\"[::1\""
+        )),
+        "{e}"
+    );
+    // Redirected to a portal where nothing listens, and the login after
+    // the hop failing: both name the hop.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    target.faults().portal(0).redirect_logins(closed, false);
+    let e = LoginPortal::new(group)
+        .login(kernel_connect, &plain_config())
+        .expect_err("dead member");
+    assert_eq!(
+        e.to_string().split(": ").next().unwrap(),
+        format!("connecting to {closed} (after {group} redirected temporarily to {closed})")
+    );
+    target.faults().portal(1).clear();
+    target.faults().portal(1).refuse_logins(0x02, 0x02);
+    target.faults().portal(0).redirect_logins(member, false);
+    let e = LoginPortal::new(group)
+        .login(kernel_connect, &plain_config())
+        .expect_err("member refuses");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "login at {member} (after {group} redirected temporarily to {member}): "
+        )) && e.to_string().contains("not authorized"),
+        "{e}"
+    );
+}
+
+#[test]
+fn cli_follows_redirects() {
+    let (target, group, member) = two_portal_target();
+    target.faults().portal(0).redirect_logins(member, false);
+    let bin = env!("CARGO_BIN_EXE_iscsi-bypass");
+    let out = Command::new(bin)
+        .args([
+            "inquiry",
+            &format!("iscsi://{group}/{IQN}/0"),
+            "--timeout",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.faults().portal(1).refuse_logins(0x02, 0x03);
+    let out = Command::new(bin)
+        .args([
+            "inquiry",
+            &format!("iscsi://{group}/{IQN}/0"),
+            "--timeout",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("{group} redirected temporarily to {member}"))
+            && err.contains("target not found"),
         "{err}"
     );
 }

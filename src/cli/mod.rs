@@ -10,11 +10,13 @@ use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::discovery::{self, DiscoveredTarget};
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::params::DigestKind;
+use iscsi_bypass::iscsi::redirect::LoginPortal;
 use iscsi_bypass::iscsi::session::{Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::scsi::{Capacity, LunInfo, ReportLunsData};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
+use iscsi_bypass::transport::TransportError;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -157,12 +159,34 @@ impl ConnectOptions {
         let addr: SocketAddr = url
             .socket_addr()
             .with_context(|| format!("resolving portal {}", url.portal()))?;
+        Ok(self.connect_addr(addr)?)
+    }
+
+    fn connect_addr(&self, addr: SocketAddr) -> Result<KernelTcp, TransportError> {
         let opts = KernelTcpOptions {
             bind: self.bind.map(|ip| SocketAddr::new(ip, 0)),
             connect_timeout: Some(self.timeout()),
             ..Default::default()
         };
-        Ok(KernelTcp::connect(addr, &opts)?)
+        KernelTcp::connect(addr, &opts)
+    }
+
+    /// Connects and logs in to `url`'s target, following login redirects
+    /// (each hop is logged and named in errors).
+    pub fn login_session(
+        &self,
+        url: &IscsiUrl,
+        mut config: SessionConfig,
+    ) -> Result<Session<KernelTcp>> {
+        let addr: SocketAddr = url
+            .socket_addr()
+            .with_context(|| format!("resolving portal {}", url.portal()))?;
+        config.login_timeout = self.timeout();
+        let target = config.login.target_name.clone().unwrap_or_default();
+        let (session, _at) = LoginPortal::new(addr)
+            .login(|a| self.connect_addr(a), &config)
+            .with_context(|| format!("login to {target}"))?;
+        Ok(session)
     }
 }
 
@@ -178,11 +202,7 @@ pub fn open_lun(url: &str, opts: &ConnectOptions) -> Result<LunHandle<KernelTcp>
     let url = IscsiUrl::parse(url)?;
     let (target, lun) = url.require_target()?;
     let login = opts.login_config(&url, Some(target))?;
-    let t = opts.connect(&url)?;
-    let mut config = SessionConfig::new(login);
-    config.login_timeout = opts.timeout();
-    let session = Session::login(t, &config)
-        .with_context(|| format!("login to {target} at {}", url.portal()))?;
+    let session = opts.login_session(&url, SessionConfig::new(login))?;
     let mut handle = LunHandle::new(session, lun);
     handle.timeout = opts.timeout();
     Ok(handle)

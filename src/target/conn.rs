@@ -677,6 +677,13 @@ impl Core {
             if let Some((class, detail)) = self.shared.faults.login_refusal(self.portal) {
                 return self.login_fail(r, class, detail, "refused by fault injection");
             }
+            if let Some((to, permanent)) = self.shared.faults.login_redirect(self.portal) {
+                let mut t = TextPairs::new();
+                t.push("TargetAddress", to.clone());
+                let detail = if permanent { 0x02 } else { 0x01 };
+                let why = format!("redirected to {to}");
+                return self.login_fail_with_text(r, 0x01, detail, &why, &t.to_bytes());
+            }
             if r.tsih != 0 {
                 return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)");
             }
