@@ -207,6 +207,34 @@ fn chap_one_way_and_mutual_and_wrong_secrets() {
 }
 
 #[test]
+fn fua_writes_through_the_library() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let opts = iscsi_bypass::Options {
+        initiator: INITIATOR.into(),
+        idle: iscsi_bypass::IdleMode::Sleep(Duration::from_micros(50)),
+        ..Default::default()
+    };
+    let url = t.url(1);
+    let dev = iscsi_bypass::Device::open_urls(&[&url], &opts).expect("open");
+    let mut q = dev.queue_pair();
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 29 % 251) as u8).collect();
+    // WRITE(16) with FUA: tgtd accepts it and the data is in the backing
+    // file when the write completes (no SYNCHRONIZE CACHE sent; whether
+    // tgtd syncs the file for FUA is its business).
+    q.write_at_durable(40, &data, true).expect("FUA write");
+    let file = std::fs::read(&t.lun_files[0]).unwrap();
+    assert!(file[40 * 512..40 * 512 + data.len()] == data[..]);
+    let mut back = vec![0u8; data.len()];
+    q.read_at(40, &mut back).unwrap();
+    assert!(back == data);
+    drop(q);
+    dev.close();
+}
+
+#[test]
 fn digests_on_and_off() {
     if tgtd_unavailable().is_some() {
         return;
@@ -378,4 +406,25 @@ fn cli_write_read_round_trip_and_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+}
+
+/// tgt 1.0.85's SBC emulation has no COMPARE AND WRITE (opcode 89h): the
+/// command must come back as a clear ILLEGAL REQUEST, with nothing written.
+#[test]
+fn compare_and_write_against_tgtd_is_refused_clearly() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let mut l = lun(&t, |_| {});
+    let old = vec![0x11u8; 512];
+    l.write(20, old.clone()).unwrap();
+    let new = vec![0x22u8; 512];
+    let e = l.compare_and_write(20, &old, &new).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ILLEGAL REQUEST: invalid command operation code"),
+        "{e}"
+    );
+    assert_eq!(l.read(20, 1).unwrap(), old);
 }

@@ -844,7 +844,8 @@ impl<'a> Conn<'a> {
             let mut b = self.take_buf();
             b.extend_from_slice(c);
             let lba = r.offset / bs + (i as u64 * self.max_io) / bs;
-            let io = Io::write(lba, (c.len() as u64 / bs) as u32, b, tag(id, 0));
+            // FUA maps to the WRITE's own FUA bit: no flush afterwards.
+            let io = Io::write_durable(lba, (c.len() as u64 / bs) as u32, b, fua, tag(id, 0));
             self.push_io(id, io);
         }
     }
@@ -935,10 +936,7 @@ impl<'a> Conn<'a> {
             buf[at..at + data.len()].copy_from_slice(data);
             for (i, c) in buf.chunks(self.max_io as usize).enumerate() {
                 self.q
-                    .write_at(a0 / bs + (i as u64 * self.max_io) / bs, c)?;
-            }
-            if fua {
-                self.q.flush()?;
+                    .write_at_durable(a0 / bs + (i as u64 * self.max_io) / bs, c, fua)?;
             }
             Ok(())
         })();
@@ -1035,7 +1033,9 @@ impl<'a> Conn<'a> {
             self.zero_range(id, first, last);
             return;
         }
-        if p.fua && !p.flushing && p.error == 0 && p.kind != Kind::Read {
+        // Writes carried FUA themselves; trims and zeroes (UNMAP, WRITE
+        // SAME have no FUA bit) are made durable with a flush.
+        if p.fua && !p.flushing && p.error == 0 && !matches!(p.kind, Kind::Read | Kind::Write) {
             p.flushing = true;
             self.push_io(id, Io::flush(tag(id, 0)));
             return;

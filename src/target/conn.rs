@@ -1114,6 +1114,7 @@ impl Core {
                 key: s.key,
                 asc: s.asc,
                 ascq: s.ascq,
+                information: None,
             })
         } else if let Some(ua) = lun_index
             .filter(|_| !scsi::ignores_unit_attention(&c.cdb))

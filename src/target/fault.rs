@@ -316,7 +316,7 @@ mod tests {
             Some(InjectedSense {
                 key: 3,
                 asc: 0x11,
-                ascq: 0
+                ascq: 0,
             })
         );
         assert_eq!(f.take_check_condition(1), None);
