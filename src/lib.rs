@@ -54,6 +54,7 @@ pub mod transport;
 pub mod wire;
 pub mod worker;
 
+pub use iscsi::chap::ChapAlgorithm;
 pub use multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, MultipathError, PathConfig, PathState,
     PathStats, Policy, PortBinding,

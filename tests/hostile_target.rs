@@ -1057,7 +1057,7 @@ fn chap_target(chap: Vec<(&'static str, String)>) -> impl FnOnce(&mut Peer) -> O
         );
         p.send(&PduHeader::LoginResponse(rsp), &data);
         let (req, got) = p.next_login_request()?;
-        assert_eq!(got.get("CHAP_A"), Some("5"), "we offer MD5 only");
+        assert_eq!(got.get("CHAP_A"), Some("8,7,6,5"), "our default offer");
         let (rsp, data) = p.login_response(&req, false, Stage::Security, &chap);
         p.send(&PduHeader::LoginResponse(rsp), &data);
         // Wait for the initiator to go.
@@ -1067,15 +1067,30 @@ fn chap_target(chap: Vec<(&'static str, String)>) -> impl FnOnce(&mut Peer) -> O
 }
 
 #[test]
-fn chap_with_an_algorithm_other_than_md5() {
+fn chap_with_an_algorithm_we_did_not_offer() {
     login_fails(
         chap_config,
         chap_target(vec![
-            ("CHAP_A", "7".into()),
+            ("CHAP_A", "9".into()),
             ("CHAP_I", "1".into()),
             ("CHAP_C", "0x00112233445566778899aabbccddeeff".into()),
         ]),
-        &["CHAP algorithm 7, but only MD5 (5) is allowed"],
+        &[
+            "target chose CHAP_A=9, which is not one we offered",
+            "SHA3-256 (8), SHA-256 (7), SHA-1 (6), MD5 (5)",
+        ],
+    );
+}
+
+#[test]
+fn chap_algorithm_rejected_by_the_target() {
+    login_fails(
+        chap_config,
+        chap_target(vec![("CHAP_A", "Reject".into())]),
+        &[
+            "no CHAP algorithm in common",
+            "accepts none of them (CHAP_A=Reject)",
+        ],
     );
 }
 

@@ -556,6 +556,41 @@ fn raw_client_pipelines_and_gets_clear_errors() {
 }
 
 #[test]
+fn fua_writes_carry_the_fua_bit_instead_of_a_flush() {
+    let (bed, server, addr) = tcp_bed();
+    let lun = bed.target.lun(0).unwrap();
+    let (fua0, sync0) = (lun.fua_writes(), lun.cache_syncs());
+    let mut c = Client::go(addr);
+    let data = pattern(64 << 10, 7);
+    // Aligned FUA write: one WRITE(16) with FUA, no SYNCHRONIZE CACHE.
+    c.send(cmd::WRITE, cflags::FUA, 1, 0, data.len() as u32, &data);
+    assert_eq!(c.reply(|_| 0).1, 0);
+    // A plain write: no FUA.
+    c.send(cmd::WRITE, 0, 2, 1 << 16, data.len() as u32, &data);
+    assert_eq!(c.reply(|_| 0).1, 0);
+    // A partial-block FUA write (read-modify-write): its WRITE carries FUA.
+    c.send(
+        cmd::WRITE,
+        cflags::FUA,
+        3,
+        (1 << 17) + 100,
+        300,
+        &data[..300],
+    );
+    assert_eq!(c.reply(|_| 0).1, 0);
+    assert_eq!(lun.fua_writes() - fua0, 2);
+    assert_eq!(lun.cache_syncs() - sync0, 0, "FUA writes need no flush");
+    // WRITE SAME has no FUA bit: FUA write-zeroes still flush after.
+    c.send(cmd::WRITE_ZEROES, cflags::FUA, 4, 1 << 18, 4096, &[]);
+    assert_eq!(c.reply(|_| 0).1, 0);
+    assert_eq!(lun.cache_syncs() - sync0, 1);
+    assert_eq!(bed.read_direct(0, 64 << 10), data);
+    let d = bed.read_direct(1 << 17, 512);
+    assert_eq!(&d[100..400], &data[..300]);
+    server.stop().unwrap();
+}
+
+#[test]
 fn several_clients_at_once() {
     let (_bed, server, addr) = tcp_bed();
     let threads: Vec<_> = (0..4u64)

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{tgtd_unavailable, which, Tgtd, TgtdOptions};
-use iscsi_bypass::iscsi::chap::{Credentials, Secret};
+use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::discovery;
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::params::DigestKind;
@@ -147,18 +147,48 @@ fn chap_one_way_and_mutual_and_wrong_secrets() {
         mutual: Some(("tgtuser".into(), "targetsecret9".into())),
         ..Default::default()
     });
-    // One-way CHAP.
-    let mut l = lun(&t, |c| c.chap = Some(creds("alice", "alicesecret1")));
-    write_read_random(&mut l, 2, 64 << 10);
-    // Mutual CHAP: we verify the target too.
+    // One-way CHAP with MD5, the one algorithm tgtd and we share.
+    let md5 = vec![ChapAlgorithm::Md5];
     let mut l = lun(&t, |c| {
         c.chap = Some(creds("alice", "alicesecret1"));
-        c.mutual_chap = Some(creds("tgtuser", "targetsecret9"));
+        c.chap_algorithms = md5.clone();
+    });
+    write_read_random(&mut l, 2, 64 << 10);
+    // tgtd skips the values it does not know (8, 6) and takes MD5.
+    use ChapAlgorithm::{Sha1, Sha3_256};
+    let sha3_sha1_md5 = vec![Sha3_256, Sha1, ChapAlgorithm::Md5];
+    let mut l = lun(&t, |c| {
+        c.chap = Some(creds("alice", "alicesecret1"));
+        c.chap_algorithms = sha3_sha1_md5.clone();
     });
     l.test_unit_ready().unwrap();
+    // tgt defines CHAP_A=7 as SHA-1 (the IANA registry: SHA-256), so our
+    // default list (8,7,6,5) gets 7 chosen and a SHA-256 response refused:
+    // the error says which algorithm and why.
+    let e = login_with(&t, |c| c.chap = Some(creds("alice", "alicesecret1"))).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("refused our CHAP response, computed with SHA-256 (7)")
+            && msg.contains("tgt's tgtd takes CHAP_A=7 to mean SHA-1"),
+        "{msg}"
+    );
+    // Mutual CHAP: we verify the target too.
+    for algorithms in [md5.clone(), sha3_sha1_md5] {
+        let mut l = lun(&t, |c| {
+            c.chap = Some(creds("alice", "alicesecret1"));
+            c.mutual_chap = Some(creds("tgtuser", "targetsecret9"));
+            c.chap_algorithms = algorithms;
+        });
+        l.test_unit_ready().unwrap();
+    }
     // Wrong initiator secret: the target refuses with a clear message.
-    let e = login_with(&t, |c| c.chap = Some(creds("alice", "wrongsecret1"))).unwrap_err();
+    let e = login_with(&t, |c| {
+        c.chap = Some(creds("alice", "wrongsecret1"));
+        c.chap_algorithms = md5.clone();
+    })
+    .unwrap_err();
     assert!(e.to_string().contains("authentication failed"), "{e}");
+    assert!(e.to_string().contains("computed with MD5 (5)"), "{e}");
     // No credentials at all for a target that requires them.
     let e = login_with(&t, |_| {}).unwrap_err();
     assert!(
@@ -169,10 +199,39 @@ fn chap_one_way_and_mutual_and_wrong_secrets() {
     let e = login_with(&t, |c| {
         c.chap = Some(creds("alice", "alicesecret1"));
         c.mutual_chap = Some(creds("tgtuser", "notthesecret"));
+        c.chap_algorithms = md5;
     })
     .unwrap_err();
     assert!(e.to_string().contains("mutual CHAP"), "{e}");
     assert!(!e.to_string().contains("notthesecret"));
+}
+
+#[test]
+fn fua_writes_through_the_library() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let opts = iscsi_bypass::Options {
+        initiator: INITIATOR.into(),
+        idle: iscsi_bypass::IdleMode::Sleep(Duration::from_micros(50)),
+        ..Default::default()
+    };
+    let url = t.url(1);
+    let dev = iscsi_bypass::Device::open_urls(&[&url], &opts).expect("open");
+    let mut q = dev.queue_pair();
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 29 % 251) as u8).collect();
+    // WRITE(16) with FUA: tgtd accepts it and the data is in the backing
+    // file when the write completes (no SYNCHRONIZE CACHE sent; whether
+    // tgtd syncs the file for FUA is its business).
+    q.write_at_durable(40, &data, true).expect("FUA write");
+    let file = std::fs::read(&t.lun_files[0]).unwrap();
+    assert!(file[40 * 512..40 * 512 + data.len()] == data[..]);
+    let mut back = vec![0u8; data.len()];
+    q.read_at(40, &mut back).unwrap();
+    assert!(back == data);
+    drop(q);
+    dev.close();
 }
 
 #[test]
@@ -353,4 +412,25 @@ fn cli_write_read_round_trip_and_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+}
+
+/// tgt 1.0.85's SBC emulation has no COMPARE AND WRITE (opcode 89h): the
+/// command must come back as a clear ILLEGAL REQUEST, with nothing written.
+#[test]
+fn compare_and_write_against_tgtd_is_refused_clearly() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let mut l = lun(&t, |_| {});
+    let old = vec![0x11u8; 512];
+    l.write(20, old.clone()).unwrap();
+    let new = vec![0x22u8; 512];
+    let e = l.compare_and_write(20, &old, &new).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ILLEGAL REQUEST: invalid command operation code"),
+        "{e}"
+    );
+    assert_eq!(l.read(20, 1).unwrap(), old);
 }

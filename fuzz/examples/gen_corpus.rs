@@ -571,6 +571,7 @@ fn login_seed(cfg: u8, multi_pdu: bool) -> Vec<u8> {
                     ans.push(("AuthMethod".into(), "None".into()));
                 }
             } else if got.get("CHAP_A").is_some() {
+                // MD5: the mutual answer below is computed with it.
                 ans.push(("CHAP_A".into(), "5".into()));
                 ans.push(("CHAP_I".into(), "17".into()));
                 ans.push(("CHAP_C".into(), "0x00112233445566778899aabbccddeeff".into()));
@@ -582,7 +583,12 @@ fn login_seed(cfg: u8, multi_pdu: bool) -> Vec<u8> {
                 ans.push(("CHAP_N".into(), "target".into()));
                 ans.push((
                     "CHAP_R".into(),
-                    chap::encode_hex(&chap::response(id, &secret, &challenge)),
+                    chap::encode_hex(&chap::response(
+                        chap::ChapAlgorithm::Md5,
+                        id,
+                        &secret,
+                        &challenge,
+                    )),
                 ));
             }
         } else {

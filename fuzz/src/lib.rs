@@ -811,12 +811,17 @@ pub fn chap(data: &[u8]) {
         let hex = chap::encode_hex(&v);
         assert_eq!(chap::decode_binary(&hex), Ok(v.clone()));
         let secret = chap::Secret::new(b"secretsecret".to_vec());
-        let r = chap::response(1, &secret, &v);
-        assert_eq!(chap::verify(1, &secret, &v, &r), Ok(()));
-        assert!(chap::verify(1, &secret, &v, &v).is_err() || v == r);
+        for alg in chap::ChapAlgorithm::PREFERRED {
+            let r = chap::response(alg, 1, &secret, &v);
+            assert_eq!(r.len(), alg.digest_len());
+            assert_eq!(chap::verify(alg, 1, &secret, &v, &r), Ok(()));
+            assert!(chap::verify(alg, 1, &secret, &v, &v).is_err() || v == r);
+        }
     }
     let _ = chap::parse_identifier(s);
-    let _ = chap::check_algorithm(s);
+    let _ = chap::check_algorithm(s, &chap::ChapAlgorithm::PREFERRED);
+    let _ = chap::choose_algorithm(s, &chap::ChapAlgorithm::PREFERRED);
+    let _ = chap::ChapAlgorithm::parse_list(s);
 }
 
 // ---------------------------------------------------------------------------

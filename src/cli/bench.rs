@@ -332,12 +332,10 @@ fn run_inline(
             let login = opts
                 .login_config(&url, Some(&target))
                 .map_err(|e| e.to_string())?;
-            let t = opts.connect(&url).map_err(|e| super::error_chain(&e))?;
             let mut config = SessionConfig::new(login);
             config.idle = idle;
-            config.login_timeout = opts.timeout();
-            Session::login(t, &config)
-                .map_err(|e| format!("login to {} at {}: {e}", target, url.portal()))
+            opts.login_session(&url, config)
+                .map_err(|e| super::error_chain(&e))
         },
         lun,
         block_size: cap.block_size,

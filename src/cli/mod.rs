@@ -8,10 +8,11 @@ pub mod target;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use iscsi_bypass::iscsi::chap::{Credentials, Secret};
+use iscsi_bypass::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use iscsi_bypass::iscsi::discovery::{self, DiscoveredTarget};
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::params::DigestKind;
+use iscsi_bypass::iscsi::redirect::LoginPortal;
 use iscsi_bypass::iscsi::session::{Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::scsi::lun::LunHandle;
@@ -41,6 +42,9 @@ pub struct ConnectOptions {
     /// File holding the target's CHAP secret, for mutual CHAP.
     #[arg(long, global = true)]
     pub target_secret_file: Option<PathBuf>,
+    /// CHAP algorithms to offer, most preferred first (CHAP_A 8, 7, 6, 5).
+    #[arg(long, global = true, default_value = "sha3-256,sha256,sha1,md5")]
+    pub chap_algorithms: String,
     /// Offer header digests: none, crc32c, or both (crc32c preferred).
     #[arg(long, global = true, default_value = "none")]
     pub header_digest: String,
@@ -119,6 +123,8 @@ impl ConnectOptions {
             self.max_recv_data_segment_length.clamp(512, 16_777_215);
         c.offer.immediate_data = !self.no_immediate_data;
         c.offer.initial_r2t = self.initial_r2t;
+        c.chap_algorithms =
+            ChapAlgorithm::parse_list(&self.chap_algorithms).context("--chap-algorithms")?;
         let user = self.chap_user.clone().or_else(|| url.user.clone());
         if let Some(user) = user {
             let secret = match &self.chap_secret_file {
@@ -191,6 +197,25 @@ impl ConnectOptions {
             .with_context(|| format!("resolving portal {}", url.portal()))?;
         let opts: KernelTcpOptions = self.single_binding()?.kernel_options(self.timeout());
         Ok(KernelTcp::connect(addr, &opts)?)
+    }
+
+    /// Connects and logs in to `url`'s target, following login redirects
+    /// (each hop is logged and named in errors).
+    pub fn login_session(
+        &self,
+        url: &IscsiUrl,
+        mut config: SessionConfig,
+    ) -> Result<Session<KernelTcp>> {
+        let addr: SocketAddr = url
+            .socket_addr()
+            .with_context(|| format!("resolving portal {}", url.portal()))?;
+        config.login_timeout = self.timeout();
+        let opts: KernelTcpOptions = self.single_binding()?.kernel_options(self.timeout());
+        let target = config.login.target_name.clone().unwrap_or_default();
+        let (session, _at) = LoginPortal::new(addr)
+            .login(|a| KernelTcp::connect(a, &opts), &config)
+            .with_context(|| format!("login to {target}"))?;
+        Ok(session)
     }
 }
 
@@ -287,11 +312,7 @@ pub fn open_lun(url: &str, opts: &ConnectOptions) -> Result<LunHandle<KernelTcp>
     let url = IscsiUrl::parse(url)?;
     let (target, lun) = url.require_target()?;
     let login = opts.login_config(&url, Some(target))?;
-    let t = opts.connect(&url)?;
-    let mut config = SessionConfig::new(login);
-    config.login_timeout = opts.timeout();
-    let session = Session::login(t, &config)
-        .with_context(|| format!("login to {target} at {}", url.portal()))?;
+    let session = opts.login_session(&url, SessionConfig::new(login))?;
     let mut handle = LunHandle::new(session, lun);
     handle.timeout = opts.timeout();
     Ok(handle)

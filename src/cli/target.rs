@@ -5,6 +5,7 @@ use super::Output;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use iscsi_bypass::bench::job::parse_size;
+use iscsi_bypass::iscsi::chap::ChapAlgorithm;
 use iscsi_bypass::target::{LunConfig, Target, TargetConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,15 @@ pub struct TargetArgs {
     /// File holding the CHAP secret initiators must use.
     #[arg(long)]
     pub chap_secret_file: Option<PathBuf>,
+    /// The target's own CHAP user name, for initiators asking for mutual CHAP.
+    #[arg(long)]
+    pub target_user: Option<String>,
+    /// File holding the target's own CHAP secret (mutual CHAP).
+    #[arg(long)]
+    pub target_secret_file: Option<PathBuf>,
+    /// CHAP algorithms accepted (the initiator's first offered one of these is chosen).
+    #[arg(long, default_value = "sha3-256,sha256,sha1,md5")]
+    pub chap_algorithms: String,
     /// Command window (MaxCmdSN - ExpCmdSN + 1) per session.
     #[arg(long, default_value_t = 128)]
     pub queue_depth: u32,
@@ -50,6 +60,16 @@ pub struct TargetArgs {
     pub transport: String,
     #[command(flatten)]
     pub dpdk: super::bench::DpdkArgs,
+}
+
+/// The first line of a secret file, which must not be empty.
+fn first_line(f: &PathBuf) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if line.is_empty() {
+        bail!("secret file {} is empty", f.display());
+    }
+    Ok(line.as_bytes().to_vec())
 }
 
 pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
@@ -78,12 +98,18 @@ pub fn run(args: &TargetArgs, out: &Output) -> Result<()> {
         let Some(f) = &args.chap_secret_file else {
             bail!("--chap-user needs --chap-secret-file");
         };
-        let secret =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        config = config.chap(
-            user.clone(),
-            secret.lines().next().unwrap_or("").as_bytes().to_vec(),
-        );
+        config = config.chap(user.clone(), first_line(f)?);
+        if let Some(target_user) = &args.target_user {
+            let Some(f) = &args.target_secret_file else {
+                bail!("--target-user needs --target-secret-file");
+            };
+            config = config.mutual_chap(target_user.clone(), first_line(f)?);
+        }
+        let algorithms =
+            ChapAlgorithm::parse_list(&args.chap_algorithms).context("--chap-algorithms")?;
+        config = config.chap_algorithms(&algorithms);
+    } else if args.target_user.is_some() {
+        bail!("--target-user (mutual CHAP) needs --chap-user as well");
     }
     // Before binding: never serve the LUN unauthenticated to the network by mistake.
     config.check_exposure(args.no_auth)?;

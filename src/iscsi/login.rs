@@ -4,7 +4,7 @@
 //! operational stage, then full feature phase. Multi-PDU text in both
 //! directions (C bit). Every login status class is turned into a clear error.
 
-use super::chap::{self, ChapError, Credentials, Secret};
+use super::chap::{self, ChapAlgorithm, ChapError, Credentials, Secret};
 use super::params::{self, NegotiationError, Offer, Params};
 use crate::wire::iscsi::{encode_pdu, Digests, LoginRequest, LoginResponse, PduHeader, Sn, Stage};
 use crate::wire::text::{TextError, TextPairs};
@@ -64,10 +64,24 @@ pub enum LoginError {
     Text(#[from] TextError),
     #[error("CHAP: {0}")]
     Chap(#[from] ChapError),
+    #[error("login failed: the target refused our CHAP response, computed with {algorithm}: {status}{}", chap_refusal_hint(*.algorithm))]
+    ChapResponseRefused {
+        algorithm: ChapAlgorithm,
+        status: Box<LoginError>,
+    },
     #[error("target did not authenticate: mutual CHAP was configured but the target skipped CHAP")]
     MutualChapSkipped,
     #[error("target requires CHAP (AuthMethod={0}) but no CHAP credentials were given")]
     ChapRequired(String),
+}
+
+fn chap_refusal_hint(algorithm: ChapAlgorithm) -> &'static str {
+    if algorithm == ChapAlgorithm::Sha256 {
+        " (tgt's tgtd takes CHAP_A=7 to mean SHA-1, against the IANA registry; \
+         leave sha256 out of --chap-algorithms / LoginConfig::chap_algorithms for it)"
+    } else {
+        ""
+    }
 }
 
 fn target_error_text(detail: u8) -> &'static str {
@@ -95,8 +109,16 @@ pub struct LoginConfig {
     pub chap: Option<Credentials>,
     /// The target's expected identity for mutual CHAP.
     pub mutual_chap: Option<Credentials>,
+    /// CHAP_A values we offer, in order of preference (default: SHA3-256,
+    /// SHA-256, SHA-1, MD5). Mutual CHAP uses the algorithm the target chose.
+    pub chap_algorithms: Vec<ChapAlgorithm>,
     pub offer: Offer,
 }
+
+/// A vendor key (RFC 7143 §13.16 X- keys) with which the embedded target
+/// says, in the login reject, which CHAP algorithms it accepts when the
+/// initiator offered none of them.
+pub const ACCEPTED_CHAP_ALGORITHMS_KEY: &str = "X-org.iscsi-bypass.CHAP_A-accepted";
 
 impl LoginConfig {
     pub fn new(initiator_name: &str, target_name: Option<&str>) -> LoginConfig {
@@ -114,6 +136,7 @@ impl LoginConfig {
             cid: 0,
             chap: None,
             mutual_chap: None,
+            chap_algorithms: ChapAlgorithm::PREFERRED.to_vec(),
             offer: Offer::default(),
         }
     }
@@ -179,6 +202,8 @@ pub struct Login {
     want_nsg: Stage,
     mutual_challenge: Option<(u8, Vec<u8>)>,
     our_challenge_sent: Option<Vec<u8>>,
+    /// The CHAP algorithm the target chose.
+    chap_algorithm: Option<ChapAlgorithm>,
 }
 
 impl std::fmt::Debug for Login {
@@ -214,6 +239,7 @@ impl Login {
             want_nsg: Stage::Security,
             mutual_challenge: None,
             our_challenge_sent: None,
+            chap_algorithm: None,
         }
     }
 
@@ -290,7 +316,26 @@ impl Login {
     ) -> Result<LoginProgress, LoginError> {
         self.check_header(rsp)?;
         if rsp.status_class != 0 {
-            return Err(status_error(rsp.status_class, rsp.status_detail, data));
+            if (rsp.status_class, rsp.status_detail) == (2, 1)
+                && self.stage == Stage::Security
+                && self.auth == AuthStep::SentAlgorithm
+            {
+                // Refused right after our CHAP_A: no algorithm in common.
+                return Err(self.algorithms_refused(data).into());
+            }
+            let status = status_error(rsp.status_class, rsp.status_detail, data);
+            if rsp.status_class == 2
+                && self.stage == Stage::Security
+                && self.auth == AuthStep::SentResponse
+            {
+                if let Some(algorithm) = self.chap_algorithm {
+                    return Err(LoginError::ChapResponseRefused {
+                        algorithm,
+                        status: Box::new(status),
+                    });
+                }
+            }
+            return Err(status);
         }
         if self.partial_in.len() + data.len() > MAX_LOGIN_TEXT {
             return Err(LoginError::Protocol(format!(
@@ -392,8 +437,14 @@ impl Login {
                                 "target chose CHAP but left the security stage".into(),
                             ));
                         }
+                        if self.config.chap_algorithms.is_empty() {
+                            return Err(ChapError::AlgorithmList(
+                                "the list of CHAP algorithms to offer is empty".into(),
+                            )
+                            .into());
+                        }
                         let mut t = TextPairs::new();
-                        t.push("CHAP_A", chap::CHAP_MD5);
+                        t.push("CHAP_A", ChapAlgorithm::offer(&self.config.chap_algorithms));
                         self.auth = AuthStep::SentAlgorithm;
                         self.send_text(out, t.to_bytes(), false, Stage::Security);
                         Ok(LoginProgress::Continue)
@@ -414,7 +465,9 @@ impl Login {
                 let alg = pairs
                     .get("CHAP_A")
                     .ok_or_else(|| LoginError::Protocol("target sent no CHAP_A".into()))?;
-                chap::check_algorithm(alg)?;
+                let algorithm = chap::check_algorithm(alg, &self.config.chap_algorithms)?;
+                self.chap_algorithm = Some(algorithm);
+                log::debug!("CHAP: the target chose {algorithm}");
                 let id = chap::parse_identifier(
                     pairs
                         .get("CHAP_I")
@@ -437,10 +490,10 @@ impl Login {
                 t.push("CHAP_N", creds.user.clone());
                 t.push(
                     "CHAP_R",
-                    chap::encode_hex(&chap::response(id, &creds.secret, &challenge)),
+                    chap::encode_hex(&chap::response(algorithm, id, &creds.secret, &challenge)),
                 );
                 if self.config.mutual_chap.is_some() {
-                    let mut ours = vec![0u8; 16];
+                    let mut ours = vec![0u8; algorithm.challenge_len()];
                     rand::thread_rng().fill_bytes(&mut ours);
                     let our_id = (rand::thread_rng().next_u32() & 0xff) as u8;
                     t.push("CHAP_I", our_id.to_string());
@@ -469,7 +522,8 @@ impl Login {
                     if name != expected.user {
                         return Err(ChapError::TargetNotAuthenticated.into());
                     }
-                    chap::verify(id, &expected.secret, &challenge, &r)?;
+                    let algorithm = self.chap_algorithm.unwrap_or(ChapAlgorithm::Md5);
+                    chap::verify(algorithm, id, &expected.secret, &challenge, &r)?;
                 }
                 if !rsp.transit {
                     // The target may need one more (empty) exchange before transit.
@@ -598,6 +652,33 @@ impl Login {
             exp_cmd_sn: rsp.exp_cmd_sn,
             max_cmd_sn: rsp.max_cmd_sn,
         }
+    }
+
+    /// The error for a login refused right after our CHAP_A offer.
+    fn algorithms_refused(&self, data: &[u8]) -> ChapError {
+        let offered = &self.config.chap_algorithms;
+        let theirs = TextPairs::parse(data)
+            .ok()
+            .and_then(|t| t.get(ACCEPTED_CHAP_ALGORITHMS_KEY).map(str::to_string));
+        ChapError::NoCommonAlgorithm {
+            ours: format!(
+                "CHAP_A={}: {}",
+                ChapAlgorithm::offer(offered),
+                ChapAlgorithm::describe(offered)
+            ),
+            theirs: match theirs {
+                Some(v) => format!(
+                    "accepts only CHAP_A={v}: {} (it refused the login, status 0x0201)",
+                    ChapAlgorithm::describe_wire(&v)
+                ),
+                None => "refused the login (status 0x0201) without choosing one of them".into(),
+            },
+        }
+    }
+
+    /// The CHAP algorithm the target chose, once it has.
+    pub fn chap_algorithm(&self) -> Option<ChapAlgorithm> {
+        self.chap_algorithm
     }
 
     pub fn secret_for_tests(&self) -> Option<&Secret> {
@@ -770,13 +851,97 @@ mod tests {
     }
 
     #[test]
-    fn mutual_chap_verifies_the_target() {
-        for target_secret_ok in [true, false] {
-            let mut l = Login::new(config(true, true), 1, Sn(1));
+    fn mutual_chap_verifies_the_target_with_every_algorithm() {
+        for algorithm in ChapAlgorithm::PREFERRED {
+            for target_secret_ok in [true, false] {
+                let mut l = Login::new(config(true, true), 1, Sn(1));
+                let mut out = Vec::new();
+                l.start(&mut out);
+                assert_eq!(last_request(&out).1.get("AuthMethod"), Some("CHAP"));
+                out.clear();
+                let (r, d) = response(
+                    Stage::Security,
+                    Stage::Security,
+                    false,
+                    0,
+                    &[("AuthMethod", "CHAP")],
+                );
+                l.on_response(&r, &d, &mut out).unwrap();
+                assert_eq!(last_request(&out).1.get("CHAP_A"), Some("8,7,6,5"));
+                out.clear();
+                let challenge = [9u8; 16];
+                let code = algorithm.code().to_string();
+                let (r, d) = response(
+                    Stage::Security,
+                    Stage::Security,
+                    false,
+                    1,
+                    &[
+                        ("CHAP_A", &code),
+                        ("CHAP_I", "3"),
+                        ("CHAP_C", &chap::encode_hex(&challenge)),
+                    ],
+                );
+                l.on_response(&r, &d, &mut out).unwrap();
+                assert_eq!(l.chap_algorithm(), Some(algorithm));
+                let (req, text) = last_request(&out);
+                assert!(req.transit);
+                let expected = chap::response(
+                    algorithm,
+                    3,
+                    &Secret::new(b"initiatorsecret".to_vec()),
+                    &challenge,
+                );
+                assert_eq!(
+                    text.get("CHAP_R"),
+                    Some(chap::encode_hex(&expected).as_str())
+                );
+                let their_id = chap::parse_identifier(text.get("CHAP_I").unwrap()).unwrap();
+                let their_challenge = chap::decode_binary(text.get("CHAP_C").unwrap()).unwrap();
+                assert_eq!(their_challenge.len(), algorithm.challenge_len());
+                let secret = if target_secret_ok {
+                    Secret::new(b"targetsecret12".to_vec())
+                } else {
+                    Secret::new(b"wrongsecret123".to_vec())
+                };
+                let tr = chap::encode_hex(&chap::response(
+                    algorithm,
+                    their_id,
+                    &secret,
+                    &their_challenge,
+                ));
+                out.clear();
+                let (r, d) = response(
+                    Stage::Security,
+                    Stage::Operational,
+                    true,
+                    2,
+                    &[("CHAP_N", "tgtuser"), ("CHAP_R", &tr)],
+                );
+                let res = l.on_response(&r, &d, &mut out);
+                if target_secret_ok {
+                    assert!(matches!(res, Ok(LoginProgress::Continue)), "{algorithm}");
+                } else {
+                    assert!(
+                        matches!(
+                            res,
+                            Err(LoginError::Chap(ChapError::TargetNotAuthenticated))
+                        ),
+                        "{algorithm}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chap_offer_follows_the_configured_order_and_names_both_sides_on_refusal() {
+        let start = |algs: Vec<ChapAlgorithm>| {
+            let mut c = config(true, false);
+            c.chap_algorithms = algs;
+            let mut l = Login::new(c, 1, Sn(1));
             let mut out = Vec::new();
             l.start(&mut out);
-            assert_eq!(last_request(&out).1.get("AuthMethod"), Some("CHAP"));
-            out.clear();
             let (r, d) = response(
                 Stage::Security,
                 Stage::Security,
@@ -784,60 +949,61 @@ mod tests {
                 0,
                 &[("AuthMethod", "CHAP")],
             );
-            l.on_response(&r, &d, &mut out).unwrap();
-            assert_eq!(last_request(&out).1.get("CHAP_A"), Some("5"));
             out.clear();
-            let challenge = [9u8; 16];
-            let (r, d) = response(
-                Stage::Security,
-                Stage::Security,
-                false,
-                1,
-                &[
-                    ("CHAP_A", "5"),
-                    ("CHAP_I", "3"),
-                    ("CHAP_C", &chap::encode_hex(&challenge)),
-                ],
-            );
             l.on_response(&r, &d, &mut out).unwrap();
-            let (req, text) = last_request(&out);
-            assert!(req.transit);
-            let expected = chap::response(3, &Secret::new(b"initiatorsecret".to_vec()), &challenge);
-            assert_eq!(
-                text.get("CHAP_R"),
-                Some(chap::encode_hex(&expected).as_str())
-            );
-            let their_id = chap::parse_identifier(text.get("CHAP_I").unwrap()).unwrap();
-            let their_challenge = chap::decode_binary(text.get("CHAP_C").unwrap()).unwrap();
-            let secret = if target_secret_ok {
-                Secret::new(b"targetsecret12".to_vec())
-            } else {
-                Secret::new(b"wrongsecret123".to_vec())
-            };
-            let tr = chap::encode_hex(&chap::response(their_id, &secret, &their_challenge));
-            out.clear();
-            let (r, d) = response(
-                Stage::Security,
-                Stage::Operational,
-                true,
-                2,
-                &[("CHAP_N", "tgtuser"), ("CHAP_R", &tr)],
-            );
-            let res = l.on_response(&r, &d, &mut out);
-            if target_secret_ok {
-                assert!(matches!(res, Ok(LoginProgress::Continue)));
-            } else {
-                assert!(matches!(
-                    res,
-                    Err(LoginError::Chap(ChapError::TargetNotAuthenticated))
-                ));
-            }
-        }
+            (l, last_request(&out).1)
+        };
+        let (mut l, t) = start(vec![ChapAlgorithm::Md5, ChapAlgorithm::Sha256]);
+        assert_eq!(t.get("CHAP_A"), Some("5,7"));
+        // The target refuses the login after our CHAP_A, saying what it takes.
+        let (mut r, d) = response(
+            Stage::Security,
+            Stage::Security,
+            false,
+            1,
+            &[(ACCEPTED_CHAP_ALGORITHMS_KEY, "8")],
+        );
+        r.status_class = 2;
+        r.status_detail = 1;
+        let e = l.on_response(&r, &d, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "CHAP: no CHAP algorithm in common: we offered CHAP_A=5,7: MD5 (5), SHA-256 (7); \
+             the target accepts only CHAP_A=8: SHA3-256 (8) (it refused the login, status 0x0201)"
+        );
+        // Without the vendor key the refusal still names our offer.
+        let (mut l, _) = start(vec![ChapAlgorithm::Sha3_256]);
+        let (mut r, _) = response(Stage::Security, Stage::Security, false, 1, &[]);
+        r.status_class = 2;
+        r.status_detail = 1;
+        let e = l.on_response(&r, &[], &mut Vec::new()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("we offered CHAP_A=8: SHA3-256 (8); the target refused"),
+            "{e}"
+        );
+        // An empty list is a configuration error, said before anything is sent.
+        let mut c = config(true, false);
+        c.chap_algorithms.clear();
+        let mut l = Login::new(c, 1, Sn(1));
+        let mut out = Vec::new();
+        l.start(&mut out);
+        let (r, d) = response(
+            Stage::Security,
+            Stage::Security,
+            false,
+            0,
+            &[("AuthMethod", "CHAP")],
+        );
+        let e = l.on_response(&r, &d, &mut out).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
     }
 
     #[test]
     fn refused_algorithms_and_statuses_give_clear_errors() {
-        let mut l = Login::new(config(true, false), 1, Sn(1));
+        let mut c = config(true, false);
+        c.chap_algorithms = vec![ChapAlgorithm::Md5];
+        let mut l = Login::new(c, 1, Sn(1));
         let mut out = Vec::new();
         l.start(&mut out);
         let (r, d) = response(
@@ -861,7 +1027,7 @@ mod tests {
         );
         assert!(matches!(
             l.on_response(&r, &d, &mut out),
-            Err(LoginError::Chap(ChapError::Algorithm(_)))
+            Err(LoginError::Chap(ChapError::UnofferedAlgorithm { .. }))
         ));
 
         let mut l = Login::new(config(false, false), 1, Sn(1));

@@ -8,5 +8,6 @@ pub mod connection;
 pub mod discovery;
 pub mod login;
 pub mod params;
+pub mod redirect;
 pub mod session;
 pub mod url;

@@ -18,6 +18,9 @@ pub enum IoOp {
     Read,
     /// WRITE(16) of `buffer` (exactly `blocks` blocks).
     Write,
+    /// WRITE(16) with FUA: on stable media when it completes, without a
+    /// SYNCHRONIZE CACHE of the whole LU.
+    WriteFua,
     /// SYNCHRONIZE CACHE(16) of the whole LU; `lba`/`blocks` ignored.
     Flush,
     /// UNMAP of one range; `buffer` is reused for the parameter list.
@@ -65,6 +68,24 @@ impl Io {
             user_tag,
         }
     }
+    /// WRITE(16) of `buffer` at `lba`; `durable` sets FUA, so the data is
+    /// on stable media (not just in the target's cache) when it completes.
+    pub fn write_durable(
+        lba: u64,
+        blocks: u32,
+        buffer: Vec<u8>,
+        durable: bool,
+        user_tag: u64,
+    ) -> Io {
+        Io {
+            op: if durable { IoOp::WriteFua } else { IoOp::Write },
+            lba,
+            blocks,
+            buffer,
+            user_tag,
+        }
+    }
+
     /// SYNCHRONIZE CACHE of the whole LU: everything acknowledged before
     /// it completes is durable once it completes.
     pub fn flush(user_tag: u64) -> Io {
@@ -225,10 +246,11 @@ pub fn build_command(
             io.buffer.resize(c.transfer_len() as usize, 0);
             (c, Direction::Read)
         }
-        IoOp::Write => {
+        IoOp::Write | IoOp::WriteFua => {
             check_range(io)?;
-            let c = ScsiCommand::write16(io.lba, io.blocks, block_size, false)
-                .map_err(IoError::Scsi)?;
+            let fua = io.op == IoOp::WriteFua;
+            let c =
+                ScsiCommand::write16(io.lba, io.blocks, block_size, fua).map_err(IoError::Scsi)?;
             if io.buffer.len() != c.transfer_len() as usize {
                 return Err(bad_buffer(io, c.transfer_len() as usize));
             }

@@ -11,8 +11,8 @@
 //!   each with its own [`IoQueue`](crate::worker::IoQueue); requests are
 //!   pipelined and answered with simple replies in completion order.
 //!
-//! Mapping: READ → READ(16), WRITE → WRITE(16) (+FUA → SYNCHRONIZE CACHE
-//! after it), FLUSH → SYNCHRONIZE CACHE, TRIM → UNMAP (whole blocks; ignored
+//! Mapping: READ → READ(16), WRITE → WRITE(16) (+FUA → the WRITE's FUA
+//! bit; TRIM/WRITE_ZEROES with FUA → SYNCHRONIZE CACHE after), FLUSH → SYNCHRONIZE CACHE, TRIM → UNMAP (whole blocks; ignored
 //! where the target has no UNMAP), WRITE_ZEROES → WRITE SAME(16) with a zero
 //! block (zero writes where the target refuses WRITE SAME). Requests that do
 //! not cover whole blocks are served by read-modify-write.

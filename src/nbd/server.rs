@@ -786,8 +786,7 @@ trait BlockQueue {
     fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize;
     fn in_flight(&self) -> usize;
     fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError>;
-    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError>;
-    fn flush(&mut self) -> Result<(), IoError>;
+    fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError>;
 }
 
 impl BlockQueue for IoQueue {
@@ -803,11 +802,8 @@ impl BlockQueue for IoQueue {
     fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
         IoQueue::read_at(self, lba, buf)
     }
-    fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
-        IoQueue::write_at(self, lba, data)
-    }
-    fn flush(&mut self) -> Result<(), IoError> {
-        IoQueue::flush(self)
+    fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError> {
+        IoQueue::write_at_durable(self, lba, data, durable)
     }
 }
 
@@ -1213,7 +1209,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             let mut b = self.take_buf();
             b.extend_from_slice(c);
             let lba = r.offset / bs + (i as u64 * self.max_io) / bs;
-            let io = Io::write(lba, (c.len() as u64 / bs) as u32, b, tag(id, 0));
+            // FUA maps to the WRITE's own FUA bit: no flush afterwards.
+            let io = Io::write_durable(lba, (c.len() as u64 / bs) as u32, b, fua, tag(id, 0));
             self.push_io(id, io);
         }
     }
@@ -1322,10 +1319,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             buf[at..at + data.len()].copy_from_slice(data);
             for (i, c) in buf.chunks(self.max_io as usize).enumerate() {
                 self.q
-                    .write_at(a0 / bs + (i as u64 * self.max_io) / bs, c)?;
-            }
-            if fua {
-                self.q.flush()?;
+                    .write_at_durable(a0 / bs + (i as u64 * self.max_io) / bs, c, fua)?;
             }
             Ok(())
         })();
@@ -1426,7 +1420,9 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             self.zero_batch(id);
             return;
         }
-        if p.fua && !p.flushing && p.error == 0 && p.kind != Kind::Read {
+        // Writes carried FUA themselves; trims and zeroes (UNMAP, WRITE
+        // SAME have no FUA bit) are made durable with a flush.
+        if p.fua && !p.flushing && p.error == 0 && !matches!(p.kind, Kind::Read | Kind::Write) {
             p.flushing = true;
             self.push_io(id, Io::flush(tag(id, 0)));
             return;
@@ -1602,7 +1598,7 @@ mod tests {
                     io.buffer.resize(len, 0);
                     io.buffer.copy_from_slice(&self.data[at..at + len]);
                 }
-                IoOp::Write => self.data[at..at + len].copy_from_slice(&io.buffer),
+                IoOp::Write | IoOp::WriteFua => self.data[at..at + len].copy_from_slice(&io.buffer),
                 IoOp::WriteSame if self.refuse_write_same => {
                     let sense = SenseData::new(SenseKey::IllegalRequest, 0x20, 0);
                     result = Err(IoError::Scsi(ScsiError::CheckCondition { sense }));
@@ -1642,12 +1638,14 @@ mod tests {
             buf.copy_from_slice(&self.data[at..at + buf.len()]);
             Ok(())
         }
-        fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+        fn write_at_durable(
+            &mut self,
+            lba: u64,
+            data: &[u8],
+            _durable: bool,
+        ) -> Result<(), IoError> {
             let at = lba as usize * self.bs;
             self.data[at..at + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&mut self) -> Result<(), IoError> {
             Ok(())
         }
     }

@@ -74,6 +74,9 @@ impl ScsiCommand {
             CdbRepr::Write16 { blocks, .. } => {
                 DataDirection::Write(transfer_len(blocks, block_size)?)
             }
+            CdbRepr::CompareAndWrite { blocks, .. } => {
+                DataDirection::Write(transfer_len(2 * u32::from(blocks), block_size)?)
+            }
             CdbRepr::WriteSame16 { ndob: true, .. } => DataDirection::None,
             CdbRepr::WriteSame16 { .. } => DataDirection::Write(block_size),
             CdbRepr::Unmap { param_len, .. } => DataDirection::Write(param_len.into()),
@@ -222,6 +225,20 @@ impl ScsiCommand {
         Ok((
             ScsiCommand::new(Cdb::unmap(len), DataDirection::Write(len.into())),
             list,
+        ))
+    }
+    /// COMPARE AND WRITE of `blocks` blocks at `lba` (VMware's ATS): the
+    /// data-out is the expected blocks followed by the new blocks; the
+    /// target writes only when the medium matches the expected blocks.
+    pub fn compare_and_write(
+        lba: u64,
+        blocks: u8,
+        block_size: u32,
+        fua: bool,
+    ) -> Result<ScsiCommand, ScsiError> {
+        Ok(ScsiCommand::new(
+            Cdb::compare_and_write(lba, blocks, fua),
+            DataDirection::Write(transfer_len(2 * u32::from(blocks), block_size)?),
         ))
     }
     /// WRITE SAME(16); the data-out is one block (zeroes, for `unmap`).

@@ -39,6 +39,13 @@ pub enum LunError {
     },
     #[error("buffer of {len} bytes is not a multiple of the block size {block_size}")]
     Unaligned { len: usize, block_size: u32 },
+    /// COMPARE AND WRITE found other data on the medium; nothing was written.
+    #[error(
+        "COMPARE AND WRITE miscompare at byte {offset} of the compared blocks; nothing written"
+    )]
+    Miscompare { offset: u64 },
+    #[error("COMPARE AND WRITE: {0}")]
+    CompareAndWrite(String),
 }
 
 pub struct LunHandle<T: Transport> {
@@ -263,6 +270,55 @@ impl<T: Transport> LunHandle<T> {
         self.check_range(lba, blocks as u64)?;
         let cmd = ScsiCommand::write16(lba, blocks, bs, false)?;
         Ok(self.run(&cmd, data)?.0)
+    }
+
+    /// COMPARE AND WRITE at `lba`: writes `new` only when the medium holds
+    /// `expected` (same length, whole blocks, at most 255 blocks), atomically.
+    /// A mismatch is [`LunError::Miscompare`] with the first differing
+    /// byte's offset (the sense INFORMATION field).
+    pub fn compare_and_write(
+        &mut self,
+        lba: u64,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<(), LunError> {
+        let bs = self.capacity()?.block_size;
+        if expected.len() != new.len() {
+            return Err(LunError::CompareAndWrite(format!(
+                "{} bytes to compare but {} to write",
+                expected.len(),
+                new.len()
+            )));
+        }
+        if bs == 0 || expected.is_empty() || !expected.len().is_multiple_of(bs as usize) {
+            return Err(LunError::Unaligned {
+                len: expected.len(),
+                block_size: bs,
+            });
+        }
+        let blocks = u8::try_from(expected.len() / bs as usize).map_err(|_| {
+            LunError::CompareAndWrite(format!(
+                "{} blocks; at most 255 fit the CDB",
+                expected.len() / bs as usize
+            ))
+        })?;
+        self.check_range(lba, blocks.into())?;
+        let cmd = ScsiCommand::compare_and_write(lba, blocks, bs, false)?;
+        let mut data = Vec::with_capacity(2 * expected.len());
+        data.extend_from_slice(expected);
+        data.extend_from_slice(new);
+        match self.run(&cmd, data) {
+            Ok(_) => Ok(()),
+            Err(LunError::Scsi(e)) => match e.sense() {
+                Some(s) if s.key == crate::wire::scsi::SenseKey::Miscompare && s.asc == 0x1d => {
+                    Err(LunError::Miscompare {
+                        offset: s.information.unwrap_or(0),
+                    })
+                }
+                _ => Err(LunError::Scsi(e)),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     pub fn synchronize_cache(&mut self) -> Result<(), LunError> {

@@ -64,7 +64,10 @@ enum Auth {
     /// Challenge sent; waiting for CHAP_N/CHAP_R.
     ChapResponse {
         id: u8,
-        challenge: [u8; 16],
+        /// As long as the chosen algorithm's digest (at least 16 bytes).
+        challenge: [u8; 32],
+        challenge_len: u8,
+        algorithm: chap::ChapAlgorithm,
     },
     Done,
 }
@@ -586,6 +589,19 @@ impl Core {
     // ------------------------------------------------------------ login
 
     fn login_fail(&mut self, r: &LoginRequest, class: u8, detail: u8, why: &str) {
+        self.login_fail_with_text(r, class, detail, why, &[])
+    }
+
+    /// A login reject whose data segment carries `text` (declarations that
+    /// explain the refusal).
+    fn login_fail_with_text(
+        &mut self,
+        r: &LoginRequest,
+        class: u8,
+        detail: u8,
+        why: &str,
+        text: &[u8],
+    ) {
         log::info!(
             "login from {:?} refused ({class:#04x}/{detail:#04x}): {why}",
             self.initiator_name
@@ -607,7 +623,7 @@ impl Core {
             status_class: class,
             status_detail: detail,
         });
-        self.emit(&h, &[]);
+        self.emit(&h, text);
         self.close(format!("login failed: {why}"));
     }
 
@@ -661,6 +677,13 @@ impl Core {
             if let Some((class, detail)) = self.shared.faults.login_refusal(self.portal) {
                 return self.login_fail(r, class, detail, "refused by fault injection");
             }
+            if let Some((to, permanent)) = self.shared.faults.login_redirect(self.portal) {
+                let mut t = TextPairs::new();
+                t.push("TargetAddress", to.clone());
+                let detail = if permanent { 0x02 } else { 0x01 };
+                let why = format!("redirected to {to}");
+                return self.login_fail_with_text(r, 0x01, detail, &why, &t.to_bytes());
+            }
             if r.tsih != 0 {
                 return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)");
             }
@@ -692,7 +715,14 @@ impl Core {
         let chap_required = self.chap_required();
         let transit_allowed = match r.csg {
             Stage::Security => match self.security_step(&pairs, &mut reply) {
-                Err(why) => return self.login_fail(r, 0x02, 0x01, &why),
+                Err(why) => {
+                    let key = crate::iscsi::login::ACCEPTED_CHAP_ALGORITHMS_KEY;
+                    let mut explain = TextPairs::new();
+                    if let Some(v) = reply.get(key) {
+                        explain.push(key, v.to_string());
+                    }
+                    return self.login_fail_with_text(r, 0x02, 0x01, &why, &explain.to_bytes());
+                }
                 Ok(()) => match self.login.auth {
                     Auth::Done => true,
                     Auth::NotStarted if !chap_required => true,
@@ -850,25 +880,48 @@ impl Core {
                 let Some(algs) = pairs.get("CHAP_A") else {
                     return Ok(());
                 };
-                if !algs.split(',').any(|a| a == chap::CHAP_MD5) {
-                    reply.push("CHAP_A", "Reject");
-                    return Err(format!("CHAP_A={algs} has no MD5"));
-                }
+                let accepted = chap_cfg
+                    .as_ref()
+                    .map_or(&[][..], |c| c.algorithms.as_slice());
+                let Some(algorithm) = chap::choose_algorithm(algs, accepted) else {
+                    // Say what we take, for the initiator's error message.
+                    reply.push(
+                        crate::iscsi::login::ACCEPTED_CHAP_ALGORITHMS_KEY,
+                        chap::ChapAlgorithm::offer(accepted),
+                    );
+                    return Err(format!(
+                        "initiator offered CHAP_A={algs} ({}); this target accepts {}",
+                        chap::ChapAlgorithm::describe_wire(algs),
+                        chap::ChapAlgorithm::describe(accepted)
+                    ));
+                };
                 let id: u8 = rand::random();
-                let challenge: [u8; 16] = rand::random();
-                reply.push("CHAP_A", chap::CHAP_MD5);
+                let challenge: [u8; 32] = rand::random();
+                let challenge_len = algorithm.challenge_len().min(32);
+                reply.push("CHAP_A", algorithm.code().to_string());
                 reply.push("CHAP_I", id.to_string());
-                reply.push("CHAP_C", chap::encode_hex(&challenge));
-                self.login.auth = Auth::ChapResponse { id, challenge };
+                reply.push("CHAP_C", chap::encode_hex(&challenge[..challenge_len]));
+                self.login.auth = Auth::ChapResponse {
+                    id,
+                    challenge,
+                    challenge_len: challenge_len as u8,
+                    algorithm,
+                };
             }
-            Auth::ChapResponse { id, challenge } => {
+            Auth::ChapResponse {
+                id,
+                challenge,
+                challenge_len,
+                algorithm,
+            } => {
+                let challenge = &challenge[..usize::from(challenge_len)];
                 let cfg = chap_cfg.ok_or("CHAP is not configured")?;
                 let (Some(name), Some(resp)) = (pairs.get("CHAP_N"), pairs.get("CHAP_R")) else {
                     return Err("CHAP_N/CHAP_R missing".into());
                 };
                 let resp = chap::decode_binary(resp).map_err(|e| e.to_string())?;
                 if name != cfg.initiator.user
-                    || chap::verify(id, &cfg.initiator.secret, &challenge, &resp).is_err()
+                    || chap::verify(algorithm, id, &cfg.initiator.secret, challenge, &resp).is_err()
                 {
                     return Err(format!("CHAP response of user {name:?} does not verify"));
                 }
@@ -885,7 +938,7 @@ impl Core {
                         reply.push("CHAP_N", target.user.clone());
                         reply.push(
                             "CHAP_R",
-                            chap::encode_hex(&chap::response(i, &target.secret, &c)),
+                            chap::encode_hex(&chap::response(algorithm, i, &target.secret, &c)),
                         );
                     }
                     (None, None) => {}
@@ -1061,6 +1114,7 @@ impl Core {
                 key: s.key,
                 asc: s.asc,
                 ascq: s.ascq,
+                information: None,
             })
         } else if let Some(ua) = lun_index
             .filter(|_| !scsi::ignores_unit_attention(&c.cdb))
@@ -1495,7 +1549,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iscsi::chap::Secret;
+    use crate::iscsi::chap::{ChapAlgorithm, Secret};
     use crate::target::{TargetConfig, TargetLimits, TargetShared};
     use crate::wire::iscsi::{LoginRequest, ScsiCommand};
     use proptest::prelude::*;
@@ -1800,6 +1854,7 @@ mod tests {
         assert_eq!(r.status_class, 0);
         assert!(!r.transit, "no transit before CHAP completes");
         assert_eq!(t.get("AuthMethod"), Some("CHAP"));
+        // The initiator's first choice wins; the target accepts all by default.
         let (r, t) = p.login_step(
             Stage::Security,
             Stage::Operational,
@@ -1807,11 +1862,12 @@ mod tests {
             &[("CHAP_A", "7,5")],
         );
         assert_eq!(r.status_class, 0);
-        assert_eq!(t.get("CHAP_A"), Some("5"));
+        assert_eq!(t.get("CHAP_A"), Some("7"));
         let id = chap::parse_identifier(t.get("CHAP_I").unwrap()).unwrap();
         let challenge = chap::decode_binary(t.get("CHAP_C").unwrap()).unwrap();
-        assert!(challenge.len() >= 16);
+        assert_eq!(challenge.len(), 32);
         let r_hex = chap::encode_hex(&chap::response(
+            ChapAlgorithm::Sha256,
             id,
             &Secret::new(secret.to_vec()),
             &challenge,
@@ -1877,14 +1933,57 @@ mod tests {
         assert_eq!(r.status_class, 0);
         assert_eq!(t.get("CHAP_N"), Some("target-bob"));
         let their = chap::decode_binary(t.get("CHAP_R").unwrap()).unwrap();
-        chap::verify(
-            9,
-            &Secret::new(b"targetsecret34".to_vec()),
-            &challenge,
-            &their,
-        )
-        .unwrap();
-        assert!(chap::verify(9, &Secret::new(b"other".to_vec()), &challenge, &their).is_err());
+        let sha256 = ChapAlgorithm::Sha256;
+        let target_secret = Secret::new(b"targetsecret34".to_vec());
+        chap::verify(sha256, 9, &target_secret, &challenge, &their).unwrap();
+        let other = Secret::new(b"other".to_vec());
+        assert!(chap::verify(sha256, 9, &other, &challenge, &their).is_err());
+        // The mutual answer uses the chosen algorithm, not MD5.
+        assert!(chap::verify(ChapAlgorithm::Md5, 9, &target_secret, &challenge, &their).is_err());
+    }
+
+    #[test]
+    fn chap_algorithms_the_target_accepts() {
+        let s = shared(
+            TargetConfig::ram(IQN, 1 << 20)
+                .chap("alice", "secretsecret12")
+                .chap_algorithms(&[ChapAlgorithm::Md5, ChapAlgorithm::Sha1]),
+        );
+        let first_steps = |p: &mut Peer, offer: &str| {
+            p.login_step(
+                Stage::Security,
+                Stage::Operational,
+                true,
+                &[
+                    ("InitiatorName", "iqn.2024-01.test:ini"),
+                    ("TargetName", IQN),
+                    ("AuthMethod", "CHAP"),
+                ],
+            );
+            p.login_step(
+                Stage::Security,
+                Stage::Operational,
+                false,
+                &[("CHAP_A", offer)],
+            )
+        };
+        // First offered value it accepts.
+        let mut p = Peer::new(s.clone(), 0);
+        let (r, t) = first_steps(&mut p, "8,7,6,5");
+        assert_eq!((r.status_class, t.get("CHAP_A")), (0, Some("6")));
+        assert_eq!(
+            chap::decode_binary(t.get("CHAP_C").unwrap()).unwrap().len(),
+            20
+        );
+        // None of them: authentication failure, saying what it accepts.
+        let mut p = Peer::new(s, 0);
+        let (r, t) = first_steps(&mut p, "8,7");
+        assert_eq!((r.status_class, r.status_detail), (0x02, 0x01));
+        assert_eq!(
+            t.get(crate::iscsi::login::ACCEPTED_CHAP_ALGORITHMS_KEY),
+            Some("5,6")
+        );
+        assert!(p.conn.is_closed());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! for all portals ([`FaultInjector`] as returned by the target) or for one
 //! ([`FaultInjector::portal`]).
 
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +29,9 @@ struct FaultSet {
     /// `key << 16 | asc << 8 | ascq`.
     check_sense: AtomicU32,
     stalled: AtomicBool,
+    /// Answer logins with a redirect: TargetAddress value and whether it
+    /// is permanent (0x0102) or temporary (0x0101).
+    redirect: Mutex<Option<(String, bool)>>,
 }
 
 #[derive(Debug)]
@@ -136,6 +139,27 @@ impl FaultInjector {
         self.with(|s| s.refuse_login.store(0, Ordering::Relaxed));
     }
 
+    /// Answers every login with a redirect to `to` (portal group tag 1):
+    /// status 0x0102 "moved permanently" when `permanent`, else 0x0101
+    /// "moved temporarily", as arrays with a group address do.
+    pub fn redirect_logins(&self, to: SocketAddr, permanent: bool) {
+        self.redirect_logins_to(format!("{to},1"), permanent)
+    }
+
+    /// As [`redirect_logins`](Self::redirect_logins) with a TargetAddress
+    /// value as given (e.g. a host name, or something malformed).
+    pub fn redirect_logins_to(&self, target_address: String, permanent: bool) {
+        self.with(|s| {
+            *s.redirect.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((target_address.clone(), permanent))
+        });
+    }
+
+    /// Stops redirecting logins.
+    pub fn stop_redirecting(&self) {
+        self.with(|s| *s.redirect.lock().unwrap_or_else(|e| e.into_inner()) = None);
+    }
+
     /// Answers the next `n` SCSI commands with a Reject PDU of `reason`
     /// (e.g. 0x04 protocol error, 0x09 invalid PDU field).
     pub fn reject_next_commands(&self, n: u32, reason: u8) {
@@ -173,6 +197,7 @@ impl FaultInjector {
             s.reject_next.store(0, Ordering::Relaxed);
             s.check_next.store(0, Ordering::Relaxed);
             s.stalled.store(false, Ordering::Relaxed);
+            *s.redirect.lock().unwrap_or_else(|e| e.into_inner()) = None;
         });
     }
 
@@ -197,6 +222,12 @@ impl FaultInjector {
 
     pub(crate) fn is_stalled(&self, portal: usize) -> bool {
         self.sets(portal).any(|s| s.stalled.load(Ordering::Relaxed))
+    }
+
+    /// The redirect for logins on `portal`: TargetAddress and permanence.
+    pub(crate) fn login_redirect(&self, portal: usize) -> Option<(String, bool)> {
+        self.sets(portal)
+            .find_map(|s| s.redirect.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     pub(crate) fn login_refusal(&self, portal: usize) -> Option<(u8, u8)> {
@@ -285,7 +316,7 @@ mod tests {
             Some(InjectedSense {
                 key: 3,
                 asc: 0x11,
-                ascq: 0
+                ascq: 0,
             })
         );
         assert_eq!(f.take_check_condition(1), None);

@@ -28,6 +28,14 @@ pub struct Lun {
     /// Bumped by every LUN reset; sessions that saw an older value owe
     /// their initiator a UNIT ATTENTION.
     resets: AtomicU64,
+    /// WRITEs received with FUA set (a RAM LUN writes through, so they are
+    /// honoured by construction; counted for tests).
+    fua_writes: AtomicU64,
+    /// SYNCHRONIZE CACHE commands received.
+    cache_syncs: AtomicU64,
+    /// Held across COMPARE AND WRITE's compare and write (atomic against
+    /// other COMPARE AND WRITEs, as VMware's ATS lock needs).
+    compare_and_write: std::sync::Mutex<()>,
 }
 
 impl Lun {
@@ -55,12 +63,42 @@ impl Lun {
             naa: naa_designator(id, stable_hash(&[&id.to_be_bytes(), iqn.as_bytes()])),
             chunks,
             resets: AtomicU64::new(0),
+            fua_writes: AtomicU64::new(0),
+            cache_syncs: AtomicU64::new(0),
+            compare_and_write: std::sync::Mutex::new(()),
         }
     }
 
     /// Records a LUN reset; returns the new reset generation.
     pub fn reset(&self) -> u64 {
         self.resets.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// WRITEs received with FUA set.
+    pub fn fua_writes(&self) -> u64 {
+        self.fua_writes.load(Ordering::Relaxed)
+    }
+
+    /// SYNCHRONIZE CACHE commands received.
+    pub fn cache_syncs(&self) -> u64 {
+        self.cache_syncs.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` holding the COMPARE AND WRITE lock.
+    pub(crate) fn atomically<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _g = self
+            .compare_and_write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
+    pub(crate) fn count_fua_write(&self) {
+        self.fua_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_cache_sync(&self) {
+        self.cache_syncs.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn reset_generation(&self) -> u64 {

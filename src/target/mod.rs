@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
-use crate::iscsi::chap::{Credentials, Secret};
+use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 
 pub use conn::TargetConn;
 pub use fault::FaultInjector;
@@ -166,6 +166,9 @@ pub struct PortalConfig {
 pub struct ChapConfig {
     pub initiator: Credentials,
     pub target: Option<Credentials>,
+    /// CHAP_A values accepted (default: all four); the initiator's first
+    /// offered one that is here is chosen.
+    pub algorithms: Vec<ChapAlgorithm>,
     /// Require CHAP on discovery sessions too (normal sessions always do).
     pub on_discovery: bool,
 }
@@ -294,6 +297,7 @@ impl TargetConfig {
                 self.chap = Some(ChapConfig {
                     initiator,
                     target: None,
+                    algorithms: ChapAlgorithm::PREFERRED.to_vec(),
                     on_discovery: false,
                 })
             }
@@ -312,6 +316,14 @@ impl TargetConfig {
                 user: user.into(),
                 secret: Secret::new(secret),
             });
+        }
+        self
+    }
+
+    /// The CHAP algorithms accepted. Call after [`chap`](Self::chap).
+    pub fn chap_algorithms(mut self, algorithms: &[ChapAlgorithm]) -> TargetConfig {
+        if let Some(c) = &mut self.chap {
+            c.algorithms = algorithms.to_vec();
         }
         self
     }

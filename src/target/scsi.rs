@@ -31,6 +31,8 @@ pub struct Sense {
     pub key: u8,
     pub asc: u8,
     pub ascq: u8,
+    /// The INFORMATION field (VALID set), e.g. a miscompare's byte offset.
+    pub information: Option<u32>,
 }
 
 impl Sense {
@@ -44,21 +46,25 @@ impl Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
         ascq: 0x03,
+        information: None,
     };
     pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x2a,
         ascq: 0x06,
+        information: None,
     };
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
         key: sense_key::MISCOMPARE,
         asc: 0x1d,
         ascq: 0x00,
+        information: None,
     };
     pub const POWER_ON_RESET: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
         ascq: 0x00,
+        information: None,
     };
 
     const fn illegal(asc: u8, ascq: u8) -> Sense {
@@ -66,6 +72,7 @@ impl Sense {
             key: sense_key::ILLEGAL_REQUEST,
             asc,
             ascq,
+            information: None,
         }
     }
 
@@ -81,20 +88,30 @@ impl Sense {
             key: sense_key::NOT_READY,
             asc: 0x04,
             ascq,
+            information: None,
         })
     }
 
     /// Length of [`emit_fixed`](Self::emit_fixed)'s output.
     pub const FIXED_LEN: usize = 18;
 
-    /// Fixed-format sense data (SPC-4 §4.5.3), current error.
+    /// This sense with the INFORMATION field set.
+    pub const fn with_information(self, information: u32) -> Sense {
+        Sense {
+            information: Some(information),
+            ..self
+        }
+    }
+
+    /// Fixed-format sense data (SPC-4 §4.5.3), current error, emitted by
+    /// the initiator's own codec (`wire::scsi::SenseData`).
     pub fn emit_fixed(&self) -> [u8; Sense::FIXED_LEN] {
+        use crate::wire::scsi::{DataRepr, SenseData, SenseKey};
+        let mut d = SenseData::new(SenseKey::from_bits(self.key & 0x0f), self.asc, self.ascq);
+        d.information = self.information.map(u64::from);
         let mut s = [0u8; Sense::FIXED_LEN];
-        s[0] = 0x70;
-        s[2] = self.key & 0x0f;
-        s[7] = 10;
-        s[12] = self.asc;
-        s[13] = self.ascq;
+        // FIXED_LEN is SenseData's fixed length: this cannot fail.
+        let _ = d.emit(&mut s);
         s
     }
 }
@@ -108,6 +125,12 @@ pub enum ParamCommand {
         blocks: u64,
         unmap: bool,
     },
+    /// COMPARE AND WRITE: the first half of the data is compared with the
+    /// medium, the second half written when it matches.
+    CompareAndWrite {
+        lba: u64,
+        blocks: u64,
+    },
     /// VERIFY with BYTCHK: compare the data (or one block, `same`) with the medium.
     Verify {
         lba: u64,
@@ -115,6 +138,9 @@ pub enum ParamCommand {
         same: bool,
     },
 }
+
+/// MAXIMUM COMPARE AND WRITE LENGTH in the Block Limits VPD page.
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 16;
 
 /// What the connection must do for one CDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +239,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                     key: sense_key::NO_SENSE,
                     asc: 0,
                     ascq: 0,
+                    information: None,
                 }
                 .emit_fixed(),
             );
@@ -254,6 +281,11 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                     len,
                 }
             } else {
+                // WRITE 10/12/16 with FUA: RAM is the stable medium, so the
+                // data is durable once stored; counted for tests.
+                if cdb[0] != 0x0a && cdb[1] & 0x08 != 0 {
+                    l.count_fua_write();
+                }
                 Plan::WriteLun {
                     lun: li,
                     offset,
@@ -290,12 +322,43 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 len: len as u32,
             }
         }
+        // COMPARE AND WRITE (decoded by the initiator's own codec).
+        0x89 => {
+            use crate::wire::scsi::CdbRepr;
+            if let Some(s) = alua_block {
+                return Plan::Check(s);
+            }
+            let Ok(CdbRepr::CompareAndWrite { lba, blocks, .. }) = CdbRepr::parse(cdb) else {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            };
+            // No protection information (WRPROTECT 0); at most the Block
+            // Limits MAXIMUM COMPARE AND WRITE LENGTH.
+            if cdb[1] & 0xe0 != 0 || u64::from(blocks) > MAX_COMPARE_AND_WRITE_BLOCKS {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let blocks = u64::from(blocks);
+            if !l.in_range(lba, blocks) {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            if blocks == 0 {
+                return Plan::Good;
+            }
+            if cdb[1] & 0x08 != 0 {
+                l.count_fua_write();
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::CompareAndWrite { lba, blocks },
+                len: (2 * blocks * bs) as u32,
+            }
+        }
         // SYNCHRONIZE CACHE 10/16.
         0x35 | 0x91 => {
             let (lba, blocks) = lba_and_blocks(cdb);
             if blocks != 0 && !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
+            l.count_cache_sync();
             Plan::Good
         }
         0x25 => {
@@ -385,6 +448,24 @@ pub fn finish_params(
                 l.zero(be64(d) * bs, u64::from(be32(&d[8..])) * bs);
             }
             Ok(())
+        }
+        ParamCommand::CompareAndWrite { lba, blocks } => {
+            let n = (blocks * bs) as usize;
+            if data.len() != 2 * n {
+                return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            let (expected, new) = data.split_at(n);
+            l.atomically(|| {
+                let mut current = vec![0u8; n];
+                l.read(lba * bs, &mut current);
+                if let Some(at) = current.iter().zip(expected).position(|(a, b)| a != b) {
+                    // SBC-3 §5.2: INFORMATION is the offset of the first
+                    // byte that differs.
+                    return Err(Sense::MISCOMPARE_DURING_VERIFY.with_information(at as u32));
+                }
+                l.write(lba * bs, new);
+                Ok(())
+            })
         }
         ParamCommand::Verify { lba, blocks, same } => {
             let want = if same { bs } else { blocks * bs };
@@ -484,6 +565,7 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
         }
         0xb0 => {
             buf.resize(64, 0);
+            buf[5] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
             let max_xfer = ((16u64 << 20) / u64::from(l.block_size())) as u32;
             buf[8..12].copy_from_slice(&max_xfer.to_be_bytes());
             buf[20..24].copy_from_slice(&u32::MAX.to_be_bytes()); // max unmap LBA count
@@ -765,7 +847,8 @@ mod tests {
             Plan::Check(Sense {
                 key: sense_key::NOT_READY,
                 asc: 4,
-                ascq: 0x0b
+                ascq: 0x0b,
+                information: None,
             })
         );
         assert!(matches!(

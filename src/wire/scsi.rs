@@ -229,6 +229,7 @@ pub mod opcode {
     pub const WRITE_16: u8 = 0x8a;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const MAINTENANCE_IN: u8 = 0xa3;
@@ -401,6 +402,17 @@ impl Cdb {
         }
         .emit()
     }
+    /// COMPARE AND WRITE of `blocks` blocks; the data-out is the compare
+    /// blocks followed by the write blocks (2 × `blocks` blocks).
+    pub fn compare_and_write(lba: u64, blocks: u8, fua: bool) -> Cdb {
+        CdbRepr::CompareAndWrite {
+            lba,
+            blocks,
+            dpo: false,
+            fua,
+        }
+        .emit()
+    }
     pub fn write_same16(lba: u64, blocks: u32, unmap: bool) -> Cdb {
         CdbRepr::WriteSame16 {
             lba,
@@ -502,6 +514,13 @@ pub enum CdbRepr {
         anchor: bool,
         ndob: bool,
     },
+    /// COMPARE AND WRITE (SBC-3 §5.2): NUMBER OF LOGICAL BLOCKS is one byte.
+    CompareAndWrite {
+        lba: u64,
+        blocks: u8,
+        dpo: bool,
+        fua: bool,
+    },
     ReportLuns {
         select_report: u8,
         alloc_len: u32,
@@ -570,6 +589,12 @@ impl CdbRepr {
                 anchor: bit(1, 0),
                 param_len: r16(7),
             },
+            opcode::COMPARE_AND_WRITE => CdbRepr::CompareAndWrite {
+                lba: r64(2),
+                blocks: u8_at(b, 13).unwrap_or(0),
+                dpo: bit(1, 4),
+                fua: bit(1, 3),
+            },
             opcode::READ_16 => CdbRepr::Read16 {
                 lba: r64(2),
                 blocks: r32(10),
@@ -629,6 +654,7 @@ impl CdbRepr {
             CdbRepr::SynchronizeCache16 { .. } => opcode::SYNCHRONIZE_CACHE_16,
             CdbRepr::Unmap { .. } => opcode::UNMAP,
             CdbRepr::WriteSame16 { .. } => opcode::WRITE_SAME_16,
+            CdbRepr::CompareAndWrite { .. } => opcode::COMPARE_AND_WRITE,
             CdbRepr::ReportLuns { .. } => opcode::REPORT_LUNS,
             CdbRepr::ReportTargetPortGroups { .. } => opcode::MAINTENANCE_IN,
         }
@@ -666,6 +692,7 @@ impl CdbRepr {
             | CdbRepr::Write16 { lba, blocks, .. }
             | CdbRepr::SynchronizeCache16 { lba, blocks, .. }
             | CdbRepr::WriteSame16 { lba, blocks, .. } => Some((lba, blocks)),
+            CdbRepr::CompareAndWrite { lba, blocks, .. } => Some((lba, blocks.into())),
             _ => None,
         }
     }
@@ -768,6 +795,16 @@ impl CdbRepr {
                 put64(&mut b, 2, lba);
                 put32(&mut b, 10, blocks);
             }
+            CdbRepr::CompareAndWrite {
+                lba,
+                blocks,
+                dpo,
+                fua,
+            } => {
+                b[1] = flag(dpo, 4) | flag(fua, 3);
+                put64(&mut b, 2, lba);
+                b[13] = blocks;
+            }
             CdbRepr::ReportLuns {
                 select_report,
                 alloc_len,
@@ -819,6 +856,9 @@ impl fmt::Display for CdbRepr {
             CdbRepr::Unmap { .. } => write!(f, "UNMAP"),
             CdbRepr::WriteSame16 { lba, blocks, .. } => {
                 write!(f, "WRITE SAME(16) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::CompareAndWrite { lba, blocks, .. } => {
+                write!(f, "COMPARE AND WRITE lba {lba} blocks {blocks}")
             }
             CdbRepr::ReportLuns { .. } => write!(f, "REPORT LUNS"),
             CdbRepr::ReportTargetPortGroups { .. } => write!(f, "REPORT TARGET PORT GROUPS"),
@@ -3435,6 +3475,14 @@ mod tests {
             }),
             (b(), any::<u16>())
                 .prop_map(|(anchor, param_len)| CdbRepr::Unmap { anchor, param_len }),
+            (any::<u64>(), any::<u8>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
+                CdbRepr::CompareAndWrite {
+                    lba,
+                    blocks,
+                    dpo,
+                    fua,
+                }
+            }),
             (any::<u64>(), any::<u32>(), b(), b(), b()).prop_map(
                 |(lba, blocks, unmap, anchor, ndob)| CdbRepr::WriteSame16 {
                     lba,

@@ -729,11 +729,23 @@ impl IoQueue {
     /// Writes `data` (a multiple of the block size) at block `lba`; returns
     /// once the target has confirmed it.
     pub fn write_at(&mut self, lba: u64, data: &[u8]) -> Result<(), IoError> {
+        self.write_at_durable(lba, data, false)
+    }
+
+    /// As [`write_at`](Self::write_at); with `durable` the WRITE carries
+    /// FUA, so the data is on stable media when this returns (no
+    /// SYNCHRONIZE CACHE of the whole LU needed).
+    pub fn write_at_durable(
+        &mut self,
+        lba: u64,
+        data: &[u8],
+        durable: bool,
+    ) -> Result<(), IoError> {
         let blocks = self.blocks_for(IoOp::Write, data.len())?;
         let mut spare = std::mem::take(&mut self.spare);
         spare.clear();
         spare.extend_from_slice(data);
-        let c = self.run_blocking(Io::write(lba, blocks, spare, 0));
+        let c = self.run_blocking(Io::write_durable(lba, blocks, spare, durable, 0));
         self.spare = c.buffer;
         c.result
     }

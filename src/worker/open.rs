@@ -19,7 +19,7 @@
 //! ```
 
 use super::MultipathDevice;
-use crate::iscsi::chap::{Credentials, Secret};
+use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use crate::iscsi::discovery::DiscoveredTarget;
 use crate::iscsi::login::LoginConfig;
 use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy, PortBinding};
@@ -148,6 +148,9 @@ pub struct Options {
     pub idle: IdleMode,
     /// CHAP for every path; URL credentials (`user%secret@`) apply when `None`.
     pub chap: Option<Chap>,
+    /// CHAP algorithms offered on every login, most preferred first
+    /// (default SHA3-256, SHA-256, SHA-1, MD5).
+    pub chap_algorithms: Vec<ChapAlgorithm>,
 }
 
 impl Default for Options {
@@ -169,6 +172,7 @@ impl Default for Options {
             login_timeout: base.login_timeout,
             idle: base.idle,
             chap: None,
+            chap_algorithms: ChapAlgorithm::PREFERRED.to_vec(),
         }
     }
 }
@@ -189,11 +193,12 @@ impl Options {
                 )?
             }
         };
-        if let Some(chap) = &self.chap {
-            for p in &mut c.paths {
+        for p in &mut c.paths {
+            if let Some(chap) = &self.chap {
                 p.login.chap = Some(chap.initiator.clone());
                 p.login.mutual_chap = chap.target.clone();
             }
+            p.login.chap_algorithms = self.chap_algorithms.clone();
         }
         c.cores = self.cores.clone();
         c.policy = self.policy;
@@ -449,6 +454,7 @@ impl Options {
             }
         }
         let mut login = LoginConfig::new(&self.initiator, None);
+        login.chap_algorithms = self.chap_algorithms.clone();
         if let Some(chap) = &self.chap {
             login.chap = Some(chap.initiator.clone());
             login.mutual_chap = chap.target.clone();
