@@ -10,12 +10,14 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dispatch;
 pub mod io;
 pub mod path;
 pub mod probe;
 pub mod selector;
 
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig};
+pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{
     PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,

@@ -34,7 +34,14 @@ pub(crate) enum Response {
     Done { slot: u32, completion: Completion },
     /// Not run to completion on this path (path failed or going away):
     /// resubmit elsewhere. Writes included: none was acknowledged.
-    Bounced { slot: u32, cmd: Command },
+    /// `sent_in_session`: the epoch of the session that had the command
+    /// (it may still run there until that session is fenced), or None when
+    /// it never left the ring.
+    Bounced {
+        slot: u32,
+        cmd: Command,
+        sent_in_session: Option<u64>,
+    },
     /// The command could not be handed to the session and is lost.
     Lost { slot: u32, reason: String },
 }
@@ -121,6 +128,8 @@ pub(crate) struct Worker {
     queues: Vec<QueueEnds>,
     /// SCSI commands in the current session (ours: no O(n) scan per I/O).
     in_session: usize,
+    /// The current (or last) session's epoch ([`PathShared::begin_session`]).
+    session_epoch: u64,
     tpg: Option<u16>,
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
@@ -147,6 +156,7 @@ impl Worker {
             conn: Conn::Down,
             queues: Vec::new(),
             in_session: 0,
+            session_epoch: 0,
             tpg: None,
             relative_port: None,
             alua_refresh_pending: false,
@@ -182,6 +192,9 @@ impl Worker {
         self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
         self.health.on_login(p.time2wait);
         self.in_session = 0;
+        // Same ISID, TSIH 0: the target has ended the sessions before this
+        // one, so what they held is fenced.
+        self.session_epoch = self.shared.begin_session();
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
         self.conn = Conn::Up(Box::new(p.session));
@@ -441,6 +454,7 @@ impl Worker {
                 q.respond(Response::Bounced {
                     slot: req.slot,
                     cmd: req.cmd,
+                    sent_in_session: None,
                 });
             }
         }
@@ -453,7 +467,11 @@ impl Worker {
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
-            q.respond(Response::Bounced { slot, cmd });
+            q.respond(Response::Bounced {
+                slot,
+                cmd,
+                sent_in_session: Some(self.session_epoch),
+            });
         }
     }
 
