@@ -134,6 +134,10 @@ pub struct DeviceConfig {
     /// How long such a write waits for the fence before it fails with
     /// `IoError::NotFenced`.
     pub fence_timeout: Duration,
+    /// Ping a path at once when it has commands outstanding and has sent
+    /// nothing for several times its recent response time (None: only the
+    /// `timers` ping). See `multipath::silence`.
+    pub fast_ping: Option<crate::multipath::FastPing>,
     /// NOP-Out pings on idle paths and the command timeout.
     pub timers: ConnTimers,
     /// Time allowed for each path's connect + login (+ probe).
@@ -159,6 +163,7 @@ impl DeviceConfig {
             max_retries: 8,
             fence_writes: true,
             fence_timeout: Duration::from_secs(30),
+            fast_ping: Some(crate::multipath::FastPing::default()),
             timers: ConnTimers {
                 nop_interval: Some(Duration::from_secs(2)),
                 nop_timeout: Duration::from_secs(3),

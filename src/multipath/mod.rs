@@ -15,6 +15,7 @@ pub mod io;
 pub mod path;
 pub mod probe;
 pub mod selector;
+pub mod silence;
 
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
@@ -23,6 +24,7 @@ pub use path::{
     PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };
 pub use selector::{select, Policy, SelectorState};
+pub use silence::{FastPing, SilenceVerdict, SilenceWatch};
 
 use crate::scsi::ScsiError;
 use thiserror::Error;

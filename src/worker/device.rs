@@ -205,6 +205,7 @@ impl MultipathDevice {
                 health: PathHealth::new(config.reconnect),
                 session,
                 idle: config.idle,
+                fast_ping: config.fast_ping,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
             });

@@ -9,6 +9,7 @@ use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
 use crate::multipath::path::{new_histogram, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
+use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
 use crate::multipath::MultipathError;
 use crate::scsi::{
     check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention,
@@ -111,6 +112,7 @@ pub(crate) struct WorkerSetup {
     pub health: PathHealth,
     pub session: Option<PathProbe>,
     pub idle: IdleMode,
+    pub fast_ping: Option<FastPing>,
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
@@ -130,6 +132,9 @@ pub(crate) struct Worker {
     in_session: usize,
     /// The current (or last) session's epoch ([`PathShared::begin_session`]).
     session_epoch: u64,
+    /// Fast ping of a silent path with commands outstanding.
+    fast_ping: Option<FastPing>,
+    silence: Option<SilenceWatch>,
     tpg: Option<u16>,
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
@@ -157,6 +162,8 @@ impl Worker {
             queues: Vec::new(),
             in_session: 0,
             session_epoch: 0,
+            fast_ping: s.fast_ping,
+            silence: None,
             tpg: None,
             relative_port: None,
             alua_refresh_pending: false,
@@ -195,6 +202,7 @@ impl Worker {
         // Same ISID, TSIH 0: the target has ended the sessions before this
         // one, so what they held is fenced.
         self.session_epoch = self.shared.begin_session();
+        self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
         self.conn = Conn::Up(Box::new(p.session));
@@ -359,6 +367,26 @@ impl Worker {
                     return Err("target requested logout".into());
                 }
                 _ => {}
+            }
+        }
+        if let Some(watch) = &mut self.silence {
+            let recent = Duration::from_nanos(self.shared.load().latency_ewma_ns);
+            let pdus_in = session.connection().stats.pdus_in;
+            match watch.on_round(now, self.in_session, pdus_in, recent) {
+                SilenceVerdict::Fine => {}
+                SilenceVerdict::Ping => {
+                    // Immediate: needs no window space. A full task table
+                    // leaves it to the NOP timer.
+                    let _ = session.connection_mut().ping(now);
+                    progressed = true;
+                }
+                SilenceVerdict::Dead(silent) => {
+                    return Err(format!(
+                        "nothing received for {silent:?} with {} commands outstanding, \
+                         not even an answer to a ping",
+                        self.in_session
+                    ));
+                }
             }
         }
         Ok(progressed)
@@ -650,6 +678,7 @@ mod tests {
                 time2wait: Duration::ZERO,
             }),
             idle: IdleMode::BusyPoll,
+            fast_ping: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
         });
