@@ -30,7 +30,8 @@
 //! advertised, and at the end the LUN holds exactly what the model says and
 //! every path is up again.
 //!
-//! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300);
+//! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300), from
+//! `SYSTEM_SIM_FIRST_SEED` (default 0);
 //! `SYSTEM_SIM_SEED=n` replays one seed with a trace of faults and events
 //! (`SYSTEM_SIM_TRACE=io` adds every I/O).
 
@@ -2042,6 +2043,11 @@ fn system_simulation_many_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
+    // SYSTEM_SIM_FIRST_SEED=k runs seeds k..k+n (to split a long run).
+    let first: u64 = std::env::var("SYSTEM_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(4) as u64;
@@ -2050,7 +2056,7 @@ fn system_simulation_many_seeds() {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 scope.spawn(move || {
-                    (0..seeds)
+                    (first..first + seeds)
                         .filter(|s| s % threads == t)
                         .map(|seed| run_seed(seed, false, false))
                         .collect::<Vec<_>>()

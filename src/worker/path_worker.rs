@@ -87,6 +87,31 @@ impl QueueEnds {
     }
 }
 
+/// Why a live path's session was given up (the path then goes Down and
+/// reconnects).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PathFailure {
+    /// The connection failed (transport error, ping or command timeout,
+    /// protocol violation), as the connection reported it.
+    #[error("{0}")]
+    Connection(crate::iscsi::connection::ConnError),
+    /// The session failed while moving bytes.
+    #[error("{0}")]
+    Session(crate::iscsi::session::SessionError),
+    /// The target asked for the session to end.
+    #[error("target requested logout")]
+    LogoutRequested,
+    /// Nothing arrived for `silent`, not even the answer to a fast ping,
+    /// with commands outstanding.
+    #[error("nothing received for {silent:?} with {outstanding} commands outstanding, not even an answer to a ping")]
+    Silent {
+        /// How long nothing arrived.
+        silent: Duration,
+        /// Commands the session held.
+        outstanding: usize,
+    },
+}
+
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
 
@@ -232,7 +257,7 @@ impl Worker {
                         p
                     }
                     Err(reason) => {
-                        self.path_failed(*session, &reason, now);
+                        self.path_failed(*session, &reason.to_string(), now);
                         true
                     }
                 }
@@ -310,10 +335,10 @@ impl Worker {
         &mut self,
         session: &mut Session<BoxedTransport>,
         now: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, PathFailure> {
         let mut progressed = false;
         if let Some(e) = session.connection().is_failed() {
-            return Err(e.to_string());
+            return Err(PathFailure::Connection(e.clone()));
         }
         // Admit new commands while the target's CmdSN window has room;
         // otherwise they wait in the rings and the submitters see this path
@@ -336,7 +361,7 @@ impl Worker {
                         slot,
                         reason: e.to_string(),
                     });
-                    return Err(e.to_string());
+                    return Err(PathFailure::Session(e));
                 }
                 self.in_session += 1;
                 progressed = true;
@@ -350,7 +375,7 @@ impl Worker {
         if self.alua_refresh_wanted && !self.alua_refresh_pending {
             self.submit_rtpg(session);
         }
-        progressed |= session.poll_io().map_err(|e| e.to_string())?;
+        progressed |= session.poll_io().map_err(PathFailure::Session)?;
         while let Some(ev) = session.connection_mut().poll_event() {
             progressed = true;
             match ev {
@@ -364,7 +389,7 @@ impl Worker {
                     self.alua_changed();
                 }
                 Event::LogoutRequested { .. } => {
-                    return Err("target requested logout".into());
+                    return Err(PathFailure::LogoutRequested);
                 }
                 _ => {}
             }
@@ -381,11 +406,10 @@ impl Worker {
                     progressed = true;
                 }
                 SilenceVerdict::Dead(silent) => {
-                    return Err(format!(
-                        "nothing received for {silent:?} with {} commands outstanding, \
-                         not even an answer to a ping",
-                        self.in_session
-                    ));
+                    return Err(PathFailure::Silent {
+                        silent,
+                        outstanding: self.in_session,
+                    });
                 }
             }
         }
