@@ -4,13 +4,22 @@
 //! `Interface` + listener driving the embedded target's sans-IO
 //! [`TargetConn`]s. Every target connection shares one RAM LUN.
 //!
-//! On top runs a small dispatcher built from the real multipath pieces
-//! (queue-depth [`select`], [`judge`] for retries, [`PathHealth`] for
-//! reconnect back-off) and a verify workload (blocks stamped with LBA,
-//! generation and CRC, as `bench::verify` does). Faults drawn from the seed:
-//! loss bursts, partitions, link flaps, reordering + duplication, target
-//! connection resets and closes, slow target, hung target, target restarts,
-//! injected CHECK CONDITIONs and Rejects.
+//! On top runs the shipped sans-IO [`Dispatcher`] (the one `IoQueue`
+//! drives: slots, path choice, retries, bounces, the no-path timeout and
+//! write fencing), fed with virtual time, with [`PathHealth`] for reconnect
+//! back-off, and a verify workload (blocks stamped with LBA, generation and
+//! CRC, as `bench::verify` does). Faults drawn from the seed: loss bursts,
+//! partitions, link flaps, reordering + duplication, target connection
+//! resets and closes, slow target, hung target (restarting, or resuming
+//! its old connections, which then still run what they had buffered),
+//! target restarts, injected CHECK CONDITIONs and Rejects.
+//!
+//! Fencing: a write bounced off a failed session waits until its path has
+//! logged in again with the same ISID, which makes the embedded target end
+//! the old session (reinstatement), so a portal that wakes up cannot
+//! overwrite newer data with it. `SYSTEM_SIM_FENCE=0` turns fencing off
+//! (the stale writes then show up); `SYSTEM_SIM_HUNG_RESUME=1` / `=0` makes
+//! every / no hung portal resume.
 //!
 //! Invariants checked as the run goes: reads return the last acknowledged
 //! generation of each block (or that of a write in flight or failed), no I/O
@@ -21,7 +30,8 @@
 //! advertised, and at the end the LUN holds exactly what the model says and
 //! every path is up again.
 //!
-//! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300);
+//! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300), from
+//! `SYSTEM_SIM_FIRST_SEED` (default 0);
 //! `SYSTEM_SIM_SEED=n` replays one seed with a trace of faults and events
 //! (`SYSTEM_SIM_TRACE=io` adds every I/O).
 
@@ -29,10 +39,10 @@ use iscsi_bypass::bench::verify::{check_block, stamp_block};
 use iscsi_bypass::iscsi::connection::{Command, Completion, ConnTimers, Connection, Event};
 use iscsi_bypass::iscsi::login::{Login, LoginConfig, LoginProgress};
 use iscsi_bypass::iscsi::params::{DigestKind, Offer};
-use iscsi_bypass::multipath::io::{build_command, command_from_completion, judge, Verdict};
+use iscsi_bypass::multipath::io::build_command;
 use iscsi_bypass::multipath::{
-    select, Io, IoError, IoOp, PathHealth, PathLoad, PathState, Policy, ReconnectPolicy,
-    SelectorState,
+    Action, DispatchConfig, Dispatcher, Io, IoCompletion, IoError, IoOp, PathHealth, PathLoad,
+    PathResponse, PathState, PathTable, Policy, ReconnectPolicy, SelectorState,
 };
 use iscsi_bypass::net::{
     CongestionAlgorithm, Instant, Interface, InterfaceConfig, OffloadConfig, SocketHandle,
@@ -80,8 +90,10 @@ enum FaultKind {
     TargetClose,
     /// Target responses on one portal are delayed.
     SlowTarget,
-    /// One portal stops reading and answering; it restarts its connections
-    /// when it comes back.
+    /// One portal stops reading and answering. When it comes back it either
+    /// restarts its connections, or resumes them: commands they had
+    /// buffered (ones the initiator gave up on and bounced) still run then,
+    /// and only fencing keeps them from overwriting newer writes.
     HungTarget,
     /// Every target connection is dropped and the portals refuse
     /// connections for a while.
@@ -293,7 +305,9 @@ fn scenario(seed: u64) -> Scenario {
                 ms(rng.gen_range(500..6_000)),
                 pick(&mut rng, &[5_000, 50_000, 500_000, 2_000_000, 5_000_000]),
             ),
-            FaultKind::HungTarget => (ms(rng.gen_range(200..6_000)), 0),
+            // param 1: the portal resumes its old connections when it
+            // wakes up (what they buffered still runs), 0: it restarts them.
+            FaultKind::HungTarget => (ms(rng.gen_range(200..6_000)), rng.gen_range(0..2)),
             FaultKind::TargetRestart => (ms(rng.gen_range(0..4_000)), 0),
             FaultKind::CheckCondition => (Duration::ZERO, rng.gen_range(1..=3)),
             FaultKind::Reject => (Duration::ZERO, 1),
@@ -573,12 +587,11 @@ struct Path {
     tconns: Vec<TConn>,
     state: Ini,
     health: PathHealth,
-    /// I/Os handed to this path's connection: count and bytes (PathLoad).
-    outstanding: u64,
-    outstanding_bytes: u64,
     // Fault state.
     slow: Duration,
     hung: bool,
+    /// The current hang resumes the old connections when it ends.
+    hung_resume: bool,
     /// Bit flips still to do towards the target / towards the initiator.
     corrupt_rx: u64,
     corrupt_tx: u64,
@@ -626,21 +639,51 @@ impl BlockModel {
     }
 }
 
+/// The workload's view of one I/O; the dispatcher has its slot.
 struct IoSlot {
     op: IoOp,
     lba: u64,
     blocks: u32,
     generation: u64,
-    bytes: u64,
     submitted: Instant,
-    path: Option<usize>,
-    held: Option<Command>,
-    not_before: Option<Instant>,
-    no_path_since: Option<Instant>,
-    scsi_retries: u32,
+    slot: u32,
     bounces: u32,
     /// For reads: per block, the generations it may return.
     allowed: Vec<Vec<u64>>,
+}
+
+/// What the shipped dispatcher reads about the simulated paths: whether the
+/// initiator side is up, the load it put on each, and the session epoch
+/// (logins so far, all with the path's one ISID).
+#[derive(Debug, Default)]
+struct SimPaths {
+    up: Vec<bool>,
+    load: Vec<(u64, u64)>,
+    epoch: Vec<u64>,
+    selector: SelectorState,
+}
+
+impl PathTable for SimPaths {
+    fn count(&self) -> usize {
+        self.up.len()
+    }
+    fn usable_tier(&self, path: usize) -> Option<u8> {
+        self.up[path].then_some(0)
+    }
+    fn load(&self, path: usize) -> PathLoad {
+        PathLoad {
+            index: path,
+            outstanding: self.load[path].0,
+            outstanding_bytes: self.load[path].1,
+            latency_ewma_ns: 0,
+        }
+    }
+    fn session_epoch(&self, path: usize) -> u64 {
+        self.epoch[path]
+    }
+    fn selector(&self) -> &SelectorState {
+        &self.selector
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -652,6 +695,10 @@ struct Stats {
     path_failures: u64,
     logins: u64,
     bounced: u64,
+    /// Bounced writes held until their old path was fenced.
+    fenced: u64,
+    /// Old sessions the target ended because their path logged in again.
+    reinstated: u64,
     scsi_retries: u64,
     window_checked: u64,
     /// Bit flips actually made above TCP (caught by digests).
@@ -665,20 +712,24 @@ struct Stats {
 
 struct Sim {
     sc: Scenario,
-    /// A hung portal resumes its old connections instead of restarting
-    /// them (`SYSTEM_SIM_HUNG_RESUME=1`): shows the stale-write hazard.
-    hung_resume: bool,
+    /// `SYSTEM_SIM_HUNG_RESUME=1`: every hung portal resumes its old
+    /// connections (=0: none does); unset, the seed decides per fault.
+    hung_resume: Option<bool>,
     trace: bool,
     trace_io: bool,
     base: std::time::Instant,
     now: Instant,
     rng: SmallRng,
     shared: Arc<TargetShared>,
+    /// Fence bounced writes (`SYSTEM_SIM_FENCE=0` turns it off, to show
+    /// the stale writes come back).
+    fence: bool,
     paths: Vec<Path>,
-    selector: SelectorState,
-    rotate: usize,
+    table: SimPaths,
+    dispatcher: Dispatcher,
+    /// Dispatcher slot -> I/O id.
+    slot_io: Vec<Option<u64>>,
     ios: BTreeMap<u64, IoSlot>,
-    waiting: VecDeque<u64>,
     next_io: u64,
     next_gen: u64,
     submitted: u32,
@@ -737,10 +788,9 @@ impl Sim {
                 tconns: Vec::new(),
                 state: Ini::Down,
                 health: PathHealth::new(sc.reconnect),
-                outstanding: 0,
-                outstanding_bytes: 0,
                 slow: Duration::ZERO,
                 hung: false,
+                hung_resume: false,
                 corrupt_rx: 0,
                 corrupt_tx: 0,
                 logins: 0,
@@ -757,19 +807,40 @@ impl Sim {
             faults: sc.fault_counts.clone(),
             ..Stats::default()
         };
+        let fence = std::env::var("SYSTEM_SIM_FENCE").map_or(true, |v| v != "0");
         let mut s = Sim {
-            hung_resume: std::env::var("SYSTEM_SIM_HUNG_RESUME").is_ok_and(|v| v == "1"),
+            hung_resume: std::env::var("SYSTEM_SIM_HUNG_RESUME")
+                .ok()
+                .map(|v| v == "1"),
             trace,
             trace_io,
             base,
             now: Instant::ZERO,
             rng: SmallRng::seed_from_u64(seed),
             shared,
+            fence,
+            table: SimPaths {
+                up: vec![false; paths.len()],
+                load: vec![(0, 0); paths.len()],
+                epoch: vec![0; paths.len()],
+                selector: SelectorState::new(),
+            },
+            dispatcher: Dispatcher::new(
+                sc.qd,
+                DispatchConfig {
+                    policy: Policy::QueueDepth,
+                    no_path_timeout: sc.no_path_timeout,
+                    max_retries: MAX_RETRIES,
+                    fence_writes: fence,
+                    // Longer than any fault: a held write waits for its
+                    // path to come back (the hang check bounds it).
+                    fence_timeout: Duration::from_secs(600),
+                },
+                0,
+            ),
+            slot_io: vec![None; sc.qd],
             paths,
-            selector: SelectorState::new(),
-            rotate: 0,
             ios: BTreeMap::new(),
-            waiting: VecDeque::new(),
             next_io: 1,
             next_gen: 1,
             submitted: 0,
@@ -874,11 +945,12 @@ impl Sim {
                 (FaultKind::SlowTarget, false) => self.paths[p].slow = Duration::ZERO,
                 (FaultKind::HungTarget, true) => {
                     self.paths[p].hung = true;
+                    self.paths[p].hung_resume = self.hung_resume.unwrap_or(f.param == 1);
                     for c in &mut self.paths[p].tconns {
                         c.hung = true;
                     }
                 }
-                (FaultKind::HungTarget, false) if self.hung_resume => {
+                (FaultKind::HungTarget, false) if self.paths[p].hung_resume => {
                     // The portal resumes where it stopped: commands queued
                     // on connections the initiator gave up on still run.
                     self.paths[p].hung = false;
@@ -1035,10 +1107,11 @@ impl Sim {
         }
         let mut finished = Vec::new();
         let mut corrupted = Vec::new();
+        let mut reinstated = 0;
         let path = &mut self.paths[p];
         let slow = path.slow;
         let hung = path.hung;
-        let hung_resume = self.hung_resume;
+        let hung_resume = path.hung_resume;
         for c in &mut path.tconns {
             let sock = path.tgt.socket_mut(c.sock);
             let d = c.conn.params().digests();
@@ -1125,9 +1198,13 @@ impl Sim {
                 gone = gone.or(Some("socket closed"));
             }
             if let Some(why) = gone {
+                if c.conn.is_reinstated() {
+                    reinstated += 1;
+                }
                 finished.push((c.id, why, c.conn.close_reason().map(str::to_string)));
             }
         }
+        self.stats.reinstated += reinstated;
         for (id, dir) in corrupted {
             self.stats.corruptions += 1;
             self.note(format!(
@@ -1349,11 +1426,12 @@ impl Sim {
                     outcome.params.default_time2wait,
                 )));
                 path.logins += 1;
+                let epoch = path.logins;
                 self.stats.logins += 1;
                 path.state = Ini::Up { sock, conn };
                 self.note(format!(
-                    "path {p} logged in: tsih {} window {}..={} | {}",
-                    outcome.tsih, outcome.cmd_sn, outcome.max_cmd_sn, outcome.params
+                    "path {p} logged in (session epoch {}: the target ends older sessions of this ISID): tsih {} window {}..={} | {}",
+                    epoch, outcome.tsih, outcome.cmd_sn, outcome.max_cmd_sn, outcome.params
                 ));
                 if let Err(e) = leftover {
                     failure = Some(e.to_string());
@@ -1389,55 +1467,69 @@ impl Sim {
 
     // --------------------------------------------------------- dispatcher
 
-    /// Hands I/O `id` (its command in `held`) to the best usable path.
-    fn dispatch(&mut self, id: u64) -> bool {
-        let candidates: Vec<PathLoad> = (0..self.paths.len())
-            .filter(|&p| self.path_up(p))
-            .map(|p| PathLoad {
-                index: p,
-                outstanding: self.paths[p].outstanding,
-                outstanding_bytes: self.paths[p].outstanding_bytes,
-                latency_ewma_ns: 0,
-            })
-            .collect();
-        let Some(io) = self.ios.get_mut(&id) else {
-            return true;
-        };
-        self.rotate = self.rotate.wrapping_add(1);
-        let Some(p) = select(
-            Policy::QueueDepth,
-            &candidates,
-            io.bytes,
-            &self.selector,
-            self.rotate,
-        ) else {
-            return false;
-        };
-        let Some(mut cmd) = io.held.take() else {
-            return true;
-        };
-        cmd.user_tag = id;
-        let std_now = self.base + Duration::from_micros(self.now.total_micros());
-        let path = &mut self.paths[p];
-        let Ini::Up { conn, .. } = &mut path.state else {
-            io.held = Some(cmd);
-            return false;
-        };
-        // A failed connection would swallow the command: path_up() checked.
-        if let Err(e) = conn.submit(cmd, std_now) {
-            panic!("submit on a usable connection failed: {e}");
+    /// Refreshes what the dispatcher reads about the paths.
+    fn refresh_table(&mut self) {
+        for p in 0..self.paths.len() {
+            self.table.up[p] = self.path_up(p);
+            self.table.epoch[p] = u64::from(self.paths[p].logins);
         }
-        path.outstanding += 1;
-        path.outstanding_bytes += io.bytes;
-        io.path = Some(p);
-        io.no_path_since = None;
-        true
     }
 
-    fn release_path_load(&mut self, p: usize, bytes: u64) {
-        let path = &mut self.paths[p];
-        path.outstanding = path.outstanding.saturating_sub(1);
-        path.outstanding_bytes = path.outstanding_bytes.saturating_sub(bytes);
+    /// Carries out the shipped dispatcher's actions: sends go to the
+    /// paths' connections, completions to the model.
+    fn drive(&mut self) -> Result<(), String> {
+        let std_now = self.std(self.now);
+        self.refresh_table();
+        while let Some(action) = self.dispatcher.poll_action(std_now, &self.table) {
+            match action {
+                Action::Send {
+                    path,
+                    slot,
+                    mut cmd,
+                } => {
+                    let bytes = cmd.buffer.len() as u64;
+                    cmd.user_tag = u64::from(slot);
+                    let Ini::Up { conn, .. } = &mut self.paths[path].state else {
+                        return Err(format!(
+                            "dispatcher sent slot {slot} to path {path}, which is down"
+                        ));
+                    };
+                    // A failed connection would swallow the command: the
+                    // table says up only for a connection that has not failed.
+                    if let Err(e) = conn.submit(cmd, std_now) {
+                        return Err(format!("submit on usable path {path} failed: {e}"));
+                    }
+                    self.table.load[path].0 += 1;
+                    self.table.load[path].1 += bytes;
+                }
+                Action::Complete { slot, completion } => {
+                    let id = self.slot_io[slot as usize]
+                        .take()
+                        .ok_or_else(|| format!("slot {slot} completed without an I/O"))?;
+                    if completion.user_tag != id {
+                        return Err(format!(
+                            "slot {slot} completed as I/O {}, holds {id}",
+                            completion.user_tag
+                        ));
+                    }
+                    self.finish(id, completion)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A path answered or gave back dispatcher slot `slot`.
+    fn respond(&mut self, p: usize, slot: u32, r: PathResponse) -> Result<(), String> {
+        let std_now = self.std(self.now);
+        let bytes = self
+            .dispatcher
+            .handle_response(std_now, p, slot, r)
+            .map_err(|e| format!("path {p}: {e}"))?;
+        let load = &mut self.table.load[p];
+        load.0 = load.0.saturating_sub(1);
+        load.1 = load.1.saturating_sub(bytes);
+        Ok(())
     }
 
     fn handle_news(&mut self, news: Vec<PathNews>) -> Result<(), String> {
@@ -1446,35 +1538,45 @@ impl Sim {
                 PathNews::Completed(p, c) => self.on_completion(p, c)?,
                 PathNews::Failed(p, cmds, why) => {
                     self.stats.path_failures += 1;
+                    let session = u64::from(self.paths[p].logins);
                     for cmd in cmds {
-                        let id = cmd.user_tag;
-                        let Some(io) = self.ios.get_mut(&id) else {
+                        let slot = cmd.user_tag as u32;
+                        let Some(id) = self.slot_io.get(slot as usize).copied().flatten() else {
                             return Err(format!(
-                                "path {p} handed back I/O {id}, which already completed"
+                                "path {p} handed back slot {slot}, which has no I/O"
                             ));
                         };
-                        if io.path != Some(p) {
-                            return Err(format!(
-                                "path {p} handed back I/O {id}, which is on path {:?}",
-                                io.path
-                            ));
+                        let write =
+                            cmd.direction == iscsi_bypass::iscsi::connection::Direction::Write;
+                        if let Some(io) = self.ios.get_mut(&id) {
+                            io.bounces += 1;
                         }
-                        io.path = None;
-                        io.bounces += 1;
-                        io.held = Some(cmd);
-                        let bytes = io.bytes;
-                        self.release_path_load(p, bytes);
                         self.stats.bounced += 1;
-                        if !self.dispatch(id) {
-                            let now = self.now;
-                            if let Some(io) = self.ios.get_mut(&id) {
-                                io.no_path_since = Some(now);
-                            }
-                            self.waiting.push_back(id);
+                        let held = self.dispatcher.fences_waited();
+                        self.respond(
+                            p,
+                            slot,
+                            PathResponse::Bounced {
+                                cmd,
+                                sent_in_session: Some(session),
+                            },
+                        )?;
+                        if self.dispatcher.fences_waited() > held {
+                            self.stats.fenced += 1;
+                            self.note(format!(
+                                "fence: write io {id} held until path {p} logs in again \
+                                 (session epoch > {session})"
+                            ));
+                        } else if write && self.fence {
+                            return Err(format!("write io {id} bounced off path {p} unfenced"));
                         }
                     }
                     // Nothing may stay behind on the dead connection.
-                    if let Some((id, _)) = self.ios.iter().find(|(_, io)| io.path == Some(p)) {
+                    if let Some((id, _)) = self
+                        .ios
+                        .iter()
+                        .find(|(_, io)| self.dispatcher.path_of(io.slot) == Some(p))
+                    {
                         return Err(format!(
                             "I/O {id} lost: path {p} failed ({why}) without handing it back"
                         ));
@@ -1482,87 +1584,36 @@ impl Sim {
                 }
             }
         }
-        Ok(())
+        self.drive()
     }
 
     fn on_completion(&mut self, p: usize, c: Completion) -> Result<(), String> {
-        let id = c.user_tag;
-        let Some(io) = self.ios.get_mut(&id) else {
+        let slot = c.user_tag as u32;
+        let Some(id) = self.slot_io.get(slot as usize).copied().flatten() else {
             return Err(format!(
-                "I/O {id} completed on path {p} but is not outstanding (completed twice?)"
+                "slot {slot} completed on path {p} but holds no I/O (completed twice?)"
             ));
         };
-        if io.path != Some(p) {
-            return Err(format!(
-                "I/O {id} completed on path {p} but was handed to {:?}",
-                io.path
-            ));
+        if c.response == 0 && c.status == 0 && c.residual != 0 {
+            return Err(format!("I/O {id}: GOOD with residual {}", c.residual));
         }
-        io.path = None;
-        let bytes = io.bytes;
-        self.release_path_load(p, bytes);
-        let io = self.ios.get_mut(&id).ok_or("vanished")?;
-        match judge(c.response, c.status, &c.sense, io.scsi_retries, MAX_RETRIES) {
-            Verdict::Success => {
-                if c.residual != 0 {
-                    return Err(format!("I/O {id}: GOOD with residual {}", c.residual));
-                }
-                self.finish(id, Ok(()), c.buffer)
-            }
-            Verdict::Fail(e) => self.finish(id, Err(e), c.buffer),
-            Verdict::Retry { delay, error, .. } => {
-                io.scsi_retries += 1;
-                self.stats.scsi_retries += 1;
-                io.not_before = (!delay.is_zero()).then(|| self.now + delay);
-                io.held = Some(command_from_completion(c));
-                if self.trace_io {
-                    eprintln!("{} io {id} retry after {error}", self.now);
-                }
-                self.waiting.push_back(id);
-                Ok(())
-            }
+        if self.trace_io && (c.response != 0 || c.status != 0) {
+            eprintln!("{} io {id} status {:#x} on path {p}", self.now, c.status);
         }
-    }
-
-    /// Retries held I/Os; fails those without a path for `no_path_timeout`.
-    fn retry_waiting(&mut self) -> Result<(), String> {
-        for _ in 0..self.waiting.len() {
-            let Some(id) = self.waiting.pop_front() else {
-                break;
-            };
-            let Some(io) = self.ios.get(&id) else {
-                continue;
-            };
-            if io.not_before.is_some_and(|t| self.now < t) {
-                self.waiting.push_back(id);
-                continue;
-            }
-            if self.dispatch(id) {
-                continue;
-            }
-            let now = self.now;
-            let io = self.ios.get_mut(&id).ok_or("vanished")?;
-            io.not_before = None;
-            let since = *io.no_path_since.get_or_insert(now);
-            let waited = now.saturating_duration_since(since);
-            if waited >= self.sc.no_path_timeout {
-                let buf = io.held.take().map(|c| c.buffer).unwrap_or_default();
-                self.finish(id, Err(IoError::NoPath { waited }), buf)?;
-            } else {
-                self.waiting.push_back(id);
-            }
-        }
-        Ok(())
+        self.respond(p, slot, PathResponse::Done(c))
     }
 
     /// The application sees I/O `id` finish: check it against the model.
-    fn finish(
-        &mut self,
-        id: u64,
-        result: Result<(), IoError>,
-        buffer: Vec<u8>,
-    ) -> Result<(), String> {
+    fn finish(&mut self, id: u64, c: IoCompletion) -> Result<(), String> {
+        let IoCompletion {
+            result,
+            buffer,
+            retries,
+            ..
+        } = c;
         let io = self.ios.remove(&id).ok_or("finish: unknown I/O")?;
+        let scsi_retries = retries.saturating_sub(io.bounces);
+        self.stats.scsi_retries += u64::from(scsi_retries);
         self.last_progress = self.now;
         let latency = self.now.saturating_duration_since(io.submitted);
         self.stats.max_latency = self.stats.max_latency.max(latency);
@@ -1570,7 +1621,7 @@ impl Sim {
         if self.trace_io {
             eprintln!(
                 "{} io {id} {:?} lba {} +{} gen {} -> {:?} after {latency:?} ({} bounces, {} retries)",
-                self.now, io.op, io.lba, io.blocks, io.generation, result, io.bounces, io.scsi_retries
+                self.now, io.op, io.lba, io.blocks, io.generation, result, io.bounces, scsi_retries
             );
         }
         match &result {
@@ -1693,6 +1744,11 @@ impl Sim {
                     .collect()
             };
             let cmd = build_command(&mut io, 0, BLOCK, LUN_BLOCKS).map_err(|e| e.to_string())?;
+            let slot = self
+                .dispatcher
+                .submit(self.std(self.now), io.op, id, cmd)
+                .map_err(|_| format!("dispatcher full with {} I/Os", self.ios.len()))?;
+            self.slot_io[slot as usize] = Some(id);
             self.ios.insert(
                 id,
                 IoSlot {
@@ -1700,25 +1756,15 @@ impl Sim {
                     lba,
                     blocks,
                     generation,
-                    bytes: cmd.buffer.len() as u64,
                     submitted: self.now,
-                    path: None,
-                    held: Some(cmd),
-                    not_before: None,
-                    no_path_since: None,
-                    scsi_retries: 0,
+                    slot,
                     bounces: 0,
                     allowed,
                 },
             );
             self.submitted += 1;
             self.last_progress = self.now;
-            if !self.dispatch(id) {
-                if let Some(io) = self.ios.get_mut(&id) {
-                    io.no_path_since = Some(self.now);
-                }
-                self.waiting.push_back(id);
-            }
+            self.drive()?;
             let think = self.sc.think.as_micros() as u64;
             self.next_submit = self.now + Duration::from_micros(self.rng.gen_range(0..=2 * think));
         }
@@ -1766,7 +1812,10 @@ impl Sim {
         if (0..self.paths.len()).any(|p| self.path_up(p)) {
             self.last_any_up = Some(self.now);
         }
-        self.retry_waiting()?;
+        self.refresh_table();
+        self.dispatcher
+            .handle_timeout(self.std(self.now), &self.table);
+        self.drive()?;
         self.submit_workload()?;
         for p in 0..self.paths.len() {
             self.initiator_flush(p);
@@ -1787,7 +1836,11 @@ impl Sim {
                 return Err(format!(
                     "I/O {id} ({:?} lba {}) hangs: submitted at {}, on path {:?}, \
                      {} bounces, still outstanding {bound:?} after the faults ended",
-                    io.op, io.lba, io.submitted, io.path, io.bounces
+                    io.op,
+                    io.lba,
+                    io.submitted,
+                    self.dispatcher.path_of(io.slot),
+                    io.bounces
                 ));
             }
         }
@@ -1841,15 +1894,10 @@ impl Sim {
             }
         }
         consider(self.fault_events.front().map(|(t, _, _)| *t), "fault");
-        for id in &self.waiting {
-            if let Some(io) = self.ios.get(id) {
-                consider(io.not_before, "retry delay");
-                consider(
-                    io.no_path_since.map(|t| t + self.sc.no_path_timeout),
-                    "no-path timeout",
-                );
-            }
-        }
+        consider(
+            self.dispatcher.poll_timeout().map(|t| self.virtual_of(t)),
+            "dispatcher (retry delay, no-path or fence timeout)",
+        );
         if self.submitted < self.sc.ios && self.ios.len() < self.sc.qd {
             consider(Some(self.next_submit), "workload");
         }
@@ -1995,6 +2043,11 @@ fn system_simulation_many_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
+    // SYSTEM_SIM_FIRST_SEED=k runs seeds k..k+n (to split a long run).
+    let first: u64 = std::env::var("SYSTEM_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(4) as u64;
@@ -2003,7 +2056,7 @@ fn system_simulation_many_seeds() {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 scope.spawn(move || {
-                    (0..seeds)
+                    (first..first + seeds)
                         .filter(|s| s % threads == t)
                         .map(|seed| run_seed(seed, false, false))
                         .collect::<Vec<_>>()
@@ -2027,6 +2080,8 @@ fn system_simulation_many_seeds() {
                 total.path_failures += s.path_failures;
                 total.logins += s.logins;
                 total.bounced += s.bounced;
+                total.fenced += s.fenced;
+                total.reinstated += s.reinstated;
                 total.scsi_retries += s.scsi_retries;
                 total.window_checked += s.window_checked;
                 total.corruptions += s.corruptions;
@@ -2043,7 +2098,8 @@ fn system_simulation_many_seeds() {
     let _ = writeln!(
         summary,
         "system sim: {} seeds in {:?} ({} failed); {} I/Os ({} reads verified, {} writes acked, \
-         {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted, \
+         {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted \
+         ({} writes held for a fence, {} old sessions ended by reinstatement), \
          {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
          {:?} virtual, max I/O latency {:?}",
         seeds,
@@ -2056,6 +2112,8 @@ fn system_simulation_many_seeds() {
         total.path_failures,
         total.logins,
         total.bounced,
+        total.fenced,
+        total.reinstated,
         total.scsi_retries,
         total.window_checked,
         total.corruptions,

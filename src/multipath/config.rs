@@ -323,6 +323,17 @@ pub struct DeviceConfig {
     /// Retries after retryable SCSI errors (UNIT ATTENTION, BUSY, ...).
     /// Resubmissions after path failures do not count.
     pub max_retries: u32,
+    /// Hold a write that a failed session gave back until its path is
+    /// fenced (logged in again, ending the old session) instead of retrying
+    /// it elsewhere at once; see docs/multipath.md, "Fencing". On by default.
+    pub fence_writes: bool,
+    /// How long such a write waits for the fence before it fails with
+    /// `IoError::NotFenced`.
+    pub fence_timeout: Duration,
+    /// Ping a path at once when it has commands outstanding and has sent
+    /// nothing for several times its recent response time (None: only the
+    /// `timers` ping). See `multipath::silence`.
+    pub fast_ping: Option<crate::multipath::FastPing>,
     /// NOP-Out pings on idle paths and the command timeout.
     pub timers: ConnTimers,
     /// Time allowed for each path's connect + login (+ probe).
@@ -337,7 +348,7 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     /// Defaults: queue-depth policy, depth 128, 30 s `no_path_timeout`,
-    /// 8 retries, NOP every 2 s, 20 s command timeout, busy-polling workers.
+    /// 8 retries, writes fenced (30 s `fence_timeout`), NOP every 2 s, 20 s command timeout, busy-polling workers.
     pub fn new(paths: Vec<PathConfig>, lun: u16) -> DeviceConfig {
         DeviceConfig {
             paths,
@@ -346,6 +357,9 @@ impl DeviceConfig {
             queue_depth: 128,
             no_path_timeout: Duration::from_secs(30),
             max_retries: 8,
+            fence_writes: true,
+            fence_timeout: Duration::from_secs(30),
+            fast_ping: Some(crate::multipath::FastPing::default()),
             timers: ConnTimers {
                 nop_interval: Some(Duration::from_secs(2)),
                 nop_timeout: Duration::from_secs(3),

@@ -176,6 +176,18 @@ pub enum IoError {
     /// command could not be recovered (rare; the data state is unknown).
     #[error("the path failed while taking the command, and it was lost: {0}")]
     PathLost(String),
+    /// A write came back from a path whose session failed before the target
+    /// answered, and that path could not be fenced (logged in again, which
+    /// ends its old session) within `fence_timeout`. The write was not
+    /// retried elsewhere; whether the target ran it, or still will, is
+    /// unknown.
+    #[error("write not retried: path {path} could not be fenced within {waited:?}, so the target may still run the copy it had")]
+    NotFenced {
+        /// The path the write was on.
+        path: usize,
+        /// How long it waited for the fence.
+        waited: Duration,
+    },
     /// A request that needs at least one block got none.
     #[error("{op:?} of 0 blocks")]
     ZeroLength {

@@ -9,17 +9,21 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dispatch;
 pub mod io;
 pub mod path;
 pub mod probe;
 pub mod selector;
+pub mod silence;
 
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PortBinding};
+pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };
 pub use selector::{select, Policy, SelectorState};
+pub use silence::{FastPing, SilenceVerdict, SilenceWatch};
 
 use crate::scsi::ScsiError;
 use thiserror::Error;

@@ -113,6 +113,8 @@ pub struct PathShared {
     nexus: Mutex<Option<Nexus>>,
     /// Latencies in microseconds, merged in by the worker now and then.
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Sessions logged in so far (see [`PathShared::begin_session`]).
+    sessions: AtomicU64,
 }
 
 /// A new latency histogram: 1 µs .. 100 s, 3 significant digits.
@@ -142,7 +144,21 @@ impl PathShared {
             events: Mutex::new(Vec::new()),
             nexus: Mutex::new(None),
             histogram: Mutex::new(new_histogram()),
+            sessions: AtomicU64::new(0),
         }
+    }
+
+    /// The worker took a new session into service: returns its epoch (1 for
+    /// the first). Every login of a path uses the path's ISID with TSIH 0,
+    /// so the target ends the sessions before it (reinstatement): a command
+    /// sent in an older epoch can no longer run.
+    pub fn begin_session(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The epoch of the newest session (0 before the first login).
+    pub fn session_epoch(&self) -> u64 {
+        self.sessions.load(Ordering::Acquire)
     }
 
     /// The path's current state.

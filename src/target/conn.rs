@@ -9,6 +9,8 @@
 //! connection closes with a reason ([`TargetConn::close_reason`]).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::iscsi::chap;
@@ -197,6 +199,9 @@ struct Core {
     seen_alua: Vec<u64>,
     last_rx: Instant,
     ping: Option<(u32, Instant)>,
+    /// Set once a newer login of the same I_T nexus reinstated (ended)
+    /// this session: nothing more is executed.
+    ended: Option<Arc<AtomicBool>>,
 }
 
 impl TargetConn {
@@ -249,6 +254,7 @@ impl TargetConn {
                 seen_alua: Vec::new(),
                 last_rx: now,
                 ping: None,
+                ended: None,
             },
         }
     }
@@ -349,6 +355,11 @@ impl TargetConn {
     /// Runs timers: sends a NOP-In ping on an idle connection, or closes
     /// one whose ping went unanswered for a whole interval.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_reinstated() {
+            self.core
+                .close("session reinstated by a newer login with the same ISID");
+            return;
+        }
         let Some(deadline) = self.poll_timeout() else {
             return;
         };
@@ -374,7 +385,25 @@ impl TargetConn {
         c.ping = Some((ttt, now));
     }
 
+    /// True once a newer login of the same initiator port (ISID) on the
+    /// same portal group ended this session (reinstatement).
+    pub fn is_reinstated(&self) -> bool {
+        self.core
+            .ended
+            .as_ref()
+            .is_some_and(|e| e.load(Ordering::Acquire))
+    }
+
     fn process(&mut self, now: Instant) {
+        if self.is_reinstated() {
+            // Whatever was still buffered belongs to a session that no
+            // longer exists: it must not run (it could be a stale write).
+            self.core
+                .close("session reinstated by a newer login with the same ISID");
+            self.rx_start = 0;
+            self.rx_end = 0;
+            return;
+        }
         while self.core.phase != Phase::Closed && self.rx_start < self.rx_end {
             let avail = &self.rx[self.rx_start..self.rx_end];
             match self.core.framer.frame(avail) {
@@ -396,6 +425,14 @@ impl TargetConn {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
+        }
+    }
+}
+
+impl Drop for TargetConn {
+    fn drop(&mut self) {
+        if let Some(ended) = &self.core.ended {
+            self.core.shared.leave_session(ended);
         }
     }
 }
@@ -953,6 +990,13 @@ impl Core {
 
     fn enter_full_feature(&mut self) {
         self.phase = Phase::FullFeature;
+        if self.session_type == SessionType::Normal {
+            let tpgt = self.shared.portals.get(self.portal).map_or(1, |p| p.tpgt);
+            let (ended, _) =
+                self.shared
+                    .enter_session(&self.initiator_name, self.isid, tpgt, self.tsih);
+            self.ended = Some(ended);
+        }
         self.digests = self.params.digests();
         self.framer = PduFramer {
             digests: self.digests,
@@ -2163,6 +2207,48 @@ mod tests {
         assert_eq!(back, data);
         let (read, _) = collect_data_in(&p.read10(3, 2));
         assert_eq!(read, data);
+    }
+
+    /// Session reinstatement (RFC 7143 §6.3.5): a new login with the same
+    /// ISID on the same portal group ends the old session, and a write the
+    /// old connection only reads afterwards (a hung portal waking up) is
+    /// not executed. Another ISID, or another portal group, is left alone.
+    #[test]
+    fn reinstatement_ends_the_old_session_and_its_late_writes() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut old = Peer::new(s.clone(), 0);
+        old.login_normal(&[("ImmediateData", "Yes"), ("InitialR2T", "Yes")]);
+        let mut other_isid = Peer::new(s.clone(), 0);
+        other_isid.isid = [0x80, 0, 0, 0, 0, 2];
+        other_isid.login_normal(&[]);
+        let mut other_portal = Peer::new(s.clone(), 1);
+        other_portal.login_normal(&[]);
+        assert_eq!(s.session_count(), 3);
+        // The old connection's write was sent, but not read yet.
+        let c = old.command(&write10_cdb(7, 1), false, true, 512, true);
+        let mut late = Vec::new();
+        crate::wire::iscsi::encode_pdu(
+            &mut late,
+            &PduHeader::ScsiCommand(c),
+            &[0xee; 512],
+            old.digests,
+        );
+        let mut new = Peer::new(s.clone(), 0);
+        new.login_normal(&[]);
+        assert_eq!(s.session_count(), 3, "the old session was replaced");
+        assert!(old.conn.is_reinstated());
+        assert!(!other_isid.conn.is_reinstated());
+        assert!(!other_portal.conn.is_reinstated());
+        let answer = old.send_raw(&late);
+        assert!(answer.is_empty(), "{answer:?}");
+        assert!(old.conn.is_closed());
+        let mut back = vec![0u8; 512];
+        s.luns[0].read(7 * 512, &mut back);
+        assert_eq!(back, vec![0u8; 512], "the late write did not run");
+        drop(old);
+        assert_eq!(s.session_count(), 3, "the new session stays");
+        drop(new);
+        assert_eq!(s.session_count(), 2);
     }
 
     #[test]

@@ -434,7 +434,20 @@ pub struct TargetShared {
     /// the current value owes its initiator a UNIT ATTENTION 2A/06.
     alua_generation: AtomicU64,
     next_tsih: AtomicU16,
+    /// Live normal sessions by I_T nexus, for reinstatement.
+    sessions: std::sync::Mutex<Vec<SessionEntry>>,
     pub faults: FaultInjector,
+}
+
+/// One live normal session in the target's session table.
+#[derive(Debug)]
+struct SessionEntry {
+    initiator: String,
+    isid: [u8; 6],
+    tpgt: u16,
+    tsih: u16,
+    /// Set when a newer login of the same I_T nexus ended this session.
+    ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TargetShared {
@@ -473,6 +486,7 @@ impl TargetShared {
             alua,
             alua_generation: AtomicU64::new(0),
             next_tsih: AtomicU16::new(1),
+            sessions: std::sync::Mutex::new(Vec::new()),
             faults,
         })
     }
@@ -510,6 +524,58 @@ impl TargetShared {
 
     pub fn lun_index(&self, lun: u16) -> Option<usize> {
         self.luns.iter().position(|l| l.number() == lun)
+    }
+
+    /// Enters a new normal session of `initiator` + `isid` on portal group
+    /// `tpgt` (its I_T nexus). A session of the same nexus that is still
+    /// there is ended: a login with a known ISID and TSIH 0 reinstates the
+    /// session (RFC 7143 §6.3.5), and the old connections must not run
+    /// another command. Returns the flag that tells the new session's
+    /// connection the same, later, and how many sessions it ended.
+    pub(crate) fn enter_session(
+        &self,
+        initiator: &str,
+        isid: [u8; 6],
+        tpgt: u16,
+        tsih: u16,
+    ) -> (Arc<std::sync::atomic::AtomicBool>, usize) {
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let Ok(mut table) = self.sessions.lock() else {
+            return (ended, 0);
+        };
+        let before = table.len();
+        table.retain(|e| {
+            let same = e.initiator == initiator && e.isid == isid && e.tpgt == tpgt;
+            if same {
+                log::debug!(
+                    "session TSIH {} of {initiator} reinstated by TSIH {tsih}",
+                    e.tsih
+                );
+                e.ended.store(true, Ordering::Release);
+            }
+            !same
+        });
+        let reinstated = before - table.len();
+        table.push(SessionEntry {
+            initiator: initiator.to_string(),
+            isid,
+            tpgt,
+            tsih,
+            ended: ended.clone(),
+        });
+        (ended, reinstated)
+    }
+
+    /// The session behind `ended` is gone (its connection closed).
+    pub(crate) fn leave_session(&self, ended: &Arc<std::sync::atomic::AtomicBool>) {
+        if let Ok(mut table) = self.sessions.lock() {
+            table.retain(|e| !Arc::ptr_eq(&e.ended, ended));
+        }
+    }
+
+    /// Normal sessions in the table now.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().map_or(0, |t| t.len())
     }
 
     /// A fresh non-zero TSIH.

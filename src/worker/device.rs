@@ -13,18 +13,16 @@
 
 use super::path_worker::{Control, Request, Response, Worker, WorkerSetup};
 use super::ring::{ring, Consumer, Producer};
-use crate::iscsi::connection::Command;
 use crate::multipath::config::DeviceConfig;
-use crate::multipath::io::{build_command, command_from_completion, judge, Verdict};
+use crate::multipath::dispatch::{Action, DispatchConfig, Dispatcher, PathResponse, PathTable};
+use crate::multipath::io::build_command;
 use crate::multipath::path::{PathHealth, PathShared, PathState};
 use crate::multipath::probe::{probe, PathProbe, ProbeConfig};
 use crate::multipath::{
-    select, Io, IoCompletion, IoError, IoOp, MultipathError, PathLoad, PathStats, Policy,
-    SelectorState,
+    Io, IoCompletion, IoError, IoOp, MultipathError, PathLoad, PathStats, Policy, SelectorState,
 };
 use crate::scsi::Lun;
 use crossbeam::queue::ArrayQueue;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -65,14 +63,12 @@ struct DeviceShared {
     paths: Vec<Arc<PathShared>>,
     controls: Vec<Arc<ArrayQueue<Control>>>,
     selector: SelectorState,
-    policy: Policy,
+    dispatch: DispatchConfig,
     lun: u64,
     block_size: u32,
     capacity_blocks: u64,
     lu_id: String,
     queue_depth: usize,
-    no_path_timeout: Duration,
-    max_retries: u32,
     closed: AtomicBool,
     next_queue_id: AtomicU32,
 }
@@ -93,7 +89,7 @@ impl std::fmt::Debug for MultipathDevice {
         f.debug_struct("MultipathDevice")
             .field("lu", &self.shared.lu_id)
             .field("paths", &self.shared.paths.len())
-            .field("policy", &self.shared.policy)
+            .field("policy", &self.shared.dispatch.policy)
             .finish_non_exhaustive()
     }
 }
@@ -209,6 +205,7 @@ impl MultipathDevice {
                 health: PathHealth::new(config.reconnect),
                 session,
                 idle: config.idle,
+                fast_ping: config.fast_ping,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
             });
@@ -226,14 +223,18 @@ impl MultipathDevice {
                 paths,
                 controls,
                 selector: SelectorState::new(),
-                policy: config.policy,
+                dispatch: DispatchConfig {
+                    policy: config.policy,
+                    no_path_timeout: config.no_path_timeout,
+                    max_retries: config.max_retries,
+                    fence_writes: config.fence_writes,
+                    fence_timeout: config.fence_timeout,
+                },
                 lun,
                 block_size,
                 capacity_blocks,
                 lu_id,
                 queue_depth: config.queue_depth.clamp(1, 1 << 16),
-                no_path_timeout: config.no_path_timeout,
-                max_retries: config.max_retries,
                 closed: AtomicBool::new(false),
                 next_queue_id: AtomicU32::new(0),
             }),
@@ -270,14 +271,10 @@ impl MultipathDevice {
             id,
             subs,
             comps,
-            slots: (0..depth).map(|_| Slot::default()).collect(),
-            free: (0..depth as u32).rev().collect(),
-            in_flight: 0,
-            waiting: VecDeque::with_capacity(depth),
+            dispatcher: Dispatcher::new(depth, d.dispatch, id as usize),
+            blocking: vec![false; depth],
             ready: Vec::with_capacity(depth),
             blocking_done: None,
-            scratch: Vec::with_capacity(d.paths.len()),
-            rotate: id as usize,
             spare: Vec::new(),
         }
     }
@@ -304,7 +301,7 @@ impl MultipathDevice {
 
     /// The path selection policy.
     pub fn policy(&self) -> Policy {
-        self.shared.policy
+        self.shared.dispatch.policy
     }
 
     /// A snapshot of every path: state, ALUA, counters, latency percentiles
@@ -345,43 +342,23 @@ impl Drop for MultipathDevice {
     }
 }
 
-#[derive(Default)]
-struct Slot {
-    user_tag: u64,
-    op: Option<IoOp>,
-    submitted_at: Option<Instant>,
-    bytes: u64,
-    /// The path it was handed to, while a worker has it.
-    path: Option<usize>,
-    last_path: Option<usize>,
-    /// Every resubmission (reported in the completion).
-    retries: u32,
-    /// Resubmissions after retryable SCSI statuses only: what `max_retries`
-    /// bounds. Bounces off failed paths do not count (DeviceConfig says so).
-    status_retries: u32,
-    /// A command waiting here (for a path, or for its retry delay).
-    held: Option<Command>,
-    not_before: Option<Instant>,
-    no_path_since: Option<Instant>,
-    blocking: bool,
-}
-
 /// One application thread's submission/completion queue. Not `Sync`: give
 /// each thread its own (`MultipathDevice::queue_pair`).
+///
+/// The slots, path choice, retries and failover are the sans-IO
+/// [`Dispatcher`]'s; the queue owns the rings and the clock and carries out
+/// what the dispatcher asks for.
 pub struct IoQueue {
     dev: Arc<DeviceShared>,
     id: u32,
     subs: Vec<Producer<Request>>,
     comps: Vec<Consumer<Response>>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    in_flight: usize,
-    waiting: VecDeque<u32>,
+    dispatcher: Dispatcher,
+    /// Per slot: a blocking helper waits for it.
+    blocking: Vec<bool>,
     /// Completions met while a blocking call waited for its own.
     ready: Vec<IoCompletion>,
     blocking_done: Option<IoCompletion>,
-    scratch: Vec<PathLoad>,
-    rotate: usize,
     spare: Vec<u8>,
 }
 
@@ -389,20 +366,39 @@ impl std::fmt::Debug for IoQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoQueue")
             .field("id", &self.id)
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &self.dispatcher.in_flight())
             .finish_non_exhaustive()
+    }
+}
+
+/// The device's paths as the dispatcher sees them: the per-path atomics.
+impl PathTable for DeviceShared {
+    fn count(&self) -> usize {
+        self.paths.len()
+    }
+    fn usable_tier(&self, path: usize) -> Option<u8> {
+        self.paths[path].usable_tier()
+    }
+    fn load(&self, path: usize) -> PathLoad {
+        self.paths[path].load()
+    }
+    fn session_epoch(&self, path: usize) -> u64 {
+        self.paths[path].session_epoch()
+    }
+    fn selector(&self) -> &SelectorState {
+        &self.selector
     }
 }
 
 impl IoQueue {
     /// I/Os submitted and not yet returned by `poll_completions`.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        self.dispatcher.in_flight()
     }
 
     /// Most I/Os this queue takes at once (`queue_depth`).
     pub fn depth(&self) -> usize {
-        self.slots.len()
+        self.dispatcher.depth()
     }
 
     /// The device's logical block size in bytes.
@@ -421,71 +417,53 @@ impl IoQueue {
         if self.dev.closed.load(Ordering::Acquire) {
             return Err(SubmitError::Closed(io));
         }
-        let Some(&slot) = self.free.last() else {
+        if !self.dispatcher.has_room() {
             return Err(SubmitError::QueueFull(io));
-        };
+        }
         let d = &self.dev;
         let cmd = match build_command(&mut io, d.lun, d.block_size, d.capacity_blocks) {
             Ok(c) => c,
             Err(error) => return Err(SubmitError::Invalid { error, io }),
         };
-        self.free.pop();
         let now = Instant::now();
-        let s = &mut self.slots[slot as usize];
-        *s = Slot {
-            user_tag: io.user_tag,
-            op: Some(io.op),
-            submitted_at: Some(now),
-            bytes: cmd.buffer.len() as u64,
-            blocking,
-            ..Slot::default()
-        };
-        self.in_flight += 1;
-        if let Err(cmd) = self.dispatch(slot, cmd, now) {
-            let s = &mut self.slots[slot as usize];
-            s.held = Some(cmd);
-            s.no_path_since = Some(now);
-            self.waiting.push_back(slot);
+        match self.dispatcher.submit(now, io.op, io.user_tag, cmd) {
+            Ok(slot) => self.blocking[slot as usize] = blocking,
+            Err(cmd) => {
+                io.buffer = cmd.buffer;
+                return Err(SubmitError::QueueFull(io));
+            }
         }
+        let mut ready = std::mem::take(&mut self.ready);
+        self.run_actions(now, &mut ready);
+        self.ready = ready;
         Ok(())
     }
 
-    /// Hands a command to the best path; gives it back if there is none.
-    fn dispatch(&mut self, slot: u32, cmd: Command, now: Instant) -> Result<(), Command> {
-        let d = &self.dev;
-        self.scratch.clear();
-        let mut best = u8::MAX;
-        for p in &d.paths {
-            if let Some(t) = p.usable_tier() {
-                if t < best {
-                    best = t;
-                    self.scratch.clear();
+    /// Carries out what the dispatcher asks for: sends on the rings,
+    /// completions into `out` (or to the blocking call waiting for one).
+    fn run_actions(&mut self, now: Instant, out: &mut Vec<IoCompletion>) {
+        while let Some(action) = self.dispatcher.poll_action(now, &*self.dev) {
+            match action {
+                Action::Send { path, slot, cmd } => {
+                    let bytes = cmd.buffer.len() as u64;
+                    let req = Request {
+                        slot,
+                        cmd,
+                        dispatched_at: now,
+                    };
+                    match self.subs[path].push(req) {
+                        Ok(()) => self.dev.paths[path].add_outstanding(bytes),
+                        Err(req) => self.dispatcher.send_refused(now, slot, req.cmd),
+                    }
                 }
-                if t == best {
-                    self.scratch.push(p.load());
+                Action::Complete { slot, completion } => {
+                    if std::mem::take(&mut self.blocking[slot as usize]) {
+                        self.blocking_done = Some(completion);
+                    } else {
+                        out.push(completion);
+                    }
                 }
             }
-        }
-        let bytes = cmd.buffer.len() as u64;
-        self.rotate = self.rotate.wrapping_add(1);
-        let Some(i) = select(d.policy, &self.scratch, bytes, &d.selector, self.rotate) else {
-            return Err(cmd);
-        };
-        let req = Request {
-            slot,
-            cmd,
-            dispatched_at: now,
-        };
-        match self.subs[i].push(req) {
-            Ok(()) => {
-                d.paths[i].add_outstanding(bytes);
-                let s = &mut self.slots[slot as usize];
-                s.path = Some(i);
-                s.last_path = Some(i);
-                s.no_path_since = None;
-                Ok(())
-            }
-            Err(req) => Err(req.cmd),
         }
     }
 
@@ -511,7 +489,7 @@ impl IoQueue {
         let mut rounds = 0u32;
         loop {
             got += self.poll_completions(out);
-            if got >= min || self.in_flight == 0 || Instant::now() >= deadline {
+            if got >= min || self.in_flight() == 0 || Instant::now() >= deadline {
                 return got;
             }
             rounds += 1;
@@ -525,146 +503,43 @@ impl IoQueue {
 
     fn pump(&mut self, out: &mut Vec<IoCompletion>) {
         let now = Instant::now();
+        if self.dev.closed.load(Ordering::Acquire) {
+            self.dispatcher.close();
+        }
         for i in 0..self.comps.len() {
             while let Some(r) = self.comps[i].pop() {
-                self.on_response(i, r, now, out);
-            }
-        }
-        if !self.waiting.is_empty() {
-            self.retry_waiting(now, out);
-        }
-    }
-
-    fn on_response(&mut self, path: usize, r: Response, now: Instant, out: &mut Vec<IoCompletion>) {
-        let slot = match &r {
-            Response::Done { slot, .. }
-            | Response::Bounced { slot, .. }
-            | Response::Lost { slot, .. } => *slot,
-        };
-        // Workers answer only what this queue handed them, once per
-        // dispatch (queue ids are distinct): anything else would be a worker
-        // bug, and dropping it here would leave an I/O hanging.
-        let Some(s) = self.slots.get_mut(slot as usize) else {
-            debug_assert!(false, "response for slot {slot} of {}", self.slots.len());
-            return;
-        };
-        if s.path != Some(path) {
-            debug_assert!(
-                false,
-                "slot {slot} answered by path {path}, was on {:?}",
-                s.path
-            );
-            return;
-        }
-        s.path = None;
-        self.dev.paths[path].sub_outstanding(s.bytes);
-        let closed = self.dev.closed.load(Ordering::Acquire);
-        match r {
-            Response::Done { completion: c, .. } => {
-                let retries = s.status_retries;
-                match judge(
-                    c.response,
-                    c.status,
-                    &c.sense,
-                    retries,
-                    self.dev.max_retries,
-                ) {
-                    Verdict::Success => self.complete(slot, Ok(()), c.buffer, now, out),
-                    Verdict::Fail(e) => self.complete(slot, Err(e), c.buffer, now, out),
-                    Verdict::Retry { .. } if closed => {
-                        self.complete(slot, Err(IoError::Closed), c.buffer, now, out)
-                    }
-                    Verdict::Retry { delay, .. } => {
-                        let s = &mut self.slots[slot as usize];
-                        s.retries += 1;
-                        s.status_retries += 1;
-                        s.not_before = (!delay.is_zero()).then(|| now + delay);
-                        s.held = Some(command_from_completion(c));
-                        self.waiting.push_back(slot);
+                let (slot, response) = match r {
+                    Response::Done { slot, completion } => (slot, PathResponse::Done(completion)),
+                    Response::Bounced {
+                        slot,
+                        cmd,
+                        sent_in_session,
+                    } => (
+                        slot,
+                        PathResponse::Bounced {
+                            cmd,
+                            sent_in_session,
+                        },
+                    ),
+                    Response::Lost { slot, reason } => (slot, PathResponse::Lost(reason)),
+                };
+                // Workers answer only what this queue handed them, once per
+                // dispatch (queue ids are distinct): anything else is a
+                // worker bug, reported and ignored.
+                match self.dispatcher.handle_response(now, i, slot, response) {
+                    Ok(bytes) => self.dev.paths[i].sub_outstanding(bytes),
+                    Err(e) => {
+                        debug_assert!(false, "queue {}: {e}", self.id);
+                        log::error!("queue {}: {e}", self.id);
                     }
                 }
-            }
-            Response::Bounced { cmd, .. } => {
-                if closed {
-                    self.complete(slot, Err(IoError::Closed), cmd.buffer, now, out);
-                    return;
-                }
-                s.retries += 1;
-                if let Err(cmd) = self.dispatch(slot, cmd, now) {
-                    let s = &mut self.slots[slot as usize];
-                    s.held = Some(cmd);
-                    s.no_path_since = Some(now);
-                    self.waiting.push_back(slot);
-                }
-            }
-            Response::Lost { reason, .. } => {
-                let e = IoError::PathLost(reason);
-                self.complete(slot, Err(e), Vec::new(), now, out);
+                self.run_actions(now, out);
             }
         }
-    }
-
-    fn retry_waiting(&mut self, now: Instant, out: &mut Vec<IoCompletion>) {
-        let closed = self.dev.closed.load(Ordering::Acquire);
-        for _ in 0..self.waiting.len() {
-            let Some(slot) = self.waiting.pop_front() else {
-                break;
-            };
-            let s = &mut self.slots[slot as usize];
-            let Some(cmd) = s.held.take() else {
-                continue;
-            };
-            if closed {
-                self.complete(slot, Err(IoError::Closed), cmd.buffer, now, out);
-                continue;
-            }
-            if s.not_before.is_some_and(|t| now < t) {
-                s.held = Some(cmd);
-                self.waiting.push_back(slot);
-                continue;
-            }
-            s.not_before = None;
-            if let Err(cmd) = self.dispatch(slot, cmd, now) {
-                let s = &mut self.slots[slot as usize];
-                let since = *s.no_path_since.get_or_insert(now);
-                let waited = now.saturating_duration_since(since);
-                if waited >= self.dev.no_path_timeout {
-                    self.complete(slot, Err(IoError::NoPath { waited }), cmd.buffer, now, out);
-                } else {
-                    s.held = Some(cmd);
-                    self.waiting.push_back(slot);
-                }
-            }
+        if self.dispatcher.has_waiting() {
+            self.dispatcher.handle_timeout(now, &*self.dev);
         }
-    }
-
-    fn complete(
-        &mut self,
-        slot: u32,
-        result: Result<(), IoError>,
-        buffer: Vec<u8>,
-        now: Instant,
-        out: &mut Vec<IoCompletion>,
-    ) {
-        let s = std::mem::take(&mut self.slots[slot as usize]);
-        let c = IoCompletion {
-            user_tag: s.user_tag,
-            op: s.op.unwrap_or(IoOp::Read),
-            result,
-            latency: s
-                .submitted_at
-                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-            path: s.last_path,
-            retries: s.retries,
-            buffer,
-        };
-        self.free.push(slot);
-        self.in_flight -= 1;
-        if s.blocking {
-            self.blocking_done = Some(c);
-        } else {
-            out.push(c);
-        }
+        self.run_actions(now, out);
     }
 
     /// Runs one I/O to completion; other I/Os finishing meanwhile are kept
@@ -783,10 +658,8 @@ impl Drop for IoQueue {
     fn drop(&mut self) {
         // What the workers still hold for us will never be collected: take
         // it off the paths' load figures, and tell the workers.
-        for s in &self.slots {
-            if let Some(p) = s.path {
-                self.dev.paths[p].sub_outstanding(s.bytes);
-            }
+        for (p, bytes) in self.dispatcher.on_paths() {
+            self.dev.paths[p].sub_outstanding(bytes);
         }
         for c in &self.dev.controls {
             let mut msg = Control::RemoveQueue { id: self.id };
@@ -821,6 +694,7 @@ mod tests {
             .map(|i| {
                 let p = Arc::new(PathShared::new(i, &format!("p{i}"), opened));
                 p.set_state(PathState::Up, "test");
+                assert_eq!(p.begin_session(), 1);
                 p
             })
             .collect();
@@ -830,14 +704,18 @@ mod tests {
                 paths,
                 controls: controls.clone(),
                 selector: SelectorState::new(),
-                policy: Policy::QueueDepth,
+                dispatch: DispatchConfig {
+                    policy: Policy::QueueDepth,
+                    no_path_timeout: Duration::from_millis(50),
+                    max_retries: 3,
+                    fence_writes: true,
+                    fence_timeout: Duration::from_millis(200),
+                },
                 lun: 0,
                 block_size: 512,
                 capacity_blocks: 1000,
                 lu_id: "naa.test".into(),
                 queue_depth: 8,
-                no_path_timeout: Duration::from_millis(50),
-                max_retries: 3,
                 closed: AtomicBool::new(false),
                 next_queue_id: AtomicU32::new(0),
             }),
@@ -928,7 +806,7 @@ mod tests {
     }
 
     #[test]
-    fn bounced_write_is_resubmitted_on_the_other_path_and_completes_only_there() {
+    fn bounced_write_is_resubmitted_on_the_other_path_once_fenced_and_completes_only_there() {
         let (dev, controls) = device(2);
         let mut q = dev.queue_pair();
         let mut w = workers(&controls);
@@ -947,10 +825,18 @@ mod tests {
             .comp
             .push(Response::Bounced {
                 slot: req.slot,
-                cmd: req.cmd
+                cmd: req.cmd,
+                sent_in_session: Some(1),
             })
             .is_ok());
         let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out), 0, "not acknowledged yet");
+        assert!(
+            w[other].sub.pop().is_none(),
+            "not retried before the old path is fenced"
+        );
+        // The old path's worker logs in again (same ISID): fenced.
+        assert_eq!(dev.shared.paths[first].begin_session(), 2);
         assert_eq!(q.poll_completions(&mut out), 0, "not acknowledged yet");
         let again = w[other].sub.pop().expect("resubmitted on the other path");
         assert_eq!(again.cmd.buffer, data, "same data");
@@ -985,7 +871,8 @@ mod tests {
             .comp
             .push(Response::Bounced {
                 slot: r2.slot,
-                cmd: r2.cmd
+                cmd: r2.cmd,
+                sent_in_session: Some(1),
             })
             .is_ok());
         assert_eq!(q.poll_completions(&mut out), 1);
@@ -1053,7 +940,8 @@ mod tests {
                 .comp
                 .push(Response::Bounced {
                     slot: req.slot,
-                    cmd: req.cmd
+                    cmd: req.cmd,
+                    sent_in_session: Some(1),
                 })
                 .is_ok());
         }

@@ -9,6 +9,7 @@ use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
+use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
 use crate::multipath::MultipathError;
 use crate::scsi::{
     check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention,
@@ -34,7 +35,14 @@ pub(crate) enum Response {
     Done { slot: u32, completion: Completion },
     /// Not run to completion on this path (path failed or going away):
     /// resubmit elsewhere. Writes included: none was acknowledged.
-    Bounced { slot: u32, cmd: Command },
+    /// `sent_in_session`: the epoch of the session that had the command
+    /// (it may still run there until that session is fenced), or None when
+    /// it never left the ring.
+    Bounced {
+        slot: u32,
+        cmd: Command,
+        sent_in_session: Option<u64>,
+    },
     /// The command could not be handed to the session and is lost.
     Lost { slot: u32, reason: String },
 }
@@ -79,6 +87,31 @@ impl QueueEnds {
     }
 }
 
+/// Why a live path's session was given up (the path then goes Down and
+/// reconnects).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PathFailure {
+    /// The connection failed (transport error, ping or command timeout,
+    /// protocol violation), as the connection reported it.
+    #[error("{0}")]
+    Connection(crate::iscsi::connection::ConnError),
+    /// The session failed while moving bytes.
+    #[error("{0}")]
+    Session(crate::iscsi::session::SessionError),
+    /// The target asked for the session to end.
+    #[error("target requested logout")]
+    LogoutRequested,
+    /// Nothing arrived for `silent`, not even the answer to a fast ping,
+    /// with commands outstanding.
+    #[error("nothing received for {silent:?} with {outstanding} commands outstanding, not even an answer to a ping")]
+    Silent {
+        /// How long nothing arrived.
+        silent: Duration,
+        /// Commands the session held.
+        outstanding: usize,
+    },
+}
+
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
 
@@ -104,6 +137,7 @@ pub(crate) struct WorkerSetup {
     pub health: PathHealth,
     pub session: Option<PathProbe>,
     pub idle: IdleMode,
+    pub fast_ping: Option<FastPing>,
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
@@ -121,6 +155,11 @@ pub(crate) struct Worker {
     queues: Vec<QueueEnds>,
     /// SCSI commands in the current session (ours: no O(n) scan per I/O).
     in_session: usize,
+    /// The current (or last) session's epoch ([`PathShared::begin_session`]).
+    session_epoch: u64,
+    /// Fast ping of a silent path with commands outstanding.
+    fast_ping: Option<FastPing>,
+    silence: Option<SilenceWatch>,
     tpg: Option<u16>,
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
@@ -147,6 +186,9 @@ impl Worker {
             conn: Conn::Down,
             queues: Vec::new(),
             in_session: 0,
+            session_epoch: 0,
+            fast_ping: s.fast_ping,
+            silence: None,
             tpg: None,
             relative_port: None,
             alua_refresh_pending: false,
@@ -182,6 +224,10 @@ impl Worker {
         self.alua_epoch_seen = self.alua_epoch.load(Ordering::Acquire);
         self.health.on_login(p.time2wait);
         self.in_session = 0;
+        // Same ISID, TSIH 0: the target has ended the sessions before this
+        // one, so what they held is fenced.
+        self.session_epoch = self.shared.begin_session();
+        self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
         let outcome = p.session.outcome();
@@ -221,7 +267,7 @@ impl Worker {
                         p
                     }
                     Err(reason) => {
-                        self.path_failed(*session, &reason, now);
+                        self.path_failed(*session, &reason.to_string(), now);
                         true
                     }
                 }
@@ -299,10 +345,10 @@ impl Worker {
         &mut self,
         session: &mut Session<BoxedTransport>,
         now: Instant,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, PathFailure> {
         let mut progressed = false;
         if let Some(e) = session.connection().is_failed() {
-            return Err(e.to_string());
+            return Err(PathFailure::Connection(e.clone()));
         }
         // Admit new commands while the target's CmdSN window has room;
         // otherwise they wait in the rings and the submitters see this path
@@ -325,7 +371,7 @@ impl Worker {
                         slot,
                         reason: e.to_string(),
                     });
-                    return Err(e.to_string());
+                    return Err(PathFailure::Session(e));
                 }
                 self.in_session += 1;
                 progressed = true;
@@ -339,7 +385,7 @@ impl Worker {
         if self.alua_refresh_wanted && !self.alua_refresh_pending {
             self.submit_rtpg(session);
         }
-        progressed |= session.poll_io().map_err(|e| e.to_string())?;
+        progressed |= session.poll_io().map_err(PathFailure::Session)?;
         while let Some(ev) = session.connection_mut().poll_event() {
             progressed = true;
             match ev {
@@ -353,9 +399,28 @@ impl Worker {
                     self.alua_changed();
                 }
                 Event::LogoutRequested { .. } => {
-                    return Err("target requested logout".into());
+                    return Err(PathFailure::LogoutRequested);
                 }
                 _ => {}
+            }
+        }
+        if let Some(watch) = &mut self.silence {
+            let recent = Duration::from_nanos(self.shared.load().latency_ewma_ns);
+            let pdus_in = session.connection().stats.pdus_in;
+            match watch.on_round(now, self.in_session, pdus_in, recent) {
+                SilenceVerdict::Fine => {}
+                SilenceVerdict::Ping => {
+                    // Immediate: needs no window space. A full task table
+                    // leaves it to the NOP timer.
+                    let _ = session.connection_mut().ping(now);
+                    progressed = true;
+                }
+                SilenceVerdict::Dead(silent) => {
+                    return Err(PathFailure::Silent {
+                        silent,
+                        outstanding: self.in_session,
+                    });
+                }
             }
         }
         Ok(progressed)
@@ -451,6 +516,7 @@ impl Worker {
                 q.respond(Response::Bounced {
                     slot: req.slot,
                     cmd: req.cmd,
+                    sent_in_session: None,
                 });
             }
         }
@@ -463,7 +529,11 @@ impl Worker {
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
-            q.respond(Response::Bounced { slot, cmd });
+            q.respond(Response::Bounced {
+                slot,
+                cmd,
+                sent_in_session: Some(self.session_epoch),
+            });
         }
     }
 
@@ -642,6 +712,7 @@ mod tests {
                 time2wait: Duration::ZERO,
             }),
             idle: IdleMode::BusyPoll,
+            fast_ping: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
         });
