@@ -30,8 +30,17 @@ impl Transport for BoxedTransport {
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         self.0.recv(buf)
     }
+    fn recv_into(
+        &mut self,
+        sink: &mut dyn crate::transport::RxSink,
+    ) -> Result<usize, TransportError> {
+        self.0.recv_into(sink)
+    }
     fn poll(&mut self) -> Result<(), TransportError> {
         self.0.poll()
+    }
+    fn is_busy_polled(&self) -> bool {
+        self.0.is_busy_polled()
     }
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         self.0.wait(timeout)
