@@ -313,6 +313,25 @@ impl<T: Transport> Session<T> {
         self.idle_wait(max)
     }
 
+    /// Blocks until the transport has something, `wake` is notified or
+    /// `max` passes (less while bytes wait to go out, or a timer is due).
+    pub fn wait_or_wake(
+        &mut self,
+        wake: &crate::transport::Wake,
+        max: Duration,
+    ) -> Result<(), SessionError> {
+        let mut d = if self.conn.pending_tx().is_empty() {
+            max
+        } else {
+            Duration::from_micros(100)
+        };
+        if let Some(t) = self.conn.poll_timeout() {
+            d = d.min(t.saturating_duration_since(Instant::now()));
+        }
+        self.transport.wait_or_wake(wake, d)?;
+        Ok(())
+    }
+
     fn idle_wait(&mut self, left: Duration) -> Result<(), SessionError> {
         match self.idle {
             IdlePolicy::BusyPoll => Ok(()),

@@ -99,6 +99,9 @@ pub struct PathShared {
     events: Mutex<Vec<PathEvent>>,
     /// Latencies in microseconds, merged in by the worker now and then.
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Wakes the worker blocked in `IdleMode::Block` when work is queued
+    /// (None if no eventfd could be made: the worker then only naps).
+    pub wake: Option<crate::transport::Wake>,
 }
 
 /// A new latency histogram: 1 µs .. 100 s, 3 significant digits.
@@ -127,6 +130,7 @@ impl PathShared {
             counters: CachePadded::new(WorkerCounters::default()),
             events: Mutex::new(Vec::new()),
             histogram: Mutex::new(new_histogram()),
+            wake: crate::transport::Wake::new().ok(),
         }
     }
 
@@ -283,6 +287,7 @@ impl PathShared {
             bytes: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             resubmitted: c.resubmitted.load(Ordering::Relaxed),
+            wakeups: self.wake.as_ref().map_or(0, |w| w.notified()),
             logins: c.logins.load(Ordering::Relaxed),
             outstanding: l.outstanding,
             outstanding_bytes: l.outstanding_bytes,
@@ -347,6 +352,9 @@ pub struct PathStats {
     pub resubmitted: u64,
     /// Successful logins (1 + reconnects).
     pub logins: u64,
+    /// Times a submission woke this path's worker from a block
+    /// (`IdleMode::Block`): each one an eventfd write.
+    pub wakeups: u64,
     /// Commands handed to this path and not yet completed.
     pub outstanding: u64,
     /// Data bytes of those commands.

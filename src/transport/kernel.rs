@@ -2,7 +2,7 @@
 //! a chosen local address first (ESXi-style port binding: the path leaves
 //! through the interface that owns that address).
 
-use super::{RxSink, Transport, TransportError};
+use super::{RxSink, Transport, TransportError, Wake};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, IoSliceMut, Read, Write};
@@ -154,6 +154,22 @@ impl Transport for KernelTcp {
         }
         // poll(2) for readability: one syscall, no mode switches.
         let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        let ms = timeout.as_millis().clamp(1, u16::MAX as u128) as u16;
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(TransportError::Io(e.into())),
+        }
+    }
+
+    /// One poll(2) on the socket and the wake-up eventfd.
+    fn wait_or_wake(&mut self, wake: &Wake, timeout: Duration) -> Result<(), TransportError> {
+        if timeout.is_zero() {
+            return Ok(());
+        }
+        let mut fds = [
+            PollFd::new(self.stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.fd(), PollFlags::POLLIN),
+        ];
         let ms = timeout.as_millis().clamp(1, u16::MAX as u128) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),

@@ -74,6 +74,18 @@ pub trait Transport: Send {
     /// Waits up to `timeout` for something to read or for room to write.
     /// Busy-polling transports may return at once.
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError>;
+    /// Blocks until there is something to read, `wake` is notified (a
+    /// submitter queued work) or `timeout` passes. Transports without a
+    /// descriptor to block on return soon (busy-polled ones at once).
+    fn wait_or_wake(&mut self, wake: &Wake, timeout: Duration) -> Result<(), TransportError> {
+        let _ = wake;
+        if self.is_busy_polled() {
+            std::thread::yield_now();
+            Ok(())
+        } else {
+            self.wait(timeout.min(Duration::from_millis(1)))
+        }
+    }
     /// Whether the transport moves only when polled (the userspace stack):
     /// then an idle caller should call [`recv_into`](Transport::recv_into)
     /// again (after a yield) rather than [`wait`](Transport::wait), which
@@ -90,3 +102,6 @@ pub trait Transport: Send {
 pub mod dpdk;
 pub mod kernel;
 pub mod user;
+pub mod wake;
+
+pub use wake::Wake;

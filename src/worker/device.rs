@@ -248,7 +248,7 @@ impl MultipathDevice {
         let depth = d.queue_depth;
         let mut subs = Vec::new();
         let mut comps = Vec::new();
-        for control in &d.controls {
+        for (i, control) in d.controls.iter().enumerate() {
             let (sub_p, sub_c) = ring::<Request>(depth);
             let (comp_p, comp_c) = ring::<Response>(depth);
             subs.push(sub_p);
@@ -263,6 +263,9 @@ impl MultipathDevice {
             while let Err(back) = control.push(msg) {
                 msg = back;
                 std::thread::yield_now();
+            }
+            if let Some(wake) = d.paths.get(i).and_then(|p| p.wake.as_ref()) {
+                wake.notify();
             }
         }
         IoQueue {
@@ -323,6 +326,11 @@ impl MultipathDevice {
         self.shared.closed.store(true, Ordering::Release);
         for w in &self.workers {
             w.stop.store(true, Ordering::Release);
+        }
+        for p in &self.shared.paths {
+            if let Some(wake) = &p.wake {
+                wake.notify();
+            }
         }
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {
@@ -471,6 +479,9 @@ impl IoQueue {
         };
         match self.subs[i].push(req) {
             Ok(()) => {
+                if let Some(wake) = &d.paths[i].wake {
+                    wake.notify();
+                }
                 d.paths[i].add_outstanding(bytes);
                 let s = &mut self.slots[slot as usize];
                 s.path = Some(i);
