@@ -132,6 +132,11 @@ fn main() {
     let mut config = SessionConfig::new(LoginConfig::new("iqn.2026-12.example:ini", Some(IQN)));
     config.idle = IdlePolicy::BusyPoll;
     let mut session = Session::login(tcp, &config).expect("login");
+    // Takes the power-on UNIT ATTENTION before the measured reads.
+    let tur = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+    session
+        .execute(tur, Duration::from_secs(5))
+        .expect("TEST UNIT READY");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut target = helper.join().unwrap();
 
@@ -143,7 +148,7 @@ fn main() {
     while done < ios {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
-            let lba = (submitted * 7919 % 1_000_000) as u32 * u32::from(blocks);
+            let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
             let mut cmd = Command::new(0, &read10(lba, blocks), Direction::Read, buffer).unwrap();
             cmd.user_tag = submitted as u64;
             session.submit(cmd).expect("submit");
