@@ -74,3 +74,44 @@ fn open_discovered_finds_every_portal_and_does_io() {
         .unwrap_err();
     assert!(err.to_string().contains(&closed.to_string()), "{err}");
 }
+
+#[test]
+fn block_idle_mode_sleeps_and_is_woken_by_each_submission() {
+    // IdleMode::Block with no spin: between I/Os the path worker blocks on
+    // its socket and its eventfd; a submission must wake it (a lost
+    // wake-up would leave each I/O waiting for the 20 ms bound).
+    let target = Target::start(TargetConfig::ram(IQN, 16 << 20)).expect("embedded target");
+    let url = format!("iscsi://{}/{IQN}/0", target.portals()[0]);
+    let opts = Options {
+        idle: IdleMode::Block(Duration::ZERO),
+        login_timeout: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let dev = Device::open_urls(&[url.as_str()], &opts).expect("open");
+    let mut q = dev.queue_pair();
+    let start = std::time::Instant::now();
+    let rounds = 200u32;
+    for i in 0..rounds {
+        // Idle long enough for the worker to block before each I/O.
+        std::thread::sleep(Duration::from_millis(2));
+        let data: Vec<u8> = (0..4096u32).map(|b| (b * 7 + i) as u8).collect();
+        q.write_at(u64::from(i % 64) * 8, &data).expect("write");
+        let mut back = vec![0u8; 4096];
+        q.read_at(u64::from(i % 64) * 8, &mut back).expect("read");
+        assert_eq!(back, data, "round {i}");
+    }
+    let elapsed = start.elapsed();
+    let wakeups = dev.paths()[0].wakeups;
+    drop(q);
+    dev.close();
+    assert!(
+        wakeups >= u64::from(rounds / 2),
+        "the worker was woken {wakeups} times for {rounds} idle gaps"
+    );
+    // 400 I/Os held by lost wake-ups would take 8 s; a working wake-up
+    // leaves each at loopback latency.
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "{elapsed:?} for {rounds} rounds"
+    );
+}

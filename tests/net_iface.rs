@@ -325,3 +325,123 @@ fn bulk_transfer_with_offload_combinations() {
         }
     }
 }
+
+/// A device that hands `tx_frame`'s fill a buffer full of `poison` (as a
+/// reused DPDK mbuf holds an old frame) and logs every frame it sends.
+struct Poisoned {
+    inner: SimDevice,
+    poison: u8,
+    sent: Vec<Vec<u8>>,
+}
+
+impl Device for Poisoned {
+    fn caps(&self) -> iscsi_bypass::phy::DeviceCaps {
+        self.inner.caps()
+    }
+    fn rx_burst(
+        &mut self,
+        max: usize,
+        on_frame: &mut dyn FnMut(&[u8], iscsi_bypass::phy::RxMeta),
+    ) -> usize {
+        self.inner.rx_burst(max, on_frame)
+    }
+    fn tx_frame(
+        &mut self,
+        len: usize,
+        offload: TxOffload,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), iscsi_bypass::phy::PhyError> {
+        let (poison, sent) = (self.poison, &mut self.sent);
+        self.inner.tx_frame(len, offload, &mut |buf| {
+            buf.fill(poison);
+            fill(buf);
+            sent.push(buf.to_vec());
+        })
+    }
+    fn tx_flush(&mut self) -> usize {
+        self.inner.tx_flush()
+    }
+}
+
+/// Every frame the stack sends, for an ARP exchange, a handshake with all
+/// options, data both ways with software checksums, and the close.
+fn frames_sent_over_poisoned_buffers(poison: u8) -> Vec<Vec<u8>> {
+    let (a, b) = sim::link(SimConfig::default(), 9);
+    let mut a = Poisoned {
+        inner: a,
+        poison,
+        sent: Vec::new(),
+    };
+    let mut b = Poisoned {
+        inner: b,
+        poison,
+        sent: Vec::new(),
+    };
+    let mut ia = Interface::new(InterfaceConfig::new(US, 24), a.caps());
+    let mut ib = Interface::new(InterfaceConfig::new(PEER, 24), b.caps());
+    let ha = ia.add_socket(None);
+    let hb = ib.add_socket(None);
+    ib.listen(hb, 3260).unwrap();
+    ia.connect(Instant::ZERO, ha, SocketAddrV4::new(PEER, 3260))
+        .unwrap();
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    let (mut sent, mut got, mut echoed) = (0, Vec::new(), Vec::new());
+    let mut now = Instant::ZERO;
+    for _ in 0..20_000 {
+        a.inner.set_now(now);
+        ia.poll(now, &mut a);
+        ib.poll(now, &mut b);
+        if ia.socket(ha).state() == TcpState::Established && sent < data.len() {
+            sent += ia.socket_mut(ha).send_slice(&data[sent..]).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = ib.socket_mut(hb).recv_slice(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+            let _ = ib.socket_mut(hb).send_slice(&buf[..n]);
+        }
+        if let Ok(n) = ia.socket_mut(ha).recv_slice(&mut buf) {
+            echoed.extend_from_slice(&buf[..n]);
+        }
+        if echoed.len() == data.len() && ia.socket(ha).may_send() {
+            ia.socket_mut(ha).close();
+            ib.socket_mut(hb).close();
+        }
+        ia.poll(now, &mut a);
+        ib.poll(now, &mut b);
+        if ia.socket(ha).state() == TcpState::Closed || ia.socket(ha).state() == TcpState::TimeWait
+        {
+            break;
+        }
+        let next = [ia.poll_at(now), ib.poll_at(now), a.inner.next_arrival()]
+            .into_iter()
+            .flatten()
+            .min();
+        now = next.map_or(now, |t| t.max(now));
+    }
+    assert!(
+        echoed == data,
+        "echo incomplete: {} of {}",
+        echoed.len(),
+        data.len()
+    );
+    let mut all = a.sent;
+    all.extend(b.sent);
+    all
+}
+
+#[test]
+fn the_stack_writes_every_byte_of_its_tx_frames() {
+    // What lets a device skip zeroing its tx buffers: the same exchange over
+    // buffers pre-filled with 0x00 and with 0xff gives identical frames, so
+    // no byte of any frame is left as the buffer held it.
+    let zeroed = frames_sent_over_poisoned_buffers(0x00);
+    let poisoned = frames_sent_over_poisoned_buffers(0xff);
+    assert!(zeroed.len() > 40, "only {} frames", zeroed.len());
+    assert_eq!(zeroed.len(), poisoned.len());
+    for (i, (z, p)) in zeroed.iter().zip(&poisoned).enumerate() {
+        assert!(
+            z == p,
+            "frame {i} keeps bytes of the old buffer:\n{z:02x?}\n{p:02x?}"
+        );
+    }
+}

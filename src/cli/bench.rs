@@ -381,7 +381,8 @@ fn run_multipath(
     config.idle = if args.busy_poll {
         IdleMode::BusyPoll
     } else {
-        IdleMode::Sleep(Duration::from_micros(20))
+        // Spin briefly, then block on the socket and the wake-up eventfd.
+        IdleMode::Block(Duration::from_micros(10))
     };
     config.cores = args.cores.clone();
     let device = MultipathDevice::open(config).context("opening the multipath device")?;

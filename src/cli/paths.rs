@@ -351,6 +351,7 @@ mod tests {
             latency_p999: Duration::from_micros(900),
             latency_max: Duration::from_millis(2),
             events: Vec::new(),
+            wakeups: 0,
             nexus: Some(Nexus {
                 isid: [0x80, 0, 0x12, 0x34, 0x56, index as u8],
                 tsih: 7 + index as u16,

@@ -18,9 +18,9 @@
 
 use super::params::Params;
 use crate::wire::iscsi::{
-    encode_pdu, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu, IscsiWireError,
-    LogoutRequest, NopOut, PduFramer, PduHeader, ScsiCommand, Sn, TaskMgmtRequest, TextRequest,
-    BHS_LEN, RESERVED_TAG,
+    encode_pdu, pad_len, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu,
+    IscsiWireError, LogoutRequest, NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn,
+    TaskMgmtRequest, TextRequest, BHS_LEN, DIGEST_LEN, RESERVED_TAG,
 };
 use crate::wire::text::TextPairs;
 use std::collections::VecDeque;
@@ -238,6 +238,36 @@ pub struct ConnStats {
     pub r2ts: u64,
     pub nop_pings: u64,
     pub window_stalls: u64,
+    /// Data-In payload bytes that went straight into the command's buffer:
+    /// read there by the transport ([`Connection::rx_buffers`]) or copied
+    /// there once from the transport's own bytes ([`Connection::receive`]).
+    pub rx_bytes_placed: u64,
+    /// Data-In payload bytes that stopped in the staging buffer first (read
+    /// ahead with a header) and were copied again: the second copies.
+    pub rx_bytes_staged: u64,
+}
+
+/// Most bytes read ahead into the staging buffer past the PDU being
+/// received, while the stream carries no Data-In (so many small responses
+/// come in one read). Zero while Data-In flows, so that its payload is read
+/// straight into the command's buffer and never staged.
+const STAGING_READ_AHEAD: usize = 4096;
+
+/// A Data-In whose header has been checked and whose data segment is being
+/// placed straight into its command's buffer.
+#[derive(Debug)]
+struct Placing {
+    header: DataIn,
+    slot: u16,
+    /// Where this segment starts in the command's buffer, the next byte to
+    /// fill, and its end.
+    start: usize,
+    at: usize,
+    end: usize,
+    /// Padding and data digest after the segment (read via staging).
+    trailer_len: usize,
+    /// Running CRC32C of the data (and then the padding), when negotiated.
+    crc: Option<u32>,
 }
 
 pub struct Connection {
@@ -258,9 +288,13 @@ pub struct Connection {
     waiting: VecDeque<u16>,
     /// Tasks with Data-Out still to send.
     data_out_ready: VecDeque<u16>,
+    /// Staging for PDU headers and for data segments that are not Data-In.
     rx: Vec<u8>,
     rx_start: usize,
     rx_end: usize,
+    placing: Option<Placing>,
+    /// Whether the last PDU received was a Data-In (then no read-ahead).
+    data_in_flowing: bool,
     tx: Vec<u8>,
     tx_start: usize,
     events: VecDeque<Event>,
@@ -291,7 +325,6 @@ impl Connection {
     ) -> Connection {
         let params = outcome.params.clone();
         let digests = params.digests();
-        let rx_cap = params.max_recv_data_segment_len as usize * 2 + 4096;
         Connection {
             framer: PduFramer {
                 digests,
@@ -309,9 +342,11 @@ impl Connection {
             generation: 1,
             waiting: VecDeque::new(),
             data_out_ready: VecDeque::new(),
-            rx: vec![0; rx_cap.max(64 * 1024)],
+            rx: vec![0; 16 * 1024],
             rx_start: 0,
             rx_end: 0,
+            placing: None,
+            data_in_flowing: true,
             tx: Vec::with_capacity(256 * 1024),
             tx_start: 0,
             events: VecDeque::new(),
@@ -730,72 +765,237 @@ impl Connection {
         }
     }
 
-    /// Space to read transport bytes into (at least `min` bytes).
-    pub fn rx_space(&mut self, min: usize) -> &mut [u8] {
+    /// Where the next bytes from the transport go, in stream order: fill
+    /// the first slice, then the second (often empty). While a Data-In's
+    /// data segment is due, the first is the command's own buffer (the
+    /// transport reads the payload straight there: one copy) and the second
+    /// takes the segment's padding/digest and the next PDU's header, so one
+    /// `readv` gets both. Otherwise the first is staging for the PDU being
+    /// received. Then call [`commit_rx`](Self::commit_rx) with the count.
+    pub fn rx_buffers(&mut self) -> (&mut [u8], &mut [u8]) {
+        self.buffers(true)
+    }
+
+    /// The first slice of [`rx_buffers`](Self::rx_buffers), at most `max`
+    /// bytes (for transports that read into one buffer at a time).
+    pub fn rx_space(&mut self, max: usize) -> &mut [u8] {
+        let (first, _) = self.buffers(true);
+        let n = first.len().min(max.max(1));
+        &mut first[..n]
+    }
+
+    /// Staging bytes the PDU being received still needs (not counting any
+    /// read-ahead).
+    fn staging_need(&self) -> usize {
+        let have = &self.rx[self.rx_start..self.rx_end];
+        if let Some(p) = &self.placing {
+            // The segment's data goes to the buffer; then the trailer.
+            return if p.at < p.end {
+                0
+            } else {
+                p.trailer_len.saturating_sub(have.len())
+            };
+        }
+        let Ok(bhs) = Bhs::new_checked(have) else {
+            return BHS_LEN - have.len();
+        };
+        if bhs.data_segment_len() > self.framer.max_data_segment_len {
+            // commit_rx fails the connection on this header.
+            return 1;
+        }
+        let header_len =
+            BHS_LEN + bhs.total_ahs_len() + if self.digests.header { DIGEST_LEN } else { 0 };
+        let whole = if bhs.opcode_raw() == Opcode::DataIn as u8 {
+            header_len
+        } else {
+            self.framer.pdu_len(&bhs)
+        };
+        whole.saturating_sub(have.len()).max(1)
+    }
+
+    /// Makes `want` bytes of room after the staged bytes.
+    fn reserve_staging(&mut self, want: usize) {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
         }
-        if self.rx.len() - self.rx_end < min {
-            // Compact, then grow only if a single PDU needs it (bounded by
-            // MaxRecvDataSegmentLength through the framer).
+        if self.rx.len() - self.rx_end < want {
             self.rx.copy_within(self.rx_start..self.rx_end, 0);
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
-            if self.rx.len() - self.rx_end < min {
-                self.rx.resize(self.rx_end + min, 0);
+            if self.rx.len() - self.rx_end < want {
+                // Bounded: a PDU's length is checked against
+                // MaxRecvDataSegmentLength before room is made for it.
+                self.rx.resize(self.rx_end + want, 0);
             }
         }
-        &mut self.rx[self.rx_end..]
     }
 
-    /// Processes `n` bytes that were written into [`rx_space`](Self::rx_space).
+    fn buffers(&mut self, read_ahead: bool) -> (&mut [u8], &mut [u8]) {
+        let header_len = BHS_LEN + if self.digests.header { DIGEST_LEN } else { 0 };
+        if let Some(p) = &self.placing {
+            if p.at < p.end && self.rx_start == self.rx_end {
+                let (slot, at, end) = (p.slot, p.at, p.end);
+                let after = if read_ahead {
+                    p.trailer_len + header_len
+                } else {
+                    0
+                };
+                self.reserve_staging(after);
+                let Connection {
+                    slots, rx, rx_end, ..
+                } = self;
+                let second = &mut rx[*rx_end..*rx_end + after];
+                return match task_buffer(slots, slot) {
+                    Some(buf) => (&mut buf[at..end], second),
+                    None => (second, &mut []),
+                };
+            }
+        }
+        let need = self.staging_need();
+        let extra = if read_ahead && !self.data_in_flowing {
+            STAGING_READ_AHEAD
+        } else {
+            0
+        };
+        self.reserve_staging(need + extra);
+        let end = self.rx_end;
+        (&mut self.rx[end..end + need + extra], &mut [])
+    }
+
+    /// Takes `n` bytes the transport wrote into [`rx_buffers`](Self::rx_buffers)
+    /// (or [`rx_space`](Self::rx_space)) and processes every PDU they complete.
     pub fn commit_rx(&mut self, n: usize, now: Instant) -> Result<(), ConnError> {
         if let Some(e) = &self.failed {
             return Err(ConnError::Failed(e.to_string()));
         }
-        self.rx_end = (self.rx_end + n).min(self.rx.len());
         if n > 0 {
             self.last_rx = now;
         }
-        loop {
-            let framed = match self.framer.frame(&self.rx[self.rx_start..self.rx_end]) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(self.fail(e.into())),
-            };
-            let start = self.rx_start;
-            self.rx_start += framed.total_len;
-            self.stats.pdus_in += 1;
-            if let Err(e) = self.handle_pdu(&framed, start, now) {
-                return Err(self.fail(e));
+        let mut left = n;
+        if let Some(p) = &mut self.placing {
+            if p.at < p.end && self.rx_start == self.rx_end {
+                // The first buffer was the command's: account for what landed.
+                let took = left.min(p.end - p.at);
+                if let (Some(crc), Some(buf)) =
+                    (p.crc.as_mut(), task_buffer(&mut self.slots, p.slot))
+                {
+                    *crc = crc32c::crc32c_append(*crc, &buf[p.at..p.at + took]);
+                }
+                p.at += took;
+                self.stats.rx_bytes_placed += took as u64;
+                left -= took;
             }
         }
-        // Make sure a whole PDU of the largest size fits.
-        let buffered = self.rx_end - self.rx_start;
-        if buffered >= BHS_LEN {
-            if let Ok(b) = Bhs::new_checked(&self.rx[self.rx_start..self.rx_end]) {
-                let need = self.framer.pdu_len(&b);
-                if self.rx.len() - self.rx_start < need {
-                    let _ = self.rx_space(need - buffered);
-                }
-            }
+        self.rx_end = (self.rx_end + left).min(self.rx.len());
+        if let Err(e) = self.process_staged(now) {
+            return Err(self.fail(e));
         }
         self.flush_waiting();
         self.send_data_out();
         Ok(())
     }
 
-    /// Feeds received bytes by copying (for callers without their own buffer).
+    /// Feeds bytes the transport holds (a frame's payload, its receive
+    /// ring): Data-In payload is copied once, straight into the command's
+    /// buffer; headers and other segments go through staging.
     pub fn receive(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), ConnError> {
         while !bytes.is_empty() {
-            let space = self.rx_space(bytes.len().min(64 * 1024));
-            let n = space.len().min(bytes.len());
-            space[..n].copy_from_slice(&bytes[..n]);
+            let (first, _) = self.buffers(false);
+            let n = first.len().min(bytes.len());
+            first[..n].copy_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             self.commit_rx(n, now)?;
         }
         Ok(())
+    }
+
+    /// Processes what staging holds: PDU headers, whole non-Data-In PDUs,
+    /// read-ahead Data-In payload and data trailers.
+    fn process_staged(&mut self, now: Instant) -> Result<(), ConnError> {
+        loop {
+            if let Some(p) = &mut self.placing {
+                let staged = self.rx_end - self.rx_start;
+                if p.at < p.end {
+                    if staged == 0 {
+                        return Ok(());
+                    }
+                    // Payload that was read ahead with a header: a second copy.
+                    let n = staged.min(p.end - p.at);
+                    let from = &self.rx[self.rx_start..self.rx_start + n];
+                    if let Some(buf) = task_buffer(&mut self.slots, p.slot) {
+                        buf[p.at..p.at + n].copy_from_slice(from);
+                    }
+                    if let Some(crc) = p.crc.as_mut() {
+                        *crc = crc32c::crc32c_append(*crc, from);
+                    }
+                    p.at += n;
+                    self.rx_start += n;
+                    self.stats.rx_bytes_staged += n as u64;
+                    continue;
+                }
+                if staged < p.trailer_len {
+                    return Ok(());
+                }
+                let trailer = &self.rx[self.rx_start..self.rx_start + p.trailer_len];
+                let pad = pad_len(p.end - p.start);
+                if let Some(crc) = p.crc {
+                    let crc = crc32c::crc32c_append(crc, &trailer[..pad]);
+                    let d = &trailer[pad..pad + DIGEST_LEN];
+                    let received = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+                    if received != crc {
+                        return Err(IscsiWireError::DataDigest {
+                            received,
+                            computed: crc,
+                        }
+                        .into());
+                    }
+                }
+                self.rx_start += p.trailer_len;
+                let Some(p) = self.placing.take() else {
+                    return Ok(());
+                };
+                self.finish_data_in(&p.header, p.slot, p.start, p.end - p.start)?;
+                continue;
+            }
+            let staged = &self.rx[self.rx_start..self.rx_end];
+            if staged.len() < BHS_LEN {
+                return Ok(());
+            }
+            let is_data_in = Bhs::new_checked(staged)
+                .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
+            if is_data_in {
+                let Some((PduHeader::DataIn(d), header_len, dsl)) =
+                    self.framer.frame_header(staged)?
+                else {
+                    return Ok(());
+                };
+                self.rx_start += header_len;
+                self.stats.pdus_in += 1;
+                self.data_in_flowing = true;
+                self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
+                let (slot, start) = self.check_data_in(&d, dsl)?;
+                self.placing = Some(Placing {
+                    trailer_len: self.framer.trailer_len(dsl),
+                    crc: self.digests.data.then_some(0),
+                    header: d,
+                    slot,
+                    start,
+                    at: start,
+                    end: start + dsl,
+                });
+                continue;
+            }
+            let framed = match self.framer.frame(staged)? {
+                Some(f) => f,
+                None => return Ok(()),
+            };
+            let start = self.rx_start;
+            self.rx_start += framed.total_len;
+            self.stats.pdus_in += 1;
+            self.data_in_flowing = matches!(framed.header, PduHeader::DataIn(_));
+            self.handle_pdu(&framed, start, now)?;
+        }
     }
 
     fn fail(&mut self, e: ConnError) -> ConnError {
@@ -1052,14 +1252,29 @@ impl Connection {
         }
     }
 
+    /// A Data-In whose data sits in staging (an empty segment, in practice).
     fn on_data_in(&mut self, d: &DataIn, data: std::ops::Range<usize>) -> Result<(), ConnError> {
+        let len = data.len();
+        let (slot, off) = self.check_data_in(d, len)?;
+        if len > 0 {
+            if let Some(buf) = task_buffer(&mut self.slots, slot) {
+                buf[off..off + len].copy_from_slice(&self.rx[data]);
+            }
+            self.stats.rx_bytes_staged += len as u64;
+        }
+        self.finish_data_in(d, slot, off, len)
+    }
+
+    /// Checks a Data-In header against its task before any of its `len`
+    /// data bytes are taken; returns the task's slot and where in the
+    /// command's buffer the data goes.
+    fn check_data_in(&mut self, d: &DataIn, len: usize) -> Result<(u16, usize), ConnError> {
         if d.status_present {
             self.check_stat_sn(d.stat_sn)?;
         }
-        let len = data.len();
         let itt = d.itt;
-        // Borrow only the slot table, so the receive buffer stays readable.
-        let task = match self.slots.get_mut((itt & 0xffff) as usize) {
+        let slot = (itt & 0xffff) as u16;
+        let task = match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => t,
             _ => {
                 return Err(ConnError::Protocol(format!(
@@ -1081,6 +1296,7 @@ impl Connection {
                 "Data-In for non-SCSI task {itt:#x}"
             )));
         };
+        let off = d.buffer_offset as usize;
         if len > 0 {
             if cmd.direction != Direction::Read {
                 return Err(ConnError::Protocol(format!(
@@ -1093,7 +1309,6 @@ impl Connection {
                     d.data_sn, next_data_sn
                 )));
             }
-            let off = d.buffer_offset as usize;
             let end = off.saturating_add(len);
             if end > cmd.buffer.len() {
                 return Err(ConnError::Protocol(format!(
@@ -1107,9 +1322,33 @@ impl Connection {
                     "Data-In at offset {off}, expected {data_done} (DataPDUInOrder)"
                 )));
             }
-            cmd.buffer[off..end].copy_from_slice(&self.rx[data]);
-            *data_done = end;
-            *next_data_sn = next_data_sn.next();
+        }
+        Ok((slot, off))
+    }
+
+    /// A Data-In's `len` bytes are in the command's buffer at `off`:
+    /// accounts for them and completes the command if it carries status.
+    fn finish_data_in(
+        &mut self,
+        d: &DataIn,
+        slot: u16,
+        off: usize,
+        len: usize,
+    ) -> Result<(), ConnError> {
+        if len > 0 {
+            if let Some(Some(Task {
+                kind:
+                    TaskKind::Scsi {
+                        data_done,
+                        next_data_sn,
+                        ..
+                    },
+                ..
+            })) = self.slots.get_mut(slot as usize)
+            {
+                *data_done = off + len;
+                *next_data_sn = next_data_sn.next();
+            }
             self.stats.bytes_read += len as u64;
         }
         if d.status_present {
@@ -1119,7 +1358,7 @@ impl Connection {
                 ));
             }
             let residual = signed_residual(d.underflow, d.overflow, d.residual);
-            return self.complete_scsi(itt, 0, d.status, Vec::new(), Some(residual));
+            return self.complete_scsi(d.itt, 0, d.status, Vec::new(), Some(residual));
         }
         Ok(())
     }
@@ -1322,6 +1561,17 @@ impl Connection {
         self.waiting.clear();
         self.data_out_ready.clear();
         out
+    }
+}
+
+/// The buffer of the SCSI command in `slot`, if there is one.
+fn task_buffer(slots: &mut [Option<Task>], slot: u16) -> Option<&mut Vec<u8>> {
+    match slots.get_mut(slot as usize) {
+        Some(Some(Task {
+            kind: TaskKind::Scsi { cmd, .. },
+            ..
+        })) => Some(&mut cmd.buffer),
+        _ => None,
     }
 }
 

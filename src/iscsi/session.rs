@@ -7,7 +7,7 @@ use super::connection::{
     Command, Completion, ConnError, ConnTimers, Connection, Event, SubmitError,
 };
 use super::login::{Login, LoginConfig, LoginError, LoginOutcome, LoginProgress};
-use crate::transport::{Transport, TransportError};
+use crate::transport::{RxSink, Transport, TransportError};
 use crate::wire::iscsi::{Digests, IscsiWireError, PduFramer, PduHeader, Sn};
 use crate::wire::text::TextPairs;
 use std::time::{Duration, Instant};
@@ -96,6 +96,45 @@ fn send_all<T: Transport>(
         }
     }
     Ok(())
+}
+
+/// The connection as the reader of its transport's bytes.
+struct ConnSink<'a> {
+    conn: &'a mut Connection,
+    now: Instant,
+    error: Option<ConnError>,
+}
+
+impl RxSink for ConnSink<'_> {
+    fn rx_buffers(&mut self) -> (&mut [u8], &mut [u8]) {
+        self.conn.rx_buffers()
+    }
+
+    fn rx_commit(&mut self, n: usize) -> bool {
+        if self.error.is_some() {
+            return false;
+        }
+        match self.conn.commit_rx(n, self.now) {
+            Ok(()) => true,
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    fn rx_push(&mut self, bytes: &[u8]) -> usize {
+        if self.error.is_some() {
+            return 0;
+        }
+        match self.conn.receive(bytes, self.now) {
+            Ok(()) => bytes.len(),
+            Err(e) => {
+                self.error = Some(e);
+                0
+            }
+        }
+    }
 }
 
 impl<T: Transport> Session<T> {
@@ -200,7 +239,6 @@ impl<T: Transport> Session<T> {
         }
         let now = Instant::now();
         let mut progressed = false;
-        self.transport.poll()?;
         loop {
             let pending = self.conn.pending_tx();
             if pending.is_empty() {
@@ -213,13 +251,19 @@ impl<T: Transport> Session<T> {
             self.conn.consume_tx(n);
             progressed = true;
         }
-        loop {
-            let space = self.conn.rx_space(64 * 1024);
-            let n = self.transport.recv(space)?;
-            if n == 0 {
-                break;
-            }
-            self.conn.commit_rx(n, now)?;
+        // The transport's own work and the receive, in one: it puts each
+        // byte where the connection wants it (Data-In payload straight into
+        // the command's buffer).
+        let mut sink = ConnSink {
+            conn: &mut self.conn,
+            now,
+            error: None,
+        };
+        let received = self.transport.recv_into(&mut sink);
+        if let Some(e) = sink.error {
+            return Err(e.into());
+        }
+        if received? > 0 {
             progressed = true;
         }
         if !self.conn.pending_tx().is_empty() {
@@ -269,9 +313,32 @@ impl<T: Transport> Session<T> {
         self.idle_wait(max)
     }
 
+    /// Blocks until the transport has something, `wake` is notified or
+    /// `max` passes (less while bytes wait to go out, or a timer is due).
+    pub fn wait_or_wake(
+        &mut self,
+        wake: &crate::transport::Wake,
+        max: Duration,
+    ) -> Result<(), SessionError> {
+        let mut d = if self.conn.pending_tx().is_empty() {
+            max
+        } else {
+            Duration::from_micros(100)
+        };
+        if let Some(t) = self.conn.poll_timeout() {
+            d = d.min(t.saturating_duration_since(Instant::now()));
+        }
+        self.transport.wait_or_wake(wake, d)?;
+        Ok(())
+    }
+
     fn idle_wait(&mut self, left: Duration) -> Result<(), SessionError> {
         match self.idle {
             IdlePolicy::BusyPoll => Ok(()),
+            IdlePolicy::Wait(_) if self.transport.is_busy_polled() => {
+                std::thread::yield_now();
+                Ok(())
+            }
             IdlePolicy::Wait(d) => {
                 // Don't block while we still have bytes to push out.
                 let d = if self.conn.pending_tx().is_empty() {

@@ -30,8 +30,24 @@ impl Transport for BoxedTransport {
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         self.0.recv(buf)
     }
+    fn recv_into(
+        &mut self,
+        sink: &mut dyn crate::transport::RxSink,
+    ) -> Result<usize, TransportError> {
+        self.0.recv_into(sink)
+    }
     fn poll(&mut self) -> Result<(), TransportError> {
         self.0.poll()
+    }
+    fn is_busy_polled(&self) -> bool {
+        self.0.is_busy_polled()
+    }
+    fn wait_or_wake(
+        &mut self,
+        wake: &crate::transport::Wake,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        self.0.wait_or_wake(wake, timeout)
     }
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         self.0.wait(timeout)
@@ -305,6 +321,10 @@ pub enum IdleMode {
     Yield,
     /// Sleep this long after a short spin (shared machines, CI).
     Sleep(Duration),
+    /// Spin this long, then block on the socket and on the path's wake-up
+    /// eventfd, which a submission signals (kernel TCP; a busy-polled
+    /// transport keeps spinning, yielding).
+    Block(Duration),
 }
 
 /// Everything `MultipathDevice::open` needs.

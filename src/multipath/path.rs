@@ -115,6 +115,9 @@ pub struct PathShared {
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
     /// Sessions logged in so far (see [`PathShared::begin_session`]).
     sessions: AtomicU64,
+    /// Wakes the worker blocked in `IdleMode::Block` when work is queued
+    /// (None if no eventfd could be made: the worker then only naps).
+    pub wake: Option<crate::transport::Wake>,
 }
 
 /// A new latency histogram: 1 µs .. 100 s, 3 significant digits.
@@ -145,6 +148,7 @@ impl PathShared {
             nexus: Mutex::new(None),
             histogram: Mutex::new(new_histogram()),
             sessions: AtomicU64::new(0),
+            wake: crate::transport::Wake::new().ok(),
         }
     }
 
@@ -369,6 +373,7 @@ impl PathShared {
             bytes: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             resubmitted: c.resubmitted.load(Ordering::Relaxed),
+            wakeups: self.wake.as_ref().map_or(0, |w| w.notified()),
             logins: c.logins.load(Ordering::Relaxed),
             outstanding: l.outstanding,
             outstanding_bytes: l.outstanding_bytes,
@@ -434,6 +439,9 @@ pub struct PathStats {
     pub resubmitted: u64,
     /// Successful logins (1 + reconnects).
     pub logins: u64,
+    /// Times a submission woke this path's worker from a block
+    /// (`IdleMode::Block`): each one an eventfd write.
+    pub wakeups: u64,
     /// Commands handed to this path and not yet completed.
     pub outstanding: u64,
     /// Data bytes of those commands.

@@ -506,8 +506,23 @@ impl Interface {
     /// Receives a burst, runs timers and sends what is due. Returns whether
     /// any frame came in or went out.
     pub fn poll(&mut self, now: Instant, device: &mut dyn Device) -> bool {
+        self.poll_with(now, device, &mut |_, _| 0)
+    }
+
+    /// [`poll`](Self::poll), offering each socket's in-order payload to
+    /// `direct` straight from the received frame (see
+    /// [`TcpSocket::process_with`]): `direct(handle, bytes)` returns how
+    /// many bytes it took; the rest is queued in the socket's receive ring.
+    pub fn poll_with(
+        &mut self,
+        now: Instant,
+        device: &mut dyn Device,
+        direct: &mut dyn FnMut(SocketHandle, &[u8]) -> usize,
+    ) -> bool {
         let tx_before = self.counters.tx_frames;
-        let received = device.rx_burst(32, &mut |frame, meta| self.process_frame(now, frame, meta));
+        let received = device.rx_burst(32, &mut |frame, meta| {
+            self.process_frame(now, frame, meta, direct)
+        });
         self.flush_replies(device);
 
         let Interface {
@@ -583,7 +598,13 @@ impl Interface {
         self.replies.len = 0;
     }
 
-    fn process_frame(&mut self, now: Instant, frame: &[u8], meta: RxMeta) {
+    fn process_frame(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        meta: RxMeta,
+        direct: &mut dyn FnMut(SocketHandle, &[u8]) -> usize,
+    ) {
         self.counters.rx_frames += 1;
         let Ok(eth) = Frame::new_checked(frame) else {
             self.counters.rx_malformed += 1;
@@ -599,7 +620,9 @@ impl Interface {
         }
         match eth_repr.ethertype {
             EtherType::Arp => self.process_arp(now, eth.payload()),
-            EtherType::Ipv4 => self.process_ipv4(now, eth_repr.src_addr, eth.payload(), meta),
+            EtherType::Ipv4 => {
+                self.process_ipv4(now, eth_repr.src_addr, eth.payload(), meta, direct)
+            }
             EtherType::Unknown(_) => self.counters.rx_unknown_ethertype += 1,
         }
     }
@@ -662,6 +685,7 @@ impl Interface {
         src_mac: EthernetAddress,
         payload: &[u8],
         meta: RxMeta,
+        direct: &mut dyn FnMut(SocketHandle, &[u8]) -> usize,
     ) {
         let Ok(packet) = ipv4::Packet::new_checked(payload) else {
             self.counters.rx_malformed += 1;
@@ -693,7 +717,7 @@ impl Interface {
         }
         let data = packet.payload();
         match ip_repr.protocol {
-            protocol::TCP => self.process_tcp(now, src_mac, &ip_repr, data, meta),
+            protocol::TCP => self.process_tcp(now, src_mac, &ip_repr, data, meta, direct),
             protocol::ICMP => self.process_icmp(src_mac, &ip_repr, data),
             _ => self.counters.rx_unknown_protocol += 1,
         }
@@ -753,6 +777,7 @@ impl Interface {
         ip_repr: &Ipv4Repr,
         data: &[u8],
         meta: RxMeta,
+        direct: &mut dyn FnMut(SocketHandle, &[u8]) -> usize,
     ) {
         let Ok(packet) = tcp_wire::Packet::new_checked(data) else {
             self.counters.rx_malformed += 1;
@@ -783,7 +808,9 @@ impl Interface {
             .position(|s| s.state() != super::tcp::State::Listen && s.accepts(src, dst))
             .or_else(|| self.sockets.iter().position(|s| s.accepts(src, dst)));
         let outcome = match index {
-            Some(i) => self.sockets[i].process(now, src, dst, &seg),
+            Some(i) => self.sockets[i].process_with(now, src, dst, &seg, &mut |bytes| {
+                direct(SocketHandle(i), bytes)
+            }),
             None => {
                 self.counters.rx_tcp_no_socket += 1;
                 ProcessOutcome::SendReset

@@ -130,6 +130,9 @@ pub struct TcpCounters {
     pub zero_window_probes: u64,
     pub keepalive_probes: u64,
     pub sack_blocks_in: u64,
+    /// In-order payload bytes the reader took straight from the frame
+    /// (never copied into the receive ring); included in `bytes_in`.
+    pub bytes_direct: u64,
 }
 
 /// What the interface should do after a segment was processed.
@@ -494,14 +497,44 @@ impl TcpSocket {
             return Ok(0);
         }
         let count = self.rx.dequeue_slice(buf);
-        // Window update when the advertised window grew noticeably.
+        self.after_read();
+        Ok(count)
+    }
+
+    /// Lends the received bytes to `read` in place (smoltcp's `recv(|buf|
+    /// ..)` shape), one contiguous piece of the ring at a time; `read`
+    /// returns how many it consumed, and a short count stops the loop.
+    /// Returns the total consumed. Errors as in [`recv_slice`](Self::recv_slice).
+    pub fn recv_with(&mut self, read: &mut dyn FnMut(&[u8]) -> usize) -> Result<usize, TcpError> {
+        if self.rx.is_empty() {
+            return self.recv_slice(&mut []);
+        }
+        let mut total = 0;
+        loop {
+            let piece = self.rx.get_allocated(0, usize::MAX);
+            if piece.is_empty() {
+                break;
+            }
+            let len = piece.len();
+            let n = read(piece).min(len);
+            self.rx.dequeue_allocated(n);
+            total += n;
+            if n < len {
+                break;
+            }
+        }
+        self.after_read();
+        Ok(total)
+    }
+
+    /// Window update when the advertised window grew noticeably.
+    fn after_read(&mut self) {
         let right = self.rcv_nxt + self.advertised_window_bytes();
         let growth = right.since(self.rcv_adv_right);
         let threshold = (self.rx.capacity() / 2).min(2 * self.effective_mss());
         if growth >= threshold && growth > 0 && self.state != State::Closed {
             self.ack_now = true;
         }
-        Ok(count)
     }
 
     /// Graceful close: a FIN follows the queued data.
@@ -630,12 +663,28 @@ impl TcpSocket {
         dst: SocketAddrV4,
         seg: &TcpRepr,
     ) -> ProcessOutcome {
+        self.process_with(now, src, dst, seg, &mut |_| 0)
+    }
+
+    /// [`process`](Self::process), offering in-order payload to `direct`
+    /// before it is copied into the receive ring: when the ring is empty and
+    /// no hole is pending, `direct` sees the segment's new bytes straight
+    /// from the frame and returns how many it took (the rest goes to the
+    /// ring as usual). This is the one-copy receive path.
+    pub fn process_with(
+        &mut self,
+        now: Instant,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seg: &TcpRepr,
+        direct: &mut dyn FnMut(&[u8]) -> usize,
+    ) -> ProcessOutcome {
         self.counters.segments_in += 1;
         match self.state {
             State::Closed => ProcessOutcome::SendReset,
             State::Listen => self.process_listen(now, src, dst, seg),
             State::SynSent => self.process_syn_sent(now, seg),
-            _ => self.process_synchronized(now, seg),
+            _ => self.process_synchronized(now, seg, direct),
         }
     }
 
@@ -734,7 +783,12 @@ impl TcpSocket {
         }
     }
 
-    fn process_synchronized(&mut self, now: Instant, seg: &TcpRepr) -> ProcessOutcome {
+    fn process_synchronized(
+        &mut self,
+        now: Instant,
+        seg: &TcpRepr,
+        direct: &mut dyn FnMut(&[u8]) -> usize,
+    ) -> ProcessOutcome {
         let mut payload = seg.payload;
         let mut fin = seg.flags.fin;
         let seq = seg.seq_number;
@@ -861,7 +915,7 @@ impl TcpSocket {
         );
         if !payload.is_empty() {
             if accepts_data {
-                self.receive_data(now, seq, payload);
+                self.receive_data(now, seq, payload, direct);
             } else {
                 self.ack_now = true;
             }
@@ -1018,8 +1072,14 @@ impl TcpSocket {
         }
     }
 
-    fn receive_data(&mut self, now: Instant, seq: SeqNumber, payload: &[u8]) {
-        let (offset, data) = if seq < self.rcv_nxt {
+    fn receive_data(
+        &mut self,
+        now: Instant,
+        seq: SeqNumber,
+        payload: &[u8],
+        direct: &mut dyn FnMut(&[u8]) -> usize,
+    ) {
+        let (offset, mut data) = if seq < self.rcv_nxt {
             let skip = self.rcv_nxt.since(seq);
             (0, payload.get(skip..).unwrap_or(&[]))
         } else {
@@ -1031,6 +1091,20 @@ impl TcpSocket {
         }
         // Filling a hole is acknowledged at once (RFC 5681 §4.2).
         let had_holes = !self.assembler.is_empty();
+        if offset == 0 && !had_holes && self.rx.is_empty() {
+            // In order with nothing queued before it: the reader takes the
+            // bytes from the frame itself, with no stop in the ring. The
+            // ring stays empty, so the window stays what it was.
+            let delivered = direct(data).min(data.len());
+            self.counters.bytes_direct += delivered as u64;
+            self.rcv_nxt += delivered;
+            self.counters.bytes_in += delivered as u64;
+            data = &data[delivered..];
+            if data.is_empty() {
+                self.count_in_order_segment(now);
+                return;
+            }
+        }
         let written = self.rx.write_unallocated(offset, data);
         if self.assembler.add(offset, written).is_err() {
             self.counters.out_of_order_dropped += 1;
@@ -1050,15 +1124,21 @@ impl TcpSocket {
         } else if had_holes || !self.assembler.is_empty() {
             self.ack_now = true;
         } else {
-            self.unacked_segments += 1;
-            match self.config.delayed_ack {
-                Some(delay) if self.unacked_segments < 2 => {
-                    if self.timer_delack.is_none() {
-                        self.timer_delack = Some(now + delay);
-                    }
+            self.count_in_order_segment(now);
+        }
+    }
+
+    /// Delayed ACK (RFC 1122 §4.2.3.2): every second full segment at once,
+    /// else within the delay. ACKs are sent at dispatch, once per rx burst.
+    fn count_in_order_segment(&mut self, now: Instant) {
+        self.unacked_segments += 1;
+        match self.config.delayed_ack {
+            Some(delay) if self.unacked_segments < 2 => {
+                if self.timer_delack.is_none() {
+                    self.timer_delack = Some(now + delay);
                 }
-                _ => self.ack_now = true,
             }
+            _ => self.ack_now = true,
         }
     }
 

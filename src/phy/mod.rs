@@ -65,7 +65,10 @@ pub trait Device {
     /// Receives up to `max` frames; each is lent to `on_frame` and is only
     /// valid during that call. Returns the number of frames received.
     fn rx_burst(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8], RxMeta)) -> usize;
-    /// Queues one frame of `len` bytes, written in place by `fill`.
+    /// Queues one frame of `len` bytes, written in place by `fill`, which
+    /// must write every one of them: the buffer may still hold an older
+    /// frame (devices do not zero it; that would be a pass over every byte
+    /// sent).
     fn tx_frame(
         &mut self,
         len: usize,

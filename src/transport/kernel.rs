@@ -2,10 +2,10 @@
 //! a chosen local address first (ESXi-style port binding: the path leaves
 //! through the interface that owns that address).
 
-use super::{Transport, TransportError};
+use super::{RxSink, Transport, TransportError, Wake};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -112,6 +112,38 @@ impl Transport for KernelTcp {
         }
     }
 
+    /// `readv` straight into the reader's buffers (for iSCSI: a Data-In's
+    /// payload into the command's buffer, plus the next PDU's header), so
+    /// the kernel's copy is the only one. A short read means the socket is
+    /// drained, which saves the `EAGAIN` call.
+    fn recv_into(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+        let mut total = 0;
+        loop {
+            let (first, second) = sink.rx_buffers();
+            let offered = first.len() + second.len();
+            if offered == 0 {
+                break;
+            }
+            let mut bufs = [IoSliceMut::new(first), IoSliceMut::new(second)];
+            let n = match self.stream.read_vectored(&mut bufs) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    break
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            total += n;
+            if !sink.rx_commit(n) || n < offered {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
     fn poll(&mut self) -> Result<(), TransportError> {
         Ok(())
     }
@@ -122,6 +154,22 @@ impl Transport for KernelTcp {
         }
         // poll(2) for readability: one syscall, no mode switches.
         let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+        let ms = timeout.as_millis().clamp(1, u16::MAX as u128) as u16;
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(TransportError::Io(e.into())),
+        }
+    }
+
+    /// One poll(2) on the socket and the wake-up eventfd.
+    fn wait_or_wake(&mut self, wake: &Wake, timeout: Duration) -> Result<(), TransportError> {
+        if timeout.is_zero() {
+            return Ok(());
+        }
+        let mut fds = [
+            PollFd::new(self.stream.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.fd(), PollFlags::POLLIN),
+        ];
         let ms = timeout.as_millis().clamp(1, u16::MAX as u128) as u16;
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),

@@ -22,8 +22,46 @@ pub enum TransportError {
     Io(#[from] io::Error),
 }
 
+/// The reader of a byte stream that knows where each byte belongs (the
+/// iSCSI connection: PDU headers into its staging, Data-In payload into the
+/// command's own buffer), so a transport can put received bytes there with
+/// one copy: a socket reads into [`RxSink::rx_buffers`]; the userspace
+/// stack pushes bytes straight from the frame with [`RxSink::rx_push`].
+pub trait RxSink {
+    /// Where the next bytes go, in stream order: fill the first slice, then
+    /// the second (which may be empty).
+    fn rx_buffers(&mut self) -> (&mut [u8], &mut [u8]);
+    /// `n` bytes were written into the slices from `rx_buffers`. False: the
+    /// reader failed and wants no more.
+    fn rx_commit(&mut self, n: usize) -> bool;
+    /// Takes bytes the transport holds; returns how many it took (fewer
+    /// than offered, or 0, means it wants no more now).
+    fn rx_push(&mut self, bytes: &[u8]) -> usize;
+}
+
 /// A connected, non-blocking byte stream.
 pub trait Transport: Send {
+    /// Does the transport's own work (like [`poll`](Transport::poll)) and
+    /// hands what has arrived to `sink`, copying each byte once where the
+    /// transport can. Returns the bytes handed over (0: nothing yet). A
+    /// closed or reset stream is an error, also right after bytes were
+    /// handed over in the same call (the sink has taken those already).
+    fn recv_into(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+        self.poll()?;
+        let mut total = 0;
+        loop {
+            let (buf, _) = sink.rx_buffers();
+            let n = self.recv(buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            if !sink.rx_commit(n) {
+                break;
+            }
+        }
+        Ok(total)
+    }
     /// Writes as much of `buf` as fits now; `Ok(0)` means "full, try later".
     fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError>;
     /// Reads what has arrived; `Ok(0)` means "nothing yet".
@@ -35,6 +73,25 @@ pub trait Transport: Send {
     /// Waits up to `timeout` for something to read or for room to write.
     /// Busy-polling transports may return at once.
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError>;
+    /// Blocks until there is something to read, `wake` is notified (a
+    /// submitter queued work) or `timeout` passes. Transports without a
+    /// descriptor to block on return soon (busy-polled ones at once).
+    fn wait_or_wake(&mut self, wake: &Wake, timeout: Duration) -> Result<(), TransportError> {
+        let _ = wake;
+        if self.is_busy_polled() {
+            std::thread::yield_now();
+            Ok(())
+        } else {
+            self.wait(timeout.min(Duration::from_millis(1)))
+        }
+    }
+    /// Whether the transport moves only when polled (the userspace stack):
+    /// then an idle caller should call [`recv_into`](Transport::recv_into)
+    /// again (after a yield) rather than [`wait`](Transport::wait), which
+    /// would receive into the transport's own buffer first.
+    fn is_busy_polled(&self) -> bool {
+        false
+    }
     /// Closes the stream (FIN); further sends fail.
     fn close(&mut self);
     fn local_addr(&self) -> Option<SocketAddr>;
@@ -44,3 +101,6 @@ pub trait Transport: Send {
 pub mod dpdk;
 pub mod kernel;
 pub mod user;
+pub mod wake;
+
+pub use wake::Wake;

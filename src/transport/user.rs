@@ -2,7 +2,7 @@
 //! layer runs unchanged on kernel TCP or on this. Time comes from the real
 //! clock, converted to the stack's [`Instant`] (the stack never reads it).
 
-use super::{Transport, TransportError};
+use super::{RxSink, Transport, TransportError};
 use crate::net::{
     Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig,
     TcpError, TcpSocket, TcpState,
@@ -220,6 +220,20 @@ impl<D: Device> UserTcp<D> {
     fn socket_mut(&mut self) -> &mut TcpSocket {
         self.iface.socket_mut(self.handle)
     }
+
+    /// Lends the receive ring's bytes to `sink` in place. A peer's FIN or
+    /// reset is reported once nothing is left to read.
+    fn drain_ring(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+        let state = self.socket().state();
+        match self
+            .socket_mut()
+            .recv_with(&mut |bytes| sink.rx_push(bytes))
+        {
+            Ok(n) => Ok(n),
+            Err(TcpError::InvalidState) if state != TcpState::Closed => Ok(0),
+            Err(e) => Err(to_transport_error(e)),
+        }
+    }
 }
 
 impl<D: Device + Send> Transport for UserTcp<D> {
@@ -234,6 +248,34 @@ impl<D: Device + Send> Transport for UserTcp<D> {
             Ok(n) => Ok(n),
             Err(TcpError::InvalidState) if self.socket().state() != TcpState::Closed => Ok(0),
             Err(e) => Err(to_transport_error(e)),
+        }
+    }
+
+    /// One copy per byte: what waits in the receive ring (data that came
+    /// out of order, or that the reader refused before) is lent to the
+    /// reader in place; then a poll of the stack hands in-order payload to
+    /// the reader straight from each received frame.
+    fn recv_into(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+        let mut total = self.drain_ring(sink)?;
+        let handle = self.handle;
+        let now = self.clock.now();
+        let ring_empty = self.socket().recv_queue() == 0;
+        let mut direct = 0;
+        self.iface
+            .poll_with(now, &mut self.device, &mut |h, bytes| {
+                if h != handle || !ring_empty {
+                    return 0;
+                }
+                let n = sink.rx_push(bytes);
+                direct += n;
+                n
+            });
+        total += direct;
+        // A hole just filled, or bytes the reader did not take.
+        total += self.drain_ring(sink)?;
+        match self.socket().error() {
+            Some(e) if total == 0 && self.socket().recv_queue() == 0 => Err(to_transport_error(e)),
+            _ => Ok(total),
         }
     }
 
@@ -259,6 +301,12 @@ impl<D: Device + Send> Transport for UserTcp<D> {
             }
             std::thread::yield_now();
         }
+    }
+
+    /// Frames received by [`wait`](Transport::wait) would stop in the
+    /// receive ring (a second copy); callers poll with `recv_into` instead.
+    fn is_busy_polled(&self) -> bool {
+        true
     }
 
     fn close(&mut self) {

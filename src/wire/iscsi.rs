@@ -1151,6 +1151,47 @@ impl PduFramer {
         }))
     }
 
+    /// Parses the header of the PDU at the start of `buf` (BHS, AHS and
+    /// header digest) without waiting for its data segment, so the caller
+    /// can place the data itself. `Ok(None)` means the header is not all
+    /// there yet. Returns the header, the header's length including its
+    /// digest, and the data segment length.
+    pub fn frame_header(
+        &self,
+        buf: &[u8],
+    ) -> Result<Option<(PduHeader, usize, usize)>, IscsiWireError> {
+        let Ok(bhs) = Bhs::new_checked(buf) else {
+            return Ok(None);
+        };
+        let dsl = bhs.data_segment_len();
+        if dsl > self.max_data_segment_len {
+            return Err(IscsiWireError::DataSegmentTooLong {
+                len: dsl,
+                max: self.max_data_segment_len,
+            });
+        }
+        let header_end = BHS_LEN + bhs.total_ahs_len();
+        let header_len = header_end + if self.digests.header { DIGEST_LEN } else { 0 };
+        if buf.len() < header_len {
+            return Ok(None);
+        }
+        if self.digests.header {
+            self.check_header_digest(buf, header_end)?;
+        }
+        let header = PduHeader::parse(&bhs)?;
+        Ok(Some((header, header_len, dsl as usize)))
+    }
+
+    /// Bytes after a data segment of `dsl` bytes: padding, then the data
+    /// digest when negotiated (none after an empty segment).
+    pub fn trailer_len(&self, dsl: usize) -> usize {
+        if dsl == 0 {
+            0
+        } else {
+            pad_len(dsl) + if self.digests.data { DIGEST_LEN } else { 0 }
+        }
+    }
+
     fn check_header_digest(&self, buf: &[u8], header_end: usize) -> Result<(), IscsiWireError> {
         let d = &buf[header_end..header_end + DIGEST_LEN];
         let received = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);

@@ -249,7 +249,7 @@ impl MultipathDevice {
         let depth = d.queue_depth;
         let mut subs = Vec::new();
         let mut comps = Vec::new();
-        for control in &d.controls {
+        for (i, control) in d.controls.iter().enumerate() {
             let (sub_p, sub_c) = ring::<Request>(depth);
             let (comp_p, comp_c) = ring::<Response>(depth);
             subs.push(sub_p);
@@ -264,6 +264,9 @@ impl MultipathDevice {
             while let Err(back) = control.push(msg) {
                 msg = back;
                 std::thread::yield_now();
+            }
+            if let Some(wake) = d.paths.get(i).and_then(|p| p.wake.as_ref()) {
+                wake.notify();
             }
         }
         IoQueue {
@@ -327,6 +330,11 @@ impl MultipathDevice {
         self.shared.closed.store(true, Ordering::Release);
         for w in &self.workers {
             w.stop.store(true, Ordering::Release);
+        }
+        for p in &self.shared.paths {
+            if let Some(wake) = &p.wake {
+                wake.notify();
+            }
         }
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {
@@ -452,7 +460,13 @@ impl IoQueue {
                         dispatched_at: now,
                     };
                     match self.subs[path].push(req) {
-                        Ok(()) => self.dev.paths[path].add_outstanding(bytes),
+                        Ok(()) => {
+                            // After the push, so a worker woken up finds it.
+                            if let Some(wake) = &self.dev.paths[path].wake {
+                                wake.notify();
+                            }
+                            self.dev.paths[path].add_outstanding(bytes);
+                        }
                         Err(req) => self.dispatcher.send_refused(now, slot, req.cmd),
                     }
                 }

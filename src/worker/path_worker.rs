@@ -171,6 +171,8 @@ pub(crate) struct Worker {
     last_merge: Instant,
     idle: IdleMode,
     idle_rounds: u32,
+    /// When the current run of idle rounds began (for `IdleMode::Block`).
+    idle_since: Option<Instant>,
 }
 
 impl Worker {
@@ -199,6 +201,7 @@ impl Worker {
             last_merge: Instant::now(),
             idle: s.idle,
             idle_rounds: 0,
+            idle_since: None,
         };
         super::precise_timers();
         if let Some(core) = s.core {
@@ -299,6 +302,7 @@ impl Worker {
     fn idle_wait(&mut self, progressed: bool) {
         if progressed {
             self.idle_rounds = 0;
+            self.idle_since = None;
             return;
         }
         if !matches!(self.conn, Conn::Up(_)) {
@@ -314,7 +318,35 @@ impl Worker {
             IdleMode::BusyPoll => std::hint::spin_loop(),
             IdleMode::Yield => std::thread::yield_now(),
             IdleMode::Sleep(d) => std::thread::sleep(d),
+            IdleMode::Block(spin) => self.block(spin),
         }
+    }
+
+    /// Spins for `spin` since the last progress, then blocks on the socket
+    /// and the path's wake-up eventfd until data, a submission or a timer.
+    fn block(&mut self, spin: Duration) {
+        let now = Instant::now();
+        let idle_since = *self.idle_since.get_or_insert(now);
+        if now.duration_since(idle_since) < spin {
+            std::hint::spin_loop();
+            return;
+        }
+        let shared = self.shared.clone();
+        let Some(wake) = shared.wake.as_ref() else {
+            std::thread::sleep(Duration::from_micros(20));
+            return;
+        };
+        let Conn::Up(session) = &mut self.conn else {
+            return;
+        };
+        wake.prepare_sleep();
+        // Work queued before `prepare_sleep` was not announced: look again.
+        let queued = !self.control.is_empty() || self.queues.iter_mut().any(|q| !q.sub.is_empty());
+        if !queued && !self.stop.load(Ordering::Acquire) {
+            // Bounded, so the stop flag and health checks are seen.
+            let _ = session.wait_or_wake(wake, Duration::from_millis(20));
+        }
+        wake.finish_sleep();
     }
 
     fn take_control(&mut self) {

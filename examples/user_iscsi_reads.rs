@@ -1,0 +1,175 @@
+//! Cost per I/O of the initiator on the userspace stack, no kernel in the
+//! loop: a `Session` over `UserTcp` on the in-memory link, against the
+//! embedded target's sans-IO connection on a userspace-stack socket, both
+//! driven from this one thread. For instruction counts run it under
+//! callgrind and read the inclusive cost of `initiator_round` (the
+//! initiator: iSCSI, TCP/IP, the device's rx/tx) per I/O:
+//!
+//! ```text
+//! cargo build --release --example user_iscsi_reads
+//! valgrind --tool=callgrind --callgrind-out-file=cg.out \
+//!     target/release/examples/user_iscsi_reads --ios 20000 --qd 1 --bs 4096
+//! callgrind_annotate --inclusive=yes cg.out | grep -E 'initiator_round|target_round'
+//! ```
+//!
+//! Prints one `RESULT` line: I/Os, wall time per I/O, and the connection's
+//! and socket's counters.
+
+use iscsi_bypass::iscsi::connection::{Command, Direction, Event};
+use iscsi_bypass::iscsi::login::LoginConfig;
+use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
+use iscsi_bypass::net::{Interface, InterfaceConfig, SocketHandle, TcpState};
+use iscsi_bypass::phy::sim::{self, SimConfig, SimDevice};
+use iscsi_bypass::phy::Device;
+use iscsi_bypass::target::{TargetConfig, TargetConn, TargetShared};
+use iscsi_bypass::transport::user::{UserTcp, UserTcpConfig};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const INI_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 9, 1);
+const TGT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 9, 2);
+const IQN: &str = "iqn.2026-12.example:null";
+
+struct Target {
+    dev: SimDevice,
+    iface: Interface,
+    handle: SocketHandle,
+    shared: Arc<TargetShared>,
+    conn: Option<TargetConn>,
+    out: Vec<u8>,
+}
+
+impl Target {
+    fn new(dev: SimDevice) -> Target {
+        let portal: SocketAddr = SocketAddrV4::new(TGT_IP, 3260).into();
+        let shared =
+            Arc::new(TargetShared::new(TargetConfig::null(IQN, 1 << 30), &[portal]).unwrap());
+        let mut iface = Interface::new(InterfaceConfig::new(TGT_IP, 24), dev.caps());
+        let handle = iface.add_socket(None);
+        iface.listen(handle, 3260).unwrap();
+        Target {
+            dev,
+            iface,
+            handle,
+            shared,
+            conn: None,
+            out: Vec::new(),
+        }
+    }
+}
+
+#[inline(never)]
+fn target_round(t: &mut Target) {
+    let now = t.dev.now();
+    t.iface.poll(now, &mut t.dev);
+    let s = t.iface.socket_mut(t.handle);
+    if t.conn.is_none() && s.state() == TcpState::Established {
+        t.conn = Some(TargetConn::new(t.shared.clone(), 0, Instant::now()));
+    }
+    if let Some(c) = t.conn.as_mut() {
+        while let Ok(n) = s.recv_slice(c.recv_buffer()) {
+            if n == 0 {
+                break;
+            }
+            c.received(n, Instant::now());
+        }
+        t.out.extend_from_slice(c.output());
+        c.clear_output();
+        if !t.out.is_empty() {
+            let n = s.send_slice(&t.out).unwrap_or(0);
+            t.out.drain(..n);
+        }
+    }
+    t.iface.poll(now, &mut t.dev);
+}
+
+#[inline(never)]
+fn initiator_round(s: &mut Session<UserTcp<SimDevice>>) {
+    s.poll_io().expect("initiator I/O");
+}
+
+fn read10(lba: u32, blocks: u16) -> [u8; 10] {
+    let l = lba.to_be_bytes();
+    let b = blocks.to_be_bytes();
+    [0x28, 0, l[0], l[1], l[2], l[3], 0, b[0], b[1], 0]
+}
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let ios = arg(&args, "--ios", 20_000);
+    let qd = arg(&args, "--qd", 1);
+    let bs = arg(&args, "--bs", 4096);
+    let (ini_dev, tgt_dev) = sim::link_real_time(SimConfig::default(), 3);
+    let mut target = Target::new(tgt_dev);
+    // Connect and log in, pumping the target from a helper thread (the
+    // blocking calls wait on it), then hand the target back to this thread.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let helper = std::thread::spawn(move || {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            target_round(&mut target);
+            std::thread::yield_now();
+        }
+        target
+    });
+    let tcp = UserTcp::connect(
+        ini_dev,
+        INI_IP,
+        None,
+        None,
+        SocketAddrV4::new(TGT_IP, 3260),
+        UserTcpConfig::default(),
+    )
+    .expect("connect");
+    let mut config = SessionConfig::new(LoginConfig::new("iqn.2026-12.example:ini", Some(IQN)));
+    config.idle = IdlePolicy::BusyPoll;
+    let mut session = Session::login(tcp, &config).expect("login");
+    // Takes the power-on UNIT ATTENTION before the measured reads.
+    let tur = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+    session
+        .execute(tur, Duration::from_secs(5))
+        .expect("TEST UNIT READY");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut target = helper.join().unwrap();
+
+    let blocks = (bs / 512) as u16;
+    let mut buffers: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; bs]).collect();
+    let (mut submitted, mut done) = (0usize, 0usize);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    while done < ios {
+        while submitted < ios && submitted - done < qd {
+            let buffer = buffers.pop().expect("a free buffer");
+            let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
+            let mut cmd = Command::new(0, &read10(lba, blocks), Direction::Read, buffer).unwrap();
+            cmd.user_tag = submitted as u64;
+            session.submit(cmd).expect("submit");
+            submitted += 1;
+        }
+        initiator_round(&mut session);
+        target_round(&mut target);
+        while let Some(ev) = session.connection_mut().poll_event() {
+            if let Event::Completed(c) = ev {
+                assert_eq!(c.status, 0, "read failed");
+                buffers.push(c.buffer);
+                done += 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "stalled at {done} of {ios}");
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "RESULT ios={ios} qd={qd} bs={bs} wall_ns_per_io={} (both sides, one thread)",
+        elapsed.as_nanos() / ios as u128
+    );
+    println!("conn {:?}", session.connection().stats);
+    println!("tcp {:?}", session.transport().socket().counters());
+}
