@@ -4,7 +4,7 @@
 # nor scripts/setup.sh provides. Run after setup (it is part of scripts/test.sh).
 #
 # What counts as "called": quoted program names in Rust tests/examples
-# (Command::new("x"), which("x"), tool("x"), ...), every quoted word that
+# (Command::new("x"), which("x"), have("x"), tool("x")), every quoted word that
 # names an installed program there, and the command words of the shell
 # scripts. A name is checked when it resolves to a program in the system
 # directories; its Debian package must then be in the base list or in
@@ -24,7 +24,7 @@ failures=0
 fail() { echo "check-tools: $*" >&2; failures=$((failures + 1)); }
 
 # Names the Rust code explicitly runs or looks up: these must be installed.
-explicit=$(grep -rhoE '(Command::new|which|have|tool|run|run_in|spawn_tool)\("[a-z][a-z0-9_.+-]{1,40}"' \
+explicit=$(grep -rhoE '(Command::new|which|have|tool)\("[a-z][a-z0-9_.+-]{1,40}"' \
                tests examples src 2>/dev/null | sed -E 's/.*\("//; s/"$//' | sort -u)
 # Any quoted word in tests and examples that names an installed program.
 quoted=$(grep -rhoE '"[a-z][a-z0-9_.+-]{1,40}"' tests examples 2>/dev/null | tr -d '"' | sort -u)
@@ -40,7 +40,8 @@ package_of() {
     p=$(command -v "$name" 2>/dev/null) || return 1
     case $p in /usr/bin/* | /usr/sbin/* | /bin/* | /sbin/*) ;; *) return 1 ;; esac
     for alt in "$(readlink -f "$p")" "$p" "/usr/bin/$name" "/usr/sbin/$name" "/bin/$name" "/sbin/$name"; do
-        [[ -n $pkg ]] || pkg=$(dpkg-query -S "$alt" 2>/dev/null | head -1 | cut -d: -f1 | cut -d, -f1)
+        # (dpkg-divert's "diversion by ..." lines name no owner.)
+        [[ -n $pkg ]] || pkg=$(dpkg-query -S "$alt" 2>/dev/null | grep -v '^diversion ' | head -1 | cut -d: -f1 | cut -d, -f1)
     done
     [[ -n $pkg ]] || return 1
     echo "$pkg"
