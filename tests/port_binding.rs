@@ -743,7 +743,7 @@ fn scenario_down(env: &Env) {
     let mut free: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; chunk]).collect();
     let mut out = Vec::new();
     let (mut next, mut writes, mut errors) = (0u64, 0u64, 0u64);
-    let mut down = false;
+    let (mut down, mut restored) = (false, false);
     let start = Instant::now();
     loop {
         let t = start.elapsed();
@@ -756,6 +756,17 @@ fn scenario_down(env: &Env) {
             down = true;
         }
         let running = t < Duration::from_secs(5);
+        if !running && down && !restored {
+            // Writes caught on the dead path wait until that path is fenced
+            // (its session reinstated, docs/multipath.md); bring the link
+            // back so they can finish instead of failing after fence_timeout.
+            let st = Command::new("ip")
+                .args(["link", "set", "v0", "up"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            restored = true;
+        }
         while running && !free.is_empty() {
             let mut buf = free.pop().unwrap();
             let c = next % chunks;
