@@ -669,6 +669,12 @@ pub fn connection(data: &[u8]) {
             window.see(&f.header);
             shadow_at += f.total_len;
         }
+        // The connection acts on a header (ExpCmdSN/MaxCmdSN included) as
+        // soon as it is in, before the data segment, so it may place Data-In
+        // straight into the command's buffer: so does the shadow.
+        if let Ok(Some((header, _, _))) = shadow.frame_header(&stream[shadow_at..fed + n]) {
+            window.see(&header);
+        }
         let r = c.receive(&stream[fed..fed + n], now);
         fed += n;
         failed |= r.is_err();
