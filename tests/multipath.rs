@@ -586,6 +586,10 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     let mut out = Vec::new();
     let mut next_chunk = 0u64;
     let mut pending_gen = vec![0u32; chunks as usize];
+    // At most one write per chunk in flight: SCSI orders nothing between
+    // concurrent commands, so a write held for its fence (seconds) and a
+    // newer one to the same chunk may land in either order.
+    let mut in_flight = vec![false; chunks as usize];
     let start = Instant::now();
     let (mut errors, mut ios) = (0u64, 0u64);
     let mut last_done = Instant::now();
@@ -599,9 +603,12 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
         events(t);
         let running = t < dur;
         while running && !free.is_empty() {
-            let mut buf = free.pop().unwrap();
             let c = next_chunk % chunks;
             next_chunk += 1;
+            if in_flight[c as usize] {
+                continue;
+            }
+            let mut buf = free.pop().unwrap();
             let g = generation[c as usize] + 1;
             fill(&mut buf, c, g);
             pending_gen[c as usize] = g;
@@ -610,6 +617,7 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
                 next_chunk -= 1;
                 break;
             }
+            in_flight[c as usize] = true;
         }
         if !running && q.in_flight() == 0 {
             break;
@@ -623,6 +631,7 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
         }
         for c in out.drain(..) {
             ios += 1;
+            in_flight[c.user_tag as usize] = false;
             let _ = lat_us.record(c.latency.as_micros().max(1) as u64);
             if c.retries > 0 {
                 failed_over += 1;
