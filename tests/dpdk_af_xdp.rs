@@ -12,11 +12,7 @@ mod common;
 mod dpdk_common;
 
 use dpdk_common::target_process::{self, VethPair};
-use iscsi_bypass::iscsi::login::LoginConfig;
-use iscsi_bypass::iscsi::session::{Session, SessionConfig};
-use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
-use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -59,24 +55,13 @@ fn iscsi_over_af_xdp_on_a_veth_pair() {
     let transport = stack
         .connect(0, SocketAddrV4::new(TARGET_IP, 3260))
         .expect("TCP over af_xdp");
-    let login = LoginConfig::new("iqn.2026-11.org.iscsi-bypass:af-xdp-test", Some(IQN));
-    let session = Session::login(transport, &SessionConfig::new(login)).expect("login");
-    let mut lun = LunHandle::new(session, 0);
-    let cap = lun.read_capacity().expect("READ CAPACITY");
-    assert_eq!(cap.block_count * u64::from(cap.block_size), 64 << 20);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xaf);
-    for (count, bytes) in [(4, 1 << 20), (32, 4096)] {
-        let blocks = (bytes / cap.block_size as usize) as u32;
-        for _ in 0..count {
-            let lba = rng.gen_range(0..cap.block_count - u64::from(blocks));
-            let data: Vec<u8> = (0..bytes).map(|_| rng.gen()).collect();
-            lun.write(lba, data.clone()).expect("WRITE");
-            assert!(
-                lun.read(lba, blocks).expect("READ") == data,
-                "read-back mismatch at LBA {lba}"
-            );
-        }
-    }
+    let mut lun = dpdk_common::login_lun(
+        transport,
+        "iqn.2026-11.org.iscsi-bypass:af-xdp-test",
+        IQN,
+        64 << 20,
+    );
+    dpdk_common::write_read_back(&mut lun, 0xaf, &[(4, 1 << 20), (32, 4096)]);
     lun.into_session()
         .logout(Duration::from_secs(5))
         .expect("logout");

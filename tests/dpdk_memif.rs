@@ -19,11 +19,7 @@ mod common;
 mod dpdk_common;
 
 use dpdk_common::target_process;
-use iscsi_bypass::iscsi::login::LoginConfig;
-use iscsi_bypass::iscsi::session::{Session, SessionConfig};
-use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
-use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -101,25 +97,14 @@ fn iscsi_over_memif_between_two_userspace_stacks() {
         .expect("DPDK stack on the memif client");
     let remote = SocketAddrV4::new(TARGET_IP, 3260);
     let transport = stack.connect(0, remote).expect("TCP over memif");
-    let login = LoginConfig::new("iqn.2026-11.org.iscsi-bypass:memif-test", Some(IQN));
-    let session = Session::login(transport, &SessionConfig::new(login)).expect("login");
-    let mut lun = LunHandle::new(session, 0);
-    let cap = lun.read_capacity().expect("READ CAPACITY");
-    assert_eq!(cap.block_count * u64::from(cap.block_size), 64 << 20);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x3e31f);
+    let mut lun = dpdk_common::login_lun(
+        transport,
+        "iqn.2026-11.org.iscsi-bypass:memif-test",
+        IQN,
+        64 << 20,
+    );
     let io_start = Instant::now();
-    for (count, bytes) in [(4, 1 << 20), (64, 4096)] {
-        let blocks = (bytes / cap.block_size as usize) as u32;
-        for _ in 0..count {
-            let lba = rng.gen_range(0..cap.block_count - u64::from(blocks));
-            let data: Vec<u8> = (0..bytes).map(|_| rng.gen()).collect();
-            lun.write(lba, data.clone()).expect("WRITE");
-            assert!(
-                lun.read(lba, blocks).expect("READ") == data,
-                "read-back mismatch at LBA {lba}"
-            );
-        }
-    }
+    dpdk_common::write_read_back(&mut lun, 0x3e31f, &[(4, 1 << 20), (64, 4096)]);
     println!(
         "4 x 1 MiB + 64 x 4 KiB written and read back over memif in {:?}",
         io_start.elapsed()

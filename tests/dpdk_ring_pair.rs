@@ -10,12 +10,8 @@
 mod common;
 mod dpdk_common;
 
-use iscsi_bypass::iscsi::login::LoginConfig;
-use iscsi_bypass::iscsi::session::{Session, SessionConfig};
-use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::target::{LunConfig, Target, TargetConfig};
 use iscsi_bypass::transport::dpdk::{self, DpdkOptions, DpdkStack};
-use rand::{Rng, SeedableRng};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
@@ -63,24 +59,13 @@ fn iscsi_over_a_net_ring_pair_in_one_process() {
     let transport = initiator_stack
         .connect(0, SocketAddrV4::new(target_ip, 3260))
         .expect("TCP over the ring pair");
-    let login = LoginConfig::new("iqn.2026-11.org.iscsi-bypass:ring-test", Some(IQN));
-    let session = Session::login(transport, &SessionConfig::new(login)).expect("login");
-    let mut lun = LunHandle::new(session, 0);
-    let cap = lun.read_capacity().expect("READ CAPACITY");
-    assert_eq!(cap.block_count * u64::from(cap.block_size), 32 << 20);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x41);
-    for (count, bytes) in [(4, 1 << 20), (32, 4096)] {
-        let blocks = (bytes / cap.block_size as usize) as u32;
-        for _ in 0..count {
-            let lba = rng.gen_range(0..cap.block_count - u64::from(blocks));
-            let data: Vec<u8> = (0..bytes).map(|_| rng.gen()).collect();
-            lun.write(lba, data.clone()).expect("WRITE");
-            assert!(
-                lun.read(lba, blocks).expect("READ") == data,
-                "read-back mismatch at LBA {lba}"
-            );
-        }
-    }
+    let mut lun = dpdk_common::login_lun(
+        transport,
+        "iqn.2026-11.org.iscsi-bypass:ring-test",
+        IQN,
+        32 << 20,
+    );
+    dpdk_common::write_read_back(&mut lun, 0x41, &[(4, 1 << 20), (32, 4096)]);
     lun.into_session()
         .logout(Duration::from_secs(5))
         .expect("logout");

@@ -143,3 +143,44 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
     cpus
 }
+
+/// Logs in to `iqn` over `transport` and checks the LU holds `lu_bytes`.
+pub fn login_lun<T: iscsi_bypass::transport::Transport>(
+    transport: T,
+    initiator: &str,
+    iqn: &str,
+    lu_bytes: u64,
+) -> iscsi_bypass::scsi::lun::LunHandle<T> {
+    use iscsi_bypass::iscsi::login::LoginConfig;
+    use iscsi_bypass::iscsi::session::{Session, SessionConfig};
+    let login = LoginConfig::new(initiator, Some(iqn));
+    let session = Session::login(transport, &SessionConfig::new(login)).expect("login");
+    let mut lun = iscsi_bypass::scsi::lun::LunHandle::new(session, 0);
+    let cap = lun.read_capacity().expect("READ CAPACITY");
+    assert_eq!(cap.block_count * u64::from(cap.block_size), lu_bytes);
+    lun
+}
+
+/// For each `(count, bytes)`: `count` writes of `bytes` random bytes at
+/// random LBAs (from `seed`), each read back and compared byte for byte.
+pub fn write_read_back<T: iscsi_bypass::transport::Transport>(
+    lun: &mut iscsi_bypass::scsi::lun::LunHandle<T>,
+    seed: u64,
+    rounds: &[(usize, usize)],
+) {
+    use rand::{Rng, SeedableRng};
+    let cap = lun.read_capacity().expect("READ CAPACITY");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for &(count, bytes) in rounds {
+        let blocks = (bytes / cap.block_size as usize) as u32;
+        for _ in 0..count {
+            let lba = rng.gen_range(0..cap.block_count - u64::from(blocks));
+            let data: Vec<u8> = (0..bytes).map(|_| rng.gen()).collect();
+            lun.write(lba, data.clone()).expect("WRITE");
+            assert!(
+                lun.read(lba, blocks).expect("READ") == data,
+                "read-back mismatch at LBA {lba}"
+            );
+        }
+    }
+}
