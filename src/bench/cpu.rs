@@ -53,6 +53,45 @@ pub fn account_exiting_thread() {
     );
 }
 
+/// User and system CPU time and context switches of the calling thread
+/// (`getrusage(RUSAGE_THREAD)`, what fio reads for `usr_cpu`, `sys_cpu`
+/// and `ctx`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadUsage {
+    pub usr_ns: u64,
+    pub sys_ns: u64,
+    /// Voluntary plus involuntary context switches.
+    pub ctx: u64,
+}
+
+impl ThreadUsage {
+    /// The calling thread's usage so far (zeros if the kernel says no).
+    pub fn now() -> ThreadUsage {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let Ok(u) = getrusage(UsageWho::RUSAGE_THREAD) else {
+            return ThreadUsage::default();
+        };
+        let ns = |t: nix::sys::time::TimeVal| {
+            (t.tv_sec().max(0) as u64) * 1_000_000_000 + (t.tv_usec().max(0) as u64) * 1000
+        };
+        ThreadUsage {
+            usr_ns: ns(u.user_time()),
+            sys_ns: ns(u.system_time()),
+            ctx: (u.voluntary_context_switches().max(0) + u.involuntary_context_switches().max(0))
+                as u64,
+        }
+    }
+
+    /// What was used between `earlier` and `self`.
+    pub fn since(self, earlier: ThreadUsage) -> ThreadUsage {
+        ThreadUsage {
+            usr_ns: self.usr_ns.saturating_sub(earlier.usr_ns),
+            sys_ns: self.sys_ns.saturating_sub(earlier.sys_ns),
+            ctx: self.ctx.saturating_sub(earlier.ctx),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +112,23 @@ mod tests {
         // At least this thread's 100 ms. (No upper bound: other tests run
         // on other threads of this process at the same time.)
         assert!(used >= 100_000_000, "{used}");
+    }
+
+    #[test]
+    fn thread_usage_counts_this_threads_user_time() {
+        let before = ThreadUsage::now();
+        let mine = current_thread_cpu_ns();
+        let mut x = 0u64;
+        while current_thread_cpu_ns() < mine + 50_000_000 {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        let used = ThreadUsage::now().since(before);
+        // getrusage has tick granularity on some kernels: half of it at
+        // least, and all of it as user plus system time.
+        assert!(used.usr_ns + used.sys_ns >= 25_000_000, "{used:?}");
+        assert!(used.usr_ns > 0, "{used:?}");
     }
 
     #[test]

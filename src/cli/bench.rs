@@ -59,9 +59,19 @@ pub struct BenchArgs {
     /// Seed for the random offsets (fio's randseed), for repeatable runs.
     #[arg(long)]
     pub seed: Option<String>,
-    /// Write an HdrHistogram interval log here.
+    /// Write fio's completion-latency histogram log here (the format of
+    /// fio's `log_hist_msec`: `msec, ddir, bs, bin0..bin1855` per interval
+    /// and direction; docs/bench.md).
     #[arg(long)]
     pub hist_log: Option<PathBuf>,
+    /// Interval of --hist-log in ms (default: the job file's log_hist_msec,
+    /// else 1000).
+    #[arg(long, value_name = "MS")]
+    pub hist_log_msec: Option<u64>,
+    /// Write an HdrHistogram interval log (one interval for the measured
+    /// part, mergeable across hosts) here.
+    #[arg(long)]
+    pub hdr_log: Option<PathBuf>,
     /// Serve Prometheus metrics of the paths at http://ADDR/metrics while
     /// the job runs (multipath engine), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -135,14 +145,16 @@ pub struct DpdkArgs {
 }
 
 impl BenchArgs {
-    fn job(&self) -> Result<JobSpec> {
-        let mut job = match &self.job_file {
+    /// The jobs: every job section of the job file (or one default job),
+    /// each with the flags applied on top.
+    fn jobs(&self) -> Result<Vec<JobSpec>> {
+        let mut jobs = match &self.job_file {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading job file {}", p.display()))?;
-                JobSpec::from_job_file(&text)?
+                JobSpec::jobs_from_file(&text)?
             }
-            None => JobSpec::default(),
+            None => vec![JobSpec::default()],
         };
         let flags = [
             ("rw", &self.rw),
@@ -156,20 +168,47 @@ impl BenchArgs {
             ("offset", &self.offset),
             ("randseed", &self.seed),
         ];
-        for (k, v) in flags {
-            if let Some(v) = v {
-                job.set(k, v)?;
+        for job in &mut jobs {
+            for (k, v) in flags {
+                if let Some(v) = v {
+                    job.set(k, v)?;
+                }
+            }
+            if self.verify {
+                job.verify = true;
             }
         }
-        if self.verify {
-            job.verify = true;
+        Ok(jobs)
+    }
+
+    fn run_options(&self, jobs: &[JobSpec]) -> bench::RunOptions {
+        let from_file = jobs.iter().any(|j| j.log_hist_msec > 0);
+        bench::RunOptions {
+            hist_msec: match (self.hist_log.is_some(), self.hist_log_msec) {
+                (_, Some(ms)) => ms.max(1),
+                (true, None) if !from_file => 1000,
+                _ => 0,
+            },
         }
-        Ok(job)
     }
 }
 
+/// What the job threads need from the jobs together: the deepest queue
+/// and the most threads.
+fn max_iodepth(jobs: &[JobSpec]) -> u32 {
+    jobs.iter().map(|j| j.iodepth).max().unwrap_or(1)
+}
+
+fn check_regions(jobs: &[JobSpec], block_size: u32, blocks: u64) -> Result<()> {
+    for j in jobs {
+        j.region(block_size, blocks)?;
+    }
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> {
-    let job = args.job()?;
+    let job = args.jobs()?;
+    let job = job.as_slice();
     match args.transport.as_str() {
         "kernel" => {}
         "dpdk" => return run_dpdk(args, opts, out, &job),
@@ -309,7 +348,7 @@ const EMBEDDED_SIZE: u64 = 1 << 30;
 
 fn run_inline(
     url_text: &str,
-    job: &JobSpec,
+    job: &[JobSpec],
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
@@ -321,7 +360,7 @@ fn run_inline(
     let mut probe = super::open_lun(url_text, opts)?;
     let cap = probe.read_capacity().context("READ CAPACITY")?;
     super::close(probe);
-    job.region(cap.block_size, cap.block_count)?;
+    check_regions(job, cap.block_size, cap.block_count)?;
     let idle = if args.busy_poll {
         IdlePolicy::BusyPoll
     } else {
@@ -340,10 +379,10 @@ fn run_inline(
         lun,
         block_size: cap.block_size,
         capacity_blocks: cap.block_count,
-        max_in_flight: job.iodepth as usize,
+        max_in_flight: max_iodepth(job) as usize,
         path_name: url.portal(),
     };
-    run_with_progress(job, &factory, out)
+    run_with_progress(job, args.run_options(job), &factory, out)
 }
 
 /// Makes path `i` to a portal with a login (the transport's connector).
@@ -353,7 +392,7 @@ type PathMaker<'a> = dyn Fn(usize, std::net::SocketAddr, iscsi_bypass::iscsi::lo
 fn run_multipath(
     urls: &[String],
     policy: Policy,
-    job: &JobSpec,
+    job: &[JobSpec],
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
@@ -376,7 +415,7 @@ fn run_multipath(
     }
     let mut config = DeviceConfig::new(paths, lun.unwrap_or(0));
     config.policy = policy;
-    config.queue_depth = job.iodepth as usize;
+    config.queue_depth = max_iodepth(job) as usize;
     config.login_timeout = opts.timeout();
     config.idle = if args.busy_poll {
         IdleMode::BusyPoll
@@ -387,13 +426,13 @@ fn run_multipath(
     config.cores = args.cores.clone();
     let device = MultipathDevice::open(config).context("opening the multipath device")?;
     let metrics = super::start_metrics(args.metrics_listen, &device)?;
-    job.region(device.block_size(), device.capacity())?;
+    check_regions(job, device.block_size(), device.capacity())?;
     let factory = MultipathFactory {
         path_names: device.paths().iter().map(|p| p.name.clone()).collect(),
         device: &device,
         idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
     };
-    let result = run_with_progress(job, &factory, out)?;
+    let result = run_with_progress(job, args.run_options(job), &factory, out)?;
     drop(metrics);
     device.close();
     Ok(result)
@@ -465,7 +504,7 @@ pub(super) fn dpdk_stacks(
 /// `bench --transport dpdk`: the same job, each job thread on its own queue
 /// pair (of port j mod #ports) with its own userspace stack and session.
 #[cfg(feature = "dpdk")]
-fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec) -> Result<()> {
+fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &[JobSpec]) -> Result<()> {
     use iscsi_bypass::scsi::lun::LunHandle;
     use std::net::SocketAddr;
     if let Some(portal) = &args.discover {
@@ -494,7 +533,8 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         SocketAddr::V4(a) => a,
         SocketAddr::V6(a) => bail!("the userspace stack speaks IPv4 only, not {a}"),
     };
-    let jobs = u16::try_from(job.numjobs).context("too many jobs for DPDK queues")?;
+    let jobs = u16::try_from(job.iter().map(|j| j.numjobs).sum::<u32>())
+        .context("too many jobs for DPDK queues")?;
     let stacks = dpdk_stacks(&args.dpdk, jobs.max(1), opts.timeout())?;
     let login = |job: u32| -> Result<Session<_>> {
         let stack = &stacks[job as usize % stacks.len()];
@@ -521,7 +561,7 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
     probe.timeout = opts.timeout();
     let cap = probe.read_capacity().context("READ CAPACITY")?;
     let _ = probe.into_session().logout(Duration::from_secs(2));
-    job.region(cap.block_size, cap.block_count)?;
+    check_regions(job, cap.block_size, cap.block_count)?;
     let names: Vec<String> = stacks
         .iter()
         .map(|s| format!("{} on {}", s.options().local_ip, s.options().port))
@@ -533,10 +573,10 @@ fn run_dpdk(args: &BenchArgs, opts: &ConnectOptions, out: &Output, job: &JobSpec
         lun,
         block_size: cap.block_size,
         capacity_blocks: cap.block_count,
-        max_in_flight: job.iodepth as usize,
+        max_in_flight: max_iodepth(job) as usize,
         path_name: format!("dpdk {} -> {remote}", names.join(", ")),
     };
-    let result = run_with_progress(job, &factory, out)?;
+    let result = run_with_progress(job, args.run_options(job), &factory, out)?;
     report_and_check(&result, args, out)
 }
 
@@ -549,7 +589,7 @@ fn run_dpdk_discovered(
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
-    job: &JobSpec,
+    job: &[JobSpec],
 ) -> Result<()> {
     let policy: Policy = args
         .policy
@@ -574,7 +614,7 @@ fn run_dpdk_multipath(
     args: &BenchArgs,
     opts: &ConnectOptions,
     out: &Output,
-    job: &JobSpec,
+    job: &[JobSpec],
 ) -> Result<()> {
     use std::net::SocketAddr;
     let policy: Policy = args
@@ -617,7 +657,8 @@ fn run_dpdk_multipath(
 
 /// Runs the job with a live progress line on a terminal (none when piped).
 pub fn run_with_progress(
-    job: &JobSpec,
+    job: &[JobSpec],
+    options: bench::RunOptions,
     factory: &dyn bench::EngineFactory,
     out: &Output,
 ) -> Result<bench::RunResult> {
@@ -627,7 +668,7 @@ pub fn run_with_progress(
         let live = live.clone();
         std::thread::spawn(move || progress_loop(&live))
     });
-    let r = bench::run(job, factory, live.clone());
+    let r = bench::run_jobs(job, options, factory, live.clone());
     live.stop.store(true, Ordering::Relaxed);
     if let Some(p) = progress {
         let _ = p.join();
@@ -691,6 +732,9 @@ pub fn report_and_check(result: &bench::RunResult, args: &BenchArgs, out: &Outpu
     }
     if let Some(p) = &args.hist_log {
         report::write_hist_log(result, p).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &args.hdr_log {
+        report::write_hdr_log(result, p).with_context(|| format!("writing {}", p.display()))?;
     }
     result.check()?;
     Ok(())
