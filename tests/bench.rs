@@ -58,7 +58,8 @@ fn default_job_runs_over_two_paths_with_fio_like_json() {
 fn text_report_and_hist_log() {
     let dir = std::env::temp_dir().join(format!("ib-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("lat.hlog");
+    let log = dir.join("lat.hist.log");
+    let hdr = dir.join("lat.hlog");
     let (ok, out, err) = bench_cmd(&[
         "--runtime",
         "500ms",
@@ -70,15 +71,33 @@ fn text_report_and_hist_log() {
         "8k",
         "--hist-log",
         log.to_str().unwrap(),
+        "--hist-log-msec",
+        "100",
+        "--hdr-log",
+        hdr.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("read: IOPS="), "{out}");
     assert!(out.contains("write: IOPS="), "{out}");
     assert!(out.contains("p99.9="), "{out}");
     assert!(out.contains("ns per I/O"), "{out}");
+    // fio's log_hist_msec format: msec, ddir, bs, 1856 bins; a line per
+    // 100 ms and direction.
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("#[StartTime"), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("Tag=read,")), "{text}");
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(", ").collect()).collect();
+    assert!(lines.len() >= 4, "{text}");
+    for l in &lines {
+        assert_eq!(l.len(), 3 + 1856);
+        assert!(l[1] == "0" || l[1] == "1", "{l:?}");
+        assert_eq!(l[2], "8192");
+    }
+    assert!(lines.iter().any(|l| l[1] == "0") && lines.iter().any(|l| l[1] == "1"));
+    let hdr_text = std::fs::read_to_string(&hdr).unwrap();
+    assert!(hdr_text.contains("#[StartTime"), "{hdr_text}");
+    assert!(
+        hdr_text.lines().any(|l| l.starts_with("Tag=read,")),
+        "{hdr_text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

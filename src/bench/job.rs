@@ -723,6 +723,133 @@ mod tests {
     }
 
     #[test]
+    fn bssplit_like_fio() {
+        assert_eq!(
+            parse_bssplit("4k/50:64k/40:1m/10").unwrap(),
+            vec![(4096, 50), (65536, 40), (1 << 20, 10)]
+        );
+        // Missing percentages share what is left.
+        assert_eq!(
+            parse_bssplit("4k/50:8k:16k").unwrap(),
+            vec![(4096, 50), (8192, 25), (16384, 25)]
+        );
+        assert_eq!(parse_bssplit("8k").unwrap(), vec![(8192, 100)]);
+        assert!(parse_bssplit("4k/70:8k/40").is_err());
+        assert!(parse_bssplit("4k/x").is_err());
+        assert!(parse_bssplit("").is_err());
+        // Per direction with a comma; one list for both without.
+        let mut j = JobSpec::default();
+        j.set("bssplit", "4k/50:64k/50,8k").unwrap();
+        assert_eq!(j.block_sizes(READ), vec![(4096, 50), (65536, 50)]);
+        assert_eq!(j.block_sizes(WRITE), vec![(8192, 100)]);
+        let mut j = JobSpec::default();
+        j.set("bssplit", "4k/10:8k/90").unwrap();
+        assert_eq!(j.block_sizes(READ), j.block_sizes(WRITE));
+        // Only writes split; reads keep bs.
+        let mut j = JobSpec::default();
+        j.set("bs", "16k").unwrap();
+        j.set("bssplit", ",4k/50:8k/50").unwrap();
+        assert_eq!(j.block_sizes(READ), vec![(16384, 100)]);
+        assert_eq!(j.min_bs(WRITE), 4096);
+        // bs=R,W.
+        let mut j = JobSpec::default();
+        j.set("bs", "4k,64k").unwrap();
+        assert_eq!((j.min_bs(READ), j.min_bs(WRITE)), (4096, 65536));
+    }
+
+    #[test]
+    fn rate_options_are_bytes_per_direction_as_in_fio() {
+        let mut j = JobSpec::default();
+        j.set("rate_iops", "300,200").unwrap();
+        j.set("bssplit", "4k/50:64k/50").unwrap();
+        // rate_iops counts the smallest block size of the direction.
+        assert_eq!(j.rate_bps(READ), 300 * 4096);
+        assert_eq!(j.rate_bps(WRITE), 200 * 4096);
+        let mut j = JobSpec::default();
+        j.set("rate_iops", ",500").unwrap();
+        assert_eq!(j.rate_iops, [0, 500]);
+        j.set("rate_iops", "100").unwrap();
+        assert_eq!(j.rate_iops, [100, 100]);
+        j.set("rate", "1m,").unwrap();
+        assert_eq!(j.rate_bps(READ), 1 << 20);
+        assert_eq!(j.rate_bps(WRITE), 100 * 4096);
+        assert!(j.set("rate_iops", "fast").is_err());
+    }
+
+    #[test]
+    fn distributions_and_think_time_parse() {
+        assert_eq!(Distribution::parse("random").unwrap(), Distribution::Random);
+        assert_eq!(
+            Distribution::parse("zipf:1.2").unwrap(),
+            Distribution::Zipf {
+                theta: 1.2,
+                center: None
+            }
+        );
+        assert_eq!(
+            Distribution::parse("pareto:0.3:0.25").unwrap(),
+            Distribution::Pareto {
+                h: 0.3,
+                center: Some(0.25)
+            }
+        );
+        assert_eq!(
+            Distribution::parse("normal:5").unwrap(),
+            Distribution::Normal {
+                dev: 5.0,
+                center: None
+            }
+        );
+        for bad in [
+            "zipf:1",
+            "pareto:1.5",
+            "normal:100",
+            "zipf:x",
+            "zoned:50/50",
+            "fractal",
+        ] {
+            assert!(Distribution::parse(bad).is_err(), "{bad}");
+        }
+        let mut j = JobSpec::default();
+        // fio: thinktime without a unit is microseconds.
+        j.set("thinktime", "250").unwrap();
+        assert_eq!(j.thinktime, Duration::from_micros(250));
+        j.set("thinktime", "2ms").unwrap();
+        assert_eq!(j.thinktime, Duration::from_millis(2));
+        j.set("thinktime_blocks", "8").unwrap();
+        j.set("thinktime_blocks_type", "issue").unwrap();
+        assert!(j.thinktime_blocks_issue);
+        assert!(j.set("thinktime_blocks", "0").is_err());
+        j.set("log_hist_msec", "250").unwrap();
+        j.set("log_hist_coarseness", "2").unwrap();
+        assert_eq!((j.log_hist_msec, j.log_hist_coarseness), (250, 2));
+        assert!(j.set("log_hist_coarseness", "7").is_err());
+    }
+
+    #[test]
+    fn several_jobs_inherit_global_as_fio_does() {
+        let jobs = JobSpec::jobs_from_file(
+            "[global]\nbs=8k\nioengine=libaio\nfilename=/dev/x\ndirect=1\ntime_based\n\
+             [a]\nrw=randread\n[b]\nrw=write\nbs=64k\n\
+             [global]\niodepth=4\n[c]\nstonewall\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!((jobs[0].bs, jobs[0].rw), (8192, RwMode::RandRead));
+        assert_eq!((jobs[1].bs, jobs[1].rw), (65536, RwMode::Write));
+        // A later [global] changes the defaults of the jobs after it only.
+        assert_eq!((jobs[0].iodepth, jobs[2].iodepth), (32, 4));
+        assert_eq!(jobs[2].bs, 8192);
+        assert!(!jobs[0].stonewall && !jobs[1].stonewall && jobs[2].stonewall);
+        // Only globals: one job.
+        let jobs = JobSpec::jobs_from_file("bs=16k\n").unwrap();
+        assert_eq!((jobs.len(), jobs[0].bs), (1, 16384));
+        let e = JobSpec::jobs_from_file("[a]\n[]\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
     fn region_checks_the_lun() {
         let mut j = JobSpec::default();
         assert_eq!(j.region(512, 1000).unwrap(), (0, 1000));
