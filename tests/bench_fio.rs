@@ -252,8 +252,11 @@ fn bench_json_and_hist_log_match_fios_for_the_same_job_file() {
     let jobs = dir.join("cmp.fio");
     std::fs::write(&jobs, job_file(&dir)).unwrap();
 
+    // --output: fio prints notes (a sync engine with iodepth > 1) on stdout.
+    let fio_json = dir.join("fio.json");
     let o = Command::new("fio")
         .arg("--output-format=json")
+        .arg(format!("--output={}", fio_json.display()))
         .arg(&jobs)
         .current_dir(&dir)
         .output()
@@ -263,8 +266,9 @@ fn bench_json_and_hist_log_match_fios_for_the_same_job_file() {
         "fio: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let fio: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("fio JSON: {e}: {}", String::from_utf8_lossy(&o.stdout)));
+    let text = std::fs::read_to_string(&fio_json).unwrap();
+    let fio: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("fio JSON: {e}: {text}"));
 
     let hist = dir.join("bench.hist.log");
     let o = Command::new(BIN)

@@ -139,6 +139,11 @@ impl Distribution {
         };
         let mut parts = s.trim().split(':');
         let model = parts.next().unwrap_or("").to_ascii_lowercase();
+        if model == "zoned" || model == "zoned_abs" {
+            return Err(bad(format!(
+                "{model} is not supported (random, zipf, pareto, normal)"
+            )));
+        }
         let num = |p: Option<&str>, what: &str| -> Result<Option<f64>, JobError> {
             match p {
                 None | Some("") => Ok(None),
@@ -181,11 +186,6 @@ impl Distribution {
                     return Err(bad("normal deviation must be 0 <= dev < 100".into()));
                 }
                 Distribution::Normal { dev, center }
-            }
-            "zoned" | "zoned_abs" => {
-                return Err(bad(format!(
-                    "{model} is not supported (random, zipf, pareto, normal)"
-                )))
             }
             _ => {
                 return Err(bad(format!(
@@ -374,6 +374,16 @@ pub fn parse_duration_unit(s: &str, unit_secs: f64) -> Result<Duration, JobError
 }
 
 impl JobSpec {
+    /// fio's defaults: `rw=read`, `iodepth=1`, no ramp.
+    pub fn fio_defaults() -> JobSpec {
+        JobSpec {
+            rw: RwMode::Read,
+            iodepth: 1,
+            ramp: Duration::ZERO,
+            ..JobSpec::default()
+        }
+    }
+
     /// Applies one fio-style `key=value` option.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), JobError> {
         let invalid = |why: &str| JobError::Invalid {
@@ -512,8 +522,12 @@ impl JobSpec {
     /// jobs after it), each other `[name]` section is a job, `key=value` or
     /// bare `key` lines, `#`/`;` comments. Options before any section count
     /// as global. A file with no job section is one job of its globals.
+    ///
+    /// A job file starts from fio's defaults where ours differ: `rw=read`,
+    /// `iodepth=1`, `ramp_time=0` (the command line's defaults are a 4 KiB
+    /// randread at QD32 after a 1 s ramp).
     pub fn jobs_from_file(text: &str) -> Result<Vec<JobSpec>, JobError> {
-        let mut global = JobSpec::default();
+        let mut global = JobSpec::fio_defaults();
         let mut jobs: Vec<JobSpec> = Vec::new();
         // Which spec the lines go to: None = global.
         let mut in_job = false;
@@ -838,8 +852,11 @@ mod tests {
         assert_eq!(names, ["a", "b", "c"]);
         assert_eq!((jobs[0].bs, jobs[0].rw), (8192, RwMode::RandRead));
         assert_eq!((jobs[1].bs, jobs[1].rw), (65536, RwMode::Write));
-        // A later [global] changes the defaults of the jobs after it only.
-        assert_eq!((jobs[0].iodepth, jobs[2].iodepth), (32, 4));
+        // A later [global] changes the defaults of the jobs after it only;
+        // fio's default iodepth is 1.
+        assert_eq!((jobs[0].iodepth, jobs[2].iodepth), (1, 4));
+        assert_eq!(jobs[2].rw, RwMode::Read);
+        assert_eq!(jobs[0].ramp, Duration::ZERO);
         assert_eq!(jobs[2].bs, 8192);
         assert!(!jobs[0].stonewall && !jobs[1].stonewall && jobs[2].stonewall);
         // Only globals: one job.

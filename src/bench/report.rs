@@ -433,7 +433,9 @@ fn fio_dir_json(d: &JobDir, group_bw_kib: f64) -> Value {
     clat.insert("percentile".into(), Value::Object(pct));
     let (bw_min, bw_max, bw_mean, bw_dev) = sample_stats(&d.bw_samples);
     let (iops_min, iops_max, iops_mean, iops_dev) = sample_stats(&d.iops_samples);
-    let bw_agg = if group_bw_kib > 1.0 && !d.bw_samples.is_empty() {
+    let bw_agg = if d.bw_samples.is_empty() {
+        0.0
+    } else if group_bw_kib > 1.0 {
         (bw_mean * 100.0 / group_bw_kib).min(100.0)
     } else {
         100.0
