@@ -414,6 +414,14 @@ fn bench_json_and_hist_log_match_fios_for_the_same_job_file() {
         assert!([4096, 8192, 16384, 65536].contains(&l.2), "bs {}", l.2);
     }
     assert!(lines.windows(2).all(|w| w[0].0 <= w[1].0), "time order");
+    // One time axis for the run: the stonewalled job's lines come after
+    // the first group's measured time.
+    let group0_ms = u(&split["read"]["runtime"]);
+    let last = lines.last().unwrap().0;
+    assert!(
+        last > group0_ms,
+        "last sample at {last} ms, group 0 ran {group0_ms} ms"
+    );
     let logged_reads: u64 = lines
         .iter()
         .filter(|l| l.1 == 0)

@@ -174,11 +174,15 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Where one job thread does its I/O and how it is set up.
 #[derive(Debug, Clone, Copy)]
-pub struct ThreadPlan {
+pub struct ThreadPlan<'a> {
     /// Index of this thread among the job's `numjobs` clones.
     pub clone: u32,
     /// Interval of the histogram log in ms (0: no log).
     pub hist_msec: u64,
+    /// Time zero of the histogram log, shared by the threads of a run:
+    /// set by the first thread whose measured part begins (None: this
+    /// thread's own measured start, as fio's per-job epoch).
+    pub hist_epoch: Option<&'a std::sync::OnceLock<Instant>>,
 }
 
 /// What one I/O in flight is.
@@ -252,6 +256,7 @@ pub fn run_job(
         ThreadPlan {
             clone: job_index,
             hist_msec: 0,
+            hist_epoch: None,
         },
         engine,
         block_size,
@@ -264,7 +269,7 @@ pub fn run_job(
 /// [`run_job`] with a [`ThreadPlan`].
 pub fn run_job_planned(
     spec: &JobSpec,
-    plan: ThreadPlan,
+    plan: ThreadPlan<'_>,
     engine: &mut dyn Engine,
     block_size: u32,
     region: (u64, u64),
@@ -328,6 +333,7 @@ pub fn run_job_planned(
     let measure_from = start + spec.ramp;
     let end = measure_from + spec.runtime;
     let mut measuring = false;
+    let mut hist_zero = measure_from;
     let mut usage_start = cpu::ThreadUsage::now();
     let mut measured_end: Option<(Instant, cpu::ThreadUsage)> = None;
     // Rate epoch: the start, then the end of the ramp (fio resets there).
@@ -350,6 +356,7 @@ pub fn run_job_planned(
             usage_start = cpu::ThreadUsage::now();
             rate.reset();
             rate_epoch = now;
+            hist_zero = plan.hist_epoch.map_or(now, |e| *e.get_or_init(|| now));
             window_start = now;
             next_sample = now + SAMPLE_INTERVAL;
         }
@@ -563,7 +570,7 @@ pub fn run_job_planned(
                         window_bytes[dir] += bytes;
                         window_ios[dir] += 1;
                         if plan.hist_msec > 0 {
-                            let ms = now.saturating_duration_since(measure_from).as_millis() as u64;
+                            let ms = now.saturating_duration_since(hist_zero).as_millis() as u64;
                             if let Some(s) = hist[dir].record(clat, ms, dir as u8, bytes as u32) {
                                 r.hist.push(s);
                             }
@@ -690,6 +697,7 @@ pub fn run_jobs(
     let cpu_start = Arc::new(AtomicU64::new(0));
     let poll_start = Arc::new(std::sync::Mutex::new(poll_meter::totals()));
     let phases_done = AtomicBool::new(false);
+    let hist_epoch = std::sync::OnceLock::new();
     let mut results: Vec<(JobResult, poll_meter::PollTotals)> = Vec::new();
     std::thread::scope(|s| -> Result<(), BenchError> {
         // Sample the CPU counter when measuring begins (after the ramp).
@@ -739,6 +747,7 @@ pub fn run_jobs(
                     let spec = &specs[j];
                     let region = regions[j];
                     let n_paths = paths.len();
+                    let hist_epoch = &hist_epoch;
                     let hist_msec = match (options.hist_msec, spec.log_hist_msec) {
                         (0, m) => m,
                         (m, _) => m,
@@ -749,7 +758,11 @@ pub fn run_jobs(
                             crate::worker::precise_timers();
                             let mut r = run_job_planned(
                                 spec,
-                                ThreadPlan { clone, hist_msec },
+                                ThreadPlan {
+                                    clone,
+                                    hist_msec,
+                                    hist_epoch: Some(hist_epoch),
+                                },
                                 engine.as_mut(),
                                 block_size,
                                 region,
