@@ -147,7 +147,7 @@ impl OffsetGen {
                 for _ in 0..GAUSS_ITERS {
                     sum += u64::from(self.rand32()) % (n + 1);
                 }
-                sum = (sum + GAUSS_ITERS - 1) / GAUSS_ITERS;
+                sum = sum.div_ceil(GAUSS_ITERS);
                 if stddev > 0 {
                     let r = f64::from(self.rand32());
                     let vr = (stddev as f64 * (r / (FRAND32_MAX + 1.0))) as i64;

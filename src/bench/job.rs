@@ -276,11 +276,7 @@ pub fn parse_bssplit(s: &str) -> Result<Vec<(u32, u32)>, JobError> {
     if given > 100 {
         return Err(bad(format!("percentages add up to {given}, more than 100")));
     }
-    let share = if missing > 0 {
-        (100 - given) / missing
-    } else {
-        0
-    };
+    let share = (100 - given).checked_div(missing).unwrap_or(0);
     let split: Vec<(u32, u32)> = out
         .into_iter()
         .map(|(b, p)| (b, p.unwrap_or(share)))

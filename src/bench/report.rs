@@ -395,7 +395,7 @@ fn job_dir(threads: &[&JobResult], d: usize) -> JobDir {
             out.bw_samples[i] += st.bw_samples[i];
             out.iops_samples[i] += st.iops_samples[i];
         }
-        if st.lat.len() > 0 {
+        if !st.lat.is_empty() {
             out.runtime_ms = out.runtime_ms.max(t.measured.as_millis() as u64);
         }
     }
@@ -407,10 +407,11 @@ fn job_dir(threads: &[&JobResult], d: usize) -> JobDir {
 fn fio_dir_json(d: &JobDir, group_bw_kib: f64) -> Value {
     let ios = d.lat.len();
     let rt = d.runtime_ms;
-    let (bw_bytes, iops) = if rt > 0 {
-        (d.bytes * 1000 / rt, ios as f64 * 1000.0 / rt as f64)
+    let bw_bytes = (d.bytes * 1000).checked_div(rt).unwrap_or(0);
+    let iops = if rt > 0 {
+        ios as f64 * 1000.0 / rt as f64
     } else {
-        (0, 0.0)
+        0.0
     };
     let mut clat = lat_stats(&d.clat);
     let pct: serde_json::Map<String, Value> = FIO_PERCENTILES

@@ -211,7 +211,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
     let job = job.as_slice();
     match args.transport.as_str() {
         "kernel" => {}
-        "dpdk" => return run_dpdk(args, opts, out, &job),
+        "dpdk" => return run_dpdk(args, opts, out, job),
         other => bail!("unknown transport {other:?} (kernel or dpdk)"),
     }
     let policy: Policy = args
@@ -261,7 +261,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         (None, None) => (args.urls.clone(), opts.bindings(args.urls.len())?),
     };
     let result = if !multipath_engine(&args.engine, urls.len())? {
-        run_inline(&urls[0], &job, args, opts, out)?
+        run_inline(&urls[0], job, args, opts, out)?
     } else {
         for b in &bindings {
             b.check_kernel()?;
@@ -271,7 +271,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
             let b = bindings.get(i).cloned().unwrap_or_default();
             Ok(PathConfig::kernel_bound(addr, &b, login))
         };
-        run_multipath(&urls, policy, &job, args, opts, out, &kernel_path)?
+        run_multipath(&urls, policy, job, args, opts, out, &kernel_path)?
     };
     drop(embedded);
     report_and_check(&result, args, out)
