@@ -595,7 +595,9 @@ impl Worker {
         }
         self.shared.set_state(
             PathState::Down,
-            &format!("logging out: the target asked for it within {within} s"),
+            &format!(
+                "logging out at the target's request (AsyncEvent 1, within {within} s): finishing what is in flight"
+            ),
         );
         self.draining = Some(Drain {
             logout_by: now + Duration::from_millis(u64::from(within) * 750),
