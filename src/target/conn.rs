@@ -690,7 +690,7 @@ impl Core {
     /// After an AsyncEvent 1: closes the connection once Parameter3 has
     /// passed without a logout. True when it did.
     fn logout_overdue(&mut self, now: Instant) -> bool {
-        if self.phase != Phase::FullFeature || !self.logout_due.is_some_and(|due| now >= due) {
+        if self.phase != Phase::FullFeature || self.logout_due.is_none_or(|due| now < due) {
             return false;
         }
         self.logout_due = None;

@@ -354,22 +354,11 @@ pub fn dpdk_path_maker<'a>(
             )));
         }
         let name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
-        let stack = stack.clone();
         Ok(crate::multipath::PathConfig::to_portal(
             &name,
             login,
             addr,
-            Box::new(move |to: SocketAddr| match to {
-                SocketAddr::V4(to) => stack
-                    .connect(queue as u16, to)
-                    .map(|t| Box::new(t) as Box<dyn crate::transport::Transport>),
-                SocketAddr::V6(_) => Err(crate::transport::TransportError::Connect {
-                    addr: to,
-                    source: std::io::Error::other(
-                        "the userspace stack speaks IPv4 only (login redirected to IPv6)",
-                    ),
-                }),
-            }),
+            Box::new(stack.addr_connector(queue as u16)),
         ))
     })
 }
