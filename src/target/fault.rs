@@ -485,4 +485,29 @@ mod tests {
         f.portal(9).stall();
         assert!(!f.is_stalled(9));
     }
+
+    #[test]
+    fn async_events_reach_each_connection_once_and_only_in_scope() {
+        let f = FaultInjector::new(2);
+        // A connection that entered the full feature phase now.
+        let mut seen0 = f.async_generation();
+        let mut seen1 = f.async_generation();
+        assert_eq!(f.take_async_event(0, &mut seen0), None);
+        let ev = AsyncEvent::RequestLogout { within: 3 };
+        f.portal(0).send_async_event(ev);
+        assert_eq!(f.take_async_event(1, &mut seen1), None, "other portal");
+        assert_eq!(f.take_async_event(0, &mut seen0), Some(ev));
+        assert_eq!(f.take_async_event(0, &mut seen0), None, "once");
+        // A connection that logs in later does not get it.
+        let mut later = f.async_generation();
+        assert_eq!(f.take_async_event(0, &mut later), None);
+        let all = AsyncEvent::DropSession {
+            time2wait: 1,
+            time2retain: 2,
+        };
+        f.send_async_event(all);
+        assert_eq!(f.take_async_event(1, &mut seen1), Some(all));
+        assert_eq!(f.take_async_event(0, &mut later), Some(all));
+        assert_eq!(all.code(), 3);
+    }
 }

@@ -993,4 +993,66 @@ mod tests {
             Some(Response::Bounced { slot: 6, .. })
         ));
     }
+
+    fn pdu(h: crate::wire::iscsi::PduHeader) -> Vec<u8> {
+        let mut v = Vec::new();
+        crate::wire::iscsi::encode_pdu(&mut v, &h, &[], Default::default());
+        v
+    }
+
+    /// AsyncEvent 1 while a command is in flight: the path goes Down (no
+    /// new I/O), the command still completes (Done, not bounced), what the
+    /// ring holds afterwards goes back unsent, and only then the logout
+    /// goes out; its answer ends the session.
+    #[test]
+    fn logout_request_finishes_in_flight_work_then_logs_out() {
+        use crate::wire::iscsi::{AsyncMessage, LogoutResponse, PduHeader, Sn};
+        let mut first = pdu(PduHeader::AsyncMessage(AsyncMessage {
+            lun: 0,
+            stat_sn: Sn(102),
+            exp_cmd_sn: Sn(1),
+            max_cmd_sn: Sn(8),
+            event: 1,
+            vcode: 0,
+            param1: 0,
+            param2: 0,
+            param3: 10,
+        }));
+        first.extend(scsi_response(0x2_0000, 103, 0));
+        let logout = pdu(PduHeader::LogoutResponse(LogoutResponse {
+            response: 0,
+            itt: 0x3_0000,
+            stat_sn: Sn(104),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+            time2wait: 1,
+            time2retain: 0,
+        }));
+        let (mut w, shared, mut sub, mut comp) = worker_on(vec![first, logout]);
+        assert!(sub.push(test_unit_ready(3)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down, "no new I/O for this path");
+        assert!(w.draining.is_some_and(|d| d.logout_sent.is_some()));
+        match comp.pop() {
+            Some(Response::Done { slot: 3, .. }) => {}
+            _ => panic!("the in-flight command did not complete"),
+        }
+        assert!(sub.push(test_unit_ready(4)).is_ok());
+        w.round(Instant::now());
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced {
+                slot: 4,
+                sent_in_session: None,
+                ..
+            })
+        ));
+        assert!(comp.pop().is_none());
+        assert!(matches!(w.conn, Conn::Down), "logged out");
+        assert!(w.draining.is_none());
+        assert!(shared.stats().async_events >= 1);
+        // Time2Wait 1 s from the Logout Response: no reconnect before.
+        assert!(!w.health.due(Instant::now() + Duration::from_millis(900)));
+        assert!(w.health.due(Instant::now() + Duration::from_millis(1100)));
+    }
 }
