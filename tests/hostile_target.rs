@@ -776,7 +776,11 @@ fn async_message_dropping_the_connection() {
         p.send(&a, &[]);
         Some(())
     });
-    expect_error(t0, r, &["target dropped the connection (async event 3)"]);
+    expect_error(
+        t0,
+        r,
+        &["target announced it drops the session (AsyncEvent 3, Time2Wait 2 s"],
+    );
     h.join().unwrap();
 }
 

@@ -1048,19 +1048,54 @@ use std::sync::Arc;
 pub const TARGET_IQN: &str = "iqn.2024-01.org.example:target";
 
 pub fn target_shared() -> Arc<iscsi_bypass::target::TargetShared> {
-    let cfg = TargetConfig::ram(TARGET_IQN, 1 << 20);
+    target_shared_strict(false)
+}
+
+/// [`target_shared`] with strict mode on or off.
+pub fn target_shared_strict(strict: bool) -> Arc<iscsi_bypass::target::TargetShared> {
+    let cfg = TargetConfig::ram(TARGET_IQN, 1 << 20).strict(strict);
     let addrs = ["127.0.0.1:3260".parse().unwrap()];
     Arc::new(iscsi_bypass::target::TargetShared::new(cfg, &addrs).expect("target config"))
 }
 
 /// The embedded target's sans-IO connection fed arbitrary initiator bytes in
-/// arbitrary chunks. Nothing panics, and what it answers stays bounded.
+/// arbitrary chunks, in strict mode or not (bit 3 of the first byte), with
+/// an Async Message pending (bits 4-6: none, or AsyncEvent 0-4). Nothing
+/// panics, and what it answers stays bounded.
 pub fn target_conn(data: &[u8]) {
+    use iscsi_bypass::target::fault::InjectedSense;
+    use iscsi_bypass::target::AsyncEvent;
     let mut input = Input(data);
     let chunk_seed = input.u8();
     let stream = input.rest();
     let t0 = Instant::now();
-    let mut conn = TargetConn::new(target_shared(), 0, t0);
+    let shared = target_shared_strict(chunk_seed & 8 != 0);
+    let mut conn = TargetConn::new(shared.clone(), 0, t0);
+    let event = match (chunk_seed >> 4) & 7 {
+        1 => Some(AsyncEvent::Scsi {
+            lun: 0,
+            sense: InjectedSense {
+                key: 6,
+                asc: 0x2a,
+                ascq: 0x06,
+            },
+        }),
+        2 => Some(AsyncEvent::RequestLogout { within: 1 }),
+        3 => Some(AsyncEvent::DropConnection {
+            time2wait: 0,
+            time2retain: 0,
+        }),
+        4 => Some(AsyncEvent::DropSession {
+            time2wait: 1,
+            time2retain: 1,
+        }),
+        5 => Some(AsyncEvent::Renegotiate {
+            max_recv_data_segment_len: Some(512),
+        }),
+        _ => None,
+    };
+    // Sent once the connection is in the full feature phase.
+    let mut event = event;
     let mut seed = (u32::from(chunk_seed) * 0x0101_0101) | 1;
     let max_chunk = match chunk_seed & 3 {
         0 => usize::MAX,
@@ -1079,6 +1114,12 @@ pub fn target_conn(data: &[u8]) {
         .min(stream.len() - fed);
         conn.receive(&stream[fed..fed + n], now);
         fed += n;
+        if conn.is_full_feature() {
+            if let Some(e) = event.take() {
+                shared.faults.send_async_event(e);
+                conn.handle_timeout(now);
+            }
+        }
         // A 1 MiB LUN: no answer to one chunk can be much larger than it.
         assert!(
             conn.output().len() < (4 << 20),

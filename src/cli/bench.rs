@@ -645,10 +645,11 @@ fn run_dpdk_multipath(
             stack.options().port,
             stack.options().local_ip
         );
-        Ok(PathConfig::new(
+        Ok(PathConfig::to_portal(
             &name,
             login,
-            Box::new(stack.connector(queue, remote)),
+            addr,
+            Box::new(stack.addr_connector(queue)),
         ))
     };
     let result = run_multipath(&args.urls, policy, job, args, opts, out, &dpdk_path)?;

@@ -340,6 +340,7 @@ mod tests {
             bytes: commands * 4096,
             errors: 0,
             resubmitted: 0,
+            async_events: 0,
             logins: 1,
             outstanding: 3,
             outstanding_bytes: 3 * 4096,

@@ -38,8 +38,16 @@ pub enum ConnError {
     Protocol(String),
     #[error("target rejected a PDU: {0}")]
     Rejected(String),
-    #[error("target dropped the connection (async event {0})")]
-    TargetDropped(u8),
+    /// The target announced that it drops the connection (AsyncEvent 2)
+    /// or the whole session (AsyncEvent 3), RFC 7143 §11.9.1: reconnect no
+    /// sooner than `time2wait` seconds; tasks may be reassigned for
+    /// `time2retain` seconds after that (not at error recovery level 0).
+    #[error("target announced it drops the {} (AsyncEvent {event}, Time2Wait {time2wait} s, Time2Retain {time2retain} s)", if *.event == 3 { "session" } else { "connection" })]
+    TargetDropped {
+        event: u8,
+        time2wait: u16,
+        time2retain: u16,
+    },
     #[error("no answer to NOP-Out ping within {0:?}: connection considered dead")]
     PingTimeout(Duration),
     #[error("command timed out after {0:?}")]
@@ -156,9 +164,18 @@ pub enum Event {
         lun: u64,
         sense: Vec<u8>,
     },
-    /// The target asks us to log out within `within` seconds.
+    /// The target asks us to log out within `within` seconds
+    /// (AsyncEvent 1, Parameter3).
     LogoutRequested {
         within: u16,
+    },
+    /// The target asked for parameter renegotiation (AsyncEvent 4); the
+    /// connection has sent the Text Request with our declarations.
+    RenegotiationStarted,
+    /// The renegotiation's Text Response was applied: the target's
+    /// MaxRecvDataSegmentLength now bounds the data segments we send.
+    Renegotiated {
+        max_xmit_data_segment_len: u32,
     },
     LoggedOut {
         time2wait: u16,
@@ -190,6 +207,8 @@ enum TaskKind {
         /// The target's transfer tag once it answered with the C bit: the
         /// next (empty) request asks for the rest, and it too takes a CmdSN.
         continuation: Option<u32>,
+        /// Ours, for an AsyncEvent 4: the answer is applied, not reported.
+        renegotiation: bool,
     },
     Ping {
         sent_at: Instant,
@@ -698,6 +717,7 @@ impl Connection {
                 request: pairs.to_bytes(),
                 collected: Vec::new(),
                 continuation: None,
+                renegotiation: false,
             },
             now,
         )?;
@@ -727,6 +747,70 @@ impl Connection {
         });
         encode_pdu(&mut self.tx, &hdr, data, self.digests);
         self.stats.pdus_out += 1;
+    }
+
+    /// Answers AsyncEvent 4 (RFC 7143 §11.9.1: "the initiator MUST honor
+    /// this request by issuing a Text Request ... as early as possible,
+    /// unless a Text Request is already pending"): declares our
+    /// MaxRecvDataSegmentLength again, the one operational key the full
+    /// feature phase may renegotiate (§13.12, "Use: ALL"; the others are
+    /// leading-only or login-only). The answer is applied when it comes
+    /// ([`Event::Renegotiated`]).
+    fn start_renegotiation(&mut self, now: Instant) {
+        let pending = self
+            .slots
+            .iter()
+            .flatten()
+            .any(|t| matches!(t.kind, TaskKind::Text { .. }));
+        if pending || self.check_usable().is_err() {
+            return;
+        }
+        let mut pairs = TextPairs::new();
+        pairs.push(
+            "MaxRecvDataSegmentLength",
+            self.params.max_recv_data_segment_len.to_string(),
+        );
+        let Ok(slot) = self.alloc_slot(
+            TaskKind::Text {
+                user_tag: 0,
+                request: pairs.to_bytes(),
+                collected: Vec::new(),
+                continuation: None,
+                renegotiation: true,
+            },
+            now,
+        ) else {
+            return;
+        };
+        self.events.push_back(Event::RenegotiationStarted);
+        self.waiting.push_back(slot);
+        self.flush_waiting();
+    }
+
+    /// Takes the target's declarations from a renegotiation's answer.
+    fn apply_renegotiation(&mut self, pairs: &TextPairs) -> Result<(), ConnError> {
+        for (k, v) in pairs.iter() {
+            match k {
+                "MaxRecvDataSegmentLength" => {
+                    let n = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (512..=16_777_215).contains(n))
+                        .ok_or_else(|| {
+                            ConnError::Protocol(format!(
+                                "renegotiation: MaxRecvDataSegmentLength={v:?} is not 512..16777215 (RFC 7143 §13.12)"
+                            ))
+                        })?;
+                    self.params.max_xmit_data_segment_len = n;
+                }
+                // Answers to keys we did not send, or to vendor keys.
+                _ => log::debug!("renegotiation: target sent {k}={v}, ignored"),
+            }
+        }
+        self.events.push_back(Event::Renegotiated {
+            max_xmit_data_segment_len: self.params.max_xmit_data_segment_len,
+        });
+        Ok(())
     }
 
     /// Starts a logout of the whole session (reason 0).
@@ -1164,11 +1248,19 @@ impl Connection {
                 let Some(task) = self.free_slot(slot) else {
                     return Ok(());
                 };
-                let TaskKind::Text { collected, .. } = task.kind else {
+                let TaskKind::Text {
+                    collected,
+                    renegotiation,
+                    ..
+                } = task.kind
+                else {
                     return Ok(());
                 };
                 let pairs = TextPairs::parse(&collected)
                     .map_err(|e| ConnError::Protocol(format!("text response: {e}")))?;
+                if renegotiation {
+                    return self.apply_renegotiation(&pairs);
+                }
                 self.events.push_back(Event::Text { user_tag, pairs });
                 Ok(())
             }
@@ -1229,8 +1321,19 @@ impl Connection {
                             .push_back(Event::LogoutRequested { within: a.param3 });
                         Ok(())
                     }
-                    2 | 3 => Err(ConnError::TargetDropped(a.event)),
-                    // 4 = renegotiate, 255 = vendor: nothing we must do.
+                    // RFC 7143 §11.9.1: the connection (2) or every
+                    // connection of the session (3) is about to go.
+                    // Parameter2 is Time2Wait, Parameter3 Time2Retain.
+                    2 | 3 => Err(ConnError::TargetDropped {
+                        event: a.event,
+                        time2wait: a.param2,
+                        time2retain: a.param3,
+                    }),
+                    4 => {
+                        self.start_renegotiation(now);
+                        Ok(())
+                    }
+                    // 255 = vendor specific: nothing we must do.
                     _ => Ok(()),
                 }
             }

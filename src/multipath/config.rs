@@ -10,6 +10,7 @@ use crate::iscsi::chap::{Credentials, Secret};
 use crate::iscsi::connection::ConnTimers;
 use crate::iscsi::discovery::send_targets;
 use crate::iscsi::login::{random_isid, LoginConfig};
+use crate::iscsi::redirect::LoginPortal;
 use crate::iscsi::url::IscsiUrl;
 use crate::transport::kernel::{KernelTcp, KernelTcpOptions};
 use crate::transport::{Transport, TransportError};
@@ -19,6 +20,34 @@ use std::time::Duration;
 /// Opens a new byte stream for a path; called for the first login and for
 /// every reconnect. Kernel TCP and the userspace stack both fit.
 pub type Connector = Box<dyn FnMut() -> Result<Box<dyn Transport>, TransportError> + Send>;
+
+/// Opens a new byte stream to a given address: what a path that follows
+/// login redirects needs (the redirect names the next address).
+pub type AddrConnector =
+    Box<dyn FnMut(SocketAddr) -> Result<Box<dyn Transport>, TransportError> + Send>;
+
+/// How a path opens its byte stream for each login.
+pub enum PathConnector {
+    /// Always the same way (a path built by hand); a login the target
+    /// redirects fails, naming the address it was sent to.
+    Fixed(Connector),
+    /// To the portal's address, following login redirects (RFC 7143
+    /// §11.13.5) a bounded number of hops: every login starts at
+    /// [`LoginPortal::home`], the original address after temporary
+    /// redirects, the last permanent redirect's address otherwise.
+    Portal {
+        /// Where logins start, and the redirects the last one followed.
+        portal: LoginPortal,
+        /// Opens a stream to an address.
+        connect: AddrConnector,
+    },
+}
+
+impl From<Connector> for PathConnector {
+    fn from(c: Connector) -> PathConnector {
+        PathConnector::Fixed(c)
+    }
+}
 
 /// `Box<dyn Transport>` as a `Transport` (sessions are generic over it).
 pub struct BoxedTransport(pub Box<dyn Transport>);
@@ -255,7 +284,7 @@ pub struct PathConfig {
     /// the constructors below pick a random one.
     pub login: LoginConfig,
     /// Opens this path's byte stream (first login and every reconnect).
-    pub connector: Connector,
+    pub connector: PathConnector,
 }
 
 impl std::fmt::Debug for PathConfig {
@@ -274,7 +303,27 @@ impl PathConfig {
         PathConfig {
             name: name.to_string(),
             login,
-            connector,
+            connector: PathConnector::Fixed(connector),
+        }
+    }
+
+    /// A path to `portal` over any transport (`connect` opens a stream to
+    /// an address) that follows login redirects: see
+    /// [`PathConnector::Portal`].
+    pub fn to_portal(
+        name: &str,
+        mut login: LoginConfig,
+        portal: SocketAddr,
+        connect: AddrConnector,
+    ) -> PathConfig {
+        login.isid = random_isid();
+        PathConfig {
+            name: name.to_string(),
+            login,
+            connector: PathConnector::Portal {
+                portal: LoginPortal::new(portal),
+                connect,
+            },
         }
     }
 
@@ -302,11 +351,12 @@ impl PathConfig {
         } else {
             format!("{}->{}", binding.describe(), portal)
         };
-        PathConfig::new(
+        PathConfig::to_portal(
             &name,
             login,
-            Box::new(move || {
-                KernelTcp::connect(portal, &opts).map(|t| Box::new(t) as Box<dyn Transport>)
+            portal,
+            Box::new(move |addr| {
+                KernelTcp::connect(addr, &opts).map(|t| Box::new(t) as Box<dyn Transport>)
             }),
         )
     }

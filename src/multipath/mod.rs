@@ -16,7 +16,10 @@ pub mod probe;
 pub mod selector;
 pub mod silence;
 
-pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PortBinding};
+pub use config::{
+    AddrConnector, BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PathConnector,
+    PortBinding,
+};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{

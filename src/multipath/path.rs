@@ -91,6 +91,7 @@ struct WorkerCounters {
     errors: AtomicU64,
     resubmitted: AtomicU64,
     logins: AtomicU64,
+    async_events: AtomicU64,
 }
 
 /// State of one path shared between its worker, the submitters and the
@@ -290,6 +291,13 @@ impl PathShared {
         }
     }
 
+    /// Worker side: the target sent an Async Message (`what` says which
+    /// and what it carried); logged and counted ([`PathStats::async_events`]).
+    pub fn record_async_event(&self, what: &str) {
+        log::warn!("path {}: target sent an async message: {what}", self.name);
+        self.counters.async_events.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Worker side: commands handed back because this path failed.
     pub fn record_resubmitted(&self, n: u64) {
         if n > 0 {
@@ -373,6 +381,7 @@ impl PathShared {
             bytes: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             resubmitted: c.resubmitted.load(Ordering::Relaxed),
+            async_events: c.async_events.load(Ordering::Relaxed),
             wakeups: self.wake.as_ref().map_or(0, |w| w.notified()),
             logins: c.logins.load(Ordering::Relaxed),
             outstanding: l.outstanding,
@@ -439,6 +448,9 @@ pub struct PathStats {
     pub resubmitted: u64,
     /// Successful logins (1 + reconnects).
     pub logins: u64,
+    /// Async Messages the target sent on this path (RFC 7143 §11.9: SCSI
+    /// async events, logout requests, drop announcements, renegotiation).
+    pub async_events: u64,
     /// Times a submission woke this path's worker from a block
     /// (`IdleMode::Block`): each one an eventfd write.
     pub wakeups: u64,
@@ -595,6 +607,15 @@ impl PathHealth {
         };
         self.attempts = self.attempts.saturating_add(1);
         let at = now + delay;
+        self.next_attempt = Some(at);
+        at
+    }
+
+    /// As [`on_failure`](Self::on_failure), with the next attempt no sooner
+    /// than `at_least` from now: the Time2Wait a target gave in an Async
+    /// Message (RFC 7143 §11.9.1) or a Logout Response (§11.15.2).
+    pub fn on_failure_waiting(&mut self, now: Instant, at_least: Duration) -> Instant {
+        let at = self.on_failure(now).max(now + at_least);
         self.next_attempt = Some(at);
         at
     }

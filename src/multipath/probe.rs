@@ -2,7 +2,7 @@
 //! (VPD 83h designator), through which target port group, in which ALUA
 //! state, and the capacity. Runs off the I/O path (at open and on reconnect).
 
-use super::config::{BoxedTransport, Connector};
+use super::config::{BoxedTransport, PathConnector};
 use super::MultipathError;
 use crate::iscsi::connection::{Command, ConnTimers, Direction};
 use crate::iscsi::login::LoginConfig;
@@ -31,6 +31,10 @@ pub struct PathProbe {
     pub block_size: u32,
     /// Negotiated DefaultTime2Wait.
     pub time2wait: Duration,
+    /// Where the login landed when the target redirected it, with the
+    /// hops (`127.0.0.1:3261 (after 127.0.0.1:3260 redirected temporarily
+    /// to 127.0.0.1:3261)`); None when it was not redirected.
+    pub redirected_to: Option<String>,
 }
 
 impl std::fmt::Debug for PathProbe {
@@ -64,18 +68,39 @@ pub struct ProbeConfig {
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects, logs in and inspects the LU.
-pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, MultipathError> {
+pub fn probe(
+    connector: &mut PathConnector,
+    cfg: &ProbeConfig,
+) -> Result<PathProbe, MultipathError> {
     let login_err = |e: String| MultipathError::Login {
         path: cfg.name.clone(),
         reason: e,
     };
-    let transport = connector().map_err(|e| login_err(e.to_string()))?;
     let mut sc = SessionConfig::new(cfg.login.clone());
     sc.timers = cfg.timers;
     sc.login_timeout = cfg.login_timeout;
     sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
-    let mut session =
-        Session::login(BoxedTransport(transport), &sc).map_err(|e| login_err(e.to_string()))?;
+    let (mut session, redirected_to) = match connector {
+        PathConnector::Fixed(connect) => {
+            let transport = connect().map_err(|e| login_err(e.to_string()))?;
+            let s = Session::login(BoxedTransport(transport), &sc)
+                .map_err(|e| login_err(e.to_string()))?;
+            (s, None)
+        }
+        PathConnector::Portal { portal, connect } => {
+            // Errors name every hop ("login at B (after A redirected
+            // temporarily to B): ...").
+            let (s, at) = portal
+                .login(|addr| connect(addr).map(BoxedTransport), &sc)
+                .map_err(|e| login_err(e.to_string()))?;
+            let hops = portal.last_hops();
+            let landed = (!hops.is_empty()).then(|| {
+                let list: Vec<String> = hops.iter().map(ToString::to_string).collect();
+                format!("{at} (after {})", list.join(", then "))
+            });
+            (s, landed)
+        }
+    };
     let time2wait = Duration::from_secs(u64::from(session.connection().params().default_time2wait));
     let scsi_err = |what: &'static str| {
         let name = cfg.name.clone();
@@ -135,6 +160,7 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
         capacity_blocks: cap.block_count(),
         block_size: cap.block_len,
         time2wait,
+        redirected_to,
     })
 }
 

@@ -23,8 +23,11 @@ use crate::wire::iscsi::{
 };
 use crate::wire::text::TextPairs;
 
+use super::fault::AsyncEvent;
 use super::scsi::{self, status, ParamCommand, Plan, Port, Sense};
+use super::strict::{self, Rule, Violation};
 use super::SharedTarget;
+use crate::wire::iscsi::AsyncMessage;
 
 /// Reject reason codes (RFC 7143 §11.17.1).
 mod reject {
@@ -123,6 +126,11 @@ struct WriteTask {
     sequence_ttt: Option<u32>,
     next_data_sn: Sn,
     error: Option<Sense>,
+    /// Strict mode: unsolicited bytes so far (immediate + Data-Out
+    /// without R2T), and the R2Ts not yet answered in full (TTT, offset,
+    /// length).
+    unsolicited: u32,
+    r2ts: Vec<(u32, u32, u32)>,
 }
 
 /// Text Request/Response exchange spanning several PDUs.
@@ -202,12 +210,28 @@ struct Core {
     /// Set once a newer login of the same I_T nexus reinstated (ended)
     /// this session: nothing more is executed.
     ended: Option<Arc<AtomicBool>>,
+    /// Strict mode on ([`strict`]).
+    strict: bool,
+    /// Strict mode: the highest ExpStatSN the initiator sent.
+    exp_stat_sn_seen: Sn,
+    /// Async messages up to this generation are not for this connection.
+    async_seen: u64,
+    /// After an AsyncEvent 1: the initiator must have logged out by then.
+    logout_due: Option<Instant>,
+    /// After an AsyncEvent 4: what to declare as our
+    /// MaxRecvDataSegmentLength in the Text negotiation (None inside: keep).
+    renegotiate: Option<Option<u32>>,
+    /// After a renegotiation: the StatSN of the Text Response that declared
+    /// the new MaxRecvDataSegmentLength, the new value and the old one.
+    /// PDUs whose ExpStatSN is past that StatSN obey the new value.
+    mrdsl_change: Option<(Sn, u32, u32)>,
 }
 
 impl TargetConn {
     /// A new connection on portal index `portal` of `shared`.
     pub fn new(shared: SharedTarget, portal: usize, now: Instant) -> TargetConn {
         let ours = shared.config.limits.max_recv_data_segment_len;
+        let strict = shared.config.strict;
         let params = Params {
             max_recv_data_segment_len: ours,
             ..Params::default()
@@ -255,6 +279,12 @@ impl TargetConn {
                 last_rx: now,
                 ping: None,
                 ended: None,
+                strict,
+                exp_stat_sn_seen: Sn(0),
+                async_seen: 0,
+                logout_due: None,
+                renegotiate: None,
+                mrdsl_change: None,
             },
         }
     }
@@ -342,14 +372,22 @@ impl TargetConn {
 
     /// When [`handle_timeout`](Self::handle_timeout) wants to run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let interval = self.core.shared.config.nop_in_interval?;
         if self.core.phase != Phase::FullFeature {
             return None;
         }
-        Some(match self.core.ping {
-            Some((_, sent)) => sent + interval,
-            None => self.core.last_rx + interval,
-        })
+        let ping = self
+            .core
+            .shared
+            .config
+            .nop_in_interval
+            .map(|interval| match self.core.ping {
+                Some((_, sent)) => sent + interval,
+                None => self.core.last_rx + interval,
+            });
+        match (ping, self.core.logout_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs timers: sends a NOP-In ping on an idle connection, or closes
@@ -360,8 +398,19 @@ impl TargetConn {
                 .close("session reinstated by a newer login with the same ISID");
             return;
         }
-        let Some(deadline) = self.poll_timeout() else {
+        self.core.poll_async(now);
+        if self.core.logout_overdue(now) {
             return;
+        }
+        if self.core.phase != Phase::FullFeature {
+            return;
+        }
+        let Some(interval) = self.core.shared.config.nop_in_interval else {
+            return;
+        };
+        let deadline = match self.core.ping {
+            Some((_, sent)) => sent + interval,
+            None => self.core.last_rx + interval,
         };
         if now < deadline {
             return;
@@ -426,6 +475,8 @@ impl TargetConn {
             self.rx_start = 0;
             self.rx_end = 0;
         }
+        self.core.poll_async(now);
+        self.core.logout_overdue(now);
     }
 }
 
@@ -563,6 +614,307 @@ impl Core {
         true
     }
 
+    // ------------------------------------------------------------ async
+
+    /// Sends an async message the fault injector has for this connection.
+    fn poll_async(&mut self, now: Instant) {
+        if self.phase != Phase::FullFeature || self.session_type != SessionType::Normal {
+            return;
+        }
+        let faults = self.shared.faults.clone();
+        let Some(event) = faults.take_async_event(self.portal, &mut self.async_seen) else {
+            return;
+        };
+        faults.count_async_sent();
+        let (mut lun, mut params, mut data) = (0u64, (0u16, 0u16, 0u16), Vec::new());
+        match event {
+            AsyncEvent::Scsi { lun: n, sense } => {
+                lun = scsi::encode_lun(n);
+                let s = Sense {
+                    key: sense.key,
+                    asc: sense.asc,
+                    ascq: sense.ascq,
+                    information: None,
+                };
+                data = vec![0u8; 2 + Sense::FIXED_LEN];
+                data[1] = Sense::FIXED_LEN as u8;
+                data[2..].copy_from_slice(&s.emit_fixed());
+            }
+            AsyncEvent::RequestLogout { within } => {
+                params.2 = within;
+                self.logout_due = Some(now + std::time::Duration::from_secs(u64::from(within)));
+            }
+            AsyncEvent::DropConnection {
+                time2wait,
+                time2retain,
+            }
+            | AsyncEvent::DropSession {
+                time2wait,
+                time2retain,
+            } => {
+                params = (self.cid, time2wait, time2retain);
+                if matches!(event, AsyncEvent::DropSession { .. }) {
+                    params.0 = 0;
+                }
+            }
+            AsyncEvent::Renegotiate {
+                max_recv_data_segment_len,
+            } => self.renegotiate = Some(max_recv_data_segment_len),
+        }
+        let (exp, max) = self.window();
+        let h = PduHeader::AsyncMessage(AsyncMessage {
+            lun,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+            event: event.code(),
+            vcode: 0,
+            param1: params.0,
+            param2: params.1,
+            param3: params.2,
+        });
+        self.emit(&h, &data);
+        log::info!(
+            "sent AsyncEvent {} to {} ({event:?})",
+            event.code(),
+            self.initiator_name
+        );
+        if event.code() == 2 || event.code() == 3 {
+            self.close(format!(
+                "dropped after announcing it (AsyncEvent {})",
+                event.code()
+            ));
+        }
+    }
+
+    /// After an AsyncEvent 1: closes the connection once Parameter3 has
+    /// passed without a logout. True when it did.
+    fn logout_overdue(&mut self, now: Instant) -> bool {
+        if self.phase != Phase::FullFeature || self.logout_due.is_none_or(|due| now < due) {
+            return false;
+        }
+        self.logout_due = None;
+        self.shared.faults.count_logout(false);
+        self.close("the initiator did not log out within Parameter3 of AsyncEvent 1");
+        true
+    }
+
+    // ------------------------------------------------------------ strict
+
+    /// Strict mode: records that the initiator broke `rule` and ends the
+    /// connection. Returns false, for `return` in the checks.
+    fn violation(&mut self, rule: Rule, detail: String) -> bool {
+        let v = Violation {
+            rule,
+            initiator: self.initiator_name.clone(),
+            detail,
+        };
+        let reason = format!("strict mode: {v}");
+        self.shared.record_violation(v);
+        self.close(reason);
+        false
+    }
+
+    /// The MaxRecvDataSegmentLength a PDU acknowledging up to `exp_stat_sn`
+    /// must keep: after a renegotiation, the new value once the initiator
+    /// has seen the Text Response that declared it, the larger one before.
+    fn recv_limit(&self, exp_stat_sn: Option<Sn>) -> u32 {
+        let ours = self.params.max_recv_data_segment_len;
+        match (self.mrdsl_change, exp_stat_sn) {
+            (Some((answer, new, _)), Some(e)) if e.gt(answer) => new,
+            (Some((_, new, old)), _) => new.max(old),
+            (None, _) => ours,
+        }
+    }
+
+    /// The checks of strict mode that need no task: reserved fields,
+    /// CmdSN, ExpStatSN, segment length, the SCSI Command's F bit and
+    /// immediate data. False: a rule was broken (the connection is closed).
+    fn check_strict(&mut self, h: &PduHeader, bhs: &[u8], data: &[u8]) -> bool {
+        let what = strict::what(h);
+        if let Some((field, value)) = strict::reserved_set(h, bhs) {
+            return self.violation(
+                Rule::ReservedZero,
+                format!("{what}: {field} is {value:#x}, not 0"),
+            );
+        }
+        let exp_stat_sn = strict::exp_stat_sn_of(h);
+        if let Some(e) = exp_stat_sn {
+            // Acknowledges at most what we sent (StatSN up to stat_sn - 1),
+            // and never less than before.
+            if e.gt(self.stat_sn) || e.lt(self.exp_stat_sn_seen) {
+                return self.violation(
+                    Rule::ExpStatSn,
+                    format!(
+                        "{what} has ExpStatSN {e}; the target has sent StatSN up to {} and was acknowledged up to {}",
+                        Sn(self.stat_sn.0.wrapping_sub(1)),
+                        Sn(self.exp_stat_sn_seen.0.wrapping_sub(1))
+                    ),
+                );
+            }
+            self.exp_stat_sn_seen = e;
+        }
+        if let Some((immediate, cmd_sn)) = strict::cmd_sn_of(h) {
+            if immediate || strict::is_ping_answer(h) {
+                if cmd_sn != self.exp_cmd_sn {
+                    return self.violation(
+                        Rule::ImmediateCmdSn,
+                        format!(
+                            "immediate {what} has CmdSN {cmd_sn}, not the next CmdSN {} (ExpCmdSN)",
+                            self.exp_cmd_sn
+                        ),
+                    );
+                }
+            } else if cmd_sn != self.exp_cmd_sn || cmd_sn.gt(self.max_cmd_sn) {
+                return self.violation(
+                    Rule::CmdSnWindow,
+                    format!(
+                        "{what} has CmdSN {cmd_sn}; ExpCmdSN is {}, MaxCmdSN {}",
+                        self.exp_cmd_sn, self.max_cmd_sn
+                    ),
+                );
+            }
+        }
+        let limit = self.recv_limit(exp_stat_sn);
+        if data.len() > limit as usize {
+            return self.violation(
+                Rule::MaxRecvDataSegmentLength,
+                format!(
+                    "{what} carries a {}-byte data segment; the target's MaxRecvDataSegmentLength is {limit}",
+                    data.len()
+                ),
+            );
+        }
+        if let PduHeader::ScsiCommand(c) = h {
+            let expected = if c.write { c.expected_data_len } else { 0 };
+            let first_burst = self.params.first_burst_len.min(expected);
+            if !data.is_empty() && !self.params.immediate_data {
+                return self.violation(
+                    Rule::UnsolicitedData,
+                    format!(
+                        "SCSI Command carries {} bytes of immediate data with ImmediateData=No",
+                        data.len()
+                    ),
+                );
+            }
+            if data.len() as u64 > u64::from(self.params.first_burst_len) {
+                return self.violation(
+                    Rule::FirstBurstLength,
+                    format!(
+                        "{} bytes of immediate data; FirstBurstLength is {}",
+                        data.len(),
+                        self.params.first_burst_len
+                    ),
+                );
+            }
+            if !c.final_bit {
+                if !c.write || self.params.initial_r2t {
+                    return self.violation(
+                        Rule::FinalBit,
+                        format!(
+                            "SCSI Command without the F bit, but no unsolicited Data-Out may follow ({}, InitialR2T={})",
+                            if c.write { "a write" } else { "not a write" },
+                            if self.params.initial_r2t { "Yes" } else { "No" }
+                        ),
+                    );
+                }
+                if data.len() as u32 >= first_burst {
+                    return self.violation(
+                        Rule::FinalBit,
+                        format!(
+                            "SCSI Command without the F bit after {} bytes of immediate data: the unsolicited burst ({first_burst} bytes) is complete",
+                            data.len()
+                        ),
+                    );
+                }
+            }
+        }
+        true
+    }
+
+    /// Strict checks of a Data-Out against its task `i`. False: broken.
+    fn check_strict_data_out(&mut self, i: usize, d: &DataOut, len: u32) -> bool {
+        let first_burst = self.params.first_burst_len;
+        let initial_r2t = self.params.initial_r2t;
+        let t = &self.tasks[i];
+        let expected_sn = if t.sequence_ttt == Some(d.ttt) {
+            t.next_data_sn
+        } else {
+            Sn(0)
+        };
+        if d.data_sn != expected_sn || d.buffer_offset != t.received {
+            let detail = format!(
+                "Data-Out for ITT {:#x} has DataSN {} at offset {}, expected DataSN {} at offset {}",
+                d.itt, d.data_sn, d.buffer_offset, expected_sn, t.received
+            );
+            return self.violation(Rule::DataSnOrder, detail);
+        }
+        if d.ttt == RESERVED_TAG {
+            if initial_r2t {
+                let detail = format!(
+                    "unsolicited Data-Out for ITT {:#x} with InitialR2T=Yes",
+                    d.itt
+                );
+                return self.violation(Rule::UnsolicitedData, detail);
+            }
+            if t.unsolicited_done {
+                let detail = format!(
+                    "unsolicited Data-Out for ITT {:#x} after the F bit ended the unsolicited burst",
+                    d.itt
+                );
+                return self.violation(Rule::FinalBit, detail);
+            }
+            let total = t.unsolicited.saturating_add(len);
+            let burst = first_burst.min(t.expected);
+            if total > first_burst {
+                let detail = format!(
+                    "{total} bytes of unsolicited data for ITT {:#x}; FirstBurstLength is {first_burst}",
+                    d.itt
+                );
+                return self.violation(Rule::FirstBurstLength, detail);
+            }
+            if total == burst && !d.final_bit {
+                let detail = format!(
+                    "the Data-Out that completes ITT {:#x}'s unsolicited burst ({burst} bytes) lacks the F bit",
+                    d.itt
+                );
+                return self.violation(Rule::FinalBit, detail);
+            }
+            self.tasks[i].unsolicited = total;
+            return true;
+        }
+        let Some(k) = t.r2ts.iter().position(|r| r.0 == d.ttt) else {
+            let detail = format!(
+                "Data-Out for ITT {:#x} with TTT {:#x}, which no outstanding R2T gave: data beyond what the R2Ts asked for",
+                d.itt, d.ttt
+            );
+            return self.violation(Rule::MaxBurstLength, detail);
+        };
+        let (_, off, want) = t.r2ts[k];
+        let end = u64::from(d.buffer_offset) + u64::from(len);
+        let r2t_end = u64::from(off) + u64::from(want);
+        if end > r2t_end {
+            let detail = format!(
+                "Data-Out for ITT {:#x} (TTT {:#x}) reaches byte {end}; its R2T asked for {want} bytes from {off} (MaxBurstLength {})",
+                d.itt, d.ttt, self.params.max_burst_len
+            );
+            return self.violation(Rule::MaxBurstLength, detail);
+        }
+        if (end == r2t_end) != d.final_bit {
+            let detail = format!(
+                "Data-Out for ITT {:#x} (TTT {:#x}) ending at byte {end} of the R2T's {off}..{r2t_end} {} the F bit",
+                d.itt,
+                d.ttt,
+                if d.final_bit { "has" } else { "lacks" }
+            );
+            return self.violation(Rule::FinalBit, detail);
+        }
+        if d.final_bit {
+            self.tasks[i].r2ts.swap_remove(k);
+        }
+        true
+    }
+
     fn reject(&mut self, reason: u8, bhs: &[u8]) {
         log::debug!(
             "rejecting PDU: {}",
@@ -610,6 +962,7 @@ impl Core {
                 other => self.close(format!("{} PDU during login", other.opcode())),
             },
             Phase::FullFeature => match h {
+                _ if self.strict && !self.check_strict(h, bhs, data) => {}
                 PduHeader::ScsiCommand(c) => self.on_scsi_command(c, bhs, data),
                 PduHeader::DataOut(d) => self.on_data_out(d, bhs, data),
                 PduHeader::NopOut(n) => self.on_nop_out(n, data, now),
@@ -1000,8 +1353,15 @@ impl Core {
         self.digests = self.params.digests();
         self.framer = PduFramer {
             digests: self.digests,
-            max_data_segment_len: self.params.max_recv_data_segment_len,
+            // Strict mode frames longer segments too, to name the rule.
+            max_data_segment_len: if self.strict {
+                16 << 20
+            } else {
+                self.params.max_recv_data_segment_len
+            },
         };
+        self.exp_stat_sn_seen = self.stat_sn;
+        self.async_seen = self.shared.faults.async_generation();
         let ua = self
             .shared
             .config
@@ -1258,11 +1618,14 @@ impl Core {
             sequence_ttt: None,
             next_data_sn: Sn(0),
             error,
+            unsolicited: 0,
+            r2ts: Vec::new(),
         };
         if !data.is_empty() && expected > 0 {
             let n = data.len().min(expected as usize);
             store(&self.shared, &mut task.sink, 0, &data[..n]);
             task.received = n as u32;
+            task.unsolicited = n as u32;
         }
         task.next_r2t_offset = task.received;
         self.tasks.push(task);
@@ -1301,6 +1664,9 @@ impl Core {
                 buffer_offset: t.next_r2t_offset,
                 desired_len: len,
             });
+            if self.strict {
+                t.r2ts.push((ttt, t.next_r2t_offset, len));
+            }
             t.r2t_sn = t.r2t_sn.next();
             t.next_r2t_offset += len;
             t.outstanding_r2t += 1;
@@ -1337,6 +1703,9 @@ impl Core {
             log::debug!("Data-Out for unknown ITT {:#x} dropped", d.itt);
             return;
         };
+        if self.strict && !self.check_strict_data_out(i, d, data.len() as u32) {
+            return;
+        }
         let end = u64::from(d.buffer_offset) + data.len() as u64;
         if end > u64::from(self.tasks[i].expected) {
             return self.reject(reject::INVALID_FIELD, bhs);
@@ -1444,12 +1813,39 @@ impl Core {
             Err(_) => return self.reject(reject::INVALID_FIELD, bhs),
         };
         let mut reply = TextPairs::new();
+        let mut declared = None;
         for (k, v) in pairs.iter() {
             if k == "SendTargets" {
                 self.send_targets(v, &mut reply);
+            } else if k == "MaxRecvDataSegmentLength" {
+                // Declarative, "Use: ALL" (RFC 7143 §13.12): renegotiable in
+                // the full feature phase. Theirs bounds what we send.
+                match v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (512..=16_777_215).contains(n))
+                {
+                    Some(n) => {
+                        self.params.max_xmit_data_segment_len = n;
+                        let old = self.params.max_recv_data_segment_len;
+                        let new = self.renegotiate.take().flatten().unwrap_or(old);
+                        reply.push(k, new.to_string());
+                        declared = Some((new, old));
+                    }
+                    None => reply.push(k, "Reject"),
+                }
             } else {
                 reply.push(k, "NotUnderstood");
             }
+        }
+        if let Some((new, old)) = declared {
+            // The response goes out with the next StatSN.
+            self.mrdsl_change = Some((self.stat_sn, new, old));
+            self.params.max_recv_data_segment_len = new;
+            if new > self.framer.max_data_segment_len {
+                self.framer.max_data_segment_len = new;
+            }
+            self.shared.faults.count_renegotiation();
         }
         self.text.outgoing = reply.to_bytes();
         self.text.sent = 0;
@@ -1584,6 +1980,9 @@ impl Core {
         });
         self.emit(&h, &[]);
         if response == 0 {
+            if self.logout_due.take().is_some() {
+                self.shared.faults.count_logout(true);
+            }
             self.tasks.clear();
             self.close("logout");
         }

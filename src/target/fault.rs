@@ -16,6 +16,51 @@ pub struct InjectedSense {
     pub ascq: u8,
 }
 
+/// An Async Message (RFC 7143 §11.9) for connections to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsyncEvent {
+    /// AsyncEvent 0: a SCSI asynchronous event on `lun` with this sense
+    /// (e.g. UNIT ATTENTION 2A/06 ALUA state changed, 2A/09 capacity
+    /// data changed).
+    Scsi { lun: u16, sense: InjectedSense },
+    /// AsyncEvent 1: log out within `within` seconds (Parameter3). A
+    /// connection that has not logged out by then is dropped.
+    RequestLogout { within: u16 },
+    /// AsyncEvent 2: the connection is dropped (right after the message);
+    /// Parameter2 = Time2Wait, Parameter3 = Time2Retain.
+    DropConnection { time2wait: u16, time2retain: u16 },
+    /// AsyncEvent 3: every connection of the session is dropped, likewise.
+    DropSession { time2wait: u16, time2retain: u16 },
+    /// AsyncEvent 4: asks for a Text negotiation; in it the target then
+    /// declares `max_recv_data_segment_len` as its MaxRecvDataSegmentLength
+    /// (None: the value it has).
+    Renegotiate {
+        max_recv_data_segment_len: Option<u32>,
+    },
+}
+
+impl AsyncEvent {
+    /// The AsyncEvent code on the wire.
+    pub fn code(&self) -> u8 {
+        match self {
+            AsyncEvent::Scsi { .. } => 0,
+            AsyncEvent::RequestLogout { .. } => 1,
+            AsyncEvent::DropConnection { .. } => 2,
+            AsyncEvent::DropSession { .. } => 3,
+            AsyncEvent::Renegotiate { .. } => 4,
+        }
+    }
+}
+
+/// What the connections did about async messages (all portals).
+#[derive(Debug, Default)]
+struct AsyncCounters {
+    sent: AtomicU64,
+    logouts_in_time: AtomicU64,
+    logouts_missed: AtomicU64,
+    renegotiations: AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct FaultSet {
     delay_us: AtomicU64,
@@ -32,6 +77,8 @@ struct FaultSet {
     /// Answer logins with a redirect: TargetAddress value and whether it
     /// is permanent (0x0102) or temporary (0x0101).
     redirect: Mutex<Option<(String, bool)>>,
+    /// The newest async message for this scope and its generation.
+    async_event: Mutex<Option<(u64, AsyncEvent)>>,
 }
 
 #[derive(Debug)]
@@ -48,6 +95,9 @@ struct Faults {
     /// Live connections, so "drop now" can shut their sockets at once.
     conns: Mutex<Vec<Registered>>,
     next_conn_id: AtomicU64,
+    /// Generation of the newest async message (any scope); 0: none yet.
+    async_generation: AtomicU64,
+    async_counters: AsyncCounters,
 }
 
 /// Handle onto the fault switches of one target, scoped to all portals or to
@@ -188,6 +238,59 @@ impl FaultInjector {
         self.with(|s| s.stalled.store(false, Ordering::Relaxed));
     }
 
+    /// Has every connection in scope that is in the full feature phase of
+    /// a normal session now send `event` once (connections that log in
+    /// later do not). Sent within one tick (50 ms) of an idle connection,
+    /// or after the next PDU of a busy one.
+    pub fn send_async_event(&self, event: AsyncEvent) {
+        let generation = self.faults.async_generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.with(|s| {
+            *s.async_event.lock().unwrap_or_else(|e| e.into_inner()) = Some((generation, event))
+        });
+    }
+
+    /// Async messages sent so far (all portals).
+    pub fn async_events_sent(&self) -> u64 {
+        self.faults.async_counters.sent.load(Ordering::Acquire)
+    }
+
+    /// Logout Requests that came within Parameter3 of an AsyncEvent 1.
+    pub fn logouts_after_request(&self) -> u64 {
+        self.faults
+            .async_counters
+            .logouts_in_time
+            .load(Ordering::Acquire)
+    }
+
+    /// Connections dropped because they did not log out in time after an
+    /// AsyncEvent 1.
+    pub fn logout_requests_ignored(&self) -> u64 {
+        self.faults
+            .async_counters
+            .logouts_missed
+            .load(Ordering::Acquire)
+    }
+
+    /// Text negotiations after an AsyncEvent 4 that declared
+    /// MaxRecvDataSegmentLength.
+    pub fn renegotiations(&self) -> u64 {
+        self.faults
+            .async_counters
+            .renegotiations
+            .load(Ordering::Acquire)
+    }
+
+    /// Live connections in scope (logged in or not).
+    pub fn connections(&self) -> usize {
+        self.faults
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|c| self.scope.is_none_or(|p| p == c.portal))
+            .count()
+    }
+
     /// Turns every fault in scope off.
     pub fn clear(&self) {
         self.with(|s| {
@@ -198,6 +301,7 @@ impl FaultInjector {
             s.check_next.store(0, Ordering::Relaxed);
             s.stalled.store(false, Ordering::Relaxed);
             *s.redirect.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *s.async_event.lock().unwrap_or_else(|e| e.into_inner()) = None;
         });
     }
 
@@ -228,6 +332,52 @@ impl FaultInjector {
     pub(crate) fn login_redirect(&self, portal: usize) -> Option<(String, bool)> {
         self.sets(portal)
             .find_map(|s| s.redirect.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The current async generation: a connection entering the full
+    /// feature phase starts from it (older messages are not for it).
+    pub(crate) fn async_generation(&self) -> u64 {
+        self.faults.async_generation.load(Ordering::Acquire)
+    }
+
+    /// An async message newer than `seen` for `portal`, if any; `seen`
+    /// moves to the current generation. One atomic load when none is new.
+    pub(crate) fn take_async_event(&self, portal: usize, seen: &mut u64) -> Option<AsyncEvent> {
+        let now = self.faults.async_generation.load(Ordering::Acquire);
+        if now <= *seen {
+            return None;
+        }
+        let before = *seen;
+        *seen = now;
+        self.sets(portal)
+            .filter_map(|s| *s.async_event.lock().unwrap_or_else(|e| e.into_inner()))
+            .filter(|&(g, _)| g > before)
+            .max_by_key(|&(g, _)| g)
+            .map(|(_, e)| e)
+    }
+
+    pub(crate) fn count_async_sent(&self) {
+        self.faults
+            .async_counters
+            .sent
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn count_logout(&self, in_time: bool) {
+        let c = &self.faults.async_counters;
+        let counter = if in_time {
+            &c.logouts_in_time
+        } else {
+            &c.logouts_missed
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn count_renegotiation(&self) {
+        self.faults
+            .async_counters
+            .renegotiations
+            .fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn login_refusal(&self, portal: usize) -> Option<(u8, u8)> {
@@ -334,5 +484,30 @@ mod tests {
         // Out-of-range portal scopes are inert, not a panic.
         f.portal(9).stall();
         assert!(!f.is_stalled(9));
+    }
+
+    #[test]
+    fn async_events_reach_each_connection_once_and_only_in_scope() {
+        let f = FaultInjector::new(2);
+        // A connection that entered the full feature phase now.
+        let mut seen0 = f.async_generation();
+        let mut seen1 = f.async_generation();
+        assert_eq!(f.take_async_event(0, &mut seen0), None);
+        let ev = AsyncEvent::RequestLogout { within: 3 };
+        f.portal(0).send_async_event(ev);
+        assert_eq!(f.take_async_event(1, &mut seen1), None, "other portal");
+        assert_eq!(f.take_async_event(0, &mut seen0), Some(ev));
+        assert_eq!(f.take_async_event(0, &mut seen0), None, "once");
+        // A connection that logs in later does not get it.
+        let mut later = f.async_generation();
+        assert_eq!(f.take_async_event(0, &mut later), None);
+        let all = AsyncEvent::DropSession {
+            time2wait: 1,
+            time2retain: 2,
+        };
+        f.send_async_event(all);
+        assert_eq!(f.take_async_event(1, &mut seen1), Some(all));
+        assert_eq!(f.take_async_event(0, &mut later), Some(all));
+        assert_eq!(all.code(), 3);
     }
 }

@@ -19,6 +19,7 @@ pub mod fault;
 pub mod lun;
 pub mod scsi;
 pub mod server;
+pub mod strict;
 pub mod user;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -30,7 +31,7 @@ use thiserror::Error;
 use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 
 pub use conn::TargetConn;
-pub use fault::FaultInjector;
+pub use fault::{AsyncEvent, FaultInjector};
 pub use lun::Lun;
 pub use server::{Target, TargetHandle};
 pub use user::UserListenConfig;
@@ -223,6 +224,10 @@ pub struct TargetConfig {
     /// Send our own NOP-In pings this often when the connection is idle; a
     /// ping still unanswered at the next interval closes the connection.
     pub nop_in_interval: Option<Duration>,
+    /// Strict mode ([`strict`]): check every rule an initiator must keep;
+    /// a broken one ends the connection and is recorded
+    /// ([`TargetHandle::violations`]).
+    pub strict: bool,
 }
 
 impl TargetConfig {
@@ -238,6 +243,7 @@ impl TargetConfig {
             limits: TargetLimits::default(),
             unit_attentions: false,
             nop_in_interval: None,
+            strict: false,
         }
     }
 
@@ -351,6 +357,12 @@ impl TargetConfig {
         self
     }
 
+    /// Strict mode: the target checks the initiator (see [`strict`]).
+    pub fn strict(mut self, on: bool) -> TargetConfig {
+        self.strict = on;
+        self
+    }
+
     pub fn nop_in_interval(mut self, interval: Option<Duration>) -> TargetConfig {
         self.nop_in_interval = interval;
         self
@@ -437,6 +449,8 @@ pub struct TargetShared {
     /// Live normal sessions by I_T nexus, for reinstatement.
     sessions: std::sync::Mutex<Vec<SessionEntry>>,
     pub faults: FaultInjector,
+    /// What strict mode caught, oldest first.
+    violations: std::sync::Mutex<Vec<strict::Violation>>,
 }
 
 /// One live normal session in the target's session table.
@@ -488,7 +502,25 @@ impl TargetShared {
             next_tsih: AtomicU16::new(1),
             sessions: std::sync::Mutex::new(Vec::new()),
             faults,
+            violations: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Strict mode caught `v`.
+    pub fn record_violation(&self, v: strict::Violation) {
+        log::warn!("strict mode: {v}");
+        self.violations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(v);
+    }
+
+    /// What strict mode caught so far, oldest first.
+    pub fn violations(&self) -> Vec<strict::Violation> {
+        self.violations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn alua_state(&self, group: u16) -> Option<AluaState> {

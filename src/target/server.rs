@@ -110,6 +110,12 @@ impl TargetHandle {
         self.shared.faults.clone()
     }
 
+    /// The rules strict mode saw broken ([`TargetConfig::strict`]), oldest
+    /// first; empty when it is off.
+    pub fn violations(&self) -> Vec<super::strict::Violation> {
+        self.shared.violations()
+    }
+
     /// Changes the ALUA state reported for (and enforced on) a target port group.
     pub fn set_alua_state(&self, group: u16, state: AluaState) -> Result<(), TargetError> {
         self.shared.set_alua_state(group, state)

@@ -11,7 +11,7 @@ use super::user::{UserTcp, UserTcpConfig};
 use super::{Transport, TransportError};
 use crate::phy::dpdk::{DpdkQueue, Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
 use crate::phy::{Device, PhyError};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
@@ -284,6 +284,30 @@ impl DpdkStack {
         move || {
             let t = stack.connect(queue, remote)?;
             Ok(Box::new(t) as Box<dyn Transport>)
+        }
+    }
+}
+
+impl DpdkStack {
+    /// A connector to any address over queue pair `queue`, for paths that
+    /// follow login redirects (`multipath::PathConnector::Portal`); IPv6
+    /// addresses are refused (the stack speaks IPv4 only).
+    pub fn addr_connector(
+        self: &Arc<Self>,
+        queue: u16,
+    ) -> impl FnMut(SocketAddr) -> Result<Box<dyn Transport>, TransportError> + Send + 'static {
+        let stack = Arc::clone(self);
+        move |to| match to {
+            SocketAddr::V4(to) => {
+                let t = stack.connect(queue, to)?;
+                Ok(Box::new(t) as Box<dyn Transport>)
+            }
+            SocketAddr::V6(_) => Err(TransportError::Connect {
+                addr: to,
+                source: std::io::Error::other(
+                    "the userspace stack speaks IPv4 only (login redirected to IPv6?)",
+                ),
+            }),
         }
     }
 }

@@ -185,7 +185,11 @@ impl MultipathDevice {
                     // Up before open() returns, so the first I/O can use it.
                     shared.set_tpg(p.target_port_group);
                     shared.set_alua(p.alua);
-                    shared.set_state(PathState::Up, "logged in");
+                    let how = match &p.redirected_to {
+                        Some(at) => format!("logged in at {at}"),
+                        None => "logged in".to_string(),
+                    };
+                    shared.set_state(PathState::Up, &how);
                     Some(p)
                 }
                 Err(e) => {

@@ -354,10 +354,11 @@ pub fn dpdk_path_maker<'a>(
             )));
         }
         let name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
-        Ok(crate::multipath::PathConfig::new(
+        Ok(crate::multipath::PathConfig::to_portal(
             &name,
             login,
-            Box::new(stack.connector(queue as u16, remote)),
+            addr,
+            Box::new(stack.addr_connector(queue as u16)),
         ))
     })
 }

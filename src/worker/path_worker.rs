@@ -6,7 +6,7 @@
 use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
 use crate::iscsi::session::Session;
-use crate::multipath::config::{BoxedTransport, Connector, IdleMode};
+use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
 use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
@@ -98,9 +98,16 @@ pub(crate) enum PathFailure {
     /// The session failed while moving bytes.
     #[error("{0}")]
     Session(crate::iscsi::session::SessionError),
-    /// The target asked for the session to end.
-    #[error("target requested logout")]
-    LogoutRequested,
+    /// Logged out, as the target asked (AsyncEvent 1): reconnect after
+    /// `time2wait`.
+    #[error("logged out at the target's request (AsyncEvent 1); reconnecting after {time2wait:?}")]
+    LoggedOut {
+        /// The Logout Response's Time2Wait.
+        time2wait: Duration,
+    },
+    /// The target asked for a logout and did not answer ours.
+    #[error("the target requested a logout (AsyncEvent 1) and did not answer ours within {0:?}")]
+    LogoutUnanswered(Duration),
     /// Nothing arrived for `silent`, not even the answer to a fast ping,
     /// with commands outstanding.
     #[error("nothing received for {silent:?} with {outstanding} commands outstanding, not even an answer to a ping")]
@@ -112,6 +119,51 @@ pub(crate) enum PathFailure {
     },
 }
 
+impl PathFailure {
+    /// The AsyncEvent 2/3 announcement behind this failure, if it was one:
+    /// (event, Time2Wait, Time2Retain).
+    fn announced_drop(&self) -> Option<(u8, u16, u16)> {
+        use crate::iscsi::connection::ConnError;
+        use crate::iscsi::session::SessionError;
+        match self {
+            PathFailure::Connection(ConnError::TargetDropped {
+                event,
+                time2wait,
+                time2retain,
+            })
+            | PathFailure::Session(SessionError::Connection(ConnError::TargetDropped {
+                event,
+                time2wait,
+                time2retain,
+            })) => Some((*event, *time2wait, *time2retain)),
+            _ => None,
+        }
+    }
+
+    /// How long the target asked us to wait before logging in again.
+    fn time2wait(&self) -> Duration {
+        match self {
+            PathFailure::LoggedOut { time2wait } => *time2wait,
+            f => f.announced_drop().map_or(Duration::ZERO, |(_, t, _)| {
+                Duration::from_secs(u64::from(t))
+            }),
+        }
+    }
+}
+
+/// A logout the target asked for (AsyncEvent 1): the path takes no new
+/// commands, lets those in flight finish, then logs out.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    /// Log out at the latest then, with whatever is still in flight.
+    logout_by: Instant,
+    /// When our Logout Request went out.
+    logout_sent: Option<Instant>,
+}
+
+/// How long a Logout Request may go unanswered.
+const LOGOUT_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
 
@@ -119,7 +171,7 @@ fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
 }
 
-type ConnectResult = (Connector, Result<PathProbe, MultipathError>);
+type ConnectResult = (PathConnector, Result<PathProbe, MultipathError>);
 
 enum Conn {
     Up(Box<Session<BoxedTransport>>),
@@ -131,7 +183,7 @@ pub(crate) struct WorkerSetup {
     pub shared: Arc<PathShared>,
     pub control: Arc<ArrayQueue<Control>>,
     pub stop: Arc<AtomicBool>,
-    pub connector: Connector,
+    pub connector: PathConnector,
     pub probe: ProbeConfig,
     pub lu_id: String,
     pub health: PathHealth,
@@ -147,7 +199,7 @@ pub(crate) struct Worker {
     shared: Arc<PathShared>,
     control: Arc<ArrayQueue<Control>>,
     stop: Arc<AtomicBool>,
-    connector: Option<Connector>,
+    connector: Option<PathConnector>,
     probe: ProbeConfig,
     lu_id: String,
     health: PathHealth,
@@ -164,6 +216,8 @@ pub(crate) struct Worker {
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
     alua_refresh_wanted: bool,
+    /// A logout the target requested is under way.
+    draining: Option<Drain>,
     alua_epoch: Arc<AtomicU64>,
     /// The epoch this path's state was last read in.
     alua_epoch_seen: u64,
@@ -195,6 +249,7 @@ impl Worker {
             relative_port: None,
             alua_refresh_pending: false,
             alua_refresh_wanted: false,
+            draining: None,
             alua_epoch_seen: s.alua_epoch.load(Ordering::Acquire),
             alua_epoch: s.alua_epoch,
             hist: new_histogram(),
@@ -233,14 +288,19 @@ impl Worker {
         self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
+        self.draining = None;
         let outcome = p.session.outcome();
         self.shared.set_nexus(Nexus {
             isid: outcome.isid,
             tsih: outcome.tsih,
             cid: outcome.cid,
         });
+        let how = match &p.redirected_to {
+            Some(at) => format!("logged in at {at}"),
+            None => "logged in".to_string(),
+        };
         self.conn = Conn::Up(Box::new(p.session));
-        self.shared.set_state(PathState::Up, "logged in");
+        self.shared.set_state(PathState::Up, &how);
     }
 
     pub(crate) fn run(mut self) {
@@ -270,7 +330,14 @@ impl Worker {
                         p
                     }
                     Err(reason) => {
-                        self.path_failed(*session, &reason.to_string(), now);
+                        if let Some((event, t2w, t2r)) = reason.announced_drop() {
+                            self.shared.record_async_event(&format!(
+                                "the {} will be dropped (AsyncEvent {event}): reconnecting after Time2Wait {t2w} s (Time2Retain {t2r} s)",
+                                if event == 3 { "session" } else { "connection" }
+                            ));
+                        }
+                        let wait = reason.time2wait();
+                        self.path_failed(*session, &reason.to_string(), wait, now);
                         true
                     }
                 }
@@ -385,7 +452,14 @@ impl Worker {
         // Admit new commands while the target's CmdSN window has room;
         // otherwise they wait in the rings and the submitters see this path
         // as loaded (and eventually QueueFull).
+        if self.draining.is_some() {
+            // Logging out: what the rings still hold goes to other paths.
+            self.bounce_rings();
+        }
         for q in &mut self.queues {
+            if self.draining.is_some() {
+                break;
+            }
             while session.connection().window_space() > 0 && self.in_session < MAX_TASKS - 8 {
                 let Some(req) = q.sub.pop() else { break };
                 let slot = req.slot;
@@ -414,7 +488,7 @@ impl Worker {
             self.alua_epoch_seen = epoch;
             self.alua_refresh_wanted = true;
         }
-        if self.alua_refresh_wanted && !self.alua_refresh_pending {
+        if self.alua_refresh_wanted && !self.alua_refresh_pending && self.draining.is_none() {
             self.submit_rtpg(session);
         }
         progressed |= session.poll_io().map_err(PathFailure::Session)?;
@@ -422,16 +496,44 @@ impl Worker {
             progressed = true;
             match ev {
                 Event::Completed(c) => self.on_completion(c, now),
-                Event::AsyncScsiEvent { sense, .. }
-                    if SenseData::parse(&sense)
-                        .ok()
-                        .and_then(|s| UnitAttention::from_sense(&s))
-                        == Some(UnitAttention::AluaStateChanged) =>
-                {
-                    self.alua_changed();
+                Event::AsyncScsiEvent { lun, sense } => self.on_async_scsi_event(lun, &sense),
+                Event::LogoutRequested { within } => self.begin_drain(within, now),
+                Event::RenegotiationStarted => self.shared.record_async_event(
+                    "parameter renegotiation requested (AsyncEvent 4): Text Request sent",
+                ),
+                Event::Renegotiated {
+                    max_xmit_data_segment_len,
+                } => log::info!(
+                    "path {}: renegotiated: the target's MaxRecvDataSegmentLength is {max_xmit_data_segment_len}",
+                    self.shared.name
+                ),
+                Event::LoggedOut { time2wait, .. } => {
+                    return Err(PathFailure::LoggedOut {
+                        time2wait: Duration::from_secs(u64::from(time2wait)),
+                    });
                 }
-                Event::LogoutRequested { .. } => {
-                    return Err(PathFailure::LogoutRequested);
+                _ => {}
+            }
+        }
+        if let Some(d) = &mut self.draining {
+            match d.logout_sent {
+                None if self.in_session == 0 || now >= d.logout_by => {
+                    if self.in_session > 0 {
+                        log::warn!(
+                            "path {}: {} command(s) still in flight at the logout deadline: they go to other paths",
+                            self.shared.name,
+                            self.in_session
+                        );
+                    }
+                    session
+                        .connection_mut()
+                        .logout(now)
+                        .map_err(|e| PathFailure::Session(e.into()))?;
+                    d.logout_sent = Some(now);
+                    progressed = true;
+                }
+                Some(sent) if now.saturating_duration_since(sent) > LOGOUT_ANSWER_TIMEOUT => {
+                    return Err(PathFailure::LogoutUnanswered(LOGOUT_ANSWER_TIMEOUT));
                 }
                 _ => {}
             }
@@ -456,6 +558,51 @@ impl Worker {
             }
         }
         Ok(progressed)
+    }
+
+    /// AsyncEvent 0: a SCSI event with sense data (RFC 7143 §11.9.1),
+    /// logged and counted; an ALUA change makes every path re-read its state.
+    fn on_async_scsi_event(&mut self, lun: u64, sense: &[u8]) {
+        let parsed = SenseData::parse(sense).ok();
+        let what = match &parsed {
+            Some(s) => format!(
+                "SCSI event on LUN {:#x} (AsyncEvent 0): {:?}, ASC/ASCQ {:02x}/{:02x}",
+                lun, s.key, s.asc, s.ascq
+            ),
+            None => format!(
+                "SCSI event on LUN {lun:#x} (AsyncEvent 0) with {} bytes of unreadable sense",
+                sense.len()
+            ),
+        };
+        self.shared.record_async_event(&what);
+        match parsed.as_ref().and_then(UnitAttention::from_sense) {
+            Some(UnitAttention::AluaStateChanged) => self.alua_changed(),
+            Some(ua) => log::info!("path {}: {ua:?}", self.shared.name),
+            None => {}
+        }
+    }
+
+    /// AsyncEvent 1: stop taking commands on this path (state Down, so the
+    /// queues send new I/O elsewhere), let those in flight finish, and log
+    /// out within `within` seconds (at three quarters of it at the latest).
+    fn begin_drain(&mut self, within: u16, now: Instant) {
+        self.shared.record_async_event(&format!(
+            "logout requested within {within} s (AsyncEvent 1): finishing {} command(s) in flight first",
+            self.in_session
+        ));
+        if self.draining.is_some() {
+            return;
+        }
+        self.shared.set_state(
+            PathState::Down,
+            &format!(
+                "logging out at the target's request (AsyncEvent 1, within {within} s): finishing what is in flight"
+            ),
+        );
+        self.draining = Some(Drain {
+            logout_by: now + Duration::from_millis(u64::from(within) * 750),
+            logout_sent: None,
+        });
     }
 
     /// The target said the ALUA states changed: re-read ours, and have the
@@ -578,20 +725,51 @@ impl Worker {
     /// `take_outstanding` no longer has them: if their `Completed` events
     /// were dropped with the session, their queue would get neither `Done`
     /// nor `Bounced`, and the I/O would stay outstanding for ever.
-    fn deliver_decoded(&mut self, session: &mut Session<BoxedTransport>, now: Instant) {
+    /// Returns the Time2Wait of a Logout Response among them (the target
+    /// answers a logout and closes: both can come in one read).
+    fn deliver_decoded(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> Option<Duration> {
+        let mut logged_out = None;
         while let Some(ev) = session.connection_mut().poll_event() {
-            if let Event::Completed(c) = ev {
-                self.on_completion(c, now);
+            match ev {
+                Event::Completed(c) => self.on_completion(c, now),
+                Event::LoggedOut { time2wait, .. } => {
+                    logged_out = Some(Duration::from_secs(u64::from(time2wait)))
+                }
+                _ => {}
             }
         }
+        logged_out
     }
 
-    fn path_failed(&mut self, mut session: Session<BoxedTransport>, reason: &str, now: Instant) {
-        // State first, so the queues do not pick this path for what we bounce.
-        self.shared.set_state(PathState::Down, reason);
-        self.health.on_failure(now);
+    /// Ends the session: `at_least` is the Time2Wait the target asked for
+    /// (zero: the negotiated DefaultTime2Wait and the back-off decide).
+    fn path_failed(
+        &mut self,
+        mut session: Session<BoxedTransport>,
+        reason: &str,
+        at_least: Duration,
+        now: Instant,
+    ) {
         // Answered before the failure: Done, not Bounced (and not lost).
-        self.deliver_decoded(&mut session, now);
+        // First, so that a Logout Response read with the close counts.
+        let logged_out = self.deliver_decoded(&mut session, now);
+        let (reason, at_least) = match logged_out {
+            Some(t) if self.draining.is_some() => (
+                format!(
+                    "logged out at the target's request (AsyncEvent 1); reconnecting after {t:?}"
+                ),
+                t.max(at_least),
+            ),
+            _ => (reason.to_string(), at_least),
+        };
+        self.draining = None;
+        // State first, so the queues do not pick this path for what we bounce.
+        self.shared.set_state(PathState::Down, &reason);
+        self.health.on_failure_waiting(now, at_least);
         let cmds = session.connection_mut().take_outstanding();
         let n = cmds
             .iter()
@@ -723,7 +901,7 @@ mod tests {
             shared: shared.clone(),
             control: control.clone(),
             stop: Arc::new(AtomicBool::new(false)),
-            connector: Box::new(|| Err(TransportError::Closed)),
+            connector: PathConnector::Fixed(Box::new(|| Err(TransportError::Closed))),
             probe: ProbeConfig {
                 name: "p0".into(),
                 login,
@@ -742,6 +920,7 @@ mod tests {
                 capacity_blocks: 1000,
                 block_size: 512,
                 time2wait: Duration::ZERO,
+                redirected_to: None,
             }),
             idle: IdleMode::BusyPoll,
             fast_ping: None,
@@ -813,5 +992,67 @@ mod tests {
             comp.pop(),
             Some(Response::Bounced { slot: 6, .. })
         ));
+    }
+
+    fn pdu(h: crate::wire::iscsi::PduHeader) -> Vec<u8> {
+        let mut v = Vec::new();
+        crate::wire::iscsi::encode_pdu(&mut v, &h, &[], Default::default());
+        v
+    }
+
+    /// AsyncEvent 1 while a command is in flight: the path goes Down (no
+    /// new I/O), the command still completes (Done, not bounced), what the
+    /// ring holds afterwards goes back unsent, and only then the logout
+    /// goes out; its answer ends the session.
+    #[test]
+    fn logout_request_finishes_in_flight_work_then_logs_out() {
+        use crate::wire::iscsi::{AsyncMessage, LogoutResponse, PduHeader, Sn};
+        let mut first = pdu(PduHeader::AsyncMessage(AsyncMessage {
+            lun: 0,
+            stat_sn: Sn(102),
+            exp_cmd_sn: Sn(1),
+            max_cmd_sn: Sn(8),
+            event: 1,
+            vcode: 0,
+            param1: 0,
+            param2: 0,
+            param3: 10,
+        }));
+        first.extend(scsi_response(0x2_0000, 103, 0));
+        let logout = pdu(PduHeader::LogoutResponse(LogoutResponse {
+            response: 0,
+            itt: 0x3_0000,
+            stat_sn: Sn(104),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+            time2wait: 1,
+            time2retain: 0,
+        }));
+        let (mut w, shared, mut sub, mut comp) = worker_on(vec![first, logout]);
+        assert!(sub.push(test_unit_ready(3)).is_ok());
+        w.round(Instant::now());
+        assert_eq!(shared.state(), PathState::Down, "no new I/O for this path");
+        assert!(w.draining.is_some_and(|d| d.logout_sent.is_some()));
+        match comp.pop() {
+            Some(Response::Done { slot: 3, .. }) => {}
+            _ => panic!("the in-flight command did not complete"),
+        }
+        assert!(sub.push(test_unit_ready(4)).is_ok());
+        w.round(Instant::now());
+        assert!(matches!(
+            comp.pop(),
+            Some(Response::Bounced {
+                slot: 4,
+                sent_in_session: None,
+                ..
+            })
+        ));
+        assert!(comp.pop().is_none());
+        assert!(matches!(w.conn, Conn::Down), "logged out");
+        assert!(w.draining.is_none());
+        assert!(shared.stats().async_events >= 1);
+        // Time2Wait 1 s from the Logout Response: no reconnect before.
+        assert!(!w.health.due(Instant::now() + Duration::from_millis(900)));
+        assert!(w.health.due(Instant::now() + Duration::from_millis(1100)));
     }
 }

@@ -818,3 +818,165 @@ fn placed_data_with_a_bad_digest_fails_the_connection() {
     assert!(c.poll_event().is_none(), "a corrupt read must not complete");
     assert_eq!(c.take_outstanding().len(), 1);
 }
+
+impl Peer {
+    fn async_message(&mut self, event: u8, p1: u16, p2: u16, p3: u16, data: &[u8]) -> Vec<u8> {
+        let stat_sn = self.next_stat_sn();
+        self.encode(
+            PduHeader::AsyncMessage(crate::wire::iscsi::AsyncMessage {
+                lun: 0,
+                stat_sn,
+                exp_cmd_sn: Sn(10),
+                max_cmd_sn: Sn(41),
+                event,
+                vcode: 0,
+                param1: p1,
+                param2: p2,
+                param3: p3,
+            }),
+            data,
+        )
+    }
+}
+
+#[test]
+fn async_logout_request_is_reported_with_its_deadline() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.receive(&peer.async_message(1, 0, 0, 7, &[]), now)
+        .unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::LogoutRequested { within: 7 })
+    ));
+    // The connection stays usable: in-flight work may finish first.
+    assert!(c.is_failed().is_none());
+    c.logout(now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert!(matches!(sent[0].0, PduHeader::LogoutRequest(_)));
+}
+
+#[test]
+fn async_drop_announcements_carry_time2wait_and_time2retain() {
+    for event in [2u8, 3] {
+        let now = Instant::now();
+        let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+        let mut peer = Peer::new(Digests::default());
+        let e = c
+            .receive(&peer.async_message(event, 0, 3, 20, &[]), now)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            ConnError::TargetDropped {
+                event,
+                time2wait: 3,
+                time2retain: 20
+            }
+        );
+        assert!(e.to_string().contains("Time2Wait 3 s"), "{e}");
+    }
+}
+
+#[test]
+fn async_scsi_event_surfaces_its_sense() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    let mut sense = vec![0u8; 18];
+    sense[0] = 0x70;
+    sense[2] = 0x06;
+    sense[7] = 10;
+    sense[12] = 0x2a;
+    sense[13] = 0x09;
+    let mut seg = (sense.len() as u16).to_be_bytes().to_vec();
+    seg.extend_from_slice(&sense);
+    c.receive(&peer.async_message(0, 0, 0, 0, &seg), now)
+        .unwrap();
+    match c.poll_event() {
+        Some(Event::AsyncScsiEvent { sense: got, .. }) => assert_eq!(got, sense),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// AsyncEvent 4: a Text Request declaring our MaxRecvDataSegmentLength
+/// goes out by itself; the target's answer then bounds our Data-Out.
+#[test]
+fn async_renegotiation_sends_a_text_request_and_applies_the_answer() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.receive(&peer.async_message(4, 0, 0, 0, &[]), now)
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::RenegotiationStarted)));
+    let sent = peer.sent(&mut c);
+    let PduHeader::TextRequest(t) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert!(!t.immediate && t.final_bit);
+    let pairs = TextPairs::parse(&sent[0].1).unwrap();
+    assert_eq!(pairs.get("MaxRecvDataSegmentLength"), Some("8192"));
+    let stat_sn = peer.next_stat_sn();
+    let answer = peer.encode(
+        PduHeader::TextResponse(TextResponse {
+            final_bit: true,
+            cont: false,
+            lun: 0,
+            itt: t.itt,
+            ttt: RESERVED_TAG,
+            stat_sn,
+            exp_cmd_sn: Sn(11),
+            max_cmd_sn: Sn(42),
+        }),
+        b"MaxRecvDataSegmentLength=1024\0",
+    );
+    c.receive(&answer, now).unwrap();
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Renegotiated {
+            max_xmit_data_segment_len: 1024
+        })
+    ));
+    assert!(c.poll_event().is_none(), "not reported as a user's text");
+    // A write now: immediate data and Data-Out in 1024-byte segments.
+    c.submit(write_cmd(3000, 5), now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent[0].1.len(), 1024);
+    let PduHeader::ScsiCommand(sc) = &sent[0].0 else {
+        panic!()
+    };
+    c.receive(&peer.r2t(sc.itt, 0x9, 0, 1024, 1976), now)
+        .unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(|(_, d)| d.len() <= 1024));
+}
+
+#[test]
+fn renegotiation_answer_out_of_range_fails_the_connection() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.receive(&peer.async_message(4, 0, 0, 0, &[]), now)
+        .unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::TextRequest(t) = &sent[0].0 else {
+        panic!()
+    };
+    let stat_sn = peer.next_stat_sn();
+    let answer = peer.encode(
+        PduHeader::TextResponse(TextResponse {
+            final_bit: true,
+            cont: false,
+            lun: 0,
+            itt: t.itt,
+            ttt: RESERVED_TAG,
+            stat_sn,
+            exp_cmd_sn: Sn(11),
+            max_cmd_sn: Sn(42),
+        }),
+        b"MaxRecvDataSegmentLength=12\0",
+    );
+    let e = c.receive(&answer, now).unwrap_err();
+    assert!(e.to_string().contains("§13.12"), "{e}");
+}
