@@ -18,7 +18,7 @@ pub mod silence;
 
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PortBinding};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
-pub use io::{Io, IoCompletion, IoError, IoOp};
+pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };

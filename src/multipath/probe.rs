@@ -10,7 +10,12 @@ use crate::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use crate::scsi::{
     check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData,
 };
-use crate::wire::scsi::{DataRepr, DeviceIdentification, ReadCapacity16Data};
+use super::io::LuCaps;
+use crate::scsi::{SupportedCommands, TransferLimits};
+use crate::wire::scsi::{
+    BlockLimits, DataRepr, DeviceIdentification, InquiryData, OpcodeRequest, ReadCapacity16Data,
+    SupportedOpcodes, Tpgs,
+};
 use std::time::Duration;
 
 /// A logged-in path and what it reported.
@@ -31,6 +36,13 @@ pub struct PathProbe {
     pub block_size: u32,
     /// Negotiated DefaultTime2Wait.
     pub time2wait: Duration,
+    /// ALUA support from standard INQUIRY (TPGS).
+    pub tpgs: Tpgs,
+    /// Supported-states byte of this path's target port group (REPORT
+    /// TARGET PORT GROUPS), if reported.
+    pub group_supported: Option<u8>,
+    /// REPORT SUPPORTED OPERATION CODES and Block Limits.
+    pub caps: LuCaps,
 }
 
 impl std::fmt::Debug for PathProbe {
@@ -118,14 +130,31 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
     let tpg = id.target_port_group();
     let rel = id.relative_target_port();
     // Targets without ALUA answer ILLEGAL REQUEST: then every path is equal.
-    let alua = execute(
+    let groups = execute(
         &mut session,
         cfg.lun,
         ScsiCommand::report_target_port_groups(1024),
     )
     .ok()
-    .and_then(|d| TargetPortGroupsData::parse(&d).ok())
-    .and_then(|d| alua_state_of(&d, tpg, rel));
+    .and_then(|d| TargetPortGroupsData::parse(&d).ok());
+    let alua = groups.as_ref().and_then(|d| alua_state_of(d, tpg, rel));
+    let group_supported = groups.as_ref().and_then(|d| group_of(d, tpg, rel)).map(|g| g.supported);
+    let inquiry = execute(&mut session, cfg.lun, ScsiCommand::inquiry())
+        .map_err(scsi_err("INQUIRY"))?;
+    let tpgs = InquiryData::parse(&inquiry).map_or(Tpgs::None, |i| i.tpgs);
+    // What the LU supports, and its limits: a target without these
+    // answers ILLEGAL REQUEST, and then everything is tried, unsplit.
+    let commands = execute(
+        &mut session,
+        cfg.lun,
+        ScsiCommand::report_supported_opcodes(OpcodeRequest::All, 8192),
+    )
+    .ok()
+    .and_then(|d| SupportedOpcodes::parse(&d).ok());
+    let limits = execute(&mut session, cfg.lun, ScsiCommand::block_limits())
+        .ok()
+        .and_then(|d| BlockLimits::parse(&d).ok())
+        .map_or(TransferLimits::default(), |b| TransferLimits::from(&b));
     Ok(PathProbe {
         session,
         lu_id,
@@ -135,7 +164,23 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
         capacity_blocks: cap.block_count(),
         block_size: cap.block_len,
         time2wait,
+        tpgs,
+        group_supported,
+        caps: LuCaps {
+            commands: SupportedCommands(commands),
+            limits,
+        },
     })
+}
+
+/// The descriptor of the group this path's port belongs to.
+pub fn group_of<'a>(
+    data: &'a TargetPortGroupsData,
+    tpg: Option<u16>,
+    relative_port: Option<u16>,
+) -> Option<&'a crate::wire::scsi::TargetPortGroup> {
+    tpg.and_then(|g| data.group(g))
+        .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
 }
 
 /// The access state of the group this path's port belongs to.
@@ -144,9 +189,7 @@ pub fn alua_state_of(
     tpg: Option<u16>,
     relative_port: Option<u16>,
 ) -> Option<AluaState> {
-    tpg.and_then(|g| data.group(g))
-        .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
-        .map(|g| g.state)
+    group_of(data, tpg, relative_port).map(|g| g.state)
 }
 
 #[derive(Debug)]
