@@ -434,3 +434,31 @@ fn compare_and_write_against_tgtd_is_refused_clearly() {
     );
     assert_eq!(l.read(20, 1).unwrap(), old);
 }
+
+/// Issue #16 against tgt: REPORT SUPPORTED OPERATION CODES, GET LBA
+/// STATUS, the Block Limits page, SET TARGET PORT GROUPS. What tgt 1.0.85
+/// answers is in docs/login-and-commands.md.
+#[test]
+fn supported_opcodes_lba_status_block_limits_and_stpg_against_tgtd() {
+    use iscsi_bypass::scsi::lun::LunError;
+    use iscsi_bypass::wire::scsi::AluaState;
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let mut l = lun(&t, |_| {});
+    let rsoc = l.report_supported_opcodes();
+    println!("tgtd REPORT SUPPORTED OPERATION CODES: {rsoc:?}");
+    let (ops, limits) = l.capabilities().unwrap();
+    println!("tgtd: commands known {}, limits {limits:?}", ops.known());
+    let gls = l.get_lba_status(0);
+    println!("tgtd GET LBA STATUS: {gls:?}");
+    let stpg = l.set_target_port_groups(&[(1, AluaState::ActiveOptimized)]);
+    println!("tgtd SET TARGET PORT GROUPS: {stpg:?}");
+    let one = l.report_supported_opcode(0x28, None);
+    println!("tgtd RSOC one command READ(10): {one:?}");
+    // Splitting at tgtd's limits still reads back what was written.
+    write_read_random(&mut l, 16, 1 << 20);
+    let _ = LunError::Unsupported;
+    panic!("probe");
+}
