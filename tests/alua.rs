@@ -219,7 +219,7 @@ fn io_follows_alua_state_changes_without_errors() {
 
 /// Explicit ALUA (issue #16): a target that moves no group by itself
 /// (INQUIRY TPGS 10b). Path 0's group is optimized, path 1's standby.
-/// Path 0 dies and its group becomes unavailable: no active/optimized path
+/// Path 0's group becomes unavailable and its connection drops: no active/optimized path
 /// is left, so the device sends SET TARGET PORT GROUPS to make path 1's
 /// group active/optimized, re-reads REPORT TARGET PORT GROUPS, and carries
 /// on there with no application error and no lost write.
@@ -254,10 +254,11 @@ fn explicit_alua_moves_a_standby_group_when_no_optimized_path_is_left() {
     // The initiator never moves groups while an optimized path is up.
     assert_eq!(target.alua_state(2), Some(AluaState::Standby));
 
-    // Path 0 dies; its group goes unavailable.
-    target.faults().portal(0).refuse_logins(0x03, 0x01);
-    target.faults().portal(0).drop_connections_now();
+    // Path 0's controller fails: its group goes unavailable and its
+    // connections drop (it logs in again, which fences what it had in
+    // flight, and finds its group unavailable).
     target.set_alua_state(1, AluaState::Unavailable).unwrap();
+    target.faults().portal(0).drop_connections_now();
     let l = write_load(&mut q, phase * 3, &mut generation);
     println!(
         "after path 0 died: per path {:?}, alua {:?}, target group 2 {:?}",
@@ -275,7 +276,8 @@ fn explicit_alua_moves_a_standby_group_when_no_optimized_path_is_left() {
     assert_eq!(alua_of(&dev)[1], Some("active/optimized".into()));
     let l = write_load(&mut q, phase, &mut generation);
     assert_eq!(l.errors, 0);
-    assert_eq!(l.per_path[0], 0);
+    assert_eq!(l.per_path[0], 0, "the unavailable path was used");
+    assert!(l.per_path[1] > 0);
     verify(&mut q, &generation);
     drop(q);
     dev.close();

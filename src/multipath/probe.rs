@@ -139,9 +139,11 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
     .and_then(|d| TargetPortGroupsData::parse(&d).ok());
     let alua = groups.as_ref().and_then(|d| alua_state_of(d, tpg, rel));
     let group_supported = groups.as_ref().and_then(|d| group_of(d, tpg, rel)).map(|g| g.supported);
-    let inquiry = execute(&mut session, cfg.lun, ScsiCommand::inquiry())
-        .map_err(scsi_err("INQUIRY"))?;
-    let tpgs = InquiryData::parse(&inquiry).map_or(Tpgs::None, |i| i.tpgs);
+    // TPGS: whether the LU does implicit or explicit ALUA (or none).
+    let tpgs = execute(&mut session, cfg.lun, ScsiCommand::inquiry())
+        .ok()
+        .and_then(|d| InquiryData::parse(&d).ok())
+        .map_or(Tpgs::None, |i| i.tpgs);
     // What the LU supports, and its limits: a target without these
     // answers ILLEGAL REQUEST, and then everything is tried, unsplit.
     let commands = execute(
