@@ -201,8 +201,8 @@ fn pattern(blocks: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn block_limits_the_target_enforces_are_split_to_by_the_library() {
-    let target =
-        Target::start(TargetConfig::ram(IQN, 4 << 20).block_limits(small_limits())).expect("target");
+    let target = Target::start(TargetConfig::ram(IQN, 4 << 20).block_limits(small_limits()))
+        .expect("target");
     let mut lun = lun_handle(&target);
     // Unsplit commands over the limits fail: the splitting below is needed.
     let read17 = ScsiCommand::read16(0, 17, 512).unwrap();
@@ -210,7 +210,10 @@ fn block_limits_the_target_enforces_are_split_to_by_the_library() {
     let (unmap65, list) = ScsiCommand::unmap(&[UnmapDescriptor { lba: 0, blocks: 65 }]).unwrap();
     assert_illegal(&lun.run(&unmap65, list).unwrap_err(), 0x26);
     let three: Vec<UnmapDescriptor> = (0..3)
-        .map(|i| UnmapDescriptor { lba: i * 8, blocks: 8 })
+        .map(|i| UnmapDescriptor {
+            lba: i * 8,
+            blocks: 8,
+        })
         .collect();
     let (unmap3, list) = ScsiCommand::unmap(&three).unwrap();
     assert_illegal(&lun.run(&unmap3, list).unwrap_err(), 0x26);
@@ -249,7 +252,12 @@ fn block_limits_the_target_enforces_are_split_to_by_the_library() {
     let mut q = dev.queue_pair();
     match q.submit(Io::read(0, 17, Vec::new(), 1)) {
         Err(SubmitError::Invalid {
-            error: IoError::TooLarge { blocks: 17, max: 16, .. },
+            error:
+                IoError::TooLarge {
+                    blocks: 17,
+                    max: 16,
+                    ..
+                },
             ..
         }) => {}
         other => panic!("expected TooLarge, got {other:?}"),
@@ -285,7 +293,11 @@ fn get_lba_status_reports_what_unmap_and_write_same_deallocated() {
     let d = lun.get_lba_status(0).unwrap();
     assert_eq!(d.descriptors.len(), 1);
     assert_eq!(
-        (d.descriptors[0].lba, d.descriptors[0].blocks, d.descriptors[0].status),
+        (
+            d.descriptors[0].lba,
+            d.descriptors[0].blocks,
+            d.descriptors[0].status
+        ),
         (0, 2048, ProvisioningStatus::Deallocated)
     );
     lun.write(0, pattern(64, 1)).unwrap();
@@ -321,7 +333,10 @@ fn get_lba_status_reports_what_unmap_and_write_same_deallocated() {
         Err(LunError::OutOfRange { .. })
     ));
     // The target's own view agrees.
-    assert_eq!(target.lun(0).unwrap().mapping_runs(8, 1), vec![(8, 8, false)]);
+    assert_eq!(
+        target.lun(0).unwrap().mapping_runs(8, 1),
+        vec![(8, 8, false)]
+    );
 }
 
 #[test]
@@ -344,28 +359,42 @@ fn report_supported_opcodes_is_truthful_and_decides_what_is_sent() {
     ] {
         assert!(all.supports(op, sa), "{op:#x}/{sa:?} missing");
     }
-    assert!(!all.supports(0xa4, Some(0x0a)), "STPG without explicit ALUA");
-    assert!(!all.supports(0x2e, None), "WRITE AND VERIFY is not implemented");
-    assert!(lun.report_supported_opcode(0x42, None).unwrap().is_supported());
+    assert!(
+        !all.supports(0xa4, Some(0x0a)),
+        "STPG without explicit ALUA"
+    );
+    assert!(
+        !all.supports(0x2e, None),
+        "WRITE AND VERIFY is not implemented"
+    );
+    assert!(lun
+        .report_supported_opcode(0x42, None)
+        .unwrap()
+        .is_supported());
     let gls = lun.report_supported_opcode(0x9e, Some(0x12)).unwrap();
     assert!(gls.is_supported());
     assert_eq!(gls.cdb_usage.len(), 16);
     assert_eq!(gls.cdb_usage[0], 0x9e);
-    assert!(!lun.report_supported_opcode(0x2e, None).unwrap().is_supported());
+    assert!(!lun
+        .report_supported_opcode(0x2e, None)
+        .unwrap()
+        .is_supported());
     // Asking for a command with service actions without one is invalid.
     assert_illegal(&lun.report_supported_opcode(0x9e, None).unwrap_err(), 0x24);
     let e = lun.set_target_port_groups(&[(1, WireAlua::ActiveOptimized)]);
-    assert!(matches!(e, Err(LunError::Unsupported(Feature::SetTargetPortGroups))), "{e:?}");
+    assert!(
+        matches!(e, Err(LunError::Unsupported(Feature::SetTargetPortGroups))),
+        "{e:?}"
+    );
     drop(lun);
     drop(target);
 
     // A target without UNMAP, WRITE SAME(16), COMPARE AND WRITE and GET
     // LBA STATUS's opcode: clear errors, no command sent; WRITE SAME goes
     // out as WRITE SAME(10).
-    let target = Target::start(TargetConfig::ram(IQN, 1 << 20).without_opcodes(&[
-        0x42, 0x93, 0x89, 0x9e,
-    ]))
-    .expect("target");
+    let target =
+        Target::start(TargetConfig::ram(IQN, 1 << 20).without_opcodes(&[0x42, 0x93, 0x89, 0x9e]))
+            .expect("target");
     let mut lun = lun_handle(&target);
     // READ CAPACITY(16) is gone with 9Eh: READ CAPACITY(10) serves.
     assert_eq!(lun.read_capacity().unwrap().block_count, 2048);
@@ -379,9 +408,15 @@ fn report_supported_opcodes_is_truthful_and_decides_what_is_sent() {
         "target does not support UNMAP (not in its REPORT SUPPORTED OPERATION CODES); not sent"
     );
     let e = lun.compare_and_write(0, &[0; 512], &[1; 512]).unwrap_err();
-    assert!(matches!(e, LunError::Unsupported(Feature::CompareAndWrite)), "{e}");
+    assert!(
+        matches!(e, LunError::Unsupported(Feature::CompareAndWrite)),
+        "{e}"
+    );
     let e = lun.get_lba_status(0).unwrap_err();
-    assert!(matches!(e, LunError::Unsupported(Feature::GetLbaStatus)), "{e}");
+    assert!(
+        matches!(e, LunError::Unsupported(Feature::GetLbaStatus)),
+        "{e}"
+    );
     lun.write_same(5, 3, &[0x77; 512], false).unwrap();
     assert!(lun.read(5, 3).unwrap().iter().all(|&b| b == 0x77));
 }
@@ -401,7 +436,10 @@ fn the_device_checks_supported_commands_before_sending() {
         other => panic!("expected Unsupported(UNMAP), got {other:?}"),
     }
     let e = q.unmap_at(0, 8).unwrap_err();
-    assert!(e.to_string().contains("target does not support UNMAP"), "{e}");
+    assert!(
+        e.to_string().contains("target does not support UNMAP"),
+        "{e}"
+    );
     // WRITE SAME(10) instead of (16).
     q.write_same_at(10, 20, &[0x3c; 512]).unwrap();
     let mut back = vec![0u8; 20 * 512];
@@ -422,8 +460,14 @@ fn set_target_port_groups_moves_groups_on_an_explicit_alua_target() {
     .expect("target");
     target.set_alua_state(2, AluaState::Standby).unwrap();
     let mut lun = lun_handle(&target);
-    assert_eq!(lun.inquiry().unwrap().tpgs, iscsi_bypass::wire::scsi::Tpgs::Explicit);
-    assert!(lun.report_supported_opcodes().unwrap().supports(0xa4, Some(0x0a)));
+    assert_eq!(
+        lun.inquiry().unwrap().tpgs,
+        iscsi_bypass::wire::scsi::Tpgs::Explicit
+    );
+    assert!(lun
+        .report_supported_opcodes()
+        .unwrap()
+        .supports(0xa4, Some(0x0a)));
     lun.set_target_port_groups(&[
         (2, WireAlua::ActiveOptimized),
         (1, WireAlua::ActiveNonOptimized),
@@ -441,7 +485,8 @@ fn set_target_port_groups_moves_groups_on_an_explicit_alua_target() {
         0x26,
     );
     assert_illegal(
-        &lun.set_target_port_groups(&[(1, WireAlua::Offline)]).unwrap_err(),
+        &lun.set_target_port_groups(&[(1, WireAlua::Offline)])
+            .unwrap_err(),
         0x26,
     );
     assert_eq!(target.alua_state(2), Some(AluaState::ActiveOptimized));

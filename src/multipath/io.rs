@@ -240,9 +240,11 @@ impl LuCaps {
             }
         };
         match io.op {
-            IoOp::Read | IoOp::Write | IoOp::WriteFua => {
-                too_large(self.limits.io_chunk_blocks().max(self.limits.max_transfer_blocks))?
-            }
+            IoOp::Read | IoOp::Write | IoOp::WriteFua => too_large(
+                self.limits
+                    .io_chunk_blocks()
+                    .max(self.limits.max_transfer_blocks),
+            )?,
             IoOp::Flush => {}
             IoOp::Unmap => {
                 if !self.commands.supports(Feature::Unmap) {

@@ -3,6 +3,7 @@
 //! state, and the capacity. Runs off the I/O path (at open and on reconnect).
 
 use super::config::{BoxedTransport, Connector};
+use super::io::LuCaps;
 use super::MultipathError;
 use crate::iscsi::connection::{Command, ConnTimers, Direction};
 use crate::iscsi::login::LoginConfig;
@@ -10,7 +11,6 @@ use crate::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use crate::scsi::{
     check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData,
 };
-use super::io::LuCaps;
 use crate::scsi::{SupportedCommands, TransferLimits};
 use crate::wire::scsi::{
     BlockLimits, DataRepr, DeviceIdentification, InquiryData, OpcodeRequest, ReadCapacity16Data,
@@ -138,7 +138,10 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
     .ok()
     .and_then(|d| TargetPortGroupsData::parse(&d).ok());
     let alua = groups.as_ref().and_then(|d| alua_state_of(d, tpg, rel));
-    let group_supported = groups.as_ref().and_then(|d| group_of(d, tpg, rel)).map(|g| g.supported);
+    let group_supported = groups
+        .as_ref()
+        .and_then(|d| group_of(d, tpg, rel))
+        .map(|g| g.supported);
     // TPGS: whether the LU does implicit or explicit ALUA (or none).
     let tpgs = execute(&mut session, cfg.lun, ScsiCommand::inquiry())
         .ok()

@@ -209,10 +209,7 @@ mod tests {
         assert_eq!(l.unmap_aligned(0, 30), Some((2, 24)));
         assert_eq!(l.unmap_aligned(3, 8), None);
         assert_eq!(l.unmap_aligned(10, 8), Some((10, 8)));
-        assert_eq!(
-            TransferLimits::default().unmap_aligned(5, 3),
-            Some((5, 3))
-        );
+        assert_eq!(TransferLimits::default().unmap_aligned(5, 3), Some((5, 3)));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use crate::transport::Transport;
 use crate::wire::scsi::{
     vpd, AluaState, BlockLimits, DeviceIdentification, InquiryData, LbaStatusData,
     LogicalBlockProvisioning, Lun, OneOpcode, OpcodeRequest, ReadCapacity10Data,
-    ReadCapacity16Data, ReportLunsData, SupportedOpcodes, SupportedVpdPages,
-    TargetPortGroupsData, UnitSerialNumber, UnmapDescriptor, UnmapParameterList,
+    ReadCapacity16Data, ReportLunsData, SupportedOpcodes, SupportedVpdPages, TargetPortGroupsData,
+    UnitSerialNumber, UnmapDescriptor, UnmapParameterList,
 };
 use std::time::Duration;
 use thiserror::Error;
@@ -342,8 +342,8 @@ impl<T: Transport> LunHandle<T> {
         let limits = self.require(Feature::Unmap)?;
         self.check_range(lba, blocks)?;
         let per_cmd = u64::from(limits.unmap_chunk_blocks());
-        let max_desc = (limits.max_unmap_descriptors as usize)
-            .clamp(1, UnmapParameterList::MAX_DESCRIPTORS);
+        let max_desc =
+            (limits.max_unmap_descriptors as usize).clamp(1, UnmapParameterList::MAX_DESCRIPTORS);
         for (at, n) in split(lba, blocks, per_cmd.min(u64::from(u32::MAX)) as u32) {
             // One command: up to max_desc descriptors of at most u32::MAX blocks.
             let ranges: Vec<UnmapDescriptor> = split(at, u64::from(n), u32::MAX)

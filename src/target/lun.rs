@@ -73,8 +73,11 @@ impl Lun {
             fua_writes: AtomicU64::new(0),
             cache_syncs: AtomicU64::new(0),
             compare_and_write: std::sync::Mutex::new(()),
-            mapped: (cfg.backing == LunBacking::Ram && blocks <= MAX_TRACKED_BLOCKS)
-                .then(|| (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
+            mapped: (cfg.backing == LunBacking::Ram && blocks <= MAX_TRACKED_BLOCKS).then(|| {
+                (0..blocks.div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            }),
         }
     }
 
@@ -353,10 +356,7 @@ mod tests {
             vec![(0, 3, false), (3, 200, true), (203, 1845, false)]
         );
         lun.deallocate(512 * 10, 512 * 100);
-        assert_eq!(
-            lun.mapping_runs(5, 2),
-            vec![(5, 5, true), (10, 100, false)]
-        );
+        assert_eq!(lun.mapping_runs(5, 2), vec![(5, 5, true), (10, 100, false)]);
         lun.zero(512 * 10, 512);
         assert_eq!(lun.mapping_runs(10, 1), vec![(10, 1, true)]);
         let null = Lun::new("iqn.t", &LunConfig::null(1, 1 << 20));

@@ -462,7 +462,8 @@ impl TargetConfig {
             return bad("negotiation limits are outside the RFC 7143 ranges".into());
         }
         let bl = &self.block_limits;
-        if bl.max_transfer_bytes < 4096 || bl.max_unmap_blocks == 0 || bl.max_unmap_descriptors == 0 {
+        if bl.max_transfer_bytes < 4096 || bl.max_unmap_blocks == 0 || bl.max_unmap_descriptors == 0
+        {
             return bad(
                 "block limits: maximum transfer must be at least 4096 bytes, and the UNMAP \
                  limits at least 1"

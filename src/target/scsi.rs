@@ -513,8 +513,8 @@ pub fn finish_params(
         }
         ParamCommand::SetTargetPortGroups => {
             use crate::wire::scsi::{AluaState as Wire, DataRepr, SetTargetPortGroupsList};
-            let list =
-                SetTargetPortGroupsList::parse(data).map_err(|_| Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+            let list = SetTargetPortGroupsList::parse(data)
+                .map_err(|_| Sense::PARAMETER_LIST_LENGTH_ERROR)?;
             // Check every descriptor before changing any state.
             let mut changes = Vec::new();
             for (group, state) in list.groups {

@@ -2548,9 +2548,9 @@ impl SupportedOpcodes {
     /// Whether the list has `opcode` (with `service_action`, for commands
     /// that have them).
     pub fn supports(&self, opcode: u8, service_action: Option<u16>) -> bool {
-        self.commands
-            .iter()
-            .any(|c| c.opcode == opcode && (service_action.is_none() || c.service_action == service_action))
+        self.commands.iter().any(|c| {
+            c.opcode == opcode && (service_action.is_none() || c.service_action == service_action)
+        })
     }
 }
 
@@ -3354,7 +3354,6 @@ mod tests {
         let b = round_trip(&l);
         assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 2, 2, 0, 0, 1]);
     }
-
 
     #[test]
     fn cdb_layouts_match_spc_sbc() {

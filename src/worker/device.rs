@@ -16,14 +16,14 @@ use super::ring::{ring, Consumer, Producer};
 use crate::multipath::config::DeviceConfig;
 use crate::multipath::dispatch::{Action, DispatchConfig, Dispatcher, PathResponse, PathTable};
 use crate::multipath::io::{build_command_for, LuCaps};
-use crate::scsi::caps::split;
-use crate::scsi::TransferLimits;
 use crate::multipath::path::{PathHealth, PathShared, PathState};
 use crate::multipath::probe::{probe, PathProbe, ProbeConfig};
 use crate::multipath::{
     Io, IoCompletion, IoError, IoOp, MultipathError, PathLoad, PathStats, Policy, SelectorState,
 };
+use crate::scsi::caps::split;
 use crate::scsi::Lun;
+use crate::scsi::TransferLimits;
 use crossbeam::queue::ArrayQueue;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

@@ -169,9 +169,9 @@ impl AluaControl {
 
     /// Whether some logged-in path is active/optimized.
     fn optimized_path_up(&self) -> bool {
-        self.paths
-            .iter()
-            .any(|p| p.state() == PathState::Up && p.alua() == Some(crate::scsi::AluaState::ActiveOptimized))
+        self.paths.iter().any(|p| {
+            p.state() == PathState::Up && p.alua() == Some(crate::scsi::AluaState::ActiveOptimized)
+        })
     }
 
     /// Takes the right to send one SET TARGET PORT GROUPS now.
