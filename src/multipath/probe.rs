@@ -179,11 +179,11 @@ pub fn probe(connector: &mut Connector, cfg: &ProbeConfig) -> Result<PathProbe, 
 }
 
 /// The descriptor of the group this path's port belongs to.
-pub fn group_of<'a>(
-    data: &'a TargetPortGroupsData,
+pub fn group_of(
+    data: &TargetPortGroupsData,
     tpg: Option<u16>,
     relative_port: Option<u16>,
-) -> Option<&'a crate::wire::scsi::TargetPortGroup> {
+) -> Option<&crate::wire::scsi::TargetPortGroup> {
     tpg.and_then(|g| data.group(g))
         .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
 }

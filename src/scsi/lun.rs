@@ -379,7 +379,7 @@ impl<T: Transport> LunHandle<T> {
         let ws16 = ops.supports(Feature::WriteSame16);
         let ws10 = ops.supports(Feature::WriteSame10);
         let fits10 = lba.saturating_add(blocks) <= u64::from(u32::MAX);
-        if !ws16 && !(ws10 && fits10) {
+        if !(ws16 || ws10 && fits10) {
             return Err(LunError::Unsupported(Feature::WriteSame16));
         }
         let mut max = limits.write_same_chunk_blocks();

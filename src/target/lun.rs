@@ -135,7 +135,7 @@ impl Lun {
             } else {
                 while b < self.blocks && self.is_mapped(b) == m && b - start < u64::from(u32::MAX) {
                     // Whole words at once when aligned.
-                    if b % 64 == 0 && b + 64 <= self.blocks {
+                    if b.is_multiple_of(64) && b + 64 <= self.blocks {
                         let w = self.mapped.as_ref().and_then(|v| v.get((b / 64) as usize));
                         let full = if m { u64::MAX } else { 0 };
                         if w.is_some_and(|w| w.load(Ordering::Relaxed) == full)

@@ -393,7 +393,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             if len == 0 {
                 return Plan::Good;
             }
-            if len < 4 || len > 4 + 4 * 256 {
+            if !(4..=4 + 4 * 256).contains(&len) {
                 return Plan::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
             }
             Plan::ParamsOut {
