@@ -795,10 +795,10 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
     let Ok(CdbRepr::ReportSupportedOpcodes { request, alloc_len }) = CdbRepr::parse(cdb) else {
         return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
     };
-    // No command timeouts descriptors.
-    if cdb[2] & 0x80 != 0 {
-        return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
-    }
+    // RCTD: a command timeouts descriptor with each command (timeouts 0:
+    // not specified).
+    let rctd = cdb[2] & 0x80 != 0;
+    const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let offered = |&&(op, sa, _): &&(u8, Option<u16>, u16)| {
         !shared.config.disabled_opcodes.contains(&op)
             && (shared.config.alua_explicit || (op, sa) != (0xa4, Some(0x0a)))
@@ -856,6 +856,29 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
             }
         }
     };
+    let mut data = data;
+    if rctd {
+        match request {
+            OpcodeRequest::All => {
+                // Each 8-byte descriptor gets CTDP and its 12 bytes.
+                let mut with = vec![0u8; 4];
+                for d in data[4..].chunks_exact(8) {
+                    with.extend_from_slice(d);
+                    let at = with.len() - 8 + 5;
+                    with[at] |= 0x02;
+                    with.extend_from_slice(&TIMEOUTS);
+                }
+                let n = (with.len() - 4) as u32;
+                with[..4].copy_from_slice(&n.to_be_bytes());
+                data = with;
+            }
+            _ if data[1] & 7 == 3 => {
+                data[1] |= 0x80;
+                data.extend_from_slice(&TIMEOUTS);
+            }
+            _ => {}
+        }
+    }
     buf.extend_from_slice(&data);
     buf.truncate(alloc_len as usize);
     Plan::DataIn
