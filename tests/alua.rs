@@ -216,3 +216,69 @@ fn io_follows_alua_state_changes_without_errors() {
     drop(q);
     dev.close();
 }
+
+/// Explicit ALUA (issue #16): a target that moves no group by itself
+/// (INQUIRY TPGS 10b). Path 0's group is optimized, path 1's standby.
+/// Path 0's group becomes unavailable and its connection drops: no active/optimized path
+/// is left, so the device sends SET TARGET PORT GROUPS to make path 1's
+/// group active/optimized, re-reads REPORT TARGET PORT GROUPS, and carries
+/// on there with no application error and no lost write.
+#[test]
+fn explicit_alua_moves_a_standby_group_when_no_optimized_path_is_left() {
+    let target = Target::start(
+        TargetConfig::ram(IQN, 64 << 20)
+            .loopback_portals(2)
+            .alua_explicit(true),
+    )
+    .expect("embedded target");
+    set(&target, AluaState::ActiveOptimized, AluaState::Standby);
+    let urls: Vec<String> = target
+        .portals()
+        .iter()
+        .map(|p| format!("iscsi://{p}/{IQN}/0"))
+        .collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let opts = Options {
+        policy: Policy::QueueDepth,
+        idle: IdleMode::Sleep(Duration::from_micros(50)),
+        no_path_timeout: Duration::from_secs(20),
+        ..Options::default()
+    };
+    let dev = Device::open_urls(&urls, &opts).expect("open the device");
+    let mut q = dev.queue_pair();
+    let mut generation = vec![0u32; 512];
+    let phase = Duration::from_millis(600);
+    let l = write_load(&mut q, phase, &mut generation);
+    assert_eq!(l.errors, 0);
+    assert_eq!(l.per_path[1], 0, "the standby path was used");
+    // The initiator never moves groups while an optimized path is up.
+    assert_eq!(target.alua_state(2), Some(AluaState::Standby));
+
+    // Path 0's controller fails: its group goes unavailable and its
+    // connections drop (it logs in again, which fences what it had in
+    // flight, and finds its group unavailable).
+    target.set_alua_state(1, AluaState::Unavailable).unwrap();
+    target.faults().portal(0).drop_connections_now();
+    let l = write_load(&mut q, phase * 3, &mut generation);
+    println!(
+        "after path 0 died: per path {:?}, alua {:?}, target group 2 {:?}",
+        l.per_path,
+        alua_of(&dev),
+        target.alua_state(2)
+    );
+    assert_eq!(l.errors, 0);
+    assert_eq!(
+        target.alua_state(2),
+        Some(AluaState::ActiveOptimized),
+        "the initiator did not send SET TARGET PORT GROUPS"
+    );
+    assert!(l.per_path[1] > 0, "I/O did not continue on path 1");
+    assert_eq!(alua_of(&dev)[1], Some("active/optimized".into()));
+    let l = write_load(&mut q, phase, &mut generation);
+    assert_eq!(l.errors, 0);
+    assert_eq!(l.per_path[0], 0, "the unavailable path was used");
+    assert!(l.per_path[1] > 0);
+    verify(&mut q, &generation);
+    drop(q);
+    dev.close();
+}

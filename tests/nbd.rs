@@ -33,7 +33,11 @@ struct Bed {
 
 impl Bed {
     fn new(name: &str) -> Bed {
-        let target = Target::start(TargetConfig::ram(IQN, SIZE).loopback_portals(2)).unwrap();
+        Bed::with_target(name, TargetConfig::ram(IQN, SIZE).loopback_portals(2))
+    }
+
+    fn with_target(name: &str, config: TargetConfig) -> Bed {
+        let target = Target::start(config).unwrap();
         let urls: Vec<String> = target
             .portals()
             .iter()
@@ -684,4 +688,70 @@ fn cli_export_nbd_serves_the_embedded_target() {
     let mut b = vec![0u8; 8192];
     lun.read(4096, &mut b);
     assert!(b.iter().all(|&x| x == 0x5c), "data reached the target");
+}
+
+/// The LU's Block Limits (issue #16): a target with 32 KiB transfers,
+/// 64-block UNMAPs with an 8-block granularity, 128-block WRITE SAMEs, and
+/// that refuses anything larger. qemu-io's 1 MiB writes, reads, zeroes and
+/// discards through the export must be cut to fit.
+#[test]
+fn nbd_requests_are_cut_to_the_block_limits() {
+    use iscsi_bypass::target::BlockLimitsConfig;
+    if !have("qemu-io") {
+        return;
+    }
+    let limits = BlockLimitsConfig {
+        max_transfer_bytes: 32 << 10,
+        optimal_granularity: 8,
+        max_unmap_blocks: 64,
+        max_unmap_descriptors: 1,
+        unmap_granularity: 8,
+        unmap_alignment: Some(0),
+        max_write_same_blocks: 128,
+    };
+    let bed = Bed::with_target(
+        "limits",
+        TargetConfig::ram(IQN, SIZE)
+            .loopback_portals(2)
+            .block_limits(limits),
+    );
+    assert_eq!(bed.device.limits().max_transfer_blocks, 64);
+    let text = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "write -P 0x11 1M 1M",
+        "-c",
+        "write -z 1M 512k",
+        "-c",
+        "write -P 0x22 4M 1M",
+        "-c",
+        "discard 4M 1M",
+        "-c",
+        "write -P 0x33 6M 8k",
+        "-c",
+        "discard 6M 7680",
+        &bed.uri(),
+    ]));
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "qemu-io: {text}"
+    );
+    assert!(bed.read_direct(0, 1 << 20).iter().all(|&b| b == 0xab));
+    let z = bed.read_direct(1 << 20, 1 << 20);
+    assert!(z[..512 << 10].iter().all(|&b| b == 0), "write -z");
+    assert!(z[512 << 10..].iter().all(|&b| b == 0x11));
+    // The discards reached the LU: 4M..5M deallocated (5M..6M was never
+    // written), and of 6M + 15 blocks only the whole 8-block granule; the
+    // last 7 blocks (a partial granule) and the 16th stay mapped.
+    let lun = bed.target.lun(0).unwrap();
+    assert_eq!(
+        lun.mapping_runs(8192, 2),
+        vec![(8192, 4096 + 8, false), (12296, 8, true)]
+    );
+    assert!(bed.read_direct(4 << 20, 1 << 20).iter().all(|&b| b == 0));
 }

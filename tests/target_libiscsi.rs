@@ -352,6 +352,39 @@ fn iscsi_test_cu_subset() {
     );
 }
 
+/// libiscsi's own tests of the issue #16 commands against the embedded
+/// target: GET LBA STATUS, REPORT SUPPORTED OPERATION CODES.
+#[test]
+fn iscsi_test_cu_lba_status_and_supported_opcodes() {
+    let Some(cu) = tool("iscsi-test-cu") else {
+        return;
+    };
+    let target = two_portal_target();
+    let p = target.portals();
+    let mut failed = Vec::new();
+    for family in ["ALL.GetLBAStatus", "ALL.ReportSupportedOpcodes"] {
+        let a = args(&["-d", "-s", "-t", family, &lun_url(p[0], "", 0)]);
+        let (out, killed) = wait_with_timeout(spawn(&cu, &a), Duration::from_secs(120));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{family}: exit {:?}\n{stdout}", out.status.code());
+        // CUnit's summary: "tests  Total Ran Passed Failed Inactive".
+        let passed = stdout
+            .lines()
+            .map(str::split_whitespace)
+            .find_map(|mut w| (w.next() == Some("tests")).then(|| w.nth(2)))
+            .flatten()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        if killed || !out.status.success() || passed < 3 {
+            failed.push(family);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "iscsi-test-cu families failed: {failed:?}"
+    );
+}
+
 /// Without any libiscsi tool: stopping closes idle connections and joins
 /// threads promptly, and "drop now" closes a connection at once.
 #[test]

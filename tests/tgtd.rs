@@ -414,10 +414,14 @@ fn cli_write_read_round_trip_and_clear_errors() {
     }
 }
 
-/// tgt 1.0.85's SBC emulation has no COMPARE AND WRITE (opcode 89h): the
-/// command must come back as a clear ILLEGAL REQUEST, with nothing written.
+/// tgt 1.0.85's SBC emulation has no COMPARE AND WRITE (opcode 89h), and
+/// its REPORT SUPPORTED OPERATION CODES says so: the library refuses it
+/// without sending it, and sent anyway it comes back as a clear ILLEGAL
+/// REQUEST, with nothing written.
 #[test]
 fn compare_and_write_against_tgtd_is_refused_clearly() {
+    use iscsi_bypass::scsi::lun::LunError;
+    use iscsi_bypass::scsi::{Feature, ScsiCommand};
     if tgtd_unavailable().is_some() {
         return;
     }
@@ -428,9 +432,97 @@ fn compare_and_write_against_tgtd_is_refused_clearly() {
     let new = vec![0x22u8; 512];
     let e = l.compare_and_write(20, &old, &new).unwrap_err();
     assert!(
+        matches!(e, LunError::Unsupported(Feature::CompareAndWrite)),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .starts_with("target does not support COMPARE AND WRITE"),
+        "{e}"
+    );
+    let cmd = ScsiCommand::compare_and_write(20, 1, 512, false).unwrap();
+    let mut data = old.clone();
+    data.extend_from_slice(&new);
+    let e = l.run(&cmd, data).unwrap_err();
+    assert!(
         e.to_string()
             .contains("ILLEGAL REQUEST: invalid command operation code"),
         "{e}"
     );
     assert_eq!(l.read(20, 1).unwrap(), old);
+}
+
+/// Issue #16 against tgt: REPORT SUPPORTED OPERATION CODES, GET LBA
+/// STATUS, the Block Limits page, SET TARGET PORT GROUPS. What tgt 1.0.85
+/// answers is in docs/login-and-commands.md.
+#[test]
+fn supported_opcodes_lba_status_block_limits_and_stpg_against_tgtd() {
+    use iscsi_bypass::scsi::lun::LunError;
+    use iscsi_bypass::scsi::{Feature, ProvisioningStatus};
+    use iscsi_bypass::wire::scsi::AluaState;
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions::default());
+    let mut l = lun(&t, |_| {});
+    // tgt answers the all-commands form: what we use is there, COMPARE AND
+    // WRITE and SET TARGET PORT GROUPS are not.
+    let rsoc = l.report_supported_opcodes().expect("tgtd answers RSOC");
+    for (op, sa) in [
+        (0x28, None),
+        (0x8a, None),
+        (0x42, None),
+        (0x93, None),
+        (0x41, None),
+        (0x9e, Some(0x10)),
+        (0x9e, Some(0x12)),
+    ] {
+        assert!(rsoc.supports(op, sa), "tgtd lacks {op:#x}/{sa:?}: {rsoc:?}");
+    }
+    assert!(!rsoc.supports(0x89, None) && !rsoc.supports(0xa4, Some(0x0a)));
+    let one = l.report_supported_opcode(0x28, None).unwrap();
+    assert!(one.is_supported());
+    assert_eq!(one.cdb_usage.first(), Some(&0x28));
+    let (ops, limits) = l.capabilities().unwrap();
+    assert!(ops.known());
+    println!("tgtd Block Limits as honoured: {limits:?}");
+    // SET TARGET PORT GROUPS: not offered, so not sent.
+    let e = l
+        .set_target_port_groups(&[(1, AluaState::ActiveOptimized)])
+        .unwrap_err();
+    assert!(
+        matches!(e, LunError::Unsupported(Feature::SetTargetPortGroups)),
+        "{e}"
+    );
+    // GET LBA STATUS follows the sparse backing file: a fresh LU is one
+    // deallocated run; written blocks are mapped.
+    let cap = l.read_capacity().unwrap();
+    let d = l.get_lba_status(0).unwrap();
+    println!("tgtd GET LBA STATUS (fresh): {d:?}");
+    assert_eq!(d.descriptors[0].lba, 0);
+    assert_eq!(d.descriptors[0].status, ProvisioningStatus::Deallocated);
+    l.write(0, vec![0xabu8; 64 << 10]).unwrap();
+    let d = l.get_lba_status(0).unwrap();
+    println!("tgtd GET LBA STATUS (64 KiB written): {d:?}");
+    assert_eq!(
+        (d.descriptors[0].lba, d.descriptors[0].status),
+        (0, ProvisioningStatus::Mapped)
+    );
+    assert!(d.descriptors[0].blocks >= 128);
+    assert!(u64::from(d.descriptors[0].blocks) < cap.block_count);
+    // tgt lists UNMAP but, without thin provisioning set on the LU (the
+    // default), answers it INVALID COMMAND OPERATION CODE: its list is not
+    // the whole truth, and the CHECK CONDITION comes back as it is.
+    let e = l.unmap(0, 128).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ILLEGAL REQUEST: invalid command operation code"),
+        "{e}"
+    );
+    assert_eq!(
+        l.get_lba_status(0).unwrap().descriptors[0].status,
+        ProvisioningStatus::Mapped
+    );
+    // Reads and writes split at whatever tgtd reports still round-trip.
+    write_read_random(&mut l, 16, 1 << 20);
 }

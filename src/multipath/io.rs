@@ -5,7 +5,8 @@
 
 use crate::iscsi::connection::{Command, Completion, Direction};
 use crate::scsi::{
-    check_status, ErrorClass, ScsiCommand, ScsiError, UnitAttention, UnmapDescriptor,
+    check_status, ErrorClass, Feature, ScsiCommand, ScsiError, SupportedCommands, TransferLimits,
+    UnitAttention, UnmapDescriptor,
 };
 use crate::wire::scsi::{DataRepr, UnmapParameterList};
 use std::time::Duration;
@@ -194,6 +195,79 @@ pub enum IoError {
         /// The operation.
         op: IoOp,
     },
+    /// The LU's REPORT SUPPORTED OPERATION CODES leaves out the command
+    /// this request needs (nothing was sent).
+    #[error("target does not support {0} (not in its REPORT SUPPORTED OPERATION CODES); not sent")]
+    Unsupported(Feature),
+    /// The request is longer than the LU's Block Limits allow in one
+    /// command (nothing was sent). The blocking helpers
+    /// ([`IoQueue::read_at`](crate::IoQueue::read_at) and the like) split
+    /// instead; [`MultipathDevice::limits`](crate::MultipathDevice::limits)
+    /// has the limits.
+    #[error("{op:?} of {blocks} blocks is over the target's limit of {max} blocks per command (Block Limits VPD); split it")]
+    TooLarge {
+        /// The operation.
+        op: IoOp,
+        /// Blocks asked for.
+        blocks: u32,
+        /// The most one command may carry.
+        max: u32,
+    },
+}
+
+/// What the LU supports and the Block Limits it set, as learnt at open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LuCaps {
+    /// REPORT SUPPORTED OPERATION CODES (unknown: send everything).
+    pub commands: SupportedCommands,
+    /// Block Limits VPD page (none reported: no limits).
+    pub limits: TransferLimits,
+}
+
+impl LuCaps {
+    /// Checks `io` against the LU's commands and limits. `Ok(true)`: send a
+    /// WRITE SAME as WRITE SAME(10) (the LU lacks WRITE SAME(16)).
+    pub fn check(&self, io: &Io) -> Result<bool, IoError> {
+        let too_large = |max: u32| {
+            if io.blocks > max {
+                Err(IoError::TooLarge {
+                    op: io.op,
+                    blocks: io.blocks,
+                    max,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match io.op {
+            IoOp::Read | IoOp::Write | IoOp::WriteFua => too_large(
+                self.limits
+                    .io_chunk_blocks()
+                    .max(self.limits.max_transfer_blocks),
+            )?,
+            IoOp::Flush => {}
+            IoOp::Unmap => {
+                if !self.commands.supports(Feature::Unmap) {
+                    return Err(IoError::Unsupported(Feature::Unmap));
+                }
+                too_large(self.limits.unmap_chunk_blocks())?;
+            }
+            IoOp::WriteSame => {
+                let max = self.limits.write_same_chunk_blocks();
+                if self.commands.supports(Feature::WriteSame16) {
+                    too_large(max)?;
+                } else if self.commands.supports(Feature::WriteSame10)
+                    && io.lba.saturating_add(u64::from(io.blocks)) <= u64::from(u32::MAX)
+                {
+                    too_large(max.min(u32::from(u16::MAX)))?;
+                    return Ok(true);
+                } else {
+                    return Err(IoError::Unsupported(Feature::WriteSame16));
+                }
+            }
+        }
+        Ok(false)
+    }
 }
 
 impl IoError {
@@ -232,6 +306,20 @@ pub fn build_command(
     block_size: u32,
     capacity_blocks: u64,
 ) -> Result<Command, IoError> {
+    build_command_for(io, lun, block_size, capacity_blocks, &LuCaps::default())
+}
+
+/// [`build_command`] for an LU with `caps`: refuses what the LU does not
+/// support or what is over its Block Limits, and sends WRITE SAME(10)
+/// where the LU has only that.
+pub fn build_command_for(
+    io: &mut Io,
+    lun: u64,
+    block_size: u32,
+    capacity_blocks: u64,
+    caps: &LuCaps,
+) -> Result<Command, IoError> {
+    let ws10 = caps.check(io)?;
     let bs = block_size as usize;
     let check_range = |io: &Io| {
         let end = io.lba.saturating_add(u64::from(io.blocks));
@@ -281,10 +369,12 @@ pub fn build_command(
             if io.buffer.len() != bs {
                 return Err(bad_buffer(io, bs));
             }
-            (
-                ScsiCommand::write_same16(io.lba, io.blocks, block_size, false),
-                Direction::Write,
-            )
+            let c = if ws10 {
+                ScsiCommand::write_same10(io.lba as u32, io.blocks as u16, block_size, false)
+            } else {
+                ScsiCommand::write_same16(io.lba, io.blocks, block_size, false)
+            };
+            (c, Direction::Write)
         }
         IoOp::Unmap => {
             check_range(io)?;
@@ -509,5 +599,59 @@ mod tests {
         };
         let c = build_command(&mut io, 0, 512, 100).unwrap();
         assert_eq!((c.cdb[0], c.buffer.len()), (0x42, 24));
+    }
+
+    #[test]
+    fn caps_refuse_unsupported_and_over_limit_and_fall_back_to_write_same_10() {
+        use crate::wire::scsi::{OpcodeDescriptor, SupportedOpcodes};
+        let desc = |opcode| OpcodeDescriptor {
+            opcode,
+            service_action: None,
+            cdb_len: 10,
+        };
+        let caps = LuCaps {
+            commands: SupportedCommands(Some(SupportedOpcodes {
+                commands: vec![desc(0x88), desc(0x8a), desc(0x41)],
+            })),
+            limits: TransferLimits {
+                max_transfer_blocks: 64,
+                max_write_same_blocks: 1000,
+                ..Default::default()
+            },
+        };
+        let mut io = Io::read(0, 65, Vec::new(), 0);
+        assert_eq!(
+            build_command_for(&mut io, 0, 512, 1 << 20, &caps).err(),
+            Some(IoError::TooLarge {
+                op: IoOp::Read,
+                blocks: 65,
+                max: 64
+            })
+        );
+        let mut io = Io::read(0, 64, Vec::new(), 0);
+        assert!(build_command_for(&mut io, 0, 512, 1 << 20, &caps).is_ok());
+        let mut io = Io::unmap(0, 8, Vec::new(), 0);
+        assert_eq!(
+            build_command_for(&mut io, 0, 512, 1 << 20, &caps).err(),
+            Some(IoError::Unsupported(Feature::Unmap))
+        );
+        let mut io = Io::write_same(7, 1000, vec![0; 512], 0);
+        let c = build_command_for(&mut io, 0, 512, 1 << 20, &caps).unwrap();
+        assert_eq!(c.cdb[0], 0x41);
+        assert_eq!(&c.cdb[2..9], &[0, 0, 0, 7, 0, 0x03, 0xe8]);
+        let mut io = Io::write_same(7, 1001, vec![0; 512], 0);
+        assert!(matches!(
+            build_command_for(&mut io, 0, 512, 1 << 20, &caps),
+            Err(IoError::TooLarge { max: 1000, .. })
+        ));
+        let none = LuCaps {
+            commands: SupportedCommands(Some(SupportedOpcodes::default())),
+            ..Default::default()
+        };
+        let mut io = Io::write_same(7, 10, vec![0; 512], 0);
+        assert_eq!(
+            build_command_for(&mut io, 0, 512, 1 << 20, &none).err(),
+            Some(IoError::Unsupported(Feature::WriteSame16))
+        );
     }
 }

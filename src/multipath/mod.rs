@@ -21,7 +21,7 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
-pub use io::{Io, IoCompletion, IoError, IoOp};
+pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };

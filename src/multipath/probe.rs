@@ -3,6 +3,7 @@
 //! state, and the capacity. Runs off the I/O path (at open and on reconnect).
 
 use super::config::{BoxedTransport, PathConnector};
+use super::io::LuCaps;
 use super::MultipathError;
 use crate::iscsi::connection::{Command, ConnTimers, Direction};
 use crate::iscsi::login::LoginConfig;
@@ -10,7 +11,11 @@ use crate::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use crate::scsi::{
     check_status, AluaState, ErrorClass, ScsiCommand, ScsiError, TargetPortGroupsData,
 };
-use crate::wire::scsi::{DataRepr, DeviceIdentification, ReadCapacity16Data};
+use crate::scsi::{SupportedCommands, TransferLimits};
+use crate::wire::scsi::{
+    BlockLimits, DataRepr, DeviceIdentification, InquiryData, OpcodeRequest, ReadCapacity16Data,
+    SupportedOpcodes, Tpgs,
+};
 use std::time::Duration;
 
 /// A logged-in path and what it reported.
@@ -35,6 +40,13 @@ pub struct PathProbe {
     /// hops (`127.0.0.1:3261 (after 127.0.0.1:3260 redirected temporarily
     /// to 127.0.0.1:3261)`); None when it was not redirected.
     pub redirected_to: Option<String>,
+    /// ALUA support from standard INQUIRY (TPGS).
+    pub tpgs: Tpgs,
+    /// Supported-states byte of this path's target port group (REPORT
+    /// TARGET PORT GROUPS), if reported.
+    pub group_supported: Option<u8>,
+    /// REPORT SUPPORTED OPERATION CODES and Block Limits.
+    pub caps: LuCaps,
 }
 
 impl std::fmt::Debug for PathProbe {
@@ -143,14 +155,36 @@ pub fn probe(
     let tpg = id.target_port_group();
     let rel = id.relative_target_port();
     // Targets without ALUA answer ILLEGAL REQUEST: then every path is equal.
-    let alua = execute(
+    let groups = execute(
         &mut session,
         cfg.lun,
         ScsiCommand::report_target_port_groups(1024),
     )
     .ok()
-    .and_then(|d| TargetPortGroupsData::parse(&d).ok())
-    .and_then(|d| alua_state_of(&d, tpg, rel));
+    .and_then(|d| TargetPortGroupsData::parse(&d).ok());
+    let alua = groups.as_ref().and_then(|d| alua_state_of(d, tpg, rel));
+    let group_supported = groups
+        .as_ref()
+        .and_then(|d| group_of(d, tpg, rel))
+        .map(|g| g.supported);
+    // TPGS: whether the LU does implicit or explicit ALUA (or none).
+    let tpgs = execute(&mut session, cfg.lun, ScsiCommand::inquiry())
+        .ok()
+        .and_then(|d| InquiryData::parse(&d).ok())
+        .map_or(Tpgs::None, |i| i.tpgs);
+    // What the LU supports, and its limits: a target without these
+    // answers ILLEGAL REQUEST, and then everything is tried, unsplit.
+    let commands = execute(
+        &mut session,
+        cfg.lun,
+        ScsiCommand::report_supported_opcodes(OpcodeRequest::All, 8192),
+    )
+    .ok()
+    .and_then(|d| SupportedOpcodes::parse(&d).ok());
+    let limits = execute(&mut session, cfg.lun, ScsiCommand::block_limits())
+        .ok()
+        .and_then(|d| BlockLimits::parse(&d).ok())
+        .map_or(TransferLimits::default(), |b| TransferLimits::from(&b));
     Ok(PathProbe {
         session,
         lu_id,
@@ -161,7 +195,23 @@ pub fn probe(
         block_size: cap.block_len,
         time2wait,
         redirected_to,
+        tpgs,
+        group_supported,
+        caps: LuCaps {
+            commands: SupportedCommands(commands),
+            limits,
+        },
     })
+}
+
+/// The descriptor of the group this path's port belongs to.
+pub fn group_of(
+    data: &TargetPortGroupsData,
+    tpg: Option<u16>,
+    relative_port: Option<u16>,
+) -> Option<&crate::wire::scsi::TargetPortGroup> {
+    tpg.and_then(|g| data.group(g))
+        .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
 }
 
 /// The access state of the group this path's port belongs to.
@@ -170,9 +220,7 @@ pub fn alua_state_of(
     tpg: Option<u16>,
     relative_port: Option<u16>,
 ) -> Option<AluaState> {
-    tpg.and_then(|g| data.group(g))
-        .or_else(|| relative_port.and_then(|p| data.group_of_port(p)))
-        .map(|g| g.state)
+    group_of(data, tpg, relative_port).map(|g| g.state)
 }
 
 #[derive(Debug)]

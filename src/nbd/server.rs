@@ -8,8 +8,8 @@ use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
 use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
-use crate::multipath::{Io, IoCompletion, IoError, IoOp};
-use crate::scsi::ScsiError;
+use crate::multipath::{Io, IoCompletion, IoError, IoOp, LuCaps};
+use crate::scsi::{Feature, ScsiError};
 use crate::wire::scsi::SenseKey;
 use crate::worker::{IoQueue, MultipathDevice, SubmitError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -312,6 +312,8 @@ struct Export {
     /// WRITE SAME was refused once: zero writes from then on.
     no_write_same: AtomicBool,
     stats: Arc<ServerStats>,
+    /// The LU's commands and Block Limits: requests are cut to fit them.
+    caps: LuCaps,
 }
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
@@ -435,12 +437,17 @@ impl NbdServer {
             .set_nonblocking()
             .map_err(|e| NbdError::Bind(listener.uri(), e))?;
         let info = export_info(&device, &config);
+        let caps = device.caps().clone();
+        // No WRITE SAME of either size: zero with plain writes from the start.
+        let no_ws = !caps.commands.supports(Feature::WriteSame16)
+            && !caps.commands.supports(Feature::WriteSame10);
         let export = Arc::new(Export {
             config,
             info,
             rmw: Mutex::new(()),
-            no_write_same: AtomicBool::new(false),
+            no_write_same: AtomicBool::new(no_ws),
             stats,
+            caps,
         });
         log::info!(
             "NBD export serving {} ({} bytes)",
@@ -852,7 +859,11 @@ fn tag(id: u32, chunk: u32) -> u64 {
 impl<'a, Q: BlockQueue> Conn<'a, Q> {
     fn new(export: &'a Export, q: Q) -> Conn<'a, Q> {
         let bs = u64::from(export.info.min_block.max(1));
-        let max_io = (u64::from(export.config.max_io_bytes) / bs).max(1) * bs;
+        // At most the LU's MAXIMUM TRANSFER LENGTH per command.
+        let max_blocks = (u64::from(export.config.max_io_bytes) / bs)
+            .min(u64::from(export.caps.limits.io_chunk_blocks()))
+            .max(1);
+        let max_io = max_blocks * bs;
         Conn {
             export,
             q,
@@ -1125,16 +1136,27 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
                 if !in_range {
                     return self.reply_now(r.handle, errno::EINVAL);
                 }
-                // Advisory: only whole blocks inside the range.
+                // Advisory: only whole blocks (whole unmap granules, where
+                // the LU reports a granularity) inside the range, and
+                // nothing where the LU has no UNMAP.
                 let first = r.offset.div_ceil(self.bs);
-                let last = (r.offset + u64::from(r.length)) / self.bs;
+                let last = ((r.offset + u64::from(r.length)) / self.bs).max(first);
+                let caps = &self.export.caps;
+                let range = if caps.commands.supports(Feature::Unmap) {
+                    caps.limits.unmap_aligned(first, last - first)
+                } else {
+                    None
+                };
+                let step = u64::from(caps.limits.unmap_chunk_blocks()).min(1 << 22);
                 let id = self.pending_for(r.handle, Kind::Trim, fua);
-                let mut lba = first;
-                while lba < last {
-                    let n = (last - lba).min(1 << 22) as u32;
-                    let io = Io::unmap(lba, n, self.take_buf(), tag(id, 0));
-                    self.push_io(id, io);
-                    lba += u64::from(n);
+                if let Some((mut lba, n)) = range {
+                    let last = lba + n;
+                    while lba < last {
+                        let n = (last - lba).min(step) as u32;
+                        let io = Io::unmap(lba, n, self.take_buf(), tag(id, 0));
+                        self.push_io(id, io);
+                        lba += u64::from(n);
+                    }
                 }
                 self.maybe_done(id);
             }
@@ -1261,7 +1283,12 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         let bs = self.bs;
         let ws = !self.export.no_write_same.load(Ordering::Relaxed);
         let step = if ws {
-            (self.max_io / bs) * 16
+            let caps = &self.export.caps;
+            let mut max = caps.limits.write_same_chunk_blocks();
+            if !caps.commands.supports(Feature::WriteSame16) {
+                max = max.min(u32::from(u16::MAX));
+            }
+            ((self.max_io / bs) * 16).min(u64::from(max))
         } else {
             self.max_io / bs
         };
@@ -1668,6 +1695,7 @@ mod tests {
             rmw: Mutex::new(()),
             no_write_same: AtomicBool::new(false),
             stats: Arc::default(),
+            caps: LuCaps::default(),
         }
     }
 

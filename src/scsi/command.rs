@@ -2,7 +2,8 @@
 
 use super::error::ScsiError;
 use crate::wire::scsi::{
-    vpd, Cdb, CdbRepr, DataRepr, ReadCapacity16Data, UnmapDescriptor, UnmapParameterList,
+    vpd, AluaState, Cdb, CdbRepr, DataRepr, OpcodeRequest, ReadCapacity16Data,
+    SetTargetPortGroupsList, UnmapDescriptor, UnmapParameterList,
 };
 
 /// Direction and expected length (bytes) of a command's data transfer.
@@ -78,7 +79,10 @@ impl ScsiCommand {
                 DataDirection::Write(transfer_len(2 * u32::from(blocks), block_size)?)
             }
             CdbRepr::WriteSame16 { ndob: true, .. } => DataDirection::None,
-            CdbRepr::WriteSame16 { .. } => DataDirection::Write(block_size),
+            CdbRepr::WriteSame16 { .. } | CdbRepr::WriteSame10 { .. } => {
+                DataDirection::Write(block_size)
+            }
+            CdbRepr::SetTargetPortGroups { param_len } => DataDirection::Write(param_len),
             CdbRepr::Unmap { param_len, .. } => DataDirection::Write(param_len.into()),
             other => DataDirection::Read(other.allocation_len().unwrap_or(0)),
         };
@@ -246,6 +250,39 @@ impl ScsiCommand {
         ScsiCommand::new(
             Cdb::write_same16(lba, blocks, unmap),
             DataDirection::Write(block_size),
+        )
+    }
+    /// WRITE SAME(10); the data-out is one block.
+    pub fn write_same10(lba: u32, blocks: u16, block_size: u32, unmap: bool) -> ScsiCommand {
+        ScsiCommand::new(
+            Cdb::write_same10(lba, blocks, unmap),
+            DataDirection::Write(block_size),
+        )
+    }
+    /// GET LBA STATUS from `lba`, `alloc_len` bytes of descriptors at most.
+    pub fn get_lba_status(lba: u64, alloc_len: u32) -> ScsiCommand {
+        ScsiCommand::new(
+            Cdb::get_lba_status(lba, alloc_len),
+            DataDirection::Read(alloc_len),
+        )
+    }
+    /// REPORT SUPPORTED OPERATION CODES.
+    pub fn report_supported_opcodes(request: OpcodeRequest, alloc_len: u32) -> ScsiCommand {
+        ScsiCommand::new(
+            Cdb::report_supported_opcodes(request, alloc_len),
+            DataDirection::Read(alloc_len),
+        )
+    }
+    /// SET TARGET PORT GROUPS with its parameter list (the data-out to send).
+    pub fn set_target_port_groups(groups: &[(u16, AluaState)]) -> (ScsiCommand, Vec<u8>) {
+        let list = SetTargetPortGroupsList {
+            groups: groups.to_vec(),
+        }
+        .to_vec();
+        let len = list.len() as u32;
+        (
+            ScsiCommand::new(Cdb::set_target_port_groups(len), DataDirection::Write(len)),
+            list,
         )
     }
 }

@@ -2,14 +2,16 @@
 //! commands a user or tool needs, with UNIT ATTENTION / BUSY retries and
 //! responses decoded. Used by the CLI and as the simplest library entry.
 
+use super::caps::{split, Feature, SupportedCommands, TransferLimits};
 use super::{check_status, Capacity, DataRepr, LunInfo, ScsiCommand, ScsiError};
 use crate::iscsi::connection::{Command, Direction};
 use crate::iscsi::session::{Session, SessionError};
 use crate::transport::Transport;
 use crate::wire::scsi::{
-    vpd, BlockLimits, DeviceIdentification, InquiryData, LogicalBlockProvisioning, Lun,
-    ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, SupportedVpdPages,
-    TargetPortGroupsData, UnitSerialNumber,
+    vpd, AluaState, BlockLimits, DeviceIdentification, InquiryData, LbaStatusData,
+    LogicalBlockProvisioning, Lun, OneOpcode, OpcodeRequest, ReadCapacity10Data,
+    ReadCapacity16Data, ReportLunsData, SupportedOpcodes, SupportedVpdPages, TargetPortGroupsData,
+    UnitSerialNumber, UnmapDescriptor, UnmapParameterList,
 };
 use std::time::Duration;
 use thiserror::Error;
@@ -46,6 +48,12 @@ pub enum LunError {
     Miscompare { offset: u64 },
     #[error("COMPARE AND WRITE: {0}")]
     CompareAndWrite(String),
+    /// The LU's REPORT SUPPORTED OPERATION CODES leaves the command out,
+    /// so it was not sent.
+    #[error("target does not support {0} (not in its REPORT SUPPORTED OPERATION CODES); not sent")]
+    Unsupported(Feature),
+    #[error("WRITE SAME needs exactly one block of data ({block_size} bytes), got {len}")]
+    WriteSameBlock { len: usize, block_size: u32 },
 }
 
 pub struct LunHandle<T: Transport> {
@@ -55,6 +63,8 @@ pub struct LunHandle<T: Transport> {
     pub retries: u32,
     /// Filled by [`read_capacity`](Self::read_capacity).
     capacity: Option<Capacity>,
+    /// Filled by [`capabilities`](Self::capabilities).
+    caps: Option<(SupportedCommands, TransferLimits)>,
 }
 
 impl<T: Transport> LunHandle<T> {
@@ -65,6 +75,7 @@ impl<T: Transport> LunHandle<T> {
             timeout: Duration::from_secs(30),
             retries: DEFAULT_RETRIES,
             capacity: None,
+            caps: None,
         }
     }
 
@@ -240,19 +251,174 @@ impl<T: Transport> LunHandle<T> {
         Ok(cap.block_size)
     }
 
-    /// Reads `blocks` blocks at `lba` (READ(16)).
-    pub fn read(&mut self, lba: u64, blocks: u32) -> Result<Vec<u8>, LunError> {
-        let bs = self.check_range(lba, blocks as u64)?;
-        let cmd = ScsiCommand::read16(lba, blocks, bs)?;
-        let (buf, n) = self.run(&cmd, vec![0; cmd.transfer_len() as usize])?;
-        if n < buf.len() {
-            return Err(LunError::ShortData {
-                what: "READ(16)",
-                got: n,
-                need: buf.len(),
+    /// REPORT SUPPORTED OPERATION CODES, all commands.
+    pub fn report_supported_opcodes(&mut self) -> Result<SupportedOpcodes, LunError> {
+        let mut alloc = 4096u32;
+        loop {
+            let cmd = ScsiCommand::report_supported_opcodes(OpcodeRequest::All, alloc);
+            let (buf, n) = self.run(&cmd, vec![0; alloc as usize])?;
+            let data = &buf[..n.min(buf.len())];
+            let need = data
+                .get(..4)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .saturating_add(4);
+            if need > alloc && need <= 1 << 20 {
+                alloc = need;
+                continue;
+            }
+            return Ok(SupportedOpcodes::parse(data).map_err(ScsiError::BadData)?);
+        }
+    }
+
+    /// REPORT SUPPORTED OPERATION CODES for one command (`service_action`
+    /// for commands that have them).
+    pub fn report_supported_opcode(
+        &mut self,
+        opcode: u8,
+        service_action: Option<u16>,
+    ) -> Result<OneOpcode, LunError> {
+        let request = match service_action {
+            Some(sa) => OpcodeRequest::ServiceAction(opcode, sa),
+            None => OpcodeRequest::Opcode(opcode),
+        };
+        self.data_in(
+            ScsiCommand::report_supported_opcodes(request, 64),
+            "REPORT SUPPORTED OPERATION CODES",
+        )
+    }
+
+    /// What the LU supports and its Block Limits, asked once (REPORT
+    /// SUPPORTED OPERATION CODES and VPD B0h; a target that answers
+    /// neither gets every command, unsplit).
+    pub fn capabilities(&mut self) -> Result<(SupportedCommands, TransferLimits), LunError> {
+        if let Some(c) = &self.caps {
+            return Ok(c.clone());
+        }
+        let ops = match self.report_supported_opcodes() {
+            Ok(o) => SupportedCommands(Some(o)),
+            Err(LunError::Scsi(e)) if !e.is_retryable() => SupportedCommands(None),
+            Err(e) => return Err(e),
+        };
+        let limits = match self.data_in::<BlockLimits>(ScsiCommand::block_limits(), "VPD 0xB0") {
+            Ok(b) => TransferLimits::from(&b),
+            Err(LunError::Scsi(e)) if !e.is_retryable() => TransferLimits::default(),
+            Err(e) => return Err(e),
+        };
+        self.caps = Some((ops, limits));
+        Ok(self.caps.clone().unwrap_or_default())
+    }
+
+    fn require(&mut self, f: Feature) -> Result<TransferLimits, LunError> {
+        let (ops, limits) = self.capabilities()?;
+        if ops.supports(f) {
+            Ok(limits)
+        } else {
+            Err(LunError::Unsupported(f))
+        }
+    }
+
+    /// GET LBA STATUS from `lba`: the provisioning status (mapped,
+    /// deallocated, anchored) of the blocks from there, as far as the
+    /// target reports in one answer (up to 255 descriptors).
+    pub fn get_lba_status(&mut self, lba: u64) -> Result<LbaStatusData, LunError> {
+        self.require(Feature::GetLbaStatus)?;
+        self.check_range(lba, 1)?;
+        let alloc = 8 + 16 * 255;
+        self.data_in(ScsiCommand::get_lba_status(lba, alloc), "GET LBA STATUS")
+    }
+
+    /// SET TARGET PORT GROUPS: asks the target to move each listed target
+    /// port group to its access state (explicit ALUA).
+    pub fn set_target_port_groups(&mut self, groups: &[(u16, AluaState)]) -> Result<(), LunError> {
+        self.require(Feature::SetTargetPortGroups)?;
+        let (cmd, list) = ScsiCommand::set_target_port_groups(groups);
+        self.run(&cmd, list)?;
+        Ok(())
+    }
+
+    /// UNMAP of `blocks` blocks at `lba`, in as many UNMAP commands as the
+    /// Block Limits (MAXIMUM UNMAP LBA COUNT and BLOCK DESCRIPTOR COUNT) need.
+    pub fn unmap(&mut self, lba: u64, blocks: u64) -> Result<(), LunError> {
+        let limits = self.require(Feature::Unmap)?;
+        self.check_range(lba, blocks)?;
+        let per_cmd = u64::from(limits.unmap_chunk_blocks());
+        let max_desc =
+            (limits.max_unmap_descriptors as usize).clamp(1, UnmapParameterList::MAX_DESCRIPTORS);
+        for (at, n) in split(lba, blocks, per_cmd.min(u64::from(u32::MAX)) as u32) {
+            // One command: up to max_desc descriptors of at most u32::MAX blocks.
+            let ranges: Vec<UnmapDescriptor> = split(at, u64::from(n), u32::MAX)
+                .map(|(lba, blocks)| UnmapDescriptor { lba, blocks })
+                .collect();
+            for group in ranges.chunks(max_desc) {
+                let (cmd, list) = ScsiCommand::unmap(group)?;
+                self.run(&cmd, list)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// WRITE SAME of the one block in `block` to `blocks` blocks at `lba`
+    /// (`unmap`: the target may deallocate them, `block` must be zeroes).
+    /// Split at MAXIMUM WRITE SAME LENGTH; WRITE SAME(10) where the target
+    /// lacks WRITE SAME(16) and the range fits.
+    pub fn write_same(
+        &mut self,
+        lba: u64,
+        blocks: u64,
+        block: &[u8],
+        unmap: bool,
+    ) -> Result<(), LunError> {
+        let bs = self.check_range(lba, blocks)?;
+        if block.len() != bs as usize {
+            return Err(LunError::WriteSameBlock {
+                len: block.len(),
+                block_size: bs,
             });
         }
-        Ok(buf)
+        let (ops, limits) = self.capabilities()?;
+        let ws16 = ops.supports(Feature::WriteSame16);
+        let ws10 = ops.supports(Feature::WriteSame10);
+        let fits10 = lba.saturating_add(blocks) <= u64::from(u32::MAX);
+        if !(ws16 || ws10 && fits10) {
+            return Err(LunError::Unsupported(Feature::WriteSame16));
+        }
+        let mut max = limits.write_same_chunk_blocks();
+        if !ws16 {
+            max = max.min(u32::from(u16::MAX));
+        }
+        for (at, n) in split(lba, blocks, max) {
+            let cmd = if ws16 {
+                ScsiCommand::write_same16(at, n, bs, unmap)
+            } else {
+                ScsiCommand::write_same10(at as u32, n as u16, bs, unmap)
+            };
+            self.run(&cmd, block.to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Reads `blocks` blocks at `lba` (READ(16)), in pieces of at most the
+    /// Block Limits MAXIMUM TRANSFER LENGTH.
+    pub fn read(&mut self, lba: u64, blocks: u32) -> Result<Vec<u8>, LunError> {
+        let bs = self.check_range(lba, blocks as u64)?;
+        let chunk = self.capabilities()?.1.io_chunk_blocks();
+        let mut out = Vec::with_capacity(blocks as usize * bs as usize);
+        for (at, n) in split(lba, blocks.into(), chunk) {
+            let cmd = ScsiCommand::read16(at, n, bs)?;
+            let (buf, got) = self.run(&cmd, vec![0; cmd.transfer_len() as usize])?;
+            if got < buf.len() {
+                return Err(LunError::ShortData {
+                    what: "READ(16)",
+                    got,
+                    need: buf.len(),
+                });
+            }
+            if out.is_empty() && n == blocks {
+                return Ok(buf);
+            }
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
     }
 
     /// Writes `data` (a whole number of blocks) at `lba` (WRITE(16)).
@@ -268,8 +434,19 @@ impl<T: Transport> LunHandle<T> {
         }
         let blocks = (data.len() / bs as usize) as u32;
         self.check_range(lba, blocks as u64)?;
-        let cmd = ScsiCommand::write16(lba, blocks, bs, false)?;
-        Ok(self.run(&cmd, data)?.0)
+        let chunk = self.capabilities()?.1.io_chunk_blocks();
+        if blocks <= chunk {
+            let cmd = ScsiCommand::write16(lba, blocks, bs, false)?;
+            return Ok(self.run(&cmd, data)?.0);
+        }
+        // Beyond MAXIMUM TRANSFER LENGTH: one WRITE per piece.
+        for (at, n) in split(lba, blocks.into(), chunk) {
+            let from = ((at - lba) * u64::from(bs)) as usize;
+            let piece = data[from..from + n as usize * bs as usize].to_vec();
+            let cmd = ScsiCommand::write16(at, n, bs, false)?;
+            self.run(&cmd, piece)?;
+        }
+        Ok(data)
     }
 
     /// COMPARE AND WRITE at `lba`: writes `new` only when the medium holds
@@ -282,6 +459,7 @@ impl<T: Transport> LunHandle<T> {
         expected: &[u8],
         new: &[u8],
     ) -> Result<(), LunError> {
+        self.require(Feature::CompareAndWrite)?;
         let bs = self.capacity()?.block_size;
         if expected.len() != new.len() {
             return Err(LunError::CompareAndWrite(format!(

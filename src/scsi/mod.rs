@@ -7,19 +7,23 @@
 //! [`LunInfo`] summarises a logical unit from its INQUIRY, VPD and
 //! capacity data.
 
+pub mod caps;
 mod command;
 mod error;
 pub mod lun;
 mod lun_info;
 
+pub use caps::{Feature, SupportedCommands, TransferLimits};
 pub use command::{DataDirection, ScsiCommand};
 pub use error::{check_status, classify_sense, ErrorClass, ScsiError, UnitAttention};
 pub use lun_info::{Capacity, LunInfo};
 
 pub use crate::wire::scsi::{
-    AluaState, Cdb, CdbRepr, DataRepr, DesignatorType, DeviceIdentification, InquiryData, Lun,
-    ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, ScsiStatus, SenseData, SenseKey,
-    TargetPortGroupsData, UnmapDescriptor, UnmapParameterList,
+    AluaState, BlockLimits, Cdb, CdbRepr, DataRepr, DesignatorType, DeviceIdentification,
+    InquiryData, LbaStatusData, LbaStatusDescriptor, Lun, OneOpcode, OpcodeRequest,
+    ProvisioningStatus, ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, ScsiStatus,
+    SenseData, SenseKey, SupportedOpcodes, TargetPortGroupsData, UnmapDescriptor,
+    UnmapParameterList,
 };
 
 #[cfg(test)]

@@ -1679,15 +1679,30 @@ impl Core {
         if let Some(sense) = task.error {
             return self.send_check(task.itt, sense, r2ts);
         }
+        let alua_before = self.shared.alua_generation();
+        let mut stpg = false;
         let result = match task.sink {
-            Sink::Params { lun, command, buf } => scsi::finish_params(
-                &self.shared,
-                lun,
-                command,
-                &buf[..(task.received as usize).min(buf.len())],
-            ),
+            Sink::Params { lun, command, buf } => {
+                stpg = command == scsi::ParamCommand::SetTargetPortGroups;
+                scsi::finish_params(
+                    &self.shared,
+                    lun,
+                    command,
+                    &buf[..(task.received as usize).min(buf.len())],
+                )
+            }
             Sink::Lun { .. } | Sink::Discard => Ok(()),
         };
+        if stpg && result.is_ok() {
+            // SPC-4 §5.15.2.4: the I_T nexus that asked for the change
+            // gets no UNIT ATTENTION for it; every other one does.
+            let now = self.shared.alua_generation();
+            for seen in &mut self.seen_alua {
+                if *seen == alua_before {
+                    *seen = now;
+                }
+            }
+        }
         match result {
             Ok(()) => {
                 let resid = residual(task.transfer, task.expected);

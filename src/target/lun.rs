@@ -36,7 +36,14 @@ pub struct Lun {
     /// Held across COMPARE AND WRITE's compare and write (atomic against
     /// other COMPARE AND WRITEs, as VMware's ATS lock needs).
     compare_and_write: std::sync::Mutex<()>,
+    /// One bit per block, set once written and cleared by UNMAP / WRITE
+    /// SAME with UNMAP (GET LBA STATUS). RAM LUNs up to [`MAX_TRACKED_BLOCKS`]
+    /// blocks; `None` otherwise (every block then reports mapped).
+    mapped: Option<Vec<AtomicU64>>,
 }
+
+/// Largest RAM LUN (in blocks) whose mapped blocks are tracked: a 4 MiB bitmap.
+pub const MAX_TRACKED_BLOCKS: u64 = 32 << 20;
 
 impl Lun {
     pub fn new(iqn: &str, cfg: &LunConfig) -> Lun {
@@ -66,7 +73,94 @@ impl Lun {
             fua_writes: AtomicU64::new(0),
             cache_syncs: AtomicU64::new(0),
             compare_and_write: std::sync::Mutex::new(()),
+            mapped: (cfg.backing == LunBacking::Ram && blocks <= MAX_TRACKED_BLOCKS).then(|| {
+                (0..blocks.div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect()
+            }),
         }
+    }
+
+    /// Marks blocks `[first, first + n)` mapped or deallocated.
+    fn track(&self, first: u64, n: u64, mapped: bool) {
+        let Some(bits) = &self.mapped else { return };
+        let end = first.saturating_add(n).min(self.blocks);
+        let mut b = first;
+        while b < end {
+            let (w, bit) = ((b / 64) as usize, b % 64);
+            let take = (64 - bit).min(end - b);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            if let Some(word) = bits.get(w) {
+                // Load first: rewrites of mapped blocks stay read-only here.
+                let cur = word.load(Ordering::Relaxed);
+                if mapped && cur & mask != mask {
+                    word.fetch_or(mask, Ordering::Relaxed);
+                } else if !mapped && cur & mask != 0 {
+                    word.fetch_and(!mask, Ordering::Relaxed);
+                }
+            }
+            b += take;
+        }
+    }
+
+    fn is_mapped(&self, block: u64) -> bool {
+        match &self.mapped {
+            None => true,
+            Some(bits) => bits
+                .get((block / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (block % 64)) != 0),
+        }
+    }
+
+    /// Whether mapped blocks are tracked (a RAM LUN, not too large).
+    pub fn tracks_mapping(&self) -> bool {
+        self.mapped.is_some()
+    }
+
+    /// Runs of blocks from `lba` with the same state, `(first, count,
+    /// mapped)`, at most `max_runs` of them, none past the end; a run is at
+    /// most `u32::MAX` blocks (an LBA status descriptor's count).
+    pub fn mapping_runs(&self, lba: u64, max_runs: usize) -> Vec<(u64, u32, bool)> {
+        let mut out = Vec::new();
+        let mut b = lba;
+        while b < self.blocks && out.len() < max_runs {
+            let m = self.is_mapped(b);
+            let start = b;
+            if self.mapped.is_none() {
+                b = self.blocks;
+            } else {
+                while b < self.blocks && self.is_mapped(b) == m && b - start < u64::from(u32::MAX) {
+                    // Whole words at once when aligned.
+                    if b.is_multiple_of(64) && b + 64 <= self.blocks {
+                        let w = self.mapped.as_ref().and_then(|v| v.get((b / 64) as usize));
+                        let full = if m { u64::MAX } else { 0 };
+                        if w.is_some_and(|w| w.load(Ordering::Relaxed) == full)
+                            && b - start + 64 <= u64::from(u32::MAX)
+                        {
+                            b += 64;
+                            continue;
+                        }
+                    }
+                    b += 1;
+                }
+            }
+            let n = (b - start).min(u64::from(u32::MAX));
+            out.push((start, n as u32, m));
+            b = start + n;
+        }
+        out
+    }
+
+    /// Deallocates (UNMAP) `len` bytes at `offset`: zeroes them and marks
+    /// their blocks deallocated.
+    pub fn deallocate(&self, offset: u64, len: u64) {
+        self.zero_inner(offset, len);
+        let bs = u64::from(self.block_size);
+        self.track(offset / bs, len / bs, false);
     }
 
     /// Records a LUN reset; returns the new reset generation.
@@ -161,6 +255,8 @@ impl Lun {
 
     /// Stores `data` at byte `offset`. Bytes beyond the end are dropped.
     pub fn write(&self, offset: u64, data: &[u8]) {
+        let bs = u64::from(self.block_size);
+        self.track(offset / bs, (data.len() as u64).div_ceil(bs), true);
         self.modify(offset, data.len(), |dst, from| {
             dst.copy_from_slice(&data[from..from + dst.len()])
         });
@@ -169,6 +265,12 @@ impl Lun {
     /// Zeroes `len` bytes at `offset` (UNMAP, WRITE SAME with zeros); whole
     /// chunks are released.
     pub fn zero(&self, offset: u64, len: u64) {
+        let bs = u64::from(self.block_size);
+        self.track(offset / bs, len.div_ceil(bs), true);
+        self.zero_inner(offset, len);
+    }
+
+    fn zero_inner(&self, offset: u64, len: u64) {
         let Some(chunks) = &self.chunks else { return };
         let end = offset.saturating_add(len).min(self.size_bytes());
         let mut pos = offset;
@@ -241,6 +343,24 @@ mod tests {
         let mut tail = [0u8; 4];
         lun.read(3 * CHUNK - 2, &mut tail);
         assert_eq!(tail, [9, 9, 0, 0]);
+    }
+
+    #[test]
+    fn mapping_is_tracked_per_block() {
+        let lun = Lun::new("iqn.t", &LunConfig::ram(0, 1 << 20));
+        assert!(lun.tracks_mapping());
+        assert_eq!(lun.mapping_runs(0, 8), vec![(0, 2048, false)]);
+        lun.write(512 * 3, &[1u8; 512 * 200]);
+        assert_eq!(
+            lun.mapping_runs(0, 8),
+            vec![(0, 3, false), (3, 200, true), (203, 1845, false)]
+        );
+        lun.deallocate(512 * 10, 512 * 100);
+        assert_eq!(lun.mapping_runs(5, 2), vec![(5, 5, true), (10, 100, false)]);
+        lun.zero(512 * 10, 512);
+        assert_eq!(lun.mapping_runs(10, 1), vec![(10, 1, true)]);
+        let null = Lun::new("iqn.t", &LunConfig::null(1, 1 << 20));
+        assert_eq!(null.mapping_runs(7, 4), vec![(7, 2041, true)]);
     }
 
     #[test]

@@ -191,6 +191,42 @@ pub struct TargetLimits {
     pub allow_digests: bool,
 }
 
+/// The Block Limits VPD page (B0h) the target reports, and enforces: a
+/// READ/WRITE, UNMAP or WRITE SAME beyond them is refused with ILLEGAL
+/// REQUEST (INVALID FIELD IN CDB, or IN PARAMETER LIST for UNMAP), so an
+/// initiator that does not split fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimitsConfig {
+    /// MAXIMUM TRANSFER LENGTH in bytes (reported in blocks).
+    pub max_transfer_bytes: u32,
+    /// OPTIMAL TRANSFER LENGTH GRANULARITY in blocks (0: not reported).
+    pub optimal_granularity: u16,
+    /// MAXIMUM UNMAP LBA COUNT per UNMAP command.
+    pub max_unmap_blocks: u32,
+    /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
+    pub max_unmap_descriptors: u32,
+    /// OPTIMAL UNMAP GRANULARITY in blocks.
+    pub unmap_granularity: u32,
+    /// UNMAP GRANULARITY ALIGNMENT (reported with UGAVALID when set).
+    pub unmap_alignment: Option<u32>,
+    /// MAXIMUM WRITE SAME LENGTH in blocks (0: no limit, not reported).
+    pub max_write_same_blocks: u64,
+}
+
+impl Default for BlockLimitsConfig {
+    fn default() -> BlockLimitsConfig {
+        BlockLimitsConfig {
+            max_transfer_bytes: 16 << 20,
+            optimal_granularity: 0,
+            max_unmap_blocks: u32::MAX,
+            max_unmap_descriptors: 256,
+            unmap_granularity: 1,
+            unmap_alignment: None,
+            max_write_same_blocks: 0,
+        }
+    }
+}
+
 impl Default for TargetLimits {
     fn default() -> TargetLimits {
         TargetLimits {
@@ -228,6 +264,15 @@ pub struct TargetConfig {
     /// a broken one ends the connection and is recorded
     /// ([`TargetHandle::violations`]).
     pub strict: bool,
+    /// Block Limits reported and enforced.
+    pub block_limits: BlockLimitsConfig,
+    /// ALUA with explicit transitions only: INQUIRY TPGS 10b, SET TARGET
+    /// PORT GROUPS accepted. Otherwise implicit only (TPGS 01b) and SET
+    /// TARGET PORT GROUPS is refused.
+    pub alua_explicit: bool,
+    /// Operation codes answered INVALID COMMAND OPERATION CODE and left out
+    /// of REPORT SUPPORTED OPERATION CODES (to play a target without them).
+    pub disabled_opcodes: Vec<u8>,
 }
 
 impl TargetConfig {
@@ -244,7 +289,29 @@ impl TargetConfig {
             unit_attentions: false,
             nop_in_interval: None,
             strict: false,
+            block_limits: BlockLimitsConfig::default(),
+            alua_explicit: false,
+            disabled_opcodes: Vec::new(),
         }
+    }
+
+    pub fn block_limits(mut self, limits: BlockLimitsConfig) -> TargetConfig {
+        self.block_limits = limits;
+        self
+    }
+
+    /// Plays a target without these operation codes (see
+    /// [`TargetConfig::disabled_opcodes`]).
+    pub fn without_opcodes(mut self, opcodes: &[u8]) -> TargetConfig {
+        self.disabled_opcodes.extend_from_slice(opcodes);
+        self
+    }
+
+    /// Explicit ALUA only: the initiator moves port groups with SET TARGET
+    /// PORT GROUPS; the target never changes a state by itself.
+    pub fn alua_explicit(mut self, on: bool) -> TargetConfig {
+        self.alua_explicit = on;
+        self
     }
 
     /// One RAM-backed LUN 0 of `size_bytes` with 512-byte blocks.
@@ -405,6 +472,15 @@ impl TargetConfig {
             || l.max_outstanding_r2t == 0
         {
             return bad("negotiation limits are outside the RFC 7143 ranges".into());
+        }
+        let bl = &self.block_limits;
+        if bl.max_transfer_bytes < 4096 || bl.max_unmap_blocks == 0 || bl.max_unmap_descriptors == 0
+        {
+            return bad(
+                "block limits: maximum transfer must be at least 4096 bytes, and the UNMAP \
+                 limits at least 1"
+                    .into(),
+            );
         }
         for (i, lun) in self.luns.iter().enumerate() {
             if lun.block_size != 512 && lun.block_size != 4096 {

@@ -137,6 +137,8 @@ pub enum ParamCommand {
         blocks: u64,
         same: bool,
     },
+    /// SET TARGET PORT GROUPS (explicit ALUA).
+    SetTargetPortGroups,
 }
 
 /// MAXIMUM COMPARE AND WRITE LENGTH in the Block Limits VPD page.
@@ -251,8 +253,12 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
     let Some(li) = lun else {
         return Plan::Check(Sense::LUN_NOT_SUPPORTED);
     };
+    if shared.config.disabled_opcodes.contains(&cdb[0]) {
+        return Plan::Check(Sense::INVALID_OPCODE);
+    }
     let l = &shared.luns[li];
     let bs = u64::from(l.block_size());
+    let limits = &shared.config.block_limits;
     let alua_block = shared
         .portals
         .get(port.portal)
@@ -272,6 +278,10 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             let (lba, blocks) = lba_and_blocks(cdb);
             if !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            // SBC-3 §6.5.3: beyond MAXIMUM TRANSFER LENGTH is an invalid CDB.
+            if blocks > max_transfer_blocks(limits, bs) {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
             let (offset, len) = (lba * bs, blocks * bs);
             if matches!(cdb[0], 0x08 | 0x28 | 0xa8 | 0x88) {
@@ -376,6 +386,41 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             Plan::DataIn
         }
         0xa3 if cdb[1] & 0x1f == 0x0a => report_target_port_groups(port, cdb, buf),
+        0xa3 if cdb[1] & 0x1f == 0x0c => report_supported_opcodes(shared, cdb, buf),
+        // SET TARGET PORT GROUPS: only with explicit ALUA.
+        0xa4 if cdb[1] & 0x1f == 0x0a && shared.config.alua_explicit => {
+            let len = be32(&cdb[6..]);
+            if len == 0 {
+                return Plan::Good;
+            }
+            if !(4..=4 + 4 * 256).contains(&len) {
+                return Plan::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            Plan::ParamsOut {
+                lun: li,
+                command: ParamCommand::SetTargetPortGroups,
+                len,
+            }
+        }
+        // GET LBA STATUS.
+        0x9e if cdb[1] & 0x1f == 0x12 => {
+            let lba = be64(&cdb[2..]);
+            let alloc = be32(&cdb[10..]) as usize;
+            if lba >= l.blocks() {
+                return Plan::Check(Sense::LBA_OUT_OF_RANGE);
+            }
+            let max_runs = (alloc.saturating_sub(8) / 16).clamp(1, 1024);
+            buf.extend_from_slice(&[0; 8]);
+            for (first, n, mapped) in l.mapping_runs(lba, max_runs) {
+                buf.extend_from_slice(&first.to_be_bytes());
+                buf.extend_from_slice(&n.to_be_bytes());
+                buf.extend_from_slice(&[u8::from(!mapped), 0, 0, 0]);
+            }
+            let len = (buf.len() - 4) as u32;
+            buf[..4].copy_from_slice(&len.to_be_bytes());
+            buf.truncate(alloc);
+            Plan::DataIn
+        }
         0x1a | 0x5a => mode_sense(l, cdb, buf),
         0x42 => {
             if let Some(s) = alua_block {
@@ -405,6 +450,10 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             if !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
+            // Beyond MAXIMUM WRITE SAME LENGTH (when reported).
+            if limits.max_write_same_blocks != 0 && blocks > limits.max_write_same_blocks {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
             Plan::ParamsOut {
                 lun: li,
                 command: ParamCommand::WriteSame {
@@ -415,7 +464,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 len: l.block_size(),
             }
         }
-        0x9e | 0xa3 => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+        0x9e | 0xa3 | 0xa4 => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
         _ => Plan::Check(Sense::INVALID_OPCODE),
     }
 }
@@ -438,6 +487,19 @@ pub fn finish_params(
             let descs = data
                 .get(8..8 + desc_len)
                 .ok_or(Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+            // SBC-3 §5.28: more descriptors or blocks than Block Limits
+            // allow is an invalid parameter list.
+            let limits = &shared.config.block_limits;
+            let count = descs.chunks_exact(16).count() as u64;
+            let total: u64 = descs
+                .chunks_exact(16)
+                .map(|d| u64::from(be32(&d[8..])))
+                .sum();
+            if count > u64::from(limits.max_unmap_descriptors)
+                || total > u64::from(limits.max_unmap_blocks)
+            {
+                return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+            }
             // Check every range before touching any.
             for d in descs.chunks_exact(16) {
                 if !l.in_range(be64(d), u64::from(be32(&d[8..]))) {
@@ -445,7 +507,34 @@ pub fn finish_params(
                 }
             }
             for d in descs.chunks_exact(16) {
-                l.zero(be64(d) * bs, u64::from(be32(&d[8..])) * bs);
+                l.deallocate(be64(d) * bs, u64::from(be32(&d[8..])) * bs);
+            }
+            Ok(())
+        }
+        ParamCommand::SetTargetPortGroups => {
+            use crate::wire::scsi::{AluaState as Wire, DataRepr, SetTargetPortGroupsList};
+            let list = SetTargetPortGroupsList::parse(data)
+                .map_err(|_| Sense::PARAMETER_LIST_LENGTH_ERROR)?;
+            // Check every descriptor before changing any state.
+            let mut changes = Vec::new();
+            for (group, state) in list.groups {
+                let state = match state {
+                    Wire::ActiveOptimized => AluaState::ActiveOptimized,
+                    Wire::ActiveNonOptimized => AluaState::ActiveNonOptimized,
+                    Wire::Standby => AluaState::Standby,
+                    Wire::Unavailable => AluaState::Unavailable,
+                    _ => return Err(Sense::INVALID_FIELD_IN_PARAMETERS),
+                };
+                if shared.alua_state(group).is_none() {
+                    return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+                }
+                changes.push((group, state));
+            }
+            for (group, state) in changes {
+                log::info!("SET TARGET PORT GROUPS: group {group} -> {state:?}");
+                shared
+                    .set_alua_state(group, state)
+                    .map_err(|_| Sense::INVALID_FIELD_IN_PARAMETERS)?;
             }
             Ok(())
         }
@@ -486,7 +575,9 @@ pub fn finish_params(
             if data.len() as u64 != bs {
                 return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
             }
-            if unmap || data.iter().all(|&b| b == 0) {
+            if unmap {
+                l.deallocate(lba * bs, blocks * bs);
+            } else if data.iter().all(|&b| b == 0) {
                 l.zero(lba * bs, blocks * bs);
             } else {
                 for b in 0..blocks {
@@ -523,9 +614,14 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
             Some(true) => "NULL LUN",
             _ => "RAM LUN",
         };
-        // SPC-4, HiSup, response format 2; TPGS=01 (implicit ALUA);
-        // MultiP; CmdQue.
-        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 0, 0x10, 0x10, 0x02]);
+        // SPC-4, HiSup, response format 2; TPGS=01 (implicit ALUA) or 10
+        // (explicit only); MultiP; CmdQue.
+        let tpgs = if shared.config.alua_explicit {
+            0x20
+        } else {
+            0x10
+        };
+        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 0, tpgs, 0x10, 0x02]);
         put_padded(buf, "IBYPASS", 8);
         put_padded(buf, product, 16);
         put_padded(buf, "0001", 4);
@@ -564,13 +660,19 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
             scsi_name(buf, 0xa8, &shared.config.iqn);
         }
         0xb0 => {
+            let bl = &shared.config.block_limits;
             buf.resize(64, 0);
             buf[5] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
-            let max_xfer = ((16u64 << 20) / u64::from(l.block_size())) as u32;
+            buf[6..8].copy_from_slice(&bl.optimal_granularity.to_be_bytes());
+            let max_xfer = max_transfer_blocks(bl, u64::from(l.block_size())) as u32;
             buf[8..12].copy_from_slice(&max_xfer.to_be_bytes());
-            buf[20..24].copy_from_slice(&u32::MAX.to_be_bytes()); // max unmap LBA count
-            buf[24..28].copy_from_slice(&256u32.to_be_bytes()); // max unmap descriptors
-            buf[28..32].copy_from_slice(&1u32.to_be_bytes()); // unmap granularity
+            buf[20..24].copy_from_slice(&bl.max_unmap_blocks.to_be_bytes());
+            buf[24..28].copy_from_slice(&bl.max_unmap_descriptors.to_be_bytes());
+            buf[28..32].copy_from_slice(&bl.unmap_granularity.to_be_bytes());
+            if let Some(a) = bl.unmap_alignment {
+                buf[32..36].copy_from_slice(&(0x8000_0000 | (a & 0x7fff_ffff)).to_be_bytes());
+            }
+            buf[36..44].copy_from_slice(&bl.max_write_same_blocks.to_be_bytes());
         }
         0xb1 => {
             buf.resize(64, 0);
@@ -640,6 +742,145 @@ fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) 
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     buf.truncate(alloc);
+    Plan::DataIn
+}
+
+/// MAXIMUM TRANSFER LENGTH in blocks of `bs` bytes.
+fn max_transfer_blocks(limits: &super::BlockLimitsConfig, bs: u64) -> u64 {
+    u64::from(limits.max_transfer_bytes) / bs.max(1)
+}
+
+/// `(opcode, service action, CDB length)` of every command [`plan`]
+/// carries out (the SET TARGET PORT GROUPS entry only with explicit ALUA).
+const COMMANDS: &[(u8, Option<u16>, u16)] = &[
+    (0x00, None, 6),
+    (0x03, None, 6),
+    (0x08, None, 6),
+    (0x0a, None, 6),
+    (0x12, None, 6),
+    (0x1a, None, 6),
+    (0x1b, None, 6),
+    (0x1e, None, 6),
+    (0x25, None, 10),
+    (0x28, None, 10),
+    (0x2a, None, 10),
+    (0x2f, None, 10),
+    (0x35, None, 10),
+    (0x41, None, 10),
+    (0x42, None, 10),
+    (0x5a, None, 10),
+    (0x88, None, 16),
+    (0x89, None, 16),
+    (0x8a, None, 16),
+    (0x8f, None, 16),
+    (0x91, None, 16),
+    (0x93, None, 16),
+    (0x9e, Some(0x10), 16),
+    (0x9e, Some(0x12), 16),
+    (0xa0, None, 12),
+    (0xa3, Some(0x0a), 12),
+    (0xa3, Some(0x0c), 12),
+    (0xa4, Some(0x0a), 12),
+    (0xa8, None, 12),
+    (0xaa, None, 12),
+    (0xaf, None, 12),
+];
+
+/// REPORT SUPPORTED OPERATION CODES, answered from [`COMMANDS`] less the
+/// configuration's disabled operation codes (and STPG without explicit ALUA).
+fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+    use crate::wire::scsi::{
+        CdbRepr, DataRepr, OneOpcode, OpcodeDescriptor, OpcodeRequest, SupportedOpcodes,
+    };
+    let Ok(CdbRepr::ReportSupportedOpcodes { request, alloc_len }) = CdbRepr::parse(cdb) else {
+        return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+    };
+    // RCTD: a command timeouts descriptor with each command (timeouts 0:
+    // not specified).
+    let rctd = cdb[2] & 0x80 != 0;
+    const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let offered = |&&(op, sa, _): &&(u8, Option<u16>, u16)| {
+        !shared.config.disabled_opcodes.contains(&op)
+            && (shared.config.alua_explicit || (op, sa) != (0xa4, Some(0x0a)))
+    };
+    let data = match request {
+        OpcodeRequest::All => SupportedOpcodes {
+            commands: COMMANDS
+                .iter()
+                .filter(offered)
+                .map(|&(opcode, service_action, cdb_len)| OpcodeDescriptor {
+                    opcode,
+                    service_action,
+                    cdb_len,
+                })
+                .collect(),
+        }
+        .to_vec(),
+        OpcodeRequest::Opcode(op) | OpcodeRequest::ServiceAction(op, _) => {
+            let sa = match request {
+                OpcodeRequest::ServiceAction(_, sa) => Some(sa),
+                _ => None,
+            };
+            let has_sa = COMMANDS.iter().any(|c| c.0 == op && c.1.is_some());
+            // SPC-4 §6.35.1: asking without a service action for a command
+            // that has them (or with one for a command that has none) is an
+            // invalid CDB.
+            if has_sa != sa.is_some() && COMMANDS.iter().any(|c| c.0 == op) {
+                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let found = COMMANDS
+                .iter()
+                .filter(offered)
+                .find(|c| c.0 == op && c.1 == sa);
+            match found {
+                Some(&(op, _, len)) => {
+                    let mut usage = vec![0xffu8; usize::from(len)];
+                    usage[0] = op;
+                    if let (Some(sa), Some(b)) = (sa, usage.get_mut(1)) {
+                        *b = sa as u8 & 0x1f;
+                    }
+                    if let Some(c) = usage.last_mut() {
+                        *c = 0; // CONTROL: no NACA, no vendor bits
+                    }
+                    OneOpcode {
+                        support: 3,
+                        cdb_usage: usage,
+                    }
+                    .to_vec()
+                }
+                None => OneOpcode {
+                    support: 1,
+                    cdb_usage: Vec::new(),
+                }
+                .to_vec(),
+            }
+        }
+    };
+    let mut data = data;
+    if rctd {
+        match request {
+            OpcodeRequest::All => {
+                // Each 8-byte descriptor gets CTDP and its 12 bytes.
+                let mut with = vec![0u8; 4];
+                for d in data[4..].chunks_exact(8) {
+                    with.extend_from_slice(d);
+                    let at = with.len() - 8 + 5;
+                    with[at] |= 0x02;
+                    with.extend_from_slice(&TIMEOUTS);
+                }
+                let n = (with.len() - 4) as u32;
+                with[..4].copy_from_slice(&n.to_be_bytes());
+                data = with;
+            }
+            _ if data[1] & 7 == 3 => {
+                data[1] |= 0x80;
+                data.extend_from_slice(&TIMEOUTS);
+            }
+            _ => {}
+        }
+    }
+    buf.extend_from_slice(&data);
+    buf.truncate(alloc_len as usize);
     Plan::DataIn
 }
 

@@ -40,6 +40,8 @@ pub enum ScsiWireError {
     BufferTooSmall { have: usize, need: usize },
     #[error("{0} does not fit its length field")]
     TooLong(&'static str),
+    #[error("{0} value {1:#x} is reserved")]
+    BadField(&'static str, u32),
 }
 
 // ---------------------------------------------------------------------------
@@ -229,6 +231,14 @@ pub mod opcode {
     pub const WRITE_16: u8 = 0x8a;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const MAINTENANCE_OUT: u8 = 0xa4;
+    /// SERVICE ACTION IN(16) service action: GET LBA STATUS.
+    pub const SA_GET_LBA_STATUS: u8 = 0x12;
+    /// MAINTENANCE IN service action: REPORT SUPPORTED OPERATION CODES.
+    pub const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
+    /// MAINTENANCE OUT service action: SET TARGET PORT GROUPS.
+    pub const SA_SET_TARGET_PORT_GROUPS: u8 = 0x0a;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
@@ -430,6 +440,29 @@ impl Cdb {
         }
         .emit()
     }
+    /// WRITE SAME(10); the data-out is one block.
+    pub fn write_same10(lba: u32, blocks: u16, unmap: bool) -> Cdb {
+        CdbRepr::WriteSame10 {
+            lba,
+            blocks,
+            unmap,
+            anchor: false,
+        }
+        .emit()
+    }
+    /// GET LBA STATUS(16) from `lba`.
+    pub fn get_lba_status(lba: u64, alloc_len: u32) -> Cdb {
+        CdbRepr::GetLbaStatus { lba, alloc_len }.emit()
+    }
+    /// REPORT SUPPORTED OPERATION CODES.
+    pub fn report_supported_opcodes(request: OpcodeRequest, alloc_len: u32) -> Cdb {
+        CdbRepr::ReportSupportedOpcodes { request, alloc_len }.emit()
+    }
+    /// SET TARGET PORT GROUPS; the parameter list ([`SetTargetPortGroupsList`])
+    /// is `param_len` bytes of data-out.
+    pub fn set_target_port_groups(param_len: u32) -> Cdb {
+        CdbRepr::SetTargetPortGroups { param_len }.emit()
+    }
     /// REPORT TARGET PORT GROUPS; `extended` asks for the extended header
     /// (parameter data format 001b) carrying the implicit transition time.
     pub fn report_target_port_groups(extended: bool, alloc_len: u32) -> Cdb {
@@ -529,6 +562,40 @@ pub enum CdbRepr {
         extended: bool,
         alloc_len: u32,
     },
+    /// WRITE SAME(10) (SBC-3 §5.41).
+    WriteSame10 {
+        lba: u32,
+        blocks: u16,
+        unmap: bool,
+        anchor: bool,
+    },
+    /// GET LBA STATUS (SBC-3 §5.7): SERVICE ACTION IN(16), service action 12h.
+    GetLbaStatus {
+        lba: u64,
+        alloc_len: u32,
+    },
+    /// REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35): MAINTENANCE IN,
+    /// service action 0Ch.
+    ReportSupportedOpcodes {
+        request: OpcodeRequest,
+        alloc_len: u32,
+    },
+    /// SET TARGET PORT GROUPS (SPC-4 §6.44): MAINTENANCE OUT, service
+    /// action 0Ah.
+    SetTargetPortGroups {
+        param_len: u32,
+    },
+}
+
+/// What REPORT SUPPORTED OPERATION CODES asks for (REPORTING OPTIONS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpcodeRequest {
+    /// 000b: every command the LU supports ([`SupportedOpcodes`]).
+    All,
+    /// 001b: one operation code without service actions ([`OneOpcode`]).
+    Opcode(u8),
+    /// 010b: one operation code and service action ([`OneOpcode`]).
+    ServiceAction(u8, u16),
 }
 
 impl CdbRepr {
@@ -619,8 +686,18 @@ impl CdbRepr {
                 anchor: bit(1, 4),
                 ndob: bit(1, 0),
             },
+            opcode::WRITE_SAME_10 => CdbRepr::WriteSame10 {
+                lba: r32(2),
+                blocks: r16(7),
+                unmap: bit(1, 3),
+                anchor: bit(1, 4),
+            },
             opcode::SERVICE_ACTION_IN_16 => match b[1] & 0x1f {
                 opcode::SA_READ_CAPACITY_16 => CdbRepr::ReadCapacity16 { alloc_len: r32(10) },
+                opcode::SA_GET_LBA_STATUS => CdbRepr::GetLbaStatus {
+                    lba: r64(2),
+                    alloc_len: r32(10),
+                },
                 sa => return Err(ScsiWireError::UnknownServiceAction { opcode: op, sa }),
             },
             opcode::REPORT_LUNS => CdbRepr::ReportLuns {
@@ -632,6 +709,21 @@ impl CdbRepr {
                     extended: b[1] >> 5 == 1,
                     alloc_len: r32(6),
                 },
+                opcode::SA_REPORT_SUPPORTED_OPCODES => CdbRepr::ReportSupportedOpcodes {
+                    request: match b[2] & 7 {
+                        0 => OpcodeRequest::All,
+                        1 => OpcodeRequest::Opcode(b[3]),
+                        2 => OpcodeRequest::ServiceAction(b[3], r16(4)),
+                        o => return Err(ScsiWireError::BadField("REPORTING OPTIONS", o.into())),
+                    },
+                    alloc_len: r32(6),
+                },
+                sa => return Err(ScsiWireError::UnknownServiceAction { opcode: op, sa }),
+            },
+            opcode::MAINTENANCE_OUT => match b[1] & 0x1f {
+                opcode::SA_SET_TARGET_PORT_GROUPS => {
+                    CdbRepr::SetTargetPortGroups { param_len: r32(6) }
+                }
                 sa => return Err(ScsiWireError::UnknownServiceAction { opcode: op, sa }),
             },
             other => return Err(ScsiWireError::UnknownOpcode(other)),
@@ -657,6 +749,10 @@ impl CdbRepr {
             CdbRepr::CompareAndWrite { .. } => opcode::COMPARE_AND_WRITE,
             CdbRepr::ReportLuns { .. } => opcode::REPORT_LUNS,
             CdbRepr::ReportTargetPortGroups { .. } => opcode::MAINTENANCE_IN,
+            CdbRepr::WriteSame10 { .. } => opcode::WRITE_SAME_10,
+            CdbRepr::GetLbaStatus { .. } => opcode::SERVICE_ACTION_IN_16,
+            CdbRepr::ReportSupportedOpcodes { .. } => opcode::MAINTENANCE_IN,
+            CdbRepr::SetTargetPortGroups { .. } => opcode::MAINTENANCE_OUT,
         }
     }
 
@@ -678,6 +774,9 @@ impl CdbRepr {
             CdbRepr::Unmap { param_len, .. } => Some(param_len.into()),
             CdbRepr::ReportLuns { alloc_len, .. } => Some(alloc_len),
             CdbRepr::ReportTargetPortGroups { alloc_len, .. } => Some(alloc_len),
+            CdbRepr::GetLbaStatus { alloc_len, .. } => Some(alloc_len),
+            CdbRepr::ReportSupportedOpcodes { alloc_len, .. } => Some(alloc_len),
+            CdbRepr::SetTargetPortGroups { param_len } => Some(param_len),
             _ => None,
         }
     }
@@ -687,7 +786,8 @@ impl CdbRepr {
         match *self {
             CdbRepr::Read10 { lba, blocks, .. }
             | CdbRepr::Write10 { lba, blocks, .. }
-            | CdbRepr::SynchronizeCache10 { lba, blocks, .. } => Some((lba.into(), blocks.into())),
+            | CdbRepr::SynchronizeCache10 { lba, blocks, .. }
+            | CdbRepr::WriteSame10 { lba, blocks, .. } => Some((lba.into(), blocks.into())),
             CdbRepr::Read16 { lba, blocks, .. }
             | CdbRepr::Write16 { lba, blocks, .. }
             | CdbRepr::SynchronizeCache16 { lba, blocks, .. }
@@ -819,6 +919,41 @@ impl CdbRepr {
                 b[1] = if extended { 0x20 } else { 0 } | opcode::SA_REPORT_TARGET_PORT_GROUPS;
                 put32(&mut b, 6, alloc_len);
             }
+            CdbRepr::WriteSame10 {
+                lba,
+                blocks,
+                unmap,
+                anchor,
+            } => {
+                b[1] = flag(anchor, 4) | flag(unmap, 3);
+                put32(&mut b, 2, lba);
+                put16(&mut b, 7, blocks);
+            }
+            CdbRepr::GetLbaStatus { lba, alloc_len } => {
+                b[1] = opcode::SA_GET_LBA_STATUS;
+                put64(&mut b, 2, lba);
+                put32(&mut b, 10, alloc_len);
+            }
+            CdbRepr::ReportSupportedOpcodes { request, alloc_len } => {
+                b[1] = opcode::SA_REPORT_SUPPORTED_OPCODES;
+                match request {
+                    OpcodeRequest::All => {}
+                    OpcodeRequest::Opcode(op) => {
+                        b[2] = 1;
+                        b[3] = op;
+                    }
+                    OpcodeRequest::ServiceAction(op, sa) => {
+                        b[2] = 2;
+                        b[3] = op;
+                        put16(&mut b, 4, sa);
+                    }
+                }
+                put32(&mut b, 6, alloc_len);
+            }
+            CdbRepr::SetTargetPortGroups { param_len } => {
+                b[1] = opcode::SA_SET_TARGET_PORT_GROUPS;
+                put32(&mut b, 6, param_len);
+            }
         }
         Cdb {
             bytes: b,
@@ -862,6 +997,14 @@ impl fmt::Display for CdbRepr {
             }
             CdbRepr::ReportLuns { .. } => write!(f, "REPORT LUNS"),
             CdbRepr::ReportTargetPortGroups { .. } => write!(f, "REPORT TARGET PORT GROUPS"),
+            CdbRepr::WriteSame10 { lba, blocks, .. } => {
+                write!(f, "WRITE SAME(10) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::GetLbaStatus { lba, .. } => write!(f, "GET LBA STATUS lba {lba}"),
+            CdbRepr::ReportSupportedOpcodes { .. } => {
+                write!(f, "REPORT SUPPORTED OPERATION CODES")
+            }
+            CdbRepr::SetTargetPortGroups { .. } => write!(f, "SET TARGET PORT GROUPS"),
         }
     }
 }
@@ -2288,6 +2431,232 @@ impl DataRepr for UnmapParameterList {
 }
 
 // ---------------------------------------------------------------------------
+// GET LBA STATUS
+
+/// Provisioning status of an LBA status descriptor (SBC-3 table 55).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProvisioningStatus {
+    /// 0h: mapped (or unknown).
+    Mapped,
+    /// 1h: deallocated.
+    Deallocated,
+    /// 2h: anchored.
+    Anchored,
+    /// Other values.
+    Reserved(u8),
+}
+
+impl ProvisioningStatus {
+    pub fn from_bits(v: u8) -> ProvisioningStatus {
+        match v & 0x0f {
+            0 => ProvisioningStatus::Mapped,
+            1 => ProvisioningStatus::Deallocated,
+            2 => ProvisioningStatus::Anchored,
+            o => ProvisioningStatus::Reserved(o),
+        }
+    }
+    pub fn bits(self) -> u8 {
+        match self {
+            ProvisioningStatus::Mapped => 0,
+            ProvisioningStatus::Deallocated => 1,
+            ProvisioningStatus::Anchored => 2,
+            ProvisioningStatus::Reserved(o) => o & 0x0f,
+        }
+    }
+}
+
+impl fmt::Display for ProvisioningStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProvisioningStatus::Mapped => f.write_str("mapped"),
+            ProvisioningStatus::Deallocated => f.write_str("deallocated"),
+            ProvisioningStatus::Anchored => f.write_str("anchored"),
+            ProvisioningStatus::Reserved(v) => write!(f, "reserved({v:x}h)"),
+        }
+    }
+}
+
+/// One LBA status descriptor: `blocks` blocks from `lba` share `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LbaStatusDescriptor {
+    pub lba: u64,
+    pub blocks: u32,
+    pub status: ProvisioningStatus,
+}
+
+/// GET LBA STATUS parameter data (SBC-3 §5.7.2).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct LbaStatusData {
+    pub descriptors: Vec<LbaStatusDescriptor>,
+}
+
+impl LbaStatusData {
+    /// Header and one descriptor: the smallest useful allocation length.
+    pub const MIN_LEN: usize = 24;
+}
+
+impl DataRepr for LbaStatusData {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("GET LBA STATUS data", b, 8)?;
+        let len = be32(b, 0).unwrap_or(0) as usize;
+        let end = b.len().min(4usize.saturating_add(len));
+        let descriptors = b
+            .get(8..end)
+            .unwrap_or(&[])
+            .chunks_exact(16)
+            .map(|d| LbaStatusDescriptor {
+                lba: be64(d, 0).unwrap_or(0),
+                blocks: be32(d, 8).unwrap_or(0),
+                status: ProvisioningStatus::from_bits(d[12]),
+            })
+            .collect();
+        Ok(LbaStatusData { descriptors })
+    }
+    fn buffer_len(&self) -> usize {
+        8 + 16 * self.descriptors.len()
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put32(b, 0, (b.len() - 4) as u32);
+        for (dst, d) in b[8..].chunks_exact_mut(16).zip(&self.descriptors) {
+            put64(dst, 0, d.lba);
+            put32(dst, 8, d.blocks);
+            dst[12] = d.status.bits();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// REPORT SUPPORTED OPERATION CODES
+
+/// One command descriptor of the all-commands form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OpcodeDescriptor {
+    pub opcode: u8,
+    /// Set when the command has service actions (SERVACTV).
+    pub service_action: Option<u16>,
+    pub cdb_len: u16,
+}
+
+/// REPORT SUPPORTED OPERATION CODES, all commands (SPC-4 §6.35.2).
+/// Command timeouts descriptors (CTDP) are skipped on parse, never emitted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct SupportedOpcodes {
+    pub commands: Vec<OpcodeDescriptor>,
+}
+
+impl SupportedOpcodes {
+    /// Whether the list has `opcode` (with `service_action`, for commands
+    /// that have them).
+    pub fn supports(&self, opcode: u8, service_action: Option<u16>) -> bool {
+        self.commands.iter().any(|c| {
+            c.opcode == opcode && (service_action.is_none() || c.service_action == service_action)
+        })
+    }
+}
+
+impl DataRepr for SupportedOpcodes {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("REPORT SUPPORTED OPERATION CODES data", b, 4)?;
+        let len = be32(b, 0).unwrap_or(0) as usize;
+        let end = b.len().min(4usize.saturating_add(len));
+        let mut body = b.get(4..end).unwrap_or(&[]);
+        let mut commands = Vec::new();
+        while body.len() >= 8 {
+            let ctdp = body[5] & 0x02 != 0;
+            commands.push(OpcodeDescriptor {
+                opcode: body[0],
+                service_action: (body[5] & 0x01 != 0).then(|| be16(body, 2).unwrap_or(0)),
+                cdb_len: be16(body, 6).unwrap_or(0),
+            });
+            let step = if ctdp { 20 } else { 8 };
+            body = body.get(step..).unwrap_or(&[]);
+        }
+        Ok(SupportedOpcodes { commands })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + 8 * self.commands.len()
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        put32(b, 0, (b.len() - 4) as u32);
+        for (dst, c) in b[4..].chunks_exact_mut(8).zip(&self.commands) {
+            dst[0] = c.opcode;
+            if let Some(sa) = c.service_action {
+                put16(dst, 2, sa);
+                dst[5] = 0x01;
+            }
+            put16(dst, 6, c.cdb_len);
+        }
+    }
+}
+
+/// REPORT SUPPORTED OPERATION CODES, one command (SPC-4 §6.35.3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct OneOpcode {
+    /// SUPPORT (3 bits): 0 no data, 1 not supported, 3 supported as the
+    /// standard says, 5 supported in a vendor specific way.
+    pub support: u8,
+    /// CDB USAGE DATA: the CDB with each bit the LU looks at set.
+    pub cdb_usage: Vec<u8>,
+}
+
+impl OneOpcode {
+    pub fn is_supported(&self) -> bool {
+        matches!(self.support, 3 | 5)
+    }
+}
+
+impl DataRepr for OneOpcode {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("REPORT SUPPORTED OPERATION CODES data", b, 4)?;
+        let n = usize::from(be16(b, 2).unwrap_or(0));
+        let end = b.len().min(4 + n);
+        Ok(OneOpcode {
+            support: b[1] & 7,
+            cdb_usage: b[4..end].to_vec(),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + self.cdb_usage.len().min(u16::MAX as usize)
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        b[1] = self.support & 7;
+        let n = b.len() - 4;
+        put16(b, 2, n as u16);
+        b[4..].copy_from_slice(&self.cdb_usage[..n]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SET TARGET PORT GROUPS
+
+/// SET TARGET PORT GROUPS parameter list (SPC-4 §6.44): the access state
+/// each listed target port group is to move to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct SetTargetPortGroupsList {
+    pub groups: Vec<(u16, AluaState)>,
+}
+
+impl DataRepr for SetTargetPortGroupsList {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        need("SET TARGET PORT GROUPS parameter list", b, 4)?;
+        let groups = b[4..]
+            .chunks_exact(4)
+            .map(|d| (u16::from_be_bytes([d[2], d[3]]), AluaState::from_bits(d[0])))
+            .collect();
+        Ok(SetTargetPortGroupsList { groups })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + 4 * self.groups.len()
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        for (dst, (id, state)) in b[4..].chunks_exact_mut(4).zip(&self.groups) {
+            dst[0] = state.bits();
+            put16(dst, 2, *id);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Sense data
 
 /// Sense keys (SPC-4 table 48).
@@ -2845,6 +3214,146 @@ mod tests {
     }
 
     // ---- CDBs --------------------------------------------------------------
+
+    #[test]
+    fn issue16_cdbs_match_spc_sbc() {
+        // GET LBA STATUS: 9Eh/12h, LBA at 2, allocation length at 10.
+        let mut want = [0u8; 16];
+        want[0] = 0x9e;
+        want[1] = 0x12;
+        want[2..10].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        want[10..14].copy_from_slice(&4096u32.to_be_bytes());
+        cdb_round_trip(
+            CdbRepr::GetLbaStatus {
+                lba: 0x0102_0304_0506_0708,
+                alloc_len: 4096,
+            },
+            &want,
+        );
+        // REPORT SUPPORTED OPERATION CODES: A3h/0Ch, options at byte 2.
+        let mut want = [0u8; 12];
+        want[0] = 0xa3;
+        want[1] = 0x0c;
+        want[9] = 0x40;
+        cdb_round_trip(
+            CdbRepr::ReportSupportedOpcodes {
+                request: OpcodeRequest::All,
+                alloc_len: 0x40,
+            },
+            &want,
+        );
+        want[2] = 2;
+        want[3] = 0x9e;
+        want[5] = 0x12;
+        cdb_round_trip(
+            CdbRepr::ReportSupportedOpcodes {
+                request: OpcodeRequest::ServiceAction(0x9e, 0x12),
+                alloc_len: 0x40,
+            },
+            &want,
+        );
+        want[2] = 1;
+        want[3] = 0x42;
+        want[5] = 0;
+        cdb_round_trip(
+            CdbRepr::ReportSupportedOpcodes {
+                request: OpcodeRequest::Opcode(0x42),
+                alloc_len: 0x40,
+            },
+            &want,
+        );
+        want[2] = 5;
+        assert_eq!(
+            Cdb::parse(&want),
+            Err(ScsiWireError::BadField("REPORTING OPTIONS", 5))
+        );
+        // SET TARGET PORT GROUPS: A4h/0Ah, parameter list length at 6.
+        let mut want = [0u8; 12];
+        want[0] = 0xa4;
+        want[1] = 0x0a;
+        want[9] = 8;
+        cdb_round_trip(CdbRepr::SetTargetPortGroups { param_len: 8 }, &want);
+        // WRITE SAME(10): 41h, UNMAP bit 3 of byte 1.
+        cdb_round_trip(
+            CdbRepr::WriteSame10 {
+                lba: 0x10,
+                blocks: 0x20,
+                unmap: true,
+                anchor: false,
+            },
+            &[0x41, 0x08, 0, 0, 0, 0x10, 0, 0, 0x20, 0],
+        );
+    }
+
+    #[test]
+    fn lba_status_supported_opcodes_and_stpg_data() {
+        let d = LbaStatusData {
+            descriptors: vec![
+                LbaStatusDescriptor {
+                    lba: 0,
+                    blocks: 8,
+                    status: ProvisioningStatus::Mapped,
+                },
+                LbaStatusDescriptor {
+                    lba: 8,
+                    blocks: 100,
+                    status: ProvisioningStatus::Deallocated,
+                },
+                LbaStatusDescriptor {
+                    lba: 108,
+                    blocks: 1,
+                    status: ProvisioningStatus::Anchored,
+                },
+            ],
+        };
+        let b = round_trip(&d);
+        assert_eq!(b[..4], [0, 0, 0, 52]);
+        assert_eq!(b[8 + 16 + 12], 1);
+        // Cut by the allocation length: whole descriptors only.
+        assert_eq!(LbaStatusData::parse(&b[..30]).unwrap().descriptors.len(), 1);
+        assert!(LbaStatusData::parse(&b[..7]).is_err());
+
+        let s = SupportedOpcodes {
+            commands: vec![
+                OpcodeDescriptor {
+                    opcode: 0x42,
+                    service_action: None,
+                    cdb_len: 10,
+                },
+                OpcodeDescriptor {
+                    opcode: 0x9e,
+                    service_action: Some(0x12),
+                    cdb_len: 16,
+                },
+            ],
+        };
+        let b = round_trip(&s);
+        assert_eq!(b[4 + 8..], [0x9e, 0, 0, 0x12, 0, 1, 0, 16]);
+        assert!(s.supports(0x42, None) && s.supports(0x9e, Some(0x12)));
+        assert!(!s.supports(0x9e, Some(0x10)) && !s.supports(0x93, None));
+        // A descriptor with a command timeouts descriptor (CTDP) is 20 bytes.
+        let mut t = vec![0, 0, 0, 28, 0x8a, 0, 0, 0, 0, 2, 0, 16];
+        t.extend_from_slice(&[0; 12]);
+        t.extend_from_slice(&[0x88, 0, 0, 0, 0, 0, 0, 16]);
+        let p = SupportedOpcodes::parse(&t).unwrap();
+        assert_eq!(p.commands.len(), 2);
+        assert!(p.supports(0x88, None));
+
+        let one = OneOpcode {
+            support: 3,
+            cdb_usage: vec![0x42, 1, 0, 0, 0, 0, 0x3f, 0xff, 0xff, 7],
+        };
+        let b = round_trip(&one);
+        assert_eq!(b[..4], [0, 3, 0, 10]);
+        assert!(one.is_supported());
+        assert!(!OneOpcode::parse(&[0, 1, 0, 0]).unwrap().is_supported());
+
+        let l = SetTargetPortGroupsList {
+            groups: vec![(2, AluaState::ActiveOptimized), (1, AluaState::Standby)],
+        };
+        let b = round_trip(&l);
+        assert_eq!(b, [0, 0, 0, 0, 0, 0, 0, 2, 2, 0, 0, 1]);
+    }
 
     #[test]
     fn cdb_layouts_match_spc_sbc() {

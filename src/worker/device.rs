@@ -15,13 +15,15 @@ use super::path_worker::{Control, Request, Response, Worker, WorkerSetup};
 use super::ring::{ring, Consumer, Producer};
 use crate::multipath::config::DeviceConfig;
 use crate::multipath::dispatch::{Action, DispatchConfig, Dispatcher, PathResponse, PathTable};
-use crate::multipath::io::build_command;
+use crate::multipath::io::{build_command_for, LuCaps};
 use crate::multipath::path::{PathHealth, PathShared, PathState};
 use crate::multipath::probe::{probe, PathProbe, ProbeConfig};
 use crate::multipath::{
     Io, IoCompletion, IoError, IoOp, MultipathError, PathLoad, PathStats, Policy, SelectorState,
 };
+use crate::scsi::caps::split;
 use crate::scsi::Lun;
+use crate::scsi::TransferLimits;
 use crossbeam::queue::ArrayQueue;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -68,6 +70,8 @@ struct DeviceShared {
     block_size: u32,
     capacity_blocks: u64,
     lu_id: String,
+    /// What the LU supports and its Block Limits (from the first path up).
+    caps: LuCaps,
     queue_depth: usize,
     closed: AtomicBool,
     next_queue_id: AtomicU32,
@@ -144,10 +148,11 @@ impl MultipathDevice {
                     .collect(),
             ));
         };
-        let (lu_id, block_size, capacity_blocks) = (
+        let (lu_id, block_size, capacity_blocks, caps) = (
             reference.lu_id.clone(),
             reference.block_size,
             reference.capacity_blocks,
+            reference.caps.clone(),
         );
         for (cfg, _, r) in &probed {
             if let Ok(p) = r {
@@ -172,12 +177,18 @@ impl MultipathDevice {
         // re-read their state (a standby path gets no I/O, so it would not
         // hear the target's UNIT ATTENTION by itself).
         let alua_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Every path's shared state, so a worker can tell when no path is
+        // active/optimized any more (explicit ALUA: SET TARGET PORT GROUPS).
+        let all_paths: Vec<Arc<PathShared>> = (0..probed.len())
+            .map(|i| Arc::new(PathShared::new(i, &probed[i].0.name, opened)))
+            .collect();
+        let alua_control = Arc::new(super::path_worker::AluaControl::new(all_paths.clone()));
         let mut paths = Vec::new();
         let mut controls = Vec::new();
         let mut workers = Vec::new();
         let mut starts = Vec::new();
         for (i, (cfg, connector, r)) in probed.into_iter().enumerate() {
-            let shared = Arc::new(PathShared::new(i, &cfg.name, opened));
+            let shared = all_paths[i].clone();
             let control = Arc::new(ArrayQueue::new(64));
             let stop = Arc::new(AtomicBool::new(false));
             let session = match r {
@@ -212,6 +223,7 @@ impl MultipathDevice {
                 fast_ping: config.fast_ping,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
+                alua_control: alua_control.clone(),
             });
             workers.push(WorkerHandle { stop, thread: None });
         }
@@ -238,6 +250,7 @@ impl MultipathDevice {
                 block_size,
                 capacity_blocks,
                 lu_id,
+                caps,
                 queue_depth: config.queue_depth.clamp(1, 1 << 16),
                 closed: AtomicBool::new(false),
                 next_queue_id: AtomicU32::new(0),
@@ -299,6 +312,16 @@ impl MultipathDevice {
     /// Logical block size in bytes (512 or 4096 typically).
     pub fn block_size(&self) -> u32 {
         self.shared.block_size
+    }
+
+    /// The LU's Block Limits (VPD B0h) as the device honours them.
+    pub fn limits(&self) -> TransferLimits {
+        self.shared.caps.limits
+    }
+
+    /// What the LU supports (REPORT SUPPORTED OPERATION CODES) and its limits.
+    pub fn caps(&self) -> &LuCaps {
+        &self.shared.caps
     }
 
     /// The LU's VPD 83h identity, e.g. `naa.60000000...`.
@@ -433,7 +456,8 @@ impl IoQueue {
             return Err(SubmitError::QueueFull(io));
         }
         let d = &self.dev;
-        let cmd = match build_command(&mut io, d.lun, d.block_size, d.capacity_blocks) {
+        let cmd = match build_command_for(&mut io, d.lun, d.block_size, d.capacity_blocks, &d.caps)
+        {
             Ok(c) => c,
             Err(error) => return Err(SubmitError::Invalid { error, io }),
         };
@@ -607,16 +631,62 @@ impl IoQueue {
         self.ready = ready;
     }
 
-    /// Reads `buf.len()` bytes (a multiple of the block size) at block `lba`.
+    /// What the LU supports and its Block Limits.
+    pub fn caps(&self) -> &LuCaps {
+        &self.dev.caps
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of the block size) at block
+    /// `lba`, in pieces of at most the LU's MAXIMUM TRANSFER LENGTH.
     pub fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
         let blocks = self.blocks_for(IoOp::Read, buf.len())?;
-        let spare = std::mem::take(&mut self.spare);
-        let c = self.run_blocking(Io::read(lba, blocks, spare, 0));
-        if c.result.is_ok() && c.buffer.len() >= buf.len() {
-            buf.copy_from_slice(&c.buffer[..buf.len()]);
+        let bs = self.dev.block_size as usize;
+        let chunk = self.dev.caps.limits.io_chunk_blocks();
+        for (at, n) in split(lba, blocks.into(), chunk) {
+            let from = (at - lba) as usize * bs;
+            let dst = &mut buf[from..from + n as usize * bs];
+            let spare = std::mem::take(&mut self.spare);
+            let c = self.run_blocking(Io::read(at, n, spare, 0));
+            if c.result.is_ok() && c.buffer.len() >= dst.len() {
+                dst.copy_from_slice(&c.buffer[..dst.len()]);
+            }
+            self.spare = c.buffer;
+            c.result?;
         }
-        self.spare = c.buffer;
-        c.result
+        Ok(())
+    }
+
+    /// UNMAP of `blocks` blocks at `lba`, in as many UNMAP commands as the
+    /// LU's MAXIMUM UNMAP LBA COUNT needs.
+    pub fn unmap_at(&mut self, lba: u64, blocks: u64) -> Result<(), IoError> {
+        let chunk = self.dev.caps.limits.unmap_chunk_blocks();
+        for (at, n) in split(lba, blocks, chunk) {
+            let spare = std::mem::take(&mut self.spare);
+            let c = self.run_blocking(Io::unmap(at, n, spare, 0));
+            self.spare = c.buffer;
+            c.result?;
+        }
+        Ok(())
+    }
+
+    /// WRITE SAME of `block` (one block) to `blocks` blocks at `lba`, split
+    /// at the LU's MAXIMUM WRITE SAME LENGTH (and WRITE SAME(10)'s 16 bits
+    /// where the LU has only that).
+    pub fn write_same_at(&mut self, lba: u64, blocks: u64, block: &[u8]) -> Result<(), IoError> {
+        let caps = &self.dev.caps;
+        let mut chunk = caps.limits.write_same_chunk_blocks();
+        if !caps.commands.supports(crate::scsi::Feature::WriteSame16) {
+            chunk = chunk.min(u32::from(u16::MAX));
+        }
+        for (at, n) in split(lba, blocks, chunk) {
+            let mut spare = std::mem::take(&mut self.spare);
+            spare.clear();
+            spare.extend_from_slice(block);
+            let c = self.run_blocking(Io::write_same(at, n, spare, 0));
+            self.spare = c.buffer;
+            c.result?;
+        }
+        Ok(())
     }
 
     /// Writes `data` (a multiple of the block size) at block `lba`; returns
@@ -635,12 +705,18 @@ impl IoQueue {
         durable: bool,
     ) -> Result<(), IoError> {
         let blocks = self.blocks_for(IoOp::Write, data.len())?;
-        let mut spare = std::mem::take(&mut self.spare);
-        spare.clear();
-        spare.extend_from_slice(data);
-        let c = self.run_blocking(Io::write_durable(lba, blocks, spare, durable, 0));
-        self.spare = c.buffer;
-        c.result
+        let bs = self.dev.block_size as usize;
+        let chunk = self.dev.caps.limits.io_chunk_blocks();
+        for (at, n) in split(lba, blocks.into(), chunk) {
+            let from = (at - lba) as usize * bs;
+            let mut spare = std::mem::take(&mut self.spare);
+            spare.clear();
+            spare.extend_from_slice(&data[from..from + n as usize * bs]);
+            let c = self.run_blocking(Io::write_durable(at, n, spare, durable, 0));
+            self.spare = c.buffer;
+            c.result?;
+        }
+        Ok(())
     }
 
     /// SYNCHRONIZE CACHE for the whole LU.
@@ -733,6 +809,7 @@ mod tests {
                 block_size: 512,
                 capacity_blocks: 1000,
                 lu_id: "naa.test".into(),
+                caps: LuCaps::default(),
                 queue_depth: 8,
                 closed: AtomicBool::new(false),
                 next_queue_id: AtomicU32::new(0),

@@ -8,7 +8,7 @@ use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS}
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
-use crate::multipath::probe::{alua_state_of, probe, PathProbe, ProbeConfig};
+use crate::multipath::probe::{alua_state_of, group_of, probe, PathProbe, ProbeConfig};
 use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
 use crate::multipath::MultipathError;
 use crate::scsi::{
@@ -166,6 +166,8 @@ const LOGOUT_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Tags of the worker's own commands (REPORT TARGET PORT GROUPS).
 const INTERNAL_TAG: u64 = 1 << 63;
+/// With [`INTERNAL_TAG`]: the worker's SET TARGET PORT GROUPS.
+const STPG_TAG: u64 = 1 << 62;
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -193,6 +195,48 @@ pub(crate) struct WorkerSetup {
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
+    /// Every path of the device, for explicit ALUA transitions.
+    pub alua_control: Arc<AluaControl>,
+}
+
+/// Shared by a device's workers: who may send SET TARGET PORT GROUPS.
+#[derive(Debug)]
+pub(crate) struct AluaControl {
+    paths: Vec<Arc<PathShared>>,
+    /// When the last SET TARGET PORT GROUPS went out (one at a time, at
+    /// most one per [`STPG_INTERVAL`]).
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Least time between two SET TARGET PORT GROUPS of one device.
+const STPG_INTERVAL: Duration = Duration::from_secs(2);
+
+impl AluaControl {
+    pub(crate) fn new(paths: Vec<Arc<PathShared>>) -> AluaControl {
+        AluaControl {
+            paths,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether some logged-in path is active/optimized.
+    fn optimized_path_up(&self) -> bool {
+        self.paths.iter().any(|p| {
+            p.state() == PathState::Up && p.alua() == Some(crate::scsi::AluaState::ActiveOptimized)
+        })
+    }
+
+    /// Takes the right to send one SET TARGET PORT GROUPS now.
+    fn take_turn(&self, now: Instant) -> bool {
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        if last.is_some_and(|t| now.saturating_duration_since(t) < STPG_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 pub(crate) struct Worker {
@@ -221,6 +265,12 @@ pub(crate) struct Worker {
     alua_epoch: Arc<AtomicU64>,
     /// The epoch this path's state was last read in.
     alua_epoch_seen: u64,
+    alua_control: Arc<AluaControl>,
+    /// The LU does explicit ALUA only (INQUIRY TPGS 10b).
+    explicit_alua: bool,
+    /// Supported-states byte of this path's group (REPORT TARGET PORT GROUPS).
+    group_supported: Option<u8>,
+    stpg_pending: bool,
     hist: hdrhistogram::Histogram<u64>,
     last_merge: Instant,
     idle: IdleMode,
@@ -252,6 +302,10 @@ impl Worker {
             draining: None,
             alua_epoch_seen: s.alua_epoch.load(Ordering::Acquire),
             alua_epoch: s.alua_epoch,
+            alua_control: s.alua_control,
+            explicit_alua: false,
+            group_supported: None,
+            stpg_pending: false,
             hist: new_histogram(),
             last_merge: Instant::now(),
             idle: s.idle,
@@ -276,6 +330,9 @@ impl Worker {
     fn install(&mut self, p: PathProbe) {
         self.tpg = p.target_port_group;
         self.relative_port = p.relative_port;
+        self.explicit_alua = p.tpgs == crate::wire::scsi::Tpgs::Explicit;
+        self.group_supported = p.group_supported;
+        self.stpg_pending = false;
         self.shared.set_tpg(p.target_port_group);
         self.set_alua(p.alua);
         // Just read: changes announced before this login are known.
@@ -491,6 +548,9 @@ impl Worker {
         if self.alua_refresh_wanted && !self.alua_refresh_pending && self.draining.is_none() {
             self.submit_rtpg(session);
         }
+        if self.explicit_alua && !self.alua_refresh_pending && !self.stpg_pending {
+            self.maybe_stpg(session, now);
+        }
         progressed |= session.poll_io().map_err(PathFailure::Session)?;
         while let Some(ev) = session.connection_mut().poll_event() {
             progressed = true;
@@ -625,6 +685,40 @@ impl Worker {
         self.alua_epoch_seen = self.alua_epoch.fetch_add(1, Ordering::AcqRel) + 1;
     }
 
+    /// Explicit ALUA: with no active/optimized path left, asks the target
+    /// (SET TARGET PORT GROUPS) to make this path's standby or
+    /// non-optimized group active/optimized, if the group supports that.
+    /// One path of the device at a time; the others re-read their state
+    /// when it completes.
+    fn maybe_stpg(&mut self, session: &mut Session<BoxedTransport>, now: Instant) {
+        use crate::scsi::AluaState;
+        let Some(group) = self.tpg else { return };
+        if !matches!(
+            self.shared.alua(),
+            Some(AluaState::Standby | AluaState::ActiveNonOptimized)
+        ) {
+            return;
+        }
+        // AO_SUP (bit 0) of the group's supported states.
+        if self.group_supported.is_some_and(|b| b & 0x01 == 0) {
+            return;
+        }
+        if self.alua_control.optimized_path_up() || !self.alua_control.take_turn(now) {
+            return;
+        }
+        let (c, list) = ScsiCommand::set_target_port_groups(&[(group, AluaState::ActiveOptimized)]);
+        if let Ok(mut cmd) = Command::new(self.probe.lun, c.cdb_bytes(), Direction::Write, list) {
+            cmd.user_tag = INTERNAL_TAG | STPG_TAG;
+            if session.submit(cmd).is_ok() {
+                log::info!(
+                    "path {}: no active/optimized path left; SET TARGET PORT GROUPS: group {group} -> active/optimized",
+                    self.shared.name
+                );
+                self.stpg_pending = true;
+            }
+        }
+    }
+
     fn submit_rtpg(&mut self, session: &mut Session<BoxedTransport>) {
         let c = ScsiCommand::report_target_port_groups(1024);
         if let Ok(mut cmd) = Command::new(
@@ -642,14 +736,40 @@ impl Worker {
     }
 
     fn on_completion(&mut self, c: Completion, now: Instant) {
+        if c.user_tag & INTERNAL_TAG != 0 && c.user_tag & STPG_TAG != 0 {
+            self.stpg_pending = false;
+            match check_status(c.status, &c.sense) {
+                Ok(()) if c.response == 0 => {
+                    log::info!("path {}: SET TARGET PORT GROUPS done", self.shared.name);
+                }
+                Err(e) => log::warn!(
+                    "path {}: SET TARGET PORT GROUPS failed: {e}",
+                    self.shared.name
+                ),
+                Ok(()) => log::warn!(
+                    "path {}: SET TARGET PORT GROUPS: iSCSI response {:#04x}",
+                    self.shared.name,
+                    c.response
+                ),
+            }
+            // Every path re-reads its state (the target may have moved others).
+            self.alua_changed();
+            return;
+        }
         if c.user_tag & INTERNAL_TAG != 0 {
             self.alua_refresh_pending = false;
             match check_status(c.status, &c.sense) {
                 Ok(()) if c.response == 0 => {
-                    let state =
+                    let data =
                         TargetPortGroupsData::parse(&c.buffer[..c.transferred.min(c.buffer.len())])
-                            .ok()
-                            .and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
+                            .ok();
+                    if let Some(g) = data
+                        .as_ref()
+                        .and_then(|d| group_of(d, self.tpg, self.relative_port))
+                    {
+                        self.group_supported = Some(g.supported);
+                    }
+                    let state = data.and_then(|d| alua_state_of(&d, self.tpg, self.relative_port));
                     self.set_alua(state);
                 }
                 // A UNIT ATTENTION is reported once (often the very ALUA
@@ -921,11 +1041,15 @@ mod tests {
                 block_size: 512,
                 time2wait: Duration::ZERO,
                 redirected_to: None,
+                tpgs: crate::wire::scsi::Tpgs::None,
+                group_supported: None,
+                caps: Default::default(),
             }),
             idle: IdleMode::BusyPoll,
             fast_ping: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
+            alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
         });
         let (sub_p, sub_c) = ring::<Request>(8);
         let (comp_p, comp_c) = ring::<Response>(8);
