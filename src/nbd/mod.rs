@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod handshake;
+mod pool;
 pub mod server;
 pub mod tls;
 pub mod wire;

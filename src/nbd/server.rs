@@ -5,6 +5,7 @@
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
 use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
+use super::pool::BufPool;
 use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
@@ -312,6 +313,10 @@ struct Export {
     /// WRITE SAME was refused once: zero writes from then on.
     no_write_same: AtomicBool,
     stats: Arc<ServerStats>,
+    /// Data buffers of every connection (at most `max_buffered_bytes` of
+    /// free ones are kept): large buffers are allocated once per export, not
+    /// once per connection.
+    pool: BufPool,
 }
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
@@ -436,6 +441,7 @@ impl NbdServer {
             .map_err(|e| NbdError::Bind(listener.uri(), e))?;
         let info = export_info(&device, &config);
         let export = Arc::new(Export {
+            pool: BufPool::new(config.max_buffered_bytes),
             config,
             info,
             rmw: Mutex::new(()),
@@ -677,8 +683,10 @@ fn tls_handshake(
 }
 
 /// Bytes read from the client and not yet parsed: `buf[start..end]`.
-/// Zeroed once; grows only for large write payloads, shrinks back when empty.
-struct InBuf {
+/// Its buffer comes from the export's pool (and goes back there); it grows
+/// only for large write payloads and shrinks back when empty.
+struct InBuf<'p> {
+    pool: &'p BufPool,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -686,12 +694,28 @@ struct InBuf {
 
 const INBUF: usize = 256 * 1024;
 
-impl InBuf {
-    fn new(early: Vec<u8>) -> InBuf {
-        let end = early.len();
-        let mut buf = early;
-        buf.resize(end.max(INBUF), 0);
-        InBuf { buf, start: 0, end }
+impl<'p> InBuf<'p> {
+    fn new(pool: &'p BufPool, early: &[u8]) -> InBuf<'p> {
+        let mut buf = pool.take(INBUF.max(early.len()));
+        buf.extend_from_slice(early);
+        buf.resize(buf.capacity(), 0);
+        InBuf {
+            pool,
+            buf,
+            start: 0,
+            end: early.len(),
+        }
+    }
+
+    /// Moves the data into a pool buffer of room for `len` bytes and gives
+    /// the old buffer back.
+    fn move_to(&mut self, len: usize) {
+        let mut b = self.pool.take(len.max(self.end - self.start));
+        b.extend_from_slice(&self.buf[self.start..self.end]);
+        b.resize(b.capacity(), 0);
+        self.end -= self.start;
+        self.start = 0;
+        self.pool.give(std::mem::replace(&mut self.buf, b));
     }
 
     fn data(&self) -> &[u8] {
@@ -704,8 +728,7 @@ impl InBuf {
             self.start = 0;
             self.end = 0;
             if self.buf.len() > 4 * INBUF {
-                self.buf.truncate(INBUF);
-                self.buf.shrink_to_fit();
+                self.move_to(INBUF);
             }
         }
     }
@@ -718,13 +741,19 @@ impl InBuf {
             self.start = 0;
         }
         if self.buf.len() < need {
-            self.buf.resize(need, 0);
+            self.move_to(need);
         }
         &mut self.buf[self.end..]
     }
 
     fn filled(&mut self, n: usize) {
         self.end = (self.end + n).min(self.buf.len());
+    }
+}
+
+impl Drop for InBuf<'_> {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 
@@ -809,13 +838,9 @@ impl BlockQueue for IoQueue {
 
 /// Most NBD requests one connection keeps in progress.
 const MAX_PENDING: usize = 1024;
-/// Buffers kept for reuse per connection.
-const POOL: usize = 64;
 /// Most buffer bytes one write-zeroes request has queued at a time (zero
 /// writes, where the target refuses WRITE SAME, need a buffer per block).
 const ZERO_BATCH_BYTES: u64 = 8 << 20;
-/// Most bytes of buffer capacity kept for reuse per connection.
-const POOL_BYTES: usize = 16 << 20;
 
 /// One client in transmission, sans-IO: bytes in ([`Conn::take_requests`]),
 /// I/Os to the queue and back ([`Conn::pump`]), reply bytes out
@@ -835,8 +860,6 @@ struct Conn<'a, Q: BlockQueue> {
     free: Vec<u32>,
     live: usize,
     backlog: VecDeque<Io>,
-    pool: Vec<Vec<u8>>,
-    pool_bytes: usize,
     comps: Vec<IoCompletion>,
     /// Bytes held for the client: data of requests in progress plus
     /// replies not yet written (bounded by `max_buffered_bytes`).
@@ -866,8 +889,6 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             free: Vec::new(),
             live: 0,
             backlog: VecDeque::new(),
-            pool: Vec::new(),
-            pool_bytes: 0,
             comps: Vec::with_capacity(256),
             held: 0,
             peak_held: 0,
@@ -915,7 +936,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
 
     fn run(&mut self, s: &mut Wire, early: Vec<u8>, stop: &AtomicBool) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
-        let mut inbuf = InBuf::new(early);
+        let mut inbuf = InBuf::new(&self.export.pool, &early);
+        drop(early);
         let mut eof = false;
         let mut idle_rounds = 0u32;
         loop {
@@ -999,19 +1021,13 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         }
     }
 
-    fn take_buf(&mut self) -> Vec<u8> {
-        let b = self.pool.pop().unwrap_or_default();
-        self.pool_bytes -= b.capacity();
-        b
+    /// An empty buffer with room for `len` bytes, from the export's pool.
+    fn take_buf(&self, len: usize) -> Vec<u8> {
+        self.export.pool.take(len)
     }
 
-    fn give_buf(&mut self, mut b: Vec<u8>) {
-        let cap = b.capacity();
-        if self.pool.len() < POOL && cap > 0 && self.pool_bytes + cap <= POOL_BYTES {
-            b.clear();
-            self.pool_bytes += cap;
-            self.pool.push(b);
-        }
+    fn give_buf(&self, b: Vec<u8>) {
+        self.export.pool.give(b)
     }
 
     /// Whether the client may send more requests now.
@@ -1132,7 +1148,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
                 let mut lba = first;
                 while lba < last {
                     let n = (last - lba).min(1 << 22) as u32;
-                    let io = Io::unmap(lba, n, self.take_buf(), tag(id, 0));
+                    let io = Io::unmap(lba, n, self.take_buf(0), tag(id, 0));
                     self.push_io(id, io);
                     lba += u64::from(n);
                 }
@@ -1183,7 +1199,12 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         let mut i = 0u32;
         while at < a1 {
             let n = (a1 - at).min(self.max_io);
-            let io = Io::read(at / bs, (n / bs) as u32, self.take_buf(), tag(id, i));
+            let io = Io::read(
+                at / bs,
+                (n / bs) as u32,
+                self.take_buf(n as usize),
+                tag(id, i),
+            );
             self.push_io(id, io);
             at += n;
             i += 1;
@@ -1206,7 +1227,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         self.held += payload.len();
         self.note_peak();
         for (i, c) in payload.chunks(self.max_io as usize).enumerate() {
-            let mut b = self.take_buf();
+            let mut b = self.take_buf(c.len());
             b.extend_from_slice(c);
             let lba = r.offset / bs + (i as u64 * self.max_io) / bs;
             // FUA maps to the WRITE's own FUA bit: no flush afterwards.
@@ -1269,9 +1290,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         while lba < last && queued < ZERO_BATCH_BYTES {
             let n = (last - lba).min(step);
             let bytes = if ws { bs } else { n * bs };
-            let mut b = self.take_buf();
+            let mut b = self.take_buf(bytes as usize);
             b.resize(bytes as usize, 0);
-            b.fill(0);
             let io = Io {
                 op: if ws { IoOp::WriteSame } else { IoOp::Write },
                 lba,
@@ -1289,8 +1309,11 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 
     fn rmw_zero(&mut self, offset: u64, len: u64, fua: bool) -> u32 {
-        let zeros = vec![0u8; len as usize];
-        self.rmw(offset, &zeros, fua)
+        let mut zeros = self.take_buf(len as usize);
+        zeros.resize(len as usize, 0);
+        let e = self.rmw(offset, &zeros, fua);
+        self.give_buf(zeros);
+        e
     }
 
     /// Synchronous read-modify-write of `data` at a byte offset; returns
@@ -1304,7 +1327,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         let a0 = offset / bs * bs;
         let a1 = (offset + len).div_ceil(bs) * bs;
         let _guard = self.export.rmw.lock().unwrap_or_else(|e| e.into_inner());
-        let mut buf = vec![0u8; (a1 - a0) as usize];
+        let mut buf = self.take_buf((a1 - a0) as usize);
+        buf.resize((a1 - a0) as usize, 0);
         let head_partial = !offset.is_multiple_of(bs);
         let tail_partial = !(offset + len).is_multiple_of(bs);
         let r = (|| -> Result<(), IoError> {
@@ -1323,6 +1347,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             }
             Ok(())
         })();
+        self.give_buf(buf);
         match r {
             Ok(()) => 0,
             Err(e) => {
@@ -1510,6 +1535,25 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 }
 
+impl<Q: BlockQueue> Drop for Conn<'_, Q> {
+    /// Gives the buffers of unsent replies, unfinished reads and unsubmitted
+    /// I/Os back to the export's pool.
+    fn drop(&mut self) {
+        let pool = &self.export.pool;
+        for seg in self.out.drain(..) {
+            if let OutSeg::Data { buf, .. } = seg {
+                pool.give(buf);
+            }
+        }
+        for io in self.backlog.drain(..) {
+            pool.give(io.buffer);
+        }
+        for p in self.pending.drain(..).flatten() {
+            p.chunks.into_iter().flatten().for_each(|b| pool.give(b));
+        }
+    }
+}
+
 fn sense_of(e: &IoError) -> Option<&crate::wire::scsi::SenseData> {
     match e {
         IoError::Scsi(ScsiError::CheckCondition { sense })
@@ -1655,6 +1699,7 @@ mod tests {
 
     fn export(config: ExportConfig) -> Export {
         Export {
+            pool: BufPool::new(config.max_buffered_bytes),
             info: ExportInfo {
                 name: config.name.clone(),
                 description: String::new(),
@@ -1723,7 +1768,7 @@ mod tests {
         let e = export(small_io());
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let want = c.q.data[1000..11000].to_vec();
-        let mut inbuf = InBuf::new(req(cmd::READ, 7, 1000, 10_000, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::READ, 7, 1000, 10_000, &[]));
         let out = drive(&mut c, &mut inbuf);
         let r = replies(&out, |_| 10_000);
         assert_eq!(r.len(), 1);
@@ -1737,6 +1782,52 @@ mod tests {
     }
 
     #[test]
+    fn connections_take_buffers_from_the_export_pool_and_give_them_back() {
+        let e = export(ExportConfig {
+            max_io_bytes: 64 << 10,
+            ..ExportConfig::default()
+        });
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let mut input = req(cmd::WRITE, 1, 1 << 20, data.len() as u32, &data);
+        input.extend(req(cmd::READ, 2, 1 << 20, data.len() as u32, &[]));
+        input.extend(req(cmd::READ, 3, 4096, 300_000, &[]));
+        let run = |write_replies: bool| {
+            let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+            let mut inbuf = InBuf::new(&e.pool, &input);
+            if write_replies {
+                let out = drive(&mut c, &mut inbuf);
+                let r = replies(&out, |h| match h {
+                    2 => 1 << 20,
+                    3 => 300_000,
+                    _ => 0,
+                });
+                assert_eq!(r.len(), 3);
+                assert!(r[1].2 == data);
+            } else {
+                // A client that reads no replies and goes away.
+                while c.take_requests(&mut inbuf).unwrap() | c.pump() {}
+                assert!(!c.out.is_empty());
+            }
+        };
+        run(true);
+        // Closed: its input buffer and the chunk buffers (64 KiB each) are
+        // in the pool now.
+        let held = e.pool.held_bytes();
+        assert!(held >= INBUF + (1 << 20), "pool holds {held} bytes");
+        // The next connection with the same work finds all it needs there:
+        // nothing new is allocated, nothing is lost.
+        run(true);
+        assert_eq!(e.pool.held_bytes(), held);
+        // Replies never sent go back too: this client holds the chunks of
+        // both reads at once (16 + 5 of 64 KiB, 5 more than the pool had).
+        run(false);
+        let more = held + 5 * (64 << 10);
+        assert_eq!(e.pool.held_bytes(), more);
+        run(true);
+        assert_eq!(e.pool.held_bytes(), more);
+    }
+
+    #[test]
     fn writes_aligned_and_partial_reach_the_lu() {
         let e = export(small_io());
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
@@ -1746,7 +1837,7 @@ mod tests {
         input.extend(req(cmd::WRITE, 2, 100_001, p.len() as u32, &p));
         input.extend(req(cmd::FLUSH, 3, 0, 0, &[]));
         let before = c.q.data.clone();
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         let out = drive(&mut c, &mut inbuf);
         let mut r = replies(&out, |_| 0);
         r.sort();
@@ -1764,7 +1855,7 @@ mod tests {
         let mut q = MemQueue::new(LU, BS);
         q.refuse_write_same = true;
         let mut c = Conn::new(&e, q);
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
         let out = drive(&mut c, &mut inbuf);
         assert_eq!(replies(&out, |_| 0), vec![(5, 0, vec![])]);
         assert!(c.q.data[65_536..131_072].iter().all(|&b| b == 0));
@@ -1774,7 +1865,7 @@ mod tests {
         assert!(c.q.ops.iter().any(|o| o.0 == IoOp::Write));
         // From then on, straight to writes.
         c.q.ops.clear();
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
         drive(&mut c, &mut inbuf);
         assert!(c.q.ops.iter().all(|o| o.0 == IoOp::Write));
     }
@@ -1788,7 +1879,7 @@ mod tests {
         e.no_write_same.store(true, Ordering::Relaxed);
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let len = 12u32 << 20;
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
         let out = drive(&mut c, &mut inbuf);
         assert_eq!(replies(&out, |_| 0), vec![(8, 0, vec![])]);
         assert!(c.q.data[1 << 20..(13 << 20)].iter().all(|&b| b == 0));
@@ -1810,7 +1901,7 @@ mod tests {
         input.extend(req(cmd::WRITE, 2, 0, 512, &[0; 512]));
         input.extend(req(cmd::TRIM, 3, 0, 512, &[]));
         input.extend(req(99, 4, 0, 0, &[]));
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         let r = replies(&drive(&mut c, &mut inbuf), |_| 0);
         assert_eq!(
             r,
@@ -1822,7 +1913,7 @@ mod tests {
             ]
         );
         assert!(c.q.ops.is_empty());
-        let mut inbuf = InBuf::new(vec![0x55; 64]);
+        let mut inbuf = InBuf::new(&e.pool, &[0x55; 64]);
         assert!(c.take_requests(&mut inbuf).is_err());
     }
 
@@ -1832,7 +1923,7 @@ mod tests {
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let mut input = req(cmd::DISC, 1, 0, 0, &[]);
         input.extend(req(cmd::READ, 2, 0, 512, &[]));
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         assert!(drive(&mut c, &mut inbuf).is_empty());
         assert!(c.disc && c.is_drained());
         assert_eq!(
@@ -1854,7 +1945,7 @@ mod tests {
         for i in 0..100u64 {
             input.extend(req(cmd::READ, i, i * 65_536 % LU as u64, 65_536, &[]));
         }
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         // Never written out: the replies pile up to the cap, no further.
         for _ in 0..50 {
             c.take_requests(&mut inbuf).unwrap();
