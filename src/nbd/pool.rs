@@ -39,6 +39,8 @@ struct Inner {
     classes: [Vec<Vec<u8>>; CLASSES],
     /// Capacity of the free buffers held.
     bytes: usize,
+    /// Capacity of the buffers this pool allocated, less those it freed.
+    owned: usize,
 }
 
 /// Class of a buffer that must hold `len` bytes (`None`: too large to pool).
@@ -78,17 +80,14 @@ impl BufPool {
         let Some(c) = class_for_len(len) else {
             return Vec::with_capacity(len);
         };
-        if let Some(b) = {
-            let mut inner = self.lock();
-            let b = inner.classes[c].pop();
-            if let Some(b) = &b {
-                inner.bytes -= b.capacity();
-            }
-            b
-        } {
+        let mut inner = self.lock();
+        if let Some(b) = inner.classes[c].pop() {
+            inner.bytes -= b.capacity();
             return b;
         }
-        Vec::with_capacity(1 << (MIN_SHIFT as usize + c))
+        let b = Vec::with_capacity(1 << (MIN_SHIFT as usize + c));
+        inner.owned += b.capacity();
+        b
     }
 
     /// Returns a buffer; it is kept (emptied) while the pool has room,
@@ -100,6 +99,7 @@ impl BufPool {
         };
         let mut inner = self.lock();
         if inner.bytes + cap > self.cap {
+            inner.owned = inner.owned.saturating_sub(cap);
             return;
         }
         b.clear();
@@ -108,9 +108,14 @@ impl BufPool {
     }
 
     /// Capacity of the free buffers held now.
-    #[cfg(test)]
     pub(crate) fn held_bytes(&self) -> usize {
         self.lock().bytes
+    }
+
+    /// Capacity of the pooled buffers in use or free now (those taken
+    /// from the pool count from their allocation until it frees them).
+    pub(crate) fn owned_bytes(&self) -> usize {
+        self.lock().owned
     }
 }
 

@@ -224,8 +224,10 @@ impl Wire {
         }
     }
 
+    /// Ends TLS (close_notify) and shuts the socket down; a second call
+    /// only repeats the shutdown.
     fn close(&mut self) {
-        if let Some(t) = &mut self.tls {
+        if let Some(mut t) = self.tls.take() {
             t.close(&mut self.sock);
         }
         self.sock.shutdown();
@@ -317,6 +319,10 @@ struct Export {
     /// free ones are kept): large buffers are allocated once per export, not
     /// once per connection.
     pool: BufPool,
+    /// Device queues of closed connections, idle, for the next ones (at
+    /// most `max_clients`): a connection does not set up and tear down a
+    /// queue on every path worker.
+    queues: Mutex<Vec<IoQueue>>,
 }
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
@@ -442,6 +448,7 @@ impl NbdServer {
         let info = export_info(&device, &config);
         let export = Arc::new(Export {
             pool: BufPool::new(config.max_buffered_bytes),
+            queues: Mutex::new(Vec::new()),
             config,
             info,
             rmw: Mutex::new(()),
@@ -477,7 +484,11 @@ impl NbdServer {
                         .name(format!("nbd-conn-{next}"))
                         .spawn(move || {
                             match serve(stream, &e, &d, &s) {
-                                Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
+                                Ok(why) => log::info!(
+                                    "NBD client {peer}: closed ({why}); buffers: {} KiB, {} KiB free",
+                                    e.pool.owned_bytes() >> 10,
+                                    e.pool.held_bytes() >> 10
+                                ),
                                 Err(NbdError::Stopping) => {
                                     log::info!("NBD client {peer}: closed (server stopping)")
                                 }
@@ -525,7 +536,18 @@ fn serve(
         tls: None,
     };
     let r = match handshake(&mut wire, export, stop) {
-        Ok(Ok(early)) => Conn::new(export, device.queue_pair()).run(&mut wire, early, stop),
+        Ok(Ok(early)) => {
+            let idle = export
+                .queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let mut q = idle.unwrap_or_else(|| device.queue_pair());
+            let r = Conn::new(export, &mut q).run(&mut wire, early, stop);
+            wire.close();
+            put_back_queue(export, q, stop);
+            r
+        }
         Ok(Err(why)) => Ok(why),
         Err(e) => {
             if !matches!(e, NbdError::Stopping) {
@@ -539,6 +561,29 @@ fn serve(
     };
     wire.close();
     r
+}
+
+/// Keeps a closed connection's queue for the next one, once the I/Os it
+/// still has in flight are back (their buffers go to the pool). A queue
+/// that does not drain in time, or past `max_clients` idle ones, is dropped.
+fn put_back_queue(export: &Export, mut q: IoQueue, stop: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut comps = Vec::new();
+    while q.in_flight() > 0 {
+        if stop.load(Ordering::Acquire) || Instant::now() > deadline {
+            return;
+        }
+        if q.poll_completions(&mut comps) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for c in comps.drain(..) {
+            export.pool.give(c.buffer);
+        }
+    }
+    let mut idle = export.queues.lock().unwrap_or_else(|e| e.into_inner());
+    if idle.len() < export.config.max_clients {
+        idle.push(q);
+    }
 }
 
 /// Waits until `wire` is readable (or writable, when `out` or TLS bytes
@@ -816,6 +861,24 @@ trait BlockQueue {
     fn in_flight(&self) -> usize;
     fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError>;
     fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError>;
+}
+
+impl<T: BlockQueue> BlockQueue for &mut T {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
+        T::submit(self, io)
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        T::poll_completions(self, out)
+    }
+    fn in_flight(&self) -> usize {
+        T::in_flight(self)
+    }
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        T::read_at(self, lba, buf)
+    }
+    fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError> {
+        T::write_at_durable(self, lba, data, durable)
+    }
 }
 
 impl BlockQueue for IoQueue {
@@ -1700,6 +1763,7 @@ mod tests {
     fn export(config: ExportConfig) -> Export {
         Export {
             pool: BufPool::new(config.max_buffered_bytes),
+            queues: Mutex::new(Vec::new()),
             info: ExportInfo {
                 name: config.name.clone(),
                 description: String::new(),
