@@ -1361,7 +1361,90 @@ fn gen_target() {
     }
 }
 
+/// NBD client conversations: `[cfg, chunk]` (see `iscsi_fuzz::nbd`), the
+/// client flags, options, then transmission requests.
+fn gen_nbd() {
+    use iscsi_bypass::nbd::wire::{self, cmd, info, opt, InfoRequest, Request};
+    let option = |v: &mut Vec<u8>, o: u32, data: &[u8]| wire::emit_option(o, data, v);
+    let info_req = |name: &[u8], reqs: Vec<u16>| {
+        let mut d = Vec::new();
+        InfoRequest {
+            name,
+            requests: reqs,
+        }
+        .emit(&mut d);
+        d
+    };
+    let request = |v: &mut Vec<u8>, kind: u16, handle: u64, offset: u64, length: u32| {
+        Request {
+            flags: if kind == cmd::WRITE { 1 } else { 0 },
+            kind,
+            handle,
+            offset,
+            length,
+        }
+        .emit(v);
+        if kind == cmd::WRITE {
+            v.extend((0..length).map(|i| i as u8));
+        }
+    };
+    let requests = |v: &mut Vec<u8>| {
+        request(v, cmd::WRITE, 1, 4096, 1024);
+        request(v, cmd::READ, 2, 4096, 1024);
+        request(v, cmd::FLUSH, 3, 0, 0);
+        request(v, cmd::TRIM, 4, 0, 8192);
+        request(v, cmd::WRITE_ZEROES, 5, 512, 4096);
+        request(v, cmd::READ, 6, 100, 7);
+        request(v, cmd::DISC, 7, 0, 0);
+    };
+    // Max payload 64 KiB: bits 3-4 = 2.
+    let mp = 2 << 3;
+    let all = vec![info::EXPORT, info::NAME, info::DESCRIPTION, info::BLOCK_SIZE];
+
+    let mut v = vec![mp, 0, 0, 0, 0, 3];
+    option(&mut v, opt::LIST, &[]);
+    option(&mut v, opt::INFO, &info_req(b"", all.clone()));
+    option(&mut v, opt::STRUCTURED_REPLY, &[]);
+    option(&mut v, opt::GO, &info_req(b"lun0", vec![info::BLOCK_SIZE]));
+    requests(&mut v);
+    write("fuzz_nbd", "go", &v);
+
+    let mut v = vec![mp, 1, 0, 0, 0, 1];
+    option(&mut v, opt::INFO, &info_req(b"nope", vec![]));
+    option(&mut v, opt::EXPORT_NAME, b"lun0");
+    requests(&mut v);
+    write("fuzz_nbd", "export_name_bytewise", &v);
+
+    // TLS required; the TLS handshake succeeds.
+    let mut v = vec![2 | 4 | mp, 7, 0, 0, 0, 3];
+    option(&mut v, opt::GO, &info_req(b"", all.clone()));
+    option(&mut v, opt::LIST, &[]);
+    option(&mut v, opt::STARTTLS, &[]);
+    option(&mut v, opt::STARTTLS, &[]);
+    option(&mut v, opt::GO, &info_req(b"", all.clone()));
+    requests(&mut v);
+    write("fuzz_nbd", "tls_required", &v);
+
+    // TLS required, the client asks for the export without it.
+    let mut v = vec![2 | mp, 3, 0, 0, 0, 3];
+    option(&mut v, opt::INFO, &info_req(b"", all.clone()));
+    option(&mut v, opt::EXPORT_NAME, b"");
+    write("fuzz_nbd", "tls_required_refused", &v);
+
+    // TLS allowed, 32 MiB payloads, a bad INFO, abort.
+    let mut v = vec![1 | 4 | (3 << 3), 0, 0, 0, 0, 3];
+    option(&mut v, opt::STARTTLS, b"x");
+    option(&mut v, opt::INFO, &[0, 0, 0, 9, 1]);
+    option(&mut v, opt::ABORT, &[]);
+    write("fuzz_nbd", "tls_allowed_abort", &v);
+
+    for name in ["go", "export_name_bytewise", "tls_required", "tls_required_refused", "tls_allowed_abort"] {
+        iscsi_fuzz::nbd(&std::fs::read(dir("fuzz_nbd").join(name)).unwrap());
+    }
+}
+
 fn main() {
+    gen_nbd();
     gen_net();
     gen_target();
     gen_pdus();

@@ -1135,3 +1135,228 @@ pub fn target_conn(data: &[u8]) {
     }
     let _ = (conn.close_reason(), conn.is_full_feature(), conn.params());
 }
+
+// ---------------------------------------------------------------------------
+// nbd: the export's handshake and request framing
+
+/// The export `nbd` negotiates.
+pub fn nbd_export(max_payload: u32) -> iscsi_bypass::nbd::ExportInfo {
+    use iscsi_bypass::nbd::wire::tflags;
+    iscsi_bypass::nbd::ExportInfo {
+        name: "lun0".into(),
+        description: "fuzz export".into(),
+        size: 64 << 20,
+        flags: tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA | tflags::SEND_TRIM,
+        min_block: 512,
+        preferred_block: 4096,
+        max_payload,
+    }
+}
+
+/// Max payloads `nbd` picks from (bits 3-4 of byte 0).
+pub const NBD_MAX_PAYLOADS: [u32; 4] = [0, 512, 65_536, 32 << 20];
+
+/// Client bytes into the NBD server [`Handshake`] in chunks, then the rest
+/// into the transmission request framing (`parse_request`). Byte 0: TLS
+/// policy (bits 0-1: off, allow, require, require), whether a requested
+/// TLS handshake succeeds (bit 2), the max payload (bits 3-4); byte 1: the
+/// chunk size (0: everything at once). Checks:
+/// - the server's output is its 18-byte greeting, then whole option replies
+///   (plus, on `EXPORT_NAME`, the size/flags reply), replies never announce
+///   more than the export is, and error replies carry UTF-8 text;
+/// - with TLS required and not started: no export information (INFO,
+///   SERVER) goes out and transmission is never entered; STARTTLS is only
+///   offered when TLS is configured, once;
+/// - the bytes consumed never exceed those fed, and nothing fed is lost
+///   across chunks (what transmission gets is exactly the unconsumed rest);
+/// - `InfoRequest`, option and request headers re-emit to the same bytes;
+///   framed requests have their payload, and none longer than the max.
+///
+/// [`Handshake`]: iscsi_bypass::nbd::handshake::Handshake
+pub fn nbd(data: &[u8]) {
+    use iscsi_bypass::nbd::handshake::{Handshake, Step};
+    use iscsi_bypass::nbd::wire::{self, InfoRequest, Request, WireError};
+    use iscsi_bypass::nbd::TlsPolicy;
+
+    let mut input = Input(data);
+    let cfg = input.u8();
+    let chunk = match input.u8() {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    let policy = [
+        TlsPolicy::Off,
+        TlsPolicy::Allow,
+        TlsPolicy::Require,
+        TlsPolicy::Require,
+    ][cfg as usize & 3];
+    let tls_ok = cfg & 4 != 0;
+    let max_payload = NBD_MAX_PAYLOADS[(cfg >> 3) as usize & 3];
+    let bytes = input.rest();
+    let export = nbd_export(max_payload);
+
+    // Wire pieces on their own: parse -> emit gives the same bytes.
+    if let Ok(r) = InfoRequest::parse(bytes) {
+        let mut v = Vec::new();
+        r.emit(&mut v);
+        assert_eq!(v, bytes);
+    }
+    if let Ok(Some((o, n))) = wire::parse_option(bytes, u32::MAX) {
+        let mut v = Vec::new();
+        wire::emit_option(o.option, o.data, &mut v);
+        assert_eq!(&v[..], &bytes[..n]);
+    }
+
+    let mut out = Vec::new();
+    let mut hs = Handshake::with_tls(export.clone(), policy, &mut out);
+    assert_eq!(out.len(), 18, "greeting");
+    assert_eq!(&out[..8], b"NBDMAGIC");
+    out.clear();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut fed = 0;
+    let mut tls_active = false;
+    let mut starttls_seen = false;
+    loop {
+        let n = chunk.min(bytes.len() - fed);
+        buf.extend_from_slice(&bytes[fed..fed + n]);
+        fed += n;
+        let step = match hs.feed(&buf, &mut out) {
+            Ok((used, step)) => {
+                assert!(used <= buf.len(), "used {used} of {}", buf.len());
+                buf.drain(..used);
+                step
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                assert!(
+                    !matches!(e, WireError::BadRequestMagic(_) | WireError::PayloadTooLong { .. }),
+                    "a transmission error in the handshake: {e:?}"
+                );
+                nbd_check_replies(&out, &export, false, policy, tls_active);
+                return;
+            }
+        };
+        let transmission = step == Step::Transmission;
+        nbd_check_replies(&out, &export, transmission, policy, tls_active);
+        out.clear();
+        match step {
+            Step::Continue => {
+                if fed == bytes.len() {
+                    assert_eq!(hs.tls_active(), tls_active);
+                    return;
+                }
+            }
+            Step::Close(why) => {
+                assert!(!why.is_empty());
+                return;
+            }
+            Step::StartTls => {
+                assert_ne!(policy, TlsPolicy::Off, "STARTTLS accepted without TLS");
+                assert!(!starttls_seen && !tls_active, "STARTTLS accepted twice");
+                starttls_seen = true;
+                if !tls_ok {
+                    return;
+                }
+                // What follows stands for the decrypted stream.
+                hs.tls_started();
+                tls_active = true;
+                assert!(hs.tls_active());
+            }
+            Step::Transmission => {
+                assert!(
+                    policy != TlsPolicy::Require || tls_active,
+                    "transmission without the TLS the server requires"
+                );
+                buf.extend_from_slice(&bytes[fed..]);
+                break;
+            }
+        }
+    }
+
+    // Transmission: frame requests out of the rest.
+    let mut rest = &buf[..];
+    loop {
+        match wire::parse_request(rest, max_payload) {
+            Ok(None) => {
+                let need = match Request::parse(rest) {
+                    Ok(Some(r)) => wire::REQUEST_LEN + r.payload_len(),
+                    _ => wire::REQUEST_LEN,
+                };
+                assert!(rest.len() < need, "{} bytes left, {need} needed", rest.len());
+                return;
+            }
+            Ok(Some((r, payload, n))) => {
+                assert_eq!(n, wire::REQUEST_LEN + r.payload_len());
+                assert_eq!(payload.len(), r.payload_len());
+                assert!(payload.len() <= max_payload as usize);
+                assert_eq!(payload, &rest[wire::REQUEST_LEN..n]);
+                let mut v = Vec::new();
+                r.emit(&mut v);
+                assert_eq!(&v[..], &rest[..wire::REQUEST_LEN]);
+                assert_eq!(Request::parse(&v), Ok(Some(r)));
+                rest = &rest[n..];
+            }
+            Err(e) => {
+                match e {
+                    WireError::BadRequestMagic(m) => {
+                        assert_ne!(m, wire::REQUEST_MAGIC)
+                    }
+                    WireError::PayloadTooLong { len, max } => {
+                        assert!(len > max && max == max_payload)
+                    }
+                    other => panic!("unexpected transmission error {other:?}"),
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Checks one feed's output of the NBD handshake (see [`nbd`]).
+fn nbd_check_replies(
+    mut out: &[u8],
+    export: &iscsi_bypass::nbd::ExportInfo,
+    transmission: bool,
+    policy: iscsi_bypass::nbd::TlsPolicy,
+    tls_active: bool,
+) {
+    use iscsi_bypass::nbd::wire::{self, info, rep};
+    let locked = policy == iscsi_bypass::nbd::TlsPolicy::Require && !tls_active;
+    while let Some((r, n)) = wire::parse_option_reply(out) {
+        let mut v = Vec::new();
+        wire::emit_option_reply(r.option, r.reply_type, r.data, &mut v);
+        assert_eq!(&v[..], &out[..n]);
+        if r.reply_type & rep::ERR != 0 {
+            assert!(std::str::from_utf8(r.data).is_ok(), "error text {:?}", r.data);
+        } else {
+            assert!(
+                matches!(r.reply_type, rep::ACK | rep::SERVER | rep::INFO),
+                "reply type {:#x}",
+                r.reply_type
+            );
+            if r.reply_type == rep::ACK {
+                assert!(r.data.is_empty());
+            }
+            assert!(
+                !(locked && matches!(r.reply_type, rep::SERVER | rep::INFO)),
+                "export information before the required TLS"
+            );
+            if r.reply_type == rep::INFO && r.data.get(..2) == Some(&info::EXPORT.to_be_bytes()) {
+                assert_eq!(
+                    &r.data[..],
+                    &wire::info_export(export.size, export.flags)[..]
+                );
+            }
+        }
+        out = &out[n..];
+    }
+    if out.is_empty() {
+        return;
+    }
+    // Only the reply to NBD_OPT_EXPORT_NAME is not an option reply.
+    assert!(transmission, "{} stray bytes", out.len());
+    assert!(out.len() == 10 || out.len() == 134, "{} bytes", out.len());
+    assert_eq!(&out[..8], &export.size.to_be_bytes());
+    assert_eq!(&out[8..10], &export.flags.to_be_bytes());
+    assert!(out[10..].iter().all(|&b| b == 0));
+}

@@ -21,6 +21,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("fuzz_net_packet", iscsi_fuzz::net_packet),
     ("fuzz_net_iface", iscsi_fuzz::net_iface),
     ("fuzz_target_conn", iscsi_fuzz::target_conn),
+    ("fuzz_nbd", iscsi_fuzz::nbd),
 ];
 
 fn corpus(name: &str) -> Vec<(String, Vec<u8>)> {

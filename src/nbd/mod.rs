@@ -8,8 +8,11 @@
 //!   machine (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`).
 //! - [`tls`]: `NBD_OPT_STARTTLS` with X.509 certificates (rustls).
 //! - [`server`]: the runtime: a listener thread and one thread per client,
-//!   each with its own [`IoQueue`](crate::worker::IoQueue); requests are
-//!   pipelined and answered with simple replies in completion order.
+//!   each with its own [`IoQueue`](crate::worker::IoQueue) (kept for the
+//!   next client when it closes); requests are pipelined and answered with
+//!   simple replies in completion order.
+//! - `pool`: the data buffers every connection of an export shares
+//!   (bounded; large buffers are allocated once per export, not per client).
 //!
 //! Mapping: READ → READ(16), WRITE → WRITE(16) (+FUA → the WRITE's FUA
 //! bit; TRIM/WRITE_ZEROES with FUA → SYNCHRONIZE CACHE after), FLUSH → SYNCHRONIZE CACHE, TRIM → UNMAP (whole blocks; ignored
@@ -19,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod handshake;
+mod pool;
 pub mod server;
 pub mod tls;
 pub mod wire;

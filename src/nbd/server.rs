@@ -5,6 +5,7 @@
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
 use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
+use super::pool::BufPool;
 use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
@@ -223,8 +224,10 @@ impl Wire {
         }
     }
 
+    /// Ends TLS (close_notify) and shuts the socket down; a second call
+    /// only repeats the shutdown.
     fn close(&mut self) {
-        if let Some(t) = &mut self.tls {
+        if let Some(mut t) = self.tls.take() {
             t.close(&mut self.sock);
         }
         self.sock.shutdown();
@@ -314,6 +317,14 @@ struct Export {
     stats: Arc<ServerStats>,
     /// The LU's commands and Block Limits: requests are cut to fit them.
     caps: LuCaps,
+    /// Data buffers of every connection (at most `max_buffered_bytes` of
+    /// free ones are kept): large buffers are allocated once per export, not
+    /// once per connection.
+    pool: BufPool,
+    /// Device queues of closed connections, idle, for the next ones (at
+    /// most `max_clients`): a connection does not set up and tear down a
+    /// queue on every path worker.
+    queues: Mutex<Vec<IoQueue>>,
 }
 
 /// Entry points: [`NbdServer::run`] (blocking) and [`NbdServer::spawn`].
@@ -442,6 +453,8 @@ impl NbdServer {
         let no_ws = !caps.commands.supports(Feature::WriteSame16)
             && !caps.commands.supports(Feature::WriteSame10);
         let export = Arc::new(Export {
+            pool: BufPool::new(config.max_buffered_bytes),
+            queues: Mutex::new(Vec::new()),
             config,
             info,
             rmw: Mutex::new(()),
@@ -478,7 +491,11 @@ impl NbdServer {
                         .name(format!("nbd-conn-{next}"))
                         .spawn(move || {
                             match serve(stream, &e, &d, &s) {
-                                Ok(why) => log::info!("NBD client {peer}: closed ({why})"),
+                                Ok(why) => log::info!(
+                                    "NBD client {peer}: closed ({why}); buffers: {} KiB, {} KiB free",
+                                    e.pool.owned_bytes() >> 10,
+                                    e.pool.held_bytes() >> 10
+                                ),
                                 Err(NbdError::Stopping) => {
                                     log::info!("NBD client {peer}: closed (server stopping)")
                                 }
@@ -526,7 +543,18 @@ fn serve(
         tls: None,
     };
     let r = match handshake(&mut wire, export, stop) {
-        Ok(Ok(early)) => Conn::new(export, device.queue_pair()).run(&mut wire, early, stop),
+        Ok(Ok(early)) => {
+            let idle = export
+                .queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let mut q = idle.unwrap_or_else(|| device.queue_pair());
+            let r = Conn::new(export, &mut q).run(&mut wire, early, stop);
+            wire.close();
+            put_back_queue(export, q, stop);
+            r
+        }
         Ok(Err(why)) => Ok(why),
         Err(e) => {
             if !matches!(e, NbdError::Stopping) {
@@ -540,6 +568,29 @@ fn serve(
     };
     wire.close();
     r
+}
+
+/// Keeps a closed connection's queue for the next one, once the I/Os it
+/// still has in flight are back (their buffers go to the pool). A queue
+/// that does not drain in time, or past `max_clients` idle ones, is dropped.
+fn put_back_queue(export: &Export, mut q: IoQueue, stop: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut comps = Vec::new();
+    while q.in_flight() > 0 {
+        if stop.load(Ordering::Acquire) || Instant::now() > deadline {
+            return;
+        }
+        if q.poll_completions(&mut comps) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for c in comps.drain(..) {
+            export.pool.give(c.buffer);
+        }
+    }
+    let mut idle = export.queues.lock().unwrap_or_else(|e| e.into_inner());
+    if idle.len() < export.config.max_clients {
+        idle.push(q);
+    }
 }
 
 /// Waits until `wire` is readable (or writable, when `out` or TLS bytes
@@ -684,8 +735,10 @@ fn tls_handshake(
 }
 
 /// Bytes read from the client and not yet parsed: `buf[start..end]`.
-/// Zeroed once; grows only for large write payloads, shrinks back when empty.
-struct InBuf {
+/// Its buffer comes from the export's pool (and goes back there); it grows
+/// only for large write payloads and shrinks back when empty.
+struct InBuf<'p> {
+    pool: &'p BufPool,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -693,12 +746,28 @@ struct InBuf {
 
 const INBUF: usize = 256 * 1024;
 
-impl InBuf {
-    fn new(early: Vec<u8>) -> InBuf {
-        let end = early.len();
-        let mut buf = early;
-        buf.resize(end.max(INBUF), 0);
-        InBuf { buf, start: 0, end }
+impl<'p> InBuf<'p> {
+    fn new(pool: &'p BufPool, early: &[u8]) -> InBuf<'p> {
+        let mut buf = pool.take(INBUF.max(early.len()));
+        buf.extend_from_slice(early);
+        buf.resize(buf.capacity(), 0);
+        InBuf {
+            pool,
+            buf,
+            start: 0,
+            end: early.len(),
+        }
+    }
+
+    /// Moves the data into a pool buffer of room for `len` bytes and gives
+    /// the old buffer back.
+    fn move_to(&mut self, len: usize) {
+        let mut b = self.pool.take(len.max(self.end - self.start));
+        b.extend_from_slice(&self.buf[self.start..self.end]);
+        b.resize(b.capacity(), 0);
+        self.end -= self.start;
+        self.start = 0;
+        self.pool.give(std::mem::replace(&mut self.buf, b));
     }
 
     fn data(&self) -> &[u8] {
@@ -711,8 +780,7 @@ impl InBuf {
             self.start = 0;
             self.end = 0;
             if self.buf.len() > 4 * INBUF {
-                self.buf.truncate(INBUF);
-                self.buf.shrink_to_fit();
+                self.move_to(INBUF);
             }
         }
     }
@@ -725,13 +793,19 @@ impl InBuf {
             self.start = 0;
         }
         if self.buf.len() < need {
-            self.buf.resize(need, 0);
+            self.move_to(need);
         }
         &mut self.buf[self.end..]
     }
 
     fn filled(&mut self, n: usize) {
         self.end = (self.end + n).min(self.buf.len());
+    }
+}
+
+impl Drop for InBuf<'_> {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 
@@ -796,6 +870,24 @@ trait BlockQueue {
     fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError>;
 }
 
+impl<T: BlockQueue> BlockQueue for &mut T {
+    fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
+        T::submit(self, io)
+    }
+    fn poll_completions(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        T::poll_completions(self, out)
+    }
+    fn in_flight(&self) -> usize {
+        T::in_flight(self)
+    }
+    fn read_at(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        T::read_at(self, lba, buf)
+    }
+    fn write_at_durable(&mut self, lba: u64, data: &[u8], durable: bool) -> Result<(), IoError> {
+        T::write_at_durable(self, lba, data, durable)
+    }
+}
+
 impl BlockQueue for IoQueue {
     fn submit(&mut self, io: Io) -> Result<(), SubmitError> {
         IoQueue::submit(self, io)
@@ -816,13 +908,9 @@ impl BlockQueue for IoQueue {
 
 /// Most NBD requests one connection keeps in progress.
 const MAX_PENDING: usize = 1024;
-/// Buffers kept for reuse per connection.
-const POOL: usize = 64;
 /// Most buffer bytes one write-zeroes request has queued at a time (zero
 /// writes, where the target refuses WRITE SAME, need a buffer per block).
 const ZERO_BATCH_BYTES: u64 = 8 << 20;
-/// Most bytes of buffer capacity kept for reuse per connection.
-const POOL_BYTES: usize = 16 << 20;
 
 /// One client in transmission, sans-IO: bytes in ([`Conn::take_requests`]),
 /// I/Os to the queue and back ([`Conn::pump`]), reply bytes out
@@ -842,8 +930,6 @@ struct Conn<'a, Q: BlockQueue> {
     free: Vec<u32>,
     live: usize,
     backlog: VecDeque<Io>,
-    pool: Vec<Vec<u8>>,
-    pool_bytes: usize,
     comps: Vec<IoCompletion>,
     /// Bytes held for the client: data of requests in progress plus
     /// replies not yet written (bounded by `max_buffered_bytes`).
@@ -877,8 +963,6 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             free: Vec::new(),
             live: 0,
             backlog: VecDeque::new(),
-            pool: Vec::new(),
-            pool_bytes: 0,
             comps: Vec::with_capacity(256),
             held: 0,
             peak_held: 0,
@@ -926,7 +1010,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
 
     fn run(&mut self, s: &mut Wire, early: Vec<u8>, stop: &AtomicBool) -> Result<String, NbdError> {
         let max_payload = self.export.config.max_payload;
-        let mut inbuf = InBuf::new(early);
+        let mut inbuf = InBuf::new(&self.export.pool, &early);
+        drop(early);
         let mut eof = false;
         let mut idle_rounds = 0u32;
         loop {
@@ -1010,19 +1095,13 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         }
     }
 
-    fn take_buf(&mut self) -> Vec<u8> {
-        let b = self.pool.pop().unwrap_or_default();
-        self.pool_bytes -= b.capacity();
-        b
+    /// An empty buffer with room for `len` bytes, from the export's pool.
+    fn take_buf(&self, len: usize) -> Vec<u8> {
+        self.export.pool.take(len)
     }
 
-    fn give_buf(&mut self, mut b: Vec<u8>) {
-        let cap = b.capacity();
-        if self.pool.len() < POOL && cap > 0 && self.pool_bytes + cap <= POOL_BYTES {
-            b.clear();
-            self.pool_bytes += cap;
-            self.pool.push(b);
-        }
+    fn give_buf(&self, b: Vec<u8>) {
+        self.export.pool.give(b)
     }
 
     /// Whether the client may send more requests now.
@@ -1153,7 +1232,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
                     let last = lba + n;
                     while lba < last {
                         let n = (last - lba).min(step) as u32;
-                        let io = Io::unmap(lba, n, self.take_buf(), tag(id, 0));
+                        let io = Io::unmap(lba, n, self.take_buf(0), tag(id, 0));
                         self.push_io(id, io);
                         lba += u64::from(n);
                     }
@@ -1205,7 +1284,12 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         let mut i = 0u32;
         while at < a1 {
             let n = (a1 - at).min(self.max_io);
-            let io = Io::read(at / bs, (n / bs) as u32, self.take_buf(), tag(id, i));
+            let io = Io::read(
+                at / bs,
+                (n / bs) as u32,
+                self.take_buf(n as usize),
+                tag(id, i),
+            );
             self.push_io(id, io);
             at += n;
             i += 1;
@@ -1228,7 +1312,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         self.held += payload.len();
         self.note_peak();
         for (i, c) in payload.chunks(self.max_io as usize).enumerate() {
-            let mut b = self.take_buf();
+            let mut b = self.take_buf(c.len());
             b.extend_from_slice(c);
             let lba = r.offset / bs + (i as u64 * self.max_io) / bs;
             // FUA maps to the WRITE's own FUA bit: no flush afterwards.
@@ -1296,9 +1380,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         while lba < last && queued < ZERO_BATCH_BYTES {
             let n = (last - lba).min(step);
             let bytes = if ws { bs } else { n * bs };
-            let mut b = self.take_buf();
+            let mut b = self.take_buf(bytes as usize);
             b.resize(bytes as usize, 0);
-            b.fill(0);
             let io = Io {
                 op: if ws { IoOp::WriteSame } else { IoOp::Write },
                 lba,
@@ -1316,8 +1399,11 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 
     fn rmw_zero(&mut self, offset: u64, len: u64, fua: bool) -> u32 {
-        let zeros = vec![0u8; len as usize];
-        self.rmw(offset, &zeros, fua)
+        let mut zeros = self.take_buf(len as usize);
+        zeros.resize(len as usize, 0);
+        let e = self.rmw(offset, &zeros, fua);
+        self.give_buf(zeros);
+        e
     }
 
     /// Synchronous read-modify-write of `data` at a byte offset; returns
@@ -1331,7 +1417,8 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
         let a0 = offset / bs * bs;
         let a1 = (offset + len).div_ceil(bs) * bs;
         let _guard = self.export.rmw.lock().unwrap_or_else(|e| e.into_inner());
-        let mut buf = vec![0u8; (a1 - a0) as usize];
+        let mut buf = self.take_buf((a1 - a0) as usize);
+        buf.resize((a1 - a0) as usize, 0);
         let head_partial = !offset.is_multiple_of(bs);
         let tail_partial = !(offset + len).is_multiple_of(bs);
         let r = (|| -> Result<(), IoError> {
@@ -1350,6 +1437,7 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
             }
             Ok(())
         })();
+        self.give_buf(buf);
         match r {
             Ok(()) => 0,
             Err(e) => {
@@ -1537,6 +1625,25 @@ impl<'a, Q: BlockQueue> Conn<'a, Q> {
     }
 }
 
+impl<Q: BlockQueue> Drop for Conn<'_, Q> {
+    /// Gives the buffers of unsent replies, unfinished reads and unsubmitted
+    /// I/Os back to the export's pool.
+    fn drop(&mut self) {
+        let pool = &self.export.pool;
+        for seg in self.out.drain(..) {
+            if let OutSeg::Data { buf, .. } = seg {
+                pool.give(buf);
+            }
+        }
+        for io in self.backlog.drain(..) {
+            pool.give(io.buffer);
+        }
+        for p in self.pending.drain(..).flatten() {
+            p.chunks.into_iter().flatten().for_each(|b| pool.give(b));
+        }
+    }
+}
+
 fn sense_of(e: &IoError) -> Option<&crate::wire::scsi::SenseData> {
     match e {
         IoError::Scsi(ScsiError::CheckCondition { sense })
@@ -1682,6 +1789,8 @@ mod tests {
 
     fn export(config: ExportConfig) -> Export {
         Export {
+            pool: BufPool::new(config.max_buffered_bytes),
+            queues: Mutex::new(Vec::new()),
             info: ExportInfo {
                 name: config.name.clone(),
                 description: String::new(),
@@ -1751,7 +1860,7 @@ mod tests {
         let e = export(small_io());
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let want = c.q.data[1000..11000].to_vec();
-        let mut inbuf = InBuf::new(req(cmd::READ, 7, 1000, 10_000, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::READ, 7, 1000, 10_000, &[]));
         let out = drive(&mut c, &mut inbuf);
         let r = replies(&out, |_| 10_000);
         assert_eq!(r.len(), 1);
@@ -1765,6 +1874,52 @@ mod tests {
     }
 
     #[test]
+    fn connections_take_buffers_from_the_export_pool_and_give_them_back() {
+        let e = export(ExportConfig {
+            max_io_bytes: 64 << 10,
+            ..ExportConfig::default()
+        });
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+        let mut input = req(cmd::WRITE, 1, 1 << 20, data.len() as u32, &data);
+        input.extend(req(cmd::READ, 2, 1 << 20, data.len() as u32, &[]));
+        input.extend(req(cmd::READ, 3, 4096, 300_000, &[]));
+        let run = |write_replies: bool| {
+            let mut c = Conn::new(&e, MemQueue::new(LU, BS));
+            let mut inbuf = InBuf::new(&e.pool, &input);
+            if write_replies {
+                let out = drive(&mut c, &mut inbuf);
+                let r = replies(&out, |h| match h {
+                    2 => 1 << 20,
+                    3 => 300_000,
+                    _ => 0,
+                });
+                assert_eq!(r.len(), 3);
+                assert!(r[1].2 == data);
+            } else {
+                // A client that reads no replies and goes away.
+                while c.take_requests(&mut inbuf).unwrap() | c.pump() {}
+                assert!(!c.out.is_empty());
+            }
+        };
+        run(true);
+        // Closed: its input buffer and the chunk buffers (64 KiB each) are
+        // in the pool now.
+        let held = e.pool.held_bytes();
+        assert!(held >= INBUF + (1 << 20), "pool holds {held} bytes");
+        // The next connection with the same work finds all it needs there:
+        // nothing new is allocated, nothing is lost.
+        run(true);
+        assert_eq!(e.pool.held_bytes(), held);
+        // Replies never sent go back too: this client holds the chunks of
+        // both reads at once (16 + 5 of 64 KiB, 5 more than the pool had).
+        run(false);
+        let more = held + 5 * (64 << 10);
+        assert_eq!(e.pool.held_bytes(), more);
+        run(true);
+        assert_eq!(e.pool.held_bytes(), more);
+    }
+
+    #[test]
     fn writes_aligned_and_partial_reach_the_lu() {
         let e = export(small_io());
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
@@ -1774,7 +1929,7 @@ mod tests {
         input.extend(req(cmd::WRITE, 2, 100_001, p.len() as u32, &p));
         input.extend(req(cmd::FLUSH, 3, 0, 0, &[]));
         let before = c.q.data.clone();
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         let out = drive(&mut c, &mut inbuf);
         let mut r = replies(&out, |_| 0);
         r.sort();
@@ -1792,7 +1947,7 @@ mod tests {
         let mut q = MemQueue::new(LU, BS);
         q.refuse_write_same = true;
         let mut c = Conn::new(&e, q);
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 5, 65_536, 65_536, &[]));
         let out = drive(&mut c, &mut inbuf);
         assert_eq!(replies(&out, |_| 0), vec![(5, 0, vec![])]);
         assert!(c.q.data[65_536..131_072].iter().all(|&b| b == 0));
@@ -1802,7 +1957,7 @@ mod tests {
         assert!(c.q.ops.iter().any(|o| o.0 == IoOp::Write));
         // From then on, straight to writes.
         c.q.ops.clear();
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 6, 0, 8192, &[]));
         drive(&mut c, &mut inbuf);
         assert!(c.q.ops.iter().all(|o| o.0 == IoOp::Write));
     }
@@ -1816,7 +1971,7 @@ mod tests {
         e.no_write_same.store(true, Ordering::Relaxed);
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let len = 12u32 << 20;
-        let mut inbuf = InBuf::new(req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
+        let mut inbuf = InBuf::new(&e.pool, &req(cmd::WRITE_ZEROES, 8, 1 << 20, len, &[]));
         let out = drive(&mut c, &mut inbuf);
         assert_eq!(replies(&out, |_| 0), vec![(8, 0, vec![])]);
         assert!(c.q.data[1 << 20..(13 << 20)].iter().all(|&b| b == 0));
@@ -1838,7 +1993,7 @@ mod tests {
         input.extend(req(cmd::WRITE, 2, 0, 512, &[0; 512]));
         input.extend(req(cmd::TRIM, 3, 0, 512, &[]));
         input.extend(req(99, 4, 0, 0, &[]));
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         let r = replies(&drive(&mut c, &mut inbuf), |_| 0);
         assert_eq!(
             r,
@@ -1850,7 +2005,7 @@ mod tests {
             ]
         );
         assert!(c.q.ops.is_empty());
-        let mut inbuf = InBuf::new(vec![0x55; 64]);
+        let mut inbuf = InBuf::new(&e.pool, &[0x55; 64]);
         assert!(c.take_requests(&mut inbuf).is_err());
     }
 
@@ -1860,7 +2015,7 @@ mod tests {
         let mut c = Conn::new(&e, MemQueue::new(LU, BS));
         let mut input = req(cmd::DISC, 1, 0, 0, &[]);
         input.extend(req(cmd::READ, 2, 0, 512, &[]));
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         assert!(drive(&mut c, &mut inbuf).is_empty());
         assert!(c.disc && c.is_drained());
         assert_eq!(
@@ -1882,7 +2037,7 @@ mod tests {
         for i in 0..100u64 {
             input.extend(req(cmd::READ, i, i * 65_536 % LU as u64, 65_536, &[]));
         }
-        let mut inbuf = InBuf::new(input);
+        let mut inbuf = InBuf::new(&e.pool, &input);
         // Never written out: the replies pile up to the cap, no further.
         for _ in 0..50 {
             c.take_requests(&mut inbuf).unwrap();
