@@ -11,10 +11,15 @@ mod command;
 mod error;
 pub mod lun;
 mod lun_info;
+mod pr;
 
+pub use crate::wire::scsi::pr::{
+    PrCapabilities, PrHolder, PrInAction, PrKeys, PrOutAction, PrOutParams, PrReservation, PrType,
+};
 pub use command::{DataDirection, ScsiCommand};
 pub use error::{check_status, classify_sense, ErrorClass, ScsiError, UnitAttention};
 pub use lun_info::{Capacity, LunInfo};
+pub use pr::PR_IN_ALLOC_LEN;
 
 pub use crate::wire::scsi::{
     AluaState, Cdb, CdbRepr, DataRepr, DesignatorType, DeviceIdentification, InquiryData, Lun,
