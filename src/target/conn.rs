@@ -1267,10 +1267,12 @@ impl Core {
                             PrInAction::ReportCapabilities => {
                                 super::pr::Reservations::capabilities().to_vec()
                             }
-                            PrInAction::ReadFullStatus => Vec::new(),
+                            PrInAction::ReadFullStatus => {
+                                l.with_reservations(|r| r.read_full_status())
+                            }
                         };
                         bytes.truncate(usize::from(cdb.alloc_len));
-                        (cdb.action != PrInAction::ReadFullStatus).then_some(bytes)
+                        Some(bytes)
                     }
                     Err(_) => None,
                 };

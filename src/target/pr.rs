@@ -7,7 +7,7 @@
 //! aborting of the preempted nexuses' tasks).
 //!
 //! Not persisted (no APTPL), no SPEC_I_PT, ALL_TG_PT or REGISTER AND MOVE
-//! (REPORT CAPABILITIES says so); READ FULL STATUS is refused.
+//! (REPORT CAPABILITIES says so).
 
 use super::scsi::Sense;
 use crate::wire::scsi::pr::{
@@ -165,6 +165,40 @@ impl Reservations {
                 type_code: t.code(),
             }),
         }
+    }
+
+    /// READ FULL STATUS (SPC-4 §6.15.5): one descriptor per registration,
+    /// with the initiator port's iSCSI TransportID (format 01h: name,
+    /// ",i,0x" and the ISID).
+    pub fn read_full_status(&self) -> Vec<u8> {
+        let mut out = vec![0u8; 8];
+        out[..4].copy_from_slice(&self.generation.to_be_bytes());
+        for (n, key) in &self.registrations {
+            let mut tid = format!("{},i,0x", n.initiator).into_bytes();
+            for b in n.isid {
+                tid.extend_from_slice(format!("{b:02x}").as_bytes());
+            }
+            tid.push(0);
+            tid.resize(tid.len().div_ceil(4) * 4, 0);
+            let mut d = vec![0u8; 24];
+            d[..8].copy_from_slice(&key.to_be_bytes());
+            if let Some((_, t)) = &self.reservation {
+                if self.is_holder(n) {
+                    d[12] = 0x01;
+                    d[13] = t.code();
+                }
+            }
+            d[18..20].copy_from_slice(&n.tpgt.to_be_bytes());
+            d[20..24].copy_from_slice(&(4 + tid.len() as u32).to_be_bytes());
+            d.push(0x45); // FORMAT CODE 01b, PROTOCOL IDENTIFIER 5 (iSCSI)
+            d.push(0);
+            d.extend_from_slice(&(tid.len() as u16).to_be_bytes());
+            d.extend_from_slice(&tid);
+            out.extend_from_slice(&d);
+        }
+        let len = (out.len() - 8) as u32;
+        out[4..8].copy_from_slice(&len.to_be_bytes());
+        out
     }
 
     /// REPORT CAPABILITIES: every type, nothing else.
@@ -551,6 +585,30 @@ mod tests {
         assert_eq!(
             out(&mut r, &a, RegisterAndMove, None, 1, 2),
             Err(PrRefusal::Check(Sense::INVALID_FIELD_IN_CDB))
+        );
+    }
+
+    #[test]
+    fn read_full_status_names_each_registrant_and_the_holder() {
+        let (a, b) = (nexus("iqn.a", 1), nexus("iqn.b", 2));
+        let mut r = Reservations::default();
+        out(&mut r, &a, Register, None, 0, 7).unwrap();
+        out(&mut r, &b, Register, None, 0, 8).unwrap();
+        out(&mut r, &b, Reserve, Some(PrType::ExclusiveAccess), 8, 0).unwrap();
+        let d = r.read_full_status();
+        assert_eq!(&d[..4], &2u32.to_be_bytes());
+        let first_len = 24 + u32::from_be_bytes(d[28..32].try_into().unwrap()) as usize;
+        let first = &d[8..8 + first_len];
+        assert_eq!(&first[..8], &7u64.to_be_bytes());
+        assert_eq!(first[12], 0, "a does not hold it");
+        let tid = &first[24..];
+        assert_eq!(tid[0], 0x45);
+        assert!(tid[4..].starts_with(b"iqn.a,i,0x800000000001\0"));
+        let second = &d[8 + first_len..];
+        assert_eq!((second[12], second[13]), (1, 3), "b holds EA");
+        assert_eq!(
+            u32::from_be_bytes(d[4..8].try_into().unwrap()) as usize,
+            d.len() - 8
         );
     }
 

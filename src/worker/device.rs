@@ -320,6 +320,48 @@ impl MultipathDevice {
         self.shared.paths.clone()
     }
 
+    /// Runs one SCSI command of the device's own on path `path`'s session
+    /// (for [`super::reservations`]): `Ok(None)` when the path is not up or
+    /// failed before the target answered, `Err(())` when it did not answer
+    /// within `timeout`.
+    pub(crate) fn path_command(
+        &self,
+        path: usize,
+        cdb: &crate::scsi::ScsiCommand,
+        direction: crate::iscsi::connection::Direction,
+        buffer: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<crate::iscsi::connection::Completion>, ()> {
+        let (Some(control), Some(p)) =
+            (self.shared.controls.get(path), self.shared.paths.get(path))
+        else {
+            return Ok(None);
+        };
+        if self.shared.closed.load(Ordering::Acquire) || p.state() != PathState::Up {
+            return Ok(None);
+        }
+        let Ok(cmd) = crate::iscsi::connection::Command::new(
+            self.shared.lun,
+            cdb.cdb_bytes(),
+            direction,
+            buffer,
+        ) else {
+            return Ok(None);
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        if control.push(Control::Scsi { cmd, reply }).is_err() {
+            return Ok(None);
+        }
+        if let Some(wake) = &p.wake {
+            wake.notify();
+        }
+        match answer.recv_timeout(timeout) {
+            Ok(c) => Ok(Some(c)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(()),
+        }
+    }
+
     /// Stops the workers (logging out). In-flight I/O completes with
     /// `IoError::Closed` in its queue.
     pub fn close(mut self) {
