@@ -195,6 +195,8 @@ impl MultipathDevice {
             };
             paths.push(shared.clone());
             controls.push(control.clone());
+            let health =
+                PathHealth::new(config.reconnect).with_damping(config.flap_damping, &cfg.name);
             starts.push(WorkerSetup {
                 shared,
                 control,
@@ -202,7 +204,7 @@ impl MultipathDevice {
                 connector,
                 probe: cfg,
                 lu_id: lu_id.clone(),
-                health: PathHealth::new(config.reconnect),
+                health,
                 session,
                 idle: config.idle,
                 fast_ping: config.fast_ping,
@@ -222,7 +224,7 @@ impl MultipathDevice {
             shared: Arc::new(DeviceShared {
                 paths,
                 controls,
-                selector: SelectorState::new(),
+                selector: SelectorState::with_failback(config.failback),
                 dispatch: DispatchConfig {
                     policy: config.policy,
                     no_path_timeout: config.no_path_timeout,
@@ -305,6 +307,14 @@ impl MultipathDevice {
     /// The path selection policy.
     pub fn policy(&self) -> Policy {
         self.shared.dispatch.policy
+    }
+
+    /// Under `Policy::Failover`: return to the preferred path (the first
+    /// usable one in configuration order) now. This is the only way back
+    /// with `Failback::Manual` (the default); with the other modes it is
+    /// done by itself.
+    pub fn failback(&self) {
+        self.shared.selector.fail_back();
     }
 
     /// A snapshot of every path: state, ALUA, counters, latency percentiles
