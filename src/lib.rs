@@ -38,6 +38,15 @@
 //! [`IoError::NoPath`] when every path stayed down for `no_path_timeout`;
 //! [`IoCompletion::retries`] counts the path-level resubmissions that
 //! succeeded. Which calls may run on which threads: `docs/threading.md`.
+//!
+//! SCSI persistent reservations (for cluster databases and fencing) are
+//! methods on the device: [`MultipathDevice::pr_register_and_ignore`],
+//! [`pr_reserve`](MultipathDevice::pr_reserve),
+//! [`pr_read_keys`](MultipathDevice::pr_read_keys),
+//! [`pr_preempt_and_abort`](MultipathDevice::pr_preempt_and_abort) and the
+//! rest; they fail with a typed [`PrError`], RESERVATION CONFLICT
+//! included, and an I/O the reservation forbids fails with
+//! [`IoError::is_reservation_conflict`].
 #![deny(unsafe_code)]
 
 pub mod bench;
@@ -60,8 +69,11 @@ pub use multipath::{
     PathStats, Policy, PortBinding,
 };
 pub use scsi::ScsiError;
+pub use wire::scsi::pr::{
+    PrCapabilities, PrHolder, PrInAction, PrKeys, PrOutAction, PrReservation, PrType,
+};
 pub use wire::scsi::{SenseData, SenseKey};
-pub use worker::{Chap, IoQueue, MultipathDevice, Options, SubmitError, Transport};
+pub use worker::{Chap, IoQueue, MultipathDevice, Options, PrError, SubmitError, Transport};
 
 /// The application-facing multipath device ([`MultipathDevice`]).
 pub type Device = MultipathDevice;

@@ -415,3 +415,42 @@ fn drop_now_and_stop_do_not_hang() {
     }
     assert!(TcpStream::connect_timeout(&p[0], Duration::from_secs(1)).is_err());
 }
+
+/// libiscsi's persistent reservation suites (two initiator names, so two
+/// I_T nexuses) against the embedded target's reservations.
+#[test]
+fn iscsi_test_cu_persistent_reservations() {
+    let Some(cu) = tool("iscsi-test-cu") else {
+        return;
+    };
+    let target = two_portal_target();
+    let p = target.portals();
+    let families = [
+        "ALL.PrinReadKeys",
+        "ALL.PrinServiceactionRange",
+        "ALL.PrinReportCapabilities",
+        "ALL.ProutRegister",
+        "ALL.ProutReserve",
+        "ALL.ProutClear",
+        "ALL.ProutPreempt",
+    ];
+    let mut failed = Vec::new();
+    for family in families {
+        let a = args(&["-d", "-s", "-t", family, &lun_url(p[0], "", 0)]);
+        let (out, killed) = wait_with_timeout(spawn(&cu, &a), Duration::from_secs(120));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let summary: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.contains("tests ") || l.contains("FAIL") || l.contains("asserts"))
+            .collect();
+        eprintln!("{family}: exit {:?} {summary:?}", out.status.code());
+        if killed || !out.status.success() || !stdout.contains("Run Summary") {
+            eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            failed.push(family);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "iscsi-test-cu reservation suites failed: {failed:?}"
+    );
+}

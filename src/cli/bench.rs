@@ -85,6 +85,8 @@ pub struct BenchArgs {
     /// Spin instead of blocking when idle (poll mode; one core per job).
     #[arg(long)]
     pub busy_poll: bool,
+    #[command(flatten)]
+    pub health: super::health::PathHealthArgs,
     /// Discover the target's paths at this portal (SendTargets): every portal
     /// of the target becomes a path; with --iface (or --bind) repeated, every
     /// interface × portal pair that reaches the target (kernel or dpdk).
@@ -417,6 +419,7 @@ fn run_multipath(
     config.policy = policy;
     config.queue_depth = max_iodepth(job) as usize;
     config.login_timeout = opts.timeout();
+    args.health.apply(&mut config);
     config.idle = if args.busy_poll {
         IdleMode::BusyPoll
     } else {

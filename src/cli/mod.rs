@@ -1,6 +1,7 @@
 //! CLI plumbing: connection options, secrets, output formatting.
 
 pub mod bench;
+pub mod health;
 pub mod nbd;
 pub mod paths;
 pub mod port_binding;
@@ -235,6 +236,7 @@ pub fn open_device(
     policy: &str,
     no_path_timeout_secs: u64,
     busy_poll: bool,
+    health: &health::PathHealthArgs,
 ) -> Result<MultipathDevice> {
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     let bindings = opts.bindings(urls.len())?;
@@ -251,6 +253,7 @@ pub fn open_device(
     }
     config.policy = policy.parse().map_err(anyhow::Error::msg)?;
     config.no_path_timeout = Duration::from_secs(no_path_timeout_secs.max(1));
+    health.apply(&mut config);
     config.login_timeout = opts.timeout();
     config.idle = if busy_poll {
         IdleMode::BusyPoll

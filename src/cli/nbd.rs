@@ -39,6 +39,8 @@ pub struct ExportNbdArgs {
     /// Seconds I/O waits for a usable path before failing.
     #[arg(long, default_value_t = 30)]
     pub no_path_timeout: u64,
+    #[command(flatten)]
+    pub health: super::health::PathHealthArgs,
     /// Serve Prometheus metrics (per-path commands, bytes, errors, latency
     /// histogram, state) at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -111,6 +113,7 @@ pub fn run(args: &ExportNbdArgs, opts: &ConnectOptions) -> Result<()> {
         &args.policy,
         args.no_path_timeout,
         args.busy_poll,
+        &args.health,
     )?;
     let _metrics = super::start_metrics(args.metrics_listen, &device)?;
     log::info!(

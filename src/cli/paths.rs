@@ -278,7 +278,7 @@ pub fn run(args: &PathsArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         super::close(lun);
         info
     };
-    let device = super::open_device(&urls, opts, &args.policy, 30, false)?;
+    let device = super::open_device(&urls, opts, &args.policy, 30, false, &Default::default())?;
     let opened = Instant::now();
     wait_settled(&device, Duration::from_secs(args.settle));
     let mut previous: Option<(Vec<u64>, Instant)> = None;

@@ -414,6 +414,12 @@ pub struct DeviceConfig {
     pub idle: IdleMode,
     /// Cores to pin workers to (worker i on `cores[i % len]`); empty: no pinning.
     pub cores: Vec<usize>,
+    /// Under `Policy::Failover`: when to return to the preferred path
+    /// (default manual: never by itself). See `multipath::health`.
+    pub failback: crate::multipath::Failback,
+    /// Hold a flapping path down (multipath-tools' `san_path_err_*`);
+    /// None (default): a failed path reconnects with back-off only.
+    pub flap_damping: Option<crate::multipath::FlapDamping>,
 }
 
 impl DeviceConfig {
@@ -439,7 +445,15 @@ impl DeviceConfig {
             reconnect: ReconnectPolicy::default(),
             idle: IdleMode::BusyPoll,
             cores: Vec::new(),
+            failback: crate::multipath::Failback::default(),
+            flap_damping: None,
         }
+    }
+
+    /// Sets `no_path_timeout` from multipath-tools' `no_path_retry`: fail
+    /// at once, `n` checks `interval` apart, or queue until a path returns.
+    pub fn set_no_path_retry(&mut self, retry: crate::multipath::NoPathRetry, interval: Duration) {
+        self.no_path_timeout = retry.timeout(interval);
     }
 
     /// Paths from URLs (`iscsi://[user%pass@]host[:port]/iqn/lun`), one per

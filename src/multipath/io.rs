@@ -292,6 +292,13 @@ impl IoError {
         }
     }
 
+    /// Whether the target refused the I/O with RESERVATION CONFLICT
+    /// (another initiator holds a persistent reservation this one may not
+    /// write, or read, under).
+    pub fn is_reservation_conflict(&self) -> bool {
+        matches!(self.scsi(), Some(ScsiError::ReservationConflict))
+    }
+
     /// Whether no path was usable for the whole `no_path_timeout`.
     pub fn is_no_path(&self) -> bool {
         matches!(self, IoError::NoPath { .. })

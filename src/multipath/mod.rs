@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod io;
 pub mod path;
 pub mod probe;
@@ -21,6 +22,7 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
+pub use health::{Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,

@@ -544,6 +544,11 @@ pub struct PathHealth {
     next_attempt: Option<Instant>,
     /// DefaultTime2Wait of the last session.
     time2wait: Duration,
+    /// Flap damping: failures of the live path in the window, and the
+    /// path's name for the log.
+    damping: Option<(super::health::FlapWindow, String)>,
+    /// Held down (marginal) until then.
+    held_until: Option<Instant>,
 }
 
 impl PathHealth {
@@ -555,7 +560,25 @@ impl PathHealth {
             attempts: 0,
             next_attempt: None,
             time2wait: Duration::ZERO,
+            damping: None,
+            held_until: None,
         }
+    }
+
+    /// With flap damping (None: without): a live path of this name that
+    /// fails `threshold` times within `window` stays down for `hold_down`.
+    pub fn with_damping(
+        mut self,
+        damping: Option<super::health::FlapDamping>,
+        name: &str,
+    ) -> PathHealth {
+        self.damping = damping.map(|d| (super::health::FlapWindow::new(d), name.to_string()));
+        self
+    }
+
+    /// Until when the path is held down for flapping (marginal), if it is.
+    pub fn held_down_until(&self, now: Instant) -> Option<Instant> {
+        self.held_until.filter(|&t| t > now)
     }
 
     /// The path's state as the state machine sees it.
@@ -587,7 +610,8 @@ impl PathHealth {
 
     /// The connection failed (or a login attempt did): schedule a retry.
     pub fn on_failure(&mut self, now: Instant) -> Instant {
-        if self.state == PathState::Up {
+        let was_up = self.state == PathState::Up;
+        if was_up {
             self.attempts = 0;
         }
         if !matches!(self.state, PathState::Failed | PathState::Closed) {
@@ -606,7 +630,21 @@ impl PathHealth {
             backoff
         };
         self.attempts = self.attempts.saturating_add(1);
-        let at = now + delay;
+        let mut at = now + delay;
+        if let Some((window, name)) = self.damping.as_mut().filter(|_| was_up) {
+            if let Some(until) = window.on_failure(now) {
+                log::warn!(
+                    "path {name}: failed {} times within {:?}: marginal, held down for {:?}",
+                    window_threshold(window),
+                    window_span(window),
+                    until.saturating_duration_since(now)
+                );
+                self.held_until = Some(until);
+            }
+        }
+        if let Some(until) = self.held_until.filter(|&t| t > at) {
+            at = until;
+        }
         self.next_attempt = Some(at);
         at
     }
@@ -646,6 +684,14 @@ impl PathHealth {
     }
 }
 
+fn window_threshold(w: &super::health::FlapWindow) -> u32 {
+    w.damping().threshold
+}
+
+fn window_span(w: &super::health::FlapWindow) -> Duration {
+    w.damping().window
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,6 +723,51 @@ mod tests {
         assert_eq!(h.state(), PathState::Up);
         assert_eq!(h.attempts(), 0);
         assert_eq!((h.on_failure(t0) - t0).as_millis(), 100);
+    }
+
+    #[test]
+    fn a_flapping_path_is_held_down() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let damping = super::super::health::FlapDamping {
+            threshold: 3,
+            window: 10 * s,
+            hold_down: 30 * s,
+        };
+        let mut h = PathHealth::new(policy()).with_damping(Some(damping), "p0");
+        // Two failures of the live path: back-off only.
+        for i in 0..2u32 {
+            h.on_login(Duration::ZERO);
+            let at = h.on_failure(t0 + i * s);
+            assert_eq!(at, t0 + i * s + Duration::from_millis(100));
+            assert_eq!(h.held_down_until(t0), None);
+            h.on_attempt();
+        }
+        // Failed logins while down do not count.
+        assert_eq!(
+            h.on_failure(t0 + 2 * s),
+            t0 + 2 * s + Duration::from_millis(200)
+        );
+        h.on_attempt();
+        // The third failure of the live path within 10 s: held down 30 s.
+        h.on_login(Duration::ZERO);
+        let at = h.on_failure(t0 + 3 * s);
+        assert_eq!(at, t0 + 33 * s);
+        assert_eq!(h.held_down_until(t0 + 3 * s), Some(t0 + 33 * s));
+        assert!(!h.due(t0 + 32 * s) && h.due(t0 + 33 * s));
+        h.on_attempt();
+        // A failed login meanwhile is still held to the end of the hold-down.
+        assert_eq!(h.on_failure(t0 + 20 * s), t0 + 33 * s);
+        assert_eq!(h.held_down_until(t0 + 34 * s), None);
+        // Without damping, the same failures only back off.
+        let mut plain = PathHealth::new(policy());
+        for i in 0..5u32 {
+            plain.on_login(Duration::ZERO);
+            assert_eq!(
+                plain.on_failure(t0 + i * s),
+                t0 + i * s + Duration::from_millis(100)
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! at most one shared atomic counter; the caller supplies the candidates
 //! (usable paths of the best ALUA tier) in a reused buffer.
 
+use super::health::{Failback, FailbackClock};
 use super::path::PathLoad;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -53,6 +54,8 @@ pub struct SelectorState {
     rr: AtomicU64,
     /// Failover: index of the active path + 1 (0 = none chosen yet).
     active: AtomicUsize,
+    /// Failover: when to return to the preferred path.
+    failback: FailbackClock,
 }
 
 impl SelectorState {
@@ -62,9 +65,23 @@ impl SelectorState {
         SelectorState::default()
     }
 
+    /// Fresh state whose failover policy fails back as `failback` says.
+    pub fn with_failback(failback: Failback) -> SelectorState {
+        SelectorState {
+            failback: FailbackClock::new(failback),
+            ..SelectorState::default()
+        }
+    }
+
     /// The failover policy's current active path.
     pub fn active(&self) -> Option<usize> {
         self.active.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Manual failback: the next command goes to the preferred (lowest
+    /// index usable) path, which then stays active.
+    pub fn fail_back(&self) {
+        self.active.store(0, Ordering::Relaxed);
     }
 }
 
@@ -112,13 +129,24 @@ pub fn select(
             Some(candidates[(k % n as u64) as usize].index)
         }
         Policy::Failover => {
+            // Lowest index = highest priority (configuration order).
+            let best = candidates.iter().map(|p| p.index).min()?;
             if let Some(a) = state.active() {
                 if candidates.iter().any(|p| p.index == a) {
-                    return Some(a);
+                    if best >= a {
+                        state.failback.no_better_path();
+                        return Some(a);
+                    }
+                    if !state
+                        .failback
+                        .should_fail_back(best, std::time::Instant::now)
+                    {
+                        return Some(a);
+                    }
+                    log::info!("failover: failing back from path {a} to path {best}");
                 }
             }
-            // Lowest index = highest priority (configuration order).
-            let pick = candidates.iter().map(|p| p.index).min()?;
+            let pick = best;
             state.active.store(pick + 1, Ordering::Relaxed);
             Some(pick)
         }
@@ -234,6 +262,30 @@ mod tests {
         // Path 0 is back: no fail-back.
         assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(1));
         assert_eq!(s.active(), Some(1));
+    }
+
+    #[test]
+    fn failover_fails_back_immediately_after_a_delay_or_on_request() {
+        let both = [load(0, 0, 0, 0), load(1, 0, 0, 0)];
+        let only1 = [load(1, 0, 0, 0)];
+        let s = SelectorState::with_failback(Failback::Immediate);
+        assert_eq!(select(Policy::Failover, &only1, 1, &s, 0), Some(1));
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(0));
+        // Manual: stays until fail_back().
+        let s = SelectorState::with_failback(Failback::Manual);
+        assert_eq!(select(Policy::Failover, &only1, 1, &s, 0), Some(1));
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(1));
+        s.fail_back();
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(0));
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(0));
+        // A delay: the wait itself is FailbackClock's (tested with a fake
+        // clock in multipath::health); an hour is not over yet.
+        let s = SelectorState::with_failback(Failback::After(std::time::Duration::from_secs(3600)));
+        assert_eq!(select(Policy::Failover, &only1, 1, &s, 0), Some(1));
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(1));
+        let s = SelectorState::with_failback(Failback::After(std::time::Duration::ZERO));
+        assert_eq!(select(Policy::Failover, &only1, 1, &s, 0), Some(1));
+        assert_eq!(select(Policy::Failover, &both, 1, &s, 0), Some(0));
     }
 
     #[test]

@@ -12,11 +12,16 @@ mod command;
 mod error;
 pub mod lun;
 mod lun_info;
+mod pr;
 
 pub use caps::{Feature, SupportedCommands, TransferLimits};
+pub use crate::wire::scsi::pr::{
+    PrCapabilities, PrHolder, PrInAction, PrKeys, PrOutAction, PrOutParams, PrReservation, PrType,
+};
 pub use command::{DataDirection, ScsiCommand};
 pub use error::{check_status, classify_sense, ErrorClass, ScsiError, UnitAttention};
 pub use lun_info::{Capacity, LunInfo};
+pub use pr::PR_IN_ALLOC_LEN;
 
 pub use crate::wire::scsi::{
     AluaState, BlockLimits, Cdb, CdbRepr, DataRepr, DesignatorType, DeviceIdentification,

@@ -103,6 +103,26 @@ enum Sink {
     },
     /// The command already failed; its data is drained before the status.
     Discard,
+    /// PERSISTENT RESERVE OUT: the parameter list, then [`super::pr`].
+    PrOut {
+        lun: usize,
+        cdb: crate::wire::scsi::pr::PrOutCdb,
+        buf: Vec<u8>,
+    },
+    /// A RESERVATION CONFLICT: its data is drained before the status.
+    Conflict,
+}
+
+impl Sink {
+    /// The LU index the data goes to, if any.
+    fn lun(&self) -> Option<usize> {
+        match self {
+            Sink::Lun { lun, .. } | Sink::Params { lun, .. } | Sink::PrOut { lun, .. } => {
+                Some(*lun)
+            }
+            Sink::Discard | Sink::Conflict => None,
+        }
+    }
 }
 
 /// A command waiting for Data-Out.
@@ -131,6 +151,8 @@ struct WriteTask {
     /// length).
     unsolicited: u32,
     r2ts: Vec<(u32, u32, u32)>,
+    /// The LU's PREEMPT AND ABORT count when the task started.
+    pr_seen: u64,
 }
 
 /// Text Request/Response exchange spanning several PDUs.
@@ -225,6 +247,9 @@ struct Core {
     /// the new MaxRecvDataSegmentLength, the new value and the old one.
     /// PDUs whose ExpStatSN is past that StatSN obey the new value.
     mrdsl_change: Option<(Sn, u32, u32)>,
+    /// This session's I_T nexus, for persistent reservations (normal
+    /// sessions in full feature phase).
+    nexus: Option<super::pr::ItNexus>,
 }
 
 impl TargetConn {
@@ -285,6 +310,7 @@ impl TargetConn {
                 logout_due: None,
                 renegotiate: None,
                 mrdsl_change: None,
+                nexus: None,
             },
         }
     }
@@ -525,14 +551,14 @@ fn store(shared: &super::TargetShared, sink: &mut Sink, at: u32, data: &[u8]) {
                 shared.luns[*lun].write(*offset + at, &data[..n]);
             }
         }
-        Sink::Params { buf, .. } => {
+        Sink::Params { buf, .. } | Sink::PrOut { buf, .. } => {
             let at = at as usize;
             if at < buf.len() {
                 let n = data.len().min(buf.len() - at);
                 buf[at..at + n].copy_from_slice(&data[..n]);
             }
         }
-        Sink::Discard => {}
+        Sink::Discard | Sink::Conflict => {}
     }
 }
 
@@ -1349,6 +1375,11 @@ impl Core {
                 self.shared
                     .enter_session(&self.initiator_name, self.isid, tpgt, self.tsih);
             self.ended = Some(ended);
+            self.nexus = Some(super::pr::ItNexus {
+                initiator: self.initiator_name.clone(),
+                isid: self.isid,
+                tpgt,
+            });
         }
         self.digests = self.params.digests();
         self.framer = PduFramer {
@@ -1525,6 +1556,11 @@ impl Core {
             .and_then(|i| self.take_unit_attention(i))
         {
             Plan::Check(ua)
+        } else if self.reservation_gate(c, data, lun_index) {
+            if drop_after {
+                self.close("fault injection: drop after N commands");
+            }
+            return;
         } else {
             let port = Port {
                 shared: &self.shared,
@@ -1568,6 +1604,92 @@ impl Core {
         }
     }
 
+    /// Persistent reservations: runs PERSISTENT RESERVE IN, starts
+    /// PERSISTENT RESERVE OUT, and answers RESERVATION CONFLICT to a
+    /// command the reservation forbids. True when the command was taken
+    /// care of here.
+    fn reservation_gate(&mut self, c: &ScsiCommand, data: &[u8], lun: Option<usize>) -> bool {
+        use crate::wire::scsi::pr::{PrInAction, PrInCdb, PrOutCdb};
+        use crate::wire::scsi::DataRepr;
+        let (Some(li), Some(nexus)) = (lun, self.nexus.as_ref()) else {
+            return false;
+        };
+        let l = &self.shared.luns[li];
+        match c.cdb[0] {
+            super::pr::PERSISTENT_RESERVE_IN => {
+                let bytes = match PrInCdb::parse(&c.cdb) {
+                    Ok(cdb) => {
+                        let mut bytes = match cdb.action {
+                            PrInAction::ReadKeys => l.with_reservations(|r| r.read_keys().to_vec()),
+                            PrInAction::ReadReservation => {
+                                l.with_reservations(|r| r.read_reservation().to_vec())
+                            }
+                            PrInAction::ReportCapabilities => {
+                                super::pr::Reservations::capabilities().to_vec()
+                            }
+                            PrInAction::ReadFullStatus => {
+                                l.with_reservations(|r| r.read_full_status())
+                            }
+                        };
+                        bytes.truncate(usize::from(cdb.alloc_len));
+                        Some(bytes)
+                    }
+                    Err(_) => None,
+                };
+                match bytes {
+                    Some(b) => {
+                        self.scratch.clear();
+                        self.scratch.extend_from_slice(&b);
+                        let len = b.len() as u64;
+                        let expected = c.expected_data_len;
+                        self.send_data_in(c.itt, c.lun, DataSource::Scratch, len, expected);
+                    }
+                    None => self.send_check(c.itt, Sense::INVALID_FIELD_IN_CDB, Sn(0)),
+                }
+                true
+            }
+            super::pr::PERSISTENT_RESERVE_OUT => {
+                match PrOutCdb::parse(&c.cdb) {
+                    Ok(cdb) => {
+                        let len = cdb.param_len.min(4096);
+                        let sink = Sink::PrOut {
+                            lun: li,
+                            cdb,
+                            buf: vec![0; len as usize],
+                        };
+                        self.start_write(c, data, sink, u64::from(cdb.param_len), None);
+                    }
+                    Err(_) if c.write && !c.final_bit => {
+                        let sense = Some(Sense::INVALID_FIELD_IN_CDB);
+                        self.start_write(c, data, Sink::Discard, 0, sense);
+                    }
+                    Err(_) => self.send_check(c.itt, Sense::INVALID_FIELD_IN_CDB, Sn(0)),
+                }
+                true
+            }
+            op if !l.reservation_allows(nexus, op) => {
+                if c.write && !c.final_bit {
+                    self.start_write(c, data, Sink::Conflict, 0, None);
+                } else {
+                    let none = residual(0, 0);
+                    let conflict = super::pr::RESERVATION_CONFLICT;
+                    self.send_status(c.itt, conflict, none, Sn(0), None);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a PREEMPT AND ABORT of this session's I_T nexus ended `t`
+    /// after it started.
+    fn task_aborted(&self, t: &WriteTask) -> bool {
+        match (t.sink.lun(), &self.nexus) {
+            (Some(lun), Some(nexus)) => self.shared.luns[lun].task_aborted(nexus, t.pr_seen),
+            _ => false,
+        }
+    }
+
     /// A pending UNIT ATTENTION for LUN index `i`: an ALUA state change
     /// (always reported), else reset and power-on ones if unit attentions
     /// are on.
@@ -1604,7 +1726,9 @@ impl Core {
             return self.close("too many write commands waiting for data");
         }
         let expected = if c.write { c.expected_data_len } else { 0 };
+        let pr_seen = sink.lun().map_or(0, |l| self.shared.luns[l].pr_aborts());
         let mut task = WriteTask {
+            pr_seen,
             itt: c.itt,
             lun_field: c.lun,
             sink,
@@ -1637,7 +1761,8 @@ impl Core {
     /// send the R2Ts its window allows.
     fn advance_write(&mut self, i: usize) {
         let t = &self.tasks[i];
-        if t.received >= t.expected || (t.unsolicited_done && t.error.is_some()) {
+        let failed = t.error.is_some() || matches!(t.sink, Sink::Conflict);
+        if t.received >= t.expected || (t.unsolicited_done && failed) {
             let task = self.tasks.swap_remove(i);
             return self.complete_write(task);
         }
@@ -1676,12 +1801,51 @@ impl Core {
 
     fn complete_write(&mut self, task: WriteTask) {
         let r2ts = task.r2t_sn;
+        if self.task_aborted(&task) {
+            // Aborted by a PREEMPT AND ABORT of this nexus: no status.
+            log::debug!("task {:#x} aborted by PREEMPT AND ABORT", task.itt);
+            return;
+        }
         if let Some(sense) = task.error {
             return self.send_check(task.itt, sense, r2ts);
         }
         let alua_before = self.shared.alua_generation();
         let mut stpg = false;
         let result = match task.sink {
+            Sink::PrOut { lun, cdb, buf } => {
+                let Some(nexus) = self.nexus.clone() else {
+                    return self.send_check(task.itt, Sense::INVALID_OPCODE, r2ts);
+                };
+                let params = &buf[..(task.received as usize).min(buf.len())];
+                let r = self.shared.luns[lun]
+                    .with_reservations(|r| r.reserve_out(&nexus, &cdb, params));
+                return match r {
+                    Ok(victims) => {
+                        if !victims.is_empty() {
+                            log::info!(
+                                "PREEMPT AND ABORT by {}: tasks of {} I_T nexus(es) aborted",
+                                nexus.initiator,
+                                victims.len()
+                            );
+                        }
+                        let resid = residual(task.transfer, task.expected);
+                        self.send_status(task.itt, status::GOOD, resid, r2ts, None)
+                    }
+                    Err(super::pr::PrRefusal::Conflict) => {
+                        let none = residual(0, 0);
+                        let conflict = super::pr::RESERVATION_CONFLICT;
+                        self.send_status(task.itt, conflict, none, r2ts, None)
+                    }
+                    Err(super::pr::PrRefusal::Check(sense)) => {
+                        self.send_check(task.itt, sense, r2ts)
+                    }
+                };
+            }
+            Sink::Conflict => {
+                let none = residual(0, 0);
+                let conflict = super::pr::RESERVATION_CONFLICT;
+                return self.send_status(task.itt, conflict, none, r2ts, None);
+            }
             Sink::Params { lun, command, buf } => {
                 stpg = command == scsi::ParamCommand::SetTargetPortGroups;
                 scsi::finish_params(
@@ -1718,6 +1882,12 @@ impl Core {
             log::debug!("Data-Out for unknown ITT {:#x} dropped", d.itt);
             return;
         };
+        if self.task_aborted(&self.tasks[i]) {
+            // PREEMPT AND ABORT ended it: its data must not land.
+            log::debug!("Data-Out for aborted task {:#x} dropped", d.itt);
+            self.tasks.swap_remove(i);
+            return;
+        }
         if self.strict && !self.check_strict_data_out(i, d, data.len() as u32) {
             return;
         }
@@ -3044,6 +3214,115 @@ mod tests {
     /// SPC-4: an ALUA state change is reported to every session, once, by
     /// UNIT ATTENTION 2A/06 (also with power-on/reset UAs off), so
     /// initiators re-read REPORT TARGET PORT GROUPS.
+    /// Sends one PERSISTENT RESERVE OUT (parameter list as immediate data)
+    /// and returns the status byte.
+    fn pr_out(
+        p: &mut Peer,
+        action: crate::wire::scsi::pr::PrOutAction,
+        t: Option<crate::wire::scsi::pr::PrType>,
+        key: u64,
+        sa_key: u64,
+    ) -> u8 {
+        use crate::wire::scsi::pr::{PrOutCdb, PrOutParams};
+        use crate::wire::scsi::DataRepr;
+        let cdb = PrOutCdb::new(action, t).emit();
+        let params = PrOutParams {
+            key,
+            sa_key,
+            ..Default::default()
+        }
+        .to_vec();
+        let c = p.command(cdb.as_slice(), false, true, 24, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &params);
+        match &pdus[..] {
+            [(PduHeader::ScsiResponse(r), _)] => r.status,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn pr_in(p: &mut Peer, action: crate::wire::scsi::pr::PrInAction) -> Vec<u8> {
+        let cdb = crate::wire::scsi::pr::PrInCdb {
+            action,
+            alloc_len: 1024,
+        }
+        .emit();
+        let c = p.command(cdb.as_slice(), true, false, 1024, true);
+        collect_data_in(&p.send(PduHeader::ScsiCommand(c), &[])).0
+    }
+
+    /// Two I_T nexuses (ISIDs): registration, a WE-RO reservation, the
+    /// conflict it gives the unregistered one, and PREEMPT AND ABORT
+    /// stopping a write of the preempted nexus that waits for its data.
+    #[test]
+    fn persistent_reservations_per_nexus_and_preempt_and_abort() {
+        use crate::wire::scsi::pr::{PrInAction, PrKeys, PrOutAction::*, PrReservation, PrType};
+        use crate::wire::scsi::DataRepr;
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut a = Peer::new(s.clone(), 0);
+        a.login_normal(&[]);
+        let mut b = Peer::new(s.clone(), 1);
+        b.isid = [0x80, 0, 0, 0, 0, 2];
+        b.login_normal(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+        let we_ro = Some(PrType::WriteExclusiveRegistrantsOnly);
+        assert_eq!(pr_out(&mut a, Register, None, 0, 0xaa), status::GOOD);
+        assert_eq!(pr_out(&mut b, Register, None, 0, 0xbb), status::GOOD);
+        assert_eq!(pr_out(&mut a, Reserve, we_ro, 0xaa, 0), status::GOOD);
+        let keys = PrKeys::parse(&pr_in(&mut b, PrInAction::ReadKeys)).unwrap();
+        assert_eq!(keys.keys, vec![0xaa, 0xbb]);
+        let r = PrReservation::parse(&pr_in(&mut b, PrInAction::ReadReservation)).unwrap();
+        assert_eq!(
+            r.reservation.map(|h| (h.key, h.pr_type())),
+            Some((0xaa, we_ro))
+        );
+        // b (registered) starts a write that waits for its data (R2T).
+        let c = b.command(&write10_cdb(3, 1), false, true, 512, true);
+        let itt = c.itt;
+        let pdus = b.send(PduHeader::ScsiCommand(c), &[]);
+        let [(PduHeader::R2t(r2t), _)] = &pdus[..] else {
+            panic!("{pdus:?}")
+        };
+        let ttt = r2t.ttt;
+        // a preempts b's key and aborts b's tasks.
+        assert_eq!(
+            pr_out(&mut a, PreemptAndAbort, we_ro, 0xaa, 0xbb),
+            status::GOOD
+        );
+        let late = PduHeader::DataOut(DataOut {
+            final_bit: true,
+            lun: 0,
+            itt,
+            ttt,
+            exp_stat_sn: Sn(0),
+            data_sn: Sn(0),
+            buffer_offset: 0,
+        });
+        assert!(b.send(late, &[0xee; 512]).is_empty(), "aborted: no status");
+        let mut back = vec![0u8; 512];
+        s.luns[0].read(3 * 512, &mut back);
+        assert_eq!(back, vec![0u8; 512], "the aborted write did not land");
+        // b is no longer registered: its writes conflict, its reads do not.
+        let c = b.command(&write10_cdb(3, 1), false, true, 512, true);
+        let pdus = b.send(PduHeader::ScsiCommand(c), &[]);
+        let [(PduHeader::ScsiResponse(r), _)] = &pdus[..] else {
+            panic!("{pdus:?}")
+        };
+        assert_eq!(r.status, 0x18, "RESERVATION CONFLICT");
+        assert_eq!(collect_data_in(&b.read10(3, 1)).0.len(), 512);
+        assert_eq!(
+            PrKeys::parse(&pr_in(&mut a, PrInAction::ReadKeys))
+                .unwrap()
+                .keys,
+            vec![0xaa]
+        );
+        // a unregistered nexus may not CLEAR; a may, and then b writes.
+        assert_eq!(pr_out(&mut b, Clear, None, 0xbb, 0), 0x18);
+        assert_eq!(pr_out(&mut a, Release, we_ro, 0xaa, 0), status::GOOD);
+        assert_eq!(pr_out(&mut a, Clear, None, 0xaa, 0), status::GOOD);
+        let c = b.command(&write10_cdb(3, 1), false, true, 512, true);
+        let pdus = b.send(PduHeader::ScsiCommand(c.clone()), &[]);
+        assert!(matches!(&pdus[..], [(PduHeader::R2t(_), _)]), "{pdus:?}");
+    }
+
     #[test]
     fn alua_change_raises_one_unit_attention_per_session() {
         let cfg = TargetConfig::ram(IQN, 1 << 20)

@@ -40,6 +40,14 @@ pub struct Lun {
     /// SAME with UNMAP (GET LBA STATUS). RAM LUNs up to [`MAX_TRACKED_BLOCKS`]
     /// blocks; `None` otherwise (every block then reports mapped).
     mapped: Option<Vec<AtomicU64>>,
+    /// Persistent reservations (per I_T nexus; see [`super::pr`]).
+    pr: std::sync::Mutex<super::pr::Reservations>,
+    /// Somebody is registered or holds a reservation: commands must be
+    /// checked (without taking the lock when not).
+    pr_active: std::sync::atomic::AtomicBool,
+    /// PREEMPT AND ABORTs so far (a copy of the count under the lock, so
+    /// pending tasks are checked without it).
+    pr_aborts: AtomicU64,
 }
 
 /// Largest RAM LUN (in blocks) whose mapped blocks are tracked: a 4 MiB bitmap.
@@ -78,7 +86,44 @@ impl Lun {
                     .map(|_| AtomicU64::new(0))
                     .collect()
             }),
+            pr: std::sync::Mutex::new(super::pr::Reservations::default()),
+            pr_active: std::sync::atomic::AtomicBool::new(false),
+            pr_aborts: AtomicU64::new(0),
         }
+    }
+
+    /// Runs `f` on the LU's persistent reservations, under their lock.
+    pub fn with_reservations<R>(&self, f: impl FnOnce(&mut super::pr::Reservations) -> R) -> R {
+        let mut g = match self.pr.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let r = f(&mut g);
+        self.pr_active.store(g.is_active(), Ordering::Release);
+        self.pr_aborts.store(g.aborts(), Ordering::Release);
+        r
+    }
+
+    /// May `nexus` run a command with this operation code now, or does
+    /// it meet a RESERVATION CONFLICT?
+    pub fn reservation_allows(&self, nexus: &super::pr::ItNexus, opcode: u8) -> bool {
+        if !self.pr_active.load(Ordering::Acquire) {
+            return true;
+        }
+        let access = super::pr::access_of(opcode);
+        self.with_reservations(|r| r.allows(nexus, access))
+    }
+
+    /// PREEMPT AND ABORTs so far; see [`task_aborted`](Self::task_aborted).
+    pub fn pr_aborts(&self) -> u64 {
+        self.pr_aborts.load(Ordering::Acquire)
+    }
+
+    /// Whether a task `nexus` started when [`pr_aborts`](Self::pr_aborts)
+    /// was `seen` has been aborted by a PREEMPT AND ABORT since.
+    pub fn task_aborted(&self, nexus: &super::pr::ItNexus, seen: u64) -> bool {
+        self.pr_aborts() != seen && self.with_reservations(|r| r.aborted_since(nexus, seen))
+
     }
 
     /// Marks blocks `[first, first + n)` mapped or deallocated.

@@ -17,6 +17,7 @@
 pub mod conn;
 pub mod fault;
 pub mod lun;
+pub mod pr;
 pub mod scsi;
 pub mod server;
 pub mod strict;

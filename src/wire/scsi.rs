@@ -17,6 +17,8 @@
 use std::fmt;
 use thiserror::Error;
 
+pub mod pr;
+
 /// Errors found while decoding or encoding SCSI structures.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ScsiWireError {

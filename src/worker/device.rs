@@ -210,6 +210,8 @@ impl MultipathDevice {
             };
             paths.push(shared.clone());
             controls.push(control.clone());
+            let health =
+                PathHealth::new(config.reconnect).with_damping(config.flap_damping, &cfg.name);
             starts.push(WorkerSetup {
                 shared,
                 control,
@@ -217,7 +219,7 @@ impl MultipathDevice {
                 connector,
                 probe: cfg,
                 lu_id: lu_id.clone(),
-                health: PathHealth::new(config.reconnect),
+                health,
                 session,
                 idle: config.idle,
                 fast_ping: config.fast_ping,
@@ -238,7 +240,7 @@ impl MultipathDevice {
             shared: Arc::new(DeviceShared {
                 paths,
                 controls,
-                selector: SelectorState::new(),
+                selector: SelectorState::with_failback(config.failback),
                 dispatch: DispatchConfig {
                     policy: config.policy,
                     no_path_timeout: config.no_path_timeout,
@@ -334,6 +336,14 @@ impl MultipathDevice {
         self.shared.dispatch.policy
     }
 
+    /// Under `Policy::Failover`: return to the preferred path (the first
+    /// usable one in configuration order) now. This is the only way back
+    /// with `Failback::Manual` (the default); with the other modes it is
+    /// done by itself.
+    pub fn failback(&self) {
+        self.shared.selector.fail_back();
+    }
+
     /// A snapshot of every path: state, ALUA, counters, latency percentiles
     /// (merged from the workers every ~20 ms), state changes.
     pub fn paths(&self) -> Vec<PathStats> {
@@ -345,6 +355,48 @@ impl MultipathDevice {
     /// [`crate::metrics`].
     pub fn path_handles(&self) -> Vec<Arc<PathShared>> {
         self.shared.paths.clone()
+    }
+
+    /// Runs one SCSI command of the device's own on path `path`'s session
+    /// (for [`super::reservations`]): `Ok(None)` when the path is not up or
+    /// failed before the target answered, `Err(())` when it did not answer
+    /// within `timeout`.
+    pub(crate) fn path_command(
+        &self,
+        path: usize,
+        cdb: &crate::scsi::ScsiCommand,
+        direction: crate::iscsi::connection::Direction,
+        buffer: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Option<crate::iscsi::connection::Completion>, ()> {
+        let (Some(control), Some(p)) =
+            (self.shared.controls.get(path), self.shared.paths.get(path))
+        else {
+            return Ok(None);
+        };
+        if self.shared.closed.load(Ordering::Acquire) || p.state() != PathState::Up {
+            return Ok(None);
+        }
+        let Ok(cmd) = crate::iscsi::connection::Command::new(
+            self.shared.lun,
+            cdb.cdb_bytes(),
+            direction,
+            buffer,
+        ) else {
+            return Ok(None);
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        if control.push(Control::Scsi { cmd, reply }).is_err() {
+            return Ok(None);
+        }
+        if let Some(wake) = &p.wake {
+            wake.notify();
+        }
+        match answer.recv_timeout(timeout) {
+            Ok(c) => Ok(Some(c)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(()),
+        }
     }
 
     /// Stops the workers (logging out). In-flight I/O completes with

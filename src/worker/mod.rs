@@ -6,6 +6,7 @@ mod device;
 mod open;
 mod path_worker;
 pub mod poll_meter;
+mod reservations;
 pub mod ring;
 
 pub use crate::multipath::{
@@ -16,6 +17,7 @@ pub use device::{IoQueue, MultipathDevice, SubmitError};
 #[cfg(feature = "dpdk")]
 pub use open::{dpdk_path_maker, dpdk_port_iface};
 pub use open::{Chap, DiscoveredPaths, Options, Transport, UnreachablePair};
+pub use reservations::{PrError, PR_TIMEOUT};
 
 /// Lets the calling thread's short sleeps end on time: Linux pads every
 /// timed wait by the thread's timer slack (50 µs by default), which

@@ -151,6 +151,14 @@ pub struct Options {
     /// CHAP algorithms offered on every login, most preferred first
     /// (default SHA3-256, SHA-256, SHA-1, MD5).
     pub chap_algorithms: Vec<ChapAlgorithm>,
+    /// multipath-tools' `no_path_retry`; when set it replaces
+    /// `no_path_timeout` (fail at once, N checks of
+    /// [`NO_PATH_CHECK_INTERVAL`](crate::multipath::health::NO_PATH_CHECK_INTERVAL), or queue).
+    pub no_path_retry: Option<crate::multipath::NoPathRetry>,
+    /// Under `Policy::Failover`: when to return to the preferred path.
+    pub failback: crate::multipath::Failback,
+    /// Hold flapping paths down (`san_path_err_*`); None: off.
+    pub flap_damping: Option<crate::multipath::FlapDamping>,
 }
 
 impl Default for Options {
@@ -173,6 +181,9 @@ impl Default for Options {
             idle: base.idle,
             chap: None,
             chap_algorithms: ChapAlgorithm::PREFERRED.to_vec(),
+            no_path_retry: None,
+            failback: base.failback,
+            flap_damping: base.flap_damping,
         }
     }
 }
@@ -204,6 +215,11 @@ impl Options {
         c.policy = self.policy;
         c.queue_depth = self.queue_depth;
         c.no_path_timeout = self.no_path_timeout;
+        if let Some(r) = self.no_path_retry {
+            c.set_no_path_retry(r, crate::multipath::health::NO_PATH_CHECK_INTERVAL);
+        }
+        c.failback = self.failback;
+        c.flap_damping = self.flap_damping;
         c.login_timeout = self.login_timeout;
         c.idle = self.idle;
         Ok(c)

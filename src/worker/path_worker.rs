@@ -58,6 +58,13 @@ pub(crate) enum Control {
     RemoveQueue {
         id: u32,
     },
+    /// A command of the device's own (persistent reservations) to run on
+    /// this path's session; the completion goes back on `reply`, and
+    /// dropping `reply` unanswered means the path could not run it.
+    Scsi {
+        cmd: Command,
+        reply: std::sync::mpsc::Sender<Completion>,
+    },
 }
 
 struct QueueEnds {
@@ -168,6 +175,8 @@ const LOGOUT_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 const INTERNAL_TAG: u64 = 1 << 63;
 /// With [`INTERNAL_TAG`]: the worker's SET TARGET PORT GROUPS.
 const STPG_TAG: u64 = 1 << 62;
+/// Tags of [`Control::Scsi`] commands (also internal: never bounced).
+const DEVICE_TAG: u64 = INTERNAL_TAG | 1 << 61;
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -249,6 +258,9 @@ pub(crate) struct Worker {
     health: PathHealth,
     conn: Conn,
     queues: Vec<QueueEnds>,
+    /// [`Control::Scsi`] commands in the session, by tag.
+    device_cmds: Vec<(u64, std::sync::mpsc::Sender<Completion>)>,
+    next_device_tag: u64,
     /// SCSI commands in the current session (ours: no O(n) scan per I/O).
     in_session: usize,
     /// The current (or last) session's epoch ([`PathShared::begin_session`]).
@@ -291,6 +303,8 @@ impl Worker {
             health: s.health,
             conn: Conn::Down,
             queues: Vec::new(),
+            device_cmds: Vec::new(),
+            next_device_tag: 0,
             in_session: 0,
             session_epoch: 0,
             fast_ping: s.fast_ping,
@@ -492,6 +506,17 @@ impl Worker {
                     })
                 }
                 Control::RemoveQueue { id } => self.queues.retain(|q| q.id != id),
+                Control::Scsi { mut cmd, reply } => {
+                    // Not up: `reply` is dropped, and the caller hears so.
+                    if let Conn::Up(session) = &mut self.conn {
+                        self.next_device_tag = (self.next_device_tag + 1) & 0xffff_ffff;
+                        cmd.user_tag = DEVICE_TAG | self.next_device_tag;
+                        if session.submit(cmd).is_ok() {
+                            self.device_cmds
+                                .push((DEVICE_TAG | self.next_device_tag, reply));
+                        }
+                    }
+                }
             }
         }
     }
@@ -736,6 +761,13 @@ impl Worker {
     }
 
     fn on_completion(&mut self, c: Completion, now: Instant) {
+        if c.user_tag & DEVICE_TAG == DEVICE_TAG {
+            if let Some(i) = self.device_cmds.iter().position(|(t, _)| *t == c.user_tag) {
+                let (_, reply) = self.device_cmds.swap_remove(i);
+                let _ = reply.send(c);
+            }
+            return;
+        }
         if c.user_tag & INTERNAL_TAG != 0 && c.user_tag & STPG_TAG != 0 {
             self.stpg_pending = false;
             match check_status(c.status, &c.sense) {
@@ -901,6 +933,8 @@ impl Worker {
         }
         self.bounce_rings();
         self.in_session = 0;
+        // Their callers hear that the path failed.
+        self.device_cmds.clear();
         let (mut t, _) = session.into_parts();
         t.close();
         self.conn = Conn::Down;

@@ -1,0 +1,224 @@
+//! Path health against the embedded target, whose fault injection kills
+//! and restores a portal: flap damping holds a flapping path down, the
+//! failover policy's failback modes (immediate, delayed, manual), and
+//! no_path_retry (fail at once, N checks, queue until a path returns), the
+//! last also as the NBD export's errno.
+
+use iscsi_bypass::multipath::{Failback, FlapDamping, NoPathRetry};
+use iscsi_bypass::target::{FaultInjector, Target, TargetConfig, TargetHandle};
+use iscsi_bypass::{Device, IdleMode, IoError, IoQueue, Options, PathState, Policy};
+use std::time::{Duration, Instant};
+
+const IQN: &str = "iqn.2026-12.org.iscsi-bypass:health";
+
+fn target() -> TargetHandle {
+    Target::start(TargetConfig::ram(IQN, 8 << 20).loopback_portals(2)).expect("target")
+}
+
+fn urls(t: &TargetHandle) -> Vec<String> {
+    t.portals()
+        .iter()
+        .map(|p| format!("iscsi://{p}/{IQN}/0"))
+        .collect()
+}
+
+fn open(t: &TargetHandle, n: usize, edit: impl FnOnce(&mut iscsi_bypass::DeviceConfig)) -> Device {
+    let opts = Options {
+        idle: IdleMode::Sleep(Duration::from_micros(50)),
+        login_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let u = urls(t);
+    let u: Vec<&str> = u[..n].iter().map(String::as_str).collect();
+    let mut c = opts.device_config(&u).expect("config");
+    c.reconnect.initial = Duration::from_millis(50);
+    c.reconnect.max = Duration::from_millis(200);
+    edit(&mut c);
+    Device::open(c).expect("open")
+}
+
+/// Kills portal `i`'s connections and refuses its logins (out of resources).
+fn kill(f: &FaultInjector) {
+    f.refuse_logins(0x03, 0x01);
+    f.drop_connections_now();
+}
+
+fn wait_state(dev: &Device, path: usize, want: PathState, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while dev.paths()[path].state != want {
+        assert!(
+            t0.elapsed() < within,
+            "path {path} not {want} within {within:?}: {:?}",
+            dev.paths()[path]
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t0.elapsed()
+}
+
+/// The path one write went down.
+fn io_path(q: &mut IoQueue) -> usize {
+    let mut done = Vec::new();
+    q.submit(iscsi_bypass::Io::write(0, 1, vec![7; 512], 1))
+        .map_err(|e| e.to_string())
+        .unwrap();
+    q.wait_completions(&mut done, 1, Duration::from_secs(10));
+    let c = done.pop().expect("completion");
+    c.result.expect("write");
+    c.path.expect("a path")
+}
+
+#[test]
+fn flap_damping_holds_a_flapping_path_down() {
+    let t = target();
+    let dev = open(&t, 2, |c| {
+        c.flap_damping = Some(FlapDamping {
+            threshold: 2,
+            window: Duration::from_secs(30),
+            hold_down: Duration::from_secs(5),
+        })
+    });
+    let p0 = t.faults().portal(0);
+    // First failure: back after the back-off (and the target's
+    // DefaultTime2Wait of 2 s).
+    p0.drop_connections_now();
+    wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+    let back = wait_state(&dev, 0, PathState::Up, Duration::from_secs(5));
+    assert!(back < Duration::from_millis(3500), "{back:?}");
+    // Second failure within the window: marginal, held down 5 s although
+    // the portal takes logins.
+    p0.drop_connections_now();
+    wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+    let held = wait_state(&dev, 0, PathState::Up, Duration::from_secs(15));
+    assert!(held >= Duration::from_millis(4800), "held only {held:?}");
+    dev.close();
+}
+
+#[test]
+fn failover_fails_back_per_mode() {
+    let t = target();
+    for mode in [
+        Failback::Manual,
+        Failback::Immediate,
+        Failback::After(Duration::from_millis(1500)),
+    ] {
+        let dev = open(&t, 2, |c| {
+            c.policy = Policy::Failover;
+            c.failback = mode;
+        });
+        let mut q = dev.queue_pair();
+        assert_eq!(io_path(&mut q), 0, "{mode:?}");
+        let p0 = t.faults().portal(0);
+        kill(&p0);
+        wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+        assert_eq!(io_path(&mut q), 1, "{mode:?}: failed over");
+        p0.accept_logins();
+        wait_state(&dev, 0, PathState::Up, Duration::from_secs(5));
+        let up = Instant::now();
+        match mode {
+            Failback::Immediate => assert_eq!(io_path(&mut q), 0, "immediate"),
+            Failback::Manual => {
+                for _ in 0..20 {
+                    assert_eq!(io_path(&mut q), 1, "manual: stays");
+                }
+                dev.failback();
+                assert_eq!(io_path(&mut q), 0, "manual: back on request");
+            }
+            Failback::After(d) => {
+                assert_eq!(io_path(&mut q), 1, "not yet");
+                let mut path = 1;
+                while path == 1 {
+                    assert!(
+                        up.elapsed() < d + Duration::from_secs(3),
+                        "never failed back"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                    path = io_path(&mut q);
+                }
+                assert!(
+                    up.elapsed() >= d,
+                    "failed back after only {:?}",
+                    up.elapsed()
+                );
+            }
+        }
+        drop(q);
+        dev.close();
+    }
+}
+
+#[test]
+fn no_path_retry_fail_retries_and_queue() {
+    let t = target();
+    let all = t.faults().all_portals();
+    // Fail: at once.
+    let dev = open(&t, 1, |c| {
+        c.set_no_path_retry(NoPathRetry::Fail, Duration::from_secs(5))
+    });
+    let mut q = dev.queue_pair();
+    kill(&all);
+    wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+    let t0 = Instant::now();
+    let mut buf = vec![0u8; 512];
+    let e = q.read_at(0, &mut buf).unwrap_err();
+    assert!(matches!(e, IoError::NoPath { .. }), "{e}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        iscsi_bypass::nbd::server::errno_for(&e),
+        5,
+        "the NBD export answers EIO"
+    );
+    drop(q);
+    dev.close();
+    all.accept_logins();
+
+    // N retries of the check interval: 3 × 200 ms.
+    let dev = open(&t, 1, |c| {
+        c.set_no_path_retry(NoPathRetry::Retries(3), Duration::from_millis(200))
+    });
+    let mut q = dev.queue_pair();
+    kill(&all);
+    wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+    let t0 = Instant::now();
+    let e = q.read_at(0, &mut buf).unwrap_err();
+    let waited = t0.elapsed();
+    assert!(matches!(e, IoError::NoPath { .. }), "{e}");
+    assert!(
+        waited >= Duration::from_millis(550) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    drop(q);
+    dev.close();
+    all.accept_logins();
+
+    // Queue: the I/O waits (here 2 s, far past any timeout) and completes
+    // once a path returns.
+    let dev = open(&t, 1, |c| {
+        c.set_no_path_retry(NoPathRetry::Queue, Duration::from_secs(5))
+    });
+    let mut q = dev.queue_pair();
+    kill(&all);
+    wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
+    q.submit(iscsi_bypass::Io::write(4, 1, vec![0x5a; 512], 9))
+        .map_err(|e| e.to_string())
+        .unwrap();
+    let mut done = Vec::new();
+    q.wait_completions(&mut done, 1, Duration::from_secs(2));
+    assert!(
+        done.is_empty(),
+        "queued, not failed: {:?}",
+        done.first().map(|c| &c.result)
+    );
+    all.accept_logins();
+    q.wait_completions(&mut done, 1, Duration::from_secs(10));
+    let c = done.pop().expect("completed once the path returned");
+    c.result.expect("the queued write succeeded");
+    q.read_at(4, &mut buf).unwrap();
+    assert_eq!(buf, vec![0x5a; 512]);
+    drop(q);
+    dev.close();
+}
