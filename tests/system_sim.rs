@@ -678,8 +678,9 @@ impl PathTable for SimPaths {
             latency_ewma_ns: 0,
         }
     }
-    fn session_epoch(&self, path: usize) -> u64 {
-        self.epoch[path]
+    fn fenced_through(&self, path: usize) -> u64 {
+        // The newest login ended every session of the path before it.
+        self.epoch[path].saturating_sub(1)
     }
     fn selector(&self) -> &SelectorState {
         &self.selector

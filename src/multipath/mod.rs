@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod fence;
 pub mod io;
 pub mod path;
 pub mod probe;
@@ -18,6 +19,7 @@ pub mod silence;
 
 pub use config::{BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PortBinding};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
+pub use fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
 pub use io::{Io, IoCompletion, IoError, IoOp};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,

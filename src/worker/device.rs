@@ -176,8 +176,16 @@ impl MultipathDevice {
         let mut controls = Vec::new();
         let mut workers = Vec::new();
         let mut starts = Vec::new();
+        let all: Vec<Arc<PathShared>> = probed
+            .iter()
+            .enumerate()
+            .map(|(i, (cfg, _, _))| Arc::new(PathShared::new(i, &cfg.name, opened)))
+            .collect();
+        let fence = (config.fence_writes && config.fence_via_other_portals)
+            .then(|| Arc::new(crate::multipath::fence::FenceBoard::new()));
+        let peers: Arc<[Arc<PathShared>]> = all.clone().into();
         for (i, (cfg, connector, r)) in probed.into_iter().enumerate() {
-            let shared = Arc::new(PathShared::new(i, &cfg.name, opened));
+            let shared = all[i].clone();
             let control = Arc::new(ArrayQueue::new(64));
             let stop = Arc::new(AtomicBool::new(false));
             let session = match r {
@@ -208,6 +216,8 @@ impl MultipathDevice {
                 fast_ping: config.fast_ping,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
+                fence: fence.clone(),
+                peers: peers.clone(),
             });
             workers.push(WorkerHandle { stop, thread: None });
         }
@@ -390,8 +400,8 @@ impl PathTable for DeviceShared {
     fn load(&self, path: usize) -> PathLoad {
         self.paths[path].load()
     }
-    fn session_epoch(&self, path: usize) -> u64 {
-        self.paths[path].session_epoch()
+    fn fenced_through(&self, path: usize) -> u64 {
+        self.paths[path].fenced_through()
     }
     fn selector(&self) -> &SelectorState {
         &self.selector
