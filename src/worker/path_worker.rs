@@ -660,6 +660,10 @@ impl Worker {
     /// the failed path's ISID on a thread of its own (with this path's
     /// connector, which a reconnect of this path waits for).
     fn fence_for_others(&mut self, now: Instant) {
+        // Every round: two loads when there is nothing to do.
+        if self.fence_job.is_none() && !self.fence.as_ref().is_some_and(|b| b.has_pending()) {
+            return;
+        }
         let Some(board) = self.fence.clone() else {
             return;
         };
