@@ -38,7 +38,8 @@
 //! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300), from
 //! `SYSTEM_SIM_FIRST_SEED` (default 0);
 //! `SYSTEM_SIM_SEED=n` replays one seed with a trace of faults and events
-//! (`SYSTEM_SIM_TRACE=io` adds every I/O).
+//! (`SYSTEM_SIM_TRACE=io` adds every I/O, `SYSTEM_SIM_LINK_TRACE=p` every
+//! frame on path p's link).
 
 use iscsi_bypass::bench::verify::{check_block, stamp_block};
 use iscsi_bypass::iscsi::connection::{Command, Completion, ConnTimers, Connection, Event};
@@ -867,7 +868,10 @@ impl Sim {
         let shared = Arc::new(TargetShared::new(config, &addrs).map_err(|e| e.to_string())?);
         let mut paths = Vec::new();
         for p in 0..sc.paths {
-            let (dev_i, dev_t) = sim::link(sc.links[p].clone(), seed.wrapping_mul(31) + p as u64);
+            let mut link = sc.links[p].clone();
+            // `SYSTEM_SIM_LINK_TRACE=p`: every frame on path p's link.
+            link.trace |= std::env::var("SYSTEM_SIM_LINK_TRACE").is_ok_and(|v| v == p.to_string());
+            let (dev_i, dev_t) = sim::link(link, seed.wrapping_mul(31) + p as u64);
             let mk = |ip: Ipv4Addr, dev: &SimDevice, s: u64| {
                 let mut c = InterfaceConfig::new(ip, 24);
                 c.seed = s;
@@ -1491,6 +1495,10 @@ impl Sim {
                 path.logins += 1;
                 path.tpgt = outcome.params.target_portal_group_tag;
                 let epoch = path.logins;
+                if let Some(board) = &self.board {
+                    // As the worker does: its own login ended the old ones.
+                    board.fenced(p, u64::from(epoch) - 1);
+                }
                 self.stats.logins += 1;
                 path.state = Ini::Up { sock, conn };
                 self.note(format!(
@@ -2317,8 +2325,8 @@ fn system_simulation_many_seeds() {
         summary,
         "system sim: {} seeds in {:?} ({} failed); {} I/Os ({} reads verified, {} writes acked, \
          {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted \
-         ({} writes held for a fence, {} old sessions ended by reinstatement, \
-         {} of them by a fence login through another portal), \
+         ({} writes held for a fence, {} old target connections ended by reinstatement, \
+         {} fence logins through another portal), \
          {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
          {:?} virtual, max I/O latency {:?}",
         seeds,

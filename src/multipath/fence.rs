@@ -38,8 +38,11 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// After a fence login failed, the same need is tried again (by any live
-/// path of the group) no sooner than this.
+/// path of the group) no sooner than this, doubled after each further
+/// failure up to [`FENCE_RETRY_MAX`].
 pub const FENCE_RETRY: Duration = Duration::from_millis(100);
+/// The longest pause between fence attempts for one need.
+pub const FENCE_RETRY_MAX: Duration = Duration::from_millis(3200);
 
 /// A fence wanted: path `path`'s session `epoch` (and those before it) must
 /// end.
@@ -181,8 +184,8 @@ impl FenceBoard {
 
     /// The fence login of `job` ended (`Ok`: the failed session is gone,
     /// and the caller has moved the path's `fenced_through`). A failed one
-    /// goes back on the board, due again after [`FENCE_RETRY`]. Returns how
-    /// many attempts the need has had.
+    /// goes back on the board, due again after [`FENCE_RETRY`] (doubling
+    /// with each failed attempt). Returns how many attempts the need has had.
     pub fn finish(&self, job: &FenceJob, result: &Result<(), FenceError>, now: Instant) -> u32 {
         let Ok(mut e) = self.entries.lock() else {
             return 0;
@@ -198,7 +201,10 @@ impl FenceBoard {
                 e.remove(i);
             } else {
                 e[i].claimed_by = None;
-                e[i].not_before = result.is_err().then(|| now + FENCE_RETRY);
+                let pause = FENCE_RETRY
+                    .saturating_mul(1 << attempts.saturating_sub(1).min(5))
+                    .min(FENCE_RETRY_MAX);
+                e[i].not_before = result.is_err().then(|| now + pause);
             }
         }
         self.pending.store(e.len(), Ordering::Release);
@@ -257,7 +263,12 @@ mod tests {
         assert!(b.claim(2, 7, t0, |_| 0).is_none(), "not at once");
         let again = b.claim(2, 7, t0 + FENCE_RETRY, |_| 0).expect("due again");
         assert_eq!(again.fencer, 2);
-        assert_eq!(b.finish(&again, &Ok(()), t0 + FENCE_RETRY), 2);
+        b.finish(&again, &Err(FenceError::Login("x".into())), t0);
+        assert!(b.claim(0, 7, t0 + FENCE_RETRY, |_| 0).is_none(), "doubled");
+        let third = b
+            .claim(0, 7, t0 + 2 * FENCE_RETRY, |_| 0)
+            .expect("due after twice the pause");
+        assert_eq!(b.finish(&third, &Ok(()), t0), 3);
         assert!(b.is_empty());
     }
 

@@ -684,7 +684,12 @@ impl Worker {
                             job.need.epoch,
                             job.need.tpgt
                         ),
-                        Err(e) => log::info!(
+                        Err(e) if attempts <= 1 => log::info!(
+                            "path {}: fencing session {} of path {victim} failed (attempt {attempts}; retried with back-off): {e}",
+                            self.shared.name,
+                            job.need.epoch
+                        ),
+                        Err(e) => log::debug!(
                             "path {}: fencing session {} of path {victim} failed (attempt {attempts}): {e}",
                             self.shared.name,
                             job.need.epoch
