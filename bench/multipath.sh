@@ -10,10 +10,17 @@
 #     the peer the others are compared with;
 #   - link down during write+verify and 20 s of flapping: errors,
 #     mismatches, p50/p99/p99.9, failover stall (the longest gap between any
-#     two completions, and the longest time one failed-over write took).
+#     two completions, and the longest time one failed-over write took);
+#   - write fencing stall with the default detection and fence settings
+#     (tests/multipath_relay.rs: tgtd on 127.0.0.1 + 127.0.0.2, one path
+#     through a pausable relay): `RESULT case=dead_link|hung_path
+#     max_stall_ms=...`, the longest a write waited after the relay stopped
+#     delivering (goals: dead link <= 1000 ms, hung path <= 2000 ms), and
+#     the unfenced run (retried at once, the stale write lands) as the peer:
+#     `RESULT case=fence_cost ..._over_unfenced=` ratios.
 # Root only; the tests create and remove everything themselves.
 #
-#   bench/multipath.sh [kernel|dpdk|all]   (default all)
+#   bench/multipath.sh [kernel|dpdk|relay|all]   (default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
@@ -22,13 +29,30 @@ filter=""
 case "$which" in
     kernel) filter=kernel_ ;;
     dpdk) filter=dpdk_ ;;
+    relay) ;;
     all) ;;
-    *) echo "usage: $0 [kernel|dpdk|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [kernel|dpdk|relay|all]" >&2; exit 2 ;;
 esac
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 log=$(mktemp /tmp/multipath-bench.XXXXXX)
 trap 'rm -f "$log"' EXIT
-CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
-    >"$log" 2>&1 || { cat "$log"; exit 1; }
-# Each scenario's lines start with "MP == <scenario> over <transport>".
-sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP /  /p' -e '/^test result/p' "$log"
+if [[ $which != relay ]]; then
+    CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
+        >"$log" 2>&1 || { cat "$log"; exit 1; }
+    # Each scenario's lines start with "MP == <scenario> over <transport>".
+    sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP /  /p' -e '/^test result/p' "$log"
+fi
+if [[ $which == relay || $which == all ]]; then
+    CI=true cargo test --test multipath_relay -- --test-threads=1 --nocapture \
+        >"$log" 2>&1 || { cat "$log"; exit 1; }
+    echo "== write fencing stall (tgtd, one path through a pausable relay, default settings)"
+    grep -o 'RESULT .*' "$log"
+    grep -o 'RESULT .*' "$log" | awk '
+        { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+          stall[v["case"]] = v["max_stall_ms"] }
+        END {
+          u = stall["hung_path_unfenced"]
+          if (u > 0)
+            printf "RESULT case=fence_cost dead_link_over_unfenced=%.2f hung_path_over_unfenced=%.2f dead_link_goal_ms=1000 hung_path_goal_ms=2000\n", stall["dead_link"] / u, stall["hung_path"] / u
+        }'
+fi

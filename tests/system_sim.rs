@@ -14,12 +14,17 @@
 //! its old connections, which then still run what they had buffered),
 //! target restarts, injected CHECK CONDITIONs and Rejects.
 //!
-//! Fencing: a write bounced off a failed session waits until its path has
-//! logged in again with the same ISID, which makes the embedded target end
-//! the old session (reinstatement), so a portal that wakes up cannot
-//! overwrite newer data with it. `SYSTEM_SIM_FENCE=0` turns fencing off
-//! (the stale writes then show up); `SYSTEM_SIM_HUNG_RESUME=1` / `=0` makes
-//! every / no hung portal resume.
+//! Fencing: a write bounced off a failed session waits until that session
+//! is known ended: its path has logged in again with the same ISID, or
+//! another live path has logged in once with the failed path's ISID through
+//! its own portal (every portal of the simulated target is in portal group
+//! 1, as tgtd's are), using the shipped `multipath::fence::FenceBoard` to
+//! post and claim fences. Either makes the embedded target end the old
+//! session (reinstatement), so a portal that wakes up cannot overwrite
+//! newer data with it. `SYSTEM_SIM_FENCE=0` turns fencing off (the stale
+//! writes then show up); `SYSTEM_SIM_CROSS_FENCE=0` leaves fencing to the
+//! failed path's own next login (each portal its own group);
+//! `SYSTEM_SIM_HUNG_RESUME=1` / `=0` makes every / no hung portal resume.
 //!
 //! Invariants checked as the run goes: reads return the last acknowledged
 //! generation of each block (or that of a write in flight or failed), no I/O
@@ -33,20 +38,22 @@
 //! `SYSTEM_SIM_SEEDS=n` changes how many seeds run (default 300), from
 //! `SYSTEM_SIM_FIRST_SEED` (default 0);
 //! `SYSTEM_SIM_SEED=n` replays one seed with a trace of faults and events
-//! (`SYSTEM_SIM_TRACE=io` adds every I/O).
+//! (`SYSTEM_SIM_TRACE=io` adds every I/O, `SYSTEM_SIM_LINK_TRACE=p` every
+//! frame on path p's link).
 
 use iscsi_bypass::bench::verify::{check_block, stamp_block};
 use iscsi_bypass::iscsi::connection::{Command, Completion, ConnTimers, Connection, Event};
-use iscsi_bypass::iscsi::login::{Login, LoginConfig, LoginProgress};
+use iscsi_bypass::iscsi::login::{Login, LoginConfig, LoginOutcome, LoginProgress};
 use iscsi_bypass::iscsi::params::{DigestKind, Offer};
 use iscsi_bypass::multipath::io::build_command;
 use iscsi_bypass::multipath::{
-    Action, DispatchConfig, Dispatcher, Io, IoCompletion, IoError, IoOp, PathHealth, PathLoad,
-    PathResponse, PathState, PathTable, Policy, ReconnectPolicy, SelectorState,
+    Action, DispatchConfig, Dispatcher, FenceBoard, FenceError, FenceJob, FenceNeed, Io,
+    IoCompletion, IoError, IoOp, PathHealth, PathLoad, PathResponse, PathState, PathTable, Policy,
+    ReconnectPolicy, SelectorState,
 };
 use iscsi_bypass::net::{
     CongestionAlgorithm, Instant, Interface, InterfaceConfig, OffloadConfig, SocketHandle,
-    TcpConfig, TcpError, TcpState,
+    TcpConfig, TcpError, TcpSocket, TcpState,
 };
 use iscsi_bypass::phy::sim::{self, SimConfig, SimDevice};
 use iscsi_bypass::phy::Device;
@@ -597,6 +604,87 @@ struct Path {
     corrupt_tx: u64,
     logins: u32,
     failures: u32,
+    /// TargetPortalGroupTag of the newest session's login response.
+    tpgt: Option<u16>,
+    /// A fence login this path runs for another path.
+    fence: Option<FenceLogin>,
+}
+
+/// A fence login in progress: on the fencer's interface, to the fencer's
+/// portal, with the failed path's ISID.
+struct FenceLogin {
+    job: FenceJob,
+    sock: SocketHandle,
+    login: Option<Box<Login>>,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+    deadline: Instant,
+}
+
+fn sim_login_config(p: usize, offer: &Offer) -> LoginConfig {
+    let mut cfg = LoginConfig::new(INITIATOR_IQN, Some(TARGET_IQN));
+    cfg.isid = [0x80, 0, 0, 0, 0, p as u8];
+    cfg.offer = offer.clone();
+    cfg
+}
+
+/// Drives a login over `s` once TCP is up: starts it with `cfg`, feeds it
+/// what arrived, sends what it wrote. `Ok(Some)`: logged in.
+fn drive_login(
+    s: &mut TcpSocket,
+    login: &mut Option<Box<Login>>,
+    out: &mut Vec<u8>,
+    inbuf: &mut Vec<u8>,
+    cfg: impl FnOnce() -> LoginConfig,
+) -> Result<Option<LoginOutcome>, String> {
+    if s.state() != TcpState::Established && login.is_none() {
+        return Ok(None);
+    }
+    if login.is_none() {
+        let mut l = Login::new(cfg(), 0, Sn(1));
+        l.start(out);
+        *login = Some(Box::new(l));
+    }
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.recv_slice(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("during login: {e}")),
+        }
+    }
+    let framer = PduFramer {
+        digests: Digests::default(),
+        max_data_segment_len: 65_536,
+    };
+    let mut done = None;
+    while done.is_none() {
+        let f = match framer.frame(inbuf) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(format!("login framing: {e}")),
+        };
+        let data = inbuf[f.data.clone()].to_vec();
+        inbuf.drain(..f.total_len);
+        let PduHeader::LoginResponse(rsp) = &f.header else {
+            return Err(format!("{} PDU during login", f.header.opcode()));
+        };
+        let Some(l) = login.as_mut() else { break };
+        match l.on_response(rsp, &data, out) {
+            Ok(LoginProgress::Continue) => {}
+            Ok(LoginProgress::Done(outcome)) => done = Some(outcome),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if !out.is_empty() {
+        match s.send_slice(out) {
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) => return Err(format!("login send: {e}")),
+        }
+    }
+    Ok(done)
 }
 
 fn take_socket(iface: &mut Interface, pool: &mut Vec<SocketHandle>) -> SocketHandle {
@@ -648,6 +736,8 @@ struct IoSlot {
     submitted: Instant,
     slot: u32,
     bounces: u32,
+    /// A write held for a fence at least once.
+    fenced: bool,
     /// For reads: per block, the generations it may return.
     allowed: Vec<Vec<u64>>,
 }
@@ -660,6 +750,8 @@ struct SimPaths {
     up: Vec<bool>,
     load: Vec<(u64, u64)>,
     epoch: Vec<u64>,
+    /// Newest session epoch a fence login through another portal ended.
+    fenced: Vec<u64>,
     selector: SelectorState,
 }
 
@@ -678,8 +770,10 @@ impl PathTable for SimPaths {
             latency_ewma_ns: 0,
         }
     }
-    fn session_epoch(&self, path: usize) -> u64 {
-        self.epoch[path]
+    fn fenced_through(&self, path: usize) -> u64 {
+        // The newest login ended every session of the path before it; a
+        // fence login through another portal ended the failed one.
+        self.epoch[path].saturating_sub(1).max(self.fenced[path])
     }
     fn selector(&self) -> &SelectorState {
         &self.selector
@@ -699,6 +793,8 @@ struct Stats {
     fenced: u64,
     /// Old sessions the target ended because their path logged in again.
     reinstated: u64,
+    /// Fence logins through another portal that ended a failed session.
+    cross_fences: u64,
     scsi_retries: u64,
     window_checked: u64,
     /// Bit flips actually made above TCP (caught by digests).
@@ -724,6 +820,8 @@ struct Sim {
     /// Fence bounced writes (`SYSTEM_SIM_FENCE=0` turns it off, to show
     /// the stale writes come back).
     fence: bool,
+    /// Fences wanted through other portals (None: off).
+    board: Option<FenceBoard>,
     paths: Vec<Path>,
     table: SimPaths,
     dispatcher: Dispatcher,
@@ -743,6 +841,8 @@ struct Sim {
     restart_until: Option<Instant>,
     stats: Stats,
     log: Vec<String>,
+    /// Every fence step and reinstatement noted (for the fence-step test).
+    fence_log: Vec<String>,
 }
 
 impl Sim {
@@ -761,10 +861,17 @@ impl Sim {
         for a in &addrs {
             config = config.portal(*a);
         }
+        let cross_fence = std::env::var("SYSTEM_SIM_CROSS_FENCE").map_or(true, |v| v != "0");
+        if cross_fence {
+            config = config.one_portal_group(1);
+        }
         let shared = Arc::new(TargetShared::new(config, &addrs).map_err(|e| e.to_string())?);
         let mut paths = Vec::new();
         for p in 0..sc.paths {
-            let (dev_i, dev_t) = sim::link(sc.links[p].clone(), seed.wrapping_mul(31) + p as u64);
+            let mut link = sc.links[p].clone();
+            // `SYSTEM_SIM_LINK_TRACE=p`: every frame on path p's link.
+            link.trace |= std::env::var("SYSTEM_SIM_LINK_TRACE").is_ok_and(|v| v == p.to_string());
+            let (dev_i, dev_t) = sim::link(link, seed.wrapping_mul(31) + p as u64);
             let mk = |ip: Ipv4Addr, dev: &SimDevice, s: u64| {
                 let mut c = InterfaceConfig::new(ip, 24);
                 c.seed = s;
@@ -795,6 +902,8 @@ impl Sim {
                 corrupt_tx: 0,
                 logins: 0,
                 failures: 0,
+                tpgt: None,
+                fence: None,
             });
         }
         let mut fault_events: Vec<(Instant, usize, bool)> = Vec::new();
@@ -809,6 +918,7 @@ impl Sim {
         };
         let fence = std::env::var("SYSTEM_SIM_FENCE").map_or(true, |v| v != "0");
         let mut s = Sim {
+            board: (fence && cross_fence).then(FenceBoard::new),
             hung_resume: std::env::var("SYSTEM_SIM_HUNG_RESUME")
                 .ok()
                 .map(|v| v == "1"),
@@ -823,6 +933,7 @@ impl Sim {
                 up: vec![false; paths.len()],
                 load: vec![(0, 0); paths.len()],
                 epoch: vec![0; paths.len()],
+                fenced: vec![0; paths.len()],
                 selector: SelectorState::new(),
             },
             dispatcher: Dispatcher::new(
@@ -853,6 +964,7 @@ impl Sim {
             restart_until: None,
             stats,
             log: Vec::new(),
+            fence_log: Vec::new(),
             sc,
         };
         for p in 0..s.paths.len() {
@@ -875,6 +987,9 @@ impl Sim {
     fn note(&mut self, msg: String) {
         if self.trace {
             eprintln!("{} {msg}", self.now);
+        }
+        if msg.starts_with("fence") || msg.contains("reinstated") {
+            self.fence_log.push(format!("{} {msg}", self.now));
         }
         if self.log.len() < 200 {
             self.log.push(format!("{} {msg}", self.now));
@@ -1313,59 +1428,11 @@ impl Sim {
                             "TCP connect failed: {}",
                             s.error().map_or("closed".into(), |e| e.to_string())
                         ));
-                    } else if s.state() == TcpState::Established || login.is_some() {
-                        if login.is_none() {
-                            let mut cfg = LoginConfig::new(INITIATOR_IQN, Some(TARGET_IQN));
-                            cfg.isid = [0x80, 0, 0, 0, 0, p as u8];
-                            cfg.offer = self.sc.offer.clone();
-                            let mut l = Login::new(cfg, 0, Sn(1));
-                            l.start(out);
-                            *login = Some(Box::new(l));
-                        }
-                        let mut chunk = [0u8; 4096];
-                        loop {
-                            match s.recv_slice(&mut chunk) {
-                                Ok(0) => break,
-                                Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
-                                Err(e) => {
-                                    failure = Some(format!("during login: {e}"));
-                                    break;
-                                }
-                            }
-                        }
-                        let framer = PduFramer {
-                            digests: Digests::default(),
-                            max_data_segment_len: 65_536,
-                        };
-                        while failure.is_none() && logged_in.is_none() {
-                            let f = match framer.frame(inbuf) {
-                                Ok(Some(f)) => f,
-                                Ok(None) => break,
-                                Err(e) => {
-                                    failure = Some(format!("login framing: {e}"));
-                                    break;
-                                }
-                            };
-                            let data = inbuf[f.data.clone()].to_vec();
-                            inbuf.drain(..f.total_len);
-                            let PduHeader::LoginResponse(rsp) = &f.header else {
-                                failure = Some(format!("{} PDU during login", f.header.opcode()));
-                                break;
-                            };
-                            let Some(l) = login.as_mut() else { break };
-                            match l.on_response(rsp, &data, out) {
-                                Ok(LoginProgress::Continue) => {}
-                                Ok(LoginProgress::Done(outcome)) => logged_in = Some(outcome),
-                                Err(e) => failure = Some(e.to_string()),
-                            }
-                        }
-                        if failure.is_none() && !out.is_empty() {
-                            match s.send_slice(out) {
-                                Ok(n) => {
-                                    out.drain(..n);
-                                }
-                                Err(e) => failure = Some(format!("login send: {e}")),
-                            }
+                    } else {
+                        let offer = &self.sc.offer;
+                        match drive_login(s, login, out, inbuf, || sim_login_config(p, offer)) {
+                            Ok(done) => logged_in = done,
+                            Err(e) => failure = Some(e),
                         }
                     }
                 }
@@ -1426,7 +1493,12 @@ impl Sim {
                     outcome.params.default_time2wait,
                 )));
                 path.logins += 1;
+                path.tpgt = outcome.params.target_portal_group_tag;
                 let epoch = path.logins;
+                if let Some(board) = &self.board {
+                    // As the worker does: its own login ended the old ones.
+                    board.fenced(p, u64::from(epoch) - 1);
+                }
                 self.stats.logins += 1;
                 path.state = Ini::Up { sock, conn };
                 self.note(format!(
@@ -1443,6 +1515,112 @@ impl Sim {
         }
         if matches!(self.paths[p].state, Ini::Down) && self.paths[p].health.due(std_now) {
             self.start_connect(p);
+        }
+    }
+
+    /// Path `p` runs fence logins for other paths (`multipath::fence`):
+    /// claims one from the shipped board while it is up, then logs in with
+    /// the failed path's ISID through its own portal and closes that
+    /// session once the target answered with the failed session's portal
+    /// group (the target has ended the failed session by then).
+    fn fence_step(&mut self, p: usize) {
+        let Some(board) = self.board.take() else {
+            return;
+        };
+        self.fence_step_on(&board, p);
+        self.board = Some(board);
+    }
+
+    fn fence_step_on(&mut self, board: &FenceBoard, p: usize) {
+        let now = self.now;
+        let std_now = self.std(now);
+        if self.paths[p].fence.is_none() {
+            if !board.has_pending() || !self.path_up(p) {
+                return;
+            }
+            let Some(tpgt) = self.paths[p].tpgt else {
+                return;
+            };
+            let table = &self.table;
+            let Some(job) = board.claim(p, tpgt, std_now, |v| table.fenced_through(v)) else {
+                return;
+            };
+            let path = &mut self.paths[p];
+            let h = take_socket(&mut path.ini, &mut path.ini_pool);
+            if let Err(e) = path.ini.connect(now, h, SocketAddrV4::new(tgt_ip(p), PORT)) {
+                path.ini_pool.push(h);
+                board.finish(&job, &Err(FenceError::Connect(e.to_string())), std_now);
+                return;
+            }
+            self.note(format!(
+                "fence step 2: path {p} logs in with path {}'s ISID through portal {} \
+                 (group {tpgt}) to end its session {}",
+                job.need.path,
+                tgt_ip(p),
+                job.need.epoch
+            ));
+            self.paths[p].fence = Some(FenceLogin {
+                job,
+                sock: h,
+                login: None,
+                out: Vec::new(),
+                inbuf: Vec::new(),
+                deadline: now + self.sc.login_timeout,
+            });
+            return;
+        }
+        let path = &mut self.paths[p];
+        let Some(f) = path.fence.as_mut() else { return };
+        let s = path.ini.socket_mut(f.sock);
+        let victim = f.job.need.path;
+        let need = f.job.need.clone();
+        let result = if now >= f.deadline {
+            Some(Err(FenceError::Login("timed out".into())))
+        } else if s.state() == TcpState::Closed {
+            Some(Err(FenceError::Connect("TCP connection closed".into())))
+        } else {
+            match drive_login(s, &mut f.login, &mut f.out, &mut f.inbuf, || {
+                need.login.clone()
+            }) {
+                Ok(None) => None,
+                Ok(Some(outcome)) => {
+                    let got = outcome.params.target_portal_group_tag;
+                    Some(if got == Some(need.tpgt) {
+                        Ok(())
+                    } else {
+                        Err(FenceError::OtherPortalGroup {
+                            want: need.tpgt,
+                            got,
+                        })
+                    })
+                }
+                Err(e) => Some(Err(FenceError::Login(e))),
+            }
+        };
+        let Some(result) = result else { return };
+        let Some(f) = path.fence.take() else { return };
+        // The fence session carries nothing: close it (the shipped worker
+        // sends a Logout first).
+        if result.is_ok() {
+            path.ini.socket_mut(f.sock).close();
+        } else {
+            path.ini.socket_mut(f.sock).abort();
+        }
+        path.ini_pool.push(f.sock);
+        if result.is_ok() {
+            self.table.fenced[victim] = self.table.fenced[victim].max(need.epoch);
+            self.stats.cross_fences += 1;
+        }
+        let attempts = board.finish(&f.job, &result, std_now);
+        match result {
+            Ok(()) => self.note(format!(
+                "fence step 3: session {} of path {victim} ended by path {p}'s login with its \
+                 ISID (attempt {attempts}); its held writes may go; step 4: fence session closed",
+                need.epoch
+            )),
+            Err(e) => self.note(format!(
+                "fence login by path {p} for path {victim} failed (attempt {attempts}): {e}"
+            )),
         }
     }
 
@@ -1539,6 +1717,23 @@ impl Sim {
                 PathNews::Failed(p, cmds, why) => {
                     self.stats.path_failures += 1;
                     let session = u64::from(self.paths[p].logins);
+                    let writes = cmds
+                        .iter()
+                        .any(|c| c.direction == iscsi_bypass::iscsi::connection::Direction::Write);
+                    if let (Some(board), Some(tpgt), true) =
+                        (&self.board, self.paths[p].tpgt, writes)
+                    {
+                        board.post(FenceNeed {
+                            path: p,
+                            epoch: session,
+                            tpgt,
+                            login: sim_login_config(p, &self.sc.offer),
+                        });
+                        self.note(format!(
+                            "fence step 1: path {p} failed with writes in session {session}: \
+                             fence posted for portal group {tpgt}"
+                        ));
+                    }
                     for cmd in cmds {
                         let slot = cmd.user_tag as u32;
                         let Some(id) = self.slot_io.get(slot as usize).copied().flatten() else {
@@ -1563,9 +1758,12 @@ impl Sim {
                         )?;
                         if self.dispatcher.fences_waited() > held {
                             self.stats.fenced += 1;
+                            if let Some(io) = self.ios.get_mut(&id) {
+                                io.fenced = true;
+                            }
                             self.note(format!(
-                                "fence: write io {id} held until path {p} logs in again \
-                                 (session epoch > {session})"
+                                "fence: write io {id} held until session {session} of path {p} \
+                                 is ended (its own next login, or a fence login elsewhere)"
                             ));
                         } else if write && self.fence {
                             return Err(format!("write io {id} bounced off path {p} unfenced"));
@@ -1605,6 +1803,7 @@ impl Sim {
 
     /// The application sees I/O `id` finish: check it against the model.
     fn finish(&mut self, id: u64, c: IoCompletion) -> Result<(), String> {
+        let path_done = c.path;
         let IoCompletion {
             result,
             buffer,
@@ -1623,6 +1822,11 @@ impl Sim {
                 "{} io {id} {:?} lba {} +{} gen {} -> {:?} after {latency:?} ({} bounces, {} retries)",
                 self.now, io.op, io.lba, io.blocks, io.generation, result, io.bounces, scsi_retries
             );
+        }
+        if io.fenced {
+            self.note(format!(
+                "fence: write io {id} done after its fence: {result:?} on path {path_done:?}"
+            ));
         }
         match &result {
             Ok(()) => {}
@@ -1759,6 +1963,7 @@ impl Sim {
                     submitted: self.now,
                     slot,
                     bounces: 0,
+                    fenced: false,
                     allowed,
                 },
             );
@@ -1809,6 +2014,9 @@ impl Sim {
             self.initiator_step(p, &mut news);
         }
         self.handle_news(news)?;
+        for p in 0..self.paths.len() {
+            self.fence_step(p);
+        }
         if (0..self.paths.len()).any(|p| self.path_up(p)) {
             self.last_any_up = Some(self.now);
         }
@@ -1891,6 +2099,23 @@ impl Sim {
                         &format!("{label} target conn {} delayed output", c.id),
                     );
                 }
+            }
+        }
+        for path in &self.paths {
+            if let Some(f) = &path.fence {
+                consider(
+                    Some(f.deadline),
+                    &format!("path {} fence login deadline", path.index),
+                );
+            }
+        }
+        if let Some(b) = &self.board {
+            if b.has_pending() {
+                // A failed fence is due again after FENCE_RETRY.
+                consider(
+                    Some(now + Duration::from_millis(10)),
+                    "fence board (retry of a fence login)",
+                );
             }
         }
         consider(self.fault_events.front().map(|(t, _, _)| *t), "fault");
@@ -2082,6 +2307,7 @@ fn system_simulation_many_seeds() {
                 total.bounced += s.bounced;
                 total.fenced += s.fenced;
                 total.reinstated += s.reinstated;
+                total.cross_fences += s.cross_fences;
                 total.scsi_retries += s.scsi_retries;
                 total.window_checked += s.window_checked;
                 total.corruptions += s.corruptions;
@@ -2099,7 +2325,8 @@ fn system_simulation_many_seeds() {
         summary,
         "system sim: {} seeds in {:?} ({} failed); {} I/Os ({} reads verified, {} writes acked, \
          {} failed with no path), {} path failures, {} logins, {} I/Os resubmitted \
-         ({} writes held for a fence, {} old sessions ended by reinstatement), \
+         ({} writes held for a fence, {} old target connections ended by reinstatement, \
+         {} fence logins through another portal), \
          {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
          {:?} virtual, max I/O latency {:?}",
         seeds,
@@ -2114,6 +2341,7 @@ fn system_simulation_many_seeds() {
         total.bounced,
         total.fenced,
         total.reinstated,
+        total.cross_fences,
         total.scsi_retries,
         total.window_checked,
         total.corruptions,
@@ -2139,4 +2367,45 @@ fn system_simulation_many_seeds() {
         failures[0].seed,
         failures[0].error
     );
+}
+
+/// A seed that shows every fence step with the shipped dispatcher and
+/// fence board: a path fails with writes in its session (step 1, the fence
+/// is posted), another path logs in with its ISID through its own portal
+/// (step 2), the target ends the old session and the held writes go out on
+/// a live path (step 3, their completions), the fence session is closed
+/// (step 4), and the old connection, when its hung portal resumes or its
+/// bytes arrive, ends as reinstated instead of running them.
+#[test]
+fn a_seed_shows_each_fence_step() {
+    if std::env::var("SYSTEM_SIM_FENCE").is_ok_and(|v| v == "0")
+        || std::env::var("SYSTEM_SIM_CROSS_FENCE").is_ok_and(|v| v == "0")
+    {
+        return;
+    }
+    for seed in 0..300 {
+        let mut sim = Sim::new(seed, false, false).expect("scenario");
+        if let Err(e) = sim.run() {
+            panic!("seed {seed} failed: {e}");
+        }
+        let log = &sim.fence_log;
+        let has = |k: &str| log.iter().any(|l| l.contains(k));
+        let done_after_fence = log
+            .iter()
+            .any(|l| l.contains("done after its fence: Ok(()) on path Some"));
+        if has("fence step 1")
+            && has("fence step 2")
+            && has("fence step 3")
+            && has("reinstated by a newer login")
+            && done_after_fence
+            && sim.stats.cross_fences > 0
+        {
+            println!("seed {seed} (SYSTEM_SIM_SEED={seed} replays it with a full trace):");
+            for l in log {
+                println!("  {l}");
+            }
+            return;
+        }
+    }
+    panic!("no seed in 0..300 shows every fence step");
 }

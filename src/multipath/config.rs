@@ -400,6 +400,12 @@ pub struct DeviceConfig {
     /// How long such a write waits for the fence before it fails with
     /// `IoError::NotFenced`.
     pub fence_timeout: Duration,
+    /// With `fence_writes`: when a path fails with writes in its session,
+    /// another live path of the same target portal group logs in once with
+    /// the failed path's ISID (ending its session, RFC 7143 §6.3.5) and out
+    /// again, so the held writes go out without waiting for the failed
+    /// portal to return (`multipath::fence`). On by default.
+    pub fence_via_other_portals: bool,
     /// Ping a path at once when it has commands outstanding and has sent
     /// nothing for several times its recent response time (None: only the
     /// `timers` ping). See `multipath::silence`.
@@ -435,6 +441,7 @@ impl DeviceConfig {
             max_retries: 8,
             fence_writes: true,
             fence_timeout: Duration::from_secs(30),
+            fence_via_other_portals: true,
             fast_ping: Some(crate::multipath::FastPing::default()),
             timers: ConnTimers {
                 nop_interval: Some(Duration::from_secs(2)),

@@ -26,11 +26,13 @@
 //! later: a hung portal that wakes up, or bytes a network held back. If it
 //! were retried on another path at once, and the application then wrote
 //! the same blocks again, the late copy could overwrite newer acknowledged
-//! data. So such a write waits until its old path is *fenced*: the path's
-//! session epoch ([`PathTable::session_epoch`]) has moved past the one the
-//! write was sent in. A path's epoch moves when its worker logs in again
-//! with the same ISID and TSIH 0, which makes the target end the old session
-//! and all its tasks (session reinstatement, RFC 7143 §6.3.5). Reads,
+//! data. So such a write waits until its old path is *fenced*: the newest
+//! session of the path known ended ([`PathTable::fenced_through`]) is the
+//! one the write was sent in or a later one. It moves when the path logs in
+//! again with the same ISID and TSIH 0, or when another path logs in once
+//! with the failed path's ISID through a portal of the same portal group
+//! (`multipath::fence`): either makes the target end the old session and
+//! all its tasks (session reinstatement, RFC 7143 §6.3.5). Reads,
 //! flushes and commands that never reached a session need no fence. A write
 //! that stays unfenced for `fence_timeout` fails with
 //! [`IoError::NotFenced`]; see docs/multipath.md for the order of fence
@@ -54,9 +56,11 @@ pub trait PathTable {
     fn usable_tier(&self, path: usize) -> Option<u8>;
     /// The load figures the selector weighs.
     fn load(&self, path: usize) -> PathLoad;
-    /// How many sessions the path has logged in so far (with the same ISID,
-    /// so each new one reinstated, and so fenced, the ones before).
-    fn session_epoch(&self, path: usize) -> u64;
+    /// The newest session epoch of the path known ended: a write sent in
+    /// that session or an earlier one can no longer run on the target (the
+    /// path logged in again with the same ISID, or a fence login with its
+    /// ISID succeeded through another portal of its portal group).
+    fn fenced_through(&self, path: usize) -> u64;
     /// Selector state shared by every queue of the device.
     fn selector(&self) -> &SelectorState;
 }
@@ -394,7 +398,7 @@ impl Dispatcher {
                 continue;
             }
             if let Some((path, session, since)) = s.fence {
-                if paths.session_epoch(path) > session {
+                if paths.fenced_through(path) >= session {
                     s.fence = None;
                 } else {
                     let waited = now.saturating_duration_since(since);
@@ -568,8 +572,8 @@ mod tests {
                 latency_ewma_ns: 0,
             }
         }
-        fn session_epoch(&self, path: usize) -> u64 {
-            self.epochs[path]
+        fn fenced_through(&self, path: usize) -> u64 {
+            self.epochs[path] - 1
         }
         fn selector(&self) -> &SelectorState {
             &self.selector

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod fence;
 pub mod health;
 pub mod io;
 pub mod path;
@@ -22,6 +23,7 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
+pub use fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
 pub use health::{Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{

@@ -3,7 +3,7 @@
 
 use crate::scsi::AluaState;
 use crossbeam::utils::CachePadded;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -50,6 +50,8 @@ impl std::fmt::Display for PathState {
 }
 
 const ALUA_UNKNOWN: u8 = 0xff;
+/// No TargetPortalGroupTag known (outside `u16`).
+const NO_TPGT: u32 = u32::MAX;
 
 /// Which ALUA tier a path belongs to; lower is preferred. `None`: unusable.
 pub fn alua_tier(state: Option<AluaState>) -> Option<u8> {
@@ -116,6 +118,10 @@ pub struct PathShared {
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
     /// Sessions logged in so far (see [`PathShared::begin_session`]).
     sessions: AtomicU64,
+    /// The newest session epoch known ended (see [`PathShared::fenced_through`]).
+    fenced: AtomicU64,
+    /// The TargetPortalGroupTag of the newest session (`NO_TPGT`: none).
+    portal_group: AtomicU32,
     /// Wakes the worker blocked in `IdleMode::Block` when work is queued
     /// (None if no eventfd could be made: the worker then only naps).
     pub wake: Option<crate::transport::Wake>,
@@ -149,6 +155,8 @@ impl PathShared {
             nexus: Mutex::new(None),
             histogram: Mutex::new(new_histogram()),
             sessions: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            portal_group: AtomicU32::new(NO_TPGT),
             wake: crate::transport::Wake::new().ok(),
         }
     }
@@ -156,14 +164,43 @@ impl PathShared {
     /// The worker took a new session into service: returns its epoch (1 for
     /// the first). Every login of a path uses the path's ISID with TSIH 0,
     /// so the target ends the sessions before it (reinstatement): a command
-    /// sent in an older epoch can no longer run.
+    /// sent in an older epoch can no longer run ([`fenced_through`] moves
+    /// to the epoch before this one).
+    ///
+    /// [`fenced_through`]: PathShared::fenced_through
     pub fn begin_session(&self) -> u64 {
-        self.sessions.fetch_add(1, Ordering::AcqRel) + 1
+        let epoch = self.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+        self.fence_through(epoch - 1);
+        epoch
     }
 
     /// The epoch of the newest session (0 before the first login).
     pub fn session_epoch(&self) -> u64 {
         self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Every session of this path up to this epoch is known ended (by a
+    /// login of the path itself, or a fence login with its ISID through
+    /// another portal of its portal group): a write sent in one of them
+    /// can no longer run on the target.
+    pub fn fenced_through(&self) -> u64 {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Records that the sessions up to `epoch` are ended (never moves back).
+    pub fn fence_through(&self, epoch: u64) {
+        self.fenced.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Records the TargetPortalGroupTag of the new session's login response.
+    pub fn set_portal_group(&self, tpgt: Option<u16>) {
+        self.portal_group
+            .store(tpgt.map_or(NO_TPGT, u32::from), Ordering::Release);
+    }
+
+    /// The TargetPortalGroupTag of the newest session, if the target said.
+    pub fn portal_group(&self) -> Option<u16> {
+        u16::try_from(self.portal_group.load(Ordering::Acquire)).ok()
     }
 
     /// The path's current state.

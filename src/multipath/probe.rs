@@ -79,6 +79,50 @@ pub struct ProbeConfig {
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The fence login of `multipath::fence`: connects through `connector` (a
+/// live path's, to its own portal) and logs in with the failed path's login
+/// (its ISID, TSIH 0). Returns the session once the target has answered
+/// with the failed session's portal group: by then the target has ended
+/// that session (RFC 7143 §6.3.5). The caller logs it out.
+pub fn fence_login(
+    connector: &mut PathConnector,
+    need: &super::fence::FenceNeed,
+    timers: ConnTimers,
+    login_timeout: Duration,
+) -> Result<Session<BoxedTransport>, super::fence::FenceError> {
+    use super::fence::FenceError;
+    let mut login = need.login.clone();
+    login.tsih = 0;
+    let mut sc = SessionConfig::new(login);
+    sc.timers = timers;
+    sc.login_timeout = login_timeout;
+    sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
+    let session = match connector {
+        PathConnector::Fixed(connect) => {
+            let transport = connect().map_err(|e| FenceError::Connect(e.to_string()))?;
+            Session::login(BoxedTransport(transport), &sc)
+                .map_err(|e| FenceError::Login(e.to_string()))?
+        }
+        // The live path's portal, redirects followed as its own logins do.
+        PathConnector::Portal { portal, connect } => {
+            portal
+                .login(|addr| connect(addr).map(BoxedTransport), &sc)
+                .map_err(|e| FenceError::Login(e.to_string()))?
+                .0
+        }
+    };
+    let got = session.connection().params().target_portal_group_tag;
+    if got != Some(need.tpgt) {
+        // A session of its own in another group: it ended nothing.
+        let _ = session.logout(Duration::from_millis(500));
+        return Err(FenceError::OtherPortalGroup {
+            want: need.tpgt,
+            got,
+        });
+    }
+    Ok(session)
+}
+
 /// Connects, logs in and inspects the LU.
 pub fn probe(
     connector: &mut PathConnector,

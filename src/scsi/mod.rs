@@ -14,10 +14,10 @@ pub mod lun;
 mod lun_info;
 mod pr;
 
-pub use caps::{Feature, SupportedCommands, TransferLimits};
 pub use crate::wire::scsi::pr::{
     PrCapabilities, PrHolder, PrInAction, PrKeys, PrOutAction, PrOutParams, PrReservation, PrType,
 };
+pub use caps::{Feature, SupportedCommands, TransferLimits};
 pub use command::{DataDirection, ScsiCommand};
 pub use error::{check_status, classify_sense, ErrorClass, ScsiError, UnitAttention};
 pub use lun_info::{Capacity, LunInfo};

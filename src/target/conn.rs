@@ -2797,6 +2797,45 @@ mod tests {
     /// ISID on the same portal group ends the old session, and a write the
     /// old connection only reads afterwards (a hung portal waking up) is
     /// not executed. Another ISID, or another portal group, is left alone.
+    /// Portals of one portal group share I_T nexuses: a login with a known
+    /// ISID through the other portal ends the session (the fence through
+    /// another portal of `multipath::fence`), and the group is what the
+    /// login response names. Portals of their own groups do not.
+    #[test]
+    fn a_login_through_another_portal_of_the_group_reinstates() {
+        let one = |grouped: bool| {
+            let mut cfg = TargetConfig::ram(IQN, 1 << 20)
+                .portal("10.0.0.1:3260".parse().unwrap())
+                .portal("10.0.1.1:3260".parse().unwrap());
+            if grouped {
+                cfg = cfg.one_portal_group(7);
+            }
+            shared(cfg)
+        };
+        let s = one(true);
+        assert_eq!((s.portals[0].tpgt, s.portals[1].tpgt), (7, 7));
+        assert_eq!(
+            (s.portals[0].relative_port, s.portals[1].relative_port),
+            (1, 2),
+            "relative port ids stay per portal"
+        );
+        let mut old = Peer::new(s.clone(), 0);
+        old.login_normal(&[]);
+        let mut fence = Peer::new(s.clone(), 1);
+        let t = fence.login_normal(&[]);
+        assert_eq!(t.get("TargetPortalGroupTag"), Some("7"));
+        assert!(old.conn.is_reinstated(), "ended through the other portal");
+        assert_eq!(s.session_count(), 1);
+        let s = one(false);
+        let mut old = Peer::new(s.clone(), 0);
+        old.login_normal(&[]);
+        let mut other = Peer::new(s.clone(), 1);
+        let t = other.login_normal(&[]);
+        assert_eq!(t.get("TargetPortalGroupTag"), Some("2"));
+        assert!(!old.conn.is_reinstated(), "another group: another nexus");
+        assert_eq!(s.session_count(), 2);
+    }
+
     #[test]
     fn reinstatement_ends_the_old_session_and_its_late_writes() {
         let s = shared(TargetConfig::ram(IQN, 1 << 20));

@@ -123,7 +123,6 @@ impl Lun {
     /// was `seen` has been aborted by a PREEMPT AND ABORT since.
     pub fn task_aborted(&self, nexus: &super::pr::ItNexus, seen: u64) -> bool {
         self.pr_aborts() != seen && self.with_reservations(|r| r.aborted_since(nexus, seen))
-
     }
 
     /// Marks blocks `[first, first + n)` mapped or deallocated.

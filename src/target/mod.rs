@@ -160,6 +160,10 @@ pub struct PortalConfig {
     /// Port 0 picks a free port; see [`TargetHandle::portals`].
     pub addr: SocketAddr,
     pub alua_group: u16,
+    /// iSCSI TargetPortalGroupTag; None: a group of its own (portal index +
+    /// 1). Portals of one group share I_T nexuses, so a login with a known
+    /// ISID on any of them reinstates that session (RFC 7143 §6.3.5).
+    pub portal_group: Option<u16>,
 }
 
 /// CHAP settings. `initiator` is what the initiator must prove it knows;
@@ -341,13 +345,30 @@ impl TargetConfig {
     /// Adds a portal in its own ALUA group (group id = portal index + 1).
     pub fn portal(mut self, addr: SocketAddr) -> TargetConfig {
         let alua_group = self.portals.len() as u16 + 1;
-        self.portals.push(PortalConfig { addr, alua_group });
+        self.portals.push(PortalConfig {
+            addr,
+            alua_group,
+            portal_group: None,
+        });
+        self
+    }
+
+    /// Puts every portal configured so far in iSCSI portal group `tpgt`
+    /// (as tgtd does with all its portals), keeping their ALUA groups.
+    pub fn one_portal_group(mut self, tpgt: u16) -> TargetConfig {
+        for p in &mut self.portals {
+            p.portal_group = Some(tpgt);
+        }
         self
     }
 
     /// Adds a portal in the given ALUA target port group.
     pub fn portal_in_group(mut self, addr: SocketAddr, alua_group: u16) -> TargetConfig {
-        self.portals.push(PortalConfig { addr, alua_group });
+        self.portals.push(PortalConfig {
+            addr,
+            alua_group,
+            portal_group: None,
+        });
         self
     }
 
@@ -506,8 +527,10 @@ impl TargetConfig {
 pub struct PortalInfo {
     /// The bound address (the real port when port 0 was asked for).
     pub addr: SocketAddr,
-    /// iSCSI TargetPortalGroupTag, and the SCSI relative target port id.
+    /// iSCSI TargetPortalGroupTag (its own, index + 1, unless configured).
     pub tpgt: u16,
+    /// The SCSI relative target port identifier (index + 1).
+    pub relative_port: u16,
     pub alua_group: u16,
 }
 
@@ -551,7 +574,12 @@ impl TargetShared {
             .enumerate()
             .map(|(i, &addr)| PortalInfo {
                 addr,
-                tpgt: i as u16 + 1,
+                tpgt: config
+                    .portals
+                    .get(i)
+                    .and_then(|p| p.portal_group)
+                    .unwrap_or(i as u16 + 1),
+                relative_port: i as u16 + 1,
                 alua_group: config.portals.get(i).map_or(i as u16 + 1, |p| p.alua_group),
             })
             .collect();

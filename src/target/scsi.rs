@@ -648,7 +648,7 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
             buf.extend_from_slice(&[0x01, 0x03, 0, 16]);
             buf.extend_from_slice(l.naa());
             // Target port (iSCSI, PIV): relative port and port group differ per portal.
-            let rel = portal.map_or(0, |p| p.tpgt);
+            let rel = portal.map_or(0, |p| p.relative_port);
             let group = portal.map_or(0, |p| p.alua_group);
             buf.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
             buf.extend_from_slice(&rel.to_be_bytes());
@@ -728,7 +728,7 @@ fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) 
             .portals
             .iter()
             .filter(|p| p.alua_group == group)
-            .map(|p| p.tpgt)
+            .map(|p| p.relative_port)
             .collect();
         // T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
         buf.extend_from_slice(&[state.code(), 0xcf]);

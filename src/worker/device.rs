@@ -187,6 +187,9 @@ impl MultipathDevice {
         let mut controls = Vec::new();
         let mut workers = Vec::new();
         let mut starts = Vec::new();
+        let fence = (config.fence_writes && config.fence_via_other_portals)
+            .then(|| Arc::new(crate::multipath::fence::FenceBoard::new()));
+        let peers: Arc<[Arc<PathShared>]> = all_paths.clone().into();
         for (i, (cfg, connector, r)) in probed.into_iter().enumerate() {
             let shared = all_paths[i].clone();
             let control = Arc::new(ArrayQueue::new(64));
@@ -226,6 +229,8 @@ impl MultipathDevice {
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
                 alua_control: alua_control.clone(),
+                fence: fence.clone(),
+                peers: peers.clone(),
             });
             workers.push(WorkerHandle { stop, thread: None });
         }
@@ -469,8 +474,8 @@ impl PathTable for DeviceShared {
     fn load(&self, path: usize) -> PathLoad {
         self.paths[path].load()
     }
-    fn session_epoch(&self, path: usize) -> u64 {
-        self.paths[path].session_epoch()
+    fn fenced_through(&self, path: usize) -> u64 {
+        self.paths[path].fenced_through()
     }
     fn selector(&self) -> &SelectorState {
         &self.selector

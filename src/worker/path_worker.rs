@@ -7,8 +7,11 @@ use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
+use crate::multipath::fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
-use crate::multipath::probe::{alua_state_of, group_of, probe, PathProbe, ProbeConfig};
+use crate::multipath::probe::{
+    alua_state_of, fence_login, group_of, probe, PathProbe, ProbeConfig,
+};
 use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
 use crate::multipath::MultipathError;
 use crate::scsi::{
@@ -183,6 +186,7 @@ fn tag(queue: u32, slot: u32) -> u64 {
 }
 
 type ConnectResult = (PathConnector, Result<PathProbe, MultipathError>);
+type FenceResult = (PathConnector, FenceJob, Result<(), FenceError>);
 
 enum Conn {
     Up(Box<Session<BoxedTransport>>),
@@ -206,6 +210,11 @@ pub(crate) struct WorkerSetup {
     pub alua_epoch: Arc<AtomicU64>,
     /// Every path of the device, for explicit ALUA transitions.
     pub alua_control: Arc<AluaControl>,
+    /// Fences wanted through other portals (None: fencing through other
+    /// portals is off).
+    pub fence: Option<Arc<FenceBoard>>,
+    /// Every path of the device, this one included (by index).
+    pub peers: Arc<[Arc<PathShared>]>,
 }
 
 /// Shared by a device's workers: who may send SET TARGET PORT GROUPS.
@@ -289,6 +298,10 @@ pub(crate) struct Worker {
     idle_rounds: u32,
     /// When the current run of idle rounds began (for `IdleMode::Block`).
     idle_since: Option<Instant>,
+    fence: Option<Arc<FenceBoard>>,
+    peers: Arc<[Arc<PathShared>]>,
+    /// A fence login this path runs for another (it has our connector).
+    fence_job: Option<JoinHandle<FenceResult>>,
 }
 
 impl Worker {
@@ -325,6 +338,9 @@ impl Worker {
             idle: s.idle,
             idle_rounds: 0,
             idle_since: None,
+            fence: s.fence,
+            peers: s.peers,
+            fence_job: None,
         };
         super::precise_timers();
         if let Some(core) = s.core {
@@ -356,6 +372,11 @@ impl Worker {
         // Same ISID, TSIH 0: the target has ended the sessions before this
         // one, so what they held is fenced.
         self.session_epoch = self.shared.begin_session();
+        self.shared
+            .set_portal_group(p.session.connection().params().target_portal_group_tag);
+        if let Some(board) = &self.fence {
+            board.fenced(self.shared.index, self.session_epoch - 1);
+        }
         self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
@@ -392,6 +413,7 @@ impl Worker {
     /// One turn of the poll loop; true if anything moved.
     fn round(&mut self, now: Instant) -> bool {
         self.take_control();
+        self.fence_for_others(now);
         let progressed = match std::mem::replace(&mut self.conn, Conn::Down) {
             Conn::Up(mut session) => {
                 let r = self.step_up(&mut session, now);
@@ -928,6 +950,9 @@ impl Worker {
             .filter(|c| c.user_tag & INTERNAL_TAG == 0)
             .count();
         self.shared.record_resubmitted(n as u64);
+        if cmds.iter().any(|c| c.direction == Direction::Write) {
+            self.want_fence();
+        }
         for c in cmds {
             self.bounce(c);
         }
@@ -938,6 +963,122 @@ impl Worker {
         let (mut t, _) = session.into_parts();
         t.close();
         self.conn = Conn::Down;
+    }
+
+    /// This path failed with writes in its session: ask the other live
+    /// paths of its portal group to end the session (`multipath::fence`).
+    fn want_fence(&self) {
+        let Some(board) = &self.fence else { return };
+        let Some(tpgt) = self.shared.portal_group() else {
+            log::info!(
+                "path {}: the target named no portal group for the failed session, so it can be fenced only by this path's own next login",
+                self.shared.name
+            );
+            return;
+        };
+        log::info!(
+            "path {}: session {} failed with writes in it: fence wanted through another portal of group {tpgt}",
+            self.shared.name,
+            self.session_epoch
+        );
+        board.post(FenceNeed {
+            path: self.shared.index,
+            epoch: self.session_epoch,
+            tpgt,
+            login: self.probe.login.clone(),
+        });
+    }
+
+    /// Runs fence logins for other paths: collects one that ended, and, while
+    /// this path is up, claims a need of its portal group and logs in with
+    /// the failed path's ISID on a thread of its own (with this path's
+    /// connector, which a reconnect of this path waits for).
+    fn fence_for_others(&mut self, now: Instant) {
+        // Every round: two loads when there is nothing to do.
+        if self.fence_job.is_none() && !self.fence.as_ref().is_some_and(|b| b.has_pending()) {
+            return;
+        }
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        if let Some(h) = self.fence_job.take() {
+            if !h.is_finished() {
+                self.fence_job = Some(h);
+                return;
+            }
+            match h.join() {
+                Ok((connector, job, result)) => {
+                    self.connector = Some(connector);
+                    let attempts = board.finish(&job, &result, now);
+                    let victim = &self.peers[job.need.path].name;
+                    match result {
+                        Ok(()) => log::info!(
+                            "path {}: fenced session {} of path {victim} (login with its ISID through this portal, group {}; attempt {attempts})",
+                            self.shared.name,
+                            job.need.epoch,
+                            job.need.tpgt
+                        ),
+                        Err(e) if attempts <= 1 => log::info!(
+                            "path {}: fencing session {} of path {victim} failed (attempt {attempts}; retried with back-off): {e}",
+                            self.shared.name,
+                            job.need.epoch
+                        ),
+                        Err(e) => log::debug!(
+                            "path {}: fencing session {} of path {victim} failed (attempt {attempts}): {e}",
+                            self.shared.name,
+                            job.need.epoch
+                        ),
+                    }
+                }
+                Err(_) => {
+                    // The connector went down with the thread.
+                    self.health.give_up();
+                    self.shared
+                        .set_state(PathState::Failed, "fence login thread panicked");
+                }
+            }
+            return;
+        }
+        if !board.has_pending() || !matches!(self.conn, Conn::Up(_)) || self.connector.is_none() {
+            return;
+        }
+        let Some(tpgt) = self.shared.portal_group() else {
+            return;
+        };
+        let peers = self.peers.clone();
+        let Some(job) = board.claim(self.shared.index, tpgt, now, |p| {
+            peers.get(p).map_or(u64::MAX, |s| s.fenced_through())
+        }) else {
+            return;
+        };
+        let Some(mut connector) = self.connector.take() else {
+            return;
+        };
+        let victim = self.peers[job.need.path].clone();
+        let timers = self.probe.timers;
+        let login_timeout = self.probe.login_timeout;
+        let spawned = std::thread::Builder::new()
+            .name(format!("mp-fence-{}", self.shared.index))
+            .spawn(move || {
+                let result =
+                    fence_login(&mut connector, &job.need, timers, login_timeout).map(|session| {
+                        // Ended at the target: the held writes may go now,
+                        // before our logout of the fence session.
+                        victim.fence_through(job.need.epoch);
+                        let _ = session.logout(Duration::from_millis(500));
+                    });
+                (connector, job, result)
+            });
+        match spawned {
+            Ok(h) => self.fence_job = Some(h),
+            Err(e) => {
+                self.health.give_up();
+                self.shared.set_state(
+                    PathState::Failed,
+                    &format!("cannot spawn fence login thread: {e}"),
+                );
+            }
+        }
     }
 
     fn start_connect(&mut self) {
@@ -1084,6 +1225,8 @@ mod tests {
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
             alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
+            fence: None,
+            peers: Arc::from(vec![shared.clone()]),
         });
         let (sub_p, sub_c) = ring::<Request>(8);
         let (comp_p, comp_c) = ring::<Response>(8);

@@ -1,0 +1,308 @@
+//! Fencing a failed path's session through another portal of the same
+//! target portal group (RFC 7143 §6.3.5, session reinstatement).
+//!
+//! A path's session is its I_T nexus: (InitiatorName + ISID, TargetName +
+//! TargetPortalGroupTag). A login with the same InitiatorName and ISID and
+//! TSIH 0 *at any portal of the same portal group* makes the target end the
+//! old session and all its tasks. So when path B fails with writes in its
+//! session, another path A that is up and reaches a portal with B's
+//! TargetPortalGroupTag logs in once with B's ISID (the *fence login*) and
+//! logs that session out again. As soon as the fence login succeeds, B's
+//! old session can no longer run anything, and the writes it held may go
+//! out on the live paths, without waiting for B's own portal to return.
+//!
+//! The [`FenceBoard`] is the device-wide list of fences wanted: the failed
+//! path's worker posts one ([`FenceBoard::post`]), a live worker of the
+//! same portal group claims it ([`FenceBoard::claim`]), runs the login off
+//! its poll loop with its own connector, and reports back
+//! ([`FenceBoard::finish`]). The board is plain logic: no threads, no I/O.
+//!
+//! # Epochs
+//! Each path counts its sessions ([`PathShared::begin_session`]) and keeps
+//! the newest epoch known ended ([`PathShared::fenced_through`]). A
+//! successful login of the path with its ISID ends every session of the
+//! path established before the login started; a fence login is started
+//! only after the failure it fences was seen, so it ends the failed epoch
+//! (and no later one is counted as ended: if the fence login also ends a
+//! newer session the path logged in meanwhile, that session fails, and its
+//! writes wait for a fence of their own). A write sent in epoch `e` may be
+//! retried elsewhere once `fenced_through >= e`.
+//!
+//! [`PathShared::begin_session`]: super::PathShared::begin_session
+//! [`PathShared::fenced_through`]: super::PathShared::fenced_through
+
+use crate::iscsi::login::LoginConfig;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// After a fence login failed, the same need is tried again (by any live
+/// path of the group) no sooner than this, doubled after each further
+/// failure up to [`FENCE_RETRY_MAX`].
+pub const FENCE_RETRY: Duration = Duration::from_millis(100);
+/// The longest pause between fence attempts for one need.
+pub const FENCE_RETRY_MAX: Duration = Duration::from_millis(3200);
+
+/// A fence wanted: path `path`'s session `epoch` (and those before it) must
+/// end.
+#[derive(Debug, Clone)]
+pub struct FenceNeed {
+    /// The failed path's index.
+    pub path: usize,
+    /// The failed session's epoch.
+    pub epoch: u64,
+    /// The TargetPortalGroupTag the failed session had (from its login
+    /// response): only a portal of this group can end it.
+    pub tpgt: u16,
+    /// The failed path's login (its InitiatorName, ISID, TargetName, CHAP).
+    pub login: LoginConfig,
+}
+
+/// A claimed fence, to run and hand back with [`FenceBoard::finish`].
+#[derive(Debug, Clone)]
+pub struct FenceJob {
+    /// What to fence.
+    pub need: FenceNeed,
+    /// The path that runs the fence login.
+    pub fencer: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    need: FenceNeed,
+    claimed_by: Option<usize>,
+    not_before: Option<Instant>,
+    attempts: u32,
+}
+
+/// The device-wide list of fences wanted (see the module docs).
+#[derive(Debug, Default)]
+pub struct FenceBoard {
+    entries: Mutex<Vec<Entry>>,
+    /// Entries on the board (read on every worker round without the lock).
+    pending: AtomicUsize,
+}
+
+/// Why a fence login did not end the failed session.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FenceError {
+    /// The fencer's connector could not open a stream to its portal.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The login with the failed path's ISID failed.
+    #[error("login: {0}")]
+    Login(String),
+    /// The fencer's portal answered with another portal group than the
+    /// failed session's: that login did not end the failed session.
+    #[error("portal group {got:?} answered, the failed session was in {want}")]
+    OtherPortalGroup {
+        /// The failed session's TargetPortalGroupTag.
+        want: u16,
+        /// What the fence login's response said (None: nothing).
+        got: Option<u16>,
+    },
+}
+
+impl FenceBoard {
+    /// An empty board.
+    pub fn new() -> FenceBoard {
+        FenceBoard::default()
+    }
+
+    /// Whether any fence is wanted (cheap: an atomic load).
+    pub fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Fences wanted now.
+    pub fn len(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether no fence is wanted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Path `need.path` failed with writes in session `need.epoch`. A need
+    /// of the same path for an older epoch is replaced (fencing the newer
+    /// session ends the older ones too).
+    pub fn post(&self, need: FenceNeed) {
+        let Ok(mut e) = self.entries.lock() else {
+            return;
+        };
+        if let Some(old) = e.iter_mut().find(|x| x.need.path == need.path) {
+            if old.need.epoch < need.epoch {
+                old.need = need;
+                old.attempts = 0;
+                old.not_before = None;
+            }
+        } else {
+            e.push(Entry {
+                need,
+                claimed_by: None,
+                not_before: None,
+                attempts: 0,
+            });
+        }
+        self.pending.store(e.len(), Ordering::Release);
+    }
+
+    /// A live path `fencer`, whose current session is in portal group
+    /// `fencer_tpgt`, asks for work: the oldest unclaimed need of another
+    /// path in the same group that is due and not already fenced
+    /// (`fenced_through(path) >= epoch`: those are dropped).
+    pub fn claim(
+        &self,
+        fencer: usize,
+        fencer_tpgt: u16,
+        now: Instant,
+        fenced_through: impl Fn(usize) -> u64,
+    ) -> Option<FenceJob> {
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        let job = e
+            .iter_mut()
+            .find(|x| {
+                x.claimed_by.is_none()
+                    && x.need.path != fencer
+                    && x.need.tpgt == fencer_tpgt
+                    && x.not_before.is_none_or(|t| now >= t)
+            })
+            .map(|x| {
+                x.claimed_by = Some(fencer);
+                x.attempts += 1;
+                FenceJob {
+                    need: x.need.clone(),
+                    fencer,
+                }
+            });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// The fence login of `job` ended (`Ok`: the failed session is gone,
+    /// and the caller has moved the path's `fenced_through`). A failed one
+    /// goes back on the board, due again after [`FENCE_RETRY`] (doubling
+    /// with each failed attempt). Returns how many attempts the need has had.
+    pub fn finish(&self, job: &FenceJob, result: &Result<(), FenceError>, now: Instant) -> u32 {
+        let Ok(mut e) = self.entries.lock() else {
+            return 0;
+        };
+        let mut attempts = 0;
+        if let Some(i) = e
+            .iter()
+            .position(|x| x.need.path == job.need.path && x.claimed_by == Some(job.fencer))
+        {
+            attempts = e[i].attempts;
+            let newer = e[i].need.epoch > job.need.epoch;
+            if result.is_ok() && !newer {
+                e.remove(i);
+            } else {
+                e[i].claimed_by = None;
+                let pause = FENCE_RETRY
+                    .saturating_mul(1 << attempts.saturating_sub(1).min(5))
+                    .min(FENCE_RETRY_MAX);
+                e[i].not_before = result.is_err().then(|| now + pause);
+            }
+        }
+        self.pending.store(e.len(), Ordering::Release);
+        attempts
+    }
+
+    /// Path `path` logged in again by itself (its own login ended the failed
+    /// session): nothing left to fence for it up to `epoch`.
+    pub fn fenced(&self, path: usize, epoch: u64) {
+        let Ok(mut e) = self.entries.lock() else {
+            return;
+        };
+        e.retain(|x| !(x.need.path == path && x.need.epoch <= epoch && x.claimed_by.is_none()));
+        self.pending.store(e.len(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(path: usize, epoch: u64, tpgt: u16) -> FenceNeed {
+        FenceNeed {
+            path,
+            epoch,
+            tpgt,
+            login: LoginConfig::new("iqn.i", Some("iqn.t")),
+        }
+    }
+
+    #[test]
+    fn claimed_by_a_live_path_of_the_same_group_only() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        assert!(!b.has_pending());
+        b.post(need(1, 3, 7));
+        assert!(b.has_pending());
+        // Not by the failed path itself, not by another portal group.
+        assert!(b.claim(1, 7, t0, |_| 0).is_none());
+        assert!(b.claim(0, 8, t0, |_| 0).is_none());
+        let job = b.claim(0, 7, t0, |_| 0).expect("same group");
+        assert_eq!((job.need.path, job.need.epoch, job.fencer), (1, 3, 0));
+        // Claimed: nobody else gets it.
+        assert!(b.claim(2, 7, t0, |_| 0).is_none());
+        assert_eq!(b.finish(&job, &Ok(()), t0), 1);
+        assert!(!b.has_pending());
+    }
+
+    #[test]
+    fn a_failed_fence_is_retried_after_a_pause_by_anyone() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        b.post(need(1, 3, 7));
+        let job = b.claim(0, 7, t0, |_| 0).expect("claim");
+        b.finish(&job, &Err(FenceError::Connect("refused".into())), t0);
+        assert!(b.claim(2, 7, t0, |_| 0).is_none(), "not at once");
+        let again = b.claim(2, 7, t0 + FENCE_RETRY, |_| 0).expect("due again");
+        assert_eq!(again.fencer, 2);
+        b.finish(&again, &Err(FenceError::Login("x".into())), t0);
+        assert!(b.claim(0, 7, t0 + FENCE_RETRY, |_| 0).is_none(), "doubled");
+        let third = b
+            .claim(0, 7, t0 + 2 * FENCE_RETRY, |_| 0)
+            .expect("due after twice the pause");
+        assert_eq!(b.finish(&third, &Ok(()), t0), 3);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn needs_already_fenced_are_dropped_and_newer_epochs_replace_older() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        b.post(need(1, 3, 7));
+        b.post(need(1, 5, 7));
+        b.post(need(1, 4, 7));
+        assert_eq!(b.len(), 1);
+        let job = b.claim(0, 7, t0, |_| 0).expect("claim");
+        assert_eq!(job.need.epoch, 5);
+        b.finish(&job, &Ok(()), t0);
+        // The path logged in again by itself: its need goes.
+        b.post(need(2, 2, 7));
+        assert!(b.claim(0, 7, t0, |p| if p == 2 { 2 } else { 0 }).is_none());
+        assert!(b.is_empty());
+        b.post(need(3, 2, 7));
+        b.fenced(3, 2);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_newer_failure_posted_while_fencing_stays_on_the_board() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        b.post(need(1, 3, 7));
+        let job = b.claim(0, 7, t0, |_| 0).expect("claim");
+        b.post(need(1, 4, 7));
+        b.finish(&job, &Ok(()), t0);
+        let next = b
+            .claim(0, 7, t0, |p| if p == 1 { 3 } else { 0 })
+            .expect("epoch 4");
+        assert_eq!(next.need.epoch, 4);
+    }
+}
