@@ -9,8 +9,11 @@
 
 pub mod cpu;
 pub mod engine;
+pub mod fio_hist;
 pub mod job;
+pub mod plot;
 pub mod report;
+pub mod series;
 pub mod verify;
 
 use crate::worker::poll_meter;
@@ -90,6 +93,8 @@ pub struct JobResult {
     pub first_error: Option<String>,
     pub verify_failure: Option<(u64, String)>,
     pub measured: Duration,
+    /// Completions per interval, per path (for IOPS over time).
+    pub series: series::IopsSeries,
 }
 
 /// Counters the progress line reads while the run goes on.
@@ -151,6 +156,7 @@ pub fn run_job(
         first_error: None,
         verify_failure: None,
         measured: Duration::ZERO,
+        series: series::IopsSeries::new(spec.runtime, paths.max(1)),
     };
     let start = Instant::now();
     let measure_from = start + spec.ramp;
@@ -269,6 +275,8 @@ pub fn run_job(
                         };
                         let _ = h.record(lat.max(1));
                         let bytes = d.buffer.len() as u64;
+                        r.series
+                            .record(d.path, now.saturating_duration_since(measure_from));
                         if write {
                             r.write_bytes += bytes;
                         } else {

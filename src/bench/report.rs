@@ -252,7 +252,7 @@ fn dir_json(d: &DirSummary, runtime_ms: u64) -> Value {
 /// `iscsi_bypass`. The schema is stable: fields are only ever added.
 pub fn json(run: &RunResult, s: &Summary) -> Value {
     let ms = (s.seconds * 1000.0) as u64;
-    json!({
+    let mut report = json!({
         "iscsi-bypass version": format!("{} ({})", env!("CARGO_PKG_VERSION"), env!("ISCSI_BYPASS_GIT_REV")),
         "schema": 1,
         "jobs": [{
@@ -272,7 +272,9 @@ pub fn json(run: &RunResult, s: &Summary) -> Value {
             "total": dir_json(&s.total, ms),
             "paths": s.paths.iter().map(|(name, p)| json!({"name": name, "stats": dir_json(p, ms)})).collect::<Vec<_>>(),
         }
-    })
+    });
+    super::series::add_to_json(&mut report, run);
+    report
 }
 
 /// Writes an HdrHistogram interval log (V2, compressed) with one interval

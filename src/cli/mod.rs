@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod nbd;
 pub mod paths;
+pub mod plot;
 pub mod port_binding;
 pub mod target;
 
