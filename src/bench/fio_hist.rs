@@ -73,17 +73,30 @@ pub fn coarseness_of(bins: usize) -> Option<u32> {
 /// first bin whose running sum reaches `p / 100 * total`. Empty bins give
 /// an empty result.
 pub fn percentiles(bins: &[u64], coarseness: u32, pcts: &[f64]) -> Vec<(f64, f64)> {
-    let total: u64 = bins.iter().sum();
+    rank_percentiles(
+        bins.iter()
+            .enumerate()
+            .map(|(i, &n)| (bin_value(i, coarseness), n)),
+        pcts,
+    )
+}
+
+/// fio's percentile rule over (latency, count) pairs in ascending latency.
+pub fn rank_percentiles(
+    bins: impl Iterator<Item = (f64, u64)> + Clone,
+    pcts: &[f64],
+) -> Vec<(f64, f64)> {
+    let total: u64 = bins.clone().map(|(_, n)| n).sum();
     if total == 0 {
         return Vec::new();
     }
     let mut out = Vec::with_capacity(pcts.len());
     let mut j = 0;
     let mut sum = 0u64;
-    for (i, &n) in bins.iter().enumerate() {
+    for (value, n) in bins {
         sum += n;
         while j < pcts.len() && sum as f64 >= pcts[j] / 100.0 * total as f64 {
-            out.push((pcts[j], bin_value(i, coarseness)));
+            out.push((pcts[j], value));
             j += 1;
         }
         if j == pcts.len() {
@@ -353,7 +366,7 @@ mod tests {
 
     #[test]
     fn percentiles_pick_the_first_bin_reaching_the_rank() {
-        let mut bins = vec![0u64; PLAT_NR];
+        let mut bins = [0u64; PLAT_NR];
         bins[50] = 90; // 90 I/Os at 50 ns
         bins[fio_plat_val_to_idx(10_000)] = 9; // 9 at ~10 us
         bins[fio_plat_val_to_idx(1_000_000)] = 1; // 1 at ~1 ms
@@ -363,7 +376,7 @@ mod tests {
         let one_ms = plat_idx_to_val(fio_plat_val_to_idx(1_000_000)) as f64;
         assert_eq!(v, vec![50.0, 50.0, ten_us, ten_us, one_ms, one_ms]);
         assert!((ten_us - 10_000.0).abs() / 10_000.0 < 1.0 / 64.0);
-        assert!(percentiles(&vec![0; PLAT_NR], 0, &[50.0]).is_empty());
+        assert!(percentiles(&[0u64; PLAT_NR], 0, &[50.0]).is_empty());
     }
 
     fn line(msec: u64, ddir: u32, bins: &[(usize, u64)], n: usize) -> String {

@@ -146,6 +146,32 @@ fn percentile_map(v: &Value, at: &str) -> Result<Vec<(f64, f64)>, PlotError> {
     Ok(points)
 }
 
+/// The dense spectrum of fio's json+ `bins` ({"ns": count, ...}), by fio's
+/// own percentile rule.
+fn bins_spectrum(v: &Value, at: &str) -> Result<Vec<(f64, f64)>, PlotError> {
+    let Some(map) = v.as_object() else {
+        return Err(report_err(format!("{at} is not an object")));
+    };
+    let mut bins = Vec::with_capacity(map.len());
+    for (k, n) in map {
+        let ns: f64 = k
+            .parse()
+            .ok()
+            .filter(|ns: &f64| *ns >= 0.0)
+            .ok_or_else(|| report_err(format!("{at} has key {k:?}, not a latency")))?;
+        let n = n
+            .as_u64()
+            .ok_or_else(|| report_err(format!("{at}[{k:?}] is {n}, not a count")))?;
+        bins.push((ns, n));
+    }
+    bins.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = bins.iter().map(|b| b.1).sum();
+    Ok(fio_hist::rank_percentiles(
+        bins.iter().copied(),
+        &spectrum_percentiles(total),
+    ))
+}
+
 /// (percentile, ns) pairs of our dense `[[p, ns], ...]` list.
 fn pair_list(v: &Value, at: &str) -> Result<Vec<(f64, f64)>, PlotError> {
     let Some(list) = v.as_array() else {
@@ -212,12 +238,21 @@ impl PlotData {
                     Some(list) => pair_list(list, &format!("iscsi_bypass.clat_spectrum.{dir}"))?,
                     None => {
                         // clat, or total latency where fio was told
-                        // lat_percentiles=1 instead.
-                        let pct = ["clat_ns", "lat_ns"].iter().find_map(|k| {
-                            d.get(*k).and_then(|l| l.get("percentile")).map(|p| (*k, p))
+                        // lat_percentiles=1 instead; fio's json+ also has
+                        // the bins themselves.
+                        let lat = ["clat_ns", "lat_ns"].iter().find_map(|k| {
+                            d.get(*k)
+                                .filter(|l| l.get("percentile").is_some())
+                                .map(|l| (*k, l))
                         });
-                        match pct {
-                            Some((k, p)) => percentile_map(p, &format!("{at}.{k}.percentile"))?,
+                        match lat {
+                            Some((k, l)) => match l.get("bins") {
+                                Some(bins) => bins_spectrum(bins, &format!("{at}.{k}.bins"))?,
+                                None => percentile_map(
+                                    &l["percentile"],
+                                    &format!("{at}.{k}.percentile"),
+                                )?,
+                            },
                             None => continue,
                         }
                     }
@@ -283,11 +318,7 @@ impl PlotData {
             ));
         }
         let title = match jobs.len() {
-            1 => jobs[0]
-                .get("jobname")
-                .and_then(Value::as_str)
-                .unwrap_or("job")
-                .to_string(),
+            1 => job_title(&jobs[0]),
             n => format!("{n} jobs"),
         };
         Ok(PlotData {
@@ -333,6 +364,27 @@ impl PlotData {
     }
 }
 
+/// "name: rw=randread bs=4096 iodepth=32", from what `job options` has.
+fn job_title(job: &Value) -> String {
+    let mut t = job
+        .get("jobname")
+        .and_then(Value::as_str)
+        .unwrap_or("job")
+        .to_string();
+    let opts = job.get("job options");
+    let mut sep = ": ";
+    for k in ["rw", "bs", "iodepth", "numjobs"] {
+        let v = match opts.and_then(|o| o.get(k)) {
+            Some(Value::String(v)) => v.clone(),
+            Some(Value::Number(v)) => v.to_string(),
+            _ => continue,
+        };
+        t.push_str(&format!("{sep}{k}={v}"));
+        sep = " ";
+    }
+    t
+}
+
 /// Where percentile `p` (%) lies on the 1/(1-p) axis; the maximum at `max_x`.
 fn x_of(p: f64, max_x: f64) -> f64 {
     if p >= 100.0 {
@@ -344,7 +396,7 @@ fn x_of(p: f64, max_x: f64) -> f64 {
 
 /// "99.9%" for x = 1000 on the 1/(1-p) axis; "max" at its end.
 fn pct_label(x: f64, max_x: f64) -> String {
-    if (x - max_x).abs() <= max_x * 1e-9 {
+    if max_x.is_finite() && (x - max_x).abs() <= max_x * 1e-9 {
         return "max".into();
     }
     let p = 100.0 - 100.0 / x;
@@ -367,7 +419,9 @@ fn latency_unit(max_ns: f64) -> (&'static str, f64) {
 }
 
 fn count_label(v: f64, max: f64) -> String {
-    if max >= 10_000.0 {
+    if v == 0.0 {
+        "0".into()
+    } else if max >= 10_000.0 {
         format!("{}k", (v / 1000.0 * 10.0).round() / 10.0)
     } else if max < 10.0 {
         format!("{v:.1}")
@@ -407,8 +461,16 @@ fn draw_spectrum(area: &Area, spectra: &[Spectrum]) -> Result<(), PlotError> {
         .filter(|(p, _)| *p < 100.0)
         .map(|(p, _)| 1.0 / (1.0 - p / 100.0))
         .fold(1.0f64, f64::max);
-    // The maximum one decade past the last percentile drawn.
-    let max_x = 10f64.powf((finite_x.log10() - 1e-9).ceil().max(0.0) + 1.0);
+    // The maximum one decade past the last percentile drawn; without one
+    // (fio's list stops at 99.99%), the axis ends at the last decade.
+    let has_max = spectra
+        .iter()
+        .flat_map(|s| &s.points)
+        .any(|(p, _)| *p >= 100.0);
+    let decade = (finite_x.log10() - 1e-9).ceil().max(1.0);
+    let max_x = 10f64.powf(if has_max { decade + 1.0 } else { decade });
+    // Labels say "max" at the end only where it is the maximum.
+    let label_max = if has_max { max_x } else { f64::INFINITY };
     let max_ns = spectra
         .iter()
         .flat_map(|s| &s.points)
@@ -438,9 +500,10 @@ fn draw_spectrum(area: &Area, spectra: &[Spectrum]) -> Result<(), PlotError> {
         .configure_mesh()
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
+        .light_line_style(BLACK.mix(0.04))
         .x_desc("percentile")
         .y_desc(format!("latency ({unit})"))
-        .x_label_formatter(&|x| pct_label(*x, max_x))
+        .x_label_formatter(&|x| pct_label(*x, label_max))
         .y_label_formatter(&|y| format!("{y}"))
         .draw()
         .map_err(draw_err)?;
@@ -491,14 +554,16 @@ fn draw_series(area: &Area, series: &[Series], of: &str) -> Result<(), PlotError
         .y_label_area_size(72)
         .build_cartesian_2d(
             0.0..if max_t > 0.0 { max_t } else { 1.0 },
-            0.0..if max_iops > 0.0 { max_iops * 1.1 } else { 1.0 },
+            // Headroom for the legend above the lines.
+            0.0..if max_iops > 0.0 { max_iops * 1.3 } else { 1.0 },
         )
         .map_err(draw_err)?;
-    let y_max = max_iops * 1.1;
+    let y_max = max_iops * 1.3;
     chart
         .configure_mesh()
         .label_style((FONT, 15))
         .axis_desc_style((FONT, 17))
+        .light_line_style(BLACK.mix(0.04))
         .x_desc("seconds")
         .y_desc("IOPS")
         .y_label_formatter(&|v| count_label(*v, y_max))
@@ -515,7 +580,7 @@ fn draw_series(area: &Area, series: &[Series], of: &str) -> Result<(), PlotError
     if !series.is_empty() {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font((FONT, 17))
@@ -538,6 +603,7 @@ mod tests {
         assert_eq!(pct_label(1000.0, 1e5), "99.9%");
         assert_eq!(pct_label(10_000.0, 1e5), "99.99%");
         assert_eq!(pct_label(1e5, 1e5), "max");
+        assert_eq!(pct_label(1e5, f64::INFINITY), "99.999%");
         assert!((x_of(99.0, 1e5) - 100.0).abs() < 1e-9);
         assert_eq!(x_of(100.0, 1e5), 1e5);
     }
@@ -576,6 +642,8 @@ mod tests {
         });
         let d = PlotData::from_report(&v).unwrap();
         assert_eq!(d.title, "j");
+        let job = serde_json::json!({"jobname": "db", "job options": {"rw": "randrw", "bs": "8k", "iodepth": 16, "size": "1g"}});
+        assert_eq!(job_title(&job), "db: rw=randrw bs=8k iodepth=16");
         assert_eq!(
             d.spectra,
             vec![Spectrum {
