@@ -319,11 +319,21 @@ fn plot_draws_fios_json_and_histogram_log() {
             logged * 10 >= total * 7,
             "{name}: {logged} of {total} I/Os logged"
         );
-        // rate_iops=20000,5000: the log's IOPS are in the thousands.
+        // IOPS over each line's interval give back the logged I/Os (fio
+        // closes an interval at the first completion 100 ms after the last,
+        // so on a loaded machine there are fewer, longer ones).
         let iops = hist.iops(ddir);
-        assert!(iops.len() >= 8, "{iops:?}");
-        let mid = iops[iops.len() / 2].1;
-        assert!((2_000.0..40_000.0).contains(&mid), "{name}: {iops:?}");
+        assert!(iops.len() >= 2, "{name}: {iops:?}");
+        let mut from = 0.0;
+        let mut back = 0.0;
+        for &(t, v) in &iops {
+            back += v * (t - from);
+            from = t;
+        }
+        assert!(
+            (back - logged as f64).abs() <= 1e-6 * logged as f64 + 1e-6,
+            "{name}: {back} vs {logged} from {iops:?}"
+        );
     }
 
     // fio's json+ has its bins: our percentile rule over them gives fio's
