@@ -86,6 +86,9 @@ enum Cmd {
     ExportNbd(Box<cli::nbd::ExportNbdArgs>),
     /// Show the LU and its paths by ALUA group, like `multipath -ll`.
     Paths(cli::paths::PathsArgs),
+    /// Draw a bench (or fio) JSON report or a fio histogram log as an SVG:
+    /// latency by percentile, and IOPS over time per path.
+    Plot(cli::plot::PlotArgs),
 }
 
 fn main() {
@@ -119,6 +122,7 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
         Cmd::Target(args) => cli::target::run(&args, out)?,
         Cmd::ExportNbd(args) => cli::nbd::run(&args, opts)?,
         Cmd::Paths(args) => cli::paths::run(&args, opts, out)?,
+        Cmd::Plot(args) => cli::plot::run(&args, out)?,
         Cmd::Discover { portal } => {
             let targets = cli::discover(&portal, opts)?;
             out.discovery(&targets);

@@ -10,10 +10,13 @@
 pub mod cpu;
 pub mod dist;
 pub mod engine;
+pub mod fio_hist;
 pub mod fiohist;
 pub mod job;
 pub mod pace;
+pub mod plot;
 pub mod report;
+pub mod series;
 pub mod verify;
 
 use crate::worker::poll_meter;
@@ -134,6 +137,8 @@ pub struct JobResult {
     pub usage: cpu::ThreadUsage,
     /// fio-style latency histogram log samples (when asked for).
     pub hist: Vec<fiohist::HistSample>,
+    /// Completions per interval, per path (for IOPS over time).
+    pub series: series::IopsSeries,
 }
 
 impl JobResult {
@@ -327,6 +332,7 @@ pub fn run_job_planned(
         measured: Duration::ZERO,
         usage: cpu::ThreadUsage::default(),
         hist: Vec::new(),
+        series: series::IopsSeries::new(spec.runtime, paths.max(1)),
     };
     let directions = spec.directions();
     let start = Instant::now();
@@ -561,6 +567,8 @@ pub fn run_job_planned(
                     if measuring && io.issued >= measure_from {
                         let dir = io.write as usize;
                         let bytes = d.buffer.len() as u64;
+                        r.series
+                            .record(d.path, now.saturating_duration_since(measure_from));
                         let st = &mut r.dirs[dir];
                         let _ = st.lat.record(lat.max(1));
                         let _ = st.clat.record(clat.max(1));

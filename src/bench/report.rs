@@ -550,7 +550,7 @@ pub fn json(run: &RunResult, s: &Summary) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut report = json!({
         "iscsi-bypass version": format!("{} ({})", env!("CARGO_PKG_VERSION"), env!("ISCSI_BYPASS_GIT_REV")),
         "schema": 1,
         "jobs": jobs,
@@ -565,7 +565,9 @@ pub fn json(run: &RunResult, s: &Summary) -> Value {
             "paths": s.paths.iter().map(|(name, p)| json!({"name": name, "stats": dir_json(p, ms)})).collect::<Vec<_>>(),
             "jobs": bs_ios,
         }
-    })
+    });
+    super::series::add_to_json(&mut report, run);
+    report
 }
 
 /// Writes fio's histogram log (`log_hist_msec` format, see

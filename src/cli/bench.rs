@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// part, mergeable across hosts) here.
     #[arg(long)]
     pub hdr_log: Option<PathBuf>,
+    /// Draw the run as an SVG here: latency by percentile, and IOPS over
+    /// time per path (the picture `iscsi-bypass plot` makes of the JSON).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
     /// Serve Prometheus metrics of the paths at http://ADDR/metrics while
     /// the job runs (multipath engine), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -733,6 +737,9 @@ pub fn report_and_check(result: &bench::RunResult, args: &BenchArgs, out: &Outpu
         );
     } else {
         print!("{}", report::text(result, &s));
+    }
+    if let Some(p) = &args.plot {
+        super::plot::write_report_plot(&report::json(result, &s), p)?;
     }
     if let Some(p) = &args.hist_log {
         report::write_hist_log(result, p).with_context(|| format!("writing {}", p.display()))?;

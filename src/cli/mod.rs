@@ -4,6 +4,7 @@ pub mod bench;
 pub mod health;
 pub mod nbd;
 pub mod paths;
+pub mod plot;
 pub mod port_binding;
 pub mod target;
 
