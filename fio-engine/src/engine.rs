@@ -500,7 +500,7 @@ mod tests {
         let mut tags: Vec<usize> = done.iter().map(|d| d.tag).collect();
         tags.sort();
         assert_eq!(tags, (1000..1016).collect::<Vec<_>>());
-        e.queue(file, Op::Flush, 0, 0, None, 7, 0).unwrap();
+        // 16 deep: a 17th I/O waits for room.
         for i in 0..16u8 {
             e.queue(
                 file,
@@ -513,8 +513,15 @@ mod tests {
             )
             .unwrap();
         }
+        assert_eq!(
+            e.queue(file, Op::Flush, 0, 0, None, 7, 0),
+            Err(QueueError::Busy)
+        );
         e.commit();
-        let done = drain(&mut e, 17);
+        let mut done = drain(&mut e, 16);
+        e.queue(file, Op::Flush, 0, 0, None, 7, 0).unwrap();
+        e.commit();
+        done.extend(drain(&mut e, 1));
         for d in done {
             assert_eq!(d.error, 0);
             if d.tag == 7 {

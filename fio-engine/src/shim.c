@@ -157,6 +157,25 @@ struct fib_td {
 
 #define FIB_ERRLEN 512
 
+/*
+ * td_verror() needs __td_verror, which the fio binary does not export:
+ * record the error the same way, so fio counts the job as failed (its exit
+ * status, the JSON "error") and names the reason.
+ */
+static void fib_set_error(struct thread_data *td, int err, const char *what)
+{
+	struct thread_data *t;
+	int i;
+
+	for (i = 0, t = td; i < 2 && t; i++, t = t->parent) {
+		if (t->error)
+			continue;
+		t->error = err;
+		snprintf(t->verror, sizeof(t->verror), "iscsi-bypass: %s: %s",
+			 what, strerror(err));
+	}
+}
+
 static void fib_config_from(struct thread_data *td, struct fib_config *c)
 {
 	struct fib_options *o = td->eo;
@@ -178,25 +197,6 @@ static void fib_config_from(struct thread_data *td, struct fib_config *c)
 	c->nr_files = td->o.nr_files;
 }
 
-static int fib_setup(struct thread_data *td)
-{
-	struct fib_config c;
-	char err[FIB_ERRLEN];
-
-	if (strcmp(fio_version_string, "fio-3.33") != 0) {
-		log_err("fio: iscsi-bypass engine was built against fio-3.33 headers, "
-			"but this is %s: rebuild it (scripts/fio-engine.sh)\n",
-			fio_version_string);
-		return 1;
-	}
-	fib_config_from(td, &c);
-	if (fib_check_config(&c, err, sizeof(err))) {
-		log_err("fio: iscsi-bypass: %s\n", err);
-		return 1;
-	}
-	return 0;
-}
-
 static int fib_get_file_size(struct thread_data *td, struct fio_file *f)
 {
 	struct fib_config c;
@@ -208,10 +208,39 @@ static int fib_get_file_size(struct thread_data *td, struct fio_file *f)
 	fib_config_from(td, &c);
 	if (fib_probe_size(&c, f->file_name, &bytes, err, sizeof(err))) {
 		log_err("fio: iscsi-bypass: %s: %s\n", f->file_name, err);
+		fib_set_error(td, EIO, "get_file_size");
 		return 1;
 	}
 	f->real_file_size = bytes;
 	fio_file_set_size_known(f);
+	return 0;
+}
+
+static int fib_setup(struct thread_data *td)
+{
+	struct fib_config c;
+	char err[FIB_ERRLEN];
+	struct fio_file *f;
+	unsigned int i;
+
+	if (strcmp(fio_version_string, "fio-3.33") != 0) {
+		log_err("fio: iscsi-bypass engine was built against fio-3.33 headers, "
+			"but this is %s: rebuild it (scripts/fio-engine.sh)\n",
+			fio_version_string);
+		fib_set_error(td, EINVAL, "version");
+		return 1;
+	}
+	fib_config_from(td, &c);
+	if (fib_check_config(&c, err, sizeof(err))) {
+		log_err("fio: iscsi-bypass: %s\n", err);
+		fib_set_error(td, EINVAL, "options");
+		return 1;
+	}
+	/* With a setup hook fio leaves the sizing of the files to the engine. */
+	for_each_file(td, f, i) {
+		if (fib_get_file_size(td, f))
+			return 1;
+	}
 	return 0;
 }
 
@@ -237,6 +266,7 @@ static int fib_init(struct thread_data *td)
 	d->eng = fib_engine_new(&c, err, sizeof(err));
 	if (!d->eng) {
 		log_err("fio: iscsi-bypass: %s\n", err);
+		fib_set_error(td, EINVAL, "init");
 		free(d->staged);
 		free(d);
 		return 1;
@@ -268,6 +298,7 @@ static int fib_open(struct thread_data *td, struct fio_file *f)
 	file = fib_open_file(d->eng, f->file_name, &bytes, &block_size, err, sizeof(err));
 	if (file < 0) {
 		log_err("fio: iscsi-bypass: %s: %s\n", f->file_name, err);
+		fib_set_error(td, EIO, "open_file");
 		return 1;
 	}
 	f->engine_pos = (uint64_t)file;
