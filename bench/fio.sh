@@ -14,6 +14,7 @@
 #
 #   bench/fio.sh                 (RUNTIME=8 seconds per run; PROFILE=release)
 #   PROFILE=debug bench/fio.sh   (the dev-profile builds, e.g. those the tests made)
+#   SKIP_BUILD=1 ...             (use target/$PROFILE/{iscsi-bypass,libfio_iscsi_bypass.so} as they are)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${RUNTIME:-8}
@@ -24,9 +25,14 @@ command -v fio >/dev/null || { echo "fio missing (scripts/setup.sh)" >&2; exit 1
 flags=()
 [[ $PROFILE == release ]] && flags=(--release)
 [[ $PROFILE == debug ]] && engine_flag=--debug || engine_flag=""
-cargo build -q "${flags[@]}" --bin iscsi-bypass
 bin=$PWD/target/$PROFILE/iscsi-bypass
-so=$(bash scripts/fio-engine.sh $engine_flag)
+so=$PWD/target/$PROFILE/libfio_iscsi_bypass.so
+if [[ ${SKIP_BUILD:-0} == 1 ]]; then
+    [[ -x $bin && -f $so ]] || { echo "SKIP_BUILD=1 but $bin or $so is missing" >&2; exit 1; }
+else
+    cargo build -q "${flags[@]}" --bin iscsi-bypass
+    so=$(bash scripts/fio-engine.sh $engine_flag)
+fi
 
 work=$(mktemp -d /tmp/fio-bench.XXXXXX)
 pids=()
@@ -53,8 +59,9 @@ url1=iscsi://127.0.0.1:$p1/$iqn/0
 url2=iscsi://127.0.0.1:$p2/$iqn/0
 
 tck=$(getconf CLK_TCK)
-# CPU seconds (user+sys) of the children a command waited for.
-children_cpu() { times | tail -1 | awk '{ gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4 }'; }
+# CPU seconds (user+sys) of the children a shell waited for, from the last
+# line of `times` (run in that shell itself: a pipe would fork it).
+cpu_of() { tail -1 <<<"$1" | awk '{ gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4 }'; }
 # CPU ticks (user+sys) of a running process.
 proc_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 # I/Os (read + write) of fio's or bench's JSON report.
@@ -71,14 +78,16 @@ for case in $CASES; do
     # fio + the engine.
     cpu=$( { fio "${job[@]}" --ioengine="external:$so" --filename="${url1//:/\\:}" \
                --iscsi_paths="$url2" >"$work/engine.json" 2>"$work/engine.err" ||
-             { cat "$work/engine.err" >&2; exit 1; }; children_cpu; } )
+             { cat "$work/engine.err" >&2; exit 1; }; times; } )
+    cpu=$(cpu_of "$cpu")
     ios=$(json_ios <"$work/engine.json")
     engine=("$ios" "$cpu")
 
     # iscsi-bypass bench, the same job.
     cpu=$( { "$bin" bench --json --rw "$rw" --bs "$bs" --iodepth "$qd" --runtime "$RUNTIME" \
                "$url1" "$url2" >"$work/bench.json" 2>"$work/bench.err" ||
-             { cat "$work/bench.err" >&2; exit 1; }; children_cpu; } )
+             { cat "$work/bench.err" >&2; exit 1; }; times; } )
+    cpu=$(cpu_of "$cpu")
     ios=$(json_ios <"$work/bench.json")
     bench=("$ios" "$cpu")
 
@@ -92,8 +101,9 @@ for case in $CASES; do
     [[ -S $sock ]] || { cat "$work/nbd.log" >&2; exit 1; }
     before=$(proc_ticks "$nbd_pid")
     cpu=$( { fio "${job[@]}" --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-               >"$work/nbd.json" 2>"$work/nbd.err" || { cat "$work/nbd.err" >&2; exit 1; }; children_cpu; } )
+               >"$work/nbd.json" 2>"$work/nbd.err" || { cat "$work/nbd.err" >&2; exit 1; }; times; } )
     after=$(proc_ticks "$nbd_pid")
+    cpu=$(cpu_of "$cpu")
     kill "$nbd_pid"; wait "$nbd_pid" 2>/dev/null || true
     ios=$(json_ios <"$work/nbd.json")
     nbd=("$ios" "$(awk -v c="$cpu" -v t=$((after - before)) -v k="$tck" 'BEGIN { print c + t / k }')")
@@ -109,7 +119,7 @@ for case in $CASES; do
                 iops = ios / t; per = ios > 0 ? cpu * 1e9 / ios : 0
                 biops = bios / t; bper = bios > 0 ? bcpu * 1e9 / bios : 0
                 printf "RESULT tool=%s rw=%s bs=%s qd=%s iops=%.0f cpu_ns_per_io=%.0f iops_vs_bench=%.2f cpu_vs_bench=%.2f\n",
-                    tool, rw, bs, qd, iops, per, biops > 0 ? iops / biops : 0, bper > 0 ? per / bper : 0
+                    tool, rw, bs, qd, iops, per, (biops > 0 ? iops / biops : 0), (bper > 0 ? per / bper : 0)
             }'
     done
 done
