@@ -58,7 +58,7 @@ wait_port "$p1"; wait_port "$p2"
 url1=iscsi://127.0.0.1:$p1/$iqn/0
 url2=iscsi://127.0.0.1:$p2/$iqn/0
 
-tck=$(getconf CLK_TCK)
+tck=$(python3 -c 'import os; print(os.sysconf("SC_CLK_TCK"))')
 # CPU seconds (user+sys) of the children a shell waited for, from the last
 # line of `times` (run in that shell itself: a pipe would fork it).
 cpu_of() { tail -1 <<<"$1" | awk '{ gsub(/[ms]/, " "); print $1*60 + $2 + $3*60 + $4 }'; }

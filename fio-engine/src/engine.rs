@@ -404,7 +404,7 @@ impl Engine {
                 empty_polls = empty_polls.saturating_add(1);
                 match self.cfg.idle_sleep {
                     Some(d) if empty_polls > 64 => std::thread::sleep(d),
-                    _ if empty_polls % 256 == 0 => std::thread::yield_now(),
+                    _ if empty_polls.is_multiple_of(256) => std::thread::yield_now(),
                     _ => std::hint::spin_loop(),
                 }
             } else {

@@ -98,9 +98,11 @@ unsafe fn raw_config(c: *const FibConfig) -> Result<RawConfig, String> {
     // SAFETY: non-null, and the shim passes its stack `struct fib_config`,
     // laid out as FibConfig (repr(C), same fields).
     let c = unsafe { &*c };
-    // SAFETY (all opt_string calls): the strings are fio's option values
-    // (or null), NUL-terminated, alive while the job runs.
-    let s = |p, what| unsafe { opt_string(p, what) };
+    let s = |p, what| {
+        // SAFETY: the strings are fio's option values (or null),
+        // NUL-terminated, alive while the job runs.
+        unsafe { opt_string(p, what) }
+    };
     Ok(RawConfig {
         paths: s(c.paths, "iscsi_paths")?,
         transport: s(c.transport, "iscsi_transport")?,
