@@ -296,7 +296,7 @@ fn verify_stays_clean_when_a_path_dies_mid_run() {
         .spawn()
         .expect("start fio");
     // Wait until a quarter of the blocks are written, then kill the first
-    // path for good: its connections drop and it cannot log in again.
+    // path: its connections drop and it cannot log in again for 2 s.
     let written = || {
         let lun = t.lun(0).expect("LUN 0");
         let mut block = vec![0u8; 4096];
@@ -325,6 +325,13 @@ fn verify_stays_clean_when_a_path_dies_mid_run() {
     f.drop_connections_now();
     let at_kill = written();
     assert!(at_kill < 4096, "the write phase was over before the kill");
+    // Two seconds on the surviving path alone, then the dead portal takes
+    // logins again: a write caught in flight on it is re-sent only once
+    // that path's session is fenced (the library's rule: an unfenced write
+    // is never re-sent, it fails after fence_timeout), and fencing needs a
+    // login there.
+    std::thread::sleep(Duration::from_secs(2));
+    f.accept_logins();
     let o = child.take().unwrap().wait_with_output().expect("fio");
     let r = assert_verified(&o, 16 << 20);
     assert_eq!(r["jobs"][0]["write"]["total_ios"], 4096, "{}", text(&o));
