@@ -7,11 +7,14 @@
 #     valgrind;
 #   - 2 MiB hugepages for DPDK (best effort: tests fall back to --no-huge);
 #   - hugetlbfs mounted at /dev/hugepages;
-#   - rustfmt and clippy for the Rust toolchain (best effort).
+#   - rustfmt and clippy for the Rust toolchain (best effort);
+#   - the installed fio's configured source under target/fio-src/, which the
+#     fio engine crate (fio-engine/) is compiled against (its build fails,
+#     naming the reason, when this step could not fetch it).
 set -euo pipefail
 
 PACKAGES=(dpdk libdpdk-dev libclang-dev clang pkg-config tgt libiscsi-bin
-          iproute2 libnbd-bin qemu-utils valgrind ethtool fio)
+          iproute2 libnbd-bin qemu-utils valgrind ethtool fio dpkg-dev)
 HUGEPAGES_WANTED=${HUGEPAGES_WANTED:-512}
 HUGEPAGE_MOUNT=/dev/hugepages
 
@@ -79,6 +82,13 @@ if command -v rustup >/dev/null 2>&1; then
     done
 else
     note "rustup not found; install rustfmt and clippy with your toolchain"
+fi
+
+# --- fio source for the fio engine ------------------------------------------
+if src=$(bash "$(dirname "$0")/fio-engine.sh" --source-only); then
+    note "fio source for the fio engine at $src"
+else
+    note "could not fetch/configure fio's source: the fio-engine crate will not build (see above)"
 fi
 
 note "done"
