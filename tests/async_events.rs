@@ -5,100 +5,16 @@
 //! runs in strict mode, so the initiator's PDUs around each event are
 //! checked too (no violation may be recorded). Kernel TCP on loopback.
 
-use iscsi_bypass::multipath::{Io, IoCompletion};
 use iscsi_bypass::target::{
     fault::InjectedSense, AluaState, AsyncEvent, Target, TargetConfig, TargetHandle,
 };
-use iscsi_bypass::{Device, IdleMode, IoQueue, Options, PathState, Policy};
+use iscsi_bypass::{Device, IdleMode, Options, PathState, Policy};
+#[path = "common/chunks.rs"]
+mod chunks;
+use chunks::{verify, write_load};
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-12.org.iscsi-bypass:async";
-
-struct Load {
-    per_path: [u64; 2],
-    errors: u64,
-}
-
-/// Writes of `blocks` blocks at depth 8 for `dur`, each stamped with its
-/// chunk and generation (one write per chunk in flight).
-fn write_load(q: &mut IoQueue, dur: Duration, blocks: u32, generation: &mut [u32]) -> Load {
-    let chunk = blocks as usize * q.block_size() as usize;
-    let mut load = Load {
-        per_path: [0; 2],
-        errors: 0,
-    };
-    let mut free: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; chunk]).collect();
-    let mut pending = vec![0u32; generation.len()];
-    let mut out: Vec<IoCompletion> = Vec::new();
-    let mut next = 0usize;
-    let start = Instant::now();
-    loop {
-        let running = start.elapsed() < dur;
-        while running && !free.is_empty() {
-            let c = next % generation.len();
-            if pending[c] != 0 {
-                break;
-            }
-            let mut buf = free.pop().unwrap();
-            let g = generation[c] + 1;
-            stamp(&mut buf, c, g);
-            pending[c] = g;
-            next += 1;
-            if let Err(e) = q.submit(Io::write(
-                c as u64 * u64::from(blocks),
-                blocks,
-                buf,
-                c as u64,
-            )) {
-                pending[c] = 0;
-                next -= 1;
-                free.push(e.into_io().buffer);
-                break;
-            }
-        }
-        if !running && q.in_flight() == 0 {
-            return load;
-        }
-        out.clear();
-        q.wait_completions(&mut out, 1, Duration::from_millis(50));
-        for c in out.drain(..) {
-            let chunk = c.user_tag as usize;
-            match &c.result {
-                Ok(()) => generation[chunk] = pending[chunk],
-                Err(e) => {
-                    load.errors += 1;
-                    eprintln!("write of chunk {chunk} failed: {e}");
-                }
-            }
-            pending[chunk] = 0;
-            if let Some(p) = c.path {
-                load.per_path[p.min(1)] += 1;
-            }
-            free.push(c.buffer);
-        }
-    }
-}
-
-fn stamp(buf: &mut [u8], chunk: usize, generation: u32) {
-    for (i, w) in buf.chunks_mut(8).enumerate() {
-        let v = (chunk as u64) << 32 | u64::from(generation) | (i as u64) << 56;
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn verify(q: &mut IoQueue, blocks: u32, generation: &[u32]) {
-    let chunk = blocks as usize * q.block_size() as usize;
-    let (mut got, mut want) = (vec![0u8; chunk], vec![0u8; chunk]);
-    for (c, &g) in generation.iter().enumerate() {
-        if g == 0 {
-            continue;
-        }
-        q.read_at(c as u64 * u64::from(blocks), &mut got)
-            .expect("read back");
-        stamp(&mut want, c, g);
-        assert!(got == want, "chunk {c}: acknowledged generation {g} lost");
-    }
-}
 
 fn strict_target(portals: usize) -> TargetHandle {
     Target::start(
