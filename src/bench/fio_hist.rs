@@ -275,12 +275,23 @@ impl HistLog {
     /// (the first from 0).
     pub fn iops(&self, ddir: u32) -> Vec<(f64, f64)> {
         let mut prev = 0u64;
-        let mut out = Vec::new();
+        let mut last_dt = 0u64;
+        // I/Os of lines at time 0, before any interval: they go into the first.
+        let mut carry = 0u64;
+        let mut out: Vec<(f64, f64)> = Vec::new();
         for l in self.lines.iter().filter(|l| l.ddir == ddir) {
             let dt = l.msec.saturating_sub(prev);
+            let n: u64 = l.bins.iter().sum();
             if dt > 0 {
-                let n: u64 = l.bins.iter().sum();
+                let n = n + std::mem::take(&mut carry);
                 out.push((l.msec as f64 / 1000.0, n as f64 * 1000.0 / dt as f64));
+                last_dt = dt;
+            } else if let Some(last) = out.last_mut() {
+                // fio logged two lines at the same millisecond (several
+                // block sizes, or a loaded machine): one interval.
+                last.1 += n as f64 * 1000.0 / last_dt as f64;
+            } else {
+                carry += n;
             }
             prev = l.msec;
         }
@@ -401,6 +412,12 @@ mod tests {
         assert_eq!((r[40], r[41]), (30, 10));
         assert_eq!(log.iops(0), vec![(0.1, 100.0), (0.2, 300.0)]);
         assert_eq!(log.iops(1), vec![(0.101, 5.0 * 1000.0 / 101.0)]);
+        // Two lines at one millisecond are one interval: no I/O is dropped.
+        let same = HistLog::parse(
+            &(line(100, 0, &[(40, 10)], PLAT_NR) + "\n" + &line(100, 0, &[(40, 5)], PLAT_NR)),
+        )
+        .unwrap();
+        assert_eq!(same.iops(0), vec![(0.1, 150.0)]);
         let coarse = HistLog::parse(&line(1000, 0, &[(3, 1)], PLAT_NR >> 2)).unwrap();
         assert_eq!(coarse.coarseness, 2);
     }
