@@ -95,7 +95,7 @@ pub fn rank_percentiles(
     let mut sum = 0u64;
     for (value, n) in bins {
         sum += n;
-        while j < pcts.len() && sum as f64 >= pcts[j] / 100.0 * total as f64 {
+        while j < pcts.len() && reaches(sum, pcts[j], total) {
             out.push((pcts[j], value));
             j += 1;
         }
@@ -104,6 +104,36 @@ pub fn rank_percentiles(
         }
     }
     out
+}
+
+/// Whether `sum` of `total` samples reaches percentile `pct`: `sum >=
+/// pct / 100 * total`. fio computes that in `long double`; in `f64` the
+/// rounding of `pct / 100 * total` can land on the other side of an
+/// integer (fio's list holds values like 99.9 that binary cannot hold), so
+/// the comparison is made exactly, which is what `long double` gives at
+/// these sizes: `pct` is `m * 2^e`.
+fn reaches(sum: u64, pct: f64, total: u64) -> bool {
+    if !pct.is_finite() || pct <= 0.0 {
+        return true;
+    }
+    let bits = pct.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    let frac = bits & ((1u64 << 52) - 1);
+    let (m, e) = if exp == 0 {
+        (frac, -1074)
+    } else {
+        (frac | 1 << 52, exp - 1075)
+    };
+    let lhs = u128::from(sum) * 100;
+    let rhs = u128::from(m) * u128::from(total);
+    let exact = if e >= 0 {
+        rhs.checked_shl(e as u32).map(|r| lhs >= r)
+    } else {
+        lhs.checked_shl((-e) as u32)
+            .filter(|l| l >> ((-e) as u32) == lhs)
+            .map(|l| l >= rhs)
+    };
+    exact.unwrap_or(sum as f64 >= pct / 100.0 * total as f64)
 }
 
 /// fio's data directions, by `ddir` number.
@@ -420,6 +450,16 @@ mod tests {
         assert_eq!(same.iops(0), vec![(0.1, 150.0)]);
         let coarse = HistLog::parse(&line(1000, 0, &[(3, 1)], PLAT_NR >> 2)).unwrap();
         assert_eq!(coarse.coarseness, 2);
+    }
+
+    #[test]
+    fn percentile_ranks_are_compared_exactly_as_fio_does() {
+        // 99.9 is a little over 99.9: 4995 of 5000 does not reach it.
+        assert!(!reaches(4995, 99.9, 5000));
+        assert!(reaches(4996, 99.9, 5000));
+        assert!(reaches(2500, 50.0, 5000));
+        assert!(!reaches(2499, 50.0, 5000));
+        assert!(reaches(5000, 100.0, 5000));
     }
 
     #[test]

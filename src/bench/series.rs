@@ -129,8 +129,8 @@ pub fn add_to_json(report: &mut Value, run: &RunResult) {
         if i > 0 {
             series.merge(&j.series);
         }
-        let _ = read.add(j.read_lat());
-        let _ = write.add(j.write_lat());
+        let _ = read.add(&j.dirs[super::job::READ].clat);
+        let _ = write.add(&j.dirs[super::job::WRITE].clat);
     }
     let measured = run
         .jobs
