@@ -767,7 +767,7 @@ impl PathTable for SimPaths {
             index: path,
             outstanding: self.load[path].0,
             outstanding_bytes: self.load[path].1,
-            latency_ewma_ns: 0,
+            ..PathLoad::default()
         }
     }
     fn fenced_through(&self, path: usize) -> u64 {

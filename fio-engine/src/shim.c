@@ -100,7 +100,7 @@ static struct fio_option options[] = {
 	FIB_STR_OPT("iscsi_transport", "iSCSI transport", transport,
 		    "kernel (TCP sockets; the only one the fio engine offers so far)"),
 	FIB_STR_OPT("iscsi_policy", "iSCSI path policy", policy,
-		    "queue-depth (default), service-time, round-robin[:N], failover"),
+		    "queue-depth (default), service-time, historical-service-time, round-robin[:N], failover"),
 	FIB_STR_OPT("iscsi_initiator", "iSCSI initiator name", initiator,
 		    "Our initiator IQN"),
 	FIB_STR_OPT("iscsi_chap_user", "CHAP user", chap_user,

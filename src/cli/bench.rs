@@ -83,7 +83,8 @@ pub struct BenchArgs {
     /// Transport: kernel (TCP sockets) or dpdk (userspace TCP on DPDK).
     #[arg(long, default_value = "kernel")]
     pub transport: String,
-    /// Multipath path selector: queue-depth, service-time, round-robin, failover.
+    /// Multipath path selector: queue-depth, service-time,
+    /// historical-service-time (hst), round-robin[:N], failover.
     #[arg(long, default_value = "queue-depth")]
     pub policy: String,
     /// Spin instead of blocking when idle (poll mode; one core per job).

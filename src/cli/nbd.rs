@@ -30,7 +30,8 @@ pub struct ExportNbdArgs {
     /// Refuse writes, trims and write-zeroes.
     #[arg(long)]
     pub read_only: bool,
-    /// Path selection: queue-depth, service-time, round-robin[:N] or failover.
+    /// Path selection: queue-depth, service-time, historical-service-time (hst),
+    /// round-robin[:N] or failover.
     #[arg(long, default_value = "queue-depth")]
     pub policy: String,
     /// Spin path workers when idle (lowest latency, one busy core per path).

@@ -461,7 +461,7 @@ impl Dispatcher {
                 self.complete(slot, Err(IoError::Closed), cmd.buffer, now);
                 return self.poll_action(now, paths);
             }
-            match self.choose(paths, cmd.buffer.len() as u64) {
+            match self.choose(paths, cmd.buffer.len() as u64, now) {
                 Some(path) => {
                     let s = &mut self.slots[slot as usize];
                     s.path = Some(path);
@@ -487,7 +487,7 @@ impl Dispatcher {
 
     /// The best usable path for a command of `bytes`: the best ALUA tier's
     /// usable paths, then the policy's choice among them.
-    fn choose(&mut self, paths: &impl PathTable, bytes: u64) -> Option<usize> {
+    fn choose(&mut self, paths: &impl PathTable, bytes: u64, now: Instant) -> Option<usize> {
         self.scratch.clear();
         let mut best = u8::MAX;
         for p in 0..paths.count() {
@@ -508,6 +508,7 @@ impl Dispatcher {
             bytes,
             paths.selector(),
             self.rotate,
+            now,
         )
     }
 
@@ -569,7 +570,7 @@ mod tests {
                 index: path,
                 outstanding: self.loads[path].0,
                 outstanding_bytes: self.loads[path].1,
-                latency_ewma_ns: 0,
+                ..PathLoad::default()
             }
         }
         fn fenced_through(&self, path: usize) -> u64 {

@@ -1,6 +1,7 @@
 //! Multipath: paths (port bindings), grouping paths to the same logical unit
 //! by their VPD 83h designator, ALUA path priorities, selectors
-//! (queue-depth, service-time, round-robin, failover), the path state
+//! (queue-depth, service-time, historical-service-time, round-robin,
+//! failover), the path state
 //! machine with reconnect back-off, and the retry policy for I/O.
 //!
 //! This layer is logic and shared state only; the threads, rings and the

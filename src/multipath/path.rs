@@ -88,6 +88,10 @@ struct Load {
 #[derive(Debug, Default)]
 struct WorkerCounters {
     latency_ewma_ns: AtomicU64,
+    /// Historical service time (see [`service_time_update`]), ns.
+    service_ewma_ns: AtomicU64,
+    /// When the newest command finished: ns since `opened`, 0 = never.
+    last_finish_ns: AtomicU64,
     commands: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
@@ -311,16 +315,42 @@ impl PathShared {
             outstanding: self.load.outstanding.load(Ordering::Relaxed),
             outstanding_bytes: self.load.outstanding_bytes.load(Ordering::Relaxed),
             latency_ewma_ns: self.counters.latency_ewma_ns.load(Ordering::Relaxed),
+            service_time_ns: self.counters.service_ewma_ns.load(Ordering::Relaxed),
+            last_finish: match self.counters.last_finish_ns.load(Ordering::Relaxed) {
+                0 => None,
+                ns => self.opened.checked_add(Duration::from_nanos(ns)),
+            },
         }
     }
 
-    /// Worker side: one command finished on this path.
+    /// Worker side: one command finished on this path (now).
     pub fn record_completion(&self, latency: Duration, bytes: u64, error: bool) {
+        self.record_completion_at(Instant::now(), latency, bytes, error);
+    }
+
+    /// Worker side: one command finished on this path at `now`, `latency`
+    /// after the worker took it. Updates the latency EWMA, and the
+    /// historical service time: the time since the command started, or
+    /// since the path's previous completion if that came later (commands
+    /// that overlap are counted as if served one after the other, so on a
+    /// busy path the figure is the time between completions).
+    pub fn record_completion_at(&self, now: Instant, latency: Duration, bytes: u64, error: bool) {
         let c = &self.counters;
         let sample = latency.as_nanos().min(u64::MAX as u128) as u64;
         let old = c.latency_ewma_ns.load(Ordering::Relaxed);
         c.latency_ewma_ns
             .store(ewma_update(old, sample), Ordering::Relaxed);
+        let finish = (now.saturating_duration_since(self.opened).as_nanos())
+            .clamp(1, u64::MAX as u128) as u64;
+        let last = c.last_finish_ns.load(Ordering::Relaxed);
+        let start = finish.saturating_sub(sample).max(last);
+        let since_last = (last != 0).then(|| finish.saturating_sub(last));
+        let old = c.service_ewma_ns.load(Ordering::Relaxed);
+        c.service_ewma_ns.store(
+            service_time_update(old, finish.saturating_sub(start), since_last),
+            Ordering::Relaxed,
+        );
+        c.last_finish_ns.fetch_max(finish, Ordering::Relaxed);
         c.commands.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(bytes, Ordering::Relaxed);
         if error {
@@ -446,6 +476,25 @@ pub fn ewma_update(old: u64, sample: u64) -> u64 {
     }
 }
 
+/// An estimate this old halves its weight against a new sample in
+/// [`service_time_update`].
+pub const SERVICE_TIME_HALF_LIFE: Duration = Duration::from_millis(100);
+
+/// The historical service time's EWMA: the new sample weighs 1/8, the old
+/// estimate 7/8, halved for every [`SERVICE_TIME_HALF_LIFE`] since the
+/// path's previous completion (`since_last`; None: the first one). So a
+/// busy path's figure is smooth, and the sample of a path that was idle or
+/// probed rarely replaces a stale estimate (after 3 half-lives, entirely).
+pub fn service_time_update(old: u64, sample: u64, since_last: Option<u64>) -> u64 {
+    let halvings = since_last.map_or(u64::MAX, |d| d / SERVICE_TIME_HALF_LIFE.as_nanos() as u64);
+    if old == 0 || halvings >= 3 {
+        return sample.max(1);
+    }
+    // old * w + sample * (1 - w), w = 7/8 >> halvings, in u128 so nothing overflows.
+    let w_old = 7u128 >> halvings;
+    ((old as u128 * w_old + sample as u128 * (8 - w_old)) / 8).clamp(1, u64::MAX as u128) as u64
+}
+
 /// The load figures a selector looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PathLoad {
@@ -459,6 +508,14 @@ pub struct PathLoad {
     /// Smoothed command latency in nanoseconds (EWMA, new sample weighted
     /// 1/8); 0 = no sample yet.
     pub latency_ewma_ns: u64,
+    /// Historical service time in nanoseconds: the EWMA of the time each
+    /// command took when overlapping commands are counted one after the
+    /// other ([`PathShared::record_completion_at`]), so the expected wait
+    /// of a new command is about `(outstanding + 1) * service_time_ns`;
+    /// 0 = no sample yet.
+    pub service_time_ns: u64,
+    /// When the path last completed a command; None = never.
+    pub last_finish: Option<Instant>,
 }
 
 /// A point-in-time view of one path.
@@ -851,6 +908,45 @@ mod tests {
         assert_eq!((s.commands, s.bytes, s.logins), (1, 4096, 1));
         assert_eq!(s.events.len(), 1);
         assert_eq!(s.events[0].state, PathState::Up);
+    }
+
+    #[test]
+    fn service_time_counts_overlapping_commands_one_after_the_other() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let p = PathShared::new(0, "p0", t0);
+        assert_eq!((p.load().service_time_ns, p.load().last_finish), (0, None));
+        // Alone: the whole latency.
+        p.record_completion_at(t0 + us(1000), us(1000), 4096, false);
+        assert_eq!(p.load().service_time_ns, 1_000_000);
+        assert_eq!(p.load().last_finish, Some(t0 + us(1000)));
+        // Started at 100 us, before the first finished: counted from 1000 us
+        // (a 100 us sample).
+        p.record_completion_at(t0 + us(1100), us(1000), 4096, false);
+        assert_eq!(p.load().service_time_ns, (7 * 1_000_000 + 100_000) / 8);
+        // Finished in the same instant: a zero sample.
+        p.record_completion_at(t0 + us(1100), us(900), 4096, false);
+        assert_eq!(p.load().service_time_ns, (7 * 887_500) / 8);
+        assert_eq!(p.load().last_finish, Some(t0 + us(1100)));
+        // After a second of silence the old estimate is worth nothing.
+        p.record_completion_at(t0 + Duration::from_secs(2), us(300), 4096, false);
+        assert_eq!(p.load().service_time_ns, 300_000);
+        assert_eq!(p.stats().commands, 4);
+    }
+
+    #[test]
+    fn service_time_ewma_forgets_with_age() {
+        let ms = |n: u64| Some(n * 1_000_000);
+        assert_eq!(service_time_update(0, 800, None), 800);
+        assert_eq!(service_time_update(0, 0, None), 1);
+        assert_eq!(service_time_update(800, 1600, None), 1600);
+        // Fresh: 7/8 old, 1/8 new.
+        assert_eq!(service_time_update(800, 1600, ms(1)), 900);
+        // One half-life: 3/8 old; two: 1/8; three or more: replaced.
+        assert_eq!(service_time_update(800, 1600, ms(100)), 1300);
+        assert_eq!(service_time_update(800, 1600, ms(250)), 1500);
+        assert_eq!(service_time_update(800, 1600, ms(300)), 1600);
+        assert_eq!(service_time_update(u64::MAX, u64::MAX, ms(1)), u64::MAX);
     }
 
     #[test]

@@ -5,6 +5,24 @@
 use super::health::{Failback, FailbackClock};
 use super::path::PathLoad;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Historical service time: a path that has finished nothing for this
+/// long (or for `paths × its service time`, if longer) and has nothing
+/// outstanding gets one command as a probe while another path is busy, so
+/// a slow path is measured again now and then instead of being starved on
+/// an old estimate forever.
+pub const HST_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Historical service time: paths whose service times are within this
+/// factor of the best one count as equally fast (as dm-multipath's
+/// `threshold_multiplier`), so among them the one with the fewest
+/// outstanding commands wins. The service time of a path that carries
+/// little is its whole round trip (its commands do not overlap), while
+/// that of a busy path is the time between completions: without the
+/// threshold, of two equal paths the busier would look several times
+/// faster and draw ever more of the load.
+pub const HST_SAME_SPEED: u64 = 8;
 
 /// How a device spreads commands over its usable paths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -15,6 +33,14 @@ pub enum Policy {
     /// Outstanding bytes (plus this command) weighted by each path's recent
     /// latency (EWMA): a slow path gets proportionally less.
     ServiceTime,
+    /// The smallest expected completion time, `(outstanding + 1) ×` the
+    /// path's historical service time (an EWMA of the time per command with
+    /// overlapping commands counted one after the other: on a busy path,
+    /// the time between completions), like dm-multipath's
+    /// historical-service-time (Linux 5.8). A path idle and unheard of for
+    /// [`HST_PROBE_INTERVAL`] is probed with one command while others are
+    /// busy.
+    HistoricalServiceTime,
     /// Rotate, switching path every `ios_per_path` commands.
     RoundRobin {
         /// Commands sent down one path before moving to the next (0 acts as 1).
@@ -31,6 +57,7 @@ impl std::str::FromStr for Policy {
         match s {
             "queue-depth" => Ok(Policy::QueueDepth),
             "service-time" => Ok(Policy::ServiceTime),
+            "historical-service-time" | "hst" => Ok(Policy::HistoricalServiceTime),
             "round-robin" => Ok(Policy::RoundRobin { ios_per_path: 1 }),
             "failover" => Ok(Policy::Failover),
             other => match other.strip_prefix("round-robin:") {
@@ -41,7 +68,8 @@ impl std::str::FromStr for Policy {
                     .map(|ios_per_path| Policy::RoundRobin { ios_per_path })
                     .ok_or_else(|| format!("bad round-robin count in {other:?}")),
                 None => Err(format!(
-                    "unknown policy {other:?} (queue-depth, service-time, round-robin[:N], failover)"
+                    "unknown policy {other:?} (queue-depth, service-time, \
+                     historical-service-time, round-robin[:N], failover)"
                 )),
             },
         }
@@ -86,14 +114,15 @@ impl SelectorState {
 }
 
 /// Picks one of `candidates` (non-empty for a result) for a command moving
-/// `io_bytes`. `rotate` breaks ties (callers pass a per-queue counter so
-/// idle paths share work instead of all going to the first one).
+/// `io_bytes` at `now`. `rotate` breaks ties (callers pass a per-queue
+/// counter so idle paths share work instead of all going to the first one).
 pub fn select(
     policy: Policy,
     candidates: &[PathLoad],
     io_bytes: u64,
     state: &SelectorState,
     rotate: usize,
+    now: Instant,
 ) -> Option<usize> {
     let n = candidates.len();
     if n == 0 {
@@ -124,6 +153,7 @@ pub fn select(
                 (p.outstanding_bytes as u128 + io_bytes.max(1) as u128) * lat as u128
             })
         }
+        Policy::HistoricalServiceTime => historical_service_time(candidates, rotate, now),
         Policy::RoundRobin { ios_per_path } => {
             let k = state.rr.fetch_add(1, Ordering::Relaxed) / u64::from(ios_per_path.max(1));
             Some(candidates[(k % n as u64) as usize].index)
@@ -153,6 +183,56 @@ pub fn select(
     }
 }
 
+/// [`Policy::HistoricalServiceTime`]: a probe if one is due, else the
+/// smallest `(outstanding + 1) × service time`. Paths without a sample yet,
+/// or within [`HST_SAME_SPEED`] of the best, count with the best known
+/// service time (so unmeasured paths are tried and measured).
+fn historical_service_time(candidates: &[PathLoad], rotate: usize, now: Instant) -> Option<usize> {
+    let n = candidates.len();
+    let best = candidates
+        .iter()
+        .map(|p| p.service_time_ns)
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(1);
+    // Unmeasured, or as fast as the best within the threshold: the best.
+    let service = |p: &PathLoad| {
+        if p.service_time_ns == 0 || p.service_time_ns <= best.saturating_mul(HST_SAME_SPEED) {
+            best
+        } else {
+            p.service_time_ns
+        }
+    };
+    // Probe: an idle path not heard from for the probe interval, while
+    // another carries commands (an idle device measures nothing: its next
+    // command simply goes to the path expected to be fastest). The one
+    // waiting longest first; one probe per path at a time, as a probe in
+    // flight makes the path busy.
+    let others_busy = candidates.iter().any(|p| p.outstanding > 0);
+    if others_busy {
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        let due = |p: &PathLoad| {
+            p.outstanding == 0
+                && p.last_finish.is_none_or(|t| {
+                    let stale_after = HST_PROBE_INTERVAL
+                        .max(Duration::from_nanos(service(p)).saturating_mul(n32));
+                    now.saturating_duration_since(t) >= stale_after
+                })
+        };
+        // None (never finished) sorts first: it waited longest.
+        let probe = candidates
+            .iter()
+            .filter(|p| due(p))
+            .min_by_key(|p| p.last_finish);
+        if let Some(p) = probe {
+            return Some(p.index);
+        }
+    }
+    min_by_key(candidates, rotate, |p| {
+        (p.outstanding as u128 + 1) * service(p) as u128
+    })
+}
+
 /// The candidate with the smallest key; among equal keys the first one at
 /// or after `rotate` (cyclically).
 fn min_by_key(
@@ -177,13 +257,173 @@ fn min_by_key(
 mod tests {
     use super::*;
 
+    /// The selectors that look at no clock, at any time.
+    fn select(
+        policy: Policy,
+        candidates: &[PathLoad],
+        io_bytes: u64,
+        state: &SelectorState,
+        rotate: usize,
+    ) -> Option<usize> {
+        super::select(policy, candidates, io_bytes, state, rotate, Instant::now())
+    }
+
     fn load(index: usize, outstanding: u64, bytes: u64, lat_us: u64) -> PathLoad {
         PathLoad {
             index,
             outstanding,
             outstanding_bytes: bytes,
             latency_ewma_ns: lat_us * 1000,
+            ..PathLoad::default()
         }
+    }
+
+    /// A path for historical-service-time: outstanding commands, service
+    /// time, and when it last finished a command (`finished_ago`).
+    fn hst_load(
+        index: usize,
+        outstanding: u64,
+        service_us: u64,
+        finished_ago: Option<Duration>,
+        now: Instant,
+    ) -> PathLoad {
+        PathLoad {
+            index,
+            outstanding,
+            outstanding_bytes: outstanding * 4096,
+            service_time_ns: service_us * 1000,
+            last_finish: finished_ago.map(|d| now - d),
+            ..PathLoad::default()
+        }
+    }
+
+    fn hst(c: &[PathLoad], rotate: usize, now: Instant) -> Option<usize> {
+        super::select(
+            Policy::HistoricalServiceTime,
+            c,
+            4096,
+            &SelectorState::new(),
+            rotate,
+            now,
+        )
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn hst_picks_the_smallest_expected_completion() {
+        let now = Instant::now() + Duration::from_secs(10);
+        // Fast path (25 us per command) with 7 outstanding: 8 x 25 = 200 us
+        // beats an idle slow path's 1700 us.
+        let c = [
+            hst_load(0, 7, 25, Some(MS), now),
+            hst_load(1, 0, 1700, Some(MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(0));
+        // With 80 queued on it (81 x 25 = 2025 us) the slow path is sooner.
+        let c = [
+            hst_load(0, 80, 25, Some(MS), now),
+            hst_load(1, 0, 1700, Some(MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        // Outstanding counts, not bytes: equal service, fewer commands wins.
+        let c = [
+            hst_load(0, 3, 100, Some(MS), now),
+            hst_load(1, 2, 100, Some(MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        // Within HST_SAME_SPEED of each other paths count as equally fast:
+        // fewest outstanding (else 2 x 500 us would lose to 4 x 100 us).
+        let c = [
+            hst_load(0, 3, 100, Some(MS), now),
+            hst_load(1, 1, 500, Some(MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        let c = [
+            hst_load(0, 3, 100, Some(MS), now),
+            hst_load(1, 1, 900, Some(MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(0));
+        // Equal estimates rotate.
+        let c = [
+            hst_load(4, 1, 100, Some(MS), now),
+            hst_load(6, 1, 100, Some(MS), now),
+        ];
+        let picks: Vec<_> = (0..4).map(|r| hst(&c, r, now).unwrap()).collect();
+        assert_eq!(picks, vec![4, 6, 4, 6]);
+    }
+
+    #[test]
+    fn hst_probes_a_stale_idle_path_while_another_is_busy() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let stale = Some(HST_PROBE_INTERVAL + MS);
+        // The slow path finished nothing for over the probe interval and is
+        // idle, the fast one is busy: one probe.
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 1700, stale, now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        // The probe in flight: no second one.
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 1, 1700, stale, now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(0));
+        // Heard from recently: no probe.
+        let recent = Some(HST_PROBE_INTERVAL - MS);
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 1700, recent, now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(0));
+        // An idle device probes nothing: the fastest path gets the command.
+        let c = [
+            hst_load(0, 0, 25, stale, now),
+            hst_load(1, 0, 1700, stale, now),
+        ];
+        assert_eq!(hst(&c, 1, now), Some(0));
+        // A very slow path (1 s per command) is stale only after paths x
+        // its service time: 2 s here.
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 1_000_000, Some(1500 * MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(0));
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 1_000_000, Some(2001 * MS), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        // Of two stale idle paths, the one waiting longest; never-heard-of first.
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 900, Some(3 * HST_PROBE_INTERVAL), now),
+            hst_load(2, 0, 900, Some(5 * HST_PROBE_INTERVAL), now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(2));
+        let c = [
+            hst_load(0, 4, 25, Some(MS), now),
+            hst_load(1, 0, 900, Some(5 * HST_PROBE_INTERVAL), now),
+            hst_load(2, 0, 0, None, now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(2));
+    }
+
+    #[test]
+    fn hst_counts_unmeasured_paths_at_the_best_known_service_time() {
+        let now = Instant::now();
+        // Idle device: the unmeasured path weighs 1 x 25 us, the measured
+        // one 2 x 25 us.
+        let c = [
+            hst_load(0, 1, 25, Some(MS), now),
+            hst_load(1, 0, 0, None, now),
+        ];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        // Nothing measured yet anywhere: fewest outstanding.
+        let c = [hst_load(0, 2, 0, None, now), hst_load(1, 1, 0, None, now)];
+        assert_eq!(hst(&c, 0, now), Some(1));
+        assert_eq!(hst(&[], 0, now), None);
     }
 
     #[test]
@@ -191,6 +431,7 @@ mod tests {
         for p in [
             Policy::QueueDepth,
             Policy::ServiceTime,
+            Policy::HistoricalServiceTime,
             Policy::RoundRobin { ios_per_path: 1 },
             Policy::Failover,
         ] {
@@ -242,6 +483,130 @@ mod tests {
         assert_eq!(select(Policy::ServiceTime, &c, 4096, &s, 0), Some(1));
     }
 
+    /// A closed-loop model in virtual time: `qd` commands always in
+    /// flight over FIFO paths (per-command service time, plus a fixed
+    /// round trip), with the real per-path accounting
+    /// ([`PathShared::record_completion_at`]) feeding the real selector.
+    /// `speed(path, t)` gives a path's service time at `t`. Returns the
+    /// latency histogram (µs) and the commands per path, both counted from
+    /// `measure_from`.
+    fn model(
+        policy: Policy,
+        paths: usize,
+        speed: impl Fn(usize, Duration) -> Duration,
+        run: Duration,
+        measure_from: Duration,
+    ) -> (hdrhistogram::Histogram<u64>, Vec<u64>) {
+        use super::super::path::PathShared;
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        const RTT: Duration = Duration::from_micros(100);
+        let qd = 8;
+        let t0 = Instant::now();
+        let shared: Vec<PathShared> = (0..paths).map(|i| PathShared::new(i, "m", t0)).collect();
+        let state = SelectorState::new();
+        let mut free_at = vec![t0; paths];
+        let mut events = BinaryHeap::new();
+        let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        let mut per_path = vec![0; paths];
+        let mut loads = Vec::new();
+        let mut submit = |at: Instant, events: &mut BinaryHeap<_>, rotate: usize| {
+            loads.clear();
+            loads.extend(shared.iter().map(PathShared::load));
+            let p = super::select(policy, &loads, 4096, &state, rotate, at).unwrap();
+            shared[p].add_outstanding(4096);
+            let begin = at.max(free_at[p]);
+            free_at[p] = begin + speed(p, at - t0);
+            events.push(Reverse((free_at[p] + RTT, p, at)));
+        };
+        for i in 0..qd {
+            submit(t0, &mut events, i);
+        }
+        let mut n = 0;
+        while let Some(Reverse((done, p, at))) = events.pop() {
+            shared[p].sub_outstanding(4096);
+            shared[p].record_completion_at(done, done - at, 4096, false);
+            if at - t0 >= measure_from {
+                hist.record((done - at).as_micros() as u64).unwrap();
+                per_path[p] += 1;
+            }
+            if done - t0 < run {
+                n += 1;
+                submit(done, &mut events, n);
+            }
+        }
+        (hist, per_path)
+    }
+
+    #[test]
+    fn hst_keeps_the_p99_of_a_fast_and_a_slow_path_near_the_fast_ones() {
+        // 60 µs per command on path 0, 1.7 ms (4 KiB at 20 Mbit/s) on 1.
+        let speed = |p: usize, _| Duration::from_micros(if p == 0 { 60 } else { 1700 });
+        let run = Duration::from_secs(4);
+        let from = Duration::from_millis(500);
+        let (alone, _) = model(Policy::QueueDepth, 1, speed, run, from);
+        let (hst, hst_paths) = model(Policy::HistoricalServiceTime, 2, speed, run, from);
+        let (st, st_paths) = model(Policy::ServiceTime, 2, speed, run, from);
+        let share = |v: &[u64]| v[1] as f64 / v.iter().sum::<u64>() as f64;
+        let p99 = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.99);
+        println!(
+            "model: fast alone p99 {} us; hst p99 {} us, slow share {:.5}; service-time p99 {} us, slow share {:.5}",
+            p99(&alone),
+            p99(&hst),
+            share(&hst_paths),
+            p99(&st),
+            share(&st_paths)
+        );
+        // The goal: p99 <= 1.5 x the fast path's alone. The slow path gets
+        // its probes (about one a second) and little else.
+        assert!(
+            p99(&hst) * 2 <= p99(&alone) * 3,
+            "hst p99 {} vs alone {}",
+            p99(&hst),
+            p99(&alone)
+        );
+        assert!(
+            (1..=20).contains(&hst_paths[1]),
+            "slow path got {} commands",
+            hst_paths[1]
+        );
+        // Service-time weighs latency that includes the fast path's own
+        // queue, so the slow path looks cheaper whenever that queue is full.
+        assert!(
+            p99(&st) > p99(&hst) * 3 / 2,
+            "service-time p99 {} vs hst {}",
+            p99(&st),
+            p99(&hst)
+        );
+    }
+
+    #[test]
+    fn hst_finds_a_slow_path_that_got_fast() {
+        // Path 1 is slow for the first 2 s, then as fast as path 0: the
+        // probes notice, and it takes its half again (the two equal paths
+        // share the load, though the busier one's service time looks
+        // shorter; see HST_SAME_SPEED).
+        let speed = |p: usize, t: Duration| {
+            Duration::from_micros(if p == 1 && t < Duration::from_secs(2) {
+                1700
+            } else {
+                25
+            })
+        };
+        let (_, per_path) = model(
+            Policy::HistoricalServiceTime,
+            2,
+            speed,
+            Duration::from_secs(5),
+            Duration::from_secs(4),
+        );
+        let share = per_path[1] as f64 / (per_path[0] + per_path[1]) as f64;
+        assert!(
+            share > 0.3,
+            "path 1 share {share:.3} after it got fast ({per_path:?})"
+        );
+    }
+
     #[test]
     fn round_robin_switches_every_n() {
         let s = SelectorState::new();
@@ -291,6 +656,11 @@ mod tests {
     #[test]
     fn policy_names_parse() {
         assert_eq!("queue-depth".parse(), Ok(Policy::QueueDepth));
+        assert_eq!(
+            "historical-service-time".parse(),
+            Ok(Policy::HistoricalServiceTime)
+        );
+        assert_eq!("hst".parse(), Ok(Policy::HistoricalServiceTime));
         assert_eq!(
             "round-robin:16".parse(),
             Ok(Policy::RoundRobin { ios_per_path: 16 })

@@ -854,7 +854,7 @@ impl Worker {
             .get(slot as usize)
             .map_or(Duration::ZERO, |s| now.saturating_duration_since(*s));
         self.shared
-            .record_completion(latency, c.transferred as u64, error);
+            .record_completion_at(now, latency, c.transferred as u64, error);
         let _ = self.hist.record(latency.as_micros().max(1) as u64);
         q.respond(Response::Done {
             slot,
