@@ -6,8 +6,10 @@
 #   - IOPS split per path under queue-depth (4 KiB random reads, QD16);
 #   - two rate-limited paths vs one (tbf 200 Mbit/s each, 128 KiB reads);
 #   - a slow path (netem delay, or tbf 20 Mbit/s where netem is missing):
-#     IOPS, fast-path share, p50/p99/p99.9 per policy, round-robin being
-#     the peer the others are compared with;
+#     IOPS, fast-path share, p50/p99/p99.9 per policy, and per policy
+#     `RESULT case=slow_path policy=... p99_us=... fast_alone_p99_us=...
+#     p99_over_fast_alone=...`: the peer is the fast path alone, measured
+#     first in the same run (goal: ratio <= 1.5);
 #   - link down during write+verify and 20 s of flapping: errors,
 #     mismatches, p50/p99/p99.9, failover stall (the longest gap between any
 #     two completions, and the longest time one failed-over write took);
@@ -20,7 +22,8 @@
 #     `RESULT case=fence_cost ..._over_unfenced=` ratios.
 # Root only; the tests create and remove everything themselves.
 #
-#   bench/multipath.sh [kernel|dpdk|relay|all]   (default all)
+#   bench/multipath.sh [kernel|dpdk|slow|relay|all]   (default all;
+#   slow: only the slow-path case, over both transports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
@@ -29,9 +32,10 @@ filter=""
 case "$which" in
     kernel) filter=kernel_ ;;
     dpdk) filter=dpdk_ ;;
+    slow) filter=slow_path ;;
     relay) ;;
     all) ;;
-    *) echo "usage: $0 [kernel|dpdk|relay|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [kernel|dpdk|slow|relay|all]" >&2; exit 2 ;;
 esac
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 log=$(mktemp /tmp/multipath-bench.XXXXXX)
@@ -40,7 +44,8 @@ if [[ $which != relay ]]; then
     CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
         >"$log" 2>&1 || { cat "$log"; exit 1; }
     # Each scenario's lines start with "MP == <scenario> over <transport>".
-    sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP /  /p' -e '/^test result/p' "$log"
+    sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP RESULT /RESULT /p' -e 's/^.*MP /  /p' \
+        -e '/^test result/p' "$log"
 fi
 if [[ $which == relay || $which == all ]]; then
     CI=true cargo test --test multipath_relay -- --test-threads=1 --nocapture \
