@@ -221,10 +221,7 @@ pub fn run(args: &BenchArgs, opts: &ConnectOptions, out: &Output) -> Result<()> 
         "dpdk" => return run_dpdk(args, opts, out, job),
         other => bail!("unknown transport {other:?} (kernel or dpdk)"),
     }
-    let policy: Policy = args
-        .policy
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let policy: Policy = args.policy.parse()?;
     // No URL: the embedded target on loopback with two portals, so a new
     // user sees the whole thing (two paths, multipath) with one command.
     let embedded = if args.urls.is_empty() && args.discover.is_none() {
@@ -599,10 +596,7 @@ fn run_dpdk_discovered(
     out: &Output,
     job: &[JobSpec],
 ) -> Result<()> {
-    let policy: Policy = args
-        .policy
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let policy: Policy = args.policy.parse()?;
     let ports = u16::try_from(args.dpdk.dpdk_port.len().max(1)).context("too many ports")?;
     let stacks = dpdk_stacks(&args.dpdk, ports, opts.timeout())?;
     let transport = iscsi_bypass::Transport::Dpdk(stacks.clone());
@@ -625,10 +619,7 @@ fn run_dpdk_multipath(
     job: &[JobSpec],
 ) -> Result<()> {
     use std::net::SocketAddr;
-    let policy: Policy = args
-        .policy
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let policy: Policy = args.policy.parse()?;
     let paths = u16::try_from(args.urls.len()).context("too many paths")?;
     let bindings = opts.bindings(args.urls.len())?;
     let stacks = dpdk_stacks(&args.dpdk, paths, opts.timeout())?;

@@ -41,7 +41,7 @@
 use super::io::{command_from_completion, judge, IoCompletion, IoError, IoOp, Verdict};
 use super::path::PathLoad;
 use super::selector::{select, Policy, SelectorState};
-use crate::iscsi::connection::{Command, Completion, Direction};
+use crate::iscsi::connection::{Command, Completion, Direction, SubmitError};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -110,8 +110,9 @@ pub enum PathResponse {
         /// never left the path's queue.
         sent_in_session: Option<u64>,
     },
-    /// The command was consumed by a failing session and is lost.
-    Lost(String),
+    /// The command was consumed by a failing session and is lost: why the
+    /// session refused it.
+    Lost(SubmitError),
 }
 
 /// What the caller has to do next.
@@ -360,7 +361,12 @@ impl Dispatcher {
                 }
             }
             PathResponse::Lost(reason) => {
-                self.complete(slot, Err(IoError::PathLost(reason)), Vec::new(), now);
+                self.complete(
+                    slot,
+                    Err(IoError::PathLost { path, reason }),
+                    Vec::new(),
+                    now,
+                );
             }
         }
         Ok(bytes)
@@ -694,9 +700,30 @@ mod tests {
             })
         );
         assert!(matches!(
-            d.handle_response(t0, 0, 99, PathResponse::Lost("x".into())),
+            d.handle_response(t0, 0, 99, PathResponse::Lost(SubmitError::Full)),
             Err(DispatchError::NoSuchSlot { slot: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_lost_command_fails_naming_the_path_and_why() {
+        let t0 = Instant::now();
+        let mut paths = Fake::new(2);
+        let mut d = Dispatcher::new(4, config(), 1);
+        let mut sent = Vec::new();
+        submit(&mut d, t0, Io::write(0, 1, vec![0; 512], 5));
+        assert!(drain(&mut d, t0, &mut paths, &mut sent).is_empty());
+        let (path, slot, _cmd) = sent.pop().expect("sent");
+        let reason = SubmitError::TooLarge { len: 1 << 33 };
+        d.handle_response(t0, path, slot, PathResponse::Lost(reason.clone()))
+            .expect("known slot");
+        let done = drain(&mut d, t0, &mut paths, &mut sent);
+        let err = done[0].result.clone().expect_err("lost");
+        assert_eq!(err, IoError::PathLost { path, reason });
+        assert_eq!(
+            err.to_string(),
+            format!("path {path} failed while taking the command, and it was lost: data buffer of 8589934592 bytes is larger than the 32-bit transfer length")
+        );
     }
 
     #[test]

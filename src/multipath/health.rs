@@ -17,6 +17,32 @@
 #![warn(missing_docs)]
 
 use std::collections::VecDeque;
+use thiserror::Error;
+
+/// A setting's text that does not parse ([`FlapDamping`], [`Failback`],
+/// [`NoPathRetry`], [`Policy`](super::Policy)): which setting, the value
+/// given, and what it wants.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{setting} {value:?}: want {want}")]
+pub struct BadSetting {
+    /// The setting, e.g. `failback`.
+    pub setting: &'static str,
+    /// The text given.
+    pub value: String,
+    /// What the setting takes.
+    pub want: &'static str,
+}
+
+impl BadSetting {
+    /// `value` does not parse as `setting`, which wants `want`.
+    pub fn new(setting: &'static str, value: &str, want: &'static str) -> BadSetting {
+        BadSetting {
+            setting,
+            value: value.to_string(),
+            want,
+        }
+    }
+}
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,11 +60,16 @@ pub struct FlapDamping {
 }
 
 impl std::str::FromStr for FlapDamping {
-    type Err = String;
+    type Err = BadSetting;
     /// `N:WINDOW_SECS:HOLD_SECS`, e.g. `3:60:120`.
-    fn from_str(s: &str) -> Result<FlapDamping, String> {
-        let bad =
-            || format!("flap damping {s:?}: want THRESHOLD:WINDOW_SECS:HOLD_SECS, e.g. 3:60:120");
+    fn from_str(s: &str) -> Result<FlapDamping, BadSetting> {
+        let bad = || {
+            BadSetting::new(
+                "flap damping",
+                s,
+                "THRESHOLD:WINDOW_SECS:HOLD_SECS, e.g. 3:60:120",
+            )
+        };
         let parts: Vec<&str> = s.split(':').collect();
         let [n, w, h] = parts[..] else {
             return Err(bad());
@@ -123,10 +154,10 @@ pub enum Failback {
 }
 
 impl std::str::FromStr for Failback {
-    type Err = String;
+    type Err = BadSetting;
     /// `immediate`, `manual`, or a delay in seconds (`followover` is not
     /// supported).
-    fn from_str(s: &str) -> Result<Failback, String> {
+    fn from_str(s: &str) -> Result<Failback, BadSetting> {
         match s {
             "immediate" => Ok(Failback::Immediate),
             "manual" => Ok(Failback::Manual),
@@ -135,7 +166,7 @@ impl std::str::FromStr for Failback {
                 .ok()
                 .filter(|x| x.is_finite() && *x >= 0.0)
                 .map(|x| Failback::After(Duration::from_secs_f64(x)))
-                .ok_or_else(|| format!("failback {s:?}: want immediate, manual or SECONDS")),
+                .ok_or_else(|| BadSetting::new("failback", s, "immediate, manual or SECONDS")),
         }
     }
 }
@@ -238,16 +269,16 @@ impl NoPathRetry {
 }
 
 impl std::str::FromStr for NoPathRetry {
-    type Err = String;
+    type Err = BadSetting;
     /// `fail`, `queue`, or a number of retries.
-    fn from_str(s: &str) -> Result<NoPathRetry, String> {
+    fn from_str(s: &str) -> Result<NoPathRetry, BadSetting> {
         match s {
             "fail" => Ok(NoPathRetry::Fail),
             "queue" => Ok(NoPathRetry::Queue),
             n => n
                 .parse()
                 .map(NoPathRetry::Retries)
-                .map_err(|_| format!("no_path_retry {s:?}: want fail, queue or a number")),
+                .map_err(|_| BadSetting::new("no_path_retry", s, "fail, queue or a number")),
         }
     }
 }
@@ -306,7 +337,10 @@ mod tests {
             "2.5".parse(),
             Ok(Failback::After(Duration::from_millis(2500)))
         );
-        assert!("soon".parse::<Failback>().is_err());
+        assert_eq!(
+            "soon".parse::<Failback>().unwrap_err(),
+            BadSetting::new("failback", "soon", "immediate, manual or SECONDS")
+        );
     }
 
     #[test]
@@ -318,6 +352,9 @@ mod tests {
         let _ = Instant::now() + QUEUE_FOREVER;
         assert_eq!("queue".parse(), Ok(NoPathRetry::Queue));
         assert_eq!("12".parse(), Ok(NoPathRetry::Retries(12)));
-        assert!("x".parse::<NoPathRetry>().is_err());
+        assert_eq!(
+            "x".parse::<NoPathRetry>().unwrap_err().to_string(),
+            "no_path_retry \"x\": want fail, queue or a number"
+        );
     }
 }

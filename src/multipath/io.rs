@@ -3,7 +3,7 @@
 //! retry, fail).
 #![warn(missing_docs)]
 
-use crate::iscsi::connection::{Command, Completion, Direction};
+use crate::iscsi::connection::{Command, Completion, Direction, SubmitError};
 use crate::scsi::{
     check_status, ErrorClass, Feature, ScsiCommand, ScsiError, SupportedCommands, TransferLimits,
     UnitAttention, UnmapDescriptor,
@@ -175,8 +175,13 @@ pub enum IoError {
     Closed,
     /// A path failed while handing the command to its session, and the
     /// command could not be recovered (rare; the data state is unknown).
-    #[error("the path failed while taking the command, and it was lost: {0}")]
-    PathLost(String),
+    #[error("path {path} failed while taking the command, and it was lost: {reason}")]
+    PathLost {
+        /// The path that had the command.
+        path: usize,
+        /// Why its session refused the command.
+        reason: SubmitError,
+    },
     /// A write came back from a path whose session failed before the target
     /// answered, and that path could not be fenced (logged in again, which
     /// ends its old session) within `fence_timeout`. The write was not

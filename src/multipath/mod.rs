@@ -25,7 +25,7 @@ pub use config::{
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
-pub use health::{Failback, FlapDamping, NoPathRetry};
+pub use health::{BadSetting, Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,

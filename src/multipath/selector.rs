@@ -2,7 +2,7 @@
 //! at most one shared atomic counter; the caller supplies the candidates
 //! (usable paths of the best ALUA tier) in a reused buffer.
 
-use super::health::{Failback, FailbackClock};
+use super::health::{BadSetting, Failback, FailbackClock};
 use super::path::PathLoad;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -52,8 +52,8 @@ pub enum Policy {
 }
 
 impl std::str::FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Policy, String> {
+    type Err = BadSetting;
+    fn from_str(s: &str) -> Result<Policy, BadSetting> {
         match s {
             "queue-depth" => Ok(Policy::QueueDepth),
             "service-time" => Ok(Policy::ServiceTime),
@@ -66,10 +66,13 @@ impl std::str::FromStr for Policy {
                     .ok()
                     .filter(|&n| n > 0)
                     .map(|ios_per_path| Policy::RoundRobin { ios_per_path })
-                    .ok_or_else(|| format!("bad round-robin count in {other:?}")),
-                None => Err(format!(
-                    "unknown policy {other:?} (queue-depth, service-time, \
-                     historical-service-time, round-robin[:N], failover)"
+                    .ok_or_else(|| {
+                        BadSetting::new("policy", other, "round-robin:N with a count N > 0")
+                    }),
+                None => Err(BadSetting::new(
+                    "policy",
+                    other,
+                    "queue-depth, service-time, historical-service-time, round-robin[:N] or failover",
                 )),
             },
         }
@@ -665,7 +668,10 @@ mod tests {
             "round-robin:16".parse(),
             Ok(Policy::RoundRobin { ios_per_path: 16 })
         );
-        assert!("round-robin:0".parse::<Policy>().is_err());
+        assert_eq!(
+            "round-robin:0".parse::<Policy>().unwrap_err().to_string(),
+            "policy \"round-robin:0\": want round-robin:N with a count N > 0"
+        );
         assert!("fastest".parse::<Policy>().is_err());
     }
 }

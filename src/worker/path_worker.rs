@@ -4,8 +4,8 @@
 //! path logs in again in the background with back-off.
 
 use super::ring::{Consumer, Producer};
-use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
-use crate::iscsi::session::Session;
+use crate::iscsi::connection::{Command, Completion, Direction, Event, SubmitError, MAX_TASKS};
+use crate::iscsi::session::{Session, SessionError};
 use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
 use crate::multipath::fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
@@ -47,7 +47,7 @@ pub(crate) enum Response {
         sent_in_session: Option<u64>,
     },
     /// The command could not be handed to the session and is lost.
-    Lost { slot: u32, reason: String },
+    Lost { slot: u32, reason: SubmitError },
 }
 
 /// Control messages to a worker (rare; MPSC because any thread may open a queue).
@@ -579,7 +579,10 @@ impl Worker {
                     // above and in_session bounds the tasks.
                     q.respond(Response::Lost {
                         slot,
-                        reason: e.to_string(),
+                        reason: match &e {
+                            SessionError::Submit(s) => s.clone(),
+                            other => SubmitError::Down(other.to_string()),
+                        },
                     });
                     return Err(PathFailure::Session(e));
                 }
