@@ -76,7 +76,14 @@ fn flap_damping_holds_a_flapping_path_down() {
             threshold: 2,
             window: Duration::from_secs(30),
             hold_down: Duration::from_secs(5),
-        })
+        });
+        // Path 1 sits idle for the whole test, so its NOP-Out pings are its
+        // only traffic. The time it was seen down (6 copies of this test at
+        // once on 2 cores) its event log said "no answer to NOP-Out ping
+        // within 3s": its own ping timer after 2 s + 3 s without a PDU, not
+        // anything portal 0's faults did. A longer ping timeout keeps the
+        // check below about portal 0 alone.
+        c.timers.nop_timeout = Duration::from_secs(10);
     });
     let p0 = t.faults().portal(0);
     // First failure: back after the back-off (and the target's
@@ -91,6 +98,13 @@ fn flap_damping_holds_a_flapping_path_down() {
     wait_state(&dev, 0, PathState::Down, Duration::from_secs(5));
     let held = wait_state(&dev, 0, PathState::Up, Duration::from_secs(15));
     assert!(held >= Duration::from_millis(4800), "held only {held:?}");
+    // The other path stayed up meanwhile and never logged in again.
+    let p1 = &dev.paths()[1];
+    assert!(
+        p1.state == PathState::Up && p1.logins == 1,
+        "path 1 left Up while portal 0 flapped: {:?}",
+        p1.events
+    );
     dev.close();
 }
 
