@@ -521,6 +521,15 @@ fn scenario_netem(env: &Env) {
     // first device a DPDK process opens has been seen much slower.
     let run = |paths: &[usize], policy: Policy| {
         let dev = MultipathDevice::open(config(env, paths, policy)).unwrap();
+        // A path that missed its login at open comes up later (seen on a
+        // loaded machine over DPDK): measure with every path up.
+        for &p in paths {
+            assert!(
+                wait_state(&dev, p, PathState::Up, Duration::from_secs(10)),
+                "path {p} not up: {:?}",
+                dev.paths()[p].events
+            );
+        }
         let mut q = dev.queue_pair();
         read_load(&mut q, dev.capacity(), 8, 8, Duration::from_millis(300), 2);
         let s = read_load(&mut q, dev.capacity(), 8, 8, Duration::from_secs(2), 2);
