@@ -661,6 +661,7 @@ impl Core {
                     asc: sense.asc,
                     ascq: sense.ascq,
                     information: None,
+                    sense_key_specific: None,
                 };
                 data = vec![0u8; 2 + Sense::FIXED_LEN];
                 data[1] = Sense::FIXED_LEN as u8;
@@ -1550,6 +1551,7 @@ impl Core {
                 asc: s.asc,
                 ascq: s.ascq,
                 information: None,
+                sense_key_specific: None,
             })
         } else if let Some(ua) = lun_index
             .filter(|_| !scsi::ignores_unit_attention(&c.cdb))
