@@ -616,7 +616,7 @@ impl Core {
         (self.exp_cmd_sn, self.max_cmd_sn)
     }
 
-    /// CmdSN rules (RFC 7143 §3.2.2.1): immediate PDUs pass; others must lie
+    /// CmdSN rules (RFC 7143 §4.2.2.1): immediate PDUs pass; others must lie
     /// in [ExpCmdSN, MaxCmdSN] and advance ExpCmdSN; duplicates and
     /// out-of-window ones are dropped.
     fn accept_cmd_sn(&mut self, immediate: bool, cmd_sn: Sn) -> bool {
