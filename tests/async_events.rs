@@ -8,10 +8,11 @@
 use iscsi_bypass::target::{
     fault::InjectedSense, AluaState, AsyncEvent, Target, TargetConfig, TargetHandle,
 };
-use iscsi_bypass::{Device, IdleMode, Options, PathState, Policy};
+use iscsi_bypass::{Device, IdleMode, IoQueue, Options, PathState, Policy};
 #[path = "common/chunks.rs"]
 mod chunks;
-use chunks::{verify, write_load};
+mod common;
+use chunks::{verify, write_load, Load};
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-12.org.iscsi-bypass:async";
@@ -67,35 +68,78 @@ fn no_violations(target: &TargetHandle) {
     assert!(v.is_empty(), "strict mode caught: {v:#?}");
 }
 
-/// Runs writes for `dur` on two paths, sending `event` to portal 0 after
-/// 300 ms; then checks no error, every write read back, no violation.
-fn under_load(target: &TargetHandle, dev: &Device, blocks: u32, dur: Duration, event: AsyncEvent) {
+/// Writes of `blocks` blocks for `dur` while `fault` runs once, `after`
+/// into the load (on a thread of its own).
+fn load_with_fault(
+    q: &mut IoQueue,
+    dur: Duration,
+    blocks: u32,
+    generation: &mut [u32],
+    after: Duration,
+    fault: impl FnOnce() + Send,
+) -> Load {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(after);
+            fault();
+        });
+        write_load(q, dur, blocks, generation)
+    })
+}
+
+/// The scaffolding of each Async Message test: a strict target with two
+/// portals and a device on both; writes of `blocks` blocks for `dur`,
+/// `event` sent to portal 0 after 300 ms; then no error, both paths
+/// carried writes, every write reads back, no violation. Returns the
+/// target and the device for the event's own checks.
+fn event_under_load(blocks: u32, dur: Duration, event: AsyncEvent) -> (TargetHandle, Device) {
+    let target = strict_target(2);
+    let dev = open(&urls(&target, &[0, 1]));
     let mut q = dev.queue_pair();
     let mut generation = vec![0u32; 512];
     let faults = target.faults().portal(0);
-    let load = std::thread::scope(|s| {
-        s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(300));
-            faults.send_async_event(event);
-        });
-        write_load(&mut q, dur, blocks, &mut generation)
-    });
+    let load = load_with_fault(
+        &mut q,
+        dur,
+        blocks,
+        &mut generation,
+        Duration::from_millis(300),
+        || faults.send_async_event(event),
+    );
     println!("{event:?}: per path {:?}", load.per_path);
     assert_eq!(load.errors, 0, "the application saw I/O errors");
     assert!(load.per_path[0] > 0 && load.per_path[1] > 0);
     verify(&mut q, blocks, &generation);
-    no_violations(target);
+    no_violations(&target);
+    drop(q);
+    (target, dev)
+}
+
+/// The redirect tests' reconnect: portal 1 drops its connections 200 ms
+/// into 1.5 s of writes; no error, path 0 is back up with a second login,
+/// every write reads back.
+fn reconnect_under_load(target: &TargetHandle, dev: &Device) {
+    let mut q = dev.queue_pair();
+    let mut generation = vec![0u32; 256];
+    let faults = target.faults().portal(1);
+    let load = load_with_fault(
+        &mut q,
+        Duration::from_millis(1500),
+        8,
+        &mut generation,
+        Duration::from_millis(200),
+        || faults.drop_connections_now(),
+    );
+    assert_eq!(load.errors, 0);
+    wait_up(dev, 0, 2);
+    verify(&mut q, 8, &generation);
 }
 
 /// AsyncEvent 1: path 0 stops taking I/O, finishes what it has, logs out
 /// within Parameter3 and logs in again; the application sees nothing.
 #[test]
 fn logout_request_drains_logs_out_and_reconnects() {
-    let target = strict_target(2);
-    let dev = open(&urls(&target, &[0, 1]));
-    under_load(
-        &target,
-        &dev,
+    let (target, dev) = event_under_load(
         8,
         Duration::from_millis(1500),
         AsyncEvent::RequestLogout { within: 4 },
@@ -136,11 +180,7 @@ fn down_up_gap(dev: &Device, i: usize, why: &str) -> Duration {
 /// writes it had wait for that login (the fence) before they are retried.
 #[test]
 fn connection_drop_announced_reconnects_after_time2wait() {
-    let target = strict_target(2);
-    let dev = open(&urls(&target, &[0, 1]));
-    under_load(
-        &target,
-        &dev,
+    let (_target, dev) = event_under_load(
         8,
         Duration::from_millis(2000),
         AsyncEvent::DropConnection {
@@ -158,11 +198,7 @@ fn connection_drop_announced_reconnects_after_time2wait() {
 /// AsyncEvent 3 likewise (the whole session; one connection per session).
 #[test]
 fn session_drop_announced_reconnects_after_time2wait() {
-    let target = strict_target(2);
-    let dev = open(&urls(&target, &[0, 1]));
-    under_load(
-        &target,
-        &dev,
+    let (_target, dev) = event_under_load(
         8,
         Duration::from_millis(2000),
         AsyncEvent::DropSession {
@@ -180,13 +216,9 @@ fn session_drop_announced_reconnects_after_time2wait() {
 /// and Data-Out (strict mode would flag a longer segment).
 #[test]
 fn renegotiation_applies_the_new_max_recv_data_segment_length() {
-    let target = strict_target(2);
-    let dev = open(&urls(&target, &[0, 1]));
     // 32 KiB writes: immediate data and unsolicited Data-Out, 4 KiB each
     // after the renegotiation.
-    under_load(
-        &target,
-        &dev,
+    let (target, dev) = event_under_load(
         64,
         Duration::from_millis(1500),
         AsyncEvent::Renegotiate {
@@ -301,19 +333,7 @@ fn temporary_redirect_is_followed_and_reconnects_go_home() {
     assert_eq!(target.faults().portal(1).connections(), 1);
     target.faults().portal(0).stop_redirecting();
     target.faults().portal(1).refuse_logins(0x03, 0x01);
-    let mut q = dev.queue_pair();
-    let mut generation = vec![0u32; 256];
-    let faults = target.faults().portal(1);
-    let load = std::thread::scope(|s| {
-        s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(200));
-            faults.drop_connections_now();
-        });
-        write_load(&mut q, Duration::from_millis(1500), 8, &mut generation)
-    });
-    assert_eq!(load.errors, 0);
-    wait_up(&dev, 0, 2);
-    verify(&mut q, 8, &generation);
+    reconnect_under_load(&target, &dev);
     assert_eq!(target.faults().portal(0).connections(), 1, "back home");
     no_violations(&target);
 }
@@ -327,19 +347,7 @@ fn permanent_redirect_moves_reconnects_to_the_new_address() {
     target.faults().portal(0).redirect_logins(all[1], true);
     let dev = open(&urls(&target, &[0]));
     target.faults().portal(0).refuse_logins(0x03, 0x01);
-    let mut q = dev.queue_pair();
-    let mut generation = vec![0u32; 256];
-    let faults = target.faults().portal(1);
-    let load = std::thread::scope(|s| {
-        s.spawn(|| {
-            std::thread::sleep(Duration::from_millis(200));
-            faults.drop_connections_now();
-        });
-        write_load(&mut q, Duration::from_millis(1500), 8, &mut generation)
-    });
-    assert_eq!(load.errors, 0);
-    wait_up(&dev, 0, 2);
-    verify(&mut q, 8, &generation);
+    reconnect_under_load(&target, &dev);
     let p = &dev.paths()[0];
     let last_up = p.events.iter().rev().find(|e| e.state == PathState::Up);
     assert_eq!(
@@ -356,7 +364,7 @@ fn permanent_redirect_moves_reconnects_to_the_new_address() {
 #[test]
 fn unusable_redirect_is_named_in_the_open_error() {
     let target = strict_target(1);
-    let dead: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dead: std::net::SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
     target.faults().redirect_logins(dead, false);
     let urls = urls(&target, &[0]);
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
@@ -366,12 +374,4 @@ fn unusable_redirect_is_named_in_the_open_error() {
         text.contains(&format!("redirected temporarily to {dead}")),
         "{text}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -75,6 +75,45 @@ fn open_discovered_finds_every_portal_and_does_io() {
     assert!(err.to_string().contains(&closed.to_string()), "{err}");
 }
 
+/// Discovery follows login redirects, as an array's group address sends
+/// every login on to a member portal: SendTargets through a portal that
+/// redirects lands on the other and lists both; a redirect loop ends with
+/// an error naming its hops.
+#[test]
+fn discovery_follows_login_redirects() {
+    let target = Target::start(TargetConfig::ram(IQN, 16 << 20).loopback_portals(2))
+        .expect("embedded target");
+    let all = target.portals();
+    let opts = Options {
+        idle: IdleMode::Sleep(Duration::from_micros(50)),
+        login_timeout: Duration::from_secs(3),
+        ..Options::default()
+    };
+    target.faults().portal(0).redirect_logins(all[1], false);
+    let urls = opts
+        .discover_urls(&all[0].to_string(), None, 0)
+        .expect("discovery through a redirecting portal");
+    assert_eq!(urls.len(), 2, "{urls:?}");
+    for p in &all {
+        assert!(urls.contains(&format!("iscsi://{p}/{IQN}/0")), "{urls:?}");
+    }
+    let dev = Device::open_discovered(&all[0].to_string(), Some(IQN), 0, &opts)
+        .expect("open what was discovered");
+    assert_eq!(dev.paths().len(), 2);
+    dev.close();
+    // Each portal sends logins to the other: a loop.
+    target.faults().portal(1).redirect_logins(all[0], true);
+    let err = opts
+        .discover_urls(&all[0].to_string(), None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("redirected more than")
+            && err.contains(&format!("{} redirected temporarily to {}", all[0], all[1])),
+        "{err}"
+    );
+}
+
 #[test]
 fn block_idle_mode_sleeps_and_is_woken_by_each_submission() {
     // IdleMode::Block with no spin: between I/Os the path worker blocks on

@@ -13,6 +13,8 @@
 //! Needs root, tgtd and iproute2 (tc), and for `dpdk_*` the af_packet PMD:
 //! skipped with a reason otherwise, failed when CI=true.
 
+#[path = "common/chunks.rs"]
+mod chunks;
 mod common;
 #[cfg(feature = "dpdk")]
 mod dpdk_common;
@@ -109,20 +111,9 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bed = TestBed::up(bed_name, transport);
     let tgtd = Tgtd::start(TgtdOptions {
-        lun_sizes: vec![64 << 20],
-        portals: vec!["10.231.1.2".into()],
         netns: Some(bed.tgt()),
-        ..Default::default()
+        ..TgtdOptions::two_portals("10.231.1.2", "10.231.2.2", 64 << 20)
     });
-    // tgtd keeps only the last --iscsi portal= option: add the second portal.
-    tgtd.adm(&[
-        "--mode",
-        "portal",
-        "--op",
-        "new",
-        "--param",
-        &format!("portal=10.231.2.2:{}", tgtd.port),
-    ]);
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("ip")
         .args(["netns", "exec", &bed.ini()])
@@ -616,24 +607,17 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     const CHUNK_BLOCKS: u32 = 8;
     let bs = dev.block_size() as usize;
     let chunk = CHUNK_BLOCKS as usize * bs;
-    let chunks = 2048u64; // 8 MiB region
-    let mut generation = vec![0u32; chunks as usize];
-    let fill = |buf: &mut Vec<u8>, c: u64, g: u32| {
-        buf.resize(chunk, 0);
-        for (i, w) in buf.chunks_mut(8).enumerate() {
-            let v = (c << 32 | u64::from(g)) ^ (i as u64) << 48;
-            w.copy_from_slice(&v.to_le_bytes());
-        }
-    };
+    let n_chunks = 2048u64; // 8 MiB region
+    let mut generation = vec![0u32; n_chunks as usize];
     let qd = 8;
     let mut free: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; chunk]).collect();
     let mut out = Vec::new();
     let mut next_chunk = 0u64;
-    let mut pending_gen = vec![0u32; chunks as usize];
+    let mut pending_gen = vec![0u32; n_chunks as usize];
     // At most one write per chunk in flight: SCSI orders nothing between
     // concurrent commands, so a write held for its fence (seconds) and a
     // newer one to the same chunk may land in either order.
-    let mut in_flight = vec![false; chunks as usize];
+    let mut in_flight = vec![false; n_chunks as usize];
     let start = Instant::now();
     let (mut errors, mut ios) = (0u64, 0u64);
     let mut last_done = Instant::now();
@@ -647,14 +631,14 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
         events(t);
         let running = t < dur;
         while running && !free.is_empty() {
-            let c = next_chunk % chunks;
+            let c = next_chunk % n_chunks;
             next_chunk += 1;
             if in_flight[c as usize] {
                 continue;
             }
             let mut buf = free.pop().unwrap();
             let g = generation[c as usize] + 1;
-            fill(&mut buf, c, g);
+            chunks::stamp(&mut buf, c as usize, g);
             pending_gen[c as usize] = g;
             if let Err(e) = q.submit(Io::write(c * u64::from(CHUNK_BLOCKS), CHUNK_BLOCKS, buf, c)) {
                 free.push(e.into_io().buffer);
@@ -692,20 +676,7 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
         }
     }
     // Verify everything.
-    let mut mismatches = 0;
-    let mut expect = Vec::new();
-    let mut got = vec![0u8; chunk];
-    for c in 0..chunks {
-        let g = generation[c as usize];
-        if g == 0 {
-            continue;
-        }
-        fill(&mut expect, c, g);
-        q.read_at(c * u64::from(CHUNK_BLOCKS), &mut got).unwrap();
-        if got != expect {
-            mismatches += 1;
-        }
-    }
+    let mismatches = chunks::mismatches(&mut q, CHUNK_BLOCKS, &generation).len();
     println!();
     println!(
         "MP write+verify: {ios} writes, {errors} errors, {mismatches} mismatches, p50 {} us p99 {} us p99.9 {} us",

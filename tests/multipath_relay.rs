@@ -20,6 +20,8 @@
 //! these lines). Needs root and tgtd: skipped with a reason otherwise,
 //! failed when CI=true.
 
+#[path = "common/chunks.rs"]
+mod chunks;
 mod common;
 
 use common::{tgtd_unavailable, Tgtd, TgtdOptions};
@@ -212,24 +214,12 @@ struct Outcome {
     conns: Vec<Arc<ConnRecord>>,
 }
 
-fn fill(buf: &mut Vec<u8>, len: usize, c: u64, g: u32) {
-    buf.resize(len, 0);
-    for (i, w) in buf.chunks_mut(8).enumerate() {
-        let v = (c << 32 | u64::from(g)) ^ (i as u64) << 48;
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
 fn run(case: Case) -> Option<Outcome> {
     if tgtd_unavailable().is_some() {
         return None;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let tgtd = Tgtd::start(TgtdOptions {
-        lun_sizes: vec![16 << 20],
-        portals: vec!["127.0.0.1".into(), "127.0.0.2".into()],
-        ..Default::default()
-    });
+    let tgtd = Tgtd::start(TgtdOptions::two_portals("127.0.0.1", "127.0.0.2", 16 << 20));
     let relay = Relay::start(format!("127.0.0.2:{}", tgtd.port).parse().unwrap());
     let direct: SocketAddr = format!("127.0.0.1:{}", tgtd.port).parse().unwrap();
     let login = LoginConfig::new(INITIATOR, Some(&tgtd.iqn));
@@ -279,7 +269,7 @@ fn run(case: Case) -> Option<Outcome> {
             }
             let mut buf = free.pop().unwrap();
             let g = generation[c as usize] + 1;
-            fill(&mut buf, chunk, c, g);
+            chunks::stamp(&mut buf, c as usize, g);
             pending[c as usize] = g;
             match q.submit(Io::write(c * u64::from(CHUNK_BLOCKS), CHUNK_BLOCKS, buf, c)) {
                 Ok(()) => {
@@ -327,25 +317,14 @@ fn run(case: Case) -> Option<Outcome> {
     }
     // Give a late write the time to land if tgtd would still run it.
     std::thread::sleep(Duration::from_millis(1000));
-    let mut mismatches = 0;
-    let mut expect = Vec::new();
-    let mut got = vec![0u8; chunk];
-    for c in 0..CHUNKS {
-        let g = generation[c as usize];
-        if g == 0 {
-            continue;
-        }
-        fill(&mut expect, chunk, c, g);
-        q.read_at(c * u64::from(CHUNK_BLOCKS), &mut got)
-            .expect("read back");
-        if got != expect {
-            mismatches += 1;
-            if mismatches <= 3 {
-                let found = u64::from_le_bytes(got[..8].try_into().unwrap()) as u32;
-                eprintln!("chunk {c}: generation {found}, acknowledged {g}");
-            }
-        }
+    let lost = chunks::mismatches(&mut q, CHUNK_BLOCKS, &generation);
+    for m in lost.iter().take(3) {
+        eprintln!(
+            "chunk {}: generation {}, acknowledged {}",
+            m.chunk, m.found, m.acknowledged
+        );
     }
+    let mismatches = lost.len() as u64;
     let conns = relay.conns();
     let name = match case {
         Case::Hung => "hung_path",

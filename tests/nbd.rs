@@ -7,16 +7,17 @@
 //! A missing tool fails the test when `CI=true`, else prints SKIPPED.
 
 mod common;
+#[path = "common/export.rs"]
+mod export;
 
+use export::Backend;
 use iscsi_bypass::nbd::wire::{self, cflags, cmd, errno, opt, rep, InfoRequest};
-use iscsi_bypass::nbd::{ExportConfig, Listener, NbdServer, NbdServerHandle};
-use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+use iscsi_bypass::nbd::{ExportConfig, Listener, NbdServerHandle};
+use iscsi_bypass::target::{Target, TargetConfig};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:nbd-test";
@@ -24,8 +25,7 @@ const INITIATOR: &str = "iqn.2026-11.org.iscsi-bypass:nbd-test-ini";
 const SIZE: u64 = 64 << 20;
 
 struct Bed {
-    target: TargetHandle,
-    device: Arc<MultipathDevice>,
+    be: Backend,
     server: Option<NbdServerHandle>,
     dir: PathBuf,
     socket: PathBuf,
@@ -36,34 +36,25 @@ impl Bed {
         Bed::with_target(name, TargetConfig::ram(IQN, SIZE).loopback_portals(2))
     }
 
+    /// `config`'s target, a device over all its portals and an export of
+    /// it on a Unix socket.
     fn with_target(name: &str, config: TargetConfig) -> Bed {
-        let target = Target::start(config).unwrap();
-        let urls: Vec<String> = target
-            .portals()
-            .iter()
-            .map(|p| format!("iscsi://{p}/{IQN}/0"))
-            .collect();
-        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-        let mut config = DeviceConfig::from_urls(&urls, INITIATOR, &[]).unwrap();
-        config.idle = IdleMode::Sleep(Duration::from_micros(50));
-        config.no_path_timeout = Duration::from_secs(20);
-        let device = Arc::new(MultipathDevice::open(config).unwrap());
+        let be = Backend::start_with(config, INITIATOR, |c| {
+            c.no_path_timeout = Duration::from_secs(20)
+        });
         let dir = std::env::temp_dir().join(format!("nbd-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("nbd.sock");
-        let server = NbdServer::spawn(
-            device.clone(),
+        let server = be.serve(
             ExportConfig {
                 name: "lun0".into(),
                 ..ExportConfig::default()
             },
             Listener::unix(&socket).unwrap(),
-        )
-        .unwrap();
+        );
         Bed {
-            target,
-            device,
+            be,
             server: Some(server),
             dir,
             socket,
@@ -76,9 +67,9 @@ impl Bed {
 
     /// Reads bytes through iSCSI directly (its own queue on the device).
     fn read_direct(&self, offset: u64, len: usize) -> Vec<u8> {
-        let bs = u64::from(self.device.block_size());
+        let bs = u64::from(self.be.device.block_size());
         assert_eq!(offset % bs, 0);
-        let mut q = self.device.queue_pair();
+        let mut q = self.be.device.queue_pair();
         let mut out = vec![0u8; len];
         for (i, c) in out.chunks_mut(1 << 20).enumerate() {
             q.read_at(offset / bs + (i as u64 * (1 << 20)) / bs, c)
@@ -88,8 +79,8 @@ impl Bed {
     }
 
     fn write_direct(&self, offset: u64, data: &[u8]) {
-        let bs = u64::from(self.device.block_size());
-        let mut q = self.device.queue_pair();
+        let bs = u64::from(self.be.device.block_size());
+        let mut q = self.be.device.queue_pair();
         q.write_at(offset / bs, data).unwrap();
     }
 
@@ -327,7 +318,8 @@ fn nbdcopy_with_path_failures(name: &str, portals: &[usize]) {
     let data = pattern(32 << 20, 3);
     let src = bed.file("src.img", &data);
     // Slow responses down so the copy is still running when the paths die.
-    bed.target
+    bed.be
+        .target
         .faults()
         .delay_responses(Duration::from_millis(2));
     let mut child = Command::new("nbdcopy")
@@ -343,7 +335,7 @@ fn nbdcopy_with_path_failures(name: &str, portals: &[usize]) {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    let faults = bed.target.faults();
+    let faults = bed.be.target.faults();
     let mut drops = 0;
     let gap = if portals.len() > 2 { 100 } else { 250 };
     for &p in portals {
@@ -366,7 +358,7 @@ fn nbdcopy_with_path_failures(name: &str, portals: &[usize]) {
         std::thread::sleep(Duration::from_millis(50));
     };
     faults.delay_responses(Duration::ZERO);
-    let paths = bed.device.paths();
+    let paths = bed.be.device.paths();
     let Some(status) = status else {
         let stuck: Vec<_> = paths
             .iter()
@@ -463,10 +455,7 @@ impl Client {
 
 fn tcp_bed() -> (Bed, NbdServerHandle, SocketAddr) {
     let bed = Bed::new("raw");
-    let l = Listener::tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-    let uri = l.uri();
-    let addr: SocketAddr = uri.trim_start_matches("nbd://").parse().unwrap();
-    let h = NbdServer::spawn(bed.device.clone(), ExportConfig::default(), l).unwrap();
+    let (h, addr) = bed.be.serve_tcp(ExportConfig::default());
     (bed, h, addr)
 }
 
@@ -562,7 +551,7 @@ fn raw_client_pipelines_and_gets_clear_errors() {
 #[test]
 fn fua_writes_carry_the_fua_bit_instead_of_a_flush() {
     let (bed, server, addr) = tcp_bed();
-    let lun = bed.target.lun(0).unwrap();
+    let lun = bed.be.target.lun(0).unwrap();
     let (fua0, sync0) = (lun.fua_writes(), lun.cache_syncs());
     let mut c = Client::go(addr);
     let data = pattern(64 << 10, 7);
@@ -715,7 +704,7 @@ fn nbd_requests_are_cut_to_the_block_limits() {
             .loopback_portals(2)
             .block_limits(limits),
     );
-    assert_eq!(bed.device.limits().max_transfer_blocks, 64);
+    assert_eq!(bed.be.device.limits().max_transfer_blocks, 64);
     let text = run(Command::new("qemu-io").args([
         "-f",
         "raw",
@@ -748,7 +737,7 @@ fn nbd_requests_are_cut_to_the_block_limits() {
     // The discards reached the LU: 4M..5M deallocated (5M..6M was never
     // written), and of 6M + 15 blocks only the whole 8-block granule; the
     // last 7 blocks (a partial granule) and the 16th stay mapped.
-    let lun = bed.target.lun(0).unwrap();
+    let lun = bed.be.target.lun(0).unwrap();
     assert_eq!(
         lun.mapping_runs(8192, 2),
         vec![(8192, 4096 + 8, false), (12296, 8, true)]

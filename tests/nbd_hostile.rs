@@ -5,13 +5,15 @@
 //! bounded.
 
 use iscsi_bypass::nbd::wire::{self, cmd, errno, opt, rep, InfoRequest};
-use iscsi_bypass::nbd::{ExportConfig, Listener, NbdServer, NbdServerHandle};
-use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+#[path = "common/export.rs"]
+mod export;
+
+use export::Backend;
+use iscsi_bypass::nbd::{ExportConfig, NbdServerHandle};
+use iscsi_bypass::target::TargetConfig;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:nbd-hostile";
@@ -19,22 +21,16 @@ const INITIATOR: &str = "iqn.2026-11.org.iscsi-bypass:nbd-hostile-ini";
 const SIZE: u64 = 32 << 20;
 
 struct Bed {
-    _target: TargetHandle,
+    _be: Backend,
     server: NbdServerHandle,
     addr: SocketAddr,
 }
 
 fn bed(config: ExportConfig) -> Bed {
-    let target = Target::start(TargetConfig::ram(IQN, SIZE).loopback_portals(1)).unwrap();
-    let url = format!("iscsi://{}/{IQN}/0", target.portals()[0]);
-    let mut dc = DeviceConfig::from_urls(&[url.as_str()], INITIATOR, &[]).unwrap();
-    dc.idle = IdleMode::Sleep(Duration::from_micros(50));
-    let device = Arc::new(MultipathDevice::open(dc).unwrap());
-    let l = Listener::tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr: SocketAddr = l.uri().trim_start_matches("nbd://").parse().unwrap();
-    let server = NbdServer::spawn(device, config, l).unwrap();
+    let be = Backend::start(TargetConfig::ram(IQN, SIZE).loopback_portals(1), INITIATOR);
+    let (server, addr) = be.serve_tcp(config);
     Bed {
-        _target: target,
+        _be: be,
         server,
         addr,
     }

@@ -6,13 +6,13 @@
 //! A missing tool fails the test when `CI=true`, else prints SKIPPED.
 
 mod common;
+#[path = "common/export.rs"]
+mod export;
 
+use export::Backend;
 use iscsi_bypass::nbd::wire::{self, opt, rep, InfoRequest};
-use iscsi_bypass::nbd::{
-    check_exposure, ExportConfig, Listener, NbdServer, NbdServerHandle, TlsConfig, TlsPolicy,
-};
-use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+use iscsi_bypass::nbd::{check_exposure, ExportConfig, NbdServerHandle, TlsConfig, TlsPolicy};
+use iscsi_bypass::target::TargetConfig;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
@@ -22,7 +22,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:nbd-tls-test";
@@ -134,43 +133,28 @@ impl Pki {
 }
 
 struct Bed {
-    _target: TargetHandle,
-    device: Arc<MultipathDevice>,
+    be: Backend,
     dir: PathBuf,
     pki: Pki,
 }
 
 impl Bed {
     fn new(name: &str) -> Bed {
-        let target = Target::start(TargetConfig::ram(IQN, SIZE).loopback_portals(1)).unwrap();
-        let url = format!("iscsi://{}/{IQN}/0", target.portals()[0]);
-        let mut config = DeviceConfig::from_urls(&[url.as_str()], INITIATOR, &[]).unwrap();
-        config.idle = IdleMode::Sleep(Duration::from_micros(50));
-        let device = Arc::new(MultipathDevice::open(config).unwrap());
+        let be = Backend::start(TargetConfig::ram(IQN, SIZE).loopback_portals(1), INITIATOR);
         let dir = std::env::temp_dir().join(format!("nbd-tls-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let pki = Pki::new(&dir);
-        Bed {
-            _target: target,
-            device,
-            dir,
-            pki,
-        }
+        Bed { be, dir, pki }
     }
 
     /// A TCP export on loopback with `tls`; returns it and its port.
     fn serve(&self, tls: Option<TlsConfig>) -> (NbdServerHandle, u16) {
-        let l = Listener::tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port: u16 = l.uri().rsplit(':').next().unwrap().parse().unwrap();
-        let config = ExportConfig {
+        let (h, addr) = self.be.serve_tcp(ExportConfig {
             name: "lun0".into(),
             tls,
             ..ExportConfig::default()
-        };
-        (
-            NbdServer::spawn(self.device.clone(), config, l).unwrap(),
-            port,
-        )
+        });
+        (h, addr.port())
     }
 
     fn tls(&self, policy: TlsPolicy, client_certs: bool, expired: bool) -> TlsConfig {
@@ -250,7 +234,7 @@ fn nbdinfo_and_nbdcopy_over_tls_with_client_certificates() {
     let got = std::fs::read(&back).unwrap();
     assert!(got == data, "data came back over TLS");
     // Through iSCSI directly too: the bytes reached the LU.
-    let mut q = bed.device.queue_pair();
+    let mut q = bed.be.device.queue_pair();
     let mut direct = vec![0u8; 1 << 20];
     q.read_at(0, &mut direct).unwrap();
     assert!(direct == data[..1 << 20]);
@@ -462,14 +446,12 @@ fn cli_refuses_plaintext_exports_and_unauthenticated_portals_beyond_loopback() {
 #[test]
 fn a_client_silent_after_starttls_is_dropped_at_the_handshake_deadline() {
     let bed = Bed::new("tls-silent");
-    let l = Listener::tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port: u16 = l.uri().rsplit(':').next().unwrap().parse().unwrap();
-    let config = ExportConfig {
+    let (h, addr) = bed.be.serve_tcp(ExportConfig {
         tls: Some(bed.tls(TlsPolicy::Require, false, false)),
         handshake_timeout: Duration::from_millis(800),
         ..ExportConfig::default()
-    };
-    let h = NbdServer::spawn(bed.device.clone(), config, l).unwrap();
+    });
+    let port = addr.port();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut greeting = [0u8; 18];

@@ -68,23 +68,57 @@ extern void *fib_event(void *eng, unsigned int idx, int *error);
 
 enum { FIB_READ = 0, FIB_WRITE = 1, FIB_FLUSH = 2, FIB_TRIM = 3 };
 
+/*
+ * The engine options, each once: its fib_options member, its fio_option
+ * entry and its copy into fib_config (fib_config_from) are generated from
+ * these lists.
+ *
+ * FIB_STR_OPTIONS: X(field, name, lname, help), a string (FIO_OPT_STR_STORE)
+ * copied to the fib_config member of the same name.
+ * FIB_UINT_OPTIONS: X(field, config_field, type, name, lname, def, help), an
+ * unsigned int copied to fib_config's config_field.
+ */
+#define FIB_STR_OPTIONS(X)						\
+	X(paths, "iscsi_paths", "iSCSI extra paths",			\
+	  "More iscsi:// URLs of the same LU (comma or space separated), one path each") \
+	X(transport, "iscsi_transport", "iSCSI transport",		\
+	  "kernel (TCP sockets; the only one the fio engine offers so far)") \
+	X(policy, "iscsi_policy", "iSCSI path policy",			\
+	  "queue-depth (default), service-time, historical-service-time, round-robin[:N], failover") \
+	X(initiator, "iscsi_initiator", "iSCSI initiator name",		\
+	  "Our initiator IQN")						\
+	X(chap_user, "iscsi_chap_user", "CHAP user",			\
+	  "CHAP user name (secret: iscsi_chap_secret_file or ISCSI_CHAP_PASSWORD)") \
+	X(chap_secret_file, "iscsi_chap_secret_file", "CHAP secret file", \
+	  "File whose first line is the CHAP secret")			\
+	X(target_user, "iscsi_target_user", "mutual CHAP user",		\
+	  "Target's CHAP name for mutual CHAP")				\
+	X(target_secret_file, "iscsi_target_secret_file", "mutual CHAP secret file", \
+	  "File whose first line is the target's CHAP secret")		\
+	X(cores, "iscsi_cores", "iSCSI worker cores",			\
+	  "Cores to pin the path workers to (comma separated)")
+
+#define FIB_UINT_OPTIONS(X)						\
+	X(busy_poll, busy_poll, FIO_OPT_BOOL, "iscsi_busy_poll",	\
+	  "iSCSI busy poll", "0",					\
+	  "Path workers spin instead of blocking when idle (one core each)") \
+	X(no_path_timeout, no_path_timeout_s, FIO_OPT_INT,		\
+	  "iscsi_no_path_timeout", "iSCSI no-path timeout", "0",	\
+	  "Seconds I/O waits for a usable path before failing (0: the library default)") \
+	X(login_timeout, login_timeout_s, FIO_OPT_INT,			\
+	  "iscsi_login_timeout", "iSCSI login timeout", "0",		\
+	  "Seconds per path login (0: the library default)")
+
+#define FIB_STR_MEMBER(field, n, l, h) char *field;
+#define FIB_UINT_MEMBER(field, cfield, t, n, l, d, h) unsigned int field;
+
 struct fib_options {
 	void *pad;
-	char *paths;
-	char *transport;
-	char *policy;
-	char *initiator;
-	char *chap_user;
-	char *chap_secret_file;
-	char *target_user;
-	char *target_secret_file;
-	char *cores;
-	unsigned int busy_poll;
-	unsigned int no_path_timeout;
-	unsigned int login_timeout;
+	FIB_STR_OPTIONS(FIB_STR_MEMBER)
+	FIB_UINT_OPTIONS(FIB_UINT_MEMBER)
 };
 
-#define FIB_STR_OPT(n, l, field, h) {				\
+#define FIB_STR_ENTRY(field, n, l, h) {				\
 		.name = (n),					\
 		.lname = (l),					\
 		.type = FIO_OPT_STR_STORE,			\
@@ -92,57 +126,21 @@ struct fib_options {
 		.help = (h),					\
 		.category = FIO_OPT_C_ENGINE,			\
 		.group = FIO_OPT_G_ISCSI,			\
-	}
+	},
+#define FIB_UINT_ENTRY(field, cfield, t, n, l, d, h) {		\
+		.name = (n),					\
+		.lname = (l),					\
+		.type = (t),					\
+		.off1 = offsetof(struct fib_options, field),	\
+		.help = (h),					\
+		.def = (d),					\
+		.category = FIO_OPT_C_ENGINE,			\
+		.group = FIO_OPT_G_ISCSI,			\
+	},
 
 static struct fio_option options[] = {
-	FIB_STR_OPT("iscsi_paths", "iSCSI extra paths", paths,
-		    "More iscsi:// URLs of the same LU (comma or space separated), one path each"),
-	FIB_STR_OPT("iscsi_transport", "iSCSI transport", transport,
-		    "kernel (TCP sockets; the only one the fio engine offers so far)"),
-	FIB_STR_OPT("iscsi_policy", "iSCSI path policy", policy,
-		    "queue-depth (default), service-time, historical-service-time, round-robin[:N], failover"),
-	FIB_STR_OPT("iscsi_initiator", "iSCSI initiator name", initiator,
-		    "Our initiator IQN"),
-	FIB_STR_OPT("iscsi_chap_user", "CHAP user", chap_user,
-		    "CHAP user name (secret: iscsi_chap_secret_file or ISCSI_CHAP_PASSWORD)"),
-	FIB_STR_OPT("iscsi_chap_secret_file", "CHAP secret file", chap_secret_file,
-		    "File whose first line is the CHAP secret"),
-	FIB_STR_OPT("iscsi_target_user", "mutual CHAP user", target_user,
-		    "Target's CHAP name for mutual CHAP"),
-	FIB_STR_OPT("iscsi_target_secret_file", "mutual CHAP secret file", target_secret_file,
-		    "File whose first line is the target's CHAP secret"),
-	FIB_STR_OPT("iscsi_cores", "iSCSI worker cores", cores,
-		    "Cores to pin the path workers to (comma separated)"),
-	{
-		.name = "iscsi_busy_poll",
-		.lname = "iSCSI busy poll",
-		.type = FIO_OPT_BOOL,
-		.off1 = offsetof(struct fib_options, busy_poll),
-		.help = "Path workers spin instead of blocking when idle (one core each)",
-		.def = "0",
-		.category = FIO_OPT_C_ENGINE,
-		.group = FIO_OPT_G_ISCSI,
-	},
-	{
-		.name = "iscsi_no_path_timeout",
-		.lname = "iSCSI no-path timeout",
-		.type = FIO_OPT_INT,
-		.off1 = offsetof(struct fib_options, no_path_timeout),
-		.help = "Seconds I/O waits for a usable path before failing (0: the library default)",
-		.def = "0",
-		.category = FIO_OPT_C_ENGINE,
-		.group = FIO_OPT_G_ISCSI,
-	},
-	{
-		.name = "iscsi_login_timeout",
-		.lname = "iSCSI login timeout",
-		.type = FIO_OPT_INT,
-		.off1 = offsetof(struct fib_options, login_timeout),
-		.help = "Seconds per path login (0: the library default)",
-		.def = "0",
-		.category = FIO_OPT_C_ENGINE,
-		.group = FIO_OPT_G_ISCSI,
-	},
+	FIB_STR_OPTIONS(FIB_STR_ENTRY)
+	FIB_UINT_OPTIONS(FIB_UINT_ENTRY)
 	{
 		.name = NULL,
 	},
@@ -180,19 +178,13 @@ static void fib_config_from(struct thread_data *td, struct fib_config *c)
 {
 	struct fib_options *o = td->eo;
 
+#define FIB_STR_COPY(field, n, l, h) c->field = o->field;
+#define FIB_UINT_COPY(field, cfield, t, n, l, d, h) c->cfield = o->field;
 	memset(c, 0, sizeof(*c));
-	c->paths = o->paths;
-	c->transport = o->transport;
-	c->policy = o->policy;
-	c->initiator = o->initiator;
-	c->chap_user = o->chap_user;
-	c->chap_secret_file = o->chap_secret_file;
-	c->target_user = o->target_user;
-	c->target_secret_file = o->target_secret_file;
-	c->cores = o->cores;
-	c->busy_poll = o->busy_poll;
-	c->no_path_timeout_s = o->no_path_timeout;
-	c->login_timeout_s = o->login_timeout;
+	FIB_STR_OPTIONS(FIB_STR_COPY)
+	FIB_UINT_OPTIONS(FIB_UINT_COPY)
+#undef FIB_STR_COPY
+#undef FIB_UINT_COPY
 	c->queue_depth = td->o.iodepth ? td->o.iodepth : 1;
 	c->nr_files = td->o.nr_files;
 }

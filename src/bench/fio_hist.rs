@@ -14,41 +14,14 @@
 
 use thiserror::Error;
 
-/// fio's `FIO_IO_U_PLAT_BITS`: 64 buckets per power of two.
-pub const PLAT_BITS: u32 = 6;
-/// fio's `FIO_IO_U_PLAT_VAL`.
-pub const PLAT_VAL: usize = 1 << PLAT_BITS;
-/// fio's `FIO_IO_U_PLAT_GROUP_NR` (fio 3.x).
-pub const PLAT_GROUP_NR: usize = 29;
+use super::fiohist::idx_edges;
+/// fio's `stat.c:plat_idx_to_val`: the latency (ns) fio gives bin `idx` of
+/// its full histogram (the one transcription, in [`super::fiohist`]).
+pub use super::fiohist::idx_to_val as plat_idx_to_val;
 /// fio's `FIO_IO_U_PLAT_NR`: bins of a histogram line at coarseness 0.
-pub const PLAT_NR: usize = PLAT_GROUP_NR * PLAT_VAL;
+pub use super::fiohist::FIO_IO_U_PLAT_NR as PLAT_NR;
 /// The largest `log_hist_coarseness` fio accepts.
 pub const MAX_COARSENESS: u32 = 6;
-
-/// The latency (ns) fio gives bin `idx` of its full histogram: the bin's
-/// value itself below 128, else the middle of the bin (`stat.c:plat_idx_to_val`).
-pub fn plat_idx_to_val(idx: usize) -> u64 {
-    if idx < (PLAT_VAL << 1) {
-        return idx as u64;
-    }
-    let error_bits = (idx >> PLAT_BITS) as u32 - 1;
-    let base = 1u64 << (error_bits + PLAT_BITS);
-    let k = (idx % PLAT_VAL) as u64;
-    // base + (k + 0.5) * 2^error_bits, exact since error_bits >= 1.
-    base + (2 * k + 1) * (1u64 << (error_bits - 1))
-}
-
-/// The lower and upper edge (ns) of fine bin `idx`.
-fn plat_idx_edges(idx: usize) -> (u64, u64) {
-    if idx < (PLAT_VAL << 1) {
-        return (idx as u64, idx as u64);
-    }
-    let error_bits = (idx >> PLAT_BITS) as u32 - 1;
-    let base = 1u64 << (error_bits + PLAT_BITS);
-    let k = (idx % PLAT_VAL) as u64;
-    let w = 1u64 << error_bits;
-    (base + k * w, base + (k + 1) * w)
-}
 
 /// The latency (ns) of bin `idx` of a line written with
 /// `log_hist_coarseness=coarseness`: at 0, fio's own value; else the middle
@@ -59,8 +32,8 @@ pub fn bin_value(idx: usize, coarseness: u32) -> f64 {
         return plat_idx_to_val(idx) as f64;
     }
     let stride = 1usize << coarseness;
-    let (lo, _) = plat_idx_edges(idx * stride);
-    let (_, hi) = plat_idx_edges(idx * stride + stride - 1);
+    let (lo, _) = idx_edges(idx * stride);
+    let (_, hi) = idx_edges(idx * stride + stride - 1);
     (lo as f64 + hi as f64) / 2.0
 }
 
@@ -333,65 +306,14 @@ impl HistLog {
 mod tests {
     use super::*;
 
-    /// fio 3.33's `stat.c:plat_val_to_idx`, transcribed: where fio files a
-    /// latency of `val` ns.
-    fn fio_plat_val_to_idx(val: u64) -> usize {
-        let msb = if val == 0 {
-            0
-        } else {
-            63 - val.leading_zeros()
-        };
-        if msb <= PLAT_BITS {
-            return val as usize;
-        }
-        let error_bits = msb - PLAT_BITS;
-        let base = ((error_bits + 1) as usize) << PLAT_BITS;
-        let offset = (PLAT_VAL - 1) & (val >> error_bits) as usize;
-        (base + offset).min(PLAT_NR - 1)
-    }
-
-    #[test]
-    fn bin_values_are_fios() {
-        // Below 128 ns a bin is one nanosecond.
-        for i in 0..128 {
-            assert_eq!(plat_idx_to_val(i), i as u64);
-        }
-        // 128..255 ns in bins of 2: the middle of [128, 130) is 129.
-        assert_eq!(plat_idx_to_val(128), 129);
-        assert_eq!(plat_idx_to_val(191), 255);
-        // 256..511 in bins of 4.
-        assert_eq!(plat_idx_to_val(192), 258);
-        assert_eq!(plat_idx_to_val(255), 510);
-        // The last bin: group 28, error bits 27.
-        assert_eq!(
-            plat_idx_to_val(PLAT_NR - 1),
-            (1u64 << 33) + 63 * (1 << 27) + (1 << 26)
-        );
-        assert_eq!(PLAT_NR, 1856);
-    }
-
-    #[test]
-    fn every_bin_value_files_back_into_its_bin() {
-        for idx in 0..PLAT_NR {
-            let v = plat_idx_to_val(idx);
-            assert_eq!(fio_plat_val_to_idx(v), idx, "bin {idx} value {v}");
-            let (lo, hi) = plat_idx_edges(idx);
-            assert_eq!(fio_plat_val_to_idx(lo), idx, "lower edge of {idx}");
-            if hi > lo {
-                assert_eq!(fio_plat_val_to_idx(hi - 1), idx, "upper edge of {idx}");
-                if idx + 1 < PLAT_NR {
-                    assert_eq!(fio_plat_val_to_idx(hi), idx + 1, "past {idx}");
-                }
-            }
-        }
-    }
+    use crate::bench::fiohist::val_to_idx;
 
     #[test]
     fn coarse_bins_span_the_fine_bins_they_sum() {
         assert_eq!(bin_value(300, 0), plat_idx_to_val(300) as f64);
         // Coarseness 1: bin 100 sums fine bins 200 and 201, [288, 296).
-        assert_eq!(plat_idx_edges(200), (288, 292));
-        assert_eq!(plat_idx_edges(201), (292, 296));
+        assert_eq!(idx_edges(200), (288, 292));
+        assert_eq!(idx_edges(201), (292, 296));
         assert_eq!(bin_value(100, 1), 292.0);
         // Low bins are single nanoseconds: bin 3 of coarseness 2 is 12..=15.
         assert_eq!(bin_value(3, 2), 13.5);
@@ -409,12 +331,12 @@ mod tests {
     fn percentiles_pick_the_first_bin_reaching_the_rank() {
         let mut bins = [0u64; PLAT_NR];
         bins[50] = 90; // 90 I/Os at 50 ns
-        bins[fio_plat_val_to_idx(10_000)] = 9; // 9 at ~10 us
-        bins[fio_plat_val_to_idx(1_000_000)] = 1; // 1 at ~1 ms
+        bins[val_to_idx(10_000)] = 9; // 9 at ~10 us
+        bins[val_to_idx(1_000_000)] = 1; // 1 at ~1 ms
         let p = percentiles(&bins, 0, &[50.0, 90.0, 95.0, 99.0, 99.5, 100.0]);
         let v: Vec<f64> = p.iter().map(|x| x.1).collect();
-        let ten_us = plat_idx_to_val(fio_plat_val_to_idx(10_000)) as f64;
-        let one_ms = plat_idx_to_val(fio_plat_val_to_idx(1_000_000)) as f64;
+        let ten_us = plat_idx_to_val(val_to_idx(10_000)) as f64;
+        let one_ms = plat_idx_to_val(val_to_idx(1_000_000)) as f64;
         assert_eq!(v, vec![50.0, 50.0, ten_us, ten_us, one_ms, one_ms]);
         assert!((ten_us - 10_000.0).abs() / 10_000.0 < 1.0 / 64.0);
         assert!(percentiles(&[0u64; PLAT_NR], 0, &[50.0]).is_empty());

@@ -11,11 +11,15 @@
 //! sample of that direction per latency bin (nanoseconds,
 //! [`FIO_IO_U_PLAT_NR`] = 1856 bins, or 1856 / 2^coarseness columns each
 //! summing 2^coarseness bins). Fields are separated by `", "`.
+//!
+//! The bin arithmetic here is the crate's one transcription of fio's;
+//! [`super::fio_hist`], which reads such logs back, uses it.
 
 /// `FIO_IO_U_PLAT_BITS`: each power-of-two group has 2^6 bins.
 pub const PLAT_BITS: u32 = 6;
+/// `FIO_IO_U_PLAT_VAL`.
 pub const PLAT_VAL: u64 = 1 << PLAT_BITS;
-/// `FIO_IO_U_PLAT_GROUP_NR`.
+/// `FIO_IO_U_PLAT_GROUP_NR` (fio 3.x).
 pub const PLAT_GROUP_NR: u64 = 29;
 /// `FIO_IO_U_PLAT_NR`: bins in a histogram.
 pub const FIO_IO_U_PLAT_NR: usize = (PLAT_GROUP_NR * PLAT_VAL) as usize;
@@ -36,17 +40,41 @@ pub fn val_to_idx(val: u64) -> usize {
     ((base + offset) as usize).min(FIO_IO_U_PLAT_NR - 1)
 }
 
-/// fio's `plat_idx_to_val`: the middle of a bin, in nanoseconds (what fio
-/// prints as a percentile).
-pub fn idx_to_val(idx: usize) -> u64 {
+/// The group layout of bin `idx` (clamped to the last bin) at or above 128:
+/// (`base` latency of its group, its index `k` in the group, bin width
+/// `2^error_bits`), as `plat_idx_to_val` computes them; `None` below 128,
+/// where a bin is one nanosecond.
+fn bin_layout(idx: usize) -> Option<(u64, u64, u32)> {
     let idx = idx.min(FIO_IO_U_PLAT_NR - 1) as u64;
     if idx < (PLAT_VAL << 1) {
-        return idx;
+        return None;
     }
-    let error_bits = (idx >> PLAT_BITS) - 1;
-    let base = 1u64 << (error_bits + PLAT_BITS as u64);
-    let k = idx % PLAT_VAL;
-    base + ((k as f64 + 0.5) * (1u64 << error_bits) as f64) as u64
+    let error_bits = ((idx >> PLAT_BITS) - 1) as u32;
+    let base = 1u64 << (error_bits + PLAT_BITS);
+    Some((base, idx % PLAT_VAL, error_bits))
+}
+
+/// fio's `plat_idx_to_val`: the middle of a bin, in nanoseconds (what fio
+/// prints as a percentile); below 128 the bin's value itself. Indexes past
+/// the last bin are the last bin.
+pub fn idx_to_val(idx: usize) -> u64 {
+    match bin_layout(idx) {
+        None => idx as u64,
+        // base + (k + 0.5) * 2^error_bits, exact since error_bits >= 1.
+        Some((base, k, error_bits)) => base + (2 * k + 1) * (1u64 << (error_bits - 1)),
+    }
+}
+
+/// The lower and upper edge (ns) of bin `idx`: it holds `lo..hi`, and
+/// below 128 just `lo == hi == idx`.
+pub fn idx_edges(idx: usize) -> (u64, u64) {
+    match bin_layout(idx) {
+        None => (idx as u64, idx as u64),
+        Some((base, k, error_bits)) => {
+            let w = 1u64 << error_bits;
+            (base + k * w, base + (k + 1) * w)
+        }
+    }
 }
 
 /// One histogram-log line: I/Os per bin completed in the window, sparse.
@@ -189,6 +217,42 @@ mod tests {
         // Matches fio's own printout for one value: 509385 ns -> 509952
         // (fio 3.33's JSON, clat percentile of a 509385 ns maximum).
         assert_eq!(idx_to_val(val_to_idx(509_385)), 509_952);
+    }
+
+    #[test]
+    fn bin_values_are_fios() {
+        // Below 128 ns a bin is one nanosecond.
+        for i in 0..128 {
+            assert_eq!(idx_to_val(i), i as u64);
+        }
+        // 128..255 ns in bins of 2: the middle of [128, 130) is 129.
+        assert_eq!(idx_to_val(128), 129);
+        assert_eq!(idx_to_val(191), 255);
+        // 256..511 in bins of 4.
+        assert_eq!(idx_to_val(192), 258);
+        assert_eq!(idx_to_val(255), 510);
+        // The last bin: group 28, error bits 27.
+        assert_eq!(
+            idx_to_val(FIO_IO_U_PLAT_NR - 1),
+            (1u64 << 33) + 63 * (1 << 27) + (1 << 26)
+        );
+        assert_eq!(FIO_IO_U_PLAT_NR, 1856);
+    }
+
+    #[test]
+    fn every_bin_value_files_back_into_its_bin() {
+        for idx in 0..FIO_IO_U_PLAT_NR {
+            let v = idx_to_val(idx);
+            assert_eq!(val_to_idx(v), idx, "bin {idx} value {v}");
+            let (lo, hi) = idx_edges(idx);
+            assert_eq!(val_to_idx(lo), idx, "lower edge of {idx}");
+            if hi > lo {
+                assert_eq!(val_to_idx(hi - 1), idx, "upper edge of {idx}");
+                if idx + 1 < FIO_IO_U_PLAT_NR {
+                    assert_eq!(val_to_idx(hi), idx + 1, "past {idx}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -193,14 +193,6 @@ impl ConnectOptions {
         Ok(b)
     }
 
-    pub fn connect(&self, url: &IscsiUrl) -> Result<KernelTcp> {
-        let addr: SocketAddr = url
-            .socket_addr()
-            .with_context(|| format!("resolving portal {}", url.portal()))?;
-        let opts: KernelTcpOptions = self.single_binding()?.kernel_options(self.timeout());
-        Ok(KernelTcp::connect(addr, &opts)?)
-    }
-
     /// Connects and logs in to `url`'s target, following login redirects
     /// (each hop is logged and named in errors).
     pub fn login_session(
@@ -224,9 +216,18 @@ impl ConnectOptions {
 pub fn discover(portal: &str, opts: &ConnectOptions) -> Result<Vec<DiscoveredTarget>> {
     let url = IscsiUrl::parse(portal)?;
     let login = opts.login_config(&url, None)?;
-    let t = opts.connect(&url)?;
-    discovery::send_targets(t, login, opts.timeout())
-        .with_context(|| format!("discovery at {}", url.portal()))
+    let addr: SocketAddr = url
+        .socket_addr()
+        .with_context(|| format!("resolving portal {}", url.portal()))?;
+    let k: KernelTcpOptions = opts.single_binding()?.kernel_options(opts.timeout());
+    // Login redirects are followed, as for a normal session's login.
+    discovery::send_targets_at(
+        &mut LoginPortal::new(addr),
+        |a| KernelTcp::connect(a, &k),
+        login,
+        opts.timeout(),
+    )
+    .with_context(|| format!("discovery at {}", url.portal()))
 }
 
 /// Opens a multipath device over kernel TCP, one path per URL, with the

@@ -540,7 +540,7 @@ impl Connection {
         let len = cmd.buffer.len();
         let write = cmd.direction == Direction::Write;
         // Unsolicited data: immediate (in the command PDU) then Data-Out up to
-        // FirstBurstLength when InitialR2T=No (RFC 7143 §3.2.4.2).
+        // FirstBurstLength when InitialR2T=No (RFC 7143's "Data Transfer Overview"; §3.2.4.2 in RFC 3720).
         let mut immediate_len = 0;
         if write && len > 0 {
             let unsolicited_limit = if initial_r2t && !immediate_allowed {

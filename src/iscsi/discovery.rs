@@ -1,9 +1,12 @@
-//! Discovery sessions: `SendTargets=All` (RFC 7143 §12.3, Appendix C).
+//! Discovery sessions: `SendTargets=All` (RFC 7143 §13.3, Appendix C),
+//! through a portal whose logins may be redirected ([`send_targets_at`]).
 
 use super::login::{LoginConfig, SessionType};
+use super::redirect::{LoginPortal, RedirectError};
 use super::session::{Session, SessionConfig, SessionError};
-use crate::transport::Transport;
+use crate::transport::{Transport, TransportError};
 use crate::wire::text::TextPairs;
+use std::net::SocketAddr;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -95,19 +98,68 @@ fn parse_address(v: &str, default_port: u16) -> Result<Portal, DiscoveryError> {
     Ok(Portal { host, port, tpgt })
 }
 
+/// Why a discovery through a portal failed.
+#[derive(Debug, Error)]
+pub enum SendTargetsError {
+    /// The discovery login, with the redirects it followed.
+    #[error(transparent)]
+    Login(#[from] RedirectError),
+    /// The SendTargets exchange at the portal the login landed on.
+    #[error("SendTargets at {at}: {source}")]
+    Exchange {
+        at: SocketAddr,
+        #[source]
+        source: SessionError,
+    },
+}
+
 /// Logs in a discovery session over `transport`, asks `SendTargets=All`,
-/// logs out.
+/// logs out. A login redirect ends it with `LoginError::Redirected`; use
+/// [`send_targets_at`] to follow redirects.
 pub fn send_targets<T: Transport>(
     transport: T,
-    mut login: LoginConfig,
+    login: LoginConfig,
     timeout: Duration,
 ) -> Result<Vec<DiscoveredTarget>, SessionError> {
     let peer = transport.peer_addr();
+    let session = Session::login(transport, &discovery_config(login, timeout))?;
+    ask_send_targets(session, peer, timeout)
+}
+
+/// [`send_targets`] at `portal`, following login redirects as a normal
+/// session's login does ([`LoginPortal::login`]: at most its bounded
+/// number of hops, each named in errors; a permanent redirect moves
+/// `portal`'s home). `connect` opens a transport to each address tried.
+/// Targets the answer lists without a TargetAddress are reachable at the
+/// portal the session landed on.
+pub fn send_targets_at<T: Transport>(
+    portal: &mut LoginPortal,
+    connect: impl FnMut(SocketAddr) -> Result<T, TransportError>,
+    login: LoginConfig,
+    timeout: Duration,
+) -> Result<Vec<DiscoveredTarget>, SendTargetsError> {
+    let config = discovery_config(login, timeout);
+    let (session, at) = portal.login(connect, &config)?;
+    ask_send_targets(session, Some(at), timeout)
+        .map_err(|source| SendTargetsError::Exchange { at, source })
+}
+
+/// A discovery session's configuration: no target name.
+fn discovery_config(mut login: LoginConfig, timeout: Duration) -> SessionConfig {
     login.session_type = SessionType::Discovery;
     login.target_name = None;
     let mut config = SessionConfig::new(login);
     config.login_timeout = timeout;
-    let mut session = Session::login(transport, &config)?;
+    config
+}
+
+/// `SendTargets=All` on a logged-in discovery session, then logout;
+/// `peer` is the portal it is logged in at.
+fn ask_send_targets<T: Transport>(
+    mut session: Session<T>,
+    peer: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<Vec<DiscoveredTarget>, SessionError> {
     let mut req = TextPairs::new();
     req.push("SendTargets", "All");
     let answer = session.text(&req, timeout)?;

@@ -115,7 +115,7 @@ pub struct LoginConfig {
     pub offer: Offer,
 }
 
-/// A vendor key (RFC 7143 §13.16 X- keys) with which the embedded target
+/// A vendor key (RFC 7143 §13.22 X- keys) with which the embedded target
 /// says, in the login reject, which CHAP algorithms it accepts when the
 /// initiator offered none of them.
 pub const ACCEPTED_CHAP_ALGORITHMS_KEY: &str = "X-org.iscsi-bypass.CHAP_A-accepted";

@@ -8,7 +8,7 @@ use super::selector::Policy;
 use super::MultipathError;
 use crate::iscsi::chap::{Credentials, Secret};
 use crate::iscsi::connection::ConnTimers;
-use crate::iscsi::discovery::send_targets;
+use crate::iscsi::discovery::send_targets_at;
 use crate::iscsi::login::{random_isid, LoginConfig};
 use crate::iscsi::redirect::LoginPortal;
 use crate::iscsi::url::IscsiUrl;
@@ -541,10 +541,11 @@ impl DeviceConfig {
             b.check_kernel()?;
         }
         let first = bindings.first().cloned().unwrap_or_default();
-        let t = KernelTcp::connect(portal, &first.kernel_options(Duration::from_secs(3)))
-            .map_err(|e| MultipathError::Discovery(e.to_string()))?;
-        let found = send_targets(
-            t,
+        let k = first.kernel_options(Duration::from_secs(3));
+        // Login redirects are followed, as for the paths' own logins.
+        let found = send_targets_at(
+            &mut LoginPortal::new(portal),
+            |a| KernelTcp::connect(a, &k),
             LoginConfig::new(initiator, None),
             Duration::from_secs(10),
         )

@@ -616,7 +616,7 @@ impl Core {
         (self.exp_cmd_sn, self.max_cmd_sn)
     }
 
-    /// CmdSN rules (RFC 7143 §3.2.2.1): immediate PDUs pass; others must lie
+    /// CmdSN rules (RFC 7143 §4.2.2.1): immediate PDUs pass; others must lie
     /// in [ExpCmdSN, MaxCmdSN] and advance ExpCmdSN; duplicates and
     /// out-of-window ones are dropped.
     fn accept_cmd_sn(&mut self, immediate: bool, cmd_sn: Sn) -> bool {
@@ -661,6 +661,7 @@ impl Core {
                     asc: sense.asc,
                     ascq: sense.ascq,
                     information: None,
+                    sense_key_specific: None,
                 };
                 data = vec![0u8; 2 + Sense::FIXED_LEN];
                 data[1] = Sense::FIXED_LEN as u8;
@@ -1550,6 +1551,7 @@ impl Core {
                 asc: s.asc,
                 ascq: s.ascq,
                 information: None,
+                sense_key_specific: None,
             })
         } else if let Some(ua) = lun_index
             .filter(|_| !scsi::ignores_unit_attention(&c.cdb))

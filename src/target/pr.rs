@@ -48,6 +48,7 @@ pub const INVALID_RELEASE: Sense = Sense {
     asc: 0x26,
     ascq: 0x04,
     information: None,
+    sense_key_specific: None,
 };
 
 /// How a command meets a reservation.

@@ -33,6 +33,9 @@ pub struct Sense {
     pub ascq: u8,
     /// The INFORMATION field (VALID set), e.g. a miscompare's byte offset.
     pub information: Option<u32>,
+    /// Sense-key specific bytes (SKSV set), the SKSV bit cleared: for
+    /// ILLEGAL REQUEST the field pointer ([`Sense::in_cdb_field`]).
+    pub sense_key_specific: Option<[u8; 3]>,
 }
 
 impl Sense {
@@ -47,24 +50,28 @@ impl Sense {
         asc: 0x29,
         ascq: 0x03,
         information: None,
+        sense_key_specific: None,
     };
     pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x2a,
         ascq: 0x06,
         information: None,
+        sense_key_specific: None,
     };
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
         key: sense_key::MISCOMPARE,
         asc: 0x1d,
         ascq: 0x00,
         information: None,
+        sense_key_specific: None,
     };
     pub const POWER_ON_RESET: Sense = Sense {
         key: sense_key::UNIT_ATTENTION,
         asc: 0x29,
         ascq: 0x00,
         information: None,
+        sense_key_specific: None,
     };
 
     const fn illegal(asc: u8, ascq: u8) -> Sense {
@@ -73,6 +80,7 @@ impl Sense {
             asc,
             ascq,
             information: None,
+            sense_key_specific: None,
         }
     }
 
@@ -89,6 +97,7 @@ impl Sense {
             asc: 0x04,
             ascq,
             information: None,
+            sense_key_specific: None,
         })
     }
 
@@ -103,12 +112,24 @@ impl Sense {
         }
     }
 
+    /// This sense with the ILLEGAL REQUEST field pointer set: the error is
+    /// in CDB byte `byte`, in the field whose most significant bit is `bit`
+    /// (SKSV, C/D and BPV set).
+    pub const fn in_cdb_field(self, byte: u16, bit: u8) -> Sense {
+        let b = byte.to_be_bytes();
+        Sense {
+            sense_key_specific: Some([0x40 | 0x08 | (bit & 7), b[0], b[1]]),
+            ..self
+        }
+    }
+
     /// Fixed-format sense data (SPC-4 §4.5.3), current error, emitted by
     /// the initiator's own codec (`wire::scsi::SenseData`).
     pub fn emit_fixed(&self) -> [u8; Sense::FIXED_LEN] {
         use crate::wire::scsi::{DataRepr, SenseData, SenseKey};
         let mut d = SenseData::new(SenseKey::from_bits(self.key & 0x0f), self.asc, self.ascq);
         d.information = self.information.map(u64::from);
+        d.sense_key_specific = self.sense_key_specific;
         let mut s = [0u8; Sense::FIXED_LEN];
         // FIXED_LEN is SenseData's fixed length: this cannot fail.
         let _ = d.emit(&mut s);
@@ -242,6 +263,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                     asc: 0,
                     ascq: 0,
                     information: None,
+                    sense_key_specific: None,
                 }
                 .emit_fixed(),
             );
@@ -792,8 +814,13 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
     use crate::wire::scsi::{
         CdbRepr, DataRepr, OneOpcode, OpcodeDescriptor, OpcodeRequest, SupportedOpcodes,
     };
+    // The errors below are in REPORTING OPTIONS (byte 2, bits 2..0), and
+    // say so: initiators (libiscsi's test suite among them) read INVALID
+    // FIELD IN CDB without a field pointer, or pointing at the service
+    // action (byte 1), as "REPORT SUPPORTED OPERATION CODES not supported".
+    const BAD_OPTIONS: Sense = Sense::INVALID_FIELD_IN_CDB.in_cdb_field(2, 2);
     let Ok(CdbRepr::ReportSupportedOpcodes { request, alloc_len }) = CdbRepr::parse(cdb) else {
-        return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+        return Plan::Check(BAD_OPTIONS);
     };
     // RCTD: a command timeouts descriptor with each command (timeouts 0:
     // not specified).
@@ -826,7 +853,7 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
             // that has them (or with one for a command that has none) is an
             // invalid CDB.
             if has_sa != sa.is_some() && COMMANDS.iter().any(|c| c.0 == op) {
-                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+                return Plan::Check(BAD_OPTIONS);
             }
             let found = COMMANDS
                 .iter()
@@ -953,6 +980,49 @@ mod tests {
         let mut c = [0u8; 16];
         c[..bytes.len()].copy_from_slice(bytes);
         c
+    }
+
+    /// REPORT SUPPORTED OPERATION CODES refuses a reporting option that
+    /// does not fit the command (one command, or one service action, of a
+    /// command without / with service actions) pointing at REPORTING
+    /// OPTIONS, so it does not read as "RSOC not supported".
+    #[test]
+    fn rsoc_refusals_point_at_the_reporting_options() {
+        use crate::wire::scsi::{DataRepr, SenseData};
+        let s = shared();
+        let p = Port {
+            shared: &s,
+            portal: 0,
+        };
+        let mut buf = Vec::new();
+        for c in [
+            // 002b for TEST UNIT READY (no service actions).
+            cdb(&[0xa3, 0x0c, 2, 0x00, 0, 0, 0, 0, 1, 0]),
+            // 001b for GET LBA STATUS (a SERVICE ACTION IN (16) command).
+            cdb(&[0xa3, 0x0c, 1, 0x9e, 0, 0, 0, 0, 1, 0]),
+            // Reporting options 7: reserved.
+            cdb(&[0xa3, 0x0c, 7, 0x00, 0, 0, 0, 0, 1, 0]),
+        ] {
+            let Plan::Check(sense) = plan(p, 0, &c, &mut buf) else {
+                panic!("{c:02x?} accepted");
+            };
+            let d = SenseData::parse(&sense.emit_fixed()).unwrap();
+            assert_eq!((d.asc, d.ascq), (0x24, 0x00), "{c:02x?}");
+            assert_eq!(d.field_pointer(), Some((true, 2, Some(2))), "{c:02x?}");
+        }
+        // The fitting requests are answered.
+        for c in [
+            cdb(&[0xa3, 0x0c, 1, 0x00, 0, 0, 0, 0, 1, 0]),
+            cdb(&[0xa3, 0x0c, 2, 0x9e, 0, 0x12, 0, 0, 1, 0]),
+        ] {
+            assert_eq!(plan(p, 0, &c, &mut buf), Plan::DataIn, "{c:02x?}");
+        }
+        // An unknown MAINTENANCE IN service action still has no pointer.
+        let Plan::Check(sense) = plan(p, 0, &cdb(&[0xa3, 0x1f, 0, 0, 0, 0, 0, 0, 1, 0]), &mut buf)
+        else {
+            panic!("unknown service action accepted");
+        };
+        assert_eq!(sense.sense_key_specific, None);
     }
 
     #[test]
@@ -1090,6 +1160,7 @@ mod tests {
                 asc: 4,
                 ascq: 0x0b,
                 information: None,
+                sense_key_specific: None,
             })
         );
         assert!(matches!(

@@ -65,13 +65,13 @@ impl Rule {
         match self {
             Rule::CmdSnWindow | Rule::ImmediateCmdSn => "4.2.2.1",
             Rule::ExpStatSn => "4.2.2.2",
-            Rule::DataSnOrder => "11.7.4",
+            Rule::DataSnOrder => "11.7.5",
             Rule::MaxRecvDataSegmentLength => "13.12",
             Rule::FirstBurstLength => "13.14",
             Rule::MaxBurstLength => "13.13",
             Rule::UnsolicitedData => "13.10, 13.11",
             Rule::FinalBit => "11.7.1",
-            Rule::ReservedZero => "11.2",
+            Rule::ReservedZero => "11",
         }
     }
 

@@ -73,7 +73,7 @@ impl fmt::Display for Sn {
     }
 }
 
-/// iSCSI opcodes (RFC 7143 §11.1.1).
+/// iSCSI opcodes (RFC 7143 §11.2.1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {

@@ -464,7 +464,8 @@ impl Options {
         addr: SocketAddr,
         fail: &dyn Fn(String) -> MultipathError,
     ) -> Result<Vec<DiscoveredTarget>, MultipathError> {
-        use crate::iscsi::discovery::send_targets;
+        use crate::iscsi::discovery::send_targets_at;
+        use crate::iscsi::redirect::LoginPortal;
         if matches!(self.transport, Transport::Kernel) {
             for b in &self.bindings {
                 b.check_kernel()?;
@@ -484,11 +485,18 @@ impl Options {
         };
         let mut errors = Vec::new();
         for b in tries {
-            let found = self
-                .connect_through(addr, b, self.login_timeout)
-                .and_then(|t| {
-                    send_targets(t, login.clone(), self.login_timeout).map_err(|e| e.to_string())
-                });
+            // Login redirects are followed (an array's group address
+            // sends discovery logins on to a member portal).
+            let found = send_targets_at(
+                &mut LoginPortal::new(addr),
+                |a| {
+                    self.connect_through(a, b, self.login_timeout)
+                        .map_err(|e| crate::transport::TransportError::Io(std::io::Error::other(e)))
+                },
+                login.clone(),
+                self.login_timeout,
+            )
+            .map_err(|e| e.to_string());
             match found {
                 Ok(found) => return Ok(found),
                 Err(e) if b.is_unbound() => errors.push(e),

@@ -1,5 +1,7 @@
 //! Write load with per-chunk generations, and the read-back that proves no
-//! acknowledged write was lost: shared by the failover tests.
+//! acknowledged write was lost: shared by the failover tests (ALUA, Async
+//! Messages, multipath over tgtd, the relay's fencing test).
+#![allow(dead_code)]
 
 use iscsi_bypass::multipath::{Io, IoCompletion};
 use iscsi_bypass::IoQueue;
@@ -82,8 +84,30 @@ pub fn stamp(buf: &mut [u8], chunk: usize, generation: u32) {
 /// Reads every written chunk back: it must hold its newest acknowledged
 /// generation.
 pub fn verify(q: &mut IoQueue, blocks: u32, generation: &[u32]) {
+    let lost = mismatches(q, blocks, generation);
+    assert!(
+        lost.is_empty(),
+        "acknowledged generations lost ({} chunks; chunk, generation found, acknowledged): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(8)]
+    );
+}
+
+/// A chunk that read back other than its newest acknowledged generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    pub chunk: usize,
+    /// The generation its first word names.
+    pub found: u32,
+    pub acknowledged: u32,
+}
+
+/// Reads every written chunk (`generation` not 0) back and returns those
+/// that do not hold `stamp(chunk, generation)`.
+pub fn mismatches(q: &mut IoQueue, blocks: u32, generation: &[u32]) -> Vec<Mismatch> {
     let chunk = blocks as usize * q.block_size() as usize;
     let (mut got, mut want) = (vec![0u8; chunk], vec![0u8; chunk]);
+    let mut out = Vec::new();
     for (c, &g) in generation.iter().enumerate() {
         if g == 0 {
             continue;
@@ -91,6 +115,13 @@ pub fn verify(q: &mut IoQueue, blocks: u32, generation: &[u32]) {
         q.read_at(c as u64 * u64::from(blocks), &mut got)
             .expect("read back");
         stamp(&mut want, c, g);
-        assert!(got == want, "chunk {c}: acknowledged generation {g} lost");
+        if got != want {
+            out.push(Mismatch {
+                chunk: c,
+                found: u64::from_le_bytes(got[..8].try_into().unwrap()) as u32,
+                acknowledged: g,
+            });
+        }
     }
+    out
 }

@@ -99,6 +99,19 @@ impl Default for TgtdOptions {
     }
 }
 
+impl TgtdOptions {
+    /// One target with one LUN of `lun_size` bytes listening on two portals
+    /// (`a` and `b`, one port, tgtd's portal group 1 on both): the
+    /// multipath tests' target.
+    pub fn two_portals(a: &str, b: &str, lun_size: u64) -> TgtdOptions {
+        TgtdOptions {
+            lun_sizes: vec![lun_size],
+            portals: vec![a.into(), b.into()],
+            ..Default::default()
+        }
+    }
+}
+
 impl Tgtd {
     pub fn start(opts: TgtdOptions) -> Tgtd {
         let port = free_port();
