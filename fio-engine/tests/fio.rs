@@ -108,6 +108,9 @@ fn common_args(url: &str) -> Vec<String> {
         format!("--ioengine=external:{}", engine_so().display()),
         format!("--filename={}", fio_filename(url)),
         "--output-format=json".into(),
+        // A failed or killed verify job would leave its state file in the
+        // working directory, the source tree.
+        "--verify_state_save=0".into(),
     ]
 }
 
@@ -405,7 +408,10 @@ fn client_server_on_loopback() {
         ),
     )
     .unwrap();
+    // fio's client saves the verify state (local-*-verify.state) in its
+    // working directory: keep it out of the source tree.
     let o = Command::new(&fio)
+        .current_dir(&dir)
         .arg("--output-format=json")
         .arg(format!("--client=ip:127.0.0.1,{port}"))
         .arg(&job)
