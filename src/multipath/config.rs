@@ -406,6 +406,13 @@ pub struct DeviceConfig {
     /// again, so the held writes go out without waiting for the failed
     /// portal to return (`multipath::fence`). On by default.
     pub fence_via_other_portals: bool,
+    /// ABORT TASK of a command that stays unanswered on a path that still
+    /// answers (`multipath::fence::TaskAborts`): once the target confirms,
+    /// the command goes to another path without failing this one; a refused
+    /// or unanswered abort fails the path (and its writes wait for the next
+    /// fence steps). Some(10 s, answered within 3 s) by default; None:
+    /// such a command waits for the `command_timeout`, which fails the path.
+    pub abort_overdue: Option<crate::multipath::AbortPolicy>,
     /// Ping a path at once when it has commands outstanding and has sent
     /// nothing for several times its recent response time (None: only the
     /// `timers` ping). See `multipath::silence`.
@@ -442,6 +449,7 @@ impl DeviceConfig {
             fence_writes: true,
             fence_timeout: Duration::from_secs(30),
             fence_via_other_portals: true,
+            abort_overdue: Some(crate::multipath::AbortPolicy::default()),
             fast_ping: Some(crate::multipath::FastPing::default()),
             timers: ConnTimers {
                 nop_interval: Some(Duration::from_secs(2)),

@@ -222,6 +222,160 @@ impl FenceBoard {
     }
 }
 
+/// ABORT TASK of commands overdue on a path that still answers (the first
+/// fence step: the target confirms that the command will not run, so it may
+/// go to another path at once, without failing the path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbortPolicy {
+    /// A command unanswered this long on a live path gets ABORT TASK. Keep
+    /// it below the session's `command_timeout`, which fails the path. (A
+    /// path that went silent is failed by the pings; an ABORT TASK sent to
+    /// it goes unanswered and fails it after `answer_within`.)
+    pub after: Duration,
+    /// The ABORT TASK must be answered within this; otherwise (or when the
+    /// target refuses it) the path fails, and the write waits for the next
+    /// fence steps.
+    pub answer_within: Duration,
+}
+
+impl Default for AbortPolicy {
+    /// 10 s, answered within 3 s (the device's default command timeout is
+    /// 20 s).
+    fn default() -> AbortPolicy {
+        AbortPolicy {
+            after: Duration::from_secs(10),
+            answer_within: Duration::from_secs(3),
+        }
+    }
+}
+
+/// TMF response "function complete" (RFC 7143 §11.6.1).
+pub const TMF_FUNCTION_COMPLETE: u8 = 0;
+/// TMF response "task does not exist": already answered (so not running).
+pub const TMF_TASK_DOES_NOT_EXIST: u8 = 1;
+
+/// Why an ABORT TASK did not confirm that its command is gone (the path is
+/// then failed and fenced by the next steps).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AbortError {
+    /// The target answered with another TMF response than "function
+    /// complete" or "task does not exist".
+    #[error("the target refused ABORT TASK (task management response {response})")]
+    Refused {
+        /// The TMF response code.
+        response: u8,
+    },
+    /// No answer within [`AbortPolicy::answer_within`].
+    #[error("ABORT TASK unanswered within {0:?}")]
+    Unanswered(Duration),
+}
+
+/// The ABORT TASKs of one session (sans-IO): which overdue commands to
+/// abort, which aborts are out, and what their answers mean.
+#[derive(Debug)]
+pub struct TaskAborts {
+    policy: AbortPolicy,
+    /// Tags of our TMFs are `tag_base | n`.
+    tag_base: u64,
+    next: u64,
+    /// (TMF tag, command tag, sent at).
+    out: Vec<(u64, u64, Instant)>,
+    next_check: Instant,
+    /// ABORT TASKs the target confirmed.
+    pub confirmed: u64,
+}
+
+impl TaskAborts {
+    /// For a session that began at `now`; TMF tags are `tag_base | n`
+    /// (`tag_base` must leave the low 32 bits free).
+    pub fn new(policy: AbortPolicy, tag_base: u64, now: Instant) -> TaskAborts {
+        TaskAborts {
+            policy,
+            tag_base,
+            next: 0,
+            out: Vec::new(),
+            next_check: now,
+            confirmed: 0,
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> AbortPolicy {
+        self.policy
+    }
+
+    /// Whether `tag` is one of ours.
+    pub fn is_ours(&self, tag: u64) -> bool {
+        tag & !0xffff_ffff == self.tag_base
+    }
+
+    /// One poll round: Err when an ABORT TASK went unanswered too long.
+    pub fn on_round(&self, now: Instant) -> Result<(), AbortError> {
+        let within = self.policy.answer_within;
+        if self
+            .out
+            .iter()
+            .any(|(_, _, at)| now.saturating_duration_since(*at) >= within)
+        {
+            return Err(AbortError::Unanswered(within));
+        }
+        Ok(())
+    }
+
+    /// Whether to look for overdue commands now: a quarter of `after` since
+    /// the last look.
+    pub fn check_due(&mut self, now: Instant) -> bool {
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + (self.policy.after / 4).max(Duration::from_millis(1));
+        true
+    }
+
+    /// Of the `overdue` commands (by tag), those not being aborted yet get
+    /// a TMF tag each: send ABORT TASK for every (TMF tag, command tag)
+    /// returned ([`forget`](Self::forget) one that could not be sent).
+    pub fn start(&mut self, now: Instant, overdue: &[u64]) -> Vec<(u64, u64)> {
+        let mut new = Vec::new();
+        for &cmd in overdue {
+            if self.out.iter().any(|(_, c, _)| *c == cmd) {
+                continue;
+            }
+            self.next = (self.next + 1) & 0xffff_ffff;
+            let tmf = self.tag_base | self.next;
+            self.out.push((tmf, cmd, now));
+            new.push((tmf, cmd));
+        }
+        new
+    }
+
+    /// An ABORT TASK that could not be sent.
+    pub fn forget(&mut self, tmf: u64) {
+        self.out.retain(|(t, _, _)| *t != tmf);
+    }
+
+    /// The answer to TMF `tmf`: None if it is not one of ours; Ok(command
+    /// tag) when the target confirmed that the command is gone (take it
+    /// back from the connection, if still there, and send it anywhere);
+    /// Err when it refused (fail the path).
+    pub fn on_response(&mut self, tmf: u64, response: u8) -> Option<Result<u64, AbortError>> {
+        let i = self.out.iter().position(|(t, _, _)| *t == tmf)?;
+        let (_, cmd, _) = self.out.swap_remove(i);
+        Some(match response {
+            TMF_FUNCTION_COMPLETE | TMF_TASK_DOES_NOT_EXIST => {
+                self.confirmed += 1;
+                Ok(cmd)
+            }
+            response => Err(AbortError::Refused { response }),
+        })
+    }
+
+    /// ABORT TASKs sent and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.out.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +387,63 @@ mod tests {
             tpgt,
             login: LoginConfig::new("iqn.i", Some("iqn.t")),
         }
+    }
+
+    #[test]
+    fn overdue_commands_of_an_answering_path_are_aborted_once() {
+        let p = AbortPolicy {
+            after: Duration::from_secs(4),
+            answer_within: Duration::from_secs(1),
+        };
+        let t0 = Instant::now();
+        let mut a = TaskAborts::new(p, 7 << 40, t0);
+        let t1 = t0 + Duration::from_secs(3);
+        a.on_round(t1).unwrap();
+        assert!(a.check_due(t1));
+        let sent = a.start(t1, &[10, 11]);
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|(t, _)| a.is_ours(*t)));
+        assert!(!a.is_ours(10));
+        // Not again for the same command, and not before a quarter of `after`.
+        assert!(!a.check_due(t1 + Duration::from_millis(500)));
+        assert!(a.start(t1, &[10, 11]).is_empty());
+        // Confirmed: the command may go elsewhere; refused: fail the path.
+        assert_eq!(
+            a.on_response(sent[0].0, TMF_FUNCTION_COMPLETE),
+            Some(Ok(10))
+        );
+        assert_eq!(
+            a.on_response(sent[1].0, 5),
+            Some(Err(AbortError::Refused { response: 5 }))
+        );
+        assert_eq!(a.on_response(sent[1].0, 0), None, "answered already");
+        assert_eq!(a.on_response(12345, 0), None, "not ours");
+        assert_eq!(a.confirmed, 1);
+        let sent = a.start(t1, &[11]);
+        assert_eq!(
+            a.on_response(sent[0].0, TMF_TASK_DOES_NOT_EXIST),
+            Some(Ok(11))
+        );
+    }
+
+    #[test]
+    fn an_unanswered_abort_fails_the_path() {
+        let p = AbortPolicy {
+            after: Duration::from_secs(4),
+            answer_within: Duration::from_secs(1),
+        };
+        let t0 = Instant::now();
+        let mut a = TaskAborts::new(p, 1 << 40, t0);
+        let sent = a.start(t0, &[3]);
+        assert_eq!(a.outstanding(), 1);
+        a.on_round(t0 + Duration::from_millis(999)).unwrap();
+        assert_eq!(
+            a.on_round(t0 + Duration::from_secs(1)),
+            Err(AbortError::Unanswered(Duration::from_secs(1)))
+        );
+        a.forget(sent[0].0);
+        assert_eq!(a.outstanding(), 0);
+        a.on_round(t0 + Duration::from_secs(5)).unwrap();
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
-pub use fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
+pub use fence::{AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, TaskAborts};
 pub use health::{Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{

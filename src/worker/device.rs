@@ -226,6 +226,7 @@ impl MultipathDevice {
                 session,
                 idle: config.idle,
                 fast_ping: config.fast_ping,
+                abort: config.abort_overdue,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
                 alua_control: alua_control.clone(),

@@ -7,7 +7,9 @@ use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, MAX_TASKS};
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
-use crate::multipath::fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
+use crate::multipath::fence::{
+    AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, TaskAborts,
+};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{
     alua_state_of, fence_login, group_of, probe, PathProbe, ProbeConfig,
@@ -118,6 +120,9 @@ pub(crate) enum PathFailure {
     /// The target asked for a logout and did not answer ours.
     #[error("the target requested a logout (AsyncEvent 1) and did not answer ours within {0:?}")]
     LogoutUnanswered(Duration),
+    /// An ABORT TASK of an overdue command was refused or not answered.
+    #[error("{0}")]
+    Abort(AbortError),
     /// Nothing arrived for `silent`, not even the answer to a fast ping,
     /// with commands outstanding.
     #[error("nothing received for {silent:?} with {outstanding} commands outstanding, not even an answer to a ping")]
@@ -180,6 +185,8 @@ const INTERNAL_TAG: u64 = 1 << 63;
 const STPG_TAG: u64 = 1 << 62;
 /// Tags of [`Control::Scsi`] commands (also internal: never bounced).
 const DEVICE_TAG: u64 = INTERNAL_TAG | 1 << 61;
+/// Tags of the worker's ABORT TASKs (task management, not SCSI commands).
+const ABORT_TAG: u64 = INTERNAL_TAG | 1 << 60;
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -205,6 +212,8 @@ pub(crate) struct WorkerSetup {
     pub session: Option<PathProbe>,
     pub idle: IdleMode,
     pub fast_ping: Option<FastPing>,
+    /// ABORT TASK of overdue commands (None: off).
+    pub abort: Option<AbortPolicy>,
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
@@ -277,6 +286,9 @@ pub(crate) struct Worker {
     /// Fast ping of a silent path with commands outstanding.
     fast_ping: Option<FastPing>,
     silence: Option<SilenceWatch>,
+    abort_policy: Option<AbortPolicy>,
+    /// ABORT TASKs of the current session.
+    aborts: Option<TaskAborts>,
     tpg: Option<u16>,
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
@@ -322,6 +334,8 @@ impl Worker {
             session_epoch: 0,
             fast_ping: s.fast_ping,
             silence: None,
+            abort_policy: s.abort,
+            aborts: None,
             tpg: None,
             relative_port: None,
             alua_refresh_pending: false,
@@ -378,6 +392,9 @@ impl Worker {
             board.fenced(self.shared.index, self.session_epoch - 1);
         }
         self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
+        self.aborts = self
+            .abort_policy
+            .map(|a| TaskAborts::new(a, ABORT_TAG, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
         self.draining = None;
@@ -619,9 +636,13 @@ impl Worker {
                         time2wait: Duration::from_secs(u64::from(time2wait)),
                     });
                 }
+                Event::TaskManagement { user_tag, response } => {
+                    self.on_abort_answer(session, user_tag, response)?
+                }
                 _ => {}
             }
         }
+        progressed |= self.abort_overdue(session, now)?;
         if let Some(d) = &mut self.draining {
             match d.logout_sent {
                 None if self.in_session == 0 || now >= d.logout_by => {
@@ -665,6 +686,78 @@ impl Worker {
             }
         }
         Ok(progressed)
+    }
+
+    /// Sends ABORT TASK for commands overdue on this path while it still
+    /// answers; fails the path when an abort went unanswered.
+    fn abort_overdue(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> Result<bool, PathFailure> {
+        let Some(aborts) = &mut self.aborts else {
+            return Ok(false);
+        };
+        aborts.on_round(now).map_err(PathFailure::Abort)?;
+        if self.in_session == 0 || !aborts.check_due(now) {
+            return Ok(false);
+        }
+        let mut overdue = session
+            .connection()
+            .overdue_commands(now, aborts.policy().after);
+        overdue.retain(|t| t & INTERNAL_TAG == 0);
+        let mut sent = false;
+        for (tmf, cmd) in aborts.start(now, &overdue) {
+            match session.connection_mut().task_management(
+                crate::wire::iscsi::tmf::ABORT_TASK,
+                self.probe.lun,
+                Some(cmd),
+                tmf,
+                now,
+            ) {
+                Ok(()) => {
+                    log::warn!(
+                        "path {}: command {cmd:#x} unanswered for {:?}: ABORT TASK sent",
+                        self.shared.name,
+                        aborts.policy().after
+                    );
+                    sent = true;
+                }
+                Err(_) => aborts.forget(tmf),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// The answer to one of our ABORT TASKs: confirmed, the command is gone
+    /// at the target and goes back to its queue for any path; refused, the
+    /// path fails (its writes then wait for the next fence steps).
+    fn on_abort_answer(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        tmf: u64,
+        response: u8,
+    ) -> Result<(), PathFailure> {
+        let Some(aborts) = &mut self.aborts else {
+            return Ok(());
+        };
+        match aborts.on_response(tmf, response) {
+            None => Ok(()),
+            Some(Err(e)) => Err(PathFailure::Abort(e)),
+            Some(Ok(tag)) => {
+                if let Some(cmd) = session.connection_mut().take_aborted(tag) {
+                    log::warn!(
+                        "path {}: ABORT TASK of command {tag:#x} confirmed (response {response}): it goes to another path",
+                        self.shared.name
+                    );
+                    self.in_session = self.in_session.saturating_sub(1);
+                    self.shared.record_resubmitted(1);
+                    // Fenced: the target will not run it any more.
+                    self.bounce_as(cmd, None);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// AsyncEvent 0: a SCSI event with sense data (RFC 7143 §11.9.1),
@@ -876,6 +969,13 @@ impl Worker {
     }
 
     fn bounce(&mut self, cmd: Command) {
+        let epoch = self.session_epoch;
+        self.bounce_as(cmd, Some(epoch));
+    }
+
+    /// Hands `cmd` back to its queue; `sent_in_session`: the session that
+    /// may still run it (None: nothing will).
+    fn bounce_as(&mut self, cmd: Command, sent_in_session: Option<u64>) {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
@@ -885,7 +985,7 @@ impl Worker {
             q.respond(Response::Bounced {
                 slot,
                 cmd,
-                sent_in_session: Some(self.session_epoch),
+                sent_in_session,
             });
         }
     }
@@ -958,6 +1058,7 @@ impl Worker {
         }
         self.bounce_rings();
         self.in_session = 0;
+        self.aborts = None;
         // Their callers hear that the path failed.
         self.device_cmds.clear();
         let (mut t, _) = session.into_parts();
@@ -1222,6 +1323,7 @@ mod tests {
             }),
             idle: IdleMode::BusyPoll,
             fast_ping: None,
+            abort: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
             alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
@@ -1299,6 +1401,118 @@ mod tests {
         let mut v = Vec::new();
         crate::wire::iscsi::encode_pdu(&mut v, &h, &[], Default::default());
         v
+    }
+
+    fn write_req(slot: u32) -> Request {
+        Request {
+            slot,
+            cmd: Command::new(
+                0,
+                &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                Direction::Write,
+                vec![0; 512],
+            )
+            .unwrap(),
+            dispatched_at: Instant::now(),
+        }
+    }
+
+    /// A worker with ABORT TASK after 10 s (answered within 3 s), on a
+    /// session that plays `after_login`; one write (slot 4) submitted at t0.
+    fn worker_with_overdue_write(
+        after_login: Vec<Vec<u8>>,
+    ) -> (Worker, Arc<PathShared>, Consumer<Response>, Instant) {
+        let (mut w, shared, mut sub, comp) = worker_on(after_login);
+        let policy = AbortPolicy {
+            after: Duration::from_secs(10),
+            answer_within: Duration::from_secs(3),
+        };
+        let t0 = Instant::now();
+        w.aborts = Some(TaskAborts::new(policy, ABORT_TAG, t0));
+        assert!(sub.push(write_req(4)).is_ok());
+        w.round(t0);
+        w.round(t0 + Duration::from_secs(5));
+        (w, shared, comp, t0)
+    }
+
+    fn tmf_response(response: u8) -> Vec<u8> {
+        use crate::wire::iscsi::{PduHeader, Sn, TaskMgmtResponse};
+        // The TMF is the second task after login: ITT 0x3_0001.
+        pdu(PduHeader::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt: 0x3_0001,
+            stat_sn: Sn(102),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+        }))
+    }
+
+    /// A write unanswered for 10 s on a live path gets ABORT TASK; once the
+    /// target confirms ("function complete", and likewise "task does not
+    /// exist"), it goes back to its queue as one that no session may still
+    /// run (`sent_in_session: None`: retried at once, no fence to wait
+    /// for), and the path stays up.
+    #[test]
+    fn an_overdue_write_is_aborted_and_goes_back_fenced_once_confirmed() {
+        for response in [0, 1] {
+            let (mut w, shared, mut comp, t0) =
+                worker_with_overdue_write(vec![Vec::new(), tmf_response(response), Vec::new()]);
+            assert!(comp.pop().is_none(), "not overdue yet");
+            for i in 0..4 {
+                w.round(t0 + Duration::from_secs(11) + Duration::from_millis(i));
+            }
+            match comp.pop() {
+                Some(Response::Bounced {
+                    slot: 4,
+                    cmd,
+                    sent_in_session: None,
+                }) => assert_eq!(cmd.direction, Direction::Write),
+                Some(Response::Bounced {
+                    sent_in_session, ..
+                }) => panic!("bounced as sent in {sent_in_session:?}"),
+                Some(Response::Done { .. }) => panic!("completed"),
+                Some(Response::Lost { reason, .. }) => panic!("lost: {reason}"),
+                None => panic!("the aborted write did not come back"),
+            }
+            assert_eq!(shared.state(), PathState::Up, "the path stays up");
+            assert_eq!(w.in_session, 0);
+            assert_eq!(w.aborts.as_ref().map(|a| a.confirmed), Some(1));
+        }
+    }
+
+    /// A refused ABORT TASK, or one unanswered within 3 s, fails the path:
+    /// the write comes back as sent in the failed session, so it waits for
+    /// the fence (reinstatement) before it may go elsewhere.
+    #[test]
+    fn a_refused_or_unanswered_abort_fails_the_path_and_the_write_waits_for_the_fence() {
+        for refused in [true, false] {
+            let stages = if refused {
+                vec![Vec::new(), tmf_response(5), Vec::new()]
+            } else {
+                vec![Vec::new(), Vec::new(), Vec::new()]
+            };
+            let (mut w, shared, mut comp, t0) = worker_with_overdue_write(stages);
+            w.round(t0 + Duration::from_secs(11));
+            w.round(t0 + Duration::from_secs(11) + Duration::from_millis(1));
+            if !refused {
+                assert_eq!(
+                    shared.state(),
+                    PathState::Up,
+                    "still waiting for the answer"
+                );
+                w.round(t0 + Duration::from_secs(14) + Duration::from_millis(1));
+            }
+            assert_eq!(shared.state(), PathState::Down, "refused: {refused}");
+            assert!(matches!(
+                comp.pop(),
+                Some(Response::Bounced {
+                    slot: 4,
+                    sent_in_session: Some(1),
+                    ..
+                })
+            ));
+            assert!(comp.pop().is_none());
+        }
     }
 
     /// AsyncEvent 1 while a command is in flight: the path goes Down (no
