@@ -57,6 +57,40 @@ pub struct FenceNeed {
     pub tpgt: u16,
     /// The failed path's login (its InitiatorName, ISID, TargetName, CHAP).
     pub login: LoginConfig,
+    /// The failed path's reservation key, when the device fences by
+    /// reservation ([`ReservationFence`]): a live path of another portal
+    /// group may then preempt it (PREEMPT AND ABORT) when no live path of
+    /// the failed session's group is left to log in with its ISID.
+    pub pr_key: Option<u64>,
+}
+
+/// The reservation fence step (opt-in, `DeviceConfig::reservation_fence`).
+/// Every path registers its own key (`base_key + index`) at each login,
+/// under a Write Exclusive – Registrants Only reservation the device takes
+/// if the LU has none. A path that failed with writes, whose portal group
+/// has no live path left (so no session reinstatement can end its session),
+/// is fenced by a live path of another group with PERSISTENT RESERVE OUT,
+/// PREEMPT AND ABORT of its key: the target aborts the failed nexus's
+/// tasks, and, its key gone, refuses any write of it that arrives later
+/// (RESERVATION CONFLICT). The failed path registers again at its next
+/// login. Other initiators sharing the LU must register too, or they can
+/// no longer write (that is what Registrants Only means), so this is off
+/// by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationFence {
+    /// Path `i` registers key `base_key + i` (wrapping; a key of 0 is
+    /// skipped to 1, as 0 means "no key").
+    pub base_key: u64,
+}
+
+impl ReservationFence {
+    /// The key of path `index`.
+    pub fn key_of(&self, index: usize) -> u64 {
+        match self.base_key.wrapping_add(index as u64) {
+            0 => 1,
+            k => k,
+        }
+    }
 }
 
 /// A claimed fence, to run and hand back with [`FenceBoard::finish`].
@@ -74,6 +108,9 @@ struct Entry {
     claimed_by: Option<usize>,
     not_before: Option<Instant>,
     attempts: u32,
+    /// When a claim first looked at this need (about when it was posted:
+    /// every live path looks each round while a need is on the board).
+    seen: Option<Instant>,
 }
 
 /// The device-wide list of fences wanted (see the module docs).
@@ -93,6 +130,25 @@ pub enum FenceError {
     /// The login with the failed path's ISID failed.
     #[error("login: {0}")]
     Login(String),
+    /// The LOGICAL UNIT RESET of the last-resort step got a TMF response
+    /// other than "function complete".
+    #[error("LOGICAL UNIT RESET: task management response {0}")]
+    LunReset(u8),
+    /// The LOGICAL UNIT RESET was not answered in time.
+    #[error("LOGICAL UNIT RESET unanswered within {0:?}")]
+    LunResetUnanswered(Duration),
+    /// PREEMPT AND ABORT of the failed path's key did not complete with
+    /// GOOD status.
+    #[error("PREEMPT AND ABORT: {0}")]
+    Preempt(crate::scsi::ScsiError),
+    /// PREEMPT AND ABORT got an iSCSI response other than "command
+    /// completed at target".
+    #[error("PREEMPT AND ABORT: iSCSI response {0:#04x}")]
+    PreemptResponse(u8),
+    /// The fencer's session ended before its PREEMPT AND ABORT or LOGICAL
+    /// UNIT RESET was answered (or could not take it).
+    #[error("the fencing path failed before the answer")]
+    FencerFailed,
     /// The fencer's portal answered with another portal group than the
     /// failed session's: that login did not end the failed session.
     #[error("portal group {got:?} answered, the failed session was in {want}")]
@@ -144,6 +200,7 @@ impl FenceBoard {
                 claimed_by: None,
                 not_before: None,
                 attempts: 0,
+                seen: None,
             });
         }
         self.pending.store(e.len(), Ordering::Release);
@@ -168,6 +225,80 @@ impl FenceBoard {
                 x.claimed_by.is_none()
                     && x.need.path != fencer
                     && x.need.tpgt == fencer_tpgt
+                    && x.not_before.is_none_or(|t| now >= t)
+            })
+            .map(|x| {
+                x.claimed_by = Some(fencer);
+                x.attempts += 1;
+                FenceJob {
+                    need: x.need.clone(),
+                    fencer,
+                }
+            });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// The reservation fence step: a live path `fencer` asks for a need of
+    /// another path that has a reservation key, is due, not fenced yet,
+    /// and whose portal group has no live path left
+    /// (`group_has_live_path(tpgt, failed path)` is false), so that no
+    /// login with its ISID can end its session. The fencer then sends
+    /// PREEMPT AND ABORT of the need's key on its own session and reports
+    /// with [`finish`](Self::finish).
+    pub fn claim_preempt(
+        &self,
+        fencer: usize,
+        now: Instant,
+        fenced_through: impl Fn(usize) -> u64,
+        group_has_live_path: impl Fn(u16, usize) -> bool,
+    ) -> Option<FenceJob> {
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        let job = e
+            .iter_mut()
+            .find(|x| {
+                x.claimed_by.is_none()
+                    && x.need.path != fencer
+                    && x.need.pr_key.is_some()
+                    && x.not_before.is_none_or(|t| now >= t)
+                    && !group_has_live_path(x.need.tpgt, x.need.path)
+            })
+            .map(|x| {
+                x.claimed_by = Some(fencer);
+                x.attempts += 1;
+                FenceJob {
+                    need: x.need.clone(),
+                    fencer,
+                }
+            });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// The last-resort step (opt-in, `DeviceConfig::lun_reset_fence`): a
+    /// live path `fencer` asks for a need that no other step has fenced
+    /// within `after` of being seen on the board; it then sends LOGICAL
+    /// UNIT RESET and reports with [`finish`](Self::finish).
+    pub fn claim_lun_reset(
+        &self,
+        fencer: usize,
+        now: Instant,
+        after: Duration,
+        fenced_through: impl Fn(usize) -> u64,
+    ) -> Option<FenceJob> {
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        for x in e.iter_mut() {
+            x.seen.get_or_insert(now);
+        }
+        let job = e
+            .iter_mut()
+            .find(|x| {
+                let seen = x.seen.unwrap_or(now);
+                x.claimed_by.is_none()
+                    && x.need.path != fencer
+                    && now.saturating_duration_since(seen) >= after
                     && x.not_before.is_none_or(|t| now >= t)
             })
             .map(|x| {
@@ -386,7 +517,68 @@ mod tests {
             epoch,
             tpgt,
             login: LoginConfig::new("iqn.i", Some("iqn.t")),
+            pr_key: None,
         }
+    }
+
+    /// The LUN reset is claimed for any need, by any live path but the
+    /// failed one, only once the need has been on the board for `after`.
+    #[test]
+    fn a_lun_reset_is_claimed_only_after_the_other_steps_had_their_time() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        let after = Duration::from_secs(2);
+        b.post(need(1, 4, 7));
+        assert!(b.claim_lun_reset(0, t0, after, |_| 0).is_none());
+        let t1 = t0 + Duration::from_millis(1999);
+        assert!(b.claim_lun_reset(0, t1, after, |_| 0).is_none());
+        let t2 = t0 + after;
+        assert!(
+            b.claim_lun_reset(1, t2, after, |_| 0).is_none(),
+            "not itself"
+        );
+        let job = b.claim_lun_reset(0, t2, after, |_| 0).expect("due");
+        assert_eq!((job.need.path, job.need.epoch), (1, 4));
+        b.finish(&job, &Ok(()), t2);
+        assert!(b.is_empty());
+    }
+
+    /// The reservation step is claimed only for a need with a key whose
+    /// portal group has no live path (else the login fence of that group
+    /// is the way), by a live path of any group, and retried like a login.
+    #[test]
+    fn a_preempt_is_claimed_only_when_no_live_path_of_the_group_is_left() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        b.post(need(1, 2, 7));
+        assert!(
+            b.claim_preempt(0, t0, |_| 0, |_, _| false).is_none(),
+            "no key: no preempt"
+        );
+        let mut keyed = need(2, 3, 7);
+        keyed.pr_key = Some(0x52);
+        b.post(keyed);
+        assert!(b.claim_preempt(0, t0, |_| 0, |_, _| true).is_none());
+        assert!(b.claim_preempt(2, t0, |_| 0, |_, _| false).is_none());
+        let job = b
+            .claim_preempt(0, t0, |_| 0, |g, p| !(g == 7 && p == 2))
+            .expect("group 7 has no live path but the failed one");
+        assert_eq!(
+            (job.need.path, job.need.pr_key, job.fencer),
+            (2, Some(0x52), 0)
+        );
+        b.finish(&job, &Err(FenceError::FencerFailed), t0);
+        assert!(
+            b.claim_preempt(3, t0, |_| 0, |_, _| false).is_none(),
+            "paused"
+        );
+        let again = b
+            .claim_preempt(3, t0 + FENCE_RETRY, |_| 0, |_, _| false)
+            .expect("due again");
+        b.finish(&again, &Ok(()), t0);
+        assert_eq!(b.len(), 1, "path 1's need (no key) stays");
+        let r = ReservationFence { base_key: u64::MAX };
+        assert_eq!((r.key_of(0), r.key_of(1), r.key_of(2)), (u64::MAX, 1, 1));
     }
 
     #[test]

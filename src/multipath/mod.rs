@@ -23,7 +23,10 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
-pub use fence::{AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, TaskAborts};
+pub use fence::{
+    AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, ReservationFence,
+    TaskAborts,
+};
 pub use health::{Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{

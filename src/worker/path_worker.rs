@@ -187,6 +187,10 @@ const STPG_TAG: u64 = 1 << 62;
 const DEVICE_TAG: u64 = INTERNAL_TAG | 1 << 61;
 /// Tags of the worker's ABORT TASKs (task management, not SCSI commands).
 const ABORT_TAG: u64 = INTERNAL_TAG | 1 << 60;
+/// Tag of the worker's LOGICAL UNIT RESET (the last fence step).
+const LUN_RESET_TAG: u64 = INTERNAL_TAG | 1 << 59;
+/// How long a LOGICAL UNIT RESET may go unanswered.
+const LUN_RESET_ANSWER: Duration = Duration::from_secs(10);
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -214,6 +218,11 @@ pub(crate) struct WorkerSetup {
     pub fast_ping: Option<FastPing>,
     /// ABORT TASK of overdue commands (None: off).
     pub abort: Option<AbortPolicy>,
+    /// Fence logins for other paths of the portal group (with `fence`).
+    pub login_fence: bool,
+    /// The last-resort LOGICAL UNIT RESET for a need unfenced this long
+    /// (with `fence`; None: never).
+    pub lun_reset_fence: Option<Duration>,
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
@@ -314,6 +323,12 @@ pub(crate) struct Worker {
     peers: Arc<[Arc<PathShared>]>,
     /// A fence login this path runs for another (it has our connector).
     fence_job: Option<JoinHandle<FenceResult>>,
+    login_fence: bool,
+    /// A PREEMPT AND ABORT this path sent for another, and its answer.
+    fence_preempt: Option<(FenceJob, std::sync::mpsc::Receiver<Completion>)>,
+    lun_reset_after: Option<Duration>,
+    /// A LOGICAL UNIT RESET this path sent for another: (job, TMF tag, sent).
+    fence_reset: Option<(FenceJob, u64, Instant)>,
 }
 
 impl Worker {
@@ -355,6 +370,10 @@ impl Worker {
             fence: s.fence,
             peers: s.peers,
             fence_job: None,
+            login_fence: s.login_fence,
+            fence_preempt: None,
+            lun_reset_after: s.lun_reset_fence,
+            fence_reset: None,
         };
         super::precise_timers();
         if let Some(core) = s.core {
@@ -738,6 +757,10 @@ impl Worker {
         tmf: u64,
         response: u8,
     ) -> Result<(), PathFailure> {
+        if self.fence_reset.as_ref().is_some_and(|(_, t, _)| *t == tmf) {
+            self.finish_lun_reset(Some(response), Instant::now());
+            return Ok(());
+        }
         let Some(aborts) = &mut self.aborts else {
             return Ok(());
         };
@@ -1059,6 +1082,9 @@ impl Worker {
         self.bounce_rings();
         self.in_session = 0;
         self.aborts = None;
+        if self.fence_reset.is_some() {
+            self.finish_lun_reset(None, now);
+        }
         // Their callers hear that the path failed.
         self.device_cmds.clear();
         let (mut t, _) = session.into_parts();
@@ -1087,6 +1113,7 @@ impl Worker {
             epoch: self.session_epoch,
             tpgt,
             login: self.probe.login.clone(),
+            pr_key: self.probe.pr_key,
         });
     }
 
@@ -1096,12 +1123,26 @@ impl Worker {
     /// connector, which a reconnect of this path waits for).
     fn fence_for_others(&mut self, now: Instant) {
         // Every round: two loads when there is nothing to do.
-        if self.fence_job.is_none() && !self.fence.as_ref().is_some_and(|b| b.has_pending()) {
+        if self.fence_job.is_none()
+            && self.fence_preempt.is_none()
+            && self.fence_reset.is_none()
+            && !self.fence.as_ref().is_some_and(|b| b.has_pending())
+        {
             return;
         }
         let Some(board) = self.fence.clone() else {
             return;
         };
+        if self.fence_preempt.is_some() {
+            self.finish_preempt(&board, now);
+            return;
+        }
+        if let Some((_, _, sent)) = &self.fence_reset {
+            if now.saturating_duration_since(*sent) >= LUN_RESET_ANSWER {
+                self.finish_lun_reset(None, now);
+            }
+            return;
+        }
         if let Some(h) = self.fence_job.take() {
             if !h.is_finished() {
                 self.fence_job = Some(h);
@@ -1140,16 +1181,41 @@ impl Worker {
             }
             return;
         }
-        if !board.has_pending() || !matches!(self.conn, Conn::Up(_)) || self.connector.is_none() {
+        if !board.has_pending() || !matches!(self.conn, Conn::Up(_)) {
             return;
         }
         let Some(tpgt) = self.shared.portal_group() else {
             return;
         };
         let peers = self.peers.clone();
-        let Some(job) = board.claim(self.shared.index, tpgt, now, |p| {
-            peers.get(p).map_or(u64::MAX, |s| s.fenced_through())
-        }) else {
+        let fenced_through = |p: usize| peers.get(p).map_or(u64::MAX, |s| s.fenced_through());
+        if self.probe.pr_key.is_some() {
+            // No live path of its group left: preempt its key instead.
+            let group_live = |g: u16, failed: usize| {
+                peers.iter().any(|s| {
+                    s.index != failed && s.state() == PathState::Up && s.portal_group() == Some(g)
+                })
+            };
+            if let Some(job) =
+                board.claim_preempt(self.shared.index, now, fenced_through, group_live)
+            {
+                self.start_preempt(&board, job, now);
+                return;
+            }
+        }
+        let claimed = if self.login_fence && self.connector.is_some() {
+            board.claim(self.shared.index, tpgt, now, &fenced_through)
+        } else {
+            None
+        };
+        let Some(job) = claimed else {
+            if let Some(after) = self.lun_reset_after {
+                if let Some(job) =
+                    board.claim_lun_reset(self.shared.index, now, after, &fenced_through)
+                {
+                    self.start_lun_reset(&board, job, now);
+                }
+            }
             return;
         };
         let Some(mut connector) = self.connector.take() else {
@@ -1179,6 +1245,161 @@ impl Worker {
                     &format!("cannot spawn fence login thread: {e}"),
                 );
             }
+        }
+    }
+
+    /// The reservation fence step: PERSISTENT RESERVE OUT, PREEMPT AND
+    /// ABORT of the failed path's key, on this path's session (with this
+    /// path's key as the reservation key; the type stays Write Exclusive –
+    /// Registrants Only).
+    fn start_preempt(&mut self, board: &FenceBoard, job: FenceJob, now: Instant) {
+        use crate::wire::scsi::pr::{PrOutAction, PrOutParams, PrType};
+        let (Some(key), Some(victim_key)) = (self.probe.pr_key, job.need.pr_key) else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let Conn::Up(session) = &mut self.conn else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let (c, data) = ScsiCommand::persistent_reserve_out(
+            PrOutAction::PreemptAndAbort,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            &PrOutParams {
+                key,
+                sa_key: victim_key,
+                ..PrOutParams::default()
+            },
+        );
+        let Ok(mut cmd) = Command::new(self.probe.lun, c.cdb_bytes(), Direction::Write, data)
+        else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        self.next_device_tag = (self.next_device_tag + 1) & 0xffff_ffff;
+        let tag = DEVICE_TAG | self.next_device_tag;
+        cmd.user_tag = tag;
+        if session.submit(cmd).is_err() {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.device_cmds.push((tag, reply));
+        log::info!(
+            "path {}: no live path of portal group {} left: PREEMPT AND ABORT of path {}'s key {victim_key:#x} (session {})",
+            self.shared.name,
+            job.need.tpgt,
+            self.peers[job.need.path].name,
+            job.need.epoch
+        );
+        self.fence_preempt = Some((job, answer));
+    }
+
+    /// The last resort: LOGICAL UNIT RESET on this path's session. The LU
+    /// aborts every task of every initiator (and reports UNIT ATTENTION
+    /// 29/03 to each), so the failed session's tasks the LU holds end.
+    fn start_lun_reset(&mut self, board: &FenceBoard, job: FenceJob, now: Instant) {
+        let Conn::Up(session) = &mut self.conn else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let tag = LUN_RESET_TAG | u64::from(job.need.epoch as u32);
+        if session
+            .connection_mut()
+            .task_management(
+                crate::wire::iscsi::tmf::LOGICAL_UNIT_RESET,
+                self.probe.lun,
+                None,
+                tag,
+                now,
+            )
+            .is_err()
+        {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        }
+        log::warn!(
+            "path {}: session {} of path {} not fenced by the other steps: LOGICAL UNIT RESET (every initiator's tasks on the LU are aborted)",
+            self.shared.name,
+            job.need.epoch,
+            self.peers[job.need.path].name
+        );
+        self.fence_reset = Some((job, tag, now));
+    }
+
+    /// The LOGICAL UNIT RESET was answered (`response`) or timed out / its
+    /// path failed (None).
+    fn finish_lun_reset(&mut self, response: Option<u8>, now: Instant) {
+        let Some((job, _, sent)) = self.fence_reset.take() else {
+            return;
+        };
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let result = match response {
+            Some(crate::multipath::fence::TMF_FUNCTION_COMPLETE) => Ok(()),
+            Some(r) => Err(FenceError::LunReset(r)),
+            None if now.saturating_duration_since(sent) >= LUN_RESET_ANSWER => {
+                Err(FenceError::LunResetUnanswered(LUN_RESET_ANSWER))
+            }
+            None => Err(FenceError::FencerFailed),
+        };
+        let victim = self.peers[job.need.path].clone();
+        if result.is_ok() {
+            victim.fence_through(job.need.epoch);
+        }
+        let attempts = board.finish(&job, &result, now);
+        match result {
+            Ok(()) => log::warn!(
+                "path {}: fenced session {} of path {} by LOGICAL UNIT RESET (attempt {attempts})",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+            Err(e) => log::info!(
+                "path {}: LOGICAL UNIT RESET for session {} of path {} failed (attempt {attempts}): {e}",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+        }
+    }
+
+    /// Collects the answer to our PREEMPT AND ABORT: GOOD ends the failed
+    /// session's right to write (its tasks aborted, its key gone), so its
+    /// held writes may go.
+    fn finish_preempt(&mut self, board: &FenceBoard, now: Instant) {
+        use std::sync::mpsc::TryRecvError;
+        let Some((job, answer)) = self.fence_preempt.take() else {
+            return;
+        };
+        let result = match answer.try_recv() {
+            Err(TryRecvError::Empty) => {
+                self.fence_preempt = Some((job, answer));
+                return;
+            }
+            Err(TryRecvError::Disconnected) => Err(FenceError::FencerFailed),
+            Ok(c) if c.response != 0 => Err(FenceError::PreemptResponse(c.response)),
+            Ok(c) => check_status(c.status, &c.sense).map_err(FenceError::Preempt),
+        };
+        let victim = self.peers[job.need.path].clone();
+        if result.is_ok() {
+            victim.fence_through(job.need.epoch);
+        }
+        let attempts = board.finish(&job, &result, now);
+        match result {
+            Ok(()) => log::info!(
+                "path {}: fenced session {} of path {} by PREEMPT AND ABORT of its key (attempt {attempts})",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+            Err(e) => log::info!(
+                "path {}: PREEMPT AND ABORT for session {} of path {} failed (attempt {attempts}; retried with back-off): {e}",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
         }
     }
 
@@ -1304,6 +1525,7 @@ mod tests {
                 lun: 0,
                 timers: ConnTimers::default(),
                 login_timeout: Duration::from_secs(1),
+                pr_key: None,
             },
             lu_id: "naa.test".into(),
             health: PathHealth::new(ReconnectPolicy::default()),
@@ -1324,6 +1546,8 @@ mod tests {
             idle: IdleMode::BusyPoll,
             fast_ping: None,
             abort: None,
+            login_fence: true,
+            lun_reset_fence: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
             alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
