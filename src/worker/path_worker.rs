@@ -1204,14 +1204,14 @@ impl Worker {
             }
         }
         let claimed = if self.login_fence && self.connector.is_some() {
-            board.claim(self.shared.index, tpgt, now, &fenced_through)
+            board.claim(self.shared.index, tpgt, now, fenced_through)
         } else {
             None
         };
         let Some(job) = claimed else {
             if let Some(after) = self.lun_reset_after {
                 if let Some(job) =
-                    board.claim_lun_reset(self.shared.index, now, after, &fenced_through)
+                    board.claim_lun_reset(self.shared.index, now, after, fenced_through)
                 {
                     self.start_lun_reset(&board, job, now);
                 }
