@@ -1728,6 +1728,7 @@ impl Sim {
                             epoch: session,
                             tpgt,
                             login: sim_login_config(p, &self.sc.offer),
+                            pr_key: None,
                         });
                         self.note(format!(
                             "fence step 1: path {p} failed with writes in session {session}: \

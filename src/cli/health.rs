@@ -23,6 +23,35 @@ pub struct PathHealthArgs {
     /// _recovery_time), e.g. 3:60:120. Off by default.
     #[arg(long, value_name = "N:WINDOW:HOLD")]
     pub flap_damping: Option<FlapDamping>,
+    /// ABORT TASK of a command unanswered this long on a live path (the
+    /// first fence step; 0 turns it off). Default 10 s.
+    #[arg(long, value_name = "SECONDS")]
+    pub abort_after: Option<f64>,
+    /// The reservation fence step: path i registers key KEY+i at login
+    /// under a Write Exclusive - Registrants Only reservation, and a failed
+    /// path whose portal group has no live path left is fenced by PREEMPT
+    /// AND ABORT of its key. Other hosts sharing the LU must register to
+    /// write. Off by default. KEY in decimal or 0x hex.
+    #[arg(long, value_name = "KEY", value_parser = parse_key)]
+    pub fence_reservation_key: Option<u64>,
+    /// The last fence step: LOGICAL UNIT RESET through a live path for a
+    /// failed session no other step fenced within SECONDS. Aborts every
+    /// initiator's tasks on the LU. Off by default.
+    #[arg(long, value_name = "SECONDS")]
+    pub fence_lun_reset: Option<f64>,
+}
+
+fn parse_key(s: &str) -> Result<u64, std::num::ParseIntError> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+}
+
+fn seconds(s: f64) -> Option<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 impl PathHealthArgs {
@@ -36,6 +65,18 @@ impl PathHealthArgs {
         }
         if self.flap_damping.is_some() {
             c.flap_damping = self.flap_damping;
+        }
+        if let Some(s) = self.abort_after {
+            c.abort_overdue = seconds(s).map(|after| iscsi_bypass::multipath::AbortPolicy {
+                after,
+                ..Default::default()
+            });
+        }
+        if let Some(base_key) = self.fence_reservation_key {
+            c.reservation_fence = Some(iscsi_bypass::multipath::ReservationFence { base_key });
+        }
+        if let Some(s) = self.fence_lun_reset {
+            c.lun_reset_fence = seconds(s);
         }
     }
 }

@@ -1665,6 +1665,44 @@ impl Connection {
         self.data_out_ready.clear();
         out
     }
+
+    /// User tags of the SCSI commands sent to the target (they have a
+    /// CmdSN) at least `age` before `now` and not answered yet: candidates
+    /// for ABORT TASK (`multipath::fence::TaskAborts`).
+    pub fn overdue_commands(&self, now: Instant, age: Duration) -> Vec<u64> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter_map(|t| match &t.kind {
+                TaskKind::Scsi { cmd, .. }
+                    if t.cmd_sn.is_some()
+                        && now.saturating_duration_since(t.submitted_at) >= age =>
+                {
+                    Some(cmd.user_tag)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Takes back the SCSI command `user_tag` without a status, once the
+    /// target has confirmed an ABORT TASK for it ("function complete" or
+    /// "task does not exist", RFC 7143 §11.6.1): no response or R2T comes
+    /// for it any more. None when the connection holds no such command
+    /// (it was answered first).
+    pub fn take_aborted(&mut self, user_tag: u64) -> Option<Command> {
+        let slot = self.slots.iter().position(|t| {
+            matches!(t, Some(Task { kind: TaskKind::Scsi { cmd, .. }, .. }) if cmd.user_tag == user_tag)
+        })? as u16;
+        self.waiting.retain(|s| *s != slot);
+        self.data_out_ready.retain(|s| *s != slot);
+        // A Data-In segment still being placed for it (it cannot be, the
+        // response came after it) lands nowhere: `task_buffer` finds none.
+        match self.free_slot(slot)?.kind {
+            TaskKind::Scsi { cmd, .. } => Some(cmd),
+            _ => None,
+        }
+    }
 }
 
 /// The buffer of the SCSI command in `slot`, if there is one.

@@ -406,6 +406,29 @@ pub struct DeviceConfig {
     /// again, so the held writes go out without waiting for the failed
     /// portal to return (`multipath::fence`). On by default.
     pub fence_via_other_portals: bool,
+    /// ABORT TASK of a command that stays unanswered on a path that still
+    /// answers (`multipath::fence::TaskAborts`): once the target confirms,
+    /// the command goes to another path without failing this one; a refused
+    /// or unanswered abort fails the path (and its writes wait for the next
+    /// fence steps). Some(10 s, answered within 3 s) by default; None:
+    /// such a command waits for the `command_timeout`, which fails the path.
+    pub abort_overdue: Option<crate::multipath::AbortPolicy>,
+    /// With `fence_writes`: the reservation fence step
+    /// (`multipath::fence::ReservationFence`): every path registers its
+    /// own key at login under a Write Exclusive – Registrants Only
+    /// reservation, and a failed path whose portal group has no live path
+    /// left is fenced by PREEMPT AND ABORT of its key through a live path.
+    /// Off (None) by default: other initiators sharing the LU can write only
+    /// if they register too.
+    pub reservation_fence: Option<crate::multipath::ReservationFence>,
+    /// With `fence_writes`: the last resort. A failed session that no other
+    /// step has fenced this long after its path failed gets LOGICAL UNIT
+    /// RESET through a live path. That aborts the tasks of *every*
+    /// initiator on the LU (other hosts' commands in flight fail or must
+    /// be retried, and all see UNIT ATTENTION 29/03), and it ends only
+    /// what the LU has received: commands a network still holds run after
+    /// it. Off (None) by default.
+    pub lun_reset_fence: Option<Duration>,
     /// Ping a path at once when it has commands outstanding and has sent
     /// nothing for several times its recent response time (None: only the
     /// `timers` ping). See `multipath::silence`.
@@ -442,6 +465,9 @@ impl DeviceConfig {
             fence_writes: true,
             fence_timeout: Duration::from_secs(30),
             fence_via_other_portals: true,
+            abort_overdue: Some(crate::multipath::AbortPolicy::default()),
+            reservation_fence: None,
+            lun_reset_fence: None,
             fast_ping: Some(crate::multipath::FastPing::default()),
             timers: ConnTimers {
                 nop_interval: Some(Duration::from_secs(2)),

@@ -57,6 +57,40 @@ pub struct FenceNeed {
     pub tpgt: u16,
     /// The failed path's login (its InitiatorName, ISID, TargetName, CHAP).
     pub login: LoginConfig,
+    /// The failed path's reservation key, when the device fences by
+    /// reservation ([`ReservationFence`]): a live path of another portal
+    /// group may then preempt it (PREEMPT AND ABORT) when no live path of
+    /// the failed session's group is left to log in with its ISID.
+    pub pr_key: Option<u64>,
+}
+
+/// The reservation fence step (opt-in, `DeviceConfig::reservation_fence`).
+/// Every path registers its own key (`base_key + index`) at each login,
+/// under a Write Exclusive – Registrants Only reservation the device takes
+/// if the LU has none. A path that failed with writes, whose portal group
+/// has no live path left (so no session reinstatement can end its session),
+/// is fenced by a live path of another group with PERSISTENT RESERVE OUT,
+/// PREEMPT AND ABORT of its key: the target aborts the failed nexus's
+/// tasks, and, its key gone, refuses any write of it that arrives later
+/// (RESERVATION CONFLICT). The failed path registers again at its next
+/// login. Other initiators sharing the LU must register too, or they can
+/// no longer write (that is what Registrants Only means), so this is off
+/// by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReservationFence {
+    /// Path `i` registers key `base_key + i` (wrapping; a key of 0 is
+    /// skipped to 1, as 0 means "no key").
+    pub base_key: u64,
+}
+
+impl ReservationFence {
+    /// The key of path `index`.
+    pub fn key_of(&self, index: usize) -> u64 {
+        match self.base_key.wrapping_add(index as u64) {
+            0 => 1,
+            k => k,
+        }
+    }
 }
 
 /// A claimed fence, to run and hand back with [`FenceBoard::finish`].
@@ -74,6 +108,9 @@ struct Entry {
     claimed_by: Option<usize>,
     not_before: Option<Instant>,
     attempts: u32,
+    /// When a claim first looked at this need (about when it was posted:
+    /// every live path looks each round while a need is on the board).
+    seen: Option<Instant>,
 }
 
 /// The device-wide list of fences wanted (see the module docs).
@@ -93,6 +130,25 @@ pub enum FenceError {
     /// The login with the failed path's ISID failed.
     #[error("login: {0}")]
     Login(String),
+    /// The LOGICAL UNIT RESET of the last-resort step got a TMF response
+    /// other than "function complete".
+    #[error("LOGICAL UNIT RESET: task management response {0}")]
+    LunReset(u8),
+    /// The LOGICAL UNIT RESET was not answered in time.
+    #[error("LOGICAL UNIT RESET unanswered within {0:?}")]
+    LunResetUnanswered(Duration),
+    /// PREEMPT AND ABORT of the failed path's key did not complete with
+    /// GOOD status.
+    #[error("PREEMPT AND ABORT: {0}")]
+    Preempt(crate::scsi::ScsiError),
+    /// PREEMPT AND ABORT got an iSCSI response other than "command
+    /// completed at target".
+    #[error("PREEMPT AND ABORT: iSCSI response {0:#04x}")]
+    PreemptResponse(u8),
+    /// The fencer's session ended before its PREEMPT AND ABORT or LOGICAL
+    /// UNIT RESET was answered (or could not take it).
+    #[error("the fencing path failed before the answer")]
+    FencerFailed,
     /// The fencer's portal answered with another portal group than the
     /// failed session's: that login did not end the failed session.
     #[error("portal group {got:?} answered, the failed session was in {want}")]
@@ -144,6 +200,7 @@ impl FenceBoard {
                 claimed_by: None,
                 not_before: None,
                 attempts: 0,
+                seen: None,
             });
         }
         self.pending.store(e.len(), Ordering::Release);
@@ -168,6 +225,80 @@ impl FenceBoard {
                 x.claimed_by.is_none()
                     && x.need.path != fencer
                     && x.need.tpgt == fencer_tpgt
+                    && x.not_before.is_none_or(|t| now >= t)
+            })
+            .map(|x| {
+                x.claimed_by = Some(fencer);
+                x.attempts += 1;
+                FenceJob {
+                    need: x.need.clone(),
+                    fencer,
+                }
+            });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// The reservation fence step: a live path `fencer` asks for a need of
+    /// another path that has a reservation key, is due, not fenced yet,
+    /// and whose portal group has no live path left
+    /// (`group_has_live_path(tpgt, failed path)` is false), so that no
+    /// login with its ISID can end its session. The fencer then sends
+    /// PREEMPT AND ABORT of the need's key on its own session and reports
+    /// with [`finish`](Self::finish).
+    pub fn claim_preempt(
+        &self,
+        fencer: usize,
+        now: Instant,
+        fenced_through: impl Fn(usize) -> u64,
+        group_has_live_path: impl Fn(u16, usize) -> bool,
+    ) -> Option<FenceJob> {
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        let job = e
+            .iter_mut()
+            .find(|x| {
+                x.claimed_by.is_none()
+                    && x.need.path != fencer
+                    && x.need.pr_key.is_some()
+                    && x.not_before.is_none_or(|t| now >= t)
+                    && !group_has_live_path(x.need.tpgt, x.need.path)
+            })
+            .map(|x| {
+                x.claimed_by = Some(fencer);
+                x.attempts += 1;
+                FenceJob {
+                    need: x.need.clone(),
+                    fencer,
+                }
+            });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// The last-resort step (opt-in, `DeviceConfig::lun_reset_fence`): a
+    /// live path `fencer` asks for a need that no other step has fenced
+    /// within `after` of being seen on the board; it then sends LOGICAL
+    /// UNIT RESET and reports with [`finish`](Self::finish).
+    pub fn claim_lun_reset(
+        &self,
+        fencer: usize,
+        now: Instant,
+        after: Duration,
+        fenced_through: impl Fn(usize) -> u64,
+    ) -> Option<FenceJob> {
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        for x in e.iter_mut() {
+            x.seen.get_or_insert(now);
+        }
+        let job = e
+            .iter_mut()
+            .find(|x| {
+                let seen = x.seen.unwrap_or(now);
+                x.claimed_by.is_none()
+                    && x.need.path != fencer
+                    && now.saturating_duration_since(seen) >= after
                     && x.not_before.is_none_or(|t| now >= t)
             })
             .map(|x| {
@@ -222,6 +353,160 @@ impl FenceBoard {
     }
 }
 
+/// ABORT TASK of commands overdue on a path that still answers (the first
+/// fence step: the target confirms that the command will not run, so it may
+/// go to another path at once, without failing the path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AbortPolicy {
+    /// A command unanswered this long on a live path gets ABORT TASK. Keep
+    /// it below the session's `command_timeout`, which fails the path. (A
+    /// path that went silent is failed by the pings; an ABORT TASK sent to
+    /// it goes unanswered and fails it after `answer_within`.)
+    pub after: Duration,
+    /// The ABORT TASK must be answered within this; otherwise (or when the
+    /// target refuses it) the path fails, and the write waits for the next
+    /// fence steps.
+    pub answer_within: Duration,
+}
+
+impl Default for AbortPolicy {
+    /// 10 s, answered within 3 s (the device's default command timeout is
+    /// 20 s).
+    fn default() -> AbortPolicy {
+        AbortPolicy {
+            after: Duration::from_secs(10),
+            answer_within: Duration::from_secs(3),
+        }
+    }
+}
+
+/// TMF response "function complete" (RFC 7143 §11.6.1).
+pub const TMF_FUNCTION_COMPLETE: u8 = 0;
+/// TMF response "task does not exist": already answered (so not running).
+pub const TMF_TASK_DOES_NOT_EXIST: u8 = 1;
+
+/// Why an ABORT TASK did not confirm that its command is gone (the path is
+/// then failed and fenced by the next steps).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AbortError {
+    /// The target answered with another TMF response than "function
+    /// complete" or "task does not exist".
+    #[error("the target refused ABORT TASK (task management response {response})")]
+    Refused {
+        /// The TMF response code.
+        response: u8,
+    },
+    /// No answer within [`AbortPolicy::answer_within`].
+    #[error("ABORT TASK unanswered within {0:?}")]
+    Unanswered(Duration),
+}
+
+/// The ABORT TASKs of one session (sans-IO): which overdue commands to
+/// abort, which aborts are out, and what their answers mean.
+#[derive(Debug)]
+pub struct TaskAborts {
+    policy: AbortPolicy,
+    /// Tags of our TMFs are `tag_base | n`.
+    tag_base: u64,
+    next: u64,
+    /// (TMF tag, command tag, sent at).
+    out: Vec<(u64, u64, Instant)>,
+    next_check: Instant,
+    /// ABORT TASKs the target confirmed.
+    pub confirmed: u64,
+}
+
+impl TaskAborts {
+    /// For a session that began at `now`; TMF tags are `tag_base | n`
+    /// (`tag_base` must leave the low 32 bits free).
+    pub fn new(policy: AbortPolicy, tag_base: u64, now: Instant) -> TaskAborts {
+        TaskAborts {
+            policy,
+            tag_base,
+            next: 0,
+            out: Vec::new(),
+            next_check: now,
+            confirmed: 0,
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> AbortPolicy {
+        self.policy
+    }
+
+    /// Whether `tag` is one of ours.
+    pub fn is_ours(&self, tag: u64) -> bool {
+        tag & !0xffff_ffff == self.tag_base
+    }
+
+    /// One poll round: Err when an ABORT TASK went unanswered too long.
+    pub fn on_round(&self, now: Instant) -> Result<(), AbortError> {
+        let within = self.policy.answer_within;
+        if self
+            .out
+            .iter()
+            .any(|(_, _, at)| now.saturating_duration_since(*at) >= within)
+        {
+            return Err(AbortError::Unanswered(within));
+        }
+        Ok(())
+    }
+
+    /// Whether to look for overdue commands now: a quarter of `after` since
+    /// the last look.
+    pub fn check_due(&mut self, now: Instant) -> bool {
+        if now < self.next_check {
+            return false;
+        }
+        self.next_check = now + (self.policy.after / 4).max(Duration::from_millis(1));
+        true
+    }
+
+    /// Of the `overdue` commands (by tag), those not being aborted yet get
+    /// a TMF tag each: send ABORT TASK for every (TMF tag, command tag)
+    /// returned ([`forget`](Self::forget) one that could not be sent).
+    pub fn start(&mut self, now: Instant, overdue: &[u64]) -> Vec<(u64, u64)> {
+        let mut new = Vec::new();
+        for &cmd in overdue {
+            if self.out.iter().any(|(_, c, _)| *c == cmd) {
+                continue;
+            }
+            self.next = (self.next + 1) & 0xffff_ffff;
+            let tmf = self.tag_base | self.next;
+            self.out.push((tmf, cmd, now));
+            new.push((tmf, cmd));
+        }
+        new
+    }
+
+    /// An ABORT TASK that could not be sent.
+    pub fn forget(&mut self, tmf: u64) {
+        self.out.retain(|(t, _, _)| *t != tmf);
+    }
+
+    /// The answer to TMF `tmf`: None if it is not one of ours; Ok(command
+    /// tag) when the target confirmed that the command is gone (take it
+    /// back from the connection, if still there, and send it anywhere);
+    /// Err when it refused (fail the path).
+    pub fn on_response(&mut self, tmf: u64, response: u8) -> Option<Result<u64, AbortError>> {
+        let i = self.out.iter().position(|(t, _, _)| *t == tmf)?;
+        let (_, cmd, _) = self.out.swap_remove(i);
+        Some(match response {
+            TMF_FUNCTION_COMPLETE | TMF_TASK_DOES_NOT_EXIST => {
+                self.confirmed += 1;
+                Ok(cmd)
+            }
+            response => Err(AbortError::Refused { response }),
+        })
+    }
+
+    /// ABORT TASKs sent and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.out.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,7 +517,125 @@ mod tests {
             epoch,
             tpgt,
             login: LoginConfig::new("iqn.i", Some("iqn.t")),
+            pr_key: None,
         }
+    }
+
+    /// The LUN reset is claimed for any need, by any live path but the
+    /// failed one, only once the need has been on the board for `after`.
+    #[test]
+    fn a_lun_reset_is_claimed_only_after_the_other_steps_had_their_time() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        let after = Duration::from_secs(2);
+        b.post(need(1, 4, 7));
+        assert!(b.claim_lun_reset(0, t0, after, |_| 0).is_none());
+        let t1 = t0 + Duration::from_millis(1999);
+        assert!(b.claim_lun_reset(0, t1, after, |_| 0).is_none());
+        let t2 = t0 + after;
+        assert!(
+            b.claim_lun_reset(1, t2, after, |_| 0).is_none(),
+            "not itself"
+        );
+        let job = b.claim_lun_reset(0, t2, after, |_| 0).expect("due");
+        assert_eq!((job.need.path, job.need.epoch), (1, 4));
+        b.finish(&job, &Ok(()), t2);
+        assert!(b.is_empty());
+    }
+
+    /// The reservation step is claimed only for a need with a key whose
+    /// portal group has no live path (else the login fence of that group
+    /// is the way), by a live path of any group, and retried like a login.
+    #[test]
+    fn a_preempt_is_claimed_only_when_no_live_path_of_the_group_is_left() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        b.post(need(1, 2, 7));
+        assert!(
+            b.claim_preempt(0, t0, |_| 0, |_, _| false).is_none(),
+            "no key: no preempt"
+        );
+        let mut keyed = need(2, 3, 7);
+        keyed.pr_key = Some(0x52);
+        b.post(keyed);
+        assert!(b.claim_preempt(0, t0, |_| 0, |_, _| true).is_none());
+        assert!(b.claim_preempt(2, t0, |_| 0, |_, _| false).is_none());
+        let job = b
+            .claim_preempt(0, t0, |_| 0, |g, p| !(g == 7 && p == 2))
+            .expect("group 7 has no live path but the failed one");
+        assert_eq!(
+            (job.need.path, job.need.pr_key, job.fencer),
+            (2, Some(0x52), 0)
+        );
+        b.finish(&job, &Err(FenceError::FencerFailed), t0);
+        assert!(
+            b.claim_preempt(3, t0, |_| 0, |_, _| false).is_none(),
+            "paused"
+        );
+        let again = b
+            .claim_preempt(3, t0 + FENCE_RETRY, |_| 0, |_, _| false)
+            .expect("due again");
+        b.finish(&again, &Ok(()), t0);
+        assert_eq!(b.len(), 1, "path 1's need (no key) stays");
+        let r = ReservationFence { base_key: u64::MAX };
+        assert_eq!((r.key_of(0), r.key_of(1), r.key_of(2)), (u64::MAX, 1, 1));
+    }
+
+    #[test]
+    fn overdue_commands_of_an_answering_path_are_aborted_once() {
+        let p = AbortPolicy {
+            after: Duration::from_secs(4),
+            answer_within: Duration::from_secs(1),
+        };
+        let t0 = Instant::now();
+        let mut a = TaskAborts::new(p, 7 << 40, t0);
+        let t1 = t0 + Duration::from_secs(3);
+        a.on_round(t1).unwrap();
+        assert!(a.check_due(t1));
+        let sent = a.start(t1, &[10, 11]);
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|(t, _)| a.is_ours(*t)));
+        assert!(!a.is_ours(10));
+        // Not again for the same command, and not before a quarter of `after`.
+        assert!(!a.check_due(t1 + Duration::from_millis(500)));
+        assert!(a.start(t1, &[10, 11]).is_empty());
+        // Confirmed: the command may go elsewhere; refused: fail the path.
+        assert_eq!(
+            a.on_response(sent[0].0, TMF_FUNCTION_COMPLETE),
+            Some(Ok(10))
+        );
+        assert_eq!(
+            a.on_response(sent[1].0, 5),
+            Some(Err(AbortError::Refused { response: 5 }))
+        );
+        assert_eq!(a.on_response(sent[1].0, 0), None, "answered already");
+        assert_eq!(a.on_response(12345, 0), None, "not ours");
+        assert_eq!(a.confirmed, 1);
+        let sent = a.start(t1, &[11]);
+        assert_eq!(
+            a.on_response(sent[0].0, TMF_TASK_DOES_NOT_EXIST),
+            Some(Ok(11))
+        );
+    }
+
+    #[test]
+    fn an_unanswered_abort_fails_the_path() {
+        let p = AbortPolicy {
+            after: Duration::from_secs(4),
+            answer_within: Duration::from_secs(1),
+        };
+        let t0 = Instant::now();
+        let mut a = TaskAborts::new(p, 1 << 40, t0);
+        let sent = a.start(t0, &[3]);
+        assert_eq!(a.outstanding(), 1);
+        a.on_round(t0 + Duration::from_millis(999)).unwrap();
+        assert_eq!(
+            a.on_round(t0 + Duration::from_secs(1)),
+            Err(AbortError::Unanswered(Duration::from_secs(1)))
+        );
+        a.forget(sent[0].0);
+        assert_eq!(a.outstanding(), 0);
+        a.on_round(t0 + Duration::from_secs(5)).unwrap();
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub use config::{
     PortBinding,
 };
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
-pub use fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
+pub use fence::{
+    AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, ReservationFence,
+    TaskAborts,
+};
 pub use health::{BadSetting, Failback, FlapDamping, NoPathRetry};
 pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{

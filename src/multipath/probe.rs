@@ -75,6 +75,11 @@ pub struct ProbeConfig {
     pub timers: ConnTimers,
     /// Time allowed for connect + login.
     pub login_timeout: Duration,
+    /// The reservation fence's key of this path
+    /// (`multipath::fence::ReservationFence`): registered at every login,
+    /// before the path carries I/O, and the LU reserved Write Exclusive –
+    /// Registrants Only under it if nobody holds a reservation.
+    pub pr_key: Option<u64>,
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -229,6 +234,9 @@ pub fn probe(
         .ok()
         .and_then(|d| BlockLimits::parse(&d).ok())
         .map_or(TransferLimits::default(), |b| TransferLimits::from(&b));
+    if let Some(key) = cfg.pr_key {
+        register_fence_key(&mut session, cfg.lun, key, &cfg.name, &scsi_err)?;
+    }
     Ok(PathProbe {
         session,
         lu_id,
@@ -273,11 +281,86 @@ enum ProbeExecError {
     Session(String),
 }
 
+/// The reservation fence at login: REGISTER AND IGNORE EXISTING KEY with
+/// this path's `key` (its I_T nexus may have lost its key to a PREEMPT AND
+/// ABORT), then, if the LU has no reservation, RESERVE Write Exclusive –
+/// Registrants Only with it: every registered path may write, and one
+/// path's key can be preempted (with its tasks aborted) through another.
+fn register_fence_key<F>(
+    session: &mut Session<BoxedTransport>,
+    lun: u64,
+    key: u64,
+    name: &str,
+    scsi_err: &impl Fn(&'static str) -> F,
+) -> Result<(), MultipathError>
+where
+    F: FnMut(ProbeExecError) -> MultipathError,
+{
+    use crate::wire::scsi::pr::{PrInAction, PrOutAction, PrOutParams, PrReservation, PrType};
+    let (cmd, data) = ScsiCommand::persistent_reserve_out(
+        PrOutAction::RegisterAndIgnoreExistingKey,
+        None,
+        &PrOutParams {
+            sa_key: key,
+            ..PrOutParams::default()
+        },
+    );
+    execute_data(session, lun, cmd, Some(data)).map_err(scsi_err(
+        "PERSISTENT RESERVE OUT (REGISTER AND IGNORE EXISTING KEY)",
+    ))?;
+    let held = execute(
+        session,
+        lun,
+        ScsiCommand::persistent_reserve_in(PrInAction::ReadReservation, 64),
+    )
+    .map_err(scsi_err("PERSISTENT RESERVE IN (READ RESERVATION)"))?;
+    let held = PrReservation::parse(&held).map_err(|e| MultipathError::Scsi {
+        path: name.to_string(),
+        what: "PERSISTENT RESERVE IN (READ RESERVATION)",
+        error: ScsiError::BadData(e),
+    })?;
+    if held.reservation.is_none() {
+        let (cmd, data) = ScsiCommand::persistent_reserve_out(
+            PrOutAction::Reserve,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            &PrOutParams {
+                key,
+                ..PrOutParams::default()
+            },
+        );
+        // Another path may have reserved meanwhile: RESERVATION CONFLICT
+        // then is fine, if the LU is reserved now.
+        if let Err(e) = execute_data(session, lun, cmd, Some(data)) {
+            let again = execute(
+                session,
+                lun,
+                ScsiCommand::persistent_reserve_in(PrInAction::ReadReservation, 64),
+            )
+            .ok()
+            .and_then(|d| PrReservation::parse(&d).ok());
+            if again.and_then(|r| r.reservation).is_none() {
+                return Err(scsi_err("PERSISTENT RESERVE OUT (RESERVE)")(e));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs one command, retrying retryable SCSI errors a few times.
 fn execute(
     session: &mut Session<BoxedTransport>,
     lun: u64,
     cmd: ScsiCommand,
+) -> Result<Vec<u8>, ProbeExecError> {
+    execute_data(session, lun, cmd, None)
+}
+
+/// `execute` with the data-out to send (None: zeros).
+fn execute_data(
+    session: &mut Session<BoxedTransport>,
+    lun: u64,
+    cmd: ScsiCommand,
+    data: Option<Vec<u8>>,
 ) -> Result<Vec<u8>, ProbeExecError> {
     let (direction, len) = match cmd.direction {
         crate::scsi::DataDirection::None => (Direction::None, 0),
@@ -286,7 +369,8 @@ fn execute(
     };
     let mut last = None;
     for attempt in 0..6u32 {
-        let c = Command::new(lun, cmd.cdb_bytes(), direction, vec![0; len])
+        let buffer = data.clone().unwrap_or_else(|| vec![0; len]);
+        let c = Command::new(lun, cmd.cdb_bytes(), direction, buffer)
             .map_err(|e| ProbeExecError::Session(e.to_string()))?;
         let done = session
             .execute(c, PROBE_TIMEOUT)

@@ -153,6 +153,9 @@ struct WriteTask {
     r2ts: Vec<(u32, u32, u32)>,
     /// The LU's PREEMPT AND ABORT count when the task started.
     pr_seen: u64,
+    /// The LU's reset generation when the task started: a LOGICAL UNIT
+    /// RESET (or target reset) through any session since aborts it.
+    reset_seen: u64,
 }
 
 /// Text Request/Response exchange spanning several PDUs.
@@ -250,6 +253,9 @@ struct Core {
     /// This session's I_T nexus, for persistent reservations (normal
     /// sessions in full feature phase).
     nexus: Option<super::pr::ItNexus>,
+    /// ABORT TASKs answered "function complete" for commands not received
+    /// yet (ITT, CmdSN): such a command is dropped when it arrives.
+    aborted_early: Vec<(u32, Sn)>,
 }
 
 impl TargetConn {
@@ -311,6 +317,7 @@ impl TargetConn {
                 renegotiate: None,
                 mrdsl_change: None,
                 nexus: None,
+                aborted_early: Vec::new(),
             },
         }
     }
@@ -1536,6 +1543,9 @@ impl Core {
         if !self.accept_cmd_sn(c.immediate, c.cmd_sn) {
             return;
         }
+        if self.aborted_before_arrival(c.itt, c.cmd_sn) {
+            return;
+        }
         if self.session_type == SessionType::Discovery {
             return self.reject(reject::NOT_SUPPORTED, bhs);
         }
@@ -1683,13 +1693,36 @@ impl Core {
         }
     }
 
-    /// Whether a PREEMPT AND ABORT of this session's I_T nexus ended `t`
-    /// after it started.
+    /// Whether a PREEMPT AND ABORT of this session's I_T nexus, or a
+    /// LOGICAL UNIT RESET of its LU (through any session), ended `t` after
+    /// it started.
     fn task_aborted(&self, t: &WriteTask) -> bool {
-        match (t.sink.lun(), &self.nexus) {
-            (Some(lun), Some(nexus)) => self.shared.luns[lun].task_aborted(nexus, t.pr_seen),
-            _ => false,
+        let Some(lun) = t.sink.lun() else {
+            return false;
+        };
+        if self.shared.luns[lun].reset_generation() != t.reset_seen {
+            return true;
         }
+        match &self.nexus {
+            Some(nexus) => self.shared.luns[lun].task_aborted(nexus, t.pr_seen),
+            None => false,
+        }
+    }
+
+    /// Whether the command (ITT, CmdSN) arriving now was aborted before it
+    /// arrived (ABORT TASK answered "function complete" for it, RFC 7143
+    /// §11.5.1): then it is dropped, unexecuted and unanswered.
+    fn aborted_before_arrival(&mut self, itt: u32, cmd_sn: Sn) -> bool {
+        let Some(i) = self
+            .aborted_early
+            .iter()
+            .position(|&(t, sn)| t == itt && sn == cmd_sn)
+        else {
+            return false;
+        };
+        self.aborted_early.swap_remove(i);
+        log::debug!("command {itt:#x} (CmdSN {cmd_sn}) aborted before it arrived: dropped");
+        true
     }
 
     /// A pending UNIT ATTENTION for LUN index `i`: an ALUA state change
@@ -1729,8 +1762,12 @@ impl Core {
         }
         let expected = if c.write { c.expected_data_len } else { 0 };
         let pr_seen = sink.lun().map_or(0, |l| self.shared.luns[l].pr_aborts());
+        let reset_seen = sink
+            .lun()
+            .map_or(0, |l| self.shared.luns[l].reset_generation());
         let mut task = WriteTask {
             pr_seen,
+            reset_seen,
             itt: c.itt,
             lun_field: c.lun,
             sink,
@@ -1804,8 +1841,12 @@ impl Core {
     fn complete_write(&mut self, task: WriteTask) {
         let r2ts = task.r2t_sn;
         if self.task_aborted(&task) {
-            // Aborted by a PREEMPT AND ABORT of this nexus: no status.
-            log::debug!("task {:#x} aborted by PREEMPT AND ABORT", task.itt);
+            // Aborted by a PREEMPT AND ABORT of this nexus or a LUN reset:
+            // no status.
+            log::debug!(
+                "task {:#x} aborted by PREEMPT AND ABORT or LUN reset",
+                task.itt
+            );
             return;
         }
         if let Some(sense) = task.error {
@@ -1885,7 +1926,8 @@ impl Core {
             return;
         };
         if self.task_aborted(&self.tasks[i]) {
-            // PREEMPT AND ABORT ended it: its data must not land.
+            // PREEMPT AND ABORT or a LUN reset ended it: its data must
+            // not land.
             log::debug!("Data-Out for aborted task {:#x} dropped", d.itt);
             self.tasks.swap_remove(i);
             return;
@@ -2104,8 +2146,14 @@ impl Core {
                     0
                 } else if t.ref_cmd_sn.ge(self.exp_cmd_sn) && t.ref_cmd_sn.lt(t.cmd_sn) {
                     // Never received, still in the window: "function
-                    // complete" (RFC 7143 §11.5.1). One already answered
+                    // complete" (RFC 7143 §11.5.1), and the command is
+                    // dropped if it arrives later. One already answered
                     // falls through to "task does not exist".
+                    if self.aborted_early.len() >= MAX_PENDING_WRITES {
+                        self.aborted_early.remove(0);
+                    }
+                    self.aborted_early
+                        .push((t.referenced_task_tag, t.ref_cmd_sn));
                     0
                 } else {
                     1
@@ -2119,7 +2167,10 @@ impl Core {
                         self.tasks.retain(|w| w.lun_field != t.lun);
                         if t.function == tmf::LOGICAL_UNIT_RESET {
                             // Every session, this one included, then reports
-                            // 29/03 once (as LIO does per initiator).
+                            // 29/03 once (as LIO does per initiator), and
+                            // every session's tasks on the LU end: a write
+                            // waiting for its data never lands
+                            // (`task_aborted`).
                             self.shared.luns[i].reset();
                         }
                         0
@@ -2127,7 +2178,11 @@ impl Core {
                 }
             }
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                // Every LU is reset: the other sessions' tasks end too.
                 self.tasks.clear();
+                for lun in &self.shared.luns {
+                    lun.reset();
+                }
                 0
             }
             tmf::CLEAR_ACA => 0,
@@ -3126,6 +3181,133 @@ mod tests {
         let mut p = Peer::new(shared(TargetConfig::ram(IQN, 1 << 20)), 0);
         p.send_raw(&[0x25; 100]);
         assert!(p.conn.is_closed());
+    }
+
+    /// A TMF request from `p` (immediate, at the next CmdSN).
+    fn tmf_req(p: &Peer, function: u8, referenced: u32, ref_cmd_sn: Sn) -> PduHeader {
+        PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun: 0,
+            itt: 0x700,
+            referenced_task_tag: referenced,
+            cmd_sn: p.cmd_sn,
+            exp_stat_sn: Sn(0),
+            ref_cmd_sn,
+            exp_data_sn: Sn(0),
+        })
+    }
+
+    fn data_out(itt: u32, ttt: u32) -> PduHeader {
+        PduHeader::DataOut(DataOut {
+            final_bit: true,
+            lun: 0,
+            itt,
+            ttt,
+            exp_stat_sn: Sn(0),
+            data_sn: Sn(0),
+            buffer_offset: 0,
+        })
+    }
+
+    /// A write waiting for its data (R2T) on session `b`; returns (ITT, TTT).
+    fn write_waiting_for_data(b: &mut Peer, lba: u32) -> (u32, u32) {
+        let c = b.command(&write10_cdb(lba, 1), false, true, 512, true);
+        let itt = c.itt;
+        let pdus = b.send(PduHeader::ScsiCommand(c), &[]);
+        let [(PduHeader::R2t(r2t), _)] = &pdus[..] else {
+            panic!("{pdus:?}")
+        };
+        (itt, r2t.ttt)
+    }
+
+    /// The fence steps that stop writes the target holds: LOGICAL UNIT
+    /// RESET through another session (another I_T nexus) and a target
+    /// reset end a write that waits for its Data-Out, which then never
+    /// lands and gets no status; ABORT TASK SET of the write's own session
+    /// does too; ABORT TASK SET of another session does not (it is per
+    /// I_T nexus).
+    #[test]
+    fn resets_and_abort_task_set_stop_writes_waiting_for_data() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut a = Peer::new(s.clone(), 0);
+        a.login_normal(&[]);
+        let mut b = Peer::new(s.clone(), 1);
+        b.isid = [0x80, 0, 0, 0, 0, 2];
+        b.login_normal(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+        let landed = |lba: u64| {
+            let mut back = vec![0u8; 512];
+            s.luns[0].read(lba * 512, &mut back);
+            back != vec![0u8; 512]
+        };
+        // ABORT TASK SET of another nexus leaves b's write alone.
+        let (itt, ttt) = write_waiting_for_data(&mut b, 1);
+        let h = tmf_req(&a, tmf::ABORT_TASK_SET, 0, a.cmd_sn);
+        assert!(matches!(&a.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        let pdus = b.send(data_out(itt, ttt), &[0xee; 512]);
+        assert!(
+            matches!(&pdus[..], [(PduHeader::ScsiResponse(r), _)] if r.status == 0),
+            "{pdus:?}"
+        );
+        assert!(landed(1));
+        // Its own ABORT TASK SET ends it.
+        let (itt, ttt) = write_waiting_for_data(&mut b, 2);
+        let h = tmf_req(&b, tmf::ABORT_TASK_SET, 0, b.cmd_sn);
+        assert!(matches!(&b.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        assert!(b.send(data_out(itt, ttt), &[0xee; 512]).is_empty());
+        assert!(!landed(2), "aborted by its own session's ABORT TASK SET");
+        // LUN RESET through a: b's write never lands and gets no status.
+        let (itt, ttt) = write_waiting_for_data(&mut b, 3);
+        let h = tmf_req(&a, tmf::LOGICAL_UNIT_RESET, 0, a.cmd_sn);
+        assert!(matches!(&a.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        assert!(b.send(data_out(itt, ttt), &[0xee; 512]).is_empty());
+        assert!(!landed(3), "aborted by a LUN reset through another session");
+        // Target warm reset through a, likewise.
+        let (itt, ttt) = write_waiting_for_data(&mut b, 4);
+        let h = tmf_req(&a, tmf::TARGET_WARM_RESET, 0, a.cmd_sn);
+        assert!(matches!(&a.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        assert!(b.send(data_out(itt, ttt), &[0xee; 512]).is_empty());
+        assert!(!landed(4), "aborted by a target reset");
+        // A write started after the reset runs.
+        let (itt, ttt) = write_waiting_for_data(&mut b, 5);
+        let pdus = b.send(data_out(itt, ttt), &[0xee; 512]);
+        assert!(
+            matches!(&pdus[..], [(PduHeader::ScsiResponse(_), _)]),
+            "{pdus:?}"
+        );
+        assert!(landed(5));
+    }
+
+    /// ABORT TASK of a command the target has not received yet (its CmdSN
+    /// is inside the window, below the TMF's: it is still on its way, e.g.
+    /// on another connection) is answered "function complete", and the
+    /// command, when it arrives, is dropped: not executed, not answered
+    /// (RFC 7143 §11.5.1). The CmdSN still advances.
+    #[test]
+    fn a_command_aborted_before_it_arrived_is_never_executed() {
+        let s = shared(TargetConfig::ram(IQN, 1 << 20));
+        let mut p = Peer::new(s.clone(), 0);
+        p.login_normal(&[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
+        // The write takes CmdSN n; the TMF goes out at n + 1 before it.
+        let c = p.command(&write10_cdb(7, 1), false, true, 512, true);
+        let h = tmf_req(&p, tmf::ABORT_TASK, c.itt, c.cmd_sn);
+        assert!(matches!(&p.send(h, &[])[0].0, PduHeader::TaskMgmtResponse(r) if r.response == 0));
+        assert!(
+            p.send(PduHeader::ScsiCommand(c), &[0xee; 512]).is_empty(),
+            "dropped, unanswered"
+        );
+        let mut back = vec![0u8; 512];
+        s.luns[0].read(7 * 512, &mut back);
+        assert_eq!(back, vec![0u8; 512], "the aborted write did not land");
+        // The next command runs normally (its CmdSN follows on).
+        let c = p.command(&write10_cdb(8, 1), false, true, 512, true);
+        let pdus = p.send(PduHeader::ScsiCommand(c), &[0xee; 512]);
+        assert!(
+            matches!(&pdus[..], [(PduHeader::ScsiResponse(r), _)] if r.status == 0),
+            "{pdus:?}"
+        );
+        s.luns[0].read(8 * 512, &mut back);
+        assert_eq!(back, vec![0xee; 512]);
     }
 
     #[test]

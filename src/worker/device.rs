@@ -110,13 +110,15 @@ impl MultipathDevice {
         let lun = Lun::from_number(config.lun).to_u64();
         let opened = Instant::now();
         let mut setups = Vec::new();
-        for p in config.paths {
+        let pr_fence = config.reservation_fence.filter(|_| config.fence_writes);
+        for (i, p) in config.paths.into_iter().enumerate() {
             let probe_cfg = ProbeConfig {
                 name: p.name.clone(),
                 login: p.login,
                 lun,
                 timers: config.timers,
                 login_timeout: config.login_timeout,
+                pr_key: pr_fence.map(|r| r.key_of(i)),
             };
             setups.push((probe_cfg, p.connector));
         }
@@ -187,8 +189,11 @@ impl MultipathDevice {
         let mut controls = Vec::new();
         let mut workers = Vec::new();
         let mut starts = Vec::new();
-        let fence = (config.fence_writes && config.fence_via_other_portals)
-            .then(|| Arc::new(crate::multipath::fence::FenceBoard::new()));
+        let fence = (config.fence_writes
+            && (config.fence_via_other_portals
+                || pr_fence.is_some()
+                || config.lun_reset_fence.is_some()))
+        .then(|| Arc::new(crate::multipath::fence::FenceBoard::new()));
         let peers: Arc<[Arc<PathShared>]> = all_paths.clone().into();
         for (i, (cfg, connector, r)) in probed.into_iter().enumerate() {
             let shared = all_paths[i].clone();
@@ -226,6 +231,9 @@ impl MultipathDevice {
                 session,
                 idle: config.idle,
                 fast_ping: config.fast_ping,
+                abort: config.abort_overdue,
+                login_fence: config.fence_via_other_portals,
+                lun_reset_fence: config.lun_reset_fence,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),
                 alua_control: alua_control.clone(),

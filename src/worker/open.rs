@@ -159,6 +159,15 @@ pub struct Options {
     pub failback: crate::multipath::Failback,
     /// Hold flapping paths down (`san_path_err_*`); None: off.
     pub flap_damping: Option<crate::multipath::FlapDamping>,
+    /// ABORT TASK of commands overdue on a live path
+    /// ([`DeviceConfig::abort_overdue`]); on by default.
+    pub abort_overdue: Option<crate::multipath::AbortPolicy>,
+    /// The reservation fence step ([`DeviceConfig::reservation_fence`]);
+    /// off by default.
+    pub reservation_fence: Option<crate::multipath::ReservationFence>,
+    /// The last-resort LOGICAL UNIT RESET ([`DeviceConfig::lun_reset_fence`]);
+    /// off by default.
+    pub lun_reset_fence: Option<Duration>,
 }
 
 impl Default for Options {
@@ -184,6 +193,9 @@ impl Default for Options {
             no_path_retry: None,
             failback: base.failback,
             flap_damping: base.flap_damping,
+            abort_overdue: base.abort_overdue,
+            reservation_fence: base.reservation_fence,
+            lun_reset_fence: base.lun_reset_fence,
         }
     }
 }
@@ -220,6 +232,9 @@ impl Options {
         }
         c.failback = self.failback;
         c.flap_damping = self.flap_damping;
+        c.abort_overdue = self.abort_overdue;
+        c.reservation_fence = self.reservation_fence;
+        c.lun_reset_fence = self.lun_reset_fence;
         c.login_timeout = self.login_timeout;
         c.idle = self.idle;
         Ok(c)

@@ -7,7 +7,9 @@ use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, SubmitError, MAX_TASKS};
 use crate::iscsi::session::{Session, SessionError};
 use crate::multipath::config::{BoxedTransport, IdleMode, PathConnector};
-use crate::multipath::fence::{FenceBoard, FenceError, FenceJob, FenceNeed};
+use crate::multipath::fence::{
+    AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, TaskAborts,
+};
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{
     alua_state_of, fence_login, group_of, probe, PathProbe, ProbeConfig,
@@ -118,6 +120,9 @@ pub(crate) enum PathFailure {
     /// The target asked for a logout and did not answer ours.
     #[error("the target requested a logout (AsyncEvent 1) and did not answer ours within {0:?}")]
     LogoutUnanswered(Duration),
+    /// An ABORT TASK of an overdue command was refused or not answered.
+    #[error("{0}")]
+    Abort(AbortError),
     /// Nothing arrived for `silent`, not even the answer to a fast ping,
     /// with commands outstanding.
     #[error("nothing received for {silent:?} with {outstanding} commands outstanding, not even an answer to a ping")]
@@ -180,6 +185,12 @@ const INTERNAL_TAG: u64 = 1 << 63;
 const STPG_TAG: u64 = 1 << 62;
 /// Tags of [`Control::Scsi`] commands (also internal: never bounced).
 const DEVICE_TAG: u64 = INTERNAL_TAG | 1 << 61;
+/// Tags of the worker's ABORT TASKs (task management, not SCSI commands).
+const ABORT_TAG: u64 = INTERNAL_TAG | 1 << 60;
+/// Tag of the worker's LOGICAL UNIT RESET (the last fence step).
+const LUN_RESET_TAG: u64 = INTERNAL_TAG | 1 << 59;
+/// How long a LOGICAL UNIT RESET may go unanswered.
+const LUN_RESET_ANSWER: Duration = Duration::from_secs(10);
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -205,6 +216,13 @@ pub(crate) struct WorkerSetup {
     pub session: Option<PathProbe>,
     pub idle: IdleMode,
     pub fast_ping: Option<FastPing>,
+    /// ABORT TASK of overdue commands (None: off).
+    pub abort: Option<AbortPolicy>,
+    /// Fence logins for other paths of the portal group (with `fence`).
+    pub login_fence: bool,
+    /// The last-resort LOGICAL UNIT RESET for a need unfenced this long
+    /// (with `fence`; None: never).
+    pub lun_reset_fence: Option<Duration>,
     pub core: Option<usize>,
     /// Device-wide count of ALUA changes any path learnt of.
     pub alua_epoch: Arc<AtomicU64>,
@@ -277,6 +295,9 @@ pub(crate) struct Worker {
     /// Fast ping of a silent path with commands outstanding.
     fast_ping: Option<FastPing>,
     silence: Option<SilenceWatch>,
+    abort_policy: Option<AbortPolicy>,
+    /// ABORT TASKs of the current session.
+    aborts: Option<TaskAborts>,
     tpg: Option<u16>,
     relative_port: Option<u16>,
     alua_refresh_pending: bool,
@@ -302,6 +323,12 @@ pub(crate) struct Worker {
     peers: Arc<[Arc<PathShared>]>,
     /// A fence login this path runs for another (it has our connector).
     fence_job: Option<JoinHandle<FenceResult>>,
+    login_fence: bool,
+    /// A PREEMPT AND ABORT this path sent for another, and its answer.
+    fence_preempt: Option<(FenceJob, std::sync::mpsc::Receiver<Completion>)>,
+    lun_reset_after: Option<Duration>,
+    /// A LOGICAL UNIT RESET this path sent for another: (job, TMF tag, sent).
+    fence_reset: Option<(FenceJob, u64, Instant)>,
 }
 
 impl Worker {
@@ -322,6 +349,8 @@ impl Worker {
             session_epoch: 0,
             fast_ping: s.fast_ping,
             silence: None,
+            abort_policy: s.abort,
+            aborts: None,
             tpg: None,
             relative_port: None,
             alua_refresh_pending: false,
@@ -341,6 +370,10 @@ impl Worker {
             fence: s.fence,
             peers: s.peers,
             fence_job: None,
+            login_fence: s.login_fence,
+            fence_preempt: None,
+            lun_reset_after: s.lun_reset_fence,
+            fence_reset: None,
         };
         super::precise_timers();
         if let Some(core) = s.core {
@@ -378,6 +411,9 @@ impl Worker {
             board.fenced(self.shared.index, self.session_epoch - 1);
         }
         self.silence = self.fast_ping.map(|c| SilenceWatch::new(c, Instant::now()));
+        self.aborts = self
+            .abort_policy
+            .map(|a| TaskAborts::new(a, ABORT_TAG, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
         self.draining = None;
@@ -622,9 +658,13 @@ impl Worker {
                         time2wait: Duration::from_secs(u64::from(time2wait)),
                     });
                 }
+                Event::TaskManagement { user_tag, response } => {
+                    self.on_abort_answer(session, user_tag, response)?
+                }
                 _ => {}
             }
         }
+        progressed |= self.abort_overdue(session, now)?;
         if let Some(d) = &mut self.draining {
             match d.logout_sent {
                 None if self.in_session == 0 || now >= d.logout_by => {
@@ -668,6 +708,82 @@ impl Worker {
             }
         }
         Ok(progressed)
+    }
+
+    /// Sends ABORT TASK for commands overdue on this path while it still
+    /// answers; fails the path when an abort went unanswered.
+    fn abort_overdue(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> Result<bool, PathFailure> {
+        let Some(aborts) = &mut self.aborts else {
+            return Ok(false);
+        };
+        aborts.on_round(now).map_err(PathFailure::Abort)?;
+        if self.in_session == 0 || !aborts.check_due(now) {
+            return Ok(false);
+        }
+        let mut overdue = session
+            .connection()
+            .overdue_commands(now, aborts.policy().after);
+        overdue.retain(|t| t & INTERNAL_TAG == 0);
+        let mut sent = false;
+        for (tmf, cmd) in aborts.start(now, &overdue) {
+            match session.connection_mut().task_management(
+                crate::wire::iscsi::tmf::ABORT_TASK,
+                self.probe.lun,
+                Some(cmd),
+                tmf,
+                now,
+            ) {
+                Ok(()) => {
+                    log::warn!(
+                        "path {}: command {cmd:#x} unanswered for {:?}: ABORT TASK sent",
+                        self.shared.name,
+                        aborts.policy().after
+                    );
+                    sent = true;
+                }
+                Err(_) => aborts.forget(tmf),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// The answer to one of our ABORT TASKs: confirmed, the command is gone
+    /// at the target and goes back to its queue for any path; refused, the
+    /// path fails (its writes then wait for the next fence steps).
+    fn on_abort_answer(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        tmf: u64,
+        response: u8,
+    ) -> Result<(), PathFailure> {
+        if self.fence_reset.as_ref().is_some_and(|(_, t, _)| *t == tmf) {
+            self.finish_lun_reset(Some(response), Instant::now());
+            return Ok(());
+        }
+        let Some(aborts) = &mut self.aborts else {
+            return Ok(());
+        };
+        match aborts.on_response(tmf, response) {
+            None => Ok(()),
+            Some(Err(e)) => Err(PathFailure::Abort(e)),
+            Some(Ok(tag)) => {
+                if let Some(cmd) = session.connection_mut().take_aborted(tag) {
+                    log::warn!(
+                        "path {}: ABORT TASK of command {tag:#x} confirmed (response {response}): it goes to another path",
+                        self.shared.name
+                    );
+                    self.in_session = self.in_session.saturating_sub(1);
+                    self.shared.record_resubmitted(1);
+                    // Fenced: the target will not run it any more.
+                    self.bounce_as(cmd, None);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// AsyncEvent 0: a SCSI event with sense data (RFC 7143 §11.9.1),
@@ -879,6 +995,13 @@ impl Worker {
     }
 
     fn bounce(&mut self, cmd: Command) {
+        let epoch = self.session_epoch;
+        self.bounce_as(cmd, Some(epoch));
+    }
+
+    /// Hands `cmd` back to its queue; `sent_in_session`: the session that
+    /// may still run it (None: nothing will).
+    fn bounce_as(&mut self, cmd: Command, sent_in_session: Option<u64>) {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
@@ -888,7 +1011,7 @@ impl Worker {
             q.respond(Response::Bounced {
                 slot,
                 cmd,
-                sent_in_session: Some(self.session_epoch),
+                sent_in_session,
             });
         }
     }
@@ -961,6 +1084,10 @@ impl Worker {
         }
         self.bounce_rings();
         self.in_session = 0;
+        self.aborts = None;
+        if self.fence_reset.is_some() {
+            self.finish_lun_reset(None, now);
+        }
         // Their callers hear that the path failed.
         self.device_cmds.clear();
         let (mut t, _) = session.into_parts();
@@ -989,6 +1116,7 @@ impl Worker {
             epoch: self.session_epoch,
             tpgt,
             login: self.probe.login.clone(),
+            pr_key: self.probe.pr_key,
         });
     }
 
@@ -998,12 +1126,26 @@ impl Worker {
     /// connector, which a reconnect of this path waits for).
     fn fence_for_others(&mut self, now: Instant) {
         // Every round: two loads when there is nothing to do.
-        if self.fence_job.is_none() && !self.fence.as_ref().is_some_and(|b| b.has_pending()) {
+        if self.fence_job.is_none()
+            && self.fence_preempt.is_none()
+            && self.fence_reset.is_none()
+            && !self.fence.as_ref().is_some_and(|b| b.has_pending())
+        {
             return;
         }
         let Some(board) = self.fence.clone() else {
             return;
         };
+        if self.fence_preempt.is_some() {
+            self.finish_preempt(&board, now);
+            return;
+        }
+        if let Some((_, _, sent)) = &self.fence_reset {
+            if now.saturating_duration_since(*sent) >= LUN_RESET_ANSWER {
+                self.finish_lun_reset(None, now);
+            }
+            return;
+        }
         if let Some(h) = self.fence_job.take() {
             if !h.is_finished() {
                 self.fence_job = Some(h);
@@ -1042,16 +1184,41 @@ impl Worker {
             }
             return;
         }
-        if !board.has_pending() || !matches!(self.conn, Conn::Up(_)) || self.connector.is_none() {
+        if !board.has_pending() || !matches!(self.conn, Conn::Up(_)) {
             return;
         }
         let Some(tpgt) = self.shared.portal_group() else {
             return;
         };
         let peers = self.peers.clone();
-        let Some(job) = board.claim(self.shared.index, tpgt, now, |p| {
-            peers.get(p).map_or(u64::MAX, |s| s.fenced_through())
-        }) else {
+        let fenced_through = |p: usize| peers.get(p).map_or(u64::MAX, |s| s.fenced_through());
+        if self.probe.pr_key.is_some() {
+            // No live path of its group left: preempt its key instead.
+            let group_live = |g: u16, failed: usize| {
+                peers.iter().any(|s| {
+                    s.index != failed && s.state() == PathState::Up && s.portal_group() == Some(g)
+                })
+            };
+            if let Some(job) =
+                board.claim_preempt(self.shared.index, now, fenced_through, group_live)
+            {
+                self.start_preempt(&board, job, now);
+                return;
+            }
+        }
+        let claimed = if self.login_fence && self.connector.is_some() {
+            board.claim(self.shared.index, tpgt, now, fenced_through)
+        } else {
+            None
+        };
+        let Some(job) = claimed else {
+            if let Some(after) = self.lun_reset_after {
+                if let Some(job) =
+                    board.claim_lun_reset(self.shared.index, now, after, fenced_through)
+                {
+                    self.start_lun_reset(&board, job, now);
+                }
+            }
             return;
         };
         let Some(mut connector) = self.connector.take() else {
@@ -1081,6 +1248,161 @@ impl Worker {
                     &format!("cannot spawn fence login thread: {e}"),
                 );
             }
+        }
+    }
+
+    /// The reservation fence step: PERSISTENT RESERVE OUT, PREEMPT AND
+    /// ABORT of the failed path's key, on this path's session (with this
+    /// path's key as the reservation key; the type stays Write Exclusive –
+    /// Registrants Only).
+    fn start_preempt(&mut self, board: &FenceBoard, job: FenceJob, now: Instant) {
+        use crate::wire::scsi::pr::{PrOutAction, PrOutParams, PrType};
+        let (Some(key), Some(victim_key)) = (self.probe.pr_key, job.need.pr_key) else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let Conn::Up(session) = &mut self.conn else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let (c, data) = ScsiCommand::persistent_reserve_out(
+            PrOutAction::PreemptAndAbort,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            &PrOutParams {
+                key,
+                sa_key: victim_key,
+                ..PrOutParams::default()
+            },
+        );
+        let Ok(mut cmd) = Command::new(self.probe.lun, c.cdb_bytes(), Direction::Write, data)
+        else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        self.next_device_tag = (self.next_device_tag + 1) & 0xffff_ffff;
+        let tag = DEVICE_TAG | self.next_device_tag;
+        cmd.user_tag = tag;
+        if session.submit(cmd).is_err() {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.device_cmds.push((tag, reply));
+        log::info!(
+            "path {}: no live path of portal group {} left: PREEMPT AND ABORT of path {}'s key {victim_key:#x} (session {})",
+            self.shared.name,
+            job.need.tpgt,
+            self.peers[job.need.path].name,
+            job.need.epoch
+        );
+        self.fence_preempt = Some((job, answer));
+    }
+
+    /// The last resort: LOGICAL UNIT RESET on this path's session. The LU
+    /// aborts every task of every initiator (and reports UNIT ATTENTION
+    /// 29/03 to each), so the failed session's tasks the LU holds end.
+    fn start_lun_reset(&mut self, board: &FenceBoard, job: FenceJob, now: Instant) {
+        let Conn::Up(session) = &mut self.conn else {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        };
+        let tag = LUN_RESET_TAG | u64::from(job.need.epoch as u32);
+        if session
+            .connection_mut()
+            .task_management(
+                crate::wire::iscsi::tmf::LOGICAL_UNIT_RESET,
+                self.probe.lun,
+                None,
+                tag,
+                now,
+            )
+            .is_err()
+        {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+            return;
+        }
+        log::warn!(
+            "path {}: session {} of path {} not fenced by the other steps: LOGICAL UNIT RESET (every initiator's tasks on the LU are aborted)",
+            self.shared.name,
+            job.need.epoch,
+            self.peers[job.need.path].name
+        );
+        self.fence_reset = Some((job, tag, now));
+    }
+
+    /// The LOGICAL UNIT RESET was answered (`response`) or timed out / its
+    /// path failed (None).
+    fn finish_lun_reset(&mut self, response: Option<u8>, now: Instant) {
+        let Some((job, _, sent)) = self.fence_reset.take() else {
+            return;
+        };
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let result = match response {
+            Some(crate::multipath::fence::TMF_FUNCTION_COMPLETE) => Ok(()),
+            Some(r) => Err(FenceError::LunReset(r)),
+            None if now.saturating_duration_since(sent) >= LUN_RESET_ANSWER => {
+                Err(FenceError::LunResetUnanswered(LUN_RESET_ANSWER))
+            }
+            None => Err(FenceError::FencerFailed),
+        };
+        let victim = self.peers[job.need.path].clone();
+        if result.is_ok() {
+            victim.fence_through(job.need.epoch);
+        }
+        let attempts = board.finish(&job, &result, now);
+        match result {
+            Ok(()) => log::warn!(
+                "path {}: fenced session {} of path {} by LOGICAL UNIT RESET (attempt {attempts})",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+            Err(e) => log::info!(
+                "path {}: LOGICAL UNIT RESET for session {} of path {} failed (attempt {attempts}): {e}",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+        }
+    }
+
+    /// Collects the answer to our PREEMPT AND ABORT: GOOD ends the failed
+    /// session's right to write (its tasks aborted, its key gone), so its
+    /// held writes may go.
+    fn finish_preempt(&mut self, board: &FenceBoard, now: Instant) {
+        use std::sync::mpsc::TryRecvError;
+        let Some((job, answer)) = self.fence_preempt.take() else {
+            return;
+        };
+        let result = match answer.try_recv() {
+            Err(TryRecvError::Empty) => {
+                self.fence_preempt = Some((job, answer));
+                return;
+            }
+            Err(TryRecvError::Disconnected) => Err(FenceError::FencerFailed),
+            Ok(c) if c.response != 0 => Err(FenceError::PreemptResponse(c.response)),
+            Ok(c) => check_status(c.status, &c.sense).map_err(FenceError::Preempt),
+        };
+        let victim = self.peers[job.need.path].clone();
+        if result.is_ok() {
+            victim.fence_through(job.need.epoch);
+        }
+        let attempts = board.finish(&job, &result, now);
+        match result {
+            Ok(()) => log::info!(
+                "path {}: fenced session {} of path {} by PREEMPT AND ABORT of its key (attempt {attempts})",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
+            Err(e) => log::info!(
+                "path {}: PREEMPT AND ABORT for session {} of path {} failed (attempt {attempts}; retried with back-off): {e}",
+                self.shared.name,
+                job.need.epoch,
+                victim.name
+            ),
         }
     }
 
@@ -1206,6 +1528,7 @@ mod tests {
                 lun: 0,
                 timers: ConnTimers::default(),
                 login_timeout: Duration::from_secs(1),
+                pr_key: None,
             },
             lu_id: "naa.test".into(),
             health: PathHealth::new(ReconnectPolicy::default()),
@@ -1225,6 +1548,9 @@ mod tests {
             }),
             idle: IdleMode::BusyPoll,
             fast_ping: None,
+            abort: None,
+            login_fence: true,
+            lun_reset_fence: None,
             core: None,
             alua_epoch: Arc::new(AtomicU64::new(0)),
             alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
@@ -1302,6 +1628,118 @@ mod tests {
         let mut v = Vec::new();
         crate::wire::iscsi::encode_pdu(&mut v, &h, &[], Default::default());
         v
+    }
+
+    fn write_req(slot: u32) -> Request {
+        Request {
+            slot,
+            cmd: Command::new(
+                0,
+                &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+                Direction::Write,
+                vec![0; 512],
+            )
+            .unwrap(),
+            dispatched_at: Instant::now(),
+        }
+    }
+
+    /// A worker with ABORT TASK after 10 s (answered within 3 s), on a
+    /// session that plays `after_login`; one write (slot 4) submitted at t0.
+    fn worker_with_overdue_write(
+        after_login: Vec<Vec<u8>>,
+    ) -> (Worker, Arc<PathShared>, Consumer<Response>, Instant) {
+        let (mut w, shared, mut sub, comp) = worker_on(after_login);
+        let policy = AbortPolicy {
+            after: Duration::from_secs(10),
+            answer_within: Duration::from_secs(3),
+        };
+        let t0 = Instant::now();
+        w.aborts = Some(TaskAborts::new(policy, ABORT_TAG, t0));
+        assert!(sub.push(write_req(4)).is_ok());
+        w.round(t0);
+        w.round(t0 + Duration::from_secs(5));
+        (w, shared, comp, t0)
+    }
+
+    fn tmf_response(response: u8) -> Vec<u8> {
+        use crate::wire::iscsi::{PduHeader, Sn, TaskMgmtResponse};
+        // The TMF is the second task after login: ITT 0x3_0001.
+        pdu(PduHeader::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt: 0x3_0001,
+            stat_sn: Sn(102),
+            exp_cmd_sn: Sn(2),
+            max_cmd_sn: Sn(9),
+        }))
+    }
+
+    /// A write unanswered for 10 s on a live path gets ABORT TASK; once the
+    /// target confirms ("function complete", and likewise "task does not
+    /// exist"), it goes back to its queue as one that no session may still
+    /// run (`sent_in_session: None`: retried at once, no fence to wait
+    /// for), and the path stays up.
+    #[test]
+    fn an_overdue_write_is_aborted_and_goes_back_fenced_once_confirmed() {
+        for response in [0, 1] {
+            let (mut w, shared, mut comp, t0) =
+                worker_with_overdue_write(vec![Vec::new(), tmf_response(response), Vec::new()]);
+            assert!(comp.pop().is_none(), "not overdue yet");
+            for i in 0..4 {
+                w.round(t0 + Duration::from_secs(11) + Duration::from_millis(i));
+            }
+            match comp.pop() {
+                Some(Response::Bounced {
+                    slot: 4,
+                    cmd,
+                    sent_in_session: None,
+                }) => assert_eq!(cmd.direction, Direction::Write),
+                Some(Response::Bounced {
+                    sent_in_session, ..
+                }) => panic!("bounced as sent in {sent_in_session:?}"),
+                Some(Response::Done { .. }) => panic!("completed"),
+                Some(Response::Lost { reason, .. }) => panic!("lost: {reason}"),
+                None => panic!("the aborted write did not come back"),
+            }
+            assert_eq!(shared.state(), PathState::Up, "the path stays up");
+            assert_eq!(w.in_session, 0);
+            assert_eq!(w.aborts.as_ref().map(|a| a.confirmed), Some(1));
+        }
+    }
+
+    /// A refused ABORT TASK, or one unanswered within 3 s, fails the path:
+    /// the write comes back as sent in the failed session, so it waits for
+    /// the fence (reinstatement) before it may go elsewhere.
+    #[test]
+    fn a_refused_or_unanswered_abort_fails_the_path_and_the_write_waits_for_the_fence() {
+        for refused in [true, false] {
+            let stages = if refused {
+                vec![Vec::new(), tmf_response(5), Vec::new()]
+            } else {
+                vec![Vec::new(), Vec::new(), Vec::new()]
+            };
+            let (mut w, shared, mut comp, t0) = worker_with_overdue_write(stages);
+            w.round(t0 + Duration::from_secs(11));
+            w.round(t0 + Duration::from_secs(11) + Duration::from_millis(1));
+            if !refused {
+                assert_eq!(
+                    shared.state(),
+                    PathState::Up,
+                    "still waiting for the answer"
+                );
+                w.round(t0 + Duration::from_secs(14) + Duration::from_millis(1));
+            }
+            assert_eq!(shared.state(), PathState::Down, "refused: {refused}");
+            assert!(matches!(
+                comp.pop(),
+                Some(Response::Bounced {
+                    slot: 4,
+                    sent_in_session: Some(1),
+                    ..
+                })
+            ));
+            assert!(comp.pop().is_none());
+        }
     }
 
     /// AsyncEvent 1 while a command is in flight: the path goes Down (no
