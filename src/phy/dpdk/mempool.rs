@@ -6,13 +6,28 @@ use std::sync::Arc;
 
 use dpdk_sys as sys;
 
-use super::{rte_errno, rte_strerror, Eal};
+use super::{rte_errno, rte_strerror, Eal, ETHER_OVERHEAD};
 use crate::phy::PhyError;
 
 /// The DPDK pktmbuf data room that fits a standard 1500-byte MTU frame.
 pub const DEFAULT_MBUF_DATA_ROOM: u16 = sys::SHIM_MBUF_DEFAULT_BUF_SIZE as u16;
 /// The headroom DPDK reserves at the front of every mbuf.
 pub const MBUF_HEADROOM: u16 = sys::SHIM_PKTMBUF_HEADROOM as u16;
+
+/// The data room (headroom included) of an mbuf that holds one whole frame
+/// of an `mtu`-byte IP packet (Ethernet header, a VLAN tag and the CRC
+/// counted), rounded up to 1 KiB; never below [`DEFAULT_MBUF_DATA_ROOM`].
+/// 9216 + 128 for MTU 9000.
+pub fn data_room_for_mtu(mtu: usize) -> u16 {
+    data_room_for_frame(mtu + ETHER_OVERHEAD + 4)
+}
+
+/// The data room of an mbuf that holds a `frame`-byte frame after the
+/// headroom, rounded up to 1 KiB (at most 65535).
+pub fn data_room_for_frame(frame: usize) -> u16 {
+    let room = usize::from(MBUF_HEADROOM) + frame.div_ceil(1024) * 1024;
+    room.clamp(usize::from(DEFAULT_MBUF_DATA_ROOM), usize::from(u16::MAX)) as u16
+}
 
 /// A pool of packet buffers (`rte_pktmbuf_pool_create`).
 #[derive(Debug)]
@@ -111,5 +126,19 @@ impl Drop for Mempool {
         // SAFETY: every user of the pool (ports, queues) holds an Arc to it, so
         // none is left; mbufs they held were returned before they dropped it.
         unsafe { sys::rte_mempool_free(self.raw.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_rooms_fit_their_frames() {
+        assert_eq!(data_room_for_mtu(1500), DEFAULT_MBUF_DATA_ROOM);
+        let jumbo = data_room_for_mtu(9000);
+        assert!(usize::from(jumbo - MBUF_HEADROOM) >= 9000 + 14 + 4 + 4);
+        assert_eq!(jumbo, MBUF_HEADROOM + 9216);
+        assert_eq!(data_room_for_frame(1 << 20), u16::MAX);
     }
 }

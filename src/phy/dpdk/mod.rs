@@ -28,7 +28,9 @@ pub mod port;
 pub mod queue;
 
 pub use eal::{lcore_id, Eal};
-pub use mempool::{Mempool, DEFAULT_MBUF_DATA_ROOM, MBUF_HEADROOM};
+pub use mempool::{
+    data_room_for_frame, data_room_for_mtu, Mempool, DEFAULT_MBUF_DATA_ROOM, MBUF_HEADROOM,
+};
 pub use port::{Port, PortConfig, PortStats};
 pub use queue::DpdkQueue;
 

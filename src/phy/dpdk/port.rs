@@ -1,12 +1,13 @@
 //! Ethdev ports: configuration, start, offloads, statistics ([`Port`]), and
 //! handing out their queue pairs.
 
+use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dpdk_sys as sys;
 
-use super::{check, DpdkQueue, Eal, Mempool, ETHER_OVERHEAD};
+use super::{check, DpdkQueue, Eal, Mempool, ETHER_OVERHEAD, MAX_IPV4_PACKET};
 use crate::phy::rss::RssSteering;
 use crate::phy::PhyError;
 
@@ -72,6 +73,10 @@ pub struct PortConfig {
     pub checksum_offload: bool,
     /// Enable TCP segmentation offload where the PMD has it.
     pub tso: bool,
+    /// Enable TCP large receive offload where the PMD has it (the port then
+    /// delivers frames longer than the MTU, chained over several mbufs when
+    /// they do not fit one).
+    pub lro: bool,
 }
 
 impl Default for PortConfig {
@@ -84,6 +89,7 @@ impl Default for PortConfig {
             promiscuous: true,
             checksum_offload: true,
             tso: true,
+            lro: true,
         }
     }
 }
@@ -109,6 +115,7 @@ pub(super) struct PortOffloads {
     pub(super) rx_checksum: bool,
     pub(super) tx_checksum: bool,
     pub(super) tso: bool,
+    pub(super) lro: bool,
 }
 
 #[derive(Debug)]
@@ -117,6 +124,8 @@ pub(super) struct PortInner {
     pub(super) mac: [u8; 6],
     pub(super) mtu: usize,
     pub(super) offloads: PortOffloads,
+    /// The PMD's name (`net_memif`, `net_tap`, `net_ice`, ...).
+    driver: String,
     rx_pool: Arc<Mempool>,
     pub(super) queue_taken: Vec<AtomicBool>,
     /// Hash key and redirection table, when the port spreads flows over
@@ -189,6 +198,7 @@ impl Port {
                     info.tx_offload_capa,
                     tx_checksum_flags | sys::SHIM_ETH_TX_OFFLOAD_TCP_TSO,
                 ),
+            lro: config.lro && has(info.rx_offload_capa, sys::SHIM_ETH_RX_OFFLOAD_TCP_LRO),
         };
         if offloads.rx_checksum {
             eth_conf.rxmode.offloads |= rx_checksum_flags;
@@ -199,6 +209,20 @@ impl Port {
         if offloads.tso {
             eth_conf.txmode.offloads |= sys::SHIM_ETH_TX_OFFLOAD_TCP_TSO;
         }
+        if offloads.lro {
+            eth_conf.rxmode.offloads |= sys::SHIM_ETH_RX_OFFLOAD_TCP_LRO;
+            eth_conf.rxmode.max_lro_pkt_size = info.max_lro_pkt_size.min(MAX_IPV4_PACKET as u32);
+        }
+        // SAFETY: driver_name is NULL or a NUL-terminated static string of
+        // the PMD, valid while the port exists; it is copied out at once.
+        let driver = unsafe {
+            (!info.driver_name.is_null()).then(|| {
+                CStr::from_ptr(info.driver_name)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        }
+        .unwrap_or_default();
         // Each queue allocates tx mbufs from one pool and never shares them
         // (refcnt 1), which is the contract of fast free.
         if has(
@@ -217,19 +241,39 @@ impl Port {
         if let Some(mtu) = config.mtu {
             if mtu < info.min_mtu || mtu > info.max_mtu {
                 return Err(PhyError::Device(format!(
-                    "MTU {mtu} outside port {port_id}'s range {}..={}",
+                    "MTU {mtu} outside port {port_id}'s ({driver}) range {}..={}",
                     info.min_mtu, info.max_mtu
                 )));
             }
-            eth_conf.rxmode.mtu = u32::from(mtu);
+            let frame = u32::from(mtu) + ETHER_OVERHEAD as u32;
+            if frame <= info.max_rx_pktlen {
+                eth_conf.rxmode.mtu = u32::from(mtu);
+            } else if !mtu_unenforced(&driver) {
+                return Err(PhyError::Device(format!(
+                    "MTU {mtu} needs {frame}-byte frames, but port {port_id} ({driver}) takes \
+                     at most {} bytes",
+                    info.max_rx_pktlen
+                )));
+            }
+            // Else (memif): the PMD keeps its own MTU setting, which it
+            // never applies to a frame; the port's MTU is ours alone.
         }
-        // Rx scatter is off: a whole frame must fit one rx buffer.
+        // A frame longer than one rx buffer comes chained (scatter, where
+        // the PMD needs asking; memif and ring chain by themselves), and
+        // `DpdkQueue::rx_burst` copies it into one piece, so an rx pool
+        // should have buffers of the frame size (see `data_room_for_mtu`).
         let wanted_mtu = config.mtu.map(usize::from).unwrap_or(1500);
-        if rx_pool.frame_capacity() < wanted_mtu + ETHER_OVERHEAD {
-            return Err(PhyError::Device(format!(
-                "rx mbufs hold {} bytes, too small for MTU {wanted_mtu} frames",
-                rx_pool.frame_capacity()
-            )));
+        let chained = |len: usize| rx_pool.frame_capacity() < len;
+        if chained(wanted_mtu + ETHER_OVERHEAD) || offloads.lro {
+            if has(info.rx_offload_capa, sys::SHIM_ETH_RX_OFFLOAD_SCATTER) {
+                eth_conf.rxmode.offloads |= sys::SHIM_ETH_RX_OFFLOAD_SCATTER;
+            } else if chained(wanted_mtu + ETHER_OVERHEAD) && !mtu_unenforced(&driver) {
+                return Err(PhyError::Device(format!(
+                    "rx mbufs hold {} bytes, too small for MTU {wanted_mtu} frames, and port \
+                     {port_id} ({driver}) cannot chain them (no rx scatter)",
+                    rx_pool.frame_capacity()
+                )));
+            }
         }
 
         // SAFETY: port_id is valid and stopped (never started, or closed);
@@ -290,6 +334,7 @@ impl Port {
             mac: [0; 6],
             mtu: wanted_mtu,
             offloads,
+            driver,
             rx_pool,
             queue_taken: (0..config.queues).map(|_| AtomicBool::new(false)).collect(),
             rss: None,
@@ -309,7 +354,10 @@ impl Port {
         inner.mac = mac.addr_bytes;
         let mut mtu = 0u16;
         // SAFETY: mtu is a writable u16.
-        if unsafe { sys::rte_eth_dev_get_mtu(port_id, &mut mtu) } == 0 && mtu != 0 {
+        if unsafe { sys::rte_eth_dev_get_mtu(port_id, &mut mtu) } == 0
+            && mtu != 0
+            && !(config.mtu.is_some() && mtu_unenforced(&inner.driver))
+        {
             inner.mtu = usize::from(mtu);
         }
         Ok(Port {
@@ -335,6 +383,32 @@ impl Port {
     /// The IP MTU in effect.
     pub fn mtu(&self) -> usize {
         self.inner.mtu
+    }
+
+    /// The PMD's name (`net_memif`, `net_tap`, ...).
+    pub fn driver(&self) -> &str {
+        &self.inner.driver
+    }
+
+    /// Whether TCP segmentation offload is on (the PMD has it and the
+    /// config asked for it): queues then take frames up to 64 KiB, given a
+    /// tx pool with buffers that large ([`Port::queue_with_tx_pool`]).
+    pub fn tso(&self) -> bool {
+        self.inner.offloads.tso
+    }
+
+    /// Whether large receive offload is on: received frames may be longer
+    /// than the MTU.
+    pub fn lro(&self) -> bool {
+        self.inner.offloads.lro
+    }
+
+    /// Whether IPv4/TCP checksum offload is on (rx, tx).
+    pub fn checksum_offload(&self) -> (bool, bool) {
+        (
+            self.inner.offloads.rx_checksum,
+            self.inner.offloads.tx_checksum,
+        )
     }
 
     /// Whether the link is up, without waiting for autonegotiation.
@@ -390,4 +464,12 @@ impl Port {
         }
         Ok(DpdkQueue::new(Arc::clone(&self.inner), queue_id, tx_pool))
     }
+}
+
+/// PMDs that report a frame limit (ethdev's `max_rx_pktlen`) they never
+/// apply: DPDK 22.11's net_memif says 1518 bytes but moves frames of any
+/// length, chained over its ring's buffers, so a jumbo MTU is the stack's
+/// alone there and the PMD is left at its own.
+fn mtu_unenforced(driver: &str) -> bool {
+    driver == "net_memif"
 }

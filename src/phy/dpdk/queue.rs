@@ -24,6 +24,11 @@ pub struct DpdkQueue {
     tx_pool: Arc<Mempool>,
     caps: DeviceCaps,
     rx_mbufs: [*mut sys::rte_mbuf; RX_BURST],
+    /// Where a chained frame (jumbo over small buffers, LRO) is copied into
+    /// one piece before it is lent; grows to the largest such frame.
+    rx_chained: Vec<u8>,
+    /// Frames that arrived chained and were copied into `rx_chained`.
+    rx_chained_frames: u64,
     /// Frames written by `tx_frame`, not yet taken by the PMD.
     tx_pending: Vec<*mut sys::rte_mbuf>,
     /// How many of `tx_pending` (a prefix) already went through tx_prepare.
@@ -75,6 +80,8 @@ impl DpdkQueue {
             tx_pool,
             caps,
             rx_mbufs: [std::ptr::null_mut(); RX_BURST],
+            rx_chained: Vec::new(),
+            rx_chained_frames: 0,
             tx_pending: Vec::with_capacity(TX_BATCH),
             tx_prepared: 0,
             tx_dropped: 0,
@@ -93,6 +100,13 @@ impl DpdkQueue {
     /// (bad offload metadata).
     pub fn tx_dropped(&self) -> u64 {
         self.tx_dropped
+    }
+
+    /// Received frames that came chained over several mbufs (a frame
+    /// longer than one rx buffer, or an LRO aggregate) and were copied into
+    /// one piece before being lent: one copy more than a frame in one mbuf.
+    pub fn rx_chained_frames(&self) -> u64 {
+        self.rx_chained_frames
     }
 
     /// Frames written but not yet taken by the PMD.
@@ -212,17 +226,43 @@ impl Device for DpdkQueue {
             };
             for &mbuf in guard.mbufs.iter() {
                 // SAFETY: mbuf is a valid received mbuf owned by this burst.
-                let (segments, data_len, ol_flags, data) = unsafe {
+                let (segments, data_len, pkt_len, ol_flags, data) = unsafe {
                     (
                         sys::shim_rte_pktmbuf_nb_segs(mbuf),
                         sys::shim_rte_pktmbuf_data_len(mbuf),
+                        sys::shim_rte_pktmbuf_pkt_len(mbuf),
                         sys::shim_rte_mbuf_ol_flags(mbuf),
                         sys::shim_rte_pktmbuf_mtod(mbuf) as *const u8,
                     )
                 };
-                // Rx scatter is off, so a chained frame is a PMD quirk; the
-                // stack wants contiguous frames, so it is dropped.
                 if segments != 1 {
+                    // The stack wants a frame in one piece: copy the chain.
+                    let len = pkt_len as usize;
+                    if self.rx_chained.len() < len {
+                        self.rx_chained.resize(len, 0);
+                    }
+                    // SAFETY: mbuf is a valid received chain of pkt_len
+                    // bytes; rx_chained has room for len bytes, which
+                    // rte_pktmbuf_read copies there (the chain spans
+                    // segments, so it never returns a pointer into the
+                    // first one) and nothing else references.
+                    let read = unsafe {
+                        sys::shim_rte_pktmbuf_read(
+                            mbuf,
+                            0,
+                            pkt_len,
+                            self.rx_chained.as_mut_ptr().cast(),
+                        )
+                    } as *const u8;
+                    if read.is_null() {
+                        continue;
+                    }
+                    // SAFETY: read points at len initialised bytes: into
+                    // rx_chained, or into the mbuf's first segment (freed
+                    // only after the callback, by the guard).
+                    let frame = unsafe { std::slice::from_raw_parts(read, len) };
+                    self.rx_chained_frames += 1;
+                    on_frame(frame, rx_meta(ol_flags));
                     continue;
                 }
                 // SAFETY: the first segment holds data_len initialised bytes
