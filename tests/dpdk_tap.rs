@@ -272,6 +272,9 @@ fn dpdk_stack_sends_tso_frames_through_net_tap() {
         stack.port().checksum_offload()
     );
     assert!(stack.port().tso(), "net_tap offers TCP TSO");
+    // The kernel side of a tap starts with the port's MAC; Linux ignores
+    // ARP requests from its own address, so it gets another.
+    ip(&["link", "set", "dev", &iface, "address", "02:69:62:74:73:6f"]).expect("kernel MAC");
     ip(&["addr", "add", &format!("{kernel_ip}/24"), "dev", &iface]).expect("address");
     ip(&["link", "set", &iface, "up"]).expect("link up");
     let listener = TcpListener::bind((kernel_ip, 0)).expect("kernel listener");
@@ -300,9 +303,22 @@ fn dpdk_stack_sends_tso_frames_through_net_tap() {
         queue.caps()
     );
     let (device, frames) = dpdk_common::FrameSizes::wrap(queue, 1514);
-    let mut conn = stack
-        .connect_device(device, SocketAddrV4::new(kernel_ip, remote.port()))
-        .expect("TCP to the kernel over net_tap1");
+    let connected = stack.connect_device(device, SocketAddrV4::new(kernel_ip, remote.port()));
+    let mut conn = connected.unwrap_or_else(|e| {
+        let show = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        panic!(
+            "TCP to the kernel over net_tap1: {e}\n{}{}frames seen (rx>1514, tx>1514, rx max, tx max): {:?}",
+            show(&["-s", "link", "show", "dev", &iface]),
+            show(&["neigh", "show", "dev", &iface]),
+            frames.get()
+        )
+    });
     let mut sent = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
     while sent < data.len() {
