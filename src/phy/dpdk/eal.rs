@@ -160,25 +160,6 @@ impl Eal {
         }
     }
 
-    /// Creates a virtual device after EAL start (hotplug), e.g.
-    /// `add_vdev("net_memif1", "role=client,socket=/run/x.sock")`, and
-    /// returns its port id: for a port whose peer exists only later than
-    /// `rte_eal_init` (a memif server started afterwards), or a second one
-    /// in a process whose EAL arguments are fixed.
-    pub fn add_vdev(&self, name: &str, args: &str) -> Result<u16, PhyError> {
-        let text = |t: &str| {
-            CString::new(t)
-                .map_err(|_| PhyError::Device(format!("vdev text {t:?} contains a NUL byte")))
-        };
-        let (bus, c_name, c_args) = (text("vdev")?, text(name)?, text(args)?);
-        // SAFETY: EAL is initialised (self exists); the three strings are
-        // NUL-terminated and outlive the call, which copies them.
-        let ret =
-            unsafe { sys::rte_eal_hotplug_add(bus.as_ptr(), c_name.as_ptr(), c_args.as_ptr()) };
-        check(ret, &format!("rte_eal_hotplug_add(vdev {name},{args})"))?;
-        self.port_by_name(name)
-    }
-
     /// The DPDK names of all probed ports (for error messages).
     pub fn port_names(&self) -> Vec<String> {
         let mut names = Vec::new();

@@ -125,7 +125,7 @@ pub(super) struct PortInner {
     pub(super) mtu: usize,
     pub(super) offloads: PortOffloads,
     /// The PMD's name (`net_memif`, `net_tap`, `net_ice`, ...).
-    driver: String,
+    pub(super) driver: String,
     rx_pool: Arc<Mempool>,
     pub(super) queue_taken: Vec<AtomicBool>,
     /// Hash key and redirection table, when the port spreads flows over

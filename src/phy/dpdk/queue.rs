@@ -29,6 +29,11 @@ pub struct DpdkQueue {
     rx_chained: Vec<u8>,
     /// Frames that arrived chained and were copied into `rx_chained`.
     rx_chained_frames: u64,
+    /// The largest TSO segment plus headers the PMD takes: the IP MTU for
+    /// net_tap, whose GSO (DPDK 22.11) counts the Ethernet header against
+    /// it and drops the frame otherwise; None for PMDs that follow the
+    /// ethdev rule (segment payload ≤ MSS).
+    tso_frame_cap: Option<usize>,
     /// Frames written by `tx_frame`, not yet taken by the PMD.
     tx_pending: Vec<*mut sys::rte_mbuf>,
     /// How many of `tx_pending` (a prefix) already went through tx_prepare.
@@ -61,6 +66,7 @@ impl DpdkQueue {
     /// [`Port::queue_with_tx_pool`](super::Port::queue_with_tx_pool).
     pub(super) fn new(port: Arc<PortInner>, queue_id: u16, tx_pool: Arc<Mempool>) -> DpdkQueue {
         let offloads = port.offloads;
+        let tso_frame_cap = (port.driver == "net_tap").then_some(port.mtu);
         let frame_limit = if offloads.tso {
             MAX_IPV4_PACKET + ETHER_HDR_LEN
         } else {
@@ -82,6 +88,7 @@ impl DpdkQueue {
             rx_mbufs: [std::ptr::null_mut(); RX_BURST],
             rx_chained: Vec::new(),
             rx_chained_frames: 0,
+            tso_frame_cap,
             tx_pending: Vec::with_capacity(TX_BATCH),
             tx_prepared: 0,
             tx_dropped: 0,
@@ -312,7 +319,15 @@ impl Device for DpdkQueue {
         // tests/net_iface.rs checks for the stack's frames.
         let frame = unsafe { std::slice::from_raw_parts_mut(data, len) };
         fill(frame);
-        let (ol_flags, tso_segsz) = tx_ol_flags(len, &offload);
+        let (ol_flags, mut tso_segsz) = tx_ol_flags(len, &offload);
+        if let (Some(cap), true) = (self.tso_frame_cap, tso_segsz != 0) {
+            // Smaller segments are always valid TCP: the sequence numbers
+            // count bytes, not segments.
+            let headers = usize::from(offload.l2_len)
+                + usize::from(offload.l3_len)
+                + usize::from(offload.l4_len);
+            tso_segsz = tso_segsz.min(cap.saturating_sub(headers).max(1) as u16);
+        }
         if ol_flags != 0 {
             // SAFETY: mbuf is owned here and not yet visible to the PMD.
             unsafe {
