@@ -5,11 +5,13 @@
 #   (a) kernel    kernel TCP on loopback; target on kernel TCP
 #   (b) memif     DPDK net_memif (shared memory) between the two processes;
 #                 target = memif server on the userspace stack
+#   (b') memif9000 the same at MTU 9000 (--mtu 9000 on both ends: jumbo
+#                 frames in 9 KiB mbufs, MSS 8960; memif bsize=10240)
 #   (c) af_xdp    DPDK net_af_xdp on each end of a veth pair (XDP sockets)
 #   (d) af_packet DPDK net_af_packet on each end of a veth pair
 # Cases: 4 KiB randread and randwrite at QD1 and QD32, 128 KiB randread at
 # QD8. One line per case:
-#   RESULT bed=<kernel|memif|af_xdp|af_packet> rw= bs= qd= iops= p50_us=
+#   RESULT bed=<kernel|memif|memif9000|af_xdp|af_packet> rw= bs= qd= iops= p50_us=
 #          p99_us= busy_ns_per_io= cpu_ns_per_io= instructions_per_io=<n|na>
 # then, per userspace bed and case, the ratios to (a):
 #   RATIO bed= rw= bs= qd= iops_x= p50_x= per_cpu_x=
@@ -28,14 +30,14 @@
 # (--busy-poll); the kernel bed uses the default idle mode unless
 # KERNEL_BUSY_POLL=1.
 #
-# Env: RUNTIME (3s), RAMP (1s), BEDS ("kernel memif af_xdp af_packet"),
+# Env: RUNTIME (3s), RAMP (1s), BEDS ("kernel memif memif9000 af_xdp af_packet"),
 #      BIN (default: cargo build --release, target/release/iscsi-bypass).
 # Root only (DPDK, veth); everything it creates is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
 RUNTIME=${RUNTIME:-3s}; RAMP=${RAMP:-1s}
-BEDS=${BEDS:-kernel memif af_xdp af_packet}
+BEDS=${BEDS:-kernel memif memif9000 af_xdp af_packet}
 if [[ -z ${BIN:-} ]]; then
     CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build --release --bin iscsi-bypass >&2
     BIN=target/release/iscsi-bypass
@@ -142,15 +144,15 @@ cases() {
     run_case "$bed" randread 128k 8 "$@"
 }
 
-# dpdk_bed <bed> <target vdev> <initiator vdev> <port name>
+# dpdk_bed <bed> <target vdev> <initiator vdev> <port name> <net> [options of both ends...]
 dpdk_bed() {
-    local bed=$1 tvdev=$2 ivdev=$3 port=$4 net=$5
+    local bed=$1 tvdev=$2 ivdev=$3 port=$4 net=$5; shift 5
     start_target "$dir/target-$bed.log" "$BIN" target --transport dpdk --null --size 1g --iqn "$iqn" \
         --eal "-l $tcpu $eal_common --file-prefix ibx-bp-t$id --vdev $tvdev" \
-        --dpdk-port "$port" --local-ip "$net.1/24"
+        --dpdk-port "$port" --local-ip "$net.1/24" "$@"
     cases "$bed" "$BIN" bench "iscsi://$net.1:3260/$iqn/0" --transport dpdk --busy-poll \
         --eal "-l $icpu $eal_common --file-prefix ibx-bp-i$id --vdev $ivdev" \
-        --dpdk-port "$port" --local-ip "$net.2/24"
+        --dpdk-port "$port" --local-ip "$net.2/24" "$@"
     stop_target
 }
 
@@ -179,6 +181,13 @@ for bed in $BEDS; do
         rm -f "$sock"
         dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock" \
             net_memif0 10.215.1
+        ;;
+    memif9000)
+        rm -f "$sock"
+        # 10 KiB memif buffers: one jumbo frame per descriptor (docs/dpdk.md).
+        dpdk_bed memif9000 "net_memif0,role=server,socket=$sock,bsize=10240" \
+            "net_memif0,role=client,socket=$sock,bsize=10240" \
+            net_memif0 10.215.4 --mtu 9000
         ;;
     af_xdp)
         veth

@@ -14,6 +14,47 @@ use std::time::{Duration, Instant};
 
 use iscsi_bypass::phy::dpdk::{Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
 use iscsi_bypass::phy::{Device, TxOffload};
+use iscsi_bypass::transport::dpdk::{self, DpdkOptions, DpdkStack};
+use iscsi_bypass::transport::Transport;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::sync::Mutex;
+
+/// The kernel side of each test's tap (per process, so parallel runs of
+/// the binary do not collide): net_tap0 for the checksum test, net_tap1
+/// for the TSO one.
+fn tap_names() -> (String, String) {
+    let pid = std::process::id() % 100_000;
+    (format!("ibtap{pid}"), format!("ibtso{pid}"))
+}
+
+/// EAL with both taps, whichever test comes first (they run in parallel).
+fn eal() -> (Eal, Vec<String>) {
+    static FIRST: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = FIRST.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = tap_names();
+    let args = dpdk_common::eal_args_multi(&[
+        &format!("net_tap0,iface={a}"),
+        &format!("net_tap1,iface={b}"),
+    ]);
+    println!("EAL args: {}", args.join(" "));
+    (dpdk::eal(&args).expect("EAL initialises"), args)
+}
+
+/// Why the tap tests cannot run here (CI=true: a failure instead).
+fn tap_missing() -> Option<String> {
+    if let Some(why) = dpdk_common::skip_reason("net_tap") {
+        return Some(why);
+    }
+    if !Path::new("/dev/net/tun").exists() || ip(&["-V"]).is_err() {
+        assert!(
+            !dpdk_common::required(),
+            "CI=true requires dpdk_net_tap to run, but it needs /dev/net/tun and iproute2"
+        );
+        return Some("needs /dev/net/tun and iproute2".into());
+    }
+    None
+}
 
 const OUR_PORT: u16 = 40_000;
 /// Nothing listens here, so the kernel answers a SYN with a RST.
@@ -101,29 +142,19 @@ fn is_rst_for_us(frame: &[u8], kernel_ip: [u8; 4], our_ip: [u8; 4]) -> bool {
 
 #[test]
 fn dpdk_net_tap_checksum_offload_reaches_the_kernel() {
-    if let Some(why) = dpdk_common::skip_reason("net_tap") {
+    if let Some(why) = tap_missing() {
         println!("SKIPPED dpdk_net_tap: {why}");
-        return;
-    }
-    if !Path::new("/dev/net/tun").exists() || ip(&["-V"]).is_err() {
-        assert!(
-            !dpdk_common::required(),
-            "CI=true requires dpdk_net_tap to run, but it needs /dev/net/tun and iproute2"
-        );
-        println!("SKIPPED dpdk_net_tap: needs /dev/net/tun and iproute2");
         return;
     }
     // Per-process names and subnet so parallel runs do not collide.
     let pid = std::process::id();
-    let iface = format!("ibtap{}", pid % 100_000);
+    let iface = tap_names().0;
     let subnet = (pid % 250) as u8 + 1;
     let kernel_ip = [10, 251, subnet, 1];
     let our_ip = [10, 251, subnet, 2];
     let dotted = |a: [u8; 4]| format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3]);
 
-    let args = dpdk_common::eal_args(&format!("net_tap0,iface={iface}"));
-    println!("EAL args: {}", args.join(" "));
-    let eal = Eal::init(&args).expect("EAL initialises");
+    let (eal, _) = eal();
     let port_id = eal.port_by_name("net_tap0").expect("net_tap0 was probed");
     let pool = Mempool::new(&eal, "tap_pool", 4095, 32, DEFAULT_MBUF_DATA_ROOM, -1).expect("pool");
     let port = Port::start(&eal, port_id, &PortConfig::default(), pool).expect("port");
@@ -211,4 +242,119 @@ fn dpdk_net_tap_checksum_offload_reaches_the_kernel() {
     }
     drop(queue);
     drop(port);
+}
+
+/// TSO through `DpdkStack`: net_tap offers TCP segmentation (it cuts
+/// frames in software, with DPDK's GSO library, as a NIC would in
+/// hardware), so the stack hands the port frames far larger than the MTU
+/// (up to ~32 KiB, from its pool of large tx buffers) and the kernel at the
+/// tap's far end must receive 4 MiB intact, checksums and all (it drops
+/// segments with a bad one; the connection would then stall).
+#[test]
+fn dpdk_stack_sends_tso_frames_through_net_tap() {
+    if let Some(why) = tap_missing() {
+        println!("SKIPPED dpdk_net_tap (TSO): {why}");
+        return;
+    }
+    let pid = std::process::id();
+    let iface = tap_names().1;
+    let subnet = (pid % 250) as u8 + 1;
+    let kernel_ip = Ipv4Addr::new(10, 252, subnet, 1);
+    let our_ip = Ipv4Addr::new(10, 252, subnet, 2);
+    let (_, args) = eal();
+    let stack =
+        DpdkStack::open(DpdkOptions::new(args, "net_tap1", our_ip, 24)).expect("stack on net_tap1");
+    println!(
+        "net_tap1 ({}): TSO {}, LRO {}, checksum offload (rx, tx) {:?}",
+        stack.port().driver(),
+        stack.port().tso(),
+        stack.port().lro(),
+        stack.port().checksum_offload()
+    );
+    assert!(stack.port().tso(), "net_tap offers TCP TSO");
+    // The kernel side of a tap starts with the port's MAC; Linux ignores
+    // ARP requests from its own address, so it gets another.
+    ip(&["link", "set", "dev", &iface, "address", "02:69:62:74:73:6f"]).expect("kernel MAC");
+    ip(&["addr", "add", &format!("{kernel_ip}/24"), "dev", &iface]).expect("address");
+    ip(&["link", "set", &iface, "up"]).expect("link up");
+    let listener = TcpListener::bind((kernel_ip, 0)).expect("kernel listener");
+    let remote = match listener.local_addr().expect("listener address") {
+        std::net::SocketAddr::V4(a) => a,
+        other => panic!("{other}"),
+    };
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let expected = data.clone();
+    let reader = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).map(|_| got)
+    });
+
+    let queue = stack
+        .take_queue(0, SocketAddrV4::new(kernel_ip, remote.port()))
+        .expect("queue");
+    assert!(
+        queue.caps().tso && queue.caps().max_tx_frame > 16_000,
+        "{:?}",
+        queue.caps()
+    );
+    let (device, frames) = dpdk_common::FrameSizes::wrap(queue, 1514);
+    let connected = stack.connect_device(device, SocketAddrV4::new(kernel_ip, remote.port()));
+    let mut conn = connected.unwrap_or_else(|e| {
+        let show = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        panic!(
+            "TCP to the kernel over net_tap1: {e}\n{}{}frames seen (rx>1514, tx>1514, rx max, tx max): {:?}",
+            show(&["-s", "link", "show", "dev", &iface]),
+            show(&["neigh", "show", "dev", &iface]),
+            frames.get()
+        )
+    });
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent < data.len() {
+        assert!(
+            Instant::now() < deadline,
+            "sent only {sent} of {} bytes",
+            data.len()
+        );
+        sent += conn.send(&data[sent..]).expect("send");
+        conn.poll().expect("poll");
+    }
+    // Until the kernel acknowledged every byte.
+    while conn.socket().send_queue() > 0 {
+        assert!(Instant::now() < deadline, "{:?}", conn.socket().counters());
+        conn.poll().expect("poll");
+    }
+    conn.close();
+    let close_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < close_until && !reader.is_finished() {
+        let _ = conn.poll();
+    }
+    let got = reader.join().expect("reader thread").expect("kernel read");
+    let _ = ip(&["link", "set", &iface, "down"]);
+    assert!(
+        got == expected,
+        "the kernel got {} of {} bytes, or other bytes",
+        got.len(),
+        expected.len()
+    );
+    let (_, tx_big, _, tx_max) = frames.get();
+    let tx_frames = conn.interface().counters().tx_frames;
+    println!("TSO frames (> 1514 bytes) sent: {tx_big}, largest {tx_max} B; {tx_frames} frames in all for 4 MiB");
+    assert!(
+        tx_big > 0 && tx_max > 1514,
+        "no frame beyond the MTU: TSO unused"
+    );
+    // MTU-sized segments would be ~2900 frames.
+    assert!(tx_frames < 2900 / 2, "{tx_frames} frames");
 }

@@ -41,6 +41,9 @@ static const uint64_t SHIM_ETH_TX_OFFLOAD_IPV4_CKSUM = RTE_ETH_TX_OFFLOAD_IPV4_C
 static const uint64_t SHIM_ETH_TX_OFFLOAD_TCP_CKSUM = RTE_ETH_TX_OFFLOAD_TCP_CKSUM;
 static const uint64_t SHIM_ETH_TX_OFFLOAD_TCP_TSO = RTE_ETH_TX_OFFLOAD_TCP_TSO;
 static const uint64_t SHIM_ETH_TX_OFFLOAD_MBUF_FAST_FREE = RTE_ETH_TX_OFFLOAD_MBUF_FAST_FREE;
+static const uint64_t SHIM_ETH_TX_OFFLOAD_MULTI_SEGS = RTE_ETH_TX_OFFLOAD_MULTI_SEGS;
+static const uint64_t SHIM_ETH_RX_OFFLOAD_TCP_LRO = RTE_ETH_RX_OFFLOAD_TCP_LRO;
+static const uint64_t SHIM_ETH_RX_OFFLOAD_SCATTER = RTE_ETH_RX_OFFLOAD_SCATTER;
 static const uint64_t SHIM_ETH_RSS_IP = RTE_ETH_RSS_IP;
 static const uint64_t SHIM_ETH_RSS_TCP = RTE_ETH_RSS_TCP;
 static const uint64_t SHIM_MBUF_F_RX_IP_CKSUM_MASK = RTE_MBUF_F_RX_IP_CKSUM_MASK;
@@ -85,6 +88,10 @@ char *shim_rte_pktmbuf_append(struct rte_mbuf *m, uint16_t len);
 char *shim_rte_pktmbuf_prepend(struct rte_mbuf *m, uint16_t len);
 int shim_rte_pktmbuf_trim(struct rte_mbuf *m, uint16_t len);
 char *shim_rte_pktmbuf_adj(struct rte_mbuf *m, uint16_t len);
+/* rte_pktmbuf_read: `len` bytes from `off` of a (maybe chained) mbuf, as a
+ * pointer into the first segment when they lie there, else copied into
+ * `buf` (which must hold `len` bytes); NULL when the packet is shorter. */
+const void *shim_rte_pktmbuf_read(const struct rte_mbuf *m, uint32_t off, uint32_t len, void *buf);
 
 /* mbuf offload metadata. */
 uint64_t shim_rte_mbuf_ol_flags(const struct rte_mbuf *m);

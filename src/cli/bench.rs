@@ -146,9 +146,14 @@ pub struct DpdkArgs {
     /// connection then picks a source port RSS steers to its queue.
     #[arg(long, value_name = "N")]
     pub dpdk_queues: Option<u16>,
-    /// Do not use checksum offload or TSO even where the port has them.
+    /// Do not use checksum offload, TSO or LRO even where the port has them.
     #[arg(long)]
     pub dpdk_no_offload: bool,
+    /// IP MTU of the DPDK port(s), e.g. 9000 for jumbo frames (default:
+    /// the port's, 1500 on most); the stack's MSS follows it, and the mbufs
+    /// are sized to hold a whole frame. Both ends must agree.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..))]
+    pub mtu: Option<u16>,
 }
 
 impl BenchArgs {
@@ -492,7 +497,9 @@ pub(super) fn dpdk_stacks(
             options.user.offload = OffloadConfig::NONE;
             options.port_config.checksum_offload = false;
             options.port_config.tso = false;
+            options.port_config.lro = false;
         }
+        options.port_config.mtu = d.mtu;
         let stack = DpdkStack::open(options)?;
         if queues > 1 && stack.port().rss_steering().is_none() {
             bail!(

@@ -303,7 +303,7 @@ impl super::server::Target {
         queue: u16,
     ) -> Result<TargetHandle, TargetError> {
         let options = stack.options();
-        let device = stack.port().queue(queue).map_err(|e| {
+        let device = stack.queue(queue).map_err(|e| {
             TargetError::Config(format!(
                 "queue {queue} of DPDK port {:?}: {e}",
                 options.port

@@ -9,12 +9,19 @@
 
 use super::user::{UserTcp, UserTcpConfig};
 use super::{Transport, TransportError};
-use crate::phy::dpdk::{DpdkQueue, Eal, Mempool, Port, PortConfig, DEFAULT_MBUF_DATA_ROOM};
+use crate::phy::dpdk::{
+    data_room_for_frame, data_room_for_mtu, DpdkQueue, Eal, Mempool, Port, PortConfig,
+};
 use crate::phy::{Device, PhyError};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
+
+/// The largest frame the stack hands a TSO port (32 KiB of TCP payload and
+/// its headers): larger frames save little more per byte, and each tx
+/// buffer of a TSO port is this large.
+pub const TSO_FRAME: usize = 32 * 1024 + 128;
 
 /// Why a DPDK stack could not be set up; each names what failed.
 #[derive(Debug, Error)]
@@ -110,6 +117,10 @@ pub fn parse_neighbour(text: &str) -> Result<(Ipv4Addr, [u8; 6]), DpdkSetupError
 /// One started DPDK port and the settings of the stacks on its queues.
 pub struct DpdkStack {
     port: Port,
+    /// With TSO on: the pool of large tx buffers (a TSO frame in one mbuf)
+    /// every queue of the port sends from; else the queues send from the
+    /// rx pool.
+    tx_pool: Option<Arc<Mempool>>,
     options: DpdkOptions,
     /// Distinct seeds per connection: ISN, ephemeral port, timestamps.
     next_seed: AtomicU64,
@@ -157,12 +168,15 @@ impl DpdkStack {
             * (u32::from(port_config.rx_ring_size) + u32::from(port_config.tx_ring_size));
         let mbufs = options.mbufs.max(rings + 2048 * u32::from(options.queues));
         let pool_name = format!("ib_p{port_id}");
-        let pool = Mempool::new(&eal, &pool_name, mbufs, 256, DEFAULT_MBUF_DATA_ROOM, -1).map_err(
-            |source| DpdkSetupError::Mempool {
-                port: options.port.clone(),
-                source,
-            },
-        )?;
+        // Buffers that hold a whole frame at the port's MTU (jumbo frames
+        // in one mbuf: no chains on rx, one piece per frame on tx).
+        let mtu = port_config.mtu.map_or(1500, usize::from);
+        let pool_error = |source| DpdkSetupError::Mempool {
+            port: options.port.clone(),
+            source,
+        };
+        let pool = Mempool::new(&eal, &pool_name, mbufs, 256, data_room_for_mtu(mtu), -1)
+            .map_err(pool_error)?;
         let port = Port::start(&eal, port_id, &port_config, pool).map_err(|source| {
             DpdkSetupError::Port {
                 port: options.port.clone(),
@@ -170,6 +184,33 @@ impl DpdkStack {
                 source,
             }
         })?;
+        // TSO: the stack hands the port frames of up to TSO_FRAME bytes,
+        // each in one mbuf from a pool of its own (the rx pool's buffers
+        // hold one MTU-sized frame).
+        let tx_pool = if port.tso() {
+            let per_queue = u32::from(port_config.tx_ring_size) / 2 + 256;
+            let pool = Mempool::new(
+                &eal,
+                &format!("ib_t{port_id}"),
+                per_queue * u32::from(options.queues),
+                64,
+                data_room_for_frame(TSO_FRAME.max(mtu + 14)),
+                -1,
+            )
+            .map_err(pool_error)?;
+            Some(pool)
+        } else {
+            None
+        };
+        log::info!(
+            "DPDK port {:?} ({}): MTU {}, TSO {}, LRO {}, checksum offload rx/tx {:?}",
+            options.port,
+            port.driver(),
+            port.mtu(),
+            port.tso(),
+            port.lro(),
+            port.checksum_offload()
+        );
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -177,6 +218,7 @@ impl DpdkStack {
             ^ u64::from(std::process::id()) << 32;
         Ok(Arc::new(DpdkStack {
             port,
+            tx_pool,
             options,
             next_seed: AtomicU64::new(seed),
         }))
@@ -213,6 +255,16 @@ impl DpdkStack {
         self.connect_on(device, Some(queue), remote)
     }
 
+    /// Queue pair `queue` of the port (free again once dropped), sending
+    /// from the stack's TSO pool when the port has TSO: what a listener on
+    /// the stack (the embedded target) serves on.
+    pub fn queue(&self, queue: u16) -> Result<DpdkQueue, PhyError> {
+        match &self.tx_pool {
+            Some(pool) => self.port.queue_with_tx_pool(queue, Arc::clone(pool)),
+            None => self.port.queue(queue),
+        }
+    }
+
     /// Queue pair `queue` as a bare device (e.g. to wrap it in
     /// `phy::impair::Impaired`), for [`DpdkStack::connect_device`].
     pub fn take_queue(
@@ -220,7 +272,7 @@ impl DpdkStack {
         queue: u16,
         remote: SocketAddrV4,
     ) -> Result<DpdkQueue, TransportError> {
-        self.port.queue(queue).map_err(|e| TransportError::Connect {
+        self.queue(queue).map_err(|e| TransportError::Connect {
             addr: remote.into(),
             source: std::io::Error::other(format!("DPDK port {:?}: {e}", self.options.port)),
         })

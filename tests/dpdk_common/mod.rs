@@ -184,3 +184,87 @@ pub fn write_read_back<T: iscsi_bypass::transport::Transport>(
         }
     }
 }
+
+/// Frame sizes seen by a [`FrameSizes`] device: how many frames in each
+/// direction were longer than its threshold, and the longest.
+#[derive(Debug, Default)]
+pub struct FrameCounts {
+    pub rx_big: std::sync::atomic::AtomicU64,
+    pub tx_big: std::sync::atomic::AtomicU64,
+    pub rx_max: std::sync::atomic::AtomicUsize,
+    pub tx_max: std::sync::atomic::AtomicUsize,
+}
+
+impl FrameCounts {
+    pub fn get(&self) -> (u64, u64, usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.rx_big.load(Relaxed),
+            self.tx_big.load(Relaxed),
+            self.rx_max.load(Relaxed),
+            self.tx_max.load(Relaxed),
+        )
+    }
+}
+
+/// A device that counts the frames longer than `threshold` bytes it
+/// receives and sends (e.g. to show jumbo or TSO frames on the wire).
+pub struct FrameSizes<D> {
+    inner: D,
+    threshold: usize,
+    counts: std::sync::Arc<FrameCounts>,
+}
+
+impl<D: iscsi_bypass::phy::Device> FrameSizes<D> {
+    pub fn wrap(inner: D, threshold: usize) -> (Self, std::sync::Arc<FrameCounts>) {
+        let counts = std::sync::Arc::new(FrameCounts::default());
+        let device = FrameSizes {
+            inner,
+            threshold,
+            counts: std::sync::Arc::clone(&counts),
+        };
+        (device, counts)
+    }
+
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+impl<D: iscsi_bypass::phy::Device> iscsi_bypass::phy::Device for FrameSizes<D> {
+    fn caps(&self) -> iscsi_bypass::phy::DeviceCaps {
+        self.inner.caps()
+    }
+    fn rx_burst(
+        &mut self,
+        max: usize,
+        on_frame: &mut dyn FnMut(&[u8], iscsi_bypass::phy::RxMeta),
+    ) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (threshold, counts) = (self.threshold, &self.counts);
+        self.inner.rx_burst(max, &mut |frame, meta| {
+            if frame.len() > threshold {
+                counts.rx_big.fetch_add(1, Relaxed);
+            }
+            counts.rx_max.fetch_max(frame.len(), Relaxed);
+            on_frame(frame, meta)
+        })
+    }
+    fn tx_frame(
+        &mut self,
+        len: usize,
+        offload: iscsi_bypass::phy::TxOffload,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<(), iscsi_bypass::phy::PhyError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.tx_frame(len, offload, fill)?;
+        if len > self.threshold {
+            self.counts.tx_big.fetch_add(1, Relaxed);
+        }
+        self.counts.tx_max.fetch_max(len, Relaxed);
+        Ok(())
+    }
+    fn tx_flush(&mut self) -> usize {
+        self.inner.tx_flush()
+    }
+}

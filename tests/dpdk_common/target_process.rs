@@ -53,6 +53,19 @@ pub fn start(
     cpu: usize,
     remove: Option<String>,
 ) -> TargetProcess {
+    start_with_args(iqn, vdev, port, ip, cpu, remove, &[])
+}
+
+/// [`start`] with more options for `iscsi-bypass target` (e.g. `--mtu 9000`).
+pub fn start_with_args(
+    iqn: &str,
+    vdev: &str,
+    port: &str,
+    ip: Ipv4Addr,
+    cpu: usize,
+    remove: Option<String>,
+    extra: &[&str],
+) -> TargetProcess {
     let eal = process_eal(cpu, "ibx-t", vdev);
     let mut child = Command::new(BIN)
         .args([
@@ -66,6 +79,7 @@ pub fn start(
         ])
         .args(["--eal", &eal, "--dpdk-port", port])
         .args(["--local-ip", &format!("{ip}/24")])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
