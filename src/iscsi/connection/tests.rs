@@ -1049,8 +1049,8 @@ fn write_payload_by_reference_sends_the_same_bytes_without_copying() {
 #[test]
 fn write_buffer_comes_back_whole_and_copied_only_while_still_held() {
     let now = Instant::now();
-    let mut peer = Peer::new(Digests::default());
     for still_held in [false, true] {
+        let mut peer = Peer::new(Digests::default());
         let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
         c.set_tx_by_reference(true);
         c.submit(write_cmd(3000, 4), now).unwrap();
