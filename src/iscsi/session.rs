@@ -243,7 +243,11 @@ impl<T: Transport> Session<T> {
     /// the callers' write buffers (by reference) in one call; returns the
     /// bytes taken.
     fn send_pending(&mut self) -> Result<usize, SessionError> {
-        let mut parts = [TxPart::Bytes(&[]); 32];
+        // Most poll rounds have nothing to send: skip building the parts.
+        if !self.conn.has_pending_tx() {
+            return Ok(0);
+        }
+        let mut parts = [TxPart::Bytes(&[]); 16];
         let count = self.conn.tx_parts(&mut parts);
         if count == 0 {
             return Ok(0);

@@ -177,6 +177,11 @@ enum PlanKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmitBlocked;
 
+/// What [`TcpSocket::dispatch_gather`] calls per segment: the segment (its
+/// `payload` empty), the slices its payload is gathered from, and the
+/// per-segment payload size (for TSO).
+pub type GatherEmit<'e> = dyn FnMut(&TcpRepr, &[&[u8]], usize) -> Result<(), EmitBlocked> + 'e;
+
 /// One TCP connection (or listener).
 #[derive(Debug)]
 pub struct TcpSocket {
@@ -1458,7 +1463,7 @@ impl TcpSocket {
     pub fn dispatch_gather(
         &mut self,
         now: Instant,
-        emit: &mut dyn FnMut(&TcpRepr, &[&[u8]], usize) -> Result<(), EmitBlocked>,
+        emit: &mut GatherEmit<'_>,
     ) -> Result<(), EmitBlocked> {
         self.dispatch_inner(now, MAX_GATHER, emit)
     }
@@ -1467,7 +1472,7 @@ impl TcpSocket {
         &mut self,
         now: Instant,
         slices: usize,
-        emit: &mut dyn FnMut(&TcpRepr, &[&[u8]], usize) -> Result<(), EmitBlocked>,
+        emit: &mut GatherEmit<'_>,
     ) -> Result<(), EmitBlocked> {
         if self.state == State::Closed {
             return Ok(());
