@@ -12,6 +12,11 @@
 //! callgrind_annotate --inclusive=yes cg.out | grep -E 'initiator_round|target_round'
 //! ```
 //!
+//! `--write` issues WRITE(10)s instead of reads; `--copy-tx` makes the
+//! connection copy write payload into its send bytes (and TCP into its
+//! send ring) as it did before payload left by reference, for an A/B of
+//! the send-side copies in one build.
+//!
 //! Prints one `RESULT` line: I/Os, wall time per I/O, and the connection's
 //! and socket's counters.
 
@@ -89,10 +94,10 @@ fn initiator_round(s: &mut Session<UserTcp<SimDevice>>) {
     s.poll_io().expect("initiator I/O");
 }
 
-fn read10(lba: u32, blocks: u16) -> [u8; 10] {
+fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {
     let l = lba.to_be_bytes();
     let b = blocks.to_be_bytes();
-    [0x28, 0, l[0], l[1], l[2], l[3], 0, b[0], b[1], 0]
+    [opcode, 0, l[0], l[1], l[2], l[3], 0, b[0], b[1], 0]
 }
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
@@ -107,6 +112,8 @@ fn main() {
     let ios = arg(&args, "--ios", 20_000);
     let qd = arg(&args, "--qd", 1);
     let bs = arg(&args, "--bs", 4096);
+    let write = args.iter().any(|a| a == "--write");
+    let copy_tx = args.iter().any(|a| a == "--copy-tx");
     let (ini_dev, tgt_dev) = sim::link_real_time(SimConfig::default(), 3);
     let mut target = Target::new(tgt_dev);
     // Connect and log in, pumping the target from a helper thread (the
@@ -132,6 +139,9 @@ fn main() {
     let mut config = SessionConfig::new(LoginConfig::new("iqn.2026-12.example:ini", Some(IQN)));
     config.idle = IdlePolicy::BusyPoll;
     let mut session = Session::login(tcp, &config).expect("login");
+    if copy_tx {
+        session.connection_mut().set_tx_by_reference(false);
+    }
     // Takes the power-on UNIT ATTENTION before the measured reads.
     let tur = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
     session
@@ -149,7 +159,12 @@ fn main() {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
             let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
-            let mut cmd = Command::new(0, &read10(lba, blocks), Direction::Read, buffer).unwrap();
+            let (opcode, direction) = if write {
+                (0x2a, Direction::Write)
+            } else {
+                (0x28, Direction::Read)
+            };
+            let mut cmd = Command::new(0, &rw10(opcode, lba, blocks), direction, buffer).unwrap();
             cmd.user_tag = submitted as u64;
             session.submit(cmd).expect("submit");
             submitted += 1;
@@ -158,7 +173,7 @@ fn main() {
         target_round(&mut target);
         while let Some(ev) = session.connection_mut().poll_event() {
             if let Event::Completed(c) = ev {
-                assert_eq!(c.status, 0, "read failed");
+                assert_eq!(c.status, 0, "I/O failed");
                 buffers.push(c.buffer);
                 done += 1;
             }
@@ -167,7 +182,8 @@ fn main() {
     }
     let elapsed = start.elapsed();
     println!(
-        "RESULT ios={ios} qd={qd} bs={bs} wall_ns_per_io={} (both sides, one thread)",
+        "RESULT rw={} ios={ios} qd={qd} bs={bs} wall_ns_per_io={} (both sides, one thread)",
+        if write { "write" } else { "read" },
         elapsed.as_nanos() / ios as u128
     );
     println!("conn {:?}", session.connection().stats);

@@ -17,6 +17,7 @@
 //! that a session or the multipath layer can retry it elsewhere.
 
 use super::params::Params;
+use crate::transport::TxPart;
 use crate::wire::iscsi::{
     encode_pdu, pad_len, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu,
     IscsiWireError, LogoutRequest, NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn,
@@ -24,6 +25,7 @@ use crate::wire::iscsi::{
 };
 use crate::wire::text::TextPairs;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -195,6 +197,9 @@ enum TaskKind {
         /// Unsolicited data still to send as Data-Out (offset, end).
         unsolicited: Option<(u32, u32)>,
         r2ts_seen: u32,
+        /// A write's buffer while its payload leaves by reference
+        /// ([`Connection::set_tx_by_reference`]); `cmd.buffer` is empty then.
+        out: Option<Arc<Vec<u8>>>,
     },
     Tmf {
         user_tag: u64,
@@ -264,6 +269,75 @@ pub struct ConnStats {
     /// Data-In payload bytes that stopped in the staging buffer first (read
     /// ahead with a header) and were copied again: the second copies.
     pub rx_bytes_staged: u64,
+    /// Write payload (immediate data and Data-Out) handed to the transport
+    /// by reference, never copied here ([`Connection::tx_parts`]).
+    pub tx_bytes_shared: u64,
+    /// Write payload copied into the connection's send bytes.
+    pub tx_bytes_copied: u64,
+    /// Completed writes whose buffer the transport still held (unacknowledged
+    /// bytes, e.g. an early error status): the caller got a copy.
+    pub tx_buffers_copied_back: u64,
+}
+
+/// A write's payload range in the send stream, placed before `tx[at]`.
+#[derive(Debug)]
+struct TxRef {
+    at: usize,
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    len: usize,
+}
+
+/// Appends a data PDU whose payload is `buf[start..start + len]`, by
+/// reference (`refs`) or copied into `tx`. Padding and digests are copied.
+#[allow(clippy::too_many_arguments)]
+fn encode_data_pdu(
+    tx: &mut Vec<u8>,
+    refs: Option<&mut VecDeque<TxRef>>,
+    hdr: &PduHeader,
+    buf: &[u8],
+    shared: Option<&Arc<Vec<u8>>>,
+    start: usize,
+    len: usize,
+    digests: Digests,
+    stats: &mut ConnStats,
+) {
+    let data = &buf[start..start + len];
+    let (Some(refs), Some(shared), true) = (refs, shared, len > 0) else {
+        encode_pdu(tx, hdr, data, digests);
+        stats.tx_bytes_copied += len as u64;
+        return;
+    };
+    let header_at = tx.len();
+    tx.extend_from_slice(&hdr.emit(0, len as u32));
+    if digests.header {
+        let d = crate::wire::iscsi::digest(&tx[header_at..]);
+        tx.extend_from_slice(&d.to_le_bytes());
+    }
+    refs.push_back(TxRef {
+        at: tx.len(),
+        buf: shared.clone(),
+        start,
+        len,
+    });
+    let pad = &[0u8; 3][..pad_len(len)];
+    tx.extend_from_slice(pad);
+    if digests.data {
+        let d = crc32c::crc32c_append(crc32c::crc32c(data), pad);
+        tx.extend_from_slice(&d.to_le_bytes());
+    }
+    stats.tx_bytes_shared += len as u64;
+}
+
+/// The caller's buffer back from a write: unwrapped when nobody else holds
+/// it, else copied (the transport still has unacknowledged bytes of it).
+fn reclaim_buffer(cmd: &mut Command, out: Option<Arc<Vec<u8>>>, stats: &mut ConnStats) {
+    if let Some(out) = out {
+        cmd.buffer = Arc::try_unwrap(out).unwrap_or_else(|held| {
+            stats.tx_buffers_copied_back += 1;
+            held.as_ref().clone()
+        });
+    }
 }
 
 /// Most bytes read ahead into the staging buffer past the PDU being
@@ -316,6 +390,10 @@ pub struct Connection {
     data_in_flowing: bool,
     tx: Vec<u8>,
     tx_start: usize,
+    /// Write payload queued by reference, in stream order (empty unless
+    /// `tx_by_reference`).
+    tx_refs: VecDeque<TxRef>,
+    tx_by_reference: bool,
     events: VecDeque<Event>,
     failed: Option<ConnError>,
     last_rx: Instant,
@@ -368,6 +446,8 @@ impl Connection {
             data_in_flowing: true,
             tx: Vec::with_capacity(256 * 1024),
             tx_start: 0,
+            tx_refs: VecDeque::new(),
+            tx_by_reference: false,
             events: VecDeque::new(),
             failed: None,
             last_rx: now,
@@ -466,6 +546,7 @@ impl Connection {
                 r2ts: VecDeque::new(),
                 unsolicited: None,
                 r2ts_seen: 0,
+                out: None,
             },
             now,
         )?;
@@ -532,6 +613,7 @@ impl Connection {
             cmd,
             data_done,
             unsolicited,
+            out,
             ..
         } = &mut task.kind
         else {
@@ -539,6 +621,10 @@ impl Connection {
         };
         let len = cmd.buffer.len();
         let write = cmd.direction == Direction::Write;
+        if write && len > 0 && self.tx_by_reference {
+            *out = Some(Arc::new(std::mem::take(&mut cmd.buffer)));
+        }
+        let shared = out.as_ref();
         // Unsolicited data: immediate (in the command PDU) then Data-Out up to
         // FirstBurstLength when InitialR2T=No (RFC 7143's "Data Transfer Overview"; §3.2.4.2 in RFC 3720).
         let mut immediate_len = 0;
@@ -570,7 +656,17 @@ impl Connection {
             exp_stat_sn,
             cdb: cmd.cdb,
         });
-        encode_pdu(&mut self.tx, &hdr, &cmd.buffer[..immediate_len], digests);
+        encode_data_pdu(
+            &mut self.tx,
+            shared.map(|_| &mut self.tx_refs),
+            &hdr,
+            shared.map_or(&cmd.buffer[..], |b| &b[..]),
+            shared,
+            0,
+            immediate_len,
+            digests,
+            &mut self.stats,
+        );
         self.stats.pdus_out += 1;
         if write {
             self.stats.bytes_written += immediate_len as u64;
@@ -596,11 +692,13 @@ impl Connection {
                 unsolicited,
                 r2ts,
                 data_done,
+                out,
                 ..
             } = &mut task.kind
             else {
                 continue;
             };
+            let shared = out.as_ref();
             let (ttt, start, end) = if let Some((s, e)) = unsolicited.take() {
                 (RESERVED_TAG, s as usize, e as usize)
             } else if let Some((ttt, off, len)) = r2ts.pop_front() {
@@ -621,7 +719,17 @@ impl Connection {
                     data_sn,
                     buffer_offset: offset as u32,
                 });
-                encode_pdu(&mut self.tx, &hdr, &cmd.buffer[offset..offset + n], digests);
+                encode_data_pdu(
+                    &mut self.tx,
+                    shared.map(|_| &mut self.tx_refs),
+                    &hdr,
+                    shared.map_or(&cmd.buffer[..], |b| &b[..]),
+                    shared,
+                    offset,
+                    n,
+                    digests,
+                    &mut self.stats,
+                );
                 self.stats.pdus_out += 1;
                 self.stats.bytes_written += n as u64;
                 *data_done += n;
@@ -835,15 +943,84 @@ impl Connection {
         Ok(())
     }
 
-    /// Bytes waiting to be written to the transport.
+    /// Bytes waiting to be written to the transport (with
+    /// [`set_tx_by_reference`](Self::set_tx_by_reference): only those
+    /// before the next payload sent by reference; use [`tx_parts`](Self::tx_parts)).
     pub fn pending_tx(&self) -> &[u8] {
-        &self.tx[self.tx_start..]
+        let end = self.tx_refs.front().map_or(self.tx.len(), |r| r.at);
+        &self.tx[self.tx_start..end]
     }
 
-    /// Marks `n` bytes of [`pending_tx`](Self::pending_tx) as written.
-    pub fn consume_tx(&mut self, n: usize) {
-        self.tx_start = (self.tx_start + n).min(self.tx.len());
-        if self.tx_start == self.tx.len() {
+    /// Whether anything waits to be written to the transport.
+    pub fn has_pending_tx(&self) -> bool {
+        self.tx_start < self.tx.len() || !self.tx_refs.is_empty()
+    }
+
+    /// Lets a write's payload (immediate data, Data-Out) leave by reference
+    /// ([`TxPart::Shared`] from [`tx_parts`](Self::tx_parts)) instead of
+    /// being copied into the send bytes: the transport sends straight from
+    /// the caller's buffer, which comes back with the completion (copied
+    /// only if the transport still holds unacknowledged bytes of it).
+    /// Set before the first command.
+    pub fn set_tx_by_reference(&mut self, on: bool) {
+        self.tx_by_reference = on;
+    }
+
+    /// The bytes waiting to be written, in order, as up to `out.len()`
+    /// parts; returns the count. Then call [`consume_tx`](Self::consume_tx)
+    /// with how many bytes the transport took.
+    pub fn tx_parts<'a>(&'a self, out: &mut [TxPart<'a>]) -> usize {
+        let mut n = 0;
+        let mut pos = self.tx_start;
+        for r in &self.tx_refs {
+            if r.at > pos {
+                if n == out.len() {
+                    return n;
+                }
+                out[n] = TxPart::Bytes(&self.tx[pos..r.at]);
+                n += 1;
+                pos = r.at;
+            }
+            if n == out.len() {
+                return n;
+            }
+            out[n] = TxPart::Shared {
+                buf: &r.buf,
+                start: r.start,
+                len: r.len,
+            };
+            n += 1;
+        }
+        if pos < self.tx.len() && n < out.len() {
+            out[n] = TxPart::Bytes(&self.tx[pos..]);
+            n += 1;
+        }
+        n
+    }
+
+    /// Marks `n` bytes of [`pending_tx`](Self::pending_tx) (or of the
+    /// [`tx_parts`](Self::tx_parts)) as written.
+    pub fn consume_tx(&mut self, mut n: usize) {
+        while n > 0 {
+            let inline_end = self.tx_refs.front().map_or(self.tx.len(), |r| r.at);
+            if inline_end > self.tx_start {
+                let k = n.min(inline_end - self.tx_start);
+                self.tx_start += k;
+                n -= k;
+                continue;
+            }
+            let Some(r) = self.tx_refs.front_mut() else {
+                break;
+            };
+            let k = n.min(r.len);
+            r.start += k;
+            r.len -= k;
+            n -= k;
+            if r.len == 0 {
+                self.tx_refs.pop_front();
+            }
+        }
+        if self.tx_start == self.tx.len() && self.tx_refs.is_empty() {
             self.tx.clear();
             self.tx_start = 0;
         }
@@ -1488,6 +1665,7 @@ impl Connection {
             cmd,
             r2ts,
             r2ts_seen,
+            out,
             ..
         } = &mut task.kind
         else {
@@ -1512,10 +1690,10 @@ impl Connection {
             )));
         }
         let end = offset as u64 + len as u64;
-        if end > cmd.buffer.len() as u64 {
+        let data_len = out.as_ref().map_or(cmd.buffer.len(), |b| b.len());
+        if end > data_len as u64 {
             return Err(ConnError::Protocol(format!(
-                "R2T for bytes {offset}..{end}, past the {} bytes of the command",
-                cmd.buffer.len()
+                "R2T for bytes {offset}..{end}, past the {data_len} bytes of the command"
             )));
         }
         if r2ts.len() as u32 >= max_r2t {
@@ -1554,10 +1732,17 @@ impl Connection {
         let Some(task) = self.free_slot(slot) else {
             return Ok(());
         };
-        let TaskKind::Scsi { cmd, data_done, .. } = task.kind else {
+        let TaskKind::Scsi {
+            mut cmd,
+            data_done,
+            out,
+            ..
+        } = task.kind
+        else {
             return Ok(());
         };
         self.data_out_ready.retain(|&s| s != slot);
+        reclaim_buffer(&mut cmd, out, &mut self.stats);
         let transferred = if cmd.direction == Direction::Read {
             data_done
         } else {
@@ -1654,8 +1839,19 @@ impl Connection {
                 .map(|s| s.0.wrapping_sub(self.exp_cmd_sn.0))
                 .unwrap_or(u32::MAX)
         });
+        // Unsent payload references go first, so the buffers can come back
+        // (the send bytes are useless without them).
+        if !self.tx_refs.is_empty() {
+            self.tx_refs.clear();
+            self.tx.clear();
+            self.tx_start = 0;
+        }
         for t in tasks {
-            if let TaskKind::Scsi { cmd, .. } = t.kind {
+            if let TaskKind::Scsi {
+                mut cmd, out: buf, ..
+            } = t.kind
+            {
+                reclaim_buffer(&mut cmd, buf, &mut self.stats);
                 out.push(cmd);
             }
         }

@@ -7,7 +7,7 @@ use super::connection::{
     Command, Completion, ConnError, ConnTimers, Connection, Event, SubmitError,
 };
 use super::login::{Login, LoginConfig, LoginError, LoginOutcome, LoginProgress};
-use crate::transport::{RxSink, Transport, TransportError};
+use crate::transport::{RxSink, Transport, TransportError, TxPart};
 use crate::wire::iscsi::{Digests, IscsiWireError, PduFramer, PduHeader, Sn};
 use crate::wire::text::TextPairs;
 use std::time::{Duration, Instant};
@@ -187,6 +187,9 @@ impl<T: Transport> Session<T> {
                 LoginProgress::Continue => {}
                 LoginProgress::Done(outcome) => {
                     let mut conn = Connection::new(&outcome, config.timers, Instant::now());
+                    // Write payload leaves from the caller's buffer (one copy:
+                    // the kernel's, or the userspace stack's into the frame).
+                    conn.set_tx_by_reference(true);
                     if !inbuf.is_empty() {
                         conn.receive(&inbuf, Instant::now())?;
                     }
@@ -213,6 +216,9 @@ impl<T: Transport> Session<T> {
         &mut self.conn
     }
 
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
     pub fn transport(&self) -> &T {
         &self.transport
     }
@@ -233,22 +239,31 @@ impl<T: Transport> Session<T> {
         r
     }
 
+    /// Hands the connection's pending bytes to the transport, headers and
+    /// the callers' write buffers (by reference) in one call; returns the
+    /// bytes taken.
+    fn send_pending(&mut self) -> Result<usize, SessionError> {
+        // Most poll rounds have nothing to send: skip building the parts.
+        if !self.conn.has_pending_tx() {
+            return Ok(0);
+        }
+        let mut parts = [TxPart::Bytes(&[]); 16];
+        let count = self.conn.tx_parts(&mut parts);
+        if count == 0 {
+            return Ok(0);
+        }
+        let n = self.transport.send_parts(&parts[..count])?;
+        self.conn.consume_tx(n);
+        Ok(n)
+    }
+
     fn poll_io_inner(&mut self) -> Result<bool, SessionError> {
         if let Some(e) = self.conn.is_failed() {
             return Err(e.clone().into());
         }
         let now = Instant::now();
         let mut progressed = false;
-        loop {
-            let pending = self.conn.pending_tx();
-            if pending.is_empty() {
-                break;
-            }
-            let n = self.transport.send(pending)?;
-            if n == 0 {
-                break;
-            }
-            self.conn.consume_tx(n);
+        while self.send_pending()? > 0 {
             progressed = true;
         }
         // The transport's own work and the receive, in one: it puts each
@@ -266,10 +281,9 @@ impl<T: Transport> Session<T> {
         if received? > 0 {
             progressed = true;
         }
-        if !self.conn.pending_tx().is_empty() {
+        if self.conn.has_pending_tx() {
             // Answers to what we just received (R2T data, NOP-Out) go out now.
-            let n = self.transport.send(self.conn.pending_tx())?;
-            self.conn.consume_tx(n);
+            self.send_pending()?;
         }
         if let Some(t) = self.conn.poll_timeout() {
             if now >= t {
@@ -320,7 +334,7 @@ impl<T: Transport> Session<T> {
         wake: &crate::transport::Wake,
         max: Duration,
     ) -> Result<(), SessionError> {
-        let mut d = if self.conn.pending_tx().is_empty() {
+        let mut d = if !self.conn.has_pending_tx() {
             max
         } else {
             Duration::from_micros(100)
@@ -341,7 +355,7 @@ impl<T: Transport> Session<T> {
             }
             IdlePolicy::Wait(d) => {
                 // Don't block while we still have bytes to push out.
-                let d = if self.conn.pending_tx().is_empty() {
+                let d = if !self.conn.has_pending_tx() {
                     d
                 } else {
                     Duration::from_micros(100)

@@ -253,12 +253,14 @@ impl TxContext<'_> {
         device: &mut dyn Device,
         remote: Ipv4Addr,
         repr: &TcpRepr,
+        payload: &[&[u8]],
         seg_size: usize,
     ) -> Result<(), EmitBlocked> {
         let Some(dst_mac) = self.resolve(now, remote, device) else {
             return Err(EmitBlocked);
         };
-        let tcp_len = repr.buffer_len();
+        let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+        let tcp_len = repr.buffer_len() + payload_len;
         let ip_repr = Ipv4Repr {
             src_addr: self.ip,
             dst_addr: remote,
@@ -269,7 +271,7 @@ impl TxContext<'_> {
             dont_frag: true,
         };
         *self.ip_ident = self.ip_ident.wrapping_add(1);
-        let tso = self.offload.tso && repr.payload.len() > seg_size;
+        let tso = self.offload.tso && payload_len > seg_size;
         let csum_offload = self.offload.tx_checksum;
         let offload = TxOffload {
             ipv4_checksum: csum_offload,
@@ -297,7 +299,9 @@ impl TxContext<'_> {
             // Sizes were computed from the same reprs; these cannot fail.
             let _ = eth.emit(eth_buf);
             let _ = ip_repr.emit(ip_buf, csum);
-            let _ = repr.emit(tcp_buf, src_ip, remote, csum);
+            // The one copy of the payload: from the send queue (ring bytes
+            // and the caller's shared buffers) into the frame.
+            let _ = repr.emit_gather(tcp_buf, payload, src_ip, remote, csum);
             if csum_offload {
                 let len = if tso { None } else { Some(tcp_len) };
                 tcp_wire::Packet::new_unchecked(tcp_buf)
@@ -551,8 +555,8 @@ impl Interface {
         };
         for socket in sockets.iter_mut() {
             let remote = *socket.remote_endpoint().ip();
-            let _ = socket.dispatch(now, &mut |repr, seg_size| {
-                ctx.send_tcp(now, device, remote, repr, seg_size)
+            let _ = socket.dispatch_gather(now, &mut |repr, payload, seg_size| {
+                ctx.send_tcp(now, device, remote, repr, payload, seg_size)
             });
         }
         device.tx_flush();

@@ -14,6 +14,8 @@ use super::rtt::RttEstimator;
 use super::scoreboard::Scoreboard;
 use crate::clock::{earliest, Instant};
 use crate::wire::tcp::{SeqNumber, TcpFlags, TcpOptions, TcpRepr, TcpTimestamp, MAX_WINDOW_SCALE};
+use send::SendBuffer;
+pub use send::{SharedBytes, MAX_GATHER};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -133,6 +135,12 @@ pub struct TcpCounters {
     /// In-order payload bytes the reader took straight from the frame
     /// (never copied into the receive ring); included in `bytes_in`.
     pub bytes_direct: u64,
+    /// Bytes queued for sending by copying them into the send ring
+    /// ([`TcpSocket::send_slice`]).
+    pub tx_bytes_copied: u64,
+    /// Bytes queued for sending by reference ([`TcpSocket::send_shared`]):
+    /// copied once, from the caller's buffer into the frame.
+    pub tx_bytes_shared: u64,
 }
 
 /// What the interface should do after a segment was processed.
@@ -169,6 +177,11 @@ enum PlanKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmitBlocked;
 
+/// What [`TcpSocket::dispatch_gather`] calls per segment: the segment (its
+/// `payload` empty), the slices its payload is gathered from, and the
+/// per-segment payload size (for TSO).
+pub type GatherEmit<'e> = dyn FnMut(&TcpRepr, &[&[u8]], usize) -> Result<(), EmitBlocked> + 'e;
+
 /// One TCP connection (or listener).
 #[derive(Debug)]
 pub struct TcpSocket {
@@ -195,7 +208,7 @@ pub struct TcpSocket {
     rcv_nxt: SeqNumber,
     rcv_adv_right: SeqNumber,
 
-    tx: RingBuffer,
+    tx: SendBuffer,
     rx: RingBuffer,
     assembler: Assembler,
     /// Most recently received out-of-order block, reported first (RFC 2018).
@@ -240,6 +253,9 @@ pub struct TcpSocket {
     keepalive_sent: u32,
     timer_time_wait: Option<Instant>,
     last_send: Instant,
+    /// Slices one segment's payload may be gathered from: 1 for
+    /// [`TcpSocket::dispatch`], [`MAX_GATHER`] for [`TcpSocket::dispatch_gather`].
+    gather_slices: usize,
 
     counters: TcpCounters,
 }
@@ -254,7 +270,7 @@ impl TcpSocket {
         let cc = CongestionController::new(config.congestion, 536);
         let unspecified = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
         TcpSocket {
-            tx: RingBuffer::new(config.tx_buffer),
+            tx: SendBuffer::new(config.tx_buffer),
             rx: RingBuffer::new(config.rx_buffer),
             config,
             state: State::Closed,
@@ -310,6 +326,7 @@ impl TcpSocket {
             keepalive_sent: 0,
             timer_time_wait: None,
             last_send: Instant::ZERO,
+            gather_slices: 1,
             counters: TcpCounters::default(),
         }
     }
@@ -393,7 +410,7 @@ impl TcpSocket {
         let (local_mss, tso) = (self.local_mss, self.tso_payload);
         let counters = self.counters;
         let (tx, rx) = (
-            std::mem::replace(&mut self.tx, RingBuffer::new(0)),
+            std::mem::replace(&mut self.tx, SendBuffer::new(0)),
             std::mem::replace(&mut self.rx, RingBuffer::new(0)),
         );
         *self = TcpSocket::new_with_buffers(config, tx, rx);
@@ -418,7 +435,7 @@ impl TcpSocket {
         self.rcv_wscale = shift;
     }
 
-    fn new_with_buffers(config: TcpConfig, tx: RingBuffer, rx: RingBuffer) -> TcpSocket {
+    fn new_with_buffers(config: TcpConfig, tx: SendBuffer, rx: RingBuffer) -> TcpSocket {
         // Reuses the pre-allocated rings: no allocation when a socket is reopened.
         let mut s = TcpSocket::new(TcpConfig {
             rx_buffer: 0,
@@ -475,7 +492,32 @@ impl TcpSocket {
         if !self.may_send() {
             return Err(self.error.unwrap_or(TcpError::InvalidState));
         }
-        Ok(self.tx.enqueue_slice(data))
+        let n = self.tx.enqueue_slice(data);
+        self.counters.tx_bytes_copied += n as u64;
+        Ok(n)
+    }
+
+    /// Queues `buf[start..start + len]` by reference, without copying it:
+    /// the socket keeps a clone of `buf` until those bytes are acknowledged
+    /// and emits (and re-emits) them from there. Returns how much fit; they
+    /// count against the send buffer like copied bytes.
+    pub fn send_shared(
+        &mut self,
+        buf: &SharedBytes,
+        start: usize,
+        len: usize,
+    ) -> Result<usize, TcpError> {
+        if !self.may_send() {
+            return Err(self.error.unwrap_or(TcpError::InvalidState));
+        }
+        let n = self.tx.enqueue_shared(buf, start, len);
+        self.counters.tx_bytes_shared += n as u64;
+        Ok(n)
+    }
+
+    /// Bytes of the send queue held by reference ([`send_shared`](Self::send_shared)).
+    pub fn send_queue_shared(&self) -> usize {
+        self.tx.shared_len()
     }
 
     /// Reads received data. `Err(Finished)` once the peer's FIN has been
@@ -1255,7 +1297,7 @@ impl TcpSocket {
             if let Some(sacked) = self.scoreboard.next_sacked_start(seq) {
                 len = len.min(sacked.since(seq));
             }
-            len = self.tx.get_allocated(offset, len).len();
+            len = self.tx.gatherable(offset, len, self.gather_slices);
             let fin = self.fin_sent() && seq + len == fin_seq;
             if len > 0 || fin {
                 return Some(Plan {
@@ -1275,7 +1317,7 @@ impl TcpSocket {
         let usable_wnd = wnd_right.since(self.snd_nxt);
         let usable_cwnd = self.cc.cwnd.saturating_sub(self.flight());
         let mut len = unsent.min(usable_wnd).min(usable_cwnd).min(max_payload);
-        len = self.tx.get_allocated(offset, len).len();
+        len = self.tx.gatherable(offset, len, self.gather_slices);
         // Sender-side silly window avoidance (RFC 9293 §3.8.6.2.1), no Nagle.
         if len > 0 && len < mss && len < unsent && len < self.max_snd_wnd / 2 && self.flight() > 0 {
             len = 0;
@@ -1396,15 +1438,46 @@ impl TcpSocket {
 
     /// Emits every segment that is due. `emit` gets the segment and the
     /// per-segment payload size (for TSO); it returns `Err` when the device
-    /// or the neighbour cache cannot take the segment now.
+    /// or the neighbour cache cannot take the segment now. Each segment's
+    /// payload is one contiguous slice of the send queue.
     pub fn dispatch(
         &mut self,
         now: Instant,
         emit: &mut dyn FnMut(&TcpRepr, usize) -> Result<(), EmitBlocked>,
     ) -> Result<(), EmitBlocked> {
+        self.dispatch_inner(now, 1, &mut |repr, payload, seg_size| {
+            let repr = TcpRepr {
+                payload: payload.first().copied().unwrap_or(&[]),
+                ..*repr
+            };
+            emit(&repr, seg_size)
+        })
+    }
+
+    /// [`dispatch`](Self::dispatch) with each segment's payload gathered
+    /// from up to [`MAX_GATHER`] slices (ring bytes and shared buffers, see
+    /// [`send_shared`](Self::send_shared)), so a segment can carry an iSCSI
+    /// header from the ring and the data after it from the caller's buffer.
+    /// `emit` gets the segment with an empty `payload` and the slices that
+    /// make it up, in order (`TcpRepr::emit_gather` writes them).
+    pub fn dispatch_gather(
+        &mut self,
+        now: Instant,
+        emit: &mut GatherEmit<'_>,
+    ) -> Result<(), EmitBlocked> {
+        self.dispatch_inner(now, MAX_GATHER, emit)
+    }
+
+    fn dispatch_inner(
+        &mut self,
+        now: Instant,
+        slices: usize,
+        emit: &mut GatherEmit<'_>,
+    ) -> Result<(), EmitBlocked> {
         if self.state == State::Closed {
             return Ok(());
         }
+        self.gather_slices = slices.clamp(1, MAX_GATHER);
         self.on_timers(now);
         // Bounded: each pass consumes window, buffer or a flag.
         for _ in 0..4096 {
@@ -1422,12 +1495,14 @@ impl TcpSocket {
                 len = len / seg_size * seg_size;
             }
             let offset = plan.seq.since(self.snd_una);
-            let payload = if len > 0 {
-                self.tx.get_allocated(offset, len)
+            let mut pieces = [&[][..]; MAX_GATHER];
+            let (count, sent_len) = if len > 0 {
+                self.tx
+                    .gather(offset, len, &mut pieces[..self.gather_slices])
             } else {
-                &[]
+                (0, 0)
             };
-            let fin = plan.fin && payload.len() == plan.len;
+            let fin = plan.fin && sent_len == plan.len;
             let ack_number = plan.with_ack.then_some(self.rcv_nxt);
             let repr = TcpRepr {
                 src_port: self.local.port(),
@@ -1436,16 +1511,15 @@ impl TcpSocket {
                     syn: plan.syn,
                     fin,
                     rst: plan.rst,
-                    psh: !payload.is_empty() && offset + payload.len() == self.tx.len(),
+                    psh: sent_len > 0 && offset + sent_len == self.tx.len(),
                 },
                 seq_number: plan.seq,
                 ack_number,
                 window_len: self.window_field(plan.syn),
                 options,
-                payload,
+                payload: &[],
             };
-            let sent_len = repr.payload.len();
-            emit(&repr, seg_size)?;
+            emit(&repr, &pieces[..count], seg_size)?;
             self.on_sent(now, &plan, sent_len, fin);
             if plan.rst {
                 break;
@@ -1546,6 +1620,8 @@ impl TcpSocket {
         }
     }
 }
+
+mod send;
 
 #[cfg(test)]
 mod tests;

@@ -2,10 +2,10 @@
 //! a chosen local address first (ESXi-style port binding: the path leaves
 //! through the interface that owns that address).
 
-use super::{RxSink, Transport, TransportError, Wake};
+use super::{RxSink, Transport, TransportError, TxPart, Wake};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::io::{self, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -95,6 +95,27 @@ impl Transport for KernelTcp {
             return Ok(0);
         }
         match self.stream.write(buf) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// One `writev` of the parts (iSCSI headers and the caller's data
+    /// buffers), so the kernel's copy into its socket buffer is the only
+    /// one. At most 64 parts per call; the caller sends the rest next time.
+    fn send_parts(&mut self, parts: &[TxPart<'_>]) -> Result<usize, TransportError> {
+        let mut slices = [IoSlice::new(&[]); 64];
+        let mut count = 0;
+        for part in parts.iter().filter(|p| !p.is_empty()).take(slices.len()) {
+            slices[count] = IoSlice::new(part.bytes());
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        match self.stream.write_vectored(&slices[..count]) {
             Ok(n) => Ok(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),

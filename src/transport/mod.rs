@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -39,6 +40,35 @@ pub trait RxSink {
     fn rx_push(&mut self, bytes: &[u8]) -> usize;
 }
 
+/// One piece of the bytes to send, in stream order: bytes the sender owns
+/// (headers), or a range of a shared buffer (a write's payload) that a
+/// transport may send from without copying it first.
+#[derive(Debug, Clone, Copy)]
+pub enum TxPart<'a> {
+    Bytes(&'a [u8]),
+    Shared {
+        buf: &'a Arc<Vec<u8>>,
+        start: usize,
+        len: usize,
+    },
+}
+
+impl TxPart<'_> {
+    /// The bytes of this part.
+    pub fn bytes(&self) -> &[u8] {
+        match *self {
+            TxPart::Bytes(b) => b,
+            TxPart::Shared { buf, start, len } => buf.get(start..start + len).unwrap_or(&[]),
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A connected, non-blocking byte stream.
 pub trait Transport: Send {
     /// Does the transport's own work (like [`poll`](Transport::poll)) and
@@ -64,6 +94,23 @@ pub trait Transport: Send {
     }
     /// Writes as much of `buf` as fits now; `Ok(0)` means "full, try later".
     fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError>;
+    /// Writes as much of `parts`, in order, as fits now; returns the bytes
+    /// taken (a part may be taken in part). The kernel transport writes
+    /// them with one `writev`; the userspace stack queues shared parts by
+    /// reference (copied once, into the frame). This default copies each
+    /// part with [`send`](Transport::send).
+    fn send_parts(&mut self, parts: &[TxPart<'_>]) -> Result<usize, TransportError> {
+        let mut total = 0;
+        for part in parts {
+            let bytes = part.bytes();
+            let n = self.send(bytes)?;
+            total += n;
+            if n < bytes.len() {
+                break;
+            }
+        }
+        Ok(total)
+    }
     /// Reads what has arrived; `Ok(0)` means "nothing yet".
     /// A peer that closed gives `Err(TransportError::Closed)`.
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError>;

@@ -2,7 +2,7 @@
 //! layer runs unchanged on kernel TCP or on this. Time comes from the real
 //! clock, converted to the stack's [`Instant`] (the stack never reads it).
 
-use super::{RxSink, Transport, TransportError};
+use super::{RxSink, Transport, TransportError, TxPart};
 use crate::net::{
     Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig,
     TcpError, TcpSocket, TcpState,
@@ -216,6 +216,10 @@ impl<D: Device> UserTcp<D> {
     pub fn device(&self) -> &D {
         &self.device
     }
+    /// The device, e.g. to change a test adapter's settings mid-session.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
 
     fn socket_mut(&mut self) -> &mut TcpSocket {
         self.iface.socket_mut(self.handle)
@@ -241,6 +245,26 @@ impl<D: Device + Send> Transport for UserTcp<D> {
         self.socket_mut()
             .send_slice(buf)
             .map_err(to_transport_error)
+    }
+
+    /// Shared parts (a write's payload) are queued by reference: TCP keeps
+    /// the buffer until its bytes are acknowledged and copies them once,
+    /// into the frame. Other parts are copied into the send ring.
+    fn send_parts(&mut self, parts: &[TxPart<'_>]) -> Result<usize, TransportError> {
+        let socket = self.socket_mut();
+        let mut total = 0;
+        for part in parts {
+            let (n, want) = match *part {
+                TxPart::Bytes(b) => (socket.send_slice(b), b.len()),
+                TxPart::Shared { buf, start, len } => (socket.send_shared(buf, start, len), len),
+            };
+            let n = n.map_err(to_transport_error)?;
+            total += n;
+            if n < want {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {

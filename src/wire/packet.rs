@@ -46,17 +46,34 @@ impl Checksum {
 pub mod checksum {
     use super::Ipv4Addr;
 
-    /// One's-complement sum of `data` (not folded, not inverted).
+    /// One's-complement sum of `data` (folded to 16 bits, not inverted).
+    ///
+    /// Adds little-endian 32-bit words into a 64-bit accumulator (no carry
+    /// to propagate per word, so the loop vectorizes) and swaps the folded
+    /// result into network order: RFC 1071 §2 (A) and (B), the sum does not
+    /// depend on the word size or the byte order it is taken in.
     pub fn sum(data: &[u8]) -> u32 {
         let mut acc: u64 = 0;
-        let mut chunks = data.chunks_exact(2);
-        for pair in &mut chunks {
-            acc += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+        let mut words = data.chunks_exact(4);
+        for w in &mut words {
+            acc += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
         }
-        if let [last] = chunks.remainder() {
-            acc += u64::from(u16::from_be_bytes([*last, 0]));
+        let rest = words.remainder();
+        let mut last = [0u8; 4];
+        last[..rest.len()].copy_from_slice(rest);
+        acc += u64::from(u32::from_le_bytes(last));
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
         }
-        fold64(acc)
+        u32::from((acc as u16).swap_bytes())
+    }
+
+    /// The sum of a piece that starts `at` bytes into the summed data: a
+    /// piece at an odd offset has its bytes in the other half of each
+    /// 16-bit word (RFC 1071 §2 (B): swap the sum).
+    pub fn sum_at(data: &[u8], at: usize) -> u32 {
+        let s = fold(sum(data));
+        u32::from(if at % 2 == 1 { s.swap_bytes() } else { s })
     }
 
     fn fold64(mut acc: u64) -> u32 {
@@ -107,5 +124,37 @@ mod tests {
     #[test]
     fn odd_length_pads_with_zero() {
         assert_eq!(fold(sum(&[0x12, 0x34, 0x56])), 0x1234 + 0x5600);
+    }
+
+    /// RFC 1071's definition, 16-bit big-endian words one at a time.
+    fn reference(data: &[u8]) -> u16 {
+        let mut acc: u64 = 0;
+        for pair in data.chunks(2) {
+            acc += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn wide_sum_matches_rfc1071(data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000)) {
+            proptest::prop_assert_eq!(fold(sum(&data)), reference(&data));
+        }
+
+        #[test]
+        fn pieces_sum_to_the_whole(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            cuts in proptest::collection::vec(0usize..600, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.push(0);
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            let parts: Vec<u32> = cuts.windows(2).map(|w| sum_at(&data[w[0]..w[1]], w[0])).collect();
+            proptest::prop_assert_eq!(fold(combine(&parts)), reference(&data));
+        }
     }
 }

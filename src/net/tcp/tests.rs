@@ -843,3 +843,107 @@ fn newreno_is_selectable() {
         CongestionAlgorithm::Cubic
     );
 }
+
+// ---- sending by reference ---------------------------------------------------
+
+/// Like [`dispatch_all`], through `dispatch_gather`: each segment's pieces
+/// joined, and how many pieces it had.
+fn dispatch_gather_all(s: &mut TcpSocket, now: Instant) -> Vec<(Seg, usize)> {
+    let mut out = Vec::new();
+    s.dispatch_gather(now, &mut |repr, pieces, _| {
+        assert!(repr.payload.is_empty());
+        out.push((
+            Seg {
+                flags: repr.flags,
+                seq: repr.seq_number,
+                ack: repr.ack_number,
+                window: repr.window_len,
+                options: repr.options,
+                payload: pieces.concat(),
+            },
+            pieces.len(),
+        ));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+#[test]
+fn shared_payload_goes_out_with_its_headers_and_is_released_when_acked() {
+    let mut s = established();
+    let data: SharedBytes = std::sync::Arc::new((0..3000u32).map(|i| (i % 251) as u8).collect());
+    let header = [0xaau8; 48];
+    assert_eq!(s.send_slice(&header), Ok(48));
+    assert_eq!(s.send_shared(&data, 0, 3000), Ok(3000));
+    assert_eq!(s.send_slice(&[0u8; 4]), Ok(4));
+    assert_eq!(s.send_queue(), 3052);
+    assert_eq!(s.send_queue_shared(), 3000);
+    assert_eq!(
+        (s.counters().tx_bytes_copied, s.counters().tx_bytes_shared),
+        (52, 3000)
+    );
+    let mut stream = header.to_vec();
+    stream.extend_from_slice(&data);
+    stream.extend_from_slice(&[0u8; 4]);
+    let segs = dispatch_gather_all(&mut s, t(20));
+    // Full segments across the header/data/trailer boundaries.
+    assert_eq!(
+        segs.iter()
+            .map(|(s, pieces)| (s.payload.len(), *pieces))
+            .collect::<Vec<_>>(),
+        vec![(1000, 2), (1000, 1), (1000, 1), (52, 2)]
+    );
+    let sent: Vec<u8> = segs.iter().flat_map(|(s, _)| s.payload.clone()).collect();
+    assert_eq!(sent, stream);
+    assert!(segs[3].0.flags.psh);
+    assert_eq!(std::sync::Arc::strong_count(&data), 2, "held until acked");
+
+    // The second segment is lost: three duplicate ACKs, and the resent
+    // bytes come from the caller's buffer again.
+    recv(&mut s, t(30), ack_in(LOCAL_ISS + 1001));
+    for i in 0..3 {
+        recv(&mut s, t(31 + i), ack_in(LOCAL_ISS + 1001));
+    }
+    let rtx = dispatch_gather_all(&mut s, t(34));
+    assert_eq!(rtx.len(), 1, "{rtx:#?}");
+    assert_eq!(rtx[0].0.seq, LOCAL_ISS + 1001);
+    assert_eq!(rtx[0].0.payload, stream[1000..2000]);
+    assert_eq!(s.counters().retransmitted_bytes, 1000);
+    assert_eq!(std::sync::Arc::strong_count(&data), 2);
+    recv(&mut s, t(40), ack_in(LOCAL_ISS + 1 + 3052));
+    assert_eq!(s.send_queue(), 0);
+    assert_eq!(
+        std::sync::Arc::strong_count(&data),
+        1,
+        "released on the ACK"
+    );
+
+    // A timeout resends from the buffer too, and the plain ring still works.
+    assert_eq!(s.send_shared(&data, 100, 50), Ok(50));
+    let first = dispatch_gather_all(&mut s, t(50));
+    let rto = s.rto();
+    let again = dispatch_gather_all(&mut s, t(50) + rto);
+    assert_eq!(first.len(), 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].0.payload, data[100..150]);
+    assert_eq!(again[0].0.seq, first[0].0.seq);
+    recv(&mut s, t(5000), ack_in(LOCAL_ISS + 1 + 3102));
+    assert_eq!(std::sync::Arc::strong_count(&data), 1);
+    assert_eq!(s.send_slice(b"plain"), Ok(5));
+    let plain = dispatch_all(&mut s, t(5001));
+    assert_eq!(plain[0].payload, b"plain");
+}
+
+#[test]
+fn plain_dispatch_sends_shared_bytes_one_slice_per_segment() {
+    let mut s = established();
+    let data: SharedBytes = std::sync::Arc::new(vec![5u8; 1500]);
+    s.send_slice(&[1u8; 10]).unwrap();
+    s.send_shared(&data, 0, 1500).unwrap();
+    let segs = dispatch_all(&mut s, t(20));
+    // Segment boundaries at the slice boundary; nothing lost or doubled.
+    let lens: Vec<usize> = segs.iter().map(|s| s.payload.len()).collect();
+    assert_eq!(lens.iter().sum::<usize>(), 1510, "{lens:?}");
+    assert_eq!(segs[0].payload, [1u8; 10]);
+}
