@@ -79,8 +79,10 @@ const WAIT_RETRY: std::time::Duration = std::time::Duration::from_micros(100);
 /// How soon a hung connection (fault injection) looks at its faults again.
 const HANG_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 /// At ERL 1 and up, tasks whose responses are kept (until the initiator
-/// acknowledges their status); beyond this the oldest are forgotten.
+/// acknowledges their status), and the bytes of their data segments;
+/// beyond either the oldest are forgotten.
 const MAX_RETAINED: usize = 4096;
+const MAX_RETAINED_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -340,6 +342,8 @@ struct Core {
     recover_tasks: bool,
     /// ERL 1 and up: the responses of tasks not yet acknowledged.
     retained: Vec<Retained>,
+    /// The data bytes in `retained`.
+    retained_bytes: usize,
 }
 
 impl TargetConn {
@@ -411,6 +415,7 @@ impl TargetConn {
                 released: false,
                 recover_tasks: false,
                 retained: Vec::new(),
+                retained_bytes: 0,
             },
         }
     }
@@ -951,6 +956,7 @@ impl Core {
         let mut orphans = Vec::new();
         if recover {
             let mut sent: Vec<Retained> = std::mem::take(&mut self.retained);
+            self.retained_bytes = 0;
             for w in std::mem::take(&mut self.tasks) {
                 let i = sent.iter().position(|r| r.itt == w.itt);
                 orphans.push(Orphan {
@@ -1003,7 +1009,7 @@ impl Core {
             Some(i) if self.retained[i].status_sn.is_none() => i,
             _ => {
                 if self.retained.len() >= MAX_RETAINED {
-                    self.retained.remove(0);
+                    self.forget_oldest();
                 }
                 self.retained.push(Retained {
                     itt,
@@ -1018,14 +1024,43 @@ impl Core {
         if status.is_some() {
             r.status_sn = status;
         }
+        self.retained_bytes += data.len();
+        while self.retained_bytes > MAX_RETAINED_BYTES && self.retained.len() > 1 {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if self.retained.is_empty() {
+            return;
+        }
+        let r = self.retained.remove(0);
+        log::debug!(
+            "ERL 1: responses of task {:#x} forgotten (too many kept)",
+            r.itt
+        );
+        self.retained_bytes -= r.pdus.iter().map(|(_, d)| d.len()).sum::<usize>();
+    }
+
+    fn recount_retained(&mut self) {
+        self.retained_bytes = self
+            .retained
+            .iter()
+            .flat_map(|r| r.pdus.iter())
+            .map(|(_, d)| d.len())
+            .sum();
     }
 
     /// The initiator has seen every status before `exp_stat_sn`: those
     /// tasks' responses need not be kept.
     fn acknowledge(&mut self, exp_stat_sn: Sn) {
         if !self.retained.is_empty() {
+            let before = self.retained.len();
             self.retained
                 .retain(|r| r.status_sn.is_none_or(|s| s.ge(exp_stat_sn)));
+            if self.retained.len() != before {
+                self.recount_retained();
+            }
         }
     }
 
@@ -1110,6 +1145,7 @@ impl Core {
                         _ => true,
                     });
                 }
+                self.recount_retained();
                 return;
             }
             _ => return self.reject(reject::SNACK, bhs),
