@@ -7,8 +7,8 @@ mod common;
 use common::{tgtd_unavailable, Tgtd, TgtdOptions};
 use iscsi_bypass::target::{Target, TargetConfig};
 use iscsi_bypass::wire::iscsi::{
-    encode_pdu, tmf, DataOut, Digests, LoginRequest, LogoutRequest, PduFramer, PduHeader,
-    ScsiCommand, Sn, Stage, TaskMgmtRequest,
+    encode_pdu, tmf, DataOut, Digests, LoginRequest, LogoutRequest, NopOut, PduFramer, PduHeader,
+    ScsiCommand, Sn, Stage, TaskMgmtRequest, RESERVED_TAG,
 };
 use iscsi_bypass::wire::text::TextPairs;
 use std::io::{Read, Write};
@@ -204,7 +204,17 @@ fn two_connections_of_one_session_over_tcp() {
         cmd_sn: Sn(4),
         exp_stat_sn: Sn(0),
     });
-    std::thread::sleep(Duration::from_millis(50));
+    // A ping on B: once it is answered, B has taken the write.
+    let ping = PduHeader::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: 0x22,
+        ttt: RESERVED_TAG,
+        cmd_sn: Sn(4),
+        exp_stat_sn: Sn(0),
+    });
+    b.send(ping, &[]);
+    assert!(matches!(b.recv().0, PduHeader::NopIn(n) if n.itt == 0x22));
     a.send(logout, &[]);
     match a.recv().0 {
         PduHeader::LogoutResponse(r) => assert_eq!((r.response, r.time2retain), (0, 20)),
