@@ -4,12 +4,20 @@
 //! through [`TargetConn::poll_timeout`]/[`TargetConn::handle_timeout`].
 //! Nothing here reads a clock or a socket.
 //!
-//! Error recovery level 0, one connection per session. Malformed PDUs are
-//! answered with Reject where the stream can continue, otherwise the
-//! connection closes with a reason ([`TargetConn::close_reason`]).
+//! Several connections per session (MC/S): a login with a session's ISID
+//! and TSIH adds a connection to it ([`super::session`] holds what they
+//! share: the CmdSN window and order, the connections by CID, the tasks of
+//! failed ones). A command's R2Ts, Data-In and status go out on the
+//! connection it came in on; StatSN counts per connection. Error recovery
+//! up to level 2: at ERL 1 the responses of a task are kept until the
+//! initiator acknowledges its status, and a SNACK has them sent again; at
+//! ERL 2 the tasks of a failed or removed connection wait for a TASK
+//! REASSIGN on another one. Malformed PDUs are answered with Reject where
+//! the stream can continue, otherwise the connection closes with a reason
+//! ([`TargetConn::close_reason`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,16 +26,34 @@ use crate::iscsi::params::{respond, Params};
 use crate::wire::iscsi::{
     digest, pad_len, tmf, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest,
     LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t, Reject,
-    ScsiCommand, ScsiResponse, Sn, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
+    ScsiCommand, ScsiResponse, Sn, Snack, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
     TextResponse, BHS_LEN, RESERVED_TAG,
 };
 use crate::wire::text::TextPairs;
 
 use super::fault::AsyncEvent;
 use super::scsi::{self, status, ParamCommand, Plan, Port, Sense};
+use super::session::{closing, Gate, Session};
 use super::strict::{self, Rule, Violation};
 use super::SharedTarget;
 use crate::wire::iscsi::AsyncMessage;
+
+/// Keys negotiated on the leading connection only (RFC 7143 §13, "LO").
+const LEADING_ONLY: &[&str] = &[
+    "MaxConnections",
+    "InitialR2T",
+    "ImmediateData",
+    "MaxBurstLength",
+    "FirstBurstLength",
+    "DefaultTime2Wait",
+    "DefaultTime2Retain",
+    "MaxOutstandingR2T",
+    "DataPDUInOrder",
+    "DataSequenceInOrder",
+    "ErrorRecoveryLevel",
+    "iSCSIProtocolLevel",
+    "TaskReporting",
+];
 
 /// Reject reason codes (RFC 7143 §11.17.1).
 mod reject {
@@ -46,6 +72,17 @@ const MAX_LOGIN_TEXT: usize = 64 * 1024;
 /// Write commands waiting for data beyond this close the connection: only a
 /// misbehaving initiator gets here (the CmdSN window bounds the others).
 const MAX_PENDING_WRITES: usize = 4096;
+/// How soon a connection whose next command waits for a lower CmdSN on
+/// another connection looks again (the connections of a session run on
+/// their own threads, and nothing wakes a blocked socket read).
+const WAIT_RETRY: std::time::Duration = std::time::Duration::from_micros(100);
+/// How soon a hung connection (fault injection) looks at its faults again.
+const HANG_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+/// At ERL 1 and up, tasks whose responses are kept (until the initiator
+/// acknowledges their status), and the bytes of their data segments;
+/// beyond either the oldest are forgotten.
+const MAX_RETAINED: usize = 4096;
+const MAX_RETAINED_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -158,6 +195,35 @@ struct WriteTask {
     reset_seen: u64,
 }
 
+/// The PDUs sent for one task, kept at ERL 1 and up until the initiator
+/// acknowledges its status (ExpStatSN past it), for SNACK and TASK
+/// REASSIGN.
+#[derive(Debug)]
+struct Retained {
+    itt: u32,
+    /// Data-In, R2T and SCSI Response headers with their data segments.
+    pdus: Vec<(PduHeader, Vec<u8>)>,
+    /// The StatSN of its status, once sent.
+    status_sn: Option<Sn>,
+}
+
+/// A task of a connection that failed or was removed for recovery,
+/// waiting in its session for a TASK REASSIGN (ERL 2).
+#[derive(Debug)]
+pub(crate) struct Orphan {
+    itt: u32,
+    /// Still waiting for data.
+    write: Option<WriteTask>,
+    /// What was sent for it (a completed task's Data-In and status).
+    sent: Option<Retained>,
+}
+
+impl Orphan {
+    pub(crate) fn itt(&self) -> u32 {
+        self.itt
+    }
+}
+
 /// Text Request/Response exchange spanning several PDUs.
 #[derive(Debug, Default)]
 struct TextExchange {
@@ -256,6 +322,34 @@ struct Core {
     /// ABORT TASKs answered "function complete" for commands not received
     /// yet (ITT, CmdSN): such a command is dropped when it arrives.
     aborted_early: Vec<(u32, Sn)>,
+    /// What the connections of this session share (normal sessions; a
+    /// connection joining a session has it from its first login PDU).
+    session: Option<Arc<Session>>,
+    /// This connection's flag in the session ([`closing`]); set once it is
+    /// in the session.
+    closing: Option<Arc<AtomicU8>>,
+    /// This connection logs in to an existing session (TSIH given).
+    joining: bool,
+    /// The PDU being handled waits for its CmdSN turn (it goes to
+    /// `waiting`).
+    blocked: bool,
+    /// PDUs waiting for their CmdSN turn, as received (whole PDUs), in
+    /// order: commands whose lower CmdSNs come on other connections, and
+    /// the Data-Out of those commands. Immediate PDUs, and Data-Out for
+    /// tasks that run, pass them.
+    waiting: Vec<Vec<u8>>,
+    /// The ITTs of the commands in `waiting`.
+    waiting_itts: Vec<u32>,
+    /// The last time the connection was driven.
+    last_step: Instant,
+    /// Handed its tasks over to the session (or dropped them).
+    released: bool,
+    /// Tasks are kept for TASK REASSIGN when this connection ends.
+    recover_tasks: bool,
+    /// ERL 1 and up: the responses of tasks not yet acknowledged.
+    retained: Vec<Retained>,
+    /// The data bytes in `retained`.
+    retained_bytes: usize,
 }
 
 impl TargetConn {
@@ -318,6 +412,17 @@ impl TargetConn {
                 mrdsl_change: None,
                 nexus: None,
                 aborted_early: Vec::new(),
+                session: None,
+                closing: None,
+                joining: false,
+                blocked: false,
+                waiting: Vec::new(),
+                waiting_itts: Vec::new(),
+                last_step: now,
+                released: false,
+                recover_tasks: false,
+                retained: Vec::new(),
+                retained_bytes: 0,
             },
         }
     }
@@ -394,6 +499,32 @@ impl TargetConn {
         self.core.tsih
     }
 
+    /// The connection ID the initiator gave this connection.
+    pub fn cid(&self) -> u16 {
+        self.core.cid
+    }
+
+    /// How many connections this connection's session has (0 before the
+    /// full feature phase or for discovery).
+    pub fn session_connections(&self) -> usize {
+        match (&self.core.session, &self.core.closing) {
+            (Some(s), Some(_)) => s.conn_count(),
+            _ => 0,
+        }
+    }
+
+    /// The tasks of failed connections of this session waiting for a
+    /// TASK REASSIGN.
+    pub fn orphaned_tasks(&self) -> usize {
+        self.core.session.as_ref().map_or(0, |s| s.orphan_count())
+    }
+
+    /// True while the next PDU waits for a lower CmdSN that another
+    /// connection of the session carries.
+    pub fn is_waiting_for_cmd_sn(&self) -> bool {
+        !self.core.waiting.is_empty()
+    }
+
     pub fn initiator_name(&self) -> &str {
         &self.core.initiator_name
     }
@@ -407,6 +538,12 @@ impl TargetConn {
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.core.phase != Phase::FullFeature {
             return None;
+        }
+        if !self.core.waiting.is_empty() {
+            return Some(self.core.last_step + WAIT_RETRY);
+        }
+        if self.core.closing.is_some() && self.core.shared.faults.cid_state(self.core.cid).hang {
+            return Some(self.core.last_step + HANG_RETRY);
         }
         let ping = self
             .core
@@ -430,6 +567,21 @@ impl TargetConn {
             self.core
                 .close("session reinstated by a newer login with the same ISID");
             return;
+        }
+        self.core.last_step = now;
+        if self.core.check_closing() {
+            return;
+        }
+        if self.core.hung() {
+            return;
+        }
+        if self.rx_start < self.rx_end || !self.core.waiting.is_empty() {
+            // PDUs waiting for their CmdSN turn, or bytes left unread while
+            // the connection was hung.
+            self.process(now);
+            if self.is_closed() {
+                return;
+            }
         }
         self.core.poll_async(now);
         if self.core.logout_overdue(now) {
@@ -486,14 +638,22 @@ impl TargetConn {
             self.rx_end = 0;
             return;
         }
+        self.core.last_step = now;
+        if self.core.check_closing() {
+            self.rx_start = 0;
+            self.rx_end = 0;
+            return;
+        }
+        if self.core.hung() {
+            return;
+        }
         while self.core.phase != Phase::Closed && self.rx_start < self.rx_end {
             let avail = &self.rx[self.rx_start..self.rx_end];
             match self.core.framer.frame(avail) {
                 Ok(None) => break,
                 Ok(Some(f)) => {
-                    let bhs = &avail[..BHS_LEN];
-                    let data = &avail[f.data.clone()];
-                    self.core.handle(&f.header, bhs, data, now);
+                    self.core
+                        .take_pdu(&f.header, &avail[..f.total_len], f.data.clone(), now);
                     self.rx_start += f.total_len;
                 }
                 Err(e) => {
@@ -508,6 +668,7 @@ impl TargetConn {
             self.rx_start = 0;
             self.rx_end = 0;
         }
+        self.core.retry_waiting(now);
         self.core.poll_async(now);
         self.core.logout_overdue(now);
     }
@@ -515,9 +676,7 @@ impl TargetConn {
 
 impl Drop for TargetConn {
     fn drop(&mut self) {
-        if let Some(ended) = &self.core.ended {
-            self.core.shared.leave_session(ended);
-        }
+        self.core.release();
     }
 }
 
@@ -569,6 +728,18 @@ fn store(shared: &super::TargetShared, sink: &mut Sink, at: u32, data: &[u8]) {
     }
 }
 
+/// The ITT of a PDU that can wait for its CmdSN turn.
+fn itt_of(h: &PduHeader) -> Option<u32> {
+    Some(match h {
+        PduHeader::ScsiCommand(c) => c.itt,
+        PduHeader::NopOut(n) => n.itt,
+        PduHeader::TextRequest(t) => t.itt,
+        PduHeader::TaskMgmtRequest(t) => t.itt,
+        PduHeader::LogoutRequest(l) => l.itt,
+        _ => return None,
+    })
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b {
         "Yes"
@@ -612,6 +783,13 @@ impl Core {
     fn window(&mut self) -> (Sn, Sn) {
         let depth = self.shared.config.queue_depth.max(1);
         let busy = self.tasks.len() as u32;
+        if let Some(s) = &self.session {
+            // Session-wide: one window over all of its connections.
+            let (exp, max) = s.window(self.cid, busy, depth);
+            self.exp_cmd_sn = exp;
+            self.max_cmd_sn = max;
+            return (exp, max);
+        }
         let candidate = Sn(self
             .exp_cmd_sn
             .0
@@ -627,6 +805,20 @@ impl Core {
     /// in [ExpCmdSN, MaxCmdSN] and advance ExpCmdSN; duplicates and
     /// out-of-window ones are dropped.
     fn accept_cmd_sn(&mut self, immediate: bool, cmd_sn: Sn) -> bool {
+        if let Some(s) = &self.session {
+            let gate = s.gate(self.cid, immediate, cmd_sn);
+            let (exp, max) = s.cmd_window();
+            self.exp_cmd_sn = exp;
+            self.max_cmd_sn = max;
+            return match gate {
+                Gate::Go => true,
+                Gate::Drop => false,
+                Gate::Wait => {
+                    self.blocked = true;
+                    false
+                }
+            };
+        }
         if immediate {
             return true;
         }
@@ -645,6 +837,420 @@ impl Core {
         }
         self.exp_cmd_sn = cmd_sn.next();
         true
+    }
+
+    // ------------------------------------------------------------ MC/S
+
+    /// One framed PDU (`raw`, its data segment at `data`): handled now, or
+    /// kept in `waiting` for its CmdSN turn.
+    fn take_pdu(&mut self, h: &PduHeader, raw: &[u8], data: std::ops::Range<usize>, now: Instant) {
+        if let PduHeader::DataOut(d) = h {
+            if self.waiting_itts.contains(&d.itt) {
+                // Data of a command that has not run yet.
+                return self.waiting.push(raw.to_vec());
+            }
+        }
+        self.handle(h, &raw[..BHS_LEN], &raw[data], now);
+        if let Some(s) = &self.session {
+            s.end_turn(self.cid);
+        }
+        if std::mem::take(&mut self.blocked) {
+            if let Some(itt) = itt_of(h) {
+                self.waiting_itts.push(itt);
+            }
+            self.waiting.push(raw.to_vec());
+        }
+    }
+
+    /// Runs the waiting PDUs whose turn has come, in order.
+    fn retry_waiting(&mut self, now: Instant) {
+        while !self.waiting.is_empty() && self.phase != Phase::Closed {
+            let mut progress = false;
+            let queue = std::mem::take(&mut self.waiting);
+            let mut keep = Vec::with_capacity(queue.len());
+            for raw in queue {
+                if self.phase == Phase::Closed {
+                    break;
+                }
+                let Ok(Some(f)) = self.framer.frame(&raw) else {
+                    continue;
+                };
+                if let PduHeader::DataOut(d) = &f.header {
+                    if self.waiting_itts.contains(&d.itt) {
+                        keep.push(raw);
+                        continue;
+                    }
+                }
+                self.handle(&f.header, &raw[..BHS_LEN], &raw[f.data.clone()], now);
+                if let Some(s) = &self.session {
+                    s.end_turn(self.cid);
+                }
+                if std::mem::take(&mut self.blocked) {
+                    keep.push(raw);
+                } else {
+                    progress = true;
+                    if let Some(itt) = itt_of(&f.header) {
+                        if let Some(i) = self.waiting_itts.iter().position(|&x| x == itt) {
+                            self.waiting_itts.remove(i);
+                        }
+                    }
+                }
+            }
+            self.waiting = keep;
+            if !progress {
+                break;
+            }
+        }
+        if self.waiting.is_empty() {
+            self.waiting_itts.clear();
+        }
+    }
+
+    /// Fault injection: this connection is hung (reads and answers nothing).
+    fn hung(&self) -> bool {
+        self.closing.is_some() && self.shared.faults.cid_state(self.cid).hang
+    }
+
+    /// Closes the connection if the session told it to (a Logout of it on
+    /// another connection, a login that reinstated its CID) or a fault
+    /// kills it. True when it is closed.
+    fn check_closing(&mut self) -> bool {
+        if self.phase == Phase::Closed {
+            return true;
+        }
+        let Some(flag) = &self.closing else {
+            return false;
+        };
+        let how = flag.load(Ordering::Acquire);
+        if how != closing::OPEN {
+            self.recover_tasks = how == closing::RECOVER;
+            self.close(if self.recover_tasks {
+                "connection removed for recovery (logout reason 2 or reinstatement)"
+            } else {
+                "connection closed by a logout on another connection or its reinstatement"
+            });
+        } else if self.shared.faults.cid_state(self.cid).kill {
+            self.recover_tasks = self.erl() >= 2;
+            self.close(format!(
+                "fault injection: connection CID {} killed",
+                self.cid
+            ));
+        } else {
+            return false;
+        }
+        self.release();
+        true
+    }
+
+    /// The negotiated ErrorRecoveryLevel.
+    fn erl(&self) -> u32 {
+        self.params.error_recovery_level
+    }
+
+    /// The connection leaves its session: its tasks go to the session for
+    /// TASK REASSIGN (ERL 2, unless it logged out cleanly) or are dropped;
+    /// the last connection out ends the session. Runs once.
+    fn release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        // Not in a session (discovery, a login that did not finish).
+        let (Some(session), Some(flag)) = (self.session.clone(), self.closing.clone()) else {
+            return;
+        };
+        let recover = self.erl() >= 2 && (self.recover_tasks || self.close_unclean());
+        let mut orphans = Vec::new();
+        if recover {
+            let mut sent: Vec<Retained> = std::mem::take(&mut self.retained);
+            self.retained_bytes = 0;
+            for w in std::mem::take(&mut self.tasks) {
+                let i = sent.iter().position(|r| r.itt == w.itt);
+                orphans.push(Orphan {
+                    itt: w.itt,
+                    sent: i.map(|i| sent.swap_remove(i)),
+                    write: Some(w),
+                });
+            }
+            for r in sent {
+                orphans.push(Orphan {
+                    itt: r.itt,
+                    write: None,
+                    sent: Some(r),
+                });
+            }
+            if !orphans.is_empty() {
+                log::info!(
+                    "connection CID {} of TSIH {} gone: {} task(s) wait for TASK REASSIGN",
+                    self.cid,
+                    self.tsih,
+                    orphans.len()
+                );
+            }
+        }
+        let left = session.release_conn(self.cid, &flag, orphans);
+        if left == 0 {
+            if let Some(ended) = &self.ended {
+                self.shared.leave_session(ended);
+            }
+        }
+    }
+
+    /// Whether the connection ended without a logout (a broken TCP
+    /// connection, a protocol error): at ERL 2 its tasks are kept.
+    fn close_unclean(&self) -> bool {
+        self.phase != Phase::Closed || self.close_reason.as_deref() != Some("logout")
+    }
+
+    /// ERL 1 and up: keeps a copy of a PDU sent for task `itt`.
+    fn retain(&mut self, itt: u32, h: &PduHeader, data: &[u8]) {
+        if self.erl() == 0 || self.session.is_none() {
+            return;
+        }
+        let status = match h {
+            PduHeader::ScsiResponse(r) => Some(r.stat_sn),
+            PduHeader::DataIn(d) if d.status_present => Some(d.stat_sn),
+            _ => None,
+        };
+        let i = match self.retained.iter().rposition(|r| r.itt == itt) {
+            Some(i) if self.retained[i].status_sn.is_none() => i,
+            _ => {
+                if self.retained.len() >= MAX_RETAINED {
+                    self.forget_oldest();
+                }
+                self.retained.push(Retained {
+                    itt,
+                    pdus: Vec::new(),
+                    status_sn: None,
+                });
+                self.retained.len() - 1
+            }
+        };
+        let r = &mut self.retained[i];
+        r.pdus.push((h.clone(), data.to_vec()));
+        if status.is_some() {
+            r.status_sn = status;
+        }
+        self.retained_bytes += data.len();
+        while self.retained_bytes > MAX_RETAINED_BYTES && self.retained.len() > 1 {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if self.retained.is_empty() {
+            return;
+        }
+        let r = self.retained.remove(0);
+        log::debug!(
+            "ERL 1: responses of task {:#x} forgotten (too many kept)",
+            r.itt
+        );
+        self.retained_bytes -= r.pdus.iter().map(|(_, d)| d.len()).sum::<usize>();
+    }
+
+    fn recount_retained(&mut self) {
+        self.retained_bytes = self
+            .retained
+            .iter()
+            .flat_map(|r| r.pdus.iter())
+            .map(|(_, d)| d.len())
+            .sum();
+    }
+
+    /// The initiator has seen every status before `exp_stat_sn`: those
+    /// tasks' responses need not be kept.
+    fn acknowledge(&mut self, exp_stat_sn: Sn) {
+        if !self.retained.is_empty() {
+            let before = self.retained.len();
+            self.retained
+                .retain(|r| r.status_sn.is_none_or(|s| s.ge(exp_stat_sn)));
+            if self.retained.len() != before {
+                self.recount_retained();
+            }
+        }
+    }
+
+    /// Sends a kept PDU again with the current window; `stat_sn` replaces
+    /// its StatSN when given (the status of a reassigned task).
+    fn resend(&mut self, h: &PduHeader, data: &[u8], stat_sn: Option<Sn>) -> PduHeader {
+        let (exp, max) = self.window();
+        let mut h = h.clone();
+        match &mut h {
+            PduHeader::DataIn(d) => {
+                d.exp_cmd_sn = exp;
+                d.max_cmd_sn = max;
+                if let (Some(sn), true) = (stat_sn, d.status_present) {
+                    d.stat_sn = sn;
+                }
+            }
+            PduHeader::ScsiResponse(r) => {
+                r.exp_cmd_sn = exp;
+                r.max_cmd_sn = max;
+                if let Some(sn) = stat_sn {
+                    r.stat_sn = sn;
+                }
+            }
+            PduHeader::R2t(r) => {
+                r.exp_cmd_sn = exp;
+                r.max_cmd_sn = max;
+                r.stat_sn = self.stat_sn;
+            }
+            _ => {}
+        }
+        self.emit(&h, data);
+        h
+    }
+
+    /// SNACK (ERL 1): sends again the Data-In or R2Ts of a task (Data/R2T),
+    /// the statuses in a StatSN range (Status), or takes a DataACK.
+    fn on_snack(&mut self, k: &Snack, bhs: &[u8]) {
+        if self.erl() == 0 {
+            return self.reject(reject::SNACK, bhs);
+        }
+        let in_run = |sn: Sn| {
+            sn.ge(Sn(k.beg_run))
+                && (k.run_length == 0 || sn.lt(Sn(k.beg_run.wrapping_add(k.run_length))))
+        };
+        let mut again: Vec<(PduHeader, Vec<u8>)> = Vec::new();
+        match k.kind {
+            // Data/R2T: by DataSN or R2TSN within the task.
+            0 => {
+                if let Some(r) = self.retained.iter().rev().find(|r| r.itt == k.itt) {
+                    for (h, d) in &r.pdus {
+                        let hit = match h {
+                            PduHeader::DataIn(x) => in_run(x.data_sn),
+                            PduHeader::R2t(x) => in_run(x.r2t_sn),
+                            _ => false,
+                        };
+                        if hit {
+                            again.push((h.clone(), d.clone()));
+                        }
+                    }
+                }
+            }
+            // Status: by StatSN.
+            1 => {
+                for r in &self.retained {
+                    for (h, d) in &r.pdus {
+                        let sn = match h {
+                            PduHeader::ScsiResponse(x) => Some(x.stat_sn),
+                            PduHeader::DataIn(x) if x.status_present => Some(x.stat_sn),
+                            _ => None,
+                        };
+                        if sn.is_some_and(in_run) {
+                            again.push((h.clone(), d.clone()));
+                        }
+                    }
+                }
+            }
+            // DataACK: the Data-In before BegRun arrived; nothing to send.
+            2 => {
+                if let Some(r) = self.retained.iter_mut().find(|r| r.itt == k.itt) {
+                    r.pdus.retain(|(h, _)| match h {
+                        PduHeader::DataIn(x) => x.status_present || x.data_sn.ge(Sn(k.beg_run)),
+                        _ => true,
+                    });
+                }
+                self.recount_retained();
+                return;
+            }
+            _ => return self.reject(reject::SNACK, bhs),
+        }
+        if again.is_empty() {
+            log::debug!(
+                "SNACK type {} for ITT {:#x} BegRun {} RunLength {}: nothing kept to send",
+                k.kind,
+                k.itt,
+                k.beg_run,
+                k.run_length
+            );
+            return self.reject(reject::SNACK, bhs);
+        }
+        for (h, d) in again {
+            self.resend(&h, &d, None);
+        }
+    }
+
+    /// TASK REASSIGN (ERL 2): takes over a task of a failed or removed
+    /// connection of this session; what is left of it (R2Ts for the data
+    /// not yet received, Data-In from ExpDataSN, status) goes out here.
+    fn on_task_reassign(&mut self, t: &TaskMgmtRequest) {
+        let session = self.session.clone();
+        if session.as_ref().is_some_and(|s| s.release_pending()) {
+            // The connection it belonged to has been told to go but has not
+            // handed its tasks over yet.
+            self.blocked = true;
+            return;
+        }
+        if !self.accept_cmd_sn(t.immediate, t.cmd_sn) {
+            return;
+        }
+        let mut orphan = None;
+        let response = if self.shared.faults.take_reassign_refusal() {
+            255
+        } else if self.erl() < 2 {
+            // Task allegiance reassignment not supported.
+            4
+        } else if self.tasks.iter().any(|w| w.itt == t.referenced_task_tag) {
+            // Task still allegiant (to this very connection).
+            3
+        } else {
+            orphan = session.and_then(|s| s.take_orphan(t.referenced_task_tag));
+            if orphan.is_some() {
+                0
+            } else {
+                1
+            }
+        };
+        let (exp, max) = self.window();
+        let h = PduHeader::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt: t.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        });
+        self.emit(&h, &[]);
+        if let Some(o) = orphan {
+            log::info!(
+                "task {:#x} reassigned to connection CID {}",
+                o.itt,
+                self.cid
+            );
+            self.adopt(o, t.exp_data_sn);
+        }
+    }
+
+    fn adopt(&mut self, o: Orphan, exp_data_sn: Sn) {
+        if let Some(sent) = o.sent {
+            let stat_sn = sent.status_sn.map(|_| self.next_stat_sn());
+            for (h, d) in &sent.pdus {
+                let again = match h {
+                    PduHeader::DataIn(x) => x.data_sn.ge(exp_data_sn) || x.status_present,
+                    PduHeader::ScsiResponse(_) => true,
+                    // A write that is still running gets new R2Ts below.
+                    _ => false,
+                };
+                if again {
+                    let h = self.resend(h, d, stat_sn);
+                    self.retain(o.itt, &h, d);
+                }
+            }
+        }
+        if let Some(mut w) = o.write {
+            // Unsolicited data that had not arrived is now asked for by
+            // R2T; what arrived stays, so no byte is written twice.
+            w.unsolicited_done = true;
+            w.outstanding_r2t = 0;
+            w.sequence_ttt = None;
+            w.next_data_sn = Sn(0);
+            w.next_r2t_offset = w.received;
+            w.r2ts.clear();
+            self.tasks.push(w);
+            let i = self.tasks.len() - 1;
+            self.advance_write(i);
+        }
     }
 
     // ------------------------------------------------------------ async
@@ -773,10 +1379,15 @@ impl Core {
             );
         }
         let exp_stat_sn = strict::exp_stat_sn_of(h);
+        let mcs = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.max_connections() > 1);
         if let Some(e) = exp_stat_sn {
             // Acknowledges at most what we sent (StatSN up to stat_sn - 1),
-            // and never less than before.
-            if e.gt(self.stat_sn) || e.lt(self.exp_stat_sn_seen) {
+            // and never less than before (except a PDU that waited for its
+            // CmdSN turn, MC/S).
+            if e.gt(self.stat_sn) || (!mcs && e.lt(self.exp_stat_sn_seen)) {
                 return self.violation(
                     Rule::ExpStatSn,
                     format!(
@@ -786,9 +1397,26 @@ impl Core {
                     ),
                 );
             }
-            self.exp_stat_sn_seen = e;
+            if e.gt(self.exp_stat_sn_seen) {
+                self.exp_stat_sn_seen = e;
+            }
         }
-        if let Some((immediate, cmd_sn)) = strict::cmd_sn_of(h) {
+        let several = self
+            .session
+            .as_ref()
+            .map_or((false, (self.exp_cmd_sn, self.max_cmd_sn)), |s| {
+                (s.max_connections() > 1, s.cmd_window())
+            });
+        if let (Some((_, cmd_sn)), (true, (exp, max))) = (strict::cmd_sn_of(h), several) {
+            // MC/S: a CmdSN may run ahead of ExpCmdSN (lower ones come on
+            // other connections), but never out of the window.
+            if !strict::is_ping_answer(h) && (cmd_sn.lt(exp) || cmd_sn.gt(max)) {
+                return self.violation(
+                    Rule::CmdSnWindow,
+                    format!("{what} has CmdSN {cmd_sn}; the session's window is [{exp}, {max}]"),
+                );
+            }
+        } else if let Some((immediate, cmd_sn)) = strict::cmd_sn_of(h) {
             if immediate || strict::is_ping_answer(h) {
                 if cmd_sn != self.exp_cmd_sn {
                     return self.violation(
@@ -990,6 +1618,15 @@ impl Core {
     }
 
     fn handle(&mut self, h: &PduHeader, bhs: &[u8], data: &[u8], now: Instant) {
+        if self.phase == Phase::FullFeature && !self.retained.is_empty() {
+            let ack = match h {
+                PduHeader::Snack(k) => Some(k.exp_stat_sn),
+                other => strict::exp_stat_sn_of(other),
+            };
+            if let Some(e) = ack {
+                self.acknowledge(e);
+            }
+        }
         match self.phase {
             Phase::Login => match h {
                 PduHeader::LoginRequest(r) => self.on_login(r, data),
@@ -1001,9 +1638,12 @@ impl Core {
                 PduHeader::DataOut(d) => self.on_data_out(d, bhs, data),
                 PduHeader::NopOut(n) => self.on_nop_out(n, data, now),
                 PduHeader::TextRequest(t) => self.on_text(t, bhs, data),
+                PduHeader::TaskMgmtRequest(t) if t.function == tmf::TASK_REASSIGN => {
+                    self.on_task_reassign(t)
+                }
                 PduHeader::TaskMgmtRequest(t) => self.on_task_mgmt(t),
                 PduHeader::LogoutRequest(l) => self.on_logout(l),
-                PduHeader::Snack(_) => self.reject(reject::SNACK, bhs),
+                PduHeader::Snack(k) => self.on_snack(k, bhs),
                 _ => self.reject(reject::PROTOCOL_ERROR, bhs),
             },
             Phase::Closed => {}
@@ -1108,8 +1748,46 @@ impl Core {
                 let why = format!("redirected to {to}");
                 return self.login_fail_with_text(r, 0x01, detail, &why, &t.to_bytes());
             }
-            if r.tsih != 0 {
-                return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)");
+        }
+        if r.tsih != 0 && !self.joining && !self.login.names_checked {
+            // A connection for an existing session (MC/S): checked once the
+            // InitiatorName of this first request is known.
+            let pairs = TextPairs::parse(data).ok();
+            if let Some(name) = pairs.as_ref().and_then(|p| p.get("InitiatorName")) {
+                self.initiator_name = name.to_string();
+            }
+            let tpgt = self.shared.portals.get(self.portal).map_or(1, |p| p.tpgt);
+            match self
+                .shared
+                .find_session(&self.initiator_name, r.isid, tpgt, r.tsih, r.cid)
+            {
+                Ok((session, ended)) => {
+                    let mut params = session.params.clone();
+                    // Per connection: digests and MaxRecvDataSegmentLength.
+                    params.header_digest = self.params.header_digest;
+                    params.data_digest = self.params.data_digest;
+                    params.max_recv_data_segment_len = self.params.max_recv_data_segment_len;
+                    params.max_xmit_data_segment_len = self.params.max_xmit_data_segment_len;
+                    self.params = params;
+                    let (exp, max) = session.cmd_window();
+                    self.exp_cmd_sn = exp;
+                    self.max_cmd_sn = max;
+                    self.tsih = r.tsih;
+                    self.session = Some(session);
+                    self.ended = Some(ended);
+                    self.joining = true;
+                }
+                Err(super::JoinRefusal::NoSession) => {
+                    return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)")
+                }
+                Err(super::JoinRefusal::TooManyConnections) => {
+                    return self.login_fail(
+                        r,
+                        0x02,
+                        0x09,
+                        "the session has MaxConnections connections already",
+                    )
+                }
             }
         }
         if self.login.partial.len() + data.len() > MAX_LOGIN_TEXT {
@@ -1186,7 +1864,37 @@ impl Core {
             );
         }
         let text = reply.to_bytes();
-        if transit && r.nsg == Stage::FullFeature {
+        if transit && r.nsg == Stage::FullFeature && self.joining {
+            if self.session_type != SessionType::Normal {
+                return self.login_fail(r, 0x02, 0x00, "a discovery session has one connection");
+            }
+            let Some(session) = self.session.clone() else {
+                return self.login_fail(r, 0x02, 0x0a, "session does not exist (TSIH given)");
+            };
+            match session.add_conn(self.cid) {
+                Ok((flag, reinstated)) => {
+                    if reinstated {
+                        log::info!(
+                            "connection CID {} of TSIH {} reinstated",
+                            self.cid,
+                            self.tsih
+                        );
+                    }
+                    self.closing = Some(flag);
+                }
+                Err(()) => {
+                    return self.login_fail(
+                        r,
+                        0x02,
+                        0x09,
+                        "the session has MaxConnections connections already",
+                    )
+                }
+            }
+            let tsih = self.tsih;
+            self.login_respond(r, true, r.nsg, tsih, &text);
+            self.enter_full_feature();
+        } else if transit && r.nsg == Stage::FullFeature {
             let tsih = self.shared.allocate_tsih();
             self.tsih = tsih;
             self.login_respond(r, true, r.nsg, tsih, &text);
@@ -1251,6 +1959,11 @@ impl Core {
     /// Answers one operational key with the RFC 7143 result function.
     fn negotiate(&mut self, key: &str, offer: &str, reply: &mut TextPairs) {
         let l = self.shared.config.limits;
+        if self.joining && LEADING_ONLY.contains(&key) {
+            // Session-wide ("LO", RFC 7143 §13): settled on the leading
+            // connection; this one has the session's values.
+            return reply.push(key, "Irrelevant");
+        }
         let ours: String = match key {
             "HeaderDigest" | "DataDigest" => {
                 if l.allow_digests {
@@ -1259,16 +1972,28 @@ impl Core {
                     "None".into()
                 }
             }
-            "MaxConnections" => "1".into(),
+            "MaxConnections" => self.shared.config.max_connections.max(1).to_string(),
             "InitialR2T" => yes_no(l.initial_r2t).into(),
             "ImmediateData" => yes_no(l.immediate_data).into(),
             "MaxBurstLength" => l.max_burst_len.to_string(),
             "FirstBurstLength" => l.first_burst_len.to_string(),
             "DefaultTime2Wait" => "0".into(),
-            "DefaultTime2Retain" => "0".into(),
+            // Time2Retain matters for connection recovery only; the
+            // target keeps a failed connection's tasks until the session ends.
+            "DefaultTime2Retain" => if self.shared.config.max_error_recovery_level >= 2 {
+                "20"
+            } else {
+                "0"
+            }
+            .into(),
             "MaxOutstandingR2T" => l.max_outstanding_r2t.to_string(),
             "DataPDUInOrder" | "DataSequenceInOrder" => "Yes".into(),
-            "ErrorRecoveryLevel" => "0".into(),
+            "ErrorRecoveryLevel" => self
+                .shared
+                .config
+                .max_error_recovery_level
+                .min(2)
+                .to_string(),
             "IFMarker" | "OFMarker" => "No".into(),
             "iSCSIProtocolLevel" => "1".into(),
             "TaskReporting" => "RFC3720".into(),
@@ -1379,10 +2104,26 @@ impl Core {
         self.phase = Phase::FullFeature;
         if self.session_type == SessionType::Normal {
             let tpgt = self.shared.portals.get(self.portal).map_or(1, |p| p.tpgt);
-            let (ended, _) =
-                self.shared
-                    .enter_session(&self.initiator_name, self.isid, tpgt, self.tsih);
-            self.ended = Some(ended);
+            if !self.joining {
+                let session = Arc::new(Session::new(
+                    self.tsih,
+                    self.params.clone(),
+                    self.exp_cmd_sn,
+                    self.max_cmd_sn,
+                ));
+                // A new session has room for its first connection.
+                if let Ok((flag, _)) = session.add_conn(self.cid) {
+                    self.closing = Some(flag);
+                }
+                let (ended, _) = self.shared.enter_session(
+                    &self.initiator_name,
+                    self.isid,
+                    tpgt,
+                    session.clone(),
+                );
+                self.session = Some(session);
+                self.ended = Some(ended);
+            }
             self.nexus = Some(super::pr::ItNexus {
                 initiator: self.initiator_name.clone(),
                 isid: self.isid,
@@ -1455,12 +2196,16 @@ impl Core {
             },
         });
         match sense {
-            None => self.emit(&h, &[]),
+            None => {
+                self.emit(&h, &[]);
+                self.retain(itt, &h, &[]);
+            }
             Some(s) => {
                 let mut data = [0u8; 2 + Sense::FIXED_LEN];
                 data[1] = Sense::FIXED_LEN as u8;
                 data[2..].copy_from_slice(&s.emit_fixed());
                 self.emit(&h, &data);
+                self.retain(itt, &h, &data);
             }
         }
     }
@@ -1489,6 +2234,9 @@ impl Core {
         let burst = self.params.max_burst_len.max(512);
         let (exp, max) = self.window();
         let stat_sn = self.next_stat_sn();
+        let keep = self.erl() > 0 && self.session.is_some();
+        let mut kept: Vec<(PduHeader, Vec<u8>)> = Vec::new();
+        let cid = self.cid;
         let Core {
             out,
             scratch,
@@ -1496,6 +2244,7 @@ impl Core {
             digests,
             ..
         } = self;
+        let hdr_len = BHS_LEN + if digests.header { 4 } else { 0 };
         let (mut offset, mut in_burst, mut data_sn) = (0u32, 0u32, Sn(0));
         while offset < total {
             let len = (total - offset).min(max_seg).min(burst - in_burst);
@@ -1526,6 +2275,7 @@ impl Core {
                     0
                 },
             });
+            let start = out.len();
             push_pdu_with(out, &h, len as usize, *digests, |buf| match source {
                 DataSource::Lun { lun, offset: base } => {
                     shared.luns[lun].read(base + u64::from(offset), buf)
@@ -1534,8 +2284,20 @@ impl Core {
                     buf.copy_from_slice(&scratch[offset as usize..offset as usize + buf.len()])
                 }
             });
+            if keep {
+                let at = start + hdr_len;
+                kept.push((h, out[at..at + len as usize].to_vec()));
+            }
+            if shared.faults.take_data_in_drop(cid) {
+                // As if a digest error had dropped it on the way.
+                log::debug!("fault injection: Data-In DataSN {data_sn} of ITT {itt:#x} left out");
+                out.truncate(start);
+            }
             offset += len;
             data_sn = data_sn.next();
+        }
+        for (h, d) in kept {
+            self.retain(itt, &h, &d);
         }
     }
 
@@ -1834,7 +2596,9 @@ impl Core {
             t.r2t_sn = t.r2t_sn.next();
             t.next_r2t_offset += len;
             t.outstanding_r2t += 1;
+            let itt = t.itt;
             crate::wire::iscsi::encode_pdu(&mut self.out, &h, &[], self.digests);
+            self.retain(itt, &h, &[]);
         }
     }
 
@@ -2204,13 +2968,52 @@ impl Core {
         if !self.accept_cmd_sn(l.immediate, l.cmd_sn) {
             return;
         }
+        // Response 0 closes this connection (`me`) or has the session close
+        // another one; 1: no such CID; 2: recovery not supported.
+        let session = self.session.clone();
+        let mut me = false;
         let response = match l.reason {
-            0 => 0,
-            1 if l.cid == self.cid => 0,
-            1 => 1,
-            _ => 2,
+            0 => {
+                // The whole session: every other connection closes too.
+                if let Some(s) = &session {
+                    for cid in s.cids() {
+                        if cid != self.cid {
+                            s.close_conn(cid, closing::TERMINATE);
+                        }
+                    }
+                }
+                me = true;
+                0
+            }
+            1 | 2 if l.reason == 2 && self.erl() < 2 => 2,
+            1 | 2 if l.cid == self.cid => {
+                me = true;
+                self.recover_tasks = l.reason == 2;
+                0
+            }
+            1 | 2 => {
+                let how = if l.reason == 2 {
+                    closing::RECOVER
+                } else {
+                    closing::TERMINATE
+                };
+                match &session {
+                    Some(s) if s.close_conn(l.cid, how) => 0,
+                    _ => 1,
+                }
+            }
+            _ => {
+                log::debug!("Logout reason {} is not defined", l.reason);
+                let bhs = PduHeader::LogoutRequest(l.clone()).emit(0, 0);
+                return self.reject(reject::INVALID_FIELD, &bhs);
+            }
         };
         let (exp, max) = self.window();
+        let time2retain = if l.reason == 2 && response == 0 {
+            self.params.default_time2retain.min(u32::from(u16::MAX)) as u16
+        } else {
+            0
+        };
         let h = PduHeader::LogoutResponse(LogoutResponse {
             response,
             itt: l.itt,
@@ -2218,15 +3021,20 @@ impl Core {
             exp_cmd_sn: exp,
             max_cmd_sn: max,
             time2wait: 0,
-            time2retain: 0,
+            time2retain,
         });
         self.emit(&h, &[]);
-        if response == 0 {
+        if me {
             if self.logout_due.take().is_some() {
                 self.shared.faults.count_logout(true);
             }
-            self.tasks.clear();
-            self.close("logout");
+            if self.recover_tasks {
+                self.close("logout for recovery");
+            } else {
+                self.tasks.clear();
+                self.close("logout");
+            }
+            self.release();
         }
     }
 }
@@ -2259,6 +3067,9 @@ mod tests {
         cmd_sn: Sn,
         itt: u32,
         isid: [u8; 6],
+        /// The TSIH and CID the logins carry (MC/S: a session's TSIH).
+        tsih: u16,
+        cid: u16,
     }
 
     type Pdu = (PduHeader, Vec<u8>);
@@ -2273,11 +3084,23 @@ mod tests {
                 cmd_sn: Sn(100),
                 itt: 0,
                 isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                cid: 1,
             }
         }
 
         fn send_raw(&mut self, bytes: &[u8]) -> Vec<Pdu> {
             self.conn.receive(bytes, self.now);
+            self.take_output()
+        }
+
+        /// Runs the connection's timers and returns what it sent.
+        fn tick(&mut self) -> Vec<Pdu> {
+            self.conn.handle_timeout(self.now);
+            self.take_output()
+        }
+
+        fn take_output(&mut self) -> Vec<Pdu> {
             let out = self.conn.output().to_vec();
             self.conn.clear_output();
             let framer = PduFramer {
@@ -2329,9 +3152,9 @@ mod tests {
                 version_max: 0,
                 version_min: 0,
                 isid: self.isid,
-                tsih: 0,
+                tsih: self.tsih,
                 itt: 7,
-                cid: 1,
+                cid: self.cid,
                 cmd_sn: self.cmd_sn,
                 exp_stat_sn: Sn(50),
             });
@@ -2459,7 +3282,7 @@ mod tests {
         assert_eq!(t.get("FirstBurstLength"), Some("65536"));
         assert_eq!(t.get("InitialR2T"), Some("No"));
         assert_eq!(t.get("MaxOutstandingR2T"), Some("8"));
-        assert_eq!(t.get("ErrorRecoveryLevel"), Some("0"));
+        assert_eq!(t.get("ErrorRecoveryLevel"), Some("2"));
         assert_eq!(t.get("X-com.example.Vendor"), Some("NotUnderstood"));
         assert_eq!(t.get("TargetPortalGroupTag"), Some("2"));
         assert_eq!(t.get("MaxRecvDataSegmentLength"), Some("262144"));
@@ -3647,4 +4470,7 @@ mod tests {
             p.conn.receive(&pdu, p.now);
         }
     }
+
+    /// MC/S and error recovery (src/target/conn/tests/mcs.rs).
+    mod mcs;
 }

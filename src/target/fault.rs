@@ -98,6 +98,8 @@ struct Faults {
     /// Generation of the newest async message (any scope); 0: none yet.
     async_generation: AtomicU64,
     async_counters: AsyncCounters,
+    /// Faults for one connection, chosen by its CID (MC/S tests).
+    by_cid: CidFaults,
 }
 
 /// Handle onto the fault switches of one target, scoped to all portals or to
@@ -448,6 +450,136 @@ impl FaultInjector {
     }
 }
 
+/// Faults aimed at the connection with one CID (in any session), so a test
+/// can fail one connection of an MC/S session and keep the others.
+#[derive(Debug, Default)]
+struct CidFaults {
+    /// Fast path: false while no CID fault is set.
+    any: AtomicBool,
+    set: Mutex<Vec<CidFault>>,
+    /// TASK REASSIGNs still to refuse (any connection).
+    refuse_reassign: AtomicU32,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CidFault {
+    cid: u16,
+    /// Closes at its next step (as if the TCP connection broke).
+    kill: bool,
+    /// Neither reads nor answers until unhung (a stuck connection).
+    hang: bool,
+    /// Data-In PDUs still to leave out (as if a digest error dropped them).
+    drop_data_in: u32,
+}
+
+/// What a connection must do about the faults aimed at its CID.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CidFaultState {
+    pub(crate) kill: bool,
+    pub(crate) hang: bool,
+}
+
+impl FaultInjector {
+    fn with_cid(&self, cid: u16, f: impl FnOnce(&mut CidFault)) {
+        let c = &self.faults.by_cid;
+        let mut set = c.set.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match set.iter().position(|x| x.cid == cid) {
+            Some(i) => i,
+            None => {
+                set.push(CidFault {
+                    cid,
+                    ..CidFault::default()
+                });
+                set.len() - 1
+            }
+        };
+        f(&mut set[i]);
+        set.retain(|x| x.kill || x.hang || x.drop_data_in > 0);
+        c.any.store(!set.is_empty(), Ordering::Release);
+    }
+
+    /// Closes the connection with this CID (any session) at its next step,
+    /// as a broken TCP connection would; later logins with the CID are not
+    /// affected once it has gone (see [`FaultInjector::revive_connection`]).
+    pub fn kill_connection(&self, cid: u16) {
+        self.with_cid(cid, |f| f.kill = true);
+    }
+
+    /// Lets connections with this CID live again after [`kill_connection`](Self::kill_connection).
+    pub fn revive_connection(&self, cid: u16) {
+        self.with_cid(cid, |f| f.kill = false);
+    }
+
+    /// The connection with this CID stops reading and answering (its TCP
+    /// connection stays up): a hung connection. A Logout of it from
+    /// another connection still closes it.
+    pub fn hang_connection(&self, cid: u16) {
+        self.with_cid(cid, |f| f.hang = true);
+    }
+
+    pub fn unhang_connection(&self, cid: u16) {
+        self.with_cid(cid, |f| f.hang = false);
+    }
+
+    /// Leaves out the next `n` Data-In PDUs of the connection with this
+    /// CID, as if a digest error had dropped them: the initiator sees a
+    /// DataSN gap (and at ERL 1 asks again with a SNACK).
+    pub fn drop_data_in(&self, cid: u16, n: u32) {
+        self.with_cid(cid, |f| f.drop_data_in = n);
+    }
+
+    /// The kill/hang faults for `cid`; one atomic load when none is set.
+    pub(crate) fn cid_state(&self, cid: u16) -> CidFaultState {
+        let c = &self.faults.by_cid;
+        if !c.any.load(Ordering::Acquire) {
+            return CidFaultState::default();
+        }
+        let set = c.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.iter()
+            .find(|x| x.cid == cid)
+            .map_or(CidFaultState::default(), |x| CidFaultState {
+                kill: x.kill,
+                hang: x.hang,
+            })
+    }
+
+    /// True when this Data-In of connection `cid` is to be left out.
+    pub(crate) fn take_data_in_drop(&self, cid: u16) -> bool {
+        if !self.faults.by_cid.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut taken = false;
+        self.with_cid(cid, |f| {
+            if f.drop_data_in > 0 {
+                f.drop_data_in -= 1;
+                taken = true;
+            }
+        });
+        taken
+    }
+
+    /// Answers the next `n` TASK REASSIGN requests "function rejected"
+    /// (response 255), to play a target that refuses the recovery.
+    pub fn refuse_task_reassign(&self, n: u32) {
+        self.faults
+            .by_cid
+            .refuse_reassign
+            .store(n, Ordering::Release);
+    }
+
+    pub(crate) fn take_reassign_refusal(&self) -> bool {
+        take_one(&self.faults.by_cid.refuse_reassign)
+    }
+
+    /// Turns every per-CID fault off.
+    pub fn clear_connection_faults(&self) {
+        let c = &self.faults.by_cid;
+        c.refuse_reassign.store(0, Ordering::Release);
+        c.set.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        c.any.store(false, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +641,26 @@ mod tests {
         assert_eq!(f.take_async_event(1, &mut seen1), Some(all));
         assert_eq!(f.take_async_event(0, &mut later), Some(all));
         assert_eq!(all.code(), 3);
+    }
+
+    #[test]
+    fn connection_faults_aim_at_one_cid() {
+        let f = FaultInjector::new(1);
+        assert_eq!(f.cid_state(2), CidFaultState::default());
+        f.hang_connection(2);
+        f.kill_connection(3);
+        assert!(f.cid_state(2).hang && !f.cid_state(2).kill);
+        assert!(f.cid_state(3).kill && !f.cid_state(1).kill);
+        f.drop_data_in(1, 2);
+        assert!(!f.take_data_in_drop(2));
+        assert!(f.take_data_in_drop(1) && f.take_data_in_drop(1));
+        assert!(!f.take_data_in_drop(1), "only two");
+        f.unhang_connection(2);
+        f.revive_connection(3);
+        assert_eq!(f.cid_state(2), CidFaultState::default());
+        assert!(!f.faults.by_cid.any.load(Ordering::Acquire));
+        f.kill_connection(4);
+        f.clear_connection_faults();
+        assert!(!f.cid_state(4).kill);
     }
 }

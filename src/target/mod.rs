@@ -9,7 +9,11 @@
 //!   CAPACITY, READ/WRITE, REPORT LUNS, ALUA REPORT TARGET PORT GROUPS, ...).
 //! - [`lun`]: RAM-backed (sharded locks, shared by every connection) or null
 //!   logical units.
-//! - [`fault`]: the [`FaultInjector`] (atomics; cheap to clone).
+//! - [`session`]: what the connections of one session share (MC/S: the
+//!   CmdSN window and order, connections by CID, tasks awaiting TASK
+//!   REASSIGN).
+//! - [`fault`]: the [`FaultInjector`] (atomics; cheap to clone), per portal
+//!   or per connection (CID).
 //! - [`server`]: the runtime over kernel TCP, one thread per connection.
 //! - [`user`]: the runtime over the userspace stack on a packet device
 //!   (DPDK), one poll-mode thread for every connection.
@@ -20,6 +24,7 @@ pub mod lun;
 pub mod pr;
 pub mod scsi;
 pub mod server;
+pub(crate) mod session;
 pub mod strict;
 pub mod user;
 
@@ -278,6 +283,13 @@ pub struct TargetConfig {
     /// Operation codes answered INVALID COMMAND OPERATION CODE and left out
     /// of REPORT SUPPORTED OPERATION CODES (to play a target without them).
     pub disabled_opcodes: Vec<u8>,
+    /// MaxConnections the target allows per session (MC/S; 1 turns it
+    /// off). A login with a session's ISID and TSIH and a new CID adds a
+    /// connection to it.
+    pub max_connections: u16,
+    /// The highest ErrorRecoveryLevel the target offers (0..=2): 1 adds
+    /// SNACK, 2 connection recovery and TASK REASSIGN.
+    pub max_error_recovery_level: u8,
 }
 
 impl TargetConfig {
@@ -297,7 +309,21 @@ impl TargetConfig {
             block_limits: BlockLimitsConfig::default(),
             alua_explicit: false,
             disabled_opcodes: Vec::new(),
+            max_connections: 4,
+            max_error_recovery_level: 2,
         }
+    }
+
+    /// MaxConnections offered (1: no MC/S).
+    pub fn max_connections(mut self, n: u16) -> TargetConfig {
+        self.max_connections = n;
+        self
+    }
+
+    /// The highest ErrorRecoveryLevel offered (0..=2).
+    pub fn max_error_recovery_level(mut self, erl: u8) -> TargetConfig {
+        self.max_error_recovery_level = erl;
+        self
     }
 
     pub fn block_limits(mut self, limits: BlockLimitsConfig) -> TargetConfig {
@@ -487,6 +513,15 @@ impl TargetConfig {
         if self.queue_depth == 0 {
             return bad("queue depth must be at least 1".into());
         }
+        if self.max_connections == 0 {
+            return bad("MaxConnections must be at least 1".into());
+        }
+        if self.max_error_recovery_level > 2 {
+            return bad(format!(
+                "ErrorRecoveryLevel {} is beyond 2, the highest RFC 7143 defines",
+                self.max_error_recovery_level
+            ));
+        }
         let l = &self.limits;
         if !(512..=16_777_215).contains(&l.max_recv_data_segment_len)
             || !(512..=16_777_215).contains(&l.max_burst_len)
@@ -562,6 +597,17 @@ struct SessionEntry {
     tsih: u16,
     /// Set when a newer login of the same I_T nexus ended this session.
     ended: Arc<std::sync::atomic::AtomicBool>,
+    /// What its connections share (MC/S).
+    session: Arc<session::Session>,
+}
+
+/// Why a login that names an existing session (TSIH not 0) cannot join it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinRefusal {
+    /// No such session for this initiator port (status 0x020a).
+    NoSession,
+    /// It has MaxConnections connections already (status 0x0209).
+    TooManyConnections,
 }
 
 impl TargetShared {
@@ -674,8 +720,9 @@ impl TargetShared {
         initiator: &str,
         isid: [u8; 6],
         tpgt: u16,
-        tsih: u16,
+        session: Arc<session::Session>,
     ) -> (Arc<std::sync::atomic::AtomicBool>, usize) {
+        let tsih = session.tsih;
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let Ok(mut table) = self.sessions.lock() else {
             return (ended, 0);
@@ -699,10 +746,34 @@ impl TargetShared {
             tpgt,
             tsih,
             ended: ended.clone(),
+            session,
         });
         (ended, reinstated)
     }
 
+    /// The session a login with a TSIH wants to add a connection to (RFC
+    /// 7143 §6.3.3): the same initiator, ISID, portal group and TSIH.
+    pub(crate) fn find_session(
+        &self,
+        initiator: &str,
+        isid: [u8; 6],
+        tpgt: u16,
+        tsih: u16,
+        cid: u16,
+    ) -> Result<(Arc<session::Session>, Arc<std::sync::atomic::AtomicBool>), JoinRefusal> {
+        let table = self.sessions.lock().map_err(|_| JoinRefusal::NoSession)?;
+        let e = table
+            .iter()
+            .find(|e| {
+                e.initiator == initiator && e.isid == isid && e.tpgt == tpgt && e.tsih == tsih
+            })
+            .filter(|e| !e.ended.load(Ordering::Acquire))
+            .ok_or(JoinRefusal::NoSession)?;
+        if !e.session.has_room_for(cid) {
+            return Err(JoinRefusal::TooManyConnections);
+        }
+        Ok((e.session.clone(), e.ended.clone()))
+    }
     /// The session behind `ended` is gone (its connection closed).
     pub(crate) fn leave_session(&self, ended: &Arc<std::sync::atomic::AtomicBool>) {
         if let Ok(mut table) = self.sessions.lock() {
@@ -713,6 +784,16 @@ impl TargetShared {
     /// Normal sessions in the table now.
     pub fn session_count(&self) -> usize {
         self.sessions.lock().map_or(0, |t| t.len())
+    }
+
+    /// The CIDs of the connections of the session with this TSIH (MC/S),
+    /// or None when there is no such session.
+    pub fn session_cids(&self, tsih: u16) -> Option<Vec<u16>> {
+        let table = self.sessions.lock().ok()?;
+        table
+            .iter()
+            .find(|e| e.tsih == tsih && !e.ended.load(Ordering::Acquire))
+            .map(|e| e.session.cids())
     }
 
     /// A fresh non-zero TSIH.

@@ -130,6 +130,16 @@ impl TargetHandle {
         self.shared.portals.iter().map(|p| p.alua_group).collect()
     }
 
+    /// Normal sessions now.
+    pub fn session_count(&self) -> usize {
+        self.shared.session_count()
+    }
+
+    /// The CIDs of the connections of the session with this TSIH (MC/S).
+    pub fn session_cids(&self, tsih: u16) -> Option<Vec<u16>> {
+        self.shared.session_cids(tsih)
+    }
+
     /// A LUN's store, e.g. to seed or check data in tests.
     pub fn lun(&self, lun: u16) -> Option<&Lun> {
         self.shared.lun_index(lun).map(|i| &self.shared.luns[i])
@@ -286,6 +296,6 @@ fn drive(
             .poll_timeout()
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(TICK)
-            .clamp(Duration::from_millis(1), TICK);
+            .clamp(Duration::from_micros(100), TICK);
     }
 }
