@@ -11,3 +11,4 @@ pub mod params;
 pub mod redirect;
 pub mod session;
 pub mod url;
+pub mod window;

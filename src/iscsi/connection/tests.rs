@@ -1,5 +1,7 @@
 use super::*;
 use crate::iscsi::login::LoginOutcome;
+use crate::iscsi::window::SessionWindow;
+use std::sync::Arc;
 use crate::wire::iscsi::{NopIn, R2t, ScsiResponse, TextResponse};
 
 fn outcome(params: Params) -> LoginOutcome {
@@ -979,4 +981,146 @@ fn renegotiation_answer_out_of_range_fails_the_connection() {
     );
     let e = c.receive(&answer, now).unwrap_err();
     assert!(e.to_string().contains("§13.12"), "{e}");
+}
+
+/// MC/S: two connections of one session, one CmdSN window shared between
+/// them (the leading login's window 10..=41, here narrowed to 10..=12).
+fn mcs_pair(now: Instant) -> (Connection, Connection, Arc<SessionWindow>) {
+    let window = Arc::new(SessionWindow::new(Sn(10), Sn(10), Sn(12)));
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(12);
+    let a = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 0);
+    o.cid = 1;
+    let b = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 1);
+    (a, b, window)
+}
+
+fn scsi_itts(sent: &[(PduHeader, Vec<u8>)]) -> Vec<(u32, Sn)> {
+    sent.iter()
+        .filter_map(|(h, _)| match h {
+            PduHeader::ScsiCommand(c) => Some((c.itt, c.cmd_sn)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mcs_connections_take_cmdsns_from_one_window() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    b.submit(read_cmd(512, 2), now).unwrap();
+    a.submit(read_cmd(512, 3), now).unwrap();
+    b.submit(read_cmd(512, 4), now).unwrap();
+    let sa = scsi_itts(&pa.sent(&mut a));
+    let sb = scsi_itts(&pb.sent(&mut b));
+    // One numbering across both connections, and the window is full at 12.
+    assert_eq!(sa.iter().map(|x| x.1).collect::<Vec<_>>(), [Sn(10), Sn(12)]);
+    assert_eq!(sb.iter().map(|x| x.1).collect::<Vec<_>>(), [Sn(11)]);
+    assert_eq!(window.space(), 0);
+    // Tags never collide between the connections of a session.
+    assert!(sa.iter().all(|(itt, _)| itt & 0xf000 == 0));
+    assert!(sb.iter().all(|(itt, _)| itt & 0xf000 == 0x1000));
+    // A response on A opens the window; B's queued command goes out with
+    // the next CmdSN once B looks at the window again.
+    a.receive(&pa.response(sa[0].0, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+    assert_eq!(window.max_cmd_sn(), Sn(13));
+    assert!(pb.sent(&mut b).is_empty());
+    b.send_queued();
+    assert_eq!(
+        scsi_itts(&pb.sent(&mut b)).iter().map(|x| x.1).collect::<Vec<_>>(),
+        [Sn(13)]
+    );
+    // A stale, smaller MaxCmdSN on B does not shrink the window.
+    b.receive(&pb.response(sb[0].0, 0, &[], 12), now).unwrap();
+    assert_eq!(completion(&mut b).user_tag, 2);
+    assert_eq!(window.max_cmd_sn(), Sn(13));
+    // Immediate PDUs carry the session's next CmdSN and take none.
+    a.ping(now).unwrap();
+    let PduHeader::NopOut(n) = &pa.sent(&mut a)[0].0 else {
+        panic!()
+    };
+    assert!(n.immediate);
+    assert_eq!(n.cmd_sn, Sn(14));
+    assert_eq!(window.next_cmd_sn(), Sn(14));
+}
+
+/// Connection allegiance (RFC 7143 §5.1): a status for a task of
+/// connection A that arrives on connection B is a protocol error that says
+/// so, and A's task is still there to be finished on A.
+#[test]
+fn mcs_response_on_the_wrong_connection_is_refused_clearly() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    let (itt, _) = scsi_itts(&pa.sent(&mut a))[0];
+    let e = b
+        .receive(&pb.response(itt, 0, &[], 13), now)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("arrived on connection CID 1")
+            && e.contains("belongs to connection #0")
+            && e.contains("§5.1"),
+        "{e}"
+    );
+    assert!(b.is_failed().is_some());
+    assert_eq!(a.outstanding(), 1);
+    a.receive(&pa.response(itt, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+}
+
+/// StatSN is per connection: each connection of the session counts its
+/// own, and one that jumps fails that connection only.
+#[test]
+fn mcs_statsn_is_per_connection_and_a_jump_fails_only_that_one() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    b.submit(read_cmd(512, 2), now).unwrap();
+    a.submit(read_cmd(512, 3), now).unwrap();
+    let sa = scsi_itts(&pa.sent(&mut a));
+    let sb = scsi_itts(&pb.sent(&mut b));
+    // Both targets' streams start at StatSN 100: no conflict.
+    a.receive(&pa.response(sa[0].0, 0, &[], 13), now).unwrap();
+    pb.stat_sn = Sn(105);
+    let e = b
+        .receive(&pb.response(sb[0].0, 0, &[], 13), now)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("StatSN 105 out of order (expected 100)"), "{e}");
+    assert!(b.is_failed().is_some());
+    a.receive(&pa.response(sa[1].0, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+    assert_eq!(completion(&mut a).user_tag, 3);
+    assert!(a.is_failed().is_none());
+}
+
+#[test]
+fn logout_names_its_reason_and_cid() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let pb = Peer::new(Digests::default());
+    // Remove connection CID 1 for recovery, sent on connection CID 0.
+    a.logout_reason(2, 1, now).unwrap();
+    let PduHeader::LogoutRequest(l) = &pa.sent(&mut a)[0].0 else {
+        panic!()
+    };
+    assert_eq!((l.reason, l.cid, l.cmd_sn), (2, 1, Sn(10)));
+    assert!(l.immediate);
+    // The session's logout goes on the connection's own CID.
+    b.logout(now).unwrap();
+    let PduHeader::LogoutRequest(l) = &pb.sent(&mut b)[0].0 else {
+        panic!()
+    };
+    assert_eq!((l.reason, l.cid), (0, 1));
+    assert_eq!(window.next_cmd_sn(), Sn(10));
 }
