@@ -7,6 +7,7 @@ pub mod chap;
 pub mod connection;
 pub mod discovery;
 pub mod login;
+pub mod mcs;
 pub mod params;
 pub mod redirect;
 pub mod session;

@@ -1,8 +1,8 @@
 use super::*;
 use crate::iscsi::login::LoginOutcome;
 use crate::iscsi::window::SessionWindow;
-use std::sync::Arc;
 use crate::wire::iscsi::{NopIn, R2t, ScsiResponse, TextResponse};
+use std::sync::Arc;
 
 fn outcome(params: Params) -> LoginOutcome {
     LoginOutcome {
@@ -1031,7 +1031,10 @@ fn mcs_connections_take_cmdsns_from_one_window() {
     assert!(pb.sent(&mut b).is_empty());
     b.send_queued();
     assert_eq!(
-        scsi_itts(&pb.sent(&mut b)).iter().map(|x| x.1).collect::<Vec<_>>(),
+        scsi_itts(&pb.sent(&mut b))
+            .iter()
+            .map(|x| x.1)
+            .collect::<Vec<_>>(),
         [Sn(13)]
     );
     // A stale, smaller MaxCmdSN on B does not shrink the window.
