@@ -32,6 +32,9 @@ use thiserror::Error;
 /// Most tasks one connection tracks at once (bounded: the slab never grows past it).
 pub const MAX_TASKS: usize = 4096;
 
+/// Task management function 14, TASK REASSIGN (RFC 7143 §11.5.1).
+pub const TMF_TASK_REASSIGN: u8 = 14;
+
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
     #[error("malformed PDU from target: {0}")]
@@ -183,6 +186,17 @@ pub enum Event {
         time2wait: u16,
         time2retain: u16,
     },
+    /// A TASK REASSIGN (ERL 2) was answered: `response` 0 = the task goes
+    /// on on this connection (its completion comes as usual); any other
+    /// value (RFC 7143 §11.6.1: 1 = task does not exist, 3 = task still
+    /// allegiant, 4 = allegiance reassignment not supported, 5 = function
+    /// not supported) means the
+    /// target refused, and the command comes back in `refused`, not done.
+    Reassigned {
+        user_tag: u64,
+        response: u8,
+        refused: Option<Box<Command>>,
+    },
     /// The answer to a logout of another connection of the session (reason
     /// 1 or 2 for `cid`, sent on this one): `response` 0 = removed, 1 = CID
     /// not found, 2 = recovery not supported (RFC 7143 §11.15.1). This
@@ -211,6 +225,10 @@ enum TaskKind {
     Tmf {
         user_tag: u64,
     },
+    /// Our TASK REASSIGN for the adopted task in `slot`.
+    Reassign {
+        slot: u16,
+    },
     Text {
         user_tag: u64,
         /// Our request text, kept until the window lets it go.
@@ -231,6 +249,16 @@ enum TaskKind {
         cid: u16,
         closes_this: bool,
     },
+}
+
+/// A SCSI command that was sent on a connection that failed, with the tag
+/// and CmdSN it was sent with: what a TASK REASSIGN onto another connection
+/// of the session names (ERL 2, RFC 7143 §6.2.2).
+#[derive(Debug)]
+pub struct Orphan {
+    pub itt: u32,
+    pub cmd_sn: Sn,
+    pub cmd: Command,
 }
 
 #[derive(Debug)]
@@ -322,6 +350,9 @@ pub struct Connection {
     itt_conn_bits: u32,
     /// Made by [`Connection::in_session`]: one of an MC/S session's connections.
     in_mcs: bool,
+    /// Tasks adopted from another connection by TASK REASSIGN: their ITT
+    /// (another connection's) and the slot they live in here.
+    adopted: Vec<(u32, u16)>,
     exp_stat_sn: Sn,
     /// Slots indexed by the low 12 bits of the ITT; high bits are a generation
     /// so a late PDU for a reused slot is recognised as unknown.
@@ -405,6 +436,7 @@ impl Connection {
             cid: outcome.cid,
             itt_conn_bits: u32::from(index & 0xf) << 12,
             in_mcs: true,
+            adopted: Vec::new(),
             exp_stat_sn: outcome.exp_stat_sn,
             slots: Vec::new(),
             free: Vec::new(),
@@ -495,7 +527,11 @@ impl Connection {
     /// allegiance (RFC 7143 §5.1: a task's PDUs stay on its connection).
     fn unknown_task(&self, what: &str, itt: u32) -> ConnError {
         let theirs = itt & 0xf000;
-        if itt != RESERVED_TAG && theirs != self.itt_conn_bits && self.in_mcs {
+        if itt != RESERVED_TAG
+            && theirs != self.itt_conn_bits
+            && self.in_mcs
+            && !self.adopted.iter().any(|(i, _)| *i == itt)
+        {
             ConnError::Protocol(format!(
                 "{what} for task tag {itt:#x} arrived on connection CID {}, but that tag belongs to connection #{} of the session: a task's PDUs must stay on its connection (RFC 7143 §5.1)",
                 self.cid,
@@ -506,8 +542,19 @@ impl Connection {
         }
     }
 
+    /// The slot a tag lives in: its low 12 bits, or for a task adopted by
+    /// TASK REASSIGN, where it was put.
+    fn slot_of(&self, itt: u32) -> u16 {
+        if itt & 0xf000 != self.itt_conn_bits {
+            if let Some(&(_, slot)) = self.adopted.iter().find(|(i, _)| *i == itt) {
+                return slot;
+            }
+        }
+        (itt & 0xfff) as u16
+    }
+
     fn task_by_itt(&mut self, itt: u32) -> Option<(u16, &mut Task)> {
-        let slot = (itt & 0xfff) as u16;
+        let slot = self.slot_of(itt);
         match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => Some((slot, t)),
             _ => None,
@@ -518,6 +565,7 @@ impl Connection {
         let t = self.slots.get_mut(slot as usize)?.take();
         if t.is_some() {
             self.free.push(slot);
+            self.adopted.retain(|&(_, s)| s != slot);
         }
         t
     }
@@ -1282,10 +1330,17 @@ impl Connection {
                         t.itt
                     )));
                 };
-                let TaskKind::Tmf { user_tag } = task.kind else {
-                    return Err(ConnError::Protocol(
-                        "task management response for a non-TMF task".into(),
-                    ));
+                let user_tag = match task.kind {
+                    TaskKind::Tmf { user_tag } => user_tag,
+                    TaskKind::Reassign { slot: adopted } => {
+                        self.free_slot(slot);
+                        return self.on_reassign_answer(adopted, t.response);
+                    }
+                    _ => {
+                        return Err(ConnError::Protocol(
+                            "task management response for a non-TMF task".into(),
+                        ))
+                    }
                 };
                 self.free_slot(slot);
                 self.events.push_back(Event::TaskManagement {
@@ -1483,7 +1538,7 @@ impl Connection {
             self.check_stat_sn(d.stat_sn)?;
         }
         let itt = d.itt;
-        let slot = (itt & 0xfff) as u16;
+        let slot = self.slot_of(itt);
         let unknown = self.unknown_task("Data-In", itt);
         let task = match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => t,
@@ -1742,6 +1797,125 @@ impl Connection {
         Ok(())
     }
 
+    /// Takes back the unfinished SCSI commands of a failed connection for
+    /// TASK REASSIGN (ERL 2): those that were sent come with their tag and
+    /// CmdSN ([`Orphan`]); those still waiting for window space never took
+    /// a CmdSN and come back as plain commands, to be submitted anew.
+    pub fn take_orphans(&mut self) -> (Vec<Orphan>, Vec<Command>) {
+        let mut orphans = Vec::new();
+        let mut unsent = Vec::new();
+        let exp = self.window.exp_cmd_sn().0;
+        let mut tasks: Vec<Task> = self.slots.iter_mut().filter_map(Option::take).collect();
+        tasks.sort_by_key(|t| t.cmd_sn.map(|s| s.0.wrapping_sub(exp)).unwrap_or(u32::MAX));
+        for t in tasks {
+            if let TaskKind::Scsi { cmd, .. } = t.kind {
+                match t.cmd_sn {
+                    Some(cmd_sn) => orphans.push(Orphan {
+                        itt: t.itt,
+                        cmd_sn,
+                        cmd,
+                    }),
+                    None => unsent.push(cmd),
+                }
+            }
+        }
+        self.free.clear();
+        self.slots.clear();
+        self.adopted.clear();
+        self.waiting.clear();
+        self.data_out_ready.clear();
+        (orphans, unsent)
+    }
+
+    /// Takes over a task of a failed connection of the same session
+    /// (ERL 2): sends TASK REASSIGN (function 14, immediate) naming its
+    /// ITT and CmdSN, with ExpDataSN 0 so the target sends all its Data-In
+    /// again (and asks for write data by R2T). The task lives here from
+    /// now on; [`Event::Reassigned`] tells how the target answered. Call it
+    /// after the failed connection was logged out with reason 2 (or
+    /// reinstated), RFC 7143 §6.2.2.
+    pub fn reassign(&mut self, orphan: Orphan, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let Orphan { itt, cmd_sn, cmd } = orphan;
+        let lun = cmd.lun;
+        let tmf_slot = self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now)?;
+        let slot = match self.alloc_slot(
+            TaskKind::Scsi {
+                cmd,
+                data_done: 0,
+                next_data_sn: Sn(0),
+                r2ts: VecDeque::new(),
+                unsolicited: None,
+                r2ts_seen: 0,
+            },
+            now,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.free_slot(tmf_slot);
+                return Err(e);
+            }
+        };
+        if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
+            t.itt = itt;
+            t.cmd_sn = Some(cmd_sn);
+        }
+        self.adopted.push((itt, slot));
+        let tmf_itt = match self.slots.get_mut(tmf_slot as usize) {
+            Some(Some(t)) => {
+                t.kind = TaskKind::Reassign { slot };
+                t.itt
+            }
+            _ => 0,
+        };
+        let hdr = PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function: TMF_TASK_REASSIGN,
+            lun,
+            itt: tmf_itt,
+            referenced_task_tag: itt,
+            cmd_sn: self.window.next_cmd_sn(),
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn: cmd_sn,
+            exp_data_sn: Sn(0),
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    fn on_reassign_answer(&mut self, slot: u16, response: u8) -> Result<(), ConnError> {
+        let user_tag = match self.slots.get(slot as usize) {
+            Some(Some(Task {
+                kind: TaskKind::Scsi { cmd, .. },
+                ..
+            })) => cmd.user_tag,
+            // Already completed here (status came before the answer).
+            _ => {
+                if response == 0 {
+                    return Ok(());
+                }
+                return Err(ConnError::Protocol(format!(
+                    "TASK REASSIGN refused (response {response}) for a task that has completed"
+                )));
+            }
+        };
+        let refused = if response == 0 {
+            None
+        } else {
+            match self.free_slot(slot).map(|t| t.kind) {
+                Some(TaskKind::Scsi { cmd, .. }) => Some(Box::new(cmd)),
+                _ => None,
+            }
+        };
+        self.events.push_back(Event::Reassigned {
+            user_tag,
+            response,
+            refused,
+        });
+        Ok(())
+    }
+
     /// Takes back every unfinished SCSI command (after a failure), so it can
     /// be retried on another connection. Writes included: none of them was
     /// acknowledged, so resending is safe.
@@ -1763,6 +1937,7 @@ impl Connection {
         }
         self.free.clear();
         self.slots.clear();
+        self.adopted.clear();
         self.waiting.clear();
         self.data_out_ready.clear();
         out

@@ -61,6 +61,10 @@ pub enum McsError {
         #[source]
         source: SessionError,
     },
+    #[error("the session runs at ErrorRecoveryLevel {erl}: the tasks of a failed connection cannot be reassigned (ERL 2); reinstate the session instead, as for a failed MPIO path")]
+    NeedsErl2 { erl: u32 },
+    #[error("logout of failed connection CID {cid} for recovery (reason 2) answered {response} (1 = CID not found, 2 = recovery not supported)")]
+    RemoveRefused { cid: u16, response: u8 },
     #[error("no live connection left in the session")]
     NoConnection,
     #[error("{what} timed out after {after:?}")]
@@ -338,6 +342,97 @@ impl<T: Transport> McsSession<T> {
         Ok(cmds)
     }
 
+    /// ERL 2 recovery of failed connection `failed` through live connection
+    /// `via` (RFC 7143 §6.2.2): a logout with reason 2 (remove the
+    /// connection for recovery) for `failed`, sent on `via`; then every
+    /// task that was sent on `failed` is moved to `via` with TASK REASSIGN
+    /// (the answers come as [`Event::Reassigned`] from
+    /// [`next_event`](Self::next_event); a refused one brings its command
+    /// back, not done), and those that never got a CmdSN are submitted on
+    /// `via` anew. Returns how many tasks were reassigned.
+    pub fn recover(&mut self, failed: u16, via: u16, timeout: Duration) -> Result<usize, McsError> {
+        let erl = self.leading.error_recovery_level;
+        if erl < 2 {
+            return Err(McsError::NeedsErl2 { erl });
+        }
+        let fi = self
+            .members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.cid == failed && m.failed))
+            .ok_or(McsError::NoSuchConnection(failed))?;
+        let vi = self
+            .members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.cid == via && !m.failed))
+            .ok_or(McsError::NoSuchConnection(via))?;
+        {
+            let v = self.members[vi]
+                .as_mut()
+                .ok_or(McsError::NoSuchConnection(via))?;
+            v.session
+                .connection_mut()
+                .logout_reason(2, failed, Instant::now())
+                .map_err(SessionError::from)?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                match v.session.next_event(Duration::from_millis(20)) {
+                    Ok(Some(Event::ConnectionLoggedOut { cid, response, .. })) if cid == failed => {
+                        if response != 0 {
+                            return Err(McsError::RemoveRefused { cid, response });
+                        }
+                        break;
+                    }
+                    Ok(Some(e)) => self.events.push_back((via, e)),
+                    Ok(None) if Instant::now() >= deadline => {
+                        return Err(McsError::Timeout {
+                            what: "logout for recovery",
+                            after: timeout,
+                        })
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        v.failed = true;
+                        return Err(McsError::ConnectionFailed {
+                            cid: via,
+                            source: e,
+                        });
+                    }
+                }
+            }
+        }
+        let mut f = self.members[fi]
+            .take()
+            .ok_or(McsError::NoSuchConnection(failed))?;
+        let (orphans, unsent) = f.session.connection_mut().take_orphans();
+        let (mut t, _) = f.session.into_parts();
+        t.close();
+        let v = self.members[vi]
+            .as_mut()
+            .ok_or(McsError::NoSuchConnection(via))?;
+        let n = orphans.len();
+        for o in orphans {
+            v.session
+                .connection_mut()
+                .reassign(o, Instant::now())
+                .map_err(SessionError::from)?;
+        }
+        for c in unsent {
+            v.session.submit(c)?;
+        }
+        Ok(n)
+    }
+
+    /// Marks connection `cid` failed (say, its link is known to be down),
+    /// so it takes no more commands.
+    pub fn mark_failed(&mut self, cid: u16) {
+        for m in self.members.iter_mut().flatten().filter(|m| m.cid == cid) {
+            m.failed = true;
+            m.session
+                .connection_mut()
+                .set_failed(super::connection::ConnError::Failed("marked failed".into()));
+        }
+    }
+
     /// Logs out connection `cid` alone (reason 1, on that connection) and
     /// drops it from the session; the others stay.
     pub fn remove_connection(&mut self, cid: u16, timeout: Duration) -> Result<(), McsError> {
@@ -533,6 +628,25 @@ mod tests {
                 .contains("granted MaxConnections=2, then refused the login of connection CID 1"),
             "{msg}"
         );
+        assert_eq!(s.cids(), [0]);
+    }
+
+    /// At ERL 0 (what the leading login negotiated here) the tasks of a
+    /// failed connection cannot be reassigned: recovery is refused with the
+    /// reason, and the commands come back to be retried after session
+    /// reinstatement, as on a failed MPIO path.
+    #[test]
+    fn recovery_at_erl0_is_refused_and_the_commands_come_back() {
+        let mut s = McsSession::open(leading("2"), &config()).unwrap();
+        s.add_connection(more(joined()), 1).unwrap();
+        let cmd = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+        s.submit_on(1, cmd).unwrap();
+        s.mark_failed(1);
+        let e = s.recover(1, 0, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, McsError::NeedsErl2 { erl: 0 }), "{e}");
+        assert!(e.to_string().contains("reinstate the session"), "{e}");
+        let back = s.take_failed(1).unwrap();
+        assert_eq!(back.len(), 1);
         assert_eq!(s.cids(), [0]);
     }
 

@@ -1127,3 +1127,109 @@ fn logout_names_its_reason_and_cid() {
     assert_eq!((l.reason, l.cid), (0, 1));
     assert_eq!(window.next_cmd_sn(), Sn(10));
 }
+
+fn tmf_response(peer: &mut Peer, itt: u32, response: u8) -> Vec<u8> {
+    let stat_sn = peer.next_stat_sn();
+    peer.encode(
+        PduHeader::TaskMgmtResponse(crate::wire::iscsi::TaskMgmtResponse {
+            response,
+            itt,
+            stat_sn,
+            exp_cmd_sn: Sn(11),
+            max_cmd_sn: Sn(42),
+        }),
+        &[],
+    )
+}
+
+/// ERL 2: a write sent on connection A, which fails before its status;
+/// connection B takes it over with TASK REASSIGN naming A's tag and the
+/// CmdSN, then answers the target's R2T for the whole buffer and the
+/// status completes the write on B, once.
+#[test]
+fn task_reassign_moves_a_write_of_a_failed_connection() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let cmd = write_cmd(12000, 9);
+    let data = cmd.buffer.clone();
+    a.submit(cmd, now).unwrap();
+    let (itt, cmd_sn) = scsi_itts(&pa.sent(&mut a))[0];
+    a.set_failed(ConnError::Failed("link down".into()));
+    let (orphans, unsent) = a.take_orphans();
+    assert!(unsent.is_empty());
+    assert_eq!(orphans.len(), 1);
+    assert_eq!((orphans[0].itt, orphans[0].cmd_sn), (itt, cmd_sn));
+    b.reassign(orphans.into_iter().next().unwrap(), now)
+        .unwrap();
+    let sent = pb.sent(&mut b);
+    let PduHeader::TaskMgmtRequest(t) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(t.function, TMF_TASK_REASSIGN);
+    assert!(t.immediate);
+    assert_eq!((t.referenced_task_tag, t.ref_cmd_sn), (itt, cmd_sn));
+    assert_eq!(t.exp_data_sn, Sn(0));
+    // Immediate: it takes no CmdSN of the session.
+    assert_eq!(window.next_cmd_sn(), cmd_sn.next());
+    let tmf_itt = t.itt;
+    b.receive(&tmf_response(&mut pb, tmf_itt, 0), now).unwrap();
+    match b.poll_event() {
+        Some(Event::Reassigned {
+            user_tag: 9,
+            response: 0,
+            refused: None,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The target asks for all of it again, on B, with A's tag.
+    b.receive(&pb.r2t(itt, 0x77, 0, 0, 12000), now).unwrap();
+    let mut got = Vec::new();
+    for (h, d) in pb.sent(&mut b) {
+        let PduHeader::DataOut(o) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!((o.itt, o.ttt), (itt, 0x77));
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, data);
+    b.receive(&pb.response(itt, 0, &[], 42), now).unwrap();
+    let done = completion(&mut b);
+    assert_eq!((done.user_tag, done.status), (9, 0));
+    assert_eq!(b.outstanding(), 0);
+    assert!(b.poll_event().is_none());
+}
+
+/// A target that refuses TASK REASSIGN (here: allegiance reassignment not
+/// supported) gets the command back, buffer and all, not done and not
+/// lost; the connection stays up.
+#[test]
+fn refused_task_reassign_gives_the_command_back() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let cmd = write_cmd(4096, 5);
+    let data = cmd.buffer.clone();
+    a.submit(cmd, now).unwrap();
+    let _ = pa.sent(&mut a);
+    a.set_failed(ConnError::Failed("link down".into()));
+    let (orphans, _) = a.take_orphans();
+    b.reassign(orphans.into_iter().next().unwrap(), now)
+        .unwrap();
+    let PduHeader::TaskMgmtRequest(t) = &pb.sent(&mut b)[0].0 else {
+        panic!()
+    };
+    b.receive(&tmf_response(&mut pb, t.itt, 4), now).unwrap();
+    match b.poll_event() {
+        Some(Event::Reassigned {
+            user_tag: 5,
+            response: 4,
+            refused: Some(cmd),
+        }) => assert_eq!(cmd.buffer, data),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.outstanding(), 0);
+    assert!(b.is_failed().is_none());
+}
