@@ -78,7 +78,14 @@ fn tgtd_by_default_grants_one_connection() {
         return;
     }
     let t = Tgtd::start(TgtdOptions::default());
-    let mut s = McsSession::open(connect(&t), &config(&t, 4)).expect("leading login");
+    let mut c = config(&t, 4);
+    c.login.offer.error_recovery_level = 2;
+    let mut s = McsSession::open(connect(&t), &c).expect("leading login");
+    println!(
+        "tgtd answers MaxConnections={} to 4 and ErrorRecoveryLevel={} to 2",
+        s.granted(),
+        s.params().error_recovery_level
+    );
     assert_eq!(s.granted(), 1);
     let e = s.add_connection(connect(&t), 1).unwrap_err();
     assert!(

@@ -14,7 +14,11 @@
 //! with continuation, task management, logout, Reject and Async Message.
 //! Error recovery level 0: any protocol error fails the connection, and
 //! [`Connection::take_outstanding`] hands every unfinished command back so
-//! that a session or the multipath layer can retry it elsewhere.
+//! that a session or the multipath layer can retry it elsewhere. MC/S: the
+//! CmdSN window may be the session's, shared with its other connections
+//! ([`Connection::in_session`]), and at ERL 2 a failed connection's tasks
+//! ([`Connection::take_orphans`]) move to a live one by TASK REASSIGN
+//! ([`Connection::reassign`]).
 
 use super::params::Params;
 use super::window::SessionWindow;
