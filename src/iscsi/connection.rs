@@ -14,10 +14,15 @@
 //! with continuation, task management, logout, Reject and Async Message.
 //! Error recovery level 0: any protocol error fails the connection, and
 //! [`Connection::take_outstanding`] hands every unfinished command back so
-//! that a session or the multipath layer can retry it elsewhere.
+//! that a session or the multipath layer can retry it elsewhere. MC/S: the
+//! CmdSN window may be the session's, shared with its other connections
+//! ([`Connection::in_session`]), and at ERL 2 a failed connection's tasks
+//! ([`Connection::take_orphans`]) move to a live one by TASK REASSIGN
+//! ([`Connection::reassign`]).
 
 use super::params::Params;
 use crate::transport::TxPart;
+use super::window::SessionWindow;
 use crate::wire::iscsi::{
     encode_pdu, pad_len, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu,
     IscsiWireError, LogoutRequest, NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn,
@@ -31,6 +36,9 @@ use thiserror::Error;
 
 /// Most tasks one connection tracks at once (bounded: the slab never grows past it).
 pub const MAX_TASKS: usize = 4096;
+
+/// Task management function 14, TASK REASSIGN (RFC 7143 §11.5.1).
+pub const TMF_TASK_REASSIGN: u8 = 14;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
@@ -183,6 +191,27 @@ pub enum Event {
         time2wait: u16,
         time2retain: u16,
     },
+    /// A TASK REASSIGN (ERL 2) was answered: `response` 0 = the task goes
+    /// on on this connection (its completion comes as usual); any other
+    /// value (RFC 7143 §11.6.1: 1 = task does not exist, 3 = task still
+    /// allegiant, 4 = allegiance reassignment not supported, 5 = function
+    /// not supported) means the
+    /// target refused, and the command comes back in `refused`, not done.
+    Reassigned {
+        user_tag: u64,
+        response: u8,
+        refused: Option<Box<Command>>,
+    },
+    /// The answer to a logout of another connection of the session (reason
+    /// 1 or 2 for `cid`, sent on this one): `response` 0 = removed, 1 = CID
+    /// not found, 2 = recovery not supported (RFC 7143 §11.15.1). This
+    /// connection stays up.
+    ConnectionLoggedOut {
+        cid: u16,
+        response: u8,
+        time2wait: u16,
+        time2retain: u16,
+    },
 }
 
 #[derive(Debug)]
@@ -204,6 +233,10 @@ enum TaskKind {
     Tmf {
         user_tag: u64,
     },
+    /// Our TASK REASSIGN for the adopted task in `slot`.
+    Reassign {
+        slot: u16,
+    },
     Text {
         user_tag: u64,
         /// Our request text, kept until the window lets it go.
@@ -218,7 +251,22 @@ enum TaskKind {
     Ping {
         sent_at: Instant,
     },
-    Logout,
+    /// Our Logout Request: `cid` named in it, and whether it ends this
+    /// connection (reason 0, or this connection's own CID).
+    Logout {
+        cid: u16,
+        closes_this: bool,
+    },
+}
+
+/// A SCSI command that was sent on a connection that failed, with the tag
+/// and CmdSN it was sent with: what a TASK REASSIGN onto another connection
+/// of the session names (ERL 2, RFC 7143 §6.2.2).
+#[derive(Debug)]
+pub struct Orphan {
+    pub itt: u32,
+    pub cmd_sn: Sn,
+    pub cmd: Command,
 }
 
 #[derive(Debug)]
@@ -368,11 +416,22 @@ pub struct Connection {
     framer: PduFramer,
     digests: Digests,
     timers: ConnTimers,
-    cmd_sn: Sn,
-    exp_cmd_sn: Sn,
-    max_cmd_sn: Sn,
+    /// The session's CmdSN window: this connection's own (MPIO), or shared
+    /// with the other connections of an MC/S session.
+    window: Arc<SessionWindow>,
+    /// This connection's CID, and its index in the session, which sits in
+    /// bits 12..16 of every ITT it gives, so the tags of an MC/S session's
+    /// connections never collide and a PDU for another connection's task is
+    /// recognised as such.
+    cid: u16,
+    itt_conn_bits: u32,
+    /// Made by [`Connection::in_session`]: one of an MC/S session's connections.
+    in_mcs: bool,
+    /// Tasks adopted from another connection by TASK REASSIGN: their ITT
+    /// (another connection's) and the slot they live in here.
+    adopted: Vec<(u32, u16)>,
     exp_stat_sn: Sn,
-    /// Slots indexed by the low 16 bits of the ITT; high bits are a generation
+    /// Slots indexed by the low 12 bits of the ITT; high bits are a generation
     /// so a late PDU for a reused slot is recognised as unknown.
     slots: Vec<Option<Task>>,
     free: Vec<u16>,
@@ -405,8 +464,9 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("cmd_sn", &self.cmd_sn)
-            .field("max_cmd_sn", &self.max_cmd_sn)
+            .field("cid", &self.cid)
+            .field("cmd_sn", &self.window.next_cmd_sn())
+            .field("max_cmd_sn", &self.window.max_cmd_sn())
             .field("exp_stat_sn", &self.exp_stat_sn)
             .field("outstanding", &self.outstanding())
             .finish_non_exhaustive()
@@ -420,6 +480,29 @@ impl Connection {
         timers: ConnTimers,
         now: Instant,
     ) -> Connection {
+        let window = Arc::new(SessionWindow::new(
+            outcome.cmd_sn,
+            outcome.exp_cmd_sn,
+            outcome.max_cmd_sn,
+        ));
+        let mut c = Connection::in_session(outcome, timers, now, window, 0);
+        c.in_mcs = false;
+        c
+    }
+
+    /// Starts the full feature phase of one connection of an MC/S session:
+    /// `window` is the session's, shared with its other connections, and
+    /// `index` (0..16) this connection's place in the session, which keeps
+    /// its ITTs apart from theirs. The login's ExpCmdSN/MaxCmdSN are merged
+    /// into the window.
+    pub fn in_session(
+        outcome: &super::login::LoginOutcome,
+        timers: ConnTimers,
+        now: Instant,
+        window: Arc<SessionWindow>,
+        index: u8,
+    ) -> Connection {
+        window.update(outcome.exp_cmd_sn, outcome.max_cmd_sn);
         let params = outcome.params.clone();
         let digests = params.digests();
         Connection {
@@ -430,9 +513,11 @@ impl Connection {
             digests,
             params,
             timers,
-            cmd_sn: outcome.cmd_sn,
-            exp_cmd_sn: outcome.exp_cmd_sn,
-            max_cmd_sn: outcome.max_cmd_sn,
+            window,
+            cid: outcome.cid,
+            itt_conn_bits: u32::from(index & 0xf) << 12,
+            in_mcs: true,
+            adopted: Vec::new(),
             exp_stat_sn: outcome.exp_stat_sn,
             slots: Vec::new(),
             free: Vec::new(),
@@ -472,12 +557,18 @@ impl Connection {
 
     /// How many more non-immediate commands the target's window allows now.
     pub fn window_space(&self) -> u32 {
-        let d = self.max_cmd_sn.diff(self.cmd_sn);
-        if d < 0 {
-            0
-        } else {
-            d as u32 + 1
-        }
+        self.window.space()
+    }
+
+    /// The session's CmdSN window (shared by every connection of an MC/S
+    /// session).
+    pub fn window(&self) -> &Arc<SessionWindow> {
+        &self.window
+    }
+
+    /// This connection's CID.
+    pub fn cid(&self) -> u16 {
+        self.cid
     }
 
     pub fn is_failed(&self) -> Option<&ConnError> {
@@ -504,7 +595,7 @@ impl Connection {
             None => return Err(SubmitError::Full),
         };
         self.generation = self.generation.wrapping_add(1).max(1);
-        let itt = ((self.generation as u32) << 16) | slot as u32;
+        let itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
         self.slots[slot as usize] = Some(Task {
             itt,
             kind,
@@ -514,8 +605,39 @@ impl Connection {
         Ok(slot)
     }
 
+    /// The error for a PDU naming a task this connection does not have. A
+    /// tag of another connection of the session breaks connection
+    /// allegiance (RFC 7143 §5.1: a task's PDUs stay on its connection).
+    fn unknown_task(&self, what: &str, itt: u32) -> ConnError {
+        let theirs = itt & 0xf000;
+        if itt != RESERVED_TAG
+            && theirs != self.itt_conn_bits
+            && self.in_mcs
+            && !self.adopted.iter().any(|(i, _)| *i == itt)
+        {
+            ConnError::Protocol(format!(
+                "{what} for task tag {itt:#x} arrived on connection CID {}, but that tag belongs to connection #{} of the session: a task's PDUs must stay on its connection (RFC 7143 §5.1)",
+                self.cid,
+                theirs >> 12
+            ))
+        } else {
+            ConnError::Protocol(format!("{what} for unknown task tag {itt:#x}"))
+        }
+    }
+
+    /// The slot a tag lives in: its low 12 bits, or for a task adopted by
+    /// TASK REASSIGN, where it was put.
+    fn slot_of(&self, itt: u32) -> u16 {
+        if itt & 0xf000 != self.itt_conn_bits {
+            if let Some(&(_, slot)) = self.adopted.iter().find(|(i, _)| *i == itt) {
+                return slot;
+            }
+        }
+        (itt & 0xfff) as u16
+    }
+
     fn task_by_itt(&mut self, itt: u32) -> Option<(u16, &mut Task)> {
-        let slot = (itt & 0xffff) as u16;
+        let slot = self.slot_of(itt);
         match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => Some((slot, t)),
             _ => None,
@@ -526,6 +648,7 @@ impl Connection {
         let t = self.slots.get_mut(slot as usize)?.take();
         if t.is_some() {
             self.free.push(slot);
+            self.adopted.retain(|&(_, s)| s != slot);
         }
         t
     }
@@ -556,19 +679,46 @@ impl Connection {
         Ok(())
     }
 
-    /// Sends queued commands while the window has room.
-    fn flush_waiting(&mut self) {
-        while let Some(&slot) = self.waiting.front() {
-            if self.window_space() == 0 {
-                self.stats.window_stalls += 1;
-                return;
-            }
-            self.waiting.pop_front();
-            self.send_command(slot);
+    /// Sends the commands that wait for CmdSN window space, as far as the
+    /// window allows now. In an MC/S session another connection's response
+    /// may have opened the shared window: the driver calls this each round.
+    pub fn send_queued(&mut self) {
+        if !self.waiting.is_empty() && self.failed.is_none() {
+            self.flush_waiting();
         }
     }
 
-    fn send_command(&mut self, slot: u16) {
+    /// Sends queued commands while the window has room.
+    fn flush_waiting(&mut self) {
+        while let Some(&slot) = self.waiting.front() {
+            if !self.is_queued_kind(slot) {
+                // Gone: never burn a CmdSN on it, or the target would wait
+                // forever for the hole.
+                self.waiting.pop_front();
+                continue;
+            }
+            // Check and take in one step: other connections of the session
+            // take from the same window.
+            let Some(cmd_sn) = self.window.try_take() else {
+                self.stats.window_stalls += 1;
+                return;
+            };
+            self.waiting.pop_front();
+            self.send_command(slot, cmd_sn);
+        }
+    }
+
+    fn is_queued_kind(&self, slot: u16) -> bool {
+        matches!(
+            self.slots.get(slot as usize),
+            Some(Some(Task {
+                kind: TaskKind::Scsi { .. } | TaskKind::Text { .. },
+                ..
+            }))
+        )
+    }
+
+    fn send_command(&mut self, slot: u16, cmd_sn: Sn) {
         match self.slots.get(slot as usize) {
             Some(Some(Task {
                 kind: TaskKind::Scsi { .. },
@@ -584,20 +734,17 @@ impl Connection {
                 ..
             })) => {
                 match *continuation {
-                    Some(ttt) => self.send_text_pdu(slot, ttt, &[]),
+                    Some(ttt) => self.send_text_pdu(slot, ttt, &[], cmd_sn),
                     None => {
                         let data = request.clone();
-                        self.send_text_pdu(slot, RESERVED_TAG, &data);
+                        self.send_text_pdu(slot, RESERVED_TAG, &data, cmd_sn);
                     }
                 }
                 return;
             }
-            // Gone (or not a queued kind): never burn a CmdSN on it, or the
-            // target would wait forever for the hole.
+            // Checked by the caller before it took the CmdSN.
             _ => return,
         }
-        let cmd_sn = self.cmd_sn;
-        self.cmd_sn = self.cmd_sn.next();
         let exp_stat_sn = self.exp_stat_sn;
         let immediate_allowed = self.params.immediate_data;
         let initial_r2t = self.params.initial_r2t;
@@ -755,7 +902,7 @@ impl Connection {
             lun: 0,
             itt,
             ttt: RESERVED_TAG,
-            cmd_sn: self.cmd_sn,
+            cmd_sn: self.window.next_cmd_sn(),
             exp_stat_sn: self.exp_stat_sn,
         });
         encode_pdu(&mut self.tx, &hdr, &[], self.digests);
@@ -775,6 +922,7 @@ impl Connection {
         now: Instant,
     ) -> Result<(), SubmitError> {
         self.check_usable()?;
+        let next_cmd_sn = self.window.next_cmd_sn();
         let (referenced_itt, ref_cmd_sn) = match referenced_user_tag {
             Some(tag) => self
                 .slots
@@ -782,12 +930,12 @@ impl Connection {
                 .flatten()
                 .find_map(|t| match &t.kind {
                     TaskKind::Scsi { cmd, .. } if cmd.user_tag == tag => {
-                        Some((t.itt, t.cmd_sn.unwrap_or(self.cmd_sn)))
+                        Some((t.itt, t.cmd_sn.unwrap_or(next_cmd_sn)))
                     }
                     _ => None,
                 })
-                .unwrap_or((RESERVED_TAG, self.cmd_sn)),
-            None => (RESERVED_TAG, self.cmd_sn),
+                .unwrap_or((RESERVED_TAG, next_cmd_sn)),
+            None => (RESERVED_TAG, next_cmd_sn),
         };
         let slot = self.alloc_slot(TaskKind::Tmf { user_tag }, now)?;
         let itt = self.slots[slot as usize]
@@ -800,7 +948,7 @@ impl Connection {
             lun,
             itt,
             referenced_task_tag: referenced_itt,
-            cmd_sn: self.cmd_sn,
+            cmd_sn: next_cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
             ref_cmd_sn,
             exp_data_sn: Sn(0),
@@ -835,10 +983,8 @@ impl Connection {
         Ok(())
     }
 
-    fn send_text_pdu(&mut self, slot: u16, ttt: u32, data: &[u8]) {
-        let cmd_sn = self.cmd_sn;
-        // Text requests are non-immediate: they take a CmdSN.
-        self.cmd_sn = self.cmd_sn.next();
+    /// Text requests are non-immediate: they take a CmdSN (`cmd_sn`).
+    fn send_text_pdu(&mut self, slot: u16, ttt: u32, data: &[u8], cmd_sn: Sn) {
         let Some(Some(task)) = self.slots.get_mut(slot as usize) else {
             return;
         };
@@ -923,18 +1069,27 @@ impl Connection {
 
     /// Starts a logout of the whole session (reason 0).
     pub fn logout(&mut self, now: Instant) -> Result<(), SubmitError> {
+        self.logout_reason(0, self.cid, now)
+    }
+
+    /// Starts a logout (RFC 7143 §11.14.1) with `reason` 0 (close the
+    /// session), 1 (close connection `cid`) or 2 (remove connection `cid`
+    /// for recovery), sent on this connection. With reason 1 or 2 and
+    /// another CID, this connection stays up after the answer.
+    pub fn logout_reason(&mut self, reason: u8, cid: u16, now: Instant) -> Result<(), SubmitError> {
         self.check_usable()?;
-        let slot = self.alloc_slot(TaskKind::Logout, now)?;
+        let closes_this = reason == 0 || cid == self.cid;
+        let slot = self.alloc_slot(TaskKind::Logout { cid, closes_this }, now)?;
         let itt = self.slots[slot as usize]
             .as_ref()
             .map(|t| t.itt)
             .unwrap_or(0);
-        let cmd_sn = self.cmd_sn;
+        let cmd_sn = self.window.next_cmd_sn();
         let hdr = PduHeader::LogoutRequest(LogoutRequest {
             immediate: true,
-            reason: 0,
+            reason,
             itt,
-            cid: 0,
+            cid,
             cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
         });
@@ -1273,16 +1428,8 @@ impl Connection {
 
     fn update_window(&mut self, exp_cmd_sn: Sn, max_cmd_sn: Sn) {
         // RFC 7143 §4.2.2.1: ignore values where MaxCmdSN < ExpCmdSN - 1, and
-        // never let the window move backwards.
-        if max_cmd_sn.lt(Sn(exp_cmd_sn.0.wrapping_sub(1))) {
-            return;
-        }
-        if exp_cmd_sn.gt(self.exp_cmd_sn) {
-            self.exp_cmd_sn = exp_cmd_sn;
-        }
-        if max_cmd_sn.gt(self.max_cmd_sn) {
-            self.max_cmd_sn = max_cmd_sn;
-        }
+        // never let the window move backwards (SessionWindow::update).
+        self.window.update(exp_cmd_sn, max_cmd_sn);
     }
 
     fn check_stat_sn(&mut self, stat_sn: Sn) -> Result<(), ConnError> {
@@ -1346,7 +1493,7 @@ impl Connection {
                         lun: n.lun,
                         itt: RESERVED_TAG,
                         ttt: n.ttt,
-                        cmd_sn: self.cmd_sn,
+                        cmd_sn: self.window.next_cmd_sn(),
                         exp_stat_sn: self.exp_stat_sn,
                     });
                     encode_pdu(&mut self.tx, &hdr, &echo, self.digests);
@@ -1363,10 +1510,17 @@ impl Connection {
                         t.itt
                     )));
                 };
-                let TaskKind::Tmf { user_tag } = task.kind else {
-                    return Err(ConnError::Protocol(
-                        "task management response for a non-TMF task".into(),
-                    ));
+                let user_tag = match task.kind {
+                    TaskKind::Tmf { user_tag } => user_tag,
+                    TaskKind::Reassign { slot: adopted } => {
+                        self.free_slot(slot);
+                        return self.on_reassign_answer(adopted, t.response);
+                    }
+                    _ => {
+                        return Err(ConnError::Protocol(
+                            "task management response for a non-TMF task".into(),
+                        ))
+                    }
                 };
                 self.free_slot(slot);
                 self.events.push_back(Event::TaskManagement {
@@ -1446,15 +1600,17 @@ impl Connection {
                 self.check_stat_sn(l.stat_sn)?;
                 // Only our Logout Request may be answered: freeing whatever
                 // task the tag names would drop a SCSI command silently.
-                match self.task_by_itt(l.itt) {
+                let (cid, closes_this) = match self.task_by_itt(l.itt) {
                     Some((
                         slot,
                         Task {
-                            kind: TaskKind::Logout,
+                            kind: TaskKind::Logout { cid, closes_this },
                             ..
                         },
                     )) => {
+                        let r = (*cid, *closes_this);
                         self.free_slot(slot);
+                        r
                     }
                     Some(_) => {
                         return Err(ConnError::Protocol(format!(
@@ -1468,6 +1624,15 @@ impl Connection {
                             l.itt
                         )))
                     }
+                };
+                if !closes_this {
+                    self.events.push_back(Event::ConnectionLoggedOut {
+                        cid,
+                        response: l.response,
+                        time2wait: l.time2wait,
+                        time2retain: l.time2retain,
+                    });
+                    return Ok(());
                 }
                 self.logged_out = true;
                 self.events.push_back(Event::LoggedOut {
@@ -1553,14 +1718,11 @@ impl Connection {
             self.check_stat_sn(d.stat_sn)?;
         }
         let itt = d.itt;
-        let slot = (itt & 0xffff) as u16;
+        let slot = self.slot_of(itt);
+        let unknown = self.unknown_task("Data-In", itt);
         let task = match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => t,
-            _ => {
-                return Err(ConnError::Protocol(format!(
-                    "Data-In for unknown task tag {itt:#x}"
-                )))
-            }
+            _ => return Err(unknown),
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("Data-In", itt));
@@ -1653,10 +1815,9 @@ impl Connection {
     ) -> Result<(), ConnError> {
         let max_burst = self.params.max_burst_len;
         let max_r2t = self.params.max_outstanding_r2t;
+        let unknown = self.unknown_task("R2T", itt);
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(ConnError::Protocol(format!(
-                "R2T for unknown task tag {itt:#x}"
-            )));
+            return Err(unknown);
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("R2T", itt));
@@ -1716,10 +1877,9 @@ impl Connection {
         sense: Vec<u8>,
         residual: Option<i64>,
     ) -> Result<(), ConnError> {
+        let unknown = self.unknown_task("SCSI status", itt);
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(ConnError::Protocol(format!(
-                "SCSI status for unknown task tag {itt:#x}"
-            )));
+            return Err(unknown);
         };
         if !matches!(task.kind, TaskKind::Scsi { .. }) {
             return Err(ConnError::Protocol(format!(
@@ -1825,6 +1985,125 @@ impl Connection {
         Ok(())
     }
 
+    /// Takes back the unfinished SCSI commands of a failed connection for
+    /// TASK REASSIGN (ERL 2): those that were sent come with their tag and
+    /// CmdSN ([`Orphan`]); those still waiting for window space never took
+    /// a CmdSN and come back as plain commands, to be submitted anew.
+    pub fn take_orphans(&mut self) -> (Vec<Orphan>, Vec<Command>) {
+        let mut orphans = Vec::new();
+        let mut unsent = Vec::new();
+        let exp = self.window.exp_cmd_sn().0;
+        let mut tasks: Vec<Task> = self.slots.iter_mut().filter_map(Option::take).collect();
+        tasks.sort_by_key(|t| t.cmd_sn.map(|s| s.0.wrapping_sub(exp)).unwrap_or(u32::MAX));
+        for t in tasks {
+            if let TaskKind::Scsi { cmd, .. } = t.kind {
+                match t.cmd_sn {
+                    Some(cmd_sn) => orphans.push(Orphan {
+                        itt: t.itt,
+                        cmd_sn,
+                        cmd,
+                    }),
+                    None => unsent.push(cmd),
+                }
+            }
+        }
+        self.free.clear();
+        self.slots.clear();
+        self.adopted.clear();
+        self.waiting.clear();
+        self.data_out_ready.clear();
+        (orphans, unsent)
+    }
+
+    /// Takes over a task of a failed connection of the same session
+    /// (ERL 2): sends TASK REASSIGN (function 14, immediate) naming its
+    /// ITT and CmdSN, with ExpDataSN 0 so the target sends all its Data-In
+    /// again (and asks for write data by R2T). The task lives here from
+    /// now on; [`Event::Reassigned`] tells how the target answered. Call it
+    /// after the failed connection was logged out with reason 2 (or
+    /// reinstated), RFC 7143 §6.2.2.
+    pub fn reassign(&mut self, orphan: Orphan, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let Orphan { itt, cmd_sn, cmd } = orphan;
+        let lun = cmd.lun;
+        let tmf_slot = self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now)?;
+        let slot = match self.alloc_slot(
+            TaskKind::Scsi {
+                cmd,
+                data_done: 0,
+                next_data_sn: Sn(0),
+                r2ts: VecDeque::new(),
+                unsolicited: None,
+                r2ts_seen: 0,
+            },
+            now,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.free_slot(tmf_slot);
+                return Err(e);
+            }
+        };
+        if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
+            t.itt = itt;
+            t.cmd_sn = Some(cmd_sn);
+        }
+        self.adopted.push((itt, slot));
+        let tmf_itt = match self.slots.get_mut(tmf_slot as usize) {
+            Some(Some(t)) => {
+                t.kind = TaskKind::Reassign { slot };
+                t.itt
+            }
+            _ => 0,
+        };
+        let hdr = PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function: TMF_TASK_REASSIGN,
+            lun,
+            itt: tmf_itt,
+            referenced_task_tag: itt,
+            cmd_sn: self.window.next_cmd_sn(),
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn: cmd_sn,
+            exp_data_sn: Sn(0),
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    fn on_reassign_answer(&mut self, slot: u16, response: u8) -> Result<(), ConnError> {
+        let user_tag = match self.slots.get(slot as usize) {
+            Some(Some(Task {
+                kind: TaskKind::Scsi { cmd, .. },
+                ..
+            })) => cmd.user_tag,
+            // Already completed here (status came before the answer).
+            _ => {
+                if response == 0 {
+                    return Ok(());
+                }
+                return Err(ConnError::Protocol(format!(
+                    "TASK REASSIGN refused (response {response}) for a task that has completed"
+                )));
+            }
+        };
+        let refused = if response == 0 {
+            None
+        } else {
+            match self.free_slot(slot).map(|t| t.kind) {
+                Some(TaskKind::Scsi { cmd, .. }) => Some(Box::new(cmd)),
+                _ => None,
+            }
+        };
+        self.events.push_back(Event::Reassigned {
+            user_tag,
+            response,
+            refused,
+        });
+        Ok(())
+    }
+
     /// Takes back every unfinished SCSI command (after a failure), so it can
     /// be retried on another connection. Writes included: none of them was
     /// acknowledged, so resending is safe.
@@ -1836,7 +2115,7 @@ impl Connection {
             .collect();
         tasks.sort_by_key(|t| {
             t.cmd_sn
-                .map(|s| s.0.wrapping_sub(self.exp_cmd_sn.0))
+                .map(|s| s.0.wrapping_sub(self.window.exp_cmd_sn().0))
                 .unwrap_or(u32::MAX)
         });
         // Unsent payload references go first, so the buffers can come back
@@ -1857,6 +2136,7 @@ impl Connection {
         }
         self.free.clear();
         self.slots.clear();
+        self.adopted.clear();
         self.waiting.clear();
         self.data_out_ready.clear();
         out

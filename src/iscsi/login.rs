@@ -204,7 +204,15 @@ pub struct Login {
     our_challenge_sent: Option<Vec<u8>>,
     /// The CHAP algorithm the target chose.
     chap_algorithm: Option<ChapAlgorithm>,
+    /// A login that adds a connection to a running session (MC/S): it
+    /// offers only the keys that are negotiated per connection.
+    non_leading: bool,
 }
+
+/// Keys negotiated per connection (RFC 7143 §13: "Use: IO" or "ALL" with
+/// connection scope); the others are leading-only and may not be offered
+/// in the login of a further connection (§6.3, §13).
+const CONNECTION_KEYS: [&str; 3] = ["HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength"];
 
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,7 +248,29 @@ impl Login {
             mutual_challenge: None,
             our_challenge_sent: None,
             chap_algorithm: None,
+            non_leading: false,
         }
+    }
+
+    /// The login of one more connection of a running session (MC/S, RFC
+    /// 7143 §6.3): `config` carries the session's ISID and TSIH and the new
+    /// CID, `cmd_sn` is the session's next CmdSN, and `session` the
+    /// leading login's parameters, which the new connection shares. Only
+    /// the per-connection keys are offered; the target must answer with the
+    /// same TSIH.
+    pub fn non_leading(config: LoginConfig, itt: u32, cmd_sn: Sn, session: &Params) -> Login {
+        let offered_mrdsl = config.offer.max_recv_data_segment_len;
+        let mut login = Login::new(config, itt, cmd_sn);
+        let fresh = Params::default();
+        login.params = Params {
+            header_digest: fresh.header_digest,
+            data_digest: fresh.data_digest,
+            max_recv_data_segment_len: offered_mrdsl,
+            max_xmit_data_segment_len: fresh.max_xmit_data_segment_len,
+            ..session.clone()
+        };
+        login.non_leading = true;
+        login
     }
 
     /// Appends the first Login Request to `out`.
@@ -366,6 +396,12 @@ impl Login {
         }
         let text = std::mem::take(&mut self.partial_in);
         let pairs = TextPairs::parse_unique(&text)?;
+        if self.non_leading && rsp.tsih != 0 && rsp.tsih != self.tsih {
+            return Err(LoginError::Protocol(format!(
+                "target answered the login of a new connection (CID {}) of session TSIH {:#06x} with TSIH {:#06x}",
+                self.config.cid, self.tsih, rsp.tsih
+            )));
+        }
         if rsp.tsih != 0 {
             self.tsih = rsp.tsih;
         }
@@ -556,6 +592,13 @@ impl Login {
     fn send_operational_offer(&mut self, out: &mut Vec<u8>) {
         let mut t = TextPairs::new();
         let keys = match self.config.session_type {
+            SessionType::Normal if self.non_leading => self
+                .config
+                .offer
+                .operational_keys()
+                .into_iter()
+                .filter(|(k, _)| CONNECTION_KEYS.contains(k))
+                .collect(),
             SessionType::Normal => self.config.offer.operational_keys(),
             // Discovery sessions only need data digests and segment sizes.
             SessionType::Discovery => self
@@ -1085,5 +1128,127 @@ mod tests {
         };
         assert_eq!(o.params.max_burst_len, 4096);
         let _ = Bhs::new_checked(&[0u8; 48]).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod non_leading_tests {
+    use super::*;
+    use crate::wire::iscsi::PduFramer;
+
+    fn requests(out: &[u8]) -> Vec<(LoginRequest, TextPairs)> {
+        let f = PduFramer {
+            digests: Digests::default(),
+            max_data_segment_len: 1 << 20,
+        };
+        let mut at = 0;
+        let mut v = Vec::new();
+        while at < out.len() {
+            let p = f.frame(&out[at..]).unwrap().unwrap();
+            let PduHeader::LoginRequest(r) = p.header else {
+                panic!("not a login request")
+            };
+            v.push((r, TextPairs::parse(&out[at..][p.data.clone()]).unwrap()));
+            at += p.total_len;
+        }
+        v
+    }
+
+    fn rsp(csg: Stage, nsg: Stage, tsih: u16, stat_sn: u32) -> LoginResponse {
+        LoginResponse {
+            transit: true,
+            cont: false,
+            csg,
+            nsg,
+            version_max: 0,
+            version_active: 0,
+            isid: [0x80, 0, 0, 0, 0, 9],
+            tsih,
+            itt: 0,
+            stat_sn: Sn(stat_sn),
+            exp_cmd_sn: Sn(40),
+            max_cmd_sn: Sn(70),
+            status_class: 0,
+            status_detail: 0,
+        }
+    }
+
+    fn config() -> LoginConfig {
+        let mut c = LoginConfig::new("iqn.2026-11.test:init", Some("iqn.2026-11.test:tgt"));
+        c.isid = [0x80, 0, 0, 0, 0, 9];
+        c.tsih = 0x1234;
+        c.cid = 3;
+        c.offer.max_connections = 4;
+        c.offer.error_recovery_level = 2;
+        c
+    }
+
+    /// The login of a further connection carries the session's ISID and
+    /// TSIH, its own CID and the session's CmdSN, offers only the
+    /// per-connection keys, and keeps the session's parameters.
+    #[test]
+    fn offers_only_connection_keys_with_the_sessions_tsih() {
+        let session = Params {
+            max_connections: 4,
+            error_recovery_level: 2,
+            max_burst_len: 1 << 20,
+            initial_r2t: false,
+            ..Params::default()
+        };
+        let mut l = Login::non_leading(config(), 0, Sn(40), &session);
+        let mut out = Vec::new();
+        l.start(&mut out);
+        let (req, _) = requests(&out).pop().unwrap();
+        assert_eq!(
+            (req.isid, req.tsih, req.cid),
+            ([0x80, 0, 0, 0, 0, 9], 0x1234, 3)
+        );
+        assert_eq!(req.cmd_sn, Sn(40));
+        out.clear();
+        let mut auth = TextPairs::new();
+        auth.push("AuthMethod", "None");
+        let r = rsp(Stage::Security, Stage::Operational, 0x1234, 7);
+        l.on_response(&r, &auth.to_bytes(), &mut out).unwrap();
+        let (_, text) = requests(&out).pop().unwrap();
+        let keys: Vec<&str> = text.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            ["HeaderDigest", "DataDigest", "MaxRecvDataSegmentLength"]
+        );
+        out.clear();
+        let mut ans = TextPairs::new();
+        ans.push("HeaderDigest", "None");
+        ans.push("DataDigest", "None");
+        ans.push("MaxRecvDataSegmentLength", "65536");
+        let r = rsp(Stage::Operational, Stage::FullFeature, 0x1234, 8);
+        let LoginProgress::Done(o) = l.on_response(&r, &ans.to_bytes(), &mut out).unwrap() else {
+            panic!("login not done")
+        };
+        assert_eq!((o.tsih, o.cid), (0x1234, 3));
+        assert_eq!(o.params.max_connections, 4);
+        assert_eq!(o.params.error_recovery_level, 2);
+        assert_eq!(o.params.max_burst_len, 1 << 20);
+        assert!(!o.params.initial_r2t);
+        assert_eq!(o.params.max_xmit_data_segment_len, 65536);
+    }
+
+    /// A target that answers a further connection's login with another
+    /// TSIH would put it in another session: refused, naming both.
+    #[test]
+    fn a_changed_tsih_is_refused() {
+        let mut l = Login::non_leading(config(), 0, Sn(40), &Params::default());
+        let mut out = Vec::new();
+        l.start(&mut out);
+        let mut auth = TextPairs::new();
+        auth.push("AuthMethod", "None");
+        let r = rsp(Stage::Security, Stage::Operational, 0x9999, 7);
+        let e = l
+            .on_response(&r, &auth.to_bytes(), &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CID 3") && e.contains("TSIH 0x1234") && e.contains("TSIH 0x9999"),
+            "{e}"
+        );
     }
 }

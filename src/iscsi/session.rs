@@ -1,15 +1,19 @@
 //! A driver that runs the sans-IO login and connection state machines over a
 //! [`Transport`]: log in, submit commands, pump bytes, collect events.
-//! One session = one connection here (MPIO); the multipath layer runs one
-//! session per path.
+//! A `Session` drives one connection: the whole session (MPIO, one session
+//! per path), or one connection of an MC/S session, whose connections share
+//! the session's CmdSN window ([`super::mcs::McsSession`] holds them).
 
 use super::connection::{
     Command, Completion, ConnError, ConnTimers, Connection, Event, SubmitError,
 };
 use super::login::{Login, LoginConfig, LoginError, LoginOutcome, LoginProgress};
+use super::params::Params;
+use super::window::SessionWindow;
 use crate::transport::{RxSink, Transport, TransportError, TxPart};
 use crate::wire::iscsi::{Digests, IscsiWireError, PduFramer, PduHeader, Sn};
 use crate::wire::text::TextPairs;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -137,12 +141,45 @@ impl RxSink for ConnSink<'_> {
     }
 }
 
+/// Which connection of its session a login makes.
+#[derive(Debug, Clone, Copy)]
+pub enum Joining<'a> {
+    /// The only connection of its session (MPIO).
+    Alone,
+    /// The leading connection of an MC/S session: its window is the one
+    /// later connections share ([`Connection::window`]).
+    Leading,
+    /// One more connection of a running MC/S session: the session's window,
+    /// the connection's index in the session (0..16, in its ITTs) and the
+    /// leading login's parameters. `SessionConfig::login` carries the
+    /// session's ISID and TSIH and the new CID.
+    More {
+        window: &'a Arc<SessionWindow>,
+        index: u8,
+        leading: &'a Params,
+    },
+}
+
 impl<T: Transport> Session<T> {
     /// Logs in over a connected transport.
-    pub fn login(mut transport: T, config: &SessionConfig) -> Result<Session<T>, SessionError> {
+    pub fn login(transport: T, config: &SessionConfig) -> Result<Session<T>, SessionError> {
+        Session::login_joining(transport, config, Joining::Alone)
+    }
+
+    /// Logs in over a connected transport as the connection `joining` says.
+    pub fn login_joining(
+        mut transport: T,
+        config: &SessionConfig,
+        joining: Joining<'_>,
+    ) -> Result<Session<T>, SessionError> {
         let start = Instant::now();
         let deadline = start + config.login_timeout;
-        let mut login = Login::new(config.login.clone(), 0, Sn(1));
+        let mut login = match joining {
+            Joining::More {
+                window, leading, ..
+            } => Login::non_leading(config.login.clone(), 0, window.next_cmd_sn(), leading),
+            Joining::Alone | Joining::Leading => Login::new(config.login.clone(), 0, Sn(1)),
+        };
         let mut out = Vec::new();
         login.start(&mut out);
         // During login the target may send up to 8 KiB per PDU; allow more to
@@ -186,7 +223,25 @@ impl<T: Transport> Session<T> {
             match login.on_response(rsp, &data, &mut out)? {
                 LoginProgress::Continue => {}
                 LoginProgress::Done(outcome) => {
-                    let mut conn = Connection::new(&outcome, config.timers, Instant::now());
+                    let now = Instant::now();
+                    let mut conn = match joining {
+                        Joining::Alone => Connection::new(&outcome, config.timers, now),
+                        Joining::Leading => {
+                            let window = Arc::new(SessionWindow::new(
+                                outcome.cmd_sn,
+                                outcome.exp_cmd_sn,
+                                outcome.max_cmd_sn,
+                            ));
+                            Connection::in_session(&outcome, config.timers, now, window, 0)
+                        }
+                        Joining::More { window, index, .. } => Connection::in_session(
+                            &outcome,
+                            config.timers,
+                            now,
+                            window.clone(),
+                            index,
+                        ),
+                    };
                     // Write payload leaves from the caller's buffer (one copy:
                     // the kernel's, or the userspace stack's into the frame).
                     conn.set_tx_by_reference(true);
@@ -263,6 +318,8 @@ impl<T: Transport> Session<T> {
         }
         let now = Instant::now();
         let mut progressed = false;
+        // Another connection of an MC/S session may have opened the window.
+        self.conn.send_queued();
         while self.send_pending()? > 0 {
             progressed = true;
         }

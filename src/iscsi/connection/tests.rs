@@ -1,6 +1,8 @@
 use super::*;
 use crate::iscsi::login::LoginOutcome;
+use crate::iscsi::window::SessionWindow;
 use crate::wire::iscsi::{NopIn, R2t, ScsiResponse, TextResponse};
+use std::sync::Arc;
 
 fn outcome(params: Params) -> LoginOutcome {
     LoginOutcome {
@@ -1068,4 +1070,254 @@ fn write_buffer_comes_back_whole_and_copied_only_while_still_held() {
         assert_eq!(done.buffer, write_cmd(3000, 4).buffer);
         assert_eq!(c.stats.tx_buffers_copied_back, u64::from(still_held));
     }
+
+/// MC/S: two connections of one session, one CmdSN window shared between
+/// them (the leading login's window 10..=41, here narrowed to 10..=12).
+fn mcs_pair(now: Instant) -> (Connection, Connection, Arc<SessionWindow>) {
+    let window = Arc::new(SessionWindow::new(Sn(10), Sn(10), Sn(12)));
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(12);
+    let a = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 0);
+    o.cid = 1;
+    let b = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 1);
+    (a, b, window)
+}
+
+fn scsi_itts(sent: &[(PduHeader, Vec<u8>)]) -> Vec<(u32, Sn)> {
+    sent.iter()
+        .filter_map(|(h, _)| match h {
+            PduHeader::ScsiCommand(c) => Some((c.itt, c.cmd_sn)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mcs_connections_take_cmdsns_from_one_window() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    b.submit(read_cmd(512, 2), now).unwrap();
+    a.submit(read_cmd(512, 3), now).unwrap();
+    b.submit(read_cmd(512, 4), now).unwrap();
+    let sa = scsi_itts(&pa.sent(&mut a));
+    let sb = scsi_itts(&pb.sent(&mut b));
+    // One numbering across both connections, and the window is full at 12.
+    assert_eq!(sa.iter().map(|x| x.1).collect::<Vec<_>>(), [Sn(10), Sn(12)]);
+    assert_eq!(sb.iter().map(|x| x.1).collect::<Vec<_>>(), [Sn(11)]);
+    assert_eq!(window.space(), 0);
+    // Tags never collide between the connections of a session.
+    assert!(sa.iter().all(|(itt, _)| itt & 0xf000 == 0));
+    assert!(sb.iter().all(|(itt, _)| itt & 0xf000 == 0x1000));
+    // A response on A opens the window; B's queued command goes out with
+    // the next CmdSN once B looks at the window again.
+    a.receive(&pa.response(sa[0].0, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+    assert_eq!(window.max_cmd_sn(), Sn(13));
+    assert!(pb.sent(&mut b).is_empty());
+    b.send_queued();
+    assert_eq!(
+        scsi_itts(&pb.sent(&mut b))
+            .iter()
+            .map(|x| x.1)
+            .collect::<Vec<_>>(),
+        [Sn(13)]
+    );
+    // A stale, smaller MaxCmdSN on B does not shrink the window.
+    b.receive(&pb.response(sb[0].0, 0, &[], 12), now).unwrap();
+    assert_eq!(completion(&mut b).user_tag, 2);
+    assert_eq!(window.max_cmd_sn(), Sn(13));
+    // Immediate PDUs carry the session's next CmdSN and take none.
+    a.ping(now).unwrap();
+    let PduHeader::NopOut(n) = &pa.sent(&mut a)[0].0 else {
+        panic!()
+    };
+    assert!(n.immediate);
+    assert_eq!(n.cmd_sn, Sn(14));
+    assert_eq!(window.next_cmd_sn(), Sn(14));
+}
+
+/// Connection allegiance (RFC 7143 §5.1): a status for a task of
+/// connection A that arrives on connection B is a protocol error that says
+/// so, and A's task is still there to be finished on A.
+#[test]
+fn mcs_response_on_the_wrong_connection_is_refused_clearly() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    let (itt, _) = scsi_itts(&pa.sent(&mut a))[0];
+    let e = b
+        .receive(&pb.response(itt, 0, &[], 13), now)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("arrived on connection CID 1")
+            && e.contains("belongs to connection #0")
+            && e.contains("§5.1"),
+        "{e}"
+    );
+    assert!(b.is_failed().is_some());
+    assert_eq!(a.outstanding(), 1);
+    a.receive(&pa.response(itt, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+}
+
+/// StatSN is per connection: each connection of the session counts its
+/// own, and one that jumps fails that connection only.
+#[test]
+fn mcs_statsn_is_per_connection_and_a_jump_fails_only_that_one() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let mut pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    a.submit(read_cmd(512, 1), now).unwrap();
+    b.submit(read_cmd(512, 2), now).unwrap();
+    a.submit(read_cmd(512, 3), now).unwrap();
+    let sa = scsi_itts(&pa.sent(&mut a));
+    let sb = scsi_itts(&pb.sent(&mut b));
+    // Both targets' streams start at StatSN 100: no conflict.
+    a.receive(&pa.response(sa[0].0, 0, &[], 13), now).unwrap();
+    pb.stat_sn = Sn(105);
+    let e = b
+        .receive(&pb.response(sb[0].0, 0, &[], 13), now)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("StatSN 105 out of order (expected 100)"), "{e}");
+    assert!(b.is_failed().is_some());
+    a.receive(&pa.response(sa[1].0, 0, &[], 13), now).unwrap();
+    assert_eq!(completion(&mut a).user_tag, 1);
+    assert_eq!(completion(&mut a).user_tag, 3);
+    assert!(a.is_failed().is_none());
+}
+
+#[test]
+fn logout_names_its_reason_and_cid() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let pb = Peer::new(Digests::default());
+    // Remove connection CID 1 for recovery, sent on connection CID 0.
+    a.logout_reason(2, 1, now).unwrap();
+    let PduHeader::LogoutRequest(l) = &pa.sent(&mut a)[0].0 else {
+        panic!()
+    };
+    assert_eq!((l.reason, l.cid, l.cmd_sn), (2, 1, Sn(10)));
+    assert!(l.immediate);
+    // The session's logout goes on the connection's own CID.
+    b.logout(now).unwrap();
+    let PduHeader::LogoutRequest(l) = &pb.sent(&mut b)[0].0 else {
+        panic!()
+    };
+    assert_eq!((l.reason, l.cid), (0, 1));
+    assert_eq!(window.next_cmd_sn(), Sn(10));
+}
+
+fn tmf_response(peer: &mut Peer, itt: u32, response: u8) -> Vec<u8> {
+    let stat_sn = peer.next_stat_sn();
+    peer.encode(
+        PduHeader::TaskMgmtResponse(crate::wire::iscsi::TaskMgmtResponse {
+            response,
+            itt,
+            stat_sn,
+            exp_cmd_sn: Sn(11),
+            max_cmd_sn: Sn(42),
+        }),
+        &[],
+    )
+}
+
+/// ERL 2: a write sent on connection A, which fails before its status;
+/// connection B takes it over with TASK REASSIGN naming A's tag and the
+/// CmdSN, then answers the target's R2T for the whole buffer and the
+/// status completes the write on B, once.
+#[test]
+fn task_reassign_moves_a_write_of_a_failed_connection() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let cmd = write_cmd(12000, 9);
+    let data = cmd.buffer.clone();
+    a.submit(cmd, now).unwrap();
+    let (itt, cmd_sn) = scsi_itts(&pa.sent(&mut a))[0];
+    a.set_failed(ConnError::Failed("link down".into()));
+    let (orphans, unsent) = a.take_orphans();
+    assert!(unsent.is_empty());
+    assert_eq!(orphans.len(), 1);
+    assert_eq!((orphans[0].itt, orphans[0].cmd_sn), (itt, cmd_sn));
+    b.reassign(orphans.into_iter().next().unwrap(), now)
+        .unwrap();
+    let sent = pb.sent(&mut b);
+    let PduHeader::TaskMgmtRequest(t) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(t.function, TMF_TASK_REASSIGN);
+    assert!(t.immediate);
+    assert_eq!((t.referenced_task_tag, t.ref_cmd_sn), (itt, cmd_sn));
+    assert_eq!(t.exp_data_sn, Sn(0));
+    // Immediate: it takes no CmdSN of the session.
+    assert_eq!(window.next_cmd_sn(), cmd_sn.next());
+    let tmf_itt = t.itt;
+    b.receive(&tmf_response(&mut pb, tmf_itt, 0), now).unwrap();
+    match b.poll_event() {
+        Some(Event::Reassigned {
+            user_tag: 9,
+            response: 0,
+            refused: None,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The target asks for all of it again, on B, with A's tag.
+    b.receive(&pb.r2t(itt, 0x77, 0, 0, 12000), now).unwrap();
+    let mut got = Vec::new();
+    for (h, d) in pb.sent(&mut b) {
+        let PduHeader::DataOut(o) = h else {
+            panic!("{h:?}")
+        };
+        assert_eq!((o.itt, o.ttt), (itt, 0x77));
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(got, data);
+    b.receive(&pb.response(itt, 0, &[], 42), now).unwrap();
+    let done = completion(&mut b);
+    assert_eq!((done.user_tag, done.status), (9, 0));
+    assert_eq!(b.outstanding(), 0);
+    assert!(b.poll_event().is_none());
+}
+
+/// A target that refuses TASK REASSIGN (here: allegiance reassignment not
+/// supported) gets the command back, buffer and all, not done and not
+/// lost; the connection stays up.
+#[test]
+fn refused_task_reassign_gives_the_command_back() {
+    let now = Instant::now();
+    let (mut a, mut b, _) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let cmd = write_cmd(4096, 5);
+    let data = cmd.buffer.clone();
+    a.submit(cmd, now).unwrap();
+    let _ = pa.sent(&mut a);
+    a.set_failed(ConnError::Failed("link down".into()));
+    let (orphans, _) = a.take_orphans();
+    b.reassign(orphans.into_iter().next().unwrap(), now)
+        .unwrap();
+    let PduHeader::TaskMgmtRequest(t) = &pb.sent(&mut b)[0].0 else {
+        panic!()
+    };
+    b.receive(&tmf_response(&mut pb, t.itt, 4), now).unwrap();
+    match b.poll_event() {
+        Some(Event::Reassigned {
+            user_tag: 5,
+            response: 4,
+            refused: Some(cmd),
+        }) => assert_eq!(cmd.buffer, data),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.outstanding(), 0);
+    assert!(b.is_failed().is_none());
 }
