@@ -104,6 +104,7 @@ impl<J: Send + 'static> ConnThreads<J> {
     }
 
     /// Threads serving a job now (or about to take one).
+    #[cfg(test)]
     pub(crate) fn busy(&self) -> usize {
         self.threads
             .len()
