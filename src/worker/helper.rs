@@ -28,7 +28,9 @@ pub(crate) struct Helper {
 /// then [`join`](Job::join), as with a thread's `JoinHandle`.
 pub(crate) struct Job<T> {
     rx: Receiver<std::thread::Result<T>>,
-    got: OnceCell<std::thread::Result<T>>,
+    /// The result, once `is_finished` has taken it (boxed: a job's handle
+    /// stays small beside the worker's other states).
+    got: OnceCell<Box<std::thread::Result<T>>>,
 }
 
 impl<T> Job<T> {
@@ -39,7 +41,7 @@ impl<T> Job<T> {
         }
         match self.rx.try_recv() {
             Ok(r) => {
-                let _ = self.got.set(r);
+                let _ = self.got.set(Box::new(r));
                 true
             }
             Err(TryRecvError::Empty) => false,
@@ -50,7 +52,7 @@ impl<T> Job<T> {
     /// Waits for the job's end; `Err` when it panicked.
     pub(crate) fn join(mut self) -> std::thread::Result<T> {
         match self.got.take() {
-            Some(r) => r,
+            Some(r) => *r,
             None => self
                 .rx
                 .recv()
