@@ -312,3 +312,35 @@ fn a_client_that_never_reads_replies_is_held_to_its_buffer_cap() {
     }
     good.works(20);
 }
+
+#[test]
+fn clients_that_come_and_go_reuse_a_bounded_set_of_threads() {
+    let b = bed(ExportConfig::default());
+    let st = b.server.stats();
+    let gone = || {
+        wait_for("clients gone", Duration::from_secs(5), || {
+            st.active.load(Ordering::Relaxed) == 0
+        })
+    };
+    // One client after another: one thread serves them all.
+    for i in 0..20u8 {
+        Client::go(b.addr).works(i);
+        gone();
+    }
+    assert_eq!(st.connections.load(Ordering::Relaxed), 20);
+    assert_eq!(st.threads.load(Ordering::Relaxed), 1, "threads started");
+    // Four at once: four threads; then one after another again: no more.
+    let mut four: Vec<Client> = (0..4).map(|_| Client::go(b.addr)).collect();
+    for (i, c) in four.iter_mut().enumerate() {
+        c.works(100 + i as u8);
+    }
+    drop(four);
+    gone();
+    for i in 0..10u8 {
+        Client::go(b.addr).works(200 + i);
+        gone();
+    }
+    assert_eq!(st.connections.load(Ordering::Relaxed), 34);
+    assert_eq!(st.threads.load(Ordering::Relaxed), 4, "threads started");
+    assert_eq!(st.refused.load(Ordering::Relaxed), 0);
+}

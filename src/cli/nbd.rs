@@ -62,6 +62,8 @@ pub struct ExportNbdArgs {
     #[arg(long)]
     pub insecure_plaintext: bool,
     /// Most clients connected at once; more are closed as they connect.
+    /// Also the most connection threads (each serves one client at a time
+    /// and is kept for the next).
     #[arg(long, default_value_t = 32)]
     pub max_clients: usize,
     /// Seconds a client has to finish the handshake (TLS included).

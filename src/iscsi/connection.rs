@@ -37,8 +37,8 @@ use thiserror::Error;
 /// Most tasks one connection tracks at once (bounded: the slab never grows past it).
 pub const MAX_TASKS: usize = 4096;
 
-/// Task management function 14, TASK REASSIGN (RFC 7143 §11.5.1).
-pub const TMF_TASK_REASSIGN: u8 = 14;
+/// Task management function 8, TASK REASSIGN (RFC 7143 §11.5.1).
+pub const TMF_TASK_REASSIGN: u8 = crate::wire::iscsi::tmf::TASK_REASSIGN;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
@@ -1996,7 +1996,10 @@ impl Connection {
         let mut tasks: Vec<Task> = self.slots.iter_mut().filter_map(Option::take).collect();
         tasks.sort_by_key(|t| t.cmd_sn.map(|s| s.0.wrapping_sub(exp)).unwrap_or(u32::MAX));
         for t in tasks {
-            if let TaskKind::Scsi { cmd, .. } = t.kind {
+            if let TaskKind::Scsi { mut cmd, out, .. } = t.kind {
+                // A write sent by reference gets its buffer back first: the
+                // connection that takes it over sends from it again.
+                reclaim_buffer(&mut cmd, out, &mut self.stats);
                 match t.cmd_sn {
                     Some(cmd_sn) => orphans.push(Orphan {
                         itt: t.itt,
@@ -2016,7 +2019,7 @@ impl Connection {
     }
 
     /// Takes over a task of a failed connection of the same session
-    /// (ERL 2): sends TASK REASSIGN (function 14, immediate) naming its
+    /// (ERL 2): sends TASK REASSIGN (function 8, immediate) naming its
     /// ITT and CmdSN, with ExpDataSN 0 so the target sends all its Data-In
     /// again (and asks for write data by R2T). The task lives here from
     /// now on; [`Event::Reassigned`] tells how the target answered. Call it
@@ -2035,6 +2038,7 @@ impl Connection {
                 r2ts: VecDeque::new(),
                 unsolicited: None,
                 r2ts_seen: 0,
+                out: None,
             },
             now,
         ) {

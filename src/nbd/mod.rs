@@ -7,10 +7,12 @@
 //! - [`handshake`]: the fixed newstyle negotiation as a sans-IO state
 //!   machine (`NBD_OPT_GO`/`INFO`/`EXPORT_NAME`/`LIST`/`ABORT`).
 //! - [`tls`]: `NBD_OPT_STARTTLS` with X.509 certificates (rustls).
-//! - [`server`]: the runtime: a listener thread and one thread per client,
-//!   each with its own [`IoQueue`](crate::worker::IoQueue) (kept for the
-//!   next client when it closes); requests are pipelined and answered with
-//!   simple replies in completion order.
+//! - [`server`]: the runtime: a listener thread and connection threads
+//!   (`threads`: started as clients come, at most `--max-clients`, each
+//!   serving one client at a time and kept for the next), each client with
+//!   its own [`IoQueue`](crate::worker::IoQueue) (kept for the next client
+//!   when it closes); requests are pipelined and answered with simple
+//!   replies in completion order.
 //! - `pool`: the data buffers every connection of an export shares
 //!   (bounded; large buffers are allocated once per export, not per client).
 //!
@@ -24,6 +26,7 @@
 pub mod handshake;
 mod pool;
 pub mod server;
+mod threads;
 pub mod tls;
 pub mod wire;
 

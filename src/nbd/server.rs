@@ -1,11 +1,15 @@
 //! The NBD server runtime: a listener thread accepting clients (TCP or a
-//! Unix socket) and one thread per client connection. Each connection owns
+//! Unix socket) and connection threads, each serving one client at a time:
+//! started as clients come, at most `max_clients`, and kept, idle, for the
+//! next client until the server stops (so a stream of short connections
+//! starts no threads; see `threads`). Each connection owns
 //! one [`IoQueue`] of the shared [`MultipathDevice`], reads pipelined
 //! requests from a non-blocking socket, submits them without waiting, and
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
 use super::handshake::{ExportInfo, Handshake, Step, TlsPolicy};
 use super::pool::BufPool;
+use super::threads::{ConnThreads, NotRun};
 use super::tls::{TlsConfig, TlsSession};
 use super::wire::{self, cflags, cmd, errno, tflags, Request, WireError};
 use super::NbdError;
@@ -303,6 +307,10 @@ pub struct ServerStats {
     /// Most bytes any one client has held in the server
     /// (see [`ExportConfig::max_buffered_bytes`]).
     pub peak_buffered: AtomicU64,
+    /// Connection threads started: they serve one client at a time and
+    /// wait for the next, so this is the most clients ever connected at
+    /// once (at most [`ExportConfig::max_clients`]), not the connections.
+    pub threads: AtomicU64,
 }
 
 /// What every connection of one export shares (the device is passed
@@ -394,8 +402,9 @@ fn export_info(device: &MultipathDevice, config: &ExportConfig) -> ExportInfo {
 }
 
 impl NbdServer {
-    /// Serves `device` on `listener` until `stop` is set. One thread per
-    /// client; returns after every connection thread has ended.
+    /// Serves `device` on `listener` until `stop` is set. A thread per
+    /// connected client, kept for the next client when it closes (at most
+    /// `max_clients`); returns after every connection thread has ended.
     pub fn run(
         device: Arc<MultipathDevice>,
         config: ExportConfig,
@@ -467,48 +476,73 @@ impl NbdServer {
             listener.uri(),
             export.info.size
         );
-        let mut conns: Vec<JoinHandle<()>> = Vec::new();
-        let mut next = 0u64;
+        // Connections are served by at most `max_clients` long-lived
+        // threads (see `threads`): a closed connection's thread waits for
+        // the next client instead of ending.
+        let (e, s, d) = (export.clone(), stop.clone(), device.clone());
+        let mut threads = ConnThreads::new(
+            "nbd-conn",
+            export.config.max_clients,
+            move |(stream, peer): (Stream, String)| {
+                match serve(stream, &e, &d, &s) {
+                    Ok(why) => log::info!(
+                        "NBD client {peer}: closed ({why}); buffers: {} KiB, {} KiB free",
+                        e.pool.owned_bytes() >> 10,
+                        e.pool.held_bytes() >> 10
+                    ),
+                    Err(NbdError::Stopping) => {
+                        log::info!("NBD client {peer}: closed (server stopping)")
+                    }
+                    Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                }
+                e.stats.active.fetch_sub(1, Ordering::Relaxed);
+            },
+        );
         while !stop.load(Ordering::Acquire) {
-            conns.retain(|c| !c.is_finished());
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    if conns.len() >= export.config.max_clients {
+                    let active = export.stats.active.load(Ordering::Relaxed);
+                    if active >= export.config.max_clients as u64 {
                         export.stats.refused.fetch_add(1, Ordering::Relaxed);
                         log::warn!(
-                            "NBD client {peer}: refused, {} clients are connected (the limit; \
-                             raise it with --max-clients)",
-                            conns.len()
+                            "NBD client {peer}: refused, {active} clients are connected (the \
+                             limit; raise it with --max-clients)"
                         );
                         stream.shutdown();
                         continue;
                     }
-                    next += 1;
                     export.stats.connections.fetch_add(1, Ordering::Relaxed);
                     export.stats.active.fetch_add(1, Ordering::Relaxed);
-                    let (e, s, d) = (export.clone(), stop.clone(), device.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("nbd-conn-{next}"))
-                        .spawn(move || {
-                            match serve(stream, &e, &d, &s) {
-                                Ok(why) => log::info!(
-                                    "NBD client {peer}: closed ({why}); buffers: {} KiB, {} KiB free",
-                                    e.pool.owned_bytes() >> 10,
-                                    e.pool.held_bytes() >> 10
-                                ),
-                                Err(NbdError::Stopping) => {
-                                    log::info!("NBD client {peer}: closed (server stopping)")
-                                }
-                                Err(err) => log::warn!("NBD client {peer}: closed: {err}"),
+                    let mut job = (stream, peer);
+                    // Fewer than `max_clients` are connected, so a thread
+                    // that is all but idle (its client's count is gone, it
+                    // has not yet asked for the next) is at most a moment
+                    // away: wait for it rather than refuse.
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    let refused = loop {
+                        match threads.run(job) {
+                            Ok(()) => break None,
+                            Err(NotRun::Busy(j)) if Instant::now() < deadline => {
+                                job = j;
+                                std::thread::sleep(Duration::from_millis(1));
                             }
-                            e.stats.active.fetch_sub(1, Ordering::Relaxed);
-                        });
-                    match spawned {
-                        Ok(t) => conns.push(t),
-                        Err(err) => {
-                            export.stats.active.fetch_sub(1, Ordering::Relaxed);
-                            log::warn!("cannot start a thread for an NBD client: {err}")
+                            Err(NotRun::Busy(j)) => {
+                                break Some((j, "every connection thread is busy".to_string()))
+                            }
+                            Err(NotRun::Spawn(j, err)) => {
+                                break Some((j, format!("cannot start a thread: {err}")))
+                            }
                         }
+                    };
+                    export
+                        .stats
+                        .threads
+                        .store(threads.started() as u64, Ordering::Relaxed);
+                    if let Some(((stream, peer), why)) = refused {
+                        export.stats.active.fetch_sub(1, Ordering::Relaxed);
+                        export.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("NBD client {peer}: refused ({why})");
+                        stream.shutdown();
                     }
                 }
                 Err(e)
@@ -523,9 +557,7 @@ impl NbdServer {
                 }
             }
         }
-        for c in conns {
-            let _ = c.join();
-        }
+        threads.join();
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod device;
+mod helper;
 mod open;
 mod path_worker;
 pub mod poll_meter;

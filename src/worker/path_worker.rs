@@ -3,6 +3,7 @@
 //! every unfinished command goes back to its queue for another path, and the
 //! path logs in again in the background with back-off.
 
+use super::helper::{Helper, Job};
 use super::ring::{Consumer, Producer};
 use crate::iscsi::connection::{Command, Completion, Direction, Event, SubmitError, MAX_TASKS};
 use crate::iscsi::session::{Session, SessionError};
@@ -24,7 +25,6 @@ use crate::wire::scsi::DataRepr;
 use crossbeam::queue::ArrayQueue;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A command on its way to a worker. `slot` is the queue's own index.
@@ -202,7 +202,7 @@ type FenceResult = (PathConnector, FenceJob, Result<(), FenceError>);
 enum Conn {
     Up(Box<Session<BoxedTransport>>),
     Down,
-    Connecting(JoinHandle<ConnectResult>),
+    Connecting(Job<ConnectResult>),
 }
 
 pub(crate) struct WorkerSetup {
@@ -322,7 +322,9 @@ pub(crate) struct Worker {
     fence: Option<Arc<FenceBoard>>,
     peers: Arc<[Arc<PathShared>]>,
     /// A fence login this path runs for another (it has our connector).
-    fence_job: Option<JoinHandle<FenceResult>>,
+    fence_job: Option<Job<FenceResult>>,
+    /// Runs this path's logins and fence logins (one thread for them all).
+    helper: Helper,
     login_fence: bool,
     /// A PREEMPT AND ABORT this path sent for another, and its answer.
     fence_preempt: Option<(FenceJob, std::sync::mpsc::Receiver<Completion>)>,
@@ -333,6 +335,7 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub(crate) fn new(s: WorkerSetup) -> Worker {
+        let helper = Helper::new(format!("mp-login-{}", s.shared.index));
         let mut w = Worker {
             shared: s.shared,
             control: s.control,
@@ -374,6 +377,7 @@ impl Worker {
             fence_preempt: None,
             lun_reset_after: s.lun_reset_fence,
             fence_reset: None,
+            helper,
         };
         super::precise_timers();
         if let Some(core) = s.core {
@@ -1227,18 +1231,16 @@ impl Worker {
         let victim = self.peers[job.need.path].clone();
         let timers = self.probe.timers;
         let login_timeout = self.probe.login_timeout;
-        let spawned = std::thread::Builder::new()
-            .name(format!("mp-fence-{}", self.shared.index))
-            .spawn(move || {
-                let result =
-                    fence_login(&mut connector, &job.need, timers, login_timeout).map(|session| {
-                        // Ended at the target: the held writes may go now,
-                        // before our logout of the fence session.
-                        victim.fence_through(job.need.epoch);
-                        let _ = session.logout(Duration::from_millis(500));
-                    });
-                (connector, job, result)
-            });
+        let spawned = self.helper.run(move || {
+            let result =
+                fence_login(&mut connector, &job.need, timers, login_timeout).map(|session| {
+                    // Ended at the target: the held writes may go now,
+                    // before our logout of the fence session.
+                    victim.fence_through(job.need.epoch);
+                    let _ = session.logout(Duration::from_millis(500));
+                });
+            (connector, job, result)
+        });
         match spawned {
             Ok(h) => self.fence_job = Some(h),
             Err(e) => {
@@ -1413,12 +1415,10 @@ impl Worker {
         self.health.on_attempt();
         self.shared.set_state(PathState::Connecting, "reconnecting");
         let cfg = self.probe.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("mp-login-{}", self.shared.index))
-            .spawn(move || {
-                let r = probe(&mut connector, &cfg);
-                (connector, r)
-            });
+        let spawned = self.helper.run(move || {
+            let r = probe(&mut connector, &cfg);
+            (connector, r)
+        });
         match spawned {
             Ok(h) => self.conn = Conn::Connecting(h),
             Err(e) => {
@@ -1432,7 +1432,7 @@ impl Worker {
         }
     }
 
-    fn finish_connect(&mut self, handle: JoinHandle<ConnectResult>, now: Instant) {
+    fn finish_connect(&mut self, handle: Job<ConnectResult>, now: Instant) {
         let Ok((connector, result)) = handle.join() else {
             self.health.give_up();
             self.shared

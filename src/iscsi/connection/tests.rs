@@ -983,94 +983,6 @@ fn renegotiation_answer_out_of_range_fails_the_connection() {
     assert!(e.to_string().contains("§13.12"), "{e}");
 }
 
-/// Everything the connection has to send, taken through `tx_parts` in
-/// pieces of at most `step` bytes, as a transport that takes a little at a
-/// time would; `hold` keeps a clone of every shared buffer it saw.
-fn drain_parts(c: &mut Connection, step: usize, hold: &mut Vec<Arc<Vec<u8>>>) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut parts = [TxPart::Bytes(&[]); 4];
-        let n = c.tx_parts(&mut parts);
-        if n == 0 {
-            return out;
-        }
-        let mut taken = 0;
-        for part in &parts[..n] {
-            if let TxPart::Shared { buf, .. } = part {
-                hold.push(Arc::clone(buf));
-            }
-            let bytes = part.bytes();
-            let k = bytes.len().min(step - taken);
-            out.extend_from_slice(&bytes[..k]);
-            taken += k;
-            if taken == step {
-                break;
-            }
-        }
-        c.consume_tx(taken);
-    }
-}
-
-#[test]
-fn write_payload_by_reference_sends_the_same_bytes_without_copying() {
-    // Digests and an odd length: padding and CRCs sit after each payload.
-    let now = Instant::now();
-    let p = Params {
-        initial_r2t: false,
-        first_burst_len: 9000,
-        ..digest_params()
-    };
-    let streams: Vec<(Vec<u8>, Connection)> = [false, true]
-        .into_iter()
-        .map(|by_ref| {
-            let mut c = Connection::new(&outcome(p.clone()), ConnTimers::default(), now);
-            c.set_tx_by_reference(by_ref);
-            c.submit(write_cmd(20001, 9), now).unwrap();
-            let mut hold = Vec::new();
-            let bytes = drain_parts(&mut c, 777, &mut hold);
-            assert_eq!(hold.is_empty(), !by_ref);
-            (bytes, c)
-        })
-        .collect();
-    assert_eq!(streams[0].0, streams[1].0, "same PDUs either way");
-    let (copied, shared) = (&streams[0].1.stats, &streams[1].1.stats);
-    assert_eq!((copied.tx_bytes_copied, copied.tx_bytes_shared), (9000, 0));
-    assert_eq!((shared.tx_bytes_copied, shared.tx_bytes_shared), (0, 9000));
-    // The peer reads the PDUs back: the data is the command's.
-    let peer = Peer::new(p.digests());
-    let mut at = 0;
-    let mut data = Vec::new();
-    while at < streams[1].0.len() {
-        let f = peer.framer.frame(&streams[1].0[at..]).unwrap().unwrap();
-        data.extend_from_slice(&streams[1].0[at..][f.data.clone()]);
-        at += f.total_len;
-    }
-    assert_eq!(data, write_cmd(20001, 9).buffer[..9000]);
-}
-
-#[test]
-fn write_buffer_comes_back_whole_and_copied_only_while_still_held() {
-    let now = Instant::now();
-    for still_held in [false, true] {
-        let mut peer = Peer::new(Digests::default());
-        let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
-        c.set_tx_by_reference(true);
-        c.submit(write_cmd(3000, 4), now).unwrap();
-        let mut hold = Vec::new();
-        let sent = drain_parts(&mut c, 100_000, &mut hold);
-        let f = peer.framer.frame(&sent).unwrap().unwrap();
-        let PduHeader::ScsiCommand(sc) = &f.header else {
-            panic!()
-        };
-        if !still_held {
-            hold.clear(); // the transport's bytes were acknowledged
-        }
-        c.receive(&peer.response(sc.itt, 0, &[], 42), now).unwrap();
-        let done = completion(&mut c);
-        assert_eq!(done.buffer, write_cmd(3000, 4).buffer);
-        assert_eq!(c.stats.tx_buffers_copied_back, u64::from(still_held));
-    }
-
 /// MC/S: two connections of one session, one CmdSN window shared between
 /// them (the leading login's window 10..=41, here narrowed to 10..=12).
 fn mcs_pair(now: Instant) -> (Connection, Connection, Arc<SessionWindow>) {
@@ -1320,4 +1232,93 @@ fn refused_task_reassign_gives_the_command_back() {
     }
     assert_eq!(b.outstanding(), 0);
     assert!(b.is_failed().is_none());
+}
+
+/// Everything the connection has to send, taken through `tx_parts` in
+/// pieces of at most `step` bytes, as a transport that takes a little at a
+/// time would; `hold` keeps a clone of every shared buffer it saw.
+fn drain_parts(c: &mut Connection, step: usize, hold: &mut Vec<Arc<Vec<u8>>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut parts = [TxPart::Bytes(&[]); 4];
+        let n = c.tx_parts(&mut parts);
+        if n == 0 {
+            return out;
+        }
+        let mut taken = 0;
+        for part in &parts[..n] {
+            if let TxPart::Shared { buf, .. } = part {
+                hold.push(Arc::clone(buf));
+            }
+            let bytes = part.bytes();
+            let k = bytes.len().min(step - taken);
+            out.extend_from_slice(&bytes[..k]);
+            taken += k;
+            if taken == step {
+                break;
+            }
+        }
+        c.consume_tx(taken);
+    }
+}
+
+#[test]
+fn write_payload_by_reference_sends_the_same_bytes_without_copying() {
+    // Digests and an odd length: padding and CRCs sit after each payload.
+    let now = Instant::now();
+    let p = Params {
+        initial_r2t: false,
+        first_burst_len: 9000,
+        ..digest_params()
+    };
+    let streams: Vec<(Vec<u8>, Connection)> = [false, true]
+        .into_iter()
+        .map(|by_ref| {
+            let mut c = Connection::new(&outcome(p.clone()), ConnTimers::default(), now);
+            c.set_tx_by_reference(by_ref);
+            c.submit(write_cmd(20001, 9), now).unwrap();
+            let mut hold = Vec::new();
+            let bytes = drain_parts(&mut c, 777, &mut hold);
+            assert_eq!(hold.is_empty(), !by_ref);
+            (bytes, c)
+        })
+        .collect();
+    assert_eq!(streams[0].0, streams[1].0, "same PDUs either way");
+    let (copied, shared) = (&streams[0].1.stats, &streams[1].1.stats);
+    assert_eq!((copied.tx_bytes_copied, copied.tx_bytes_shared), (9000, 0));
+    assert_eq!((shared.tx_bytes_copied, shared.tx_bytes_shared), (0, 9000));
+    // The peer reads the PDUs back: the data is the command's.
+    let peer = Peer::new(p.digests());
+    let mut at = 0;
+    let mut data = Vec::new();
+    while at < streams[1].0.len() {
+        let f = peer.framer.frame(&streams[1].0[at..]).unwrap().unwrap();
+        data.extend_from_slice(&streams[1].0[at..][f.data.clone()]);
+        at += f.total_len;
+    }
+    assert_eq!(data, write_cmd(20001, 9).buffer[..9000]);
+}
+
+#[test]
+fn write_buffer_comes_back_whole_and_copied_only_while_still_held() {
+    let now = Instant::now();
+    for still_held in [false, true] {
+        let mut peer = Peer::new(Digests::default());
+        let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+        c.set_tx_by_reference(true);
+        c.submit(write_cmd(3000, 4), now).unwrap();
+        let mut hold = Vec::new();
+        let sent = drain_parts(&mut c, 100_000, &mut hold);
+        let f = peer.framer.frame(&sent).unwrap().unwrap();
+        let PduHeader::ScsiCommand(sc) = &f.header else {
+            panic!()
+        };
+        if !still_held {
+            hold.clear(); // the transport's bytes were acknowledged
+        }
+        c.receive(&peer.response(sc.itt, 0, &[], 42), now).unwrap();
+        let done = completion(&mut c);
+        assert_eq!(done.buffer, write_cmd(3000, 4).buffer);
+        assert_eq!(c.stats.tx_buffers_copied_back, u64::from(still_held));
+    }
 }
