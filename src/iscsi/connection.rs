@@ -21,8 +21,8 @@
 //! ([`Connection::reassign`]).
 
 use super::params::Params;
-use crate::transport::TxPart;
 use super::window::SessionWindow;
+use crate::transport::TxPart;
 use crate::wire::iscsi::{
     encode_pdu, pad_len, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu,
     IscsiWireError, LogoutRequest, NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn,

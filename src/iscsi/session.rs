@@ -559,6 +559,16 @@ pub(crate) mod testing {
             }
             Ok(buf.len())
         }
+        // One transmission, one stage, however many pieces it has.
+        fn send_parts(
+            &mut self,
+            parts: &[crate::transport::TxPart<'_>],
+        ) -> Result<usize, TransportError> {
+            if let Some(s) = self.stages.pop_front() {
+                self.rx.extend(s);
+            }
+            Ok(parts.iter().map(|p| p.bytes().len()).sum())
+        }
         fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
             if self.rx.is_empty() {
                 return if self.stages.is_empty() {

@@ -56,6 +56,13 @@ impl Transport for BoxedTransport {
     fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
         self.0.send(buf)
     }
+    // Forwarded, or every write would take the copying default.
+    fn send_parts(
+        &mut self,
+        parts: &[crate::transport::TxPart<'_>],
+    ) -> Result<usize, TransportError> {
+        self.0.send_parts(parts)
+    }
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         self.0.recv(buf)
     }

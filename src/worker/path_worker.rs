@@ -1684,7 +1684,14 @@ mod tests {
         for response in [0, 1] {
             let (mut w, shared, mut comp, t0) =
                 worker_with_overdue_write(vec![Vec::new(), tmf_response(response), Vec::new()]);
-            assert!(comp.pop().is_none(), "not overdue yet");
+            match comp.pop() {
+                None => {}
+                Some(Response::Done { .. }) => panic!("not overdue yet: done"),
+                Some(Response::Lost { reason, .. }) => panic!("not overdue yet: lost {reason}"),
+                Some(Response::Bounced {
+                    sent_in_session, ..
+                }) => panic!("not overdue yet: bounced {sent_in_session:?}"),
+            }
             for i in 0..4 {
                 w.round(t0 + Duration::from_secs(11) + Duration::from_millis(i));
             }
