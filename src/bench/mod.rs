@@ -554,11 +554,10 @@ pub fn run_job_planned(
                         if io.write {
                             generations.set(slot as usize, io.generation);
                         } else {
-                            let expected = generations.get(slot as usize);
                             for (i, b) in d.buffer.chunks(block_size as usize).enumerate() {
-                                if let Err(m) = verify::check_block(b, lba + i as u64, expected) {
-                                    r.verify_failure
-                                        .get_or_insert((lba + i as u64, m.to_string()));
+                                let at = lba + i as u64;
+                                if let Err(m) = generations.check(slot as usize, b, at) {
+                                    r.verify_failure.get_or_insert((at, m.to_string()));
                                     break;
                                 }
                             }
@@ -601,6 +600,9 @@ pub fn run_job_planned(
                 }
                 Err(e) => {
                     r.errors += 1;
+                    if spec.verify && io.write {
+                        generations.write_failed(slot as usize, io.generation);
+                    }
                     if r.first_error.is_none() {
                         r.first_error = Some(e.clone());
                     }
