@@ -132,7 +132,7 @@ fn bad_input_gives_one_clear_line_and_nonzero_exit() {
         (vec![&refused, "--runtime", "1s"], "not authorized"),
         (
             vec!["--policy", "random", "--runtime", "1s"],
-            "unknown policy",
+            "policy \"random\": want queue-depth",
         ),
     ];
     for (args, needle) in cases {
