@@ -259,6 +259,21 @@ enum TaskKind {
     },
 }
 
+impl TaskKind {
+    /// A SCSI command not sent yet: no data moved, no R2T seen.
+    fn fresh(cmd: Command) -> TaskKind {
+        TaskKind::Scsi {
+            cmd,
+            data_done: 0,
+            next_data_sn: Sn(0),
+            r2ts: VecDeque::new(),
+            unsolicited: None,
+            r2ts_seen: 0,
+            out: None,
+        }
+    }
+}
+
 /// A SCSI command that was sent on a connection that failed, with the tag
 /// and CmdSN it was sent with: what a TASK REASSIGN onto another connection
 /// of the session names (ERL 2, RFC 7143 §6.2.2).
@@ -661,18 +676,7 @@ impl Connection {
                 len: cmd.buffer.len(),
             });
         }
-        let slot = self.alloc_slot(
-            TaskKind::Scsi {
-                cmd,
-                data_done: 0,
-                next_data_sn: Sn(0),
-                r2ts: VecDeque::new(),
-                unsolicited: None,
-                r2ts_seen: 0,
-                out: None,
-            },
-            now,
-        )?;
+        let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
         self.waiting.push_back(slot);
         self.stats.commands += 1;
         self.flush_waiting();
@@ -2030,18 +2034,7 @@ impl Connection {
         let Orphan { itt, cmd_sn, cmd } = orphan;
         let lun = cmd.lun;
         let tmf_slot = self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now)?;
-        let slot = match self.alloc_slot(
-            TaskKind::Scsi {
-                cmd,
-                data_done: 0,
-                next_data_sn: Sn(0),
-                r2ts: VecDeque::new(),
-                unsolicited: None,
-                r2ts_seen: 0,
-                out: None,
-            },
-            now,
-        ) {
+        let slot = match self.alloc_slot(TaskKind::fresh(cmd), now) {
             Ok(s) => s,
             Err(e) => {
                 self.free_slot(tmf_slot);

@@ -160,6 +160,22 @@ pub enum FenceError {
     },
 }
 
+/// Claims for `fencer` the first entry that `due` accepts, counting the
+/// attempt: the one way every fence step takes a need off the board.
+fn claim_first(
+    entries: &mut [Entry],
+    fencer: usize,
+    due: impl Fn(&Entry) -> bool,
+) -> Option<FenceJob> {
+    let x = entries.iter_mut().find(|x| due(x))?;
+    x.claimed_by = Some(fencer);
+    x.attempts += 1;
+    Some(FenceJob {
+        need: x.need.clone(),
+        fencer,
+    })
+}
+
 impl FenceBoard {
     /// An empty board.
     pub fn new() -> FenceBoard {
@@ -219,22 +235,12 @@ impl FenceBoard {
     ) -> Option<FenceJob> {
         let mut e = self.entries.lock().ok()?;
         e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
-        let job = e
-            .iter_mut()
-            .find(|x| {
-                x.claimed_by.is_none()
-                    && x.need.path != fencer
-                    && x.need.tpgt == fencer_tpgt
-                    && x.not_before.is_none_or(|t| now >= t)
-            })
-            .map(|x| {
-                x.claimed_by = Some(fencer);
-                x.attempts += 1;
-                FenceJob {
-                    need: x.need.clone(),
-                    fencer,
-                }
-            });
+        let job = claim_first(&mut e, fencer, |x| {
+            x.claimed_by.is_none()
+                && x.need.path != fencer
+                && x.need.tpgt == fencer_tpgt
+                && x.not_before.is_none_or(|t| now >= t)
+        });
         self.pending.store(e.len(), Ordering::Release);
         job
     }
@@ -255,23 +261,13 @@ impl FenceBoard {
     ) -> Option<FenceJob> {
         let mut e = self.entries.lock().ok()?;
         e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
-        let job = e
-            .iter_mut()
-            .find(|x| {
-                x.claimed_by.is_none()
-                    && x.need.path != fencer
-                    && x.need.pr_key.is_some()
-                    && x.not_before.is_none_or(|t| now >= t)
-                    && !group_has_live_path(x.need.tpgt, x.need.path)
-            })
-            .map(|x| {
-                x.claimed_by = Some(fencer);
-                x.attempts += 1;
-                FenceJob {
-                    need: x.need.clone(),
-                    fencer,
-                }
-            });
+        let job = claim_first(&mut e, fencer, |x| {
+            x.claimed_by.is_none()
+                && x.need.path != fencer
+                && x.need.pr_key.is_some()
+                && x.not_before.is_none_or(|t| now >= t)
+                && !group_has_live_path(x.need.tpgt, x.need.path)
+        });
         self.pending.store(e.len(), Ordering::Release);
         job
     }
@@ -292,23 +288,13 @@ impl FenceBoard {
         for x in e.iter_mut() {
             x.seen.get_or_insert(now);
         }
-        let job = e
-            .iter_mut()
-            .find(|x| {
-                let seen = x.seen.unwrap_or(now);
-                x.claimed_by.is_none()
-                    && x.need.path != fencer
-                    && now.saturating_duration_since(seen) >= after
-                    && x.not_before.is_none_or(|t| now >= t)
-            })
-            .map(|x| {
-                x.claimed_by = Some(fencer);
-                x.attempts += 1;
-                FenceJob {
-                    need: x.need.clone(),
-                    fencer,
-                }
-            });
+        let job = claim_first(&mut e, fencer, |x| {
+            let seen = x.seen.unwrap_or(now);
+            x.claimed_by.is_none()
+                && x.need.path != fencer
+                && now.saturating_duration_since(seen) >= after
+                && x.not_before.is_none_or(|t| now >= t)
+        });
         self.pending.store(e.len(), Ordering::Release);
         job
     }
