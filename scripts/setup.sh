@@ -14,7 +14,8 @@
 set -euo pipefail
 
 PACKAGES=(dpdk libdpdk-dev libclang-dev clang pkg-config tgt libiscsi-bin
-          iproute2 libnbd-bin qemu-utils valgrind ethtool fio dpkg-dev)
+          iproute2 libnbd-bin qemu-utils valgrind ethtool fio dpkg-dev
+          linux-perf)  # perf (bench/bypass.sh); in the image, named so it stays
 HUGEPAGES_WANTED=${HUGEPAGES_WANTED:-512}
 HUGEPAGE_MOUNT=/dev/hugepages
 
