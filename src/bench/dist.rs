@@ -231,39 +231,15 @@ mod tests {
         // 10 % of the indexes: about 10 % of the draws (the busiest ones a
         // little more by chance).
         assert!((0.10..0.12).contains(&got), "{got}");
-        let a: Vec<u64> = {
-            let mut g = OffsetGen::new(
-                Distribution::Zipf {
-                    theta: 1.1,
-                    center: None,
-                },
-                n,
-                42,
-            );
-            (0..100).map(|_| g.next_index()).collect()
+        let draws = |seed| {
+            let zipf = Distribution::Zipf {
+                theta: 1.1,
+                center: None,
+            };
+            let mut g = OffsetGen::new(zipf, n, seed);
+            (0..100).map(|_| g.next_index()).collect::<Vec<u64>>()
         };
-        let b: Vec<u64> = {
-            let mut g = OffsetGen::new(
-                Distribution::Zipf {
-                    theta: 1.1,
-                    center: None,
-                },
-                n,
-                42,
-            );
-            (0..100).map(|_| g.next_index()).collect()
-        };
-        let c: Vec<u64> = {
-            let mut g = OffsetGen::new(
-                Distribution::Zipf {
-                    theta: 1.1,
-                    center: None,
-                },
-                n,
-                43,
-            );
-            (0..100).map(|_| g.next_index()).collect()
-        };
+        let (a, b, c) = (draws(42), draws(42), draws(43));
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

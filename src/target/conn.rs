@@ -758,6 +758,18 @@ impl Core {
         }
     }
 
+    fn send_tmf_response(&mut self, itt: u32, response: u8) {
+        let (exp, max) = self.window();
+        let h = PduHeader::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: exp,
+            max_cmd_sn: max,
+        });
+        self.emit(&h, &[]);
+    }
+
     fn emit(&mut self, h: &PduHeader, data: &[u8]) {
         crate::wire::iscsi::encode_pdu(&mut self.out, h, data, self.digests);
     }
@@ -1203,15 +1215,7 @@ impl Core {
                 1
             }
         };
-        let (exp, max) = self.window();
-        let h = PduHeader::TaskMgmtResponse(TaskMgmtResponse {
-            response,
-            itt: t.itt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: exp,
-            max_cmd_sn: max,
-        });
-        self.emit(&h, &[]);
+        self.send_tmf_response(t.itt, response);
         if let Some(o) = orphan {
             log::info!(
                 "task {:#x} reassigned to connection CID {}",
@@ -2950,18 +2954,10 @@ impl Core {
                 0
             }
             tmf::CLEAR_ACA => 0,
-            tmf::TASK_REASSIGN => 4,
+            // TASK REASSIGN is answered by its own handler (MC/S, ERL 2).
             _ => 5,
         };
-        let (exp, max) = self.window();
-        let h = PduHeader::TaskMgmtResponse(TaskMgmtResponse {
-            response,
-            itt: t.itt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: exp,
-            max_cmd_sn: max,
-        });
-        self.emit(&h, &[]);
+        self.send_tmf_response(t.itt, response);
     }
 
     fn on_logout(&mut self, l: &LogoutRequest) {
