@@ -15,7 +15,8 @@
 //! while portal 0 is still hung, newer data goes over it, and when portal
 //! 0 wakes up the held write reaches a reinstated session and never runs.
 //! Every block reads back its newest generation; path 0 logs in again by
-//! itself over its own queue.
+//! itself over its own queue. The control, with `fence_writes = false` on
+//! the same bed: the held write lands over newer data.
 //!
 //! Not root / no net_ring plugin: SKIPPED, unless CI=true.
 #![cfg(feature = "dpdk")]
@@ -192,32 +193,37 @@ fn a_dpdk_path_fences_a_hung_dpdk_path_through_its_own_stack() {
         stack("net_ring_ibxf0i", Ipv4Addr::new(10, 219, 0, 2)),
         stack("net_ring_ibxf1i", Ipv4Addr::new(10, 219, 0, 3)),
     ];
-    let paths = (0..2)
-        .map(|i| {
-            let SocketAddr::V4(remote) = portals[i] else {
-                unreachable!()
-            };
-            let remote = SocketAddrV4::new(*remote.ip(), remote.port());
-            PathConfig::new(
-                &format!("dpdk{i}->{remote}"),
-                LoginConfig::new(INITIATOR, Some(IQN)),
-                Box::new(initiators[i].connector(0, remote)),
-            )
-        })
-        .collect();
-    let mut c = DeviceConfig::new(paths, 0);
-    c.policy = Policy::Failover;
-    c.idle = IdleMode::Sleep(Duration::from_micros(50));
-    c.login_timeout = Duration::from_secs(1);
-    c.timers.nop_interval = Some(Duration::from_millis(500));
-    c.timers.nop_timeout = Duration::from_secs(1);
-    c.reconnect.initial = Duration::from_millis(50);
-    c.reconnect.max = Duration::from_millis(200);
-    // Without the fence over the second connection the held write would
-    // wait for this and fail (no other step is on).
-    c.fence_timeout = Duration::from_secs(8);
-    let dev = MpDevice::open(c).expect("open over two DPDK paths");
-    wait_state(&dev, 1, true, Duration::from_secs(5));
+    let device = |fence_writes: bool| {
+        let paths = (0..2)
+            .map(|i| {
+                let SocketAddr::V4(remote) = portals[i] else {
+                    unreachable!()
+                };
+                let remote = SocketAddrV4::new(*remote.ip(), remote.port());
+                PathConfig::new(
+                    &format!("dpdk{i}->{remote}"),
+                    LoginConfig::new(INITIATOR, Some(IQN)),
+                    Box::new(initiators[i].connector(0, remote)),
+                )
+            })
+            .collect();
+        let mut c = DeviceConfig::new(paths, 0);
+        c.policy = Policy::Failover;
+        c.idle = IdleMode::Sleep(Duration::from_micros(50));
+        c.login_timeout = Duration::from_secs(1);
+        c.timers.nop_interval = Some(Duration::from_millis(500));
+        c.timers.nop_timeout = Duration::from_secs(1);
+        c.reconnect.initial = Duration::from_millis(50);
+        c.reconnect.max = Duration::from_millis(200);
+        // Without the fence over the second connection the held write would
+        // wait for this and fail (no other step is on).
+        c.fence_timeout = Duration::from_secs(8);
+        c.fence_writes = fence_writes;
+        let dev = MpDevice::open(c).expect("open over two DPDK paths");
+        wait_state(&dev, 1, true, Duration::from_secs(5));
+        dev
+    };
+    let dev = device(true);
     let mut q = dev.queue_pair();
 
     const BLOCKS: u64 = 8;
@@ -266,12 +272,35 @@ fn a_dpdk_path_fences_a_hung_dpdk_path_through_its_own_stack() {
             b[8]
         );
     }
-    // Both paths carry I/O again: a write through path 0 on its new session.
     let stats = dev.paths();
     assert!(
         stats[0].logins >= 2,
         "path 0 logged in again: {:?}",
         stats[0]
+    );
+    dev.close();
+
+    // The control: without fencing the same hang brings the held write
+    // back over newer data, so the bed does deliver it late.
+    let dev = device(false);
+    let mut q = dev.queue_pair();
+    let (r, path, _) = write(&mut q, 17, 1);
+    assert_eq!((r, path), (Ok(()), Some(0)));
+    t.faults().portal(0).stall();
+    let (r, path, _) = write(&mut q, 17, 2);
+    assert_eq!((r, path), (Ok(()), Some(1)), "retried at once, unfenced");
+    let (r, _, _) = write(&mut q, 17, 3);
+    assert_eq!(r, Ok(()));
+    t.faults().portal(0).unstall();
+    wait_state(&dev, 0, true, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut b = vec![0u8; 512];
+    q.read_at(17, &mut b).expect("read");
+    assert_eq!(
+        b,
+        block(17, 2),
+        "without fencing the held generation 2 lands over generation 3 (read {})",
+        b[8]
     );
     dev.close();
     t.stop();
