@@ -451,3 +451,96 @@ fn iscsi_read_over_a_lossy_link_takes_the_ring_for_out_of_order_data() {
         "loss left nothing for the ring ({direct} of {bytes_in})"
     );
 }
+
+/// A second connection on a live connection's own stack
+/// (`Transport::open_side`, what a DPDK path's fence login runs over): a
+/// login on another thread over it while the owner keeps its own session
+/// busy and pumps the side; again on the reused socket; and a side whose
+/// owner goes fails with it. Over a lossy simulated link, so both
+/// connections retransmit.
+#[test]
+fn a_side_connection_carries_a_second_login_beside_the_session() {
+    use iscsi_bypass::iscsi::connection::{Command, Direction};
+    use iscsi_bypass::iscsi::login::LoginConfig;
+    use iscsi_bypass::iscsi::session::{Session, SessionConfig};
+    use iscsi_bypass::target::{LunConfig, Target, TargetConfig, UserListenConfig};
+
+    const IQN: &str = "iqn.2026-12.org.iscsi-bypass:side";
+    let link = SimConfig {
+        loss: 0.01,
+        delay: Duration::from_micros(100),
+        ..SimConfig::default()
+    };
+    let (client_dev, server_dev) = sim::link_real_time(link, 21);
+    let config = TargetConfig::new(IQN).lun(LunConfig::ram(0, 1 << 20));
+    let mut iface = InterfaceConfig::new(SERVER_IP, 24);
+    iface.seed = 4;
+    let target = Target::start_on_device(config, server_dev, UserListenConfig::new(iface))
+        .expect("target on the userspace stack");
+    let remote = SocketAddrV4::new(SERVER_IP, 3260);
+    let t = UserTcp::connect(
+        client_dev,
+        CLIENT_IP,
+        None,
+        None,
+        remote,
+        UserTcpConfig {
+            seed: 8,
+            ..UserTcpConfig::default()
+        },
+    )
+    .expect("connect");
+    assert!(t.has_side_connections());
+    let login = |isid: u8| {
+        let mut l = LoginConfig::new("iqn.2026-12.org.iscsi-bypass:side-host", Some(IQN));
+        l.isid = [0x80, 0, 0, 0, 0x51, isid];
+        SessionConfig::new(l)
+    };
+    let mut session = Session::login(t, &login(1)).expect("login");
+    let tur = || Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+    for round in 0..2u8 {
+        let side = session
+            .transport_mut()
+            .open_side()
+            .expect("offered")
+            .expect("side opened");
+        assert_eq!(side.peer_addr(), Some(SocketAddr::V4(remote)));
+        assert_ne!(side.local_addr(), session.transport().local_addr());
+        let cfg = login(2 + round);
+        let other = std::thread::spawn(move || {
+            side.wait_connected(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let s = Session::login(side, &cfg).map_err(|e| e.to_string())?;
+            s.logout(Duration::from_secs(5)).map_err(|e| e.to_string())
+        });
+        let t0 = std::time::Instant::now();
+        let mut commands = 0;
+        while !other.is_finished() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "side login stalled");
+            session.transport_mut().pump_side();
+            // The session's own I/O goes on beside it.
+            let done = session.execute(tur(), Duration::from_secs(5)).expect("TUR");
+            assert!(done.status == 0 || done.status == 2, "{done:?}");
+            commands += 1;
+        }
+        other
+            .join()
+            .expect("login thread")
+            .unwrap_or_else(|e| panic!("round {round}: side login: {e}"));
+        assert!(commands > 0);
+        // Dropped by the thread: the next pump closes its socket.
+        session.transport_mut().pump_side();
+    }
+    // A side whose owner goes fails with it.
+    let side = session
+        .transport_mut()
+        .open_side()
+        .expect("offered")
+        .expect("side opened");
+    let _ = session.logout(Duration::from_secs(5));
+    let err = side
+        .wait_connected(Duration::from_secs(5))
+        .expect_err("the owner is gone");
+    assert!(err.to_string().contains("ended"), "{err}");
+    target.stop();
+}

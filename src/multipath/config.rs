@@ -88,6 +88,17 @@ impl Transport for BoxedTransport {
     fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
         self.0.wait(timeout)
     }
+    fn has_side_connections(&self) -> bool {
+        self.0.has_side_connections()
+    }
+    fn open_side(
+        &mut self,
+    ) -> Option<Result<crate::transport::side::SideTcp, crate::transport::TransportError>> {
+        self.0.open_side()
+    }
+    fn pump_side(&mut self) -> bool {
+        self.0.pump_side()
+    }
     fn close(&mut self) {
         self.0.close()
     }

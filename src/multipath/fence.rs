@@ -111,6 +111,9 @@ struct Entry {
     /// When a claim first looked at this need (about when it was posted:
     /// every live path looks each round while a need is on the board).
     seen: Option<Instant>,
+    /// Claimed by [`FenceBoard::claim_preempt`]: a PREEMPT AND ABORT of
+    /// the path's key is in flight.
+    preempting: bool,
 }
 
 /// The device-wide list of fences wanted (see the module docs).
@@ -119,6 +122,10 @@ pub struct FenceBoard {
     entries: Mutex<Vec<Entry>>,
     /// Entries on the board (read on every worker round without the lock).
     pending: AtomicUsize,
+    /// Paths that logged in again and register their reservation key now
+    /// ([`FenceBoard::hold_preempts`]): no PREEMPT AND ABORT of their keys
+    /// is claimed. Locked after `entries`, never before.
+    registering: Mutex<Vec<usize>>,
 }
 
 /// Why a fence login did not end the failed session.
@@ -217,6 +224,7 @@ impl FenceBoard {
                 not_before: None,
                 attempts: 0,
                 seen: None,
+                preempting: false,
             });
         }
         self.pending.store(e.len(), Ordering::Release);
@@ -260,14 +268,21 @@ impl FenceBoard {
         group_has_live_path: impl Fn(u16, usize) -> bool,
     ) -> Option<FenceJob> {
         let mut e = self.entries.lock().ok()?;
+        let registering = self.registering.lock().ok()?;
         e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
         let job = claim_first(&mut e, fencer, |x| {
             x.claimed_by.is_none()
                 && x.need.path != fencer
                 && x.need.pr_key.is_some()
                 && x.not_before.is_none_or(|t| now >= t)
+                && !registering.contains(&x.need.path)
                 && !group_has_live_path(x.need.tpgt, x.need.path)
         });
+        if let Some(j) = &job {
+            if let Some(x) = e.iter_mut().find(|x| x.need.path == j.need.path) {
+                x.preempting = true;
+            }
+        }
         self.pending.store(e.len(), Ordering::Release);
         job
     }
@@ -313,6 +328,7 @@ impl FenceBoard {
             .position(|x| x.need.path == job.need.path && x.claimed_by == Some(job.fencer))
         {
             attempts = e[i].attempts;
+            e[i].preempting = false;
             let newer = e[i].need.epoch > job.need.epoch;
             if result.is_ok() && !newer {
                 e.remove(i);
@@ -326,6 +342,47 @@ impl FenceBoard {
         }
         self.pending.store(e.len(), Ordering::Release);
         attempts
+    }
+
+    /// Path `path` logged in again and is about to register its reservation
+    /// key (the reservation fence step) on the new session. Its new login
+    /// ended its failed session, so from now until
+    /// [`release_preempts`](Self::release_preempts) no PREEMPT AND ABORT of
+    /// its key is claimed. Returns true while one claimed before is still
+    /// in flight: the path must not register yet (the target would remove
+    /// the new registration when it runs the preempt, and the path would
+    /// get RESERVATION CONFLICT until its next login) and asks again.
+    pub fn hold_preempts(&self, path: usize) -> bool {
+        let Ok(e) = self.entries.lock() else {
+            return false;
+        };
+        if let Ok(mut r) = self.registering.lock() {
+            if !r.contains(&path) {
+                r.push(path);
+            }
+        }
+        e.iter().any(|x| x.need.path == path && x.preempting)
+    }
+
+    /// Whether a login of path `path` holds off preempts of its key
+    /// ([`hold_preempts`](Self::hold_preempts)) now.
+    pub fn holds_preempts(&self, path: usize) -> bool {
+        self.registering
+            .lock()
+            .map(|r| r.contains(&path))
+            .unwrap_or(false)
+    }
+
+    /// The login of path `path` that called
+    /// [`hold_preempts`](Self::hold_preempts) ended (installed, or failed):
+    /// its needs may be preempted again.
+    pub fn release_preempts(&self, path: usize) {
+        let Ok(_e) = self.entries.lock() else {
+            return;
+        };
+        if let Ok(mut r) = self.registering.lock() {
+            r.retain(|&p| p != path);
+        }
     }
 
     /// Path `path` logged in again by itself (its own login ended the failed
@@ -527,6 +584,37 @@ mod tests {
         assert_eq!((job.need.path, job.need.epoch), (1, 4));
         b.finish(&job, &Ok(()), t2);
         assert!(b.is_empty());
+    }
+
+    /// A login of a path whose key is being preempted waits for the
+    /// preempt's answer before it registers, and from its first look on no
+    /// further preempt of that path is claimed until its login ends.
+    #[test]
+    fn a_relogin_holds_off_preempts_of_its_key_and_waits_for_one_in_flight() {
+        let b = FenceBoard::new();
+        let t0 = Instant::now();
+        let mut keyed = need(2, 3, 7);
+        keyed.pr_key = Some(0x52);
+        b.post(keyed.clone());
+        assert!(!b.hold_preempts(5), "nothing in flight for another path");
+        b.release_preempts(5);
+        let job = b
+            .claim_preempt(0, t0, |_| 0, |_, _| false)
+            .expect("claimed");
+        assert!(b.hold_preempts(2), "in flight: do not register yet");
+        assert!(b.holds_preempts(2));
+        // It fails (the fencer's path died): not claimed again meanwhile.
+        b.finish(&job, &Err(FenceError::FencerFailed), t0);
+        assert!(!b.hold_preempts(2), "answered: register now");
+        let later = t0 + Duration::from_secs(10);
+        assert!(
+            b.claim_preempt(0, later, |_| 0, |_, _| false).is_none(),
+            "held by the login"
+        );
+        b.release_preempts(2);
+        assert!(!b.holds_preempts(2));
+        let again = b.claim_preempt(0, later, |_| 0, |_, _| false);
+        assert!(again.is_some(), "released: claimable again");
     }
 
     /// The reservation step is claimed only for a need with a key whose

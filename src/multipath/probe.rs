@@ -80,6 +80,44 @@ pub struct ProbeConfig {
     /// before the path carries I/O, and the LU reserved Write Exclusive –
     /// Registrants Only under it if nobody holds a reservation.
     pub pr_key: Option<u64>,
+    /// With `pr_key`: the device's fence board, so that a login does not
+    /// register while a PREEMPT AND ABORT of this path's key is in flight
+    /// (see [`PreemptGate`]). None: register at once.
+    pub preempt_gate: Option<PreemptGate>,
+}
+
+/// Keeps a path's login from registering its reservation key while a
+/// PREEMPT AND ABORT of that key (fencing the path's failed session) is in
+/// flight: the target would run the preempt after the registration and
+/// remove it, and the path would get RESERVATION CONFLICT until its next
+/// login. The login waits for the preempt's answer (up to its
+/// `login_timeout`) and, through [`FenceBoard::hold_preempts`], keeps new
+/// preempts of its key from being claimed until the worker takes the
+/// session ([`FenceBoard::release_preempts`]).
+///
+/// [`FenceBoard::hold_preempts`]: super::fence::FenceBoard::hold_preempts
+/// [`FenceBoard::release_preempts`]: super::fence::FenceBoard::release_preempts
+#[derive(Debug, Clone)]
+pub struct PreemptGate {
+    /// The device's fence board.
+    pub board: std::sync::Arc<super::fence::FenceBoard>,
+    /// This path's index.
+    pub path: usize,
+}
+
+impl PreemptGate {
+    /// Returns once no preempt of this path's key is in flight (and none
+    /// will be claimed); `Err(waited)` if one still is after `within`.
+    pub fn wait_clear(&self, within: Duration) -> Result<(), Duration> {
+        let t0 = std::time::Instant::now();
+        while self.board.hold_preempts(self.path) {
+            if t0.elapsed() >= within {
+                return Err(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,6 +273,13 @@ pub fn probe(
         .and_then(|d| BlockLimits::parse(&d).ok())
         .map_or(TransferLimits::default(), |b| TransferLimits::from(&b));
     if let Some(key) = cfg.pr_key {
+        if let Some(gate) = &cfg.preempt_gate {
+            gate.wait_clear(cfg.login_timeout).map_err(|waited| {
+                login_err(format!(
+                    "a PREEMPT AND ABORT of this path's key {key:#x} (fencing its failed session) is still unanswered after {waited:?}; registering before its answer would be undone by it"
+                ))
+            })?;
+        }
         register_fence_key(&mut session, cfg.lun, key, &cfg.name, &scsi_err)?;
     }
     Ok(PathProbe {

@@ -315,14 +315,21 @@ impl DpdkStack {
             .next_seed
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         config.local_port = self.steered_port(queue, remote, config.seed)?;
-        UserTcp::connect(
+        let mut t = UserTcp::connect(
             device,
             self.options.local_ip,
             Some(self.mac()),
             self.options.gateway,
             remote,
             config,
-        )
+        )?;
+        // A side connection (a fence login) on this queue: steered the same.
+        if let (Some(queue), Some(rss), true) =
+            (queue, self.port.rss_steering(), self.options.queues > 1)
+        {
+            t.steer_side_connections(rss.clone(), queue);
+        }
+        Ok(t)
     }
 
     /// A connector (for `multipath::PathConfig` or the bench) that opens a

@@ -139,6 +139,25 @@ pub trait Transport: Send {
     fn is_busy_polled(&self) -> bool {
         false
     }
+    /// Whether [`open_side`](Transport::open_side) opens second
+    /// connections (the userspace stack, whose NIC queue this transport
+    /// owns; kernel TCP opens sockets of its own instead).
+    fn has_side_connections(&self) -> bool {
+        false
+    }
+    /// Opens a second connection to this transport's peer on this
+    /// transport's own stack, for another thread (a fence login over DPDK,
+    /// see [`side`]). Its bytes move only in [`pump_side`](Transport::pump_side),
+    /// which the owner of this transport calls while the side is in use.
+    /// Opening one closes the side opened before. None: not offered.
+    fn open_side(&mut self) -> Option<Result<side::SideTcp, TransportError>> {
+        None
+    }
+    /// Moves the side connection's bytes (and polls the stack); true if
+    /// anything moved. Nothing to do without a side connection.
+    fn pump_side(&mut self) -> bool {
+        false
+    }
     /// Closes the stream (FIN); further sends fail.
     fn close(&mut self);
     fn local_addr(&self) -> Option<SocketAddr>;
@@ -147,6 +166,7 @@ pub trait Transport: Send {
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod kernel;
+pub mod side;
 pub mod user;
 pub mod wake;
 

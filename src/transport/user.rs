@@ -2,6 +2,7 @@
 //! layer runs unchanged on kernel TCP or on this. Time comes from the real
 //! clock, converted to the stack's [`Instant`] (the stack never reads it).
 
+use super::side::{SideOwner, SidePhase, SideShared, SideTcp, SIDE_QUEUE};
 use super::{RxSink, Transport, TransportError, TxPart};
 use crate::net::{
     Instant, Interface, InterfaceConfig, NetError, OffloadConfig, SocketHandle, TcpConfig,
@@ -87,6 +88,9 @@ pub struct UserTcp<D: Device> {
     handle: SocketHandle,
     clock: Clock,
     remote: SocketAddrV4,
+    /// Side connections ([`Transport::open_side`]): the socket of the
+    /// current one, how they are steered, and the socket to reuse.
+    side: SideSockets,
 }
 
 impl<D: Device> std::fmt::Debug for UserTcp<D> {
@@ -204,6 +208,7 @@ impl<D: Device> UserTcp<D> {
             handle,
             clock,
             remote,
+            side: SideSockets::default(),
         })
     }
 
@@ -333,6 +338,18 @@ impl<D: Device + Send> Transport for UserTcp<D> {
         true
     }
 
+    fn has_side_connections(&self) -> bool {
+        true
+    }
+
+    fn open_side(&mut self) -> Option<Result<SideTcp, TransportError>> {
+        Some(self.open_side_socket())
+    }
+
+    fn pump_side(&mut self) -> bool {
+        self.pump_side_socket()
+    }
+
     fn close(&mut self) {
         self.socket_mut().close();
         let now = self.clock.now();
@@ -345,5 +362,155 @@ impl<D: Device + Send> Transport for UserTcp<D> {
 
     fn peer_addr(&self) -> Option<SocketAddr> {
         Some(SocketAddr::V4(self.remote))
+    }
+}
+
+/// The side connections of one [`UserTcp`] (one at a time).
+#[derive(Debug, Default)]
+struct SideSockets {
+    /// The socket of the side in use, and its owner's end.
+    current: Option<(SocketHandle, SideOwner)>,
+    /// A socket made for an earlier side, reused once it is closed.
+    spare: Option<SocketHandle>,
+    /// On a multi-queue port: (RSS, the queue this connection's replies
+    /// come back on), so a side's replies come back there too.
+    steering: Option<(crate::phy::rss::RssSteering, u16)>,
+}
+
+impl<D: Device> UserTcp<D> {
+    /// On a multi-queue port: side connections get a source port whose
+    /// replies RSS puts on `queue` (this connection's queue), as
+    /// `DpdkStack` chose this connection's own.
+    pub fn steer_side_connections(&mut self, rss: crate::phy::rss::RssSteering, queue: u16) {
+        self.side.steering = Some((rss, queue));
+    }
+
+    /// A second connection to this connection's peer, on this interface
+    /// and device (see [`super::side`]).
+    fn open_side_socket(&mut self) -> Result<SideTcp, TransportError> {
+        if let Some((handle, _owner)) = self.side.current.take() {
+            self.iface.socket_mut(handle).abort();
+        }
+        let now = self.clock.now();
+        let handle = match self.side.spare {
+            Some(h) if !self.iface.socket(h).is_open() => h,
+            _ => {
+                let h = self.iface.add_socket(None);
+                self.side.spare = Some(h);
+                h
+            }
+        };
+        let local_ip = *self.socket().local_endpoint().ip();
+        let addr = SocketAddr::V4(self.remote);
+        let failed = |why: String| TransportError::Connect {
+            addr,
+            source: io::Error::other(why),
+        };
+        let local_port = match &self.side.steering {
+            None => None,
+            Some((rss, queue)) => {
+                // Past this connection's own port (taken).
+                let start = self.socket().local_endpoint().port().wrapping_add(1);
+                let port = rss
+                    .pick_local_port(
+                        local_ip,
+                        self.remote,
+                        *queue,
+                        49152..=65535,
+                        start.max(49152),
+                    )
+                    .ok_or_else(|| {
+                        failed(format!(
+                            "no source port steers {}'s replies to queue {queue}",
+                            self.remote
+                        ))
+                    })?;
+                Some(port)
+            }
+        };
+        let port = self
+            .iface
+            .connect_from(now, handle, local_port, self.remote)
+            .map_err(|e| failed(format!("side connection: {e}")))?;
+        let shared = SideShared::new();
+        self.side.current = Some((handle, SideOwner(shared.clone())));
+        self.iface.poll(now, &mut self.device);
+        Ok(SideTcp::new(
+            shared,
+            SocketAddrV4::new(local_ip, port),
+            self.remote,
+        ))
+    }
+
+    /// Moves the side's bytes between its socket and its queues, then
+    /// polls the stack (what the side queued goes out; what came for it
+    /// stops in its socket's ring until the next pump).
+    fn pump_side_socket(&mut self) -> bool {
+        let Some((handle, owner)) = &self.side.current else {
+            return false;
+        };
+        let (handle, shared) = (*handle, owner.0.clone());
+        let mut moved = false;
+        let mut done = false;
+        {
+            let mut st = shared.lock();
+            let socket = self.iface.socket_mut(handle);
+            if st.user_closed {
+                // A FIN when it got that far; the stack finishes the close.
+                socket.close();
+                done = true;
+            } else {
+                if st.phase == SidePhase::Connecting && socket.may_send() {
+                    st.phase = SidePhase::Open;
+                    moved = true;
+                }
+                if st.phase == SidePhase::Open {
+                    while !st.tx.is_empty() {
+                        let n = {
+                            let (front, _) = st.tx.as_slices();
+                            socket.send_slice(front).unwrap_or(0)
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        st.tx.drain(..n);
+                        moved = true;
+                    }
+                    let mut room = SIDE_QUEUE.saturating_sub(st.rx.len());
+                    let _ = socket.recv_with(&mut |bytes| {
+                        let n = bytes.len().min(room);
+                        st.rx.extend(&bytes[..n]);
+                        room -= n;
+                        moved |= n > 0;
+                        n
+                    });
+                }
+                let ended = match socket.state() {
+                    TcpState::Closed => true,
+                    _ => st.phase == SidePhase::Open && !socket.may_recv(),
+                };
+                if ended && !matches!(st.phase, SidePhase::Ended(_)) {
+                    st.phase = SidePhase::Ended(
+                        socket
+                            .error()
+                            .map(|e| to_transport_error(e).to_string())
+                            .or_else(|| {
+                                (socket.state() == TcpState::Closed
+                                    && st.phase == SidePhase::Connecting)
+                                    .then(|| "connection closed before it was established".into())
+                            }),
+                    );
+                    moved = true;
+                }
+            }
+        }
+        if moved {
+            shared.notify();
+        }
+        if done {
+            self.side.current = None;
+        }
+        let now = self.clock.now();
+        self.iface.poll(now, &mut self.device) | moved
     }
 }

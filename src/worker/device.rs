@@ -119,6 +119,7 @@ impl MultipathDevice {
                 timers: config.timers,
                 login_timeout: config.login_timeout,
                 pr_key: pr_fence.map(|r| r.key_of(i)),
+                preempt_gate: None,
             };
             setups.push((probe_cfg, p.connector));
         }

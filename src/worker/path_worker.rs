@@ -13,7 +13,7 @@ use crate::multipath::fence::{
 };
 use crate::multipath::path::{new_histogram, Nexus, PathHealth, PathShared, PathState};
 use crate::multipath::probe::{
-    alua_state_of, fence_login, group_of, probe, PathProbe, ProbeConfig,
+    alua_state_of, fence_login, group_of, probe, PathProbe, PreemptGate, ProbeConfig,
 };
 use crate::multipath::silence::{FastPing, SilenceVerdict, SilenceWatch};
 use crate::multipath::MultipathError;
@@ -323,6 +323,9 @@ pub(crate) struct Worker {
     peers: Arc<[Arc<PathShared>]>,
     /// A fence login this path runs for another (it has our connector).
     fence_job: Option<Job<FenceResult>>,
+    /// A fence login this path runs for another over a second connection
+    /// on its own userspace stack (DPDK), which this worker pumps.
+    fence_side: Option<(FenceJob, Job<Result<(), FenceError>>)>,
     /// Runs this path's logins and fence logins (one thread for them all).
     helper: Helper,
     login_fence: bool,
@@ -336,12 +339,19 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(s: WorkerSetup) -> Worker {
         let helper = Helper::new(format!("mp-login-{}", s.shared.index));
+        let mut probe_cfg = s.probe;
+        if probe_cfg.pr_key.is_some() {
+            probe_cfg.preempt_gate = s.fence.clone().map(|board| PreemptGate {
+                board,
+                path: s.shared.index,
+            });
+        }
         let mut w = Worker {
             shared: s.shared,
             control: s.control,
             stop: s.stop,
             connector: Some(s.connector),
-            probe: s.probe,
+            probe: probe_cfg,
             lu_id: s.lu_id,
             health: s.health,
             conn: Conn::Down,
@@ -373,6 +383,7 @@ impl Worker {
             fence: s.fence,
             peers: s.peers,
             fence_job: None,
+            fence_side: None,
             login_fence: s.login_fence,
             fence_preempt: None,
             lun_reset_after: s.lun_reset_fence,
@@ -1131,6 +1142,7 @@ impl Worker {
     fn fence_for_others(&mut self, now: Instant) {
         // Every round: two loads when there is nothing to do.
         if self.fence_job.is_none()
+            && self.fence_side.is_none()
             && self.fence_preempt.is_none()
             && self.fence_reset.is_none()
             && !self.fence.as_ref().is_some_and(|b| b.has_pending())
@@ -1148,6 +1160,10 @@ impl Worker {
             if now.saturating_duration_since(*sent) >= LUN_RESET_ANSWER {
                 self.finish_lun_reset(None, now);
             }
+            return;
+        }
+        if self.fence_side.is_some() {
+            self.pump_side_fence(&board, now);
             return;
         }
         if let Some(h) = self.fence_job.take() {
@@ -1210,7 +1226,8 @@ impl Worker {
                 return;
             }
         }
-        let claimed = if self.login_fence && self.connector.is_some() {
+        let side = self.side_fence_ready();
+        let claimed = if self.login_fence && (self.connector.is_some() || side) {
             board.claim(self.shared.index, tpgt, now, fenced_through)
         } else {
             None
@@ -1225,6 +1242,10 @@ impl Worker {
             }
             return;
         };
+        if side {
+            self.start_side_fence(&board, job, now);
+            return;
+        }
         let Some(mut connector) = self.connector.take() else {
             return;
         };
@@ -1250,6 +1271,109 @@ impl Worker {
                     &format!("cannot spawn fence login thread: {e}"),
                 );
             }
+        }
+    }
+
+    /// Whether this path's live session runs on a userspace stack that can
+    /// carry a second connection (DPDK: the path's NIC queue belongs to
+    /// its session, so a fence login cannot take it through the connector).
+    fn side_fence_ready(&self) -> bool {
+        matches!(&self.conn, Conn::Up(s) if s.transport().has_side_connections())
+    }
+
+    /// The fence login over a second connection on this path's own stack:
+    /// the session's transport opens it to this path's portal, a helper
+    /// thread logs in over it with the failed path's ISID (as with a
+    /// connector), and this worker moves its bytes every round
+    /// ([`pump_side_fence`](Self::pump_side_fence)) until the job ends.
+    fn start_side_fence(&mut self, board: &FenceBoard, job: FenceJob, now: Instant) {
+        let opened = match &mut self.conn {
+            Conn::Up(session) => session.transport_mut().open_side(),
+            _ => None,
+        };
+        let side = match opened {
+            Some(Ok(side)) => side,
+            Some(Err(e)) => {
+                board.finish(&job, &Err(FenceError::Connect(e.to_string())), now);
+                return;
+            }
+            None => {
+                board.finish(&job, &Err(FenceError::FencerFailed), now);
+                return;
+            }
+        };
+        log::info!(
+            "path {}: fence login for session {} of path {} over a second connection on this path's stack ({:?} -> {:?})",
+            self.shared.name,
+            job.need.epoch,
+            self.peers[job.need.path].name,
+            side.local_addr(),
+            side.peer_addr()
+        );
+        let victim = self.peers[job.need.path].clone();
+        let timers = self.probe.timers;
+        let login_timeout = self.probe.login_timeout;
+        let need = job.need.clone();
+        let spawned = self.helper.run(move || {
+            let mut side = Some(side);
+            let mut connector = PathConnector::Fixed(Box::new(move || {
+                let side = side
+                    .take()
+                    .ok_or(crate::transport::TransportError::Closed)?;
+                side.wait_connected(login_timeout)?;
+                Ok(Box::new(side) as Box<dyn Transport>)
+            }));
+            fence_login(&mut connector, &need, timers, login_timeout).map(|session| {
+                // Ended at the target: the held writes may go now, before
+                // our logout of the fence session.
+                victim.fence_through(need.epoch);
+                let _ = session.logout(Duration::from_millis(500));
+            })
+        });
+        match spawned {
+            Ok(h) => self.fence_side = Some((job, h)),
+            Err(e) => {
+                board.finish(&job, &Err(FenceError::FencerFailed), now);
+                log::warn!(
+                    "path {}: cannot start the fence login thread: {e}",
+                    self.shared.name
+                );
+            }
+        }
+    }
+
+    /// Moves the side connection's bytes while its fence login runs, and
+    /// collects the login once it has ended.
+    fn pump_side_fence(&mut self, board: &FenceBoard, now: Instant) {
+        if let Conn::Up(session) = &mut self.conn {
+            session.transport_mut().pump_side();
+        }
+        let Some((job, h)) = self.fence_side.take() else {
+            return;
+        };
+        if !h.is_finished() {
+            self.fence_side = Some((job, h));
+            return;
+        }
+        if let Conn::Up(session) = &mut self.conn {
+            // The login dropped its end: close the side's socket.
+            session.transport_mut().pump_side();
+        }
+        let result = h.join().unwrap_or(Err(FenceError::FencerFailed));
+        let attempts = board.finish(&job, &result, now);
+        let victim = &self.peers[job.need.path].name;
+        match result {
+            Ok(()) => log::info!(
+                "path {}: fenced session {} of path {victim} (login with its ISID over a second connection on this path's stack, group {}; attempt {attempts})",
+                self.shared.name,
+                job.need.epoch,
+                job.need.tpgt
+            ),
+            Err(e) => log::info!(
+                "path {}: fencing session {} of path {victim} over a second connection failed (attempt {attempts}; retried with back-off): {e}",
+                self.shared.name,
+                job.need.epoch
+            ),
         }
     }
 
@@ -1434,6 +1558,7 @@ impl Worker {
 
     fn finish_connect(&mut self, handle: Job<ConnectResult>, now: Instant) {
         let Ok((connector, result)) = handle.join() else {
+            self.release_preempts();
             self.health.give_up();
             self.shared
                 .set_state(PathState::Failed, "login thread panicked");
@@ -1456,6 +1581,16 @@ impl Worker {
                 self.health.on_failure(now);
                 self.shared.set_state(PathState::Down, &e.to_string());
             }
+        }
+        self.release_preempts();
+    }
+
+    /// The login that held off preempts of this path's key while it
+    /// registered ([`PreemptGate`]) has ended: installed (its failed
+    /// session is marked fenced first) or failed.
+    fn release_preempts(&self) {
+        if let (Some(board), Some(_)) = (&self.fence, &self.probe.preempt_gate) {
+            board.release_preempts(self.shared.index);
         }
     }
 
@@ -1529,6 +1664,7 @@ mod tests {
                 timers: ConnTimers::default(),
                 login_timeout: Duration::from_secs(1),
                 pr_key: None,
+                preempt_gate: None,
             },
             lu_id: "naa.test".into(),
             health: PathHealth::new(ReconnectPolicy::default()),
@@ -1803,5 +1939,221 @@ mod tests {
         // Time2Wait 1 s from the Logout Response: no reconnect before.
         assert!(!w.health.due(Instant::now() + Duration::from_millis(900)));
         assert!(w.health.due(Instant::now() + Duration::from_millis(1100)));
+    }
+}
+
+#[cfg(test)]
+mod preempt_race_tests {
+    //! The reservation re-register race (docs/multipath.md, "Fencing",
+    //! step 3): real workers, probes and the embedded target.
+    use super::*;
+    use crate::iscsi::connection::ConnTimers;
+    use crate::iscsi::login::LoginConfig;
+    use crate::multipath::fence::FenceNeed;
+    use crate::multipath::path::ReconnectPolicy;
+    use crate::target::{Target, TargetConfig};
+    use crate::transport::kernel::{KernelTcp, KernelTcpOptions};
+    use crate::transport::{RxSink, TransportError, TxPart};
+    use std::net::SocketAddr;
+
+    const IQN: &str = "iqn.2026-12.org.iscsi-bypass:pr-race";
+
+    /// Kernel TCP whose sending can be paused: what a path sends while
+    /// paused stays in its session (a command in flight, not yet at the
+    /// target).
+    struct Pausable {
+        inner: KernelTcp,
+        paused: Arc<AtomicBool>,
+    }
+
+    impl Transport for Pausable {
+        fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError> {
+            if self.paused.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            self.inner.send(buf)
+        }
+        fn send_parts(&mut self, parts: &[TxPart<'_>]) -> Result<usize, TransportError> {
+            if self.paused.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            self.inner.send_parts(parts)
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+            self.inner.recv(buf)
+        }
+        fn recv_into(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+            self.inner.recv_into(sink)
+        }
+        fn poll(&mut self) -> Result<(), TransportError> {
+            self.inner.poll()
+        }
+        fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+            self.inner.wait(timeout)
+        }
+        fn close(&mut self) {
+            self.inner.close()
+        }
+        fn local_addr(&self) -> Option<SocketAddr> {
+            self.inner.local_addr()
+        }
+        fn peer_addr(&self) -> Option<SocketAddr> {
+            self.inner.peer_addr()
+        }
+    }
+
+    fn connector(addr: SocketAddr, paused: Arc<AtomicBool>) -> PathConnector {
+        PathConnector::Fixed(Box::new(move || {
+            let inner = KernelTcp::connect(addr, &KernelTcpOptions::default())?;
+            Ok(Box::new(Pausable {
+                inner,
+                paused: paused.clone(),
+            }) as Box<dyn Transport>)
+        }))
+    }
+
+    fn key(i: usize) -> u64 {
+        0x5eed_0000_0000_0100 + i as u64
+    }
+
+    fn probe_config(i: usize, gate: Option<PreemptGate>) -> ProbeConfig {
+        let mut login = LoginConfig::new("iqn.2026-12.org.iscsi-bypass:pr-race-host", Some(IQN));
+        login.isid = [0x80, 0, 0, 0x7e, 0, i as u8];
+        ProbeConfig {
+            name: format!("p{i}"),
+            login,
+            lun: 0,
+            timers: ConnTimers {
+                nop_interval: None,
+                nop_timeout: Duration::from_secs(5),
+                command_timeout: Some(Duration::from_secs(20)),
+            },
+            login_timeout: Duration::from_secs(10),
+            pr_key: Some(key(i)),
+            preempt_gate: gate,
+        }
+    }
+
+    /// A WRITE on `session`, retried past UNIT ATTENTIONs (a preempted
+    /// nexus hears of it): its outcome.
+    fn write_block(session: &mut Session<BoxedTransport>) -> Result<(), crate::scsi::ScsiError> {
+        let c = ScsiCommand::write10(3, 1, 512, false).expect("WRITE(10)");
+        for _ in 0..5 {
+            let cmd = Command::new(0, c.cdb_bytes(), Direction::Write, vec![0x5a; 512]).unwrap();
+            let done = session
+                .execute(cmd, Duration::from_secs(10))
+                .expect("answered");
+            match check_status(done.status, &done.sense) {
+                Err(e) if e.unit_attention().is_some() => continue,
+                r => return r,
+            }
+        }
+        panic!("UNIT ATTENTION five times");
+    }
+
+    /// Path 0's session failed with writes; path 1 has claimed the
+    /// reservation fence (PREEMPT AND ABORT of path 0's key) and sent it,
+    /// but it has not reached the target yet, when path 0 logs in again.
+    /// Registering at once, path 0's fresh registration would be removed
+    /// by the preempt when it runs, and its writes would get RESERVATION
+    /// CONFLICT until its next login. Its login must wait for the
+    /// preempt's answer and register after it.
+    #[test]
+    fn a_login_during_a_preempt_of_its_key_registers_after_the_preempt() {
+        let t = Target::start(TargetConfig::ram(IQN, 1 << 20).loopback_portals(2)).expect("target");
+        let portals = t.portals();
+        let board = Arc::new(FenceBoard::new());
+        let never = Arc::new(AtomicBool::new(false));
+        let hold_path1 = Arc::new(AtomicBool::new(false));
+        // Both paths log in and register (path 1 first: it reserves WE-RO).
+        let p1 = probe(
+            &mut connector(portals[1], hold_path1.clone()),
+            &probe_config(1, None),
+        )
+        .expect("path 1 logs in");
+        let mut c0 = connector(portals[0], never.clone());
+        let old = probe(&mut c0, &probe_config(0, None)).expect("path 0 logs in");
+        let tpgt0 = old
+            .session
+            .connection()
+            .params()
+            .target_portal_group_tag
+            .expect("portal group of portal 0");
+        let shared: Vec<Arc<PathShared>> = (0..2)
+            .map(|i| Arc::new(PathShared::new(i, &format!("p{i}"), Instant::now())))
+            .collect();
+        // Path 0's session 1 fails with writes in it.
+        assert_eq!(shared[0].begin_session(), 1);
+        shared[0].set_portal_group(Some(tpgt0));
+        shared[0].set_state(PathState::Down, "test: failed with writes");
+        let (mut gone, _) = old.session.into_parts();
+        gone.close();
+        let lu_id = p1.lu_id.clone();
+        let mut w1 = Worker::new(WorkerSetup {
+            shared: shared[1].clone(),
+            control: Arc::new(ArrayQueue::new(8)),
+            stop: Arc::new(AtomicBool::new(false)),
+            connector: connector(portals[1], hold_path1.clone()),
+            probe: probe_config(1, None),
+            lu_id,
+            health: PathHealth::new(ReconnectPolicy::default()),
+            session: Some(p1),
+            idle: IdleMode::BusyPoll,
+            fast_ping: None,
+            abort: None,
+            login_fence: true,
+            lun_reset_fence: None,
+            core: None,
+            alua_epoch: Arc::new(AtomicU64::new(0)),
+            alua_control: Arc::new(AluaControl::new(shared.clone())),
+            fence: Some(board.clone()),
+            peers: Arc::from(shared.clone()),
+        });
+        assert!(
+            w1.probe.preempt_gate.is_some(),
+            "the worker gates its logins"
+        );
+        board.post(FenceNeed {
+            path: 0,
+            epoch: 1,
+            tpgt: tpgt0,
+            login: probe_config(0, None).login,
+            pr_key: Some(key(0)),
+        });
+        // Path 1 claims the preempt (no live path of portal 0's group is
+        // left) and sends it; the bytes stay in its session.
+        hold_path1.store(true, Ordering::Release);
+        w1.round(Instant::now());
+        assert!(w1.fence_preempt.is_some(), "PREEMPT AND ABORT in flight");
+        // Path 0 logs in again, as its worker would (with the gate).
+        let gate = PreemptGate {
+            board: board.clone(),
+            path: 0,
+        };
+        let relogin = std::thread::spawn(move || probe(&mut c0, &probe_config(0, Some(gate))));
+        while !relogin.is_finished() && !board.holds_preempts(0) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The preempt reaches the target and is answered.
+        hold_path1.store(false, Ordering::Release);
+        let t0 = Instant::now();
+        while w1.fence_preempt.is_some() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "preempt unanswered");
+            w1.round(Instant::now());
+        }
+        assert!(shared[0].fenced_through() >= 1, "fenced by the preempt");
+        let mut new = relogin
+            .join()
+            .expect("login thread")
+            .expect("path 0 logs in again");
+        board.release_preempts(0);
+        assert_eq!(
+            write_block(&mut new.session),
+            Ok(()),
+            "path 0's write after its new login (a RESERVATION CONFLICT: its new key was preempted)"
+        );
+        let _ = new.session.logout(Duration::from_millis(500));
+        w1.shutdown();
+        t.stop();
     }
 }
