@@ -10,7 +10,8 @@
 use super::user::{UserTcp, UserTcpConfig};
 use super::{Transport, TransportError};
 use crate::phy::dpdk::{
-    data_room_for_frame, data_room_for_mtu, DpdkQueue, Eal, Mempool, Port, PortConfig,
+    data_room_for_frame, data_room_for_mtu, driver_name, DpdkQueue, Eal, Mempool, Port, PortConfig,
+    AF_XDP_DRIVER,
 };
 use crate::phy::{Device, PhyError};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -175,7 +176,16 @@ impl DpdkStack {
             port: options.port.clone(),
             source,
         };
-        let pool = Mempool::new(&eal, &pool_name, mbufs, 256, data_room_for_mtu(mtu), -1)
+        // net_af_xdp builds its UMEM over the rx pool and needs the buffers
+        // packed in one chunk (`Mempool::new_packed`); others get a default
+        // pool, whose buffers are IOVA-contiguous for DMA.
+        let af_xdp = driver_name(&eal, port_id).is_ok_and(|d| d == AF_XDP_DRIVER);
+        let new_pool = if af_xdp {
+            Mempool::new_packed
+        } else {
+            Mempool::new
+        };
+        let pool = new_pool(&eal, &pool_name, mbufs, 256, data_room_for_mtu(mtu), -1)
             .map_err(pool_error)?;
         let port = Port::start(&eal, port_id, &port_config, pool).map_err(|source| {
             DpdkSetupError::Port {
