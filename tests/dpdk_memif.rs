@@ -250,7 +250,7 @@ fn iscsi_over_memif_at_mtu_9000() {
         .inner()
         .rx_chained_frames();
     println!("frames that came chained over several mbufs: {chained}");
-    let tcp = lun.session().transport().socket().counters().clone();
+    let tcp = lun.session().transport().socket().counters();
     println!("TCP counters: {tcp:?}");
     assert_eq!(
         tcp.out_of_order_segments, 0,

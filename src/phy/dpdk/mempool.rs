@@ -295,7 +295,7 @@ unsafe fn create_packed_pktmbuf_pool(
         flags: 0,
     };
     let elt_size = std::mem::size_of::<sys::rte_mbuf>() as u32 + u32::from(data_room);
-    // SAFETY (whole body): EAL is initialised (the caller's contract); the
+    // SAFETY: (whole body) EAL is initialised (the caller's contract); the
     // pool pointer is checked before use and freed on every failure path;
     // `private` outlives rte_pktmbuf_pool_init, which copies it.
     unsafe {
