@@ -2,8 +2,15 @@
 //! kernel driver's rx/tx rings mapped into the process, the closest thing
 //! to a NIC queue this machine has) over a veth pair the test creates. The
 //! embedded target on the userspace stack runs as a process of its own on
-//! one end; this process logs in on the other end and writes and reads
-//! back 1 MiB and 4 KiB blocks byte for byte.
+//! one end (`--no-huge`); on the other end
+//! 1. `iscsi-bypass bench --verify` (a process of its own, `--no-huge`
+//!    too) runs random writes and reads at QD32, every block stamped and
+//!    checked: enough buffers in flight that every mbuf of both pools is
+//!    used (before the pools were packed, the ones past the end of
+//!    net_af_xdp's UMEM were lost one by one until the connection stalled:
+//!    "no answer to NOP-Out ping");
+//! 2. this process logs in and writes and reads back 1 MiB and 4 KiB
+//!    blocks byte for byte.
 //!
 //! Not root / no af_xdp plugin / no `ip`: SKIPPED, unless CI=true.
 #![cfg(feature = "dpdk")]
@@ -14,6 +21,7 @@ mod dpdk_common;
 use dpdk_common::target_process::{self, VethPair};
 use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:af-xdp";
@@ -48,6 +56,32 @@ fn iscsi_over_af_xdp_on_a_veth_pair() {
         None,
     );
     let vdev = format!("net_af_xdp0,iface={}", veth.b);
+
+    // 1. The CLI initiator, QD32 random writes and reads with verify.
+    let url = format!("iscsi://{TARGET_IP}:3260/{IQN}/0");
+    let bench_eal = target_process::process_eal(cpus[0], "ibx-b", &vdev);
+    let bench = Command::new(target_process::BIN)
+        .args(["bench", &url, "--transport", "dpdk", "--eal", &bench_eal])
+        .args(["--dpdk-port", "net_af_xdp0", "--local-ip"])
+        .arg(format!("{INITIATOR_IP}/24"))
+        .args(["--rw", "randrw", "--bs", "4k", "--iodepth", "32"])
+        .args([
+            "--size",
+            "16m",
+            "--runtime",
+            "3s",
+            "--verify",
+            "--busy-poll",
+        ])
+        .output()
+        .expect("run iscsi-bypass bench");
+    target_process::remove_runtime_dir("ibx-b");
+    let text = String::from_utf8_lossy(&bench.stdout);
+    println!("bench:\n{text}{}", String::from_utf8_lossy(&bench.stderr));
+    assert!(bench.status.success(), "bench over af_xdp at QD32 failed");
+    assert!(text.contains("read: IOPS=") && text.contains("write: IOPS="));
+
+    // 2. This process as the initiator.
     let args = dpdk_common::eal_args(&vdev);
     println!("EAL args: {}", args.join(" "));
     let stack = DpdkStack::open(DpdkOptions::new(args, "net_af_xdp0", INITIATOR_IP, 24))

@@ -10,7 +10,8 @@
 use super::user::{UserTcp, UserTcpConfig};
 use super::{Transport, TransportError};
 use crate::phy::dpdk::{
-    data_room_for_frame, data_room_for_mtu, DpdkQueue, Eal, Mempool, Port, PortConfig,
+    data_room_for_frame, data_room_for_mtu, driver_name, DpdkQueue, Eal, Mempool, Port, PortConfig,
+    AF_XDP_DRIVER,
 };
 use crate::phy::{Device, PhyError};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -136,6 +137,75 @@ impl std::fmt::Debug for DpdkStack {
     }
 }
 
+/// The memif ring buffer size (`bsize`) DPDK's net_memif uses by default.
+pub const MEMIF_DEFAULT_BUFFER: usize = 2048;
+
+/// The `--vdev` argument (its index in `args`) creating `port`, and its
+/// text after the device name (`role=client,socket=...`).
+fn vdev_of<'a>(args: &'a [String], port: &str) -> Option<(usize, &'a str)> {
+    let mut i = 0;
+    while i < args.len() {
+        let (at, value) = match args[i].strip_prefix("--vdev") {
+            Some("") => (i + 1, args.get(i + 1).map(String::as_str)),
+            Some(rest) => (i, rest.strip_prefix('=')),
+            None => (i, None),
+        };
+        if let Some(value) = value {
+            let (name, params) = value.split_once(',').unwrap_or((value, ""));
+            if name == port {
+                return Some((at, params));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The ring buffer size of the net_memif port `port` created by a `--vdev`
+/// in `args` (its `bsize=`, else 2048); None if no memif vdev makes it.
+pub fn memif_buffer_size(args: &[String], port: &str) -> Option<usize> {
+    if !port.starts_with("net_memif") {
+        return None;
+    }
+    let (_, params) = vdev_of(args, port)?;
+    let bsize = params
+        .split(',')
+        .find_map(|p| p.strip_prefix("bsize="))
+        .and_then(|v| v.parse().ok());
+    Some(bsize.unwrap_or(MEMIF_DEFAULT_BUFFER))
+}
+
+/// `args` with the net_memif vdev of `port` given ring buffers that hold a
+/// whole `frame`-byte frame (`bsize=`, rounded up to 1 KiB), if its own
+/// (or memif's 2 KiB default) are smaller; unchanged otherwise.
+///
+/// DPDK 22.11's net_memif spreads a longer frame over several buffers
+/// (descriptors flagged NEXT) but clears that flag only on the second and
+/// later descriptors of a frame, never on the first: a descriptor that
+/// once carried the start of a long frame keeps NEXT when it is reused for
+/// a short one, so the receiver glues that frame to the next (which is
+/// lost: the IP length cuts it off), or reads into descriptors not yet
+/// written. At MTU 9000 with 2 KiB buffers that lost a frame every few
+/// ring turns, and TCP stalled on the retransmissions.
+pub fn with_memif_buffers(args: &[String], port: &str, frame: usize) -> Vec<String> {
+    let mut args = args.to_vec();
+    match memif_buffer_size(&args, port) {
+        Some(size) if size < frame => {}
+        _ => return args,
+    }
+    let Some((at, _)) = vdev_of(&args, port) else {
+        return args;
+    };
+    let bsize = frame.div_ceil(1024) * 1024;
+    let arg = &mut args[at];
+    let kept: Vec<&str> = arg
+        .split(',')
+        .filter(|p| !p.starts_with("bsize="))
+        .collect();
+    *arg = format!("{},bsize={bsize}", kept.join(","));
+    args
+}
+
 /// EAL for this process: initialised with `args` the first time, reused after.
 pub fn eal(args: &[String]) -> Result<Eal, DpdkSetupError> {
     if let Some(eal) = Eal::get() {
@@ -155,7 +225,24 @@ impl DpdkStack {
                 "a DPDK port needs at least one queue".into(),
             ));
         }
-        let eal = eal(&options.eal_args)?;
+        // Whole frames in one memif buffer (see `with_memif_buffers`).
+        let frame = options.port_config.mtu.map_or(1500, usize::from) + 14;
+        let eal_args = with_memif_buffers(&options.eal_args, &options.port, frame);
+        if Eal::get().is_some() {
+            if let Some(size) = memif_buffer_size(&options.eal_args, &options.port) {
+                if size < frame {
+                    return Err(DpdkSetupError::Invalid(format!(
+                        "{} has {size}-byte ring buffers and MTU {} needs {frame}-byte \
+                         frames, which net_memif spreads over several buffers and corrupts; \
+                         EAL is up already: give its --vdev bsize={} or more",
+                        options.port,
+                        frame - 14,
+                        frame.div_ceil(1024) * 1024
+                    )));
+                }
+            }
+        }
+        let eal = eal(&eal_args)?;
         let port_id = eal
             .port_by_name(&options.port)
             .map_err(|_| DpdkSetupError::NoSuchPort {
@@ -175,7 +262,16 @@ impl DpdkStack {
             port: options.port.clone(),
             source,
         };
-        let pool = Mempool::new(&eal, &pool_name, mbufs, 256, data_room_for_mtu(mtu), -1)
+        // net_af_xdp builds its UMEM over the rx pool and needs the buffers
+        // packed in one chunk (`Mempool::new_packed`); others get a default
+        // pool, whose buffers are IOVA-contiguous for DMA.
+        let af_xdp = driver_name(&eal, port_id).is_ok_and(|d| d == AF_XDP_DRIVER);
+        let new_pool = if af_xdp {
+            Mempool::new_packed
+        } else {
+            Mempool::new
+        };
+        let pool = new_pool(&eal, &pool_name, mbufs, 256, data_room_for_mtu(mtu), -1)
             .map_err(pool_error)?;
         let port = Port::start(&eal, port_id, &port_config, pool).map_err(|source| {
             DpdkSetupError::Port {
@@ -421,6 +517,40 @@ fn port_names(eal: &Eal) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(text: &str) -> Vec<String> {
+        text.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn memif_buffers_grow_to_hold_a_frame() {
+        let eal = args(
+            "-l 0 --vdev net_memif0,role=client,socket=/run/a.sock \
+             --vdev=net_memif1,role=server,bsize=4096 --vdev net_af_xdp0,iface=v0",
+        );
+        assert_eq!(memif_buffer_size(&eal, "net_memif0"), Some(2048));
+        assert_eq!(memif_buffer_size(&eal, "net_memif1"), Some(4096));
+        assert_eq!(memif_buffer_size(&eal, "net_memif2"), None);
+        assert_eq!(memif_buffer_size(&eal, "net_af_xdp0"), None);
+
+        // MTU 1500 frames fit the default: nothing changes.
+        assert_eq!(with_memif_buffers(&eal, "net_memif0", 1514), eal);
+        // MTU 9000: 9014-byte frames, 9 KiB buffers.
+        let jumbo = with_memif_buffers(&eal, "net_memif0", 9014);
+        assert_eq!(
+            jumbo[3],
+            "net_memif0,role=client,socket=/run/a.sock,bsize=9216"
+        );
+        assert_eq!(memif_buffer_size(&jumbo, "net_memif0"), Some(9216));
+        assert_eq!(jumbo[4..], eal[4..]);
+        // A bsize too small is replaced, in the --vdev=... form too.
+        let jumbo = with_memif_buffers(&eal, "net_memif1", 9014);
+        assert_eq!(jumbo[4], "--vdev=net_memif1,role=server,bsize=9216");
+        // Big enough already, or not a memif port: unchanged.
+        let big = args("--vdev net_memif0,bsize=10240");
+        assert_eq!(with_memif_buffers(&big, "net_memif0", 9014), big);
+        assert_eq!(with_memif_buffers(&eal, "net_af_xdp0", 9014), eal);
+    }
 
     #[test]
     fn parses_prefix_and_neighbour() {

@@ -29,9 +29,10 @@ pub mod queue;
 
 pub use eal::{lcore_id, Eal};
 pub use mempool::{
-    data_room_for_frame, data_room_for_mtu, Mempool, DEFAULT_MBUF_DATA_ROOM, MBUF_HEADROOM,
+    data_room_for_frame, data_room_for_mtu, Mempool, PoolLayout, DEFAULT_MBUF_DATA_ROOM,
+    MBUF_HEADROOM,
 };
-pub use port::{Port, PortConfig, PortStats};
+pub use port::{driver_name, Port, PortConfig, PortStats, AF_XDP_DRIVER};
 pub use queue::DpdkQueue;
 
 /// Ethernet header plus CRC: the frame overhead on top of the MTU the PMD

@@ -223,6 +223,20 @@ impl Port {
             })
         }
         .unwrap_or_default();
+        if driver == AF_XDP_DRIVER {
+            // net_af_xdp registers the pool's memory as its UMEM assuming the
+            // buffers are packed in one chunk; one outside is lost for good
+            // the first time the kernel sees it (see `Mempool::new_packed`).
+            let layout = rx_pool.layout();
+            let outside = layout.outside_af_xdp_umem(page_size());
+            if outside > 0 {
+                return Err(PhyError::Device(format!(
+                    "{outside} of the {} mbufs of the rx pool for port {port_id} ({driver}) lie                      outside the UMEM the PMD builds over it (it assumes one packed chunk;                      this pool has {} chunk(s)); create it with Mempool::new_packed",
+                    layout.objects.len(),
+                    layout.chunks.len()
+                )));
+            }
+        }
         // Each queue allocates tx mbufs from one pool and never shares them
         // (refcnt 1), which is the contract of fast free.
         if has(
@@ -470,6 +484,40 @@ impl Port {
 /// apply: DPDK 22.11's net_memif says 1518 bytes but moves frames of any
 /// length, chained over its ring's buffers, so a jumbo MTU is the stack's
 /// alone there and the PMD is left at its own.
+/// The PMD name of DPDK's AF_XDP driver.
+pub const AF_XDP_DRIVER: &str = "net_af_xdp";
+
+/// The name of the PMD that drives `port_id` (`net_af_xdp`, `net_memif`).
+pub fn driver_name(_eal: &Eal, port_id: u16) -> Result<String, PhyError> {
+    // SAFETY: EAL is initialised; the call only reads the port table.
+    if unsafe { sys::rte_eth_dev_is_valid_port(port_id) } == 0 {
+        return Err(PhyError::Device(format!("no DPDK port {port_id}")));
+    }
+    let mut info = sys::rte_eth_dev_info::default();
+    // SAFETY: port_id is valid and info is a writable rte_eth_dev_info.
+    let ret = unsafe { sys::rte_eth_dev_info_get(port_id, &mut info) };
+    check(ret, "rte_eth_dev_info_get")?;
+    // SAFETY: driver_name is NULL or a NUL-terminated static string of the
+    // PMD; it is copied out at once.
+    Ok(unsafe {
+        (!info.driver_name.is_null()).then(|| {
+            CStr::from_ptr(info.driver_name)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+    .unwrap_or_default())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size)
+        .ok()
+        .filter(|&s| s > 0)
+        .unwrap_or(4096)
+}
+
 fn mtu_unenforced(driver: &str) -> bool {
     driver == "net_memif"
 }
