@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::iscsi::chap;
+pub use crate::iscsi::login::SessionType;
 use crate::iscsi::params::{respond, Params};
 use crate::wire::iscsi::{
     digest, pad_len, tmf, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest,
@@ -89,12 +90,6 @@ enum Phase {
     Login,
     FullFeature,
     Closed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionType {
-    Normal,
-    Discovery,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -90,7 +90,11 @@ impl Sense {
             AluaState::ActiveOptimized | AluaState::ActiveNonOptimized => return None,
             AluaState::Transitioning => 0x0a,
             AluaState::Standby => 0x0b,
-            AluaState::Unavailable | AluaState::Offline => 0x0c,
+            // LBA-dependent and reserved states are never set (`served`).
+            AluaState::Unavailable
+            | AluaState::Offline
+            | AluaState::LbaDependent
+            | AluaState::Reserved(_) => 0x0c,
         };
         Some(Sense {
             key: sense_key::NOT_READY,
@@ -534,19 +538,23 @@ pub fn finish_params(
             Ok(())
         }
         ParamCommand::SetTargetPortGroups => {
-            use crate::wire::scsi::{AluaState as Wire, DataRepr, SetTargetPortGroupsList};
+            use crate::wire::scsi::{DataRepr, SetTargetPortGroupsList};
             let list = SetTargetPortGroupsList::parse(data)
                 .map_err(|_| Sense::PARAMETER_LIST_LENGTH_ERROR)?;
             // Check every descriptor before changing any state.
             let mut changes = Vec::new();
             for (group, state) in list.groups {
-                let state = match state {
-                    Wire::ActiveOptimized => AluaState::ActiveOptimized,
-                    Wire::ActiveNonOptimized => AluaState::ActiveNonOptimized,
-                    Wire::Standby => AluaState::Standby,
-                    Wire::Unavailable => AluaState::Unavailable,
-                    _ => return Err(Sense::INVALID_FIELD_IN_PARAMETERS),
-                };
+                // SET TARGET PORT GROUPS may ask for these four only
+                // (SPC-4 §6.41).
+                if !matches!(
+                    state,
+                    AluaState::ActiveOptimized
+                        | AluaState::ActiveNonOptimized
+                        | AluaState::Standby
+                        | AluaState::Unavailable
+                ) {
+                    return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+                }
                 if shared.alua_state(group).is_none() {
                     return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
                 }
@@ -753,7 +761,7 @@ fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) 
             .map(|p| p.relative_port)
             .collect();
         // T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
-        buf.extend_from_slice(&[state.code(), 0xcf]);
+        buf.extend_from_slice(&[state.bits(), 0xcf]);
         buf.extend_from_slice(&group.to_be_bytes());
         buf.extend_from_slice(&[0, 0, 0, ports.len().min(255) as u8]);
         for p in ports {
