@@ -54,7 +54,9 @@ pub enum TargetError {
     Config(String),
     #[error("no ALUA target port group {0} on this target")]
     UnknownAluaGroup(u16),
-    #[error("ALUA state {0} is not one the target serves (LBA-dependent and reserved codes are not)")]
+    #[error(
+        "ALUA state {0} is not one the target serves (LBA-dependent and reserved codes are not)"
+    )]
     UnsupportedAluaState(AluaState),
     #[error("cannot start a target thread: {0}")]
     Spawn(std::io::Error),

@@ -331,8 +331,9 @@ impl Core {
             "MaxBurstLength" => l.max_burst_len.to_string(),
             "FirstBurstLength" => l.first_burst_len.to_string(),
             "DefaultTime2Wait" => "0".into(),
-            // Time2Retain matters for connection recovery only; the
-            // target keeps a failed connection's tasks until the session ends.
+            // Time2Retain matters for connection recovery only: the
+            // target keeps a failed connection's tasks for TASK REASSIGN
+            // for DefaultTime2Wait + DefaultTime2Retain (recovery.rs).
             "DefaultTime2Retain" => if self.shared.config.max_error_recovery_level >= 2 {
                 "20"
             } else {

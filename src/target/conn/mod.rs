@@ -25,10 +25,10 @@ use crate::iscsi::chap;
 pub use crate::iscsi::login::SessionType;
 use crate::iscsi::params::{respond, Params};
 use crate::wire::iscsi::{
-    digest, pad_len, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest,
-    LoginResponse, LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t, Reject,
-    ScsiCommand, ScsiResponse, Sn, Snack, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest,
-    TextResponse, BHS_LEN, RESERVED_TAG,
+    digest, pad_len, Bhs, DataIn, DataOut, Digests, IscsiWireError, LoginRequest, LoginResponse,
+    LogoutRequest, LogoutResponse, NopIn, NopOut, PduFramer, PduHeader, R2t, Reject, ScsiCommand,
+    ScsiResponse, Sn, Snack, Stage, TaskMgmtRequest, TaskMgmtResponse, TextRequest, TextResponse,
+    BHS_LEN, RESERVED_TAG,
 };
 use crate::wire::text::TextPairs;
 
@@ -219,11 +219,19 @@ pub(crate) struct Orphan {
     write: Option<WriteTask>,
     /// What was sent for it (a completed task's Data-In and status).
     sent: Option<Retained>,
+    /// When it stops waiting: DefaultTime2Wait + DefaultTime2Retain (as
+    /// negotiated for the session) after its connection ended. Then it is
+    /// ended, and data that comes for it later never lands.
+    expires: Instant,
 }
 
 impl Orphan {
     pub(crate) fn itt(&self) -> u32 {
         self.itt
+    }
+
+    pub(crate) fn expires(&self) -> Instant {
+        self.expires
     }
 }
 
@@ -557,10 +565,15 @@ impl TargetConn {
                 Some((_, sent)) => sent + interval,
                 None => self.core.last_rx + interval,
             });
-        match (ping, self.core.logout_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let orphans = self
+            .core
+            .session
+            .as_ref()
+            .and_then(|s| s.orphans_expire_at());
+        [ping, self.core.logout_due, orphans]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Runs timers: sends a NOP-In ping on an idle connection, or closes
@@ -578,6 +591,7 @@ impl TargetConn {
         if self.core.hung() {
             return;
         }
+        self.core.expire_orphans(now);
         if self.rx_start < self.rx_end || !self.core.waiting.is_empty() {
             // PDUs waiting for their CmdSN turn, or bytes left unread while
             // the connection was hung.
@@ -672,6 +686,7 @@ impl TargetConn {
             self.rx_end = 0;
         }
         self.core.retry_waiting(now);
+        self.core.expire_orphans(now);
         self.core.poll_async(now);
         self.core.logout_overdue(now);
     }
@@ -1347,7 +1362,9 @@ impl Core {
                 PduHeader::DataOut(d) => self.on_data_out(d, bhs, data),
                 PduHeader::NopOut(n) => self.on_nop_out(n, data, now),
                 PduHeader::TextRequest(t) => self.on_text(t, bhs, data),
-                PduHeader::TaskMgmtRequest(t) if t.function == crate::wire::iscsi::tmf::TASK_REASSIGN => {
+                PduHeader::TaskMgmtRequest(t)
+                    if t.function == crate::wire::iscsi::tmf::TASK_REASSIGN =>
+                {
                     self.on_task_reassign(t)
                 }
                 PduHeader::TaskMgmtRequest(t) => self.on_task_mgmt(t),

@@ -3,6 +3,7 @@
 //! leaving connection's tasks to its session for TASK REASSIGN.
 
 use super::*;
+use std::time::Duration;
 
 impl Core {
     /// The connection leaves its session: its tasks go to the session for
@@ -19,6 +20,10 @@ impl Core {
         };
         let recover = self.erl() >= 2 && (self.recover_tasks || self.close_unclean());
         let mut orphans = Vec::new();
+        // The connection ended at its last step (a driver steps it at
+        // least once a tick while it is open).
+        let retain = session.params.default_time2wait + session.params.default_time2retain;
+        let expires = self.last_step + Duration::from_secs(u64::from(retain));
         if recover {
             let mut sent: Vec<Retained> = std::mem::take(&mut self.retained);
             self.retained_bytes = 0;
@@ -28,6 +33,7 @@ impl Core {
                     itt: w.itt,
                     sent: i.map(|i| sent.swap_remove(i)),
                     write: Some(w),
+                    expires,
                 });
             }
             for r in sent {
@@ -35,6 +41,7 @@ impl Core {
                     itt: r.itt,
                     write: None,
                     sent: Some(r),
+                    expires,
                 });
             }
             if !orphans.is_empty() {
@@ -58,6 +65,24 @@ impl Core {
     /// connection, a protocol error): at ERL 2 its tasks are kept.
     fn close_unclean(&self) -> bool {
         self.phase != Phase::Closed || self.close_reason.as_deref() != Some("logout")
+    }
+
+    /// ERL 2: the tasks of this session's failed connections that waited
+    /// DefaultTime2Wait + DefaultTime2Retain without a TASK REASSIGN are
+    /// ended (RFC 7143 §6.2.2): a reassignment of one is answered "task
+    /// does not exist", and its data, if more comes, is dropped unwritten.
+    pub(super) fn expire_orphans(&mut self, now: Instant) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        for o in session.expire_orphans(now) {
+            log::info!(
+                "task {:#x} of a failed connection of TSIH {} ended: no TASK REASSIGN within \
+                 DefaultTime2Wait + DefaultTime2Retain",
+                o.itt,
+                self.tsih
+            );
+        }
     }
 
     /// ERL 1 and up: keeps a copy of a PDU sent for task `itt`.

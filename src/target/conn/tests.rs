@@ -1,7 +1,7 @@
 use super::*;
-use crate::wire::iscsi::tmf;
 use crate::iscsi::chap::{ChapAlgorithm, Secret};
 use crate::target::{TargetConfig, TargetLimits, TargetShared};
+use crate::wire::iscsi::tmf;
 use crate::wire::iscsi::{LoginRequest, ScsiCommand};
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -506,9 +506,7 @@ fn discovery_send_targets_lists_every_portal() {
         }),
         &[],
     );
-    assert!(
-        matches!(&pdus[0].0, PduHeader::LogoutResponse(l) if l.response == 0 && l.itt == 9)
-    );
+    assert!(matches!(&pdus[0].0, PduHeader::LogoutResponse(l) if l.response == 0 && l.itt == 9));
     assert!(p.conn.is_closed());
 }
 
@@ -950,9 +948,7 @@ fn malformed_pdus_get_reject_or_close() {
     assert!(!p.conn.is_closed());
     // SNACK is not supported at ERL 0.
     bad[0] = 0x10;
-    assert!(
-        matches!(&p.send_raw(&bad)[0].0, PduHeader::Reject(r) if r.reason == reject::SNACK)
-    );
+    assert!(matches!(&p.send_raw(&bad)[0].0, PduHeader::Reject(r) if r.reason == reject::SNACK));
     // A data segment beyond our MaxRecvDataSegmentLength ends the connection.
     bad[0] = 0x00;
     bad[5] = 0x7f;
@@ -1377,9 +1373,7 @@ fn login_text_may_span_pdus() {
     let pdus = p.send(req(true, false), &text[..10]);
     assert!(matches!(&pdus[0], (PduHeader::LoginResponse(r), d) if d.is_empty() && !r.transit));
     let pdus = p.send(req(false, true), &text[10..]);
-    assert!(
-        matches!(&pdus[0].0, PduHeader::LoginResponse(r) if r.status_class == 0 && r.transit)
-    );
+    assert!(matches!(&pdus[0].0, PduHeader::LoginResponse(r) if r.status_class == 0 && r.transit));
     assert!(p.conn.is_full_feature());
 }
 
@@ -1431,3 +1425,78 @@ proptest! {
 
 /// MC/S and error recovery (src/target/conn/tests/mcs.rs).
 mod mcs;
+
+/// ERL 2, Time2Retain: the writes of a connection that fails wait in its
+/// session for a TASK REASSIGN for DefaultTime2Wait + DefaultTime2Retain
+/// as negotiated (2 + 5 s here), counted from the connection's end. One
+/// reassigned a millisecond before that finishes on the surviving
+/// connection; the other is then ended: its TASK REASSIGN is answered
+/// "task does not exist" and its data, sent late, never lands. The
+/// connections run on a clock of the test's; nothing sleeps.
+#[test]
+fn a_failed_connections_tasks_wait_time2wait_plus_time2retain_then_end() {
+    let s = shared(TargetConfig::ram(IQN, 1 << 20));
+    let mut a = Peer::new(s.clone(), 0);
+    a.login_normal(&[
+        ("MaxConnections", "2"),
+        ("ErrorRecoveryLevel", "2"),
+        ("DefaultTime2Wait", "2"),
+        ("DefaultTime2Retain", "5"),
+        ("InitialR2T", "Yes"),
+    ]);
+    let p = a.conn.params();
+    assert_eq!((p.default_time2wait, p.default_time2retain), (2, 5));
+    let mut b = Peer::new(s.clone(), 0);
+    (b.tsih, b.cid, b.cmd_sn, b.now) = (a.conn.tsih(), 2, a.cmd_sn, a.now);
+    b.login_normal(&[]);
+    assert_eq!(a.conn.session_connections(), 2);
+    // Two writes on B wait for their data when B's connection breaks.
+    let (early, _) = write_waiting_for_data(&mut b, 3);
+    let (late, late_ttt) = write_waiting_for_data(&mut b, 4);
+    a.cmd_sn = b.cmd_sn;
+    let failed = b.now + Duration::from_millis(10);
+    b.now = failed;
+    assert!(b.tick().is_empty());
+    drop(b);
+    assert_eq!(a.conn.session_connections(), 1);
+    assert_eq!(a.conn.orphaned_tasks(), 2);
+    let expiry = failed + Duration::from_secs(7);
+    assert_eq!(
+        a.conn.poll_timeout(),
+        Some(expiry),
+        "A's timer is the expiry"
+    );
+
+    // A millisecond before: still there, and one is reassigned to A.
+    a.now = expiry - Duration::from_millis(1);
+    assert!(a.tick().is_empty());
+    assert_eq!(a.conn.orphaned_tasks(), 2);
+    let pdus = a.send(tmf_req(&a, tmf::TASK_REASSIGN, early, Sn(0)), &[]);
+    let [(PduHeader::TaskMgmtResponse(r), _), (PduHeader::R2t(r2t), _)] = &pdus[..] else {
+        panic!("{pdus:?}")
+    };
+    assert_eq!((r.response, r2t.itt, r2t.desired_len), (0, early, 512));
+    let pdus = a.send(data_out(early, r2t.ttt), &[0x11; 512]);
+    let [(PduHeader::ScsiResponse(st), _)] = &pdus[..] else {
+        panic!("{pdus:?}")
+    };
+    assert_eq!((st.itt, st.status), (early, 0));
+
+    // At the expiry the other one is ended.
+    a.now = expiry;
+    assert!(a.tick().is_empty());
+    assert_eq!(a.conn.orphaned_tasks(), 0);
+    assert_eq!(a.conn.poll_timeout(), None);
+    let pdus = a.send(tmf_req(&a, tmf::TASK_REASSIGN, late, Sn(0)), &[]);
+    let [(PduHeader::TaskMgmtResponse(r), _)] = &pdus[..] else {
+        panic!("{pdus:?}")
+    };
+    assert_eq!(r.response, 1, "task does not exist");
+    let pdus = a.send(data_out(late, late_ttt), &[0x22; 512]);
+    assert!(pdus.is_empty(), "{pdus:?}");
+    let mut back = vec![0u8; 512];
+    s.luns[0].read(3 * 512, &mut back);
+    assert_eq!(back, vec![0x11; 512], "the reassigned write landed");
+    s.luns[0].read(4 * 512, &mut back);
+    assert_eq!(back, vec![0u8; 512], "the ended write never landed");
+}
