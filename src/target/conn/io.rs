@@ -545,11 +545,7 @@ impl Core {
         // DataPDUInOrder and DataSequenceInOrder are Yes: offsets follow on,
         // DataSN counts from 0 in each sequence. ERL 0 cannot recover a gap.
         let t = &mut self.tasks[i];
-        let expected_sn = if t.sequence_ttt == Some(d.ttt) {
-            t.next_data_sn
-        } else {
-            Sn(0)
-        };
+        let expected_sn = t.expected_data_sn(d.ttt);
         if d.data_sn != expected_sn || d.buffer_offset != t.received {
             let why = format!(
                 "Data-Out for ITT {:#x} has DataSN {} offset {}, expected DataSN {} offset {}",

@@ -198,6 +198,18 @@ struct WriteTask {
     reset_seen: u64,
 }
 
+impl WriteTask {
+    /// The DataSN the next Data-Out of the sequence with TTT `ttt` must
+    /// carry: DataSN counts from 0 in each sequence.
+    fn expected_data_sn(&self, ttt: u32) -> Sn {
+        if self.sequence_ttt == Some(ttt) {
+            self.next_data_sn
+        } else {
+            Sn(0)
+        }
+    }
+}
+
 /// The PDUs sent for one task, kept at ERL 1 and up until the initiator
 /// acknowledges its status (ExpStatSN past it), for SNACK and TASK
 /// REASSIGN.
@@ -1223,11 +1235,7 @@ impl Core {
         let first_burst = self.params.first_burst_len;
         let initial_r2t = self.params.initial_r2t;
         let t = &self.tasks[i];
-        let expected_sn = if t.sequence_ttt == Some(d.ttt) {
-            t.next_data_sn
-        } else {
-            Sn(0)
-        };
+        let expected_sn = t.expected_data_sn(d.ttt);
         if d.data_sn != expected_sn || d.buffer_offset != t.received {
             let detail = format!(
                 "Data-Out for ITT {:#x} has DataSN {} at offset {}, expected DataSN {} at offset {}",
