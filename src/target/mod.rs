@@ -54,6 +54,10 @@ pub enum TargetError {
     Config(String),
     #[error("no ALUA target port group {0} on this target")]
     UnknownAluaGroup(u16),
+    #[error(
+        "ALUA state {0} is not one the target serves (LBA-dependent and reserved codes are not)"
+    )]
+    UnsupportedAluaState(AluaState),
     #[error("cannot start a target thread: {0}")]
     Spawn(std::io::Error),
     #[error(
@@ -65,41 +69,17 @@ pub enum TargetError {
     Unauthenticated { portal: SocketAddr },
 }
 
-/// Asymmetric access state of a target port group (SPC-4 §6.37).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AluaState {
-    ActiveOptimized,
-    ActiveNonOptimized,
-    Standby,
-    Unavailable,
-    Offline,
-    Transitioning,
-}
+/// The asymmetric access state of a target port group: the crate's one
+/// type (SPC-4 §6.37), shared with the initiator's REPORT TARGET PORT
+/// GROUPS parser. The target serves every state but LBA-dependent and the
+/// reserved codes ([`served`]).
+pub use crate::wire::scsi::AluaState;
 
-impl AluaState {
-    /// The 4-bit code in REPORT TARGET PORT GROUPS.
-    pub fn code(self) -> u8 {
-        match self {
-            AluaState::ActiveOptimized => 0x0,
-            AluaState::ActiveNonOptimized => 0x1,
-            AluaState::Standby => 0x2,
-            AluaState::Unavailable => 0x3,
-            AluaState::Offline => 0xe,
-            AluaState::Transitioning => 0xf,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<AluaState> {
-        Some(match code & 0x0f {
-            0x0 => AluaState::ActiveOptimized,
-            0x1 => AluaState::ActiveNonOptimized,
-            0x2 => AluaState::Standby,
-            0x3 => AluaState::Unavailable,
-            0xe => AluaState::Offline,
-            0xf => AluaState::Transitioning,
-            _ => return None,
-        })
-    }
+/// Whether the target serves ALUA state `state`: the six states its REPORT
+/// TARGET PORT GROUPS says it supports (T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP,
+/// AO_SUP), not LBA-dependent or a reserved code.
+pub(crate) fn served(state: AluaState) -> bool {
+    !matches!(state, AluaState::LbaDependent | AluaState::Reserved(_))
 }
 
 /// What stores a logical unit's blocks.
@@ -634,7 +614,7 @@ impl TargetShared {
             if !alua.iter().any(|(g, _)| *g == p.alua_group) {
                 alua.push((
                     p.alua_group,
-                    AtomicU8::new(AluaState::ActiveOptimized.code()),
+                    AtomicU8::new(AluaState::ActiveOptimized.bits()),
                 ));
             }
         }
@@ -678,7 +658,7 @@ impl TargetShared {
         self.alua
             .iter()
             .find(|(g, _)| *g == group)
-            .and_then(|(_, s)| AluaState::from_code(s.load(Ordering::Relaxed)))
+            .map(|(_, s)| AluaState::from_bits(s.load(Ordering::Relaxed)))
     }
 
     pub fn set_alua_state(&self, group: u16, state: AluaState) -> Result<(), TargetError> {
@@ -687,7 +667,10 @@ impl TargetShared {
             .iter()
             .find(|(g, _)| *g == group)
             .ok_or(TargetError::UnknownAluaGroup(group))?;
-        if s.swap(state.code(), Ordering::AcqRel) != state.code() {
+        if !served(state) {
+            return Err(TargetError::UnsupportedAluaState(state));
+        }
+        if s.swap(state.bits(), Ordering::AcqRel) != state.bits() {
             // SPC-4 5.15.2.4: every I_T nexus hears of the change by a
             // UNIT ATTENTION (ASYMMETRIC ACCESS STATE CHANGED).
             self.alua_generation.fetch_add(1, Ordering::AcqRel);

@@ -4,10 +4,19 @@
 //! list, or just a status. The connection moves the bytes; nothing here
 //! allocates on the READ/WRITE path.
 //!
-//! CDB fields are read with private helpers until `wire::scsi` (another
-//! branch) lands; the response layouts follow SPC-4/SBC-3.
+//! The response data (INQUIRY and its VPD pages, READ CAPACITY, REPORT
+//! LUNS, REPORT TARGET PORT GROUPS, GET LBA STATUS, sense) and LUN fields
+//! are emitted by `wire::scsi`, the codecs the initiator parses them with;
+//! the layouts follow SPC-4/SBC-3.
 
 use super::{AluaState, TargetShared};
+use crate::wire::scsi::{
+    vpd, Association, BlockDeviceCharacteristics, BlockLimits, CodeSet, DataRepr, Designator,
+    DesignatorType, DeviceIdentification, InquiryData, LbaStatusData, LbaStatusDescriptor,
+    LogicalBlockProvisioning, Lun as LunField, Peripheral, ProvisioningStatus, ReadCapacity10Data,
+    ReadCapacity16Data, ReportLunsData, SupportedVpdPages, TargetPortGroup, TargetPortGroupsData,
+    Tpgs, UnitSerialNumber, PROTOCOL_ID_ISCSI,
+};
 
 /// SCSI status codes.
 pub mod status {
@@ -90,7 +99,11 @@ impl Sense {
             AluaState::ActiveOptimized | AluaState::ActiveNonOptimized => return None,
             AluaState::Transitioning => 0x0a,
             AluaState::Standby => 0x0b,
-            AluaState::Unavailable | AluaState::Offline => 0x0c,
+            // LBA-dependent and reserved states are never set (`served`).
+            AluaState::Unavailable
+            | AluaState::Offline
+            | AluaState::LbaDependent
+            | AluaState::Reserved(_) => 0x0c,
         };
         Some(Sense {
             key: sense_key::NOT_READY,
@@ -195,21 +208,22 @@ pub struct Port<'a> {
 
 /// The LUN number of a single-level LUN field (peripheral or flat addressing).
 pub fn decode_lun(field: u64) -> Option<u16> {
-    let b = field.to_be_bytes();
-    if b[2..].iter().any(|&x| x != 0) {
-        return None;
-    }
-    match b[0] >> 6 {
-        0 if b[0] == 0 => Some(u16::from(b[1])),
-        1 => Some((u16::from(b[0] & 0x3f) << 8) | u16::from(b[1])),
-        _ => None,
-    }
+    LunField::from_u64(field).number()
 }
 
 /// The LUN field for LUN `n` (peripheral addressing below 256, else flat).
 pub fn encode_lun(n: u16) -> u64 {
-    let hi: u16 = if n < 256 { n } else { 0x4000 | (n & 0x3fff) };
-    u64::from(hi) << 48
+    LunField::from_number(n).to_u64()
+}
+
+/// `data` emitted by its `wire::scsi` codec into `buf`, cut to the
+/// allocation length `alloc`.
+fn data_in(data: &impl DataRepr, alloc: usize, buf: &mut Vec<u8>) -> Plan {
+    buf.resize(data.buffer_len(), 0);
+    // `buf` holds exactly `buffer_len()` bytes: this cannot fail.
+    let _ = data.emit(buf);
+    buf.truncate(alloc);
+    Plan::DataIn
 }
 
 /// Commands that neither report nor clear a pending UNIT ATTENTION (SAM-5).
@@ -394,18 +408,22 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             Plan::Good
         }
         0x25 => {
-            let last = (l.blocks() - 1).min(0xffff_ffff) as u32;
-            buf.extend_from_slice(&last.to_be_bytes());
-            buf.extend_from_slice(&l.block_size().to_be_bytes());
-            Plan::DataIn
+            let data = ReadCapacity10Data {
+                last_lba: (l.blocks() - 1).min(0xffff_ffff) as u32,
+                block_len: l.block_size(),
+            };
+            // No allocation length: all of it.
+            data_in(&data, data.buffer_len(), buf)
         }
         0x9e if cdb[1] & 0x1f == 0x10 => {
-            buf.extend_from_slice(&(l.blocks() - 1).to_be_bytes());
-            buf.extend_from_slice(&l.block_size().to_be_bytes());
-            buf.extend_from_slice(&[0, 0, 0x80, 0]); // LBPME: UNMAP works
-            buf.resize(32, 0);
-            buf.truncate(be32(&cdb[10..]) as usize);
-            Plan::DataIn
+            let data = ReadCapacity16Data {
+                last_lba: l.blocks() - 1,
+                block_len: l.block_size(),
+                // LBPME: UNMAP works.
+                lbpme: true,
+                ..ReadCapacity16Data::default()
+            };
+            data_in(&data, be32(&cdb[10..]) as usize, buf)
         }
         0xa3 if cdb[1] & 0x1f == 0x0a => report_target_port_groups(port, cdb, buf),
         0xa3 if cdb[1] & 0x1f == 0x0c => report_supported_opcodes(shared, cdb, buf),
@@ -432,16 +450,20 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
             let max_runs = (alloc.saturating_sub(8) / 16).clamp(1, 1024);
-            buf.extend_from_slice(&[0; 8]);
-            for (first, n, mapped) in l.mapping_runs(lba, max_runs) {
-                buf.extend_from_slice(&first.to_be_bytes());
-                buf.extend_from_slice(&n.to_be_bytes());
-                buf.extend_from_slice(&[u8::from(!mapped), 0, 0, 0]);
-            }
-            let len = (buf.len() - 4) as u32;
-            buf[..4].copy_from_slice(&len.to_be_bytes());
-            buf.truncate(alloc);
-            Plan::DataIn
+            let descriptors = l
+                .mapping_runs(lba, max_runs)
+                .into_iter()
+                .map(|(lba, blocks, mapped)| LbaStatusDescriptor {
+                    lba,
+                    blocks,
+                    status: if mapped {
+                        ProvisioningStatus::Mapped
+                    } else {
+                        ProvisioningStatus::Deallocated
+                    },
+                })
+                .collect();
+            data_in(&LbaStatusData { descriptors }, alloc, buf)
         }
         0x1a | 0x5a => mode_sense(l, cdb, buf),
         0x42 => {
@@ -534,19 +556,23 @@ pub fn finish_params(
             Ok(())
         }
         ParamCommand::SetTargetPortGroups => {
-            use crate::wire::scsi::{AluaState as Wire, DataRepr, SetTargetPortGroupsList};
+            use crate::wire::scsi::{DataRepr, SetTargetPortGroupsList};
             let list = SetTargetPortGroupsList::parse(data)
                 .map_err(|_| Sense::PARAMETER_LIST_LENGTH_ERROR)?;
             // Check every descriptor before changing any state.
             let mut changes = Vec::new();
             for (group, state) in list.groups {
-                let state = match state {
-                    Wire::ActiveOptimized => AluaState::ActiveOptimized,
-                    Wire::ActiveNonOptimized => AluaState::ActiveNonOptimized,
-                    Wire::Standby => AluaState::Standby,
-                    Wire::Unavailable => AluaState::Unavailable,
-                    _ => return Err(Sense::INVALID_FIELD_IN_PARAMETERS),
-                };
+                // SET TARGET PORT GROUPS may ask for these four only
+                // (SPC-4 §6.41).
+                if !matches!(
+                    state,
+                    AluaState::ActiveOptimized
+                        | AluaState::ActiveNonOptimized
+                        | AluaState::Standby
+                        | AluaState::Unavailable
+                ) {
+                    return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
+                }
                 if shared.alua_state(group).is_none() {
                     return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
                 }
@@ -611,13 +637,6 @@ pub fn finish_params(
     }
 }
 
-fn put_padded(buf: &mut Vec<u8>, s: &str, width: usize) {
-    let b = s.as_bytes();
-    let n = b.len().min(width);
-    buf.extend_from_slice(&b[..n]);
-    buf.resize(buf.len() + width - n, b' ');
-}
-
 fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
     let shared = port.shared;
     let evpd = cdb[1] & 1 != 0;
@@ -629,8 +648,8 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
         }
         // Peripheral qualifier 3 / type 0x1f: no LU here.
         let peripheral = match lun {
-            Some(_) => 0x00,
-            None => 0x7f,
+            Some(_) => Peripheral::DISK,
+            None => Peripheral::NO_LUN,
         };
         let product = match lun.map(|i| shared.luns[i].is_null()) {
             Some(true) => "NULL LUN",
@@ -638,15 +657,16 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
         };
         // SPC-4, HiSup, response format 2; TPGS=01 (implicit ALUA) or 10
         // (explicit only); MultiP; CmdQue.
-        let tpgs = if shared.config.alua_explicit {
-            0x20
+        let mut data = InquiryData::new(peripheral, "IBYPASS", product, "0001");
+        data.tpgs = if shared.config.alua_explicit {
+            Tpgs::Explicit
         } else {
-            0x10
+            Tpgs::Implicit
         };
-        buf.extend_from_slice(&[peripheral, 0, 0x06, 0x12, 0, tpgs, 0x10, 0x02]);
-        put_padded(buf, "IBYPASS", 8);
-        put_padded(buf, product, 16);
-        put_padded(buf, "0001", 4);
+        data.multip = true;
+        buf.resize(InquiryData::LEN, 0);
+        // `buf` holds exactly `InquiryData::LEN` bytes: this cannot fail.
+        let _ = data.emit(buf);
         buf.resize(58, 0);
         // Version descriptors: SAM-5, SPC-4, SBC-3, iSCSI.
         for v in [0x00a0u16, 0x0460, 0x04c0, 0x0960] {
@@ -661,64 +681,91 @@ fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>
     };
     let l = &shared.luns[li];
     let portal = shared.portals.get(port.portal);
-    buf.extend_from_slice(&[0, page, 0, 0]);
+    let peripheral = Peripheral::DISK;
     match page {
-        0x00 => buf.extend_from_slice(&[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]),
-        0x80 => buf.extend_from_slice(l.serial().as_bytes()),
-        0x83 => {
-            // LU: NAA (binary), identical on every portal: the multipath identity.
-            buf.extend_from_slice(&[0x01, 0x03, 0, 16]);
-            buf.extend_from_slice(l.naa());
+        vpd::SUPPORTED_PAGES => {
+            let pages = vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+            data_in(&SupportedVpdPages { peripheral, pages }, alloc, buf)
+        }
+        vpd::UNIT_SERIAL_NUMBER => {
+            let serial = l.serial().as_bytes().to_vec();
+            data_in(&UnitSerialNumber { peripheral, serial }, alloc, buf)
+        }
+        vpd::DEVICE_IDENTIFICATION => {
             // Target port (iSCSI, PIV): relative port and port group differ per portal.
             let rel = portal.map_or(0, |p| p.relative_port);
             let group = portal.map_or(0, |p| p.alua_group);
-            buf.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0]);
-            buf.extend_from_slice(&rel.to_be_bytes());
-            buf.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0]);
-            buf.extend_from_slice(&group.to_be_bytes());
-            // SCSI name strings: the target port and the target device.
+            let iscsi = |designator: Designator| Designator {
+                protocol_id: PROTOCOL_ID_ISCSI,
+                piv: true,
+                ..designator
+            };
             let port_name = format!("{},t,0x{:04x}", shared.config.iqn, rel);
-            scsi_name(buf, 0x98, &port_name);
-            scsi_name(buf, 0xa8, &shared.config.iqn);
+            let designators = vec![
+                // LU: NAA (binary), identical on every portal: the multipath identity.
+                Designator::naa(l.naa().to_vec()),
+                iscsi(Designator::relative_target_port_id(rel)),
+                iscsi(Designator::target_port_group_id(group)),
+                // SCSI name strings: the target port and the target device.
+                iscsi(scsi_name(Association::TargetPort, &port_name)),
+                iscsi(scsi_name(Association::TargetDevice, &shared.config.iqn)),
+            ];
+            let page = DeviceIdentification {
+                peripheral,
+                designators,
+            };
+            data_in(&page, alloc, buf)
         }
-        0xb0 => {
+        vpd::BLOCK_LIMITS => {
             let bl = &shared.config.block_limits;
-            buf.resize(64, 0);
-            buf[5] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
-            buf[6..8].copy_from_slice(&bl.optimal_granularity.to_be_bytes());
-            let max_xfer = max_transfer_blocks(bl, u64::from(l.block_size())) as u32;
-            buf[8..12].copy_from_slice(&max_xfer.to_be_bytes());
-            buf[20..24].copy_from_slice(&bl.max_unmap_blocks.to_be_bytes());
-            buf[24..28].copy_from_slice(&bl.max_unmap_descriptors.to_be_bytes());
-            buf[28..32].copy_from_slice(&bl.unmap_granularity.to_be_bytes());
-            if let Some(a) = bl.unmap_alignment {
-                buf[32..36].copy_from_slice(&(0x8000_0000 | (a & 0x7fff_ffff)).to_be_bytes());
-            }
-            buf[36..44].copy_from_slice(&bl.max_write_same_blocks.to_be_bytes());
+            let page = BlockLimits {
+                peripheral,
+                max_compare_and_write_len: MAX_COMPARE_AND_WRITE_BLOCKS as u8,
+                optimal_transfer_len_granularity: bl.optimal_granularity,
+                max_transfer_len: max_transfer_blocks(bl, u64::from(l.block_size())) as u32,
+                max_unmap_lba_count: bl.max_unmap_blocks,
+                max_unmap_descriptor_count: bl.max_unmap_descriptors,
+                optimal_unmap_granularity: bl.unmap_granularity,
+                unmap_granularity_alignment: bl.unmap_alignment,
+                max_write_same_len: bl.max_write_same_blocks,
+                ..BlockLimits::default()
+            };
+            data_in(&page, alloc, buf)
         }
-        0xb1 => {
-            buf.resize(64, 0);
-            buf[5] = 1; // non-rotating medium
+        vpd::BLOCK_DEVICE_CHARACTERISTICS => {
+            let page = BlockDeviceCharacteristics {
+                peripheral,
+                medium_rotation_rate: BlockDeviceCharacteristics::NON_ROTATING,
+            };
+            data_in(&page, alloc, buf)
         }
-        0xb2 => buf.extend_from_slice(&[0, 0xe0, 0, 0]), // LBPU, LBPWS, LBPWS10
-        _ => {
-            buf.clear();
-            return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
+        vpd::LOGICAL_BLOCK_PROVISIONING => {
+            let page = LogicalBlockProvisioning {
+                peripheral,
+                lbpu: true,
+                lbpws: true,
+                lbpws10: true,
+                ..LogicalBlockProvisioning::default()
+            };
+            data_in(&page, alloc, buf)
         }
+        _ => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
     }
-    let page_len = (buf.len() - 4) as u16;
-    buf[2..4].copy_from_slice(&page_len.to_be_bytes());
-    buf.truncate(alloc);
-    Plan::DataIn
 }
 
 /// A SCSI name string designator (UTF-8, NUL-terminated, padded to 4).
-fn scsi_name(buf: &mut Vec<u8>, assoc_and_type: u8, name: &str) {
+fn scsi_name(association: Association, name: &str) -> Designator {
     let len = (name.len() + 1).next_multiple_of(4).min(252);
-    buf.extend_from_slice(&[0x53, assoc_and_type, 0, len as u8]);
-    let start = buf.len();
-    buf.extend_from_slice(&name.as_bytes()[..name.len().min(len - 1)]);
-    buf.resize(start + len, 0);
+    let mut value = name.as_bytes()[..name.len().min(len - 1)].to_vec();
+    value.resize(len, 0);
+    Designator {
+        protocol_id: 0,
+        code_set: CodeSet::Utf8,
+        piv: false,
+        association,
+        designator_type: DesignatorType::ScsiNameString,
+        value,
+    }
 }
 
 fn report_luns(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
@@ -726,45 +773,42 @@ fn report_luns(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan
     if alloc < 16 && alloc != 0 {
         return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
     }
-    buf.extend_from_slice(&((shared.luns.len() * 8) as u32).to_be_bytes());
-    buf.extend_from_slice(&[0; 4]);
-    for l in &shared.luns {
-        buf.extend_from_slice(&encode_lun(l.number()).to_be_bytes());
-    }
-    buf.truncate(alloc);
-    Plan::DataIn
+    let luns = shared
+        .luns
+        .iter()
+        .map(|l| LunField::from_number(l.number()))
+        .collect();
+    data_in(&ReportLunsData { luns }, alloc, buf)
 }
 
 fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
     let shared = port.shared;
     let extended = (cdb[1] >> 5) & 7 == 1;
     let alloc = be32(&cdb[6..]) as usize;
-    buf.extend_from_slice(&[0; 4]);
-    if extended {
+    let groups = shared
+        .alua_groups()
+        .map(|group| TargetPortGroup {
+            pref: false,
+            state: shared.alua_state(group).unwrap_or(AluaState::Offline),
+            // T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
+            supported: 0xcf,
+            id: group,
+            status_code: 0,
+            vendor_specific: 0,
+            ports: shared
+                .portals
+                .iter()
+                .filter(|p| p.alua_group == group)
+                .map(|p| p.relative_port)
+                .collect(),
+        })
+        .collect();
+    let data = TargetPortGroupsData {
         // Format 1, implicit transition time 0.
-        buf.extend_from_slice(&[0x10, 0, 0, 0]);
-    }
-    for group in shared.alua_groups() {
-        let state = shared.alua_state(group).unwrap_or(AluaState::Offline);
-        let ports: Vec<u16> = shared
-            .portals
-            .iter()
-            .filter(|p| p.alua_group == group)
-            .map(|p| p.relative_port)
-            .collect();
-        // T_SUP, O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
-        buf.extend_from_slice(&[state.code(), 0xcf]);
-        buf.extend_from_slice(&group.to_be_bytes());
-        buf.extend_from_slice(&[0, 0, 0, ports.len().min(255) as u8]);
-        for p in ports {
-            buf.extend_from_slice(&[0, 0]);
-            buf.extend_from_slice(&p.to_be_bytes());
-        }
-    }
-    let len = (buf.len() - 4) as u32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.truncate(alloc);
-    Plan::DataIn
+        implicit_transition_time: extended.then_some(0),
+        groups,
+    };
+    data_in(&data, alloc, buf)
 }
 
 /// MAXIMUM TRANSFER LENGTH in blocks of `bs` bytes.

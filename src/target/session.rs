@@ -2,7 +2,8 @@
 //! (MC/S, RFC 7143 §4.2 and §7): the session-wide CmdSN window, the turn
 //! that makes commands arriving on different connections run in CmdSN
 //! order, the connections by CID, and the tasks of failed connections
-//! waiting for a TASK REASSIGN (ERL 2).
+//! waiting for a TASK REASSIGN (ERL 2), each for at most DefaultTime2Wait +
+//! DefaultTime2Retain.
 //!
 //! Each [`super::TargetConn`] keeps its own StatSN, digests, tasks and
 //! output (connection allegiance); only what is session-wide lives here,
@@ -10,6 +11,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::iscsi::params::Params;
 use crate::wire::iscsi::Sn;
@@ -269,5 +271,25 @@ impl Session {
     /// Orphaned tasks waiting for reassignment.
     pub(crate) fn orphan_count(&self) -> usize {
         self.lock().orphans.len()
+    }
+
+    /// Takes the orphaned tasks whose wait for reassignment ended by
+    /// `now` (DefaultTime2Wait + DefaultTime2Retain after their connection
+    /// failed): they are never reassigned.
+    pub(crate) fn expire_orphans(&self, now: Instant) -> Vec<Orphan> {
+        let mut s = self.lock();
+        if !s.orphans.iter().any(|o| o.expires() <= now) {
+            return Vec::new();
+        }
+        let (ended, kept) = std::mem::take(&mut s.orphans)
+            .into_iter()
+            .partition(|o| o.expires() <= now);
+        s.orphans = kept;
+        ended
+    }
+
+    /// When the next orphaned task stops waiting for reassignment.
+    pub(crate) fn orphans_expire_at(&self) -> Option<Instant> {
+        self.lock().orphans.iter().map(Orphan::expires).min()
     }
 }

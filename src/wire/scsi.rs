@@ -1750,6 +1750,39 @@ impl DataRepr for BlockLimits {
     }
 }
 
+/// VPD page B1h: block device characteristics (SBC-3 §6.6.2). Only the
+/// MEDIUM ROTATION RATE is decoded; the rest of the page is zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BlockDeviceCharacteristics {
+    pub peripheral: Peripheral,
+    /// 0: not reported, [`Self::NON_ROTATING`]: solid state, else rpm.
+    pub medium_rotation_rate: u16,
+}
+
+impl BlockDeviceCharacteristics {
+    /// MEDIUM ROTATION RATE of a non-rotating medium.
+    pub const NON_ROTATING: u16 = 1;
+    /// Page length emitted (3Ch, SBC-3).
+    pub const PAGE_LEN: u16 = 0x3c;
+}
+
+impl DataRepr for BlockDeviceCharacteristics {
+    fn parse(b: &[u8]) -> Result<Self, ScsiWireError> {
+        let (peripheral, body) = vpd_header(b, vpd::BLOCK_DEVICE_CHARACTERISTICS, "VPD page B1h")?;
+        Ok(BlockDeviceCharacteristics {
+            peripheral,
+            medium_rotation_rate: be16(body, 0).unwrap_or(0),
+        })
+    }
+    fn buffer_len(&self) -> usize {
+        4 + Self::PAGE_LEN as usize
+    }
+    fn emit_exact(&self, b: &mut [u8]) {
+        vpd_emit_header(b, self.peripheral, vpd::BLOCK_DEVICE_CHARACTERISTICS);
+        put16(b, 4, self.medium_rotation_rate);
+    }
+}
+
 /// Provisioning type of VPD page B2h.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ProvisioningType {
@@ -3205,6 +3238,22 @@ mod tests {
         let back = T::parse(&bytes).expect("parse of emitted bytes");
         assert_eq!(&back, v, "bytes {}", hex(&bytes));
         bytes
+    }
+
+    #[test]
+    fn block_device_characteristics_page() {
+        let page = BlockDeviceCharacteristics {
+            peripheral: Peripheral::DISK,
+            medium_rotation_rate: BlockDeviceCharacteristics::NON_ROTATING,
+        };
+        let bytes = round_trip(&page);
+        assert_eq!(bytes.len(), 64);
+        assert_eq!(bytes[..6], [0, 0xb1, 0, 0x3c, 0, 1]);
+        assert!(bytes[6..].iter().all(|&b| b == 0));
+        // A short page (cut by the allocation length) reads as not reported.
+        let short = BlockDeviceCharacteristics::parse(&bytes[..5]).unwrap();
+        assert_eq!(short.medium_rotation_rate, 0);
+        assert!(BlockDeviceCharacteristics::parse(&[0, 0xb0, 0, 0]).is_err());
     }
 
     #[track_caller]
