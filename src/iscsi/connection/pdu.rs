@@ -21,7 +21,11 @@ impl Connection {
         data: Range<usize>,
     ) -> Result<(), ConnError> {
         self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
-        self.check_stat_sn(r.stat_sn)?;
+        if !self.check_stat_sn(r.stat_sn)? && self.task_by_itt(r.itt).is_none() {
+            // ERL 1: sent again after a Status SNACK, for a command done.
+            self.stats.statuses_again += 1;
+            return Ok(());
+        }
         let payload = &self.rx[data];
         let sense = sense_from_segment(payload);
         let residual = signed_residual(r.underflow, r.overflow, r.residual);
@@ -31,7 +35,9 @@ impl Connection {
     /// R2T: the target asks for a write's data.
     pub(super) fn on_r2t_pdu(&mut self, r: &R2t) -> Result<(), ConnError> {
         self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
-        // R2T carries StatSN but does not advance it.
+        // R2T carries StatSN but does not advance it: the next one the
+        // target will send (at ERL 1 the ones before it are due).
+        self.snack_statuses_before(r.stat_sn);
         self.on_r2t(r.itt, r.ttt, r.buffer_offset, r.desired_len, r.r2t_sn)
     }
 
@@ -64,6 +70,8 @@ impl Connection {
                 rtt: now.saturating_duration_since(sent_at),
             });
         } else if n.ttt != RESERVED_TAG {
+            // Its StatSN is the next one (at ERL 1 the ones before it are due).
+            self.snack_statuses_before(n.stat_sn);
             // The target pings us: answer with its TTT, echoing its data.
             let echo = self.rx[data].to_vec();
             let hdr = PduHeader::NopOut(NopOut {
