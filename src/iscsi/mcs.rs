@@ -63,7 +63,7 @@ pub enum McsError {
     },
     #[error("the session runs at ErrorRecoveryLevel {erl}: the tasks of a failed connection cannot be reassigned (ERL 2); reinstate the session instead, as for a failed MPIO path")]
     NeedsErl2 { erl: u32 },
-    #[error("logout of failed connection CID {cid} for recovery (reason 2) answered {response} (1 = CID not found, 2 = recovery not supported)")]
+    #[error("logout of failed connection CID {cid} for recovery (reason 2) answered {response} (2 = recovery not supported)")]
     RemoveRefused { cid: u16, response: u8 },
     #[error("no live connection left in the session")]
     NoConnection,
@@ -344,12 +344,18 @@ impl<T: Transport> McsSession<T> {
 
     /// ERL 2 recovery of failed connection `failed` through live connection
     /// `via` (RFC 7143 §6.2.2): a logout with reason 2 (remove the
-    /// connection for recovery) for `failed`, sent on `via`; then every
-    /// task that was sent on `failed` is moved to `via` with TASK REASSIGN
-    /// (the answers come as [`Event::Reassigned`] from
+    /// connection for recovery) for `failed`, sent on `via` (answered 0, or
+    /// 1 "CID not found" when the target has seen it fail and dropped it
+    /// already: its tasks wait in the session either way). Then every task
+    /// that was sent on `failed` moves to `via`: those the target received
+    /// (CmdSN below the session's ExpCmdSN after the logout) with TASK
+    /// REASSIGN (the answers come as [`Event::Reassigned`] from
     /// [`next_event`](Self::next_event); a refused one brings its command
-    /// back, not done), and those that never got a CmdSN are submitted on
-    /// `via` anew. Returns how many tasks were reassigned.
+    /// back to the caller, not done, and nothing waits for it), those it
+    /// never received sent again with their ITT and CmdSN
+    /// ([`Connection::retry`](super::connection::Connection::retry)), so
+    /// the session's CmdSN order has no hole; those that never got a CmdSN
+    /// are submitted on `via` anew. Returns how many sent tasks moved.
     pub fn recover(&mut self, failed: u16, via: u16, timeout: Duration) -> Result<usize, McsError> {
         let erl = self.leading.error_recovery_level;
         if erl < 2 {
@@ -377,7 +383,7 @@ impl<T: Transport> McsSession<T> {
             loop {
                 match v.session.next_event(Duration::from_millis(20)) {
                     Ok(Some(Event::ConnectionLoggedOut { cid, response, .. })) if cid == failed => {
-                        if response != 0 {
+                        if response > 1 {
                             return Err(McsError::RemoveRefused { cid, response });
                         }
                         break;
@@ -409,12 +415,18 @@ impl<T: Transport> McsSession<T> {
         let v = self.members[vi]
             .as_mut()
             .ok_or(McsError::NoSuchConnection(via))?;
+        // What the target received of the failed connection's commands:
+        // the Logout Response came after it left the session.
+        let exp = self.window.exp_cmd_sn();
         let n = orphans.len();
         for o in orphans {
-            v.session
-                .connection_mut()
-                .reassign(o, Instant::now())
-                .map_err(SessionError::from)?;
+            let conn = v.session.connection_mut();
+            let r = if o.cmd.immediate || o.cmd_sn.lt(exp) {
+                conn.reassign(o, Instant::now())
+            } else {
+                conn.retry(o, Instant::now())
+            };
+            r.map_err(SessionError::from)?;
         }
         for c in unsent {
             v.session.submit(c)?;
