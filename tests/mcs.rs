@@ -530,7 +530,21 @@ fn erl2_connection_killed_mid_write_loses_nothing_and_runs_each_write_once() {
         .map(|i| write_fua(lba_of(i), BLOCKS, generation(2, i), 100 + i))
         .collect();
     let before = kill_cid1_mid_write(&mut s, &target, gen2);
+    // Mid-write: some of the 8 bursts of each write were asked for (and
+    // sent) on CID 1, not all.
+    let r2ts = s
+        .session(1)
+        .expect("CID 1 kept until recovered")
+        .connection()
+        .stats
+        .r2ts;
+    assert!(
+        r2ts >= 1 && r2ts < K * 8,
+        "CID 1 answered {r2ts} of the {} R2Ts",
+        K * 8
+    );
     let moved = s.recover(1, 0, T).expect("ERL 2 recovery onto CID 0");
+    eprintln!("CID 1 had answered {r2ts} of {} R2Ts", K * 8);
     eprintln!(
         "{} writes done before CID 1 died, {moved} moved to CID 0",
         before.len()
