@@ -89,6 +89,9 @@ pub struct McsSession<T: Transport> {
     leading: Params,
     tsih: u16,
     events: VecDeque<(u16, Event)>,
+    /// Connection failures not reported yet (each is reported once, after
+    /// the events that came before it).
+    failures: VecDeque<McsError>,
 }
 
 impl<T: Transport> std::fmt::Debug for McsSession<T> {
@@ -123,6 +126,7 @@ impl<T: Transport> McsSession<T> {
             leading: outcome.params,
             tsih: outcome.tsih,
             events: VecDeque::new(),
+            failures: VecDeque::new(),
         })
     }
 
@@ -250,16 +254,24 @@ impl<T: Transport> McsSession<T> {
     }
 
     /// One round on every live connection. A connection that fails is
-    /// reported once as [`McsError::ConnectionFailed`]; the others go on.
+    /// reported once as [`McsError::ConnectionFailed`] (by this call or,
+    /// when several fail, the next ones); the others go on.
     pub fn poll_io(&mut self) -> Result<bool, McsError> {
+        let progressed = self.poll_round();
+        match self.failures.pop_front() {
+            Some(e) => Err(e),
+            None => Ok(progressed),
+        }
+    }
+
+    fn poll_round(&mut self) -> bool {
         let mut progressed = false;
-        let mut failure = None;
         for m in self.members.iter_mut().flatten().filter(|m| !m.failed) {
             match m.session.poll_io() {
                 Ok(p) => progressed |= p,
                 Err(e) => {
                     m.failed = true;
-                    failure.get_or_insert(McsError::ConnectionFailed {
+                    self.failures.push_back(McsError::ConnectionFailed {
                         cid: m.cid,
                         source: e,
                     });
@@ -269,32 +281,28 @@ impl<T: Transport> McsSession<T> {
                 self.events.push_back((m.cid, e));
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(progressed),
-        }
+        progressed
     }
 
-    /// The next event of any connection, with the CID it came on.
+    /// The next event of any connection, with the CID it came on; a
+    /// connection's failure ([`McsError::ConnectionFailed`]) comes once,
+    /// after the events that arrived before it.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<(u16, Event)>, McsError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.events.pop_front() {
                 return Ok(Some(e));
             }
+            if let Some(f) = self.failures.pop_front() {
+                return Err(f);
+            }
             if self.live() == 0 {
                 return Err(McsError::NoConnection);
             }
-            let progressed = self.poll_io();
-            if let Some(e) = self.events.pop_front() {
-                // What arrived before a failure is delivered first; the
-                // failure is reported by the call that saw it only.
-                if let Err(f) = progressed {
-                    log::warn!("MC/S session {:#06x}: {f}", self.tsih);
-                }
-                return Ok(Some(e));
+            let progressed = self.poll_round();
+            if !self.events.is_empty() || !self.failures.is_empty() {
+                continue;
             }
-            let progressed = progressed?;
             if Instant::now() >= deadline {
                 return Ok(None);
             }
