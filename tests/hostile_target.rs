@@ -8,8 +8,9 @@
 //! error names the problem, and that it came within a bounded time.
 
 use iscsi_bypass::iscsi::chap::{Credentials, Secret};
-use iscsi_bypass::iscsi::connection::{Command, ConnTimers, Direction, Event};
+use iscsi_bypass::iscsi::connection::{Command, ConnError, ConnTimers, Direction, Event};
 use iscsi_bypass::iscsi::login::LoginConfig;
+use iscsi_bypass::iscsi::mcs::{McsError, McsSession};
 use iscsi_bypass::iscsi::params::DigestKind;
 use iscsi_bypass::iscsi::session::{Session, SessionConfig, SessionError};
 use iscsi_bypass::scsi::lun::LunHandle;
@@ -1373,4 +1374,204 @@ fn target_closes_during_login() {
         },
         &["connection closed by peer"],
     );
+}
+
+// ---------------------------------------------------------------------------
+// MC/S: two connections of one session (#14)
+
+/// Accepts one connection within `BOUND`, blocking again once accepted.
+fn accept_within(l: &TcpListener) -> Option<TcpStream> {
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + BOUND;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return Some(s);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A fake MC/S target: its first connection runs `lead`, its second
+/// `more`, each on a thread of its own. The second counts StatSN from
+/// 0x900 (StatSN is per connection).
+fn fake_mcs_target<A: Send + 'static, B: Send + 'static>(
+    lead: impl FnOnce(&mut Peer) -> Option<A> + Send + 'static,
+    more: impl FnOnce(&mut Peer) -> Option<B> + Send + 'static,
+) -> (SocketAddr, JoinHandle<Option<A>>, JoinHandle<Option<B>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<TcpListener>();
+    let a = std::thread::spawn(move || {
+        let s = accept_within(&l)?;
+        tx.send(l).ok()?;
+        lead(&mut Peer::new(s))
+    });
+    let b = std::thread::spawn(move || {
+        let l = rx.recv_timeout(BOUND).ok()?;
+        let mut p = Peer::new(accept_within(&l)?);
+        p.stat_sn = Sn(0x900);
+        more(&mut p)
+    });
+    (addr, a, b)
+}
+
+fn mcs_login_script() -> LoginScript {
+    LoginScript {
+        answers: vec![("MaxConnections", "2".into())],
+        ..Default::default()
+    }
+}
+
+/// Opens the MC/S session (leading login, then CID 1) and submits a
+/// 512-byte read on each connection: tag 1 on CID 0, tag 2 on CID 1.
+fn mcs_two_reads(addr: SocketAddr) -> McsSession<KernelTcp> {
+    let c = config(|c| c.login.offer.max_connections = 4);
+    let dial = || KernelTcp::connect(addr, &KernelTcpOptions::default()).unwrap();
+    let mut s = McsSession::open(dial(), &c).expect("leading login");
+    assert_eq!(s.granted(), 2);
+    s.add_connection(dial(), 1).expect("second connection");
+    for (cid, tag) in [(0, 1), (1, 2)] {
+        let mut r = read_cmd(512);
+        r.user_tag = tag;
+        s.submit_on(cid, r).unwrap();
+    }
+    s
+}
+
+/// Runs the session until CID 1 has failed and CID 0's read is done;
+/// returns the failure, and the completion with the CID it came on.
+fn mcs_failure_and_completion(
+    s: &mut McsSession<KernelTcp>,
+    t0: Instant,
+) -> (McsError, (u16, u64, Vec<u8>)) {
+    let (mut failed, mut done) = (None, None);
+    while failed.is_none() || done.is_none() {
+        assert!(t0.elapsed() < BOUND, "failed {failed:?}, done {done:?}");
+        match s.next_event(SHORT) {
+            Ok(Some((cid, Event::Completed(c)))) => done = Some((cid, c.user_tag, c.buffer)),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("no event: failed {failed:?}, done {done:?}"),
+            Err(e) => failed = Some(e),
+        }
+    }
+    (failed.unwrap(), done.unwrap())
+}
+
+/// #14: a response that arrives on the wrong connection. Connection CID 1
+/// gets a SCSI Response for the task of CID 0 (its ITT names connection
+/// #0): CID 1 fails with a typed error naming both (RFC 7143 §5.1), its
+/// own read comes back to be retried, and CID 0's read completes on CID 0
+/// when its answer comes there: nothing is lost.
+#[test]
+fn mcs_response_on_the_wrong_connection() {
+    let t0 = Instant::now();
+    let (itt_tx, itt_rx) = std::sync::mpsc::channel::<u32>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (addr, a, b) = fake_mcs_target(
+        move |p| {
+            p.login(&mcs_login_script())?;
+            let (c, _) = p.next_command()?;
+            itt_tx.send(c.itt).ok()?;
+            go_rx.recv_timeout(BOUND).ok()?;
+            let stat_sn = p.take_stat_sn();
+            let d = p.data_in(c.itt, 0, 0, Some(stat_sn));
+            p.send(&PduHeader::DataIn(d), &[0xa1; 512]);
+            let _ = p.recv_within(SHORT);
+            Some(())
+        },
+        move |p| {
+            p.login(&LoginScript::default())?;
+            let _ = p.next_command()?;
+            let theirs = itt_rx.recv_timeout(BOUND).ok()?;
+            let rsp = p.scsi_response(theirs, 0);
+            p.send(&rsp, &[]);
+            go_tx.send(()).ok()?;
+            let _ = p.recv_within(SHORT);
+            Some(theirs)
+        },
+    );
+    let mut s = mcs_two_reads(addr);
+    let (e, (cid, tag, buf)) = mcs_failure_and_completion(&mut s, t0);
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            &e,
+            McsError::ConnectionFailed {
+                cid: 1,
+                source: SessionError::Connection(ConnError::WrongConnection {
+                    what: "SCSI status",
+                    cid: 1,
+                    owner: 0,
+                    ..
+                })
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("belongs to connection #0") && msg.contains("§5.1"),
+        "{msg}"
+    );
+    assert_eq!((cid, tag, buf), (0, 1, vec![0xa1; 512]));
+    let back = s.take_failed(1).expect("CID 1 failed");
+    assert_eq!(back.iter().map(|c| c.user_tag).collect::<Vec<_>>(), [2]);
+    assert_eq!(s.cids(), [0]);
+    a.join().unwrap().expect("lead script");
+    let theirs = b.join().unwrap().expect("second script");
+    assert_eq!(theirs & 0xf000, 0, "the ITT was connection #0's");
+}
+
+/// #14: a StatSN per connection that jumps. Each connection counts its own
+/// StatSN (0x100.. and 0x900.. here); CID 1's jumps by 1000: CID 1 fails
+/// with the typed StatSN error naming it, its read comes back, and CID 0
+/// goes on: its read completes.
+#[test]
+fn mcs_stat_sn_jump_on_one_connection() {
+    let t0 = Instant::now();
+    let (addr, a, b) = fake_mcs_target(
+        move |p| {
+            p.login(&mcs_login_script())?;
+            let (c, _) = p.next_command()?;
+            let stat_sn = p.take_stat_sn();
+            let d = p.data_in(c.itt, 0, 0, Some(stat_sn));
+            p.send(&PduHeader::DataIn(d), &[0xa2; 512]);
+            let _ = p.recv_within(SHORT);
+            Some(())
+        },
+        move |p| {
+            p.login(&LoginScript::default())?;
+            let (c, _) = p.next_command()?;
+            p.stat_sn = p.stat_sn.plus(1000);
+            let rsp = p.scsi_response(c.itt, 0);
+            p.send(&rsp, &[]);
+            let _ = p.recv_within(SHORT);
+            Some(())
+        },
+    );
+    let mut s = mcs_two_reads(addr);
+    let (e, done) = mcs_failure_and_completion(&mut s, t0);
+    match &e {
+        McsError::ConnectionFailed {
+            cid: 1,
+            source:
+                SessionError::Connection(ConnError::StatSn {
+                    cid: 1,
+                    expected,
+                    got,
+                }),
+        } => assert_eq!(got.diff(*expected), 1000, "{e}"),
+        other => panic!("expected CID 1's StatSN jump, got {other}"),
+    }
+    assert!(e.to_string().contains("on connection CID 1"), "{e}");
+    assert_eq!(done, (0, 1, vec![0xa2; 512]));
+    let back = s.take_failed(1).expect("CID 1 failed");
+    assert_eq!(back.iter().map(|c| c.user_tag).collect::<Vec<_>>(), [2]);
+    a.join().unwrap().expect("lead script");
+    b.join().unwrap().expect("second script");
 }

@@ -14,7 +14,10 @@
 //! with continuation, task management, logout, Reject and Async Message.
 //! Error recovery level 0: any protocol error fails the connection, and
 //! [`Connection::take_outstanding`] hands every unfinished command back so
-//! that a session or the multipath layer can retry it elsewhere. MC/S: the
+//! that a session or the multipath layer can retry it elsewhere. At ERL 1
+//! and up a lost Data-In (DataSN gap, data digest error), R2T (R2TSN gap)
+//! or status (StatSN gap) is asked for again by SNACK instead. Immediate
+//! SCSI commands ([`Command::immediate`]) bypass the window. MC/S: the
 //! CmdSN window may be the session's, shared with its other connections
 //! ([`Connection::in_session`]), and at ERL 2 a failed connection's tasks
 //! ([`Connection::take_orphans`]) move to a live one by TASK REASSIGN
@@ -24,9 +27,9 @@ use super::params::Params;
 use super::window::SessionWindow;
 use crate::transport::TxPart;
 use crate::wire::iscsi::{
-    encode_pdu, pad_len, reject_reason_text, Bhs, DataIn, DataOut, Digests, FramedPdu,
-    IscsiWireError, LogoutRequest, NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn,
-    TaskMgmtRequest, TextRequest, BHS_LEN, DIGEST_LEN, RESERVED_TAG,
+    encode_pdu, pad_len, Bhs, DataIn, DataOut, Digests, FramedPdu, IscsiWireError, LogoutRequest,
+    NopOut, Opcode, PduFramer, PduHeader, ScsiCommand, Sn, Snack, TaskMgmtRequest, TextRequest,
+    BHS_LEN, DIGEST_LEN, RESERVED_TAG,
 };
 use crate::wire::text::TextPairs;
 use std::collections::VecDeque;
@@ -39,6 +42,18 @@ pub const MAX_TASKS: usize = 4096;
 
 /// Task management function 8, TASK REASSIGN (RFC 7143 §11.5.1).
 pub const TMF_TASK_REASSIGN: u8 = crate::wire::iscsi::tmf::TASK_REASSIGN;
+
+/// At ERL 1 and up, the most statuses that may be missing at once (a
+/// StatSN further ahead than this fails the connection).
+pub const MAX_STATUS_GAP: u32 = 1024;
+
+/// SNACK types (RFC 7143 §11.16.1): Data/R2T, Status.
+const SNACK_DATA: u8 = 0;
+const SNACK_STATUS: u8 = 1;
+
+/// Where a Data-In that is left out (ERL 1 and up) would be placed: no
+/// slot (its bytes go to the sink).
+const NO_SLOT: u16 = u16::MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
@@ -66,6 +81,20 @@ pub enum ConnError {
     Failed(String),
     #[error("connection is logged out")]
     LoggedOut,
+    /// A StatSN out of order on this connection (StatSN is per
+    /// connection): at ERL 0 any gap, at ERL 1 and up one too far ahead
+    /// to be a few lost statuses (more than [`MAX_STATUS_GAP`]).
+    #[error("StatSN {got} out of order (expected {expected}) on connection CID {cid}")]
+    StatSn { cid: u16, expected: Sn, got: Sn },
+    /// A PDU for a task of another connection of the MC/S session arrived
+    /// on this one (RFC 7143 §5.1: a task's PDUs stay on its connection).
+    #[error("{what} for task tag {itt:#x} arrived on connection CID {cid}, but that tag belongs to connection #{owner} of the session: a task's PDUs must stay on its connection (RFC 7143 §5.1)")]
+    WrongConnection {
+        what: &'static str,
+        itt: u32,
+        cid: u16,
+        owner: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -100,6 +129,10 @@ pub struct Command {
     pub buffer: Vec<u8>,
     /// The caller's tag, returned in the completion.
     pub user_tag: u64,
+    /// Sent as an immediate command (the I bit, RFC 7143 §3.2.2.1): at
+    /// once, whatever the CmdSN window, carrying the next CmdSN without
+    /// taking it. The target may refuse it for want of resources.
+    pub immediate: bool,
 }
 
 impl Command {
@@ -121,6 +154,7 @@ impl Command {
             direction,
             buffer,
             user_tag: 0,
+            immediate: false,
         })
     }
 }
@@ -229,6 +263,18 @@ enum TaskKind {
         /// A write's buffer while its payload leaves by reference
         /// ([`Connection::set_tx_by_reference`]); `cmd.buffer` is empty then.
         out: Option<Arc<Vec<u8>>>,
+        /// ERL 1: a Data SNACK is out for the Data-In from `next_data_sn`
+        /// on; the newest DataSN left out since (a lower one after it means
+        /// the answer itself lost one: ask again).
+        snack: Option<Sn>,
+        /// ERL 1: R2TSNs skipped (lost), asked for again by R2T SNACK.
+        r2ts_missing: Vec<Sn>,
+        /// Taken over by TASK REASSIGN: the target's R2TSN goes on from
+        /// where it was on the failed connection, so the first R2T sets it.
+        r2t_sn_from_target: bool,
+        /// ERL 1: a read's status that came while its data was missing;
+        /// it completes the command once the data is in.
+        held: Option<Box<HeldStatus>>,
     },
     Tmf {
         user_tag: u64,
@@ -270,8 +316,21 @@ impl TaskKind {
             unsolicited: None,
             r2ts_seen: 0,
             out: None,
+            snack: None,
+            r2ts_missing: Vec::new(),
+            r2t_sn_from_target: false,
+            held: None,
         }
     }
+}
+
+/// A SCSI status kept until the data before it is in (ERL 1).
+#[derive(Debug)]
+struct HeldStatus {
+    response: u8,
+    status: u8,
+    sense: Vec<u8>,
+    residual: i64,
 }
 
 /// A SCSI command that was sent on a connection that failed, with the tag
@@ -340,6 +399,14 @@ pub struct ConnStats {
     /// Completed writes whose buffer the transport still held (unacknowledged
     /// bytes, e.g. an early error status): the caller got a copy.
     pub tx_buffers_copied_back: u64,
+    /// SNACKs sent (ERL 1): Data/R2T and Status.
+    pub snacks: u64,
+    /// Data-In PDUs left out (ERL 1): after a DataSN gap, with a data
+    /// digest error, or copies of ones taken already.
+    pub data_in_discarded: u64,
+    /// Statuses that came again (after a Status SNACK) for commands done
+    /// already, dropped.
+    pub statuses_again: u64,
 }
 
 /// A write's payload range in the send stream, placed before `tx[at]`.
@@ -424,6 +491,8 @@ struct Placing {
     trailer_len: usize,
     /// Running CRC32C of the data (and then the padding), when negotiated.
     crc: Option<u32>,
+    /// Left out (ERL 1): its bytes go to `Connection::sink`.
+    discard: bool,
 }
 
 pub struct Connection {
@@ -446,6 +515,12 @@ pub struct Connection {
     /// (another connection's) and the slot they live in here.
     adopted: Vec<(u32, u16)>,
     exp_stat_sn: Sn,
+    /// ERL 1: StatSNs received ahead of `exp_stat_sn` (the ones between
+    /// were lost), and how far Status SNACKs have asked already.
+    stat_seen: Vec<Sn>,
+    status_snacked: Sn,
+    /// Where the bytes of a Data-In that is left out go (ERL 1).
+    sink: Vec<u8>,
     /// Slots indexed by the low 12 bits of the ITT; high bits are a generation
     /// so a late PDU for a reused slot is recognised as unknown.
     slots: Vec<Option<Task>>,
@@ -534,6 +609,9 @@ impl Connection {
             in_mcs: true,
             adopted: Vec::new(),
             exp_stat_sn: outcome.exp_stat_sn,
+            stat_seen: Vec::new(),
+            status_snacked: outcome.exp_stat_sn,
+            sink: Vec::new(),
             slots: Vec::new(),
             free: Vec::new(),
             generation: 1,
@@ -623,18 +701,19 @@ impl Connection {
     /// The error for a PDU naming a task this connection does not have. A
     /// tag of another connection of the session breaks connection
     /// allegiance (RFC 7143 §5.1: a task's PDUs stay on its connection).
-    fn unknown_task(&self, what: &str, itt: u32) -> ConnError {
+    fn unknown_task(&self, what: &'static str, itt: u32) -> ConnError {
         let theirs = itt & 0xf000;
         if itt != RESERVED_TAG
             && theirs != self.itt_conn_bits
             && self.in_mcs
             && !self.adopted.iter().any(|(i, _)| *i == itt)
         {
-            ConnError::Protocol(format!(
-                "{what} for task tag {itt:#x} arrived on connection CID {}, but that tag belongs to connection #{} of the session: a task's PDUs must stay on its connection (RFC 7143 §5.1)",
-                self.cid,
-                theirs >> 12
-            ))
+            ConnError::WrongConnection {
+                what,
+                itt,
+                cid: self.cid,
+                owner: theirs >> 12,
+            }
         } else {
             ConnError::Protocol(format!("{what} for unknown task tag {itt:#x}"))
         }
@@ -676,9 +755,17 @@ impl Connection {
                 len: cmd.buffer.len(),
             });
         }
+        let immediate = cmd.immediate;
         let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
-        self.waiting.push_back(slot);
         self.stats.commands += 1;
+        if immediate {
+            // RFC 7143 §3.2.2.1: the next CmdSN, not taken, and no wait
+            // for window space.
+            let cmd_sn = self.window.next_cmd_sn();
+            self.send_command(slot, cmd_sn);
+            return Ok(());
+        }
+        self.waiting.push_back(slot);
         self.flush_waiting();
         Ok(())
     }
@@ -795,7 +882,7 @@ impl Connection {
         *data_done = immediate_len;
         let unsolicited_follows = unsolicited.is_some();
         let hdr = PduHeader::ScsiCommand(ScsiCommand {
-            immediate: false,
+            immediate: cmd.immediate,
             final_bit: !unsolicited_follows,
             read: cmd.direction == Direction::Read,
             write,
@@ -1255,7 +1342,7 @@ impl Connection {
         let header_len = BHS_LEN + if self.digests.header { DIGEST_LEN } else { 0 };
         if let Some(p) = &self.placing {
             if p.at < p.end && self.rx_start == self.rx_end {
-                let (slot, at, end) = (p.slot, p.at, p.end);
+                let (slot, at, end, discard) = (p.slot, p.at, p.end, p.discard);
                 let after = if read_ahead {
                     p.trailer_len + header_len
                 } else {
@@ -1263,9 +1350,21 @@ impl Connection {
                 };
                 self.reserve_staging(after);
                 let Connection {
-                    slots, rx, rx_end, ..
+                    slots,
+                    rx,
+                    rx_end,
+                    sink,
+                    ..
                 } = self;
                 let second = &mut rx[*rx_end..*rx_end + after];
+                if discard {
+                    // Bounded: the segment's length was checked against
+                    // MaxRecvDataSegmentLength with its header.
+                    if sink.len() < end - at {
+                        sink.resize(end - at, 0);
+                    }
+                    return (&mut sink[..end - at], second);
+                }
                 return match task_buffer(slots, slot) {
                     Some(buf) => (&mut buf[at..end], second),
                     None => (second, &mut []),
@@ -1359,22 +1458,34 @@ impl Connection {
                 }
                 let trailer = &self.rx[self.rx_start..self.rx_start + p.trailer_len];
                 let pad = pad_len(p.end - p.start);
+                let mut digest_ok = true;
                 if let Some(crc) = p.crc {
                     let crc = crc32c::crc32c_append(crc, &trailer[..pad]);
                     let d = &trailer[pad..pad + DIGEST_LEN];
                     let received = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
                     if received != crc {
-                        return Err(IscsiWireError::DataDigest {
-                            received,
-                            computed: crc,
+                        if self.params.error_recovery_level == 0 {
+                            return Err(IscsiWireError::DataDigest {
+                                received,
+                                computed: crc,
+                            }
+                            .into());
                         }
-                        .into());
+                        digest_ok = false;
                     }
                 }
                 self.rx_start += p.trailer_len;
                 let Some(p) = self.placing.take() else {
                     return Ok(());
                 };
+                if p.discard {
+                    continue;
+                }
+                if !digest_ok {
+                    // ERL 1: what landed is overwritten when it comes again.
+                    self.data_in_lost(&p.header, p.slot);
+                    continue;
+                }
                 self.finish_data_in(&p.header, p.slot, p.start, p.end - p.start)?;
                 continue;
             }
@@ -1394,15 +1505,19 @@ impl Connection {
                 self.stats.pdus_in += 1;
                 self.data_in_flowing = true;
                 self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
-                let (slot, start) = self.check_data_in(&d, dsl)?;
+                let (slot, start, discard) = match self.check_data_in(&d, dsl)? {
+                    Some((slot, start)) => (slot, start, false),
+                    None => (NO_SLOT, 0, true),
+                };
                 self.placing = Some(Placing {
                     trailer_len: self.framer.trailer_len(dsl),
-                    crc: self.digests.data.then_some(0),
+                    crc: (self.digests.data && !discard).then_some(0),
                     header: d,
                     slot,
                     start,
                     at: start,
                     end: start + dsl,
+                    discard,
                 });
                 continue;
             }
@@ -1436,18 +1551,54 @@ impl Connection {
         self.window.update(exp_cmd_sn, max_cmd_sn);
     }
 
-    fn check_stat_sn(&mut self, stat_sn: Sn) -> Result<(), ConnError> {
-        // In-order delivery on one connection: StatSN must be the expected one.
-        if stat_sn != self.exp_stat_sn {
-            return Err(ConnError::Protocol(format!(
-                "StatSN {} out of order (expected {})",
-                stat_sn, self.exp_stat_sn
-            )));
-        }
-        self.exp_stat_sn = stat_sn.next();
-        Ok(())
+    /// The negotiated ErrorRecoveryLevel.
+    fn erl(&self) -> u32 {
+        self.params.error_recovery_level
     }
 
+    /// Takes a PDU's StatSN; returns whether it is new. In order, it moves
+    /// ExpStatSN on. At ERL 0 anything else fails the connection (one TCP
+    /// connection delivers in order). At ERL 1 and up a StatSN ahead means
+    /// the statuses between were lost (a digest error dropped them): it is
+    /// kept, and a Status SNACK asks for the missing ones; a StatSN seen
+    /// before is a status sent again after a SNACK (false).
+    fn check_stat_sn(&mut self, stat_sn: Sn) -> Result<bool, ConnError> {
+        if stat_sn == self.exp_stat_sn {
+            self.exp_stat_sn = stat_sn.next();
+            while let Some(i) = self.stat_seen.iter().position(|s| *s == self.exp_stat_sn) {
+                self.stat_seen.swap_remove(i);
+                self.exp_stat_sn = self.exp_stat_sn.next();
+            }
+            return Ok(true);
+        }
+        let jump = ConnError::StatSn {
+            cid: self.cid,
+            expected: self.exp_stat_sn,
+            got: stat_sn,
+        };
+        if self.erl() == 0 {
+            return Err(jump);
+        }
+        if self.stat_sn_taken(stat_sn) {
+            return Ok(false);
+        }
+        if stat_sn.diff(self.exp_stat_sn) as u32 > MAX_STATUS_GAP
+            || self.stat_seen.len() >= MAX_STATUS_GAP as usize
+        {
+            return Err(jump);
+        }
+        self.stat_seen.push(stat_sn);
+        self.snack_statuses_before(stat_sn);
+        Ok(true)
+    }
+
+    /// Whether a status with this StatSN was taken already (ERL 1).
+    fn stat_sn_taken(&self, stat_sn: Sn) -> bool {
+        stat_sn.lt(self.exp_stat_sn) || self.stat_seen.contains(&stat_sn)
+    }
+
+    /// One whole PDU from staging (its data segment at `base + f.data`),
+    /// handed to the handler for its kind (`connection/pdu.rs`).
     fn handle_pdu(&mut self, f: &FramedPdu, base: usize, now: Instant) -> Result<(), ConnError> {
         let data = base + f.data.start..base + f.data.end;
         match &f.header {
@@ -1455,245 +1606,14 @@ impl Connection {
                 self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
                 self.on_data_in(d, data)
             }
-            PduHeader::ScsiResponse(r) => {
-                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
-                self.check_stat_sn(r.stat_sn)?;
-                let payload = &self.rx[data];
-                let sense = sense_from_segment(payload);
-                let residual = signed_residual(r.underflow, r.overflow, r.residual);
-                self.complete_scsi(r.itt, r.response, r.status, sense, Some(residual))
-            }
-            PduHeader::R2t(r) => {
-                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
-                // R2T carries StatSN but does not advance it.
-                self.on_r2t(r.itt, r.ttt, r.buffer_offset, r.desired_len, r.r2t_sn)
-            }
-            PduHeader::NopIn(n) => {
-                self.update_window(n.exp_cmd_sn, n.max_cmd_sn);
-                if n.itt != RESERVED_TAG {
-                    self.check_stat_sn(n.stat_sn)?;
-                    let Some((slot, task)) = self.task_by_itt(n.itt) else {
-                        return Err(ConnError::Protocol(format!(
-                            "NOP-In for unknown task tag {:#x}",
-                            n.itt
-                        )));
-                    };
-                    let TaskKind::Ping { sent_at } = task.kind else {
-                        return Err(ConnError::Protocol(format!(
-                            "NOP-In answers task {:#x}, which is not a ping",
-                            n.itt
-                        )));
-                    };
-                    self.free_slot(slot);
-                    self.ping_outstanding = false;
-                    self.events.push_back(Event::PingAnswered {
-                        rtt: now.saturating_duration_since(sent_at),
-                    });
-                } else if n.ttt != RESERVED_TAG {
-                    // The target pings us: answer with its TTT, echoing its data.
-                    let echo = self.rx[data].to_vec();
-                    let hdr = PduHeader::NopOut(NopOut {
-                        immediate: true,
-                        lun: n.lun,
-                        itt: RESERVED_TAG,
-                        ttt: n.ttt,
-                        cmd_sn: self.window.next_cmd_sn(),
-                        exp_stat_sn: self.exp_stat_sn,
-                    });
-                    encode_pdu(&mut self.tx, &hdr, &echo, self.digests);
-                    self.stats.pdus_out += 1;
-                }
-                Ok(())
-            }
-            PduHeader::TaskMgmtResponse(t) => {
-                self.update_window(t.exp_cmd_sn, t.max_cmd_sn);
-                self.check_stat_sn(t.stat_sn)?;
-                let Some((slot, task)) = self.task_by_itt(t.itt) else {
-                    return Err(ConnError::Protocol(format!(
-                        "task management response for unknown tag {:#x}",
-                        t.itt
-                    )));
-                };
-                let user_tag = match task.kind {
-                    TaskKind::Tmf { user_tag } => user_tag,
-                    TaskKind::Reassign { slot: adopted } => {
-                        self.free_slot(slot);
-                        return self.on_reassign_answer(adopted, t.response);
-                    }
-                    _ => {
-                        return Err(ConnError::Protocol(
-                            "task management response for a non-TMF task".into(),
-                        ))
-                    }
-                };
-                self.free_slot(slot);
-                self.events.push_back(Event::TaskManagement {
-                    user_tag,
-                    response: t.response,
-                });
-                Ok(())
-            }
-            PduHeader::TextResponse(t) => {
-                self.update_window(t.exp_cmd_sn, t.max_cmd_sn);
-                self.check_stat_sn(t.stat_sn)?;
-                let payload = self.rx[data].to_vec();
-                let Some((slot, task)) = self.task_by_itt(t.itt) else {
-                    return Err(ConnError::Protocol(format!(
-                        "text response for unknown tag {:#x}",
-                        t.itt
-                    )));
-                };
-                if task.cmd_sn.is_none() {
-                    return Err(ConnError::Protocol(format!(
-                        "text response for task {:#x}, which was not sent yet",
-                        t.itt
-                    )));
-                }
-                let TaskKind::Text {
-                    user_tag,
-                    collected,
-                    continuation,
-                    ..
-                } = &mut task.kind
-                else {
-                    return Err(ConnError::Protocol(
-                        "text response for a non-text task".into(),
-                    ));
-                };
-                if collected.len() + payload.len() > 1 << 20 {
-                    return Err(ConnError::Protocol(
-                        "text response larger than 1 MiB".into(),
-                    ));
-                }
-                collected.extend_from_slice(&payload);
-                let user_tag = *user_tag;
-                if t.cont || !t.final_bit {
-                    // Ask for the rest with an empty request carrying the TTT.
-                    if t.ttt == RESERVED_TAG {
-                        return Err(ConnError::Protocol(
-                            "text response continues but has no target transfer tag".into(),
-                        ));
-                    }
-                    // Queued like any non-immediate PDU: it goes out when
-                    // the CmdSN window has room.
-                    *continuation = Some(t.ttt);
-                    self.waiting.push_back(slot);
-                    return Ok(());
-                }
-                let Some(task) = self.free_slot(slot) else {
-                    return Ok(());
-                };
-                let TaskKind::Text {
-                    collected,
-                    renegotiation,
-                    ..
-                } = task.kind
-                else {
-                    return Ok(());
-                };
-                let pairs = TextPairs::parse(&collected)
-                    .map_err(|e| ConnError::Protocol(format!("text response: {e}")))?;
-                if renegotiation {
-                    return self.apply_renegotiation(&pairs);
-                }
-                self.events.push_back(Event::Text { user_tag, pairs });
-                Ok(())
-            }
-            PduHeader::LogoutResponse(l) => {
-                self.update_window(l.exp_cmd_sn, l.max_cmd_sn);
-                self.check_stat_sn(l.stat_sn)?;
-                // Only our Logout Request may be answered: freeing whatever
-                // task the tag names would drop a SCSI command silently.
-                let (cid, closes_this) = match self.task_by_itt(l.itt) {
-                    Some((
-                        slot,
-                        Task {
-                            kind: TaskKind::Logout { cid, closes_this },
-                            ..
-                        },
-                    )) => {
-                        let r = (*cid, *closes_this);
-                        self.free_slot(slot);
-                        r
-                    }
-                    Some(_) => {
-                        return Err(ConnError::Protocol(format!(
-                            "logout response for task {:#x}, which is not a logout",
-                            l.itt
-                        )))
-                    }
-                    None => {
-                        return Err(ConnError::Protocol(format!(
-                            "logout response for unknown task tag {:#x}",
-                            l.itt
-                        )))
-                    }
-                };
-                if !closes_this {
-                    self.events.push_back(Event::ConnectionLoggedOut {
-                        cid,
-                        response: l.response,
-                        time2wait: l.time2wait,
-                        time2retain: l.time2retain,
-                    });
-                    return Ok(());
-                }
-                self.logged_out = true;
-                self.events.push_back(Event::LoggedOut {
-                    time2wait: l.time2wait,
-                    time2retain: l.time2retain,
-                });
-                if l.response != 0 {
-                    return Err(ConnError::Protocol(format!(
-                        "logout refused by target (response {})",
-                        l.response
-                    )));
-                }
-                Ok(())
-            }
-            PduHeader::AsyncMessage(a) => {
-                self.update_window(a.exp_cmd_sn, a.max_cmd_sn);
-                self.check_stat_sn(a.stat_sn)?;
-                match a.event {
-                    0 => {
-                        let payload = &self.rx[data];
-                        let sense = sense_from_segment(payload);
-                        self.events
-                            .push_back(Event::AsyncScsiEvent { lun: a.lun, sense });
-                        Ok(())
-                    }
-                    1 => {
-                        self.events
-                            .push_back(Event::LogoutRequested { within: a.param3 });
-                        Ok(())
-                    }
-                    // RFC 7143 §11.9.1: the connection (2) or every
-                    // connection of the session (3) is about to go.
-                    // Parameter2 is Time2Wait, Parameter3 Time2Retain.
-                    2 | 3 => Err(ConnError::TargetDropped {
-                        event: a.event,
-                        time2wait: a.param2,
-                        time2retain: a.param3,
-                    }),
-                    4 => {
-                        self.start_renegotiation(now);
-                        Ok(())
-                    }
-                    // 255 = vendor specific: nothing we must do.
-                    _ => Ok(()),
-                }
-            }
-            PduHeader::Reject(r) => {
-                self.update_window(r.exp_cmd_sn, r.max_cmd_sn);
-                self.check_stat_sn(r.stat_sn)?;
-                let what = reject_reason_text(r.reason);
-                let rejected = self.rx[data].to_vec();
-                let itt = Bhs::new_checked(&rejected).map(|b| b.itt()).ok();
-                Err(ConnError::Rejected(match itt {
-                    Some(itt) => format!("{what} (reason {:#04x}, task tag {itt:#x})", r.reason),
-                    None => format!("{what} (reason {:#04x})", r.reason),
-                }))
-            }
+            PduHeader::ScsiResponse(r) => self.on_scsi_response(r, data),
+            PduHeader::R2t(r) => self.on_r2t_pdu(r),
+            PduHeader::NopIn(n) => self.on_nop_in(n, data, now),
+            PduHeader::TaskMgmtResponse(t) => self.on_tmf_response(t),
+            PduHeader::TextResponse(t) => self.on_text_response(t, data),
+            PduHeader::LogoutResponse(l) => self.on_logout_response(l),
+            PduHeader::AsyncMessage(a) => self.on_async_message(a, data, now),
+            PduHeader::Reject(r) => self.on_reject(r, data),
             other => Err(ConnError::Protocol(format!(
                 "target sent an initiator-only PDU ({})",
                 other.opcode()
@@ -1704,7 +1624,9 @@ impl Connection {
     /// A Data-In whose data sits in staging (an empty segment, in practice).
     fn on_data_in(&mut self, d: &DataIn, data: std::ops::Range<usize>) -> Result<(), ConnError> {
         let len = data.len();
-        let (slot, off) = self.check_data_in(d, len)?;
+        let Some((slot, off)) = self.check_data_in(d, len)? else {
+            return Ok(());
+        };
         if len > 0 {
             if let Some(buf) = task_buffer(&mut self.slots, slot) {
                 buf[off..off + len].copy_from_slice(&self.rx[data]);
@@ -1716,17 +1638,35 @@ impl Connection {
 
     /// Checks a Data-In header against its task before any of its `len`
     /// data bytes are taken; returns the task's slot and where in the
-    /// command's buffer the data goes.
-    fn check_data_in(&mut self, d: &DataIn, len: usize) -> Result<(u16, usize), ConnError> {
+    /// command's buffer the data goes. None (ERL 1 and up only): the PDU is
+    /// left out, its bytes go nowhere: it came after a lost one (a Data
+    /// SNACK asks for everything from the lost one on), or it is a copy of
+    /// one taken already.
+    fn check_data_in(&mut self, d: &DataIn, len: usize) -> Result<Option<(u16, usize)>, ConnError> {
+        let erl = self.erl();
         if d.status_present {
-            self.check_stat_sn(d.stat_sn)?;
+            if erl == 0 {
+                self.check_stat_sn(d.stat_sn)?;
+            } else if !self.stat_sn_taken(d.stat_sn) {
+                // Every status before this one has been sent.
+                self.snack_statuses_before(d.stat_sn);
+            }
         }
         let itt = d.itt;
         let slot = self.slot_of(itt);
-        let unknown = self.unknown_task("Data-In", itt);
-        let task = match self.slots.get_mut(slot as usize) {
-            Some(Some(t)) if t.itt == itt => t,
-            _ => return Err(unknown),
+        if !matches!(self.slots.get(slot as usize), Some(Some(t)) if t.itt == itt) {
+            if erl > 0 && d.status_present && self.stat_sn_taken(d.stat_sn) {
+                // Sent again after a SNACK for a command done already.
+                self.stats.data_in_discarded += 1;
+                self.stats.statuses_again += 1;
+                return Ok(None);
+            }
+            return Err(self.unknown_task("Data-In", itt));
+        }
+        let Some(Some(task)) = self.slots.get_mut(slot as usize) else {
+            return Err(ConnError::Protocol(format!(
+                "Data-In for unknown task tag {itt:#x}"
+            )));
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("Data-In", itt));
@@ -1735,6 +1675,7 @@ impl Connection {
             cmd,
             data_done,
             next_data_sn,
+            snack,
             ..
         } = &mut task.kind
         else {
@@ -1750,10 +1691,26 @@ impl Connection {
                 )));
             }
             if d.data_sn != *next_data_sn {
-                return Err(ConnError::Protocol(format!(
-                    "Data-In DataSN {} out of order (expected {}) for task {itt:#x}",
-                    d.data_sn, next_data_sn
-                )));
+                if erl == 0 {
+                    return Err(ConnError::Protocol(format!(
+                        "Data-In DataSN {} out of order (expected {}) for task {itt:#x}",
+                        d.data_sn, next_data_sn
+                    )));
+                }
+                self.stats.data_in_discarded += 1;
+                if d.data_sn.lt(*next_data_sn) {
+                    // A copy of one taken already.
+                    return Ok(None);
+                }
+                // Lost before this one: ask for all from the lost one on,
+                // once per round of answers.
+                let ask = snack.is_none_or(|hi| d.data_sn.le(hi));
+                *snack = Some(d.data_sn);
+                let (lun, beg) = (cmd.lun, *next_data_sn);
+                if ask {
+                    self.send_snack(SNACK_DATA, lun, itt, beg.0, 0);
+                }
+                return Ok(None);
             }
             let end = off.saturating_add(len);
             if end > cmd.buffer.len() {
@@ -1769,11 +1726,39 @@ impl Connection {
                 )));
             }
         }
-        Ok((slot, off))
+        Ok(Some((slot, off)))
+    }
+
+    /// ERL 1: a Data-In of the task in `slot` came with a data digest
+    /// error: it is asked for again with everything after it (Data SNACK,
+    /// RunLength 0); what comes after it until then is left out.
+    fn data_in_lost(&mut self, d: &DataIn, slot: u16) {
+        self.stats.data_in_discarded += 1;
+        let Some(Some(Task {
+            itt,
+            kind:
+                TaskKind::Scsi {
+                    cmd,
+                    next_data_sn,
+                    snack,
+                    ..
+                },
+            ..
+        })) = self.slots.get_mut(slot as usize)
+        else {
+            return;
+        };
+        let ask = snack.is_none_or(|hi| d.data_sn.le(hi));
+        *snack = Some(d.data_sn);
+        let (lun, itt, beg) = (cmd.lun, *itt, *next_data_sn);
+        if ask {
+            self.send_snack(SNACK_DATA, lun, itt, beg.0, 0);
+        }
     }
 
     /// A Data-In's `len` bytes are in the command's buffer at `off`:
-    /// accounts for them and completes the command if it carries status.
+    /// accounts for them and completes the command if it carries status
+    /// (or, at ERL 1, if its status came while this data was missing).
     fn finish_data_in(
         &mut self,
         d: &DataIn,
@@ -1781,12 +1766,16 @@ impl Connection {
         off: usize,
         len: usize,
     ) -> Result<(), ConnError> {
+        let mut held = None;
         if len > 0 {
             if let Some(Some(Task {
                 kind:
                     TaskKind::Scsi {
+                        cmd,
                         data_done,
                         next_data_sn,
+                        snack,
+                        held: h,
                         ..
                     },
                 ..
@@ -1794,6 +1783,12 @@ impl Connection {
             {
                 *data_done = off + len;
                 *next_data_sn = next_data_sn.next();
+                *snack = None;
+                if h.as_ref().is_some_and(|s| {
+                    *data_done as i64 >= cmd.buffer.len() as i64 - s.residual.max(0)
+                }) {
+                    held = h.take();
+                }
             }
             self.stats.bytes_read += len as u64;
         }
@@ -1803,8 +1798,22 @@ impl Connection {
                     "Data-In with status but without the F bit".into(),
                 ));
             }
+            if self.erl() > 0 {
+                // Taken only now that its data is in, so that ExpStatSN
+                // does not pass it while a SNACK may still need it.
+                self.check_stat_sn(d.stat_sn)?;
+            }
             let residual = signed_residual(d.underflow, d.overflow, d.residual);
             return self.complete_scsi(d.itt, 0, d.status, Vec::new(), Some(residual));
+        }
+        if let Some(s) = held {
+            let HeldStatus {
+                response,
+                status,
+                sense,
+                residual,
+            } = *s;
+            return self.complete_scsi(d.itt, response, status, sense, Some(residual));
         }
         Ok(())
     }
@@ -1819,6 +1828,7 @@ impl Connection {
     ) -> Result<(), ConnError> {
         let max_burst = self.params.max_burst_len;
         let max_r2t = self.params.max_outstanding_r2t;
+        let erl = self.erl();
         let unknown = self.unknown_task("R2T", itt);
         let Some((slot, task)) = self.task_by_itt(itt) else {
             return Err(unknown);
@@ -1830,6 +1840,8 @@ impl Connection {
             cmd,
             r2ts,
             r2ts_seen,
+            r2ts_missing,
+            r2t_sn_from_target,
             out,
             ..
         } = &mut task.kind
@@ -1843,11 +1855,32 @@ impl Connection {
                 "R2T for task {itt:#x}, which writes no data"
             )));
         }
+        if *r2t_sn_from_target {
+            *r2t_sn_from_target = false;
+            *r2ts_seen = r2t_sn.0;
+        }
+        let mut snack = None;
         if r2t_sn != Sn(*r2ts_seen) {
-            return Err(ConnError::Protocol(format!(
-                "R2TSN {} out of order (expected {}) for task {itt:#x}",
-                r2t_sn, r2ts_seen
-            )));
+            let seen = Sn(*r2ts_seen);
+            if erl == 0 || (r2t_sn.gt(seen) && r2t_sn.diff(seen) as u32 > max_r2t.max(16)) {
+                return Err(ConnError::Protocol(format!(
+                    "R2TSN {} out of order (expected {}) for task {itt:#x}",
+                    r2t_sn, r2ts_seen
+                )));
+            }
+            if r2t_sn.gt(seen) {
+                // ERL 1: the R2Ts before this one were lost; ask for them
+                // again and take this one.
+                let gap = r2t_sn.diff(seen) as u32;
+                r2ts_missing.extend((0..gap).map(|i| seen.plus(i)));
+                snack = Some((cmd.lun, seen.0, gap));
+            } else if let Some(i) = r2ts_missing.iter().position(|s| *s == r2t_sn) {
+                // One that was lost, sent again.
+                r2ts_missing.swap_remove(i);
+            } else {
+                // A copy of one taken already.
+                return Ok(());
+            }
         }
         if len == 0 || len > max_burst {
             return Err(ConnError::Protocol(format!(
@@ -1866,10 +1899,15 @@ impl Connection {
                 "more than MaxOutstandingR2T={max_r2t} R2Ts outstanding"
             )));
         }
-        *r2ts_seen += 1;
+        if r2t_sn.ge(Sn(*r2ts_seen)) {
+            *r2ts_seen = r2t_sn.0.wrapping_add(1);
+        }
         r2ts.push_back((ttt, offset, len));
         self.stats.r2ts += 1;
         self.data_out_ready.push_back(slot);
+        if let Some((lun, beg, run)) = snack {
+            self.send_snack(SNACK_DATA, lun, itt, beg, run);
+        }
         Ok(())
     }
 
@@ -1892,6 +1930,22 @@ impl Connection {
         }
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("SCSI status", itt));
+        }
+        if let TaskKind::Scsi {
+            snack: Some(_),
+            held,
+            ..
+        } = &mut task.kind
+        {
+            // ERL 1: a read's status while Data-In asked for again are
+            // still to come; it completes the command when they are in.
+            *held = Some(Box::new(HeldStatus {
+                response,
+                status,
+                sense,
+                residual: residual.unwrap_or(0),
+            }));
+            return Ok(());
         }
         let Some(task) = self.free_slot(slot) else {
             return Ok(());
@@ -1930,6 +1984,45 @@ impl Connection {
             buffer: cmd.buffer,
         }));
         Ok(())
+    }
+
+    /// Sends a SNACK (RFC 7143 §11.16): `kind` 0 asks for the Data-In
+    /// with DataSN (or the R2Ts with R2TSN) in `[beg_run, beg_run +
+    /// run_length)` of task `itt` again (RunLength 0: all from BegRun on),
+    /// 1 the statuses with those StatSNs.
+    fn send_snack(&mut self, kind: u8, lun: u64, itt: u32, beg_run: u32, run_length: u32) {
+        let hdr = PduHeader::Snack(Snack {
+            kind,
+            lun,
+            itt,
+            ttt: RESERVED_TAG,
+            exp_stat_sn: self.exp_stat_sn,
+            beg_run,
+            run_length,
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        self.stats.snacks += 1;
+    }
+
+    /// ERL 1: the target has sent every status before `next` (a PDU
+    /// carried it as its StatSN): those not received were lost, and a
+    /// Status SNACK asks for them (each range once; those received among
+    /// them come again and are dropped).
+    fn snack_statuses_before(&mut self, next: Sn) {
+        if self.erl() == 0 {
+            return;
+        }
+        let from = if self.status_snacked.gt(self.exp_stat_sn) {
+            self.status_snacked
+        } else {
+            self.exp_stat_sn
+        };
+        if next.gt(from) && next.diff(from) as u32 <= MAX_STATUS_GAP {
+            let run = next.diff(from) as u32;
+            self.status_snacked = next;
+            self.send_snack(SNACK_STATUS, 0, RESERVED_TAG, from.0, run);
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -2044,6 +2137,12 @@ impl Connection {
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
             t.itt = itt;
             t.cmd_sn = Some(cmd_sn);
+            if let TaskKind::Scsi {
+                r2t_sn_from_target, ..
+            } = &mut t.kind
+            {
+                *r2t_sn_from_target = true;
+            }
         }
         self.adopted.push((itt, slot));
         let tmf_itt = match self.slots.get_mut(tmf_slot as usize) {
@@ -2066,6 +2165,25 @@ impl Connection {
         });
         encode_pdu(&mut self.tx, &hdr, &[], self.digests);
         self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    /// Sends a failed connection's command again on this one, with its ITT
+    /// and CmdSN (ERL 2; a "retry", RFC 7143 §7.2.1): for a command the
+    /// target never received (its CmdSN not below the session's ExpCmdSN
+    /// once the failed connection is gone), so that the session's CmdSN
+    /// order has no hole for the target to wait on. The task lives here
+    /// from now on, as a fresh command.
+    pub fn retry(&mut self, orphan: Orphan, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let Orphan { itt, cmd_sn, cmd } = orphan;
+        let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
+        if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
+            t.itt = itt;
+        }
+        self.adopted.push((itt, slot));
+        self.stats.commands += 1;
+        self.send_command(slot, cmd_sn);
         Ok(())
     }
 
@@ -2218,5 +2336,6 @@ fn signed_residual(underflow: bool, overflow: bool, residual: u32) -> i64 {
     }
 }
 
+mod pdu;
 #[cfg(test)]
 mod tests;

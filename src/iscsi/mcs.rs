@@ -63,7 +63,7 @@ pub enum McsError {
     },
     #[error("the session runs at ErrorRecoveryLevel {erl}: the tasks of a failed connection cannot be reassigned (ERL 2); reinstate the session instead, as for a failed MPIO path")]
     NeedsErl2 { erl: u32 },
-    #[error("logout of failed connection CID {cid} for recovery (reason 2) answered {response} (1 = CID not found, 2 = recovery not supported)")]
+    #[error("logout of failed connection CID {cid} for recovery (reason 2) answered {response} (2 = recovery not supported)")]
     RemoveRefused { cid: u16, response: u8 },
     #[error("no live connection left in the session")]
     NoConnection,
@@ -89,6 +89,9 @@ pub struct McsSession<T: Transport> {
     leading: Params,
     tsih: u16,
     events: VecDeque<(u16, Event)>,
+    /// Connection failures not reported yet (each is reported once, after
+    /// the events that came before it).
+    failures: VecDeque<McsError>,
 }
 
 impl<T: Transport> std::fmt::Debug for McsSession<T> {
@@ -123,6 +126,7 @@ impl<T: Transport> McsSession<T> {
             leading: outcome.params,
             tsih: outcome.tsih,
             events: VecDeque::new(),
+            failures: VecDeque::new(),
         })
     }
 
@@ -250,16 +254,24 @@ impl<T: Transport> McsSession<T> {
     }
 
     /// One round on every live connection. A connection that fails is
-    /// reported once as [`McsError::ConnectionFailed`]; the others go on.
+    /// reported once as [`McsError::ConnectionFailed`] (by this call or,
+    /// when several fail, the next ones); the others go on.
     pub fn poll_io(&mut self) -> Result<bool, McsError> {
+        let progressed = self.poll_round();
+        match self.failures.pop_front() {
+            Some(e) => Err(e),
+            None => Ok(progressed),
+        }
+    }
+
+    fn poll_round(&mut self) -> bool {
         let mut progressed = false;
-        let mut failure = None;
         for m in self.members.iter_mut().flatten().filter(|m| !m.failed) {
             match m.session.poll_io() {
                 Ok(p) => progressed |= p,
                 Err(e) => {
                     m.failed = true;
-                    failure.get_or_insert(McsError::ConnectionFailed {
+                    self.failures.push_back(McsError::ConnectionFailed {
                         cid: m.cid,
                         source: e,
                     });
@@ -269,32 +281,28 @@ impl<T: Transport> McsSession<T> {
                 self.events.push_back((m.cid, e));
             }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(progressed),
-        }
+        progressed
     }
 
-    /// The next event of any connection, with the CID it came on.
+    /// The next event of any connection, with the CID it came on; a
+    /// connection's failure ([`McsError::ConnectionFailed`]) comes once,
+    /// after the events that arrived before it.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<(u16, Event)>, McsError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.events.pop_front() {
                 return Ok(Some(e));
             }
+            if let Some(f) = self.failures.pop_front() {
+                return Err(f);
+            }
             if self.live() == 0 {
                 return Err(McsError::NoConnection);
             }
-            let progressed = self.poll_io();
-            if let Some(e) = self.events.pop_front() {
-                // What arrived before a failure is delivered first; the
-                // failure is reported by the call that saw it only.
-                if let Err(f) = progressed {
-                    log::warn!("MC/S session {:#06x}: {f}", self.tsih);
-                }
-                return Ok(Some(e));
+            let progressed = self.poll_round();
+            if !self.events.is_empty() || !self.failures.is_empty() {
+                continue;
             }
-            let progressed = progressed?;
             if Instant::now() >= deadline {
                 return Ok(None);
             }
@@ -344,12 +352,18 @@ impl<T: Transport> McsSession<T> {
 
     /// ERL 2 recovery of failed connection `failed` through live connection
     /// `via` (RFC 7143 §6.2.2): a logout with reason 2 (remove the
-    /// connection for recovery) for `failed`, sent on `via`; then every
-    /// task that was sent on `failed` is moved to `via` with TASK REASSIGN
-    /// (the answers come as [`Event::Reassigned`] from
+    /// connection for recovery) for `failed`, sent on `via` (answered 0, or
+    /// 1 "CID not found" when the target has seen it fail and dropped it
+    /// already: its tasks wait in the session either way). Then every task
+    /// that was sent on `failed` moves to `via`: those the target received
+    /// (CmdSN below the session's ExpCmdSN after the logout) with TASK
+    /// REASSIGN (the answers come as [`Event::Reassigned`] from
     /// [`next_event`](Self::next_event); a refused one brings its command
-    /// back, not done), and those that never got a CmdSN are submitted on
-    /// `via` anew. Returns how many tasks were reassigned.
+    /// back to the caller, not done, and nothing waits for it), those it
+    /// never received sent again with their ITT and CmdSN
+    /// ([`Connection::retry`](super::connection::Connection::retry)), so
+    /// the session's CmdSN order has no hole; those that never got a CmdSN
+    /// are submitted on `via` anew. Returns how many sent tasks moved.
     pub fn recover(&mut self, failed: u16, via: u16, timeout: Duration) -> Result<usize, McsError> {
         let erl = self.leading.error_recovery_level;
         if erl < 2 {
@@ -377,7 +391,7 @@ impl<T: Transport> McsSession<T> {
             loop {
                 match v.session.next_event(Duration::from_millis(20)) {
                     Ok(Some(Event::ConnectionLoggedOut { cid, response, .. })) if cid == failed => {
-                        if response != 0 {
+                        if response > 1 {
                             return Err(McsError::RemoveRefused { cid, response });
                         }
                         break;
@@ -409,12 +423,18 @@ impl<T: Transport> McsSession<T> {
         let v = self.members[vi]
             .as_mut()
             .ok_or(McsError::NoSuchConnection(via))?;
+        // What the target received of the failed connection's commands:
+        // the Logout Response came after it left the session.
+        let exp = self.window.exp_cmd_sn();
         let n = orphans.len();
         for o in orphans {
-            v.session
-                .connection_mut()
-                .reassign(o, Instant::now())
-                .map_err(SessionError::from)?;
+            let conn = v.session.connection_mut();
+            let r = if o.cmd.immediate || o.cmd_sn.lt(exp) {
+                conn.reassign(o, Instant::now())
+            } else {
+                conn.retry(o, Instant::now())
+            };
+            r.map_err(SessionError::from)?;
         }
         for c in unsent {
             v.session.submit(c)?;

@@ -418,6 +418,7 @@ pub fn build_command_for(
         direction,
         buffer: std::mem::take(&mut io.buffer),
         user_tag: 0,
+        immediate: false,
     })
 }
 
@@ -431,6 +432,7 @@ pub fn command_from_completion(c: Completion) -> Command {
         direction: c.command.direction,
         buffer: c.buffer,
         user_tag: c.user_tag,
+        immediate: false,
     }
 }
 

@@ -1322,3 +1322,287 @@ fn write_buffer_comes_back_whole_and_copied_only_while_still_held() {
         assert_eq!(c.stats.tx_buffers_copied_back, u64::from(still_held));
     }
 }
+
+// ---------------------------------------------------------------- ERL 1
+
+fn erl1(p: Params) -> Params {
+    Params {
+        error_recovery_level: 1,
+        ..p
+    }
+}
+
+/// The SNACKs among what the connection sent: (type, ITT, BegRun,
+/// RunLength, ExpStatSN).
+fn snacks(sent: &[(PduHeader, Vec<u8>)]) -> Vec<(u8, u32, u32, u32, Sn)> {
+    sent.iter()
+        .filter_map(|(h, _)| match h {
+            PduHeader::Snack(k) => Some((k.kind, k.itt, k.beg_run, k.run_length, k.exp_stat_sn)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn one_itt(peer: &Peer, c: &mut Connection) -> u32 {
+    scsi_itts(&peer.sent(c))[0].0
+}
+
+/// ERL 1: a Data-In lost on the way (a DataSN gap) is asked for again
+/// with a Data SNACK from the lost DataSN on (RunLength 0); what came
+/// after the gap is left out until the answer, the status is taken only
+/// with its data, and the read completes whole.
+#[test]
+fn erl1_data_sn_gap_is_asked_for_again_by_snack() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(erl1(params())), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(12_288, 5), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    let payload: Vec<u8> = (0..12_288u32).map(|i| (i * 31 + 7) as u8).collect();
+    let d0 = peer.data_in(itt, 0, 0, &payload[..4096], false);
+    let d1 = peer.data_in(itt, 1, 4096, &payload[4096..8192], false);
+    let d2 = peer.data_in(itt, 2, 8192, &payload[8192..], true);
+    // DataSN 1 is lost.
+    c.receive(&d0, now).unwrap();
+    c.receive(&d2, now).unwrap();
+    assert!(c.is_failed().is_none());
+    assert!(c.poll_event().is_none(), "no completion with a hole");
+    // ExpStatSN has not passed the status: the target keeps what it sent.
+    assert_eq!(snacks(&peer.sent(&mut c)), [(0, itt, 1, 0, Sn(100))]);
+    // The target sends everything from DataSN 1 again.
+    for chunk in [d1, d2].concat().chunks(700) {
+        c.receive(chunk, now).unwrap();
+    }
+    let done = completion(&mut c);
+    assert_eq!((done.user_tag, done.status), (5, 0));
+    assert_eq!(done.buffer, payload);
+    assert_eq!((c.stats.snacks, c.stats.data_in_discarded), (1, 1));
+    assert!(c.poll_event().is_none());
+    // The status was taken once: ExpStatSN is 101.
+    c.ping(now).unwrap();
+    let PduHeader::NopOut(n) = &peer.sent(&mut c)[0].0 else {
+        panic!()
+    };
+    assert_eq!(n.exp_stat_sn, Sn(101));
+}
+
+/// ERL 1: a Data-In whose data digest is wrong is asked for again (with
+/// everything after it) instead of failing the connection; the bad bytes
+/// that landed are overwritten by the good ones.
+#[test]
+fn erl1_data_digest_error_on_data_in_is_asked_for_again() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(erl1(digest_params())), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests {
+        header: true,
+        data: true,
+    });
+    c.submit(read_cmd(8192, 9), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    let payload: Vec<u8> = (0..8192u32).map(|i| (i * 3 + 1) as u8).collect();
+    let d0 = peer.data_in(itt, 0, 0, &payload[..4096], false);
+    let d1 = peer.data_in(itt, 1, 4096, &payload[4096..], true);
+    let mut bad = d0.clone();
+    bad[48 + 4 + 100] ^= 0x40;
+    read_like_readv(&mut c, &[bad, d1.clone()].concat(), 64 * 1024, now);
+    assert!(c.is_failed().is_none());
+    assert!(c.poll_event().is_none());
+    assert_eq!(snacks(&peer.sent(&mut c)), [(0, itt, 0, 0, Sn(100))]);
+    read_like_readv(&mut c, &[d0, d1].concat(), 64 * 1024, now);
+    let done = completion(&mut c);
+    assert_eq!(done.buffer, payload);
+    assert_eq!(
+        c.stats.data_in_discarded, 2,
+        "the bad one and the one after"
+    );
+}
+
+/// At ERL 0 the same digest error still fails the connection (see
+/// `placed_data_with_a_bad_digest_fails_the_connection`), and a DataSN gap
+/// too: no SNACK is sent.
+#[test]
+fn erl0_data_sn_gap_still_fails_the_connection() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(params()), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(8192, 1), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    let e = c
+        .receive(&peer.data_in(itt, 1, 4096, &[1; 4096], true), now)
+        .unwrap_err();
+    assert!(e.to_string().contains("DataSN 1 out of order"), "{e}");
+    assert!(snacks(&peer.sent(&mut c)).is_empty());
+}
+
+/// ERL 1: a status lost on the way shows as a StatSN gap on a later PDU
+/// (another command's status, or the answer to our ping): a Status SNACK
+/// asks for it; the status sent again completes its command, and a copy of
+/// a status taken already is dropped.
+#[test]
+fn erl1_lost_status_is_asked_for_by_status_snack() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(erl1(params())), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(512, 1), now).unwrap();
+    c.submit(read_cmd(512, 2), now).unwrap();
+    let itts = scsi_itts(&peer.sent(&mut c));
+    let a = peer.data_in(itts[0].0, 0, 0, &[0xa; 512], true); // StatSN 100, lost
+    let b = peer.data_in(itts[1].0, 0, 0, &[0xb; 512], true); // StatSN 101
+    c.receive(&b, now).unwrap();
+    assert_eq!(completion(&mut c).user_tag, 2);
+    assert_eq!(
+        snacks(&peer.sent(&mut c)),
+        [(1, RESERVED_TAG, 100, 1, Sn(100))]
+    );
+    // The answer: A's status again (and, overlapping, B's: dropped).
+    c.receive(&a, now).unwrap();
+    c.receive(&b, now).unwrap();
+    let done = completion(&mut c);
+    assert_eq!((done.user_tag, done.buffer), (1, vec![0xa; 512]));
+    assert!(c.poll_event().is_none());
+    assert_eq!(c.stats.statuses_again, 1);
+    assert!(c.is_failed().is_none());
+
+    // The last status lost, nothing after it: the ping's answer shows it.
+    c.submit(read_cmd(0, 3), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    let lost = peer.response(itt, 0, &[], 42); // StatSN 102
+    c.ping(now).unwrap();
+    let PduHeader::NopOut(ping) = &peer.sent(&mut c)[0].0 else {
+        panic!()
+    };
+    let answer = peer.encode(
+        PduHeader::NopIn(NopIn {
+            lun: 0,
+            itt: ping.itt,
+            ttt: RESERVED_TAG,
+            stat_sn: peer.stat_sn, // 103
+            exp_cmd_sn: Sn(13),
+            max_cmd_sn: Sn(44),
+        }),
+        &[],
+    );
+    c.receive(&answer, now).unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::PingAnswered { .. })));
+    assert_eq!(
+        snacks(&peer.sent(&mut c)),
+        [(1, RESERVED_TAG, 102, 1, Sn(102))]
+    );
+    c.receive(&lost, now).unwrap();
+    assert_eq!(completion(&mut c).user_tag, 3);
+    // Everything taken: ExpStatSN 104.
+    c.ping(now).unwrap();
+    let PduHeader::NopOut(n) = &peer.sent(&mut c)[0].0 else {
+        panic!()
+    };
+    assert_eq!(n.exp_stat_sn, Sn(104));
+}
+
+/// ERL 1: an R2T lost on the way (an R2TSN gap) is asked for again with
+/// an R2T SNACK; the R2T after it is answered at once, the lost one when
+/// it comes again, and a copy of one answered already is ignored.
+#[test]
+fn erl1_lost_r2t_is_asked_for_by_r2t_snack() {
+    let now = Instant::now();
+    let p = Params {
+        immediate_data: false,
+        max_outstanding_r2t: 2,
+        ..erl1(params())
+    };
+    let mut c = Connection::new(&outcome(p), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(write_cmd(8192, 4), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    // R2TSN 0 (bytes 0..4096) is lost; R2TSN 1 (4096..8192) arrives.
+    c.receive(&peer.r2t(itt, 0x51, 1, 4096, 4096), now).unwrap();
+    let sent = peer.sent(&mut c);
+    assert_eq!(snacks(&sent), [(0, itt, 0, 1, Sn(100))]);
+    let offsets = |sent: &[(PduHeader, Vec<u8>)]| -> Vec<u32> {
+        sent.iter()
+            .filter_map(|(h, _)| match h {
+                PduHeader::DataOut(d) => Some(d.buffer_offset),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(offsets(&sent), [4096]);
+    c.receive(&peer.r2t(itt, 0x50, 0, 0, 4096), now).unwrap();
+    assert_eq!(offsets(&peer.sent(&mut c)), [0]);
+    // A copy of R2TSN 1: nothing more is sent for it.
+    c.receive(&peer.r2t(itt, 0x51, 1, 4096, 4096), now).unwrap();
+    assert!(peer.sent(&mut c).is_empty());
+    c.receive(&peer.response(itt, 0, &[], 42), now).unwrap();
+    assert_eq!(completion(&mut c).user_tag, 4);
+    assert!(c.is_failed().is_none());
+}
+
+/// ERL 1: a StatSN far ahead is no lost status but a broken target: it
+/// fails the connection with a typed error naming the connection.
+#[test]
+fn erl1_stat_sn_far_ahead_fails_the_connection() {
+    let now = Instant::now();
+    let mut c = Connection::new(&outcome(erl1(params())), ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(0, 1), now).unwrap();
+    let itt = one_itt(&peer, &mut c);
+    peer.stat_sn = Sn(100 + MAX_STATUS_GAP + 1);
+    let e = c.receive(&peer.response(itt, 0, &[], 42), now).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ConnError::StatSn {
+                cid: 0,
+                expected: Sn(100),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(c.take_outstanding().len(), 1, "the command comes back");
+}
+
+// ------------------------------------------------------ immediate commands
+
+/// An immediate SCSI command (RFC 7143 §3.2.2.1) goes out at once with
+/// the I bit and the next CmdSN, which it does not take, even while the
+/// CmdSN window is full and other commands wait for it.
+#[test]
+fn immediate_command_goes_out_at_once_with_the_next_cmdsn() {
+    let now = Instant::now();
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(10); // room for CmdSN 10 only
+    let mut c = Connection::new(&o, ConnTimers::default(), now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(512, 1), now).unwrap();
+    c.submit(read_cmd(512, 2), now).unwrap();
+    let mut tur = Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap();
+    tur.user_tag = 3;
+    tur.immediate = true;
+    c.submit(tur, now).unwrap();
+    let sent = peer.sent(&mut c);
+    let cmds: Vec<(bool, Sn)> = sent
+        .iter()
+        .filter_map(|(h, _)| match h {
+            PduHeader::ScsiCommand(c) => Some((c.immediate, c.cmd_sn)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cmds, [(false, Sn(10)), (true, Sn(11))]);
+    assert_eq!(c.window().next_cmd_sn(), Sn(11), "the immediate took none");
+    assert_eq!(c.stats.window_stalls, 1, "command 2 waits for the window");
+    let itt = scsi_itts(&sent)[1].0;
+    c.receive(&peer.response(itt, 0, &[], 10), now).unwrap();
+    assert_eq!(completion(&mut c).user_tag, 3);
+    // The window opens: command 2 goes out with CmdSN 11, the one the
+    // immediate command carried.
+    c.receive(&peer.response(scsi_itts(&sent)[0].0, 0, &[], 11), now)
+        .unwrap();
+    assert_eq!(completion(&mut c).user_tag, 1);
+    assert_eq!(
+        scsi_itts(&peer.sent(&mut c))
+            .iter()
+            .map(|x| x.1)
+            .collect::<Vec<_>>(),
+        [Sn(11)]
+    );
+}
