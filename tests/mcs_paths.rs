@@ -61,7 +61,9 @@ fn nexus(dev: &Device) -> Vec<(u16, u16)> {
     dev.paths()
         .iter()
         .map(|p| {
-            let n = p.nexus.expect("logged in");
+            let n = p
+                .nexus
+                .unwrap_or_else(|| panic!("path {} not logged in: {:?}", p.name, p.events));
             (n.tsih, n.cid)
         })
         .collect()
@@ -127,6 +129,7 @@ fn two_mcs_paths_are_two_connections_of_one_session_and_stripe_writes() {
 /// reads back its newest acknowledged generation.
 #[test]
 fn a_killed_connection_loses_no_write_and_rejoins_the_session() {
+    let _ = env_logger::builder().is_test(true).try_init();
     let target = target();
     let dev = open(&urls(&target), true);
     let ids = nexus(&dev);
@@ -148,6 +151,15 @@ fn a_killed_connection_loses_no_write_and_rejoins_the_session() {
         p1.events.iter().any(|e| e.state != PathState::Up),
         "connection 1 failed: {:?}",
         p1.events
+    );
+    assert!(p1.resubmitted > 0, "connection 1 gave back commands");
+    // The live connection never stalled behind a CmdSN lost with the
+    // killed one (those are filled with NOP-Outs), so it never failed.
+    let p0 = &dev.paths()[0];
+    assert!(
+        p0.events.iter().all(|e| e.state == PathState::Up),
+        "connection 0 stayed up: {:?}",
+        p0.events
     );
     wait_up(&dev, Duration::from_secs(10));
     let again = nexus(&dev);

@@ -214,6 +214,12 @@ impl MultipathDevice {
                     // Up before open() returns, so the first I/O can use it.
                     shared.set_tpg(p.target_port_group);
                     shared.set_alua(p.alua);
+                    let o = p.session.outcome();
+                    shared.set_nexus(crate::multipath::Nexus {
+                        isid: o.isid,
+                        tsih: o.tsih,
+                        cid: o.cid,
+                    });
                     let how = match &p.redirected_to {
                         Some(at) => format!("logged in at {at}"),
                         None => "logged in".to_string(),
