@@ -81,6 +81,7 @@ impl Worker {
         let Some(m) = &mut self.mcs else { return };
         if let Some((_, sent)) = &m.fence {
             if now.saturating_duration_since(*sent) >= MCS_FENCE_ANSWER {
+                m.confirm = None;
                 if let Some((job, _)) = m.fence.take() {
                     let e = FenceError::ConnectionLogoutUnanswered(MCS_FENCE_ANSWER);
                     board.finish(&job, &Err(e), now);
@@ -149,18 +150,27 @@ impl Worker {
         };
         let victim = self.peers[job.need.path].clone();
         if result.is_ok() {
+            // Trusted once a ping sent after it is answered: some targets
+            // (tgtd) answer 0 to any Logout and close the connection it
+            // came on instead of the one named. The NOP-Outs filling the
+            // lost CmdSNs are answered first (in order), then the ping.
             let holes = m.paths.take_holes(job.need.path, m.tsih);
-            fill_holes(session, holes, &self.shared.name, now);
-            victim.fence_through(job.need.epoch);
+            let filled = fill_holes(session, holes, &self.shared.name, now);
+            if session.connection_mut().ping(now).is_ok() {
+                log::info!(
+                    "path {}: connection CID {cid} of path {} closed by Logout reason 1 (response {response}); confirming with a ping",
+                    self.shared.name,
+                    victim.name
+                );
+                m.fence = Some((job, now));
+                m.confirm = Some(filled + 1);
+                return;
+            }
         }
+        let result = result.and(Err(FenceError::FencerFailed));
         let attempts = board.finish(&job, &result, now);
         match result {
-            Ok(()) => log::info!(
-                "path {}: fenced connection CID {cid} of path {} (session {}) by Logout reason 1, response {response} (attempt {attempts})",
-                self.shared.name,
-                victim.name,
-                job.need.epoch
-            ),
+            Ok(()) => {}
             Err(e) => log::info!(
                 "path {}: fencing connection CID {cid} of path {} failed (attempt {attempts}): {e}",
                 self.shared.name,
@@ -169,13 +179,44 @@ impl Worker {
         }
     }
 
+    /// A NOP-In answered one of our pings: the last one of a fence being
+    /// confirmed (after the NOP-Outs filling CmdSNs) confirms it, and the
+    /// failed connection's held writes may go.
+    pub(super) fn on_mcs_ping_answered(&mut self, now: Instant) {
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let Some(m) = &mut self.mcs else { return };
+        let Some(n) = &mut m.confirm else { return };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        m.confirm = None;
+        let Some((job, _)) = m.fence.take() else {
+            return;
+        };
+        let victim = self.peers[job.need.path].clone();
+        victim.fence_through(job.need.epoch);
+        let attempts = board.finish(&job, &Ok(()), now);
+        log::info!(
+            "path {}: fenced connection CID {} of path {} (session {}) by Logout reason 1 (attempt {attempts})",
+            self.shared.name,
+            job.need.login.cid,
+            victim.name,
+            job.need.epoch
+        );
+    }
+
     /// This path's own connection failed: a fencing Logout it had sent
     /// goes back on the board for another connection.
     pub(super) fn mcs_fencer_failed(&mut self, now: Instant) {
         let Some(board) = self.fence.clone() else {
             return;
         };
-        if let Some((job, _)) = self.mcs.as_mut().and_then(|m| m.fence.take()) {
+        let Some(m) = &mut self.mcs else { return };
+        m.confirm = None;
+        if let Some((job, _)) = m.fence.take() {
             board.finish(&job, &Err(FenceError::FencerFailed), now);
         }
     }
@@ -198,7 +239,8 @@ impl Worker {
         let Some(m) = &self.mcs else { return };
         let tsih = session.outcome().tsih;
         let holes = m.paths.take_holes(self.shared.index, tsih);
-        fill_holes(session, holes, &self.shared.name, Instant::now());
+        // Their NOP-Ins are ordinary ping answers here.
+        let _ = fill_holes(session, holes, &self.shared.name, Instant::now());
     }
 }
 
@@ -206,25 +248,31 @@ impl Worker {
 /// the target has not passed yet (ExpCmdSN as the target last said: after
 /// the failed connection was closed nothing else can fill them), in
 /// order, so the commands behind them run.
-fn fill_holes(session: &mut Session<BoxedTransport>, mut holes: Vec<Sn>, name: &str, now: Instant) {
-    if holes.is_empty() {
-        return;
-    }
+/// Returns how many went out.
+fn fill_holes(
+    session: &mut Session<BoxedTransport>,
+    mut holes: Vec<Sn>,
+    name: &str,
+    now: Instant,
+) -> u32 {
     let exp = session.connection().window().exp_cmd_sn();
     holes.retain(|c| !c.lt(exp));
     holes.sort_by_key(|c| c.0.wrapping_sub(exp.0));
     holes.dedup();
     if holes.is_empty() {
-        return;
+        return 0;
     }
     log::info!(
         "path {name}: {} CmdSN(s) from {} left by a failed connection: filled with NOP-Outs",
         holes.len(),
         holes[0]
     );
+    let mut sent = 0;
     for c in holes {
         if session.connection_mut().fill_cmd_sn(c, now).is_err() {
-            return;
+            break;
         }
+        sent += 1;
     }
+    sent
 }

@@ -350,6 +350,9 @@ struct McsConn {
     /// A Logout (reason 1) this path sent to close another path's failed
     /// connection: the job and when it went out.
     fence: Option<(FenceJob, Instant)>,
+    /// That Logout was answered: NOP-Ins still to come before the fence
+    /// counts (the hole-filling NOP-Outs' and a confirming ping's).
+    confirm: Option<u32>,
 }
 
 impl Worker {
@@ -401,6 +404,7 @@ impl Worker {
                 tsih: 0,
                 cid: 0,
                 fence: None,
+                confirm: None,
             }),
             helper,
         };
@@ -697,6 +701,7 @@ impl Worker {
                 Event::ConnectionLoggedOut { cid, response, .. } => {
                     self.on_mcs_fence_answer(session, cid, response, now)
                 }
+                Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
                 _ => {}
             }
         }
@@ -711,10 +716,12 @@ impl Worker {
                             self.in_session
                         );
                     }
-                    session
-                        .connection_mut()
-                        .logout(now)
-                        .map_err(|e| PathFailure::Session(e.into()))?;
+                    // MC/S: this connection only (reason 1), not the session.
+                    let sent = match &self.mcs {
+                        Some(m) => session.connection_mut().logout_reason(1, m.cid, now),
+                        None => session.connection_mut().logout(now),
+                    };
+                    sent.map_err(|e| PathFailure::Session(e.into()))?;
                     d.logout_sent = Some(now);
                     progressed = true;
                 }
