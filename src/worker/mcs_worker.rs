@@ -134,11 +134,11 @@ impl Worker {
             return;
         };
         let Some(m) = &mut self.mcs else { return };
-        if !m
+        let ours = m
             .fence
             .as_ref()
-            .is_some_and(|(j, _)| j.need.login.cid == cid)
-        {
+            .is_some_and(|(j, _)| j.need.login.cid == cid);
+        if !ours || m.confirm.is_some() {
             return;
         }
         let Some((job, _)) = m.fence.take() else {
