@@ -20,10 +20,15 @@
 #     delivering (goals: dead link <= 1000 ms, hung path <= 2000 ms), and
 #     the unfenced run (retried at once, the stale write lands) as the peer:
 #     `RESULT case=fence_cost ..._over_unfenced=` ratios.
+#   - MC/S beside MPIO (kernel TCP; tgtd with MaxConnections raised): the
+#     IOPS split and the link-down failover stall with the two paths as two
+#     connections of one session, `RESULT case=iops_split|failover_stall
+#     mode=mcs|mpio ...`, and `RESULT case=mcs_vs_mpio` ratios.
 # Root only; the tests create and remove everything themselves.
 #
-#   bench/multipath.sh [kernel|dpdk|slow|relay|all]   (default all;
-#   slow: only the slow-path case, over both transports)
+#   bench/multipath.sh [kernel|dpdk|slow|relay|mcs|all]   (default all;
+#   slow: only the slow-path case, over both transports; mcs: the MC/S
+#   cases and their MPIO peers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
@@ -34,18 +39,34 @@ case "$which" in
     dpdk) filter=dpdk_ ;;
     slow) filter=slow_path ;;
     relay) ;;
+    mcs) filter="kernel_" ;;
     all) ;;
-    *) echo "usage: $0 [kernel|dpdk|slow|relay|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [kernel|dpdk|slow|relay|mcs|all]" >&2; exit 2 ;;
 esac
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 log=$(mktemp /tmp/multipath-bench.XXXXXX)
 trap 'rm -f "$log"' EXIT
-if [[ $which != relay ]]; then
+if [[ $which == mcs ]]; then
+    # The MC/S cases and the same scenarios as MPIO, in one run.
+    CI=true cargo test --test multipath -- --test-threads=1 --nocapture \
+        kernel_mcs_ kernel_both_paths_carry_io kernel_link_down_fails_over \
+        >"$log" 2>&1 || { cat "$log"; exit 1; }
+elif [[ $which != relay ]]; then
     CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
         >"$log" 2>&1 || { cat "$log"; exit 1; }
+fi
+if [[ $which != relay ]]; then
     # Each scenario's lines start with "MP == <scenario> over <transport>".
     sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP RESULT /RESULT /p' -e 's/^.*MP /  /p' \
         -e '/^test result/p' "$log"
+    grep -o 'MP RESULT case=\(iops_split\|failover_stall scenario=linkdown\) .*' "$log" | sed 's/^MP //' | awk '
+        { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+          if (v["case"] == "iops_split") iops[v["mode"]] = v["iops"]
+          else stall[v["mode"]] = v["max_gap_ms"] }
+        END {
+          if (iops["mpio"] > 0 && stall["mpio"] > 0 && ("mcs" in iops) && ("mcs" in stall))
+            printf "RESULT case=mcs_vs_mpio iops_mcs_over_mpio=%.2f failover_stall_mcs_over_mpio=%.2f\n", iops["mcs"] / iops["mpio"], stall["mcs"] / stall["mpio"]
+        }'
 fi
 if [[ $which == relay || $which == all ]]; then
     CI=true cargo test --test multipath_relay -- --test-threads=1 --nocapture \

@@ -105,13 +105,25 @@ fn unavailable(transport: &str) -> bool {
 /// Sets up the bed and tgtd, then runs `scenario` inside the initiator
 /// namespace (the `inner` test below) and checks it passed.
 fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
+    run_outer_as(bed_name, scenario, transport, false)
+}
+
+/// [`run_outer`] with the two paths as MPIO sessions or, with `mcs`, as
+/// two connections of one MC/S session (tgtd's MaxConnections raised).
+fn run_outer_as(bed_name: &str, scenario: &str, transport: &str, mcs: bool) {
     if unavailable(transport) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bed = TestBed::up(bed_name, transport);
+    let params = if mcs {
+        vec![("MaxConnections".to_string(), "4".to_string())]
+    } else {
+        Vec::new()
+    };
     let tgtd = Tgtd::start(TgtdOptions {
         netns: Some(bed.tgt()),
+        params,
         ..TgtdOptions::two_portals("10.231.1.2", "10.231.2.2", 64 << 20)
     });
     let exe = std::env::current_exe().unwrap();
@@ -130,6 +142,7 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
         .env("MP_IQN", &tgtd.iqn)
         .env("MP_PORT", tgtd.port.to_string())
         .env("MP_TGT_NS", bed.tgt())
+        .env("MP_MCS", if mcs { "1" } else { "0" })
         .output()
         .expect("run inner test");
     let text = format!(
@@ -137,7 +150,8 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!("MP == {scenario} over {transport}");
+    let mode = if mcs { "MC/S" } else { "MPIO" };
+    println!("MP == {scenario} over {transport} ({mode})");
     // libtest's own "test inner ... " may precede the first line.
     for l in text
         .lines()
@@ -154,6 +168,16 @@ fn run_outer(bed_name: &str, scenario: &str, transport: &str) {
 #[test]
 fn kernel_both_paths_carry_io_under_queue_depth() {
     run_outer("mpk1", "both", "kernel");
+}
+
+#[test]
+fn kernel_mcs_both_connections_carry_io_under_queue_depth() {
+    run_outer_as("mpk1m", "both", "kernel", true);
+}
+
+#[test]
+fn kernel_mcs_link_down_fails_over_without_errors_and_connection_rejoins() {
+    run_outer_as("mpk4m", "linkdown", "kernel", true);
 }
 
 #[test]
@@ -229,6 +253,7 @@ fn inner() {
         port: std::env::var("MP_PORT").unwrap().parse().unwrap(),
         tgt_ns: std::env::var("MP_TGT_NS").unwrap(),
         dpdk: std::env::var("MP_TRANSPORT").as_deref() == Ok("dpdk"),
+        mcs: std::env::var("MP_MCS").as_deref() == Ok("1"),
     };
     match scenario.as_str() {
         "both" => scenario_both(&env),
@@ -249,6 +274,26 @@ struct Env {
     tgt_ns: String,
     /// Paths over DPDK (userspace stacks on v0/v1) instead of kernel TCP.
     dpdk: bool,
+    /// The paths as connections of one MC/S session.
+    mcs: bool,
+}
+
+impl Env {
+    fn mode(&self) -> &'static str {
+        if self.mcs {
+            "mcs"
+        } else {
+            "mpio"
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        if self.dpdk {
+            "dpdk"
+        } else {
+            "kernel"
+        }
+    }
 }
 
 fn sh(args: &[&str]) {
@@ -320,6 +365,7 @@ fn config(env: &Env, paths: &[usize], policy: Policy) -> DeviceConfig {
     c.queue_depth = 64;
     c.idle = IdleMode::Sleep(Duration::from_micros(20));
     c.cores = vec![0, 1];
+    c.mcs = env.mcs;
     c.no_path_timeout = Duration::from_secs(30);
     c.timers = ConnTimers {
         nop_interval: Some(Duration::from_millis(500)),
@@ -424,6 +470,15 @@ fn scenario_both(env: &Env) {
         s.lat_us.value_at_quantile(0.5),
         s.lat_us.value_at_quantile(0.99),
         s.lat_us.value_at_quantile(0.999)
+    );
+    println!(
+        "MP RESULT case=iops_split mode={} transport={} iops={:.0} path0_share={:.3} p99_us={} tsih={:?}",
+        env.mode(),
+        env.transport(),
+        s.ios as f64 / s.elapsed.as_secs_f64(),
+        s.per_path[0] as f64 / s.ios.max(1) as f64,
+        s.lat_us.value_at_quantile(0.99),
+        dev.paths().iter().map(|p| p.nexus.map(|n| (n.tsih, n.cid))).collect::<Vec<_>>()
     );
     assert_eq!(s.errors, 0);
     for (i, &n) in s.per_path.iter().enumerate() {
@@ -686,6 +741,14 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     );
     println!(
         "MP failover: longest gap between completions {max_gap:?}, {failed_over} writes retried, the longest of them took {failover_stall:?}"
+    );
+    println!(
+        "MP RESULT case=failover_stall scenario={} mode={} transport={} max_gap_ms={} longest_failover_ms={} retried={failed_over} errors={errors} mismatches={mismatches}",
+        std::env::var("MP_SCENARIO").unwrap_or_default(),
+        env.mode(),
+        env.transport(),
+        max_gap.as_millis(),
+        failover_stall.as_millis()
     );
     for p in dev.paths() {
         println!(

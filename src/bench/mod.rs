@@ -640,6 +640,10 @@ pub struct RunResult {
     /// path workers) during the measured part: see [`poll_meter`].
     pub poll: poll_meter::PollTotals,
     pub path_names: Vec<String>,
+    /// The session (TSIH) and connection (CID) of each path, by index, as
+    /// the caller records them (MPIO: a TSIH each; MC/S: one TSIH, a CID
+    /// each); empty when not known.
+    pub path_nexus: Vec<Option<crate::multipath::Nexus>>,
 }
 
 /// Options of a run that are not the jobs'.
@@ -817,6 +821,7 @@ pub fn run_jobs(
         elapsed: start.elapsed(),
         cpu_ns,
         path_names: paths,
+        path_nexus: Vec::new(),
     };
     Ok(run)
 }

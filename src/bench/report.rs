@@ -562,7 +562,10 @@ pub fn json(run: &RunResult, s: &Summary) -> Value {
             "busy_ns_per_io": s.busy_ns_per_io,
             "idle_ns": s.idle_ns,
             "total": dir_json(&s.total, ms),
-            "paths": s.paths.iter().map(|(name, p)| json!({"name": name, "stats": dir_json(p, ms)})).collect::<Vec<_>>(),
+            "paths": s.paths.iter().enumerate().map(|(i, (name, p))| {
+                let nexus = run.path_nexus.get(i).copied().flatten();
+                json!({"name": name, "tsih": nexus.map(|n| n.tsih), "cid": nexus.map(|n| n.cid), "stats": dir_json(p, ms)})
+            }).collect::<Vec<_>>(),
             "jobs": bs_ios,
         }
     });

@@ -442,7 +442,8 @@ fn run_multipath(
         device: &device,
         idle_sleep: (!args.busy_poll).then_some(Duration::from_micros(20)),
     };
-    let result = run_with_progress(job, args.run_options(job), &factory, out)?;
+    let mut result = run_with_progress(job, args.run_options(job), &factory, out)?;
+    result.path_nexus = device.paths().iter().map(|p| p.nexus).collect();
     drop(metrics);
     device.close();
     Ok(result)

@@ -39,6 +39,11 @@ pub struct PathHealthArgs {
     /// initiator's tasks on the LU. Off by default.
     #[arg(long, value_name = "SECONDS")]
     pub fence_lun_reset: Option<f64>,
+    /// MC/S: the URLs (or discovered portals) become connections of one
+    /// session (MaxConnections = the number of paths) instead of sessions
+    /// of their own (MPIO). Fails when the target grants fewer.
+    #[arg(long)]
+    pub mcs: bool,
 }
 
 fn parse_key(s: &str) -> Result<u64, std::num::ParseIntError> {
@@ -78,5 +83,6 @@ impl PathHealthArgs {
         if let Some(s) = self.fence_lun_reset {
             c.lun_reset_fence = seconds(s);
         }
+        c.mcs |= self.mcs;
     }
 }

@@ -1003,6 +1003,41 @@ impl Connection {
         Ok(())
     }
 
+    /// MC/S: a non-immediate NOP-Out with CmdSN `cmd_sn`, which takes the
+    /// place in the session's CmdSN order of a command lost with another,
+    /// failed connection (once the target has closed that one), so the
+    /// target need not wait for it. Answered by a NOP-In, like a ping.
+    pub fn fill_cmd_sn(&mut self, cmd_sn: Sn, now: Instant) -> Result<(), SubmitError> {
+        self.check_usable()?;
+        let slot = self.alloc_slot(TaskKind::Ping { sent_at: now }, now)?;
+        let itt = self.slots[slot as usize]
+            .as_ref()
+            .map(|t| t.itt)
+            .unwrap_or(0);
+        let hdr = PduHeader::NopOut(NopOut {
+            immediate: false,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
+        self.stats.pdus_out += 1;
+        Ok(())
+    }
+
+    /// The CmdSNs of this connection's unfinished non-immediate tasks
+    /// (MC/S: what a failed connection may leave missing in the session's
+    /// CmdSN order).
+    pub fn outstanding_cmd_sns(&self) -> Vec<Sn> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter_map(|t| t.cmd_sn)
+            .collect()
+    }
+
     /// Sends a task management request (immediate).
     pub fn task_management(
         &mut self,

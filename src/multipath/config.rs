@@ -467,6 +467,15 @@ pub struct DeviceConfig {
     /// Hold a flapping path down (multipath-tools' `san_path_err_*`);
     /// None (default): a failed path reconnects with back-off only.
     pub flap_damping: Option<crate::multipath::FlapDamping>,
+    /// MC/S: the paths become the connections of one session (path 0's
+    /// leading login offers MaxConnections = the number of paths; the
+    /// others join with its ISID and TSIH, CID = their index) instead of
+    /// sessions of their own. Open fails with
+    /// `MultipathError::McsNotGranted` when the target grants fewer. A
+    /// failed connection's writes are fenced by a Logout (reason 1, close
+    /// the connection) sent on a live connection. See docs/multipath.md,
+    /// "MC/S". Off by default.
+    pub mcs: bool,
 }
 
 impl DeviceConfig {
@@ -498,6 +507,7 @@ impl DeviceConfig {
             cores: Vec::new(),
             failback: crate::multipath::Failback::default(),
             flap_damping: None,
+            mcs: false,
         }
     }
 

@@ -152,6 +152,14 @@ pub enum FenceError {
     /// completed at target".
     #[error("PREEMPT AND ABORT: iSCSI response {0:#04x}")]
     PreemptResponse(u8),
+    /// MC/S: the Logout (reason 1, close the connection) of the failed
+    /// connection, sent on a live connection of its session, got a response
+    /// other than 0 (closed) or 1 (no such connection: already gone).
+    #[error("logout of the failed connection: response {0}")]
+    ConnectionLogout(u8),
+    /// MC/S: that Logout was not answered in time.
+    #[error("logout of the failed connection unanswered within {0:?}")]
+    ConnectionLogoutUnanswered(Duration),
     /// The fencer's session ended before its PREEMPT AND ABORT or LOGICAL
     /// UNIT RESET was answered (or could not take it).
     #[error("the fencing path failed before the answer")]
@@ -247,6 +255,35 @@ impl FenceBoard {
             x.claimed_by.is_none()
                 && x.need.path != fencer
                 && x.need.tpgt == fencer_tpgt
+                && x.not_before.is_none_or(|t| now >= t)
+        });
+        self.pending.store(e.len(), Ordering::Release);
+        job
+    }
+
+    /// MC/S: a live connection `fencer` of session `tsih` asks for a need
+    /// of another connection of that session (`need.login.tsih == tsih`,
+    /// `need.login.cid` its CID), due and not fenced yet. The fencer then
+    /// sends a Logout with reason 1 (close the connection) for that CID on
+    /// its own connection: the target ends the connection and its tasks
+    /// (RFC 7143 §11.14) before it answers. Reports with
+    /// [`finish`](Self::finish).
+    pub fn claim_connection(
+        &self,
+        fencer: usize,
+        tsih: u16,
+        now: Instant,
+        fenced_through: impl Fn(usize) -> u64,
+    ) -> Option<FenceJob> {
+        if tsih == 0 {
+            return None;
+        }
+        let mut e = self.entries.lock().ok()?;
+        e.retain(|x| x.claimed_by.is_some() || fenced_through(x.need.path) < x.need.epoch);
+        let job = claim_first(&mut e, fencer, |x| {
+            x.claimed_by.is_none()
+                && x.need.path != fencer
+                && x.need.login.tsih == tsih
                 && x.not_before.is_none_or(|t| now >= t)
         });
         self.pending.store(e.len(), Ordering::Release);
@@ -562,6 +599,30 @@ mod tests {
             login: LoginConfig::new("iqn.i", Some("iqn.t")),
             pr_key: None,
         }
+    }
+
+    /// MC/S: a connection's need is claimed only by another connection of
+    /// its session (same TSIH), never by an MPIO claim or the failed path.
+    #[test]
+    fn a_connection_need_is_claimed_by_a_live_connection_of_its_session() {
+        let b = FenceBoard::new();
+        let now = Instant::now();
+        let mut n = need(1, 2, 1);
+        (n.login.tsih, n.login.cid) = (0x30, 1);
+        b.post(n);
+        assert!(b.claim_connection(1, 0x30, now, |_| 0).is_none(), "itself");
+        assert!(
+            b.claim_connection(0, 0x31, now, |_| 0).is_none(),
+            "other session"
+        );
+        assert!(b.claim_connection(0, 0, now, |_| 0).is_none(), "no session");
+        let job = b.claim_connection(0, 0x30, now, |_| 0).expect("claimed");
+        assert_eq!((job.need.path, job.need.login.cid, job.fencer), (1, 1, 0));
+        b.finish(&job, &Ok(()), now);
+        assert!(b.is_empty());
+        // An MPIO need (TSIH 0 in its login) is never a connection's.
+        b.post(need(2, 1, 1));
+        assert!(b.claim_connection(0, 0x30, now, |_| 0).is_none());
     }
 
     /// The LUN reset is claimed for any need, by any live path but the

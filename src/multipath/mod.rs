@@ -110,4 +110,18 @@ pub enum MultipathError {
     /// panicked).
     #[error("cannot start worker thread: {0}")]
     Thread(String),
+    /// MC/S (`DeviceConfig::mcs`): the leading login was granted fewer
+    /// connections than the device has paths (as
+    /// `iscsi::mcs::McsError::NotGranted`).
+    #[error(
+        "the target granted MaxConnections={granted} (we offered {offered}): connection {wanted} of the session is not allowed; use sessions of their own (MPIO) instead"
+    )]
+    McsNotGranted {
+        /// The MaxConnections offered (the number of paths).
+        offered: u32,
+        /// What the target answered.
+        granted: u32,
+        /// Connections the device needs.
+        wanted: usize,
+    },
 }

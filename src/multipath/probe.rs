@@ -179,7 +179,7 @@ pub fn probe(
     sc.timers = cfg.timers;
     sc.login_timeout = cfg.login_timeout;
     sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
-    let (mut session, redirected_to) = match connector {
+    let (session, redirected_to) = match connector {
         PathConnector::Fixed(connect) => {
             let transport = connect().map_err(|e| login_err(e.to_string()))?;
             let s = Session::login(BoxedTransport(transport), &sc)
@@ -200,6 +200,16 @@ pub fn probe(
             (s, landed)
         }
     };
+    inspect(session, redirected_to, cfg)
+}
+
+/// What [`probe`] does after the login: inspects the LU through the
+/// logged-in `session` (also a connection that joined an MC/S session).
+pub fn inspect(
+    mut session: Session<BoxedTransport>,
+    redirected_to: Option<String>,
+    cfg: &ProbeConfig,
+) -> Result<PathProbe, MultipathError> {
     let time2wait = Duration::from_secs(u64::from(session.connection().params().default_time2wait));
     let scsi_err = |what: &'static str| {
         let name = cfg.name.clone();

@@ -110,7 +110,13 @@ impl MultipathDevice {
         let lun = Lun::from_number(config.lun).to_u64();
         let opened = Instant::now();
         let mut setups = Vec::new();
-        let pr_fence = config.reservation_fence.filter(|_| config.fence_writes);
+        // MC/S: one I_T nexus for every path, so one reservation key.
+        let pr_fence = config
+            .reservation_fence
+            .filter(|_| config.fence_writes && !config.mcs);
+        let mcs = config
+            .mcs
+            .then(|| Arc::new(super::mcs::McsPaths::new(config.paths.len())));
         for (i, p) in config.paths.into_iter().enumerate() {
             let probe_cfg = ProbeConfig {
                 name: p.name.clone(),
@@ -124,8 +130,10 @@ impl MultipathDevice {
             setups.push((probe_cfg, p.connector));
         }
         // Log in all paths at once: a dead portal costs one timeout, not one each.
-        let probed: Vec<(ProbeConfig, _, Result<PathProbe, MultipathError>)> =
-            std::thread::scope(|s| {
+        // MC/S: one after the other, the leading login first.
+        let probed: Vec<(ProbeConfig, _, Result<PathProbe, MultipathError>)> = match &mcs {
+            Some(mcs) => super::mcs::login_all(mcs, setups)?,
+            None => std::thread::scope(|s| {
                 let handles: Vec<_> = setups
                     .into_iter()
                     .map(|(cfg, mut conn)| {
@@ -136,7 +144,8 @@ impl MultipathDevice {
                     })
                     .collect();
                 handles.into_iter().filter_map(|h| h.join().ok()).collect()
-            });
+            }),
+        };
         if probed.is_empty() {
             return Err(MultipathError::Thread("login threads panicked".into()));
         }
@@ -191,7 +200,8 @@ impl MultipathDevice {
         let mut workers = Vec::new();
         let mut starts = Vec::new();
         let fence = (config.fence_writes
-            && (config.fence_via_other_portals
+            && (config.mcs
+                || config.fence_via_other_portals
                 || pr_fence.is_some()
                 || config.lun_reset_fence.is_some()))
         .then(|| Arc::new(crate::multipath::fence::FenceBoard::new()));
@@ -205,6 +215,12 @@ impl MultipathDevice {
                     // Up before open() returns, so the first I/O can use it.
                     shared.set_tpg(p.target_port_group);
                     shared.set_alua(p.alua);
+                    let o = p.session.outcome();
+                    shared.set_nexus(crate::multipath::Nexus {
+                        isid: o.isid,
+                        tsih: o.tsih,
+                        cid: o.cid,
+                    });
                     let how = match &p.redirected_to {
                         Some(at) => format!("logged in at {at}"),
                         None => "logged in".to_string(),
@@ -233,7 +249,10 @@ impl MultipathDevice {
                 idle: config.idle,
                 fast_ping: config.fast_ping,
                 abort: config.abort_overdue,
-                login_fence: config.fence_via_other_portals,
+                // MC/S: a login with the session's ISID would end every
+                // connection; a failed one is fenced by a Logout instead.
+                login_fence: config.fence_via_other_portals && !config.mcs,
+                mcs: mcs.clone(),
                 lun_reset_fence: config.lun_reset_fence,
                 core: (!config.cores.is_empty()).then(|| config.cores[i % config.cores.len()]),
                 alua_epoch: alua_epoch.clone(),

@@ -4,6 +4,7 @@
 
 mod device;
 mod helper;
+mod mcs;
 mod open;
 mod path_worker;
 pub mod poll_meter;

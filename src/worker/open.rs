@@ -168,6 +168,10 @@ pub struct Options {
     /// The last-resort LOGICAL UNIT RESET ([`DeviceConfig::lun_reset_fence`]);
     /// off by default.
     pub lun_reset_fence: Option<Duration>,
+    /// MC/S: the URLs (or discovered portals) become connections of one
+    /// session instead of sessions of their own
+    /// ([`DeviceConfig::mcs`]); off by default.
+    pub mcs: bool,
 }
 
 impl Default for Options {
@@ -196,6 +200,7 @@ impl Default for Options {
             abort_overdue: base.abort_overdue,
             reservation_fence: base.reservation_fence,
             lun_reset_fence: base.lun_reset_fence,
+            mcs: base.mcs,
         }
     }
 }
@@ -235,6 +240,7 @@ impl Options {
         c.abort_overdue = self.abort_overdue;
         c.reservation_fence = self.reservation_fence;
         c.lun_reset_fence = self.lun_reset_fence;
+        c.mcs = self.mcs;
         c.login_timeout = self.login_timeout;
         c.idle = self.idle;
         Ok(c)

@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "mcs_worker.rs"]
+mod mcs_worker;
+
 /// A command on its way to a worker. `slot` is the queue's own index.
 pub(crate) struct Request {
     pub slot: u32,
@@ -233,6 +236,8 @@ pub(crate) struct WorkerSetup {
     pub fence: Option<Arc<FenceBoard>>,
     /// Every path of the device, this one included (by index).
     pub peers: Arc<[Arc<PathShared>]>,
+    /// MC/S: the session this path is a connection of (None: MPIO).
+    pub mcs: Option<Arc<super::mcs::McsPaths>>,
 }
 
 /// Shared by a device's workers: who may send SET TARGET PORT GROUPS.
@@ -334,6 +339,23 @@ pub(crate) struct Worker {
     lun_reset_after: Option<Duration>,
     /// A LOGICAL UNIT RESET this path sent for another: (job, TMF tag, sent).
     fence_reset: Option<(FenceJob, u64, Instant)>,
+    /// MC/S: this path is a connection of the device's one session.
+    mcs: Option<McsConn>,
+}
+
+/// A path that is one connection of an MC/S session.
+struct McsConn {
+    paths: Arc<super::mcs::McsPaths>,
+    /// The TSIH of the session the current connection is in (0: none yet).
+    tsih: u16,
+    /// The CID of the current connection.
+    cid: u16,
+    /// A Logout (reason 1) this path sent to close another path's failed
+    /// connection: the job and when it went out.
+    fence: Option<(FenceJob, Instant)>,
+    /// That Logout was answered: NOP-Ins still to come before the fence
+    /// counts (the hole-filling NOP-Outs' and a confirming ping's).
+    confirm: Option<u32>,
 }
 
 impl Worker {
@@ -388,6 +410,13 @@ impl Worker {
             fence_preempt: None,
             lun_reset_after: s.lun_reset_fence,
             fence_reset: None,
+            mcs: s.mcs.map(|paths| McsConn {
+                paths,
+                tsih: 0,
+                cid: 0,
+                fence: None,
+                confirm: None,
+            }),
             helper,
         };
         super::precise_timers();
@@ -405,7 +434,7 @@ impl Worker {
     }
 
     /// Takes a freshly logged-in session into service.
-    fn install(&mut self, p: PathProbe) {
+    fn install(&mut self, mut p: PathProbe) {
         self.tpg = p.target_port_group;
         self.relative_port = p.relative_port;
         self.explicit_alua = p.tpgs == crate::wire::scsi::Tpgs::Explicit;
@@ -433,6 +462,9 @@ impl Worker {
         self.alua_refresh_wanted = false;
         self.draining = None;
         let outcome = p.session.outcome();
+        if let Some(m) = &mut self.mcs {
+            (m.tsih, m.cid) = (outcome.tsih, outcome.cid);
+        }
         self.shared.set_nexus(Nexus {
             isid: outcome.isid,
             tsih: outcome.tsih,
@@ -442,6 +474,7 @@ impl Worker {
             Some(at) => format!("logged in at {at}"),
             None => "logged in".to_string(),
         };
+        self.mcs_fill_own_holes(&mut p.session);
         self.conn = Conn::Up(Box::new(p.session));
         self.shared.set_state(PathState::Up, &how);
     }
@@ -676,6 +709,10 @@ impl Worker {
                 Event::TaskManagement { user_tag, response } => {
                     self.on_abort_answer(session, user_tag, response)?
                 }
+                Event::ConnectionLoggedOut { cid, response, .. } => {
+                    self.on_mcs_fence_answer(session, cid, response, now)
+                }
+                Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
                 _ => {}
             }
         }
@@ -690,10 +727,12 @@ impl Worker {
                             self.in_session
                         );
                     }
-                    session
-                        .connection_mut()
-                        .logout(now)
-                        .map_err(|e| PathFailure::Session(e.into()))?;
+                    // MC/S: this connection only (reason 1), not the session.
+                    let sent = match &self.mcs {
+                        Some(m) => session.connection_mut().logout_reason(1, m.cid, now),
+                        None => session.connection_mut().logout(now),
+                    };
+                    sent.map_err(|e| PathFailure::Session(e.into()))?;
                     d.logout_sent = Some(now);
                     progressed = true;
                 }
@@ -1085,6 +1124,7 @@ impl Worker {
         // State first, so the queues do not pick this path for what we bounce.
         self.shared.set_state(PathState::Down, &reason);
         self.health.on_failure_waiting(now, at_least);
+        self.mcs_note_holes(&session);
         let cmds = session.connection_mut().take_outstanding();
         let n = cmds
             .iter()
@@ -1103,6 +1143,7 @@ impl Worker {
         if self.fence_reset.is_some() {
             self.finish_lun_reset(None, now);
         }
+        self.mcs_fencer_failed(now);
         // Their callers hear that the path failed.
         self.device_cmds.clear();
         let (mut t, _) = session.into_parts();
@@ -1114,6 +1155,10 @@ impl Worker {
     /// paths of its portal group to end the session (`multipath::fence`).
     fn want_fence(&self) {
         let Some(board) = &self.fence else { return };
+        if self.mcs.is_some() {
+            self.want_mcs_fence(board);
+            return;
+        }
         let Some(tpgt) = self.shared.portal_group() else {
             log::info!(
                 "path {}: the target named no portal group for the failed session, so it can be fenced only by this path's own next login",
@@ -1140,6 +1185,10 @@ impl Worker {
     /// the failed path's ISID on a thread of its own (with this path's
     /// connector, which a reconnect of this path waits for).
     fn fence_for_others(&mut self, now: Instant) {
+        if self.mcs.is_some() {
+            self.mcs_fence_for_others(now);
+            return;
+        }
         // Every round: two loads when there is nothing to do.
         if self.fence_job.is_none()
             && self.fence_side.is_none()
@@ -1539,8 +1588,12 @@ impl Worker {
         self.health.on_attempt();
         self.shared.set_state(PathState::Connecting, "reconnecting");
         let cfg = self.probe.clone();
+        let mcs_login = self.mcs_login();
         let spawned = self.helper.run(move || {
-            let r = probe(&mut connector, &cfg);
+            let r = match mcs_login {
+                Some(login) => login(&mut connector, &cfg),
+                None => probe(&mut connector, &cfg),
+            };
             (connector, r)
         });
         match spawned {
@@ -1692,6 +1745,7 @@ mod tests {
             alua_control: Arc::new(AluaControl::new(vec![shared.clone()])),
             fence: None,
             peers: Arc::from(vec![shared.clone()]),
+            mcs: None,
         });
         let (sub_p, sub_c) = ring::<Request>(8);
         let (comp_p, comp_c) = ring::<Response>(8);

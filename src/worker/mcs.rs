@@ -1,0 +1,259 @@
+//! MC/S paths (`DeviceConfig::mcs`): the paths of a multipath device as
+//! the connections of one iSCSI session instead of sessions of their own.
+//!
+//! Path 0 makes the session with the leading login, offering
+//! MaxConnections = the number of paths; every other path logs in as one
+//! more connection of it (the session's ISID and TSIH, its path index as
+//! CID, only the per-connection keys). All connections share one
+//! lock-free CmdSN window ([`SessionWindow`]), so the path workers, each on
+//! its own thread and socket, number their commands in one session-wide
+//! order without a lock on the I/O path. The lock here is taken for logins
+//! only (they are serialised, so the leading login comes first).
+//!
+//! A path that reconnects logs in again with its own CID: connection
+//! reinstatement (RFC 7143 §6.3.4) while another connection of the
+//! session is up, else a new leading login with the same ISID and TSIH 0,
+//! which reinstates the whole session (§6.3.5) and ends every old
+//! connection and task. See docs/multipath.md, "MC/S".
+
+use crate::iscsi::params::Params;
+use crate::iscsi::session::{IdlePolicy, Joining, Session, SessionConfig};
+use crate::iscsi::window::SessionWindow;
+use crate::multipath::config::{BoxedTransport, PathConnector};
+use crate::multipath::probe::{inspect, PathProbe, ProbeConfig};
+use crate::multipath::MultipathError;
+use crate::wire::iscsi::Sn;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The running session the connections join.
+#[derive(Debug, Clone)]
+struct Joined {
+    isid: [u8; 6],
+    tsih: u16,
+    window: Arc<SessionWindow>,
+    leading: Params,
+}
+
+/// Shared by the path workers of an MC/S device.
+#[derive(Debug)]
+pub(crate) struct McsPaths {
+    paths: usize,
+    session: Mutex<Option<Joined>>,
+    /// CmdSNs that failed connections held unanswered: (path, TSIH,
+    /// CmdSNs). Whoever closes such a connection at the target (a fencing
+    /// Logout, or the path's own reinstatement login) takes them and fills
+    /// the ones the target still waits for with NOP-Outs.
+    holes: Mutex<Vec<(usize, u16, Vec<Sn>)>>,
+}
+
+impl McsPaths {
+    pub(crate) fn new(paths: usize) -> McsPaths {
+        McsPaths {
+            paths,
+            session: Mutex::new(None),
+            holes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Path `path`'s connection of session `tsih` failed holding these
+    /// non-immediate CmdSNs.
+    pub(crate) fn post_holes(&self, path: usize, tsih: u16, cmd_sns: Vec<Sn>) {
+        if cmd_sns.is_empty() {
+            return;
+        }
+        if let Ok(mut h) = self.holes.lock() {
+            h.push((path, tsih, cmd_sns));
+        }
+    }
+
+    /// Takes what path `path`'s failed connections of session `tsih` held
+    /// (each CmdSN is taken once: a NOP-Out for a CmdSN the target has
+    /// passed would go unanswered). Those of other sessions are dropped.
+    pub(crate) fn take_holes(&self, path: usize, tsih: u16) -> Vec<Sn> {
+        let Ok(mut h) = self.holes.lock() else {
+            return Vec::new();
+        };
+        h.retain(|(_, t, _)| *t == tsih);
+        let mut out = Vec::new();
+        h.retain(|(p, _, sns)| {
+            if *p == path {
+                out.extend_from_slice(sns);
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Logs path `index` in: as connection CID `index` of the running
+    /// session when `others_up()` (another path's connection of it is up),
+    /// else as the leading connection of a new session, which reinstates
+    /// the old one (same ISID, TSIH 0): then `after_leading()` runs, still
+    /// under the login lock, so the caller can count every other path's
+    /// connection so far as ended. Then inspects the LU as every path's
+    /// login does.
+    pub(crate) fn login(
+        &self,
+        index: usize,
+        connector: &mut PathConnector,
+        cfg: &ProbeConfig,
+        others_up: &dyn Fn() -> bool,
+        after_leading: &dyn Fn(),
+    ) -> Result<PathProbe, MultipathError> {
+        let login_err = |e: String| MultipathError::Login {
+            path: cfg.name.clone(),
+            reason: e,
+        };
+        // Held through the login: one login of the session at a time.
+        let mut joined = self
+            .session
+            .lock()
+            .map_err(|_| login_err("MC/S session state poisoned".into()))?;
+        let mut sc = SessionConfig::new(cfg.login.clone());
+        sc.timers = cfg.timers;
+        sc.login_timeout = cfg.login_timeout;
+        sc.idle = IdlePolicy::Wait(Duration::from_millis(1));
+        sc.login.cid = index as u16;
+        let transport = match connector {
+            PathConnector::Fixed(connect) => connect(),
+            // No redirects for a connection of a session: the portal itself.
+            PathConnector::Portal { portal, connect } => connect(portal.home()),
+        }
+        .map_err(|e| login_err(e.to_string()))?;
+        let transport = BoxedTransport(transport);
+        let session = match joined.as_ref().filter(|_| others_up()) {
+            Some(j) => {
+                sc.login.isid = j.isid;
+                sc.login.tsih = j.tsih;
+                let joining = Joining::More {
+                    window: &j.window,
+                    index: index as u8,
+                    leading: &j.leading,
+                };
+                Session::login_joining(transport, &sc, joining).map_err(|e| {
+                    login_err(format!(
+                        "connection CID {index} of MC/S session TSIH {:#06x}: {e}",
+                        j.tsih
+                    ))
+                })?
+            }
+            None => {
+                if let Some(j) = joined.as_ref() {
+                    sc.login.isid = j.isid;
+                }
+                sc.login.tsih = 0;
+                sc.login.offer.max_connections = self.paths as u32;
+                let s = Session::login_joining(transport, &sc, Joining::Leading)
+                    .map_err(|e| login_err(format!("leading login of the MC/S session: {e}")))?;
+                let o = s.outcome().clone();
+                if (o.params.max_connections as usize) < self.paths {
+                    let _ = s.logout(Duration::from_millis(500));
+                    return Err(MultipathError::McsNotGranted {
+                        offered: self.paths as u32,
+                        granted: o.params.max_connections,
+                        wanted: self.paths,
+                    });
+                }
+                *joined = Some(Joined {
+                    isid: o.isid,
+                    tsih: o.tsih,
+                    window: s.connection().window().clone(),
+                    leading: o.params.clone(),
+                });
+                if let Ok(mut h) = self.holes.lock() {
+                    // A new session: the old one's CmdSN order is gone.
+                    h.clear();
+                }
+                after_leading();
+                s
+            }
+        };
+        drop(joined);
+        inspect(session, None, cfg)
+    }
+}
+
+/// What opening an MC/S device logs in: the paths in order, the first
+/// that comes up leading, the others joining. A path that cannot log in
+/// starts Down (and keeps trying, as in MPIO); a target that grants fewer
+/// connections than paths fails the open.
+pub(crate) type Probed = (
+    ProbeConfig,
+    PathConnector,
+    Result<PathProbe, MultipathError>,
+);
+
+pub(crate) fn login_all(
+    mcs: &McsPaths,
+    setups: Vec<(ProbeConfig, PathConnector)>,
+) -> Result<Vec<Probed>, MultipathError> {
+    let mut out: Vec<Probed> = Vec::with_capacity(setups.len());
+    for (i, (cfg, mut connector)) in setups.into_iter().enumerate() {
+        let up = out.iter().any(|(_, _, r)| r.is_ok());
+        let r = mcs.login(i, &mut connector, &cfg, &|| up, &|| {});
+        if let Err(e @ MultipathError::McsNotGranted { .. }) = &r {
+            return Err(e.clone());
+        }
+        out.push((cfg, connector, r));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::connection::ConnTimers;
+    use crate::iscsi::login::LoginConfig;
+    use crate::iscsi::session::testing::{login_rsp, Scripted};
+    use crate::wire::iscsi::Stage;
+    use std::collections::VecDeque;
+
+    fn cfg() -> ProbeConfig {
+        ProbeConfig {
+            name: "p0".into(),
+            login: LoginConfig::new("iqn.i", Some("iqn.t")),
+            lun: 0,
+            timers: ConnTimers::default(),
+            login_timeout: Duration::from_secs(1),
+            pr_key: None,
+        }
+    }
+
+    /// A target that grants fewer connections than there are paths gets the
+    /// typed error naming both numbers, at the leading login.
+    #[test]
+    fn fewer_connections_granted_than_paths_is_a_typed_error() {
+        let mcs = McsPaths::new(2);
+        let mut connector = PathConnector::Fixed(Box::new(|| {
+            let t: Box<dyn crate::transport::Transport> = Box::new(Scripted {
+                stages: [
+                    login_rsp(Stage::Security, Stage::Operational, 1, b"AuthMethod=None\0"),
+                    login_rsp(
+                        Stage::Operational,
+                        Stage::FullFeature,
+                        2,
+                        b"MaxConnections=1\0",
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+                rx: VecDeque::new(),
+            });
+            Ok(t)
+        }));
+        let e = mcs
+            .login(0, &mut connector, &cfg(), &|| false, &|| {})
+            .unwrap_err();
+        assert_eq!(
+            e,
+            MultipathError::McsNotGranted {
+                offered: 2,
+                granted: 1,
+                wanted: 2
+            }
+        );
+        assert!(e.to_string().contains("granted MaxConnections=1"), "{e}");
+    }
+}

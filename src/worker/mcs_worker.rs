@@ -1,0 +1,278 @@
+//! The MC/S parts of a path worker (`DeviceConfig::mcs`): its reconnect
+//! login into the device's one session, and the fence of another path's
+//! failed connection by a Logout with reason 1 (close the connection) sent
+//! on this path's live connection. Uses the device's [`FenceBoard`] like
+//! the MPIO fence steps do.
+
+use super::{Conn, Worker};
+use crate::iscsi::session::Session;
+use crate::multipath::config::{BoxedTransport, PathConnector};
+use crate::multipath::fence::{FenceBoard, FenceError, FenceNeed};
+use crate::multipath::path::PathState;
+use crate::multipath::probe::{PathProbe, ProbeConfig};
+use crate::multipath::MultipathError;
+use crate::wire::iscsi::Sn;
+use std::time::{Duration, Instant};
+
+/// How long the Logout that fences another connection may go unanswered.
+const MCS_FENCE_ANSWER: Duration = Duration::from_secs(3);
+
+/// A reconnect login of an MC/S path, run on the worker's helper thread.
+type McsLogin =
+    Box<dyn FnOnce(&mut PathConnector, &ProbeConfig) -> Result<PathProbe, MultipathError> + Send>;
+
+impl Worker {
+    /// The login of this path's reconnect when it is an MC/S connection:
+    /// with its own CID into the running session while another path's
+    /// connection is up (connection reinstatement), else a new leading
+    /// login (session reinstatement: every other path's connection so far
+    /// counts as ended). None for MPIO.
+    pub(super) fn mcs_login(&self) -> Option<McsLogin> {
+        let m = self.mcs.as_ref()?;
+        let paths = m.paths.clone();
+        let peers = self.peers.clone();
+        let me = self.shared.index;
+        Some(Box::new(move |connector, cfg| {
+            let others_up = || {
+                peers
+                    .iter()
+                    .any(|p| p.index != me && p.state() == PathState::Up)
+            };
+            let after_leading = || {
+                for p in peers.iter().filter(|p| p.index != me) {
+                    p.fence_through(p.session_epoch());
+                }
+            };
+            paths.login(me, connector, cfg, &others_up, &after_leading)
+        }))
+    }
+
+    /// This MC/S path failed with writes in its connection: ask a live
+    /// connection of the session to close it (Logout reason 1).
+    pub(super) fn want_mcs_fence(&self, board: &FenceBoard) {
+        let Some(m) = &self.mcs else { return };
+        if m.tsih == 0 {
+            return;
+        }
+        let mut login = self.probe.login.clone();
+        (login.tsih, login.cid) = (m.tsih, m.cid);
+        log::info!(
+            "path {}: connection CID {} of MC/S session {:#06x} failed with writes in it: fence wanted (Logout reason 1 on another connection)",
+            self.shared.name,
+            m.cid,
+            m.tsih
+        );
+        board.post(FenceNeed {
+            path: self.shared.index,
+            epoch: self.session_epoch,
+            tpgt: self.shared.portal_group().unwrap_or(0),
+            login,
+            pr_key: None,
+        });
+    }
+
+    /// The MC/S fence step, each round: times out an unanswered Logout of
+    /// ours, or, while this connection is up, claims another connection's
+    /// need and sends the Logout (reason 1, its CID) on this connection.
+    pub(super) fn mcs_fence_for_others(&mut self, now: Instant) {
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let Some(m) = &mut self.mcs else { return };
+        if let Some((_, sent)) = &m.fence {
+            if now.saturating_duration_since(*sent) >= MCS_FENCE_ANSWER {
+                m.confirm = None;
+                if let Some((job, _)) = m.fence.take() {
+                    let e = FenceError::ConnectionLogoutUnanswered(MCS_FENCE_ANSWER);
+                    board.finish(&job, &Err(e), now);
+                }
+            }
+            return;
+        }
+        if !board.has_pending() {
+            return;
+        }
+        let Conn::Up(session) = &mut self.conn else {
+            return;
+        };
+        let peers = self.peers.clone();
+        let fenced_through = |p: usize| peers.get(p).map_or(u64::MAX, |s| s.fenced_through());
+        let Some(job) = board.claim_connection(self.shared.index, m.tsih, now, fenced_through)
+        else {
+            return;
+        };
+        let cid = job.need.login.cid;
+        match session.connection_mut().logout_reason(1, cid, now) {
+            Ok(()) => {
+                log::info!(
+                    "path {}: Logout (reason 1) of failed connection CID {cid} of session {:#06x} (path {}, session {})",
+                    self.shared.name,
+                    m.tsih,
+                    peers[job.need.path].name,
+                    job.need.epoch
+                );
+                m.fence = Some((job, now));
+            }
+            Err(_) => {
+                board.finish(&job, &Err(FenceError::FencerFailed), now);
+            }
+        }
+    }
+
+    /// The answer to our fencing Logout for connection `cid`: 0 (closed,
+    /// its tasks ended) or 1 (no such connection any more: the target
+    /// already ended it) fences it, and its held writes may go. The CmdSNs
+    /// it left missing are filled on `session` first.
+    pub(super) fn on_mcs_fence_answer(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        cid: u16,
+        response: u8,
+        now: Instant,
+    ) {
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let Some(m) = &mut self.mcs else { return };
+        let ours = m
+            .fence
+            .as_ref()
+            .is_some_and(|(j, _)| j.need.login.cid == cid);
+        if !ours || m.confirm.is_some() {
+            return;
+        }
+        let Some((job, _)) = m.fence.take() else {
+            return;
+        };
+        let result = match response {
+            0 | 1 => Ok(()),
+            r => Err(FenceError::ConnectionLogout(r)),
+        };
+        let victim = self.peers[job.need.path].clone();
+        if result.is_ok() {
+            // Trusted once a ping sent after it is answered: some targets
+            // (tgtd) answer 0 to any Logout and close the connection it
+            // came on instead of the one named. The NOP-Outs filling the
+            // lost CmdSNs are answered first (in order), then the ping.
+            let holes = m.paths.take_holes(job.need.path, m.tsih);
+            let filled = fill_holes(session, holes, &self.shared.name, now);
+            if session.connection_mut().ping(now).is_ok() {
+                log::info!(
+                    "path {}: connection CID {cid} of path {} closed by Logout reason 1 (response {response}); confirming with a ping",
+                    self.shared.name,
+                    victim.name
+                );
+                m.fence = Some((job, now));
+                m.confirm = Some(filled + 1);
+                return;
+            }
+        }
+        let result = result.and(Err(FenceError::FencerFailed));
+        let attempts = board.finish(&job, &result, now);
+        match result {
+            Ok(()) => {}
+            Err(e) => log::info!(
+                "path {}: fencing connection CID {cid} of path {} failed (attempt {attempts}): {e}",
+                self.shared.name,
+                victim.name
+            ),
+        }
+    }
+
+    /// A NOP-In answered one of our pings: the last one of a fence being
+    /// confirmed (after the NOP-Outs filling CmdSNs) confirms it, and the
+    /// failed connection's held writes may go.
+    pub(super) fn on_mcs_ping_answered(&mut self, now: Instant) {
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let Some(m) = &mut self.mcs else { return };
+        let Some(n) = &mut m.confirm else { return };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        m.confirm = None;
+        let Some((job, _)) = m.fence.take() else {
+            return;
+        };
+        let victim = self.peers[job.need.path].clone();
+        victim.fence_through(job.need.epoch);
+        let attempts = board.finish(&job, &Ok(()), now);
+        log::info!(
+            "path {}: fenced connection CID {} of path {} (session {}) by Logout reason 1 (attempt {attempts})",
+            self.shared.name,
+            job.need.login.cid,
+            victim.name,
+            job.need.epoch
+        );
+    }
+
+    /// This path's own connection failed: a fencing Logout it had sent
+    /// goes back on the board for another connection.
+    pub(super) fn mcs_fencer_failed(&mut self, now: Instant) {
+        let Some(board) = self.fence.clone() else {
+            return;
+        };
+        let Some(m) = &mut self.mcs else { return };
+        m.confirm = None;
+        if let Some((job, _)) = m.fence.take() {
+            board.finish(&job, &Err(FenceError::FencerFailed), now);
+        }
+    }
+}
+
+impl Worker {
+    /// This MC/S path's connection failed: the CmdSNs it held unanswered
+    /// are noted for whoever closes it at the target.
+    pub(super) fn mcs_note_holes(&self, session: &Session<BoxedTransport>) {
+        let Some(m) = &self.mcs else { return };
+        let sns = session.connection().outstanding_cmd_sns();
+        m.paths.post_holes(self.shared.index, m.tsih, sns);
+    }
+
+    /// This MC/S path logged in again into the same session (connection
+    /// reinstatement: the target closed its old connection first): it
+    /// fills what its old connection left missing, unless a fencing Logout
+    /// already did.
+    pub(super) fn mcs_fill_own_holes(&self, session: &mut Session<BoxedTransport>) {
+        let Some(m) = &self.mcs else { return };
+        let tsih = session.outcome().tsih;
+        let holes = m.paths.take_holes(self.shared.index, tsih);
+        // Their NOP-Ins are ordinary ping answers here.
+        let _ = fill_holes(session, holes, &self.shared.name, Instant::now());
+    }
+}
+
+/// Sends a NOP-Out (non-immediate) on `session` for each CmdSN in `holes`
+/// the target has not passed yet (ExpCmdSN as the target last said: after
+/// the failed connection was closed nothing else can fill them), in
+/// order, so the commands behind them run.
+/// Returns how many went out.
+fn fill_holes(
+    session: &mut Session<BoxedTransport>,
+    mut holes: Vec<Sn>,
+    name: &str,
+    now: Instant,
+) -> u32 {
+    let exp = session.connection().window().exp_cmd_sn();
+    holes.retain(|c| !c.lt(exp));
+    holes.sort_by_key(|c| c.0.wrapping_sub(exp.0));
+    holes.dedup();
+    if holes.is_empty() {
+        return 0;
+    }
+    log::info!(
+        "path {name}: {} CmdSN(s) from {} left by a failed connection: filled with NOP-Outs",
+        holes.len(),
+        holes[0]
+    );
+    let mut sent = 0;
+    for c in holes {
+        if session.connection_mut().fill_cmd_sn(c, now).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    sent
+}
