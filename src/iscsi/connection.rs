@@ -1763,10 +1763,10 @@ impl Connection {
         }
         let itt = d.itt;
         let slot = self.slot_of(itt);
-        let unknown = self.unknown_task("Data-In", itt);
+        // The error (a formatted string) is built only when it is due.
         let task = match self.slots.get_mut(slot as usize) {
             Some(Some(t)) if t.itt == itt => t,
-            _ => return Err(unknown),
+            _ => return Err(self.unknown_task("Data-In", itt)),
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("Data-In", itt));
@@ -1859,9 +1859,9 @@ impl Connection {
     ) -> Result<(), ConnError> {
         let max_burst = self.params.max_burst_len;
         let max_r2t = self.params.max_outstanding_r2t;
-        let unknown = self.unknown_task("R2T", itt);
+        // The error (a formatted string) is built only when it is due.
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(unknown);
+            return Err(self.unknown_task("R2T", itt));
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("R2T", itt));
@@ -1921,9 +1921,9 @@ impl Connection {
         sense: Vec<u8>,
         residual: Option<i64>,
     ) -> Result<(), ConnError> {
-        let unknown = self.unknown_task("SCSI status", itt);
+        // The error (a formatted string) is built only when it is due.
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(unknown);
+            return Err(self.unknown_task("SCSI status", itt));
         };
         if !matches!(task.kind, TaskKind::Scsi { .. }) {
             return Err(ConnError::Protocol(format!(
