@@ -16,10 +16,11 @@
 //! `initiator_complete`; `bench/callgrind-io.sh` collects only those
 //! (`--toggle-collect`) and prints the marginal instructions per I/O.
 //!
-//! `--mtu N` sets the link's MTU (1500); `--write` issues WRITE(10)s instead of reads; `--copy-tx` makes the
-//! connection copy write payload into its send bytes (and TCP into its
-//! send ring) as it did before payload left by reference, for an A/B of
-//! the send-side copies in one build.
+//! `--mtu N` sets the link's MTU (1500); `--write` issues WRITE(10)s
+//! instead of reads; `--copy-tx` makes the connection copy write payload
+//! into its send bytes (and TCP into its send ring) as it did before
+//! payload left by reference, for an A/B of the send-side copies in one
+//! build.
 //!
 //! Prints one `RESULT` line: I/Os, wall time per I/O, and the connection's
 //! and socket's counters.
