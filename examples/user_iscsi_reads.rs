@@ -12,10 +12,15 @@
 //! callgrind_annotate --inclusive=yes cg.out | grep -E 'initiator_round|target_round'
 //! ```
 //!
-//! `--write` issues WRITE(10)s instead of reads; `--copy-tx` makes the
-//! connection copy write payload into its send bytes (and TCP into its
-//! send ring) as it did before payload left by reference, for an A/B of
-//! the send-side copies in one build.
+//! The initiator's part is `initiator_submit` + `initiator_round` +
+//! `initiator_complete`; `bench/callgrind-io.sh` collects only those
+//! (`--toggle-collect`) and prints the marginal instructions per I/O.
+//!
+//! `--mtu N` sets the link's MTU (1500); `--write` issues WRITE(10)s
+//! instead of reads; `--copy-tx` makes the connection copy write payload
+//! into its send bytes (and TCP into its send ring) as it did before
+//! payload left by reference, for an A/B of the send-side copies in one
+//! build.
 //!
 //! Prints one `RESULT` line: I/Os, wall time per I/O, and the connection's
 //! and socket's counters.
@@ -94,6 +99,25 @@ fn initiator_round(s: &mut Session<UserTcp<SimDevice>>) {
     s.poll_io().expect("initiator I/O");
 }
 
+#[inline(never)]
+fn initiator_submit(s: &mut Session<UserTcp<SimDevice>>, cmd: Command) {
+    s.submit(cmd).expect("submit");
+}
+
+/// Takes the completions; returns how many came.
+#[inline(never)]
+fn initiator_complete(s: &mut Session<UserTcp<SimDevice>>, buffers: &mut Vec<Vec<u8>>) -> usize {
+    let mut n = 0;
+    while let Some(ev) = s.connection_mut().poll_event() {
+        if let Event::Completed(c) = ev {
+            assert_eq!(c.status, 0, "I/O failed");
+            buffers.push(c.buffer);
+            n += 1;
+        }
+    }
+    n
+}
+
 fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {
     let l = lba.to_be_bytes();
     let b = blocks.to_be_bytes();
@@ -114,7 +138,15 @@ fn main() {
     let bs = arg(&args, "--bs", 4096);
     let write = args.iter().any(|a| a == "--write");
     let copy_tx = args.iter().any(|a| a == "--copy-tx");
-    let (ini_dev, tgt_dev) = sim::link_real_time(SimConfig::default(), 3);
+    // No link delay: every frame is there at the next round, so the rounds
+    // per I/O (and the instructions counted) do not depend on the speed of
+    // the machine or of the tool the program runs under.
+    let link = SimConfig {
+        delay: Duration::ZERO,
+        mtu: arg(&args, "--mtu", 1500),
+        ..SimConfig::default()
+    };
+    let (ini_dev, tgt_dev) = sim::link_real_time(link, 3);
     let mut target = Target::new(tgt_dev);
     // Connect and log in, pumping the target from a helper thread (the
     // blocking calls wait on it), then hand the target back to this thread.
@@ -166,18 +198,12 @@ fn main() {
             };
             let mut cmd = Command::new(0, &rw10(opcode, lba, blocks), direction, buffer).unwrap();
             cmd.user_tag = submitted as u64;
-            session.submit(cmd).expect("submit");
+            initiator_submit(&mut session, cmd);
             submitted += 1;
         }
         initiator_round(&mut session);
         target_round(&mut target);
-        while let Some(ev) = session.connection_mut().poll_event() {
-            if let Event::Completed(c) = ev {
-                assert_eq!(c.status, 0, "I/O failed");
-                buffers.push(c.buffer);
-                done += 1;
-            }
-        }
+        done += initiator_complete(&mut session, &mut buffers);
         assert!(Instant::now() < deadline, "stalled at {done} of {ios}");
     }
     let elapsed = start.elapsed();

@@ -459,14 +459,47 @@ fn encode_data_pdu(
     stats.tx_bytes_shared += len as u64;
 }
 
-/// The caller's buffer back from a write: unwrapped when nobody else holds
-/// it, else copied (the transport still has unacknowledged bytes of it).
-fn reclaim_buffer(cmd: &mut Command, out: Option<Arc<Vec<u8>>>, stats: &mut ConnStats) {
-    if let Some(out) = out {
-        cmd.buffer = Arc::try_unwrap(out).unwrap_or_else(|held| {
+/// Most empty `Arc` shells a connection keeps for its next writes.
+const TX_SHELLS: usize = 64;
+
+/// The caller's buffer back from a write: taken out when nobody else holds
+/// it (the emptied `Arc` goes to `shells`, for the next write), else copied
+/// (the transport still has unacknowledged bytes of it).
+fn reclaim_buffer(
+    cmd: &mut Command,
+    out: Option<Arc<Vec<u8>>>,
+    stats: &mut ConnStats,
+    shells: &mut Vec<Arc<Vec<u8>>>,
+) {
+    let Some(mut out) = out else {
+        return;
+    };
+    match Arc::get_mut(&mut out) {
+        Some(buffer) => {
+            cmd.buffer = std::mem::take(buffer);
+            if shells.len() < TX_SHELLS {
+                shells.push(out);
+            }
+        }
+        None => {
             stats.tx_buffers_copied_back += 1;
-            held.as_ref().clone()
-        });
+            cmd.buffer = out.as_ref().clone();
+        }
+    }
+}
+
+/// `buffer` in a shell from `shells` (no allocation), or in a new `Arc`.
+fn share_buffer(buffer: Vec<u8>, shells: &mut Vec<Arc<Vec<u8>>>) -> Arc<Vec<u8>> {
+    match shells.pop() {
+        Some(mut shell) => match Arc::get_mut(&mut shell) {
+            Some(slot) => {
+                *slot = buffer;
+                shell
+            }
+            // Only unshared shells are kept; this is not reached.
+            None => Arc::new(buffer),
+        },
+        None => Arc::new(buffer),
     }
 }
 
@@ -543,6 +576,9 @@ pub struct Connection {
     /// `tx_by_reference`).
     tx_refs: VecDeque<TxRef>,
     tx_by_reference: bool,
+    /// Emptied `Arc`s of writes that came back, reused by the next writes
+    /// so a write sent by reference allocates nothing.
+    tx_shells: Vec<Arc<Vec<u8>>>,
     events: VecDeque<Event>,
     failed: Option<ConnError>,
     last_rx: Instant,
@@ -626,6 +662,7 @@ impl Connection {
             tx_start: 0,
             tx_refs: VecDeque::new(),
             tx_by_reference: false,
+            tx_shells: Vec::new(),
             events: VecDeque::new(),
             failed: None,
             last_rx: now,
@@ -860,7 +897,10 @@ impl Connection {
         let len = cmd.buffer.len();
         let write = cmd.direction == Direction::Write;
         if write && len > 0 && self.tx_by_reference {
-            *out = Some(Arc::new(std::mem::take(&mut cmd.buffer)));
+            *out = Some(share_buffer(
+                std::mem::take(&mut cmd.buffer),
+                &mut self.tx_shells,
+            ));
         }
         let shared = out.as_ref();
         // Unsolicited data: immediate (in the command PDU) then Data-Out up to
@@ -1864,9 +1904,8 @@ impl Connection {
         let max_burst = self.params.max_burst_len;
         let max_r2t = self.params.max_outstanding_r2t;
         let erl = self.erl();
-        let unknown = self.unknown_task("R2T", itt);
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(unknown);
+            return Err(self.unknown_task("R2T", itt));
         };
         if task.cmd_sn.is_none() {
             return Err(not_sent_yet("R2T", itt));
@@ -1954,9 +1993,9 @@ impl Connection {
         sense: Vec<u8>,
         residual: Option<i64>,
     ) -> Result<(), ConnError> {
-        let unknown = self.unknown_task("SCSI status", itt);
+        // The error (a formatted string) is built only when it is due.
         let Some((slot, task)) = self.task_by_itt(itt) else {
-            return Err(unknown);
+            return Err(self.unknown_task("SCSI status", itt));
         };
         if !matches!(task.kind, TaskKind::Scsi { .. }) {
             return Err(ConnError::Protocol(format!(
@@ -1995,7 +2034,7 @@ impl Connection {
             return Ok(());
         };
         self.data_out_ready.retain(|&s| s != slot);
-        reclaim_buffer(&mut cmd, out, &mut self.stats);
+        reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
         let transferred = if cmd.direction == Direction::Read {
             data_done
         } else {
@@ -2131,7 +2170,7 @@ impl Connection {
             if let TaskKind::Scsi { mut cmd, out, .. } = t.kind {
                 // A write sent by reference gets its buffer back first: the
                 // connection that takes it over sends from it again.
-                reclaim_buffer(&mut cmd, out, &mut self.stats);
+                reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
                 match t.cmd_sn {
                     Some(cmd_sn) => orphans.push(Orphan {
                         itt: t.itt,
@@ -2280,7 +2319,7 @@ impl Connection {
                 mut cmd, out: buf, ..
             } = t.kind
             {
-                reclaim_buffer(&mut cmd, buf, &mut self.stats);
+                reclaim_buffer(&mut cmd, buf, &mut self.stats, &mut self.tx_shells);
                 out.push(cmd);
             }
         }

@@ -48,24 +48,92 @@ pub mod checksum {
 
     /// One's-complement sum of `data` (folded to 16 bits, not inverted).
     ///
-    /// Adds little-endian 32-bit words into a 64-bit accumulator (no carry
-    /// to propagate per word, so the loop vectorizes) and swaps the folded
-    /// result into network order: RFC 1071 §2 (A) and (B), the sum does not
-    /// depend on the word size or the byte order it is taken in.
+    /// Adds little-endian 64-bit words into two 128-bit accumulators (the
+    /// carries land in the high half: an add and an add-with-carry per
+    /// word, no fold in the loop), then folds and swaps the result into
+    /// network order: RFC 1071 §2 (A) and (B), the sum does not depend on
+    /// the word size or the byte order it is taken in.
     pub fn sum(data: &[u8]) -> u32 {
-        let mut acc: u64 = 0;
-        let mut words = data.chunks_exact(4);
-        for w in &mut words {
-            acc += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        let mut acc = Acc::default();
+        let mut blocks = data.chunks_exact(32);
+        for block in &mut blocks {
+            acc.block(block);
         }
-        let rest = words.remainder();
-        let mut last = [0u8; 4];
-        last[..rest.len()].copy_from_slice(rest);
-        acc += u64::from(u32::from_le_bytes(last));
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
+        acc.tail(blocks.remainder());
+        acc.finish()
+    }
+
+    /// Copies `src` into `dst` (equal lengths; a longer `dst` keeps its
+    /// tail) and returns `sum(src)`: the checksum is taken in the same pass
+    /// as the copy, each 32-byte block summed as it is stored, so the
+    /// payload is read once (a copy then a [`sum`] reads it twice).
+    pub fn copy_and_sum(dst: &mut [u8], src: &[u8]) -> u32 {
+        let n = src.len().min(dst.len());
+        let (src, dst) = (&src[..n], &mut dst[..n]);
+        let mut acc = Acc::default();
+        let mut blocks = src.chunks_exact(32);
+        let mut outs = dst.chunks_exact_mut(32);
+        for (block, out) in (&mut blocks).zip(&mut outs) {
+            out.copy_from_slice(block);
+            acc.block(block);
         }
-        u32::from((acc as u16).swap_bytes())
+        let rest = blocks.remainder();
+        outs.into_remainder().copy_from_slice(rest);
+        acc.tail(rest);
+        acc.finish()
+    }
+
+    /// The running sum of [`sum`] and [`copy_and_sum`]: 64-bit words added
+    /// into 128 bits (two accumulators, so the adds do not wait on each
+    /// other). 2^77 bytes would be needed to overflow it.
+    #[derive(Default)]
+    struct Acc {
+        a: u128,
+        b: u128,
+    }
+
+    impl Acc {
+        #[inline(always)]
+        fn word(bytes: &[u8]) -> u128 {
+            let mut w = [0u8; 8];
+            w[..bytes.len()].copy_from_slice(bytes);
+            u128::from(u64::from_le_bytes(w))
+        }
+
+        /// Adds one 32-byte block.
+        #[inline(always)]
+        fn block(&mut self, block: &[u8]) {
+            self.a += Acc::word(&block[0..8]) + Acc::word(&block[8..16]);
+            self.b += Acc::word(&block[16..24]) + Acc::word(&block[24..32]);
+        }
+
+        /// Adds the last bytes (fewer than 32), the final partial word
+        /// padded with zeros.
+        fn tail(&mut self, rest: &[u8]) {
+            for w in rest.chunks(8) {
+                self.a += Acc::word(w);
+            }
+        }
+
+        fn finish(self) -> u32 {
+            let acc = self.a + self.b;
+            // 128 → 64 → 32 → 16 bits, end-around carries included.
+            let acc = (acc as u64 as u128) + (acc >> 64);
+            let acc = (acc as u64 as u128) + (acc >> 64);
+            let acc = acc as u64;
+            let mut acc = (acc & 0xffff_ffff) + (acc >> 32);
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            u32::from((acc as u16).swap_bytes())
+        }
+    }
+
+    /// [`copy_and_sum`] for a piece that starts `at` bytes into the summed
+    /// data (see [`sum_at`]).
+    pub fn copy_and_sum_at(dst: &mut [u8], src: &[u8], at: usize) -> u32 {
+        let s = fold(copy_and_sum(dst, src));
+        u32::from(if at % 2 == 1 { s.swap_bytes() } else { s })
     }
 
     /// The sum of a piece that starts `at` bytes into the summed data: a
@@ -155,6 +223,64 @@ mod tests {
             cuts.sort_unstable();
             let parts: Vec<u32> = cuts.windows(2).map(|w| sum_at(&data[w[0]..w[1]], w[0])).collect();
             proptest::prop_assert_eq!(fold(combine(&parts)), reference(&data));
+        }
+
+        /// The checksum folded into the copy gives the plain checksum of
+        /// the bytes copied, and the copy is exact, for any start and length
+        /// (odd ones included) within the source and the destination.
+        #[test]
+        fn copy_and_sum_matches_the_plain_sum(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            from in 0usize..3000,
+            len in 0usize..3000,
+            to in 0usize..17,
+        ) {
+            let from = from.min(data.len());
+            let src = &data[from..(from + len).min(data.len())];
+            let mut out = vec![0xa5u8; to + src.len() + 9];
+            let got = copy_and_sum(&mut out[to..to + src.len()], src);
+            proptest::prop_assert_eq!(got, sum(src));
+            proptest::prop_assert_eq!(fold(got), reference(src));
+            proptest::prop_assert_eq!(&out[to..to + src.len()], src);
+            proptest::prop_assert!(out[..to].iter().all(|&b| b == 0xa5), "bytes before untouched");
+            proptest::prop_assert!(out[to + src.len()..].iter().all(|&b| b == 0xa5), "bytes after untouched");
+            proptest::prop_assert_eq!(copy_and_sum_at(&mut out[to..to + src.len()], src, to), sum_at(src, to));
+        }
+
+        #[test]
+        fn copied_pieces_sum_to_the_whole(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..1600),
+            cuts in proptest::collection::vec(0usize..1600, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.push(0);
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            let mut out = vec![0u8; data.len()];
+            let parts: Vec<u32> = cuts
+                .windows(2)
+                .map(|w| copy_and_sum_at(&mut out[w[0]..w[1]], &data[w[0]..w[1]], w[0]))
+                .collect();
+            proptest::prop_assert_eq!(&out, &data);
+            proptest::prop_assert_eq!(fold(combine(&parts)), reference(&data));
+        }
+    }
+
+    #[test]
+    fn copy_and_sum_of_odd_lengths_at_odd_offsets() {
+        // Every length 0..=40 at every offset 0..8 of a fixed pattern.
+        let data: Vec<u8> = (0..64u32).map(|i| (i * 37 + 11) as u8).collect();
+        for at in 0..8 {
+            for len in 0..=40 {
+                let src = &data[at..at + len];
+                let mut out = [0u8; 64];
+                assert_eq!(
+                    copy_and_sum(&mut out[at..at + len], src),
+                    sum(src),
+                    "at {at} len {len}"
+                );
+                assert_eq!(&out[at..at + len], src);
+            }
         }
     }
 }

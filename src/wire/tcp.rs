@@ -601,9 +601,11 @@ impl TcpRepr<'_> {
         let mut at = header_len;
         for piece in pieces {
             let out = &mut b[at..at + piece.len()];
-            out.copy_from_slice(piece);
             if compute {
-                acc = checksum::combine(&[acc, checksum::sum_at(out, at)]);
+                // One pass: the checksum is taken as the bytes are copied.
+                acc = checksum::combine(&[acc, checksum::copy_and_sum_at(out, piece, at)]);
+            } else {
+                out.copy_from_slice(piece);
             }
             at += piece.len();
         }

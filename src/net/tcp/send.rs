@@ -18,23 +18,27 @@ pub type SharedBytes = Arc<Vec<u8>>;
 pub const MAX_GATHER: usize = 16;
 
 #[derive(Debug)]
-enum Piece {
-    /// This many bytes of the ring, in order.
-    Inline(usize),
-    /// `buf[start..start + len]`.
-    Shared {
-        buf: SharedBytes,
-        start: usize,
-        len: usize,
-    },
+enum Kind {
+    /// Ring bytes, the first of them the `ring_at`-th byte ever put in the
+    /// ring.
+    Inline { ring_at: u64 },
+    /// `buf[start..]`.
+    Shared { buf: SharedBytes, start: usize },
+}
+
+/// `len` bytes of the stream from its `at`-th byte (positions count from
+/// the queue's creation and never move, so a lookup is a binary search and
+/// acknowledging bytes changes no piece but the first).
+#[derive(Debug)]
+struct Piece {
+    at: u64,
+    len: usize,
+    kind: Kind,
 }
 
 impl Piece {
-    fn len(&self) -> usize {
-        match self {
-            Piece::Inline(n) => *n,
-            Piece::Shared { len, .. } => *len,
-        }
+    fn end(&self) -> u64 {
+        self.at + self.len as u64
     }
 }
 
@@ -48,6 +52,10 @@ pub struct SendBuffer {
     /// Shared pieces in `pieces`.
     shared: usize,
     len: usize,
+    /// Stream position of the first byte queued (`SND.UNA`'s byte).
+    head: u64,
+    /// Bytes ever taken out of the ring: the ring position of its first byte.
+    ring_head: u64,
 }
 
 impl SendBuffer {
@@ -57,6 +65,8 @@ impl SendBuffer {
             pieces: VecDeque::new(),
             shared: 0,
             len: 0,
+            head: 0,
+            ring_head: 0,
         }
     }
     /// Bytes queued (copied and referenced) may not exceed this.
@@ -74,10 +84,11 @@ impl SendBuffer {
     }
     /// Bytes held by reference, not copied.
     pub fn shared_len(&self) -> usize {
+        let head = self.head;
         self.pieces
             .iter()
-            .filter(|p| matches!(p, Piece::Shared { .. }))
-            .map(Piece::len)
+            .filter(|p| matches!(p.kind, Kind::Shared { .. }))
+            .map(|p| (p.end() - p.at.max(head)) as usize)
             .sum()
     }
     pub fn clear(&mut self) {
@@ -85,16 +96,31 @@ impl SendBuffer {
         self.pieces.clear();
         self.shared = 0;
         self.len = 0;
+        self.head = 0;
+        self.ring_head = 0;
+    }
+
+    /// Stream position just past the last byte queued.
+    fn tail(&self) -> u64 {
+        self.head + self.len as u64
     }
 
     /// Copies as much of `data` as fits; returns the count.
     pub fn enqueue_slice(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(self.window());
+        let ring_tail = self.ring_head + self.ring.len() as u64;
         let written = self.ring.enqueue_slice(&data[..n]);
         if written > 0 && self.shared > 0 {
+            let at = self.tail();
             match self.pieces.back_mut() {
-                Some(Piece::Inline(len)) => *len += written,
-                _ => self.pieces.push_back(Piece::Inline(written)),
+                // Ring bytes are in stream order: the last inline piece
+                // grows when nothing was shared after it.
+                Some(p) if matches!(p.kind, Kind::Inline { .. }) => p.len += written,
+                _ => self.pieces.push_back(Piece {
+                    at,
+                    len: written,
+                    kind: Kind::Inline { ring_at: ring_tail },
+                }),
             }
         }
         self.len += written;
@@ -109,22 +135,34 @@ impl SendBuffer {
         if n == 0 {
             return 0;
         }
-        if self.shared == 0 && !self.ring.is_empty() {
+        if self.shared == 0 {
             self.pieces.clear();
-            self.pieces.push_back(Piece::Inline(self.ring.len()));
+            if !self.ring.is_empty() {
+                self.pieces.push_back(Piece {
+                    at: self.head,
+                    len: self.ring.len(),
+                    kind: Kind::Inline {
+                        ring_at: self.ring_head,
+                    },
+                });
+            }
         }
+        let at = self.tail();
         match self.pieces.back_mut() {
             // The next bytes of the same buffer extend the last piece.
-            Some(Piece::Shared {
-                buf: b,
-                start: s,
+            Some(Piece {
                 len: l,
+                kind: Kind::Shared { buf: b, start: s },
+                ..
             }) if Arc::ptr_eq(b, buf) && *s + *l == start => *l += n,
             _ => {
-                self.pieces.push_back(Piece::Shared {
-                    buf: buf.clone(),
-                    start,
+                self.pieces.push_back(Piece {
+                    at,
                     len: n,
+                    kind: Kind::Shared {
+                        buf: buf.clone(),
+                        start,
+                    },
                 });
                 self.shared += 1;
             }
@@ -133,29 +171,39 @@ impl SendBuffer {
         n
     }
 
+    /// At most `max` bytes of piece `index` from stream position `pos`
+    /// (inside the piece).
+    fn piece_slice(&self, index: usize, pos: u64, max: usize) -> &[u8] {
+        let Some(piece) = self.pieces.get(index) else {
+            return &[];
+        };
+        let into = (pos - piece.at) as usize;
+        let n = max.min(piece.len - into);
+        match &piece.kind {
+            Kind::Inline { ring_at } => {
+                let ring_offset = (ring_at + into as u64 - self.ring_head) as usize;
+                self.ring.get_allocated(ring_offset, n)
+            }
+            Kind::Shared { buf, start } => &buf[start + into..start + into + n],
+        }
+    }
+
+    /// The piece holding stream position `pos`, if any.
+    fn find(&self, pos: u64) -> Option<usize> {
+        let index = self.pieces.partition_point(|p| p.end() <= pos);
+        (index < self.pieces.len()).then_some(index)
+    }
+
     /// The contiguous bytes from `offset`, at most `max` of them.
     pub fn get_allocated(&self, offset: usize, max: usize) -> &[u8] {
         if self.shared == 0 {
             return self.ring.get_allocated(offset, max);
         }
-        let mut at = 0;
-        let mut ring_at = 0;
-        for piece in &self.pieces {
-            let len = piece.len();
-            if offset < at + len {
-                let into = offset - at;
-                let n = max.min(len - into);
-                return match piece {
-                    Piece::Inline(_) => self.ring.get_allocated(ring_at + into, n),
-                    Piece::Shared { buf, start, .. } => &buf[start + into..start + into + n],
-                };
-            }
-            at += len;
-            if let Piece::Inline(n) = piece {
-                ring_at += n;
-            }
+        let pos = self.head + offset as u64;
+        match self.find(pos) {
+            Some(index) => self.piece_slice(index, pos, max),
+            None => &[],
         }
-        &[]
     }
 
     /// Fills `out` with the slices holding `len` bytes from `offset` (fewer
@@ -163,10 +211,37 @@ impl SendBuffer {
     /// returns the slice count and the bytes they cover.
     pub fn gather<'a>(&'a self, offset: usize, len: usize, out: &mut [&'a [u8]]) -> (usize, usize) {
         let (mut count, mut total) = (0, 0);
+        if self.shared == 0 {
+            while count < out.len() && total < len {
+                let piece = self.ring.get_allocated(offset + total, len - total);
+                if piece.is_empty() {
+                    break;
+                }
+                out[count] = piece;
+                count += 1;
+                total += piece.len();
+            }
+            return (count, total);
+        }
+        // One search, then the pieces after it in turn.
+        let pos = self.head + offset as u64;
+        let Some(mut index) = self.find(pos) else {
+            return (0, 0);
+        };
         while count < out.len() && total < len {
-            let piece = self.get_allocated(offset + total, len - total);
+            let at = pos + total as u64;
+            let piece = self.piece_slice(index, at, len - total);
             if piece.is_empty() {
                 break;
+            }
+            // Short of the piece's end when the ring wraps inside it: the
+            // same piece again, from where this slice ends.
+            if self
+                .pieces
+                .get(index)
+                .is_some_and(|p| at + piece.len() as u64 >= p.end())
+            {
+                index += 1;
             }
             out[count] = piece;
             count += 1;
@@ -185,34 +260,36 @@ impl SendBuffer {
     /// Drops `count` bytes from the front (acknowledged), releasing the
     /// references whose bytes are all gone.
     pub fn dequeue_allocated(&mut self, count: usize) {
-        let mut count = count.min(self.len);
+        let count = count.min(self.len);
         self.len -= count;
         if self.shared == 0 {
             self.ring.dequeue_allocated(count);
+            self.ring_head += count as u64;
+            self.head += count as u64;
             return;
         }
-        while count > 0 {
-            let Some(piece) = self.pieces.front_mut() else {
+        let new_head = self.head + count as u64;
+        while let Some(piece) = self.pieces.front() {
+            let from = piece.at.max(self.head);
+            let upto = piece.end().min(new_head);
+            if let Kind::Inline { .. } = piece.kind {
+                let n = upto.saturating_sub(from) as usize;
+                self.ring.dequeue_allocated(n);
+                self.ring_head += n as u64;
+            }
+            if piece.end() > new_head {
                 break;
-            };
-            let n = count.min(piece.len());
-            count -= n;
-            match piece {
-                Piece::Inline(len) => {
-                    self.ring.dequeue_allocated(n);
-                    *len -= n;
-                }
-                Piece::Shared { start, len, .. } => {
-                    *start += n;
-                    *len -= n;
-                }
             }
-            if piece.len() == 0 {
-                if let Some(Piece::Shared { .. }) = self.pieces.pop_front() {
-                    self.shared -= 1;
-                }
+            if let Some(Piece {
+                kind: Kind::Shared { .. },
+                ..
+            }) = self.pieces.pop_front()
+            {
+                self.shared -= 1;
             }
+            self.head = upto;
         }
+        self.head = new_head;
         if self.shared == 0 {
             // Only ring bytes are left: back to the plain ring.
             self.pieces.clear();
@@ -278,6 +355,57 @@ mod tests {
         assert!(b.is_empty());
         assert_eq!(b.enqueue_slice(b"tail"), 4);
         assert_eq!(collect(&b, 0), b"tail");
+    }
+
+    proptest::proptest! {
+        /// Any mix of copied and shared bytes, acknowledged in any steps,
+        /// reads back as the same stream as a plain byte model: byte by
+        /// byte lookups and gathers from any offset (the ring wraps).
+        #[test]
+        fn pieces_read_back_as_the_stream(
+            ops in proptest::collection::vec((0u8..3, 0usize..40, 0usize..8), 1..60),
+            offset in 0usize..64,
+        ) {
+            let mut b = SendBuffer::new(64);
+            let data: SharedBytes = Arc::new((0..200u32).map(|i| (i * 7 + 3) as u8).collect());
+            let mut model: Vec<u8> = Vec::new();
+            let mut next = 0u8;
+            let mut shared_at = 0usize;
+            for (op, n, skip) in ops {
+                match op {
+                    0 => {
+                        let bytes: Vec<u8> = (0..n).map(|i| next.wrapping_add(i as u8) | 0x80).collect();
+                        next = next.wrapping_add(n as u8);
+                        let took = b.enqueue_slice(&bytes);
+                        model.extend_from_slice(&bytes[..took]);
+                    }
+                    1 => {
+                        // Sometimes continues the last shared range, sometimes not.
+                        let start = (shared_at + skip % 2) % 150;
+                        let took = b.enqueue_shared(&data, start, n);
+                        model.extend_from_slice(&data[start..start + took]);
+                        shared_at = start + took;
+                    }
+                    _ => {
+                        let n = n.min(model.len());
+                        b.dequeue_allocated(n);
+                        model.drain(..n);
+                        b.rewind_if_empty();
+                    }
+                }
+                proptest::prop_assert_eq!(b.len(), model.len());
+                proptest::prop_assert_eq!(collect(&b, 0), model.clone());
+                let from = offset.min(model.len());
+                let mut slices = [&[][..]; MAX_GATHER];
+                let (count, total) = b.gather(from, model.len() - from, &mut slices);
+                let joined: Vec<u8> = slices[..count].concat();
+                proptest::prop_assert_eq!(total, joined.len());
+                proptest::prop_assert_eq!(&joined[..], &model[from..from + total]);
+                proptest::prop_assert!(count == MAX_GATHER || total == model.len() - from);
+            }
+            b.clear();
+            proptest::prop_assert_eq!(Arc::strong_count(&data), 1);
+        }
     }
 
     #[test]
