@@ -285,9 +285,12 @@ pub fn inspect(
     if let Some(key) = cfg.pr_key {
         if let Some(gate) = &cfg.preempt_gate {
             gate.wait_clear(cfg.login_timeout).map_err(|waited| {
-                login_err(format!(
-                    "a PREEMPT AND ABORT of this path's key {key:#x} (fencing its failed session) is still unanswered after {waited:?}; registering before its answer would be undone by it"
-                ))
+                MultipathError::Login {
+                    path: cfg.name.clone(),
+                    reason: format!(
+                        "a PREEMPT AND ABORT of this path's key {key:#x} (fencing its failed session) is still unanswered after {waited:?}; registering before its answer would be undone by it"
+                    ),
+                }
             })?;
         }
         register_fence_key(&mut session, cfg.lun, key, &cfg.name, &scsi_err)?;

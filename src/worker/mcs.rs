@@ -218,6 +218,7 @@ mod tests {
             timers: ConnTimers::default(),
             login_timeout: Duration::from_secs(1),
             pr_key: None,
+            preempt_gate: None,
         }
     }
 

@@ -2162,6 +2162,7 @@ mod preempt_race_tests {
             alua_control: Arc::new(AluaControl::new(shared.clone())),
             fence: Some(board.clone()),
             peers: Arc::from(shared.clone()),
+            mcs: None,
         });
         assert!(
             w1.probe.preempt_gate.is_some(),
