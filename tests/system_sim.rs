@@ -781,6 +781,8 @@ struct Path {
     /// Reservation commands of the current login not answered yet: the
     /// path carries I/O only after them (as the probe registers before).
     registering: u8,
+    /// UNIT ATTENTIONs its registration got in this session (sent again).
+    own_retries: u8,
     /// A PREEMPT AND ABORT this path sent for another path.
     preempt: Option<FenceJob>,
     /// A LOGICAL UNIT RESET this path sent for another path, and when.
@@ -871,6 +873,15 @@ fn take_socket(iface: &mut Interface, pool: &mut Vec<SocketHandle>) -> SocketHan
     {
         Some(i) => pool.swap_remove(i),
         None => iface.add_socket(None),
+    }
+}
+
+/// The sense key of fixed or descriptor format sense data.
+fn sense_key(sense: &[u8]) -> Option<u8> {
+    match sense.first()? & 0x7f {
+        0x70 | 0x71 => sense.get(2).map(|k| k & 0x0f),
+        0x72 | 0x73 => sense.get(1).map(|k| k & 0x0f),
+        _ => None,
     }
 }
 
@@ -1108,6 +1119,7 @@ impl Sim {
                 lose_r2t: 0,
                 aborts: None,
                 registering: 0,
+                own_retries: 0,
                 preempt: None,
                 lun_reset: None,
             });
@@ -1832,6 +1844,7 @@ impl Sim {
                         RESERVE_TAG,
                     );
                     path.registering = 2;
+                    path.own_retries = 0;
                     for c in [reg, res] {
                         if let Err(e) = conn.submit(c, std_now) {
                             failure = Some(format!("reservation registration: {e}"));
@@ -2115,6 +2128,44 @@ impl Sim {
                 check_status(c.status, &c.sense).map_err(|e| e.to_string())
             }
         };
+        // A new session's first commands get UNIT ATTENTION (power on,
+        // reset): sent again, as the probe's retries do.
+        let ua = c.response == 0 && c.status == 0x02 && sense_key(&c.sense) == Some(0x06);
+        if ua && matches!(c.user_tag, REGISTER_TAG | RESERVE_TAG) && self.paths[p].own_retries < 4 {
+            self.paths[p].own_retries += 1;
+            let rf = self
+                .sc
+                .steps
+                .reservation
+                .ok_or("reservation command without the step")?;
+            let key = rf.key_of(p);
+            let cmd = if c.user_tag == REGISTER_TAG {
+                pr_out(
+                    PrOutAction::RegisterAndIgnoreExistingKey,
+                    PrOutParams {
+                        sa_key: key,
+                        ..PrOutParams::default()
+                    },
+                    REGISTER_TAG,
+                )
+            } else {
+                pr_out(
+                    PrOutAction::Reserve,
+                    PrOutParams {
+                        key,
+                        ..PrOutParams::default()
+                    },
+                    RESERVE_TAG,
+                )
+            };
+            let std_now = self.std(self.now);
+            if let Ini::Up { conn, .. } = &mut self.paths[p].state {
+                return conn
+                    .submit(cmd, std_now)
+                    .map_err(|e| format!("reservation registration: {e}"));
+            }
+            return Ok(());
+        }
         match c.user_tag {
             REGISTER_TAG => {
                 self.paths[p].registering = self.paths[p].registering.saturating_sub(1);
