@@ -3101,6 +3101,29 @@ fn done_after_fence(log: &[String], id: u64) -> bool {
     })
 }
 
+/// Whether a session ended by `how` ("PREEMPT AND ABORT", "LOGICAL UNIT
+/// RESET") held a write that then completed on a path (after that line).
+fn fenced_by(log: &[String], how: &str) -> bool {
+    log.iter().enumerate().any(|(i, l)| {
+        let Some(at) = l.find(&format!("'s {how} (attempt")) else {
+            return false;
+        };
+        // "... session E of path V ended by path P's HOW (attempt ..."
+        let head = &l[..at];
+        let (Some(e), Some(v)) = (io_after(head, "session "), io_after(head, " of path ")) else {
+            return false;
+        };
+        let held = format!("held until session {e} of path {v} ");
+        log[..i].iter().any(|h| {
+            h.contains(&held)
+                && io_after(h, "fence: write io ").is_some_and(|id| {
+                    let done = format!("write io {id} done after its fence: Ok(()) on path Some");
+                    log[i..].iter().any(|d| d.contains(&done))
+                })
+        })
+    })
+}
+
 fn extra_steps_off() -> bool {
     std::env::var("SYSTEM_SIM_FENCE").is_ok_and(|v| v == "0")
 }
@@ -3169,16 +3192,9 @@ fn a_seed_shows_preempt_and_abort_fencing() {
                     .any(|f| f.kind == FaultKind::HungTarget && f.param == 1)
         },
         |sim| {
-            let log = &sim.fence_log;
             sim.stats.preempt_fences > 0
                 && sim.stats.late_refused > 0
-                && log
-                    .iter()
-                    .any(|l| l.contains("ended by path") && l.contains("PREEMPT AND ABORT"))
-                && log.iter().any(|l| {
-                    io_after(l, "fence: write io ")
-                        .is_some_and(|id| l.contains("held until") && done_after_fence(log, id))
-                })
+                && fenced_by(&sim.fence_log, "PREEMPT AND ABORT")
         },
     );
 }
@@ -3200,13 +3216,6 @@ fn a_seed_shows_lun_reset_fencing() {
                 && !sc.steps.one_group
                 && sc.faults.iter().any(|f| f.kind == FaultKind::HungTarget)
         },
-        |sim| {
-            let log = &sim.fence_log;
-            sim.stats.lun_reset_fences > 0
-                && log.iter().any(|l| {
-                    io_after(l, "fence: write io ")
-                        .is_some_and(|id| l.contains("held until") && done_after_fence(log, id))
-                })
-        },
+        |sim| sim.stats.lun_reset_fences > 0 && fenced_by(&sim.fence_log, "LOGICAL UNIT RESET"),
     );
 }
