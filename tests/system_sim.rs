@@ -245,8 +245,12 @@ struct FenceSteps {
 fn fence_steps(seed: u64) -> FenceSteps {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0xfe9c_e57e_95ee_d000);
     let cross = std::env::var("SYSTEM_SIM_CROSS_FENCE").map_or(true, |v| v != "0");
+    // `after` above any write's service time here (a 128 KiB write in
+    // 512-byte bursts takes about a second on a slow link): with a
+    // shorter one every attempt of such a write is aborted in turn, and
+    // abort bounces are not retries, so it never completes.
     let abort = rng.gen_bool(0.5).then(|| AbortPolicy {
-        after: ms(rng.gen_range(300..2_000)),
+        after: ms(rng.gen_range(2_000..6_000)),
         answer_within: ms(rng.gen_range(300..1_500)),
     });
     let one_group = rng.gen_bool(0.6) && cross;
@@ -592,13 +596,19 @@ struct WindowCheck {
     commands: u64,
     /// SCSI Responses with RESERVATION CONFLICT status.
     conflicts: u64,
+    /// ITTs of the SCSI Commands in the bytes fed last.
+    new_tasks: Vec<u32>,
 }
 
 impl WindowCheck {
     fn on_initiator_bytes(&mut self, bytes: &[u8]) -> Result<(), String> {
         let mut pdus = Vec::new();
         self.rx.feed(bytes, &mut pdus);
+        self.new_tasks.clear();
         for p in pdus {
+            if p.opcode == 0x01 {
+                self.new_tasks.push(be32(&p.bhs[16..20]));
+            }
             let cmd_sn = Sn(be32(&p.bhs[24..28]));
             match p.opcode {
                 // Login Request: its CmdSN is the first one of the session.
@@ -1465,6 +1475,12 @@ impl Sim {
                         Ok(n) => {
                             if let Err(e) = c.check.on_initiator_bytes(&buf[..n]) {
                                 return Err(format!("path {p} target conn {}: {e}", c.id));
+                            }
+                            // An ITT used again is a new task: only the
+                            // forgotten one loses its R2Ts.
+                            if !c.lost_itts.is_empty() {
+                                let new = &c.check.new_tasks;
+                                c.lost_itts.retain(|i| !new.contains(i));
                             }
                             if protected && path.corrupt_rx > 0 {
                                 path.corrupt_rx -= 1;
