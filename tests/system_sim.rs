@@ -450,7 +450,9 @@ fn scenario(seed: u64) -> Scenario {
                 kind: FaultKind::LostR2t,
                 path: frng.gen_range(0..paths),
                 at,
-                duration: Duration::ZERO,
+                // Writes waiting for R2Ts within 2 s lose them: one that
+                // came later would be a fault after the faults ended.
+                duration: ms(2_000),
                 param: frng.gen_range(1..=2),
             });
             *counts.entry(FaultKind::LostR2t).or_default() += 1;
@@ -1355,6 +1357,7 @@ impl Sim {
                     }
                 }
                 (FaultKind::LostR2t, true) => self.paths[p].lose_r2t += f.param,
+                (FaultKind::LostR2t, false) => self.paths[p].lose_r2t = 0,
                 (FaultKind::Reject, true) => {
                     self.shared
                         .faults
