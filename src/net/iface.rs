@@ -106,6 +106,11 @@ pub struct InterfaceCounters {
     pub arp_requests_sent: u64,
     pub arp_replies_sent: u64,
     pub arp_learned: u64,
+    /// ARP packets whose sender hardware address is not the frame's
+    /// Ethernet source: dropped (a flipped bit past the NIC's FCS check
+    /// would otherwise teach a wrong MAC for the neighbour's lifetime;
+    /// ARP has no checksum of its own).
+    pub rx_arp_mismatch: u64,
     pub icmp_echo_replies: u64,
     pub tcp_resets_sent: u64,
     pub tx_blocked_no_neighbour: u64,
@@ -623,7 +628,7 @@ impl Interface {
             return;
         }
         match eth_repr.ethertype {
-            EtherType::Arp => self.process_arp(now, eth.payload()),
+            EtherType::Arp => self.process_arp(now, eth_repr.src_addr, eth.payload()),
             EtherType::Ipv4 => {
                 self.process_ipv4(now, eth_repr.src_addr, eth.payload(), meta, direct)
             }
@@ -631,7 +636,7 @@ impl Interface {
         }
     }
 
-    fn process_arp(&mut self, now: Instant, payload: &[u8]) {
+    fn process_arp(&mut self, now: Instant, eth_src: EthernetAddress, payload: &[u8]) {
         let Ok(packet) = arp_wire::Packet::new_checked(payload) else {
             self.counters.rx_malformed += 1;
             return;
@@ -640,6 +645,16 @@ impl Interface {
             self.counters.rx_malformed += 1;
             return;
         };
+        // ARP has no checksum: the one cross-check is the frame's own
+        // source. A neighbour answers with its own MAC in both; a bit
+        // flipped in either (e.g. in a switch's memory, past the FCS) is
+        // dropped here, and a pending request is sent again after
+        // `arp_retry`, instead of a wrong MAC being learned (and every
+        // frame to the neighbour going nowhere) until the entry expires.
+        if repr.source_hardware_addr != eth_src {
+            self.counters.rx_arp_mismatch += 1;
+            return;
+        }
         let sender_ip = repr.source_protocol_addr;
         let sender_mac = repr.source_hardware_addr;
         if sender_mac == self.mac
@@ -876,5 +891,101 @@ impl Interface {
         } else {
             self.counters.reply_queue_full += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::phy::sim::{self, SimConfig, SimDevice};
+    use crate::phy::TxOffload;
+
+    const US: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+    const PEER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
+
+    /// The peer's ARP reply to `to`, with `sender_mac` in the ARP payload.
+    fn reply_from_peer(
+        peer: &mut SimDevice,
+        to: EthernetAddress,
+        eth_src: EthernetAddress,
+        sender_mac: EthernetAddress,
+    ) {
+        let repr = ArpRepr {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: sender_mac,
+            source_protocol_addr: PEER,
+            target_hardware_addr: to,
+            target_protocol_addr: US,
+        };
+        let eth = EthernetRepr {
+            src_addr: eth_src,
+            dst_addr: to,
+            ethertype: EtherType::Arp,
+        };
+        peer.tx_frame(
+            ethernet::HEADER_LEN + arp_wire::PACKET_LEN,
+            TxOffload::default(),
+            &mut |buf| {
+                eth.emit(buf).unwrap();
+                repr.emit(&mut buf[ethernet::HEADER_LEN..]).unwrap();
+            },
+        )
+        .unwrap();
+    }
+
+    /// Seed 7206 of tests/system_sim.rs: the target's ARP reply had one bit
+    /// of its sender hardware address flipped (02:.. became 06:..), the
+    /// initiator learned the wrong MAC, and every SYN went to it (the
+    /// target dropped them as not for it) until the entry expired 60 s
+    /// later. Such a reply is now dropped and the request is sent again.
+    #[test]
+    fn an_arp_reply_whose_sender_mac_is_not_the_frame_source_is_not_learned() {
+        let (mut ours, mut peer) = sim::link(SimConfig::default(), 7206);
+        let mut iface = Interface::new(InterfaceConfig::new(US, 24), ours.caps());
+        let peer_mac = EthernetAddress(peer.caps().mac);
+        let mut flipped = peer_mac;
+        flipped.0[0] ^= 1 << 2;
+        let h = iface.add_socket(None);
+        iface
+            .connect(Instant::ZERO, h, SocketAddrV4::new(PEER, 3260))
+            .unwrap();
+        iface.poll(Instant::ZERO, &mut ours);
+        assert_eq!(iface.counters().arp_requests_sent, 1);
+
+        // Both ends share the link's clock: poll ours for `ms` ms from `t`.
+        let run = |iface: &mut Interface, ours: &mut SimDevice, t: Instant, ms: u64| {
+            for i in 1..=ms {
+                let now = t + Duration::from_millis(i);
+                ours.set_now(now);
+                iface.poll(now, ours);
+            }
+            t + Duration::from_millis(ms)
+        };
+        reply_from_peer(&mut peer, iface.mac(), peer_mac, flipped);
+        let t = run(&mut iface, &mut ours, Instant::ZERO, 10);
+        assert_eq!(
+            iface.neighbour(PEER, t),
+            None,
+            "the flipped MAC is not learned"
+        );
+        assert_eq!(iface.counters().rx_arp_mismatch, 1);
+
+        // The request goes out again after arp_retry; a sound reply is
+        // learned and the SYN goes to the right MAC.
+        let t = run(&mut iface, &mut ours, t, 1_000);
+        assert_eq!(iface.counters().arp_requests_sent, 2);
+        reply_from_peer(&mut peer, iface.mac(), peer_mac, peer_mac);
+        let t = run(&mut iface, &mut ours, t, 10);
+        assert_eq!(iface.neighbour(PEER, t), Some(peer_mac));
+        // The SYN goes out (at once, or on its retransmission timer).
+        run(&mut iface, &mut ours, t, 3_000);
+        let mut syn_to = None;
+        peer.rx_burst(64, &mut |f, _| {
+            let eth = Frame::new_checked(f).unwrap();
+            if eth.ethertype() == EtherType::Ipv4 {
+                syn_to = Some(EthernetRepr::parse(&eth).unwrap().dst_addr);
+            }
+        });
+        assert_eq!(syn_to, Some(peer_mac));
     }
 }

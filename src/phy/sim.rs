@@ -173,7 +173,17 @@ impl Medium {
             if !frame.is_empty() && self.rng.gen_bool(self.config.corrupt.clamp(0.0, 1.0)) {
                 self.counters.corrupted += 1;
                 let at = self.rng.gen_range(0..frame.len());
-                frame[at] ^= 1 << self.rng.gen_range(0..8);
+                let bit = self.rng.gen_range(0..8);
+                frame[at] ^= 1 << bit;
+                if self.config.trace {
+                    eprintln!(
+                        "{} {}->{} CORRUPTED byte {at} bit {bit}: {}",
+                        self.now(),
+                        1 - to,
+                        to,
+                        describe(&frame)
+                    );
+                }
             }
             self.order += 1;
             self.queues[to].push(InFlight {
