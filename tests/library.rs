@@ -3,8 +3,8 @@
 //! too), and its errors for a wrong target name, wrong secret and an
 //! unreachable portal.
 
-use iscsi_bypass::target::{Target, TargetConfig};
 use iscsi_bypass::multipath::DiscoveryError;
+use iscsi_bypass::target::{Target, TargetConfig};
 use iscsi_bypass::{Chap, Device, IdleMode, MultipathError, Options};
 use std::time::Duration;
 

@@ -766,12 +766,10 @@ impl DeviceConfig {
             }
             target = Some(t.to_string());
             lun = Some(l);
-            let addr = url
-                .socket_addr()
-                .map_err(|e| ConfigError::PortalAddress {
-                    url: url.to_string(),
-                    error: e.into(),
-                })?;
+            let addr = url.socket_addr().map_err(|e| ConfigError::PortalAddress {
+                url: url.to_string(),
+                error: e.into(),
+            })?;
             let login = login_from_url(&url, initiator, t);
             paths.push(make_path(i, addr, login)?);
         }

@@ -23,6 +23,7 @@ pub use config::{
     AddrConnector, BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PathConnector,
     PortBinding,
 };
+pub use config::{ConfigError, DiscoveryError};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use fence::{
     AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, ReservationFence,
@@ -33,7 +34,6 @@ pub use io::{Io, IoCompletion, IoError, IoOp, LuCaps};
 pub use path::{
     Nexus, PathEvent, PathHealth, PathLoad, PathShared, PathState, PathStats, ReconnectPolicy,
 };
-pub use config::{ConfigError, DiscoveryError};
 pub use selector::{select, Policy, SelectorState};
 pub use silence::{FastPing, SilenceVerdict, SilenceWatch};
 

@@ -304,34 +304,34 @@ fn stack_for_binding(
             })
             .collect::<Vec<_>>()
     };
-    let found = match &binding.iface {
-        Some(iface) => {
-            let s = stacks
-                .iter()
-                .position(|s| by_iface(s, iface))
-                .ok_or_else(|| ConfigError::NoDpdkPort {
-                    binding: binding.describe(),
-                    iface: iface.clone(),
-                    ports: describe_all(),
-                })?;
-            if let Some(wanted) = binding.source.filter(|_| !by_source(&stacks[s])) {
-                return Err(ConfigError::DpdkStackAddress {
-                    binding: binding.describe(),
-                    port: stacks[s].options().port.clone(),
-                    has: stacks[s].options().local_ip,
-                    wanted,
-                });
+    let found =
+        match &binding.iface {
+            Some(iface) => {
+                let s = stacks
+                    .iter()
+                    .position(|s| by_iface(s, iface))
+                    .ok_or_else(|| ConfigError::NoDpdkPort {
+                        binding: binding.describe(),
+                        iface: iface.clone(),
+                        ports: describe_all(),
+                    })?;
+                if let Some(wanted) = binding.source.filter(|_| !by_source(&stacks[s])) {
+                    return Err(ConfigError::DpdkStackAddress {
+                        binding: binding.describe(),
+                        port: stacks[s].options().port.clone(),
+                        has: stacks[s].options().local_ip,
+                        wanted,
+                    });
+                }
+                s
             }
-            s
-        }
-        None => stacks
-            .iter()
-            .position(|s| by_source(s))
-            .ok_or_else(|| ConfigError::NoDpdkStackAt {
-                binding: binding.describe(),
-                stacks: describe_all(),
+            None => stacks.iter().position(|s| by_source(s)).ok_or_else(|| {
+                ConfigError::NoDpdkStackAt {
+                    binding: binding.describe(),
+                    stacks: describe_all(),
+                }
             })?,
-    };
+        };
     Ok(found)
 }
 
@@ -523,7 +523,9 @@ impl Options {
                     self.connect_through(a, b, self.login_timeout)
                         .map_err(|e| match e {
                             ConnectError::Transport(e) => e,
-                            other => crate::transport::TransportError::Io(std::io::Error::other(other)),
+                            other => {
+                                crate::transport::TransportError::Io(std::io::Error::other(other))
+                            }
                         })
                 },
                 login.clone(),
@@ -699,13 +701,16 @@ fn choose_target<'a>(
     let names = || found.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
     let portal = portal.to_string();
     match target {
-        Some(name) => found.iter().find(|t| t.name == name).ok_or_else(|| {
-            DiscoveryError::TargetNotReported {
-                portal,
-                target: name.to_string(),
-                reported: names(),
-            }
-        }),
+        Some(name) => {
+            found
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| DiscoveryError::TargetNotReported {
+                    portal,
+                    target: name.to_string(),
+                    reported: names(),
+                })
+        }
         None => match found {
             [one] => Ok(one),
             [] => Err(DiscoveryError::NoTargets { portal }),
