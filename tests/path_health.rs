@@ -236,3 +236,52 @@ fn no_path_retry_fail_retries_and_queue() {
     drop(q);
     dev.close();
 }
+
+/// Historical service time over two equal paths (two portals of one
+/// embedded target): they split the reads about evenly, as queue-depth
+/// does, though the busier path's service time looks shorter (overlap)
+/// and completions are seen late on a loaded machine.
+#[test]
+fn historical_service_time_splits_two_equal_paths_evenly() {
+    let t = target();
+    let dev = open(&t, 2, |c| c.policy = Policy::HistoricalServiceTime);
+    wait_state(&dev, 0, PathState::Up, Duration::from_secs(10));
+    wait_state(&dev, 1, PathState::Up, Duration::from_secs(10));
+    let mut q = dev.queue_pair();
+    let mut per_path = [0u64; 2];
+    let mut done = Vec::new();
+    let mut in_flight = 0;
+    let mut n = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) || in_flight > 0 {
+        while in_flight < 8 && t0.elapsed() < Duration::from_millis(1500) {
+            let lba = (n * 8) % 16_000;
+            q.submit(iscsi_bypass::Io::read(lba, 8, vec![0; 4096], n))
+                .map_err(|e| e.to_string())
+                .unwrap();
+            n += 1;
+            in_flight += 1;
+        }
+        done.clear();
+        q.wait_completions(&mut done, 1, Duration::from_secs(10));
+        assert!(!done.is_empty(), "no completion within 10 s");
+        for c in &done {
+            c.result.as_ref().expect("read");
+            // The first 300 ms warm the estimates up.
+            if t0.elapsed() > Duration::from_millis(300) {
+                per_path[c.path.expect("a path")] += 1;
+            }
+            in_flight -= 1;
+        }
+    }
+    let total = per_path[0] + per_path[1];
+    let share = per_path[0] as f64 / total as f64;
+    println!("hst over two equal paths: {per_path:?} ({share:.3} on path 0)");
+    assert!(total > 100, "only {total} reads measured");
+    assert!(
+        (0.3..=0.7).contains(&share),
+        "equal paths split {per_path:?} under historical-service-time"
+    );
+    drop(q);
+    dev.close();
+}

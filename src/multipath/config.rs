@@ -16,6 +16,224 @@ use crate::transport::kernel::{KernelTcp, KernelTcpOptions};
 use crate::transport::{Transport, TransportError};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+use thiserror::Error;
+
+/// Why a device configuration (URLs, port bindings, the transport's
+/// stacks) cannot serve its paths.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// No path at all.
+    #[error("no paths given")]
+    NoPaths,
+    /// A per-path list has neither none nor one entry per path.
+    #[error("{paths} path(s) but {bindings} {what} binding(s): give one per path, in the order of the paths, or none")]
+    BindingCount {
+        /// How many paths there are.
+        paths: usize,
+        /// How many bindings the list has.
+        bindings: usize,
+        /// Which list, e.g. `"--iface (interface)"` or `"port"`.
+        what: &'static str,
+    },
+    /// The host's interfaces could not be listed to check a binding.
+    #[error("binding {binding}: listing interfaces: {error}")]
+    ListInterfaces {
+        /// The binding, as [`PortBinding::describe`] says it.
+        binding: String,
+        /// getifaddrs' error.
+        #[source]
+        error: nix::Error,
+    },
+    /// A binding names an interface the host does not have.
+    #[error("binding {binding}: no interface named {iface:?} (interfaces here: {})", .known.join(", "))]
+    NoSuchInterface {
+        /// The binding.
+        binding: String,
+        /// The interface it names.
+        iface: String,
+        /// The host's interfaces.
+        known: Vec<String>,
+    },
+    /// A binding's source address is not one of its interface's.
+    #[error("binding {binding}: {source_ip} is not an address of {iface} (its addresses: {})", if .own.is_empty() { "none".to_string() } else { .own.join(", ") })]
+    NotAnAddressOf {
+        /// The binding.
+        binding: String,
+        /// Its source address.
+        source_ip: IpAddr,
+        /// Its interface.
+        iface: String,
+        /// The interface's own addresses.
+        own: Vec<String>,
+    },
+    /// A binding's source address belongs to no interface here.
+    #[error("binding {source_ip}: no interface here has that address")]
+    NoInterfaceHasAddress {
+        /// The address.
+        source_ip: IpAddr,
+    },
+    /// A path's source address and its portal are of different families.
+    #[error("path {path}: source {binding} cannot reach portal {portal} (another address family)")]
+    AddressFamily {
+        /// The path's index.
+        path: usize,
+        /// Its binding.
+        binding: String,
+        /// The portal.
+        portal: SocketAddr,
+    },
+    /// A URL does not parse or names no target and LUN.
+    #[error(transparent)]
+    Url(#[from] crate::iscsi::url::UrlError),
+    /// A URL names another target or LUN than the first one.
+    #[error("URL {url} names another target/LUN than the first URL")]
+    OtherTarget {
+        /// The URL.
+        url: String,
+    },
+    /// A URL's host does not resolve to a portal address.
+    #[error("{url}: {error}")]
+    PortalAddress {
+        /// The URL.
+        url: String,
+        /// The resolver's error.
+        #[source]
+        error: super::Cause<std::io::Error>,
+    },
+    /// A path over the userspace stack to an IPv6 portal.
+    #[error("path {path} to {portal}: the userspace stack speaks IPv4 only")]
+    Ipv6OnUserspaceStack {
+        /// The path's index.
+        path: usize,
+        /// The portal.
+        portal: SocketAddr,
+    },
+    /// `Transport::Dpdk` without a started stack.
+    #[error("Transport::Dpdk needs at least one started DPDK stack")]
+    NoDpdkStack,
+    /// A binding names an interface no DPDK port is or drives.
+    #[error("binding {binding}: no DPDK port named {iface:?} or driving that interface (ports: {})", .ports.join(", "))]
+    NoDpdkPort {
+        /// The binding.
+        binding: String,
+        /// The interface it names.
+        iface: String,
+        /// The stacks' ports, e.g. `net_af_packet0 on veth1 at 10.0.0.1`.
+        ports: Vec<String>,
+    },
+    /// The DPDK port a binding names has another address than its source.
+    #[error("binding {binding}: the stack on DPDK port {port} has address {has}, not {wanted}")]
+    DpdkStackAddress {
+        /// The binding.
+        binding: String,
+        /// The port.
+        port: String,
+        /// The stack's address.
+        has: std::net::Ipv4Addr,
+        /// The binding's source address.
+        wanted: IpAddr,
+    },
+    /// No DPDK stack has a binding's source address.
+    #[error("binding {binding}: no DPDK stack has that address (stacks: {})", .stacks.join(", "))]
+    NoDpdkStackAt {
+        /// The binding.
+        binding: String,
+        /// The stacks, as in [`ConfigError::NoDpdkPort`].
+        stacks: Vec<String>,
+    },
+    /// More paths on a DPDK port than it has queue pairs.
+    #[error("path {path} (to {remote}) needs queue pair {queue} of DPDK port {port:?}, which has {queues} (open the stack with more queues, or add ports)")]
+    NoQueuePair {
+        /// The path's index.
+        path: usize,
+        /// Its portal.
+        remote: std::net::SocketAddrV4,
+        /// The queue pair it would take.
+        queue: usize,
+        /// The port.
+        port: String,
+        /// The port's queue pairs.
+        queues: u16,
+    },
+}
+
+/// Why SendTargets discovery found no usable path.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DiscoveryError {
+    /// The portal given is not `host[:port]`.
+    #[error("through {portal}: not an address (host[:port])")]
+    BadPortal {
+        /// The portal as given.
+        portal: String,
+    },
+    /// A per-portal cap of 0.
+    #[error("through {portal}: at most 0 paths per portal leaves no path")]
+    ZeroPerPortal {
+        /// The portal.
+        portal: String,
+    },
+    /// The discovery session failed (through every binding tried).
+    #[error("through {portal}: {}", .tries.iter().map(|t| t.to_string()).collect::<Vec<_>>().join("; "))]
+    SendTargets {
+        /// The portal.
+        portal: String,
+        /// One failure per binding tried.
+        tries: Vec<DiscoveryTry>,
+    },
+    /// The portal did not report the target asked for.
+    #[error("through {portal}: target {target} not reported (it reported: {})", .reported.join(", "))]
+    TargetNotReported {
+        /// The portal.
+        portal: String,
+        /// The target asked for.
+        target: String,
+        /// The targets it reported.
+        reported: Vec<String>,
+    },
+    /// No target named, and the portal reported none.
+    #[error("through {portal}: no targets reported")]
+    NoTargets {
+        /// The portal.
+        portal: String,
+    },
+    /// No target named, and the portal reported several.
+    #[error("through {portal}: {} targets reported; name one ({})", .reported.len(), .reported.join(", "))]
+    SeveralTargets {
+        /// The portal.
+        portal: String,
+        /// The targets it reported.
+        reported: Vec<String>,
+    },
+    /// The target reported no portal that can be a path.
+    #[error("through {portal}: target {target} has no usable portal")]
+    NoPortal {
+        /// The portal discovery went through.
+        portal: String,
+        /// The target.
+        target: String,
+    },
+    /// No binding × portal pair reaches the target.
+    #[error("through {portal}: no binding × portal pair of target {target} is usable ({})", if .why.is_empty() { "it reported no portal".to_string() } else { .why.join("; ") })]
+    NoUsablePair {
+        /// The portal discovery went through.
+        portal: String,
+        /// The target.
+        target: String,
+        /// Per pair, `binding -> portal: reason`.
+        why: Vec<String>,
+    },
+}
+
+/// One failed SendTargets attempt of a discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}{error}", .via.as_ref().map(|v| format!("via {v}: ")).unwrap_or_default())]
+pub struct DiscoveryTry {
+    /// The binding it left through (None: unbound).
+    pub via: Option<String>,
+    /// What failed.
+    #[source]
+    pub error: super::Cause<crate::iscsi::discovery::SendTargetsError>,
+}
 
 /// Opens a new byte stream for a path; called for the first login and for
 /// every reconnect. Kernel TCP and the userspace stack both fit.
@@ -181,9 +399,12 @@ impl PortBinding {
             ("--bind (source address)", sources.len()),
         ] {
             if n != 0 && n != paths {
-                return Err(MultipathError::Config(format!(
-                    "{paths} path(s) but {n} {what} binding(s): give one per path, in the order of the paths, or none"
-                )));
+                return Err(ConfigError::BindingCount {
+                    paths,
+                    bindings: n,
+                    what,
+                }
+                .into());
             }
         }
         Ok((0..paths)
@@ -201,26 +422,25 @@ impl PortBinding {
         if self.is_unbound() {
             return Ok(());
         }
-        let addrs = host_addresses().map_err(|e| {
-            MultipathError::Config(format!(
-                "binding {}: listing interfaces: {e}",
-                self.describe()
-            ))
+        let addrs = host_addresses().map_err(|error| ConfigError::ListInterfaces {
+            binding: self.describe(),
+            error,
         })?;
         if let Some(iface) = &self.iface {
             let known: Vec<&str> = addrs.iter().map(|(n, _)| n.as_str()).collect();
             if !known.contains(&iface.as_str()) {
-                let mut names: Vec<&str> = Vec::new();
+                let mut names: Vec<String> = Vec::new();
                 for n in &known {
-                    if !names.contains(n) {
-                        names.push(n);
+                    if !names.iter().any(|m| m == n) {
+                        names.push(n.to_string());
                     }
                 }
-                return Err(MultipathError::Config(format!(
-                    "binding {}: no interface named {iface:?} (interfaces here: {})",
-                    self.describe(),
-                    names.join(", ")
-                )));
+                return Err(ConfigError::NoSuchInterface {
+                    binding: self.describe(),
+                    iface: iface.clone(),
+                    known: names,
+                }
+                .into());
             }
         }
         if let Some(source) = self.source {
@@ -236,20 +456,16 @@ impl PortBinding {
                         .filter(|(n, a)| n == iface && a.is_some())
                         .filter_map(|(_, a)| a.map(|a| a.to_string()))
                         .collect();
-                    return Err(MultipathError::Config(format!(
-                        "binding {}: {source} is not an address of {iface} (its addresses: {})",
-                        self.describe(),
-                        if own.is_empty() {
-                            "none".into()
-                        } else {
-                            own.join(", ")
-                        }
-                    )));
+                    return Err(ConfigError::NotAnAddressOf {
+                        binding: self.describe(),
+                        source_ip: source,
+                        iface: iface.clone(),
+                        own,
+                    }
+                    .into());
                 }
                 None if owners.is_empty() => {
-                    return Err(MultipathError::Config(format!(
-                        "binding {source}: no interface here has that address"
-                    )));
+                    return Err(ConfigError::NoInterfaceHasAddress { source_ip: source }.into());
                 }
                 _ => {}
             }
@@ -286,10 +502,12 @@ fn host_addresses() -> Result<Vec<(String, Option<IpAddr>)>, nix::Error> {
 /// Checks `bindings` for `paths` paths: none, or one per path.
 pub fn check_binding_count(bindings: &[PortBinding], paths: usize) -> Result<(), MultipathError> {
     if !bindings.is_empty() && bindings.len() != paths {
-        return Err(MultipathError::Config(format!(
-            "{paths} path(s) but {} port binding(s): give one per path, in the order of the paths, or none",
-            bindings.len()
-        )));
+        return Err(ConfigError::BindingCount {
+            paths,
+            bindings: bindings.len(),
+            what: "port",
+        }
+        .into());
     }
     Ok(())
 }
@@ -536,10 +754,12 @@ impl DeviceConfig {
                 .source
                 .is_some_and(|s| s.is_ipv4() != addr.is_ipv4())
             {
-                return Err(MultipathError::Config(format!(
-                    "path {i}: source {} cannot reach portal {addr} (another address family)",
-                    binding.describe()
-                )));
+                return Err(ConfigError::AddressFamily {
+                    path: i,
+                    binding: binding.describe(),
+                    portal: addr,
+                }
+                .into());
             }
             Ok(PathConfig::kernel_bound(addr, &binding, login))
         })
@@ -557,24 +777,24 @@ impl DeviceConfig {
         let mut lun = None;
         let mut target: Option<String> = None;
         for (i, u) in urls.iter().enumerate() {
-            let url = IscsiUrl::parse(u).map_err(|e| MultipathError::Config(e.to_string()))?;
-            let (t, l) = url
-                .require_target()
-                .map_err(|e| MultipathError::Config(e.to_string()))?;
+            let url = IscsiUrl::parse(u).map_err(ConfigError::from)?;
+            let (t, l) = url.require_target().map_err(ConfigError::from)?;
             if target.as_deref().is_some_and(|x| x != t) || lun.is_some_and(|x| x != l) {
-                return Err(MultipathError::Config(format!(
-                    "URL {url} names another target/LUN than the first URL"
-                )));
+                return Err(ConfigError::OtherTarget {
+                    url: url.to_string(),
+                }
+                .into());
             }
             target = Some(t.to_string());
             lun = Some(l);
-            let addr = url
-                .socket_addr()
-                .map_err(|e| MultipathError::Config(format!("{url}: {e}")))?;
+            let addr = url.socket_addr().map_err(|e| ConfigError::PortalAddress {
+                url: url.to_string(),
+                error: e.into(),
+            })?;
             let login = login_from_url(&url, initiator, t);
             paths.push(make_path(i, addr, login)?);
         }
-        let lun = lun.ok_or_else(|| MultipathError::Config("no paths given".into()))?;
+        let lun = lun.ok_or(ConfigError::NoPaths)?;
         Ok(DeviceConfig::new(paths, lun))
     }
 
@@ -603,11 +823,20 @@ impl DeviceConfig {
             LoginConfig::new(initiator, None),
             Duration::from_secs(10),
         )
-        .map_err(|e| MultipathError::Discovery(e.to_string()))?;
-        let t = found
-            .iter()
-            .find(|t| t.name == target)
-            .ok_or_else(|| MultipathError::Discovery(format!("target {target} not reported")))?;
+        .map_err(|e| DiscoveryError::SendTargets {
+            portal: portal.to_string(),
+            tries: vec![DiscoveryTry {
+                via: (!first.is_unbound()).then(|| first.describe()),
+                error: e.into(),
+            }],
+        })?;
+        let t = found.iter().find(|t| t.name == target).ok_or_else(|| {
+            DiscoveryError::TargetNotReported {
+                portal: portal.to_string(),
+                target: target.to_string(),
+                reported: found.iter().map(|t| t.name.clone()).collect(),
+            }
+        })?;
         let bindings: Vec<PortBinding> = if bindings.is_empty() {
             vec![PortBinding::default()]
         } else {
@@ -631,9 +860,11 @@ impl DeviceConfig {
             }
         }
         if paths.is_empty() {
-            return Err(MultipathError::Discovery(format!(
-                "target {target} has no usable portal"
-            )));
+            return Err(DiscoveryError::NoPortal {
+                portal: portal.to_string(),
+                target: target.to_string(),
+            }
+            .into());
         }
         Ok(DeviceConfig::new(paths, lun))
     }

@@ -23,6 +23,7 @@ pub use config::{
     AddrConnector, BoxedTransport, Connector, DeviceConfig, IdleMode, PathConfig, PathConnector,
     PortBinding,
 };
+pub use config::{ConfigError, DiscoveryError};
 pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
 pub use fence::{
     AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, ReservationFence,
@@ -44,13 +45,13 @@ use thiserror::Error;
 pub enum MultipathError {
     /// The configuration is unusable: no paths, a URL that does not parse
     /// or names another target/LUN than the first, or a transport that
-    /// cannot serve a path. The string says which.
+    /// cannot serve a path. The [`ConfigError`] says which.
     #[error("bad configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// SendTargets discovery failed: the portal could not be reached, or it
     /// did not report the target or any usable portal for it.
     #[error("discovery failed: {0}")]
-    Discovery(String),
+    Discovery(#[from] DiscoveryError),
     /// A path could not connect, log in, or keep its session while being
     /// probed.
     #[error("path {path}: login failed: {reason}")]
@@ -108,8 +109,8 @@ pub enum MultipathError {
     NoPathUp(Vec<String>),
     /// A worker or login thread could not be spawned (or all login threads
     /// panicked).
-    #[error("cannot start worker thread: {0}")]
-    Thread(String),
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
     /// MC/S (`DeviceConfig::mcs`): the leading login was granted fewer
     /// connections than the device has paths (as
     /// `iscsi::mcs::McsError::NotGranted`).
@@ -125,3 +126,57 @@ pub enum MultipathError {
         wanted: usize,
     },
 }
+
+/// A thread of the device could not run.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ThreadError {
+    /// The OS refused to start a worker thread.
+    #[error("cannot start worker thread {name}: {error}")]
+    Spawn {
+        /// The thread's name, e.g. `mp-worker-0`.
+        name: String,
+        /// The spawn error.
+        #[source]
+        error: Cause<std::io::Error>,
+    },
+    /// Every path's login thread panicked at open.
+    #[error("cannot open: every login thread panicked")]
+    LoginThreadsPanicked,
+}
+
+/// The cause of an error that must stay `Clone` and comparable: shared by
+/// the clones, compared by what it says.
+#[derive(Debug)]
+pub struct Cause<E>(pub std::sync::Arc<E>);
+
+impl<E> Clone for Cause<E> {
+    fn clone(&self) -> Self {
+        Cause(self.0.clone())
+    }
+}
+
+impl<E> From<E> for Cause<E> {
+    fn from(e: E) -> Self {
+        Cause(std::sync::Arc::new(e))
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Cause<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for Cause<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl<E: std::fmt::Display> PartialEq for Cause<E> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl<E: std::fmt::Display> Eq for Cause<E> {}

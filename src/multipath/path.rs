@@ -92,6 +92,9 @@ struct WorkerCounters {
     service_ewma_ns: AtomicU64,
     /// When the newest command finished: ns since `opened`, 0 = never.
     last_finish_ns: AtomicU64,
+    /// When the worker last looked before it saw that command (ns since
+    /// `opened`): the command finished after this.
+    last_looked_ns: AtomicU64,
     commands: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
@@ -329,28 +332,69 @@ impl PathShared {
     }
 
     /// Worker side: one command finished on this path at `now`, `latency`
-    /// after the worker took it. Updates the latency EWMA, and the
-    /// historical service time: the time since the command started, or
-    /// since the path's previous completion if that came later (commands
-    /// that overlap are counted as if served one after the other, so on a
-    /// busy path the figure is the time between completions).
+    /// after the worker took it, seen as soon as it finished (see
+    /// [`PathShared::record_completion_seen`]).
     pub fn record_completion_at(&self, now: Instant, latency: Duration, bytes: u64, error: bool) {
+        self.record_completion_seen(now, now, latency, bytes, error);
+    }
+
+    /// Worker side: one command finished on this path, seen at `now`,
+    /// `latency` after the worker took it; the worker had last looked (and
+    /// not seen it) at `looked` (≤ `now`), so it finished in `(looked, now]`.
+    /// Updates the latency EWMA, and the historical service time: the time
+    /// since the command started, or since the path's previous completion
+    /// if that came later (commands that overlap are counted as if served
+    /// one after the other, so on a busy path the figure is the time
+    /// between completions).
+    ///
+    /// A starved initiator sees completions late, in batches: the first of
+    /// a batch would count the whole wait, as if the path had been busy,
+    /// and a fast path would look as slow as its initiator. So the sample
+    /// is known only within bounds: from the later of the command's start
+    /// and the previous completion's `looked`, up to `now` (upper), and
+    /// from the later of its start and the previous completion's `now`, up
+    /// to `looked` (lower). If the time the completion may have waited
+    /// unseen (`now - looked`) is at most half the upper bound, the upper
+    /// bound is the sample (as if seen at once); otherwise the estimate
+    /// moves only as far as needed to lie within the bounds: the figure
+    /// measures the path, not the initiator's scheduling.
+    pub fn record_completion_seen(
+        &self,
+        now: Instant,
+        looked: Instant,
+        latency: Duration,
+        bytes: u64,
+        error: bool,
+    ) {
         let c = &self.counters;
         let sample = latency.as_nanos().min(u64::MAX as u128) as u64;
         let old = c.latency_ewma_ns.load(Ordering::Relaxed);
         c.latency_ewma_ns
             .store(ewma_update(old, sample), Ordering::Relaxed);
-        let finish = (now.saturating_duration_since(self.opened).as_nanos())
-            .clamp(1, u64::MAX as u128) as u64;
+        let since_open = |t: Instant| {
+            (t.saturating_duration_since(self.opened).as_nanos()).clamp(1, u64::MAX as u128) as u64
+        };
+        let finish = since_open(now);
+        let looked = since_open(looked).min(finish);
         let last = c.last_finish_ns.load(Ordering::Relaxed);
-        let start = finish.saturating_sub(sample).max(last);
+        let last_looked = c.last_looked_ns.load(Ordering::Relaxed).min(last);
+        let start = finish.saturating_sub(sample);
+        let upper = finish.saturating_sub(start.max(last_looked));
+        let lower = looked.saturating_sub(start.max(last)).min(upper);
         let since_last = (last != 0).then(|| finish.saturating_sub(last));
         let old = c.service_ewma_ns.load(Ordering::Relaxed);
+        let waited = finish - looked;
+        let seen = if old == 0 || waited.saturating_mul(2) <= upper {
+            upper
+        } else {
+            old.clamp(lower, upper)
+        };
         c.service_ewma_ns.store(
-            service_time_update(old, finish.saturating_sub(start), since_last),
+            service_time_update(old, seen, since_last),
             Ordering::Relaxed,
         );
         c.last_finish_ns.fetch_max(finish, Ordering::Relaxed);
+        c.last_looked_ns.fetch_max(looked, Ordering::Relaxed);
         c.commands.fetch_add(1, Ordering::Relaxed);
         c.bytes.fetch_add(bytes, Ordering::Relaxed);
         if error {
@@ -932,6 +976,41 @@ mod tests {
         p.record_completion_at(t0 + Duration::from_secs(2), us(300), 4096, false);
         assert_eq!(p.load().service_time_ns, 300_000);
         assert_eq!(p.stats().commands, 4);
+    }
+
+    #[test]
+    fn service_time_of_a_completion_seen_late_is_bounded_by_when_the_worker_looked() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let p = PathShared::new(0, "p0", t0);
+        p.record_completion_seen(t0 + us(1000), t0 + us(1000), us(1000), 4096, false);
+        assert_eq!(p.load().service_time_ns, 1_000_000);
+        // Seen at 5000 us, the worker had last looked at 1000 us (it was
+        // descheduled): the command finished somewhere in between, so its
+        // sample lies in [0, 4000] us, and 1000 us is consistent with it.
+        p.record_completion_seen(t0 + us(5000), t0 + us(1000), us(4500), 4096, false);
+        assert_eq!(p.load().service_time_ns, 1_000_000);
+        // Another in the same batch: started at 800 us, after the previous
+        // completion could have finished (1000 us), sample in [0, 4000] us.
+        p.record_completion_seen(t0 + us(5000), t0 + us(1000), us(4200), 4096, false);
+        assert_eq!(p.load().service_time_ns, 1_000_000);
+        // Seen at 5300 us, looked at 5250 us, started at 5050 us: the
+        // sample lies in [200, 250] us and the wait (50 us) is small: the
+        // upper bound counts, as if seen at once.
+        p.record_completion_seen(t0 + us(5300), t0 + us(5250), us(250), 4096, false);
+        assert_eq!(p.load().service_time_ns, (7 * 1_000_000 + 250_000) / 8);
+        // A long wait whose bounds exclude the estimate pull it to the
+        // nearest bound: started at 5300 us and not finished when the
+        // worker looked at 9000 us (seen at 16000 us), so at least 3700 us.
+        let before = p.load().service_time_ns;
+        p.record_completion_seen(t0 + us(16000), t0 + us(9000), us(10700), 4096, false);
+        assert_eq!(p.load().service_time_ns, (7 * before + 3_700_000) / 8);
+        // ... and one whose upper bound is below it: started at 16000 us,
+        // looked at 16400 us, seen at 17000 us: at most 1000 us.
+        let before = p.load().service_time_ns;
+        p.record_completion_seen(t0 + us(17000), t0 + us(16400), us(1000), 4096, false);
+        assert_eq!(p.load().service_time_ns, (7 * before + 1_000_000) / 8);
+        assert_eq!(p.stats().commands, 6);
     }
 
     #[test]

@@ -219,10 +219,12 @@ pub fn inspect(
                 what,
                 error,
             },
-            ProbeExecError::Session(reason) => MultipathError::Login {
-                path: name.clone(),
-                reason,
-            },
+            e @ (ProbeExecError::Command(_) | ProbeExecError::Session(_)) => {
+                MultipathError::Login {
+                    path: name.clone(),
+                    reason: e.to_string(),
+                }
+            }
         }
     };
     // The first command after login usually meets a power-on UNIT
@@ -333,10 +335,18 @@ pub fn alua_state_of(
     group_of(data, tpg, relative_port).map(|g| g.state)
 }
 
-#[derive(Debug)]
+/// Why a probe command failed.
+#[derive(Debug, thiserror::Error)]
 enum ProbeExecError {
+    /// The target answered with an error status, or never with success.
+    #[error(transparent)]
     Scsi(ScsiError),
-    Session(String),
+    /// The command could not be built (e.g. a CDB too long).
+    #[error("building the command: {0}")]
+    Command(#[source] crate::iscsi::connection::SubmitError),
+    /// The session failed while the command ran.
+    #[error(transparent)]
+    Session(#[from] crate::iscsi::session::SessionError),
 }
 
 /// The reservation fence at login: REGISTER AND IGNORE EXISTING KEY with
@@ -429,10 +439,8 @@ fn execute_data(
     for attempt in 0..6u32 {
         let buffer = data.clone().unwrap_or_else(|| vec![0; len]);
         let c = Command::new(lun, cmd.cdb_bytes(), direction, buffer)
-            .map_err(|e| ProbeExecError::Session(e.to_string()))?;
-        let done = session
-            .execute(c, PROBE_TIMEOUT)
-            .map_err(|e| ProbeExecError::Session(e.to_string()))?;
+            .map_err(ProbeExecError::Command)?;
+        let done = session.execute(c, PROBE_TIMEOUT)?;
         match check_status(done.status, &done.sense) {
             Ok(()) => {
                 let mut data = done.buffer;

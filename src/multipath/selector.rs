@@ -489,16 +489,56 @@ mod tests {
     /// A closed-loop model in virtual time: `qd` commands always in
     /// flight over FIFO paths (per-command service time, plus a fixed
     /// round trip), with the real per-path accounting
-    /// ([`PathShared::record_completion_at`]) feeding the real selector.
+    /// ([`PathShared::record_completion_seen`]) feeding the real selector.
     /// `speed(path, t)` gives a path's service time at `t`. Returns the
     /// latency histogram (µs) and the commands per path, both counted from
-    /// `measure_from`.
+    /// `measure_from`. The initiator sees each completion at once.
     fn model(
         policy: Policy,
         paths: usize,
         speed: impl Fn(usize, Duration) -> Duration,
         run: Duration,
         measure_from: Duration,
+    ) -> (hdrhistogram::Histogram<u64>, Vec<u64>) {
+        model_polled(policy, paths, speed, run, measure_from, None, true)
+    }
+
+    /// How a starved initiator looks: half its polls come 5-50 µs after
+    /// the one before, half 0.5-4 ms after (descheduled), from a seeded
+    /// xorshift.
+    struct Starved(u64);
+
+    impl Starved {
+        fn gap(&mut self) -> Duration {
+            let mut r = || {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                self.0
+            };
+            let us = if r() % 2 == 0 {
+                5 + r() % 46
+            } else {
+                500 + r() % 3501
+            };
+            Duration::from_micros(us)
+        }
+    }
+
+    /// [`model`], with the initiator polling at the times `starved` gives
+    /// (None: at every completion): a completion is seen, and the next
+    /// command submitted, at the first poll after it finished, the same
+    /// for every path. `tell_looked`: the accounting learns when the
+    /// initiator looked before (as the path worker tells it); false: every
+    /// completion is recorded as if seen the moment it finished.
+    fn model_polled(
+        policy: Policy,
+        paths: usize,
+        speed: impl Fn(usize, Duration) -> Duration,
+        run: Duration,
+        measure_from: Duration,
+        mut starved: Option<Starved>,
+        tell_looked: bool,
     ) -> (hdrhistogram::Histogram<u64>, Vec<u64>) {
         use super::super::path::PathShared;
         use std::cmp::Reverse;
@@ -526,17 +566,44 @@ mod tests {
             submit(t0, &mut events, i);
         }
         let mut n = 0;
-        while let Some(Reverse((done, p, at))) = events.pop() {
-            shared[p].sub_outstanding(4096);
-            shared[p].record_completion_at(done, done - at, 4096, false);
-            if at - t0 >= measure_from {
-                hist.record((done - at).as_micros() as u64).unwrap();
-                per_path[p] += 1;
+        let mut looked = t0;
+        while let Some(&Reverse((next, _, _))) = events.peek() {
+            // The poll that sees the next completion.
+            let mut now = looked;
+            match starved.as_mut() {
+                None => {
+                    now = next;
+                    looked = now;
+                }
+                Some(s) => {
+                    while now < next {
+                        looked = now;
+                        now += s.gap();
+                    }
+                }
             }
-            if done - t0 < run {
-                n += 1;
-                submit(done, &mut events, n);
+            let mut seen = Vec::new();
+            while let Some(&Reverse((done, p, at))) = events.peek() {
+                if done > now {
+                    break;
+                }
+                events.pop();
+                seen.push((p, at));
             }
+            for (p, at) in seen {
+                shared[p].sub_outstanding(4096);
+                let before = if tell_looked { looked.min(now) } else { now };
+                shared[p].record_completion_seen(now, before, now - at, 4096, false);
+                if at - t0 >= measure_from {
+                    hist.record((now - at).as_micros() as u64).unwrap();
+                    per_path[p] += 1;
+                }
+                if now - t0 < run {
+                    n += 1;
+                    submit(now, &mut events, n);
+                }
+            }
+            looked = now;
         }
         (hist, per_path)
     }
@@ -581,6 +648,74 @@ mod tests {
             p99(&st),
             p99(&hst)
         );
+    }
+
+    #[test]
+    fn hst_keeps_the_p99_near_the_fast_paths_on_a_starved_initiator() {
+        // As above, but the initiator polls as a starved one does (see
+        // `Starved`): completions wait unseen for up to 4 ms, in batches,
+        // the same wait for both paths. Counted as path time, the wait
+        // makes the fast path look as slow as its initiator (within
+        // HST_SAME_SPEED of the slow one), and hst shares by outstanding
+        // commands like queue-depth; bounded by when the worker looked,
+        // the estimate stays the path's.
+        let speed = |p: usize, _| Duration::from_micros(if p == 0 { 60 } else { 1700 });
+        let run = Duration::from_secs(4);
+        let from = Duration::from_millis(500);
+        let share = |v: &[u64]| v[1] as f64 / v.iter().sum::<u64>() as f64;
+        let p99 = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.99);
+        let (mut total, mut naive_total) = (0.0, 0.0);
+        for seed in [1, 7] {
+            let poll = || Some(Starved(0x9e37_79b9_7f4a_7c15 ^ seed));
+            let hst = Policy::HistoricalServiceTime;
+            let (alone, _) = model_polled(Policy::QueueDepth, 1, speed, run, from, poll(), true);
+            let (mixed, paths) = model_polled(hst, 2, speed, run, from, poll(), true);
+            let (naive, naive_paths) = model_polled(hst, 2, speed, run, from, poll(), false);
+            naive_total += share(&naive_paths);
+            total += share(&paths);
+            println!(
+                "starved model seed {seed}: fast alone p99 {} us; hst p99 {} us, slow share {:.5}; counting the wait: p99 {} us, slow share {:.5}",
+                p99(&alone),
+                p99(&mixed),
+                share(&paths),
+                p99(&naive),
+                share(&naive_paths)
+            );
+            assert!(
+                p99(&mixed) * 2 <= p99(&alone) * 3,
+                "seed {seed}: hst p99 {} vs alone {}",
+                p99(&mixed),
+                p99(&alone)
+            );
+            assert!(share(&paths) < 0.02, "seed {seed}: slow share {paths:?}");
+        }
+        // The model shows the fault: counting the wait as path time sends
+        // the slow path a share like queue-depth's.
+        assert!(
+            naive_total > 5.0 * total,
+            "slow share counting the wait {naive_total:.4}, bounded {total:.4}"
+        );
+    }
+
+    #[test]
+    fn hst_splits_equal_paths_evenly_on_a_starved_initiator() {
+        let speed = |_, _| Duration::from_micros(60);
+        for starved in [None, Some(Starved(5)), Some(Starved(99))] {
+            let (_, per_path) = model_polled(
+                Policy::HistoricalServiceTime,
+                2,
+                speed,
+                Duration::from_secs(2),
+                Duration::from_millis(500),
+                starved,
+                true,
+            );
+            let share = per_path[1] as f64 / (per_path[0] + per_path[1]) as f64;
+            assert!(
+                (0.45..=0.55).contains(&share),
+                "path 1 share {share:.3} ({per_path:?})"
+            );
+        }
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl MultipathDevice {
     /// in the background; at least one must come up.
     pub fn open(config: DeviceConfig) -> Result<MultipathDevice, MultipathError> {
         if config.paths.is_empty() {
-            return Err(MultipathError::Config("no paths given".into()));
+            return Err(crate::multipath::ConfigError::NoPaths.into());
         }
         let lun = Lun::from_number(config.lun).to_u64();
         let opened = Instant::now();
@@ -147,7 +147,7 @@ impl MultipathDevice {
             }),
         };
         if probed.is_empty() {
-            return Err(MultipathError::Thread("login threads panicked".into()));
+            return Err(crate::multipath::ThreadError::LoginThreadsPanicked.into());
         }
         let reference = probed
             .iter()
@@ -266,7 +266,10 @@ impl MultipathDevice {
             let t = std::thread::Builder::new()
                 .name(format!("mp-worker-{i}"))
                 .spawn(move || Worker::new(setup).run())
-                .map_err(|e| MultipathError::Thread(e.to_string()))?;
+                .map_err(|e| crate::multipath::ThreadError::Spawn {
+                    name: format!("mp-worker-{i}"),
+                    error: e.into(),
+                })?;
             workers[i].thread = Some(t);
         }
         Ok(MultipathDevice {

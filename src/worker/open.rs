@@ -22,7 +22,9 @@ use super::MultipathDevice;
 use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use crate::iscsi::discovery::DiscoveredTarget;
 use crate::iscsi::login::LoginConfig;
-use crate::multipath::{DeviceConfig, IdleMode, MultipathError, Policy, PortBinding};
+use crate::multipath::{
+    ConfigError, DeviceConfig, DiscoveryError, IdleMode, MultipathError, Policy, PortBinding,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -290,7 +292,7 @@ fn vdev_iface(eal_args: &[String], port: &str) -> Option<String> {
 fn stack_for_binding(
     stacks: &[std::sync::Arc<crate::transport::dpdk::DpdkStack>],
     binding: &PortBinding,
-) -> Result<usize, MultipathError> {
+) -> Result<usize, ConfigError> {
     let by_iface = |s: &crate::transport::dpdk::DpdkStack, iface: &str| {
         s.options().port == iface || dpdk_port_iface(s).as_deref() == Some(iface)
     };
@@ -307,39 +309,35 @@ fn stack_for_binding(
                 None => format!("{} at {}", s.options().port, s.options().local_ip),
             })
             .collect::<Vec<_>>()
-            .join(", ")
     };
-    let found = match &binding.iface {
-        Some(iface) => {
-            let s = stacks
-                .iter()
-                .position(|s| by_iface(s, iface))
-                .ok_or_else(|| {
-                    MultipathError::Config(format!(
-                        "binding {}: no DPDK port named {iface:?} or driving that interface (ports: {})",
-                        binding.describe(),
-                        describe_all()
-                    ))
-                })?;
-            if !by_source(&stacks[s]) {
-                return Err(MultipathError::Config(format!(
-                    "binding {}: the stack on DPDK port {} has address {}, not {}",
-                    binding.describe(),
-                    stacks[s].options().port,
-                    stacks[s].options().local_ip,
-                    binding.source.map(|a| a.to_string()).unwrap_or_default()
-                )));
+    let found =
+        match &binding.iface {
+            Some(iface) => {
+                let s = stacks
+                    .iter()
+                    .position(|s| by_iface(s, iface))
+                    .ok_or_else(|| ConfigError::NoDpdkPort {
+                        binding: binding.describe(),
+                        iface: iface.clone(),
+                        ports: describe_all(),
+                    })?;
+                if let Some(wanted) = binding.source.filter(|_| !by_source(&stacks[s])) {
+                    return Err(ConfigError::DpdkStackAddress {
+                        binding: binding.describe(),
+                        port: stacks[s].options().port.clone(),
+                        has: stacks[s].options().local_ip,
+                        wanted,
+                    });
+                }
+                s
             }
-            s
-        }
-        None => stacks.iter().position(|s| by_source(s)).ok_or_else(|| {
-            MultipathError::Config(format!(
-                "binding {}: no DPDK stack has that address (stacks: {})",
-                binding.describe(),
-                describe_all()
-            ))
-        })?,
-    };
+            None => stacks.iter().position(|s| by_source(s)).ok_or_else(|| {
+                ConfigError::NoDpdkStackAt {
+                    binding: binding.describe(),
+                    stacks: describe_all(),
+                }
+            })?,
+        };
     Ok(found)
 }
 
@@ -361,16 +359,16 @@ pub fn dpdk_path_maker<'a>(
     MultipathError,
 > {
     if stacks.is_empty() {
-        return Err(MultipathError::Config(
-            "Transport::Dpdk needs at least one started DPDK stack".into(),
-        ));
+        return Err(ConfigError::NoDpdkStack.into());
     }
     let mut used = vec![0usize; stacks.len()];
     Ok(move |i: usize, addr: SocketAddr, login: LoginConfig| {
         let SocketAddr::V4(remote) = addr else {
-            return Err(MultipathError::Config(format!(
-                "path {i} to {addr}: the userspace stack speaks IPv4 only"
-            )));
+            return Err(ConfigError::Ipv6OnUserspaceStack {
+                path: i,
+                portal: addr,
+            }
+            .into());
         };
         let s = match bindings.get(i).filter(|b| !b.is_unbound()) {
             Some(b) => stack_for_binding(stacks, b)?,
@@ -384,11 +382,14 @@ pub fn dpdk_path_maker<'a>(
         used[s] += 1;
         let port = &stack.options().port;
         if queue >= usize::from(stack.queues()) {
-            return Err(MultipathError::Config(format!(
-                "path {i} (to {remote}) needs queue pair {queue} of DPDK port {port:?}, which has {} \
-                 (open the stack with more queues, or add ports)",
-                stack.queues()
-            )));
+            return Err(ConfigError::NoQueuePair {
+                path: i,
+                remote,
+                queue,
+                port: port.clone(),
+                queues: stack.queues(),
+            }
+            .into());
         }
         let name = format!("{port}/q{queue} {}->{remote}", stack.options().local_ip);
         Ok(crate::multipath::PathConfig::to_portal(
@@ -398,6 +399,23 @@ pub fn dpdk_path_maker<'a>(
             Box::new(stack.addr_connector(queue as u16)),
         ))
     })
+}
+
+/// Why a discovery or reachability connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The transport could not connect.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// The userspace stack and an IPv6 portal.
+    #[error("the userspace stack speaks IPv4 only")]
+    Ipv6OnUserspaceStack,
+    /// The binding names no usable stack.
+    #[error(transparent)]
+    Binding(#[from] ConfigError),
+    /// `Transport::Dpdk` with no stack.
+    #[error("Transport::Dpdk has no stack")]
+    NoDpdkStack,
 }
 
 /// A binding × portal pair that discovery could not use.
@@ -448,18 +466,17 @@ impl Options {
         addr: SocketAddr,
         binding: &PortBinding,
         timeout: Duration,
-    ) -> Result<crate::multipath::BoxedTransport, String> {
+    ) -> Result<crate::multipath::BoxedTransport, ConnectError> {
         match &self.transport {
             Transport::Kernel => {
                 let opts = binding.kernel_options(timeout);
-                let t = crate::transport::kernel::KernelTcp::connect(addr, &opts)
-                    .map_err(|e| e.to_string())?;
+                let t = crate::transport::kernel::KernelTcp::connect(addr, &opts)?;
                 Ok(crate::multipath::BoxedTransport(Box::new(t)))
             }
             #[cfg(feature = "dpdk")]
             Transport::Dpdk(stacks) => {
                 let SocketAddr::V4(remote) = addr else {
-                    return Err("the userspace stack speaks IPv4 only".into());
+                    return Err(ConnectError::Ipv6OnUserspaceStack);
                 };
                 let s = if binding.is_unbound() {
                     stacks
@@ -467,12 +484,10 @@ impl Options {
                         .position(|s| on_subnet(s, *remote.ip()))
                         .unwrap_or(0)
                 } else {
-                    stack_for_binding(stacks, binding).map_err(|e| e.to_string())?
+                    stack_for_binding(stacks, binding)?
                 };
-                let stack = stacks
-                    .get(s)
-                    .ok_or_else(|| "Transport::Dpdk has no stack".to_string())?;
-                let t = stack.connect(0, remote).map_err(|e| e.to_string())?;
+                let stack = stacks.get(s).ok_or(ConnectError::NoDpdkStack)?;
+                let t = stack.connect(0, remote)?;
                 Ok(crate::multipath::BoxedTransport(Box::new(t)))
             }
         }
@@ -483,7 +498,7 @@ impl Options {
     fn send_targets_through(
         &self,
         addr: SocketAddr,
-        fail: &dyn Fn(String) -> MultipathError,
+        portal: &str,
     ) -> Result<Vec<DiscoveredTarget>, MultipathError> {
         use crate::iscsi::discovery::send_targets_at;
         use crate::iscsi::redirect::LoginPortal;
@@ -504,7 +519,7 @@ impl Options {
         } else {
             &self.bindings
         };
-        let mut errors = Vec::new();
+        let mut failed = Vec::new();
         for b in tries {
             // Login redirects are followed (an array's group address
             // sends discovery logins on to a member portal).
@@ -512,19 +527,29 @@ impl Options {
                 &mut LoginPortal::new(addr),
                 |a| {
                     self.connect_through(a, b, self.login_timeout)
-                        .map_err(|e| crate::transport::TransportError::Io(std::io::Error::other(e)))
+                        .map_err(|e| match e {
+                            ConnectError::Transport(e) => e,
+                            other => {
+                                crate::transport::TransportError::Io(std::io::Error::other(other))
+                            }
+                        })
                 },
                 login.clone(),
                 self.login_timeout,
-            )
-            .map_err(|e| e.to_string());
+            );
             match found {
                 Ok(found) => return Ok(found),
-                Err(e) if b.is_unbound() => errors.push(e),
-                Err(e) => errors.push(format!("via {}: {e}", b.describe())),
+                Err(e) => failed.push(crate::multipath::config::DiscoveryTry {
+                    via: (!b.is_unbound()).then(|| b.describe()),
+                    error: e.into(),
+                }),
             }
         }
-        Err(fail(errors.join("; ")))
+        Err(DiscoveryError::SendTargets {
+            portal: portal.to_string(),
+            tries: failed,
+        }
+        .into())
     }
 
     /// SendTargets through `portal` (`host[:port]`, port 3260 by default):
@@ -539,18 +564,22 @@ impl Options {
         target: Option<&str>,
         lun: u16,
     ) -> Result<Vec<String>, MultipathError> {
-        let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
-        let addr =
-            resolve_portal(portal).ok_or_else(|| fail("not an address (host[:port])".into()))?;
-        let found = self.send_targets_through(addr, &fail)?;
-        let chosen = choose_target(&found, target).map_err(fail)?;
+        let addr = resolve_portal(portal).ok_or_else(|| DiscoveryError::BadPortal {
+            portal: portal.to_string(),
+        })?;
+        let found = self.send_targets_through(addr, portal)?;
+        let chosen = choose_target(&found, target, portal)?;
         let urls: Vec<String> = chosen
             .portals
             .iter()
             .map(|p| format!("iscsi://{}/{}/{lun}", p.address(), chosen.name))
             .collect();
         if urls.is_empty() {
-            return Err(fail(format!("target {} has no portal", chosen.name)));
+            return Err(DiscoveryError::NoPortal {
+                portal: portal.to_string(),
+                target: chosen.name.clone(),
+            }
+            .into());
         }
         Ok(urls)
     }
@@ -570,14 +599,17 @@ impl Options {
         lun: u16,
         max_per_portal: Option<usize>,
     ) -> Result<DiscoveredPaths, MultipathError> {
-        let fail = |e: String| MultipathError::Discovery(format!("through {portal}: {e}"));
         if max_per_portal == Some(0) {
-            return Err(fail("at most 0 paths per portal leaves no path".into()));
+            return Err(DiscoveryError::ZeroPerPortal {
+                portal: portal.to_string(),
+            }
+            .into());
         }
-        let addr =
-            resolve_portal(portal).ok_or_else(|| fail("not an address (host[:port])".into()))?;
-        let found = self.send_targets_through(addr, &fail)?;
-        let chosen = choose_target(&found, target).map_err(fail)?;
+        let addr = resolve_portal(portal).ok_or_else(|| DiscoveryError::BadPortal {
+            portal: portal.to_string(),
+        })?;
+        let found = self.send_targets_through(addr, portal)?;
+        let chosen = choose_target(&found, target, portal)?;
         let probe = !self.bindings.is_empty();
         let bindings = if probe {
             self.bindings.clone()
@@ -621,7 +653,7 @@ impl Options {
                     match self.connect_through(portal_addr, b, probe_timeout) {
                         Ok(mut t) => crate::transport::Transport::close(&mut t),
                         Err(e) => {
-                            out.unreachable.push(unreachable(e));
+                            out.unreachable.push(unreachable(e.to_string()));
                             continue;
                         }
                     }
@@ -643,15 +675,12 @@ impl Options {
                 .iter()
                 .map(|u| format!("{} -> {}: {}", u.binding.describe(), u.portal, u.reason))
                 .collect();
-            return Err(fail(format!(
-                "no binding × portal pair of target {} is usable ({})",
-                chosen.name,
-                if why.is_empty() {
-                    "it reported no portal".into()
-                } else {
-                    why.join("; ")
-                }
-            )));
+            return Err(DiscoveryError::NoUsablePair {
+                portal: portal.to_string(),
+                target: chosen.name.clone(),
+                why,
+            }
+            .into());
         }
         if !probe {
             out.bindings.clear();
@@ -673,27 +702,28 @@ fn resolve_portal(portal: &str) -> Option<SocketAddr> {
 fn choose_target<'a>(
     found: &'a [DiscoveredTarget],
     target: Option<&str>,
-) -> Result<&'a DiscoveredTarget, String> {
-    let names = || {
-        found
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    portal: &str,
+) -> Result<&'a DiscoveredTarget, DiscoveryError> {
+    let names = || found.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+    let portal = portal.to_string();
     match target {
-        Some(name) => found
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| format!("target {name} not reported (it reported: {})", names())),
+        Some(name) => {
+            found
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| DiscoveryError::TargetNotReported {
+                    portal,
+                    target: name.to_string(),
+                    reported: names(),
+                })
+        }
         None => match found {
             [one] => Ok(one),
-            [] => Err("no targets reported".into()),
-            many => Err(format!(
-                "{} targets reported; name one ({})",
-                many.len(),
-                names()
-            )),
+            [] => Err(DiscoveryError::NoTargets { portal }),
+            _ => Err(DiscoveryError::SeveralTargets {
+                portal,
+                reported: names(),
+            }),
         },
     }
 }

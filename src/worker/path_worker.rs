@@ -324,6 +324,10 @@ pub(crate) struct Worker {
     idle_rounds: u32,
     /// When the current run of idle rounds began (for `IdleMode::Block`).
     idle_since: Option<Instant>,
+    /// When the previous round looked for completions (or a block on the
+    /// socket ended): a completion seen now finished after it (see
+    /// `PathShared::record_completion_seen`).
+    looked_at: Instant,
     fence: Option<Arc<FenceBoard>>,
     peers: Arc<[Arc<PathShared>]>,
     /// A fence login this path runs for another (it has our connector).
@@ -402,6 +406,7 @@ impl Worker {
             idle: s.idle,
             idle_rounds: 0,
             idle_since: None,
+            looked_at: Instant::now(),
             fence: s.fence,
             peers: s.peers,
             fence_job: None,
@@ -540,6 +545,7 @@ impl Worker {
             self.shared.merge_histogram(&mut self.hist);
             self.last_merge = now;
         }
+        self.looked_at = now;
         progressed
     }
 
@@ -591,6 +597,9 @@ impl Worker {
             let _ = session.wait_or_wake(wake, Duration::from_millis(20));
         }
         wake.finish_sleep();
+        // The kernel wakes the worker when data arrives: what it finds
+        // next did not wait unseen through the block.
+        self.looked_at = Instant::now();
     }
 
     fn take_control(&mut self) {
@@ -1026,8 +1035,13 @@ impl Worker {
             .started
             .get(slot as usize)
             .map_or(Duration::ZERO, |s| now.saturating_duration_since(*s));
-        self.shared
-            .record_completion_at(now, latency, c.transferred as u64, error);
+        self.shared.record_completion_seen(
+            now,
+            self.looked_at.min(now),
+            latency,
+            c.transferred as u64,
+            error,
+        );
         let _ = self.hist.record(latency.as_micros().max(1) as u64);
         q.respond(Response::Done {
             slot,
