@@ -793,6 +793,9 @@ struct Path {
     /// Reservation commands of the current login not answered yet: the
     /// path carries I/O only after them (as the probe registers before).
     registering: u8,
+    /// The registration waits for a PREEMPT AND ABORT of this path's key
+    /// still in flight (`FenceBoard::hold_preempts`, as the probe's gate).
+    register_held: bool,
     /// UNIT ATTENTIONs its registration got in this session (sent again).
     own_retries: u8,
     /// A PREEMPT AND ABORT this path sent for another path.
@@ -908,6 +911,37 @@ fn pr_out(action: PrOutAction, params: PrOutParams, tag: u64) -> Command {
         .expect("a PR OUT CDB fits in 16 bytes");
     cmd.user_tag = tag;
     cmd
+}
+
+/// As the probe: REGISTER AND IGNORE EXISTING KEY (a preempted nexus lost
+/// its key), then RESERVE WE-RO (RESERVATION CONFLICT: another path holds
+/// it).
+fn submit_registration(
+    conn: &mut Connection,
+    key: u64,
+    now: std::time::Instant,
+) -> Result<(), String> {
+    let reg = pr_out(
+        PrOutAction::RegisterAndIgnoreExistingKey,
+        PrOutParams {
+            sa_key: key,
+            ..PrOutParams::default()
+        },
+        REGISTER_TAG,
+    );
+    let res = pr_out(
+        PrOutAction::Reserve,
+        PrOutParams {
+            key,
+            ..PrOutParams::default()
+        },
+        RESERVE_TAG,
+    );
+    for c in [reg, res] {
+        conn.submit(c, now)
+            .map_err(|e| format!("reservation registration: {e}"))?;
+    }
+    Ok(())
 }
 
 fn ini_ip(p: usize) -> Ipv4Addr {
@@ -1131,6 +1165,7 @@ impl Sim {
                 lose_r2t: 0,
                 aborts: None,
                 registering: 0,
+                register_held: false,
                 own_retries: 0,
                 preempt: None,
                 lun_reset: None,
@@ -1655,6 +1690,10 @@ impl Sim {
         };
         path.aborts = None;
         path.registering = 0;
+        path.register_held = false;
+        if let Some(board) = &self.board {
+            board.release_preempts(p);
+        }
         let fencing = [
             path.preempt.take(),
             path.lun_reset.take().map(|(job, _)| job),
@@ -1722,6 +1761,17 @@ impl Sim {
                     }
                 }
                 Ini::Up { sock, conn } => {
+                    if path.register_held
+                        && !self.board.as_ref().is_some_and(|b| b.hold_preempts(p))
+                    {
+                        path.register_held = false;
+                        let rf = self.sc.steps.reservation;
+                        if let Some(rf) = rf {
+                            if let Err(e) = submit_registration(conn, rf.key_of(p), std_now) {
+                                failure = Some(e);
+                            }
+                        }
+                    }
                     let s = path.ini.socket_mut(*sock);
                     loop {
                         let space = conn.rx_space(4096);
@@ -1842,31 +1892,15 @@ impl Sim {
                     .abort
                     .map(|a| TaskAborts::new(a, ABORT_TAG, std_now));
                 if let Some(rf) = self.sc.steps.reservation {
-                    // As the probe: REGISTER AND IGNORE EXISTING KEY (a
-                    // preempted nexus lost its key), then RESERVE WE-RO
-                    // (RESERVATION CONFLICT: another path holds it).
-                    let key = rf.key_of(p);
-                    let reg = pr_out(
-                        PrOutAction::RegisterAndIgnoreExistingKey,
-                        PrOutParams {
-                            sa_key: key,
-                            ..PrOutParams::default()
-                        },
-                        REGISTER_TAG,
-                    );
-                    let res = pr_out(
-                        PrOutAction::Reserve,
-                        PrOutParams {
-                            key,
-                            ..PrOutParams::default()
-                        },
-                        RESERVE_TAG,
-                    );
                     path.registering = 2;
                     path.own_retries = 0;
-                    for c in [reg, res] {
-                        if let Err(e) = conn.submit(c, std_now) {
-                            failure = Some(format!("reservation registration: {e}"));
+                    // As the probe's gate: no registration while a
+                    // PREEMPT AND ABORT of this key is in flight (it would
+                    // remove the new registration).
+                    path.register_held = self.board.as_ref().is_some_and(|b| b.hold_preempts(p));
+                    if !path.register_held {
+                        if let Err(e) = submit_registration(&mut conn, rf.key_of(p), std_now) {
+                            failure = Some(e);
                         }
                     }
                 }
@@ -2192,6 +2226,10 @@ impl Sim {
             }
             RESERVE_TAG => {
                 self.paths[p].registering = self.paths[p].registering.saturating_sub(1);
+                if let Some(board) = &self.board {
+                    // Registered: its needs may be preempted again.
+                    board.release_preempts(p);
+                }
                 // Another path holds the reservation: fine.
                 if c.response == 0 && c.status == 0x18 {
                     return Ok(());
@@ -2694,6 +2732,13 @@ impl Sim {
             consider(path.ini.poll_at(now), &format!("{label} initiator iface"));
             consider(path.tgt.poll_at(now), &format!("{label} target iface"));
             consider(path.dev_i.next_arrival(), &format!("{label} link"));
+            if path.register_held {
+                // Asks the board again for the preempt of its key.
+                consider(
+                    Some(now + Duration::from_millis(1)),
+                    &format!("{label} registration held for a preempt"),
+                );
+            }
             match &path.state {
                 Ini::Down => consider(
                     path.health.next_attempt().map(|t| self.virtual_of(t)),
