@@ -1022,22 +1022,8 @@ impl Connection {
 
     /// Sends a NOP-Out ping (immediate, so it needs no window space).
     pub fn ping(&mut self, now: Instant) -> Result<(), SubmitError> {
-        self.check_usable()?;
-        let slot = self.alloc_slot(TaskKind::Ping { sent_at: now }, now)?;
-        let itt = self.slots[slot as usize]
-            .as_ref()
-            .map(|t| t.itt)
-            .unwrap_or(0);
-        let hdr = PduHeader::NopOut(NopOut {
-            immediate: true,
-            lun: 0,
-            itt,
-            ttt: RESERVED_TAG,
-            cmd_sn: self.window.next_cmd_sn(),
-            exp_stat_sn: self.exp_stat_sn,
-        });
-        encode_pdu(&mut self.tx, &hdr, &[], self.digests);
-        self.stats.pdus_out += 1;
+        let cmd_sn = self.window.next_cmd_sn();
+        self.send_nop_out(true, cmd_sn, now)?;
         self.stats.nop_pings += 1;
         self.ping_outstanding = true;
         Ok(())
@@ -1048,6 +1034,17 @@ impl Connection {
     /// failed connection (once the target has closed that one), so the
     /// target need not wait for it. Answered by a NOP-In, like a ping.
     pub fn fill_cmd_sn(&mut self, cmd_sn: Sn, now: Instant) -> Result<(), SubmitError> {
+        self.send_nop_out(false, cmd_sn, now)
+    }
+
+    /// A NOP-Out that asks for an answer (its own task tag, tracked as a
+    /// ping task).
+    fn send_nop_out(
+        &mut self,
+        immediate: bool,
+        cmd_sn: Sn,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
         self.check_usable()?;
         let slot = self.alloc_slot(TaskKind::Ping { sent_at: now }, now)?;
         let itt = self.slots[slot as usize]
@@ -1055,7 +1052,7 @@ impl Connection {
             .map(|t| t.itt)
             .unwrap_or(0);
         let hdr = PduHeader::NopOut(NopOut {
-            immediate: false,
+            immediate,
             lun: 0,
             itt,
             ttt: RESERVED_TAG,
