@@ -408,12 +408,14 @@ pub enum ConnectError {
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
     /// The userspace stack and an IPv6 portal.
+    #[cfg(feature = "dpdk")]
     #[error("the userspace stack speaks IPv4 only")]
     Ipv6OnUserspaceStack,
     /// The binding names no usable stack.
     #[error(transparent)]
     Binding(#[from] ConfigError),
     /// `Transport::Dpdk` with no stack.
+    #[cfg(feature = "dpdk")]
     #[error("Transport::Dpdk has no stack")]
     NoDpdkStack,
 }
