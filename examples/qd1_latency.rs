@@ -53,7 +53,7 @@ fn main() {
     let data = vec![0x5au8; IO];
     let mut rows = Vec::new();
 
-    // ---- library path: MultipathDevice, one IoQueue, blocking helpers.
+    // ---- library path: WorkerDevice, one IoQueue, blocking helpers.
     for paths in [1usize, 2] {
         let urls: Vec<String> = portals[..paths]
             .iter()

@@ -40,10 +40,10 @@
 //! succeeded. Which calls may run on which threads: `docs/threading.md`.
 //!
 //! SCSI persistent reservations (for cluster databases and fencing) are
-//! methods on the device: [`MultipathDevice::pr_register_and_ignore`],
-//! [`pr_reserve`](MultipathDevice::pr_reserve),
-//! [`pr_read_keys`](MultipathDevice::pr_read_keys),
-//! [`pr_preempt_and_abort`](MultipathDevice::pr_preempt_and_abort) and the
+//! methods on the device: [`WorkerDevice::pr_register_and_ignore`],
+//! [`pr_reserve`](WorkerDevice::pr_reserve),
+//! [`pr_read_keys`](WorkerDevice::pr_read_keys),
+//! [`pr_preempt_and_abort`](WorkerDevice::pr_preempt_and_abort) and the
 //! rest; they fail with a typed [`PrError`], RESERVATION CONFLICT
 //! included, and an I/O the reservation forbids fails with
 //! [`IoError::is_reservation_conflict`].
@@ -73,7 +73,7 @@ pub use wire::scsi::pr::{
     PrCapabilities, PrHolder, PrInAction, PrKeys, PrOutAction, PrReservation, PrType,
 };
 pub use wire::scsi::{SenseData, SenseKey};
-pub use worker::{Chap, IoQueue, MultipathDevice, Options, PrError, SubmitError, Transport};
+pub use worker::{Chap, IoQueue, Options, PrError, SubmitError, Transport, WorkerDevice};
 
-/// The application-facing multipath device ([`MultipathDevice`]).
-pub type Device = MultipathDevice;
+/// The application-facing multipath device ([`WorkerDevice`]).
+pub type Device = WorkerDevice;

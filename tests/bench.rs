@@ -7,7 +7,7 @@ use iscsi_bypass::bench::job::{JobSpec, RwMode};
 use iscsi_bypass::bench::{self, BenchError, LiveCounters};
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice, PathConfig};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, PathConfig, WorkerDevice};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,8 +149,8 @@ fn bad_input_gives_one_clear_line_and_nonzero_exit() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--frobnicate"));
 }
 
-fn device_on(t: &TargetHandle) -> MultipathDevice {
-    MultipathDevice::open(config_on(t)).unwrap()
+fn device_on(t: &TargetHandle) -> WorkerDevice {
+    WorkerDevice::open(config_on(t)).unwrap()
 }
 
 /// One kernel path per portal of `t`, workers napping when idle.
@@ -276,7 +276,7 @@ fn verify_holds_across_a_path_failure() {
     // Notice a dead path fast.
     config.timers.nop_interval = Some(Duration::from_millis(200));
     config.timers.nop_timeout = Duration::from_millis(300);
-    let device = MultipathDevice::open(config).unwrap();
+    let device = WorkerDevice::open(config).unwrap();
     let factory = MultipathFactory {
         device: &device,
         path_names: vec!["a".into(), "b".into()],

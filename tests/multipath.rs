@@ -24,8 +24,7 @@ use iscsi_bypass::iscsi::connection::ConnTimers;
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::multipath::ReconnectPolicy;
 use iscsi_bypass::worker::{
-    DeviceConfig, IdleMode, Io, IoCompletion, IoQueue, MultipathDevice, PathConfig, PathState,
-    Policy,
+    DeviceConfig, IdleMode, Io, IoCompletion, IoQueue, PathConfig, PathState, Policy, WorkerDevice,
 };
 use std::net::SocketAddr;
 use std::process::Command;
@@ -452,7 +451,7 @@ fn read_load(
 }
 
 fn scenario_both(env: &Env) {
-    let dev = MultipathDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
+    let dev = WorkerDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
     assert_eq!(dev.paths().len(), 2);
     for p in dev.paths() {
         println!(
@@ -507,7 +506,7 @@ fn scenario_tbf(env: &Env) {
         tbf(env, dev, "200mbit", "64kb", "50ms");
     }
     let run = |paths: &[usize]| {
-        let dev = MultipathDevice::open(config(env, paths, Policy::QueueDepth)).unwrap();
+        let dev = WorkerDevice::open(config(env, paths, Policy::QueueDepth)).unwrap();
         let mut q = dev.queue_pair();
         // Warm-up, then measure.
         read_load(
@@ -566,7 +565,7 @@ fn scenario_netem(env: &Env) {
     // slow path beside it costs at most 1.5x that), measured last: the
     // first device a DPDK process opens has been seen much slower.
     let run = |paths: &[usize], policy: Policy| {
-        let dev = MultipathDevice::open(config(env, paths, policy)).unwrap();
+        let dev = WorkerDevice::open(config(env, paths, policy)).unwrap();
         // A path that missed its login at open comes up later (seen on a
         // loaded machine over DPDK): measure with every path up.
         for &p in paths {
@@ -656,8 +655,8 @@ fn scenario_netem(env: &Env) {
 
 /// Write+verify workload with a link event schedule; returns after
 /// verifying every chunk. `events(t)` runs link commands at times.
-fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> MultipathDevice {
-    let dev = MultipathDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
+fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> WorkerDevice {
+    let dev = WorkerDevice::open(config(env, &[0, 1], Policy::QueueDepth)).unwrap();
     let mut q = dev.queue_pair();
     const CHUNK_BLOCKS: u32 = 8;
     let bs = dev.block_size() as usize;
@@ -770,7 +769,7 @@ fn write_verify(env: &Env, dur: Duration, mut events: impl FnMut(Duration)) -> M
     dev
 }
 
-fn wait_state(dev: &MultipathDevice, path: usize, state: PathState, within: Duration) -> bool {
+fn wait_state(dev: &WorkerDevice, path: usize, state: PathState, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         if dev.paths()[path].state == state {

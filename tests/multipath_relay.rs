@@ -26,7 +26,7 @@ mod common;
 
 use common::{tgtd_unavailable, Tgtd, TgtdOptions};
 use iscsi_bypass::iscsi::login::LoginConfig;
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, Io, MultipathDevice, PathConfig, Policy};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, Io, PathConfig, Policy, WorkerDevice};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -233,7 +233,7 @@ fn run(case: Case) -> Option<Outcome> {
     config.policy = Policy::QueueDepth;
     config.idle = IdleMode::Sleep(Duration::from_micros(50));
     config.fence_writes = case != Case::Unfenced;
-    let dev = MultipathDevice::open(config).expect("open both paths");
+    let dev = WorkerDevice::open(config).expect("open both paths");
     let mut q = dev.queue_pair();
 
     const CHUNK_BLOCKS: u32 = 8;

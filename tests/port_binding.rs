@@ -29,7 +29,7 @@ use common::{tgtd_unavailable, which, Tgtd, TgtdOptions};
 use iscsi_bypass::iscsi::connection::ConnTimers;
 use iscsi_bypass::multipath::ReconnectPolicy;
 use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, Io, IoQueue, MultipathDevice, PathState};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, Io, IoQueue, PathState, WorkerDevice};
 use iscsi_bypass::{Options, PortBinding};
 use std::process::Command;
 use std::sync::Mutex;
@@ -426,13 +426,13 @@ fn tune(c: &mut DeviceConfig) {
     };
 }
 
-fn open(env: &Env, urls: &[String], bindings: Vec<PortBinding>) -> MultipathDevice {
+fn open(env: &Env, urls: &[String], bindings: Vec<PortBinding>) -> WorkerDevice {
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     let mut c = options(env, bindings)
         .device_config(&urls)
         .expect("device config");
     tune(&mut c);
-    MultipathDevice::open(c).expect("open")
+    WorkerDevice::open(c).expect("open")
 }
 
 /// Random 32 KiB reads at depth 16 for `dur`: I/Os per path.
@@ -475,7 +475,7 @@ fn read_load(q: &mut IoQueue, capacity: u64, dur: Duration, npaths: usize) -> Ve
 
 /// Runs the read load and returns (path shares, interface shares of
 /// v0/v1), printing both.
-fn measure(label: &str, dev: &MultipathDevice) -> (Vec<f64>, [f64; 2]) {
+fn measure(label: &str, dev: &WorkerDevice) -> (Vec<f64>, [f64; 2]) {
     let mut q = dev.queue_pair();
     read_load(&mut q, dev.capacity(), Duration::from_millis(300), 2);
     let before = [counters("v0"), counters("v1")];
@@ -676,7 +676,7 @@ fn scenario_two_portals(env: &Env) {
     assert_ne!(capped.bindings[0], capped.bindings[1], "{pairs:?}");
     assert_ne!(capped.urls[0], capped.urls[1], "{pairs:?}");
     let urls: Vec<&str> = capped.urls.iter().map(String::as_str).collect();
-    let dev = MultipathDevice::open_urls(&urls, &capped.options(&options(env, Vec::new())))
+    let dev = WorkerDevice::open_urls(&urls, &capped.options(&options(env, Vec::new())))
         .expect("open discovered");
     let mut q = dev.queue_pair();
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 13 + 5) as u8).collect();

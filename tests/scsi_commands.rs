@@ -7,13 +7,13 @@ use iscsi_bypass::iscsi::session::{Session, SessionConfig};
 use iscsi_bypass::scsi::lun::{LunError, LunHandle};
 use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
-use iscsi_bypass::{Device, IdleMode, MultipathDevice, Options};
+use iscsi_bypass::{Device, IdleMode, Options, WorkerDevice};
 use iscsi_bypass::{Io, IoOp};
 use std::time::Duration;
 
 const IQN: &str = "iqn.2026-11.org.iscsi-bypass:scsi-commands";
 
-fn open(target: &TargetHandle) -> MultipathDevice {
+fn open(target: &TargetHandle) -> WorkerDevice {
     let url = format!("iscsi://{}/{IQN}/0", target.portals()[0]);
     let opts = Options {
         idle: IdleMode::Sleep(Duration::from_micros(50)),

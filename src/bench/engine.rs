@@ -235,7 +235,7 @@ impl Engine for MultipathEngine {
 
 /// Opens one `IoQueue` per job on a shared multipath device.
 pub struct MultipathFactory<'a> {
-    pub device: &'a crate::worker::MultipathDevice,
+    pub device: &'a crate::worker::WorkerDevice,
     pub path_names: Vec<String>,
     /// Back-off of the job threads when idle (None: busy-poll).
     pub idle_sleep: Option<std::time::Duration>,

@@ -9,9 +9,7 @@ use iscsi_bypass::bench::{self, report, LiveCounters};
 use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::target::{Target, TargetConfig};
-use iscsi_bypass::worker::{
-    DeviceConfig, IdleMode, MultipathDevice, PathConfig, Policy, PortBinding,
-};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, PathConfig, Policy, PortBinding, WorkerDevice};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -434,7 +432,7 @@ fn run_multipath(
         IdleMode::Block(Duration::from_micros(10))
     };
     config.cores = args.cores.clone();
-    let device = MultipathDevice::open(config).context("opening the multipath device")?;
+    let device = WorkerDevice::open(config).context("opening the multipath device")?;
     let metrics = super::start_metrics(args.metrics_listen, &device)?;
     check_regions(job, device.block_size(), device.capacity())?;
     let factory = MultipathFactory {

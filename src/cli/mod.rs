@@ -20,7 +20,7 @@ use iscsi_bypass::iscsi::url::IscsiUrl;
 use iscsi_bypass::scsi::lun::LunHandle;
 use iscsi_bypass::scsi::{Capacity, LunInfo, ReportLunsData};
 use iscsi_bypass::transport::kernel::{KernelTcp, KernelTcpOptions};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, WorkerDevice};
 use iscsi_bypass::PortBinding;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -239,7 +239,7 @@ pub fn open_device(
     no_path_timeout_secs: u64,
     busy_poll: bool,
     health: &health::PathHealthArgs,
-) -> Result<MultipathDevice> {
+) -> Result<WorkerDevice> {
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     let bindings = opts.bindings(urls.len())?;
     port_binding::warn_host_setup(&bindings);
@@ -262,14 +262,14 @@ pub fn open_device(
     } else {
         IdleMode::Sleep(Duration::from_micros(50))
     };
-    MultipathDevice::open(config).context("opening the multipath device")
+    WorkerDevice::open(config).context("opening the multipath device")
 }
 
 /// Starts the Prometheus endpoint for `device` when `--metrics-listen` was
 /// given; it stops when the returned server is dropped.
 pub fn start_metrics(
     addr: Option<SocketAddr>,
-    device: &MultipathDevice,
+    device: &WorkerDevice,
 ) -> Result<Option<iscsi_bypass::metrics::MetricsServer>> {
     let Some(addr) = addr else { return Ok(None) };
     let server = iscsi_bypass::metrics::MetricsServer::start(addr, device.path_handles())?;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use iscsi_bypass::multipath::{PathState, PathStats};
 use iscsi_bypass::scsi::LunInfo;
-use iscsi_bypass::worker::MultipathDevice;
+use iscsi_bypass::worker::WorkerDevice;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -254,7 +254,7 @@ pub fn render_text(view: &PathsView) -> String {
 }
 
 /// Waits until no path is still logging in, or `settle` passes.
-fn wait_settled(device: &MultipathDevice, settle: Duration) {
+fn wait_settled(device: &WorkerDevice, settle: Duration) {
     let deadline = Instant::now() + settle;
     while Instant::now() < deadline
         && device.paths().iter().any(|p| {

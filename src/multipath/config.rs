@@ -613,7 +613,7 @@ pub enum IdleMode {
     Block(Duration),
 }
 
-/// Everything `MultipathDevice::open` needs.
+/// Everything `WorkerDevice::open` needs.
 #[derive(Debug)]
 pub struct DeviceConfig {
     /// The paths, all to the same LU.

@@ -9,7 +9,7 @@
 //!   it to the reconnect schedule.
 //! - [`Failback`] under the `failover` policy: back to the preferred
 //!   (lowest-index) path at once, after it has been usable for a delay, or
-//!   only when the application asks (`MultipathDevice::failback`).
+//!   only when the application asks (`WorkerDevice::failback`).
 //!   [`FailbackClock`] decides; the selector asks it.
 //! - [`NoPathRetry`] (`no_path_retry` / `queue_if_no_path`): how long I/O
 //!   waits when no path is usable: fail at once, N checks of the no-path
@@ -148,7 +148,7 @@ pub enum Failback {
     /// Once the preferred path has been usable for this long (seen by the
     /// selector throughout).
     After(Duration),
-    /// Never by itself: the application calls `MultipathDevice::failback`.
+    /// Never by itself: the application calls `WorkerDevice::failback`.
     #[default]
     Manual,
 }

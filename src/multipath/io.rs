@@ -207,7 +207,7 @@ pub enum IoError {
     /// The request is longer than the LU's Block Limits allow in one
     /// command (nothing was sent). The blocking helpers
     /// ([`IoQueue::read_at`](crate::IoQueue::read_at) and the like) split
-    /// instead; [`MultipathDevice::limits`](crate::MultipathDevice::limits)
+    /// instead; [`WorkerDevice::limits`](crate::WorkerDevice::limits)
     /// has the limits.
     #[error("{op:?} of {blocks} blocks is over the target's limit of {max} blocks per command (Block Limits VPD); split it")]
     TooLarge {

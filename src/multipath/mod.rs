@@ -6,7 +6,7 @@
 //!
 //! This layer is logic and shared state only; the threads, rings and the
 //! application-facing device that run it live one layer up, in
-//! [`crate::worker`] (`worker::MultipathDevice`, `worker::IoQueue`).
+//! [`crate::worker`] (`worker::WorkerDevice`, `worker::IoQueue`).
 #![warn(missing_docs)]
 
 pub mod config;

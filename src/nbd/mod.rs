@@ -1,4 +1,4 @@
-//! NBD export: serves a [`MultipathDevice`](crate::worker::MultipathDevice)
+//! NBD export: serves a [`WorkerDevice`](crate::worker::WorkerDevice)
 //! over the Network Block Device protocol, so unmodified programs (qemu,
 //! nbdcopy, `nbd-client` + the kernel's `/dev/nbdX`) can use the multipath
 //! LU.

@@ -3,7 +3,7 @@
 //! started as clients come, at most `max_clients`, and kept, idle, for the
 //! next client until the server stops (so a stream of short connections
 //! starts no threads; see `threads`). Each connection owns
-//! one [`IoQueue`] of the shared [`MultipathDevice`], reads pipelined
+//! one [`IoQueue`] of the shared [`WorkerDevice`], reads pipelined
 //! requests from a non-blocking socket, submits them without waiting, and
 //! writes replies as the I/Os complete (in completion order, as NBD allows).
 
@@ -16,7 +16,7 @@ use super::NbdError;
 use crate::multipath::{Io, IoCompletion, IoError, IoOp, LuCaps};
 use crate::scsi::{Feature, ScsiError};
 use crate::wire::scsi::SenseKey;
-use crate::worker::{IoQueue, MultipathDevice, SubmitError};
+use crate::worker::{IoQueue, SubmitError, WorkerDevice};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -381,7 +381,7 @@ impl Drop for NbdServerHandle {
     }
 }
 
-fn export_info(device: &MultipathDevice, config: &ExportConfig) -> ExportInfo {
+fn export_info(device: &WorkerDevice, config: &ExportConfig) -> ExportInfo {
     let mut flags =
         tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA | tflags::CAN_MULTI_CONN;
     if config.read_only {
@@ -406,7 +406,7 @@ impl NbdServer {
     /// connected client, kept for the next client when it closes (at most
     /// `max_clients`); returns after every connection thread has ended.
     pub fn run(
-        device: Arc<MultipathDevice>,
+        device: Arc<WorkerDevice>,
         config: ExportConfig,
         listener: Listener,
         stop: Arc<AtomicBool>,
@@ -416,7 +416,7 @@ impl NbdServer {
 
     /// Starts [`run`](Self::run) in a background thread.
     pub fn spawn(
-        device: Arc<MultipathDevice>,
+        device: Arc<WorkerDevice>,
         config: ExportConfig,
         listener: Listener,
     ) -> Result<NbdServerHandle, NbdError> {
@@ -437,7 +437,7 @@ impl NbdServer {
     }
 
     fn run_with_stats(
-        device: Arc<MultipathDevice>,
+        device: Arc<WorkerDevice>,
         config: ExportConfig,
         listener: Listener,
         stop: Arc<AtomicBool>,
@@ -566,7 +566,7 @@ impl NbdServer {
 fn serve(
     stream: Stream,
     export: &Export,
-    device: &MultipathDevice,
+    device: &WorkerDevice,
     stop: &AtomicBool,
 ) -> Result<String, NbdError> {
     stream.set_nonblocking(true)?;

@@ -82,15 +82,18 @@ struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-/// A logical unit reached over several paths (one iSCSI session each).
-pub struct MultipathDevice {
+/// A logical unit reached over several paths (sessions of their own, or the
+/// connections of one MC/S session), each path driven by its own worker
+/// thread: the device owns those threads, so it lives in worker/ and is named
+/// for it. Applications know it as [`crate::Device`].
+pub struct WorkerDevice {
     shared: Arc<DeviceShared>,
     workers: Vec<WorkerHandle>,
 }
 
-impl std::fmt::Debug for MultipathDevice {
+impl std::fmt::Debug for WorkerDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MultipathDevice")
+        f.debug_struct("WorkerDevice")
             .field("lu", &self.shared.lu_id)
             .field("paths", &self.shared.paths.len())
             .field("policy", &self.shared.dispatch.policy)
@@ -98,12 +101,12 @@ impl std::fmt::Debug for MultipathDevice {
     }
 }
 
-impl MultipathDevice {
+impl WorkerDevice {
     /// Logs in every path (in parallel), checks that all reach the same LU
     /// (VPD 83h designator) with the same geometry, and starts one worker
     /// per path. Paths that cannot log in now start Down and keep retrying
     /// in the background; at least one must come up.
-    pub fn open(config: DeviceConfig) -> Result<MultipathDevice, MultipathError> {
+    pub fn open(config: DeviceConfig) -> Result<WorkerDevice, MultipathError> {
         if config.paths.is_empty() {
             return Err(crate::multipath::ConfigError::NoPaths.into());
         }
@@ -272,7 +275,7 @@ impl MultipathDevice {
                 })?;
             workers[i].thread = Some(t);
         }
-        Ok(MultipathDevice {
+        Ok(WorkerDevice {
             shared: Arc::new(DeviceShared {
                 paths,
                 controls,
@@ -459,14 +462,14 @@ impl MultipathDevice {
     }
 }
 
-impl Drop for MultipathDevice {
+impl Drop for WorkerDevice {
     fn drop(&mut self) {
         self.stop_workers();
     }
 }
 
 /// One application thread's submission/completion queue. Not `Sync`: give
-/// each thread its own (`MultipathDevice::queue_pair`).
+/// each thread its own (`WorkerDevice::queue_pair`).
 ///
 /// The slots, path choice, retries and failover are the sans-IO
 /// [`Dispatcher`]'s; the queue owns the rings and the clock and carries out
@@ -870,7 +873,7 @@ mod tests {
         comp: Producer<Response>,
     }
 
-    fn device(n: usize) -> (MultipathDevice, Vec<Arc<ArrayQueue<Control>>>) {
+    fn device(n: usize) -> (WorkerDevice, Vec<Arc<ArrayQueue<Control>>>) {
         let opened = Instant::now();
         let paths: Vec<_> = (0..n)
             .map(|i| {
@@ -881,7 +884,7 @@ mod tests {
             })
             .collect();
         let controls: Vec<_> = (0..n).map(|_| Arc::new(ArrayQueue::new(8))).collect();
-        let dev = MultipathDevice {
+        let dev = WorkerDevice {
             shared: Arc::new(DeviceShared {
                 paths,
                 controls: controls.clone(),

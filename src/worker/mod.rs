@@ -15,7 +15,7 @@ pub use crate::multipath::{
     DeviceConfig, IdleMode, Io, IoCompletion, IoError, IoOp, PathConfig, PathState, PathStats,
     Policy, PortBinding,
 };
-pub use device::{IoQueue, MultipathDevice, SubmitError};
+pub use device::{IoQueue, SubmitError, WorkerDevice};
 #[cfg(feature = "dpdk")]
 pub use open::{dpdk_path_maker, dpdk_port_iface};
 pub use open::{Chap, DiscoveredPaths, Options, Transport, UnreachablePair};

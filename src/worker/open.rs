@@ -1,4 +1,4 @@
-//! The easy way in: [`MultipathDevice::open_urls`] with [`Options`].
+//! The easy way in: [`WorkerDevice::open_urls`] with [`Options`].
 //!
 //! ```no_run
 //! use iscsi_bypass::{Chap, Device, Options};
@@ -18,7 +18,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use super::MultipathDevice;
+use super::WorkerDevice;
 use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 use crate::iscsi::discovery::DiscoveredTarget;
 use crate::iscsi::login::LoginConfig;
@@ -119,7 +119,7 @@ impl Chap {
     }
 }
 
-/// What [`MultipathDevice::open_urls`] needs besides the URLs. Every field
+/// What [`WorkerDevice::open_urls`] needs besides the URLs. Every field
 /// has a default (`Options::default()`).
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -209,7 +209,7 @@ impl Default for Options {
 
 impl Options {
     /// The full [`DeviceConfig`] for `urls` (one path per URL), to adjust
-    /// further before [`MultipathDevice::open`].
+    /// further before [`WorkerDevice::open`].
     pub fn device_config(&self, urls: &[&str]) -> Result<DeviceConfig, MultipathError> {
         let mut c = match &self.transport {
             Transport::Kernel => DeviceConfig::from_urls(urls, &self.initiator, &self.bindings)?,
@@ -730,7 +730,7 @@ fn choose_target<'a>(
     }
 }
 
-impl MultipathDevice {
+impl WorkerDevice {
     /// Discovers `target`'s portals through `portal`
     /// ([`Options::discover_paths`]) and opens LUN `lun` with one path per
     /// portal, or, with bindings, per binding × portal pair that reaches it.
@@ -739,16 +739,16 @@ impl MultipathDevice {
         target: Option<&str>,
         lun: u16,
         options: &Options,
-    ) -> Result<MultipathDevice, MultipathError> {
+    ) -> Result<WorkerDevice, MultipathError> {
         let found = options.discover_paths(portal, target, lun, None)?;
         let urls: Vec<&str> = found.urls.iter().map(String::as_str).collect();
-        MultipathDevice::open_urls(&urls, &found.options(options))
+        WorkerDevice::open_urls(&urls, &found.options(options))
     }
 
     /// Opens the LU behind `urls` (`iscsi://[user%secret@]host[:port]/iqn/lun`,
     /// one path per URL, all to the same target and LUN) with `options`.
-    pub fn open_urls(urls: &[&str], options: &Options) -> Result<MultipathDevice, MultipathError> {
-        MultipathDevice::open(options.device_config(urls)?)
+    pub fn open_urls(urls: &[&str], options: &Options) -> Result<WorkerDevice, MultipathError> {
+        WorkerDevice::open(options.device_config(urls)?)
     }
 }
 
@@ -783,7 +783,7 @@ mod tests {
     fn thread_contracts() {
         fn send_sync<T: Send + Sync>() {}
         fn send<T: Send>() {}
-        send_sync::<MultipathDevice>();
+        send_sync::<WorkerDevice>();
         send::<super::super::IoQueue>();
         send::<crate::multipath::Io>();
         send::<crate::multipath::IoCompletion>();

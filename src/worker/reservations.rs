@@ -1,10 +1,10 @@
 //! SCSI persistent reservations for applications (cluster databases,
-//! cluster file systems, fencing agents), on [`MultipathDevice`].
+//! cluster file systems, fencing agents), on [`WorkerDevice`].
 //!
 //! Each path is its own iSCSI session, so its own I_T nexus: a key must be
 //! registered on every path for the host to keep access over all of them
-//! (as `mpathpersist` does for dm-multipath). [`MultipathDevice::pr_register`]
-//! and [`MultipathDevice::pr_register_and_ignore`] therefore register on
+//! (as `mpathpersist` does for dm-multipath). [`WorkerDevice::pr_register`]
+//! and [`WorkerDevice::pr_register_and_ignore`] therefore register on
 //! every path that is up; the other actions go down one path. Use a
 //! registrants-only or all-registrants type (WE-RO, EA-RO, WE-AR, EA-AR)
 //! when the host writes over several paths: under WE or EA only the one
@@ -12,13 +12,13 @@
 //! RESERVATION CONFLICT like any other initiator.
 //!
 //! A path that logs in later is not registered by itself: call
-//! [`MultipathDevice::pr_register_and_ignore`] again (it is idempotent).
+//! [`WorkerDevice::pr_register_and_ignore`] again (it is idempotent).
 //! A READ or WRITE the reservation forbids completes with
 //! `IoError::Scsi(ScsiError::ReservationConflict)` (not retried; see
 //! [`IoError::is_reservation_conflict`](crate::IoError::is_reservation_conflict)).
 #![warn(missing_docs)]
 
-use super::device::MultipathDevice;
+use super::device::WorkerDevice;
 use crate::iscsi::connection::Direction;
 use crate::multipath::PathState;
 use crate::scsi::{check_status, ScsiCommand, ScsiError, PR_IN_ALLOC_LEN};
@@ -96,7 +96,7 @@ impl PrError {
     }
 }
 
-impl MultipathDevice {
+impl WorkerDevice {
     fn up_paths(&self) -> Vec<usize> {
         self.paths()
             .iter()

@@ -6,7 +6,7 @@
 
 use iscsi_bypass::nbd::{ExportConfig, Listener, NbdServer, NbdServerHandle};
 use iscsi_bypass::target::{Target, TargetConfig, TargetHandle};
-use iscsi_bypass::worker::{DeviceConfig, IdleMode, MultipathDevice};
+use iscsi_bypass::worker::{DeviceConfig, IdleMode, WorkerDevice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use std::time::Duration;
 /// A started target and the device over all its portals (LUN 0).
 pub struct Backend {
     pub target: TargetHandle,
-    pub device: Arc<MultipathDevice>,
+    pub device: Arc<WorkerDevice>,
 }
 
 impl Backend {
@@ -43,7 +43,7 @@ impl Backend {
         let mut dc = DeviceConfig::from_urls(&urls, initiator, &[]).expect("device config");
         dc.idle = IdleMode::Sleep(Duration::from_micros(50));
         tune(&mut dc);
-        let device = Arc::new(MultipathDevice::open(dc).expect("open the device"));
+        let device = Arc::new(WorkerDevice::open(dc).expect("open the device"));
         Backend { target, device }
     }
 
