@@ -20,10 +20,19 @@
 #     delivering (goals: dead link <= 1000 ms, hung path <= 2000 ms), and
 #     the unfenced run (retried at once, the stale write lands) as the peer:
 #     `RESULT case=fence_cost ..._over_unfenced=` ratios.
-#   - MC/S beside MPIO (kernel TCP; tgtd with MaxConnections raised): the
-#     IOPS split and the link-down failover stall with the two paths as two
-#     connections of one session, `RESULT case=iops_split|failover_stall
-#     mode=mcs|mpio ...`, and `RESULT case=mcs_vs_mpio` ratios.
+#   - MC/S beside MPIO (kernel TCP; tgtd with MaxConnections raised), the
+#     two paths as two sessions (mode=mpio) and as two connections of one
+#     session (mode=mcs), one `RESULT case=... mode=mpio|mcs` line each:
+#     iops_split (4 KiB random reads QD16, path 0's share);
+#     rate_limited_pair (tbf 200 Mbit/s per path, two paths over one:
+#     two_over_one, goal 2); slow_link_p99 (path 1 with 4 ms netem delay,
+#     queue-depth, p99 over the fast path alone measured in the same run);
+#     failover_stall scenario=linkdown (max_gap_ms, the longest gap between
+#     write completions when path 0's link goes down); write_ordering (300
+#     rounds of 4 overlapping writes to one chunk in flight at once,
+#     round-robin, then read back: reorderings counted, waited-for writes
+#     must read back the newest). Then `RESULT case=mcs_vs_mpio` with the
+#     mcs/mpio ratios of the cases both modes ran.
 # Root only; the tests create and remove everything themselves.
 #
 #   bench/multipath.sh [kernel|dpdk|slow|relay|mcs|all]   (default all;
@@ -50,6 +59,8 @@ if [[ $which == mcs ]]; then
     # The MC/S cases and the same scenarios as MPIO, in one run.
     CI=true cargo test --test multipath -- --test-threads=1 --nocapture \
         kernel_mcs_ kernel_both_paths_carry_io kernel_link_down_fails_over \
+        kernel_two_rate_limited_paths kernel_p99_beside_a_slow_link \
+        kernel_overlapping_writes \
         >"$log" 2>&1 || { cat "$log"; exit 1; }
 elif [[ $which != relay ]]; then
     CI=true cargo test --test multipath -- $filter --test-threads=1 --nocapture \
@@ -59,13 +70,26 @@ if [[ $which != relay ]]; then
     # Each scenario's lines start with "MP == <scenario> over <transport>".
     sed -n -e 's/^.*MP == /== /p' -e 's/^.*MP RESULT /RESULT /p' -e 's/^.*MP /  /p' \
         -e '/^test result/p' "$log"
-    grep -o 'MP RESULT case=\(iops_split\|failover_stall scenario=linkdown\) .*' "$log" | sed 's/^MP //' | awk '
-        { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-          if (v["case"] == "iops_split") iops[v["mode"]] = v["iops"]
-          else stall[v["mode"]] = v["max_gap_ms"] }
+    grep -o 'MP RESULT case=.*' "$log" | sed 's/^MP //' | awk '
+        { delete v
+          for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+          m = v["mode"]; c = v["case"]
+          if (c == "iops_split") iops[m] = v["iops"]
+          else if (c == "failover_stall" && v["scenario"] == "linkdown") stall[m] = v["max_gap_ms"]
+          else if (c == "rate_limited_pair") { pair[m] = v["two_paths_mbs"]; pairx[m] = v["two_over_one"] }
+          else if (c == "slow_link_p99") { p99[m] = v["p99_us"]; p99x[m] = v["p99_over_fast_alone"] }
+          else if (c == "write_ordering") { newest[m] = v["not_newest_issued"]; lastack[m] = v["not_last_acked"]; rounds[m] = v["rounds"] } }
+        function ratio(name, a) {
+          if (("mcs" in a) && ("mpio" in a) && a["mpio"] > 0) out = out sprintf(" %s_mcs_over_mpio=%.2f", name, a["mcs"] / a["mpio"])
+        }
         END {
-          if (iops["mpio"] > 0 && stall["mpio"] > 0 && ("mcs" in iops) && ("mcs" in stall))
-            printf "RESULT case=mcs_vs_mpio iops_mcs_over_mpio=%.2f failover_stall_mcs_over_mpio=%.2f\n", iops["mcs"] / iops["mpio"], stall["mcs"] / stall["mpio"]
+          out = ""
+          ratio("iops", iops); ratio("rate_limited_mbs", pair); ratio("slow_link_p99", p99)
+          ratio("failover_stall", stall)
+          if (("mcs" in pairx) && ("mpio" in pairx)) out = out sprintf(" two_over_one_mpio=%s two_over_one_mcs=%s", pairx["mpio"], pairx["mcs"])
+          if (("mcs" in p99x) && ("mpio" in p99x)) out = out sprintf(" p99_over_fast_alone_mpio=%s p99_over_fast_alone_mcs=%s", p99x["mpio"], p99x["mcs"])
+          if (("mcs" in newest) && ("mpio" in newest)) out = out sprintf(" reordered_of_%s_mpio=%s reordered_of_%s_mcs=%s not_last_acked_mpio=%s not_last_acked_mcs=%s", rounds["mpio"], newest["mpio"], rounds["mcs"], newest["mcs"], lastack["mpio"], lastack["mcs"])
+          if (out != "") print "RESULT case=mcs_vs_mpio" out
         }'
 fi
 if [[ $which == relay || $which == all ]]; then

@@ -215,6 +215,83 @@ fn tgtd_max_connections_and_striped_verified_io() {
     s.logout(Duration::from_secs(5)).expect("logout");
 }
 
+/// tgtd set to ErrorRecoveryLevel=2 grants it (1 to an offer of 1, 2 to
+/// an offer of 2), but ERL 2 connection recovery fails against it:
+/// `McsSession::recover` of a connection that failed with a write on it
+/// sends the Logout (reason 2, remove CID 1) on connection 0, tgtd answers
+/// it as a logout of connection 0 itself and closes connection 0, so the
+/// write is never done through the session, which has no connection left.
+/// (tests/mcs_target.rs shows the same with raw PDUs, and tgtd's answer
+/// 5 to TASK REASSIGN.) Against tgtd a failed connection is recovered by
+/// reinstatement instead, which the MC/S paths do.
+#[test]
+fn tgtd_grants_erl2_but_recovery_through_it_ends_the_session() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions {
+        params: vec![
+            ("MaxConnections".into(), "4".into()),
+            ("ErrorRecoveryLevel".into(), "2".into()),
+        ],
+        ..TgtdOptions::default()
+    });
+    let mut c = config(&t, 4);
+    c.login.offer.error_recovery_level = 1;
+    let s = McsSession::open(connect(&t), &c).expect("leading login, ERL 1 offered");
+    assert_eq!(s.params().error_recovery_level, 1, "an offer of 1 gets 1");
+    s.logout(Duration::from_secs(5)).expect("logout");
+    c.login.offer.error_recovery_level = 2;
+    let mut s = McsSession::open(connect(&t), &c).expect("leading login, ERL 2 offered");
+    assert_eq!(s.params().error_recovery_level, 2, "an offer of 2 gets 2");
+    s.add_connection(connect(&t), 1).expect("second connection");
+    let tur = || Command::new(lun1(), &[0; 6], Direction::None, Vec::new()).unwrap();
+    assert_eq!(s.execute(tur(), Duration::from_secs(5)).unwrap().status, 2);
+    // A write sent on connection 1, which then counts as failed.
+    let mut w = Command::new(
+        lun1(),
+        &rw10(0x2a, 64, 8),
+        Direction::Write,
+        vec![0x5a; 4096],
+    )
+    .unwrap();
+    w.user_tag = 77;
+    s.submit_on(1, w).expect("write on CID 1");
+    s.poll_io().expect("the write goes out");
+    s.mark_failed(1);
+    let recovered = s.recover(1, 0, Duration::from_secs(5));
+    println!("tgtd: recover(1 via 0) = {recovered:?}");
+    // Whatever recover said, the session goes no further: connection 0 is
+    // closed by tgtd after its Logout answer, and the write never
+    // completes through it.
+    let t0 = Instant::now();
+    let outcome = loop {
+        match s.next_event(Duration::from_millis(100)) {
+            Ok(Some((cid, Event::Completed(done)))) if done.user_tag == 77 => {
+                panic!("the write completed on CID {cid} after recovery: {done:?}")
+            }
+            Ok(Some((cid, e))) => println!("tgtd: event on CID {cid}: {e:?}"),
+            Ok(None) => assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "connection 0 still up 10 s after the Logout for recovery"
+            ),
+            Err(e) => break e,
+        }
+    };
+    println!("tgtd: after recovery: {outcome}");
+    assert!(
+        matches!(
+            outcome,
+            McsError::ConnectionFailed { cid: 0, .. } | McsError::NoConnection
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        s.submit(tur()).is_err() || s.execute(tur(), Duration::from_secs(2)).is_err(),
+        "no connection of the session is left"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Against the embedded target
 

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{tgtd_unavailable, Tgtd, TgtdOptions};
+use iscsi_bypass::scsi::Lun;
 use iscsi_bypass::target::{Target, TargetConfig};
 use iscsi_bypass::wire::iscsi::{
     encode_pdu, tmf, DataOut, Digests, LoginRequest, LogoutRequest, NopOut, PduFramer, PduHeader,
@@ -301,4 +302,146 @@ fn tgtd_grants_mcs_only_when_configured() {
         let (tsih_b, _) = b.login(&t.iqn, tsih, 2, &[("HeaderDigest", "None")]);
         assert_eq!(tsih_b, tsih, "tgtd added the second connection");
     }
+}
+
+/// What tgtd (Debian tgt 1.0.85) does with ERL 2 once it has granted it.
+/// It negotiates ErrorRecoveryLevel as the minimum of the offer and its
+/// target's setting (upstream usr/iscsi/param.c; default 0): set to 2, it
+/// grants 1 to an offer of 1 and 2 to an offer of 2. But it has no
+/// connection recovery behind it: TASK REASSIGN is answered 5, function
+/// not supported (usr/iscsi/iscsid.c `iscsi_tm_execute` answers by the
+/// function alone; the task it names here is a write waiting for its data
+/// on A), and a Logout with reason 2 for CID 2 sent on A (remove B for
+/// recovery, B's socket gone) is taken as a logout of A itself: tgtd
+/// answers it 0 and closes A, the connection it came on. (The raw second
+/// connection here is closed by tgtd at its first PDU, so no task of B's
+/// is named; tests/mcs.rs drives `McsSession::recover` against tgtd with
+/// the library's second connection.)
+#[test]
+fn tgtd_grants_erl2_but_refuses_task_reassign_and_closes_the_logout_connection() {
+    if tgtd_unavailable().is_some() {
+        return;
+    }
+    let t = Tgtd::start(TgtdOptions {
+        params: vec![
+            ("MaxConnections".to_string(), "4".to_string()),
+            ("ErrorRecoveryLevel".to_string(), "2".to_string()),
+        ],
+        ..Default::default()
+    });
+    let addr: SocketAddr = t.portal().parse().unwrap();
+    let ops = |erl| {
+        [
+            ("MaxConnections", "4"),
+            ("ErrorRecoveryLevel", erl),
+            ("HeaderDigest", "None"),
+            ("DataDigest", "None"),
+            ("InitialR2T", "Yes"),
+            ("ImmediateData", "No"),
+        ]
+    };
+    // An offer of 1 gets 1 (the minimum of offer and setting).
+    let mut one = Raw::connect(addr);
+    let (_, keys) = one.login(&t.iqn, 0, 1, &ops("1"));
+    assert_eq!(keys.get("ErrorRecoveryLevel"), Some("1"), "{keys:?}");
+    drop(one);
+
+    let mut a = Raw::connect(addr);
+    let (tsih, keys) = a.login(&t.iqn, 0, 1, &ops("2"));
+    assert_eq!(keys.get("ErrorRecoveryLevel"), Some("2"), "{keys:?}");
+    assert_eq!(keys.get("MaxConnections"), Some("4"), "{keys:?}");
+    let mut b = Raw::connect(addr);
+    let (tsih_b, _) = b.login(&t.iqn, tsih, 2, &[("HeaderDigest", "None")]);
+    assert_eq!(tsih_b, tsih, "tgtd added the second connection");
+    // B's link is cut.
+    b.s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(b);
+
+    let lun = Lun::from_number(1).to_u64();
+    // The power-on UNIT ATTENTION goes to the first command: a TEST UNIT
+    // READY takes it (any status).
+    let tur = ScsiCommand {
+        immediate: false,
+        final_bit: true,
+        read: false,
+        write: false,
+        attr: 1,
+        lun,
+        itt: 0x10,
+        expected_data_len: 0,
+        cmd_sn: Sn(1),
+        exp_stat_sn: Sn(0),
+        cdb: [0; 16],
+    };
+    a.send(PduHeader::ScsiCommand(tur), &[]);
+    let tur_status = status_of(a.recv(), 0x10);
+    println!("tgtd: TEST UNIT READY status {tur_status}");
+    // A write that waits for its data: tgtd asks for it with an R2T.
+    let mut w = write10(0x21, 2, 16, 8, true);
+    w.lun = lun;
+    a.send(PduHeader::ScsiCommand(w), &[]);
+    match a.recv().0 {
+        PduHeader::R2t(r) => assert_eq!((r.itt, r.buffer_offset), (0x21, 0)),
+        other => panic!("expected an R2T for the write, got {other:?}"),
+    }
+
+    let reassign = PduHeader::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: tmf::TASK_REASSIGN,
+        lun,
+        itt: 0x12,
+        referenced_task_tag: 0x21,
+        cmd_sn: Sn(3),
+        exp_stat_sn: Sn(0),
+        ref_cmd_sn: Sn(2),
+        exp_data_sn: Sn(0),
+    });
+    a.send(reassign, &[]);
+    match a.recv().0 {
+        PduHeader::TaskMgmtResponse(r) => {
+            println!("tgtd: TASK REASSIGN answered {}", r.response);
+            assert_eq!(
+                (r.itt, r.response),
+                (0x12, 5),
+                "TASK REASSIGN: function not supported"
+            );
+        }
+        other => panic!("expected the TASK REASSIGN answer, got {other:?}"),
+    }
+    // A still works.
+    let ping = PduHeader::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: 0x13,
+        ttt: RESERVED_TAG,
+        cmd_sn: Sn(3),
+        exp_stat_sn: Sn(0),
+    });
+    a.send(ping, &[]);
+    assert!(matches!(a.recv().0, PduHeader::NopIn(n) if n.itt == 0x13));
+
+    let logout = PduHeader::LogoutRequest(LogoutRequest {
+        immediate: true,
+        reason: 2,
+        itt: 0x14,
+        cid: 2,
+        cmd_sn: Sn(3),
+        exp_stat_sn: Sn(0),
+    });
+    a.send(logout, &[]);
+    match a.recv().0 {
+        PduHeader::LogoutResponse(r) => {
+            println!("tgtd: Logout reason 2 for CID 2 answered {}", r.response);
+            assert_eq!((r.itt, r.response), (0x14, 0), "{r:?}");
+        }
+        other => panic!("expected the Logout answer, got {other:?}"),
+    }
+    // And then A, the connection that carried it, is closed.
+    let mut rest = Vec::new();
+    a.s.read_to_end(&mut rest)
+        .expect("tgtd closes the connection the Logout came on");
+    println!(
+        "tgtd: closed CID 1 after the Logout for CID 2 ({} bytes after)",
+        rest.len()
+    );
 }

@@ -114,7 +114,13 @@ fn run_outer_as(bed_name: &str, scenario: &str, transport: &str, mcs: bool) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let bed = TestBed::up(bed_name, transport);
+    // MP_BED_PREFIX keeps two runs of these tests on one machine (by
+    // different people) out of each other's namespaces.
+    let bed_name = format!(
+        "{}{bed_name}",
+        std::env::var("MP_BED_PREFIX").unwrap_or_default()
+    );
+    let bed = TestBed::up(&bed_name, transport);
     let params = if mcs {
         vec![("MaxConnections".to_string(), "4".to_string())]
     } else {
@@ -177,6 +183,31 @@ fn kernel_mcs_both_connections_carry_io_under_queue_depth() {
 #[test]
 fn kernel_mcs_link_down_fails_over_without_errors_and_connection_rejoins() {
     run_outer_as("mpk4m", "linkdown", "kernel", true);
+}
+
+#[test]
+fn kernel_mcs_two_rate_limited_connections_nearly_double_throughput() {
+    run_outer_as("mpk2m", "tbf", "kernel", true);
+}
+
+#[test]
+fn kernel_p99_beside_a_slow_link_against_the_fast_link_alone() {
+    run_outer_as("mpk6", "slowp99", "kernel", false);
+}
+
+#[test]
+fn kernel_mcs_p99_beside_a_slow_link_against_the_fast_link_alone() {
+    run_outer_as("mpk6m", "slowp99", "kernel", true);
+}
+
+#[test]
+fn kernel_overlapping_writes_read_back_a_written_generation() {
+    run_outer_as("mpk7", "ordering", "kernel", false);
+}
+
+#[test]
+fn kernel_mcs_overlapping_writes_read_back_a_written_generation() {
+    run_outer_as("mpk7m", "ordering", "kernel", true);
 }
 
 #[test]
@@ -258,6 +289,8 @@ fn inner() {
         "both" => scenario_both(&env),
         "tbf" => scenario_tbf(&env),
         "netem" => scenario_netem(&env),
+        "slowp99" => scenario_slow_p99(&env),
+        "ordering" => scenario_ordering(&env),
         "linkdown" => scenario_linkdown(&env),
         "flap" => scenario_flap(&env),
         "cli" => scenario_cli(&env),
@@ -529,6 +562,12 @@ fn scenario_tbf(env: &Env) {
     let one = run(&[0]);
     let two = run(&[0, 1]);
     println!("MP tbf ratio two/one = {:.2}", two / one);
+    println!(
+        "MP RESULT case=rate_limited_pair mode={} transport={} one_path_mbs={one:.1} two_paths_mbs={two:.1} two_over_one={:.2} goal_ratio=2",
+        env.mode(),
+        env.transport(),
+        two / one
+    );
     assert!(
         two > 1.6 * one,
         "two paths {two:.1} MB/s vs one {one:.1} MB/s"
@@ -651,6 +690,197 @@ fn scenario_netem(env: &Env) {
         qd_mean < rr_mean * 0.6,
         "queue-depth mean {qd_mean} vs round-robin {rr_mean}"
     );
+}
+
+/// Path 1 made slow on the target side's egress (responses): 4 ms of netem
+/// delay, or, on kernels without sch_netem, a narrow token bucket.
+fn slow_link(env: &Env) -> &'static str {
+    let netem = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &env.tgt_ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "t1",
+        ])
+        .args(["root", "netem", "delay", "4ms"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if netem {
+        "netem_4ms"
+    } else {
+        tbf(env, "t1", "20mbit", "8kb", "100ms");
+        "tbf_20mbit"
+    }
+}
+
+/// p99 of 4 KiB random reads at QD8 under queue-depth with path 1 slow,
+/// beside the fast path alone measured in the same run (in both modes: the
+/// MC/S connections share one CmdSN window, the MPIO sessions do not).
+fn scenario_slow_p99(env: &Env) {
+    let slow = slow_link(env);
+    let run = |paths: &[usize]| {
+        let dev = WorkerDevice::open(config(env, paths, Policy::QueueDepth)).unwrap();
+        for &p in paths {
+            assert!(
+                wait_state(&dev, p, PathState::Up, Duration::from_secs(10)),
+                "path {p} not up: {:?}",
+                dev.paths()[p].events
+            );
+        }
+        let mut q = dev.queue_pair();
+        read_load(&mut q, dev.capacity(), 8, 8, Duration::from_millis(300), 2);
+        let s = read_load(&mut q, dev.capacity(), 8, 8, Duration::from_secs(2), 2);
+        dev.close();
+        assert_eq!(s.errors, 0);
+        s
+    };
+    let both = run(&[0, 1]);
+    let alone = run(&[0]);
+    let (p99, alone_p99) = (
+        both.lat_us.value_at_quantile(0.99),
+        alone.lat_us.value_at_quantile(0.99),
+    );
+    let iops = |s: &RunStats| s.ios as f64 / s.elapsed.as_secs_f64();
+    println!(
+        "MP slow link ({slow}): both {:.0} IOPS p50 {} us p99 {p99} us, slow share {:.4}; fast alone {:.0} IOPS p50 {} us p99 {alone_p99} us",
+        iops(&both),
+        both.lat_us.value_at_quantile(0.5),
+        both.per_path[1] as f64 / both.ios.max(1) as f64,
+        iops(&alone),
+        alone.lat_us.value_at_quantile(0.5),
+    );
+    println!(
+        "MP RESULT case=slow_link_p99 mode={} transport={} slow={slow} policy=queue-depth p99_us={p99} fast_alone_p99_us={alone_p99} p99_over_fast_alone={:.2} slow_share={:.4} iops={:.0} fast_alone_iops={:.0}",
+        env.mode(),
+        env.transport(),
+        p99 as f64 / alone_p99.max(1) as f64,
+        both.per_path[1] as f64 / both.ios.max(1) as f64,
+        iops(&both),
+        iops(&alone),
+    );
+}
+
+/// Overlapping writes: `K` writes of generations 1..=K to one 8-block chunk
+/// submitted back to back (all in flight at once, round-robin so they
+/// alternate paths), then the chunk read back once all are acknowledged.
+/// SCSI orders nothing between concurrent commands (simple task
+/// attribute), so this counts what the bed does: rounds whose chunk holds
+/// other than the newest generation issued, or than the generation
+/// acknowledged last, acknowledgements out of issue order, chunks whose
+/// blocks hold different generations. Asserted: no error, every block
+/// holds one whole written generation, and with each write waited for
+/// before the next (the ordering an application may rely on) the newest
+/// always wins.
+fn scenario_ordering(env: &Env) {
+    const K: u32 = 4;
+    const ROUNDS: u64 = 300;
+    const CHUNK_BLOCKS: u32 = 8;
+    let policy = Policy::RoundRobin { ios_per_path: 1 };
+    let dev = WorkerDevice::open(config(env, &[0, 1], policy)).unwrap();
+    for p in 0..2 {
+        assert!(
+            wait_state(&dev, p, PathState::Up, Duration::from_secs(10)),
+            "path {p} not up: {:?}",
+            dev.paths()[p].events
+        );
+    }
+    let mut q = dev.queue_pair();
+    let bs = dev.block_size() as usize;
+    let chunk = CHUNK_BLOCKS as usize * bs;
+    // The generation each block of chunk `c` holds (0: not a whole stamp
+    // of a generation 1..=K).
+    let read_gens = |q: &mut IoQueue, c: u64| -> Vec<u32> {
+        let mut got = vec![0u8; chunk];
+        q.read_at(c * u64::from(CHUNK_BLOCKS), &mut got)
+            .expect("read back");
+        let mut want = vec![0u8; chunk];
+        got.chunks(bs)
+            .enumerate()
+            .map(|(b, block)| {
+                (1..=K)
+                    .find(|&g| {
+                        chunks::stamp(&mut want, c as usize, g);
+                        block == &want[b * bs..(b + 1) * bs]
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let (mut errors, mut split, mut acks_reordered) = (0u64, 0u64, 0u64);
+    let (mut not_newest, mut not_last_acked, mut torn, mut garbage) = (0u64, 0u64, 0u64, 0u64);
+    let mut out = Vec::new();
+    for round in 0..ROUNDS {
+        let c = round;
+        for g in 1..=K {
+            let mut buf = vec![0u8; chunk];
+            chunks::stamp(&mut buf, c as usize, g);
+            q.submit(Io::write(
+                c * u64::from(CHUNK_BLOCKS),
+                CHUNK_BLOCKS,
+                buf,
+                u64::from(g),
+            ))
+            .map_err(|e| e.to_string())
+            .expect("submit");
+        }
+        let mut acked = Vec::new();
+        let mut paths = [false; 2];
+        let t0 = Instant::now();
+        while acked.len() < K as usize {
+            assert!(t0.elapsed() < Duration::from_secs(30), "writes never done");
+            out.clear();
+            q.wait_completions(&mut out, 1, Duration::from_millis(100));
+            for c in out.drain(..) {
+                if c.result.is_err() {
+                    errors += 1;
+                }
+                if let Some(p) = c.path {
+                    paths[p.min(1)] = true;
+                }
+                acked.push(c.user_tag as u32);
+            }
+        }
+        split += u64::from(paths[0] && paths[1]);
+        acks_reordered += u64::from(acked.windows(2).any(|w| w[0] > w[1]));
+        let gens = read_gens(&mut q, c);
+        garbage += gens.iter().filter(|&&g| g == 0).count() as u64;
+        torn += u64::from(gens.iter().any(|&g| g != gens[0]));
+        not_newest += u64::from(gens.iter().any(|&g| g != K));
+        not_last_acked += u64::from(gens.iter().any(|&g| g != acked[K as usize - 1]));
+    }
+    // The same with every write waited for before the next.
+    let mut sequential_wrong = 0u64;
+    for round in 0..ROUNDS / 3 {
+        let c = ROUNDS + round;
+        for g in 1..=K {
+            let mut buf = vec![0u8; chunk];
+            chunks::stamp(&mut buf, c as usize, g);
+            q.write_at(c * u64::from(CHUNK_BLOCKS), &buf)
+                .expect("write");
+        }
+        sequential_wrong += u64::from(read_gens(&mut q, c).iter().any(|&g| g != K));
+    }
+    println!(
+        "MP ordering: {ROUNDS} rounds of {K} overlapping writes, {split} split over both paths, acks out of issue order in {acks_reordered}, read back not the newest issued in {not_newest}, not the last acknowledged in {not_last_acked}, torn {torn}, garbage blocks {garbage}, errors {errors}; waited writes: {sequential_wrong} of {} wrong",
+        ROUNDS / 3
+    );
+    println!(
+        "MP RESULT case=write_ordering mode={} transport={} policy=round-robin rounds={ROUNDS} overlapping={K} split_rounds={split} acks_reordered={acks_reordered} not_newest_issued={not_newest} not_last_acked={not_last_acked} torn={torn} garbage_blocks={garbage} errors={errors} waited_rounds={} waited_wrong={sequential_wrong}",
+        env.mode(),
+        env.transport(),
+        ROUNDS / 3
+    );
+    assert_eq!(errors, 0);
+    assert_eq!(garbage, 0, "every block holds a whole written generation");
+    assert_eq!(sequential_wrong, 0, "a waited-for write is never overtaken");
+    assert!(split > 0, "the overlapping writes went over both paths");
+    drop(q);
+    dev.close();
 }
 
 /// Write+verify workload with a link event schedule; returns after
