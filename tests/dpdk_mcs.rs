@@ -25,16 +25,14 @@ mod common;
 mod dpdk_common;
 
 use chunks::{verify, write_load};
+use dpdk_common::switch::Switch;
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::multipath::{DeviceConfig, PathConfig};
-use iscsi_bypass::phy::dpdk::{DpdkQueue, Eal};
-use iscsi_bypass::phy::{Device, DeviceCaps, PhyError, RxMeta, TxOffload};
 use iscsi_bypass::target::{LunConfig, Target, TargetConfig, UserListenConfig};
-use iscsi_bypass::transport::dpdk::{self, DpdkOptions, DpdkStack};
+use iscsi_bypass::transport::dpdk::{DpdkOptions, DpdkStack};
 use iscsi_bypass::{Device as MpDevice, IdleMode, PathState, Policy};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-12.org.iscsi-bypass:dpdk-mcs";
@@ -42,80 +40,6 @@ const INITIATOR: &str = "iqn.2026-12.org.iscsi-bypass:dpdk-mcs-host";
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 221, 0, 1);
 /// Blocks per chunk of the write load.
 const BLOCKS: u32 = 8;
-
-/// EAL for this binary (once).
-fn eal(args: &[String]) -> Eal {
-    static FIRST: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = FIRST.lock().unwrap_or_else(|e| e.into_inner());
-    dpdk::eal(args).expect("EAL")
-}
-
-/// A learning Ethernet switch over several queues, as one device: frames
-/// from any queue go up; a frame sent goes to the queue its destination
-/// MAC was last seen on (to all of them when unknown or broadcast). A port
-/// whose `cut` flag is set drops what it receives and gets nothing.
-struct Switch {
-    ports: Vec<DpdkQueue>,
-    cut: Arc<[AtomicBool; 2]>,
-    /// (MAC, queue it was seen on).
-    learned: Vec<([u8; 6], usize)>,
-    frame: Vec<u8>,
-}
-
-impl Device for Switch {
-    fn caps(&self) -> DeviceCaps {
-        self.ports[0].caps()
-    }
-
-    fn rx_burst(&mut self, max: usize, on_frame: &mut dyn FnMut(&[u8], RxMeta)) -> usize {
-        let mut n = 0;
-        let learned = &mut self.learned;
-        for (i, port) in self.ports.iter_mut().enumerate() {
-            let cut = self.cut[i].load(Ordering::Relaxed);
-            n += port.rx_burst(max, &mut |frame, meta| {
-                if cut {
-                    return;
-                }
-                if let Some(src) = frame.get(6..12) {
-                    let src: [u8; 6] = src.try_into().unwrap_or_default();
-                    match learned.iter_mut().find(|(mac, _)| *mac == src) {
-                        Some(entry) => entry.1 = i,
-                        None => learned.push((src, i)),
-                    }
-                }
-                on_frame(frame, meta)
-            });
-        }
-        n
-    }
-
-    fn tx_frame(
-        &mut self,
-        len: usize,
-        offload: TxOffload,
-        fill: &mut dyn FnMut(&mut [u8]),
-    ) -> Result<(), PhyError> {
-        self.frame.resize(len, 0);
-        fill(&mut self.frame);
-        let dst: [u8; 6] = self.frame[..6].try_into().unwrap_or_default();
-        let to = self
-            .learned
-            .iter()
-            .find(|(mac, _)| *mac == dst)
-            .map(|&(_, port)| port);
-        let frame = &self.frame;
-        for (i, port) in self.ports.iter_mut().enumerate() {
-            if to.is_none_or(|p| p == i) && !self.cut[i].load(Ordering::Relaxed) {
-                port.tx_frame(len, offload, &mut |buf| buf.copy_from_slice(frame))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn tx_flush(&mut self) -> usize {
-        self.ports.iter_mut().map(|p| p.tx_flush()).sum()
-    }
-}
 
 /// (TSIH, CID) of every path.
 fn nexus(dev: &MpDevice) -> Vec<(u16, u16)> {
@@ -157,7 +81,7 @@ fn two_dpdk_paths_as_one_mcs_session_stripe_and_survive_a_cut_link() {
         return;
     }
     let args = dpdk_common::eal_args_multi(&[]);
-    let eal = eal(&args);
+    let eal = dpdk_common::eal(&args);
     eal.ring_pair("ibxm0t", "ibxm0i").expect("ring pair 0");
     eal.ring_pair("ibxm1t", "ibxm1i").expect("ring pair 1");
     let stack = |port: &str, ip: Ipv4Addr| {
@@ -169,16 +93,13 @@ fn two_dpdk_paths_as_one_mcs_session_stripe_and_survive_a_cut_link() {
         stack("net_ring_ibxm0t", TARGET_IP),
         stack("net_ring_ibxm1t", TARGET_IP),
     ];
-    let cut: Arc<[AtomicBool; 2]> = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-    let switch = Switch {
-        ports: target_ports
+    let switch = Switch::new(
+        target_ports
             .iter()
             .map(|s| s.queue(0).expect("target queue"))
             .collect(),
-        cut: cut.clone(),
-        learned: Vec::new(),
-        frame: Vec::new(),
-    };
+    );
+    let cut = switch.cut_flags();
     let options = target_ports[0].options();
     let mut interface = options.user.interface_config(TARGET_IP, None);
     interface.mac = Some(iscsi_bypass::wire::ethernet::EthernetAddress(

@@ -4,9 +4,11 @@
 use std::path::Path;
 
 pub mod netns;
+pub mod switch;
 pub mod target_process;
 
 use iscsi_bypass::phy::dpdk;
+use std::sync::Mutex;
 
 fn status_field(name: &str) -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -267,4 +269,12 @@ impl<D: iscsi_bypass::phy::Device> iscsi_bypass::phy::Device for FrameSizes<D> {
     fn tx_flush(&mut self) -> usize {
         self.inner.tx_flush()
     }
+}
+
+/// EAL for this test binary, started once; the lock keeps two tests of
+/// the binary from racing its start.
+pub fn eal(args: &[String]) -> dpdk::Eal {
+    static FIRST: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = FIRST.lock().unwrap_or_else(|e| e.into_inner());
+    iscsi_bypass::transport::dpdk::eal(args).expect("EAL")
 }
