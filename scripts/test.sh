@@ -19,6 +19,11 @@ if ! is_root && command -v sudo >/dev/null 2>&1; then
 fi
 
 export CARGO_TERM_COLOR=never
+# Incremental state is as large as the build itself and a one-shot CI run
+# never reuses it; a CI machine once ran out of disk linking the fuzz build.
+if [ "${CI:-}" = true ]; then
+    export CARGO_INCREMENTAL=0
+fi
 # Every step runs even when an earlier one failed, so one failure never hides
 # the next; the script exits non-zero if any step failed.
 failed=()
@@ -36,6 +41,9 @@ step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 # binaries one at a time, so two of them never fight over the same resources.
 # --no-fail-fast: one failing binary must not hide the failures of the rest.
 step "cargo test" cargo test --workspace --no-fail-fast -- --test-threads=4
+# The fuzz builds are the largest link jobs of the run: say how much room
+# is left, so a failure for want of disk reads as such.
+df -h . >&2 || true
 step "fuzz: replay committed regressions and seeds (stable)" \
     cargo test --manifest-path fuzz/Cargo.toml
 step "fuzz: short coverage-guided runs of every target" bash scripts/fuzz.sh "${FUZZ_SECONDS:-5}"
