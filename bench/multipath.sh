@@ -26,7 +26,8 @@
 #     iops_split (4 KiB random reads QD16, path 0's share);
 #     rate_limited_pair (tbf 200 Mbit/s per path, two paths over one:
 #     two_over_one, goal 2); slow_link_p99 (path 1 with 4 ms netem delay,
-#     queue-depth, p99 over the fast path alone measured in the same run);
+#     or tbf 20 Mbit/s, queue-depth and historical-service-time, p99 over
+#     the fast path alone measured in the same run, goal <= 1.5);
 #     failover_stall scenario=linkdown (max_gap_ms, the longest gap between
 #     write completions when path 0's link goes down); write_ordering (300
 #     rounds of 4 overlapping writes to one chunk in flight at once,
@@ -36,7 +37,8 @@
 # Root only; the tests create and remove everything themselves.
 #
 #   bench/multipath.sh [kernel|dpdk|slow|relay|mcs|all]   (default all;
-#   slow: only the slow-path case, over both transports; mcs: the MC/S
+#   slow: only the slow-path cases, the policies over both transports and
+#   slow_link_p99 as MPIO and MC/S over kernel TCP; mcs: the MC/S
 #   cases and their MPIO peers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +48,7 @@ filter=""
 case "$which" in
     kernel) filter=kernel_ ;;
     dpdk) filter=dpdk_ ;;
-    slow) filter=slow_path ;;
+    slow) filter="slow_path p99_beside_a_slow_link" ;;
     relay) ;;
     mcs) filter="kernel_" ;;
     all) ;;
@@ -77,6 +79,7 @@ if [[ $which != relay ]]; then
           if (c == "iops_split") iops[m] = v["iops"]
           else if (c == "failover_stall" && v["scenario"] == "linkdown") stall[m] = v["max_gap_ms"]
           else if (c == "rate_limited_pair") { pair[m] = v["two_paths_mbs"]; pairx[m] = v["two_over_one"] }
+          else if (c == "slow_link_p99" && v["policy"] == "historical-service-time") { hp99[m] = v["p99_us"]; hp99x[m] = v["p99_over_fast_alone"] }
           else if (c == "slow_link_p99") { p99[m] = v["p99_us"]; p99x[m] = v["p99_over_fast_alone"] }
           else if (c == "write_ordering") { newest[m] = v["not_newest_issued"]; lastack[m] = v["not_last_acked"]; rounds[m] = v["rounds"] } }
         function ratio(name, a) {
@@ -85,9 +88,10 @@ if [[ $which != relay ]]; then
         END {
           out = ""
           ratio("iops", iops); ratio("rate_limited_mbs", pair); ratio("slow_link_p99", p99)
-          ratio("failover_stall", stall)
+          ratio("slow_link_p99_hst", hp99); ratio("failover_stall", stall)
           if (("mcs" in pairx) && ("mpio" in pairx)) out = out sprintf(" two_over_one_mpio=%s two_over_one_mcs=%s", pairx["mpio"], pairx["mcs"])
           if (("mcs" in p99x) && ("mpio" in p99x)) out = out sprintf(" p99_over_fast_alone_mpio=%s p99_over_fast_alone_mcs=%s", p99x["mpio"], p99x["mcs"])
+          if (("mcs" in hp99x) && ("mpio" in hp99x)) out = out sprintf(" hst_p99_over_fast_alone_mpio=%s hst_p99_over_fast_alone_mcs=%s", hp99x["mpio"], hp99x["mcs"])
           if (("mcs" in newest) && ("mpio" in newest)) out = out sprintf(" reordered_of_%s_mpio=%s reordered_of_%s_mcs=%s not_last_acked_mpio=%s not_last_acked_mcs=%s", rounds["mpio"], newest["mpio"], rounds["mcs"], newest["mcs"], lastack["mpio"], lastack["mcs"])
           if (out != "") print "RESULT case=mcs_vs_mpio" out
         }'

@@ -95,6 +95,13 @@ struct WorkerCounters {
     /// When the worker last looked before it saw that command (ns since
     /// `opened`): the command finished after this.
     last_looked_ns: AtomicU64,
+    /// Historical latency (see [`PathShared::record_completion_seen`]), ns.
+    hst_latency_ns: AtomicU64,
+    /// The newest command's latency sample (bounded like the above), ns.
+    newest_latency_ns: AtomicU64,
+    /// Completions since the estimates were last replaced after an idle
+    /// spell (see [`HST_FRESH_CAP`]).
+    fresh_samples: AtomicU32,
     commands: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
@@ -319,6 +326,9 @@ impl PathShared {
             outstanding_bytes: self.load.outstanding_bytes.load(Ordering::Relaxed),
             latency_ewma_ns: self.counters.latency_ewma_ns.load(Ordering::Relaxed),
             service_time_ns: self.counters.service_ewma_ns.load(Ordering::Relaxed),
+            hst_latency_ns: self.counters.hst_latency_ns.load(Ordering::Relaxed),
+            newest_latency_ns: self.counters.newest_latency_ns.load(Ordering::Relaxed),
+            fresh_samples: self.counters.fresh_samples.load(Ordering::Relaxed),
             last_finish: match self.counters.last_finish_ns.load(Ordering::Relaxed) {
                 0 => None,
                 ns => self.opened.checked_add(Duration::from_nanos(ns)),
@@ -393,6 +403,32 @@ impl PathShared {
             service_time_update(old, seen, since_last),
             Ordering::Relaxed,
         );
+        // The latency, bounded the same way: it lies in (looked - start,
+        // now - start]; a long unseen wait is the initiator's, not the path's.
+        let old = c.hst_latency_ns.load(Ordering::Relaxed);
+        let lat_lower = looked.saturating_sub(start).min(sample);
+        let lat_seen = if old == 0 || waited.saturating_mul(2) <= sample {
+            sample
+        } else {
+            old.clamp(lat_lower, sample)
+        };
+        c.hst_latency_ns.store(
+            service_time_update(old, lat_seen, since_last),
+            Ordering::Relaxed,
+        );
+        c.newest_latency_ns
+            .store(lat_seen.max(1), Ordering::Relaxed);
+        // An estimate replaced after an idle spell rests on one sample.
+        let replaced = since_last.is_none_or(|d| d >= SERVICE_TIME_FORGOTTEN_NS);
+        let fresh = if replaced {
+            1
+        } else {
+            c.fresh_samples
+                .load(Ordering::Relaxed)
+                .saturating_add(1)
+                .min(HST_FRESH_CAP)
+        };
+        c.fresh_samples.store(fresh, Ordering::Relaxed);
         c.last_finish_ns.fetch_max(finish, Ordering::Relaxed);
         c.last_looked_ns.fetch_max(looked, Ordering::Relaxed);
         c.commands.fetch_add(1, Ordering::Relaxed);
@@ -524,6 +560,13 @@ pub fn ewma_update(old: u64, sample: u64) -> u64 {
 /// [`service_time_update`].
 pub const SERVICE_TIME_HALF_LIFE: Duration = Duration::from_millis(100);
 
+/// After this long without a completion [`service_time_update`] replaces
+/// an estimate by the new sample (3 half-lives).
+const SERVICE_TIME_FORGOTTEN_NS: u64 = 3 * SERVICE_TIME_HALF_LIFE.as_nanos() as u64;
+
+/// [`PathLoad::fresh_samples`] counts up to this.
+pub const HST_FRESH_CAP: u32 = 255;
+
 /// The historical service time's EWMA: the new sample weighs 1/8, the old
 /// estimate 7/8, halved for every [`SERVICE_TIME_HALF_LIFE`] since the
 /// path's previous completion (`since_last`; None: the first one). So a
@@ -560,6 +603,16 @@ pub struct PathLoad {
     pub service_time_ns: u64,
     /// When the path last completed a command; None = never.
     pub last_finish: Option<Instant>,
+    /// Historical latency in nanoseconds: the EWMA (weights and ageing as
+    /// [`service_time_ns`](Self::service_time_ns)) of each command's whole
+    /// latency, bounded by when the worker looked; 0 = no sample yet.
+    pub hst_latency_ns: u64,
+    /// The newest command's latency sample (bounded the same way), ns.
+    pub newest_latency_ns: u64,
+    /// Completions since the estimates were last replaced by a single
+    /// sample (the first completion, or the first after an idle spell of 3
+    /// half-lives), up to [`HST_FRESH_CAP`]: how much the estimates rest on.
+    pub fresh_samples: u32,
 }
 
 /// A point-in-time view of one path.

@@ -8,20 +8,43 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Historical service time: a path that has finished nothing for this
-/// long (or for `paths × its service time`, if longer) and has nothing
+/// long (or for `paths ×` its latency, if longer) and has nothing
 /// outstanding gets one command as a probe while another path is busy, so
-/// a slow path is measured again now and then instead of being starved on
-/// an old estimate forever.
-pub const HST_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// a slow path is measured again twice a second instead of being starved
+/// on an old estimate forever; each probe costs one command at that path's
+/// latency.
+pub const HST_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Historical service time: paths whose service times are within this
-/// factor of the best one count as equally fast (as dm-multipath's
-/// `threshold_multiplier`), so among them the one with the fewest
-/// outstanding commands wins. The service time of a path that carries
-/// little is its whole round trip (its commands do not overlap), while
-/// that of a busy path is the time between completions: without the
-/// threshold, of two equal paths the busier would look several times
-/// faster and draw ever more of the load.
+/// Historical service time: commands larger than this are never probes
+/// (a probe is one command at a slow path's speed; a small one costs
+/// little there).
+pub const HST_PROBE_MAX_BYTES: u64 = 64 << 10;
+
+/// Historical service time: a path whose estimates rest on fewer
+/// completions than this since they were last replaced (a probe after an
+/// idle spell, a new or reconnected path) is on probation: it takes one
+/// command at a time while another path can take the command, and its
+/// newest sample counts if it is worse than its average. A probe can be
+/// lucky (a token bucket refilled while the path idled answers the first
+/// command or two at full speed): the path is then tried one command at a
+/// time, and the first slow answer puts it back out of the running,
+/// instead of a queue of commands at the slow rate.
+pub const HST_PROBATION: u32 = 4;
+
+/// Historical service time: paths whose latency estimates are within this
+/// many percent of the best one, and whose service times are within
+/// [`HST_SAME_SPEED`] of the best, count as one speed class; expected
+/// completions within this many percent of the class's best tie, and
+/// ties go to the fewest outstanding commands.
+pub const HST_SAME_LATENCY_PERCENT: u64 = 150;
+
+/// Historical service time: the service time (time per command, counted
+/// with overlapping commands one after the other) of a path that carries
+/// few commands is its whole round trip, that of a busy one the time
+/// between completions, so two equal paths can differ by up to their
+/// queue depth; within this factor of the best, a path still counts as
+/// the same speed (as dm-multipath's `threshold_multiplier`), and a class
+/// shares its best service time.
 pub const HST_SAME_SPEED: u64 = 8;
 
 /// How a device spreads commands over its usable paths.
@@ -33,13 +56,16 @@ pub enum Policy {
     /// Outstanding bytes (plus this command) weighted by each path's recent
     /// latency (EWMA): a slow path gets proportionally less.
     ServiceTime,
-    /// The smallest expected completion time, `(outstanding + 1) ×` the
-    /// path's historical service time (an EWMA of the time per command with
-    /// overlapping commands counted one after the other: on a busy path,
-    /// the time between completions), like dm-multipath's
-    /// historical-service-time (Linux 5.8). A path idle and unheard of for
+    /// The smallest expected completion time, `max(latency, (outstanding
+    /// + 1) × service time)` from each path's historical latency and service
+    /// time (EWMAs; the service time counts overlapping commands one after
+    /// the other: on a busy path, the time between completions), like
+    /// dm-multipath's historical-service-time (Linux 5.8). Paths of one
+    /// speed class (see [`HST_SAME_LATENCY_PERCENT`]) share by outstanding
+    /// commands; a slower path gets a command only when it would finish
+    /// sooner than on the class. A path idle and unheard of for
     /// [`HST_PROBE_INTERVAL`] is probed with one command while others are
-    /// busy.
+    /// busy, and a freshly measured one is on [`HST_PROBATION`].
     HistoricalServiceTime,
     /// Rotate, switching path every `ios_per_path` commands.
     RoundRobin {
@@ -156,7 +182,7 @@ pub fn select(
                 (p.outstanding_bytes as u128 + io_bytes.max(1) as u128) * lat as u128
             })
         }
-        Policy::HistoricalServiceTime => historical_service_time(candidates, rotate, now),
+        Policy::HistoricalServiceTime => historical_service_time(candidates, io_bytes, rotate, now),
         Policy::RoundRobin { ios_per_path } => {
             let k = state.rr.fetch_add(1, Ordering::Relaxed) / u64::from(ios_per_path.max(1));
             Some(candidates[(k % n as u64) as usize].index)
@@ -186,39 +212,31 @@ pub fn select(
     }
 }
 
-/// [`Policy::HistoricalServiceTime`]: a probe if one is due, else the
-/// smallest `(outstanding + 1) × service time`. Paths without a sample yet,
-/// or within [`HST_SAME_SPEED`] of the best, count with the best known
-/// service time (so unmeasured paths are tried and measured).
-fn historical_service_time(candidates: &[PathLoad], rotate: usize, now: Instant) -> Option<usize> {
+/// [`Policy::HistoricalServiceTime`]: a probe if one is due; else the
+/// speed class of the best latency (paths on probation with a command
+/// outstanding left out while another can take it) shares by outstanding
+/// commands among those whose expected completion ties with the class's
+/// best, unless a path outside the class expects to finish sooner.
+fn historical_service_time(
+    candidates: &[PathLoad],
+    io_bytes: u64,
+    rotate: usize,
+    now: Instant,
+) -> Option<usize> {
     let n = candidates.len();
-    let best = candidates
-        .iter()
-        .map(|p| p.service_time_ns)
-        .filter(|&t| t > 0)
-        .min()
-        .unwrap_or(1);
-    // Unmeasured, or as fast as the best within the threshold: the best.
-    let service = |p: &PathLoad| {
-        if p.service_time_ns == 0 || p.service_time_ns <= best.saturating_mul(HST_SAME_SPEED) {
-            best
-        } else {
-            p.service_time_ns
-        }
-    };
     // Probe: an idle path not heard from for the probe interval, while
     // another carries commands (an idle device measures nothing: its next
     // command simply goes to the path expected to be fastest). The one
     // waiting longest first; one probe per path at a time, as a probe in
     // flight makes the path busy.
     let others_busy = candidates.iter().any(|p| p.outstanding > 0);
-    if others_busy {
+    if others_busy && io_bytes <= HST_PROBE_MAX_BYTES {
         let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         let due = |p: &PathLoad| {
             p.outstanding == 0
                 && p.last_finish.is_none_or(|t| {
                     let stale_after = HST_PROBE_INTERVAL
-                        .max(Duration::from_nanos(service(p)).saturating_mul(n32));
+                        .max(Duration::from_nanos(p.hst_latency_ns).saturating_mul(n32));
                     now.saturating_duration_since(t) >= stale_after
                 })
         };
@@ -231,9 +249,89 @@ fn historical_service_time(candidates: &[PathLoad], rotate: usize, now: Instant)
             return Some(p.index);
         }
     }
-    min_by_key(candidates, rotate, |p| {
-        (p.outstanding as u128 + 1) * service(p) as u128
-    })
+    let on_probation = |p: &PathLoad| p.fresh_samples < HST_PROBATION;
+    // On probation one command at a time, unless every path is.
+    let held = |p: &PathLoad| on_probation(p) && p.outstanding > 0;
+    let all_held = candidates.iter().all(held);
+    let eligible = |p: &PathLoad| all_held || !held(p);
+    // The latency a new command can expect at least; on probation the
+    // newest sample too, if worse (0: unmeasured).
+    let latency = |p: &PathLoad| {
+        if on_probation(p) {
+            p.hst_latency_ns.max(p.newest_latency_ns)
+        } else {
+            p.hst_latency_ns
+        }
+    };
+    let measured_min = |f: &dyn Fn(&PathLoad) -> u64| {
+        candidates
+            .iter()
+            .filter(|p| eligible(p))
+            .map(f)
+            .filter(|&v| v > 0)
+            .min()
+    };
+    let Some(best_latency) = measured_min(&latency) else {
+        // Nothing measured yet: fewest outstanding.
+        return min_by_key(candidates, rotate, |p| {
+            if eligible(p) {
+                (p.outstanding as u128) << 64 | p.outstanding_bytes as u128
+            } else {
+                u128::MAX
+            }
+        });
+    };
+    let best_service = measured_min(&|p| p.service_time_ns).unwrap_or(best_latency);
+    // Unmeasured paths count as the best, so they are tried and measured.
+    let lat = |p: &PathLoad| match latency(p) {
+        0 => best_latency,
+        l => l,
+    };
+    let in_class = |p: &PathLoad| {
+        eligible(p)
+            && lat(p) as u128 * 100 <= best_latency as u128 * HST_SAME_LATENCY_PERCENT as u128
+            && p.service_time_ns <= best_service.saturating_mul(HST_SAME_SPEED)
+    };
+    // A class shares its best service time: the figure of a path that
+    // carries few commands is its round trip, not what one more costs.
+    let class_service = candidates
+        .iter()
+        .filter(|p| in_class(p))
+        .map(|p| p.service_time_ns)
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(best_latency);
+    let expected = |p: &PathLoad| {
+        let service = if in_class(p) {
+            class_service
+        } else if p.service_time_ns == 0 {
+            lat(p)
+        } else {
+            p.service_time_ns
+        };
+        (lat(p) as u128).max((p.outstanding as u128 + 1) * service as u128)
+    };
+    let class_best = candidates
+        .iter()
+        .filter(|p| in_class(p))
+        .map(expected)
+        .min();
+    let outsider = candidates
+        .iter()
+        .filter(|p| eligible(p) && !in_class(p))
+        .map(|p| (expected(p), p.index))
+        .min();
+    match (class_best, outsider) {
+        (_, Some((e, index))) if class_best.is_none_or(|best| e < best) => Some(index),
+        (Some(best), _) => min_by_key(candidates, rotate, |p| {
+            if in_class(p) && expected(p) * 100 <= best * HST_SAME_LATENCY_PERCENT as u128 {
+                (p.outstanding as u128) << 64 | p.outstanding_bytes as u128
+            } else {
+                u128::MAX
+            }
+        }),
+        (None, _) => None,
+    }
 }
 
 /// The candidate with the smallest key; among equal keys the first one at
