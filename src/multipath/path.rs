@@ -1067,6 +1067,35 @@ mod tests {
     }
 
     #[test]
+    fn hst_latency_is_bounded_by_when_the_worker_looked_and_fresh_samples_count() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let p = PathShared::new(0, "p0", t0);
+        assert_eq!(p.load().fresh_samples, 0);
+        p.record_completion_seen(t0 + us(1000), t0 + us(1000), us(200), 4096, false);
+        let l = p.load();
+        assert_eq!((l.hst_latency_ns, l.newest_latency_ns), (200_000, 200_000));
+        assert_eq!(l.fresh_samples, 1);
+        // Started at 900 us, seen at 5000 us; the worker had looked at
+        // 1100 us (descheduled since): the latency lies in [200, 4100] us,
+        // 200 us is within, so the estimate stays.
+        p.record_completion_seen(t0 + us(5000), t0 + us(1100), us(4100), 4096, false);
+        let l = p.load();
+        assert_eq!((l.hst_latency_ns, l.newest_latency_ns), (200_000, 200_000));
+        assert_eq!(l.fresh_samples, 2);
+        // Seen at once: the whole latency counts, 1/8.
+        p.record_completion_seen(t0 + us(6000), t0 + us(6000), us(1000), 4096, false);
+        let l = p.load();
+        assert_eq!(l.hst_latency_ns, (7 * 200_000 + 1_000_000) / 8);
+        assert_eq!((l.newest_latency_ns, l.fresh_samples), (1_000_000, 3));
+        // After an idle spell of 3 half-lives the estimates are replaced
+        // and rest on one sample again.
+        p.record_completion_seen(t0 + us(400_000), t0 + us(400_000), us(300), 4096, false);
+        let l = p.load();
+        assert_eq!((l.hst_latency_ns, l.fresh_samples), (300_000, 1));
+    }
+
+    #[test]
     fn service_time_ewma_forgets_with_age() {
         let ms = |n: u64| Some(n * 1_000_000);
         assert_eq!(service_time_update(0, 800, None), 800);
