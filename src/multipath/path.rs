@@ -367,7 +367,11 @@ impl PathShared {
     /// unseen (`now - looked`) is at most half the upper bound, the upper
     /// bound is the sample (as if seen at once); otherwise the estimate
     /// moves only as far as needed to lie within the bounds: the figure
-    /// measures the path, not the initiator's scheduling.
+    /// measures the path, not the initiator's scheduling. The historical
+    /// latency (for historical-service-time) is bounded the same way, the
+    /// latency lying in `(looked - start, now - start]`, and
+    /// [`PathLoad::fresh_samples`] counts the completions since the
+    /// estimates were last replaced after an idle spell.
     pub fn record_completion_seen(
         &self,
         now: Instant,
@@ -412,8 +416,16 @@ impl PathShared {
         } else {
             old.clamp(lat_lower, sample)
         };
+        // One outlier (a descheduled target, a lost segment) moves the
+        // estimate at most as far as a sample 4x the estimate would: a
+        // path that really got slower gets there within a few commands.
+        let lat_ewma_sample = if old == 0 {
+            lat_seen
+        } else {
+            lat_seen.min(old.saturating_mul(HST_LATENCY_OUTLIER))
+        };
         c.hst_latency_ns.store(
-            service_time_update(old, lat_seen, since_last),
+            service_time_update(old, lat_ewma_sample, since_last),
             Ordering::Relaxed,
         );
         c.newest_latency_ns
@@ -563,6 +575,10 @@ pub const SERVICE_TIME_HALF_LIFE: Duration = Duration::from_millis(100);
 /// After this long without a completion [`service_time_update`] replaces
 /// an estimate by the new sample (3 half-lives).
 const SERVICE_TIME_FORGOTTEN_NS: u64 = 3 * SERVICE_TIME_HALF_LIFE.as_nanos() as u64;
+
+/// A latency sample counts in the historical latency as at most this many
+/// times the estimate.
+const HST_LATENCY_OUTLIER: u64 = 4;
 
 /// [`PathLoad::fresh_samples`] counts up to this.
 pub const HST_FRESH_CAP: u32 = 255;
@@ -1083,10 +1099,11 @@ mod tests {
         let l = p.load();
         assert_eq!((l.hst_latency_ns, l.newest_latency_ns), (200_000, 200_000));
         assert_eq!(l.fresh_samples, 2);
-        // Seen at once: the whole latency counts, 1/8.
+        // Seen at once: the whole latency counts, 1/8, though as at most
+        // 4 x the estimate; the newest sample is kept as it was.
         p.record_completion_seen(t0 + us(6000), t0 + us(6000), us(1000), 4096, false);
         let l = p.load();
-        assert_eq!(l.hst_latency_ns, (7 * 200_000 + 1_000_000) / 8);
+        assert_eq!(l.hst_latency_ns, (7 * 200_000 + 800_000) / 8);
         assert_eq!((l.newest_latency_ns, l.fresh_samples), (1_000_000, 3));
         // After an idle spell of 3 half-lives the estimates are replaced
         // and rest on one sample again.
