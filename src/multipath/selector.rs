@@ -736,7 +736,7 @@ mod tests {
         fn starved(mut self, seed: u64) -> Model {
             self.polls = Some(
                 (0..self.rtt.len() as u64)
-                    .map(|p| 0x9e37_79b9_7f4a_7c15 ^ seed ^ (p + 1) * 0x1000_0001)
+                    .map(|p| 0x9e37_79b9_7f4a_7c15 ^ seed ^ ((p + 1) * 0x1000_0001))
                     .collect(),
             );
             self
@@ -836,7 +836,7 @@ mod tests {
         }
 
         fn gap(&mut self) -> Duration {
-            let us = if self.next() % 2 == 0 {
+            let us = if self.next().is_multiple_of(2) {
                 5 + self.next() % 46
             } else {
                 500 + self.next() % 3501
