@@ -74,6 +74,13 @@ thread_local! {
 /// previous tick was busy (`busy`) or idle. The first tick on a thread only
 /// starts the clock.
 pub fn tick(busy: bool) {
+    tick_after_wait(std::time::Duration::ZERO, busy);
+}
+
+/// Like [`tick`], for a round that waited `waited` inside (a receive that
+/// blocked until the target's bytes came): that part is idle, the rest of
+/// the round busy or idle as `busy` says.
+pub fn tick_after_wait(waited: std::time::Duration, busy: bool) {
     let now = Instant::now();
     METER.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
@@ -81,10 +88,12 @@ pub fn tick(busy: bool) {
         };
         if let Some(last) = m.last {
             let ns = now.saturating_duration_since(last).as_nanos() as u64;
+            let idle = (waited.as_nanos() as u64).min(ns);
+            m.idle_ns += idle;
             if busy {
-                m.busy_ns += ns;
+                m.busy_ns += ns - idle;
             } else {
-                m.idle_ns += ns;
+                m.idle_ns += ns - idle;
             }
             if m.busy_ns + m.idle_ns >= FLUSH_NS {
                 m.flush();
@@ -141,6 +150,30 @@ mod tests {
         // At least this thread's 20 ms each (other tests' threads may add).
         assert!(d.busy_ns >= 20_000_000, "{d:?}");
         assert!(d.idle_ns >= 20_000_000, "{d:?}");
+    }
+
+    /// The wait inside a busy round is idle; the rest of the round busy.
+    #[test]
+    fn the_wait_inside_a_round_is_idle() {
+        std::thread::spawn(|| {
+            tick(false);
+            let begun = Instant::now();
+            std::thread::sleep(Duration::from_millis(3));
+            let waited = begun.elapsed();
+            let until = Instant::now() + Duration::from_millis(2);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            tick_after_wait(waited, true);
+            METER.with(|cell| {
+                let m = cell.borrow();
+                assert!(m.idle_ns >= 3_000_000, "{m:?}");
+                assert!(m.busy_ns >= 2_000_000, "{m:?}");
+                assert!(m.idle_ns as u128 == waited.as_nanos(), "{m:?}");
+            });
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
