@@ -68,6 +68,10 @@ const NOW: MsgFlags = MsgFlags::MSG_DONTWAIT.union(MsgFlags::MSG_NOSIGNAL);
 /// the wait), so `SO_RCVTIMEO` is set again only when the caller's bound
 /// changes by a step. The kernel keeps the timeout in ticks, rounded up.
 const BLOCK_STEPS_MS: [u64; 8] = [1, 2, 5, 10, 20, 50, 100, 500];
+/// The shortest wait that blocks in `recvmsg` (with the 1 ms step: a
+/// 1 ms wait that spun a little first still blocks); shorter ones sleep in
+/// `ppoll`, whose timeout is exact.
+const MIN_BLOCK: Duration = Duration::from_micros(500);
 
 impl KernelTcp {
     /// Connects to `addr` (blocking up to the connect timeout).
@@ -127,8 +131,9 @@ impl KernelTcp {
         &self.estimate
     }
 
-    /// Whether an idle wait may sleep on a timer before it spins (default
-    /// on); without, it spins only through waits due within a few µs.
+    /// Whether an idle wait may sleep on a timer until shortly before the
+    /// answer is due and spin the rest (default off: it spins only through
+    /// waits due within a few µs, and blocks on longer ones).
     pub fn set_hybrid_wait(&mut self, hybrid: bool) {
         self.estimate = WaitEstimate::new(hybrid);
     }
@@ -183,9 +188,9 @@ impl KernelTcp {
         }
     }
 
-    /// Blocks in `recvmsg` for up to about `timeout` (a receive-timeout
-    /// step at most `timeout`, at least 1 ms), then reads on without
-    /// blocking.
+    /// Blocks in `recvmsg` for up to about `timeout` (the largest
+    /// receive-timeout step within `timeout`, at least 1 ms), then reads on
+    /// without blocking.
     fn recv_blocking(
         &mut self,
         sink: &mut dyn RxSink,
@@ -343,7 +348,7 @@ impl Transport for KernelTcp {
             std::hint::spin_loop();
         }
         let left = timeout.saturating_sub(begun.elapsed());
-        let bytes = if left >= Duration::from_millis(1) {
+        let bytes = if left >= MIN_BLOCK {
             self.recv_blocking(sink, left)?
         } else if !left.is_zero() && self.sleep_readable(left)? {
             // Too short for a receive timeout (kept in kernel ticks).

@@ -58,9 +58,12 @@ pub struct WaitEstimate {
     hybrid: bool,
 }
 
+/// Spin through short waits, block on long ones: timed sleeps before a
+/// spin cost CPU that a loaded machine (and the CPU-per-I/O budget) does
+/// not have, and on a guest that halt-polls a blocked thread wakes fast.
 impl Default for WaitEstimate {
     fn default() -> WaitEstimate {
-        WaitEstimate::new(true)
+        WaitEstimate::new(false)
     }
 }
 
@@ -159,7 +162,7 @@ mod tests {
 
     #[test]
     fn blocks_until_it_has_learnt() {
-        let mut e = WaitEstimate::default();
+        let mut e = WaitEstimate::new(true);
         for _ in 0..WARM_UP - 1 {
             e.observe(us(3));
             assert_eq!(e.plan(), WaitPlan::BLOCK);
