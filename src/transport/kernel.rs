@@ -464,6 +464,117 @@ mod tests {
         assert!(closed);
     }
 
+    /// The worker's side of the handshake on a real socket, against a
+    /// submitter on another thread that hands over one item at a time at
+    /// random moments: every item must end the worker's wait by the wake-up
+    /// (the wait's bound is 10 s, so a lost wake-up shows as a stall), also
+    /// when a write lands after the worker woke for another reason and the
+    /// eventfd stays readable.
+    #[test]
+    fn a_submission_from_another_thread_ends_a_blocked_wait() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t =
+            KernelTcp::connect(l.local_addr().unwrap(), &KernelTcpOptions::default()).unwrap();
+        let (_server, _) = l.accept().unwrap();
+        let wake = Arc::new(Wake::new().unwrap());
+        let offered = Arc::new(AtomicU64::new(0));
+        let taken = Arc::new(AtomicU64::new(0));
+        const ITEMS: u64 = 2000;
+        let submitter = {
+            let (wake, offered, taken) = (wake.clone(), offered.clone(), taken.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_u32;
+                for i in 1..=ITEMS {
+                    // One item at a time: the worker sleeps in between.
+                    while taken.load(Ordering::Acquire) < i - 1 {
+                        std::hint::spin_loop();
+                    }
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    for _ in 0..x % 4000 {
+                        std::hint::spin_loop();
+                    }
+                    offered.store(i, Ordering::Release);
+                    wake.notify();
+                }
+            })
+        };
+        let mut done = 0;
+        let mut longest = Duration::ZERO;
+        while done < ITEMS {
+            wake.prepare_sleep();
+            if offered.load(Ordering::Acquire) == done {
+                let begun = Instant::now();
+                t.wait_or_wake(&wake, Duration::from_secs(10)).unwrap();
+                longest = longest.max(begun.elapsed());
+            }
+            wake.finish_sleep();
+            if offered.load(Ordering::Acquire) > done {
+                done += 1;
+                taken.store(done, Ordering::Release);
+            }
+            assert!(longest < Duration::from_secs(5), "a wake-up was lost");
+        }
+        submitter.join().unwrap();
+        assert!(wake.notified() > 0, "the worker never slept");
+        assert!(
+            wake.drains() <= wake.notified() + 1,
+            "{} drains for {} wake-ups",
+            wake.drains(),
+            wake.notified()
+        );
+    }
+
+    /// An idle wait blocks in one `recvmsg` that returns the bytes (no
+    /// poll(2) first), and a wait that times out returns nothing.
+    #[test]
+    fn an_idle_wait_is_one_blocking_receive() {
+        struct Buf(Vec<u8>, usize);
+        impl RxSink for Buf {
+            fn rx_buffers(&mut self) -> (&mut [u8], &mut [u8]) {
+                let at = self.1;
+                (&mut self.0[at..], &mut [])
+            }
+            fn rx_commit(&mut self, n: usize) -> bool {
+                self.1 += n;
+                true
+            }
+            fn rx_push(&mut self, _: &[u8]) -> usize {
+                0
+            }
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t =
+            KernelTcp::connect(l.local_addr().unwrap(), &KernelTcpOptions::default()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let mut sink = Buf(vec![0; 64], 0);
+        let got = t
+            .recv_into_wait(&mut sink, Duration::from_millis(5))
+            .unwrap();
+        assert_eq!(got.bytes, 0);
+        assert!(got.waited >= Duration::from_millis(1), "{got:?}");
+        let before = t.calls();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            server.write_all(b"answer").unwrap();
+            server
+        });
+        let got = t.recv_into_wait(&mut sink, Duration::from_secs(5)).unwrap();
+        let _server = writer.join().unwrap();
+        assert_eq!(got.bytes, 6);
+        assert_eq!(&sink.0[..6], b"answer");
+        let calls = t.calls();
+        assert_eq!(calls.blocking_recvs - before.blocking_recvs, 1, "{calls:?}");
+        assert_eq!(
+            calls.polls, before.polls,
+            "no poll(2) before the read: {calls:?}"
+        );
+        assert_eq!(calls.recvs, before.recvs, "a short read ends it: {calls:?}");
+    }
+
     #[test]
     fn refused_connection_names_the_address() {
         // Bind then drop to get a port nobody listens on.

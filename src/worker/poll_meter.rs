@@ -88,19 +88,25 @@ pub fn tick_after_wait(waited: std::time::Duration, busy: bool) {
         };
         if let Some(last) = m.last {
             let ns = now.saturating_duration_since(last).as_nanos() as u64;
-            let idle = (waited.as_nanos() as u64).min(ns);
-            m.idle_ns += idle;
-            if busy {
-                m.busy_ns += ns - idle;
-            } else {
-                m.idle_ns += ns - idle;
-            }
+            let (b, i) = split(ns, waited, busy);
+            m.busy_ns += b;
+            m.idle_ns += i;
             if m.busy_ns + m.idle_ns >= FLUSH_NS {
                 m.flush();
             }
         }
         m.last = Some(now);
     });
+}
+
+/// A round of `ns` that waited `waited` inside: (busy, idle) nanoseconds.
+fn split(ns: u64, waited: std::time::Duration, busy: bool) -> (u64, u64) {
+    let idle = (waited.as_nanos().min(u128::from(u64::MAX)) as u64).min(ns);
+    if busy {
+        (ns - idle, idle)
+    } else {
+        (0, ns)
+    }
 }
 
 /// Publishes the calling thread's pending time now (e.g. before a reader
@@ -155,25 +161,12 @@ mod tests {
     /// The wait inside a busy round is idle; the rest of the round busy.
     #[test]
     fn the_wait_inside_a_round_is_idle() {
-        std::thread::spawn(|| {
-            tick(false);
-            let begun = Instant::now();
-            std::thread::sleep(Duration::from_millis(3));
-            let waited = begun.elapsed();
-            let until = Instant::now() + Duration::from_millis(2);
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
-            tick_after_wait(waited, true);
-            METER.with(|cell| {
-                let m = cell.borrow();
-                assert!(m.idle_ns >= 3_000_000, "{m:?}");
-                assert!(m.busy_ns >= 2_000_000, "{m:?}");
-                assert!(m.idle_ns as u128 == waited.as_nanos(), "{m:?}");
-            });
-        })
-        .join()
-        .unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(split(5_000_000, ms(3), true), (2_000_000, 3_000_000));
+        assert_eq!(split(5_000_000, ms(3), false), (0, 5_000_000));
+        assert_eq!(split(5_000_000, Duration::ZERO, true), (5_000_000, 0));
+        // A wait longer than the round (clock granularity) is the round.
+        assert_eq!(split(1_000, ms(1), true), (0, 1_000));
     }
 
     #[test]
