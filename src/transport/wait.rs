@@ -1,15 +1,15 @@
 //! How an idle reader of a socket should wait for its next bytes, learnt
 //! from its past waits (sans-IO: the caller measures and says how long).
 //!
-//! Blocking costs a wake-up when the bytes come: on a virtual machine an
-//! idle vCPU takes tens of µs to run the woken thread, more than a
-//! target's whole answer at QD1 on loopback. Spinning costs CPU for as
-//! long as it lasts. So a wait that is due within a few µs spins; a longer
-//! one sleeps on a timer until shortly before the answer is due (the
-//! timer's wake-up then happens while the target is still working) and
-//! spins the rest, and gives up into a plain blocking wait once the
-//! answer is late. Like the block layer's hybrid polling, which sleeps
-//! for half the mean completion time and polls after.
+//! Blocking costs a context switch and a wake-up when the bytes come,
+//! more than a fast target's whole answer on loopback; spinning costs CPU
+//! for as long as it lasts. So a wait that is due within a few µs spins,
+//! and a longer one blocks. Optionally (`hybrid`), a longer one sleeps on
+//! a timer until shortly before the answer is due (the timer's wake-up
+//! then happens while the target is still working), spins the rest, and
+//! gives up into a plain blocking wait once the answer is late, like the
+//! block layer's hybrid polling; that buys latency with CPU, so it is off
+//! by default.
 
 use std::time::Duration;
 
