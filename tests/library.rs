@@ -162,3 +162,63 @@ fn block_idle_mode_sleeps_and_is_woken_by_each_submission() {
         "{elapsed:?} for {rounds} rounds"
     );
 }
+
+#[test]
+fn submissions_from_other_threads_wake_a_blocked_worker() {
+    // Two application threads, each with its own queue, take turns: each
+    // I/O is submitted from a thread that did not submit the last one,
+    // while the worker blocks (IdleMode::Block, no spin) in poll(2) on its
+    // socket and eventfd. The worker drains its eventfd only when it was
+    // signalled; a lost wake-up would hold the I/O for the worker's 20 ms
+    // bound.
+    let target = Target::start(TargetConfig::ram(IQN, 16 << 20)).expect("embedded target");
+    let url = format!("iscsi://{}/{IQN}/0", target.portals()[0]);
+    let opts = Options {
+        idle: IdleMode::Block(Duration::ZERO),
+        login_timeout: Duration::from_secs(3),
+        ..Options::default()
+    };
+    let dev = Device::open_urls(&[url.as_str()], &opts).expect("open");
+    let rounds = 150u32;
+    let turn = std::sync::atomic::AtomicU32::new(0);
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for me in 0..2u32 {
+            let (dev, turn) = (&dev, &turn);
+            s.spawn(move || {
+                let mut q = dev.queue_pair();
+                loop {
+                    let t = turn.load(std::sync::atomic::Ordering::Acquire);
+                    if t >= rounds {
+                        return;
+                    }
+                    if t % 2 != me {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    // Idle long enough for the worker to block.
+                    std::thread::sleep(Duration::from_millis(2));
+                    let data: Vec<u8> = (0..4096u32).map(|b| (b * 3 + t) as u8).collect();
+                    let lba = u64::from(t % 32) * 8;
+                    q.write_at(lba, &data).expect("write");
+                    let mut back = vec![0u8; 4096];
+                    q.read_at(lba, &mut back).expect("read");
+                    assert_eq!(back, data, "turn {t}");
+                    turn.store(t + 1, std::sync::atomic::Ordering::Release);
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    let wakeups = dev.paths()[0].wakeups;
+    dev.close();
+    assert!(
+        wakeups >= u64::from(rounds / 2),
+        "the worker was woken {wakeups} times for {rounds} idle gaps"
+    );
+    // 300 I/Os held by lost wake-ups would take 6 s; the 2 ms gaps 0.3 s.
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "{elapsed:?} for {rounds} turns"
+    );
+}

@@ -84,18 +84,15 @@ impl<T: Transport> Engine for SessionEngine<T> {
     }
 
     fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
-        let progressed = self.session.poll_io().map_err(|e| e.to_string())?;
-        poll_meter::tick(progressed);
-        if !progressed && self.in_flight > 0 {
-            // Nothing arrived: block in poll(2) (or spin, in busy-poll mode)
-            // rather than burning CPU on empty reads.
-            self.session
-                .wait_for_io(std::time::Duration::from_millis(1))
-                .map_err(|e| e.to_string())?;
-            poll_meter::tick(false);
-            let progressed = self.session.poll_io().map_err(|e| e.to_string())?;
-            poll_meter::tick(progressed);
-        }
+        // With I/O in flight, wait for the target inside the receive (one
+        // blocking recvmsg on kernel TCP; busy-poll mode spins instead).
+        let wait = if self.in_flight > 0 {
+            std::time::Duration::from_millis(1)
+        } else {
+            std::time::Duration::ZERO
+        };
+        let progressed = self.session.poll_io_wait(wait).map_err(|e| e.to_string())?;
+        poll_meter::tick_after_wait(self.session.waited(), progressed);
         while let Some(ev) = self.session.connection_mut().poll_event() {
             if let Event::Completed(c) = ev {
                 self.in_flight = self.in_flight.saturating_sub(1);

@@ -68,6 +68,8 @@ pub struct Session<T: Transport> {
     transport: T,
     outcome: LoginOutcome,
     idle: IdlePolicy,
+    /// How long the last [`poll_io_wait`](Session::poll_io_wait) waited.
+    waited: Duration,
 }
 
 impl<T: Transport> std::fmt::Debug for Session<T> {
@@ -102,10 +104,11 @@ fn send_all<T: Transport>(
     Ok(())
 }
 
-/// The connection as the reader of its transport's bytes.
+/// The connection as the reader of its transport's bytes. The time is
+/// taken when bytes are handed over, not when the receive began: a waiting
+/// receive may block for milliseconds first.
 struct ConnSink<'a> {
     conn: &'a mut Connection,
-    now: Instant,
     error: Option<ConnError>,
 }
 
@@ -118,7 +121,7 @@ impl RxSink for ConnSink<'_> {
         if self.error.is_some() {
             return false;
         }
-        match self.conn.commit_rx(n, self.now) {
+        match self.conn.commit_rx(n, Instant::now()) {
             Ok(()) => true,
             Err(e) => {
                 self.error = Some(e);
@@ -131,7 +134,7 @@ impl RxSink for ConnSink<'_> {
         if self.error.is_some() {
             return 0;
         }
-        match self.conn.receive(bytes, self.now) {
+        match self.conn.receive(bytes, Instant::now()) {
             Ok(()) => bytes.len(),
             Err(e) => {
                 self.error = Some(e);
@@ -253,6 +256,7 @@ impl<T: Transport> Session<T> {
                         transport,
                         outcome,
                         idle: config.idle,
+                        waited: Duration::ZERO,
                     });
                 }
             }
@@ -287,11 +291,28 @@ impl<T: Transport> Session<T> {
     /// if anything moved. Errors mean the connection is dead; take the
     /// outstanding commands back with [`Connection::take_outstanding`].
     pub fn poll_io(&mut self) -> Result<bool, SessionError> {
-        let r = self.poll_io_inner();
+        self.poll_io_wait(Duration::ZERO)
+    }
+
+    /// One round of I/O like [`poll_io`](Self::poll_io), but when nothing
+    /// has arrived it waits for the target's bytes up to `max` (less when a
+    /// timer is due; not at all in busy-poll mode or while bytes wait to go
+    /// out) and takes them in the same call: on kernel TCP a QD1 round is
+    /// one send and one receive. [`waited`](Self::waited) says how long it
+    /// waited.
+    pub fn poll_io_wait(&mut self, max: Duration) -> Result<bool, SessionError> {
+        self.waited = Duration::ZERO;
+        let r = self.poll_io_inner(max);
         if let Err(e) = &r {
             self.conn.set_failed(ConnError::Failed(e.to_string()));
         }
         r
+    }
+
+    /// How long the last [`poll_io_wait`](Self::poll_io_wait) spent waiting
+    /// (spinning, sleeping or blocked) rather than working.
+    pub fn waited(&self) -> Duration {
+        self.waited
     }
 
     /// Hands the connection's pending bytes to the transport, headers and
@@ -312,36 +333,48 @@ impl<T: Transport> Session<T> {
         Ok(n)
     }
 
-    fn poll_io_inner(&mut self) -> Result<bool, SessionError> {
+    fn poll_io_inner(&mut self, max: Duration) -> Result<bool, SessionError> {
         if let Some(e) = self.conn.is_failed() {
             return Err(e.clone().into());
         }
-        let now = Instant::now();
         let mut progressed = false;
         // Another connection of an MC/S session may have opened the window.
         self.conn.send_queued();
         while self.send_pending()? > 0 {
             progressed = true;
         }
+        let mut wait = match self.idle {
+            IdlePolicy::BusyPoll => Duration::ZERO,
+            // A full send buffer empties without bytes arriving.
+            IdlePolicy::Wait(_) if self.conn.has_pending_tx() => Duration::ZERO,
+            IdlePolicy::Wait(_) => max,
+        };
+        if !wait.is_zero() {
+            if let Some(t) = self.conn.poll_timeout() {
+                wait = wait.min(t.saturating_duration_since(Instant::now()));
+            }
+        }
         // The transport's own work and the receive, in one: it puts each
         // byte where the connection wants it (Data-In payload straight into
         // the command's buffer).
         let mut sink = ConnSink {
             conn: &mut self.conn,
-            now,
             error: None,
         };
-        let received = self.transport.recv_into(&mut sink);
+        let received = self.transport.recv_into_wait(&mut sink, wait);
         if let Some(e) = sink.error {
             return Err(e.into());
         }
-        if received? > 0 {
+        let received = received?;
+        self.waited = received.waited;
+        if received.bytes > 0 {
             progressed = true;
         }
         if self.conn.has_pending_tx() {
             // Answers to what we just received (R2T data, NOP-Out) go out now.
             self.send_pending()?;
         }
+        let now = Instant::now();
         if let Some(t) = self.conn.poll_timeout() {
             if now >= t {
                 self.conn.handle_timeout(now)?;
@@ -357,7 +390,11 @@ impl<T: Transport> Session<T> {
             if let Some(e) = self.conn.poll_event() {
                 return Ok(Some(e));
             }
-            let progressed = match self.poll_io() {
+            let wait = match self.idle {
+                IdlePolicy::BusyPoll => Duration::ZERO,
+                IdlePolicy::Wait(d) => d.min(deadline.saturating_duration_since(Instant::now())),
+            };
+            let progressed = match self.poll_io_wait(wait) {
                 Ok(p) => p,
                 // What arrived before the failure (say, a final response
                 // followed by the target closing) is delivered first; the
@@ -371,7 +408,8 @@ impl<T: Transport> Session<T> {
             if now >= deadline {
                 return Ok(None);
             }
-            if !progressed {
+            if !progressed && self.waited.is_zero() {
+                // No waiting receive (bytes still to send): wait here.
                 self.idle_wait(deadline - now)?;
             }
         }

@@ -290,6 +290,13 @@ impl Transport for BoxedTransport {
     ) -> Result<usize, TransportError> {
         self.0.recv_into(sink)
     }
+    fn recv_into_wait(
+        &mut self,
+        sink: &mut dyn crate::transport::RxSink,
+        timeout: Duration,
+    ) -> Result<crate::transport::Received, TransportError> {
+        self.0.recv_into_wait(sink, timeout)
+    }
     fn poll(&mut self) -> Result<(), TransportError> {
         self.0.poll()
     }

@@ -40,6 +40,25 @@ pub trait RxSink {
     fn rx_push(&mut self, bytes: &[u8]) -> usize;
 }
 
+/// What [`Transport::recv_into_wait`] got: the bytes handed over (0:
+/// nothing came in time) and how long it waited (spun, slept or blocked)
+/// before they came or it gave up: idle time, for poll-mode accounting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: usize,
+    pub waited: Duration,
+}
+
+impl Received {
+    /// Bytes that were there without waiting.
+    pub fn now(bytes: usize) -> Received {
+        Received {
+            bytes,
+            waited: Duration::ZERO,
+        }
+    }
+}
+
 /// One piece of the bytes to send, in stream order: bytes the sender owns
 /// (headers), or a range of a shared buffer (a write's payload) that a
 /// transport may send from without copying it first.
@@ -91,6 +110,35 @@ pub trait Transport: Send {
             }
         }
         Ok(total)
+    }
+    /// Like [`recv_into`](Transport::recv_into), but when nothing has
+    /// arrived waits up to about `timeout` for the first bytes and hands
+    /// them over in the same call (kernel TCP: a short spin or timed sleep
+    /// as its wait estimate says, then one blocking `recvmsg`; no `poll(2)`
+    /// and read after it). It waits for bytes to read only: a caller with
+    /// bytes still to send waits with [`wait`](Transport::wait). This
+    /// default waits with `wait` (busy-polled transports: a yield) and
+    /// receives after.
+    fn recv_into_wait(
+        &mut self,
+        sink: &mut dyn RxSink,
+        timeout: Duration,
+    ) -> Result<Received, TransportError> {
+        let bytes = self.recv_into(sink)?;
+        if bytes > 0 || timeout.is_zero() {
+            return Ok(Received::now(bytes));
+        }
+        let begun = std::time::Instant::now();
+        if self.is_busy_polled() {
+            std::thread::yield_now();
+        } else {
+            self.wait(timeout)?;
+        }
+        let waited = begun.elapsed();
+        Ok(Received {
+            bytes: self.recv_into(sink)?,
+            waited,
+        })
     }
     /// Writes as much of `buf` as fits now; `Ok(0)` means "full, try later".
     fn send(&mut self, buf: &[u8]) -> Result<usize, TransportError>;
@@ -168,6 +216,7 @@ pub mod dpdk;
 pub mod kernel;
 pub mod side;
 pub mod user;
+pub mod wait;
 pub mod wake;
 
 pub use wake::Wake;

@@ -7,6 +7,12 @@
 //! a submitter queues its work, then reads `sleeping`. Both sides put a
 //! SeqCst fence between their store and their load, so at least one of
 //! them sees the other's write.
+//!
+//! The worker reads the eventfd only when it was signalled: its poll saw
+//! it readable, or a submitter counted a write since the last drain. A
+//! write that lands after the worker woke for another reason leaves the
+//! eventfd readable; the next sleep's poll then returns at once, sees it
+//! and drains it (one spare round, never a lost wake-up).
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::io;
@@ -19,6 +25,12 @@ pub struct Wake {
     sleeping: AtomicBool,
     /// Wake-ups written (each one a syscall by a submitter).
     notified: AtomicU64,
+    /// The worker's own: its poll saw the eventfd readable.
+    signalled: AtomicBool,
+    /// The worker's own: `notified` when it last drained the eventfd.
+    drained_at: AtomicU64,
+    /// Reads of the eventfd (each one a syscall by the worker).
+    drains: AtomicU64,
 }
 
 impl Wake {
@@ -29,6 +41,9 @@ impl Wake {
             fd,
             sleeping: AtomicBool::new(false),
             notified: AtomicU64::new(0),
+            signalled: AtomicBool::new(false),
+            drained_at: AtomicU64::new(0),
+            drains: AtomicU64::new(0),
         })
     }
 
@@ -49,16 +64,35 @@ impl Wake {
         fence(Ordering::SeqCst);
     }
 
-    /// The worker is awake again: drops any pending wake-up.
+    /// The worker's wait saw the eventfd readable (call before
+    /// [`finish_sleep`](Self::finish_sleep)).
+    pub fn mark_signalled(&self) {
+        self.signalled.store(true, Ordering::Relaxed);
+    }
+
+    /// The worker is awake again: drains the eventfd if it was signalled
+    /// (no syscall after a wake-up by data or a timeout).
     pub fn finish_sleep(&self) {
         self.sleeping.store(false, Ordering::Relaxed);
-        // Nonblocking: EAGAIN when nobody wrote.
-        let _ = self.fd.read();
+        let notified = self.notified.load(Ordering::Relaxed);
+        let moved = notified != self.drained_at.load(Ordering::Relaxed);
+        if self.signalled.swap(false, Ordering::Relaxed) || moved {
+            self.drained_at.store(notified, Ordering::Relaxed);
+            self.drains.fetch_add(1, Ordering::Relaxed);
+            // Nonblocking: EAGAIN when the counted write has not landed yet
+            // (then the next sleep's poll sees it).
+            let _ = self.fd.read();
+        }
     }
 
     /// Wake-ups written so far.
     pub fn notified(&self) -> u64 {
         self.notified.load(Ordering::Relaxed)
+    }
+
+    /// Reads of the eventfd so far.
+    pub fn drains(&self) -> u64 {
+        self.drains.load(Ordering::Relaxed)
     }
 
     /// The descriptor to poll for readability along with the socket.
@@ -89,6 +123,29 @@ mod tests {
         assert!(readable(&w));
         w.finish_sleep();
         assert!(!readable(&w), "finish_sleep drains the wake-up");
+        assert_eq!(w.drains(), 1);
+        // Woken by data or a timeout, not signalled: no read.
+        w.prepare_sleep();
+        w.finish_sleep();
+        assert_eq!(w.drains(), 1, "an unsignalled wake-up costs no syscall");
+    }
+
+    #[test]
+    fn a_write_that_lands_after_the_drain_is_seen_by_the_next_poll() {
+        let w = Wake::new().unwrap();
+        w.prepare_sleep();
+        // The worker woke for data; a submitter saw it asleep but its write
+        // comes only after the worker's drain.
+        w.notified.fetch_add(1, Ordering::Relaxed);
+        w.finish_sleep();
+        let _ = w.fd.write(1);
+        assert!(readable(&w), "the late write stays readable");
+        w.prepare_sleep();
+        // The next poll sees it: marked and drained.
+        assert!(readable(&w));
+        w.mark_signalled();
+        w.finish_sleep();
+        assert!(!readable(&w));
     }
 
     #[test]

@@ -560,7 +560,10 @@ impl Worker {
             return;
         }
         self.idle_rounds = self.idle_rounds.saturating_add(1);
-        if self.idle_rounds < 64 {
+        // Block's own spin is the whole spin: each idle round reads the
+        // socket (a syscall), and 64 of them outlasted a loopback answer,
+        // so the worker never blocked and burnt a core at QD1.
+        if self.idle_rounds < 64 && !matches!(self.idle, IdleMode::Block(_)) {
             std::hint::spin_loop();
             return;
         }

@@ -74,6 +74,13 @@ thread_local! {
 /// previous tick was busy (`busy`) or idle. The first tick on a thread only
 /// starts the clock.
 pub fn tick(busy: bool) {
+    tick_after_wait(std::time::Duration::ZERO, busy);
+}
+
+/// Like [`tick`], for a round that waited `waited` inside (a receive that
+/// blocked until the target's bytes came): that part is idle, the rest of
+/// the round busy or idle as `busy` says.
+pub fn tick_after_wait(waited: std::time::Duration, busy: bool) {
     let now = Instant::now();
     METER.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
@@ -81,17 +88,25 @@ pub fn tick(busy: bool) {
         };
         if let Some(last) = m.last {
             let ns = now.saturating_duration_since(last).as_nanos() as u64;
-            if busy {
-                m.busy_ns += ns;
-            } else {
-                m.idle_ns += ns;
-            }
+            let (b, i) = split(ns, waited, busy);
+            m.busy_ns += b;
+            m.idle_ns += i;
             if m.busy_ns + m.idle_ns >= FLUSH_NS {
                 m.flush();
             }
         }
         m.last = Some(now);
     });
+}
+
+/// A round of `ns` that waited `waited` inside: (busy, idle) nanoseconds.
+fn split(ns: u64, waited: std::time::Duration, busy: bool) -> (u64, u64) {
+    let idle = (waited.as_nanos().min(u128::from(u64::MAX)) as u64).min(ns);
+    if busy {
+        (ns - idle, idle)
+    } else {
+        (0, ns)
+    }
 }
 
 /// Publishes the calling thread's pending time now (e.g. before a reader
@@ -141,6 +156,17 @@ mod tests {
         // At least this thread's 20 ms each (other tests' threads may add).
         assert!(d.busy_ns >= 20_000_000, "{d:?}");
         assert!(d.idle_ns >= 20_000_000, "{d:?}");
+    }
+
+    /// The wait inside a busy round is idle; the rest of the round busy.
+    #[test]
+    fn the_wait_inside_a_round_is_idle() {
+        let ms = Duration::from_millis;
+        assert_eq!(split(5_000_000, ms(3), true), (2_000_000, 3_000_000));
+        assert_eq!(split(5_000_000, ms(3), false), (0, 5_000_000));
+        assert_eq!(split(5_000_000, Duration::ZERO, true), (5_000_000, 0));
+        // A wait longer than the round (clock granularity) is the round.
+        assert_eq!(split(1_000, ms(1), true), (0, 1_000));
     }
 
     #[test]
