@@ -235,6 +235,8 @@ fn main() {
     let mut target = helper.join().unwrap();
 
     let blocks = (bs / 512) as u16;
+    // Places for an I/O inside the 1 GiB LU (at most 200,000, as for 4 KiB).
+    let slots = ((1usize << 30) / bs).min(200_000);
     let mut buffers: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; bs]).collect();
     let (mut submitted, mut done, mut rounds) = (0usize, 0usize, 0usize);
     let start = Instant::now();
@@ -242,7 +244,7 @@ fn main() {
     while done < ios {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
-            let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
+            let lba = (submitted * 7919 % slots) as u32 * u32::from(blocks);
             let (opcode, direction) = if write {
                 (0x2a, Direction::Write)
             } else {
