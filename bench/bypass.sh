@@ -5,7 +5,10 @@
 #   (a) kernel    kernel TCP on loopback; target on kernel TCP
 #   (b) memif     DPDK net_memif (shared memory) between the two processes;
 #                 target = memif server on the userspace stack
-#   (b') memif9000 the same at MTU 9000 (--mtu 9000 on both ends: jumbo
+#   (b') memif-trusted the same with --checksum trusted on both ends (no
+#                 software checksums: memif cannot corrupt a frame); its
+#                 lines say bed=memif csum=trusted
+#   (b'') memif9000 the same at MTU 9000 (--mtu 9000 on both ends: jumbo
 #                 frames in 9 KiB mbufs, MSS 8960; memif buffers made
 #                 9 KiB by the stacks)
 #   (c) af_xdp    DPDK net_af_xdp on each end of a veth pair (XDP sockets)
@@ -14,8 +17,13 @@
 # QD8. One line per case:
 #   RESULT bed=<kernel|memif|memif9000|af_xdp|af_packet> rw= bs= qd= iops= p50_us=
 #          p99_us= busy_ns_per_io= cpu_ns_per_io= instructions_per_io=<n|na>
+#          csum=<kernel|sw|trusted> gbit_s=
 # then, per userspace bed and case, the ratios to (a):
-#   RATIO bed= rw= bs= qd= iops_x= p50_x= per_cpu_x=
+#   RATIO bed= csum= rw= bs= qd= iops_x= p50_x= per_cpu_x=
+# csum: who checks the checksums (kernel: the kernel's TCP; sw: the
+# userspace stack, or the port's offload where it has one; trusted:
+# nobody, docs/architecture.md "Checksums"). gbit_s: the payload moved,
+# in Gbit/s (10^9 bits), of the case's direction.
 # per_cpu_x compares IOPS per CPU-second, the userspace bed counted by its
 # busy poll time (busy_ns_per_io), the kernel bed by its CPU time.
 #
@@ -31,14 +39,17 @@
 # (--busy-poll); the kernel bed uses the default idle mode unless
 # KERNEL_BUSY_POLL=1.
 #
-# Env: RUNTIME (3s), RAMP (1s), BEDS ("kernel memif memif9000 af_xdp af_packet"),
+# Env: RUNTIME (3s), RAMP (1s),
+#      BEDS ("kernel memif memif-trusted memif9000 af_xdp af_packet"),
 #      BIN (default: cargo build --release, target/release/iscsi-bypass).
 # Root only (DPDK, veth); everything it creates is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
 RUNTIME=${RUNTIME:-3s}; RAMP=${RAMP:-1s}
-BEDS=${BEDS:-kernel memif memif9000 af_xdp af_packet}
+BEDS=${BEDS:-kernel memif memif-trusted memif9000 af_xdp af_packet}
+# Who checks the checksums in the bed being run (the csum= column).
+csum=kernel
 if [[ -z ${BIN:-} ]]; then
     CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo build --release --bin iscsi-bypass >&2
     BIN=target/release/iscsi-bypass
@@ -107,14 +118,14 @@ run_case() {
         local why
         why=$(grep -m1 '^error' "$dir/bench.err" | tr -s ' "' ' ' || true)
         cat "$dir/bench.err" >&2
-        echo "RESULT bed=$bed rw=$rw bs=$bs qd=$qd failed=\"${why:-bench exited non-zero}\""
+        echo "RESULT bed=$bed rw=$rw bs=$bs qd=$qd csum=$csum failed=\"${why:-bench exited non-zero}\""
         failures=$((failures + 1))
         return 0
     fi
     local line
-    line=$(python3 - "$json" "$perfout" "$bed" "$rw" "$bs" "$qd" <<'EOF'
+    line=$(python3 - "$json" "$perfout" "$bed" "$rw" "$bs" "$qd" "$csum" <<'EOF'
 import json, sys, os
-path, perf, bed, rw, bs, qd = sys.argv[1:]
+path, perf, bed, rw, bs, qd, csum = sys.argv[1:]
 v = json.load(open(path))
 d = v["jobs"][0]["write" if "write" in rw else "read"]
 ours = v["iscsi_bypass"]
@@ -129,7 +140,7 @@ if os.path.exists(perf):
 print(f"RESULT bed={bed} rw={rw} bs={bs} qd={qd} iops={d['iops']:.0f} "
       f"p50_us={pct['50.000000']/1e3:.1f} p99_us={pct['99.000000']/1e3:.1f} "
       f"busy_ns_per_io={ours['busy_ns_per_io']:.0f} cpu_ns_per_io={ours['cpu_ns_per_io']:.0f} "
-      f"instructions_per_io={instr}")
+      f"instructions_per_io={instr} csum={csum} gbit_s={d['bw_bytes'] * 8 / 1e9:.2f}")
 EOF
 )
     echo "$line"
@@ -169,8 +180,11 @@ veth() {
 echo "# $(nproc) CPUs online, initiator on CPU $icpu, target on CPU $tcpu; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# RUNTIME=$RUNTIME RAMP=$RAMP perf counters: $([[ $perf_ok == 1 ]] && echo yes || echo no)"
 for bed in $BEDS; do
+    # The userspace beds check checksums themselves (or by the port's offload).
+    csum=sw
     case $bed in
     kernel)
+        csum=kernel
         start_target "$dir/target-kernel.log" taskset -c "$tcpu" "$BIN" target --null --size 1g \
             --iqn "$iqn" --portal "127.0.0.1:$kport"
         kbusy=(); [[ ${KERNEL_BUSY_POLL:-0} == 1 ]] && kbusy=(--busy-poll)
@@ -182,6 +196,12 @@ for bed in $BEDS; do
         rm -f "$sock"
         dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock" \
             net_memif0 10.215.1
+        ;;
+    memif-trusted)
+        rm -f "$sock"
+        csum=trusted
+        dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock" \
+            net_memif0 10.215.5 --checksum trusted
         ;;
     memif9000)
         rm -f "$sock"
@@ -212,6 +232,7 @@ for l in open(sys.argv[1]):
     kv = dict(f.split("=", 1) for f in l.split()[1:])
     rows.append(kv)
 key = lambda r: (r["rw"], r["bs"], r["qd"])
+rows = [r for r in rows if "failed" not in r]
 kernel = {key(r): r for r in rows if r["bed"] == "kernel"}
 for r in rows:
     k = kernel.get(key(r))
@@ -222,7 +243,7 @@ for r in rows:
     p50_x = f(r["p50_us"]) / max(f(k["p50_us"]), 1e-9)
     # IOPS per CPU-second: the bed by its busy time, kernel by its CPU time.
     per_cpu_x = f(k["cpu_ns_per_io"]) / max(f(r["busy_ns_per_io"]), 1e-9)
-    print(f"RATIO bed={r['bed']} rw={r['rw']} bs={r['bs']} qd={r['qd']} "
+    print(f"RATIO bed={r['bed']} csum={r.get('csum', 'na')} rw={r['rw']} bs={r['bs']} qd={r['qd']} "
           f"iops_x={iops_x:.2f} p50_x={p50_x:.2f} per_cpu_x={per_cpu_x:.2f}")
 EOF
 [[ $failures == 0 ]] || { echo "$failures case(s) failed" >&2; exit 1; }

@@ -22,14 +22,23 @@
 # real DPDK PMD: each side on its own port of a net_ring pair (EAL with
 # --no-huge, software checksums), so the counts include the PMD's rx/tx
 # bursts, mbuf alloc/free, the C shim (dpdk-sys) and phy::dpdk. Needs root.
-#   RESULT bed=ring rw= bs= qd= mtu=1500 instructions_per_io=<n> \
+#   RESULT bed=ring side= csum= rw= bs= qd= mtu=1500 instructions_per_io=<n> \
 #          dpdk_per_io=<n> rte_per_io=<n> shim_per_io=<n> glue_per_io=<n>
 # dpdk_per_io is the sum of the part in DPDK's libraries and the net_ring
 # PMD (rte_: librte_*), the C shim with the DPDK inlines it wraps (shim_)
 # and phy::dpdk's Rust (glue_). (Call counts are not given: callgrind
 # counts calls outside the collected functions too, the target's.)
 #
-# Env: BED (sim | dpdk-ring), SMALL/LARGE (I/Os per run, default
+# SIDE=target (dpdk-ring only): collect the target's side instead
+# (--toggle-collect on target_round: its stack, its TargetConn, its output
+# pump `target::user::send_output`, as `iscsi-bypass target --transport
+# dpdk` runs them); the line then says side=target. CSUM=sw|trusted
+# (dpdk-ring only; sw): both ports' checksum mode. COPY_DATA_IN=1
+# (dpdk-ring only): the target copies Data-In payload into its output
+# instead of lending it by reference (as before it did), for comparison.
+# The dpdk-ring lines also carry side= and csum=.
+#
+# Env: BED (sim | dpdk-ring), SIDE (initiator | target), CSUM, COPY_DATA_IN, SMALL/LARGE (I/Os per run, default
 # 2000/6000), CASES (default "read:1 read:32 write:1 write:32"), BS (4096),
 # MTU (1500; sim only), BIN (the example binary; default: cargo build
 # --release --example user_iscsi_reads or dpdk_iscsi_reads), PROFILE
@@ -44,7 +53,19 @@ CASES=${CASES:-read:1 read:32 write:1 write:32}
 BS=${BS:-4096}
 MTU=${MTU:-1500}
 BED=${BED:-sim}
+SIDE=${SIDE:-initiator}
+CSUM=${CSUM:-sw}
+COPY_DATA_IN=${COPY_DATA_IN:-0}
 PROFILE=${PROFILE:-release}
+case $SIDE in
+    initiator) collect=(--toggle-collect='*initiator_submit*' --toggle-collect='*initiator_round*'
+                        --toggle-collect='*initiator_complete*') ;;
+    target) collect=(--toggle-collect='*target_round*') ;;
+    *) echo "SIDE must be initiator or target, not $SIDE" >&2; exit 2 ;;
+esac
+if [[ $BED != dpdk-ring && ( $SIDE != initiator || $CSUM != sw || $COPY_DATA_IN != 0 ) ]]; then
+    echo "SIDE, CSUM and COPY_DATA_IN are for BED=dpdk-ring" >&2; exit 2
+fi
 case $BED in
     sim) example=user_iscsi_reads ;;
     dpdk-ring) example=dpdk_iscsi_reads; MTU=1500 ;;
@@ -76,12 +97,11 @@ measure() {
     local ios=$1 rw=$2 qd=$3 out=$tmp/cg.$1
     local args=(--ios "$ios" --qd "$qd" --bs "$BS")
     [[ $BED == sim ]] && args+=(--mtu "$MTU")
-    [[ $BED == dpdk-ring ]] && args+=(--prefix "ib-cg-$$-$ios")
+    [[ $BED == dpdk-ring ]] && args+=(--prefix "ib-cg-$$-$ios" --checksum "$CSUM")
+    [[ $COPY_DATA_IN == 1 ]] && args+=(--copy-data-in)
     [[ $rw == write ]] && args+=(--write)
     local vg=(--tool=callgrind --callgrind-out-file="$out")
-    valgrind "${vg[@]}" \
-        --toggle-collect='*initiator_submit*' --toggle-collect='*initiator_round*' \
-        --toggle-collect='*initiator_complete*' \
+    valgrind "${vg[@]}" "${collect[@]}" \
         "$BIN" "${args[@]}" >"$tmp/run.txt" 2>"$tmp/vg.txt" ||
         { cat "$tmp/vg.txt" "$tmp/run.txt" >&2; exit 1; }
     if [[ $BED == dpdk-ring ]]; then
@@ -118,9 +138,10 @@ if [[ $BED == dpdk-ring ]]; then
         read -r t1 l1 s1 g1 < <(measure "$SMALL" "$rw" "$qd")
         read -r t2 l2 s2 g2 < <(measure "$LARGE" "$rw" "$qd")
         awk -v dt=$((t2 - t1)) -v dl=$((l2 - l1)) -v ds=$((s2 - s1)) -v dg=$((g2 - g1)) \
-            -v dn=$((LARGE - SMALL)) -v rw="$rw" -v qd="$qd" -v bs="$BS" 'BEGIN {
-            printf "RESULT bed=ring rw=%s bs=%s qd=%s mtu=1500 instructions_per_io=%.0f dpdk_per_io=%.0f rte_per_io=%.0f shim_per_io=%.0f glue_per_io=%.0f\n",
-                rw, bs, qd, dt / dn, (dl + ds + dg) / dn, dl / dn, ds / dn, dg / dn }'
+            -v dn=$((LARGE - SMALL)) -v rw="$rw" -v qd="$qd" -v bs="$BS" -v side="$SIDE" \
+            -v csum="$CSUM$([[ $COPY_DATA_IN == 1 ]] && echo ' data_in=copy')" 'BEGIN {
+            printf "RESULT bed=ring side=%s csum=%s rw=%s bs=%s qd=%s mtu=1500 instructions_per_io=%.0f dpdk_per_io=%.0f rte_per_io=%.0f shim_per_io=%.0f glue_per_io=%.0f\n",
+                side, csum, rw, bs, qd, dt / dn, (dl + ds + dg) / dn, dl / dn, ds / dn, dg / dn }'
     done
     exit 0
 fi

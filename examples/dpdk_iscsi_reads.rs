@@ -27,14 +27,22 @@
 //! own, `--prefix NAME` (default `ib-dpdk-reads-<pid>`).
 //!
 //! `--write` issues WRITE(10)s; `--bs`, `--qd`, `--ios` as in
-//! `user_iscsi_reads`. Prints one `RESULT` line and the counters.
+//! `user_iscsi_reads`. `--checksum sw|trusted` sets both ports' checksum
+//! mode (`trusted`: no software checksums on either side, which net_ring
+//! allows). The target runs its own output pump
+//! (`target::user::send_output`, Data-In payload by reference from the
+//! LU); `--copy-data-in` copies it into the output first, as before.
+//! `target_round` is the target's cost (`SIDE=target`). Prints one
+//! `RESULT` line and the counters.
 
 use iscsi_bypass::iscsi::connection::{Command, Direction, Event};
 use iscsi_bypass::iscsi::login::LoginConfig;
 use iscsi_bypass::iscsi::session::{IdlePolicy, Session, SessionConfig};
 use iscsi_bypass::net::{Instant as NetInstant, Interface, SocketHandle, TcpState};
 use iscsi_bypass::phy::dpdk::{DpdkQueue, PMD_DIR};
+use iscsi_bypass::phy::ChecksumMode;
 use iscsi_bypass::phy::Device;
+use iscsi_bypass::target::user::send_output;
 use iscsi_bypass::target::{TargetConfig, TargetConn, TargetShared};
 use iscsi_bypass::transport::dpdk::{self, DpdkOptions, DpdkStack};
 use iscsi_bypass::transport::user::UserTcp;
@@ -55,12 +63,16 @@ struct Target {
     handle: SocketHandle,
     shared: Arc<TargetShared>,
     conn: Option<TargetConn>,
-    out: Vec<u8>,
+    /// Bytes of the connection's output already on the socket.
+    sent: usize,
+    /// Data-In payload copied into the output (as before it went by
+    /// reference), for comparison.
+    copy_data_in: bool,
     epoch: Instant,
 }
 
 impl Target {
-    fn new(stack: &DpdkStack) -> Target {
+    fn new(stack: &DpdkStack, copy_data_in: bool) -> Target {
         let dev = stack.queue(0).expect("target's queue");
         let portal: SocketAddr = SocketAddrV4::new(TGT_IP, 3260).into();
         let shared =
@@ -79,19 +91,24 @@ impl Target {
             handle,
             shared,
             conn: None,
-            out: Vec::new(),
+            sent: 0,
+            copy_data_in,
             epoch: Instant::now(),
         }
     }
 }
 
+/// One round of the target: its stack, then its connection (collected
+/// alone for `SIDE=target bench/callgrind-io.sh`).
 #[inline(never)]
 fn target_round(t: &mut Target) {
     let now = NetInstant::from_micros(t.epoch.elapsed().as_micros() as u64);
     t.iface.poll(now, &mut t.dev);
     let s = t.iface.socket_mut(t.handle);
     if t.conn.is_none() && s.state() == TcpState::Established {
-        t.conn = Some(TargetConn::new(t.shared.clone(), 0, Instant::now()));
+        let mut conn = TargetConn::new(t.shared.clone(), 0, Instant::now());
+        conn.set_data_in_by_reference(!t.copy_data_in);
+        t.conn = Some(conn);
     }
     if let Some(c) = t.conn.as_mut() {
         while let Ok(n) = s.recv_slice(c.recv_buffer()) {
@@ -100,12 +117,9 @@ fn target_round(t: &mut Target) {
             }
             c.received(n, Instant::now());
         }
-        t.out.extend_from_slice(c.output());
-        c.clear_output();
-        if !t.out.is_empty() {
-            let n = s.send_slice(&t.out).unwrap_or(0);
-            t.out.drain(..n);
-        }
+        // The target's own output pump (`iscsi-bypass target --transport
+        // dpdk` runs it): Data-In payload by reference unless --copy-data-in.
+        let _ = send_output(s, c, &mut t.sent);
     }
     t.iface.poll(now, &mut t.dev);
 }
@@ -153,6 +167,13 @@ fn main() {
     let qd = arg(&args, "--qd", 1);
     let bs = arg(&args, "--bs", 4096);
     let write = args.iter().any(|a| a == "--write");
+    let copy_data_in = args.iter().any(|a| a == "--copy-data-in");
+    let checksum: ChecksumMode = args
+        .iter()
+        .position(|a| a == "--checksum")
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(ChecksumMode::Sw), |v| v.parse())
+        .unwrap_or_else(|e| panic!("--checksum: {e}"));
     let prefix = args
         .iter()
         .position(|a| a == "--prefix")
@@ -182,11 +203,12 @@ fn main() {
     let port = |name: &str, ip| {
         let mut o = DpdkOptions::new(eal_args.clone(), &format!("net_ring_{name}"), ip, 24);
         o.mbufs = 4096;
+        o.port_config.checksum = checksum;
         DpdkStack::open(o).expect("DPDK stack")
     };
     let tgt_stack = port(tgt_name, TGT_IP);
     let ini_stack = port(ini_name, INI_IP);
-    let mut target = Target::new(&tgt_stack);
+    let mut target = Target::new(&tgt_stack, copy_data_in);
 
     // Connect and log in, pumping the target from a helper thread (the
     // blocking calls wait on it), then hand the target back to this thread.
@@ -213,6 +235,8 @@ fn main() {
     let mut target = helper.join().unwrap();
 
     let blocks = (bs / 512) as u16;
+    // Places for an I/O inside the 1 GiB LU (at most 200,000, as for 4 KiB).
+    let slots = ((1usize << 30) / bs).min(200_000);
     let mut buffers: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; bs]).collect();
     let (mut submitted, mut done, mut rounds) = (0usize, 0usize, 0usize);
     let start = Instant::now();
@@ -220,7 +244,7 @@ fn main() {
     while done < ios {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
-            let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
+            let lba = (submitted * 7919 % slots) as u32 * u32::from(blocks);
             let (opcode, direction) = if write {
                 (0x2a, Direction::Write)
             } else {
@@ -239,8 +263,8 @@ fn main() {
     }
     let elapsed = start.elapsed();
     println!(
-        "RESULT bed=ring rw={} ios={ios} qd={qd} bs={bs} rounds={rounds} wall_ns_per_io={} \
-         (both sides, one thread)",
+        "RESULT bed=ring rw={} ios={ios} qd={qd} bs={bs} csum={checksum} rounds={rounds} \
+         wall_ns_per_io={} (both sides, one thread)",
         if write { "write" } else { "read" },
         elapsed.as_nanos() / ios as u128
     );

@@ -186,8 +186,36 @@ fn run(cli: Cli, out: &Output) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
-    use clap::CommandFactory;
+    use super::{Cli, Cmd};
+    use clap::{CommandFactory, Parser};
+    use iscsi_bypass::phy::ChecksumMode;
+
+    /// `--checksum` on `bench` and `target`: sw by default, trusted when
+    /// asked, and a bad value refused with the value and both choices named.
+    #[test]
+    fn checksum_mode_option_parses_and_names_a_bad_value() {
+        let target = |extra: &[&str]| {
+            let mut argv = vec!["iscsi-bypass", "target", "--transport", "dpdk"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let mode = |cli: Cli| match cli.command {
+            Cmd::Target(t) => t.dpdk.checksum,
+            other => panic!("parsed as {other:?}"),
+        };
+        assert_eq!(mode(target(&[]).unwrap()), ChecksumMode::Sw);
+        let trusted = target(&["--checksum", "trusted"]).unwrap();
+        assert_eq!(mode(trusted), ChecksumMode::Trusted);
+        let err = target(&["--checksum", "hw"]).unwrap_err().to_string();
+        assert!(err.contains("--checksum"), "{err}");
+        assert!(err.contains("\"hw\""), "{err}");
+        assert!(err.contains("sw") && err.contains("trusted"), "{err}");
+        let bench = Cli::try_parse_from(["iscsi-bypass", "bench", "--checksum", "trusted"]);
+        match bench.unwrap().command {
+            Cmd::Bench(b) => assert_eq!(b.dpdk.checksum, ChecksumMode::Trusted),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
 
     /// Every option and positional argument of every subcommand says what it
     /// is in `--help` (clap's own `--help`/`--version` aside).

@@ -265,6 +265,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
         rx_reorder: 0.01,
         tx_reorder: 0.01,
         seed: 7,
+        ..ImpairConfig::default()
     };
     let mut conn = stack
         .connect_device(Impaired::new(device, impair), remote)

@@ -166,6 +166,68 @@ fn iscsi_over_memif_between_two_userspace_stacks() {
     println!("total {:?}", started.elapsed());
 }
 
+/// `--checksum trusted` on both ends of memif (a link that cannot corrupt
+/// a frame): the target and the CLI bench skip the software checksums, and
+/// `--verify` checks every block of a QD8 random read/write and of 128 KiB
+/// reads. Then a bench in sw mode against the trusted target: it verifies,
+/// the target's frames carry no TCP checksum, so the login must fail (the
+/// mode fails closed) instead of taking unchecked bytes.
+#[test]
+fn iscsi_over_memif_with_trusted_checksums() {
+    if let Some(why) = dpdk_common::skip_reason("net_memif") {
+        return skip(&why);
+    }
+    let _serial = serial();
+    let socket = socket("t");
+    let _ = std::fs::remove_file(&socket);
+    let cpus = dpdk_common::allowed_cpus();
+    let _target = target_process::start_with_args(
+        IQN,
+        &format!("net_memif0,role=server,socket={socket}"),
+        "net_memif0",
+        TARGET_IP,
+        *cpus.last().unwrap_or(&0),
+        Some(socket.clone()),
+        &["--checksum", "trusted"],
+    );
+    let url = format!("iscsi://{TARGET_IP}:3260/{IQN}/0");
+    let bench = |checksum: &str, rw: &str, bs: &str, timeout: &str| {
+        let eal = target_process::process_eal(
+            cpus[0],
+            "ibx-b",
+            &format!("net_memif0,role=client,socket={socket}"),
+        );
+        let out = Command::new(target_process::BIN)
+            .args(["--timeout", timeout])
+            .args(["bench", &url, "--transport", "dpdk", "--eal", &eal])
+            .args(["--dpdk-port", "net_memif0", "--checksum", checksum])
+            .arg("--local-ip")
+            .arg(format!("{INITIATOR_IP}/24"))
+            .args(["--rw", rw, "--bs", bs, "--iodepth", "8", "--size", "16m"])
+            .args(["--runtime", "1s", "--verify", "--busy-poll"])
+            .output()
+            .expect("run iscsi-bypass bench");
+        target_process::remove_runtime_dir("ibx-b");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!(
+            "bench --checksum {checksum} --rw {rw} --bs {bs}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = bench("trusted", "randrw", "4k", "10");
+    assert!(ok, "bench over memif with trusted checksums failed");
+    assert!(text.contains("read: IOPS=") && text.contains("write: IOPS="));
+    let (ok, text) = bench("trusted", "randread", "128k", "10");
+    assert!(ok, "128 KiB reads over memif with trusted checksums failed");
+    assert!(text.contains("read: IOPS="));
+    let (ok, _) = bench("sw", "randread", "4k", "3");
+    assert!(
+        !ok,
+        "an initiator that verifies checksums logged in to a target that sends none"
+    );
+}
+
 /// Jumbo frames over memif: the target (`--mtu 9000`) and two initiators at
 /// MTU 9000, the CLI bench with verify (64 KiB random writes and reads) and
 /// this process, whose queue is wrapped to count the frames with more than

@@ -147,6 +147,13 @@ pub struct DpdkArgs {
     /// Do not use checksum offload, TSO or LRO even where the port has them.
     #[arg(long)]
     pub dpdk_no_offload: bool,
+    /// Checksums on the DPDK port(s): sw (verify every frame, send correct
+    /// checksums: by the port's offload where it has one, else in
+    /// software) or trusted (net_memif and net_ring only, and the peer
+    /// trusted too: no software checksums either way; a peer in sw mode
+    /// drops the frames).
+    #[arg(long, default_value = "sw", value_name = "sw|trusted")]
+    pub checksum: iscsi_bypass::phy::ChecksumMode,
     /// IP MTU of the DPDK port(s), e.g. 9000 for jumbo frames (default:
     /// the port's, 1500 on most); the stack's MSS follows it, and the mbufs
     /// are sized to hold a whole frame. Both ends must agree.
@@ -492,7 +499,14 @@ pub(super) fn dpdk_stacks(
         options.gateway = d.gateway;
         options.user.connect_timeout = connect_timeout;
         options.user.static_neighbours = neighbours.clone();
+        options.port_config.checksum = d.checksum;
         if d.dpdk_no_offload {
+            if d.checksum == iscsi_bypass::phy::ChecksumMode::Trusted {
+                bail!(
+                    "--checksum trusted skips checksums through the stack's offload path, \
+                     which --dpdk-no-offload switches off: give one or the other"
+                );
+            }
             options.user.offload = OffloadConfig::NONE;
             options.port_config.checksum_offload = false;
             options.port_config.tso = false;

@@ -1,5 +1,5 @@
-//! A [`Device`] adapter that loses and reorders IPv4 frames with seeded
-//! randomness, for tests of the stack against real peers (a kernel TCP over
+//! A [`Device`] adapter that loses, reorders and corrupts IPv4 frames with
+//! seeded randomness, for tests of the stack against real peers (a kernel TCP over
 //! DPDK) where the kernel's own impairment (netem) is not available.
 //! Not for production paths: held-back frames are copied.
 
@@ -15,6 +15,10 @@ pub struct ImpairConfig {
     /// Hold a frame back and deliver it after the next one.
     pub rx_reorder: f64,
     pub tx_reorder: f64,
+    /// Flip one bit of the last byte of a received IPv4 packet (past the
+    /// headers when it carries data), as a link that garbles a frame the
+    /// FCS let through: the checksum must catch it.
+    pub rx_corrupt: f64,
     pub seed: u64,
 }
 
@@ -25,6 +29,7 @@ pub struct ImpairCounters {
     pub tx_dropped: u64,
     pub rx_reordered: u64,
     pub tx_reordered: u64,
+    pub rx_corrupted: u64,
 }
 
 pub struct Impaired<D: Device> {
@@ -39,6 +44,14 @@ pub struct Impaired<D: Device> {
 
 fn is_ipv4(frame: &[u8]) -> bool {
     frame.len() > 14 && frame[12..14] == [0x08, 0x00]
+}
+
+/// Where the last byte of the IPv4 packet in `frame` lies (its total
+/// length, not the Ethernet padding after it), if the frame holds it.
+fn last_ip_byte(frame: &[u8]) -> Option<usize> {
+    let total = usize::from(u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]));
+    let at = (14 + total).checked_sub(1)?;
+    (total > 20 && at < frame.len()).then_some(at)
 }
 
 impl<D: Device> Impaired<D> {
@@ -90,6 +103,7 @@ impl<D: Device> Device for Impaired<D> {
             rng,
             held_rx,
             counters,
+            scratch,
             ..
         } = self;
         let earlier = held_rx.take();
@@ -104,6 +118,17 @@ impl<D: Device> Device for Impaired<D> {
                 if fresh_hold.is_none() && rng.gen_bool(config.rx_reorder) {
                     counters.rx_reordered += 1;
                     fresh_hold = Some((frame.to_vec(), meta));
+                    return;
+                }
+                // (No draw when off: seeded runs without it keep their sequence.)
+                let corrupt = config.rx_corrupt > 0.0 && rng.gen_bool(config.rx_corrupt);
+                if let Some(at) = last_ip_byte(frame).filter(|_| corrupt) {
+                    counters.rx_corrupted += 1;
+                    scratch.clear();
+                    scratch.extend_from_slice(frame);
+                    scratch[at] ^= 0x10;
+                    on_frame(scratch, meta);
+                    delivered += 1;
                     return;
                 }
             }

@@ -59,6 +59,65 @@ pub struct DeviceCaps {
     pub max_tx_frame: usize,
 }
 
+/// How a port treats the IPv4 and TCP checksums (`--checksum sw|trusted`).
+///
+/// - [`Sw`](ChecksumMode::Sw), the default: every received frame is
+///   verified and every sent frame carries correct checksums, by the PMD's
+///   offload where it has one (`rte_eth_dev_info` capabilities, results in
+///   the mbuf's `ol_flags`), else in software. Safe with any peer and link.
+/// - [`Trusted`](ChecksumMode::Trusted), for a virtual link between two
+///   processes of one host that cannot corrupt a frame (net_memif, net_ring:
+///   shared memory, no wire, no DMA): received frames count as verified,
+///   and sent frames leave their checksums to the PMD's offload where it
+///   has one, else they carry only the pseudo-header sum an offload would
+///   start from. So **both ends must be `trusted`**: a peer that verifies
+///   drops every TCP segment, and the connection never comes up (it fails
+///   closed: no byte is taken that a checksum would have refused). Ports
+///   on other PMDs (a NIC, af_packet, af_xdp, tap: a wire or a kernel
+///   stack that verifies) refuse the mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ChecksumMode {
+    #[default]
+    Sw,
+    Trusted,
+}
+
+impl ChecksumMode {
+    /// The name on the command line and in bench output (`sw`, `trusted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChecksumMode::Sw => "sw",
+            ChecksumMode::Trusted => "trusted",
+        }
+    }
+}
+
+impl std::fmt::Display for ChecksumMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A checksum mode that is neither `sw` nor `trusted`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error(
+    "unknown checksum mode {0:?}: want sw (verify every frame, correct checksums, by the \
+     NIC's offload where it has one) or trusted (memif/net_ring only, both ends trusted: \
+     no software checksums)"
+)]
+pub struct ChecksumModeError(pub String);
+
+impl std::str::FromStr for ChecksumMode {
+    type Err = ChecksumModeError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sw" => Ok(ChecksumMode::Sw),
+            "trusted" => Ok(ChecksumMode::Trusted),
+            other => Err(ChecksumModeError(other.to_string())),
+        }
+    }
+}
+
 /// A packet device carrying one queue pair, owned by one worker.
 pub trait Device {
     fn caps(&self) -> DeviceCaps;
@@ -81,3 +140,25 @@ pub trait Device {
 pub mod impair;
 pub mod rss;
 pub mod sim;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_mode_parses_its_two_names_and_names_a_bad_one() {
+        assert_eq!("sw".parse(), Ok(ChecksumMode::Sw));
+        assert_eq!("trusted".parse(), Ok(ChecksumMode::Trusted));
+        assert_eq!(ChecksumMode::default(), ChecksumMode::Sw);
+        for mode in [ChecksumMode::Sw, ChecksumMode::Trusted] {
+            assert_eq!(mode.to_string().parse(), Ok(mode));
+        }
+        for bad in ["", "hw", "SW", "trusted ", "none"] {
+            let err = bad.parse::<ChecksumMode>().unwrap_err();
+            assert_eq!(err, ChecksumModeError(bad.to_string()));
+            let text = err.to_string();
+            assert!(text.contains(&format!("{bad:?}")), "{text}");
+            assert!(text.contains("sw") && text.contains("trusted"), "{text}");
+        }
+    }
+}

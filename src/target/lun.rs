@@ -1,17 +1,32 @@
 //! Logical units: RAM-backed (chunks behind their own locks, allocated on
 //! first write, so a large sparse LUN costs little and connections on
 //! different chunks do not contend) or null.
+//!
+//! A chunk's bytes are shared (`Arc`): a read can lend them by reference
+//! ([`Lun::read_shared`], the embedded target's Data-In on the userspace
+//! stack, held by TCP until acknowledged), and a write to a chunk that is
+//! lent copies it first (copy on write), so what was lent never changes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use super::{stable_hash, LunBacking, LunConfig};
 
-/// Bytes per independently locked chunk of a RAM LUN.
-const CHUNK: u64 = 1 << 20;
+/// Bytes per independently locked chunk of a RAM LUN; also what a write
+/// copies when it meets a chunk still lent to an unacknowledged Data-In.
+const CHUNK: u64 = 256 << 10;
+
+/// The bytes of one chunk, shared with the Data-In that lend them.
+pub type SharedChunk = Arc<Vec<u8>>;
 
 /// One chunk of a RAM LUN; `None` until first written (reads as zeros).
-type Chunk = RwLock<Option<Box<[u8]>>>;
+type Chunk = RwLock<Option<SharedChunk>>;
+
+/// One chunk of zeros, lent for unwritten chunks and null LUNs.
+fn zeros() -> &'static SharedChunk {
+    static ZEROS: OnceLock<SharedChunk> = OnceLock::new();
+    ZEROS.get_or_init(|| Arc::new(vec![0u8; CHUNK as usize]))
+}
 
 /// One logical unit.
 #[derive(Debug)]
@@ -297,6 +312,43 @@ impl Lun {
         }
     }
 
+    /// Lends the `len` bytes at byte `offset`, without copying them: calls
+    /// `each(buf, start, n)` for each piece `buf[start..start + n]`, in
+    /// order, one per chunk touched (a shared chunk of zeros where nothing
+    /// was written, and for a null LUN). A lent chunk never changes: a
+    /// later write copies it first. Bytes beyond the end read as zeros.
+    pub fn read_shared(
+        &self,
+        offset: u64,
+        len: usize,
+        mut each: impl FnMut(&SharedChunk, usize, usize),
+    ) {
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset.saturating_add(done as u64);
+            let (ci, within) = ((pos / CHUNK) as usize, (pos % CHUNK) as usize);
+            let n = (len - done).min(CHUNK as usize - within);
+            let chunk = self
+                .chunks
+                .as_ref()
+                .and_then(|chunks| chunks.get(ci))
+                .map(|c| c.read().unwrap_or_else(|e| e.into_inner()));
+            match chunk.as_ref().and_then(|guard| guard.as_ref()) {
+                // A chunk may be shorter than CHUNK (the LUN's last one).
+                Some(data) if within + n <= data.len() => each(data, within, n),
+                Some(data) => {
+                    let have = data.len().saturating_sub(within);
+                    if have > 0 {
+                        each(data, within, have);
+                    }
+                    each(zeros(), 0, n - have);
+                }
+                None => each(zeros(), within, n),
+            }
+            done += n;
+        }
+    }
+
     /// Stores `data` at byte `offset`. Bytes beyond the end are dropped.
     pub fn write(&self, offset: u64, data: &[u8]) {
         let bs = u64::from(self.block_size);
@@ -326,7 +378,8 @@ impl Lun {
                 if within == 0 && n == CHUNK {
                     *guard = None;
                 } else if let Some(data) = guard.as_mut() {
-                    data[within as usize..(within + n) as usize].fill(0);
+                    // Copies the chunk first if a Data-In still holds it.
+                    Arc::make_mut(data)[within as usize..(within + n) as usize].fill(0);
                 }
             }
             pos += n;
@@ -347,8 +400,9 @@ impl Lun {
             let n = (len - done).min(chunk_len - within);
             let Some(chunk) = chunks.get(ci) else { return };
             let mut guard = chunk.write().unwrap_or_else(|e| e.into_inner());
-            let data = guard.get_or_insert_with(|| vec![0u8; chunk_len].into_boxed_slice());
-            f(&mut data[within..within + n], done);
+            let data = guard.get_or_insert_with(|| Arc::new(vec![0u8; chunk_len]));
+            // Copies the chunk first if a Data-In still holds it.
+            f(&mut Arc::make_mut(data)[within..within + n], done);
             done += n;
         }
     }
@@ -387,6 +441,56 @@ mod tests {
         let mut tail = [0u8; 4];
         lun.read(3 * CHUNK - 2, &mut tail);
         assert_eq!(tail, [9, 9, 0, 0]);
+    }
+
+    /// What `read_shared` lends, glued together.
+    fn lent(lun: &Lun, offset: u64, len: usize) -> (Vec<u8>, Vec<SharedChunk>) {
+        let (mut bytes, mut held) = (Vec::new(), Vec::new());
+        lun.read_shared(offset, len, |buf, start, n| {
+            bytes.extend_from_slice(&buf[start..start + n]);
+            held.push(Arc::clone(buf));
+        });
+        (bytes, held)
+    }
+
+    #[test]
+    fn lent_bytes_are_those_read_and_never_change() {
+        let lun = Lun::new("iqn.t", &LunConfig::ram(0, 3 * CHUNK));
+        let data: Vec<u8> = (0..9000u32).map(|i| (i * 13) as u8).collect();
+        let at = CHUNK - 4000;
+        lun.write(at, &data);
+        // Across a chunk boundary and into unwritten space.
+        let (bytes, held) = lent(&lun, at - 100, 9100);
+        let mut copied = vec![0u8; 9100];
+        lun.read(at - 100, &mut copied);
+        assert_eq!(bytes, copied);
+        assert_eq!(&bytes[100..], &data[..]);
+        assert_eq!(held.len(), 2);
+        // A write over lent bytes copies the chunk: the lent bytes stay.
+        lun.write(at, &[0xee; 64]);
+        assert_eq!(&held[0][(at % CHUNK) as usize..][..64], &data[..64]);
+        let (after, _) = lent(&lun, at, 64);
+        assert_eq!(after, vec![0xee; 64]);
+        lun.zero(at, 16);
+        assert_eq!(&held[0][(at % CHUNK) as usize..][..16], &data[..16]);
+        // Unwritten chunks, past the end, and null LUNs lend zeros.
+        let (tail, _) = lent(&lun, 3 * CHUNK - 8, 24);
+        assert_eq!(tail, vec![0u8; 24]);
+        let null = Lun::new("iqn.t", &LunConfig::null(1, 4 * CHUNK));
+        let (zeros, held) = lent(&null, 5, 2 * CHUNK as usize);
+        assert!(zeros.iter().all(|&b| b == 0) && zeros.len() == 2 * CHUNK as usize);
+        assert_eq!(held.len(), 3);
+    }
+
+    #[test]
+    fn a_short_last_chunk_lends_zeros_after_its_end() {
+        // 1.5 chunks: the second chunk holds CHUNK / 2 bytes.
+        let lun = Lun::new("iqn.t", &LunConfig::ram(0, CHUNK + CHUNK / 2));
+        lun.write(CHUNK, &[5u8; 10]);
+        let (bytes, _) = lent(&lun, CHUNK + CHUNK / 2 - 4, 8);
+        assert_eq!(bytes, vec![0u8; 8]);
+        let (bytes, _) = lent(&lun, CHUNK + 8, 4);
+        assert_eq!(bytes, vec![5, 5, 0, 0]);
     }
 
     #[test]

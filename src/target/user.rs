@@ -18,8 +18,11 @@ use std::time::{Duration, Instant as StdInstant};
 
 use super::server::{Runtime, TargetHandle};
 use super::{SharedTarget, TargetConfig, TargetConn, TargetError, TargetShared};
-use crate::net::{Instant, Interface, InterfaceConfig, SocketHandle, TcpState};
+use crate::net::{
+    Instant, Interface, InterfaceConfig, SocketHandle, TcpError, TcpSocket, TcpState,
+};
 use crate::phy::Device;
+use crate::transport::TxPart;
 
 /// Idle rounds spent spinning before each further idle round yields the CPU
 /// (sched_yield: cheap, and kind to a machine with few cores).
@@ -116,6 +119,58 @@ impl super::server::Target {
     }
 }
 
+/// Queues what is left of `conn`'s output on `socket` (`sent` bytes of it
+/// went already): owned bytes copied into the send ring, the LU's Data-In
+/// payload by reference (`TcpSocket::send_shared`: copied once, from the
+/// LU into the frames, and again on a retransmission). Once all is queued
+/// the output is cleared and `sent` reset. Returns the bytes queued now
+/// and whether all is queued; an error says the connection died (its
+/// output is dropped).
+pub fn send_output(
+    socket: &mut TcpSocket,
+    conn: &mut TargetConn,
+    sent: &mut usize,
+) -> Result<(usize, bool), TcpError> {
+    let mut queued = 0;
+    let mut skip = *sent;
+    let mut full = false;
+    let mut failed = None;
+    for part in conn.output_parts() {
+        let len = part.len();
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let want = len - skip;
+        let result = match part {
+            TxPart::Bytes(bytes) => socket.send_slice(&bytes[skip..]),
+            TxPart::Shared { buf, start, .. } => socket.send_shared(buf, start + skip, want),
+        };
+        let Ok(n) = result else {
+            failed = result.err();
+            break;
+        };
+        queued += n;
+        skip = 0;
+        if n < want {
+            full = true;
+            break;
+        }
+    }
+    if let Some(e) = failed {
+        conn.clear_output();
+        *sent = 0;
+        return Err(e);
+    }
+    *sent += queued;
+    if full {
+        return Ok((queued, false));
+    }
+    conn.clear_output();
+    *sent = 0;
+    Ok((queued, true))
+}
+
 /// A listening socket of one portal.
 struct Listener {
     portal: usize,
@@ -127,7 +182,7 @@ struct UserConn {
     handle: SocketHandle,
     portal: usize,
     conn: TargetConn,
-    /// Bytes of `conn.output()` already queued on the socket.
+    /// Bytes of `conn.output_parts()` already queued on the socket.
     sent: usize,
     peer: SocketAddrV4,
 }
@@ -192,6 +247,8 @@ impl<D: Device> UserPoller<D> {
             let (local, peer) = (socket.local_endpoint(), socket.remote_endpoint());
             let mut conn = TargetConn::new(self.shared.clone(), portal, StdInstant::now());
             conn.set_local_addr(SocketAddr::V4(local));
+            // Data-In payload straight from the LU into the frames.
+            conn.set_data_in_by_reference(true);
             log::debug!("connection from {peer} on portal {portal} (userspace stack)");
             self.conns.push(UserConn {
                 handle,
@@ -229,26 +286,16 @@ impl<D: Device> UserPoller<D> {
         loop {
             // Output first: input is read only once the last answer is out,
             // so a slow reader throttles us instead of growing the buffer.
-            while c.sent < c.conn.output().len() {
-                match socket.send_slice(&c.conn.output()[c.sent..]) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        c.sent += n;
-                        moved = true;
-                    }
-                    Err(_) => {
-                        // The connection died; reap() frees it.
-                        c.conn.clear_output();
-                        c.sent = 0;
+            match send_output(socket, &mut c.conn, &mut c.sent) {
+                Ok((n, done)) => {
+                    moved |= n > 0;
+                    if !done {
                         return moved;
                     }
                 }
+                // The connection died; reap() frees it.
+                Err(_) => return moved,
             }
-            if c.sent < c.conn.output().len() {
-                return moved;
-            }
-            c.conn.clear_output();
-            c.sent = 0;
             if c.conn.is_closed() {
                 socket.close();
                 return moved;

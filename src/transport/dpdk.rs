@@ -13,7 +13,7 @@ use crate::phy::dpdk::{
     data_room_for_frame, data_room_for_mtu, driver_name, DpdkQueue, Eal, Mempool, Port, PortConfig,
     AF_XDP_DRIVER,
 };
-use crate::phy::{Device, PhyError};
+use crate::phy::{ChecksumMode, Device, PhyError};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -225,6 +225,17 @@ impl DpdkStack {
                 "a DPDK port needs at least one queue".into(),
             ));
         }
+        let offload = options.user.offload;
+        if options.port_config.checksum == ChecksumMode::Trusted
+            && !(offload.rx_checksum && offload.tx_checksum)
+        {
+            return Err(DpdkSetupError::Invalid(format!(
+                "checksum mode trusted on {} skips the stack's checksums through its checksum \
+                 offloads, which are switched off (rx {}, tx {}; --dpdk-no-offload?): \
+                 use one or the other",
+                options.port, offload.rx_checksum, offload.tx_checksum
+            )));
+        }
         // Whole frames in one memif buffer (see `with_memif_buffers`).
         let frame = options.port_config.mtu.map_or(1500, usize::from) + 14;
         let eal_args = with_memif_buffers(&options.eal_args, &options.port, frame);
@@ -299,13 +310,14 @@ impl DpdkStack {
             None
         };
         log::info!(
-            "DPDK port {:?} ({}): MTU {}, TSO {}, LRO {}, checksum offload rx/tx {:?}",
+            "DPDK port {:?} ({}): MTU {}, TSO {}, LRO {}, checksum offload rx/tx {:?}, checksums {}",
             options.port,
             port.driver(),
             port.mtu(),
             port.tso(),
             port.lro(),
-            port.checksum_offload()
+            port.checksum_offload(),
+            port.checksum_mode()
         );
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

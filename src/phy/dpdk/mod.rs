@@ -32,7 +32,9 @@ pub use mempool::{
     data_room_for_frame, data_room_for_mtu, Mempool, PoolLayout, DEFAULT_MBUF_DATA_ROOM,
     MBUF_HEADROOM,
 };
-pub use port::{driver_name, Port, PortConfig, PortStats, AF_XDP_DRIVER};
+pub use port::{
+    driver_name, link_cannot_corrupt, Port, PortConfig, PortStats, AF_XDP_DRIVER, TRUSTED_DRIVERS,
+};
 pub use queue::DpdkQueue;
 
 /// Ethernet header plus CRC: the frame overhead on top of the MTU the PMD

@@ -9,7 +9,7 @@ use dpdk_sys as sys;
 
 use super::{check, DpdkQueue, Eal, Mempool, ETHER_OVERHEAD, MAX_IPV4_PACKET};
 use crate::phy::rss::RssSteering;
-use crate::phy::PhyError;
+use crate::phy::{ChecksumMode, PhyError};
 
 /// The RSS hash key and redirection table of a started port; None when
 /// the PMD does not report them (or reports nothing usable).
@@ -71,6 +71,10 @@ pub struct PortConfig {
     pub promiscuous: bool,
     /// Enable IPv4/TCP checksum offloads (rx and tx) where the PMD has them.
     pub checksum_offload: bool,
+    /// Software checksums where the PMD has no offload (`Sw`), or none on
+    /// a link that cannot corrupt frames, between two trusted ends
+    /// (`Trusted`: net_memif and net_ring only); see [`ChecksumMode`].
+    pub checksum: ChecksumMode,
     /// Enable TCP segmentation offload where the PMD has it.
     pub tso: bool,
     /// Enable TCP large receive offload where the PMD has it (the port then
@@ -88,6 +92,7 @@ impl Default for PortConfig {
             mtu: None,
             promiscuous: true,
             checksum_offload: true,
+            checksum: ChecksumMode::Sw,
             tso: true,
             lro: true,
         }
@@ -116,6 +121,10 @@ pub(super) struct PortOffloads {
     pub(super) tx_checksum: bool,
     pub(super) tso: bool,
     pub(super) lro: bool,
+    /// `ChecksumMode::Trusted`: no software checksums where the PMD has no
+    /// offload (rx frames count as verified, tx frames keep the
+    /// pseudo-header sum).
+    pub(super) trusted: bool,
 }
 
 #[derive(Debug)]
@@ -199,6 +208,7 @@ impl Port {
                     tx_checksum_flags | sys::SHIM_ETH_TX_OFFLOAD_TCP_TSO,
                 ),
             lro: config.lro && has(info.rx_offload_capa, sys::SHIM_ETH_RX_OFFLOAD_TCP_LRO),
+            trusted: config.checksum == ChecksumMode::Trusted,
         };
         if offloads.rx_checksum {
             eth_conf.rxmode.offloads |= rx_checksum_flags;
@@ -223,6 +233,14 @@ impl Port {
             })
         }
         .unwrap_or_default();
+        if offloads.trusted && !link_cannot_corrupt(&driver) {
+            return Err(PhyError::Device(format!(
+                "checksum mode trusted on port {port_id} ({driver}): only a link that cannot \
+                 corrupt a frame, between two processes of this host that both skip \
+                 checksums, may go without them ({}); use --checksum sw",
+                TRUSTED_DRIVERS.join(", ")
+            )));
+        }
         if driver == AF_XDP_DRIVER {
             // net_af_xdp registers the pool's memory as its UMEM assuming the
             // buffers are packed in one chunk; one outside is lost for good
@@ -417,6 +435,16 @@ impl Port {
         self.inner.offloads.lro
     }
 
+    /// How the port treats checksums: [`ChecksumMode::Trusted`] only on a
+    /// link that cannot corrupt frames (checked at start).
+    pub fn checksum_mode(&self) -> ChecksumMode {
+        if self.inner.offloads.trusted {
+            ChecksumMode::Trusted
+        } else {
+            ChecksumMode::Sw
+        }
+    }
+
     /// Whether IPv4/TCP checksum offload is on (rx, tx).
     pub fn checksum_offload(&self) -> (bool, bool) {
         (
@@ -516,6 +544,16 @@ fn page_size() -> usize {
         .ok()
         .filter(|&s| s > 0)
         .unwrap_or(4096)
+}
+
+/// The PMDs whose link cannot corrupt a frame: shared memory between
+/// processes of one host (net_memif) or rings of mbuf pointers inside one
+/// process (net_ring); no wire, no DMA, no kernel in between.
+pub const TRUSTED_DRIVERS: [&str; 2] = ["net_memif", "net_ring"];
+
+/// Whether `ChecksumMode::Trusted` may be used on a port of this PMD.
+pub fn link_cannot_corrupt(driver: &str) -> bool {
+    TRUSTED_DRIVERS.contains(&driver)
 }
 
 fn mtu_unenforced(driver: &str) -> bool {

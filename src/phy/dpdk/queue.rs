@@ -39,6 +39,13 @@ pub struct DpdkQueue {
     /// How many of `tx_pending` (a prefix) already went through tx_prepare.
     tx_prepared: usize,
     tx_dropped: u64,
+    /// The PMD fills in the checksums of frames flagged in `ol_flags`;
+    /// without it a trusted port leaves them out (`caps.tx_checksum` is
+    /// then ours alone).
+    pmd_tx_checksum: bool,
+    /// `ChecksumMode::Trusted`: every received frame counts as verified,
+    /// unless the PMD's rx offload found it bad.
+    trusted_rx: bool,
 }
 
 // SAFETY: the queue pair is handed out once (Port::queue), so moving the
@@ -72,11 +79,14 @@ impl DpdkQueue {
         } else {
             port.mtu + ETHER_HDR_LEN
         };
+        // A trusted port tells the stack it checks and fills in checksums
+        // itself: the stack then neither verifies nor computes them, and
+        // the queue does what the PMD offers and skips the rest.
         let caps = DeviceCaps {
             mac: port.mac,
             mtu: port.mtu,
-            rx_checksum: offloads.rx_checksum,
-            tx_checksum: offloads.tx_checksum,
+            rx_checksum: offloads.rx_checksum || offloads.trusted,
+            tx_checksum: offloads.tx_checksum || offloads.trusted,
             tso: offloads.tso,
             max_tx_frame: frame_limit.min(tx_pool.frame_capacity()),
         };
@@ -92,6 +102,8 @@ impl DpdkQueue {
             tx_pending: Vec::with_capacity(TX_BATCH),
             tx_prepared: 0,
             tx_dropped: 0,
+            pmd_tx_checksum: offloads.tx_checksum,
+            trusted_rx: offloads.trusted,
         }
     }
 
@@ -170,6 +182,20 @@ impl DpdkQueue {
     }
 }
 
+/// What a trusted port says of a frame it received: good (the link cannot
+/// have corrupted it, and its sender may have left the checksums out),
+/// unless a PMD with rx offload found it bad.
+fn trusted_rx_meta(ol_flags: u64) -> RxMeta {
+    // DPDK's two-bit fields: GOOD, BAD (the other bit alone), NONE (both:
+    // "not computed, data valid"), UNKNOWN (neither).
+    let ip_bad = sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK & !sys::SHIM_MBUF_F_RX_IP_CKSUM_GOOD;
+    let l4_bad = sys::SHIM_MBUF_F_RX_L4_CKSUM_MASK & !sys::SHIM_MBUF_F_RX_L4_CKSUM_GOOD;
+    RxMeta {
+        ipv4_checksum_good: ol_flags & sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK != ip_bad,
+        l4_checksum_good: ol_flags & sys::SHIM_MBUF_F_RX_L4_CKSUM_MASK != l4_bad,
+    }
+}
+
 fn rx_meta(ol_flags: u64) -> RxMeta {
     RxMeta {
         ipv4_checksum_good: ol_flags & sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK
@@ -215,6 +241,14 @@ impl Device for DpdkQueue {
         if lcore_id() == u32::MAX {
             let _ = register_thread_for_life();
         }
+        let trusted_rx = self.trusted_rx;
+        let meta = |ol_flags: u64| {
+            if trusted_rx {
+                trusted_rx_meta(ol_flags)
+            } else {
+                rx_meta(ol_flags)
+            }
+        };
         let mut received = 0;
         while received < max {
             let want = (max - received).min(RX_BURST);
@@ -269,14 +303,14 @@ impl Device for DpdkQueue {
                     // only after the callback, by the guard).
                     let frame = unsafe { std::slice::from_raw_parts(read, len) };
                     self.rx_chained_frames += 1;
-                    on_frame(frame, rx_meta(ol_flags));
+                    on_frame(frame, meta(ol_flags));
                     continue;
                 }
                 // SAFETY: the first segment holds data_len initialised bytes
                 // at data; the slice lives only during the callback and the
                 // mbuf is freed after it (by the guard).
                 let frame = unsafe { std::slice::from_raw_parts(data, usize::from(data_len)) };
-                on_frame(frame, rx_meta(ol_flags));
+                on_frame(frame, meta(ol_flags));
             }
             drop(guard);
             received += got;
@@ -319,7 +353,13 @@ impl Device for DpdkQueue {
         // tests/net_iface.rs checks for the stack's frames.
         let frame = unsafe { std::slice::from_raw_parts_mut(data, len) };
         fill(frame);
-        let (ol_flags, mut tso_segsz) = tx_ol_flags(len, &offload);
+        let (ol_flags, mut tso_segsz) = if self.pmd_tx_checksum {
+            tx_ol_flags(len, &offload)
+        } else {
+            // Trusted, no offload (check_offload let no TSO through): the
+            // frame leaves as the stack wrote it, pseudo-header sum only.
+            (0, 0)
+        };
         if let (Some(cap), true) = (self.tso_frame_cap, tso_segsz != 0) {
             // Smaller segments are always valid TCP: the sequence numbers
             // count bytes, not segments.
@@ -408,6 +448,27 @@ mod tests {
         // "BAD" and "NONE" are other values of the same two-bit fields.
         assert!(!rx_meta(sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK).ipv4_checksum_good);
         assert!(!rx_meta(sys::SHIM_MBUF_F_RX_L4_CKSUM_MASK).l4_checksum_good);
+    }
+
+    #[test]
+    fn trusted_rx_takes_every_frame_but_one_the_pmd_found_bad() {
+        let good = RxMeta {
+            ipv4_checksum_good: true,
+            l4_checksum_good: true,
+        };
+        // No rx offload (memif, ring): ol_flags say nothing.
+        assert_eq!(trusted_rx_meta(0), good);
+        // NONE (both bits: not computed, data valid) and GOOD pass.
+        let none = sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK | sys::SHIM_MBUF_F_RX_L4_CKSUM_MASK;
+        assert_eq!(trusted_rx_meta(none), good);
+        let ok = sys::SHIM_MBUF_F_RX_IP_CKSUM_GOOD | sys::SHIM_MBUF_F_RX_L4_CKSUM_GOOD;
+        assert_eq!(trusted_rx_meta(ok), good);
+        // BAD: the stack verifies in software and drops it.
+        let ip_bad = sys::SHIM_MBUF_F_RX_IP_CKSUM_MASK & !sys::SHIM_MBUF_F_RX_IP_CKSUM_GOOD;
+        let l4_bad = sys::SHIM_MBUF_F_RX_L4_CKSUM_MASK & !sys::SHIM_MBUF_F_RX_L4_CKSUM_GOOD;
+        assert!(!trusted_rx_meta(ip_bad).ipv4_checksum_good);
+        assert!(trusted_rx_meta(ip_bad).l4_checksum_good);
+        assert!(!trusted_rx_meta(l4_bad).l4_checksum_good);
     }
 
     #[test]

@@ -78,6 +78,9 @@ impl Core {
         let cid = self.cid;
         let Core {
             out,
+            out_refs,
+            out_ref_bytes,
+            data_in_by_reference,
             scratch,
             shared,
             digests,
@@ -114,23 +117,49 @@ impl Core {
                     0
                 },
             });
-            let start = out.len();
-            push_pdu_with(out, &h, len as usize, *digests, |buf| match source {
-                DataSource::Lun { lun, offset: base } => {
-                    shared.luns[lun].read(base + u64::from(offset), buf)
+            let (start, refs_before) = (out.len(), out_refs.len());
+            match source {
+                DataSource::Lun { lun, offset: base } if *data_in_by_reference => {
+                    let lent = push_pdu_by_reference(
+                        out,
+                        out_refs,
+                        &h,
+                        &shared.luns[lun],
+                        base + u64::from(offset),
+                        len as usize,
+                        *digests,
+                    );
+                    *out_ref_bytes += lent;
+                    if keep {
+                        let mut data = Vec::with_capacity(len as usize);
+                        for r in &out_refs[refs_before..] {
+                            data.extend_from_slice(&r.buf[r.start..r.start + r.len]);
+                        }
+                        kept.push((h, data));
+                    }
                 }
-                DataSource::Scratch => {
-                    buf.copy_from_slice(&scratch[offset as usize..offset as usize + buf.len()])
+                _ => {
+                    push_pdu_with(out, &h, len as usize, *digests, |buf| match source {
+                        DataSource::Lun { lun, offset: base } => {
+                            shared.luns[lun].read(base + u64::from(offset), buf)
+                        }
+                        DataSource::Scratch => buf.copy_from_slice(
+                            &scratch[offset as usize..offset as usize + buf.len()],
+                        ),
+                    });
+                    if keep {
+                        let at = start + hdr_len;
+                        kept.push((h, out[at..at + len as usize].to_vec()));
+                    }
                 }
-            });
-            if keep {
-                let at = start + hdr_len;
-                kept.push((h, out[at..at + len as usize].to_vec()));
             }
             if shared.faults.take_data_in_drop(cid) {
                 // As if a digest error had dropped it on the way.
                 log::debug!("fault injection: Data-In DataSN {data_sn} of ITT {itt:#x} left out");
                 out.truncate(start);
+                for r in out_refs.drain(refs_before..) {
+                    *out_ref_bytes -= r.len;
+                }
             }
             offset += len;
             data_sn = data_sn.next();

@@ -33,10 +33,12 @@ use crate::wire::iscsi::{
 use crate::wire::text::TextPairs;
 
 use super::fault::AsyncEvent;
+use super::lun::SharedChunk;
 use super::scsi::{self, status, ParamCommand, Plan, Port, Sense};
 use super::session::{closing, Gate, Session};
 use super::strict::{self, Rule, Violation};
 use super::SharedTarget;
+use crate::transport::TxPart;
 // For the submodules' `super::pr` and `super::JoinRefusal`.
 use super::{pr, JoinRefusal};
 use crate::wire::iscsi::AsyncMessage;
@@ -277,6 +279,16 @@ enum DataSource {
     Scratch,
 }
 
+/// A piece of the LU's bytes lent to the output: `buf[start..start + len]`
+/// goes out after byte `at` of `Core::out`.
+#[derive(Debug)]
+struct OutRef {
+    at: usize,
+    buf: SharedChunk,
+    start: usize,
+    len: usize,
+}
+
 /// One target-side connection.
 #[derive(Debug)]
 pub struct TargetConn {
@@ -292,6 +304,14 @@ struct Core {
     portal: usize,
     local_addr: Option<SocketAddr>,
     out: Vec<u8>,
+    /// Data-In payload lent by the LU (by reference), each spliced into
+    /// the output at byte `at` of `out`; empty unless `data_in_by_reference`.
+    out_refs: Vec<OutRef>,
+    /// Bytes in `out_refs`.
+    out_ref_bytes: usize,
+    /// Data-In payload of a LU goes out by reference (`out_refs`) instead
+    /// of being copied into `out`.
+    data_in_by_reference: bool,
     phase: Phase,
     close_reason: Option<String>,
     login: LoginState,
@@ -393,6 +413,9 @@ impl TargetConn {
                 portal,
                 local_addr: None,
                 out: Vec::with_capacity(64 * 1024),
+                out_refs: Vec::new(),
+                out_ref_bytes: 0,
+                data_in_by_reference: false,
                 phase: Phase::Login,
                 close_reason: None,
                 login: LoginState {
@@ -491,14 +514,61 @@ impl TargetConn {
         }
     }
 
-    /// Bytes to send to the initiator.
+    /// Bytes to send to the initiator; all of them unless Data-In goes out
+    /// by reference ([`set_data_in_by_reference`](Self::set_data_in_by_reference)),
+    /// whose payload only [`output_parts`](Self::output_parts) shows.
     pub fn output(&self) -> &[u8] {
         &self.core.out
     }
 
-    /// Call after [`output`](Self::output) was written; keeps the capacity.
+    /// Lets a READ's Data-In payload go out by reference to the LU's
+    /// bytes ([`Lun::read_shared`](super::lun::Lun::read_shared)) instead
+    /// of copying it into the output: for a driver that sends
+    /// [`output_parts`](Self::output_parts) (the userspace stack queues
+    /// them on TCP without a copy, so the payload is copied once, from the
+    /// LU into the frames). Headers, digests, padding and every other PDU
+    /// stay in [`output`](Self::output).
+    pub fn set_data_in_by_reference(&mut self, on: bool) {
+        self.core.data_in_by_reference = on;
+    }
+
+    /// The output, in order: owned bytes and ranges of the LU's buffers.
+    pub fn output_parts(&self) -> impl Iterator<Item = TxPart<'_>> + '_ {
+        let (out, refs) = (&self.core.out, &self.core.out_refs);
+        let (mut pos, mut next) = (0usize, 0usize);
+        std::iter::from_fn(move || match refs.get(next) {
+            Some(r) if pos < r.at => {
+                let bytes = &out[pos..r.at];
+                pos = r.at;
+                Some(TxPart::Bytes(bytes))
+            }
+            Some(r) => {
+                next += 1;
+                Some(TxPart::Shared {
+                    buf: &r.buf,
+                    start: r.start,
+                    len: r.len,
+                })
+            }
+            None if pos < out.len() => {
+                let bytes = &out[pos..];
+                pos = out.len();
+                Some(TxPart::Bytes(bytes))
+            }
+            None => None,
+        })
+    }
+
+    /// Bytes in [`output_parts`](Self::output_parts).
+    pub fn output_len(&self) -> usize {
+        self.core.out.len() + self.core.out_ref_bytes
+    }
+
+    /// Call after the output was written; keeps the capacity.
     pub fn clear_output(&mut self) {
         self.core.out.clear();
+        self.core.out_refs.clear();
+        self.core.out_ref_bytes = 0;
     }
 
     /// True once the connection should be closed (after writing the output).
@@ -734,6 +804,50 @@ fn push_pdu_with(
             out.extend_from_slice(&d.to_le_bytes());
         }
     }
+}
+
+/// Appends one PDU whose data segment is `len` bytes of `lun` at byte
+/// `offset`, lent by reference (`refs`, spliced in after the header)
+/// instead of copied; the data digest is taken over the lent bytes in
+/// place. Returns the bytes lent (`len`).
+fn push_pdu_by_reference(
+    out: &mut Vec<u8>,
+    refs: &mut Vec<OutRef>,
+    header: &PduHeader,
+    lun: &super::Lun,
+    offset: u64,
+    len: usize,
+    digests: Digests,
+) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&header.emit(0, len as u32));
+    if digests.header {
+        let d = digest(&out[start..]);
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    if len == 0 {
+        return 0;
+    }
+    let mut crc = 0u32;
+    lun.read_shared(offset, len, |buf, from, n| {
+        if digests.data {
+            crc = crc32c::crc32c_append(crc, &buf[from..from + n]);
+        }
+        refs.push(OutRef {
+            at: out.len(),
+            buf: Arc::clone(buf),
+            start: from,
+            len: n,
+        });
+    });
+    let pad = [0u8; 3];
+    let pad = &pad[..pad_len(len)];
+    out.extend_from_slice(pad);
+    if digests.data {
+        let d = crc32c::crc32c_append(crc, pad);
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    len
 }
 
 /// Puts `data`, which belongs at byte `at` of the command's buffer, where

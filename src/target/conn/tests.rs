@@ -58,9 +58,19 @@ impl Peer {
         self.take_output()
     }
 
-    fn take_output(&mut self) -> Vec<Pdu> {
-        let out = self.conn.output().to_vec();
+    /// The output's bytes, Data-In lent by reference included.
+    fn take_raw(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.conn.output_len());
+        for part in self.conn.output_parts() {
+            out.extend_from_slice(part.bytes());
+        }
+        assert_eq!(out.len(), self.conn.output_len());
         self.conn.clear_output();
+        out
+    }
+
+    fn take_output(&mut self) -> Vec<Pdu> {
+        let out = self.take_raw();
         let framer = PduFramer {
             digests: self.digests,
             max_data_segment_len: 16 << 20,
@@ -178,6 +188,13 @@ impl Peer {
         let c = self.command(&cdb, true, false, u32::from(blocks) * 512, true);
         self.send(PduHeader::ScsiCommand(c), &[])
     }
+}
+
+fn read10_cdb(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut cdb = vec![0x28, 0];
+    cdb.extend_from_slice(&lba.to_be_bytes());
+    cdb.extend_from_slice(&[0, (blocks >> 8) as u8, blocks as u8, 0]);
+    cdb
 }
 
 fn write10_cdb(lba: u32, blocks: u16) -> Vec<u8> {
@@ -605,6 +622,102 @@ fn read_with_digests_and_residuals() {
     let (data, last) = collect_data_in(&pdus);
     assert_eq!(data, vec![0u8; 512]);
     assert!(last.overflow && last.residual == 512);
+}
+
+/// Data-In by reference (the userspace listener's way) puts the same
+/// bytes on the wire as the copy: header and data digests over the lent
+/// bytes, PDUs cut at the initiator's MRDSL and at chunk boundaries of the
+/// LU, unwritten space (zeros), ERL 1 retention, and a Data-In left out by
+/// fault injection.
+#[test]
+fn data_in_by_reference_sends_what_the_copy_sends() {
+    let run = |by_reference: bool| {
+        let s = shared(TargetConfig::ram(IQN, 4 << 20));
+        let pattern: Vec<u8> = (0..(3u32 << 20))
+            .map(|i| (i * 31 + i / 4099) as u8)
+            .collect();
+        s.luns[0].write(0, &pattern);
+        let mut p = Peer::new(s.clone(), 0);
+        p.conn.set_data_in_by_reference(by_reference);
+        p.login_normal(&[
+            ("HeaderDigest", "CRC32C"),
+            ("DataDigest", "CRC32C"),
+            ("MaxRecvDataSegmentLength", "12288"),
+            ("ErrorRecoveryLevel", "1"),
+        ]);
+        let mut wire = Vec::new();
+        let mut reads = Vec::new();
+        for (i, (lba, blocks)) in [(0, 1), (500, 40), (1000, 256), (6100, 300), (7, 3)]
+            .into_iter()
+            .enumerate()
+        {
+            if i == 2 {
+                s.faults.drop_data_in(p.cid, 1);
+            }
+            let c = p.command(
+                &read10_cdb(lba, blocks),
+                true,
+                false,
+                u32::from(blocks) * 512,
+                true,
+            );
+            let mut bytes = Vec::new();
+            crate::wire::iscsi::encode_pdu(&mut bytes, &PduHeader::ScsiCommand(c), &[], p.digests);
+            p.conn.receive(&bytes, p.now);
+            let raw = p.take_raw();
+            reads.push(raw.len());
+            wire.extend_from_slice(&raw);
+        }
+        (wire, reads, pattern)
+    };
+    let (copied, sizes, pattern) = run(false);
+    let (lent, lent_sizes, _) = run(true);
+    assert_eq!(sizes, lent_sizes);
+    assert!(copied == lent, "Data-In by reference differs from the copy");
+    // And the bytes are the LU's: the 40 blocks at LBA 500 cross a chunk.
+    let framer = PduFramer {
+        digests: Digests {
+            header: true,
+            data: true,
+        },
+        max_data_segment_len: 1 << 20,
+    };
+    let mut data = Vec::new();
+    let second = &lent[sizes[0]..sizes[0] + sizes[1]];
+    let mut at = 0;
+    while at < second.len() {
+        let f = framer.frame(&second[at..]).unwrap().unwrap();
+        data.extend_from_slice(&second[at..][f.data.clone()]);
+        at += f.total_len;
+    }
+    assert_eq!(data, pattern[500 * 512..540 * 512]);
+}
+
+/// A READ's Data-In lent by reference keeps the bytes the READ saw when a
+/// WRITE to the same blocks runs before the output went out (the LU copies
+/// the lent chunk first), as a copy into the output would.
+#[test]
+fn a_write_after_a_lent_read_leaves_the_lent_bytes_alone() {
+    let s = shared(TargetConfig::ram(IQN, 1 << 20));
+    s.luns[0].write(0, &[0x11; 4096]);
+    let mut p = Peer::new(s.clone(), 0);
+    p.conn.set_data_in_by_reference(true);
+    p.login_normal(&[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
+    let c = p.command(&read10_cdb(0, 8), true, false, 4096, true);
+    let mut bytes = Vec::new();
+    crate::wire::iscsi::encode_pdu(&mut bytes, &PduHeader::ScsiCommand(c), &[], p.digests);
+    p.conn.receive(&bytes, p.now);
+    let w = p.command(&write10_cdb(0, 8), false, true, 4096, true);
+    let pdus = p.send(PduHeader::ScsiCommand(w), &[0x22; 4096]);
+    let data_in: Vec<Pdu> = pdus
+        .into_iter()
+        .filter(|(h, _)| matches!(h, PduHeader::DataIn(_)))
+        .collect();
+    let (read, _) = collect_data_in(&data_in);
+    assert_eq!(read, vec![0x11; 4096]);
+    let mut now = vec![0u8; 4096];
+    s.luns[0].read(0, &mut now);
+    assert_eq!(now, vec![0x22; 4096]);
 }
 
 #[test]
