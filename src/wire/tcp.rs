@@ -334,7 +334,27 @@ pub struct TcpOptions {
 
 impl TcpOptions {
     /// Parses the option bytes. Unknown options are skipped.
-    pub fn parse(mut data: &[u8]) -> Result<TcpOptions, PacketError> {
+    pub fn parse(data: &[u8]) -> Result<TcpOptions, PacketError> {
+        // The common case on an established connection: NOP NOP and a
+        // timestamp, the layout `emit` writes (and Linux does).
+        if let Some((&[option_kind::NOP, option_kind::NOP, option_kind::TIMESTAMP, 10], ts)) =
+            data.split_first_chunk::<4>()
+        {
+            if let Ok(&[a0, a1, a2, a3, b0, b1, b2, b3]) = <&[u8; 8]>::try_from(ts) {
+                return Ok(TcpOptions {
+                    timestamp: Some(TcpTimestamp {
+                        tsval: u32::from_be_bytes([a0, a1, a2, a3]),
+                        tsecr: u32::from_be_bytes([b0, b1, b2, b3]),
+                    }),
+                    ..TcpOptions::default()
+                });
+            }
+        }
+        TcpOptions::parse_any(data)
+    }
+
+    /// The general parser: any options in any order.
+    fn parse_any(mut data: &[u8]) -> Result<TcpOptions, PacketError> {
         let mut opts = TcpOptions::default();
         while let Some(&kind) = data.first() {
             match kind {
@@ -669,6 +689,36 @@ mod tests {
         opts.emit(&mut buf).unwrap();
         let parsed = TcpOptions::parse(&buf).unwrap();
         assert_eq!(parsed.sack_blocks.len(), 3);
+    }
+
+    /// The timestamp-only fast path gives what the general parser gives,
+    /// and anything else (a longer or shorter run, another layout) goes
+    /// to the general parser.
+    #[test]
+    fn timestamp_fast_path_agrees_with_the_general_parser() {
+        let ts = [1, 1, 8, 10, 0x80, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe];
+        let fast = TcpOptions::parse(&ts).unwrap();
+        assert_eq!(fast, TcpOptions::parse_any(&ts).unwrap());
+        assert_eq!(
+            fast.timestamp,
+            Some(TcpTimestamp {
+                tsval: 0x8000_0001,
+                tsecr: 0xffff_fffe
+            })
+        );
+        let mut with_sack = ts.to_vec();
+        with_sack.extend_from_slice(&[1, 1, 5, 10, 0, 0, 0, 5, 0, 0, 0, 9]);
+        let parsed = TcpOptions::parse(&with_sack).unwrap();
+        assert_eq!(parsed, TcpOptions::parse_any(&with_sack).unwrap());
+        assert_eq!(
+            parsed.sack_blocks.as_slice(),
+            &[(SeqNumber(5), SeqNumber(9))]
+        );
+        assert_eq!(parsed.timestamp, fast.timestamp);
+        assert_eq!(TcpOptions::parse(&ts[..11]), Err(PacketError::Malformed));
+        let mut bad_len = ts;
+        bad_len[3] = 9;
+        assert_eq!(TcpOptions::parse(&bad_len), Err(PacketError::Malformed));
     }
 
     #[test]
