@@ -29,7 +29,14 @@
 # and phy::dpdk's Rust (glue_). (Call counts are not given: callgrind
 # counts calls outside the collected functions too, the target's.)
 #
-# Env: BED (sim | dpdk-ring), SMALL/LARGE (I/Os per run, default
+# SIDE=target counts the other side instead (--toggle-collect on
+# target_round: the embedded target's TCP/IP and iSCSI, the same device
+# glue), to see what the target's side of the bed costs; the RESULT line
+# then says side=target. The default, SIDE=initiator, is what the
+# initiator's CPU per I/O is: no target function runs inside the
+# initiator's three functions (both share the thread, not the calls).
+#
+# Env: BED (sim | dpdk-ring), SIDE (initiator | target), SMALL/LARGE (I/Os per run, default
 # 2000/6000), CASES (default "read:1 read:32 write:1 write:32"), BS (4096),
 # MTU (1500; sim only), BIN (the example binary; default: cargo build
 # --release --example user_iscsi_reads or dpdk_iscsi_reads), PROFILE
@@ -44,6 +51,13 @@ CASES=${CASES:-read:1 read:32 write:1 write:32}
 BS=${BS:-4096}
 MTU=${MTU:-1500}
 BED=${BED:-sim}
+SIDE=${SIDE:-initiator}
+case $SIDE in
+    initiator) collect=(--toggle-collect='*initiator_submit*' --toggle-collect='*initiator_round*'
+                        --toggle-collect='*initiator_complete*'); side_key= ;;
+    target) collect=(--toggle-collect='*target_round*'); side_key=" side=target" ;;
+    *) echo "SIDE must be initiator or target, not $SIDE" >&2; exit 2 ;;
+esac
 PROFILE=${PROFILE:-release}
 case $BED in
     sim) example=user_iscsi_reads ;;
@@ -79,9 +93,7 @@ measure() {
     [[ $BED == dpdk-ring ]] && args+=(--prefix "ib-cg-$$-$ios")
     [[ $rw == write ]] && args+=(--write)
     local vg=(--tool=callgrind --callgrind-out-file="$out")
-    valgrind "${vg[@]}" \
-        --toggle-collect='*initiator_submit*' --toggle-collect='*initiator_round*' \
-        --toggle-collect='*initiator_complete*' \
+    valgrind "${vg[@]}" "${collect[@]}" \
         "$BIN" "${args[@]}" >"$tmp/run.txt" 2>"$tmp/vg.txt" ||
         { cat "$tmp/vg.txt" "$tmp/run.txt" >&2; exit 1; }
     if [[ $BED == dpdk-ring ]]; then
@@ -118,9 +130,9 @@ if [[ $BED == dpdk-ring ]]; then
         read -r t1 l1 s1 g1 < <(measure "$SMALL" "$rw" "$qd")
         read -r t2 l2 s2 g2 < <(measure "$LARGE" "$rw" "$qd")
         awk -v dt=$((t2 - t1)) -v dl=$((l2 - l1)) -v ds=$((s2 - s1)) -v dg=$((g2 - g1)) \
-            -v dn=$((LARGE - SMALL)) -v rw="$rw" -v qd="$qd" -v bs="$BS" 'BEGIN {
-            printf "RESULT bed=ring rw=%s bs=%s qd=%s mtu=1500 instructions_per_io=%.0f dpdk_per_io=%.0f rte_per_io=%.0f shim_per_io=%.0f glue_per_io=%.0f\n",
-                rw, bs, qd, dt / dn, (dl + ds + dg) / dn, dl / dn, ds / dn, dg / dn }'
+            -v dn=$((LARGE - SMALL)) -v rw="$rw" -v qd="$qd" -v bs="$BS" -v side="$side_key" 'BEGIN {
+            printf "RESULT bed=ring%s rw=%s bs=%s qd=%s mtu=1500 instructions_per_io=%.0f dpdk_per_io=%.0f rte_per_io=%.0f shim_per_io=%.0f glue_per_io=%.0f\n",
+                side, rw, bs, qd, dt / dn, (dl + ds + dg) / dn, dl / dn, ds / dn, dg / dn }'
     done
     exit 0
 fi
@@ -130,7 +142,7 @@ for case in $CASES; do
     read -r t1 s1 < <(measure "$SMALL" "$rw" "$qd")
     read -r t2 s2 < <(measure "$LARGE" "$rw" "$qd")
     awk -v dt=$((t2 - t1)) -v ds=$((s2 - s1)) -v dn=$((LARGE - SMALL)) \
-        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" 'BEGIN {
-        printf "RESULT bed=sim rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
-            rw, bs, qd, mtu, dt / dn, ds / dn }'
+        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" -v side="$side_key" 'BEGIN {
+        printf "RESULT bed=sim%s rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
+            side, rw, bs, qd, mtu, dt / dn, ds / dn }'
 done
