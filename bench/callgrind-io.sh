@@ -36,7 +36,10 @@
 # (dpdk-ring only; sw): both ports' checksum mode. COPY_DATA_IN=1
 # (dpdk-ring only): the target copies Data-In payload into its output
 # instead of lending it by reference (as before it did), for comparison.
-# The dpdk-ring lines also carry side= and csum=.
+# The dpdk-ring lines also carry side= and csum=. The default,
+# SIDE=initiator, is the initiator's CPU per I/O: no target function runs
+# inside the initiator's three functions (both share the thread, not the
+# calls).
 #
 # Env: BED (sim | dpdk-ring), SIDE (initiator | target), CSUM, COPY_DATA_IN, SMALL/LARGE (I/Os per run, default
 # 2000/6000), CASES (default "read:1 read:32 write:1 write:32"), BS (4096),
@@ -151,7 +154,7 @@ for case in $CASES; do
     read -r t1 s1 < <(measure "$SMALL" "$rw" "$qd")
     read -r t2 s2 < <(measure "$LARGE" "$rw" "$qd")
     awk -v dt=$((t2 - t1)) -v ds=$((s2 - s1)) -v dn=$((LARGE - SMALL)) \
-        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" 'BEGIN {
-        printf "RESULT bed=sim rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
-            rw, bs, qd, mtu, dt / dn, ds / dn }'
+        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" -v side="$side_key" 'BEGIN {
+        printf "RESULT bed=sim%s rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
+            side, rw, bs, qd, mtu, dt / dn, ds / dn }'
 done

@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 const INI_IP: Ipv4Addr = Ipv4Addr::new(10, 217, 0, 2);
 const TGT_IP: Ipv4Addr = Ipv4Addr::new(10, 217, 0, 1);
 const IQN: &str = "iqn.2026-12.example:dpdk-null";
+const LUN_BYTES: usize = 1 << 30;
 
 type Ini = Session<UserTcp<DpdkQueue>>;
 
@@ -75,8 +76,9 @@ impl Target {
     fn new(stack: &DpdkStack, copy_data_in: bool) -> Target {
         let dev = stack.queue(0).expect("target's queue");
         let portal: SocketAddr = SocketAddrV4::new(TGT_IP, 3260).into();
-        let shared =
-            Arc::new(TargetShared::new(TargetConfig::null(IQN, 1 << 30), &[portal]).unwrap());
+        let shared = Arc::new(
+            TargetShared::new(TargetConfig::null(IQN, LUN_BYTES as u64), &[portal]).unwrap(),
+        );
         let options = stack.options();
         let mut config = options
             .user
@@ -235,8 +237,9 @@ fn main() {
     let mut target = helper.join().unwrap();
 
     let blocks = (bs / 512) as u16;
-    // Places for an I/O inside the 1 GiB LU (at most 200,000, as for 4 KiB).
-    let slots = ((1usize << 30) / bs).min(200_000);
+    // I/O slots of `bs` within the LUN: a 128 KiB read at slot 200 000
+    // would start past its end (CHECK CONDITION).
+    let slots = (LUN_BYTES / bs).clamp(1, 200_000);
     let mut buffers: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; bs]).collect();
     let (mut submitted, mut done, mut rounds) = (0usize, 0usize, 0usize);
     let start = Instant::now();
@@ -244,6 +247,7 @@ fn main() {
     while done < ios {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
+            // Spread over the LUN (1 GiB), whatever the block size.
             let lba = (submitted * 7919 % slots) as u32 * u32::from(blocks);
             let (opcode, direction) = if write {
                 (0x2a, Direction::Write)

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 const INI_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 9, 1);
 const TGT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 9, 2);
 const IQN: &str = "iqn.2026-12.example:null";
+const LUN_BYTES: usize = 1 << 30;
 
 struct Target {
     dev: SimDevice,
@@ -53,8 +54,9 @@ struct Target {
 impl Target {
     fn new(dev: SimDevice) -> Target {
         let portal: SocketAddr = SocketAddrV4::new(TGT_IP, 3260).into();
-        let shared =
-            Arc::new(TargetShared::new(TargetConfig::null(IQN, 1 << 30), &[portal]).unwrap());
+        let shared = Arc::new(
+            TargetShared::new(TargetConfig::null(IQN, LUN_BYTES as u64), &[portal]).unwrap(),
+        );
         let mut iface = Interface::new(InterfaceConfig::new(TGT_IP, 24), dev.caps());
         let handle = iface.add_socket(None);
         iface.listen(handle, 3260).unwrap();
@@ -183,6 +185,9 @@ fn main() {
     let mut target = helper.join().unwrap();
 
     let blocks = (bs / 512) as u16;
+    // I/O slots of `bs` within the LUN: a 128 KiB read at slot 200 000
+    // would start past its end (CHECK CONDITION).
+    let slots = (LUN_BYTES / bs).clamp(1, 200_000);
     let mut buffers: Vec<Vec<u8>> = (0..qd).map(|_| vec![0u8; bs]).collect();
     let (mut submitted, mut done) = (0usize, 0usize);
     let start = Instant::now();
@@ -190,7 +195,8 @@ fn main() {
     while done < ios {
         while submitted < ios && submitted - done < qd {
             let buffer = buffers.pop().expect("a free buffer");
-            let lba = (submitted * 7919 % 200_000) as u32 * u32::from(blocks);
+            // Spread over the LUN (1 GiB), whatever the block size.
+            let lba = (submitted * 7919 % slots) as u32 * u32::from(blocks);
             let (opcode, direction) = if write {
                 (0x2a, Direction::Write)
             } else {

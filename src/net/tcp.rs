@@ -1287,6 +1287,13 @@ impl TcpSocket {
         ) {
             return None;
         }
+        // The common case of a poll round: nothing new to send (checked
+        // before the window and MSS arithmetic below).
+        let offset = self.snd_nxt.since(self.snd_una);
+        let unsent = self.tx.len().saturating_sub(offset);
+        if self.rtx_next.is_none() && unsent == 0 && !self.fin_queued {
+            return None;
+        }
         let mss = self.effective_mss();
         let max_payload = mss.max(self.tso_payload / mss * mss);
         let fin_seq = self.fin_seq();
@@ -1297,7 +1304,9 @@ impl TcpSocket {
             if let Some(sacked) = self.scoreboard.next_sacked_start(seq) {
                 len = len.min(sacked.since(seq));
             }
-            len = self.tx.gatherable(offset, len, self.gather_slices);
+            if len > 0 {
+                len = self.tx.gatherable(offset, len, self.gather_slices);
+            }
             let fin = self.fin_sent() && seq + len == fin_seq;
             if len > 0 || fin {
                 return Some(Plan {
@@ -1311,13 +1320,13 @@ impl TcpSocket {
                 });
             }
         }
-        let offset = self.snd_nxt.since(self.snd_una);
-        let unsent = self.tx.len().saturating_sub(offset);
         let wnd_right = self.snd_una + self.snd_wnd;
         let usable_wnd = wnd_right.since(self.snd_nxt);
         let usable_cwnd = self.cc.cwnd.saturating_sub(self.flight());
         let mut len = unsent.min(usable_wnd).min(usable_cwnd).min(max_payload);
-        len = self.tx.gatherable(offset, len, self.gather_slices);
+        if len > 0 {
+            len = self.tx.gatherable(offset, len, self.gather_slices);
+        }
         // Sender-side silly window avoidance (RFC 9293 §3.8.6.2.1), no Nagle.
         if len > 0 && len < mss && len < unsent && len < self.max_snd_wnd / 2 && self.flight() > 0 {
             len = 0;

@@ -334,7 +334,29 @@ pub struct TcpOptions {
 
 impl TcpOptions {
     /// Parses the option bytes. Unknown options are skipped.
-    pub fn parse(mut data: &[u8]) -> Result<TcpOptions, PacketError> {
+    #[inline]
+    pub fn parse(data: &[u8]) -> Result<TcpOptions, PacketError> {
+        // The common case on an established connection: NOP NOP and a
+        // timestamp, the layout `emit` writes (and Linux does).
+        if let Some((&[option_kind::NOP, option_kind::NOP, option_kind::TIMESTAMP, 10], ts)) =
+            data.split_first_chunk::<4>()
+        {
+            if let Ok(&[a0, a1, a2, a3, b0, b1, b2, b3]) = <&[u8; 8]>::try_from(ts) {
+                return Ok(TcpOptions {
+                    timestamp: Some(TcpTimestamp {
+                        tsval: u32::from_be_bytes([a0, a1, a2, a3]),
+                        tsecr: u32::from_be_bytes([b0, b1, b2, b3]),
+                    }),
+                    ..TcpOptions::default()
+                });
+            }
+        }
+        TcpOptions::parse_any(data)
+    }
+
+    /// The general parser: any options in any order.
+    #[inline(never)]
+    fn parse_any(mut data: &[u8]) -> Result<TcpOptions, PacketError> {
         let mut opts = TcpOptions::default();
         while let Some(&kind) = data.first() {
             match kind {
@@ -476,6 +498,11 @@ pub struct TcpRepr<'a> {
 
 impl<'a> TcpRepr<'a> {
     /// Parses a checked segment, verifying the checksum unless told not to.
+    ///
+    /// The fixed header is decoded once from its 20 bytes (one bounds
+    /// check, each field read once), and the function is inlined into the
+    /// receive path so the `TcpRepr` is built in place.
+    #[inline]
     pub fn parse(
         packet: &Packet<&'a [u8]>,
         src_addr: Ipv4Addr,
@@ -485,30 +512,39 @@ impl<'a> TcpRepr<'a> {
         if checksum.verify_rx() && !packet.verify_checksum(src_addr, dst_addr) {
             return Err(PacketError::Checksum);
         }
-        if packet.src_port() == 0 || packet.dst_port() == 0 {
+        let buffer: &'a [u8] = packet.buffer;
+        // Shorter than a header: only through `new_unchecked`; ports of 0.
+        let h = buffer
+            .first_chunk::<HEADER_LEN>()
+            .ok_or(PacketError::Malformed)?;
+        let be16 = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+        let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        let (src_port, dst_port) = (be16(field::SRC_PORT.start), be16(field::DST_PORT.start));
+        if src_port == 0 || dst_port == 0 {
             return Err(PacketError::Malformed);
         }
+        let word = be16(field::FLAGS.start);
+        let bits = word & 0x0fff;
         let flags = TcpFlags {
-            syn: packet.syn(),
-            fin: packet.fin(),
-            rst: packet.rst(),
-            psh: packet.psh(),
+            syn: bits & flag::SYN != 0,
+            fin: bits & flag::FIN != 0,
+            rst: bits & flag::RST != 0,
+            psh: bits & flag::PSH != 0,
         };
         if flags.syn && (flags.fin || flags.rst) {
             return Err(PacketError::Malformed);
         }
-        let buffer: &'a [u8] = packet.buffer;
-        let header_len = usize::from(packet.header_len());
-        let payload = buffer.get(header_len..).unwrap_or(&[]);
+        let header_len = usize::from(word >> 12) * 4;
+        let options = buffer.get(HEADER_LEN..header_len).unwrap_or(&[]);
         Ok(TcpRepr {
-            src_port: packet.src_port(),
-            dst_port: packet.dst_port(),
+            src_port,
+            dst_port,
             flags,
-            seq_number: packet.seq_number(),
-            ack_number: packet.ack().then(|| packet.ack_number()),
-            window_len: packet.window_len(),
-            options: TcpOptions::parse(packet.options())?,
-            payload,
+            seq_number: SeqNumber(be32(field::SEQ_NUM.start)),
+            ack_number: (bits & flag::ACK != 0).then(|| SeqNumber(be32(field::ACK_NUM.start))),
+            window_len: be16(field::WIN_SIZE.start),
+            options: TcpOptions::parse(options)?,
+            payload: buffer.get(header_len..).unwrap_or(&[]),
         })
     }
 
@@ -671,6 +707,36 @@ mod tests {
         assert_eq!(parsed.sack_blocks.len(), 3);
     }
 
+    /// The timestamp-only fast path gives what the general parser gives,
+    /// and anything else (a longer or shorter run, another layout) goes
+    /// to the general parser.
+    #[test]
+    fn timestamp_fast_path_agrees_with_the_general_parser() {
+        let ts = [1, 1, 8, 10, 0x80, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe];
+        let fast = TcpOptions::parse(&ts).unwrap();
+        assert_eq!(fast, TcpOptions::parse_any(&ts).unwrap());
+        assert_eq!(
+            fast.timestamp,
+            Some(TcpTimestamp {
+                tsval: 0x8000_0001,
+                tsecr: 0xffff_fffe
+            })
+        );
+        let mut with_sack = ts.to_vec();
+        with_sack.extend_from_slice(&[1, 1, 5, 10, 0, 0, 0, 5, 0, 0, 0, 9]);
+        let parsed = TcpOptions::parse(&with_sack).unwrap();
+        assert_eq!(parsed, TcpOptions::parse_any(&with_sack).unwrap());
+        assert_eq!(
+            parsed.sack_blocks.as_slice(),
+            &[(SeqNumber(5), SeqNumber(9))]
+        );
+        assert_eq!(parsed.timestamp, fast.timestamp);
+        assert_eq!(TcpOptions::parse(&ts[..11]), Err(PacketError::Malformed));
+        let mut bad_len = ts;
+        bad_len[3] = 9;
+        assert_eq!(TcpOptions::parse(&bad_len), Err(PacketError::Malformed));
+    }
+
     #[test]
     fn malformed_options_rejected() {
         assert_eq!(TcpOptions::parse(&[2, 4, 5]), Err(PacketError::Malformed));
@@ -777,6 +843,29 @@ mod tests {
             repr.emit(&mut buf, SRC, DST, Checksum::Both).unwrap();
             let p = Packet::new_checked(&buf[..]).unwrap();
             prop_assert_eq!(TcpRepr::parse(&p, SRC, DST, Checksum::Both).unwrap(), repr);
+        }
+
+        /// The one-pass header decode of `parse` reads what the view's
+        /// getters read, on any bytes.
+        #[test]
+        fn parse_agrees_with_the_view(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let Ok(p) = Packet::new_checked(&bytes[..]) else { return Ok(()) };
+            match TcpRepr::parse(&p, SRC, DST, Checksum::None) {
+                Ok(r) => {
+                    prop_assert_eq!((r.src_port, r.dst_port), (p.src_port(), p.dst_port()));
+                    prop_assert_eq!(r.seq_number, p.seq_number());
+                    prop_assert_eq!(r.ack_number, p.ack().then(|| p.ack_number()));
+                    prop_assert_eq!(r.window_len, p.window_len());
+                    prop_assert_eq!((r.flags.syn, r.flags.fin, r.flags.rst, r.flags.psh), (p.syn(), p.fin(), p.rst(), p.psh()));
+                    prop_assert_eq!(r.payload, p.payload());
+                    prop_assert_eq!(Ok(r.options), TcpOptions::parse_any(p.options()));
+                }
+                Err(_) => {
+                    let bad_ports = p.src_port() == 0 || p.dst_port() == 0;
+                    let bad_flags = p.syn() && (p.fin() || p.rst());
+                    prop_assert!(bad_ports || bad_flags || TcpOptions::parse_any(p.options()).is_err());
+                }
+            }
         }
 
         #[test]
