@@ -154,7 +154,7 @@ for case in $CASES; do
     read -r t1 s1 < <(measure "$SMALL" "$rw" "$qd")
     read -r t2 s2 < <(measure "$LARGE" "$rw" "$qd")
     awk -v dt=$((t2 - t1)) -v ds=$((s2 - s1)) -v dn=$((LARGE - SMALL)) \
-        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" -v side="$side_key" 'BEGIN {
-        printf "RESULT bed=sim%s rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
-            side, rw, bs, qd, mtu, dt / dn, ds / dn }'
+        -v rw="$rw" -v qd="$qd" -v bs="$BS" -v mtu="$MTU" 'BEGIN {
+        printf "RESULT bed=sim rw=%s bs=%s qd=%s mtu=%s instructions_per_io=%.0f without_sim_per_io=%.0f\n",
+            rw, bs, qd, mtu, dt / dn, ds / dn }'
 done
