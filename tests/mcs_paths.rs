@@ -58,6 +58,12 @@ fn open_at_erl(urls: &[String], mcs: bool, erl: u32) -> Device {
     let mut config = options(mcs).device_config(&urls).expect("config");
     for p in &mut config.paths {
         p.login.offer.error_recovery_level = erl;
+        if erl >= 2 {
+            // The target asks no wait before a reconnect (DefaultTime2Wait
+            // 0): the other connection's commands queued behind a CmdSN of
+            // the failed one wait for its reinstatement, not 2 s.
+            p.login.offer.default_time2wait = 0;
+        }
     }
     // A command stuck behind a CmdSN lost with a killed connection fails
     // its connection after this (and the session is made again).

@@ -789,7 +789,9 @@ impl Connection {
     /// The slot a tag lives in: its low 12 bits, or for a task adopted by
     /// TASK REASSIGN, where it was put.
     fn slot_of(&self, itt: u32) -> u16 {
-        if itt & 0xf000 != self.itt_conn_bits {
+        // Adopted tags may carry this connection's own index too: those
+        // of its predecessor, when it was reinstated (same CID and index).
+        if !self.adopted.is_empty() {
             if let Some(&(_, slot)) = self.adopted.iter().find(|(i, _)| *i == itt) {
                 return slot;
             }

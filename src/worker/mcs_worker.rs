@@ -4,6 +4,7 @@
 //! on this path's live connection. Uses the device's [`FenceBoard`] like
 //! the MPIO fence steps do.
 
+use super::super::mcs::fill_holes;
 use super::{Conn, Worker};
 use crate::iscsi::connection::{Command, Orphan};
 use crate::iscsi::session::Session;
@@ -12,7 +13,6 @@ use crate::multipath::fence::{FenceBoard, FenceError, FenceNeed};
 use crate::multipath::path::PathState;
 use crate::multipath::probe::{PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
-use crate::wire::iscsi::Sn;
 use std::time::{Duration, Instant};
 
 /// How long the Logout that fences another connection may go unanswered.
@@ -157,7 +157,7 @@ impl Worker {
             // came on instead of the one named. The NOP-Outs filling the
             // lost CmdSNs are answered first (in order), then the ping.
             let holes = m.paths.take_holes(job.need.path, m.tsih);
-            let filled = fill_holes(session, holes, &self.shared.name, now);
+            let filled = fill_holes(session, holes, &self.shared.name, now).len() as u32;
             if session.connection_mut().ping(now).is_ok() {
                 log::info!(
                     "path {}: connection CID {cid} of path {} closed by Logout reason 1 (response {response}); confirming with a ping",
@@ -246,39 +246,6 @@ impl Worker {
     }
 }
 
-/// Sends a NOP-Out (non-immediate) on `session` for each CmdSN in `holes`
-/// the target has not passed yet (ExpCmdSN as the target last said: after
-/// the failed connection was closed nothing else can fill them), in
-/// order, so the commands behind them run.
-/// Returns how many went out.
-fn fill_holes(
-    session: &mut Session<BoxedTransport>,
-    mut holes: Vec<Sn>,
-    name: &str,
-    now: Instant,
-) -> u32 {
-    let exp = session.connection().window().exp_cmd_sn();
-    holes.retain(|c| !c.lt(exp));
-    holes.sort_by_key(|c| c.0.wrapping_sub(exp.0));
-    holes.dedup();
-    if holes.is_empty() {
-        return 0;
-    }
-    log::info!(
-        "path {name}: {} CmdSN(s) from {} left by a failed connection: filled with NOP-Outs",
-        holes.len(),
-        holes[0]
-    );
-    let mut sent = 0;
-    for c in holes {
-        if session.connection_mut().fill_cmd_sn(c, now).is_err() {
-            break;
-        }
-        sent += 1;
-    }
-    sent
-}
-
 /// How long a failed connection's tasks are held for a reinstatement that
 /// has not started (the path waits out a back-off or a hold-down): then
 /// they go back to the fence-and-retry path. Well inside the target's
@@ -297,8 +264,11 @@ pub(super) struct HeldTasks {
     /// The session (TSIH) and the path's session epoch they were sent in.
     tsih: u16,
     epoch: u64,
-    /// When the connection failed.
-    since: Instant,
+    /// Past this, a reinstatement not yet started is not waited for: the
+    /// connection failed, plus DefaultTime2Wait (no reassignment before
+    /// it) and the shorter of DefaultTime2Retain (the target drops the
+    /// tasks after it) and [`HOLD_FOR_REASSIGN`].
+    expires: Instant,
 }
 
 impl Worker {
@@ -312,10 +282,22 @@ impl Worker {
         now: Instant,
     ) -> Option<Vec<Command>> {
         let m = self.mcs.as_mut()?;
-        if m.tsih == 0 || session.connection().params().error_recovery_level < 2 {
+        let params = session.connection().params();
+        // Time2Retain 0: the target keeps nothing to reassign.
+        if m.tsih == 0 || params.error_recovery_level < 2 || params.default_time2retain == 0 {
             return None;
         }
+        let wait = Duration::from_secs(u64::from(params.default_time2wait));
+        let retain = Duration::from_secs(u64::from(params.default_time2retain));
         let (orphans, unsent) = session.connection_mut().take_orphans();
+        // The reinstatement login fills those the target never received
+        // (and whoever fences the connection, on a fallback).
+        let sns = orphans
+            .iter()
+            .filter(|o| !o.cmd.immediate)
+            .map(|o| o.cmd_sn)
+            .collect();
+        m.paths.post_holes(self.shared.index, m.tsih, sns);
         log::info!(
             "path {}: connection CID {} of MC/S session {:#06x} failed at ERL 2: {} task(s) held for TASK REASSIGN after reinstatement",
             self.shared.name,
@@ -333,16 +315,16 @@ impl Worker {
                 orphans,
                 tsih: m.tsih,
                 epoch: self.session_epoch,
-                since: now,
+                expires: now + wait + retain.min(HOLD_FOR_REASSIGN),
             });
         }
         Some(unsent)
     }
 
-    /// The held tasks go back to the fence-and-retry path: the CmdSNs the
-    /// target may wait on are posted for whoever closes the connection,
-    /// the fence is asked for when writes are among them, and the commands
-    /// go back to their queues (held there until the fence).
+    /// The held tasks go back to the fence-and-retry path: the fence is
+    /// asked for when writes are among them (their CmdSNs were posted for
+    /// whoever closes the connection), and the commands go back to their
+    /// queues (held there until the fence).
     fn mcs_release_held(&mut self, held: HeldTasks, why: &str) {
         let HeldTasks {
             orphans,
@@ -359,12 +341,8 @@ impl Worker {
             .iter()
             .any(|o| o.cmd.direction == crate::iscsi::connection::Direction::Write);
         if let Some(m) = &self.mcs {
-            let sns = orphans
-                .iter()
-                .filter(|o| !o.cmd.immediate)
-                .map(|o| o.cmd_sn)
-                .collect();
-            m.paths.post_holes(self.shared.index, tsih, sns);
+            // Filled by a login that then failed: nothing to wait for.
+            m.paths.take_filled(self.shared.index, tsih);
         }
         if writes && self.session_epoch == epoch {
             // Not reinstated yet: the old connection may still run them.
@@ -388,7 +366,7 @@ impl Worker {
             .mcs
             .as_ref()
             .and_then(|m| m.held.as_ref())
-            .is_some_and(|h| now.saturating_duration_since(h.since) >= HOLD_FOR_REASSIGN);
+            .is_some_and(|h| now >= h.expires);
         if !expired || matches!(self.conn, super::Conn::Up(_)) {
             return;
         }
@@ -424,9 +402,19 @@ impl Worker {
             return;
         }
         let exp = session.connection().window().exp_cmd_sn();
+        let filled = match &self.mcs {
+            Some(m) => m.paths.take_filled(self.shared.index, held.tsih),
+            None => Vec::new(),
+        };
         let (mut reassigned, mut retried, mut moved) = (0u64, 0u64, 0usize);
         let mut failed = Vec::new();
+        let mut never_received = Vec::new();
         for o in held.orphans {
+            if !o.cmd.immediate && filled.contains(&o.cmd_sn) {
+                // The login filled its CmdSN: the target never had it.
+                never_received.push(o.cmd);
+                continue;
+            }
             let received = o.cmd.immediate || o.cmd_sn.lt(exp);
             let user = o.cmd.user_tag & super::INTERNAL_TAG == 0;
             let conn = session.connection_mut();
@@ -446,9 +434,10 @@ impl Worker {
             moved += usize::from(user);
         }
         log::info!(
-            "path {}: reinstated connection CID {} took over {reassigned} task(s) by TASK REASSIGN, {retried} sent again with their ITT and CmdSN",
+            "path {}: reinstated connection CID {} took over {reassigned} task(s) by TASK REASSIGN, {retried} sent again with their ITT and CmdSN; {} never received go out anew",
             self.shared.name,
-            session.outcome().cid
+            session.outcome().cid,
+            never_received.len()
         );
         for (o, received) in &failed {
             if !received && !o.cmd.immediate {
@@ -458,6 +447,15 @@ impl Worker {
         }
         self.in_session += moved;
         self.shared.record_reassigned(reassigned + retried);
+        let n = never_received
+            .iter()
+            .filter(|c| c.user_tag & super::INTERNAL_TAG == 0)
+            .count();
+        self.shared.record_resubmitted(n as u64);
+        for c in never_received {
+            // Nothing will run it: it goes out anew at once.
+            self.bounce_as(c, None);
+        }
         if !failed.is_empty() {
             let n = failed.len() as u64;
             self.shared
