@@ -2229,10 +2229,16 @@ impl Connection {
         if let Err(error) = self.check_usable() {
             return Err(Box::new(NotTaken { error, orphan }));
         }
+        // Its tag is taken first, so that neither new slot gets it.
+        self.adopted.push((orphan.itt, u16::MAX));
         let (tmf_slot, slot) = match self.alloc_pair(now) {
             Ok(pair) => pair,
-            Err(error) => return Err(Box::new(NotTaken { error, orphan })),
+            Err(error) => {
+                self.adopted.pop();
+                return Err(Box::new(NotTaken { error, orphan }));
+            }
         };
+        self.adopted.pop();
         let Orphan { itt, cmd_sn, cmd } = orphan;
         let lun = cmd.lun;
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
@@ -2280,10 +2286,15 @@ impl Connection {
         if let Err(error) = self.check_usable() {
             return Err(Box::new(NotTaken { error, orphan }));
         }
+        self.adopted.push((orphan.itt, u16::MAX));
         let slot = match self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now) {
             Ok(s) => s,
-            Err(error) => return Err(Box::new(NotTaken { error, orphan })),
+            Err(error) => {
+                self.adopted.pop();
+                return Err(Box::new(NotTaken { error, orphan }));
+            }
         };
+        self.adopted.pop();
         let Orphan { itt, cmd_sn, cmd } = orphan;
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
             t.kind = TaskKind::fresh(cmd);
