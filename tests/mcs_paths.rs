@@ -13,6 +13,7 @@ use iscsi_bypass::{Device, IdleMode, Options, Policy};
 #[path = "common/chunks.rs"]
 mod chunks;
 use chunks::{verify, write_load};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-12.org.iscsi-bypass:mcs-paths";
@@ -48,8 +49,22 @@ fn options(mcs: bool) -> Options {
 }
 
 fn open(urls: &[String], mcs: bool) -> Device {
+    open_at_erl(urls, mcs, 0)
+}
+
+/// As [`open`], offering ErrorRecoveryLevel `erl` on every path.
+fn open_at_erl(urls: &[String], mcs: bool, erl: u32) -> Device {
     let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
     let mut config = options(mcs).device_config(&urls).expect("config");
+    for p in &mut config.paths {
+        p.login.offer.error_recovery_level = erl;
+        if erl >= 2 {
+            // The target asks no wait before a reconnect (DefaultTime2Wait
+            // 0): the other connection's commands queued behind a CmdSN of
+            // the failed one wait for its reinstatement, not 2 s.
+            p.login.offer.default_time2wait = 0;
+        }
+    }
     // A command stuck behind a CmdSN lost with a killed connection fails
     // its connection after this (and the session is made again).
     config.timers.command_timeout = Some(Duration::from_secs(3));
@@ -225,5 +240,124 @@ fn tgtd_mcs_paths_need_max_connections_raised() {
     assert!(l.per_path[0] > 0 && l.per_path[1] > 0, "{:?}", l.per_path);
     verify(&mut q, BLOCKS, &generation);
     drop(q);
+    dev.close();
+}
+
+/// How many times the LU executed each write (its byte range and data):
+/// every write of `write_load` is unique (chunk and generation stamped).
+fn executions_per_write(target: &TargetHandle) -> HashMap<(u64, u32), usize> {
+    let mut n = HashMap::new();
+    for e in target.lun(0).expect("LUN 0").write_executions() {
+        *n.entry((e.offset, e.data_crc)).or_insert(0) += 1;
+    }
+    n
+}
+
+/// A write load on two MC/S paths at ERL `erl` during which the target
+/// runs one write of connection 1, loses its status and kills the
+/// connection (`lose_status_and_kill`). Returns the device (for its
+/// counters), the writes completed and how often each write ran.
+fn lose_one_status_under_load(
+    target: &TargetHandle,
+    erl: u32,
+) -> (Device, u64, HashMap<(u64, u32), usize>) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let dev = open_at_erl(&urls(target), true, erl);
+    assert_eq!(nexus(&dev)[1].1, 1, "two connections");
+    target.lun(0).unwrap().log_write_executions(true);
+    let mut q = dev.queue_pair();
+    let mut generation = vec![0u32; 256];
+    let faults = target.faults();
+    let fault = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        faults.lose_status_and_kill(1, 1);
+    });
+    let l = write_load(&mut q, Duration::from_millis(1500), BLOCKS, &mut generation);
+    fault.join().unwrap();
+    println!(
+        "ERL {erl}: writes per path {:?}, errors {}",
+        l.per_path, l.errors
+    );
+    assert_eq!(l.errors, 0, "no write failed");
+    let p1 = &dev.paths()[1];
+    assert!(
+        p1.events.iter().any(|e| e.state != PathState::Up),
+        "connection 1 failed: {:?}",
+        p1.events
+    );
+    wait_up(&dev, Duration::from_secs(10));
+    verify(&mut q, BLOCKS, &generation);
+    drop(q);
+    let runs = executions_per_write(target);
+    (dev, l.per_path[0] + l.per_path[1], runs)
+}
+
+/// #14, the fallback (ERL below 2, what the MC/S paths did at every ERL
+/// before TASK REASSIGN): the write whose status was lost with its
+/// connection is fenced (Logout reason 1 on the other connection) and
+/// retried as a new task, so it runs twice at the LU. Harmless for a plain
+/// WRITE of the same data, wrong for COMPARE AND WRITE or PR OUT, or when
+/// another write to the range went in between: what ERL 2 recovery avoids.
+#[test]
+fn erl1_old_fence_resends_and_the_lost_status_write_runs_twice() {
+    let target = target();
+    let (dev, completed, runs) = lose_one_status_under_load(&target, 1);
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    println!("{completed} writes completed, run twice: {twice:?}");
+    assert!(!twice.is_empty(), "the lost-status write ran twice");
+    assert!(twice.iter().all(|(_, &n)| n == 2), "{twice:?}");
+    let p1 = &dev.paths()[1];
+    assert_eq!((p1.reassigned, p1.reassign_fallbacks), (0, 0));
+    assert!(p1.resubmitted > 0, "connection 1 gave its writes back");
+    dev.close();
+}
+
+/// #14, done when "a connection killed mid-write loses nothing, and no
+/// write is executed twice": at ERL 2 the tasks of the killed connection
+/// (the one whose status was lost, and those part way through their data)
+/// wait for its reinstatement (a login with CID 1 into the same session),
+/// which takes them over by TASK REASSIGN: the target sends the lost
+/// status again and asks by R2T for the missing data. Every write
+/// completes, every write ran exactly once at the LU, and every chunk reads
+/// back its newest generation.
+#[test]
+fn erl2_lost_status_write_is_reassigned_and_runs_exactly_once() {
+    let target = target();
+    let (dev, completed, runs) = lose_one_status_under_load(&target, 2);
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "writes run twice: {twice:?}");
+    let executed: usize = runs.values().sum();
+    assert_eq!(executed as u64, completed, "each completed write ran once");
+    let p1 = &dev.paths()[1];
+    println!(
+        "{completed} writes; connection 1: {} reassigned, {} fallbacks, {} resubmitted",
+        p1.reassigned, p1.reassign_fallbacks, p1.resubmitted
+    );
+    assert!(p1.reassigned >= 1, "the lost-status write was reassigned");
+    assert_eq!(p1.reassign_fallbacks, 0);
+    let ids = nexus(&dev);
+    assert_eq!(ids[0].0, ids[1].0, "one session: {ids:?}");
+    dev.close();
+}
+
+/// #14 hostile answer: a target that refuses TASK REASSIGN (the fault
+/// answers 255; tgtd answers 5, not supported) gets the fallback: the
+/// refused tasks are retried as new commands (the counter says how many),
+/// the application sees no error, and every chunk reads back its newest
+/// generation; the lost-status write then runs twice, as without ERL 2.
+#[test]
+fn erl2_refused_task_reassign_falls_back_to_the_retry_without_an_error() {
+    let target = target();
+    target.faults().refuse_task_reassign(u32::MAX);
+    let (dev, completed, runs) = lose_one_status_under_load(&target, 2);
+    let p1 = &dev.paths()[1];
+    println!(
+        "{completed} writes; connection 1: {} reassigned, {} fallbacks",
+        p1.reassigned, p1.reassign_fallbacks
+    );
+    assert!(p1.reassign_fallbacks >= 1, "the refusals were counted");
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(!twice.is_empty(), "the lost-status write ran twice");
+    target.faults().clear_connection_faults();
     dev.close();
 }

@@ -340,6 +340,8 @@ mod tests {
             bytes: commands * 4096,
             errors: 0,
             resubmitted: 0,
+            reassigned: 0,
+            reassign_fallbacks: 0,
             async_events: 0,
             logins: 1,
             outstanding: 3,

@@ -343,6 +343,29 @@ pub struct Orphan {
     pub cmd: Command,
 }
 
+/// A task [`Connection::reassign`] or [`Connection::retry`] could not take
+/// over (a failed connection, a full task table), given back.
+#[derive(Debug)]
+pub struct NotTaken {
+    pub error: SubmitError,
+    pub orphan: Orphan,
+}
+
+impl Connection {
+    /// Two slots (for a TMF and the task it names), both or neither;
+    /// their kinds are the caller's to set.
+    fn alloc_pair(&mut self, now: Instant) -> Result<(u16, u16), SubmitError> {
+        let first = self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now)?;
+        match self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now) {
+            Ok(second) => Ok((first, second)),
+            Err(e) => {
+                self.free_slot(first);
+                Err(e)
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Task {
     itt: u32,
@@ -725,7 +748,14 @@ impl Connection {
             None => return Err(SubmitError::Full),
         };
         self.generation = self.generation.wrapping_add(1).max(1);
-        let itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
+        let mut itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
+        // A reinstated connection (same index, generations from 1 again)
+        // may hold tasks adopted from its predecessor under their old
+        // tags: a new task never takes one of those.
+        while self.adopted.iter().any(|(i, _)| *i == itt) {
+            self.generation = self.generation.wrapping_add(1).max(1);
+            itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
+        }
         self.slots[slot as usize] = Some(Task {
             itt,
             kind,
@@ -759,7 +789,9 @@ impl Connection {
     /// The slot a tag lives in: its low 12 bits, or for a task adopted by
     /// TASK REASSIGN, where it was put.
     fn slot_of(&self, itt: u32) -> u16 {
-        if itt & 0xf000 != self.itt_conn_bits {
+        // Adopted tags may carry this connection's own index too: those
+        // of its predecessor, when it was reinstated (same CID and index).
+        if !self.adopted.is_empty() {
             if let Some(&(_, slot)) = self.adopted.iter().find(|(i, _)| *i == itt) {
                 return slot;
             }
@@ -2193,19 +2225,24 @@ impl Connection {
     /// now on; [`Event::Reassigned`] tells how the target answered. Call it
     /// after the failed connection was logged out with reason 2 (or
     /// reinstated), RFC 7143 §6.2.2.
-    pub fn reassign(&mut self, orphan: Orphan, now: Instant) -> Result<(), SubmitError> {
-        self.check_usable()?;
-        let Orphan { itt, cmd_sn, cmd } = orphan;
-        let lun = cmd.lun;
-        let tmf_slot = self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now)?;
-        let slot = match self.alloc_slot(TaskKind::fresh(cmd), now) {
-            Ok(s) => s,
-            Err(e) => {
-                self.free_slot(tmf_slot);
-                return Err(e);
+    pub fn reassign(&mut self, orphan: Orphan, now: Instant) -> Result<(), Box<NotTaken>> {
+        if let Err(error) = self.check_usable() {
+            return Err(Box::new(NotTaken { error, orphan }));
+        }
+        // Its tag is taken first, so that neither new slot gets it.
+        self.adopted.push((orphan.itt, u16::MAX));
+        let (tmf_slot, slot) = match self.alloc_pair(now) {
+            Ok(pair) => pair,
+            Err(error) => {
+                self.adopted.pop();
+                return Err(Box::new(NotTaken { error, orphan }));
             }
         };
+        self.adopted.pop();
+        let Orphan { itt, cmd_sn, cmd } = orphan;
+        let lun = cmd.lun;
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
+            t.kind = TaskKind::fresh(cmd);
             t.itt = itt;
             t.cmd_sn = Some(cmd_sn);
             if let TaskKind::Scsi {
@@ -2245,11 +2282,22 @@ impl Connection {
     /// once the failed connection is gone), so that the session's CmdSN
     /// order has no hole for the target to wait on. The task lives here
     /// from now on, as a fresh command.
-    pub fn retry(&mut self, orphan: Orphan, now: Instant) -> Result<(), SubmitError> {
-        self.check_usable()?;
+    pub fn retry(&mut self, orphan: Orphan, now: Instant) -> Result<(), Box<NotTaken>> {
+        if let Err(error) = self.check_usable() {
+            return Err(Box::new(NotTaken { error, orphan }));
+        }
+        self.adopted.push((orphan.itt, u16::MAX));
+        let slot = match self.alloc_slot(TaskKind::Tmf { user_tag: 0 }, now) {
+            Ok(s) => s,
+            Err(error) => {
+                self.adopted.pop();
+                return Err(Box::new(NotTaken { error, orphan }));
+            }
+        };
+        self.adopted.pop();
         let Orphan { itt, cmd_sn, cmd } = orphan;
-        let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
+            t.kind = TaskKind::fresh(cmd);
             t.itt = itt;
         }
         self.adopted.push((itt, slot));

@@ -434,7 +434,7 @@ impl<T: Transport> McsSession<T> {
             } else {
                 conn.retry(o, Instant::now())
             };
-            r.map_err(SessionError::from)?;
+            r.map_err(|n| SessionError::from(n.error))?;
         }
         for c in unsent {
             v.session.submit(c)?;

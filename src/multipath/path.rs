@@ -106,6 +106,8 @@ struct WorkerCounters {
     bytes: AtomicU64,
     errors: AtomicU64,
     resubmitted: AtomicU64,
+    reassigned: AtomicU64,
+    reassign_fallbacks: AtomicU64,
     logins: AtomicU64,
     async_events: AtomicU64,
 }
@@ -468,6 +470,30 @@ impl PathShared {
         self.counters.resubmitted.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// MC/S at ERL 2: `n` tasks of this path's failed connection taken
+    /// over by TASK REASSIGN (or sent again with their ITT and CmdSN, for
+    /// those the target never received) on its reinstated connection.
+    pub fn record_reassigned(&self, n: u64) {
+        self.counters.reassigned.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// MC/S at ERL 2: `n` tasks of this path's failed connection that
+    /// could not be taken over (TASK REASSIGN refused, the connection not
+    /// reinstated in time, the session reinstated instead) and went back
+    /// to the fence-and-retry path: a write among them that had run
+    /// before its status was lost runs again.
+    pub fn record_reassign_fallback(&self, n: u64, why: &str) {
+        if n > 0 {
+            log::info!(
+                "path {}: {n} task(s) not reassigned ({why}): fenced and retried as new commands",
+                self.name
+            );
+        }
+        self.counters
+            .reassign_fallbacks
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Worker side: merge a batch of latency samples into the shared
     /// histogram (not per I/O: every few milliseconds).
     pub fn merge_histogram(&self, local: &mut hdrhistogram::Histogram<u64>) {
@@ -540,6 +566,8 @@ impl PathShared {
             bytes: c.bytes.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             resubmitted: c.resubmitted.load(Ordering::Relaxed),
+            reassigned: c.reassigned.load(Ordering::Relaxed),
+            reassign_fallbacks: c.reassign_fallbacks.load(Ordering::Relaxed),
             async_events: c.async_events.load(Ordering::Relaxed),
             wakeups: self.wake.as_ref().map_or(0, |w| w.notified()),
             logins: c.logins.load(Ordering::Relaxed),
@@ -653,6 +681,14 @@ pub struct PathStats {
     pub errors: u64,
     /// Commands handed back for another path after this path failed.
     pub resubmitted: u64,
+    /// MC/S at ERL 2: tasks of a failed connection of this path taken
+    /// over on its reinstated connection (TASK REASSIGN, or a retry with
+    /// the same ITT and CmdSN of one the target never received).
+    pub reassigned: u64,
+    /// MC/S at ERL 2: tasks that could not be taken over (TASK REASSIGN
+    /// refused, e.g. response 5 "not supported" from tgtd; the connection
+    /// not reinstated) and were fenced and retried as new commands.
+    pub reassign_fallbacks: u64,
     /// Successful logins (1 + reconnects).
     pub logins: u64,
     /// Async Messages the target sent on this path (RFC 7143 §11.9: SCSI

@@ -470,6 +470,9 @@ struct CidFault {
     hang: bool,
     /// Data-In PDUs still to leave out (as if a digest error dropped them).
     drop_data_in: u32,
+    /// Writes still to execute whose status is then lost with the
+    /// connection (killed right after the write ran).
+    lose_status_and_kill: u32,
 }
 
 /// What a connection must do about the faults aimed at its CID.
@@ -494,7 +497,7 @@ impl FaultInjector {
             }
         };
         f(&mut set[i]);
-        set.retain(|x| x.kill || x.hang || x.drop_data_in > 0);
+        set.retain(|x| x.kill || x.hang || x.drop_data_in > 0 || x.lose_status_and_kill > 0);
         c.any.store(!set.is_empty(), Ordering::Release);
     }
 
@@ -552,6 +555,31 @@ impl FaultInjector {
         self.with_cid(cid, |f| {
             if f.drop_data_in > 0 {
                 f.drop_data_in -= 1;
+                taken = true;
+            }
+        });
+        taken
+    }
+
+    /// The next `n` writes that complete on the connection with this CID
+    /// are executed at the LU, and then their status is lost: it is not
+    /// sent, and the connection is killed (as if the TCP connection broke
+    /// right after the write ran). The status is kept, so a TASK REASSIGN
+    /// (ERL 2) sends it again; a retry as a new task runs the write twice.
+    pub fn lose_status_and_kill(&self, cid: u16, n: u32) {
+        self.with_cid(cid, |f| f.lose_status_and_kill = n);
+    }
+
+    /// True when the status of this write of connection `cid` is to be
+    /// lost with its connection.
+    pub(crate) fn take_status_loss(&self, cid: u16) -> bool {
+        if !self.faults.by_cid.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut taken = false;
+        self.with_cid(cid, |f| {
+            if f.lose_status_and_kill > 0 {
+                f.lose_status_and_kill -= 1;
                 taken = true;
             }
         });
@@ -658,6 +686,11 @@ mod tests {
         f.unhang_connection(2);
         f.revive_connection(3);
         assert_eq!(f.cid_state(2), CidFaultState::default());
+        assert!(!f.faults.by_cid.any.load(Ordering::Acquire));
+        f.lose_status_and_kill(5, 1);
+        assert!(!f.take_status_loss(4), "another CID");
+        assert!(f.take_status_loss(5));
+        assert!(!f.take_status_loss(5), "only one");
         assert!(!f.faults.by_cid.any.load(Ordering::Acquire));
         f.kill_connection(4);
         f.clear_connection_faults();

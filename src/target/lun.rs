@@ -63,6 +63,31 @@ pub struct Lun {
     /// PREEMPT AND ABORTs so far (a copy of the count under the lock, so
     /// pending tasks are checked without it).
     pr_aborts: AtomicU64,
+    /// Writes executed (see [`Lun::write_executions`]), while
+    /// `log_writes` is on; off by default (the log grows per write).
+    log_writes: std::sync::atomic::AtomicBool,
+    executions: std::sync::Mutex<Vec<WriteExecution>>,
+}
+
+/// One write the LU executed (its status was decided GOOD), as logged by
+/// [`Lun::log_write_executions`]: tests check with it that recovery ran
+/// each write exactly once (a retry as a new task has a new ITT and
+/// CmdSN, but the same range and data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteExecution {
+    /// The task's ITT and CmdSN as the initiator sent them.
+    pub itt: u32,
+    pub cmd_sn: u32,
+    /// The connection the command came on.
+    pub cid: u16,
+    /// The CDB's operation code (WRITE 10, COMPARE AND WRITE, ...).
+    pub opcode: u8,
+    /// Byte range at the LU (for a parameter-list command: its LBA range
+    /// where it has one, else 0, 0).
+    pub offset: u64,
+    pub len: u64,
+    /// CRC32C of the data the command carried.
+    pub data_crc: u32,
 }
 
 /// Largest RAM LUN (in blocks) whose mapped blocks are tracked: a 4 MiB bitmap.
@@ -104,7 +129,34 @@ impl Lun {
             pr: std::sync::Mutex::new(super::pr::Reservations::default()),
             pr_active: std::sync::atomic::AtomicBool::new(false),
             pr_aborts: AtomicU64::new(0),
+            log_writes: std::sync::atomic::AtomicBool::new(false),
+            executions: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Starts (or stops) logging every executed write, for
+    /// [`write_executions`](Self::write_executions).
+    pub fn log_write_executions(&self, on: bool) {
+        self.log_writes.store(on, Ordering::Release);
+    }
+
+    /// The writes executed since logging was switched on, in order.
+    pub fn write_executions(&self) -> Vec<WriteExecution> {
+        self.executions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn logs_writes(&self) -> bool {
+        self.log_writes.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn record_write_execution(&self, e: WriteExecution) {
+        self.executions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e);
     }
 
     /// Runs `f` on the LU's persistent reservations, under their lock.

@@ -38,7 +38,7 @@ use crate::iscsi::chap::{ChapAlgorithm, Credentials, Secret};
 
 pub use conn::TargetConn;
 pub use fault::{AsyncEvent, FaultInjector};
-pub use lun::Lun;
+pub use lun::{Lun, WriteExecution};
 pub use server::{Target, TargetHandle};
 pub use user::UserListenConfig;
 

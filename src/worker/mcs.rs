@@ -24,7 +24,7 @@ use crate::multipath::probe::{inspect, PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
 use crate::wire::iscsi::Sn;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The running session the connections join.
 #[derive(Debug, Clone)]
@@ -45,6 +45,11 @@ pub(crate) struct McsPaths {
     /// Logout, or the path's own reinstatement login) takes them and fills
     /// the ones the target still waits for with NOP-Outs.
     holes: Mutex<Vec<(usize, u16, Vec<Sn>)>>,
+    /// CmdSNs of a failed connection that its path's reinstatement login
+    /// filled with NOP-Outs (the target never had those commands): (path,
+    /// TSIH, CmdSNs), for the worker, which sends those commands anew
+    /// and reassigns the others.
+    filled: Mutex<Vec<(usize, u16, Vec<Sn>)>>,
 }
 
 impl McsPaths {
@@ -53,6 +58,7 @@ impl McsPaths {
             paths,
             session: Mutex::new(None),
             holes: Mutex::new(Vec::new()),
+            filled: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,6 +84,24 @@ impl McsPaths {
         let mut out = Vec::new();
         h.retain(|(p, _, sns)| {
             if *p == path {
+                out.extend_from_slice(sns);
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// The CmdSNs path `path`'s reinstatement login into session `tsih`
+    /// filled (see [`McsPaths::login`]), taken once.
+    pub(crate) fn take_filled(&self, path: usize, tsih: u16) -> Vec<Sn> {
+        let Ok(mut f) = self.filled.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        f.retain(|(p, t, sns)| {
+            if *p == path && *t == tsih {
                 out.extend_from_slice(sns);
                 false
             } else {
@@ -132,12 +156,23 @@ impl McsPaths {
                     index: index as u8,
                     leading: &j.leading,
                 };
-                Session::login_joining(transport, &sc, joining).map_err(|e| {
+                let mut s = Session::login_joining(transport, &sc, joining).map_err(|e| {
                     login_err(format!(
                         "connection CID {index} of MC/S session TSIH {:#06x}: {e}",
                         j.tsih
                     ))
-                })?
+                })?;
+                // The login closed this CID's old connection at the target:
+                // the CmdSNs it never received are filled now, before the
+                // LU is inspected (its commands would wait behind them).
+                let holes = self.take_holes(index, j.tsih);
+                let filled = fill_holes(&mut s, holes, &cfg.name, Instant::now());
+                if !filled.is_empty() {
+                    if let Ok(mut f) = self.filled.lock() {
+                        f.push((index, j.tsih, filled));
+                    }
+                }
+                s
             }
             None => {
                 if let Some(j) = joined.as_ref() {
@@ -145,6 +180,13 @@ impl McsPaths {
                 }
                 sc.login.tsih = 0;
                 sc.login.offer.max_connections = self.paths as u32;
+                if sc.login.offer.error_recovery_level >= 2
+                    && sc.login.offer.default_time2retain == 0
+                {
+                    // ERL 2 needs the target to keep a failed connection's
+                    // tasks for their reassignment: RFC 7143's default.
+                    sc.login.offer.default_time2retain = 20;
+                }
                 let s = Session::login_joining(transport, &sc, Joining::Leading)
                     .map_err(|e| login_err(format!("leading login of the MC/S session: {e}")))?;
                 let o = s.outcome().clone();
@@ -165,6 +207,9 @@ impl McsPaths {
                 if let Ok(mut h) = self.holes.lock() {
                     // A new session: the old one's CmdSN order is gone.
                     h.clear();
+                }
+                if let Ok(mut f) = self.filled.lock() {
+                    f.clear();
                 }
                 after_leading();
                 s
@@ -199,6 +244,39 @@ pub(crate) fn login_all(
         out.push((cfg, connector, r));
     }
     Ok(out)
+}
+
+/// Sends a NOP-Out (non-immediate) on `session` for each CmdSN in `holes`
+/// the target has not passed yet (ExpCmdSN as the target last said: after
+/// the failed connection was closed nothing else can fill them), in
+/// order, so the commands behind them run.
+/// Returns the CmdSNs filled.
+pub(crate) fn fill_holes(
+    session: &mut Session<BoxedTransport>,
+    mut holes: Vec<Sn>,
+    name: &str,
+    now: Instant,
+) -> Vec<Sn> {
+    let exp = session.connection().window().exp_cmd_sn();
+    holes.retain(|c| !c.lt(exp));
+    holes.sort_by_key(|c| c.0.wrapping_sub(exp.0));
+    holes.dedup();
+    if holes.is_empty() {
+        return holes;
+    }
+    log::info!(
+        "path {name}: {} CmdSN(s) from {} left by a failed connection: filled with NOP-Outs",
+        holes.len(),
+        holes[0]
+    );
+    let mut sent = Vec::with_capacity(holes.len());
+    for c in holes {
+        if session.connection_mut().fill_cmd_sn(c, now).is_err() {
+            break;
+        }
+        sent.push(c);
+    }
+    sent
 }
 
 #[cfg(test)]

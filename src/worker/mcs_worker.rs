@@ -4,14 +4,15 @@
 //! on this path's live connection. Uses the device's [`FenceBoard`] like
 //! the MPIO fence steps do.
 
+use super::super::mcs::fill_holes;
 use super::{Conn, Worker};
+use crate::iscsi::connection::{Command, Orphan};
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, PathConnector};
 use crate::multipath::fence::{FenceBoard, FenceError, FenceNeed};
 use crate::multipath::path::PathState;
 use crate::multipath::probe::{PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
-use crate::wire::iscsi::Sn;
 use std::time::{Duration, Instant};
 
 /// How long the Logout that fences another connection may go unanswered.
@@ -75,6 +76,7 @@ impl Worker {
     /// ours, or, while this connection is up, claims another connection's
     /// need and sends the Logout (reason 1, its CID) on this connection.
     pub(super) fn mcs_fence_for_others(&mut self, now: Instant) {
+        self.mcs_check_held(now);
         let Some(board) = self.fence.clone() else {
             return;
         };
@@ -155,7 +157,7 @@ impl Worker {
             // came on instead of the one named. The NOP-Outs filling the
             // lost CmdSNs are answered first (in order), then the ping.
             let holes = m.paths.take_holes(job.need.path, m.tsih);
-            let filled = fill_holes(session, holes, &self.shared.name, now);
+            let filled = fill_holes(session, holes, &self.shared.name, now).len() as u32;
             if session.connection_mut().ping(now).is_ok() {
                 log::info!(
                     "path {}: connection CID {cid} of path {} closed by Logout reason 1 (response {response}); confirming with a ping",
@@ -244,35 +246,256 @@ impl Worker {
     }
 }
 
-/// Sends a NOP-Out (non-immediate) on `session` for each CmdSN in `holes`
-/// the target has not passed yet (ExpCmdSN as the target last said: after
-/// the failed connection was closed nothing else can fill them), in
-/// order, so the commands behind them run.
-/// Returns how many went out.
-fn fill_holes(
-    session: &mut Session<BoxedTransport>,
-    mut holes: Vec<Sn>,
-    name: &str,
-    now: Instant,
-) -> u32 {
-    let exp = session.connection().window().exp_cmd_sn();
-    holes.retain(|c| !c.lt(exp));
-    holes.sort_by_key(|c| c.0.wrapping_sub(exp.0));
-    holes.dedup();
-    if holes.is_empty() {
-        return 0;
-    }
-    log::info!(
-        "path {name}: {} CmdSN(s) from {} left by a failed connection: filled with NOP-Outs",
-        holes.len(),
-        holes[0]
-    );
-    let mut sent = 0;
-    for c in holes {
-        if session.connection_mut().fill_cmd_sn(c, now).is_err() {
-            break;
+/// How long a failed connection's tasks are held for a reinstatement that
+/// has not started (the path waits out a back-off or a hold-down): then
+/// they go back to the fence-and-retry path. Well inside the target's
+/// DefaultTime2Wait + DefaultTime2Retain, for which it keeps them.
+const HOLD_FOR_REASSIGN: Duration = Duration::from_secs(5);
+
+/// ERL 2: the sent tasks of this path's failed connection, held (not
+/// bounced) until the path's reconnect reinstates the connection (a login
+/// with the same CID into the same session, RFC 7143 §6.3.4, which
+/// removes the old one for recovery as a Logout reason 2 would) and takes
+/// them over by TASK REASSIGN, so a write whose status was lost is not
+/// run a second time. One TASK REASSIGN per task per failure, then its
+/// answer; anything else falls back to the fence and retry.
+pub(super) struct HeldTasks {
+    orphans: Vec<Orphan>,
+    /// The session (TSIH) and the path's session epoch they were sent in.
+    tsih: u16,
+    epoch: u64,
+    /// Past this, a reinstatement not yet started is not waited for: the
+    /// connection failed, plus DefaultTime2Wait (no reassignment before
+    /// it) and the shorter of DefaultTime2Retain (the target drops the
+    /// tasks after it) and [`HOLD_FOR_REASSIGN`].
+    expires: Instant,
+}
+
+impl Worker {
+    /// `session`'s connection failed: at ERL 2 in an MC/S session, takes
+    /// its sent tasks to be reassigned after reinstatement and returns the
+    /// commands that never went out (to bounce; nothing will run them).
+    /// None: not MC/S at ERL 2 (the caller fences and retries).
+    pub(super) fn mcs_hold_for_reassign(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> Option<Vec<Command>> {
+        let m = self.mcs.as_mut()?;
+        let params = session.connection().params();
+        // Time2Retain 0: the target keeps nothing to reassign.
+        if m.tsih == 0 || params.error_recovery_level < 2 || params.default_time2retain == 0 {
+            return None;
         }
-        sent += 1;
+        let wait = Duration::from_secs(u64::from(params.default_time2wait));
+        let retain = Duration::from_secs(u64::from(params.default_time2retain));
+        let (orphans, unsent) = session.connection_mut().take_orphans();
+        // The reinstatement login fills those the target never received
+        // (and whoever fences the connection, on a fallback).
+        let sns = orphans
+            .iter()
+            .filter(|o| !o.cmd.immediate)
+            .map(|o| o.cmd_sn)
+            .collect();
+        m.paths.post_holes(self.shared.index, m.tsih, sns);
+        log::info!(
+            "path {}: connection CID {} of MC/S session {:#06x} failed at ERL 2: {} task(s) held for TASK REASSIGN after reinstatement",
+            self.shared.name,
+            m.cid,
+            m.tsih,
+            orphans.len()
+        );
+        if let Some(old) = m.held.take() {
+            // Not reinstated since the last failure (cannot happen: a
+            // login in between takes them); never lose them.
+            self.mcs_release_held(old, "held across a second failure");
+        }
+        if let Some(m) = self.mcs.as_mut() {
+            m.held = (!orphans.is_empty()).then(|| HeldTasks {
+                orphans,
+                tsih: m.tsih,
+                epoch: self.session_epoch,
+                expires: now + wait + retain.min(HOLD_FOR_REASSIGN),
+            });
+        }
+        Some(unsent)
     }
-    sent
+
+    /// The held tasks go back to the fence-and-retry path: the fence is
+    /// asked for when writes are among them (their CmdSNs were posted for
+    /// whoever closes the connection), and the commands go back to their
+    /// queues (held there until the fence).
+    fn mcs_release_held(&mut self, held: HeldTasks, why: &str) {
+        let HeldTasks {
+            orphans,
+            tsih,
+            epoch,
+            ..
+        } = held;
+        let users = orphans
+            .iter()
+            .filter(|o| o.cmd.user_tag & super::INTERNAL_TAG == 0)
+            .count() as u64;
+        self.shared.record_reassign_fallback(users, why);
+        let writes = orphans
+            .iter()
+            .any(|o| o.cmd.direction == crate::iscsi::connection::Direction::Write);
+        if let Some(m) = &self.mcs {
+            // Filled by a login that then failed: nothing to wait for.
+            m.paths.take_filled(self.shared.index, tsih);
+        }
+        if writes && self.session_epoch == epoch {
+            // Not reinstated yet: the old connection may still run them.
+            if let Some(board) = self.fence.clone() {
+                self.want_mcs_fence(&board);
+            }
+        }
+        for o in orphans {
+            self.bounce_as(o.cmd, Some(epoch));
+        }
+    }
+
+    /// Each round while the path is down (not while a login runs): held
+    /// tasks whose reinstatement has not come in [`HOLD_FOR_REASSIGN`] fall
+    /// back.
+    pub(super) fn mcs_check_held(&mut self, now: Instant) {
+        if matches!(self.conn, super::Conn::Connecting(_)) {
+            return;
+        }
+        let expired = self
+            .mcs
+            .as_ref()
+            .and_then(|m| m.held.as_ref())
+            .is_some_and(|h| now >= h.expires);
+        if !expired || matches!(self.conn, super::Conn::Up(_)) {
+            return;
+        }
+        if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
+            self.mcs_release_held(h, "the connection was not reinstated in time");
+        }
+    }
+
+    /// The reconnect login failed (or led elsewhere): held tasks fall back.
+    pub(super) fn mcs_reconnect_failed(&mut self) {
+        if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
+            self.mcs_release_held(h, "the reconnect login failed");
+        }
+    }
+
+    /// The path is up again: held tasks of its old connection are taken
+    /// over on the new one when it joined the same session (reinstatement:
+    /// the target kept them). Those the target received (CmdSN below the
+    /// session's ExpCmdSN now, or immediate) get TASK REASSIGN; those it
+    /// never received are sent again with their ITT and CmdSN, so the
+    /// session's CmdSN order has no hole. A new session (the old one
+    /// reinstated: its tasks ended) falls back to a retry.
+    pub(super) fn mcs_reassign_held(&mut self, now: Instant) {
+        let Some(held) = self.mcs.as_mut().and_then(|m| m.held.take()) else {
+            return;
+        };
+        let super::Conn::Up(session) = &mut self.conn else {
+            self.mcs_release_held(held, "the path is not up");
+            return;
+        };
+        if session.outcome().tsih != held.tsih {
+            self.mcs_release_held(held, "the session was reinstated, ending its tasks");
+            return;
+        }
+        let exp = session.connection().window().exp_cmd_sn();
+        let filled = match &self.mcs {
+            Some(m) => m.paths.take_filled(self.shared.index, held.tsih),
+            None => Vec::new(),
+        };
+        let (mut reassigned, mut retried, mut moved) = (0u64, 0u64, 0usize);
+        let mut failed = Vec::new();
+        let mut never_received = Vec::new();
+        for o in held.orphans {
+            if !o.cmd.immediate && filled.contains(&o.cmd_sn) {
+                // The login filled its CmdSN: the target never had it.
+                never_received.push(o.cmd);
+                continue;
+            }
+            let received = o.cmd.immediate || o.cmd_sn.lt(exp);
+            let user = o.cmd.user_tag & super::INTERNAL_TAG == 0;
+            let conn = session.connection_mut();
+            let r = if received {
+                conn.reassign(o, now)
+            } else {
+                conn.retry(o, now)
+            };
+            match r {
+                Ok(()) if received => reassigned += 1,
+                Ok(()) => retried += 1,
+                Err(not_taken) => {
+                    failed.push((not_taken.orphan, received));
+                    continue;
+                }
+            }
+            moved += usize::from(user);
+        }
+        log::info!(
+            "path {}: reinstated connection CID {} took over {reassigned} task(s) by TASK REASSIGN, {retried} sent again with their ITT and CmdSN; {} never received go out anew",
+            self.shared.name,
+            session.outcome().cid,
+            never_received.len()
+        );
+        for (o, received) in &failed {
+            if !received && !o.cmd.immediate {
+                // Not received and not sent again: fill its CmdSN.
+                let _ = session.connection_mut().fill_cmd_sn(o.cmd_sn, now);
+            }
+        }
+        self.in_session += moved;
+        self.shared.record_reassigned(reassigned + retried);
+        let n = never_received
+            .iter()
+            .filter(|c| c.user_tag & super::INTERNAL_TAG == 0)
+            .count();
+        self.shared.record_resubmitted(n as u64);
+        for c in never_received {
+            // Nothing will run it: it goes out anew at once.
+            self.bounce_as(c, None);
+        }
+        if !failed.is_empty() {
+            let n = failed.len() as u64;
+            self.shared
+                .record_reassign_fallback(n, "no room in the new connection's task table");
+            for (o, _) in failed {
+                self.bounce_as(o.cmd, Some(held.epoch));
+            }
+        }
+    }
+
+    /// The answer to a TASK REASSIGN: refused (tgtd: 5, not supported), the
+    /// command came back: it goes to the fence-and-retry path (the old
+    /// connection is gone at the target: its reinstatement closed it).
+    pub(super) fn on_reassign_answer(
+        &mut self,
+        user_tag: u64,
+        response: u8,
+        refused: Option<Box<Command>>,
+    ) {
+        let Some(cmd) = refused else {
+            return;
+        };
+        let internal = user_tag & super::INTERNAL_TAG != 0;
+        if !internal {
+            self.in_session = self.in_session.saturating_sub(1);
+        }
+        self.shared.record_reassign_fallback(
+            u64::from(!internal),
+            &format!("TASK REASSIGN refused, response {response}"),
+        );
+        let epoch = self.session_epoch.saturating_sub(1);
+        self.bounce_as(*cmd, Some(epoch));
+    }
+
+    /// The device closes: held tasks go back to their queues.
+    pub(super) fn mcs_drop_held(&mut self) {
+        if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
+            for o in h.orphans {
+                self.bounce_as(o.cmd, Some(h.epoch));
+            }
+        }
+    }
 }

@@ -360,6 +360,8 @@ struct McsConn {
     /// That Logout was answered: NOP-Ins still to come before the fence
     /// counts (the hole-filling NOP-Outs' and a confirming ping's).
     confirm: Option<u32>,
+    /// ERL 2: the failed connection's tasks, waiting for its reinstatement.
+    held: Option<mcs_worker::HeldTasks>,
 }
 
 impl Worker {
@@ -421,6 +423,7 @@ impl Worker {
                 cid: 0,
                 fence: None,
                 confirm: None,
+                held: None,
             }),
             helper,
         };
@@ -481,6 +484,7 @@ impl Worker {
         };
         self.mcs_fill_own_holes(&mut p.session);
         self.conn = Conn::Up(Box::new(p.session));
+        self.mcs_reassign_held(Instant::now());
         self.shared.set_state(PathState::Up, &how);
     }
 
@@ -725,6 +729,11 @@ impl Worker {
                     self.on_mcs_fence_answer(session, cid, response, now)
                 }
                 Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
+                Event::Reassigned {
+                    user_tag,
+                    response,
+                    refused,
+                } => self.on_reassign_answer(user_tag, response, refused),
                 _ => {}
             }
         }
@@ -1141,18 +1150,29 @@ impl Worker {
         // State first, so the queues do not pick this path for what we bounce.
         self.shared.set_state(PathState::Down, &reason);
         self.health.on_failure_waiting(now, at_least);
-        self.mcs_note_holes(&session);
-        let cmds = session.connection_mut().take_outstanding();
+        // MC/S at ERL 2: the sent tasks wait for TASK REASSIGN, and only
+        // those never sent come back (nothing will run them).
+        let (cmds, held) = match self.mcs_hold_for_reassign(&mut session, now) {
+            Some(unsent) => (unsent, true),
+            None => {
+                self.mcs_note_holes(&session);
+                (session.connection_mut().take_outstanding(), false)
+            }
+        };
         let n = cmds
             .iter()
             .filter(|c| c.user_tag & INTERNAL_TAG == 0)
             .count();
         self.shared.record_resubmitted(n as u64);
-        if cmds.iter().any(|c| c.direction == Direction::Write) {
+        if !held && cmds.iter().any(|c| c.direction == Direction::Write) {
             self.want_fence();
         }
         for c in cmds {
-            self.bounce(c);
+            if held {
+                self.bounce_as(c, None);
+            } else {
+                self.bounce(c);
+            }
         }
         self.bounce_rings();
         self.in_session = 0;
@@ -1652,6 +1672,9 @@ impl Worker {
                 self.shared.set_state(PathState::Down, &e.to_string());
             }
         }
+        if !matches!(self.conn, Conn::Up(_)) {
+            self.mcs_reconnect_failed();
+        }
         self.release_preempts();
     }
 
@@ -1676,6 +1699,7 @@ impl Worker {
             }
             Conn::Connecting(_) | Conn::Down => {}
         }
+        self.mcs_drop_held();
         self.bounce_rings();
         self.shared.merge_histogram(&mut self.hist);
         self.health.close();

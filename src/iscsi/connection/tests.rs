@@ -1201,6 +1201,66 @@ fn task_reassign_moves_a_write_of_a_failed_connection() {
     assert!(b.poll_event().is_none());
 }
 
+/// ERL 2 reinstatement: the connection that replaces a failed one has its
+/// index (its tags carry the same connection bits, its generations start
+/// again), takes over its predecessor's write by TASK REASSIGN, finds the
+/// target's R2T and status for that tag, and never gives a new task the
+/// adopted tag.
+#[test]
+fn reinstated_connection_takes_over_its_predecessors_task_under_its_tag() {
+    let now = Instant::now();
+    let window = Arc::new(SessionWindow::new(Sn(10), Sn(10), Sn(40)));
+    let mut o = outcome(params());
+    o.max_cmd_sn = Sn(40);
+    o.cid = 1;
+    let mut old = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 1);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let cmd = write_cmd(4096, 7);
+    let data = cmd.buffer.clone();
+    old.submit(cmd, now).unwrap();
+    let (itt, _) = scsi_itts(&pa.sent(&mut old))[0];
+    old.set_failed(ConnError::Failed("killed".into()));
+    let (orphans, _) = old.take_orphans();
+    let mut new = Connection::in_session(&o, ConnTimers::default(), now, window.clone(), 1);
+    new.reassign(orphans.into_iter().next().unwrap(), now)
+        .unwrap();
+    let PduHeader::TaskMgmtRequest(t) = &pb.sent(&mut new)[0].0 else {
+        panic!()
+    };
+    let tmf_itt = t.itt;
+    assert_eq!(t.referenced_task_tag, itt);
+    assert_ne!(tmf_itt, itt, "the TMF has a tag of its own");
+    // New commands on the reinstated connection: none takes the old tag
+    // (the same slot and generation would give it).
+    for tag in 100..104 {
+        new.submit(read_cmd(512, tag), now).unwrap();
+    }
+    let fresh = scsi_itts(&pb.sent(&mut new));
+    assert_eq!(fresh.len(), 4);
+    assert!(
+        fresh.iter().all(|(i, _)| *i != itt),
+        "{fresh:x?} vs {itt:#x}"
+    );
+    new.receive(&tmf_response(&mut pb, tmf_itt, 0), now)
+        .unwrap();
+    assert!(matches!(
+        new.poll_event(),
+        Some(Event::Reassigned {
+            user_tag: 7,
+            response: 0,
+            refused: None
+        })
+    ));
+    new.receive(&pb.r2t(itt, 0x55, 0, 0, 4096), now).unwrap();
+    let got: Vec<u8> = pb.sent(&mut new).into_iter().flat_map(|(_, d)| d).collect();
+    assert_eq!(got, data);
+    new.receive(&pb.response(itt, 0, &[], 50), now).unwrap();
+    let done = completion(&mut new);
+    assert_eq!((done.user_tag, done.status), (7, 0));
+    assert!(new.is_failed().is_none());
+}
+
 /// A target that refuses TASK REASSIGN (here: allegiance reassignment not
 /// supported) gets the command back, buffer and all, not done and not
 /// lost; the connection stays up.

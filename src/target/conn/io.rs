@@ -326,7 +326,7 @@ impl Core {
     /// Whether a PREEMPT AND ABORT of this session's I_T nexus, or a
     /// LOGICAL UNIT RESET of its LU (through any session), ended `t` after
     /// it started.
-    fn task_aborted(&self, t: &WriteTask) -> bool {
+    pub(super) fn task_aborted(&self, t: &WriteTask) -> bool {
         let Some(lun) = t.sink.lun() else {
             return false;
         };
@@ -399,6 +399,8 @@ impl Core {
             pr_seen,
             reset_seen,
             itt: c.itt,
+            cmd_sn: c.cmd_sn,
+            opcode: c.cdb[0],
             lun_field: c.lun,
             sink,
             expected,
@@ -470,7 +472,9 @@ impl Core {
         }
     }
 
-    fn complete_write(&mut self, task: WriteTask) {
+    /// Runs a write whose data is in and sends its status (the fault and
+    /// the execution log wrap it: `complete_write`, recovery.rs).
+    pub(super) fn execute_write(&mut self, task: WriteTask) {
         let r2ts = task.r2t_sn;
         if self.task_aborted(&task) {
             // Aborted by a PREEMPT AND ABORT of this nexus or a LUN reset:

@@ -171,6 +171,9 @@ impl Sink {
 #[derive(Debug)]
 struct WriteTask {
     itt: u32,
+    /// The command's CmdSN and operation code (the execution log).
+    cmd_sn: Sn,
+    opcode: u8,
     lun_field: u64,
     sink: Sink,
     /// Bytes the initiator will send (ExpectedDataTransferLength).

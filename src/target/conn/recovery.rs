@@ -85,6 +85,67 @@ impl Core {
         }
     }
 
+    /// A write whose data is in: run at its LU and answered
+    /// (`execute_write`), logged when the LU logs executions
+    /// ([`super::super::Lun::write_executions`]). With the fault
+    /// `lose_status_and_kill` aimed at this CID its status is then lost
+    /// with the connection: kept (ERL 1 and up) for a TASK REASSIGN to
+    /// send again, but not sent, and the connection closes as a broken one
+    /// would (at ERL 2 its tasks wait in the session).
+    pub(super) fn complete_write(&mut self, task: WriteTask) {
+        let execution = self.execution_of(&task);
+        let lose = execution.is_some() && self.shared.faults.take_status_loss(self.cid);
+        let mark = self.out.len();
+        let itt = task.itt;
+        self.execute_write(task);
+        if let Some((lun, e)) = execution {
+            self.shared.luns[lun].record_write_execution(e);
+        }
+        if lose {
+            self.out.truncate(mark);
+            self.recover_tasks = self.erl() >= 2;
+            self.close(format!(
+                "fault injection: status of task {itt:#x} lost, connection CID {} killed",
+                self.cid
+            ));
+            self.release();
+        }
+    }
+
+    /// The log entry of a write about to run (None: it will not run, or
+    /// its LU does not log).
+    fn execution_of(&self, t: &WriteTask) -> Option<(usize, crate::target::WriteExecution)> {
+        let lun = t.sink.lun()?;
+        let l = &self.shared.luns[lun];
+        if t.error.is_some() || self.task_aborted(t) || !l.logs_writes() {
+            return None;
+        }
+        let received = t.received as usize;
+        let (offset, len, data_crc) = match &t.sink {
+            Sink::Lun { offset, len, .. } => {
+                let mut data = vec![0u8; *len as usize];
+                l.read(*offset, &mut data);
+                (*offset, *len, crc32c::crc32c(&data))
+            }
+            Sink::Params { buf, .. } | Sink::PrOut { buf, .. } => {
+                (0, 0, crc32c::crc32c(&buf[..received.min(buf.len())]))
+            }
+            Sink::Discard | Sink::Conflict => return None,
+        };
+        Some((
+            lun,
+            crate::target::WriteExecution {
+                itt: t.itt,
+                cmd_sn: t.cmd_sn.0,
+                cid: self.cid,
+                opcode: t.opcode,
+                offset,
+                len,
+                data_crc,
+            },
+        ))
+    }
+
     /// ERL 1 and up: keeps a copy of a PDU sent for task `itt`.
     pub(super) fn retain(&mut self, itt: u32, h: &PduHeader, data: &[u8]) {
         if self.erl() == 0 || self.session.is_none() {
