@@ -64,7 +64,7 @@ use iscsi_bypass::iscsi::connection::Direction;
 use iscsi_bypass::iscsi::connection::{Command, Completion, ConnTimers, Connection, Event};
 use iscsi_bypass::iscsi::login::{Login, LoginConfig, LoginOutcome, LoginProgress};
 use iscsi_bypass::iscsi::params::{DigestKind, Offer};
-use iscsi_bypass::multipath::io::build_command;
+use iscsi_bypass::multipath::io::{build_command, command_from_completion};
 use iscsi_bypass::multipath::{
     AbortPolicy, Action, DispatchConfig, Dispatcher, FenceBoard, FenceError, FenceJob, FenceNeed,
     Io, IoCompletion, IoError, IoOp, PathHealth, PathLoad, PathResponse, PathState, PathTable,
@@ -798,6 +798,10 @@ struct Path {
     register_held: bool,
     /// UNIT ATTENTIONs its registration got in this session (sent again).
     own_retries: u8,
+    /// Registering its key again on the live session after a stray preempt
+    /// of our own removed it (`FenceBoard::take_stray_preempt`): commands
+    /// refused with RESERVATION CONFLICT until then go back to be resent.
+    repairing: bool,
     /// A PREEMPT AND ABORT this path sent for another path.
     preempt: Option<FenceJob>,
     /// A LOGICAL UNIT RESET this path sent for another path, and when.
@@ -1053,6 +1057,13 @@ struct Stats {
     lun_reset_fences: u64,
     /// Late commands of a preempted nexus refused (RESERVATION CONFLICT).
     late_refused: u64,
+    /// PREEMPT AND ABORTs whose answer was lost with their fencer's session.
+    preempts_in_doubt: u64,
+    /// Registrations removed by such a preempt that ran late (a stray
+    /// preempt) and registered again on the live session.
+    stray_preempts_repaired: u64,
+    /// Commands refused by a stray preempt's RESERVATION CONFLICT and resent.
+    conflict_resends: u64,
     scsi_retries: u64,
     window_checked: u64,
     /// Bit flips actually made above TCP (caught by digests).
@@ -1085,6 +1096,9 @@ struct Sim {
     dispatcher: Dispatcher,
     /// Dispatcher slot -> I/O id.
     slot_io: Vec<Option<u64>>,
+    /// Dispatcher slot -> confirmed ABORT TASKs of its I/O so far (from
+    /// `Action::Send`): the overdue threshold doubles with each.
+    slot_aborts: Vec<u32>,
     ios: BTreeMap<u64, IoSlot>,
     next_io: u64,
     next_gen: u64,
@@ -1167,6 +1181,7 @@ impl Sim {
                 registering: 0,
                 register_held: false,
                 own_retries: 0,
+                repairing: false,
                 preempt: None,
                 lun_reset: None,
             });
@@ -1215,6 +1230,7 @@ impl Sim {
                 0,
             ),
             slot_io: vec![None; sc.qd],
+            slot_aborts: vec![0; sc.qd],
             paths,
             ios: BTreeMap::new(),
             next_io: 1,
@@ -1694,14 +1710,29 @@ impl Sim {
         if let Some(board) = &self.board {
             board.release_preempts(p);
         }
-        let fencing = [
-            path.preempt.take(),
-            path.lun_reset.take().map(|(job, _)| job),
-        ];
+        path.repairing = false;
+        let preempt = path.preempt.take();
+        let fencing = [preempt.clone(), path.lun_reset.take().map(|(job, _)| job)];
+        let fencer_epoch = u64::from(path.logins);
+        let mut in_doubt = None;
         if let Some(board) = &self.board {
+            if let (Some(job), true) = (&preempt, cmds.is_some()) {
+                // Sent on this session, unanswered: it may still run later.
+                if let Some(key) = job.need.pr_key {
+                    board.preempt_in_doubt(job, key, fencer_epoch);
+                    in_doubt = Some(job.need.path);
+                }
+            }
             for job in fencing.into_iter().flatten() {
                 board.finish(&job, &Err(FenceError::FencerFailed), std_now);
             }
+        }
+        if let Some(victim) = in_doubt {
+            self.stats.preempts_in_doubt += 1;
+            self.note(format!(
+                "fence: path {p} failed with its PREEMPT AND ABORT of path {victim}'s key \
+                 unanswered: in doubt (it may still run, after path {victim} registered again)"
+            ));
         }
         let path = &mut self.paths[p];
         path.ini.socket_mut(sock).abort();
@@ -1767,6 +1798,9 @@ impl Sim {
                         path.register_held = false;
                         let rf = self.sc.steps.reservation;
                         if let Some(rf) = rf {
+                            if let Some(b) = &self.board {
+                                b.settle_stray_preempts(p, |v| self.table.fenced_through(v));
+                            }
                             if let Err(e) = submit_registration(conn, rf.key_of(p), std_now) {
                                 failure = Some(e);
                             }
@@ -1841,8 +1875,18 @@ impl Sim {
                             ));
                             failure = Some(e.to_string());
                         } else if a.check_due(std_now) {
-                            let mut overdue = conn.overdue_commands(std_now, a.policy().after);
-                            overdue.retain(|t| t & INTERNAL_TAG == 0);
+                            // As the worker: a command aborted n times
+                            // before waits `after_for(n)`.
+                            let slot_aborts = &self.slot_aborts;
+                            let overdue = a.overdue(
+                                |age| conn.overdue_commands(std_now, age),
+                                |t| {
+                                    if t & INTERNAL_TAG != 0 {
+                                        return None;
+                                    }
+                                    Some(slot_aborts.get(t as usize).copied().unwrap_or(0))
+                                },
+                            );
                             for (t, cmd) in a.start(std_now, &overdue) {
                                 match conn.task_management(
                                     tmf::ABORT_TASK,
@@ -1898,7 +1942,11 @@ impl Sim {
                     // PREEMPT AND ABORT of this key is in flight (it would
                     // remove the new registration).
                     path.register_held = self.board.as_ref().is_some_and(|b| b.hold_preempts(p));
+                    path.repairing = false;
                     if !path.register_held {
+                        if let Some(b) = &self.board {
+                            b.settle_stray_preempts(p, |v| self.table.fenced_through(v));
+                        }
                         if let Err(e) = submit_registration(&mut conn, rf.key_of(p), std_now) {
                             failure = Some(e);
                         }
@@ -2226,6 +2274,11 @@ impl Sim {
             }
             RESERVE_TAG => {
                 self.paths[p].registering = self.paths[p].registering.saturating_sub(1);
+                if std::mem::take(&mut self.paths[p].repairing) {
+                    self.note(format!(
+                        "fence: path {p} registered its key again after the stray preempt"
+                    ));
+                }
                 if let Some(board) = &self.board {
                     // Registered: its needs may be preempted again.
                     board.release_preempts(p);
@@ -2293,9 +2346,11 @@ impl Sim {
                     path,
                     slot,
                     mut cmd,
+                    aborts,
                 } => {
                     let bytes = cmd.buffer.len() as u64;
                     cmd.user_tag = u64::from(slot);
+                    self.slot_aborts[slot as usize] = aborts;
                     let Ini::Up { conn, .. } = &mut self.paths[path].state else {
                         return Err(format!(
                             "dispatcher sent slot {slot} to path {path}, which is down"
@@ -2360,15 +2415,8 @@ impl Sim {
                          will not run it, it goes out again at once (path {p} stays up)",
                         if write { "write" } else { "read" }
                     ));
-                    // As the worker: no session may still run it.
-                    self.respond(
-                        p,
-                        slot,
-                        PathResponse::Bounced {
-                            cmd,
-                            sent_in_session: None,
-                        },
-                    )?;
+                    // As the worker: confirmed, no session may still run it.
+                    self.respond(p, slot, PathResponse::Aborted { cmd })?;
                 }
                 PathNews::Failed(p, cmds, why) => {
                     self.stats.path_failures += 1;
@@ -2455,7 +2503,53 @@ impl Sim {
         if self.trace_io && (c.response != 0 || c.status != 0) {
             eprintln!("{} io {id} status {:#x} on path {p}", self.now, c.status);
         }
+        if c.response == 0 && c.status == 0x18 && self.stray_preempt(p) {
+            self.stats.conflict_resends += 1;
+            self.note(format!(
+                "fence: io {id} refused on path {p} with RESERVATION CONFLICT (a stray preempt \
+                 removed its key): sent again"
+            ));
+            let cmd = command_from_completion(c);
+            return self.respond(p, slot, PathResponse::StrayPreempt { cmd });
+        }
         self.respond(p, slot, PathResponse::Done(c))
+    }
+
+    /// Path `p`'s live session got RESERVATION CONFLICT for an I/O. As the
+    /// worker: if a PREEMPT AND ABORT of our own that fenced an older
+    /// session of `p` is in doubt (`FenceBoard::take_stray_preempt`), it
+    /// ran late and removed the key `p` registered since: `p` registers
+    /// again (REGISTER AND IGNORE EXISTING KEY, RESERVE) on this session,
+    /// and the refused command goes back to be resent (it did not run).
+    /// Otherwise the conflict is real and reaches the application.
+    fn stray_preempt(&mut self, p: usize) -> bool {
+        let (Some(rf), Some(board)) = (self.sc.steps.reservation, &self.board) else {
+            return false;
+        };
+        if self.paths[p].repairing {
+            return true;
+        }
+        let epoch = u64::from(self.paths[p].logins);
+        if !board.take_stray_preempt(p, epoch, rf.key_of(p)) {
+            return false;
+        }
+        let std_now = self.std(self.now);
+        let Ini::Up { conn, .. } = &mut self.paths[p].state else {
+            // Its next login registers anyway.
+            return true;
+        };
+        board.settle_stray_preempts(p, |v| self.table.fenced_through(v));
+        if submit_registration(conn, rf.key_of(p), std_now).is_err() {
+            return true;
+        }
+        self.paths[p].repairing = true;
+        self.paths[p].own_retries = 0;
+        self.stats.stray_preempts_repaired += 1;
+        self.note(format!(
+            "fence: stray preempt: path {p}'s key was removed in its session {epoch} by our \
+             own PREEMPT AND ABORT of its older session, which ran late: path {p} registers again"
+        ));
+        true
     }
 
     /// The application sees I/O `id` finish: check it against the model.
@@ -3010,6 +3104,9 @@ fn system_simulation_many_seeds() {
                 total.preempt_fences += s.preempt_fences;
                 total.lun_reset_fences += s.lun_reset_fences;
                 total.late_refused += s.late_refused;
+                total.preempts_in_doubt += s.preempts_in_doubt;
+                total.stray_preempts_repaired += s.stray_preempts_repaired;
+                total.conflict_resends += s.conflict_resends;
                 total.scsi_retries += s.scsi_retries;
                 total.window_checked += s.window_checked;
                 total.corruptions += s.corruptions;
@@ -3030,7 +3127,8 @@ fn system_simulation_many_seeds() {
          ({} writes held for a fence, {} old target connections ended by reinstatement, \
          {} fence logins through another portal; ABORT TASK: {} sent, {} confirmed, \
          {} refused or unanswered; {} PREEMPT AND ABORT fences, {} late commands refused \
-         with RESERVATION CONFLICT; {} LUN reset fences), \
+         with RESERVATION CONFLICT, {} preempts in doubt, {} stray preempts repaired, \
+         {} commands resent after their conflict; {} LUN reset fences), \
          {} SCSI retries, {} commands window-checked, {} stream corruptions caught, \
          {:?} virtual, max I/O latency {:?}",
         seeds,
@@ -3051,6 +3149,9 @@ fn system_simulation_many_seeds() {
         total.abort_failures,
         total.preempt_fences,
         total.late_refused,
+        total.preempts_in_doubt,
+        total.stray_preempts_repaired,
+        total.conflict_resends,
         total.lun_reset_fences,
         total.scsi_retries,
         total.window_checked,
@@ -3281,5 +3382,58 @@ fn a_seed_shows_lun_reset_fencing() {
                 && sc.faults.iter().any(|f| f.kind == FaultKind::HungTarget)
         },
         |sim| sim.stats.lun_reset_fences > 0 && fenced_by(&sim.fence_log, "LOGICAL UNIT RESET"),
+    );
+}
+
+/// A stray preempt repaired (seed 6662, every hung portal resuming, as CI
+/// runs it): path 0 fails with a write while path 1's portal hangs; path 1
+/// sends PREEMPT AND ABORT of path 0's key and fails before the answer (the
+/// preempt sits in the hung portal's socket: in doubt). Path 0 logs in
+/// again, which ends its failed session, and registers its key again; then
+/// path 1's portal resumes and runs the old preempt, which removes path 0's
+/// new registration. Path 0's next write gets RESERVATION CONFLICT: before
+/// the repair that reached the application ("I/O 102 (Write) failed: SCSI
+/// error: RESERVATION CONFLICT"). Now path 0 registers again on its live
+/// session and the write is resent; every block still reads back its
+/// newest acknowledged generation.
+#[test]
+fn a_stray_preempt_is_repaired_and_the_write_resent() {
+    if extra_steps_off() {
+        return;
+    }
+    let seed = 6662;
+    let mut sim = Sim::new(seed, false, false).expect("scenario");
+    sim.hung_resume = Some(true);
+    if let Err(e) = sim.run() {
+        let tail: Vec<&String> = sim.log.iter().rev().take(20).rev().collect();
+        panic!("seed {seed} failed: {e}\n{tail:#?}");
+    }
+    for l in &sim.fence_log {
+        println!("  {l}");
+    }
+    assert!(sim.stats.preempts_in_doubt > 0, "{:?}", sim.stats);
+    assert!(sim.stats.stray_preempts_repaired > 0, "{:?}", sim.stats);
+    assert!(sim.stats.conflict_resends > 0, "{:?}", sim.stats);
+    let log = &sim.fence_log;
+    let repaired = log
+        .iter()
+        .position(|l| l.contains("stray preempt: path 0"))
+        .expect("path 0 repairs its key");
+    let resent = log
+        .iter()
+        .position(|l| l.contains("refused on path 0 with RESERVATION CONFLICT"))
+        .expect("the refused write is resent");
+    assert!(
+        log[repaired..]
+            .iter()
+            .any(|l| l.contains("path 0 registered its key again")),
+        "the repair registers"
+    );
+    let id = io_after(&log[resent], "fence: io ").expect("io id");
+    assert!(
+        sim.log
+            .iter()
+            .all(|l| !l.contains(&format!("io {id} failed"))),
+        "io {id} failed"
     );
 }

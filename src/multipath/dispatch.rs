@@ -113,7 +113,39 @@ pub enum PathResponse {
     /// The command was consumed by a failing session and is lost: why the
     /// session refused it.
     Lost(SubmitError),
+    /// The target confirmed an ABORT TASK of the command, overdue on a live
+    /// path ("function complete" or "task does not exist"): it will not
+    /// run, so it may go out again at once, on any path. Each one doubles
+    /// the time the command may take before it is aborted again
+    /// ([`crate::multipath::AbortPolicy::after_for`]); after
+    /// [`MAX_ABORTS`] the I/O fails with [`IoError::Aborted`].
+    Aborted {
+        /// The command, buffer included.
+        cmd: Command,
+    },
+    /// The target refused the command with RESERVATION CONFLICT because
+    /// the path's registration was removed by a PREEMPT AND ABORT this
+    /// device sent itself (a *stray preempt*: a fence of the path's older,
+    /// already ended session whose answer was lost with its fencer's
+    /// session, and which ran after the path registered again). The
+    /// command did not run; the path registers its key again, and the
+    /// command goes out again at once, at most [`MAX_CONFLICT_RETRIES`]
+    /// times before the conflict reaches the application.
+    StrayPreempt {
+        /// The command, buffer included.
+        cmd: Command,
+    },
 }
+
+/// Confirmed ABORT TASKs of one I/O after which it fails with
+/// [`IoError::Aborted`] (the target stays too slow for it, and aborting
+/// and retrying it could go on for ever).
+pub const MAX_ABORTS: u32 = 4;
+
+/// Resends of one I/O after a RESERVATION CONFLICT caused by a stray
+/// preempt of the device's own ([`PathResponse::StrayPreempt`]) before the
+/// conflict reaches the application.
+pub const MAX_CONFLICT_RETRIES: u32 = 2;
 
 /// What the caller has to do next.
 #[derive(Debug)]
@@ -128,6 +160,10 @@ pub enum Action {
         slot: u32,
         /// The command.
         cmd: Command,
+        /// Confirmed ABORT TASKs of this I/O so far: the path waits
+        /// [`crate::multipath::AbortPolicy::after_for`] this many before it
+        /// aborts the command again.
+        aborts: u32,
     },
     /// The I/O in `slot` is finished; the slot is free again.
     Complete {
@@ -177,6 +213,11 @@ struct Slot {
     retries: u32,
     /// Resubmissions after retryable SCSI statuses only.
     status_retries: u32,
+    /// Confirmed ABORT TASKs ([`PathResponse::Aborted`]).
+    aborts: u32,
+    /// Resends after a stray preempt's RESERVATION CONFLICT
+    /// ([`PathResponse::StrayPreempt`]).
+    conflict_retries: u32,
     /// The command, while the dispatcher holds it.
     held: Option<Command>,
     not_before: Option<Instant>,
@@ -368,6 +409,40 @@ impl Dispatcher {
                     now,
                 );
             }
+            PathResponse::Aborted { cmd } => {
+                s.aborts += 1;
+                if self.closed {
+                    self.complete(slot, Err(IoError::Closed), cmd.buffer, now);
+                } else if s.aborts >= MAX_ABORTS {
+                    let e = IoError::Aborted {
+                        op: s.op.unwrap_or(IoOp::Read),
+                        user_tag: s.user_tag,
+                        opcode: cmd.cdb[0],
+                        path,
+                        aborts: s.aborts,
+                    };
+                    self.complete(slot, Err(e), cmd.buffer, now);
+                } else {
+                    // The target will not run it: no fence needed.
+                    s.retries += 1;
+                    s.held = Some(cmd);
+                    self.ready.push_back(slot);
+                }
+            }
+            PathResponse::StrayPreempt { cmd } => {
+                s.conflict_retries += 1;
+                if self.closed {
+                    self.complete(slot, Err(IoError::Closed), cmd.buffer, now);
+                } else if s.conflict_retries > MAX_CONFLICT_RETRIES {
+                    let e = IoError::Scsi(crate::scsi::ScsiError::ReservationConflict);
+                    self.complete(slot, Err(e), cmd.buffer, now);
+                } else {
+                    // Refused with a status: it did not run, no fence needed.
+                    s.retries += 1;
+                    s.held = Some(cmd);
+                    self.ready.push_back(slot);
+                }
+            }
         }
         Ok(bytes)
     }
@@ -473,7 +548,13 @@ impl Dispatcher {
                     s.path = Some(path);
                     s.last_path = Some(path);
                     s.no_path_since = None;
-                    return Some(Action::Send { path, slot, cmd });
+                    let aborts = s.aborts;
+                    return Some(Action::Send {
+                        path,
+                        slot,
+                        cmd,
+                        aborts,
+                    });
                 }
                 None => {
                     let s = &mut self.slots[slot as usize];
@@ -612,7 +693,9 @@ mod tests {
         let mut done = Vec::new();
         while let Some(a) = d.poll_action(now, paths) {
             match a {
-                Action::Send { path, slot, cmd } => {
+                Action::Send {
+                    path, slot, cmd, ..
+                } => {
                     paths.loads[path].0 += 1;
                     paths.loads[path].1 += cmd.buffer.len() as u64;
                     sent.push((path, slot, cmd));
@@ -959,6 +1042,123 @@ mod tests {
         );
         drain(&mut d, t0, &mut paths, &mut sent);
         assert_eq!(sent.pop().map(|s| s.0), Some(1 - p));
+    }
+
+    /// The abort livelock: a command the target stays too slow for is
+    /// aborted (ABORT TASK confirmed) and goes out again at once, each time
+    /// with its abort count, so that its path waits twice as long before the
+    /// next abort; after the `MAX_ABORTS`th it fails to the application with
+    /// `IoError::Aborted`, naming the command and the path, instead of
+    /// going round for ever.
+    #[test]
+    fn an_aborted_command_goes_out_again_counted_and_fails_after_the_fourth_abort() {
+        let t0 = Instant::now();
+        let mut paths = Fake::new(2);
+        let mut d = Dispatcher::new(4, config(), 0);
+        submit(&mut d, t0, Io::write(7, 1, vec![3; 512], 99));
+        let mut sent_counts = Vec::new();
+        let mut last_path = None;
+        let mut done = Vec::new();
+        for _ in 0..MAX_ABORTS + 1 {
+            let mut sent = Vec::new();
+            let mut now_done = Vec::new();
+            while let Some(a) = d.poll_action(t0, &paths) {
+                match a {
+                    Action::Send {
+                        path,
+                        slot,
+                        cmd,
+                        aborts,
+                    } => {
+                        paths.loads[path].0 += 1;
+                        paths.loads[path].1 += cmd.buffer.len() as u64;
+                        sent_counts.push(aborts);
+                        sent.push((path, slot, cmd));
+                    }
+                    Action::Complete { completion, .. } => now_done.push(completion),
+                }
+            }
+            done.extend(now_done);
+            let Some((p, slot, cmd)) = sent.pop() else {
+                break;
+            };
+            last_path = Some(p);
+            // Confirmed: no fence, it goes out again at once.
+            give_back(
+                &mut d,
+                t0,
+                &mut paths,
+                p,
+                slot,
+                PathResponse::Aborted { cmd },
+            );
+        }
+        assert_eq!(sent_counts, vec![0, 1, 2, 3], "sent with its abort count");
+        assert_eq!(done.len(), 1);
+        let path = last_path.expect("sent");
+        assert_eq!(
+            done[0].result,
+            Err(IoError::Aborted {
+                op: IoOp::Write,
+                user_tag: 99,
+                // WRITE (16)
+                opcode: 0x8a,
+                path,
+                aborts: MAX_ABORTS,
+            })
+        );
+        assert_eq!(done[0].buffer, vec![3; 512], "buffer comes back");
+        assert_eq!(d.fences_waited(), 0, "an aborted command needs no fence");
+        assert_eq!(d.in_flight(), 0);
+        let msg = done[0].result.clone().expect_err("failed").to_string();
+        assert!(
+            msg.contains("aborted 4 times") && msg.contains(&format!("path {path}")),
+            "{msg}"
+        );
+    }
+
+    /// A RESERVATION CONFLICT a stray preempt of the device's own caused is
+    /// resent at once (the command did not run: no fence), at most
+    /// `MAX_CONFLICT_RETRIES` times; then the conflict reaches the
+    /// application, as a plain one does at once.
+    #[test]
+    fn a_stray_preempt_conflict_is_resent_twice_then_reaches_the_application() {
+        let t0 = Instant::now();
+        let mut paths = Fake::new(2);
+        let mut d = Dispatcher::new(4, config(), 0);
+        submit(&mut d, t0, Io::write(1, 1, vec![5; 512], 8));
+        let mut sent = Vec::new();
+        for round in 0..=MAX_CONFLICT_RETRIES {
+            assert!(drain(&mut d, t0, &mut paths, &mut sent).is_empty());
+            let (p, slot, cmd) = sent.pop().unwrap_or_else(|| panic!("resend {round}"));
+            give_back(
+                &mut d,
+                t0,
+                &mut paths,
+                p,
+                slot,
+                PathResponse::StrayPreempt { cmd },
+            );
+        }
+        let done = drain(&mut d, t0, &mut paths, &mut sent);
+        assert!(sent.is_empty(), "not sent a fourth time");
+        assert_eq!(
+            done[0].result,
+            Err(IoError::Scsi(crate::scsi::ScsiError::ReservationConflict))
+        );
+        assert_eq!(done[0].retries, MAX_CONFLICT_RETRIES);
+        assert_eq!(d.fences_waited(), 0);
+        // A plain conflict (no stray preempt) fails at once.
+        submit(&mut d, t0, Io::write(2, 1, vec![6; 512], 9));
+        drain(&mut d, t0, &mut paths, &mut sent);
+        let (p, slot, cmd) = sent.pop().expect("sent");
+        give_back(&mut d, t0, &mut paths, p, slot, answer(cmd, 0x18));
+        let done = drain(&mut d, t0, &mut paths, &mut sent);
+        assert!(done[0]
+            .result
+            .as_ref()
+            .is_err_and(|e| e.is_reservation_conflict()));
+        assert_eq!(done[0].retries, 0);
     }
 
     #[test]

@@ -126,6 +126,26 @@ pub struct FenceBoard {
     /// ([`FenceBoard::hold_preempts`]): no PREEMPT AND ABORT of their keys
     /// is claimed. Locked after `entries`, never before.
     registering: Mutex<Vec<usize>>,
+    /// PREEMPT AND ABORTs whose answer was lost with their fencer's
+    /// session ([`FenceBoard::preempt_in_doubt`]): they may still run.
+    in_doubt: Mutex<Vec<InDoubtPreempt>>,
+}
+
+/// A PREEMPT AND ABORT of path `victim`'s key that this device sent and
+/// whose answer never came (its fencer's session failed first). The
+/// fencer's bytes may still reach the target (a hung portal that resumes)
+/// and run it later, after the victim logged in again and registered its
+/// key once more: that registration is then removed (a *stray preempt*),
+/// and the victim's new session gets RESERVATION CONFLICT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InDoubtPreempt {
+    victim: usize,
+    /// The session of the victim the preempt was to fence.
+    victim_epoch: u64,
+    key: u64,
+    fencer: usize,
+    /// The fencer's session that carried the preempt.
+    fencer_epoch: u64,
 }
 
 /// Why a fence login did not end the failed session.
@@ -422,6 +442,68 @@ impl FenceBoard {
         }
     }
 
+    /// The PREEMPT AND ABORT of `job` (the victim's key `key`) went out on
+    /// session `fencer_epoch` of the fencer, which failed before the answer
+    /// came: the preempt may still run at the target, later. Recorded, so
+    /// that a RESERVATION CONFLICT it causes on the victim's newer session
+    /// is known for a stray preempt of our own
+    /// ([`take_stray_preempt`](Self::take_stray_preempt)).
+    pub fn preempt_in_doubt(&self, job: &FenceJob, key: u64, fencer_epoch: u64) {
+        let Ok(mut d) = self.in_doubt.lock() else {
+            return;
+        };
+        let x = InDoubtPreempt {
+            victim: job.need.path,
+            victim_epoch: job.need.epoch,
+            key,
+            fencer: job.fencer,
+            fencer_epoch,
+        };
+        if !d.contains(&x) {
+            d.push(x);
+        }
+    }
+
+    /// Path `path`, in its live session `epoch` with key `key` registered,
+    /// got RESERVATION CONFLICT. True when a preempt of our own in doubt
+    /// explains it: one of that key that fenced an *older* session of the
+    /// path (so `epoch`'s own login has ended that session already, and
+    /// registering again cannot let it write) — the record is taken, and
+    /// the path may register again and resend. False: someone else (another
+    /// host) removed the registration, and the conflict is real.
+    pub fn take_stray_preempt(&self, path: usize, epoch: u64, key: u64) -> bool {
+        let Ok(mut d) = self.in_doubt.lock() else {
+            return false;
+        };
+        let Some(i) = d
+            .iter()
+            .position(|x| x.victim == path && x.key == key && x.victim_epoch < epoch)
+        else {
+            return false;
+        };
+        d.remove(i);
+        true
+    }
+
+    /// Path `path` is about to register its key: preempts in doubt whose
+    /// fencer's session is already known ended (`fenced_through(fencer) >=
+    /// its epoch`) can no longer run, so they cannot remove this
+    /// registration or a later one: dropped.
+    pub fn settle_stray_preempts(&self, path: usize, fenced_through: impl Fn(usize) -> u64) {
+        if let Ok(mut d) = self.in_doubt.lock() {
+            d.retain(|x| x.victim != path || fenced_through(x.fencer) < x.fencer_epoch);
+        }
+    }
+
+    /// Preempts of path `path`'s key in doubt (see
+    /// [`preempt_in_doubt`](Self::preempt_in_doubt)).
+    pub fn preempts_in_doubt(&self, path: usize) -> usize {
+        self.in_doubt
+            .lock()
+            .map(|d| d.iter().filter(|x| x.victim == path).count())
+            .unwrap_or(0)
+    }
+
     /// Path `path` logged in again by itself (its own login ended the failed
     /// session): nothing left to fence for it up to `epoch`.
     pub fn fenced(&self, path: usize, epoch: u64) {
@@ -447,6 +529,17 @@ pub struct AbortPolicy {
     /// target refuses it) the path fails, and the write waits for the next
     /// fence steps.
     pub answer_within: Duration,
+}
+
+impl AbortPolicy {
+    /// How long a command that was aborted `aborts` times already may stay
+    /// unanswered before it is aborted again: `after`, doubled for each
+    /// (a target that stays slow would otherwise get the command aborted
+    /// and retried for ever; the dispatcher fails it after
+    /// `dispatch::MAX_ABORTS`).
+    pub fn after_for(&self, aborts: u32) -> Duration {
+        self.after.saturating_mul(1 << aborts.min(16))
+    }
 }
 
 impl Default for AbortPolicy {
@@ -543,6 +636,36 @@ impl TaskAborts {
         true
     }
 
+    /// The commands due for ABORT TASK: unanswered for `after_for(n)`, where
+    /// `n` is how often the command was aborted before (`aborts_of(tag)`;
+    /// None: not a command to abort, such as the path's own). `overdue_for`
+    /// lists the tags of the commands unanswered for at least an age
+    /// (`Connection::overdue_commands`); it is asked once per abort count
+    /// present.
+    pub fn overdue(
+        &self,
+        overdue_for: impl Fn(Duration) -> Vec<u64>,
+        aborts_of: impl Fn(u64) -> Option<u32>,
+    ) -> Vec<u64> {
+        let mut due = overdue_for(self.policy.after);
+        let mut levels: Vec<(u32, Vec<u64>)> = Vec::new();
+        due.retain(|&tag| match aborts_of(tag) {
+            None => false,
+            Some(0) => true,
+            Some(n) => {
+                let i = match levels.iter().position(|(k, _)| *k == n) {
+                    Some(i) => i,
+                    None => {
+                        levels.push((n, overdue_for(self.policy.after_for(n))));
+                        levels.len() - 1
+                    }
+                };
+                levels[i].1.contains(&tag)
+            }
+        });
+        due
+    }
+
     /// Of the `overdue` commands (by tag), those not being aborted yet get
     /// a TMF tag each: send ABORT TASK for every (TMF tag, command tag)
     /// returned ([`forget`](Self::forget) one that could not be sent).
@@ -599,6 +722,80 @@ mod tests {
             login: LoginConfig::new("iqn.i", Some("iqn.t")),
             pr_key: None,
         }
+    }
+
+    /// The abort back-off: a command aborted n times before is due again
+    /// only once unanswered for `after_for(n)` = `after` × 2^n; the path's
+    /// own commands (None) never.
+    #[test]
+    fn overdue_waits_twice_as_long_for_each_abort_before() {
+        let policy = AbortPolicy {
+            after: Duration::from_secs(2),
+            answer_within: Duration::from_secs(1),
+        };
+        assert_eq!(policy.after_for(0), Duration::from_secs(2));
+        assert_eq!(policy.after_for(3), Duration::from_secs(16));
+        assert_eq!(policy.after_for(u32::MAX), Duration::from_secs(2 << 16));
+        let a = TaskAborts::new(policy, 1 << 40, Instant::now());
+        // Tag t has been unanswered for t seconds; tag 100 is internal.
+        let tags = [3u64, 5, 9, 17, 100];
+        let overdue_for = |age: Duration| -> Vec<u64> {
+            tags.iter()
+                .copied()
+                .filter(|&t| Duration::from_secs(t) >= age)
+                .collect()
+        };
+        // 3 and 5 never aborted, 9 twice (due at 8 s), 17 three times
+        // (due at 16 s).
+        let aborts = |t: u64| match t {
+            100 => None,
+            9 => Some(2),
+            17 => Some(3),
+            _ => Some(0),
+        };
+        assert_eq!(a.overdue(overdue_for, aborts), vec![3, 5, 9, 17]);
+        // Once more each: 9 needs 16 s, 17 needs 32 s.
+        let more = |t: u64| aborts(t).map(|n| if n > 0 { n + 1 } else { 0 });
+        assert_eq!(a.overdue(overdue_for, more), vec![3, 5]);
+    }
+
+    /// A stray preempt: a PREEMPT AND ABORT whose fencer failed before the
+    /// answer is in doubt; a conflict on a newer session of its victim is
+    /// explained by it once (the record is taken), never on the fenced
+    /// session itself or on another path, and a record whose fencer's
+    /// session is known ended is settled before the victim registers.
+    #[test]
+    fn a_preempt_in_doubt_explains_one_conflict_of_a_newer_session_of_its_victim() {
+        let b = FenceBoard::new();
+        let now = Instant::now();
+        let mut n = need(0, 1, 1);
+        n.pr_key = Some(0x50);
+        b.post(n);
+        let job = b
+            .claim_preempt(1, now, |_| 0, |_, _| false)
+            .expect("claimed");
+        b.preempt_in_doubt(&job, 0x50, 4);
+        b.finish(&job, &Err(FenceError::FencerFailed), now);
+        assert_eq!(b.preempts_in_doubt(0), 1);
+        assert!(
+            !b.take_stray_preempt(0, 1, 0x50),
+            "the fenced session itself"
+        );
+        assert!(!b.take_stray_preempt(1, 2, 0x50), "another path");
+        assert!(!b.take_stray_preempt(0, 2, 0x51), "another key");
+        assert!(b.take_stray_preempt(0, 2, 0x50), "path 0's newer session");
+        assert!(!b.take_stray_preempt(0, 2, 0x50), "explains one conflict");
+        // Settled: the fencer's session 4 is known ended.
+        b.preempt_in_doubt(&job, 0x50, 4);
+        b.settle_stray_preempts(0, |p| if p == 1 { 3 } else { 0 });
+        assert_eq!(
+            b.preempts_in_doubt(0),
+            1,
+            "fencer's session 4 may still run"
+        );
+        b.settle_stray_preempts(0, |p| if p == 1 { 4 } else { 0 });
+        assert_eq!(b.preempts_in_doubt(0), 0);
+        assert!(!b.take_stray_preempt(0, 3, 0x50));
     }
 
     /// MC/S: a connection's need is claimed only by another connection of

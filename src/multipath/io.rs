@@ -194,6 +194,24 @@ pub enum IoError {
         /// How long it waited for the fence.
         waited: Duration,
     },
+    /// The command was overdue on a live path and the target confirmed an
+    /// ABORT TASK of it `aborts` times (the last on path `path`), each time
+    /// after twice as long as before (`AbortPolicy::after_for`): the target
+    /// stays too slow for it, so it is not retried again. It did not run
+    /// in any of those attempts.
+    #[error("{op:?} (user tag {user_tag:#x}, opcode {opcode:#04x}) aborted {aborts} times as overdue, the last on path {path}: not retried again")]
+    Aborted {
+        /// The operation.
+        op: IoOp,
+        /// The request's `user_tag`.
+        user_tag: u64,
+        /// The CDB's operation code.
+        opcode: u8,
+        /// The path of the last abort.
+        path: usize,
+        /// Confirmed ABORT TASKs.
+        aborts: u32,
+    },
     /// A request that needs at least one block got none.
     #[error("{op:?} of 0 blocks")]
     ZeroLength {

@@ -24,7 +24,10 @@ pub use config::{
     PortBinding,
 };
 pub use config::{ConfigError, DiscoveryError};
-pub use dispatch::{Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable};
+pub use dispatch::{
+    Action, DispatchConfig, DispatchError, Dispatcher, PathResponse, PathTable, MAX_ABORTS,
+    MAX_CONFLICT_RETRIES,
+};
 pub use fence::{
     AbortError, AbortPolicy, FenceBoard, FenceError, FenceJob, FenceNeed, ReservationFence,
     TaskAborts,

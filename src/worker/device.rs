@@ -571,12 +571,18 @@ impl IoQueue {
     fn run_actions(&mut self, now: Instant, out: &mut Vec<IoCompletion>) {
         while let Some(action) = self.dispatcher.poll_action(now, &*self.dev) {
             match action {
-                Action::Send { path, slot, cmd } => {
+                Action::Send {
+                    path,
+                    slot,
+                    cmd,
+                    aborts,
+                } => {
                     let bytes = cmd.buffer.len() as u64;
                     let req = Request {
                         slot,
                         cmd,
                         dispatched_at: now,
+                        aborts,
                     };
                     match self.subs[path].push(req) {
                         Ok(()) => {
@@ -655,6 +661,10 @@ impl IoQueue {
                         },
                     ),
                     Response::Lost { slot, reason } => (slot, PathResponse::Lost(reason)),
+                    Response::Aborted { slot, cmd } => (slot, PathResponse::Aborted { cmd }),
+                    Response::StrayPreempt { slot, cmd } => {
+                        (slot, PathResponse::StrayPreempt { cmd })
+                    }
                 };
                 // Workers answer only what this queue handed them, once per
                 // dispatch (queue ids are distinct): anything else is a

@@ -35,6 +35,9 @@ pub(crate) struct Request {
     pub slot: u32,
     pub cmd: Command,
     pub dispatched_at: Instant,
+    /// Confirmed ABORT TASKs of this I/O so far: it is aborted again only
+    /// after `AbortPolicy::after_for(aborts)`.
+    pub aborts: u32,
 }
 
 /// What a worker hands back to a queue.
@@ -53,6 +56,13 @@ pub(crate) enum Response {
     },
     /// The command could not be handed to the session and is lost.
     Lost { slot: u32, reason: SubmitError },
+    /// The target confirmed an ABORT TASK of the overdue command: it will
+    /// not run; resubmit anywhere (counted against `MAX_ABORTS`).
+    Aborted { slot: u32, cmd: Command },
+    /// Refused with RESERVATION CONFLICT because a stray preempt of our
+    /// own removed this path's key (`FenceBoard::take_stray_preempt`); the
+    /// path registers again, the command did not run: resubmit.
+    StrayPreempt { slot: u32, cmd: Command },
 }
 
 /// Control messages to a worker (rare; MPSC because any thread may open a queue).
@@ -81,6 +91,8 @@ struct QueueEnds {
     comp: Producer<Response>,
     /// When each slot's command was dispatched (for the latency).
     started: Vec<Instant>,
+    /// Each slot's confirmed ABORT TASKs so far (`Request::aborts`).
+    aborts: Vec<u32>,
 }
 
 impl QueueEnds {
@@ -194,6 +206,11 @@ const ABORT_TAG: u64 = INTERNAL_TAG | 1 << 60;
 const LUN_RESET_TAG: u64 = INTERNAL_TAG | 1 << 59;
 /// How long a LOGICAL UNIT RESET may go unanswered.
 const LUN_RESET_ANSWER: Duration = Duration::from_secs(10);
+/// Tags of the worker's REGISTER AND IGNORE EXISTING KEY (`| 1`) and
+/// RESERVE (`| 2`) that repair its key after a stray preempt.
+const KEY_REPAIR_TAG: u64 = INTERNAL_TAG | 1 << 58;
+/// SCSI status RESERVATION CONFLICT.
+const RESERVATION_CONFLICT: u8 = 0x18;
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -318,6 +335,13 @@ pub(crate) struct Worker {
     /// Supported-states byte of this path's group (REPORT TARGET PORT GROUPS).
     group_supported: Option<u8>,
     stpg_pending: bool,
+    /// A stray preempt of our own removed this path's key from its live
+    /// session (`FenceBoard::take_stray_preempt`): register again at the
+    /// next round.
+    key_repair_wanted: bool,
+    /// That registration's commands not answered yet: until then, commands
+    /// refused with RESERVATION CONFLICT go back to be resent.
+    key_repair_pending: u8,
     hist: hdrhistogram::Histogram<u64>,
     last_merge: Instant,
     idle: IdleMode,
@@ -339,7 +363,9 @@ pub(crate) struct Worker {
     helper: Helper,
     login_fence: bool,
     /// A PREEMPT AND ABORT this path sent for another, and its answer.
-    fence_preempt: Option<(FenceJob, std::sync::mpsc::Receiver<Completion>)>,
+    /// Our PREEMPT AND ABORT in flight, its answer, and the session epoch
+    /// it went out in.
+    fence_preempt: Option<(FenceJob, std::sync::mpsc::Receiver<Completion>, u64)>,
     lun_reset_after: Option<Duration>,
     /// A LOGICAL UNIT RESET this path sent for another: (job, TMF tag, sent).
     fence_reset: Option<(FenceJob, u64, Instant)>,
@@ -403,6 +429,8 @@ impl Worker {
             explicit_alua: false,
             group_supported: None,
             stpg_pending: false,
+            key_repair_wanted: false,
+            key_repair_pending: 0,
             hist: new_histogram(),
             last_merge: Instant::now(),
             idle: s.idle,
@@ -468,6 +496,8 @@ impl Worker {
             .map(|a| TaskAborts::new(a, ABORT_TAG, Instant::now()));
         self.alua_refresh_pending = false;
         self.alua_refresh_wanted = false;
+        self.key_repair_wanted = false;
+        self.key_repair_pending = 0;
         self.draining = None;
         let outcome = p.session.outcome();
         if let Some(m) = &mut self.mcs {
@@ -625,6 +655,7 @@ impl Worker {
                         sub,
                         comp,
                         started: vec![Instant::now(); depth],
+                        aborts: vec![0; depth],
                     })
                 }
                 Control::RemoveQueue { id } => self.queues.retain(|q| q.id != id),
@@ -660,6 +691,10 @@ impl Worker {
             // Logging out: what the rings still hold goes to other paths.
             self.bounce_rings();
         }
+        if self.key_repair_wanted {
+            self.repair_key(session);
+            progressed = true;
+        }
         for q in &mut self.queues {
             if self.draining.is_some() {
                 break;
@@ -669,6 +704,9 @@ impl Worker {
                 let slot = req.slot;
                 if let Some(s) = q.started.get_mut(slot as usize) {
                     *s = req.dispatched_at;
+                }
+                if let Some(a) = q.aborts.get_mut(slot as usize) {
+                    *a = req.aborts;
                 }
                 let mut cmd = req.cmd;
                 cmd.user_tag = tag(q.id, slot);
@@ -799,10 +837,22 @@ impl Worker {
         if self.in_session == 0 || !aborts.check_due(now) {
             return Ok(false);
         }
-        let mut overdue = session
-            .connection()
-            .overdue_commands(now, aborts.policy().after);
-        overdue.retain(|t| t & INTERNAL_TAG == 0);
+        // A command aborted n times before waits `after_for(n)`.
+        let queues = &self.queues;
+        let overdue = aborts.overdue(
+            |age| session.connection().overdue_commands(now, age),
+            |t| {
+                if t & INTERNAL_TAG != 0 {
+                    return None;
+                }
+                let (qid, slot) = ((t >> 32) as u32, t as u32);
+                let q = queues.iter().find(|q| q.id == qid);
+                Some(
+                    q.and_then(|q| q.aborts.get(slot as usize).copied())
+                        .unwrap_or(0),
+                )
+            },
+        );
         let mut sent = false;
         for (tmf, cmd) in aborts.start(now, &overdue) {
             match session.connection_mut().task_management(
@@ -854,7 +904,7 @@ impl Worker {
                     self.in_session = self.in_session.saturating_sub(1);
                     self.shared.record_resubmitted(1);
                     // Fenced: the target will not run it any more.
-                    self.bounce_as(cmd, None);
+                    self.respond_with(cmd, |slot, cmd| Response::Aborted { slot, cmd });
                 }
                 Ok(())
             }
@@ -984,6 +1034,10 @@ impl Worker {
             }
             return;
         }
+        if c.user_tag & !3 == KEY_REPAIR_TAG {
+            self.on_key_repair_answer(&c);
+            return;
+        }
         if c.user_tag & INTERNAL_TAG != 0 && c.user_tag & STPG_TAG != 0 {
             self.stpg_pending = false;
             match check_status(c.status, &c.sense) {
@@ -1028,6 +1082,16 @@ impl Worker {
             return;
         }
         self.in_session = self.in_session.saturating_sub(1);
+        if c.response == 0 && c.status == RESERVATION_CONFLICT && self.stray_preempt() {
+            log::warn!(
+                "path {}: command {:#x} refused with RESERVATION CONFLICT: a stray PREEMPT AND ABORT of our own removed this path's key; registering again and resending it",
+                self.shared.name,
+                c.user_tag
+            );
+            let cmd = crate::multipath::io::command_from_completion(c);
+            self.respond_with(cmd, |slot, cmd| Response::StrayPreempt { slot, cmd });
+            return;
+        }
         let error = c.response != 0 || c.status != 0;
         if error {
             if let Err(e) = check_status(c.status, &c.sense) {
@@ -1061,6 +1125,99 @@ impl Worker {
         });
     }
 
+    /// A command of this path's live session got RESERVATION CONFLICT:
+    /// true when a stray preempt of our own explains it (a repair of the
+    /// key is under way, or `FenceBoard::take_stray_preempt` finds a
+    /// PREEMPT AND ABORT in doubt that fenced an older session of this
+    /// path, which this session's login has ended already, so registering
+    /// again cannot let that session write). Then the key is registered
+    /// again at the next round. False: the conflict is real (another host
+    /// removed the key, or holds the LU) and reaches the application.
+    fn stray_preempt(&mut self) -> bool {
+        if self.key_repair_wanted || self.key_repair_pending > 0 {
+            return true;
+        }
+        let (Some(board), Some(key)) = (&self.fence, self.probe.pr_key) else {
+            return false;
+        };
+        if !board.take_stray_preempt(self.shared.index, self.session_epoch, key) {
+            return false;
+        }
+        self.key_repair_wanted = true;
+        true
+    }
+
+    /// Registers this path's key again on its live session after a stray
+    /// preempt (as the probe does at login): REGISTER AND IGNORE EXISTING
+    /// KEY, then RESERVE WE-RO (RESERVATION CONFLICT there: another path
+    /// holds it, fine). Submitted before any command the rings still hold,
+    /// so those run after it.
+    fn repair_key(&mut self, session: &mut Session<BoxedTransport>) {
+        use crate::wire::scsi::pr::{PrOutAction, PrOutParams, PrType};
+        self.key_repair_wanted = false;
+        let (Some(board), Some(key)) = (&self.fence, self.probe.pr_key) else {
+            return;
+        };
+        let peers = &self.peers;
+        board.settle_stray_preempts(self.shared.index, |v| {
+            peers.get(v).map_or(u64::MAX, |p| p.fenced_through())
+        });
+        let register = ScsiCommand::persistent_reserve_out(
+            PrOutAction::RegisterAndIgnoreExistingKey,
+            None,
+            &PrOutParams {
+                sa_key: key,
+                ..PrOutParams::default()
+            },
+        );
+        let reserve = ScsiCommand::persistent_reserve_out(
+            PrOutAction::Reserve,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            &PrOutParams {
+                key,
+                ..PrOutParams::default()
+            },
+        );
+        for (n, (c, data)) in [(1, register), (2, reserve)] {
+            let Ok(mut cmd) = Command::new(self.probe.lun, c.cdb_bytes(), Direction::Write, data)
+            else {
+                continue;
+            };
+            cmd.user_tag = KEY_REPAIR_TAG | n;
+            if session.submit(cmd).is_ok() {
+                self.key_repair_pending += 1;
+            }
+        }
+        log::warn!(
+            "path {}: registering key {key:#x} again on session {} (a stray preempt of our own removed it)",
+            self.shared.name,
+            self.session_epoch
+        );
+    }
+
+    /// The answer to a command of [`repair_key`](Self::repair_key).
+    fn on_key_repair_answer(&mut self, c: &Completion) {
+        self.key_repair_pending = self.key_repair_pending.saturating_sub(1);
+        let what = if c.user_tag & 3 == 1 {
+            "REGISTER AND IGNORE EXISTING KEY"
+        } else {
+            "RESERVE"
+        };
+        let conflict_ok = c.user_tag & 3 == 2 && c.status == RESERVATION_CONFLICT;
+        match check_status(c.status, &c.sense) {
+            _ if c.response != 0 => log::warn!(
+                "path {}: {what} after a stray preempt: iSCSI response {:#04x}",
+                self.shared.name,
+                c.response
+            ),
+            Err(e) if !conflict_ok => log::warn!(
+                "path {}: {what} after a stray preempt failed: {e}",
+                self.shared.name
+            ),
+            _ => {}
+        }
+    }
+
     /// Sends every command waiting in the rings back for another path.
     fn bounce_rings(&mut self) {
         for q in &mut self.queues {
@@ -1077,6 +1234,18 @@ impl Worker {
     fn bounce(&mut self, cmd: Command) {
         let epoch = self.session_epoch;
         self.bounce_as(cmd, Some(epoch));
+    }
+
+    /// Hands `cmd` back to its queue as `response(slot, cmd)`.
+    fn respond_with(&mut self, cmd: Command, response: impl FnOnce(u32, Command) -> Response) {
+        if cmd.user_tag & INTERNAL_TAG != 0 {
+            return;
+        }
+        let qid = (cmd.user_tag >> 32) as u32;
+        let slot = cmd.user_tag as u32;
+        if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
+            q.respond(response(slot, cmd));
+        }
     }
 
     /// Hands `cmd` back to its queue; `sent_in_session`: the session that
@@ -1177,6 +1346,9 @@ impl Worker {
         self.bounce_rings();
         self.in_session = 0;
         self.aborts = None;
+        // The next login registers the key anyway.
+        self.key_repair_wanted = false;
+        self.key_repair_pending = 0;
         if self.fence_reset.is_some() {
             self.finish_lun_reset(None, now);
         }
@@ -1507,7 +1679,7 @@ impl Worker {
             self.peers[job.need.path].name,
             job.need.epoch
         );
-        self.fence_preempt = Some((job, answer));
+        self.fence_preempt = Some((job, answer, self.session_epoch));
     }
 
     /// The last resort: LOGICAL UNIT RESET on this path's session. The LU
@@ -1585,15 +1757,23 @@ impl Worker {
     /// held writes may go.
     fn finish_preempt(&mut self, board: &FenceBoard, now: Instant) {
         use std::sync::mpsc::TryRecvError;
-        let Some((job, answer)) = self.fence_preempt.take() else {
+        let Some((job, answer, epoch)) = self.fence_preempt.take() else {
             return;
         };
         let result = match answer.try_recv() {
             Err(TryRecvError::Empty) => {
-                self.fence_preempt = Some((job, answer));
+                self.fence_preempt = Some((job, answer, epoch));
                 return;
             }
-            Err(TryRecvError::Disconnected) => Err(FenceError::FencerFailed),
+            Err(TryRecvError::Disconnected) => {
+                // Our session failed before the answer: the preempt may
+                // still run later (a hung portal that resumes), after the
+                // victim registered again.
+                if let Some(key) = job.need.pr_key {
+                    board.preempt_in_doubt(&job, key, epoch);
+                }
+                Err(FenceError::FencerFailed)
+            }
             Ok(c) if c.response != 0 => Err(FenceError::PreemptResponse(c.response)),
             Ok(c) => check_status(c.status, &c.sense).map_err(FenceError::Preempt),
         };
@@ -1624,6 +1804,14 @@ impl Worker {
         };
         self.health.on_attempt();
         self.shared.set_state(PathState::Connecting, "reconnecting");
+        if let (Some(board), Some(_)) = (&self.fence, self.probe.pr_key) {
+            // Before this login registers: preempts in doubt whose fencer
+            // is known ended by now can no longer undo that registration.
+            let peers = &self.peers;
+            board.settle_stray_preempts(self.shared.index, |v| {
+                peers.get(v).map_or(u64::MAX, |p| p.fenced_through())
+            });
+        }
         let cfg = self.probe.clone();
         let mcs_login = self.mcs_login();
         let spawned = self.helper.run(move || {
@@ -1806,6 +1994,7 @@ mod tests {
             slot,
             cmd: Command::new(0, &[0; 6], Direction::None, Vec::new()).unwrap(),
             dispatched_at: Instant::now(),
+            aborts: 0,
         }
     }
 
@@ -1828,6 +2017,9 @@ mod tests {
             }
             Some(Response::Bounced { slot, .. }) => panic!("slot {slot} bounced"),
             Some(Response::Lost { slot, reason }) => panic!("slot {slot} lost: {reason}"),
+            Some(Response::Aborted { slot, .. } | Response::StrayPreempt { slot, .. }) => {
+                panic!("slot {slot} sent back")
+            }
             None => panic!("the completion was dropped: the I/O would hang"),
         }
         assert!(comp.pop().is_none(), "exactly one response per command");
@@ -1872,6 +2064,7 @@ mod tests {
             )
             .unwrap(),
             dispatched_at: Instant::now(),
+            aborts: 0,
         }
     }
 
@@ -1905,11 +2098,42 @@ mod tests {
         }))
     }
 
+    /// The abort back-off, as the queue hands it over (`Request::aborts`):
+    /// a write that was aborted once before is not aborted again after
+    /// `after` (10 s) but only after `after_for(1)` (20 s), so a target that
+    /// stays slow is given twice as long each time.
+    #[test]
+    fn a_write_aborted_before_is_aborted_again_only_after_twice_as_long() {
+        for (aborts, at, due) in [(0, 11, true), (1, 11, false), (1, 21, true)] {
+            let (mut w, shared, mut sub, _comp) = worker_on(vec![Vec::new(); 4]);
+            let policy = AbortPolicy {
+                after: Duration::from_secs(10),
+                answer_within: Duration::from_secs(30),
+            };
+            let t0 = Instant::now();
+            w.aborts = Some(TaskAborts::new(policy, ABORT_TAG, t0));
+            let mut req = write_req(4);
+            req.aborts = aborts;
+            assert!(sub.push(req).is_ok());
+            w.round(t0);
+            // Looks for overdue commands every after / 4.
+            w.round(t0 + Duration::from_secs(5));
+            w.round(t0 + Duration::from_secs(at));
+            assert_eq!(shared.state(), PathState::Up);
+            let out = w.aborts.as_ref().map(|a| a.outstanding());
+            assert_eq!(
+                out,
+                Some(usize::from(due)),
+                "aborted {aborts} times before, {at} s unanswered"
+            );
+        }
+    }
+
     /// A write unanswered for 10 s on a live path gets ABORT TASK; once the
     /// target confirms ("function complete", and likewise "task does not
-    /// exist"), it goes back to its queue as one that no session may still
-    /// run (`sent_in_session: None`: retried at once, no fence to wait
-    /// for), and the path stays up.
+    /// exist"), it goes back to its queue as `Aborted`: no session may
+    /// still run it (retried at once, no fence to wait for, counted against
+    /// `MAX_ABORTS`), and the path stays up.
     #[test]
     fn an_overdue_write_is_aborted_and_goes_back_fenced_once_confirmed() {
         for response in [0, 1] {
@@ -1922,19 +2146,22 @@ mod tests {
                 Some(Response::Bounced {
                     sent_in_session, ..
                 }) => panic!("not overdue yet: bounced {sent_in_session:?}"),
+                Some(Response::Aborted { .. } | Response::StrayPreempt { .. }) => {
+                    panic!("not overdue yet: sent back")
+                }
             }
             for i in 0..4 {
                 w.round(t0 + Duration::from_secs(11) + Duration::from_millis(i));
             }
             match comp.pop() {
-                Some(Response::Bounced {
-                    slot: 4,
-                    cmd,
-                    sent_in_session: None,
-                }) => assert_eq!(cmd.direction, Direction::Write),
+                Some(Response::Aborted { slot: 4, cmd }) => {
+                    assert_eq!(cmd.direction, Direction::Write)
+                }
                 Some(Response::Bounced {
                     sent_in_session, ..
                 }) => panic!("bounced as sent in {sent_in_session:?}"),
+                Some(Response::Aborted { slot, .. }) => panic!("slot {slot} aborted"),
+                Some(Response::StrayPreempt { .. }) => panic!("conflict"),
                 Some(Response::Done { .. }) => panic!("completed"),
                 Some(Response::Lost { reason, .. }) => panic!("lost: {reason}"),
                 None => panic!("the aborted write did not come back"),
