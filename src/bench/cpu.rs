@@ -10,19 +10,24 @@ pub const EXCLUDED_THREAD_PREFIX: &str = "iscsi-tgt-";
 
 /// Total on-CPU nanoseconds of this process's threads, except the target's.
 pub fn initiator_cpu_ns() -> u64 {
-    let Ok(dir) = fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    let mut total = 0;
-    for entry in dir.flatten() {
-        let path = entry.path();
-        let comm = fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if comm.trim_end().starts_with(EXCLUDED_THREAD_PREFIX) {
-            continue;
-        }
-        total += thread_cpu_ns(&path.join("schedstat"));
-    }
-    total + exited_threads_ns()
+    initiator_threads().map(|(_, ns)| ns).sum::<u64>() + exited_threads_ns()
+}
+
+/// The live threads counted as the initiator's: (thread id, on-CPU ns).
+fn initiator_threads() -> impl Iterator<Item = (u32, u64)> {
+    fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let tid = entry.file_name().to_str()?.parse().ok()?;
+            let comm = fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim_end().starts_with(EXCLUDED_THREAD_PREFIX) {
+                return None;
+            }
+            Some((tid, thread_cpu_ns(&path.join("schedstat"))))
+        })
 }
 
 fn thread_cpu_ns(path: &std::path::Path) -> u64 {
@@ -131,6 +136,12 @@ mod tests {
         assert!(used.usr_ns > 0, "{used:?}");
     }
 
+    /// The calling thread's id, as /proc/thread-self names it.
+    fn current_tid() -> u32 {
+        let link = std::fs::read_link("/proc/thread-self").unwrap();
+        link.file_name().unwrap().to_str().unwrap().parse().unwrap()
+    }
+
     #[test]
     fn target_threads_are_left_out() {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -142,24 +153,28 @@ mod tests {
                 while current_thread_cpu_ns() < start + 50_000_000 {
                     std::hint::black_box(0u64);
                 }
-                tx.send(current_thread_cpu_ns()).unwrap();
+                tx.send((current_thread_cpu_ns(), current_tid())).unwrap();
                 let _ = stop_rx.recv();
             })
             .unwrap();
-        let spun = rx.recv().unwrap();
+        let (spun, spinner_tid) = rx.recv().unwrap();
         assert!(spun >= 50_000_000);
-        // The spinning thread is alive and named iscsi-tgt-*: a process-wide
-        // sum would include its CPU, the initiator sum must not. Compare
-        // against a sum that includes every thread.
-        let all: u64 = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .flatten()
-            .map(|e| thread_cpu_ns(&e.path().join("schedstat")))
-            .sum();
-        let initiator = initiator_cpu_ns() - exited_threads_ns();
+        // The spinning thread is alive and named iscsi-tgt-*: the initiator's
+        // threads leave it out and keep this one. (Comparing CPU sums raced
+        // with the other tests' threads starting and ending in between.)
         assert!(
-            all >= initiator + 50_000_000,
-            "all {all} initiator {initiator}"
+            std::path::Path::new(&format!("/proc/self/task/{spinner_tid}")).exists(),
+            "the spinning thread {spinner_tid} is not listed"
+        );
+        let counted: Vec<(u32, u64)> = initiator_threads().collect();
+        let me = current_tid();
+        assert!(
+            counted.iter().all(|&(tid, _)| tid != spinner_tid),
+            "the iscsi-tgt-spin thread {spinner_tid} is counted: {counted:?}"
+        );
+        assert!(
+            counted.iter().any(|&(tid, ns)| tid == me && ns > 0),
+            "the test's own thread {me} is not counted: {counted:?}"
         );
         stop_tx.send(()).unwrap();
         h.join().unwrap();
