@@ -80,6 +80,28 @@ const IQN: &str = "iqn.2026-11.org.iscsi-bypass:memif";
 const TARGET_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 const INITIATOR_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 2);
 
+/// The embedded target as a process of its own, memif server on a fresh
+/// socket for `test`, pinned to the last allowed CPU, with `extra` target
+/// options; the socket path and the allowed CPUs come back for the client.
+fn memif_server_target(
+    test: &str,
+    extra: &[&str],
+) -> (String, Vec<usize>, target_process::TargetProcess) {
+    let socket = socket(test);
+    let _ = std::fs::remove_file(&socket);
+    let cpus = dpdk_common::allowed_cpus();
+    let target = target_process::start_with_args(
+        IQN,
+        &format!("net_memif0,role=server,socket={socket}"),
+        "net_memif0",
+        TARGET_IP,
+        *cpus.last().unwrap_or(&0),
+        Some(socket.clone()),
+        extra,
+    );
+    (socket, cpus, target)
+}
+
 fn skip(why: &str) {
     assert!(
         !common::required(),
@@ -178,18 +200,7 @@ fn iscsi_over_memif_with_trusted_checksums() {
         return skip(&why);
     }
     let _serial = serial();
-    let socket = socket("t");
-    let _ = std::fs::remove_file(&socket);
-    let cpus = dpdk_common::allowed_cpus();
-    let _target = target_process::start_with_args(
-        IQN,
-        &format!("net_memif0,role=server,socket={socket}"),
-        "net_memif0",
-        TARGET_IP,
-        *cpus.last().unwrap_or(&0),
-        Some(socket.clone()),
-        &["--checksum", "trusted"],
-    );
+    let (socket, cpus, _target) = memif_server_target("t", &["--checksum", "trusted"]);
     let url = format!("iscsi://{TARGET_IP}:3260/{IQN}/0");
     let bench = |checksum: &str, rw: &str, bs: &str, timeout: &str| {
         let eal = target_process::process_eal(
@@ -243,18 +254,7 @@ fn iscsi_over_memif_at_mtu_9000() {
         return skip(&why);
     }
     let _serial = serial();
-    let socket = socket("j");
-    let _ = std::fs::remove_file(&socket);
-    let cpus = dpdk_common::allowed_cpus();
-    let _target = target_process::start_with_args(
-        IQN,
-        &format!("net_memif0,role=server,socket={socket}"),
-        "net_memif0",
-        TARGET_IP,
-        *cpus.last().unwrap_or(&0),
-        Some(socket.clone()),
-        &["--mtu", "9000"],
-    );
+    let (socket, cpus, _target) = memif_server_target("j", &["--mtu", "9000"]);
     let url = format!("iscsi://{TARGET_IP}:3260/{IQN}/0");
     let bench_eal = target_process::process_eal(
         cpus[0],
