@@ -261,6 +261,18 @@ fn lose_one_status_under_load(
     target: &TargetHandle,
     erl: u32,
 ) -> (Device, u64, HashMap<(u64, u32), usize>) {
+    lose_one_status(target, erl, None)
+}
+
+/// Connection 1 loses a write's status and dies under write load; with
+/// `link_down`, its path cannot log in again for that long (its portal
+/// refuses logins), so it is not reinstated in time and its tasks must
+/// move to connection 0.
+fn lose_one_status(
+    target: &TargetHandle,
+    erl: u32,
+    link_down: Option<Duration>,
+) -> (Device, u64, HashMap<(u64, u32), usize>) {
     let _ = env_logger::builder().is_test(true).try_init();
     let dev = open_at_erl(&urls(target), true, erl);
     assert_eq!(nexus(&dev)[1].1, 1, "two connections");
@@ -270,7 +282,15 @@ fn lose_one_status_under_load(
     let faults = target.faults();
     let fault = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
+        if link_down.is_some() {
+            // Out of resources: the path backs off and tries again.
+            faults.portal(1).refuse_logins(3, 1);
+        }
         faults.lose_status_and_kill(1, 1);
+        if let Some(down) = link_down {
+            std::thread::sleep(down);
+            faults.portal(1).accept_logins();
+        }
     });
     let l = write_load(&mut q, Duration::from_millis(1500), BLOCKS, &mut generation);
     fault.join().unwrap();
@@ -358,6 +378,66 @@ fn erl2_refused_task_reassign_falls_back_to_the_retry_without_an_error() {
     assert!(p1.reassign_fallbacks >= 1, "the refusals were counted");
     let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
     assert!(!twice.is_empty(), "the lost-status write ran twice");
+    target.faults().clear_connection_faults();
+    dev.close();
+}
+
+/// ERL 2, the failed connection's link stays down past DefaultTime2Wait
+/// (0 here) and its reconnects fail: its tasks move to the other live
+/// connection of the session (Logout reason 2 for its CID there, then
+/// TASK REASSIGN), so the write whose status was lost is not run twice and
+/// nothing is lost.
+#[test]
+fn erl2_link_down_moves_the_tasks_to_the_other_connection_and_runs_each_write_once() {
+    let target = target();
+    let (dev, completed, runs) = lose_one_status(&target, 2, Some(Duration::from_secs(3)));
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(twice.is_empty(), "writes run twice: {twice:?}");
+    let executed: usize = runs.values().sum();
+    assert_eq!(executed as u64, completed, "each completed write ran once");
+    let p1 = &dev.paths()[1];
+    println!(
+        "{completed} writes; connection 1: {} reassigned, {} fallbacks, {} resubmitted; events {:?}",
+        p1.reassigned,
+        p1.reassign_fallbacks,
+        p1.resubmitted,
+        p1.events.iter().map(|e| &e.reason).collect::<Vec<_>>()
+    );
+    assert!(p1.reassigned >= 1, "the lost-status write was reassigned");
+    assert_eq!(p1.reassign_fallbacks, 0);
+    assert!(
+        p1.events.iter().any(|e| e.reason.contains("login")),
+        "connection 1's reconnects were refused meanwhile: {:?}",
+        p1.events
+    );
+    let p0 = &dev.paths()[0];
+    assert!(
+        p0.events.iter().all(|e| e.state == PathState::Up),
+        "connection 0 stayed up: {:?}",
+        p0.events
+    );
+    let ids = nexus(&dev);
+    assert_eq!(ids[0].0, ids[1].0, "one session: {ids:?}");
+    dev.close();
+}
+
+/// The same, but the target refuses the TASK REASSIGN on the other
+/// connection: the tasks fall back to the fence and retry (counted), with
+/// no error to the application (the lost-status write then runs twice).
+#[test]
+fn erl2_link_down_refused_task_reassign_on_the_other_connection_falls_back() {
+    let target = target();
+    target.faults().refuse_task_reassign(u32::MAX);
+    let (dev, completed, runs) = lose_one_status(&target, 2, Some(Duration::from_secs(3)));
+    let p1 = &dev.paths()[1];
+    println!(
+        "{completed} writes; connection 1: {} reassigned, {} fallbacks",
+        p1.reassigned, p1.reassign_fallbacks
+    );
+    assert!(p1.reassign_fallbacks >= 1, "the refusals were counted");
+    let twice: Vec<_> = runs.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(!twice.is_empty(), "the lost-status write ran twice");
+    assert!(twice.iter().all(|(_, &n)| n == 2), "{twice:?}");
     target.faults().clear_connection_faults();
     dev.close();
 }

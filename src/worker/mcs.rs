@@ -16,6 +16,7 @@
 //! which reinstates the whole session (§6.3.5) and ends every old
 //! connection and task. See docs/multipath.md, "MC/S".
 
+use crate::iscsi::connection::{Command, Completion, Orphan};
 use crate::iscsi::params::Params;
 use crate::iscsi::session::{IdlePolicy, Joining, Session, SessionConfig};
 use crate::iscsi::window::SessionWindow;
@@ -23,6 +24,7 @@ use crate::multipath::config::{BoxedTransport, PathConnector};
 use crate::multipath::probe::{inspect, PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
 use crate::wire::iscsi::Sn;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +52,58 @@ pub(crate) struct McsPaths {
     /// TSIH, CmdSNs), for the worker, which sends those commands anew
     /// and reassigns the others.
     filled: Mutex<Vec<(usize, u16, Vec<Sn>)>>,
+    /// ERL 2: failed connections' tasks offered to another live connection
+    /// of the session (their own path could not reinstate its connection
+    /// by DefaultTime2Wait), and how many (read each round, lock-free).
+    offers: Mutex<Vec<MoveOffer>>,
+    offered: AtomicUsize,
+    /// Paths whose offer a live connection claimed and whose failed
+    /// connection it has not removed yet (Logout reason 2 unanswered): such
+    /// a path must not log in again with its CID meanwhile (the Logout
+    /// would remove the new connection).
+    moving: Mutex<Vec<usize>>,
+    /// What the connections that took over a path's tasks give back to it
+    /// (its dispatcher hears only from it): (path, what), and how many.
+    returns: Mutex<Vec<(usize, Returned)>>,
+    returned: AtomicUsize,
+}
+
+/// ERL 2: the sent tasks of path `from`'s failed connection `cid` of session
+/// `tsih`, for another live connection of the session to take over: it
+/// removes the failed connection (Logout reason 2), then sends TASK
+/// REASSIGN for each (RFC 7143 §6.2.2), not before `not_before` (the
+/// failure plus DefaultTime2Wait).
+#[derive(Debug)]
+pub(crate) struct MoveOffer {
+    pub(crate) from: usize,
+    pub(crate) tsih: u16,
+    pub(crate) cid: u16,
+    /// The session epoch of `from` they were sent in.
+    pub(crate) epoch: u64,
+    pub(crate) orphans: Vec<Orphan>,
+    pub(crate) not_before: Instant,
+    /// Past this a task is not held for TASK REASSIGN any more (the
+    /// failure plus DefaultTime2Wait + DefaultTime2Retain, capped).
+    pub(crate) expires: Instant,
+}
+
+/// What a connection that took over a task of another path gives back to
+/// that path, which answers its queue.
+#[derive(Debug)]
+pub(crate) enum Returned {
+    /// The task completed on the connection that took it over.
+    Done(Completion),
+    /// Not taken over (refused, or the connection that took it failed):
+    /// the path's fence-and-retry. `fence`: the failed connection may
+    /// still run it at the target (its removal was not confirmed).
+    Fallback {
+        cmd: Command,
+        epoch: u64,
+        fence: bool,
+        why: String,
+    },
+    /// The target never received it (its CmdSN was filled): sent anew.
+    Anew(Command),
 }
 
 impl McsPaths {
@@ -59,7 +113,141 @@ impl McsPaths {
             session: Mutex::new(None),
             holes: Mutex::new(Vec::new()),
             filled: Mutex::new(Vec::new()),
+            offers: Mutex::new(Vec::new()),
+            offered: AtomicUsize::new(0),
+            moving: Mutex::new(Vec::new()),
+            returns: Mutex::new(Vec::new()),
+            returned: AtomicUsize::new(0),
         }
+    }
+
+    /// Offers a failed connection's tasks to the other live connections.
+    pub(crate) fn offer(&self, offer: MoveOffer) {
+        if let Ok(mut o) = self.offers.lock() {
+            o.push(offer);
+            self.offered.store(o.len(), Ordering::Release);
+        }
+    }
+
+    /// Takes back path `path`'s offer nobody claimed yet (the path is about
+    /// to reinstate its connection itself).
+    pub(crate) fn withdraw(&self, path: usize) -> Option<MoveOffer> {
+        if self.offered.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut o = self.offers.lock().ok()?;
+        let i = o.iter().position(|x| x.from == path)?;
+        let offer = o.swap_remove(i);
+        self.offered.store(o.len(), Ordering::Release);
+        Some(offer)
+    }
+
+    /// Path `by`, a live connection of session `tsih`, claims an offer of
+    /// another path of that session that may be reassigned `now`; the
+    /// offering path counts as moving until [`McsPaths::moved_out`].
+    /// Offers of other sessions are given back as fallbacks (their tasks
+    /// ended with their session).
+    pub(crate) fn claim(&self, by: usize, tsih: u16, now: Instant) -> Option<MoveOffer> {
+        if self.offered.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut o = self.offers.lock().ok()?;
+        // Not taken over within DefaultTime2Retain (of a session gone, say):
+        // back to their paths' fence and retry.
+        let mut expired = Vec::new();
+        o.retain_mut(|x| {
+            if now < x.expires {
+                return true;
+            }
+            expired.push((x.from, x.epoch, std::mem::take(&mut x.orphans)));
+            false
+        });
+        self.offered.store(o.len(), Ordering::Release);
+        for (from, epoch, orphans) in expired {
+            self.give_back_all(
+                from,
+                epoch,
+                orphans,
+                true,
+                "not taken over within DefaultTime2Retain",
+            );
+        }
+        let i = o
+            .iter()
+            .position(|x| x.from != by && x.tsih == tsih && now >= x.not_before)?;
+        let offer = o.swap_remove(i);
+        self.offered.store(o.len(), Ordering::Release);
+        drop(o);
+        if let Ok(mut m) = self.moving.lock() {
+            m.push(offer.from);
+        }
+        Some(offer)
+    }
+
+    /// Path `path`'s failed connection was removed at the target (or its
+    /// removal given up): the path may log in again.
+    pub(crate) fn moved_out(&self, path: usize) {
+        if let Ok(mut m) = self.moving.lock() {
+            m.retain(|p| *p != path);
+        }
+    }
+
+    /// True while a live connection is removing path `path`'s failed one.
+    pub(crate) fn is_moving(&self, path: usize) -> bool {
+        self.moving.lock().is_ok_and(|m| m.contains(&path))
+    }
+
+    /// Gives `what` back to path `path`.
+    pub(crate) fn give_back(&self, path: usize, what: Returned) {
+        if let Ok(mut r) = self.returns.lock() {
+            r.push((path, what));
+            self.returned.store(r.len(), Ordering::Release);
+        }
+    }
+
+    /// Gives `orphans` back to path `path` for its fence and retry
+    /// (`fence`: the connection they were sent on may still run them).
+    pub(crate) fn give_back_all(
+        &self,
+        path: usize,
+        epoch: u64,
+        orphans: Vec<Orphan>,
+        fence: bool,
+        why: &str,
+    ) {
+        for o in orphans {
+            self.give_back(
+                path,
+                Returned::Fallback {
+                    cmd: o.cmd,
+                    epoch,
+                    fence,
+                    why: why.to_string(),
+                },
+            );
+        }
+    }
+
+    /// What was given back to path `path` (one atomic load when nothing).
+    pub(crate) fn take_returns(&self, path: usize) -> Vec<Returned> {
+        if self.returned.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let Ok(mut r) = self.returns.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut kept = Vec::with_capacity(r.len());
+        for (p, what) in r.drain(..) {
+            if p == path {
+                out.push(what);
+            } else {
+                kept.push((p, what));
+            }
+        }
+        *r = kept;
+        self.returned.store(r.len(), Ordering::Release);
+        out
     }
 
     /// Path `path`'s connection of session `tsih` failed holding these

@@ -4,15 +4,16 @@
 //! on this path's live connection. Uses the device's [`FenceBoard`] like
 //! the MPIO fence steps do.
 
-use super::super::mcs::fill_holes;
+use super::super::mcs::{fill_holes, McsPaths, MoveOffer, Returned};
 use super::{Conn, Worker};
-use crate::iscsi::connection::{Command, Orphan};
+use crate::iscsi::connection::{Command, Completion, Orphan};
 use crate::iscsi::session::Session;
 use crate::multipath::config::{BoxedTransport, PathConnector};
 use crate::multipath::fence::{FenceBoard, FenceError, FenceNeed};
 use crate::multipath::path::PathState;
 use crate::multipath::probe::{PathProbe, ProbeConfig};
 use crate::multipath::MultipathError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the Logout that fences another connection may go unanswered.
@@ -76,7 +77,9 @@ impl Worker {
     /// ours, or, while this connection is up, claims another connection's
     /// need and sends the Logout (reason 1, its CID) on this connection.
     pub(super) fn mcs_fence_for_others(&mut self, now: Instant) {
+        self.mcs_take_returns(now);
         self.mcs_check_held(now);
+        self.mcs_move_step(now);
         let Some(board) = self.fence.clone() else {
             return;
         };
@@ -264,6 +267,10 @@ pub(super) struct HeldTasks {
     /// The session (TSIH) and the path's session epoch they were sent in.
     tsih: u16,
     epoch: u64,
+    /// From then on (the failure plus DefaultTime2Wait) they may move to
+    /// another live connection of the session, and do when this path is
+    /// not reinstating its own connection.
+    offer_at: Instant,
     /// Past this, a reinstatement not yet started is not waited for: the
     /// connection failed, plus DefaultTime2Wait (no reassignment before
     /// it) and the shorter of DefaultTime2Retain (the target drops the
@@ -315,6 +322,7 @@ impl Worker {
                 orphans,
                 tsih: m.tsih,
                 epoch: self.session_epoch,
+                offer_at: now + wait,
                 expires: now + wait + retain.min(HOLD_FOR_REASSIGN),
             });
         }
@@ -356,30 +364,118 @@ impl Worker {
     }
 
     /// Each round while the path is down (not while a login runs): held
-    /// tasks whose reinstatement has not come in [`HOLD_FOR_REASSIGN`] fall
-    /// back.
+    /// tasks move to another live connection of the session once
+    /// DefaultTime2Wait has passed; with none up, those whose reinstatement
+    /// has not come in [`HOLD_FOR_REASSIGN`] fall back.
     pub(super) fn mcs_check_held(&mut self, now: Instant) {
-        if matches!(self.conn, super::Conn::Connecting(_)) {
+        if !matches!(self.conn, super::Conn::Down) {
             return;
         }
-        let expired = self
-            .mcs
-            .as_ref()
-            .and_then(|m| m.held.as_ref())
-            .is_some_and(|h| now >= h.expires);
-        if !expired || matches!(self.conn, super::Conn::Up(_)) {
+        let Some(h) = self.mcs.as_ref().and_then(|m| m.held.as_ref()) else {
+            return;
+        };
+        let (offer, expired) = (now >= h.offer_at && self.mcs_others_up(), now >= h.expires);
+        if !offer && !expired {
             return;
         }
         if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
-            self.mcs_release_held(h, "the connection was not reinstated in time");
+            if offer && !expired {
+                self.mcs_offer_held(h);
+            } else {
+                self.mcs_release_held(h, "the connection was not reinstated in time");
+            }
         }
     }
 
-    /// The reconnect login failed (or led elsewhere): held tasks fall back.
+    /// The reconnect login failed (or led elsewhere): held tasks move to
+    /// another live connection of the session (from DefaultTime2Wait on),
+    /// or fall back when none is up.
     pub(super) fn mcs_reconnect_failed(&mut self) {
+        let others_up = self.mcs_others_up();
         if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
-            self.mcs_release_held(h, "the reconnect login failed");
+            if others_up {
+                self.mcs_offer_held(h);
+            } else {
+                self.mcs_release_held(h, "the reconnect login failed");
+            }
         }
+    }
+
+    /// True when another path's connection is up (in the session, then:
+    /// every up path of an MC/S device is a connection of its one session).
+    fn mcs_others_up(&self) -> bool {
+        let me = self.shared.index;
+        self.peers
+            .iter()
+            .any(|p| p.index != me && p.state() == PathState::Up)
+    }
+
+    /// Offers the held tasks to the session's other live connections.
+    fn mcs_offer_held(&mut self, held: HeldTasks) {
+        let Some(m) = &self.mcs else {
+            return self.mcs_release_held(held, "not an MC/S path");
+        };
+        log::info!(
+            "path {}: connection CID {} not reinstated: {} task(s) offered for TASK REASSIGN on another connection of session {:#06x}",
+            self.shared.name,
+            m.cid,
+            held.orphans.len(),
+            held.tsih
+        );
+        m.paths.offer(MoveOffer {
+            from: self.shared.index,
+            tsih: held.tsih,
+            cid: m.cid,
+            epoch: held.epoch,
+            orphans: held.orphans,
+            not_before: held.offer_at,
+            expires: held.expires,
+        });
+    }
+
+    /// Before this path's reconnect login: false while another connection
+    /// is removing this path's failed one (its Logout reason 2 would remove
+    /// the new connection with the same CID), or is about to (an offer not
+    /// yet claimed while another connection is up and DefaultTime2Wait has
+    /// passed). Otherwise an offer nobody took is held again for this
+    /// path's own reinstatement.
+    pub(super) fn mcs_may_connect(&mut self) -> bool {
+        let me = self.shared.index;
+        let others_up = self.mcs_others_up();
+        let now = Instant::now();
+        let Some(m) = &mut self.mcs else { return true };
+        if m.paths.is_moving(me) {
+            return false;
+        }
+        if let Some(o) = m.paths.withdraw(me) {
+            let held = HeldTasks {
+                orphans: o.orphans,
+                tsih: o.tsih,
+                epoch: o.epoch,
+                offer_at: o.not_before,
+                expires: o.expires,
+            };
+            if now >= held.expires {
+                self.mcs_release_held(held, "not taken over within DefaultTime2Retain");
+                return true;
+            }
+            if others_up && now >= held.offer_at {
+                m.paths.offer(MoveOffer {
+                    from: me,
+                    tsih: held.tsih,
+                    cid: o.cid,
+                    epoch: held.epoch,
+                    orphans: held.orphans,
+                    not_before: held.offer_at,
+                    expires: held.expires,
+                });
+                return false;
+            }
+            if let Some(old) = m.held.replace(held) {
+                self.mcs_release_held(old, "held across a second failure");
+            }
+        }
+        true
     }
 
     /// The path is up again: held tasks of its old connection are taken
@@ -478,6 +574,9 @@ impl Worker {
         let Some(cmd) = refused else {
             return;
         };
+        let Some(cmd) = self.mcs_refused_adopted(*cmd, response) else {
+            return;
+        };
         let internal = user_tag & super::INTERNAL_TAG != 0;
         if !internal {
             self.in_session = self.in_session.saturating_sub(1);
@@ -487,15 +586,383 @@ impl Worker {
             &format!("TASK REASSIGN refused, response {response}"),
         );
         let epoch = self.session_epoch.saturating_sub(1);
-        self.bounce_as(*cmd, Some(epoch));
+        self.bounce_as(cmd, Some(epoch));
     }
 
-    /// The device closes: held tasks go back to their queues.
+    /// The device closes: held tasks, and those offered to another
+    /// connection that nobody took, go back to their queues, with what
+    /// other connections gave back.
     pub(super) fn mcs_drop_held(&mut self) {
+        self.mcs_take_returns(Instant::now());
+        let offered = self
+            .mcs
+            .as_ref()
+            .and_then(|m| m.paths.withdraw(self.shared.index));
+        if let Some(o) = offered {
+            for x in o.orphans {
+                self.bounce_as(x.cmd, Some(o.epoch));
+            }
+        }
         if let Some(h) = self.mcs.as_mut().and_then(|m| m.held.take()) {
             for o in h.orphans {
                 self.bounce_as(o.cmd, Some(h.epoch));
             }
         }
     }
+}
+
+/// How long the Logout (reason 2) removing another path's failed
+/// connection may go unanswered before its tasks fall back.
+const MOVE_LOGOUT_ANSWER: Duration = MCS_FENCE_ANSWER;
+
+/// ERL 2 on a live connection: other paths' tasks it takes over.
+#[derive(Default)]
+pub(super) struct Moves {
+    /// The offer being taken over now.
+    moving: Option<Moving>,
+    /// Other paths' tasks on this connection now: (user tag, the path that
+    /// answers its queue, that path's session epoch they were sent in).
+    /// Their completions and bounces go back to that path.
+    adopted: Vec<(u64, usize, u64)>,
+}
+
+struct Moving {
+    offer: MoveOffer,
+    /// When the Logout (reason 2) of its failed connection went out.
+    sent: Instant,
+    /// Answered: TASK REASSIGN is due then (the answer's Time2Wait).
+    reassign_at: Option<Instant>,
+}
+
+impl Worker {
+    /// Each round while this MC/S path is up: claims another path's
+    /// offered tasks and removes their failed connection (Logout reason 2,
+    /// its CID) on this one; times out an unanswered Logout; takes the
+    /// tasks over once it is answered and its Time2Wait has passed.
+    fn mcs_move_step(&mut self, now: Instant) {
+        let Some(m) = &mut self.mcs else { return };
+        let super::Conn::Up(session) = &mut self.conn else {
+            return;
+        };
+        match &m.moves.moving {
+            None => {
+                if m.tsih == 0 {
+                    return;
+                }
+                let Some(offer) = m.paths.claim(self.shared.index, m.tsih, now) else {
+                    return;
+                };
+                let victim = self.peers.get(offer.from).map_or("?", |p| p.name.as_str());
+                match session.connection_mut().logout_reason(2, offer.cid, now) {
+                    Ok(()) => {
+                        log::info!(
+                            "path {}: Logout (reason 2, remove for recovery) of failed connection CID {} of path {victim}, to take over its {} task(s)",
+                            self.shared.name,
+                            offer.cid,
+                            offer.orphans.len()
+                        );
+                        m.moves.moving = Some(Moving {
+                            offer,
+                            sent: now,
+                            reassign_at: None,
+                        });
+                    }
+                    Err(_) => {
+                        m.paths.moved_out(offer.from);
+                        give_back_offer(
+                            &m.paths,
+                            offer,
+                            true,
+                            "the Logout removing its connection could not be sent",
+                        );
+                    }
+                }
+            }
+            Some(mv) if mv.reassign_at.is_none() => {
+                if now.saturating_duration_since(mv.sent) < MOVE_LOGOUT_ANSWER {
+                    return;
+                }
+                if let Some(mv) = m.moves.moving.take() {
+                    m.paths.moved_out(mv.offer.from);
+                    give_back_offer(
+                        &m.paths,
+                        mv.offer,
+                        true,
+                        "the Logout removing its connection went unanswered",
+                    );
+                }
+            }
+            Some(mv) => {
+                if mv.reassign_at.is_some_and(|t| now < t) {
+                    return;
+                }
+                let Some(mv) = m.moves.moving.take() else {
+                    return;
+                };
+                let super::Conn::Up(mut session) =
+                    std::mem::replace(&mut self.conn, super::Conn::Down)
+                else {
+                    return;
+                };
+                self.mcs_take_over(&mut session, mv.offer, now);
+                self.conn = super::Conn::Up(session);
+            }
+        }
+    }
+
+    /// The answer to a Logout with reason 2 this path sent for another
+    /// path's failed connection `cid`: 0 (removed) or 1 (the target had
+    /// dropped it already) lets its tasks be taken over here (after the
+    /// answer's Time2Wait); anything else sends them back to their path's
+    /// fence and retry. False: not ours.
+    pub(super) fn on_mcs_move_logout(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        cid: u16,
+        response: u8,
+        time2wait: u16,
+        now: Instant,
+    ) -> bool {
+        let Some(m) = &mut self.mcs else { return false };
+        let Some(mv) = &mut m.moves.moving else {
+            return false;
+        };
+        if mv.offer.cid != cid || mv.reassign_at.is_some() {
+            return false;
+        }
+        m.paths.moved_out(mv.offer.from);
+        if response > 1 {
+            if let Some(mv) = m.moves.moving.take() {
+                let why = format!("Logout reason 2 of its connection answered {response}");
+                give_back_offer(&m.paths, mv.offer, true, &why);
+            }
+            return true;
+        }
+        // Nothing of the failed connection runs at the target any more but
+        // what is reassigned: a retry of a refused task may go at once.
+        if let Some(victim) = self.peers.get(mv.offer.from) {
+            victim.fence_through(mv.offer.epoch);
+        }
+        let wait = match response {
+            0 => Duration::from_secs(u64::from(time2wait)),
+            _ => Duration::ZERO,
+        };
+        mv.reassign_at = Some(now + wait);
+        if wait.is_zero() {
+            if let Some(mv) = m.moves.moving.take() {
+                self.mcs_take_over(session, mv.offer, now);
+            }
+        }
+        true
+    }
+
+    /// Takes another path's tasks over on `session` (its failed connection
+    /// is removed at the target): TASK REASSIGN for those the target
+    /// received, a retry with ITT and CmdSN for those it did not, after the
+    /// CmdSNs it left missing are filled (those filled go back to be sent
+    /// anew).
+    fn mcs_take_over(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        offer: MoveOffer,
+        now: Instant,
+    ) {
+        let Some(m) = &mut self.mcs else { return };
+        let paths = m.paths.clone();
+        let MoveOffer {
+            from,
+            tsih,
+            cid,
+            epoch,
+            orphans,
+            expires,
+            ..
+        } = offer;
+        if now >= expires {
+            paths.give_back_all(
+                from,
+                epoch,
+                orphans,
+                false,
+                "DefaultTime2Retain passed before the take-over",
+            );
+            return;
+        }
+        let holes = paths.take_holes(from, tsih);
+        let filled = fill_holes(session, holes, &self.shared.name, now);
+        let exp = session.connection().window().exp_cmd_sn();
+        let (mut reassigned, mut retried, mut anew, mut failed) = (0u64, 0u64, 0u64, 0u64);
+        for o in orphans {
+            let not_received = !o.cmd.immediate && filled.contains(&o.cmd_sn);
+            let received = o.cmd.immediate || o.cmd_sn.lt(exp);
+            if o.cmd.user_tag & super::INTERNAL_TAG != 0 {
+                // The other path's own command (ALUA, key repair): not
+                // taken over, but its CmdSN must not stay a hole.
+                if !received && !not_received {
+                    let _ = session.connection_mut().fill_cmd_sn(o.cmd_sn, now);
+                }
+                continue;
+            }
+            if not_received {
+                paths.give_back(from, Returned::Anew(o.cmd));
+                anew += 1;
+                continue;
+            }
+            let tag = o.cmd.user_tag;
+            let conn = session.connection_mut();
+            let r = if received {
+                conn.reassign(o, now)
+            } else {
+                conn.retry(o, now)
+            };
+            match r {
+                Ok(()) => {
+                    m.moves.adopted.push((tag, from, epoch));
+                    if received {
+                        reassigned += 1;
+                    } else {
+                        retried += 1;
+                    }
+                }
+                Err(not_taken) => {
+                    let o = not_taken.orphan;
+                    if !received && !o.cmd.immediate {
+                        let _ = session.connection_mut().fill_cmd_sn(o.cmd_sn, now);
+                    }
+                    failed += 1;
+                    paths.give_back(
+                        from,
+                        Returned::Fallback {
+                            cmd: o.cmd,
+                            epoch,
+                            fence: false,
+                            why: "no room in the task table of the connection taking it over"
+                                .into(),
+                        },
+                    );
+                }
+            }
+        }
+        let victim = self.peers.get(from);
+        log::info!(
+            "path {}: took over {reassigned} task(s) of failed connection CID {cid} (path {}) by TASK REASSIGN, {retried} sent again with their ITT and CmdSN, {anew} never received go out anew, {failed} not taken",
+            self.shared.name,
+            victim.map_or("?", |p| p.name.as_str())
+        );
+        if let Some(v) = victim {
+            v.record_reassigned(reassigned + retried);
+        }
+    }
+
+    /// A completion of a task taken over from another path goes back to
+    /// it (None); any other is this path's own (Some).
+    pub(super) fn mcs_forward_done(&mut self, c: Completion) -> Option<Completion> {
+        let Some(m) = &mut self.mcs else {
+            return Some(c);
+        };
+        if m.moves.adopted.is_empty() {
+            return Some(c);
+        }
+        let Some(i) = m.moves.adopted.iter().position(|a| a.0 == c.user_tag) else {
+            return Some(c);
+        };
+        let (_, owner, _) = m.moves.adopted.swap_remove(i);
+        m.paths.give_back(owner, Returned::Done(c));
+        None
+    }
+
+    /// A command bounced here that was taken over from another path goes
+    /// back to it for its retry (None): the connection that took it over
+    /// failed (and its own fence covers its writes) or ended it.
+    pub(super) fn mcs_forward_bounce(&mut self, cmd: Command) -> Option<Command> {
+        let Some(m) = &mut self.mcs else {
+            return Some(cmd);
+        };
+        if m.moves.adopted.is_empty() {
+            return Some(cmd);
+        }
+        let Some(i) = m.moves.adopted.iter().position(|a| a.0 == cmd.user_tag) else {
+            return Some(cmd);
+        };
+        let (_, owner, epoch) = m.moves.adopted.swap_remove(i);
+        m.paths.give_back(
+            owner,
+            Returned::Fallback {
+                cmd,
+                epoch,
+                fence: false,
+                why: "the connection that took it over gave it up".into(),
+            },
+        );
+        None
+    }
+
+    /// A refused TASK REASSIGN of a task taken over from another path: it
+    /// goes back to that path's fence and retry (None).
+    fn mcs_refused_adopted(&mut self, cmd: Command, response: u8) -> Option<Command> {
+        let Some(m) = &mut self.mcs else {
+            return Some(cmd);
+        };
+        let Some(i) = m.moves.adopted.iter().position(|a| a.0 == cmd.user_tag) else {
+            return Some(cmd);
+        };
+        let (_, owner, epoch) = m.moves.adopted.swap_remove(i);
+        m.paths.give_back(
+            owner,
+            Returned::Fallback {
+                cmd,
+                epoch,
+                fence: false,
+                why: format!("TASK REASSIGN on another connection refused, response {response}"),
+            },
+        );
+        None
+    }
+
+    /// Each round: what other connections gave back of this path's tasks
+    /// they took over answers its queues (completions) or goes to its
+    /// fence and retry.
+    fn mcs_take_returns(&mut self, now: Instant) {
+        let Some(m) = &self.mcs else { return };
+        let returns = m.paths.take_returns(self.shared.index);
+        for r in returns {
+            match r {
+                Returned::Done(c) => {
+                    // Taken over from yet another path: it goes on there.
+                    let Some(c) = self.mcs_forward_done(c) else {
+                        continue;
+                    };
+                    // `on_completion` counts it out of this path's session.
+                    self.in_session += 1;
+                    self.on_completion(c, now);
+                }
+                Returned::Fallback {
+                    cmd,
+                    epoch,
+                    fence,
+                    why,
+                } => {
+                    if cmd.user_tag & super::INTERNAL_TAG != 0 {
+                        continue; // the path's own: dropped, as a bounce does
+                    }
+                    self.shared.record_reassign_fallback(1, &why);
+                    let write = cmd.direction == crate::iscsi::connection::Direction::Write;
+                    if fence && write && epoch == self.session_epoch {
+                        if let Some(board) = self.fence.clone() {
+                            self.want_mcs_fence(&board);
+                        }
+                    }
+                    self.bounce_as(cmd, Some(epoch));
+                }
+                Returned::Anew(cmd) => {
+                    self.shared.record_resubmitted(1);
+                    self.bounce_as(cmd, None);
+                }
+            }
+        }
+    }
+}
+
+fn give_back_offer(paths: &Arc<McsPaths>, offer: MoveOffer, fence: bool, why: &str) {
+    paths.give_back_all(offer.from, offer.epoch, offer.orphans, fence, why);
 }

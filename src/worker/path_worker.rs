@@ -388,6 +388,8 @@ struct McsConn {
     confirm: Option<u32>,
     /// ERL 2: the failed connection's tasks, waiting for its reinstatement.
     held: Option<mcs_worker::HeldTasks>,
+    /// ERL 2: other paths' tasks this connection takes over.
+    moves: mcs_worker::Moves,
 }
 
 impl Worker {
@@ -452,6 +454,7 @@ impl Worker {
                 fence: None,
                 confirm: None,
                 held: None,
+                moves: mcs_worker::Moves::default(),
             }),
             helper,
         };
@@ -763,8 +766,15 @@ impl Worker {
                 Event::TaskManagement { user_tag, response } => {
                     self.on_abort_answer(session, user_tag, response)?
                 }
-                Event::ConnectionLoggedOut { cid, response, .. } => {
-                    self.on_mcs_fence_answer(session, cid, response, now)
+                Event::ConnectionLoggedOut {
+                    cid,
+                    response,
+                    time2wait,
+                    ..
+                } => {
+                    if !self.on_mcs_move_logout(session, cid, response, time2wait, now) {
+                        self.on_mcs_fence_answer(session, cid, response, now)
+                    }
                 }
                 Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
                 Event::Reassigned {
@@ -1027,6 +1037,10 @@ impl Worker {
     }
 
     fn on_completion(&mut self, c: Completion, now: Instant) {
+        // MC/S: another path's task taken over here goes back to it.
+        let Some(c) = self.mcs_forward_done(c) else {
+            return;
+        };
         if c.user_tag & DEVICE_TAG == DEVICE_TAG {
             if let Some(i) = self.device_cmds.iter().position(|(t, _)| *t == c.user_tag) {
                 let (_, reply) = self.device_cmds.swap_remove(i);
@@ -1241,6 +1255,9 @@ impl Worker {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
+        let Some(cmd) = self.mcs_forward_bounce(cmd) else {
+            return;
+        };
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
@@ -1254,6 +1271,9 @@ impl Worker {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
+        let Some(cmd) = self.mcs_forward_bounce(cmd) else {
+            return;
+        };
         let qid = (cmd.user_tag >> 32) as u32;
         let slot = cmd.user_tag as u32;
         if let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) {
@@ -1799,6 +1819,9 @@ impl Worker {
     }
 
     fn start_connect(&mut self) {
+        if !self.mcs_may_connect() {
+            return;
+        }
         let Some(mut connector) = self.connector.take() else {
             return;
         };
