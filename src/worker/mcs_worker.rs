@@ -214,13 +214,25 @@ impl Worker {
     }
 
     /// This path's own connection failed: a fencing Logout it had sent
-    /// goes back on the board for another connection.
+    /// goes back on the board for another connection, and another path's
+    /// tasks it was about to take over go back to that path.
     pub(super) fn mcs_fencer_failed(&mut self, now: Instant) {
+        let Some(m) = &mut self.mcs else { return };
+        m.confirm = None;
+        if let Some(mv) = m.moves.moving.take() {
+            // Its Logout (reason 2) may or may not have removed the other
+            // connection: the tasks go back to their path's fence and retry.
+            m.paths.moved_out(mv.offer.from);
+            give_back_offer(
+                &m.paths,
+                mv.offer,
+                true,
+                "the connection taking it over failed",
+            );
+        }
         let Some(board) = self.fence.clone() else {
             return;
         };
-        let Some(m) = &mut self.mcs else { return };
-        m.confirm = None;
         if let Some((job, _)) = m.fence.take() {
             board.finish(&job, &Err(FenceError::FencerFailed), now);
         }
@@ -254,6 +266,12 @@ impl Worker {
 /// they go back to the fence-and-retry path. Well inside the target's
 /// DefaultTime2Wait + DefaultTime2Retain, for which it keeps them.
 const HOLD_FOR_REASSIGN: Duration = Duration::from_secs(5);
+
+/// How long after DefaultTime2Wait a failed connection's path may take to
+/// start its own reinstatement (its reconnect waits out a back-off) before
+/// its tasks move to another live connection of the session anyway. A
+/// reconnect login that fails moves them at once.
+const OWN_REINSTATEMENT: Duration = Duration::from_secs(1);
 
 /// ERL 2: the sent tasks of this path's failed connection, held (not
 /// bounced) until the path's reconnect reinstates the connection (a login
@@ -364,9 +382,10 @@ impl Worker {
     }
 
     /// Each round while the path is down (not while a login runs): held
-    /// tasks move to another live connection of the session once
-    /// DefaultTime2Wait has passed; with none up, those whose reinstatement
-    /// has not come in [`HOLD_FOR_REASSIGN`] fall back.
+    /// tasks whose reinstatement has not started [`OWN_REINSTATEMENT`]
+    /// after DefaultTime2Wait move to another live connection of the
+    /// session; with none up, those whose reinstatement has not come in
+    /// [`HOLD_FOR_REASSIGN`] fall back.
     pub(super) fn mcs_check_held(&mut self, now: Instant) {
         if !matches!(self.conn, super::Conn::Down) {
             return;
@@ -374,7 +393,8 @@ impl Worker {
         let Some(h) = self.mcs.as_ref().and_then(|m| m.held.as_ref()) else {
             return;
         };
-        let (offer, expired) = (now >= h.offer_at && self.mcs_others_up(), now >= h.expires);
+        let offer = now >= h.offer_at + OWN_REINSTATEMENT && self.mcs_others_up();
+        let expired = now >= h.expires;
         if !offer && !expired {
             return;
         }
@@ -435,13 +455,11 @@ impl Worker {
 
     /// Before this path's reconnect login: false while another connection
     /// is removing this path's failed one (its Logout reason 2 would remove
-    /// the new connection with the same CID), or is about to (an offer not
-    /// yet claimed while another connection is up and DefaultTime2Wait has
-    /// passed). Otherwise an offer nobody took is held again for this
-    /// path's own reinstatement.
+    /// the new connection with the same CID). An offer nobody took yet is
+    /// held again for this login's reinstatement (offered again if it
+    /// fails).
     pub(super) fn mcs_may_connect(&mut self) -> bool {
         let me = self.shared.index;
-        let others_up = self.mcs_others_up();
         let now = Instant::now();
         let Some(m) = &mut self.mcs else { return true };
         if m.paths.is_moving(me) {
@@ -457,21 +475,7 @@ impl Worker {
             };
             if now >= held.expires {
                 self.mcs_release_held(held, "not taken over within DefaultTime2Retain");
-                return true;
-            }
-            if others_up && now >= held.offer_at {
-                m.paths.offer(MoveOffer {
-                    from: me,
-                    tsih: held.tsih,
-                    cid: o.cid,
-                    epoch: held.epoch,
-                    orphans: held.orphans,
-                    not_before: held.offer_at,
-                    expires: held.expires,
-                });
-                return false;
-            }
-            if let Some(old) = m.held.replace(held) {
+            } else if let Some(old) = m.held.replace(held) {
                 self.mcs_release_held(old, "held across a second failure");
             }
         }
@@ -710,12 +714,27 @@ impl Worker {
         }
     }
 
+    /// The answer to a Logout this path sent for another path's connection
+    /// `cid`: removing it to take its tasks over, or fencing it.
+    pub(super) fn on_mcs_logout_answer(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        cid: u16,
+        response: u8,
+        time2wait: u16,
+        now: Instant,
+    ) {
+        if !self.on_mcs_move_logout(session, cid, response, time2wait, now) {
+            self.on_mcs_fence_answer(session, cid, response, now);
+        }
+    }
+
     /// The answer to a Logout with reason 2 this path sent for another
     /// path's failed connection `cid`: 0 (removed) or 1 (the target had
     /// dropped it already) lets its tasks be taken over here (after the
     /// answer's Time2Wait); anything else sends them back to their path's
     /// fence and retry. False: not ours.
-    pub(super) fn on_mcs_move_logout(
+    fn on_mcs_move_logout(
         &mut self,
         session: &mut Session<BoxedTransport>,
         cid: u16,

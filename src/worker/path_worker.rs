@@ -771,11 +771,7 @@ impl Worker {
                     response,
                     time2wait,
                     ..
-                } => {
-                    if !self.on_mcs_move_logout(session, cid, response, time2wait, now) {
-                        self.on_mcs_fence_answer(session, cid, response, now)
-                    }
-                }
+                } => self.on_mcs_logout_answer(session, cid, response, time2wait, now),
                 Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
                 Event::Reassigned {
                     user_tag,
