@@ -2280,8 +2280,9 @@ impl Connection {
     /// and CmdSN (ERL 2; a "retry", RFC 7143 §7.2.1): for a command the
     /// target never received (its CmdSN not below the session's ExpCmdSN
     /// once the failed connection is gone), so that the session's CmdSN
-    /// order has no hole for the target to wait on. The task lives here
-    /// from now on, as a fresh command.
+    /// order has no hole for the target to wait on (an immediate command,
+    /// which holds no place in that order, goes with the next CmdSN and the
+    /// I bit). The task lives here from now on, as a fresh command.
     pub fn retry(&mut self, orphan: Orphan, now: Instant) -> Result<(), Box<NotTaken>> {
         if let Err(error) = self.check_usable() {
             return Err(Box::new(NotTaken { error, orphan }));
@@ -2296,6 +2297,15 @@ impl Connection {
         };
         self.adopted.pop();
         let Orphan { itt, cmd_sn, cmd } = orphan;
+        // An immediate command holds no place in the CmdSN order: it goes
+        // again with the I bit and the CmdSN of the next non-immediate one,
+        // as any immediate PDU does (RFC 7143 §3.2.2.1); its old CmdSN may
+        // be behind the session's by now.
+        let cmd_sn = if cmd.immediate {
+            self.window.next_cmd_sn()
+        } else {
+            cmd_sn
+        };
         if let Some(Some(t)) = self.slots.get_mut(slot as usize) {
             t.kind = TaskKind::fresh(cmd);
             t.itt = itt;

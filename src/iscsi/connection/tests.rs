@@ -1294,6 +1294,80 @@ fn refused_task_reassign_gives_the_command_back() {
     assert!(b.is_failed().is_none());
 }
 
+/// ERL 2, immediate commands of a failed connection: a retry keeps the I
+/// bit and carries the session's next CmdSN (the immediate command's own
+/// CmdSN was never taken and is behind by now), taking none; a
+/// non-immediate retry keeps its own CmdSN with the I bit clear; a TASK
+/// REASSIGN the target refuses gives the command back still immediate,
+/// and a new submit sends it with the I bit and the next CmdSN again.
+#[test]
+fn retried_and_reassigned_immediate_commands_keep_the_cmdsn_rules() {
+    let now = Instant::now();
+    let (mut a, mut b, window) = mcs_pair(now);
+    let pa = Peer::new(Digests::default());
+    let mut pb = Peer::new(Digests::default());
+    let mut urgent = read_cmd(512, 1);
+    urgent.immediate = true;
+    a.submit(urgent, now).unwrap();
+    a.submit(read_cmd(512, 2), now).unwrap();
+    let mut again = read_cmd(512, 3);
+    again.immediate = true;
+    a.submit(again, now).unwrap();
+    let sent = scsi_itts(&pa.sent(&mut a));
+    // Both immediates carried the next CmdSN then; the ordered one took 10.
+    assert_eq!(
+        sent.iter().map(|s| s.1).collect::<Vec<_>>(),
+        [Sn(10), Sn(10), Sn(11)]
+    );
+    // B's own command moves the session's CmdSN on meanwhile.
+    b.submit(read_cmd(512, 4), now).unwrap();
+    let _ = pb.sent(&mut b);
+    assert_eq!(window.next_cmd_sn(), Sn(12));
+    a.set_failed(ConnError::Failed("link down".into()));
+    let (orphans, _) = a.take_orphans();
+    let mut by_tag: Vec<_> = orphans.into_iter().collect();
+    by_tag.sort_by_key(|o| o.cmd.user_tag);
+    let mut it = by_tag.into_iter();
+    let (urgent, ordered, again) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    assert!(urgent.cmd.immediate && !ordered.cmd.immediate);
+    b.retry(urgent, now).unwrap();
+    b.retry(ordered, now).unwrap();
+    let cmds: Vec<_> = pb
+        .sent(&mut b)
+        .into_iter()
+        .filter_map(|(h, _)| match h {
+            PduHeader::ScsiCommand(c) => Some((c.immediate, c.cmd_sn)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cmds, [(true, Sn(12)), (false, Sn(10))]);
+    assert_eq!(window.next_cmd_sn(), Sn(12), "a retry takes no CmdSN");
+    b.reassign(again, now).unwrap();
+    let PduHeader::TaskMgmtRequest(t) = &pb.sent(&mut b)[0].0 else {
+        panic!()
+    };
+    assert!(t.immediate);
+    assert_eq!((t.cmd_sn, t.ref_cmd_sn), (Sn(12), Sn(11)));
+    b.receive(&tmf_response(&mut pb, t.itt, 1), now).unwrap();
+    let back = match b.poll_event() {
+        Some(Event::Reassigned {
+            user_tag: 3,
+            response: 1,
+            refused: Some(cmd),
+        }) => *cmd,
+        other => panic!("{other:?}"),
+    };
+    assert!(back.immediate, "the I flag comes back with the command");
+    b.submit(back, now).unwrap();
+    let sent = pb.sent(&mut b);
+    let PduHeader::ScsiCommand(c) = &sent[0].0 else {
+        panic!("{sent:?}")
+    };
+    assert!(c.immediate);
+    assert_eq!(c.cmd_sn, Sn(12));
+    assert_eq!(window.next_cmd_sn(), Sn(12));
+}
+
 /// Everything the connection has to send, taken through `tx_parts` in
 /// pieces of at most `step` bytes, as a transport that takes a little at a
 /// time would; `hold` keeps a clone of every shared buffer it saw.
