@@ -94,7 +94,7 @@ impl Worker {
             }
             return;
         }
-        if !board.has_pending() {
+        if !board.has_pending() || m.moves.moving.is_some() {
             return;
         }
         let Conn::Up(session) = &mut self.conn else {
@@ -184,10 +184,19 @@ impl Worker {
         }
     }
 
-    /// A NOP-In answered one of our pings: the last one of a fence being
-    /// confirmed (after the NOP-Outs filling CmdSNs) confirms it, and the
-    /// failed connection's held writes may go.
-    pub(super) fn on_mcs_ping_answered(&mut self, now: Instant) {
+    /// A NOP-In answered one of our pings: the one confirming a Logout
+    /// that removes another path's connection to take its tasks over, or
+    /// the last one of a fence being confirmed (after the NOP-Outs filling
+    /// CmdSNs), which confirms it, and the failed connection's held writes
+    /// may go.
+    pub(super) fn on_mcs_ping_answered(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) {
+        if self.mcs_move_ping_answered(session, now) {
+            return;
+        }
         let Some(board) = self.fence.clone() else {
             return;
         };
@@ -636,6 +645,10 @@ struct Moving {
     sent: Instant,
     /// Answered: TASK REASSIGN is due then (the answer's Time2Wait).
     reassign_at: Option<Instant>,
+    /// A ping sent after the answer came back: this connection outlived
+    /// the Logout, so the target removed the one it named (tgtd answers 0
+    /// to any Logout and closes the connection it came on instead).
+    confirmed: bool,
 }
 
 impl Worker {
@@ -650,7 +663,9 @@ impl Worker {
         };
         match &m.moves.moving {
             None => {
-                if m.tsih == 0 {
+                // One Logout of another connection at a time: the ping
+                // that confirms either is told apart by that.
+                if m.tsih == 0 || m.fence.is_some() || m.confirm.is_some() {
                     return;
                 }
                 let Some(offer) = m.paths.claim(self.shared.index, m.tsih, now) else {
@@ -669,6 +684,7 @@ impl Worker {
                             offer,
                             sent: now,
                             reassign_at: None,
+                            confirmed: false,
                         });
                     }
                     Err(_) => {
@@ -682,7 +698,7 @@ impl Worker {
                     }
                 }
             }
-            Some(mv) if mv.reassign_at.is_none() => {
+            Some(mv) if mv.reassign_at.is_none() || !mv.confirmed => {
                 if now.saturating_duration_since(mv.sent) < MOVE_LOGOUT_ANSWER {
                     return;
                 }
@@ -757,17 +773,38 @@ impl Worker {
             }
             return true;
         }
-        // Nothing of the failed connection runs at the target any more but
-        // what is reassigned: a retry of a refused task may go at once.
-        if let Some(victim) = self.peers.get(mv.offer.from) {
-            victim.fence_through(mv.offer.epoch);
-        }
         let wait = match response {
             0 => Duration::from_secs(u64::from(time2wait)),
             _ => Duration::ZERO,
         };
         mv.reassign_at = Some(now + wait);
-        if wait.is_zero() {
+        // Trusted once a ping sent after it is answered (see `Moving`).
+        if session.connection_mut().ping(now).is_err() {
+            if let Some(mv) = m.moves.moving.take() {
+                give_back_offer(&m.paths, mv.offer, true, "no ping after the Logout");
+            }
+        }
+        true
+    }
+
+    /// A ping was answered: the one confirming a Logout (reason 2) of
+    /// another path's connection lets its tasks be taken over (at once
+    /// when the Logout's Time2Wait has passed, else by the next rounds).
+    /// False: not ours.
+    fn mcs_move_ping_answered(
+        &mut self,
+        session: &mut Session<BoxedTransport>,
+        now: Instant,
+    ) -> bool {
+        let Some(m) = &mut self.mcs else { return false };
+        let Some(mv) = &mut m.moves.moving else {
+            return false;
+        };
+        let Some(at) = mv.reassign_at.filter(|_| !mv.confirmed) else {
+            return false;
+        };
+        mv.confirmed = true;
+        if now >= at {
             if let Some(mv) = m.moves.moving.take() {
                 self.mcs_take_over(session, mv.offer, now);
             }
@@ -806,6 +843,11 @@ impl Worker {
                 "DefaultTime2Retain passed before the take-over",
             );
             return;
+        }
+        // Nothing of the failed connection runs at the target any more but
+        // what is taken over here: a retry of a refused task may go at once.
+        if let Some(victim) = self.peers.get(from) {
+            victim.fence_through(epoch);
         }
         let holes = paths.take_holes(from, tsih);
         let filled = fill_holes(session, holes, &self.shared.name, now);

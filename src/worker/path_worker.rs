@@ -772,7 +772,7 @@ impl Worker {
                     time2wait,
                     ..
                 } => self.on_mcs_logout_answer(session, cid, response, time2wait, now),
-                Event::PingAnswered { .. } => self.on_mcs_ping_answered(now),
+                Event::PingAnswered { .. } => self.on_mcs_ping_answered(session, now),
                 Event::Reassigned {
                     user_tag,
                     response,
