@@ -892,6 +892,19 @@ impl PathHealth {
         at
     }
 
+    /// As [`on_failure`](Self::on_failure) for a connection the target
+    /// closed after answering a Logout sent on it (tgtd closes the
+    /// connection a Logout for another CID came on): not an unexpected
+    /// termination, so the first retry waits the Logout Response's
+    /// `time2wait` instead of DefaultTime2Wait (RFC 7143 §11.15.2), with
+    /// the usual back-off.
+    pub fn on_logged_out(&mut self, now: Instant, time2wait: Duration) -> Instant {
+        let negotiated = std::mem::replace(&mut self.time2wait, time2wait);
+        let at = self.on_failure(now);
+        self.time2wait = negotiated;
+        at
+    }
+
     /// As [`on_failure`](Self::on_failure), with the next attempt no sooner
     /// than `at_least` from now: the Time2Wait a target gave in an Async
     /// Message (RFC 7143 §11.9.1) or a Logout Response (§11.15.2).
@@ -1022,6 +1035,27 @@ mod tests {
         h.on_attempt();
         // Later attempts follow the back-off.
         assert_eq!(h.on_failure(t0) - t0, Duration::from_millis(200));
+    }
+
+    /// A connection the target closed after answering a Logout sent on it
+    /// waits the Logout Response's Time2Wait, not DefaultTime2Wait, and
+    /// the negotiated value still holds for the next unexpected failure.
+    #[test]
+    fn closed_after_a_logout_waits_the_logout_time2wait() {
+        let t0 = Instant::now();
+        let mut h = PathHealth::new(policy());
+        h.on_login(Duration::from_secs(2));
+        assert_eq!(
+            h.on_logged_out(t0, Duration::ZERO) - t0,
+            Duration::from_millis(100)
+        );
+        h.on_login(Duration::from_secs(2));
+        assert_eq!(
+            h.on_logged_out(t0, Duration::from_secs(1)) - t0,
+            Duration::from_secs(1)
+        );
+        h.on_login(Duration::from_secs(2));
+        assert_eq!(h.on_failure(t0) - t0, Duration::from_secs(2));
     }
 
     #[test]

@@ -637,6 +637,9 @@ pub(super) struct Moves {
     /// answers its queue, that path's session epoch they were sent in).
     /// Their completions and bounces go back to that path.
     adopted: Vec<(u64, usize, u64)>,
+    /// The Time2Wait of the last answer to a Logout this path sent for
+    /// another connection.
+    logout_time2wait: Duration,
 }
 
 struct Moving {
@@ -740,9 +743,28 @@ impl Worker {
         time2wait: u16,
         now: Instant,
     ) {
+        if let Some(m) = &mut self.mcs {
+            m.moves.logout_time2wait = Duration::from_secs(u64::from(time2wait));
+        }
         if !self.on_mcs_move_logout(session, cid, response, time2wait, now) {
             self.on_mcs_fence_answer(session, cid, response, now);
         }
+    }
+
+    /// This path's connection failed while the answer to its Logout of
+    /// another connection waited for its confirming ping: the target
+    /// closed this connection for that Logout (tgtd does), an expected
+    /// end: the reconnect waits the Logout Response's Time2Wait, not
+    /// DefaultTime2Wait. Its leading login then reinstates the session,
+    /// which fences the other connection too.
+    pub(super) fn mcs_closed_after_own_logout(&self) -> Option<Duration> {
+        let m = self.mcs.as_ref()?;
+        let moving = m
+            .moves
+            .moving
+            .as_ref()
+            .is_some_and(|mv| mv.reassign_at.is_some() && !mv.confirmed);
+        (m.confirm.is_some() || moving).then_some(m.moves.logout_time2wait)
     }
 
     /// The answer to a Logout with reason 2 this path sent for another

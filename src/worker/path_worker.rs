@@ -1334,7 +1334,10 @@ impl Worker {
         self.draining = None;
         // State first, so the queues do not pick this path for what we bounce.
         self.shared.set_state(PathState::Down, &reason);
-        self.health.on_failure_waiting(now, at_least);
+        match self.mcs_closed_after_own_logout() {
+            Some(t2w) => self.health.on_logged_out(now, t2w.max(at_least)),
+            None => self.health.on_failure_waiting(now, at_least),
+        };
         // MC/S at ERL 2: the sent tasks wait for TASK REASSIGN, and only
         // those never sent come back (nothing will run them).
         let (cmds, held) = match self.mcs_hold_for_reassign(&mut session, now) {
