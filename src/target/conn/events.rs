@@ -19,7 +19,7 @@ impl Core {
             AsyncEvent::Scsi { lun: n, sense } => {
                 lun = scsi::encode_lun(n);
                 let s = Sense {
-                    key: sense.key,
+                    key: SenseKey::from_bits(sense.key),
                     asc: sense.asc,
                     ascq: sense.ascq,
                     information: None,

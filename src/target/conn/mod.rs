@@ -34,11 +34,12 @@ use crate::wire::text::TextPairs;
 
 use super::fault::AsyncEvent;
 use super::lun::SharedChunk;
-use super::scsi::{self, status, ParamCommand, Plan, Port, Sense};
+use super::scsi::{self, ParamCommand, Plan, Port, Sense};
 use super::session::{closing, Gate, Session};
 use super::strict::{self, Rule, Violation};
 use super::SharedTarget;
 use crate::transport::TxPart;
+use crate::wire::scsi::{ScsiStatus, SenseKey};
 // For the submodules' `super::pr` and `super::JoinRefusal`.
 use super::{pr, JoinRefusal};
 use crate::wire::iscsi::AsyncMessage;
