@@ -30,8 +30,6 @@ pub struct ItNexus {
 pub const PERSISTENT_RESERVE_IN: u8 = crate::wire::scsi::pr::PERSISTENT_RESERVE_IN;
 /// PERSISTENT RESERVE OUT operation code.
 pub const PERSISTENT_RESERVE_OUT: u8 = crate::wire::scsi::pr::PERSISTENT_RESERVE_OUT;
-/// The RESERVATION CONFLICT status byte.
-pub const RESERVATION_CONFLICT: u8 = 0x18;
 
 /// Why a command is not run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +42,7 @@ pub enum PrRefusal {
 
 /// INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h).
 pub const INVALID_RELEASE: Sense = Sense {
-    key: super::scsi::sense_key::ILLEGAL_REQUEST,
+    key: crate::wire::scsi::SenseKey::IllegalRequest,
     asc: 0x26,
     ascq: 0x04,
     information: None,

@@ -14,30 +14,14 @@ use crate::wire::scsi::{
     vpd, Association, BlockDeviceCharacteristics, BlockLimits, CodeSet, DataRepr, Designator,
     DesignatorType, DeviceIdentification, InquiryData, LbaStatusData, LbaStatusDescriptor,
     LogicalBlockProvisioning, Lun as LunField, Peripheral, ProvisioningStatus, ReadCapacity10Data,
-    ReadCapacity16Data, ReportLunsData, SupportedVpdPages, TargetPortGroup, TargetPortGroupsData,
-    Tpgs, UnitSerialNumber, PROTOCOL_ID_ISCSI,
+    ReadCapacity16Data, ReportLunsData, SenseData, SenseKey, SupportedVpdPages, TargetPortGroup,
+    TargetPortGroupsData, Tpgs, UnitSerialNumber, PROTOCOL_ID_ISCSI,
 };
-
-/// SCSI status codes.
-pub mod status {
-    pub const GOOD: u8 = 0x00;
-    pub const CHECK_CONDITION: u8 = 0x02;
-}
-
-/// Sense keys used here.
-pub mod sense_key {
-    pub const NO_SENSE: u8 = 0x0;
-    pub const NOT_READY: u8 = 0x2;
-    pub const MEDIUM_ERROR: u8 = 0x3;
-    pub const ILLEGAL_REQUEST: u8 = 0x5;
-    pub const UNIT_ATTENTION: u8 = 0x6;
-    pub const MISCOMPARE: u8 = 0xe;
-}
 
 /// Fixed-format sense (key, additional sense code and qualifier).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sense {
-    pub key: u8,
+    pub key: SenseKey,
     pub asc: u8,
     pub ascq: u8,
     /// The INFORMATION field (VALID set), e.g. a miscompare's byte offset.
@@ -55,28 +39,28 @@ impl Sense {
     pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::illegal(0x26, 0x00);
     pub const PARAMETER_LIST_LENGTH_ERROR: Sense = Sense::illegal(0x1a, 0x00);
     pub const LUN_RESET_OCCURRED: Sense = Sense {
-        key: sense_key::UNIT_ATTENTION,
+        key: SenseKey::UnitAttention,
         asc: 0x29,
         ascq: 0x03,
         information: None,
         sense_key_specific: None,
     };
     pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense {
-        key: sense_key::UNIT_ATTENTION,
+        key: SenseKey::UnitAttention,
         asc: 0x2a,
         ascq: 0x06,
         information: None,
         sense_key_specific: None,
     };
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense {
-        key: sense_key::MISCOMPARE,
+        key: SenseKey::Miscompare,
         asc: 0x1d,
         ascq: 0x00,
         information: None,
         sense_key_specific: None,
     };
     pub const POWER_ON_RESET: Sense = Sense {
-        key: sense_key::UNIT_ATTENTION,
+        key: SenseKey::UnitAttention,
         asc: 0x29,
         ascq: 0x00,
         information: None,
@@ -85,7 +69,7 @@ impl Sense {
 
     const fn illegal(asc: u8, ascq: u8) -> Sense {
         Sense {
-            key: sense_key::ILLEGAL_REQUEST,
+            key: SenseKey::IllegalRequest,
             asc,
             ascq,
             information: None,
@@ -106,7 +90,7 @@ impl Sense {
             | AluaState::Reserved(_) => 0x0c,
         };
         Some(Sense {
-            key: sense_key::NOT_READY,
+            key: SenseKey::NotReady,
             asc: 0x04,
             ascq,
             information: None,
@@ -139,8 +123,7 @@ impl Sense {
     /// Fixed-format sense data (SPC-4 §4.5.3), current error, emitted by
     /// the initiator's own codec (`wire::scsi::SenseData`).
     pub fn emit_fixed(&self) -> [u8; Sense::FIXED_LEN] {
-        use crate::wire::scsi::{DataRepr, SenseData, SenseKey};
-        let mut d = SenseData::new(SenseKey::from_bits(self.key & 0x0f), self.asc, self.ascq);
+        let mut d = SenseData::new(self.key, self.asc, self.ascq);
         d.information = self.information.map(u64::from);
         d.sense_key_specific = self.sense_key_specific;
         let mut s = [0u8; Sense::FIXED_LEN];
@@ -273,7 +256,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
         0x03 => {
             buf.extend_from_slice(
                 &Sense {
-                    key: sense_key::NO_SENSE,
+                    key: SenseKey::NoSense,
                     asc: 0,
                     ascq: 0,
                     information: None,
@@ -1200,7 +1183,7 @@ mod tests {
         assert_eq!(
             plan(p, 0, &read, &mut buf),
             Plan::Check(Sense {
-                key: sense_key::NOT_READY,
+                key: SenseKey::NotReady,
                 asc: 4,
                 ascq: 0x0b,
                 information: None,

@@ -8,7 +8,7 @@ impl Core {
     fn send_status(
         &mut self,
         itt: u32,
-        status: u8,
+        status: ScsiStatus,
         resid: Residual,
         exp_data_sn: Sn,
         sense: Option<Sense>,
@@ -20,7 +20,7 @@ impl Core {
             overflow: resid.overflow,
             underflow: resid.underflow,
             response: 0,
-            status,
+            status: status.as_u8(),
             itt,
             snack_tag: 0,
             stat_sn: self.next_stat_sn(),
@@ -51,7 +51,13 @@ impl Core {
 
     fn send_check(&mut self, itt: u32, sense: Sense, exp_data_sn: Sn) {
         let none = residual(0, 0);
-        self.send_status(itt, status::CHECK_CONDITION, none, exp_data_sn, Some(sense));
+        self.send_status(
+            itt,
+            ScsiStatus::CheckCondition,
+            none,
+            exp_data_sn,
+            Some(sense),
+        );
     }
 
     /// Data-In PDUs cut at the initiator's MaxRecvDataSegmentLength, the F
@@ -67,7 +73,7 @@ impl Core {
         let resid = residual(transfer, expected);
         let total = transfer.min(u64::from(expected)) as u32;
         if total == 0 {
-            return self.send_status(itt, status::GOOD, resid, Sn(0), None);
+            return self.send_status(itt, ScsiStatus::Good, resid, Sn(0), None);
         }
         let max_seg = self.params.max_xmit_data_segment_len.max(512);
         let burst = self.params.max_burst_len.max(512);
@@ -102,7 +108,7 @@ impl Core {
                 overflow: last && resid.overflow,
                 underflow: last && resid.underflow,
                 status_present: last,
-                status: status::GOOD,
+                status: ScsiStatus::Good.as_u8(),
                 lun,
                 itt,
                 ttt: RESERVED_TAG,
@@ -187,7 +193,7 @@ impl Core {
         let lun_index = scsi::decode_lun(c.lun).and_then(|n| self.shared.lun_index(n));
         let plan = if let Some(s) = faults.take_check_condition(self.portal) {
             Plan::Check(Sense {
-                key: s.key,
+                key: SenseKey::from_bits(s.key),
                 asc: s.asc,
                 ascq: s.ascq,
                 information: None,
@@ -219,7 +225,9 @@ impl Core {
                 let len = self.scratch.len() as u64;
                 self.send_data_in(c.itt, c.lun, DataSource::Scratch, len, expected)
             }
-            Plan::Good => self.send_status(c.itt, status::GOOD, residual(0, expected), Sn(0), None),
+            Plan::Good => {
+                self.send_status(c.itt, ScsiStatus::Good, residual(0, expected), Sn(0), None)
+            }
             Plan::Check(sense) => {
                 if c.write && !c.final_bit {
                     // Unsolicited Data-Out follows; drain it, then report.
@@ -314,7 +322,7 @@ impl Core {
                     self.start_write(c, data, Sink::Conflict, 0, None);
                 } else {
                     let none = residual(0, 0);
-                    let conflict = super::pr::RESERVATION_CONFLICT;
+                    let conflict = ScsiStatus::ReservationConflict;
                     self.send_status(c.itt, conflict, none, Sn(0), None);
                 }
                 true
@@ -508,11 +516,11 @@ impl Core {
                             );
                         }
                         let resid = residual(task.transfer, task.expected);
-                        self.send_status(task.itt, status::GOOD, resid, r2ts, None)
+                        self.send_status(task.itt, ScsiStatus::Good, resid, r2ts, None)
                     }
                     Err(super::pr::PrRefusal::Conflict) => {
                         let none = residual(0, 0);
-                        let conflict = super::pr::RESERVATION_CONFLICT;
+                        let conflict = ScsiStatus::ReservationConflict;
                         self.send_status(task.itt, conflict, none, r2ts, None)
                     }
                     Err(super::pr::PrRefusal::Check(sense)) => {
@@ -522,7 +530,7 @@ impl Core {
             }
             Sink::Conflict => {
                 let none = residual(0, 0);
-                let conflict = super::pr::RESERVATION_CONFLICT;
+                let conflict = ScsiStatus::ReservationConflict;
                 return self.send_status(task.itt, conflict, none, r2ts, None);
             }
             Sink::Params { lun, command, buf } => {
@@ -549,7 +557,7 @@ impl Core {
         match result {
             Ok(()) => {
                 let resid = residual(task.transfer, task.expected);
-                self.send_status(task.itt, status::GOOD, resid, r2ts, None)
+                self.send_status(task.itt, ScsiStatus::Good, resid, r2ts, None)
             }
             Err(sense) => self.send_check(task.itt, sense, r2ts),
         }

@@ -228,7 +228,7 @@ fn expect_sense(pdus: &[Pdu], key: u8, asc: u8, ascq: u8) {
     let (PduHeader::ScsiResponse(r), data) = &pdus[0] else {
         panic!("{:?}", pdus[0])
     };
-    assert_eq!(r.status, status::CHECK_CONDITION);
+    assert_eq!(r.status, ScsiStatus::CheckCondition.as_u8());
     assert_eq!(&data[..2], &[0, 18]);
     assert_eq!(
         (data[2] & 0x7f, data[4] & 0x0f, data[14], data[15]),
@@ -594,7 +594,7 @@ fn read_is_split_at_initiator_mrdsl_with_status_in_last_data_in() {
     );
     let (data, last) = collect_data_in(&pdus);
     assert_eq!(data, pattern);
-    assert_eq!(last.status, status::GOOD);
+    assert_eq!(last.status, ScsiStatus::Good.as_u8());
     assert!(!last.underflow && !last.overflow);
     let finals: Vec<bool> = pdus
         .iter()
@@ -733,7 +733,7 @@ fn write_with_immediate_data_only() {
     };
     assert_eq!(
         (r.status, r.itt, r.exp_data_sn),
-        (status::GOOD, c.itt, Sn(0))
+        (ScsiStatus::Good.as_u8(), c.itt, Sn(0))
     );
     let mut back = vec![0u8; 1024];
     s.luns[0].read(3 * 512, &mut back);
@@ -897,7 +897,10 @@ fn write_with_unsolicited_data_and_r2ts() {
     let PduHeader::ScsiResponse(resp) = &all[0] else {
         panic!()
     };
-    assert_eq!((resp.status, resp.exp_data_sn), (status::GOOD, Sn(4)));
+    assert_eq!(
+        (resp.status, resp.exp_data_sn),
+        (ScsiStatus::Good.as_u8(), Sn(4))
+    );
     let mut back = vec![0u8; 8192];
     s.luns[0].read(0, &mut back);
     assert_eq!(back, data);
@@ -1377,9 +1380,18 @@ fn persistent_reservations_per_nexus_and_preempt_and_abort() {
     b.isid = [0x80, 0, 0, 0, 0, 2];
     b.login_normal(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
     let we_ro = Some(PrType::WriteExclusiveRegistrantsOnly);
-    assert_eq!(pr_out(&mut a, Register, None, 0, 0xaa), status::GOOD);
-    assert_eq!(pr_out(&mut b, Register, None, 0, 0xbb), status::GOOD);
-    assert_eq!(pr_out(&mut a, Reserve, we_ro, 0xaa, 0), status::GOOD);
+    assert_eq!(
+        pr_out(&mut a, Register, None, 0, 0xaa),
+        ScsiStatus::Good.as_u8()
+    );
+    assert_eq!(
+        pr_out(&mut b, Register, None, 0, 0xbb),
+        ScsiStatus::Good.as_u8()
+    );
+    assert_eq!(
+        pr_out(&mut a, Reserve, we_ro, 0xaa, 0),
+        ScsiStatus::Good.as_u8()
+    );
     let keys = PrKeys::parse(&pr_in(&mut b, PrInAction::ReadKeys)).unwrap();
     assert_eq!(keys.keys, vec![0xaa, 0xbb]);
     let r = PrReservation::parse(&pr_in(&mut b, PrInAction::ReadReservation)).unwrap();
@@ -1398,7 +1410,7 @@ fn persistent_reservations_per_nexus_and_preempt_and_abort() {
     // a preempts b's key and aborts b's tasks.
     assert_eq!(
         pr_out(&mut a, PreemptAndAbort, we_ro, 0xaa, 0xbb),
-        status::GOOD
+        ScsiStatus::Good.as_u8()
     );
     let late = PduHeader::DataOut(DataOut {
         final_bit: true,
@@ -1429,8 +1441,14 @@ fn persistent_reservations_per_nexus_and_preempt_and_abort() {
     );
     // a unregistered nexus may not CLEAR; a may, and then b writes.
     assert_eq!(pr_out(&mut b, Clear, None, 0xbb, 0), 0x18);
-    assert_eq!(pr_out(&mut a, Release, we_ro, 0xaa, 0), status::GOOD);
-    assert_eq!(pr_out(&mut a, Clear, None, 0xaa, 0), status::GOOD);
+    assert_eq!(
+        pr_out(&mut a, Release, we_ro, 0xaa, 0),
+        ScsiStatus::Good.as_u8()
+    );
+    assert_eq!(
+        pr_out(&mut a, Clear, None, 0xaa, 0),
+        ScsiStatus::Good.as_u8()
+    );
     let c = b.command(&write10_cdb(3, 1), false, true, 512, true);
     let pdus = b.send(PduHeader::ScsiCommand(c.clone()), &[]);
     assert!(matches!(&pdus[..], [(PduHeader::R2t(_), _)]), "{pdus:?}");

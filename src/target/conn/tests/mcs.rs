@@ -164,11 +164,11 @@ fn commands_run_in_cmd_sn_order_across_connections() {
     assert!(b.conn.is_waiting_for_cmd_sn());
     assert!(b.tick().is_empty(), "still waiting for CmdSN 100");
     let ra = one_response(&a.send(PduHeader::ScsiCommand(first.clone()), &[0xaa; 512]));
-    assert_eq!((ra.itt, ra.status), (first.itt, status::GOOD));
+    assert_eq!((ra.itt, ra.status), (first.itt, ScsiStatus::Good.as_u8()));
     assert_eq!(ra.exp_cmd_sn, Sn(101));
     // Now B's turn: its status goes out on B, with B's own StatSN.
     let rb = one_response(&b.tick());
-    assert_eq!((rb.itt, rb.status), (second.itt, status::GOOD));
+    assert_eq!((rb.itt, rb.status), (second.itt, ScsiStatus::Good.as_u8()));
     assert_eq!(rb.exp_cmd_sn, Sn(102));
     assert_eq!(ra.stat_sn, rb.stat_sn, "StatSN counts per connection");
     assert!(!b.conn.is_waiting_for_cmd_sn());
@@ -196,7 +196,7 @@ fn commands_run_in_cmd_sn_order_across_connections() {
         "the read (102) ran before the write (103)"
     );
     let rw = one_response(&a.tick());
-    assert_eq!((rw.itt, rw.status), (w.itt, status::GOOD));
+    assert_eq!((rw.itt, rw.status), (w.itt, ScsiStatus::Good.as_u8()));
     b.cmd_sn = Sn(104);
     let (new, _) = collect_data_in(&b.read10(2, 2));
     assert_eq!(new, data);
@@ -324,7 +324,7 @@ fn logout_reason_2_then_task_reassign() {
     assert_eq!((r2.buffer_offset, r2.desired_len), (1024, 1024));
     assert_eq!(r2.r2t_sn, Sn(2), "R2TSN goes on");
     let done = one_response(&a.send(data_out(w.itt, r2.ttt, 0, 1024, true), &data[1024..]));
-    assert_eq!((done.itt, done.status), (w.itt, status::GOOD));
+    assert_eq!((done.itt, done.status), (w.itt, ScsiStatus::Good.as_u8()));
     let mut back = vec![0u8; 2048];
     s.luns[0].read(8 * 512, &mut back);
     assert_eq!(back, data);
@@ -364,7 +364,7 @@ fn cid_reuse_reinstates_the_connection() {
     };
     assert_eq!((r.buffer_offset, r.desired_len), (0, 1024));
     let resp = one_response(&b2.send(data_out(w.itt, r.ttt, 0, 0, true), &[0x5a; 1024]));
-    assert_eq!(resp.status, status::GOOD);
+    assert_eq!(resp.status, ScsiStatus::Good.as_u8());
     let mut back = vec![0u8; 1024];
     s.luns[0].read(0, &mut back);
     assert_eq!(back, vec![0x5a; 1024]);
