@@ -99,6 +99,8 @@ struct WorkerCounters {
     hst_latency_ns: AtomicU64,
     /// The newest command's latency sample (bounded like the above), ns.
     newest_latency_ns: AtomicU64,
+    /// The latency tail (see [`tail_update`]), ns.
+    tail_latency_ns: AtomicU64,
     /// Completions since the estimates were last replaced after an idle
     /// spell (see [`HST_FRESH_CAP`]).
     fresh_samples: AtomicU32,
@@ -330,6 +332,7 @@ impl PathShared {
             service_time_ns: self.counters.service_ewma_ns.load(Ordering::Relaxed),
             hst_latency_ns: self.counters.hst_latency_ns.load(Ordering::Relaxed),
             newest_latency_ns: self.counters.newest_latency_ns.load(Ordering::Relaxed),
+            tail_latency_ns: self.counters.tail_latency_ns.load(Ordering::Relaxed),
             fresh_samples: self.counters.fresh_samples.load(Ordering::Relaxed),
             last_finish: match self.counters.last_finish_ns.load(Ordering::Relaxed) {
                 0 => None,
@@ -432,6 +435,14 @@ impl PathShared {
         );
         c.newest_latency_ns
             .store(lat_seen.max(1), Ordering::Relaxed);
+        // The tail takes what the path surely took (up to when the worker
+        // last looked): a starved initiator's unseen wait is not the path's.
+        let hst_now = c.hst_latency_ns.load(Ordering::Relaxed);
+        let old_tail = c.tail_latency_ns.load(Ordering::Relaxed);
+        c.tail_latency_ns.store(
+            tail_update(old_tail, hst_now, lat_lower, since_last),
+            Ordering::Relaxed,
+        );
         // An estimate replaced after an idle spell rests on one sample.
         let replaced = since_last.is_none_or(|d| d >= SERVICE_TIME_FORGOTTEN_NS);
         let fresh = if replaced {
@@ -626,6 +637,52 @@ pub fn service_time_update(old: u64, sample: u64, since_last: Option<u64>) -> u6
     ((old as u128 * w_old + sample as u128 * (8 - w_old)) / 8).clamp(1, u64::MAX as u128) as u64
 }
 
+/// How fast [`tail_update`]'s tail falls back towards the historical
+/// latency: its excess halves for every this long since the path's
+/// previous completion.
+pub const TAIL_HALF_LIFE: Duration = Duration::from_millis(250);
+
+/// The latency tail: a maximum that decays. A sample above the tail is the
+/// new tail; otherwise the tail's excess over the historical latency
+/// (`hst`) halves per [`TAIL_HALF_LIFE`] since the previous completion
+/// (`since_last`; None: the first one), linearly within a half-life, and
+/// once more for the faster answer. So a
+/// path that answered slowly within the last half second or so is still
+/// known as slow, whatever one lucky answer (a token bucket refilled while
+/// the path idled) did to its averages, and a path that became fast sheds
+/// the old figure within a second. Selectors decay it further by the time
+/// since the path's last completion ([`tail_decayed`]).
+pub fn tail_update(old: u64, hst: u64, sample: u64, since_last: Option<u64>) -> u64 {
+    let decayed = since_last.map_or(0, |d| tail_decayed(old, hst, d));
+    if sample >= decayed {
+        return sample.max(1);
+    }
+    // An answer faster than the tail halves its excess too: a path that
+    // got fast sheds it in a few commands, a slow one raises it again.
+    let floor = hst.max(sample);
+    (floor + decayed.saturating_sub(floor) / 2).max(1)
+}
+
+/// A tail `tail` over the historical latency `hst`, `age` ns later: its
+/// excess halved per [`TAIL_HALF_LIFE`] (linearly within one); 0 stays 0.
+pub fn tail_decayed(tail: u64, hst: u64, age: u64) -> u64 {
+    if tail == 0 {
+        return 0;
+    }
+    let half_life = TAIL_HALF_LIFE.as_nanos() as u64;
+    let excess = tail.saturating_sub(hst);
+    let halvings = age / half_life;
+    let excess = if halvings >= 64 {
+        0
+    } else {
+        excess >> halvings
+    };
+    // 2^-x ~ 1 - x/2 on [0, 1).
+    let rem = (age % half_life) as u128;
+    let cut = (excess as u128 * rem / (2 * half_life as u128)) as u64;
+    tail.min(hst.saturating_add(excess - cut))
+}
+
 /// The load figures a selector looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PathLoad {
@@ -653,6 +710,11 @@ pub struct PathLoad {
     pub hst_latency_ns: u64,
     /// The newest command's latency sample (bounded the same way), ns.
     pub newest_latency_ns: u64,
+    /// The latency tail in nanoseconds: the largest recent latency that the
+    /// path surely took (the sample's lower bound), decaying towards
+    /// [`hst_latency_ns`](Self::hst_latency_ns) ([`tail_update`]); 0 = no
+    /// sample yet.
+    pub tail_latency_ns: u64,
     /// Completions since the estimates were last replaced by a single
     /// sample (the first completion, or the first after an idle spell of 3
     /// half-lives), up to [`HST_FRESH_CAP`]: how much the estimates rest on.

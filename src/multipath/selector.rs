@@ -3,7 +3,7 @@
 //! (usable paths of the best ALUA tier) in a reused buffer.
 
 use super::health::{BadSetting, Failback, FailbackClock};
-use super::path::PathLoad;
+use super::path::{tail_decayed, PathLoad};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -218,7 +218,8 @@ pub fn select(
 /// outstanding left out while another can take it) shares by outstanding
 /// commands among those whose expected completion ties with the class's
 /// best, unless a path outside the class expects to finish sooner by
-/// [`HST_SAME_LATENCY_PERCENT`].
+/// [`HST_SAME_LATENCY_PERCENT`], counting its latency tail
+/// ([`PathLoad::tail_latency_ns`]) as what a command there takes at least.
 fn historical_service_time(
     candidates: &[PathLoad],
     io_bytes: u64,
@@ -324,10 +325,20 @@ fn historical_service_time(
         .filter(|p| in_class(p))
         .map(expected)
         .min();
+    // An outsider is judged by its tail: the command sent there takes as
+    // long as that path's slow answers, and those are the device's p99.
     let outsider = candidates
         .iter()
         .filter(|p| eligible(p) && !in_class(p))
-        .map(|p| (expected(p), p.index))
+        .map(|p| {
+            let age = p.last_finish.map_or(0, |t| {
+                now.saturating_duration_since(t)
+                    .as_nanos()
+                    .min(u64::MAX as u128) as u64
+            });
+            let tail = tail_decayed(p.tail_latency_ns, p.hst_latency_ns, age);
+            (expected(p).max(tail as u128), p.index)
+        })
         .min();
     match (class_best, outsider) {
         // An outsider only by a margin: its commands are the tail, and on
@@ -980,9 +991,52 @@ mod tests {
             // Seeing completions at once, the slow path gets its probes and
             // the lucky answers after them. Starved (half the polls up to
             // 4 ms late), the fast path's own latency is about the bucket's
-            // 1.7 ms, and commands there cost the p99 nothing.
-            let bound = if starved.is_none() { 0.01 } else { 0.15 };
+            // 1.7 ms, and commands there cost the p99 little; judged by its
+            // tail, the bucket path gets 1-5 % of them (11 % by its average).
+            let bound = if starved.is_none() { 0.01 } else { 0.07 };
             assert!(out.share(1) < bound, "slow share {:?}", out.per_path);
+        }
+    }
+
+    #[test]
+    fn hst_judges_a_token_bucket_path_by_its_tail_at_qd32() {
+        // The bench's queue depth: 32 commands over a fast path and a tbf
+        // one, the workers starved. A lucky answer from the refilled bucket
+        // makes the slow path's averages look fast; its tail (the slow
+        // answers of the last half second) keeps it out unless even those
+        // beat the fast path's queue.
+        for seed in [2, 17, 40] {
+            let mut model = Model::new(Policy::HistoricalServiceTime, 2).starved(seed);
+            model.qd = 32;
+            let mut alone = Model::new(Policy::QueueDepth, 1).starved(seed);
+            alone.qd = 32;
+            let alone = alone.run(|_, _| Duration::from_micros(60));
+            let mut bucket = token_bucket();
+            let out = model.run(|p, t| {
+                if p == 0 {
+                    Duration::from_micros(60)
+                } else {
+                    bucket(t)
+                }
+            });
+            println!(
+                "model token bucket QD32, starved {seed}: fast alone p99 {} us p99.9 {} us; hst p99 {} us p99.9 {} us, {:?}, slow share {:.5}",
+                alone.p99(),
+                alone.hist.value_at_quantile(0.999),
+                out.p99(),
+                out.hist.value_at_quantile(0.999),
+                out.per_path,
+                out.share(1)
+            );
+            assert!(
+                out.p99() * 2 <= alone.p99() * 3,
+                "seed {seed}: hst p99 {} vs alone {}",
+                out.p99(),
+                alone.p99()
+            );
+            // Starved at QD32 the fast path's own queue is 5 ms long, so
+            // some commands finish sooner on the bucket; the p99 is the goal.
+            assert!(out.share(1) < 0.08, "seed {seed}: {:?}", out.per_path);
         }
     }
 
