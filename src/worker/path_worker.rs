@@ -89,8 +89,14 @@ struct QueueEnds {
     id: u32,
     sub: Consumer<Request>,
     comp: Producer<Response>,
-    /// When each slot's command was dispatched (for the latency).
+    /// When each slot's command was dispatched (the latency the
+    /// application sees).
     started: Vec<Instant>,
+    /// When this worker took each slot's command from the ring (its round's
+    /// clock, or the dispatch if later): the path's own latency starts
+    /// here, so a worker that napped or was descheduled before it took the
+    /// command does not make its path look slow.
+    taken: Vec<Instant>,
     /// Each slot's confirmed ABORT TASKs so far (`Request::aborts`).
     aborts: Vec<u32>,
 }
@@ -658,6 +664,7 @@ impl Worker {
                         sub,
                         comp,
                         started: vec![Instant::now(); depth],
+                        taken: vec![Instant::now(); depth],
                         aborts: vec![0; depth],
                     })
                 }
@@ -708,6 +715,9 @@ impl Worker {
                 if let Some(s) = q.started.get_mut(slot as usize) {
                     *s = req.dispatched_at;
                 }
+                if let Some(t) = q.taken.get_mut(slot as usize) {
+                    *t = req.dispatched_at.max(now);
+                }
                 if let Some(a) = q.aborts.get_mut(slot as usize) {
                     *a = req.aborts;
                 }
@@ -743,10 +753,20 @@ impl Worker {
             self.maybe_stpg(session, now);
         }
         progressed |= session.poll_io().map_err(PathFailure::Session)?;
+        // Completions are timed when they were decoded, not when the round
+        // began: the commands sent in this round (dispatched after `now`)
+        // can be answered within it by a near target, and a latency of
+        // zero, or a round's length too short, pulled the historical latency
+        // towards 1 ns and hst sent everything to that path. One clock read
+        // per round that completes something.
+        let mut seen_at = None;
         while let Some(ev) = session.connection_mut().poll_event() {
             progressed = true;
             match ev {
-                Event::Completed(c) => self.on_completion(c, now),
+                Event::Completed(c) => {
+                    let seen = *seen_at.get_or_insert_with(Instant::now);
+                    self.on_completion(c, seen)
+                }
                 Event::AsyncScsiEvent { lun, sense } => self.on_async_scsi_event(lun, &sense),
                 Event::LogoutRequested { within } => self.begin_drain(within, now),
                 Event::RenegotiationStarted => self.shared.record_async_event(
@@ -1117,14 +1137,15 @@ impl Worker {
         let Some(q) = self.queues.iter_mut().find(|q| q.id == qid) else {
             return; // the queue is gone
         };
-        let latency = q
-            .started
-            .get(slot as usize)
-            .map_or(Duration::ZERO, |s| now.saturating_duration_since(*s));
+        let since = |at: &Vec<Instant>| {
+            at.get(slot as usize)
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(*s))
+        };
+        let latency = since(&q.started);
         self.shared.record_completion_seen(
             now,
             self.looked_at.min(now),
-            latency,
+            since(&q.taken),
             c.transferred as u64,
             error,
         );
@@ -1298,9 +1319,13 @@ impl Worker {
         now: Instant,
     ) -> Option<Duration> {
         let mut logged_out = None;
+        let mut seen_at = None;
         while let Some(ev) = session.connection_mut().poll_event() {
             match ev {
-                Event::Completed(c) => self.on_completion(c, now),
+                Event::Completed(c) => {
+                    let seen = *seen_at.get_or_insert_with(|| Instant::now().max(now));
+                    self.on_completion(c, seen)
+                }
                 Event::LoggedOut { time2wait, .. } => {
                     logged_out = Some(Duration::from_secs(u64::from(time2wait)))
                 }
