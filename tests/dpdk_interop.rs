@@ -115,6 +115,7 @@ fn echo_transfer<D: Device + Send>(
     pattern: &[u8],
     total: usize,
     limit: Duration,
+    port_state: &dyn Fn() -> String,
 ) -> Outcome {
     let start = Instant::now();
     let mut sent = 0usize;
@@ -159,9 +160,10 @@ fn echo_transfer<D: Device + Send>(
         }
         assert!(
             last_progress.0.elapsed() < Duration::from_secs(20),
-            "no progress for 20 s at {received}/{total} bytes echoed ({sent} sent); socket {:?}, iface {:?}",
+            "no progress for 20 s at {received}/{total} bytes echoed ({sent} sent); socket {:?}, iface {:?}, port {}",
             conn.socket().counters(),
-            conn.interface().counters()
+            conn.interface().counters(),
+            port_state()
         );
         assert!(
             start.elapsed() < limit,
@@ -242,10 +244,26 @@ fn dpdk_stack_interop_with_linux_tcp() {
     let server = kernel_echo_server(&bed, 2);
     let remote = SocketAddrV4::new(bed.kernel_ip, ECHO_PORT);
 
+    // What a stall message needs beyond the stack's counters: CI once saw
+    // the kernel's side go silent for 20 s (not even answers to our
+    // zero-window probes reached the stack).
+    let port_state = || {
+        format!(
+            "stats {:?}, rx pool (in use, available) {:?}",
+            stack.port().stats(),
+            stack.port().rx_pool_usage()
+        )
+    };
     // Phase 1: clean path.
     let total = clean_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(&mut conn, &pattern, total, Duration::from_secs(60));
+    let out = echo_transfer(
+        &mut conn,
+        &pattern,
+        total,
+        Duration::from_secs(60),
+        &port_state,
+    );
     let counters = conn.socket().counters();
     println!(
         "clean: {clean_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
@@ -271,7 +289,13 @@ fn dpdk_stack_interop_with_linux_tcp() {
         .connect_device(Impaired::new(device, impair), remote)
         .expect("connect over the impaired path");
     let total = lossy_mib << 20;
-    let out = echo_transfer(&mut conn, &pattern, total, Duration::from_secs(60));
+    let out = echo_transfer(
+        &mut conn,
+        &pattern,
+        total,
+        Duration::from_secs(60),
+        &port_state,
+    );
     let impaired = conn.device().counters();
     let counters = conn.socket().counters();
     let tbf_drops = (

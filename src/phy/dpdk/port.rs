@@ -478,6 +478,12 @@ impl Port {
         })
     }
 
+    /// The rx pool's mbufs in use and available (a pool drained by frames
+    /// someone holds stops the PMD's receive: it has nothing to fill).
+    pub fn rx_pool_usage(&self) -> (u32, u32) {
+        (self.inner.rx_pool.in_use(), self.inner.rx_pool.available())
+    }
+
     /// Takes queue pair `queue_id`, allocating tx buffers from the rx pool.
     /// Each queue pair can be taken once.
     pub fn queue(&self, queue_id: u16) -> Result<DpdkQueue, PhyError> {
