@@ -2459,6 +2459,7 @@ impl Sim {
                             PathResponse::Bounced {
                                 cmd,
                                 sent_in_session: Some(session),
+                                sent_on: None,
                             },
                         )?;
                         if self.dispatcher.fences_waited() > held {

@@ -109,6 +109,11 @@ pub enum PathResponse {
         /// (it went out on the wire and may still run), or None when it
         /// never left the path's queue.
         sent_in_session: Option<u64>,
+        /// The path whose session `sent_in_session` counts, when not the
+        /// one reporting: an MC/S task that another connection took over
+        /// (TASK REASSIGN) and that connection failed with it; it is that
+        /// connection that may still run it. None: the reporting path.
+        sent_on: Option<usize>,
     },
     /// The command was consumed by a failing session and is lost: why the
     /// session refused it.
@@ -384,6 +389,7 @@ impl Dispatcher {
             PathResponse::Bounced {
                 cmd,
                 sent_in_session,
+                sent_on,
             } => {
                 if self.closed {
                     self.complete(slot, Err(IoError::Closed), cmd.buffer, now);
@@ -394,7 +400,7 @@ impl Dispatcher {
                 s.held = Some(cmd);
                 match sent_in_session {
                     Some(session) if needs_fence => {
-                        s.fence = Some((path, session, now));
+                        s.fence = Some((sent_on.unwrap_or(path), session, now));
                         self.fences_waited += 1;
                         self.waiting.push_back(slot);
                     }
@@ -888,6 +894,7 @@ mod tests {
             PathResponse::Bounced {
                 cmd,
                 sent_in_session: Some(1),
+                sent_on: None,
             },
         );
         assert_eq!(drain(&mut d, t1, &mut paths, &mut sent).len(), 1);
@@ -918,6 +925,7 @@ mod tests {
                 PathResponse::Bounced {
                     cmd,
                     sent_in_session: Some(1),
+                    sent_on: None,
                 },
             );
         }
@@ -950,6 +958,7 @@ mod tests {
             PathResponse::Bounced {
                 cmd,
                 sent_in_session: Some(1),
+                sent_on: None,
             },
         );
         // The other path is up, but the old one is not fenced yet.
@@ -976,6 +985,47 @@ mod tests {
     }
 
     #[test]
+    fn a_write_bounced_for_another_path_waits_for_that_paths_fence() {
+        // MC/S: the taker took over the first path's write (TASK REASSIGN)
+        // and failed with it; the first path hands it back, but it is the
+        // taker's connection, in its session 3, that may still run it.
+        let t0 = Instant::now();
+        let mut paths = Fake::new(3);
+        let mut d = Dispatcher::new(4, config(), 0);
+        submit(&mut d, t0, Io::write(10, 1, vec![7; 512], 9));
+        let mut sent = Vec::new();
+        drain(&mut d, t0, &mut paths, &mut sent);
+        let (first, slot, cmd) = sent.pop().expect("sent");
+        let taker = (first + 1) % 3;
+        paths.tiers[first] = None;
+        paths.epochs[first] = 5; // the reporting path's own session: fenced
+        give_back(
+            &mut d,
+            t0,
+            &mut paths,
+            first,
+            slot,
+            PathResponse::Bounced {
+                cmd,
+                sent_in_session: Some(3),
+                sent_on: Some(taker),
+            },
+        );
+        paths.tiers[taker] = None;
+        let t1 = t0 + Duration::from_millis(100);
+        d.handle_timeout(t1, &paths);
+        assert!(drain(&mut d, t1, &mut paths, &mut sent).is_empty());
+        assert!(sent.is_empty(), "not retried before the taker is fenced");
+        paths.epochs[taker] = 4;
+        d.handle_timeout(t1, &paths);
+        drain(&mut d, t1, &mut paths, &mut sent);
+        let (p, slot, cmd) = sent.pop().expect("retried once the taker is fenced");
+        assert_eq!(cmd.buffer, vec![7; 512]);
+        give_back(&mut d, t1, &mut paths, p, slot, answer(cmd, 0));
+        assert!(drain(&mut d, t1, &mut paths, &mut sent)[0].result.is_ok());
+    }
+
+    #[test]
     fn unfenced_write_fails_after_the_fence_timeout_and_unsent_ones_go_at_once() {
         let t0 = Instant::now();
         let mut paths = Fake::new(2);
@@ -995,6 +1045,7 @@ mod tests {
                 PathResponse::Bounced {
                     cmd,
                     sent_in_session,
+                    sent_on: None,
                 },
             );
         }
@@ -1038,6 +1089,7 @@ mod tests {
             PathResponse::Bounced {
                 cmd,
                 sent_in_session: Some(1),
+                sent_on: None,
             },
         );
         drain(&mut d, t0, &mut paths, &mut sent);

@@ -653,11 +653,13 @@ impl IoQueue {
                         slot,
                         cmd,
                         sent_in_session,
+                        sent_on,
                     } => (
                         slot,
                         PathResponse::Bounced {
                             cmd,
                             sent_in_session,
+                            sent_on,
                         },
                     ),
                     Response::Lost { slot, reason } => (slot, PathResponse::Lost(reason)),
@@ -1023,6 +1025,7 @@ mod tests {
                 slot: req.slot,
                 cmd: req.cmd,
                 sent_in_session: Some(1),
+                sent_on: None,
             })
             .is_ok());
         let mut out = Vec::new();
@@ -1069,6 +1072,7 @@ mod tests {
                 slot: r2.slot,
                 cmd: r2.cmd,
                 sent_in_session: Some(1),
+                sent_on: None,
             })
             .is_ok());
         assert_eq!(q.poll_completions(&mut out), 1);
@@ -1138,6 +1142,7 @@ mod tests {
                     slot: req.slot,
                     cmd: req.cmd,
                     sent_in_session: Some(1),
+                    sent_on: None,
                 })
                 .is_ok());
         }

@@ -96,11 +96,14 @@ pub(crate) enum Returned {
     /// Not taken over (refused, or the connection that took it failed):
     /// the path's fence-and-retry. `fence`: the failed connection may
     /// still run it at the target (its removal was not confirmed).
+    /// `ran_on`: the connection that took it over and may still run it
+    /// (path, session epoch), whose fence then gates the retry instead.
     Fallback {
         cmd: Command,
         epoch: u64,
         fence: bool,
         why: String,
+        ran_on: Option<(usize, u64)>,
     },
     /// The target never received it (its CmdSN was filled): sent anew.
     Anew(Command),
@@ -223,6 +226,7 @@ impl McsPaths {
                     epoch,
                     fence,
                     why: why.to_string(),
+                    ran_on: None,
                 },
             );
         }

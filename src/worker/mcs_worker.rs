@@ -921,6 +921,7 @@ impl Worker {
                             fence: false,
                             why: "no room in the task table of the connection taking it over"
                                 .into(),
+                            ran_on: None,
                         },
                     );
                 }
@@ -956,8 +957,15 @@ impl Worker {
 
     /// A command bounced here that was taken over from another path goes
     /// back to it for its retry (None): the connection that took it over
-    /// failed (and its own fence covers its writes) or ended it.
-    pub(super) fn mcs_forward_bounce(&mut self, cmd: Command) -> Option<Command> {
+    /// failed or ended it. `ran_on`: the connection (path, session epoch)
+    /// that may still run it, this one's when it had it by TASK REASSIGN:
+    /// the owner's retry then waits for that connection's fence, not only
+    /// its own (which the take-over's Logout already confirmed).
+    pub(super) fn mcs_forward_bounce(
+        &mut self,
+        cmd: Command,
+        ran_on: Option<(usize, u64)>,
+    ) -> Option<Command> {
         let Some(m) = &mut self.mcs else {
             return Some(cmd);
         };
@@ -975,6 +983,7 @@ impl Worker {
                 epoch,
                 fence: false,
                 why: "the connection that took it over gave it up".into(),
+                ran_on,
             },
         );
         None
@@ -997,6 +1006,7 @@ impl Worker {
                 epoch,
                 fence: false,
                 why: format!("TASK REASSIGN on another connection refused, response {response}"),
+                ran_on: None,
             },
         );
         None
@@ -1024,6 +1034,7 @@ impl Worker {
                     epoch,
                     fence,
                     why,
+                    ran_on,
                 } => {
                     if cmd.user_tag & super::INTERNAL_TAG != 0 {
                         continue; // the path's own: dropped, as a bounce does
@@ -1035,7 +1046,11 @@ impl Worker {
                             self.want_mcs_fence(&board);
                         }
                     }
-                    self.bounce_as(cmd, Some(epoch));
+                    match ran_on {
+                        // The connection that took it over may run it.
+                        Some((path, e)) => self.bounce_on(cmd, Some(e), Some(path)),
+                        None => self.bounce_as(cmd, Some(epoch)),
+                    }
                 }
                 Returned::Anew(cmd) => {
                     self.shared.record_resubmitted(1);

@@ -53,6 +53,9 @@ pub(crate) enum Response {
         slot: u32,
         cmd: Command,
         sent_in_session: Option<u64>,
+        /// The path whose session that is, when not this one (an MC/S task
+        /// another connection took over and failed with).
+        sent_on: Option<usize>,
     },
     /// The command could not be handed to the session and is lost.
     Lost { slot: u32, reason: SubmitError },
@@ -1257,6 +1260,7 @@ impl Worker {
                     slot: req.slot,
                     cmd: req.cmd,
                     sent_in_session: None,
+                    sent_on: None,
                 });
             }
         }
@@ -1272,7 +1276,8 @@ impl Worker {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
-        let Some(cmd) = self.mcs_forward_bounce(cmd) else {
+        // Refused or aborted: it does not run where it was.
+        let Some(cmd) = self.mcs_forward_bounce(cmd, None) else {
             return;
         };
         let qid = (cmd.user_tag >> 32) as u32;
@@ -1285,10 +1290,22 @@ impl Worker {
     /// Hands `cmd` back to its queue; `sent_in_session`: the session that
     /// may still run it (None: nothing will).
     fn bounce_as(&mut self, cmd: Command, sent_in_session: Option<u64>) {
+        self.bounce_on(cmd, sent_in_session, None);
+    }
+
+    /// [`Self::bounce_as`], the session being path `sent_on`'s when Some
+    /// (MC/S: another connection took the task over and failed with it).
+    pub(super) fn bounce_on(
+        &mut self,
+        cmd: Command,
+        sent_in_session: Option<u64>,
+        sent_on: Option<usize>,
+    ) {
         if cmd.user_tag & INTERNAL_TAG != 0 {
             return;
         }
-        let Some(cmd) = self.mcs_forward_bounce(cmd) else {
+        let ran_on = sent_in_session.map(|e| (sent_on.unwrap_or(self.shared.index), e));
+        let Some(cmd) = self.mcs_forward_bounce(cmd, ran_on) else {
             return;
         };
         let qid = (cmd.user_tag >> 32) as u32;
@@ -1298,6 +1315,7 @@ impl Worker {
                 slot,
                 cmd,
                 sent_in_session,
+                sent_on,
             });
         }
     }
