@@ -6,7 +6,7 @@
 
 use iscsi_bypass::multipath::{Failback, FlapDamping, NoPathRetry};
 use iscsi_bypass::target::{FaultInjector, Target, TargetConfig, TargetHandle};
-use iscsi_bypass::{Device, IdleMode, IoError, IoQueue, Options, PathState, Policy};
+use iscsi_bypass::{Device, IdleMode, IoCompletion, IoError, IoQueue, Options, PathState, Policy};
 use std::time::{Duration, Instant};
 
 const IQN: &str = "iqn.2026-12.org.iscsi-bypass:health";
@@ -258,31 +258,14 @@ fn historical_service_time_splits_two_equal_paths_evenly() {
     wait_state(&dev, 1, PathState::Up, Duration::from_secs(10));
     let mut q = dev.queue_pair();
     let mut per_path = [0u64; 2];
-    let mut done = Vec::new();
-    let mut in_flight = 0;
-    let mut n = 0u64;
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(1500) || in_flight > 0 {
-        while in_flight < 8 && t0.elapsed() < Duration::from_millis(1500) {
-            let lba = (n * 8) % 16_000;
-            q.submit(iscsi_bypass::Io::read(lba, 8, vec![0; 4096], n))
-                .map_err(|e| e.to_string())
-                .unwrap();
-            n += 1;
-            in_flight += 1;
+    reads_at_qd8(&mut q, Duration::from_millis(1500), |c| {
+        c.result.as_ref().expect("read");
+        // The first 300 ms warm the estimates up.
+        if t0.elapsed() > Duration::from_millis(300) {
+            per_path[c.path.expect("a path")] += 1;
         }
-        done.clear();
-        q.wait_completions(&mut done, 1, Duration::from_secs(10));
-        assert!(!done.is_empty(), "no completion within 10 s");
-        for c in &done {
-            c.result.as_ref().expect("read");
-            // The first 300 ms warm the estimates up.
-            if t0.elapsed() > Duration::from_millis(300) {
-                per_path[c.path.expect("a path")] += 1;
-            }
-            in_flight -= 1;
-        }
-    }
+    });
     let total = per_path[0] + per_path[1];
     let share = per_path[0] as f64 / total as f64;
     println!("hst over two equal paths: {per_path:?} ({share:.3} on path 0)");
@@ -310,12 +293,40 @@ fn historical_latency_is_never_below_a_round_trip() {
     wait_state(&dev, 0, PathState::Up, Duration::from_secs(10));
     wait_state(&dev, 1, PathState::Up, Duration::from_secs(10));
     let mut q = dev.queue_pair();
+    let mut lowest = [u64::MAX; 2];
+    let n = reads_at_qd8(&mut q, Duration::from_millis(1500), |_| {
+        for p in dev.path_handles() {
+            let load = p.load();
+            if load.hst_latency_ns > 0 {
+                lowest[load.index] = lowest[load.index].min(load.hst_latency_ns);
+            }
+        }
+    });
+    println!("lowest historical latency per path over {n} reads: {lowest:?} ns");
+    // A 4 KiB read over loopback TCP to another thread takes well over 8 µs
+    // (20-30 µs here; the mistimed estimate sank to 2-8 µs, or 1 ns).
+    for (path, &ns) in lowest.iter().enumerate() {
+        assert!(
+            (8_000..u64::MAX).contains(&ns),
+            "path {path}'s historical latency fell to {ns} ns"
+        );
+    }
+    drop(q);
+    dev.close();
+}
+
+/// 4 KiB reads, 8 in flight, for `run`; `on_completion` sees each one.
+/// Returns how many were submitted.
+fn reads_at_qd8(
+    q: &mut IoQueue,
+    run: Duration,
+    mut on_completion: impl FnMut(&IoCompletion),
+) -> u64 {
     let mut done = Vec::new();
     let (mut in_flight, mut n) = (0, 0u64);
-    let mut lowest = [u64::MAX; 2];
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(1500) || in_flight > 0 {
-        while in_flight < 8 && t0.elapsed() < Duration::from_millis(1500) {
+    while t0.elapsed() < run || in_flight > 0 {
+        while in_flight < 8 && t0.elapsed() < run {
             q.submit(iscsi_bypass::Io::read(
                 (n * 8) % 16_000,
                 8,
@@ -331,22 +342,7 @@ fn historical_latency_is_never_below_a_round_trip() {
         q.wait_completions(&mut done, 1, Duration::from_secs(10));
         assert!(!done.is_empty(), "no completion within 10 s");
         in_flight -= done.len();
-        for p in dev.path_handles() {
-            let load = p.load();
-            if load.hst_latency_ns > 0 {
-                lowest[load.index] = lowest[load.index].min(load.hst_latency_ns);
-            }
-        }
+        done.iter().for_each(&mut on_completion);
     }
-    println!("lowest historical latency per path over {n} reads: {lowest:?} ns");
-    // A 4 KiB read over loopback TCP to another thread takes well over 8 µs
-    // (20-30 µs here; the mistimed estimate sank to 2-8 µs, or 1 ns).
-    for (path, &ns) in lowest.iter().enumerate() {
-        assert!(
-            (8_000..u64::MAX).contains(&ns),
-            "path {path}'s historical latency fell to {ns} ns"
-        );
-    }
-    drop(q);
-    dev.close();
+    n
 }
