@@ -105,6 +105,9 @@ fn kernel_echo_server(
     handle
 }
 
+/// How long one phase's echo may take.
+const TRANSFER_LIMIT: Duration = Duration::from_secs(60);
+
 struct Outcome {
     elapsed: Duration,
 }
@@ -257,13 +260,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
     // Phase 1: clean path.
     let total = clean_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(
-        &mut conn,
-        &pattern,
-        total,
-        Duration::from_secs(60),
-        &port_state,
-    );
+    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
     let counters = conn.socket().counters();
     println!(
         "clean: {clean_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
@@ -289,13 +286,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
         .connect_device(Impaired::new(device, impair), remote)
         .expect("connect over the impaired path");
     let total = lossy_mib << 20;
-    let out = echo_transfer(
-        &mut conn,
-        &pattern,
-        total,
-        Duration::from_secs(60),
-        &port_state,
-    );
+    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
     let impaired = conn.device().counters();
     let counters = conn.socket().counters();
     let tbf_drops = (
