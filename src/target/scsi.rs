@@ -1244,6 +1244,91 @@ mod tests {
         assert_eq!((f[0], f[2], f[12], f[13]), (0x70, 5, 0x21, 0));
     }
 
+    /// The answers that come from the decoded CDB's fields: 6-byte
+    /// lengths, protection bits, BYTCHK, unknown service actions and
+    /// operation codes.
+    #[test]
+    fn decoded_fields_pick_the_answer() {
+        let s = shared();
+        let p = Port {
+            shared: &s,
+            portal: 0,
+        };
+        let mut buf = Vec::new();
+        // READ(6) with TRANSFER LENGTH 0: 256 blocks.
+        assert_eq!(
+            plan(p, 0, &cdb(&[0x08, 0, 0, 1, 0, 0]), &mut buf),
+            Plan::ReadLun {
+                lun: 0,
+                offset: 512,
+                len: 256 * 512
+            }
+        );
+        // RDPROTECT/WRPROTECT: no protection information here.
+        for c in [
+            cdb(&[0xa8, 0x20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]),
+            cdb(&[0x8a, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            cdb(&[0x41, 0x40, 0, 0, 0, 0, 0, 0, 1, 0]),
+            // VERIFY(10) BYTCHK 10b: reserved.
+            cdb(&[0x2f, 0x04, 0, 0, 0, 0, 0, 0, 1, 0]),
+            // SERVICE ACTION IN(16) service action 1Fh: unknown.
+            cdb(&[0x9e, 0x1f]),
+            // SET TARGET PORT GROUPS without explicit ALUA.
+            cdb(&[0xa4, 0x0a, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]),
+        ] {
+            assert_eq!(
+                plan(p, 0, &c, &mut buf),
+                Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+                "{c:02x?}"
+            );
+        }
+        // WRITE(12) with FUA is counted.
+        let before = s.luns[0].fua_writes();
+        assert_eq!(
+            plan(
+                p,
+                0,
+                &cdb(&[0xaa, 0x08, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0]),
+                &mut buf
+            ),
+            Plan::WriteLun {
+                lun: 0,
+                offset: 1024,
+                len: 512
+            }
+        );
+        assert_eq!(s.luns[0].fua_writes(), before + 1);
+        // VERIFY(16) with BYTCHK 11b compares one block.
+        let mut v = cdb(&[0x8f, 0x06]);
+        v[13] = 4;
+        assert_eq!(
+            plan(p, 0, &v, &mut buf),
+            Plan::ParamsOut {
+                lun: 0,
+                command: ParamCommand::Verify {
+                    lba: 0,
+                    blocks: 4,
+                    same: true
+                },
+                len: 512
+            }
+        );
+        // MODE SENSE(6) of the caching page: 4-byte header, block
+        // descriptor, 20-byte page.
+        assert_eq!(
+            plan(p, 0, &cdb(&[0x1a, 0, 0x08, 0, 0xff, 0]), &mut buf),
+            Plan::DataIn
+        );
+        assert_eq!((buf.len(), buf[0], buf[3], buf[12]), (32, 31, 8, 0x08));
+        // Operation codes nothing decodes (FORMAT UNIT, group 6).
+        for op in [0x04, 0xc0] {
+            assert_eq!(
+                plan(p, 0, &cdb(&[op]), &mut buf),
+                Plan::Check(Sense::INVALID_OPCODE)
+            );
+        }
+    }
+
     #[test]
     fn capacity_luns_and_alua() {
         let s = shared();
