@@ -889,7 +889,10 @@ fn login_fails(
     let c = config(edit);
     let r = login(addr, &c);
     let msg = expect_error(t0, r, needles);
-    let _ = h.join();
+    // A panic in the script (a PDU it did not expect) fails the test.
+    if let Err(panic) = h.join() {
+        std::panic::resume_unwind(panic);
+    }
     msg
 }
 

@@ -61,8 +61,30 @@ impl ScsiCommand {
     pub fn from_repr(repr: &CdbRepr, block_size: u32) -> Result<ScsiCommand, ScsiError> {
         let direction = match *repr {
             CdbRepr::TestUnitReady
+            | CdbRepr::StartStopUnit { .. }
+            | CdbRepr::PreventAllowMediumRemoval { .. }
             | CdbRepr::SynchronizeCache10 { .. }
             | CdbRepr::SynchronizeCache16 { .. } => DataDirection::None,
+            CdbRepr::Read6 { .. } | CdbRepr::Read12 { .. } => {
+                let blocks = repr.lba_range().map_or(0, |r| r.1);
+                DataDirection::Read(transfer_len(blocks, block_size)?)
+            }
+            CdbRepr::Write6 { .. } | CdbRepr::Write12 { .. } => {
+                let blocks = repr.lba_range().map_or(0, |r| r.1);
+                DataDirection::Write(transfer_len(blocks, block_size)?)
+            }
+            // BYTCHK 0: the medium is checked, no data; 3: one block is
+            // compared with every block; otherwise the whole range.
+            CdbRepr::Verify10 { bytchk: 0, .. }
+            | CdbRepr::Verify12 { bytchk: 0, .. }
+            | CdbRepr::Verify16 { bytchk: 0, .. } => DataDirection::None,
+            CdbRepr::Verify10 { bytchk: 3, .. }
+            | CdbRepr::Verify12 { bytchk: 3, .. }
+            | CdbRepr::Verify16 { bytchk: 3, .. } => DataDirection::Write(block_size),
+            CdbRepr::Verify10 { .. } | CdbRepr::Verify12 { .. } | CdbRepr::Verify16 { .. } => {
+                let blocks = repr.lba_range().map_or(0, |r| r.1);
+                DataDirection::Write(transfer_len(blocks, block_size)?)
+            }
             CdbRepr::Read10 { blocks, .. } => {
                 DataDirection::Read(transfer_len(blocks.into(), block_size)?)
             }

@@ -21,6 +21,7 @@ fn commands_carry_direction_and_length() {
         Some(CdbRepr::Read16 {
             lba: 1 << 33,
             blocks: 8,
+            protect: 0,
             dpo: false,
             fua: false
         })
@@ -103,6 +104,7 @@ fn from_repr_matches_helpers() {
             CdbRepr::Read16 {
                 lba: 5,
                 blocks: 3,
+                protect: 0,
                 dpo: false,
                 fua: false,
             },

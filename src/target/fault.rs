@@ -470,6 +470,8 @@ struct CidFault {
     hang: bool,
     /// Data-In PDUs still to leave out (as if a digest error dropped them).
     drop_data_in: u32,
+    /// R2Ts still to leave out (as if a digest error dropped them).
+    drop_r2t: u32,
     /// Writes still to execute whose status is then lost with the
     /// connection (killed right after the write ran).
     lose_status_and_kill: u32,
@@ -497,7 +499,9 @@ impl FaultInjector {
             }
         };
         f(&mut set[i]);
-        set.retain(|x| x.kill || x.hang || x.drop_data_in > 0 || x.lose_status_and_kill > 0);
+        set.retain(|x| {
+            x.kill || x.hang || x.drop_data_in > 0 || x.drop_r2t > 0 || x.lose_status_and_kill > 0
+        });
         c.any.store(!set.is_empty(), Ordering::Release);
     }
 
@@ -529,6 +533,29 @@ impl FaultInjector {
     /// DataSN gap (and at ERL 1 asks again with a SNACK).
     pub fn drop_data_in(&self, cid: u16, n: u32) {
         self.with_cid(cid, |f| f.drop_data_in = n);
+    }
+
+    /// Leaves out the next `n` R2Ts of the connection with this CID, as if
+    /// a digest error had dropped them: the write waits for data that is
+    /// never asked for until the initiator (ERL 1) asks for the R2T again
+    /// with a Data/R2T SNACK.
+    pub fn drop_r2t(&self, cid: u16, n: u32) {
+        self.with_cid(cid, |f| f.drop_r2t = n);
+    }
+
+    /// True when this R2T of connection `cid` is to be left out.
+    pub(crate) fn take_r2t_drop(&self, cid: u16) -> bool {
+        if !self.faults.by_cid.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut taken = false;
+        self.with_cid(cid, |f| {
+            if f.drop_r2t > 0 {
+                f.drop_r2t -= 1;
+                taken = true;
+            }
+        });
+        taken
     }
 
     /// The kill/hang faults for `cid`; one atomic load when none is set.
@@ -683,6 +710,10 @@ mod tests {
         assert!(!f.take_data_in_drop(2));
         assert!(f.take_data_in_drop(1) && f.take_data_in_drop(1));
         assert!(!f.take_data_in_drop(1), "only two");
+        f.drop_r2t(3, 1);
+        assert!(!f.take_r2t_drop(1) && !f.take_data_in_drop(3));
+        assert!(f.take_r2t_drop(3));
+        assert!(!f.take_r2t_drop(3), "only one");
         f.unhang_connection(2);
         f.revive_connection(3);
         assert_eq!(f.cid_state(2), CidFaultState::default());

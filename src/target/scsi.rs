@@ -11,11 +11,12 @@
 
 use super::{AluaState, TargetShared};
 use crate::wire::scsi::{
-    vpd, Association, BlockDeviceCharacteristics, BlockLimits, CodeSet, DataRepr, Designator,
-    DesignatorType, DeviceIdentification, InquiryData, LbaStatusData, LbaStatusDescriptor,
-    LogicalBlockProvisioning, Lun as LunField, Peripheral, ProvisioningStatus, ReadCapacity10Data,
-    ReadCapacity16Data, ReportLunsData, SenseData, SenseKey, SupportedVpdPages, TargetPortGroup,
-    TargetPortGroupsData, Tpgs, UnitSerialNumber, PROTOCOL_ID_ISCSI,
+    opcode, vpd, Association, BlockDeviceCharacteristics, BlockLimits, CdbRepr, CodeSet, DataRepr,
+    Designator, DesignatorType, DeviceIdentification, InquiryData, LbaStatusData,
+    LbaStatusDescriptor, LogicalBlockProvisioning, Lun as LunField, OpcodeRequest, Peripheral,
+    ProvisioningStatus, ReadCapacity10Data, ReadCapacity16Data, ReportLunsData, ScsiWireError,
+    SenseData, SenseKey, SupportedVpdPages, TargetPortGroup, TargetPortGroupsData, Tpgs,
+    UnitSerialNumber, PROTOCOL_ID_ISCSI,
 };
 
 /// Fixed-format sense (key, additional sense code and qualifier).
@@ -211,7 +212,10 @@ fn data_in(data: &impl DataRepr, alloc: usize, buf: &mut Vec<u8>) -> Plan {
 
 /// Commands that neither report nor clear a pending UNIT ATTENTION (SAM-5).
 pub fn ignores_unit_attention(cdb: &[u8; 16]) -> bool {
-    matches!(cdb[0], 0x12 | 0xa0 | 0x03)
+    matches!(
+        cdb[0],
+        opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE
+    )
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -226,20 +230,20 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Starting LBA and block count of a READ/WRITE/VERIFY/WRITE SAME CDB.
-fn lba_and_blocks(cdb: &[u8; 16]) -> (u64, u64) {
-    match cdb[0] {
-        0x08 | 0x0a => {
-            let lba = u64::from(be32(&[0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
-            // A 6-byte transfer length of 0 means 256 blocks.
-            let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
-            (lba, n)
-        }
-        0x28 | 0x2a | 0x2f | 0x41 | 0x35 => {
-            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
-        }
-        0xa8 | 0xaa | 0xaf => (u64::from(be32(&cdb[2..])), u64::from(be32(&cdb[6..]))),
-        _ => (be64(&cdb[2..]), u64::from(be32(&cdb[10..]))),
+/// REPORT SUPPORTED OPERATION CODES' refusals point at REPORTING OPTIONS
+/// (byte 2, bits 2..0): initiators (libiscsi's test suite among them) read
+/// INVALID FIELD IN CDB without a field pointer, or pointing at the
+/// service action (byte 1), as "REPORT SUPPORTED OPERATION CODES not
+/// supported".
+const BAD_REPORTING_OPTIONS: Sense = Sense::INVALID_FIELD_IN_CDB.in_cdb_field(2, 2);
+
+/// The answer to a CDB `wire::scsi` does not decode.
+fn refusal(error: ScsiWireError) -> Sense {
+    match error {
+        ScsiWireError::UnknownOpcode(_) => Sense::INVALID_OPCODE,
+        ScsiWireError::BadField("REPORTING OPTIONS", _) => BAD_REPORTING_OPTIONS,
+        // An unknown service action of a known operation code.
+        _ => Sense::INVALID_FIELD_IN_CDB,
     }
 }
 
@@ -249,11 +253,16 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
     buf.clear();
     let shared = port.shared;
     let lun = decode_lun(lun_field).and_then(|n| shared.lun_index(n));
+    let parsed = CdbRepr::parse(cdb);
     // Commands that work without a valid LUN.
-    match cdb[0] {
-        0x12 => return inquiry(port, lun, cdb, buf),
-        0xa0 => return report_luns(shared, cdb, buf),
-        0x03 => {
+    match parsed {
+        Ok(CdbRepr::Inquiry {
+            evpd,
+            page_code,
+            alloc_len,
+        }) => return inquiry(port, lun, evpd, page_code, alloc_len.into(), buf),
+        Ok(CdbRepr::ReportLuns { alloc_len, .. }) => return report_luns(shared, alloc_len, buf),
+        Ok(CdbRepr::RequestSense { alloc_len, .. }) => {
             buf.extend_from_slice(
                 &Sense {
                     key: SenseKey::NoSense,
@@ -264,7 +273,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 }
                 .emit_fixed(),
             );
-            buf.truncate(usize::from(cdb[4]));
+            buf.truncate(usize::from(alloc_len));
             return Plan::DataIn;
         }
         _ => {}
@@ -275,6 +284,10 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
     if shared.config.disabled_opcodes.contains(&cdb[0]) {
         return Plan::Check(Sense::INVALID_OPCODE);
     }
+    let repr = match parsed {
+        Ok(repr) => repr,
+        Err(e) => return Plan::Check(refusal(e)),
+    };
     let l = &shared.luns[li];
     let bs = u64::from(l.block_size());
     let limits = &shared.config.block_limits;
@@ -283,18 +296,40 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
         .get(port.portal)
         .and_then(|p| shared.alua_state(p.alua_group))
         .and_then(Sense::alua);
-    match cdb[0] {
-        0x00 | 0x1b | 0x1e => Plan::Good,
-        // READ 6/10/12/16, WRITE 6/10/12/16.
-        0x08 | 0x28 | 0xa8 | 0x88 | 0x0a | 0x2a | 0xaa | 0x8a => {
+    // `(lba, blocks)` of the block commands, 6-byte lengths of 0 as 256.
+    let range = || {
+        let (lba, blocks) = repr.lba_range().unwrap_or((0, 0));
+        (lba, u64::from(blocks))
+    };
+    match repr {
+        CdbRepr::TestUnitReady
+        | CdbRepr::StartStopUnit { .. }
+        | CdbRepr::PreventAllowMediumRemoval { .. } => Plan::Good,
+        CdbRepr::Read6 { .. }
+        | CdbRepr::Read10 { .. }
+        | CdbRepr::Read12 { .. }
+        | CdbRepr::Read16 { .. }
+        | CdbRepr::Write6 { .. }
+        | CdbRepr::Write10 { .. }
+        | CdbRepr::Write12 { .. }
+        | CdbRepr::Write16 { .. } => {
             if let Some(s) = alua_block {
                 return Plan::Check(s);
             }
             // No protection information: RDPROTECT/WRPROTECT must be 0.
-            if cdb[0] != 0x08 && cdb[0] != 0x0a && cdb[1] & 0xe0 != 0 {
+            let (protect, fua) = match repr {
+                CdbRepr::Read10 { protect, fua, .. }
+                | CdbRepr::Read12 { protect, fua, .. }
+                | CdbRepr::Read16 { protect, fua, .. }
+                | CdbRepr::Write10 { protect, fua, .. }
+                | CdbRepr::Write12 { protect, fua, .. }
+                | CdbRepr::Write16 { protect, fua, .. } => (protect, fua),
+                _ => (0, false),
+            };
+            if protect != 0 {
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
-            let (lba, blocks) = lba_and_blocks(cdb);
+            let (lba, blocks) = range();
             if !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
@@ -303,7 +338,13 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
             let (offset, len) = (lba * bs, blocks * bs);
-            if matches!(cdb[0], 0x08 | 0x28 | 0xa8 | 0x88) {
+            if matches!(
+                repr,
+                CdbRepr::Read6 { .. }
+                    | CdbRepr::Read10 { .. }
+                    | CdbRepr::Read12 { .. }
+                    | CdbRepr::Read16 { .. }
+            ) {
                 Plan::ReadLun {
                     lun: li,
                     offset,
@@ -312,7 +353,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             } else {
                 // WRITE 10/12/16 with FUA: RAM is the stable medium, so the
                 // data is durable once stored; counted for tests.
-                if cdb[0] != 0x0a && cdb[1] & 0x08 != 0 {
+                if fua {
                     l.count_fua_write();
                 }
                 Plan::WriteLun {
@@ -322,16 +363,23 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 }
             }
         }
-        // VERIFY 10/12/16.
-        0x2f | 0xaf | 0x8f => {
-            let (lba, blocks) = lba_and_blocks(cdb);
-            if cdb[1] & 0xe0 != 0 {
+        CdbRepr::Verify10 {
+            protect, bytchk, ..
+        }
+        | CdbRepr::Verify12 {
+            protect, bytchk, ..
+        }
+        | CdbRepr::Verify16 {
+            protect, bytchk, ..
+        } => {
+            let (lba, blocks) = range();
+            if protect != 0 {
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
             if !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
-            let same = match (cdb[1] >> 1) & 3 {
+            let same = match bytchk {
                 0 => return Plan::Good,
                 1 => false,
                 3 => true,
@@ -351,18 +399,19 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 len: len as u32,
             }
         }
-        // COMPARE AND WRITE (decoded by the initiator's own codec).
-        0x89 => {
-            use crate::wire::scsi::CdbRepr;
+        CdbRepr::CompareAndWrite {
+            lba,
+            blocks,
+            protect,
+            fua,
+            ..
+        } => {
             if let Some(s) = alua_block {
                 return Plan::Check(s);
             }
-            let Ok(CdbRepr::CompareAndWrite { lba, blocks, .. }) = CdbRepr::parse(cdb) else {
-                return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
-            };
             // No protection information (WRPROTECT 0); at most the Block
             // Limits MAXIMUM COMPARE AND WRITE LENGTH.
-            if cdb[1] & 0xe0 != 0 || u64::from(blocks) > MAX_COMPARE_AND_WRITE_BLOCKS {
+            if protect != 0 || u64::from(blocks) > MAX_COMPARE_AND_WRITE_BLOCKS {
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
             let blocks = u64::from(blocks);
@@ -372,7 +421,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             if blocks == 0 {
                 return Plan::Good;
             }
-            if cdb[1] & 0x08 != 0 {
+            if fua {
                 l.count_fua_write();
             }
             Plan::ParamsOut {
@@ -381,16 +430,15 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 len: (2 * blocks * bs) as u32,
             }
         }
-        // SYNCHRONIZE CACHE 10/16.
-        0x35 | 0x91 => {
-            let (lba, blocks) = lba_and_blocks(cdb);
+        CdbRepr::SynchronizeCache10 { .. } | CdbRepr::SynchronizeCache16 { .. } => {
+            let (lba, blocks) = range();
             if blocks != 0 && !l.in_range(lba, blocks) {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
             l.count_cache_sync();
             Plan::Good
         }
-        0x25 => {
+        CdbRepr::ReadCapacity10 => {
             let data = ReadCapacity10Data {
                 last_lba: (l.blocks() - 1).min(0xffff_ffff) as u32,
                 block_len: l.block_size(),
@@ -398,7 +446,7 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             // No allocation length: all of it.
             data_in(&data, data.buffer_len(), buf)
         }
-        0x9e if cdb[1] & 0x1f == 0x10 => {
+        CdbRepr::ReadCapacity16 { alloc_len } => {
             let data = ReadCapacity16Data {
                 last_lba: l.blocks() - 1,
                 block_len: l.block_size(),
@@ -406,29 +454,34 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 lbpme: true,
                 ..ReadCapacity16Data::default()
             };
-            data_in(&data, be32(&cdb[10..]) as usize, buf)
+            data_in(&data, alloc_len as usize, buf)
         }
-        0xa3 if cdb[1] & 0x1f == 0x0a => report_target_port_groups(port, cdb, buf),
-        0xa3 if cdb[1] & 0x1f == 0x0c => report_supported_opcodes(shared, cdb, buf),
+        CdbRepr::ReportTargetPortGroups {
+            extended,
+            alloc_len,
+        } => report_target_port_groups(port, extended, alloc_len as usize, buf),
+        CdbRepr::ReportSupportedOpcodes {
+            request,
+            rctd,
+            alloc_len,
+        } => report_supported_opcodes(shared, request, rctd, alloc_len as usize, buf),
         // SET TARGET PORT GROUPS: only with explicit ALUA.
-        0xa4 if cdb[1] & 0x1f == 0x0a && shared.config.alua_explicit => {
-            let len = be32(&cdb[6..]);
-            if len == 0 {
+        CdbRepr::SetTargetPortGroups { param_len } if shared.config.alua_explicit => {
+            if param_len == 0 {
                 return Plan::Good;
             }
-            if !(4..=4 + 4 * 256).contains(&len) {
+            if !(4..=4 + 4 * 256).contains(&param_len) {
                 return Plan::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
             }
             Plan::ParamsOut {
                 lun: li,
                 command: ParamCommand::SetTargetPortGroups,
-                len,
+                len: param_len,
             }
         }
-        // GET LBA STATUS.
-        0x9e if cdb[1] & 0x1f == 0x12 => {
-            let lba = be64(&cdb[2..]);
-            let alloc = be32(&cdb[10..]) as usize;
+        CdbRepr::SetTargetPortGroups { .. } => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+        CdbRepr::GetLbaStatus { lba, alloc_len } => {
+            let alloc = alloc_len as usize;
             if lba >= l.blocks() {
                 return Plan::Check(Sense::LBA_OUT_OF_RANGE);
             }
@@ -448,29 +501,56 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
                 .collect();
             data_in(&LbaStatusData { descriptors }, alloc, buf)
         }
-        0x1a | 0x5a => mode_sense(l, cdb, buf),
-        0x42 => {
+        CdbRepr::ModeSense6 {
+            dbd,
+            page_code,
+            subpage_code,
+            alloc_len,
+            ..
+        } => mode_sense(
+            l,
+            ModeHeader::Six,
+            dbd,
+            (page_code, subpage_code),
+            alloc_len.into(),
+            buf,
+        ),
+        CdbRepr::ModeSense10 {
+            dbd,
+            page_code,
+            subpage_code,
+            alloc_len,
+            ..
+        } => mode_sense(
+            l,
+            ModeHeader::Ten,
+            dbd,
+            (page_code, subpage_code),
+            alloc_len.into(),
+            buf,
+        ),
+        CdbRepr::Unmap { param_len, .. } => {
             if let Some(s) = alua_block {
                 return Plan::Check(s);
             }
-            let len = be16(&cdb[7..]);
-            if len == 0 {
+            if param_len == 0 {
                 return Plan::Good;
             }
             Plan::ParamsOut {
                 lun: li,
                 command: ParamCommand::Unmap,
-                len: u32::from(len),
+                len: u32::from(param_len),
             }
         }
-        0x41 | 0x93 => {
+        CdbRepr::WriteSame10 { protect, unmap, .. }
+        | CdbRepr::WriteSame16 { protect, unmap, .. } => {
             if let Some(s) = alua_block {
                 return Plan::Check(s);
             }
-            if cdb[1] & 0xe0 != 0 {
+            if protect != 0 {
                 return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
             }
-            let (lba, mut blocks) = lba_and_blocks(cdb);
+            let (lba, mut blocks) = range();
             if blocks == 0 {
                 blocks = l.blocks().saturating_sub(lba);
             }
@@ -483,16 +563,14 @@ pub fn plan(port: Port<'_>, lun_field: u64, cdb: &[u8; 16], buf: &mut Vec<u8>) -
             }
             Plan::ParamsOut {
                 lun: li,
-                command: ParamCommand::WriteSame {
-                    lba,
-                    blocks,
-                    unmap: cdb[1] & 0x08 != 0,
-                },
+                command: ParamCommand::WriteSame { lba, blocks, unmap },
                 len: l.block_size(),
             }
         }
-        0x9e | 0xa3 | 0xa4 => Plan::Check(Sense::INVALID_FIELD_IN_CDB),
-        _ => Plan::Check(Sense::INVALID_OPCODE),
+        // Answered above, before the LUN is checked.
+        CdbRepr::Inquiry { .. } | CdbRepr::ReportLuns { .. } | CdbRepr::RequestSense { .. } => {
+            Plan::Check(Sense::INVALID_OPCODE)
+        }
     }
 }
 
@@ -620,11 +698,15 @@ pub fn finish_params(
     }
 }
 
-fn inquiry(port: Port<'_>, lun: Option<usize>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+fn inquiry(
+    port: Port<'_>,
+    lun: Option<usize>,
+    evpd: bool,
+    page: u8,
+    alloc: usize,
+    buf: &mut Vec<u8>,
+) -> Plan {
     let shared = port.shared;
-    let evpd = cdb[1] & 1 != 0;
-    let page = cdb[2];
-    let alloc = usize::from(be16(&cdb[3..]));
     if !evpd {
         if page != 0 {
             return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
@@ -751,8 +833,8 @@ fn scsi_name(association: Association, name: &str) -> Designator {
     }
 }
 
-fn report_luns(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
-    let alloc = be32(&cdb[6..]) as usize;
+fn report_luns(shared: &TargetShared, alloc_len: u32, buf: &mut Vec<u8>) -> Plan {
+    let alloc = alloc_len as usize;
     if alloc < 16 && alloc != 0 {
         return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
     }
@@ -764,10 +846,14 @@ fn report_luns(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan
     data_in(&ReportLunsData { luns }, alloc, buf)
 }
 
-fn report_target_port_groups(port: Port<'_>, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
+/// REPORT TARGET PORT GROUPS; `extended` asks for parameter data format 001b.
+fn report_target_port_groups(
+    port: Port<'_>,
+    extended: bool,
+    alloc: usize,
+    buf: &mut Vec<u8>,
+) -> Plan {
     let shared = port.shared;
-    let extended = (cdb[1] >> 5) & 7 == 1;
-    let alloc = be32(&cdb[6..]) as usize;
     let groups = shared
         .alua_groups()
         .map(|group| TargetPortGroup {
@@ -837,21 +923,16 @@ const COMMANDS: &[(u8, Option<u16>, u16)] = &[
 
 /// REPORT SUPPORTED OPERATION CODES, answered from [`COMMANDS`] less the
 /// configuration's disabled operation codes (and STPG without explicit ALUA).
-fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
-    use crate::wire::scsi::{
-        CdbRepr, DataRepr, OneOpcode, OpcodeDescriptor, OpcodeRequest, SupportedOpcodes,
-    };
-    // The errors below are in REPORTING OPTIONS (byte 2, bits 2..0), and
-    // say so: initiators (libiscsi's test suite among them) read INVALID
-    // FIELD IN CDB without a field pointer, or pointing at the service
-    // action (byte 1), as "REPORT SUPPORTED OPERATION CODES not supported".
-    const BAD_OPTIONS: Sense = Sense::INVALID_FIELD_IN_CDB.in_cdb_field(2, 2);
-    let Ok(CdbRepr::ReportSupportedOpcodes { request, alloc_len }) = CdbRepr::parse(cdb) else {
-        return Plan::Check(BAD_OPTIONS);
-    };
-    // RCTD: a command timeouts descriptor with each command (timeouts 0:
-    // not specified).
-    let rctd = cdb[2] & 0x80 != 0;
+/// `rctd` (RCTD) adds a command timeouts descriptor to each command
+/// (timeouts 0: not specified).
+fn report_supported_opcodes(
+    shared: &TargetShared,
+    request: OpcodeRequest,
+    rctd: bool,
+    alloc: usize,
+    buf: &mut Vec<u8>,
+) -> Plan {
+    use crate::wire::scsi::{OneOpcode, OpcodeDescriptor, SupportedOpcodes};
     const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let offered = |&&(op, sa, _): &&(u8, Option<u16>, u16)| {
         !shared.config.disabled_opcodes.contains(&op)
@@ -880,7 +961,7 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
             // that has them (or with one for a command that has none) is an
             // invalid CDB.
             if has_sa != sa.is_some() && COMMANDS.iter().any(|c| c.0 == op) {
-                return Plan::Check(BAD_OPTIONS);
+                return Plan::Check(BAD_REPORTING_OPTIONS);
             }
             let found = COMMANDS
                 .iter()
@@ -934,20 +1015,30 @@ fn report_supported_opcodes(shared: &TargetShared, cdb: &[u8; 16], buf: &mut Vec
         }
     }
     buf.extend_from_slice(&data);
-    buf.truncate(alloc_len as usize);
+    buf.truncate(alloc);
     Plan::DataIn
 }
 
-fn mode_sense(l: &super::Lun, cdb: &[u8; 16], buf: &mut Vec<u8>) -> Plan {
-    let ten = cdb[0] == 0x5a;
-    let dbd = cdb[1] & 0x08 != 0;
-    let page = cdb[2] & 0x3f;
-    let subpage = cdb[3];
-    let alloc = if ten {
-        usize::from(be16(&cdb[7..]))
-    } else {
-        usize::from(cdb[4])
-    };
+/// Which MODE SENSE answers: the 6-byte CDB's 4-byte header or the
+/// 10-byte CDB's 8-byte one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ModeHeader {
+    Six,
+    Ten,
+}
+
+/// MODE SENSE(6)/(10) of `(page, subpage)`; `dbd` leaves out the block
+/// descriptor. The page control (PC) is ignored: every request gets the
+/// current values.
+fn mode_sense(
+    l: &super::Lun,
+    header: ModeHeader,
+    dbd: bool,
+    (page, subpage): (u8, u8),
+    alloc: usize,
+    buf: &mut Vec<u8>,
+) -> Plan {
+    let ten = header == ModeHeader::Ten;
     if subpage != 0 && !(page == 0x3f && subpage == 0xff) {
         return Plan::Check(Sense::INVALID_FIELD_IN_CDB);
     }
@@ -1151,6 +1242,91 @@ mod tests {
         );
         let f = Sense::LBA_OUT_OF_RANGE.emit_fixed();
         assert_eq!((f[0], f[2], f[12], f[13]), (0x70, 5, 0x21, 0));
+    }
+
+    /// The answers that come from the decoded CDB's fields: 6-byte
+    /// lengths, protection bits, BYTCHK, unknown service actions and
+    /// operation codes.
+    #[test]
+    fn decoded_fields_pick_the_answer() {
+        let s = shared();
+        let p = Port {
+            shared: &s,
+            portal: 0,
+        };
+        let mut buf = Vec::new();
+        // READ(6) with TRANSFER LENGTH 0: 256 blocks.
+        assert_eq!(
+            plan(p, 0, &cdb(&[0x08, 0, 0, 1, 0, 0]), &mut buf),
+            Plan::ReadLun {
+                lun: 0,
+                offset: 512,
+                len: 256 * 512
+            }
+        );
+        // RDPROTECT/WRPROTECT: no protection information here.
+        for c in [
+            cdb(&[0xa8, 0x20, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]),
+            cdb(&[0x8a, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            cdb(&[0x41, 0x40, 0, 0, 0, 0, 0, 0, 1, 0]),
+            // VERIFY(10) BYTCHK 10b: reserved.
+            cdb(&[0x2f, 0x04, 0, 0, 0, 0, 0, 0, 1, 0]),
+            // SERVICE ACTION IN(16) service action 1Fh: unknown.
+            cdb(&[0x9e, 0x1f]),
+            // SET TARGET PORT GROUPS without explicit ALUA.
+            cdb(&[0xa4, 0x0a, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0]),
+        ] {
+            assert_eq!(
+                plan(p, 0, &c, &mut buf),
+                Plan::Check(Sense::INVALID_FIELD_IN_CDB),
+                "{c:02x?}"
+            );
+        }
+        // WRITE(12) with FUA is counted.
+        let before = s.luns[0].fua_writes();
+        assert_eq!(
+            plan(
+                p,
+                0,
+                &cdb(&[0xaa, 0x08, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0]),
+                &mut buf
+            ),
+            Plan::WriteLun {
+                lun: 0,
+                offset: 1024,
+                len: 512
+            }
+        );
+        assert_eq!(s.luns[0].fua_writes(), before + 1);
+        // VERIFY(16) with BYTCHK 11b compares one block.
+        let mut v = cdb(&[0x8f, 0x06]);
+        v[13] = 4;
+        assert_eq!(
+            plan(p, 0, &v, &mut buf),
+            Plan::ParamsOut {
+                lun: 0,
+                command: ParamCommand::Verify {
+                    lba: 0,
+                    blocks: 4,
+                    same: true
+                },
+                len: 512
+            }
+        );
+        // MODE SENSE(6) of the caching page: 4-byte header, block
+        // descriptor, 20-byte page.
+        assert_eq!(
+            plan(p, 0, &cdb(&[0x1a, 0, 0x08, 0, 0xff, 0]), &mut buf),
+            Plan::DataIn
+        );
+        assert_eq!((buf.len(), buf[0], buf[3], buf[12]), (32, 31, 8, 0x08));
+        // Operation codes nothing decodes (FORMAT UNIT, group 6).
+        for op in [0x04, 0xc0] {
+            assert_eq!(
+                plan(p, 0, &cdb(&[op]), &mut buf),
+                Plan::Check(Sense::INVALID_OPCODE)
+            );
+        }
     }
 
     #[test]

@@ -222,10 +222,20 @@ impl fmt::Display for ScsiStatus {
 pub mod opcode {
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const REQUEST_SENSE: u8 = 0x03;
+    pub const READ_6: u8 = 0x08;
+    pub const WRITE_6: u8 = 0x0a;
     pub const INQUIRY: u8 = 0x12;
+    pub const MODE_SENSE_6: u8 = 0x1a;
+    pub const START_STOP_UNIT: u8 = 0x1b;
+    pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1e;
     pub const READ_CAPACITY_10: u8 = 0x25;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
+    pub const VERIFY_10: u8 = 0x2f;
+    pub const VERIFY_16: u8 = 0x8f;
+    pub const READ_12: u8 = 0xa8;
+    pub const WRITE_12: u8 = 0xaa;
+    pub const VERIFY_12: u8 = 0xaf;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SENSE_10: u8 = 0x5a;
@@ -366,6 +376,7 @@ impl Cdb {
         CdbRepr::Read10 {
             lba,
             blocks,
+            protect: 0,
             dpo: false,
             fua: false,
         }
@@ -375,6 +386,7 @@ impl Cdb {
         CdbRepr::Read16 {
             lba,
             blocks,
+            protect: 0,
             dpo: false,
             fua: false,
         }
@@ -384,6 +396,7 @@ impl Cdb {
         CdbRepr::Write10 {
             lba,
             blocks,
+            protect: 0,
             dpo: false,
             fua,
         }
@@ -393,6 +406,7 @@ impl Cdb {
         CdbRepr::Write16 {
             lba,
             blocks,
+            protect: 0,
             dpo: false,
             fua,
         }
@@ -420,6 +434,7 @@ impl Cdb {
         CdbRepr::CompareAndWrite {
             lba,
             blocks,
+            protect: 0,
             dpo: false,
             fua,
         }
@@ -429,6 +444,7 @@ impl Cdb {
         CdbRepr::WriteSame16 {
             lba,
             blocks,
+            protect: 0,
             unmap,
             anchor: false,
             ndob: false,
@@ -447,6 +463,7 @@ impl Cdb {
         CdbRepr::WriteSame10 {
             lba,
             blocks,
+            protect: 0,
             unmap,
             anchor: false,
         }
@@ -458,7 +475,12 @@ impl Cdb {
     }
     /// REPORT SUPPORTED OPERATION CODES.
     pub fn report_supported_opcodes(request: OpcodeRequest, alloc_len: u32) -> Cdb {
-        CdbRepr::ReportSupportedOpcodes { request, alloc_len }.emit()
+        CdbRepr::ReportSupportedOpcodes {
+            request,
+            rctd: false,
+            alloc_len,
+        }
+        .emit()
     }
     /// SET TARGET PORT GROUPS; the parameter list ([`SetTargetPortGroupsList`])
     /// is `param_len` bytes of data-out.
@@ -490,6 +512,16 @@ pub enum CdbRepr {
         page_code: u8,
         alloc_len: u16,
     },
+    /// MODE SENSE(6) (SPC-4 §6.11).
+    ModeSense6 {
+        dbd: bool,
+        /// PC: 0 current, 1 changeable, 2 default, 3 saved (2 bits).
+        page_control: u8,
+        /// 6 bits.
+        page_code: u8,
+        subpage_code: u8,
+        alloc_len: u8,
+    },
     ModeSense10 {
         llbaa: bool,
         dbd: bool,
@@ -500,33 +532,105 @@ pub enum CdbRepr {
         subpage_code: u8,
         alloc_len: u16,
     },
+    /// START STOP UNIT (SBC-3 §5.25).
+    StartStopUnit {
+        immed: bool,
+        /// POWER CONDITION MODIFIER (4 bits).
+        power_condition_modifier: u8,
+        /// POWER CONDITION (4 bits).
+        power_condition: u8,
+        no_flush: bool,
+        loej: bool,
+        start: bool,
+    },
+    /// PREVENT ALLOW MEDIUM REMOVAL (SPC-4 §6.13).
+    PreventAllowMediumRemoval {
+        /// PREVENT (2 bits).
+        prevent: u8,
+    },
     ReadCapacity10,
     ReadCapacity16 {
         alloc_len: u32,
     },
+    /// READ(6) (SBC-3 §5.12): a 21-bit LBA, no flags.
+    Read6 {
+        lba: u32,
+        /// TRANSFER LENGTH as sent: 0 means 256 blocks ([`CdbRepr::lba_range`]).
+        transfer_len: u8,
+    },
+    /// `protect` is RDPROTECT (3 bits); the same on READ(12)/(16).
     Read10 {
         lba: u32,
         blocks: u16,
+        protect: u8,
+        dpo: bool,
+        fua: bool,
+    },
+    Read12 {
+        lba: u32,
+        blocks: u32,
+        protect: u8,
         dpo: bool,
         fua: bool,
     },
     Read16 {
         lba: u64,
         blocks: u32,
+        protect: u8,
         dpo: bool,
         fua: bool,
     },
+    /// WRITE(6) (SBC-3 §5.32): a 21-bit LBA, no flags.
+    Write6 {
+        lba: u32,
+        /// TRANSFER LENGTH as sent: 0 means 256 blocks ([`CdbRepr::lba_range`]).
+        transfer_len: u8,
+    },
+    /// `protect` is WRPROTECT (3 bits); the same on WRITE(12)/(16).
     Write10 {
         lba: u32,
         blocks: u16,
+        protect: u8,
+        dpo: bool,
+        fua: bool,
+    },
+    Write12 {
+        lba: u32,
+        blocks: u32,
+        protect: u8,
         dpo: bool,
         fua: bool,
     },
     Write16 {
         lba: u64,
         blocks: u32,
+        protect: u8,
         dpo: bool,
         fua: bool,
+    },
+    /// VERIFY(10) (SBC-3 §5.29): `protect` is VRPROTECT (3 bits), `bytchk`
+    /// BYTCHK (2 bits: 0 medium only, 1 compare the data-out, 3 compare
+    /// one block of data-out with every block); the same on (12)/(16).
+    Verify10 {
+        lba: u32,
+        blocks: u16,
+        protect: u8,
+        dpo: bool,
+        bytchk: u8,
+    },
+    Verify12 {
+        lba: u32,
+        blocks: u32,
+        protect: u8,
+        dpo: bool,
+        bytchk: u8,
+    },
+    Verify16 {
+        lba: u64,
+        blocks: u32,
+        protect: u8,
+        dpo: bool,
+        bytchk: u8,
     },
     SynchronizeCache10 {
         lba: u32,
@@ -542,17 +646,21 @@ pub enum CdbRepr {
         anchor: bool,
         param_len: u16,
     },
+    /// `protect` is WRPROTECT (3 bits).
     WriteSame16 {
         lba: u64,
         blocks: u32,
+        protect: u8,
         unmap: bool,
         anchor: bool,
         ndob: bool,
     },
-    /// COMPARE AND WRITE (SBC-3 §5.2): NUMBER OF LOGICAL BLOCKS is one byte.
+    /// COMPARE AND WRITE (SBC-3 §5.2): NUMBER OF LOGICAL BLOCKS is one
+    /// byte; `protect` is WRPROTECT (3 bits).
     CompareAndWrite {
         lba: u64,
         blocks: u8,
+        protect: u8,
         dpo: bool,
         fua: bool,
     },
@@ -564,10 +672,11 @@ pub enum CdbRepr {
         extended: bool,
         alloc_len: u32,
     },
-    /// WRITE SAME(10) (SBC-3 §5.41).
+    /// WRITE SAME(10) (SBC-3 §5.41); `protect` is WRPROTECT (3 bits).
     WriteSame10 {
         lba: u32,
         blocks: u16,
+        protect: u8,
         unmap: bool,
         anchor: bool,
     },
@@ -577,9 +686,10 @@ pub enum CdbRepr {
         alloc_len: u32,
     },
     /// REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35): MAINTENANCE IN,
-    /// service action 0Ch.
+    /// service action 0Ch; `rctd` asks for command timeouts descriptors.
     ReportSupportedOpcodes {
         request: OpcodeRequest,
+        rctd: bool,
         alloc_len: u32,
     },
     /// SET TARGET PORT GROUPS (SPC-4 §6.44): MAINTENANCE OUT, service
@@ -617,17 +727,47 @@ impl CdbRepr {
         let r16 = |at| be16(b, at).unwrap_or(0);
         let r32 = |at| be32(b, at).unwrap_or(0);
         let r64 = |at| be64(b, at).unwrap_or(0);
+        let protect = b[1] >> 5;
+        let (dpo, fua) = (bit(1, 4), bit(1, 3));
+        let bytchk = (b[1] >> 1) & 3;
+        let lba21 = u32::from_be_bytes([0, b[1] & 0x1f, b[2], b[3]]);
         Ok(match op {
             opcode::TEST_UNIT_READY => CdbRepr::TestUnitReady,
             opcode::REQUEST_SENSE => CdbRepr::RequestSense {
                 descriptor: bit(1, 0),
                 alloc_len: b[4],
             },
+            opcode::READ_6 => CdbRepr::Read6 {
+                lba: lba21,
+                transfer_len: b[4],
+            },
+            opcode::WRITE_6 => CdbRepr::Write6 {
+                lba: lba21,
+                transfer_len: b[4],
+            },
             opcode::INQUIRY => CdbRepr::Inquiry {
                 evpd: bit(1, 0),
                 page_code: b[2],
                 alloc_len: r16(3),
             },
+            opcode::MODE_SENSE_6 => CdbRepr::ModeSense6 {
+                dbd: bit(1, 3),
+                page_control: b[2] >> 6,
+                page_code: b[2] & 0x3f,
+                subpage_code: b[3],
+                alloc_len: b[4],
+            },
+            opcode::START_STOP_UNIT => CdbRepr::StartStopUnit {
+                immed: bit(1, 0),
+                power_condition_modifier: b[3] & 0x0f,
+                power_condition: b[4] >> 4,
+                no_flush: bit(4, 2),
+                loej: bit(4, 1),
+                start: bit(4, 0),
+            },
+            opcode::PREVENT_ALLOW_MEDIUM_REMOVAL => {
+                CdbRepr::PreventAllowMediumRemoval { prevent: b[4] & 3 }
+            }
             opcode::MODE_SENSE_10 => CdbRepr::ModeSense10 {
                 llbaa: bit(1, 4),
                 dbd: bit(1, 3),
@@ -640,14 +780,44 @@ impl CdbRepr {
             opcode::READ_10 => CdbRepr::Read10 {
                 lba: r32(2),
                 blocks: r16(7),
-                dpo: bit(1, 4),
-                fua: bit(1, 3),
+                protect,
+                dpo,
+                fua,
             },
             opcode::WRITE_10 => CdbRepr::Write10 {
                 lba: r32(2),
                 blocks: r16(7),
-                dpo: bit(1, 4),
-                fua: bit(1, 3),
+                protect,
+                dpo,
+                fua,
+            },
+            opcode::VERIFY_10 => CdbRepr::Verify10 {
+                lba: r32(2),
+                blocks: r16(7),
+                protect,
+                dpo,
+                bytchk,
+            },
+            opcode::READ_12 => CdbRepr::Read12 {
+                lba: r32(2),
+                blocks: r32(6),
+                protect,
+                dpo,
+                fua,
+            },
+            opcode::WRITE_12 => CdbRepr::Write12 {
+                lba: r32(2),
+                blocks: r32(6),
+                protect,
+                dpo,
+                fua,
+            },
+            opcode::VERIFY_12 => CdbRepr::Verify12 {
+                lba: r32(2),
+                blocks: r32(6),
+                protect,
+                dpo,
+                bytchk,
             },
             opcode::SYNCHRONIZE_CACHE_10 => CdbRepr::SynchronizeCache10 {
                 lba: r32(2),
@@ -661,20 +831,30 @@ impl CdbRepr {
             opcode::COMPARE_AND_WRITE => CdbRepr::CompareAndWrite {
                 lba: r64(2),
                 blocks: u8_at(b, 13).unwrap_or(0),
-                dpo: bit(1, 4),
-                fua: bit(1, 3),
+                protect,
+                dpo,
+                fua,
             },
             opcode::READ_16 => CdbRepr::Read16 {
                 lba: r64(2),
                 blocks: r32(10),
-                dpo: bit(1, 4),
-                fua: bit(1, 3),
+                protect,
+                dpo,
+                fua,
             },
             opcode::WRITE_16 => CdbRepr::Write16 {
                 lba: r64(2),
                 blocks: r32(10),
-                dpo: bit(1, 4),
-                fua: bit(1, 3),
+                protect,
+                dpo,
+                fua,
+            },
+            opcode::VERIFY_16 => CdbRepr::Verify16 {
+                lba: r64(2),
+                blocks: r32(10),
+                protect,
+                dpo,
+                bytchk,
             },
             opcode::SYNCHRONIZE_CACHE_16 => CdbRepr::SynchronizeCache16 {
                 lba: r64(2),
@@ -684,6 +864,7 @@ impl CdbRepr {
             opcode::WRITE_SAME_16 => CdbRepr::WriteSame16 {
                 lba: r64(2),
                 blocks: r32(10),
+                protect,
                 unmap: bit(1, 3),
                 anchor: bit(1, 4),
                 ndob: bit(1, 0),
@@ -691,6 +872,7 @@ impl CdbRepr {
             opcode::WRITE_SAME_10 => CdbRepr::WriteSame10 {
                 lba: r32(2),
                 blocks: r16(7),
+                protect,
                 unmap: bit(1, 3),
                 anchor: bit(1, 4),
             },
@@ -712,6 +894,7 @@ impl CdbRepr {
                     alloc_len: r32(6),
                 },
                 opcode::SA_REPORT_SUPPORTED_OPCODES => CdbRepr::ReportSupportedOpcodes {
+                    rctd: bit(2, 7),
                     request: match b[2] & 7 {
                         0 => OpcodeRequest::All,
                         1 => OpcodeRequest::Opcode(b[3]),
@@ -737,8 +920,18 @@ impl CdbRepr {
             CdbRepr::TestUnitReady => opcode::TEST_UNIT_READY,
             CdbRepr::RequestSense { .. } => opcode::REQUEST_SENSE,
             CdbRepr::Inquiry { .. } => opcode::INQUIRY,
+            CdbRepr::ModeSense6 { .. } => opcode::MODE_SENSE_6,
             CdbRepr::ModeSense10 { .. } => opcode::MODE_SENSE_10,
+            CdbRepr::StartStopUnit { .. } => opcode::START_STOP_UNIT,
+            CdbRepr::PreventAllowMediumRemoval { .. } => opcode::PREVENT_ALLOW_MEDIUM_REMOVAL,
             CdbRepr::ReadCapacity10 => opcode::READ_CAPACITY_10,
+            CdbRepr::Read6 { .. } => opcode::READ_6,
+            CdbRepr::Read12 { .. } => opcode::READ_12,
+            CdbRepr::Write6 { .. } => opcode::WRITE_6,
+            CdbRepr::Write12 { .. } => opcode::WRITE_12,
+            CdbRepr::Verify10 { .. } => opcode::VERIFY_10,
+            CdbRepr::Verify12 { .. } => opcode::VERIFY_12,
+            CdbRepr::Verify16 { .. } => opcode::VERIFY_16,
             CdbRepr::ReadCapacity16 { .. } => opcode::SERVICE_ACTION_IN_16,
             CdbRepr::Read10 { .. } => opcode::READ_10,
             CdbRepr::Read16 { .. } => opcode::READ_16,
@@ -770,6 +963,7 @@ impl CdbRepr {
         match *self {
             CdbRepr::RequestSense { alloc_len, .. } => Some(alloc_len.into()),
             CdbRepr::Inquiry { alloc_len, .. } => Some(alloc_len.into()),
+            CdbRepr::ModeSense6 { alloc_len, .. } => Some(alloc_len.into()),
             CdbRepr::ModeSense10 { alloc_len, .. } => Some(alloc_len.into()),
             CdbRepr::ReadCapacity10 => Some(8),
             CdbRepr::ReadCapacity16 { alloc_len } => Some(alloc_len),
@@ -783,15 +977,30 @@ impl CdbRepr {
         }
     }
 
-    /// `(lba, blocks)` for block commands (READ/WRITE/SYNCHRONIZE CACHE/WRITE SAME).
+    /// `(lba, blocks)` for block commands (READ/WRITE/VERIFY/SYNCHRONIZE
+    /// CACHE/WRITE SAME/COMPARE AND WRITE); a 6-byte CDB's transfer length
+    /// of 0 is 256 blocks.
     pub fn lba_range(&self) -> Option<(u64, u32)> {
         match *self {
+            CdbRepr::Read6 { lba, transfer_len } | CdbRepr::Write6 { lba, transfer_len } => {
+                let blocks = if transfer_len == 0 {
+                    256
+                } else {
+                    transfer_len.into()
+                };
+                Some((lba.into(), blocks))
+            }
             CdbRepr::Read10 { lba, blocks, .. }
             | CdbRepr::Write10 { lba, blocks, .. }
+            | CdbRepr::Verify10 { lba, blocks, .. }
             | CdbRepr::SynchronizeCache10 { lba, blocks, .. }
             | CdbRepr::WriteSame10 { lba, blocks, .. } => Some((lba.into(), blocks.into())),
+            CdbRepr::Read12 { lba, blocks, .. }
+            | CdbRepr::Write12 { lba, blocks, .. }
+            | CdbRepr::Verify12 { lba, blocks, .. } => Some((lba.into(), blocks)),
             CdbRepr::Read16 { lba, blocks, .. }
             | CdbRepr::Write16 { lba, blocks, .. }
+            | CdbRepr::Verify16 { lba, blocks, .. }
             | CdbRepr::SynchronizeCache16 { lba, blocks, .. }
             | CdbRepr::WriteSame16 { lba, blocks, .. } => Some((lba, blocks)),
             CdbRepr::CompareAndWrite { lba, blocks, .. } => Some((lba, blocks.into())),
@@ -805,6 +1014,7 @@ impl CdbRepr {
         let len = self.buffer_len();
         b[0] = self.opcode();
         let flag = |v: bool, n: u8| if v { 1u8 << n } else { 0 };
+        let protect_bits = |p: u8| (p & 7) << 5;
         match *self {
             CdbRepr::TestUnitReady | CdbRepr::ReadCapacity10 => {}
             CdbRepr::RequestSense {
@@ -836,6 +1046,89 @@ impl CdbRepr {
                 b[3] = subpage_code;
                 put16(&mut b, 7, alloc_len);
             }
+            CdbRepr::ModeSense6 {
+                dbd,
+                page_control,
+                page_code,
+                subpage_code,
+                alloc_len,
+            } => {
+                b[1] = flag(dbd, 3);
+                b[2] = (page_control & 3) << 6 | (page_code & 0x3f);
+                b[3] = subpage_code;
+                b[4] = alloc_len;
+            }
+            CdbRepr::StartStopUnit {
+                immed,
+                power_condition_modifier,
+                power_condition,
+                no_flush,
+                loej,
+                start,
+            } => {
+                b[1] = flag(immed, 0);
+                b[3] = power_condition_modifier & 0x0f;
+                b[4] = (power_condition & 0x0f) << 4
+                    | flag(no_flush, 2)
+                    | flag(loej, 1)
+                    | flag(start, 0);
+            }
+            CdbRepr::PreventAllowMediumRemoval { prevent } => b[4] = prevent & 3,
+            CdbRepr::Read6 { lba, transfer_len } | CdbRepr::Write6 { lba, transfer_len } => {
+                b[1..4].copy_from_slice(&(lba & 0x1f_ffff).to_be_bytes()[1..]);
+                b[4] = transfer_len;
+            }
+            CdbRepr::Read12 {
+                lba,
+                blocks,
+                protect,
+                dpo,
+                fua,
+            }
+            | CdbRepr::Write12 {
+                lba,
+                blocks,
+                protect,
+                dpo,
+                fua,
+            } => {
+                b[1] = protect_bits(protect) | flag(dpo, 4) | flag(fua, 3);
+                put32(&mut b, 2, lba);
+                put32(&mut b, 6, blocks);
+            }
+            CdbRepr::Verify10 {
+                lba,
+                blocks,
+                protect,
+                dpo,
+                bytchk,
+            } => {
+                b[1] = protect_bits(protect) | flag(dpo, 4) | (bytchk & 3) << 1;
+                put32(&mut b, 2, lba);
+                put16(&mut b, 7, blocks);
+            }
+            CdbRepr::Verify12 {
+                lba,
+                blocks,
+                protect,
+                dpo,
+                bytchk,
+            } => {
+                b[1] = protect_bits(protect) | flag(dpo, 4) | (bytchk & 3) << 1;
+                put32(&mut b, 2, lba);
+                put32(&mut b, 6, blocks);
+            }
+            CdbRepr::Verify16 {
+                lba,
+                blocks,
+                protect,
+                dpo,
+                bytchk,
+            } => {
+                b[1] = protect_bits(protect) | flag(dpo, 4) | (bytchk & 3) << 1;
+                put64(&mut b, 2, lba);
+                put32(&mut b, 10, blocks);
+            }
             CdbRepr::ReadCapacity16 { alloc_len } => {
                 b[1] = opcode::SA_READ_CAPACITY_16;
                 put32(&mut b, 10, alloc_len);
@@ -843,32 +1136,36 @@ impl CdbRepr {
             CdbRepr::Read10 {
                 lba,
                 blocks,
+                protect,
                 dpo,
                 fua,
             }
             | CdbRepr::Write10 {
                 lba,
                 blocks,
+                protect,
                 dpo,
                 fua,
             } => {
-                b[1] = flag(dpo, 4) | flag(fua, 3);
+                b[1] = protect_bits(protect) | flag(dpo, 4) | flag(fua, 3);
                 put32(&mut b, 2, lba);
                 put16(&mut b, 7, blocks);
             }
             CdbRepr::Read16 {
                 lba,
                 blocks,
+                protect,
                 dpo,
                 fua,
             }
             | CdbRepr::Write16 {
                 lba,
                 blocks,
+                protect,
                 dpo,
                 fua,
             } => {
-                b[1] = flag(dpo, 4) | flag(fua, 3);
+                b[1] = protect_bits(protect) | flag(dpo, 4) | flag(fua, 3);
                 put64(&mut b, 2, lba);
                 put32(&mut b, 10, blocks);
             }
@@ -889,21 +1186,23 @@ impl CdbRepr {
             CdbRepr::WriteSame16 {
                 lba,
                 blocks,
+                protect,
                 unmap,
                 anchor,
                 ndob,
             } => {
-                b[1] = flag(anchor, 4) | flag(unmap, 3) | flag(ndob, 0);
+                b[1] = protect_bits(protect) | flag(anchor, 4) | flag(unmap, 3) | flag(ndob, 0);
                 put64(&mut b, 2, lba);
                 put32(&mut b, 10, blocks);
             }
             CdbRepr::CompareAndWrite {
                 lba,
                 blocks,
+                protect,
                 dpo,
                 fua,
             } => {
-                b[1] = flag(dpo, 4) | flag(fua, 3);
+                b[1] = protect_bits(protect) | flag(dpo, 4) | flag(fua, 3);
                 put64(&mut b, 2, lba);
                 b[13] = blocks;
             }
@@ -924,10 +1223,11 @@ impl CdbRepr {
             CdbRepr::WriteSame10 {
                 lba,
                 blocks,
+                protect,
                 unmap,
                 anchor,
             } => {
-                b[1] = flag(anchor, 4) | flag(unmap, 3);
+                b[1] = protect_bits(protect) | flag(anchor, 4) | flag(unmap, 3);
                 put32(&mut b, 2, lba);
                 put16(&mut b, 7, blocks);
             }
@@ -936,16 +1236,21 @@ impl CdbRepr {
                 put64(&mut b, 2, lba);
                 put32(&mut b, 10, alloc_len);
             }
-            CdbRepr::ReportSupportedOpcodes { request, alloc_len } => {
+            CdbRepr::ReportSupportedOpcodes {
+                request,
+                rctd,
+                alloc_len,
+            } => {
                 b[1] = opcode::SA_REPORT_SUPPORTED_OPCODES;
+                b[2] = flag(rctd, 7);
                 match request {
                     OpcodeRequest::All => {}
                     OpcodeRequest::Opcode(op) => {
-                        b[2] = 1;
+                        b[2] |= 1;
                         b[3] = op;
                     }
                     OpcodeRequest::ServiceAction(op, sa) => {
-                        b[2] = 2;
+                        b[2] |= 2;
                         b[3] = op;
                         put16(&mut b, 4, sa);
                     }
@@ -975,8 +1280,37 @@ impl fmt::Display for CdbRepr {
                 ..
             } => write!(f, "INQUIRY VPD {page_code:02x}h"),
             CdbRepr::Inquiry { .. } => write!(f, "INQUIRY"),
+            CdbRepr::ModeSense6 { page_code, .. } => {
+                write!(f, "MODE SENSE(6) page {page_code:02x}h")
+            }
             CdbRepr::ModeSense10 { page_code, .. } => {
                 write!(f, "MODE SENSE(10) page {page_code:02x}h")
+            }
+            CdbRepr::StartStopUnit { start, .. } => write!(f, "START STOP UNIT start {start}"),
+            CdbRepr::PreventAllowMediumRemoval { prevent } => {
+                write!(f, "PREVENT ALLOW MEDIUM REMOVAL prevent {prevent}")
+            }
+            CdbRepr::Read6 { lba, .. } | CdbRepr::Write6 { lba, .. } => {
+                let name = if self.opcode() == opcode::READ_6 {
+                    "READ"
+                } else {
+                    "WRITE"
+                };
+                let blocks = self.lba_range().map_or(0, |r| r.1);
+                write!(f, "{name}(6) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::Read12 { lba, blocks, .. } => write!(f, "READ(12) lba {lba} blocks {blocks}"),
+            CdbRepr::Write12 { lba, blocks, .. } => {
+                write!(f, "WRITE(12) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::Verify10 { lba, blocks, .. } => {
+                write!(f, "VERIFY(10) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::Verify12 { lba, blocks, .. } => {
+                write!(f, "VERIFY(12) lba {lba} blocks {blocks}")
+            }
+            CdbRepr::Verify16 { lba, blocks, .. } => {
+                write!(f, "VERIFY(16) lba {lba} blocks {blocks}")
             }
             CdbRepr::ReadCapacity10 => write!(f, "READ CAPACITY(10)"),
             CdbRepr::ReadCapacity16 { .. } => write!(f, "READ CAPACITY(16)"),
@@ -3289,6 +3623,7 @@ mod tests {
         cdb_round_trip(
             CdbRepr::ReportSupportedOpcodes {
                 request: OpcodeRequest::All,
+                rctd: false,
                 alloc_len: 0x40,
             },
             &want,
@@ -3299,6 +3634,7 @@ mod tests {
         cdb_round_trip(
             CdbRepr::ReportSupportedOpcodes {
                 request: OpcodeRequest::ServiceAction(0x9e, 0x12),
+                rctd: false,
                 alloc_len: 0x40,
             },
             &want,
@@ -3309,6 +3645,7 @@ mod tests {
         cdb_round_trip(
             CdbRepr::ReportSupportedOpcodes {
                 request: OpcodeRequest::Opcode(0x42),
+                rctd: false,
                 alloc_len: 0x40,
             },
             &want,
@@ -3329,6 +3666,7 @@ mod tests {
             CdbRepr::WriteSame10 {
                 lba: 0x10,
                 blocks: 0x20,
+                protect: 0,
                 unmap: true,
                 anchor: false,
             },
@@ -3434,6 +3772,7 @@ mod tests {
             CdbRepr::Read16 {
                 lba: 0x0102_0304_0506_0708,
                 blocks: 0x0a0b_0c0d,
+                protect: 0,
                 dpo: false,
                 fua: true,
             },
@@ -3445,6 +3784,7 @@ mod tests {
             CdbRepr::Write10 {
                 lba: 0x1234_5678,
                 blocks: 8,
+                protect: 0,
                 dpo: true,
                 fua: true,
             },
@@ -3481,6 +3821,7 @@ mod tests {
             CdbRepr::WriteSame16 {
                 lba: 100,
                 blocks: 200,
+                protect: 0,
                 unmap: true,
                 anchor: false,
                 ndob: false,
@@ -3519,15 +3860,179 @@ mod tests {
         assert_eq!(Cdb::read10(5, 1).bytes()[10..], [0u8; 6]);
     }
 
+    /// The CDBs the embedded target decodes beyond the initiator's own:
+    /// 6- and 12-byte READ/WRITE, VERIFY, MODE SENSE(6), START STOP UNIT,
+    /// PREVENT ALLOW MEDIUM REMOVAL, and the protection/DPO/FUA/RCTD bits.
+    #[test]
+    fn target_cdbs_match_spc_sbc() {
+        // READ(6): 21-bit LBA in bytes 1..4 (upper bits of byte 1 are
+        // reserved), TRANSFER LENGTH 0 is 256 blocks.
+        let r6 = CdbRepr::Read6 {
+            lba: 0x1f_0203,
+            transfer_len: 0,
+        };
+        cdb_round_trip(r6, &[0x08, 0x1f, 0x02, 0x03, 0, 0]);
+        assert_eq!(r6.lba_range(), Some((0x1f_0203, 256)));
+        assert_eq!(
+            Cdb::parse(&[0x0a, 0xe1, 0, 5, 8, 0]).unwrap(),
+            CdbRepr::Write6 {
+                lba: 0x1_0005,
+                transfer_len: 8
+            }
+        );
+        // READ(12)/WRITE(12): LBA at 2, TRANSFER LENGTH (32 bits) at 6.
+        cdb_round_trip(
+            CdbRepr::Read12 {
+                lba: 0x0102_0304,
+                blocks: 0x0506_0708,
+                protect: 0,
+                dpo: true,
+                fua: false,
+            },
+            &[0xa8, 0x10, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::Write12 {
+                lba: 9,
+                blocks: 2,
+                protect: 5,
+                dpo: false,
+                fua: true,
+            },
+            &[0xaa, 0xa8, 0, 0, 0, 9, 0, 0, 0, 2, 0, 0],
+        );
+        // RDPROTECT/WRPROTECT: bits 7..5 of byte 1.
+        cdb_round_trip(
+            CdbRepr::Read10 {
+                lba: 1,
+                blocks: 1,
+                protect: 1,
+                dpo: false,
+                fua: false,
+            },
+            &[0x28, 0x20, 0, 0, 0, 1, 0, 0, 1, 0],
+        );
+        let mut want = [0u8; 16];
+        want[0] = 0x8a;
+        want[1] = 0xe8;
+        want[13] = 4;
+        cdb_round_trip(
+            CdbRepr::Write16 {
+                lba: 0,
+                blocks: 4,
+                protect: 7,
+                dpo: false,
+                fua: true,
+            },
+            &want,
+        );
+        want[0] = 0x89;
+        want[1] = 0x68;
+        want[13] = 1;
+        cdb_round_trip(
+            CdbRepr::CompareAndWrite {
+                lba: 0,
+                blocks: 1,
+                protect: 3,
+                dpo: false,
+                fua: true,
+            },
+            &want,
+        );
+        cdb_round_trip(
+            CdbRepr::WriteSame10 {
+                lba: 0,
+                blocks: 1,
+                protect: 2,
+                unmap: false,
+                anchor: false,
+            },
+            &[0x41, 0x40, 0, 0, 0, 0, 0, 0, 1, 0],
+        );
+        // VERIFY: VRPROTECT 7..5, DPO 4, BYTCHK 2..1.
+        cdb_round_trip(
+            CdbRepr::Verify10 {
+                lba: 0x10,
+                blocks: 3,
+                protect: 0,
+                dpo: true,
+                bytchk: 1,
+            },
+            &[0x2f, 0x12, 0, 0, 0, 0x10, 0, 0, 3, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::Verify12 {
+                lba: 0x10,
+                blocks: 3,
+                protect: 1,
+                dpo: false,
+                bytchk: 3,
+            },
+            &[0xaf, 0x26, 0, 0, 0, 0x10, 0, 0, 0, 3, 0, 0],
+        );
+        let mut want = [0u8; 16];
+        want[0] = 0x8f;
+        want[1] = 0x04;
+        want[9] = 0x20;
+        want[13] = 8;
+        let v16 = CdbRepr::Verify16 {
+            lba: 0x20,
+            blocks: 8,
+            protect: 0,
+            dpo: false,
+            bytchk: 2,
+        };
+        cdb_round_trip(v16, &want);
+        assert_eq!(v16.lba_range(), Some((0x20, 8)));
+        // MODE SENSE(6): DBD bit 3, PC/page at 2, subpage at 3, length at 4.
+        cdb_round_trip(
+            CdbRepr::ModeSense6 {
+                dbd: true,
+                page_control: 2,
+                page_code: 0x3f,
+                subpage_code: 0xff,
+                alloc_len: 0xfc,
+            },
+            &[0x1a, 0x08, 0xbf, 0xff, 0xfc, 0],
+        );
+        // START STOP UNIT: IMMED at 1, modifier at 3, condition/NO_FLUSH/
+        // LOEJ/START at 4.
+        cdb_round_trip(
+            CdbRepr::StartStopUnit {
+                immed: true,
+                power_condition_modifier: 0x0a,
+                power_condition: 0x0b,
+                no_flush: true,
+                loej: false,
+                start: true,
+            },
+            &[0x1b, 0x01, 0, 0x0a, 0xb5, 0],
+        );
+        cdb_round_trip(
+            CdbRepr::PreventAllowMediumRemoval { prevent: 1 },
+            &[0x1e, 0, 0, 0, 1, 0],
+        );
+        // REPORT SUPPORTED OPERATION CODES with RCTD (byte 2, bit 7).
+        cdb_round_trip(
+            CdbRepr::ReportSupportedOpcodes {
+                request: OpcodeRequest::Opcode(0x28),
+                rctd: true,
+                alloc_len: 0x200,
+            },
+            &[0xa3, 0x0c, 0x81, 0x28, 0, 0, 0, 0, 2, 0, 0, 0],
+        );
+    }
+
     #[test]
     fn cdb_parse_rejects_unknown_and_short() {
         assert_eq!(
             Cdb::parse(&[0xff; 16]),
             Err(ScsiWireError::UnknownOpcode(0xff))
         );
+        // FORMAT UNIT: a 6-byte operation code this codec does not know.
         assert_eq!(
-            Cdb::parse(&[0x1a, 0, 0, 0, 0, 0]),
-            Err(ScsiWireError::UnknownOpcode(0x1a))
+            Cdb::parse(&[0x04, 0, 0, 0, 0, 0]),
+            Err(ScsiWireError::UnknownOpcode(0x04))
         );
         assert!(matches!(
             Cdb::parse(&[0x88, 0, 0]),
@@ -3995,38 +4500,114 @@ mod tests {
                 }
             ),
             any::<u32>().prop_map(|alloc_len| CdbRepr::ReadCapacity16 { alloc_len }),
-            (any::<u32>(), any::<u16>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
-                CdbRepr::Read10 {
+            (any::<u32>(), any::<u16>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Read10 {
                     lba,
                     blocks,
+                    protect,
                     dpo,
                     fua,
                 }
-            }),
-            (any::<u64>(), any::<u32>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
-                CdbRepr::Read16 {
+            ),
+            (any::<u32>(), any::<u32>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Read12 {
                     lba,
                     blocks,
+                    protect,
                     dpo,
                     fua,
                 }
-            }),
-            (any::<u32>(), any::<u16>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
-                CdbRepr::Write10 {
+            ),
+            (any::<u64>(), any::<u32>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Read16 {
                     lba,
                     blocks,
+                    protect,
                     dpo,
                     fua,
                 }
-            }),
-            (any::<u64>(), any::<u32>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
-                CdbRepr::Write16 {
+            ),
+            (any::<u32>(), any::<u16>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Write10 {
                     lba,
                     blocks,
+                    protect,
                     dpo,
                     fua,
                 }
+            ),
+            (any::<u32>(), any::<u32>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Write12 {
+                    lba,
+                    blocks,
+                    protect,
+                    dpo,
+                    fua,
+                }
+            ),
+            (any::<u64>(), any::<u32>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::Write16 {
+                    lba,
+                    blocks,
+                    protect,
+                    dpo,
+                    fua,
+                }
+            ),
+            (0u32..1 << 21, any::<u8>(), b()).prop_map(|(lba, transfer_len, write)| {
+                if write {
+                    CdbRepr::Write6 { lba, transfer_len }
+                } else {
+                    CdbRepr::Read6 { lba, transfer_len }
+                }
             }),
+            (any::<u64>(), any::<u32>(), 0u8..8, b(), 0u8..4, 0u8..3).prop_map(
+                |(lba, blocks, protect, dpo, bytchk, len)| match len {
+                    0 => CdbRepr::Verify10 {
+                        lba: lba as u32,
+                        blocks: blocks as u16,
+                        protect,
+                        dpo,
+                        bytchk,
+                    },
+                    1 => CdbRepr::Verify12 {
+                        lba: lba as u32,
+                        blocks,
+                        protect,
+                        dpo,
+                        bytchk,
+                    },
+                    _ => CdbRepr::Verify16 {
+                        lba,
+                        blocks,
+                        protect,
+                        dpo,
+                        bytchk,
+                    },
+                }
+            ),
+            (b(), 0u8..4, 0u8..64, any::<u8>(), any::<u8>()).prop_map(
+                |(dbd, page_control, page_code, subpage_code, alloc_len)| CdbRepr::ModeSense6 {
+                    dbd,
+                    page_control,
+                    page_code,
+                    subpage_code,
+                    alloc_len,
+                }
+            ),
+            (b(), 0u8..16, 0u8..16, b(), b(), b()).prop_map(
+                |(immed, power_condition_modifier, power_condition, no_flush, loej, start)| {
+                    CdbRepr::StartStopUnit {
+                        immed,
+                        power_condition_modifier,
+                        power_condition,
+                        no_flush,
+                        loej,
+                        start,
+                    }
+                }
+            ),
+            (0u8..4).prop_map(|prevent| CdbRepr::PreventAllowMediumRemoval { prevent }),
             (any::<u32>(), any::<u16>(), b()).prop_map(|(lba, blocks, immed)| {
                 CdbRepr::SynchronizeCache10 { lba, blocks, immed }
             }),
@@ -4035,23 +4616,41 @@ mod tests {
             }),
             (b(), any::<u16>())
                 .prop_map(|(anchor, param_len)| CdbRepr::Unmap { anchor, param_len }),
-            (any::<u64>(), any::<u8>(), b(), b()).prop_map(|(lba, blocks, dpo, fua)| {
-                CdbRepr::CompareAndWrite {
+            (any::<u64>(), any::<u8>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, dpo, fua)| CdbRepr::CompareAndWrite {
                     lba,
                     blocks,
+                    protect,
                     dpo,
                     fua,
                 }
-            }),
-            (any::<u64>(), any::<u32>(), b(), b(), b()).prop_map(
-                |(lba, blocks, unmap, anchor, ndob)| CdbRepr::WriteSame16 {
+            ),
+            (any::<u64>(), any::<u32>(), 0u8..8, b(), b(), b()).prop_map(
+                |(lba, blocks, protect, unmap, anchor, ndob)| CdbRepr::WriteSame16 {
                     lba,
                     blocks,
+                    protect,
                     unmap,
                     anchor,
                     ndob,
                 }
             ),
+            (any::<u32>(), any::<u16>(), 0u8..8, b(), b()).prop_map(
+                |(lba, blocks, protect, unmap, anchor)| CdbRepr::WriteSame10 {
+                    lba,
+                    blocks,
+                    protect,
+                    unmap,
+                    anchor,
+                }
+            ),
+            (b(), any::<u8>(), any::<u32>()).prop_map(|(rctd, op, alloc_len)| {
+                CdbRepr::ReportSupportedOpcodes {
+                    request: OpcodeRequest::Opcode(op),
+                    rctd,
+                    alloc_len,
+                }
+            }),
             (any::<u8>(), any::<u32>()).prop_map(|(select_report, alloc_len)| {
                 CdbRepr::ReportLuns {
                     select_report,

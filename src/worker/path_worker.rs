@@ -21,7 +21,7 @@ use crate::scsi::{
     check_status, ErrorClass, ScsiCommand, SenseData, TargetPortGroupsData, UnitAttention,
 };
 use crate::transport::Transport;
-use crate::wire::scsi::DataRepr;
+use crate::wire::scsi::{DataRepr, ScsiStatus};
 use crossbeam::queue::ArrayQueue;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -218,8 +218,6 @@ const LUN_RESET_ANSWER: Duration = Duration::from_secs(10);
 /// Tags of the worker's REGISTER AND IGNORE EXISTING KEY (`| 1`) and
 /// RESERVE (`| 2`) that repair its key after a stray preempt.
 const KEY_REPAIR_TAG: u64 = INTERNAL_TAG | 1 << 58;
-/// SCSI status RESERVATION CONFLICT.
-const RESERVATION_CONFLICT: u8 = 0x18;
 
 fn tag(queue: u32, slot: u32) -> u64 {
     (u64::from(queue) << 32) | u64::from(slot)
@@ -1115,7 +1113,10 @@ impl Worker {
             return;
         }
         self.in_session = self.in_session.saturating_sub(1);
-        if c.response == 0 && c.status == RESERVATION_CONFLICT && self.stray_preempt() {
+        if c.response == 0
+            && c.status == ScsiStatus::ReservationConflict.as_u8()
+            && self.stray_preempt()
+        {
             log::warn!(
                 "path {}: command {:#x} refused with RESERVATION CONFLICT: a stray PREEMPT AND ABORT of our own removed this path's key; registering again and resending it",
                 self.shared.name,
@@ -1237,7 +1238,8 @@ impl Worker {
         } else {
             "RESERVE"
         };
-        let conflict_ok = c.user_tag & 3 == 2 && c.status == RESERVATION_CONFLICT;
+        let conflict_ok =
+            c.user_tag & 3 == 2 && c.status == ScsiStatus::ReservationConflict.as_u8();
         match check_status(c.status, &c.sense) {
             _ if c.response != 0 => log::warn!(
                 "path {}: {what} after a stray preempt: iSCSI response {:#04x}",

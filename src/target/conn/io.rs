@@ -471,11 +471,18 @@ impl Core {
             if self.strict {
                 t.r2ts.push((ttt, t.next_r2t_offset, len));
             }
-            t.r2t_sn = t.r2t_sn.next();
+            let r2t_sn = t.r2t_sn;
+            t.r2t_sn = r2t_sn.next();
             t.next_r2t_offset += len;
             t.outstanding_r2t += 1;
             let itt = t.itt;
-            crate::wire::iscsi::encode_pdu(&mut self.out, &h, &[], self.digests);
+            if self.shared.faults.take_r2t_drop(self.cid) {
+                // As if a digest error had dropped it on the way: kept (ERL
+                // 1) for a SNACK, not sent.
+                log::debug!("fault injection: R2T R2TSN {r2t_sn} of ITT {itt:#x} left out");
+            } else {
+                crate::wire::iscsi::encode_pdu(&mut self.out, &h, &[], self.digests);
+            }
             self.retain(itt, &h, &[]);
         }
     }
@@ -606,6 +613,7 @@ impl Core {
             }
         } else if d.final_bit {
             t.outstanding_r2t = t.outstanding_r2t.saturating_sub(1);
+            self.r2t_answered(d.itt, d.ttt);
         }
         self.advance_write(i);
     }

@@ -202,6 +202,16 @@ impl Core {
             .sum();
     }
 
+    /// The Data-Out sequence answering R2T `ttt` of task `itt` has ended:
+    /// that R2T is acknowledged, and a SNACK asking for it again is a
+    /// protocol error (RFC 7143 §11.16).
+    pub(super) fn r2t_answered(&mut self, itt: u32, ttt: u32) {
+        if let Some(r) = self.retained.iter_mut().rev().find(|r| r.itt == itt) {
+            r.pdus
+                .retain(|(h, _)| !matches!(h, PduHeader::R2t(x) if x.ttt == ttt));
+        }
+    }
+
     /// The initiator has seen every status before `exp_stat_sn`: those
     /// tasks' responses need not be kept.
     pub(super) fn acknowledge(&mut self, exp_stat_sn: Sn) {
@@ -257,10 +267,15 @@ impl Core {
                 && (k.run_length == 0 || sn.lt(Sn(k.beg_run.wrapping_add(k.run_length))))
         };
         let mut again: Vec<(PduHeader, Vec<u8>)> = Vec::new();
+        // Whether what was asked for was sent and is not acknowledged yet
+        // (kept for the task), or is unknown here.
+        let mut task_known = false;
         match k.kind {
-            // Data/R2T: by DataSN or R2TSN within the task.
+            // Data/R2T: by DataSN or R2TSN within the task; an R2T whose
+            // data has come is no longer kept (`r2t_answered`).
             0 => {
                 if let Some(r) = self.retained.iter().rev().find(|r| r.itt == k.itt) {
+                    task_known = true;
                     for (h, d) in &r.pdus {
                         let hit = match h {
                             PduHeader::DataIn(x) => in_run(x.data_sn),
@@ -309,7 +324,16 @@ impl Core {
                 k.beg_run,
                 k.run_length
             );
-            return self.reject(reject::SNACK, bhs);
+            // RFC 7143 §11.16: asking for a PDU of a known task that was
+            // not sent or is acknowledged (an R2T whose data came) is a
+            // protocol error; a task whose PDUs are no longer kept gets
+            // SNACK Reject.
+            let reason = if task_known {
+                reject::PROTOCOL_ERROR
+            } else {
+                reject::SNACK
+            };
+            return self.reject(reason, bhs);
         }
         for (h, d) in again {
             self.resend(&h, &d, None);

@@ -512,3 +512,60 @@ fn one_connection_of_a_session_hangs_or_dies() {
     assert_eq!(d.len(), 512);
     assert_eq!(a.conn.session_connections(), 1);
 }
+
+/// ERL 1: an R2T lost on the way (as to a header digest error) is asked
+/// for again with a Data/R2T SNACK by R2TSN and comes as a replica (same
+/// TTT, offset and length); once its data has come, asking for it again
+/// is a protocol error (RFC 7143 §11.16).
+#[test]
+fn snack_asks_again_for_a_lost_r2t() {
+    let s = shared(TargetConfig::ram(IQN, 1 << 20));
+    let mut p = Peer::new(s.clone(), 0);
+    let t = p.login_normal(&[
+        ("ErrorRecoveryLevel", "1"),
+        ("InitialR2T", "Yes"),
+        ("ImmediateData", "No"),
+        ("FirstBurstLength", "1024"),
+        ("MaxBurstLength", "1024"),
+    ]);
+    assert_eq!(t.get("ErrorRecoveryLevel"), Some("1"));
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 13 % 247) as u8).collect();
+    s.faults.drop_r2t(p.cid, 1);
+    let w = write_cmd(&mut p, 16, 4, true);
+    assert!(
+        p.send(PduHeader::ScsiCommand(w.clone()), &[]).is_empty(),
+        "the first R2T is lost"
+    );
+    assert!(p.tick().is_empty(), "the write waits for data");
+
+    let again = snack(&mut p, 0, w.itt, 0, 1);
+    let [(PduHeader::R2t(r0), _)] = &again[..] else {
+        panic!("{again:?}")
+    };
+    assert_eq!(
+        (r0.itt, r0.r2t_sn, r0.buffer_offset, r0.desired_len),
+        (w.itt, Sn(0), 0, 1024)
+    );
+    // Its data asks for the next R2T, which comes as usual.
+    let out = p.send(data_out(w.itt, r0.ttt, 0, 0, true), &data[..1024]);
+    let [(PduHeader::R2t(r1), _)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!((r1.r2t_sn, r1.buffer_offset), (Sn(1), 1024));
+    assert_ne!(r1.ttt, r0.ttt);
+    // R2TSN 0 is answered: not to be sent again; RunLength 0 from 0 is
+    // the R2Ts not answered, R2TSN 1 only.
+    expect_reject(&snack(&mut p, 0, w.itt, 0, 1), reject::PROTOCOL_ERROR);
+    let again = snack(&mut p, 0, w.itt, 0, 0);
+    assert!(
+        matches!(&again[..], [(PduHeader::R2t(x), _)] if x.ttt == r1.ttt && x.r2t_sn == Sn(1)),
+        "{again:?}"
+    );
+    let done = one_response(&p.send(data_out(w.itt, r1.ttt, 0, 1024, true), &data[1024..]));
+    assert_eq!((done.itt, done.status), (w.itt, ScsiStatus::Good.as_u8()));
+    let mut back = vec![0u8; 2048];
+    s.luns[0].read(16 * 512, &mut back);
+    assert_eq!(back, data);
+    // After the status: no R2T of the task is left to ask for.
+    expect_reject(&snack(&mut p, 0, w.itt, 1, 1), reject::PROTOCOL_ERROR);
+}
