@@ -105,11 +105,29 @@ fn send_all<T: Transport>(
 }
 
 /// The connection as the reader of its transport's bytes. The time is
-/// taken when bytes are handed over, not when the receive began: a waiting
-/// receive may block for milliseconds first.
+/// taken when the first bytes are handed over, not when the receive began:
+/// a waiting receive may block for milliseconds first. It is read once per
+/// round: every segment of one receive burst arrived at the same moment
+/// for the connection's timers (a clock read per segment cost more than
+/// the segment's iSCSI bookkeeping).
 struct ConnSink<'a> {
     conn: &'a mut Connection,
     error: Option<ConnError>,
+    now: Option<Instant>,
+}
+
+impl ConnSink<'_> {
+    fn new(conn: &mut Connection) -> ConnSink<'_> {
+        ConnSink {
+            conn,
+            error: None,
+            now: None,
+        }
+    }
+
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
+    }
 }
 
 impl RxSink for ConnSink<'_> {
@@ -121,7 +139,8 @@ impl RxSink for ConnSink<'_> {
         if self.error.is_some() {
             return false;
         }
-        match self.conn.commit_rx(n, Instant::now()) {
+        let now = self.now();
+        match self.conn.commit_rx(n, now) {
             Ok(()) => true,
             Err(e) => {
                 self.error = Some(e);
@@ -134,7 +153,8 @@ impl RxSink for ConnSink<'_> {
         if self.error.is_some() {
             return 0;
         }
-        match self.conn.receive(bytes, Instant::now()) {
+        let now = self.now();
+        match self.conn.receive(bytes, now) {
             Ok(()) => bytes.len(),
             Err(e) => {
                 self.error = Some(e);
@@ -357,10 +377,7 @@ impl<T: Transport> Session<T> {
         // The transport's own work and the receive, in one: it puts each
         // byte where the connection wants it (Data-In payload straight into
         // the command's buffer).
-        let mut sink = ConnSink {
-            conn: &mut self.conn,
-            error: None,
-        };
+        let mut sink = ConnSink::new(&mut self.conn);
         let received = self.transport.recv_into_wait(&mut sink, wait);
         if let Some(e) = sink.error {
             return Err(e.into());
