@@ -2104,7 +2104,9 @@ impl Connection {
         else {
             return Ok(());
         };
-        self.data_out_ready.retain(|&s| s != slot);
+        if !self.data_out_ready.is_empty() {
+            self.data_out_ready.retain(|&s| s != slot);
+        }
         reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
         let transferred = if cmd.direction == Direction::Read {
             data_done
