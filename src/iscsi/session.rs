@@ -104,12 +104,14 @@ fn send_all<T: Transport>(
     Ok(())
 }
 
-/// The connection as the reader of its transport's bytes. The time is
-/// taken when the first bytes are handed over, not when the receive began:
-/// a waiting receive may block for milliseconds first. It is read once per
-/// round: every segment of one receive burst arrived at the same moment
-/// for the connection's timers (a clock read per segment cost more than
-/// the segment's iSCSI bookkeeping).
+/// The connection as the reader of its transport's bytes. The time is the
+/// transport's own for the round ([`RxSink::rx_time`], the userspace
+/// stack's), or else taken when the first bytes are handed over, not when
+/// the receive began: a waiting receive may block for milliseconds first.
+/// It is read once per round: every segment of one receive burst arrived
+/// at the same moment for the connection's timers (a clock read per
+/// segment cost more than the segment's iSCSI bookkeeping), and the
+/// round's timer check uses it too.
 struct ConnSink<'a> {
     conn: &'a mut Connection,
     error: Option<ConnError>,
@@ -147,6 +149,10 @@ impl RxSink for ConnSink<'_> {
                 false
             }
         }
+    }
+
+    fn rx_time(&mut self, now: Instant) {
+        self.now = Some(now);
     }
 
     fn rx_push(&mut self, bytes: &[u8]) -> usize {
@@ -379,6 +385,7 @@ impl<T: Transport> Session<T> {
         // the command's buffer).
         let mut sink = ConnSink::new(&mut self.conn);
         let received = self.transport.recv_into_wait(&mut sink, wait);
+        let round_time = sink.now;
         if let Some(e) = sink.error {
             return Err(e.into());
         }
@@ -391,7 +398,7 @@ impl<T: Transport> Session<T> {
             // Answers to what we just received (R2T data, NOP-Out) go out now.
             self.send_pending()?;
         }
-        let now = Instant::now();
+        let now = round_time.unwrap_or_else(Instant::now);
         if let Some(t) = self.conn.poll_timeout() {
             if now >= t {
                 self.conn.handle_timeout(now)?;
