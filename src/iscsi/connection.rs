@@ -1642,9 +1642,7 @@ impl Connection {
             let is_data_in = Bhs::new_checked(staged)
                 .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
             if is_data_in {
-                let Some((PduHeader::DataIn(d), header_len, dsl)) =
-                    self.framer.frame_header(staged)?
-                else {
+                let Some((d, header_len, dsl)) = self.framer.frame_data_in_header(staged)? else {
                     return Ok(());
                 };
                 self.rx_start += header_len;
