@@ -1524,6 +1524,11 @@ impl Connection {
     /// buffer; headers and other segments go through staging.
     pub fn receive(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), ConnError> {
         while !bytes.is_empty() {
+            let placed = self.place_data_in(bytes, now)?;
+            if placed > 0 {
+                bytes = &bytes[placed..];
+                continue;
+            }
             let (first, _) = self.buffers(false);
             let n = first.len().min(bytes.len());
             first[..n].copy_from_slice(&bytes[..n]);
@@ -1531,6 +1536,43 @@ impl Connection {
             self.commit_rx(n, now)?;
         }
         Ok(())
+    }
+
+    /// [`receive`](Self::receive)'s path for Data-In payload: while a
+    /// segment's data is due and staging is empty, the bytes go straight
+    /// into the command's buffer, and the PDU machinery
+    /// ([`commit_rx`](Self::commit_rx)) runs only once the segment's data
+    /// is complete (most of a read's bytes come in frames that are all
+    /// payload: nothing else can change before its end). Returns the bytes
+    /// taken; 0: not placing into a buffer now (the general path).
+    fn place_data_in(&mut self, bytes: &[u8], now: Instant) -> Result<usize, ConnError> {
+        if self.failed.is_some() || self.rx_start != self.rx_end {
+            return Ok(0);
+        }
+        let Some(p) = &mut self.placing else {
+            return Ok(0);
+        };
+        if p.at >= p.end || p.discard {
+            return Ok(0);
+        }
+        let Some(buf) = task_buffer(&mut self.slots, p.slot) else {
+            return Ok(0);
+        };
+        let n = bytes.len().min(p.end - p.at);
+        let landed = &mut buf[p.at..p.at + n];
+        landed.copy_from_slice(&bytes[..n]);
+        if let Some(crc) = p.crc.as_mut() {
+            *crc = crc32c::crc32c_append(*crc, landed);
+        }
+        p.at += n;
+        let complete = p.at == p.end;
+        self.stats.rx_bytes_placed += n as u64;
+        self.last_rx = now;
+        if complete {
+            // The trailer (if any) and the finished Data-In.
+            self.commit_rx(0, now)?;
+        }
+        Ok(n)
     }
 
     /// Processes what staging holds: PDU headers, whole non-Data-In PDUs,
@@ -1600,9 +1642,7 @@ impl Connection {
             let is_data_in = Bhs::new_checked(staged)
                 .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
             if is_data_in {
-                let Some((PduHeader::DataIn(d), header_len, dsl)) =
-                    self.framer.frame_header(staged)?
-                else {
+                let Some((d, header_len, dsl)) = self.framer.frame_data_in_header(staged)? else {
                     return Ok(());
                 };
                 self.rx_start += header_len;
@@ -2062,7 +2102,9 @@ impl Connection {
         else {
             return Ok(());
         };
-        self.data_out_ready.retain(|&s| s != slot);
+        if !self.data_out_ready.is_empty() {
+            self.data_out_ready.retain(|&s| s != slot);
+        }
         reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
         let transferred = if cmd.direction == Direction::Read {
             data_done

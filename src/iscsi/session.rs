@@ -104,12 +104,32 @@ fn send_all<T: Transport>(
     Ok(())
 }
 
-/// The connection as the reader of its transport's bytes. The time is
-/// taken when bytes are handed over, not when the receive began: a waiting
-/// receive may block for milliseconds first.
+/// The connection as the reader of its transport's bytes. The time is the
+/// transport's own for the round ([`RxSink::rx_time`], the userspace
+/// stack's), or else taken when the first bytes are handed over, not when
+/// the receive began: a waiting receive may block for milliseconds first.
+/// It is read once per round: every segment of one receive burst arrived
+/// at the same moment for the connection's timers (a clock read per
+/// segment cost more than the segment's iSCSI bookkeeping), and the
+/// round's timer check uses it too.
 struct ConnSink<'a> {
     conn: &'a mut Connection,
     error: Option<ConnError>,
+    now: Option<Instant>,
+}
+
+impl ConnSink<'_> {
+    fn new(conn: &mut Connection) -> ConnSink<'_> {
+        ConnSink {
+            conn,
+            error: None,
+            now: None,
+        }
+    }
+
+    fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(Instant::now)
+    }
 }
 
 impl RxSink for ConnSink<'_> {
@@ -121,7 +141,8 @@ impl RxSink for ConnSink<'_> {
         if self.error.is_some() {
             return false;
         }
-        match self.conn.commit_rx(n, Instant::now()) {
+        let now = self.now();
+        match self.conn.commit_rx(n, now) {
             Ok(()) => true,
             Err(e) => {
                 self.error = Some(e);
@@ -130,11 +151,16 @@ impl RxSink for ConnSink<'_> {
         }
     }
 
+    fn rx_time(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
     fn rx_push(&mut self, bytes: &[u8]) -> usize {
         if self.error.is_some() {
             return 0;
         }
-        match self.conn.receive(bytes, Instant::now()) {
+        let now = self.now();
+        match self.conn.receive(bytes, now) {
             Ok(()) => bytes.len(),
             Err(e) => {
                 self.error = Some(e);
@@ -357,11 +383,9 @@ impl<T: Transport> Session<T> {
         // The transport's own work and the receive, in one: it puts each
         // byte where the connection wants it (Data-In payload straight into
         // the command's buffer).
-        let mut sink = ConnSink {
-            conn: &mut self.conn,
-            error: None,
-        };
+        let mut sink = ConnSink::new(&mut self.conn);
         let received = self.transport.recv_into_wait(&mut sink, wait);
+        let round_time = sink.now;
         if let Some(e) = sink.error {
             return Err(e.into());
         }
@@ -374,7 +398,7 @@ impl<T: Transport> Session<T> {
             // Answers to what we just received (R2T data, NOP-Out) go out now.
             self.send_pending()?;
         }
-        let now = Instant::now();
+        let now = round_time.unwrap_or_else(Instant::now);
         if let Some(t) = self.conn.poll_timeout() {
             if now >= t {
                 self.conn.handle_timeout(now)?;

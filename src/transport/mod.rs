@@ -38,6 +38,13 @@ pub trait RxSink {
     /// Takes bytes the transport holds; returns how many it took (fewer
     /// than offered, or 0, means it wants no more now).
     fn rx_push(&mut self, bytes: &[u8]) -> usize;
+    /// The time the transport read for the round whose bytes follow (a
+    /// userspace stack reads the clock once per poll), so the reader need
+    /// not read it again: one clock read per round. The latest call holds.
+    /// Transports that read no clock (kernel TCP) never call it.
+    fn rx_time(&mut self, now: std::time::Instant) {
+        let _ = now;
+    }
 }
 
 /// What [`Transport::recv_into_wait`] got: the bytes handed over (0:

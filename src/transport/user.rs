@@ -77,7 +77,14 @@ struct Clock {
 
 impl Clock {
     fn now(&self) -> Instant {
-        Instant::from_micros(self.epoch.elapsed().as_micros() as u64)
+        self.read().1
+    }
+
+    /// One clock read, as real time and as the stack's `Instant`.
+    fn read(&self) -> (std::time::Instant, Instant) {
+        let wall = std::time::Instant::now();
+        let since = wall.saturating_duration_since(self.epoch);
+        (wall, Instant::from_micros(since.as_micros() as u64))
     }
 }
 
@@ -285,9 +292,10 @@ impl<D: Device + Send> Transport for UserTcp<D> {
     /// reader in place; then a poll of the stack hands in-order payload to
     /// the reader straight from each received frame.
     fn recv_into(&mut self, sink: &mut dyn RxSink) -> Result<usize, TransportError> {
+        let (wall, now) = self.clock.read();
+        sink.rx_time(wall);
         let mut total = self.drain_ring(sink)?;
         let handle = self.handle;
-        let now = self.clock.now();
         let ring_empty = self.socket().recv_queue() == 0;
         let mut direct = 0;
         self.iface

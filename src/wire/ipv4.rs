@@ -133,7 +133,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
             .bytes()
             .get(..usize::from(self.header_len()))
             .unwrap_or(&[]);
-        checksum::fold(checksum::sum(header)) == 0xffff
+        // Nearly every header has no options: sum those 20 bytes inline.
+        let sum = match <&[u8; HEADER_LEN]>::try_from(header) {
+            Ok(fixed) => checksum::sum_fixed(fixed),
+            Err(_) => checksum::sum(header),
+        };
+        checksum::fold(sum) == 0xffff
     }
     /// The payload, without link-layer padding.
     pub fn payload(&self) -> &[u8] {
@@ -188,8 +193,9 @@ impl Ipv4Repr {
     pub fn emit(&self, buf: &mut [u8], checksum: Checksum) -> Result<(), PacketError> {
         let total = HEADER_LEN + self.payload_len;
         let total = u16::try_from(total).map_err(|_| PacketError::Malformed)?;
-        let b = buf
+        let b: &mut [u8; HEADER_LEN] = buf
             .get_mut(..HEADER_LEN)
+            .and_then(|b| b.try_into().ok())
             .ok_or(PacketError::BufferTooSmall)?;
         b[field::VER_IHL] = 0x45;
         b[field::DSCP_ECN] = 0;
@@ -203,7 +209,7 @@ impl Ipv4Repr {
         b[field::SRC_ADDR].copy_from_slice(&self.src_addr.octets());
         b[field::DST_ADDR].copy_from_slice(&self.dst_addr.octets());
         if checksum.compute_tx() {
-            let sum = checksum::finish(checksum::sum(b));
+            let sum = checksum::finish(checksum::sum_fixed(b));
             b[field::CHECKSUM].copy_from_slice(&sum.to_be_bytes());
         }
         Ok(())

@@ -219,11 +219,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// Verifies the checksum over the pseudo header and the whole buffer.
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         let len = self.bytes().len() as u32;
-        let sum = checksum::combine(&[
-            checksum::pseudo_header(src, dst, protocol::TCP, len),
-            checksum::sum(self.bytes()),
-        ]);
-        checksum::fold(sum) == 0xffff
+        let pseudo = checksum::pseudo_header(src, dst, protocol::TCP, len);
+        checksum::fold(checksum::sum_with(pseudo, self.bytes())) == 0xffff
     }
 }
 
