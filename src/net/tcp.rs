@@ -1356,11 +1356,8 @@ impl TcpSocket {
             rst,
             with_ack,
         };
-        // Bare ACK/RST carry the highest sequence sent: after a go-back-N
-        // rewind `snd_nxt` may sit below the peer's RCV.NXT, which would make
-        // them unacceptable (and two such peers ACK each other forever).
         if self.rst_due {
-            return Some(control(self.snd_max, false, true, true));
+            return Some(control(self.bare_seq(), false, true, true));
         }
         match self.state {
             State::Closed | State::Listen => return None,
@@ -1396,9 +1393,28 @@ impl TcpSocket {
             });
         }
         if self.ack_now {
-            return Some(control(self.snd_max, false, false, true));
+            return Some(control(self.bare_seq(), false, false, true));
         }
         None
+    }
+
+    /// The sequence number of a bare ACK or RST. The highest sent: after a
+    /// go-back-N rewind `snd_nxt` may sit below the peer's RCV.NXT, which
+    /// would make them unacceptable (and two such peers ACK each other
+    /// forever). But never past the right edge of the peer's window: a
+    /// zero-window probe's byte (or a FIN) sent into a closed window counts
+    /// in `snd_max` although the peer refused it, and a receiver drops a
+    /// segment that starts past RCV.NXT + RCV.WND (RFC 9293 §3.10.7.4: with
+    /// RCV.WND = 0 only SEG.SEQ = RCV.NXT is acceptable; Linux counts it as
+    /// TCPBeyondWindow). Every ACK of the peer's data would be lost for as
+    /// long as its window stays shut, and it stays shut when the peer's
+    /// application is blocked sending to us: a deadlock.
+    fn bare_seq(&self) -> SeqNumber {
+        if matches!(self.state, State::SynSent | State::SynReceived) {
+            // No window from the peer yet (or its SYN's, unscaled).
+            return self.snd_max;
+        }
+        self.snd_max.min(self.snd_una + self.snd_wnd)
     }
 
     fn build_options(&self, now: Instant, plan: &Plan) -> TcpOptions {

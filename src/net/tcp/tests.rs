@@ -717,6 +717,108 @@ fn zero_window_is_probed_and_reopens() {
     assert_eq!(s.state(), State::Established);
 }
 
+/// A zero-window probe's byte lies past the peer's window, which a peer
+/// refuses (Linux drops it as TCPBeyondWindow): the ACKs we send while the
+/// window stays shut must not count it, since a segment that starts past
+/// RCV.NXT + RCV.WND is dropped too, ACK and all. Else the peer never sees
+/// its own data acknowledged and, when its application is blocked sending
+/// to us, never reopens the window: the dpdk_interop stall (the kernel's
+/// echo server blocked writing, its receive queue full).
+#[test]
+fn acks_while_probing_a_zero_window_stay_inside_it() {
+    let closed = |seg: TcpRepr<'static>| TcpRepr {
+        window_len: 0,
+        ..seg
+    };
+    let mut s = established();
+    recv(&mut s, t(20), closed(ack_in(LOCAL_ISS + 1)));
+    s.send_slice(b"data").unwrap();
+    expect_nothing(&mut s, t(20));
+    let at = s.poll_at().expect("persist timer");
+    let probe = expect_one(&mut s, at);
+    assert_eq!((probe.seq, probe.payload.len()), (LOCAL_ISS + 1, 1));
+    // The peer refused the byte and keeps sending; its data is acked at
+    // its RCV.NXT, not past it.
+    recv(&mut s, at, closed(data_in(0, b"echo")));
+    expect_ack(&expect_one(&mut s, at), LOCAL_ISS + 1, REMOTE_ISS + 5);
+    // A duplicate (unacceptable) segment is answered the same way.
+    recv(&mut s, at, closed(data_in(0, b"echo")));
+    assert_eq!(s.counters().unacceptable_segments, 1);
+    expect_ack(&expect_one(&mut s, at), LOCAL_ISS + 1, REMOTE_ISS + 5);
+    // The window opens: the probed byte goes again, with the rest.
+    recv(&mut s, at, seg_in(REMOTE_ISS + 5, Some(LOCAL_ISS + 1)));
+    let seg = expect_one(&mut s, at);
+    assert_eq!((seg.seq, &seg.payload[..]), (LOCAL_ISS + 1, &b"data"[..]));
+    // A reset after a probe is inside the window too.
+    let mut s = established();
+    recv(&mut s, t(20), closed(ack_in(LOCAL_ISS + 1)));
+    s.send_slice(b"data").unwrap();
+    expect_nothing(&mut s, t(20));
+    let at = s.poll_at().expect("persist timer");
+    assert_eq!(expect_one(&mut s, at).payload.len(), 1);
+    s.abort();
+    let rst = expect_one(&mut s, at);
+    assert!(rst.flags.rst);
+    assert_eq!(rst.seq, LOCAL_ISS + 1);
+}
+
+/// A FIN sent into a closed window is refused like a probe's byte: the
+/// ACKs after it stay at the window's edge until the peer takes the FIN.
+#[test]
+fn acks_after_a_fin_into_a_zero_window_stay_inside_it() {
+    let mut s = established();
+    recv(
+        &mut s,
+        t(20),
+        TcpRepr {
+            window_len: 0,
+            ..ack_in(LOCAL_ISS + 1)
+        },
+    );
+    s.close();
+    let fin = expect_one(&mut s, t(20));
+    assert!(fin.flags.fin);
+    assert_eq!(fin.seq, LOCAL_ISS + 1);
+    recv(
+        &mut s,
+        t(21),
+        TcpRepr {
+            window_len: 0,
+            ..data_in(0, b"echo")
+        },
+    );
+    expect_ack(&expect_one(&mut s, t(21)), LOCAL_ISS + 1, REMOTE_ISS + 5);
+    // Once the FIN is acknowledged, ACKs carry the sequence after it.
+    recv(
+        &mut s,
+        t(22),
+        TcpRepr {
+            window_len: 0,
+            ..data_in(4, b"more")
+        },
+    );
+    let ack = expect_one(&mut s, t(22));
+    expect_ack(&ack, LOCAL_ISS + 1, REMOTE_ISS + 9);
+    recv(
+        &mut s,
+        t(23),
+        TcpRepr {
+            window_len: 0,
+            ..seg_in(REMOTE_ISS + 9, Some(LOCAL_ISS + 2))
+        },
+    );
+    assert_eq!(s.state(), State::FinWait2);
+    recv(
+        &mut s,
+        t(24),
+        TcpRepr {
+            window_len: 0,
+            ..data_in(8, b"last")
+        },
+    );
+    expect_ack(&expect_one(&mut s, t(24)), LOCAL_ISS + 2, REMOTE_ISS + 13);
+}
+
 #[test]
 fn own_zero_window_then_update_after_read() {
     let mut s = established();
