@@ -8,8 +8,15 @@
 //! pattern that the kernel echoes back; every byte is compared, so each one
 //! crossed both directions.
 //!
-//! Phases: a clean path (256 MiB each way), then an impaired one. This
-//! kernel has no netem (nor prio, u32/matchall classifiers or iptables), so
+//! Phases: a clean path (256 MiB each way); a path whose return leg (kernel
+//! to DPDK) is rate-limited halfway through the transfer; then an impaired
+//! one. The second phase fills the kernel's receive queue while its echo
+//! server is blocked writing to us: its window closes and the stack probes
+//! it, and every ACK of the kernel's data must still be acceptable to the
+//! kernel (one that counted the probe's refused byte was dropped as beyond
+//! the window: the echo server never got unblocked, a deadlock CI saw as
+//! "no progress for 20 s" once the af_packet ring dropped enough of the
+//! kernel's frames under load). This kernel has no netem (nor prio, u32/matchall classifiers or iptables), so
 //! impairment is: `tc tbf` with a short queue on both veth ends (real
 //! rate-limit tail drops by the kernel: DPDK→kernel frames pass the root
 //! end's qdisc, kernel→DPDK ones the namespace end's), plus seeded random
@@ -112,13 +119,15 @@ struct Outcome {
     elapsed: Duration,
 }
 
-/// Streams `total` bytes of the pattern and checks the echo byte for byte.
+/// Streams `total` bytes of the pattern and checks the echo byte for byte;
+/// `halfway` runs once when half of it came back.
 fn echo_transfer<D: Device + Send>(
     conn: &mut UserTcp<D>,
     pattern: &[u8],
     total: usize,
     limit: Duration,
     port_state: &dyn Fn() -> String,
+    mut halfway: Option<&mut dyn FnMut()>,
 ) -> Outcome {
     let start = Instant::now();
     let mut sent = 0usize;
@@ -160,6 +169,11 @@ fn echo_transfer<D: Device + Send>(
         }
         if received != last_progress.1 {
             last_progress = (Instant::now(), received);
+        }
+        if received >= total / 2 {
+            if let Some(f) = halfway.take() {
+                f();
+            }
         }
         assert!(
             last_progress.0.elapsed() < Duration::from_secs(20),
@@ -221,6 +235,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
         return skip(&why);
     }
     let clean_mib = mib_from_env("ISCSI_BYPASS_INTEROP_MIB", 256);
+    let slow_mib = mib_from_env("ISCSI_BYPASS_INTEROP_SLOW_MIB", 128);
     let lossy_mib = mib_from_env("ISCSI_BYPASS_INTEROP_LOSSY_MIB", 64);
 
     let bed = VethNetns::create("ip", 231).expect("veth + netns test bed");
@@ -244,7 +259,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
     let mut pattern = vec![0u8; PERIOD];
     rand::rngs::StdRng::seed_from_u64(0x1f2e_3d4c).fill_bytes(&mut pattern);
     let pattern = Arc::new(pattern);
-    let server = kernel_echo_server(&bed, 2);
+    let server = kernel_echo_server(&bed, 3);
     let remote = SocketAddrV4::new(bed.kernel_ip, ECHO_PORT);
 
     // What a stall message needs beyond the stack's counters: CI once saw
@@ -260,7 +275,14 @@ fn dpdk_stack_interop_with_linux_tcp() {
     // Phase 1: clean path.
     let total = clean_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
+    let out = echo_transfer(
+        &mut conn,
+        &pattern,
+        total,
+        TRANSFER_LIMIT,
+        &port_state,
+        None,
+    );
     let counters = conn.socket().counters();
     println!(
         "clean: {clean_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
@@ -269,7 +291,53 @@ fn dpdk_stack_interop_with_linux_tcp() {
     );
     drop(conn);
 
-    // Phase 2: tail drops by tbf in both kernel directions + random loss
+    // Phase 2: at full speed until the kernel's receive buffer has grown,
+    // then the kernel->DPDK leg slowed to 100 mbit (tbf on the namespace
+    // end): the echo server blocks writing, the kernel's receive queue
+    // fills and its window closes while we still have data to send.
+    let total = slow_mib << 20;
+    let mut conn = stack.connect(0, remote).expect("connect over DPDK");
+    let mut slow_return = || {
+        bed.tc(
+            true,
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                &bed.kernel_if,
+                "root",
+                "tbf",
+                "rate",
+                "100mbit",
+                "burst",
+                "32kb",
+                "limit",
+                "256kb",
+            ],
+        )
+        .expect("tc tbf on the namespace end");
+    };
+    let out = echo_transfer(
+        &mut conn,
+        &pattern,
+        total,
+        TRANSFER_LIMIT,
+        &port_state,
+        Some(&mut slow_return),
+    );
+    let counters = conn.socket().counters();
+    println!(
+        "slow return: {slow_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
+        out.elapsed.as_secs_f64(),
+        total as f64 / out.elapsed.as_secs_f64() / 1e6
+    );
+    assert!(
+        counters.zero_window_probes > 0,
+        "the kernel's window never closed, so this phase tested nothing: {counters:?}"
+    );
+    drop(conn);
+
+    // Phase 3: tail drops by tbf in both kernel directions + random loss
     // and reordering in the DPDK queue.
     tbf(&bed, false, &bed.dpdk_if);
     tbf(&bed, true, &bed.kernel_if);
@@ -286,7 +354,14 @@ fn dpdk_stack_interop_with_linux_tcp() {
         .connect_device(Impaired::new(device, impair), remote)
         .expect("connect over the impaired path");
     let total = lossy_mib << 20;
-    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
+    let out = echo_transfer(
+        &mut conn,
+        &pattern,
+        total,
+        TRANSFER_LIMIT,
+        &port_state,
+        None,
+    );
     let impaired = conn.device().counters();
     let counters = conn.socket().counters();
     let tbf_drops = (
@@ -313,6 +388,10 @@ fn dpdk_stack_interop_with_linux_tcp() {
         .expect("echo server");
     assert_eq!(
         echoed,
-        vec![(clean_mib << 20) as u64, (lossy_mib << 20) as u64]
+        vec![
+            (clean_mib << 20) as u64,
+            (slow_mib << 20) as u64,
+            (lossy_mib << 20) as u64
+        ]
     );
 }
