@@ -60,11 +60,13 @@ fn mib_from_env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A kernel echo server in the namespace; serves `connections` clients one
-/// after the other and returns the bytes echoed to each.
+/// A kernel echo server in the namespace; serves one client per entry of
+/// `chunks` one after the other and returns the bytes echoed to each. It
+/// reads up to the entry's chunk size (one `read` for a chunk of 256 KiB or
+/// less, else until the chunk is full) and writes that back.
 fn kernel_echo_server(
     bed: &VethNetns,
-    connections: usize,
+    chunks: Vec<usize>,
 ) -> std::thread::JoinHandle<Result<Vec<u64>, String>> {
     let addr = SocketAddrV4::new(bed.kernel_ip, ECHO_PORT);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -85,15 +87,22 @@ fn kernel_echo_server(
             }
         };
         let mut echoed = Vec::new();
-        for _ in 0..connections {
+        for chunk in chunks {
             let (mut s, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
             s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-            let mut buf = vec![0u8; 256 * 1024];
+            let mut buf = vec![0u8; chunk];
             let mut total = 0u64;
             loop {
-                let n = s
-                    .read(&mut buf)
-                    .map_err(|e| format!("read from {peer}: {e}"))?;
+                let mut n = 0;
+                while n < chunk {
+                    let got = s
+                        .read(&mut buf[n..])
+                        .map_err(|e| format!("read from {peer}: {e}"))?;
+                    n += got;
+                    if got == 0 || chunk <= 256 * 1024 {
+                        break;
+                    }
+                }
                 if n == 0 {
                     break;
                 }
@@ -119,15 +128,13 @@ struct Outcome {
     elapsed: Duration,
 }
 
-/// Streams `total` bytes of the pattern and checks the echo byte for byte;
-/// `halfway` runs once when half of it came back.
+/// Streams `total` bytes of the pattern and checks the echo byte for byte.
 fn echo_transfer<D: Device + Send>(
     conn: &mut UserTcp<D>,
     pattern: &[u8],
     total: usize,
     limit: Duration,
     port_state: &dyn Fn() -> String,
-    mut halfway: Option<&mut dyn FnMut()>,
 ) -> Outcome {
     let start = Instant::now();
     let mut sent = 0usize;
@@ -169,11 +176,6 @@ fn echo_transfer<D: Device + Send>(
         }
         if received != last_progress.1 {
             last_progress = (Instant::now(), received);
-        }
-        if received >= total / 2 {
-            if let Some(f) = halfway.take() {
-                f();
-            }
         }
         assert!(
             last_progress.0.elapsed() < Duration::from_secs(20),
@@ -235,7 +237,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
         return skip(&why);
     }
     let clean_mib = mib_from_env("ISCSI_BYPASS_INTEROP_MIB", 256);
-    let slow_mib = mib_from_env("ISCSI_BYPASS_INTEROP_SLOW_MIB", 128);
+    let slow_mib = mib_from_env("ISCSI_BYPASS_INTEROP_SLOW_MIB", 32);
     let lossy_mib = mib_from_env("ISCSI_BYPASS_INTEROP_LOSSY_MIB", 64);
 
     let bed = VethNetns::create("ip", 231).expect("veth + netns test bed");
@@ -259,7 +261,10 @@ fn dpdk_stack_interop_with_linux_tcp() {
     let mut pattern = vec![0u8; PERIOD];
     rand::rngs::StdRng::seed_from_u64(0x1f2e_3d4c).fill_bytes(&mut pattern);
     let pattern = Arc::new(pattern);
-    let server = kernel_echo_server(&bed, 3);
+    // The second connection's echo server writes back 8 MiB at a time:
+    // while such a write is blocked on the slow return leg (phase 2), the
+    // kernel reads nothing and its receive window closes.
+    let server = kernel_echo_server(&bed, vec![256 << 10, 8 << 20, 256 << 10]);
     let remote = SocketAddrV4::new(bed.kernel_ip, ECHO_PORT);
 
     // What a stall message needs beyond the stack's counters: CI once saw
@@ -275,14 +280,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
     // Phase 1: clean path.
     let total = clean_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(
-        &mut conn,
-        &pattern,
-        total,
-        TRANSFER_LIMIT,
-        &port_state,
-        None,
-    );
+    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
     let counters = conn.socket().counters();
     println!(
         "clean: {clean_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
@@ -291,40 +289,31 @@ fn dpdk_stack_interop_with_linux_tcp() {
     );
     drop(conn);
 
-    // Phase 2: at full speed until the kernel's receive buffer has grown,
-    // then the kernel->DPDK leg slowed to 100 mbit (tbf on the namespace
-    // end): the echo server blocks writing, the kernel's receive queue
-    // fills and its window closes while we still have data to send.
+    // Phase 2: the kernel->DPDK leg slowed to 100 mbit (tbf on the
+    // namespace end): the echo server blocks writing an 8 MiB chunk back
+    // for most of a second, the kernel's receive queue fills and its window
+    // closes while we still have data to send.
+    bed.tc(
+        true,
+        &[
+            "qdisc",
+            "replace",
+            "dev",
+            &bed.kernel_if,
+            "root",
+            "tbf",
+            "rate",
+            "100mbit",
+            "burst",
+            "32kb",
+            "limit",
+            "256kb",
+        ],
+    )
+    .expect("tc tbf on the namespace end");
     let total = slow_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let mut slow_return = || {
-        bed.tc(
-            true,
-            &[
-                "qdisc",
-                "replace",
-                "dev",
-                &bed.kernel_if,
-                "root",
-                "tbf",
-                "rate",
-                "100mbit",
-                "burst",
-                "32kb",
-                "limit",
-                "256kb",
-            ],
-        )
-        .expect("tc tbf on the namespace end");
-    };
-    let out = echo_transfer(
-        &mut conn,
-        &pattern,
-        total,
-        TRANSFER_LIMIT,
-        &port_state,
-        Some(&mut slow_return),
-    );
+    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
     let counters = conn.socket().counters();
     println!(
         "slow return: {slow_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
@@ -354,14 +343,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
         .connect_device(Impaired::new(device, impair), remote)
         .expect("connect over the impaired path");
     let total = lossy_mib << 20;
-    let out = echo_transfer(
-        &mut conn,
-        &pattern,
-        total,
-        TRANSFER_LIMIT,
-        &port_state,
-        None,
-    );
+    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
     let impaired = conn.device().counters();
     let counters = conn.socket().counters();
     let tbf_drops = (
