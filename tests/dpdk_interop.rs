@@ -9,19 +9,20 @@
 //! crossed both directions.
 //!
 //! Phases: a clean path (256 MiB each way); a path whose return leg (kernel
-//! to DPDK) is rate-limited halfway through the transfer; then an impaired
-//! one. The second phase fills the kernel's receive queue while its echo
-//! server is blocked writing to us: its window closes and the stack probes
-//! it, and every ACK of the kernel's data must still be acceptable to the
-//! kernel (one that counted the probe's refused byte was dropped as beyond
-//! the window: the echo server never got unblocked, a deadlock CI saw as
-//! "no progress for 20 s" once the af_packet ring dropped enough of the
-//! kernel's frames under load). This kernel has no netem (nor prio, u32/matchall classifiers or iptables), so
-//! impairment is: `tc tbf` with a short queue on both veth ends (real
-//! rate-limit tail drops by the kernel: DPDK→kernel frames pass the root
-//! end's qdisc, kernel→DPDK ones the namespace end's), plus seeded random
-//! loss and reordering of IPv4 frames in both directions by
-//! `phy::impair::Impaired` around the DPDK queue.
+//! to DPDK) is rate-limited (32 MiB); then an impaired one (64 MiB). The
+//! second phase fills the kernel's receive queue while its echo server is
+//! blocked writing to us: its window closes and the stack probes it, and
+//! every ACK of the kernel's data must still be acceptable to the kernel
+//! (ones that counted the probe's refused byte were dropped as beyond the
+//! window, so the echo server never got unblocked: a deadlock CI saw as "no
+//! progress for 20 s" in the clean phase, once af_packet ring drops under
+//! load had slowed the kernel's sending). This kernel has no netem (nor
+//! prio, u32/matchall classifiers or iptables), so impairment is: `tc tbf`
+//! with a short queue on both veth ends (real rate-limit tail drops by the
+//! kernel: DPDK→kernel frames pass the root end's qdisc, kernel→DPDK ones
+//! the namespace end's), plus seeded random loss and reordering of IPv4
+//! frames in both directions by `phy::impair::Impaired` around the DPDK
+//! queue.
 //!
 //! Not root / no af_packet plugin / no `ip`: prints SKIPPED and passes,
 //! unless CI=true, where it fails.
@@ -267,9 +268,8 @@ fn dpdk_stack_interop_with_linux_tcp() {
     let server = kernel_echo_server(&bed, vec![256 << 10, 8 << 20, 256 << 10]);
     let remote = SocketAddrV4::new(bed.kernel_ip, ECHO_PORT);
 
-    // What a stall message needs beyond the stack's counters: CI once saw
-    // the kernel's side go silent for 20 s (not even answers to our
-    // zero-window probes reached the stack).
+    // What a stall message needs beyond the stack's counters (the port's
+    // drops, the rx pool).
     let port_state = || {
         format!(
             "stats {:?}, rx pool (in use, available) {:?}",
@@ -291,8 +291,17 @@ fn dpdk_stack_interop_with_linux_tcp() {
 
     // Phase 2: the kernel->DPDK leg slowed to 100 mbit (tbf on the
     // namespace end): the echo server blocks writing an 8 MiB chunk back
-    // for most of a second, the kernel's receive queue fills and its window
-    // closes while we still have data to send.
+    // for half a second, the kernel's receive queue fills and its window
+    // closes while we still have data to send. The kernel's socket buffers
+    // are capped at 1 MiB for this connection: autotuned, its receive
+    // buffer may grow past what we have left to send.
+    let buffers = ["net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem"].map(|key| {
+        let was = netns::run("ip", &["netns", "exec", &bed.netns, "sysctl", "-n", key])
+            .expect("read a TCP buffer sysctl of the namespace");
+        netns::sysctl(Some(&bed.netns), key, "4096 131072 1048576")
+            .expect("cap the namespace's TCP buffers");
+        (key, was.split_whitespace().collect::<Vec<_>>().join(" "))
+    });
     bed.tc(
         true,
         &[
@@ -325,6 +334,9 @@ fn dpdk_stack_interop_with_linux_tcp() {
         "the kernel's window never closed, so this phase tested nothing: {counters:?}"
     );
     drop(conn);
+    for (key, was) in &buffers {
+        netns::sysctl(Some(&bed.netns), key, was).expect("restore the namespace's TCP buffers");
+    }
 
     // Phase 3: tail drops by tbf in both kernel directions + random loss
     // and reordering in the DPDK queue.

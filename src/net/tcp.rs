@@ -1408,7 +1408,8 @@ impl TcpSocket {
     /// RCV.WND = 0 only SEG.SEQ = RCV.NXT is acceptable; Linux counts it as
     /// TCPBeyondWindow). Every ACK of the peer's data would be lost for as
     /// long as its window stays shut, and it stays shut when the peer's
-    /// application is blocked sending to us: a deadlock.
+    /// application is blocked sending to us: a deadlock. (Linux's own bare
+    /// ACKs and RSTs take the same care: `tcp_acceptable_seq`.)
     fn bare_seq(&self) -> SeqNumber {
         if matches!(self.state, State::SynSent | State::SynReceived) {
             // No window from the peer yet (or its SYN's, unscaled).
