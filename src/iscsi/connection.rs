@@ -307,6 +307,7 @@ enum TaskKind {
 
 impl TaskKind {
     /// A SCSI command not sent yet: no data moved, no R2T seen.
+    #[inline(always)]
     fn fresh(cmd: Command) -> TaskKind {
         TaskKind::Scsi {
             cmd,
@@ -489,7 +490,7 @@ const TX_SHELLS: usize = 64;
 /// it (the emptied `Arc` goes to `shells`, for the next write), else copied
 /// (the transport still has unacknowledged bytes of it).
 fn reclaim_buffer(
-    cmd: &mut Command,
+    buffer: &mut Vec<u8>,
     out: Option<Arc<Vec<u8>>>,
     stats: &mut ConnStats,
     shells: &mut Vec<Arc<Vec<u8>>>,
@@ -498,15 +499,15 @@ fn reclaim_buffer(
         return;
     };
     match Arc::get_mut(&mut out) {
-        Some(buffer) => {
-            cmd.buffer = std::mem::take(buffer);
+        Some(shared) => {
+            *buffer = std::mem::take(shared);
             if shells.len() < TX_SHELLS {
                 shells.push(out);
             }
         }
         None => {
             stats.tx_buffers_copied_back += 1;
-            cmd.buffer = out.as_ref().clone();
+            *buffer = out.as_ref().clone();
         }
     }
 }
@@ -739,6 +740,20 @@ impl Connection {
     }
 
     fn alloc_slot(&mut self, kind: TaskKind, now: Instant) -> Result<u16, SubmitError> {
+        let (slot, itt) = self.take_slot()?;
+        self.slots[slot as usize] = Some(Task {
+            itt,
+            kind,
+            cmd_sn: None,
+            submitted_at: now,
+        });
+        Ok(slot)
+    }
+
+    /// A free slot and the new tag for it; the caller fills the slot (a
+    /// SCSI task is built in place there: no move of the whole `Task`).
+    #[inline]
+    fn take_slot(&mut self) -> Result<(u16, u32), SubmitError> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None if self.slots.len() < MAX_TASKS => {
@@ -756,13 +771,7 @@ impl Connection {
             self.generation = self.generation.wrapping_add(1).max(1);
             itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
         }
-        self.slots[slot as usize] = Some(Task {
-            itt,
-            kind,
-            cmd_sn: None,
-            submitted_at: now,
-        });
-        Ok(slot)
+        Ok((slot, itt))
     }
 
     /// The error for a PDU naming a task this connection does not have. A
@@ -816,6 +825,20 @@ impl Connection {
         t
     }
 
+    /// [`free_slot`](Self::free_slot) for a slot that holds a task, which
+    /// is dropped where it lies (not moved out to the caller).
+    fn release_slot(&mut self, slot: u16) {
+        if let Some(t) = self.slots.get_mut(slot as usize) {
+            if t.is_some() {
+                *t = None;
+                self.free.push(slot);
+                if !self.adopted.is_empty() {
+                    self.adopted.retain(|&(_, s)| s != slot);
+                }
+            }
+        }
+    }
+
     /// Queues a SCSI command. It is sent as soon as the CmdSN window allows.
     pub fn submit(&mut self, cmd: Command, now: Instant) -> Result<(), SubmitError> {
         self.check_usable()?;
@@ -825,7 +848,13 @@ impl Connection {
             });
         }
         let immediate = cmd.immediate;
-        let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
+        let (slot, itt) = self.take_slot()?;
+        self.slots[slot as usize] = Some(Task {
+            itt,
+            kind: TaskKind::fresh(cmd),
+            cmd_sn: None,
+            submitted_at: now,
+        });
         self.stats.commands += 1;
         if immediate {
             // RFC 7143 §3.2.2.1: the next CmdSN, not taken, and no wait
@@ -2090,43 +2119,50 @@ impl Connection {
             }));
             return Ok(());
         }
-        let Some(task) = self.free_slot(slot) else {
-            return Ok(());
-        };
+        // What the completion needs is taken from the task where it lies,
+        // then the slot is freed: the whole `Task` is not moved out first.
         let TaskKind::Scsi {
-            mut cmd,
+            cmd,
             data_done,
             out,
             ..
-        } = task.kind
+        } = &mut task.kind
         else {
             return Ok(());
         };
-        if !self.data_out_ready.is_empty() {
-            self.data_out_ready.retain(|&s| s != slot);
-        }
-        reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
-        let transferred = if cmd.direction == Direction::Read {
-            data_done
-        } else {
-            cmd.buffer
-                .len()
-                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
-        };
-        self.events.push_back(Event::Completed(Completion {
-            user_tag: cmd.user_tag,
-            response,
-            status,
-            sense,
-            residual: residual.unwrap_or(0),
-            transferred,
-            command: CommandEcho {
+        let data_done = *data_done;
+        let out = out.take();
+        let mut buffer = std::mem::take(&mut cmd.buffer);
+        let (user_tag, command) = (
+            cmd.user_tag,
+            CommandEcho {
                 lun: cmd.lun,
                 cdb: cmd.cdb,
                 cdb_len: cmd.cdb_len,
                 direction: cmd.direction,
             },
-            buffer: cmd.buffer,
+        );
+        self.release_slot(slot);
+        if !self.data_out_ready.is_empty() {
+            self.data_out_ready.retain(|&s| s != slot);
+        }
+        reclaim_buffer(&mut buffer, out, &mut self.stats, &mut self.tx_shells);
+        let transferred = if command.direction == Direction::Read {
+            data_done
+        } else {
+            buffer
+                .len()
+                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
+        };
+        self.events.push_back(Event::Completed(Completion {
+            user_tag,
+            response,
+            status,
+            sense,
+            residual: residual.unwrap_or(0),
+            transferred,
+            command,
+            buffer,
         }));
         Ok(())
     }
@@ -2241,7 +2277,7 @@ impl Connection {
             if let TaskKind::Scsi { mut cmd, out, .. } = t.kind {
                 // A write sent by reference gets its buffer back first: the
                 // connection that takes it over sends from it again.
-                reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
+                reclaim_buffer(&mut cmd.buffer, out, &mut self.stats, &mut self.tx_shells);
                 match t.cmd_sn {
                     Some(cmd_sn) => orphans.push(Orphan {
                         itt: t.itt,
@@ -2416,7 +2452,7 @@ impl Connection {
                 mut cmd, out: buf, ..
             } = t.kind
             {
-                reclaim_buffer(&mut cmd, buf, &mut self.stats, &mut self.tx_shells);
+                reclaim_buffer(&mut cmd.buffer, buf, &mut self.stats, &mut self.tx_shells);
                 out.push(cmd);
             }
         }
