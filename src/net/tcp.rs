@@ -979,6 +979,10 @@ impl TcpSocket {
         ProcessOutcome::Done
     }
 
+    // Inlined (as receive_data and count_in_order_segment) into the one
+    // caller, once per segment received: a call's prologue and spills cost
+    // more than the body on the in-order data path.
+    #[inline(always)]
     fn process_ack(&mut self, now: Instant, seg: &TcpRepr, ack: SeqNumber, pure_ack: bool) {
         let seq = seg.seq_number;
         let window = usize::from(seg.window_len) << self.snd_wscale;
@@ -1114,6 +1118,7 @@ impl TcpSocket {
         }
     }
 
+    #[inline(always)]
     fn receive_data(
         &mut self,
         now: Instant,
@@ -1172,6 +1177,7 @@ impl TcpSocket {
 
     /// Delayed ACK (RFC 1122 §4.2.3.2): every second full segment at once,
     /// else within the delay. ACKs are sent at dispatch, once per rx burst.
+    #[inline(always)]
     fn count_in_order_segment(&mut self, now: Instant) {
         self.unacked_segments += 1;
         match self.config.delayed_ack {
