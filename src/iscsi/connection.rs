@@ -1543,8 +1543,12 @@ impl Connection {
         if let Err(e) = self.process_staged(now) {
             return Err(self.fail(e));
         }
-        self.flush_waiting();
-        self.send_data_out();
+        if !self.waiting.is_empty() {
+            self.flush_waiting();
+        }
+        if !self.data_out_ready.is_empty() {
+            self.send_data_out();
+        }
         Ok(())
     }
 
