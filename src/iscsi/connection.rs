@@ -982,7 +982,7 @@ impl Connection {
         }
         *data_done = immediate_len;
         let unsolicited_follows = unsolicited.is_some();
-        let hdr = PduHeader::ScsiCommand(ScsiCommand {
+        let hdr = ScsiCommand {
             immediate: cmd.immediate,
             final_bit: !unsolicited_follows,
             read: cmd.direction == Direction::Read,
@@ -994,18 +994,29 @@ impl Connection {
             cmd_sn,
             exp_stat_sn,
             cdb: cmd.cdb,
-        });
-        encode_data_pdu(
-            &mut self.tx,
-            shared.map(|_| &mut self.tx_refs),
-            &hdr,
-            shared.map_or(&cmd.buffer[..], |b| &b[..]),
-            shared,
-            0,
-            immediate_len,
-            digests,
-            &mut self.stats,
-        );
+        };
+        if immediate_len == 0 {
+            // No data segment (every read): the header and its digest, as
+            // encode_pdu writes them, framed without the general PduHeader.
+            let at = self.tx.len();
+            self.tx.extend_from_slice(&hdr.emit_bhs(0, 0));
+            if digests.header {
+                let d = crate::wire::iscsi::digest(&self.tx[at..]);
+                self.tx.extend_from_slice(&d.to_le_bytes());
+            }
+        } else {
+            encode_data_pdu(
+                &mut self.tx,
+                shared.map(|_| &mut self.tx_refs),
+                &PduHeader::ScsiCommand(hdr),
+                shared.map_or(&cmd.buffer[..], |b| &b[..]),
+                shared,
+                0,
+                immediate_len,
+                digests,
+                &mut self.stats,
+            );
+        }
         self.stats.pdus_out += 1;
         if write {
             self.stats.bytes_written += immediate_len as u64;
