@@ -1554,12 +1554,7 @@ impl Connection {
         if let Err(e) = self.process_staged(now) {
             return Err(self.fail(e));
         }
-        if !self.waiting.is_empty() {
-            self.flush_waiting();
-        }
-        if !self.data_out_ready.is_empty() {
-            self.send_data_out();
-        }
+        self.after_rx();
         Ok(())
     }
 
@@ -1571,6 +1566,11 @@ impl Connection {
             let placed = self.place_data_in(bytes, now)?;
             if placed > 0 {
                 bytes = &bytes[placed..];
+                continue;
+            }
+            let header = self.data_in_header_in_place(bytes, now)?;
+            if header > 0 {
+                bytes = &bytes[header..];
                 continue;
             }
             let (first, _) = self.buffers(false);
@@ -1690,23 +1690,7 @@ impl Connection {
                     return Ok(());
                 };
                 self.rx_start += header_len;
-                self.stats.pdus_in += 1;
-                self.data_in_flowing = true;
-                self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
-                let (slot, start, discard) = match self.check_data_in(&d, dsl)? {
-                    Some((slot, start)) => (slot, start, false),
-                    None => (NO_SLOT, 0, true),
-                };
-                self.placing = Some(Placing {
-                    trailer_len: self.framer.trailer_len(dsl),
-                    crc: (self.digests.data && !discard).then_some(0),
-                    header: d,
-                    slot,
-                    start,
-                    at: start,
-                    end: start + dsl,
-                    discard,
-                });
+                self.start_data_in(d, dsl)?;
                 continue;
             }
             let framed = match self.framer.frame(staged)? {
@@ -1718,6 +1702,66 @@ impl Connection {
             self.stats.pdus_in += 1;
             self.data_in_flowing = matches!(framed.header, PduHeader::DataIn(_));
             self.handle_pdu(&framed, start, now)?;
+        }
+    }
+
+    /// A Data-In header is in: its segment's data is to be placed next.
+    fn start_data_in(&mut self, d: DataIn, dsl: usize) -> Result<(), ConnError> {
+        self.stats.pdus_in += 1;
+        self.data_in_flowing = true;
+        self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
+        let (slot, start, discard) = match self.check_data_in(&d, dsl)? {
+            Some((slot, start)) => (slot, start, false),
+            None => (NO_SLOT, 0, true),
+        };
+        self.placing = Some(Placing {
+            trailer_len: self.framer.trailer_len(dsl),
+            crc: (self.digests.data && !discard).then_some(0),
+            header: d,
+            slot,
+            start,
+            at: start,
+            end: start + dsl,
+            discard,
+        });
+        Ok(())
+    }
+
+    /// [`receive`](Self::receive)'s path for a Data-In header at the start
+    /// of the bytes handed over, with nothing staged: it is framed where it
+    /// lies (in the frame), not copied into staging and taken through
+    /// [`commit_rx`](Self::commit_rx) first. Returns the header bytes
+    /// taken; 0: not a whole Data-In header there (the general path).
+    fn data_in_header_in_place(&mut self, bytes: &[u8], now: Instant) -> Result<usize, ConnError> {
+        if self.failed.is_some() || self.placing.is_some() || self.rx_start != self.rx_end {
+            return Ok(0);
+        }
+        let is_data_in = Bhs::new_checked(bytes)
+            .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
+        if !is_data_in {
+            return Ok(0);
+        }
+        let (d, header_len, dsl) = match self.framer.frame_data_in_header(bytes) {
+            Ok(Some(framed)) => framed,
+            Ok(None) => return Ok(0),
+            Err(e) => return Err(self.fail(e.into())),
+        };
+        self.last_rx = now;
+        if let Err(e) = self.start_data_in(d, dsl) {
+            return Err(self.fail(e));
+        }
+        self.after_rx();
+        Ok(header_len)
+    }
+
+    /// What a receive can unblock: commands waiting for window space (the
+    /// PDU moved MaxCmdSN) and Data-Out bursts made ready.
+    fn after_rx(&mut self) {
+        if !self.waiting.is_empty() {
+            self.flush_waiting();
+        }
+        if !self.data_out_ready.is_empty() {
+            self.send_data_out();
         }
     }
 
