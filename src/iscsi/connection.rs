@@ -1610,10 +1610,20 @@ impl Connection {
         }
         p.at += n;
         let complete = p.at == p.end;
+        let trailer = p.trailer_len;
         self.stats.rx_bytes_placed += n as u64;
         self.last_rx = now;
-        if complete {
-            // The trailer (if any) and the finished Data-In.
+        if complete && trailer == 0 {
+            // No padding and no data digest: the Data-In is done here (what
+            // process_staged would do with it, nothing being staged).
+            if let Some(p) = self.placing.take() {
+                if let Err(e) = self.finish_data_in(&p.header, p.slot, p.start, p.end - p.start) {
+                    return Err(self.fail(e));
+                }
+            }
+            self.after_rx();
+        } else if complete {
+            // The trailer and the finished Data-In.
             self.commit_rx(0, now)?;
         }
         Ok(n)
