@@ -217,6 +217,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.payload().len() + usize::from(self.syn()) + usize::from(self.fin())
     }
     /// Verifies the checksum over the pseudo header and the whole buffer.
+    #[inline]
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         let len = self.bytes().len() as u32;
         let pseudo = checksum::pseudo_header(src, dst, protocol::TCP, len);
