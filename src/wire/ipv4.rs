@@ -175,10 +175,10 @@ impl Ipv4Repr {
     /// each field read once from the fixed 20 bytes (one bounds check)
     /// instead of through the packet's getters, which check each read.
     #[inline]
-    pub fn parse_with_payload<'p, T: AsRef<[u8]>>(
-        packet: &'p Packet<T>,
+    pub fn parse_with_payload<T: AsRef<[u8]>>(
+        packet: &Packet<T>,
         checksum: Checksum,
-    ) -> Result<(Self, &'p [u8]), PacketError> {
+    ) -> Result<(Self, &[u8]), PacketError> {
         let bytes = packet.buffer.as_ref();
         let h = bytes
             .first_chunk::<HEADER_LEN>()
