@@ -686,6 +686,7 @@ impl TcpSocket {
     // ---- input --------------------------------------------------------
 
     /// Does this socket take a segment from `remote` to `local`?
+    #[inline]
     pub fn accepts(&self, src: SocketAddrV4, dst: SocketAddrV4) -> bool {
         match self.state {
             State::Closed => false,
