@@ -39,21 +39,25 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Checks version, header length and total length against the buffer
     /// (the buffer may be longer: Ethernet padding).
+    /// The fields it checks are read once from the fixed 20 bytes (one
+    /// bounds check), as the receive path does for every frame.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self, PacketError> {
         let packet = Packet { buffer };
-        let len = packet.buffer.as_ref().len();
-        if len < HEADER_LEN {
+        let bytes = packet.buffer.as_ref();
+        let Some(h) = bytes.first_chunk::<HEADER_LEN>() else {
             return Err(PacketError::Truncated);
-        }
-        if packet.version() != 4 {
+        };
+        if h[field::VER_IHL] >> 4 != 4 {
             return Err(PacketError::Unsupported);
         }
-        let header_len = usize::from(packet.header_len());
-        let total_len = usize::from(packet.total_len());
+        let header_len = usize::from(h[field::VER_IHL] & 0x0f) * 4;
+        let total_len = usize::from(u16::from_be_bytes([h[2], h[3]]));
         if header_len < HEADER_LEN || total_len < header_len {
             return Err(PacketError::Malformed);
         }
-        if len < header_len || len < total_len {
+        if bytes.len() < total_len {
+            // (total_len >= header_len: the header is short too, or not.)
             return Err(PacketError::Truncated);
         }
         Ok(packet)
