@@ -103,7 +103,11 @@ measure() {
     [[ $BED == dpdk-ring ]] && args+=(--prefix "ib-cg-$$-$ios" --checksum "$CSUM")
     [[ $COPY_DATA_IN == 1 ]] && args+=(--copy-data-in)
     [[ $rw == write ]] && args+=(--write)
-    local vg=(--tool=callgrind --callgrind-out-file="$out")
+    # --fair-sched: the setup (login, TEST UNIT READY) runs the target on
+    # a second thread; valgrind's default lock lets the busy-polling main
+    # thread starve it past the login's and the NOP ping's timeouts. The
+    # counted loop is one thread, so its count does not change.
+    local vg=(--tool=callgrind --fair-sched=yes --callgrind-out-file="$out")
     valgrind "${vg[@]}" "${collect[@]}" \
         "$BIN" "${args[@]}" >"$tmp/run.txt" 2>"$tmp/vg.txt" ||
         { cat "$tmp/vg.txt" "$tmp/run.txt" >&2; exit 1; }

@@ -15,6 +15,22 @@ uint16_t shim_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id,
 	return rte_eth_rx_burst(port_id, queue_id, rx_pkts, nb_pkts);
 }
 
+uint16_t shim_rte_eth_rx_burst_views(uint16_t port_id, uint16_t queue_id,
+				     struct rte_mbuf **rx_pkts, uint16_t nb_pkts,
+				     struct shim_rx_view *views)
+{
+	uint16_t n = rte_eth_rx_burst(port_id, queue_id, rx_pkts, nb_pkts);
+	for (uint16_t i = 0; i < n; i++) {
+		const struct rte_mbuf *m = rx_pkts[i];
+		views[i].data = rte_pktmbuf_mtod(m, const void *);
+		views[i].ol_flags = m->ol_flags;
+		views[i].pkt_len = m->pkt_len;
+		views[i].data_len = m->data_len;
+		views[i].nb_segs = m->nb_segs;
+	}
+	return n;
+}
+
 uint16_t shim_rte_eth_tx_burst(uint16_t port_id, uint16_t queue_id,
 			       struct rte_mbuf **tx_pkts, uint16_t nb_pkts)
 {

@@ -64,6 +64,23 @@ uint16_t shim_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id,
 			       struct rte_mbuf **rx_pkts, uint16_t nb_pkts);
 uint16_t shim_rte_eth_tx_burst(uint16_t port_id, uint16_t queue_id,
 			       struct rte_mbuf **tx_pkts, uint16_t nb_pkts);
+
+/*
+ * What the receive path reads of each received mbuf, filled for the whole
+ * burst by the call that receives it (instead of one call per field per
+ * mbuf).
+ */
+struct shim_rx_view {
+	const void *data; /* rte_pktmbuf_mtod */
+	uint64_t ol_flags;
+	uint32_t pkt_len;
+	uint16_t data_len;
+	uint16_t nb_segs;
+};
+/* rte_eth_rx_burst, then views[i] for each of the rx_pkts[i] received. */
+uint16_t shim_rte_eth_rx_burst_views(uint16_t port_id, uint16_t queue_id,
+				     struct rte_mbuf **rx_pkts, uint16_t nb_pkts,
+				     struct shim_rx_view *views);
 uint16_t shim_rte_eth_tx_prepare(uint16_t port_id, uint16_t queue_id,
 				 struct rte_mbuf **tx_pkts, uint16_t nb_pkts);
 

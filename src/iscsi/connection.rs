@@ -307,6 +307,7 @@ enum TaskKind {
 
 impl TaskKind {
     /// A SCSI command not sent yet: no data moved, no R2T seen.
+    #[inline(always)]
     fn fresh(cmd: Command) -> TaskKind {
         TaskKind::Scsi {
             cmd,
@@ -489,7 +490,7 @@ const TX_SHELLS: usize = 64;
 /// it (the emptied `Arc` goes to `shells`, for the next write), else copied
 /// (the transport still has unacknowledged bytes of it).
 fn reclaim_buffer(
-    cmd: &mut Command,
+    buffer: &mut Vec<u8>,
     out: Option<Arc<Vec<u8>>>,
     stats: &mut ConnStats,
     shells: &mut Vec<Arc<Vec<u8>>>,
@@ -498,15 +499,15 @@ fn reclaim_buffer(
         return;
     };
     match Arc::get_mut(&mut out) {
-        Some(buffer) => {
-            cmd.buffer = std::mem::take(buffer);
+        Some(shared) => {
+            *buffer = std::mem::take(shared);
             if shells.len() < TX_SHELLS {
                 shells.push(out);
             }
         }
         None => {
             stats.tx_buffers_copied_back += 1;
-            cmd.buffer = out.as_ref().clone();
+            *buffer = out.as_ref().clone();
         }
     }
 }
@@ -739,6 +740,20 @@ impl Connection {
     }
 
     fn alloc_slot(&mut self, kind: TaskKind, now: Instant) -> Result<u16, SubmitError> {
+        let (slot, itt) = self.take_slot()?;
+        self.slots[slot as usize] = Some(Task {
+            itt,
+            kind,
+            cmd_sn: None,
+            submitted_at: now,
+        });
+        Ok(slot)
+    }
+
+    /// A free slot and the new tag for it; the caller fills the slot (a
+    /// SCSI task is built in place there: no move of the whole `Task`).
+    #[inline]
+    fn take_slot(&mut self) -> Result<(u16, u32), SubmitError> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None if self.slots.len() < MAX_TASKS => {
@@ -756,13 +771,7 @@ impl Connection {
             self.generation = self.generation.wrapping_add(1).max(1);
             itt = ((self.generation as u32) << 16) | self.itt_conn_bits | slot as u32;
         }
-        self.slots[slot as usize] = Some(Task {
-            itt,
-            kind,
-            cmd_sn: None,
-            submitted_at: now,
-        });
-        Ok(slot)
+        Ok((slot, itt))
     }
 
     /// The error for a PDU naming a task this connection does not have. A
@@ -816,6 +825,20 @@ impl Connection {
         t
     }
 
+    /// [`free_slot`](Self::free_slot) for a slot that holds a task, which
+    /// is dropped where it lies (not moved out to the caller).
+    fn release_slot(&mut self, slot: u16) {
+        if let Some(t) = self.slots.get_mut(slot as usize) {
+            if t.is_some() {
+                *t = None;
+                self.free.push(slot);
+                if !self.adopted.is_empty() {
+                    self.adopted.retain(|&(_, s)| s != slot);
+                }
+            }
+        }
+    }
+
     /// Queues a SCSI command. It is sent as soon as the CmdSN window allows.
     pub fn submit(&mut self, cmd: Command, now: Instant) -> Result<(), SubmitError> {
         self.check_usable()?;
@@ -825,7 +848,13 @@ impl Connection {
             });
         }
         let immediate = cmd.immediate;
-        let slot = self.alloc_slot(TaskKind::fresh(cmd), now)?;
+        let (slot, itt) = self.take_slot()?;
+        self.slots[slot as usize] = Some(Task {
+            itt,
+            kind: TaskKind::fresh(cmd),
+            cmd_sn: None,
+            submitted_at: now,
+        });
         self.stats.commands += 1;
         if immediate {
             // RFC 7143 §3.2.2.1: the next CmdSN, not taken, and no wait
@@ -953,7 +982,7 @@ impl Connection {
         }
         *data_done = immediate_len;
         let unsolicited_follows = unsolicited.is_some();
-        let hdr = PduHeader::ScsiCommand(ScsiCommand {
+        let hdr = ScsiCommand {
             immediate: cmd.immediate,
             final_bit: !unsolicited_follows,
             read: cmd.direction == Direction::Read,
@@ -965,18 +994,29 @@ impl Connection {
             cmd_sn,
             exp_stat_sn,
             cdb: cmd.cdb,
-        });
-        encode_data_pdu(
-            &mut self.tx,
-            shared.map(|_| &mut self.tx_refs),
-            &hdr,
-            shared.map_or(&cmd.buffer[..], |b| &b[..]),
-            shared,
-            0,
-            immediate_len,
-            digests,
-            &mut self.stats,
-        );
+        };
+        if immediate_len == 0 {
+            // No data segment (every read): the header and its digest, as
+            // encode_pdu writes them, framed without the general PduHeader.
+            let at = self.tx.len();
+            self.tx.extend_from_slice(&hdr.emit_bhs(0, 0));
+            if digests.header {
+                let d = crate::wire::iscsi::digest(&self.tx[at..]);
+                self.tx.extend_from_slice(&d.to_le_bytes());
+            }
+        } else {
+            encode_data_pdu(
+                &mut self.tx,
+                shared.map(|_| &mut self.tx_refs),
+                &PduHeader::ScsiCommand(hdr),
+                shared.map_or(&cmd.buffer[..], |b| &b[..]),
+                shared,
+                0,
+                immediate_len,
+                digests,
+                &mut self.stats,
+            );
+        }
         self.stats.pdus_out += 1;
         if write {
             self.stats.bytes_written += immediate_len as u64;
@@ -1514,8 +1554,7 @@ impl Connection {
         if let Err(e) = self.process_staged(now) {
             return Err(self.fail(e));
         }
-        self.flush_waiting();
-        self.send_data_out();
+        self.after_rx();
         Ok(())
     }
 
@@ -1527,6 +1566,11 @@ impl Connection {
             let placed = self.place_data_in(bytes, now)?;
             if placed > 0 {
                 bytes = &bytes[placed..];
+                continue;
+            }
+            let header = self.data_in_header_in_place(bytes, now)?;
+            if header > 0 {
+                bytes = &bytes[header..];
                 continue;
             }
             let (first, _) = self.buffers(false);
@@ -1566,10 +1610,20 @@ impl Connection {
         }
         p.at += n;
         let complete = p.at == p.end;
+        let trailer = p.trailer_len;
         self.stats.rx_bytes_placed += n as u64;
         self.last_rx = now;
-        if complete {
-            // The trailer (if any) and the finished Data-In.
+        if complete && trailer == 0 {
+            // No padding and no data digest: the Data-In is done here (what
+            // process_staged would do with it, nothing being staged).
+            if let Some(p) = self.placing.take() {
+                if let Err(e) = self.finish_data_in(&p.header, p.slot, p.start, p.end - p.start) {
+                    return Err(self.fail(e));
+                }
+            }
+            self.after_rx();
+        } else if complete {
+            // The trailer and the finished Data-In.
             self.commit_rx(0, now)?;
         }
         Ok(n)
@@ -1646,23 +1700,7 @@ impl Connection {
                     return Ok(());
                 };
                 self.rx_start += header_len;
-                self.stats.pdus_in += 1;
-                self.data_in_flowing = true;
-                self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
-                let (slot, start, discard) = match self.check_data_in(&d, dsl)? {
-                    Some((slot, start)) => (slot, start, false),
-                    None => (NO_SLOT, 0, true),
-                };
-                self.placing = Some(Placing {
-                    trailer_len: self.framer.trailer_len(dsl),
-                    crc: (self.digests.data && !discard).then_some(0),
-                    header: d,
-                    slot,
-                    start,
-                    at: start,
-                    end: start + dsl,
-                    discard,
-                });
+                self.start_data_in(d, dsl)?;
                 continue;
             }
             let framed = match self.framer.frame(staged)? {
@@ -1674,6 +1712,66 @@ impl Connection {
             self.stats.pdus_in += 1;
             self.data_in_flowing = matches!(framed.header, PduHeader::DataIn(_));
             self.handle_pdu(&framed, start, now)?;
+        }
+    }
+
+    /// A Data-In header is in: its segment's data is to be placed next.
+    fn start_data_in(&mut self, d: DataIn, dsl: usize) -> Result<(), ConnError> {
+        self.stats.pdus_in += 1;
+        self.data_in_flowing = true;
+        self.update_window(d.exp_cmd_sn, d.max_cmd_sn);
+        let (slot, start, discard) = match self.check_data_in(&d, dsl)? {
+            Some((slot, start)) => (slot, start, false),
+            None => (NO_SLOT, 0, true),
+        };
+        self.placing = Some(Placing {
+            trailer_len: self.framer.trailer_len(dsl),
+            crc: (self.digests.data && !discard).then_some(0),
+            header: d,
+            slot,
+            start,
+            at: start,
+            end: start + dsl,
+            discard,
+        });
+        Ok(())
+    }
+
+    /// [`receive`](Self::receive)'s path for a Data-In header at the start
+    /// of the bytes handed over, with nothing staged: it is framed where it
+    /// lies (in the frame), not copied into staging and taken through
+    /// [`commit_rx`](Self::commit_rx) first. Returns the header bytes
+    /// taken; 0: not a whole Data-In header there (the general path).
+    fn data_in_header_in_place(&mut self, bytes: &[u8], now: Instant) -> Result<usize, ConnError> {
+        if self.failed.is_some() || self.placing.is_some() || self.rx_start != self.rx_end {
+            return Ok(0);
+        }
+        let is_data_in = Bhs::new_checked(bytes)
+            .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
+        if !is_data_in {
+            return Ok(0);
+        }
+        let (d, header_len, dsl) = match self.framer.frame_data_in_header(bytes) {
+            Ok(Some(framed)) => framed,
+            Ok(None) => return Ok(0),
+            Err(e) => return Err(self.fail(e.into())),
+        };
+        self.last_rx = now;
+        if let Err(e) = self.start_data_in(d, dsl) {
+            return Err(self.fail(e));
+        }
+        self.after_rx();
+        Ok(header_len)
+    }
+
+    /// What a receive can unblock: commands waiting for window space (the
+    /// PDU moved MaxCmdSN) and Data-Out bursts made ready.
+    fn after_rx(&mut self) {
+        if !self.waiting.is_empty() {
+            self.flush_waiting();
+        }
+        if !self.data_out_ready.is_empty() {
+            self.send_data_out();
         }
     }
 
@@ -2090,43 +2188,50 @@ impl Connection {
             }));
             return Ok(());
         }
-        let Some(task) = self.free_slot(slot) else {
-            return Ok(());
-        };
+        // What the completion needs is taken from the task where it lies,
+        // then the slot is freed: the whole `Task` is not moved out first.
         let TaskKind::Scsi {
-            mut cmd,
+            cmd,
             data_done,
             out,
             ..
-        } = task.kind
+        } = &mut task.kind
         else {
             return Ok(());
         };
-        if !self.data_out_ready.is_empty() {
-            self.data_out_ready.retain(|&s| s != slot);
-        }
-        reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
-        let transferred = if cmd.direction == Direction::Read {
-            data_done
-        } else {
-            cmd.buffer
-                .len()
-                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
-        };
-        self.events.push_back(Event::Completed(Completion {
-            user_tag: cmd.user_tag,
-            response,
-            status,
-            sense,
-            residual: residual.unwrap_or(0),
-            transferred,
-            command: CommandEcho {
+        let data_done = *data_done;
+        let out = out.take();
+        let mut buffer = std::mem::take(&mut cmd.buffer);
+        let (user_tag, command) = (
+            cmd.user_tag,
+            CommandEcho {
                 lun: cmd.lun,
                 cdb: cmd.cdb,
                 cdb_len: cmd.cdb_len,
                 direction: cmd.direction,
             },
-            buffer: cmd.buffer,
+        );
+        self.release_slot(slot);
+        if !self.data_out_ready.is_empty() {
+            self.data_out_ready.retain(|&s| s != slot);
+        }
+        reclaim_buffer(&mut buffer, out, &mut self.stats, &mut self.tx_shells);
+        let transferred = if command.direction == Direction::Read {
+            data_done
+        } else {
+            buffer
+                .len()
+                .saturating_sub(residual.unwrap_or(0).max(0) as usize)
+        };
+        self.events.push_back(Event::Completed(Completion {
+            user_tag,
+            response,
+            status,
+            sense,
+            residual: residual.unwrap_or(0),
+            transferred,
+            command,
+            buffer,
         }));
         Ok(())
     }
@@ -2241,7 +2346,7 @@ impl Connection {
             if let TaskKind::Scsi { mut cmd, out, .. } = t.kind {
                 // A write sent by reference gets its buffer back first: the
                 // connection that takes it over sends from it again.
-                reclaim_buffer(&mut cmd, out, &mut self.stats, &mut self.tx_shells);
+                reclaim_buffer(&mut cmd.buffer, out, &mut self.stats, &mut self.tx_shells);
                 match t.cmd_sn {
                     Some(cmd_sn) => orphans.push(Orphan {
                         itt: t.itt,
@@ -2416,7 +2521,7 @@ impl Connection {
                 mut cmd, out: buf, ..
             } = t.kind
             {
-                reclaim_buffer(&mut cmd, buf, &mut self.stats, &mut self.tx_shells);
+                reclaim_buffer(&mut cmd.buffer, buf, &mut self.stats, &mut self.tx_shells);
                 out.push(cmd);
             }
         }

@@ -715,7 +715,7 @@ impl Interface {
         } else {
             Checksum::Both
         };
-        let ip_repr = match Ipv4Repr::parse(&packet, ip_check) {
+        let (ip_repr, data) = match Ipv4Repr::parse_with_payload(&packet, ip_check) {
             Ok(r) => r,
             Err(PacketError::Checksum) => {
                 self.counters.rx_ipv4_checksum_errors += 1;
@@ -734,7 +734,6 @@ impl Interface {
             self.counters.rx_not_for_us += 1;
             return;
         }
-        let data = packet.payload();
         match ip_repr.protocol {
             protocol::TCP => self.process_tcp(now, src_mac, &ip_repr, data, meta, direct),
             protocol::ICMP => self.process_icmp(src_mac, &ip_repr, data),

@@ -300,6 +300,32 @@ pub struct ScsiCommand {
     pub cdb: [u8; 16],
 }
 
+impl ScsiCommand {
+    /// The BHS `PduHeader::ScsiCommand(..).emit(ahs_len, data_len)`
+    /// writes, without the general header's match and moves: the submit
+    /// path frames every command with it.
+    #[inline]
+    pub fn emit_bhs(&self, ahs_len: usize, data_len: u32) -> [u8; BHS_LEN] {
+        self.bhs_writer().finish(ahs_len, data_len)
+    }
+
+    #[inline]
+    fn bhs_writer(&self) -> BhsWriter {
+        let flags = flag(self.final_bit, 0x80)
+            | flag(self.read, 0x40)
+            | flag(self.write, 0x20)
+            | (self.attr & 7);
+        let mut w = BhsWriter::new(Opcode::ScsiCommand, self.immediate, flags);
+        w.u64(8, self.lun)
+            .u32(16, self.itt)
+            .u32(20, self.expected_data_len)
+            .sn(24, self.cmd_sn)
+            .sn(28, self.exp_stat_sn);
+        w.0[32..48].copy_from_slice(&self.cdb);
+        w
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskMgmtRequest {
     pub immediate: bool,
@@ -828,20 +854,7 @@ impl PduHeader {
                     .sn(28, p.exp_stat_sn);
                 w
             }
-            PduHeader::ScsiCommand(p) => {
-                let flags = flag(p.final_bit, 0x80)
-                    | flag(p.read, 0x40)
-                    | flag(p.write, 0x20)
-                    | (p.attr & 7);
-                let mut w = BhsWriter::new(Opcode::ScsiCommand, p.immediate, flags);
-                w.u64(8, p.lun)
-                    .u32(16, p.itt)
-                    .u32(20, p.expected_data_len)
-                    .sn(24, p.cmd_sn)
-                    .sn(28, p.exp_stat_sn);
-                w.0[32..48].copy_from_slice(&p.cdb);
-                w
-            }
+            PduHeader::ScsiCommand(p) => p.bhs_writer(),
             PduHeader::TaskMgmtRequest(p) => {
                 let mut w = BhsWriter::new(
                     Opcode::TaskMgmtRequest,

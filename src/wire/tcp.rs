@@ -122,13 +122,16 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks the buffer holds the whole header, options included.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self, PacketError> {
         let packet = Packet { buffer };
-        let len = packet.buffer.as_ref().len();
-        if len < HEADER_LEN {
+        let bytes = packet.buffer.as_ref();
+        let len = bytes.len();
+        // The data offset read from the fixed 20 bytes (one bounds check).
+        let Some(h) = bytes.first_chunk::<HEADER_LEN>() else {
             return Err(PacketError::Truncated);
-        }
-        let header_len = usize::from(packet.header_len());
+        };
+        let header_len = usize::from(h[field::FLAGS.start] >> 4) * 4;
         if header_len < HEADER_LEN {
             return Err(PacketError::Malformed);
         }
@@ -217,6 +220,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.payload().len() + usize::from(self.syn()) + usize::from(self.fin())
     }
     /// Verifies the checksum over the pseudo header and the whole buffer.
+    #[inline]
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
         let len = self.bytes().len() as u32;
         let pseudo = checksum::pseudo_header(src, dst, protocol::TCP, len);

@@ -24,6 +24,8 @@ pub struct DpdkQueue {
     tx_pool: Arc<Mempool>,
     caps: DeviceCaps,
     rx_mbufs: [*mut sys::rte_mbuf; RX_BURST],
+    /// What the burst's call filled in for each of `rx_mbufs`.
+    rx_views: [sys::shim_rx_view; RX_BURST],
     /// Where a chained frame (jumbo over small buffers, LRO) is copied into
     /// one piece before it is lent; grows to the largest such frame.
     rx_chained: Vec<u8>,
@@ -96,6 +98,7 @@ impl DpdkQueue {
             tx_pool,
             caps,
             rx_mbufs: [std::ptr::null_mut(); RX_BURST],
+            rx_views: [sys::shim_rx_view::default(); RX_BURST],
             rx_chained: Vec::new(),
             rx_chained_frames: 0,
             tso_frame_cap,
@@ -252,30 +255,25 @@ impl Device for DpdkQueue {
         let mut received = 0;
         while received < max {
             let want = (max - received).min(RX_BURST);
-            // SAFETY: rx_mbufs has room for `want` pointers; the queue is
-            // started and owned by this thread.
+            // SAFETY: rx_mbufs and rx_views have room for `want` entries
+            // each (want <= RX_BURST); the queue is started and owned by
+            // this thread. The call fills a view for each mbuf it returns.
             let got = usize::from(unsafe {
-                sys::shim_rte_eth_rx_burst(
+                sys::shim_rte_eth_rx_burst_views(
                     self.port.port_id,
                     self.queue_id,
                     self.rx_mbufs.as_mut_ptr(),
                     want as u16,
+                    self.rx_views.as_mut_ptr(),
                 )
             });
             let guard = RxBurstGuard {
                 mbufs: &mut self.rx_mbufs[..got],
             };
-            for &mbuf in guard.mbufs.iter() {
-                // SAFETY: mbuf is a valid received mbuf owned by this burst.
-                let (segments, data_len, pkt_len, ol_flags, data) = unsafe {
-                    (
-                        sys::shim_rte_pktmbuf_nb_segs(mbuf),
-                        sys::shim_rte_pktmbuf_data_len(mbuf),
-                        sys::shim_rte_pktmbuf_pkt_len(mbuf),
-                        sys::shim_rte_mbuf_ol_flags(mbuf),
-                        sys::shim_rte_pktmbuf_mtod(mbuf) as *const u8,
-                    )
-                };
+            for (&mbuf, view) in guard.mbufs.iter().zip(&self.rx_views[..got]) {
+                let (segments, data_len, pkt_len, ol_flags) =
+                    (view.nb_segs, view.data_len, view.pkt_len, view.ol_flags);
+                let data = view.data as *const u8;
                 if segments != 1 {
                     // The stack wants a frame in one piece: copy the chain.
                     let len = pkt_len as usize;
