@@ -717,6 +717,14 @@ fn zero_window_is_probed_and_reopens() {
     assert_eq!(s.state(), State::Established);
 }
 
+/// A segment from a peer whose receive window is shut.
+fn closed(seg: TcpRepr<'static>) -> TcpRepr<'static> {
+    TcpRepr {
+        window_len: 0,
+        ..seg
+    }
+}
+
 /// A zero-window probe's byte lies past the peer's window, which a peer
 /// refuses (Linux drops it as TCPBeyondWindow): the ACKs we send while the
 /// window stays shut must not count it, since a segment that starts past
@@ -726,10 +734,6 @@ fn zero_window_is_probed_and_reopens() {
 /// echo server blocked writing, its receive queue full).
 #[test]
 fn acks_while_probing_a_zero_window_stay_inside_it() {
-    let closed = |seg: TcpRepr<'static>| TcpRepr {
-        window_len: 0,
-        ..seg
-    };
     let mut s = established();
     recv(&mut s, t(20), closed(ack_in(LOCAL_ISS + 1)));
     s.send_slice(b"data").unwrap();
@@ -767,55 +771,24 @@ fn acks_while_probing_a_zero_window_stay_inside_it() {
 #[test]
 fn acks_after_a_fin_into_a_zero_window_stay_inside_it() {
     let mut s = established();
-    recv(
-        &mut s,
-        t(20),
-        TcpRepr {
-            window_len: 0,
-            ..ack_in(LOCAL_ISS + 1)
-        },
-    );
+    recv(&mut s, t(20), closed(ack_in(LOCAL_ISS + 1)));
     s.close();
     let fin = expect_one(&mut s, t(20));
     assert!(fin.flags.fin);
     assert_eq!(fin.seq, LOCAL_ISS + 1);
-    recv(
-        &mut s,
-        t(21),
-        TcpRepr {
-            window_len: 0,
-            ..data_in(0, b"echo")
-        },
-    );
+    recv(&mut s, t(21), closed(data_in(0, b"echo")));
     expect_ack(&expect_one(&mut s, t(21)), LOCAL_ISS + 1, REMOTE_ISS + 5);
     // Once the FIN is acknowledged, ACKs carry the sequence after it.
-    recv(
-        &mut s,
-        t(22),
-        TcpRepr {
-            window_len: 0,
-            ..data_in(4, b"more")
-        },
-    );
+    recv(&mut s, t(22), closed(data_in(4, b"more")));
     let ack = expect_one(&mut s, t(22));
     expect_ack(&ack, LOCAL_ISS + 1, REMOTE_ISS + 9);
     recv(
         &mut s,
         t(23),
-        TcpRepr {
-            window_len: 0,
-            ..seg_in(REMOTE_ISS + 9, Some(LOCAL_ISS + 2))
-        },
+        closed(seg_in(REMOTE_ISS + 9, Some(LOCAL_ISS + 2))),
     );
     assert_eq!(s.state(), State::FinWait2);
-    recv(
-        &mut s,
-        t(24),
-        TcpRepr {
-            window_len: 0,
-            ..data_in(8, b"last")
-        },
-    );
+    recv(&mut s, t(24), closed(data_in(8, b"last")));
     expect_ack(&expect_one(&mut s, t(24)), LOCAL_ISS + 2, REMOTE_ISS + 13);
 }
 
