@@ -167,18 +167,15 @@ fn cli_chap_algorithms_on_both_sides() {
     std::fs::create_dir_all(&dir).unwrap();
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, "cli-secret-123\n").unwrap();
-    // Find a free port for the CLI target.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let portal = format!("127.0.0.1:{port}");
+    // The target binds port 0 and says which port it got: a port picked
+    // here and bound later by the target can be taken in between (by any
+    // connect's ephemeral port), and a probe connect to a port nobody
+    // listens on yet can even connect to itself (TCP simultaneous open).
     let mut target = Command::new(bin)
         .args([
             "target",
             "--portal",
-            &portal,
+            "127.0.0.1:0",
             "--iqn",
             IQN,
             "--size",
@@ -195,15 +192,20 @@ fn cli_chap_algorithms_on_both_sides() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until it listens.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&portal).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "CLI target never listened"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // "target <iqn> listening on 127.0.0.1:<port>", printed once it listens.
+    // The pipe stays open until the target is killed: its later lines
+    // would otherwise hit a closed pipe.
+    let mut target_out = std::io::BufReader::new(target.stdout.take().expect("target stdout"));
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut target_out, &mut first_line)
+        .expect("read the CLI target's first line");
+    let portal = first_line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|p| p.parse::<std::net::SocketAddr>().is_ok())
+        .unwrap_or_else(|| panic!("CLI target did not say where it listens: {first_line:?}"))
+        .to_string();
     let url = format!("iscsi://{portal}/{IQN}/0");
     let run = |algorithms: &str| {
         Command::new(bin)
@@ -227,6 +229,7 @@ fn cli_chap_algorithms_on_both_sides() {
     let unknown = run("sha512");
     let _ = target.kill();
     let _ = target.wait();
+    drop(target_out);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         ok.status.success(),
