@@ -486,6 +486,13 @@ fn encode_data_pdu(
 /// Most empty `Arc` shells a connection keeps for its next writes.
 const TX_SHELLS: usize = 64;
 
+/// Do `bytes` start with the BHS of a Data-In that carries data (its
+/// payload is placed straight into the command's buffer)?
+fn starts_data_in_with_data(bytes: &[u8]) -> bool {
+    Bhs::new_checked(bytes)
+        .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0)
+}
+
 /// The caller's buffer back from a write: taken out when nobody else holds
 /// it (the emptied `Arc` goes to `shells`, for the next write), else copied
 /// (the transport still has unacknowledged bytes of it).
@@ -819,8 +826,7 @@ impl Connection {
     fn free_slot(&mut self, slot: u16) -> Option<Task> {
         let t = self.slots.get_mut(slot as usize)?.take();
         if t.is_some() {
-            self.free.push(slot);
-            self.adopted.retain(|&(_, s)| s != slot);
+            self.slot_emptied(slot);
         }
         t
     }
@@ -831,11 +837,17 @@ impl Connection {
         if let Some(t) = self.slots.get_mut(slot as usize) {
             if t.is_some() {
                 *t = None;
-                self.free.push(slot);
-                if !self.adopted.is_empty() {
-                    self.adopted.retain(|&(_, s)| s != slot);
-                }
+                self.slot_emptied(slot);
             }
+        }
+    }
+
+    /// A slot whose task just left: free for the next one, and no longer
+    /// an adopted task's.
+    fn slot_emptied(&mut self, slot: u16) {
+        self.free.push(slot);
+        if !self.adopted.is_empty() {
+            self.adopted.retain(|&(_, s)| s != slot);
         }
     }
 
@@ -996,14 +1008,9 @@ impl Connection {
             cdb: cmd.cdb,
         };
         if immediate_len == 0 {
-            // No data segment (every read): the header and its digest, as
-            // encode_pdu writes them, framed without the general PduHeader.
-            let at = self.tx.len();
-            self.tx.extend_from_slice(&hdr.emit_bhs(0, 0));
-            if digests.header {
-                let d = crate::wire::iscsi::digest(&self.tx[at..]);
-                self.tx.extend_from_slice(&d.to_le_bytes());
-            }
+            // No data segment (every read): the header and its digest,
+            // framed without the general PduHeader.
+            crate::wire::iscsi::encode_bhs(&mut self.tx, &hdr.emit_bhs(0, 0), digests);
         } else {
             encode_data_pdu(
                 &mut self.tx,
@@ -1693,9 +1700,7 @@ impl Connection {
             if staged.len() < BHS_LEN {
                 return Ok(());
             }
-            let is_data_in = Bhs::new_checked(staged)
-                .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
-            if is_data_in {
+            if starts_data_in_with_data(staged) {
                 let Some((d, header_len, dsl)) = self.framer.frame_data_in_header(staged)? else {
                     return Ok(());
                 };
@@ -1746,9 +1751,7 @@ impl Connection {
         if self.failed.is_some() || self.placing.is_some() || self.rx_start != self.rx_end {
             return Ok(0);
         }
-        let is_data_in = Bhs::new_checked(bytes)
-            .is_ok_and(|b| b.opcode_raw() == Opcode::DataIn as u8 && b.data_segment_len() > 0);
-        if !is_data_in {
+        if !starts_data_in_with_data(bytes) {
             return Ok(0);
         }
         let (d, header_len, dsl) = match self.framer.frame_data_in_header(bytes) {

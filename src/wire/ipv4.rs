@@ -137,12 +137,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
             .bytes()
             .get(..usize::from(self.header_len()))
             .unwrap_or(&[]);
-        // Nearly every header has no options: sum those 20 bytes inline.
-        let sum = match <&[u8; HEADER_LEN]>::try_from(header) {
-            Ok(fixed) => checksum::sum_fixed(fixed),
-            Err(_) => checksum::sum(header),
-        };
-        checksum::fold(sum) == 0xffff
+        header_checksum_ok(header)
     }
     /// The payload, without link-layer padding.
     pub fn payload(&self) -> &[u8] {
@@ -153,6 +148,17 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 /// A parsed IPv4 header (no options).
+/// Does an IPv4 header (options included) sum to 0xffff? Nearly every
+/// header has no options: those 20 bytes are summed inline.
+#[inline(always)]
+fn header_checksum_ok(header: &[u8]) -> bool {
+    let sum = match <&[u8; HEADER_LEN]>::try_from(header) {
+        Ok(fixed) => checksum::sum_fixed(fixed),
+        Err(_) => checksum::sum(header),
+    };
+    checksum::fold(sum) == 0xffff
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4Repr {
     pub src_addr: Ipv4Addr,
@@ -188,16 +194,8 @@ impl Ipv4Repr {
             .first_chunk::<HEADER_LEN>()
             .ok_or(PacketError::Truncated)?;
         let header_len = usize::from(h[field::VER_IHL] & 0x0f) * 4;
-        if checksum.verify_rx() {
-            // Nearly every header has no options: those 20 bytes inline.
-            let sum = if header_len == HEADER_LEN {
-                checksum::sum_fixed(h)
-            } else {
-                checksum::sum(bytes.get(..header_len).unwrap_or(&[]))
-            };
-            if checksum::fold(sum) != 0xffff {
-                return Err(PacketError::Checksum);
-            }
+        if checksum.verify_rx() && !header_checksum_ok(bytes.get(..header_len).unwrap_or(&[])) {
+            return Err(PacketError::Checksum);
         }
         let be16 = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
         let flags_offset = be16(field::FLG_OFF.start);

@@ -1255,16 +1255,23 @@ impl PduFramer {
     }
 }
 
-/// Appends one whole PDU (header, header digest, data, padding, data digest)
-/// to `out`. `data` may be given in pieces (e.g. a slice of a caller's buffer).
-pub fn encode_pdu(out: &mut Vec<u8>, header: &PduHeader, data: &[u8], digests: Digests) {
-    let bhs = header.emit(0, data.len() as u32);
+/// Appends an emitted BHS and, when negotiated, its header digest: the
+/// header part of [`encode_pdu`], for callers that frame the BHS
+/// themselves (a command without a data segment).
+#[inline]
+pub fn encode_bhs(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], digests: Digests) {
     let start = out.len();
-    out.extend_from_slice(&bhs);
+    out.extend_from_slice(bhs);
     if digests.header {
         let d = digest(&out[start..]);
         out.extend_from_slice(&d.to_le_bytes());
     }
+}
+
+/// Appends one whole PDU (header, header digest, data, padding, data digest)
+/// to `out`. `data` may be given in pieces (e.g. a slice of a caller's buffer).
+pub fn encode_pdu(out: &mut Vec<u8>, header: &PduHeader, data: &[u8], digests: Digests) {
+    encode_bhs(out, &header.emit(0, data.len() as u32), digests);
     if !data.is_empty() {
         let data_start = out.len();
         out.extend_from_slice(data);
