@@ -207,12 +207,14 @@ fn echo_transfer<D: Device + Send>(
     Outcome { elapsed }
 }
 
-fn tbf(bed: &VethNetns, in_netns: bool, dev: &str) {
+/// A token-bucket root qdisc on `dev`: `rate`, `burst` and queue `limit`
+/// as tc spells them.
+fn tbf(bed: &VethNetns, in_netns: bool, dev: &str, rate: &str, burst: &str, limit: &str) {
     bed.tc(
         in_netns,
         &[
-            "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "400mbit", "burst", "64kb",
-            "limit", "96kb",
+            "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "limit",
+            limit,
         ],
     )
     .expect("tc tbf");
@@ -302,24 +304,7 @@ fn dpdk_stack_interop_with_linux_tcp() {
             .expect("cap the namespace's TCP buffers");
         (key, was.split_whitespace().collect::<Vec<_>>().join(" "))
     });
-    bed.tc(
-        true,
-        &[
-            "qdisc",
-            "replace",
-            "dev",
-            &bed.kernel_if,
-            "root",
-            "tbf",
-            "rate",
-            "100mbit",
-            "burst",
-            "32kb",
-            "limit",
-            "256kb",
-        ],
-    )
-    .expect("tc tbf on the namespace end");
+    tbf(&bed, true, &bed.kernel_if, "100mbit", "32kb", "256kb");
     let total = slow_mib << 20;
     let mut conn = stack.connect(0, remote).expect("connect over DPDK");
     let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
@@ -340,8 +325,8 @@ fn dpdk_stack_interop_with_linux_tcp() {
 
     // Phase 3: tail drops by tbf in both kernel directions + random loss
     // and reordering in the DPDK queue.
-    tbf(&bed, false, &bed.dpdk_if);
-    tbf(&bed, true, &bed.kernel_if);
+    tbf(&bed, false, &bed.dpdk_if, "400mbit", "64kb", "96kb");
+    tbf(&bed, true, &bed.kernel_if, "400mbit", "64kb", "96kb");
     let device = stack.take_queue(0, remote).expect("queue 0 again");
     let impair = ImpairConfig {
         rx_loss: 0.005,

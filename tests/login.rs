@@ -160,6 +160,17 @@ fn library_options_choose_the_algorithms() {
     );
 }
 
+/// A child process killed and reaped when dropped: also when the test
+/// fails before its end.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn cli_chap_algorithms_on_both_sides() {
     let bin = env!("CARGO_BIN_EXE_iscsi-bypass");
@@ -171,31 +182,33 @@ fn cli_chap_algorithms_on_both_sides() {
     // here and bound later by the target can be taken in between (by any
     // connect's ephemeral port), and a probe connect to a port nobody
     // listens on yet can even connect to itself (TCP simultaneous open).
-    let mut target = Command::new(bin)
-        .args([
-            "target",
-            "--portal",
-            "127.0.0.1:0",
-            "--iqn",
-            IQN,
-            "--size",
-            "1m",
-            "--chap-user",
-            "cli-user",
-            "--chap-secret-file",
-            secret_file.to_str().unwrap(),
-            "--chap-algorithms",
-            "sha256,md5",
-            "--seconds",
-            "30",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut target = KillOnDrop(
+        Command::new(bin)
+            .args([
+                "target",
+                "--portal",
+                "127.0.0.1:0",
+                "--iqn",
+                IQN,
+                "--size",
+                "1m",
+                "--chap-user",
+                "cli-user",
+                "--chap-secret-file",
+                secret_file.to_str().unwrap(),
+                "--chap-algorithms",
+                "sha256,md5",
+                "--seconds",
+                "30",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // "target <iqn> listening on 127.0.0.1:<port>", printed once it listens.
     // The pipe stays open until the target is killed: its later lines
     // would otherwise hit a closed pipe.
-    let mut target_out = std::io::BufReader::new(target.stdout.take().expect("target stdout"));
+    let mut target_out = std::io::BufReader::new(target.0.stdout.take().expect("target stdout"));
     let mut first_line = String::new();
     std::io::BufRead::read_line(&mut target_out, &mut first_line)
         .expect("read the CLI target's first line");
@@ -227,8 +240,7 @@ fn cli_chap_algorithms_on_both_sides() {
     let ok = run("sha3-256,sha256");
     let refused = run("sha3-256,sha1");
     let unknown = run("sha512");
-    let _ = target.kill();
-    let _ = target.wait();
+    drop(target);
     drop(target_out);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
