@@ -8,6 +8,7 @@ use crate::scsi::{check_status, ScsiCommand};
 use crate::transport::Transport;
 use crate::wire::scsi::Lun;
 use crate::worker::poll_meter;
+use std::time::Instant;
 
 /// One session per job thread; the job thread polls it.
 pub struct SessionEngine<T: Transport> {
@@ -43,7 +44,7 @@ impl<T: Transport> SessionEngine<T> {
 }
 
 impl<T: Transport> Engine for SessionEngine<T> {
-    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo> {
+    fn submit(&mut self, io: BenchIo, issued: Instant) -> Result<(), BenchIo> {
         if self.in_flight >= self.max_in_flight {
             return Err(io);
         }
@@ -68,7 +69,7 @@ impl<T: Transport> Engine for SessionEngine<T> {
             });
         };
         c.user_tag = io.tag;
-        match self.session.submit(c) {
+        match self.session.submit_at(c, issued) {
             Ok(()) => {
                 self.in_flight += 1;
                 Ok(())
@@ -83,7 +84,7 @@ impl<T: Transport> Engine for SessionEngine<T> {
         }
     }
 
-    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<Option<Instant>, String> {
         // With I/O in flight, wait for the target inside the receive (one
         // blocking recvmsg on kernel TCP; busy-poll mode spins instead).
         let wait = if self.in_flight > 0 {
@@ -92,7 +93,7 @@ impl<T: Transport> Engine for SessionEngine<T> {
             std::time::Duration::ZERO
         };
         let progressed = self.session.poll_io_wait(wait).map_err(|e| e.to_string())?;
-        poll_meter::tick_after_wait(self.session.waited(), progressed);
+        let polled_at = poll_meter::tick_after_wait(self.session.waited(), progressed);
         while let Some(ev) = self.session.connection_mut().poll_event() {
             if let Event::Completed(c) = ev {
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -131,7 +132,7 @@ impl<T: Transport> Engine for SessionEngine<T> {
                 });
             }
         }
-        Ok(())
+        Ok(Some(polled_at))
     }
 
     fn finish(&mut self) {
@@ -185,7 +186,7 @@ pub struct MultipathEngine {
 }
 
 impl Engine for MultipathEngine {
-    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo> {
+    fn submit(&mut self, io: BenchIo, _issued: Instant) -> Result<(), BenchIo> {
         use crate::worker::Io;
         let req = if io.write {
             Io::write(io.lba, io.blocks, io.buffer, io.tag)
@@ -204,18 +205,19 @@ impl Engine for MultipathEngine {
         })
     }
 
-    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String> {
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<Option<Instant>, String> {
+        let mut polled_at;
         if self.queue.poll_completions(&mut self.completions) == 0 {
-            poll_meter::tick(false);
+            polled_at = poll_meter::tick(false);
             self.empty_polls += 1;
             if let Some(d) = self.idle_sleep {
                 if self.empty_polls > 64 {
                     std::thread::sleep(d);
-                    poll_meter::tick(false);
+                    polled_at = poll_meter::tick(false);
                 }
             }
         } else {
-            poll_meter::tick(true);
+            polled_at = poll_meter::tick(true);
             self.empty_polls = 0;
         }
         for c in self.completions.drain(..) {
@@ -226,7 +228,7 @@ impl Engine for MultipathEngine {
                 path: c.path,
             });
         }
-        Ok(())
+        Ok(Some(polled_at))
     }
 }
 

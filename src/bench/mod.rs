@@ -65,10 +65,15 @@ pub struct BenchDone {
 
 /// Submission and completion for one job thread.
 pub trait Engine: Send {
-    /// Queues an I/O; gives it back when the queue is full.
-    fn submit(&mut self, io: BenchIo) -> Result<(), BenchIo>;
-    /// Moves finished I/Os into `out`; may do I/O work (poll mode).
-    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<(), String>;
+    /// Queues an I/O issued at `issued` (the job loop's clock reading just
+    /// before the call; an engine that needs the time takes it from there
+    /// rather than read the clock again); gives it back when the queue is
+    /// full.
+    fn submit(&mut self, io: BenchIo, issued: Instant) -> Result<(), BenchIo>;
+    /// Moves finished I/Os into `out`; may do I/O work (poll mode). Returns
+    /// the time of a clock reading taken at the end of the poll (the poll
+    /// meter's), if it took one: the job loop times the completions by it.
+    fn poll(&mut self, out: &mut Vec<BenchDone>) -> Result<Option<Instant>, String>;
     /// Closes the engine (logout); called once at the end.
     fn finish(&mut self) {}
 }
@@ -407,6 +412,7 @@ pub fn run_job_planned(
         }
         // Fill the queue.
         let mut submitted_any = false;
+        let mut last_submitted: Option<Instant> = None;
         let mut rate_wait: Option<Instant> = None;
         while !stopping && !think_pending && !free_tags.is_empty() {
             let mut write = rng.gen_range(0..100) >= read_pct;
@@ -479,12 +485,15 @@ pub fn run_job_planned(
                 blocks: blocks as u32,
                 buffer,
             };
-            // Before the submit: a job thread preempted right after it
-            // would otherwise shorten the latency by the time it waited.
-            let issued = Instant::now();
-            match engine.submit(io) {
+            // Read before the submit: a job thread preempted right after it
+            // would otherwise shorten the latency by the time it waited. The
+            // reading after one submit is the next one's issue time (the
+            // bookkeeping between them counts into the next I/O's latency).
+            let issued = last_submitted.take().unwrap_or_else(Instant::now);
+            match engine.submit(io, issued) {
                 Ok(()) => {
                     let submitted = Instant::now();
+                    last_submitted = Some(submitted);
                     submitted_any = true;
                     if spec.verify {
                         in_flight.insert(off / unit);
@@ -516,7 +525,13 @@ pub fn run_job_planned(
                 }
             }
         }
-        poll_meter::tick(submitted_any);
+        // The round's end is the last submit's reading when there was one.
+        match last_submitted {
+            Some(t) => poll_meter::tick_at(t, Duration::ZERO, true),
+            None => {
+                poll_meter::tick(submitted_any);
+            }
+        }
         if free_tags.len() == spec.iodepth as usize {
             // Nothing in flight: wait for the rate cap's next slot rather
             // than poll an idle engine.
@@ -525,12 +540,15 @@ pub fn run_job_planned(
                 continue;
             }
         }
-        if let Err(e) = engine.poll(&mut done) {
-            r.errors += 1;
-            r.first_error.get_or_insert(e);
-            break;
-        }
-        let now = Instant::now();
+        let polled_at = match engine.poll(&mut done) {
+            Ok(t) => t,
+            Err(e) => {
+                r.errors += 1;
+                r.first_error.get_or_insert(e);
+                break;
+            }
+        };
+        let now = polled_at.unwrap_or_else(Instant::now);
         let completed_any = !done.is_empty();
         for d in done.drain(..) {
             let Some(Some(io)) = pending.get_mut(d.tag as usize).map(Option::take) else {

@@ -309,7 +309,13 @@ impl<T: Transport> Session<T> {
     }
 
     pub fn submit(&mut self, cmd: Command) -> Result<(), SessionError> {
-        self.conn.submit(cmd, Instant::now())?;
+        self.submit_at(cmd, Instant::now())
+    }
+
+    /// [`submit`](Self::submit) with the time the caller just read (a job
+    /// loop that times each I/O has the clock in hand already).
+    pub fn submit_at(&mut self, cmd: Command, now: Instant) -> Result<(), SessionError> {
+        self.conn.submit(cmd, now)?;
         Ok(())
     }
 

@@ -72,16 +72,25 @@ thread_local! {
 
 /// Ends a round of the calling thread's poll loop: the time since its
 /// previous tick was busy (`busy`) or idle. The first tick on a thread only
-/// starts the clock.
-pub fn tick(busy: bool) {
-    tick_after_wait(std::time::Duration::ZERO, busy);
+/// starts the clock. Returns the time it read, for a caller that needs the
+/// time now too (one clock read serves both).
+pub fn tick(busy: bool) -> Instant {
+    tick_after_wait(std::time::Duration::ZERO, busy)
 }
 
 /// Like [`tick`], for a round that waited `waited` inside (a receive that
 /// blocked until the target's bytes came): that part is idle, the rest of
 /// the round busy or idle as `busy` says.
-pub fn tick_after_wait(waited: std::time::Duration, busy: bool) {
+pub fn tick_after_wait(waited: std::time::Duration, busy: bool) -> Instant {
     let now = Instant::now();
+    tick_at(now, waited, busy);
+    now
+}
+
+/// [`tick_after_wait`] at `now`, a clock reading the caller just took (the
+/// end of its round): a busy loop that reads the clock anyway, say to time
+/// a submission, does not read it again for the meter.
+pub fn tick_at(now: Instant, waited: std::time::Duration, busy: bool) {
     METER.with(|m| {
         let Ok(mut m) = m.try_borrow_mut() else {
             return;
