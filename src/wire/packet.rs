@@ -102,11 +102,11 @@ pub mod checksum {
         let n = src.len().min(dst.len());
         let (src, dst) = (&src[..n], &mut dst[..n]);
         let mut acc = Acc::default();
-        let (src, dst) = if n >= COPY_WIDE {
-            acc.wide_copy(dst, src)
-        } else {
-            (src, dst)
-        };
+        let wide = if n >= COPY_WIDE { n / STEP * STEP } else { 0 };
+        let ((src_wide, src), (dst_wide, dst)) = (src.split_at(wide), dst.split_at_mut(wide));
+        if wide > 0 {
+            acc.add(wide_copy(dst_wide, src_wide));
+        }
         let (blocks, rest) = src.as_chunks::<BLOCK>();
         let (outs, out_rest) = dst.as_chunks_mut::<BLOCK>();
         for (block, out) in blocks.iter().zip(outs.iter_mut()) {
@@ -125,10 +125,11 @@ pub mod checksum {
     /// and 25 % at 1,448).
     const COPY_WIDE: usize = 768;
 
-    /// The length from which [`sum`] and [`copy_and_sum`] take the wide
-    /// loop: below it the tail's straight-line chains are as fast (the
-    /// wide loop's setup and the fold of its lanes cost about as much as
-    /// they save), and [`sum_fixed`]'s headers stay inlined short code.
+    /// The length from which [`sum`] takes the wide loop: below it the
+    /// tail's straight-line chains are as fast (the wide loop's setup and
+    /// the fold of its lanes cost about as much as they save), and
+    /// [`sum_fixed`]'s headers stay inlined short code. Also the bytes of
+    /// each of [`copy_and_sum`]'s `adc` chains below [`COPY_WIDE`].
     const BLOCK: usize = 256;
 
     /// Bytes per step of the wide loop: eight 64-bit words, one per lane.
@@ -169,6 +170,29 @@ pub mod checksum {
         }
     }
 
+    /// [`Acc::wide`] that also copies each step of `src` (whole steps)
+    /// into `dst` (as long), returning the sum of the lanes. Out of line,
+    /// so that the short copies do not pay for its registers (inlined,
+    /// copies of 20-48 bytes took about 1 ns more in a microbenchmark).
+    #[inline(never)]
+    fn wide_copy(dst: &mut [u8], src: &[u8]) -> u64 {
+        let mut acc = Acc::default();
+        let (steps, _) = src.as_chunks::<STEP>();
+        let (outs, _) = dst.as_chunks_mut::<STEP>();
+        let mut start = 0;
+        while start < steps.len() {
+            let end = steps.len().min(start + SPAN_STEPS);
+            let mut lanes = Lanes::default();
+            for (step, out) in steps[start..end].iter().zip(&mut outs[start..end]) {
+                *out = *step;
+                lanes.add(step);
+            }
+            acc.fold_lanes(&lanes);
+            start = end;
+        }
+        acc.0
+    }
+
     impl Acc {
         /// Adds `x` with end-around carry.
         #[inline(always)]
@@ -202,34 +226,6 @@ pub mod checksum {
                 self.fold_lanes(&lanes);
             }
             rest
-        }
-
-        /// [`Acc::wide`] that also copies each step into `dst` (as long as
-        /// `src`), returning the rest of both. Out of line: inlined, its
-        /// register saves cost the short copies (below [`BLOCK`]) about a
-        /// nanosecond each in a microbenchmark.
-        #[inline(never)]
-        fn wide_copy<'a, 'b>(
-            &mut self,
-            dst: &'b mut [u8],
-            src: &'a [u8],
-        ) -> (&'a [u8], &'b mut [u8]) {
-            let (steps, rest) = src.as_chunks::<STEP>();
-            let (outs, out_rest) = dst.as_chunks_mut::<STEP>();
-            let mut start = 0;
-            while start < steps.len() {
-                let end = steps.len().min(start + SPAN_STEPS);
-                let mut lanes = Lanes::default();
-                for (step, out) in steps[start..end].iter().zip(&mut outs[start..end]) {
-                    // One load for both the store and the sum.
-                    let step = *step;
-                    *out = step;
-                    lanes.add(&step);
-                }
-                self.fold_lanes(&lanes);
-                start = end;
-            }
-            (rest, out_rest)
         }
 
         /// Adds `N / 8` words as one carry chain (`N` a multiple of 8).
