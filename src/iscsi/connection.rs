@@ -588,6 +588,14 @@ pub struct Connection {
     /// Slots indexed by the low 12 bits of the ITT; high bits are a generation
     /// so a late PDU for a reused slot is recognised as unknown.
     slots: Vec<Option<Task>>,
+    /// No SCSI task outstanding was submitted before this: a lower bound of
+    /// the oldest one's submit time (a task that finished leaves it where it
+    /// was), made exact again by [`handle_timeout`](Self::handle_timeout)
+    /// once the command timeout from it passes. [`poll_timeout`](Self::poll_timeout)
+    /// takes the deadline from it instead of scanning every slot each round
+    /// (one cache line a slot); a deadline that comes early only makes the
+    /// exact check run once more. None: no SCSI task since the last check.
+    scsi_floor: Option<Instant>,
     free: Vec<u16>,
     generation: u16,
     /// Commands waiting for CmdSN window space, in submission order.
@@ -680,6 +688,7 @@ impl Connection {
             status_snacked: outcome.exp_stat_sn,
             sink: Vec::new(),
             slots: Vec::new(),
+            scsi_floor: None,
             free: Vec::new(),
             generation: 1,
             waiting: VecDeque::new(),
@@ -748,6 +757,9 @@ impl Connection {
 
     fn alloc_slot(&mut self, kind: TaskKind, now: Instant) -> Result<u16, SubmitError> {
         let (slot, itt) = self.take_slot()?;
+        if matches!(kind, TaskKind::Scsi { .. }) {
+            self.lower_scsi_floor(now);
+        }
         self.slots[slot as usize] = Some(Task {
             itt,
             kind,
@@ -861,6 +873,7 @@ impl Connection {
         }
         let immediate = cmd.immediate;
         let (slot, itt) = self.take_slot()?;
+        self.lower_scsi_floor(now);
         self.slots[slot as usize] = Some(Task {
             itt,
             kind: TaskKind::fresh(cmd),
@@ -2283,6 +2296,22 @@ impl Connection {
     }
 
     /// The next time [`handle_timeout`](Self::handle_timeout) needs to run.
+    /// A SCSI task submitted at `at` is outstanding: see `scsi_floor`.
+    fn lower_scsi_floor(&mut self, at: Instant) {
+        self.scsi_floor = Some(self.scsi_floor.map_or(at, |f| f.min(at)));
+    }
+
+    /// The submit time of the oldest outstanding SCSI task (a scan of every
+    /// slot), None if there is none.
+    fn oldest_scsi(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|t| matches!(t.kind, TaskKind::Scsi { .. }))
+            .map(|t| t.submitted_at)
+            .min()
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -2294,15 +2323,8 @@ impl Connection {
             }
         }
         if let Some(ct) = self.timers.command_timeout {
-            if let Some(oldest) = self
-                .slots
-                .iter()
-                .flatten()
-                .filter(|t| matches!(t.kind, TaskKind::Scsi { .. }))
-                .map(|t| t.submitted_at)
-                .min()
-            {
-                consider(oldest + ct);
+            if let Some(floor) = self.scsi_floor {
+                consider(floor + ct);
             }
         }
         next
@@ -2324,12 +2346,19 @@ impl Connection {
             }
         }
         if let Some(ct) = self.timers.command_timeout {
-            let late = self.slots.iter().flatten().any(|t| {
-                matches!(t.kind, TaskKind::Scsi { .. })
-                    && now.saturating_duration_since(t.submitted_at) >= ct
-            });
-            if late {
-                return Err(self.fail(ConnError::CommandTimeout(ct)));
+            if self
+                .scsi_floor
+                .is_some_and(|f| now.saturating_duration_since(f) >= ct)
+            {
+                // The floor's deadline passed: the exact oldest says whether
+                // a command is late, and becomes the floor.
+                self.scsi_floor = self.oldest_scsi();
+                if self
+                    .scsi_floor
+                    .is_some_and(|f| now.saturating_duration_since(f) >= ct)
+                {
+                    return Err(self.fail(ConnError::CommandTimeout(ct)));
+                }
             }
         }
         Ok(())

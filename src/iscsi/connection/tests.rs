@@ -562,6 +562,56 @@ fn command_timeout_fails_connection() {
     ));
 }
 
+/// The command timeout's deadline comes from a floor of the submit times,
+/// not a scan of every slot: the oldest command finishing leaves the floor
+/// early, which must neither fail the connection when it passes nor hide a
+/// younger command that is late.
+#[test]
+fn command_timeout_follows_the_oldest_outstanding_command() {
+    let now = Instant::now();
+    let ct = Duration::from_secs(2);
+    let timers = ConnTimers {
+        nop_interval: None,
+        nop_timeout: Duration::from_secs(1),
+        command_timeout: Some(ct),
+    };
+    let mut c = Connection::new(&outcome(params()), timers, now);
+    let mut peer = Peer::new(Digests::default());
+    c.submit(read_cmd(16, 1), now).unwrap();
+    let later = now + Duration::from_secs(1);
+    c.submit(read_cmd(16, 2), later).unwrap();
+    let sent = peer.sent(&mut c);
+    let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+        panic!("{:?}", sent[0].0)
+    };
+    c.receive(&peer.response(first.itt, 0, &[], 42), later)
+        .unwrap();
+    assert!(matches!(c.poll_event(), Some(Event::Completed(_))));
+    // The first command's deadline still comes (early), and passes quietly.
+    assert_eq!(c.poll_timeout(), Some(now + ct));
+    c.handle_timeout(now + ct).unwrap();
+    // Then the deadline is the second command's, and it is late there.
+    assert_eq!(c.poll_timeout(), Some(later + ct));
+    c.handle_timeout(later + ct - Duration::from_millis(1))
+        .unwrap();
+    assert!(matches!(
+        c.handle_timeout(later + ct),
+        Err(ConnError::CommandTimeout(_))
+    ));
+    // With nothing outstanding there is no deadline at all.
+    let mut idle = Connection::new(&outcome(params()), timers, now);
+    let mut peer = Peer::new(Digests::default());
+    idle.submit(read_cmd(16, 3), now).unwrap();
+    let sent = peer.sent(&mut idle);
+    let PduHeader::ScsiCommand(only) = &sent[0].0 else {
+        panic!("{:?}", sent[0].0)
+    };
+    idle.receive(&peer.response(only.itt, 0, &[], 43), now)
+        .unwrap();
+    idle.handle_timeout(now + ct).unwrap();
+    assert_eq!(idle.poll_timeout(), None);
+}
+
 /// Regression (found by fuzz_connection): a status for a command still
 /// waiting for window space used to complete it while it stayed queued;
 /// when the window opened, the initiator burnt a CmdSN on the freed slot
