@@ -307,6 +307,7 @@ fn historical_latency_is_never_below_a_round_trip() {
     // thread takes at the least, on this machine now (a quiet one answers
     // an iSCSI read in ~6 µs, a loaded one in 20-30): no command can be
     // answered sooner. The mistimed estimate sank far below it (to 1 ns).
+    // Taken before and after the reads, the faster counts.
     let floor = floor_before.min(loopback_round_trip_floor());
     println!(
         "lowest historical latency per path over {n} reads: {lowest:?} ns; \
@@ -324,7 +325,7 @@ fn historical_latency_is_never_below_a_round_trip() {
     dev.close();
 }
 
-/// The fastest of 2,000 round trips  of a 48-byte request and a 4,144-byte
+/// The fastest of 2,000 round trips of a 48-byte request and a 4,144-byte
 /// answer (a read command, its Data-In) between two threads over loopback
 /// TCP with blocking sockets.
 fn loopback_round_trip_floor() -> Duration {
