@@ -575,18 +575,22 @@ fn command_timeout_follows_the_oldest_outstanding_command() {
         nop_timeout: Duration::from_secs(1),
         command_timeout: Some(ct),
     };
+    // Answers the first command `c` sent (of those not seen yet) at `at`.
+    let answer_first = |c: &mut Connection, peer: &mut Peer, at: Instant| {
+        let sent = peer.sent(c);
+        let PduHeader::ScsiCommand(first) = &sent[0].0 else {
+            panic!("{:?}", sent[0].0)
+        };
+        c.receive(&peer.response(first.itt, 0, &[], 42), at)
+            .unwrap();
+        assert!(matches!(c.poll_event(), Some(Event::Completed(_))));
+    };
     let mut c = Connection::new(&outcome(params()), timers, now);
     let mut peer = Peer::new(Digests::default());
     c.submit(read_cmd(16, 1), now).unwrap();
     let later = now + Duration::from_secs(1);
     c.submit(read_cmd(16, 2), later).unwrap();
-    let sent = peer.sent(&mut c);
-    let PduHeader::ScsiCommand(first) = &sent[0].0 else {
-        panic!("{:?}", sent[0].0)
-    };
-    c.receive(&peer.response(first.itt, 0, &[], 42), later)
-        .unwrap();
-    assert!(matches!(c.poll_event(), Some(Event::Completed(_))));
+    answer_first(&mut c, &mut peer, later);
     // The first command's deadline still comes (early), and passes quietly.
     assert_eq!(c.poll_timeout(), Some(now + ct));
     c.handle_timeout(now + ct).unwrap();
@@ -600,14 +604,8 @@ fn command_timeout_follows_the_oldest_outstanding_command() {
     ));
     // With nothing outstanding there is no deadline at all.
     let mut idle = Connection::new(&outcome(params()), timers, now);
-    let mut peer = Peer::new(Digests::default());
     idle.submit(read_cmd(16, 3), now).unwrap();
-    let sent = peer.sent(&mut idle);
-    let PduHeader::ScsiCommand(only) = &sent[0].0 else {
-        panic!("{:?}", sent[0].0)
-    };
-    idle.receive(&peer.response(only.itt, 0, &[], 43), now)
-        .unwrap();
+    answer_first(&mut idle, &mut Peer::new(Digests::default()), now);
     idle.handle_timeout(now + ct).unwrap();
     assert_eq!(idle.poll_timeout(), None);
 }
