@@ -279,17 +279,22 @@ fn dpdk_stack_interop_with_linux_tcp() {
             stack.port().rx_pool_usage()
         )
     };
+    // One echo of `mib` MiB over a fresh connection on queue 0, its rate
+    // printed under `label`: the socket's counters after it.
+    let echo_phase = |label: &str, mib: usize| {
+        let total = mib << 20;
+        let mut conn = stack.connect(0, remote).expect("connect over DPDK");
+        let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
+        let counters = *conn.socket().counters();
+        println!(
+            "{label}: {mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
+            out.elapsed.as_secs_f64(),
+            total as f64 / out.elapsed.as_secs_f64() / 1e6
+        );
+        counters
+    };
     // Phase 1: clean path.
-    let total = clean_mib << 20;
-    let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
-    let counters = conn.socket().counters();
-    println!(
-        "clean: {clean_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
-        out.elapsed.as_secs_f64(),
-        total as f64 / out.elapsed.as_secs_f64() / 1e6
-    );
-    drop(conn);
+    echo_phase("clean", clean_mib);
 
     // Phase 2: the kernel->DPDK leg slowed to 100 mbit (tbf on the
     // namespace end): the echo server blocks writing an 8 MiB chunk back
@@ -305,20 +310,11 @@ fn dpdk_stack_interop_with_linux_tcp() {
         (key, was.split_whitespace().collect::<Vec<_>>().join(" "))
     });
     tbf(&bed, true, &bed.kernel_if, "100mbit", "32kb", "256kb");
-    let total = slow_mib << 20;
-    let mut conn = stack.connect(0, remote).expect("connect over DPDK");
-    let out = echo_transfer(&mut conn, &pattern, total, TRANSFER_LIMIT, &port_state);
-    let counters = conn.socket().counters();
-    println!(
-        "slow return: {slow_mib} MiB each way in {:.2} s = {:.1} MB/s per direction; tcp {counters:?}",
-        out.elapsed.as_secs_f64(),
-        total as f64 / out.elapsed.as_secs_f64() / 1e6
-    );
+    let counters = echo_phase("slow return", slow_mib);
     assert!(
         counters.zero_window_probes > 0,
         "the kernel's window never closed, so this phase tested nothing: {counters:?}"
     );
-    drop(conn);
     for (key, was) in &buffers {
         netns::sysctl(Some(&bed.netns), key, was).expect("restore the namespace's TCP buffers");
     }

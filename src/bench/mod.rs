@@ -175,8 +175,8 @@ pub struct LiveCounters {
 
 /// A job thread's completions not yet added to the shared [`LiveCounters`]:
 /// the progress line reads them about once a second, so a thread adds them
-/// every [`LIVE_BATCH`] I/Os, every sample window and when it stops, rather than doing four
-/// atomic adds per I/O on lines every job thread writes.
+/// every [`LIVE_BATCH`] I/Os, every sample window and when it stops, rather
+/// than doing four atomic adds per I/O on lines every job thread writes.
 #[derive(Default)]
 struct LivePending {
     ios: u64,

@@ -2295,7 +2295,6 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// The next time [`handle_timeout`](Self::handle_timeout) needs to run.
     /// A SCSI task submitted at `at` is outstanding: see `scsi_floor`.
     fn lower_scsi_floor(&mut self, at: Instant) {
         self.scsi_floor = Some(self.scsi_floor.map_or(at, |f| f.min(at)));
@@ -2312,6 +2311,7 @@ impl Connection {
             .min()
     }
 
+    /// The next time [`handle_timeout`](Self::handle_timeout) needs to run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
@@ -2346,17 +2346,14 @@ impl Connection {
             }
         }
         if let Some(ct) = self.timers.command_timeout {
-            if self
-                .scsi_floor
-                .is_some_and(|f| now.saturating_duration_since(f) >= ct)
-            {
+            let due = |since: Option<Instant>| {
+                since.is_some_and(|t| now.saturating_duration_since(t) >= ct)
+            };
+            if due(self.scsi_floor) {
                 // The floor's deadline passed: the exact oldest says whether
                 // a command is late, and becomes the floor.
                 self.scsi_floor = self.oldest_scsi();
-                if self
-                    .scsi_floor
-                    .is_some_and(|f| now.saturating_duration_since(f) >= ct)
-                {
+                if due(self.scsi_floor) {
                     return Err(self.fail(ConnError::CommandTimeout(ct)));
                 }
             }

@@ -38,9 +38,9 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Checks version, header length and total length against the buffer
-    /// (the buffer may be longer: Ethernet padding).
-    /// The fields it checks are read once from the fixed 20 bytes (one
-    /// bounds check), as the receive path does for every frame.
+    /// (the buffer may be longer: Ethernet padding). The fields it checks
+    /// are read once from the fixed 20 bytes (one bounds check), as the
+    /// receive path does for every frame.
     #[inline]
     pub fn new_checked(buffer: T) -> Result<Self, PacketError> {
         let packet = Packet { buffer };
@@ -147,7 +147,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 }
 
-/// A parsed IPv4 header (no options).
 /// Does an IPv4 header (options included) sum to 0xffff? Nearly every
 /// header has no options: those 20 bytes are summed inline.
 #[inline(always)]
@@ -159,6 +158,7 @@ fn header_checksum_ok(header: &[u8]) -> bool {
     checksum::fold(sum) == 0xffff
 }
 
+/// A parsed IPv4 header (no options).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipv4Repr {
     pub src_addr: Ipv4Addr,

@@ -371,14 +371,7 @@ mod tests {
 
     /// RFC 1071's definition, 16-bit big-endian words one at a time.
     fn reference(data: &[u8]) -> u16 {
-        let mut acc: u64 = 0;
-        for pair in data.chunks(2) {
-            acc += u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        acc as u16
+        reference_with(0, data)
     }
 
     /// [`reference`] of `data` with `seed` (a network-order partial sum)
