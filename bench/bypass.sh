@@ -4,7 +4,10 @@
 # process of its own in every bed; the initiator is `iscsi-bypass bench`:
 #   (a) kernel    kernel TCP on loopback; target on kernel TCP
 #   (b) memif     DPDK net_memif (shared memory) between the two processes;
-#                 target = memif server on the userspace stack
+#                 target = memif server on the userspace stack; the
+#                 initiator a zero-copy client (its mbufs are the shared
+#                 buffers, which the server writes as a NIC's DMA would;
+#                 MEMIF_ZC=0: a copying client, the PMD copies each frame)
 #   (b') memif-trusted the same with --checksum trusted on both ends (no
 #                 software checksums: memif cannot corrupt a frame); its
 #                 lines say bed=memif csum=trusted
@@ -39,7 +42,7 @@
 # (--busy-poll); the kernel bed uses the default idle mode unless
 # KERNEL_BUSY_POLL=1.
 #
-# Env: RUNTIME (3s), RAMP (1s),
+# Env: RUNTIME (3s), RAMP (1s), MEMIF_ZC (1),
 #      BEDS ("kernel memif memif-trusted memif9000 af_xdp af_packet"),
 #      BIN (default: cargo build --release, target/release/iscsi-bypass).
 # Root only (DPDK, veth); everything it creates is removed on exit.
@@ -47,6 +50,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "needs root" >&2; exit 1; }
 RUNTIME=${RUNTIME:-3s}; RAMP=${RAMP:-1s}
+MEMIF_ZC=${MEMIF_ZC:-1}
 BEDS=${BEDS:-kernel memif memif-trusted memif9000 af_xdp af_packet}
 # Who checks the checksums in the bed being run (the csum= column).
 csum=kernel
@@ -101,6 +105,12 @@ start_target() {
 
 eal_common="--no-pci --no-huge -m 512 --no-telemetry -d $PMD --log-level lib.eal:error --log-level pmd.net.*:error"
 failures=0
+# The memif client's vdev options and EAL options (zero-copy needs the
+# client's memory in one file, which it shares with the server).
+memif_client=""; memif_eal=""
+if [[ $MEMIF_ZC == 1 ]]; then
+    memif_client=",zero-copy=yes"; memif_eal="--single-file-segments"
+fi
 
 # run_case <bed> <rw> <bs> <qd> <bench args...>
 run_case() {
@@ -157,13 +167,14 @@ cases() {
 }
 
 # dpdk_bed <bed> <target vdev> <initiator vdev> <port name> <net> [options of both ends...]
+# (ieal: more EAL options for the initiator)
 dpdk_bed() {
     local bed=$1 tvdev=$2 ivdev=$3 port=$4 net=$5; shift 5
     start_target "$dir/target-$bed.log" "$BIN" target --transport dpdk --null --size 1g --iqn "$iqn" \
         --eal "-l $tcpu $eal_common --file-prefix ibx-bp-t$id --vdev $tvdev" \
         --dpdk-port "$port" --local-ip "$net.1/24" "$@"
     cases "$bed" "$BIN" bench "iscsi://$net.1:3260/$iqn/0" --transport dpdk --busy-poll \
-        --eal "-l $icpu $eal_common --file-prefix ibx-bp-i$id --vdev $ivdev" \
+        --eal "-l $icpu $eal_common ${ieal:-} --file-prefix ibx-bp-i$id --vdev $ivdev" \
         --dpdk-port "$port" --local-ip "$net.2/24" "$@"
     stop_target
 }
@@ -178,7 +189,7 @@ veth() {
 }
 
 echo "# $(nproc) CPUs online, initiator on CPU $icpu, target on CPU $tcpu; load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# RUNTIME=$RUNTIME RAMP=$RAMP perf counters: $([[ $perf_ok == 1 ]] && echo yes || echo no)"
+echo "# RUNTIME=$RUNTIME RAMP=$RAMP perf counters: $([[ $perf_ok == 1 ]] && echo yes || echo no) memif client: $([[ $MEMIF_ZC == 1 ]] && echo zero-copy || echo copying)"
 for bed in $BEDS; do
     # The userspace beds check checksums themselves (or by the port's offload).
     csum=sw
@@ -194,13 +205,13 @@ for bed in $BEDS; do
         ;;
     memif)
         rm -f "$sock"
-        dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock" \
+        ieal=$memif_eal dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock$memif_client" \
             net_memif0 10.215.1
         ;;
     memif-trusted)
         rm -f "$sock"
         csum=trusted
-        dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock" \
+        ieal=$memif_eal dpdk_bed memif "net_memif0,role=server,socket=$sock" "net_memif0,role=client,socket=$sock$memif_client" \
             net_memif0 10.215.5 --checksum trusted
         ;;
     memif9000)
@@ -208,8 +219,8 @@ for bed in $BEDS; do
         # memif's default 2 KiB buffers: with --mtu 9000 each end's stack
         # makes them hold a whole frame (bsize=9216; DPDK 22.11's memif
         # corrupts frames spread over several buffers, docs/dpdk.md).
-        dpdk_bed memif9000 "net_memif0,role=server,socket=$sock" \
-            "net_memif0,role=client,socket=$sock" net_memif0 10.215.4 --mtu 9000
+        ieal=$memif_eal dpdk_bed memif9000 "net_memif0,role=server,socket=$sock" \
+            "net_memif0,role=client,socket=$sock$memif_client" net_memif0 10.215.4 --mtu 9000
         ;;
     af_xdp)
         veth

@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
+#include <rte_prefetch.h>
 #include <rte_ring.h>
 
 int shim_rte_errno(void) { return rte_errno; }
@@ -13,6 +14,13 @@ uint16_t shim_rte_eth_rx_burst(uint16_t port_id, uint16_t queue_id,
 			       struct rte_mbuf **rx_pkts, uint16_t nb_pkts)
 {
 	return rte_eth_rx_burst(port_id, queue_id, rx_pkts, nb_pkts);
+}
+
+void shim_prefetch_lines(const void *p, uint32_t len)
+{
+	const char *c = p;
+	for (uint32_t o = 0; o < len; o += RTE_CACHE_LINE_SIZE)
+		rte_prefetch0(c + o);
 }
 
 uint16_t shim_rte_eth_rx_burst_views(uint16_t port_id, uint16_t queue_id,
