@@ -77,10 +77,10 @@ struct shim_rx_view {
 	uint16_t data_len;
 	uint16_t nb_segs;
 };
-/* rte_eth_rx_burst, then views[i] for each of the rx_pkts[i] received. */
 /* Prefetches [p, p + len) into the cache, a line at a time. */
 void shim_prefetch_lines(const void *p, uint32_t len);
 
+/* rte_eth_rx_burst, then views[i] for each of the rx_pkts[i] received. */
 uint16_t shim_rte_eth_rx_burst_views(uint16_t port_id, uint16_t queue_id,
 				     struct rte_mbuf **rx_pkts, uint16_t nb_pkts,
 				     struct shim_rx_view *views);

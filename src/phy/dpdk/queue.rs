@@ -185,9 +185,6 @@ impl DpdkQueue {
     }
 }
 
-/// What a trusted port says of a frame it received: good (the link cannot
-/// have corrupted it, and its sender may have left the checksums out),
-/// unless a PMD with rx offload found it bad.
 /// Asks the cache for the first segment of a received frame (a hint: the
 /// lines come while the frame before it is processed).
 fn prefetch_frame(view: &sys::shim_rx_view) {
@@ -198,6 +195,9 @@ fn prefetch_frame(view: &sys::shim_rx_view) {
     unsafe { sys::shim_prefetch_lines(view.data, u32::from(view.data_len)) };
 }
 
+/// What a trusted port says of a frame it received: good (the link cannot
+/// have corrupted it, and its sender may have left the checksums out),
+/// unless a PMD with rx offload found it bad.
 fn trusted_rx_meta(ol_flags: u64) -> RxMeta {
     // DPDK's two-bit fields: GOOD, BAD (the other bit alone), NONE (both:
     // "not computed, data valid"), UNKNOWN (neither).
